@@ -1,0 +1,89 @@
+"""Load a Florence-2 and its processor: a hub id, a local folder, or the embedded `tiny`.
+
+All three go through the native `transformers` classes (`Florence2ForConditionalGeneration`,
+`AutoProcessor`), safetensors only, never `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+#: The embedded default, shipped inside the package.
+TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-florence2"
+#: Friendly names for the real checkpoints (native-format conversions on the hub).
+ALIASES = {
+    "base": "florence-community/Florence-2-base",
+    "large": "florence-community/Florence-2-large",
+    "base-ft": "florence-community/Florence-2-base-ft",
+    "large-ft": "florence-community/Florence-2-large-ft",
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map `tiny`, an alias, a folder or a hub id to what `from_pretrained` takes."""
+    if name_or_path == "tiny":
+        if not (TINY_DIR / "config.json").exists():
+            raise ModelLoadError(
+                f"the embedded tiny model is missing from {TINY_DIR}; "
+                "rebuild it with `loomlens pretrain --out src/loomlens/assets/tiny-florence2`"
+            )
+        return str(TINY_DIR)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
+        return str(path)
+    return ALIASES.get(name_or_path, name_or_path)
+
+
+def _is_offline_error(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return any(
+        key in text
+        for key in ("connection", "offline", "resolve", "network", "timed out", "couldn't connect",
+                    "local_files_only", "cannot find the requested files", "max retries")
+    )
+
+
+def load_model(
+    name_or_path: str = "tiny",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+):
+    """Load `(model, processor)` for `name_or_path` ("tiny", "base", a hub id or a folder).
+
+    The model comes back in eval mode on `device` (fp32 unless `dtype` says otherwise).
+    A hub id that cannot be reached raises `ModelLoadError` with the offline fix, not a trace.
+    """
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    source = resolve_model_path(name_or_path)
+    local = Path(source).exists()
+    kwargs = {"local_files_only": True} if local or os.environ.get("HF_HUB_OFFLINE") == "1" else {}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the loaders' chatter is not for line users
+    hf_logging.disable_progress_bar()
+    try:
+        model = Florence2ForConditionalGeneration.from_pretrained(
+            source, dtype=dtype or torch.float32, use_safetensors=True, **kwargs
+        )
+        processor = AutoProcessor.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        if not local and _is_offline_error(exc):
+            raise ModelLoadError(
+                f"cannot download {source!r}: no network or no such model on the hub. "
+                "Use --model tiny (embedded, offline) or a local folder with the model files."
+            ) from exc
+        raise ModelLoadError(f"cannot load model from {source!r}: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    return model.to(device).eval(), processor
