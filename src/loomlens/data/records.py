@@ -1,0 +1,88 @@
+"""Plain data shared by every floor: pixel boxes, annotated images, polygons and problems.
+
+Coordinates are pixels in the image's own size, origin top-left, x to the right, y down;
+a box spans the continuous interval [x1, x2) x [y1, y2), so a box touching the right edge
+has x2 == width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class Box:
+    """One labelled box in pixels: `x1 < x2`, `y1 < y2`, all finite; `score` is optional."""
+
+    label: str
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float | None = None
+
+    def __post_init__(self) -> None:
+        # Fail where a bad box is made, not three floors later in a metric.
+        coords = (self.x1, self.y1, self.x2, self.y2)
+        if not all(math.isfinite(c) for c in coords):
+            raise ValueError(f"Box {self.label!r} has a non-finite coordinate: {coords}")
+        if not (self.x1 < self.x2 and self.y1 < self.y2):
+            raise ValueError(f"Box {self.label!r} needs x1 < x2 and y1 < y2, got {coords}")
+
+    @property
+    def width(self) -> float:
+        return self.x2 - self.x1
+
+    @property
+    def height(self) -> float:
+        return self.y2 - self.y1
+
+    def hflip(self, image_width: float) -> Box:
+        """The same box in the horizontally mirrored image: x1' = W - x2, x2' = W - x1."""
+        return replace(self, x1=image_width - self.x2, x2=image_width - self.x1)
+
+
+@dataclass
+class ImageRecord:
+    """An annotated image. `image` is relative to the dataset root; no boxes = a negative."""
+
+    image: str
+    width: int
+    height: int
+    boxes: list[Box] = field(default_factory=list)
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Polygon:
+    """A labelled polygon in pixels, as `[(x, y), ...]` with at least three points."""
+
+    label: str
+    points: tuple[tuple[float, float], ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Problem:
+    """Something wrong in the input, reported instead of raised so one bad file never aborts
+    a conversion: `file` (relative to the dataset root), `line` (1-based, when known), what is
+    wrong (`message`) and what to do about it (`fix`)."""
+
+    file: str
+    line: int | None = None
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        return f"{where}: {self.message}" + (f" ({self.fix})" if self.fix else "")
+
+
+@dataclass
+class ReadResult:
+    """What an annotation reader returns: the good records, the problems met, and the class
+    names the annotations declare, in their own order (YOLO classes.txt, COCO categories)."""
+
+    records: list[ImageRecord] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
