@@ -1,0 +1,89 @@
+"""Scored detection: images in, boxes in pixels with confidence scores out, in batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+from transformers import LogitsProcessorList
+
+from loomlens.data.records import Box
+from loomlens.evaluate.constrain import BoxGrammar
+from loomlens.evaluate.generation import Generation, box_token_budget, generate, label_token_count
+from loomlens.evaluate.scoring import ScoreMethod, scored_boxes
+
+
+@dataclass
+class Detection:
+    """The boxes found in one image, the count of malformed parts the parser dropped, and the
+    generation they were read from."""
+
+    boxes: list[Box]
+    dropped: int
+    generation: Generation
+
+
+def batched(items: Sequence, size: int) -> Iterator[Sequence]:
+    """`items` in consecutive slices of at most `size`."""
+    for start in range(0, len(items), max(1, size)):
+        yield items[start : start + size]
+
+
+def detect_with_details(
+    model,
+    processor,
+    images: Sequence[Image.Image],
+    task: str = "<OD>",
+    text: str | None = None,
+    max_boxes: int = 20,
+    batch_size: int = 8,
+    constrained: bool = False,
+    classes: Sequence[str] = (),
+    num_beams: int = 1,
+    score_method: ScoreMethod = "product",
+) -> list[Detection]:
+    """Run a box task (`<OD>`, `<DENSE_REGION_CAPTION>`, `<CAPTION_TO_PHRASE_GROUNDING>`, ...)
+    on `images`, `batch_size` at a time, and return one `Detection` per image.
+
+    `text` follows the task token in the prompt (the phrase, for grounding) and names boxes
+    that come without a label. `classes` bound the label length of the token budget and, with
+    `constrained=True` (`<OD>` only), are the only labels the model may write.
+    """
+    tokenizer = processor.tokenizer
+    max_new_tokens = box_token_budget(max_boxes, label_token_count(tokenizer, classes))
+    if constrained and task != "<OD>":
+        raise ValueError(f"constrained decoding is defined for <OD> only, not {task}")
+    prompt = task + (text or "")
+    results: list[Detection] = []
+    for chunk in batched(list(images), batch_size):
+        # A fresh grammar per batch: its memo of prefixes only grows within one generate call.
+        processors = (
+            LogitsProcessorList([BoxGrammar(tokenizer, classes, max_boxes, max_new_tokens)]) if constrained else None
+        )
+        generations = generate(
+            model, processor, list(chunk), [prompt] * len(chunk), max_new_tokens, num_beams, processors
+        )
+        for image, gen in zip(chunk, generations):
+            boxes, dropped = scored_boxes(tokenizer, gen, image.width, image.height, text or None, score_method)
+            results.append(Detection(boxes[:max_boxes], dropped, gen))
+    return results
+
+
+def detect(
+    model,
+    processor,
+    images: Sequence[Image.Image],
+    task: str = "<OD>",
+    text: str | None = None,
+    max_boxes: int = 20,
+    batch_size: int = 8,
+    constrained: bool = False,
+    classes: Sequence[str] = (),
+) -> list[list[Box]]:
+    """Boxes in pixels, each with a `score` in [0, 1], for each of `images` (see
+    `detect_with_details` for the arguments)."""
+    found = detect_with_details(
+        model, processor, images, task, text, max_boxes, batch_size, constrained, classes
+    )
+    return [d.boxes for d in found]

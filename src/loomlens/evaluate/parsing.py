@@ -1,0 +1,79 @@
+"""Parse a generation into boxes *and* the tokens each box came from.
+
+The text grammar is `loomlens.data.florence_text.parse_text`'s alone; this module only finds,
+for each box that parser returns, its four `<loc_N>` tokens and its label tokens, so a score
+can be read off the token log-probs. The alignment asks the parser itself: a box is complete
+at its fourth loc token, so parsing the text up to each loc token tells which token closed
+which box. No second grammar to drift from the first.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from loomlens.data.florence_text import parse_text
+from loomlens.data.records import Box
+
+_LOC = re.compile(r"<loc_\d+>")
+
+
+@dataclass
+class TokenBox:
+    """A parsed box (pixels, no score yet) with the indices, into the generation's tokens, of
+    its label tokens (may be empty: a label given by the prompt) and its four loc tokens."""
+
+    box: Box
+    label_tokens: list[int]
+    loc_tokens: list[int]
+
+
+def token_pieces(tokenizer, token_ids: list[int]) -> list[str]:
+    """The text each token contributes, so that `"".join(pieces)` is the decoded answer with
+    special tokens kept as tags (`<s>`, `</s>`), which the parser ignores."""
+    special = set(tokenizer.all_special_ids)
+    tokens = tokenizer.convert_ids_to_tokens(token_ids)
+    return [
+        tok if tid in special or tok is None else tokenizer.convert_tokens_to_string([tok])
+        for tid, tok in zip(token_ids, tokens)
+    ]
+
+
+def _label_tokens(pieces: list[str], first_loc: int) -> list[int]:
+    """Indices of the text tokens between the previous loc token and `first_loc`: the
+    tokens the parser read as this box's label (tags and bare whitespace excluded)."""
+    found = []
+    i = first_loc - 1
+    while i >= 0 and not _LOC.fullmatch(pieces[i]):
+        if pieces[i].strip() and not (pieces[i].startswith("<") and pieces[i].endswith(">")):
+            found.append(i)
+        i -= 1
+    return found[::-1]
+
+
+def align_boxes(
+    pieces: list[str], width: int, height: int, default_label: str | None = None
+) -> tuple[list[TokenBox], int]:
+    """Parse `pieces` (see `token_pieces`) as Florence-2 box text for a `width` x `height` image.
+
+    Returns the boxes `parse_text` finds in `"".join(pieces)`, each with its token indices,
+    and the parser's count of dropped (malformed, partial) parts. Never raises.
+    """
+    boxes, dropped = parse_text("".join(pieces), width, height, default_label)
+    locs = [i for i, p in enumerate(pieces) if _LOC.fullmatch(p)]
+    aligned: list[TokenBox] = []
+    for n, end in enumerate(locs):
+        if len(aligned) == len(boxes):
+            break
+        if n < 3:
+            continue
+        # The parser is incremental: the text up to a loc token holds one more box exactly
+        # when that token closed one.
+        count = len(parse_text("".join(pieces[: end + 1]), width, height, default_label)[0])
+        if count > len(aligned):
+            own = locs[n - 3 : n + 1]
+            label = _label_tokens(pieces, own[0])
+            if not label and aligned and aligned[-1].box.label == boxes[len(aligned)].label:
+                label = aligned[-1].label_tokens  # `phrase<4 locs><4 locs>`: a shared label
+            aligned.append(TokenBox(boxes[len(aligned)], label, own))
+    return aligned, dropped

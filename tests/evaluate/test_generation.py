@@ -1,0 +1,108 @@
+"""Generation with log-probs, scored detection and the `<OD>` grammar, on the tiny model."""
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+from transformers import LogitsProcessorList
+
+from loomlens.data.florence_text import parse_text
+from loomlens.evaluate import detect
+from loomlens.evaluate.constrain import BoxGrammar
+from loomlens.evaluate.detection import detect_with_details
+from loomlens.evaluate.generation import box_token_budget, generate, label_token_count
+from loomlens.evaluate.parsing import token_pieces
+
+CLASSES = ["drop", "wrinkle", "broken-weft"]
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [Image.new("RGB", (320, 200), (120, 100, 90)), Image.new("RGB", (64, 96), (20, 200, 90))]
+
+
+def test_budget_follows_the_box_count(tiny):
+    tokenizer = tiny[1].tokenizer
+    assert label_token_count(tokenizer, CLASSES) == len(tokenizer("broken-weft", add_special_tokens=False).input_ids)
+    assert box_token_budget(20, 5) == 2 + 20 * 9
+    assert box_token_budget(3) < box_token_budget(20)
+
+
+def test_generate_returns_aligned_ids_and_logprobs(tiny, images):
+    model, processor = tiny
+    gens = generate(model, processor, images, ["<OD>", "<CAPTION>"], max_new_tokens=12)
+    assert len(gens) == 2
+    for g in gens:
+        assert 0 < len(g.token_ids) == len(g.token_logprobs) <= 12
+        assert all(lp <= 0 and math.isfinite(lp) for lp in g.token_logprobs[:-1])
+        assert processor.tokenizer.pad_token_id not in g.token_ids
+
+
+def test_batched_generation_equals_one_by_one(tiny, images):
+    model, processor = tiny
+    together = generate(model, processor, images, ["<OD>", "<OD>"], max_new_tokens=8)
+    alone = [generate(model, processor, [im], ["<OD>"], max_new_tokens=8)[0] for im in images]
+    for a, b in zip(together, alone):
+        assert a.token_ids == b.token_ids
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
+
+
+def test_beam_search_runs(tiny, images):
+    model, processor = tiny
+    gens = generate(model, processor, images[:1], ["<OD>"], max_new_tokens=8, num_beams=2)
+    assert len(gens[0].token_ids) == len(gens[0].token_logprobs) > 0
+
+
+def test_detect_contract(tiny, images):
+    model, processor = tiny
+    found = detect(model, processor, images, max_boxes=3, batch_size=1)
+    assert len(found) == 2
+    for boxes, image in zip(found, images):
+        assert len(boxes) <= 3
+        for b in boxes:
+            assert 0 <= b.score <= 1 and 0 <= b.x1 < b.x2 <= image.width and 0 <= b.y1 < b.y2 <= image.height
+
+
+def _random_walk(grammar: BoxGrammar, vocab: int, steps: int, seed: int) -> list[int]:
+    """Decode greedily from random logits under the grammar, as `generate` would."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = [2]  # decoder start
+    for _ in range(steps):
+        scores = grammar(torch.tensor([ids]), torch.randn(1, vocab, generator=gen))
+        ids.append(int(scores.argmax()))
+        if ids[-1] == 2:
+            break
+    return ids[1:]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_grammar_only_writes_well_formed_boxes_of_known_classes(tiny, seed):
+    tokenizer = tiny[1].tokenizer
+    budget = box_token_budget(4, label_token_count(tokenizer, CLASSES))
+    ids = _random_walk(BoxGrammar(tokenizer, CLASSES, max_boxes=4, max_new_tokens=budget), len(tokenizer), budget, seed)
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and len(ids) <= budget
+    text = "".join(token_pieces(tokenizer, ids))
+    boxes, dropped = parse_text(text, 1000, 1000)
+    assert dropped == 0 and len(boxes) <= 4
+    assert {b.label for b in boxes} <= set(CLASSES)
+    locs = [int(t[5:-1]) for t in tokenizer.convert_ids_to_tokens(ids) if t.startswith("<loc_")]
+    for i in range(0, len(locs), 4):
+        assert locs[i + 2] >= locs[i] and locs[i + 3] >= locs[i + 1]
+
+
+def test_grammar_stops_before_a_box_that_cannot_fit(tiny):
+    tokenizer = tiny[1].tokenizer
+    grammar = BoxGrammar(tokenizer, CLASSES, max_boxes=20, max_new_tokens=6)
+    assert grammar.allowed((tokenizer.bos_token_id,)) == [tokenizer.eos_token_id]
+
+
+def test_constrained_detection_on_the_model(tiny, images):
+    model, processor = tiny
+    found = detect_with_details(model, processor, images, max_boxes=2, constrained=True, classes=CLASSES)
+    for d in found:
+        assert d.dropped == 0 and {b.label for b in d.boxes} <= set(CLASSES)
+    with pytest.raises(ValueError):
+        detect(model, processor, images, task="<CAPTION>", constrained=True, classes=CLASSES)
+    with pytest.raises(ValueError):
+        LogitsProcessorList([BoxGrammar(processor.tokenizer, [], 2, 20)])

@@ -1,0 +1,90 @@
+"""Score-aligned parsing: each box gets its own tokens, and nothing ever crashes."""
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loomlens.data.florence_text import parse_text
+from loomlens.evaluate.generation import Generation
+from loomlens.evaluate.parsing import align_boxes, token_pieces
+from loomlens.evaluate.scoring import box_score, scored_boxes
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    return tiny[1].tokenizer
+
+
+def generation(tokenizer, text, logprob=-0.1):
+    ids = tokenizer(text, add_special_tokens=True).input_ids
+    return Generation(text, ids, [logprob] * len(ids))
+
+
+def test_each_box_owns_its_label_and_loc_tokens(tokenizer):
+    text = "drop<loc_10><loc_20><loc_30><loc_40>broken-weft<loc_500><loc_510><loc_600><loc_620>"
+    gen = generation(tokenizer, text)
+    pieces = token_pieces(tokenizer, gen.token_ids)
+    aligned, dropped = align_boxes(pieces, 1000, 1000)
+    assert dropped == 0
+    assert [t.box.label for t in aligned] == ["drop", "broken-weft"]
+    assert ["".join(pieces[i] for i in t.label_tokens) for t in aligned] == ["drop", "broken-weft"]
+    assert [pieces[i] for i in aligned[1].loc_tokens] == ["<loc_500>", "<loc_510>", "<loc_600>", "<loc_620>"]
+
+
+def test_shared_label_and_prompt_label(tokenizer):
+    two = generation(tokenizer, "knot<loc_1><loc_2><loc_3><loc_4><loc_5><loc_6><loc_7><loc_8>")
+    aligned, _ = align_boxes(token_pieces(tokenizer, two.token_ids), 100, 100)
+    assert len(aligned) == 2 and aligned[0].label_tokens == aligned[1].label_tokens != []
+    grounded = generation(tokenizer, "<loc_1><loc_2><loc_3><loc_4>")
+    aligned, _ = align_boxes(token_pieces(tokenizer, grounded.token_ids), 100, 100, default_label="drop")
+    assert aligned[0].box.label == "drop" and aligned[0].label_tokens == []
+
+
+def test_partial_box_is_dropped_and_counted(tokenizer):
+    gen = generation(tokenizer, "drop<loc_1><loc_2><loc_3><loc_4>wrinkle<loc_5><loc_6>")
+    boxes, dropped = scored_boxes(tokenizer, gen, 100, 100)
+    assert [b.label for b in boxes] == ["drop"] and dropped == 1
+
+
+def test_score_formulas():
+    lp = [math.log(0.5), math.log(0.8), math.log(0.8), math.log(0.8), math.log(0.8)]
+    assert box_score(lp, [0], [1, 2, 3, 4], "product") == pytest.approx(0.5 * 0.8)
+    assert box_score(lp, [0], [1, 2, 3, 4], "mean") == pytest.approx((0.5 * 0.8**4) ** (1 / 5))
+    assert box_score(lp, [], [1, 2, 3, 4], "product") == pytest.approx(0.8)
+    with pytest.raises(ValueError):
+        box_score(lp, [0], [1, 2, 3, 4], "max")
+
+
+def test_less_likely_box_scores_lower(tokenizer):
+    gen = generation(tokenizer, "drop<loc_1><loc_2><loc_3><loc_4>drop<loc_50><loc_50><loc_60><loc_60>")
+    # Make the second label's tokens unlikely.
+    pieces = token_pieces(tokenizer, gen.token_ids)
+    second = [i for i, p in enumerate(pieces) if i > pieces.index("<loc_4>") and not p.startswith("<")]
+    for i in second:
+        gen.token_logprobs[i] = math.log(0.1)
+    boxes, _ = scored_boxes(tokenizer, gen, 100, 100)
+    assert boxes[0].score > boxes[1].score > 0
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_token_strings_never_crash_and_match_the_parser(tokenizer, data):
+    vocab = len(tokenizer)
+    ids = data.draw(st.lists(st.integers(0, vocab - 1), max_size=60))
+    # Bias towards structure: loc tokens and label words are most of what a model writes.
+    locs = tokenizer.convert_tokens_to_ids([f"<loc_{i}>" for i in (0, 5, 500, 999)])
+    words = tokenizer("drop broken-weft", add_special_tokens=False).input_ids
+    ids += data.draw(st.lists(st.sampled_from(locs + words + [0, 2]), max_size=60))
+    ids = data.draw(st.permutations(ids))
+    logprobs = data.draw(st.lists(st.floats(-30, 0), min_size=len(ids), max_size=len(ids)))
+    w, h = data.draw(st.integers(1, 4000)), data.draw(st.integers(1, 4000))
+    gen = Generation("", list(ids), logprobs)
+    boxes, dropped = scored_boxes(tokenizer, gen, w, h)
+    expected, expected_dropped = parse_text("".join(token_pieces(tokenizer, gen.token_ids)), w, h)
+    assert [(b.label, b.x1, b.y1, b.x2, b.y2) for b in boxes] == [
+        (b.label, b.x1, b.y1, b.x2, b.y2) for b in expected
+    ]
+    assert dropped == expected_dropped
+    assert all(0.0 <= b.score <= 1.0 for b in boxes)
