@@ -1,0 +1,372 @@
+"""One ASGI app: the HTTP API (FastAPI) at /v1, /healthz and /docs, and the page (Gradio) at /.
+
+`create_app(predictor, settings)` wires a loaded `loomlens.predict.Predictor` (or anything with
+its `.predict(...)` / `.info()` interface) to a bounded `Batcher`. The model is reached only
+through that object: serve never imports `loomlens.model`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import loomlens
+from loomlens.serve.batcher import Batcher
+from loomlens.serve.errors import InputError
+from loomlens.serve.images import DEFAULT_MAX_PIXELS, decode_base64, decode_image, set_pil_limit
+from loomlens.serve.results import prediction_json
+from loomlens.serve.tasks import TASKS, TILE_MODES, Options, parse_options, region_pixels
+
+log = logging.getLogger("loomlens.serve")
+
+
+@dataclass
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    api_key: str | None = None
+    max_queue: int = 16
+    max_batch: int = 4
+    batch_wait_ms: float = 5.0
+    max_body_mb: float = 20.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    request_timeout_s: float = 120.0
+    page: bool = True
+    examples: int = 4
+    examples_dir: str | None = None
+    #: Test-only: extra seconds of sleep per batch, to fill the queue on purpose.
+    worker_delay_ms: float = 0.0
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+class Service:
+    """Validation + queue + result shaping, shared by the API and the page."""
+
+    def __init__(self, predictor, settings: ServeSettings):
+        self.predictor = predictor
+        self.settings = settings
+        self.batcher = Batcher(
+            self._predict,
+            max_queue=settings.max_queue,
+            max_batch=settings.max_batch,
+            batch_wait_ms=settings.batch_wait_ms,
+            worker_delay_ms=settings.worker_delay_ms,
+        )
+        self.started = time.time()
+
+    def _predict(self, images: list, options: Options) -> list:
+        return self.predictor.predict(images, task=options.task, text=options.text,
+                                      tile=options.tile, score_threshold=options.score_threshold)
+
+    def prepare(self, data: bytes, task, text, tile, score_threshold):
+        """Validate options first (cheap), then decode the image (bounded by the pixel limit)."""
+        options = parse_options(task, text, tile, score_threshold)
+        image = decode_image(data, self.settings.max_pixels)
+        if TASKS[options.task].text == "region":
+            pixels = region_pixels(options.text, *image.size)
+            if pixels is not None:  # x1,y1,x2,y2 in pixels -> Florence-2 loc tokens
+                from loomlens.data.florence_text import quantize
+
+                w, h = image.size
+                q = [quantize(pixels[0], w), quantize(pixels[1], h),
+                     quantize(pixels[2], w), quantize(pixels[3], h)]
+                options = replace(options, text="".join(f"<loc_{v}>" for v in q))
+        return image, options
+
+    @staticmethod
+    def _shape(job) -> dict:
+        result = prediction_json(job.future.result())
+        result["timing_ms"] = {
+            "queue": round(1000 * (job.started - job.enqueued), 1),
+            "inference": round(1000 * (job.finished - job.started), 1),
+        }
+        result["batch_size"] = job.batch_size
+        return result
+
+    @staticmethod
+    def _predict_error(exc: BaseException) -> InputError:
+        if isinstance(exc, InputError):
+            return exc
+        if isinstance(exc, ValueError):  # the predictor refused these options for this image
+            return InputError(422, "bad_request", str(exc))
+        return InputError(500, "inference_failed", f"the model failed on this request: {exc}")
+
+    def run(self, data: bytes, task, text, tile, score_threshold):
+        """Blocking call (the page): returns `(decoded image, result dict)`."""
+        image, options = self.prepare(data, task, text, tile, score_threshold)
+        job = self.batcher.submit(image, options)
+        try:
+            job.future.result(timeout=self.settings.request_timeout_s)
+        except TimeoutError:
+            job.future.cancel()
+            raise InputError(504, "timeout", "the model did not answer in time") from None
+        except Exception as exc:
+            raise self._predict_error(exc) from None
+        return image, self._shape(job)
+
+    async def run_async(self, data: bytes, task, text, tile, score_threshold) -> dict:
+        image, options = await run_in_threadpool(self.prepare, data, task, text, tile, score_threshold)
+        job = self.batcher.submit(image, options)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(job.future), self.settings.request_timeout_s)
+        except TimeoutError:
+            raise InputError(504, "timeout", "the model did not answer in time") from None
+        except Exception as exc:
+            raise self._predict_error(exc) from None
+        return self._shape(job)
+
+
+class BodyLimit:
+    """ASGI wrapper: reject request bodies over `max_bytes` with 413 before the app sees them.
+
+    A declared `Content-Length` over the limit is refused without reading; a chunked body is
+    counted as it arrives and refused the moment it passes the limit (at most `max_bytes` are
+    ever held)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _reject(self, send) -> None:
+        err = InputError(413, "body_too_large",
+                         f"the request body is larger than {self.max_bytes / 1024 / 1024:g} MB "
+                         "(server option --max-body-mb)")
+        body = json.dumps(err.body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_bytes:
+                    return await self._reject(send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self._reject(send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+class Detection(BaseModel):
+    label: str
+    score: float | None
+    box: list[float]
+
+class PolygonOut(BaseModel):
+    label: str
+    points: list[list[float]]
+
+class PredictResponse(BaseModel):
+    task: str
+    width: int
+    height: int
+    detections: list[Detection]
+    polygons: list[PolygonOut]
+    text: str
+    timing_ms: dict[str, float]
+    batch_size: int
+
+
+def _error_response(err: InputError):
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _request_body_doc() -> dict:
+    fields = {
+        "task": {"type": "string", "enum": list(TASKS), "default": "od"},
+        "text": {"type": "string", "description": "phrase (grounding, referring segmentation) or "
+                 "region (<loc_x1><loc_y1><loc_x2><loc_y2> on 0..999, or x1,y1,x2,y2 pixels)"},
+        "tile": {"type": "string", "enum": list(TILE_MODES), "default": "auto"},
+        "score_threshold": {"type": "number", "minimum": 0, "maximum": 1, "default": 0},
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": {
+                    "type": "object", "required": ["image"],
+                    "properties": {"image": {"type": "string", "format": "binary"}, **fields}}},
+                "application/json": {"schema": {
+                    "type": "object", "required": ["image"],
+                    "properties": {"image": {"type": "string", "description":
+                                             "base64 image, optionally as a data: URL"}, **fields}}},
+                "image/jpeg": {"schema": {"type": "string", "format": "binary"},
+                               "description": "raw image bytes; options as query parameters"},
+            },
+        },
+    }
+
+
+def create_app(predictor, settings: ServeSettings | None = None):
+    """The ASGI application (already wrapped in the body-size limit)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    settings = settings or ServeSettings()
+    set_pil_limit(settings.max_pixels)
+    service = Service(predictor, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        service.batcher.start()
+        try:
+            yield
+        finally:
+            service.batcher.stop()
+
+    app = FastAPI(
+        title="loomlens",
+        version=loomlens.__version__,
+        description="Florence-2 fabric-defect detection on the line. `POST /v1/predict` takes an "
+        "image (multipart `image` field, JSON with base64 `image`, or raw bytes) and answers "
+        "pixel boxes, labels, scores, polygons and text. Errors are JSON "
+        "`{\"error\": {\"status\", \"code\", \"message\"}}`.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+
+    @app.exception_handler(InputError)
+    async def _input_error(_request, exc: InputError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request, exc: RequestValidationError):
+        return _error_response(InputError(422, "invalid_request", str(exc.errors())[:500]))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, exc: StarletteHTTPException):
+        return _error_response(InputError(exc.status_code, "http_error", str(exc.detail)))
+
+    def require_key(request: Request) -> None:
+        if not settings.api_key:
+            return
+        given = request.headers.get("x-api-key", "")
+        auth = request.headers.get("authorization", "")
+        if not given and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not (given and hmac.compare_digest(given.encode(), settings.api_key.encode())):
+            raise InputError(401, "unauthorized",
+                             "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+                             headers={"WWW-Authenticate": "Bearer"})
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+    @v1.post("/predict", response_model=PredictResponse, openapi_extra=_request_body_doc(),
+             summary="Run a Florence-2 task on one image")
+    async def predict(request: Request):
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data" or ctype == "application/x-www-form-urlencoded":
+            try:
+                form = await request.form(max_files=1, max_fields=16)
+            except Exception as exc:
+                raise InputError(400, "bad_form", f"cannot read the form: {exc}") from None
+            upload = form.get("image") or form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise InputError(422, "missing_image", "the form needs an 'image' file field")
+            data = await upload.read()
+            fields = form
+        elif ctype.endswith("json"):
+            try:
+                fields = json.loads(await request.body())
+            except (ValueError, UnicodeDecodeError):
+                raise InputError(400, "bad_json", "the body is not valid JSON") from None
+            if not isinstance(fields, dict):
+                raise InputError(422, "bad_json", "the JSON body must be an object")
+            data = decode_base64(fields.get("image"))
+        elif ctype.startswith("image/") or ctype == "application/octet-stream":
+            data = await request.body()
+            fields = request.query_params
+        else:
+            raise InputError(415, "unsupported_media_type",
+                             "send multipart/form-data (field 'image'), application/json "
+                             "(base64 'image') or raw image bytes (image/*)")
+        return await service.run_async(data, fields.get("task"), fields.get("text"),
+                                       fields.get("tile"), fields.get("score_threshold"))
+
+    @v1.get("/model", summary="The loaded model, its classes and versions")
+    def model_info():
+        info = dict(predictor.info())
+        info["tasks"] = list(TASKS)
+        info["serve"] = {k: v for k, v in asdict(settings).items()
+                         if k in ("max_queue", "max_batch", "batch_wait_ms", "max_body_mb", "max_pixels")}
+        info["serve"]["api_key"] = bool(settings.api_key)
+        return info
+
+    app.include_router(v1)
+
+    @app.get("/healthz", summary="Liveness: the worker runs and the queue has room")
+    def healthz():
+        stats = service.batcher.stats()
+        ok = stats["worker_alive"]
+        return JSONResponse({"status": "ok" if ok else "down",
+                             "uptime_s": round(time.time() - service.started, 1), "queue": stats},
+                            status_code=200 if ok else 503)
+
+    if settings.page:
+        import gradio as gr
+
+        from loomlens.serve.page import CSS, build_page, example_frames, theme
+
+        folder = Path(settings.examples_dir or Path(tempfile.gettempdir()) / "loomlens-examples")
+        try:
+            examples = example_frames(folder, settings.examples) if settings.examples else []
+        except Exception as exc:  # examples are a nicety; never stop the server for them
+            log.warning("could not make example frames in %s: %s", folder, exc)
+            examples = []
+        page = build_page(service, examples)
+        page.queue(max_size=settings.max_queue, default_concurrency_limit=settings.max_batch)
+        auth = None
+        if settings.api_key:
+            key = settings.api_key
+            auth = lambda _user, password: hmac.compare_digest(password.encode(), key.encode())  # noqa: E731
+        gr.mount_gradio_app(
+            app, page, path="/",
+            server_name=settings.host, server_port=settings.port,
+            allowed_paths=[str(folder)] if examples else None,
+            max_file_size=settings.max_body_bytes, ssr_mode=False, show_error=True,
+            footer_links=["api"], mcp_server=False, theme=theme(), css=CSS,
+            auth=auth, auth_message="This server needs its API key as the password (any user name).",
+        )
+    return BodyLimit(app, settings.max_body_bytes)

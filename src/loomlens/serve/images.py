@@ -1,0 +1,81 @@
+"""Turn uploaded bytes into a decoded RGB image, or a clear `InputError`.
+
+Order matters: the header is read first (`Image.open` decodes no pixels) and the pixel count is
+checked against the limit before anything is decompressed, so a small file that claims 200
+megapixels (a decompression bomb) costs nothing. Truncated files are rejected, never padded
+(PIL's `LOAD_TRUNCATED_IMAGES` stays off).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from loomlens.serve.errors import InputError
+
+#: Default pixel limit: 50 MP, a dozen times the 2560x1440 loom frames.
+DEFAULT_MAX_PIXELS = 50_000_000
+#: Formats a camera or a person plausibly sends; anything else is "not an image" here.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+
+
+def set_pil_limit(max_pixels: int) -> None:
+    """Make PIL's own bomb check agree with ours (PIL errors past 2x, warns past 1x)."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode `data` into an RGB image (EXIF orientation applied) or raise `InputError`."""
+    if not data:
+        raise InputError(400, "empty_image", "the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(413, "image_too_large",
+                         f"the image has too many pixels (limit {max_pixels / 1e6:g} MP): {exc}") from None
+    except UnidentifiedImageError:
+        raise InputError(400, "not_an_image",
+                         f"the upload is not an image loomlens reads ({', '.join(FORMATS)})") from None
+    except Exception as exc:  # a malformed header can raise almost anything
+        raise InputError(400, "bad_image", f"cannot read the image header: {exc}") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InputError(400, "bad_image", f"the image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise InputError(413, "image_too_large",
+                         f"the image is {width}x{height} = {width * height / 1e6:.1f} MP; "
+                         f"the limit is {max_pixels / 1e6:g} MP")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            image = image.convert("RGB")
+    except OSError as exc:
+        text = str(exc)
+        if "truncated" in text.lower() or "premature" in text.lower():
+            raise InputError(400, "truncated_image", f"the image is truncated: {text}") from None
+        raise InputError(400, "bad_image", f"cannot decode the image: {text}") from None
+    except Exception as exc:
+        raise InputError(400, "bad_image", f"cannot decode the image: {exc}") from None
+    return image
+
+
+def decode_base64(value) -> bytes:
+    """Bytes from a base64 string, with or without a `data:image/...;base64,` prefix."""
+    if not isinstance(value, str):
+        raise InputError(422, "missing_image",
+                         "JSON bodies need an 'image' field holding the image as base64 text")
+    if value.startswith("data:"):
+        _, _, value = value.partition(",")
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(400, "bad_base64", "the 'image' field is not valid base64") from None

@@ -1,0 +1,117 @@
+"""The web page (Gradio): upload or webcam, every Florence-2 task, the drawn result and a table.
+
+The page runs the model the same way the API does: its handler validates with the same code
+and puts the image on the same bounded queue, so the page can neither bypass the queue nor
+decode a decompression bomb (the image arrives as a file path and goes through
+`images.decode_image`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from loomlens.serve.draw import draw_result
+from loomlens.serve.errors import InputError
+from loomlens.serve.results import TABLE_HEADERS, table_rows
+from loomlens.serve.tasks import TASKS
+
+log = logging.getLogger("loomlens.serve")
+
+CSS = """
+#run-button {min-height: 48px}
+#status {min-height: 1.5em}
+"""
+
+
+def example_frames(folder: Path, count: int = 4, seed: int = 7) -> list[str]:
+    """Synthetic loom frames for the example gallery (made once, kept in `folder`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    found = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    if len(found) >= count:
+        return found[:count]
+    try:
+        from loomlens.data.synth import synthesize
+    except ImportError as exc:  # the page still works, just without examples
+        log.warning("no example frames: loomlens.data.synth is unavailable (%s)", exc)
+        return []
+    synthesize(folder, images=count, seed=seed)
+    found = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    return found[:count]
+
+
+def build_page(service, examples: list[str], title: str = "loomlens: fabric defects") -> gr.Blocks:
+    """`service.run(data: bytes, task, text, tile, score_threshold) -> (image, result dict)`
+    is the one call into the model (see app.Service); it raises `InputError` for bad input."""
+    choices = [(f"{t.title} ({t.name})", t.name) for t in TASKS.values()]
+
+    def on_task(task: str):
+        info = TASKS.get(task)
+        needs = info is not None and info.text is not None
+        return gr.update(
+            label="Text input (needed)" if needs else "Text input (not used by this task)",
+            placeholder=info.hint if needs else "",
+            interactive=True,
+        )
+
+    def on_run(image_path, task, text, threshold):
+        if not image_path:
+            raise gr.Error("Upload an image, take a webcam snapshot or pick an example first.",
+                           print_exception=False)
+        started = time.perf_counter()
+        try:
+            data = Path(image_path).read_bytes()
+            image, result = service.run(data, task, text, "auto", threshold)
+        except InputError as exc:
+            raise gr.Error(exc.message, title=f"{exc.status} {exc.code}", print_exception=False) from None
+        drawn = draw_result(image, result)
+        ms = 1000 * (time.perf_counter() - started)
+        n_boxes, n_polys = len(result["detections"]), len(result["polygons"])
+        parts = [f"{n_boxes} detection{'s' if n_boxes != 1 else ''}"]
+        if n_polys:
+            parts.append(f"{n_polys} polygon{'s' if n_polys != 1 else ''}")
+        status = (f"**{TASKS[result['task']].title}** on a {result['width']}x{result['height']} image: "
+                  f"{', '.join(parts)} in {ms:.0f} ms")
+        return drawn, table_rows(result), result["text"], status
+
+    with gr.Blocks(title=title, analytics_enabled=False) as page:
+        gr.Markdown(f"# {title}\nPick a task, upload a frame (or use the webcam), press **Run**. "
+                    "The same model answers `POST /v1/predict`; see [/docs](/docs) for the API.")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                task = gr.Dropdown(choices=choices, value="od", label="Task", elem_id="task")
+                image = gr.Image(sources=["upload", "webcam"], type="filepath", label="Input image",
+                                 elem_id="input-image", height=360)
+                text = gr.Textbox(label="Text input (not used by this task)", lines=1, max_lines=3,
+                                  elem_id="text-input")
+                threshold = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Score threshold",
+                                      elem_id="threshold")
+                with gr.Row():
+                    clear = gr.ClearButton(value="Clear")
+                    run = gr.Button("Run", variant="primary", elem_id="run-button")
+            with gr.Column(scale=1):
+                output_image = gr.Image(type="pil", format="jpeg", label="Result", interactive=False,
+                                        buttons=["download", "fullscreen"],
+                                        elem_id="output-image", height=360)
+                status = gr.Markdown("", elem_id="status")
+                table = gr.Dataframe(headers=TABLE_HEADERS, value=[], type="array",
+                                     label="Detections", interactive=False, elem_id="detections",
+                                     wrap=True)
+                output_text = gr.Textbox(label="Output text", lines=2, interactive=False,
+                                         elem_id="output-text")
+        if examples:
+            gr.Examples(examples=[[p, "od"] for p in examples], inputs=[image, task],
+                        label="Synthetic loom frames", examples_per_page=8,
+                        example_labels=[Path(p).stem for p in examples])
+        clear.add([image, text, output_image, table, output_text, status])
+        task.change(on_task, inputs=task, outputs=text)
+        run.click(on_run, inputs=[image, task, text, threshold],
+                  outputs=[output_image, table, output_text, status], api_name="predict")
+    return page
+
+
+def theme():
+    return gr.themes.Default(primary_hue="orange")
