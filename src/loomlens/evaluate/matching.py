@@ -1,0 +1,117 @@
+"""One-to-one matching of predicted to true boxes in an image, and what it adds up to: the
+confusion matrix with its missed/false row and column, and the best operating threshold.
+
+COCO's AP needs no matching of ours (faster-coco-eval does it); these serve the pictures a
+person reads: which defect was called what, which were missed, which were invented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from loomlens.data.records import Box
+
+
+@dataclass
+class ImageMatch:
+    """`pairs`: (true index, predicted index) matched; `missed`: true boxes left unmatched;
+    `false`: predicted boxes left unmatched. Indices into the lists given to `match_image`."""
+
+    pairs: list[tuple[int, int]]
+    missed: list[int]
+    false: list[int]
+
+
+def iou_matrix(a: Sequence[Box], b: Sequence[Box]) -> np.ndarray:
+    """IoU of every box of `a` (rows) with every box of `b` (columns)."""
+    if not a or not b:
+        return np.zeros((len(a), len(b)))
+    pa = np.array([[x.x1, x.y1, x.x2, x.y2] for x in a])[:, None, :]
+    pb = np.array([[x.x1, x.y1, x.x2, x.y2] for x in b])[None, :, :]
+    w = np.clip(np.minimum(pa[..., 2], pb[..., 2]) - np.maximum(pa[..., 0], pb[..., 0]), 0, None)
+    h = np.clip(np.minimum(pa[..., 3], pb[..., 3]) - np.maximum(pa[..., 1], pb[..., 1]), 0, None)
+    inter = w * h
+    area = lambda p: (p[..., 2] - p[..., 0]) * (p[..., 3] - p[..., 1])  # noqa: E731
+    return inter / (area(pa) + area(pb) - inter)
+
+
+def match_image(
+    truth: Sequence[Box], predicted: Sequence[Box], iou: float = 0.5, same_class: bool = True
+) -> ImageMatch:
+    """Greedy matching as COCO does it: predictions by descending score, each takes the free
+    true box it overlaps most (IoU >= `iou`; of the same label unless `same_class` is off,
+    which lets a confusion between classes show as a pair)."""
+    overlaps = iou_matrix(truth, predicted)
+    if same_class:
+        same = np.array([[t.label == p.label for p in predicted] for t in truth], dtype=bool)
+        overlaps = np.where(same.reshape(overlaps.shape), overlaps, 0.0)
+    order = sorted(range(len(predicted)), key=lambda j: -(predicted[j].score if predicted[j].score is not None else 1.0))
+    free = set(range(len(truth)))
+    pairs, false = [], []
+    for j in order:
+        best = max(free, key=lambda i: overlaps[i, j], default=None)
+        if best is not None and overlaps[best, j] >= iou:
+            pairs.append((best, j))
+            free.remove(best)
+        else:
+            false.append(j)
+    return ImageMatch(pairs, sorted(free), sorted(false))
+
+
+def above(boxes: Sequence[Box], threshold: float) -> list[Box]:
+    """The boxes scoring at least `threshold` (a box without a score always passes)."""
+    return [b for b in boxes if b.score is None or b.score >= threshold]
+
+
+def confusion_matrix(
+    truth: Sequence[Sequence[Box]],
+    predicted: Sequence[Sequence[Box]],
+    classes: Sequence[str],
+    iou: float = 0.5,
+    threshold: float = 0.0,
+) -> np.ndarray:
+    """Counts over all images, shape (K+1, K+1) for the K `classes`: rows are the true class
+    and a last "FP" row (predicted where nothing was), columns the predicted class and a last
+    "FN" column (missed). Predictions under `threshold` are ignored. Labels outside
+    `classes` must be added to `classes` by the caller."""
+    index = {c: i for i, c in enumerate(classes)}
+    k = len(classes)
+    matrix = np.zeros((k + 1, k + 1), dtype=int)
+    for gt, pred in zip(truth, predicted):
+        pred = above(pred, threshold)
+        m = match_image(gt, pred, iou, same_class=False)
+        for i, j in m.pairs:
+            matrix[index[gt[i].label], index[pred[j].label]] += 1
+        for i in m.missed:
+            matrix[index[gt[i].label], k] += 1
+        for j in m.false:
+            matrix[k, index[pred[j].label]] += 1
+    return matrix
+
+
+def best_threshold(
+    truth: Sequence[Sequence[Box]], predicted: Sequence[Sequence[Box]], iou: float = 0.5
+) -> tuple[float, float]:
+    """The score threshold with the highest F1 over all classes (same-class matches at `iou`),
+    as `(threshold, f1)`: a starting point for the line's per-class thresholds."""
+    # Whether a prediction is a true positive does not depend on the cut: greedy matching by
+    # score keeps the same pairs among the boxes above any threshold.
+    scored = []
+    for gt, pred in zip(truth, predicted):
+        hits = {j for _, j in match_image(gt, pred, iou).pairs}
+        scored += [(1.0 if b.score is None else b.score, j in hits) for j, b in enumerate(pred)]
+    scored.sort(key=lambda s: -s[0])
+    n_true = sum(len(gt) for gt in truth)
+    best = (0.0, 0.0)
+    tp = 0
+    for rank, (score, hit) in enumerate(scored, start=1):
+        tp += hit
+        if rank < len(scored) and scored[rank][0] == score:
+            continue  # a threshold keeps all tied scores or none
+        f1 = 2 * tp / (rank + n_true)
+        if f1 > best[1]:
+            best = (score, f1)
+    return best

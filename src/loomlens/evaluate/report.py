@@ -1,0 +1,173 @@
+"""Evaluate a model on a converted split: `evaluate_jsonl` (metrics only, for training's
+validation) and `write_report` (metrics.json, the plots and report.md that links them)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from loomlens.data.dataset import read_jsonl
+from loomlens.data.florence_text import parse_text
+from loomlens.data.records import Box
+from loomlens.evaluate.detection import batched, detect_with_details
+from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, match_image
+from loomlens.evaluate.metrics import evaluate_coco
+from loomlens.evaluate.plots import plot_confusion, plot_gallery, plot_pr_curves, plot_reliability
+
+
+@dataclass
+class EvalImage:
+    """One `<OD>` sample of a split: its image file and true boxes in pixels."""
+
+    path: Path
+    truth: list[Box]
+
+
+@dataclass
+class EvalRun:
+    """What running a model over a split gives: per-image true and predicted boxes, the
+    parser's dropped parts and the wall time per image."""
+
+    images: list[EvalImage]
+    predicted: list[list[Box]]
+    dropped: int
+    seconds_per_image: float
+
+
+def read_class_names(path: Path) -> list[str]:
+    """Class names of a `classes.txt` (one per line); empty if the file is missing."""
+    path = Path(path)
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def od_images(jsonl: Path, max_images: int | None = None) -> list[EvalImage]:
+    """The `<OD>` samples of a converted split, true boxes parsed from their suffix."""
+    jsonl = Path(jsonl)
+    out = []
+    for s in read_jsonl(jsonl):
+        if s.get("prefix") != "<OD>":
+            continue
+        boxes, _ = parse_text(s["suffix"], s["width"], s["height"])
+        out.append(EvalImage(jsonl.parent / s["image"], boxes))
+        if max_images is not None and len(out) >= max_images:
+            break
+    return out
+
+
+def run_split(
+    model, processor, images: Sequence[EvalImage], classes: Sequence[str] = (), batch_size: int = 8,
+    max_boxes: int = 20, constrained: bool = False,
+) -> EvalRun:
+    """`<OD>` on every image, loading `batch_size` images at a time (a split of 2560x1440
+    frames does not fit in memory at once)."""
+    predicted: list[list[Box]] = []
+    dropped = 0
+    start = time.perf_counter()
+    for chunk in batched(list(images), batch_size):
+        pictures = [Image.open(e.path).convert("RGB") for e in chunk]
+        for found in detect_with_details(
+            model, processor, pictures, max_boxes=max_boxes, batch_size=batch_size,
+            constrained=constrained, classes=classes,
+        ):
+            predicted.append(found.boxes)
+            dropped += found.dropped
+    elapsed = time.perf_counter() - start
+    return EvalRun(list(images), predicted, dropped, elapsed / max(1, len(images)))
+
+
+def evaluate_jsonl(model, processor, jsonl: Path, max_images: int | None = None, batch_size: int = 8) -> dict:
+    """COCO metrics (see `coco_metrics`) of `model` on the `<OD>` samples of a converted
+    split, plus `dropped_parts` and `seconds_per_image`. Classes come from the split's
+    `classes.txt` when present. Cheap enough for training's validation with `max_images`."""
+    classes = read_class_names(Path(jsonl).parent / "classes.txt")
+    run = run_split(model, processor, od_images(jsonl, max_images), classes, batch_size)
+    metrics = evaluate_coco([e.truth for e in run.images], run.predicted, classes).metrics
+    return {**metrics, "dropped_parts": run.dropped, "seconds_per_image": run.seconds_per_image}
+
+
+def _worst(run: EvalRun, threshold: float, count: int) -> list[int]:
+    """Indices of the `count` images with the most missed + false boxes (errors only)."""
+    errors = []
+    for i, (e, pred) in enumerate(zip(run.images, run.predicted)):
+        m = match_image(e.truth, above(pred, threshold))
+        errors.append((len(m.missed) + len(m.false), i))
+    return [i for n, i in sorted(errors, key=lambda t: (-t[0], t[1])) if n > 0][:count]
+
+
+def _markdown(metrics: dict, plots: dict[str, str], title: str) -> str:
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    lines = [
+        f"# {title}", "",
+        "| mAP50-95 | mAP50 | mAP75 | images | negatives | true boxes | predicted | on negatives |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {fmt(metrics['map50_95'])} | {fmt(metrics['map50'])} | {fmt(metrics['map75'])} | {metrics['images']} "
+        f"| {metrics['negative_images']} | {metrics['gt_boxes']} | {metrics['predicted_boxes']} "
+        f"| {metrics['predicted_on_negatives']} |", "",
+        "Scores: each box's label probability times the geometric mean of its four coordinates' "
+        "probabilities, from the generation itself (not 1 for all).", "",
+        "| class | AP50 | AP75 | AP50-95 | true | predicted |", "|---|---|---|---|---|---|",
+    ]
+    for name, c in metrics["per_class"].items():
+        lines.append(f"| {name} | {fmt(c['ap50'])} | {fmt(c['ap75'])} | {fmt(c['ap'])} | {c['gt']} | {c['predicted']} |")
+    if metrics["unseen_classes"]:
+        lines += ["", f"Classes in this split never seen in training: {', '.join(metrics['unseen_classes'])}."]
+    lines += [
+        "", f"Best F1 {metrics['best_f1']:.3f} at score >= {metrics['best_threshold']:.3f}; "
+        f"{metrics['dropped_parts']} malformed answer parts dropped; "
+        f"{metrics['seconds_per_image']:.3f} s per image.", "",
+    ]
+    lines += [f"## {name}\n\n![{name}]({file})\n" for name, file in plots.items()]
+    lines.append("[metrics.json](metrics.json)")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    model, processor, jsonl: Path, out: Path, classes: Sequence[str] = (), batch_size: int = 8,
+    max_boxes: int = 20, constrained: bool = False, max_images: int | None = None,
+    gallery_size: int = 8, title: str = "loomlens evaluation", extra: dict | None = None,
+) -> dict:
+    """Evaluate on a converted split and write into `out`: `metrics.json`, `pr_curves.png`,
+    `confusion_matrix.png`, `reliability.png`, `worst_images.png` and `report.md` linking
+    them. `classes` default to the split's `classes.txt`; `extra` (model, checkpoint, ...)
+    is stored in metrics.json as is. Returns the metrics dict."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = list(classes) or read_class_names(Path(jsonl).parent / "classes.txt")
+    run = run_split(model, processor, od_images(jsonl, max_images), classes, batch_size, max_boxes, constrained)
+    truth = [e.truth for e in run.images]
+    coco = evaluate_coco(truth, run.predicted, classes)
+    threshold, f1 = best_threshold(truth, run.predicted)
+    metrics = {
+        **coco.metrics, "best_threshold": threshold, "best_f1": f1, "dropped_parts": run.dropped,
+        "seconds_per_image": run.seconds_per_image, "constrained": constrained, "max_boxes": max_boxes,
+        "data": str(jsonl), **(extra or {}),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    names = list(coco.metrics["per_class"])  # classes, then unseen/unknown labels
+    plots = {
+        "Precision-recall": plot_pr_curves(
+            coco.pr_curves, {n: c["ap50"] for n, c in coco.metrics["per_class"].items()}, out / "pr_curves.png"
+        ),
+        "Confusion matrix": plot_confusion(
+            confusion_matrix(truth, run.predicted, names, threshold=threshold), names, out / "confusion_matrix.png",
+            threshold,
+        ),
+        "Score reliability": plot_reliability(truth, run.predicted, out / "reliability.png"),
+    }
+    worst = _worst(run, threshold, gallery_size)
+    if worst:
+        items = [
+            (run.images[i].path.name, Image.open(run.images[i].path).convert("RGB"), run.images[i].truth, run.predicted[i])
+            for i in worst
+        ]
+        plots["Worst images"] = plot_gallery(items, out / "worst_images.png", threshold)
+    (out / "report.md").write_text(_markdown(metrics, {k: Path(v).name for k, v in plots.items()}, title))
+    return metrics

@@ -1,0 +1,66 @@
+"""The report on a small converted split: files, keys, plots, and the matching behind them."""
+
+import json
+
+import pytest
+
+from loomlens.data.convert import convert
+from loomlens.data.records import Box
+from loomlens.data.synth import synthesize
+from loomlens.evaluate.matching import best_threshold, confusion_matrix, match_image
+from loomlens.evaluate.report import evaluate_jsonl, write_report
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    synthesize(root / "raw", images=6, seed=3, size=(192, 108), negative_fraction=0.34)
+    convert(root / "raw", root / "converted", val_fraction=0.5)
+    return root / "converted" / "val.jsonl"
+
+
+def test_evaluate_jsonl_for_training(tiny, split):
+    model, processor = tiny
+    m = evaluate_jsonl(model, processor, split, max_images=2, batch_size=2)
+    assert m["images"] == 2 and 0.0 <= m["map50"] <= 1.0
+    assert set(m["per_class"]) >= {"broken-weft", "drop", "wrinkle"}  # from classes.txt
+
+
+def test_write_report_files_and_keys(tiny, split, tmp_path):
+    model, processor = tiny
+    m = write_report(model, processor, split, tmp_path, batch_size=4, max_boxes=4, extra={"model": "tiny"})
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["model"] == "tiny"
+    for key in ("map50", "map50_95", "map75", "per_class", "images", "negative_images", "best_threshold"):
+        assert key in saved and key in m
+    assert all("ap50" in c for c in saved["per_class"].values())
+    for png in ("pr_curves.png", "confusion_matrix.png", "reliability.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+        assert f"({png})" in (tmp_path / "report.md").read_text()
+
+
+def box(label, x, score=None):
+    return Box(label, x, 0.0, x + 10.0, 10.0, score)
+
+
+def test_confusion_matrix_has_missed_column_and_false_row():
+    truth = [[box("drop", 0), box("wrinkle", 50)], [box("drop", 0)]]
+    pred = [[box("wrinkle", 0, 0.9), box("drop", 80, 0.8)], [box("drop", 0, 0.2)]]
+    m = confusion_matrix(truth, pred, ["drop", "wrinkle"], threshold=0.5)
+    # rows: drop, wrinkle, FP; columns: drop, wrinkle, FN
+    assert m.tolist() == [[0, 1, 1], [0, 0, 1], [1, 0, 0]]
+    assert confusion_matrix(truth, pred, ["drop", "wrinkle"]).tolist() == [[1, 1, 0], [0, 0, 1], [1, 0, 0]]
+
+
+def test_matching_prefers_higher_scores_and_same_class():
+    truth = [box("drop", 0)]
+    m = match_image(truth, [box("drop", 1, 0.3), box("drop", 0, 0.9)])
+    assert m.pairs == [(0, 1)] and m.false == [0]
+    assert match_image(truth, [box("wrinkle", 0, 0.9)]).missed == [0]
+
+
+def test_best_threshold_cuts_off_low_scoring_false_positives():
+    truth = [[box("drop", 0)], []]
+    pred = [[box("drop", 0, 0.9)], [box("drop", 0, 0.3)]]
+    threshold, f1 = best_threshold(truth, pred)
+    assert threshold == pytest.approx(0.9) and f1 == pytest.approx(1.0)
