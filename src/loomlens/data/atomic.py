@@ -1,0 +1,46 @@
+"""Atomic file writes: a crash or an exception mid-write never leaves a half-written file
+over a good one.
+
+The data goes to a temporary file in the same folder (so the final rename stays on one file
+system, where `os.replace` is atomic), and only a complete file replaces the target.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w", durable: bool = True) -> Iterator[IO]:
+    """Open a temporary file beside `path` for writing (`mode` "w" or "wb"; text is UTF-8 with
+    "\\n" line ends); when the block ends normally it replaces `path`, when it raises, `path`
+    is left as it was and the temporary file is removed. `durable` also fsyncs before the
+    rename, so a power cut cannot leave an empty file either (skip it for bulk outputs that
+    can be regenerated)."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes only, mode 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are ordinary files
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": "\n"})) as f:
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | Path, data: str | bytes, durable: bool = True) -> None:
+    """Write all of `data` (text as UTF-8, or bytes) to `path` atomically; see `atomic_open`."""
+    with atomic_open(path, "wb" if isinstance(data, bytes) else "w", durable) as f:
+        f.write(data)

@@ -1,0 +1,162 @@
+"""COCO JSON: `images` (id, file_name, width, height), `categories` (id, name) and
+`annotations` (image_id, category_id, bbox = [x, y, w, h] in pixels).
+
+Every `*.json` under the dataset root is read as one COCO file; `file_name` is found beside
+the JSON, in an `images/` folder beside or above it, or at the root. Images with no
+annotations are negatives."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from loomlens.data.atomic import atomic_write
+from loomlens.data.florence_text import LabelError, validate_label
+from loomlens.data.records import ImageRecord, Problem, ReadResult
+from loomlens.data.sanitize import find_image, image_size, iter_files, make_box, relative
+
+
+def _load(path: Path, file: str) -> tuple[dict[str, Any] | None, Problem | None]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        return None, Problem(
+            file=file, line=err.lineno, message=f"malformed JSON ({err.msg}); file skipped",
+            fix="fix the JSON or export it again",
+        )
+    except (OSError, UnicodeDecodeError) as err:
+        return None, Problem(file=file, message=f"cannot read: {err}; file skipped", fix="check the file")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        return None, Problem(
+            file=file, message="not a COCO file (no 'images' list); file skipped",
+            fix="move other JSON files out of the dataset folder",
+        )
+    return data, None
+
+
+def _entries(data: dict[str, Any], key: str, fields: Sequence[str], file: str) -> tuple[list[dict], list[Problem]]:
+    """The dicts in `data[key]` that carry all `fields`; the others reported by index."""
+    good, problems = [], []
+    for i, entry in enumerate(data.get(key) or []):
+        # Ids must be int or str: they become dict keys, and a list id would crash that.
+        if isinstance(entry, dict) and all(f in entry for f in fields) and all(
+            isinstance(entry[f], (int, str)) for f in fields if f.endswith("id")
+        ):
+            good.append(entry)
+        else:
+            problems.append(Problem(
+                file=file, message=f"{key}[{i}] lacks one of {list(fields)}; skipped",
+                fix=f"every entry of '{key}' needs {', '.join(fields)}",
+            ))
+    return good, problems
+
+
+def _categories(data: dict[str, Any], file: str) -> tuple[dict[Any, str | None], list[Problem]]:
+    """Category id -> validated name (None when the name cannot round-trip) + problems."""
+    entries, problems = _entries(data, "categories", ("id", "name"), file)
+    names: dict[Any, str | None] = {}
+    for cat in entries:
+        try:
+            names[cat["id"]] = validate_label(str(cat["name"]))
+        except LabelError as err:
+            names[cat["id"]] = None
+            problems.append(Problem(file=file, message=f"category {cat['id']}: {err}", fix="rename the category"))
+    return names, problems
+
+
+def read_coco_file(path: Path, root: Path) -> ReadResult:
+    """One COCO JSON file -> its records (sorted by image path), problems and class names
+    (in the order of its 'categories')."""
+    file = relative(path, root)
+    data, problem = _load(path, file)
+    if data is None:
+        return ReadResult(problems=[problem])
+    result = ReadResult()
+    categories, result.problems = _categories(data, file)
+    result.classes = [n for n in categories.values() if n is not None]
+    images, problems = _entries(data, "images", ("id", "file_name"), file)
+    annotations, more = _entries(data, "annotations", ("image_id", "category_id", "bbox"), file)
+    result.problems += problems + more
+    by_image: dict[Any, list[dict]] = {}
+    for ann in annotations:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    dirs = [path.parent, path.parent / "images", path.parent.parent / "images", root / "images", root]
+    records: dict[Any, ImageRecord] = {}
+    for img in images:
+        found, problem = find_image(root, str(img["file_name"]), dirs, file)
+        declared = (_int(img.get("width")), _int(img.get("height")))
+        size, problem = (None, problem) if found is None else image_size(found, declared, file)
+        if size is None:
+            result.problems.append(problem)
+            continue
+        record = ImageRecord(relative(found, root), size[0], size[1], [], file)
+        for ann in by_image.pop(img["id"], []):
+            result.problems += _add_box(record, ann, categories, file)
+        records[img["id"]] = record
+    for image_id, anns in by_image.items():
+        result.problems.append(Problem(
+            file=file, message=f"{len(anns)} annotation(s) for image_id {image_id!r}, which is not in 'images'; dropped",
+            fix="add the image entry or remove the annotations",
+        ))
+    result.records = sorted(records.values(), key=lambda r: r.image)
+    return result
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _add_box(record: ImageRecord, ann: dict, categories: dict[Any, str | None], file: str) -> list[Problem]:
+    """Add one annotation's box to `record`; return the problems it has."""
+    name = categories.get(ann["category_id"])
+    if name is None:
+        return [Problem(
+            file=file, message=f"annotation {ann.get('id', '?')}: unknown or unusable category_id "
+            f"{ann['category_id']!r}; box dropped",
+            fix="add the category to 'categories'",
+        )]
+    bbox = ann["bbox"]
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return [Problem(
+            file=file, message=f"annotation {ann.get('id', '?')}: bbox {bbox!r} is not [x, y, w, h]; dropped",
+            fix="write bbox as four numbers",
+        )]
+    box, problems = make_box(name, (x, y, x + w, y + h), record.width, record.height, file)
+    if box is not None:
+        record.boxes.append(box)
+    return problems
+
+
+def read_coco(root: str | Path) -> ReadResult:
+    """Every `*.json` under `root` -> records, problems and class names (first file first)."""
+    root = Path(root)
+    result = ReadResult()
+    for path in iter_files(root, ".json"):
+        part = read_coco_file(path, root)
+        result.records += part.records
+        result.problems += part.problems
+        result.classes += [c for c in part.classes if c not in result.classes]
+    return result
+
+
+def write_coco(records: Sequence[ImageRecord], json_path: str | Path, classes: Sequence[str]) -> None:
+    """Write `records` as one COCO file; `file_name`s are the records' paths, relative to the
+    dataset root, so put `json_path` at the root. Category ids are 1-based in `classes` order."""
+    images, annotations = [], []
+    for image_id, record in enumerate(records, 1):
+        images.append({"id": image_id, "file_name": record.image, "width": record.width, "height": record.height})
+        for box in record.boxes:
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": classes.index(box.label) + 1,
+                "bbox": [box.x1, box.y1, box.width, box.height], "area": box.width * box.height, "iscrowd": 0,
+            })
+    categories = [{"id": i, "name": name} for i, name in enumerate(classes, 1)]
+    data = {"images": images, "annotations": annotations, "categories": categories}
+    atomic_write(json_path, json.dumps(data, indent=1) + "\n", durable=False)

@@ -1,0 +1,138 @@
+"""Checks every annotation reader shares: finding images safely inside the dataset root,
+reading their size, and turning raw coordinates into clean boxes. Each check returns a
+`Problem` instead of raising, so the caller can skip one file and go on."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from loomlens.data.florence_text import LabelError, validate_label
+from loomlens.data.records import Box, Problem
+
+CLIP_TOLERANCE = 0.5  # pixels
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+
+
+def relative(path: Path, root: Path) -> str:
+    """`path` relative to `root` in forward-slash form (both resolved), for messages and
+    records; a path outside `root` is returned as given."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def iter_files(root: Path, suffix: str) -> Iterator[Path]:
+    """Files under `root` ending in `suffix` (any case), sorted, skipping hidden folders such
+    as `.git` and the temporary files `atomic_open` leaves while writing."""
+    for path in sorted(root.rglob("*")):
+        rel_parts = path.relative_to(root).parts
+        if path.suffix.lower() == suffix and path.is_file() and not any(
+            part.startswith(".") for part in rel_parts
+        ):
+            yield path
+
+
+def find_image(
+    root: Path, name: str, search_dirs: Sequence[Path], file: str, line: int | None = None
+) -> tuple[Path | None, Problem | None]:
+    """Resolve the image `name` an annotation refers to: absolute, or relative to each of
+    `search_dirs` in turn. Only a path inside `root` is accepted, so `../../etc/passwd` or an
+    absolute path elsewhere is rejected. Returns (the resolved path, None) or (None, problem)."""
+    name = name.strip().replace("\\", "/")  # LabelImg on Windows writes backslashes
+    root = root.resolve()
+    candidates = [Path(name)] if Path(name).is_absolute() else [d / name for d in search_dirs]
+    inside = [c.resolve() for c in candidates if c.resolve().is_relative_to(root)]
+    if not inside:
+        return None, Problem(
+            file=file,
+            line=line,
+            message=f"image path {name!r} points outside the dataset root; rejected",
+            fix="use a path inside the dataset folder, relative to it",
+        )
+    for path in inside:
+        if path.is_file():
+            return path, None
+    return None, Problem(
+        file=file,
+        line=line,
+        message=f"image {name!r} not found; annotation skipped",
+        fix="put the image beside the annotation or in images/, or delete the annotation",
+    )
+
+
+def image_size(
+    path: Path, declared: tuple[int, int] | None, file: str, line: int | None = None
+) -> tuple[tuple[int, int] | None, Problem | None]:
+    """The (width, height) of the image at `path`, read from its header only. If the
+    annotation `declared` a non-zero size that differs, the boxes cannot be trusted: problem."""
+    try:
+        with Image.open(path) as im:
+            size = im.size
+    except (OSError, UnidentifiedImageError) as err:
+        return None, Problem(
+            file=file,
+            line=line,
+            message=f"cannot read image {path.name!r}: {err}",
+            fix="replace the damaged image or delete its annotation",
+        )
+    if declared and all(declared) and tuple(declared) != size:
+        return None, Problem(
+            file=file,
+            line=line,
+            message=f"annotation says the image is {declared[0]}x{declared[1]} "
+            f"but {path.name!r} is {size[0]}x{size[1]}; skipped",
+            fix="re-annotate the resized image, or restore the original",
+        )
+    return size, None
+
+
+def make_box(
+    label: str,
+    coords: Sequence[float],
+    width: int,
+    height: int,
+    file: str,
+    line: int | None = None,
+) -> tuple[Box | None, list[Problem]]:
+    """Raw (x1, y1, x2, y2) pixels -> a clean `Box`, or None. A label that cannot round-trip
+    through Florence-2 text or a non-finite coordinate drops the box; a box reaching outside
+    the image is clipped to it (reported when by more than `CLIP_TOLERANCE` pixels); one with no
+    area left is dropped. Each is reported."""
+    problems: list[Problem] = []
+    try:
+        label = validate_label(label)
+    except LabelError as err:
+        return None, [Problem(file=file, line=line, message=f"{err}; box dropped", fix="rename the class")]
+    x1, y1, x2, y2 = coords
+    if not all(math.isfinite(c) for c in coords):
+        return None, [Problem(
+            file=file, line=line, message=f"box {label!r} has a non-numeric coordinate {tuple(coords)}; dropped",
+            fix="redraw the box",
+        )]
+    clipped = (min(max(x1, 0), width), min(max(y1, 0), height), min(max(x2, 0), width), min(max(y2, 0), height))
+    overshoot = max(abs(a - b) for a, b in zip(clipped, coords, strict=True))
+    # Under half a pixel out is a writer's rounding (YOLO's 6 decimals), not a mistake: clip quietly.
+    if overshoot > CLIP_TOLERANCE and x1 < x2 and y1 < y2:
+        problems.append(Problem(
+            file=file, line=line,
+            message=f"box {label!r} {_fmt(coords)} reaches outside the {width}x{height} image; clipped",
+            fix="redraw the box inside the image",
+        ))
+    cx1, cy1, cx2, cy2 = clipped
+    if not (cx1 < cx2 and cy1 < cy2):
+        problems.append(Problem(
+            file=file, line=line,
+            message=f"box {label!r} {_fmt(coords)} has no area inside the {width}x{height} image; dropped",
+            fix="redraw the box, with xmin < xmax and ymin < ymax",
+        ))
+        return None, problems
+    return Box(label, cx1, cy1, cx2, cy2), problems
+
+
+def _fmt(coords: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{c:g}" for c in coords) + ")"

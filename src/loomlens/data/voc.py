@@ -1,0 +1,137 @@
+"""LabelImg's Pascal VOC XML: one `<annotation>` file per image, pixel `<bndbox>` corners.
+
+The image is found from `<filename>`, beside the XML, in a sibling `images/` (or `<folder>`)
+folder, or at the dataset root; `<path>` is ignored, since LabelImg writes the annotator's
+own absolute path there."""
+
+from __future__ import annotations
+
+import math
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from xml.parsers import expat
+
+from loomlens.data.atomic import atomic_write
+from loomlens.data.records import ImageRecord, Problem, ReadResult
+from loomlens.data.sanitize import find_image, image_size, iter_files, make_box, relative
+
+
+def _parse_with_lines(data: bytes) -> tuple[ET.Element, dict[ET.Element, int]]:
+    """Parse XML keeping the line each element starts on (ElementTree forgets it), so a
+    problem with one `<object>` can name its line. Raises `expat.ExpatError`."""
+    builder = ET.TreeBuilder()
+    parser = expat.ParserCreate()
+    lines: dict[ET.Element, int] = {}
+
+    def start(tag: str, attrs: dict[str, str]) -> None:
+        lines[builder.start(tag, attrs)] = parser.CurrentLineNumber
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = builder.end
+    parser.CharacterDataHandler = builder.data
+    parser.Parse(data, True)
+    return builder.close(), lines
+
+
+def _number(element: ET.Element, path: str) -> float | None:
+    """The finite number in the child at `path`, or None when it is missing or not one."""
+    try:
+        value = float((element.findtext(path) or "").strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def read_voc_file(path: Path, root: Path) -> tuple[ImageRecord | None, list[Problem]]:
+    """One VOC XML file -> (its record, or None when the file must be skipped; problems)."""
+    file = relative(path, root)
+    try:
+        ann, lines = _parse_with_lines(path.read_bytes())
+    except OSError as err:
+        return None, [Problem(file=file, message=f"cannot read: {err}; file skipped", fix="check permissions")]
+    except expat.ExpatError as err:
+        return None, [Problem(
+            file=file, line=err.lineno, message=f"malformed XML ({expat.errors.messages[err.code]}); file skipped",
+            fix="fix the XML, or open and save the image again in LabelImg",
+        )]
+    if ann.tag != "annotation":
+        return None, [Problem(
+            file=file, line=1, message=f"root element is <{ann.tag}>, not <annotation>; file skipped",
+            fix="only Pascal VOC XML belongs in a VOC dataset",
+        )]
+    name = (ann.findtext("filename") or "").strip()
+    if not name:
+        return None, [Problem(
+            file=file, line=lines[ann], message="no <filename>; file skipped", fix="add the image file name",
+        )]
+    folder = (ann.findtext("folder") or "").strip()
+    dirs = [path.parent, path.parent.parent / "images", root / "images", root]
+    if folder:
+        dirs += [path.parent.parent / folder, root / folder]
+    image, problem = find_image(root, name, dirs, file, lines[ann])
+    if image is None:
+        return None, [problem]
+    declared = (int(_number(ann, "size/width") or 0), int(_number(ann, "size/height") or 0))
+    size, problem = image_size(image, declared, file, lines[ann])
+    if size is None:
+        return None, [problem]
+    width, height = size
+    record = ImageRecord(relative(image, root), width, height, [], file)
+    problems: list[Problem] = []
+    for obj in ann.findall("object"):
+        coords = [_number(obj, f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")]
+        if None in coords:
+            problems.append(Problem(
+                file=file, line=lines[obj], message="<object> without a numeric <bndbox>; box dropped",
+                fix="give it xmin, ymin, xmax, ymax",
+            ))
+            continue
+        box, box_problems = make_box(obj.findtext("name") or "", coords, width, height, file, lines[obj])
+        problems += box_problems
+        if box is not None:
+            record.boxes.append(box)
+    return record, problems
+
+
+def read_voc(root: str | Path) -> ReadResult:
+    """Every `*.xml` under `root` -> records (sorted by file), problems, and the class names
+    seen in sorted order (VOC declares no class list)."""
+    root = Path(root)
+    result = ReadResult()
+    for path in iter_files(root, ".xml"):
+        record, problems = read_voc_file(path, root)
+        result.problems += problems
+        if record is not None:
+            result.records.append(record)
+    result.classes = sorted({b.label for r in result.records for b in r.boxes})
+    return result
+
+
+def _num(v: float) -> str:
+    # LabelImg writes integers; keep fractions when there are any, so a round trip is exact.
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+def write_voc(record: ImageRecord, xml_path: str | Path, root: str | Path) -> None:
+    """Write `record` as a LabelImg VOC file at `xml_path`; `root` is the dataset root that
+    `record.image` is relative to (LabelImg's `<folder>`, `<filename>`, `<path>` layout)."""
+    xml_path, image = Path(xml_path), Path(root) / record.image
+    ann = ET.Element("annotation")
+    ET.SubElement(ann, "folder").text = image.parent.name
+    ET.SubElement(ann, "filename").text = image.name
+    ET.SubElement(ann, "path").text = Path(os.path.relpath(image, xml_path.parent)).as_posix()
+    ET.SubElement(ET.SubElement(ann, "source"), "database").text = "Unknown"
+    size = ET.SubElement(ann, "size")
+    for key, value in (("width", record.width), ("height", record.height), ("depth", 3)):
+        ET.SubElement(size, key).text = str(value)
+    ET.SubElement(ann, "segmented").text = "0"
+    for box in record.boxes:
+        obj = ET.SubElement(ann, "object")
+        for key, value in (("name", box.label), ("pose", "Unspecified"), ("truncated", "0"), ("difficult", "0")):
+            ET.SubElement(obj, key).text = value
+        bndbox = ET.SubElement(obj, "bndbox")
+        for key, value in (("xmin", box.x1), ("ymin", box.y1), ("xmax", box.x2), ("ymax", box.y2)):
+            ET.SubElement(bndbox, key).text = _num(value)
+    ET.indent(ann, space="\t")
+    atomic_write(xml_path, ET.tostring(ann, encoding="unicode") + "\n", durable=False)

@@ -1,0 +1,163 @@
+"""LabelImg's YOLO txt: one `.txt` per image with lines `class cx cy w h` (normalised 0..1),
+and a `classes.txt` naming the class ids in order.
+
+A label file's image has the same stem, beside it or in the `images/` folder that mirrors its
+`labels/` folder; its classes are the nearest `classes.txt` in its folder or above."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+from loomlens.data.atomic import atomic_write
+from loomlens.data.florence_text import LabelError, validate_label
+from loomlens.data.records import ImageRecord, Problem, ReadResult
+from loomlens.data.sanitize import IMAGE_SUFFIXES, image_size, iter_files, make_box, relative
+
+CLASSES_FILE = "classes.txt"
+
+
+def read_classes(path: Path, root: Path) -> tuple[list[str | None], list[Problem]]:
+    """A `classes.txt` -> names by class id (None where a name cannot round-trip) + problems."""
+    names: list[str | None] = []
+    problems: list[Problem] = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()  # trailing blank lines are not classes; one in the middle is an error
+    for number, line in enumerate(lines, 1):
+        try:
+            names.append(validate_label(line))
+        except LabelError as err:
+            names.append(None)
+            problems.append(Problem(
+                file=relative(path, root), line=number, message=str(err), fix="rename the class in classes.txt",
+            ))
+    return names, problems
+
+
+def _image_for(txt: Path, root: Path) -> Path | None:
+    """The image with the label file's stem, beside it or in the mirrored `images/` folder."""
+    parts = txt.parent.relative_to(root).parts
+    dirs = [txt.parent]
+    if "labels" in parts:
+        i = len(parts) - 1 - parts[::-1].index("labels")  # the innermost labels/
+        dirs.append(root.joinpath(*parts[:i], "images", *parts[i + 1 :]))
+    for d in dirs:
+        found = _images_in(d).get(txt.stem)
+        if found is not None:
+            return found
+    return None
+
+
+@cache
+def _images_in(folder: Path) -> dict[str, Path]:
+    # Listing a folder once beats probing every suffix in every case for every label file.
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def _nearest_classes(folder: Path, root: Path) -> Path | None:
+    for d in (folder, *folder.parents):
+        if (d / CLASSES_FILE).is_file():
+            return d / CLASSES_FILE
+        if d == root:
+            return None
+    return None
+
+
+def read_yolo_file(
+    txt: Path, root: Path, classes: Sequence[str | None]
+) -> tuple[ImageRecord | None, list[Problem]]:
+    """One YOLO label file with its class names -> (record, or None if skipped; problems)."""
+    file = relative(txt, root)
+    image = _image_for(txt, root)
+    if image is None or not image.resolve().is_relative_to(root.resolve()):
+        return None, [Problem(
+            file=file, message=f"no image named {txt.stem}.* beside it or in images/; file skipped",
+            fix="put the image next to its label file, or delete the label file",
+        )]
+    try:
+        text = txt.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        return None, [Problem(file=file, message=f"cannot read: {err}; file skipped", fix="check permissions")]
+    rows: list[tuple[int, int, list[float]]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) != 5:
+                raise ValueError(f"expected 5 fields 'class cx cy w h', got {len(fields)}")
+            cls, values = int(fields[0]), [float(f) for f in fields[1:]]
+        except ValueError as err:
+            return None, [Problem(
+                file=file, line=number, message=f"malformed YOLO line {line.strip()[:60]!r} ({err}); file skipped",
+                fix="each line must be 'class_id cx cy w h' with numbers in 0..1",
+            )]
+        rows.append((number, cls, values))
+    size, problem = image_size(image, None, file)
+    if size is None:
+        return None, [problem]
+    width, height = size
+    record = ImageRecord(relative(image, root), width, height, [], file)
+    problems: list[Problem] = []
+    for number, cls, (cx, cy, w, h) in rows:
+        if not 0 <= cls < len(classes) or classes[cls] is None:
+            problems.append(Problem(
+                file=file, line=number,
+                message=f"class id {cls} has no usable name in classes.txt ({len(classes)} classes); box dropped",
+                fix="add the class to classes.txt or fix the id",
+            ))
+            continue
+        coords = ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
+        box, box_problems = make_box(classes[cls], coords, width, height, file, number)
+        problems += box_problems
+        if box is not None:
+            record.boxes.append(box)
+    return record, problems
+
+
+def read_yolo(root: str | Path) -> ReadResult:
+    """Every label `*.txt` under `root` (not `classes.txt`) -> records, problems, and the class
+    names of the `classes.txt` files used, top-most file first, each in id order."""
+    root = Path(root)
+    result = ReadResult()
+    loaded: dict[Path, list[str | None]] = {}
+    for txt in iter_files(root, ".txt"):
+        if txt.name == CLASSES_FILE:
+            continue
+        classes_path = _nearest_classes(txt.parent, root)
+        if classes_path is None:
+            result.problems.append(Problem(
+                file=relative(txt, root), message="no classes.txt in its folder or above; file skipped",
+                fix="copy LabelImg's classes.txt into the dataset folder",
+            ))
+            continue
+        if classes_path not in loaded:
+            loaded[classes_path], problems = read_classes(classes_path, root)
+            result.problems += problems
+        record, problems = read_yolo_file(txt, root, loaded[classes_path])
+        result.problems += problems
+        if record is not None:
+            result.records.append(record)
+    for path in sorted(loaded, key=lambda p: len(p.parts)):
+        result.classes += [n for n in loaded[path] if n is not None and n not in result.classes]
+    _images_in.cache_clear()  # the folders may change before the next read
+    return result
+
+
+def write_classes(path: str | Path, classes: Sequence[str]) -> None:
+    """Write class names one a line, id = line number - 1 (LabelImg's `classes.txt`)."""
+    atomic_write(path, "".join(f"{name}\n" for name in classes))
+
+
+def write_yolo(record: ImageRecord, txt_path: str | Path, classes: Sequence[str]) -> None:
+    """Write `record`'s boxes as YOLO lines (ids index `classes`) at `txt_path`."""
+    lines = []
+    for box in record.boxes:
+        cx, cy = (box.x1 + box.x2) / 2 / record.width, (box.y1 + box.y2) / 2 / record.height
+        w, h = box.width / record.width, box.height / record.height
+        lines.append(f"{classes.index(box.label)} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n")
+    atomic_write(txt_path, "".join(lines), durable=False)
