@@ -8,6 +8,7 @@ that `loomlens --help` stays fast.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -31,6 +32,116 @@ def _expand_key_value_args(argv: list[str]) -> list[str]:
                 continue
         out.append(arg)
     return out
+
+
+def _fail(message: str, details: list[str] | None = None) -> typer.Exit:
+    """Print a user error (and up to 30 detail lines) to stderr; return the exit to raise."""
+    typer.secho(f"error: {message}", fg="red", err=True)
+    for line in (details or [])[:30]:
+        typer.echo(f"  {line}", err=True)
+    if details and len(details) > 30:
+        typer.echo(f"  ... and {len(details) - 30} more", err=True)
+    return typer.Exit(1)
+
+
+@app.command("convert")
+def convert_command(
+    src: Path = typer.Argument(..., help="Annotated dataset folder: LabelImg VOC *.xml, YOLO *.txt with "
+                               "classes.txt, or COCO *.json, with its images."),
+    out: Path = typer.Argument(..., help="Output folder: train.jsonl, val.jsonl (test.jsonl), classes.txt, "
+                               "summary.json, images/ for flipped copies."),
+    fmt: str = typer.Option("auto", "--format", help="auto, voc, yolo or coco."),
+    tasks: str = typer.Option("od", help="Comma-separated tasks: od, dense_region_caption, phrase_grounding, "
+                              "caption."),
+    order: str = typer.Option("grouped", help="grouped: all OD samples, then dense region captions, then "
+                              "grounding, then captions (the seed's best); interleaved: each image's tasks "
+                              "together."),
+    flip: bool = typer.Option(False, "--flip", help="Add a horizontally flipped copy of every image "
+                              "(in its original's split)."),
+    val_fraction: float = typer.Option(0.17, help="Share of images for validation."),
+    test_fraction: float = typer.Option(0.0, help="Share of images for a test split (0: none)."),
+    seed: int = typer.Option(0, help="Seed of the split and the sample order."),
+    strict: bool = typer.Option(False, "--strict", help="Fail (exit 1, nothing written) on any input problem "
+                                "instead of skipping and reporting it."),
+) -> None:
+    """Convert LabelImg VOC / YOLO or COCO annotations to Florence-2 JSONL samples.
+
+    Bad boxes, files and paths are reported (file, line, fix) and skipped; the rest converts.
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from loomlens.data.convert import ConvertError, convert
+
+    console = Console()
+    try:
+        with Progress(console=console, transient=True) as bar:
+            job = bar.add_task("flipping images", total=None)
+            report = convert(
+                src, out, format=fmt, tasks=[t.strip() for t in tasks.split(",") if t.strip()], order=order,
+                flip=flip, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, strict=strict,
+                progress=lambda _stage, done, total: bar.update(job, completed=done, total=total),
+            )
+    except ConvertError as err:
+        raise _fail(str(err), [str(p) for p in err.problems]) from None
+
+    classes = report.classes
+    table = Table(title=f"{report.images} images ({report.negatives} defect-free) from {src} [{report.format}]")
+    for column in ("split", "images", "samples", *classes):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, split in report.splits.items():
+        table.add_row(name, str(split["images"]), str(split["samples"]),
+                      *(str(split["boxes_per_class"].get(c, 0)) for c in classes))
+    console.print(table)
+    for problem in report.problems[:20]:
+        console.print(f"[yellow]problem[/] {problem}", highlight=False, markup=True)
+    if len(report.problems) > 20:
+        console.print(f"... and {len(report.problems) - 20} more problems")
+    console.print(f"{len(report.problems)} problem(s); wrote {out}/train.jsonl, val.jsonl"
+                  f"{', test.jsonl' if 'test' in report.splits else ''}, classes.txt, summary.json",
+                  highlight=False)
+
+
+@app.command("synth")
+def synth_command(
+    out: Path = typer.Argument(..., help="Output folder: images/*.jpg and annotations/*.xml (LabelImg VOC)."),
+    images: int = typer.Option(200, min=0, help="Number of frames."),
+    seed: int = typer.Option(0, min=0, help="Seed: the camera view and every frame; same seed, same bytes."),
+    size: str = typer.Option("768x432", help="Frame size WxH, up to 2560x1440."),
+    negatives: float = typer.Option(0.3, min=0.0, max=1.0, help="Least share of defect-free frames."),
+) -> None:
+    """Generate a synthetic loom dataset: camera frames with broken-weft, drop and wrinkle defects."""
+    import time
+    from collections import Counter
+
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from loomlens.data.synth import synthesize
+
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise _fail(f"--size must look like 768x432, got {size!r}") from None
+    console = Console()
+    started = time.perf_counter()
+    try:
+        with Progress(console=console, transient=True) as bar:
+            job = bar.add_task("drawing frames", total=images)
+            records = synthesize(out, images=images, seed=seed, size=(width, height), negative_fraction=negatives,
+                                 progress=lambda done, _total: bar.update(job, completed=done))
+    except ValueError as err:
+        raise _fail(str(err)) from None
+    seconds = time.perf_counter() - started
+    counts = Counter(b.label for r in records for b in r.boxes)
+    table = Table(title=f"{len(records)} frames {width}x{height} in {out} ({len(records) / max(seconds, 1e-9):.0f}/s)")
+    for column in ("frames", "defect-free", *sorted(counts)):
+        table.add_column(column, justify="right")
+    table.add_row(str(len(records)), str(sum(not r.boxes for r in records)), *(str(counts[c]) for c in sorted(counts)))
+    console.print(table)
+    console.print(f"next: loomlens convert {out} {out / 'jsonl'}", highlight=False)
 
 
 @app.command("serve")
