@@ -136,7 +136,8 @@ def synth_command(
         raise _fail(str(err)) from None
     seconds = time.perf_counter() - started
     counts = Counter(b.label for r in records for b in r.boxes)
-    table = Table(title=f"{len(records)} frames {width}x{height} in {out} ({len(records) / max(seconds, 1e-9):.0f}/s)")
+    rate = len(records) / max(seconds, 1e-9)
+    table = Table(title=f"{len(records)} frames {width}x{height} in {out} ({rate:.0f}/s)")
     for column in ("frames", "defect-free", *sorted(counts)):
         table.add_column(column, justify="right")
     table.add_row(str(len(records)), str(sum(not r.boxes for r in records)), *(str(counts[c]) for c in sorted(counts)))

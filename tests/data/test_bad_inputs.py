@@ -24,8 +24,10 @@ def _good_voc(root: Path) -> None:
     write_voc(ImageRecord(GOOD, 64, 48, [Box("drop", 5, 5, 20, 20)]), root / "good.xml", root)
 
 
-def _voc_xml(root: Path, name: str, filename: str, box: str = "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>",
-             label: str = "drop") -> None:
+GOOD_BOX = "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>"
+
+
+def _voc_xml(root: Path, name: str, filename: str, box: str = GOOD_BOX, label: str = "drop") -> None:
     (root / name).write_text(
         f"<annotation>\n<filename>{filename}</filename>\n<size><width>64</width><height>48</height></size>\n"
         f"<object>\n<name>{label}</name>\n<bndbox>{box}</bndbox>\n</object>\n</annotation>\n", encoding="utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image
 from loomlens.data.convert import ConvertError, assign_splits, caption, convert, flip_image, write_jsonl
 from loomlens.data.florence_text import parse_text
 from loomlens.data.records import Box, ImageRecord
+from loomlens.data.coco import write_coco
 from loomlens.data.voc import write_voc
 
 from .conftest import all_samples, read_jsonl, write_image
@@ -57,7 +59,7 @@ def test_interleaved_keeps_each_images_tasks_together(tmp_path, records):
     out = tmp_path / "out"
     convert(_voc(tmp_path / "src", records), out, tasks=("od", "caption"), order="interleaved", val_fraction=0)
     images = [s["image"] for s in read_jsonl(out / "train.jsonl")]
-    runs = [images[0]] + [b for a, b in zip(images, images[1:]) if a != b]
+    runs = [images[0]] + [b for a, b in itertools.pairwise(images) if a != b]
     assert len(runs) == len(set(runs)) == 3
 
 
@@ -122,6 +124,20 @@ def test_same_seed_same_files(tmp_path):
     convert(src, tmp_path / "b", tasks=("od", "caption"), seed=5)
     for name in ("train.jsonl", "val.jsonl", "classes.txt"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["voc", "coco"])
+def test_output_inside_the_source_is_not_read_again(tmp_path, records, fmt):
+    src = tmp_path / "src"
+    if fmt == "voc":
+        _voc(src, records)
+    else:
+        for record in records:
+            write_image(src / record.image, (record.width, record.height))
+        write_coco(records, src / "annotations.json", sorted({b.label for r in records for b in r.boxes}))
+    for _ in range(2):  # the second run sees the first one's summary.json, classes.txt, flips
+        report = convert(src, src / "jsonl", flip=True, tasks=("od", "caption"))
+        assert report.format == fmt and report.problems == [] and report.images == 3
 
 
 def test_summary_counts(tmp_path, records):

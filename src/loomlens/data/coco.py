@@ -97,7 +97,8 @@ def read_coco_file(path: Path, root: Path) -> ReadResult:
         records[img["id"]] = record
     for image_id, anns in by_image.items():
         result.problems.append(Problem(
-            file=file, message=f"{len(anns)} annotation(s) for image_id {image_id!r}, which is not in 'images'; dropped",
+            file=file,
+            message=f"{len(anns)} annotation(s) for image_id {image_id!r}, which is not in 'images'; dropped",
             fix="add the image entry or remove the annotations",
         ))
     result.records = sorted(records.values(), key=lambda r: r.image)
@@ -134,11 +135,12 @@ def _add_box(record: ImageRecord, ann: dict, categories: dict[Any, str | None], 
     return problems
 
 
-def read_coco(root: str | Path) -> ReadResult:
-    """Every `*.json` under `root` -> records, problems and class names (first file first)."""
+def read_coco(root: str | Path, skip: Sequence[Path] = ()) -> ReadResult:
+    """Every `*.json` under `root` (not under the folders in `skip`) -> records, problems and
+    class names (first file first)."""
     root = Path(root)
     result = ReadResult()
-    for path in iter_files(root, ".json"):
+    for path in iter_files(root, ".json", skip):
         part = read_coco_file(path, root)
         result.records += part.records
         result.problems += part.problems

@@ -37,7 +37,7 @@ TASKS: dict[str, str] = {
     "caption": "<CAPTION>",
 }
 ORDERS = ("grouped", "interleaved")
-READERS: dict[str, Callable[[Path], ReadResult]] = {"voc": read_voc, "yolo": read_yolo, "coco": read_coco}
+READERS: dict[str, Callable[[Path, Sequence[Path]], ReadResult]] = {"voc": read_voc, "yolo": read_yolo, "coco": read_coco}
 FORMATS = ("auto", *READERS)
 SPLITS = ("train", "val", "test")
 
@@ -78,16 +78,17 @@ class ConvertReport:
         return asdict(self)
 
 
-def detect_format(src: Path) -> str:
-    """Which annotation format the folder `src` holds: "voc" (XML files), "coco" (JSON with
-    an 'images' list) or "yolo" (label txt files and a classes.txt). Raises `ConvertError`
-    when it finds none, or more than one (then `--format` must say which)."""
+def detect_format(src: Path, skip: Sequence[Path] = ()) -> str:
+    """Which annotation format the folder `src` (less the folders in `skip`) holds: "voc"
+    (XML files), "coco" (JSON with 'images' and 'annotations') or "yolo" (label txt files and
+    a classes.txt). Raises `ConvertError` when it finds none, or more than one (then
+    `--format` must say which)."""
     found = []
-    if any(iter_files(src, ".xml")):
+    if any(iter_files(src, ".xml", skip)):
         found.append("voc")
-    if any(_looks_like_coco(p) for p in iter_files(src, ".json")):
+    if any(_looks_like_coco(p) for p in iter_files(src, ".json", skip)):
         found.append("coco")
-    txts = [p.name for p in iter_files(src, ".txt")]
+    txts = [p.name for p in iter_files(src, ".txt", skip)]
     if CLASSES_FILE in txts and len(txts) > txts.count(CLASSES_FILE):
         found.append("yolo")
     if len(found) == 1:
@@ -101,12 +102,13 @@ def detect_format(src: Path) -> str:
 
 
 def _looks_like_coco(path: Path) -> bool:
-    # A cheap sniff: the key near the start, without parsing a possibly huge file.
+    # A cheap sniff for both keys near the start, without parsing a possibly huge file.
     try:
         with path.open("rb") as f:
-            return b'"images"' in f.read(1 << 20)
+            head = f.read(1 << 20)
     except OSError:
         return False
+    return b'"images"' in head and b'"annotations"' in head
 
 
 def caption(labels: Iterable[str]) -> str:
@@ -263,8 +265,9 @@ def convert(
     _check_arguments(format, tasks, order, val_fraction, test_fraction)
     if not src.is_dir():
         raise ConvertError(f"source folder {src} does not exist")
-    fmt = detect_format(src) if format == "auto" else format
-    read = READERS[fmt](src)
+    skip = [out] if out.resolve() != src.resolve() else []  # a previous run's output is not input
+    fmt = detect_format(src, skip) if format == "auto" else format
+    read = READERS[fmt](src, skip)
     problems = list(read.problems)
     _fail_if_strict(strict, problems, src)
     if not read.records:

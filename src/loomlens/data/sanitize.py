@@ -26,13 +26,18 @@ def relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def iter_files(root: Path, suffix: str) -> Iterator[Path]:
-    """Files under `root` ending in `suffix` (any case), sorted, skipping hidden folders such
-    as `.git` and the temporary files `atomic_open` leaves while writing."""
+def iter_files(root: Path, suffix: str, skip: Sequence[Path] = ()) -> Iterator[Path]:
+    """Files under `root` ending in `suffix` (any case), sorted, leaving out the folders in
+    `skip` (a conversion's own output inside its source), hidden folders such as `.git` and
+    the temporary files `atomic_open` leaves while writing."""
+    skipped = [s.resolve() for s in skip]
     for path in sorted(root.rglob("*")):
         rel_parts = path.relative_to(root).parts
-        if path.suffix.lower() == suffix and path.is_file() and not any(
-            part.startswith(".") for part in rel_parts
+        if (
+            path.suffix.lower() == suffix
+            and path.is_file()
+            and not any(part.startswith(".") for part in rel_parts)
+            and not any(path.resolve().is_relative_to(s) for s in skipped)
         ):
             yield path
 

@@ -231,7 +231,8 @@ def _draw_machine(rng: np.random.Generator, size: tuple[int, int], quad: Sequenc
     green = np.array([0.07, 0.25, 0.18], np.float32) * (1 + 0.5 * wear)[..., None]
     floor = np.where((yy < 0.55 * height)[..., None], np.array([0.12, 0.38, 0.27], np.float32),
                      np.array([0.33, 0.34, 0.34], np.float32))
-    green = green * (1 - edge[..., None]) + edge[..., None] * floor * (1 + 0.15 * _smooth_noise(rng, size, (30, 17)))[..., None]
+    floor = floor * (1 + 0.15 * _smooth_noise(rng, size, (30, 17)))[..., None]
+    green = green * (1 - edge[..., None]) + edge[..., None] * floor
     out = out * (1 - frame[..., None]) + frame[..., None] * green
 
     bottom = _polygon(size, [(0, 0.955), (1, 0.945), (1, 1), (0, 1)], 1.5)
@@ -243,8 +244,8 @@ def _window(scene: _Scene, u0: float, u1: float, v0: float, v1: float, pad: int 
     """The frame rows/cols covering the fabric rectangle u0..u1 x v0..v1, or None if empty."""
     xs, ys = _apply(scene.to_frame, np.array([u0, u1, u1, u0]), np.array([v0, v0, v1, v1]))
     height, width = scene.alpha.shape
-    x0, x1 = max(0, int(xs.min()) - pad), min(width, int(math.ceil(xs.max())) + pad)
-    y0, y1 = max(0, int(ys.min()) - pad), min(height, int(math.ceil(ys.max())) + pad)
+    x0, x1 = max(0, int(xs.min()) - pad), min(width, math.ceil(xs.max()) + pad)
+    y0, y1 = max(0, int(ys.min()) - pad), min(height, math.ceil(ys.max()) + pad)
     return (slice(y0, y1), slice(x0, x1)) if x0 < x1 and y0 < y1 else None
 
 
@@ -308,7 +309,9 @@ def _wrinkle(scene: _Scene, rng: np.random.Generator, u0: float, v0: float) -> D
     return win, gain, -0.8 * sigma * taper * bump * np.sign(d)
 
 
-_DEFECTS: dict[str, Callable[[_Scene, np.random.Generator, float, float], Drawn]] = {"broken-weft": _broken_weft, "drop": _drop, "wrinkle": _wrinkle}
+_DEFECTS: dict[str, Callable[[_Scene, np.random.Generator, float, float], Drawn]] = {
+    "broken-weft": _broken_weft, "drop": _drop, "wrinkle": _wrinkle,
+}
 
 
 def _place(
@@ -411,7 +414,8 @@ def synthesize(
     if images < 0 or seed < 0 or not 0 <= negative_fraction <= 1:
         raise ValueError("images and seed must be >= 0 and negative_fraction in 0..1")
     out = Path(out)
-    negatives = set(np.random.default_rng((seed, 2)).permutation(images)[: math.ceil(images * negative_fraction)].tolist())
+    order = np.random.default_rng((seed, 2)).permutation(images)
+    negatives = set(order[: math.ceil(images * negative_fraction)].tolist())
     records = []
     for i in range(images):
         image, boxes = render_frame(seed, i, (width, height), i in negatives)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
 from xml.parsers import expat
 
@@ -94,12 +95,12 @@ def read_voc_file(path: Path, root: Path) -> tuple[ImageRecord | None, list[Prob
     return record, problems
 
 
-def read_voc(root: str | Path) -> ReadResult:
-    """Every `*.xml` under `root` -> records (sorted by file), problems, and the class names
-    seen in sorted order (VOC declares no class list)."""
+def read_voc(root: str | Path, skip: Sequence[Path] = ()) -> ReadResult:
+    """Every `*.xml` under `root` (not under the folders in `skip`) -> records (sorted by
+    file), problems, and the class names seen in sorted order (VOC declares no class list)."""
     root = Path(root)
     result = ReadResult()
-    for path in iter_files(root, ".xml"):
+    for path in iter_files(root, ".xml", skip):
         record, problems = read_voc_file(path, root)
         result.problems += problems
         if record is not None:

@@ -119,13 +119,14 @@ def read_yolo_file(
     return record, problems
 
 
-def read_yolo(root: str | Path) -> ReadResult:
-    """Every label `*.txt` under `root` (not `classes.txt`) -> records, problems, and the class
-    names of the `classes.txt` files used, top-most file first, each in id order."""
+def read_yolo(root: str | Path, skip: Sequence[Path] = ()) -> ReadResult:
+    """Every label `*.txt` under `root` (not `classes.txt`, not under the folders in `skip`)
+    -> records, problems, and the class names of the `classes.txt` files used, top-most file
+    first, each in id order."""
     root = Path(root)
     result = ReadResult()
     loaded: dict[Path, list[str | None]] = {}
-    for txt in iter_files(root, ".txt"):
+    for txt in iter_files(root, ".txt", skip):
         if txt.name == CLASSES_FILE:
             continue
         classes_path = _nearest_classes(txt.parent, root)
