@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from PIL import Image
 from transformers import LogitsProcessorList
@@ -12,6 +13,8 @@ from loomlens.data.records import Box
 from loomlens.evaluate.constrain import BoxGrammar
 from loomlens.evaluate.generation import Generation, box_token_budget, generate, label_token_count
 from loomlens.evaluate.scoring import ScoreMethod, scored_boxes
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -24,10 +27,16 @@ class Detection:
     generation: Generation
 
 
-def batched(items: Sequence, size: int) -> Iterator[Sequence]:
-    """`items` in consecutive slices of at most `size`."""
-    for start in range(0, len(items), max(1, size)):
-        yield items[start : start + size]
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of at most `size` items; reads `items` lazily (a video stream too)."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def detect_with_details(
@@ -56,13 +65,13 @@ def detect_with_details(
         raise ValueError(f"constrained decoding is defined for <OD> only, not {task}")
     prompt = task + (text or "")
     results: list[Detection] = []
-    for chunk in batched(list(images), batch_size):
+    for chunk in batched(images, batch_size):
         # A fresh grammar per batch: its memo of prefixes only grows within one generate call.
         processors = (
             LogitsProcessorList([BoxGrammar(tokenizer, classes, max_boxes, max_new_tokens)]) if constrained else None
         )
         generations = generate(
-            model, processor, list(chunk), [prompt] * len(chunk), max_new_tokens, num_beams, processors
+            model, processor, chunk, [prompt] * len(chunk), max_new_tokens, num_beams, processors
         )
         for image, gen in zip(chunk, generations):
             boxes, dropped = scored_boxes(tokenizer, gen, image.width, image.height, text or None, score_method)

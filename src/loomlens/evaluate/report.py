@@ -68,7 +68,7 @@ def run_split(
     predicted: list[list[Box]] = []
     dropped = 0
     start = time.perf_counter()
-    for chunk in batched(list(images), batch_size):
+    for chunk in batched(images, batch_size):
         pictures = [Image.open(e.path).convert("RGB") for e in chunk]
         for found in detect_with_details(
             model, processor, pictures, max_boxes=max_boxes, batch_size=batch_size,

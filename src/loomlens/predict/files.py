@@ -1,0 +1,108 @@
+"""Predict on files and write the results to a folder (`loomlens predict`):
+
+- `predictions.jsonl`: one line per image or sampled video frame (see `prediction_record`);
+- `drawn/`: each picture with its prediction drawn once;
+- `coco_results.json` (optional): a COCO file whose annotations carry a `score`, loadable by
+  any COCO tool as ground truth or, via its `annotations` list, as detection results.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from loomlens.evaluate.detection import batched
+from loomlens.predict.draw import draw_prediction
+from loomlens.predict.predictor import Prediction, Predictor
+from loomlens.predict.sources import Item, expand_inputs, iter_items
+
+
+def prediction_record(item: Item, prediction: Prediction) -> dict:
+    """One JSONL line: source file, frame and timestamp (video), task, size, boxes in pixels
+    with label and score, polygons, text, and whether the model was trained for the task."""
+    return {
+        "source": str(item.source),
+        "frame": item.frame,
+        "timestamp": item.timestamp,
+        "task": prediction.task,
+        "width": prediction.width,
+        "height": prediction.height,
+        "boxes": [
+            {"label": b.label, "score": None if b.score is None else round(b.score, 5),
+             "box": [round(v, 2) for v in (b.x1, b.y1, b.x2, b.y2)]}
+            for b in prediction.boxes
+        ],
+        "polygons": [{"label": label, "points": [[round(x, 2), round(y, 2)] for x, y in pts]}
+                     for label, pts in prediction.polygons],
+        "text": prediction.text,
+        "trained": prediction.trained,
+        "tiled": prediction.tiled,
+        "dropped": prediction.dropped,
+    }
+
+
+def drawn_name(item: Item) -> str:
+    """File name of the drawn picture: the source's stem, plus the frame index for video."""
+    stem = item.source.stem if item.frame is None else f"{item.source.stem}_f{item.frame:06d}"
+    return f"{stem}.jpg"
+
+
+def coco_document(records: Sequence[dict], classes: Sequence[str]) -> dict:
+    """A COCO dict (images, categories, annotations with `score`) from prediction records."""
+    names = list(dict.fromkeys([*classes, *(b["label"] for r in records for b in r["boxes"])]))
+    cat = {n: i + 1 for i, n in enumerate(names)}
+    images, annotations = [], []
+    for image_id, r in enumerate(records, start=1):
+        name = r["source"] if r["frame"] is None else f"{r['source']}#{r['frame']}"
+        images.append({"id": image_id, "file_name": name, "width": r["width"], "height": r["height"]})
+        for b in r["boxes"]:
+            x1, y1, x2, y2 = b["box"]
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat[b["label"]],
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
+                                "score": 1.0 if b["score"] is None else b["score"]})
+    return {"images": images, "categories": [{"id": i, "name": n} for n, i in cat.items()], "annotations": annotations}
+
+
+def predict_files(
+    predictor: Predictor,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    task: str = "od",
+    text: str | None = None,
+    tile: str = "auto",
+    every: int = 1,
+    score_threshold: float = 0.0,
+    coco: bool = False,
+    draw: bool = True,
+    on_item: Callable[[], None] | None = None,
+) -> dict:
+    """Predict on every image and sampled video frame of `inputs` (files, folders, globs,
+    videos) and write the results into `out` (see the module docstring). Frames go through
+    the predictor `predictor.batch_size` at a time; `on_item()` is called after each item
+    (progress). Returns a summary: counts and the files written."""
+    out = Path(out)
+    files = expand_inputs(inputs)
+    if draw:
+        (out / "drawn").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as jsonl:
+        # Items stream in: a video is never held whole in memory.
+        for chunk in batched(iter_items(files, every), predictor.batch_size):
+            predictions = predictor.predict([i.image for i in chunk], task, text, tile, score_threshold)
+            for item, prediction in zip(chunk, predictions):
+                record = prediction_record(item, prediction)
+                jsonl.write(json.dumps(record) + "\n")
+                records.append(record)
+                if draw:
+                    draw_prediction(item.image, prediction).save(out / "drawn" / drawn_name(item), quality=90)
+                if on_item:
+                    on_item()
+    written = ["predictions.jsonl"] + (["drawn/"] if draw else [])
+    if coco:
+        (out / "coco_results.json").write_text(json.dumps(coco_document(records, predictor.loaded.classes)))
+        written.append("coco_results.json")
+    return {"files": len(files), "items": len(records), "boxes": sum(len(r["boxes"]) for r in records),
+            "out": str(out), "written": written}
+

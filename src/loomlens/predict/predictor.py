@@ -1,0 +1,202 @@
+"""`Predictor`: one loaded model answering every Florence-2 task on batches of images.
+
+Box tasks (od, dense_region_caption, phrase_grounding) give scored boxes (see
+`loomlens.evaluate.scoring`), tiled on large frames, thresholded and filtered by the region
+rules; segmentation gives polygons; OCR with region gives quadrilaterals (as 4-point polygons,
+with their bounding boxes); the rest give text. A task the model was never trained on still
+runs and answers what it says, with `trained=False` on the prediction.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from loomlens.data.florence_text import parse_polygons
+from loomlens.data.records import Box
+from loomlens.evaluate.detection import batched, detect_with_details
+from loomlens.evaluate.generation import generate
+from loomlens.evaluate.runs import load_for_inference
+from loomlens.predict.regions import RULES_FILE, RegionRules, load_rules
+from loomlens.predict.tasks import TASKS, Task, get_task, prompt
+from loomlens.predict.tiling import should_tile, tiled_detect
+
+_LOC = re.compile(r"<loc_\d+>")
+
+PolygonOut = tuple[str, list[list[float]]]
+
+
+@dataclass
+class Prediction:
+    """The answer for one image: boxes in pixels (with scores for box tasks), polygons as
+    (label, [[x, y], ...]) in pixels, the answer text, whether the model was `trained` for
+    this task, whether the frame was `tiled`, and how many malformed answer parts were
+    `dropped` by the parser."""
+
+    task: str
+    width: int
+    height: int
+    boxes: list[Box] = field(default_factory=list)
+    polygons: list[PolygonOut] = field(default_factory=list)
+    text: str = ""
+    trained: bool = True
+    tiled: bool = False
+    dropped: int = 0
+
+
+def _open(image: Image.Image | str | Path) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    with Image.open(image) as im:
+        return im.convert("RGB")
+
+
+class Predictor:
+    """A model ready to predict.
+
+    `model`: base model name or folder (None: the adapter's base, else "tiny"). `adapter`: a
+    run folder, a checkpoint inside one or an adapter folder; `checkpoint`: best | last.
+    `regions`: a rules YAML or `RegionRules` (default: the run's `regions.yaml` if any).
+    `tile_size`: tile edge in pixels (default: the model's input size); `overlap`: shared
+    fraction between tiles. `constrained`: `<OD>` through the class grammar (needs the run's
+    classes). `text_tokens`: answer budget of the tasks no box count bounds (captions, OCR;
+    twice that for polygons), capped by the decoder's length.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        adapter: str | Path | None = None,
+        device: str = "cpu",
+        max_boxes: int = 20,
+        batch_size: int = 8,
+        checkpoint: str = "best",
+        regions: str | Path | RegionRules | None = None,
+        tile_size: int | None = None,
+        overlap: float = 0.25,
+        constrained: bool = False,
+        text_tokens: int = 256,
+    ):
+        self.loaded = load_for_inference(model, adapter, checkpoint, device)
+        self.device = device
+        self.max_boxes = max_boxes
+        self.batch_size = batch_size
+        self.overlap = overlap
+        self.constrained = constrained
+        self.text_tokens = text_tokens
+        self.tile_size = tile_size or int(self.loaded.processor.image_processor.size["height"])
+        run_rules = self.loaded.run / RULES_FILE if self.loaded.run else None
+        if regions is None and run_rules is not None and run_rules.exists():
+            regions = run_rules
+        self.rules = load_rules(regions) if isinstance(regions, (str, Path)) else regions
+
+    def info(self) -> dict:
+        """What is loaded: base, adapter, run, classes, tasks (and which were trained), settings
+        and library versions."""
+        import peft
+        import torch
+        import transformers
+
+        import loomlens
+
+        return {
+            "base": self.loaded.base,
+            "adapter": str(self.loaded.adapter) if self.loaded.adapter else None,
+            "run": str(self.loaded.run) if self.loaded.run else None,
+            "classes": list(self.loaded.classes),
+            "tasks": list(TASKS),
+            "trained_tasks": sorted(self.loaded.trained_tasks),
+            "device": self.device,
+            "max_boxes": self.max_boxes,
+            "batch_size": self.batch_size,
+            "tile_size": self.tile_size,
+            "regions": self.rules is not None,
+            "versions": {"loomlens": loomlens.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__, "peft": peft.__version__},
+        }
+
+    def predict(
+        self,
+        images: list[Image.Image | str | Path],
+        task: str = "od",
+        text: str | None = None,
+        tile: str = "auto",
+        score_threshold: float = 0.0,
+    ) -> list[Prediction]:
+        """One `Prediction` per image (PIL images or paths), in order.
+
+        `text` is the phrase (phrase_grounding, referring_expression_segmentation) or the
+        region (`x1,y1,x2,y2` pixels or four `<loc_N>`) a task needs. `tile` (auto | on | off)
+        applies to box tasks; `score_threshold` drops boxes scoring lower. Raises ValueError
+        for an unknown task or a missing/unreadable `text`.
+        """
+        spec = get_task(task)
+        pictures = [_open(im) for im in images]
+        for im in pictures:
+            prompt(spec, text, im.width, im.height)  # refuse bad input before any work
+        if spec.answer == "boxes":
+            results = self._boxes(spec, pictures, text, tile, score_threshold)
+        else:
+            results = self._generated(spec, pictures, text)
+        trained = spec.name in self.loaded.trained_tasks
+        for r in results:
+            r.trained = trained
+        return results
+
+    def _detect(self, spec: Task, images: list[Image.Image], text: str | None):
+        return detect_with_details(
+            self.loaded.model, self.loaded.processor, images, spec.token, text and text.strip(),
+            self.max_boxes, self.batch_size, self.constrained and spec.name == "od", self.loaded.classes,
+        )
+
+    def _boxes(self, spec: Task, images: list[Image.Image], text, tile: str, threshold: float) -> list[Prediction]:
+        tiled = [should_tile(im.width, im.height, tile, self.tile_size) for im in images]
+        whole = [im for im, t in zip(images, tiled) if not t]
+        found = iter(self._detect(spec, whole, text))
+        results = []
+        for im, is_tiled in zip(images, tiled):
+            if is_tiled:
+                boxes = tiled_detect(
+                    lambda crops: [d.boxes for d in self._detect(spec, crops, text)], im, self.tile_size, self.overlap
+                )
+                answer, dropped = "", 0
+            else:
+                d = next(found)
+                boxes, answer, dropped = d.boxes, d.generation.text, d.dropped
+            boxes = [b for b in boxes if b.score is None or b.score >= threshold]
+            if self.rules is not None:
+                boxes = self.rules.apply(boxes, im.width, im.height)
+            results.append(Prediction(spec.name, im.width, im.height, boxes, text=answer, tiled=is_tiled, dropped=dropped))
+        return results
+
+    def _generated(self, spec: Task, images: list[Image.Image], text: str | None) -> list[Prediction]:
+        budget = self.text_tokens if spec.answer == "text" else 2 * self.text_tokens
+        results = []
+        for chunk in batched(images, self.batch_size):
+            prompts = [prompt(spec, text, im.width, im.height) for im in chunk]
+            for im, gen in zip(chunk, generate(self.loaded.model, self.loaded.processor, chunk, prompts, budget)):
+                results.append(self._read(spec, im, gen.text, text))
+        return results
+
+    def _read(self, spec: Task, image: Image.Image, answer: str, text: str | None) -> Prediction:
+        """A non-box answer as a Prediction: polygons, quads (+ their bounds) or clean text."""
+        w, h = image.width, image.height
+        if spec.answer == "text":
+            return Prediction(spec.name, w, h, text=" ".join(_LOC.sub(" ", answer).split()))
+        label = text.strip() if spec.needs == "text" and text else ("region" if spec.needs else None)
+        polygons, dropped = parse_polygons(answer, w, h, default_label=label)
+        if spec.answer == "quads":
+            # OCR quads have 4 corners; anything else is a malformed read.
+            dropped += sum(len(p.points) != 4 for p in polygons)
+            polygons = [p for p in polygons if len(p.points) == 4]
+        out = [(p.label, [[x, y] for x, y in p.points]) for p in polygons]
+        boxes = []
+        if spec.answer == "quads":
+            for p in polygons:
+                xs, ys = [x for x, _ in p.points], [y for _, y in p.points]
+                if min(xs) < max(xs) and min(ys) < max(ys):
+                    boxes.append(Box(p.label, min(xs), min(ys), max(xs), max(ys)))
+        return Prediction(spec.name, w, h, boxes, out, answer, dropped=dropped)

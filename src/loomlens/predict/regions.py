@@ -1,0 +1,87 @@
+"""Region rules: per-class regions of interest and score thresholds, from YAML, after detection.
+
+The camera above a loom is fixed, so some defects can only appear in some parts of the frame
+(the seed hard-coded "broken-weft only in the left part" in its inference code). Here such
+knowledge is data, stored with the run (`RUN_DIR/regions.yaml`) and applied by the predictor:
+
+    min_score: 0.2              # default threshold for every class
+    classes:
+      broken-weft:
+        min_score: 0.35
+        regions:                # keep a box whose centre lies inside one of these polygons
+          - [[0, 0], [0.45, 0], [0.45, 1], [0, 1]]   # (x, y) as fractions of width, height
+      drop: {min_score: 0.25}
+
+A class with no `regions` is kept anywhere; a class not listed gets the default threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from matplotlib.path import Path as PolygonPath
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from loomlens.data.records import Box
+
+#: Where a run keeps its rules.
+RULES_FILE = "regions.yaml"
+
+Point = tuple[float, float]
+
+
+class ClassRule(BaseModel):
+    """The rule of one class: an optional threshold and optional regions of interest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_score: float | None = Field(None, ge=0, le=1)
+    regions: list[list[Point]] = Field(default_factory=list)
+
+    @field_validator("regions")
+    @classmethod
+    def _polygons(cls, regions: list[list[Point]]) -> list[list[Point]]:
+        for polygon in regions:
+            if len(polygon) < 3:
+                raise ValueError(f"a region needs at least 3 points, got {polygon}")
+            if not all(0 <= v <= 1 for point in polygon for v in point):
+                raise ValueError(f"region points are fractions of the frame (0..1), got {polygon}")
+        return regions
+
+
+class RegionRules(BaseModel):
+    """All the rules: a default threshold and per-class rules (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_score: float = Field(0.0, ge=0, le=1)
+    classes: dict[str, ClassRule] = Field(default_factory=dict)
+
+    def keep(self, box: Box, width: int, height: int) -> bool:
+        """Whether `box` (pixels of a `width` x `height` frame) passes its class's rule."""
+        rule = self.classes.get(box.label, ClassRule())
+        threshold = self.min_score if rule.min_score is None else rule.min_score
+        if box.score is not None and box.score < threshold:
+            return False
+        centre = ((box.x1 + box.x2) / 2 / width, (box.y1 + box.y2) / 2 / height)
+        return not rule.regions or any(PolygonPath(p).contains_point(centre) for p in rule.regions)
+
+    def apply(self, boxes: Sequence[Box], width: int, height: int) -> list[Box]:
+        """The boxes that pass their rules."""
+        return [b for b in boxes if self.keep(b, width, height)]
+
+
+def load_rules(path: str | Path) -> RegionRules:
+    """Read and validate a rules YAML file (a clear pydantic error names a bad field)."""
+    return RegionRules.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+
+
+def save_rules(rules: RegionRules, path: str | Path) -> Path:
+    """Write `rules` as YAML to `path` (a folder gets `regions.yaml`); returns the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RULES_FILE
+    path.write_text(yaml.safe_dump(rules.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
+    return path

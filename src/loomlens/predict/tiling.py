@@ -1,0 +1,93 @@
+"""Tiled detection for frames much larger than the model's input.
+
+Florence-2 squeezes any frame to its input size (768 px; 256 for the tiny model): a 40 px
+defect in a 2560x1440 frame becomes ~12 px (4 px for tiny) and is lost. Tiling cuts the frame
+into overlapping windows of `tile` px, detects in all of them (and the whole frame, for
+defects larger than a tile) in one batched call, maps boxes back to frame pixels and merges
+duplicates with class-wise NMS. Overlap > defect size means every defect lies whole in at
+least one tile; its clipped copies in the neighbours are suppressed by measuring overlap as
+intersection over the *smaller* box (a clipped copy lies inside the whole one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import numpy as np
+from PIL import Image
+
+from loomlens.data.records import Box
+
+Window = tuple[int, int, int, int]  # x0, y0, x1, y1 in frame pixels
+#: `tile="auto"` tiles a frame whose longer side exceeds this many tiles.
+AUTO_FACTOR = 2.0
+
+
+def should_tile(width: int, height: int, mode: str, tile: int) -> bool:
+    """Whether `mode` ("on" | "off" | "auto") tiles a `width` x `height` frame."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"tile must be auto, on or off, got {mode!r}")
+    return mode == "on" or (mode == "auto" and max(width, height) > AUTO_FACTOR * tile)
+
+
+def _starts(size: int, tile: int, overlap: float) -> list[int]:
+    """Window starts along one axis: evenly spread, at least `overlap` of a tile shared, the
+    last window flush with the far edge."""
+    if size <= tile:
+        return [0]
+    n = math.ceil((size - tile) / (tile * (1 - overlap))) + 1
+    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+
+
+def tile_windows(width: int, height: int, tile: int, overlap: float = 0.25) -> list[Window]:
+    """Overlapping `tile` x `tile` windows covering a `width` x `height` frame (a window is
+    cut to the frame when the frame is smaller than a tile)."""
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    return [
+        (x, y, min(x + tile, width), min(y + tile, height))
+        for y in _starts(height, tile, overlap) for x in _starts(width, tile, overlap)
+    ]
+
+
+def _overlap(box: Box, others: np.ndarray) -> np.ndarray:
+    """Intersection over the smaller area of `box` with each row (x1, y1, x2, y2) of `others`."""
+    w = np.clip(np.minimum(box.x2, others[:, 2]) - np.maximum(box.x1, others[:, 0]), 0, None)
+    h = np.clip(np.minimum(box.y2, others[:, 3]) - np.maximum(box.y1, others[:, 1]), 0, None)
+    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
+    return w * h / np.minimum(box.width * box.height, areas)
+
+
+def merge_boxes(boxes: Sequence[Box], threshold: float = 0.6) -> list[Box]:
+    """Class-wise NMS: by descending score, drop a box whose intersection over the smaller
+    of the two areas with a kept box of its label reaches `threshold`."""
+    kept: dict[str, list[Box]] = {}
+    for box in sorted(boxes, key=lambda b: -(b.score if b.score is not None else 1.0)):
+        same = kept.setdefault(box.label, [])
+        coords = np.array([[k.x1, k.y1, k.x2, k.y2] for k in same]).reshape(-1, 4)
+        if not same or _overlap(box, coords).max() < threshold:
+            same.append(box)
+    return [b for group in kept.values() for b in group]
+
+
+def tiled_detect(
+    detect: Callable[[list[Image.Image]], list[list[Box]]],
+    image: Image.Image,
+    tile: int,
+    overlap: float = 0.25,
+    whole_frame: bool = True,
+    merge_threshold: float = 0.6,
+) -> list[Box]:
+    """Boxes in `image`'s pixels from `detect` (images -> boxes in each image's pixels) run
+    once on every tile, and on the whole frame when `whole_frame`, merged."""
+    windows = tile_windows(image.width, image.height, tile, overlap)
+    if whole_frame and len(windows) > 1:
+        windows.append((0, 0, image.width, image.height))
+    found = detect([image.crop(w) for w in windows])
+    frame_boxes = [
+        replace(b, x1=b.x1 + x0, y1=b.y1 + y0, x2=b.x2 + x0, y2=b.y2 + y0)
+        for (x0, y0, _, _), boxes in zip(windows, found) for b in boxes
+    ]
+    return merge_boxes(frame_boxes, merge_threshold)

@@ -1,0 +1,91 @@
+"""The Predictor contract on the tiny model: every task, inputs, thresholds, adapters, info."""
+
+import pytest
+import yaml
+from PIL import Image
+
+from loomlens.data.records import Box
+from loomlens.predict import Prediction, Predictor, RegionRules
+from loomlens.predict.tasks import TASKS, get_task, prompt, region_text
+
+INPUTS = {"phrase_grounding": "drop", "referring_expression_segmentation": "broken-weft",
+          "region_to_segmentation": "10,10,120,80", "region_to_category": "<loc_1><loc_2><loc_300><loc_400>"}
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.new("RGB", (320, 180), (120, 100, 90))
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_task_answers_and_says_if_it_was_trained(predictor, image, task):
+    (p,) = predictor.predict([image], task=task, text=INPUTS.get(task))
+    assert isinstance(p, Prediction) and p.task == task and (p.width, p.height) == (320, 180)
+    assert p.trained is False  # the placeholder tiny model has no pretraining record
+    assert isinstance(p.text, str)
+    for b in p.boxes:
+        assert 0 <= b.x1 < b.x2 <= 320 and 0 <= b.y1 < b.y2 <= 180
+    for label, points in p.polygons:
+        assert isinstance(label, str) and all(len(pt) == 2 for pt in points)
+
+
+def test_batch_of_paths_and_images_in_order(predictor, image, tmp_path):
+    path = tmp_path / "a.png"
+    Image.new("RGB", (64, 48)).save(path)
+    out = predictor.predict([path, image], task="caption")
+    assert [(p.width, p.height) for p in out] == [(64, 48), (320, 180)]
+
+
+def test_bad_inputs_are_refused_clearly(predictor, image):
+    with pytest.raises(ValueError, match="unknown task"):
+        predictor.predict([image], task="segment_everything")
+    with pytest.raises(ValueError, match="needs a phrase"):
+        predictor.predict([image], task="phrase_grounding")
+    with pytest.raises(ValueError, match="inside"):
+        predictor.predict([image], task="region_to_category", text="0,0,999,10")
+
+
+def test_region_text_from_pixels_or_locs():
+    assert region_text("0,0,160,90", 320, 180) == "<loc_0><loc_0><loc_500><loc_500>"
+    assert region_text(" <loc_1> <loc_2><loc_3><loc_4> ", 10, 10) == "<loc_1><loc_2><loc_3><loc_4>"
+    with pytest.raises(ValueError):
+        region_text("a box please", 10, 10)
+    assert prompt(get_task("<OD>"), "ignored", 1, 1) == "<OD>"
+
+
+def test_score_threshold_and_region_rules_filter_boxes(predictor, image, monkeypatch):
+    boxes = [Box("drop", 10, 10, 30, 30, 0.9), Box("drop", 200, 10, 220, 30, 0.9), Box("wrinkle", 10, 10, 30, 30, 0.1)]
+
+    class Found:  # what detect_with_details returns, fixed
+        def __init__(self, b):
+            self.boxes, self.dropped, self.generation = b, 0, type("G", (), {"text": ""})()
+
+    monkeypatch.setattr(predictor, "_detect", lambda spec, images, text: [Found(list(boxes)) for _ in images])
+    assert len(predictor.predict([image], score_threshold=0.5)[0].boxes) == 2
+    monkeypatch.setattr(predictor, "rules", RegionRules.model_validate(
+        {"classes": {"drop": {"regions": [[[0, 0], [0.5, 0], [0.5, 1], [0, 1]]]}}}))
+    kept = predictor.predict([image])[0].boxes
+    assert [(b.label, b.x1) for b in kept] == [("drop", 10), ("wrinkle", 10)]
+
+
+def test_adapter_from_a_run_folder(tmp_path, image):
+    from loomlens.model import load_model
+    from loomlens.model.lora import LoraSettings, apply_lora
+
+    run = tmp_path / "run"
+    model, _ = load_model("tiny")
+    apply_lora(model, LoraSettings(targets=["q_proj", "v_proj"], r=2)).save_pretrained(run / "checkpoints" / "best")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "tiny", "tasks": ["od"], "data": "nowhere"}))
+    (run / "classes.txt").write_text("drop\nwrinkle\n")
+    (run / "regions.yaml").write_text("min_score: 0.5\n")
+    p = Predictor(adapter=run, max_boxes=2, text_tokens=8, constrained=True)
+    info = p.info()
+    assert info["adapter"].endswith("best") and info["classes"] == ["drop", "wrinkle"]
+    assert info["trained_tasks"] == ["od"] and info["regions"] is True
+    (od,) = p.predict([image])
+    assert od.trained is True and {b.label for b in od.boxes} <= {"drop", "wrinkle"}
+    assert p.predict([image], task="caption")[0].trained is False
+    with pytest.raises(ValueError, match="trained on base"):
+        Predictor(model="base", adapter=run)
+    with pytest.raises(FileNotFoundError):
+        Predictor(adapter=tmp_path / "empty")
