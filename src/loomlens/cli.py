@@ -147,7 +147,8 @@ def synth_command(
 
 @app.command("serve")
 def serve(
-    model: str = typer.Option("tiny", help="Base model: tiny (embedded), base, large, a hub id or a folder."),
+    model: str | None = typer.Option(
+        None, help="Base model: tiny (embedded), base, large, a hub id or a folder [default: the adapter's base, else tiny]."),
     adapter: str | None = typer.Option(None, help="A training run folder (or adapter folder) to attach."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the server to the network."),
     port: int = typer.Option(7860, help="TCP port."),
@@ -162,6 +163,7 @@ def serve(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:0, mps."),
     page: bool = typer.Option(True, "--page/--no-page", help="Serve the web page at /."),
     examples: int = typer.Option(4, min=0, help="Synthetic loom frames in the page's example gallery."),
+    examples_dir: str | None = typer.Option(None, help="Where the example frames are made (default: a temp folder)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     worker_delay_ms: float = typer.Option(0.0, hidden=True, help="Test only: sleep per batch."),
 ) -> None:
@@ -184,13 +186,15 @@ def serve(
         host=host, port=port, api_key=api_key or None, max_queue=max_queue, max_batch=max_batch,
         batch_wait_ms=batch_wait_ms, max_body_mb=max_body_mb,
         max_pixels=int(max_megapixels * 1_000_000), page=page, examples=examples,
+        examples_dir=examples_dir,
         worker_delay_ms=worker_delay_ms,
     )
     predictor = Predictor(model=model, adapter=adapter, device=device)  # the one model load
     asgi = create_app(predictor, settings)
     import uvicorn
 
-    typer.echo(f"loomlens serving {model}{' + ' + adapter if adapter else ''} on http://{host}:{port} "
+    base = predictor.info().get("base", model)
+    typer.echo(f"loomlens serving {base}{' + ' + adapter if adapter else ''} on http://{host}:{port} "
                f"(page /, API /v1/predict, docs /docs)", err=True)
     uvicorn.run(asgi, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 

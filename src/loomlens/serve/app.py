@@ -15,13 +15,13 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -77,18 +77,12 @@ class Service:
                                       tile=options.tile, score_threshold=options.score_threshold)
 
     def prepare(self, data: bytes, task, text, tile, score_threshold):
-        """Validate options first (cheap), then decode the image (bounded by the pixel limit)."""
+        """Validate options first (cheap), then decode the image (bounded by the pixel limit).
+        A region in pixels is checked against the image here; the predictor quantises it."""
         options = parse_options(task, text, tile, score_threshold)
         image = decode_image(data, self.settings.max_pixels)
         if TASKS[options.task].text == "region":
-            pixels = region_pixels(options.text, *image.size)
-            if pixels is not None:  # x1,y1,x2,y2 in pixels -> Florence-2 loc tokens
-                from loomlens.data.florence_text import quantize
-
-                w, h = image.size
-                q = [quantize(pixels[0], w), quantize(pixels[1], h),
-                     quantize(pixels[2], w), quantize(pixels[3], h)]
-                options = replace(options, text="".join(f"<loc_{v}>" for v in q))
+            region_pixels(options.text, *image.size)
         return image, options
 
     @staticmethod
@@ -110,7 +104,7 @@ class Service:
         return InputError(500, "inference_failed", f"the model failed on this request: {exc}")
 
     def run(self, data: bytes, task, text, tile, score_threshold):
-        """Blocking call (the page): returns `(decoded image, result dict)`."""
+        """Blocking call (the page): returns `(decoded image, Prediction, result dict)`."""
         image, options = self.prepare(data, task, text, tile, score_threshold)
         job = self.batcher.submit(image, options)
         try:
@@ -120,7 +114,7 @@ class Service:
             raise InputError(504, "timeout", "the model did not answer in time") from None
         except Exception as exc:
             raise self._predict_error(exc) from None
-        return image, self._shape(job)
+        return image, job.future.result(), self._shape(job)
 
     async def run_async(self, data: bytes, task, text, tile, score_threshold) -> dict:
         image, options = await run_in_threadpool(self.prepare, data, task, text, tile, score_threshold)
@@ -193,12 +187,12 @@ class BodyLimit:
 
 class Detection(BaseModel):
     label: str
-    score: float | None
-    box: list[float]
+    score: float | None = Field(description="0..1 from the generation's token probabilities")
+    box: list[float] = Field(description="[x1, y1, x2, y2] in pixels of the uploaded image")
 
 class PolygonOut(BaseModel):
     label: str
-    points: list[list[float]]
+    points: list[list[float]] = Field(description="[[x, y], ...] in pixels")
 
 class PredictResponse(BaseModel):
     task: str
@@ -207,6 +201,9 @@ class PredictResponse(BaseModel):
     detections: list[Detection]
     polygons: list[PolygonOut]
     text: str
+    trained: bool = Field(description="False: the model was never fine-tuned for this task")
+    tiled: bool = Field(description="True: the frame was cut into tiles for small defects")
+    dropped: int = Field(description="malformed parts of the model's answer that were skipped")
     timing_ms: dict[str, float]
     batch_size: int
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from loomlens.serve.draw import draw_result
+from loomlens.predict.draw import draw_prediction
 from loomlens.serve.errors import InputError
 from loomlens.serve.results import TABLE_HEADERS, table_rows
 from loomlens.serve.tasks import TASKS
@@ -28,23 +28,25 @@ CSS = """
 
 
 def example_frames(folder: Path, count: int = 4, seed: int = 7) -> list[str]:
-    """Synthetic loom frames for the example gallery (made once, kept in `folder`)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    found = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
-    if len(found) >= count:
-        return found[:count]
-    try:
-        from loomlens.data.synth import synthesize
-    except ImportError as exc:  # the page still works, just without examples
-        log.warning("no example frames: loomlens.data.synth is unavailable (%s)", exc)
-        return []
-    synthesize(folder, images=count, seed=seed)
-    found = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
-    return found[:count]
+    """Synthetic loom frames for the example gallery, made once into `folder` (same seed, same
+    bytes), frames with defects first."""
+    folder = Path(folder) / f"synth-seed{seed}-n{count}"
+    listing = folder / "examples.txt"
+    if listing.exists():
+        paths = [line for line in listing.read_text().splitlines() if line]
+        if paths and all(Path(p).exists() for p in paths):
+            return paths
+    from loomlens.data.synth import synthesize
+
+    records = synthesize(folder, images=count, seed=seed, negative_fraction=0.25)
+    records = sorted(records, key=lambda r: not r.boxes)  # defects first, stable otherwise
+    paths = [str((folder / r.image).resolve()) for r in records]
+    listing.write_text("\n".join(paths) + "\n")
+    return paths
 
 
 def build_page(service, examples: list[str], title: str = "loomlens: fabric defects") -> gr.Blocks:
-    """`service.run(data: bytes, task, text, tile, score_threshold) -> (image, result dict)`
+    """`service.run(data: bytes, task, text, tile, score_threshold) -> (image, prediction, result)`
     is the one call into the model (see app.Service); it raises `InputError` for bad input."""
     choices = [(f"{t.title} ({t.name})", t.name) for t in TASKS.values()]
 
@@ -64,10 +66,10 @@ def build_page(service, examples: list[str], title: str = "loomlens: fabric defe
         started = time.perf_counter()
         try:
             data = Path(image_path).read_bytes()
-            image, result = service.run(data, task, text, "auto", threshold)
+            image, prediction, result = service.run(data, task, text, "auto", threshold)
         except InputError as exc:
             raise gr.Error(exc.message, title=f"{exc.status} {exc.code}", print_exception=False) from None
-        drawn = draw_result(image, result)
+        drawn = draw_prediction(image, prediction)
         ms = 1000 * (time.perf_counter() - started)
         n_boxes, n_polys = len(result["detections"]), len(result["polygons"])
         parts = [f"{n_boxes} detection{'s' if n_boxes != 1 else ''}"]
@@ -75,6 +77,10 @@ def build_page(service, examples: list[str], title: str = "loomlens: fabric defe
             parts.append(f"{n_polys} polygon{'s' if n_polys != 1 else ''}")
         status = (f"**{TASKS[result['task']].title}** on a {result['width']}x{result['height']} image: "
                   f"{', '.join(parts)} in {ms:.0f} ms")
+        if result["tiled"]:
+            status += " (tiled)"
+        if not result["trained"]:
+            status += ". *This model was not fine-tuned for this task; its answer may be noise.*"
         return drawn, table_rows(result), result["text"], status
 
     with gr.Blocks(title=title, analytics_enabled=False) as page:
@@ -103,9 +109,8 @@ def build_page(service, examples: list[str], title: str = "loomlens: fabric defe
                 output_text = gr.Textbox(label="Output text", lines=2, interactive=False,
                                          elem_id="output-text")
         if examples:
-            gr.Examples(examples=[[p, "od"] for p in examples], inputs=[image, task],
-                        label="Synthetic loom frames", examples_per_page=8,
-                        example_labels=[Path(p).stem for p in examples])
+            gr.Examples(examples=[[p] for p in examples], inputs=[image],
+                        label="Examples: synthetic loom frames", examples_per_page=8)
         clear.add([image, text, output_image, table, output_text, status])
         task.change(on_task, inputs=task, outputs=text)
         run.click(on_run, inputs=[image, task, text, threshold],

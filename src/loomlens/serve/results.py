@@ -29,6 +29,9 @@ def prediction_json(prediction) -> dict:
         "polygons": [dict(zip(("label", "points"), _polygon_parts(p), strict=True))
                      for p in prediction.polygons],
         "text": prediction.text or "",
+        "trained": bool(getattr(prediction, "trained", True)),
+        "tiled": bool(getattr(prediction, "tiled", False)),
+        "dropped": int(getattr(prediction, "dropped", 0)),
     }
 
 
@@ -37,12 +40,12 @@ TABLE_HEADERS = ["label", "score", "x1", "y1", "x2", "y2", "kind"]
 
 def table_rows(result: dict) -> list[list]:
     rows = [
-        [d["label"], "" if d["score"] is None else f"{d['score']:.3f}", *(f"{v:.0f}" for v in d["box"]), "box"]
+        [d["label"], "" if d["score"] is None else f"{d['score']:.3f}", *(f"{v:.1f}" for v in d["box"]), "box"]
         for d in result["detections"]
     ]
     for p in result["polygons"]:
         xs = [x for x, _ in p["points"]] or [0.0]
         ys = [y for _, y in p["points"]] or [0.0]
-        rows.append([p["label"], "", f"{min(xs):.0f}", f"{min(ys):.0f}", f"{max(xs):.0f}",
-                     f"{max(ys):.0f}", f"polygon ({len(p['points'])} points)"])
+        rows.append([p["label"], "", f"{min(xs):.1f}", f"{min(ys):.1f}", f"{max(xs):.1f}",
+                     f"{max(ys):.1f}", f"polygon ({len(p['points'])} points)"])
     return rows
