@@ -199,6 +199,92 @@ def serve(
     uvicorn.run(asgi, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
+@app.command("eval")
+def eval_command(
+    data: Path = typer.Option(..., help="Folder written by `loomlens convert`, or one of its .jsonl splits."),
+    run: Path | None = typer.Option(None, help="Training run folder: its adapter, base model and classes."),
+    checkpoint: str = typer.Option("best", help="best, last, or the path of an adapter folder."),
+    model: str | None = typer.Option(None, help="Base model; without --run, evaluates the bare model."),
+    split: str = typer.Option("val", help="Split to evaluate: val or test."),
+    out: Path | None = typer.Option(None, help="Report folder (default: RUN/eval-SPLIT, else runs/eval-SPLIT)."),
+    batch_size: int = typer.Option(8, min=1, help="Images per generation batch."),
+    max_boxes: int = typer.Option(20, min=1, help="Most boxes read per image (sets the token budget)."),
+    max_images: int | None = typer.Option(None, min=1, help="Evaluate only the first N images."),
+    constrained: bool = typer.Option(False, help="Decode <OD> through the class grammar."),
+) -> None:
+    """Evaluate detection on a split: metrics.json, PR curves, confusion matrix, reliability,
+    worst images and report.md, with real confidence scores."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from loomlens.evaluate.report import write_report
+    from loomlens.evaluate.runs import load_for_inference
+    from loomlens.model.loader import ModelLoadError
+
+    jsonl = data if data.suffix == ".jsonl" else data / f"{split}.jsonl"
+    if not jsonl.exists():
+        raise _fail(f"no split at {jsonl}; make one with `loomlens convert SRC {data}`")
+    adapter = Path(checkpoint) if checkpoint not in ("best", "last") else run
+    try:
+        loaded = load_for_inference(model, adapter, checkpoint if adapter == run else "best")
+    except (FileNotFoundError, ValueError, ModelLoadError) as err:
+        raise _fail(str(err)) from None
+    out = out or ((run or Path("runs")) / f"eval-{jsonl.stem}")
+    extra = {"model": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None, "split": jsonl.stem}
+    metrics = write_report(loaded.model, loaded.processor, jsonl, out, loaded.classes, batch_size, max_boxes,
+                           constrained and bool(loaded.classes), max_images, extra=extra)
+    table = Table(title=f"{metrics['images']} images of {jsonl}")
+    for column in ("mAP50-95", "mAP50", "mAP75", "best F1", "s/image"):
+        table.add_column(column, justify="right")
+    table.add_row(*(f"{metrics[k]:.3f}" for k in ("map50_95", "map50", "map75", "best_f1", "seconds_per_image")))
+    Console().print(table)
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+@app.command("predict")
+def predict_command(
+    inputs: list[str] = typer.Argument(..., help="Image files, folders, glob patterns or video files."),
+    out: Path = typer.Option(Path("runs/predict"), help="Folder for predictions.jsonl and drawn images."),
+    model: str | None = typer.Option(None, help="Base model (default: the adapter's base, else tiny)."),
+    adapter: Path | None = typer.Option(None, help="Training run folder or adapter folder."),
+    checkpoint: str = typer.Option("best", help="best or last (with a run folder)."),
+    task: str = typer.Option("od", help="od, caption, phrase_grounding, ocr, ... (see the docs)."),
+    text: str | None = typer.Option(None, help="Phrase or region (x1,y1,x2,y2 pixels) for tasks that need one."),
+    tile: str = typer.Option("auto", help="Tiled detection on large frames: auto, on or off."),
+    tile_size: int | None = typer.Option(None, min=32, help="Tile edge in pixels (default: the model's input)."),
+    every: int = typer.Option(1, min=1, help="For videos: predict on every N-th frame."),
+    regions: Path | None = typer.Option(None, help="Region rules YAML (default: the run's regions.yaml)."),
+    score_threshold: float = typer.Option(0.0, min=0.0, max=1.0, help="Drop boxes scoring lower."),
+    coco: bool = typer.Option(False, help="Also write coco_results.json."),
+    draw: bool = typer.Option(True, help="Write drawn images to OUT/drawn/."),
+    max_boxes: int = typer.Option(20, min=1, help="Most boxes read per image."),
+    batch_size: int = typer.Option(8, min=1, help="Images per generation batch."),
+    constrained: bool = typer.Option(False, help="Decode <OD> through the run's class grammar."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Predict on images and videos: predictions.jsonl (pixels, labels, scores, timestamps),
+    drawn images and optional COCO results."""
+    from pydantic import ValidationError
+    from rich.progress import Progress
+
+    from loomlens.model.loader import ModelLoadError
+    from loomlens.predict import Predictor
+    from loomlens.predict.files import predict_files
+    from loomlens.predict.sources import count_items, expand_inputs
+
+    try:
+        total = count_items(expand_inputs(inputs), every)
+        predictor = Predictor(model, adapter, device, max_boxes, batch_size, checkpoint, regions, tile_size,
+                              constrained=constrained)
+        with Progress(transient=True) as bar:
+            job = bar.add_task(f"{task} on {total} images/frames", total=total)
+            summary = predict_files(predictor, inputs, out, task, text, tile, every, score_threshold, coco, draw,
+                                    on_item=lambda: bar.advance(job))
+    except (FileNotFoundError, ValueError, ValidationError, RuntimeError, ModelLoadError) as err:
+        raise _fail(str(err)) from None
+    typer.echo(f"{summary['items']} images/frames, {summary['boxes']} boxes -> {out}: {', '.join(summary['written'])}")
+
+
 def main() -> None:
     """Console-script entry point."""
     sys.argv = [sys.argv[0], *_expand_key_value_args(sys.argv[1:])]

@@ -2,6 +2,7 @@
 
 - `predictions.jsonl`: one line per image or sampled video frame (see `prediction_record`);
 - `drawn/`: each picture with its prediction drawn once;
+- `regions.yaml`: the region rules applied, if any;
 - `coco_results.json` (optional): a COCO file whose annotations carry a `score`, loadable by
   any COCO tool as ground truth or, via its `annotations` list, as detection results.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from loomlens.evaluate.detection import batched
 from loomlens.predict.draw import draw_prediction
 from loomlens.predict.predictor import Prediction, Predictor
+from loomlens.predict.regions import RULES_FILE, save_rules
 from loomlens.predict.sources import Item, expand_inputs, iter_items
 
 
@@ -100,6 +102,9 @@ def predict_files(
                 if on_item:
                     on_item()
     written = ["predictions.jsonl"] + (["drawn/"] if draw else [])
+    if predictor.rules is not None:  # the rules these results were filtered by, kept beside them
+        save_rules(predictor.rules, out / RULES_FILE)
+        written.append(RULES_FILE)
     if coco:
         (out / "coco_results.json").write_text(json.dumps(coco_document(records, predictor.loaded.classes)))
         written.append("coco_results.json")

@@ -4,9 +4,9 @@ Florence-2 squeezes any frame to its input size (768 px; 256 for the tiny model)
 defect in a 2560x1440 frame becomes ~12 px (4 px for tiny) and is lost. Tiling cuts the frame
 into overlapping windows of `tile` px, detects in all of them (and the whole frame, for
 defects larger than a tile) in one batched call, maps boxes back to frame pixels and merges
-duplicates with class-wise NMS. Overlap > defect size means every defect lies whole in at
-least one tile; its clipped copies in the neighbours are suppressed by measuring overlap as
-intersection over the *smaller* box (a clipped copy lies inside the whole one).
+duplicates class-wise. Overlap > defect size means every defect lies whole in at least one
+tile; its clipped copies in the neighbours are found by measuring overlap as intersection over
+the *smaller* box (a clipped copy lies inside the whole one) and merged into it.
 """
 
 from __future__ import annotations
@@ -61,14 +61,23 @@ def _overlap(box: Box, others: np.ndarray) -> np.ndarray:
 
 
 def merge_boxes(boxes: Sequence[Box], threshold: float = 0.6) -> list[Box]:
-    """Class-wise NMS: by descending score, drop a box whose intersection over the smaller
-    of the two areas with a kept box of its label reaches `threshold`."""
+    """Class-wise non-maximum *merging*: by descending score, a box whose intersection over
+    the smaller area with a kept box of its label reaches `threshold` is merged into it (the
+    kept box grows to enclose both and keeps its higher score); otherwise it is kept. Merging
+    rather than dropping matters when a clipped copy outscores the whole box, or when no tile
+    holds the defect whole: the union is still the whole defect."""
     kept: dict[str, list[Box]] = {}
     for box in sorted(boxes, key=lambda b: -(b.score if b.score is not None else 1.0)):
         same = kept.setdefault(box.label, [])
-        coords = np.array([[k.x1, k.y1, k.x2, k.y2] for k in same]).reshape(-1, 4)
-        if not same or _overlap(box, coords).max() < threshold:
-            same.append(box)
+        if same:
+            overlaps = _overlap(box, np.array([[k.x1, k.y1, k.x2, k.y2] for k in same]))
+            best = int(overlaps.argmax())
+            if overlaps[best] >= threshold:
+                k = same[best]
+                same[best] = replace(k, x1=min(k.x1, box.x1), y1=min(k.y1, box.y1),
+                                     x2=max(k.x2, box.x2), y2=max(k.y2, box.y2))
+                continue
+        same.append(box)
     return [b for group in kept.values() for b in group]
 
 

@@ -1,0 +1,80 @@
+"""Inputs (files, folders, globs, videos), predictions.jsonl, drawn images, COCO output."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from loomlens.data.records import Box
+from loomlens.predict.draw import draw_prediction
+from loomlens.predict.files import predict_files
+from loomlens.predict.predictor import Prediction
+from loomlens.predict.sources import expand_inputs
+from loomlens.predict.video import read_frames
+
+cv2 = pytest.importorskip("cv2")
+
+
+def write_video(path, frames=10, fps=5.0, size=(96, 64)):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    for i in range(frames):
+        writer.write(np.full((size[1], size[0], 3), i * 20, np.uint8))
+    writer.release()
+    return path
+
+
+@pytest.fixture()
+def inputs(tmp_path):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (80, 60), (200, 0, 0)).save(folder / "a.png")
+    Image.new("RGB", (40, 30)).save(folder / "sub" / "b.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    write_video(folder / "clip.avi")
+    return folder
+
+
+def test_video_frames_are_sampled_with_timestamps(inputs):
+    frames = list(read_frames(inputs / "clip.avi", every=3))
+    assert [f.index for f in frames] == [0, 3, 6, 9]
+    assert [f.timestamp for f in frames] == pytest.approx([0.0, 0.6, 1.2, 1.8])
+    assert frames[0].image.size == (96, 64) and frames[0].image.mode == "RGB"
+    with pytest.raises(ValueError):
+        list(read_frames(inputs / "clip.avi", every=0))
+
+
+def test_inputs_expand_from_folders_and_globs(inputs):
+    assert [p.name for p in expand_inputs([inputs])] == ["a.png", "clip.avi", "b.jpg"]
+    assert [p.name for p in expand_inputs([str(inputs / "**" / "*.jpg"), inputs / "a.png"])] == ["b.jpg", "a.png"]
+    with pytest.raises(FileNotFoundError):
+        expand_inputs([inputs / "missing*.png"])
+    with pytest.raises(ValueError):
+        expand_inputs([inputs / "notes.txt"])
+
+
+def test_predict_files_writes_jsonl_drawings_and_coco(predictor, inputs, tmp_path):
+    from faster_coco_eval import COCO
+
+    summary = predict_files(predictor, [inputs], tmp_path / "out", every=5, coco=True)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert summary["items"] == len(lines) == 4  # a.png, two frames of clip.avi, b.jpg
+    video = [x for x in lines if x["frame"] is not None]
+    assert [(x["frame"], x["timestamp"]) for x in video] == [(0, 0.0), (5, 1.0)]
+    assert all({"boxes", "task", "width", "height", "trained", "text"} <= set(x) for x in lines)
+    assert sorted(p.name for p in (tmp_path / "out" / "drawn").iterdir()) == [
+        "a.jpg", "b.jpg", "clip_f000000.jpg", "clip_f000005.jpg"]
+    coco = COCO(str(tmp_path / "out" / "coco_results.json"))
+    assert len(coco.getImgIds()) == 4
+
+
+def test_drawing_is_a_copy_with_each_box_once():
+    image = Image.new("RGB", (200, 100))
+    pred = Prediction("od", 200, 100, [Box("drop", 20, 20, 80, 60, 0.87)])
+    drawn = draw_prediction(image, pred)
+    assert image.getextrema() == ((0, 0), (0, 0), (0, 0))  # the input is untouched
+    pixels = np.asarray(drawn).any(axis=2)
+    assert pixels[60, 50] and pixels[40, 20] and not pixels[40, 50]  # outline only, no fill
+    # One rectangle: the column through the box crosses exactly two horizontal edges.
+    column = pixels[25:100, 50]
+    assert np.count_nonzero(np.diff(column.astype(int)) == 1) <= 2

@@ -1,0 +1,42 @@
+"""Region rules from YAML: per-class regions and thresholds."""
+
+import pytest
+from pydantic import ValidationError
+
+from loomlens.data.records import Box
+from loomlens.predict.regions import RegionRules, load_rules, save_rules
+
+RULES = """
+min_score: 0.2
+classes:
+  broken-weft:
+    min_score: 0.5
+    regions:
+      - [[0, 0], [0.45, 0], [0.45, 1], [0, 1]]
+"""
+
+
+def test_rules_filter_by_region_and_threshold(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text(RULES)
+    rules = load_rules(path)
+    left = Box("broken-weft", 10, 10, 50, 50, 0.9)
+    right = Box("broken-weft", 900, 10, 950, 50, 0.9)
+    weak = Box("broken-weft", 10, 10, 50, 50, 0.4)
+    drop_weak, drop_ok = Box("drop", 900, 10, 950, 50, 0.1), Box("drop", 900, 10, 950, 50, 0.3)
+    unscored = Box("drop", 900, 10, 950, 50)
+    assert rules.apply([left, right, weak, drop_weak, drop_ok, unscored], 1000, 500) == [left, drop_ok, unscored]
+
+
+def test_rules_round_trip_into_a_run_folder(tmp_path):
+    rules = RegionRules.model_validate({"min_score": 0.3, "classes": {"drop": {"min_score": 0.1}}})
+    assert save_rules(rules, tmp_path).name == "regions.yaml"
+    assert load_rules(tmp_path / "regions.yaml") == rules
+
+
+@pytest.mark.parametrize("bad", ["min_score: 2", "classes: {drop: {regions: [[[0, 0], [1, 1]]]}}",
+                                 "classes: {drop: {regions: [[[0, 0], [2, 0], [0, 1]]]}}", "clases: {}"])
+def test_bad_rules_are_refused(tmp_path, bad):
+    (tmp_path / "r.yaml").write_text(bad)
+    with pytest.raises(ValidationError):
+        load_rules(tmp_path / "r.yaml")

@@ -1,0 +1,59 @@
+"""Tiles cover the frame, boxes come back in frame pixels, clipped duplicates merge."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from loomlens.data.records import Box
+from loomlens.predict.tiling import merge_boxes, should_tile, tile_windows, tiled_detect
+
+
+@pytest.mark.parametrize("size", [(2560, 1440), (700, 300), (256, 256), (100, 50)])
+def test_windows_cover_the_frame_with_overlap(size):
+    w, h = size
+    windows = tile_windows(w, h, 256, overlap=0.25)
+    covered = np.zeros((h, w), bool)
+    for x0, y0, x1, y1 in windows:
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and x1 - x0 <= 256
+        covered[y0:y1, x0:x1] = True
+    assert covered.all()
+    xs = sorted({x0 for x0, *_ in windows})
+    assert all(b - a <= 256 * 0.75 for a, b in zip(xs, xs[1:]))  # at least a quarter shared
+
+
+def test_auto_tiles_only_large_frames():
+    assert should_tile(2560, 1440, "auto", 256) and not should_tile(400, 300, "auto", 256)
+    assert should_tile(10, 10, "on", 256) and not should_tile(9999, 9999, "off", 256)
+    with pytest.raises(ValueError):
+        should_tile(1, 1, "sometimes", 256)
+
+
+def test_merge_keeps_the_whole_box_and_other_classes():
+    whole = Box("drop", 100, 100, 140, 140, 0.9)
+    clipped = Box("drop", 100, 100, 120, 140, 0.6)  # the same defect cut by a tile edge
+    other = Box("wrinkle", 100, 100, 140, 140, 0.5)
+    apart = Box("drop", 300, 300, 320, 320, 0.4)
+    assert merge_boxes([clipped, whole, other, apart]) == [whole, apart, other]
+
+
+def white_square_detector(crops):
+    """A stand-in model: finds the white pixels of each crop, as one box."""
+    found = []
+    for crop in crops:
+        ys, xs = np.nonzero(np.asarray(crop)[..., 0] > 200)
+        found.append([Box("spot", xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 0.9)] if xs.size else [])
+    return found
+
+
+def test_tiled_detection_maps_boxes_back_and_merges():
+    frame = np.zeros((700, 1000, 3), np.uint8)
+    frame[430:450, 610:650] = 255  # a 40x20 defect
+    calls = []
+
+    def detect(crops):
+        calls.append(len(crops))
+        return white_square_detector(crops)
+
+    boxes = tiled_detect(detect, Image.fromarray(frame), tile=256, overlap=0.25)
+    assert len(calls) == 1  # one batched call for all tiles and the whole frame
+    assert [(b.x1, b.y1, b.x2, b.y2) for b in boxes] == [(610, 430, 650, 450)]
