@@ -42,9 +42,9 @@ class TinyShape:
     """The knobs of the tiny model's shape; recorded in the model card."""
 
     image_size: int = 256
-    vision_dims: list[int] = field(default_factory=lambda: [48, 96, 192])
+    vision_dims: list[int] = field(default_factory=lambda: [32, 96, 192])
     vision_depths: list[int] = field(default_factory=lambda: [1, 1, 2])
-    vision_heads: list[int] = field(default_factory=lambda: [3, 6, 12])
+    vision_heads: list[int] = field(default_factory=lambda: [2, 6, 12])
     window_size: int = 8
     d_model: int = 192
     encoder_layers: int = 2
@@ -162,7 +162,7 @@ def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_spatial_prior(model, tokenizer, shape: TinyShape, scale: float = 0.5) -> None:
+def init_spatial_prior(model, tokenizer, shape: TinyShape, position_scale: float = 1.0, loc_scale: float = 0.03) -> None:
     """Give locations a shared geometry on both sides of the model.
 
     The projector's learned row/column embeddings (first half of the channels: x, second
@@ -170,17 +170,19 @@ def init_spatial_prior(model, tokenizer, shape: TinyShape, scale: float = 0.5) -
     (tied to `lm_head`) starts as the same code of N/1000 in both halves. A decoder state that
     copies an image token's position then scores the `<loc_N>` of that position highest,
     through the tied `lm_head`, before any training: reading *where* becomes a lookup
-    instead of something the tiny text side must discover.
+    instead of something the tiny text side must discover. `loc_scale` keeps the loc
+    embeddings at the magnitude of a normal init (std 0.02): larger ones start the loc
+    loss far above chance (measured: NLL 32 against ln V = 7.5 at scale 0.5).
     """
     projector = model.model.multi_modal_projector
     half = projector.image_position_embed.column_embeddings.weight.shape[1]
     n_pos = projector.image_position_embed.column_embeddings.weight.shape[0]
     centres = (torch.arange(n_pos, dtype=torch.float32) + 0.5) / shape.grid
-    code = sinusoid(centres, half) * scale
+    code = sinusoid(centres, half) * position_scale
     projector.image_position_embed.column_embeddings.weight.copy_(code)
     projector.image_position_embed.row_embeddings.weight.copy_(code)
     ids = torch.tensor(loc_token_ids(tokenizer))
-    loc_code = sinusoid((torch.arange(1000, dtype=torch.float32) + 0.5) / 1000, half) * scale
+    loc_code = sinusoid((torch.arange(1000, dtype=torch.float32) + 0.5) / 1000, half) * loc_scale
     embeddings = model.get_input_embeddings().weight
     d = embeddings.shape[1]
     embeddings[ids, :half] = loc_code
