@@ -1,0 +1,66 @@
+"""The arrows between floors that must never exist (docs/architecture.md)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "loomlens"
+
+# floor -> floors it must not import
+FORBIDDEN = {
+    "data": {"model", "train", "evaluate", "predict", "serve", "config", "cli"},
+    "model": {"train", "evaluate", "predict", "serve", "cli"},
+    "evaluate": {"train", "predict", "serve", "cli"},
+    "predict": {"train", "serve", "cli"},
+    "serve": {"model", "train", "cli"},
+    "train": {"predict", "serve", "cli"},
+}
+
+
+def _loomlens_imports(path: Path) -> set[str]:
+    """The loomlens floors a module imports (absolute `loomlens.X` imports)."""
+    floors = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "loomlens" and len(parts) > 1:
+                floors.add(parts[1])
+    return floors
+
+
+@pytest.mark.parametrize("floor", sorted(FORBIDDEN))
+def test_floor_imports_only_floors_below(floor: str) -> None:
+    bad = []
+    for path in sorted((SRC / floor).rglob("*.py")):
+        wrong = _loomlens_imports(path) & FORBIDDEN[floor]
+        if wrong:
+            bad.append(f"{path.relative_to(SRC)} imports {sorted(wrong)}")
+    assert not bad, "forbidden arrows:\n" + "\n".join(bad)
+
+
+def test_nothing_imports_cli() -> None:
+    users = [p for p in SRC.rglob("*.py") if p.name != "cli.py" and "cli" in _loomlens_imports(p)]
+    assert not users, f"cli is imported by {users}"
+
+
+def test_data_floor_does_not_need_torch() -> None:
+    """A converter works without torch: only dataset.py may import it."""
+    offenders = []
+    for path in (SRC / "data").rglob("*.py"):
+        if path.name == "dataset.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "torch" for a in node.names):
+                offenders.append(path.name)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
+                offenders.append(path.name)
+    assert not offenders, f"data modules import torch: {offenders}"
