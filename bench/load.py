@@ -86,7 +86,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float, log_path: Pa
     sys.exit(f"server did not become healthy in {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
 
 
-def client_loop(url: str, data: bytes, task: str, deadline: float, max_requests: int,
+def client_loop(url: str, data: bytes, fields: dict, deadline: float, max_requests: int,
                 timeout: float, out: list) -> None:
     with httpx.Client(base_url=url, timeout=timeout) as c:
         for _ in range(max_requests):
@@ -94,8 +94,7 @@ def client_loop(url: str, data: bytes, task: str, deadline: float, max_requests:
                 break
             t0 = time.perf_counter()
             try:
-                r = c.post("/v1/predict", files={"image": ("frame.jpg", data, "image/jpeg")},
-                           data={"task": task})
+                r = c.post("/v1/predict", files={"image": ("frame.jpg", data, "image/jpeg")}, data=fields)
                 out.append((r.status_code, time.perf_counter() - t0, r.headers.get("retry-after")))
                 if r.status_code == 503:  # the queue is full: back off as told, a little
                     time.sleep(min(0.05, float(r.headers.get("retry-after", 1)) / 20))
@@ -124,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--adapter", default=None)
     ap.add_argument("--task", default="od")
+    ap.add_argument("--tile", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--max-queue", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=4)
     ap.add_argument("--size", default="768x432", help="synthetic frame size WxH")
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         startup_s = wait_ready(url, process, 180, log_path)
         # one warm-up request so the first client does not pay for lazy initialisation
-        httpx.post(url + "/v1/predict", files={"image": ("f.jpg", data)}, data={"task": args.task}, timeout=120)
+        fields = {"task": args.task, "tile": args.tile}
+        httpx.post(url + "/v1/predict", files={"image": ("f.jpg", data)}, data=fields, timeout=120)
         results: list[list] = [[] for _ in range(args.clients)]
         health: list = []
         stop = threading.Event()
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         deadline = t0 + args.seconds
         threads = [threading.Thread(target=client_loop, daemon=True,
-                                    args=(url, data, args.task, deadline, args.max_requests,
+                                    args=(url, data, fields, deadline, args.max_requests,
                                           args.request_timeout, results[i]))
                    for i in range(args.clients)]
         for t in threads:
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [
         ("clients x seconds", f"{args.clients} x {args.seconds:g} s (max_queue {args.max_queue}, max_batch {args.max_batch})"),
-        ("frame", f"{frame.name} ({len(data) / 1024:.0f} kB), task {args.task}"),
+        ("frame", f"{frame.name} ({len(data) / 1024:.0f} kB), task {args.task}, tile {args.tile}"),
         ("requests answered", f"{len(answered)} ({report['requests_per_s']} req/s)"),
         ("200 OK", f"{len(ok)} ({report['ok_per_s']} req/s)"),
         ("latency p50 / p95 / p99 (200)", " / ".join(f"{v} ms" for v in (report["latency_ms_ok"]["p50"],

@@ -74,13 +74,14 @@ def test_predict_multipart_and_json_agree(server, frames):
     width, height = Image.open(frames[0]).size
     with server.client() as c:
         r1 = c.post("/v1/predict", files={"image": ("frame.jpg", data, "image/jpeg")},
-                    data={"task": "od"})
+                    data={"task": "od", "tile": "off"})
         assert r1.status_code == 200, r1.text
         check_result(r1.json(), "od", width, height)
-        r2 = c.post("/v1/predict", json={"image": base64.b64encode(data).decode(), "task": "od"})
+        r2 = c.post("/v1/predict", json={"image": base64.b64encode(data).decode(), "task": "od",
+                                         "tile": "off"})
         assert r2.status_code == 200, r2.text
         r3 = c.post("/v1/predict", content=data, headers={"content-type": "image/jpeg"},
-                    params={"task": "od"})
+                    params={"task": "od", "tile": "off"})
         assert r3.status_code == 200, r3.text
     assert r1.json()["detections"] == r2.json()["detections"] == r3.json()["detections"]
 
@@ -88,11 +89,11 @@ def test_predict_multipart_and_json_agree(server, frames):
 def test_score_threshold_filters(server, frame_bytes):
     with server.client() as c:
         everything = c.post("/v1/predict", files={"image": ("f.jpg", frame_bytes)},
-                            data={"score_threshold": "0"}).json()["detections"]
+                            data={"score_threshold": "0", "tile": "off"}).json()["detections"]
         scores = sorted(d["score"] for d in everything if d["score"] is not None)
         cut = scores[len(scores) // 2] if scores else 0.5
         kept = c.post("/v1/predict", files={"image": ("f.jpg", frame_bytes)},
-                      data={"score_threshold": str(cut)}).json()["detections"]
+                      data={"score_threshold": str(cut), "tile": "off"}).json()["detections"]
     assert all(d["score"] >= cut for d in kept)
     assert len(kept) == sum(1 for d in everything if d["score"] is not None and d["score"] >= cut)
 
@@ -114,7 +115,7 @@ def test_every_task(server, frames, task):
 def test_concurrent_requests_are_batched(server, frame_bytes):
     def one(_):
         with server.client() as c:
-            return c.post("/v1/predict", files={"image": ("f.jpg", frame_bytes)})
+            return c.post("/v1/predict", files={"image": ("f.jpg", frame_bytes)}, data={"tile": "off"})
 
     with ThreadPoolExecutor(6) as pool:
         responses = list(pool.map(one, range(6)))
@@ -173,7 +174,7 @@ def test_serves_after_bad_inputs(server, frame_bytes):
     with server.client() as c:
         for kwargs, _, _ in _bad_inputs(frame_bytes).values():
             c.post("/v1/predict", **kwargs)
-        r = c.post("/v1/predict", files={"image": ("f.jpg", frame_bytes)})
+        r = c.post("/v1/predict", files={"image": ("f.jpg", frame_bytes)}, data={"tile": "off"})
         assert r.status_code == 200
         stats = c.get("/healthz").json()["queue"]
     assert stats["failed"] == 0 and stats["queued"] == 0
@@ -198,7 +199,7 @@ def test_full_queue_answers_503_with_retry_after(busy_server, frame_bytes):
     def one(_):
         with busy_server.client() as c:
             t0 = time.perf_counter()
-            r = c.post("/v1/predict", files={"image": ("f.jpg", frame_bytes)})
+            r = c.post("/v1/predict", files={"image": ("f.jpg", frame_bytes)}, data={"tile": "off"})
             return r, time.perf_counter() - t0
 
     with ThreadPoolExecutor(6) as pool:
@@ -224,7 +225,8 @@ def test_full_queue_answers_503_with_retry_after(busy_server, frame_bytes):
     while httpx.get(busy_server.url + "/healthz").json()["queue"]["busy"] and time.monotonic() < deadline:
         time.sleep(0.1)
     with busy_server.client() as c:
-        assert c.post("/v1/predict", files={"image": ("f.jpg", frame_bytes)}).status_code == 200
+        r = c.post("/v1/predict", files={"image": ("f.jpg", frame_bytes)}, data={"tile": "off"})
+        assert r.status_code == 200, r.text
 
 
 # -- the API key ----------------------------------------------------------------------------
