@@ -175,20 +175,22 @@ def init_spatial_prior(model, tokenizer, shape: TinyShape, position_scale: float
     loss far above chance (measured: NLL 32 against ln V = 7.5 at scale 0.5).
     """
     projector = model.model.multi_modal_projector
-    half = projector.image_position_embed.column_embeddings.weight.shape[1]
-    n_pos = projector.image_position_embed.column_embeddings.weight.shape[0]
-    centres = (torch.arange(n_pos, dtype=torch.float32) + 0.5) / shape.grid
-    code = sinusoid(centres, half) * position_scale
-    projector.image_position_embed.column_embeddings.weight.copy_(code)
-    projector.image_position_embed.row_embeddings.weight.copy_(code)
-    ids = torch.tensor(loc_token_ids(tokenizer))
-    loc_code = sinusoid((torch.arange(1000, dtype=torch.float32) + 0.5) / 1000, half) * loc_scale
+    position = projector.image_position_embed
+    half_v = position.column_embeddings.weight.shape[1]
+    centres = (torch.arange(position.column_embeddings.weight.shape[0], dtype=torch.float32) + 0.5) / shape.grid
+    code = sinusoid(centres, half_v) * position_scale
+    position.column_embeddings.weight.copy_(code)
+    position.row_embeddings.weight.copy_(code)
+    weight = projector.image_projection.weight
+    if weight.shape[0] == weight.shape[1]:
+        # Identity, so the position codes reach the text side unrotated.
+        weight.copy_(torch.eye(weight.shape[0]))
     embeddings = model.get_input_embeddings().weight
-    d = embeddings.shape[1]
-    embeddings[ids, :half] = loc_code
-    embeddings[ids, half : 2 * half] = loc_code
-    if d > 2 * half:
-        embeddings[ids, 2 * half :] = 0.0
+    half_t = embeddings.shape[1] // 2
+    ids = torch.tensor(loc_token_ids(tokenizer))
+    loc_code = sinusoid((torch.arange(1000, dtype=torch.float32) + 0.5) / 1000, half_t) * loc_scale
+    embeddings[ids, :half_t] = loc_code
+    embeddings[ids, half_t : 2 * half_t] = loc_code
 
 
 def build_tiny(shape: TinyShape | None = None, seed: int = 0, spatial_prior: bool = True):

@@ -304,3 +304,32 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     bar.close()
     model.eval()
     return {"step": step, "model": model, "processor": processor, "shape": shape, **last}
+
+
+def export_tiny(model, processor, folder: str | Path, cfg: PretrainConfig, figures: dict) -> Path:
+    """Save the pretrained tiny model where `load_model("tiny")` finds it.
+
+    Weights are stored in fp16 (half the size in git; `load_model` upcasts to fp32) beside the
+    processor files and `pretrain_config.json`, written to a temp folder and swapped in whole,
+    so a crash never leaves a half-written asset.
+    """
+    import shutil
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    half = type(model)(model.config)
+    half.load_state_dict(model.state_dict())
+    half.to(torch.float16).save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    (tmp / "pretrain_figures.json").write_text(json.dumps(figures, indent=2))
+    card = folder / "README.md"
+    if card.exists():  # the model card is written by hand from the measurements; keep it
+        shutil.copy2(card, tmp / "README.md")
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
