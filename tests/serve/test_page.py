@@ -23,7 +23,9 @@ DOCS_SCREENSHOT = ROOT / "docs" / "images" / "serve-page.png"
 ARTEFACTS = Path(os.environ.get("LOOMLENS_TEST_ARTEFACTS", ROOT / "runs" / "test-artefacts"))
 
 
-def _need_browser():
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The browser's path; checked before any server starts."""
     in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
     problem = None
     if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
@@ -38,17 +40,17 @@ def _need_browser():
         if in_ci:
             pytest.fail(f"BROWSER TEST CANNOT RUN IN CI: {problem}", pytrace=False)
         pytest.skip(f"BROWSER TEST SKIPPED: {problem}")
+    return CHROMIUM
 
 
-def test_page_detects_on_a_synthetic_frame(server, frames):
-    _need_browser()
+def test_page_detects_on_a_synthetic_frame(chromium, server, frames):
     from playwright.sync_api import expect, sync_playwright
 
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTEFACTS / "serve-page.png"
     errors: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS, headless=True)
+        browser = p.chromium.launch(executable_path=chromium, args=LAUNCH_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1360, "height": 1000})
             page.on("pageerror", lambda exc: errors.append(str(exc)))
