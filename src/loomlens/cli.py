@@ -160,6 +160,8 @@ def serve(
     batch_wait_ms: float = typer.Option(5.0, min=0, help="How long the worker waits to fill a batch."),
     max_body_mb: float = typer.Option(20.0, min=0.001, help="Largest request body in MB (413 past it)."),
     max_megapixels: float = typer.Option(50.0, min=0.001, help="Largest image in megapixels (413 past it)."),
+    max_connections: int = typer.Option(
+        128, min=1, help="Open connections at most; uvicorn answers 503 past it (bounds buffered uploads)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:0, mps."),
     page: bool = typer.Option(True, "--page/--no-page", help="Serve the web page at /."),
     examples: int = typer.Option(4, min=0, help="Synthetic loom frames in the page's example gallery."),
@@ -196,7 +198,8 @@ def serve(
     base = predictor.info().get("base", model)
     typer.echo(f"loomlens serving {base}{' + ' + adapter if adapter else ''} on http://{host}:{port} "
                f"(page /, API /v1/predict, docs /docs)", err=True)
-    uvicorn.run(asgi, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(asgi, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                limit_concurrency=max_connections)
 
 
 @app.command("eval")
