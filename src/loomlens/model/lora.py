@@ -1,0 +1,260 @@
+"""LoRA / DoRA on a native Florence-2: target presets, freezing, the lm_head tie, adapters.
+
+Targets are resolved by loomlens to explicit module names before peft sees them, so that a
+name matching nothing fails here with a clear message (the seed's "linear" and "Conv2d" match
+no module of Florence-2) instead of silently training less than asked.
+
+The lm_head tie: Florence-2's `lm_head.weight` *is* the token embedding
+(`model.model.language_model.shared.weight`). LoRA on `lm_head` adds its update only to the
+output projection, and merging would add it into the shared tensor, changing the input
+embeddings too. So when `lm_head` is a target, `untie_lm_head` first gives `lm_head` its own
+copy of the weight (the top-level `config.tie_word_embeddings = False`; the encoder/decoder
+embeddings stay tied to `shared`). A merged model then stores both tensors.
+
+DoRA divides by each output row's norm. The embedding's pad row may be all zeros (norm 0 ->
+0/0 = NaN), so every DoRA target row with zero norm is given a tiny constant value first
+(`lift_zero_rows`). Both steps are deterministic functions of the base weights and of the
+adapter's config, so `load_adapter` replays them exactly before attaching an adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+#: Layer types peft's LoRA can wrap.
+_WRAPPABLE = (nn.Linear, nn.Conv2d, nn.Embedding)
+#: Module-name prefixes of the vision side (DaViT + the projector into the text space).
+VISION_PREFIXES = ("model.vision_tower", "model.multi_modal_projector")
+LANGUAGE_PREFIXES = ("model.language_model", "lm_head")
+#: Value given to each element of an all-zero DoRA row: a norm far below any real row's,
+#: yet representable in fp16 (smallest normal 6e-5).
+_ZERO_ROW_FILL = 1e-4
+
+#: Target presets, as module-name suffixes (peft's own matching: name == t or endswith "." + t).
+#: `seed` is the write-up's choice; its fc1/fc2 also match the DaViT MLPs (`ffn.fc1`), as they
+#: did in the original remote-code Florence-2, so the seed trained both towers.
+PRESETS: dict[str, tuple[str, ...]] = {
+    "seed": ("q_proj", "k_proj", "v_proj", "fc1", "fc2", "lm_head"),
+    "attention": ("q_proj", "k_proj", "v_proj", "out_proj"),
+}
+
+
+class LoraTargetError(ValueError):
+    """A LoRA target (preset or module name) that matches no layer of the model."""
+
+
+class LoraSettings(BaseModel):
+    """How LoRA is attached: which layers, its rank and scale, DoRA, which tower is frozen."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    targets: str | list[str] = Field(
+        "seed",
+        description="a preset (seed, attention, language, all-linear) or module names "
+        "(suffixes such as q_proj, or full dotted names), as a list or comma-separated",
+    )
+    r: int = Field(8, gt=0, description="LoRA rank")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; default 2 * r")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    rslora: bool = Field(False, description="scale by alpha / sqrt(r) instead of alpha / r")
+    dora: bool = Field(False, description="weight-decomposed LoRA")
+    freeze: Literal["none", "vision", "language"] = Field(
+        "none", description="tower whose adapters are not trained"
+    )
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _split_targets(cls, value: object) -> object:
+        if isinstance(value, str) and "," in value:
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @property
+    def lora_alpha(self) -> float:
+        """alpha, defaulting to 2 r (the write-up's best choice)."""
+        return self.alpha if self.alpha is not None else 2.0 * self.r
+
+
+def tower_of(name: str) -> str:
+    """`vision` or `language` for a module or parameter name of a (possibly peft-wrapped) model."""
+    name = name.removeprefix("base_model.model.")
+    return "vision" if name.startswith(VISION_PREFIXES) else "language"
+
+
+def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Explicit module names for a preset or a list of names; raise `LoraTargetError` for a
+    name that matches no wrappable layer, naming it and the names that do exist."""
+    layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, _WRAPPABLE)}
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return [n for n, m in layers.items() if isinstance(m, nn.Linear) and n != "lm_head"]
+        if targets == "language":
+            return [
+                n for n, m in layers.items()
+                if isinstance(m, nn.Linear) and n.startswith("model.language_model")
+            ]
+        targets = list(PRESETS.get(targets, (targets,)))
+    chosen: list[str] = []
+    for target in targets:
+        found = [n for n in layers if n == target or n.endswith("." + target)]
+        if not found:
+            known = sorted({n.rsplit(".", 1)[-1] for n, m in layers.items() if isinstance(m, nn.Linear)})
+            raise LoraTargetError(
+                f"LoRA target {target!r} matches no layer of this model. Presets: "
+                f"{', '.join([*PRESETS, 'language', 'all-linear'])}; linear layer names: {', '.join(known)}"
+            )
+        chosen += [n for n in found if n not in chosen]
+    return chosen
+
+
+def untie_lm_head(model: nn.Module) -> None:
+    """Give `lm_head` its own copy of the tied embedding weight (no-op when already untied)."""
+    head = model.get_output_embeddings()
+    if head.weight is model.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    # Only the top-level flag: text_config's flag ties encoder/decoder embeddings to `shared`.
+    model.config.tie_word_embeddings = False
+
+
+@torch.no_grad()
+def lift_zero_rows(model: nn.Module, names: list[str]) -> None:
+    """Give every all-zero output row of the named layers a tiny constant, so that DoRA's
+    per-row weight norm is never 0 (0 / 0 = NaN)."""
+    modules = dict(model.named_modules())
+    for name in names:
+        weight = modules[name].weight
+        rows = weight.reshape(weight.shape[0], -1).norm(dim=1) == 0
+        if rows.any():
+            weight[rows] = _ZERO_ROW_FILL
+
+
+def _prepare_base(model: nn.Module, targets: list[str], dora: bool) -> None:
+    """The base-weight changes an adapter needs before it is attached: untie, lift zero rows."""
+    if "lm_head" in targets:
+        untie_lm_head(model)
+    if dora:
+        lift_zero_rows(model, targets)
+
+
+def freeze_tower(model: nn.Module, freeze: str) -> None:
+    """Stop training the adapters of one tower: `vision` (vision tower + projector),
+    `language` (BART + lm_head) or `none`."""
+    if freeze == "none":
+        return
+    for name, param in model.named_parameters():
+        if tower_of(name) == freeze:
+            param.requires_grad_(False)
+
+
+def trainable_by_tower(model: nn.Module) -> dict[str, int]:
+    """Number of trainable parameters in each tower: `{"vision": n, "language": m}`."""
+    counts = {"vision": 0, "language": 0}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            counts[tower_of(name)] += param.numel()
+    return counts
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings):
+    """Wrap `model` with a fresh LoRA/DoRA adapter per `settings`; returns the `PeftModel`.
+
+    Only the adapters of the towers not frozen are trainable; the base model is frozen.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = resolve_targets(model, settings.targets)
+    _prepare_base(model, targets, settings.dora)
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.dropout,
+        use_rslora=settings.rslora,
+        use_dora=settings.dora,
+        target_modules=targets,
+        bias="none",
+    )
+    peft_model = get_peft_model(model, config)
+    freeze_tower(peft_model, settings.freeze)
+    return peft_model
+
+
+def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False):
+    """Attach the adapter saved in `path` to the base `model` (inference unless `trainable`).
+
+    Replays the base-weight preparation the adapter was trained with (lm_head untie, DoRA
+    zero rows), so base + adapter here computes exactly what it computed in training.
+    """
+    from peft import PeftModel
+
+    path = Path(path)
+    config_file = path / "adapter_config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path} is not a LoRA adapter folder: it has no adapter_config.json")
+    config = json.loads(config_file.read_text())
+    targets = config["target_modules"]  # peft stores suffixes (or a regex): back to full names
+    if isinstance(targets, str):
+        names = [name for name, _ in model.named_modules() if re.fullmatch(targets, name)]
+    else:
+        names = resolve_targets(model, targets)
+    _prepare_base(model, names, bool(config.get("use_dora")))
+    peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    return peft_model if trainable else peft_model.eval()
+
+
+def load_quantized_base(name_or_path: str):
+    """Florence-2 in 4-bit NF4 for QLoRA (CUDA + bitsandbytes only); returns `(model, processor)`."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "QLoRA (4-bit) needs a CUDA GPU and bitsandbytes; on CPU train plain LoRA (drop --qlora)"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError("QLoRA needs bitsandbytes: pip install bitsandbytes") from exc
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoProcessor, BitsAndBytesConfig, Florence2ForConditionalGeneration
+
+    from loomlens.model.loader import resolve_model_path
+
+    source = resolve_model_path(name_or_path)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+    model = Florence2ForConditionalGeneration.from_pretrained(source, quantization_config=quant, device_map={"": 0})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, AutoProcessor.from_pretrained(source)
+
+
+def resolve_adapter(path: str | Path, checkpoint: str = "best") -> Path:
+    """The adapter folder for `path`: an adapter folder itself, or a training run folder
+    (`RUN_DIR/checkpoints/<checkpoint>/`, checkpoint `best` or `last`)."""
+    path = Path(path)
+    if (path / "adapter_config.json").exists():
+        return path
+    candidate = path / "checkpoints" / checkpoint
+    if (candidate / "adapter_config.json").exists():
+        return candidate
+    raise FileNotFoundError(
+        f"{path} is neither a LoRA adapter folder nor a run folder with checkpoints/{checkpoint}/"
+        + (" (no evaluation ran, so there is no best/: use --checkpoint last)"
+           if checkpoint == "best" and (path / "checkpoints" / "last").exists() else "")
+    )
+
+
+def adapter_base(adapter_dir: Path) -> str:
+    """The base model an adapter was trained on: the run's `config.yaml` `model` when the
+    adapter sits in a run folder (`tiny` stays portable), else the adapter config's path."""
+    import yaml
+
+    run_config = adapter_dir.parent.parent / "config.yaml"
+    if adapter_dir.parent.name == "checkpoints" and run_config.exists():
+        return str(yaml.safe_load(run_config.read_text())["model"])
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
