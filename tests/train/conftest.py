@@ -1,0 +1,81 @@
+"""A very small Florence-2 and dataset for training tests: seconds per run, not minutes."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from loomlens.data.florence_text import boxes_to_text
+from loomlens.data.records import Box
+from loomlens.model.tiny import TinyShape, build_tiny
+
+#: The tiny architecture shrunk further (64 px, 4x4 grid, one layer per side).
+SMALL = TinyShape(
+    image_size=64, vision_dims=[16, 32, 64], vision_depths=[1, 1, 1], vision_heads=[1, 2, 4], window_size=4,
+    d_model=64, encoder_layers=1, decoder_layers=1, attention_heads=2, ffn_dim=128, max_target_positions=64,
+)
+CLASSES = ["drop", "wrinkle"]
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory) -> Path:
+    """A saved random `SMALL` Florence-2 (model + processor) folder."""
+    model, processor, _ = build_tiny(SMALL, seed=0)
+    folder = tmp_path_factory.mktemp("small-model")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _write_split(root: Path, split: str, count: int, rng: random.Random) -> None:
+    lines = []
+    for i in range(count):
+        name = f"images/{split}_{i}.png"
+        image = Image.new("RGB", (96, 64), (rng.randrange(200), 120, 80))
+        draw = ImageDraw.Draw(image)
+        boxes = []
+        for _ in range(rng.randrange(3)):
+            x, y = rng.randrange(70), rng.randrange(40)
+            label = rng.choice(CLASSES)
+            draw.rectangle([x, y, x + 20, y + 18], fill=(250, 250, 250) if label == "drop" else (10, 10, 10))
+            boxes.append(Box(label, x, y, x + 20, y + 18))
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        image.save(root / name)
+        base = {"image": name, "width": 96, "height": 64, "source": name}
+        lines.append({**base, "prefix": "<OD>", "suffix": boxes_to_text(boxes, 96, 64), "task": "od"})
+        for label in sorted({b.label for b in boxes}):
+            suffix = boxes_to_text([b for b in boxes if b.label == label], 96, 64)
+            lines.append({**base, "prefix": f"<CAPTION_TO_PHRASE_GROUNDING>{label}", "suffix": suffix,
+                          "task": "phrase_grounding"})
+    (root / f"{split}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """A converted-style dataset folder: 12 train and 4 val images, od + phrase_grounding."""
+    root = tmp_path_factory.mktemp("small-data")
+    rng = random.Random(0)
+    _write_split(root, "train", 12, rng)
+    _write_split(root, "val", 4, rng)
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return root
+
+
+@pytest.fixture
+def make_config(small_data, small_model_dir, tmp_path):
+    """`make_config(**settings)` -> a fast `TrainConfig` on the small model and data."""
+    from loomlens.config import TrainConfig, load_config
+
+    def make(**settings) -> TrainConfig:
+        base = {
+            "data": str(small_data), "model": str(small_model_dir), "out": str(tmp_path / "run"),
+            "batch_size": 4, "lr": 1e-2, "max_steps": 4, "eval_every": 2, "eval_max_images": 0,
+            "progress": False, "tensorboard": False, "lora": {"r": 4, "dropout": 0.1},
+        }
+        return load_config(TrainConfig, base=base, overrides=settings)
+
+    return make

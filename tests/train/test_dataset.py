@@ -1,0 +1,89 @@
+"""Dataset + collate + batch plan: tokenised once, pixels processed once, padding-aware order."""
+
+import torch
+
+from loomlens.data.dataset import Collator, FlorenceDataset, plan_batches, read_jsonl
+
+
+def test_items_match_the_processor_and_the_label_contract(small_data, small_model_dir):
+    from PIL import Image
+
+    from loomlens.model import load_model
+
+    _, processor = load_model(str(small_model_dir))
+    ds = FlorenceDataset(small_data / "train.jsonl", processor)
+    row = read_jsonl(small_data / "train.jsonl")[0]
+    with Image.open(small_data / row["image"]) as im:
+        expected = processor(text=[row["prefix"]], images=[im.convert("RGB")], return_tensors="pt")
+    item = ds[0]
+    assert torch.equal(item["input_ids"], expected["input_ids"][0])
+    assert torch.allclose(item["pixel_values"], expected["pixel_values"][0], atol=3e-3)  # fp16 cache
+    assert item["labels"].tolist() == processor.tokenizer(row["suffix"]).input_ids  # <s> suffix </s>
+
+
+class Counting:
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+def test_each_image_goes_through_the_image_processor_once(small_data, small_model_dir):
+    from types import SimpleNamespace
+
+    from loomlens.model import load_model
+
+    _, processor = load_model(str(small_model_dir))
+    ds = FlorenceDataset(small_data / "train.jsonl", processor)
+    counting = Counting(processor.image_processor)
+    ds.processor = SimpleNamespace(image_processor=counting)
+    for _ in range(3):  # three epochs
+        for i in range(len(ds)):
+            ds[i]
+    assert counting.calls == len({ex.image for ex in ds.examples}) < len(ds)
+
+
+def test_task_filter_and_collate_padding(small_data, small_model_dir):
+    from loomlens.model import load_model
+
+    _, processor = load_model(str(small_model_dir))
+    ds = FlorenceDataset(small_data / "train.jsonl", processor, tasks=["phrase_grounding"])
+    assert set(ds.tasks) == {"phrase_grounding"}
+    items = [ds[i] for i in range(3)]
+    batch = Collator(pad_token_id=processor.tokenizer.pad_token_id)(items)
+    for i, item in enumerate(items):
+        n, m = len(item["input_ids"]), len(item["labels"])
+        assert batch["attention_mask"][i].sum() == n
+        assert (batch["input_ids"][i, n:] == processor.tokenizer.pad_token_id).all()
+        assert (batch["labels"][i, m:] == -100).all() and torch.equal(batch["labels"][i, :m], item["labels"])
+    assert batch["pixel_values"].shape == (3, 3, 64, 64) and batch["pixel_values"].dtype == torch.float32
+
+
+TASKS = ["phrase_grounding", "od", "od", "dense_region_caption", "od", "phrase_grounding"] * 20
+LENGTHS = [(i * 37) % 50 + 5 for i in range(len(TASKS))]
+
+
+def test_grouped_plan_follows_the_seed_order_and_covers_every_sample_once():
+    batches = plan_batches(TASKS, LENGTHS, batch_size=4, order="grouped", seed=1, epoch=0)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(TASKS)))
+    seen = [TASKS[b[0]] for b in batches]
+    assert all(len({TASKS[i] for i in b}) == 1 for b in batches)
+    assert seen == sorted(seen, key=["od", "dense_region_caption", "phrase_grounding"].index)
+
+
+def test_plan_is_a_pure_function_of_seed_and_epoch():
+    a = plan_batches(TASKS, LENGTHS, 4, "interleaved", seed=3, epoch=2)
+    assert a == plan_batches(TASKS, LENGTHS, 4, "interleaved", seed=3, epoch=2)
+    assert a != plan_batches(TASKS, LENGTHS, 4, "interleaved", seed=3, epoch=3)
+    assert any(len({TASKS[i] for i in b}) > 1 for b in a)  # interleaved: tasks share batches
+
+
+def test_plan_is_padding_aware():
+    batches = plan_batches(TASKS, LENGTHS, 4, "interleaved", seed=0)
+    padded = sum(max(LENGTHS[i] for i in b) * len(b) for b in batches)
+    naive = [list(range(len(TASKS)))[i : i + 4] for i in range(0, len(TASKS), 4)]
+    padded_naive = sum(max(LENGTHS[i] for i in b) * len(b) for b in naive)
+    assert padded < 0.8 * padded_naive
