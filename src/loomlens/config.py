@@ -1,0 +1,177 @@
+"""Typed configs (pydantic) that YAML files map onto, one per stage.
+
+A value comes from, in rising priority: the field's default, a YAML file (`--config`), then
+command-line overrides. Overrides are `key=value` pairs; a key is a field name (`lr`), a
+dotted path (`lora.r`), or a field of the nested LoRA settings given bare (`r`, `dora`) when
+that name is unambiguous. Values are read as YAML scalars (`1e-4`, `true`, `null`,
+`[od, phrase_grounding]`) and then validated by the model, so a typo fails with the field's
+name instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from loomlens.model.lora import LoraSettings
+
+#: The configs shipped with the package (`--config demo` finds `configs/demo.yaml`).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class TrainConfig(BaseModel):
+    """Everything a fine-tuning run needs; written resolved to `RUN_DIR/config.yaml`."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    data: Path = Field(description="folder written by `loomlens convert` (train.jsonl, val.jsonl)")
+    model: str = Field("tiny", description="base model: tiny, base, large, a hub id or a folder")
+    out: Path = Field(Path("runs/train"), description="run folder")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    qlora: bool = Field(False, description="load the base in 4-bit (CUDA + bitsandbytes only)")
+
+    tasks: list[str] = Field(default_factory=list, description="task names to train on; empty = all in the data")
+    order: Literal["grouped", "interleaved"] = Field(
+        "grouped", description="grouped: one task after another, in the seed's order; interleaved: mixed"
+    )
+    shuffle: bool = Field(True, description="shuffle samples (within each task when grouped) every epoch")
+
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    time_budget: float | None = Field(None, gt=0, description="stop (and save) after this many seconds")
+    batch_size: int = Field(8, gt=0, description="samples per process per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: float = Field(0.05, ge=0, description="warmup: a fraction of the steps (<1) or a number of steps")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 (else fp16) autocast on CUDA, fp32 on CPU"
+    )
+    seed: int = 0
+
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps; 0 = at the end of each epoch")
+    save_every: int = Field(0, ge=0, description="save last/ every N steps; 0 = at each evaluation")
+    eval_max_images: int | None = Field(64, ge=0, description="val images for mAP50; null = all, 0 = no mAP")
+    eval_batch_size: int = Field(8, gt=0)
+    val_loss_max_samples: int | None = Field(256, gt=0, description="val samples for the val loss; null = all")
+    best_metric: Literal["map50", "val_loss"] = Field(
+        "map50", description="what picks best/ (val_loss when mAP is unavailable)"
+    )
+    early_stopping: int = Field(0, ge=0, description="stop after N evaluations without improvement; 0 = off")
+    tensorboard: bool = True
+    progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split_tasks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+
+def _parse_value(text: Any) -> Any:
+    """A command-line string as YAML reads it (`8` -> 8, `true` -> True, `null` -> None)."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def _set(tree: dict, schema: type[BaseModel], key: str, value: Any) -> None:
+    """Put `value` at `key` in the nested dict `tree`, resolving bare nested names."""
+    path = key.replace("-", "_").split(".")
+    if len(path) == 1 and path[0] not in schema.model_fields:
+        owners = [
+            name for name, field in schema.model_fields.items()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+            and path[0] in field.annotation.model_fields
+        ]
+        if len(owners) != 1:
+            raise ValueError(f"unknown setting {key!r}; known: {', '.join(_known_keys(schema))}")
+        path = [owners[0], path[0]]
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+
+
+def _known_keys(schema: type[BaseModel]) -> list[str]:
+    keys = []
+    for name, field in schema.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys += [f"{name}.{k}" for k in sub.model_fields]
+        else:
+            keys.append(name)
+    return keys
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML path, or the name of a shipped config (`demo` -> `configs/demo.yaml`)."""
+    candidate = Path(path)
+    if candidate.exists():
+        return candidate
+    shipped = CONFIG_DIR / f"{Path(path).stem}.yaml"
+    if shipped.exists():
+        return shipped
+    known = ", ".join(p.stem for p in sorted(CONFIG_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"config {path} not found (shipped configs: {known})")
+
+
+def load_config(
+    schema: type[BaseModel],
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
+):
+    """Build a `schema` config from `base` (a dict), then the YAML at `path`, then `overrides`
+    (`key=value` pairs, values as strings or Python values); raises pydantic's
+    `ValidationError` or `ValueError` naming the bad key."""
+    tree: dict[str, Any] = {}
+    layers: list[Mapping[str, Any]] = [base or {}]
+    if path is not None:
+        layers.append(yaml.safe_load(resolve_config_path(path).read_text()) or {})
+    for layer in layers:
+        for key, value in _flatten(layer):
+            _set(tree, schema, key, value)
+    for key, value in (overrides or {}).items():
+        _set(tree, schema, key, _parse_value(value))
+    return schema.model_validate(tree)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            items += _flatten(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def dump_config(config: BaseModel, path: Path) -> None:
+    """Write `config`, resolved, as YAML."""
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+class DemoConfig(BaseModel):
+    """`loomlens demo`: the synthetic loom data to make and the training recipe to run on it
+    (`train` holds `TrainConfig` settings; the demo fills in `data` and `out`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: int = Field(240, gt=1, description="synthetic frames (flipped copies come on top)")
+    size: tuple[int, int] = Field((512, 288), description="frame width, height")
+    seed: int = 0
+    tasks: list[str] = Field(default_factory=lambda: ["od"], description="convert tasks")
+    flip: bool = True
+    eval_images: int | None = Field(None, gt=0, description="val images in the before/after evaluation; null = all")
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig settings")

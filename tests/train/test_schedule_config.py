@@ -1,0 +1,53 @@
+"""Warmup + decay schedules, and configs: YAML < overrides, typed, typos rejected."""
+
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from loomlens.config import TrainConfig, load_config
+from loomlens.train.schedule import lr_factor, warmup_steps
+
+
+def test_warmup_then_cosine_or_linear_to_zero():
+    assert warmup_steps(0.1, 100) == 10 and warmup_steps(7, 100) == 7
+    assert lr_factor(0, 10, 100) == pytest.approx(1 / 11)
+    assert lr_factor(10, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, "cosine") == pytest.approx(0.5)
+    assert lr_factor(55, 10, 100, "linear") == pytest.approx(0.5)
+    assert lr_factor(100, 10, 100, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(99, 10, 100, "constant") == 1.0
+    factors = [lr_factor(s, 10, 100) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, 0, 1, "exp")
+
+
+def test_yaml_then_overrides_with_bare_and_dotted_lora_keys(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data: d\nlr: 1.0e-5\nlora:\n  r: 8\n  targets: attention\nbatch_size: 2\n")
+    cfg = load_config(TrainConfig, path, {"lr": "3e-6", "r": "16", "lora.dora": "true", "tasks": "od,phrase_grounding"})
+    assert cfg.lr == 3e-6 and cfg.batch_size == 2
+    assert cfg.lora.r == 16 and cfg.lora.dora is True and cfg.lora.targets == "attention"
+    assert cfg.lora.lora_alpha == 32  # alpha defaults to 2 r
+    assert cfg.tasks == ["od", "phrase_grounding"]
+    assert load_config(TrainConfig, overrides={"data": "d", "targets": "q_proj,v_proj"}).lora.targets == ["q_proj", "v_proj"]
+
+
+def test_unknown_or_bad_settings_fail_with_their_name():
+    with pytest.raises(ValueError, match="lrr"):
+        load_config(TrainConfig, overrides={"data": "d", "lrr": "1"})
+    with pytest.raises(ValidationError, match="freeze"):
+        load_config(TrainConfig, overrides={"data": "d", "freeze": "text"})
+    with pytest.raises(ValidationError, match="batch_size"):
+        load_config(TrainConfig, overrides={"data": "d", "batch_size": "0"})
+
+
+def test_shipped_configs_are_valid():
+    from loomlens.config import CONFIG_DIR, DemoConfig
+    import yaml
+
+    base = load_config(TrainConfig, "base", {"data": "d"})
+    assert base.lr == 1e-6 and base.lora.r == 8 and base.lora.lora_alpha == 16 and base.epochs == 10
+    demo = DemoConfig.model_validate(yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text()))
+    assert math.isfinite(load_config(TrainConfig, base=demo.train, overrides={"data": "d"}).lr)
