@@ -1,0 +1,326 @@
+"""The fine-tuning recipe: LoRA/DoRA on Florence-2, one loop, top to bottom.
+
+    load base -> attach LoRA -> datasets -> optimizer + schedule -> accelerate
+    -> (resume) -> for each optimizer step: accumulate micro-batches, clip, step
+       -> log -> evaluate (val loss + mAP50) -> save last/ (and best/) -> stop?
+
+Everything distributed goes through Hugging Face accelerate: the same code runs on one CPU,
+one GPU, or `accelerate launch` across GPUs and nodes. Each process takes every N-th batch
+of one shared, seeded batch plan; only the main process writes files.
+
+Exact resume: the batch plan is a pure function of (seed, epoch), the checkpoint stores the
+position in it, the optimizer, scheduler and every process's RNG states, and evaluation
+restores the RNG states it found, so when and how often a run evaluates never changes its
+weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import subprocess
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loomlens.config import TrainConfig, dump_config
+from loomlens.data.dataset import Collator, FlorenceDataset, plan_batches
+from loomlens.model.lora import apply_lora, load_quantized_base, trainable_by_tower
+from loomlens.train.checkpoint import (
+    STATE_FILE,
+    TrainerState,
+    copy_checkpoint,
+    load_checkpoint,
+    recover,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
+from loomlens.train.curves import MetricsLog, plot_run
+from loomlens.train.loss import batch_loss
+from loomlens.train.schedule import build_scheduler, warmup_steps
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good state was saved first."""
+
+
+@dataclass
+class TrainResult:
+    """What `train` leaves behind: the run folder, the trained peft model, why it stopped."""
+
+    run_dir: Path
+    model: Any
+    processor: Any
+    state: TrainerState
+    stopped: str
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = None, log=print) -> TrainResult:
+    """Fine-tune `cfg.model` with LoRA on `cfg.data`, writing the run folder `cfg.out`.
+
+    `resume` continues the run in `cfg.out` from `checkpoints/last/` exactly where it was
+    saved. `stop_at_step` stops after that step once saved, as a kill right after a save
+    would (the run can be resumed). Raises `TrainingDiverged` on a NaN/inf loss.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+    from tqdm.auto import tqdm
+
+    run_dir = Path(cfg.out)
+    last_dir, best_dir = run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "best"
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg.precision))
+    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    _check_run_dir(run_dir, last_dir, resume, main)
+    accelerator.wait_for_everyone()
+    say = log if main else (lambda *_: None)
+
+    # Model: the base, frozen, with a fresh adapter (its weights come from last/ on resume).
+    set_seed(cfg.seed)
+    if cfg.qlora:
+        model, processor = load_quantized_base(cfg.model)
+    else:
+        from loomlens.model import load_model
+
+        model, processor = load_model(cfg.model)
+    text_config = model.config.text_config
+    model = apply_lora(model, cfg.lora)
+    towers = trainable_by_tower(model)
+
+    # Data: tokenised once, pixels cached on first use.
+    max_label = text_config.max_position_embeddings
+    train_set = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, max_label)
+    val_path = cfg.data / "val.jsonl"
+    val_set = FlorenceDataset(val_path, processor, cfg.tasks, max_label) if _has_samples(val_path) else None
+    collate = Collator(processor.tokenizer.pad_token_id)
+    plan = plan_batches(train_set.tasks, train_set.lengths, cfg.batch_size, cfg.order, cfg.shuffle, cfg.seed)
+    windows_per_epoch = math.ceil(len(plan) // world / cfg.grad_accum)
+    if windows_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training samples are too few for {world} processes")
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * windows_per_epoch)
+
+    # Optimizer over the trainable adapter weights only; the schedule steps per optimizer step.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.schedule, warmup_steps(cfg.warmup, total_steps), total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    peft_model = accelerator.unwrap_model(model)
+    state = TrainerState()
+    if resume:
+        state = load_checkpoint(last_dir, peft_model, optimizer, scheduler, rank, accelerator.scaler)
+        say(f"resumed from {last_dir} at step {state.step} (epoch {state.epoch})")
+    if main:
+        _write_run_files(cfg, run_dir, world)
+    metrics = MetricsLog(run_dir, state.step if resume else None, cfg.tensorboard) if main else None
+    say(
+        f"training {cfg.model} + LoRA ({cfg.lora.targets}, r={cfg.lora.r}{', DoRA' if cfg.lora.dora else ''}) "
+        f"on {len(train_set)} samples, {total_steps} steps x {cfg.batch_size * cfg.grad_accum * world} samples, "
+        f"{world} process(es) on {accelerator.device}; trainable: vision {towers['vision']:,}, "
+        f"language {towers['language']:,}"
+    )
+
+    def checkpoint(improved: bool = False) -> None:
+        rng = gather_object([rng_states()])  # collective: every process calls it
+        if main:
+            save_checkpoint(last_dir, peft_model, optimizer, scheduler, state, rng, accelerator.scaler)
+            if improved:
+                copy_checkpoint(last_dir, best_dir)
+
+    ids = (text_config.decoder_start_token_id, text_config.pad_token_id)
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (main and cfg.progress), desc="train")
+    started, seconds_before = time.monotonic(), state.train_seconds
+    stopped, last_eval = ("max_steps" if state.step >= total_steps else ""), {}
+    model.train()
+    while not stopped:
+        batches = plan_batches(
+            train_set.tasks, train_set.lengths, cfg.batch_size, cfg.order, cfg.shuffle, cfg.seed, state.epoch
+        )
+        mine = batches[: len(batches) // world * world][rank::world]
+        windows = [mine[i : i + cfg.grad_accum] for i in range(0, len(mine), cfg.grad_accum)]
+        for window in windows[state.window :]:
+            # One optimizer step: the loss is summed over the window's tokens on every process
+            # and divided by their global count, so accumulation and DDP average per token.
+            micro = [collate([train_set[i] for i in idx]) for idx in window]
+            tokens = accelerator.reduce(
+                torch.tensor(sum(int((b["labels"] != -100).sum()) for b in micro), device=accelerator.device),
+                "sum",
+            )
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for k, batch in enumerate(micro):
+                batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+                sync = nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
+                with sync:
+                    part, _ = batch_loss(model, batch, *ids)
+                    accelerator.backward(part * world / tokens)
+                loss_sum += part.detach()
+            loss = (accelerator.reduce(loss_sum, "sum") / tokens).item()
+            if not math.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                checkpoint()
+                raise TrainingDiverged(
+                    f"loss is {loss} at step {state.step + 1}; the weights before it are saved in {last_dir}. "
+                    "Lower --lr, keep --max-grad-norm on, or use --precision fp32."
+                )
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.window += 1
+            epoch_done = state.window == len(windows)
+            if epoch_done:
+                state.epoch, state.window = state.epoch + 1, 0
+            state.train_seconds = seconds_before + time.monotonic() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=state.epoch)
+            if metrics:
+                metrics.log({
+                    "step": state.step, "epoch": state.epoch + state.window / len(windows),
+                    "seconds": state.train_seconds, "lr": lr, "train_loss": loss,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                })
+
+            # Stop? A simulated kill (stop_at_step) only saves; any other stop evaluates first.
+            if state.step >= total_steps:
+                stopped = "max_steps"
+            elif cfg.time_budget and time.monotonic() - started >= cfg.time_budget:
+                stopped = "time_budget"
+            elif stop_at_step is not None and state.step >= stop_at_step:
+                stopped = "stop_at_step"
+            due = (cfg.eval_every and state.step % cfg.eval_every == 0) or (not cfg.eval_every and epoch_done)
+            if val_set is not None and (due or stopped in ("max_steps", "time_budget")):
+                last_eval = _evaluate(peft_model, processor, val_set, cfg, accelerator, ids)
+                score = last_eval["map50"] if cfg.best_metric == "map50" and "map50" in last_eval else -last_eval["val_loss"]
+                improved = state.best_metric is None or score > state.best_metric
+                if improved:
+                    state.best_metric, state.best_step, state.evals_since_best = score, state.step, 0
+                else:
+                    state.evals_since_best += 1
+                if cfg.early_stopping and state.evals_since_best >= cfg.early_stopping and not stopped:
+                    stopped = "early_stopping"
+                checkpoint(improved)
+                if metrics:
+                    metrics.log({"step": state.step, "epoch": state.epoch + state.window / len(windows),
+                                 "seconds": state.train_seconds, **last_eval})
+                    plot_run(run_dir)
+                say(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+            elif stopped or (cfg.save_every and state.step % cfg.save_every == 0):
+                checkpoint()
+            if stopped:
+                break
+
+    bar.close()
+    if metrics:
+        metrics.close()
+        plot_run(run_dir)
+    accelerator.wait_for_everyone()
+    say(f"stopped ({stopped}) at step {state.step}; run folder {run_dir}")
+    return TrainResult(run_dir, peft_model, processor, state, stopped, last_eval)
+
+
+def _mixed_precision(precision: str) -> str:
+    """accelerate's `mixed_precision` for a config `precision` (autocast is CUDA only here)."""
+    if not torch.cuda.is_available() or precision == "fp32":
+        return "no"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def _check_run_dir(run_dir: Path, last_dir: Path, resume: bool, main: bool) -> None:
+    if resume:
+        if main:
+            recover(last_dir)
+        if not (last_dir / STATE_FILE).exists():
+            raise FileNotFoundError(f"nothing to resume: {last_dir} has no checkpoint")
+    elif last_dir.exists():
+        raise FileExistsError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick a new --out")
+
+
+def _has_samples(path: Path) -> bool:
+    return path.exists() and path.stat().st_size > 0
+
+
+@torch.no_grad()
+def _evaluate(model, processor, val_set: FlorenceDataset, cfg: TrainConfig, accelerator, ids) -> dict[str, float]:
+    """Val loss (sharded over processes) on a fixed subset, and val mAP50 on the main process
+    via `loomlens.evaluate.evaluate_jsonl`; leaves the RNG states as it found them."""
+    found = rng_states()
+    model.eval()
+    collate = Collator(processor.tokenizer.pad_token_id)
+    subset = torch.randperm(len(val_set), generator=torch.Generator().manual_seed(0)).tolist()
+    subset = subset[: cfg.val_loss_max_samples]
+    lengths = [val_set.lengths[i] for i in subset]
+    batches = plan_batches(["val"] * len(subset), lengths, cfg.eval_batch_size, "interleaved", shuffle=False)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    tokens = torch.zeros((), device=accelerator.device)
+    for idx in batches[accelerator.process_index :: accelerator.num_processes]:
+        batch = {k: v.to(accelerator.device) for k, v in collate([val_set[subset[i]] for i in idx]).items()}
+        part, count = batch_loss(model, batch, *ids)
+        loss_sum, tokens = loss_sum + part, tokens + count
+    result = {"val_loss": (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum")).item()}
+    if accelerator.is_main_process:
+        result.update(_detection_metrics(model, processor, val_set.jsonl, cfg))
+    accelerator.wait_for_everyone()
+    model.train()
+    set_rng_states(found)
+    return result
+
+
+def _detection_metrics(model, processor, jsonl: Path, cfg: TrainConfig) -> dict[str, float]:
+    """mAP50 (and friends) of the `<OD>` val samples; empty when `eval_max_images` is 0."""
+    if cfg.eval_max_images == 0:
+        return {}
+    try:
+        from loomlens.evaluate import evaluate_jsonl
+    except ImportError:  # the contract's home; until the package exports it, its module
+        try:
+            from loomlens.evaluate.report import evaluate_jsonl
+        except ImportError:
+            return {}
+    metrics = evaluate_jsonl(model, processor, jsonl, max_images=cfg.eval_max_images, batch_size=cfg.eval_batch_size)
+    return {k: float(metrics[k]) for k in ("map50", "map50_95", "map75") if metrics.get(k) is not None}
+
+
+def _write_run_files(cfg: TrainConfig, run_dir: Path, world: int) -> None:
+    """`config.yaml` (resolved), `env.json` (versions, git commit, device) and `classes.txt`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    (run_dir / "env.json").write_text(json.dumps(environment(world), indent=2) + "\n")
+    classes = cfg.data / "classes.txt"
+    if classes.exists():
+        shutil.copyfile(classes, run_dir / "classes.txt")
+
+
+def environment(world: int = 1) -> dict[str, Any]:
+    """Package versions, git commit, Python, platform and device of this process."""
+    versions = {}
+    for name in ("loomlens", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "versions": versions,
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "processes": world,
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,103 @@
+"""The training loop: what a run folder holds, exact resume, accumulation, stops, best/."""
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+
+from loomlens.train import recipe
+from loomlens.train.recipe import TrainingDiverged, train
+
+
+def adapter_weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+
+def test_run_folder_holds_config_env_metrics_curves_tb_and_checkpoints(make_config):
+    cfg = make_config(tensorboard=True)
+    result = train(cfg)
+    run = cfg.out
+    assert result.stopped == "max_steps" and result.state.step == 4
+    assert yaml.safe_load((run / "config.yaml").read_text())["lora"]["r"] == 4
+    env = json.loads((run / "env.json").read_text())
+    assert env["versions"]["torch"] and env["versions"]["peft"] and "git_commit" in env
+    assert (run / "classes.txt").read_text().split() == ["drop", "wrinkle"]
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["step"] for r in rows if r["train_loss"]] == ["1", "2", "3", "4"]
+    assert [r["step"] for r in rows if r["val_loss"]] == ["2", "4"]
+    assert (run / "curves" / "loss.png").stat().st_size > 0 and (run / "curves" / "map.png").exists()
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    for name in ("last", "best"):
+        folder = run / "checkpoints" / name
+        assert (folder / "adapter_model.safetensors").exists() and (folder / "trainer_state.pt").exists()
+    assert not list((run / "checkpoints").glob(".*"))  # no temporary folders left behind
+
+
+def test_kill_and_resume_gives_the_same_weights_as_training_straight(make_config, tmp_path):
+    # Dropout on, shuffling on, accumulation, and the stop lands mid-epoch with an epoch after.
+    settings = dict(max_steps=6, grad_accum=2, batch_size=3, eval_every=4, save_every=1)
+    straight = train(make_config(**settings, out=str(tmp_path / "a")))
+    killed = train(make_config(**settings, out=str(tmp_path / "b")), stop_at_step=3)
+    assert killed.stopped == "stop_at_step" and killed.state.step == 3
+    resumed = train(make_config(**settings, out=str(tmp_path / "b")), resume=True)
+    assert resumed.state.step == 6 and resumed.state.epoch == straight.state.epoch
+    a, b = adapter_weights(straight.model), adapter_weights(resumed.model)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    steps = [r["step"] for r in csv.DictReader(open(tmp_path / "b" / "metrics.csv")) if r["train_loss"]]
+    assert steps == [str(s) for s in range(1, 7)]
+
+
+def test_a_finished_run_cannot_be_overwritten(make_config):
+    cfg = make_config(max_steps=1)
+    train(cfg)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg)
+
+
+def test_accumulation_averages_over_tokens_not_micro_batches(make_config, tmp_path):
+    """One step of 2 x 2 samples equals one step of 4 samples (labels of different lengths)."""
+    common = dict(max_steps=1, shuffle=False, order="grouped", eval_every=0, lora={"r": 4, "dropout": 0.0})
+    whole = train(make_config(**common, batch_size=4, out=str(tmp_path / "a")))
+    split = train(make_config(**common, batch_size=2, grad_accum=2, out=str(tmp_path / "b")))
+    a, b = adapter_weights(whole.model), adapter_weights(split.model)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_nan_loss_saves_the_good_state_and_stops_clearly(make_config, monkeypatch):
+    real, calls = recipe.batch_loss, []
+
+    def poisoned(model, batch, *ids):
+        calls.append(1)
+        loss, count = real(model, batch, *ids)
+        return (loss * float("nan"), count) if len(calls) == 3 else (loss, count)
+
+    monkeypatch.setattr(recipe, "batch_loss", poisoned)
+    cfg = make_config(max_steps=5, eval_every=0)
+    with pytest.raises(TrainingDiverged, match="step 3"):
+        train(cfg)
+    saved = torch.load(cfg.out / "checkpoints" / "last" / "trainer_state.pt", weights_only=False)
+    assert saved["state"]["step"] == 2
+
+
+def test_time_budget_stops_after_evaluating_and_saving(make_config):
+    result = train(make_config(max_steps=50, time_budget=0.001, eval_every=0))
+    assert result.stopped == "time_budget" and result.state.step == 1
+    assert "val_loss" in result.last_eval and (result.run_dir / "checkpoints" / "best").exists()
+
+
+def test_best_follows_val_map50_and_early_stopping_ends_the_run(make_config, monkeypatch):
+    scores = iter([0.2, 0.5, 0.4, 0.3, 0.1, 0.1])
+    monkeypatch.setattr(recipe, "_detection_metrics", lambda *a: {"map50": next(scores)})
+    result = train(make_config(max_steps=10, eval_every=1, early_stopping=2))
+    assert result.stopped == "early_stopping" and result.state.step == 4
+    assert result.state.best_step == 2
+    best = torch.load(result.run_dir / "checkpoints" / "best" / "trainer_state.pt", weights_only=False)
+    assert best["state"]["step"] == 2
+    rows = list(csv.DictReader(open(result.run_dir / "metrics.csv")))
+    assert [float(r["map50"]) for r in rows if r["map50"]] == [0.2, 0.5, 0.4, 0.3]
