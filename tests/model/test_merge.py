@@ -1,0 +1,74 @@
+"""A merged model is plain transformers and computes what base + adapter computes."""
+
+import pytest
+import torch
+import yaml
+
+from loomlens.model.lora import LoraSettings, apply_lora, load_adapter
+from loomlens.model.merge import merge_adapter
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    from loomlens.model.tiny import build_tiny
+
+    model, processor, _ = build_tiny(seed=0)
+    folder = tmp_path_factory.mktemp("base")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def fake_run(base_dir, run, dora: bool):
+    """A run folder whose best/ adapter (seed preset: lm_head included) has non-zero updates."""
+    from loomlens.model import load_model
+
+    model, _ = load_model(str(base_dir))
+    peft_model = apply_lora(model, LoraSettings(targets="seed", r=4, dora=dora))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+    peft_model.save_pretrained(run / "checkpoints" / "best", save_embedding_layers=False)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": str(base_dir), "data": "d"}))
+    (run / "classes.txt").write_text("drop\nwrinkle\n")
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merged_folder_loads_with_plain_transformers_and_matches(base_dir, tmp_path, dora):
+    from PIL import Image
+    from safetensors import safe_open
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+    from loomlens.model import load_model
+
+    fake_run(base_dir, tmp_path / "run", dora)
+    out = merge_adapter(tmp_path / "run", tmp_path / "merged")
+
+    merged = Florence2ForConditionalGeneration.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    inputs = processor(text=["<OD>"], images=[Image.new("RGB", (90, 50), (30, 60, 90))], return_tensors="pt")
+    decoder = torch.tensor([[2, 0, 40, 900, 1600, 1700]])
+    base, _ = load_model(str(base_dir))
+    reference = load_adapter(base, tmp_path / "run" / "checkpoints" / "best")
+    with torch.no_grad():
+        expected = reference(**inputs, decoder_input_ids=decoder).logits
+        got = merged(**inputs, decoder_input_ids=decoder).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+    plain, _ = load_model(str(base_dir))
+    assert torch.equal(merged.get_input_embeddings().weight, plain.get_input_embeddings().weight)
+    assert merged.lm_head.weight is not merged.get_input_embeddings().weight
+    assert not torch.allclose(merged.lm_head.weight, plain.lm_head.weight)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert not any("lora" in k or "base_layer" in k for k in f.keys())
+    assert (out / "classes.txt").exists() and (out / "tokenizer.json").exists()
+
+
+def test_merge_refuses_to_replace_a_folder_that_is_not_a_merged_model(tmp_path):
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        merge_adapter(tmp_path / "run", tmp_path / "precious")
+    assert (tmp_path / "precious" / "notes.txt").exists()
