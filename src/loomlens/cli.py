@@ -202,6 +202,199 @@ def serve(
                 limit_concurrency=max_connections)
 
 
+# --- fine-tuning: train, sweep, merge, demo -------------------------------------------------
+
+_EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+_SETTINGS_HELP = (
+    "Any other setting of the config works too, as --name value or name=value "
+    "(e.g. --warmup 0.1, lora.dropout=0.1); see `loomlens.config.TrainConfig`."
+)
+
+
+def _extra_overrides(args: list[str]) -> dict[str, str]:
+    """`--key value`, `--flag`, `--no-flag` and `key=value` words -> {key: value}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                    value, i = args[i + 1], i + 1
+                elif key.startswith("no-"):
+                    key, value = key[3:], "false"
+                else:
+                    value = "true"
+            out[key] = value
+        elif "=" in arg:
+            key, value = arg.split("=", 1)
+            out[key] = value
+        else:
+            raise _fail(f"unexpected argument {arg!r}; settings look like --name value or name=value")
+        i += 1
+    return out
+
+
+def _given(**options) -> dict:
+    """The options the user actually gave (typer leaves the others None)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _train_config(config: str | None, overrides: dict, resume: Path | None = None):
+    from pydantic import ValidationError
+
+    from loomlens.config import TrainConfig, load_config
+
+    try:
+        if resume is not None:
+            return load_config(TrainConfig, resume / "config.yaml", {**overrides, "out": str(resume)})
+        return load_config(TrainConfig, config, overrides)
+    except ValidationError as err:
+        raise _fail("invalid settings", [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]) from None
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from None
+
+
+def _relaunch(num_processes: int) -> None:
+    """Run this same command under `accelerate launch` with `num_processes` processes."""
+    import os
+    import subprocess
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            argv.append(arg)
+    # --multi_gpu picks torch's distributed launcher; without CUDA accelerate falls back to
+    # gloo on CPU, which is how the 2-process test runs.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "loomlens.cli", *argv]
+    raise typer.Exit(subprocess.call(command, env={**os.environ, "LOOMLENS_LAUNCHED": "1"}))
+
+
+@app.command("train", context_settings=_EXTRA, epilog=_SETTINGS_HELP)
+def train_command(
+    ctx: typer.Context,
+    data: Path | None = typer.Option(None, help="Folder from `loomlens convert` (train.jsonl, val.jsonl)."),
+    model: str | None = typer.Option(None, help="Base model: tiny (embedded), base, large, a hub id or a folder."),
+    out: Path | None = typer.Option(None, help="Run folder to write."),
+    config: str | None = typer.Option(None, help="YAML config file, or a shipped one (demo, base)."),
+    resume: Path | None = typer.Option(None, help="Continue the run in this folder exactly where it was saved."),
+    lr: float | None = typer.Option(None, help="Peak learning rate."),
+    r: int | None = typer.Option(None, help="LoRA rank."),
+    alpha: float | None = typer.Option(None, help="LoRA alpha (default 2 r)."),
+    targets: str | None = typer.Option(
+        None, help="LoRA targets: seed, attention, language, all-linear, or module names (q_proj,v_proj)."),
+    freeze: str | None = typer.Option(None, help="Tower whose adapters stay frozen: none, vision, language."),
+    dora: bool | None = typer.Option(None, "--dora/--no-dora", help="Weight-decomposed LoRA (DoRA)."),
+    epochs: float | None = typer.Option(None, help="Epochs (unless --max-steps)."),
+    max_steps: int | None = typer.Option(None, help="Optimizer steps; overrides --epochs."),
+    time_budget: float | None = typer.Option(None, help="Stop (evaluate and save) after this many seconds."),
+    batch_size: int | None = typer.Option(None, help="Samples per process per micro-batch."),
+    grad_accum: int | None = typer.Option(None, help="Micro-batches per optimizer step."),
+    order: str | None = typer.Option(None, help="Task order: grouped (seed's) or interleaved."),
+    eval_every: int | None = typer.Option(None, help="Evaluate every N steps (0: each epoch)."),
+    precision: str | None = typer.Option(None, help="auto, fp32, bf16, fp16."),
+    qlora: bool | None = typer.Option(None, "--qlora/--no-qlora", help="4-bit base (CUDA + bitsandbytes)."),
+    num_processes: int = typer.Option(1, min=1, help="Processes (GPUs) through accelerate launch."),
+) -> None:
+    """Fine-tune Florence-2 with LoRA/DoRA; writes config, metrics, curves, TensorBoard and checkpoints."""
+    import os
+
+    if num_processes > 1 and not os.environ.get("LOOMLENS_LAUNCHED"):
+        _relaunch(num_processes)
+    from loomlens.model.loader import ModelLoadError
+    from loomlens.model.lora import LoraTargetError
+    from loomlens.train.recipe import TrainingDiverged, train
+
+    explicit = _given(data=data, model=model, out=out, lr=lr, r=r, alpha=alpha, targets=targets, freeze=freeze,
+                      dora=dora, epochs=epochs, max_steps=max_steps, time_budget=time_budget,
+                      batch_size=batch_size, grad_accum=grad_accum, order=order, eval_every=eval_every,
+                      precision=precision, qlora=qlora)
+    overrides = {**_extra_overrides(ctx.args), **{k: str(v) if isinstance(v, Path) else v for k, v in explicit.items()}}
+    if resume is None and "data" not in overrides and config is None:
+        raise _fail("give --data DIR (a folder from `loomlens convert`) or --config FILE, or --resume RUN_DIR")
+    cfg = _train_config(config, overrides, resume)
+    try:
+        result = train(cfg, resume=resume is not None)
+    except (FileExistsError, FileNotFoundError, ModelLoadError, LoraTargetError, TrainingDiverged, RuntimeError) as err:
+        raise _fail(str(err)) from None
+    if result.last_eval:
+        typer.echo("last evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()))
+    typer.echo(f"curves: {cfg.out / 'curves'}; checkpoints: {cfg.out / 'checkpoints'}; "
+               f"TensorBoard: tensorboard --logdir {cfg.out / 'tb'}")
+
+
+@app.command("sweep", context_settings=_EXTRA, epilog=_SETTINGS_HELP)
+def sweep_command(
+    ctx: typer.Context,
+    data: Path | None = typer.Option(None, help="Folder from `loomlens convert`."),
+    out: Path = typer.Option(Path("runs/sweep"), help="Sweep folder: one run folder per point, table and plot."),
+    config: str | None = typer.Option(None, help="YAML config shared by every run."),
+    lr: str | None = typer.Option(None, help="Learning rates, comma-separated: 1e-6,3e-6,5e-6."),
+    r: str | None = typer.Option(None, help="LoRA ranks: 8,16,32."),
+    targets: str | None = typer.Option(None, help="Target presets: seed,attention (module lists joined by +)."),
+    freeze: str | None = typer.Option(None, help="none,vision,language."),
+    order: str | None = typer.Option(None, help="grouped,interleaved."),
+    dora: str | None = typer.Option(None, help="false,true."),
+) -> None:
+    """Train one run per combination of the values given; one val-loss plot and one table for all."""
+    from loomlens.train.sweep import sweep
+
+    axes = {k: v.split(",") for k, v in _given(lr=lr, r=r, targets=targets, freeze=freeze, order=order,
+                                                 dora=dora).items()}
+    if "targets" in axes:
+        axes["targets"] = [t.replace("+", ",") for t in axes["targets"]]
+    shared = {**_extra_overrides(ctx.args), **({"data": str(data)} if data else {})}
+    _train_config(config, {**shared, **{k: v[0] for k, v in axes.items()}, "out": str(out)})  # fail fast
+    try:
+        result = sweep(axes, shared, config, out)
+    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as err:
+        raise _fail(str(err)) from None
+    typer.echo(result.table_md.read_text())
+    typer.echo(f"plot: {result.plot}; table: {result.table_md}, {result.table_csv}")
+
+
+@app.command("merge")
+def merge_command(
+    run: Path = typer.Argument(..., help="Training run folder (or an adapter folder)."),
+    out: Path = typer.Argument(..., help="Folder for the merged model."),
+    checkpoint: str = typer.Option("best", help="best or last."),
+    model: str | None = typer.Option(None, help="Base model, if not the one recorded with the run."),
+) -> None:
+    """Merge the LoRA adapter into its base: a plain Florence-2 folder for `from_pretrained`."""
+    from loomlens.model.loader import ModelLoadError
+    from loomlens.model.merge import merge_adapter
+
+    try:
+        path = merge_adapter(run, out, checkpoint, base=model)
+    except (FileExistsError, FileNotFoundError, ModelLoadError) as err:
+        raise _fail(str(err)) from None
+    typer.echo(f"merged model in {path}: Florence2ForConditionalGeneration.from_pretrained({str(path)!r})")
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("runs/demo"), help="Folder for everything the demo makes."),
+    images: int | None = typer.Option(None, help="Synthetic frames (default from configs/demo.yaml)."),
+    time_budget: float | None = typer.Option(None, help="Training seconds (default from configs/demo.yaml)."),
+) -> None:
+    """The main job end to end on the embedded tiny model: synth -> convert -> LoRA -> evaluate."""
+    from loomlens.train.demo import run_demo
+
+    try:
+        report = run_demo(out, images=images, time_budget=time_budget)
+    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as err:
+        raise _fail(str(err)) from None
+    typer.echo(report.read_text())
+    typer.echo(f"report: {report}; curves: {out / 'run' / 'curves'}")
+
+
 @app.command("eval")
 def eval_command(
     data: Path = typer.Option(..., help="Folder written by `loomlens convert`, or one of its .jsonl splits."),

@@ -1,0 +1,105 @@
+"""A grid sweep: one training run per combination of settings, one plot and one table for all.
+
+Each point is an ordinary run folder under the sweep folder, named after its settings
+(`lr=3e-06_r=16`). A killed sweep is continued by running the same command again: finished
+runs return at once and the interrupted one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from loomlens.config import TrainConfig, load_config
+from loomlens.train.checkpoint import STATE_FILE
+from loomlens.train.curves import plot_overlay, read_metrics
+
+COLUMNS = ("run", "steps", "seconds", "final_train_loss", "final_val_loss", "best_val_loss", "best_map50")
+
+
+@dataclass
+class SweepResult:
+    """The runs' summaries and the files written."""
+
+    rows: list[dict]
+    table_md: Path
+    table_csv: Path
+    plot: Path
+
+
+def grid(axes: Mapping[str, Sequence[str]]) -> list[dict[str, str]]:
+    """Every combination of the axes' values, first axis slowest."""
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def run_name(point: Mapping[str, str]) -> str:
+    """A folder name for a grid point: `lr=3e-06_r=16` (characters other than `[\\w.=+-]` -> `-`)."""
+    return "_".join(re.sub(r"[^\w.=+-]", "-", f"{k}={v}") for k, v in point.items()) or "run"
+
+
+def summarize(run_dir: Path) -> dict:
+    """One table row from a run's `metrics.csv`."""
+    rows = read_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else []
+
+    def values(key: str) -> list[float]:
+        return [r[key] for r in rows if key in r]
+
+    train, val, maps = values("train_loss"), values("val_loss"), values("map50")
+    return {
+        "run": run_dir.name,
+        "steps": int(max(values("step"), default=0)),
+        "seconds": round(max(values("seconds"), default=0.0), 1),
+        "final_train_loss": train[-1] if train else None,
+        "final_val_loss": val[-1] if val else None,
+        "best_val_loss": min(val) if val else None,
+        "best_map50": max(maps) if maps else None,
+    }
+
+
+def sweep(
+    axes: Mapping[str, Sequence[str]],
+    shared: Mapping[str, str],
+    config: str | Path | None,
+    out: Path,
+    log=print,
+) -> SweepResult:
+    """Train every point of `axes` (setting -> values) with the `shared` settings and the YAML
+    `config`, each in `out/<run_name>/`; write `out/sweep.md`, `out/sweep.csv` and
+    `out/val_loss.png` (the runs' validation loss curves overlaid)."""
+    from loomlens.train.recipe import train
+
+    out = Path(out)
+    runs: dict[str, Path] = {}
+    rows = []
+    for point in grid(axes):
+        name = run_name(point)
+        cfg = load_config(TrainConfig, config, {**shared, **point, "out": str(out / name)})
+        log(f"sweep: {name}")
+        train(cfg, resume=(cfg.out / "checkpoints" / "last" / STATE_FILE).exists(), log=log)
+        runs[name] = cfg.out
+        rows.append({**point, **summarize(cfg.out)})
+
+    columns = [*axes, *COLUMNS]
+    table_csv, table_md = out / "sweep.csv", out / "sweep.md"
+    with open(table_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    cells = [[_fmt(row[c]) for c in columns] for row in rows]
+    table_md.write_text(
+        "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                  + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
+    )
+    plot = plot_overlay(runs, out / "val_loss.png", "val_loss")
+    return SweepResult(rows, table_md, table_csv, plot)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,72 @@
+"""`loomlens train | sweep | merge` from the command line: flags, key=value, --config, resume."""
+
+import csv
+
+import yaml
+from typer.testing import CliRunner
+
+from loomlens.cli import _expand_key_value_args, app
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, _expand_key_value_args([str(a) for a in args]))
+
+
+def fast(small_data, small_model_dir) -> list[str]:
+    return ["--data", small_data, f"model={small_model_dir}", "--batch-size", "4", "--eval-every", "1",
+            "eval_max_images=0", "--no-progress", "tensorboard=false", "lora.r=4"]
+
+
+def test_train_resume_and_merge(small_data, small_model_dir, tmp_path):
+    out = tmp_path / "run"
+    first = run("train", *fast(small_data, small_model_dir), "--out", out, "--max-steps", "2", "lr=0.01",
+                "--targets", "q_proj,v_proj,lm_head", "--dora")
+    assert first.exit_code == 0, first.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["lr"] == 0.01 and saved["lora"]["r"] == 4 and saved["lora"]["dora"] is True
+    assert saved["lora"]["targets"] == ["q_proj", "v_proj", "lm_head"] and saved["progress"] is False
+
+    again = run("train", "--resume", out, "--max-steps", "3")
+    assert again.exit_code == 0, again.output
+    assert [r["step"] for r in csv.DictReader(open(out / "metrics.csv")) if r["train_loss"]] == ["1", "2", "3"]
+
+    merged = run("merge", out, tmp_path / "merged", "--checkpoint", "last")
+    assert merged.exit_code == 0, merged.output
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+
+
+def test_config_file_with_flags_on_top(small_data, small_model_dir, tmp_path):
+    config = tmp_path / "cfg.yaml"
+    config.write_text("max_steps: 1\nlr: 0.5\nlora:\n  targets: attention\n")
+    result = run("train", "--config", config, *fast(small_data, small_model_dir), "--out", tmp_path / "run", "--lr", "0.02")
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["lr"] == 0.02 and saved["max_steps"] == 1 and saved["lora"]["targets"] == "attention"
+
+
+def test_user_errors_exit_1_with_the_reason(small_data, small_model_dir, tmp_path):
+    bad_target = run("train", *fast(small_data, small_model_dir), "--out", tmp_path / "a", "--targets", "o_proj")
+    assert bad_target.exit_code == 1 and "o_proj" in bad_target.output
+    bad_key = run("train", *fast(small_data, small_model_dir), "--out", tmp_path / "b", "--learning-rate", "1")
+    assert bad_key.exit_code == 1 and "learning-rate" in bad_key.output and "lora.r" in bad_key.output
+    no_data = run("train", "--out", tmp_path / "c")
+    assert no_data.exit_code == 1 and "--data" in no_data.output
+    qlora = run("train", *fast(small_data, small_model_dir), "--out", tmp_path / "d", "--qlora")
+    assert qlora.exit_code == 1 and "CUDA" in qlora.output
+
+
+def test_sweep_writes_runs_table_and_overlay(small_data, small_model_dir, tmp_path):
+    out = tmp_path / "sweep"
+    result = run("sweep", *fast(small_data, small_model_dir), "--out", out, "--lr", "0.01,0.001",
+                 "--targets", "attention,q_proj+lm_head", "max_steps=1")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [(r["lr"], r["targets"]) for r in rows] == [
+        ("0.01", "attention"), ("0.01", "q_proj,lm_head"), ("0.001", "attention"), ("0.001", "q_proj,lm_head")]
+    assert all(r["final_val_loss"] and r["steps"] == "1" for r in rows)
+    assert (out / "val_loss.png").stat().st_size > 0 and "| lr | targets |" in (out / "sweep.md").read_text()
+    assert yaml.safe_load((out / rows[1]["run"] / "config.yaml").read_text())["lora"]["targets"] == ["q_proj", "lm_head"]
+    rerun = run("sweep", *fast(small_data, small_model_dir), "--out", out, "--lr", "0.01,0.001",
+                "--targets", "attention,q_proj+lm_head", "max_steps=1")  # finished runs: nothing to redo
+    assert rerun.exit_code == 0, rerun.output
+    assert [r["steps"] for r in csv.DictReader(open(out / "sweep.csv"))] == ["1"] * 4
