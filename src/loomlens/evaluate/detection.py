@@ -11,7 +11,13 @@ from transformers import LogitsProcessorList
 
 from loomlens.data.records import Box
 from loomlens.evaluate.constrain import BoxGrammar
-from loomlens.evaluate.generation import Generation, box_token_budget, generate, label_token_count
+from loomlens.evaluate.generation import (
+    DEFAULT_LABEL_TOKENS,
+    Generation,
+    box_token_budget,
+    generate,
+    label_token_count,
+)
 from loomlens.evaluate.scoring import ScoreMethod, scored_boxes
 
 T = TypeVar("T")
@@ -60,7 +66,9 @@ def detect_with_details(
     `constrained=True` (`<OD>` only), are the only labels the model may write.
     """
     tokenizer = processor.tokenizer
-    max_new_tokens = box_token_budget(max_boxes, label_token_count(tokenizer, classes))
+    # `<OD>` labels are class names; other tasks write captions or phrases, which are longer.
+    label_tokens = label_token_count(tokenizer, classes) if task == "<OD>" else 2 * DEFAULT_LABEL_TOKENS
+    max_new_tokens = box_token_budget(max_boxes, label_tokens)
     if constrained and task != "<OD>":
         raise ValueError(f"constrained decoding is defined for <OD> only, not {task}")
     prompt = task + (text or "")

@@ -22,8 +22,8 @@ DEFAULT_LABEL_TOKENS = 4
 class Generation:
     """One generated answer: `token_ids` from the first generated token up to and including
     the first `</s>` (no decoder-start, no padding), `token_logprobs[i]` the natural-log
-    probability the model gave `token_ids[i]`, and `text` the decoded answer with special
-    tokens removed (`<loc_N>` kept)."""
+    probability the model gave `token_ids[i]`, and `text` the decoded answer without `<s>`,
+    `</s>` and padding (`<loc_N>` and other markers kept)."""
 
     text: str
     token_ids: list[int]
@@ -99,8 +99,12 @@ def generate(
     )
     generated = out.sequences[:, -logprobs.shape[1] :]  # drop the decoder-start token
     results = []
+    # Only the frame tokens are dropped from the text: a tokenizer may register `<loc_N>` as
+    # special (Microsoft's does), and skip_special_tokens would then drop the answer itself.
+    frame = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     for ids_row, lp_row in zip(generated.tolist(), logprobs.tolist()):
         ids, lps = _trim(ids_row, lp_row, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = tokenizer.decode([i for i in ids if i not in frame], skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
         results.append(Generation(text=text, token_ids=ids, token_logprobs=lps))
     return results
