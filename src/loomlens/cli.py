@@ -427,8 +427,11 @@ def eval_command(
         raise _fail(str(err)) from None
     out = out or ((run or Path("runs")) / f"eval-{jsonl.stem}")
     extra = {"model": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None, "split": jsonl.stem}
-    metrics = write_report(loaded.model, loaded.processor, jsonl, out, loaded.classes, batch_size, max_boxes,
-                           constrained and bool(loaded.classes), max_images, extra=extra)
+    try:
+        metrics = write_report(loaded.model, loaded.processor, jsonl, out, loaded.classes, batch_size, max_boxes,
+                               constrained, max_images, extra=extra)
+    except ValueError as err:  # e.g. --constrained with no classes.txt in the run or the split
+        raise _fail(str(err)) from None
     table = Table(title=f"{metrics['images']} images of {jsonl}")
     for column in ("mAP50-95", "mAP50", "mAP75", "best F1", "s/image"):
         table.add_column(column, justify="right")
