@@ -71,10 +71,12 @@ def _series(rows: list[dict[str, float]], key: str) -> tuple[list[float], list[f
 
 
 def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
-    out, last = [], None
-    for v in values:
-        last = v if last is None else weight * last + (1 - weight) * v
-        out.append(last)
+    """Exponential moving average, debiased (as TensorBoard's) so early points are not
+    pulled towards the first value."""
+    out, last = [], 0.0
+    for n, v in enumerate(values, start=1):
+        last = weight * last + (1 - weight) * v
+        out.append(last / (1 - weight**n))
     return out
 
 

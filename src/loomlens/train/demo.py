@@ -28,7 +28,7 @@ def run_demo(
     path of `demo.md`. `images` and `time_budget` override `configs/demo.yaml`."""
     from loomlens.data.convert import convert
     from loomlens.data.synth import synthesize
-    from loomlens.evaluate.report import evaluate_jsonl, write_report
+    from loomlens.evaluate import evaluate_jsonl, write_report
     from loomlens.model import load_model
     from loomlens.model.lora import load_adapter
     from loomlens.train.recipe import train

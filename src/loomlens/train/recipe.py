@@ -280,13 +280,7 @@ def _detection_metrics(model, processor, jsonl: Path, cfg: TrainConfig) -> dict[
     """mAP50 (and friends) of the `<OD>` val samples; empty when `eval_max_images` is 0."""
     if cfg.eval_max_images == 0:
         return {}
-    try:
-        from loomlens.evaluate import evaluate_jsonl
-    except ImportError:  # the contract's home; until the package exports it, its module
-        try:
-            from loomlens.evaluate.report import evaluate_jsonl
-        except ImportError:
-            return {}
+    from loomlens.evaluate import evaluate_jsonl
     metrics = evaluate_jsonl(model, processor, jsonl, max_images=cfg.eval_max_images, batch_size=cfg.eval_batch_size)
     return {k: float(metrics[k]) for k in ("map50", "map50_95", "map75") if metrics.get(k) is not None}
 
