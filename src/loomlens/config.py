@@ -17,10 +17,40 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from loomlens.model.lora import LoraSettings
-
 #: The configs shipped with the package (`--config demo` finds `configs/demo.yaml`).
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class LoraSettings(BaseModel):
+    """How LoRA is attached: which layers, its rank and scale, DoRA, which tower is frozen."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    targets: str | list[str] = Field(
+        "seed",
+        description="a preset (seed, attention, language, all-linear) or module names "
+        "(suffixes such as q_proj, or full dotted names), as a list or comma-separated",
+    )
+    r: int = Field(8, gt=0, description="LoRA rank")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; default 2 * r")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    rslora: bool = Field(False, description="scale by alpha / sqrt(r) instead of alpha / r")
+    dora: bool = Field(False, description="weight-decomposed LoRA")
+    freeze: Literal["none", "vision", "language"] = Field(
+        "none", description="tower whose adapters are not trained"
+    )
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _split_targets(cls, value: object) -> object:
+        if isinstance(value, str) and "," in value:
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @property
+    def lora_alpha(self) -> float:
+        """alpha, defaulting to 2 r (the write-up's best choice)."""
+        return self.alpha if self.alpha is not None else 2.0 * self.r
 
 
 class TrainConfig(BaseModel):

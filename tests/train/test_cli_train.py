@@ -70,3 +70,19 @@ def test_sweep_writes_runs_table_and_overlay(small_data, small_model_dir, tmp_pa
                 "--targets", "attention,q_proj+lm_head", "max_steps=1")  # finished runs: nothing to redo
     assert rerun.exit_code == 0, rerun.output
     assert [r["steps"] for r in csv.DictReader(open(out / "sweep.csv"))] == ["1"] * 4
+
+
+def test_num_processes_relaunches_under_accelerate(monkeypatch, small_data):
+    import subprocess
+    import sys
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda command, env: calls.append((command, env)) or 0)
+    monkeypatch.delenv("LOOMLENS_LAUNCHED", raising=False)
+    monkeypatch.setattr(sys, "argv", ["loomlens", "train", "--data", str(small_data), "--num-processes", "2", "--lr", "0.1"])
+    result = run(*sys.argv[1:])
+    assert result.exit_code == 0, result.output
+    (command, env), = calls
+    assert command[1:3] == ["-m", "accelerate.commands.launch"] and command[command.index("--num_processes") + 1] == "2"
+    assert command[-7:] == ["-m", "loomlens.cli", "train", "--data", str(small_data), "--lr", "0.1"]
+    assert env["LOOMLENS_LAUNCHED"] == "1"

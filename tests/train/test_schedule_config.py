@@ -51,3 +51,11 @@ def test_shipped_configs_are_valid():
     assert base.lr == 1e-6 and base.lora.r == 8 and base.lora.lora_alpha == 16 and base.epochs == 10
     demo = DemoConfig.model_validate(yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text()))
     assert math.isfinite(load_config(TrainConfig, base=demo.train, overrides={"data": "d"}).lr)
+
+
+def test_configs_import_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, loomlens.config; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

@@ -22,17 +22,22 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
+
+from loomlens.config import LoraSettings
+
+__all__ = [  # LoraSettings lives with the other configs (torch-free); it is re-exported here
+    "PRESETS", "LoraSettings", "LoraTargetError", "adapter_base", "apply_lora", "freeze_tower", "lift_zero_rows",
+    "load_adapter", "load_quantized_base", "resolve_adapter", "resolve_targets", "tower_of", "trainable_by_tower",
+    "untie_lm_head",
+]
 
 #: Layer types peft's LoRA can wrap.
 _WRAPPABLE = (nn.Linear, nn.Conv2d, nn.Embedding)
 #: Module-name prefixes of the vision side (DaViT + the projector into the text space).
 VISION_PREFIXES = ("model.vision_tower", "model.multi_modal_projector")
-LANGUAGE_PREFIXES = ("model.language_model", "lm_head")
 #: Value given to each element of an all-zero DoRA row: a norm far below any real row's,
 #: yet representable in fp16 (smallest normal 6e-5).
 _ZERO_ROW_FILL = 1e-4
@@ -48,38 +53,6 @@ PRESETS: dict[str, tuple[str, ...]] = {
 
 class LoraTargetError(ValueError):
     """A LoRA target (preset or module name) that matches no layer of the model."""
-
-
-class LoraSettings(BaseModel):
-    """How LoRA is attached: which layers, its rank and scale, DoRA, which tower is frozen."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    targets: str | list[str] = Field(
-        "seed",
-        description="a preset (seed, attention, language, all-linear) or module names "
-        "(suffixes such as q_proj, or full dotted names), as a list or comma-separated",
-    )
-    r: int = Field(8, gt=0, description="LoRA rank")
-    alpha: float | None = Field(None, gt=0, description="LoRA alpha; default 2 * r")
-    dropout: float = Field(0.05, ge=0, lt=1)
-    rslora: bool = Field(False, description="scale by alpha / sqrt(r) instead of alpha / r")
-    dora: bool = Field(False, description="weight-decomposed LoRA")
-    freeze: Literal["none", "vision", "language"] = Field(
-        "none", description="tower whose adapters are not trained"
-    )
-
-    @field_validator("targets", mode="before")
-    @classmethod
-    def _split_targets(cls, value: object) -> object:
-        if isinstance(value, str) and "," in value:
-            return [t.strip() for t in value.split(",") if t.strip()]
-        return value
-
-    @property
-    def lora_alpha(self) -> float:
-        """alpha, defaulting to 2 r (the write-up's best choice)."""
-        return self.alpha if self.alpha is not None else 2.0 * self.r
 
 
 def tower_of(name: str) -> str:
