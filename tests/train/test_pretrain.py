@@ -11,7 +11,7 @@ import torch
 from loomlens.data.shapes import SHAPE_CLASSES, make_scene
 from loomlens.model.tiny import TinyShape, build_tiny
 from loomlens.model.tokenizer import loc_token_ids
-from loomlens.train.pretrain import PretrainConfig, dense_targets, pretrain, seq_loss
+from loomlens.train.pretrain import PretrainConfig, dense_targets, pointer_loss, pointer_targets, pretrain, seq_loss
 
 LOC0 = 100  # a fake vocabulary: 100 text tokens, then 1000 loc tokens
 
@@ -80,3 +80,24 @@ def test_pretrain_resumes_exactly(tmp_path) -> None:
     lines = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3]
     assert "map50" in lines[-1] and "loc_nll_shuffled" in lines[-1]
+
+
+def test_pointer_targets_follow_each_coordinate_edge() -> None:
+    # one box: x1=100, y1=300, x2=400, y2=500 bins on a 4x4 grid -> cols 0..1, rows 1..2
+    labels = torch.tensor([[0, 5, LOC0 + 100, LOC0 + 300, LOC0 + 400, LOC0 + 500, 2, -100]])
+    targets = pointer_targets(labels, LOC0, grid=4)
+    assert targets == [
+        (0, 2, [1 + 1 * 4 + 0, 1 + 2 * 4 + 0]),  # x1: left column, rows 1..2
+        (0, 3, [1 + 1 * 4 + 0, 1 + 1 * 4 + 1]),  # y1: top row, cols 0..1
+        (0, 4, [1 + 1 * 4 + 1, 1 + 2 * 4 + 1]),  # x2: right column
+        (0, 5, [1 + 2 * 4 + 0, 1 + 2 * 4 + 1]),  # y2: bottom row
+    ]
+
+
+def test_pointer_loss_is_low_when_attention_sits_on_the_target() -> None:
+    targets = [(0, 1, [3, 4])]
+    on = torch.zeros(1, 2, 3, 6)
+    on[0, :, 1, 3] = 1.0
+    off = torch.zeros(1, 2, 3, 6)
+    off[0, :, 1, 0] = 1.0
+    assert pointer_loss(on, targets) < 1e-5 < pointer_loss(off, targets)

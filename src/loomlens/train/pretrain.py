@@ -7,6 +7,11 @@ statistics of the answer text (measured; see the model card):
 - a Gaussian soft-label loss over the loc bins, so a near miss earns more than a far one;
 - a dense CenterNet-style auxiliary head on the vision features (dropped after pretraining),
   which keeps the features spatial while the text side learns to read them;
+- a pointer loss: at each loc token, the last decoder layer's cross-attention (mean over
+  heads) is pushed onto the grid cells along that coordinate's edge of the box (x1: the
+  box's left column, y1: its top row, ...). Without it the decoder never found the object:
+  loc NLL was the same with the right and with shuffled images after 200 steps, soft labels
+  and spatial prior notwithstanding;
 - a curriculum from one object per scene to several;
 - fresh scenes every step (no memorising), drawn from `seed + step`, which also makes resume
   exact with no data state to save.
@@ -51,6 +56,7 @@ class PretrainConfig:
     loc_sigma: float = 60.0
     loc_sigma_end: float = 2.0
     dense_weight: float = 1.0
+    pointer_weight: float = 1.0
     one_object_steps: int = 600  # curriculum: one object per scene first
     max_objects: int = 4
     task_mix: dict[str, float] = field(
@@ -111,6 +117,43 @@ def dense_loss(pred: torch.Tensor, heat, reg, mask, num_classes: int) -> torch.T
     return (pos_loss + neg_loss) / n + 0.5 * l1
 
 
+def pointer_targets(labels: torch.Tensor, loc_start: int, grid: int) -> list[tuple[int, int, list[int]]]:
+    """For each loc token in `labels`: (sample, position, encoder positions it should attend).
+
+    Loc tokens come in groups of four (x1, y1, x2, y2 in bins). Coordinate x1 points at the
+    cells of the box's left column, y1 its top row, x2 its right column, y2 its bottom row.
+    Encoder position 0 is the pooled image token; cell (row, col) is `1 + row * grid + col`.
+    """
+    cell = lambda q: min(grid - 1, int(q) * grid // 1000)  # noqa: E731 - bin -> grid index
+    targets = []
+    for b, row in enumerate(labels.tolist()):
+        locs = [(t, v - loc_start) for t, v in enumerate(row) if loc_start <= v < loc_start + 1000]
+        for g in range(0, len(locs) - 3, 4):
+            (t1, x1), (t2, y1), (t3, x2), (t4, y2) = locs[g : g + 4]
+            if t4 - t1 != 3:
+                continue  # not one box (e.g. a polygon or a broken sequence)
+            cols = range(cell(x1), cell(x2) + 1)
+            rows = range(cell(y1), cell(y2) + 1)
+            targets.append((b, t1, [1 + r * grid + cell(x1) for r in rows]))
+            targets.append((b, t2, [1 + cell(y1) * grid + c for c in cols]))
+            targets.append((b, t3, [1 + r * grid + cell(x2) for r in rows]))
+            targets.append((b, t4, [1 + cell(y2) * grid + c for c in cols]))
+    return targets
+
+
+def pointer_loss(cross_attention: torch.Tensor, targets: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+    """Mean of -log(attention mass on the target cells), heads averaged; 0 with no targets."""
+    if not targets:
+        return cross_attention.sum() * 0.0
+    attention = cross_attention.mean(dim=1)  # (batch, decoder positions, encoder positions)
+    mask = torch.zeros_like(attention)
+    for b, t, cells in targets:
+        mask[b, t, cells] = 1.0
+    picked = mask.sum(-1) > 0
+    mass = (attention * mask).sum(-1)[picked]
+    return -torch.log(mass.clamp(min=1e-6)).mean()
+
+
 def scene_sample(scene: Scene, task: str, rng: np.random.Generator) -> tuple[str, str]:
     """The (prompt, answer) text of one pretraining task on a scene."""
     w, h = scene.image.size
@@ -165,8 +208,9 @@ def seq_loss(logits: torch.Tensor, labels: torch.Tensor, loc_start: int, sigma: 
     return loss, loc_nll
 
 
-def forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass that also returns the vision map (B, C, H, W) for the dense head."""
+def forward(model, batch: dict, attentions: bool = False):
+    """One forward pass: logits, the vision map (B, C, H, W) for the dense head, and (when
+    `attentions`) the last decoder layer's cross-attention (needs eager attention)."""
     inner = model.model
     image = inner.get_image_features(batch["pixel_values"])
     embeds = inner.get_input_embeddings()(batch["input_ids"])
@@ -177,7 +221,10 @@ def forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         attention_mask=batch["attention_mask"],
         decoder_input_ids=batch["decoder_input_ids"],
         use_cache=False,
+        output_attentions=attentions,
     )
+    if attentions:
+        return out.logits, image.last_hidden_state, out.cross_attentions[-1]
     return out.logits, image.last_hidden_state
 
 
@@ -244,6 +291,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     (out / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     shape = TinyShape(**cfg.shape)
     model, processor, shape = build_tiny(shape, seed=cfg.seed)
+    model.set_attn_implementation("eager")  # the pointer loss reads cross-attention weights
     loc_ids = loc_token_ids(processor.tokenizer)
     loc_start = loc_ids[0]
     assert loc_ids == list(range(loc_start, loc_start + 1000)), "loc tokens must be contiguous"
@@ -273,11 +321,12 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
             group["lr"] = lr
         sigma = cfg.loc_sigma * (cfg.loc_sigma_end / cfg.loc_sigma) ** frac
         scenes, batch = make_batch(cfg, step, shape.image_size, batcher)
-        logits, features = forward(model, batch)
+        logits, features, cross = forward(model, batch, attentions=True)
         loss, loc_nll = seq_loss(logits, batch["labels"], loc_start, sigma)
         heat, reg, mask = dense_targets(scenes, shape.grid, shape.image_size, len(SHAPE_CLASSES))
         aux = dense_loss(head(features), heat, reg, mask, len(SHAPE_CLASSES))
-        total = loss + cfg.dense_weight * aux
+        point = pointer_loss(cross, pointer_targets(batch["labels"], loc_start, shape.grid))
+        total = loss + cfg.dense_weight * aux + cfg.pointer_weight * point
         if not torch.isfinite(total):
             raise FloatingPointError(f"loss is {total.item()} at step {step}; last good state is in {state_path}")
         optimizer.zero_grad(set_to_none=True)
@@ -286,8 +335,9 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         optimizer.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", loc=f"{loc_nll.item():.2f}", dense=f"{aux.item():.2f}", lr=f"{lr:.1e}")
-        record = {"step": step, "loss": loss.item(), "loc_nll": loc_nll.item(), "dense": aux.item(), "lr": lr,
+        bar.set_postfix(loss=f"{loss.item():.3f}", loc=f"{loc_nll.item():.2f}", point=f"{point.item():.2f}", lr=f"{lr:.1e}")
+        record = {"step": step, "loss": loss.item(), "loc_nll": loc_nll.item(), "dense": aux.item(),
+                  "pointer": point.item(), "lr": lr,
                   "elapsed": time.time() - started}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             last = looking_check(model, processor, cfg, shape.image_size, loc_start)
@@ -302,6 +352,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
             log(f"time budget spent at step {step}; resume with the same command")
             break
     bar.close()
+    model.set_attn_implementation("sdpa")
     model.eval()
     return {"step": step, "model": model, "processor": processor, "shape": shape, **last}
 
