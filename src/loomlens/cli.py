@@ -484,6 +484,31 @@ def predict_command(
     typer.echo(f"{summary['items']} images/frames, {summary['boxes']} boxes -> {out}: {', '.join(summary['written'])}")
 
 
+@app.command("pretrain")
+def pretrain_command(
+    out: Path = typer.Option(
+        Path("src/loomlens/assets/tiny-florence2"), help="Where the pretrained tiny model is written."
+    ),
+    work: Path = typer.Option(Path("runs/pretrain"), help="Resumable state, log and config of the run."),
+    steps: int = typer.Option(4000, help="Optimizer steps (each on fresh synthetic scenes)."),
+    batch_size: int = typer.Option(16, help="Scenes per step."),
+    seed: int = typer.Option(0, help="Seed of the model init and of every scene."),
+    time_budget: float | None = typer.Option(None, help="Stop (resumably) after this many seconds."),
+    threads: int | None = typer.Option(None, help="Torch CPU threads (1 is fastest on a busy machine)."),
+) -> None:
+    """Pretrain the embedded tiny Florence-2 on generic synthetic scenes (resumes from WORK)."""
+    from loomlens.train.pretrain import PretrainConfig, finish_pretraining, pretrain
+
+    cfg = PretrainConfig(out=str(work), steps=steps, batch_size=batch_size, seed=seed,
+                         time_budget=time_budget, threads=threads)
+    result = pretrain(cfg, log=typer.echo)
+    if result["step"] < cfg.steps:
+        typer.echo(f"stopped at step {result['step']}/{cfg.steps}; run the same command to resume")
+        return
+    figures = finish_pretraining(result, cfg, out)
+    typer.echo(f"tiny model written to {out}: {figures}")
+
+
 def main() -> None:
     """Console-script entry point."""
     sys.argv = [sys.argv[0], *_expand_key_value_args(sys.argv[1:])]

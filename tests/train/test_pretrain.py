@@ -101,3 +101,22 @@ def test_pointer_loss_is_low_when_attention_sits_on_the_target() -> None:
     off = torch.zeros(1, 2, 3, 6)
     off[0, :, 1, 0] = 1.0
     assert pointer_loss(on, targets) < 1e-5 < pointer_loss(off, targets)
+
+
+def test_finished_pretraining_exports_a_plain_transformers_model(tmp_path) -> None:
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+    from loomlens.train.pretrain import finish_pretraining
+
+    cfg = PretrainConfig(out=str(tmp_path / "work"), steps=1, batch_size=2, eval_images=2,
+                         shape={**TinyShape().__dict__, "vision_dims": [16, 32, 64], "vision_heads": [1, 2, 4],
+                                "vision_depths": [1, 1, 1], "d_model": 64, "ffn_dim": 128})
+    result = pretrain(cfg, log=lambda *_: None)
+    figures = finish_pretraining(result, cfg, tmp_path / "asset")
+    assert {"pretrained", "random_init"} <= set(figures)
+    model = Florence2ForConditionalGeneration.from_pretrained(tmp_path / "asset")
+    processor = AutoProcessor.from_pretrained(tmp_path / "asset")
+    assert processor.image_processor.image_seq_length == 257
+    assert json.loads((tmp_path / "asset" / "pretrain_config.json").read_text())["steps"] == 1
+    trained = result["model"].state_dict()
+    assert all(torch.allclose(v.float(), trained[k].half().float()) for k, v in model.state_dict().items())

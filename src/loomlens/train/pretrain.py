@@ -384,3 +384,22 @@ def export_tiny(model, processor, folder: str | Path, cfg: PretrainConfig, figur
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def finish_pretraining(result: dict, cfg: PretrainConfig, folder: str | Path) -> dict:
+    """Measure the finished model against a random-init one of the same shape, then export.
+
+    Returns the figures written beside the weights (`pretrain_figures.json`): the "is it
+    looking?" check of the pretrained model and of the random-init baseline.
+    """
+    model, processor, shape = result["model"], result["processor"], result["shape"]
+    loc_start = loc_token_ids(processor.tokenizer)[0]
+    baseline, _, _ = build_tiny(shape, seed=cfg.seed)
+    figures = {
+        "steps": result["step"],
+        "pretrained": looking_check(model, processor, cfg, shape.image_size, loc_start),
+        "random_init": looking_check(baseline.eval(), processor, cfg, shape.image_size, loc_start),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    export_tiny(model, processor, folder, cfg, figures)
+    return figures
