@@ -79,6 +79,10 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     warmup: float = Field(0.05, ge=0, description="warmup: a fraction of the steps (<1) or a number of steps")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    num_workers: int = Field(
+        0, ge=0, description="processes preparing batches (GPU runs on large data); 0 = in the loop, with "
+        "every image processed once and cached (fastest on CPU)",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 (else fp16) autocast on CUDA, fp32 on CPU"

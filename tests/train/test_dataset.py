@@ -17,7 +17,7 @@ def test_items_match_the_processor_and_the_label_contract(small_data, small_mode
         expected = processor(text=[row["prefix"]], images=[im.convert("RGB")], return_tensors="pt")
     item = ds[0]
     assert torch.equal(item["input_ids"], expected["input_ids"][0])
-    assert torch.allclose(item["pixel_values"], expected["pixel_values"][0], atol=3e-3)  # fp16 cache
+    assert torch.equal(item["pixel_values"], expected["pixel_values"][0])
     assert item["labels"].tolist() == processor.tokenizer(row["suffix"]).input_ids  # <s> suffix </s>
 
 

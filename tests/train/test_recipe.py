@@ -101,3 +101,11 @@ def test_best_follows_val_map50_and_early_stopping_ends_the_run(make_config, mon
     assert best["state"]["step"] == 2
     rows = list(csv.DictReader(open(result.run_dir / "metrics.csv")))
     assert [float(r["map50"]) for r in rows if r["map50"]] == [0.2, 0.5, 0.4, 0.3]
+
+
+def test_worker_processes_feed_the_same_batches(make_config, tmp_path):
+    inline = train(make_config(max_steps=2, eval_every=0, out=str(tmp_path / "a")))
+    workers = train(make_config(max_steps=2, eval_every=0, num_workers=1, out=str(tmp_path / "b")))
+    a, b = adapter_weights(inline.model), adapter_weights(workers.model)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)

@@ -2,9 +2,8 @@
 
 Built for CPU training, where the processor is the bottleneck: prompts are tokenised once per
 distinct prefix, labels once per sample, and each image goes through the image processor once
-and is kept (as fp16, half the memory; the rounding, ~1e-3, is far below augmentation noise),
-since every epoch and every task of an image reuses the same pixels. The only module of
-`loomlens.data` that imports torch.
+and is kept, exactly as the processor made it, since every epoch and every task of an image
+reuses the same pixels. The only module of `loomlens.data` that imports torch.
 """
 
 from __future__ import annotations
@@ -50,7 +49,8 @@ class FlorenceDataset(torch.utils.data.Dataset):
     Items are dicts with `input_ids` and `labels` (1-D long tensors, labels `<s> suffix </s>`
     per the label contract) and `pixel_values` (3-D float). `tasks` keeps only samples whose
     `task` is listed (empty: all). Labels longer than `max_label_tokens` are cut (counted in
-    `truncated`); the decoder has no positions beyond it.
+    `truncated`); the decoder has no positions beyond it. `cache_pixels` off (large datasets at
+    768 px: 7 MB an image) processes each image every time it is used.
     """
 
     def __init__(
@@ -59,11 +59,11 @@ class FlorenceDataset(torch.utils.data.Dataset):
         processor,
         tasks: Sequence[str] = (),
         max_label_tokens: int | None = None,
-        cache_dtype: torch.dtype = torch.float16,
+        cache_pixels: bool = True,
     ) -> None:
         self.jsonl = Path(jsonl)
         self.processor = processor
-        self.cache_dtype = cache_dtype
+        self.cache_pixels = cache_pixels
         rows = read_jsonl(self.jsonl)
         if tasks:
             rows = [r for r in rows if r.get("task") in tasks]
@@ -91,12 +91,14 @@ class FlorenceDataset(torch.utils.data.Dataset):
         return tuple(self.processor(text=[prefix], images=[blank], return_tensors="pt").input_ids[0].tolist())
 
     def pixels(self, image: Path) -> torch.Tensor:
-        """The processed pixels of `image`, computed on first use and kept."""
-        if image not in self._pixels:
-            with Image.open(image) as im:
-                values = self.processor.image_processor(images=[im.convert("RGB")], return_tensors="pt").pixel_values
-            self._pixels[image] = values[0].to(self.cache_dtype)
-        return self._pixels[image]
+        """The processed pixels of `image`, computed on first use and kept (if `cache_pixels`)."""
+        if image in self._pixels:
+            return self._pixels[image]
+        with Image.open(image) as im:
+            values = self.processor.image_processor(images=[im.convert("RGB")], return_tensors="pt").pixel_values[0]
+        if self.cache_pixels:
+            self._pixels[image] = values
+        return values
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -106,7 +108,7 @@ class FlorenceDataset(torch.utils.data.Dataset):
         return {
             "input_ids": torch.tensor(ex.input_ids),
             "labels": torch.tensor(ex.labels),
-            "pixel_values": self.pixels(ex.image).float(),
+            "pixel_values": self.pixels(ex.image),
         }
 
     @property

@@ -97,7 +97,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
 
     # Data: tokenised once, pixels cached on first use.
     max_label = text_config.max_position_embeddings
-    train_set = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, max_label)
+    # Workers start afresh each epoch, so a pixel cache pays only when batches are made here.
+    train_set = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, max_label, cfg.num_workers == 0)
     val_path = cfg.data / "val.jsonl"
     val_set = FlorenceDataset(val_path, processor, cfg.tasks, max_label) if _has_samples(val_path) else None
     collate = Collator(processor.tokenizer.pad_token_id)
@@ -145,10 +146,15 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
         )
         mine = batches[: len(batches) // world * world][rank::world]
         windows = [mine[i : i + cfg.grad_accum] for i in range(0, len(mine), cfg.grad_accum)]
-        for window in windows[state.window :]:
+        todo = windows[state.window :]
+        loader = iter(torch.utils.data.DataLoader(
+            train_set, batch_sampler=[idx for window in todo for idx in window], collate_fn=collate,
+            num_workers=cfg.num_workers, generator=torch.Generator(),  # its own: the global RNG is dropout's
+        ))
+        for window in todo:
             # One optimizer step: the loss is summed over the window's tokens on every process
             # and divided by their global count, so accumulation and DDP average per token.
-            micro = [collate([train_set[i] for i in idx]) for idx in window]
+            micro = [next(loader) for _ in window]
             tokens = accelerator.reduce(
                 torch.tensor(sum(int((b["labels"] != -100).sum()) for b in micro), device=accelerator.device),
                 "sum",
