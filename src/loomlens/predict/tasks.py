@@ -51,16 +51,31 @@ def get_task(name: str) -> Task:
     raise ValueError(f"unknown task {name!r}; use one of: {', '.join(TASKS)}")
 
 
-def region_text(text: str, width: int, height: int) -> str:
-    """A region as Florence-2 reads it: four `<loc_N>` tokens, passed through, or a pixel box
-    `x1,y1,x2,y2` of a `width` x `height` image, quantised onto the 0..999 grid."""
+def parse_region(text: str) -> tuple[float, float, float, float] | None:
+    """Read a region: four `<loc_N>` tokens give None (already model text), a pixel box
+    `x1,y1,x2,y2` gives its numbers; ValueError when it is neither or not x1 < x2, y1 < y2."""
     if _LOCS.match(text):
-        return "".join(text.split())
+        values = [int(v) for v in re.findall(r"<loc_(\d+)>", text)]
+        if not (values[0] < values[2] and values[1] < values[3]):
+            raise ValueError(f"region {text!r} needs x1 < x2 and y1 < y2")
+        return None
     m = _PIXELS.match(text)
     if not m:
         raise ValueError(f"cannot read a region from {text[:80]!r}: give x1,y1,x2,y2 in pixels or four <loc_N>")
     x1, y1, x2, y2 = (float(v) for v in m.groups())
-    if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+    if not (x1 < x2 and y1 < y2):
+        raise ValueError(f"region {text!r} needs x1 < x2 and y1 < y2")
+    return x1, y1, x2, y2
+
+
+def region_text(text: str, width: int, height: int) -> str:
+    """A region as Florence-2 reads it: four `<loc_N>` tokens, passed through, or a pixel box
+    `x1,y1,x2,y2` of a `width` x `height` image, quantised onto the 0..999 grid."""
+    pixels = parse_region(text)
+    if pixels is None:
+        return "".join(text.split())
+    x1, y1, x2, y2 = pixels
+    if not (0 <= x1 and 0 <= y1 and x2 <= width and y2 <= height):
         raise ValueError(f"region {text!r} is not a box inside the {width}x{height} image")
     return "".join(f"<loc_{quantize(v, s)}>" for v, s in ((x1, width), (y1, height), (x2, width), (y2, height)))
 

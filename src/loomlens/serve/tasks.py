@@ -10,11 +10,15 @@ import math
 import re
 from dataclasses import dataclass
 
+from loomlens.predict.tasks import TASKS as PREDICT_TASKS
+from loomlens.predict.tasks import parse_region
 from loomlens.serve.errors import InputError
 
 
 @dataclass(frozen=True)
 class TaskInfo:
+    """How the page and the API present one of `loomlens.predict`'s tasks."""
+
     name: str
     title: str
     #: None: takes no text; "phrase": free text; "region": a box (4 loc tokens or 4 pixels).
@@ -24,34 +28,34 @@ class TaskInfo:
     hint: str = ""
 
 
+_REGION_HINT = "a region: <loc_x1><loc_y1><loc_x2><loc_y2> (0..999) or x1,y1,x2,y2 in pixels"
+_PRESENTATION = {  # title and input hint; the task list itself is predict's
+    "od": ("Object detection", ""),
+    "caption": ("Caption", ""),
+    "detailed_caption": ("Detailed caption", ""),
+    "more_detailed_caption": ("More detailed caption", ""),
+    "dense_region_caption": ("Dense region caption", ""),
+    "phrase_grounding": ("Phrase grounding", "a phrase to find, e.g. broken-weft"),
+    "referring_expression_segmentation": ("Referring expression segmentation", "what to outline, e.g. broken-weft"),
+    "region_to_segmentation": ("Region to segmentation", _REGION_HINT),
+    "region_to_category": ("Region to category", _REGION_HINT),
+    "ocr": ("OCR", ""),
+    "ocr_with_region": ("OCR with region", ""),
+}
 TASKS: dict[str, TaskInfo] = {
-    t.name: t
-    for t in (
-        TaskInfo("od", "Object detection", None, "boxes"),
-        TaskInfo("caption", "Caption", None, "text"),
-        TaskInfo("detailed_caption", "Detailed caption", None, "text"),
-        TaskInfo("more_detailed_caption", "More detailed caption", None, "text"),
-        TaskInfo("dense_region_caption", "Dense region caption", None, "boxes"),
-        TaskInfo("phrase_grounding", "Phrase grounding", "phrase", "boxes",
-                 "a phrase to find, e.g. broken-weft"),
-        TaskInfo("referring_expression_segmentation", "Referring expression segmentation",
-                 "phrase", "polygons", "what to outline, e.g. broken-weft"),
-        TaskInfo("region_to_segmentation", "Region to segmentation", "region", "polygons",
-                 "a region: <loc_x1><loc_y1><loc_x2><loc_y2> (0..999) or x1,y1,x2,y2 in pixels"),
-        TaskInfo("region_to_category", "Region to category", "region", "text",
-                 "a region: <loc_x1><loc_y1><loc_x2><loc_y2> (0..999) or x1,y1,x2,y2 in pixels"),
-        TaskInfo("ocr", "OCR", None, "text"),
-        TaskInfo("ocr_with_region", "OCR with region", None, "boxes"),
+    name: TaskInfo(
+        name,
+        _PRESENTATION.get(name, (name, ""))[0],
+        {"text": "phrase", "region": "region", None: None}[task.needs],
+        "boxes" if task.answer == "quads" else task.answer,
+        _PRESENTATION.get(name, (name, ""))[1],
     )
+    for name, task in PREDICT_TASKS.items()
 }
 
 TILE_MODES = ("auto", "on", "off")
 MAX_TEXT_CHARS = 500
 
-_LOC_REGION = re.compile(r"^\s*(?:<loc_(\d{1,3})>\s*){4}$")
-_LOC = re.compile(r"<loc_(\d{1,3})>")
-_PIXEL_REGION = re.compile(r"^\s*\(?\s*([-+0-9.eE]+)\s*[, ]\s*([-+0-9.eE]+)\s*[, ]\s*"
-                           r"([-+0-9.eE]+)\s*[, ]\s*([-+0-9.eE]+)\s*\)?\s*$")
 
 
 @dataclass(frozen=True)
@@ -103,26 +107,16 @@ def parse_options(task, text, tile, score_threshold) -> Options:
 def region_pixels(text: str, width: int | None = None, height: int | None = None
                   ) -> tuple[float, float, float, float] | None:
     """Recognise a region given as four `<loc_N>` tokens (returns None: already model text) or
-    as `x1,y1,x2,y2` pixels (returns them, checked against the image size)."""
-    if _LOC_REGION.match(text):
-        values = [int(v) for v in _LOC.findall(text)]
-        if any(v > 999 for v in values):
-            raise InputError(422, "bad_region", "loc tokens run from <loc_0> to <loc_999>")
-        if not (values[0] < values[2] and values[1] < values[3]):
-            raise InputError(422, "bad_region", "region needs x1 < x2 and y1 < y2")
-        return None
-    m = _PIXEL_REGION.match(text)
-    if not m:
-        raise InputError(422, "bad_region",
-                         f"cannot read a region from {text[:80]!r}; give "
-                         "<loc_x1><loc_y1><loc_x2><loc_y2> (0..999) or x1,y1,x2,y2 in pixels")
+    as `x1,y1,x2,y2` pixels (returns them, checked against the image size when given)."""
     try:
-        x1, y1, x2, y2 = (float(v) for v in m.groups())
-    except ValueError:
-        raise InputError(422, "bad_region", f"region {text[:80]!r} has a part that is not a number") from None
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or not (x1 < x2 and y1 < y2):
-        raise InputError(422, "bad_region", "region needs finite x1 < x2 and y1 < y2")
-    if width is not None and height is not None and (x1 < 0 or y1 < 0 or x2 > width or y2 > height):
-        raise InputError(422, "bad_region",
-                         f"region {x1:g},{y1:g},{x2:g},{y2:g} lies outside the {width}x{height} image")
-    return x1, y1, x2, y2
+        pixels = parse_region(text)
+    except ValueError as err:
+        raise InputError(422, "bad_region", f"{err} (0..999 for <loc_N>)") from None
+    if pixels is not None and not all(math.isfinite(v) for v in pixels):
+        raise InputError(422, "bad_region", "region needs finite numbers")
+    if pixels is not None and width is not None and height is not None:
+        x1, y1, x2, y2 = pixels
+        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+            raise InputError(422, "bad_region",
+                             f"region {x1:g},{y1:g},{x2:g},{y2:g} lies outside the {width}x{height} image")
+    return pixels
