@@ -94,7 +94,7 @@ def test_time_budget_stops_after_evaluating_and_saving(make_config):
 def test_best_follows_val_map50_and_early_stopping_ends_the_run(make_config, monkeypatch):
     scores = iter([0.2, 0.5, 0.4, 0.3, 0.1, 0.1])
     monkeypatch.setattr(recipe, "_detection_metrics", lambda *a: {"map50": next(scores)})
-    result = train(make_config(max_steps=10, eval_every=1, early_stopping=2))
+    result = train(make_config(max_steps=10, eval_every=1, early_stopping=2, val_loss_max_samples=2))
     assert result.stopped == "early_stopping" and result.state.step == 4
     assert result.state.best_step == 2
     best = torch.load(result.run_dir / "checkpoints" / "best" / "trainer_state.pt", weights_only=False)
@@ -104,8 +104,8 @@ def test_best_follows_val_map50_and_early_stopping_ends_the_run(make_config, mon
 
 
 def test_worker_processes_feed_the_same_batches(make_config, tmp_path):
-    inline = train(make_config(max_steps=2, eval_every=0, out=str(tmp_path / "a")))
-    workers = train(make_config(max_steps=2, eval_every=0, num_workers=1, out=str(tmp_path / "b")))
+    inline = train(make_config(max_steps=1, eval_every=0, out=str(tmp_path / "a")))
+    workers = train(make_config(max_steps=1, eval_every=0, num_workers=1, out=str(tmp_path / "b")))
     a, b = adapter_weights(inline.model), adapter_weights(workers.model)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
