@@ -79,8 +79,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
     last_dir, best_dir = run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "best"
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg.precision))
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    _check_run_dir(run_dir, last_dir, resume, main)
+    if main and resume:
+        recover(last_dir)  # a kill between the renames of a save: put the previous one back
     accelerator.wait_for_everyone()
+    _check_run_dir(run_dir, last_dir, resume)
     say = log if main else (lambda *_: None)
 
     # Model: the base, frozen, with a fresh adapter (its weights come from last/ on resume).
@@ -127,6 +129,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
         f"{world} process(es) on {accelerator.device}; trainable: vision {towers['vision']:,}, "
         f"language {towers['language']:,}"
     )
+    if train_set.truncated:
+        say(f"warning: {train_set.truncated} answers are longer than the decoder's {max_label} positions; cut")
 
     def checkpoint(improved: bool = False) -> None:
         rng = gather_object([rng_states()])  # collective: every process calls it
@@ -242,10 +246,8 @@ def _mixed_precision(precision: str) -> str:
     return precision
 
 
-def _check_run_dir(run_dir: Path, last_dir: Path, resume: bool, main: bool) -> None:
+def _check_run_dir(run_dir: Path, last_dir: Path, resume: bool) -> None:
     if resume:
-        if main:
-            recover(last_dir)
         if not (last_dir / STATE_FILE).exists():
             raise FileNotFoundError(f"nothing to resume: {last_dir} has no checkpoint")
     elif last_dir.exists():
