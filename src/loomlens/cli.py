@@ -283,7 +283,8 @@ def train_command(
     data: Path | None = typer.Option(None, help="Folder from `loomlens convert` (train.jsonl, val.jsonl)."),
     model: str | None = typer.Option(None, help="Base model: tiny (embedded), base, large, a hub id or a folder."),
     out: Path | None = typer.Option(None, help="Run folder to write."),
-    config: str | None = typer.Option(None, help="YAML config file, or a shipped one (demo, base)."),
+    config: str | None = typer.Option(
+        None, help="YAML config file, or a shipped one by name (base: the seed's recipe)."),
     resume: Path | None = typer.Option(None, help="Continue the run in this folder exactly where it was saved."),
     lr: float | None = typer.Option(None, help="Peak learning rate."),
     r: int | None = typer.Option(None, help="LoRA rank."),

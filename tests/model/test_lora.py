@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from loomlens.model import lora
-from loomlens.model.lora import LoraSettings, LoraTargetError, apply_lora, load_adapter, resolve_targets, trainable_by_tower
+from loomlens.model.lora import (
+    LoraSettings,
+    LoraTargetError,
+    apply_lora,
+    load_adapter,
+    resolve_targets,
+    trainable_by_tower,
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +34,8 @@ def inputs(built):
     from PIL import Image
 
     processor = built[1]
-    batch = processor(text=["<OD>", "<CAPTION_TO_PHRASE_GROUNDING>drop"], images=[Image.new("RGB", (80, 60), (90, 40, 20))] * 2,
+    image = Image.new("RGB", (80, 60), (90, 40, 20))
+    batch = processor(text=["<OD>", "<CAPTION_TO_PHRASE_GROUNDING>drop"], images=[image] * 2,
                       return_tensors="pt", padding=True)
     return {**batch, "decoder_input_ids": torch.tensor([[2, 0, 30, 40, 1500], [2, 0, 50, 1600, 1700]])}
 
@@ -60,7 +68,9 @@ def test_a_target_matching_nothing_is_named_in_the_error(model, bad):
         apply_lora(model, LoraSettings(targets=["q_proj", bad]))
 
 
-@pytest.mark.parametrize(("freeze", "vision", "language"), [("none", True, True), ("vision", False, True), ("language", True, False)])
+@pytest.mark.parametrize(
+    ("freeze", "vision", "language"), [("none", True, True), ("vision", False, True), ("language", True, False)]
+)
 def test_freeze_stops_one_tower(model, freeze, vision, language):
     peft_model = apply_lora(model, LoraSettings(targets="all-linear", freeze=freeze))
     counts = trainable_by_tower(peft_model)
@@ -81,7 +91,7 @@ def test_lora_on_lm_head_leaves_the_input_embeddings_alone(model, inputs):
         peft_model(**inputs).logits.logsumexp(-1).mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert not torch.equal(base.lm_head.lora_B["default"].weight, torch.zeros_like(base.lm_head.lora_B["default"].weight))
+    assert base.lm_head.lora_B["default"].weight.abs().sum() > 0  # lm_head's adapter did train
     assert torch.equal(shared, embeddings)
     merged = peft_model.merge_and_unload()
     assert torch.equal(merged.get_input_embeddings().weight, embeddings)

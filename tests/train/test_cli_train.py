@@ -38,7 +38,8 @@ def test_train_resume_and_merge(small_data, small_model_dir, tmp_path):
 def test_config_file_with_flags_on_top(small_data, small_model_dir, tmp_path):
     config = tmp_path / "cfg.yaml"
     config.write_text("max_steps: 1\nlr: 0.5\nlora:\n  targets: attention\n")
-    result = run("train", "--config", config, *fast(small_data, small_model_dir), "--out", tmp_path / "run", "--lr", "0.02")
+    result = run("train", "--config", config, *fast(small_data, small_model_dir), "--out", tmp_path / "run",
+                 "--lr", "0.02")
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["lr"] == 0.02 and saved["max_steps"] == 1 and saved["lora"]["targets"] == "attention"
@@ -65,7 +66,8 @@ def test_sweep_writes_runs_table_and_overlay(small_data, small_model_dir, tmp_pa
         ("0.01", "attention"), ("0.01", "q_proj,lm_head"), ("0.001", "attention"), ("0.001", "q_proj,lm_head")]
     assert all(r["final_val_loss"] and r["steps"] == "1" for r in rows)
     assert (out / "val_loss.png").stat().st_size > 0 and "| lr | targets |" in (out / "sweep.md").read_text()
-    assert yaml.safe_load((out / rows[1]["run"] / "config.yaml").read_text())["lora"]["targets"] == ["q_proj", "lm_head"]
+    second = yaml.safe_load((out / rows[1]["run"] / "config.yaml").read_text())
+    assert second["lora"]["targets"] == ["q_proj", "lm_head"]
     rerun = run("sweep", *fast(small_data, small_model_dir), "--out", out, "--lr", "0.01,0.001",
                 "--targets", "attention,q_proj+lm_head", "max_steps=1")  # finished runs: nothing to redo
     assert rerun.exit_code == 0, rerun.output
@@ -79,7 +81,8 @@ def test_num_processes_relaunches_under_accelerate(monkeypatch, small_data):
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda command, env: calls.append((command, env)) or 0)
     monkeypatch.delenv("LOOMLENS_LAUNCHED", raising=False)
-    monkeypatch.setattr(sys, "argv", ["loomlens", "train", "--data", str(small_data), "--num-processes", "2", "--lr", "0.1"])
+    argv = ["loomlens", "train", "--data", str(small_data), "--num-processes", "2", "--lr", "0.1"]
+    monkeypatch.setattr(sys, "argv", argv)
     result = run(*sys.argv[1:])
     assert result.exit_code == 0, result.output
     (command, env), = calls

@@ -15,7 +15,8 @@ def test_two_processes_keep_identical_weights_and_only_rank0_writes(small_data, 
     out = tmp_path / "run"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(Path(__file__).with_name("ddp_worker.py")), str(small_data), str(small_model_dir), str(out), str(weights)]
+               str(Path(__file__).with_name("ddp_worker.py")),
+               str(small_data), str(small_model_dir), str(out), str(weights)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

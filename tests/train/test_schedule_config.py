@@ -31,7 +31,8 @@ def test_yaml_then_overrides_with_bare_and_dotted_lora_keys(tmp_path):
     assert cfg.lora.r == 16 and cfg.lora.dora is True and cfg.lora.targets == "attention"
     assert cfg.lora.lora_alpha == 32  # alpha defaults to 2 r
     assert cfg.tasks == ["od", "phrase_grounding"]
-    assert load_config(TrainConfig, overrides={"data": "d", "targets": "q_proj,v_proj"}).lora.targets == ["q_proj", "v_proj"]
+    listed = load_config(TrainConfig, overrides={"data": "d", "targets": "q_proj,v_proj"})
+    assert listed.lora.targets == ["q_proj", "v_proj"]
 
 
 def test_unknown_or_bad_settings_fail_with_their_name():
@@ -44,8 +45,9 @@ def test_unknown_or_bad_settings_fail_with_their_name():
 
 
 def test_shipped_configs_are_valid():
-    from loomlens.config import CONFIG_DIR, DemoConfig
     import yaml
+
+    from loomlens.config import CONFIG_DIR, DemoConfig
 
     base = load_config(TrainConfig, "base", {"data": "d"})
     assert base.lr == 1e-6 and base.lora.r == 8 and base.lora.lora_alpha == 16 and base.epochs == 10

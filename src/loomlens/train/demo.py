@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -22,7 +23,7 @@ def run_demo(
     images: int | None = None,
     time_budget: float | None = None,
     config: str | Path = "demo",
-    log=print,
+    log: Callable[[str], None] = print,
 ) -> Path:
     """Run the demo into `out` (`synth/`, `data/`, `run/`, `report/`, `demo.md`); returns the
     path of `demo.md`. `images` and `time_budget` override `configs/demo.yaml`."""
@@ -95,7 +96,8 @@ def _headline(metrics: dict) -> dict:
 
 def _markdown(before: dict, after: dict, steps: int, seconds: dict[str, float], out: Path, checkpoint: str) -> str:
     def row(name: str, m: dict) -> str:
-        return f"| {name} | {m['map50']:.3f} | {m['map50_95']:.3f} | {m['map75']:.3f} | {m.get('predicted_boxes', '-')} |"
+        scores = " | ".join(f"{m[k]:.3f}" for k in ("map50", "map50_95", "map75"))
+        return f"| {name} | {scores} | {m.get('predicted_boxes', '-')} |"
 
     return "\n".join([
         "# loomlens demo", "",

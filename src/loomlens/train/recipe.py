@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -64,7 +65,9 @@ class TrainResult:
     last_eval: dict[str, float] = field(default_factory=dict)
 
 
-def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = None, log=print) -> TrainResult:
+def train(
+    cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = None, log: Callable[[str], None] = print
+) -> TrainResult:
     """Fine-tune `cfg.model` with LoRA on `cfg.data`, writing the run folder `cfg.out`.
 
     `resume` continues the run in `cfg.out` from `checkpoints/last/` exactly where it was
@@ -209,7 +212,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
             due = (cfg.eval_every and state.step % cfg.eval_every == 0) or (not cfg.eval_every and epoch_done)
             if val_set is not None and (due or stopped in ("max_steps", "time_budget")):
                 last_eval = _evaluate(peft_model, processor, val_set, cfg, accelerator, ids)
-                score = last_eval["map50"] if cfg.best_metric == "map50" and "map50" in last_eval else -last_eval["val_loss"]
+                by_map = cfg.best_metric == "map50" and "map50" in last_eval
+                score = last_eval["map50"] if by_map else -last_eval["val_loss"]
                 improved = state.best_metric is None or score > state.best_metric
                 if improved:
                     state.best_metric, state.best_step, state.evals_since_best = score, state.step, 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import itertools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +66,7 @@ def sweep(
     shared: Mapping[str, str],
     config: str | Path | None,
     out: Path,
-    log=print,
+    log: Callable[[str], None] = print,
 ) -> SweepResult:
     """Train every point of `axes` (setting -> values) with the `shared` settings and the YAML
     `config`, each in `out/<run_name>/`; write `out/sweep.md`, `out/sweep.csv` and
