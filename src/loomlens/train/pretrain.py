@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loomlens.data.florence_text import boxes_to_text, parse_text
+from loomlens.data.florence_text import boxes_to_text
 from loomlens.data.shapes import SHAPE_CLASSES, Scene, make_scene
 from loomlens.model.tiny import TinyShape, build_tiny
 from loomlens.model.tokenizer import loc_token_ids
@@ -242,7 +242,9 @@ def make_batch(cfg: PretrainConfig, step: int, size: int, batcher: Batcher, seed
 
 @torch.no_grad()
 def looking_check(model, processor, cfg: PretrainConfig, size: int, loc_start: int) -> dict:
-    """Is it looking? Loc NLL with right vs shuffled images, and free-running <OD> mAP50."""
+    """Is it looking? Loc NLL with right vs shuffled images, and free-running <OD> mAP50
+    (boxes scored from the generation's log-probabilities, as `loomlens eval` does)."""
+    from loomlens.evaluate import detect
     from loomlens.evaluate.metrics import coco_metrics
 
     model.eval()
@@ -256,13 +258,8 @@ def looking_check(model, processor, cfg: PretrainConfig, size: int, loc_start: i
     shuffled = dict(batch, pixel_values=batch["pixel_values"].roll(1, dims=0))
     logits, _ = forward(model, shuffled)
     _, wrong = seq_loss(logits, batch["labels"], loc_start, 1.0)
-    predictions = []
-    for i in range(0, len(scenes), 16):
-        chunk = scenes[i : i + 16]
-        inputs = processor(text=["<OD>"] * len(chunk), images=[s.image for s in chunk], return_tensors="pt")
-        ids = model.generate(**inputs, max_new_tokens=7 * cfg.max_objects + 4, do_sample=False, num_beams=1)
-        texts = processor.batch_decode(ids, skip_special_tokens=False)
-        predictions += [parse_text(t, size, size)[0] for t in texts]
+    predictions = detect(model, processor, [s.image for s in scenes], max_boxes=cfg.max_objects + 2,
+                         batch_size=16, classes=SHAPE_CLASSES)
     metrics = coco_metrics([s.boxes for s in scenes], predictions, list(SHAPE_CLASSES))
     model.train()
     return {
