@@ -1,0 +1,151 @@
+"""Every benchmark at the `make bench` size (about 15 minutes on 2 free cores), then the
+tables in docs/benchmarks.md rewritten from their results, with date, machine and command.
+
+    make bench                                        # = python -m bench.all
+    python -m bench.all --only train_speed infer_speed
+    python -m bench.all --render                       # only rewrite the docs from runs/bench/*.json
+
+Each benchmark runs as its own `python -m bench.NAME ...` process and writes
+`runs/bench/NAME.json`. The accuracy benchmark keeps its seed-0 run
+(runs/bench/accuracy-runs/seed0); the inference and tiling benchmarks use its adapter when
+it is there. docs/benchmarks.md holds one `<!-- bench:NAME -->` ... `<!-- /bench:NAME -->`
+section per benchmark; only what lies between the markers is replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS, ROOT, Table, describe, fmt, machine, markdown, set_threads
+
+DOC = ROOT / "docs" / "benchmarks.md"
+KEPT_RUNS = RESULTS / "accuracy-runs"
+ADAPTER = KEPT_RUNS / "seed0"
+
+#: name -> arguments at the `make bench` size (each benchmark's own defaults are smaller).
+PLAN: dict[str, list[str]] = {
+    "train_speed": ["--images", "96", "--samples", "192", "--repeats", "2", "--val-samples", "64",
+                    "--also", "lora.freeze=vision"],
+    "accuracy": ["--images", "160", "--seeds", "0", "1", "2", "--budget", "60", "--budgets", "15", "30",
+                 "--keep", str(KEPT_RUNS)],
+    "infer_speed": ["--images", "24", "--repeats", "2"],
+    "tiling": ["--frames", "4"],
+    "scaling": [],
+    "transfer": ["--images", "96", "--steps", "30"],
+}
+#: benchmarks that take the accuracy run's adapter when it exists.
+USE_ADAPTER = ("infer_speed", "tiling")
+
+
+def command(name: str, threads: int | None) -> list[str]:
+    """The command line that runs benchmark `name` at the `make bench` size."""
+    args = list(PLAN[name])
+    if name in USE_ADAPTER and (ADAPTER / "checkpoints").exists():
+        args += ["--adapter", str(ADAPTER)]
+    if threads and name != "tiling":  # tiling.py takes no --threads: OMP_NUM_THREADS sets it (see run)
+        args += ["--threads", str(threads)]
+    return [sys.executable, "-m", f"bench.{name}", *args]
+
+
+def run(name: str, threads: int | None) -> float:
+    """Run one benchmark in its own process; returns its wall seconds. tiling.py's JSON is
+    given the machine and command the others record themselves."""
+    cmd = command(name, threads)
+    if name == "accuracy":
+        shutil.rmtree(KEPT_RUNS, ignore_errors=True)
+    print(f"\n=== {' '.join(['python', *cmd[1:]])}", flush=True)
+    start = time.perf_counter()
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    seconds = time.perf_counter() - start
+    if name == "tiling":
+        path = ROOT / RESULTS / "tiling.json"
+        result = json.loads(path.read_text())
+        prefix = [f"OMP_NUM_THREADS={threads}"] if threads else []
+        result.update(bench="tiling", command=" ".join([*prefix, "python", *cmd[1:]]), machine=machine())
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    return seconds
+
+
+def tiling_tables(result: dict[str, Any]) -> list[Table]:
+    """bench/tiling.py's result as a table (it prints its own; this is the docs' copy)."""
+    rows = []
+    for r in result["rows"]:
+        mode = "whole frame" if r["tile"] == "off" else f"tiles {r['tile_size']} px"
+        rows.append([mode, f"{r['small_defect_px_at_model_input']:.1f} px",
+                     f"{fmt(r['small_recall'])} of {r['small_defects']}", f"{fmt(r['recall'])} of {r['defects']}",
+                     fmt(r["map50"]), str(r["predicted_boxes"]), f"{r['seconds_per_frame']:.1f}"])
+    model = result["model"]
+    name = model["base"] + (f" + {model['adapter']}" if model.get("adapter") else "")
+    return [Table(f"Tiling: {result['frames']} frames {result['size']}, model {name}",
+                  ["mode", "small defect at input", "small recall", "recall", "mAP50", "boxes", "s/frame"], rows,
+                  [f"small: a defect whose shorter side is under {result['small_px']:g} px in the frame; "
+                   "recall at IoU >= 0.5, same class."])]
+
+
+def tables_of(name: str, result: dict[str, Any]) -> list[Table]:
+    if name == "tiling":
+        return tiling_tables(result)
+    return importlib.import_module(f"bench.{name}").tables(result)
+
+
+def section(name: str, result: dict[str, Any]) -> str:
+    """The markdown between a benchmark's markers: when, where, the command, the tables."""
+    head = f"Measured {describe(result['machine'])}.\n\n    {result['command']}\n\n"
+    return head + markdown(tables_of(name, result))
+
+
+def render(names: list[str], doc: Path = DOC) -> list[str]:
+    """Rewrite the sections of `names` whose JSON exists; returns those rewritten."""
+    text = doc.read_text()
+    done = []
+    for name in names:
+        path = ROOT / RESULTS / f"{name}.json"
+        if not path.exists():
+            continue
+        result = json.loads(path.read_text())
+        if "machine" not in result:
+            continue  # a tiling.json written by tiling.py alone: no machine record to show
+        text = replace_section(text, name, section(name, result))
+        done.append(name)
+    doc.write_text(text)
+    return done
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """`text` with what lies between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` set to
+    `body`; raises KeyError when the markers are missing."""
+    pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(<!-- /bench:{name} -->)", re.S)
+    if not pattern.search(text):
+        raise KeyError(f"docs/benchmarks.md has no <!-- bench:{name} --> section")
+    return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text, count=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=list(PLAN), default=list(PLAN))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for each benchmark")
+    parser.add_argument("--render", action="store_true", help="only rewrite docs/benchmarks.md from the JSONs")
+    args = parser.parse_args(argv)
+
+    set_threads(args.threads)  # so the machine record of tiling.json shows the threads it ran with
+    if not args.render:
+        seconds = {name: run(name, args.threads) for name in args.only}
+        print("\n" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f"; total {sum(seconds.values()):.0f} s")
+    done = render(args.only)
+    print(f"rewrote {', '.join(done) or 'nothing'} in {DOC.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

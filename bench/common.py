@@ -1,0 +1,344 @@
+"""What the benchmarks share: the machine record, threads, loom data, the demo recipe, a
+token-mean validation loss, tables (console and markdown) and the JSON result.
+
+Every benchmark is `python -m bench.NAME [flags]`; it prints its tables and writes
+`runs/bench/NAME.json` with `machine` (cores, RAM, torch threads, date, git commit) and the
+exact `command`. `bench/all.py` runs them all and renders the same tables into
+docs/benchmarks.md through each benchmark's `tables(result)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# transformers' deprecation chatter from inside peft, once per model wrapped: not ours to fix.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path("runs/bench")
+
+
+# --- the machine --------------------------------------------------------------------------
+
+def set_threads(threads: int | None) -> int:
+    """Use `threads` torch threads (None: torch's default); returns the number in force."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def device() -> str:
+    """`cuda` when a GPU is there, else `cpu`: where the benchmarks run."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """Cores, RAM, torch threads, CPU/GPU, versions, UTC date and git commit (+ dirty flag)."""
+    import psutil
+    import transformers
+
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cores": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": _cpu_model(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+    }
+
+
+def describe(m: dict[str, Any]) -> str:
+    """One line for a table caption: date, cores, RAM, threads, CPU/GPU, load, commit."""
+    where = m["gpu"] or m["cpu"]
+    dirty = "+dirty" if m.get("git_dirty") else ""
+    return (f"{m['date']}, {m['cores']} cores, {m['ram_gb']} GB RAM, {m['torch_threads']} torch threads, "
+            f"{where}, load {m['load_average'][0]}, commit {m['git_commit']}{dirty}")
+
+
+def peak_memory_mb() -> float:
+    """Peak memory so far: CUDA max allocated on a GPU, else this process's peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (MiB)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (`q` in 0..1); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`512x288` -> (512, 288)."""
+    width, height = (int(v) for v in text.lower().split("x"))
+    return width, height
+
+
+# --- data and recipe ----------------------------------------------------------------------
+
+def demo_settings():
+    """The shipped demo config (`configs/demo.yaml`): data sizes and the training recipe."""
+    import yaml
+
+    from loomlens.config import DemoConfig, resolve_config_path
+
+    return DemoConfig.model_validate(yaml.safe_load(resolve_config_path("demo").read_text()) or {})
+
+
+def loom_data(folder: Path, images: int, size: tuple[int, int] | None = None, seed: int = 0,
+              flip: bool | None = None) -> Path:
+    """Synthetic loom frames converted as the demo does it (od, flipped copies) into
+    `folder/synth` and `folder/data`; returns the converted folder."""
+    from loomlens.data.convert import convert
+    from loomlens.data.synth import synthesize
+
+    demo = demo_settings()
+    folder = Path(folder)
+    synthesize(folder / "synth", images=images, seed=seed, size=tuple(size or demo.size))
+    convert(folder / "synth", folder / "data", tasks=demo.tasks, flip=demo.flip if flip is None else flip, seed=seed)
+    return folder / "data"
+
+
+def recipe_config(data: Path, out: Path, **overrides: Any):
+    """The demo's training recipe (`TrainConfig`) on `data` into `out`, quiet (no progress
+    bar, no TensorBoard), with `overrides` (field names, dotted or bare LoRA keys)."""
+    from loomlens.config import TrainConfig, load_config
+
+    quiet = {"progress": False, "tensorboard": False}
+    return load_config(TrainConfig, base=demo_settings().train,
+                       overrides={"data": str(data), "out": str(out), **quiet, **overrides})
+
+
+def lora_model(cfg):
+    """The recipe's base model with a fresh LoRA adapter per its settings, on the device."""
+    from loomlens.model import load_model
+    from loomlens.model.lora import apply_lora
+
+    torch.manual_seed(cfg.seed)
+    model, processor = load_model(cfg.model)
+    return apply_lora(model, cfg.lora).to(device()), processor
+
+
+def autocast(cfg, cpu_bf16: bool = False):
+    """The autocast the recipe uses (bf16/fp16 on CUDA unless fp32), or bf16 on CPU when asked."""
+    if device() == "cuda" and cfg.precision != "fp32":
+        dtype = torch.float16 if cfg.precision == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
+
+
+def training_step(model, params, optimizer, batch: dict, cfg, clock: "Stopwatch | None" = None) -> float:
+    """One optimizer step of loomlens's recipe on one micro-batch (loomlens's token-sum loss
+    over the label tokens, clipping, AdamW), phases timed on `clock` if given; returns the loss."""
+    from loomlens.train.loss import batch_loss
+
+    clock = clock or Stopwatch()
+    text = model.config.text_config
+    with clock("forward"), autocast(cfg):
+        part, tokens = batch_loss(model, batch, text.decoder_start_token_id, text.pad_token_id)
+    with clock("backward"):
+        (part / tokens).backward()
+    with clock("optimizer"):
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return float(part.detach()) / max(float(tokens), 1.0)
+
+
+def answer_tokens(processor, boxes: int, model) -> int:
+    """Tokens of an `<OD>` answer of `boxes` loom boxes (`box_token_budget`), capped by the decoder."""
+    from loomlens.data.synth import CLASSES
+    from loomlens.evaluate.generation import box_token_budget, decoder_limit, label_token_count
+
+    return min(box_token_budget(boxes, label_token_count(processor.tokenizer, CLASSES)), decoder_limit(model))
+
+
+@torch.no_grad()
+def forced_answer_seconds(model, processor, paths: Sequence[Path], boxes: int, batch_size: int,
+                          num_beams: int = 1) -> float:
+    """Seconds per image of `<OD>` whose answers are forced to the length of `boxes` boxes
+    (`min_new_tokens = max_new_tokens`), `batch_size` images a call, image decoding and the
+    processor included: generation cost without depending on what the weights write."""
+    from PIL import Image
+
+    tokens = answer_tokens(processor, boxes, model)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    for i in range(0, len(paths), batch_size):
+        images = [Image.open(p).convert("RGB") for p in paths[i : i + batch_size]]
+        inputs = processor(text=["<OD>"] * len(images), images=images, return_tensors="pt")
+        model.generate(**{k: v.to(device()) for k, v in inputs.items()}, max_new_tokens=tokens,
+                       min_new_tokens=tokens, num_beams=num_beams, do_sample=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    model.train(was_training)
+    return (time.perf_counter() - start) / len(paths)
+
+
+@torch.no_grad()
+def val_loss(model, processor, jsonl: Path, max_samples: int | None = None, batch_size: int = 8) -> float:
+    """Cross-entropy per label token (padding excluded) over the first `max_samples` samples
+    of a split: the one yardstick every loop in the benchmarks is judged by."""
+    from loomlens.data.dataset import Collator, FlorenceDataset
+    from loomlens.train.loss import batch_loss
+
+    text = model.config.text_config
+    data = FlorenceDataset(jsonl, processor, (), text.max_position_embeddings)
+    collate = Collator(processor.tokenizer.pad_token_id)
+    indices = list(range(len(data)))[:max_samples]
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    total = count = 0.0
+    for start in range(0, len(indices), batch_size):
+        batch = collate([data[i] for i in indices[start : start + batch_size]])
+        part, tokens = batch_loss(model, {k: v.to(dev) for k, v in batch.items()},
+                                  text.decoder_start_token_id, text.pad_token_id)
+        total, count = total + float(part), count + float(tokens)
+    model.train(was_training)
+    return total / max(count, 1.0)
+
+
+class Stopwatch:
+    """Accumulates `time.perf_counter` seconds per phase name: `with clock("forward"): ...`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._name: str | None = None
+
+    def __call__(self, name: str) -> "Stopwatch":
+        self._name = name
+        return self
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._start
+
+
+# --- output -------------------------------------------------------------------------------
+
+@dataclass
+class Table:
+    """A result table: what both the console and docs/benchmarks.md show."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+
+def show(tables: Sequence[Table]) -> None:
+    """Print `tables` with rich, notes under each."""
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    console = Console()
+    for t in tables:
+        rich = RichTable(title=t.title)
+        for i, column in enumerate(t.columns):
+            rich.add_column(column, justify="left" if i == 0 else "right")
+        for row in t.rows:
+            rich.add_row(*row)
+        console.print(rich)
+        for note in t.notes:
+            console.print(f"  {note}", highlight=False)
+
+
+def markdown(tables: Sequence[Table]) -> str:
+    """`tables` as GitHub markdown: a bold title, the table, its notes."""
+    parts = []
+    for t in tables:
+        lines = [f"**{t.title}**", "", "| " + " | ".join(t.columns) + " |",
+                 "|" + "|".join(["---"] + ["---:"] * (len(t.columns) - 1)) + "|"]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in t.rows]
+        lines += [""] + [f"- {note}" for note in t.notes]
+        parts.append("\n".join(lines).rstrip())
+    return "\n\n".join(parts) + "\n"
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command that reproduces this run."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python -m", module, *map(shlex.quote, args)])
+
+
+def write_result(name: str, result: dict[str, Any], out: Path | None, command: str) -> Path:
+    """Write `result` with `machine` and `command` to `out` (default runs/bench/NAME.json)."""
+    out = Path(out or RESULTS / f"{name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"bench": name, "command": command, "machine": machine(), **result}
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    return out
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number for a table; `-` for None."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    """`a / b` as `2.31x`; `-` when either is missing or b is 0."""
+    return "-" if not a or not b else f"{a / b:.2f}x"
+
+
+def common_flags(parser, name: str) -> None:
+    """Flags every benchmark takes: --threads, --out."""
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--out", type=Path, default=RESULTS / f"{name}.json", help="JSON result")

@@ -1,0 +1,239 @@
+"""Inference speed: loomlens's way of running `<OD>` against the seed's, on the same frames.
+
+    python -m bench.infer_speed                                  # bare tiny model, ~1 min
+    python -m bench.infer_speed --adapter runs/demo/run --images 48 --threads 2
+
+A folder of synthetic loom frames (`loomlens synth`, a seed the demo does not train on) is
+run four ways in this process, each after a warm-up image, --repeats times in alternating order:
+
+- `seed`: one image at a time, 3 beams, `max_new_tokens=1024` (capped at the decoder's
+  position table, as any caller must), the adapter attached unmerged (peft);
+- `loomlens`: batches of --batch-size, greedy, the answer budget bounded by the box count
+  (`box_token_budget(--max-boxes)`), the adapter merged into the base (`model/merge.py`);
+- `loomlens, constrained`: the same through the class grammar (`evaluate/constrain.py`);
+- `loomlens, batch 1`: loomlens one image at a time, to show what batching adds.
+
+Without --adapter both use the bare base model. Since the gap depends on how long the answers
+are (weights that never stop run to the cap; trained ones stop after their boxes), the seed's
+way and loomlens's are also timed on answers forced to --answer-boxes boxes.
+
+Reported: images/s, latency p50/p95 per image (an image in a batch waits for its whole
+batch), generated tokens per image and mAP50 on the same frames (the seed's row with its
+scores = 1, as the seed computed it, and with loomlens's scores on the same generations).
+The seed's beam search stops once 3 answers are finished (`early_stopping=True`, as
+`loomlens.evaluate.generate` runs it); Florence-2's sample code passes `early_stopping=False`,
+which searches at least as long, so the seed's row is if anything flattered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    Table, answer_tokens, common_flags, command_line, describe, fmt, forced_answer_seconds, parse_size, percentile,
+    set_threads, show, write_result,
+)
+
+NAME = "infer_speed"
+SEED_BEAMS = 3
+SEED_MAX_NEW_TOKENS = 1024
+
+
+def load_models(model: str | None, adapter: str | None, tmp: Path):
+    """(loomlens model, seed model, processor, classes, description): the adapter merged for
+    loomlens and attached unmerged for the seed; the bare base for both without one."""
+    from loomlens.data.synth import CLASSES
+    from loomlens.evaluate.runs import load_for_inference
+
+    seed = load_for_inference(model, adapter)
+    if adapter is None:
+        return seed.model, seed.model, seed.processor, list(CLASSES), f"{seed.base} (no adapter)"
+    from loomlens.model import load_model
+    from loomlens.model.merge import merge_adapter
+
+    merged, _ = load_model(str(merge_adapter(seed.adapter, tmp / "merged")))
+    return merged, seed.model, seed.processor, seed.classes or list(CLASSES), f"{seed.base} + {seed.adapter}"
+
+
+def open_images(paths: list[Path]):
+    from PIL import Image
+
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def loomlens_pass(model, processor, paths: list[Path], batch_size: int, max_boxes: int, constrained: bool,
+                  classes: list[str]) -> dict[str, Any]:
+    """loomlens's way: batched, greedy, bounded budget; per-image latency = its batch's time."""
+    from loomlens.evaluate.detection import batched, detect_with_details
+
+    latencies, boxes, tokens, seconds = [], [], [], 0.0
+    for chunk in batched(paths, batch_size):
+        start = time.perf_counter()
+        found = detect_with_details(model, processor, open_images(chunk), max_boxes=max_boxes,
+                                    batch_size=batch_size, constrained=constrained, classes=classes)
+        elapsed = time.perf_counter() - start
+        seconds += elapsed
+        latencies += [elapsed] * len(chunk)
+        boxes += [d.boxes for d in found]
+        tokens += [len(d.generation.token_ids) for d in found]
+    return {"latencies": latencies, "seconds": seconds, "boxes": boxes, "tokens": tokens}
+
+
+def seed_pass(model, processor, paths: list[Path]) -> dict[str, Any]:
+    """The seed's way: one image per call, 3 beams, max_new_tokens=1024."""
+    from loomlens.evaluate.generation import generate
+    from loomlens.evaluate.scoring import scored_boxes
+
+    latencies, boxes, tokens = [], [], []
+    for path in paths:
+        start = time.perf_counter()
+        (image,) = open_images([path])
+        (gen,) = generate(model, processor, [image], ["<OD>"], SEED_MAX_NEW_TOKENS, num_beams=SEED_BEAMS)
+        found, _ = scored_boxes(processor.tokenizer, gen, image.width, image.height)
+        latencies.append(time.perf_counter() - start)
+        boxes.append(found)
+        tokens.append(len(gen.token_ids))
+    return {"latencies": latencies, "seconds": sum(latencies), "boxes": boxes, "tokens": tokens}
+
+
+def forced_row(slow, fast, processor, paths: list[Path], boxes: int, batch_size: int) -> dict[str, Any]:
+    """Seconds per image of answers forced to `boxes` boxes: the seed's way, loomlens's, and
+    loomlens's under bf16 autocast on a CPU (a lever `predict` does not pull)."""
+    import torch
+
+    row = {"boxes": boxes, "tokens": answer_tokens(processor, boxes, fast),
+           "seed_s": forced_answer_seconds(slow, processor, paths, boxes, 1, SEED_BEAMS),
+           "loomlens_s": forced_answer_seconds(fast, processor, paths, boxes, batch_size)}
+    if not torch.cuda.is_available():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            forced_answer_seconds(fast, processor, paths[:1], boxes, 1)  # bf16 kernels warm up
+            row["loomlens_bf16_s"] = forced_answer_seconds(fast, processor, paths, boxes, batch_size)
+    return row
+
+
+def merge_passes(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeated passes over the same frames as one pass over all of them."""
+    return {"latencies": [v for p in passes for v in p["latencies"]], "seconds": sum(p["seconds"] for p in passes),
+            "boxes": [b for p in passes for b in p["boxes"]], "tokens": [t for p in passes for t in p["tokens"]]}
+
+
+def summary(name: str, run: dict[str, Any], truth, classes: list[str], ones: bool = False) -> dict[str, Any]:
+    """images/s, latency percentiles, tokens and mAP50 of one pass."""
+    from loomlens.evaluate.metrics import coco_metrics
+
+    lat = run["latencies"]
+    row = {"way": name, "images": len(lat),
+           "images_per_s": len(lat) / run["seconds"],
+           "latency_p50_s": percentile(lat, 0.5), "latency_p95_s": percentile(lat, 0.95),
+           "tokens_per_image": sum(run["tokens"]) / len(lat),
+           "map50": coco_metrics(truth, run["boxes"], classes)["map50"],
+           "predicted_boxes": sum(len(b) for b in run["boxes"])}
+    if ones:  # the seed's own figure: every score 1
+        row["map50_scores_1"] = coco_metrics(truth, [[replace(b, score=1.0) for b in bs] for bs in run["boxes"]],
+                                             classes)["map50"]
+    return row
+
+
+def tables(result: dict[str, Any]) -> list[Table]:
+    rows = []
+    seed = result["rows"][0]
+    for r in result["rows"]:
+        speed = r["images_per_s"] / seed["images_per_s"]
+        m = f"{fmt(r['map50'])}" + (f" ({fmt(r['map50_scores_1'])} with scores = 1)" if "map50_scores_1" in r else "")
+        rows.append([r["way"], f"{r['images_per_s']:.2f}", f"{speed:.2f}x", f"{1000 * r['latency_p50_s']:.0f}",
+                     f"{1000 * r['latency_p95_s']:.0f}", f"{r['tokens_per_image']:.0f}", m])
+    main = Table(
+        f"`<OD>` on {result['images']} synthetic frames {result['size']}, model {result['model']}",
+        ["way", "images/s", "vs seed", "p50 ms", "p95 ms", "tokens/image", "mAP50"], rows,
+        [f"seed: batch 1, {SEED_BEAMS} beams, max_new_tokens {SEED_MAX_NEW_TOKENS} (capped at "
+         f"{result['decoder_limit']} by the decoder), adapter unmerged; loomlens: batch {result['batch_size']}, greedy, "
+         f"max_new_tokens {result['loomlens_budget']} ({result['max_boxes']} boxes), adapter merged; "
+         "constrained: through the class grammar; batch 1: loomlens one image at a time (what batching adds).",
+         f"Each way ran {result.get('repeats', 1)} pass(es) over the frames, in alternating order. "
+         "Latency of an image in a batch is its batch's time. A model that never writes `</s>` (placeholder "
+         "weights) runs every answer to its cap, so tokens/image shows how much of the gap is budget."],
+    )
+    bf16 = [f.get("loomlens_bf16_s") for f in result.get("forced", [])]
+    forced = Table(
+        f"Per answer of B boxes ({result['answer_images']} frames, every answer forced to that length)",
+        ["boxes", "tokens", "seed ms/image", "loomlens ms/image", "loomlens vs seed", "+ bf16 autocast (CPU lever)"],
+        [[str(f["boxes"]), str(f["tokens"]), f"{1000 * f['seed_s']:.0f}", f"{1000 * f['loomlens_s']:.0f}",
+          f"{f['seed_s'] / f['loomlens_s']:.2f}x",
+          f"{1000 * b:.0f} ms, {f['seed_s'] / b:.2f}x" if b else "-"] for f, b in zip(result.get("forced", []), bf16)],
+        [f"min_new_tokens = max_new_tokens: the seed's way (batch 1, {SEED_BEAMS} beams) and loomlens's (batch "
+         f"{result['batch_size']}, greedy) on answers of the same length, whatever the weights would write. "
+         "Trained weights that stop after B boxes land on these rows. bf16 autocast: what the CPU's bf16 "
+         "kernels would give; not what `predict` does, and its effect on scores is not measured."],
+    )
+    return [main, forced] if result.get("forced") else [main]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from loomlens.data.synth import synthesize
+    from loomlens.evaluate.generation import box_token_budget, decoder_limit, label_token_count
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--size", type=parse_size, default=(512, 288), help="frame size WxH (demo: 512x288)")
+    parser.add_argument("--seed", type=int, default=1000, help="synth seed (the demo trains on seed 0)")
+    parser.add_argument("--model", default=None, help="base model (default: the adapter's, else tiny)")
+    parser.add_argument("--adapter", default=None, help="training run or adapter folder")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-boxes", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=1, help="passes per way (the order alternates)")
+    parser.add_argument("--answer-boxes", type=int, nargs="*", default=[0, 1, 4, 16],
+                        help="also time answers forced to this many boxes, seed's way and loomlens's")
+    parser.add_argument("--answer-images", type=int, default=8, help="frames for the forced-length timing")
+    common_flags(parser, NAME)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="loomlens-infer-speed-") as tmp_name:
+        tmp = Path(tmp_name)
+        records = synthesize(tmp / "frames", images=args.images, seed=args.seed, size=args.size)
+        paths, truth = [tmp / "frames" / r.image for r in records], [r.boxes for r in records]
+        fast, slow, processor, classes, described = load_models(args.model, args.adapter, tmp)
+        ways = {
+            "seed": lambda images: seed_pass(slow, processor, images),
+            "loomlens": lambda images: loomlens_pass(fast, processor, images, args.batch_size, args.max_boxes,
+                                                     False, classes),
+            "loomlens, constrained": lambda images: loomlens_pass(fast, processor, images, args.batch_size,
+                                                                  args.max_boxes, True, classes),
+            "loomlens, batch 1": lambda images: loomlens_pass(fast, processor, images, 1, args.max_boxes, False,
+                                                              classes),
+        }
+        for way in ways.values():
+            way(paths[:1])  # warm-up
+        runs = {name: [] for name in ways}
+        for r in range(args.repeats):  # the order alternates: a slow spell hits every way alike
+            for name in list(ways)[:: 1 if r % 2 == 0 else -1]:
+                runs[name].append(ways[name](paths))
+        some = paths[: args.answer_images]
+        forced = [forced_row(slow, fast, processor, some, b, args.batch_size) for b in args.answer_boxes]
+
+    rows = [summary(name, merge_passes(passes), truth * args.repeats, classes, ones=name == "seed")
+            for name, passes in runs.items()]
+    result = {"model": described, "images": args.images, "repeats": args.repeats, "size": "x".join(map(str, args.size)),
+              "batch_size": args.batch_size, "max_boxes": args.max_boxes, "classes": classes,
+              "decoder_limit": decoder_limit(fast),
+              "loomlens_budget": box_token_budget(args.max_boxes, label_token_count(processor.tokenizer, classes)),
+              "rows": rows, "forced": forced, "answer_images": len(some), "speedup": rows[1]["images_per_s"] / rows[0]["images_per_s"],
+              "speedup_constrained": rows[2]["images_per_s"] / rows[0]["images_per_s"]}
+    path = write_result(NAME, result, args.out, command_line("bench.infer_speed", argv))
+    import json
+
+    result = json.loads(path.read_text())
+    print(describe(result["machine"]))
+    show(tables(result))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

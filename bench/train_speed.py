@@ -1,0 +1,361 @@
+"""Training speed: loomlens's loop against the seed's way of training, same model, data, LoRA
+settings and samples, in one run.
+
+    python -m bench.train_speed                                   # small: ~2 min on 2 cores
+    python -m bench.train_speed --images 240 --epochs 2 --threads 2
+    python -m bench.train_speed --also lora.freeze=vision         # also a loomlens variant
+
+Synthetic loom frames are made and converted as the demo does it (`loomlens synth` +
+`convert`, flipped copies) into a temp folder. Then, each in a fresh process (so peak memory
+is its own):
+
+- `seed`: the seed's loop, written here: batch 1, fp32, the processor called on every step
+  (JPEG decode, resize, tokenise), labels given to the model as the tokenizer returns them
+  (no -100: pad tokens would count in the loss), no attention mask, AdamW with linear decay
+  and no clipping, the transformers loss. It sees exactly the samples loomlens sees, in the
+  same order, one at a time.
+- `loomlens`: `loomlens.train.recipe.train` with the demo recipe (`configs/demo.yaml`),
+  `max_steps` set for the same number of samples; its own `train_seconds` is the loop time.
+- `profile`: where the time of loomlens's step goes (data, forward, backward, optimizer,
+  `time.perf_counter` around each phase on a few steps: first with the pixel cache cold,
+  then warm), pure model compute (forward+backward on one pre-made batch repeated), and what
+  the compute costs with levers the recipe does not pull on a CPU (bf16 autocast, a frozen
+  vision tower, batch 1).
+
+Both trained adapters are scored with the same token-mean validation loss
+(`bench.common.val_loss`). Samples/s and peak memory (RSS on CPU, `max_memory_allocated` on
+CUDA) are reported with their ratios; timed figures never go in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import (
+    Stopwatch, Table, autocast, common_flags, command_line, describe, device, fmt, lora_model, loom_data,
+    peak_memory_mb, ratio, recipe_config, rss_mb, set_threads, show, training_step, val_loss, write_result,
+)
+
+NAME = "train_speed"
+
+
+# --- the sample sequence both loops see ----------------------------------------------------
+
+def sample_sequence(cfg, train_set, steps: int) -> list[list[int]]:
+    """The first `steps` batches loomlens trains on (its seeded batch plan, epoch after
+    epoch); the seed loop takes the same samples one at a time."""
+    from loomlens.data.dataset import plan_batches
+
+    batches: list[list[int]] = []
+    epoch = 0
+    while len(batches) < steps:
+        batches += plan_batches(train_set.tasks, train_set.lengths, cfg.batch_size, cfg.order, cfg.shuffle,
+                                cfg.seed, epoch)
+        epoch += 1
+    return batches[:steps]
+
+
+# --- the seed's loop -----------------------------------------------------------------------
+
+def seed_step(model, processor, row: dict, root: Path) -> torch.Tensor:
+    """One step of the seed's loop, forward only: the processor on this sample's image and
+    prompt, labels straight from the tokenizer (no -100), no attention mask, the model's own
+    loss. Returns the loss."""
+    from PIL import Image
+
+    with Image.open(root / row["image"]) as im:
+        image = im.convert("RGB")
+    inputs = processor(text=[row["prefix"]], images=[image], return_tensors="pt", padding=True)
+    labels = processor.tokenizer(text=[row["suffix"]], return_tensors="pt", padding=True,
+                                 return_token_type_ids=False).input_ids
+    dev = next(model.parameters()).device
+    return model(input_ids=inputs["input_ids"].to(dev), pixel_values=inputs["pixel_values"].to(dev),
+                 labels=labels.to(dev)).loss
+
+
+def run_seed(cfg, samples: list[int], lr: float) -> tuple[Any, Any, float]:
+    """Train with the seed's loop on `samples` (indices into train.jsonl); returns the model,
+    processor and loop seconds."""
+    from loomlens.data.dataset import read_jsonl
+    from loomlens.train.schedule import build_scheduler
+
+    model, processor = lora_model(cfg)
+    rows = [r for r in read_jsonl(cfg.data / "train.jsonl") if not cfg.tasks or r.get("task") in cfg.tasks]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, "linear", 0, len(samples))
+    model.train()
+    start = time.perf_counter()
+    for i in samples:
+        seed_step(model, processor, rows[i], cfg.data).backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return model, processor, time.perf_counter() - start
+
+
+# --- loomlens's loop -----------------------------------------------------------------------
+
+def run_loomlens(cfg) -> tuple[Any, Any, float, dict]:
+    """`train(cfg)` itself; returns the trained model, processor, loop seconds (the recipe's
+    own `train_seconds`, evaluation excluded) and the recipe's final evaluation."""
+    from loomlens.train.recipe import train
+
+    result = train(cfg, log=lambda *_: None)
+    return result.model, result.processor, result.state.train_seconds, result.last_eval
+
+
+# --- where loomlens's step spends its time ---------------------------------------------------
+
+def phase_times(cfg, batches: list[list[int]]) -> dict[str, Any]:
+    """Seconds per phase of loomlens's step over `batches`, run twice: pixel cache cold
+    (the first epoch) and warm (every later epoch)."""
+    from loomlens.data.dataset import Collator, FlorenceDataset
+
+    model, processor = lora_model(cfg)
+    text = model.config.text_config
+    train_set = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, text.max_position_embeddings)
+    collate = Collator(processor.tokenizer.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    out = {}
+    for cache in ("cold", "warm"):
+        clock = Stopwatch()
+        for idx in batches:
+            with clock("data"):
+                batch = {k: v.to(device()) for k, v in collate([train_set[i] for i in idx]).items()}
+            training_step(model, params, optimizer, batch, cfg, clock)
+        samples = sum(len(idx) for idx in batches)
+        out[cache] = {phase: seconds / samples for phase, seconds in clock.seconds.items()}
+    return out
+
+
+def fwd_bwd_seconds(model, batch: dict, cfg, cpu_bf16: bool = False) -> float:
+    """Seconds of one forward+backward of `model` on the pre-made `batch` (no optimizer)."""
+    from loomlens.train.loss import batch_loss
+
+    text = model.config.text_config
+    model.train()
+    start = time.perf_counter()
+    with autocast(cfg, cpu_bf16):
+        part, tokens = batch_loss(model, batch, text.decoder_start_token_id, text.pad_token_id)
+    (part / tokens).backward()
+    model.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def compute_levers(cfg, first: list[int], repeats: int) -> list[dict[str, Any]]:
+    """Pure compute per sample (forward+backward on one pre-made batch, best of `repeats`
+    after a warm-up round, the variants timed round-robin so a slow spell hits them alike)
+    for loomlens's batch and for the levers: batch 1 (the seed's shape), bf16 autocast on a
+    CPU, the vision tower's adapters frozen (no backward through it), both."""
+    from loomlens.data.dataset import Collator, FlorenceDataset
+
+    model, processor = lora_model(cfg)
+    frozen, _ = lora_model(cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"freeze": "vision"})}))
+    data = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, model.config.text_config.max_position_embeddings)
+    collate = Collator(processor.tokenizer.pad_token_id)
+    batch = {k: v.to(device()) for k, v in collate([data[i] for i in first]).items()}
+    single = {k: v[:1] for k, v in batch.items()}
+    n = len(first)
+    levers = [(f"recipe batch {n}", model, batch, False), ("batch 1", model, single, False)]
+    if device() == "cpu":
+        levers.append((f"batch {n}, bf16 autocast (CPU)", model, batch, True))
+    levers.append((f"batch {n}, vision adapters frozen", frozen, batch, False))
+    if device() == "cpu":
+        levers.append((f"batch {n}, vision adapters frozen + bf16 autocast (CPU)", frozen, batch, True))
+    best = [float("inf")] * len(levers)
+    for round_ in range(repeats + 1):  # round 0 warms every variant up
+        for k, (_, net, b, bf16) in enumerate(levers):
+            seconds = fwd_bwd_seconds(net, b, cfg, bf16) / len(b["labels"])
+            best[k] = min(best[k], seconds) if round_ else best[k]
+    return [{"compute": name, "s_per_sample": s} for (name, *_), s in zip(levers, best)]
+
+
+# --- workers (one process each) --------------------------------------------------------------
+
+def worker(kind: str, args) -> dict[str, Any]:
+    """Run one part in this process and return its figures."""
+    set_threads(args.threads)
+    overrides = dict(kv.split("=", 1) for kv in args.variant) if args.variant else {}
+    probe = recipe_config(args.data, args.tmp / "probe", **overrides)
+    steps = max(1, args.samples // probe.batch_size)
+    cfg = recipe_config(args.data, args.tmp / args.json.stem, max_steps=steps, eval_every=steps, time_budget=None,
+                        eval_max_images=0, val_loss_max_samples=args.val_samples, **overrides)
+    from loomlens.data.dataset import FlorenceDataset
+    from loomlens.model import load_model
+
+    base, processor = load_model(cfg.model)
+    train_set = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks,
+                                base.config.text_config.max_position_embeddings)
+    del base
+    batches = sample_sequence(cfg, train_set, steps)
+    samples = [i for idx in batches for i in idx]
+    val = cfg.data / "val.jsonl"
+    if kind == "profile":
+        model, processor = lora_model(cfg)
+        return {"untrained_val_loss": val_loss(model, processor, val, args.val_samples),
+                "phases": phase_times(cfg, batches[: args.profile_steps]),
+                "compute": compute_levers(cfg, batches[0], args.profile_steps)}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    before = rss_mb()
+    if kind == "seed":
+        model, processor, seconds = run_seed(cfg, samples, args.seed_lr or cfg.lr)
+        extra = {"lr": args.seed_lr or cfg.lr, "batch_size": 1, "steps": len(samples)}
+    else:
+        model, processor, seconds, last_eval = run_loomlens(cfg)
+        extra = {"lr": cfg.lr, "batch_size": cfg.batch_size, "steps": steps, "recipe_val_loss": last_eval.get("val_loss"),
+                 "overrides": overrides}
+    return {"samples": len(samples), "seconds": seconds, "samples_per_s": len(samples) / seconds,
+            "peak_memory_mb": peak_memory_mb(), "rss_before_loop_mb": before,
+            "val_loss": val_loss(model, processor, val, args.val_samples), **extra}
+
+
+def spawn(kind: str, args, data: Path, tmp: Path, variant: list[str] = ()) -> dict[str, Any]:
+    """Run `worker(kind)` in a fresh Python process and return its JSON."""
+    out = tmp / f"{kind}-{len(list(tmp.glob('*.json')))}.json"
+    cmd = [sys.executable, "-m", "bench.train_speed", "--worker", kind, "--data", str(data), "--tmp", str(tmp),
+           "--json", str(out), "--samples", str(args.samples), "--profile-steps", str(args.profile_steps),
+           "--val-samples", str(args.val_samples)]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--seed-lr", str(args.seed_lr)] if args.seed_lr else []
+    for kv in variant:
+        cmd += ["--variant", kv]
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
+
+
+# --- result -----------------------------------------------------------------------------------
+
+def tables(result: dict[str, Any]) -> list[Table]:
+    """The loops, the phases of loomlens's step and the compute, as tables."""
+    seed, loops, profile = result["seed"], result["loomlens"], result["profile"]
+    rows = [["seed's loop (batch 1, processor every step, pad in loss, no mask)", f"{seed['samples_per_s']:.2f}",
+             "1.00x", f"{seed['peak_memory_mb']:.0f}", fmt(seed["val_loss"])]]
+    for run in loops:
+        name = "loomlens recipe" + (f" ({', '.join(f'{k}={v}' for k, v in run['overrides'].items())})"
+                                    if run["overrides"] else "")
+        name += f" (batch {run['batch_size']})"
+        speedup = result["speedup"] if run is loops[0] else run["samples_per_s"] / seed["samples_per_s"]
+        rows.append([name, f"{run['samples_per_s']:.2f}", f"{speedup:.2f}x",
+                     f"{run['peak_memory_mb']:.0f}", fmt(run["val_loss"])])
+    m = result["machine"]
+    speed = Table(
+        f"Training: {seed['samples']} samples each, {result['train_samples']} train / {result['val_samples']} val "
+        f"samples ({result['images']} frames {result['size']}), model {result['model']}",
+        ["loop", "samples/s", "vs seed", "peak MB", "val loss"], rows,
+        [f"val loss: cross-entropy per label token on {result['val_scored']} val samples (untrained: "
+         f"{fmt(profile['untrained_val_loss'])}); peak MB: "
+         + ("CUDA max allocated" if m["gpu"] else "peak RSS of the loop's own process") + ".",
+         f"optimizer steps: seed {seed['steps']} (batch 1, lr {seed['lr']:g}, linear decay), loomlens "
+         f"{loops[0]['steps']} (batch {loops[0]['batch_size']}, lr {loops[0]['lr']:g}, the recipe's warmup + cosine); "
+         f"samples/s: median of {result['repeats']} alternating run(s)."],
+    )
+    phases = profile["phases"]
+    cold, warm = phases["cold"], phases["warm"]
+    total = {k: sum(v.values()) for k, v in phases.items()}
+    phase_rows = [[p, f"{1000 * cold[p]:.1f}", f"{100 * cold[p] / total['cold']:.0f}%",
+                   f"{1000 * warm[p]:.1f}", f"{100 * warm[p] / total['warm']:.0f}%"]
+                  for p in ("data", "forward", "backward", "optimizer")]
+    phase_rows.append(["total", f"{1000 * total['cold']:.1f}", "100%", f"{1000 * total['warm']:.1f}", "100%"])
+    where = Table(f"Where loomlens's step goes (ms per sample, {result['profile_steps']} steps)",
+                  ["phase", "first epoch", "share", "cached pixels", "share"], phase_rows,
+                  ["first epoch: each image decoded and processed on first use; later epochs read the cache."])
+    compute = profile["compute"]
+    base = compute[0]["s_per_sample"]
+    loop = loops[0]["samples_per_s"]
+    compute_rows = [[c["compute"], f"{1000 * c['s_per_sample']:.1f}", f"{1 / c['s_per_sample']:.2f}",
+                     ratio(1 / c["s_per_sample"], seed["samples_per_s"])] for c in compute]
+    levers = Table("Pure model compute (forward+backward on one pre-made batch, repeated)",
+                   ["compute", "ms/sample", "samples/s", "vs seed's loop"], compute_rows,
+                   [f"loomlens's loop runs at {100 * loop * base:.0f}% of the pure compute of its batch; "
+                    f"the seed's loop at {100 * seed['samples_per_s'] * compute[1]['s_per_sample']:.0f}% of batch-1 compute.",
+                    "bf16 autocast on CPU and frozen vision adapters are levers the recipe does not pull on a CPU; "
+                    "their quality cost is not measured here."])
+    return [speed, where, levers]
+
+
+def run(args) -> dict[str, Any]:
+    """Make the data, run the workers, gather the result."""
+    from loomlens.data.dataset import read_jsonl
+
+    with tempfile.TemporaryDirectory(prefix="loomlens-train-speed-") as tmp_name:
+        tmp = Path(tmp_name)
+        data = loom_data(tmp / "loom", args.images, args.size, args.data_seed)
+        train_rows, val_rows = read_jsonl(data / "train.jsonl"), read_jsonl(data / "val.jsonl")
+        seeds, loops = [], []
+        for r in range(args.repeats):  # alternate the order: a slow spell hits both loops alike
+            for kind in ("seed", "loomlens") if r % 2 == 0 else ("loomlens", "seed"):
+                (seeds if kind == "seed" else loops).append(spawn(kind, args, data, tmp))
+        variants = [spawn("loomlens", args, data, tmp, v.split(",")) for v in args.also]
+        profile = spawn("profile", args, data, tmp)
+    seed, loop = summarise(seeds), summarise(loops)
+    return {"model": "tiny", "images": args.images, "size": "x".join(map(str, args.size)),
+            "train_samples": len(train_rows), "val_samples": len(val_rows),
+            "val_scored": min(len(val_rows), args.val_samples or len(val_rows)),
+            "profile_steps": args.profile_steps, "repeats": args.repeats, "device": device(),
+            "seed": seed, "loomlens": [loop, *variants], "profile": profile,
+            "speedup": statistics.median(b["samples_per_s"] / a["samples_per_s"] for a, b in zip(seeds, loops)),
+            "val_loss_delta": loop["val_loss"] - seed["val_loss"]}
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first run's figures with the median samples/s over the repeats (and all of them)."""
+    speeds = [r["samples_per_s"] for r in runs]
+    return {**runs[0], "samples_per_s": statistics.median(speeds), "samples_per_s_each": speeds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.common import parse_size
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=48, help="synthetic frames (flipped copies on top)")
+    parser.add_argument("--size", type=parse_size, default=(512, 288), help="frame size WxH (demo: 512x288)")
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=128, help="training samples each loop sees")
+    parser.add_argument("--val-samples", type=int, default=64, help="val samples the val loss is computed on")
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps timed per phase / compute repeats")
+    parser.add_argument("--repeats", type=int, default=1, help="seed/loomlens pairs (order alternates)")
+    parser.add_argument("--seed-lr", type=float, default=None, help="the seed loop's lr (default: the recipe's)")
+    parser.add_argument("--also", action="append", default=[], metavar="K=V[,K=V]",
+                        help="another loomlens run with these recipe overrides (repeatable)")
+    common_flags(parser, NAME)
+    # internal: one part in a child process
+    parser.add_argument("--worker", choices=["seed", "loomlens", "profile"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", action="append", default=[], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        args.json.write_text(json.dumps(worker(args.worker, args)))
+        return 0
+    set_threads(args.threads)
+    result = run(args)
+    path = write_result(NAME, result, args.out, command_line("bench.train_speed", argv))
+    result = json.loads(path.read_text())
+    print(describe(result["machine"]))
+    show(tables(result))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The benchmarks' plumbing: tables, the docs sections `make bench` rewrites, the machine record,
+the seed loop's samples. No timing is asserted here (timed figures never go in tests)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import all as bench_all
+from bench.common import Table, machine, markdown, parse_size, percentile
+
+
+def test_markdown_table_has_title_header_rows_and_notes():
+    text = markdown([Table("T", ["a", "b"], [["x|y", "1.00"]], ["a note"])])
+    assert text.splitlines()[:5] == ["**T**", "", "| a | b |", "|---|---:|", "| x\\|y | 1.00 |"]
+    assert "- a note" in text
+
+
+def test_replace_section_keeps_everything_outside_the_markers():
+    text = "intro\n<!-- bench:x -->\nold\n<!-- /bench:x -->\nafter\n"
+    new = bench_all.replace_section(text, "x", "new table\n")
+    assert new == "intro\n<!-- bench:x -->\nnew table\n<!-- /bench:x -->\nafter\n"
+    with pytest.raises(KeyError):
+        bench_all.replace_section(text, "y", "z")
+
+
+def test_every_benchmark_of_make_bench_has_a_section_in_the_docs():
+    text = bench_all.DOC.read_text()
+    for name in bench_all.PLAN:
+        assert f"<!-- bench:{name} -->" in text and f"<!-- /bench:{name} -->" in text, name
+
+
+def test_machine_record_names_cores_ram_threads_date_and_commit():
+    record = machine()
+    for key in ("cores", "ram_gb", "torch_threads", "date", "git_commit"):
+        assert record[key] is not None, key
+
+
+def test_small_helpers():
+    assert parse_size("512x288") == (512, 288)
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    assert percentile([], 0.5) is None
+
+
+def test_the_seed_loop_sees_the_samples_loomlens_trains_on(tmp_path):
+    """`sample_sequence` is the recipe's own batch plan, epoch after epoch."""
+    from bench.train_speed import sample_sequence
+    from loomlens.data.dataset import plan_batches
+
+    class Data:  # only what plan_batches reads
+        tasks = ["od"] * 10
+        lengths = list(range(10))
+
+    class Cfg:
+        batch_size, order, shuffle, seed = 4, "grouped", True, 3
+
+    batches = sample_sequence(Cfg, Data, 5)
+    epoch0 = plan_batches(Data.tasks, Data.lengths, 4, "grouped", True, 3, 0)
+    epoch1 = plan_batches(Data.tasks, Data.lengths, 4, "grouped", True, 3, 1)
+    assert batches == (epoch0 + epoch1)[:5]
