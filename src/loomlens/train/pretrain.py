@@ -258,15 +258,19 @@ def looking_check(model, processor, cfg: PretrainConfig, size: int, loc_start: i
     shuffled = dict(batch, pixel_values=batch["pixel_values"].roll(1, dims=0))
     logits, _ = forward(model, shuffled)
     _, wrong = seq_loss(logits, batch["labels"], loc_start, 1.0)
-    predictions = detect(model, processor, [s.image for s in scenes], max_boxes=cfg.max_objects + 2,
-                         batch_size=16, classes=SHAPE_CLASSES)
-    metrics = coco_metrics([s.boxes for s in scenes], predictions, list(SHAPE_CLASSES))
+    images, truth = [s.image for s in scenes], [s.boxes for s in scenes]
+    free, constrained = (
+        detect(model, processor, images, max_boxes=cfg.max_objects + 2, batch_size=16,
+               classes=SHAPE_CLASSES, constrained=grammar)
+        for grammar in (False, True)
+    )
     model.train()
     return {
         "loc_nll": float(right),
         "loc_nll_shuffled": float(wrong),
-        "map50": metrics["map50"],
-        "distinct_first_boxes": len({(round(p[0].x1), round(p[0].y1)) for p in predictions if p}),
+        "map50": coco_metrics(truth, free, list(SHAPE_CLASSES))["map50"],
+        "map50_constrained": coco_metrics(truth, constrained, list(SHAPE_CLASSES))["map50"],
+        "distinct_first_boxes": len({(round(p[0].x1), round(p[0].y1)) for p in free if p}),
     }
 
 
