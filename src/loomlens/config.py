@@ -28,8 +28,8 @@ class LoraSettings(BaseModel):
 
     targets: str | list[str] = Field(
         "seed",
-        description="a preset (seed, attention, language, all-linear) or module names "
-        "(suffixes such as q_proj, or full dotted names), as a list or comma-separated",
+        description="a preset (seed, attention, language, all-linear), module names (suffixes such "
+        "as q_proj, or full dotted names), or a mix of both, as a list or comma-separated",
     )
     r: int = Field(8, gt=0, description="LoRA rank")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; default 2 * r")
@@ -69,6 +69,9 @@ class TrainConfig(BaseModel):
         "grouped", description="grouped: one task after another, in the seed's order; interleaved: mixed"
     )
     shuffle: bool = Field(True, description="shuffle samples (within each task when grouped) every epoch")
+    group_by_length: bool = Field(
+        True, description="batch answers of similar length together (less padding, less mixed batches)"
+    )
 
     epochs: float = Field(3, gt=0)
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")

@@ -60,6 +60,7 @@ def test_presets_resolve_to_real_module_names(model):
     assert set(language) < set(everything) and "lm_head" not in everything
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     assert sorted(everything) == sorted(linear)
+    assert resolve_targets(model, ["language", "lm_head"]) == [*language, "lm_head"]  # presets mix with names
 
 
 @pytest.mark.parametrize("bad", ["linear", "Conv2d", "o_proj", "lm-head"])

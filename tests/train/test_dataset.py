@@ -87,3 +87,12 @@ def test_plan_is_padding_aware():
     naive = [list(range(len(TASKS)))[i : i + 4] for i in range(0, len(TASKS), 4)]
     padded_naive = sum(max(LENGTHS[i] for i in b) * len(b) for b in naive)
     assert padded < 0.8 * padded_naive
+
+
+def test_plan_without_length_grouping_keeps_batches_mixed():
+    short = [2 if i % 3 == 0 else 30 for i in range(96)]  # a third are empty answers
+    grouped = plan_batches(["od"] * 96, short, 8, seed=0)
+    mixed = plan_batches(["od"] * 96, short, 8, seed=0, by_length=False)
+    assert sorted(i for b in mixed for i in b) == list(range(96))
+    assert any(all(short[i] == 2 for i in b) for b in grouped)
+    assert not any(all(short[i] == 2 for i in b) for b in mixed)

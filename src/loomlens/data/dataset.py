@@ -158,6 +158,7 @@ def plan_batches(
     shuffle: bool = True,
     seed: int = 0,
     epoch: int = 0,
+    by_length: bool = True,
 ) -> list[list[int]]:
     """The batches of one epoch, as lists of sample indices; a pure function of its arguments,
     so a resumed run rebuilds exactly the same order.
@@ -165,8 +166,9 @@ def plan_batches(
     `grouped`: all batches of one task before the next, in the seed's order (od, dense region
     captions, grounding, then the rest); `interleaved`: tasks mixed. With `shuffle`, samples
     are shuffled (within each task for `grouped`) and batch order is random within the group;
-    without it pools follow the file order. Either way batches are cut from pools of
-    consecutive samples sorted by length, so a batch holds samples of similar length.
+    without it pools follow the file order. `by_length` cuts batches from pools of consecutive
+    samples sorted by length, so a batch holds samples of similar length (little padding); the
+    price is less mixed batches (all the empty answers of a pool land together).
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -180,7 +182,7 @@ def plan_batches(
     for group in groups:
         if shuffle:
             rng.shuffle(group)
-        pool = _POOL_BATCHES * batch_size
+        pool = _POOL_BATCHES * batch_size if by_length else batch_size
         group_batches = []
         for start in range(0, len(group), pool):
             chunk = sorted(group[start : start + pool], key=lambda i: lengths[i], reverse=True)

@@ -61,22 +61,29 @@ def tower_of(name: str) -> str:
     return "vision" if name.startswith(VISION_PREFIXES) else "language"
 
 
+def _preset(layers: dict[str, nn.Module], name: str) -> list[str] | None:
+    """The module names of preset `name`, or None if `name` is not a preset."""
+    linear = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
+    if name == "all-linear":
+        return [n for n in linear if n != "lm_head"]
+    if name == "language":
+        return [n for n in linear if n.startswith("model.language_model")]
+    if name in PRESETS:
+        return [n for n in layers if any(n == t or n.endswith("." + t) for t in PRESETS[name])]
+    return None
+
+
 def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Explicit module names for a preset or a list of names; raise `LoraTargetError` for a
-    name that matches no wrappable layer, naming it and the names that do exist."""
+    """Explicit module names for `targets`: a preset, a module name (a suffix such as `q_proj`,
+    or a full dotted name), or a list mixing both (`[language, lm_head]`). Raises
+    `LoraTargetError` for an entry that matches no wrappable layer, naming it and the names
+    that do exist."""
     layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, _WRAPPABLE)}
-    if isinstance(targets, str):
-        if targets == "all-linear":
-            return [n for n, m in layers.items() if isinstance(m, nn.Linear) and n != "lm_head"]
-        if targets == "language":
-            return [
-                n for n, m in layers.items()
-                if isinstance(m, nn.Linear) and n.startswith("model.language_model")
-            ]
-        targets = list(PRESETS.get(targets, (targets,)))
     chosen: list[str] = []
-    for target in targets:
-        found = [n for n in layers if n == target or n.endswith("." + target)]
+    for target in [targets] if isinstance(targets, str) else targets:
+        found = _preset(layers, target)
+        if found is None:
+            found = [n for n in layers if n == target or n.endswith("." + target)]
         if not found:
             known = sorted({n.rsplit(".", 1)[-1] for n, m in layers.items() if isinstance(m, nn.Linear)})
             raise LoraTargetError(

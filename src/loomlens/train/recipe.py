@@ -107,7 +107,11 @@ def train(
     val_path = cfg.data / "val.jsonl"
     val_set = FlorenceDataset(val_path, processor, cfg.tasks, max_label) if _has_samples(val_path) else None
     collate = Collator(processor.tokenizer.pad_token_id)
-    plan = plan_batches(train_set.tasks, train_set.lengths, cfg.batch_size, cfg.order, cfg.shuffle, cfg.seed)
+    def epoch_plan(epoch: int) -> list[list[int]]:
+        return plan_batches(train_set.tasks, train_set.lengths, cfg.batch_size, cfg.order, cfg.shuffle, cfg.seed,
+                            epoch, cfg.group_by_length)
+
+    plan = epoch_plan(0)
     windows_per_epoch = math.ceil(len(plan) // world / cfg.grad_accum)
     if windows_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training samples are too few for {world} processes")
@@ -148,9 +152,7 @@ def train(
     stopped, last_eval = ("max_steps" if state.step >= total_steps else ""), {}
     model.train()
     while not stopped:
-        batches = plan_batches(
-            train_set.tasks, train_set.lengths, cfg.batch_size, cfg.order, cfg.shuffle, cfg.seed, state.epoch
-        )
+        batches = epoch_plan(state.epoch)
         mine = batches[: len(batches) // world * world][rank::world]
         windows = [mine[i : i + cfg.grad_accum] for i in range(0, len(mine), cfg.grad_accum)]
         todo = windows[state.window :]
