@@ -86,6 +86,10 @@ class TrainConfig(BaseModel):
         0, ge=0, description="processes preparing batches (GPU runs on large data); 0 = in the loop, with "
         "every image processed once and cached (fastest on CPU)",
     )
+    cache_image_features: bool = Field(
+        False, description="run the vision side once per image and reuse its output (needs a frozen "
+        "vision side: --freeze vision or language-only targets; the fastest choice on CPU)",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 (else fp16) autocast on CUDA, fp32 on CPU"

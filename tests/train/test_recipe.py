@@ -109,3 +109,17 @@ def test_worker_processes_feed_the_same_batches(make_config, tmp_path):
     a, b = adapter_weights(inline.model), adapter_weights(workers.model)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_cached_image_features_train_exactly_like_pixels(make_config, tmp_path):
+    common = dict(max_steps=2, eval_every=0, lora={"r": 4, "dropout": 0.0, "targets": ["language", "lm_head"]})
+    pixels = train(make_config(**common, out=str(tmp_path / "a")))
+    cached = train(make_config(**common, cache_image_features=True, out=str(tmp_path / "b")))
+    a, b = adapter_weights(pixels.model), adapter_weights(cached.model)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_cached_image_features_refuse_a_trainable_vision_side(make_config):
+    with pytest.raises(ValueError, match="freeze vision"):
+        train(make_config(max_steps=1, cache_image_features=True, lora={"targets": "seed"}))

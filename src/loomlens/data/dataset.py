@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from loomlens.data.convert import TASKS
 
 #: Label padding, ignored by the loss.
 IGNORE_INDEX = -100
+#: What an item carries of its image: processed pixels, or the vision side's cached output.
+IMAGE_KEYS = ("pixel_values", "image_features")
 ORDERS = ("grouped", "interleaved")
 #: Batches are formed from pools of this many batches sorted by length: similar lengths
 #: share a batch (little padding) while the order stays random.
@@ -83,6 +85,7 @@ class FlorenceDataset(torch.utils.data.Dataset):
                 Example(prompts[prefix], tuple(labels), self.jsonl.parent / row["image"], row.get("task", prefix))
             )
         self._pixels: dict[Path, torch.Tensor] = {}
+        self._features: dict[Path, torch.Tensor] = {}
 
     def _prompt_ids(self, prefix: str) -> tuple[int, ...]:
         # The processor expands task tokens into prompts and prepends the image tokens; the
@@ -100,16 +103,27 @@ class FlorenceDataset(torch.utils.data.Dataset):
             self._pixels[image] = values
         return values
 
+    @torch.no_grad()
+    def encode_images(self, encoder: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 16) -> None:
+        """Run every image through `encoder` (pixels (B, 3, H, W) -> image features (B, N, D))
+        once and serve `image_features` instead of `pixel_values` from then on: for training
+        with a frozen vision side, where the image half of every step would repeat itself."""
+        images = sorted({ex.image for ex in self.examples})
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            features = encoder(torch.stack([self.pixels(image) for image in chunk]))
+            self._features.update(zip(chunk, features.cpu()))
+        self._pixels.clear()  # no longer needed
+
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ex = self.examples[index]
-        return {
-            "input_ids": torch.tensor(ex.input_ids),
-            "labels": torch.tensor(ex.labels),
-            "pixel_values": self.pixels(ex.image),
-        }
+        image = (
+            {"image_features": self._features[ex.image]} if self._features else {"pixel_values": self.pixels(ex.image)}
+        )
+        return {"input_ids": torch.tensor(ex.input_ids), "labels": torch.tensor(ex.labels), **image}
 
     @property
     def lengths(self) -> list[int]:
@@ -124,7 +138,7 @@ class FlorenceDataset(torch.utils.data.Dataset):
 @dataclass(frozen=True)
 class Collator:
     """Stack items into a batch: pad `input_ids` with `pad_token_id` (+ `attention_mask`) and
-    `labels` with -100, on the right."""
+    `labels` with -100, on the right; stack `pixel_values` (or cached `image_features`)."""
 
     pad_token_id: int
 
@@ -134,7 +148,7 @@ class Collator:
             "input_ids": input_ids,
             "attention_mask": _pad([torch.ones_like(it["input_ids"]) for it in items], 0),
             "labels": _pad([it["labels"] for it in items], IGNORE_INDEX),
-            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+            **{key: torch.stack([it[key] for it in items]) for key in IMAGE_KEYS if key in items[0]},
         }
 
 

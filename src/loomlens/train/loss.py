@@ -35,19 +35,31 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return loss_sum, (labels != IGNORE_INDEX).sum()
 
 
+def with_image_embeds(batch: dict[str, torch.Tensor], embeddings: torch.nn.Module, image_token_id: int) -> dict:
+    """A batch with cached `image_features` -> the same batch with `inputs_embeds`: the token
+    embeddings with the image features in place of the image tokens, as Florence-2 builds them."""
+    batch = dict(batch)
+    input_ids, features = batch.pop("input_ids"), batch.pop("image_features")
+    embeds = embeddings(input_ids)
+    mask = (input_ids == image_token_id).unsqueeze(-1).expand_as(embeds)
+    batch["inputs_embeds"] = embeds.masked_scatter(mask, features.to(embeds.dtype))
+    return batch
+
+
 def batch_loss(
     model, batch: dict[str, torch.Tensor], decoder_start_token_id: int, pad_token_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward `batch` (from `Collator`) through a Florence-2 (plain, peft- or DDP-wrapped) and
-    return `(loss sum, token count)`. The decoder attends to the start token and the labels."""
+    """Forward `batch` (from `Collator`, or `with_image_embeds`) through a Florence-2 (plain,
+    peft- or DDP-wrapped) and return `(loss sum, token count)`. The decoder attends to the start
+    token and the labels."""
     labels = batch["labels"]
     decoder_input_ids = decoder_inputs(labels, decoder_start_token_id, pad_token_id)
     decoder_mask = torch.ones_like(labels)
     decoder_mask[:, 1:] = labels[:, :-1] != IGNORE_INDEX
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "inputs_embeds") if k in batch}
     out = model(
-        input_ids=batch["input_ids"],
+        **inputs,
         attention_mask=batch["attention_mask"],
-        pixel_values=batch["pixel_values"],
         decoder_input_ids=decoder_input_ids,
         decoder_attention_mask=decoder_mask,
         use_cache=False,

@@ -45,7 +45,7 @@ from loomlens.train.checkpoint import (
     set_rng_states,
 )
 from loomlens.train.curves import MetricsLog, plot_run
-from loomlens.train.loss import batch_loss
+from loomlens.train.loss import batch_loss, with_image_embeds
 from loomlens.train.schedule import build_scheduler, warmup_steps
 
 
@@ -123,6 +123,15 @@ def train(
     scheduler = build_scheduler(optimizer, cfg.schedule, warmup_steps(cfg.warmup, total_steps), total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     peft_model = accelerator.unwrap_model(model)
+    base = peft_model.get_base_model()
+    if cfg.cache_image_features:
+        _check_frozen_image_side(peft_model)
+        say(f"encoding {len({ex.image for ex in train_set.examples})} training images once (frozen vision side)")
+        base.eval()
+        train_set.encode_images(
+            lambda pixels: base.model.get_image_features(pixels.to(accelerator.device)).pooler_output,
+            cfg.eval_batch_size,
+        )
     state = TrainerState()
     if resume:
         state = load_checkpoint(last_dir, peft_model, optimizer, scheduler, rank, accelerator.scaler)
@@ -171,6 +180,8 @@ def train(
             loss_sum = torch.zeros((), device=accelerator.device)
             for k, batch in enumerate(micro):
                 batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+                if "image_features" in batch:
+                    batch = with_image_embeds(batch, base.get_input_embeddings(), base.config.image_token_id)
                 sync = nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
                 with sync:
                     part, _ = batch_loss(model, batch, *ids)
@@ -258,6 +269,18 @@ def _check_run_dir(run_dir: Path, last_dir: Path, resume: bool) -> None:
             raise FileNotFoundError(f"nothing to resume: {last_dir} has no checkpoint")
     elif last_dir.exists():
         raise FileExistsError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick a new --out")
+
+
+def _check_frozen_image_side(model) -> None:
+    """Cached image features must be what the model would compute: nothing before the text
+    encoder (vision tower, projector, token embeddings) may train."""
+    moving = [n for n, p in model.named_parameters() if p.requires_grad and
+              any(k in n for k in ("vision_tower", "multi_modal_projector", "shared", "embed_tokens"))]
+    if moving:
+        raise ValueError(
+            f"cache_image_features needs a frozen vision side, but {moving[0]} (and {len(moving) - 1} more) "
+            "would train: add --freeze vision, or use language-only targets"
+        )
 
 
 def _has_samples(path: Path) -> bool:
