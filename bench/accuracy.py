@@ -87,7 +87,8 @@ def tables(result: dict[str, Any]) -> list[Table]:
         "mAP50 against training time (seed 0's data and seed)",
         ["budget", "steps", "train s", "val loss", "mAP50", "mAP50-95"],
         [row("untrained" if r["budget_s"] == 0 else f"{r['budget_s']:g} s", r) for r in result["growth"]],
-        ["train s excludes the final evaluation; a budget stops the same cosine schedule early, as the demo's does."],
+        ["train s excludes the final evaluation; a budget stops the same cosine schedule early, as the demo's does. "
+         "A budget is wall time: how many steps fit in it depends on the machine's load."],
     )
     return [seeds, growth]
 

@@ -3,6 +3,7 @@ tables in docs/benchmarks.md rewritten from their results, with date, machine an
 
     make bench                                        # = python -m bench.all
     python -m bench.all --only train_speed infer_speed
+    python -m bench.all --small                        # each at its own small default (~10 min)
     python -m bench.all --render                       # only rewrite the docs from runs/bench/*.json
 
 Each benchmark runs as its own `python -m bench.NAME ...` process and writes
@@ -47,9 +48,10 @@ PLAN: dict[str, list[str]] = {
 USE_ADAPTER = ("infer_speed", "tiling")
 
 
-def command(name: str, threads: int | None) -> list[str]:
-    """The command line that runs benchmark `name` at the `make bench` size."""
-    args = list(PLAN[name])
+def command(name: str, threads: int | None, small: bool = False) -> list[str]:
+    """The command line that runs benchmark `name` at the `make bench` size (`small`: at its
+    own default size, the accuracy runs still kept for the adapter)."""
+    args = (["--keep", str(KEPT_RUNS)] if name == "accuracy" else []) if small else list(PLAN[name])
     if name in USE_ADAPTER and (ADAPTER / "checkpoints").exists():
         args += ["--adapter", str(ADAPTER)]
     if threads and name != "tiling":  # tiling.py takes no --threads: OMP_NUM_THREADS sets it (see run)
@@ -57,10 +59,10 @@ def command(name: str, threads: int | None) -> list[str]:
     return [sys.executable, "-m", f"bench.{name}", *args]
 
 
-def run(name: str, threads: int | None) -> float:
+def run(name: str, threads: int | None, small: bool = False) -> float:
     """Run one benchmark in its own process; returns its wall seconds. tiling.py's JSON is
     given the machine and command the others record themselves."""
-    cmd = command(name, threads)
+    cmd = command(name, threads, small)
     if name == "accuracy":
         shutil.rmtree(KEPT_RUNS, ignore_errors=True)
     print(f"\n=== {' '.join(['python', *cmd[1:]])}", flush=True)
@@ -135,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(PLAN), default=list(PLAN))
     parser.add_argument("--threads", type=int, default=None, help="torch threads for each benchmark")
+    parser.add_argument("--small", action="store_true", help="each benchmark at its own small default size")
     parser.add_argument("--render", action="store_true", help="only rewrite docs/benchmarks.md from the JSONs")
     args = parser.parse_args(argv)
 
     set_threads(args.threads)  # so the machine record of tiling.json shows the threads it ran with
     if not args.render:
-        seconds = {name: run(name, args.threads) for name in args.only}
+        seconds = {name: run(name, args.threads, args.small) for name in args.only}
         print("\n" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f"; total {sum(seconds.values()):.0f} s")
     done = render(args.only)
     print(f"rewrote {', '.join(done) or 'nothing'} in {DOC.relative_to(ROOT)}")

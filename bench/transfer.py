@@ -66,9 +66,11 @@ def fine_tune(data: Path, out: Path, model: str, steps: int, seed: int, eval_ima
 
 def tables(result: dict[str, Any]) -> list[Table]:
     rows = []
+    init = result["random_init_model"]
     for name in ("pretrained", "random_init"):
         runs = result[name]
-        label = "shipped tiny (pretrained)" if name == "pretrained" else "random init, same shape"
+        shipped = "shipped tiny (pretrained)" if init["from_record"] else "shipped tiny (placeholder weights)"
+        label = shipped if name == "pretrained" else "random init, same shape"
         for r in runs:
             rows.append([f"{label}, seed {r['seed']}", fmt(r["val_loss_before"]), fmt(r["val_loss"]),
                          fmt(r["map50"]), fmt(r["map50_95"])])
@@ -77,7 +79,6 @@ def tables(result: dict[str, Any]) -> list[Table]:
                          fmt(statistics.fmean(r["val_loss"] for r in runs)),
                          fmt(statistics.fmean(r["map50"] or 0 for r in runs)),
                          fmt(statistics.fmean(r["map50_95"] or 0 for r in runs))])
-    init = result["random_init_model"]
     notes = [f"Both: demo recipe, {result['steps']} steps, same data ({result['images']} frames {result['size']}) "
              "and seed; val split scored whole.",
              f"Random init: build_tiny({'the shape in pretrain_config.json' if init['from_record'] else 'TinyShape()'}), "
