@@ -4,6 +4,7 @@ seeds (mean and spread) and how it grows with training time.
     python -m bench.accuracy                                         # small: ~3 min on 2 cores
     python -m bench.accuracy --images 240 --seeds 0 1 2 3 4 --budget 330 --budgets 60 120 240
     python -m bench.accuracy --keep runs/bench/accuracy-runs          # keep the run folders
+    python -m bench.accuracy --set lora.freeze=vision --set cache_image_features=true
 
 For each seed, frames are drawn and converted as the demo does it (`loomlens synth` with that
 seed, `convert` with flipped copies) and the demo recipe is trained with that seed for
@@ -33,13 +34,15 @@ NAME = "accuracy"
 NEVER = 10**9  # eval_every: evaluate only when the run stops
 
 
-def train_run(data: Path, out: Path, seed: int, budget: float, eval_images: int | None) -> dict[str, Any]:
-    """The demo recipe for `budget` seconds; its final evaluation and how far it got."""
+def train_run(data: Path, out: Path, seed: int, budget: float, eval_images: int | None,
+              overrides: dict[str, str]) -> dict[str, Any]:
+    """The demo recipe (with `overrides`) for `budget` seconds; its final evaluation and how
+    far it got."""
     from loomlens.train.recipe import train
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = recipe_config(data, out, seed=seed, time_budget=budget, eval_every=NEVER, eval_max_images=eval_images,
-                        val_loss_max_samples=None)
+                        val_loss_max_samples=None, **overrides)
     result = train(cfg, log=lambda *_: None)
     return {"seed": seed, "budget_s": budget, "steps": result.state.step, "samples": result.state.step * cfg.batch_size,
             "train_seconds": result.state.train_seconds, "stopped": result.stopped, "run": str(out),
@@ -72,8 +75,9 @@ def tables(result: dict[str, Any]) -> list[Table]:
 
     runs = result["seeds"]
     s = result["summary"]
+    recipe = "Demo recipe" + "".join(f", {k}={v}" for k, v in result.get("overrides", {}).items())
     seeds = Table(
-        f"Demo recipe, {result['budget_s']:g} s each, {len(runs)} seeds ({result['images']} frames "
+        f"{recipe}, {result['budget_s']:g} s each, {len(runs)} seeds ({result['images']} frames "
         f"{result['size']} per seed, {result['val_images']} val images)",
         ["seed", "steps", "train s", "val loss", "mAP50", "mAP50-95"],
         [row(str(r["seed"]), r) for r in runs] + [[
@@ -102,25 +106,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", type=float, nargs="*", default=[10.0, 20.0],
                         help="shorter budgets for the growth curve (seed 0); --budget is its last point")
     parser.add_argument("--eval-images", type=int, default=None, help="val images scored (default: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="K=V",
+                        help="a recipe override on top of the demo config (repeatable), e.g. lora.freeze=vision")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run folders here (default: a temp folder)")
     common_flags(parser, NAME)
     args = parser.parse_args(argv)
     set_threads(args.threads)
+    overrides = dict(kv.split("=", 1) for kv in args.set)
 
     with tempfile.TemporaryDirectory(prefix="loomlens-accuracy-") as tmp_name:
         runs_dir = args.keep or Path(tmp_name)  # kept runs keep their data beside them
         data = {seed: loom_data(runs_dir / f"data-{seed}", args.images, args.size, seed) for seed in args.seeds}
-        runs = [train_run(data[seed], runs_dir / f"seed{seed}", seed, args.budget, args.eval_images)
+        runs = [train_run(data[seed], runs_dir / f"seed{seed}", seed, args.budget, args.eval_images, overrides)
                 for seed in args.seeds]
         first = args.seeds[0]
         growth = [untrained(data[first], args.eval_images)]
-        growth += [train_run(data[first], runs_dir / f"seed{first}-{b:g}s", first, b, args.eval_images)
+        growth += [train_run(data[first], runs_dir / f"seed{first}-{b:g}s", first, b, args.eval_images, overrides)
                    for b in sorted(args.budgets) if b < args.budget]
         growth.append(runs[0])
         val_images = sum(1 for line in open(data[first] / "val.jsonl") if line.strip())
 
     summary = {k: spread([r[k] for r in runs if r[k] is not None] or [0.0]) for k in ("map50", "map50_95", "val_loss")}
     result = {"images": args.images, "size": "x".join(map(str, args.size)), "val_images": val_images,
+              "overrides": overrides,
               "budget_s": args.budget, "seeds": runs, "summary": summary, "growth": growth,
               "kept": str(args.keep) if args.keep else None}
     path = write_result(NAME, result, args.out, command_line("bench.accuracy", argv))

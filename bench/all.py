@@ -36,7 +36,7 @@ ADAPTER = KEPT_RUNS / "seed0"
 #: name -> arguments at the `make bench` size (each benchmark's own defaults are smaller).
 PLAN: dict[str, list[str]] = {
     "train_speed": ["--images", "96", "--samples", "192", "--repeats", "2", "--val-samples", "64",
-                    "--also", "lora.freeze=vision"],
+                    "--also", "lora.freeze=vision", "--also", "lora.freeze=vision,cache_image_features=true"],
     "accuracy": ["--images", "160", "--seeds", "0", "1", "2", "--budget", "60", "--budgets", "15", "30",
                  "--keep", str(KEPT_RUNS)],
     "infer_speed": ["--images", "24", "--repeats", "2"],

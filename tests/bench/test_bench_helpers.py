@@ -51,7 +51,7 @@ def test_the_seed_loop_sees_the_samples_loomlens_trains_on(tmp_path):
         lengths = list(range(10))
 
     class Cfg:
-        batch_size, order, shuffle, seed = 4, "grouped", True, 3
+        batch_size, order, shuffle, seed, group_by_length = 4, "grouped", True, 3, True
 
     batches = sample_sequence(Cfg, Data, 5)
     epoch0 = plan_batches(Data.tasks, Data.lengths, 4, "grouped", True, 3, 0)
