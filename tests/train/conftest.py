@@ -21,6 +21,18 @@ SMALL = TinyShape(
 CLASSES = ["drop", "wrinkle"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The small model's ops are too small for two threads: on a busy CPU the second one only
+    waits (measured: 3-10x slower under load). Restored after each test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def small_model_dir(tmp_path_factory) -> Path:
     """A saved random `SMALL` Florence-2 (model + processor) folder."""
