@@ -17,7 +17,6 @@ and the untrained base gives its starting point.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -26,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    Table, common_flags, command_line, describe, fmt, loom_data, parse_size, recipe_config, set_threads, show,
-    write_result,
+    publish,
+    Table, common_flags, fmt, loom_data, parse_size, recipe_config, set_threads,
 )
 
 NAME = "accuracy"
@@ -131,12 +130,7 @@ def main(argv: list[str] | None = None) -> int:
               "overrides": overrides,
               "budget_s": args.budget, "seeds": runs, "summary": summary, "growth": growth,
               "kept": str(args.keep) if args.keep else None}
-    path = write_result(NAME, result, args.out, command_line("bench.accuracy", argv))
-    result = json.loads(path.read_text())
-    print(describe(result["machine"]))
-    show(tables(result))
-    print(f"wrote {path}")
-    return 0
+    return publish(NAME, result, args.out, argv, tables)
 
 
 if __name__ == "__main__":

@@ -342,3 +342,14 @@ def common_flags(parser, name: str) -> None:
     """Flags every benchmark takes: --threads, --out."""
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--out", type=Path, default=RESULTS / f"{name}.json", help="JSON result")
+
+
+def publish(name: str, result: dict, out, argv, tables) -> int:
+    """Write `result` as bench `name`'s JSON, then print the machine and `tables(result)` as
+    read back from that file (so what is shown is what was saved); returns exit code 0."""
+    path = write_result(name, result, out, command_line(f"bench.{name}", argv))
+    result = json.loads(path.read_text())
+    print(describe(result["machine"]))
+    show(tables(result))
+    print(f"wrote {path}")
+    return 0

@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    Table, answer_tokens, common_flags, command_line, describe, fmt, forced_answer_seconds, parse_size, percentile,
-    set_threads, show, write_result,
+    publish,
+    Table, answer_tokens, common_flags, fmt, forced_answer_seconds, parse_size, percentile,
+    set_threads,
 )
 
 NAME = "infer_speed"
@@ -225,14 +226,7 @@ def main(argv: list[str] | None = None) -> int:
               "loomlens_budget": box_token_budget(args.max_boxes, label_token_count(processor.tokenizer, classes)),
               "rows": rows, "forced": forced, "answer_images": len(some), "speedup": rows[1]["images_per_s"] / rows[0]["images_per_s"],
               "speedup_constrained": rows[2]["images_per_s"] / rows[0]["images_per_s"]}
-    path = write_result(NAME, result, args.out, command_line("bench.infer_speed", argv))
-    import json
-
-    result = json.loads(path.read_text())
-    print(describe(result["machine"]))
-    show(tables(result))
-    print(f"wrote {path}")
-    return 0
+    return publish(NAME, result, args.out, argv, tables)
 
 
 if __name__ == "__main__":

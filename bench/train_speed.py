@@ -42,8 +42,9 @@ from typing import Any
 import torch
 
 from bench.common import (
-    Stopwatch, Table, autocast, common_flags, command_line, describe, device, fmt, lora_model, loom_data,
-    peak_memory_mb, ratio, recipe_config, rss_mb, set_threads, show, training_step, val_loss, write_result,
+    publish,
+    Stopwatch, Table, autocast, common_flags, device, fmt, lora_model, loom_data,
+    peak_memory_mb, ratio, recipe_config, rss_mb, set_threads, training_step, val_loss,
 )
 
 NAME = "train_speed"
@@ -364,12 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     set_threads(args.threads)
     result = run(args)
-    path = write_result(NAME, result, args.out, command_line("bench.train_speed", argv))
-    result = json.loads(path.read_text())
-    print(describe(result["machine"]))
-    show(tables(result))
-    print(f"wrote {path}")
-    return 0
+    return publish(NAME, result, args.out, argv, tables)
 
 
 if __name__ == "__main__":

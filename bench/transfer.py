@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    Table, common_flags, command_line, describe, demo_settings, fmt, loom_data, parse_size, recipe_config,
-    set_threads, show, val_loss, write_result,
+    publish,
+    Table, common_flags, demo_settings, fmt, loom_data, parse_size, recipe_config,
+    set_threads, val_loss,
 )
 
 NAME = "transfer"
@@ -116,12 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     pre, rand = result["pretrained"], result["random_init"]
     result["map50_gain"] = statistics.fmean((a["map50"] or 0) - (b["map50"] or 0) for a, b in zip(pre, rand))
     result["val_loss_gain"] = statistics.fmean(b["val_loss"] - a["val_loss"] for a, b in zip(pre, rand))
-    path = write_result(NAME, result, args.out, command_line("bench.transfer", argv))
-    result = json.loads(path.read_text())
-    print(describe(result["machine"]))
-    show(tables(result))
-    print(f"wrote {path}")
-    return 0
+    return publish(NAME, result, args.out, argv, tables)
 
 
 if __name__ == "__main__":

