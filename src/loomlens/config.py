@@ -90,6 +90,10 @@ class TrainConfig(BaseModel):
         False, description="run the vision side once per image and reuse its output (needs a frozen "
         "vision side: --freeze vision or language-only targets; the fastest choice on CPU)",
     )
+    loc_sigma: float = Field(0.0, ge=0, description="soft labels over location bins: Gaussian width in bins; 0 = exact")
+    pointer_weight: float = Field(
+        0.0, ge=0, description="pointer loss: cross-attention at location tokens onto the box edge's image cells"
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 (else fp16) autocast on CUDA, fp32 on CPU"

@@ -72,9 +72,9 @@ def test_accumulation_averages_over_tokens_not_micro_batches(make_config, tmp_pa
 def test_nan_loss_saves_the_good_state_and_stops_clearly(make_config, monkeypatch):
     real, calls = recipe.batch_loss, []
 
-    def poisoned(model, batch, *ids):
+    def poisoned(model, batch, spec):
         calls.append(1)
-        loss, count = real(model, batch, *ids)
+        loss, count = real(model, batch, spec)
         return (loss * float("nan"), count) if len(calls) == 3 else (loss, count)
 
     monkeypatch.setattr(recipe, "batch_loss", poisoned)
@@ -123,3 +123,12 @@ def test_cached_image_features_train_exactly_like_pixels(make_config, tmp_path):
 def test_cached_image_features_refuse_a_trainable_vision_side(make_config):
     with pytest.raises(ValueError, match="freeze vision"):
         train(make_config(max_steps=1, cache_image_features=True, lora={"targets": "seed"}))
+
+
+def test_soft_labels_and_pointer_train_and_validate_with_the_plain_loss(make_config, tmp_path):
+    plain = train(make_config(max_steps=1, eval_every=1, out=str(tmp_path / "a")))
+    helped = train(make_config(max_steps=1, eval_every=1, loc_sigma=4, pointer_weight=1, out=str(tmp_path / "b")))
+    assert helped.model.config._attn_implementation == "eager"  # restored after evaluating with sdpa
+    a, b = adapter_weights(plain.model), adapter_weights(helped.model)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the extra terms changed the step
+    assert helped.last_eval["val_loss"] > 0

@@ -5,14 +5,46 @@ disagreed on how), and its mean would count a batch's padding differently from o
 decoder inputs are built from the labels exactly as the label contract says, padding (-100)
 never reaches the loss, and the loss is a *sum* plus a token count, so that gradient
 accumulation and several processes can average over the true number of tokens.
+
+Two optional terms help a small model learn *where* (both off by default, both measured on the
+tiny model, whose pretraining needed them too; see its model card): Gaussian soft labels over
+the location bins (`loc_sigma`: a near miss costs less than a far one), and the pointer loss
+(`pointer_weight`: at each location token the last decoder layer's cross-attention is pushed
+onto the image cells of that box edge). Without the pointer, the tiny model fine-tuned on loom
+frames answers every image with the same boxes: it stops looking.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from loomlens.data.dataset import IGNORE_INDEX
+from loomlens.train.pretrain import pointer_loss, pointer_targets
+
+#: Florence-2's location tokens: `<loc_0>`..`<loc_999>`, consecutive ids.
+NUM_BINS = 1000
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What the loss needs besides the batch: the decoder's start and pad ids, and for the
+    optional terms the id of `<loc_0>`, the soft-label width in bins and the pointer's weight
+    and image grid (cells per side)."""
+
+    decoder_start_token_id: int
+    pad_token_id: int
+    loc_start: int | None = None
+    loc_sigma: float = 0.0
+    pointer_weight: float = 0.0
+    grid: int = 0
+
+    @property
+    def plain(self) -> LossSpec:
+        """The same spec with the optional terms off: the true NLL, for validation."""
+        return LossSpec(self.decoder_start_token_id, self.pad_token_id)
 
 
 def decoder_inputs(labels: torch.Tensor, decoder_start_token_id: int, pad_token_id: int) -> torch.Tensor:
@@ -23,16 +55,26 @@ def decoder_inputs(labels: torch.Tensor, decoder_start_token_id: int, pad_token_
     return shifted
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, loc_start: int | None = None, loc_sigma: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`(sum of cross-entropy over label tokens, number of label tokens)`; -100 is ignored.
 
-    Computed in fp32 whatever the logits' dtype (a bf16 log-softmax over the vocabulary loses
-    the small probabilities that matter late in training).
+    With `loc_sigma` > 0 (and `loc_start`, the id of `<loc_0>`), a location token's target is
+    a Gaussian over the 1000 bins centred on the true bin instead of that bin alone. Computed in
+    fp32 whatever the logits' dtype (a bf16 log-softmax loses the small probabilities).
     """
-    loss_sum = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss_sum, (labels != IGNORE_INDEX).sum()
+    logp = F.log_softmax(logits.float(), dim=-1)
+    valid = labels != IGNORE_INDEX
+    nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    if loc_sigma <= 0 or loc_start is None:
+        return (nll * valid).sum(), valid.sum()
+    is_loc = valid & (labels >= loc_start) & (labels < loc_start + NUM_BINS)
+    bins = torch.arange(NUM_BINS, device=logits.device, dtype=torch.float32)
+    target = (labels[is_loc] - loc_start).float()
+    soft = torch.softmax(-((bins[None, :] - target[:, None]) ** 2) / (2 * loc_sigma**2), dim=-1)
+    loc_loss = -(soft * logp[..., loc_start : loc_start + NUM_BINS][is_loc]).sum()
+    return (nll * (valid & ~is_loc)).sum() + loc_loss, valid.sum()
 
 
 def with_image_embeds(batch: dict[str, torch.Tensor], embeddings: torch.nn.Module, image_token_id: int) -> dict:
@@ -46,14 +88,14 @@ def with_image_embeds(batch: dict[str, torch.Tensor], embeddings: torch.nn.Modul
     return batch
 
 
-def batch_loss(
-    model, batch: dict[str, torch.Tensor], decoder_start_token_id: int, pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_loss(model, batch: dict[str, torch.Tensor], spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward `batch` (from `Collator`, or `with_image_embeds`) through a Florence-2 (plain,
     peft- or DDP-wrapped) and return `(loss sum, token count)`. The decoder attends to the start
-    token and the labels."""
+    token and the labels. The pointer term (a per-location mean) enters the sum weighted by the
+    token count, so dividing by the count gives mean cross-entropy + weight x pointer loss; it
+    needs the model in eager attention (the weights are not returned otherwise)."""
     labels = batch["labels"]
-    decoder_input_ids = decoder_inputs(labels, decoder_start_token_id, pad_token_id)
+    decoder_input_ids = decoder_inputs(labels, spec.decoder_start_token_id, spec.pad_token_id)
     decoder_mask = torch.ones_like(labels)
     decoder_mask[:, 1:] = labels[:, :-1] != IGNORE_INDEX
     inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "inputs_embeds") if k in batch}
@@ -63,5 +105,10 @@ def batch_loss(
         decoder_input_ids=decoder_input_ids,
         decoder_attention_mask=decoder_mask,
         use_cache=False,
+        output_attentions=spec.pointer_weight > 0,
     )
-    return token_cross_entropy(out.logits, labels)
+    loss_sum, count = token_cross_entropy(out.logits, labels, spec.loc_start, spec.loc_sigma)
+    if spec.pointer_weight > 0:
+        pointer = pointer_loss(out.cross_attentions[-1], pointer_targets(labels, spec.loc_start, spec.grid))
+        loss_sum = loss_sum + spec.pointer_weight * pointer * count
+    return loss_sum, count

@@ -45,7 +45,7 @@ from loomlens.train.checkpoint import (
     set_rng_states,
 )
 from loomlens.train.curves import MetricsLog, plot_run
-from loomlens.train.loss import batch_loss, with_image_embeds
+from loomlens.train.loss import LossSpec, batch_loss, with_image_embeds
 from loomlens.train.schedule import build_scheduler, warmup_steps
 
 
@@ -121,6 +121,13 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.schedule, warmup_steps(cfg.warmup, total_steps), total_steps)
+    spec = LossSpec(
+        text_config.decoder_start_token_id, text_config.pad_token_id,
+        processor.tokenizer.convert_tokens_to_ids("<loc_0>"), cfg.loc_sigma, cfg.pointer_weight,
+        math.isqrt(train_set.examples[0].input_ids.count(model.config.image_token_id) - 1),
+    )
+    if cfg.pointer_weight:
+        model.set_attn_implementation("eager")  # the pointer reads cross-attention weights
     model, optimizer = accelerator.prepare(model, optimizer)
     peft_model = accelerator.unwrap_model(model)
     base = peft_model.get_base_model()
@@ -155,7 +162,6 @@ def train(
             if improved:
                 copy_checkpoint(last_dir, best_dir)
 
-    ids = (text_config.decoder_start_token_id, text_config.pad_token_id)
     bar = tqdm(total=total_steps, initial=state.step, disable=not (main and cfg.progress), desc="train")
     started, seconds_before = time.monotonic(), state.train_seconds
     stopped, last_eval = ("max_steps" if state.step >= total_steps else ""), {}
@@ -184,7 +190,7 @@ def train(
                     batch = with_image_embeds(batch, base.get_input_embeddings(), base.config.image_token_id)
                 sync = nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
                 with sync:
-                    part, _ = batch_loss(model, batch, *ids)
+                    part, _ = batch_loss(model, batch, spec)
                     accelerator.backward(part * world / tokens)
                 loss_sum += part.detach()
             loss = (accelerator.reduce(loss_sum, "sum") / tokens).item()
@@ -224,7 +230,7 @@ def train(
                 stopped = "stop_at_step"
             due = (cfg.eval_every and state.step % cfg.eval_every == 0) or (not cfg.eval_every and epoch_done)
             if val_set is not None and (due or stopped in ("max_steps", "time_budget")):
-                last_eval = _evaluate(peft_model, processor, val_set, cfg, accelerator, ids)
+                last_eval = _evaluate(peft_model, processor, val_set, cfg, accelerator, spec.plain)
                 by_map = cfg.best_metric == "map50" and "map50" in last_eval
                 score = last_eval["map50"] if by_map else -last_eval["val_loss"]
                 improved = state.best_metric is None or score > state.best_metric
@@ -288,10 +294,14 @@ def _has_samples(path: Path) -> bool:
 
 
 @torch.no_grad()
-def _evaluate(model, processor, val_set: FlorenceDataset, cfg: TrainConfig, accelerator, ids) -> dict[str, float]:
+def _evaluate(
+    model, processor, val_set: FlorenceDataset, cfg: TrainConfig, accelerator, spec: LossSpec
+) -> dict[str, float]:
     """Val loss (sharded over processes) on a fixed subset, and val mAP50 on the main process
-    via `loomlens.evaluate.evaluate_jsonl`; leaves the RNG states as it found them."""
-    found = rng_states()
+    via `loomlens.evaluate.evaluate_jsonl`; leaves the RNG states and the attention
+    implementation as it found them."""
+    found, attention = rng_states(), model.config._attn_implementation
+    model.set_attn_implementation("sdpa")  # no attention weights needed here: the fast kernel
     model.eval()
     collate = Collator(processor.tokenizer.pad_token_id)
     subset = torch.randperm(len(val_set), generator=torch.Generator().manual_seed(0)).tolist()
@@ -302,12 +312,13 @@ def _evaluate(model, processor, val_set: FlorenceDataset, cfg: TrainConfig, acce
     tokens = torch.zeros((), device=accelerator.device)
     for idx in batches[accelerator.process_index :: accelerator.num_processes]:
         batch = {k: v.to(accelerator.device) for k, v in collate([val_set[subset[i]] for i in idx]).items()}
-        part, count = batch_loss(model, batch, *ids)
+        part, count = batch_loss(model, batch, spec)
         loss_sum, tokens = loss_sum + part, tokens + count
     result = {"val_loss": (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum")).item()}
     if accelerator.is_main_process:
         result.update(_detection_metrics(model, processor, val_set.jsonl, cfg))
     accelerator.wait_for_everyone()
+    model.set_attn_implementation(attention)
     model.train()
     set_rng_states(found)
     return result
