@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from loomlens.config import TrainConfig, load_config
-from loomlens.train.schedule import lr_factor, warmup_steps
+from loomlens.train.schedule import lr_factor, position, warmup_steps
 
 
 def test_warmup_then_cosine_or_linear_to_zero():
@@ -21,6 +21,13 @@ def test_warmup_then_cosine_or_linear_to_zero():
     assert all(a >= b for a, b in zip(factors, factors[1:]))
     with pytest.raises(ValueError, match="schedule"):
         lr_factor(0, 0, 1, "exp")
+
+
+def test_a_time_budget_paces_the_schedule_when_it_runs_out_first():
+    assert position(10, 5.0, total_steps=100) == 10  # no budget: steps alone
+    assert position(10, 5.0, total_steps=100, time_budget=100) == 10  # steps ahead of time
+    assert position(10, 50.0, total_steps=100, time_budget=100) == 50  # time ahead: half-way
+    assert lr_factor(position(10, 100.0, 100, 100), 5, 100) == pytest.approx(0.0, abs=1e-12)  # budget spent
 
 
 def test_yaml_then_overrides_with_bare_and_dotted_lora_keys(tmp_path):

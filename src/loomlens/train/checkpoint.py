@@ -1,10 +1,11 @@
 """Checkpoints that resume exactly and are never half-written.
 
 A checkpoint folder is a peft adapter (`adapter_config.json`, `adapter_model.safetensors`) plus
-`trainer_state.pt`: the loop's counters, optimizer, scheduler, grad-scaler and every process's
-RNG states. It is written to a hidden temporary folder first and then swapped in by renames:
-`last/` is always either the previous complete checkpoint or the new complete one. If a kill
-lands between the two renames, `recover` puts the previous one back.
+`trainer_state.pt`: the loop's counters, optimizer, grad-scaler and every process's RNG states
+(the learning rate is a function of the counters; see `schedule.py`). It is written to a
+hidden temporary folder first and then swapped in by renames: `last/` is always either the
+previous complete checkpoint or the new complete one. If a kill lands between the two renames,
+`recover` puts the previous one back.
 """
 
 from __future__ import annotations
@@ -77,7 +78,6 @@ def save_checkpoint(
     path: Path,
     model,
     optimizer: torch.optim.Optimizer,
-    scheduler,
     state: TrainerState,
     rng: list[dict[str, Any]],
     scaler=None,
@@ -92,7 +92,6 @@ def save_checkpoint(
         {
             "state": asdict(state),
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng,
         },
@@ -110,9 +109,9 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
 
 
 def load_checkpoint(
-    path: Path, model, optimizer: torch.optim.Optimizer, scheduler, rank: int = 0, scaler=None
+    path: Path, model, optimizer: torch.optim.Optimizer, rank: int = 0, scaler=None
 ) -> TrainerState:
-    """Load the adapter weights into peft `model` and the optimizer, scheduler, scaler and this
+    """Load the adapter weights into peft `model` and the optimizer, scaler and this
     rank's RNG states from `path`; return the loop's `TrainerState`."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -123,7 +122,6 @@ def load_checkpoint(
     set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
     saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved["scaler"] is not None:
         scaler.load_state_dict(saved["scaler"])
     rng = saved["rng"]

@@ -9,7 +9,7 @@ one GPU, or `accelerate launch` across GPUs and nodes. Each process takes every 
 of one shared, seeded batch plan; only the main process writes files.
 
 Exact resume: the batch plan is a pure function of (seed, epoch), the checkpoint stores the
-position in it, the optimizer, scheduler and every process's RNG states, and evaluation
+position in it, the optimizer and every process's RNG states, and evaluation
 restores the RNG states it found, so when and how often a run evaluates never changes its
 weights.
 """
@@ -46,7 +46,7 @@ from loomlens.train.checkpoint import (
 )
 from loomlens.train.curves import MetricsLog, plot_run
 from loomlens.train.loss import LossSpec, batch_loss, with_image_embeds
-from loomlens.train.schedule import build_scheduler, warmup_steps
+from loomlens.train.schedule import lr_factor, position, warmup_steps
 
 
 class TrainingDiverged(RuntimeError):
@@ -120,7 +120,8 @@ def train(
     # Optimizer over the trainable adapter weights only; the schedule steps per optimizer step.
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.schedule, warmup_steps(cfg.warmup, total_steps), total_steps)
+    warmup = warmup_steps(cfg.warmup, total_steps)
+    lr_factor(0, warmup, total_steps, cfg.schedule)  # a bad schedule name fails now, not at step 1
     spec = LossSpec(
         text_config.decoder_start_token_id, text_config.pad_token_id,
         processor.tokenizer.convert_tokens_to_ids("<loc_0>"), cfg.loc_sigma, cfg.pointer_weight,
@@ -141,7 +142,7 @@ def train(
         )
     state = TrainerState()
     if resume:
-        state = load_checkpoint(last_dir, peft_model, optimizer, scheduler, rank, accelerator.scaler)
+        state = load_checkpoint(last_dir, peft_model, optimizer, rank, accelerator.scaler)
         say(f"resumed from {last_dir} at step {state.step} (epoch {state.epoch})")
     if main:
         _write_run_files(cfg, run_dir, world)
@@ -158,7 +159,7 @@ def train(
     def checkpoint(improved: bool = False) -> None:
         rng = gather_object([rng_states()])  # collective: every process calls it
         if main:
-            save_checkpoint(last_dir, peft_model, optimizer, scheduler, state, rng, accelerator.scaler)
+            save_checkpoint(last_dir, peft_model, optimizer, state, rng, accelerator.scaler)
             if improved:
                 copy_checkpoint(last_dir, best_dir)
 
@@ -202,9 +203,11 @@ def train(
                     "Lower --lr, keep --max-grad-norm on, or use --precision fp32."
                 )
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-            lr = scheduler.get_last_lr()[0]
+            where = position(state.step, state.train_seconds, total_steps, cfg.time_budget)
+            lr = cfg.lr * lr_factor(where, warmup, total_steps, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.window += 1
@@ -224,7 +227,7 @@ def train(
             # Stop? A simulated kill (stop_at_step) only saves; any other stop evaluates first.
             if state.step >= total_steps:
                 stopped = "max_steps"
-            elif cfg.time_budget and time.monotonic() - started >= cfg.time_budget:
+            elif cfg.time_budget and state.train_seconds >= cfg.time_budget:
                 stopped = "time_budget"
             elif stop_at_step is not None and state.step >= stop_at_step:
                 stopped = "stop_at_step"

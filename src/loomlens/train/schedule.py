@@ -1,10 +1,14 @@
-"""Learning-rate schedules: linear warmup, then cosine or linear decay to zero (or constant)."""
+"""Learning-rate schedules: linear warmup, then cosine or linear decay to zero (or constant).
+
+The schedule is a pure function of where the run is, so it needs no state of its own to
+resume. With a time budget the run is paced by time as well as by steps: the schedule's
+position is whichever of the two is further along, so the rate reaches its end when the
+budget does instead of being cut off mid-decay on a slow (or busy) machine.
+"""
 
 from __future__ import annotations
 
 import math
-
-import torch
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -14,8 +18,17 @@ def warmup_steps(warmup: float, total_steps: int) -> int:
     return round(warmup * total_steps) if warmup < 1 else int(warmup)
 
 
-def lr_factor(step: int, warmup: int, total: int, kind: str = "cosine") -> float:
-    """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
+def position(step: int, seconds: float, total_steps: int, time_budget: float | None = None) -> float:
+    """Where the run is on the schedule, in steps: `step`, or further when `seconds` of a
+    `time_budget` are spent faster than the steps are."""
+    if not time_budget:
+        return float(step)
+    return max(float(step), total_steps * seconds / time_budget)
+
+
+def lr_factor(step: float, warmup: int, total: int, kind: str = "cosine") -> float:
+    """Multiplier of the peak learning rate at schedule position `step` (0-based, may be
+    fractional)."""
     if kind not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
     if step < warmup:
@@ -24,11 +37,3 @@ def lr_factor(step: int, warmup: int, total: int, kind: str = "cosine") -> float
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A `LambdaLR` stepping `lr_factor` once per optimizer step (its state saves and resumes)."""
-    lr_factor(0, warmup, total, kind)  # fail on a bad kind now, not at the first step
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, kind))
