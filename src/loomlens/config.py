@@ -213,7 +213,7 @@ class DemoConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    images: int = Field(240, gt=1, description="synthetic frames (flipped copies come on top)")
+    images: int = Field(480, gt=1, description="synthetic frames (flipped copies come on top)")
     size: tuple[int, int] = Field((512, 288), description="frame width, height")
     seed: int = 0
     tasks: list[str] = Field(default_factory=lambda: ["od"], description="convert tasks")
