@@ -343,12 +343,15 @@ def sweep_command(
     freeze: str | None = typer.Option(None, help="none,vision,language."),
     order: str | None = typer.Option(None, help="grouped,interleaved."),
     dora: str | None = typer.Option(None, help="false,true."),
+    loc_sigma: str | None = typer.Option(None, help="Soft location label widths in bins: 0,8."),
+    pointer_weight: str | None = typer.Option(None, help="Pointer loss weights: 0,1."),
 ) -> None:
     """Train one run per combination of the values given; one val-loss plot and one table for all."""
     from loomlens.train.sweep import sweep
 
     axes = {k: v.split(",") for k, v in _given(lr=lr, r=r, targets=targets, freeze=freeze, order=order,
-                                                 dora=dora).items()}
+                                                 dora=dora, loc_sigma=loc_sigma,
+                                                 pointer_weight=pointer_weight).items()}
     if "targets" in axes:
         axes["targets"] = [t.replace("+", ",") for t in axes["targets"]]
     shared = {**_extra_overrides(ctx.args), **({"data": str(data)} if data else {})}
@@ -491,20 +494,28 @@ def pretrain_command(
         Path("src/loomlens/assets/tiny-florence2"), help="Where the pretrained tiny model is written."
     ),
     work: Path = typer.Option(Path("runs/pretrain"), help="Resumable state, log and config of the run."),
-    steps: int = typer.Option(4000, help="Optimizer steps (each on fresh synthetic scenes)."),
+    steps: int = typer.Option(4000, help="Optimizer steps (each on fresh synthetic scenes); a cap with --time-budget."),
     batch_size: int = typer.Option(16, help="Scenes per step."),
+    lr: float = typer.Option(1.5e-3, help="Peak learning rate (AdamW, warmup then cosine)."),
     seed: int = typer.Option(0, help="Seed of the model init and of every scene."),
-    time_budget: float | None = typer.Option(None, help="Stop (resumably) after this many seconds."),
+    time_budget: float | None = typer.Option(
+        None, help="Seconds of training, summed over resumes: the schedule anneals by then."
+    ),
+    stop_at: int | None = typer.Option(None, help="Stop (resumably) after this step."),
+    eval_every: int = typer.Option(200, help="Steps between 'is it looking?' checks."),
+    device: str = typer.Option("auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ..."),
+    workers: int = typer.Option(0, help="Processes drawing scenes ahead of the loop (use them on a GPU)."),
     threads: int | None = typer.Option(None, help="Torch CPU threads (1 is fastest on a busy machine)."),
 ) -> None:
     """Pretrain the embedded tiny Florence-2 on generic synthetic scenes (resumes from WORK)."""
     from loomlens.train.pretrain import PretrainConfig, finish_pretraining, pretrain
 
-    cfg = PretrainConfig(out=str(work), steps=steps, batch_size=batch_size, seed=seed,
-                         time_budget=time_budget, threads=threads)
+    cfg = PretrainConfig(out=str(work), steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                         time_budget=time_budget, stop_at=stop_at, eval_every=eval_every,
+                         device=device, workers=workers, threads=threads)
     result = pretrain(cfg, log=typer.echo)
-    if result["step"] < cfg.steps:
-        typer.echo(f"stopped at step {result['step']}/{cfg.steps}; run the same command to resume")
+    if not result["done"]:
+        typer.echo(f"stopped at step {result['step']}; run the same command to resume")
         return
     figures = finish_pretraining(result, cfg, out)
     typer.echo(f"tiny model written to {out}: {figures}")

@@ -74,6 +74,16 @@ def test_sweep_writes_runs_table_and_overlay(small_data, small_model_dir, tmp_pa
     assert [r["steps"] for r in csv.DictReader(open(out / "sweep.csv"))] == ["1"] * 4
 
 
+def test_sweep_over_the_location_loss_settings(small_data, small_model_dir, tmp_path):
+    out = tmp_path / "sweep"
+    result = run("sweep", *fast(small_data, small_model_dir), "--out", out, "--pointer-weight", "0,1",
+                 "--loc-sigma", "8", "max_steps=1")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    saved = [yaml.safe_load((out / r["run"] / "config.yaml").read_text()) for r in rows]
+    assert [(c["pointer_weight"], c["loc_sigma"]) for c in saved] == [(0.0, 8.0), (1.0, 8.0)]
+
+
 def test_num_processes_relaunches_under_accelerate(monkeypatch, small_data):
     import subprocess
     import sys

@@ -67,7 +67,7 @@ def test_pointer_term_adds_weight_times_pointer_loss_per_token(small_model_dir):
     from PIL import Image
 
     from loomlens.model import load_model
-    from loomlens.train.pretrain import pointer_loss, pointer_targets
+    from loomlens.train.pretrain import pointer_loss, pointer_mask
 
     model, processor = load_model(str(small_model_dir))
     model.set_attn_implementation("eager")
@@ -78,6 +78,7 @@ def test_pointer_term_adds_weight_times_pointer_loss_per_token(small_model_dir):
     plain, count = batch_loss(model, batch, LossSpec(2, 1, loc))
     with_pointer, _ = batch_loss(model, batch, LossSpec(2, 1, loc, pointer_weight=0.5, grid=4))
     out = model(**inputs, decoder_input_ids=decoder_inputs(labels, 2, 1), output_attentions=True)
-    pointer = pointer_loss(out.cross_attentions[-1], pointer_targets(labels, loc, 4))
+    cross = out.cross_attentions[-1]
+    pointer = pointer_loss(cross, pointer_mask(labels, loc, 4, cross.shape[-1]))
     assert pointer.item() > 0
     assert math.isclose(with_pointer.item(), plain.item() + 0.5 * pointer.item() * count.item(), rel_tol=1e-4)

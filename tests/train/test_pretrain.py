@@ -11,7 +11,16 @@ import torch
 from loomlens.data.shapes import SHAPE_CLASSES, make_scene
 from loomlens.model.tiny import TinyShape, build_tiny
 from loomlens.model.tokenizer import loc_token_ids
-from loomlens.train.pretrain import PretrainConfig, dense_targets, pointer_loss, pointer_targets, pretrain, seq_loss
+from loomlens.train.pretrain import (
+    PretrainConfig,
+    dense_targets,
+    pointer_loss,
+    pointer_mask,
+    pointer_targets,
+    pretrain,
+    schedule_position,
+    seq_loss,
+)
 
 LOC0 = 100  # a fake vocabulary: 100 text tokens, then 1000 loc tokens
 
@@ -72,9 +81,11 @@ def test_pretrain_resumes_exactly(tmp_path) -> None:
                   shape={**TinyShape().__dict__, "vision_dims": [16, 32, 64], "vision_heads": [1, 2, 4],
                          "vision_depths": [1, 1, 1], "d_model": 64, "ffn_dim": 128})
     straight = pretrain(PretrainConfig(out=str(tmp_path / "a"), steps=3, **common), log=lambda *_: None)
-    # Interrupted after its first step (a spent time budget saves and stops), then resumed.
-    pretrain(PretrainConfig(out=str(tmp_path / "b"), steps=3, time_budget=1e-9, **common), log=lambda *_: None)
-    resumed = pretrain(PretrainConfig(out=str(tmp_path / "b"), steps=3, **common), log=lambda *_: None)
+    # Interrupted after its first step, then resumed; the data of each step comes from workers.
+    first = pretrain(PretrainConfig(out=str(tmp_path / "b"), steps=3, stop_at=1, **common), log=lambda *_: None)
+    assert first["step"] == 1 and not first["done"]
+    resumed = pretrain(PretrainConfig(out=str(tmp_path / "b"), steps=3, workers=2, **common), log=lambda *_: None)
+    assert resumed["done"]
     a, b = straight["model"].state_dict(), resumed["model"].state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     lines = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
@@ -94,13 +105,44 @@ def test_pointer_targets_follow_each_coordinate_edge() -> None:
     ]
 
 
+def test_shipped_uint8_pixels_normalise_to_the_processors_input() -> None:
+    from loomlens.train.pretrain import Batcher, make_batch, normalize_pixels
+
+    _, processor, shape = build_tiny(TinyShape(), seed=0)
+    cfg = PretrainConfig(batch_size=3, one_object_steps=0)
+    batch = make_batch(cfg, 5, shape, Batcher(processor), loc_token_ids(processor.tokenizer)[0])
+    assert batch["pixel_values"].dtype == torch.uint8
+    rng = np.random.default_rng([cfg.seed, 5])
+    images = [make_scene(rng, shape.image_size, max_objects=cfg.max_objects).image for _ in range(3)]
+    expected = processor(text=["<OD>"] * 3, images=images, return_tensors="pt").pixel_values
+    assert torch.allclose(normalize_pixels(batch["pixel_values"], processor.image_processor), expected, atol=1e-6)
+
+
+def test_pointer_mask_marks_exactly_the_target_cells() -> None:
+    labels = torch.tensor([[0, 5, LOC0 + 100, LOC0 + 300, LOC0 + 400, LOC0 + 500, 2, -100]])
+    mask = pointer_mask(labels, LOC0, grid=4, encoder_length=20)
+    assert mask.shape == (1, 8, 20)
+    marked = {(b, t, c) for b, t, c in mask.nonzero().tolist()}
+    assert marked == {(b, t, c) for b, t, cells in pointer_targets(labels, LOC0, 4) for c in cells}
+
+
 def test_pointer_loss_is_low_when_attention_sits_on_the_target() -> None:
-    targets = [(0, 1, [3, 4])]
+    mask = torch.zeros(1, 3, 6)
+    mask[0, 1, [3, 4]] = 1.0
     on = torch.zeros(1, 2, 3, 6)
     on[0, :, 1, 3] = 1.0
     off = torch.zeros(1, 2, 3, 6)
     off[0, :, 1, 0] = 1.0
-    assert pointer_loss(on, targets) < 1e-5 < pointer_loss(off, targets)
+    assert pointer_loss(on, mask) < 1e-5 < pointer_loss(off, mask)
+    assert pointer_loss(off, torch.zeros(1, 3, 6)) == 0.0
+
+
+def test_a_time_budget_paces_the_schedule() -> None:
+    cfg = PretrainConfig(steps=1000, time_budget=100.0)
+    assert schedule_position(cfg, 100, elapsed=50.0) == 0.5  # time is further along than steps
+    assert schedule_position(cfg, 700, elapsed=10.0) == 0.7
+    assert schedule_position(cfg, 10, elapsed=500.0) == 1.0
+    assert schedule_position(PretrainConfig(steps=1000), 250, elapsed=1e9) == 0.25
 
 
 def test_finished_pretraining_exports_a_plain_transformers_model(tmp_path) -> None:

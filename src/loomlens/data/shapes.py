@@ -34,6 +34,8 @@ class Scene:
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A random textured background: plain, gradient, stripes, weave or noise."""
     base = rng.uniform(60, 200, size=3)
+    if rng.random() < 0.3:  # greyscale, like most fabric under a line camera
+        base[:] = base[0]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     kind = rng.integers(5)
     if kind == 1:
@@ -82,17 +84,19 @@ def _draw(draw: ImageDraw.ImageDraw, kind: str, x: float, y: float, w: float, h:
 
 
 def _size_for(kind: str, rng: np.random.Generator, size: int) -> tuple[float, float]:
-    s = size
+    # Half the objects are shrunk (log-uniform down to a quarter) so that pretraining also sees
+    # defect-sized things: a loom "drop" is 4-8 px and a broken weft 3-4 px thick at 256 px.
+    s = size * (np.exp(rng.uniform(np.log(0.25), 0.0)) if rng.random() < 0.5 else 1.0)
     if kind == "spot":
-        d = rng.uniform(0.06, 0.1) * s
+        d = max(3.0, rng.uniform(0.06, 0.1) * s)
         return d, d
     if kind == "bar":
-        return (rng.uniform(0.3, 0.7) * s, rng.uniform(0.05, 0.08) * s) if rng.random() < 0.5 else (
-            rng.uniform(0.05, 0.08) * s, rng.uniform(0.3, 0.7) * s)
+        long, thin = rng.uniform(0.3, 0.7) * max(s, size / 2), max(2.0, rng.uniform(0.05, 0.08) * s)
+        return (long, thin) if rng.random() < 0.5 else (thin, long)
     if kind == "band":
-        return rng.uniform(0.35, 0.8) * s, rng.uniform(0.1, 0.18) * s
+        return rng.uniform(0.35, 0.8) * max(s, size / 2), max(3.0, rng.uniform(0.1, 0.18) * s)
     d = rng.uniform(0.12, 0.35) * s
-    return d * rng.uniform(0.8, 1.25), d
+    return max(3.0, d * rng.uniform(0.8, 1.25)), max(3.0, d)
 
 
 def make_scene(rng: np.random.Generator, size: int = 256, max_objects: int = 4,
@@ -112,8 +116,12 @@ def make_scene(rng: np.random.Generator, size: int = 256, max_objects: int = 4,
         x, y = rng.uniform(2, size - w - 2), rng.uniform(2, size - h - 2)
         if any(x < b.x2 + 4 and b.x1 < x + w + 4 and y < b.y2 + 4 and b.y1 < y + h + 4 for b in boxes):
             continue
-        colour = _far_colour(rng, background[int(y):int(y + h) + 1, int(x):int(x + w) + 1])
-        x1, y1, x2, y2 = _draw(draw, kind, x, y, w, h, COLOURS[colour])
+        patch = background[int(y):int(y + h) + 1, int(x):int(x + w) + 1]
+        colour = _far_colour(rng, patch)
+        # A third are faint (blended towards the background), as real defects often are.
+        alpha = rng.uniform(0.35, 0.8) if rng.random() < 0.33 else 1.0
+        fill = tuple(int(alpha * c + (1 - alpha) * m) for c, m in zip(COLOURS[colour], patch.reshape(-1, 3).mean(0)))
+        x1, y1, x2, y2 = _draw(draw, kind, x, y, w, h, fill)
         boxes.append(Box(kind, x1, y1, x2, y2))
         colours.append(colour)
     if rng.random() < 0.3:

@@ -67,6 +67,10 @@ def tokenizer_corpus(class_names: Iterable[str] = ()) -> list[str]:
     classes = _CLASS_WORDS.split() + list(class_names)
     lines = list(_PROMPTS)
     lines += [" ".join(classes), _COLOURS, _GENERIC, "0 1 2 3 4 5 6 7 8 9 10 11 12 2024 2025 2026"]
+    # Answers put a label straight after a <loc_N> or <s>, with no space before it, and byte-level
+    # BPE learns "Ġbroken" and "broken" apart: each word also stands alone, unprefixed, so a
+    # label is a few whole-word tokens ("broken-weft": 3, not 5 fragments).
+    lines += classes + _COLOURS.split() + _GENERIC.split()
     for template in _TEMPLATES:
         for c in classes:
             for col, n, pos in (("red", "two", "left"), ("dark", "three", "top"), ("white", "one", "centre")):

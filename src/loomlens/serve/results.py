@@ -21,7 +21,8 @@ def prediction_json(prediction) -> dict:
         "detections": [
             {
                 "label": b.label,
-                "score": None if b.score is None else round(float(b.score), 4),
+                # Unrounded: a client that sends back a score it saw as score_threshold keeps that box.
+                "score": None if b.score is None else float(b.score),
                 "box": [round(float(v), 2) for v in (b.x1, b.y1, b.x2, b.y2)],
             }
             for b in boxes

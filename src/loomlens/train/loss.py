@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from loomlens.data.dataset import IGNORE_INDEX
-from loomlens.train.pretrain import pointer_loss, pointer_targets
+from loomlens.train.pretrain import pointer_loss, pointer_mask
 
 #: Florence-2's location tokens: `<loc_0>`..`<loc_999>`, consecutive ids.
 NUM_BINS = 1000
@@ -109,6 +109,7 @@ def batch_loss(model, batch: dict[str, torch.Tensor], spec: LossSpec) -> tuple[t
     )
     loss_sum, count = token_cross_entropy(out.logits, labels, spec.loc_start, spec.loc_sigma)
     if spec.pointer_weight > 0:
-        pointer = pointer_loss(out.cross_attentions[-1], pointer_targets(labels, spec.loc_start, spec.grid))
+        cross = out.cross_attentions[-1]
+        pointer = pointer_loss(cross, pointer_mask(labels, spec.loc_start, spec.grid, cross.shape[-1]))
         loss_sum = loss_sum + spec.pointer_weight * pointer * count
     return loss_sum, count

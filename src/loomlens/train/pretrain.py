@@ -65,8 +65,14 @@ class PretrainConfig:
     eval_every: int = 200
     eval_images: int = 64
     save_every: int = 100
-    time_budget: float | None = None  # seconds; stop cleanly when spent
+    # Seconds of training (summed over resumes) the schedule is paced over: lr and soft-label
+    # width follow max(step / steps, elapsed / time_budget), so a run on any machine anneals
+    # fully by the deadline; `steps` is then a cap.
+    time_budget: float | None = None
+    stop_at: int | None = None  # stop (resumably) after this step, to split a run
     threads: int | None = None
+    device: str = "auto"  # "auto": CUDA when there is one, else the CPU
+    workers: int = 0  # processes drawing scenes ahead of the loop (0: in the loop)
     shape: dict = field(default_factory=lambda: asdict(TinyShape()))
 
 
@@ -141,16 +147,26 @@ def pointer_targets(labels: torch.Tensor, loc_start: int, grid: int) -> list[tup
     return targets
 
 
-def pointer_loss(cross_attention: torch.Tensor, targets: list[tuple[int, int, list[int]]]) -> torch.Tensor:
-    """Mean of -log(attention mass on the target cells), heads averaged; 0 with no targets."""
-    if not targets:
-        return cross_attention.sum() * 0.0
-    attention = cross_attention.mean(dim=1)  # (batch, decoder positions, encoder positions)
-    mask = torch.zeros_like(attention)
-    for b, t, cells in targets:
+def pointer_mask(labels: torch.Tensor, loc_start: int, grid: int, encoder_length: int) -> torch.Tensor:
+    """`pointer_targets` as a CPU tensor (batch, label positions, encoder positions) of 0/1,
+    built in one numpy pass so the loss needs no per-box indexing on the device."""
+    mask = np.zeros((*labels.shape, encoder_length), np.float32)
+    for b, t, cells in pointer_targets(labels.cpu(), loc_start, grid):
         mask[b, t, cells] = 1.0
+    return torch.from_numpy(mask)
+
+
+def pointer_loss(cross_attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of -log(attention mass on the target cells), heads averaged; 0 with no targets.
+
+    `cross_attention` is (batch, heads, decoder positions, encoder positions); `mask` comes
+    from `pointer_mask`.
+    """
+    mask = mask.to(cross_attention.device, cross_attention.dtype)
     picked = mask.sum(-1) > 0
-    mass = (attention * mask).sum(-1)[picked]
+    if not picked.any():
+        return cross_attention.sum() * 0.0
+    mass = (cross_attention.mean(dim=1) * mask).sum(-1)[picked]
     return -torch.log(mass.clamp(min=1e-6)).mean()
 
 
@@ -200,11 +216,11 @@ def seq_loss(logits: torch.Tensor, labels: torch.Tensor, loc_start: int, sigma: 
     text_loss = (nll * (valid & ~is_loc)).sum()
     loc_logp = logp[..., loc_start : loc_start + 1000][is_loc]
     target_bins = (labels[is_loc] - loc_start).float()
-    bins = torch.arange(1000, dtype=torch.float32)
+    bins = torch.arange(1000, dtype=torch.float32, device=logits.device)
     q = torch.softmax(-((bins[None, :] - target_bins[:, None]) ** 2) / (2 * sigma**2), dim=-1)
     loc_loss = -(q * loc_logp).sum()
     loss = (text_loss + loc_loss) / valid.sum().clamp(min=1)
-    loc_nll = nll[is_loc].mean() if is_loc.any() else torch.tensor(0.0)
+    loc_nll = nll[is_loc].mean() if is_loc.any() else loss.new_zeros(())
     return loss, loc_nll
 
 
@@ -228,16 +244,52 @@ def forward(model, batch: dict, attentions: bool = False):
     return out.logits, image.last_hidden_state
 
 
-def make_batch(cfg: PretrainConfig, step: int, size: int, batcher: Batcher, seed_offset: int = 0):
-    """The batch of `step`: fresh scenes from `seed + step`, tasks drawn from the mix."""
-    rng = np.random.default_rng([cfg.seed + seed_offset, step])
+def make_batch(cfg: PretrainConfig, step: int, shape: TinyShape, batcher: Batcher, loc_start: int) -> dict:
+    """Everything step `step` needs, as CPU tensors: model inputs and labels of fresh scenes
+    drawn from `seed + step` (tasks from the mix), the dense head's targets and the pointer mask."""
+    rng = np.random.default_rng([cfg.seed, step])
     max_objects = 1 if step < cfg.one_object_steps else cfg.max_objects
-    scenes = [make_scene(rng, size, max_objects=max_objects) for _ in range(cfg.batch_size)]
+    scenes = [make_scene(rng, shape.image_size, max_objects=max_objects) for _ in range(cfg.batch_size)]
     names = list(cfg.task_mix)
     probs = np.array([cfg.task_mix[n] for n in names], dtype=np.float64)
     tasks = rng.choice(names, size=len(scenes), p=probs / probs.sum())
     pairs = [scene_sample(s, t, rng) for s, t in zip(scenes, tasks)]
-    return scenes, batcher(scenes, [p for p, _ in pairs], [a for _, a in pairs])
+    batch = batcher(scenes, [p for p, _ in pairs], [a for _, a in pairs])
+    # Scenes are drawn at the model's input size, so the processor only rescales and
+    # normalises: ship the uint8 pixels (a quarter of the bytes) and normalise on the device.
+    batch["pixel_values"] = torch.from_numpy(np.stack([np.asarray(s.image) for s in scenes])).permute(0, 3, 1, 2)
+    heat, reg, mask = dense_targets(scenes, shape.grid, shape.image_size, len(SHAPE_CLASSES))
+    pointer = pointer_mask(batch["labels"], loc_start, shape.grid, batch["input_ids"].shape[1])
+    return {**batch, "heat": heat, "reg": reg, "mask": mask, "pointer": pointer}
+
+
+def normalize_pixels(pixels: torch.Tensor, image_processor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> the processor's float input: rescale to 0..1, then mean/std."""
+    mean = torch.tensor(image_processor.image_mean, device=pixels.device)[:, None, None]
+    std = torch.tensor(image_processor.image_std, device=pixels.device)[:, None, None]
+    return (pixels.float() * image_processor.rescale_factor - mean) / std
+
+
+class StepBatches(torch.utils.data.IterableDataset):
+    """The batches of steps `start`..`stop`-1 in order. With DataLoader workers, worker w makes
+    steps start+w, start+w+W, ... and the loader's round robin hands them back in step order."""
+
+    def __init__(self, cfg: PretrainConfig, shape: TinyShape, processor, loc_start: int, start: int, stop: int):
+        self.cfg, self.shape, self.batcher, self.loc_start = cfg, shape, Batcher(processor), loc_start
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        first, every = (self.start, 1) if info is None else (self.start + info.id, info.num_workers)
+        for step in range(first, self.stop, every):
+            yield make_batch(self.cfg, step, self.shape, self.batcher, self.loc_start)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 @torch.no_grad()
@@ -252,7 +304,8 @@ def looking_check(model, processor, cfg: PretrainConfig, size: int, loc_start: i
     rng = np.random.default_rng([cfg.seed + 999_999, 0])
     scenes = [make_scene(rng, size, max_objects=cfg.max_objects) for _ in range(cfg.eval_images)]
     pairs = [scene_sample(s, "od", rng) for s in scenes]
-    batch = batcher(scenes, [p for p, _ in pairs], [a for _, a in pairs])
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batcher(scenes, [p for p, _ in pairs], [a for _, a in pairs]).items()}
     logits, _ = forward(model, batch)
     _, right = seq_loss(logits, batch["labels"], loc_start, 1.0)
     shuffled = dict(batch, pixel_values=batch["pixel_values"].roll(1, dims=0))
@@ -274,19 +327,34 @@ def looking_check(model, processor, cfg: PretrainConfig, size: int, loc_start: i
     }
 
 
-def _save_state(path: Path, model, head, optimizer, step: int) -> None:
+def _save_state(path: Path, model, head, optimizer, step: int, elapsed: float) -> None:
     """Write the resumable state atomically (temp file, then rename)."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
+    torch.save({"model": model.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "elapsed": elapsed}, tmp)
     os.replace(tmp, path)
 
 
+def schedule_position(cfg: PretrainConfig, step: int, elapsed: float) -> float:
+    """How far through the run we are, 0..1: by steps, or by time when that is further."""
+    frac = step / cfg.steps
+    if cfg.time_budget:
+        frac = max(frac, elapsed / cfg.time_budget)
+    return min(1.0, frac)
+
+
 def pretrain(cfg: PretrainConfig, log=print) -> dict:
-    """Run (or resume) pretraining into `cfg.out`; returns the last "is it looking?" figures."""
+    """Run (or resume) pretraining into `cfg.out`.
+
+    Returns the last "is it looking?" figures with `step`, the trained `model`, `processor`,
+    `shape`, and `done` (False when stopped early by `stop_at` or Ctrl-C: run it again to resume).
+    """
     from tqdm import tqdm
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -297,65 +365,84 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     loc_start = loc_ids[0]
     assert loc_ids == list(range(loc_start, loc_start + 1000)), "loc tokens must be contiguous"
     head = DenseHead(shape.vision_dims[-1], len(SHAPE_CLASSES))
+    model.to(device)
+    head.to(device)
     params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state_path = out / "state.pt"
-    step = 0
+    step, elapsed = 0, 0.0
     if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+        step, elapsed = state["step"], state.get("elapsed", 0.0)
         log(f"resumed at step {step}")
     torch.manual_seed(cfg.seed + step)
-    batcher = Batcher(processor)
+    batches = torch.utils.data.DataLoader(
+        StepBatches(cfg, shape, processor, loc_start, step, cfg.steps),
+        batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
+    )
     log_path = out / "log.jsonl"
-    started = time.time()
+    started = time.time() - elapsed
     last: dict = {}
+    done = False
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", dynamic_ncols=True)
-    while step < cfg.steps:
-        frac = step / cfg.steps
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * frac))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sigma = cfg.loc_sigma * (cfg.loc_sigma_end / cfg.loc_sigma) ** frac
-        scenes, batch = make_batch(cfg, step, shape.image_size, batcher)
-        logits, features, cross = forward(model, batch, attentions=True)
-        loss, loc_nll = seq_loss(logits, batch["labels"], loc_start, sigma)
-        heat, reg, mask = dense_targets(scenes, shape.grid, shape.image_size, len(SHAPE_CLASSES))
-        aux = dense_loss(head(features), heat, reg, mask, len(SHAPE_CLASSES))
-        point = pointer_loss(cross, pointer_targets(batch["labels"], loc_start, shape.grid))
-        total = loss + cfg.dense_weight * aux + cfg.pointer_weight * point
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"loss is {total.item()} at step {step}; last good state is in {state_path}")
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", loc=f"{loc_nll.item():.2f}", point=f"{point.item():.2f}", lr=f"{lr:.1e}")
-        record = {"step": step, "loss": loss.item(), "loc_nll": loc_nll.item(), "dense": aux.item(),
-                  "pointer": point.item(), "lr": lr,
-                  "elapsed": time.time() - started}
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            last = looking_check(model, processor, cfg, shape.image_size, loc_start)
-            record.update(last)
-            log(f"step {step}: {json.dumps(last)}")
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            _save_state(state_path, model, head, optimizer, step)
-        if cfg.time_budget and time.time() - started > cfg.time_budget:
-            _save_state(state_path, model, head, optimizer, step)
-            log(f"time budget spent at step {step}; resume with the same command")
-            break
+    try:
+        for batch in batches:
+            frac = schedule_position(cfg, step, time.time() - started)
+            if frac >= 1.0:
+                break
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * frac))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sigma = cfg.loc_sigma * (cfg.loc_sigma_end / cfg.loc_sigma) ** frac
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch["pixel_values"] = normalize_pixels(batch["pixel_values"], processor.image_processor)
+            logits, features, cross = forward(model, batch, attentions=True)
+            loss, loc_nll = seq_loss(logits, batch["labels"], loc_start, sigma)
+            aux = dense_loss(head(features), batch["heat"], batch["reg"], batch["mask"], len(SHAPE_CLASSES))
+            point = pointer_loss(cross, batch["pointer"])
+            total = loss + cfg.dense_weight * aux + cfg.pointer_weight * point
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"loss is {total.item()} at step {step}; last good state is in {state_path}")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            record = {"step": step, "loss": loss.item(), "loc_nll": loc_nll.item(), "dense": aux.item(),
+                      "pointer": point.item(), "lr": lr, "elapsed": time.time() - started}
+            bar.set_postfix(loss=f"{record['loss']:.3f}", loc=f"{record['loc_nll']:.2f}",
+                            point=f"{record['pointer']:.2f}", lr=f"{lr:.1e}")
+            finishing = schedule_position(cfg, step, time.time() - started) >= 1.0
+            if step % cfg.eval_every == 0 or finishing:
+                last = looking_check(model, processor, cfg, shape.image_size, loc_start)
+                record.update(last)
+                log(f"step {step}: {json.dumps(last)}")
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if step % cfg.save_every == 0 or finishing:
+                _save_state(state_path, model, head, optimizer, step, time.time() - started)
+            if finishing:
+                break
+            if cfg.stop_at is not None and step >= cfg.stop_at:
+                _save_state(state_path, model, head, optimizer, step, time.time() - started)
+                log(f"stopped at step {step} (stop_at); run the same command to resume")
+                break
+        done = schedule_position(cfg, step, time.time() - started) >= 1.0
+    except KeyboardInterrupt:
+        _save_state(state_path, model, head, optimizer, step, time.time() - started)
+        log(f"interrupted at step {step}; state saved, run the same command to resume")
     bar.close()
+    if done and not last:  # resumed a finished run: measure it again for the export
+        last = looking_check(model, processor, cfg, shape.image_size, loc_start)
     model.set_attn_implementation("sdpa")
     model.eval()
-    return {"step": step, "model": model, "processor": processor, "shape": shape, **last}
+    return {"step": step, "done": done, "model": model, "processor": processor, "shape": shape, **last}
 
 
 def export_tiny(model, processor, folder: str | Path, cfg: PretrainConfig, figures: dict) -> Path:

@@ -1,0 +1,34 @@
+"""The tiny tokenizer: labels are whole words after a <loc_N>, and every class name round-trips."""
+
+from __future__ import annotations
+
+import pytest
+
+from loomlens.data.shapes import SHAPE_CLASSES
+from loomlens.model.tokenizer import build_tokenizer, loc_token_ids
+
+LOOM_CLASSES = ("wrinkle", "drop", "broken-weft")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.mark.parametrize("name", LOOM_CLASSES + SHAPE_CLASSES)
+def test_a_label_after_a_loc_token_is_a_few_whole_word_tokens(tokenizer, name) -> None:
+    ids = tokenizer(f"<loc_5>{name}<loc_7>", add_special_tokens=False).input_ids
+    label = ids[1:-1]
+    assert len(label) == name.count("-") * 2 + 1  # "broken-weft": broken, -, weft
+    assert tokenizer.decode(ids) == f"<loc_5>{name}<loc_7>"
+
+
+def test_loc_tokens_are_contiguous_and_decode_exactly(tokenizer) -> None:
+    ids = loc_token_ids(tokenizer)
+    assert ids == list(range(ids[0], ids[0] + 1000))
+    assert tokenizer.decode(ids[:3]) == "<loc_0><loc_1><loc_2>"
+
+
+def test_any_ascii_class_name_still_round_trips(tokenizer) -> None:
+    name = "Weird_class-42 (v2)"
+    assert tokenizer.decode(tokenizer(name, add_special_tokens=False).input_ids) == name
