@@ -181,12 +181,12 @@ def autocast(cfg, cpu_bf16: bool = False):
 def training_step(model, params, optimizer, batch: dict, cfg, clock: "Stopwatch | None" = None) -> float:
     """One optimizer step of loomlens's recipe on one micro-batch (loomlens's token-sum loss
     over the label tokens, clipping, AdamW), phases timed on `clock` if given; returns the loss."""
-    from loomlens.train.loss import batch_loss
+    from loomlens.train.loss import LossSpec, batch_loss
 
     clock = clock or Stopwatch()
     text = model.config.text_config
     with clock("forward"), autocast(cfg):
-        part, tokens = batch_loss(model, batch, text.decoder_start_token_id, text.pad_token_id)
+        part, tokens = batch_loss(model, batch, LossSpec(text.decoder_start_token_id, text.pad_token_id))
     with clock("backward"):
         (part / tokens).backward()
     with clock("optimizer"):
@@ -233,7 +233,7 @@ def val_loss(model, processor, jsonl: Path, max_samples: int | None = None, batc
     """Cross-entropy per label token (padding excluded) over the first `max_samples` samples
     of a split: the one yardstick every loop in the benchmarks is judged by."""
     from loomlens.data.dataset import Collator, FlorenceDataset
-    from loomlens.train.loss import batch_loss
+    from loomlens.train.loss import LossSpec, batch_loss
 
     text = model.config.text_config
     data = FlorenceDataset(jsonl, processor, (), text.max_position_embeddings)
@@ -246,7 +246,7 @@ def val_loss(model, processor, jsonl: Path, max_samples: int | None = None, batc
     for start in range(0, len(indices), batch_size):
         batch = collate([data[i] for i in indices[start : start + batch_size]])
         part, tokens = batch_loss(model, {k: v.to(dev) for k, v in batch.items()},
-                                  text.decoder_start_token_id, text.pad_token_id)
+                                  LossSpec(text.decoder_start_token_id, text.pad_token_id))
         total, count = total + float(part), count + float(tokens)
     model.train(was_training)
     return total / max(count, 1.0)

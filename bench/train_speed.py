@@ -88,13 +88,13 @@ def run_seed(cfg, samples: list[int], lr: float) -> tuple[Any, Any, float]:
     """Train with the seed's loop on `samples` (indices into train.jsonl); returns the model,
     processor and loop seconds."""
     from loomlens.data.dataset import read_jsonl
-    from loomlens.train.schedule import build_scheduler
+    from loomlens.train.schedule import lr_factor
 
     model, processor = lora_model(cfg)
     rows = [r for r in read_jsonl(cfg.data / "train.jsonl") if not cfg.tasks or r.get("task") in cfg.tasks]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, "linear", 0, len(samples))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, 0, len(samples), "linear"))
     model.train()
     start = time.perf_counter()
     for i in samples:
@@ -146,13 +146,13 @@ def phase_times(cfg, batches: list[list[int]]) -> dict[str, Any]:
 
 def fwd_bwd_seconds(model, batch: dict, cfg, cpu_bf16: bool = False) -> float:
     """Seconds of one forward+backward of `model` on the pre-made `batch` (no optimizer)."""
-    from loomlens.train.loss import batch_loss
+    from loomlens.train.loss import LossSpec, batch_loss
 
     text = model.config.text_config
     model.train()
     start = time.perf_counter()
     with autocast(cfg, cpu_bf16):
-        part, tokens = batch_loss(model, batch, text.decoder_start_token_id, text.pad_token_id)
+        part, tokens = batch_loss(model, batch, LossSpec(text.decoder_start_token_id, text.pad_token_id))
     (part / tokens).backward()
     model.zero_grad(set_to_none=True)
     if torch.cuda.is_available():

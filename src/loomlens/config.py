@@ -75,7 +75,9 @@ class TrainConfig(BaseModel):
 
     epochs: float = Field(3, gt=0)
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
-    time_budget: float | None = Field(None, gt=0, description="stop (and save) after this many seconds")
+    time_budget: float | None = Field(
+        None, gt=0, description="training seconds, summed over resumes: the schedule anneals by then, and the run stops"
+    )
     batch_size: int = Field(8, gt=0, description="samples per process per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr: float = Field(1e-4, gt=0)
