@@ -121,7 +121,13 @@ def test_concurrent_requests_are_batched(server, frame_bytes):
         responses = list(pool.map(one, range(6)))
     assert [r.status_code for r in responses] == [200] * 6
     assert max(r.json()["batch_size"] for r in responses) > 1
-    assert len({str(r.json()["detections"]) for r in responses}) == 1  # batching changes nothing
+    # Batching changes nothing but float rounding: batch-size-dependent CPU kernels move a
+    # score in its sixth digit, so boxes and labels must agree exactly, scores closely.
+    first = responses[0].json()["detections"]
+    for r in responses[1:]:
+        other = r.json()["detections"]
+        assert [(d["label"], d["box"]) for d in other] == [(d["label"], d["box"]) for d in first]
+        assert [d["score"] for d in other] == pytest.approx([d["score"] for d in first], rel=1e-4)
 
 
 # -- bad input: a clear 4xx JSON error, and the server keeps serving -------------------------
