@@ -11,7 +11,9 @@ run four ways in this process, each after a warm-up image, --repeats times in al
 - `loomlens`: batches of --batch-size, greedy, the answer budget bounded by the box count
   (`box_token_budget(--max-boxes)`), the adapter merged into the base (`model/merge.py`);
 - `loomlens, constrained`: the same through the class grammar (`evaluate/constrain.py`);
-- `loomlens, batch 1`: loomlens one image at a time, to show what batching adds.
+- `loomlens, batch 1`: loomlens one image at a time, to show what batching adds;
+- `loomlens, constrained, bf16`: the constrained way under bf16 autocast, as
+  `loomlens predict --precision bf16` runs it (weights stay fp32).
 
 Without --adapter both use the bare base model. Since the gap depends on how long the answers
 are (weights that never stop run to the cap; trained ones stop after their boxes), the seed's
@@ -84,6 +86,14 @@ def loomlens_pass(model, processor, paths: list[Path], batch_size: int, max_boxe
         boxes += [d.boxes for d in found]
         tokens += [len(d.generation.token_ids) for d in found]
     return {"latencies": latencies, "seconds": seconds, "boxes": boxes, "tokens": tokens}
+
+
+def bf16(run, *args) -> dict[str, Any]:
+    """`run(*args)` under bf16 autocast on the model's device, as `Predictor(precision="bf16")`."""
+    import torch
+
+    with torch.autocast(next(args[0].parameters()).device.type, torch.bfloat16):
+        return run(*args)
 
 
 def seed_pass(model, processor, paths: list[Path]) -> dict[str, Any]:
@@ -208,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                   args.max_boxes, True, classes),
             "loomlens, batch 1": lambda images: loomlens_pass(fast, processor, images, 1, args.max_boxes, False,
                                                               classes),
+            "loomlens, constrained, bf16": lambda images: bf16(loomlens_pass, fast, processor, images,
+                                                               args.batch_size, args.max_boxes, True, classes),
         }
         for way in ways.values():
             way(paths[:1])  # warm-up
@@ -225,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
               "decoder_limit": decoder_limit(fast),
               "loomlens_budget": box_token_budget(args.max_boxes, label_token_count(processor.tokenizer, classes)),
               "rows": rows, "forced": forced, "answer_images": len(some), "speedup": rows[1]["images_per_s"] / rows[0]["images_per_s"],
-              "speedup_constrained": rows[2]["images_per_s"] / rows[0]["images_per_s"]}
+              "speedup_constrained": rows[2]["images_per_s"] / rows[0]["images_per_s"],
+              "speedup_bf16": rows[4]["images_per_s"] / rows[0]["images_per_s"]}
     return publish(NAME, result, args.out, argv, tables)
 
 

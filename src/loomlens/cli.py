@@ -163,6 +163,7 @@ def serve(
     max_connections: int = typer.Option(
         128, min=1, help="Open connections at most; uvicorn answers 503 past it (bounds buffered uploads)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:0, mps."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast (faster on CPUs with bf16 instructions)."),
     page: bool = typer.Option(True, "--page/--no-page", help="Serve the web page at /."),
     examples: int = typer.Option(4, min=0, help="Synthetic loom frames in the page's example gallery."),
     examples_dir: str | None = typer.Option(None, help="Where the example frames are made (default: a temp folder)."),
@@ -191,7 +192,12 @@ def serve(
         examples_dir=examples_dir,
         worker_delay_ms=worker_delay_ms,
     )
-    predictor = Predictor(model=model, adapter=adapter, device=device)  # the one model load
+    from loomlens.model.loader import ModelLoadError
+
+    try:
+        predictor = Predictor(model=model, adapter=adapter, device=device, precision=precision)  # the one model load
+    except (FileNotFoundError, ValueError, ModelLoadError) as err:
+        raise _fail(str(err)) from None
     asgi = create_app(predictor, settings)
     import uvicorn
 
@@ -464,6 +470,7 @@ def predict_command(
     batch_size: int = typer.Option(8, min=1, help="Images per generation batch."),
     constrained: bool = typer.Option(False, help="Decode <OD> through the run's class grammar."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast (faster on CPUs with bf16 instructions)."),
 ) -> None:
     """Predict on images and videos: predictions.jsonl (pixels, labels, scores, timestamps),
     drawn images and optional COCO results."""
@@ -478,7 +485,7 @@ def predict_command(
     try:
         total = count_items(expand_inputs(inputs), every)
         predictor = Predictor(model, adapter, device, max_boxes, batch_size, checkpoint, regions, tile_size,
-                              constrained=constrained)
+                              constrained=constrained, precision=precision)
         with Progress(transient=True) as bar:
             job = bar.add_task(f"{task} on {total} images/frames", total=total)
             summary = predict_files(predictor, inputs, out, task, text, tile, every, score_threshold, coco, draw,

@@ -93,3 +93,21 @@ def test_adapter_from_a_run_folder(tmp_path, image):
         Predictor(model="base", adapter=run)
     with pytest.raises(FileNotFoundError):
         Predictor(adapter=tmp_path / "empty")
+
+
+def test_bf16_precision_runs_the_model_under_autocast(image):
+    import numpy as np
+    import torch
+
+    with pytest.raises(ValueError, match="precision"):
+        Predictor(precision="int4")
+    fast = Predictor(precision="bf16")
+    inside = []
+    linear = next(m for m in fast.loaded.model.modules() if isinstance(m, torch.nn.Linear))
+    hook = linear.register_forward_hook(lambda *_: inside.append(torch.is_autocast_enabled("cpu")))
+    scene = Image.fromarray((np.random.default_rng(0).random((180, 320, 3)) * 255).astype("uint8"))
+    (p,) = fast.predict([scene], task="od")
+    hook.remove()
+    assert inside and all(inside)
+    assert fast.info()["precision"] == "bf16"
+    assert all(b.score is None or 0.0 <= b.score <= 1.0 for b in p.boxes)

@@ -132,3 +132,31 @@ def test_soft_labels_and_pointer_train_and_validate_with_the_plain_loss(make_con
     a, b = adapter_weights(plain.model), adapter_weights(helped.model)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the extra terms changed the step
     assert helped.last_eval["val_loss"] > 0
+
+
+def test_bf16_on_cpu_autocasts_and_auto_stays_fp32(make_config, tmp_path, monkeypatch):
+    """An explicit bf16 autocasts on a CPU too, also after an fp32 run in the same process;
+    `auto` (and fp16, CUDA only) keep a CPU in fp32."""
+    if not torch.cuda.is_available():
+        assert [recipe._mixed_precision(p) for p in ("auto", "fp32", "fp16", "bf16")] == ["no", "no", "no", "bf16"]
+    seen = []
+    real = recipe.batch_loss
+
+    def spy(model, batch, spec):  # is autocast on inside the model's forward?
+        inside = []
+        linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        hook = linear.register_forward_hook(lambda *_: inside.append(torch.is_autocast_enabled("cpu")))
+        try:
+            return real(model, batch, spec)
+        finally:
+            hook.remove()
+            seen.append(any(inside))
+
+    monkeypatch.setattr(recipe, "batch_loss", spy)
+    fp32 = train(make_config(max_steps=1, eval_every=0, out=str(tmp_path / "a")))
+    first = len(seen)
+    bf16 = train(make_config(max_steps=1, eval_every=0, precision="bf16", out=str(tmp_path / "b")))
+    assert not any(seen[:first]) and seen[first] is True  # the training step of each run
+    a, b = adapter_weights(fp32.model), adapter_weights(bf16.model)
+    assert all(torch.isfinite(v).all() for v in b.values())
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -54,6 +54,10 @@ def _open(image: Image.Image | str | Path) -> Image.Image:
         return im.convert("RGB")
 
 
+#: `Predictor(precision=...)`: plain fp32, or bf16 autocast.
+PRECISIONS = ("fp32", "bf16")
+
+
 class Predictor:
     """A model ready to predict.
 
@@ -63,7 +67,9 @@ class Predictor:
     `tile_size`: tile edge in pixels (default: the model's input size); `overlap`: shared
     fraction between tiles. `constrained`: `<OD>` through the class grammar (needs the run's
     classes). `text_tokens`: answer budget of the tasks no box count bounds (captions, OCR;
-    twice that for polygons), capped by the decoder's length.
+    twice that for polygons), capped by the decoder's length. `precision`: fp32, or bf16 to
+    run under bf16 autocast (weights stay fp32; on a CPU with bf16 instructions the model runs
+    several times faster, docs/benchmarks.md measures what it does to mAP).
     """
 
     def __init__(
@@ -79,9 +85,13 @@ class Predictor:
         overlap: float = 0.25,
         constrained: bool = False,
         text_tokens: int = 256,
+        precision: str = "fp32",
     ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.loaded = load_for_inference(model, adapter, checkpoint, device)
         self.device = device
+        self.precision = precision
         self.max_boxes = max_boxes
         self.batch_size = batch_size
         self.overlap = overlap
@@ -110,6 +120,7 @@ class Predictor:
             "tasks": list(TASKS),
             "trained_tasks": sorted(self.loaded.trained_tasks),
             "device": self.device,
+            "precision": self.precision,
             "max_boxes": self.max_boxes,
             "batch_size": self.batch_size,
             "tile_size": self.tile_size,
@@ -133,14 +144,17 @@ class Predictor:
         applies to box tasks; `score_threshold` drops boxes scoring lower. Raises ValueError
         for an unknown task or a missing/unreadable `text`.
         """
+        import torch
+
         spec = get_task(task)
         pictures = [_open(im) for im in images]
         for im in pictures:
             prompt(spec, text, im.width, im.height)  # refuse bad input before any work
-        if spec.answer == "boxes":
-            results = self._boxes(spec, pictures, text, tile, score_threshold)
-        else:
-            results = self._generated(spec, pictures, text)
+        with torch.autocast(torch.device(self.device).type, torch.bfloat16, enabled=self.precision == "bf16"):
+            if spec.answer == "boxes":
+                results = self._boxes(spec, pictures, text, tile, score_threshold)
+            else:
+                results = self._generated(spec, pictures, text)
         trained = spec.name in self.loaded.trained_tasks
         for r in results:
             r.trained = trained

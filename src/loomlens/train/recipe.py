@@ -75,11 +75,15 @@ def train(
     would (the run can be resumed). Raises `TrainingDiverged` on a NaN/inf loss.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
 
     run_dir = Path(cfg.out)
     last_dir, best_dir = run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "best"
+    # accelerate keeps one mixed precision per process, fixed by the first Accelerator; a sweep
+    # or a test trains several runs in one process, so forget it (the distributed state stays).
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg.precision))
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     if main and resume:
@@ -264,9 +268,13 @@ def train(
 
 
 def _mixed_precision(precision: str) -> str:
-    """accelerate's `mixed_precision` for a config `precision` (autocast is CUDA only here)."""
-    if not torch.cuda.is_available() or precision == "fp32":
+    """accelerate's `mixed_precision` for a config `precision`. On a CPU only an explicit
+    `bf16` autocasts (fast where the CPU has bf16 instructions, e.g. AVX512-BF16 or AMX);
+    `auto` stays fp32 there, and fp16 autocast is CUDA only."""
+    if precision == "fp32":
         return "no"
+    if not torch.cuda.is_available():
+        return "bf16" if precision == "bf16" else "no"
     if precision == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return precision
