@@ -49,7 +49,7 @@ def convert_command(
     src: Path = typer.Argument(..., help="Annotated dataset folder: LabelImg VOC *.xml, YOLO *.txt with "
                                "classes.txt, or COCO *.json, with its images."),
     out: Path = typer.Argument(..., help="Output folder: train.jsonl, val.jsonl (test.jsonl), classes.txt, "
-                               "summary.json, images/ for flipped copies."),
+                               "summary.json, images/ for flipped copies and tiles."),
     fmt: str = typer.Option("auto", "--format", help="auto, voc, yolo or coco."),
     tasks: str = typer.Option("od", help="Comma-separated tasks: od, dense_region_caption, phrase_grounding, "
                               "caption."),
@@ -58,6 +58,10 @@ def convert_command(
                               "together."),
     flip: bool = typer.Option(False, "--flip", help="Add a horizontally flipped copy of every image "
                               "(in its original's split)."),
+    tile: int | None = typer.Option(None, help="Cut frames into N px tiles too, for small defects in large "
+                                    "frames (tiles stay in their frame's split; whole frames are kept); "
+                                    "predict with --tile on and the same --tile-size."),
+    tile_overlap: float = typer.Option(0.25, help="Share of a tile its neighbours overlap, in [0, 0.9)."),
     val_fraction: float = typer.Option(0.17, help="Share of images for validation."),
     test_fraction: float = typer.Option(0.0, help="Share of images for a test split (0: none)."),
     seed: int = typer.Option(0, help="Seed of the split and the sample order."),
@@ -77,21 +81,25 @@ def convert_command(
     console = Console()
     try:
         with Progress(console=console, transient=True) as bar:
-            job = bar.add_task("flipping images", total=None)
+            job = bar.add_task("reading", total=None)
+            stages = {"flip": "flipping images", "tile": "cutting tiles"}
             report = convert(
                 src, out, format=fmt, tasks=[t.strip() for t in tasks.split(",") if t.strip()], order=order,
                 flip=flip, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, strict=strict,
-                progress=lambda _stage, done, total: bar.update(job, completed=done, total=total),
+                tile=tile, tile_overlap=tile_overlap,
+                progress=lambda stage, done, total: bar.update(job, completed=done, total=total,
+                                                               description=stages[stage]),
             )
     except ConvertError as err:
         raise _fail(str(err), [str(p) for p in err.problems]) from None
 
     classes = report.classes
     table = Table(title=f"{report.images} images ({report.negatives} defect-free) from {src} [{report.format}]")
-    for column in ("split", "images", "samples", *classes):
+    counts = ["images", *(["tiles"] if report.tile else []), "samples"]
+    for column in ("split", *counts, *classes):
         table.add_column(column, justify="left" if column == "split" else "right")
     for name, split in report.splits.items():
-        table.add_row(name, str(split["images"]), str(split["samples"]),
+        table.add_row(name, *(str(split[c]) for c in counts),
                       *(str(split["boxes_per_class"].get(c, 0)) for c in classes))
     console.print(table)
     for problem in report.problems[:20]:

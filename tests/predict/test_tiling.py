@@ -57,3 +57,9 @@ def test_tiled_detection_maps_boxes_back_and_merges():
     boxes = tiled_detect(detect, Image.fromarray(frame), tile=256, overlap=0.25)
     assert len(calls) == 1  # one batched call for all tiles and the whole frame
     assert [(b.x1, b.y1, b.x2, b.y2) for b in boxes] == [(610, 430, 650, 450)]
+
+
+def test_inference_tiles_with_the_windows_training_is_cut_from():
+    from loomlens.data import tiles
+
+    assert tile_windows is tiles.tile_windows  # one definition: `convert --tile` and `--tile on` agree

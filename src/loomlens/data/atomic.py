@@ -12,7 +12,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:  # only callers that save images need PIL loaded
+    from PIL import Image
 
 
 @contextmanager
@@ -44,3 +47,10 @@ def atomic_write(path: str | Path, data: str | bytes, durable: bool = True) -> N
     """Write all of `data` (text as UTF-8, or bytes) to `path` atomically; see `atomic_open`."""
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w", durable) as f:
         f.write(data)
+
+
+def atomic_save_image(image: Image.Image, path: str | Path, fmt: str) -> None:
+    """Save the PIL `image` at `path` in format `fmt` (JPEG at quality 95) atomically, not
+    durably: image outputs of a conversion can be regenerated."""
+    with atomic_open(path, "wb", durable=False) as f:
+        image.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))

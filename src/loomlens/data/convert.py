@@ -1,9 +1,10 @@
 """Annotations (VOC, YOLO, COCO) -> Florence-2 JSONL training samples.
 
 `convert` reads every annotation, reports problems instead of stopping at the first, splits
-by original image (a flipped copy always lands in its original's split), makes the samples
-of each requested task and writes `train.jsonl`, `val.jsonl` (`test.jsonl`), `classes.txt`
-and `summary.json` atomically, so a crash never leaves a half-written file over a good one.
+by original image (a flipped copy, and every tile cut from a frame, always lands in its
+original's split), makes the samples of each requested task and writes `train.jsonl`,
+`val.jsonl` (`test.jsonl`), `classes.txt` and `summary.json` atomically, so a crash never
+leaves a half-written file over a good one.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from typing import Any
 
 from PIL import Image
 
-from loomlens.data.atomic import atomic_open, atomic_write
+from loomlens.data.atomic import atomic_open, atomic_save_image, atomic_write
 from loomlens.data.coco import read_coco
 from loomlens.data.florence_text import boxes_to_text
 from loomlens.data.records import ImageRecord, Problem, ReadResult
 from loomlens.data.sanitize import iter_files
+from loomlens.data.tiles import save_tiles, tile_record
 from loomlens.data.voc import read_voc
 from loomlens.data.yolo import CLASSES_FILE, read_yolo, write_classes
 
@@ -40,6 +42,8 @@ ORDERS = ("grouped", "interleaved")
 READERS: dict[str, Callable[[Path, Sequence[Path]], ReadResult]] = {"voc": read_voc, "yolo": read_yolo, "coco": read_coco}
 FORMATS = ("auto", *READERS)
 SPLITS = ("train", "val", "test")
+TILES_DIR = "images/tiles"  # relative to the output folder
+MIN_TILE = 32  # pixels; a smaller tile holds too little fabric to tell a defect from weave
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -63,13 +67,15 @@ class ConvertReport:
     tasks: list[str]
     order: str
     flip: bool
+    tile: int | None
+    tile_overlap: float
     seed: int
     classes: list[str]
-    images: int  # original images converted (flipped copies not counted)
+    images: int  # original images converted (flipped copies and tiles not counted)
     negatives: int  # of those, images with no boxes
     boxes_per_class: dict[str, int]
-    # split -> {"images": n (flipped copies included), "samples": n,
-    #           "boxes_per_class": {...}, "samples_per_task": {...}}
+    # split -> {"images": n (flipped copies and tiles included), "samples": n, "tiles": n,
+    #           "tile_samples": n, "boxes_per_class": {...}, "samples_per_task": {...}}
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
 
@@ -163,21 +169,28 @@ def assign_splits(images: Iterable[str], val_fraction: float, test_fraction: flo
     return {k: ("test" if i < n_test else "val" if i < n_test + n_val else "train") for i, k in enumerate(keys)}
 
 
-def flipped_names(images: Sequence[str]) -> dict[str, str]:
-    """Image path -> file name of its flipped copy, `flipped_<name>` as the seed did; the
-    folders are folded into the name when two images share a name, so no copy overwrites
-    another."""
+def unique_names(images: Sequence[str], prefix: str = "") -> list[str]:
+    """One file name per image path, in order: `<prefix><name>`; the folders are folded into
+    the name when two images share a name, then a counter, so no two are ever the same (even
+    for a path given twice)."""
     used: set[str] = set()
-    names = {}
-    for image in sorted(images):
+    names = []
+    for image in images:
         base = PurePosixPath(image).name
         candidates = itertools.chain(
-            [f"flipped_{base}", "flipped_" + image.replace("/", "_")],
-            (f"flipped_{i}_{base}" for i in itertools.count(2)),
+            [f"{prefix}{base}", prefix + image.replace("/", "_")],
+            (f"{prefix}{i}_{base}" for i in itertools.count(2)),
         )
-        names[image] = next(c for c in candidates if c not in used)
-        used.add(names[image])
+        names.append(next(c for c in candidates if c not in used))
+        used.add(names[-1])
     return names
+
+
+def flipped_names(images: Sequence[str]) -> dict[str, str]:
+    """Image path -> file name of its flipped copy, `flipped_<name>` as the seed did, never
+    two the same (see `unique_names`)."""
+    ordered = sorted(images)
+    return dict(zip(ordered, unique_names(ordered, "flipped_"), strict=True))
 
 
 def flip_image(src: Path, dst: Path) -> None:
@@ -188,8 +201,7 @@ def flip_image(src: Path, dst: Path) -> None:
     with Image.open(src) as im:
         fmt = im.format or "PNG"
         mirrored = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    with atomic_open(dst, "wb", durable=False) as f:
-        mirrored.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    atomic_save_image(mirrored, dst, fmt)
 
 
 def write_jsonl(path: Path, samples: Iterable[dict[str, Any]]) -> int:
@@ -203,7 +215,10 @@ def write_jsonl(path: Path, samples: Iterable[dict[str, Any]]) -> int:
     return count
 
 
-def _check_arguments(fmt: str, tasks: Sequence[str], order: str, val_fraction: float, test_fraction: float) -> None:
+def _check_arguments(
+    fmt: str, tasks: Sequence[str], order: str, val_fraction: float, test_fraction: float,
+    tile: int | None, tile_overlap: float,
+) -> None:
     if fmt not in FORMATS:
         raise ConvertError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     unknown = [t for t in tasks if t not in TASKS]
@@ -213,6 +228,10 @@ def _check_arguments(fmt: str, tasks: Sequence[str], order: str, val_fraction: f
         raise ConvertError(f"unknown order {order!r}; use one of {', '.join(ORDERS)}")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ConvertError("val and test fractions must be in 0..1 and leave some images for training")
+    if tile is not None and tile < MIN_TILE:
+        raise ConvertError(f"tile must be at least {MIN_TILE} px, got {tile}; use the model's input size or more")
+    if not 0 <= tile_overlap < 0.9:
+        raise ConvertError(f"tile overlap must be in [0, 0.9), got {tile_overlap}; 0.25 is the usual share")
 
 
 def _fail_if_strict(strict: bool, problems: list[Problem], src: Path) -> None:
@@ -229,10 +248,48 @@ def _order(items: list[tuple[ImageRecord, str]], tasks: Sequence[str], order: st
     return (s for record, image in items for task in tasks for s in task_samples(record, image, task))
 
 
-def _split_stats(items: list[tuple[ImageRecord, str]], samples: list[dict[str, Any]]) -> dict[str, Any]:
+def _cut_tiles(
+    items: dict[str, list[tuple[ImageRecord, str]]], tile: int, overlap: float, seed: int, out: Path,
+    progress: ProgressFn | None,
+) -> tuple[set[str], list[Problem]]:
+    """Cut every frame in `items` (flipped copies included; image paths relative to `out`)
+    into tiles (see `tile_record`), write them under `out/images/tiles/` as
+    `<frame name>_x<X0>_y<Y0><suffix>` and add them to their frame's split. Returns the tile
+    image paths and the problems (a frame that cannot be read gives no tiles)."""
+    frames = sorted(((split, record, image) for split, pairs in items.items() for record, image in pairs),
+                    key=lambda frame: (frame[1].image, frame[2]))
+    # Distinct frame names give distinct tile names: "_x" cannot occur inside "_x<X0>_y<Y0>".
+    names = unique_names([record.image for _, record, _ in frames])
+    tiles: set[str] = set()
+    problems = []
+    for i, ((split, record, image), name) in enumerate(zip(frames, names, strict=True)):
+        stem, suffix = PurePosixPath(name).stem, PurePosixPath(name).suffix
+        cut = {f"{TILES_DIR}/{stem}_x{t.window[0]}_y{t.window[1]}{suffix}": t
+               for t in tile_record(record, tile, overlap, seed=seed)}
+        # Lexically: `out` is resolved, and it may not exist yet for "../src/..." to pass through.
+        frame = Path(os.path.normpath(out / image))
+        try:
+            save_tiles(frame, {out / path: t.window for path, t in cut.items()})
+        except OSError as err:
+            problems.append(Problem(file=record.source, message=f"cannot cut tiles from {record.image}: {err}",
+                                    fix="replace the damaged image"))
+        else:
+            items[split].extend((ImageRecord(path, t.width, t.height, list(t.boxes), record.source), path)
+                                for path, t in cut.items())
+            tiles.update(cut)
+        if progress:
+            progress("tile", i + 1, len(frames))
+    return tiles, problems
+
+
+def _split_stats(
+    items: list[tuple[ImageRecord, str]], samples: list[dict[str, Any]], tiles: set[str]
+) -> dict[str, Any]:
     return {
         "images": len(items),
         "samples": len(samples),
+        "tiles": sum(image in tiles for _, image in items),
+        "tile_samples": sum(s["image"] in tiles for s in samples),
         "boxes_per_class": dict(sorted(Counter(b.label for r, _ in items for b in r.boxes).items())),
         "samples_per_task": dict(Counter(s["task"] for s in samples)),
     }
@@ -250,19 +307,26 @@ def convert(
     seed: int = 0,
     strict: bool = False,
     progress: ProgressFn | None = None,
+    tile: int | None = None,
+    tile_overlap: float = 0.25,
 ) -> ConvertReport:
     """Convert the annotated dataset in folder `src` to Florence-2 JSONL in folder `out`.
 
     `format`: auto | voc | yolo | coco. `tasks`: any of od, dense_region_caption,
     phrase_grounding, caption. `order`: grouped | interleaved (see `_order`). `flip` adds a
     mirrored copy of every image (written to `out/images/flipped_<name>`) in its original's
-    split. Splits are by image, deterministic for `seed`. Problems in the input are reported
+    split. `tile` (px, at least 32) also cuts every frame, flipped copies included, into
+    windows of that size overlapping by `tile_overlap` (in [0, 0.9)), the windows tiled
+    prediction uses, and adds each kept tile (see `loomlens.data.tiles.tile_record`) as an
+    image of its own under `out/images/tiles/` in its frame's split; the whole frames stay too.
+    Splits are by image, deterministic for `seed`. Problems in the input are reported
     in the returned `ConvertReport` (and `summary.json`) and the rest is converted; with
     `strict` any problem raises `ConvertError` before anything is written. `progress(stage,
-    done, total)` is called while flipping images. Raises `ConvertError` for user errors.
+    done, total)` is called while flipping ("flip") and tiling ("tile"). Raises `ConvertError`
+    for user errors.
     """
     src, out = Path(src), Path(out)
-    _check_arguments(format, tasks, order, val_fraction, test_fraction)
+    _check_arguments(format, tasks, order, val_fraction, test_fraction, tile, tile_overlap)
     if not src.is_dir():
         raise ConvertError(f"source folder {src} does not exist")
     skip = [out] if out.resolve() != src.resolve() else []  # a previous run's output is not input
@@ -298,6 +362,12 @@ def convert(
                 progress("flip", i + 1, len(records))
         _fail_if_strict(strict, problems, src)
 
+    tiles: set[str] = set()
+    if tile is not None:
+        tiles, unreadable = _cut_tiles(items, tile, tile_overlap, seed, out_abs, progress)
+        problems += unreadable
+        _fail_if_strict(strict, problems, src)
+
     rng = random.Random(seed)
     splits: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
@@ -308,12 +378,13 @@ def convert(
         rng.shuffle(chosen)
         samples = list(_order(chosen, tasks, order))
         write_jsonl(out / f"{split}.jsonl", samples)
-        splits[split] = _split_stats(chosen, samples)
+        splits[split] = _split_stats(chosen, samples, tiles)
 
     seen = sorted({b.label for r in records for b in r.boxes} - set(read.classes))
     report = ConvertReport(
         source=str(src), out=str(out), format=fmt, tasks=[t for t in TASKS if t in tasks], order=order,
-        flip=flip, seed=seed, classes=[*read.classes, *seen], images=len(records),
+        flip=flip, tile=tile, tile_overlap=tile_overlap, seed=seed, classes=[*read.classes, *seen],
+        images=len(records),
         negatives=sum(not r.boxes for r in records),
         boxes_per_class=dict(sorted(Counter(b.label for r in records for b in r.boxes).items())),
         splits=splits, problems=problems,

@@ -11,7 +11,6 @@ the *smaller* box (a clipped copy lies inside the whole one) and merged into it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -19,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from loomlens.data.records import Box
+from loomlens.data.tiles import tile_windows  # the same windows `convert --tile` trains on
 
-Window = tuple[int, int, int, int]  # x0, y0, x1, y1 in frame pixels
 #: `tile="auto"` tiles a frame whose longer side exceeds this many tiles.
 AUTO_FACTOR = 2.0
 
@@ -30,26 +29,6 @@ def should_tile(width: int, height: int, mode: str, tile: int) -> bool:
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"tile must be auto, on or off, got {mode!r}")
     return mode == "on" or (mode == "auto" and max(width, height) > AUTO_FACTOR * tile)
-
-
-def _starts(size: int, tile: int, overlap: float) -> list[int]:
-    """Window starts along one axis: evenly spread, at least `overlap` of a tile shared, the
-    last window flush with the far edge."""
-    if size <= tile:
-        return [0]
-    n = math.ceil((size - tile) / (tile * (1 - overlap))) + 1
-    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
-
-
-def tile_windows(width: int, height: int, tile: int, overlap: float = 0.25) -> list[Window]:
-    """Overlapping `tile` x `tile` windows covering a `width` x `height` frame (a window is
-    cut to the frame when the frame is smaller than a tile)."""
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    return [
-        (x, y, min(x + tile, width), min(y + tile, height))
-        for y in _starts(height, tile, overlap) for x in _starts(width, tile, overlap)
-    ]
 
 
 def _overlap(box: Box, others: np.ndarray) -> np.ndarray:

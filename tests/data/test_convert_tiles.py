@@ -1,0 +1,154 @@
+"""convert --tile: tile files and JSONL agree, tiles stay in their frame's split, flips are
+tiled too, damaged images are reported, bad arguments fail, the CLI flag works."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from loomlens.cli import app
+from loomlens.data.convert import ConvertError, convert
+from loomlens.data.florence_text import parse_text
+from loomlens.data.records import Box, ImageRecord
+from loomlens.data.synth import synthesize
+from loomlens.data.tiles import tile_windows
+from loomlens.data.voc import read_voc, write_voc
+
+from .conftest import read_jsonl
+
+TILE_NAME = re.compile(r"(?P<stem>.+)_x(?P<x>\d+)_y(?P<y>\d+)(?P<suffix>\.\w+)")
+
+
+def _tile_samples(samples: list[dict]) -> list[dict]:
+    return [s for s in samples if s["image"].startswith("images/tiles/")]
+
+
+def _window(sample: dict) -> tuple[str, tuple[int, int, int, int]]:
+    """The frame file name a tile sample was cut from, and its window in the frame."""
+    m = TILE_NAME.fullmatch(PurePosixPath(sample["image"]).name)
+    assert m, sample["image"]
+    x0, y0 = int(m["x"]), int(m["y"])
+    return m["stem"] + m["suffix"], (x0, y0, x0 + sample["width"], y0 + sample["height"])
+
+
+def _assert_suffix_is_the_clipped_boxes(sample: dict, frame_boxes: list[Box], window) -> None:
+    """The sample's `<loc_N>` boxes, parsed, are the frame's boxes clipped to `window` in tile
+    pixels (within one bin); no box is cut with less than half showing (ambiguous windows are
+    never written)."""
+    x0, y0, x1, y1 = window
+    expected = []
+    for b in frame_boxes:
+        cx1, cy1, cx2, cy2 = max(b.x1, x0), max(b.y1, y0), min(b.x2, x1), min(b.y2, y1)
+        if cx1 < cx2 and cy1 < cy2:
+            visible = (cx2 - cx1) * (cy2 - cy1) / (b.width * b.height)
+            assert visible >= 0.5, (sample["image"], b)
+            expected.append((b.label, cx1 - x0, cy1 - y0, cx2 - x0, cy2 - y0))
+    got, dropped = parse_text(sample["suffix"], sample["width"], sample["height"])
+    assert dropped == 0 and len(got) == len(expected), sample
+    bin_x, bin_y = sample["width"] / 1000, sample["height"] / 1000
+    for label, ex1, ey1, ex2, ey2 in expected:
+        assert any(g.label == label and abs(g.x1 - ex1) <= bin_x and abs(g.x2 - ex2) <= bin_x
+                   and abs(g.y1 - ey1) <= bin_y and abs(g.y2 - ey2) <= bin_y for g in got), (sample, label)
+
+
+def test_tiles_agree_with_their_files_and_boxes_and_stay_in_their_frames_split(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    synthesize(src, images=6, seed=1, size=(512, 288))
+    frames = {PurePosixPath(r.image).name: r for r in read_voc(src).records}
+    report = convert(src, out, tile=128, val_fraction=0.34, seed=2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["tile"], summary["tile_overlap"]) == (128, 0.25) and report.tile == 128
+    positives = negatives = 0
+    for split in ("train", "val"):
+        samples = read_jsonl(out / f"{split}.jsonl")
+        whole = {PurePosixPath(s["image"]).name for s in samples} - {PurePosixPath(s["image"]).name
+                                                                    for s in _tile_samples(samples)}
+        tiles = _tile_samples(samples)
+        assert summary["splits"][split]["tile_samples"] == summary["splits"][split]["tiles"] == len(tiles)
+        assert summary["splits"][split]["images"] == len(whole) + len(tiles)
+        for sample in tiles:
+            name, window = _window(sample)
+            assert name in whole  # its own frame is in this split: no leakage
+            frame = frames[name]
+            assert window in tile_windows(frame.width, frame.height, 128, 0.25)
+            with Image.open(out / sample["image"]) as im:
+                assert im.size == (sample["width"], sample["height"]) and im.format == "JPEG"
+            _assert_suffix_is_the_clipped_boxes(sample, frame.boxes, window)
+            positives += bool(sample["suffix"])
+            negatives += not sample["suffix"]
+    assert positives > 0 and 0 < negatives <= positives + sum(not r.boxes for r in frames.values())
+
+
+def test_flipped_frames_are_tiled_too_pixel_for_pixel(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    pixels = np.random.default_rng(0).integers(0, 256, (200, 300, 3), np.uint8)
+    record = ImageRecord("images/noise.png", 300, 200, [Box("drop", 20, 30, 50, 60), Box("wrinkle", 150, 90, 200, 110)])
+    (src / "images").mkdir(parents=True)
+    Image.fromarray(pixels).save(src / record.image)
+    write_voc(record, src / "noise.xml", src)
+    convert(src, out, flip=True, tile=128, val_fraction=0)
+    tiles = _tile_samples(read_jsonl(out / "train.jsonl"))
+    sources = {"noise.png": (pixels, record.boxes),
+               "flipped_noise.png": (pixels[:, ::-1], [b.hflip(300) for b in record.boxes])}
+    assert {_window(s)[0] for s in tiles} == set(sources)
+    for sample in tiles:
+        name, (x0, y0, x1, y1) = _window(sample)
+        frame, boxes = sources[name]
+        assert np.array_equal(np.asarray(Image.open(out / sample["image"])), frame[y0:y1, x0:x1])
+        _assert_suffix_is_the_clipped_boxes(sample, boxes, (x0, y0, x1, y1))
+
+
+def test_a_rerun_gives_the_same_files_and_leaves_no_temporaries(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    synthesize(src, images=4, seed=3, size=(384, 216))
+    convert(src, out, tile=96, flip=True, tasks=("od", "caption"), seed=4)
+    first = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "summary.json"}
+    convert(src, out, tile=96, flip=True, tasks=("od", "caption"), seed=4)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "summary.json"} == first
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+
+
+def test_a_damaged_image_is_reported_and_the_rest_is_tiled(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    synthesize(src, images=3, seed=1, size=(384, 216))
+    damaged = src / "images" / "frame_00001.jpg"
+    damaged.write_bytes(damaged.read_bytes()[:2000])  # the header (its size) still reads
+    report = convert(src, out, tile=128, val_fraction=0)
+    (problem,) = report.problems
+    assert problem.file == "annotations/frame_00001.xml" and "cannot cut tiles" in problem.message
+    assert problem.fix
+    names = {_window(s)[0] for s in _tile_samples(read_jsonl(out / "train.jsonl"))}
+    assert names and "frame_00001.jpg" not in names
+    with pytest.raises(ConvertError, match="strict"):
+        convert(src, tmp_path / "strict", tile=128, strict=True)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"tile": 16}, "at least 32 px"), ({"tile": 128, "tile_overlap": 0.9}, r"\[0, 0.9\)"),
+    ({"tile": 128, "tile_overlap": -0.1}, r"\[0, 0.9\)"),
+])
+def test_bad_tile_arguments_are_user_errors(tmp_path, kwargs, message):
+    synthesize(tmp_path / "src", images=1, seed=1, size=(256, 144))
+    with pytest.raises(ConvertError, match=message):
+        convert(tmp_path / "src", tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_tile_flags(tmp_path):
+    synthesize(tmp_path / "src", images=3, seed=1, size=(384, 216))
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--tile", "128",
+                                 "--tile-overlap", "0.3", "--val-fraction", "0"])
+    assert result.exit_code == 0, result.output
+    assert "tiles" in result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["tile"], summary["tile_overlap"]) == (128, 0.3) and summary["splits"]["train"]["tiles"] > 0
+    bad = runner.invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "bad"), "--tile", "8"])
+    assert bad.exit_code == 1 and "at least 32 px" in bad.output
+    assert "--tile-overlap" in runner.invoke(app, ["convert", "--help"]).output

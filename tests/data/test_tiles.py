@@ -1,0 +1,104 @@
+"""tile_record: clipping, min_visible, ambiguous windows, negatives; save_tiles on disk."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from loomlens.data.records import Box, ImageRecord
+from loomlens.data.tiles import save_tiles, tile_record, tile_windows
+
+# 512x256 with 256 px tiles at 25 % overlap: windows start at x = 0, 128, 256 (one row).
+W0, W1, W2 = (0, 0, 256, 256), (128, 0, 384, 256), (256, 0, 512, 256)
+CROSSING = Box("drop", 200, 10, 280, 20)  # 70 % in W0, whole in W1, 30 % in W2
+
+
+def _frame(*boxes: Box, size: tuple[int, int] = (512, 256), image: str = "images/a.png") -> ImageRecord:
+    return ImageRecord(image, *size, list(boxes))
+
+
+def _by_window(record: ImageRecord, **kwargs) -> dict:
+    return {t.window: list(t.boxes) for t in tile_record(record, 256, 0.25, negatives=0, **kwargs)}
+
+
+def test_a_crossing_box_is_clipped_kept_or_makes_the_window_ambiguous():
+    assert tile_windows(512, 256, 256) == [W0, W1, W2]
+    assert _by_window(_frame(CROSSING)) == {
+        W0: [Box("drop", 200, 10, 256, 20)],  # clipped to the window, in its pixels
+        W1: [Box("drop", 72, 10, 152, 20)],  # whole
+    }  # W2 shows 30 % < min_visible: ambiguous, skipped
+    assert _by_window(_frame(CROSSING), min_visible=0.25)[W2] == [Box("drop", 0, 10, 24, 20)]
+    assert list(_by_window(_frame(CROSSING), min_visible=0.8)) == [W1]
+
+
+def test_an_ambiguous_window_is_skipped_even_with_a_whole_box_in_it():
+    inside_w2_only = Box("wrinkle", 400, 100, 420, 120)
+    tiles = _by_window(_frame(CROSSING, inside_w2_only))
+    assert W2 not in tiles  # not a positive missing half a drop, nor a negative
+    assert tiles[W1] == [Box("drop", 72, 10, 152, 20)]
+
+
+def test_a_box_inside_the_overlap_lies_whole_in_some_tile():
+    rng = random.Random(0)
+    for _ in range(200):
+        w, h = rng.uniform(1, 64), rng.uniform(1, 64)  # up to the overlap, a quarter tile
+        x, y = rng.uniform(0, 1000 - w), rng.uniform(0, 700 - h)
+        box = Box("drop", x, y, x + w, y + h)
+        tiles = tile_record(_frame(box, size=(1000, 700)), 256, 0.25, negatives=0)
+        assert any(t.boxes == (Box("drop", x - t.window[0], y - t.window[1], x + w - t.window[0],
+                                   y + h - t.window[1]),) for t in tiles), box
+
+
+def test_negatives_are_bounded_by_the_positives_and_deterministic():
+    frame = _frame(Box("drop", 1000, 700, 1010, 710), size=(2560, 1440))
+    tiles = tile_record(frame, 256, seed=3)
+    positives = [t for t in tiles if t.boxes]
+    negatives = [t for t in tiles if not t.boxes]
+    assert positives and len(negatives) == len(positives)
+    assert len([t for t in tile_record(frame, 256, negatives=2.5, seed=3) if not t.boxes]) == \
+        int(2.5 * len(positives))
+    assert tile_record(frame, 256, seed=3) == tiles  # same seed, same tiles
+    assert any(tile_record(frame, 256, seed=s) != tiles for s in range(4, 8))
+    windows = [t.window for t in tiles]
+    assert windows == sorted(windows, key=lambda w: (w[1], w[0]))  # window order
+
+
+def test_a_defect_free_frame_gives_floor_of_negatives_tiles():
+    frame = _frame(size=(2560, 1440))
+    assert len(tile_record(frame, 256)) == 1
+    assert len(tile_record(frame, 256, negatives=3)) == 3
+    assert tile_record(frame, 256, negatives=0) == []
+
+
+def test_frames_no_larger_than_a_tile_give_no_tiles():
+    assert tile_record(_frame(Box("drop", 1, 1, 5, 5), size=(256, 200)), 256) == []
+    assert len(tile_record(_frame(Box("drop", 1, 1, 5, 5), size=(300, 200)), 256)) == 2  # wider only
+
+
+def test_bad_arguments_raise_value_error():
+    for kwargs in ({"min_visible": 0}, {"min_visible": 1.5}, {"negatives": -1}, {"overlap": 1.0}):
+        with pytest.raises(ValueError):
+            tile_record(_frame(), 256, **kwargs)
+    with pytest.raises(ValueError, match="positive"):
+        tile_windows(100, 100, 0)
+
+
+def test_save_tiles_crops_in_the_frames_format_and_keeps_fresh_ones(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 60, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "frame.png")
+    a, b = tmp_path / "tiles" / "a.png", tmp_path / "tiles" / "b.png"
+    save_tiles(tmp_path / "frame.png", {a: (0, 0, 32, 32), b: (28, 8, 60, 40)})
+    assert np.array_equal(np.asarray(Image.open(b)), pixels[8:40, 28:60])
+    assert Image.open(a).format == "PNG"
+    old = a.stat().st_mtime - 10
+    os.utime(a, (old, old))
+    os.utime(tmp_path / "frame.png", (old - 10, old - 10))
+    save_tiles(tmp_path / "frame.png", {a: (0, 0, 32, 32)})
+    assert a.stat().st_mtime == old  # up to date: not rewritten
+    save_tiles(tmp_path / "frame.png", {a: (0, 0, 16, 16)})  # same name, another tile size
+    assert Image.open(a).size == (16, 16)
+    assert sorted(p.name for p in a.parent.iterdir()) == ["a.png", "b.png"]  # no temporaries
