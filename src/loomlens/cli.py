@@ -60,7 +60,7 @@ def convert_command(
                               "(in its original's split)."),
     tile: int | None = typer.Option(None, help="Cut frames into N px tiles too, for small defects in large "
                                     "frames (tiles stay in their frame's split; whole frames are kept); "
-                                    "predict with --tile on and the same --tile-size."),
+                                    "a run trained on them predicts with that tile size."),
     tile_overlap: float = typer.Option(0.25, help="Share of a tile its neighbours overlap, in [0, 0.9)."),
     val_fraction: float = typer.Option(0.17, help="Share of images for validation."),
     test_fraction: float = typer.Option(0.0, help="Share of images for a test split (0: none)."),
@@ -468,7 +468,7 @@ def predict_command(
     task: str = typer.Option("od", help="od, caption, phrase_grounding, ocr, ... (see the docs)."),
     text: str | None = typer.Option(None, help="Phrase or region (x1,y1,x2,y2 pixels) for tasks that need one."),
     tile: str = typer.Option("auto", help="Tiled detection on large frames: auto, on or off."),
-    tile_size: int | None = typer.Option(None, min=32, help="Tile edge in pixels (default: the model's input)."),
+    tile_size: int | None = typer.Option(None, min=32, help="Tile edge in pixels (default: the run's --tile from convert, else the model's input)."),
     every: int = typer.Option(1, min=1, help="For videos: predict on every N-th frame."),
     regions: Path | None = typer.Option(None, help="Region rules YAML (default: the run's regions.yaml)."),
     score_threshold: float = typer.Option(0.0, min=0.0, max=1.0, help="Drop boxes scoring lower."),

@@ -85,12 +85,17 @@ def test_adapter_from_a_run_folder(tmp_path, image):
     # The adapter's own task plus those the embedded base was pretrained on.
     pretrained = ["caption", "dense_region_caption", "od", "phrase_grounding"]
     assert info["trained_tasks"] == pretrained and info["regions"] is True
+    assert p.tile_size == 256  # no tiles in its data: the model's input size
     (od,) = p.predict([image])
     assert od.trained is True and {b.label for b in od.boxes} <= {"drop", "wrinkle"}
     assert p.predict([image], task="caption")[0].trained is True
     assert p.predict([image], task="ocr")[0].trained is False
     with pytest.raises(ValueError, match="trained on base"):
         Predictor(model="base", adapter=run)
+    # Data cut into tiles (`convert --tile 512`): the run predicts on tiles of that size.
+    (run / "data_summary.json").write_text('{"tile": 512, "tile_overlap": 0.25}')
+    assert Predictor(adapter=run).tile_size == 512
+    assert Predictor(adapter=run, tile_size=384).tile_size == 384
     with pytest.raises(FileNotFoundError):
         Predictor(adapter=tmp_path / "empty")
 

@@ -74,6 +74,7 @@ def small_data(tmp_path_factory) -> Path:
     _write_split(root, "train", 12, rng)
     _write_split(root, "val", 4, rng)
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    (root / "summary.json").write_text(json.dumps({"tile": None, "classes": CLASSES}))
     return root
 
 

@@ -24,6 +24,7 @@ def test_run_folder_holds_config_env_metrics_curves_tb_and_checkpoints(make_conf
     env = json.loads((run / "env.json").read_text())
     assert env["versions"]["torch"] and env["versions"]["peft"] and "git_commit" in env
     assert (run / "classes.txt").read_text().split() == ["drop", "wrinkle"]
+    assert json.loads((run / "data_summary.json").read_text())["tile"] is None  # what prediction reads
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["step"] for r in rows if r["train_loss"]] == ["1", "2", "3", "4"]
     assert [r["step"] for r in rows if r["val_loss"]] == ["2", "4"]

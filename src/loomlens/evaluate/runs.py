@@ -1,7 +1,8 @@
 """Open a model for inference: a base model, optionally with the LoRA adapter of a training run.
 
 A run folder (see docs/architecture.md) holds `config.yaml` (its `model` is the base it was
-trained on, its `tasks` what it was trained for), `classes.txt` and `checkpoints/best|last/`
+trained on, its `tasks` what it was trained for), `classes.txt`, `data_summary.json` (the
+training data's `summary.json`, with the tile size it was cut to) and `checkpoints/best|last/`
 (each a peft adapter folder). `adapter` may name the run folder, a checkpoint inside it, or
 any adapter folder.
 """
@@ -24,13 +25,16 @@ ALL_TASKS = (
     "phrase_grounding", "referring_expression_segmentation", "region_to_segmentation",
     "region_to_category", "ocr", "ocr_with_region",
 )
+#: The training data's summary.json, as a run keeps it.
+DATA_SUMMARY = "data_summary.json"
 
 
 @dataclass
 class LoadedModel:
     """A model ready for inference and what is known about it: `base` (name given to the
     loader), `adapter` (folder or None), `run` (the run folder or None), `classes` (from the
-    run, may be empty) and `trained_tasks` (tasks base or adapter was trained for)."""
+    run, may be empty), `trained_tasks` (tasks base or adapter was trained for) and
+    `tile_size` (the tile edge the run's data was cut to by `convert --tile`, else None)."""
 
     model: object
     processor: object
@@ -39,6 +43,7 @@ class LoadedModel:
     run: Path | None = None
     classes: list[str] = field(default_factory=list)
     trained_tasks: frozenset[str] = frozenset()
+    tile_size: int | None = None
 
 
 def find_adapter(path: str | Path, checkpoint: str = "best") -> Path:
@@ -114,4 +119,10 @@ def load_for_inference(
     net = load_adapter(net, folder)
     classes = read_class_names(run / "classes.txt") if run else []
     tasks = base_tasks(name) | (_run_tasks(config, run) if run else frozenset({"od"}))
-    return LoadedModel(net, processor, name, folder, run, classes, tasks)
+    return LoadedModel(net, processor, name, folder, run, classes, tasks, _run_tile(run) if run else None)
+
+
+def _run_tile(run: Path) -> int | None:
+    """The tile size the run's training data was cut to (`convert --tile`), if any."""
+    summary = run / DATA_SUMMARY
+    return json.loads(summary.read_text()).get("tile") if summary.exists() else None

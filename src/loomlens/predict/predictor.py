@@ -64,7 +64,8 @@ class Predictor:
     `model`: base model name or folder (None: the adapter's base, else "tiny"). `adapter`: a
     run folder, a checkpoint inside one or an adapter folder; `checkpoint`: best | last.
     `regions`: a rules YAML or `RegionRules` (default: the run's `regions.yaml` if any).
-    `tile_size`: tile edge in pixels (default: the model's input size); `overlap`: shared
+    `tile_size`: tile edge in pixels (default: the tile size the run's data was cut to by
+    `convert --tile`, else the model's input size); `overlap`: shared
     fraction between tiles. `constrained`: `<OD>` through the class grammar (needs the run's
     classes). `text_tokens`: answer budget of the tasks no box count bounds (captions, OCR;
     twice that for polygons), capped by the decoder's length. `precision`: fp32, or bf16 to
@@ -97,7 +98,8 @@ class Predictor:
         self.overlap = overlap
         self.constrained = constrained
         self.text_tokens = text_tokens
-        self.tile_size = tile_size or int(self.loaded.processor.image_processor.size["height"])
+        # A run trained on tiles predicts best on tiles of the same size.
+        self.tile_size = tile_size or self.loaded.tile_size or int(self.loaded.processor.image_processor.size["height"])
         run_rules = self.loaded.run / RULES_FILE if self.loaded.run else None
         if regions is None and run_rules is not None and run_rules.exists():
             regions = run_rules

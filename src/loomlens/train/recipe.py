@@ -33,6 +33,7 @@ import torch
 
 from loomlens.config import TrainConfig, dump_config
 from loomlens.data.dataset import Collator, FlorenceDataset, plan_batches
+from loomlens.evaluate.runs import DATA_SUMMARY
 from loomlens.model.lora import apply_lora, load_quantized_base, trainable_by_tower
 from loomlens.train.checkpoint import (
     STATE_FILE,
@@ -345,13 +346,15 @@ def _detection_metrics(model, processor, jsonl: Path, cfg: TrainConfig) -> dict[
 
 
 def _write_run_files(cfg: TrainConfig, run_dir: Path, world: int) -> None:
-    """`config.yaml` (resolved), `env.json` (versions, git commit, device) and `classes.txt`."""
+    """`config.yaml` (resolved), `env.json` (versions, git commit, device), and from the data
+    folder `classes.txt` and `summary.json` (as `data_summary.json`: prediction reads the tile
+    size the data was cut to from it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     (run_dir / "env.json").write_text(json.dumps(environment(world), indent=2) + "\n")
-    classes = cfg.data / "classes.txt"
-    if classes.exists():
-        shutil.copyfile(classes, run_dir / "classes.txt")
+    for name, copy in (("classes.txt", "classes.txt"), ("summary.json", DATA_SUMMARY)):
+        if (cfg.data / name).exists():
+            shutil.copyfile(cfg.data / name, run_dir / copy)
 
 
 def environment(world: int = 1) -> dict[str, Any]:
