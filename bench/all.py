@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, ROOT, Table, describe, fmt, machine, markdown, set_threads
+from bench.common import RESULTS, ROOT, Table, describe, markdown
 
 DOC = ROOT / "docs" / "benchmarks.md"
 KEPT_RUNS = RESULTS / "accuracy-runs"
@@ -43,7 +42,8 @@ PLAN: dict[str, list[str]] = {
     "accuracy": ["--images", "480", "--seeds", "0", "1", "--budget", "330", "--budgets", "165",
                  "--keep", str(KEPT_RUNS)],
     "infer_speed": ["--images", "24", "--repeats", "2"],
-    "tiling": ["--frames", "4"],
+    # 96 frames 2560x1440 with flips, cut into 512 px tiles: ~1000 samples, the demo's size.
+    "tiling": ["--train-frames", "96", "--steps", "700", "--frames", "16"],
     "scaling": [],
     "transfer": ["--images", "480", "--steps", "500"],
 }
@@ -57,50 +57,23 @@ def command(name: str, threads: int | None, small: bool = False) -> list[str]:
     args = (["--keep", str(KEPT_RUNS)] if name == "accuracy" else []) if small else list(PLAN[name])
     if name in USE_ADAPTER and (ADAPTER / "checkpoints").exists():
         args += ["--adapter", str(ADAPTER)]
-    if threads and name != "tiling":  # tiling.py takes no --threads: OMP_NUM_THREADS sets it (see run)
+    if threads:
         args += ["--threads", str(threads)]
     return [sys.executable, "-m", f"bench.{name}", *args]
 
 
 def run(name: str, threads: int | None, small: bool = False) -> float:
-    """Run one benchmark in its own process; returns its wall seconds. tiling.py's JSON is
-    given the machine and command the others record themselves."""
+    """Run one benchmark in its own process; returns its wall seconds."""
     cmd = command(name, threads, small)
     if name == "accuracy":
         shutil.rmtree(KEPT_RUNS, ignore_errors=True)
     print(f"\n=== {' '.join(['python', *cmd[1:]])}", flush=True)
     start = time.perf_counter()
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-    seconds = time.perf_counter() - start
-    if name == "tiling":
-        path = ROOT / RESULTS / "tiling.json"
-        result = json.loads(path.read_text())
-        prefix = [f"OMP_NUM_THREADS={threads}"] if threads else []
-        result.update(bench="tiling", command=" ".join([*prefix, "python", *cmd[1:]]), machine=machine())
-        path.write_text(json.dumps(result, indent=2) + "\n")
-    return seconds
-
-
-def tiling_tables(result: dict[str, Any]) -> list[Table]:
-    """bench/tiling.py's result as a table (it prints its own; this is the docs' copy)."""
-    rows = []
-    for r in result["rows"]:
-        mode = "whole frame" if r["tile"] == "off" else f"tiles {r['tile_size']} px"
-        rows.append([mode, f"{r['small_defect_px_at_model_input']:.1f} px",
-                     f"{fmt(r['small_recall'])} of {r['small_defects']}", f"{fmt(r['recall'])} of {r['defects']}",
-                     fmt(r["map50"]), str(r["predicted_boxes"]), f"{r['seconds_per_frame']:.1f}"])
-    model = result["model"]
-    name = model["base"] + (f" + {model['adapter']}" if model.get("adapter") else "")
-    return [Table(f"Tiling: {result['frames']} frames {result['size']}, model {name}",
-                  ["mode", "small defect at input", "small recall", "recall", "mAP50", "boxes", "s/frame"], rows,
-                  [f"small: a defect whose shorter side is under {result['small_px']:g} px in the frame; "
-                   "recall at IoU >= 0.5, same class."])]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return time.perf_counter() - start
 
 
 def tables_of(name: str, result: dict[str, Any]) -> list[Table]:
-    if name == "tiling":
-        return tiling_tables(result)
     return importlib.import_module(f"bench.{name}").tables(result)
 
 
@@ -119,8 +92,6 @@ def render(names: list[str], doc: Path = DOC) -> list[str]:
         if not path.exists():
             continue
         result = json.loads(path.read_text())
-        if "machine" not in result:
-            continue  # a tiling.json written by tiling.py alone: no machine record to show
         text = replace_section(text, name, section(name, result))
         done.append(name)
     doc.write_text(text)
@@ -144,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", action="store_true", help="only rewrite docs/benchmarks.md from the JSONs")
     args = parser.parse_args(argv)
 
-    set_threads(args.threads)  # so the machine record of tiling.json shows the threads it ran with
     if not args.render:
         seconds = {name: run(name, args.threads, args.small) for name in args.only}
         print("\n" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f"; total {sum(seconds.values()):.0f} s")

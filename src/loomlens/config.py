@@ -98,7 +98,7 @@ class TrainConfig(BaseModel):
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 (else fp16) autocast on CUDA, fp32 on CPU; bf16 also autocasts on CPU"
+        "auto", description="auto: bf16 (else fp16) autocast on CUDA; on a CPU bf16 where it has bf16 instructions, else fp32"
     )
     seed: int = 0
 

@@ -135,11 +135,14 @@ def test_soft_labels_and_pointer_train_and_validate_with_the_plain_loss(make_con
     assert helped.last_eval["val_loss"] > 0
 
 
-def test_bf16_on_cpu_autocasts_and_auto_stays_fp32(make_config, tmp_path, monkeypatch):
+def test_bf16_on_cpu_autocasts_and_auto_follows_the_cpu(make_config, tmp_path, monkeypatch):
     """An explicit bf16 autocasts on a CPU too, also after an fp32 run in the same process;
-    `auto` (and fp16, CUDA only) keep a CPU in fp32."""
+    `auto` autocasts only where the CPU has bf16 instructions; fp16 is CUDA only."""
     if not torch.cuda.is_available():
-        assert [recipe._mixed_precision(p) for p in ("auto", "fp32", "fp16", "bf16")] == ["no", "no", "no", "bf16"]
+        for native in (True, False):
+            monkeypatch.setattr(recipe, "cpu_has_bf16", lambda: native)
+            auto = "bf16" if native else "no"
+            assert [recipe._mixed_precision(p) for p in ("auto", "fp32", "fp16", "bf16")] == [auto, "no", "no", "bf16"]
     seen = []
     real = recipe.batch_loss
 
@@ -154,7 +157,7 @@ def test_bf16_on_cpu_autocasts_and_auto_stays_fp32(make_config, tmp_path, monkey
             seen.append(any(inside))
 
     monkeypatch.setattr(recipe, "batch_loss", spy)
-    fp32 = train(make_config(max_steps=1, eval_every=0, out=str(tmp_path / "a")))
+    fp32 = train(make_config(max_steps=1, eval_every=0, precision="fp32", out=str(tmp_path / "a")))
     first = len(seen)
     bf16 = train(make_config(max_steps=1, eval_every=0, precision="bf16", out=str(tmp_path / "b")))
     assert not any(seen[:first]) and seen[first] is True  # the training step of each run

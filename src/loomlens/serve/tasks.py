@@ -7,7 +7,6 @@ lives here so the API and the page reject the same things with the same words.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 from loomlens.predict.tasks import TASKS as PREDICT_TASKS

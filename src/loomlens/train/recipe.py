@@ -269,16 +269,23 @@ def train(
 
 
 def _mixed_precision(precision: str) -> str:
-    """accelerate's `mixed_precision` for a config `precision`. On a CPU only an explicit
-    `bf16` autocasts (fast where the CPU has bf16 instructions, e.g. AVX512-BF16 or AMX);
-    `auto` stays fp32 there, and fp16 autocast is CUDA only."""
+    """accelerate's `mixed_precision` for a config `precision`. `auto` is bf16 (else fp16) on
+    CUDA, bf16 on a CPU with bf16 instructions (AVX512-BF16 or AMX: there the demo makes 1.4x
+    the steps at the same val mAP50, docs/training.md) and fp32 on other CPUs, where bf16
+    would be emulated and slower. fp16 autocast is CUDA only."""
     if precision == "fp32":
         return "no"
     if not torch.cuda.is_available():
-        return "bf16" if precision == "bf16" else "no"
+        return "bf16" if precision == "bf16" or (precision == "auto" and cpu_has_bf16()) else "no"
     if precision == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return precision
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch API: probe
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def _check_run_dir(run_dir: Path, last_dir: Path, resume: bool) -> None:
