@@ -88,6 +88,8 @@ def make_config(small_data, small_model_dir, tmp_path):
             "data": str(small_data), "model": str(small_model_dir), "out": str(tmp_path / "run"),
             "batch_size": 4, "lr": 1e-2, "max_steps": 4, "eval_every": 2, "eval_max_images": 0,
             "progress": False, "tensorboard": False, "lora": {"r": 4, "dropout": 0.1},
+            # exact fp32 maths, whatever the CPU: `auto` is bf16 where it has bf16 instructions
+            "precision": "fp32",
         }
         return load_config(TrainConfig, base=base, overrides=settings)
 
