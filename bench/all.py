@@ -35,8 +35,9 @@ ADAPTER = KEPT_RUNS / "seed0"
 #: name -> arguments at the `make bench` size (each benchmark's own defaults are smaller).
 PLAN: dict[str, list[str]] = {
     "train_speed": ["--images", "96", "--samples", "192", "--repeats", "2", "--val-samples", "64",
-                    "--also", "precision=bf16", "--also", "lora.freeze=vision",
-                    "--also", "lora.freeze=vision,cache_image_features=true"],
+                    "--also", "precision=fp32", "--also", "lora.freeze=vision",
+                    "--also", "lora.freeze=vision,cache_image_features=true",
+                    "--also", "lora.vision_frozen_stages=1,cache_image_features=true"],
     # The demo's data and budget: shorter runs of the v3 tiny model score 0 (its val mAP50 is
     # 0.00 at step 200 and 0.12 at step 400 of the demo).
     "accuracy": ["--images", "480", "--seeds", "0", "1", "--budget", "330", "--budgets", "165",

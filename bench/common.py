@@ -170,12 +170,13 @@ def lora_model(cfg):
     return apply_lora(model, cfg.lora).to(device()), processor
 
 
-def autocast(cfg, cpu_bf16: bool = False):
-    """The autocast the recipe uses (bf16/fp16 on CUDA unless fp32), or bf16 on CPU when asked."""
-    if device() == "cuda" and cfg.precision != "fp32":
-        dtype = torch.float16 if cfg.precision == "fp16" or not torch.cuda.is_bf16_supported() else torch.bfloat16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
+def autocast(cfg, precision: str | None = None):
+    """The autocast the recipe runs `cfg` under on this device (`mixed_precision` of its
+    `precision`), or the one `precision` (auto | fp32 | bf16 | fp16) names."""
+    from loomlens.train.recipe import mixed_precision
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(precision or cfg.precision))
+    return torch.autocast(device(), dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def training_step(model, params, optimizer, batch: dict, cfg, clock: "Stopwatch | None" = None) -> float:

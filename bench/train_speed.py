@@ -144,14 +144,15 @@ def phase_times(cfg, batches: list[list[int]]) -> dict[str, Any]:
     return out
 
 
-def fwd_bwd_seconds(model, batch: dict, cfg, cpu_bf16: bool = False) -> float:
-    """Seconds of one forward+backward of `model` on the pre-made `batch` (no optimizer)."""
+def fwd_bwd_seconds(model, batch: dict, cfg, precision: str | None = None) -> float:
+    """Seconds of one forward+backward of `model` on the pre-made `batch` (no optimizer), under
+    the recipe's autocast or `precision`'s."""
     from loomlens.train.loss import LossSpec, batch_loss
 
     text = model.config.text_config
     model.train()
     start = time.perf_counter()
-    with autocast(cfg, cpu_bf16):
+    with autocast(cfg, precision):
         part, tokens = batch_loss(model, batch, LossSpec(text.decoder_start_token_id, text.pad_token_id))
     (part / tokens).backward()
     model.zero_grad(set_to_none=True)
@@ -163,9 +164,11 @@ def fwd_bwd_seconds(model, batch: dict, cfg, cpu_bf16: bool = False) -> float:
 def compute_levers(cfg, first: list[int], repeats: int) -> list[dict[str, Any]]:
     """Pure compute per sample (forward+backward on one pre-made batch, best of `repeats`
     after a warm-up round, the variants timed round-robin so a slow spell hits them alike)
-    for loomlens's batch and for the levers: batch 1 (the seed's shape), bf16 autocast on a
-    CPU, the vision tower's adapters frozen (no backward through it), both."""
+    for loomlens's batch as the recipe runs it and for the levers: fp32 (or bf16 where the
+    recipe runs fp32), batch 1 in fp32 (the seed's shape and precision), the vision tower's
+    adapters frozen (no backward through it)."""
     from loomlens.data.dataset import Collator, FlorenceDataset
+    from loomlens.train.recipe import mixed_precision
 
     model, processor = lora_model(cfg)
     frozen, _ = lora_model(cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"freeze": "vision"})}))
@@ -174,16 +177,15 @@ def compute_levers(cfg, first: list[int], repeats: int) -> list[dict[str, Any]]:
     batch = {k: v.to(device()) for k, v in collate([data[i] for i in first]).items()}
     single = {k: v[:1] for k, v in batch.items()}
     n = len(first)
-    levers = [(f"recipe batch {n}", model, batch, False), ("batch 1", model, single, False)]
-    if device() == "cpu":
-        levers.append((f"batch {n}, bf16 autocast (CPU)", model, batch, True))
-    levers.append((f"batch {n}, vision adapters frozen", frozen, batch, False))
-    if device() == "cpu":
-        levers.append((f"batch {n}, vision adapters frozen + bf16 autocast (CPU)", frozen, batch, True))
+    runs = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[mixed_precision(cfg.precision)]
+    other = "fp32" if runs != "fp32" else "bf16"
+    levers = [(f"recipe batch {n} ({runs})", model, batch, None), ("batch 1, fp32", model, single, "fp32"),
+              (f"batch {n}, {'fp32' if other == 'fp32' else 'bf16 autocast'}", model, batch, other),
+              (f"batch {n} ({runs}), vision adapters frozen", frozen, batch, None)]
     best = [float("inf")] * len(levers)
     for round_ in range(repeats + 1):  # round 0 warms every variant up
-        for k, (_, net, b, bf16) in enumerate(levers):
-            seconds = fwd_bwd_seconds(net, b, cfg, bf16) / len(b["labels"])
+        for k, (_, net, b, precision) in enumerate(levers):
+            seconds = fwd_bwd_seconds(net, b, cfg, precision) / len(b["labels"])
             best[k] = min(best[k], seconds) if round_ else best[k]
     return [{"compute": name, "s_per_sample": s} for (name, *_), s in zip(levers, best)]
 
@@ -229,7 +231,8 @@ def worker(kind: str, args) -> dict[str, Any]:
     shape = batches[0][: extra["batch_size"]]
     batch = {k: v.to(device()) for k, v in Collator(processor.tokenizer.pad_token_id)(
         [train_set[i] for i in shape]).items()}
-    compute = min(fwd_bwd_seconds(model, batch, cfg) for _ in range(args.profile_steps + 1)) / len(shape)
+    precision = "fp32" if kind == "seed" else None  # the seed trains in fp32; loomlens as its recipe says
+    compute = min(fwd_bwd_seconds(model, batch, cfg, precision) for _ in range(args.profile_steps + 1)) / len(shape)
     return {"samples": len(samples), "seconds": seconds, "samples_per_s": len(samples) / seconds,
             "peak_memory_mb": peak, "rss_before_loop_mb": before, "compute_s_per_sample": compute,
             "compute_share": compute * len(samples) / seconds,
@@ -302,8 +305,8 @@ def tables(result: dict[str, Any]) -> list[Table]:
                    ["compute", "ms/sample", "samples/s", "vs seed's loop"], compute_rows,
                    ["Timed round-robin in one process, so the rows compare with each other; the last column "
                     "compares with the seed's loop, timed in another process.",
-                    "bf16 autocast on CPU and frozen vision adapters are levers the recipe does not pull on a CPU; "
-                    "their quality cost is not measured here."])
+                    "The recipe's precision is `auto`: bf16 autocast on a CPU with bf16 instructions (this one "
+                    "has them when the first row says bf16), fp32 on other CPUs."])
     return [speed, where, levers]
 
 

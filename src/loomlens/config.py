@@ -39,6 +39,10 @@ class LoraSettings(BaseModel):
     freeze: Literal["none", "vision", "language"] = Field(
         "none", description="tower whose adapters are not trained"
     )
+    vision_frozen_stages: int = Field(
+        0, ge=0, description="the first N DaViT stages get no adapters (with cache_image_features "
+        "their output is computed once per image); 0 = targets anywhere in the tower",
+    )
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -89,8 +93,9 @@ class TrainConfig(BaseModel):
         "every image processed once and cached (fastest on CPU)",
     )
     cache_image_features: bool = Field(
-        False, description="run the vision side once per image and reuse its output (needs a frozen "
-        "vision side: --freeze vision or language-only targets; the fastest choice on CPU)",
+        False, description="run the frozen part of the vision side once per image and reuse its output: "
+        "the whole side (--freeze vision or language-only targets) or its first lora.vision_frozen_stages "
+        "stages (the fastest choices on CPU)",
     )
     loc_sigma: float = Field(0.0, ge=0, description="soft labels over location bins: Gaussian width in bins; 0 = exact")
     pointer_weight: float = Field(

@@ -121,9 +121,25 @@ def test_cached_image_features_train_exactly_like_pixels(make_config, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
 
 
+def test_cached_first_stages_train_exactly_like_pixels(make_config, tmp_path):
+    """LoRA on the last DaViT stage (and the text side), the first two stages cached once."""
+    common = dict(max_steps=2, eval_every=0, lora={"r": 4, "dropout": 0.0, "targets": "seed", "vision_frozen_stages": 2})
+    pixels = train(make_config(**common, out=str(tmp_path / "a")))
+    cached = train(make_config(**common, cache_image_features=True, out=str(tmp_path / "b")))
+    a, b = adapter_weights(pixels.model), adapter_weights(cached.model)
+    assert any("blocks.2" in k for k in a) and not any("blocks.0" in k or "blocks.1" in k for k in a)
+    moved = [k for k in a if "blocks.2" in k and "lora_B" in k]
+    assert moved and all(b[k].abs().sum() > 0 for k in moved)  # the uncached stage did train
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
 def test_cached_image_features_refuse_a_trainable_vision_side(make_config):
     with pytest.raises(ValueError, match="freeze vision"):
         train(make_config(max_steps=1, cache_image_features=True, lora={"targets": "seed"}))
+    with pytest.raises(ValueError, match="projector still trains"):
+        train(make_config(max_steps=1, cache_image_features=True,
+                          lora={"targets": "all-linear", "vision_frozen_stages": 3}))
 
 
 def test_soft_labels_and_pointer_train_and_validate_with_the_plain_loss(make_config, tmp_path):
@@ -142,7 +158,7 @@ def test_bf16_on_cpu_autocasts_and_auto_follows_the_cpu(make_config, tmp_path, m
         for native in (True, False):
             monkeypatch.setattr(recipe, "cpu_has_bf16", lambda: native)
             auto = "bf16" if native else "no"
-            assert [recipe._mixed_precision(p) for p in ("auto", "fp32", "fp16", "bf16")] == [auto, "no", "no", "bf16"]
+            assert [recipe.mixed_precision(p) for p in ("auto", "fp32", "fp16", "bf16")] == [auto, "no", "no", "bf16"]
     seen = []
     real = recipe.batch_loss
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from loomlens.config import LoraSettings
+from loomlens.model.vision import stage_count, stage_of
 
 __all__ = [  # LoraSettings lives with the other configs (torch-free); it is re-exported here
     "PRESETS", "LoraSettings", "LoraTargetError", "adapter_base", "apply_lora", "freeze_tower", "lift_zero_rows",
@@ -142,14 +143,29 @@ def trainable_by_tower(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+def _outside_frozen_stages(model: nn.Module, targets: list[str], frozen: int) -> list[str]:
+    """`targets` less the layers of the first `frozen` DaViT stages. Raises LoraTargetError
+    when `frozen` exceeds the stage count or nothing is left to train."""
+    if not frozen:
+        return targets
+    stages = stage_count(model)
+    if frozen > stages:
+        raise LoraTargetError(f"vision_frozen_stages is {frozen}, but the vision tower has {stages} stages")
+    kept = [n for n in targets if (stage_of(n) is None or stage_of(n) >= frozen)]
+    if not kept:
+        raise LoraTargetError(f"every LoRA target lies in the first {frozen} vision stages; nothing would train")
+    return kept
+
+
 def apply_lora(model: nn.Module, settings: LoraSettings):
     """Wrap `model` with a fresh LoRA/DoRA adapter per `settings`; returns the `PeftModel`.
 
-    Only the adapters of the towers not frozen are trainable; the base model is frozen.
+    Only the adapters of the towers not frozen are trainable; the base model is frozen. The
+    first `settings.vision_frozen_stages` DaViT stages get no adapters.
     """
     from peft import LoraConfig, get_peft_model
 
-    targets = resolve_targets(model, settings.targets)
+    targets = _outside_frozen_stages(model, resolve_targets(model, settings.targets), settings.vision_frozen_stages)
     _prepare_base(model, targets, settings.dora)
     config = LoraConfig(
         r=settings.r,

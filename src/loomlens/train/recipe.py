@@ -35,6 +35,7 @@ from loomlens.config import TrainConfig, dump_config
 from loomlens.data.dataset import Collator, FlorenceDataset, plan_batches
 from loomlens.evaluate.runs import DATA_SUMMARY
 from loomlens.model.lora import apply_lora, load_quantized_base, trainable_by_tower
+from loomlens.model.vision import split_image_path, stage_count, stage_of
 from loomlens.train.checkpoint import (
     STATE_FILE,
     TrainerState,
@@ -85,7 +86,7 @@ def train(
     # accelerate keeps one mixed precision per process, fixed by the first Accelerator; a sweep
     # or a test trains several runs in one process, so forget it (the distributed state stays).
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(cfg.precision))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.precision))
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     if main and resume:
         recover(last_dir)  # a kill between the renames of a save: put the previous one back
@@ -137,14 +138,12 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     peft_model = accelerator.unwrap_model(model)
     base = peft_model.get_base_model()
+    finish_image = None  # with a partly frozen vision side: cached stage output -> image features
     if cfg.cache_image_features:
-        _check_frozen_image_side(peft_model)
-        say(f"encoding {len({ex.image for ex in train_set.examples})} training images once (frozen vision side)")
+        encode, finish_image, part = _image_cache(peft_model, cfg.lora.vision_frozen_stages)
+        say(f"encoding {len({ex.image for ex in train_set.examples})} training images once ({part})")
         base.eval()
-        train_set.encode_images(
-            lambda pixels: base.model.get_image_features(pixels.to(accelerator.device)).pooler_output,
-            cfg.eval_batch_size,
-        )
+        train_set.encode_images(lambda pixels: encode(pixels.to(accelerator.device)), cfg.eval_batch_size)
     state = TrainerState()
     if resume:
         state = load_checkpoint(last_dir, peft_model, optimizer, rank, accelerator.scaler)
@@ -193,6 +192,8 @@ def train(
             for k, batch in enumerate(micro):
                 batch = {key: value.to(accelerator.device) for key, value in batch.items()}
                 if "image_features" in batch:
+                    if finish_image is not None:
+                        batch["image_features"] = finish_image(batch["image_features"])
                     batch = with_image_embeds(batch, base.get_input_embeddings(), base.config.image_token_id)
                 sync = nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
                 with sync:
@@ -268,7 +269,7 @@ def train(
     return TrainResult(run_dir, peft_model, processor, state, stopped, last_eval)
 
 
-def _mixed_precision(precision: str) -> str:
+def mixed_precision(precision: str) -> str:
     """accelerate's `mixed_precision` for a config `precision`. `auto` is bf16 (else fp16) on
     CUDA, bf16 on a CPU with bf16 instructions (AVX512-BF16 or AMX: there the demo makes 1.4x
     the steps at the same val mAP50, docs/training.md) and fp32 on other CPUs, where bf16
@@ -296,15 +297,42 @@ def _check_run_dir(run_dir: Path, last_dir: Path, resume: bool) -> None:
         raise FileExistsError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick a new --out")
 
 
+def _image_cache(model, frozen_stages: int):
+    """`(encode, finish, what)` for cache_image_features: `encode(pixels)` is what each image
+    caches, `finish(cached)` (None: nothing) turns a batch of it into image features every
+    step, `what` says which part is cached. A fully frozen vision side caches its image
+    features; otherwise its first `frozen_stages` DaViT stages (`lora.vision_frozen_stages`)
+    are cached and the rest runs, adapters and all. Raises ValueError when neither is frozen."""
+    base = model.get_base_model()
+    if frozen_stages == 0 or not _moving_image_side(model):
+        _check_frozen_image_side(model)
+        return (lambda pixels: base.model.get_image_features(pixels).pooler_output), None, "frozen vision side"
+    if frozen_stages >= stage_count(model):
+        raise ValueError(f"lora.vision_frozen_stages {frozen_stages} freezes every DaViT stage, but the projector "
+                         "still trains: use --freeze vision, or fewer frozen stages")
+    moving = [n for n in _moving_image_side(model) if (stage := stage_of(n)) is not None and stage < frozen_stages]
+    if moving:
+        raise ValueError(f"cache_image_features caches the first {frozen_stages} vision stages, but {moving[0]} "
+                         "in them would train")
+    head, tail = split_image_path(model, frozen_stages)
+    return head, tail, f"the first {frozen_stages} of {stage_count(model)} DaViT stages"
+
+
+def _moving_image_side(model) -> list[str]:
+    """Trainable parameters before the text encoder: vision tower, projector, token embeddings."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and
+            any(k in n for k in ("vision_tower", "multi_modal_projector", "shared", "embed_tokens"))]
+
+
 def _check_frozen_image_side(model) -> None:
     """Cached image features must be what the model would compute: nothing before the text
     encoder (vision tower, projector, token embeddings) may train."""
-    moving = [n for n, p in model.named_parameters() if p.requires_grad and
-              any(k in n for k in ("vision_tower", "multi_modal_projector", "shared", "embed_tokens"))]
+    moving = _moving_image_side(model)
     if moving:
         raise ValueError(
             f"cache_image_features needs a frozen vision side, but {moving[0]} (and {len(moving) - 1} more) "
-            "would train: add --freeze vision, or use language-only targets"
+            "would train: add --freeze vision, use language-only targets, or freeze the first DaViT stages "
+            "(lora.vision_frozen_stages=2)"
         )
 
 
