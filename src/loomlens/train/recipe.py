@@ -332,7 +332,7 @@ def _check_frozen_image_side(model) -> None:
         raise ValueError(
             f"cache_image_features needs a frozen vision side, but {moving[0]} (and {len(moving) - 1} more) "
             "would train: add --freeze vision, use language-only targets, or freeze the first DaViT stages "
-            "(lora.vision_frozen_stages=2)"
+            "(lora.vision_frozen_stages=N)"
         )
 
 
