@@ -26,3 +26,10 @@ def test_predict_command_on_a_folder(tmp_path):
 def test_predict_command_rejects_missing_input(tmp_path):
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "nothing.png"), "--out", str(tmp_path)])
     assert result.exit_code == 1 and "no such file" in result.output
+
+
+def test_predict_and_serve_refuse_an_unknown_precision_clearly(tmp_path):
+    Image.new("RGB", (96, 64)).save(tmp_path / "im.png")
+    for command in (["predict", str(tmp_path / "im.png"), "--out", str(tmp_path / "out")], ["serve", "--no-page"]):
+        result = CliRunner().invoke(app, [*command, "--precision", "int4"])
+        assert result.exit_code == 1 and "precision must be one of" in result.output, result.output
