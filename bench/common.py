@@ -161,13 +161,24 @@ def recipe_config(data: Path, out: Path, **overrides: Any):
 
 
 def lora_model(cfg):
-    """The recipe's base model with a fresh LoRA adapter per its settings, on the device."""
+    """The seed's model: `cfg`'s base as transformers loads it with a fresh peft LoRA adapter
+    per `cfg.lora`, on the device."""
     from loomlens.model import load_model
     from loomlens.model.lora import apply_lora
 
     torch.manual_seed(cfg.seed)
     model, processor = load_model(cfg.model)
     return apply_lora(model, cfg.lora).to(device()), processor
+
+
+def recipe_model(cfg, **changes: Any):
+    """The model as loomlens's recipe trains it (`training_model`: its attention kernels, LoRA
+    folded where that pays), with `changes` to the config (`lora=` a LoraSettings), on the device."""
+    from loomlens.train.recipe import training_model
+
+    torch.manual_seed(cfg.seed)
+    model, processor = training_model(cfg.model_copy(update=changes))
+    return model.to(device()), processor
 
 
 def autocast(cfg, precision: str | None = None):

@@ -19,8 +19,8 @@ is its own):
 - `profile`: where the time of loomlens's step goes (data, forward, backward, optimizer,
   `time.perf_counter` around each phase on a few steps: first with the pixel cache cold,
   then warm), pure model compute (forward+backward on one pre-made batch repeated), and what
-  the compute costs with levers the recipe does not pull on a CPU (bf16 autocast, a frozen
-  vision tower, batch 1).
+  the compute costs with one thing changed each: batch 1 in fp32, the other precision,
+  peft's LoRA form instead of folding, SDPA attention, a frozen vision tower.
 
 Both trained adapters are scored with the same token-mean validation loss
 (`bench.common.val_loss`). Samples/s and peak memory (RSS on CPU, `max_memory_allocated` on
@@ -43,8 +43,8 @@ import torch
 
 from bench.common import (
     publish,
-    Stopwatch, Table, autocast, common_flags, device, fmt, lora_model, loom_data,
-    peak_memory_mb, ratio, recipe_config, rss_mb, set_threads, training_step, val_loss,
+    Stopwatch, Table, autocast, common_flags, device, fmt, lora_model, loom_data, peak_memory_mb, ratio,
+    recipe_config, recipe_model, rss_mb, set_threads, training_step, val_loss,
 )
 
 NAME = "train_speed"
@@ -125,7 +125,7 @@ def phase_times(cfg, batches: list[list[int]]) -> dict[str, Any]:
     (the first epoch) and warm (every later epoch)."""
     from loomlens.data.dataset import Collator, FlorenceDataset
 
-    model, processor = lora_model(cfg)
+    model, processor = recipe_model(cfg)
     text = model.config.text_config
     train_set = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, text.max_position_embeddings)
     collate = Collator(processor.tokenizer.pad_token_id)
@@ -164,14 +164,16 @@ def fwd_bwd_seconds(model, batch: dict, cfg, precision: str | None = None) -> fl
 def compute_levers(cfg, first: list[int], repeats: int) -> list[dict[str, Any]]:
     """Pure compute per sample (forward+backward on one pre-made batch, best of `repeats`
     after a warm-up round, the variants timed round-robin so a slow spell hits them alike)
-    for loomlens's batch as the recipe runs it and for the levers: fp32 (or bf16 where the
-    recipe runs fp32), batch 1 in fp32 (the seed's shape and precision), the vision tower's
-    adapters frozen (no backward through it)."""
+    for loomlens's batch as the recipe runs it and, one change each: batch 1 in fp32 (the
+    seed's shape and precision), the other precision, peft's LoRA form (no folding), SDPA
+    attention, the vision tower's adapters frozen (no backward through it)."""
     from loomlens.data.dataset import Collator, FlorenceDataset
     from loomlens.train.recipe import mixed_precision
 
-    model, processor = lora_model(cfg)
-    frozen, _ = lora_model(cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"freeze": "vision"})}))
+    model, processor = recipe_model(cfg)
+    variants = {"peft's LoRA form (fold_lora=false)": recipe_model(cfg, fold_lora=False)[0],
+                "SDPA attention (attention=sdpa)": recipe_model(cfg, attention="sdpa")[0],
+                "vision adapters frozen": recipe_model(cfg, lora=cfg.lora.model_copy(update={"freeze": "vision"}))[0]}
     data = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, model.config.text_config.max_position_embeddings)
     collate = Collator(processor.tokenizer.pad_token_id)
     batch = {k: v.to(device()) for k, v in collate([data[i] for i in first]).items()}
@@ -180,8 +182,8 @@ def compute_levers(cfg, first: list[int], repeats: int) -> list[dict[str, Any]]:
     runs = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[mixed_precision(cfg.precision)]
     other = "fp32" if runs != "fp32" else "bf16"
     levers = [(f"recipe batch {n} ({runs})", model, batch, None), ("batch 1, fp32", model, single, "fp32"),
-              (f"batch {n}, {'fp32' if other == 'fp32' else 'bf16 autocast'}", model, batch, other),
-              (f"batch {n} ({runs}), vision adapters frozen", frozen, batch, None)]
+              (f"batch {n}, {'fp32' if other == 'fp32' else 'bf16 autocast'}", model, batch, other)]
+    levers += [(f"batch {n} ({runs}), {name}", net, batch, None) for name, net in variants.items()]
     best = [float("inf")] * len(levers)
     for round_ in range(repeats + 1):  # round 0 warms every variant up
         for k, (_, net, b, precision) in enumerate(levers):
@@ -211,7 +213,7 @@ def worker(kind: str, args) -> dict[str, Any]:
     samples = [i for idx in batches for i in idx]
     val = cfg.data / "val.jsonl"
     if kind == "profile":
-        model, processor = lora_model(cfg)
+        model, processor = lora_model(cfg)  # untrained: the same either way
         return {"untrained_val_loss": val_loss(model, processor, val, args.val_samples),
                 "phases": phase_times(cfg, batches[: args.profile_steps]),
                 "compute": compute_levers(cfg, batches[0], args.profile_steps)}

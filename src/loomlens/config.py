@@ -101,6 +101,14 @@ class TrainConfig(BaseModel):
     pointer_weight: float = Field(
         0.0, ge=0, description="pointer loss: cross-attention at location tokens onto the box edge's image cells"
     )
+    attention: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="attention kernels: auto = eager on a CPU (bf16 SDPA's backward is ~4x slower "
+        "on DaViT's small windows), sdpa on CUDA; the pointer loss needs eager",
+    )
+    fold_lora: bool = Field(
+        True, description="compute each LoRA layer as linear(x, W + s B A) where estimated cheaper: same "
+        "gradients, fewer passes (off = peft's form everywhere)",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 (else fp16) autocast on CUDA; on a CPU bf16 where it has bf16 instructions, else fp32"

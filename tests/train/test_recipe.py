@@ -180,3 +180,27 @@ def test_bf16_on_cpu_autocasts_and_auto_follows_the_cpu(make_config, tmp_path, m
     a, b = adapter_weights(fp32.model), adapter_weights(bf16.model)
     assert all(torch.isfinite(v).all() for v in b.values())
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_folded_lora_and_eager_attention_train_like_peft_and_sdpa(make_config, tmp_path):
+    """The recipe's speed-ups change no step: folding LoRA into the weight (where it pays) and
+    eager attention give the adapter peft's form and SDPA give, in fp32."""
+    common = dict(max_steps=2, eval_every=0, lora={"r": 4, "dropout": 0.0, "targets": "seed"})
+    fast = train(make_config(**common, out=str(tmp_path / "a")))
+    plain = train(make_config(**common, fold_lora=False, attention="sdpa", out=str(tmp_path / "b")))
+    if not torch.cuda.is_available():
+        assert fast.model.config._attn_implementation == "eager"
+    assert plain.model.config._attn_implementation == "sdpa"
+    a, b = adapter_weights(fast.model), adapter_weights(plain.model)
+    assert any("vision_tower" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
+def test_attention_follows_the_device_and_the_pointer_loss(make_config, monkeypatch):
+    pick = recipe.attention_implementation
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [pick(make_config(attention=a)) for a in ("auto", "sdpa", "eager")] == ["eager", "sdpa", "eager"]
+    assert pick(make_config(attention="sdpa", pointer_weight=1)) == "eager"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick(make_config()) == "sdpa"

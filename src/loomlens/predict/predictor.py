@@ -20,6 +20,7 @@ from loomlens.data.records import Box
 from loomlens.evaluate.detection import batched, detect_with_details
 from loomlens.evaluate.generation import generate
 from loomlens.evaluate.runs import load_for_inference
+from loomlens.model.runtime import keep_freed_memory
 from loomlens.predict.regions import RULES_FILE, RegionRules, load_rules
 from loomlens.predict.tasks import TASKS, Task, get_task, prompt
 from loomlens.predict.tiling import should_tile, tiled_detect
@@ -90,6 +91,8 @@ class Predictor:
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if str(device).startswith("cpu"):
+            keep_freed_memory()  # ~5-10 % less time per image on a CPU (model/runtime.py)
         self.loaded = load_for_inference(model, adapter, checkpoint, device)
         self.device = device
         self.precision = precision

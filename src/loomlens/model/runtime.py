@@ -1,0 +1,37 @@
+"""How the process hands memory to torch on a CPU.
+
+glibc's malloc serves each large tensor (above its mmap threshold, or from a heap top it
+trims) with fresh pages from the kernel, and every page faults on first touch. A training
+step of the tiny model at batch 8 allocates and frees tens of megabytes of activations that
+way: 6,000-25,000 page faults a step, measured. Keeping freed memory in the heap for reuse
+removes them, and a bf16 step on 2 cores takes ~8 % less time (0.258 s -> 0.235 s, three
+alternating runs). The cost: the process keeps its peak memory until it exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+__all__ = ["keep_freed_memory"]
+
+#: mallopt parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: glibc's upper limit for the mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX).
+_MMAP_MAX = 32 << 20
+#: Free memory at the heap's top is given back to the kernel only beyond this.
+_TRIM = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse: blocks up to 32 MiB come from the heap, and
+    the heap is trimmed only past 1 GiB free. Returns False (and changes nothing) where the C
+    library is not glibc (macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM))

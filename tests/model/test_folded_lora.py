@@ -1,0 +1,125 @@
+"""LoRA layers in the folded or dense form compute what peft's form computes, with the same
+gradients; under autocast the update is not rounded away."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from loomlens.model.folded_lora import fold_lora, lora_form
+from loomlens.model.lora import LoraSettings, apply_lora
+
+
+@pytest.fixture(scope="module")
+def built():
+    from loomlens.model.tiny import build_tiny
+
+    model, processor, _ = build_tiny(seed=0)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def inputs(built):
+    from PIL import Image
+
+    image = Image.new("RGB", (80, 60), (90, 40, 20))
+    batch = built[1](text=["<OD>", "<OD>"], images=[image] * 2, return_tensors="pt", padding=True)
+    return {**batch, "decoder_input_ids": torch.tensor([[2, 0, 30, 40, 1500], [2, 0, 50, 1600, 1700]])}
+
+
+def _adapted(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    peft = apply_lora(copy.deepcopy(model), settings)
+    torch.manual_seed(1)
+    for name, param in peft.named_parameters():
+        if "lora_B" in name:  # fresh B is zero: make the update count
+            nn.init.normal_(param, std=0.05)
+    return peft
+
+
+def _loss_and_grads(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).logits.float().logsumexp(-1).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_lora_form_where_it_was_measured_to_pay():
+    # fp32: the tiny DaViT stage 0 MLP at batch 8 folds (3.6x), its encoder too; lm_head on a
+    # short answer and Florence-2-base's 768-wide layers at r=8 keep peft's form
+    assert lora_form(32768, 32, 128, 32, autocast=False) == "fold"
+    assert lora_form(2152, 192, 192, 32, autocast=False) == "fold"
+    assert lora_form(112, 192, 1876, 32, autocast=False) == "peft"
+    assert lora_form(4800, 768, 768, 8, autocast=False) == "peft"
+    assert lora_form(4800, 768, 3072, 8, autocast=False) == "peft"
+    # autocast: never folded (the sum would round the update away); dense only on stage 0
+    assert lora_form(32768, 32, 128, 32, autocast=True) == "dense"
+    assert lora_form(8192, 96, 384, 32, autocast=True) == "peft"
+    assert lora_form(112, 192, 1876, 32, autocast=True) == "peft"
+
+
+def test_folded_model_matches_peft_forward_and_gradients(built, inputs):
+    settings = LoraSettings(targets="seed", r=16, dropout=0.0)
+    reference = _adapted(built[0], settings)
+    folded = copy.deepcopy(reference)
+    assert fold_lora(folded) == sum(1 for n, _ in reference.named_parameters() if "lora_A" in n)
+    for a, b in zip(reference.parameters(), folded.parameters(), strict=True):
+        assert torch.equal(a, b)
+    loss, grads = _loss_and_grads(reference, inputs)
+    folded_loss, folded_grads = _loss_and_grads(folded, inputs)
+    torch.testing.assert_close(folded_loss, loss, rtol=1e-5, atol=1e-5)
+    assert folded_grads.keys() == grads.keys() and any("vision_tower" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(folded_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    # what peft saves does not change: the same parameter names and tensors
+    assert folded.state_dict().keys() == reference.state_dict().keys()
+
+
+def test_under_bf16_the_dense_form_gives_peft_gradients():
+    """Under autocast a layer never folds; the dense form's A and B gradients are as close to
+    the fp32 ones as peft's own bf16 form gets."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    layer = get_peft_model(nn.Sequential(nn.Linear(32, 128)), LoraConfig(r=32, target_modules=["0"], lora_dropout=0.0))
+    nn.init.normal_(layer.base_model.model[0].lora_B["default"].weight, std=1e-3)
+    x, g = torch.randn(4096, 32), torch.randn(4096, 128)
+    assert lora_form(len(x), 32, 128, 32, autocast=True) == "dense"
+
+    def grads(model: nn.Module, bf16: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        assert out.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        (out.float() * g).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    exact, peft_bf16 = grads(layer, False), grads(layer, True)
+    dense = copy.deepcopy(layer)
+    fold_lora(dense)
+    ours = grads(dense, True)
+    assert len(exact) == 2
+    for name, grad in exact.items():
+        ours_error = float((ours[name] - grad).norm() / grad.norm())
+        peft_error = float((peft_bf16[name] - grad).norm() / grad.norm())
+        assert ours_error <= 2 * peft_error + 1e-3, name
+
+
+def test_layers_that_cannot_fold_exactly_keep_peft_forward(built, inputs):
+    for settings in (LoraSettings(targets="seed", r=4, dropout=0.1), LoraSettings(targets=["q_proj", "v_proj"], r=4, dropout=0.0,
+                                                                                  dora=True)):
+        assert fold_lora(_adapted(built[0], settings)) == 0
+
+
+def test_a_merged_adapter_falls_back_to_peft(built, inputs):
+    peft = _adapted(built[0], LoraSettings(targets="seed", r=16, dropout=0.0))
+    peft.eval()
+    with torch.no_grad():
+        expected = peft(**inputs).logits
+        fold_lora(peft)
+        peft.merge_adapter()  # the update is in the base weights now: folding again would double it
+        torch.testing.assert_close(peft(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+        peft.unmerge_adapter()
+        with peft.disable_adapter():
+            plain = peft(**inputs).logits
+        assert not torch.allclose(plain, expected, atol=1e-3)
