@@ -1,4 +1,4 @@
-"""Every benchmark at the `make bench` size (about 50 minutes on 2 free cores, an estimate), then the
+"""Every benchmark at the `make bench` size (about 60 minutes on 2 free cores, an estimate), then the
 tables in docs/benchmarks.md rewritten from their results, with date, machine and command.
 
     make bench                                        # = python -m bench.all
