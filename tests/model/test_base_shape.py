@@ -23,7 +23,7 @@ def test_base_shaped_model_trains_a_step_and_generates() -> None:
     from loomlens.model.lora import apply_lora
     from loomlens.model.tiny import base_shape_config, build_processor
     from loomlens.model.tokenizer import build_tokenizer
-    from loomlens.train.loss import batch_loss
+    from loomlens.train.loss import LossSpec, batch_loss
 
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
@@ -40,7 +40,7 @@ def test_base_shaped_model_trains_a_step_and_generates() -> None:
     batch["labels"] = labels
     trainable = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trainable]
-    loss_sum, tokens = batch_loss(model, batch, decoder_start_token_id=2, pad_token_id=tokenizer.pad_token_id)
+    loss_sum, tokens = batch_loss(model, batch, LossSpec(decoder_start_token_id=2, pad_token_id=tokenizer.pad_token_id))
     (loss_sum / tokens).backward()
     torch.optim.AdamW(trainable, lr=1e-3).step()
     assert torch.isfinite(loss_sum) and tokens == labels.numel()

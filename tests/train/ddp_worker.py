@@ -13,6 +13,7 @@ data, model, out, weights = sys.argv[1:5]
 cfg = load_config(TrainConfig, overrides={
     "data": data, "model": model, "out": out, "max_steps": "2", "batch_size": "2", "eval_every": "1",
     "eval_max_images": "0", "progress": "false", "lr": "0.01", "lora.r": "4",
+    "lora.dropout": "0.0",  # plain LoRA: the layers run in their folded form (model/folded_lora.py)
 })
 result = train(cfg)
 rank = PartialState().process_index
