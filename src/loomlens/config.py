@@ -106,8 +106,8 @@ class TrainConfig(BaseModel):
         "on DaViT's small windows), sdpa on CUDA; the pointer loss needs eager",
     )
     fold_lora: bool = Field(
-        True, description="compute each LoRA layer as linear(x, W + s B A) where estimated cheaper: same "
-        "gradients, fewer passes (off = peft's form everywhere)",
+        True, description="compute each plain LoRA layer in its cheapest exact form where estimated cheaper: "
+        "linear(x, W + s B A) in fp32, linear(x, W) + linear(x, s B A) under autocast (off = peft's form everywhere)",
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
