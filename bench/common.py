@@ -173,7 +173,8 @@ def lora_model(cfg):
 
 def recipe_model(cfg, **changes: Any):
     """The model as loomlens's recipe trains it (`training_model`: its attention kernels, LoRA
-    folded where that pays), with `changes` to the config (`lora=` a LoraSettings), on the device."""
+    layers in their cheapest exact form, freed memory kept on a CPU), with `changes` to the
+    config (`lora=` a LoraSettings), on the device."""
     from loomlens.train.recipe import training_model
 
     torch.manual_seed(cfg.seed)

@@ -4,8 +4,10 @@ glibc's malloc serves each large tensor (above its mmap threshold, or from a hea
 trims) with fresh pages from the kernel, and every page faults on first touch. A training
 step of the tiny model at batch 8 allocates and frees tens of megabytes of activations that
 way: 6,000-25,000 page faults a step, measured. Keeping freed memory in the heap for reuse
-removes them, and a bf16 step on 2 cores takes ~8 % less time (0.258 s -> 0.235 s, three
-alternating runs). The cost: the process keeps its peak memory until it exits.
+leaves ~1,200, and a bf16 step on 2 cores takes 3-17 % less time (alternating runs on
+2026-12-01; docs/training.md). Prediction gained 5-10 % an image at batch 8 in a one-off
+check (not a benchmark: bench/infer_speed runs both ways in one process). The cost: the
+process keeps its peak memory until it exits.
 """
 
 from __future__ import annotations

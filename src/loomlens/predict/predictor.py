@@ -92,7 +92,7 @@ class Predictor:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if str(device).startswith("cpu"):
-            keep_freed_memory()  # ~5-10 % less time per image on a CPU (model/runtime.py)
+            keep_freed_memory()  # fewer page faults per image on a CPU (model/runtime.py)
         self.loaded = load_for_inference(model, adapter, checkpoint, device)
         self.device = device
         self.precision = precision
