@@ -227,14 +227,15 @@ def forced_answer_seconds(model, processor, paths: Sequence[Path], boxes: int, b
     from PIL import Image
 
     tokens = answer_tokens(processor, boxes, model)
+    dtype = next(model.parameters()).dtype  # pixels in the weights' dtype, as `generate` passes them
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     for i in range(0, len(paths), batch_size):
         images = [Image.open(p).convert("RGB") for p in paths[i : i + batch_size]]
         inputs = processor(text=["<OD>"] * len(images), images=images, return_tensors="pt")
-        model.generate(**{k: v.to(device()) for k, v in inputs.items()}, max_new_tokens=tokens,
-                       min_new_tokens=tokens, num_beams=num_beams, do_sample=False)
+        model.generate(**{k: v.to(device(), dtype if v.is_floating_point() else None) for k, v in inputs.items()},
+                       max_new_tokens=tokens, min_new_tokens=tokens, num_beams=num_beams, do_sample=False)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     model.train(was_training)

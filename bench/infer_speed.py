@@ -8,12 +8,13 @@ run four ways in this process, each after a warm-up image, --repeats times in al
 
 - `seed`: one image at a time, 3 beams, `max_new_tokens=1024` (capped at the decoder's
   position table, as any caller must), the adapter attached unmerged (peft);
-- `loomlens`: batches of --batch-size, greedy, the answer budget bounded by the box count
-  (`box_token_budget(--max-boxes)`), the adapter merged into the base (`model/merge.py`);
+- `loomlens`: as `loomlens predict` runs it (`Predictor`): batches of --batch-size, greedy,
+  the answer budget bounded by the box count (`box_token_budget(--max-boxes)`), the adapter
+  merged into the weights and the weights in the precision `auto` picks for this machine
+  (`model/inference.py`: bf16 on a CPU with AMX or AVX512-BF16, else fp32);
 - `loomlens, constrained`: the same through the class grammar (`evaluate/constrain.py`);
 - `loomlens, batch 1`: loomlens one image at a time, to show what batching adds;
-- `loomlens, constrained, bf16`: the constrained way under bf16 autocast, as
-  `loomlens predict --precision bf16` runs it (weights stay fp32).
+- `loomlens, fp32` (or `bf16` where auto picks fp32): the other precision, to show what it adds.
 
 Without --adapter both use the bare base model. Since the gap depends on how long the answers
 are (weights that never stop run to the cap; trained ones stop after their boxes), the seed's
@@ -38,8 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    publish,
-    Table, answer_tokens, common_flags, fmt, forced_answer_seconds, parse_size, percentile,
+    Table, answer_tokens, common_flags, device, fmt, forced_answer_seconds, parse_size, percentile, publish,
     set_threads,
 )
 
@@ -48,20 +48,18 @@ SEED_BEAMS = 3
 SEED_MAX_NEW_TOKENS = 1024
 
 
-def load_models(model: str | None, adapter: str | None, tmp: Path):
-    """(loomlens model, seed model, processor, classes, description): the adapter merged for
-    loomlens and attached unmerged for the seed; the bare base for both without one."""
+def load_models(model: str | None, adapter: str | None, precisions: tuple[str, str]):
+    """(seed model, {precision: loomlens model}, processor, classes, description): the seed's
+    model fp32 with the adapter attached unmerged (peft), as the seed ran it; loomlens's
+    prepared as `Predictor` prepares it (merged, cast), once for each of `precisions`."""
     from loomlens.data.synth import CLASSES
     from loomlens.evaluate.runs import load_for_inference
+    from loomlens.model.inference import ready_for_inference
 
     seed = load_for_inference(model, adapter)
-    if adapter is None:
-        return seed.model, seed.model, seed.processor, list(CLASSES), f"{seed.base} (no adapter)"
-    from loomlens.model import load_model
-    from loomlens.model.merge import merge_adapter
-
-    merged, _ = load_model(str(merge_adapter(seed.adapter, tmp / "merged")))
-    return merged, seed.model, seed.processor, seed.classes or list(CLASSES), f"{seed.base} + {seed.adapter}"
+    fast = {p: ready_for_inference(load_for_inference(model, adapter).model, p) for p in precisions}
+    described = f"{seed.base} + {seed.adapter}" if adapter else f"{seed.base} (no adapter)"
+    return seed.model, fast, seed.processor, seed.classes or list(CLASSES), described
 
 
 def open_images(paths: list[Path]):
@@ -88,14 +86,6 @@ def loomlens_pass(model, processor, paths: list[Path], batch_size: int, max_boxe
     return {"latencies": latencies, "seconds": seconds, "boxes": boxes, "tokens": tokens}
 
 
-def bf16(run, *args) -> dict[str, Any]:
-    """`run(*args)` under bf16 autocast on the model's device, as `Predictor(precision="bf16")`."""
-    import torch
-
-    with torch.autocast(next(args[0].parameters()).device.type, torch.bfloat16):
-        return run(*args)
-
-
 def seed_pass(model, processor, paths: list[Path]) -> dict[str, Any]:
     """The seed's way: one image per call, 3 beams, max_new_tokens=1024."""
     from loomlens.evaluate.generation import generate
@@ -105,7 +95,8 @@ def seed_pass(model, processor, paths: list[Path]) -> dict[str, Any]:
     for path in paths:
         start = time.perf_counter()
         (image,) = open_images([path])
-        (gen,) = generate(model, processor, [image], ["<OD>"], SEED_MAX_NEW_TOKENS, num_beams=SEED_BEAMS)
+        (gen,) = generate(model, processor, [image], ["<OD>"], SEED_MAX_NEW_TOKENS, num_beams=SEED_BEAMS,
+                          fast_pixels=False)
         found, _ = scored_boxes(processor.tokenizer, gen, image.width, image.height)
         latencies.append(time.perf_counter() - start)
         boxes.append(found)
@@ -113,19 +104,13 @@ def seed_pass(model, processor, paths: list[Path]) -> dict[str, Any]:
     return {"latencies": latencies, "seconds": sum(latencies), "boxes": boxes, "tokens": tokens}
 
 
-def forced_row(slow, fast, processor, paths: list[Path], boxes: int, batch_size: int) -> dict[str, Any]:
+def forced_row(slow, fast, other, processor, paths: list[Path], boxes: int, batch_size: int) -> dict[str, Any]:
     """Seconds per image of answers forced to `boxes` boxes: the seed's way, loomlens's, and
-    loomlens's under bf16 autocast on a CPU (a lever `predict` does not pull)."""
-    import torch
-
-    row = {"boxes": boxes, "tokens": answer_tokens(processor, boxes, fast),
-           "seed_s": forced_answer_seconds(slow, processor, paths, boxes, 1, SEED_BEAMS),
-           "loomlens_s": forced_answer_seconds(fast, processor, paths, boxes, batch_size)}
-    if not torch.cuda.is_available():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            forced_answer_seconds(fast, processor, paths[:1], boxes, 1)  # bf16 kernels warm up
-            row["loomlens_bf16_s"] = forced_answer_seconds(fast, processor, paths, boxes, batch_size)
-    return row
+    loomlens's in the other precision."""
+    return {"boxes": boxes, "tokens": answer_tokens(processor, boxes, fast),
+            "seed_s": forced_answer_seconds(slow, processor, paths, boxes, 1, SEED_BEAMS),
+            "loomlens_s": forced_answer_seconds(fast, processor, paths, boxes, batch_size),
+            "other_s": forced_answer_seconds(other, processor, paths, boxes, batch_size)}
 
 
 def merge_passes(passes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -159,30 +144,33 @@ def tables(result: dict[str, Any]) -> list[Table]:
         m = f"{fmt(r['map50'])}" + (f" ({fmt(r['map50_scores_1'])} with scores = 1)" if "map50_scores_1" in r else "")
         rows.append([r["way"], f"{r['images_per_s']:.2f}", f"{speed:.2f}x", f"{1000 * r['latency_p50_s']:.0f}",
                      f"{1000 * r['latency_p95_s']:.0f}", f"{r['tokens_per_image']:.0f}", m])
+    precision, other = result.get("precision", "fp32"), result.get("other_precision", "bf16")
     main = Table(
         f"`<OD>` on {result['images']} synthetic frames {result['size']}, model {result['model']}",
         ["way", "images/s", "vs seed", "p50 ms", "p95 ms", "tokens/image", "mAP50"], rows,
         [f"seed: batch 1, {SEED_BEAMS} beams, max_new_tokens {SEED_MAX_NEW_TOKENS} (capped at "
-         f"{result['decoder_limit']} by the decoder), adapter unmerged; loomlens: batch {result['batch_size']}, greedy, "
-         f"max_new_tokens {result['loomlens_budget']} ({result['max_boxes']} boxes), adapter merged; "
-         "constrained: through the class grammar; batch 1: loomlens one image at a time (what batching adds).",
+         f"{result['decoder_limit']} by the decoder), fp32, adapter unmerged; loomlens (as `loomlens predict` runs it): "
+         f"batch {result['batch_size']}, greedy, max_new_tokens {result['loomlens_budget']} ({result['max_boxes']} "
+         f"boxes), adapter merged, weights in {precision} (`--precision auto` on this machine); constrained: through "
+         f"the class grammar; batch 1: loomlens one image at a time (what batching adds); {other}: loomlens with "
+         f"{other} weights (what the precision adds).",
          f"Each way ran {result.get('repeats', 1)} pass(es) over the frames, in alternating order. "
          "Latency of an image in a batch is its batch's time. A model that never stops runs every answer "
-         "to its cap, so tokens/image shows how much of the gap is budget. bf16: `predict --precision bf16`.",
+         "to its cap, so tokens/image shows how much of the gap is budget.",
          "The frames come from another synthetic camera than the adapter's training frames (--seed), so "
          "mAP50 here measures how the ways compare, not the adapter's own accuracy."],
     )
-    bf16 = [f.get("loomlens_bf16_s") for f in result.get("forced", [])]
+    found = result.get("forced", [])
     forced = Table(
         f"Per answer of B boxes ({result['answer_images']} frames, every answer forced to that length)",
-        ["boxes", "tokens", "seed ms/image", "loomlens ms/image", "loomlens vs seed", "+ bf16 autocast (CPU lever)"],
+        ["boxes", "tokens", "seed ms/image", "loomlens ms/image", "loomlens vs seed", f"loomlens, {other}"],
         [[str(f["boxes"]), str(f["tokens"]), f"{1000 * f['seed_s']:.0f}", f"{1000 * f['loomlens_s']:.0f}",
-          f"{f['seed_s'] / f['loomlens_s']:.2f}x",
-          f"{1000 * b:.0f} ms, {f['seed_s'] / b:.2f}x" if b else "-"] for f, b in zip(result.get("forced", []), bf16)],
-        [f"min_new_tokens = max_new_tokens: the seed's way (batch 1, {SEED_BEAMS} beams) and loomlens's (batch "
-         f"{result['batch_size']}, greedy) on answers of the same length, whatever the weights would write. "
-         "Trained weights that stop after B boxes land on these rows. bf16 autocast: as "
-         "`predict --precision bf16` runs it (its mAP50 is in the table above)."],
+          f"{f['seed_s'] / f['loomlens_s']:.2f}x", f"{1000 * f['other_s']:.0f} ms, {f['seed_s'] / f['other_s']:.2f}x"]
+         for f in found],
+        [f"min_new_tokens = max_new_tokens: the seed's way (batch 1, {SEED_BEAMS} beams, fp32) and loomlens's "
+         f"(batch {result['batch_size']}, greedy, {precision}) on answers of the same length, whatever the weights "
+         f"would write. Trained weights that stop after B boxes land on these rows. {other}: loomlens's way "
+         f"with {other} weights."],
     )
     return [main, forced] if result.get("forced") else [main]
 
@@ -197,31 +185,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1000, help="synth seed (the demo trains on seed 0)")
     parser.add_argument("--model", default=None, help="base model (default: the adapter's, else tiny)")
     parser.add_argument("--adapter", default=None, help="training run or adapter folder")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16, help="loomlens's batch (Predictor's default)")
     parser.add_argument("--max-boxes", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1, help="passes per way (the order alternates)")
     parser.add_argument("--answer-boxes", type=int, nargs="*", default=[0, 1, 4, 16],
                         help="also time answers forced to this many boxes, seed's way and loomlens's")
-    parser.add_argument("--answer-images", type=int, default=8, help="frames for the forced-length timing")
+    parser.add_argument("--answer-images", type=int, default=16, help="frames for the forced-length timing")
     common_flags(parser, NAME)
     args = parser.parse_args(argv)
     set_threads(args.threads)
 
+    from loomlens.model.inference import resolve_precision
+
+    precision = resolve_precision("auto", device())
+    other = "fp32" if precision == "bf16" else "bf16"
     with tempfile.TemporaryDirectory(prefix="loomlens-infer-speed-") as tmp_name:
         tmp = Path(tmp_name)
         records = synthesize(tmp / "frames", images=args.images, seed=args.seed, size=args.size)
         paths, truth = [tmp / "frames" / r.image for r in records], [r.boxes for r in records]
-        fast, slow, processor, classes, described = load_models(args.model, args.adapter, tmp)
+        slow, fast, processor, classes, described = load_models(args.model, args.adapter, (precision, other))
+
+        def loomlens(images, batch_size=args.batch_size, constrained=False, dtype=precision):
+            return loomlens_pass(fast[dtype], processor, images, batch_size, args.max_boxes, constrained, classes)
+
         ways = {
             "seed": lambda images: seed_pass(slow, processor, images),
-            "loomlens": lambda images: loomlens_pass(fast, processor, images, args.batch_size, args.max_boxes,
-                                                     False, classes),
-            "loomlens, constrained": lambda images: loomlens_pass(fast, processor, images, args.batch_size,
-                                                                  args.max_boxes, True, classes),
-            "loomlens, batch 1": lambda images: loomlens_pass(fast, processor, images, 1, args.max_boxes, False,
-                                                              classes),
-            "loomlens, constrained, bf16": lambda images: bf16(loomlens_pass, fast, processor, images,
-                                                               args.batch_size, args.max_boxes, True, classes),
+            "loomlens": loomlens,
+            "loomlens, constrained": lambda images: loomlens(images, constrained=True),
+            "loomlens, batch 1": lambda images: loomlens(images, batch_size=1),
+            f"loomlens, {other}": lambda images: loomlens(images, dtype=other),
         }
         for way in ways.values():
             way(paths[:1])  # warm-up
@@ -230,17 +222,19 @@ def main(argv: list[str] | None = None) -> int:
             for name in list(ways)[:: 1 if r % 2 == 0 else -1]:
                 runs[name].append(ways[name](paths))
         some = paths[: args.answer_images]
-        forced = [forced_row(slow, fast, processor, some, b, args.batch_size) for b in args.answer_boxes]
+        forced = [forced_row(slow, fast[precision], fast[other], processor, some, b, args.batch_size)
+                  for b in args.answer_boxes]
 
     rows = [summary(name, merge_passes(passes), truth * args.repeats, classes, ones=name == "seed")
             for name, passes in runs.items()]
     result = {"model": described, "images": args.images, "repeats": args.repeats, "size": "x".join(map(str, args.size)),
               "batch_size": args.batch_size, "max_boxes": args.max_boxes, "classes": classes,
-              "decoder_limit": decoder_limit(fast),
+              "decoder_limit": decoder_limit(slow),
               "loomlens_budget": box_token_budget(args.max_boxes, label_token_count(processor.tokenizer, classes)),
               "rows": rows, "forced": forced, "answer_images": len(some), "speedup": rows[1]["images_per_s"] / rows[0]["images_per_s"],
               "speedup_constrained": rows[2]["images_per_s"] / rows[0]["images_per_s"],
-              "speedup_bf16": rows[4]["images_per_s"] / rows[0]["images_per_s"]}
+              "precision": precision, "other_precision": other,
+              "speedup_other_precision": rows[4]["images_per_s"] / rows[0]["images_per_s"]}
     return publish(NAME, result, args.out, argv, tables)
 
 

@@ -20,6 +20,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+PRECISION_HELP = ("Weights' dtype: auto (bf16 where the device computes it natively: AMX or AVX512-BF16 "
+                  "CPUs, recent GPUs; else fp32), fp32 or bf16.")
+
 
 def _expand_key_value_args(argv: list[str]) -> list[str]:
     """Turn `key=value` words into `--key value` (ultralytics style); leave the rest alone."""
@@ -171,7 +174,7 @@ def serve(
     max_connections: int = typer.Option(
         128, min=1, help="Open connections at most; uvicorn answers 503 past it (bounds buffered uploads)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:0, mps."),
-    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast (faster on CPUs with bf16 instructions)."),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
     page: bool = typer.Option(True, "--page/--no-page", help="Serve the web page at /."),
     examples: int = typer.Option(4, min=0, help="Synthetic loom frames in the page's example gallery."),
     examples_dir: str | None = typer.Option(None, help="Where the example frames are made (default: a temp folder)."),
@@ -421,10 +424,11 @@ def eval_command(
     model: str | None = typer.Option(None, help="Base model; without --run, evaluates the bare model."),
     split: str = typer.Option("val", help="Split to evaluate: val or test."),
     out: Path | None = typer.Option(None, help="Report folder (default: RUN/eval-SPLIT, else runs/eval-SPLIT)."),
-    batch_size: int = typer.Option(8, min=1, help="Images per generation batch."),
+    batch_size: int = typer.Option(16, min=1, help="Images per generation batch."),
     max_boxes: int = typer.Option(20, min=1, help="Most boxes read per image (sets the token budget)."),
     max_images: int | None = typer.Option(None, min=1, help="Evaluate only the first N images."),
     constrained: bool = typer.Option(False, help="Decode <OD> through the class grammar."),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
 ) -> None:
     """Evaluate detection on a split: metrics.json, PR curves, confusion matrix, reliability,
     worst images and report.md, with real confidence scores."""
@@ -433,6 +437,7 @@ def eval_command(
 
     from loomlens.evaluate.report import write_report
     from loomlens.evaluate.runs import load_for_inference
+    from loomlens.model.inference import ready_for_inference, resolve_precision
     from loomlens.model.loader import ModelLoadError
 
     jsonl = data if data.suffix == ".jsonl" else data / f"{split}.jsonl"
@@ -440,9 +445,11 @@ def eval_command(
         raise _fail(f"no split at {jsonl}; make one with `loomlens convert SRC {data}`")
     adapter = Path(checkpoint) if checkpoint not in ("best", "last") else run
     try:
+        dtype = resolve_precision(precision)
         loaded = load_for_inference(model, adapter, checkpoint if adapter == run else "best")
     except (FileNotFoundError, ValueError, ModelLoadError) as err:
         raise _fail(str(err)) from None
+    loaded.model = ready_for_inference(loaded.model, dtype)  # as `predict` runs it
     out = out or ((run or Path("runs")) / f"eval-{jsonl.stem}")
     extra = {"model": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None, "split": jsonl.stem}
     try:
@@ -475,10 +482,10 @@ def predict_command(
     coco: bool = typer.Option(False, help="Also write coco_results.json."),
     draw: bool = typer.Option(True, help="Write drawn images to OUT/drawn/."),
     max_boxes: int = typer.Option(20, min=1, help="Most boxes read per image."),
-    batch_size: int = typer.Option(8, min=1, help="Images per generation batch."),
+    batch_size: int = typer.Option(16, min=1, help="Images per generation batch."),
     constrained: bool = typer.Option(False, help="Decode <OD> through the run's class grammar."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast (faster on CPUs with bf16 instructions)."),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
 ) -> None:
     """Predict on images and videos: predictions.jsonl (pixels, labels, scores, timestamps),
     drawn images and optional COCO results."""

@@ -118,7 +118,7 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(0, ge=0, description="evaluate every N steps; 0 = at the end of each epoch")
     save_every: int = Field(0, ge=0, description="save last/ every N steps; 0 = at each evaluation")
     eval_max_images: int | None = Field(64, ge=0, description="val images for mAP50; null = all, 0 = no mAP")
-    eval_batch_size: int = Field(8, gt=0)
+    eval_batch_size: int = Field(16, gt=0)
     val_loss_max_samples: int | None = Field(256, gt=0, description="val samples for the val loss; null = all")
     best_metric: Literal["map50", "val_loss"] = Field(
         "map50", description="what picks best/ (val_loss when mAP is unavailable)"

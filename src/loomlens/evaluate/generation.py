@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from loomlens.model.inputs import model_inputs
+
 #: Tokens a box label is assumed to take when the class names are unknown.
 DEFAULT_LABEL_TOKENS = 4
 
@@ -64,14 +66,16 @@ def generate(
     max_new_tokens: int,
     num_beams: int = 1,
     logits_processor=None,
+    fast_pixels: bool = True,
 ) -> list[Generation]:
     """Generate one answer per (image, prompt) pair in a single batch.
 
     `prompts` are Florence-2 task prompts (`"<OD>"`, `"<CAPTION_TO_PHRASE_GROUNDING>drop"`);
     the processor turns them into its natural-language questions. Greedy by default,
     beam search with `num_beams > 1` (the best beam is returned). `logits_processor` is an
-    optional `transformers.LogitsProcessorList` (e.g. the `<OD>` grammar). Returns one
-    `Generation` per input, in order.
+    optional `transformers.LogitsProcessorList` (e.g. the `<OD>` grammar). `fast_pixels`:
+    pixels through `loomlens.model.inputs` (False: the processor's own image path, as the
+    seed's code ran it). Returns one `Generation` per input, in order.
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
@@ -80,7 +84,7 @@ def generate(
     tokenizer = processor.tokenizer
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    inputs = processor(text=list(prompts), images=[im.convert("RGB") for im in images], return_tensors="pt", padding=True)
+    inputs = model_inputs(processor, images, prompts, fast_pixels)
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
     out = model.generate(
         **inputs,

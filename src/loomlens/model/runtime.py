@@ -1,4 +1,5 @@
-"""How the process hands memory to torch on a CPU.
+"""The machine a model runs on: how the process hands memory to torch on a CPU, and whether
+the CPU computes bf16 natively.
 
 glibc's malloc serves each large tensor (above its mmap threshold, or from a heap top it
 trims) with fresh pages from the kernel, and every page faults on first touch. A training
@@ -15,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["cpu_has_bf16", "keep_freed_memory"]
 
 #: mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -37,3 +38,12 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles); elsewhere torch
+    emulates bf16 and it is slower than fp32."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch API: probe
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)

@@ -36,7 +36,7 @@ from loomlens.data.dataset import Collator, FlorenceDataset, plan_batches
 from loomlens.evaluate.runs import DATA_SUMMARY
 from loomlens.model.folded_lora import fold_lora
 from loomlens.model.lora import apply_lora, load_quantized_base, trainable_by_tower
-from loomlens.model.runtime import keep_freed_memory
+from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory
 from loomlens.model.vision import split_image_path, stage_count, stage_of
 from loomlens.train.checkpoint import (
     STATE_FILE,
@@ -304,12 +304,6 @@ def mixed_precision(precision: str) -> str:
     if precision == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return precision
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch API: probe
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def _check_run_dir(run_dir: Path, last_dir: Path, resume: bool) -> None:

@@ -1,0 +1,53 @@
+"""Attention kernels chosen per call shape, for inference.
+
+Florence-2 runs three kinds of attention, and no one kernel is fastest for all of them on a
+CPU. Timed call by call on the tiny model at batch 16 (2 cores with AMX, 2026-12-02), SDPA
+against the plain matmul-softmax-matmul ("math"):
+
+- DaViT window attention (64-token windows, head dim 16-32) and BART's attention (head dim
+  48-64): SDPA, 1.3 against 2.3 ms an image for the windows in bf16;
+- DaViT channel attention, whose "head dim" is the number of image tokens (256 to 4096 here,
+  up to 36,864 on Florence-2 at 768 px) over a 16x16 score matrix: math, 0.50 against 2.16 ms
+  an image in bf16 (1.29 against 1.58 in fp32); SDPA's CPU kernel tiles along that long axis.
+
+`shape_aware` sends heads wider than `WIDE_HEAD` to the math path and the rest to SDPA; it is
+registered with transformers' `AttentionInterface`, so the native Florence-2 classes call it.
+Training keeps its own choice (`train.recipe.attention_implementation`): eager on a CPU,
+where SDPA's bf16 backward on the windows is slow.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+__all__ = ["NAME", "WIDE_HEAD", "shape_aware", "use_shape_aware_attention"]
+
+#: The name the kernel is registered under (`model.config._attn_implementation`).
+NAME = "loomlens_shape_aware"
+#: Head dims above this take the math path: DaViT's channel attention in every Florence-2 size.
+WIDE_HEAD = 128
+
+
+def _math_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **_):
+    """softmax(q k^T * scale + mask) v, returned as (batch, tokens, heads, dim) like SDPA's."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.nn.functional.dropout(scores.softmax(-1), p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def shape_aware(module, query, key, value, attention_mask=None, **kwargs):
+    """transformers' attention signature: math for heads wider than `WIDE_HEAD`, else SDPA."""
+    if query.shape[-1] > WIDE_HEAD:
+        return _math_attention(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def use_shape_aware_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """Make every attention layer of `model` (vision and text) run through `shape_aware`."""
+    AttentionInterface.register(NAME, shape_aware)
+    model.set_attn_implementation(NAME)
+    return model
