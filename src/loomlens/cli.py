@@ -451,7 +451,8 @@ def eval_command(
         raise _fail(str(err)) from None
     loaded.model = ready_for_inference(loaded.model, dtype)  # as `predict` runs it
     out = out or ((run or Path("runs")) / f"eval-{jsonl.stem}")
-    extra = {"model": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None, "split": jsonl.stem}
+    extra = {"model": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None, "split": jsonl.stem,
+             "precision": dtype}
     try:
         metrics = write_report(loaded.model, loaded.processor, jsonl, out, loaded.classes, batch_size, max_boxes,
                                constrained, max_images, extra=extra)

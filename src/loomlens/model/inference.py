@@ -5,10 +5,11 @@ precision the machine computes fastest, and on a CPU each attention call on its 
 Merging matters on a CPU: an unmerged LoRA layer computes x A B beside x W, and on the tiny
 model's vision MLPs (32 -> 128 at rank 32) that is more work than the layer itself. bf16 weights
 matter where the hardware has bf16 (AMX or AVX512-BF16 on a CPU, any recent GPU): on the demo's
-val split (164 frames, 2 cores with AMX, 2026-12-02) the merged model in bf16 took 22.5 ms an
-image against 30.0 ms merged in fp32 and 37.9 ms unmerged in fp32, at mAP50 0.474 against
-0.464 (bf16 autocast over fp32 weights: 24.3 ms, 0.456). The model was trained under bf16
-autocast, so bf16 is not a new condition for it.
+val split (164 frames, batch 8, 2 cores with AMX, 2026-12-02) the merged model in bf16 took
+22.5 ms an image against 30.0 ms merged in fp32 and 37.9 ms unmerged in fp32 (bf16 autocast
+over fp32 weights: 24.3 ms). mAP50 moved by rounding only: 0.474 and, with the attention and
+pixel changes of the same day, 0.453, against 0.464 in fp32 both times. The model was trained
+under bf16 autocast, so bf16 is not a new condition for it.
 """
 
 from __future__ import annotations
