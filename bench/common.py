@@ -220,11 +220,14 @@ def answer_tokens(processor, boxes: int, model) -> int:
 
 @torch.no_grad()
 def forced_answer_seconds(model, processor, paths: Sequence[Path], boxes: int, batch_size: int,
-                          num_beams: int = 1) -> float:
+                          num_beams: int = 1, fast_pixels: bool = True) -> float:
     """Seconds per image of `<OD>` whose answers are forced to the length of `boxes` boxes
     (`min_new_tokens = max_new_tokens`), `batch_size` images a call, image decoding and the
-    processor included: generation cost without depending on what the weights write."""
+    processor included (`fast_pixels`: as `loomlens.model.inputs` runs it; False: the
+    processor's own image path): generation cost without depending on what the weights write."""
     from PIL import Image
+
+    from loomlens.model.inputs import model_inputs
 
     tokens = answer_tokens(processor, boxes, model)
     dtype = next(model.parameters()).dtype  # pixels in the weights' dtype, as `generate` passes them
@@ -233,7 +236,7 @@ def forced_answer_seconds(model, processor, paths: Sequence[Path], boxes: int, b
     start = time.perf_counter()
     for i in range(0, len(paths), batch_size):
         images = [Image.open(p).convert("RGB") for p in paths[i : i + batch_size]]
-        inputs = processor(text=["<OD>"] * len(images), images=images, return_tensors="pt")
+        inputs = model_inputs(processor, images, ["<OD>"] * len(images), fast_pixels)
         model.generate(**{k: v.to(device(), dtype if v.is_floating_point() else None) for k, v in inputs.items()},
                        max_new_tokens=tokens, min_new_tokens=tokens, num_beams=num_beams, do_sample=False)
     if torch.cuda.is_available():
