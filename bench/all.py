@@ -42,7 +42,7 @@ PLAN: dict[str, list[str]] = {
     # shorter runs of the v3 tiny model score ~0 (val mAP50 0.00 at step 200 of the demo).
     "accuracy": ["--images", "480", "--seeds", "0", "1", "--budget", "480", "--budgets", "240",
                  "--keep", str(KEPT_RUNS)],
-    "infer_speed": ["--images", "32", "--repeats", "2"],
+    "infer_speed": ["--images", "32", "--repeats", "3"],
     # 96 frames 2560x1440 with flips, cut into 512 px tiles: ~1000 samples, the demo's size.
     "tiling": ["--train-frames", "96", "--steps", "700", "--frames", "16"],
     "scaling": [],

@@ -114,8 +114,12 @@ def forced_row(slow, fast, other, processor, paths: list[Path], boxes: int, batc
 
 
 def merge_passes(passes: list[dict[str, Any]]) -> dict[str, Any]:
-    """Repeated passes over the same frames as one pass over all of them."""
-    return {"latencies": [v for p in passes for v in p["latencies"]], "seconds": sum(p["seconds"] for p in passes),
+    """Repeated passes over the same frames as one pass over all of them; `seconds` is the
+    median pass's times the passes, so one pass caught in a slow spell does not set the rate."""
+    import statistics
+
+    return {"latencies": [v for p in passes for v in p["latencies"]],
+            "seconds": statistics.median(p["seconds"] for p in passes) * len(passes),
             "boxes": [b for p in passes for b in p["boxes"]], "tokens": [t for p in passes for t in p["tokens"]]}
 
 
@@ -154,7 +158,8 @@ def tables(result: dict[str, Any]) -> list[Table]:
          f"boxes), adapter merged, weights in {precision} (`--precision auto` on this machine); constrained: through "
          f"the class grammar; batch 1: loomlens one image at a time (what batching adds); {other}: loomlens with "
          f"{other} weights (what the precision adds).",
-         f"Each way ran {result.get('repeats', 1)} pass(es) over the frames, in alternating order. "
+         f"Each way ran {result.get('repeats', 1)} pass(es) over the frames, in alternating order; images/s "
+         "from the median pass. "
          "Latency of an image in a batch is its batch's time. A model that never stops runs every answer "
          "to its cap, so tokens/image shows how much of the gap is budget.",
          "The frames come from another synthetic camera than the adapter's training frames (--seed), so "
