@@ -61,6 +61,7 @@ class BoxGrammar(LogitsProcessor):
             self.terminal.add(node)
         self.box_tokens = longest + 4
         self._states: dict[tuple[int, ...], _State] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     def _advance(self, state: _State, token: int) -> _State:
         """The state after `token`; a token the grammar forbids (only possible when a row was
@@ -86,27 +87,52 @@ class BoxGrammar(LogitsProcessor):
             self._states[prefix] = _State() if parent is None else self._advance(parent, prefix[-1])
         return self._states[prefix]
 
-    def allowed(self, prefix: tuple[int, ...]) -> list[int]:
-        """Token ids the grammar allows after `prefix` (decoder-start excluded)."""
+    def _choice(self, prefix: tuple[int, ...]) -> tuple:
+        """What decides the tokens allowed after `prefix`: rows in the same place of the
+        grammar share it, and with it one cached mask."""
         state = self._state(prefix)
         if state.done:
-            return [self.eos, self.pad]
+            return ("done",)
         if not state.started:
-            return [self.bos]
+            return ("start",)
         if state.locs:
-            low = state.locs[0] if len(state.locs) == 2 else state.locs[1] if len(state.locs) == 3 else 0
-            return self.locs[low:]
+            return ("locs", state.locs[0] if len(state.locs) == 2 else state.locs[1] if len(state.locs) == 3 else 0)
         if state.node is not None:
-            return list(self.children[state.node]) + (self.locs if state.node in self.terminal else [])
+            return ("name", state.node)
         room = self.max_new_tokens - len(prefix) - 1  # steps left after this one, `</s>` included
-        if state.boxes >= self.max_boxes or room < self.box_tokens:
-            return [self.eos]
-        return [self.eos, *self.children[0]]
+        return ("end",) if state.boxes >= self.max_boxes or room < self.box_tokens else ("between",)
+
+    def _ids(self, choice: tuple) -> list[int]:
+        kind = choice[0]
+        if kind == "done":
+            return [self.eos, self.pad]
+        if kind == "start":
+            return [self.bos]
+        if kind == "locs":
+            return self.locs[choice[1]:]
+        if kind == "name":
+            return list(self.children[choice[1]]) + (self.locs if choice[1] in self.terminal else [])
+        return [self.eos] if kind == "end" else [self.eos, *self.children[0]]
+
+    def allowed(self, prefix: tuple[int, ...]) -> list[int]:
+        """Token ids the grammar allows after `prefix` (decoder-start excluded)."""
+        return self._ids(self._choice(prefix))
+
+    def _forbidden(self, choice: tuple, vocab: int, device) -> torch.Tensor:
+        """A `(vocab,)` mask, True where `choice` forbids the token, built once per choice:
+        rebuilt per row and step (a 1000-entry index each), the grammar took 1.05 ms an image
+        at batch 16 on 2 cores, 0.52 ms with the masks cached (2026-12-02)."""
+        key = (choice, vocab, device)
+        if key not in self._masks:
+            mask = torch.ones(vocab, dtype=torch.bool, device=device)
+            mask[self._ids(choice)] = False
+            self._masks[key] = mask
+        return self._masks[key]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        mask = torch.ones_like(scores, dtype=torch.bool)
-        for row, ids in enumerate(input_ids.tolist()):
-            mask[row, self.allowed(tuple(ids[1:]))] = False
+        vocab = scores.shape[-1]
+        mask = torch.stack([self._forbidden(self._choice(tuple(ids[1:])), vocab, scores.device)
+                            for ids in input_ids.tolist()])
         masked = scores.masked_fill(mask, float("-inf"))
         # A row the grammar and another processor (e.g. forced `</s>`) leave with no token
         # keeps its own scores rather than producing NaNs.
