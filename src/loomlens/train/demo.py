@@ -31,6 +31,7 @@ def run_demo(
     from loomlens.data.synth import synthesize
     from loomlens.evaluate import evaluate_jsonl, write_report
     from loomlens.model import load_model
+    from loomlens.model.inference import ready_for_inference, resolve_precision
     from loomlens.model.lora import load_adapter
     from loomlens.train.recipe import train
 
@@ -61,6 +62,10 @@ def run_demo(
     val = out / "data" / "val.jsonl"
     log("3/5 evaluating the untrained model on the val split")
     model, processor = load_model(cfg.model)
+    # Evaluated as `loomlens predict` runs a model (merged, in the precision auto picks for
+    # its device), unless the recipe itself is told fp32.
+    dtype = "fp32" if cfg.precision == "fp32" else resolve_precision("auto", next(model.parameters()).device)
+    model = ready_for_inference(model, dtype)
     before = evaluate_jsonl(model, processor, val, max_images=demo.eval_images, batch_size=cfg.eval_batch_size)
     lap("evaluate_before")
 
@@ -73,11 +78,11 @@ def run_demo(
     log("5/5 evaluating the best checkpoint")
     checkpoint = "best" if (run_dir / "checkpoints" / "best").exists() else "last"
     model, processor = load_model(cfg.model)
-    model = load_adapter(model, run_dir / "checkpoints" / checkpoint)
+    model = ready_for_inference(load_adapter(model, run_dir / "checkpoints" / checkpoint), dtype)
     after = write_report(
         model, processor, val, out / "report", max_images=demo.eval_images, batch_size=cfg.eval_batch_size,
         title="loomlens demo: tiny Florence-2 + LoRA on synthetic loom frames",
-        extra={"checkpoint": checkpoint, "run": str(run_dir), "baseline": _headline(before)},
+        extra={"checkpoint": checkpoint, "run": str(run_dir), "baseline": _headline(before), "precision": dtype},
     )
     lap("evaluate_after")
 
