@@ -26,7 +26,8 @@ def test_warmup_then_cosine_or_linear_to_zero():
 def test_a_time_budget_paces_the_schedule_when_it_runs_out_first():
     assert position(10, 5.0, total_steps=100) == 10  # no budget: steps alone
     assert position(10, 5.0, total_steps=100, time_budget=100) == 10  # steps ahead of time
-    assert position(10, 50.0, total_steps=100, time_budget=100) == 50  # time ahead: half-way
+    assert position(10, 55.0, total_steps=100, time_budget=100) == 50  # time ahead: half-way after the grace
+    assert position(3, 9.0, total_steps=100, time_budget=100) == 3  # slow first steps do not pace
     assert lr_factor(position(10, 100.0, 100, 100), 5, 100) == pytest.approx(0.0, abs=1e-12)  # budget spent
 
 
