@@ -54,10 +54,9 @@ def load_models(model: str | None, adapter: str | None, precisions: tuple[str, s
     prepared as `Predictor` prepares it (merged, cast), once for each of `precisions`."""
     from loomlens.data.synth import CLASSES
     from loomlens.evaluate.runs import load_for_inference
-    from loomlens.model.inference import ready_for_inference
 
     seed = load_for_inference(model, adapter)
-    fast = {p: ready_for_inference(load_for_inference(model, adapter).model, p) for p in precisions}
+    fast = {p: load_for_inference(model, adapter, precision=p).model for p in precisions}
     described = f"{seed.base} + {seed.adapter}" if adapter else f"{seed.base} (no adapter)"
     return seed.model, fast, seed.processor, seed.classes or list(CLASSES), described
 

@@ -437,22 +437,19 @@ def eval_command(
 
     from loomlens.evaluate.report import write_report
     from loomlens.evaluate.runs import load_for_inference
-    from loomlens.model.inference import ready_for_inference, resolve_precision
     from loomlens.model.loader import ModelLoadError
 
     jsonl = data if data.suffix == ".jsonl" else data / f"{split}.jsonl"
     if not jsonl.exists():
         raise _fail(f"no split at {jsonl}; make one with `loomlens convert SRC {data}`")
     adapter = Path(checkpoint) if checkpoint not in ("best", "last") else run
-    try:
-        dtype = resolve_precision(precision)
-        loaded = load_for_inference(model, adapter, checkpoint if adapter == run else "best")
+    try:  # the model as `predict` runs it
+        loaded = load_for_inference(model, adapter, checkpoint if adapter == run else "best", precision=precision)
     except (FileNotFoundError, ValueError, ModelLoadError) as err:
         raise _fail(str(err)) from None
-    loaded.model = ready_for_inference(loaded.model, dtype)  # as `predict` runs it
     out = out or ((run or Path("runs")) / f"eval-{jsonl.stem}")
     extra = {"model": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None, "split": jsonl.stem,
-             "precision": dtype}
+             "precision": loaded.precision}
     try:
         metrics = write_report(loaded.model, loaded.processor, jsonl, out, loaded.classes, batch_size, max_boxes,
                                constrained, max_images, extra=extra)

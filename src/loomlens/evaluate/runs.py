@@ -17,6 +17,7 @@ import yaml
 
 from loomlens.evaluate.report import read_class_names
 from loomlens.model import load_model
+from loomlens.model.inference import ready_for_inference, resolve_precision
 from loomlens.model.loader import TINY_DIR, resolve_model_path
 
 #: Every task name loomlens exposes (the Prediction contract).
@@ -34,7 +35,8 @@ class LoadedModel:
     """A model ready for inference and what is known about it: `base` (name given to the
     loader), `adapter` (folder or None), `run` (the run folder or None), `classes` (from the
     run, may be empty), `trained_tasks` (tasks base or adapter was trained for) and
-    `tile_size` (the tile edge the run's data was cut to by `convert --tile`, else None)."""
+    `tile_size` (the tile edge the run's data was cut to by `convert --tile`, else None) and
+    `precision` (the weights' dtype once made ready for inference, else None)."""
 
     model: object
     processor: object
@@ -44,6 +46,7 @@ class LoadedModel:
     classes: list[str] = field(default_factory=list)
     trained_tasks: frozenset[str] = frozenset()
     tile_size: int | None = None
+    precision: str | None = None
 
 
 def find_adapter(path: str | Path, checkpoint: str = "best") -> Path:
@@ -94,13 +97,25 @@ def _run_tasks(config: dict, run: Path) -> frozenset[str]:
 
 
 def load_for_inference(
-    model: str | None = None, adapter: str | Path | None = None, checkpoint: str = "best", device: str = "cpu"
+    model: str | None = None, adapter: str | Path | None = None, checkpoint: str = "best", device: str = "cpu",
+    precision: str | None = None,
 ) -> LoadedModel:
     """Load `model` (None: the adapter's base, else "tiny") and attach `adapter` if given.
 
-    Raises ValueError when `model` is given and differs from the base the adapter was
-    trained on, since the adapter's shapes would not fit.
+    `precision` (auto | fp32 | bf16) makes the model ready to answer as `loomlens predict`
+    runs it (`loomlens.model.inference`: adapter merged, weights cast); None leaves it as
+    loaded, the adapter attached unmerged. Raises ValueError for an unknown precision, and
+    when `model` is given and differs from the base the adapter was trained on, since the
+    adapter's shapes would not fit.
     """
+    dtype = resolve_precision(precision, device) if precision is not None else None
+    loaded = _load(model, adapter, checkpoint, device)
+    if dtype is not None:
+        loaded.model, loaded.precision = ready_for_inference(loaded.model, dtype), dtype
+    return loaded
+
+
+def _load(model: str | None, adapter: str | Path | None, checkpoint: str, device: str) -> LoadedModel:
     if adapter is None:
         name = model or "tiny"
         net, processor = load_model(name, device=device)

@@ -20,7 +20,6 @@ from loomlens.data.records import Box
 from loomlens.evaluate.detection import batched, detect_with_details
 from loomlens.evaluate.generation import generate
 from loomlens.evaluate.runs import load_for_inference
-from loomlens.model.inference import ready_for_inference, resolve_precision
 from loomlens.model.runtime import keep_freed_memory
 from loomlens.predict.regions import RULES_FILE, RegionRules, load_rules
 from loomlens.predict.tasks import TASKS, Task, get_task, prompt
@@ -89,11 +88,10 @@ class Predictor:
         text_tokens: int = 256,
         precision: str = "auto",
     ):
-        self.precision = resolve_precision(precision, device)
         if str(device).startswith("cpu"):
             keep_freed_memory()  # fewer page faults per image on a CPU (model/runtime.py)
-        self.loaded = load_for_inference(model, adapter, checkpoint, device)
-        self.loaded.model = ready_for_inference(self.loaded.model, self.precision)
+        self.loaded = load_for_inference(model, adapter, checkpoint, device, precision)
+        self.precision = self.loaded.precision
         self.device = device
         self.max_boxes = max_boxes
         self.batch_size = batch_size

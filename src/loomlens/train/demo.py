@@ -30,9 +30,7 @@ def run_demo(
     from loomlens.data.convert import convert
     from loomlens.data.synth import synthesize
     from loomlens.evaluate import evaluate_jsonl, write_report
-    from loomlens.model import load_model
-    from loomlens.model.inference import ready_for_inference, resolve_precision
-    from loomlens.model.lora import load_adapter
+    from loomlens.evaluate.runs import load_for_inference
     from loomlens.train.recipe import train
 
     demo = DemoConfig.model_validate(yaml.safe_load(resolve_config_path(config).read_text()) or {})
@@ -60,13 +58,13 @@ def run_demo(
     lap("convert")
 
     val = out / "data" / "val.jsonl"
+    # Evaluated as `loomlens predict` runs a model (merged, in the precision auto picks),
+    # unless the recipe itself is told fp32.
+    precision = "fp32" if cfg.precision == "fp32" else "auto"
     log("3/5 evaluating the untrained model on the val split")
-    model, processor = load_model(cfg.model)
-    # Evaluated as `loomlens predict` runs a model (merged, in the precision auto picks for
-    # its device), unless the recipe itself is told fp32.
-    dtype = "fp32" if cfg.precision == "fp32" else resolve_precision("auto", next(model.parameters()).device)
-    model = ready_for_inference(model, dtype)
-    before = evaluate_jsonl(model, processor, val, max_images=demo.eval_images, batch_size=cfg.eval_batch_size)
+    untrained = load_for_inference(cfg.model, precision=precision)
+    before = evaluate_jsonl(untrained.model, untrained.processor, val, max_images=demo.eval_images,
+                            batch_size=cfg.eval_batch_size)
     lap("evaluate_before")
 
     log("4/5 fine-tuning with LoRA")
@@ -77,12 +75,12 @@ def run_demo(
 
     log("5/5 evaluating the best checkpoint")
     checkpoint = "best" if (run_dir / "checkpoints" / "best").exists() else "last"
-    model, processor = load_model(cfg.model)
-    model = ready_for_inference(load_adapter(model, run_dir / "checkpoints" / checkpoint), dtype)
+    trained = load_for_inference(cfg.model, run_dir, checkpoint, precision=precision)
     after = write_report(
-        model, processor, val, out / "report", max_images=demo.eval_images, batch_size=cfg.eval_batch_size,
+        trained.model, trained.processor, val, out / "report", max_images=demo.eval_images, batch_size=cfg.eval_batch_size,
         title="loomlens demo: tiny Florence-2 + LoRA on synthetic loom frames",
-        extra={"checkpoint": checkpoint, "run": str(run_dir), "baseline": _headline(before), "precision": dtype},
+        extra={"checkpoint": checkpoint, "run": str(run_dir), "baseline": _headline(before),
+               "precision": trained.precision},
     )
     lap("evaluate_after")
 
