@@ -37,7 +37,11 @@ def _faults(mode: str) -> float:
 def test_kept_memory_halves_the_page_faults_of_a_step():
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc's malloc only")
-    default, kept = _faults("default"), _faults("keep")
+    # Summed over three processes each: glibc's default adapts its thresholds as blocks are
+    # freed, so one process may land on a low-fault layout (0-7,400 faults a step measured;
+    # kept: 0-1,600); over three, default summed 7,300-16,600 and kept 800-2,500.
+    default = sum(_faults("default") for _ in range(3))
+    kept = sum(_faults("keep") for _ in range(3))
     assert kept < 0.5 * default, (default, kept)
 
 
