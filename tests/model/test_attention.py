@@ -8,6 +8,8 @@ from loomlens.model import attention
 from loomlens.model.attention import NAME, WIDE_HEAD, shape_aware
 from loomlens.model.inference import ready_for_inference
 
+_real_math = attention._math_attention
+
 
 @pytest.mark.parametrize("head_dim", [16, 4096])  # a DaViT window head, a channel-attention "head"
 def test_each_path_computes_attention(head_dim, monkeypatch):
@@ -22,9 +24,6 @@ def test_each_path_computes_attention(head_dim, monkeypatch):
     out, _ = shape_aware(module, q, k, v, None, scaling=0.1)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     assert used == (["math"] if head_dim > WIDE_HEAD else [])
-
-
-_real_math = attention._math_attention
 
 
 @torch.no_grad()
