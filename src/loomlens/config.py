@@ -107,11 +107,14 @@ class TrainConfig(BaseModel):
     )
     fold_lora: bool = Field(
         True, description="compute each plain LoRA layer in its cheapest exact form where estimated cheaper: "
-        "linear(x, W + s B A) in fp32, linear(x, W) + linear(x, s B A) under autocast (off = peft's form everywhere)",
+        "linear(x, W + s B A) in fp32; under autocast linear(x, W) + linear(x, s B A), or the low-rank form without "
+        "peft's input casts (off = peft's own forward everywhere)",
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 (else fp16) autocast on CUDA; on a CPU bf16 where it has bf16 instructions, else fp32"
+    precision: Literal["auto", "fp32", "bf16", "bf16-base", "fp16"] = Field(
+        "auto", description="bf16 / fp16: autocast over fp32 weights; bf16-base: the frozen base stored in bf16, the "
+        "adapter in fp32, no autocast (faster, less accurate); auto: bf16 (else fp16) autocast on CUDA, bf16 on a "
+        "CPU with bf16 instructions, else fp32",
     )
     seed: int = 0
 

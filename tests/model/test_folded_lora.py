@@ -1,5 +1,5 @@
 """LoRA layers in the folded or dense form compute what peft's form computes, with the same
-gradients; under autocast the update is not rounded away."""
+gradients; under autocast, or over a bf16 base, the update is not rounded away."""
 
 import copy
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from loomlens.model.folded_lora import fold_lora, lora_form
-from loomlens.model.lora import LoraSettings, apply_lora
+from loomlens.model.lora import LoraSettings, apply_lora, lower_frozen
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +47,15 @@ def _loss_and_grads(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, dict[
 def test_lora_form_where_it_was_measured_to_pay():
     # fp32: the tiny DaViT stage 0 MLP at batch 8 folds (3.6x), its encoder too; lm_head on a
     # short answer and Florence-2-base's 768-wide layers at r=8 keep peft's form
-    assert lora_form(32768, 32, 128, 32, autocast=False) == "fold"
-    assert lora_form(2152, 192, 192, 32, autocast=False) == "fold"
-    assert lora_form(112, 192, 1876, 32, autocast=False) == "peft"
-    assert lora_form(4800, 768, 768, 8, autocast=False) == "peft"
-    assert lora_form(4800, 768, 3072, 8, autocast=False) == "peft"
-    # autocast: never folded (the sum would round the update away); dense only on stage 0
-    assert lora_form(32768, 32, 128, 32, autocast=True) == "dense"
-    assert lora_form(8192, 96, 384, 32, autocast=True) == "peft"
-    assert lora_form(112, 192, 1876, 32, autocast=True) == "peft"
+    assert lora_form(32768, 32, 128, 32, rounded=False) == "fold"
+    assert lora_form(2152, 192, 192, 32, rounded=False) == "fold"
+    assert lora_form(112, 192, 1876, 32, rounded=False) == "peft"
+    assert lora_form(4800, 768, 768, 8, rounded=False) == "peft"
+    assert lora_form(4800, 768, 3072, 8, rounded=False) == "peft"
+    # autocast or a bf16 base: never folded (the sum would round the update away); dense only on stage 0
+    assert lora_form(32768, 32, 128, 32, rounded=True) == "dense"
+    assert lora_form(8192, 96, 384, 32, rounded=True) == "peft"
+    assert lora_form(112, 192, 1876, 32, rounded=True) == "peft"
 
 
 def test_folded_model_matches_peft_forward_and_gradients(built, inputs):
@@ -75,34 +75,65 @@ def test_folded_model_matches_peft_forward_and_gradients(built, inputs):
     assert folded.state_dict().keys() == reference.state_dict().keys()
 
 
-def test_under_bf16_the_dense_form_gives_peft_gradients():
-    """Under autocast a layer never folds; the dense form's A and B gradients are as close to
-    the fp32 ones as peft's own bf16 form gets."""
+def test_under_autocast_the_model_computes_what_peft_computes(built, inputs):
+    """bf16 autocast: the dense and low-rank forms (weights cast, a bf16 input left as it is)
+    give the tiny model peft's own loss and gradients, up to bf16 rounding."""
+    settings = LoraSettings(targets="seed", r=16, dropout=0.0)
+    reference = _adapted(built[0], settings)
+    ours = copy.deepcopy(reference)
+    fold_lora(ours)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(reference, inputs)
+        our_loss, our_grads = _loss_and_grads(ours, inputs)
+    torch.testing.assert_close(our_loss, loss, rtol=1e-3, atol=1e-3)
+    assert our_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert float((our_grads[name] - grad).norm()) <= 0.02 * float(grad.norm()) + 1e-6, name
+
+
+def _layer(fan_in: int, fan_out: int) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    layer = get_peft_model(nn.Sequential(nn.Linear(32, 128)), LoraConfig(r=32, target_modules=["0"], lora_dropout=0.0))
+    layer = get_peft_model(nn.Sequential(nn.Linear(fan_in, fan_out)), LoraConfig(r=32, target_modules=["0"], lora_dropout=0.0))
     nn.init.normal_(layer.base_model.model[0].lora_B["default"].weight, std=1e-3)
-    x, g = torch.randn(4096, 32), torch.randn(4096, 128)
-    assert lora_form(len(x), 32, 128, 32, autocast=True) == "dense"
+    return layer
 
-    def grads(model: nn.Module, bf16: bool) -> dict[str, torch.Tensor]:
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(x)
-        assert out.dtype == (torch.bfloat16 if bf16 else torch.float32)
-        (out.float() * g).sum().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    exact, peft_bf16 = grads(layer, False), grads(layer, True)
-    dense = copy.deepcopy(layer)
-    fold_lora(dense)
-    ours = grads(dense, True)
-    assert len(exact) == 2
-    for name, grad in exact.items():
-        ours_error = float((ours[name] - grad).norm() / grad.norm())
-        peft_error = float((peft_bf16[name] - grad).norm() / grad.norm())
-        assert ours_error <= 2 * peft_error + 1e-3, name
+def _grads(model: nn.Module, x: torch.Tensor, g: torch.Tensor, autocast: bool) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    assert out.dtype == (torch.bfloat16 if autocast or x.dtype == torch.bfloat16 else torch.float32)
+    (out.float() * g).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _relative_error(ours: dict, exact: dict) -> dict[str, float]:
+    assert ours.keys() == exact.keys() and len(exact) == 2  # A and B, nothing else trains
+    return {name: float((ours[name].float() - grad).norm() / grad.norm()) for name, grad in exact.items()}
+
+
+@pytest.mark.parametrize("fan_in, fan_out, form", [(32, 128, "dense"), (96, 384, "peft")])
+def test_rounded_forms_give_peft_bf16_gradients(fan_in, fan_out, form):
+    """Under autocast a layer never folds; over a bf16 base (`lower_frozen`, no autocast) it
+    runs the dense or the low-rank form in bf16 with fp32 A and B. Either way A's and B's
+    gradients are fp32 and as close to the exact fp32 ones as peft's own bf16 autocast gets."""
+    layer = _layer(fan_in, fan_out)
+    x, g = torch.randn(4096, fan_in), torch.randn(4096, fan_out)
+    assert lora_form(len(x), fan_in, fan_out, 32, rounded=True) == form
+    exact, peft_bf16 = _grads(layer, x, g, False), _grads(layer, x, g, True)
+    budget = {name: 2 * error + 1e-3 for name, error in _relative_error(peft_bf16, exact).items()}
+    autocast = copy.deepcopy(layer)
+    fold_lora(autocast)
+    low = copy.deepcopy(layer)
+    lower_frozen(low, torch.bfloat16)
+    fold_lora(low)
+    assert low.base_model.model[0].base_layer.weight.dtype == torch.bfloat16
+    for ours in (_grads(autocast, x, g, True), _grads(low, x.bfloat16(), g, False)):
+        assert all(grad.dtype == torch.float32 for grad in ours.values())
+        for name, error in _relative_error(ours, exact).items():
+            assert error <= budget[name], name
 
 
 def test_layers_that_cannot_fold_exactly_keep_peft_forward(built, inputs):

@@ -11,6 +11,7 @@ from loomlens.model.lora import (
     LoraTargetError,
     apply_lora,
     load_adapter,
+    lower_frozen,
     resolve_targets,
     trainable_by_tower,
 )
@@ -102,6 +103,24 @@ def test_lora_on_lm_head_leaves_the_input_embeddings_alone(model, inputs):
 def test_untouched_lm_head_stays_tied(model):
     base = apply_lora(model, LoraSettings(targets="attention")).get_base_model()
     assert base.lm_head.weight is base.model.language_model.shared.weight
+
+
+def test_lower_frozen_stores_the_base_in_bf16_and_keeps_the_adapter_fp32(model, inputs):
+    peft_model = apply_lora(model, LoraSettings(targets="seed", r=4))
+    base = peft_model.get_base_model()
+    assert lower_frozen(peft_model, torch.bfloat16) > 0
+    assert lower_frozen(peft_model, torch.bfloat16) == 0  # nothing left to cast
+    for name, param in peft_model.named_parameters():
+        assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
+    assert all("lora_" in n for n, p in peft_model.named_parameters() if p.dtype == torch.float32)
+    shared = base.model.language_model.shared.weight
+    assert base.model.language_model.encoder.embed_tokens.weight is shared  # still one tensor
+    pixels = inputs["pixel_values"].to(torch.bfloat16)
+    logits = peft_model(**{**inputs, "pixel_values": pixels}).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    logits.float().logsumexp(-1).mean().backward()
+    grads = [p.grad for p in peft_model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)  # peft's own forward, mixed dtypes
 
 
 def test_dora_on_lm_head_with_a_zero_pad_row_is_finite(model, inputs, monkeypatch):

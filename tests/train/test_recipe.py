@@ -151,18 +151,28 @@ def test_soft_labels_and_pointer_train_and_validate_with_the_plain_loss(make_con
     assert helped.last_eval["val_loss"] > 0
 
 
-def test_bf16_on_cpu_autocasts_and_auto_follows_the_cpu(make_config, tmp_path, monkeypatch):
-    """An explicit bf16 autocasts on a CPU too, also after an fp32 run in the same process;
-    `auto` autocasts only where the CPU has bf16 instructions; fp16 is CUDA only."""
-    if not torch.cuda.is_available():
-        for native in (True, False):
-            monkeypatch.setattr(recipe, "cpu_has_bf16", lambda: native)
-            auto = "bf16" if native else "no"
-            assert [recipe.mixed_precision(p) for p in ("auto", "fp32", "fp16", "bf16")] == [auto, "no", "no", "bf16"]
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "bf16-base")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="how a CPU resolves precision")
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_on_a_cpu_follows_its_bf16_instructions(native, monkeypatch):
+    """`auto` autocasts in bf16 only where the CPU has bf16 instructions, else fp32; an explicit
+    bf16 autocasts anyway; bf16-base stores the frozen base in bf16 and autocasts nothing;
+    fp16 is CUDA only."""
+    monkeypatch.setattr(recipe, "cpu_has_bf16", lambda: native)
+    auto = "bf16" if native else "fp32"
+    assert [recipe.training_precision(p) for p in PRECISIONS] == [auto, "fp32", "fp32", "bf16", "bf16-base"]
+    assert [recipe.mixed_precision(p) for p in PRECISIONS] == ["bf16" if native else "no", "no", "no", "bf16", "no"]
+    assert [recipe.frozen_dtype(p) for p in PRECISIONS] == [None, None, None, None, torch.bfloat16]
+
+
+def _autocast_spy(monkeypatch) -> list[bool]:
+    """Records, per `batch_loss` call, whether autocast was on inside the model's linears."""
     seen = []
     real = recipe.batch_loss
 
-    def spy(model, batch, spec):  # is autocast on inside the model's forward?
+    def spy(model, batch, spec):
         inside = []
         linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
         hook = linear.register_forward_hook(lambda *_: inside.append(torch.is_autocast_enabled("cpu")))
@@ -173,6 +183,12 @@ def test_bf16_on_cpu_autocasts_and_auto_follows_the_cpu(make_config, tmp_path, m
             seen.append(any(inside))
 
     monkeypatch.setattr(recipe, "batch_loss", spy)
+    return seen
+
+
+def test_bf16_on_cpu_autocasts(make_config, tmp_path, monkeypatch):
+    """An explicit bf16 autocasts on a CPU too, also after an fp32 run in the same process."""
+    seen = _autocast_spy(monkeypatch)
     fp32 = train(make_config(max_steps=1, eval_every=0, precision="fp32", out=str(tmp_path / "a")))
     first = len(seen)
     bf16 = train(make_config(max_steps=1, eval_every=0, precision="bf16", out=str(tmp_path / "b")))
@@ -180,6 +196,32 @@ def test_bf16_on_cpu_autocasts_and_auto_follows_the_cpu(make_config, tmp_path, m
     a, b = adapter_weights(fp32.model), adapter_weights(bf16.model)
     assert all(torch.isfinite(v).all() for v in b.values())
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_base_trains_an_fp32_adapter_over_a_bf16_base(make_config, tmp_path, monkeypatch):
+    """bf16-base: no autocast, the frozen base in bf16, the adapter (and its optimizer) in fp32;
+    it evaluates (val loss, mAP) mid-run, resumes to the weights of a straight run, and what it
+    saves loads onto an fp32 base like any adapter."""
+    from loomlens.evaluate.runs import load_for_inference
+
+    seen = _autocast_spy(monkeypatch)
+    settings = dict(max_steps=3, eval_every=2, eval_max_images=2, save_every=1, precision="bf16-base",
+                    lora={"r": 4, "dropout": 0.0, "targets": "seed"})
+    straight = train(make_config(**settings, out=str(tmp_path / "a")))
+    assert seen and not any(seen)
+    for name, param in straight.model.named_parameters():
+        assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
+    assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in adapter_weights(straight.model).values())
+    assert "map50" in straight.last_eval and straight.last_eval["val_loss"] > 0
+    train(make_config(**settings, out=str(tmp_path / "b")), stop_at_step=1)
+    resumed = train(make_config(**settings, out=str(tmp_path / "b")), resume=True)
+    a, b = adapter_weights(straight.model), adapter_weights(resumed.model)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    loaded = load_for_inference(adapter=tmp_path / "a", checkpoint="last").model  # a fresh fp32 base, unmerged
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    saved = adapter_weights(loaded)
+    assert saved.keys() == a.keys() and all(torch.equal(saved[k], a[k]) for k in a)
 
 
 def test_folded_lora_and_eager_attention_train_like_peft_and_sdpa(make_config, tmp_path):

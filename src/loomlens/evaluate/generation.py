@@ -83,7 +83,7 @@ def generate(
         return []
     tokenizer = processor.tokenizer
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    dtype = model.get_input_embeddings().weight.dtype  # the base's: an fp32 adapter may sit on a bf16 base
     inputs = model_inputs(processor, images, prompts, fast_pixels)
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
     out = model.generate(

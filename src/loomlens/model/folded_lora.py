@@ -1,4 +1,4 @@
-"""LoRA layers that train with the update as one dense matrix, where that is cheaper.
+"""LoRA layers that train in the cheapest exact form for their shapes and precision.
 
 peft computes a LoRA layer as `base(x) + B(A(x)) * s`: two thin matmuls and three
 elementwise passes over the layer's output, forward and backward. With `D = s B A` formed per
@@ -10,14 +10,22 @@ call (a small product), the same function is
   against 2.57 in peft's form (two exact-equivalent fp32 runs differ by 0.06), so it is not
   used there;
 - dense, `linear(x, W) + linear(x, D)`: D is rounded on its own and the two outputs are
-  summed, as in peft's form; used under autocast (200 bf16 steps: val loss 2.62).
+  summed, as in peft's form; used under autocast (200 bf16 steps: val loss 2.62);
+- low-rank, `linear(x, W) + linear(linear(x, A), s B)`: peft's own form under autocast, less
+  its input casts: peft casts x to A's dtype (fp32) and autocast casts it back, two passes
+  over a bf16 input (the output of GELU, of attention) per layer. Same loss and gradients
+  (bitwise on the demo's batch); 9-11 % off the tiny model's bf16 step (2026-12-02).
+
+With the frozen base stored in bf16 (`precision: bf16-base`, `lower_frozen`) and the adapter
+in fp32, no autocast runs: each call casts A and B (or D, formed in fp32) to the base's dtype,
+a weight-sized cast. The forms are chosen as under autocast (dense or low-rank).
 
 Autograd gives A and B the gradients they get the other way. Which form is cheaper depends on
 the shapes, so each call decides (`lora_form`): on the tiny model's first DaViT stage (32768
 tokens of 32 channels at batch 8) folding is 2.5-3.6x faster forward+backward in fp32 and the
 dense form 1.2-1.9x in bf16; on lm_head over a short answer, or Florence-2-base's 768-wide
-layers at r=8, peft's form is the fastest and is kept. The adapter's weights, what peft saves
-and loads, are the same whatever the form.
+layers at r=8, the low-rank form is the fastest (peft's own forward in fp32). The adapter's
+weights, what peft saves and loads, are the same whatever the form.
 
 peft has no such mode (its `merge_adapter` is for inference: it stops gradients to A and B),
 hence this module. The training recipe uses it (`fold_lora: true`); prediction merges the
@@ -45,10 +53,10 @@ ELEMENT_COST = 20
 _PASSES = 8
 
 
-def lora_form(tokens: int, fan_in: int, fan_out: int, rank: int, autocast: bool) -> Literal["fold", "dense", "peft"]:
+def lora_form(tokens: int, fan_in: int, fan_out: int, rank: int, rounded: bool) -> Literal["fold", "dense", "peft"]:
     """The cheapest exact form of a LoRA layer for `tokens` rows of `fan_in` features into
-    `fan_out` at rank `rank`, forward+backward: `fold` (fp32 only), `dense` (under autocast)
-    or `peft`.
+    `fan_out` at rank `rank`, forward+backward: `fold` (fp32 only), `dense` (where matmuls
+    round to bf16/fp16: under autocast or with a low-precision base) or `peft` (low-rank).
 
     peft's form costs three thin matmuls each way plus elementwise passes over the output.
     Folded, the weight's gradient costs a full matmul, and D is formed and differentiated per
@@ -57,7 +65,7 @@ def lora_form(tokens: int, fan_in: int, fan_out: int, rank: int, autocast: bool)
     1.0-1.9x faster wherever chosen, in bf16)."""
     product = 3 * fan_in * fan_out * rank
     thin = 3 * tokens * rank * (fan_in + fan_out)
-    if autocast:
+    if rounded:
         return "dense" if 3 * tokens * fan_in * fan_out + product <= thin else "peft"
     folded = tokens * fan_in * fan_out + product
     return "fold" if folded < thin + ELEMENT_COST * _PASSES * tokens * fan_out else "peft"
@@ -66,7 +74,8 @@ def lora_form(tokens: int, fan_in: int, fan_out: int, rank: int, autocast: bool)
 def _plain_adapter(layer: nn.Module) -> str | None:
     """The active adapter of a peft LoRA `layer` if folding it is exact: plain LoRA (not DoRA,
     no dropout, no LoRA bias) on an unquantised `nn.Linear`, the only adapter active, stored
-    in the base weight's dtype, not merged. None otherwise."""
+    in the base weight's dtype or in fp32 over a bf16/fp16 base (`lower_frozen`), not merged.
+    None otherwise."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     if not isinstance(layer, LoraLinear) or type(layer.base_layer) is not nn.Linear or layer.fan_in_fan_out:
@@ -77,26 +86,37 @@ def _plain_adapter(layer: nn.Module) -> str | None:
     plain = (
         name in layer.lora_A and name not in layer.lora_variant and not layer.lora_bias.get(name, False)
         and isinstance(layer.lora_dropout[name], nn.Identity)
-        and layer.lora_A[name].weight.dtype == layer.base_layer.weight.dtype
+        and layer.lora_A[name].weight.dtype in (layer.base_layer.weight.dtype, torch.float32)
     )
     return name if plain else None
 
 
 def _folded_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft's forward, computed folded or dense where that is exact and cheaper (`lora_form`);
-    bound to one layer."""
+    """peft's forward, computed folded, dense or low-rank where that is exact and cheaper
+    (`lora_form`), under autocast or in the base's dtype over a low-precision base; bound to
+    one layer."""
     name = None if args or kwargs else _plain_adapter(self)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
-    autocast = torch.is_autocast_enabled(x.device.type)
-    form = lora_form(x.numel() // max(x.shape[-1], 1), self.in_features, self.out_features, self.r[name], autocast)
-    if form == "peft":
-        return type(self).forward(self, x)
     base = self.base_layer
-    delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
-    if form == "dense":
-        return F.linear(x, base.weight, base.bias) + F.linear(x, delta)
-    return F.linear(x, base.weight + delta, base.bias)
+    A, B, scale = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+    low = base.weight.dtype != A.dtype  # a bf16/fp16 base under an fp32 adapter: no autocast
+    rounded = low or torch.is_autocast_enabled(x.device.type)
+    form = lora_form(x.numel() // max(x.shape[-1], 1), self.in_features, self.out_features, self.r[name], rounded)
+    if form == "fold":
+        return F.linear(x, base.weight + (B @ A) * scale, base.bias)
+    if not rounded:
+        return type(self).forward(self, x)
+    # Rounded forms: autocast casts (or, over a low-precision base, we cast) the small weights;
+    # the input is cast only where it is not low-precision already (peft's forward would cast
+    # a bf16 input to fp32 for A, and autocast back: two passes over it, per layer).
+    dtype = base.weight.dtype if low else torch.get_autocast_dtype(x.device.type)
+    if low:
+        x = x.to(dtype)
+    out = F.linear(x, base.weight, base.bias)
+    if form == "peft":  # low-rank, the scale folded into B
+        return out + F.linear(F.linear(x, A.to(dtype)), (B * scale).to(dtype))
+    return out + F.linear(x, ((B @ A) * scale).to(dtype))
 
 
 def fold_lora(model: nn.Module) -> int:

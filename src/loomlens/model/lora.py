@@ -31,7 +31,7 @@ from loomlens.model.vision import stage_count, stage_of
 
 __all__ = [  # LoraSettings lives with the other configs (torch-free); it is re-exported here
     "PRESETS", "LoraSettings", "LoraTargetError", "adapter_base", "apply_lora", "freeze_tower", "lift_zero_rows",
-    "load_adapter", "load_quantized_base", "resolve_adapter", "resolve_targets", "tower_of", "trainable_by_tower",
+    "load_adapter", "load_quantized_base", "lower_frozen", "resolve_adapter", "resolve_targets", "tower_of", "trainable_by_tower",
     "untie_lm_head",
 ]
 
@@ -132,6 +132,26 @@ def freeze_tower(model: nn.Module, freeze: str) -> None:
     for name, param in model.named_parameters():
         if tower_of(name) == freeze:
             param.requires_grad_(False)
+
+
+@torch.no_grad()
+def lower_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every frozen floating-point parameter and buffer of `model` in `dtype` (bf16 or
+    fp16); trainable parameters (the adapter) stay as they are, fp32, so the optimizer updates
+    full-precision weights. Returns how many tensors were cast. Training then runs without
+    autocast: activations are in `dtype`, and plain LoRA layers cast their small A and B per
+    call (`model/folded_lora.py`) instead of autocast casting every input."""
+    cast = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += 1
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                module._buffers[key] = buffer.to(dtype)
+                cast += 1
+    return cast
 
 
 def trainable_by_tower(model: nn.Module) -> dict[str, int]:

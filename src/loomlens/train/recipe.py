@@ -35,7 +35,7 @@ from loomlens.config import TrainConfig, dump_config
 from loomlens.data.dataset import Collator, FlorenceDataset, plan_batches
 from loomlens.evaluate.runs import DATA_SUMMARY
 from loomlens.model.folded_lora import fold_lora
-from loomlens.model.lora import apply_lora, load_quantized_base, trainable_by_tower
+from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, trainable_by_tower
 from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory
 from loomlens.model.vision import split_image_path, stage_count, stage_of
 from loomlens.train.checkpoint import (
@@ -99,6 +99,7 @@ def train(
     # Model: the base, frozen, with a fresh adapter (its weights come from last/ on resume).
     set_seed(cfg.seed)
     model, processor = training_model(cfg)
+    inputs_dtype = frozen_dtype(cfg.precision)  # pixels in the base's dtype when it is stored lower
     text_config = model.config.text_config
     towers = trainable_by_tower(model)
 
@@ -137,7 +138,7 @@ def train(
         encode, finish_image, part = _image_cache(peft_model, cfg.lora.vision_frozen_stages)
         say(f"encoding {len({ex.image for ex in train_set.examples})} training images once ({part})")
         base.eval()
-        train_set.encode_images(lambda pixels: encode(pixels.to(accelerator.device)), cfg.eval_batch_size)
+        train_set.encode_images(lambda pixels: encode(pixels.to(accelerator.device, inputs_dtype)), cfg.eval_batch_size)
     state = TrainerState()
     if resume:
         state = load_checkpoint(last_dir, peft_model, optimizer, rank, accelerator.scaler)
@@ -184,7 +185,7 @@ def train(
             )
             loss_sum = torch.zeros((), device=accelerator.device)
             for k, batch in enumerate(micro):
-                batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+                batch = _on_device(batch, accelerator.device, inputs_dtype)
                 if "image_features" in batch:
                     if finish_image is not None:
                         batch["image_features"] = finish_image(batch["image_features"])
@@ -265,8 +266,10 @@ def train(
 
 def training_model(cfg: TrainConfig) -> tuple[Any, Any]:
     """The base model of `cfg` (4-bit with `qlora`) with a fresh adapter, set up to train fast:
-    `cfg.attention`'s kernels, LoRA layers in their cheapest exact form (`fold_lora`), and on a
-    CPU freed memory kept for reuse (`keep_freed_memory`). Returns the peft model and the processor."""
+    `cfg.attention`'s kernels, the frozen base in bf16 where `cfg.precision` resolves to
+    bf16-base (`lower_frozen`), LoRA layers in their cheapest exact form (`fold_lora`), and on
+    a CPU freed memory kept for reuse (`keep_freed_memory`). Returns the peft model and the
+    processor."""
     if not torch.cuda.is_available():
         keep_freed_memory()
     if cfg.qlora:
@@ -277,6 +280,11 @@ def training_model(cfg: TrainConfig) -> tuple[Any, Any]:
         model, processor = load_model(cfg.model)
     model.set_attn_implementation(attention_implementation(cfg))
     model = apply_lora(model, cfg.lora)
+    if (dtype := frozen_dtype(cfg.precision)) is not None:
+        if cfg.qlora:
+            raise ValueError("precision bf16-base stores the frozen base in bf16, but qlora stores it in 4 bits: "
+                             "pick --precision bf16 (autocast) with qlora")
+        lower_frozen(model, dtype)
     if cfg.fold_lora:
         fold_lora(model)
     return model, processor
@@ -292,18 +300,37 @@ def attention_implementation(cfg: TrainConfig) -> str:
     return "sdpa" if cfg.attention == "auto" else cfg.attention
 
 
-def mixed_precision(precision: str) -> str:
-    """accelerate's `mixed_precision` for a config `precision`. `auto` is bf16 (else fp16) on
-    CUDA, bf16 on a CPU with bf16 instructions (AVX512-BF16 or AMX: there the demo makes 1.4x
-    the steps at the same val mAP50, docs/training.md) and fp32 on other CPUs, where bf16
-    would be emulated and slower. fp16 autocast is CUDA only."""
-    if precision == "fp32":
-        return "no"
-    if not torch.cuda.is_available():
-        return "bf16" if precision == "bf16" or (precision == "auto" and cpu_has_bf16()) else "no"
+def training_precision(precision: str) -> str:
+    """The way a config `precision` trains on this machine: `fp32`, `bf16` or `fp16` (autocast
+    over fp32 weights) or `bf16-base` (the frozen base stored in bf16, the adapter in fp32, no
+    autocast: `lower_frozen`; 6 % faster than bf16 autocast on the demo, but a lower val mAP50,
+    docs/training.md). `auto` is bf16 autocast on a CPU with bf16 instructions (AVX512-BF16 or
+    AMX: there the demo makes 1.4x the steps at the same val mAP50), fp32 on other CPUs, where
+    bf16 would be emulated and slower, and bf16 (else fp16) on CUDA. fp16 is CUDA only."""
     if precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if precision == "fp16" and not torch.cuda.is_available():
+        return "fp32"
     return precision
+
+
+def mixed_precision(precision: str) -> str:
+    """accelerate's `mixed_precision` (its autocast) for a config `precision`: `no`, `bf16` or
+    `fp16` (`bf16-base` autocasts nothing: its activations are bf16 already)."""
+    return {"bf16": "bf16", "fp16": "fp16"}.get(training_precision(precision), "no")
+
+
+def frozen_dtype(precision: str) -> torch.dtype | None:
+    """The dtype the frozen base is stored in to train with `precision` (None: as loaded)."""
+    return torch.bfloat16 if training_precision(precision) == "bf16-base" else None
+
+
+def _on_device(batch: dict[str, torch.Tensor], device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """`batch` on `device`, its float tensors (pixels, cached image features) in `dtype` if given."""
+    return {k: v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
+            for k, v in batch.items()}
 
 
 def _check_run_dir(run_dir: Path, last_dir: Path, resume: bool) -> None:
@@ -375,7 +402,7 @@ def _evaluate(
     loss_sum = torch.zeros((), device=accelerator.device)
     tokens = torch.zeros((), device=accelerator.device)
     for idx in batches[accelerator.process_index :: accelerator.num_processes]:
-        batch = {k: v.to(accelerator.device) for k, v in collate([val_set[subset[i]] for i in idx]).items()}
+        batch = _on_device(collate([val_set[subset[i]] for i in idx]), accelerator.device, frozen_dtype(cfg.precision))
         part, count = batch_loss(model, batch, spec)
         loss_sum, tokens = loss_sum + part, tokens + count
     result = {"val_loss": (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum")).item()}
