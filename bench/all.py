@@ -37,7 +37,7 @@ PLAN: dict[str, list[str]] = {
     # Two epochs of the demo's data: val loss at equal samples is compared where training has
     # got somewhere (after a fifth of an epoch, batch 1's 8x the steps still leads).
     "train_speed": ["--images", "480", "--samples", "1600", "--repeats", "2", "--val-samples", "64",
-                    "--also", "precision=fp32", "--also", "batch_size=16",
+                    "--also", "precision=fp32", "--also", "precision=bf16-base",
                     "--also", "lora.freeze=vision,cache_image_features=true"],
     # The demo's data and cap (its 800 steps fit in 480 s on 2 free cores), and half of it:
     # shorter runs of the v3 tiny model score ~0 (val mAP50 0.00 at step 200 of the demo).

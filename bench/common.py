@@ -182,9 +182,26 @@ def recipe_model(cfg, **changes: Any):
     return model.to(device()), processor
 
 
+def model_batch(batch: dict, model) -> dict:
+    """`batch` on the device, its float tensors (pixels) in the dtype `model`'s frozen base is
+    stored in: bf16 under the recipe's `bf16-base`, else fp32, as the recipe feeds it."""
+    dtype = model.get_input_embeddings().weight.dtype
+    return {k: v.to(device(), dtype) if v.is_floating_point() else v.to(device()) for k, v in batch.items()}
+
+
+def fp32_twin(model, cfg):
+    """A fresh fp32 copy of `cfg`'s base carrying `model`'s trained adapter weights: every loop
+    is scored on the same fp32 base, whatever precision it trained in."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    twin, _ = lora_model(cfg)
+    set_peft_model_state_dict(twin, get_peft_model_state_dict(model, save_embedding_layers=False))
+    return twin
+
+
 def autocast(cfg, precision: str | None = None):
     """The autocast the recipe runs `cfg` under on this device (`mixed_precision` of its
-    `precision`), or the one `precision` (auto | fp32 | bf16 | fp16) names."""
+    `precision`: none under bf16-base), or the one `precision` (auto | fp32 | bf16 | fp16) names."""
     from loomlens.train.recipe import mixed_precision
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(precision or cfg.precision))
@@ -230,7 +247,7 @@ def forced_answer_seconds(model, processor, paths: Sequence[Path], boxes: int, b
     from loomlens.model.inputs import model_inputs
 
     tokens = answer_tokens(processor, boxes, model)
-    dtype = next(model.parameters()).dtype  # pixels in the weights' dtype, as `generate` passes them
+    dtype = model.get_input_embeddings().weight.dtype  # pixels in the base's dtype, as `generate` passes them
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -258,12 +275,10 @@ def val_loss(model, processor, jsonl: Path, max_samples: int | None = None, batc
     indices = list(range(len(data)))[:max_samples]
     was_training = model.training
     model.eval()
-    dev = next(model.parameters()).device
     total = count = 0.0
     for start in range(0, len(indices), batch_size):
         batch = collate([data[i] for i in indices[start : start + batch_size]])
-        part, tokens = batch_loss(model, {k: v.to(dev) for k, v in batch.items()},
-                                  LossSpec(text.decoder_start_token_id, text.pad_token_id))
+        part, tokens = batch_loss(model, model_batch(batch, model), LossSpec(text.decoder_start_token_id, text.pad_token_id))
         total, count = total + float(part), count + float(tokens)
     model.train(was_training)
     return total / max(count, 1.0)

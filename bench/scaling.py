@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from bench.common import (
-    Table, common_flags, command_line, describe, demo_settings, device, forced_answer_seconds, lora_model, parse_size,
-    recipe_config, set_threads, show, training_step, write_result,
+    Table, common_flags, command_line, describe, demo_settings, forced_answer_seconds, model_batch, parse_size,
+    recipe_config, recipe_model, set_threads, show, training_step, write_result,
 )
 
 NAME = "scaling"
@@ -64,11 +64,12 @@ def frames(folder: Path, images: int, size: tuple[int, int], boxes: int, seed: i
 
 
 class Trainer:
-    """The demo recipe's model, adapter and optimizer, kept across measurements (warmed up once)."""
+    """The demo recipe's model (as the recipe trains it), adapter and optimizer, kept across
+    measurements (warmed up once)."""
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
-        self.model, self.processor = lora_model(cfg)
+        self.model, self.processor = recipe_model(cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr)
         self.model.train()
@@ -87,8 +88,7 @@ class Trainer:
         start = time.perf_counter()
         for i in range(0, len(data), size):
             batch = collate([data[j] for j in range(i, min(i + size, len(data)))])
-            training_step(self.model, self.params, self.optimizer, {k: v.to(device()) for k, v in batch.items()},
-                          self.cfg)
+            training_step(self.model, self.params, self.optimizer, model_batch(batch, self.model), self.cfg)
         return (time.perf_counter() - start) / len(data)
 
 

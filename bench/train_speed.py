@@ -19,11 +19,13 @@ is its own):
 - `profile`: where the time of loomlens's step goes (data, forward, backward, optimizer,
   `time.perf_counter` around each phase on a few steps: first with the pixel cache cold,
   then warm), pure model compute (forward+backward on one pre-made batch repeated), and what
-  the compute costs with one thing changed each: batch 1 in fp32, the other precision,
-  peft's LoRA form instead of folding, SDPA attention, a frozen vision tower.
+  the compute costs with one thing changed each: batch 1 in fp32, the recipe in fp32 and
+  with the frozen base stored in bf16 (`precision=bf16-base`), peft's LoRA form instead of
+  folding, SDPA attention, a frozen vision tower.
 
 Both trained adapters are scored with the same token-mean validation loss
-(`bench.common.val_loss`). Samples/s and peak memory (RSS on CPU, `max_memory_allocated` on
+(`bench.common.val_loss`), each on a fresh fp32 copy of the base (`fp32_twin`), whatever
+precision it trained in. Samples/s and peak memory (RSS on CPU, `max_memory_allocated` on
 CUDA) are reported with their ratios; timed figures never go in tests.
 """
 
@@ -43,8 +45,8 @@ import torch
 
 from bench.common import (
     publish,
-    Stopwatch, Table, autocast, common_flags, device, fmt, lora_model, loom_data, peak_memory_mb, ratio,
-    recipe_config, recipe_model, rss_mb, set_threads, training_step, val_loss,
+    Stopwatch, Table, autocast, common_flags, device, fmt, fp32_twin, lora_model, loom_data, model_batch,
+    peak_memory_mb, ratio, recipe_config, recipe_model, rss_mb, set_threads, training_step, val_loss,
 )
 
 NAME = "train_speed"
@@ -137,7 +139,7 @@ def phase_times(cfg, batches: list[list[int]]) -> dict[str, Any]:
         clock = Stopwatch()
         for idx in batches:
             with clock("data"):
-                batch = {k: v.to(device()) for k, v in collate([train_set[i] for i in idx]).items()}
+                batch = model_batch(collate([train_set[i] for i in idx]), model)
             training_step(model, params, optimizer, batch, cfg, clock)
         samples = sum(len(idx) for idx in batches)
         out[cache] = {phase: seconds / samples for phase, seconds in clock.seconds.items()}
@@ -165,25 +167,29 @@ def compute_levers(cfg, first: list[int], repeats: int) -> list[dict[str, Any]]:
     """Pure compute per sample (forward+backward on one pre-made batch, best of `repeats`
     after a warm-up round, the variants timed round-robin so a slow spell hits them alike)
     for loomlens's batch as the recipe runs it and, one change each: batch 1 in fp32 (the
-    seed's shape and precision), the other precision, peft's LoRA form (no folding), SDPA
-    attention, the vision tower's adapters frozen (no backward through it)."""
+    seed's shape and precision), the recipe in fp32 and in the other bf16 way (autocast, or the
+    base stored in bf16), peft's LoRA form (no folding), SDPA attention, the vision tower's
+    adapters frozen (no backward through it)."""
     from loomlens.data.dataset import Collator, FlorenceDataset
-    from loomlens.train.recipe import mixed_precision
+    from loomlens.train.recipe import training_precision
 
     model, processor = recipe_model(cfg)
-    variants = {"peft's LoRA form (fold_lora=false)": recipe_model(cfg, fold_lora=False)[0],
-                "SDPA attention (attention=sdpa)": recipe_model(cfg, attention="sdpa")[0],
-                "vision adapters frozen": recipe_model(cfg, lora=cfg.lora.model_copy(update={"freeze": "vision"}))[0]}
+    fp32 = recipe_model(cfg, precision="fp32")[0]
+    runs = training_precision(cfg.precision)
     data = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, model.config.text_config.max_position_embeddings)
-    collate = Collator(processor.tokenizer.pad_token_id)
-    batch = {k: v.to(device()) for k, v in collate([data[i] for i in first]).items()}
+    batch = Collator(processor.tokenizer.pad_token_id)([data[i] for i in first])
     single = {k: v[:1] for k, v in batch.items()}
     n = len(first)
-    runs = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[mixed_precision(cfg.precision)]
-    other = "fp32" if runs != "fp32" else "bf16"
-    levers = [(f"recipe batch {n} ({runs})", model, batch, None), ("batch 1, fp32", model, single, "fp32"),
-              (f"batch {n}, {'fp32' if other == 'fp32' else 'bf16 autocast'}", model, batch, other)]
-    levers += [(f"batch {n} ({runs}), {name}", net, batch, None) for name, net in variants.items()]
+    levers = [(f"recipe batch {n} ({runs})", model, batch, None), ("batch 1, fp32", fp32, single, "fp32"),
+              (f"batch {n}, fp32", fp32, batch, "fp32")]
+    for other in [p for p in ("bf16", "bf16-base") if p != runs]:  # autocast, or the base stored in bf16
+        levers.append((f"batch {n}, {other}", recipe_model(cfg, precision=other)[0], batch, other))
+    variants = {"peft's LoRA form (fold_lora=false)": {"fold_lora": False},
+                "SDPA attention (attention=sdpa)": {"attention": "sdpa"},
+                "vision adapters frozen": {"lora": cfg.lora.model_copy(update={"freeze": "vision"})}}
+    levers += [(f"batch {n} ({runs}), {name}", recipe_model(cfg, **change)[0], batch, None)
+               for name, change in variants.items()]
+    levers = [(name, net, model_batch(b, net), precision) for name, net, b, precision in levers]
     best = [float("inf")] * len(levers)
     for round_ in range(repeats + 1):  # round 0 warms every variant up
         for k, (_, net, b, precision) in enumerate(levers):
@@ -231,14 +237,13 @@ def worker(kind: str, args) -> dict[str, Any]:
     # The pure compute of this loop's own batch shape, in the same process right after it:
     # how much of the loop is model compute, without comparing across processes and moments.
     shape = batches[0][: extra["batch_size"]]
-    batch = {k: v.to(device()) for k, v in Collator(processor.tokenizer.pad_token_id)(
-        [train_set[i] for i in shape]).items()}
+    batch = model_batch(Collator(processor.tokenizer.pad_token_id)([train_set[i] for i in shape]), model)
     precision = "fp32" if kind == "seed" else None  # the seed trains in fp32; loomlens as its recipe says
     compute = min(fwd_bwd_seconds(model, batch, cfg, precision) for _ in range(args.profile_steps + 1)) / len(shape)
     return {"samples": len(samples), "seconds": seconds, "samples_per_s": len(samples) / seconds,
             "peak_memory_mb": peak, "rss_before_loop_mb": before, "compute_s_per_sample": compute,
             "compute_share": compute * len(samples) / seconds,
-            "val_loss": val_loss(model, processor, val, args.val_samples), **extra}
+            "val_loss": val_loss(fp32_twin(model, cfg), processor, val, args.val_samples), **extra}
 
 
 def spawn(kind: str, args, data: Path, tmp: Path, variant: list[str] = ()) -> dict[str, Any]:
@@ -308,7 +313,8 @@ def tables(result: dict[str, Any]) -> list[Table]:
                    ["Timed round-robin in one process, so the rows compare with each other; the last column "
                     "compares with the seed's loop, timed in another process.",
                     "The recipe's precision is `auto`: bf16 autocast on a CPU with bf16 instructions (this one "
-                    "has them when the first row says bf16), fp32 on other CPUs."])
+                    "has them when the first row says bf16) and on CUDA, fp32 on other CPUs; bf16-base: the frozen "
+                    "base stored in bf16, the adapter in fp32, no autocast."])
     return [speed, where, levers]
 
 
