@@ -278,7 +278,8 @@ def val_loss(model, processor, jsonl: Path, max_samples: int | None = None, batc
     total = count = 0.0
     for start in range(0, len(indices), batch_size):
         batch = collate([data[i] for i in indices[start : start + batch_size]])
-        part, tokens = batch_loss(model, model_batch(batch, model), LossSpec(text.decoder_start_token_id, text.pad_token_id))
+        spec = LossSpec(text.decoder_start_token_id, text.pad_token_id)
+        part, tokens = batch_loss(model, model_batch(batch, model), spec)
         total, count = total + float(part), count + float(tokens)
     model.train(was_training)
     return total / max(count, 1.0)

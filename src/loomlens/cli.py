@@ -317,8 +317,9 @@ def train_command(
     grad_accum: int | None = typer.Option(None, help="Micro-batches per optimizer step."),
     order: str | None = typer.Option(None, help="Task order: grouped (seed's) or interleaved."),
     eval_every: int | None = typer.Option(None, help="Evaluate every N steps (0: each epoch)."),
-    precision: str | None = typer.Option(None, help="auto (bf16 autocast on CUDA and on CPUs with bf16 instructions, else fp32), fp32, "
-                                   "bf16 (autocast), bf16-base (frozen base in bf16, adapter fp32), fp16."),
+    precision: str | None = typer.Option(None, help="auto (bf16 autocast on CUDA and on CPUs with bf16 instructions, "
+                                         "else fp32), fp32, bf16 (autocast), bf16-base (frozen base in bf16, adapter "
+                                         "fp32), fp16."),
     qlora: bool | None = typer.Option(None, "--qlora/--no-qlora", help="4-bit base (CUDA + bitsandbytes)."),
     num_processes: int = typer.Option(1, min=1, help="Processes (GPUs) through accelerate launch."),
 ) -> None:

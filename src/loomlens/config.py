@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: The configs shipped with the package (`--config demo` finds `configs/demo.yaml`).
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -136,6 +136,13 @@ class TrainConfig(BaseModel):
         if isinstance(value, str):
             return [t.strip() for t in value.split(",") if t.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _one_base_dtype(self) -> "TrainConfig":
+        if self.qlora and self.precision == "bf16-base":
+            raise ValueError("precision bf16-base stores the frozen base in bf16, but qlora stores it in 4 bits: "
+                             "use precision bf16 (autocast) with qlora")
+        return self
 
 
 def _parse_value(text: Any) -> Any:

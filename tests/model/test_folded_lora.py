@@ -95,7 +95,8 @@ def _layer(fan_in: int, fan_out: int) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    layer = get_peft_model(nn.Sequential(nn.Linear(fan_in, fan_out)), LoraConfig(r=32, target_modules=["0"], lora_dropout=0.0))
+    config = LoraConfig(r=32, target_modules=["0"], lora_dropout=0.0)
+    layer = get_peft_model(nn.Sequential(nn.Linear(fan_in, fan_out)), config)
     nn.init.normal_(layer.base_model.model[0].lora_B["default"].weight, std=1e-3)
     return layer
 

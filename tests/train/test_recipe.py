@@ -167,6 +167,11 @@ def test_precision_on_a_cpu_follows_its_bf16_instructions(native, monkeypatch):
     assert [recipe.frozen_dtype(p) for p in PRECISIONS] == [None, None, None, None, torch.bfloat16]
 
 
+def test_bf16_base_with_qlora_is_refused_clearly(make_config):
+    with pytest.raises(ValueError, match="bf16-base.*qlora.*precision bf16"):
+        make_config(qlora=True, precision="bf16-base")
+
+
 def _autocast_spy(monkeypatch) -> list[bool]:
     """Records, per `batch_loss` call, whether autocast was on inside the model's linears."""
     seen = []

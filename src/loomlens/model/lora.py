@@ -31,8 +31,8 @@ from loomlens.model.vision import stage_count, stage_of
 
 __all__ = [  # LoraSettings lives with the other configs (torch-free); it is re-exported here
     "PRESETS", "LoraSettings", "LoraTargetError", "adapter_base", "apply_lora", "freeze_tower", "lift_zero_rows",
-    "load_adapter", "load_quantized_base", "lower_frozen", "resolve_adapter", "resolve_targets", "tower_of", "trainable_by_tower",
-    "untie_lm_head",
+    "load_adapter", "load_quantized_base", "lower_frozen", "resolve_adapter", "resolve_targets", "tower_of",
+    "trainable_by_tower", "untie_lm_head",
 ]
 
 #: Layer types peft's LoRA can wrap.

@@ -280,10 +280,7 @@ def training_model(cfg: TrainConfig) -> tuple[Any, Any]:
         model, processor = load_model(cfg.model)
     model.set_attn_implementation(attention_implementation(cfg))
     model = apply_lora(model, cfg.lora)
-    if (dtype := frozen_dtype(cfg.precision)) is not None:
-        if cfg.qlora:
-            raise ValueError("precision bf16-base stores the frozen base in bf16, but qlora stores it in 4 bits: "
-                             "pick --precision bf16 (autocast) with qlora")
+    if (dtype := frozen_dtype(cfg.precision)) is not None:  # never with qlora: TrainConfig refuses it
         lower_frozen(model, dtype)
     if cfg.fold_lora:
         fold_lora(model)
