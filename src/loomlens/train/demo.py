@@ -77,7 +77,8 @@ def run_demo(
     checkpoint = "best" if (run_dir / "checkpoints" / "best").exists() else "last"
     trained = load_for_inference(cfg.model, run_dir, checkpoint, precision=precision)
     after = write_report(
-        trained.model, trained.processor, val, out / "report", max_images=demo.eval_images, batch_size=cfg.eval_batch_size,
+        trained.model, trained.processor, val, out / "report", max_images=demo.eval_images,
+        batch_size=cfg.eval_batch_size,
         title="loomlens demo: tiny Florence-2 + LoRA on synthetic loom frames",
         extra={"checkpoint": checkpoint, "run": str(run_dir), "baseline": _headline(before),
                "precision": trained.precision},
