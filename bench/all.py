@@ -48,6 +48,8 @@ PLAN: dict[str, list[str]] = {
     "tiling": ["--train-frames", "96", "--steps", "700", "--frames", "16"],
     "scaling": [],
     "transfer": ["--images", "480", "--steps", "500"],
+    # The budget: the default recipe, 20 min of training on AITEX (../shared/data/aitex).
+    "real": ["--budget", "1200"],
 }
 #: benchmarks that take the accuracy run's adapter when it exists.
 USE_ADAPTER = ("infer_speed", "tiling")

@@ -1,0 +1,67 @@
+"""Image-level OK/NG metrics: AUROC and recall at a false-alarm rate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loomlens.data.records import Box
+from loomlens.evaluate.inspection import frame_score, image_level, image_level_by_class, summary_line
+
+
+def test_frame_score_is_best_box_or_zero() -> None:
+    assert frame_score([]) == 0.0
+    assert frame_score([Box("drop", 0, 0, 1, 1, 0.2), Box("drop", 0, 0, 1, 1, 0.7)]) == 0.7
+    assert frame_score([Box("drop", 0, 0, 1, 1)]) == 1.0  # unscored boxes count as certain
+
+
+def test_perfect_separation() -> None:
+    m = image_level(scores=[0.9, 0.8, 0.1, 0.0, 0.2], defective=[True, True, False, False, False])
+    assert m["auroc"] == 1.0
+    assert m["recall_at_fpr"]["0.01"] == 1.0
+    # The threshold flags no good frame: just above the best good score 0.2.
+    assert 0.2 < m["threshold_at_fpr"]["0.01"] <= 0.8
+
+
+def test_recall_at_fpr_counts_only_allowed_false_alarms() -> None:
+    good = [i / 100 for i in range(100)]  # 0.00 .. 0.99
+    defect = [0.995, 0.985, 0.5]
+    m = image_level(scores=good + defect, defective=[False] * 100 + [True] * 3, fprs=(0.01, 0.001, 0.05))
+    # 1 % of 100 good frames = one false alarm allowed: the threshold passes 0.99 but not 0.98.
+    assert m["threshold_at_fpr"]["0.01"] > 0.98
+    assert m["recall_at_fpr"]["0.01"] == pytest.approx(2 / 3)
+    # 0.1 % of 100 = none allowed: only scores above 0.99.
+    assert m["recall_at_fpr"]["0.001"] == pytest.approx(1 / 3)
+    # 5 %: five allowed, threshold above 0.94: still misses the 0.5 frame.
+    assert m["recall_at_fpr"]["0.05"] == pytest.approx(2 / 3)
+    flagged = sum(s >= m["threshold_at_fpr"]["0.05"] for s in good)
+    assert flagged <= 5
+
+
+def test_ties_between_good_and_defective_are_not_rewarded() -> None:
+    m = image_level(scores=[0.0, 0.0, 0.0], defective=[True, False, False])
+    assert m["auroc"] == 0.5
+    assert m["recall_at_fpr"]["0.01"] == 0.0  # a miss scored 0 is never found without false alarms
+
+
+def test_missing_kinds_give_none_and_survive_json() -> None:
+    m = image_level(scores=[0.3, 0.4], defective=[True, True])
+    assert m["auroc"] is None and m["recall_at_fpr"]["0.01"] is None
+    assert json.loads(json.dumps(m)) == m
+
+
+def test_length_mismatch_is_an_error() -> None:
+    with pytest.raises(ValueError, match="2 scores for 3 frames"):
+        image_level(scores=[0.1, 0.2], defective=[True, False, True])
+
+
+def test_by_class_scores_each_class_against_clean_frames() -> None:
+    truth = [[Box("hole", 0, 0, 5, 5)], [Box("knot", 0, 0, 5, 5)], [], []]
+    predicted = [[Box("hole", 0, 0, 5, 5, 0.9)], [Box("hole", 0, 0, 5, 5, 0.8)], [Box("knot", 0, 0, 5, 5, 0.1)], []]
+    per = image_level_by_class(truth=truth, predicted=predicted)
+    assert set(per) == {"hole", "knot"}
+    assert per["hole"]["recall_at_fpr"]["0.01"] == 1.0
+    assert per["knot"]["frames"] == 3  # the knot frame and the two clean ones, not the hole frame
+    assert per["knot"]["recall_at_fpr"]["0.01"] == 0.0  # found no knot (its best knot score is 0)
+    assert "recall" in summary_line(per["hole"])
