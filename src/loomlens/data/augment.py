@@ -1,0 +1,144 @@
+"""Online, box-correct augmentation for fabric: every sample a little different each epoch.
+
+Geometry moves the boxes with the pixels (flips, quarter turns, a crop-and-rescale jitter that
+never cuts a defect); photometry (brightness, contrast, gamma, grey) leaves them alone. The
+draw for a sample is a pure function of `(seed, epoch, index)`, so a resumed run sees the same
+pictures. Quarter turns are off by default: on a loom the direction of a defect is its class
+(a broken end runs along the warp, a broken pick across it), so turning it would teach the
+wrong name. Which transforms help, and by how much, is measured in docs/training.md.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+
+from PIL import Image, ImageEnhance, ImageOps
+
+from loomlens.data.records import Box
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Probabilities and strengths of each transform; all zero = the picture as it is.
+
+    `hflip`, `vflip`, `rot90`, `grey`: the chance of each. `brightness`, `contrast`: the largest
+    relative change (0.2: factor in [0.8, 1.2]). `gamma`: the largest change of the exponent
+    (0.2: gamma in [0.8, 1.2]). `scale`: the largest share of each side a crop may drop (the
+    crop, rescaled to the full size, zooms in by up to 1 / (1 - scale)); its position is the
+    shift jitter, and it always keeps every box whole.
+    """
+
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rot90: float = 0.0
+    brightness: float = 0.2
+    contrast: float = 0.2
+    gamma: float = 0.2
+    grey: float = 0.1
+    scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("hflip", "vflip", "rot90", "grey"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"augment {name} is a probability in [0, 1], got {getattr(self, name)}")
+        for name in ("brightness", "contrast", "gamma", "scale"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"augment {name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def active(self) -> bool:
+        return any(getattr(self, f) for f in self.__dataclass_fields__)
+
+
+#: No augmentation at all (the write-up's way, and validation).
+NONE = Augment(hflip=0, vflip=0, rot90=0, brightness=0, contrast=0, gamma=0, grey=0, scale=0)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The generator for one sample's draw: the same (seed, epoch, index) gives the same picture."""
+    return random.Random(f"augment:{seed}:{epoch}:{index}")
+
+
+def _flip(image: Image.Image, boxes: list[Box], horizontal: bool) -> tuple[Image.Image, list[Box]]:
+    w, h = image.size
+    if horizontal:
+        return ImageOps.mirror(image), [b.hflip(w) for b in boxes]
+    return ImageOps.flip(image), [replace(b, y1=h - b.y2, y2=h - b.y1) for b in boxes]
+
+
+def _quarter_turn(image: Image.Image, boxes: list[Box]) -> tuple[Image.Image, list[Box]]:
+    """Turn a quarter counter-clockwise: the pixel (x, y) goes to (y, W - x)."""
+    w, _ = image.size
+    turned = image.transpose(Image.Transpose.ROTATE_90)
+    return turned, [replace(b, x1=b.y1, y1=w - b.x2, x2=b.y2, y2=w - b.x1) for b in boxes]
+
+
+def _span(lo: float, hi: float, size: int, keep: float, rng: random.Random) -> int:
+    """A crop start along one axis for a window of `keep` pixels that holds [lo, hi), if it fits."""
+    first, last = max(0.0, hi - keep), min(size - keep, lo)
+    return max(0, math.floor(rng.uniform(first, last))) if first <= last else -1
+
+
+def _crop_jitter(image: Image.Image, boxes: list[Box], scale: float,
+                 rng: random.Random) -> tuple[Image.Image, list[Box]]:
+    """Crop up to `scale` of each side at a random place that keeps every box whole, then
+    rescale to the original size; the image is unchanged when no such crop exists."""
+    w, h = image.size
+    factor = 1 - rng.uniform(0, scale)
+    cw, ch = max(1, round(w * factor)), max(1, round(h * factor))
+    lo_x = min((b.x1 for b in boxes), default=w)
+    hi_x = max((b.x2 for b in boxes), default=0)
+    lo_y = min((b.y1 for b in boxes), default=h)
+    hi_y = max((b.y2 for b in boxes), default=0)
+    x0 = _span(lo_x, hi_x, w, cw, rng) if boxes else rng.randint(0, w - cw)
+    y0 = _span(lo_y, hi_y, h, ch, rng) if boxes else rng.randint(0, h - ch)
+    if x0 < 0 or y0 < 0 or (cw, ch) == (w, h):
+        return image, boxes
+    sx, sy = w / cw, h / ch
+    cropped = image.resize((w, h), Image.Resampling.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+    moved = [replace(b, x1=min(w, (b.x1 - x0) * sx), y1=min(h, (b.y1 - y0) * sy),
+                     x2=min(w, (b.x2 - x0) * sx), y2=min(h, (b.y2 - y0) * sy)) for b in boxes]
+    return cropped, moved
+
+
+def _photometric(image: Image.Image, aug: Augment, rng: random.Random) -> Image.Image:
+    if aug.brightness:
+        image = ImageEnhance.Brightness(image).enhance(rng.uniform(1 - aug.brightness, 1 + aug.brightness))
+    if aug.contrast:
+        image = ImageEnhance.Contrast(image).enhance(rng.uniform(1 - aug.contrast, 1 + aug.contrast))
+    if aug.gamma:
+        g = rng.uniform(1 - aug.gamma, 1 + aug.gamma)
+        lut = [min(255, round(255 * (v / 255) ** g)) for v in range(256)]
+        image = image.point(lut * len(image.getbands()))
+    if aug.grey and rng.random() < aug.grey:
+        image = ImageOps.grayscale(image).convert(image.mode)
+    return image
+
+
+def augment(
+    image: Image.Image, boxes: list[Box], *, aug: Augment, rng: random.Random, geometric: bool = True
+) -> tuple[Image.Image, list[Box]]:
+    """One random variant of an RGB `image` and its pixel `boxes`.
+
+    Args:
+        image: the picture, RGB, W x H.
+        boxes: its boxes in pixels.
+        aug: what to apply, and how strongly.
+        rng: the sample's generator (`sample_rng`).
+        geometric: False for answers that are not boxes (captions): only photometry then.
+
+    Returns:
+        The new picture (W x H, or H x W after a quarter turn) and the boxes moved with it.
+    """
+    if geometric:
+        if aug.hflip and rng.random() < aug.hflip:
+            image, boxes = _flip(image, boxes, horizontal=True)
+        if aug.vflip and rng.random() < aug.vflip:
+            image, boxes = _flip(image, boxes, horizontal=False)
+        if aug.rot90 and rng.random() < aug.rot90:
+            image, boxes = _quarter_turn(image, boxes)
+        if aug.scale:
+            image, boxes = _crop_jitter(image, boxes, aug.scale, rng)
+    return _photometric(image, aug, rng), boxes
