@@ -26,18 +26,11 @@ from loomlens.data.coco import read_coco
 from loomlens.data.florence_text import boxes_to_text
 from loomlens.data.records import ImageRecord, Problem, ReadResult
 from loomlens.data.sanitize import iter_files
+from loomlens.data.tasks import CONVERTIBLE, REGISTRY
 from loomlens.data.tiles import save_tiles, tile_record
 from loomlens.data.voc import read_voc
 from loomlens.data.yolo import CLASSES_FILE, read_yolo, write_classes
 
-# Task name -> Florence-2 task token. The order is the `grouped` order, the one the seed
-# reported as best: OD, then dense region captions, then grounding, then captions.
-TASKS: dict[str, str] = {
-    "od": "<OD>",
-    "dense_region_caption": "<DENSE_REGION_CAPTION>",
-    "phrase_grounding": "<CAPTION_TO_PHRASE_GROUNDING>",
-    "caption": "<CAPTION>",
-}
 ORDERS = ("grouped", "interleaved")
 READERS: dict[str, Callable[[Path, Sequence[Path]], ReadResult]] = {"voc": read_voc, "yolo": read_yolo, "coco": read_coco}
 FORMATS = ("auto", *READERS)
@@ -129,10 +122,12 @@ def caption(labels: Iterable[str]) -> str:
 
 
 def task_samples(record: ImageRecord, image: str, task: str) -> list[dict[str, Any]]:
-    """The samples of one `task` for one image (`image` = its path relative to the JSONL):
-    `od` always one (a negative has an empty suffix); `dense_region_caption` one if there are
-    boxes (the label is the region's caption); `phrase_grounding` one per class present;
-    `caption` one."""
+    """The samples of one convertible `task` for one image (`image` = its path relative to the
+    JSONL), as the registry's `Task.samples` says: `boxes` always one (a negative has an empty
+    suffix); `boxes_if_any` one if there are boxes (the label is the region's caption);
+    `per_class` one per class present; `caption` one."""
+    spec = REGISTRY[task]
+
     def sample(prefix: str, suffix: str) -> dict[str, Any]:
         return {
             "prefix": prefix, "suffix": suffix, "image": image, "width": record.width,
@@ -140,17 +135,17 @@ def task_samples(record: ImageRecord, image: str, task: str) -> list[dict[str, A
         }
 
     text = boxes_to_text(record.boxes, record.width, record.height)
-    if task == "od":
-        return [sample(TASKS[task], text)]
-    if task == "dense_region_caption":
-        return [sample(TASKS[task], text)] if record.boxes else []
-    if task == "phrase_grounding":
+    if spec.samples == "boxes":
+        return [sample(spec.token, text)]
+    if spec.samples == "boxes_if_any":
+        return [sample(spec.token, text)] if record.boxes else []
+    if spec.samples == "per_class":
         return [
-            sample(TASKS[task] + label, boxes_to_text([b for b in record.boxes if b.label == label],
-                                                      record.width, record.height))
+            sample(spec.token + label, boxes_to_text([b for b in record.boxes if b.label == label],
+                                                     record.width, record.height))
             for label in sorted({b.label for b in record.boxes})
         ]
-    return [sample(TASKS[task], caption(b.label for b in record.boxes))]
+    return [sample(spec.token, caption(b.label for b in record.boxes))]
 
 
 def assign_splits(images: Iterable[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
@@ -221,9 +216,9 @@ def _check_arguments(
 ) -> None:
     if fmt not in FORMATS:
         raise ConvertError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in CONVERTIBLE]
     if unknown or not tasks:
-        raise ConvertError(f"unknown or no tasks {unknown}; use some of {', '.join(TASKS)}")
+        raise ConvertError(f"unknown or no tasks {unknown}; use some of {', '.join(CONVERTIBLE)}")
     if order not in ORDERS:
         raise ConvertError(f"unknown order {order!r}; use one of {', '.join(ORDERS)}")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -242,7 +237,7 @@ def _fail_if_strict(strict: bool, problems: list[Problem], src: Path) -> None:
 def _order(items: list[tuple[ImageRecord, str]], tasks: Sequence[str], order: str) -> Iterable[dict[str, Any]]:
     """Samples of (record, image path) items, already shuffled: `grouped` = every image's
     samples of one task before the next task; `interleaved` = each image's tasks together."""
-    tasks = [t for t in TASKS if t in tasks]
+    tasks = [t for t in CONVERTIBLE if t in tasks]
     if order == "grouped":
         return (s for task in tasks for record, image in items for s in task_samples(record, image, task))
     return (s for record, image in items for task in tasks for s in task_samples(record, image, task))
@@ -382,7 +377,7 @@ def convert(
 
     seen = sorted({b.label for r in records for b in r.boxes} - set(read.classes))
     report = ConvertReport(
-        source=str(src), out=str(out), format=fmt, tasks=[t for t in TASKS if t in tasks], order=order,
+        source=str(src), out=str(out), format=fmt, tasks=[t for t in CONVERTIBLE if t in tasks], order=order,
         flip=flip, tile=tile, tile_overlap=tile_overlap, seed=seed, classes=[*read.classes, *seen],
         images=len(records),
         negatives=sum(not r.boxes for r in records),

@@ -1,4 +1,8 @@
-"""Scored detection: images in, boxes in pixels with confidence scores out, in batches."""
+"""Scored detection: images in, boxes in pixels with confidence scores out, in batches.
+
+The one path from pixels to scored boxes: prompt -> `generate` (optionally through the class
+grammar) -> `scored_boxes`. `loomlens.evaluate` and `loomlens.predict` both call it.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,15 @@ from PIL import Image
 from transformers import LogitsProcessorList
 
 from loomlens.data.records import Box
-from loomlens.evaluate.constrain import BoxGrammar
-from loomlens.evaluate.generation import (
+from loomlens.infer.generation import (
     DEFAULT_LABEL_TOKENS,
     Generation,
     box_token_budget,
     generate,
     label_token_count,
 )
-from loomlens.evaluate.scoring import ScoreMethod, scored_boxes
+from loomlens.infer.grammar import BoxGrammar
+from loomlens.infer.scoring import ScoreMethod, scored_boxes
 
 T = TypeVar("T")
 
@@ -49,6 +53,7 @@ def detect_with_details(
     model,
     processor,
     images: Sequence[Image.Image],
+    *,
     task: str = "<OD>",
     text: str | None = None,
     max_boxes: int = 20,
@@ -91,6 +96,7 @@ def detect(
     model,
     processor,
     images: Sequence[Image.Image],
+    *,
     task: str = "<OD>",
     text: str | None = None,
     max_boxes: int = 20,
@@ -101,6 +107,7 @@ def detect(
     """Boxes in pixels, each with a `score` in [0, 1], for each of `images` (see
     `detect_with_details` for the arguments)."""
     found = detect_with_details(
-        model, processor, images, task, text, max_boxes, batch_size, constrained, classes
+        model, processor, images, task=task, text=text, max_boxes=max_boxes, batch_size=batch_size,
+        constrained=constrained, classes=classes,
     )
     return [d.boxes for d in found]
