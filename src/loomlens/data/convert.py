@@ -290,6 +290,51 @@ def _split_stats(
     }
 
 
+def _add_flipped(
+    records: Sequence[ImageRecord], items: dict[str, list[tuple[ImageRecord, str]]], split_of: dict[str, str],
+    src_abs: Path, out: Path, progress: ProgressFn | None,
+) -> list[Problem]:
+    """Write a mirrored copy of every record's image under `out/images/` and add it to its
+    original's split in `items`; returns the images that could not be flipped, as problems."""
+    problems = []
+    names = flipped_names([r.image for r in records])
+    for i, record in enumerate(records):
+        name = names[record.image]
+        try:
+            flip_image(src_abs / record.image, out / "images" / name)
+        except OSError as err:
+            problems.append(Problem(file=record.source, message=f"cannot flip {record.image}: {err}",
+                                    fix="replace the damaged image"))
+        else:
+            mirrored = ImageRecord(f"images/{name}", record.width, record.height,
+                                   [b.hflip(record.width) for b in record.boxes], record.source)
+            items[split_of[record.image]].append((mirrored, mirrored.image))
+        if progress:
+            progress("flip", i + 1, len(records))
+    return problems
+
+
+def _write_splits(
+    items: dict[str, list[tuple[ImageRecord, str]]], out: Path, tasks: Sequence[str], order: str, seed: int,
+    no_test: bool, tiles: set[str],
+) -> dict[str, dict[str, Any]]:
+    """Shuffle each split's items (deterministic for `seed`), write its samples as
+    `out/<split>.jsonl` and return each split's counts; with `no_test`, a stale `test.jsonl`
+    is removed instead."""
+    rng = random.Random(seed)
+    splits: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        if split == "test" and no_test:
+            (out / "test.jsonl").unlink(missing_ok=True)  # a stale one would be read as current
+            continue
+        chosen = sorted(items[split], key=lambda item: item[1])
+        rng.shuffle(chosen)
+        samples = list(_order(chosen, tasks, order))
+        write_jsonl(out / f"{split}.jsonl", samples)
+        splits[split] = _split_stats(chosen, samples, tiles)
+    return splits
+
+
 def convert(
     src: str | Path,
     out: str | Path,
@@ -307,8 +352,8 @@ def convert(
 ) -> ConvertReport:
     """Convert the annotated dataset in folder `src` to Florence-2 JSONL in folder `out`.
 
-    `format`: auto | voc | yolo | coco. `tasks`: any of od, dense_region_caption,
-    phrase_grounding, caption. `order`: grouped | interleaved (see `_order`). `flip` adds a
+    `format`: auto | voc | yolo | coco. `tasks`: any of `loomlens.data.tasks.CONVERTIBLE` (od,
+    dense_region_caption, phrase_grounding, caption). `order`: grouped | interleaved (see `_order`). `flip` adds a
     mirrored copy of every image (written to `out/images/flipped_<name>`) in its original's
     split. `tile` (px, at least 32) also cuts every frame, flipped copies included, into
     windows of that size overlapping by `tile_overlap` (in [0, 0.9)), the windows tiled
@@ -341,20 +386,7 @@ def convert(
         items[split_of[record.image]].append((record, image))
 
     if flip:
-        names = flipped_names([r.image for r in records])
-        for i, record in enumerate(records):
-            name = names[record.image]
-            try:
-                flip_image(src_abs / record.image, out / "images" / name)
-            except OSError as err:
-                problems.append(Problem(file=record.source, message=f"cannot flip {record.image}: {err}",
-                                        fix="replace the damaged image"))
-            else:
-                mirrored = ImageRecord(f"images/{name}", record.width, record.height,
-                                       [b.hflip(record.width) for b in record.boxes], record.source)
-                items[split_of[record.image]].append((mirrored, mirrored.image))
-            if progress:
-                progress("flip", i + 1, len(records))
+        problems += _add_flipped(records, items, split_of, src_abs, out, progress)
         _fail_if_strict(strict, problems, src)
 
     tiles: set[str] = set()
@@ -363,17 +395,7 @@ def convert(
         problems += unreadable
         _fail_if_strict(strict, problems, src)
 
-    rng = random.Random(seed)
-    splits: dict[str, dict[str, Any]] = {}
-    for split in SPLITS:
-        if split == "test" and test_fraction == 0:
-            (out / "test.jsonl").unlink(missing_ok=True)  # a stale one would be read as current
-            continue
-        chosen = sorted(items[split], key=lambda item: item[1])
-        rng.shuffle(chosen)
-        samples = list(_order(chosen, tasks, order))
-        write_jsonl(out / f"{split}.jsonl", samples)
-        splits[split] = _split_stats(chosen, samples, tiles)
+    splits = _write_splits(items, out, tasks, order, seed, test_fraction == 0, tiles)
 
     seen = sorted({b.label for r in records for b in r.boxes} - set(read.classes))
     report = ConvertReport(

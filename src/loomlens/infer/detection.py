@@ -92,22 +92,7 @@ def detect_with_details(
     return results
 
 
-def detect(
-    model,
-    processor,
-    images: Sequence[Image.Image],
-    *,
-    task: str = "<OD>",
-    text: str | None = None,
-    max_boxes: int = 20,
-    batch_size: int = 8,
-    constrained: bool = False,
-    classes: Sequence[str] = (),
-) -> list[list[Box]]:
-    """Boxes in pixels, each with a `score` in [0, 1], for each of `images` (see
-    `detect_with_details` for the arguments)."""
-    found = detect_with_details(
-        model, processor, images, task=task, text=text, max_boxes=max_boxes, batch_size=batch_size,
-        constrained=constrained, classes=classes,
-    )
-    return [d.boxes for d in found]
+def detect(model, processor, images: Sequence[Image.Image], **options) -> list[list[Box]]:
+    """Boxes in pixels, each with a `score` in [0, 1], for each of `images`: `detect_with_details`
+    without the details; `options` are its keyword arguments (task, text, max_boxes, ...)."""
+    return [d.boxes for d in detect_with_details(model, processor, images, **options)]
