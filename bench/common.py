@@ -230,7 +230,7 @@ def training_step(model, params, optimizer, batch: dict, cfg, clock: "Stopwatch 
 def answer_tokens(processor, boxes: int, model) -> int:
     """Tokens of an `<OD>` answer of `boxes` loom boxes (`box_token_budget`), capped by the decoder."""
     from loomlens.data.synth import CLASSES
-    from loomlens.evaluate.generation import box_token_budget, decoder_limit, label_token_count
+    from loomlens.infer.generation import box_token_budget, decoder_limit, label_token_count
 
     return min(box_token_budget(boxes, label_token_count(processor.tokenizer, CLASSES)), decoder_limit(model))
 
@@ -240,11 +240,11 @@ def forced_answer_seconds(model, processor, paths: Sequence[Path], boxes: int, b
                           num_beams: int = 1, fast_pixels: bool = True) -> float:
     """Seconds per image of `<OD>` whose answers are forced to the length of `boxes` boxes
     (`min_new_tokens = max_new_tokens`), `batch_size` images a call, image decoding and the
-    processor included (`fast_pixels`: as `loomlens.model.inputs` runs it; False: the
+    processor included (`fast_pixels`: as `loomlens.infer.pixels` runs it; False: the
     processor's own image path): generation cost without depending on what the weights write."""
     from PIL import Image
 
-    from loomlens.model.inputs import model_inputs
+    from loomlens.infer.pixels import model_inputs
 
     tokens = answer_tokens(processor, boxes, model)
     dtype = model.get_input_embeddings().weight.dtype  # pixels in the base's dtype, as `generate` passes them

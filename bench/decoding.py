@@ -5,7 +5,7 @@
 One free-running generation per image is scored three ways (the generation is the same, only
 the ranking changes): `product` (label probability x geometric-mean coordinate probability,
 the default), `mean` (geometric mean over all the box's tokens) and `ones` (every score 1, the
-seed's way). Then the same images are decoded through the class grammar (`constrain.py`).
+seed's way). Then the same images are decoded through the class grammar (`infer/grammar.py`).
 Reports mAP50-95 / mAP50 / mAP75, dropped malformed parts and seconds per image, as a table
 and JSON. Not part of the default test run.
 """
@@ -23,11 +23,12 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from loomlens.evaluate.detection import batched, detect_with_details
+from loomlens.data.yolo import read_class_names
 from loomlens.evaluate.metrics import coco_metrics
-from loomlens.evaluate.report import od_images, read_class_names
-from loomlens.evaluate.runs import load_for_inference
-from loomlens.evaluate.scoring import scored_boxes
+from loomlens.evaluate.report import od_images
+from loomlens.infer.detection import batched, detect_with_details
+from loomlens.infer.loading import load_for_inference
+from loomlens.infer.scoring import scored_boxes
 
 
 def row(name: str, truth, predicted, classes, dropped: int, seconds: float) -> dict:
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     jsonl = args.data if args.data.suffix == ".jsonl" else args.data / f"{args.split}.jsonl"
-    loaded = load_for_inference(args.model, args.adapter)
+    loaded = load_for_inference(model=args.model, adapter=args.adapter)
     classes = loaded.classes or read_class_names(jsonl.parent / "classes.txt")
     images = od_images(jsonl, args.max_images)
     truth = [e.truth for e in images]

@@ -11,8 +11,8 @@ run five ways in this process, each after a warm-up image, --repeats times in al
 - `loomlens`: as `loomlens predict` runs it (`Predictor`): batches of --batch-size, greedy,
   the answer budget bounded by the box count (`box_token_budget(--max-boxes)`), the adapter
   merged into the weights and the weights in the precision `auto` picks for this machine
-  (`model/inference.py`: bf16 on a CPU with AMX or AVX512-BF16, else fp32);
-- `loomlens, constrained`: the same through the class grammar (`evaluate/constrain.py`);
+  (`infer/loading.py`: bf16 on a CPU with AMX or AVX512-BF16, else fp32);
+- `loomlens, constrained`: the same through the class grammar (`infer/grammar.py`);
 - `loomlens, batch 1`: loomlens one image at a time, to show what batching adds;
 - `loomlens, fp32` (or `bf16` where auto picks fp32): the other precision, to show what it adds.
 
@@ -24,7 +24,7 @@ Reported: images/s, latency p50/p95 per image (an image in a batch waits for its
 batch), generated tokens per image and mAP50 on the same frames (the seed's row with its
 scores = 1, as the seed computed it, and with loomlens's scores on the same generations).
 The seed's beam search stops once 3 answers are finished (`early_stopping=True`, as
-`loomlens.evaluate.generate` runs it); Florence-2's sample code passes `early_stopping=False`,
+`loomlens.infer.generate` runs it); Florence-2's sample code passes `early_stopping=False`,
 which searches at least as long, so the seed's row is if anything flattered.
 """
 
@@ -53,10 +53,10 @@ def load_models(model: str | None, adapter: str | None, precisions: tuple[str, s
     model fp32 with the adapter attached unmerged (peft), as the seed ran it; loomlens's
     prepared as `Predictor` prepares it (merged, cast), once for each of `precisions`."""
     from loomlens.data.synth import CLASSES
-    from loomlens.evaluate.runs import load_for_inference
+    from loomlens.infer.loading import load_for_inference
 
-    seed = load_for_inference(model, adapter)
-    fast = {p: load_for_inference(model, adapter, precision=p).model for p in precisions}
+    seed = load_for_inference(model=model, adapter=adapter)
+    fast = {p: load_for_inference(model=model, adapter=adapter, precision=p).model for p in precisions}
     described = f"{seed.base} + {seed.adapter}" if adapter else f"{seed.base} (no adapter)"
     return seed.model, fast, seed.processor, seed.classes or list(CLASSES), described
 
@@ -70,7 +70,7 @@ def open_images(paths: list[Path]):
 def loomlens_pass(model, processor, paths: list[Path], batch_size: int, max_boxes: int, constrained: bool,
                   classes: list[str]) -> dict[str, Any]:
     """loomlens's way: batched, greedy, bounded budget; per-image latency = its batch's time."""
-    from loomlens.evaluate.detection import batched, detect_with_details
+    from loomlens.infer.detection import batched, detect_with_details
 
     latencies, boxes, tokens, seconds = [], [], [], 0.0
     for chunk in batched(paths, batch_size):
@@ -87,8 +87,8 @@ def loomlens_pass(model, processor, paths: list[Path], batch_size: int, max_boxe
 
 def seed_pass(model, processor, paths: list[Path]) -> dict[str, Any]:
     """The seed's way: one image per call, 3 beams, max_new_tokens=1024."""
-    from loomlens.evaluate.generation import generate
-    from loomlens.evaluate.scoring import scored_boxes
+    from loomlens.infer.generation import generate
+    from loomlens.infer.scoring import scored_boxes
 
     latencies, boxes, tokens = [], [], []
     for path in paths:
@@ -181,7 +181,7 @@ def tables(result: dict[str, Any]) -> list[Table]:
 
 def main(argv: list[str] | None = None) -> int:
     from loomlens.data.synth import synthesize
-    from loomlens.evaluate.generation import box_token_budget, decoder_limit, label_token_count
+    from loomlens.infer.generation import box_token_budget, decoder_limit, label_token_count
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=16)
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     set_threads(args.threads)
 
-    from loomlens.model.inference import resolve_precision
+    from loomlens.infer.loading import resolve_precision
 
     precision = resolve_precision("auto", device())
     other = "fp32" if precision == "bf16" else "bf16"

@@ -438,7 +438,7 @@ def eval_command(
     from rich.table import Table
 
     from loomlens.evaluate.report import write_report
-    from loomlens.evaluate.runs import load_for_inference
+    from loomlens.infer.loading import load_for_inference
     from loomlens.model.loader import ModelLoadError
 
     jsonl = data if data.suffix == ".jsonl" else data / f"{split}.jsonl"
@@ -446,15 +446,17 @@ def eval_command(
         raise _fail(f"no split at {jsonl}; make one with `loomlens convert SRC {data}`")
     adapter = Path(checkpoint) if checkpoint not in ("best", "last") else run
     try:  # the model as `predict` runs it
-        loaded = load_for_inference(model, adapter, checkpoint if adapter == run else "best", precision=precision)
+        loaded = load_for_inference(model=model, adapter=adapter, checkpoint=checkpoint if adapter == run else "best",
+                                    precision=precision)
     except (FileNotFoundError, ValueError, ModelLoadError) as err:
         raise _fail(str(err)) from None
     out = out or ((run or Path("runs")) / f"eval-{jsonl.stem}")
     extra = {"model": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None, "split": jsonl.stem,
              "precision": loaded.precision}
     try:
-        metrics = write_report(loaded.model, loaded.processor, jsonl, out, loaded.classes, batch_size, max_boxes,
-                               constrained, max_images, extra=extra)
+        metrics = write_report(loaded.model, loaded.processor, jsonl, out, classes=loaded.classes,
+                               batch_size=batch_size, max_boxes=max_boxes, constrained=constrained,
+                               max_images=max_images, extra=extra)
     except ValueError as err:  # e.g. --constrained with no classes.txt in the run or the split
         raise _fail(str(err)) from None
     table = Table(title=f"{metrics['images']} images of {jsonl}")
@@ -499,11 +501,13 @@ def predict_command(
 
     try:
         total = count_items(expand_inputs(inputs), every)
-        predictor = Predictor(model, adapter, device, max_boxes, batch_size, checkpoint, regions, tile_size,
+        predictor = Predictor(model=model, adapter=adapter, device=device, max_boxes=max_boxes,
+                              batch_size=batch_size, checkpoint=checkpoint, regions=regions, tile_size=tile_size,
                               constrained=constrained, precision=precision)
         with Progress(transient=True) as bar:
             job = bar.add_task(f"{task} on {total} images/frames", total=total)
-            summary = predict_files(predictor, inputs, out, task, text, tile, every, score_threshold, coco, draw,
+            summary = predict_files(predictor, inputs, out, task=task, text=text, tile=tile, every=every,
+                                    score_threshold=score_threshold, coco=coco, draw=draw,
                                     on_item=lambda: bar.advance(job))
     except (FileNotFoundError, ValueError, ValidationError, RuntimeError, ModelLoadError) as err:
         raise _fail(str(err)) from None

@@ -9,7 +9,6 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from loomlens.data.florence_text import (
-    TASK_TOKENS,
     LabelError,
     boxes_to_text,
     dequantize,
@@ -47,12 +46,6 @@ def test_far_edge_encodes_999_never_1000():
 def test_quantize_rejects_a_bad_size():
     with pytest.raises(ValueError):
         quantize(1, 0)
-
-
-def test_task_tokens_are_all_there():
-    assert len(TASK_TOKENS) == 14 == len(set(TASK_TOKENS))
-    assert {"<OD>", "<DENSE_REGION_CAPTION>", "<CAPTION_TO_PHRASE_GROUNDING>", "<OCR_WITH_REGION>",
-            "<REGION_PROPOSAL>", "<REFERRING_EXPRESSION_SEGMENTATION>"} <= set(TASK_TOKENS)
 
 
 def test_reading_order_is_y1_then_x1_of_the_quantised_box():

@@ -19,7 +19,7 @@ def test_base_shaped_model_trains_a_step_and_generates() -> None:
     from transformers import Florence2ForConditionalGeneration
 
     from loomlens.config import LoraSettings
-    from loomlens.evaluate import detect
+    from loomlens.infer import detect
     from loomlens.model.lora import apply_lora
     from loomlens.model.tiny import base_shape_config, build_processor
     from loomlens.model.tokenizer import build_tokenizer

@@ -8,4 +8,4 @@ def predictor():
     from loomlens.predict import Predictor
 
     # Small budgets: the placeholder weights rarely say </s>, so answers run to the limit.
-    return Predictor("tiny", max_boxes=2, batch_size=4, text_tokens=12)
+    return Predictor(model="tiny", max_boxes=2, batch_size=4, text_tokens=12)

@@ -6,7 +6,7 @@ from PIL import Image
 
 from loomlens.data.records import Box
 from loomlens.predict import Prediction, Predictor, RegionRules
-from loomlens.predict.tasks import TASKS, get_task, prompt, region_text
+from loomlens.data.tasks import TASKS
 
 INPUTS = {"phrase_grounding": "drop", "referring_expression_segmentation": "broken-weft",
           "region_to_segmentation": "10,10,120,80", "region_to_category": "<loc_1><loc_2><loc_300><loc_400>"}
@@ -44,14 +44,6 @@ def test_bad_inputs_are_refused_clearly(predictor, image):
         predictor.predict([image], task="phrase_grounding")
     with pytest.raises(ValueError, match="inside"):
         predictor.predict([image], task="region_to_category", text="0,0,999,10")
-
-
-def test_region_text_from_pixels_or_locs():
-    assert region_text("0,0,160,90", 320, 180) == "<loc_0><loc_0><loc_500><loc_500>"
-    assert region_text(" <loc_1> <loc_2><loc_3><loc_4> ", 10, 10) == "<loc_1><loc_2><loc_3><loc_4>"
-    with pytest.raises(ValueError):
-        region_text("a box please", 10, 10)
-    assert prompt(get_task("<OD>"), "ignored", 1, 1) == "<OD>"
 
 
 def test_score_threshold_and_region_rules_filter_boxes(predictor, image, monkeypatch):

@@ -2,7 +2,7 @@
 
 import json
 
-from loomlens.model.inference import resolve_precision
+from loomlens.infer.loading import resolve_precision
 from loomlens.train.demo import run_demo
 
 

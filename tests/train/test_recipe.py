@@ -207,7 +207,7 @@ def test_bf16_base_trains_an_fp32_adapter_over_a_bf16_base(make_config, tmp_path
     """bf16-base: no autocast, the frozen base in bf16, the adapter (and its optimizer) in fp32;
     it evaluates (val loss, mAP) mid-run, resumes to the weights of a straight run, and what it
     saves loads onto an fp32 base like any adapter."""
-    from loomlens.evaluate.runs import load_for_inference
+    from loomlens.infer.loading import load_for_inference
 
     seen = _autocast_spy(monkeypatch)
     settings = dict(max_steps=3, eval_every=2, eval_max_images=2, save_every=1, precision="bf16-base",

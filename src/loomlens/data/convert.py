@@ -26,18 +26,11 @@ from loomlens.data.coco import read_coco
 from loomlens.data.florence_text import boxes_to_text
 from loomlens.data.records import ImageRecord, Problem, ReadResult
 from loomlens.data.sanitize import iter_files
+from loomlens.data.tasks import CONVERTIBLE, REGISTRY
 from loomlens.data.tiles import save_tiles, tile_record
 from loomlens.data.voc import read_voc
 from loomlens.data.yolo import CLASSES_FILE, read_yolo, write_classes
 
-# Task name -> Florence-2 task token. The order is the `grouped` order, the one the seed
-# reported as best: OD, then dense region captions, then grounding, then captions.
-TASKS: dict[str, str] = {
-    "od": "<OD>",
-    "dense_region_caption": "<DENSE_REGION_CAPTION>",
-    "phrase_grounding": "<CAPTION_TO_PHRASE_GROUNDING>",
-    "caption": "<CAPTION>",
-}
 ORDERS = ("grouped", "interleaved")
 READERS: dict[str, Callable[[Path, Sequence[Path]], ReadResult]] = {"voc": read_voc, "yolo": read_yolo, "coco": read_coco}
 FORMATS = ("auto", *READERS)
@@ -129,10 +122,12 @@ def caption(labels: Iterable[str]) -> str:
 
 
 def task_samples(record: ImageRecord, image: str, task: str) -> list[dict[str, Any]]:
-    """The samples of one `task` for one image (`image` = its path relative to the JSONL):
-    `od` always one (a negative has an empty suffix); `dense_region_caption` one if there are
-    boxes (the label is the region's caption); `phrase_grounding` one per class present;
-    `caption` one."""
+    """The samples of one convertible `task` for one image (`image` = its path relative to the
+    JSONL), as the registry's `Task.samples` says: `boxes` always one (a negative has an empty
+    suffix); `boxes_if_any` one if there are boxes (the label is the region's caption);
+    `per_class` one per class present; `caption` one."""
+    spec = REGISTRY[task]
+
     def sample(prefix: str, suffix: str) -> dict[str, Any]:
         return {
             "prefix": prefix, "suffix": suffix, "image": image, "width": record.width,
@@ -140,17 +135,17 @@ def task_samples(record: ImageRecord, image: str, task: str) -> list[dict[str, A
         }
 
     text = boxes_to_text(record.boxes, record.width, record.height)
-    if task == "od":
-        return [sample(TASKS[task], text)]
-    if task == "dense_region_caption":
-        return [sample(TASKS[task], text)] if record.boxes else []
-    if task == "phrase_grounding":
+    if spec.samples == "boxes":
+        return [sample(spec.token, text)]
+    if spec.samples == "boxes_if_any":
+        return [sample(spec.token, text)] if record.boxes else []
+    if spec.samples == "per_class":
         return [
-            sample(TASKS[task] + label, boxes_to_text([b for b in record.boxes if b.label == label],
-                                                      record.width, record.height))
+            sample(spec.token + label, boxes_to_text([b for b in record.boxes if b.label == label],
+                                                     record.width, record.height))
             for label in sorted({b.label for b in record.boxes})
         ]
-    return [sample(TASKS[task], caption(b.label for b in record.boxes))]
+    return [sample(spec.token, caption(b.label for b in record.boxes))]
 
 
 def assign_splits(images: Iterable[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
@@ -221,9 +216,9 @@ def _check_arguments(
 ) -> None:
     if fmt not in FORMATS:
         raise ConvertError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in CONVERTIBLE]
     if unknown or not tasks:
-        raise ConvertError(f"unknown or no tasks {unknown}; use some of {', '.join(TASKS)}")
+        raise ConvertError(f"unknown or no tasks {unknown}; use some of {', '.join(CONVERTIBLE)}")
     if order not in ORDERS:
         raise ConvertError(f"unknown order {order!r}; use one of {', '.join(ORDERS)}")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -242,7 +237,7 @@ def _fail_if_strict(strict: bool, problems: list[Problem], src: Path) -> None:
 def _order(items: list[tuple[ImageRecord, str]], tasks: Sequence[str], order: str) -> Iterable[dict[str, Any]]:
     """Samples of (record, image path) items, already shuffled: `grouped` = every image's
     samples of one task before the next task; `interleaved` = each image's tasks together."""
-    tasks = [t for t in TASKS if t in tasks]
+    tasks = [t for t in CONVERTIBLE if t in tasks]
     if order == "grouped":
         return (s for task in tasks for record, image in items for s in task_samples(record, image, task))
     return (s for record, image in items for task in tasks for s in task_samples(record, image, task))
@@ -295,6 +290,51 @@ def _split_stats(
     }
 
 
+def _add_flipped(
+    records: Sequence[ImageRecord], items: dict[str, list[tuple[ImageRecord, str]]], split_of: dict[str, str],
+    src_abs: Path, out: Path, progress: ProgressFn | None,
+) -> list[Problem]:
+    """Write a mirrored copy of every record's image under `out/images/` and add it to its
+    original's split in `items`; returns the images that could not be flipped, as problems."""
+    problems = []
+    names = flipped_names([r.image for r in records])
+    for i, record in enumerate(records):
+        name = names[record.image]
+        try:
+            flip_image(src_abs / record.image, out / "images" / name)
+        except OSError as err:
+            problems.append(Problem(file=record.source, message=f"cannot flip {record.image}: {err}",
+                                    fix="replace the damaged image"))
+        else:
+            mirrored = ImageRecord(f"images/{name}", record.width, record.height,
+                                   [b.hflip(record.width) for b in record.boxes], record.source)
+            items[split_of[record.image]].append((mirrored, mirrored.image))
+        if progress:
+            progress("flip", i + 1, len(records))
+    return problems
+
+
+def _write_splits(
+    items: dict[str, list[tuple[ImageRecord, str]]], out: Path, tasks: Sequence[str], order: str, seed: int,
+    no_test: bool, tiles: set[str],
+) -> dict[str, dict[str, Any]]:
+    """Shuffle each split's items (deterministic for `seed`), write its samples as
+    `out/<split>.jsonl` and return each split's counts; with `no_test`, a stale `test.jsonl`
+    is removed instead."""
+    rng = random.Random(seed)
+    splits: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        if split == "test" and no_test:
+            (out / "test.jsonl").unlink(missing_ok=True)  # a stale one would be read as current
+            continue
+        chosen = sorted(items[split], key=lambda item: item[1])
+        rng.shuffle(chosen)
+        samples = list(_order(chosen, tasks, order))
+        write_jsonl(out / f"{split}.jsonl", samples)
+        splits[split] = _split_stats(chosen, samples, tiles)
+    return splits
+
+
 def convert(
     src: str | Path,
     out: str | Path,
@@ -312,8 +352,8 @@ def convert(
 ) -> ConvertReport:
     """Convert the annotated dataset in folder `src` to Florence-2 JSONL in folder `out`.
 
-    `format`: auto | voc | yolo | coco. `tasks`: any of od, dense_region_caption,
-    phrase_grounding, caption. `order`: grouped | interleaved (see `_order`). `flip` adds a
+    `format`: auto | voc | yolo | coco. `tasks`: any of `loomlens.data.tasks.CONVERTIBLE` (od,
+    dense_region_caption, phrase_grounding, caption). `order`: grouped | interleaved (see `_order`). `flip` adds a
     mirrored copy of every image (written to `out/images/flipped_<name>`) in its original's
     split. `tile` (px, at least 32) also cuts every frame, flipped copies included, into
     windows of that size overlapping by `tile_overlap` (in [0, 0.9)), the windows tiled
@@ -346,20 +386,7 @@ def convert(
         items[split_of[record.image]].append((record, image))
 
     if flip:
-        names = flipped_names([r.image for r in records])
-        for i, record in enumerate(records):
-            name = names[record.image]
-            try:
-                flip_image(src_abs / record.image, out / "images" / name)
-            except OSError as err:
-                problems.append(Problem(file=record.source, message=f"cannot flip {record.image}: {err}",
-                                        fix="replace the damaged image"))
-            else:
-                mirrored = ImageRecord(f"images/{name}", record.width, record.height,
-                                       [b.hflip(record.width) for b in record.boxes], record.source)
-                items[split_of[record.image]].append((mirrored, mirrored.image))
-            if progress:
-                progress("flip", i + 1, len(records))
+        problems += _add_flipped(records, items, split_of, src_abs, out, progress)
         _fail_if_strict(strict, problems, src)
 
     tiles: set[str] = set()
@@ -368,21 +395,11 @@ def convert(
         problems += unreadable
         _fail_if_strict(strict, problems, src)
 
-    rng = random.Random(seed)
-    splits: dict[str, dict[str, Any]] = {}
-    for split in SPLITS:
-        if split == "test" and test_fraction == 0:
-            (out / "test.jsonl").unlink(missing_ok=True)  # a stale one would be read as current
-            continue
-        chosen = sorted(items[split], key=lambda item: item[1])
-        rng.shuffle(chosen)
-        samples = list(_order(chosen, tasks, order))
-        write_jsonl(out / f"{split}.jsonl", samples)
-        splits[split] = _split_stats(chosen, samples, tiles)
+    splits = _write_splits(items, out, tasks, order, seed, test_fraction == 0, tiles)
 
     seen = sorted({b.label for r in records for b in r.boxes} - set(read.classes))
     report = ConvertReport(
-        source=str(src), out=str(out), format=fmt, tasks=[t for t in TASKS if t in tasks], order=order,
+        source=str(src), out=str(out), format=fmt, tasks=[t for t in CONVERTIBLE if t in tasks], order=order,
         flip=flip, tile=tile, tile_overlap=tile_overlap, seed=seed, classes=[*read.classes, *seen],
         images=len(records),
         negatives=sum(not r.boxes for r in records),

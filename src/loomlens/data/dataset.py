@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from loomlens.data.convert import TASKS
+from loomlens.data.tasks import CONVERTIBLE
 
 #: Label padding, ignored by the loss.
 IGNORE_INDEX = -100
@@ -160,8 +160,8 @@ def _pad(rows: Sequence[torch.Tensor], value: int) -> torch.Tensor:
 
 
 def _task_rank(task: str) -> int:
-    order = list(TASKS)
-    return order.index(task) if task in order else len(order)
+    """A task's place in the `grouped` order (`CONVERTIBLE`); unknown tasks go last."""
+    return CONVERTIBLE.index(task) if task in CONVERTIBLE else len(CONVERTIBLE)
 
 
 def plan_batches(

@@ -1,4 +1,4 @@
-"""The Florence-2 text format: task tokens, the 0..999 location grid, boxes <-> text.
+"""The Florence-2 text format: the 0..999 location grid, boxes <-> text.
 
 Florence-2 writes a box as `label<loc_x1><loc_y1><loc_x2><loc_y2>`, each coordinate put in one
 of 1000 bins per axis, and several boxes back to back with no separator. The grid follows the
@@ -13,23 +13,6 @@ import re
 from collections.abc import Iterable
 
 from loomlens.data.records import Box, Polygon
-
-TASK_TOKENS: tuple[str, ...] = (
-    "<OD>",
-    "<CAPTION>",
-    "<DETAILED_CAPTION>",
-    "<MORE_DETAILED_CAPTION>",
-    "<DENSE_REGION_CAPTION>",
-    "<CAPTION_TO_PHRASE_GROUNDING>",
-    "<REFERRING_EXPRESSION_SEGMENTATION>",
-    "<REGION_TO_SEGMENTATION>",
-    "<REGION_TO_CATEGORY>",
-    "<REGION_TO_DESCRIPTION>",
-    "<OCR>",
-    "<OCR_WITH_REGION>",
-    "<OPEN_VOCABULARY_DETECTION>",
-    "<REGION_PROPOSAL>",
-)
 
 BINS = 1000
 

@@ -1,7 +1,7 @@
 """Cutting annotated frames into overlapping tiles, for training at tile scale (as SAHI does).
 
 A small defect in a 2560x1440 frame all but vanishes when the frame is squeezed to the model's
-input; inference tiles such frames (`loomlens.predict.tiling`), so training must show the model
+input; inference tiles such frames (`loomlens.infer.tiling`), so training must show the model
 defects at tile scale too. The windows here are the ones inference uses. A box cut by a window
 edge is clipped and kept when at least `min_visible` of it lies inside; a window that cuts a box
 with less than that showing is skipped: labelling a half-visible defect as background would

@@ -154,6 +154,13 @@ def write_classes(path: str | Path, classes: Sequence[str]) -> None:
     atomic_write(path, "".join(f"{name}\n" for name in classes))
 
 
+def read_class_names(path: str | Path) -> list[str]:
+    """The class names of a `classes.txt` (one a line, blank lines skipped), as `convert` and
+    a training run keep them; empty if the file is missing."""
+    path = Path(path)
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def write_yolo(record: ImageRecord, txt_path: str | Path, classes: Sequence[str]) -> None:
     """Write `record`'s boxes as YOLO lines (ids index `classes`) at `txt_path`."""
     lines = []

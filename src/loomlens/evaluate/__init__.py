@@ -1,11 +1,7 @@
-"""Evaluation: generation with scores, score-aligned parsing, COCO metrics, plots, the report."""
+"""Evaluation: matching, COCO and inspection metrics, PR curves, confusion matrix, the report.
+The model's answers come from `loomlens.infer`."""
 
-from loomlens.evaluate.detection import Detection, detect, detect_with_details
-from loomlens.evaluate.generation import Generation, generate
 from loomlens.evaluate.metrics import coco_metrics
 from loomlens.evaluate.report import evaluate_jsonl, write_report
 
-__all__ = [
-    "Detection", "Generation", "coco_metrics", "detect", "detect_with_details", "evaluate_jsonl", "generate",
-    "write_report",
-]
+__all__ = ["coco_metrics", "evaluate_jsonl", "write_report"]

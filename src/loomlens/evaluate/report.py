@@ -1,5 +1,9 @@
 """Evaluate a model on a converted split: `evaluate_jsonl` (metrics only, for training's
-validation) and `write_report` (metrics.json, the plots and report.md that links them)."""
+validation) and `write_report` (metrics.json, the plots and report.md that links them).
+
+In: a model ready to answer and a split's JSONL. Out: metrics (and files). The boxes come from
+`loomlens.infer.detection`; this module only matches them against the truth and reports.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +18,11 @@ from PIL import Image
 from loomlens.data.dataset import read_jsonl
 from loomlens.data.florence_text import parse_text
 from loomlens.data.records import Box
-from loomlens.evaluate.detection import batched, detect_with_details
+from loomlens.data.yolo import CLASSES_FILE, read_class_names
 from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, match_image
 from loomlens.evaluate.metrics import evaluate_coco
 from loomlens.evaluate.plots import plot_confusion, plot_gallery, plot_pr_curves, plot_reliability
+from loomlens.infer.detection import batched, detect_with_details
 
 
 @dataclass
@@ -37,12 +42,6 @@ class EvalRun:
     predicted: list[list[Box]]
     dropped: int
     seconds_per_image: float
-
-
-def read_class_names(path: Path) -> list[str]:
-    """Class names of a `classes.txt` (one per line); empty if the file is missing."""
-    path = Path(path)
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def od_images(jsonl: Path, max_images: int | None = None) -> list[EvalImage]:
@@ -84,7 +83,7 @@ def evaluate_jsonl(model, processor, jsonl: Path, max_images: int | None = None,
     """COCO metrics (see `coco_metrics`) of `model` on the `<OD>` samples of a converted
     split, plus `dropped_parts` and `seconds_per_image`. Classes come from the split's
     `classes.txt` when present. Cheap enough for training's validation with `max_images`."""
-    classes = read_class_names(Path(jsonl).parent / "classes.txt")
+    classes = read_class_names(Path(jsonl).parent / CLASSES_FILE)
     run = run_split(model, processor, od_images(jsonl, max_images), classes, batch_size)
     metrics = evaluate_coco([e.truth for e in run.images], run.predicted, classes).metrics
     return {**metrics, "dropped_parts": run.dropped, "seconds_per_image": run.seconds_per_image}
@@ -129,7 +128,7 @@ def _markdown(metrics: dict, plots: dict[str, str], title: str) -> str:
 
 
 def write_report(
-    model, processor, jsonl: Path, out: Path, classes: Sequence[str] = (), batch_size: int = 8,
+    model, processor, jsonl: Path, out: Path, *, classes: Sequence[str] = (), batch_size: int = 8,
     max_boxes: int = 20, constrained: bool = False, max_images: int | None = None,
     gallery_size: int = 8, title: str = "loomlens evaluation", extra: dict | None = None,
 ) -> dict:
@@ -139,7 +138,7 @@ def write_report(
     is stored in metrics.json as is. Returns the metrics dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    classes = list(classes) or read_class_names(Path(jsonl).parent / "classes.txt")
+    classes = list(classes) or read_class_names(Path(jsonl).parent / CLASSES_FILE)
     run = run_split(model, processor, od_images(jsonl, max_images), classes, batch_size, max_boxes, constrained)
     truth = [e.truth for e in run.images]
     coco = evaluate_coco(truth, run.predicted, classes)

@@ -30,9 +30,8 @@ from loomlens.config import LoraSettings
 from loomlens.model.vision import stage_count, stage_of
 
 __all__ = [  # LoraSettings lives with the other configs (torch-free); it is re-exported here
-    "PRESETS", "LoraSettings", "LoraTargetError", "adapter_base", "apply_lora", "freeze_tower", "lift_zero_rows",
-    "load_adapter", "load_quantized_base", "lower_frozen", "resolve_adapter", "resolve_targets", "tower_of",
-    "trainable_by_tower", "untie_lm_head",
+    "PRESETS", "LoraSettings", "LoraTargetError", "apply_lora", "freeze_tower", "lift_zero_rows", "load_adapter",
+    "load_quantized_base", "lower_frozen", "resolve_targets", "tower_of", "trainable_by_tower", "untie_lm_head",
 ]
 
 #: Layer types peft's LoRA can wrap.
@@ -247,30 +246,3 @@ def load_quantized_base(name_or_path: str):
     model = Florence2ForConditionalGeneration.from_pretrained(source, quantization_config=quant, device_map={"": 0})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model, AutoProcessor.from_pretrained(source)
-
-
-def resolve_adapter(path: str | Path, checkpoint: str = "best") -> Path:
-    """The adapter folder for `path`: an adapter folder itself, or a training run folder
-    (`RUN_DIR/checkpoints/<checkpoint>/`, checkpoint `best` or `last`)."""
-    path = Path(path)
-    if (path / "adapter_config.json").exists():
-        return path
-    candidate = path / "checkpoints" / checkpoint
-    if (candidate / "adapter_config.json").exists():
-        return candidate
-    raise FileNotFoundError(
-        f"{path} is neither a LoRA adapter folder nor a run folder with checkpoints/{checkpoint}/"
-        + (" (no evaluation ran, so there is no best/: use --checkpoint last)"
-           if checkpoint == "best" and (path / "checkpoints" / "last").exists() else "")
-    )
-
-
-def adapter_base(adapter_dir: Path) -> str:
-    """The base model an adapter was trained on: the run's `config.yaml` `model` when the
-    adapter sits in a run folder (`tiny` stays portable), else the adapter config's path."""
-    import yaml
-
-    run_config = adapter_dir.parent.parent / "config.yaml"
-    if adapter_dir.parent.name == "checkpoints" and run_config.exists():
-        return str(yaml.safe_load(run_config.read_text())["model"])
-    return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]

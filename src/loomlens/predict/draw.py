@@ -7,8 +7,8 @@ import zlib
 
 from PIL import Image, ImageDraw, ImageFont
 
+from loomlens.data.tasks import get_task
 from loomlens.predict.predictor import Prediction
-from loomlens.predict.tasks import get_task
 
 PALETTE = [(255, 70, 70), (255, 210, 0), (0, 220, 255), (120, 255, 80), (255, 120, 255), (255, 150, 40),
            (150, 130, 255), (60, 255, 190)]

@@ -13,11 +13,12 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from loomlens.evaluate.detection import batched
+from loomlens.infer.detection import batched
 from loomlens.predict.draw import draw_prediction
 from loomlens.predict.predictor import Prediction, Predictor
-from loomlens.predict.regions import RULES_FILE, save_rules
+from loomlens.predict.regions import save_rules
 from loomlens.predict.sources import Item, expand_inputs, iter_items
+from loomlens.run import RULES_FILE
 
 
 def prediction_record(item: Item, prediction: Prediction) -> dict:
@@ -70,6 +71,7 @@ def predict_files(
     predictor: Predictor,
     inputs: Sequence[str | Path],
     out: str | Path,
+    *,
     task: str = "od",
     text: str | None = None,
     tile: str = "auto",
@@ -92,7 +94,9 @@ def predict_files(
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as jsonl:
         # Items stream in: a video is never held whole in memory.
         for chunk in batched(iter_items(files, every), predictor.batch_size):
-            predictions = predictor.predict([i.image for i in chunk], task, text, tile, score_threshold)
+            predictions = predictor.predict(
+                [i.image for i in chunk], task=task, text=text, tile=tile, score_threshold=score_threshold
+            )
             for item, prediction in zip(chunk, predictions):
                 record = prediction_record(item, prediction)
                 jsonl.write(json.dumps(record) + "\n")

@@ -1,10 +1,12 @@
-"""`Predictor`: one loaded model answering every Florence-2 task on batches of images.
+"""`Predictor`: one loaded model answering every offered Florence-2 task on batches of images.
 
-Box tasks (od, dense_region_caption, phrase_grounding) give scored boxes (see
-`loomlens.evaluate.scoring`), tiled on large frames, thresholded and filtered by the region
-rules; segmentation gives polygons; OCR with region gives quadrilaterals (as 4-point polygons,
-with their bounding boxes); the rest give text. A task the model was never trained on still
-runs and answers what it says, with `trained=False` on the prediction.
+In: images (PIL or paths), a task name and its text. Out: one `Prediction` per image. Box tasks
+(od, dense_region_caption, phrase_grounding) give scored boxes (`loomlens.infer.detection`),
+tiled on large frames (`loomlens.infer.tiling`), thresholded and filtered by the region rules;
+segmentation gives polygons; OCR with region gives quadrilaterals (as 4-point polygons, with
+their bounding boxes); the rest give text. A task the model was never trained on still runs and
+answers what it says, with `trained=False` on the prediction. Everything model-side is
+`loomlens.infer`'s; this module adds tasks, thresholds and rules.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from PIL import Image
 
 from loomlens.data.florence_text import parse_polygons
 from loomlens.data.records import Box
-from loomlens.evaluate.detection import batched, detect_with_details
-from loomlens.evaluate.generation import generate
-from loomlens.evaluate.runs import load_for_inference
+from loomlens.data.tasks import TASKS, Task, get_task, prompt
+from loomlens.infer.detection import batched, detect_with_details
+from loomlens.infer.generation import generate
+from loomlens.infer.loading import load_for_inference
+from loomlens.infer.tiling import should_tile, tiled_detect
 from loomlens.model.runtime import keep_freed_memory
-from loomlens.predict.regions import RULES_FILE, RegionRules, load_rules
-from loomlens.predict.tasks import TASKS, Task, get_task, prompt
-from loomlens.predict.tiling import should_tile, tiled_detect
+from loomlens.predict.regions import RegionRules, load_rules
 
 _LOC = re.compile(r"<loc_\d+>")
 
@@ -60,8 +62,8 @@ class Predictor:
 
     `model`: base model name or folder (None: the adapter's base, else "tiny"). `adapter`: a
     run folder, a checkpoint inside one or an adapter folder; `checkpoint`: best | last.
-    `batch_size`: images per generation call (16 answers ~15 % faster per image than 8 on 2
-    CPU cores, the per-step cost of decoding shared by more images; serve batches its own).
+    `batch_size`: images per generation call (a larger batch shares the per-step cost of
+    decoding among more images, see docs/benchmarks.md; serve batches its own).
     `regions`: a rules YAML or `RegionRules` (default: the run's `regions.yaml` if any).
     `tile_size`: tile edge in pixels (default: the tile size the run's data was cut to by
     `convert --tile`, else the model's input size); `overlap`: shared
@@ -69,12 +71,14 @@ class Predictor:
     classes). `text_tokens`: answer budget of the tasks no box count bounds (captions, OCR;
     twice that for polygons), capped by the decoder's length. `precision`: the weights' dtype,
     fp32 or bf16; `auto` is bf16 where the device computes it natively (a recent GPU, a CPU
-    with AMX or AVX512-BF16), else fp32 (`loomlens.model.inference`). The adapter is merged
-    into the weights once, here.
+    with AMX or AVX512-BF16), else fp32 (`loomlens.infer.loading`). The adapter is merged
+    into the weights once, here. Raises FileNotFoundError for an adapter folder with no adapter
+    and ValueError for a bad precision or a base the adapter does not fit.
     """
 
     def __init__(
         self,
+        *,
         model: str | None = None,
         adapter: str | Path | None = None,
         device: str = "cpu",
@@ -90,7 +94,9 @@ class Predictor:
     ):
         if str(device).startswith("cpu"):
             keep_freed_memory()  # fewer page faults per image on a CPU (model/runtime.py)
-        self.loaded = load_for_inference(model, adapter, checkpoint, device, precision)
+        self.loaded = load_for_inference(
+            model=model, adapter=adapter, checkpoint=checkpoint, device=device, precision=precision
+        )
         self.precision = self.loaded.precision
         self.device = device
         self.max_boxes = max_boxes
@@ -100,9 +106,8 @@ class Predictor:
         self.text_tokens = text_tokens
         # A run trained on tiles predicts best on tiles of the same size.
         self.tile_size = tile_size or self.loaded.tile_size or int(self.loaded.processor.image_processor.size["height"])
-        run_rules = self.loaded.run / RULES_FILE if self.loaded.run else None
-        if regions is None and run_rules is not None and run_rules.exists():
-            regions = run_rules
+        if regions is None:
+            regions = self.loaded.rules
         self.rules = load_rules(regions) if isinstance(regions, (str, Path)) else regions
 
     def info(self) -> dict:
@@ -161,8 +166,9 @@ class Predictor:
 
     def _detect(self, spec: Task, images: list[Image.Image], text: str | None):
         return detect_with_details(
-            self.loaded.model, self.loaded.processor, images, spec.token, text and text.strip(),
-            self.max_boxes, self.batch_size, self.constrained and spec.name == "od", self.loaded.classes,
+            self.loaded.model, self.loaded.processor, images, task=spec.token, text=text and text.strip(),
+            max_boxes=self.max_boxes, batch_size=self.batch_size,
+            constrained=self.constrained and spec.name == "od", classes=self.loaded.classes,
         )
 
     def _boxes(self, spec: Task, images: list[Image.Image], text, tile: str, threshold: float) -> list[Prediction]:

@@ -25,9 +25,7 @@ from matplotlib.path import Path as PolygonPath
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loomlens.data.records import Box
-
-#: Where a run keeps its rules.
-RULES_FILE = "regions.yaml"
+from loomlens.run import RULES_FILE
 
 Point = tuple[float, float]
 

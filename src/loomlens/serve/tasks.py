@@ -1,7 +1,8 @@
 """The Florence-2 tasks the server offers, what each needs from the user, and request options.
 
-Names match `loomlens.predict` (the Prediction contract in docs/architecture.md). Validation
-lives here so the API and the page reject the same things with the same words.
+The task list is a view of the one registry (`loomlens.data.tasks`); only the title and the
+input hint are presentation, kept here. Validation lives here so the API and the page reject
+the same things with the same words.
 """
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from loomlens.predict.tasks import TASKS as PREDICT_TASKS
-from loomlens.predict.tasks import parse_region
+from loomlens.data.tasks import TASKS as OFFERED
+from loomlens.data.tasks import parse_region
 from loomlens.serve.errors import InputError
 
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """How the page and the API present one of `loomlens.predict`'s tasks."""
+    """How the page and the API present one of the registry's offered tasks."""
 
     name: str
     title: str
@@ -28,7 +29,7 @@ class TaskInfo:
 
 
 _REGION_HINT = "a region: <loc_x1><loc_y1><loc_x2><loc_y2> (0..999) or x1,y1,x2,y2 in pixels"
-_PRESENTATION = {  # title and input hint; the task list itself is predict's
+_PRESENTATION = {  # title and input hint, by registry name; the task list itself is the registry's
     "od": ("Object detection", ""),
     "caption": ("Caption", ""),
     "detailed_caption": ("Detailed caption", ""),
@@ -49,7 +50,7 @@ TASKS: dict[str, TaskInfo] = {
         "boxes" if task.answer == "quads" else task.answer,
         _PRESENTATION.get(name, (name, ""))[1],
     )
-    for name, task in PREDICT_TASKS.items()
+    for name, task in OFFERED.items()
 }
 
 TILE_MODES = ("auto", "on", "off")

@@ -30,7 +30,7 @@ def run_demo(
     from loomlens.data.convert import convert
     from loomlens.data.synth import synthesize
     from loomlens.evaluate import evaluate_jsonl, write_report
-    from loomlens.evaluate.runs import load_for_inference
+    from loomlens.infer.loading import load_for_inference
     from loomlens.train.recipe import train
 
     demo = DemoConfig.model_validate(yaml.safe_load(resolve_config_path(config).read_text()) or {})
@@ -62,7 +62,7 @@ def run_demo(
     # unless the recipe itself is told fp32.
     precision = "fp32" if cfg.precision == "fp32" else "auto"
     log("3/5 evaluating the untrained model on the val split")
-    untrained = load_for_inference(cfg.model, precision=precision)
+    untrained = load_for_inference(model=cfg.model, precision=precision)
     before = evaluate_jsonl(untrained.model, untrained.processor, val, max_images=demo.eval_images,
                             batch_size=cfg.eval_batch_size)
     lap("evaluate_before")
@@ -75,7 +75,7 @@ def run_demo(
 
     log("5/5 evaluating the best checkpoint")
     checkpoint = "best" if (run_dir / "checkpoints" / "best").exists() else "last"
-    trained = load_for_inference(cfg.model, run_dir, checkpoint, precision=precision)
+    trained = load_for_inference(model=cfg.model, adapter=run_dir, checkpoint=checkpoint, precision=precision)
     after = write_report(
         trained.model, trained.processor, val, out / "report", max_images=demo.eval_images,
         batch_size=cfg.eval_batch_size,

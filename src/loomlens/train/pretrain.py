@@ -296,8 +296,8 @@ def resolve_device(name: str) -> torch.device:
 def looking_check(model, processor, cfg: PretrainConfig, size: int, loc_start: int) -> dict:
     """Is it looking? Loc NLL with right vs shuffled images, and free-running <OD> mAP50
     (boxes scored from the generation's log-probabilities, as `loomlens eval` does)."""
-    from loomlens.evaluate import detect
     from loomlens.evaluate.metrics import coco_metrics
+    from loomlens.infer import detect
 
     model.eval()
     batcher = Batcher(processor)

@@ -33,11 +33,11 @@ import torch
 
 from loomlens.config import TrainConfig, dump_config
 from loomlens.data.dataset import Collator, FlorenceDataset, plan_batches
-from loomlens.evaluate.runs import DATA_SUMMARY
 from loomlens.model.folded_lora import fold_lora
 from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, trainable_by_tower
 from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory
 from loomlens.model.vision import split_image_path, stage_count, stage_of
+from loomlens.run import DATA_SUMMARY
 from loomlens.train.checkpoint import (
     STATE_FILE,
     TrainerState,

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from loomlens.data.records import Box
-from loomlens.predict.tiling import merge_boxes, should_tile, tile_windows, tiled_detect
+from loomlens.infer.tiling import merge_boxes, should_tile, tile_windows, tiled_detect
 
 
 @pytest.mark.parametrize("size", [(2560, 1440), (700, 300), (256, 256), (100, 50)])

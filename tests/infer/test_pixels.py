@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from loomlens.model import load_model
-from loomlens.model.inputs import fast_pixels_apply, model_inputs
+from loomlens.infer.pixels import fast_pixels_apply, model_inputs
 
 
 @pytest.fixture(scope="module")

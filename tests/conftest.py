@@ -1,4 +1,4 @@
-"""The tiny model, loaded once for the evaluation tests (placeholder weights: contracts only)."""
+"""Fixtures shared by the test folders: the tiny model, loaded once (placeholder weights: contracts only)."""
 
 import pytest
 

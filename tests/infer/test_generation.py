@@ -8,11 +8,11 @@ from PIL import Image
 from transformers import LogitsProcessorList
 
 from loomlens.data.florence_text import parse_text
-from loomlens.evaluate import detect
-from loomlens.evaluate.constrain import BoxGrammar
-from loomlens.evaluate.detection import detect_with_details
-from loomlens.evaluate.generation import box_token_budget, generate, label_token_count
-from loomlens.evaluate.parsing import token_pieces
+from loomlens.infer import detect
+from loomlens.infer.grammar import BoxGrammar
+from loomlens.infer.detection import detect_with_details
+from loomlens.infer.generation import box_token_budget, generate, label_token_count
+from loomlens.infer.parsing import token_pieces
 
 CLASSES = ["drop", "wrinkle", "broken-weft"]
 

@@ -6,17 +6,17 @@ import torch
 from PIL import Image
 
 from loomlens.model import load_model
-from loomlens.model import inference
-from loomlens.model.inference import ready_for_inference, resolve_precision
+from loomlens.infer import loading
+from loomlens.infer.loading import ready_for_inference, resolve_precision
 from loomlens.model.lora import LoraSettings, apply_lora
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):
     assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
     for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(inference, "cpu_has_bf16", lambda native=native: native)
+        monkeypatch.setattr(loading, "cpu_has_bf16", lambda native=native: native)
         assert resolve_precision("auto", "cpu") == expected
-    monkeypatch.setattr(inference, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(loading, "cpu_has_bf16", lambda: True)
     assert resolve_precision("auto", "mps") == "fp32"  # only CPUs and CUDA are probed
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision("int4")

@@ -1,4 +1,8 @@
-"""Constrained decoding for `<OD>`: the model may only write well-formed boxes of known classes.
+"""The class grammar: constrained decoding for `<OD>`, so the model may only write well-formed
+boxes of known classes.
+
+In: a tokenizer, the class names, a box cap and a token budget. Out: a `LogitsProcessor` for
+`model.generate`.
 
 Grammar, per row: `<s>`, then boxes, each a class name (spelt as the tokenizer spells it) and
 four `<loc_N>` with x2 >= x1 and y2 >= y1, then `</s>`. `</s>` is allowed only between boxes,
@@ -119,9 +123,9 @@ class BoxGrammar(LogitsProcessor):
         return self._ids(self._choice(prefix))
 
     def _forbidden(self, choice: tuple, vocab: int, device) -> torch.Tensor:
-        """A `(vocab,)` mask, True where `choice` forbids the token, built once per choice:
-        rebuilt per row and step (a 1000-entry index each), the grammar took 1.05 ms an image
-        at batch 16 on 2 cores, 0.52 ms with the masks cached (2026-12-02)."""
+        """A `(vocab,)` mask, True where `choice` forbids the token, built once per choice and
+        cached: rebuilding it per row and step (a 1000-entry index each) costs about twice as
+        much grammar time (docs/benchmarks.md)."""
         key = (choice, vocab, device)
         if key not in self._masks:
             mask = torch.ones(vocab, dtype=torch.bool, device=device)

@@ -1,5 +1,10 @@
-"""The Florence-2 tasks by loomlens name: their task token, what input they take, what they
-answer, and the prompt they make."""
+"""The one task registry: every Florence-2 task by loomlens name, with its task token, what its
+prompt takes, what it answers and what `convert` can make of it.
+
+In: a task name (`od`) or token (`<OD>`). Out: a frozen `Task`, and `prompt` builds the text the
+model reads. Everything else that speaks of tasks (convert, the dataset's task order, the
+Predictor, serve, the run's trained tasks) is a view of `REGISTRY`. Torch-free, like all of data.
+"""
 
 from __future__ import annotations
 
@@ -9,34 +14,56 @@ from typing import Literal
 
 from loomlens.data.florence_text import quantize
 
+Needs = Literal["text", "region"]
+Answer = Literal["boxes", "polygons", "quads", "text"]
+#: What `convert` writes for a task: `boxes` (one sample, all boxes; a negative answers empty),
+#: `boxes_if_any` (one sample when there are boxes), `per_class` (one sample per class present,
+#: the class in the prompt) or `caption` (a template caption).
+Samples = Literal["boxes", "boxes_if_any", "per_class", "caption"]
+
 
 @dataclass(frozen=True)
 class Task:
-    """`needs`: None, "text" (a phrase) or "region" (a box); `answer`: "boxes" (label + 4
-    locs), "polygons" (label + pairs of locs), "quads" (text + 8 locs, OCR) or "text"."""
+    """One Florence-2 task. `needs`: None, "text" (a phrase) or "region" (a box) after the
+    token; `answer`: "boxes" (label + 4 locs), "polygons" (label + pairs of locs), "quads"
+    (text + 8 locs, OCR) or "text"; `samples`: what `convert` makes of an annotated image
+    (None: nothing); `offered`: whether loomlens predicts and serves it."""
 
     name: str
     token: str
-    needs: Literal["text", "region"] | None
-    answer: Literal["boxes", "polygons", "quads", "text"]
+    needs: Needs | None
+    answer: Answer
+    samples: Samples | None = None
+    offered: bool = True
 
 
-TASKS: dict[str, Task] = {
+#: Every task Florence-2 was trained on, the offered ones in the order the API lists them.
+REGISTRY: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("od", "<OD>", None, "boxes"),
-        Task("caption", "<CAPTION>", None, "text"),
+        Task("od", "<OD>", None, "boxes", samples="boxes"),
+        Task("caption", "<CAPTION>", None, "text", samples="caption"),
         Task("detailed_caption", "<DETAILED_CAPTION>", None, "text"),
         Task("more_detailed_caption", "<MORE_DETAILED_CAPTION>", None, "text"),
-        Task("dense_region_caption", "<DENSE_REGION_CAPTION>", None, "boxes"),
-        Task("phrase_grounding", "<CAPTION_TO_PHRASE_GROUNDING>", "text", "boxes"),
+        Task("dense_region_caption", "<DENSE_REGION_CAPTION>", None, "boxes", samples="boxes_if_any"),
+        Task("phrase_grounding", "<CAPTION_TO_PHRASE_GROUNDING>", "text", "boxes", samples="per_class"),
         Task("referring_expression_segmentation", "<REFERRING_EXPRESSION_SEGMENTATION>", "text", "polygons"),
         Task("region_to_segmentation", "<REGION_TO_SEGMENTATION>", "region", "polygons"),
         Task("region_to_category", "<REGION_TO_CATEGORY>", "region", "text"),
         Task("ocr", "<OCR>", None, "text"),
         Task("ocr_with_region", "<OCR_WITH_REGION>", None, "quads"),
+        Task("region_to_description", "<REGION_TO_DESCRIPTION>", "region", "text", offered=False),
+        Task("open_vocabulary_detection", "<OPEN_VOCABULARY_DETECTION>", "text", "boxes", offered=False),
+        Task("region_proposal", "<REGION_PROPOSAL>", None, "boxes", offered=False),
     )
 }
+#: The tasks loomlens predicts and serves (the Prediction contract's task names).
+TASKS: dict[str, Task] = {name: t for name, t in REGISTRY.items() if t.offered}
+#: Every Florence-2 task token.
+TASK_TOKENS: tuple[str, ...] = tuple(t.token for t in REGISTRY.values())
+#: The tasks `convert` can make, in the `grouped` training order (the seed's best): OD, dense
+#: region captions, grounding, captions.
+CONVERTIBLE: tuple[str, ...] = ("od", "dense_region_caption", "phrase_grounding", "caption")
 
 _LOCS = re.compile(r"^\s*(?:<loc_\d{1,3}>\s*){4}$")
 _NUMBER = r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*"
@@ -44,7 +71,8 @@ _PIXELS = re.compile(rf"^\s*\(?{_NUMBER}[, ]{_NUMBER}[, ]{_NUMBER}[, ]{_NUMBER}\
 
 
 def get_task(name: str) -> Task:
-    """The task called `name` (`od`) or with token `name` (`<OD>`); ValueError otherwise."""
+    """The offered task called `name` (`od`) or with token `name` (`<OD>`); ValueError
+    otherwise, listing the names."""
     for task in TASKS.values():
         if name in (task.name, task.token):
             return task

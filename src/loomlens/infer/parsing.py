@@ -1,5 +1,8 @@
 """Parse a generation into boxes *and* the tokens each box came from.
 
+In: a generation's token pieces and the image size. Out: `TokenBox`es (a box in pixels and the
+indices of its label and loc tokens), so `infer/scoring.py` can score each box.
+
 The text grammar is `loomlens.data.florence_text.parse_text`'s alone; this module only finds,
 for each box that parser returns, its four `<loc_N>` tokens and its label tokens, so a score
 can be read off the token log-probs. The alignment asks the parser itself: a box is complete

@@ -1,14 +1,11 @@
-"""Attention kernels chosen per call shape, for inference.
+"""Attention kernels chosen per call shape, for inference on a CPU.
 
-Florence-2 runs three kinds of attention, and no one kernel is fastest for all of them on a
-CPU. Timed call by call on the tiny model at batch 16 (2 cores with AMX, 2026-12-02), SDPA
-against the plain matmul-softmax-matmul ("math"):
-
-- DaViT window attention (64-token windows, head dim 16-32) and BART's attention (head dim
-  48-64): SDPA, 1.3 against 2.3 ms an image for the windows in bf16;
-- DaViT channel attention, whose "head dim" is the number of image tokens (256 to 4096 here,
-  up to 36,864 on Florence-2 at 768 px) over a 16x16 score matrix: math, 0.50 against 2.16 ms
-  an image in bf16 (1.29 against 1.58 in fp32); SDPA's CPU kernel tiles along that long axis.
+In: a Florence-2 model. Out: the same model with every attention layer routed through
+`shape_aware`. Florence-2 runs three kinds of attention and no one CPU kernel is fastest for all:
+DaViT window attention (64-token windows, narrow heads) and BART's attention run fastest on SDPA;
+DaViT channel attention, whose "head dim" is the number of image tokens over a small score
+matrix, runs fastest on the plain matmul-softmax-matmul ("math") path, since SDPA's CPU kernel
+tiles along that long axis (timings in docs/benchmarks.md).
 
 `shape_aware` sends heads wider than `WIDE_HEAD` to the math path and the rest to SDPA; it is
 registered with transformers' `AttentionInterface`, so the native Florence-2 classes call it.

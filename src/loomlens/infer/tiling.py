@@ -1,5 +1,7 @@
 """Tiled detection for frames much larger than the model's input.
 
+In: a detect function (crops -> boxes), a frame, a tile size. Out: the frame's boxes, merged.
+
 Florence-2 squeezes any frame to its input size (768 px; 256 for the tiny model): a 40 px
 defect in a 2560x1440 frame becomes ~12 px (4 px for tiny) and is lost. Tiling cuts the frame
 into overlapping windows of `tile` px, detects in all of them (and the whole frame, for

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from loomlens.model import load_model
-from loomlens.model import attention
-from loomlens.model.attention import NAME, WIDE_HEAD, shape_aware
-from loomlens.model.inference import ready_for_inference
+from loomlens.infer import attention
+from loomlens.infer.attention import NAME, WIDE_HEAD, shape_aware
+from loomlens.infer.loading import ready_for_inference
 
 _real_math = attention._math_attention
 

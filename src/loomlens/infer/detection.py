@@ -1,4 +1,8 @@
-"""Scored detection: images in, boxes in pixels with confidence scores out, in batches."""
+"""Scored detection: images in, boxes in pixels with confidence scores out, in batches.
+
+The one path from pixels to scored boxes: prompt -> `generate` (optionally through the class
+grammar) -> `scored_boxes`. `loomlens.evaluate` and `loomlens.predict` both call it.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,15 @@ from PIL import Image
 from transformers import LogitsProcessorList
 
 from loomlens.data.records import Box
-from loomlens.evaluate.constrain import BoxGrammar
-from loomlens.evaluate.generation import (
+from loomlens.infer.generation import (
     DEFAULT_LABEL_TOKENS,
     Generation,
     box_token_budget,
     generate,
     label_token_count,
 )
-from loomlens.evaluate.scoring import ScoreMethod, scored_boxes
+from loomlens.infer.grammar import BoxGrammar
+from loomlens.infer.scoring import ScoreMethod, scored_boxes
 
 T = TypeVar("T")
 
@@ -49,6 +53,7 @@ def detect_with_details(
     model,
     processor,
     images: Sequence[Image.Image],
+    *,
     task: str = "<OD>",
     text: str | None = None,
     max_boxes: int = 20,
@@ -87,20 +92,7 @@ def detect_with_details(
     return results
 
 
-def detect(
-    model,
-    processor,
-    images: Sequence[Image.Image],
-    task: str = "<OD>",
-    text: str | None = None,
-    max_boxes: int = 20,
-    batch_size: int = 8,
-    constrained: bool = False,
-    classes: Sequence[str] = (),
-) -> list[list[Box]]:
-    """Boxes in pixels, each with a `score` in [0, 1], for each of `images` (see
-    `detect_with_details` for the arguments)."""
-    found = detect_with_details(
-        model, processor, images, task, text, max_boxes, batch_size, constrained, classes
-    )
-    return [d.boxes for d in found]
+def detect(model, processor, images: Sequence[Image.Image], **options) -> list[list[Box]]:
+    """Boxes in pixels, each with a `score` in [0, 1], for each of `images`: `detect_with_details`
+    without the details; `options` are its keyword arguments (task, text, max_boxes, ...)."""
+    return [d.boxes for d in detect_with_details(model, processor, images, **options)]

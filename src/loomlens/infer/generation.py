@@ -1,9 +1,12 @@
 """Batched Florence-2 generation that keeps what a score needs: token ids and their log-probs.
 
+In: a model, its processor, images and task prompts. Out: one `Generation` (text, token ids,
+log-probs) per image; `infer/scoring.py` turns those into box scores.
+
 `model.generate` runs the search; the log-probability of each chosen token is read from the
 model's *raw* logits (`output_logits=True`), renormalised over the whole vocabulary. Reading
 the processed scores instead would report the probability under any constraint in force
-(`constrain.py`), which is 1.0 for a forced token and says nothing about the model's belief.
+(`infer/grammar.py`), which is 1.0 for a forced token and says nothing about the model's belief.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from loomlens.model.inputs import model_inputs
+from loomlens.infer.pixels import model_inputs
 
 #: Tokens a box label is assumed to take when the class names are unknown.
 DEFAULT_LABEL_TOKENS = 4
@@ -74,7 +77,7 @@ def generate(
     the processor turns them into its natural-language questions. Greedy by default,
     beam search with `num_beams > 1` (the best beam is returned). `logits_processor` is an
     optional `transformers.LogitsProcessorList` (e.g. the `<OD>` grammar). `fast_pixels`:
-    pixels through `loomlens.model.inputs` (False: the processor's own image path, as the
+    pixels through `loomlens.infer.pixels` (False: the processor's own image path, as the
     seed's code ran it). Returns one `Generation` per input, in order.
     """
     if len(images) != len(prompts):

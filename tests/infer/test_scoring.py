@@ -7,9 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loomlens.data.florence_text import parse_text
-from loomlens.evaluate.generation import Generation
-from loomlens.evaluate.parsing import align_boxes, token_pieces
-from loomlens.evaluate.scoring import box_score, scored_boxes
+from loomlens.infer.generation import Generation
+from loomlens.infer.parsing import align_boxes, token_pieces
+from loomlens.infer.scoring import box_score, scored_boxes
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """A confidence score for each generated box, from the log-probs of its own tokens.
 
+In: a `Generation` and the image size. Out: its boxes in pixels, each with a score in [0, 1].
+
 Florence-2 writes boxes as text and gives no score; the seed therefore computed mAP with every
 score = 1, which lets the ranking of detections (the whole point of AP) fall to file order.
 The generation's token log-probs carry the model's belief, and each box owns a span of tokens
@@ -24,8 +26,8 @@ from dataclasses import replace
 from typing import Literal
 
 from loomlens.data.records import Box
-from loomlens.evaluate.generation import Generation
-from loomlens.evaluate.parsing import align_boxes, token_pieces
+from loomlens.infer.generation import Generation
+from loomlens.infer.parsing import align_boxes, token_pieces
 
 ScoreMethod = Literal["product", "mean"]
 SCORE_METHODS: tuple[str, ...] = ("product", "mean")

@@ -1,13 +1,14 @@
-"""Model inputs for a batch of images and prompts: the processor's text, and its pixels made
-faster where its image path is plain resize -> rescale -> normalize.
+"""Images to model inputs for a batch of images and prompts: the processor's text, and its
+pixels made faster where its image path is plain resize -> rescale -> normalize.
 
+In: a processor, PIL images, prompts. Out: `input_ids`, `attention_mask`, `pixel_values`.
 Florence-2's image processor (CLIP's, PIL backend) converts every image to float numpy arrays
-and rescales, normalises and transposes each one in turn: 3.5 ms an image at 256 px on 2
-cores (2026-12-02), a sixth of a whole `<OD>` answer in bf16. `model_inputs` resizes each
-image with PIL exactly as the processor would (same size, same filter), lets the processor
-build the prompts and turn the uint8 pixels into a tensor (no float work), and rescales and
-normalises the whole batch at once in torch: 2.0 ms an image, the same uint8 pixels, values
-within 1e-6. transformers' own faster processor needs torchvision, which loomlens avoids.
+and rescales, normalises and transposes each one in turn, a noticeable share of a whole `<OD>`
+answer. `model_inputs` resizes each image with PIL exactly as the processor would (same size,
+same filter), lets the processor build the prompts and turn the uint8 pixels into a tensor (no
+float work), and rescales and normalises the whole batch at once in torch: the same uint8
+pixels, values within 1e-6 (timings in docs/benchmarks.md). transformers' own faster processor
+needs torchvision, which loomlens avoids.
 """
 
 from __future__ import annotations

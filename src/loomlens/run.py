@@ -1,0 +1,107 @@
+"""The one reader of a training run folder: what it was trained on and where its adapters are.
+
+A run folder (docs/architecture.md) holds `config.yaml` (its `model` is the base it was trained
+on, its `tasks` what it was trained for), `classes.txt`, `data_summary.json` (the training
+data's `summary.json`, with the tile size it was cut to), optionally `regions.yaml` (region
+rules) and `checkpoints/best|last/` (each a peft adapter folder). `Run(path)` accepts the run
+folder, a checkpoint folder inside it, or a bare adapter folder that belongs to no run; train,
+eval, predict, serve and merge all read a run through it. Imports only `data`, yaml and the
+stdlib, so every floor above `data` may use it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from loomlens.data.yolo import CLASSES_FILE, read_class_names
+
+__all__ = ["ADAPTER_CONFIG", "CONFIG", "DATA_SUMMARY", "RULES_FILE", "Run"]
+
+#: The resolved training config a run keeps.
+CONFIG = "config.yaml"
+#: The training data's summary.json, as a run keeps it.
+DATA_SUMMARY = "data_summary.json"
+#: Where a run keeps its region rules (`loomlens.predict.regions`).
+RULES_FILE = "regions.yaml"
+#: The file that makes a folder a peft adapter.
+ADAPTER_CONFIG = "adapter_config.json"
+#: How far above the given path a run folder is looked for (a checkpoint is two below its run).
+_LEVELS_UP = 3
+
+
+class Run:
+    """What a run folder holds, read on demand. `path`: the folder given; `folder`: the run
+    folder it belongs to (the nearest of `path` and its parents up to `_LEVELS_UP` levels that
+    holds `config.yaml`), or None for a bare adapter; `config`: that config as a dict ({}
+    without a run)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.folder = next(
+            (p for p in (self.path, *self.path.parents[:_LEVELS_UP]) if (p / CONFIG).exists()), None
+        )
+        self.config: dict = (yaml.safe_load((self.folder / CONFIG).read_text()) or {}) if self.folder else {}
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @property
+    def base(self) -> str | None:
+        """The base model the run was trained on (config `model`), None without a run."""
+        model = self.config.get("model")
+        return None if model is None else str(model)
+
+    @property
+    def classes(self) -> list[str]:
+        """The run's class names (`classes.txt`), empty when it has none or there is no run."""
+        return read_class_names(self.folder / CLASSES_FILE) if self.folder else []
+
+    @property
+    def tasks(self) -> frozenset[str]:
+        """The tasks the run trained: its config's `tasks`, or (empty = all in the data) those
+        found in its training JSONL (config `data`, relative to the working directory); `od`
+        when neither says, and for a bare adapter."""
+        if self.config.get("tasks"):
+            return frozenset(self.config["tasks"])
+        data = Path(self.config.get("data") or "")
+        train = (data if data.is_absolute() else Path.cwd() / data) / "train.jsonl"
+        if self.folder is not None and train.exists():
+            with open(train, encoding="utf-8") as f:
+                return frozenset(json.loads(line).get("task", "od") for line in f if line.strip())
+        return frozenset({"od"})
+
+    @property
+    def tile(self) -> int | None:
+        """The tile edge the run's training data was cut to (`convert --tile`), if any."""
+        summary = self.folder / DATA_SUMMARY if self.folder else None
+        return json.loads(summary.read_text()).get("tile") if summary and summary.exists() else None
+
+    @property
+    def rules(self) -> Path | None:
+        """The run's region rules file (`regions.yaml`), None when it has none."""
+        rules = self.folder / RULES_FILE if self.folder else None
+        return rules if rules and rules.exists() else None
+
+    def adapter(self, checkpoint: str = "best") -> Path:
+        """The adapter folder meant: `path` itself if it holds `adapter_config.json`, else
+        `path/checkpoints/<checkpoint>` (checkpoint `best` or `last`). Raises
+        FileNotFoundError saying what to do."""
+        for candidate in (self.path, self.path / "checkpoints" / checkpoint):
+            if (candidate / ADAPTER_CONFIG).exists():
+                return candidate
+        hint = "train one with `loomlens train`"
+        if checkpoint == "best" and (self.path / "checkpoints" / "last" / ADAPTER_CONFIG).exists():
+            hint = "no evaluation ran, so there is no best/: use --checkpoint last"
+        raise FileNotFoundError(
+            f"no adapter at {self.path}: expected {ADAPTER_CONFIG} there or in checkpoints/{checkpoint}/ ({hint})"
+        )
+
+    def recorded_base(self, checkpoint: str = "best") -> str:
+        """The base the adapter was trained on: the run's `base` when there is a run (`tiny`
+        stays portable), else the path peft recorded in the adapter's config."""
+        if self.base is not None:
+            return self.base
+        return json.loads((self.adapter(checkpoint) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]

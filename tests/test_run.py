@@ -1,0 +1,59 @@
+"""`Run`, the one reader of a run folder: every way of naming a run, what it says, clear errors."""
+
+import json
+
+import pytest
+import yaml
+
+from loomlens.run import DATA_SUMMARY, RULES_FILE, Run
+
+
+def adapter(folder, base="/somewhere/base"):
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+    return folder
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A run folder as `loomlens train` writes it (no evaluation ran: no best/)."""
+    folder = tmp_path / "run"
+    adapter(folder / "checkpoints" / "last")
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model": "tiny", "tasks": ["od", "caption"], "data": "d"}))
+    (folder / "classes.txt").write_text("drop\n\nwrinkle\n")
+    return folder
+
+
+def test_a_run_folder_a_checkpoint_in_it_and_an_adapter_alone(run, tmp_path):
+    for given in (run, run / "checkpoints" / "last"):
+        r = Run(given)
+        assert r.folder == run and r.adapter("last") == run / "checkpoints" / "last"
+        assert r.base == "tiny" and r.recorded_base("last") == "tiny"
+        assert r.classes == ["drop", "wrinkle"] and r.tasks == {"od", "caption"}
+    bare = Run(adapter(tmp_path / "loose"))
+    assert bare.folder is None and bare.config == {} and bare.base is None
+    assert bare.adapter() == bare.adapter("last") == tmp_path / "loose"
+    assert bare.recorded_base() == "/somewhere/base"  # peft's record, when there is no run
+    assert bare.classes == [] and bare.tasks == {"od"} and bare.tile is None and bare.rules is None
+
+
+def test_missing_adapters_say_what_to_do(run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="use --checkpoint last"):
+        Run(run).adapter("best")
+    with pytest.raises(FileNotFoundError, match="loomlens train"):
+        Run(tmp_path / "empty").adapter()
+
+
+def test_tile_rules_and_tasks_from_the_training_data(run, tmp_path, monkeypatch):
+    assert Run(run).tile is None and Run(run).rules is None
+    (run / DATA_SUMMARY).write_text('{"tile": 512, "tile_overlap": 0.25}')
+    (run / RULES_FILE).write_text("min_score: 0.5\n")
+    assert Run(run).tile == 512 and Run(run).rules == run / RULES_FILE
+    # No `tasks` in the config: the tasks of its training JSONL (relative to the working dir).
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "tiny", "data": "d"}))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text('{"task": "od"}\n{"task": "phrase_grounding"}\n\n')
+    monkeypatch.chdir(tmp_path)
+    assert Run(run).tasks == {"od", "phrase_grounding"}
+    monkeypatch.chdir(run)
+    assert Run(run).tasks == {"od"}  # no data found: od
