@@ -24,6 +24,7 @@ def test_evaluate_jsonl_for_training(tiny, split):
     m = evaluate_jsonl(model, processor, split, max_images=2, batch_size=2)
     assert m["images"] == 2 and 0.0 <= m["map50"] <= 1.0
     assert set(m["per_class"]) >= {"broken-weft", "drop", "wrinkle"}  # from classes.txt
+    assert {"best_f1", "empty_on_defects", "image_level"} <= set(m)  # what training selects and guards by
 
 
 def test_write_report_files_and_keys(tiny, split, tmp_path):
@@ -34,6 +35,11 @@ def test_write_report_files_and_keys(tiny, split, tmp_path):
     for key in ("map50", "map50_95", "map75", "per_class", "images", "negative_images", "best_threshold"):
         assert key in saved and key in m
     assert all("ap50" in c for c in saved["per_class"].values())
+    ok_ng = saved["image_level"]
+    assert set(ok_ng) >= {"auroc", "recall_at_fpr", "threshold_at_fpr", "per_class"}
+    assert set(ok_ng["recall_at_fpr"]) == {"0.01", "0.001"}
+    assert 0.0 <= saved["empty_on_defects"] <= 1.0
+    assert "## Inspection (OK/NG per frame)" in (tmp_path / "report.md").read_text()
     for png in ("pr_curves.png", "confusion_matrix.png", "reliability.png"):
         assert (tmp_path / png).stat().st_size > 1000
         assert f"({png})" in (tmp_path / "report.md").read_text()

@@ -20,6 +20,7 @@ from loomlens.data.florence_text import parse_text
 from loomlens.data.records import Box
 from loomlens.data.yolo import CLASSES_FILE, read_class_names
 from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, match_image
+from loomlens.evaluate.inspection import frame_score, image_level, image_level_by_class, summary_line
 from loomlens.evaluate.metrics import evaluate_coco
 from loomlens.evaluate.plots import plot_confusion, plot_gallery, plot_pr_curves, plot_reliability
 from loomlens.infer.detection import batched, detect_with_details
@@ -79,14 +80,30 @@ def run_split(
     return EvalRun(list(images), predicted, dropped, elapsed / max(1, len(images)))
 
 
-def evaluate_jsonl(model, processor, jsonl: Path, max_images: int | None = None, batch_size: int = 8) -> dict:
-    """COCO metrics (see `coco_metrics`) of `model` on the `<OD>` samples of a converted
-    split, plus `dropped_parts` and `seconds_per_image`. Classes come from the split's
-    `classes.txt` when present. Cheap enough for training's validation with `max_images`."""
+def split_metrics(run: EvalRun, classes: Sequence[str]):
+    """What one pass over a split tells: the COCO evaluation (metrics and PR curves) and, in its
+    metrics, `best_threshold`/`best_f1` (the F1-best cut), `empty_on_defects` (share of frames
+    holding a defect that got no box at all: the sign of a collapse to "no defect") and
+    `image_level` (OK/NG AUROC and recall at false-alarm rates, overall and `per_class`)."""
+    truth = [e.truth for e in run.images]
+    coco = evaluate_coco(truth, run.predicted, classes)
+    threshold, f1 = best_threshold(truth, run.predicted)
+    defective = [i for i, t in enumerate(truth) if t]
+    empty = sum(not run.predicted[i] for i in defective) / len(defective) if defective else None
+    ok_ng = image_level(scores=[frame_score(p) for p in run.predicted], defective=[bool(t) for t in truth])
+    ok_ng["per_class"] = image_level_by_class(truth=truth, predicted=run.predicted)
+    coco.metrics.update(best_threshold=threshold, best_f1=f1, empty_on_defects=empty, image_level=ok_ng,
+                        dropped_parts=run.dropped, seconds_per_image=run.seconds_per_image)
+    return coco
+
+
+def evaluate_jsonl(model, processor, jsonl: Path, *, max_images: int | None = None, batch_size: int = 8) -> dict:
+    """The metrics of `split_metrics` for `model` on the `<OD>` samples of a converted split.
+    Classes come from the split's `classes.txt` when present. Cheap enough for training's
+    validation with `max_images`."""
     classes = read_class_names(Path(jsonl).parent / CLASSES_FILE)
     run = run_split(model, processor, od_images(jsonl, max_images), classes, batch_size)
-    metrics = evaluate_coco([e.truth for e in run.images], run.predicted, classes).metrics
-    return {**metrics, "dropped_parts": run.dropped, "seconds_per_image": run.seconds_per_image}
+    return split_metrics(run, classes).metrics
 
 
 def _worst(run: EvalRun, threshold: float, count: int) -> list[int]:
@@ -121,7 +138,14 @@ def _markdown(metrics: dict, plots: dict[str, str], title: str) -> str:
         "", f"Best F1 {metrics['best_f1']:.3f} at score >= {metrics['best_threshold']:.3f}; "
         f"{metrics['dropped_parts']} malformed answer parts dropped; "
         f"{metrics['seconds_per_image']:.3f} s per image.", "",
+        "## Inspection (OK/NG per frame)", "",
+        "A frame is flagged when its best box scores at least the threshold; recall is the share of "
+        "frames holding a defect that are flagged when at most the given share of defect-free frames is.", "",
+        f"All classes: {summary_line(metrics['image_level'])}.", "",
     ]
+    for name, m in metrics["image_level"]["per_class"].items():
+        lines.append(f"- {name}: {summary_line(m)}")
+    lines.append("")
     lines += [f"## {name}\n\n![{name}]({file})\n" for name, file in plots.items()]
     lines.append("[metrics.json](metrics.json)")
     return "\n".join(lines) + "\n"
@@ -141,13 +165,9 @@ def write_report(
     classes = list(classes) or read_class_names(Path(jsonl).parent / CLASSES_FILE)
     run = run_split(model, processor, od_images(jsonl, max_images), classes, batch_size, max_boxes, constrained)
     truth = [e.truth for e in run.images]
-    coco = evaluate_coco(truth, run.predicted, classes)
-    threshold, f1 = best_threshold(truth, run.predicted)
-    metrics = {
-        **coco.metrics, "best_threshold": threshold, "best_f1": f1, "dropped_parts": run.dropped,
-        "seconds_per_image": run.seconds_per_image, "constrained": constrained, "max_boxes": max_boxes,
-        "data": str(jsonl), **(extra or {}),
-    }
+    coco = split_metrics(run, classes)
+    threshold = coco.metrics["best_threshold"]
+    metrics = {**coco.metrics, "constrained": constrained, "max_boxes": max_boxes, "data": str(jsonl), **(extra or {})}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     names = list(coco.metrics["per_class"])  # classes, then unseen/unknown labels
