@@ -360,6 +360,7 @@ def train_command(
 
     if num_processes > 1 and not os.environ.get("LOOMLENS_LAUNCHED"):
         _relaunch(num_processes)
+    from loomlens.data.jsonl import SplitError
     from loomlens.model.loader import ModelLoadError
     from loomlens.model.lora import LoraTargetError
     from loomlens.train.recipe import TrainingDiverged, train
@@ -374,7 +375,8 @@ def train_command(
     cfg = _train_config(config, overrides, resume)
     try:
         result = train(cfg, resume=resume is not None)
-    except (FileExistsError, FileNotFoundError, ModelLoadError, LoraTargetError, TrainingDiverged, RuntimeError) as err:
+    except (FileExistsError, FileNotFoundError, ModelLoadError, LoraTargetError, TrainingDiverged, RuntimeError,
+            SplitError) as err:
         raise _fail(str(err)) from None
     if result.last_eval:
         typer.echo("last evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()))

@@ -12,6 +12,7 @@ from PIL import Image
 
 from loomlens.data.convert import ConvertError, convert
 from loomlens.data.dataset import read_jsonl
+from loomlens.data.jsonl import validate_split
 from loomlens.data.records import Box, ImageRecord
 from loomlens.data.voc import write_voc
 
@@ -70,6 +71,7 @@ def test_a_damaged_image_is_reported_and_skipped(tmp_path, name, damage):
         assert report.images == 2
         samples = read_jsonl(out / "train.jsonl")
         assert len(samples) == 2 * (1 + flip) and not [s for s in samples if name in s["image"]]
+        validate_split(out / "train.jsonl")  # whatever convert writes, training can read
 
     with pytest.raises(ConvertError, match="nothing written"):
         convert(src, tmp_path / "strict", flip=True, tile=32, strict=True)
