@@ -70,9 +70,9 @@ def test_help_texts():
 def test_key_value_words_become_options_only_for_the_commands_own_options(tmp_path, monkeypatch):
     assert _expand_key_value_args(["predict", "frame=7.jpg", "tile=off", "tile_size=64"]) == \
         ["predict", "frame=7.jpg", "--tile", "off", "--tile-size", "64"]
-    # train's other settings stay key=value words, which train reads itself.
+    # train takes any config setting: a plain key becomes an option too (a dotted one train reads itself).
     assert _expand_key_value_args(["train", "data=d", "lora.r=4", "warmup=0.1"]) == \
-        ["train", "--data", "d", "lora.r=4", "warmup=0.1"]
+        ["train", "--data", "d", "lora.r=4", "--warmup", "0.1"]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out=a.jpg").write_bytes(b"")  # an existing file is a file, whatever its name
     assert _expand_key_value_args(["predict", "out=a.jpg", "out=b"]) == ["predict", "out=a.jpg", "--out", "b"]

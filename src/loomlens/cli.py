@@ -27,9 +27,9 @@ PRECISION_HELP = ("Weights' dtype: auto (bf16 where the device computes it nativ
 
 def _expand_key_value_args(argv: list[str]) -> list[str]:
     """Turn `key=value` words of a command line (less the program) into `--key value`
-    (ultralytics style) where `key` is an option of the command and the word is no existing
-    file; leave the rest alone: file names such as `frame=7.jpg`, and the settings `train` and
-    `sweep` read as `key=value` themselves (see `_extra_overrides`)."""
+    (ultralytics style) where `key` is an option of the command, or for the commands that take
+    any config setting (train, sweep) a plain word; never a word that is an existing file.
+    The rest is left alone: file names such as `frame=7.jpg` above all."""
     import typer.main
 
     name = next((arg for arg in argv if not arg.startswith("-")), None)
@@ -37,11 +37,14 @@ def _expand_key_value_args(argv: list[str]) -> list[str]:
     if command is None:
         return list(argv)
     options = {opt[2:] for param in command.params for opt in param.opts if opt.startswith("--")}
+    open_ended = command.context_settings.get("allow_extra_args", False)
     out: list[str] = []
     for arg in argv:
         key, eq, value = arg.partition("=")
-        if eq and not arg.startswith("-") and key.replace("_", "-") in options and not Path(arg).exists():
-            out += [f"--{key.replace('_', '-')}", value]
+        option = key.replace("_", "-")
+        known = option in options or (open_ended and key.replace("_", "").replace("-", "").isalnum())
+        if eq and not arg.startswith("-") and known and not Path(arg).exists():
+            out += [f"--{option}", value]
         else:
             out.append(arg)
     return out
