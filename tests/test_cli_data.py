@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
+from rich.console import Console
 from typer.testing import CliRunner
 
-from loomlens.cli import _expand_key_value_args, app
+from loomlens.cli import _expand_key_value_args, _print_convert_report, app
+from loomlens.data.convert import ConvertReport
+from loomlens.data.records import Problem
 
 runner = CliRunner()
 
@@ -60,3 +65,68 @@ def test_help_texts():
     for command in ("convert", "synth"):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "--seed" in result.output
+
+
+def test_key_value_words_become_options_only_for_the_commands_own_options(tmp_path, monkeypatch):
+    assert _expand_key_value_args(["predict", "frame=7.jpg", "tile=off", "tile_size=64"]) == \
+        ["predict", "frame=7.jpg", "--tile", "off", "--tile-size", "64"]
+    # train takes any config setting: a plain key becomes an option too (a dotted one train reads itself).
+    assert _expand_key_value_args(["train", "data=d", "lora.r=4", "warmup=0.1"]) == \
+        ["train", "--data", "d", "lora.r=4", "--warmup", "0.1"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out=a.jpg").write_bytes(b"")  # an existing file is a file, whatever its name
+    assert _expand_key_value_args(["predict", "out=a.jpg", "out=b"]) == ["predict", "out=a.jpg", "--out", "b"]
+    assert _expand_key_value_args(["--help"]) == ["--help"]
+    assert _expand_key_value_args(["nosuchcommand", "a=b"]) == ["nosuchcommand", "a=b"]
+
+
+def test_convert_into_its_own_source_exits_1_and_writes_nothing(tmp_path):
+    runner.invoke(app, ["synth", str(tmp_path), "--images", "2", "--size", "256x144"])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    result = runner.invoke(app, ["convert", str(tmp_path), str(tmp_path)])
+    assert result.exit_code == 1 and "is the source folder" in result.output and "Traceback" not in result.output
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_keep_empty_keeps_an_emptied_image_as_defect_free(tmp_path):
+    src = tmp_path / "src"
+    runner.invoke(app, ["synth", str(src), "--images", "2", "--size", "256x144", "--negatives", "0"])
+    xml = src / "annotations" / "frame_00000.xml"
+    xml.write_text(re.sub(r"<name>[^<]*</name>", "<name>bad&lt;label</name>", xml.read_text()))
+    left_out = runner.invoke(app, ["convert", str(src), str(tmp_path / "a"), "--val-fraction", "0"])
+    kept = runner.invoke(app, ["convert", str(src), str(tmp_path / "b"), "--val-fraction", "0", "--keep-empty"])
+    assert left_out.exit_code == 0 and kept.exit_code == 0, (left_out.output, kept.output)
+    assert "1 images (0 defect-free)" in left_out.output and "2 images (1 defect-free)" in kept.output
+
+
+def _report(classes: list[str], problems: list[Problem] = ()) -> ConvertReport:
+    split = {"images": 40, "samples": 40, "tiles": 0, "tile_samples": 0,
+             "boxes_per_class": {c: 100 + i for i, c in enumerate(classes)}, "samples_per_task": {"od": 40}}
+    return ConvertReport(
+        source="src", out="out", source_root="../src", format="voc", tasks=["od"], order="grouped", flip=False,
+        tile=None, tile_overlap=0.25, seed=0, classes=classes, images=80, negatives=8, keep_empty=False,
+        boxes_per_class={}, splits={"train": split, "val": split}, problems=list(problems))
+
+
+def test_the_summary_turns_one_row_per_class_when_the_columns_would_not_fit():
+    classes = [f"defect-kind-{i:02d}" for i in range(12)]
+    console = Console(width=80, record=True)
+    _print_convert_report(console, _report(classes), Path("src"))
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 80
+    rows = [[cell.strip() for cell in line.strip("│").split("│")] for line in text.splitlines() if "defect-kind" in line]
+    assert rows == [[c, str(100 + i), str(100 + i)] for i, c in enumerate(classes)]  # class, train, val
+
+    wide = Console(width=80, record=True)
+    _print_convert_report(wide, _report(["drop", "wrinkle"]), Path("src"))
+    header = next(line for line in wide.export_text().splitlines() if "split" in line)
+    assert "drop" in header and "wrinkle" in header  # few classes: one column each, as before
+
+
+def test_problems_are_printed_verbatim_brackets_and_all():
+    problem = Problem(file="a.json", message="annotation 3: bbox 'x' is not [x, y, w, h]; dropped",
+                      fix="write bbox as four numbers [x, y, w, h]")
+    console = Console(width=200, record=True)
+    _print_convert_report(console, _report(["drop"], [problem]), Path("data[1]"))
+    text = console.export_text()
+    assert f"problem {problem}" in text and "data[1] [voc]" in text

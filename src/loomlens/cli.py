@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 app = typer.Typer(
     name="loomlens",
@@ -25,15 +26,27 @@ PRECISION_HELP = ("Weights' dtype: auto (bf16 where the device computes it nativ
 
 
 def _expand_key_value_args(argv: list[str]) -> list[str]:
-    """Turn `key=value` words into `--key value` (ultralytics style); leave the rest alone."""
+    """Turn `key=value` words of a command line (less the program) into `--key value`
+    (ultralytics style) where `key` is an option of the command, or for the commands that take
+    any config setting (train, sweep) a plain word; never a word that is an existing file.
+    The rest is left alone: file names such as `frame=7.jpg` above all."""
+    import typer.main
+
+    name = next((arg for arg in argv if not arg.startswith("-")), None)
+    command = typer.main.get_command(app).commands.get(name) if name else None  # type: ignore[attr-defined]
+    if command is None:
+        return list(argv)
+    options = {opt[2:] for param in command.params for opt in param.opts if opt.startswith("--")}
+    open_ended = command.context_settings.get("allow_extra_args", False)
     out: list[str] = []
     for arg in argv:
-        if not arg.startswith("-") and "=" in arg:
-            key, value = arg.split("=", 1)
-            if key and key.replace("_", "").replace("-", "").isalnum():
-                out += [f"--{key.replace('_', '-')}", value]
-                continue
-        out.append(arg)
+        key, eq, value = arg.partition("=")
+        option = key.replace("_", "-")
+        known = option in options or (open_ended and key.replace("_", "").replace("-", "").isalnum())
+        if eq and not arg.startswith("-") and known and not Path(arg).exists():
+            out += [f"--{option}", value]
+        else:
+            out.append(arg)
     return out
 
 
@@ -70,14 +83,16 @@ def convert_command(
     seed: int = typer.Option(0, help="Seed of the split and the sample order."),
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 1, nothing written) on any input problem "
                                 "instead of skipping and reporting it."),
+    keep_empty: bool = typer.Option(False, "--keep-empty", help="Keep an image whose every box was dropped as "
+                                    "a defect-free one (by default it is left out: it would teach the model to "
+                                    "miss those defects)."),
 ) -> None:
     """Convert LabelImg VOC / YOLO or COCO annotations to Florence-2 JSONL samples.
 
-    Bad boxes, files and paths are reported (file, line, fix) and skipped; the rest converts.
+    Bad boxes, files, images and paths are reported (file, line, fix) and skipped; the rest converts.
     """
     from rich.console import Console
     from rich.progress import Progress
-    from rich.table import Table
 
     from loomlens.data.convert import ConvertError, convert
 
@@ -85,33 +100,53 @@ def convert_command(
     try:
         with Progress(console=console, transient=True) as bar:
             job = bar.add_task("reading", total=None)
-            stages = {"flip": "flipping images", "tile": "cutting tiles"}
+            made = " and ".join(["decoding", *(["flipping"] if flip else []), *(["tiling"] if tile else [])])
+            stages = {"check": "checking images", "images": f"{made} images"}
             report = convert(
                 src, out, format=fmt, tasks=[t.strip() for t in tasks.split(",") if t.strip()], order=order,
                 flip=flip, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, strict=strict,
-                tile=tile, tile_overlap=tile_overlap,
+                tile=tile, tile_overlap=tile_overlap, keep_empty=keep_empty,
                 progress=lambda stage, done, total: bar.update(job, completed=done, total=total,
                                                                description=stages[stage]),
             )
     except ConvertError as err:
         raise _fail(str(err), [str(p) for p in err.problems]) from None
 
-    classes = report.classes
-    table = Table(title=f"{report.images} images ({report.negatives} defect-free) from {src} [{report.format}]")
-    counts = ["images", *(["tiles"] if report.tile else []), "samples"]
-    for column in ("split", *counts, *classes):
-        table.add_column(column, justify="left" if column == "split" else "right")
-    for name, split in report.splits.items():
-        table.add_row(name, *(str(split[c]) for c in counts),
-                      *(str(split["boxes_per_class"].get(c, 0)) for c in classes))
-    console.print(table)
-    for problem in report.problems[:20]:
-        console.print(f"[yellow]problem[/] {problem}", highlight=False, markup=True)
-    if len(report.problems) > 20:
-        console.print(f"... and {len(report.problems) - 20} more problems")
-    console.print(f"{len(report.problems)} problem(s); wrote {out}/train.jsonl, val.jsonl"
+    _print_convert_report(console, report, src)
+    console.print(f"{len(report.problems)} problem(s); wrote {escape(str(out))}/train.jsonl, val.jsonl"
                   f"{', test.jsonl' if 'test' in report.splits else ''}, classes.txt, summary.json",
                   highlight=False)
+
+
+def _print_convert_report(console, report, src: Path, max_problems: int = 20) -> None:
+    """Print a `ConvertReport`: counts per split and class, as a table with one column per
+    class, or one row per class when that would not fit the console (12 classes cut every
+    column to a letter in 80 columns); then the first `max_problems` problems, printed
+    verbatim (a problem's text may hold brackets, which rich would take for markup)."""
+    from rich.table import Table
+
+    counts = ["images", *(["tiles"] if report.tile else []), "samples"]
+    rows = [*counts, *report.classes]
+    per_split = {name: [*(split[c] for c in counts), *(split["boxes_per_class"].get(c, 0) for c in report.classes)]
+                 for name, split in report.splits.items()}
+    title = escape(f"{report.images} images ({report.negatives} defect-free) from {src} [{report.format}]")
+    table = Table(title=title)
+    for column in ("split", *rows):
+        table.add_column(escape(column), justify="left" if column == "split" else "right")
+    for name, values in per_split.items():
+        table.add_row(name, *map(str, values))
+    if console.measure(table, options=console.options.update_width(10**6)).maximum > console.width:
+        table = Table(title=title)
+        for column in ("", *per_split):
+            table.add_column(column, justify="left" if not column else "right")
+        for i, row in enumerate(rows):
+            table.add_row(escape(row), *(str(values[i]) for values in per_split.values()),
+                          end_section=row == counts[-1])
+    console.print(table)
+    for problem in report.problems[:max_problems]:
+        console.print(f"[yellow]problem[/] {escape(str(problem))}", highlight=False)
+    if len(report.problems) > max_problems:
+        console.print(f"... and {len(report.problems) - max_problems} more problems (all in summary.json)")
 
 
 @app.command("synth")
@@ -328,6 +363,7 @@ def train_command(
 
     if num_processes > 1 and not os.environ.get("LOOMLENS_LAUNCHED"):
         _relaunch(num_processes)
+    from loomlens.data.jsonl import SplitError
     from loomlens.model.loader import ModelLoadError
     from loomlens.model.lora import LoraTargetError
     from loomlens.train.recipe import TrainingDiverged, train
@@ -342,7 +378,8 @@ def train_command(
     cfg = _train_config(config, overrides, resume)
     try:
         result = train(cfg, resume=resume is not None)
-    except (FileExistsError, FileNotFoundError, ModelLoadError, LoraTargetError, TrainingDiverged, RuntimeError) as err:
+    except (FileExistsError, FileNotFoundError, ModelLoadError, LoraTargetError, TrainingDiverged, RuntimeError,
+            SplitError) as err:
         raise _fail(str(err)) from None
     if result.last_eval:
         typer.echo("last evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()))

@@ -121,10 +121,13 @@ def test_a_damaged_image_is_reported_and_the_rest_is_tiled(tmp_path):
     damaged.write_bytes(damaged.read_bytes()[:2000])  # the header (its size) still reads
     report = convert(src, out, tile=128, val_fraction=0)
     (problem,) = report.problems
-    assert problem.file == "annotations/frame_00001.xml" and "cannot cut tiles" in problem.message
-    assert problem.fix
-    names = {_window(s)[0] for s in _tile_samples(read_jsonl(out / "train.jsonl"))}
+    assert problem.file == "annotations/frame_00001.xml" and "damaged" in problem.message
+    assert "truncated" in problem.message and problem.fix
+    samples = read_jsonl(out / "train.jsonl")
+    names = {_window(s)[0] for s in _tile_samples(samples)}
     assert names and "frame_00001.jpg" not in names
+    assert not [s for s in samples if s["image"].endswith("frame_00001.jpg")]  # nor the whole frame
+    assert report.images == 2
     with pytest.raises(ConvertError, match="strict"):
         convert(src, tmp_path / "strict", tile=128, strict=True)
 

@@ -95,11 +95,12 @@ def test_the_seeds_example_line_from_an_equivalent_labelimg_file(tmp_path):
     write_image(tmp_path / "0 (1).jpg", (2560, 1440))
     write_voc(ImageRecord("0 (1).jpg", 2560, 1440, [Box("drop", 1874, 693, 1915, 722)]),
               tmp_path / "0 (1).xml", tmp_path)
-    convert(tmp_path, tmp_path, flip=True, val_fraction=0)  # JSONL beside the images, as the seed's
-    lines = (tmp_path / "train.jsonl").read_text().splitlines()
-    original = json.loads(next(line for line in lines if '"image":"0 (1).jpg"' in line))
+    out = tmp_path / "jsonl"  # the seed wrote beside the images; convert refuses that (it clobbers classes.txt)
+    convert(tmp_path, out, flip=True, val_fraction=0)
+    lines = (out / "train.jsonl").read_text().splitlines()
+    original = json.loads(next(line for line in lines if '"image":"../0 (1).jpg"' in line))
     assert {k: original[k] for k in ("prefix", "suffix", "image")} == {
-        "prefix": "<OD>", "suffix": "drop<loc_732><loc_481><loc_748><loc_501>", "image": "0 (1).jpg"}
+        "prefix": "<OD>", "suffix": "drop<loc_732><loc_481><loc_748><loc_501>", "image": "../0 (1).jpg"}
     assert lines[0].startswith('{"prefix":"<OD>","suffix":"drop<loc_')  # compact, key order kept
 
     # The seed's flipped line says drop<loc_252><loc_481><loc_268><loc_501>, i.e. 1000 - x2 and
@@ -109,7 +110,7 @@ def test_the_seeds_example_line_from_an_equivalent_labelimg_file(tmp_path):
     # (and in floating point 2560 - 1914.88 even lands a hair below the bin edge). So no pixel
     # pair gives both lines exactly; each flipped x is one bin lower: 251 and 267.
     flipped = json.loads(next(line for line in lines if "flipped_0 (1).jpg" in line))
-    assert flipped["image"] == "images/flipped_0 (1).jpg" and (tmp_path / flipped["image"]).is_file()
+    assert flipped["image"] == "images/flipped_0 (1).jpg" and (out / flipped["image"]).is_file()
     (box,), _ = parse_text(flipped["suffix"], 2560, 1440)
     bins = [quantize(box.x1, 2560), quantize(box.y1, 1440), quantize(box.x2, 2560), quantize(box.y2, 1440)]
     assert box.label == "drop"

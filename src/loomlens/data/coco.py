@@ -14,7 +14,7 @@ from typing import Any
 
 from loomlens.data.atomic import atomic_write
 from loomlens.data.florence_text import LabelError, validate_label
-from loomlens.data.records import ImageRecord, Problem, ReadResult
+from loomlens.data.records import Box, ImageRecord, Problem, ReadResult
 from loomlens.data.sanitize import find_image, image_size, iter_files, make_box, relative
 
 
@@ -113,10 +113,23 @@ def _int(value: Any) -> int:
 
 
 def _add_box(record: ImageRecord, ann: dict, categories: dict[Any, str | None], file: str) -> list[Problem]:
-    """Add one annotation's box to `record`; return the problems it has."""
+    """Add one annotation's box to `record` (or count it in `record.dropped`); return the
+    problems it has."""
+    box, problems = _box(record, ann, categories, file)
+    if box is None:
+        record.dropped += 1
+    else:
+        record.boxes.append(box)
+    return problems
+
+
+def _box(
+    record: ImageRecord, ann: dict, categories: dict[Any, str | None], file: str
+) -> tuple[Box | None, list[Problem]]:
+    """One annotation -> its clean box (None when it must be dropped) and its problems."""
     name = categories.get(ann["category_id"])
     if name is None:
-        return [Problem(
+        return None, [Problem(
             file=file, message=f"annotation {ann.get('id', '?')}: unknown or unusable category_id "
             f"{ann['category_id']!r}; box dropped",
             fix="add the category to 'categories'",
@@ -125,14 +138,11 @@ def _add_box(record: ImageRecord, ann: dict, categories: dict[Any, str | None], 
     try:
         x, y, w, h = (float(v) for v in bbox)
     except (TypeError, ValueError):
-        return [Problem(
+        return None, [Problem(
             file=file, message=f"annotation {ann.get('id', '?')}: bbox {bbox!r} is not [x, y, w, h]; dropped",
             fix="write bbox as four numbers",
         )]
-    box, problems = make_box(name, (x, y, x + w, y + h), record.width, record.height, file)
-    if box is not None:
-        record.boxes.append(box)
-    return problems
+    return make_box(name, (x, y, x + w, y + h), record.width, record.height, file)
 
 
 def read_coco(root: str | Path, skip: Sequence[Path] = ()) -> ReadResult:

@@ -9,6 +9,7 @@ leaves a half-written file over a good one.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -25,7 +26,7 @@ from loomlens.data.atomic import atomic_open, atomic_save_image, atomic_write
 from loomlens.data.coco import read_coco
 from loomlens.data.florence_text import boxes_to_text
 from loomlens.data.records import ImageRecord, Problem, ReadResult
-from loomlens.data.sanitize import iter_files
+from loomlens.data.sanitize import IMAGE_SUFFIXES, BadImage, iter_files, open_image, relative
 from loomlens.data.tasks import CONVERTIBLE, REGISTRY
 from loomlens.data.tiles import save_tiles, tile_record
 from loomlens.data.voc import read_voc
@@ -56,6 +57,7 @@ class ConvertReport:
 
     source: str
     out: str
+    source_root: str  # the source folder relative to `out`: where the samples' image paths may lead
     format: str
     tasks: list[str]
     order: str
@@ -66,6 +68,7 @@ class ConvertReport:
     classes: list[str]
     images: int  # original images converted (flipped copies and tiles not counted)
     negatives: int  # of those, images with no boxes
+    keep_empty: bool  # images whose every box was dropped kept as negatives (else left out)
     boxes_per_class: dict[str, int]
     # split -> {"images": n (flipped copies and tiles included), "samples": n, "tiles": n,
     #           "tile_samples": n, "boxes_per_class": {...}, "samples_per_task": {...}}
@@ -188,15 +191,17 @@ def flipped_names(images: Sequence[str]) -> dict[str, str]:
     return dict(zip(ordered, unique_names(ordered, "flipped_"), strict=True))
 
 
-def flip_image(src: Path, dst: Path) -> None:
-    """Save `src` mirrored left-right at `dst`, in `src`'s own format (JPEG at quality 95).
-    Skipped when `dst` is already newer than `src` (a re-run)."""
-    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
-        return
-    with Image.open(src) as im:
-        fmt = im.format or "PNG"
-        mirrored = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    atomic_save_image(mirrored, dst, fmt)
+def flip_image(src: Path, dst: Path, image: Image.Image | None = None) -> Image.Image:
+    """Save `src` mirrored left-right at `dst`, in `src`'s own format (JPEG at quality 95),
+    and return the mirrored image. Not saved when `dst` is already newer than `src` (a re-run).
+    `image`: `src` already open and decoded, to mirror instead of reading the file again."""
+    if image is None:
+        with open_image(src, decode=True) as im:
+            return flip_image(src, dst, im)
+    mirrored = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if not (dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime):
+        atomic_save_image(mirrored, dst, image.format or "PNG")
+    return mirrored
 
 
 def write_jsonl(path: Path, samples: Iterable[dict[str, Any]]) -> int:
@@ -243,38 +248,119 @@ def _order(items: list[tuple[ImageRecord, str]], tasks: Sequence[str], order: st
     return (s for record, image in items for task in tasks for s in task_samples(record, image, task))
 
 
-def _cut_tiles(
-    items: dict[str, list[tuple[ImageRecord, str]]], tile: int, overlap: float, seed: int, out: Path,
-    progress: ProgressFn | None,
-) -> tuple[set[str], list[Problem]]:
-    """Cut every frame in `items` (flipped copies included; image paths relative to `out`)
-    into tiles (see `tile_record`), write them under `out/images/tiles/` as
-    `<frame name>_x<X0>_y<Y0><suffix>` and add them to their frame's split. Returns the tile
-    image paths and the problems (a frame that cannot be read gives no tiles)."""
-    frames = sorted(((split, record, image) for split, pairs in items.items() for record, image in pairs),
-                    key=lambda frame: (frame[1].image, frame[2]))
-    # Distinct frame names give distinct tile names: "_x" cannot occur inside "_x<X0>_y<Y0>".
-    names = unique_names([record.image for _, record, _ in frames])
+def _check_out(src: Path, out: Path) -> None:
+    """Refuse an output folder that would overwrite or hide input: the source itself (its
+    classes.txt would be rewritten, shifting YOLO ids), a folder holding the source, or a
+    folder inside the source that holds anything but a previous conversion's output (it is
+    skipped as input, so its annotations would silently vanish). A new folder inside the
+    source is fine: later runs skip it."""
+    src_abs, out_abs = src.resolve(), out.resolve()
+    elsewhere = f"give a new folder outside it, e.g. {src_abs.parent / (src_abs.name + '-jsonl')}"
+    if out_abs == src_abs:
+        raise ConvertError(f"the output folder {out} is the source folder: convert would overwrite its "
+                           f"classes.txt and mix its outputs into the annotations; nothing written; {elsewhere}")
+    if src_abs.is_relative_to(out_abs):
+        raise ConvertError(f"the output folder {out} holds the source folder {src}: its outputs would land "
+                           f"among the annotations; nothing written; {elsewhere}")
+    inside = out_abs.is_relative_to(src_abs) and out_abs.is_dir()
+    if inside and any(out_abs.iterdir()) and not (out_abs / "summary.json").is_file():
+        raise ConvertError(f"the output folder {out} is inside the source folder and holds files that are "
+                           f"not a conversion's output: they would be skipped as input and mixed with the "
+                           f"outputs; nothing written; use a new or empty folder, or {elsewhere}")
+
+
+def _tile_names(frames: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """(frame key, frame path relative to the output) -> the file name its tiles are named
+    after: distinct for distinct frames (see `unique_names`), so tiles never collide; "_x"
+    cannot occur inside "_x<X0>_y<Y0>"."""
+    ordered = sorted(frames)
+    return dict(zip(ordered, unique_names([key for key, _ in ordered]), strict=True))
+
+
+def _images(
+    records: Sequence[ImageRecord], src: Path, out: Path, flip: bool, tile: int | None, overlap: float,
+    seed: int, write: bool, progress: ProgressFn | None,
+) -> tuple[dict[int, list[tuple[ImageRecord, str]]], set[str], list[Problem]]:
+    """Decode every record's image in full, once (a header can be whole over a truncated
+    file, which would crash training later); a damaged one is reported and left out. With
+    `write`, that one decode also gives the flipped copy (`out/images/flipped_<name>`) and the
+    tiles of both (`out/images/tiles/<frame name>_x<X0>_y<Y0><suffix>`, see `tile_record`).
+    `src`, `out` resolved. Returns record index -> its (record, path relative to `out`) items
+    (the frame first) for the whole images, the tile paths among them, and the problems. Write
+    errors raise OSError."""
+    flips = flipped_names([r.image for r in records]) if flip and write else {}
+    frames = [(r.image, Path(os.path.relpath(src / r.image, out)).as_posix()) for r in records]
+    names = _tile_names(frames + [(f"images/{n}", f"images/{n}") for n in flips.values()])
+    items: dict[int, list[tuple[ImageRecord, str]]] = {}
     tiles: set[str] = set()
     problems = []
-    for i, ((split, record, image), name) in enumerate(zip(frames, names, strict=True)):
-        stem, suffix = PurePosixPath(name).stem, PurePosixPath(name).suffix
-        cut = {f"{TILES_DIR}/{stem}_x{t.window[0]}_y{t.window[1]}{suffix}": t
-               for t in tile_record(record, tile, overlap, seed=seed)}
-        # Lexically: `out` is resolved, and it may not exist yet for "../src/..." to pass through.
-        frame = Path(os.path.normpath(out / image))
+    for i, (record, (_, image)) in enumerate(zip(records, frames, strict=True)):
         try:
-            save_tiles(frame, {out / path: t.window for path, t in cut.items()})
-        except OSError as err:
-            problems.append(Problem(file=record.source, message=f"cannot cut tiles from {record.image}: {err}",
-                                    fix="replace the damaged image"))
-        else:
-            items[split].extend((ImageRecord(path, t.width, t.height, list(t.boxes), record.source), path)
-                                for path, t in cut.items())
-            tiles.update(cut)
+            with open_image(src / record.image, decode=True) as im:
+                made = [(record, image, im)]
+                if record.image in flips:
+                    path = f"images/{flips[record.image]}"
+                    mirrored = flip_image(src / record.image, out / path, im)
+                    made.append((ImageRecord(path, record.width, record.height,
+                                             [b.hflip(record.width) for b in record.boxes], record.source),
+                                 path, mirrored))
+                items[i] = [(r, path) for r, path, _ in made]
+                for frame, path, pixels in made if tile is not None and write else []:
+                    name = PurePosixPath(names[frame.image, path])
+                    cut = {f"{TILES_DIR}/{name.stem}_x{t.window[0]}_y{t.window[1]}{name.suffix}": t
+                           for t in tile_record(frame, tile, overlap, seed=seed)}
+                    # Lexically: "../src/..." passes through `out` even before it exists.
+                    save_tiles(Path(os.path.normpath(out / path)), {out / p: t.window for p, t in cut.items()},
+                               pixels)
+                    items[i] += [(ImageRecord(p, t.width, t.height, list(t.boxes), record.source), p)
+                                            for p, t in cut.items()]
+                    tiles.update(cut)
+        except BadImage as err:
+            items.pop(i, None)
+            problems.append(Problem(file=record.source, message=f"image {record.image} is damaged ({err}); skipped",
+                                    fix="replace the image with a whole copy, or delete its annotation"))
         if progress:
-            progress("tile", i + 1, len(frames))
-    return tiles, problems
+            progress("images" if write else "check", i + 1, len(records))
+    return items, tiles, problems
+
+
+def _unannotated(src: Path, skip: Sequence[Path], records: Sequence[ImageRecord]) -> list[Problem]:
+    """One problem per image file under `src` (not under `skip`) that no annotation read
+    refers to: silently leaving it out would hide a missing label file. An annotation file
+    named after the image (as LabelImg names them) counts even when it was skipped, since its
+    own problem is reported already."""
+    used = {(src / r.image).resolve() for r in records}
+    stems = {p.stem for p in iter_files(src, (".xml", ".txt"), skip)}
+    return [
+        Problem(file=relative(path, src), message="image in no usable annotation; not converted",
+                fix="annotate it (an annotation without boxes marks it defect-free), or move it out of the folder")
+        for path in iter_files(src, IMAGE_SUFFIXES, skip) if path.resolve() not in used and path.stem not in stems
+    ]
+
+
+def _emptied(records: Sequence[ImageRecord], keep_empty: bool) -> tuple[list[ImageRecord], list[Problem]]:
+    """Leave out the images whose every box was dropped (they would teach the model to miss
+    those defects), each reported, unless `keep_empty` keeps them as defect-free."""
+    if keep_empty:
+        return list(records), []
+    emptied = [r for r in records if r.dropped and not r.boxes]
+    return [r for r in records if not (r.dropped and not r.boxes)], [
+        Problem(file=r.source, message=f"every box of {r.image} ({r.dropped}) was dropped; image left out rather "
+                "than trained as defect-free", fix="fix its boxes (see the problems above), or pass --keep-empty")
+        for r in emptied
+    ]
+
+
+def _write_failed(err: OSError, out: Path) -> ConvertError:
+    """A clear error for a failed write (a full disk above all): atomic writes leave every
+    file already there whole, old or new."""
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    what = "the disk is full" if full else f"cannot write ({err.strerror or err})"
+    return ConvertError(
+        f"{what} while writing {err.filename or out}; every file already in {out} is intact (each is replaced "
+        f"only once complete): {'free some space' if full else 'check the folder and its permissions'} "
+        "and run convert again"
+    )
 
 
 def _split_stats(
@@ -288,30 +374,6 @@ def _split_stats(
         "boxes_per_class": dict(sorted(Counter(b.label for r, _ in items for b in r.boxes).items())),
         "samples_per_task": dict(Counter(s["task"] for s in samples)),
     }
-
-
-def _add_flipped(
-    records: Sequence[ImageRecord], items: dict[str, list[tuple[ImageRecord, str]]], split_of: dict[str, str],
-    src_abs: Path, out: Path, progress: ProgressFn | None,
-) -> list[Problem]:
-    """Write a mirrored copy of every record's image under `out/images/` and add it to its
-    original's split in `items`; returns the images that could not be flipped, as problems."""
-    problems = []
-    names = flipped_names([r.image for r in records])
-    for i, record in enumerate(records):
-        name = names[record.image]
-        try:
-            flip_image(src_abs / record.image, out / "images" / name)
-        except OSError as err:
-            problems.append(Problem(file=record.source, message=f"cannot flip {record.image}: {err}",
-                                    fix="replace the damaged image"))
-        else:
-            mirrored = ImageRecord(f"images/{name}", record.width, record.height,
-                                   [b.hflip(record.width) for b in record.boxes], record.source)
-            items[split_of[record.image]].append((mirrored, mirrored.image))
-        if progress:
-            progress("flip", i + 1, len(records))
-    return problems
 
 
 def _write_splits(
@@ -349,6 +411,7 @@ def convert(
     progress: ProgressFn | None = None,
     tile: int | None = None,
     tile_overlap: float = 0.25,
+    keep_empty: bool = False,
 ) -> ConvertReport:
     """Convert the annotated dataset in folder `src` to Florence-2 JSONL in folder `out`.
 
@@ -359,53 +422,57 @@ def convert(
     windows of that size overlapping by `tile_overlap` (in [0, 0.9)), the windows tiled
     prediction uses, and adds each kept tile (see `loomlens.data.tiles.tile_record`) as an
     image of its own under `out/images/tiles/` in its frame's split; the whole frames stay too.
-    Splits are by image, deterministic for `seed`. Problems in the input are reported
+    Every image is decoded in full; a damaged one is left out. An image whose every box was
+    dropped is left out too, unless `keep_empty` keeps it as defect-free. Splits are by image,
+    deterministic for `seed`. Problems in the input (images in no annotation too) are reported
     in the returned `ConvertReport` (and `summary.json`) and the rest is converted; with
     `strict` any problem raises `ConvertError` before anything is written. `progress(stage,
-    done, total)` is called while flipping ("flip") and tiling ("tile"). Raises `ConvertError`
-    for user errors.
+    done, total)` is called while checking ("check", strict only) and decoding, flipping and
+    tiling ("images") images. Raises `ConvertError` for user errors: `out` that is or holds
+    `src`, or a full disk.
     """
     src, out = Path(src), Path(out)
     _check_arguments(format, tasks, order, val_fraction, test_fraction, tile, tile_overlap)
     if not src.is_dir():
         raise ConvertError(f"source folder {src} does not exist")
-    skip = [out] if out.resolve() != src.resolve() else []  # a previous run's output is not input
+    _check_out(src, out)
+    out_abs, src_abs = out.resolve(), src.resolve()
+    skip = [out]  # a previous run's output inside the source is not input
     fmt = detect_format(src, skip) if format == "auto" else format
     read = READERS[fmt](src, skip)
-    problems = list(read.problems)
+    problems = [*read.problems, *_unannotated(src_abs, skip, read.records)]
+    records, emptied = _emptied(read.records, keep_empty)
+    problems += emptied
     _fail_if_strict(strict, problems, src)
-    if not read.records:
-        raise ConvertError(f"no usable annotated images in {src} ({len(problems)} problem(s))", problems)
-
-    records = read.records
-    split_of = assign_splits((r.image for r in records), val_fraction, test_fraction, seed)
-    items: dict[str, list[tuple[ImageRecord, str]]] = {s: [] for s in SPLITS}
-    out_abs, src_abs = out.resolve(), src.resolve()
-    for record in records:
-        image = Path(os.path.relpath(src_abs / record.image, out_abs)).as_posix()
-        items[split_of[record.image]].append((record, image))
-
-    if flip:
-        problems += _add_flipped(records, items, split_of, src_abs, out, progress)
+    if strict and (flip or tile is not None):  # check every image before the first flip or tile is written
+        problems += _images(records, src_abs, out_abs, flip, tile, tile_overlap, seed, False, progress)[2]
         _fail_if_strict(strict, problems, src)
 
-    tiles: set[str] = set()
-    if tile is not None:
-        tiles, unreadable = _cut_tiles(items, tile, tile_overlap, seed, out_abs, progress)
-        problems += unreadable
+    try:
+        frames, tiles, damaged = _images(records, src_abs, out_abs, flip, tile, tile_overlap, seed, True, progress)
+        problems += damaged
         _fail_if_strict(strict, problems, src)
+        records = [records[i] for i in frames]
+        if not records:
+            raise ConvertError(f"no usable annotated images in {src} ({len(problems)} problem(s))", problems)
+        split_of = assign_splits((r.image for r in records), val_fraction, test_fraction, seed)
+        items: dict[str, list[tuple[ImageRecord, str]]] = {s: [] for s in SPLITS}
+        for made in frames.values():
+            items[split_of[made[0][0].image]] += made
+        splits = _write_splits(items, out, tasks, order, seed, test_fraction == 0, tiles)
 
-    splits = _write_splits(items, out, tasks, order, seed, test_fraction == 0, tiles)
-
-    seen = sorted({b.label for r in records for b in r.boxes} - set(read.classes))
-    report = ConvertReport(
-        source=str(src), out=str(out), format=fmt, tasks=[t for t in CONVERTIBLE if t in tasks], order=order,
-        flip=flip, tile=tile, tile_overlap=tile_overlap, seed=seed, classes=[*read.classes, *seen],
-        images=len(records),
-        negatives=sum(not r.boxes for r in records),
-        boxes_per_class=dict(sorted(Counter(b.label for r in records for b in r.boxes).items())),
-        splits=splits, problems=problems,
-    )
-    write_classes(out / CLASSES_FILE, report.classes)
-    atomic_write(out / "summary.json", json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        seen = sorted({b.label for r in records for b in r.boxes} - set(read.classes))
+        report = ConvertReport(
+            source=str(src), out=str(out), source_root=Path(os.path.relpath(src_abs, out_abs)).as_posix(),
+            format=fmt, tasks=[t for t in CONVERTIBLE if t in tasks], order=order,
+            flip=flip, tile=tile, tile_overlap=tile_overlap, seed=seed, classes=[*read.classes, *seen],
+            images=len(records),
+            negatives=sum(not r.boxes for r in records), keep_empty=keep_empty,
+            boxes_per_class=dict(sorted(Counter(b.label for r in records for b in r.boxes).items())),
+            splits=splits, problems=problems,
+        )
+        write_classes(out / CLASSES_FILE, report.classes)
+        atomic_write(out / "summary.json", json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    except OSError as err:
+        raise _write_failed(err, out) from err
     return report

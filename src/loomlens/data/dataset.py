@@ -8,7 +8,6 @@ reuses the same pixels. The only module of `loomlens.data` that imports torch.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from loomlens.data.jsonl import read_lines, validate_split
 from loomlens.data.tasks import CONVERTIBLE
 
 #: Label padding, ignored by the loss.
@@ -30,9 +30,9 @@ _POOL_BATCHES = 16
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """The samples of a JSONL file, one dict per non-empty line."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The samples of a JSONL file, one per non-empty line, unchecked (`validate_split`
+    checks them); a line that is not JSON raises `SplitError` naming it."""
+    return [sample for _, sample in read_lines(path)]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,9 @@ class FlorenceDataset(torch.utils.data.Dataset):
     per the label contract) and `pixel_values` (3-D float). `tasks` keeps only samples whose
     `task` is listed (empty: all). Labels longer than `max_label_tokens` are cut (counted in
     `truncated`); the decoder has no positions beyond it. `cache_pixels` off (large datasets at
-    768 px: 7 MB an image) processes each image every time it is used.
+    768 px: 7 MB an image) processes each image every time it is used. The whole split is
+    checked first (see `validate_split`): a bad line, a missing or damaged image, or an image
+    path leading outside the data raises `SplitError` (a ValueError) naming every line.
     """
 
     def __init__(
@@ -66,7 +68,7 @@ class FlorenceDataset(torch.utils.data.Dataset):
         self.jsonl = Path(jsonl)
         self.processor = processor
         self.cache_pixels = cache_pixels
-        rows = read_jsonl(self.jsonl)
+        rows = validate_split(self.jsonl)
         if tasks:
             rows = [r for r in rows if r.get("task") in tasks]
         if not rows:

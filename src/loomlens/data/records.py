@@ -45,13 +45,15 @@ class Box:
 
 @dataclass
 class ImageRecord:
-    """An annotated image. `image` is relative to the dataset root; no boxes = a negative."""
+    """An annotated image. `image` is relative to the dataset root; no boxes = a negative,
+    unless `dropped` (boxes its annotation held that a reader refused) says it had some."""
 
     image: str
     width: int
     height: int
     boxes: list[Box] = field(default_factory=list)
     source: str = ""
+    dropped: int = 0
 
 
 @dataclass(frozen=True)

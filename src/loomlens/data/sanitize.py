@@ -5,10 +5,14 @@ reading their size, and turning raw coordinates into clean boxes. Each check ret
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import struct
+import warnings
+import zlib
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from loomlens.data.florence_text import LabelError, validate_label
 from loomlens.data.records import Box, Problem
@@ -26,15 +30,16 @@ def relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def iter_files(root: Path, suffix: str, skip: Sequence[Path] = ()) -> Iterator[Path]:
-    """Files under `root` ending in `suffix` (any case), sorted, leaving out the folders in
-    `skip` (a conversion's own output inside its source), hidden folders such as `.git` and
-    the temporary files `atomic_open` leaves while writing."""
+def iter_files(root: Path, suffix: str | Collection[str], skip: Sequence[Path] = ()) -> Iterator[Path]:
+    """Files under `root` ending in `suffix` (any case; one, or a collection of them), sorted,
+    leaving out the folders in `skip` (a conversion's own output inside its source), hidden
+    folders such as `.git` and the temporary files `atomic_open` leaves while writing."""
+    suffixes = {suffix} if isinstance(suffix, str) else set(suffix)
     skipped = [s.resolve() for s in skip]
     for path in sorted(root.rglob("*")):
         rel_parts = path.relative_to(root).parts
         if (
-            path.suffix.lower() == suffix
+            path.suffix.lower() in suffixes
             and path.is_file()
             and not any(part.startswith(".") for part in rel_parts)
             and not any(path.resolve().is_relative_to(s) for s in skipped)
@@ -70,19 +75,63 @@ def find_image(
     )
 
 
+class BadImage(OSError):
+    """An image file PIL cannot open or decode: empty, truncated, not an image at all."""
+
+
+class ImageTooLarge(BadImage):
+    """An image over PIL's pixel limit (`Image.MAX_IMAGE_PIXELS`): likely a decompression bomb,
+    a small file that would unpack to gigabytes."""
+
+
+# What PIL's decoders raise on hostile bytes besides OSError (a bad PNG CRC is a SyntaxError).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+
+
+@contextmanager
+def open_image(path: Path, decode: bool = False) -> Iterator[Image.Image]:
+    """The image at `path`, open: its header read, and with `decode` all of its pixels too (a
+    truncated file passes the header and fails only here). Raises `ImageTooLarge` for any
+    image over `Image.MAX_IMAGE_PIXELS` (PIL only warns up to twice that, then raises an error
+    that is no OSError) and `BadImage` for anything else wrong with the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        limit = (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+        raise ImageTooLarge(f"{path.name!r} is over the limit of {limit:.0f} megapixels "
+                            f"(a decompression bomb?): {err}") from None
+    except _DECODE_ERRORS as err:
+        raise BadImage(f"cannot open {path.name!r}: {err}") from err
+    with im:
+        if decode:
+            try:
+                im.load()
+            except _DECODE_ERRORS as err:
+                raise BadImage(f"cannot decode {path.name!r}: {err}") from err
+        yield im
+
+
 def image_size(
     path: Path, declared: tuple[int, int] | None, file: str, line: int | None = None
 ) -> tuple[tuple[int, int] | None, Problem | None]:
-    """The (width, height) of the image at `path`, read from its header only. If the
-    annotation `declared` a non-zero size that differs, the boxes cannot be trusted: problem."""
+    """The (width, height) of the image at `path`, read from its header only (see
+    `open_image`). If the annotation `declared` a non-zero size that differs, the boxes cannot
+    be trusted: problem. A damaged or oversized image is a problem too."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             size = im.size
-    except (OSError, UnidentifiedImageError) as err:
+    except ImageTooLarge as err:
+        return None, Problem(
+            file=file, line=line, message=f"image {err}; skipped",
+            fix="downscale the image, or cut it into tiles before annotating",
+        )
+    except BadImage as err:
         return None, Problem(
             file=file,
             line=line,
-            message=f"cannot read image {path.name!r}: {err}",
+            message=f"cannot read image: {err}",
             fix="replace the damaged image or delete its annotation",
         )
     if declared and all(declared) and tuple(declared) != size:

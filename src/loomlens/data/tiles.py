@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,11 +116,12 @@ def tile_record(
     return sorted(tiles, key=lambda t: (t.window[1], t.window[0]))
 
 
-def save_tiles(frame: Path, tiles: dict[Path, Window]) -> None:
+def save_tiles(frame: Path, tiles: dict[Path, Window], image: Image.Image | None = None) -> None:
     """Crop each window of the image file `frame` and save it at its path (`tiles`: path ->
-    window), in the frame's own format, atomically. A tile already newer than the frame and of
-    its window's size is kept (a re-run). Raises OSError when the frame cannot be read or a
-    tile cannot be written."""
+    window), in the frame's own format, atomically. `image`: the frame already decoded, to crop
+    from instead of reading the file again. A tile already newer than the frame and of its
+    window's size is kept (a re-run). Raises OSError when the frame cannot be read or a tile
+    cannot be written."""
     def fresh(path: Path, window: Window) -> bool:
         if not path.exists() or path.stat().st_mtime < frame.stat().st_mtime:
             return False
@@ -132,8 +134,9 @@ def save_tiles(frame: Path, tiles: dict[Path, Window]) -> None:
     todo = {path: window for path, window in tiles.items() if not fresh(path, window)}
     if not todo:
         return
-    with Image.open(frame) as im:
-        fmt = im.format or "PNG"
+    with nullcontext(image) if image is not None else Image.open(frame) as im:
+        # A frame mirrored in memory has no format of its own: its file's suffix tells.
+        fmt = im.format or Image.registered_extensions().get(frame.suffix.lower(), "PNG")
         im.load()
         for path, window in todo.items():
             atomic_save_image(im.crop(window), path, fmt)

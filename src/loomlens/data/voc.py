@@ -87,10 +87,13 @@ def read_voc_file(path: Path, root: Path) -> tuple[ImageRecord | None, list[Prob
                 file=file, line=lines[obj], message="<object> without a numeric <bndbox>; box dropped",
                 fix="give it xmin, ymin, xmax, ymax",
             ))
+            record.dropped += 1
             continue
         box, box_problems = make_box(obj.findtext("name") or "", coords, width, height, file, lines[obj])
         problems += box_problems
-        if box is not None:
+        if box is None:
+            record.dropped += 1
+        else:
             record.boxes.append(box)
     return record, problems
 

@@ -110,11 +110,14 @@ def read_yolo_file(
                 message=f"class id {cls} has no usable name in classes.txt ({len(classes)} classes); box dropped",
                 fix="add the class to classes.txt or fix the id",
             ))
+            record.dropped += 1
             continue
         coords = ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
         box, box_problems = make_box(classes[cls], coords, width, height, file, number)
         problems += box_problems
-        if box is not None:
+        if box is None:
+            record.dropped += 1
+        else:
             record.boxes.append(box)
     return record, problems
 

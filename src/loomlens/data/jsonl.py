@@ -1,0 +1,125 @@
+"""Reading a converted split (`train.jsonl`, ...) without trusting it.
+
+A split may come from anywhere: hand edits, another tool, a download. `validate_split` checks
+all of it before the first training step, so a bad line fails at once with its file and line,
+not as a bare `KeyError` an hour into a run, and an image path cannot lead training to read
+files outside the data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from loomlens.data.records import Problem
+from loomlens.data.sanitize import BadImage, open_image
+
+#: Keys every sample needs, with the type of each value.
+REQUIRED = {"prefix": str, "suffix": str, "image": str}
+#: Optional keys, checked when present.
+OPTIONAL = {"task": str, "width": int, "height": int, "source": str}
+SUMMARY = "summary.json"
+
+
+class SplitError(ValueError):
+    """A split that cannot be trained on: the message lists the first problems, one a line,
+    as `file:line: what (fix)`; `problems` holds them all."""
+
+    def __init__(self, path: Path, problems: list[Problem], limit: int) -> None:
+        shown = "\n".join(f"  {p}" for p in problems[:limit])
+        more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+        super().__init__(f"{len(problems)} problem(s) in {path}; fix them, or convert the data again:\n{shown}{more}")
+        self.problems = problems
+
+
+def read_lines(path: str | Path) -> list[tuple[int, Any]]:
+    """The (line number, parsed JSON) of each non-empty line of the file at `path`. Raises
+    `SplitError` naming each line that is not JSON."""
+    path = Path(path)
+    rows, problems = [], []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                problems.append(Problem(file=str(path), line=number, message=f"not JSON ({err.msg})",
+                                        fix="write one JSON object a line"))
+    if problems:
+        raise SplitError(path, problems, 20)
+    return rows
+
+
+def allowed_roots(folder: Path) -> list[Path]:
+    """The folders a split in `folder` may take images from: `folder` itself and, when
+    `convert` wrote it, the source folder its `summary.json` records (`source_root`, relative
+    to `folder`), since converted samples point at the original images there. Resolved."""
+    roots = [folder.resolve()]
+    try:
+        summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return roots
+    source = summary.get("source_root") if isinstance(summary, dict) else None
+    if isinstance(source, str) and source:
+        roots.append((folder / source).resolve())
+    return roots
+
+
+def _fields(sample: Any) -> tuple[str, str] | None:
+    """What is wrong with the keys and types of one parsed line, and the fix; None if nothing."""
+    if not isinstance(sample, dict):
+        return f"a JSON {type(sample).__name__}, not an object", "write one object a line"
+    missing = [key for key in REQUIRED if key not in sample]
+    if missing:
+        return f"no {', '.join(map(repr, missing))}", f"give every sample {', '.join(REQUIRED)}"
+    for key, kind in {**REQUIRED, **OPTIONAL}.items():
+        value = sample.get(key)
+        if key in sample and not (isinstance(value, kind) and not isinstance(value, bool)):
+            return f"{key!r} is {value!r}, not a {kind.__name__}", f"make {key!r} a {kind.__name__}"
+    return None
+
+
+def _image(name: str, folder: Path, roots: list[Path]) -> tuple[str, str] | None:
+    """What is wrong with the image path `name` of a sample in `folder`, and the fix; None
+    if it stays inside `roots` and opens as an image (its header only)."""
+    image = (folder / name).resolve()
+    if not any(image.is_relative_to(root) for root in roots):
+        return (f"image {name!r} leads outside the data folder (and the source it was converted from); refused",
+                "convert the data again (its summary.json then admits the source folder), or keep the images "
+                "inside the data folder")
+    try:
+        with open_image(image):
+            return None
+    except BadImage as err:
+        if isinstance(err.__cause__, FileNotFoundError):
+            return f"image {name!r} not found", "restore the image, or convert the data again"
+        return f"image {name!r}: {err}", "replace the damaged image, or convert the data again"
+
+
+def validate_split(path: str | Path, root: str | Path | None = None, limit: int = 20) -> list[dict]:
+    """The samples of the split at `path`, each checked: valid JSON objects with the
+    `REQUIRED` keys (and `OPTIONAL` ones) of the right types, whose image resolves inside
+    the split's folder, the source `convert` recorded (see `allowed_roots`) or `root`, exists
+    and opens as an image (its header; each image once). Raises `SplitError` listing the
+    first `limit` problems, every one as `file:line: what (fix)`."""
+    path = Path(path)
+    folder = path.parent.resolve()
+    roots = allowed_roots(folder) + ([Path(root).resolve()] if root is not None else [])
+    images: dict[str, tuple[str, str] | None] = {}
+    samples, problems = [], []
+    for number, sample in read_lines(path):
+        wrong = _fields(sample)
+        if wrong is None:
+            name = sample["image"]
+            if name not in images:
+                images[name] = _image(name, folder, roots)
+            wrong = images[name]
+        if wrong is None:
+            samples.append(sample)
+        else:
+            problems.append(Problem(file=str(path), line=number, message=wrong[0], fix=wrong[1]))
+    if problems:
+        raise SplitError(path, problems, limit)
+    return samples

@@ -1,0 +1,156 @@
+"""convert never harms its input or its previous output: an output folder that is (or holds)
+the source is refused, a full disk leaves every file whole; and nothing is silently lost or
+mislabelled: images without annotation are reported, images whose every box was dropped are
+not trained as defect-free."""
+
+from __future__ import annotations
+
+import errno
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from loomlens.data import atomic, convert as convert_module
+from loomlens.data.convert import ConvertError, convert
+from loomlens.data.records import Box, ImageRecord
+from loomlens.data.voc import write_voc
+from loomlens.data.yolo import write_classes
+
+from .conftest import all_samples, write_image
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _yolo_with_a_refused_class(root: Path) -> Path:
+    """The issue's dataset: class 1 cannot round-trip (an angle bracket), so convert refuses
+    its name, and class 2, wrinkle, would move up to id 1 in a rewritten classes.txt."""
+    write_classes(root / "classes.txt", ["broken-weft", "bad<name>", "wrinkle"])
+    write_image(root / "a.jpg")
+    (root / "a.txt").write_text("2 0.5 0.5 0.2 0.2\n0 0.3 0.3 0.1 0.1\n")
+    return root
+
+
+@pytest.mark.parametrize("where", ["same", "parent", "parent of parent"])
+def test_an_output_that_is_or_holds_the_source_is_refused_and_nothing_is_written(tmp_path, where):
+    src = _yolo_with_a_refused_class(tmp_path / "data" / "src")
+    out = {"same": src, "parent": src.parent, "parent of parent": tmp_path}[where]
+    before = _tree(tmp_path)
+    with pytest.raises(ConvertError, match="nothing written") as caught:
+        convert(src, out)
+    assert "source folder" in str(caught.value) and "-jsonl" in str(caught.value)  # says what to do
+    assert _tree(tmp_path) == before
+    # Spelt another way (a trailing "/.", or through a symlink) it is the same folder.
+    (tmp_path / "link").symlink_to(src)
+    with pytest.raises(ConvertError, match="is the source folder"):
+        convert(src / ".", tmp_path / "link")
+    assert _tree(src) == _tree(tmp_path / "link")
+
+
+def test_the_source_classes_keep_their_ids_after_a_refused_run(tmp_path):
+    src = _yolo_with_a_refused_class(tmp_path / "src")
+    with pytest.raises(ConvertError):
+        convert(src, src)
+    report = convert(src, tmp_path / "out", val_fraction=0)
+    (sample,) = all_samples(tmp_path / "out")
+    assert "wrinkle<loc_400><loc_400><loc_600><loc_600>" in sample["suffix"]  # id 2 still reads as wrinkle
+    assert report.classes == ["broken-weft", "wrinkle"]
+
+
+def test_an_output_inside_the_source_holding_other_files_is_refused(tmp_path):
+    src = tmp_path / "src"
+    write_image(src / "images" / "a.jpg")
+    write_voc(ImageRecord("images/a.jpg", 64, 48, [Box("drop", 5, 5, 20, 20)]), src / "annotations" / "a.xml", src)
+    before = _tree(src)
+    with pytest.raises(ConvertError, match="inside the source folder and holds files"):
+        convert(src, src / "annotations")  # its XML would be skipped as input
+    assert _tree(src) == before
+    # A new folder inside the source is the supported layout; it is skipped on a re-run.
+    convert(src, src / "jsonl", flip=True, val_fraction=0)
+    report = convert(src, src / "jsonl", flip=True, val_fraction=0)
+    assert report.images == 1 and report.problems == []
+
+
+def _voc_image(root: Path, name: str, box: str) -> None:
+    write_image(root / f"{name}.jpg")
+    (root / f"{name}.xml").write_text(
+        f"<annotation><filename>{name}.jpg</filename><size><width>64</width><height>48</height></size>"
+        f"<object><name>drop</name><bndbox>{box}</bndbox></object></annotation>", encoding="utf-8")
+
+
+def test_an_image_whose_every_box_was_dropped_is_left_out_unless_kept(tmp_path):
+    _voc_image(tmp_path / "src", "good", "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>")
+    _voc_image(tmp_path / "src", "emptied", "<xmin>30</xmin><ymin>5</ymin><xmax>30</xmax><ymax>20</ymax>")
+    report = convert(tmp_path / "src", tmp_path / "out", val_fraction=0)
+    assert report.images == 1 and report.negatives == 0
+    assert [s["image"] for s in all_samples(tmp_path / "out")] == ["../src/good.jpg"]
+    dropped, left_out = report.problems
+    assert "no area" in dropped.message
+    assert left_out.file == "emptied.xml" and "left out" in left_out.message and "--keep-empty" in left_out.fix
+
+    kept = convert(tmp_path / "src", tmp_path / "kept", val_fraction=0, keep_empty=True)
+    assert kept.images == 2 and kept.negatives == 1 and len(kept.problems) == 1
+    assert {s["image"]: s["suffix"] for s in all_samples(tmp_path / "kept")}["../src/emptied.jpg"] == ""
+    assert json.loads((tmp_path / "kept" / "summary.json").read_text())["keep_empty"] is True
+
+
+def test_an_annotated_negative_is_still_a_negative(tmp_path):
+    write_image(tmp_path / "src" / "clean.jpg")
+    write_voc(ImageRecord("clean.jpg", 64, 48, []), tmp_path / "src" / "clean.xml", tmp_path / "src")
+    _voc_image(tmp_path / "src", "good", "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>")
+    report = convert(tmp_path / "src", tmp_path / "out", val_fraction=0)
+    assert report.images == 2 and report.negatives == 1 and report.problems == []
+
+
+def test_images_without_an_annotation_are_reported(tmp_path):
+    src = tmp_path / "src"
+    _voc_image(src, "good", "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>")
+    write_image(src / "images" / "forgotten.png")
+    write_image(src / "unlabelled.JPG")
+    report = convert(src, src / "out", flip=True, val_fraction=0)
+    assert sorted(p.file for p in report.problems) == ["images/forgotten.png", "unlabelled.JPG"]
+    assert all("no usable annotation" in p.message and p.fix for p in report.problems)
+    # Its own flipped copies (out inside src) are no unannotated images on a re-run.
+    assert len(convert(src, src / "out", flip=True, val_fraction=0).problems) == 2
+    with pytest.raises(ConvertError, match="strict"):
+        convert(src, tmp_path / "strict", strict=True)
+
+
+def test_a_full_disk_is_a_clear_error_and_the_previous_output_stays_whole(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    _voc_image(src, "good", "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>")
+    _voc_image(src, "other", "<xmin>5</xmin><ymin>5</ymin><xmax>30</xmax><ymax>20</ymax>")
+    out = tmp_path / "out"
+    convert(src, out, val_fraction=0.5)
+    before = _tree(out)
+    real = atomic.atomic_open
+
+    @contextmanager
+    def full_disk(path, *args, **kwargs):
+        with real(path, *args, **kwargs) as f:
+            f.write("x" * 10)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        yield f  # never reached
+
+    monkeypatch.setattr(convert_module, "atomic_open", full_disk)
+    with pytest.raises(ConvertError) as caught:
+        convert(src, out, val_fraction=0.5, seed=1, tasks=("od", "caption"))
+    message = str(caught.value)
+    assert message.startswith(f"the disk is full while writing {out / 'train.jsonl'}")
+    assert "intact" in message and "free some space" in message
+    assert _tree(out) == before  # the old files whole, no temporaries left
+
+
+def test_another_write_error_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    _voc_image(tmp_path / "src", "good", "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>")
+
+    def read_only(image, path, fmt):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(convert_module, "atomic_save_image", read_only)
+    with pytest.raises(ConvertError, match=r"cannot write \(Permission denied\) while writing .*flipped_good.jpg"
+                                           r".*permissions"):
+        convert(tmp_path / "src", tmp_path / "out", flip=True, val_fraction=0)
