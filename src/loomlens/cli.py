@@ -488,9 +488,12 @@ def predict_command(
     constrained: bool = typer.Option(False, help="Decode <OD> through the run's class grammar."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
+    strict: bool = typer.Option(False, help="Exit 1 when any input was skipped (listed in OUT/problems.json)."),
 ) -> None:
     """Predict on images and videos: predictions.jsonl (pixels, labels, scores, timestamps),
-    drawn images and optional COCO results."""
+    drawn images and optional COCO results. Unreadable inputs are skipped and listed in
+    OUT/problems.json; predictions.jsonl is replaced only by a complete run (exit 1 when nothing
+    could be predicted, or with --strict when anything was skipped)."""
     from pydantic import ValidationError
     from rich.progress import Progress
 
@@ -512,6 +515,14 @@ def predict_command(
     except (FileNotFoundError, ValueError, ValidationError, RuntimeError, ModelLoadError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"{summary['items']} images/frames, {summary['boxes']} boxes -> {out}: {', '.join(summary['written'])}")
+    problems = summary["problems"]
+    if problems:
+        typer.secho(f"{len(problems)} input(s) skipped, all listed in {out / 'problems.json'}:", fg="yellow", err=True)
+        typer.echo("\n".join(f"  {p['error']}" for p in problems[:10]), err=True)
+        if not summary["items"]:
+            raise _fail("no input could be predicted; predictions.jsonl was left as it was")
+        if strict:
+            raise typer.Exit(1)
 
 
 @app.command("pretrain")
