@@ -14,7 +14,9 @@ tile batches so a caller can run other work while a large frame is being tiled.
 
 from __future__ import annotations
 
+import ctypes
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -68,6 +70,16 @@ class Prediction:
 
 class DeadlineExceeded(TimeoutError):
     """The prediction ran past the deadline its caller gave (`Predictor.predict(deadline=)`)."""
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the system (glibc `malloc_trim`; nothing elsewhere): the
+    CPU setting that keeps freed memory for speed would otherwise hold a large frame's peak."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def _check(deadline: float | None) -> None:
@@ -253,7 +265,9 @@ class Predictor:
             if is_tiled:
                 small = im if (w, h) == im.size else im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
                 boxes = tiled_detect(tiles, small, self.tile_size, self.overlap)
-                del small
+                if small is not im:  # a frame over the tile cap: give its memory back
+                    del small
+                    release_freed_memory()
                 answer, dropped = "", 0
             else:
                 d = next(found)
