@@ -50,6 +50,8 @@ PLAN: dict[str, list[str]] = {
     "transfer": ["--images", "480", "--steps", "500"],
     # The issue's budget: the default recipe, 20 min of training on AITEX (../shared/data/aitex).
     "real": ["--budget", "1200"],
+    # The serving load test (issue #16): four phases of 20 s on loopback.
+    "load": ["--seconds", "20"],
 }
 #: benchmarks that take the accuracy run's adapter when it exists.
 USE_ADAPTER = ("infer_speed", "tiling")

@@ -1,26 +1,30 @@
-"""Load test for `loomlens serve`: N concurrent clients for T seconds on loopback.
+"""Load test for `loomlens serve`, in one run, on loopback: throughput, overload, and whether
+someone else's large upload holds normal requests up.
 
-Starts its own server on 127.0.0.1 (a free port, nothing else is ever a target), runs N client
-threads that POST one synthetic loom frame to /v1/predict in a loop until T seconds have
-passed (every loop also bounded by --max-requests), polls /healthz throughout, stops the
-server, prints a table and writes a JSON result.
+Starts its own server on 127.0.0.1 (a free port, nothing else is ever a target) and runs four
+phases, every client loop bounded by time and by --max-requests:
 
-    python bench/load.py --clients 8 --seconds 20 --out runs/bench/load.json
+1. `c16`: --clients (16) clients POST a normal synthetic loom frame: req/s, p50/p95;
+2. `overload`: --overload-clients (48) clients: how many get 503 (the bounded queue's
+   designed answer), and that every request is answered;
+3. `quiet`: --normal-clients (2) clients alone: a normal request's p95 (the baseline);
+4. `mixed`: the same normal clients while --large-clients (2) keep sending 7000x7000 PNGs:
+   the normal p95 now, and its ratio to the baseline (goal: at most 2x).
 
-Reports requests/s, p50/p95/p99 latency, answers by status (503 = the bounded queue said
-"busy", which is the designed overload answer), transport errors, whether /healthz answered
-throughout, and whether any request went unanswered. Exit status 1 if a request went
-unanswered or /healthz failed. Not part of the default test run.
+RSS of the server process is sampled before the first phase, at its peak and after the last.
+
+    python -m bench.load --seconds 20
+    python -m bench.load --seconds 5 --clients 16 --overload-clients 32   # a quick check
+
+Writes runs/bench/load.json; `bench/all.py` renders `tables()` into docs/benchmarks.md. Exit
+status 1 if a request went unanswered or /healthz failed. Not part of the default test run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +35,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.common import RESULTS, Table, fmt, parse_size, percentile, publish
+
 HOST = "127.0.0.1"  # loopback only, by design
 
 
@@ -38,15 +44,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 def make_frame(folder: Path, size: tuple[int, int]) -> Path:
@@ -86,20 +83,31 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float, log_path: Pa
     sys.exit(f"server did not become healthy in {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
 
 
-def client_loop(url: str, data: bytes, fields: dict, deadline: float, max_requests: int,
+def big_png(folder: Path, side: int) -> Path:
+    """A side x side flat PNG: a few hundred kB that decode to side^2 pixels (the issue's upload)."""
+    from PIL import Image
+
+    path = folder / f"large-{side}.png"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (side, side), (90, 90, 90)).save(path, "PNG")
+    return path
+
+
+def client_loop(url: str, data: bytes, name: str, fields: dict, deadline: float, max_requests: int,
                 timeout: float, out: list) -> None:
+    """POST `data` until `deadline` (at most `max_requests` times); appends (status, seconds)."""
     with httpx.Client(base_url=url, timeout=timeout) as c:
         for _ in range(max_requests):
             if time.monotonic() >= deadline:
                 break
             t0 = time.perf_counter()
             try:
-                r = c.post("/v1/predict", files={"image": ("frame.jpg", data, "image/jpeg")}, data=fields)
-                out.append((r.status_code, time.perf_counter() - t0, r.headers.get("retry-after")))
+                r = c.post("/v1/predict", files={"image": (name, data)}, data=fields)
+                out.append((r.status_code, time.perf_counter() - t0))
                 if r.status_code == 503:  # the queue is full: back off as told, a little
                     time.sleep(min(0.05, float(r.headers.get("retry-after", 1)) / 20))
             except httpx.HTTPError as exc:
-                out.append((type(exc).__name__, time.perf_counter() - t0, None))
+                out.append((type(exc).__name__, time.perf_counter() - t0))
 
 
 def health_loop(url: str, stop: threading.Event, period: float, out: list) -> None:
@@ -108,18 +116,63 @@ def health_loop(url: str, stop: threading.Event, period: float, out: list) -> No
             t0 = time.perf_counter()
             try:
                 r = c.get("/healthz")
-                body = r.json() if r.status_code == 200 else {}
-                out.append((r.status_code, time.perf_counter() - t0, body.get("queue", {}).get("queued")))
-            except (httpx.HTTPError, ValueError) as exc:
-                out.append((type(exc).__name__, time.perf_counter() - t0, None))
+                out.append((r.status_code, time.perf_counter() - t0))
+            except httpx.HTTPError as exc:
+                out.append((type(exc).__name__, time.perf_counter() - t0))
             stop.wait(period)
+
+
+def rss_mb(pid: int) -> float:
+    """The server's resident memory now (MiB)."""
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def phase(url: str, groups: dict[str, tuple[int, bytes, str]], fields: dict, args, pid: int) -> dict:
+    """Run every group's clients (name -> (clients, body, file name)) for --seconds at once;
+    returns per group: answers by status, latencies of the 200s, req/s; and the peak RSS."""
+    results = {g: [[] for _ in range(n)] for g, (n, _, _) in groups.items()}
+    t0 = time.monotonic()
+    deadline = t0 + args.seconds
+    threads = [threading.Thread(target=client_loop, daemon=True,
+                                args=(url, body, fname, fields, deadline, args.max_requests,
+                                      args.request_timeout, results[g][i]))
+               for g, (n, body, fname) in groups.items() for i in range(n)]
+    for t in threads:
+        t.start()
+    peak = 0.0
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline + args.request_timeout + 30:
+        peak = max(peak, rss_mb(pid))
+        time.sleep(0.25)
+    elapsed = time.monotonic() - t0
+    out = {"elapsed_s": round(elapsed, 2), "stuck": sum(t.is_alive() for t in threads), "peak_rss_mb": round(peak)}
+    for g, per_client in results.items():
+        answers = [a for rs in per_client for a in rs]
+        ok = [s for code, s in answers if code == 200]
+        out[g] = {"clients": groups[g][0], "requests": len(answers),
+                  "by_status": dict(sorted(Counter(str(c) for c, _ in answers).items())),
+                  "unanswered": sum(1 for c, _ in answers if not isinstance(c, int)),
+                  "req_per_s": round(sum(isinstance(c, int) for c, _ in answers) / elapsed, 2),
+                  "ok_per_s": round(len(ok) / elapsed, 2),
+                  "p50_ms": ms(percentile(ok, 0.5)), "p95_ms": ms(percentile(ok, 0.95)),
+                  "max_ms": ms(max(ok) if ok else None)}
+    return out
+
+
+def ms(v: float | None) -> float | None:
+    return None if v is None else round(1000 * v, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--max-requests", type=int, default=100_000, help="per client, a hard bound")
+    ap.add_argument("--clients", type=int, default=16, help="phase c16: concurrent normal clients")
+    ap.add_argument("--overload-clients", type=int, default=48)
+    ap.add_argument("--normal-clients", type=int, default=2, help="phases quiet and mixed")
+    ap.add_argument("--large-clients", type=int, default=2, help="phase mixed: clients sending large PNGs")
+    ap.add_argument("--large-side", type=int, default=7000)
+    ap.add_argument("--seconds", type=float, default=20.0, help="per phase")
+    ap.add_argument("--max-requests", type=int, default=10_000, help="per client and phase, a hard bound")
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--adapter", default=None)
     ap.add_argument("--task", default="od")
@@ -127,49 +180,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-queue", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=4)
     ap.add_argument("--size", default="768x432", help="synthetic frame size WxH")
-    ap.add_argument("--image", default=None, help="use this image instead of a synthetic frame")
-    ap.add_argument("--page", action="store_true", help="also mount the web page (off: API only)")
     ap.add_argument("--request-timeout", type=float, default=60.0)
     ap.add_argument("--health-period", type=float, default=0.5)
     ap.add_argument("--health-slow-s", type=float, default=2.0, help="a /healthz slower than this fails")
-    ap.add_argument("--out", default="runs/bench/load.json")
+    ap.add_argument("--page", action="store_true", help="also mount the web page (off: API only)")
+    ap.add_argument("--threads", type=int, default=None, help="(unused: the server uses torch's default)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "load.json")
     args = ap.parse_args(argv)
-    if args.clients < 1 or args.seconds <= 0 or args.seconds > 600:
-        ap.error("need --clients >= 1 and 0 < --seconds <= 600")
+    if min(args.clients, args.overload_clients, args.normal_clients) < 1 or not 0 < args.seconds <= 600:
+        ap.error("need clients >= 1 and 0 < --seconds <= 600")
 
     work = Path(tempfile.mkdtemp(prefix="loomlens-load-"))
-    if args.image:
-        frame = Path(args.image)
-    else:
-        w, h = (int(v) for v in args.size.lower().split("x"))
-        frame = make_frame(work / "frames", (w, h))
+    w, h = parse_size(args.size)
+    frame = make_frame(work / "frames", (w, h))
     data = frame.read_bytes()
+    large = big_png(work / "large", args.large_side).read_bytes()
     port = free_port()
     url = f"http://{HOST}:{port}"
     log_path = work / "server.log"
     process = start_server(args, port, log_path)
+    fields = {"task": args.task, "tile": args.tile}
+    phases = {}
+    health: list = []
     try:
         startup_s = wait_ready(url, process, 180, log_path)
         # one warm-up request so the first client does not pay for lazy initialisation
-        fields = {"task": args.task, "tile": args.tile}
         httpx.post(url + "/v1/predict", files={"image": ("f.jpg", data)}, data=fields, timeout=120)
-        results: list[list] = [[] for _ in range(args.clients)]
-        health: list = []
+        rss_before = rss_mb(process.pid)
         stop = threading.Event()
         monitor = threading.Thread(target=health_loop, args=(url, stop, args.health_period, health), daemon=True)
         monitor.start()
-        t0 = time.monotonic()
-        deadline = t0 + args.seconds
-        threads = [threading.Thread(target=client_loop, daemon=True,
-                                    args=(url, data, fields, deadline, args.max_requests,
-                                          args.request_timeout, results[i]))
-                   for i in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(args.seconds + args.request_timeout + 30)
-        elapsed = time.monotonic() - t0
-        stuck = sum(t.is_alive() for t in threads)
+        phases["c16"] = phase(url, {"normal": (args.clients, data, frame.name)}, fields, args, process.pid)
+        phases["overload"] = phase(url, {"normal": (args.overload_clients, data, frame.name)}, fields, args, process.pid)
+        phases["quiet"] = phase(url, {"normal": (args.normal_clients, data, frame.name)}, fields, args, process.pid)
+        phases["mixed"] = phase(url, {"normal": (args.normal_clients, data, frame.name),
+                                      "large": (args.large_clients, large, "large.png")}, fields, args, process.pid)
+        time.sleep(2)  # let the last answers' buffers go
+        rss_after = rss_mb(process.pid)
         stop.set()
         monitor.join(10)
         server_stats = httpx.get(url + "/healthz", timeout=5).json().get("queue", {})
@@ -180,62 +227,60 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
 
-    answers = [r for rs in results for r in rs]
-    by_status = Counter(str(s) for s, _, _ in answers)
-    ok = [lat for s, lat, _ in answers if s == 200]
-    answered = [lat for s, lat, _ in answers if isinstance(s, int)]
-    unanswered = sum(1 for s, _, _ in answers if not isinstance(s, int)) + stuck
-    health_bad = [h for h in health if h[0] != 200 or h[1] > args.health_slow_s]
-    ms = lambda v: None if v is None else round(1000 * v, 1)  # noqa: E731
-    report = {
-        "config": {**vars(args), "image_bytes": len(data), "frame": str(frame)},
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                    "platform": platform.platform()},
+    quiet, mixed = phases["quiet"]["normal"]["p95_ms"], phases["mixed"]["normal"]["p95_ms"]
+    unanswered = sum(p["stuck"] + sum(g["unanswered"] for k, g in p.items() if isinstance(g, dict))
+                     for p in phases.values())
+    health_bad = [x for x in health if x[0] != 200 or x[1] > args.health_slow_s]
+    result = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "frame_bytes": len(data), "large_bytes": len(large),
         "startup_s": round(startup_s, 2),
-        "elapsed_s": round(elapsed, 2),
-        "requests": len(answers),
-        "ok": len(ok),
-        "requests_per_s": round(len(answered) / elapsed, 2),
-        "ok_per_s": round(len(ok) / elapsed, 2),
-        "latency_ms_ok": {"p50": ms(percentile(ok, 0.5)), "p95": ms(percentile(ok, 0.95)),
-                          "p99": ms(percentile(ok, 0.99)), "max": ms(max(ok) if ok else None),
-                          "mean": ms(statistics.fmean(ok) if ok else None)},
-        "latency_ms_all": {"p50": ms(percentile(answered, 0.5)), "p95": ms(percentile(answered, 0.95))},
-        "by_status": dict(sorted(by_status.items())),
+        "phases": phases,
+        "normal_p95_ratio": round(mixed / quiet, 2) if quiet and mixed else None,
+        "rss_mb": {"before": round(rss_before), "peak": max(p["peak_rss_mb"] for p in phases.values()),
+                   "after": round(rss_after)},
         "unanswered": unanswered,
         "health": {"checks": len(health), "failed": len(health_bad),
-                   "max_ms": ms(max((h[1] for h in health), default=None)),
-                   "max_queued": max((h[2] for h in health if h[2] is not None), default=None),
-                   "answered_throughout": bool(health) and not health_bad},
+                   "max_ms": ms(max((x[1] for x in health), default=None))},
         "server": server_stats,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-
-    rows = [
-        ("clients x seconds", f"{args.clients} x {args.seconds:g} s (max_queue {args.max_queue}, max_batch {args.max_batch})"),
-        ("frame", f"{frame.name} ({len(data) / 1024:.0f} kB), task {args.task}, tile {args.tile}"),
-        ("requests answered", f"{len(answered)} ({report['requests_per_s']} req/s)"),
-        ("200 OK", f"{len(ok)} ({report['ok_per_s']} req/s)"),
-        ("latency p50 / p95 / p99 (200)", " / ".join(f"{v} ms" for v in (report["latency_ms_ok"]["p50"],
-                                                                      report["latency_ms_ok"]["p95"],
-                                                                      report["latency_ms_ok"]["p99"]))),
-        ("answers by status", ", ".join(f"{k}: {v}" for k, v in report["by_status"].items()) or "none"),
-        ("unanswered", str(unanswered)),
-        ("/healthz", f"{len(health)} checks, {len(health_bad)} failed, max {report['health']['max_ms']} ms"),
-        ("server batches", f"{server_stats.get('batches')} for {server_stats.get('done')} images, "
-                           f"{server_stats.get('rejected')} rejected"),
-        ("result", str(out)),
-    ]
-    width = max(len(k) for k, _ in rows)
-    print("\nloomlens serve load test")
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v}")
-    good = unanswered == 0 and report["health"]["answered_throughout"]
-    print("  verdict" + " " * (width - 5) + ("OK: every request answered, /healthz throughout"
-                                             if good else "FAILED: see unanswered / health above"))
+    publish("load", result, args.out, argv, tables)
+    good = unanswered == 0 and not health_bad
+    print("verdict: " + ("OK: every request answered, /healthz throughout" if good else
+                         "FAILED: see unanswered / health above"))
     return 0 if good else 1
+
+
+def tables(result: dict) -> list[Table]:
+    """The load test as one table per run: each phase's answers, and the memory."""
+    c = result["config"]
+    rows = []
+    for name, what in (("c16", f"{c['clients']} clients, normal frames"),
+                       ("overload", f"{c['overload_clients']} clients, normal frames"),
+                       ("quiet", f"{c['normal_clients']} clients, normal frames"),
+                       ("mixed", f"{c['normal_clients']} normal + {c['large_clients']} sending "
+                                 f"{c['large_side']}x{c['large_side']} PNGs")):
+        p = result["phases"][name]
+        for group, g in p.items():
+            if not isinstance(g, dict):
+                continue
+            statuses = ", ".join(f"{k}: {v}" for k, v in g["by_status"].items()) or "none"
+            rows.append([f"{name}: {what}" + ("" if group == "normal" else " (the large ones)"),
+                         f"{g['req_per_s']:.2f}", fmt(g["p50_ms"], 0), fmt(g["p95_ms"], 0), statuses])
+    rss = result["rss_mb"]
+    ratio = result["normal_p95_ratio"]
+    return [Table(
+        f"`loomlens serve` under load on loopback: model {c['model']}, {c['seconds']:g} s per phase, "
+        f"max_queue {c['max_queue']}, max_batch {c['max_batch']}, frame {c['size']} task {c['task']} tile {c['tile']}",
+        ["phase", "req/s", "p50 ms", "p95 ms", "answers by status"], rows,
+        [f"normal request p95 while large PNGs are queued / its p95 alone: "
+         f"{'-' if ratio is None else f'{ratio:.2f}x'} (goal: at most 2x)",
+         f"server RSS: {rss['before']} MiB before, {rss['peak']} MiB at peak, {rss['after']} MiB after",
+         f"unanswered: {result['unanswered']}; /healthz: {result['health']['checks']} checks, "
+         f"{result['health']['failed']} failed, slowest {result['health']['max_ms']} ms",
+         "503 is the bounded queue's designed answer to overload (with Retry-After); a large upload "
+         "is downscaled to the server's --max-side and --max-tiles and runs in the large lane."],
+    )]
 
 
 if __name__ == "__main__":

@@ -206,6 +206,15 @@ def serve(
     batch_wait_ms: float = typer.Option(5.0, min=0, help="How long the worker waits to fill a batch."),
     max_body_mb: float = typer.Option(20.0, min=0.001, help="Largest request body in MB (413 past it)."),
     max_megapixels: float = typer.Option(50.0, min=0.001, help="Largest image in megapixels (413 past it)."),
+    max_side: int = typer.Option(4096, min=32, help="Longest image side kept: larger uploads are downscaled as decoded "
+                                 "(answers stay in the uploaded image's pixels)."),
+    max_tiles: int = typer.Option(64, min=1, help="Most model inputs (tiles + whole frame) one image may cost; a larger "
+                                  "frame is downscaled to fit."),
+    large_cost: int = typer.Option(16, min=1, help="Requests costing more model inputs run in the large lane, "
+                                   "interleaved with the small ones."),
+    request_timeout_s: float = typer.Option(30.0, min=0.1, help="A request's deadline, queue and compute (504 past it)."),
+    cors_origin: list[str] = typer.Option([], help="An origin (https://host:port) whose pages may call the API; "
+                                          "repeat for more. Default: same origin only."),
     max_connections: int = typer.Option(
         128, min=1, help="Open connections at most; uvicorn answers 503 past it (bounds buffered uploads)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:0, mps."),
@@ -234,14 +243,16 @@ def serve(
     settings = ServeSettings(
         host=host, port=port, api_key=api_key or None, max_queue=max_queue, max_batch=max_batch,
         batch_wait_ms=batch_wait_ms, max_body_mb=max_body_mb,
-        max_pixels=int(max_megapixels * 1_000_000), page=page, examples=examples,
+        max_pixels=int(max_megapixels * 1_000_000), max_side=max_side, large_cost=large_cost,
+        request_timeout_s=request_timeout_s, cors_origins=tuple(cors_origin), page=page, examples=examples,
         examples_dir=examples_dir,
         worker_delay_ms=worker_delay_ms,
     )
     from loomlens.model.loader import ModelLoadError
 
     try:
-        predictor = Predictor(model=model, adapter=adapter, device=device, precision=precision)  # the one model load
+        predictor = Predictor(model=model, adapter=adapter, device=device, precision=precision,
+                              max_tiles=max_tiles)  # the one model load
     except (FileNotFoundError, ValueError, ModelLoadError) as err:
         raise _fail(str(err)) from None
     asgi = create_app(predictor, settings)
@@ -525,9 +536,12 @@ def predict_command(
     constrained: bool = typer.Option(False, help="Decode <OD> through the run's class grammar."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
+    strict: bool = typer.Option(False, help="Exit 1 when any input was skipped (listed in OUT/problems.json)."),
 ) -> None:
     """Predict on images and videos: predictions.jsonl (pixels, labels, scores, timestamps),
-    drawn images and optional COCO results."""
+    drawn images and optional COCO results. Unreadable inputs are skipped and listed in
+    OUT/problems.json; predictions.jsonl is replaced only by a complete run (exit 1 when nothing
+    could be predicted, or with --strict when anything was skipped)."""
     from pydantic import ValidationError
     from rich.progress import Progress
 
@@ -549,6 +563,14 @@ def predict_command(
     except (FileNotFoundError, ValueError, ValidationError, RuntimeError, ModelLoadError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"{summary['items']} images/frames, {summary['boxes']} boxes -> {out}: {', '.join(summary['written'])}")
+    problems = summary["problems"]
+    if problems:
+        typer.secho(f"{len(problems)} input(s) skipped, all listed in {out / 'problems.json'}:", fg="yellow", err=True)
+        typer.echo("\n".join(f"  {p['error']}" for p in problems[:10]), err=True)
+        if not summary["items"]:
+            raise _fail("no input could be predicted; predictions.jsonl was left as it was")
+        if strict:
+            raise typer.Exit(1)
 
 
 @app.command("pretrain")

@@ -4,7 +4,14 @@
 - `drawn/`: each picture with its prediction drawn once;
 - `regions.yaml`: the region rules applied, if any;
 - `coco_results.json` (optional): a COCO file whose annotations carry a `score`, loadable by
-  any COCO tool as ground truth or, via its `annotations` list, as detection results.
+  any COCO tool as ground truth or, via its `annotations` list, as detection results;
+- `problems.json`: the inputs that gave no prediction (empty, truncated, corrupt), each with
+  the reason; they are skipped, never fatal to the others.
+
+Every file is written whole or not at all (`loomlens.data.atomic`): `predictions.jsonl` is
+written to a temporary file and renamed over the old one only when the run completes, so a
+run that fails or is interrupted midway leaves an earlier good file as it was. A run that
+predicted nothing (every input bad) leaves an existing `predictions.jsonl` alone too.
 """
 
 from __future__ import annotations
@@ -13,11 +20,12 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from loomlens.data.atomic import atomic_save_image, atomic_write
 from loomlens.infer.detection import batched
 from loomlens.predict.draw import draw_prediction
 from loomlens.predict.predictor import Prediction, Predictor
 from loomlens.predict.regions import save_rules
-from loomlens.predict.sources import Item, expand_inputs, iter_items
+from loomlens.predict.sources import Item, Problem, expand_inputs, iter_items
 from loomlens.run import RULES_FILE
 
 
@@ -67,6 +75,25 @@ def coco_document(records: Sequence[dict], classes: Sequence[str]) -> dict:
     return {"images": images, "categories": [{"id": i, "name": n} for n, i in cat.items()], "annotations": annotations}
 
 
+def _predict_chunk(predictor: Predictor, chunk: list[Item], problems: list[Problem], **options
+                   ) -> list[tuple[Item, Prediction]]:
+    """Predictions for a chunk of items; when the predictor refuses the chunk (ValueError or
+    OSError: something about one image), each item is retried alone and the ones it still
+    refuses become problems. Anything else (the model itself failing) propagates."""
+    try:
+        return list(zip(chunk, predictor.predict([i.image for i in chunk], **options)))
+    except (ValueError, OSError):
+        if len(chunk) == 1:
+            raise
+    done = []
+    for item in chunk:
+        try:
+            done += _predict_chunk(predictor, [item], problems, **options)
+        except (ValueError, OSError) as exc:
+            problems.append(Problem(str(item.source), f"{item.source}: {exc}", item.frame))
+    return done
+
+
 def predict_files(
     predictor: Predictor,
     inputs: Sequence[str | Path],
@@ -84,34 +111,46 @@ def predict_files(
     """Predict on every image and sampled video frame of `inputs` (files, folders, globs,
     videos) and write the results into `out` (see the module docstring). Frames go through
     the predictor `predictor.batch_size` at a time; `on_item()` is called after each item
-    (progress). Returns a summary: counts and the files written."""
+    (progress, also for a skipped item). Unreadable inputs are skipped and listed in
+    `problems.json` and the summary. Returns a summary: counts, problems, the files written."""
     out = Path(out)
     files = expand_inputs(inputs)
-    if draw:
-        (out / "drawn").mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as jsonl:
-        # Items stream in: a video is never held whole in memory.
-        for chunk in batched(iter_items(files, every), predictor.batch_size):
-            predictions = predictor.predict(
-                [i.image for i in chunk], task=task, text=text, tile=tile, score_threshold=score_threshold
-            )
-            for item, prediction in zip(chunk, predictions):
-                record = prediction_record(item, prediction)
-                jsonl.write(json.dumps(record) + "\n")
-                records.append(record)
-                if draw:
-                    draw_prediction(item.image, prediction).save(out / "drawn" / drawn_name(item), quality=90)
-                if on_item:
-                    on_item()
-    written = ["predictions.jsonl"] + (["drawn/"] if draw else [])
+    problems: list[Problem] = []
+
+    def skipped(problem: Problem) -> None:
+        problems.append(problem)
+        if on_item:
+            on_item()
+
+    options = {"task": task, "text": text, "tile": tile, "score_threshold": score_threshold}
+    # Items stream in: a video is never held whole in memory.
+    for chunk in batched(iter_items(files, every, skipped), predictor.batch_size):
+        failed = len(problems)
+        for item, prediction in _predict_chunk(predictor, chunk, problems, **options):
+            records.append(prediction_record(item, prediction))
+            if draw:
+                atomic_save_image(draw_prediction(item.image, prediction), out / "drawn" / drawn_name(item), "JPEG")
+            if on_item:
+                on_item()
+        if on_item:
+            for _ in problems[failed:]:
+                on_item()
+    written = []
+    if records or not (out / "predictions.jsonl").exists():
+        atomic_write(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        written.append("predictions.jsonl")
+    if draw and records:
+        written.append("drawn/")
+    atomic_write(out / "problems.json", json.dumps([p.as_dict() for p in problems], indent=1) + "\n")
+    written.append("problems.json")
     if predictor.rules is not None:  # the rules these results were filtered by, kept beside them
         save_rules(predictor.rules, out / RULES_FILE)
         written.append(RULES_FILE)
-    if coco:
-        (out / "coco_results.json").write_text(json.dumps(coco_document(records, predictor.loaded.classes)))
+    if coco and records:
+        atomic_write(out / "coco_results.json", json.dumps(coco_document(records, predictor.loaded.classes)))
         written.append("coco_results.json")
     return {"files": len(files), "items": len(records), "boxes": sum(len(r["boxes"]) for r in records),
-            "out": str(out), "written": written}
+            "problems": [p.as_dict() for p in problems], "out": str(out), "written": written}
 

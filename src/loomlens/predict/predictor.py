@@ -6,13 +6,20 @@ tiled on large frames (`loomlens.infer.tiling`), thresholded and filtered by the
 segmentation gives polygons; OCR with region gives quadrilaterals (as 4-point polygons, with
 their bounding boxes); the rest give text. A task the model was never trained on still runs and
 answers what it says, with `trained=False` on the prediction. Everything model-side is
-`loomlens.infer`'s; this module adds tasks, thresholds and rules.
+`loomlens.infer`'s; this module adds tasks, thresholds and rules, and the bounds a server
+needs: a cap on the tiles one image may cost (`max_tiles`: a larger frame is downscaled until
+it fits, boxes still in its own pixels), a compute deadline, and a `between` call between
+tile batches so a caller can run other work while a large frame is being tiled.
 """
 
 from __future__ import annotations
 
+import ctypes
 import re
-from dataclasses import dataclass, field
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -20,6 +27,7 @@ from PIL import Image
 from loomlens.data.florence_text import parse_polygons
 from loomlens.data.records import Box
 from loomlens.data.tasks import TASKS, Task, get_task, prompt
+from loomlens.data.tiles import tile_windows
 from loomlens.infer.detection import batched, detect_with_details
 from loomlens.infer.generation import generate
 from loomlens.infer.loading import load_for_inference
@@ -48,6 +56,35 @@ class Prediction:
     trained: bool = True
     tiled: bool = False
     dropped: int = 0
+    scale: float = 1.0
+
+    def scaled_to(self, width: int, height: int) -> Prediction:
+        """This prediction made on a resized copy, in the pixels of the `width` x `height`
+        original: boxes and polygons mapped, `scale` = the copy's size over the original's."""
+        sx, sy = width / self.width, height / self.height
+        boxes = [replace(b, x1=b.x1 * sx, y1=b.y1 * sy, x2=b.x2 * sx, y2=b.y2 * sy) for b in self.boxes]
+        polygons = [(label, [[x * sx, y * sy] for x, y in points]) for label, points in self.polygons]
+        return replace(self, width=width, height=height, boxes=boxes, polygons=polygons,
+                       scale=self.scale * min(self.width / width, self.height / height))
+
+
+class DeadlineExceeded(TimeoutError):
+    """The prediction ran past the deadline its caller gave (`Predictor.predict(deadline=)`)."""
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the system (glibc `malloc_trim`; nothing elsewhere): the
+    CPU setting that keeps freed memory for speed would otherwise hold a large frame's peak."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _check(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded("the prediction ran past its compute deadline")
 
 
 def _open(image: Image.Image | str | Path) -> Image.Image:
@@ -67,7 +104,8 @@ class Predictor:
     `regions`: a rules YAML or `RegionRules` (default: the run's `regions.yaml` if any).
     `tile_size`: tile edge in pixels (default: the tile size the run's data was cut to by
     `convert --tile`, else the model's input size); `overlap`: shared
-    fraction between tiles. `constrained`: `<OD>` through the class grammar (needs the run's
+    fraction between tiles. `max_tiles`: the most model inputs one tiled frame may cost (None:
+    no cap); a frame that would need more is downscaled until it fits. `constrained`: `<OD>` through the class grammar (needs the run's
     classes). `text_tokens`: answer budget of the tasks no box count bounds (captions, OCR;
     twice that for polygons), capped by the decoder's length. `precision`: the weights' dtype,
     fp32 or bf16; `auto` is bf16 where the device computes it natively (a recent GPU, a CPU
@@ -91,7 +129,10 @@ class Predictor:
         constrained: bool = False,
         text_tokens: int = 256,
         precision: str = "auto",
+        max_tiles: int | None = None,
     ):
+        if max_tiles is not None and max_tiles < 1:
+            raise ValueError(f"max_tiles must be at least 1 (or None: no cap), got {max_tiles}")
         if str(device).startswith("cpu"):
             keep_freed_memory()  # fewer page faults per image on a CPU (model/runtime.py)
         self.loaded = load_for_inference(
@@ -102,6 +143,7 @@ class Predictor:
         self.max_boxes = max_boxes
         self.batch_size = batch_size
         self.overlap = overlap
+        self.max_tiles = max_tiles
         self.constrained = constrained
         self.text_tokens = text_tokens
         # A run trained on tiles predicts best on tiles of the same size.
@@ -131,6 +173,7 @@ class Predictor:
             "max_boxes": self.max_boxes,
             "batch_size": self.batch_size,
             "tile_size": self.tile_size,
+            "max_tiles": self.max_tiles,
             "regions": self.rules is not None,
             "versions": {"loomlens": loomlens.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, "peft": peft.__version__},
@@ -143,22 +186,26 @@ class Predictor:
         text: str | None = None,
         tile: str = "auto",
         score_threshold: float = 0.0,
+        deadline: float | None = None,
+        between: Callable[[], None] | None = None,
     ) -> list[Prediction]:
         """One `Prediction` per image (PIL images or paths), in order.
 
         `text` is the phrase (phrase_grounding, referring_expression_segmentation) or the
         region (`x1,y1,x2,y2` pixels or four `<loc_N>`) a task needs. `tile` (auto | on | off)
-        applies to box tasks; `score_threshold` drops boxes scoring lower. Raises ValueError
-        for an unknown task or a missing/unreadable `text`.
+        applies to box tasks; `score_threshold` drops boxes scoring lower. `deadline` (a
+        `time.monotonic()` value): past it, DeadlineExceeded is raised between model calls.
+        `between()` is called after each batch of tiles (a server runs small requests there).
+        Raises ValueError for an unknown task or a missing/unreadable `text`.
         """
         spec = get_task(task)
         pictures = [_open(im) for im in images]
         for im in pictures:
             prompt(spec, text, im.width, im.height)  # refuse bad input before any work
         if spec.answer == "boxes":
-            results = self._boxes(spec, pictures, text, tile, score_threshold)
+            results = self._boxes(spec, pictures, text, tile, score_threshold, deadline, between)
         else:
-            results = self._generated(spec, pictures, text)
+            results = self._generated(spec, pictures, text, deadline)
         trained = spec.name in self.loaded.trained_tasks
         for r in results:
             r.trained = trained
@@ -171,30 +218,74 @@ class Predictor:
             constrained=self.constrained and spec.name == "od", classes=self.loaded.classes,
         )
 
-    def _boxes(self, spec: Task, images: list[Image.Image], text, tile: str, threshold: float) -> list[Prediction]:
-        tiled = [should_tile(im.width, im.height, tile, self.tile_size) for im in images]
-        whole = [im for im, t in zip(images, tiled) if not t]
+    def _tile_count(self, width: int, height: int) -> int:
+        """Model inputs a tiled `width` x `height` frame costs: its tiles, plus the whole frame."""
+        windows = len(tile_windows(width, height, self.tile_size, self.overlap))
+        return windows + (windows > 1)
+
+    def _fit(self, width: int, height: int, tile: str) -> tuple[int, int, bool]:
+        """The size a frame is predicted at and whether it is tiled: downscaled (aspect kept)
+        until its tiles fit `max_tiles`."""
+        if not should_tile(width, height, tile, self.tile_size):
+            return width, height, False
+        if self.max_tiles is None:
+            return width, height, True
+        w, h = width, height
+        while self._tile_count(w, h) > self.max_tiles:
+            scale = max(0.5, min(0.95, (self.max_tiles / self._tile_count(w, h)) ** 0.5))
+            w, h = max(1, int(w * scale)), max(1, int(h * scale))
+        return w, h, should_tile(w, h, tile, self.tile_size)
+
+    def model_inputs(self, width: int, height: int, tile: str = "auto", task: str = "od") -> int:
+        """How many model inputs (tiles + whole frame, or 1) predicting `task` on a `width` x
+        `height` image costs, with the `max_tiles` cap: what a server weighs a request by."""
+        if get_task(task).answer != "boxes":
+            return 1
+        w, h, tiled = self._fit(width, height, tile)
+        return self._tile_count(w, h) if tiled else 1
+
+    def _boxes(self, spec: Task, images: list[Image.Image], text, tile: str, threshold: float,
+               deadline: float | None, between: Callable[[], None] | None) -> list[Prediction]:
+        fits = [self._fit(im.width, im.height, tile) for im in images]
+        whole = [im for im, (_, _, t) in zip(images, fits) if not t]
+        _check(deadline)
         found = iter(self._detect(spec, whole, text))
+
+        def tiles(crops: list[Image.Image]) -> list[list[Box]]:
+            boxes = []
+            for part in batched(crops, self.batch_size):
+                _check(deadline)
+                boxes += [d.boxes for d in self._detect(spec, part, text)]
+                if between is not None:
+                    between()
+            return boxes
+
         results = []
-        for im, is_tiled in zip(images, tiled):
+        for im, (w, h, is_tiled) in zip(images, fits):
             if is_tiled:
-                boxes = tiled_detect(
-                    lambda crops: [d.boxes for d in self._detect(spec, crops, text)], im, self.tile_size, self.overlap
-                )
+                small = im if (w, h) == im.size else im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+                boxes = tiled_detect(tiles, small, self.tile_size, self.overlap)
+                if small is not im:  # a frame over the tile cap: give its memory back
+                    del small
+                    release_freed_memory()
                 answer, dropped = "", 0
             else:
                 d = next(found)
                 boxes, answer, dropped = d.boxes, d.generation.text, d.dropped
-            boxes = [b for b in boxes if b.score is None or b.score >= threshold]
+            found_at = Prediction(spec.name, w if is_tiled else im.width, h if is_tiled else im.height, boxes,
+                                  text=answer, tiled=is_tiled, dropped=dropped).scaled_to(im.width, im.height)
+            kept = [b for b in found_at.boxes if b.score is None or b.score >= threshold]
             if self.rules is not None:
-                boxes = self.rules.apply(boxes, im.width, im.height)
-            results.append(Prediction(spec.name, im.width, im.height, boxes, text=answer, tiled=is_tiled, dropped=dropped))
+                kept = self.rules.apply(kept, im.width, im.height)
+            results.append(replace(found_at, boxes=kept))
         return results
 
-    def _generated(self, spec: Task, images: list[Image.Image], text: str | None) -> list[Prediction]:
+    def _generated(self, spec: Task, images: list[Image.Image], text: str | None,
+                   deadline: float | None = None) -> list[Prediction]:
         budget = self.text_tokens if spec.answer == "text" else 2 * self.text_tokens
         results = []
         for chunk in batched(images, self.batch_size):
+            _check(deadline)
             prompts = [prompt(spec, text, im.width, im.height) for im in chunk]
             for im, gen in zip(chunk, generate(self.loaded.model, self.loaded.processor, chunk, prompts, budget)):
                 results.append(self._read(spec, im, gen.text, text))

@@ -24,6 +24,7 @@ import yaml
 from matplotlib.path import Path as PolygonPath
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from loomlens.data.atomic import atomic_write
 from loomlens.data.records import Box
 from loomlens.run import RULES_FILE
 
@@ -81,5 +82,5 @@ def save_rules(rules: RegionRules, path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / RULES_FILE
-    path.write_text(yaml.safe_dump(rules.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(rules.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
     return path

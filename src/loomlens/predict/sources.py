@@ -1,14 +1,18 @@
 """What `loomlens predict` reads: image files, folders, globs and video files, as a stream of
-items (a still image, or one sampled frame of a video) with where each came from."""
+items (a still image, or one sampled frame of a video) with where each came from.
+
+A file that cannot be read (0 bytes, truncated, corrupt, not what its suffix says) is not an
+error for the whole run: it is skipped and reported as a `Problem`, so one bad file among
+thousands never costs the others their predictions."""
 
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 from loomlens.predict.video import frame_count, is_video, read_frames
 
@@ -24,6 +28,19 @@ class Item:
     image: Image.Image
     frame: int | None = None
     timestamp: float | None = None
+
+
+@dataclass
+class Problem:
+    """An input that gave no prediction: its `source`, the frame (video) if it failed midway,
+    and `error`, a message that names what is wrong and what to do."""
+
+    source: str
+    error: str
+    frame: int | None = None
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "frame": self.frame, "error": self.error}
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -52,12 +69,36 @@ def count_items(files: Sequence[Path], every: int = 1) -> int:
     return sum(-(-frame_count(f) // every) if is_video(f) else 1 for f in files)
 
 
-def iter_items(files: Sequence[Path], every: int = 1) -> Iterator[Item]:
-    """Each image as one item, each video as every `every`-th frame."""
+def read_image(path: Path) -> Image.Image:
+    """The image at `path`, fully decoded to RGB. Raises ValueError naming the file for an
+    empty, truncated or undecodable one (a truncated file is refused, never padded)."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): re-copy or re-export it")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # decodes every pixel: a truncated file fails here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{path} cannot be decoded ({exc}): re-copy or re-export it") from None
+
+
+def iter_items(files: Sequence[Path], every: int = 1,
+               on_problem: Callable[[Problem], None] | None = None) -> Iterator[Item]:
+    """Each image as one item, each video as every `every`-th frame. With `on_problem`, a file
+    that cannot be read is reported to it and skipped; without, its ValueError propagates."""
     for f in files:
-        if is_video(f):
-            for frame in read_frames(f, every):
-                yield Item(f, frame.image, frame.index, frame.timestamp)
-        else:
-            with Image.open(f) as im:
-                yield Item(f, im.convert("RGB"))
+        try:
+            if is_video(f):
+                frames = 0
+                for frame in read_frames(f, every):
+                    frames += 1
+                    yield Item(f, frame.image, frame.index, frame.timestamp)
+                if not frames:
+                    raise ValueError(f"{f} holds no frame OpenCV can decode: re-copy or re-encode it")
+            else:
+                yield Item(f, read_image(f))
+        except (ValueError, OSError) as exc:
+            if on_problem is None:
+                raise
+            message = str(exc) if str(f) in str(exc) else f"{f}: {exc}"
+            on_problem(Problem(str(f), message))

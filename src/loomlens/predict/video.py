@@ -53,7 +53,8 @@ def read_frames(path: str | Path, every: int = 1) -> Iterator[Frame]:
     cv2 = _cv2()
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
-        raise ValueError(f"cannot open video {path}")
+        raise ValueError(f"cannot open video {path}: damaged, or not a video OpenCV decodes; "
+                         "re-copy or re-encode it (e.g. to H.264 mp4)")
     fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
     try:
         index = 0

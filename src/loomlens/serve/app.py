@@ -3,6 +3,13 @@
 `create_app(predictor, settings)` wires a loaded `loomlens.predict.Predictor` (or anything with
 its `.predict(...)` / `.info()` interface) to a bounded `Batcher`. The model is reached only
 through that object: serve never imports `loomlens.model`.
+
+Nothing from outside is trusted: the API key is checked from the headers before a byte of the
+body is read (`KeyGuard`), bodies are counted as they stream in, never buffered whole
+(`BodyLimit`), an image is downscaled to `max_side` as it is decoded and its tiles are capped
+by the predictor's `max_tiles`, every request has a compute deadline, large requests run in
+their own lane (`Batcher`), CORS answers only the origins configured (none: same origin only)
+and /docs is served from local files (no CDN).
 """
 
 from __future__ import annotations
@@ -15,12 +22,15 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import loomlens
 from loomlens.serve.batcher import Batcher
 from loomlens.serve.errors import InputError
-from loomlens.serve.images import DEFAULT_MAX_PIXELS, decode_base64, decode_image, set_pil_limit
+from loomlens.serve.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_base64, decode_image, set_pil_limit
 from loomlens.serve.results import prediction_json
 from loomlens.serve.tasks import TASKS, TILE_MODES, Options, parse_options, region_pixels
 
@@ -37,6 +47,11 @@ log = logging.getLogger("loomlens.serve")
 
 @dataclass
 class ServeSettings:
+    """One deployment's settings (`loomlens serve` flags). `max_side`: longest image side kept
+    after decoding (larger ones are downscaled); `large_cost`: model inputs above which a
+    request runs in the large lane; `request_timeout_s`: a request's deadline, queue and
+    compute; `cors_origins`: other origins whose pages may call the API (none: same origin)."""
+
     host: str = "127.0.0.1"
     port: int = 7860
     api_key: str | None = None
@@ -45,7 +60,10 @@ class ServeSettings:
     batch_wait_ms: float = 5.0
     max_body_mb: float = 20.0
     max_pixels: int = DEFAULT_MAX_PIXELS
-    request_timeout_s: float = 120.0
+    max_side: int = DEFAULT_MAX_SIDE
+    large_cost: int = 16
+    request_timeout_s: float = 30.0
+    cors_origins: tuple[str, ...] = ()
     page: bool = True
     examples: int = 4
     examples_dir: str | None = None
@@ -69,25 +87,38 @@ class Service:
             max_batch=settings.max_batch,
             batch_wait_ms=settings.batch_wait_ms,
             worker_delay_ms=settings.worker_delay_ms,
+            large_cost=settings.large_cost,
         )
         self.started = time.time()
 
-    def _predict(self, images: list, options: Options) -> list:
-        return self.predictor.predict(images, task=options.task, text=options.text,
-                                      tile=options.tile, score_threshold=options.score_threshold)
+    def _predict(self, images: list, options: Options, deadline, between) -> list:
+        return self.predictor.predict(images, task=options.task, text=options.text, tile=options.tile,
+                                      score_threshold=options.score_threshold, deadline=deadline, between=between)
 
     def prepare(self, data: bytes, task, text, tile, score_threshold):
-        """Validate options first (cheap), then decode the image (bounded by the pixel limit).
-        A region in pixels is checked against the image here; the predictor quantises it."""
+        """Validate options first (cheap), then decode the image (bounded by the pixel limit,
+        downscaled to `max_side`). A region in pixels is checked against the uploaded image's
+        size and scaled with it. Returns (image, options, uploaded size, cost in model inputs)."""
         options = parse_options(task, text, tile, score_threshold)
-        image = decode_image(data, self.settings.max_pixels)
+        image, size = decode_image(data, self.settings.max_pixels, self.settings.max_side)
         if TASKS[options.task].text == "region":
-            region_pixels(options.text, *image.size)
-        return image, options
+            pixels = region_pixels(options.text, *size)
+            if pixels is not None and image.size != size:
+                sx, sy = image.width / size[0], image.height / size[1]
+                x1, y1, x2, y2 = pixels
+                options = replace(options, text=f"{x1 * sx:g},{y1 * sy:g},{x2 * sx:g},{y2 * sy:g}")
+        cost = self.predictor.model_inputs(image.width, image.height, options.tile, options.task)
+        return image, options, size, cost
+
+    def _submit(self, image, options: Options, cost: int):
+        return self.batcher.submit(image, options, cost, time.monotonic() + self.settings.request_timeout_s)
 
     @staticmethod
-    def _shape(job) -> dict:
-        result = prediction_json(job.future.result())
+    def _shape(job, size: tuple[int, int]) -> dict:
+        prediction = job.future.result()
+        if (prediction.width, prediction.height) != size:  # predicted on a downscaled copy
+            prediction = prediction.scaled_to(*size)
+        result = prediction_json(prediction)
         result["timing_ms"] = {
             "queue": round(1000 * (job.started - job.enqueued), 1),
             "inference": round(1000 * (job.finished - job.started), 1),
@@ -95,60 +126,102 @@ class Service:
         result["batch_size"] = job.batch_size
         return result
 
-    @staticmethod
-    def _predict_error(exc: BaseException) -> InputError:
+    def _timeout(self) -> InputError:
+        return InputError(504, "timeout",
+                          f"the request needed more than {self.settings.request_timeout_s:g} s (queue and compute; "
+                          "server option --request-timeout-s); send a smaller image or tile=off")
+
+    def _predict_error(self, exc: BaseException) -> InputError:
         if isinstance(exc, InputError):
             return exc
+        if isinstance(exc, TimeoutError):
+            return self._timeout()
         if isinstance(exc, ValueError):  # the predictor refused these options for this image
             return InputError(422, "bad_request", str(exc))
         return InputError(500, "inference_failed", f"the model failed on this request: {exc}")
 
     def run(self, data: bytes, task, text, tile, score_threshold):
         """Blocking call (the page): returns `(decoded image, Prediction, result dict)`."""
-        image, options = self.prepare(data, task, text, tile, score_threshold)
-        job = self.batcher.submit(image, options)
+        image, options, size, cost = self.prepare(data, task, text, tile, score_threshold)
+        job = self._submit(image, options, cost)
         try:
             job.future.result(timeout=self.settings.request_timeout_s)
-        except TimeoutError:
-            job.future.cancel()
-            raise InputError(504, "timeout", "the model did not answer in time") from None
         except Exception as exc:
+            job.future.cancel()  # a job still waiting is dropped; a running one stops at its deadline
             raise self._predict_error(exc) from None
-        return image, job.future.result(), self._shape(job)
+        return image, job.future.result(), self._shape(job, size)
 
     async def run_async(self, data: bytes, task, text, tile, score_threshold) -> dict:
-        image, options = await run_in_threadpool(self.prepare, data, task, text, tile, score_threshold)
-        job = self.batcher.submit(image, options)
+        image, options, size, cost = await run_in_threadpool(self.prepare, data, task, text, tile, score_threshold)
+        job = self._submit(image, options, cost)
+        del image
         try:
-            await asyncio.wait_for(asyncio.wrap_future(job.future), self.settings.request_timeout_s)
-        except TimeoutError:
-            raise InputError(504, "timeout", "the model did not answer in time") from None
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), self.settings.request_timeout_s)
         except Exception as exc:
+            job.future.cancel()  # a job still waiting is dropped; a running one stops at its deadline
             raise self._predict_error(exc) from None
-        return self._shape(job)
+        return self._shape(job, size)
+
+
+async def _send_error(send, err: InputError) -> None:
+    """Answer `err` as JSON straight on the ASGI channel and close the connection (the body
+    the client is still sending is never read)."""
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def key_error(headers, api_key: str | None) -> InputError | None:
+    """None when `api_key` is unset or the request headers carry it (`Authorization: Bearer`
+    or `X-API-Key`), else the 401 to answer."""
+    if not api_key:
+        return None
+    given = headers.get("x-api-key", "")
+    auth = headers.get("authorization", "")
+    if not given and auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if given and hmac.compare_digest(given.encode(), api_key.encode()):
+        return None
+    return InputError(401, "unauthorized",
+                      "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+                      headers={"WWW-Authenticate": "Bearer"})
+
+
+class KeyGuard:
+    """ASGI wrapper: a request to /v1/* without the API key gets 401 from its headers alone,
+    before anything reads its body (an unauthenticated upload costs no memory)."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.api_key and scope["path"].startswith("/v1/"):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            err = key_error(headers, self.api_key)
+            if err is not None:
+                return await _send_error(send, err)
+        return await self.app(scope, receive, send)
 
 
 class BodyLimit:
-    """ASGI wrapper: reject request bodies over `max_bytes` with 413 before the app sees them.
+    """ASGI wrapper: refuse request bodies over `max_bytes` with 413.
 
-    A declared `Content-Length` over the limit is refused without reading; a chunked body is
-    counted as it arrives and refused the moment it passes the limit (at most `max_bytes` are
-    ever held)."""
+    A declared `Content-Length` over the limit is refused without reading; otherwise the body
+    is counted as the app reads it (nothing is buffered here): past the limit, reading raises
+    the 413 `InputError`, which the API answers (and this wrapper, if nothing else did)."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
 
-    async def _reject(self, send) -> None:
-        err = InputError(413, "body_too_large",
-                         f"the request body is larger than {self.max_bytes / 1024 / 1024:g} MB "
-                         "(server option --max-body-mb)")
-        body = json.dumps(err.body()).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    def _error(self) -> InputError:
+        return InputError(413, "body_too_large",
+                          f"the request body is larger than {self.max_bytes / 1024 / 1024:g} MB "
+                          "(server option --max-body-mb)")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -160,29 +233,30 @@ class BodyLimit:
                 except ValueError:
                     declared = 0
                 if declared > self.max_bytes:
-                    return await self._reject(send)
-        chunks, size = [], 0
-        while True:
+                    return await _send_error(send, self._error())
+        size = 0
+        started = False
+
+        async def counted():
+            nonlocal size
             message = await receive()
-            if message["type"] != "http.request":  # client went away
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                return await self._reject(send)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        replayed = False
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > self.max_bytes:
+                    raise self._error()
+            return message
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
 
-        return await self.app(scope, replay, send)
+        try:
+            return await self.app(scope, counted, tracked)
+        except InputError as err:
+            if started:
+                raise
+            await _send_error(send, err)
 
 
 class Detection(BaseModel):
@@ -204,6 +278,8 @@ class PredictResponse(BaseModel):
     trained: bool = Field(description="False: the model was never fine-tuned for this task")
     tiled: bool = Field(description="True: the frame was cut into tiles for small defects")
     dropped: int = Field(description="malformed parts of the model's answer that were skipped")
+    scale: float = Field(description="< 1: the model saw the image downscaled by this factor (server limits "
+                         "--max-side, --max-tiles); boxes are still in the uploaded image's pixels")
     timing_ms: dict[str, float]
     batch_size: int
 
@@ -238,8 +314,24 @@ def _request_body_doc() -> dict:
     }
 
 
+def _local_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the files the `swagger-ui-bundle` package ships (served at
+    /docs/assets), so the docs render on a line with no internet."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs/assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} API",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")
+
+
 def create_app(predictor, settings: ServeSettings | None = None):
-    """The ASGI application (already wrapped in the body-size limit)."""
+    """The ASGI application: the API, /docs and the page, wrapped in the key check and the
+    body-size limit (the key first: an unauthenticated body is never read)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     settings = settings or ServeSettings()
     set_pil_limit(settings.max_pixels)
@@ -261,8 +353,15 @@ def create_app(predictor, settings: ServeSettings | None = None):
         "pixel boxes, labels, scores, polygons and text. Errors are JSON "
         "`{\"error\": {\"status\", \"code\", \"message\"}}`.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,  # ReDoc would load its script from a CDN; Swagger UI is served locally
     )
     app.state.service = service
+    # Same origin only unless configured. Gradio defers its own CORS (which answers any
+    # localhost origin with credentials) to this middleware when the parent app has one.
+    app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_credentials=False,
+                       allow_methods=["GET", "POST"], allow_headers=["Authorization", "X-API-Key", "Content-Type"])
+    _local_docs(app)
 
     @app.exception_handler(InputError)
     async def _input_error(_request, exc: InputError):
@@ -276,19 +375,7 @@ def create_app(predictor, settings: ServeSettings | None = None):
     async def _http_error(_request, exc: StarletteHTTPException):
         return _error_response(InputError(exc.status_code, "http_error", str(exc.detail)))
 
-    def require_key(request: Request) -> None:
-        if not settings.api_key:
-            return
-        given = request.headers.get("x-api-key", "")
-        auth = request.headers.get("authorization", "")
-        if not given and auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        if not (given and hmac.compare_digest(given.encode(), settings.api_key.encode())):
-            raise InputError(401, "unauthorized",
-                             "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
-                             headers={"WWW-Authenticate": "Bearer"})
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+    v1 = APIRouter(prefix="/v1")  # the key is checked before the body by KeyGuard
 
     @v1.post("/predict", response_model=PredictResponse, openapi_extra=_request_body_doc(),
              summary="Run a Florence-2 task on one image")
@@ -297,6 +384,8 @@ def create_app(predictor, settings: ServeSettings | None = None):
         if ctype == "multipart/form-data" or ctype == "application/x-www-form-urlencoded":
             try:
                 form = await request.form(max_files=1, max_fields=16)
+            except InputError:
+                raise
             except Exception as exc:
                 raise InputError(400, "bad_form", f"cannot read the form: {exc}") from None
             upload = form.get("image") or form.get("file")
@@ -327,7 +416,8 @@ def create_app(predictor, settings: ServeSettings | None = None):
         info = dict(predictor.info())
         info["tasks"] = list(TASKS)
         info["serve"] = {k: v for k, v in asdict(settings).items()
-                         if k in ("max_queue", "max_batch", "batch_wait_ms", "max_body_mb", "max_pixels")}
+                         if k in ("max_queue", "max_batch", "batch_wait_ms", "max_body_mb", "max_pixels",
+                                  "max_side", "large_cost", "request_timeout_s")}
         info["serve"]["api_key"] = bool(settings.api_key)
         return info
 
@@ -366,4 +456,4 @@ def create_app(predictor, settings: ServeSettings | None = None):
             footer_links=["api"], mcp_server=False, theme=theme(), css=CSS,
             auth=auth, auth_message="This server needs its API key as the password (any user name).",
         )
-    return BodyLimit(app, settings.max_body_bytes)
+    return KeyGuard(BodyLimit(app, settings.max_body_bytes), settings.api_key)

@@ -3,7 +3,10 @@
 Order matters: the header is read first (`Image.open` decodes no pixels) and the pixel count is
 checked against the limit before anything is decompressed, so a small file that claims 200
 megapixels (a decompression bomb) costs nothing. Truncated files are rejected, never padded
-(PIL's `LOAD_TRUNCATED_IMAGES` stays off).
+(PIL's `LOAD_TRUNCATED_IMAGES` stays off). An image larger than the deployment's `max_side`
+is downscaled as it is decoded (a JPEG is decoded at a reduced scale directly), so a request
+holds at most `max_side`^2 pixels while it waits; the original size is returned with it so the
+answer can be given in the uploaded image's pixels.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from loomlens.serve.errors import InputError
 
 #: Default pixel limit: 50 MP, a dozen times the 2560x1440 loom frames.
 DEFAULT_MAX_PIXELS = 50_000_000
+#: Default longest side kept after decoding: a 4K camera frame passes untouched.
+DEFAULT_MAX_SIDE = 4096
+#: EXIF orientations that swap width and height.
+_TRANSPOSED = (5, 6, 7, 8)
 #: Formats a camera or a person plausibly sends; anything else is "not an image" here.
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 
@@ -29,8 +36,10 @@ def set_pil_limit(max_pixels: int) -> None:
     ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode `data` into an RGB image (EXIF orientation applied) or raise `InputError`."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None
+                 ) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode `data` into an RGB image (EXIF orientation applied, downscaled so its longer side
+    is at most `max_side`) and the original (width, height), or raise `InputError`."""
     if not data:
         raise InputError(400, "empty_image", "the image is empty (0 bytes)")
     try:
@@ -55,9 +64,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            original = (height, width) if image.getexif().get(0x0112, 1) in _TRANSPOSED else (width, height)
+            if max_side and max(width, height) > max_side and image.format == "JPEG":
+                image.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale
             image.load()
             image = ImageOps.exif_transpose(image)
             image = image.convert("RGB")
+            if max_side and max(image.size) > max_side:
+                image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     except OSError as exc:
         text = str(exc)
         if "truncated" in text.lower() or "premature" in text.lower():
@@ -65,7 +79,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise InputError(400, "bad_image", f"cannot decode the image: {text}") from None
     except Exception as exc:
         raise InputError(400, "bad_image", f"cannot decode the image: {exc}") from None
-    return image
+    return image, original
 
 
 def decode_base64(value) -> bytes:

@@ -33,6 +33,7 @@ def prediction_json(prediction) -> dict:
         "trained": bool(getattr(prediction, "trained", True)),
         "tiled": bool(getattr(prediction, "tiled", False)),
         "dropped": int(getattr(prediction, "dropped", 0)),
+        "scale": round(float(getattr(prediction, "scale", 1.0)), 4),
     }
 
 
