@@ -330,6 +330,7 @@ def train_command(
         _relaunch(num_processes)
     from loomlens.model.loader import ModelLoadError
     from loomlens.model.lora import LoraTargetError
+    from loomlens.train.checkpoint import UnsafeCheckpointError
     from loomlens.train.recipe import TrainingDiverged, train
 
     explicit = _given(data=data, model=model, out=out, lr=lr, r=r, alpha=alpha, targets=targets, freeze=freeze,
@@ -342,7 +343,8 @@ def train_command(
     cfg = _train_config(config, overrides, resume)
     try:
         result = train(cfg, resume=resume is not None)
-    except (FileExistsError, FileNotFoundError, ModelLoadError, LoraTargetError, TrainingDiverged, RuntimeError) as err:
+    except (FileExistsError, FileNotFoundError, ModelLoadError, LoraTargetError, TrainingDiverged, RuntimeError,
+            UnsafeCheckpointError) as err:
         raise _fail(str(err)) from None
     if result.last_eval:
         typer.echo("last evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()))

@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from loomlens.train import recipe
+from loomlens.train.checkpoint import read_trainer_state
 from loomlens.train.recipe import TrainingDiverged, train
 
 
@@ -32,7 +33,7 @@ def test_run_folder_holds_config_env_metrics_curves_tb_and_checkpoints(make_conf
     assert list((run / "tb").glob("events.out.tfevents.*"))
     for name in ("last", "best"):
         folder = run / "checkpoints" / name
-        assert (folder / "adapter_model.safetensors").exists() and (folder / "trainer_state.pt").exists()
+        assert (folder / "adapter_model.safetensors").exists() and (folder / "trainer_state.json").exists()
     assert not list((run / "checkpoints").glob(".*"))  # no temporary folders left behind
 
 
@@ -82,7 +83,7 @@ def test_nan_loss_saves_the_good_state_and_stops_clearly(make_config, monkeypatc
     cfg = make_config(max_steps=5, eval_every=0)
     with pytest.raises(TrainingDiverged, match="step 3"):
         train(cfg)
-    saved = torch.load(cfg.out / "checkpoints" / "last" / "trainer_state.pt", weights_only=False)
+    saved = read_trainer_state(cfg.out / "checkpoints" / "last")
     assert saved["state"]["step"] == 2
 
 
@@ -98,7 +99,7 @@ def test_best_follows_val_map50_and_early_stopping_ends_the_run(make_config, mon
     result = train(make_config(max_steps=10, eval_every=1, early_stopping=2, val_loss_max_samples=2))
     assert result.stopped == "early_stopping" and result.state.step == 4
     assert result.state.best_step == 2
-    best = torch.load(result.run_dir / "checkpoints" / "best" / "trainer_state.pt", weights_only=False)
+    best = read_trainer_state(result.run_dir / "checkpoints" / "best")
     assert best["state"]["step"] == 2
     rows = list(csv.DictReader(open(result.run_dir / "metrics.csv")))
     assert [float(r["map50"]) for r in rows if r["map50"]] == [0.2, 0.5, 0.4, 0.3]

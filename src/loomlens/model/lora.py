@@ -213,6 +213,7 @@ def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False):
     config_file = path / "adapter_config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path} is not a LoRA adapter folder: it has no adapter_config.json")
+    _check_safetensors_adapter(path)
     config = json.loads(config_file.read_text())
     targets = config["target_modules"]  # peft stores suffixes (or a regex): back to full names
     if isinstance(targets, str):
@@ -222,6 +223,19 @@ def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False):
     _prepare_base(model, names, bool(config.get("use_dora")))
     peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
     return peft_model if trainable else peft_model.eval()
+
+
+def _check_safetensors_adapter(path: Path) -> None:
+    """Refuse an adapter folder without `adapter_model.safetensors`: peft would fall back to
+    `adapter_model.bin`, a pickle, and a pickle from someone else's folder can run code."""
+    if (path / "adapter_model.safetensors").exists():
+        return
+    pickles = sorted(p.name for p in path.glob("adapter_model*.bin"))
+    found = f"it has {pickles[0]}, a pickle" if pickles else "it has no adapter_model.safetensors"
+    raise ValueError(
+        f"cannot load the adapter in {path}: {found}. loomlens reads only safetensors adapters; re-save it "
+        "where it was made with `model.save_pretrained(folder, safe_serialization=True)`."
+    )
 
 
 def load_quantized_base(name_or_path: str):

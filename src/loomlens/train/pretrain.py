@@ -37,6 +37,15 @@ from loomlens.data.florence_text import boxes_to_text
 from loomlens.data.shapes import SHAPE_CLASSES, Scene, make_scene
 from loomlens.model.tiny import TinyShape, build_tiny
 from loomlens.model.tokenizer import loc_token_ids
+from loomlens.train.checkpoint import (
+    UnsafeCheckpointError,
+    load_optimizer,
+    optimizer_payload,
+    read_state,
+    recover,
+    write_folder,
+    write_state,
+)
 
 
 @dataclass
@@ -328,11 +337,10 @@ def looking_check(model, processor, cfg: PretrainConfig, size: int, loc_start: i
 
 
 def _save_state(path: Path, model, head, optimizer, step: int, elapsed: float) -> None:
-    """Write the resumable state atomically (temp file, then rename)."""
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "elapsed": elapsed}, tmp)
-    os.replace(tmp, path)
+    """Write the resumable state atomically and without pickle (`checkpoint.write_state`)."""
+    payload = {"model": model.state_dict(), "head": head.state_dict(), "optimizer": optimizer_payload(optimizer),
+               "step": step, "elapsed": elapsed}
+    write_folder(path, lambda tmp: write_state(tmp, "state", payload))
 
 
 def schedule_position(cfg: PretrainConfig, step: int, elapsed: float) -> float:
@@ -369,13 +377,17 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     head.to(device)
     params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state_path = out / "state.pt"
+    state_path = out / "state"
     step, elapsed = 0, 0.0
+    recover(state_path)
+    if (out / "state.pt").exists() and not state_path.exists():
+        raise UnsafeCheckpointError(f"{out / 'state.pt'} was written by an older loomlens as a pickle, which is "
+                                    "never read (it can run code): delete it to start afresh, or use a new --work")
     if state_path.exists():
-        state = torch.load(state_path, weights_only=False, map_location=device)
+        state = read_state(state_path, "state")
         model.load_state_dict(state["model"])
         head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(optimizer, state["optimizer"])
         step, elapsed = state["step"], state.get("elapsed", 0.0)
         log(f"resumed at step {step}")
     torch.manual_seed(cfg.seed + step)

@@ -39,9 +39,9 @@ from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, t
 from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory
 from loomlens.model.vision import split_image_path, stage_count, stage_of
 from loomlens.train.checkpoint import (
-    STATE_FILE,
     TrainerState,
     copy_checkpoint,
+    has_checkpoint,
     load_checkpoint,
     recover,
     rng_states,
@@ -141,7 +141,8 @@ def train(
         train_set.encode_images(lambda pixels: encode(pixels.to(accelerator.device, inputs_dtype)), cfg.eval_batch_size)
     state = TrainerState()
     if resume:
-        state = load_checkpoint(last_dir, peft_model, optimizer, rank, accelerator.scaler)
+        state = load_checkpoint(last_dir, model=peft_model, optimizer=optimizer, rank=rank,
+                                scaler=accelerator.scaler)
         say(f"resumed from {last_dir} at step {state.step} (epoch {state.epoch})")
     if main:
         _write_run_files(cfg, run_dir, world)
@@ -158,7 +159,8 @@ def train(
     def checkpoint(improved: bool = False) -> None:
         rng = gather_object([rng_states()])  # collective: every process calls it
         if main:
-            save_checkpoint(last_dir, peft_model, optimizer, state, rng, accelerator.scaler)
+            save_checkpoint(last_dir, model=peft_model, optimizer=optimizer, state=state, rng=rng,
+                            scaler=accelerator.scaler)
             if improved:
                 copy_checkpoint(last_dir, best_dir)
 
@@ -332,7 +334,7 @@ def _on_device(batch: dict[str, torch.Tensor], device, dtype: torch.dtype | None
 
 def _check_run_dir(run_dir: Path, last_dir: Path, resume: bool) -> None:
     if resume:
-        if not (last_dir / STATE_FILE).exists():
+        if not has_checkpoint(last_dir):
             raise FileNotFoundError(f"nothing to resume: {last_dir} has no checkpoint")
     elif last_dir.exists():
         raise FileExistsError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick a new --out")
