@@ -163,9 +163,10 @@ def test_precision_on_a_cpu_follows_its_bf16_instructions(native, monkeypatch):
     fp16 is CUDA only."""
     monkeypatch.setattr(recipe, "cpu_has_bf16", lambda: native)
     auto = "bf16" if native else "fp32"
-    assert [recipe.training_precision(p) for p in PRECISIONS] == [auto, "fp32", "fp32", "bf16", "bf16-base"]
-    assert [recipe.mixed_precision(p) for p in PRECISIONS] == ["bf16" if native else "no", "no", "no", "bf16", "no"]
-    assert [recipe.frozen_dtype(p) for p in PRECISIONS] == [None, None, None, None, torch.bfloat16]
+    assert [recipe.training_precision(p, "cpu") for p in PRECISIONS] == [auto, "fp32", "fp32", "bf16", "bf16-base"]
+    assert [recipe.mixed_precision(p, "cpu") for p in PRECISIONS] == ["bf16" if native else "no", "no", "no", "bf16",
+                                                                      "no"]
+    assert [recipe.frozen_dtype(p, "cpu") for p in PRECISIONS] == [None, None, None, None, torch.bfloat16]
 
 
 def test_bf16_base_with_qlora_is_refused_clearly(make_config):

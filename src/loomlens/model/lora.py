@@ -177,15 +177,15 @@ def _outside_frozen_stages(model: nn.Module, targets: list[str], frozen: int) ->
     return kept
 
 
-def apply_lora(model: nn.Module, settings: LoraSettings):
+def apply_lora(model: nn.Module, settings: LoraSettings, *, vision_frozen_stages: int = 0):
     """Wrap `model` with a fresh LoRA/DoRA adapter per `settings`; returns the `PeftModel`.
 
     Only the adapters of the towers not frozen are trainable; the base model is frozen. The
-    first `settings.vision_frozen_stages` DaViT stages get no adapters.
+    first `vision_frozen_stages` DaViT stages get no adapters (`speed.vision_frozen_stages`).
     """
     from peft import LoraConfig, get_peft_model
 
-    targets = _outside_frozen_stages(model, resolve_targets(model, settings.targets), settings.vision_frozen_stages)
+    targets = _outside_frozen_stages(model, resolve_targets(model, settings.targets), vision_frozen_stages)
     _prepare_base(model, targets, settings.dora)
     config = LoraConfig(
         r=settings.r,

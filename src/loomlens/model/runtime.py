@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import sys
 
-__all__ = ["cpu_has_bf16", "keep_freed_memory"]
+__all__ = ["cpu_has_bf16", "keep_freed_memory", "resolve_device"]
 
 #: mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -47,3 +47,20 @@ def cpu_has_bf16() -> bool:
 
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch API: probe
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_device(name: str = "auto"):
+    """The one device rule of every command: `auto` -> CUDA when available, else the CPU;
+    other names (`check_device_name`) as torch spells them. Returns a `torch.device`; raises
+    ValueError for an unknown name or a device type this torch does not have."""
+    import torch
+
+    from loomlens.config import check_device_name
+
+    if check_device_name(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not present[device.type]:
+        raise ValueError(f"device {name} was asked for, but this torch sees none: use --device auto or cpu")
+    return device
