@@ -529,39 +529,6 @@ def predict_command(
     typer.echo(f"{summary['items']} images/frames, {summary['boxes']} boxes -> {out}: {', '.join(summary['written'])}")
 
 
-@app.command("pretrain")
-def pretrain_command(
-    out: Path = typer.Option(
-        Path("src/loomlens/assets/tiny-florence2"), help="Where the pretrained tiny model is written."
-    ),
-    work: Path = typer.Option(Path("runs/pretrain"), help="Resumable state, log and config of the run."),
-    steps: int = typer.Option(4000, help="Optimizer steps (each on fresh synthetic scenes); a cap with --time-budget."),
-    batch_size: int = typer.Option(16, help="Scenes per step."),
-    lr: float = typer.Option(1.5e-3, help="Peak learning rate (AdamW, warmup then cosine)."),
-    seed: int = typer.Option(0, help="Seed of the model init and of every scene."),
-    time_budget: float | None = typer.Option(
-        None, help="Seconds of training, summed over resumes: the schedule anneals by then."
-    ),
-    stop_at: int | None = typer.Option(None, help="Stop (resumably) after this step."),
-    eval_every: int = typer.Option(200, help="Steps between 'is it looking?' checks."),
-    device: str = typer.Option("auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ..."),
-    workers: int = typer.Option(0, help="Processes drawing scenes ahead of the loop (use them on a GPU)."),
-    threads: int | None = typer.Option(None, help="Torch CPU threads (1 is fastest on a busy machine)."),
-) -> None:
-    """Pretrain the embedded tiny Florence-2 on generic synthetic scenes (resumes from WORK)."""
-    from loomlens.train.pretrain import PretrainConfig, finish_pretraining, pretrain
-
-    cfg = PretrainConfig(out=str(work), steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                         time_budget=time_budget, stop_at=stop_at, eval_every=eval_every,
-                         device=device, workers=workers, threads=threads)
-    result = pretrain(cfg, log=typer.echo)
-    if not result["done"]:
-        typer.echo(f"stopped at step {result['step']}; run the same command to resume")
-        return
-    figures = finish_pretraining(result, cfg, out)
-    typer.echo(f"tiny model written to {out}: {figures}")
-
-
 def main() -> None:
     """Console-script entry point."""
     sys.argv = [sys.argv[0], *_expand_key_value_args(sys.argv[1:])]

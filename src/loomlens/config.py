@@ -301,3 +301,48 @@ class DemoConfig(BaseModel):
     flip: bool = True
     eval_images: int | None = Field(None, gt=0, description="val images in the before/after evaluation; null = all")
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig settings")
+
+
+class PretrainConfig(BaseModel):
+    """Every knob of a pretraining run of the embedded tiny model (`python -m
+    loomlens.train.pretrain`); saved, resolved, as `pretrain_config.json` beside the weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: str = Field("runs/pretrain", description="work folder: resumable state, log, config")
+    seed: int = Field(0, description="seed of the model init and of every scene (scenes of step N: seed + N)")
+    steps: int = Field(4000, gt=0, description="optimizer steps; a cap with time_budget")
+    batch_size: int = Field(16, gt=0, description="fresh scenes per step")
+    lr: float = Field(1.5e-3, gt=0, description="peak learning rate (AdamW, warmup then cosine: train/schedule.py)")
+    warmup: float = Field(100, ge=0, description="warmup: a fraction of the steps (<1) or a number of steps")
+    weight_decay: float = Field(0.01, ge=0)
+    loc_sigma: float = Field(
+        60.0, gt=0, description="Gaussian soft-label width in loc bins at the start: about one grid cell, so the "
+        "right cell earns credit from the first step; annealed geometrically to loc_sigma_end",
+    )
+    loc_sigma_end: float = Field(2.0, gt=0)
+    dense_weight: float = Field(1.0, ge=0, description="weight of the dense head's loss")
+    pointer_weight: float = Field(1.0, ge=0, description="weight of the pointer loss")
+    one_object_steps: int = Field(600, ge=0, description="curriculum: one object per scene for these first steps")
+    max_objects: int = Field(4, gt=0)
+    task_mix: dict[str, float] = Field(
+        default_factory=lambda: {"od": 0.7, "dense_region_caption": 0.1, "phrase_grounding": 0.1, "caption": 0.1},
+        description="share of each task among the samples",
+    )
+    eval_every: int = Field(200, gt=0, description="steps between 'is it looking?' checks")
+    eval_images: int = Field(64, gt=0, description="held-out scenes of each check")
+    save_every: int = Field(100, gt=0)
+    time_budget: float | None = Field(
+        None, gt=0, description="seconds of training, summed over resumes, the schedule (lr and soft-label width) is "
+        "paced over: a run on any machine anneals fully by the deadline",
+    )
+    stop_at: int | None = Field(None, gt=0, description="stop (resumably) after this step, to split a run")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads")
+    device: str = Field("auto", description=DEVICE_HELP)
+    workers: int = Field(0, ge=0, description="processes drawing scenes ahead of the loop (0: in the loop)")
+    shape: dict[str, Any] = Field(default_factory=dict, description="`model.tiny.TinyShape` fields; {} = its defaults")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return check_device_name(value)

@@ -112,3 +112,8 @@ def test_every_command_takes_device_auto():
     for command in ("train", "eval", "predict", "serve", "sweep", "demo"):
         text = re.sub(r"\s+", " ", re.sub(r"\x1b\[[0-9;]*m|[│╭╮╰╯─]", " ", run(command, "--help").output))
         assert "--device" in text and "auto (CUDA when there is one, else the CPU)" in text, command
+
+
+def test_pretrain_is_a_maintainer_tool_not_a_user_command():
+    commands = {line.split()[1] for line in run("--help").output.splitlines() if line.startswith("│ ")}
+    assert "train" in commands and "pretrain" not in commands  # python -m loomlens.train.pretrain
