@@ -205,7 +205,8 @@ def autocast(cfg, precision: str | None = None):
     `precision`: none under bf16-base), or the one `precision` (auto | fp32 | bf16 | fp16) names."""
     from loomlens.train.recipe import mixed_precision
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(precision or cfg.speed.precision, cfg.device))
+    autocast_name = mixed_precision(precision or cfg.speed.precision, cfg.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast_name)
     return torch.autocast(device(), dtype=dtype or torch.float32, enabled=dtype is not None)
 
 

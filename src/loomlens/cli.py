@@ -392,7 +392,7 @@ def sweep_command(
     shared = {**_extra_overrides(ctx.args), **({"data": str(data)} if data else {}), "device": _device(device)}
     _train_config(config, {**shared, **{k: v[0] for k, v in axes.items()}, "out": str(out)})  # fail fast
     try:
-        result = sweep(axes, shared, config, out)
+        result = sweep(axes, shared, config=config, out=out)
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as err:
         raise _fail(str(err)) from None
     typer.echo(result.table_md.read_text())

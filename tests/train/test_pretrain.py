@@ -103,7 +103,7 @@ def test_shipped_uint8_pixels_normalise_to_the_processors_input() -> None:
 
     _, processor, shape = build_tiny(TinyShape(), seed=0)
     cfg = PretrainConfig(batch_size=3, one_object_steps=0)
-    batch = make_batch(cfg, 5, shape, Batcher(processor), loc_token_ids(processor.tokenizer)[0])
+    batch = make_batch(cfg, 5, shape=shape, batcher=Batcher(processor), loc_start=loc_token_ids(processor.tokenizer)[0])
     assert batch["pixel_values"].dtype == torch.uint8
     rng = np.random.default_rng([cfg.seed, 5])
     images = [make_scene(rng, shape.image_size, max_objects=cfg.max_objects).image for _ in range(3)]

@@ -1,14 +1,12 @@
-"""The machine a model runs on: how the process hands memory to torch on a CPU, and whether
-the CPU computes bf16 natively.
+"""The machine a model runs on: the one device rule of every command (`resolve_device`), how
+the process hands memory to torch on a CPU, and whether the CPU computes bf16 natively.
 
 glibc's malloc serves each large tensor (above its mmap threshold, or from a heap top it
 trims) with fresh pages from the kernel, and every page faults on first touch. A training
-step of the tiny model at batch 8 allocates and frees tens of megabytes of activations that
-way: 6,000-25,000 page faults a step, measured. Keeping freed memory in the heap for reuse
-leaves ~1,200, and a bf16 step on 2 cores takes 3-17 % less time (alternating runs on
-2026-12-01; docs/training.md). Prediction gained 5-10 % an image at batch 8 in a one-off
-check (not a benchmark: bench/infer_speed runs both ways in one process). The cost: the
-process keeps its peak memory until it exits.
+step of the tiny model allocates and frees tens of megabytes of activations that way, so it
+page-faults thousands of times; keeping freed memory in the heap for reuse removes most of
+them and makes the step faster (`python -m bench.page_faults` counts them; figures in
+docs/training.md). The cost: the process keeps its peak memory until it exits.
 """
 
 from __future__ import annotations

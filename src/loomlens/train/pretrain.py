@@ -109,7 +109,7 @@ def forward(model, batch: dict, *, attentions: bool = False):
     return out.logits, image.last_hidden_state
 
 
-def make_batch(cfg: PretrainConfig, step: int, shape: TinyShape, batcher: Batcher, loc_start: int) -> dict:
+def make_batch(cfg: PretrainConfig, step: int, *, shape: TinyShape, batcher: Batcher, loc_start: int) -> dict:
     """Everything step `step` needs, as CPU tensors: model inputs and labels of fresh scenes
     drawn from `seed + step` (tasks from the mix), the dense head's targets and the pointer mask."""
     rng = np.random.default_rng([cfg.seed, step])
@@ -147,11 +147,11 @@ class StepBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         first, every = (self.start, 1) if info is None else (self.start + info.id, info.num_workers)
         for step in range(first, self.stop, every):
-            yield make_batch(self.cfg, step, self.shape, self.batcher, self.loc_start)
+            yield make_batch(self.cfg, step, shape=self.shape, batcher=self.batcher, loc_start=self.loc_start)
 
 
 @torch.no_grad()
-def looking_check(model, processor, cfg: PretrainConfig, size: int, loc_start: int) -> dict:
+def looking_check(model, processor, cfg: PretrainConfig, *, size: int, loc_start: int) -> dict:
     """Is it looking? Loc NLL with right vs shuffled images, and free-running <OD> mAP50
     (boxes scored from the generation's log-probabilities, as `loomlens eval` does)."""
     from loomlens.evaluate import detect
@@ -311,7 +311,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
                             point=f"{record['pointer']:.2f}", lr=f"{record['lr']:.1e}")
             finishing = progress(cfg, run.step, run.elapsed()) >= 1.0
             if run.step % cfg.eval_every == 0 or finishing:
-                last = looking_check(run.model, run.processor, cfg, run.shape.image_size, run.loc_start)
+                last = looking_check(run.model, run.processor, cfg, size=run.shape.image_size, loc_start=run.loc_start)
                 record.update(last)
                 log(f"step {run.step}: {json.dumps(last)}")
             with (Path(cfg.out) / "log.jsonl").open("a") as f:
@@ -329,7 +329,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     bar.close()
     done = progress(cfg, run.step, run.elapsed()) >= 1.0
     if done and not last:  # resumed a finished run: measure it again for the export
-        last = looking_check(run.model, run.processor, cfg, run.shape.image_size, run.loc_start)
+        last = looking_check(run.model, run.processor, cfg, size=run.shape.image_size, loc_start=run.loc_start)
     run.model.set_attn_implementation("sdpa")
     run.model.eval()
     return {"step": run.step, "done": done, "model": run.model, "processor": run.processor, "shape": run.shape,
@@ -376,8 +376,8 @@ def finish_pretraining(result: dict, cfg: PretrainConfig, folder: str | Path) ->
     baseline, _, _ = build_tiny(shape, seed=cfg.seed)
     figures = {
         "steps": result["step"],
-        "pretrained": looking_check(model, processor, cfg, shape.image_size, loc_start),
-        "random_init": looking_check(baseline.eval(), processor, cfg, shape.image_size, loc_start),
+        "pretrained": looking_check(model, processor, cfg, size=shape.image_size, loc_start=loc_start),
+        "random_init": looking_check(baseline.eval(), processor, cfg, size=shape.image_size, loc_start=loc_start),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     export_tiny(model, processor, folder, cfg=cfg, shape=shape, figures=figures)
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     export the model to `--out`. The shipped asset is updated only when `--out` names it."""
     parser = argparse.ArgumentParser(description="Pretrain the embedded tiny Florence-2 on synthetic scenes.")
     parser.add_argument("--out", default="runs/pretrain/tiny-florence2",
-                        help="where the pretrained model is written (the shipped one: src/loomlens/assets/tiny-florence2)")
+                        help="where the model is written (the shipped one: src/loomlens/assets/tiny-florence2)")
     parser.add_argument("--work", default="runs/pretrain", help="resumable state, log and config of the run")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     for name in ("steps", "batch_size", "lr", "seed", "time_budget", "stop_at", "eval_every", "workers", "threads"):

@@ -1,8 +1,11 @@
 """The fine-tuning recipe: LoRA/DoRA on Florence-2, one loop, top to bottom.
 
-    load base -> attach LoRA -> datasets -> optimizer + schedule -> accelerate
-    -> (resume) -> for each optimizer step: accumulate micro-batches, clip, step
-       -> log -> evaluate (val loss + mAP50) -> save last/ (and best/) -> stop?
+`setup` builds a `Session` (accelerator, base + fresh adapter, datasets, optimizer and
+schedule, a `BatchPreparer` that hides the speed settings, and on resume the saved state);
+`train` then runs one loop of named steps:
+
+    for each optimizer step: forward_backward (accumulate a window) -> optimizer_step
+       -> advance -> log_step -> stop_reason -> validate_and_keep_best | save -> stop?
 
 Everything distributed goes through Hugging Face accelerate: the same code runs on one CPU,
 one GPU, or `accelerate launch` across GPUs and nodes. Each process takes every N-th batch
@@ -174,7 +177,7 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = warmup_steps(cfg.warmup, total_steps)
     lr_factor(0, warmup, total_steps, cfg.schedule)  # a bad schedule name fails now, not at step 1
-    spec = loss_spec(cfg, model, processor, train_set)
+    spec = loss_spec(cfg, model=model, processor=processor, train_set=train_set)
     towers = trainable_by_tower(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     adapter = accelerator.unwrap_model(model)
@@ -233,7 +236,7 @@ def step_count(cfg: TrainConfig, train_set: FlorenceDataset, world: int) -> int:
     return cfg.max_steps or math.ceil(cfg.epochs * windows_per_epoch)
 
 
-def loss_spec(cfg: TrainConfig, model, processor, train_set: FlorenceDataset) -> LossSpec:
+def loss_spec(cfg: TrainConfig, *, model, processor, train_set: FlorenceDataset) -> LossSpec:
     """The loss's ids and optional terms for `model`; the pointer's grid (cells per side) is
     read from the number of image tokens in a prompt (one pooled token plus the grid)."""
     text_config = model.config.text_config

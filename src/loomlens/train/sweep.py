@@ -64,6 +64,7 @@ def summarize(run_dir: Path) -> dict:
 def sweep(
     axes: Mapping[str, Sequence[str]],
     shared: Mapping[str, str],
+    *,
     config: str | Path | None,
     out: Path,
     log: Callable[[str], None] = print,
