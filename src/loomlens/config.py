@@ -247,6 +247,7 @@ def load_config(
     schema: type[BaseModel],
     path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
+    *,
     base: Mapping[str, Any] | None = None,
 ):
     """Build a `schema` config from `base` (a dict), then the YAML at `path`, then `overrides`

@@ -124,7 +124,7 @@ def test_cached_image_features_train_exactly_like_pixels(make_config, tmp_path):
 
 def test_cached_first_stages_train_exactly_like_pixels(make_config, tmp_path):
     """LoRA on the last DaViT stage (and the text side), the first two stages cached once."""
-    common = dict(max_steps=2, eval_every=0, lora={"r": 4, "dropout": 0.0, "targets": "seed", "vision_frozen_stages": 2})
+    common = dict(max_steps=2, eval_every=0, lora={"r": 4, "dropout": 0.0, "targets": "seed"}, vision_frozen_stages=2)
     pixels = train(make_config(**common, out=str(tmp_path / "a")))
     cached = train(make_config(**common, cache_image_features=True, out=str(tmp_path / "b")))
     a, b = adapter_weights(pixels.model), adapter_weights(cached.model)
@@ -140,7 +140,7 @@ def test_cached_image_features_refuse_a_trainable_vision_side(make_config):
         train(make_config(max_steps=1, cache_image_features=True, lora={"targets": "seed"}))
     with pytest.raises(ValueError, match="projector still trains"):
         train(make_config(max_steps=1, cache_image_features=True,
-                          lora={"targets": "all-linear", "vision_frozen_stages": 3}))
+                          lora={"targets": "all-linear"}, vision_frozen_stages=3))
 
 
 def test_soft_labels_and_pointer_train_and_validate_with_the_plain_loss(make_config, tmp_path):

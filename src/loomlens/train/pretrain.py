@@ -164,11 +164,9 @@ def looking_check(model, processor, cfg: PretrainConfig, *, size: int, loc_start
     pairs = [scene_sample(s, "od", rng) for s in scenes]
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batcher(scenes, [p for p, _ in pairs], [a for _, a in pairs]).items()}
-    logits, _ = forward(model, batch)
-    _, right = seq_loss(logits, batch["labels"], loc_start, 1.0)
+    right = loc_nll(forward(model, batch)[0], batch["labels"], loc_start)
     shuffled = dict(batch, pixel_values=batch["pixel_values"].roll(1, dims=0))
-    logits, _ = forward(model, shuffled)
-    _, wrong = seq_loss(logits, batch["labels"], loc_start, 1.0)
+    wrong = loc_nll(forward(model, shuffled)[0], batch["labels"], loc_start)
     images, truth = [s.image for s in scenes], [s.boxes for s in scenes]
     free, constrained = (
         detect(model, processor, images, max_boxes=cfg.max_objects + 2, batch_size=16,

@@ -502,14 +502,14 @@ def _image_cache(model, frozen_stages: int):
     """`(encode, finish, what)` for cache_image_features: `encode(pixels)` is what each image
     caches, `finish(cached)` (None: nothing) turns a batch of it into image features every
     step, `what` says which part is cached. A fully frozen vision side caches its image
-    features; otherwise its first `frozen_stages` DaViT stages (`lora.vision_frozen_stages`)
+    features; otherwise its first `frozen_stages` DaViT stages (`speed.vision_frozen_stages`)
     are cached and the rest runs, adapters and all. Raises ValueError when neither is frozen."""
     base = model.get_base_model()
     if frozen_stages == 0 or not _moving_image_side(model):
         _check_frozen_image_side(model)
         return (lambda pixels: base.model.get_image_features(pixels).pooler_output), None, "frozen vision side"
     if frozen_stages >= stage_count(model):
-        raise ValueError(f"lora.vision_frozen_stages {frozen_stages} freezes every DaViT stage, but the projector "
+        raise ValueError(f"speed.vision_frozen_stages {frozen_stages} freezes every DaViT stage, but the projector "
                          "still trains: use --freeze vision, or fewer frozen stages")
     moving = [n for n in _moving_image_side(model) if (stage := stage_of(n)) is not None and stage < frozen_stages]
     if moving:
@@ -533,7 +533,7 @@ def _check_frozen_image_side(model) -> None:
         raise ValueError(
             f"cache_image_features needs a frozen vision side, but {moving[0]} (and {len(moving) - 1} more) "
             "would train: add --freeze vision, use language-only targets, or freeze the first DaViT stages "
-            "(lora.vision_frozen_stages=N)"
+            "(speed.vision_frozen_stages=N)"
         )
 
 
