@@ -168,17 +168,18 @@ def lora_model(cfg):
 
     torch.manual_seed(cfg.seed)
     model, processor = load_model(cfg.model)
-    return apply_lora(model, cfg.lora).to(device()), processor
+    return apply_lora(model, cfg.lora, vision_frozen_stages=cfg.speed.vision_frozen_stages).to(device()), processor
 
 
 def recipe_model(cfg, **changes: Any):
     """The model as loomlens's recipe trains it (`training_model`: its attention kernels, LoRA
     layers in their cheapest exact form, freed memory kept on a CPU), with `changes` to the
-    config (`lora=` a LoraSettings), on the device."""
+    config (`lora=` a LoraSettings; speed settings by their bare names), on the device."""
     from loomlens.train.recipe import training_model
 
+    speed = {k: changes.pop(k) for k in list(changes) if k in type(cfg.speed).model_fields}
     torch.manual_seed(cfg.seed)
-    model, processor = training_model(cfg.model_copy(update=changes))
+    model, processor = training_model(cfg.model_copy(update={**changes, "speed": cfg.speed.model_copy(update=speed)}))
     return model.to(device()), processor
 
 
@@ -204,7 +205,8 @@ def autocast(cfg, precision: str | None = None):
     `precision`: none under bf16-base), or the one `precision` (auto | fp32 | bf16 | fp16) names."""
     from loomlens.train.recipe import mixed_precision
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(precision or cfg.precision))
+    autocast_name = mixed_precision(precision or cfg.speed.precision, cfg.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast_name)
     return torch.autocast(device(), dtype=dtype or torch.float32, enabled=dtype is not None)
 
 

@@ -175,7 +175,7 @@ def compute_levers(cfg, first: list[int], repeats: int) -> list[dict[str, Any]]:
 
     model, processor = recipe_model(cfg)
     fp32 = recipe_model(cfg, precision="fp32")[0]
-    runs = training_precision(cfg.precision)
+    runs = training_precision(cfg.speed.precision, cfg.device)
     data = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, model.config.text_config.max_position_embeddings)
     batch = Collator(processor.tokenizer.pad_token_id)([data[i] for i in first])
     single = {k: v[:1] for k, v in batch.items()}

@@ -13,6 +13,8 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from loomlens.config import DEVICE_HELP
+
 app = typer.Typer(
     name="loomlens",
     help="Fine-tune Florence-2 with LoRA to find fabric defects, and run it on the line.",
@@ -217,7 +219,7 @@ def serve(
                                           "repeat for more. Default: same origin only."),
     max_connections: int = typer.Option(
         128, min=1, help="Open connections at most; uvicorn answers 503 past it (bounds buffered uploads)."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:0, mps."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     page: bool = typer.Option(True, "--page/--no-page", help="Serve the web page at /."),
     examples: int = typer.Option(4, min=0, help="Synthetic loom frames in the page's example gallery."),
@@ -251,7 +253,7 @@ def serve(
     from loomlens.model.loader import ModelLoadError
 
     try:
-        predictor = Predictor(model=model, adapter=adapter, device=device, precision=precision,
+        predictor = Predictor(model=model, adapter=adapter, device=_device(device), precision=precision,
                               max_tiles=max_tiles)  # the one model load
     except (FileNotFoundError, ValueError, ModelLoadError) as err:
         raise _fail(str(err)) from None
@@ -297,6 +299,16 @@ def _extra_overrides(args: list[str]) -> dict[str, str]:
             raise _fail(f"unexpected argument {arg!r}; settings look like --name value or name=value")
         i += 1
     return out
+
+
+def _device(name: str) -> str:
+    """`--device` by the one device rule (`model.runtime.resolve_device`); a bad name exits 1."""
+    from loomlens.model.runtime import resolve_device
+
+    try:
+        return str(resolve_device(name))
+    except ValueError as err:
+        raise _fail(str(err)) from None
 
 
 def _given(**options) -> dict:
@@ -349,24 +361,25 @@ def train_command(
     config: str | None = typer.Option(
         None, help="YAML config file, or a shipped one by name (base: the seed's recipe)."),
     resume: Path | None = typer.Option(None, help="Continue the run in this folder exactly where it was saved."),
-    lr: float | None = typer.Option(None, help="Peak learning rate."),
-    r: int | None = typer.Option(None, help="LoRA rank."),
-    alpha: float | None = typer.Option(None, help="LoRA alpha (default 2 r)."),
+    lr: str | None = typer.Option(None, help="Peak learning rate."),
+    r: str | None = typer.Option(None, help="LoRA rank."),
+    alpha: str | None = typer.Option(None, help="LoRA alpha (default 2 r)."),
     targets: str | None = typer.Option(
         None, help="LoRA targets: seed, attention, language, all-linear, or module names (q_proj,v_proj)."),
     freeze: str | None = typer.Option(None, help="Tower whose adapters stay frozen: none, vision, language."),
     dora: bool | None = typer.Option(None, "--dora/--no-dora", help="Weight-decomposed LoRA (DoRA)."),
-    epochs: float | None = typer.Option(None, help="Epochs (unless --max-steps)."),
-    max_steps: int | None = typer.Option(None, help="Optimizer steps; overrides --epochs."),
-    time_budget: float | None = typer.Option(None, help="Stop (evaluate and save) after this many seconds."),
-    batch_size: int | None = typer.Option(None, help="Samples per process per micro-batch."),
-    grad_accum: int | None = typer.Option(None, help="Micro-batches per optimizer step."),
+    epochs: str | None = typer.Option(None, help="Epochs (unless --max-steps)."),
+    max_steps: str | None = typer.Option(None, help="Optimizer steps; overrides --epochs (null: by --epochs)."),
+    time_budget: str | None = typer.Option(None, help="Stop (evaluate and save) after this many seconds; null: none."),
+    batch_size: str | None = typer.Option(None, help="Samples per process per micro-batch."),
+    grad_accum: str | None = typer.Option(None, help="Micro-batches per optimizer step."),
     order: str | None = typer.Option(None, help="Task order: grouped (seed's) or interleaved."),
-    eval_every: int | None = typer.Option(None, help="Evaluate every N steps (0: each epoch)."),
+    eval_every: str | None = typer.Option(None, help="Evaluate every N steps (0: each epoch)."),
     precision: str | None = typer.Option(None, help="auto (bf16 autocast on CUDA and on CPUs with bf16 instructions, "
                                          "else fp32), fp32, bf16 (autocast), bf16-base (frozen base in bf16, adapter "
                                          "fp32), fp16."),
     qlora: bool | None = typer.Option(None, "--qlora/--no-qlora", help="4-bit base (CUDA + bitsandbytes)."),
+    device: str | None = typer.Option(None, help=f"{DEVICE_HELP} Default: auto."),
     num_processes: int = typer.Option(1, min=1, help="Processes (GPUs) through accelerate launch."),
 ) -> None:
     """Fine-tune Florence-2 with LoRA/DoRA; writes config, metrics, curves, TensorBoard and checkpoints."""
@@ -377,12 +390,13 @@ def train_command(
     from loomlens.data.jsonl import SplitError
     from loomlens.model.loader import ModelLoadError
     from loomlens.model.lora import LoraTargetError
+    from loomlens.train.checkpoint import UnsafeCheckpointError
     from loomlens.train.recipe import TrainingDiverged, train
 
     explicit = _given(data=data, model=model, out=out, lr=lr, r=r, alpha=alpha, targets=targets, freeze=freeze,
                       dora=dora, epochs=epochs, max_steps=max_steps, time_budget=time_budget,
                       batch_size=batch_size, grad_accum=grad_accum, order=order, eval_every=eval_every,
-                      precision=precision, qlora=qlora)
+                      precision=precision, qlora=qlora, device=device)
     overrides = {**_extra_overrides(ctx.args), **{k: str(v) if isinstance(v, Path) else v for k, v in explicit.items()}}
     if resume is None and "data" not in overrides and config is None:
         raise _fail("give --data DIR (a folder from `loomlens convert`) or --config FILE, or --resume RUN_DIR")
@@ -390,7 +404,7 @@ def train_command(
     try:
         result = train(cfg, resume=resume is not None)
     except (FileExistsError, FileNotFoundError, ModelLoadError, LoraTargetError, TrainingDiverged, RuntimeError,
-            SplitError) as err:
+            SplitError, UnsafeCheckpointError) as err:
         raise _fail(str(err)) from None
     if result.last_eval:
         typer.echo("last evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()))
@@ -412,6 +426,7 @@ def sweep_command(
     dora: str | None = typer.Option(None, help="false,true."),
     loc_sigma: str | None = typer.Option(None, help="Soft location label widths in bins: 0,8."),
     pointer_weight: str | None = typer.Option(None, help="Pointer loss weights: 0,1."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Train one run per combination of the values given; one val-loss plot and one table for all."""
     from loomlens.train.sweep import sweep
@@ -421,10 +436,10 @@ def sweep_command(
                                                  pointer_weight=pointer_weight).items()}
     if "targets" in axes:
         axes["targets"] = [t.replace("+", ",") for t in axes["targets"]]
-    shared = {**_extra_overrides(ctx.args), **({"data": str(data)} if data else {})}
+    shared = {**_extra_overrides(ctx.args), **({"data": str(data)} if data else {}), "device": _device(device)}
     _train_config(config, {**shared, **{k: v[0] for k, v in axes.items()}, "out": str(out)})  # fail fast
     try:
-        result = sweep(axes, shared, config, out)
+        result = sweep(axes, shared, config=config, out=out)
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as err:
         raise _fail(str(err)) from None
     typer.echo(result.table_md.read_text())
@@ -454,12 +469,13 @@ def demo_command(
     out: Path = typer.Option(Path("runs/demo"), help="Folder for everything the demo makes."),
     images: int | None = typer.Option(None, help="Synthetic frames (default from configs/demo.yaml)."),
     time_budget: float | None = typer.Option(None, help="Training seconds (default from configs/demo.yaml)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """The main job end to end on the embedded tiny model: synth -> convert -> LoRA -> evaluate."""
     from loomlens.train.demo import run_demo
 
     try:
-        report = run_demo(out, images=images, time_budget=time_budget)
+        report = run_demo(out, images=images, time_budget=time_budget, device=_device(device))
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as err:
         raise _fail(str(err)) from None
     typer.echo(report.read_text())
@@ -479,6 +495,7 @@ def eval_command(
     max_images: int | None = typer.Option(None, min=1, help="Evaluate only the first N images."),
     constrained: bool = typer.Option(False, help="Decode <OD> through the class grammar."),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Evaluate detection on a split: metrics.json, PR curves, confusion matrix, reliability,
     worst images and report.md, with real confidence scores."""
@@ -495,6 +512,7 @@ def eval_command(
     adapter = Path(checkpoint) if checkpoint not in ("best", "last") else run
     try:  # the model as `predict` runs it
         loaded = load_for_inference(model=model, adapter=adapter, checkpoint=checkpoint if adapter == run else "best",
+                                    device=_device(device),
                                     precision=precision)
     except (FileNotFoundError, ValueError, ModelLoadError) as err:
         raise _fail(str(err)) from None
@@ -534,7 +552,7 @@ def predict_command(
     max_boxes: int = typer.Option(20, min=1, help="Most boxes read per image."),
     batch_size: int = typer.Option(16, min=1, help="Images per generation batch."),
     constrained: bool = typer.Option(False, help="Decode <OD> through the run's class grammar."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     strict: bool = typer.Option(False, help="Exit 1 when any input was skipped (listed in OUT/problems.json)."),
 ) -> None:
@@ -552,7 +570,7 @@ def predict_command(
 
     try:
         total = count_items(expand_inputs(inputs), every)
-        predictor = Predictor(model=model, adapter=adapter, device=device, max_boxes=max_boxes,
+        predictor = Predictor(model=model, adapter=adapter, device=_device(device), max_boxes=max_boxes,
                               batch_size=batch_size, checkpoint=checkpoint, regions=regions, tile_size=tile_size,
                               constrained=constrained, precision=precision)
         with Progress(transient=True) as bar:
@@ -571,39 +589,6 @@ def predict_command(
             raise _fail("no input could be predicted; predictions.jsonl was left as it was")
         if strict:
             raise typer.Exit(1)
-
-
-@app.command("pretrain")
-def pretrain_command(
-    out: Path = typer.Option(
-        Path("src/loomlens/assets/tiny-florence2"), help="Where the pretrained tiny model is written."
-    ),
-    work: Path = typer.Option(Path("runs/pretrain"), help="Resumable state, log and config of the run."),
-    steps: int = typer.Option(4000, help="Optimizer steps (each on fresh synthetic scenes); a cap with --time-budget."),
-    batch_size: int = typer.Option(16, help="Scenes per step."),
-    lr: float = typer.Option(1.5e-3, help="Peak learning rate (AdamW, warmup then cosine)."),
-    seed: int = typer.Option(0, help="Seed of the model init and of every scene."),
-    time_budget: float | None = typer.Option(
-        None, help="Seconds of training, summed over resumes: the schedule anneals by then."
-    ),
-    stop_at: int | None = typer.Option(None, help="Stop (resumably) after this step."),
-    eval_every: int = typer.Option(200, help="Steps between 'is it looking?' checks."),
-    device: str = typer.Option("auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ..."),
-    workers: int = typer.Option(0, help="Processes drawing scenes ahead of the loop (use them on a GPU)."),
-    threads: int | None = typer.Option(None, help="Torch CPU threads (1 is fastest on a busy machine)."),
-) -> None:
-    """Pretrain the embedded tiny Florence-2 on generic synthetic scenes (resumes from WORK)."""
-    from loomlens.train.pretrain import PretrainConfig, finish_pretraining, pretrain
-
-    cfg = PretrainConfig(out=str(work), steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                         time_budget=time_budget, stop_at=stop_at, eval_every=eval_every,
-                         device=device, workers=workers, threads=threads)
-    result = pretrain(cfg, log=typer.echo)
-    if not result["done"]:
-        typer.echo(f"stopped at step {result['step']}; run the same command to resume")
-        return
-    figures = finish_pretraining(result, cfg, out)
-    typer.echo(f"tiny model written to {out}: {figures}")
 
 
 def main() -> None:

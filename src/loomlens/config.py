@@ -2,8 +2,9 @@
 
 A value comes from, in rising priority: the field's default, a YAML file (`--config`), then
 command-line overrides. Overrides are `key=value` pairs; a key is a field name (`lr`), a
-dotted path (`lora.r`), or a field of the nested LoRA settings given bare (`r`, `dora`) when
-that name is unambiguous. Values are read as YAML scalars (`1e-4`, `true`, `null`,
+dotted path (`lora.r`, `speed.fold_lora`), or a field of a nested section given bare (`r`,
+`dora`, `fold_lora`) when that name is unambiguous. Keys that moved (`MOVED`) are read at their
+new place, so an old run's `config.yaml` still loads. Values are read as YAML scalars (`1e-4`, `true`, `null`,
 `[od, phrase_grounding]`) and then validated by the model, so a typo fails with the field's
 name instead of being ignored.
 """
@@ -12,13 +13,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: The configs shipped with the package (`--config demo` finds `configs/demo.yaml`).
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+#: What `--device` takes, for every command's help (`model.runtime.resolve_device` resolves it).
+DEVICE_HELP = "auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:N or mps."
+
+
+def check_device_name(name: str) -> str:
+    """`name` if it is `auto`, `cpu`, `mps` or `cuda`, with or without `:N` (as torch prints a
+    device); else a ValueError that says what is accepted. Needs no device (nor torch): a
+    config naming cuda validates anywhere."""
+    kind, _, index = str(name).partition(":")
+    if name == "auto" or (kind in ("cpu", "cuda", "mps") and (not index or index.isdigit())):
+        return name
+    raise ValueError(f"unknown device {name!r}: use {DEVICE_HELP}")
 
 
 class LoraSettings(BaseModel):
@@ -39,10 +54,6 @@ class LoraSettings(BaseModel):
     freeze: Literal["none", "vision", "language"] = Field(
         "none", description="tower whose adapters are not trained"
     )
-    vision_frozen_stages: int = Field(
-        0, ge=0, description="the first N DaViT stages get no adapters (with cache_image_features "
-        "their output is computed once per image); 0 = targets anywhere in the tower",
-    )
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -57,15 +68,55 @@ class LoraSettings(BaseModel):
         return self.alpha if self.alpha is not None else 2.0 * self.r
 
 
+class SpeedSettings(BaseModel):
+    """How fast a run trains on its machine: every speed knob in one place (`speed.NAME`, or
+    the bare `NAME` as an override). They change what a run learns at most by rounding, except
+    `vision_frozen_stages`, which keeps adapters out of the first DaViT stages so that
+    `cache_image_features` can compute them once. Measured effects: docs/training.md ("Speed")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    precision: Literal["auto", "fp32", "bf16", "bf16-base", "fp16"] = Field(
+        "auto", description="bf16 / fp16: autocast over fp32 weights; bf16-base: the frozen base stored in bf16, the "
+        "adapter in fp32, no autocast (faster, less accurate); auto: bf16 (else fp16) autocast on CUDA, bf16 on a "
+        "CPU with bf16 instructions, else fp32",
+    )
+    attention: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="attention kernels: auto = eager on a CPU (SDPA's bf16 backward is slow on DaViT's "
+        "small windows), sdpa on CUDA; the pointer loss needs eager",
+    )
+    fold_lora: bool = Field(
+        True, description="compute each plain LoRA layer in its cheapest exact form where estimated cheaper: "
+        "linear(x, W + s B A) in fp32; under autocast linear(x, W) + linear(x, s B A), or the low-rank form without "
+        "peft's input casts (off = peft's own forward everywhere)",
+    )
+    cache_image_features: bool = Field(
+        False, description="run the frozen part of the vision side once per image and reuse its output: "
+        "the whole side (--freeze vision or language-only targets) or its first vision_frozen_stages stages",
+    )
+    vision_frozen_stages: int = Field(
+        0, ge=0, description="the first N DaViT stages get no adapters (with cache_image_features "
+        "their output is computed once per image); 0 = targets anywhere in the tower",
+    )
+    num_workers: int = Field(
+        0, ge=0, description="processes preparing batches (GPU runs on large data); 0 = in the loop, with "
+        "every image processed once and cached",
+    )
+
+
 class TrainConfig(BaseModel):
     """Everything a fine-tuning run needs; written resolved to `RUN_DIR/config.yaml`."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    #: A YAML file with a `train:` mapping (a `DemoConfig`) gives its recipe from there.
+    yaml_section: ClassVar[str] = "train"
 
     data: Path = Field(description="folder written by `loomlens convert` (train.jsonl, val.jsonl)")
     model: str = Field("tiny", description="base model: tiny, base, large, a hub id or a folder")
     out: Path = Field(Path("runs/train"), description="run folder")
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    speed: SpeedSettings = Field(default_factory=SpeedSettings)
+    device: str = Field("auto", description=DEVICE_HELP)
     qlora: bool = Field(False, description="load the base in 4-bit (CUDA + bitsandbytes only)")
 
     tasks: list[str] = Field(default_factory=list, description="task names to train on; empty = all in the data")
@@ -74,7 +125,8 @@ class TrainConfig(BaseModel):
     )
     shuffle: bool = Field(True, description="shuffle samples (within each task when grouped) every epoch")
     group_by_length: bool = Field(
-        True, description="batch answers of similar length together (less padding, less mixed batches)"
+        False, description="batch answers of similar length together (less padding; but empty answers, the "
+        "defect-free frames, then all land in the same batches)"
     )
 
     epochs: float = Field(3, gt=0)
@@ -88,34 +140,11 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     warmup: float = Field(0.05, ge=0, description="warmup: a fraction of the steps (<1) or a number of steps")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    num_workers: int = Field(
-        0, ge=0, description="processes preparing batches (GPU runs on large data); 0 = in the loop, with "
-        "every image processed once and cached (fastest on CPU)",
-    )
-    cache_image_features: bool = Field(
-        False, description="run the frozen part of the vision side once per image and reuse its output: "
-        "the whole side (--freeze vision or language-only targets) or its first lora.vision_frozen_stages "
-        "stages (the fastest choices on CPU)",
-    )
     loc_sigma: float = Field(0.0, ge=0, description="soft labels over location bins: Gaussian width in bins; 0 = exact")
     pointer_weight: float = Field(
         0.0, ge=0, description="pointer loss: cross-attention at location tokens onto the box edge's image cells"
     )
-    attention: Literal["auto", "sdpa", "eager"] = Field(
-        "auto", description="attention kernels: auto = eager on a CPU (bf16 SDPA's backward is ~4x slower "
-        "on DaViT's small windows), sdpa on CUDA; the pointer loss needs eager",
-    )
-    fold_lora: bool = Field(
-        True, description="compute each plain LoRA layer in its cheapest exact form where estimated cheaper: "
-        "linear(x, W + s B A) in fp32; under autocast linear(x, W) + linear(x, s B A), or the low-rank form without "
-        "peft's input casts (off = peft's own forward everywhere)",
-    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
-    precision: Literal["auto", "fp32", "bf16", "bf16-base", "fp16"] = Field(
-        "auto", description="bf16 / fp16: autocast over fp32 weights; bf16-base: the frozen base stored in bf16, the "
-        "adapter in fp32, no autocast (faster, less accurate); auto: bf16 (else fp16) autocast on CUDA, bf16 on a "
-        "CPU with bf16 instructions, else fp32",
-    )
     seed: int = 0
 
     eval_every: int = Field(0, ge=0, description="evaluate every N steps; 0 = at the end of each epoch")
@@ -137,9 +166,14 @@ class TrainConfig(BaseModel):
             return [t.strip() for t in value.split(",") if t.strip()]
         return value
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return check_device_name(value)
+
     @model_validator(mode="after")
     def _one_base_dtype(self) -> "TrainConfig":
-        if self.qlora and self.precision == "bf16-base":
+        if self.qlora and self.speed.precision == "bf16-base":
             raise ValueError("precision bf16-base stores the frozen base in bf16, but qlora stores it in 4 bits: "
                              "use precision bf16 (autocast) with qlora")
         return self
@@ -155,9 +189,22 @@ def _parse_value(text: Any) -> Any:
         return text
 
 
+#: Settings that moved, old key -> new: an old run's `config.yaml` still loads (and resumes).
+MOVED = {
+    "precision": "speed.precision",
+    "attention": "speed.attention",
+    "fold_lora": "speed.fold_lora",
+    "cache_image_features": "speed.cache_image_features",
+    "num_workers": "speed.num_workers",
+    "lora.vision_frozen_stages": "speed.vision_frozen_stages",
+}
+
+
 def _set(tree: dict, schema: type[BaseModel], key: str, value: Any) -> None:
-    """Put `value` at `key` in the nested dict `tree`, resolving bare nested names."""
-    path = key.replace("-", "_").split(".")
+    """Put `value` at `key` in the nested dict `tree`, resolving moved keys (`MOVED`, for a
+    `TrainConfig`) and bare nested names."""
+    name = key.replace("-", "_")
+    path = (MOVED.get(name, name) if schema is TrainConfig else name).split(".")
     if len(path) == 1 and path[0] not in schema.model_fields:
         owners = [
             name for name, field in schema.model_fields.items()
@@ -200,6 +247,7 @@ def load_config(
     schema: type[BaseModel],
     path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
+    *,
     base: Mapping[str, Any] | None = None,
 ):
     """Build a `schema` config from `base` (a dict), then the YAML at `path`, then `overrides`
@@ -208,13 +256,22 @@ def load_config(
     tree: dict[str, Any] = {}
     layers: list[Mapping[str, Any]] = [base or {}]
     if path is not None:
-        layers.append(yaml.safe_load(resolve_config_path(path).read_text()) or {})
+        layers.append(_yaml_layer(schema, path))
+    layers.append({key: _parse_value(value) for key, value in (overrides or {}).items()})
     for layer in layers:
         for key, value in _flatten(layer):
             _set(tree, schema, key, value)
-    for key, value in (overrides or {}).items():
-        _set(tree, schema, key, _parse_value(value))
     return schema.model_validate(tree)
+
+
+def _yaml_layer(schema: type[BaseModel], path: str | Path) -> Mapping[str, Any]:
+    """The settings of the YAML at `path` for `schema`: the file, or its `schema.yaml_section`
+    mapping when it has one (`train --config demo` takes the demo's training recipe)."""
+    layer = yaml.safe_load(resolve_config_path(path).read_text()) or {}
+    section = getattr(schema, "yaml_section", None)
+    if section and section not in schema.model_fields and isinstance(layer.get(section), Mapping):
+        return layer[section]
+    return layer
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -245,3 +302,48 @@ class DemoConfig(BaseModel):
     flip: bool = True
     eval_images: int | None = Field(None, gt=0, description="val images in the before/after evaluation; null = all")
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig settings")
+
+
+class PretrainConfig(BaseModel):
+    """Every knob of a pretraining run of the embedded tiny model (`python -m
+    loomlens.train.pretrain`); saved, resolved, as `pretrain_config.json` beside the weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: str = Field("runs/pretrain", description="work folder: resumable state, log, config")
+    seed: int = Field(0, description="seed of the model init and of every scene (scenes of step N: seed + N)")
+    steps: int = Field(4000, gt=0, description="optimizer steps; a cap with time_budget")
+    batch_size: int = Field(16, gt=0, description="fresh scenes per step")
+    lr: float = Field(1.5e-3, gt=0, description="peak learning rate (AdamW, warmup then cosine: train/schedule.py)")
+    warmup: float = Field(100, ge=0, description="warmup: a fraction of the steps (<1) or a number of steps")
+    weight_decay: float = Field(0.01, ge=0)
+    loc_sigma: float = Field(
+        60.0, gt=0, description="Gaussian soft-label width in loc bins at the start: about one grid cell, so the "
+        "right cell earns credit from the first step; annealed geometrically to loc_sigma_end",
+    )
+    loc_sigma_end: float = Field(2.0, gt=0)
+    dense_weight: float = Field(1.0, ge=0, description="weight of the dense head's loss")
+    pointer_weight: float = Field(1.0, ge=0, description="weight of the pointer loss")
+    one_object_steps: int = Field(600, ge=0, description="curriculum: one object per scene for these first steps")
+    max_objects: int = Field(4, gt=0)
+    task_mix: dict[str, float] = Field(
+        default_factory=lambda: {"od": 0.7, "dense_region_caption": 0.1, "phrase_grounding": 0.1, "caption": 0.1},
+        description="share of each task among the samples",
+    )
+    eval_every: int = Field(200, gt=0, description="steps between 'is it looking?' checks")
+    eval_images: int = Field(64, gt=0, description="held-out scenes of each check")
+    save_every: int = Field(100, gt=0)
+    time_budget: float | None = Field(
+        None, gt=0, description="seconds of training, summed over resumes, the schedule (lr and soft-label width) is "
+        "paced over: a run on any machine anneals fully by the deadline",
+    )
+    stop_at: int | None = Field(None, gt=0, description="stop (resumably) after this step, to split a run")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads")
+    device: str = Field("auto", description=DEVICE_HELP)
+    workers: int = Field(0, ge=0, description="processes drawing scenes ahead of the loop (0: in the loop)")
+    shape: dict[str, Any] = Field(default_factory=dict, description="`model.tiny.TinyShape` fields; {} = its defaults")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return check_device_name(value)

@@ -149,3 +149,10 @@ def test_load_adapter_reproduces_base_plus_adapter(built, inputs, tmp_path, dora
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, trained(**inputs).logits, rtol=0, atol=1e-5)
     assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_a_pickled_adapter_is_refused_with_a_clear_message(model, tmp_path):
+    apply_lora(copy.deepcopy(model), LoraSettings()).save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").exists()
+    with pytest.raises(ValueError, match=r"adapter_model\.bin, a pickle.*reads only safetensors adapters.*re-save"):
+        load_adapter(model, tmp_path)

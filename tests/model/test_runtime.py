@@ -1,50 +1,34 @@
-"""Freed memory kept for reuse: fewer page faults in a training step on a CPU."""
+"""The machine a model runs on: the one device rule, and freed memory kept for reuse (its
+effect on page faults is measured by `python -m bench.page_faults`, not asserted here)."""
 
-import subprocess
 import sys
 
 import pytest
+import torch
 
-from loomlens.model.runtime import keep_freed_memory
-
-#: A forward+backward with 16 MiB activations, the size of the tiny model's first DaViT stage
-#: at batch 8; prints the page faults of one step, after warm-up.
-STEP = """
-import resource, sys, torch
-from torch import nn
-if sys.argv[1] == "keep":
-    from loomlens.model.runtime import keep_freed_memory
-    assert keep_freed_memory()
-torch.manual_seed(0)
-net = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32))
-x = torch.randn(32768, 32)
-def step():
-    net(x).square().mean().backward()
-for _ in range(3):
-    step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
-"""
-
-
-def _faults(mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", STEP, mode], capture_output=True, text=True, check=True, timeout=120)
-    return float(out.stdout.split()[-1])
-
-
-def test_kept_memory_halves_the_page_faults_of_a_step():
-    if not sys.platform.startswith("linux"):
-        pytest.skip("glibc's malloc only")
-    # Summed over three processes each: glibc's default adapts its thresholds as blocks are
-    # freed, so one process may land on a low-fault layout (0-7,400 faults a step measured;
-    # kept: 0-1,600); over three, default summed 7,300-16,600 and kept 800-2,500.
-    default = sum(_faults("default") for _ in range(3))
-    kept = sum(_faults("keep") for _ in range(3))
-    assert kept < 0.5 * default, (default, kept)
+from loomlens.model.runtime import keep_freed_memory, resolve_device
 
 
 def test_elsewhere_it_changes_nothing(monkeypatch):
     monkeypatch.setattr(sys, "platform", "darwin")
     assert keep_freed_memory() is False
+
+
+def test_auto_is_cuda_when_present_else_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") == resolve_device()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "cuda:0:1", ""])
+def test_an_unknown_device_name_is_refused_with_the_choices(name):
+    with pytest.raises(ValueError, match="unknown device.*auto.*cpu.*cuda:N"):
+        resolve_device(name)
+
+
+def test_a_device_this_torch_lacks_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="cuda was asked for, but this torch sees none"):
+        resolve_device("cuda")

@@ -36,12 +36,12 @@ def test_stage_of_names():
 
 def test_frozen_stages_get_no_adapters():
     model, _ = load_model("tiny")
-    peft = apply_lora(model, LoraSettings(targets="seed", r=2, vision_frozen_stages=2))
+    peft = apply_lora(model, LoraSettings(targets="seed", r=2), vision_frozen_stages=2)
     adapted = {n.split(".lora_")[0] for n, _ in peft.named_parameters() if "lora_A" in n}
     assert {stage_of(n) for n in adapted} == {None, 2}  # the text side and the last stage only
     assert any("language_model" in n for n in adapted)
     with pytest.raises(LoraTargetError, match="has 3 stages"):
-        apply_lora(load_model("tiny")[0], LoraSettings(targets="seed", vision_frozen_stages=4))
+        apply_lora(load_model("tiny")[0], LoraSettings(targets="seed"), vision_frozen_stages=4)
     with pytest.raises(LoraTargetError, match="nothing would train"):
-        apply_lora(load_model("tiny")[0], LoraSettings(targets=["model.vision_tower.blocks.0.0.spatial_block.ffn.fc1"],
-                                                     vision_frozen_stages=1))
+        apply_lora(load_model("tiny")[0], LoraSettings(targets=["model.vision_tower.blocks.0.0.spatial_block.ffn.fc1"]),
+                                        vision_frozen_stages=1)

@@ -1,6 +1,9 @@
 """Checkpoints are swapped in whole: a crash mid-save never leaves a broken last/."""
 
 import os
+import random
+
+import numpy as np
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ class FakeAdapter:
         self.tag, self.fail = tag, fail
 
     def save_pretrained(self, folder, **_):
-        os.makedirs(folder)
+        os.makedirs(folder, exist_ok=True)  # as peft does
         (folder / "adapter_model.safetensors").write_text(self.tag)
         if self.fail:
             raise OSError("disk full")
@@ -22,7 +25,8 @@ class FakeAdapter:
 
 def save(path, tag, fail=False):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    save_checkpoint(path, FakeAdapter(tag, fail), optimizer, TrainerState(step=len(tag)), [ck.rng_states()])
+    save_checkpoint(path, model=FakeAdapter(tag, fail), optimizer=optimizer, state=TrainerState(step=len(tag)),
+                    rng=[ck.rng_states()])
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
@@ -54,4 +58,68 @@ def test_a_kill_between_the_renames_is_recovered(tmp_path, monkeypatch):
     assert not last.exists()
     recover(last)
     assert (last / "adapter_model.safetensors").read_text() == "one"
-    assert torch.load(last / "trainer_state.pt", weights_only=False)["state"]["step"] == 3
+    assert ck.read_trainer_state(last)["state"]["step"] == 3
+
+
+class WritesAMarker:
+    """A pickle that, when unpickled, would write a file: what a crafted run folder could hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_touch, (self.marker,))
+
+
+def _touch(path):
+    with open(path, "w") as f:
+        f.write("pwned")
+
+
+def _adamw_after_a_step():
+    param = torch.nn.Parameter(torch.randn(3))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.ones(3)
+    optimizer.step()
+    return optimizer
+
+
+def test_the_trainer_state_round_trips_without_pickle(tmp_path):
+    optimizer = _adamw_after_a_step()
+    torch.manual_seed(7)
+    save_checkpoint(tmp_path / "last", model=FakeAdapter("x"), optimizer=optimizer, state=TrainerState(step=4),
+                    rng=[ck.rng_states()])
+    expected = torch.rand(3), np.random.rand(), random.random()
+    assert sorted(p.name for p in (tmp_path / "last").iterdir()) == [
+        "adapter_model.safetensors", "trainer_state.json", "trainer_state.safetensors"]
+    saved = ck.read_trainer_state(tmp_path / "last")
+    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+    ck.load_optimizer(fresh, saved["optimizer"])
+    for name, value in optimizer.state_dict()["state"][0].items():
+        assert torch.equal(fresh.state_dict()["state"][0][name], value)
+    assert fresh.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    ck.set_rng_states(saved["rng"][0])
+    assert torch.equal(torch.rand(3), expected[0]) and (np.random.rand(), random.random()) == expected[1:]
+
+
+def test_a_legacy_trainer_state_loads_through_the_safe_loader(tmp_path):
+    optimizer = _adamw_after_a_step()
+    legacy_rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    (tmp_path / "last").mkdir()
+    torch.save({"state": {"step": 5}, "optimizer": optimizer.state_dict(), "scaler": None, "rng": [legacy_rng]},
+               tmp_path / "last" / "trainer_state.pt")
+    expected = np.random.rand(), random.random()
+    saved = ck.read_trainer_state(tmp_path / "last")
+    assert saved["state"]["step"] == 5
+    ck.set_rng_states(saved["rng"][0])
+    assert (np.random.rand(), random.random()) == expected
+
+
+def test_a_malicious_trainer_state_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "marker"
+    last = tmp_path / "their-run" / "checkpoints" / "last"
+    last.mkdir(parents=True)
+    torch.save({"state": WritesAMarker(marker)}, last / "trainer_state.pt")
+    with pytest.raises(ck.UnsafeCheckpointError, match=r"refusing to read .*trainer_state\.pt.*never unpickles"):
+        ck.read_trainer_state(last)
+    assert not marker.exists()

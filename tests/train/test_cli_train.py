@@ -99,3 +99,21 @@ def test_num_processes_relaunches_under_accelerate(monkeypatch, small_data):
     assert command[1:3] == ["-m", "accelerate.commands.launch"] and command[command.index("--num_processes") + 1] == "2"
     assert command[-7:] == ["-m", "loomlens.cli", "train", "--data", str(small_data), "--lr", "0.1"]
     assert env["LOOMLENS_LAUNCHED"] == "1"
+
+
+def test_null_reaches_the_config_and_the_device_is_checked_there(tmp_path):
+    result = run("train", "--data", tmp_path, "max_steps=null", "time_budget=null", "device=gpu")
+    assert result.exit_code == 1 and "unknown device 'gpu'" in result.output, result.output
+
+
+def test_every_command_takes_device_auto():
+    import re
+
+    for command in ("train", "eval", "predict", "serve", "sweep", "demo"):
+        text = re.sub(r"\s+", " ", re.sub(r"\x1b\[[0-9;]*m|[│╭╮╰╯─]", " ", run(command, "--help").output))
+        assert "--device" in text and "auto (CUDA when there is one, else the CPU)" in text, command
+
+
+def test_pretrain_is_a_maintainer_tool_not_a_user_command():
+    commands = {line.split()[1] for line in run("--help").output.splitlines() if line.startswith("│ ")}
+    assert "train" in commands and "pretrain" not in commands  # python -m loomlens.train.pretrain

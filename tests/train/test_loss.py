@@ -67,7 +67,7 @@ def test_pointer_term_adds_weight_times_pointer_loss_per_token(small_model_dir):
     from PIL import Image
 
     from loomlens.model import load_model
-    from loomlens.train.pretrain import pointer_loss, pointer_mask
+    from loomlens.train.spatial_loss import pointer_loss, pointer_mask
 
     model, processor = load_model(str(small_model_dir))
     model.set_attn_implementation("eager")

@@ -11,16 +11,9 @@ import torch
 from loomlens.data.shapes import SHAPE_CLASSES, make_scene
 from loomlens.model.tiny import TinyShape, build_tiny
 from loomlens.model.tokenizer import loc_token_ids
-from loomlens.train.pretrain import (
-    PretrainConfig,
-    dense_targets,
-    pointer_loss,
-    pointer_mask,
-    pointer_targets,
-    pretrain,
-    schedule_position,
-    seq_loss,
-)
+from loomlens.config import PretrainConfig
+from loomlens.train.pretrain import main, pretrain, progress, seq_loss
+from loomlens.train.spatial_loss import dense_targets, pointer_loss, pointer_mask, pointer_targets
 
 LOC0 = 100  # a fake vocabulary: 100 text tokens, then 1000 loc tokens
 
@@ -110,7 +103,7 @@ def test_shipped_uint8_pixels_normalise_to_the_processors_input() -> None:
 
     _, processor, shape = build_tiny(TinyShape(), seed=0)
     cfg = PretrainConfig(batch_size=3, one_object_steps=0)
-    batch = make_batch(cfg, 5, shape, Batcher(processor), loc_token_ids(processor.tokenizer)[0])
+    batch = make_batch(cfg, 5, shape=shape, batcher=Batcher(processor), loc_start=loc_token_ids(processor.tokenizer)[0])
     assert batch["pixel_values"].dtype == torch.uint8
     rng = np.random.default_rng([cfg.seed, 5])
     images = [make_scene(rng, shape.image_size, max_objects=cfg.max_objects).image for _ in range(3)]
@@ -137,12 +130,15 @@ def test_pointer_loss_is_low_when_attention_sits_on_the_target() -> None:
     assert pointer_loss(off, torch.zeros(1, 3, 6)) == 0.0
 
 
-def test_a_time_budget_paces_the_schedule() -> None:
+def test_a_time_budget_paces_the_schedule_as_fine_tuning_does() -> None:
+    from loomlens.train.schedule import GRACE
+
     cfg = PretrainConfig(steps=1000, time_budget=100.0)
-    assert schedule_position(cfg, 100, elapsed=50.0) == 0.5  # time is further along than steps
-    assert schedule_position(cfg, 700, elapsed=10.0) == 0.7
-    assert schedule_position(cfg, 10, elapsed=500.0) == 1.0
-    assert schedule_position(PretrainConfig(steps=1000), 250, elapsed=1e9) == 0.25
+    grace = GRACE * 100.0
+    assert math.isclose(progress(cfg, 100, elapsed=50.0), (50.0 - grace) / (100.0 - grace))  # time leads
+    assert progress(cfg, 700, elapsed=10.0) == 0.7
+    assert progress(cfg, 10, elapsed=500.0) == 1.0
+    assert progress(PretrainConfig(steps=1000), 250, elapsed=1e9) == 0.25
 
 
 def test_finished_pretraining_exports_a_plain_transformers_model(tmp_path) -> None:
@@ -162,3 +158,24 @@ def test_finished_pretraining_exports_a_plain_transformers_model(tmp_path) -> No
     assert json.loads((tmp_path / "asset" / "pretrain_config.json").read_text())["steps"] == 1
     trained = result["model"].state_dict()
     assert all(torch.allclose(v.float(), trained[k].half().float()) for k, v in model.state_dict().items())
+
+
+def test_the_maintainer_command_validates_its_settings(tmp_path, capsys) -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="unknown device"):
+        main(["--work", str(tmp_path / "w"), "--device", "gpu"])
+    with pytest.raises(ValidationError, match="steps"):
+        main(["--work", str(tmp_path / "w"), "--steps", "0"])
+    assert not (tmp_path / "w").exists()
+
+
+def test_an_old_pickled_state_is_refused(tmp_path) -> None:
+    import pytest
+
+    from loomlens.train.checkpoint import UnsafeCheckpointError
+
+    (tmp_path / "state.pt").write_bytes(b"not read")
+    with pytest.raises(UnsafeCheckpointError, match="state.pt.*pickle"):
+        pretrain(PretrainConfig(out=str(tmp_path), steps=1), log=lambda *_: None)

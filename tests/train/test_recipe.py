@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from loomlens.train import recipe
+from loomlens.train.checkpoint import read_trainer_state
 from loomlens.train.recipe import TrainingDiverged, train
 
 
@@ -32,7 +33,7 @@ def test_run_folder_holds_config_env_metrics_curves_tb_and_checkpoints(make_conf
     assert list((run / "tb").glob("events.out.tfevents.*"))
     for name in ("last", "best"):
         folder = run / "checkpoints" / name
-        assert (folder / "adapter_model.safetensors").exists() and (folder / "trainer_state.pt").exists()
+        assert (folder / "adapter_model.safetensors").exists() and (folder / "trainer_state.json").exists()
     assert not list((run / "checkpoints").glob(".*"))  # no temporary folders left behind
 
 
@@ -82,7 +83,7 @@ def test_nan_loss_saves_the_good_state_and_stops_clearly(make_config, monkeypatc
     cfg = make_config(max_steps=5, eval_every=0)
     with pytest.raises(TrainingDiverged, match="step 3"):
         train(cfg)
-    saved = torch.load(cfg.out / "checkpoints" / "last" / "trainer_state.pt", weights_only=False)
+    saved = read_trainer_state(cfg.out / "checkpoints" / "last")
     assert saved["state"]["step"] == 2
 
 
@@ -98,7 +99,7 @@ def test_best_follows_val_map50_and_early_stopping_ends_the_run(make_config, mon
     result = train(make_config(max_steps=10, eval_every=1, early_stopping=2, val_loss_max_samples=2))
     assert result.stopped == "early_stopping" and result.state.step == 4
     assert result.state.best_step == 2
-    best = torch.load(result.run_dir / "checkpoints" / "best" / "trainer_state.pt", weights_only=False)
+    best = read_trainer_state(result.run_dir / "checkpoints" / "best")
     assert best["state"]["step"] == 2
     rows = list(csv.DictReader(open(result.run_dir / "metrics.csv")))
     assert [float(r["map50"]) for r in rows if r["map50"]] == [0.2, 0.5, 0.4, 0.3]
@@ -123,7 +124,7 @@ def test_cached_image_features_train_exactly_like_pixels(make_config, tmp_path):
 
 def test_cached_first_stages_train_exactly_like_pixels(make_config, tmp_path):
     """LoRA on the last DaViT stage (and the text side), the first two stages cached once."""
-    common = dict(max_steps=2, eval_every=0, lora={"r": 4, "dropout": 0.0, "targets": "seed", "vision_frozen_stages": 2})
+    common = dict(max_steps=2, eval_every=0, lora={"r": 4, "dropout": 0.0, "targets": "seed"}, vision_frozen_stages=2)
     pixels = train(make_config(**common, out=str(tmp_path / "a")))
     cached = train(make_config(**common, cache_image_features=True, out=str(tmp_path / "b")))
     a, b = adapter_weights(pixels.model), adapter_weights(cached.model)
@@ -139,7 +140,7 @@ def test_cached_image_features_refuse_a_trainable_vision_side(make_config):
         train(make_config(max_steps=1, cache_image_features=True, lora={"targets": "seed"}))
     with pytest.raises(ValueError, match="projector still trains"):
         train(make_config(max_steps=1, cache_image_features=True,
-                          lora={"targets": "all-linear", "vision_frozen_stages": 3}))
+                          lora={"targets": "all-linear"}, vision_frozen_stages=3))
 
 
 def test_soft_labels_and_pointer_train_and_validate_with_the_plain_loss(make_config, tmp_path):
@@ -162,9 +163,10 @@ def test_precision_on_a_cpu_follows_its_bf16_instructions(native, monkeypatch):
     fp16 is CUDA only."""
     monkeypatch.setattr(recipe, "cpu_has_bf16", lambda: native)
     auto = "bf16" if native else "fp32"
-    assert [recipe.training_precision(p) for p in PRECISIONS] == [auto, "fp32", "fp32", "bf16", "bf16-base"]
-    assert [recipe.mixed_precision(p) for p in PRECISIONS] == ["bf16" if native else "no", "no", "no", "bf16", "no"]
-    assert [recipe.frozen_dtype(p) for p in PRECISIONS] == [None, None, None, None, torch.bfloat16]
+    assert [recipe.training_precision(p, "cpu") for p in PRECISIONS] == [auto, "fp32", "fp32", "bf16", "bf16-base"]
+    assert [recipe.mixed_precision(p, "cpu") for p in PRECISIONS] == ["bf16" if native else "no", "no", "no", "bf16",
+                                                                      "no"]
+    assert [recipe.frozen_dtype(p, "cpu") for p in PRECISIONS] == [None, None, None, None, torch.bfloat16]
 
 
 def test_bf16_base_with_qlora_is_refused_clearly(make_config):

@@ -5,7 +5,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from loomlens.config import TrainConfig, load_config
+from loomlens.config import TrainConfig, dump_config, load_config
 from loomlens.train.schedule import lr_factor, position, warmup_steps
 
 
@@ -69,3 +69,46 @@ def test_configs_import_without_torch():
 
     code = "import sys, loomlens.config; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_speed_knobs_live_under_speed_and_take_bare_names():
+    cfg = load_config(TrainConfig, overrides={"data": "d", "fold_lora": "false", "speed.attention": "sdpa",
+                                              "vision_frozen_stages": "1", "precision": "fp32"})
+    assert cfg.speed.fold_lora is False and cfg.speed.attention == "sdpa"
+    assert cfg.speed.vision_frozen_stages == 1 and cfg.speed.precision == "fp32"
+    assert cfg.group_by_length is False  # the shipped recipe had to undo True
+
+
+def test_an_old_run_config_with_top_level_speed_keys_still_loads(tmp_path):
+    old = tmp_path / "config.yaml"
+    old.write_text("data: d\nfold_lora: false\nattention: eager\ncache_image_features: true\nnum_workers: 2\n"
+                   "precision: bf16-base\nlora:\n  r: 4\n  vision_frozen_stages: 2\n")
+    cfg = load_config(TrainConfig, old)
+    assert cfg.speed.model_dump() == {"precision": "bf16-base", "attention": "eager", "fold_lora": False,
+                                      "cache_image_features": True, "vision_frozen_stages": 2, "num_workers": 2}
+    assert cfg.lora.r == 4
+    dump_config(cfg, tmp_path / "new.yaml")
+    assert load_config(TrainConfig, tmp_path / "new.yaml") == cfg
+
+
+def test_null_overrides_clear_a_setting(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data: d\nmax_steps: 5\ntime_budget: 60\n")
+    cfg = load_config(TrainConfig, path, {"max_steps": "null", "time_budget": "null", "max_grad_norm": "null"})
+    assert cfg.max_steps is None and cfg.time_budget is None and cfg.max_grad_norm is None
+
+
+def test_train_config_demo_takes_the_demos_training_recipe():
+    import yaml
+
+    from loomlens.config import CONFIG_DIR
+
+    cfg = load_config(TrainConfig, "demo", {"data": "d"})
+    recipe = yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text())["train"]
+    assert cfg.lr == recipe["lr"] and cfg.lora.r == recipe["lora"]["r"] and cfg.max_steps == recipe["max_steps"]
+
+
+def test_an_unknown_device_is_refused_with_the_choices():
+    with pytest.raises(ValidationError, match="unknown device 'gpu'.*auto.*cpu.*cuda:N"):
+        load_config(TrainConfig, overrides={"data": "d", "device": "gpu"})
+    assert load_config(TrainConfig, overrides={"data": "d", "device": "cuda:1"}).device == "cuda:1"

@@ -6,29 +6,27 @@ call (a small product), the same function is
 
 - folded, `linear(x, W + D)`: one matmul. Used in fp32, where it is exact (a test checks
   loss and gradients against peft's). Under bf16/fp16 autocast the sum W + D is rounded to
-  8 (11) bits before the matmul, and 200 demo steps in bf16 reached val loss 2.82 folded
-  against 2.57 in peft's form (two exact-equivalent fp32 runs differ by 0.06), so it is not
-  used there;
+  8 (11) bits before the matmul, which trained measurably worse, so it is not used there;
 - dense, `linear(x, W) + linear(x, D)`: D is rounded on its own and the two outputs are
-  summed, as in peft's form; used under autocast (200 bf16 steps: val loss 2.62);
+  summed, as in peft's form; used under autocast;
 - low-rank, `linear(x, W) + linear(linear(x, A), s B)`: peft's own form under autocast, less
   its input casts: peft casts x to A's dtype (fp32) and autocast casts it back, two passes
-  over a bf16 input (the output of GELU, of attention) per layer. Same loss and gradients
-  (bitwise on the demo's batch); 9-11 % off the tiny model's bf16 step (2026-12-02).
+  over a bf16 input (the output of GELU, of attention) per layer. Same loss and gradients.
 
-With the frozen base stored in bf16 (`precision: bf16-base`, `lower_frozen`) and the adapter
+With the frozen base stored in bf16 (`speed.precision: bf16-base`, `lower_frozen`) and the adapter
 in fp32, no autocast runs: each call casts A and B (or D, formed in fp32) to the base's dtype,
 a weight-sized cast. The forms are chosen as under autocast (dense or low-rank).
 
 Autograd gives A and B the gradients they get the other way. Which form is cheaper depends on
-the shapes, so each call decides (`lora_form`): on the tiny model's first DaViT stage (32768
-tokens of 32 channels at batch 8) folding is 2.5-3.6x faster forward+backward in fp32 and the
-dense form 1.2-1.9x in bf16; on lm_head over a short answer, or Florence-2-base's 768-wide
-layers at r=8, the low-rank form is the fastest (peft's own forward in fp32). The adapter's
-weights, what peft saves and loads, are the same whatever the form.
+the shapes, so each call decides (`lora_form`): wide activations over narrow layers (the tiny
+model's first DaViT stage) fold in fp32 and take the dense form in bf16; few tokens over wide
+layers (lm_head over a short answer, Florence-2-base at r=8) keep the low-rank form.
+`python -m bench.lora_forms` times every form per shape; the figures and the training-quality
+comparison are in docs/training.md. The adapter's weights, what peft saves and loads, are the
+same whatever the form.
 
 peft has no such mode (its `merge_adapter` is for inference: it stops gradients to A and B),
-hence this module. The training recipe uses it (`fold_lora: true`); prediction merges the
+hence this module. The training recipe uses it (`speed.fold_lora: true`); prediction merges the
 adapter once instead.
 """
 
@@ -43,10 +41,10 @@ from torch import nn
 
 __all__ = ["ELEMENT_COST", "fold_lora", "lora_form"]
 
-#: Time of one elementwise pass over one output element, in multiply-adds. Fitted on a 2-core
-#: AVX-512 CPU in fp32 so that `lora_form` picks the faster form of each layer measured: the
-#: tiny model's DaViT and encoder layers (fold), its lm_head on ~14 answer tokens (peft's) and
-#: Florence-2-base's q_proj/fc1 at r=8 (peft's); any value in 13..30 makes the same choices.
+#: Time of one elementwise pass over one output element, in multiply-adds: fitted so that
+#: `lora_form` picks the faster form of each layer `bench/lora_forms.py` times (the tiny
+#: model's DaViT, encoder and lm_head layers, Florence-2-base's at r=8); the fit's range is in
+#: docs/training.md.
 ELEMENT_COST = 20
 #: Elementwise passes over the output that peft's form makes beyond the base layer's,
 #: forward and backward (B's output, the scaling, the sum; their gradients).
@@ -61,8 +59,7 @@ def lora_form(tokens: int, fan_in: int, fan_out: int, rank: int, rounded: bool) 
     peft's form costs three thin matmuls each way plus elementwise passes over the output.
     Folded, the weight's gradient costs a full matmul, and D is formed and differentiated per
     call. Dense costs a full matmul each way and for D's gradient; it is chosen only where that
-    is no more multiply-adds than peft's thin ones (its saved passes are the margin: measured
-    1.0-1.9x faster wherever chosen, in bf16)."""
+    is no more multiply-adds than peft's thin ones (its saved elementwise passes are the margin)."""
     product = 3 * fan_in * fan_out * rank
     thin = 3 * tokens * rank * (fan_in + fan_out)
     if rounded:

@@ -32,7 +32,7 @@ def resolve_model_path(name_or_path: str) -> str:
         if not (TINY_DIR / "config.json").exists():
             raise ModelLoadError(
                 f"the embedded tiny model is missing from {TINY_DIR}; "
-                "rebuild it with `loomlens pretrain --out src/loomlens/assets/tiny-florence2`"
+                "rebuild it with `python -m loomlens.train.pretrain --out src/loomlens/assets/tiny-florence2`"
             )
         return str(TINY_DIR)
     path = Path(name_or_path).expanduser()

@@ -176,15 +176,15 @@ def _outside_frozen_stages(model: nn.Module, targets: list[str], frozen: int) ->
     return kept
 
 
-def apply_lora(model: nn.Module, settings: LoraSettings):
+def apply_lora(model: nn.Module, settings: LoraSettings, *, vision_frozen_stages: int = 0):
     """Wrap `model` with a fresh LoRA/DoRA adapter per `settings`; returns the `PeftModel`.
 
     Only the adapters of the towers not frozen are trainable; the base model is frozen. The
-    first `settings.vision_frozen_stages` DaViT stages get no adapters.
+    first `vision_frozen_stages` DaViT stages get no adapters (`speed.vision_frozen_stages`).
     """
     from peft import LoraConfig, get_peft_model
 
-    targets = _outside_frozen_stages(model, resolve_targets(model, settings.targets), settings.vision_frozen_stages)
+    targets = _outside_frozen_stages(model, resolve_targets(model, settings.targets), vision_frozen_stages)
     _prepare_base(model, targets, settings.dora)
     config = LoraConfig(
         r=settings.r,
@@ -212,6 +212,7 @@ def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False):
     config_file = path / "adapter_config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path} is not a LoRA adapter folder: it has no adapter_config.json")
+    _check_safetensors_adapter(path)
     config = json.loads(config_file.read_text())
     targets = config["target_modules"]  # peft stores suffixes (or a regex): back to full names
     if isinstance(targets, str):
@@ -221,6 +222,19 @@ def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False):
     _prepare_base(model, names, bool(config.get("use_dora")))
     peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
     return peft_model if trainable else peft_model.eval()
+
+
+def _check_safetensors_adapter(path: Path) -> None:
+    """Refuse an adapter folder without `adapter_model.safetensors`: peft would fall back to
+    `adapter_model.bin`, a pickle, and a pickle from someone else's folder can run code."""
+    if (path / "adapter_model.safetensors").exists():
+        return
+    pickles = sorted(p.name for p in path.glob("adapter_model*.bin"))
+    found = f"it has {pickles[0]}, a pickle" if pickles else "it has no adapter_model.safetensors"
+    raise ValueError(
+        f"cannot load the adapter in {path}: {found}. loomlens reads only safetensors adapters; re-save it "
+        "where it was made with `model.save_pretrained(folder, safe_serialization=True)`."
+    )
 
 
 def load_quantized_base(name_or_path: str):

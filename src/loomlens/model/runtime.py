@@ -1,14 +1,12 @@
-"""The machine a model runs on: how the process hands memory to torch on a CPU, and whether
-the CPU computes bf16 natively.
+"""The machine a model runs on: the one device rule of every command (`resolve_device`), how
+the process hands memory to torch on a CPU, and whether the CPU computes bf16 natively.
 
 glibc's malloc serves each large tensor (above its mmap threshold, or from a heap top it
 trims) with fresh pages from the kernel, and every page faults on first touch. A training
-step of the tiny model at batch 8 allocates and frees tens of megabytes of activations that
-way: 6,000-25,000 page faults a step, measured. Keeping freed memory in the heap for reuse
-leaves ~1,200, and a bf16 step on 2 cores takes 3-17 % less time (alternating runs on
-2026-12-01; docs/training.md). Prediction gained 5-10 % an image at batch 8 in a one-off
-check (not a benchmark: bench/infer_speed runs both ways in one process). The cost: the
-process keeps its peak memory until it exits.
+step of the tiny model allocates and frees tens of megabytes of activations that way, so it
+page-faults thousands of times; keeping freed memory in the heap for reuse removes most of
+them and makes the step faster (`python -m bench.page_faults` counts them; figures in
+docs/training.md). The cost: the process keeps its peak memory until it exits.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import sys
 
-__all__ = ["cpu_has_bf16", "keep_freed_memory"]
+__all__ = ["cpu_has_bf16", "keep_freed_memory", "resolve_device"]
 
 #: mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -47,3 +45,20 @@ def cpu_has_bf16() -> bool:
 
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch API: probe
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_device(name: str = "auto"):
+    """The one device rule of every command: `auto` -> CUDA when available, else the CPU;
+    other names (`check_device_name`) as torch spells them. Returns a `torch.device`; raises
+    ValueError for an unknown name or a device type this torch does not have."""
+    import torch
+
+    from loomlens.config import check_device_name
+
+    if check_device_name(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not present[device.type]:
+        raise ValueError(f"device {name} was asked for, but this torch sees none: use --device auto or cpu")
+    return device

@@ -1,15 +1,20 @@
-"""Checkpoints that resume exactly and are never half-written.
+"""Checkpoints that resume exactly, are never half-written, and never run code when read.
 
-A checkpoint folder is a peft adapter (`adapter_config.json`, `adapter_model.safetensors`) plus
-`trainer_state.pt`: the loop's counters, optimizer, grad-scaler and every process's RNG states
-(the learning rate is a function of the counters; see `schedule.py`). It is written to a
-hidden temporary folder first and then swapped in by renames: `last/` is always either the
-previous complete checkpoint or the new complete one. If a kill lands between the two renames,
-`recover` puts the previous one back.
+A fine-tuning checkpoint folder is a peft adapter (`adapter_config.json`,
+`adapter_model.safetensors`) plus the trainer state: the loop's counters, optimizer, grad-scaler
+and every process's RNG states (the learning rate is a function of the counters; see
+`schedule.py`). State is stored without pickle, so a run folder from someone else cannot run
+code on `--resume`: its tensors in `trainer_state.safetensors`, everything else (numbers,
+lists, strings) in `trainer_state.json`, each tensor there replaced by `{"tensor": KEY}`.
+
+A folder is written to a hidden temporary folder first and then swapped in by renames: `last/`
+is always either the previous complete checkpoint or the new complete one. If a kill lands
+between the two renames, `recover` puts the previous one back.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -20,7 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
-STATE_FILE = "trainer_state.pt"
+#: The trainer state of a checkpoint: STATE_NAME.json and STATE_NAME.safetensors.
+STATE_NAME = "trainer_state"
+STATE_FILE = f"{STATE_NAME}.json"
+#: What loomlens before the pickle-free format wrote instead (read with torch's safe loader).
+LEGACY_STATE_FILE = f"{STATE_NAME}.pt"
+
+
+class UnsafeCheckpointError(ValueError):
+    """A state file holds something other than plain tensors and numbers (a pickle that would
+    build arbitrary objects): it is refused, never executed."""
 
 
 @dataclass
@@ -38,20 +52,111 @@ class TrainerState:
 
 
 def rng_states() -> dict[str, Any]:
-    """This process's Python, NumPy, torch (and CUDA) RNG states."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's Python, NumPy, torch (and CUDA) RNG states, as lists, numbers and uint8
+    tensors (storable by `write_state`)."""
+    version, internal, gauss = random.getstate()
+    numpy = np.random.get_state(legacy=False)
+    states: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {**numpy, "state": {"key": numpy["state"]["key"].tolist(), "pos": numpy["state"]["pos"]}},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
-    """Restore what `rng_states` returned."""
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    """Restore what `rng_states` returned (also after a `write_state`/`read_state` round trip)."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = states["numpy"]
+    key = np.asarray(numpy["state"]["key"], dtype=np.uint32)
+    np.random.set_state({**numpy, "state": {"key": key, "pos": numpy["state"]["pos"]}})
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _split(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """`value` with every tensor moved into `tensors` (under its path `key`) and replaced by a
+    `{"tensor": key}` marker; dict keys become strings, tuples lists."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().cpu().clone().contiguous()  # a copy: safetensors refuses shared storage
+        return {"tensor": key}
+    if isinstance(value, dict):
+        return {str(k): _split(v, f"{key}.{k}", tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_split(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Undo `_split`: markers back to their tensors."""
+    if isinstance(value, dict):
+        if value.keys() == {"tensor"}:
+            return tensors[value["tensor"]]
+        return {k: _join(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join(v, tensors) for v in value]
+    return value
+
+
+def write_state(folder: Path, name: str, payload: dict[str, Any]) -> None:
+    """Write `payload` (nested dicts/lists of tensors, numbers, strings, None) as
+    `folder/name.safetensors` (the tensors) and `folder/name.json` (the rest)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    plain = _split(payload, "", tensors)
+    save_file(tensors, folder / f"{name}.safetensors")
+    (folder / f"{name}.json").write_text(json.dumps(plain))
+
+
+def read_state(folder: Path, name: str) -> dict[str, Any]:
+    """What `write_state(folder, name, ...)` wrote, tensors on the CPU. Reads no pickle."""
+    from safetensors.torch import load_file
+
+    return _join(json.loads((folder / f"{name}.json").read_text()), load_file(folder / f"{name}.safetensors"))
+
+
+def read_legacy_state(path: Path) -> dict[str, Any]:
+    """A state file of an older loomlens (`torch.save`, a pickle), read with torch's
+    `weights_only` loader, which builds only tensors, numbers, containers and the NumPy arrays
+    allowed here. Raises `UnsafeCheckpointError` naming `path` for anything else."""
+    reconstruct = np.ndarray(0).__reduce__()[0]  # numpy's array rebuilder, wherever this numpy keeps it
+    allowed = [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, or others for a mangled file
+        raise UnsafeCheckpointError(
+            f"refusing to read {path}: it is a pickle holding more than tensors and numbers ({type(err).__name__}), "
+            "and loomlens never unpickles objects from a run folder (they can run code). If the run is yours, "
+            "start a fresh run from its adapter; a checkpoint written by this loomlens has a "
+            f"{STATE_FILE} instead."
+        ) from None
+    saved["rng"] = [{**states, "numpy": _numpy_state_from_tuple(states["numpy"])} for states in saved["rng"]]
+    return saved
+
+
+def _numpy_state_from_tuple(legacy: tuple) -> dict[str, Any]:
+    """NumPy's tuple RNG state (`get_state()`) in the dict form `rng_states` stores."""
+    name, key, pos, has_gauss, gauss = legacy
+    return {"bit_generator": name, "state": {"key": key.tolist(), "pos": pos}, "has_gauss": has_gauss, "gauss": gauss}
+
+
+def optimizer_payload(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state dict, storable by `write_state`."""
+    saved = optimizer.state_dict()
+    return {"state": saved["state"], "param_groups": saved["param_groups"]}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load what `optimizer_payload` gave (after a round trip: parameter ids back to ints)."""
+    state = {int(k): v for k, v in saved["state"].items()}
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in saved["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _temporary(path: Path, tag: str) -> Path:
@@ -74,42 +179,59 @@ def recover(path: Path) -> None:
         os.rename(old, path)
 
 
+def write_folder(path: Path, fill) -> None:
+    """Make the folder `path` atomically: `fill(tmp)` writes into an empty temporary folder,
+    which then replaces `path` whole (the previous `path` stays if `fill` fails)."""
+    tmp = _temporary(path, "tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    _swap_in(tmp, path)
+
+
 def save_checkpoint(
-    path: Path,
-    model,
-    optimizer: torch.optim.Optimizer,
-    state: TrainerState,
-    rng: list[dict[str, Any]],
+    path: Path, *, model, optimizer: torch.optim.Optimizer, state: TrainerState, rng: list[dict[str, Any]],
     scaler=None,
 ) -> None:
     """Write the adapter of peft `model` and the trainer state to `path`, atomically.
     `rng` holds every process's `rng_states()`, indexed by rank."""
-    tmp = _temporary(path, "tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # The untied lm_head copy is rebuilt from the base by `load_adapter`: keep the adapter small.
-    model.save_pretrained(tmp, save_embedding_layers=False)
-    torch.save(
-        {
+
+    def fill(tmp: Path) -> None:
+        # The untied lm_head copy is rebuilt from the base by `load_adapter`: keep the adapter small.
+        model.save_pretrained(tmp, save_embedding_layers=False)
+        write_state(tmp, STATE_NAME, {
             "state": asdict(state),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_payload(optimizer),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng,
-        },
-        tmp / STATE_FILE,
-    )
-    _swap_in(tmp, path)
+        })
+
+    write_folder(path, fill)
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:
     """Copy a checkpoint folder (`last` -> `best`) with the same atomic swap."""
-    tmp = _temporary(dst, "tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    _swap_in(tmp, dst)
+    write_folder(dst, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
+
+
+def has_checkpoint(path: Path) -> bool:
+    """Whether `path` holds a trainer state (this format, or an older loomlens's)."""
+    return (path / STATE_FILE).exists() or (path / LEGACY_STATE_FILE).exists()
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer state saved in checkpoint folder `path`: `state`, `optimizer`, `scaler`,
+    `rng`. Raises FileNotFoundError when there is none, `UnsafeCheckpointError` for a pickle
+    that is more than tensors and numbers."""
+    if (path / STATE_FILE).exists():
+        return read_state(path, STATE_NAME)
+    if (path / LEGACY_STATE_FILE).exists():
+        return read_legacy_state(path / LEGACY_STATE_FILE)
+    raise FileNotFoundError(f"{path} is not a loomlens checkpoint: it has no {STATE_FILE}")
 
 
 def load_checkpoint(
-    path: Path, model, optimizer: torch.optim.Optimizer, rank: int = 0, scaler=None
+    path: Path, *, model, optimizer: torch.optim.Optimizer, rank: int = 0, scaler=None
 ) -> TrainerState:
     """Load the adapter weights into peft `model` and the optimizer, scaler and this
     rank's RNG states from `path`; return the loop's `TrainerState`."""
@@ -117,11 +239,9 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     recover(path)
-    if not (path / STATE_FILE).exists():
-        raise FileNotFoundError(f"{path} is not a loomlens checkpoint: it has no {STATE_FILE}")
+    saved = read_trainer_state(path)
     set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
-    saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
+    load_optimizer(optimizer, saved["optimizer"])
     if scaler is not None and saved["scaler"] is not None:
         scaler.load_state_dict(saved["scaler"])
     rng = saved["rng"]

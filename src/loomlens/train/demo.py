@@ -20,17 +20,21 @@ from loomlens.config import DemoConfig, TrainConfig, load_config, resolve_config
 
 def run_demo(
     out: str | Path = "runs/demo",
+    *,
     images: int | None = None,
     time_budget: float | None = None,
+    device: str = "auto",
     config: str | Path = "demo",
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Run the demo into `out` (`synth/`, `data/`, `run/`, `report/`, `demo.md`); returns the
-    path of `demo.md`. `images` and `time_budget` override `configs/demo.yaml`."""
+    """Run the demo into `out` (`synth/`, `data/`, `run/`, `report/`, `demo.md`) on `device`
+    (`model.runtime.resolve_device`); returns the path of `demo.md`. `images` and
+    `time_budget` override `configs/demo.yaml`."""
     from loomlens.data.convert import convert
     from loomlens.data.synth import synthesize
     from loomlens.evaluate import evaluate_jsonl, write_report
     from loomlens.infer.loading import load_for_inference
+    from loomlens.model.runtime import resolve_device
     from loomlens.train.recipe import train
 
     demo = DemoConfig.model_validate(yaml.safe_load(resolve_config_path(config).read_text()) or {})
@@ -38,7 +42,7 @@ def run_demo(
         demo.images = images
     out = Path(out)
     run_dir = out / "run"
-    overrides = {"data": str(out / "data"), "out": str(run_dir)}
+    overrides = {"data": str(out / "data"), "out": str(run_dir), "device": device}
     if time_budget is not None:
         overrides["time_budget"] = time_budget
     cfg = load_config(TrainConfig, base=demo.train, overrides=overrides)
@@ -60,9 +64,10 @@ def run_demo(
     val = out / "data" / "val.jsonl"
     # Evaluated as `loomlens predict` runs a model (merged, in the precision auto picks),
     # unless the recipe itself is told fp32.
-    precision = "fp32" if cfg.precision == "fp32" else "auto"
+    precision = "fp32" if cfg.speed.precision == "fp32" else "auto"
+    where = str(resolve_device(cfg.device))
     log("3/5 evaluating the untrained model on the val split")
-    untrained = load_for_inference(model=cfg.model, precision=precision)
+    untrained = load_for_inference(model=cfg.model, device=where, precision=precision)
     before = evaluate_jsonl(untrained.model, untrained.processor, val, max_images=demo.eval_images,
                             batch_size=cfg.eval_batch_size)
     lap("evaluate_before")
@@ -75,7 +80,7 @@ def run_demo(
 
     log("5/5 evaluating the best checkpoint")
     checkpoint = "best" if (run_dir / "checkpoints" / "best").exists() else "last"
-    trained = load_for_inference(model=cfg.model, adapter=run_dir, checkpoint=checkpoint, precision=precision)
+    trained = load_for_inference(model=cfg.model, adapter=run_dir, checkpoint=checkpoint, device=where, precision=precision)
     after = write_report(
         trained.model, trained.processor, val, out / "report", max_images=demo.eval_images,
         batch_size=cfg.eval_batch_size,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from loomlens.data.dataset import IGNORE_INDEX
-from loomlens.train.pretrain import pointer_loss, pointer_mask
+from loomlens.train.spatial_loss import pointer_loss, pointer_mask
 
 #: Florence-2's location tokens: `<loc_0>`..`<loc_999>`, consecutive ids.
 NUM_BINS = 1000
@@ -75,6 +75,16 @@ def token_cross_entropy(
     soft = torch.softmax(-((bins[None, :] - target[:, None]) ** 2) / (2 * loc_sigma**2), dim=-1)
     loc_loss = -(soft * logp[..., loc_start : loc_start + NUM_BINS][is_loc]).sum()
     return (nll * (valid & ~is_loc)).sum() + loc_loss, valid.sum()
+
+
+def loc_nll(logits: torch.Tensor, labels: torch.Tensor, loc_start: int) -> torch.Tensor:
+    """Mean NLL of the exact location bins among `labels` (0 when there are none): how well a
+    model places boxes, whatever soft labels it trains with."""
+    is_loc = (labels >= loc_start) & (labels < loc_start + NUM_BINS)
+    if not is_loc.any():
+        return logits.new_zeros((), dtype=torch.float32)
+    logp = F.log_softmax(logits[is_loc].float(), dim=-1)
+    return -logp.gather(-1, labels[is_loc].unsqueeze(-1)).mean()
 
 
 def with_image_embeds(batch: dict[str, torch.Tensor], embeddings: torch.nn.Module, image_token_id: int) -> dict:

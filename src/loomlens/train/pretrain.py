@@ -1,17 +1,17 @@
-"""Pretrain the embedded tiny Florence-2 on generic synthetic scenes (`loomlens pretrain`).
+"""Pretrain the embedded tiny Florence-2 on generic synthetic scenes: a maintainer's tool
+(`python -m loomlens.train.pretrain --help`; on a GPU, `scripts/pretrain-gpu.sh`).
 
-One loop, top to bottom. What makes a tiny model *look* at the image instead of learning the
-statistics of the answer text (measured; see the model card):
+One loop, top to bottom, on the parts fine-tuning uses too: its loss (`train/loss.py`: soft
+location labels, decoder inputs), the losses that teach *where* (`train/spatial_loss.py`: the
+pointer loss and the dense head), its schedule (`train/schedule.py`) and its pickle-free
+checkpoints (`train/checkpoint.py`). What makes a tiny model *look* at the image instead of
+learning the statistics of the answer text (the model card says how each was found):
 - the model shape (`model/tiny.py`): a 16x16 token grid and a spatial prior that ties image
   positions to `<loc_N>` embeddings;
-- a Gaussian soft-label loss over the loc bins, so a near miss earns more than a far one;
-- a dense CenterNet-style auxiliary head on the vision features (dropped after pretraining),
-  which keeps the features spatial while the text side learns to read them;
-- a pointer loss: at each loc token, the last decoder layer's cross-attention (mean over
-  heads) is pushed onto the grid cells along that coordinate's edge of the box (x1: the
-  box's left column, y1: its top row, ...). Without it the decoder never found the object:
-  loc NLL was the same with the right and with shuffled images after 200 steps, soft labels
-  and spatial prior notwithstanding;
+- Gaussian soft labels over the loc bins, wide at first and annealed, so a near miss earns
+  more than a far one;
+- the dense head on the vision features, which keeps them spatial while the text side learns
+  to read them, and the pointer loss, which makes the decoder find the object;
 - a curriculum from one object per scene to several;
 - fresh scenes every step (no memorising), drawn from `seed + step`, which also makes resume
   exact with no data state to save.
@@ -21,153 +21,34 @@ right images against shuffled ones, and free-running `<OD>` mAP50 on held-out sc
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
-import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from loomlens.config import DEVICE_HELP, PretrainConfig
 from loomlens.data.florence_text import boxes_to_text
 from loomlens.data.shapes import SHAPE_CLASSES, Scene, make_scene
+from loomlens.model.runtime import resolve_device
 from loomlens.model.tiny import TinyShape, build_tiny
 from loomlens.model.tokenizer import loc_token_ids
-
-
-@dataclass
-class PretrainConfig:
-    """Every knob of a pretraining run; saved as `pretrain_config.json` beside the weights."""
-
-    out: str = "runs/pretrain"
-    seed: int = 0
-    steps: int = 4000
-    batch_size: int = 16
-    lr: float = 1.5e-3
-    warmup: int = 100
-    weight_decay: float = 0.01
-    # Gaussian soft-label width in bins: about one grid cell (62 bins at 16x16) at the start,
-    # so that the right cell already earns credit, annealed geometrically to near-exact bins.
-    # A 3-bin start gave no gap between right and shuffled images after 300 steps.
-    loc_sigma: float = 60.0
-    loc_sigma_end: float = 2.0
-    dense_weight: float = 1.0
-    pointer_weight: float = 1.0
-    one_object_steps: int = 600  # curriculum: one object per scene first
-    max_objects: int = 4
-    task_mix: dict[str, float] = field(
-        default_factory=lambda: {"od": 0.7, "dense_region_caption": 0.1, "phrase_grounding": 0.1, "caption": 0.1}
-    )
-    eval_every: int = 200
-    eval_images: int = 64
-    save_every: int = 100
-    # Seconds of training (summed over resumes) the schedule is paced over: lr and soft-label
-    # width follow max(step / steps, elapsed / time_budget), so a run on any machine anneals
-    # fully by the deadline; `steps` is then a cap.
-    time_budget: float | None = None
-    stop_at: int | None = None  # stop (resumably) after this step, to split a run
-    threads: int | None = None
-    device: str = "auto"  # "auto": CUDA when there is one, else the CPU
-    workers: int = 0  # processes drawing scenes ahead of the loop (0: in the loop)
-    shape: dict = field(default_factory=lambda: asdict(TinyShape()))
-
-
-class DenseHead(nn.Module):
-    """CenterNet-style head on the vision map: class heatmaps, centre offsets, log sizes."""
-
-    def __init__(self, channels: int, num_classes: int):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GELU())
-        self.out = nn.Conv2d(channels, num_classes + 4, 1)
-        nn.init.constant_(self.out.bias[:num_classes], -2.2)  # prior p=0.1, as CenterNet
-        self.num_classes = num_classes
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.out(self.body(features))
-
-
-def dense_targets(scenes: list[Scene], grid: int, size: int, num_classes: int):
-    """Heatmap, offset/size targets and their mask on a `grid` x `grid` map."""
-    b = len(scenes)
-    heat = np.zeros((b, num_classes, grid, grid), np.float32)
-    reg = np.zeros((b, 4, grid, grid), np.float32)
-    mask = np.zeros((b, grid, grid), np.float32)
-    stride = size / grid
-    yy, xx = np.mgrid[0:grid, 0:grid]
-    for i, scene in enumerate(scenes):
-        for box in scene.boxes:
-            c = SHAPE_CLASSES.index(box.label)
-            cx, cy = (box.x1 + box.x2) / 2 / stride, (box.y1 + box.y2) / 2 / stride
-            gx, gy = min(int(cx), grid - 1), min(int(cy), grid - 1)
-            sigma = max(0.5, min(box.width, box.height) / stride / 4)
-            g = np.exp(-((xx - gx) ** 2 + (yy - gy) ** 2) / (2 * sigma**2))
-            heat[i, c] = np.maximum(heat[i, c], g)
-            reg[i, :, gy, gx] = (cx - gx, cy - gy, math.log(box.width / stride), math.log(box.height / stride))
-            mask[i, gy, gx] = 1.0
-    return torch.from_numpy(heat), torch.from_numpy(reg), torch.from_numpy(mask)
-
-
-def dense_loss(pred: torch.Tensor, heat, reg, mask, num_classes: int) -> torch.Tensor:
-    """Focal loss on heatmaps (CenterNet) plus L1 on offsets and log sizes at centres."""
-    logits = pred[:, :num_classes]
-    p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
-    pos = heat.eq(1).float()
-    pos_loss = -(torch.log(p) * (1 - p) ** 2 * pos).sum()
-    neg_loss = -(torch.log(1 - p) * p**2 * (1 - heat) ** 4 * (1 - pos)).sum()
-    n = pos.sum().clamp(min=1)
-    l1 = (F.l1_loss(pred[:, num_classes:], reg, reduction="none").sum(1) * mask).sum() / mask.sum().clamp(min=1)
-    return (pos_loss + neg_loss) / n + 0.5 * l1
-
-
-def pointer_targets(labels: torch.Tensor, loc_start: int, grid: int) -> list[tuple[int, int, list[int]]]:
-    """For each loc token in `labels`: (sample, position, encoder positions it should attend).
-
-    Loc tokens come in groups of four (x1, y1, x2, y2 in bins). Coordinate x1 points at the
-    cells of the box's left column, y1 its top row, x2 its right column, y2 its bottom row.
-    Encoder position 0 is the pooled image token; cell (row, col) is `1 + row * grid + col`.
-    """
-    cell = lambda q: min(grid - 1, int(q) * grid // 1000)  # noqa: E731 - bin -> grid index
-    targets = []
-    for b, row in enumerate(labels.tolist()):
-        locs = [(t, v - loc_start) for t, v in enumerate(row) if loc_start <= v < loc_start + 1000]
-        for g in range(0, len(locs) - 3, 4):
-            (t1, x1), (t2, y1), (t3, x2), (t4, y2) = locs[g : g + 4]
-            if t4 - t1 != 3:
-                continue  # not one box (e.g. a polygon or a broken sequence)
-            cols = range(cell(x1), cell(x2) + 1)
-            rows = range(cell(y1), cell(y2) + 1)
-            targets.append((b, t1, [1 + r * grid + cell(x1) for r in rows]))
-            targets.append((b, t2, [1 + cell(y1) * grid + c for c in cols]))
-            targets.append((b, t3, [1 + r * grid + cell(x2) for r in rows]))
-            targets.append((b, t4, [1 + cell(y2) * grid + c for c in cols]))
-    return targets
-
-
-def pointer_mask(labels: torch.Tensor, loc_start: int, grid: int, encoder_length: int) -> torch.Tensor:
-    """`pointer_targets` as a CPU tensor (batch, label positions, encoder positions) of 0/1,
-    built in one numpy pass so the loss needs no per-box indexing on the device."""
-    mask = np.zeros((*labels.shape, encoder_length), np.float32)
-    for b, t, cells in pointer_targets(labels.cpu(), loc_start, grid):
-        mask[b, t, cells] = 1.0
-    return torch.from_numpy(mask)
-
-
-def pointer_loss(cross_attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of -log(attention mass on the target cells), heads averaged; 0 with no targets.
-
-    `cross_attention` is (batch, heads, decoder positions, encoder positions); `mask` comes
-    from `pointer_mask`.
-    """
-    mask = mask.to(cross_attention.device, cross_attention.dtype)
-    picked = mask.sum(-1) > 0
-    if not picked.any():
-        return cross_attention.sum() * 0.0
-    mass = (cross_attention.mean(dim=1) * mask).sum(-1)[picked]
-    return -torch.log(mass.clamp(min=1e-6)).mean()
+from loomlens.train.checkpoint import (
+    UnsafeCheckpointError,
+    load_optimizer,
+    optimizer_payload,
+    read_state,
+    recover,
+    write_folder,
+    write_state,
+)
+from loomlens.train.loss import decoder_inputs, loc_nll, token_cross_entropy, with_image_embeds
+from loomlens.train.schedule import lr_factor, position, warmup_steps
+from loomlens.train.spatial_loss import DenseHead, dense_loss, dense_targets, pointer_loss, pointer_mask
 
 
 def scene_sample(scene: Scene, task: str, rng: np.random.Generator) -> tuple[str, str]:
@@ -186,7 +67,8 @@ def scene_sample(scene: Scene, task: str, rng: np.random.Generator) -> tuple[str
 
 
 class Batcher:
-    """Turns scenes into model inputs with the native processor (labels: `<s> answer </s>`)."""
+    """Turns scenes into model inputs with the native processor: labels `<s> answer </s>`
+    (padding -100) and the decoder inputs fine-tuning builds from them (`loss.decoder_inputs`)."""
 
     def __init__(self, processor):
         self.processor = processor
@@ -196,44 +78,27 @@ class Batcher:
         inputs = self.processor(text=prompts, images=[s.image for s in scenes], return_tensors="pt", padding=True)
         labels = self.tokenizer(answers, return_tensors="pt", padding=True, add_special_tokens=True).input_ids
         labels[labels == self.tokenizer.pad_token_id] = -100
-        decoder_input_ids = labels.new_full(labels.shape, self.tokenizer.pad_token_id)
-        decoder_input_ids[:, 1:] = labels[:, :-1].clamp(min=0).masked_fill(labels[:, :-1] < 0, self.tokenizer.pad_token_id)
-        decoder_input_ids[:, 0] = self.tokenizer.eos_token_id  # BART's decoder_start_token_id
+        # BART's decoder_start_token_id is its eos token
+        decoder_input_ids = decoder_inputs(labels, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         return {**inputs, "labels": labels, "decoder_input_ids": decoder_input_ids}
 
 
 def seq_loss(logits: torch.Tensor, labels: torch.Tensor, loc_start: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-mean loss: plain CE on text tokens, Gaussian soft-label CE on loc tokens.
-
-    Returns `(loss, loc_nll)` where `loc_nll` is the plain NLL of the exact loc bins, the
-    number the "is it looking?" check compares.
-    """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    valid = labels.ne(-100)
-    is_loc = valid & (labels >= loc_start) & (labels < loc_start + 1000)
-    safe = labels.clamp(min=0)
-    nll = -logp.gather(-1, safe[..., None])[..., 0]
-    text_loss = (nll * (valid & ~is_loc)).sum()
-    loc_logp = logp[..., loc_start : loc_start + 1000][is_loc]
-    target_bins = (labels[is_loc] - loc_start).float()
-    bins = torch.arange(1000, dtype=torch.float32, device=logits.device)
-    q = torch.softmax(-((bins[None, :] - target_bins[:, None]) ** 2) / (2 * sigma**2), dim=-1)
-    loc_loss = -(q * loc_logp).sum()
-    loss = (text_loss + loc_loss) / valid.sum().clamp(min=1)
-    loc_nll = nll[is_loc].mean() if is_loc.any() else loss.new_zeros(())
-    return loss, loc_nll
+    """`(token-mean loss, loc NLL)`: fine-tuning's cross-entropy with soft loc labels of width
+    `sigma` (`loss.token_cross_entropy`), and the plain NLL of the exact loc bins, the number
+    the "is it looking?" check compares."""
+    total, count = token_cross_entropy(logits, labels, loc_start, sigma)
+    return total / count.clamp(min=1), loc_nll(logits, labels, loc_start)
 
 
-def forward(model, batch: dict, attentions: bool = False):
+def forward(model, batch: dict, *, attentions: bool = False):
     """One forward pass: logits, the vision map (B, C, H, W) for the dense head, and (when
     `attentions`) the last decoder layer's cross-attention (needs eager attention)."""
-    inner = model.model
-    image = inner.get_image_features(batch["pixel_values"])
-    embeds = inner.get_input_embeddings()(batch["input_ids"])
-    mask = batch["input_ids"].eq(model.config.image_token_id)[..., None]
-    embeds = embeds.masked_scatter(mask, image.pooler_output.to(embeds.dtype))
+    image = model.model.get_image_features(batch["pixel_values"])
+    embedded = with_image_embeds({"input_ids": batch["input_ids"], "image_features": image.pooler_output},
+                                 model.get_input_embeddings(), model.config.image_token_id)
     out = model(
-        inputs_embeds=embeds,
+        inputs_embeds=embedded["inputs_embeds"],
         attention_mask=batch["attention_mask"],
         decoder_input_ids=batch["decoder_input_ids"],
         use_cache=False,
@@ -244,7 +109,7 @@ def forward(model, batch: dict, attentions: bool = False):
     return out.logits, image.last_hidden_state
 
 
-def make_batch(cfg: PretrainConfig, step: int, shape: TinyShape, batcher: Batcher, loc_start: int) -> dict:
+def make_batch(cfg: PretrainConfig, step: int, *, shape: TinyShape, batcher: Batcher, loc_start: int) -> dict:
     """Everything step `step` needs, as CPU tensors: model inputs and labels of fresh scenes
     drawn from `seed + step` (tasks from the mix), the dense head's targets and the pointer mask."""
     rng = np.random.default_rng([cfg.seed, step])
@@ -282,18 +147,11 @@ class StepBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         first, every = (self.start, 1) if info is None else (self.start + info.id, info.num_workers)
         for step in range(first, self.stop, every):
-            yield make_batch(self.cfg, step, self.shape, self.batcher, self.loc_start)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> CUDA when available, else CPU; anything else as torch spells it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+            yield make_batch(self.cfg, step, shape=self.shape, batcher=self.batcher, loc_start=self.loc_start)
 
 
 @torch.no_grad()
-def looking_check(model, processor, cfg: PretrainConfig, size: int, loc_start: int) -> dict:
+def looking_check(model, processor, cfg: PretrainConfig, *, size: int, loc_start: int) -> dict:
     """Is it looking? Loc NLL with right vs shuffled images, and free-running <OD> mAP50
     (boxes scored from the generation's log-probabilities, as `loomlens eval` does)."""
     from loomlens.evaluate.metrics import coco_metrics
@@ -306,11 +164,9 @@ def looking_check(model, processor, cfg: PretrainConfig, size: int, loc_start: i
     pairs = [scene_sample(s, "od", rng) for s in scenes]
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batcher(scenes, [p for p, _ in pairs], [a for _, a in pairs]).items()}
-    logits, _ = forward(model, batch)
-    _, right = seq_loss(logits, batch["labels"], loc_start, 1.0)
+    right = loc_nll(forward(model, batch)[0], batch["labels"], loc_start)
     shuffled = dict(batch, pixel_values=batch["pixel_values"].roll(1, dims=0))
-    logits, _ = forward(model, shuffled)
-    _, wrong = seq_loss(logits, batch["labels"], loc_start, 1.0)
+    wrong = loc_nll(forward(model, shuffled)[0], batch["labels"], loc_start)
     images, truth = [s.image for s in scenes], [s.boxes for s in scenes]
     free, constrained = (
         detect(model, processor, images, max_boxes=cfg.max_objects + 2, batch_size=16,
@@ -327,20 +183,102 @@ def looking_check(model, processor, cfg: PretrainConfig, size: int, loc_start: i
     }
 
 
-def _save_state(path: Path, model, head, optimizer, step: int, elapsed: float) -> None:
-    """Write the resumable state atomically (temp file, then rename)."""
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "elapsed": elapsed}, tmp)
-    os.replace(tmp, path)
+def progress(cfg: PretrainConfig, step: int, elapsed: float) -> float:
+    """How far through the run it is, 0..1: fine-tuning's schedule position (`step`, or
+    further when a `time_budget` runs out first) over `cfg.steps`."""
+    return min(1.0, position(step, elapsed, cfg.steps, cfg.time_budget) / cfg.steps)
 
 
-def schedule_position(cfg: PretrainConfig, step: int, elapsed: float) -> float:
-    """How far through the run we are, 0..1: by steps, or by time when that is further."""
-    frac = step / cfg.steps
-    if cfg.time_budget:
-        frac = max(frac, elapsed / cfg.time_budget)
-    return min(1.0, frac)
+@dataclass
+class Pretraining:
+    """What the loop works with, from `setup`: the model and its dense head, their optimizer,
+    the `<loc_0>` id, where the state is kept, and where the run stands."""
+
+    cfg: PretrainConfig
+    model: torch.nn.Module
+    processor: object
+    shape: TinyShape
+    head: DenseHead
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    loc_start: int
+    device: torch.device
+    state_path: Path
+    step: int = 0
+    started: float = 0.0  # time.time() minus the seconds of the runs this one resumes
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def save(self) -> None:
+        """Write the resumable state atomically and without pickle (`checkpoint.write_state`)."""
+        payload = {"model": self.model.state_dict(), "head": self.head.state_dict(),
+                   "optimizer": optimizer_payload(self.optimizer), "step": self.step, "elapsed": self.elapsed()}
+        write_folder(self.state_path, lambda tmp: write_state(tmp, "state", payload))
+
+
+def setup(cfg: PretrainConfig, log=print) -> Pretraining:
+    """Build (or resume from `cfg.out/state/`) the tiny model, its dense head and optimizer;
+    writes the resolved config to `cfg.out/pretrain_config.json`."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, processor, shape = build_tiny(TinyShape(**cfg.shape), seed=cfg.seed)
+    (out / "pretrain_config.json").write_text(config_record(cfg, shape))
+    model.set_attn_implementation("eager")  # the pointer loss reads cross-attention weights
+    loc_ids = loc_token_ids(processor.tokenizer)
+    assert loc_ids == list(range(loc_ids[0], loc_ids[0] + 1000)), "loc tokens must be contiguous"
+    head = DenseHead(shape.vision_dims[-1], len(SHAPE_CLASSES))
+    model.to(device)
+    head.to(device)
+    params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run = Pretraining(cfg, model, processor, shape, head, optimizer, params, loc_ids[0], device, out / "state")
+    recover(run.state_path)
+    if (out / "state.pt").exists() and not run.state_path.exists():
+        raise UnsafeCheckpointError(f"{out / 'state.pt'} was written by an older loomlens as a pickle, which is "
+                                    "never read (it can run code): delete it to start afresh, or use a new --work")
+    elapsed = 0.0
+    if run.state_path.exists():
+        state = read_state(run.state_path, "state")
+        model.load_state_dict(state["model"])
+        head.load_state_dict(state["head"])
+        load_optimizer(optimizer, state["optimizer"])
+        run.step, elapsed = state["step"], state["elapsed"]
+        log(f"resumed at step {run.step}")
+    run.started = time.time() - elapsed
+    return run
+
+
+def train_step(run: Pretraining, batch: dict) -> dict:
+    """One optimizer step on `batch` (CPU tensors from `make_batch`), lr and soft-label width
+    where the schedule is; returns the step's log record. Raises FloatingPointError on a
+    NaN/inf loss (the last saved state stays)."""
+    cfg = run.cfg
+    where = position(run.step, run.elapsed(), cfg.steps, cfg.time_budget)
+    lr = cfg.lr * lr_factor(where, warmup_steps(cfg.warmup, cfg.steps), cfg.steps, "cosine")
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    sigma = cfg.loc_sigma * (cfg.loc_sigma_end / cfg.loc_sigma) ** progress(cfg, run.step, run.elapsed())
+    batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+    batch["pixel_values"] = normalize_pixels(batch["pixel_values"], run.processor.image_processor)
+    logits, features, cross = forward(run.model, batch, attentions=True)
+    loss, loc = seq_loss(logits, batch["labels"], run.loc_start, sigma)
+    aux = dense_loss(run.head(features), batch["heat"], batch["reg"], batch["mask"], len(SHAPE_CLASSES))
+    point = pointer_loss(cross, batch["pointer"])
+    total = loss + cfg.dense_weight * aux + cfg.pointer_weight * point
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"loss is {total.item()} at step {run.step}; last good state is in {run.state_path}")
+    run.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+    run.optimizer.step()
+    run.step += 1
+    return {"step": run.step, "loss": loss.item(), "loc_nll": loc.item(), "dense": aux.item(),
+            "pointer": point.item(), "lr": lr, "elapsed": run.elapsed()}
 
 
 def pretrain(cfg: PretrainConfig, log=print) -> dict:
@@ -351,126 +289,77 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     """
     from tqdm import tqdm
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    shape = TinyShape(**cfg.shape)
-    model, processor, shape = build_tiny(shape, seed=cfg.seed)
-    model.set_attn_implementation("eager")  # the pointer loss reads cross-attention weights
-    loc_ids = loc_token_ids(processor.tokenizer)
-    loc_start = loc_ids[0]
-    assert loc_ids == list(range(loc_start, loc_start + 1000)), "loc tokens must be contiguous"
-    head = DenseHead(shape.vision_dims[-1], len(SHAPE_CLASSES))
-    model.to(device)
-    head.to(device)
-    params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state_path = out / "state.pt"
-    step, elapsed = 0, 0.0
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False, map_location=device)
-        model.load_state_dict(state["model"])
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed = state["step"], state.get("elapsed", 0.0)
-        log(f"resumed at step {step}")
-    torch.manual_seed(cfg.seed + step)
+    run = setup(cfg, log)
+    torch.manual_seed(cfg.seed + run.step)
     batches = torch.utils.data.DataLoader(
-        StepBatches(cfg, shape, processor, loc_start, step, cfg.steps),
-        batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        StepBatches(cfg, run.shape, run.processor, run.loc_start, run.step, cfg.steps),
+        batch_size=None, num_workers=cfg.workers, pin_memory=run.device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
     )
-    log_path = out / "log.jsonl"
-    started = time.time() - elapsed
     last: dict = {}
-    done = False
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", dynamic_ncols=True)
+    run.model.train()
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="pretrain", dynamic_ncols=True)
     try:
         for batch in batches:
-            frac = schedule_position(cfg, step, time.time() - started)
-            if frac >= 1.0:
+            if progress(cfg, run.step, run.elapsed()) >= 1.0:
                 break
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * frac))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            sigma = cfg.loc_sigma * (cfg.loc_sigma_end / cfg.loc_sigma) ** frac
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            batch["pixel_values"] = normalize_pixels(batch["pixel_values"], processor.image_processor)
-            logits, features, cross = forward(model, batch, attentions=True)
-            loss, loc_nll = seq_loss(logits, batch["labels"], loc_start, sigma)
-            aux = dense_loss(head(features), batch["heat"], batch["reg"], batch["mask"], len(SHAPE_CLASSES))
-            point = pointer_loss(cross, batch["pointer"])
-            total = loss + cfg.dense_weight * aux + cfg.pointer_weight * point
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"loss is {total.item()} at step {step}; last good state is in {state_path}")
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            step += 1
+            record = train_step(run, batch)
             bar.update(1)
-            record = {"step": step, "loss": loss.item(), "loc_nll": loc_nll.item(), "dense": aux.item(),
-                      "pointer": point.item(), "lr": lr, "elapsed": time.time() - started}
             bar.set_postfix(loss=f"{record['loss']:.3f}", loc=f"{record['loc_nll']:.2f}",
-                            point=f"{record['pointer']:.2f}", lr=f"{lr:.1e}")
-            finishing = schedule_position(cfg, step, time.time() - started) >= 1.0
-            if step % cfg.eval_every == 0 or finishing:
-                last = looking_check(model, processor, cfg, shape.image_size, loc_start)
+                            point=f"{record['pointer']:.2f}", lr=f"{record['lr']:.1e}")
+            finishing = progress(cfg, run.step, run.elapsed()) >= 1.0
+            if run.step % cfg.eval_every == 0 or finishing:
+                last = looking_check(run.model, run.processor, cfg, size=run.shape.image_size, loc_start=run.loc_start)
                 record.update(last)
-                log(f"step {step}: {json.dumps(last)}")
-            with log_path.open("a") as f:
+                log(f"step {run.step}: {json.dumps(last)}")
+            with (Path(cfg.out) / "log.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            if step % cfg.save_every == 0 or finishing:
-                _save_state(state_path, model, head, optimizer, step, time.time() - started)
-            if finishing:
+            stopping = cfg.stop_at is not None and run.step >= cfg.stop_at
+            if run.step % cfg.save_every == 0 or finishing or stopping:
+                run.save()
+            if stopping:
+                log(f"stopped at step {run.step} (stop_at); run the same command to resume")
+            if finishing or stopping:
                 break
-            if cfg.stop_at is not None and step >= cfg.stop_at:
-                _save_state(state_path, model, head, optimizer, step, time.time() - started)
-                log(f"stopped at step {step} (stop_at); run the same command to resume")
-                break
-        done = schedule_position(cfg, step, time.time() - started) >= 1.0
     except KeyboardInterrupt:
-        _save_state(state_path, model, head, optimizer, step, time.time() - started)
-        log(f"interrupted at step {step}; state saved, run the same command to resume")
+        run.save()
+        log(f"interrupted at step {run.step}; state saved, run the same command to resume")
     bar.close()
+    done = progress(cfg, run.step, run.elapsed()) >= 1.0
     if done and not last:  # resumed a finished run: measure it again for the export
-        last = looking_check(model, processor, cfg, shape.image_size, loc_start)
-    model.set_attn_implementation("sdpa")
-    model.eval()
-    return {"step": step, "done": done, "model": model, "processor": processor, "shape": shape, **last}
+        last = looking_check(run.model, run.processor, cfg, size=run.shape.image_size, loc_start=run.loc_start)
+    run.model.set_attn_implementation("sdpa")
+    run.model.eval()
+    return {"step": run.step, "done": done, "model": run.model, "processor": run.processor, "shape": run.shape,
+            **last}
 
 
-def export_tiny(model, processor, folder: str | Path, cfg: PretrainConfig, figures: dict) -> Path:
-    """Save the pretrained tiny model where `load_model("tiny")` finds it.
+def config_record(cfg: PretrainConfig, shape: TinyShape) -> str:
+    """`pretrain_config.json`: `cfg` as JSON with the model shape it resolved to."""
+    return json.dumps({**cfg.model_dump(), "shape": asdict(shape)}, indent=2)
+
+
+def export_tiny(model, processor, folder: str | Path, *, cfg: PretrainConfig, shape: TinyShape,
+                figures: dict) -> Path:
+    """Save the pretrained tiny model where `load_model` finds a Florence-2 folder.
 
     Weights are stored in fp16 (half the size in git; `load_model` upcasts to fp32) beside the
-    processor files and `pretrain_config.json`, written to a temp folder and swapped in whole,
-    so a crash never leaves a half-written asset.
-    """
-    import shutil
-
+    processor files, `pretrain_config.json` and `pretrain_figures.json`, swapped in whole
+    (`checkpoint.write_folder`), so a crash never leaves a half-written asset. A hand-written
+    model card (`README.md`) already in `folder` is kept."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    half = type(model)(model.config)
-    half.load_state_dict(model.state_dict())
-    half.to(torch.float16).save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    (tmp / "pretrain_figures.json").write_text(json.dumps(figures, indent=2))
-    card = folder / "README.md"
-    if card.exists():  # the model card is written by hand from the measurements; keep it
-        shutil.copy2(card, tmp / "README.md")
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def fill(tmp: Path) -> None:
+        half = type(model)(model.config)
+        half.load_state_dict(model.state_dict())
+        half.to(torch.float16).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "pretrain_config.json").write_text(config_record(cfg, shape))
+        (tmp / "pretrain_figures.json").write_text(json.dumps(figures, indent=2))
+        if (folder / "README.md").exists():
+            shutil.copy2(folder / "README.md", tmp / "README.md")
+
+    write_folder(folder, fill)
     return folder
 
 
@@ -485,9 +374,35 @@ def finish_pretraining(result: dict, cfg: PretrainConfig, folder: str | Path) ->
     baseline, _, _ = build_tiny(shape, seed=cfg.seed)
     figures = {
         "steps": result["step"],
-        "pretrained": looking_check(model, processor, cfg, shape.image_size, loc_start),
-        "random_init": looking_check(baseline.eval(), processor, cfg, shape.image_size, loc_start),
+        "pretrained": looking_check(model, processor, cfg, size=shape.image_size, loc_start=loc_start),
+        "random_init": looking_check(baseline.eval(), processor, cfg, size=shape.image_size, loc_start=loc_start),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    export_tiny(model, processor, folder, cfg, figures)
+    export_tiny(model, processor, folder, cfg=cfg, shape=shape, figures=figures)
     return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m loomlens.train.pretrain`: pretrain (resuming from `--work`), then measure and
+    export the model to `--out`. The shipped asset is updated only when `--out` names it."""
+    parser = argparse.ArgumentParser(description="Pretrain the embedded tiny Florence-2 on synthetic scenes.")
+    parser.add_argument("--out", default="runs/pretrain/tiny-florence2",
+                        help="where the model is written (the shipped one: src/loomlens/assets/tiny-florence2)")
+    parser.add_argument("--work", default="runs/pretrain", help="resumable state, log and config of the run")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    for name in ("steps", "batch_size", "lr", "seed", "time_budget", "stop_at", "eval_every", "workers", "threads"):
+        field = PretrainConfig.model_fields[name]
+        parser.add_argument(f"--{name.replace('_', '-')}", default=None, help=field.description)
+    args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("out", "work")}
+    cfg = PretrainConfig.model_validate({**given, "out": args.work})
+    result = pretrain(cfg)
+    if not result["done"]:
+        print(f"stopped at step {result['step']}; run the same command to resume")
+        return
+    figures = finish_pretraining(result, cfg, args.out)
+    print(f"tiny model written to {args.out}: {figures}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,11 @@
 """The fine-tuning recipe: LoRA/DoRA on Florence-2, one loop, top to bottom.
 
-    load base -> attach LoRA -> datasets -> optimizer + schedule -> accelerate
-    -> (resume) -> for each optimizer step: accumulate micro-batches, clip, step
-       -> log -> evaluate (val loss + mAP50) -> save last/ (and best/) -> stop?
+`setup` builds a `Session` (accelerator, base + fresh adapter, datasets, optimizer and
+schedule, a `BatchPreparer` that hides the speed settings, and on resume the saved state);
+`train` then runs one loop of named steps:
+
+    for each optimizer step: forward_backward (accumulate a window) -> optimizer_step
+       -> advance -> log_step -> stop_reason -> validate_and_keep_best | save -> stop?
 
 Everything distributed goes through Hugging Face accelerate: the same code runs on one CPU,
 one GPU, or `accelerate launch` across GPUs and nodes. Each process takes every N-th batch
@@ -22,7 +25,7 @@ import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -32,16 +35,16 @@ from typing import Any
 import torch
 
 from loomlens.config import TrainConfig, dump_config
-from loomlens.data.dataset import Collator, FlorenceDataset, plan_batches
+from loomlens.data.dataset import IGNORE_INDEX, Collator, FlorenceDataset, plan_batches
 from loomlens.model.folded_lora import fold_lora
 from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, trainable_by_tower
-from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory
+from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory, resolve_device
 from loomlens.model.vision import split_image_path, stage_count, stage_of
 from loomlens.run import DATA_SUMMARY
 from loomlens.train.checkpoint import (
-    STATE_FILE,
     TrainerState,
     copy_checkpoint,
+    has_checkpoint,
     load_checkpoint,
     recover,
     rng_states,
@@ -69,8 +72,49 @@ class TrainResult:
     last_eval: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class Session:
+    """Everything the loop works with, built once by `setup`: the accelerate-wrapped `model`
+    and its peft `adapter`, data, optimizer and schedule, how batches reach the model
+    (`prepare`), where the run stands (`state`) and where it writes (`run_dir`)."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    model: Any
+    adapter: Any
+    processor: Any
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    train_set: FlorenceDataset
+    val_set: FlorenceDataset | None
+    collate: Collator
+    spec: LossSpec
+    prepare: BatchPreparer
+    total_steps: int
+    warmup: int
+    state: TrainerState
+    run_dir: Path
+    metrics: MetricsLog | None
+    say: Callable[[str], None]
+    epoch_length: int = 0  # optimizer steps in this epoch, for the fractional epoch logged
+    started: float = field(default_factory=time.monotonic)
+    seconds_before: float = 0.0  # training seconds of the runs this one resumes
+
+    @property
+    def last_dir(self) -> Path:
+        return self.run_dir / "checkpoints" / "last"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.run_dir / "checkpoints" / "best"
+
+    @property
+    def epoch(self) -> float:
+        return self.state.epoch + self.state.window / max(1, self.epoch_length)
+
+
 def train(
-    cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = None, log: Callable[[str], None] = print
+    cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None, log: Callable[[str], None] = print
 ) -> TrainResult:
     """Fine-tune `cfg.model` with LoRA on `cfg.data`, writing the run folder `cfg.out`.
 
@@ -78,199 +122,285 @@ def train(
     saved. `stop_at_step` stops after that step once saved, as a kill right after a save
     would (the run can be resumed). Raises `TrainingDiverged` on a NaN/inf loss.
     """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
 
+    s = setup(cfg, resume=resume, log=log)
+    main = s.accelerator.is_main_process
+    bar = tqdm(total=s.total_steps, initial=s.state.step, disable=not (main and cfg.progress), desc="train")
+    stopped, last_eval = ("max_steps" if s.state.step >= s.total_steps else ""), {}
+    s.model.train()
+    while not stopped:
+        windows = epoch_windows(s)
+        for micro in window_batches(s, windows):
+            loss = forward_backward(s, micro)
+            lr, grad_norm = optimizer_step(s, loss)
+            epoch_done = advance(s)
+            log_step(s, bar, loss=loss, lr=lr, grad_norm=grad_norm)
+            stopped = stop_reason(s, stop_at_step)
+            due = (cfg.eval_every and s.state.step % cfg.eval_every == 0) or (not cfg.eval_every and epoch_done)
+            if s.val_set is not None and (due or stopped in ("max_steps", "time_budget")):
+                last_eval, stopped = validate_and_keep_best(s, stopped)
+            elif stopped or (cfg.save_every and s.state.step % cfg.save_every == 0):
+                save(s)
+            if stopped:
+                break
+    bar.close()
+    if s.metrics:
+        s.metrics.close()
+        plot_run(s.run_dir)
+    s.accelerator.wait_for_everyone()
+    s.say(f"stopped ({stopped}) at step {s.state.step}; run folder {s.run_dir}")
+    return TrainResult(s.run_dir, s.adapter, s.processor, s.state, stopped, last_eval)
+
+
+# --- setup: one helper per part ------------------------------------------------------------
+
+
+def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Session:
+    """Build the `Session` of `cfg`: accelerator, model with a fresh adapter, data, optimizer,
+    schedule and batch preparer; on `resume`, the state of `checkpoints/last/`."""
+    from accelerate.utils import set_seed
+
     run_dir = Path(cfg.out)
-    last_dir, best_dir = run_dir / "checkpoints" / "last", run_dir / "checkpoints" / "best"
-    # accelerate keeps one mixed precision per process, fixed by the first Accelerator; a sweep
-    # or a test trains several runs in one process, so forget it (the distributed state stays).
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.precision))
-    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
     if main and resume:
-        recover(last_dir)  # a kill between the renames of a save: put the previous one back
+        recover(run_dir / "checkpoints" / "last")  # a kill between the renames of a save: put the previous one back
     accelerator.wait_for_everyone()
-    _check_run_dir(run_dir, last_dir, resume)
+    _check_run_dir(run_dir, run_dir / "checkpoints" / "last", resume)
     say = log if main else (lambda *_: None)
-
-    # Model: the base, frozen, with a fresh adapter (its weights come from last/ on resume).
-    set_seed(cfg.seed)
+    set_seed(cfg.seed)  # the adapter's initial weights (they come from last/ on resume)
     model, processor = training_model(cfg)
-    inputs_dtype = frozen_dtype(cfg.precision)  # pixels in the base's dtype when it is stored lower
-    text_config = model.config.text_config
-    towers = trainable_by_tower(model)
-
-    # Data: tokenised once, pixels cached on first use.
-    max_label = text_config.max_position_embeddings
-    # Workers start afresh each epoch, so a pixel cache pays only when batches are made here.
-    train_set = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, max_label, cfg.num_workers == 0)
-    val_path = cfg.data / "val.jsonl"
-    val_set = FlorenceDataset(val_path, processor, cfg.tasks, max_label) if _has_samples(val_path) else None
-    collate = Collator(processor.tokenizer.pad_token_id)
-    def epoch_plan(epoch: int) -> list[list[int]]:
-        return plan_batches(train_set.tasks, train_set.lengths, cfg.batch_size, cfg.order, cfg.shuffle, cfg.seed,
-                            epoch, cfg.group_by_length)
-
-    plan = epoch_plan(0)
-    windows_per_epoch = math.ceil(len(plan) // world / cfg.grad_accum)
-    if windows_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training samples are too few for {world} processes")
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * windows_per_epoch)
-
-    # Optimizer over the trainable adapter weights only; the schedule steps per optimizer step.
-    params = [p for p in model.parameters() if p.requires_grad]
+    train_set, val_set = datasets(cfg, processor, model.config.text_config.max_position_embeddings)
+    total_steps = step_count(cfg, train_set, accelerator.num_processes)
+    params = [p for p in model.parameters() if p.requires_grad]  # the adapter's weights only
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = warmup_steps(cfg.warmup, total_steps)
     lr_factor(0, warmup, total_steps, cfg.schedule)  # a bad schedule name fails now, not at step 1
-    spec = LossSpec(
+    spec = loss_spec(cfg, model=model, processor=processor, train_set=train_set)
+    towers = trainable_by_tower(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    adapter = accelerator.unwrap_model(model)
+    prepare = batch_preparer(cfg, adapter=adapter, train_set=train_set, device=accelerator.device, say=say)
+    s = Session(cfg, accelerator, model, adapter, processor, optimizer, params, train_set, val_set,
+                Collator(processor.tokenizer.pad_token_id), spec, prepare, total_steps, warmup, TrainerState(),
+                run_dir, None, say)
+    if resume:
+        s.state = load_checkpoint(s.last_dir, model=adapter, optimizer=optimizer, rank=accelerator.process_index,
+                                  scaler=accelerator.scaler)
+        say(f"resumed from {s.last_dir} at step {s.state.step} (epoch {s.state.epoch})")
+    if main:
+        _write_run_files(cfg, run_dir, accelerator.num_processes)
+        s.metrics = MetricsLog(run_dir, s.state.step if resume else None, cfg.tensorboard)
+    _describe(s, towers)
+    s.started, s.seconds_before = time.monotonic(), s.state.train_seconds
+    return s
+
+
+def make_accelerator(cfg: TrainConfig):
+    """accelerate's `Accelerator` for `cfg`: on the CPU unless `cfg.device` resolves to CUDA
+    (the GPU of each process is accelerate's pick), autocast as `cfg.speed.precision` says."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one mixed precision per process, fixed by the first Accelerator; a sweep
+    # or a test trains several runs in one process, so forget it (the distributed state stays).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    device = resolve_device(cfg.device)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision(cfg.speed.precision, device))
+
+
+def datasets(cfg: TrainConfig, processor, max_label: int) -> tuple[FlorenceDataset, FlorenceDataset | None]:
+    """The train set and the val set (None when `val.jsonl` is empty or missing), tokenised,
+    answers cut at `max_label` tokens. Workers start afresh each epoch, so the train set
+    caches pixels only when batches are made in the loop (`speed.num_workers` 0)."""
+    train_set = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, max_label, cfg.speed.num_workers == 0)
+    val_path = cfg.data / "val.jsonl"
+    val_set = FlorenceDataset(val_path, processor, cfg.tasks, max_label) if _has_samples(val_path) else None
+    return train_set, val_set
+
+
+def epoch_plan(cfg: TrainConfig, train_set: FlorenceDataset, epoch: int) -> list[list[int]]:
+    """Epoch `epoch`'s batches of sample indices, shared by every process (a pure function of
+    the seed and the epoch: what makes resume exact)."""
+    return plan_batches(train_set.tasks, train_set.lengths, cfg.batch_size, cfg.order, cfg.shuffle, cfg.seed,
+                        epoch, cfg.group_by_length)
+
+
+def step_count(cfg: TrainConfig, train_set: FlorenceDataset, world: int) -> int:
+    """Optimizer steps of the run: `max_steps`, else `epochs` of accumulation windows. Raises
+    ValueError when the data is too small to give each of `world` processes a window."""
+    windows_per_epoch = math.ceil(len(epoch_plan(cfg, train_set, 0)) // world / cfg.grad_accum)
+    if windows_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training samples are too few for {world} processes")
+    return cfg.max_steps or math.ceil(cfg.epochs * windows_per_epoch)
+
+
+def loss_spec(cfg: TrainConfig, *, model, processor, train_set: FlorenceDataset) -> LossSpec:
+    """The loss's ids and optional terms for `model`; the pointer's grid (cells per side) is
+    read from the number of image tokens in a prompt (one pooled token plus the grid)."""
+    text_config = model.config.text_config
+    image_tokens = train_set.examples[0].input_ids.count(model.config.image_token_id)
+    return LossSpec(
         text_config.decoder_start_token_id, text_config.pad_token_id,
         processor.tokenizer.convert_tokens_to_ids("<loc_0>"), cfg.loc_sigma, cfg.pointer_weight,
-        math.isqrt(train_set.examples[0].input_ids.count(model.config.image_token_id) - 1),
+        math.isqrt(image_tokens - 1),
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    peft_model = accelerator.unwrap_model(model)
-    base = peft_model.get_base_model()
-    finish_image = None  # with a partly frozen vision side: cached stage output -> image features
-    if cfg.cache_image_features:
-        encode, finish_image, part = _image_cache(peft_model, cfg.lora.vision_frozen_stages)
-        say(f"encoding {len({ex.image for ex in train_set.examples})} training images once ({part})")
-        base.eval()
-        train_set.encode_images(lambda pixels: encode(pixels.to(accelerator.device, inputs_dtype)), cfg.eval_batch_size)
-    state = TrainerState()
-    if resume:
-        state = load_checkpoint(last_dir, peft_model, optimizer, rank, accelerator.scaler)
-        say(f"resumed from {last_dir} at step {state.step} (epoch {state.epoch})")
-    if main:
-        _write_run_files(cfg, run_dir, world)
-    metrics = MetricsLog(run_dir, state.step if resume else None, cfg.tensorboard) if main else None
-    say(
+
+
+def _describe(s: Session, towers: dict[str, int]) -> None:
+    cfg, world = s.cfg, s.accelerator.num_processes
+    s.say(
         f"training {cfg.model} + LoRA ({cfg.lora.targets}, r={cfg.lora.r}{', DoRA' if cfg.lora.dora else ''}) "
-        f"on {len(train_set)} samples, {total_steps} steps x {cfg.batch_size * cfg.grad_accum * world} samples, "
-        f"{world} process(es) on {accelerator.device}; trainable: vision {towers['vision']:,}, "
+        f"on {len(s.train_set)} samples, {s.total_steps} steps x {cfg.batch_size * cfg.grad_accum * world} samples, "
+        f"{world} process(es) on {s.accelerator.device}; trainable: vision {towers['vision']:,}, "
         f"language {towers['language']:,}"
     )
-    if train_set.truncated:
-        say(f"warning: {train_set.truncated} answers are longer than the decoder's {max_label} positions; cut")
+    if s.train_set.truncated:
+        limit = s.adapter.config.text_config.max_position_embeddings
+        s.say(f"warning: {s.train_set.truncated} answers are longer than the decoder's {limit} positions; cut")
 
-    def checkpoint(improved: bool = False) -> None:
-        rng = gather_object([rng_states()])  # collective: every process calls it
-        if main:
-            save_checkpoint(last_dir, peft_model, optimizer, state, rng, accelerator.scaler)
-            if improved:
-                copy_checkpoint(last_dir, best_dir)
 
-    bar = tqdm(total=total_steps, initial=state.step, disable=not (main and cfg.progress), desc="train")
-    started, seconds_before = time.monotonic(), state.train_seconds
-    stopped, last_eval = ("max_steps" if state.step >= total_steps else ""), {}
-    model.train()
-    while not stopped:
-        batches = epoch_plan(state.epoch)
-        mine = batches[: len(batches) // world * world][rank::world]
-        windows = [mine[i : i + cfg.grad_accum] for i in range(0, len(mine), cfg.grad_accum)]
-        todo = windows[state.window :]
-        loader = iter(torch.utils.data.DataLoader(
-            train_set, batch_sampler=[idx for window in todo for idx in window], collate_fn=collate,
-            num_workers=cfg.num_workers, generator=torch.Generator(),  # its own: the global RNG is dropout's
-        ))
-        for window in todo:
-            # One optimizer step: the loss is summed over the window's tokens on every process
-            # and divided by their global count, so accumulation and DDP average per token.
-            micro = [next(loader) for _ in window]
-            tokens = accelerator.reduce(
-                torch.tensor(sum(int((b["labels"] != -100).sum()) for b in micro), device=accelerator.device),
-                "sum",
-            )
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for k, batch in enumerate(micro):
-                batch = _on_device(batch, accelerator.device, inputs_dtype)
-                if "image_features" in batch:
-                    if finish_image is not None:
-                        batch["image_features"] = finish_image(batch["image_features"])
-                    batch = with_image_embeds(batch, base.get_input_embeddings(), base.config.image_token_id)
-                sync = nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
-                with sync:
-                    part, _ = batch_loss(model, batch, spec)
-                    accelerator.backward(part * world / tokens)
-                loss_sum += part.detach()
-            loss = (accelerator.reduce(loss_sum, "sum") / tokens).item()
-            if not math.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
-                checkpoint()
-                raise TrainingDiverged(
-                    f"loss is {loss} at step {state.step + 1}; the weights before it are saved in {last_dir}. "
-                    "Lower --lr, keep --max-grad-norm on, or use --precision fp32."
-                )
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-            where = position(state.step, state.train_seconds, total_steps, cfg.time_budget)
-            lr = cfg.lr * lr_factor(where, warmup, total_steps, cfg.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.window += 1
-            epoch_done = state.window == len(windows)
-            if epoch_done:
-                state.epoch, state.window = state.epoch + 1, 0
-            state.train_seconds = seconds_before + time.monotonic() - started
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=state.epoch)
-            if metrics:
-                metrics.log({
-                    "step": state.step, "epoch": state.epoch + state.window / len(windows),
-                    "seconds": state.train_seconds, "lr": lr, "train_loss": loss,
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                })
+# --- the loop's steps ------------------------------------------------------------------------
 
-            # Stop? A simulated kill (stop_at_step) only saves; any other stop evaluates first.
-            if state.step >= total_steps:
-                stopped = "max_steps"
-            elif cfg.time_budget and state.train_seconds >= cfg.time_budget:
-                stopped = "time_budget"
-            elif stop_at_step is not None and state.step >= stop_at_step:
-                stopped = "stop_at_step"
-            due = (cfg.eval_every and state.step % cfg.eval_every == 0) or (not cfg.eval_every and epoch_done)
-            if val_set is not None and (due or stopped in ("max_steps", "time_budget")):
-                last_eval = _evaluate(peft_model, processor, val_set, cfg, accelerator, spec.plain)
-                by_map = cfg.best_metric == "map50" and "map50" in last_eval
-                score = last_eval["map50"] if by_map else -last_eval["val_loss"]
-                improved = state.best_metric is None or score > state.best_metric
-                if improved:
-                    state.best_metric, state.best_step, state.evals_since_best = score, state.step, 0
-                else:
-                    state.evals_since_best += 1
-                if cfg.early_stopping and state.evals_since_best >= cfg.early_stopping and not stopped:
-                    stopped = "early_stopping"
-                checkpoint(improved)
-                if metrics:
-                    metrics.log({"step": state.step, "epoch": state.epoch + state.window / len(windows),
-                                 "seconds": state.train_seconds, **last_eval})
-                    plot_run(run_dir)
-                say(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-            elif stopped or (cfg.save_every and state.step % cfg.save_every == 0):
-                checkpoint()
-            if stopped:
-                break
 
-    bar.close()
-    if metrics:
-        metrics.close()
-        plot_run(run_dir)
-    accelerator.wait_for_everyone()
-    say(f"stopped ({stopped}) at step {state.step}; run folder {run_dir}")
-    return TrainResult(run_dir, peft_model, processor, state, stopped, last_eval)
+def epoch_windows(s: Session) -> list[list[list[int]]]:
+    """This process's accumulation windows of the current epoch: every N-th batch of the
+    shared plan (N processes), grouped `grad_accum` at a time."""
+    world, rank = s.accelerator.num_processes, s.accelerator.process_index
+    batches = epoch_plan(s.cfg, s.train_set, s.state.epoch)
+    mine = batches[: len(batches) // world * world][rank::world]
+    windows = [mine[i : i + s.cfg.grad_accum] for i in range(0, len(mine), s.cfg.grad_accum)]
+    s.epoch_length = len(windows)
+    return windows
+
+
+def window_batches(s: Session, windows: list[list[list[int]]]) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """The collated micro-batches of each window not yet done in this epoch, in order."""
+    todo = windows[s.state.window :]
+    loader = iter(torch.utils.data.DataLoader(
+        s.train_set, batch_sampler=[idx for window in todo for idx in window], collate_fn=s.collate,
+        num_workers=s.cfg.speed.num_workers, generator=torch.Generator(),  # its own: the global RNG is dropout's
+    ))
+    for window in todo:
+        yield [next(loader) for _ in window]
+
+
+def forward_backward(s: Session, micro: list[dict[str, torch.Tensor]]) -> float:
+    """Accumulate the gradients of one window; return its mean loss per token. The loss is
+    summed over the window's tokens on every process and divided by their global count, so
+    accumulation and DDP average per token."""
+    accelerator, world = s.accelerator, s.accelerator.num_processes
+    count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
+    tokens = accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum")
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for k, batch in enumerate(micro):
+        sync = nullcontext() if k == len(micro) - 1 else accelerator.no_sync(s.model)
+        with sync:
+            part, _ = batch_loss(s.model, s.prepare(batch), s.spec)
+            accelerator.backward(part * world / tokens)
+        loss_sum += part.detach()
+    return (accelerator.reduce(loss_sum, "sum") / tokens).item()
+
+
+def optimizer_step(s: Session, loss: float) -> tuple[float, float | None]:
+    """Clip, set the scheduled learning rate and step; return `(lr, grad norm)`. A NaN/inf
+    `loss` saves the weights before it and raises `TrainingDiverged` instead."""
+    cfg, state = s.cfg, s.state
+    if not math.isfinite(loss):
+        s.optimizer.zero_grad(set_to_none=True)
+        save(s)
+        raise TrainingDiverged(
+            f"loss is {loss} at step {state.step + 1}; the weights before it are saved in {s.last_dir}. "
+            "Lower --lr, keep --max-grad-norm on, or use --precision fp32."
+        )
+    grad_norm = s.accelerator.clip_grad_norm_(s.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+    where = position(state.step, state.train_seconds, s.total_steps, cfg.time_budget)
+    lr = cfg.lr * lr_factor(where, s.warmup, s.total_steps, cfg.schedule)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return lr, float(grad_norm) if grad_norm is not None else None
+
+
+def advance(s: Session) -> bool:
+    """Count the step (and the training time); return whether it ended the epoch."""
+    state = s.state
+    state.step += 1
+    state.window += 1
+    epoch_done = state.window == s.epoch_length
+    if epoch_done:
+        state.epoch, state.window = state.epoch + 1, 0
+    state.train_seconds = s.seconds_before + time.monotonic() - s.started
+    return epoch_done
+
+
+def log_step(s: Session, bar, *, loss: float, lr: float, grad_norm: float | None) -> None:
+    """The step on the progress bar and in the metrics log."""
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=s.state.epoch)
+    if s.metrics:
+        s.metrics.log({"step": s.state.step, "epoch": s.epoch, "seconds": s.state.train_seconds, "lr": lr,
+                       "train_loss": loss, "grad_norm": grad_norm})
+
+
+def stop_reason(s: Session, stop_at_step: int | None) -> str:
+    """Why the run stops after this step ("" if it goes on). A simulated kill
+    (`stop_at_step`) only saves; the other stops evaluate first."""
+    if s.state.step >= s.total_steps:
+        return "max_steps"
+    if s.cfg.time_budget and s.state.train_seconds >= s.cfg.time_budget:
+        return "time_budget"
+    if stop_at_step is not None and s.state.step >= stop_at_step:
+        return "stop_at_step"
+    return ""
+
+
+def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], str]:
+    """Evaluate, save `last/` (copied to `best/` when the score improved), log; return the
+    evaluation and the stop reason, `early_stopping` when patience ran out."""
+    cfg, state = s.cfg, s.state
+    result = _evaluate(s)
+    score = result["map50"] if cfg.best_metric == "map50" and "map50" in result else -result["val_loss"]
+    improved = state.best_metric is None or score > state.best_metric
+    if improved:
+        state.best_metric, state.best_step, state.evals_since_best = score, state.step, 0
+    else:
+        state.evals_since_best += 1
+    if cfg.early_stopping and state.evals_since_best >= cfg.early_stopping and not stopped:
+        stopped = "early_stopping"
+    save(s, improved=improved)
+    if s.metrics:
+        s.metrics.log({"step": state.step, "epoch": s.epoch, "seconds": state.train_seconds, **result})
+        plot_run(s.run_dir)
+    s.say(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return result, stopped
+
+
+def save(s: Session, *, improved: bool = False) -> None:
+    """Save `last/` (and copy it to `best/` if `improved`). Collective: every process calls
+    it with its RNG states; only the main process writes."""
+    from accelerate.utils import gather_object
+
+    rng = gather_object([rng_states()])
+    if s.accelerator.is_main_process:
+        save_checkpoint(s.last_dir, model=s.adapter, optimizer=s.optimizer, state=s.state, rng=rng,
+                        scaler=s.accelerator.scaler)
+        if improved:
+            copy_checkpoint(s.last_dir, s.best_dir)
+
+
+# --- the model and how batches reach it ------------------------------------------------------
 
 
 def training_model(cfg: TrainConfig) -> tuple[Any, Any]:
-    """The base model of `cfg` (4-bit with `qlora`) with a fresh adapter, set up to train fast:
-    `cfg.attention`'s kernels, the frozen base in bf16 where `cfg.precision` resolves to
-    bf16-base (`lower_frozen`), LoRA layers in their cheapest exact form (`fold_lora`), and on
-    a CPU freed memory kept for reuse (`keep_freed_memory`). Returns the peft model and the
-    processor."""
-    if not torch.cuda.is_available():
+    """The base model of `cfg` (4-bit with `qlora`) with a fresh adapter, set up to train fast
+    (`cfg.speed`): its attention kernels, the frozen base in bf16 where the precision resolves
+    to bf16-base (`lower_frozen`), LoRA layers in their cheapest exact form (`fold_lora`), and
+    on a CPU freed memory kept for reuse (`keep_freed_memory`). Returns `(peft model, processor)`."""
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
         keep_freed_memory()
     if cfg.qlora:
         model, processor = load_quantized_base(cfg.model)
@@ -279,60 +409,90 @@ def training_model(cfg: TrainConfig) -> tuple[Any, Any]:
 
         model, processor = load_model(cfg.model)
     model.set_attn_implementation(attention_implementation(cfg))
-    model = apply_lora(model, cfg.lora)
-    if (dtype := frozen_dtype(cfg.precision)) is not None:  # never with qlora: TrainConfig refuses it
+    model = apply_lora(model, cfg.lora, vision_frozen_stages=cfg.speed.vision_frozen_stages)
+    if (dtype := frozen_dtype(cfg.speed.precision, device)) is not None:  # never with qlora: TrainConfig refuses it
         lower_frozen(model, dtype)
-    if cfg.fold_lora:
+    if cfg.speed.fold_lora:
         fold_lora(model)
     return model, processor
 
 
 def attention_implementation(cfg: TrainConfig) -> str:
-    """The attention kernels `cfg` trains with. Eager on a CPU: measured on the tiny model at
-    batch 8, SDPA's bf16 backward on the 64-token DaViT windows made a third of the step
-    (0.49 s a step against 0.33 s eager; the same in fp32); the pointer loss reads the
-    cross-attention weights, which only eager returns."""
-    if cfg.pointer_weight or (cfg.attention == "auto" and not torch.cuda.is_available()):
+    """The attention kernels `cfg` trains with: `speed.attention`, where `auto` is eager on a
+    CPU (SDPA's bf16 backward is slow on DaViT's small windows: docs/training.md) and SDPA on
+    CUDA. The pointer loss reads the cross-attention weights, which only eager returns."""
+    on_cpu = resolve_device(cfg.device).type == "cpu"
+    if cfg.pointer_weight or (cfg.speed.attention == "auto" and on_cpu):
         return "eager"
-    return "sdpa" if cfg.attention == "auto" else cfg.attention
+    return "sdpa" if cfg.speed.attention == "auto" else cfg.speed.attention
 
 
-def training_precision(precision: str) -> str:
-    """The way a config `precision` trains on this machine: `fp32`, `bf16` or `fp16` (autocast
-    over fp32 weights) or `bf16-base` (the frozen base stored in bf16, the adapter in fp32, no
-    autocast: `lower_frozen`; 6 % faster than bf16 autocast on the demo, but a lower val mAP50,
-    docs/training.md). `auto` is bf16 autocast on a CPU with bf16 instructions (AVX512-BF16 or
-    AMX: there the demo makes 1.4x the steps at the same val mAP50), fp32 on other CPUs, where
-    bf16 would be emulated and slower, and bf16 (else fp16) on CUDA. fp16 is CUDA only."""
+def training_precision(precision: str, device: str | torch.device = "auto") -> str:
+    """How a config `precision` trains on `device`: `fp32`, `bf16` or `fp16` (autocast over
+    fp32 weights) or `bf16-base` (the frozen base stored in bf16, the adapter in fp32, no
+    autocast: `lower_frozen`). `auto` is bf16 (else fp16) on CUDA, bf16 on a CPU with bf16
+    instructions and fp32 on other CPUs, where bf16 is emulated and slower; fp16 is CUDA only.
+    Why these defaults, measured: docs/training.md."""
+    on_cuda = resolve_device(str(device)).type == "cuda"
     if precision == "auto":
-        if torch.cuda.is_available():
+        if on_cuda:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_bf16() else "fp32"
-    if precision == "fp16" and not torch.cuda.is_available():
+    if precision == "fp16" and not on_cuda:
         return "fp32"
     return precision
 
 
-def mixed_precision(precision: str) -> str:
-    """accelerate's `mixed_precision` (its autocast) for a config `precision`: `no`, `bf16` or
-    `fp16` (`bf16-base` autocasts nothing: its activations are bf16 already)."""
-    return {"bf16": "bf16", "fp16": "fp16"}.get(training_precision(precision), "no")
+def mixed_precision(precision: str, device: str | torch.device = "auto") -> str:
+    """accelerate's `mixed_precision` (its autocast) for a config `precision` on `device`:
+    `no`, `bf16` or `fp16` (`bf16-base` autocasts nothing: its activations are bf16 already)."""
+    return {"bf16": "bf16", "fp16": "fp16"}.get(training_precision(precision, device), "no")
 
 
-def frozen_dtype(precision: str) -> torch.dtype | None:
+def frozen_dtype(precision: str, device: str | torch.device = "auto") -> torch.dtype | None:
     """The dtype the frozen base is stored in to train with `precision` (None: as loaded)."""
-    return torch.bfloat16 if training_precision(precision) == "bf16-base" else None
+    return torch.bfloat16 if training_precision(precision, device) == "bf16-base" else None
 
 
-def _on_device(batch: dict[str, torch.Tensor], device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """`batch` on `device`, its float tensors (pixels, cached image features) in `dtype` if given."""
-    return {k: v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
-            for k, v in batch.items()}
+class BatchPreparer:
+    """Collated batch -> the model's inputs, whatever the speed settings: on the device, float
+    tensors in the frozen base's dtype when it is stored lower, and cached image features
+    (`speed.cache_image_features`) finished (`finish`: the uncached stages) and put in place
+    of the image tokens. Batches without cached features (val, workers) pass unchanged."""
+
+    def __init__(self, device, dtype: torch.dtype | None, embeddings=None, image_token_id: int = -1,
+                 finish: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.device, self.dtype, self.embeddings = device, dtype, embeddings
+        self.image_token_id, self.finish = image_token_id, finish
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = {k: v.to(self.device, self.dtype) if self.dtype is not None and v.is_floating_point()
+                 else v.to(self.device) for k, v in batch.items()}
+        if "image_features" not in batch:
+            return batch
+        if self.finish is not None:
+            batch["image_features"] = self.finish(batch["image_features"])
+        return with_image_embeds(batch, self.embeddings, self.image_token_id)
+
+
+def batch_preparer(cfg: TrainConfig, *, adapter, train_set: FlorenceDataset, device,
+                   say: Callable[[str], None]) -> BatchPreparer:
+    """The `BatchPreparer` of `cfg`; with `speed.cache_image_features`, first encodes every
+    training image once into `train_set` (`_image_cache` says what is cached)."""
+    dtype = frozen_dtype(cfg.speed.precision, device)  # pixels in the base's dtype when it is stored lower
+    if not cfg.speed.cache_image_features:
+        return BatchPreparer(device, dtype)
+    base = adapter.get_base_model()
+    encode, finish, part = _image_cache(adapter, cfg.speed.vision_frozen_stages)
+    say(f"encoding {len({ex.image for ex in train_set.examples})} training images once ({part})")
+    base.eval()
+    train_set.encode_images(lambda pixels: encode(pixels.to(device, dtype)), cfg.eval_batch_size)
+    return BatchPreparer(device, dtype, base.get_input_embeddings(), base.config.image_token_id, finish)
 
 
 def _check_run_dir(run_dir: Path, last_dir: Path, resume: bool) -> None:
     if resume:
-        if not (last_dir / STATE_FILE).exists():
+        if not has_checkpoint(last_dir):
             raise FileNotFoundError(f"nothing to resume: {last_dir} has no checkpoint")
     elif last_dir.exists():
         raise FileExistsError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick a new --out")
@@ -342,14 +502,14 @@ def _image_cache(model, frozen_stages: int):
     """`(encode, finish, what)` for cache_image_features: `encode(pixels)` is what each image
     caches, `finish(cached)` (None: nothing) turns a batch of it into image features every
     step, `what` says which part is cached. A fully frozen vision side caches its image
-    features; otherwise its first `frozen_stages` DaViT stages (`lora.vision_frozen_stages`)
+    features; otherwise its first `frozen_stages` DaViT stages (`speed.vision_frozen_stages`)
     are cached and the rest runs, adapters and all. Raises ValueError when neither is frozen."""
     base = model.get_base_model()
     if frozen_stages == 0 or not _moving_image_side(model):
         _check_frozen_image_side(model)
         return (lambda pixels: base.model.get_image_features(pixels).pooler_output), None, "frozen vision side"
     if frozen_stages >= stage_count(model):
-        raise ValueError(f"lora.vision_frozen_stages {frozen_stages} freezes every DaViT stage, but the projector "
+        raise ValueError(f"speed.vision_frozen_stages {frozen_stages} freezes every DaViT stage, but the projector "
                          "still trains: use --freeze vision, or fewer frozen stages")
     moving = [n for n in _moving_image_side(model) if (stage := stage_of(n)) is not None and stage < frozen_stages]
     if moving:
@@ -373,7 +533,7 @@ def _check_frozen_image_side(model) -> None:
         raise ValueError(
             f"cache_image_features needs a frozen vision side, but {moving[0]} (and {len(moving) - 1} more) "
             "would train: add --freeze vision, use language-only targets, or freeze the first DaViT stages "
-            "(lora.vision_frozen_stages=N)"
+            "(speed.vision_frozen_stages=N)"
         )
 
 
@@ -382,29 +542,27 @@ def _has_samples(path: Path) -> bool:
 
 
 @torch.no_grad()
-def _evaluate(
-    model, processor, val_set: FlorenceDataset, cfg: TrainConfig, accelerator, spec: LossSpec
-) -> dict[str, float]:
+def _evaluate(s: Session) -> dict[str, float]:
     """Val loss (sharded over processes) on a fixed subset, and val mAP50 on the main process
     via `loomlens.evaluate.evaluate_jsonl`; leaves the RNG states and the attention
-    implementation as it found them."""
+    implementation as it found them, so evaluating never changes the weights a run reaches."""
+    model, accelerator, cfg = s.adapter, s.accelerator, s.cfg
     found, attention = rng_states(), model.config._attn_implementation
     model.set_attn_implementation("sdpa")  # no attention weights needed here: the fast kernel
     model.eval()
-    collate = Collator(processor.tokenizer.pad_token_id)
-    subset = torch.randperm(len(val_set), generator=torch.Generator().manual_seed(0)).tolist()
+    subset = torch.randperm(len(s.val_set), generator=torch.Generator().manual_seed(0)).tolist()
     subset = subset[: cfg.val_loss_max_samples]
-    lengths = [val_set.lengths[i] for i in subset]
+    lengths = [s.val_set.lengths[i] for i in subset]
     batches = plan_batches(["val"] * len(subset), lengths, cfg.eval_batch_size, "interleaved", shuffle=False)
     loss_sum = torch.zeros((), device=accelerator.device)
     tokens = torch.zeros((), device=accelerator.device)
     for idx in batches[accelerator.process_index :: accelerator.num_processes]:
-        batch = _on_device(collate([val_set[subset[i]] for i in idx]), accelerator.device, frozen_dtype(cfg.precision))
-        part, count = batch_loss(model, batch, spec)
+        batch = s.prepare(s.collate([s.val_set[subset[i]] for i in idx]))
+        part, count = batch_loss(model, batch, s.spec.plain)
         loss_sum, tokens = loss_sum + part, tokens + count
     result = {"val_loss": (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum")).item()}
     if accelerator.is_main_process:
-        result.update(_detection_metrics(model, processor, val_set.jsonl, cfg))
+        result.update(_detection_metrics(model, s.processor, s.val_set.jsonl, cfg))
     accelerator.wait_for_everyone()
     model.set_attn_implementation(attention)
     model.train()

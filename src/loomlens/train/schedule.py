@@ -5,10 +5,10 @@ resume. With a time budget the run is paced by time as well as by steps: the sch
 position is whichever of the two is further along, so the rate reaches its end when the
 budget does instead of being cut off mid-decay on a slow (or busy) machine. Time counts only
 after the budget's first `GRACE`: the first steps are slow for one-off reasons (kernels
-built, images processed on first use; 3-4 s each against 0.35 s later in the demo), and
-pacing on them moved the warmup by a wall-clock-dependent amount, so two runs of the same
-seed on the same machine trained differently (val mAP50 0.42 and 0.29 on 2026-12-02). A run
-that makes its steps within the budget now follows its steps alone, identically every time.
+built, images processed on first use), and pacing on them moved the warmup by a
+wall-clock-dependent amount, so two runs of the same seed on the same machine trained
+differently (docs/training.md, "Time budgets"). A run that makes its steps within the budget
+follows its steps alone, identically every time. Pretraining paces its schedule the same way.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loomlens.config import TrainConfig, load_config
-from loomlens.train.checkpoint import STATE_FILE
+from loomlens.train.checkpoint import has_checkpoint
 from loomlens.train.curves import plot_overlay, read_metrics
 
 COLUMNS = ("run", "steps", "seconds", "final_train_loss", "final_val_loss", "best_val_loss", "best_map50")
@@ -64,6 +64,7 @@ def summarize(run_dir: Path) -> dict:
 def sweep(
     axes: Mapping[str, Sequence[str]],
     shared: Mapping[str, str],
+    *,
     config: str | Path | None,
     out: Path,
     log: Callable[[str], None] = print,
@@ -80,7 +81,7 @@ def sweep(
         name = run_name(point)
         cfg = load_config(TrainConfig, config, {**shared, **point, "out": str(out / name)})
         log(f"sweep: {name}")
-        train(cfg, resume=(cfg.out / "checkpoints" / "last" / STATE_FILE).exists(), log=log)
+        train(cfg, resume=has_checkpoint(cfg.out / "checkpoints" / "last"), log=log)
         runs[name] = cfg.out
         rows.append({**point, **summarize(cfg.out)})
 
