@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from loomlens.data.florence_text import LabelError, validate_label
-from loomlens.data.records import Box, Problem
+from loomlens.data.records import Box, ImageRecord, Problem
 
 CLIP_TOLERANCE = 0.5  # pixels
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -190,3 +190,17 @@ def make_box(
 
 def _fmt(coords: Sequence[float]) -> str:
     return "(" + ", ".join(f"{c:g}" for c in coords) + ")"
+
+
+def add_box(
+    record: ImageRecord, problems: list[Problem], label: str, coords: Sequence[float], file: str,
+    line: int | None = None,
+) -> None:
+    """`make_box` for `record`'s image: the clean box joins `record.boxes`, or counts in
+    `record.dropped`; what was wrong goes to `problems`."""
+    box, found = make_box(label, coords, record.width, record.height, file, line)
+    problems += found
+    if box is None:
+        record.dropped += 1
+    else:
+        record.boxes.append(box)

@@ -15,7 +15,7 @@ from xml.parsers import expat
 
 from loomlens.data.atomic import atomic_write
 from loomlens.data.records import ImageRecord, Problem, ReadResult
-from loomlens.data.sanitize import find_image, image_size, iter_files, make_box, relative
+from loomlens.data.sanitize import add_box, find_image, image_size, iter_files, relative
 
 
 def _parse_with_lines(data: bytes) -> tuple[ET.Element, dict[ET.Element, int]]:
@@ -89,12 +89,7 @@ def read_voc_file(path: Path, root: Path) -> tuple[ImageRecord | None, list[Prob
             ))
             record.dropped += 1
             continue
-        box, box_problems = make_box(obj.findtext("name") or "", coords, width, height, file, lines[obj])
-        problems += box_problems
-        if box is None:
-            record.dropped += 1
-        else:
-            record.boxes.append(box)
+        add_box(record, problems, obj.findtext("name") or "", coords, file, lines[obj])
     return record, problems
 
 

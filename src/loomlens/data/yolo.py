@@ -13,7 +13,7 @@ from pathlib import Path
 from loomlens.data.atomic import atomic_write
 from loomlens.data.florence_text import LabelError, validate_label
 from loomlens.data.records import ImageRecord, Problem, ReadResult
-from loomlens.data.sanitize import IMAGE_SUFFIXES, image_size, iter_files, make_box, relative
+from loomlens.data.sanitize import IMAGE_SUFFIXES, add_box, image_size, iter_files, relative
 
 CLASSES_FILE = "classes.txt"
 
@@ -113,12 +113,7 @@ def read_yolo_file(
             record.dropped += 1
             continue
         coords = ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
-        box, box_problems = make_box(classes[cls], coords, width, height, file, number)
-        problems += box_problems
-        if box is None:
-            record.dropped += 1
-        else:
-            record.boxes.append(box)
+        add_box(record, problems, classes[cls], coords, file, number)
     return record, problems
 
 
