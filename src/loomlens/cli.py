@@ -391,7 +391,7 @@ def train_command(
     from loomlens.model.loader import ModelLoadError
     from loomlens.model.lora import LoraTargetError
     from loomlens.train.checkpoint import UnsafeCheckpointError
-    from loomlens.train.recipe import TrainingDiverged, train
+    from loomlens.train.recipe import TrainingDiverged, TrainingInterrupted, train
 
     explicit = _given(data=data, model=model, out=out, lr=lr, r=r, alpha=alpha, targets=targets, freeze=freeze,
                       dora=dora, epochs=epochs, max_steps=max_steps, time_budget=time_budget,
@@ -403,8 +403,11 @@ def train_command(
     cfg = _train_config(config, overrides, resume)
     try:
         result = train(cfg, resume=resume is not None)
+    except TrainingInterrupted as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(130) from None
     except (FileExistsError, FileNotFoundError, ModelLoadError, LoraTargetError, TrainingDiverged, RuntimeError,
-            SplitError, UnsafeCheckpointError) as err:
+            SplitError, UnsafeCheckpointError, ValueError, OSError) as err:
         raise _fail(str(err)) from None
     if result.last_eval:
         typer.echo("last evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()))

@@ -104,6 +104,56 @@ class SpeedSettings(BaseModel):
     )
 
 
+class AugmentSettings(BaseModel):
+    """Online, box-correct augmentation of every training picture (`loomlens.data.augment`):
+    chances of each flip and turn, strengths of each photometric change. `enabled: false` (or
+    `augment=false`) trains on the pictures as they are. Each transform's effect:
+    docs/training.md ("Augmentation")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="augment training pictures (never validation; not with "
+                          "speed.cache_image_features, which encodes each picture once)")
+    hflip: float = Field(0.5, ge=0, le=1, description="chance of a left-right mirror")
+    vflip: float = Field(0.5, ge=0, le=1, description="chance of a top-bottom mirror")
+    rot90: float = Field(0.0, ge=0, le=1, description="chance of a quarter turn (off: on a loom a defect's "
+                         "direction is part of its class)")
+    brightness: float = Field(0.2, ge=0, lt=1, description="largest relative brightness change")
+    contrast: float = Field(0.2, ge=0, lt=1, description="largest relative contrast change")
+    gamma: float = Field(0.2, ge=0, lt=1, description="largest change of the gamma exponent")
+    grey: float = Field(0.1, ge=0, le=1, description="chance of a grey copy")
+    scale: float = Field(0.1, ge=0, lt=1, description="largest share of each side a crop may drop (zoom and shift "
+                         "jitter; never cuts a defect)")
+
+
+class BalanceSettings(BaseModel):
+    """What each epoch shows (`loomlens.data.sampling`): defect-free samples held to a share of
+    every batch, images of rare classes repeated (LVIS repeat-factor sampling)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    negative_share: float | None = Field(0.25, ge=0, lt=1, description="share of each batch given to defect-free "
+                                         "samples; null = the data's own mix")
+    repeat_threshold: float = Field(0.1, ge=0, description="repeat an image sqrt(t / f) times for its rarest "
+                                    "class, f its share of images; 0 = no repeats")
+
+
+class GuardSettings(BaseModel):
+    """Watching validation (`loomlens.train.guard`): a run that collapses (no box on nearly every
+    defect frame, or val loss rising while train loss falls) rolls back to its best checkpoint
+    at a lower learning rate; one that collapses again, or stops improving, stops."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    collapse: bool = Field(True, description="detect collapse and roll back (off: train on regardless)")
+    empty_share: float = Field(0.9, gt=0, le=1, description="share of val frames with a defect answered with no "
+                               "box that counts as a collapse")
+    rising: int = Field(3, ge=2, description="evaluations in a row of rising val loss (train loss falling) that "
+                        "count as a collapse")
+    rollback_lr: float = Field(0.5, gt=0, lt=1, description="learning-rate factor after each rollback")
+    max_rollbacks: int = Field(2, ge=0, description="rollbacks before a further collapse stops the run")
+
+
 class TrainConfig(BaseModel):
     """Everything a fine-tuning run needs; written resolved to `RUN_DIR/config.yaml`."""
 
@@ -116,6 +166,9 @@ class TrainConfig(BaseModel):
     out: Path = Field(Path("runs/train"), description="run folder")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     speed: SpeedSettings = Field(default_factory=SpeedSettings)
+    augment: AugmentSettings = Field(default_factory=AugmentSettings)
+    balance: BalanceSettings = Field(default_factory=BalanceSettings)
+    guard: GuardSettings = Field(default_factory=GuardSettings)
     device: str = Field("auto", description=DEVICE_HELP)
     qlora: bool = Field(False, description="load the base in 4-bit (CUDA + bitsandbytes only)")
 
@@ -129,7 +182,9 @@ class TrainConfig(BaseModel):
         "defect-free frames, then all land in the same batches)"
     )
 
-    epochs: float = Field(3, gt=0)
+    epochs: float | None = Field(
+        None, gt=0, description="passes over the training data; null = 3, or as many as time_budget allows"
+    )
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
     time_budget: float | None = Field(
         None, gt=0, description="training seconds, summed over resumes: the schedule anneals by then, and the run stops"
@@ -147,15 +202,19 @@ class TrainConfig(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
     seed: int = 0
 
-    eval_every: int = Field(0, ge=0, description="evaluate every N steps; 0 = at the end of each epoch")
+    eval_every: int | None = Field(
+        None, ge=0, description="evaluate every N steps; 0 = at the end of each epoch; null = ten times a run"
+    )
     save_every: int = Field(0, ge=0, description="save last/ every N steps; 0 = at each evaluation")
-    eval_max_images: int | None = Field(64, ge=0, description="val images for mAP50; null = all, 0 = no mAP")
+    eval_max_images: int | None = Field(200, ge=0, description="val images scored at each evaluation; null = all, "
+                                        "0 = no mAP")
     eval_batch_size: int = Field(16, gt=0)
     val_loss_max_samples: int | None = Field(256, gt=0, description="val samples for the val loss; null = all")
-    best_metric: Literal["map50", "val_loss"] = Field(
-        "map50", description="what picks best/ (val_loss when mAP is unavailable)"
+    best_metric: Literal["map50_f1", "map50", "map50_95", "val_loss"] = Field(
+        "map50_f1", description="what picks best/: map50_f1 = the mean of val mAP50 and the best F1 (steadier than "
+        "mAP50 alone on a small split, and F1 is the operating point the line sees); val_loss when mAP is off"
     )
-    early_stopping: int = Field(0, ge=0, description="stop after N evaluations without improvement; 0 = off")
+    early_stopping: int = Field(6, ge=0, description="stop after N evaluations without a better score; 0 = off")
     tensorboard: bool = True
     progress: bool = Field(True, description="show a progress bar")
 
@@ -170,6 +229,11 @@ class TrainConfig(BaseModel):
     @classmethod
     def _known_device(cls, value: str) -> str:
         return check_device_name(value)
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_switch(cls, value: object) -> object:
+        return {"enabled": value} if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _one_base_dtype(self) -> "TrainConfig":
@@ -282,6 +346,20 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]
         else:
             items.append((f"{prefix}{key}", value))
     return items
+
+
+#: Settings a resumed run may change: they decide how long it runs, how often it looks and where,
+#: never what one step computes (anything else breaks exact resume and is refused).
+RESUMABLE = frozenset({
+    "time_budget", "max_steps", "epochs", "eval_every", "save_every", "eval_max_images", "eval_batch_size",
+    "val_loss_max_samples", "early_stopping", "progress", "tensorboard", "device", "speed.num_workers", "out",
+})
+
+
+def changed_settings(before: BaseModel, after: BaseModel) -> dict[str, tuple[Any, Any]]:
+    """Dotted setting -> (old, new) for every setting that differs between two configs."""
+    old, new = dict(_flatten(before.model_dump(mode="json"))), dict(_flatten(after.model_dump(mode="json")))
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 
 def dump_config(config: BaseModel, path: Path) -> None:

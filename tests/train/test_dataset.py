@@ -96,3 +96,53 @@ def test_plan_without_length_grouping_keeps_batches_mixed():
     assert sorted(i for b in mixed for i in b) == list(range(96))
     assert any(all(short[i] == 2 for i in b) for b in grouped)
     assert not any(all(short[i] == 2 for i in b) for b in mixed)
+
+
+def test_augmented_items_move_their_boxes_with_the_picture(small_data, small_model_dir):
+    from PIL import ImageOps
+
+    from loomlens.data.augment import NONE, Augment
+    from loomlens.data.florence_text import parse_text
+    from loomlens.model import load_model
+
+    _, processor = load_model(str(small_model_dir))
+    mirror = Augment(**{**NONE.__dict__, "hflip": 1.0})
+    plain = FlorenceDataset(small_data / "train.jsonl", processor)
+    flipped = FlorenceDataset(small_data / "train.jsonl", processor, augment=mirror)
+    index = next(i for i, ex in enumerate(plain.examples) if ex.task == "od" and ex.boxes)
+    ex = plain.examples[index]
+    item = flipped[index]
+    text = processor.tokenizer.decode(item["labels"], skip_special_tokens=False)
+    width = plain.picture(ex.image).width
+    boxes, _ = parse_text(text, width, plain.picture(ex.image).height)
+    expected = sorted((b.hflip(width) for b in ex.boxes), key=lambda b: (b.y1, b.x1))
+    assert [(b.label, round(b.x1), round(b.x2)) for b in sorted(boxes, key=lambda b: (b.y1, b.x1))] == \
+        [(b.label, round(b.x1), round(b.x2)) for b in expected]
+    mirrored = processor.image_processor(images=[ImageOps.mirror(plain.picture(ex.image))],
+                                         return_tensors="pt").pixel_values[0]
+    assert torch.equal(item["pixel_values"], mirrored)
+
+
+def test_augmentation_draws_per_epoch_and_repeats_within_one(small_data, small_model_dir):
+    from loomlens.data.augment import Augment
+    from loomlens.model import load_model
+
+    _, processor = load_model(str(small_model_dir))
+    ds = FlorenceDataset(small_data / "train.jsonl", processor, augment=Augment(), seed=3)
+    first = ds[0]["pixel_values"]
+    assert torch.equal(first, ds[0]["pixel_values"])
+    ds.set_epoch(1)
+    assert not torch.equal(first, ds[0]["pixel_values"])
+
+
+def test_balanced_plan_holds_negatives_to_their_share(small_data, small_model_dir):
+    from loomlens.data.sampling import Balance
+    from loomlens.model import load_model
+
+    _, processor = load_model(str(small_model_dir))
+    ds = FlorenceDataset(small_data / "train.jsonl", processor, tasks=["od"])
+    negatives = {i for i, c in enumerate(ds.classes) if c == frozenset()}
+    assert negatives and len(negatives) < len(ds)
+    plan = plan_batches(ds.tasks, ds.lengths, 4, labels=ds.classes, balance=Balance(0.25, 0.0))
+    assert all(sum(i in negatives for i in b) <= 1 for b in plan)
+    assert plan == plan_batches(ds.tasks, ds.lengths, 4, labels=ds.classes, balance=Balance(0.25, 0.0))

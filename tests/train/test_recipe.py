@@ -71,20 +71,49 @@ def test_accumulation_averages_over_tokens_not_micro_batches(make_config, tmp_pa
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
 
 
-def test_nan_loss_saves_the_good_state_and_stops_clearly(make_config, monkeypatch):
+def _poison(monkeypatch, at: set[int]) -> None:
+    """Make the loss NaN on the given calls of `batch_loss` (1-based)."""
     real, calls = recipe.batch_loss, []
 
     def poisoned(model, batch, spec):
         calls.append(1)
         loss, count = real(model, batch, spec)
-        return (loss * float("nan"), count) if len(calls) == 3 else (loss, count)
+        return (loss * float("nan"), count) if len(calls) in at else (loss, count)
 
     monkeypatch.setattr(recipe, "batch_loss", poisoned)
-    cfg = make_config(max_steps=5, eval_every=0)
-    with pytest.raises(TrainingDiverged, match="step 3"):
+
+
+def test_nan_without_rollbacks_saves_the_good_state_and_stops_clearly(make_config, monkeypatch):
+    _poison(monkeypatch, {3})
+    cfg = make_config(max_steps=5, eval_every=0, guard={"collapse": False})
+    with pytest.raises(TrainingDiverged, match="step 3.*weights of step 2 are saved"):
         train(cfg)
     saved = read_trainer_state(cfg.out / "checkpoints" / "last")
     assert saved["state"]["step"] == 2
+
+
+def test_a_nan_step_never_reaches_the_weights_and_the_run_rolls_back(make_config, monkeypatch):
+    _poison(monkeypatch, {3})
+    result = train(make_config(max_steps=5, eval_every=0))
+    assert result.stopped == "max_steps" and result.state.step == 5 and result.state.lr_scale == 0.5
+    assert all(torch.isfinite(v).all() for v in adapter_weights(result.model).values())
+    events = [r["event"] for r in csv.DictReader(open(result.run_dir / "metrics.csv")) if r["event"]]
+    assert len(events) == 1 and events[0].startswith("diverged (loss nan") and "x0.5" in events[0]
+
+
+def test_a_huge_learning_rate_never_saves_nan_weights(make_config):
+    """lr 1e3: the gradient norm explodes; every rollback is used, then the run stops with the
+    last finite weights saved, never NaN ones."""
+    cfg = make_config(max_steps=30, eval_every=0, save_every=1, lr=1e3, max_grad_norm=None)
+    try:
+        train(cfg)
+    except TrainingDiverged as err:
+        assert "saved" in str(err) or "keeps the last finite" in str(err)
+    if (cfg.out / "checkpoints" / "last").exists():
+        from safetensors.torch import load_file
+
+        weights = load_file(cfg.out / "checkpoints" / "last" / "adapter_model.safetensors")
+        assert all(torch.isfinite(v).all() for v in weights.values())
 
 
 def test_time_budget_stops_after_evaluating_and_saving(make_config):
@@ -114,7 +143,8 @@ def test_worker_processes_feed_the_same_batches(make_config, tmp_path):
 
 
 def test_cached_image_features_train_exactly_like_pixels(make_config, tmp_path):
-    common = dict(max_steps=2, eval_every=0, lora={"r": 4, "dropout": 0.0, "targets": ["language", "lm_head"]})
+    common = dict(max_steps=2, eval_every=0, augment=False,  # cached features are of the plain pictures
+                  lora={"r": 4, "dropout": 0.0, "targets": ["language", "lm_head"]})
     pixels = train(make_config(**common, out=str(tmp_path / "a")))
     cached = train(make_config(**common, cache_image_features=True, out=str(tmp_path / "b")))
     a, b = adapter_weights(pixels.model), adapter_weights(cached.model)
@@ -124,7 +154,8 @@ def test_cached_image_features_train_exactly_like_pixels(make_config, tmp_path):
 
 def test_cached_first_stages_train_exactly_like_pixels(make_config, tmp_path):
     """LoRA on the last DaViT stage (and the text side), the first two stages cached once."""
-    common = dict(max_steps=2, eval_every=0, lora={"r": 4, "dropout": 0.0, "targets": "seed"}, vision_frozen_stages=2)
+    common = dict(max_steps=2, eval_every=0, augment=False, lora={"r": 4, "dropout": 0.0, "targets": "seed"},
+                  vision_frozen_stages=2)
     pixels = train(make_config(**common, out=str(tmp_path / "a")))
     cached = train(make_config(**common, cache_image_features=True, out=str(tmp_path / "b")))
     a, b = adapter_weights(pixels.model), adapter_weights(cached.model)
@@ -253,3 +284,73 @@ def test_attention_follows_the_device_and_the_pointer_loss(make_config, monkeypa
     assert pick(make_config(attention="sdpa", pointer_weight=1)) == "eager"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert pick(make_config()) == "sdpa"
+
+
+def test_a_time_budget_is_planned_into_steps_before_the_first_one(make_config, monkeypatch):
+    monkeypatch.setattr(recipe, "measure_step_seconds", lambda s: 0.01)
+    result = train(make_config(max_steps=None, time_budget=2.0, eval_every=0))
+    # 85 % of 2 s at 0.01 s a step = 170 steps, two significant figures.
+    assert result.state.planned_steps == 170
+    saved = read_trainer_state(result.run_dir / "checkpoints" / "last")
+    assert saved["state"]["planned_steps"] == 170
+
+
+def test_warmup_is_a_share_of_the_planned_steps(make_config, monkeypatch):
+    monkeypatch.setattr(recipe, "measure_step_seconds", lambda s: 1.0)
+    result = train(make_config(max_steps=1_000_000, time_budget=6.0, warmup=0.5, eval_every=0))
+    assert result.state.planned_steps == 5  # not the nominal million: warmup ends within the run
+    lrs = [float(r["lr"]) for r in csv.DictReader(open(result.run_dir / "metrics.csv")) if r["lr"]]
+    assert lrs[2] == pytest.approx(1e-2) and lrs[-1] < lrs[2]
+
+
+def test_a_collapse_rolls_back_to_best_and_a_second_one_stops(make_config, monkeypatch):
+    metrics = iter([{"map50": 0.4, "best_f1": 0.4, "empty_on_defects": 0.1},
+                    {"map50": 0.0, "best_f1": 0.0, "empty_on_defects": 1.0},
+                    {"map50": 0.3, "best_f1": 0.3, "empty_on_defects": 0.2},
+                    {"map50": 0.0, "best_f1": 0.0, "empty_on_defects": 1.0}])
+    monkeypatch.setattr(recipe, "_detection_metrics", lambda *a: next(metrics))
+    cfg = make_config(max_steps=10, eval_every=1, val_loss_max_samples=2, guard={"max_rollbacks": 1})
+    result = train(cfg)
+    assert result.stopped == "collapsed" and result.state.step == 4
+    assert result.state.best_step == 1 and result.state.lr_scale == 0.5
+    events = [r["event"] for r in csv.DictReader(open(cfg.out / "metrics.csv")) if r["event"]]
+    assert "no box on 100% of val frames with a defect: back to step 1" in events[0]
+    assert "after 1 rollback(s): stopping" in events[1]
+    assert read_trainer_state(cfg.out / "checkpoints" / "best")["state"]["step"] == 1
+
+
+def test_a_signal_saves_and_says_how_to_resume(make_config, monkeypatch):
+    import os
+    import signal
+
+    real = recipe.advance
+
+    def advance_then_signal(s):
+        done = real(s)
+        if s.state.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return done
+
+    monkeypatch.setattr(recipe, "advance", advance_then_signal)
+    cfg = make_config(max_steps=6, eval_every=0)
+    with pytest.raises(recipe.TrainingInterrupted, match=r"SIGINT at step 2.*--resume"):
+        train(cfg)
+    assert read_trainer_state(cfg.out / "checkpoints" / "last")["state"]["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    monkeypatch.setattr(recipe, "advance", real)
+    assert train(cfg, resume=True).state.step == 6
+
+
+def test_resume_refuses_changed_settings_and_records_allowed_ones(make_config):
+    from loomlens.config import TrainConfig, load_config
+
+    cfg = make_config(max_steps=2, eval_every=0)
+    train(cfg)
+    changed = load_config(TrainConfig, cfg.out / "config.yaml", {"lr": "0.5"})
+    with pytest.raises(ValueError, match=r"would change lr \(0\.01 -> 0\.5\)"):
+        train(changed, resume=True)
+    longer = load_config(TrainConfig, cfg.out / "config.yaml", {"max_steps": "3"})
+    assert train(longer, resume=True).state.step == 3
+    amendments = yaml.safe_load((cfg.out / "amendments.yaml").read_text())
+    assert amendments == [{"step": 2, "changes": {"max_steps": [2, 3]}}]
+    assert yaml.safe_load((cfg.out / "config.yaml").read_text())["max_steps"] == 3

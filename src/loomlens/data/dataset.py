@@ -3,7 +3,9 @@
 Built for CPU training, where the processor is the bottleneck: prompts are tokenised once per
 distinct prefix, labels once per sample, and each image goes through the image processor once
 and is kept, exactly as the processor made it, since every epoch and every task of an image
-reuses the same pixels. The only module of `loomlens.data` that imports torch.
+reuses the same pixels. With online augmentation (`augment`) every item is a new picture: the
+decoded image is kept instead, and pixels and (for moved boxes) labels are made per item. The
+only module of `loomlens.data` that imports torch.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from loomlens.data.augment import Augment, augment, sample_rng
+from loomlens.data.florence_text import boxes_to_text, parse_text
 from loomlens.data.jsonl import read_lines, validate_split
-from loomlens.data.tasks import CONVERTIBLE
+from loomlens.data.records import Box
+from loomlens.data.sampling import Balance, Labels, balanced_batches
+from loomlens.data.tasks import CONVERTIBLE, REGISTRY
 
 #: Label padding, ignored by the loss.
 IGNORE_INDEX = -100
@@ -37,12 +43,27 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenised sample: prompt ids (image tokens included), label ids, its image path."""
+    """One tokenised sample: prompt ids (image tokens included), label ids, its image path, and
+    for tasks that answer boxes the boxes in pixels (None for text answers)."""
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
     image: Path
     task: str
+    boxes: tuple[Box, ...] | None = None
+
+    @property
+    def classes(self) -> Labels:
+        """The classes it shows (`frozenset()`: defect-free), None for a text answer."""
+        return None if self.boxes is None else frozenset(b.label for b in self.boxes)
+
+
+def _answer_boxes(row: dict) -> tuple[Box, ...] | None:
+    """The boxes of a sample whose task answers boxes; None for other tasks."""
+    task = REGISTRY.get(row.get("task", ""))
+    if task is None or task.answer != "boxes":
+        return None
+    return tuple(parse_text(row["suffix"], row["width"], row["height"])[0])
 
 
 class FlorenceDataset(torch.utils.data.Dataset):
@@ -52,7 +73,9 @@ class FlorenceDataset(torch.utils.data.Dataset):
     per the label contract) and `pixel_values` (3-D float). `tasks` keeps only samples whose
     `task` is listed (empty: all). Labels longer than `max_label_tokens` are cut (counted in
     `truncated`); the decoder has no positions beyond it. `cache_pixels` off (large datasets at
-    768 px: 7 MB an image) processes each image every time it is used. The whole split is
+    768 px: 7 MB an image) processes each image every time it is used. `augment` (training
+    only) draws a new variant of each picture per (seed, epoch, index), its boxes moved with it;
+    `set_epoch` says which epoch the loop is in. The whole split is
     checked first (see `validate_split`): a bad line, a missing or damaged image, or an image
     path leading outside the data raises `SplitError` (a ValueError) naming every line.
     """
@@ -64,10 +87,14 @@ class FlorenceDataset(torch.utils.data.Dataset):
         tasks: Sequence[str] = (),
         max_label_tokens: int | None = None,
         cache_pixels: bool = True,
+        augment: Augment | None = None,
+        seed: int = 0,
     ) -> None:
         self.jsonl = Path(jsonl)
         self.processor = processor
         self.cache_pixels = cache_pixels
+        self.augment = augment if augment is not None and augment.active else None
+        self.seed, self.epoch, self.max_label_tokens = seed, 0, max_label_tokens
         rows = validate_split(self.jsonl)
         if tasks:
             rows = [r for r in rows if r.get("task") in tasks]
@@ -83,11 +110,15 @@ class FlorenceDataset(torch.utils.data.Dataset):
             labels = processor.tokenizer(row["suffix"], add_special_tokens=True).input_ids
             if max_label_tokens is not None and len(labels) > max_label_tokens:
                 labels, self.truncated = labels[:max_label_tokens], self.truncated + 1
-            self.examples.append(
-                Example(prompts[prefix], tuple(labels), self.jsonl.parent / row["image"], row.get("task", prefix))
-            )
+            self.examples.append(Example(prompts[prefix], tuple(labels), self.jsonl.parent / row["image"],
+                                         row.get("task", prefix), _answer_boxes(row)))
         self._pixels: dict[Path, torch.Tensor] = {}
+        self._pictures: dict[Path, Image.Image] = {}
         self._features: dict[Path, torch.Tensor] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose augmentation draws the items (the loop sets it before each epoch)."""
+        self.epoch = epoch
 
     def _prompt_ids(self, prefix: str) -> tuple[int, ...]:
         # The processor expands task tokens into prompts and prepends the image tokens; the
@@ -120,12 +151,40 @@ class FlorenceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def picture(self, image: Path) -> Image.Image:
+        """The decoded RGB picture of `image`, kept after first use (if `cache_pixels`)."""
+        if image in self._pictures:
+            return self._pictures[image]
+        with Image.open(image) as im:
+            picture = im.convert("RGB")
+        if self.cache_pixels:
+            self._pictures[image] = picture
+        return picture
+
+    def _augmented(self, index: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Pixels and label ids of this epoch's variant of sample `index`."""
+        ex = self.examples[index]
+        rng = sample_rng(self.seed, self.epoch, index)
+        picture, boxes = augment(self.picture(ex.image), list(ex.boxes or ()), aug=self.augment, rng=rng,
+                                 geometric=ex.boxes is not None)
+        labels = ex.labels
+        if ex.boxes is not None and (tuple(boxes) != ex.boxes or picture.size != self.picture(ex.image).size):
+            ids = self.processor.tokenizer(boxes_to_text(boxes, *picture.size), add_special_tokens=True).input_ids
+            labels = tuple(ids[: self.max_label_tokens] if self.max_label_tokens else ids)
+        pixels = self.processor.image_processor(images=[picture], return_tensors="pt").pixel_values[0]
+        return pixels, labels
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ex = self.examples[index]
-        image = (
-            {"image_features": self._features[ex.image]} if self._features else {"pixel_values": self.pixels(ex.image)}
-        )
-        return {"input_ids": torch.tensor(ex.input_ids), "labels": torch.tensor(ex.labels), **image}
+        labels = ex.labels
+        if self._features:
+            image = {"image_features": self._features[ex.image]}
+        elif self.augment is not None:
+            pixels, labels = self._augmented(index)
+            image = {"pixel_values": pixels}
+        else:
+            image = {"pixel_values": self.pixels(ex.image)}
+        return {"input_ids": torch.tensor(ex.input_ids), "labels": torch.tensor(labels), **image}
 
     @property
     def lengths(self) -> list[int]:
@@ -135,6 +194,11 @@ class FlorenceDataset(torch.utils.data.Dataset):
     @property
     def tasks(self) -> list[str]:
         return [ex.task for ex in self.examples]
+
+    @property
+    def classes(self) -> list[Labels]:
+        """Each sample's classes (`frozenset()`: defect-free; None: a text answer), for balancing."""
+        return [ex.classes for ex in self.examples]
 
 
 @dataclass(frozen=True)
@@ -175,6 +239,9 @@ def plan_batches(
     seed: int = 0,
     epoch: int = 0,
     by_length: bool = True,
+    *,
+    labels: Sequence[Labels] | None = None,
+    balance: Balance | None = None,
 ) -> list[list[int]]:
     """The batches of one epoch, as lists of sample indices; a pure function of its arguments,
     so a resumed run rebuilds exactly the same order.
@@ -184,7 +251,10 @@ def plan_batches(
     are shuffled (within each task for `grouped`) and batch order is random within the group;
     without it pools follow the file order. `by_length` cuts batches from pools of consecutive
     samples sorted by length, so a batch holds samples of similar length (little padding); the
-    price is less mixed batches (all the empty answers of a pool land together).
+    price is less mixed batches (all the empty answers of a pool land together). `balance`
+    (with `labels`, each sample's classes, and `shuffle`) composes each batch instead: a fixed
+    share of defect-free samples, rare classes repeated (`loomlens.data.sampling`); lengths are
+    then not sorted.
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -196,6 +266,11 @@ def plan_batches(
         groups = [list(range(len(tasks)))]
     batches: list[list[int]] = []
     for group in groups:
+        if shuffle and balance is not None and labels is not None:
+            group_batches = balanced_batches(group, labels, batch_size=batch_size, balance=balance, rng=rng)
+            rng.shuffle(group_batches)
+            batches += group_batches
+            continue
         if shuffle:
             rng.shuffle(group)
         pool = _POOL_BATCHES * batch_size if by_length else batch_size

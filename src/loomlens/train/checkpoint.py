@@ -18,7 +18,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,9 @@ class UnsafeCheckpointError(ValueError):
 
 @dataclass
 class TrainerState:
-    """Where the loop is: optimizer steps done, epoch, accumulation windows done in it, and
-    the best evaluation so far (higher is better)."""
+    """Where the loop is: optimizer steps done, epoch, accumulation windows done in it, the
+    best evaluation so far (higher is better), the steps planned for the run, the learning-rate
+    factor left by rollbacks and the guard's state (`loomlens.train.guard`)."""
 
     step: int = 0
     epoch: int = 0
@@ -49,6 +50,9 @@ class TrainerState:
     best_step: int | None = None
     evals_since_best: int = 0
     train_seconds: float = 0.0
+    planned_steps: int | None = None
+    lr_scale: float = 1.0
+    guard: dict = field(default_factory=dict)
 
 
 def rng_states() -> dict[str, Any]:

@@ -12,7 +12,10 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-FIELDS = ("step", "epoch", "seconds", "lr", "train_loss", "grad_norm", "val_loss", "map50", "map50_95", "map75")
+FIELDS = ("step", "epoch", "seconds", "lr", "train_loss", "grad_norm", "val_loss", "map50", "map50_95", "map75",
+          "best_f1", "empty_on_defects", "score", "event")
+#: The one text column: what the run did at that step (a rollback, an early stop, ...).
+TEXT_FIELDS = ("event",)
 
 
 class MetricsLog:
@@ -35,7 +38,7 @@ class MetricsLog:
             csv.DictWriter(f, FIELDS).writerow({k: _cell(row.get(k)) for k in FIELDS})
         if self.writer is not None:
             for key in FIELDS[3:]:
-                if row.get(key) is not None:
+                if row.get(key) is not None and key not in TEXT_FIELDS:
                     group = "train" if key in ("lr", "train_loss", "grad_norm") else "val"
                     self.writer.add_scalar(f"{group}/{key}", row[key], int(row["step"]))
             self.writer.flush()
@@ -60,9 +63,11 @@ def _cell(value) -> str:
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
-    """The rows of a `metrics.csv`, as dicts of floats (blank cells left out)."""
+    """The rows of a `metrics.csv`, as dicts of floats (the `event` text as it is; blank cells
+    left out)."""
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        return [{k: v if k in TEXT_FIELDS else float(v) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(f)]
 
 
 def _series(rows: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:

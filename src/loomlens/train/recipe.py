@@ -19,10 +19,12 @@ weights.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import platform
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -34,8 +36,10 @@ from typing import Any
 
 import torch
 
-from loomlens.config import TrainConfig, dump_config
+from loomlens.config import RESUMABLE, TrainConfig, changed_settings, dump_config, load_config
+from loomlens.data.augment import Augment
 from loomlens.data.dataset import IGNORE_INDEX, Collator, FlorenceDataset, plan_batches
+from loomlens.data.sampling import Balance
 from loomlens.model.folded_lora import fold_lora
 from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, trainable_by_tower
 from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory, resolve_device
@@ -52,12 +56,22 @@ from loomlens.train.checkpoint import (
     set_rng_states,
 )
 from loomlens.train.curves import MetricsLog, plot_run
+from loomlens.train.guard import Evaluation, Guard
 from loomlens.train.loss import LossSpec, batch_loss, with_image_embeds
-from loomlens.train.schedule import lr_factor, position, warmup_steps
+from loomlens.train.schedule import lr_factor, plan_steps, position, warmup_steps
+
+#: Passes timed before the first step to plan a time-budgeted run (the first ones are slow
+#: for one-off reasons and are not counted), and the fewest steps between two evaluations.
+CALIBRATION_PASSES, TIMED_PASSES, MIN_EVAL_EVERY = 6, 3, 25
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good state was saved first."""
+    """The loss or the gradients became NaN or infinite and no rollback was left; the last
+    finite weights were saved first."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run at a step boundary, after saving `last/`."""
 
 
 @dataclass
@@ -90,12 +104,17 @@ class Session:
     collate: Collator
     spec: LossSpec
     prepare: BatchPreparer
-    total_steps: int
+    total_steps: int  # planned (`plan_run`); `nominal_steps` is what max_steps or epochs asked for
     warmup: int
     state: TrainerState
     run_dir: Path
     metrics: MetricsLog | None
     say: Callable[[str], None]
+    nominal_steps: int | None = None
+    eval_every: int = 0
+    guard: Guard = field(default_factory=Guard)
+    losses: list[float] = field(default_factory=list)  # train losses since the last evaluation
+    signalled: str = ""  # the signal that asked the run to stop
     epoch_length: int = 0  # optimizer steps in this epoch, for the fractional epoch logged
     started: float = field(default_factory=time.monotonic)
     seconds_before: float = 0.0  # training seconds of the runs this one resumes
@@ -120,37 +139,49 @@ def train(
 
     `resume` continues the run in `cfg.out` from `checkpoints/last/` exactly where it was
     saved. `stop_at_step` stops after that step once saved, as a kill right after a save
-    would (the run can be resumed). Raises `TrainingDiverged` on a NaN/inf loss.
+    would (the run can be resumed). SIGINT/SIGTERM save `last/` at the next step boundary and
+    raise `TrainingInterrupted`. Raises `TrainingDiverged` on NaN/inf with no rollback left.
     """
     from tqdm.auto import tqdm
 
     s = setup(cfg, resume=resume, log=log)
     main = s.accelerator.is_main_process
     bar = tqdm(total=s.total_steps, initial=s.state.step, disable=not (main and cfg.progress), desc="train")
-    stopped, last_eval = ("max_steps" if s.state.step >= s.total_steps else ""), {}
+    stopped, last_eval = stop_reason(s, None), {}
     s.model.train()
-    while not stopped:
-        windows = epoch_windows(s)
-        for micro in window_batches(s, windows):
-            loss = forward_backward(s, micro)
-            lr, grad_norm = optimizer_step(s, loss)
-            epoch_done = advance(s)
-            log_step(s, bar, loss=loss, lr=lr, grad_norm=grad_norm)
-            stopped = stop_reason(s, stop_at_step)
-            due = (cfg.eval_every and s.state.step % cfg.eval_every == 0) or (not cfg.eval_every and epoch_done)
-            if s.val_set is not None and (due or stopped in ("max_steps", "time_budget")):
-                last_eval, stopped = validate_and_keep_best(s, stopped)
-            elif stopped or (cfg.save_every and s.state.step % cfg.save_every == 0):
-                save(s)
-            if stopped:
-                break
+    with _signals_saved_as_stops(s):
+        while not stopped:
+            for micro in window_batches(s, epoch_windows(s)):
+                loss = forward_backward(s, micro)
+                lr, grad_norm = optimizer_step(s, loss)
+                epoch_done = advance(s)
+                log_step(s, bar, loss=loss, lr=lr, grad_norm=grad_norm)
+                stopped = stop_reason(s, stop_at_step)
+                due = (s.eval_every and s.state.step % s.eval_every == 0) or (not s.eval_every and epoch_done)
+                if s.val_set is not None and (due or stopped in ("max_steps", "time_budget")):
+                    last_eval, stopped = validate_and_keep_best(s, stopped)
+                elif stopped or (cfg.save_every and s.state.step % cfg.save_every == 0):
+                    save(s)
+                if stopped:
+                    break
     bar.close()
+    _finish(s, stopped)
+    return TrainResult(s.run_dir, s.adapter, s.processor, s.state, stopped, last_eval)
+
+
+def _finish(s: Session, stopped: str) -> None:
+    """Close the logs and say why the run stopped; an interrupted run says how to resume."""
     if s.metrics:
         s.metrics.close()
         plot_run(s.run_dir)
     s.accelerator.wait_for_everyone()
-    s.say(f"stopped ({stopped}) at step {s.state.step}; run folder {s.run_dir}")
-    return TrainResult(s.run_dir, s.adapter, s.processor, s.state, stopped, last_eval)
+    if stopped == "interrupted":
+        raise TrainingInterrupted(
+            f"{s.signalled} at step {s.state.step}: saved in {s.last_dir}; resume with "
+            f"`loomlens train --resume {s.run_dir}`"
+        )
+    best = f"; best/ is step {s.state.best_step}" if s.state.best_step is not None else ""
+    s.say(f"stopped ({stopped}) at step {s.state.step}{best}; run folder {s.run_dir}")
 
 
 # --- setup: one helper per part ------------------------------------------------------------
@@ -172,23 +203,25 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
     set_seed(cfg.seed)  # the adapter's initial weights (they come from last/ on resume)
     model, processor = training_model(cfg)
     train_set, val_set = datasets(cfg, processor, model.config.text_config.max_position_embeddings)
-    total_steps = step_count(cfg, train_set, accelerator.num_processes)
+    nominal = step_count(cfg, train_set, accelerator.num_processes)
     params = [p for p in model.parameters() if p.requires_grad]  # the adapter's weights only
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = warmup_steps(cfg.warmup, total_steps)
-    lr_factor(0, warmup, total_steps, cfg.schedule)  # a bad schedule name fails now, not at step 1
     spec = loss_spec(cfg, model=model, processor=processor, train_set=train_set)
     towers = trainable_by_tower(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     adapter = accelerator.unwrap_model(model)
     prepare = batch_preparer(cfg, adapter=adapter, train_set=train_set, device=accelerator.device, say=say)
     s = Session(cfg, accelerator, model, adapter, processor, optimizer, params, train_set, val_set,
-                Collator(processor.tokenizer.pad_token_id), spec, prepare, total_steps, warmup, TrainerState(),
-                run_dir, None, say)
+                Collator(processor.tokenizer.pad_token_id), spec, prepare, 0, 0, TrainerState(),
+                run_dir, None, say, nominal_steps=nominal, guard=make_guard(cfg))
     if resume:
         s.state = load_checkpoint(s.last_dir, model=adapter, optimizer=optimizer, rank=accelerator.process_index,
                                   scaler=accelerator.scaler)
+        s.guard.restore(s.state.guard)
+        if amend_config(cfg, run_dir, s.state.step, say=say) & {"time_budget", "max_steps", "epochs"}:
+            s.state.planned_steps = None  # plan the rest again, at the rate measured so far
         say(f"resumed from {s.last_dir} at step {s.state.step} (epoch {s.state.epoch})")
+    plan_run(s)
     if main:
         _write_run_files(cfg, run_dir, accelerator.num_processes)
         s.metrics = MetricsLog(run_dir, s.state.step if resume else None, cfg.tensorboard)
@@ -211,10 +244,14 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def datasets(cfg: TrainConfig, processor, max_label: int) -> tuple[FlorenceDataset, FlorenceDataset | None]:
-    """The train set and the val set (None when `val.jsonl` is empty or missing), tokenised,
-    answers cut at `max_label` tokens. Workers start afresh each epoch, so the train set
-    caches pixels only when batches are made in the loop (`speed.num_workers` 0)."""
-    train_set = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, max_label, cfg.speed.num_workers == 0)
+    """The train set (augmented as `cfg.augment` says) and the val set (None when `val.jsonl` is
+    empty or missing), tokenised, answers cut at `max_label` tokens. Workers start afresh each
+    epoch, so the train set caches only when batches are made in the loop (`speed.num_workers` 0)."""
+    aug = cfg.augment
+    on = aug.enabled and not cfg.speed.cache_image_features  # cached features are of the plain pictures
+    augment = Augment(**aug.model_dump(exclude={"enabled"})) if on else None
+    train_set = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, max_label, cfg.speed.num_workers == 0,
+                                augment=augment, seed=cfg.seed)
     val_path = cfg.data / "val.jsonl"
     val_set = FlorenceDataset(val_path, processor, cfg.tasks, max_label) if _has_samples(val_path) else None
     return train_set, val_set
@@ -223,17 +260,73 @@ def datasets(cfg: TrainConfig, processor, max_label: int) -> tuple[FlorenceDatas
 def epoch_plan(cfg: TrainConfig, train_set: FlorenceDataset, epoch: int) -> list[list[int]]:
     """Epoch `epoch`'s batches of sample indices, shared by every process (a pure function of
     the seed and the epoch: what makes resume exact)."""
+    balance = Balance(**cfg.balance.model_dump())
     return plan_batches(train_set.tasks, train_set.lengths, cfg.batch_size, cfg.order, cfg.shuffle, cfg.seed,
-                        epoch, cfg.group_by_length)
+                        epoch, cfg.group_by_length, labels=train_set.classes, balance=balance)
 
 
-def step_count(cfg: TrainConfig, train_set: FlorenceDataset, world: int) -> int:
-    """Optimizer steps of the run: `max_steps`, else `epochs` of accumulation windows. Raises
-    ValueError when the data is too small to give each of `world` processes a window."""
+#: Epochs of a run that sets neither max_steps, epochs nor a time budget.
+DEFAULT_EPOCHS = 3
+
+
+def step_count(cfg: TrainConfig, train_set: FlorenceDataset, world: int) -> int | None:
+    """Optimizer steps the run asks for: `max_steps`, else `epochs` of accumulation windows
+    (`DEFAULT_EPOCHS` without a time budget), else None (the budget decides: `plan_run`).
+    Raises ValueError when the data is too small to give each of `world` processes a window."""
     windows_per_epoch = math.ceil(len(epoch_plan(cfg, train_set, 0)) // world / cfg.grad_accum)
     if windows_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training samples are too few for {world} processes")
-    return cfg.max_steps or math.ceil(cfg.epochs * windows_per_epoch)
+    epochs = cfg.epochs or (None if cfg.time_budget else DEFAULT_EPOCHS)
+    return cfg.max_steps or (math.ceil(epochs * windows_per_epoch) if epochs else None)
+
+
+def make_guard(cfg: TrainConfig) -> Guard:
+    """The collapse and plateau guard of `cfg` (with `guard.collapse` off: no rollback ever)."""
+    g = cfg.guard
+    return Guard(patience=cfg.early_stopping, rising=g.rising, empty_share=g.empty_share,
+                 max_rollbacks=g.max_rollbacks if g.collapse else 0)
+
+
+def plan_run(s: Session) -> None:
+    """Fix the steps the run makes (`state.planned_steps`, kept on resume), its warmup and how
+    often it evaluates. A time budget is turned into steps from the step rate measured before
+    the first step (`measure_step_seconds`), so warmup and decay fit the steps really made."""
+    cfg, state = s.cfg, s.state
+    if state.planned_steps is None:
+        rate = 0.0
+        if cfg.time_budget:
+            rate = state.train_seconds / state.step if state.step else measure_step_seconds(s)
+        state.planned_steps = plan_steps(nominal=s.nominal_steps, time_budget=cfg.time_budget, seconds_per_step=rate,
+                                         done_steps=state.step, done_seconds=state.train_seconds)
+        if cfg.time_budget:
+            s.say(f"planned {state.planned_steps} steps: {rate:.3f} s a step measured, {cfg.time_budget:.0f} s budget")
+    s.total_steps = state.planned_steps
+    s.warmup = warmup_steps(cfg.warmup, s.total_steps)
+    lr_factor(0, s.warmup, s.total_steps, cfg.schedule)  # a bad schedule name fails now, not at step 1
+    every = cfg.eval_every
+    s.eval_every = max(MIN_EVAL_EVERY, math.ceil(s.total_steps / 10)) if every is None else every
+
+
+def measure_step_seconds(s: Session) -> float:
+    """Seconds one optimizer step takes here: `CALIBRATION_PASSES` forward and backward passes
+    over the first batches, the last `TIMED_PASSES` timed; nothing is stepped and the RNG states
+    are put back, so the run trains as if it had not been measured. The slowest process counts."""
+    from accelerate.utils import gather_object
+
+    found = rng_states()
+    plan = epoch_plan(s.cfg, s.train_set, 0)
+    batches = [plan[i % len(plan)] for i in range(CALIBRATION_PASSES)]
+    timed = 0.0
+    for k, idx in enumerate(batches):
+        start = time.perf_counter()
+        batch = s.prepare(s.collate([s.train_set[i] for i in idx]))
+        loss, _ = batch_loss(s.model, batch, s.spec)
+        s.accelerator.backward(loss)
+        if k >= CALIBRATION_PASSES - TIMED_PASSES:
+            timed += time.perf_counter() - start
+    s.optimizer.zero_grad(set_to_none=True)
+    set_rng_states(found)
+    return max(gather_object([timed / TIMED_PASSES * s.cfg.grad_accum]))
 
 
 def loss_spec(cfg: TrainConfig, *, model, processor, train_set: FlorenceDataset) -> LossSpec:
@@ -268,6 +361,7 @@ def epoch_windows(s: Session) -> list[list[list[int]]]:
     """This process's accumulation windows of the current epoch: every N-th batch of the
     shared plan (N processes), grouped `grad_accum` at a time."""
     world, rank = s.accelerator.num_processes, s.accelerator.process_index
+    s.train_set.set_epoch(s.state.epoch)
     batches = epoch_plan(s.cfg, s.train_set, s.state.epoch)
     mine = batches[: len(batches) // world * world][rank::world]
     windows = [mine[i : i + s.cfg.grad_accum] for i in range(0, len(mine), s.cfg.grad_accum)]
@@ -304,24 +398,57 @@ def forward_backward(s: Session, micro: list[dict[str, torch.Tensor]]) -> float:
 
 
 def optimizer_step(s: Session, loss: float) -> tuple[float, float | None]:
-    """Clip, set the scheduled learning rate and step; return `(lr, grad norm)`. A NaN/inf
-    `loss` saves the weights before it and raises `TrainingDiverged` instead."""
+    """Clip, set the scheduled learning rate and step; return `(lr, grad norm)`. A NaN/inf loss
+    or gradient norm never reaches the weights: the step is skipped and `diverged` decides."""
     cfg, state = s.cfg, s.state
-    if not math.isfinite(loss):
-        s.optimizer.zero_grad(set_to_none=True)
-        save(s)
-        raise TrainingDiverged(
-            f"loss is {loss} at step {state.step + 1}; the weights before it are saved in {s.last_dir}. "
-            "Lower --lr, keep --max-grad-norm on, or use --precision fp32."
-        )
-    grad_norm = s.accelerator.clip_grad_norm_(s.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+    grad_norm = float(s.accelerator.clip_grad_norm_(s.params, cfg.max_grad_norm or math.inf))
     where = position(state.step, state.train_seconds, s.total_steps, cfg.time_budget)
-    lr = cfg.lr * lr_factor(where, s.warmup, s.total_steps, cfg.schedule)
+    lr = cfg.lr * state.lr_scale * lr_factor(where, s.warmup, s.total_steps, cfg.schedule)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        s.optimizer.zero_grad(set_to_none=True)
+        diverged(s, f"loss {loss}, gradient norm {grad_norm} at step {state.step + 1}")
+        return lr, grad_norm
     for group in s.optimizer.param_groups:
         group["lr"] = lr
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
-    return lr, float(grad_norm) if grad_norm is not None else None
+    return lr, grad_norm
+
+
+def diverged(s: Session, what: str) -> None:
+    """After a non-finite step: roll back to the best checkpoint at a lower learning rate while
+    the guard has rollbacks left; else save the current (finite) weights and raise."""
+    g = s.guard
+    if g.rollbacks < g.max_rollbacks:
+        g.rollbacks += 1
+        roll_back(s, f"diverged ({what})")
+        return
+    kept = s.state.step
+    save(s)
+    raise TrainingDiverged(
+        f"{what}; the weights of step {kept} are saved in {s.last_dir}. "
+        "Lower --lr, keep --max-grad-norm on, or use --precision fp32."
+    )
+
+
+def roll_back(s: Session, why: str) -> None:
+    """Load the best checkpoint's adapter and optimizer (else keep the weights as they are),
+    cut the learning rate by `guard.rollback_lr`, and record the event. The step count, the
+    data's position and the time spent go on."""
+    target = s.best_dir if has_checkpoint(s.best_dir) else None
+    if target is not None:
+        load_checkpoint(target, model=s.adapter, optimizer=s.optimizer, rank=s.accelerator.process_index,
+                        scaler=s.accelerator.scaler)
+    s.state.lr_scale *= s.cfg.guard.rollback_lr
+    back = f"back to step {s.state.best_step}" if target is not None else "no best checkpoint yet"
+    event(s, f"{why}: {back}, learning rate x{s.state.lr_scale:g}")
+
+
+def event(s: Session, text: str) -> None:
+    """Say what the run did, and put it in metrics.csv's `event` column at this step."""
+    s.say(f"step {s.state.step}: {text}")
+    if s.metrics:
+        s.metrics.log({"step": s.state.step, "epoch": s.epoch, "seconds": s.state.train_seconds, "event": text})
 
 
 def advance(s: Session) -> bool:
@@ -340,6 +467,8 @@ def log_step(s: Session, bar, *, loss: float, lr: float, grad_norm: float | None
     """The step on the progress bar and in the metrics log."""
     bar.update(1)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=s.state.epoch)
+    if math.isfinite(loss):
+        s.losses.append(loss)
     if s.metrics:
         s.metrics.log({"step": s.state.step, "epoch": s.epoch, "seconds": s.state.train_seconds, "lr": lr,
                        "train_loss": loss, "grad_norm": grad_norm})
@@ -349,46 +478,105 @@ def stop_reason(s: Session, stop_at_step: int | None) -> str:
     """Why the run stops after this step ("" if it goes on). A simulated kill
     (`stop_at_step`) only saves; the other stops evaluate first."""
     if s.state.step >= s.total_steps:
-        return "max_steps"
+        return "max_steps" if s.nominal_steps is not None and s.total_steps >= s.nominal_steps else "time_budget"
     if s.cfg.time_budget and s.state.train_seconds >= s.cfg.time_budget:
         return "time_budget"
     if stop_at_step is not None and s.state.step >= stop_at_step:
         return "stop_at_step"
+    if s.signalled:
+        return "interrupted"
     return ""
 
 
 def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], str]:
-    """Evaluate, save `last/` (copied to `best/` when the score improved), log; return the
-    evaluation and the stop reason, `early_stopping` when patience ran out."""
+    """Evaluate, let the guard judge (a collapse rolls back, a plateau or a second collapse
+    stops), save `last/` (copied to `best/` when the score improved), log; return the
+    evaluation and the stop reason."""
     cfg, state = s.cfg, s.state
     result = _evaluate(s)
-    score = result["map50"] if cfg.best_metric == "map50" and "map50" in result else -result["val_loss"]
+    score = selection_score(result, cfg.best_metric)
+    train_loss = sum(s.losses) / len(s.losses) if s.losses else None
+    s.losses.clear()
+    verdict = s.guard.judge(Evaluation(step=state.step, score=score, val_loss=result["val_loss"],
+                                       train_loss=train_loss, empty_on_defects=result.get("empty_on_defects")))
     improved = state.best_metric is None or score > state.best_metric
     if improved:
-        state.best_metric, state.best_step, state.evals_since_best = score, state.step, 0
-    else:
-        state.evals_since_best += 1
-    if cfg.early_stopping and state.evals_since_best >= cfg.early_stopping and not stopped:
-        stopped = "early_stopping"
-    save(s, improved=improved)
+        state.best_metric, state.best_step = score, state.step
     if s.metrics:
-        s.metrics.log({"step": state.step, "epoch": s.epoch, "seconds": state.train_seconds, **result})
+        s.metrics.log({"step": state.step, "epoch": s.epoch, "seconds": state.train_seconds, "score": score, **result})
         plot_run(s.run_dir)
     s.say(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    if verdict.action == "rollback":
+        roll_back(s, verdict.reason)
+    elif verdict.action == "stop" and not stopped:
+        event(s, verdict.reason)
+        stopped = "collapsed" if "collapse" in verdict.reason else "early_stopping"
+    save(s, improved=improved)
     return result, stopped
+
+
+def selection_score(result: dict[str, float], metric: str) -> float:
+    """What picks `best/` (higher is better): `map50_f1` = the mean of mAP50 and the best F1
+    (mAP50 alone when F1 is missing), `map50`, `map50_95`, or minus the val loss (also when
+    no mAP was measured)."""
+    if "map50" not in result or metric == "val_loss":
+        return -result["val_loss"]
+    if metric == "map50_f1":
+        return (result["map50"] + result.get("best_f1", result["map50"])) / 2
+    return result[metric]
 
 
 def save(s: Session, *, improved: bool = False) -> None:
     """Save `last/` (and copy it to `best/` if `improved`). Collective: every process calls
-    it with its RNG states; only the main process writes."""
+    it with its RNG states; only the main process writes. Weights that are not finite are
+    never written (the checkpoint there stays), and a full disk says so."""
     from accelerate.utils import gather_object
 
     rng = gather_object([rng_states()])
-    if s.accelerator.is_main_process:
+    if not s.accelerator.is_main_process:
+        return
+    if not all(torch.isfinite(p).all() for p in s.params):
+        raise TrainingDiverged(f"the weights at step {s.state.step} are not finite; {s.last_dir} keeps the last "
+                               "finite ones. Lower --lr or use --precision fp32.")
+    s.state.guard = s.guard.state()
+    try:
         save_checkpoint(s.last_dir, model=s.adapter, optimizer=s.optimizer, state=s.state, rng=rng,
                         scaler=s.accelerator.scaler)
         if improved:
             copy_checkpoint(s.last_dir, s.best_dir)
+    except OSError as err:
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise OSError(err.errno, f"{'the disk is full' if full else err.strerror}: step {s.state.step} was not "
+                      f"saved; the checkpoints already in {s.run_dir / 'checkpoints'} are intact (saves replace "
+                      "them only once complete). Free some space and resume.") from err
+
+
+class _signals_saved_as_stops:
+    """Within it, SIGINT and SIGTERM ask the loop to stop at the next step boundary (it then
+    saves and says how to resume) instead of killing it mid-save; a second one kills as usual."""
+
+    def __init__(self, s: Session) -> None:
+        self.s, self.before = s, {}
+
+    def _ask(self, number, frame) -> None:
+        name = signal.Signals(number).name
+        if self.s.signalled:
+            signal.signal(number, self.before[number])
+            signal.raise_signal(number)
+        self.s.signalled = name
+        self.s.say(f"{name}: stopping after this step and saving (again to stop at once)")
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.before[number] = signal.signal(number, self._ask)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.before.items():
+            signal.signal(number, handler)
 
 
 # --- the model and how batches reach it ------------------------------------------------------
@@ -490,6 +678,35 @@ def batch_preparer(cfg: TrainConfig, *, adapter, train_set: FlorenceDataset, dev
     return BatchPreparer(device, dtype, base.get_input_embeddings(), base.config.image_token_id, finish)
 
 
+def amend_config(cfg: TrainConfig, run_dir: Path, step: int, *, say: Callable[[str], None]) -> set[str]:
+    """Compare a resumed run's settings with those its `config.yaml` records: a change outside
+    `RESUMABLE` raises ValueError (it would break exact resume); allowed ones are recorded in
+    `amendments.yaml` with the step they take effect at, and their names returned."""
+    saved = load_config(TrainConfig, run_dir / "config.yaml", {"out": str(cfg.out)})
+    changes = changed_settings(saved, cfg)
+    refused = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in changes.items() if k not in RESUMABLE]
+    if refused:
+        raise ValueError(f"resuming {run_dir} would change {', '.join(refused)}: exact resume needs the settings its "
+                         "config.yaml records. Drop those options, or start a new run (--out) with them.")
+    if changes and _is_main():
+        import yaml
+
+        from loomlens.data.atomic import atomic_write
+
+        path = run_dir / "amendments.yaml"
+        history = (yaml.safe_load(path.read_text()) or []) if path.exists() else []
+        history.append({"step": step, "changes": {k: list(v) for k, v in changes.items()}})
+        atomic_write(path, yaml.safe_dump(history, sort_keys=False))
+        say(f"from step {step}: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
+    return set(changes)
+
+
+def _is_main() -> bool:
+    from accelerate.state import PartialState
+
+    return PartialState().is_main_process
+
+
 def _check_run_dir(run_dir: Path, last_dir: Path, resume: bool) -> None:
     if resume:
         if not has_checkpoint(last_dir):
@@ -576,7 +793,8 @@ def _detection_metrics(model, processor, jsonl: Path, cfg: TrainConfig) -> dict[
         return {}
     from loomlens.evaluate import evaluate_jsonl
     metrics = evaluate_jsonl(model, processor, jsonl, max_images=cfg.eval_max_images, batch_size=cfg.eval_batch_size)
-    return {k: float(metrics[k]) for k in ("map50", "map50_95", "map75") if metrics.get(k) is not None}
+    keys = ("map50", "map50_95", "map75", "best_f1", "empty_on_defects")
+    return {k: float(metrics[k]) for k in keys if metrics.get(k) is not None}
 
 
 def _write_run_files(cfg: TrainConfig, run_dir: Path, world: int) -> None:

@@ -1,4 +1,5 @@
-"""Learning-rate schedules: linear warmup, then cosine or linear decay to zero (or constant).
+"""Learning-rate schedules: linear warmup, then cosine or linear decay to zero (or constant),
+over a number of steps planned once from the measured step rate when the run has a time budget.
 
 The schedule is a pure function of where the run is, so it needs no state of its own to
 resume. With a time budget the run is paced by time as well as by steps: the schedule's
@@ -9,6 +10,11 @@ built, images processed on first use), and pacing on them moved the warmup by a
 wall-clock-dependent amount, so two runs of the same seed on the same machine trained
 differently (docs/training.md, "Time budgets"). A run that makes its steps within the budget
 follows its steps alone, identically every time. Pretraining paces its schedule the same way.
+
+A time budget without a step count is turned into one before the first step (`plan_steps`):
+the budget divided by the measured seconds per step, rounded down to two significant figures so
+that the jitter of one measurement rarely changes the plan. Warmup is then a share of the steps
+the run will really make, never of a nominal count it cannot reach.
 """
 
 from __future__ import annotations
@@ -25,6 +31,25 @@ def warmup_steps(warmup: float, total_steps: int) -> int:
 
 #: The share of a time budget spent before time paces the schedule.
 GRACE = 0.1
+#: The share of a time budget the planned steps may fill: evaluations and saves take the rest.
+PLAN_SHARE = 0.85
+
+
+def plan_steps(*, nominal: int | None, time_budget: float | None, seconds_per_step: float,
+               done_steps: int = 0, done_seconds: float = 0.0) -> int:
+    """The steps a run will make: `nominal` (max_steps or epochs; None = no cap), or fewer when
+    `PLAN_SHARE` of what is left of `time_budget` at `seconds_per_step` holds fewer, rounded
+    down to two significant figures (at least `done_steps + 1`). Raises ValueError when neither a
+    cap nor a budget is given."""
+    if not time_budget:
+        if nominal is None:
+            raise ValueError("a run needs max_steps, epochs or a time_budget")
+        return nominal
+    room = max(0.0, time_budget - done_seconds) * PLAN_SHARE / max(seconds_per_step, 1e-9)
+    fits = done_steps + int(room)
+    digits = max(0, len(str(fits)) - 2)
+    fits = max(done_steps + 1, fits // 10**digits * 10**digits)
+    return fits if nominal is None else min(nominal, fits)
 
 
 def position(step: int, seconds: float, total_steps: int, time_budget: float | None = None) -> float:
