@@ -46,7 +46,7 @@ class LoraSettings(BaseModel):
         description="a preset (seed, attention, language, all-linear), module names (suffixes such "
         "as q_proj, or full dotted names), or a mix of both, as a list or comma-separated",
     )
-    r: int = Field(8, gt=0, description="LoRA rank")
+    r: int = Field(16, gt=0, description="LoRA rank")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; default 2 * r")
     dropout: float = Field(0.05, ge=0, lt=1)
     rslora: bool = Field(False, description="scale by alpha / sqrt(r) instead of alpha / r")
@@ -191,7 +191,7 @@ class TrainConfig(BaseModel):
     )
     batch_size: int = Field(8, gt=0, description="samples per process per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (docs/training.md: how it was chosen)")
     weight_decay: float = Field(0.0, ge=0)
     warmup: float = Field(0.05, ge=0, description="warmup: a fraction of the steps (<1) or a number of steps")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
