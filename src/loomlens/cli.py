@@ -62,11 +62,12 @@ def _fail(message: str, details: list[str] | None = None) -> typer.Exit:
 
 @app.command("convert")
 def convert_command(
-    src: Path = typer.Argument(..., help="Annotated dataset folder: LabelImg VOC *.xml, YOLO *.txt with "
-                               "classes.txt, or COCO *.json, with its images."),
+    src: Path = typer.Argument(..., help="Annotated dataset folder with its images: LabelImg VOC *.xml or YOLO "
+                               "*.txt with classes.txt, an ultralytics/Roboflow data.yaml, COCO *.json, CVAT for "
+                               "images *.xml or a Label Studio JSON export."),
     out: Path = typer.Argument(..., help="Output folder: train.jsonl, val.jsonl (test.jsonl), classes.txt, "
                                "summary.json, images/ for flipped copies and tiles."),
-    fmt: str = typer.Option("auto", "--format", help="auto, voc, yolo or coco."),
+    fmt: str = typer.Option("auto", "--format", help="auto, voc, cvat, yolo, coco or labelstudio."),
     tasks: str = typer.Option("od", help="Comma-separated tasks: od, dense_region_caption, phrase_grounding, "
                               "caption."),
     order: str = typer.Option("grouped", help="grouped: all OD samples, then dense region captions, then "
@@ -78,16 +79,27 @@ def convert_command(
                                     "frames (tiles stay in their frame's split; whole frames are kept); "
                                     "a run trained on them predicts with that tile size."),
     tile_overlap: float = typer.Option(0.25, help="Share of a tile its neighbours overlap, in [0, 0.9)."),
-    val_fraction: float = typer.Option(0.17, help="Share of images for validation."),
+    val_fraction: float = typer.Option(0.17, help="Share of images for validation (drawn only where the "
+                                       "dataset has no val split of its own)."),
     test_fraction: float = typer.Option(0.0, help="Share of images for a test split (0: none)."),
     seed: int = typer.Option(0, help="Seed of the split and the sample order."),
+    resplit: bool = typer.Option(False, "--resplit", help="Ignore the dataset's own split (train/ valid/ test/ "
+                                 "folders, data.yaml lists, CVAT subsets) and draw a new one."),
+    group_by: str | None = typer.Option(None, help="Keep groups of look-alike frames in one split: folder, "
+                                        "regex:PATTERN (first group, else the match, in the image path) or "
+                                        "time:SECONDS (bursts by the timestamp in the name, else file mtime). "
+                                        "Default: frames saved from one video (NAME_f000123) stay together."),
+    copy_images: bool = typer.Option(False, "--copy-images", help="Copy the images into OUT/images/originals/ "
+                                     "so OUT can be moved on its own."),
+    link_images: bool = typer.Option(False, "--link-images", help="As --copy-images, with hard links where the "
+                                     "file system allows (no extra space)."),
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 1, nothing written) on any input problem "
                                 "instead of skipping and reporting it."),
     keep_empty: bool = typer.Option(False, "--keep-empty", help="Keep an image whose every box was dropped as "
                                     "a defect-free one (by default it is left out: it would teach the model to "
                                     "miss those defects)."),
 ) -> None:
-    """Convert LabelImg VOC / YOLO or COCO annotations to Florence-2 JSONL samples.
+    """Convert LabelImg VOC / YOLO, ultralytics, COCO, CVAT or Label Studio annotations to Florence-2 JSONL samples.
 
     Bad boxes, files, images and paths are reported (file, line, fix) and skipped; the rest converts.
     """
@@ -96,6 +108,8 @@ def convert_command(
 
     from loomlens.data.convert import ConvertError, convert
 
+    if copy_images and link_images:
+        raise _fail("give --copy-images or --link-images, not both")
     console = Console()
     try:
         with Progress(console=console, transient=True) as bar:
@@ -105,7 +119,8 @@ def convert_command(
             report = convert(
                 src, out, format=fmt, tasks=[t.strip() for t in tasks.split(",") if t.strip()], order=order,
                 flip=flip, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, strict=strict,
-                tile=tile, tile_overlap=tile_overlap, keep_empty=keep_empty,
+                tile=tile, tile_overlap=tile_overlap, keep_empty=keep_empty, resplit=resplit, group_by=group_by,
+                images="copy" if copy_images else "link" if link_images else "refer",
                 progress=lambda stage, done, total: bar.update(job, completed=done, total=total,
                                                                description=stages[stage]),
             )
@@ -143,6 +158,10 @@ def _print_convert_report(console, report, src: Path, max_problems: int = 20) ->
             table.add_row(escape(row), *(str(values[i]) for values in per_split.values()),
                           end_section=row == counts[-1])
     console.print(table)
+    kept, drawn = report.split.get("kept", {}), report.split.get("drawn", {})
+    if kept:
+        console.print(f"kept the dataset's own split ({', '.join(f'{k} {v}' for k, v in sorted(kept.items()))}); "
+                      f"{sum(drawn.values())} image(s) split at random (--resplit redraws all)", highlight=False)
     for problem in report.problems[:max_problems]:
         console.print(f"[yellow]problem[/] {escape(str(problem))}", highlight=False)
     if len(report.problems) > max_problems:
