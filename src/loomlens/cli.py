@@ -548,7 +548,13 @@ def predict_command(
     every: int = typer.Option(1, min=1, help="For videos: predict on every N-th frame."),
     regions: Path | None = typer.Option(None, help="Region rules YAML (default: the run's regions.yaml)."),
     score_threshold: float = typer.Option(0.0, min=0.0, max=1.0, help="Drop boxes scoring lower."),
-    coco: bool = typer.Option(False, help="Also write coco_results.json."),
+    coco: bool = typer.Option(False, help="Also write coco_results.json (COCO results: image_id, category_id, "
+                              "bbox, score) and coco_images.json (the images and categories they refer to)."),
+    save_labels: str | None = typer.Option(None, help="Also write pre-annotations for a labelling tool: voc "
+                                           "(LabelImg), yolo (LabelImg YOLO), labelstudio (tasks.json with scored "
+                                           "predictions) or coco; `loomlens convert` reads the folder back."),
+    labels_out: Path | None = typer.Option(None, help="Folder for --save-labels (default OUT/labels-FORMAT); "
+                                           "annotation files already there are kept, never overwritten."),
     draw: bool = typer.Option(True, help="Write drawn images to OUT/drawn/."),
     max_boxes: int = typer.Option(20, min=1, help="Most boxes read per image."),
     batch_size: int = typer.Option(16, min=1, help="Images per generation batch."),
@@ -567,8 +573,11 @@ def predict_command(
     from loomlens.model.loader import ModelLoadError
     from loomlens.predict import Predictor
     from loomlens.predict.files import predict_files
+    from loomlens.predict.labels import LABEL_FORMATS
     from loomlens.predict.sources import count_items, expand_inputs
 
+    if save_labels is not None and save_labels not in LABEL_FORMATS:
+        raise _fail(f"--save-labels must be one of {', '.join(LABEL_FORMATS)}, got {save_labels!r}")
     try:
         total = count_items(expand_inputs(inputs), every)
         predictor = Predictor(model=model, adapter=adapter, device=device, max_boxes=max_boxes,
@@ -578,7 +587,8 @@ def predict_command(
             job = bar.add_task(f"{task} on {total} images/frames", total=total)
             summary = predict_files(predictor, inputs, out, task=task, text=text, tile=tile, every=every,
                                     score_threshold=score_threshold, coco=coco, draw=draw,
-                                    on_item=lambda: bar.advance(job))
+                                    on_item=lambda: bar.advance(job), save_labels=save_labels,
+                                    labels_out=labels_out)
     except (FileNotFoundError, ValueError, ValidationError, RuntimeError, ModelLoadError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"{summary['items']} images/frames, {summary['boxes']} boxes -> {out}: {', '.join(summary['written'])}")

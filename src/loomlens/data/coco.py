@@ -151,7 +151,8 @@ def read_coco(root: str | Path, skip: Sequence[Path] = ()) -> ReadResult:
 
 def write_coco(records: Sequence[ImageRecord], json_path: str | Path, classes: Sequence[str]) -> None:
     """Write `records` as one COCO file; `file_name`s are the records' paths, relative to the
-    dataset root, so put `json_path` at the root. Category ids are 1-based in `classes` order."""
+    dataset root, so put `json_path` at the root. Category ids are 1-based in `classes` order;
+    a box's `score`, when it has one (pre-annotations), is kept on its annotation."""
     images, annotations = [], []
     for image_id, record in enumerate(records, 1):
         images.append({"id": image_id, "file_name": record.image, "width": record.width, "height": record.height})
@@ -159,6 +160,7 @@ def write_coco(records: Sequence[ImageRecord], json_path: str | Path, classes: S
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": classes.index(box.label) + 1,
                 "bbox": [box.x1, box.y1, box.width, box.height], "area": box.width * box.height, "iscrowd": 0,
+                **({} if box.score is None else {"score": box.score}),
             })
     categories = [{"id": i, "name": name} for i, name in enumerate(classes, 1)]
     data = {"images": images, "annotations": annotations, "categories": categories}
