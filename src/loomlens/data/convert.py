@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import random
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from loomlens.data.atomic import atomic_open, atomic_save_image, atomic_write
+from loomlens.data.atomic import atomic_copy, atomic_open, atomic_save_image, atomic_write
 from loomlens.data.coco import read_coco
 from loomlens.data.cvat import read_cvat, xml_root_tag
 from loomlens.data.florence_text import boxes_to_text
@@ -214,21 +213,8 @@ def place_image(src: Path, dst: Path, mode: str) -> None:
     """Put the source image `src` at `dst` in the output: a hard link with `mode` "link" (a
     copy where the file system cannot link), else a copy; atomically (a half-copied image never
     sits at `dst`), and not again when `dst` is already as new as `src` (a re-run)."""
-    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and dst.stat().st_size == src.stat().st_size:
-        return
-    if mode == "link":
-        tmp = dst.with_name(f".{dst.name}.link.tmp")
-        tmp.unlink(missing_ok=True)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, tmp)
-            os.replace(tmp, dst)
-            return
-        except OSError:
-            tmp.unlink(missing_ok=True)  # another file system, or no links there: copy instead
-    with atomic_open(dst, "wb", durable=False) as f, src.open("rb") as source:
-        shutil.copyfileobj(source, f)
-    shutil.copystat(src, dst)
+    if not (dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and dst.stat().st_size == src.stat().st_size):
+        atomic_copy(src, dst, link=mode == "link")
 
 
 def write_jsonl(path: Path, samples: Iterable[dict[str, Any]]) -> int:

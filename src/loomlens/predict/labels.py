@@ -20,11 +20,9 @@ overwritten: it is kept and counted; delete it to have it predicted again.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
-from loomlens.data.atomic import atomic_open, atomic_save_image, atomic_write
+from loomlens.data.atomic import atomic_copy, atomic_save_image, atomic_write
 from loomlens.data.coco import write_coco
 from loomlens.data.labelstudio import labelstudio_tasks
 from loomlens.data.records import ImageRecord
@@ -37,22 +35,6 @@ LABEL_FORMATS = ("voc", "yolo", "labelstudio", "coco")
 #: Per-image annotation files: format -> (folder in DIR, suffix).
 PER_IMAGE = {"voc": ("annotations", ".xml"), "yolo": ("labels", ".txt")}
 LOCAL_FILES = "/data/local-files/?d="
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Put the file `src` at `dst`: a hard link, or a copy where the file system cannot link;
-    atomically (no half-copied file ever sits at `dst`)."""
-    tmp = dst.with_name(f".{dst.name}.link.tmp")
-    tmp.unlink(missing_ok=True)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, tmp)
-        os.replace(tmp, dst)
-        return
-    except OSError:
-        tmp.unlink(missing_ok=True)
-    with atomic_open(dst, "wb", durable=False) as f, src.open("rb") as source:
-        shutil.copyfileobj(source, f)
 
 
 class LabelsOut:
@@ -86,7 +68,7 @@ class LabelsOut:
             if not target.exists():
                 atomic_save_image(item.image.convert("RGB"), target, "JPEG")
         elif not (target.exists() and target.stat().st_size == source.stat().st_size):
-            link_or_copy(source, target)
+            atomic_copy(source, target, link=True)
         return image
 
     def add(self, item: Item, prediction: Prediction, name: str) -> None:
