@@ -496,7 +496,9 @@ def eval_command(
     batch_size: int = typer.Option(16, min=1, help="Images per generation batch."),
     max_boxes: int = typer.Option(20, min=1, help="Most boxes read per image (sets the token budget)."),
     max_images: int | None = typer.Option(None, min=1, help="Evaluate only the first N images."),
-    constrained: bool = typer.Option(False, help="Decode <OD> through the class grammar."),
+    constrained: bool | None = typer.Option(None, "--constrained/--no-constrained", help="Decode <OD> through the "
+                                            "class grammar (default: on when the run has classes; --no-constrained "
+                                            "reads the free form)."),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
 ) -> None:
     """Evaluate detection on a split: metrics.json, PR curves, confusion matrix, reliability,
@@ -518,6 +520,7 @@ def eval_command(
     except (FileNotFoundError, ValueError, ModelLoadError) as err:
         raise _fail(str(err)) from None
     out = out or ((run or Path("runs")) / f"eval-{jsonl.stem}")
+    constrained = bool(loaded.classes) if constrained is None else constrained
     extra = {"model": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None, "split": jsonl.stem,
              "precision": loaded.precision}
     try:
@@ -526,10 +529,14 @@ def eval_command(
                                max_images=max_images, extra=extra)
     except ValueError as err:  # e.g. --constrained with no classes.txt in the run or the split
         raise _fail(str(err)) from None
-    table = Table(title=f"{metrics['images']} images of {jsonl}")
-    for column in ("mAP50-95", "mAP50", "mAP75", "best F1", "s/image"):
+    table = Table(title=f"{metrics['images']} images of {jsonl}" + (" (constrained)" if constrained else ""))
+    for column in ("mAP50-95", "mAP50", "mAP75", "best F1", "OK/NG AUROC", "recall @1% FA", "s/image"):
         table.add_column(column, justify="right")
-    table.add_row(*(f"{metrics[k]:.3f}" for k in ("map50_95", "map50", "map75", "best_f1", "seconds_per_image")))
+    frames = metrics["image_level"]
+    table.add_row(*(f"{metrics[k]:.3f}" for k in ("map50_95", "map50", "map75", "best_f1")),
+                  *(f"{v:.3f}" if v is not None else "n/a"
+                    for v in (frames["auroc"], frames["recall_at_fpr"].get("0.01"))),
+                  f"{metrics['seconds_per_image']:.3f}")
     Console().print(table)
     typer.echo(f"report: {out / 'report.md'}")
 
@@ -558,7 +565,9 @@ def predict_command(
     draw: bool = typer.Option(True, help="Write drawn images to OUT/drawn/."),
     max_boxes: int = typer.Option(20, min=1, help="Most boxes read per image."),
     batch_size: int = typer.Option(16, min=1, help="Images per generation batch."),
-    constrained: bool = typer.Option(False, help="Decode <OD> through the run's class grammar."),
+    constrained: bool | None = typer.Option(None, "--constrained/--no-constrained", help="Decode <OD> through the "
+                                            "run's class grammar (default: on when the run has classes; "
+                                            "--no-constrained reads the free form)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     strict: bool = typer.Option(False, help="Exit 1 when any input was skipped (listed in OUT/problems.json)."),
