@@ -79,7 +79,6 @@ class ConvertReport:
     images: int  # original images converted (flipped copies and tiles not counted)
     negatives: int  # of those, images with no boxes
     keep_empty: bool  # images whose every box was dropped kept as negatives (else left out)
-    images_mode: str  # refer | copy | link: whether the samples point at the source or at copies in `out`
     boxes_per_class: dict[str, int]
     # split -> {"images": n (flipped copies and tiles included), "samples": n, "tiles": n,
     #           "tile_samples": n, "boxes_per_class": {...}, "samples_per_task": {...}}
@@ -88,6 +87,7 @@ class ConvertReport:
     # per split), "drawn": images split at random, "groups": group -> {"split", "images"}}
     split: dict[str, Any] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    images_mode: str = "refer"  # refer | copy | link: whether the samples point at the source or at copies in `out`
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of everything in the report."""
