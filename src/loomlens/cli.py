@@ -64,11 +64,12 @@ def _fail(message: str, details: list[str] | None = None) -> typer.Exit:
 
 @app.command("convert")
 def convert_command(
-    src: Path = typer.Argument(..., help="Annotated dataset folder: LabelImg VOC *.xml, YOLO *.txt with "
-                               "classes.txt, or COCO *.json, with its images."),
+    src: Path = typer.Argument(..., help="Annotated dataset folder with its images: LabelImg VOC *.xml or YOLO "
+                               "*.txt with classes.txt, an ultralytics/Roboflow data.yaml, COCO *.json, CVAT for "
+                               "images *.xml or a Label Studio JSON export."),
     out: Path = typer.Argument(..., help="Output folder: train.jsonl, val.jsonl (test.jsonl), classes.txt, "
                                "summary.json, images/ for flipped copies and tiles."),
-    fmt: str = typer.Option("auto", "--format", help="auto, voc, yolo or coco."),
+    fmt: str = typer.Option("auto", "--format", help="auto, voc, cvat, yolo, coco or labelstudio."),
     tasks: str = typer.Option("od", help="Comma-separated tasks: od, dense_region_caption, phrase_grounding, "
                               "caption."),
     order: str = typer.Option("grouped", help="grouped: all OD samples, then dense region captions, then "
@@ -80,16 +81,27 @@ def convert_command(
                                     "frames (tiles stay in their frame's split; whole frames are kept); "
                                     "a run trained on them predicts with that tile size."),
     tile_overlap: float = typer.Option(0.25, help="Share of a tile its neighbours overlap, in [0, 0.9)."),
-    val_fraction: float = typer.Option(0.17, help="Share of images for validation."),
+    val_fraction: float = typer.Option(0.17, help="Share of images for validation (drawn only where the "
+                                       "dataset has no val split of its own)."),
     test_fraction: float = typer.Option(0.0, help="Share of images for a test split (0: none)."),
     seed: int = typer.Option(0, help="Seed of the split and the sample order."),
+    resplit: bool = typer.Option(False, "--resplit", help="Ignore the dataset's own split (train/ valid/ test/ "
+                                 "folders, data.yaml lists, CVAT subsets) and draw a new one."),
+    group_by: str | None = typer.Option(None, help="Keep groups of look-alike frames in one split: folder, "
+                                        "regex:PATTERN (first group, else the match, in the image path) or "
+                                        "time:SECONDS (bursts by the timestamp in the name, else file mtime). "
+                                        "Default: frames saved from one video (NAME_f000123) stay together."),
+    copy_images: bool = typer.Option(False, "--copy-images", help="Copy the images into OUT/images/originals/ "
+                                     "so OUT can be moved on its own."),
+    link_images: bool = typer.Option(False, "--link-images", help="As --copy-images, with hard links where the "
+                                     "file system allows (no extra space)."),
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 1, nothing written) on any input problem "
                                 "instead of skipping and reporting it."),
     keep_empty: bool = typer.Option(False, "--keep-empty", help="Keep an image whose every box was dropped as "
                                     "a defect-free one (by default it is left out: it would teach the model to "
                                     "miss those defects)."),
 ) -> None:
-    """Convert LabelImg VOC / YOLO or COCO annotations to Florence-2 JSONL samples.
+    """Convert LabelImg VOC / YOLO, ultralytics, COCO, CVAT or Label Studio annotations to Florence-2 JSONL samples.
 
     Bad boxes, files, images and paths are reported (file, line, fix) and skipped; the rest converts.
     """
@@ -98,6 +110,8 @@ def convert_command(
 
     from loomlens.data.convert import ConvertError, convert
 
+    if copy_images and link_images:
+        raise _fail("give --copy-images or --link-images, not both")
     console = Console()
     try:
         with Progress(console=console, transient=True) as bar:
@@ -107,7 +121,8 @@ def convert_command(
             report = convert(
                 src, out, format=fmt, tasks=[t.strip() for t in tasks.split(",") if t.strip()], order=order,
                 flip=flip, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, strict=strict,
-                tile=tile, tile_overlap=tile_overlap, keep_empty=keep_empty,
+                tile=tile, tile_overlap=tile_overlap, keep_empty=keep_empty, resplit=resplit, group_by=group_by,
+                images="copy" if copy_images else "link" if link_images else "refer",
                 progress=lambda stage, done, total: bar.update(job, completed=done, total=total,
                                                                description=stages[stage]),
             )
@@ -145,6 +160,10 @@ def _print_convert_report(console, report, src: Path, max_problems: int = 20) ->
             table.add_row(escape(row), *(str(values[i]) for values in per_split.values()),
                           end_section=row == counts[-1])
     console.print(table)
+    kept, drawn = report.split.get("kept", {}), report.split.get("drawn", {})
+    if kept:
+        console.print(f"kept the dataset's own split ({', '.join(f'{k} {v}' for k, v in sorted(kept.items()))}); "
+                      f"{sum(drawn.values())} image(s) split at random (--resplit redraws all)", highlight=False)
     for problem in report.problems[:max_problems]:
         console.print(f"[yellow]problem[/] {escape(str(problem))}", highlight=False)
     if len(report.problems) > max_problems:
@@ -496,7 +515,9 @@ def eval_command(
     batch_size: int = typer.Option(16, min=1, help="Images per generation batch."),
     max_boxes: int = typer.Option(20, min=1, help="Most boxes read per image (sets the token budget)."),
     max_images: int | None = typer.Option(None, min=1, help="Evaluate only the first N images."),
-    constrained: bool = typer.Option(False, help="Decode <OD> through the class grammar."),
+    constrained: bool | None = typer.Option(None, "--constrained/--no-constrained", help="Decode <OD> through the "
+                                            "class grammar (default: on when the run has classes; --no-constrained "
+                                            "reads the free form)."),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
@@ -520,6 +541,7 @@ def eval_command(
     except (FileNotFoundError, ValueError, ModelLoadError) as err:
         raise _fail(str(err)) from None
     out = out or ((run or Path("runs")) / f"eval-{jsonl.stem}")
+    constrained = bool(loaded.classes) if constrained is None else constrained
     extra = {"model": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None, "split": jsonl.stem,
              "precision": loaded.precision}
     try:
@@ -528,10 +550,14 @@ def eval_command(
                                max_images=max_images, extra=extra)
     except ValueError as err:  # e.g. --constrained with no classes.txt in the run or the split
         raise _fail(str(err)) from None
-    table = Table(title=f"{metrics['images']} images of {jsonl}")
-    for column in ("mAP50-95", "mAP50", "mAP75", "best F1", "s/image"):
+    table = Table(title=f"{metrics['images']} images of {jsonl}" + (" (constrained)" if constrained else ""))
+    for column in ("mAP50-95", "mAP50", "mAP75", "best F1", "OK/NG AUROC", "recall @1% FA", "s/image"):
         table.add_column(column, justify="right")
-    table.add_row(*(f"{metrics[k]:.3f}" for k in ("map50_95", "map50", "map75", "best_f1", "seconds_per_image")))
+    frames = metrics["image_level"]
+    table.add_row(*(f"{metrics[k]:.3f}" for k in ("map50_95", "map50", "map75", "best_f1")),
+                  *(f"{v:.3f}" if v is not None else "n/a"
+                    for v in (frames["auroc"], frames["recall_at_fpr"].get("0.01"))),
+                  f"{metrics['seconds_per_image']:.3f}")
     Console().print(table)
     typer.echo(f"report: {out / 'report.md'}")
 
@@ -550,11 +576,19 @@ def predict_command(
     every: int = typer.Option(1, min=1, help="For videos: predict on every N-th frame."),
     regions: Path | None = typer.Option(None, help="Region rules YAML (default: the run's regions.yaml)."),
     score_threshold: float = typer.Option(0.0, min=0.0, max=1.0, help="Drop boxes scoring lower."),
-    coco: bool = typer.Option(False, help="Also write coco_results.json."),
+    coco: bool = typer.Option(False, help="Also write coco_results.json (COCO results: image_id, category_id, "
+                              "bbox, score) and coco_images.json (the images and categories they refer to)."),
+    save_labels: str | None = typer.Option(None, help="Also write pre-annotations for a labelling tool: voc "
+                                           "(LabelImg), yolo (LabelImg YOLO), labelstudio (tasks.json with scored "
+                                           "predictions) or coco; `loomlens convert` reads the folder back."),
+    labels_out: Path | None = typer.Option(None, help="Folder for --save-labels (default OUT/labels-FORMAT); "
+                                           "annotation files already there are kept, never overwritten."),
     draw: bool = typer.Option(True, help="Write drawn images to OUT/drawn/."),
     max_boxes: int = typer.Option(20, min=1, help="Most boxes read per image."),
     batch_size: int = typer.Option(16, min=1, help="Images per generation batch."),
-    constrained: bool = typer.Option(False, help="Decode <OD> through the run's class grammar."),
+    constrained: bool | None = typer.Option(None, "--constrained/--no-constrained", help="Decode <OD> through the "
+                                            "run's class grammar (default: on when the run has classes; "
+                                            "--no-constrained reads the free form)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     strict: bool = typer.Option(False, help="Exit 1 when any input was skipped (listed in OUT/problems.json)."),
@@ -569,8 +603,11 @@ def predict_command(
     from loomlens.model.loader import ModelLoadError
     from loomlens.predict import Predictor
     from loomlens.predict.files import predict_files
+    from loomlens.predict.labels import LABEL_FORMATS
     from loomlens.predict.sources import count_items, expand_inputs
 
+    if save_labels is not None and save_labels not in LABEL_FORMATS:
+        raise _fail(f"--save-labels must be one of {', '.join(LABEL_FORMATS)}, got {save_labels!r}")
     try:
         total = count_items(expand_inputs(inputs), every)
         predictor = Predictor(model=model, adapter=adapter, device=_device(device), max_boxes=max_boxes,
@@ -580,7 +617,8 @@ def predict_command(
             job = bar.add_task(f"{task} on {total} images/frames", total=total)
             summary = predict_files(predictor, inputs, out, task=task, text=text, tile=tile, every=every,
                                     score_threshold=score_threshold, coco=coco, draw=draw,
-                                    on_item=lambda: bar.advance(job))
+                                    on_item=lambda: bar.advance(job), save_labels=save_labels,
+                                    labels_out=labels_out)
     except (FileNotFoundError, ValueError, ValidationError, RuntimeError, ModelLoadError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"{summary['items']} images/frames, {summary['boxes']} boxes -> {out}: {', '.join(summary['written'])}")

@@ -18,6 +18,8 @@ def test_eval_command_writes_the_report(tmp_path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["model"] == "tiny" and metrics["split"] == "val" and "map50" in metrics
     assert (tmp_path / "eval" / "report.md").exists()
+    assert "recall @1% FA" in result.output.replace("\n", " ") or "recall @1%" in result.output
+    assert metrics["constrained"] is False  # a bare model has no classes: the free form
 
 
 def test_eval_command_explains_a_missing_split(tmp_path):

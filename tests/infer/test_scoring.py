@@ -44,8 +44,16 @@ def test_shared_label_and_prompt_label(tokenizer):
 
 def test_partial_box_is_dropped_and_counted(tokenizer):
     gen = generation(tokenizer, "drop<loc_1><loc_2><loc_3><loc_4>wrinkle<loc_5><loc_6>")
-    boxes, dropped = scored_boxes(tokenizer, gen, 100, 100)
+    boxes, dropped = scored_boxes(tokenizer, gen, 1000, 1000)
     assert [b.label for b in boxes] == ["drop"] and dropped == 1
+
+
+def test_no_box_under_a_pixel_comes_out(tokenizer):
+    # On a 200 px image one bin is 0.2 px: one bin wide is no box; six bins (1.2 px) is one.
+    gen = generation(tokenizer, "drop<loc_10><loc_10><loc_11><loc_90>knot<loc_10><loc_10><loc_16><loc_90>")
+    boxes, dropped = scored_boxes(tokenizer, gen, 200, 200)
+    assert [b.label for b in boxes] == ["knot"] and dropped == 1
+    assert all(b.width >= 1 and b.height >= 1 for b in boxes)
 
 
 def test_score_formulas():
@@ -64,7 +72,7 @@ def test_less_likely_box_scores_lower(tokenizer):
     second = [i for i, p in enumerate(pieces) if i > pieces.index("<loc_4>") and not p.startswith("<")]
     for i in second:
         gen.token_logprobs[i] = math.log(0.1)
-    boxes, _ = scored_boxes(tokenizer, gen, 100, 100)
+    boxes, _ = scored_boxes(tokenizer, gen, 1000, 1000)
     assert boxes[0].score > boxes[1].score > 0
 
 
@@ -82,9 +90,10 @@ def test_random_token_strings_never_crash_and_match_the_parser(tokenizer, data):
     w, h = data.draw(st.integers(1, 4000)), data.draw(st.integers(1, 4000))
     gen = Generation("", list(ids), logprobs)
     boxes, dropped = scored_boxes(tokenizer, gen, w, h)
-    expected, expected_dropped = parse_text("".join(token_pieces(tokenizer, gen.token_ids)), w, h)
+    parsed, expected_dropped = parse_text("".join(token_pieces(tokenizer, gen.token_ids)), w, h)
+    expected = [b for b in parsed if b.width >= 1 and b.height >= 1]  # sub-pixel boxes are dropped too
     assert [(b.label, b.x1, b.y1, b.x2, b.y2) for b in boxes] == [
         (b.label, b.x1, b.y1, b.x2, b.y2) for b in expected
     ]
-    assert dropped == expected_dropped
+    assert dropped == expected_dropped + len(parsed) - len(expected)
     assert all(0.0 <= b.score <= 1.0 for b in boxes)

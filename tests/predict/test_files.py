@@ -64,8 +64,21 @@ def test_predict_files_writes_jsonl_drawings_and_coco(predictor, inputs, tmp_pat
     assert all({"boxes", "task", "width", "height", "trained", "text"} <= set(x) for x in lines)
     assert sorted(p.name for p in (tmp_path / "out" / "drawn").iterdir()) == [
         "a.jpg", "b.jpg", "clip_f000000.jpg", "clip_f000005.jpg"]
-    coco = COCO(str(tmp_path / "out" / "coco_results.json"))
+    coco = COCO(str(tmp_path / "out" / "coco_images.json"))
     assert len(coco.getImgIds()) == 4
+    results = json.loads((tmp_path / "out" / "coco_results.json").read_text())
+    assert isinstance(results, list) and sum(len(x["boxes"]) for x in lines) == len(results)
+    if results:  # the results format: image_id, category_id, bbox, score per box
+        assert set(results[0]) == {"image_id", "category_id", "bbox", "score"}
+        assert len(coco.loadRes(results).getAnnIds()) == len(results)
+
+
+def test_two_inputs_with_one_name_get_two_drawings(predictor, tmp_path):
+    for folder in ("left", "right"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (64, 48)).save(tmp_path / folder / "frame.png")
+    predict_files(predictor, [tmp_path / "left", tmp_path / "right"], tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out" / "drawn").iterdir()) == ["frame.jpg", "right_frame.jpg"]
 
 
 def test_drawing_is_a_copy_with_each_box_once():

@@ -80,6 +80,8 @@ def test_adapter_from_a_run_folder(tmp_path, image):
     pretrained = ["caption", "dense_region_caption", "od", "phrase_grounding"]
     assert info["trained_tasks"] == pretrained and info["regions"] is True
     assert p.tile_size == 256  # no tiles in its data: the model's input size
+    # ... and a whole-frame run never tiles by itself, however large the frame
+    assert p.model_inputs(2560, 1440) == 1 and p.model_inputs(2560, 1440, tile="on") > 1
     (od,) = p.predict([image])
     assert od.trained is True and {b.label for b in od.boxes} <= {"drop", "wrinkle"}
     assert p.predict([image], task="caption")[0].trained is True
@@ -88,7 +90,10 @@ def test_adapter_from_a_run_folder(tmp_path, image):
         Predictor(model="base", adapter=run)
     # Data cut into tiles (`convert --tile 512`): the run predicts on tiles of that size.
     (run / "data_summary.json").write_text('{"tile": 512, "tile_overlap": 0.25}')
-    assert Predictor(adapter=run).tile_size == 512
+    tiled_run = Predictor(adapter=run)
+    assert tiled_run.tile_size == 512 and tiled_run.model_inputs(2560, 1440) > 1
+    assert tiled_run.constrained is True  # the run has classes: the grammar by default
+    assert Predictor(adapter=run, constrained=False).constrained is False
     assert Predictor(adapter=run, tile_size=384).tile_size == 384
     with pytest.raises(FileNotFoundError):
         Predictor(adapter=tmp_path / "empty")

@@ -26,7 +26,8 @@ MAX_TILES = 12
 def predictor():
     from loomlens.predict import Predictor
 
-    return Predictor(model="tiny", max_boxes=2, batch_size=4, max_tiles=MAX_TILES)
+    # tile_size given: `tile="auto"` tiles (a bare model trained on no tiles would not)
+    return Predictor(model="tiny", max_boxes=2, batch_size=4, max_tiles=MAX_TILES, tile_size=256)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ system, where `os.replace` is atomic), and only a complete file replaces the tar
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,3 +55,23 @@ def atomic_save_image(image: Image.Image, path: str | Path, fmt: str) -> None:
     durably: image outputs of a conversion can be regenerated."""
     with atomic_open(path, "wb", durable=False) as f:
         image.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+
+
+def atomic_copy(src: str | Path, dst: str | Path, link: bool = False) -> None:
+    """Put the file `src` at `dst` atomically (no half-copied file ever sits at `dst`): with
+    `link` a hard link (no extra space), or a copy where the file system cannot link; else a
+    copy. The copy keeps `src`'s modification time."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        tmp = dst.with_name(f".{dst.name}.link.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+            os.replace(tmp, dst)
+            return
+        except OSError:
+            tmp.unlink(missing_ok=True)  # another file system, or no links there: copy instead
+    with atomic_open(dst, "wb", durable=False) as f, src.open("rb") as source:
+        shutil.copyfileobj(source, f)
+    shutil.copystat(src, dst)

@@ -14,8 +14,8 @@ from typing import Any
 
 from loomlens.data.atomic import atomic_write
 from loomlens.data.florence_text import LabelError, validate_label
-from loomlens.data.records import Box, ImageRecord, Problem, ReadResult
-from loomlens.data.sanitize import find_image, image_size, iter_files, make_box, relative
+from loomlens.data.records import ImageRecord, Problem, ReadResult
+from loomlens.data.sanitize import add_box, find_image, image_size, iter_files, relative
 
 
 def _load(path: Path, file: str) -> tuple[dict[str, Any] | None, Problem | None]:
@@ -75,10 +75,14 @@ def read_coco_file(path: Path, root: Path) -> ReadResult:
         return ReadResult(problems=[problem])
     result = ReadResult()
     categories, result.problems = _categories(data, file)
-    result.classes = [n for n in categories.values() if n is not None]
     images, problems = _entries(data, "images", ("id", "file_name"), file)
     annotations, more = _entries(data, "annotations", ("image_id", "category_id", "bbox"), file)
     result.problems += problems + more
+    used = {ann["category_id"] for ann in annotations}
+    parents = {str(c.get("supercategory")) for c in data.get("categories") or [] if isinstance(c, dict)}
+    # Roboflow adds the project itself as a category (id 0), the supercategory of all the
+    # others, with no annotation: a class the model would be taught nothing about.
+    result.classes = [n for i, n in categories.items() if n is not None and (i in used or n not in parents)]
     by_image: dict[Any, list[dict]] = {}
     for ann in annotations:
         by_image.setdefault(ann["image_id"], []).append(ann)
@@ -115,21 +119,10 @@ def _int(value: Any) -> int:
 def _add_box(record: ImageRecord, ann: dict, categories: dict[Any, str | None], file: str) -> list[Problem]:
     """Add one annotation's box to `record` (or count it in `record.dropped`); return the
     problems it has."""
-    box, problems = _box(record, ann, categories, file)
-    if box is None:
-        record.dropped += 1
-    else:
-        record.boxes.append(box)
-    return problems
-
-
-def _box(
-    record: ImageRecord, ann: dict, categories: dict[Any, str | None], file: str
-) -> tuple[Box | None, list[Problem]]:
-    """One annotation -> its clean box (None when it must be dropped) and its problems."""
     name = categories.get(ann["category_id"])
     if name is None:
-        return None, [Problem(
+        record.dropped += 1
+        return [Problem(
             file=file, message=f"annotation {ann.get('id', '?')}: unknown or unusable category_id "
             f"{ann['category_id']!r}; box dropped",
             fix="add the category to 'categories'",
@@ -138,11 +131,12 @@ def _box(
     try:
         x, y, w, h = (float(v) for v in bbox)
     except (TypeError, ValueError):
-        return None, [Problem(
+        record.dropped += 1
+        return [Problem(
             file=file, message=f"annotation {ann.get('id', '?')}: bbox {bbox!r} is not [x, y, w, h]; dropped",
             fix="write bbox as four numbers",
         )]
-    return make_box(name, (x, y, x + w, y + h), record.width, record.height, file)
+    return add_box(record, name, (x, y, x + w, y + h), file)
 
 
 def read_coco(root: str | Path, skip: Sequence[Path] = ()) -> ReadResult:
@@ -151,16 +145,14 @@ def read_coco(root: str | Path, skip: Sequence[Path] = ()) -> ReadResult:
     root = Path(root)
     result = ReadResult()
     for path in iter_files(root, ".json", skip):
-        part = read_coco_file(path, root)
-        result.records += part.records
-        result.problems += part.problems
-        result.classes += [c for c in part.classes if c not in result.classes]
+        result.add(read_coco_file(path, root))
     return result
 
 
 def write_coco(records: Sequence[ImageRecord], json_path: str | Path, classes: Sequence[str]) -> None:
     """Write `records` as one COCO file; `file_name`s are the records' paths, relative to the
-    dataset root, so put `json_path` at the root. Category ids are 1-based in `classes` order."""
+    dataset root, so put `json_path` at the root. Category ids are 1-based in `classes` order;
+    a box's `score`, when it has one (pre-annotations), is kept on its annotation."""
     images, annotations = [], []
     for image_id, record in enumerate(records, 1):
         images.append({"id": image_id, "file_name": record.image, "width": record.width, "height": record.height})
@@ -168,6 +160,7 @@ def write_coco(records: Sequence[ImageRecord], json_path: str | Path, classes: S
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": classes.index(box.label) + 1,
                 "bbox": [box.x1, box.y1, box.width, box.height], "area": box.width * box.height, "iscrowd": 0,
+                **({} if box.score is None else {"score": box.score}),
             })
     categories = [{"id": i, "name": name} for i, name in enumerate(classes, 1)]
     data = {"images": images, "annotations": annotations, "categories": categories}

@@ -1,8 +1,9 @@
-"""Annotations (VOC, YOLO, COCO) -> Florence-2 JSONL training samples.
+"""Annotations (VOC, CVAT, YOLO / ultralytics / Roboflow, COCO, Label Studio) -> Florence-2
+JSONL training samples.
 
-`convert` reads every annotation, reports problems instead of stopping at the first, splits
-by original image (a flipped copy, and every tile cut from a frame, always lands in its
-original's split), makes the samples of each requested task and writes `train.jsonl`,
+`convert` reads every annotation, reports problems instead of stopping at the first, keeps
+the dataset's own split or splits by group of original images (a flipped copy, and every tile
+cut from a frame, always lands in its original's split; see `data.splits`), makes the samples of each requested task and writes `train.jsonl`,
 `val.jsonl` (`test.jsonl`), `classes.txt` and `summary.json` atomically, so a crash never
 leaves a half-written file over a good one.
 """
@@ -22,19 +23,28 @@ from typing import Any
 
 from PIL import Image
 
-from loomlens.data.atomic import atomic_open, atomic_save_image, atomic_write
+from loomlens.data.atomic import atomic_copy, atomic_open, atomic_save_image, atomic_write
 from loomlens.data.coco import read_coco
+from loomlens.data.cvat import read_cvat, xml_root_tag
 from loomlens.data.florence_text import boxes_to_text
+from loomlens.data.labelstudio import looks_like_labelstudio, read_labelstudio
 from loomlens.data.records import ImageRecord, Problem, ReadResult
 from loomlens.data.sanitize import IMAGE_SUFFIXES, BadImage, iter_files, open_image, relative
+from loomlens.data.splits import assign_splits, group_keys, own_split
 from loomlens.data.tasks import CONVERTIBLE, REGISTRY
 from loomlens.data.tiles import save_tiles, tile_record
+from loomlens.data.ultralytics import find_data_yaml, read_yolo_dataset
 from loomlens.data.voc import read_voc
-from loomlens.data.yolo import CLASSES_FILE, read_yolo, write_classes
+from loomlens.data.yolo import CLASSES_FILE, write_classes
 
 ORDERS = ("grouped", "interleaved")
-READERS: dict[str, Callable[[Path, Sequence[Path]], ReadResult]] = {"voc": read_voc, "yolo": read_yolo, "coco": read_coco}
+READERS: dict[str, Callable[[Path, Sequence[Path]], ReadResult]] = {
+    "voc": read_voc, "cvat": read_cvat, "yolo": read_yolo_dataset, "coco": read_coco, "labelstudio": read_labelstudio,
+}
 FORMATS = ("auto", *READERS)
+#: How the JSONL reaches the source images: where they are, or copies / hard links in the output.
+IMAGE_MODES = ("refer", "copy", "link")
+ORIGINALS_DIR = "images/originals"  # relative to the output folder: copied or linked source images
 SPLITS = ("train", "val", "test")
 TILES_DIR = "images/tiles"  # relative to the output folder
 MIN_TILE = 32  # pixels; a smaller tile holds too little fabric to tell a defect from weave
@@ -73,7 +83,11 @@ class ConvertReport:
     # split -> {"images": n (flipped copies and tiles included), "samples": n, "tiles": n,
     #           "tile_samples": n, "boxes_per_class": {...}, "samples_per_task": {...}}
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # how the split was made: {"resplit", "group_by", "kept": the dataset's own split kept (images
+    # per split), "drawn": images split at random, "groups": group -> {"split", "images"}}
+    split: dict[str, Any] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    images_mode: str = "refer"  # refer | copy | link: whether the samples point at the source or at copies in `out`
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of everything in the report."""
@@ -82,35 +96,42 @@ class ConvertReport:
 
 def detect_format(src: Path, skip: Sequence[Path] = ()) -> str:
     """Which annotation format the folder `src` (less the folders in `skip`) holds: "voc"
-    (XML files), "coco" (JSON with 'images' and 'annotations') or "yolo" (label txt files and
-    a classes.txt). Raises `ConvertError` when it finds none, or more than one (then
-    `--format` must say which)."""
-    found = []
-    if any(iter_files(src, ".xml", skip)):
-        found.append("voc")
-    if any(_looks_like_coco(p) for p in iter_files(src, ".json", skip)):
-        found.append("coco")
+    (XML with an <annotation> root), "cvat" (XML with an <annotations> root), "coco" (a JSON
+    object with 'images' and 'annotations', Roboflow's `_annotations.coco.json` too),
+    "labelstudio" (a JSON list of tasks with 'data') or "yolo" (a data.yaml at the top, or
+    label txt files and a classes.txt). Raises `ConvertError` when it finds none, or more
+    than one (then `--format` must say which)."""
+    roots: set[str | None] = set()
+    for path in iter_files(src, ".xml", skip):
+        roots.add(xml_root_tag(path))
+        if {"annotation", "annotations"} <= roots:
+            break
+    found = [fmt for fmt, tag in (("voc", "annotation"), ("cvat", "annotations")) if tag in roots]
+    jsons = list(iter_files(src, ".json", skip))
+    found += [fmt for fmt, sniff in (("coco", _looks_like_coco), ("labelstudio", looks_like_labelstudio))
+              if any(sniff(p) for p in jsons)]
     txts = [p.name for p in iter_files(src, ".txt", skip)]
-    if CLASSES_FILE in txts and len(txts) > txts.count(CLASSES_FILE):
+    if find_data_yaml(src) is not None or (CLASSES_FILE in txts and len(txts) > txts.count(CLASSES_FILE)):
         found.append("yolo")
     if len(found) == 1:
         return found[0]
     if not found:
         raise ConvertError(
-            f"no annotations found in {src}: expected Pascal VOC *.xml, COCO *.json, "
-            "or YOLO *.txt with a classes.txt"
+            f"no annotations found in {src}: expected Pascal VOC *.xml (LabelImg), CVAT for images *.xml, "
+            "COCO *.json (Roboflow's _annotations.coco.json too), a Label Studio JSON export, or YOLO: a "
+            "data.yaml (ultralytics, Roboflow) or *.txt labels with a classes.txt"
         )
     raise ConvertError(f"{src} holds more than one annotation format ({', '.join(found)}); pass --format")
 
 
 def _looks_like_coco(path: Path) -> bool:
-    # A cheap sniff for both keys near the start, without parsing a possibly huge file.
+    # A cheap sniff for an object with both keys near the start, without parsing a possibly huge file.
     try:
         with path.open("rb") as f:
             head = f.read(1 << 20)
     except OSError:
         return False
-    return b'"images"' in head and b'"annotations"' in head
+    return head.lstrip().startswith(b"{") and b'"images"' in head and b'"annotations"' in head
 
 
 def caption(labels: Iterable[str]) -> str:
@@ -151,22 +172,6 @@ def task_samples(record: ImageRecord, image: str, task: str) -> list[dict[str, A
     return [sample(spec.token, caption(b.label for b in record.boxes))]
 
 
-def assign_splits(images: Iterable[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
-    """Image key -> "train" | "val" | "test", deterministic for a seed. Fractions are rounded
-    to whole images; a non-zero fraction gets at least one image, and train keeps one."""
-    keys = sorted(set(images))
-    random.Random(seed).shuffle(keys)
-    n = len(keys)
-
-    def share(fraction: float, room: int) -> int:
-        wanted = max(1, round(n * fraction)) if fraction > 0 else 0
-        return max(0, min(wanted, room))
-
-    n_test = share(test_fraction, n - 1)
-    n_val = share(val_fraction, n - 1 - n_test)
-    return {k: ("test" if i < n_test else "val" if i < n_test + n_val else "train") for i, k in enumerate(keys)}
-
-
 def unique_names(images: Sequence[str], prefix: str = "") -> list[str]:
     """One file name per image path, in order: `<prefix><name>`; the folders are folded into
     the name when two images share a name, then a counter, so no two are ever the same (even
@@ -204,6 +209,14 @@ def flip_image(src: Path, dst: Path, image: Image.Image | None = None) -> Image.
     return mirrored
 
 
+def place_image(src: Path, dst: Path, mode: str) -> None:
+    """Put the source image `src` at `dst` in the output: a hard link with `mode` "link" (a
+    copy where the file system cannot link), else a copy; atomically (a half-copied image never
+    sits at `dst`), and not again when `dst` is already as new as `src` (a re-run)."""
+    if not (dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and dst.stat().st_size == src.stat().st_size):
+        atomic_copy(src, dst, link=mode == "link")
+
+
 def write_jsonl(path: Path, samples: Iterable[dict[str, Any]]) -> int:
     """Write one compact JSON object a line, atomically; return the number of lines. If
     `samples` raises part-way, the file at `path` is left as it was."""
@@ -217,8 +230,10 @@ def write_jsonl(path: Path, samples: Iterable[dict[str, Any]]) -> int:
 
 def _check_arguments(
     fmt: str, tasks: Sequence[str], order: str, val_fraction: float, test_fraction: float,
-    tile: int | None, tile_overlap: float,
+    tile: int | None, tile_overlap: float, images: str,
 ) -> None:
+    if images not in IMAGE_MODES:
+        raise ConvertError(f"unknown images mode {images!r}; use one of {', '.join(IMAGE_MODES)}")
     if fmt not in FORMATS:
         raise ConvertError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     unknown = [t for t in tasks if t not in CONVERTIBLE]
@@ -279,17 +294,20 @@ def _tile_names(frames: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]
 
 def _images(
     records: Sequence[ImageRecord], src: Path, out: Path, flip: bool, tile: int | None, overlap: float,
-    seed: int, write: bool, progress: ProgressFn | None,
+    seed: int, write: bool, progress: ProgressFn | None, mode: str = "refer",
 ) -> tuple[dict[int, list[tuple[ImageRecord, str]]], set[str], list[Problem]]:
     """Decode every record's image in full, once (a header can be whole over a truncated
     file, which would crash training later); a damaged one is reported and left out. With
     `write`, that one decode also gives the flipped copy (`out/images/flipped_<name>`) and the
-    tiles of both (`out/images/tiles/<frame name>_x<X0>_y<Y0><suffix>`, see `tile_record`).
-    `src`, `out` resolved. Returns record index -> its (record, path relative to `out`) items
-    (the frame first) for the whole images, the tile paths among them, and the problems. Write
-    errors raise OSError."""
+    tiles of both (`out/images/tiles/<frame name>_x<X0>_y<Y0><suffix>`, see `tile_record`),
+    and with `mode` copy or link the image itself in `out/images/originals/` (see
+    `place_image`). `src`, `out` resolved. Returns record index -> its (record, path relative
+    to `out`) items (the frame first) for the whole images, the tile paths among them, and the
+    problems. Write errors raise OSError."""
     flips = flipped_names([r.image for r in records]) if flip and write else {}
-    frames = [(r.image, Path(os.path.relpath(src / r.image, out)).as_posix()) for r in records]
+    placed = dict(zip(sorted(r.image for r in records), unique_names(sorted(r.image for r in records)), strict=True))
+    frames = [(r.image, f"{ORIGINALS_DIR}/{placed[r.image]}" if mode != "refer"
+               else Path(os.path.relpath(src / r.image, out)).as_posix()) for r in records]
     names = _tile_names(frames + [(f"images/{n}", f"images/{n}") for n in flips.values()])
     items: dict[int, list[tuple[ImageRecord, str]]] = {}
     tiles: set[str] = set()
@@ -297,6 +315,8 @@ def _images(
     for i, (record, (_, image)) in enumerate(zip(records, frames, strict=True)):
         try:
             with open_image(src / record.image, decode=True) as im:
+                if mode != "refer" and write:
+                    place_image(src / record.image, out / image, mode)
                 made = [(record, image, im)]
                 if record.image in flips:
                     path = f"images/{flips[record.image]}"
@@ -397,6 +417,36 @@ def _write_splits(
     return splits
 
 
+def choose_splits(
+    records: Sequence[ImageRecord], root: Path, *, val_fraction: float, test_fraction: float, seed: int,
+    resplit: bool, group_by: str | None,
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Image -> split for `records` (of the dataset in `root`), and how it was made (for
+    summary.json). Unless `resplit`, each image keeps the dataset's own split (`own_split`);
+    the images without one, and its train images when it has no val split, are split at random
+    by group (`group_keys` of `group_by`), val (test) drawn only where the dataset has none.
+    Raises `ConvertError` for a `group_by` it cannot read."""
+    try:
+        groups = group_keys(records, root, group_by)
+    except ValueError as err:
+        raise ConvertError(str(err)) from None
+    own = {} if resplit else {r.image: s for r in records if (s := own_split(r))}
+    has = set(own.values())
+    free = [r.image for r in records if r.image not in own or (own[r.image] == "train" and "val" not in has)]
+    drawn = assign_splits(free, 0 if "val" in has else val_fraction, 0 if "test" in has else test_fraction,
+                          seed, groups)
+    split_of = {**own, **drawn}
+    members = Counter(groups.values())
+    info = {
+        "resplit": resplit, "group_by": group_by,
+        "kept": dict(Counter(s for image, s in own.items() if image not in drawn)),
+        "drawn": dict(Counter(drawn.values())),
+        "groups": {g: {"split": split_of[image], "images": members[g]}
+                   for image, g in sorted(groups.items()) if image in split_of},
+    }
+    return split_of, info
+
+
 def convert(
     src: str | Path,
     out: str | Path,
@@ -412,10 +462,13 @@ def convert(
     tile: int | None = None,
     tile_overlap: float = 0.25,
     keep_empty: bool = False,
+    resplit: bool = False,
+    group_by: str | None = None,
+    images: str = "refer",
 ) -> ConvertReport:
     """Convert the annotated dataset in folder `src` to Florence-2 JSONL in folder `out`.
 
-    `format`: auto | voc | yolo | coco. `tasks`: any of `loomlens.data.tasks.CONVERTIBLE` (od,
+    `format`: auto | voc | cvat | yolo (LabelImg, or a data.yaml) | coco | labelstudio. `tasks`: any of `loomlens.data.tasks.CONVERTIBLE` (od,
     dense_region_caption, phrase_grounding, caption). `order`: grouped | interleaved (see `_order`). `flip` adds a
     mirrored copy of every image (written to `out/images/flipped_<name>`) in its original's
     split. `tile` (px, at least 32) also cuts every frame, flipped copies included, into
@@ -423,8 +476,12 @@ def convert(
     prediction uses, and adds each kept tile (see `loomlens.data.tiles.tile_record`) as an
     image of its own under `out/images/tiles/` in its frame's split; the whole frames stay too.
     Every image is decoded in full; a damaged one is left out. An image whose every box was
-    dropped is left out too, unless `keep_empty` keeps it as defect-free. Splits are by image,
-    deterministic for `seed`. Problems in the input (images in no annotation too) are reported
+    dropped is left out too, unless `keep_empty` keeps it as defect-free. The dataset's own split
+    (split folders, data.yaml lists, CVAT subsets; see `splits.own_split`) is kept, its missing
+    val (test) split drawn from its train images, unless `resplit`; a drawn split keeps each
+    group of `group_by` (see `splits.group_keys`) whole and is deterministic for `seed`.
+    `images`: refer (the samples point at the source images), copy or link (hard links): the
+    images are put in `out/images/originals/` so `out` can be moved on its own. Problems in the input (images in no annotation too) are reported
     in the returned `ConvertReport` (and `summary.json`) and the rest is converted; with
     `strict` any problem raises `ConvertError` before anything is written. `progress(stage,
     done, total)` is called while checking ("check", strict only) and decoding, flipping and
@@ -432,7 +489,7 @@ def convert(
     `src`, or a full disk.
     """
     src, out = Path(src), Path(out)
-    _check_arguments(format, tasks, order, val_fraction, test_fraction, tile, tile_overlap)
+    _check_arguments(format, tasks, order, val_fraction, test_fraction, tile, tile_overlap, images)
     if not src.is_dir():
         raise ConvertError(f"source folder {src} does not exist")
     _check_out(src, out)
@@ -449,27 +506,32 @@ def convert(
         _fail_if_strict(strict, problems, src)
 
     try:
-        frames, tiles, damaged = _images(records, src_abs, out_abs, flip, tile, tile_overlap, seed, True, progress)
+        frames, tiles, damaged = _images(records, src_abs, out_abs, flip, tile, tile_overlap, seed, True, progress,
+                                         images)
         problems += damaged
         _fail_if_strict(strict, problems, src)
         records = [records[i] for i in frames]
         if not records:
             raise ConvertError(f"no usable annotated images in {src} ({len(problems)} problem(s))", problems)
-        split_of = assign_splits((r.image for r in records), val_fraction, test_fraction, seed)
+        split_of, split_info = choose_splits(records, src_abs, val_fraction=val_fraction,
+                                             test_fraction=test_fraction, seed=seed, resplit=resplit,
+                                             group_by=group_by)
         items: dict[str, list[tuple[ImageRecord, str]]] = {s: [] for s in SPLITS}
         for made in frames.values():
             items[split_of[made[0][0].image]] += made
-        splits = _write_splits(items, out, tasks, order, seed, test_fraction == 0, tiles)
+        no_test = test_fraction == 0 and "test" not in split_of.values()
+        splits = _write_splits(items, out, tasks, order, seed, no_test, tiles)
 
         seen = sorted({b.label for r in records for b in r.boxes} - set(read.classes))
         report = ConvertReport(
-            source=str(src), out=str(out), source_root=Path(os.path.relpath(src_abs, out_abs)).as_posix(),
+            source=str(src), out=str(out),
+            source_root="." if images != "refer" else Path(os.path.relpath(src_abs, out_abs)).as_posix(),
             format=fmt, tasks=[t for t in CONVERTIBLE if t in tasks], order=order,
             flip=flip, tile=tile, tile_overlap=tile_overlap, seed=seed, classes=[*read.classes, *seen],
             images=len(records),
-            negatives=sum(not r.boxes for r in records), keep_empty=keep_empty,
+            negatives=sum(not r.boxes for r in records), keep_empty=keep_empty, images_mode=images,
             boxes_per_class=dict(sorted(Counter(b.label for r in records for b in r.boxes).items())),
-            splits=splits, problems=problems,
+            splits=splits, split=split_info, problems=problems,
         )
         write_classes(out / CLASSES_FILE, report.classes)
         atomic_write(out / "summary.json", json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")

@@ -46,7 +46,9 @@ class Box:
 @dataclass
 class ImageRecord:
     """An annotated image. `image` is relative to the dataset root; no boxes = a negative,
-    unless `dropped` (boxes its annotation held that a reader refused) says it had some."""
+    unless `dropped` (boxes its annotation held that a reader refused) says it had some.
+    `split` ("train" | "val" | "test") is the dataset's own split when its format records one
+    (a data.yaml's lists, a CVAT subset); None leaves it to the folders or the shuffle."""
 
     image: str
     width: int
@@ -54,6 +56,7 @@ class ImageRecord:
     boxes: list[Box] = field(default_factory=list)
     source: str = ""
     dropped: int = 0
+    split: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,3 +91,10 @@ class ReadResult:
     records: list[ImageRecord] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
+
+    def add(self, part: ReadResult) -> None:
+        """Take in what one more file gave: its records and problems, and its classes not
+        already known (so the first file's class order leads)."""
+        self.records += part.records
+        self.problems += part.problems
+        self.classes += [c for c in part.classes if c not in self.classes]

@@ -188,19 +188,36 @@ def make_box(
     return Box(label, cx1, cy1, cx2, cy2), problems
 
 
-def _fmt(coords: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{c:g}" for c in coords) + ")"
-
-
-def add_box(
-    record: ImageRecord, problems: list[Problem], label: str, coords: Sequence[float], file: str,
-    line: int | None = None,
-) -> None:
-    """`make_box` for `record`'s image: the clean box joins `record.boxes`, or counts in
-    `record.dropped`; what was wrong goes to `problems`."""
-    box, found = make_box(label, coords, record.width, record.height, file, line)
-    problems += found
+def add_box(record: ImageRecord, label: str, coords: Sequence[float], file: str,
+            line: int | None = None) -> list[Problem]:
+    """`make_box` in `record`'s image: the clean box is appended to `record.boxes`, a refused
+    one counted in `record.dropped` (so an image whose every box was refused is not taken for
+    a defect-free one). Returns the problems."""
+    box, problems = make_box(label, coords, record.width, record.height, file, line)
     if box is None:
         record.dropped += 1
     else:
         record.boxes.append(box)
+    return problems
+
+
+def rotated_bounds(
+    x1: float, y1: float, x2: float, y2: float, degrees: float, pivot: tuple[float, float]
+) -> tuple[float, float, float, float]:
+    """The axis-aligned bounds of the rectangle (x1, y1)-(x2, y2) turned `degrees` clockwise
+    (image y points down) about `pivot`: how a rotated box of CVAT (about its centre) or Label
+    Studio (about its top-left corner) becomes a plain box."""
+    if not degrees:
+        return x1, y1, x2, y2
+    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    px, py = pivot
+    xs, ys = [], []
+    for x, y in ((x1, y1), (x2, y1), (x2, y2), (x1, y2)):
+        xs.append(px + (x - px) * cos - (y - py) * sin)
+        ys.append(py + (x - px) * sin + (y - py) * cos)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _fmt(coords: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{c:g}" for c in coords) + ")"
+

@@ -18,9 +18,11 @@ from loomlens.data.records import ImageRecord, Problem, ReadResult
 from loomlens.data.sanitize import add_box, find_image, image_size, iter_files, relative
 
 
-def _parse_with_lines(data: bytes) -> tuple[ET.Element, dict[ET.Element, int]]:
+def parse_xml(data: bytes) -> tuple[ET.Element, dict[ET.Element, int]]:
     """Parse XML keeping the line each element starts on (ElementTree forgets it), so a
-    problem with one `<object>` can name its line. Raises `expat.ExpatError`."""
+    problem with one `<object>` can name its line. Expat (2.4 and later) refuses entity
+    expansion bombs itself ("limit on input amplification factor") and, with no external
+    entity handler set, never fetches an external entity. Raises `expat.ExpatError`."""
     builder = ET.TreeBuilder()
     parser = expat.ParserCreate()
     lines: dict[ET.Element, int] = {}
@@ -48,7 +50,7 @@ def read_voc_file(path: Path, root: Path) -> tuple[ImageRecord | None, list[Prob
     """One VOC XML file -> (its record, or None when the file must be skipped; problems)."""
     file = relative(path, root)
     try:
-        ann, lines = _parse_with_lines(path.read_bytes())
+        ann, lines = parse_xml(path.read_bytes())
     except OSError as err:
         return None, [Problem(file=file, message=f"cannot read: {err}; file skipped", fix="check permissions")]
     except expat.ExpatError as err:
@@ -89,7 +91,7 @@ def read_voc_file(path: Path, root: Path) -> tuple[ImageRecord | None, list[Prob
             ))
             record.dropped += 1
             continue
-        add_box(record, problems, obj.findtext("name") or "", coords, file, lines[obj])
+        problems += add_box(record, obj.findtext("name") or "", coords, file, lines[obj])
     return record, problems
 
 

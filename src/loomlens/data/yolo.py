@@ -67,6 +67,57 @@ def _nearest_classes(folder: Path, root: Path) -> Path | None:
     return None
 
 
+YoloRow = tuple[int, int, tuple[float, float, float, float]]  # line, class id, normalised x1, y1, x2, y2
+
+
+def parse_label_text(text: str, file: str) -> tuple[list[YoloRow], Problem | None]:
+    """The lines of a YOLO label file -> (line, class id, normalised corners) rows, or a
+    problem naming the first malformed line. A line is `class cx cy w h` (a box) or `class x1
+    y1 x2 y2 x3 y3 ...` (an ultralytics segmentation polygon: its bounding box is kept)."""
+    rows: list[YoloRow] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) != 5 and (len(fields) < 7 or len(fields) % 2 == 0):
+                raise ValueError(f"expected 'class cx cy w h' or 'class x1 y1 x2 y2 x3 y3 ...', got {len(fields)} fields")
+            cls, values = int(fields[0]), [float(f) for f in fields[1:]]
+        except ValueError as err:
+            return [], Problem(
+                file=file, line=number, message=f"malformed YOLO line {line.strip()[:60]!r} ({err}); file skipped",
+                fix="each line must be 'class_id cx cy w h' (or a polygon 'class_id x1 y1 x2 y2 ...') in 0..1",
+            )
+        if len(values) == 4:
+            cx, cy, w, h = values
+            corners = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+        else:
+            xs, ys = values[0::2], values[1::2]
+            corners = (min(xs), min(ys), max(xs), max(ys))
+        rows.append((number, cls, corners))
+    return rows, None
+
+
+def add_label_rows(record: ImageRecord, rows: Sequence[YoloRow], classes: Sequence[str | None], file: str,
+                   classes_file: str = CLASSES_FILE) -> list[Problem]:
+    """Add the boxes of `rows` (see `parse_label_text`) to `record`, class ids indexing
+    `classes` (named by `classes_file` in messages); an unknown id or a bad box is dropped
+    (counted in `record.dropped`) and reported. Returns the problems."""
+    problems: list[Problem] = []
+    for number, cls, (x1, y1, x2, y2) in rows:
+        if not 0 <= cls < len(classes) or classes[cls] is None:
+            problems.append(Problem(
+                file=file, line=number,
+                message=f"class id {cls} has no usable name in {classes_file} ({len(classes)} classes); box dropped",
+                fix=f"add the class to {classes_file} or fix the id",
+            ))
+            record.dropped += 1
+            continue
+        coords = (x1 * record.width, y1 * record.height, x2 * record.width, y2 * record.height)
+        problems += add_box(record, classes[cls], coords, file, number)
+    return problems
+
+
 def read_yolo_file(
     txt: Path, root: Path, classes: Sequence[str | None]
 ) -> tuple[ImageRecord | None, list[Problem]]:
@@ -82,39 +133,14 @@ def read_yolo_file(
         text = txt.read_text(encoding="utf-8", errors="replace")
     except OSError as err:
         return None, [Problem(file=file, message=f"cannot read: {err}; file skipped", fix="check permissions")]
-    rows: list[tuple[int, int, list[float]]] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        try:
-            if len(fields) != 5:
-                raise ValueError(f"expected 5 fields 'class cx cy w h', got {len(fields)}")
-            cls, values = int(fields[0]), [float(f) for f in fields[1:]]
-        except ValueError as err:
-            return None, [Problem(
-                file=file, line=number, message=f"malformed YOLO line {line.strip()[:60]!r} ({err}); file skipped",
-                fix="each line must be 'class_id cx cy w h' with numbers in 0..1",
-            )]
-        rows.append((number, cls, values))
+    rows, problem = parse_label_text(text, file)
+    if problem is not None:
+        return None, [problem]
     size, problem = image_size(image, None, file)
     if size is None:
         return None, [problem]
-    width, height = size
-    record = ImageRecord(relative(image, root), width, height, [], file)
-    problems: list[Problem] = []
-    for number, cls, (cx, cy, w, h) in rows:
-        if not 0 <= cls < len(classes) or classes[cls] is None:
-            problems.append(Problem(
-                file=file, line=number,
-                message=f"class id {cls} has no usable name in classes.txt ({len(classes)} classes); box dropped",
-                fix="add the class to classes.txt or fix the id",
-            ))
-            record.dropped += 1
-            continue
-        coords = ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
-        add_box(record, problems, classes[cls], coords, file, number)
-    return record, problems
+    record = ImageRecord(relative(image, root), size[0], size[1], [], file)
+    return record, add_label_rows(record, rows, classes, file)
 
 
 def read_yolo(root: str | Path, skip: Sequence[Path] = ()) -> ReadResult:

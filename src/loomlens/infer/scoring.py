@@ -31,6 +31,9 @@ from loomlens.infer.parsing import align_boxes, token_pieces
 
 ScoreMethod = Literal["product", "mean"]
 SCORE_METHODS: tuple[str, ...] = ("product", "mean")
+#: Pixels: a box narrower or lower than this marks nothing a person could see or label (on an
+#: image under 1000 px one location bin is under a pixel); it is dropped and counted.
+MIN_BOX_PX = 1.0
 
 
 def box_score(
@@ -60,12 +63,14 @@ def scored_boxes(
     method: ScoreMethod = "product",
 ) -> tuple[list[Box], int]:
     """The boxes of `generation` in pixels of a `width` x `height` image, each with its score,
-    and the count of dropped malformed parts. `default_label` names boxes with no label of
-    their own (the phrase, for grounding)."""
+    and the count of dropped parts: malformed ones, and boxes under `MIN_BOX_PX` in width or
+    height (the one place every scored box passes, so no command returns such a box).
+    `default_label` names boxes with no label of their own (the phrase, for grounding)."""
     pieces = token_pieces(tokenizer, generation.token_ids)
     aligned, dropped = align_boxes(pieces, width, height, default_label)
+    visible = [t for t in aligned if t.box.width >= MIN_BOX_PX and t.box.height >= MIN_BOX_PX]
     boxes = [
         replace(t.box, score=box_score(generation.token_logprobs, t.label_tokens, t.loc_tokens, method))
-        for t in aligned
+        for t in visible
     ]
-    return boxes, dropped
+    return boxes, dropped + len(aligned) - len(visible)

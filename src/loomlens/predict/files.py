@@ -1,10 +1,13 @@
 """Predict on files and write the results to a folder (`loomlens predict`):
 
 - `predictions.jsonl`: one line per image or sampled video frame (see `prediction_record`);
-- `drawn/`: each picture with its prediction drawn once;
+- `drawn/`: each picture with its prediction drawn once, one file per picture (two inputs of
+  the same name from two folders get two names, see `unique_stem`);
 - `regions.yaml`: the region rules applied, if any;
-- `coco_results.json` (optional): a COCO file whose annotations carry a `score`, loadable by
-  any COCO tool as ground truth or, via its `annotations` list, as detection results;
+- `coco_results.json` (optional): COCO *results*, a list of `image_id`, `category_id`, `bbox`
+  ([x, y, w, h] pixels) and `score`, with `coco_images.json` beside it: the images and
+  categories those ids refer to (`COCO("coco_images.json").loadRes("coco_results.json")`);
+- pre-annotations (optional, `save_labels`): see `loomlens.predict.labels`;
 - `problems.json`: the inputs that gave no prediction (empty, truncated, corrupt), each with
   the reason; they are skipped, never fatal to the others.
 
@@ -23,6 +26,7 @@ from pathlib import Path
 from loomlens.data.atomic import atomic_save_image, atomic_write
 from loomlens.infer.detection import batched
 from loomlens.predict.draw import draw_prediction
+from loomlens.predict.labels import LabelsOut
 from loomlens.predict.predictor import Prediction, Predictor
 from loomlens.predict.regions import save_rules
 from loomlens.predict.sources import Item, Problem, expand_inputs, iter_items
@@ -53,26 +57,32 @@ def prediction_record(item: Item, prediction: Prediction) -> dict:
     }
 
 
-def drawn_name(item: Item) -> str:
-    """File name of the drawn picture: the source's stem, plus the frame index for video."""
+def unique_stem(item: Item, used: set[str]) -> str:
+    """A file stem for `item` no other item of the run has (added to `used`): the source's
+    stem (plus `_f<frame>` for a video frame); then with its folder's name before it when two
+    inputs share a name; then with a counter."""
     stem = item.source.stem if item.frame is None else f"{item.source.stem}_f{item.frame:06d}"
-    return f"{stem}.jpg"
+    candidates = [stem, f"{item.source.parent.name}_{stem}", *(f"{stem}_{i}" for i in range(2, len(used) + 3))]
+    chosen = next(c for c in candidates if c not in used)
+    used.add(chosen)
+    return chosen
 
 
-def coco_document(records: Sequence[dict], classes: Sequence[str]) -> dict:
-    """A COCO dict (images, categories, annotations with `score`) from prediction records."""
+def coco_results(records: Sequence[dict], classes: Sequence[str]) -> tuple[list[dict], dict]:
+    """Prediction records -> (COCO detection results: `image_id`, `category_id`, `bbox` [x, y,
+    w, h] and `score` per box; the images and categories document those ids refer to)."""
     names = list(dict.fromkeys([*classes, *(b["label"] for r in records for b in r["boxes"])]))
     cat = {n: i + 1 for i, n in enumerate(names)}
-    images, annotations = [], []
+    images, results = [], []
     for image_id, r in enumerate(records, start=1):
         name = r["source"] if r["frame"] is None else f"{r['source']}#{r['frame']}"
         images.append({"id": image_id, "file_name": name, "width": r["width"], "height": r["height"]})
         for b in r["boxes"]:
             x1, y1, x2, y2 = b["box"]
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat[b["label"]],
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
-                                "score": 1.0 if b["score"] is None else b["score"]})
-    return {"images": images, "categories": [{"id": i, "name": n} for n, i in cat.items()], "annotations": annotations}
+            results.append({"image_id": image_id, "category_id": cat[b["label"]], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "score": 1.0 if b["score"] is None else b["score"]})
+    document = {"images": images, "categories": [{"id": i, "name": n} for n, i in cat.items()], "annotations": []}
+    return results, document
 
 
 def _predict_chunk(predictor: Predictor, chunk: list[Item], problems: list[Problem], **options
@@ -107,9 +117,13 @@ def predict_files(
     coco: bool = False,
     draw: bool = True,
     on_item: Callable[[], None] | None = None,
+    save_labels: str | None = None,
+    labels_out: str | Path | None = None,
 ) -> dict:
     """Predict on every image and sampled video frame of `inputs` (files, folders, globs,
-    videos) and write the results into `out` (see the module docstring). Frames go through
+    videos) and write the results into `out` (see the module docstring). `save_labels` (voc |
+    yolo | labelstudio | coco) also writes pre-annotations for that labelling tool into
+    `labels_out` (default `out/labels-<format>`; see `loomlens.predict.labels`). Frames go through
     the predictor `predictor.batch_size` at a time; `on_item()` is called after each item
     (progress, also for a skipped item). Unreadable inputs are skipped and listed in
     `problems.json` and the summary. Returns a summary: counts, problems, the files written."""
@@ -118,6 +132,10 @@ def predict_files(
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     problems: list[Problem] = []
+    used: set[str] = set()
+    labels = None if save_labels is None else LabelsOut(
+        labels_out or out / f"labels-{save_labels}", save_labels, list(predictor.loaded.classes),
+        str(predictor.loaded.adapter or predictor.loaded.base))
 
     def skipped(problem: Problem) -> None:
         problems.append(problem)
@@ -130,8 +148,11 @@ def predict_files(
         failed = len(problems)
         for item, prediction in _predict_chunk(predictor, chunk, problems, **options):
             records.append(prediction_record(item, prediction))
+            name = unique_stem(item, used)
             if draw:
-                atomic_save_image(draw_prediction(item.image, prediction), out / "drawn" / drawn_name(item), "JPEG")
+                atomic_save_image(draw_prediction(item.image, prediction), out / "drawn" / f"{name}.jpg", "JPEG")
+            if labels is not None:
+                labels.add(item, prediction, name)
             if on_item:
                 on_item()
         if on_item:
@@ -149,8 +170,12 @@ def predict_files(
         save_rules(predictor.rules, out / RULES_FILE)
         written.append(RULES_FILE)
     if coco and records:
-        atomic_write(out / "coco_results.json", json.dumps(coco_document(records, predictor.loaded.classes)))
-        written.append("coco_results.json")
+        results, document = coco_results(records, predictor.loaded.classes)
+        atomic_write(out / "coco_images.json", json.dumps(document))
+        atomic_write(out / "coco_results.json", json.dumps(results))
+        written += ["coco_results.json", "coco_images.json"]
+    if labels is not None and records:
+        written += [f"{labels.out}/{name}" for name in labels.finish()]
     return {"files": len(files), "items": len(records), "boxes": sum(len(r["boxes"]) for r in records),
             "problems": [p.as_dict() for p in problems], "out": str(out), "written": written}
 

@@ -103,10 +103,12 @@ class Predictor:
     decoding among more images, see docs/benchmarks.md; serve batches its own).
     `regions`: a rules YAML or `RegionRules` (default: the run's `regions.yaml` if any).
     `tile_size`: tile edge in pixels (default: the tile size the run's data was cut to by
-    `convert --tile`, else the model's input size); `overlap`: shared
+    `convert --tile`, else the model's input size); `tile="auto"` tiles large frames only for a
+    run trained on tiles or with a `tile_size` given (`auto_tiles`); `overlap`: shared
     fraction between tiles. `max_tiles`: the most model inputs one tiled frame may cost (None:
-    no cap); a frame that would need more is downscaled until it fits. `constrained`: `<OD>` through the class grammar (needs the run's
-    classes). `text_tokens`: answer budget of the tasks no box count bounds (captions, OCR;
+    no cap); a frame that would need more is downscaled until it fits. `constrained`: `<OD>`
+    through the class grammar, so only the run's classes in well-formed boxes come out (None:
+    on when the run has classes; False keeps the free form). `text_tokens`: answer budget of the tasks no box count bounds (captions, OCR;
     twice that for polygons), capped by the decoder's length. `precision`: the weights' dtype,
     fp32 or bf16; `auto` is bf16 where the device computes it natively (a recent GPU, a CPU
     with AMX or AVX512-BF16), else fp32 (`loomlens.infer.loading`). The adapter is merged
@@ -126,7 +128,7 @@ class Predictor:
         regions: str | Path | RegionRules | None = None,
         tile_size: int | None = None,
         overlap: float = 0.25,
-        constrained: bool = False,
+        constrained: bool | None = None,
         text_tokens: int = 256,
         precision: str = "auto",
         max_tiles: int | None = None,
@@ -144,10 +146,13 @@ class Predictor:
         self.batch_size = batch_size
         self.overlap = overlap
         self.max_tiles = max_tiles
-        self.constrained = constrained
+        self.constrained = bool(self.loaded.classes) if constrained is None else constrained
         self.text_tokens = text_tokens
-        # A run trained on tiles predicts best on tiles of the same size.
+        # A run trained on tiles predicts best on tiles of the same size. Only such a run, or
+        # a tile size given here, tiles by itself (`tile="auto"`): a whole-frame run has never
+        # seen a tile, and answers best on the whole frame.
         self.tile_size = tile_size or self.loaded.tile_size or int(self.loaded.processor.image_processor.size["height"])
+        self.auto_tiles = bool(tile_size or self.loaded.tile_size)
         if regions is None:
             regions = self.loaded.rules
         self.rules = load_rules(regions) if isinstance(regions, (str, Path)) else regions
@@ -225,7 +230,9 @@ class Predictor:
 
     def _fit(self, width: int, height: int, tile: str) -> tuple[int, int, bool]:
         """The size a frame is predicted at and whether it is tiled: downscaled (aspect kept)
-        until its tiles fit `max_tiles`."""
+        until its tiles fit `max_tiles`. `tile` "auto" tiles only when `auto_tiles`."""
+        if tile == "auto" and not self.auto_tiles:
+            tile = "off"
         if not should_tile(width, height, tile, self.tile_size):
             return width, height, False
         if self.max_tiles is None:

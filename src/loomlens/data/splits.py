@@ -1,0 +1,136 @@
+"""Splits: a dataset's own split, and group-aware random splits.
+
+A dataset may come split already: Roboflow and pre-split LabelImg folders (`train/`,
+`valid/` or `val/`, `test/`), a data.yaml's lists, CVAT subsets. `own_split` reads that. A
+random split is by group (`assign_splits`), so the frames of one video, roll or burst, which
+look alike, never sit on both sides of it; `group_keys` makes the groups (`--group-by`).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+
+from loomlens.data.records import ImageRecord
+
+#: Folder or subset names (any case) -> split.
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "test": "test", "testing": "test"}
+#: A frame loomlens saved from a video: `<video stem>_f<frame index, 6 digits>`.
+VIDEO_FRAME = re.compile(r"^(?P<video>.+)_f\d{6}$")
+#: A timestamp in a file name: 20240131-142501, 2024-01-31T14:25:01, 20240131_142501.123, ...
+NAME_TIME = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})[T_\- ]?(\d{2})[:\-]?(\d{2})[:\-]?(\d{2})(?:[.,](\d{1,6}))?")
+GROUP_HELP = "folder, regex:PATTERN (the first group, else the match) or time:SECONDS"
+
+
+def split_name(name: str) -> str | None:
+    """"train" | "val" | "test" for a split's folder or subset name (`valid`, `Validation`,
+    `Train`, ...); None for any other name."""
+    return SPLIT_NAMES.get(name.strip().lower())
+
+
+def own_split(record: ImageRecord) -> str | None:
+    """The split the dataset itself gives `record`: its reader's (`record.split`), else the
+    first split-named folder in its image's path, else in its annotation's; None if none."""
+    if record.split:
+        return record.split
+    for path in (record.image, record.source):
+        for part in PurePosixPath(path).parts[:-1]:
+            if split_name(part):
+                return split_name(part)
+    return None
+
+
+def assign_splits(
+    images: Iterable[str], val_fraction: float, test_fraction: float, seed: int,
+    groups: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Image key -> "train" | "val" | "test", deterministic for a seed. Whole groups (`groups`:
+    image key -> group; an image in none is its own) go to one split, in a shuffled order,
+    until each split has its share of images. Fractions are rounded to whole images; a
+    non-zero fraction gets at least one image, and train keeps one (one group)."""
+    keys = sorted(set(images))
+    members: dict[str, list[str]] = {}
+    for key in keys:
+        members.setdefault((groups or {}).get(key, key), []).append(key)
+    order = sorted(members)
+    random.Random(seed).shuffle(order)
+    n = len(keys)
+
+    def share(fraction: float, room: int) -> int:
+        wanted = max(1, round(n * fraction)) if fraction > 0 else 0
+        return max(0, min(wanted, room))
+
+    n_test = share(test_fraction, n - 1)
+    n_val = share(val_fraction, n - 1 - n_test)
+    split_of: dict[str, str] = {}
+    counts = {"test": 0, "val": 0, "train": 0}
+    for i, group in enumerate(order):
+        last = i == len(order) - 1 and not counts["train"]  # train keeps the last group at least
+        split = ("test" if counts["test"] < n_test else "val" if counts["val"] < n_val else "train")
+        split = "train" if last else split
+        counts[split] += len(members[group])
+        split_of.update(dict.fromkeys(members[group], split))
+    return split_of
+
+
+def _name_time(stem: str) -> float | None:
+    """Seconds since the epoch of the first timestamp in a file name (local time); None if none."""
+    match = NAME_TIME.search(stem)
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, fraction = match.groups()
+    try:
+        moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second))
+    except ValueError:
+        return None
+    return moment.timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
+
+
+def _bursts(records: Sequence[ImageRecord], root: Path, gap: float) -> dict[str, str]:
+    """Image -> burst: by time (the timestamp in the file name, else the file's mtime), frames
+    at most `gap` seconds after the previous one join its burst."""
+    times = []
+    for r in records:
+        stamp = _name_time(PurePosixPath(r.image).stem)
+        times.append((stamp if stamp is not None else (root / r.image).stat().st_mtime, r.image))
+    groups: dict[str, str] = {}
+    previous, burst = None, ""
+    for stamp, image in sorted(times):
+        if previous is None or stamp - previous > gap:
+            burst = f"burst@{datetime.fromtimestamp(stamp).isoformat(timespec='seconds')}"
+        groups[image] = burst
+        previous = stamp
+    return groups
+
+
+def group_keys(records: Sequence[ImageRecord], root: Path, group_by: str | None) -> dict[str, str]:
+    """Image -> group, for `assign_splits`. `group_by`: "folder" (the image's folder),
+    "regex:PATTERN" (searched in the image's path; its first group, else the whole match;
+    no match: the image alone), "time:SECONDS" (bursts: see `_bursts`) or None. Frames that
+    loomlens saved from one video (`<video>_f000123.jpg`) are grouped by video unless
+    `group_by` says otherwise. Raises ValueError for a spec it cannot read."""
+    if group_by is None:
+        return {r.image: f"video:{PurePosixPath(r.image).parent / m['video']}"
+                for r in records if (m := VIDEO_FRAME.match(PurePosixPath(r.image).stem))}
+    kind, _, arg = group_by.partition(":")
+    if kind == "folder" and not arg:
+        return {r.image: str(PurePosixPath(r.image).parent) for r in records}
+    if kind == "regex" and arg:
+        try:
+            pattern = re.compile(arg)
+        except re.error as err:
+            raise ValueError(f"--group-by regex:{arg}: not a regular expression ({err})") from None
+        matches = {r.image: pattern.search(r.image) for r in records}
+        return {image: (m.group(1) if pattern.groups else m.group(0)) for image, m in matches.items() if m}
+    if kind == "time":
+        try:
+            gap = float(arg)
+        except ValueError:
+            gap = -1.0
+        if gap >= 0:
+            return _bursts(records, root, gap)
+    raise ValueError(f"--group-by {group_by!r}: use {GROUP_HELP}")

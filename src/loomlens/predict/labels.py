@@ -1,0 +1,109 @@
+"""Pre-annotations: predictions written as the files a labelling tool opens, so a person
+corrects boxes instead of drawing them (`loomlens predict --save-labels FORMAT --labels-out DIR`).
+
+DIR becomes a dataset `loomlens convert DIR` reads back:
+- `images/`: every predicted picture not already inside DIR (a hard link to the file, or a
+  copy where the file system cannot link; a video frame saved as `<video>_f<frame>.jpg`, the
+  name `convert` groups by video);
+- voc: `annotations/<name>.xml`, Pascal VOC as LabelImg writes it (Open Dir `images/`, Change
+  Save Dir `annotations/`);
+- yolo: `labels/<name>.txt` with `labels/classes.txt` (LabelImg's YOLO mode);
+- labelstudio: `tasks.json`, one task per picture, each box a `rectanglelabels` prediction with
+  its `score`; images as `/data/local-files/?d=images/...`: serve DIR as Label Studio's local
+  files document root;
+- coco: `annotations.json`, a COCO dataset whose boxes carry their `score`.
+
+A per-image annotation file already in DIR (one a person may have corrected) is never
+overwritten: it is kept and counted; delete it to have it predicted again.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loomlens.data.atomic import atomic_copy, atomic_save_image, atomic_write
+from loomlens.data.coco import write_coco
+from loomlens.data.labelstudio import labelstudio_tasks
+from loomlens.data.records import ImageRecord
+from loomlens.data.voc import write_voc
+from loomlens.data.yolo import CLASSES_FILE, read_class_names, write_classes, write_yolo
+from loomlens.predict.predictor import Prediction
+from loomlens.predict.sources import Item
+
+LABEL_FORMATS = ("voc", "yolo", "labelstudio", "coco")
+#: Per-image annotation files: format -> (folder in DIR, suffix).
+PER_IMAGE = {"voc": ("annotations", ".xml"), "yolo": ("labels", ".txt")}
+LOCAL_FILES = "/data/local-files/?d="
+
+
+class LabelsOut:
+    """Writes the pre-annotations of one prediction run into a folder, picture by picture
+    (`add`), then the whole-run files (`finish`). Holds no pixels: a long video streams."""
+
+    def __init__(self, out: str | Path, fmt: str, classes: list[str], model_version: str) -> None:
+        """`out`: the folder; `fmt`: one of `LABEL_FORMATS`; `classes`: the run's class names
+        (YOLO ids and COCO categories follow them, new labels appended); `model_version`: what
+        Label Studio shows as the predictions' model. Raises ValueError for another format."""
+        if fmt not in LABEL_FORMATS:
+            raise ValueError(f"--save-labels must be one of {', '.join(LABEL_FORMATS)}, got {fmt!r}")
+        self.out, self.fmt, self.model_version = Path(out), fmt, model_version
+        self.out.mkdir(parents=True, exist_ok=True)
+        # Ids a person's label files already use stay as they are; new classes are appended.
+        known = read_class_names(self.out / "labels" / CLASSES_FILE) if fmt == "yolo" else []
+        self.classes = list(dict.fromkeys([*known, *classes]))
+        self.records: list[ImageRecord] = []
+        self.written = 0
+        self.kept = 0
+
+    def _place(self, item: Item, name: str) -> str:
+        """The picture's path relative to the folder: where it is when inside it, else put
+        under `images/` as `name` (+ the source's suffix; `.jpg` for a video frame)."""
+        source = item.source.resolve()
+        if item.frame is None and source.is_relative_to(self.out.resolve()):
+            return source.relative_to(self.out.resolve()).as_posix()
+        image = f"images/{name}{'.jpg' if item.frame is not None else item.source.suffix}"
+        target = self.out / image
+        if item.frame is not None:
+            if not target.exists():
+                atomic_save_image(item.image.convert("RGB"), target, "JPEG")
+        elif not (target.exists() and target.stat().st_size == source.stat().st_size):
+            atomic_copy(source, target, link=True)
+        return image
+
+    def add(self, item: Item, prediction: Prediction, name: str) -> None:
+        """Write the pre-annotation of one picture, `name` its unique stem in this run."""
+        record = ImageRecord(self._place(item, name), prediction.width, prediction.height, list(prediction.boxes))
+        self.classes += [b.label for b in record.boxes if b.label not in self.classes]
+        self.records.append(record)
+        if self.fmt not in PER_IMAGE:
+            return
+        folder, suffix = PER_IMAGE[self.fmt]
+        target = self.out / folder / (Path(record.image).stem + suffix)
+        if target.exists():
+            self.kept += 1
+            return
+        if self.fmt == "voc":
+            write_voc(record, target, self.out)
+        else:
+            write_yolo(record, target, self.classes)
+        self.written += 1
+
+    def finish(self) -> list[str]:
+        """Write the whole-run files (YOLO classes, Label Studio tasks, COCO dataset); return
+        what this run wrote, relative to the folder."""
+        written = [f"images/ ({len(self.records)})"] if self.records else []
+        if self.fmt in PER_IMAGE:
+            written.append(f"{PER_IMAGE[self.fmt][0]}/ ({self.written} new, {self.kept} kept)")
+        if self.fmt == "yolo":
+            write_classes(self.out / "labels" / CLASSES_FILE, self.classes)
+            written.append(f"labels/{CLASSES_FILE}")
+        if self.fmt == "labelstudio":
+            urls = [LOCAL_FILES + r.image for r in self.records]
+            tasks = labelstudio_tasks(self.records, urls, self.model_version)
+            atomic_write(self.out / "tasks.json", json.dumps(tasks, indent=1) + "\n")
+            written.append("tasks.json")
+        if self.fmt == "coco":
+            write_coco(self.records, self.out / "annotations.json", self.classes)
+            written.append("annotations.json")
+        return written

@@ -1,0 +1,95 @@
+"""Group-aware splits keep look-alike frames (one video, roll or burst) on one side, and a
+converted folder made with --copy-images / --link-images can be moved on its own."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from loomlens.data.convert import ConvertError, convert
+from loomlens.data.jsonl import validate_split
+from loomlens.data.records import Box, ImageRecord
+from loomlens.data.splits import assign_splits
+from loomlens.data.voc import write_voc
+
+from .conftest import read_jsonl, write_image
+
+
+def _voc(root: Path, images: list[str]) -> Path:
+    for image in images:
+        write_image(root / image)
+        write_voc(ImageRecord(image, 64, 48, [Box("drop", 5, 5, 20, 20)]), root / f"{image}.xml", root)
+    return root
+
+
+def _split_of(out: Path) -> dict[str, str]:
+    """Image path inside the source -> its split."""
+    return {s["image"].split("src/", 1)[-1]: name for name in ("train", "val", "test")
+            if (out / f"{name}.jsonl").exists() for s in read_jsonl(out / f"{name}.jsonl")}
+
+
+def _sides(split_of: dict[str, str], group: str) -> set[str]:
+    return {split for image, split in split_of.items() if group in image}
+
+
+def test_assign_splits_keeps_each_group_whole_and_train_never_empty():
+    keys = [f"roll{r}/f{i}" for r in range(6) for i in range(5)]
+    groups = {k: k.split("/")[0] for k in keys}
+    split = assign_splits(keys, 0.2, 0.2, seed=4, groups=groups)
+    for roll in {g for g in groups.values()}:
+        assert len({split[k] for k in keys if groups[k] == roll}) == 1
+    assert {"train", "val", "test"} == set(split.values())
+    assert set(assign_splits(["a", "b"], 0.5, 0.0, 0, groups={"a": "g", "b": "g"}).values()) == {"train"}
+
+
+def test_group_by_folder_keeps_each_roll_in_one_split_and_summary_records_the_groups(tmp_path):
+    src = _voc(tmp_path / "src", [f"roll{r}/frame{i}.jpg" for r in range(5) for i in range(4)])
+    ungrouped = [convert(src, tmp_path / f"plain{seed}", val_fraction=0.3, seed=seed) for seed in range(3)]
+    assert any(len(_sides(_split_of(tmp_path / f"plain{seed}"), f"roll{r}/")) > 1
+               for seed in range(3) for r in range(5)), "without groups the rolls straddle splits"
+    report = convert(src, tmp_path / "out", val_fraction=0.3, group_by="folder")
+    split_of = _split_of(tmp_path / "out")
+    assert all(len(_sides(split_of, f"roll{r}/")) == 1 for r in range(5))
+    assert {s for s in split_of.values()} == {"train", "val"}
+    assert report.split["groups"]["roll0"]["images"] == 4 and ungrouped[0].split["groups"] == {}
+
+
+def test_group_by_regex_and_time_bursts(tmp_path):
+    names = [f"cam_{day}_{t}.jpg" for day, t in (("20240101", "080000"), ("20240101", "080001"),
+                                                  ("20240101", "080003"), ("20240101", "120000"),
+                                                  ("20240101", "120002"), ("20240102", "090000"))]
+    src = _voc(tmp_path / "src", names)
+    report = convert(src, tmp_path / "time", val_fraction=0.4, group_by="time:5")
+    assert len(report.split["groups"]) == 3 and sorted(g["images"] for g in report.split["groups"].values()) == [1, 2, 3]
+    split_of = _split_of(tmp_path / "time")
+    assert len({split_of[n] for n in names[:3]}) == 1 and len({split_of[n] for n in names[3:5]}) == 1
+
+    by_day = convert(src, tmp_path / "regex", val_fraction=0.4, group_by=r"regex:cam_(\d{8})")
+    assert set(by_day.split["groups"]) == {"20240101", "20240102"}
+    with pytest.raises(ConvertError, match="group-by"):
+        convert(src, tmp_path / "bad", group_by="day")
+
+
+def test_frames_loomlens_saved_from_one_video_stay_together_by_default(tmp_path):
+    src = _voc(tmp_path / "src", [f"line{v}_f{i:06d}.jpg" for v in range(4) for i in range(0, 30, 10)])
+    report = convert(src, tmp_path / "out", val_fraction=0.3)
+    split_of = _split_of(tmp_path / "out")
+    assert all(len(_sides(split_of, f"line{v}_")) == 1 for v in range(4))
+    assert set(report.split["groups"]) == {f"video:line{v}" for v in range(4)}
+
+
+@pytest.mark.parametrize("mode", ["copy", "link"])
+def test_a_folder_converted_with_its_images_can_be_moved(tmp_path, mode):
+    src = _voc(tmp_path / "src", ["a/x.jpg", "b/x.jpg", "c.jpg"])
+    report = convert(src, tmp_path / "out", val_fraction=0, images=mode)
+    assert report.source_root == "." and report.images_mode == mode
+    if mode == "link":
+        assert os.stat(tmp_path / "out" / "images" / "originals" / "c.jpg").st_ino == os.stat(src / "c.jpg").st_ino
+    shutil.move(tmp_path / "out", tmp_path / "elsewhere")
+    shutil.rmtree(src)
+    samples = validate_split(tmp_path / "elsewhere" / "train.jsonl")
+    assert sorted(s["image"] for s in samples) == ["images/originals/b_x.jpg", "images/originals/c.jpg",
+                                                    "images/originals/x.jpg"]

@@ -1,0 +1,241 @@
+"""The datasets people already have: ultralytics / Roboflow YOLO (data.yaml), Roboflow COCO,
+pre-split LabelImg folders, CVAT for images XML and Label Studio JSON. Each is detected by
+`--format auto`, keeps its own split unless `--resplit`, and each malformed file is a problem
+that names the file (and line)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loomlens.data.convert import ConvertError, convert
+from loomlens.data.records import Box, ImageRecord
+from loomlens.data.voc import write_voc
+
+from .conftest import all_samples, read_jsonl, write_image
+
+
+def _split_images(out: Path) -> dict[str, set[str]]:
+    """Split -> the image file names its samples use."""
+    return {name: {Path(s["image"]).name for s in read_jsonl(out / f"{name}.jsonl")}
+            for name in ("train", "val", "test") if (out / f"{name}.jsonl").exists()}
+
+
+def _boxes(out: Path) -> dict[str, str]:
+    return {Path(s["image"]).name: s["suffix"] for s in all_samples(out)}
+
+
+# --- ultralytics / Roboflow YOLO ---------------------------------------------------------------
+
+def _roboflow_yolo(root: Path, data_yaml: str) -> Path:
+    """Roboflow's YOLO export: data.yaml beside train/ valid/ test/, each with images/ labels/."""
+    for split, stem, line in (("train", "a", "0 0.5 0.5 0.25 0.5\n"), ("train", "b", "1 0.1 0.1 0.3 0.1 0.3 0.4\n"),
+                              ("valid", "c", ""), ("test", "d", "0 0.5 0.5 0.5 0.5\n")):
+        write_image(root / split / "images" / f"{stem}.jpg", (64, 48))
+        if line or stem == "c":
+            (root / split / "labels").mkdir(parents=True, exist_ok=True)
+            (root / split / "labels" / f"{stem}.txt").write_text(line)
+    (root / "data.yaml").write_text(data_yaml)
+    return root
+
+
+ROBOFLOW_YAML = ("train: ../train/images\nval: ../valid/images\ntest: ../test/images\n\n"
+                 "nc: 2\nnames: ['drop', 'wrinkle']\n")
+
+
+def test_roboflow_yolo_export_converts_with_its_own_split(tmp_path):
+    src = _roboflow_yolo(tmp_path / "export", ROBOFLOW_YAML)
+    report = convert(src, tmp_path / "data")  # --format auto
+    assert report.format == "yolo" and report.problems == []
+    assert report.classes == ["drop", "wrinkle"]
+    assert _split_images(tmp_path / "data") == {"train": {"a.jpg", "b.jpg"}, "val": {"c.jpg"}, "test": {"d.jpg"}}
+    assert report.split["kept"] == {"train": 2, "val": 1, "test": 1} and report.split["drawn"] == {}
+    boxes = _boxes(tmp_path / "data")
+    assert boxes["a.jpg"] == "drop<loc_375><loc_250><loc_625><loc_750>"
+    # the polygon (0.1,0.1) (0.3,0.1) (0.3,0.4) became its bounding box
+    assert boxes["b.jpg"] == "wrinkle<loc_100><loc_100><loc_300><loc_400>"
+    assert boxes["c.jpg"] == ""  # an empty label file: defect-free
+
+
+def test_ultralytics_yaml_with_a_path_a_names_dict_and_an_image_list(tmp_path):
+    src = tmp_path / "set"
+    for split, stem in (("train", "a"), ("train", "b"), ("val", "c")):
+        write_image(src / "images" / split / f"{stem}.png", (40, 40))
+        (src / "labels" / split).mkdir(parents=True, exist_ok=True)
+        (src / "labels" / split / f"{stem}.txt").write_text("1 0.5 0.5 0.5 0.5\n")
+    (src / "train.txt").write_text("./images/train/a.png\nimages/train/b.png\n")
+    (src / "data.yaml").write_text("path: .\ntrain: train.txt\nval: images/val\nnames:\n  0: drop\n  1: wrinkle\n")
+    report = convert(src, tmp_path / "data")
+    assert report.problems == [] and report.classes == ["drop", "wrinkle"]
+    assert _split_images(tmp_path / "data") == {"train": {"a.png", "b.png"}, "val": {"c.png"}}
+
+
+def test_a_data_yaml_that_points_nowhere_names_the_file_and_line(tmp_path):
+    src = _roboflow_yolo(tmp_path / "export", ROBOFLOW_YAML.replace("../valid/images", "../validation/images"))
+    report = convert(src, tmp_path / "data")
+    (problem,) = [p for p in report.problems if p.file == "data.yaml"]
+    assert problem.line == 2 and "val: '../validation/images' points nowhere" in problem.message
+    assert "data.yaml" in problem.fix
+    assert report.images == 3  # the other splits still convert
+
+
+def test_unknown_class_ids_in_yolo_labels_are_reported_with_file_and_line(tmp_path):
+    src = _roboflow_yolo(tmp_path / "export", ROBOFLOW_YAML)
+    (src / "train" / "labels" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n7 0.5 0.5 0.2 0.2\n")
+    report = convert(src, tmp_path / "data")
+    (problem,) = report.problems
+    assert (problem.file, problem.line) == ("train/labels/a.txt", 2) and "class id 7" in problem.message
+    with pytest.raises(ConvertError, match="strict"):
+        convert(src, tmp_path / "strict", strict=True)
+
+
+def test_names_that_are_neither_a_list_nor_ids_are_a_clear_error(tmp_path):
+    src = _roboflow_yolo(tmp_path / "export", ROBOFLOW_YAML.replace("names: ['drop', 'wrinkle']", "names: drop"))
+    with pytest.raises(ConvertError, match="no usable") as caught:
+        convert(src, tmp_path / "data")
+    assert any(p.file == "data.yaml" and p.line == 6 and "'names'" in p.message for p in caught.value.problems)
+
+
+# --- Roboflow COCO -------------------------------------------------------------------------------
+
+def _roboflow_coco(root: Path) -> Path:
+    """One `_annotations.coco.json` per split folder, images beside it, with Roboflow's project
+    category (id 0, the supercategory of the real ones, never used)."""
+    categories = [{"id": 0, "name": "fabric-defects", "supercategory": "none"},
+                  {"id": 1, "name": "drop", "supercategory": "fabric-defects"},
+                  {"id": 2, "name": "wrinkle", "supercategory": "fabric-defects"}]
+    for split, names in (("train", ["a", "b"]), ("valid", ["c"])):
+        images, annotations = [], []
+        for i, stem in enumerate(names):
+            write_image(root / split / f"{stem}_jpg.rf.123.jpg", (64, 48))
+            images.append({"id": i, "file_name": f"{stem}_jpg.rf.123.jpg", "width": 64, "height": 48})
+            annotations.append({"id": i, "image_id": i, "category_id": 1 + i % 2, "bbox": [4, 4, 10, 8]})
+        doc = {"info": {}, "licenses": [], "categories": categories, "images": images, "annotations": annotations}
+        (root / split / "_annotations.coco.json").write_text(json.dumps(doc))
+    return root
+
+
+def test_roboflow_coco_export_keeps_its_split_and_drops_the_project_category(tmp_path):
+    report = convert(_roboflow_coco(tmp_path / "export"), tmp_path / "data")
+    assert report.format == "coco" and report.problems == []
+    assert report.classes == ["drop", "wrinkle"]  # not "fabric-defects"
+    assert _split_images(tmp_path / "data") == {"train": {"a_jpg.rf.123.jpg", "b_jpg.rf.123.jpg"},
+                                                "val": {"c_jpg.rf.123.jpg"}}
+
+
+# --- pre-split LabelImg folders, --resplit -----------------------------------------------------
+
+def _presplit_voc(root: Path, layout: dict[str, int]) -> Path:
+    for split, count in layout.items():
+        for i in range(count):
+            image = write_image(root / split / f"{split}{i}.jpg")
+            write_voc(ImageRecord(f"{split}/{image.name}", 64, 48, [Box("drop", 5, 5, 20, 20)]),
+                      root / split / f"{split}{i}.xml", root)
+    return root
+
+
+def test_presplit_labelimg_folders_keep_their_split_and_resplit_reshuffles(tmp_path):
+    src = _presplit_voc(tmp_path / "src", {"train": 8, "val": 2, "test": 2})
+    kept = convert(src, tmp_path / "kept")
+    assert {k: len(v) for k, v in _split_images(tmp_path / "kept").items()} == {"train": 8, "val": 2, "test": 2}
+    assert all(n.startswith("val") for n in _split_images(tmp_path / "kept")["val"]) and kept.split["drawn"] == {}
+
+    redrawn = convert(src, tmp_path / "redrawn", resplit=True, val_fraction=0.5, seed=3)
+    splits = _split_images(tmp_path / "redrawn")
+    assert redrawn.split["kept"] == {} and not (tmp_path / "redrawn" / "test.jsonl").exists()
+    assert len(splits["val"]) == 6 and not all(n.startswith("val") for n in splits["val"])
+
+
+def test_a_dataset_without_its_own_val_split_draws_one_from_its_train_folder(tmp_path):
+    src = _presplit_voc(tmp_path / "src", {"train": 6, "test": 2})
+    report = convert(src, tmp_path / "data", val_fraction=0.34)
+    splits = _split_images(tmp_path / "data")
+    assert {k: len(v) for k, v in splits.items()} == {"train": 4, "val": 2, "test": 2}
+    assert all(n.startswith("test") for n in splits["test"]) and report.split["drawn"] == {"train": 4, "val": 2}
+
+
+# --- CVAT for images 1.1 -------------------------------------------------------------------------
+
+CVAT = """<?xml version="1.0" encoding="utf-8"?>
+<annotations>
+  <version>1.1</version>
+  <meta><task><labels>
+    <label><name>drop</name></label>
+    <label><name>wrinkle</name></label>
+    <label><name>stain</name></label>
+  </labels></task></meta>
+  <image id="0" name="a.png" width="100" height="80" subset="Train">
+    <box label="drop" occluded="0" xtl="10" ytl="20" xbr="30" ybr="40" z_order="0"></box>
+    <polygon label="wrinkle" points="50,10;70,12;60,30"></polygon>
+    <box label="drop" xtl="40" ytl="40" xbr="60" ybr="50" rotation="90"></box>
+    <polyline label="wrinkle" points="1,1;5,5"></polyline>
+  </image>
+  <image id="1" name="b.png" width="100" height="80" subset="Validation"></image>
+  <image id="2" name="c.png" width="100" height="80" subset="Train">
+    <box label="drop" xtl="ten" ytl="20" xbr="30" ybr="40"></box>
+  </image>
+</annotations>
+"""
+
+
+def test_cvat_for_images_xml_converts_shapes_subsets_and_labels(tmp_path):
+    src = tmp_path / "cvat"
+    for name in ("a.png", "b.png", "c.png"):
+        write_image(src / "images" / name, (100, 80))
+    (src / "annotations.xml").write_text(CVAT)
+    report = convert(src, tmp_path / "data", keep_empty=True)
+    assert report.format == "cvat"
+    assert report.classes == ["drop", "wrinkle", "stain"]  # the <meta> labels, in order
+    (problem,) = report.problems
+    assert (problem.file, problem.line) == ("annotations.xml", 17) and "bad coordinates" in problem.message
+    assert _split_images(tmp_path / "data") == {"train": {"a.png", "c.png"}, "val": {"b.png"}}
+    from loomlens.data.cvat import read_cvat
+
+    (a, *_) = read_cvat(src).records
+    assert [(b.label, b.x1, b.y1, b.x2, b.y2) for b in a.boxes] == [
+        ("drop", 10, 20, 30, 40), ("wrinkle", 50, 10, 70, 30), ("drop", pytest.approx(45), pytest.approx(35),
+                                                               pytest.approx(55), pytest.approx(55))]
+
+
+def test_a_cvat_xml_bomb_is_refused_as_a_problem_naming_the_file(tmp_path):
+    src = tmp_path / "cvat"
+    write_image(src / "images" / "a.png", (100, 80))
+    (src / "annotations.xml").write_text(CVAT)
+    entities = "".join(f'<!ENTITY e{i} "{f"&e{i - 1};" * 10 if i else "lol"}">' for i in range(10))
+    (src / "bomb.xml").write_text(f'<?xml version="1.0"?><!DOCTYPE annotations [{entities}]>'
+                                  "<annotations><meta>&e9;</meta></annotations>")
+    report = convert(src, tmp_path / "data", format="cvat", keep_empty=True)
+    bomb = [p for p in report.problems if p.file == "bomb.xml"]
+    assert len(bomb) == 1 and "malformed XML" in bomb[0].message and "amplification" in bomb[0].message
+
+
+# --- Label Studio ---------------------------------------------------------------------------------
+
+def _ls_box(label: str, x: float, y: float, w: float, h: float) -> dict:
+    return {"type": "rectanglelabels", "from_name": "label", "to_name": "image", "original_width": 200,
+            "original_height": 100, "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0,
+                                              "rectanglelabels": [label]}}
+
+
+def test_label_studio_export_reads_percent_boxes_and_names_a_task_without_an_image(tmp_path):
+    src = tmp_path / "ls"
+    write_image(src / "images" / "a.jpg", (200, 100))
+    write_image(src / "frames" / "b.jpg", (200, 100))
+    tasks = [
+        {"id": 1, "data": {"image": "/data/upload/3/8c2a1b3f-a.jpg"},
+         "annotations": [{"was_cancelled": True, "result": []},
+                         {"result": [_ls_box("drop", 10, 20, 5, 30), {"type": "choices", "value": {}}]}],
+         "predictions": [{"result": [_ls_box("wrinkle", 0, 0, 50, 50)]}]},
+        {"id": 2, "data": {"image": "/data/local-files/?d=frames/b.jpg"}, "annotations": [{"result": []}]},
+        {"id": 3, "data": {"text": "no picture"}, "annotations": [{"result": []}]},
+    ]
+    (src / "export.json").write_text(json.dumps(tasks))
+    report = convert(src, tmp_path / "data", val_fraction=0)
+    assert report.format == "labelstudio" and report.classes == ["drop"]
+    (problem,) = report.problems
+    assert problem.file == "export.json" and "task 3" in problem.message and "no image" in problem.message
+    boxes = _boxes(tmp_path / "data")
+    # 10 %, 20 %, 15 %, 50 % of 200 x 100 -> (20, 20, 30, 50) px
+    assert boxes == {"a.jpg": "drop<loc_100><loc_200><loc_150><loc_500>", "b.jpg": ""}

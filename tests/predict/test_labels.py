@@ -1,0 +1,112 @@
+"""Pre-annotations out: what each labelling tool opens, and `convert` reads back the same
+boxes (within a pixel) and classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from loomlens.cli import app
+from loomlens.data.convert import READERS
+from loomlens.data.records import Box
+from loomlens.predict.labels import LabelsOut
+from loomlens.predict.predictor import Prediction
+from loomlens.predict.sources import Item
+
+BOXES = {"a": [Box("drop", 10.4, 5.2, 30.9, 20.1, 0.91), Box("broken-weft", 0.0, 40.5, 120.0, 47.0, 0.42)],
+         "b": []}
+
+
+def _write(tmp_path: Path, fmt: str, out: Path) -> LabelsOut:
+    labels = LabelsOut(out, fmt, ["drop"], "run/x")
+    for stem, boxes in BOXES.items():
+        (tmp_path / "frames").mkdir(exist_ok=True)
+        Image.new("RGB", (120, 48)).save(tmp_path / "frames" / f"{stem}.png")
+        item = Item(tmp_path / "frames" / f"{stem}.png", Image.new("RGB", (120, 48)))
+        labels.add(item, Prediction("od", 120, 48, boxes), stem)
+    labels.finish()
+    return labels
+
+
+@pytest.mark.parametrize("fmt", ["voc", "yolo", "coco"])
+def test_pre_annotations_read_back_as_the_same_boxes_and_classes(tmp_path, fmt):
+    out = tmp_path / "labels"
+    _write(tmp_path, fmt, out)
+    read = READERS[fmt](out, ())
+    assert read.problems == []
+    by_image = {Path(r.image).stem: r.boxes for r in read.records}
+    assert set(by_image) == set(BOXES)
+    for stem, boxes in BOXES.items():
+        assert [b.label for b in by_image[stem]] == [b.label for b in boxes]
+        for got, want in zip(by_image[stem], boxes):
+            assert max(abs(getattr(got, k) - getattr(want, k)) for k in ("x1", "y1", "x2", "y2")) <= 1
+    assert set(read.classes) >= {"drop", "broken-weft"}
+
+
+def test_voc_is_labelimgs_layout_and_yolo_keeps_ids_of_an_existing_classes_txt(tmp_path):
+    _write(tmp_path, "voc", tmp_path / "voc")
+    xml = (tmp_path / "voc" / "annotations" / "a.xml").read_text()
+    assert "<filename>a.png</filename>" in xml and "<folder>images</folder>" in xml and "<difficult>0" in xml
+    assert (tmp_path / "voc" / "images" / "a.png").is_file()
+
+    (tmp_path / "yolo" / "labels").mkdir(parents=True)
+    (tmp_path / "yolo" / "labels" / "classes.txt").write_text("stain\nbroken-weft\n")
+    _write(tmp_path, "yolo", tmp_path / "yolo")
+    assert (tmp_path / "yolo" / "labels" / "classes.txt").read_text() == "stain\nbroken-weft\ndrop\n"
+    assert [line.split()[0] for line in (tmp_path / "yolo" / "labels" / "a.txt").read_text().splitlines()] == ["2", "1"]
+
+
+def test_an_annotation_a_person_corrected_is_never_overwritten(tmp_path):
+    _write(tmp_path, "voc", tmp_path / "voc")
+    corrected = tmp_path / "voc" / "annotations" / "a.xml"
+    corrected.write_text(corrected.read_text().replace("broken-weft", "stain"))
+    again = _write(tmp_path, "voc", tmp_path / "voc")
+    assert "stain" in corrected.read_text() and again.kept == 2 and again.written == 0
+
+
+def test_label_studio_tasks_hold_percent_boxes_with_a_score_each(tmp_path):
+    _write(tmp_path, "labelstudio", tmp_path / "ls")
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert [t["data"]["image"] for t in tasks] == ["/data/local-files/?d=images/a.png",
+                                                   "/data/local-files/?d=images/b.png"]
+    (prediction,) = tasks[0]["predictions"]
+    first = prediction["result"][0]
+    assert first["type"] == "rectanglelabels" and first["score"] == 0.91 and prediction["score"] == 0.42
+    assert first["value"]["rectanglelabels"] == ["drop"]
+    assert first["value"]["x"] == pytest.approx(10.4 / 120 * 100) and first["value"]["height"] == pytest.approx(
+        (20.1 - 5.2) / 48 * 100)
+    assert tasks[1]["predictions"][0]["result"] == []
+
+
+def test_a_video_frame_is_saved_under_the_name_convert_groups_by_video(tmp_path):
+    labels = LabelsOut(tmp_path / "voc", "voc", [], "tiny")
+    item = Item(tmp_path / "line3.mp4", Image.new("RGB", (64, 48)), frame=25, timestamp=1.0)
+    labels.add(item, Prediction("od", 64, 48, [Box("drop", 1, 1, 9, 9, 0.5)]), "line3_f000025")
+    assert (tmp_path / "voc" / "images" / "line3_f000025.jpg").is_file()
+    assert (tmp_path / "voc" / "annotations" / "line3_f000025.xml").is_file()
+
+
+def test_predict_save_labels_voc_then_convert_gives_back_the_predicted_boxes(tmp_path):
+    for i in range(2):
+        Image.new("RGB", (96, 64), (i * 100, 50, 50)).save(tmp_path / f"im{i}.png")
+    out, labels = tmp_path / "out", tmp_path / "labels"
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "*.png"), "--out", str(out), "--model", "tiny",
+                                      "--max-boxes", "2", "--save-labels", "voc", "--labels-out", str(labels)])
+    assert result.exit_code == 0, result.output
+    predicted = {Path(x["source"]).stem: x["boxes"] for x in map(json.loads, (out / "predictions.jsonl").open())}
+    read = READERS["voc"](labels, ())
+    assert read.problems == [] and {Path(r.image).stem for r in read.records} == {"im0", "im1"}
+    for record in read.records:
+        want = predicted[Path(record.image).stem]
+        assert [b.label for b in record.boxes] == [b["label"] for b in want]
+        for got, box in zip(record.boxes, want):
+            assert max(abs(a - b) for a, b in zip((got.x1, got.y1, got.x2, got.y2), box["box"])) <= 1
+    result = CliRunner().invoke(app, ["convert", str(labels), str(tmp_path / "data"), "--val-fraction", "0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "data" / "summary.json").read_text())["images"] == 2
+    assert CliRunner().invoke(app, ["predict", str(tmp_path / "im0.png"), "--out", str(out),
+                                    "--save-labels", "pascal"]).exit_code == 1
