@@ -222,6 +222,8 @@ def serve(
     page: bool = typer.Option(True, "--page/--no-page", help="Serve the web page at /."),
     examples: int = typer.Option(4, min=0, help="Synthetic loom frames in the page's example gallery."),
     examples_dir: str | None = typer.Option(None, help="Where the example frames are made (default: a temp folder)."),
+    events_db: str | None = typer.Option(None, help="The events database `loomlens watch --db` writes (SQLite path "
+                                         "or SQLAlchemy URL): GET /v1/events and the page's Line view."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     worker_delay_ms: float = typer.Option(0.0, hidden=True, help="Test only: sleep per batch."),
 ) -> None:
@@ -245,7 +247,7 @@ def serve(
         batch_wait_ms=batch_wait_ms, max_body_mb=max_body_mb,
         max_pixels=int(max_megapixels * 1_000_000), max_side=max_side, large_cost=large_cost,
         request_timeout_s=request_timeout_s, cors_origins=tuple(cors_origin), page=page, examples=examples,
-        examples_dir=examples_dir,
+        examples_dir=examples_dir, events_db=events_db,
         worker_delay_ms=worker_delay_ms,
     )
     from loomlens.model.loader import ModelLoadError
@@ -255,7 +257,10 @@ def serve(
                               max_tiles=max_tiles)  # the one model load
     except (FileNotFoundError, ValueError, ModelLoadError) as err:
         raise _fail(str(err)) from None
-    asgi = create_app(predictor, settings)
+    try:
+        asgi = create_app(predictor, settings)
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from None
     import uvicorn
 
     base = predictor.info().get("base", model)
@@ -571,6 +576,95 @@ def predict_command(
             raise _fail("no input could be predicted; predictions.jsonl was left as it was")
         if strict:
             raise typer.Exit(1)
+
+
+@app.command("watch")
+def watch_command(
+    sources: list[str] = typer.Argument(..., help="Video files, folders where frames land, rtsp:// or http:// "
+                                        "(MJPEG) stream URLs, or camera indexes (0, 1, ...)."),
+    adapter: Path | None = typer.Option(None, help="Training run folder or adapter folder."),
+    db: str = typer.Option("runs/watch/events.db", help="Events database: a SQLite file (WAL mode) or a "
+                           "SQLAlchemy URL (postgresql+psycopg://user:pass@host/db) that several watchers share."),
+    media: Path | None = typer.Option(None, help="Folder for each event's frame and crop JPEGs (default: "
+                                      "event-images/ beside a SQLite database, else runs/watch/event-images)."),
+    camera: list[str] = typer.Option([], help="Camera id of each source, in order (default: from the source)."),
+    fps: float = typer.Option(2.0, min=0.01, help="Frames a second read from each source (of video time for files)."),
+    once: bool = typer.Option(False, "--once", help="Folders: read the frames there now, then end."),
+    k: int = typer.Option(3, min=1, help="A defect seen in K of N consecutive frames is an event..."),
+    n: int = typer.Option(5, min=1, help="...the N of 'K of N'."),
+    m: int = typer.Option(5, min=1, help="An event ends after M frames in a row without its defect."),
+    iou: float = typer.Option(0.3, min=0.01, max=1.0, help="Overlap (IoU) at which a box is the same defect."),
+    score_threshold: float = typer.Option(0.0, min=0.0, max=1.0, help="Ignore boxes scoring lower."),
+    webhook: list[str] = typer.Option([], help="POST each new event as JSON to this URL (repeat for more)."),
+    on_event: list[str] = typer.Option([], help="Run this command per new event (event JSON on stdin and in "
+                                       "$LOOMLENS_EVENT; repeat for more)."),
+    keep_days: float = typer.Option(30.0, min=0.0, help="Event JPEGs older than this many days are removed (0: kept)."),
+    keep_mb: float = typer.Option(2048.0, min=0.0, help="Event JPEGs kept under this many MB, oldest removed first (0: no cap)."),
+    max_reconnects: int | None = typer.Option(None, min=0, help="Streams: failed reconnects in a row before giving "
+                                              "up on a source (default: never give up)."),
+    model: str | None = typer.Option(None, help="Base model (default: the adapter's base, else tiny)."),
+    checkpoint: str = typer.Option("best", help="best or last (with a run folder)."),
+    tile: str = typer.Option("auto", help="Tiled detection on large frames: auto (as the run was trained), on, off."),
+    regions: Path | None = typer.Option(None, help="Region rules YAML (default: the run's regions.yaml)."),
+    max_tiles: int | None = typer.Option(None, min=1, help="Most model inputs one frame may cost (downscaled past it)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
+) -> None:
+    """Watch cameras, streams, videos or frame folders and record defect events: a defect seen in
+    K of N frames at the same place is one event (ended after M frames without it), written to
+    the database with a frame and a crop JPEG, and announced to webhooks and commands. Streams
+    reconnect when they drop; files and --once folders end when read. Ctrl-C or SIGTERM ends
+    the open events and stops."""
+    import logging
+    import signal
+    import threading
+
+    from loomlens.events import EventStore
+    from loomlens.model.loader import ModelLoadError
+    from loomlens.predict import Predictor
+    from loomlens.watch import (Alerter, DebounceSettings, Retention, Watcher, open_source,
+                                predictor_detector)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if camera and len(camera) != len(sources):
+        raise _fail(f"{len(camera)} --camera id(s) for {len(sources)} source(s): give one per source, in order")
+    opened = []
+    try:
+        debounce = DebounceSettings(k=k, n=n, m=m, iou=iou)
+        store = EventStore(db)
+        if media is None:
+            media = Path(store.engine.url.database).parent / "event-images" if store.url.startswith("sqlite") \
+                else Path("runs/watch/event-images")
+        retention = Retention(media, keep_days=keep_days or None, keep_mb=keep_mb or None)
+        alerts = Alerter(webhooks=webhook, commands=on_event)
+        for i, spec in enumerate(sources):
+            opened.append(open_source(spec, camera=camera[i] if camera else None, fps=fps, once=once,
+                                      max_reconnects=max_reconnects))
+        predictor = Predictor(model=model, adapter=adapter, device=device, checkpoint=checkpoint,
+                              regions=regions, precision=precision, max_tiles=max_tiles)
+        watcher = Watcher(sources=opened, detect=predictor_detector(predictor, tile=tile,
+                                                                    score_threshold=score_threshold),
+                          store=store, media=media, debounce=debounce, alerts=alerts, retention=retention)
+    except (FileNotFoundError, ValueError, RuntimeError, ModelLoadError) as err:
+        for source in opened:
+            source.close()
+        raise _fail(str(err)) from None
+    stop = threading.Event()
+    # Ctrl-C and SIGTERM end the open events, then stop (the caller's handlers come back after)
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
+    typer.echo(f"watching {len(opened)} source(s) -> {db} (pictures in {media}); Ctrl-C to stop", err=True)
+    try:
+        stats = watcher.run(stop)
+    except ValueError as err:
+        raise _fail(str(err)) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        alerts.close()
+        store.close()
+    typer.echo(f"{stats['frames']} frames, {stats['events']} events ({stats['ended']} ended) -> {db}"
+               + (f"; {stats['interrupted_before']} event(s) a previous run left open marked interrupted"
+                  if stats["interrupted_before"] else ""))
 
 
 @app.command("pretrain")
