@@ -34,8 +34,9 @@ class DebounceSettings:
 
     k: int = 3
     n: int = 5
-    m: int = 5
+    m: int = 5  # at 2 frames a second: an event starts within 2.5 s and ends 2.5 s after the defect
     iou: float = 0.3
+    # bounds memory and work whatever the detector answers
     max_tracks: int = 32
 
     def __post_init__(self) -> None:
