@@ -105,3 +105,14 @@ def test_line_view_rows_and_thumbnails(db) -> None:
     assert line_view(store, camera="loom2", label="hole", window="all", now=NOW) == ([], [])
     with pytest.raises(ValueError, match="time window"):
         line_view(store, camera=None, label=None, window="forever")
+
+
+def test_the_page_has_a_line_view_reading_the_events(predictor, db, tmp_path) -> None:
+    app = create_app(predictor, ServeSettings(events_db=str(db), examples=0, examples_dir=str(tmp_path)))
+    with TestClient(app) as client:
+        config = client.get("/config").json()
+    ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
+    assert {"line-gallery", "line-events", "line-camera", "line-class", "line-window"} <= ids
+    assert "input-image" in ids  # the Predict tab is still there
+    cameras = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "line-camera")
+    assert [choice[0] for choice in cameras["props"]["choices"]] == ["all", "loom1", "loom2"]
