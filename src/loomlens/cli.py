@@ -21,6 +21,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+BACKEND_HELP = ("torch, or onnx: run a folder `loomlens export` wrote (pass it as --model) on onnxruntime "
+                "(CPU; CUDA where present), with --precision fp32 or int8.")
 PRECISION_HELP = ("Weights' dtype: auto (bf16 where the device computes it natively: AMX or AVX512-BF16 "
                   "CPUs, recent GPUs; else fp32), fp32 or bf16.")
 
@@ -219,6 +221,7 @@ def serve(
         128, min=1, help="Open connections at most; uvicorn answers 503 past it (bounds buffered uploads)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:0, mps."),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
+    backend: str = typer.Option("torch", help=BACKEND_HELP),
     page: bool = typer.Option(True, "--page/--no-page", help="Serve the web page at /."),
     examples: int = typer.Option(4, min=0, help="Synthetic loom frames in the page's example gallery."),
     examples_dir: str | None = typer.Option(None, help="Where the example frames are made (default: a temp folder)."),
@@ -254,8 +257,8 @@ def serve(
 
     try:
         predictor = Predictor(model=model, adapter=adapter, device=device, precision=precision,
-                              max_tiles=max_tiles)  # the one model load
-    except (FileNotFoundError, ValueError, ModelLoadError) as err:
+                              max_tiles=max_tiles, backend=backend)  # the one model load
+    except (FileNotFoundError, ValueError, RuntimeError, ModelLoadError) as err:
         raise _fail(str(err)) from None
     try:
         asgi = create_app(predictor, settings)
@@ -454,6 +457,45 @@ def merge_command(
     typer.echo(f"merged model in {path}: Florence2ForConditionalGeneration.from_pretrained({str(path)!r})")
 
 
+@app.command("export")
+def export_command(
+    run: str = typer.Argument(..., help="Training run folder, checkpoint or adapter folder (or a base model "
+                              "name such as tiny: the base alone)."),
+    out: Path = typer.Argument(..., help="Export folder to create (must not exist)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (the only format so far)."),
+    model: str | None = typer.Option(None, help="Base model (default: the run's)."),
+    checkpoint: str = typer.Option("best", help="best or last (with a run folder)."),
+    opset: int = typer.Option(17, help="ONNX opset (14..20)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write int8 parts (dynamic quantisation), checked too."),
+    check_frames: int = typer.Option(4, min=1, help="Synthetic frames the export is checked on against torch."),
+    box_bins: float = typer.Option(1.0, min=0.0, help="Check: most location bins (1/1000 of the frame) a box may move."),
+    score_tol: float = typer.Option(0.01, min=0.0, help="Check: most a box score may differ."),
+) -> None:
+    """Export the merged model as ONNX (vision encoder, token embedding, encoder, decoder without KV
+    cache) with its processor and tokenizer files, for onnxruntime on a factory PC; then check it
+    on synthetic frames against torch, print the comparison, and fail (writing nothing) if the
+    boxes or scores differ beyond the tolerance. Use it with --backend onnx --model OUT."""
+    if fmt != "onnx":
+        raise _fail(f"unknown export format {fmt!r}; the one format is onnx")
+    from loomlens.export import ExportCheckFailed, export_onnx
+    from loomlens.model.loader import ModelLoadError
+
+    if not Path(run).exists():  # a base model name: export the base alone
+        run, model = None, model or run
+    try:
+        checks = export_onnx(run=run, out=out, model=model, checkpoint=checkpoint, opset=opset, int8=int8,
+                             frames=check_frames, box_bins=box_bins, score_tol=score_tol, log=typer.echo)
+    except ExportCheckFailed as err:
+        raise _fail(str(err)) from None
+    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError, ModelLoadError) as err:
+        raise _fail(str(err)) from None
+    typer.echo("check against torch: parts frame boxes(torch/onnx) max-bins max-score-diff")
+    for c in checks:
+        typer.echo(f"  {c.parts:5} {c.frame:5} {c.torch_boxes:3}/{c.onnx_boxes:<3} {c.max_bins:8.3f} "
+                   f"{c.max_score_diff:10.5f}  {'ok' if c.ok else 'DIFFERS'}")
+    typer.echo(f"exported to {out}; run it with --backend onnx --model {out}")
+
+
 @app.command("demo")
 def demo_command(
     out: Path = typer.Option(Path("runs/demo"), help="Folder for everything the demo makes."),
@@ -541,6 +583,7 @@ def predict_command(
     constrained: bool = typer.Option(False, help="Decode <OD> through the run's class grammar."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
+    backend: str = typer.Option("torch", help=BACKEND_HELP),
     strict: bool = typer.Option(False, help="Exit 1 when any input was skipped (listed in OUT/problems.json)."),
 ) -> None:
     """Predict on images and videos: predictions.jsonl (pixels, labels, scores, timestamps),
@@ -559,7 +602,7 @@ def predict_command(
         total = count_items(expand_inputs(inputs), every)
         predictor = Predictor(model=model, adapter=adapter, device=device, max_boxes=max_boxes,
                               batch_size=batch_size, checkpoint=checkpoint, regions=regions, tile_size=tile_size,
-                              constrained=constrained, precision=precision)
+                              constrained=constrained, precision=precision, backend=backend)
         with Progress(transient=True) as bar:
             job = bar.add_task(f"{task} on {total} images/frames", total=total)
             summary = predict_files(predictor, inputs, out, task=task, text=text, tile=tile, every=every,
@@ -609,6 +652,7 @@ def watch_command(
     max_tiles: int | None = typer.Option(None, min=1, help="Most model inputs one frame may cost (downscaled past it)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
+    backend: str = typer.Option("torch", help=BACKEND_HELP),
 ) -> None:
     """Watch cameras, streams, videos or frame folders and record defect events: a defect seen in
     K of N frames at the same place is one event (ended after M frames without it), written to
@@ -641,7 +685,7 @@ def watch_command(
             opened.append(open_source(spec, camera=camera[i] if camera else None, fps=fps, once=once,
                                       max_reconnects=max_reconnects))
         predictor = Predictor(model=model, adapter=adapter, device=device, checkpoint=checkpoint,
-                              regions=regions, precision=precision, max_tiles=max_tiles)
+                              regions=regions, precision=precision, max_tiles=max_tiles, backend=backend)
         watcher = Watcher(sources=opened, detect=predictor_detector(predictor, tile=tile,
                                                                     score_threshold=score_threshold),
                           store=store, media=media, debounce=debounce, alerts=alerts, retention=retention)
