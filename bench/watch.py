@@ -1,8 +1,8 @@
 """How many frames a second one watcher sustains per camera, and so how many cameras one
 machine keeps up with at 1 frame a second.
 
-    python -m bench.watch                                   # small: ~3 min on 2 cores
-    python -m bench.watch --frames 40 --adapter runs/bench/accuracy-runs/seed0
+    python -m bench.watch                                   # small: a few minutes on 2 cores
+    python -m bench.watch --frames 24 --onnx --adapter runs/bench/accuracy-runs/seed0
 
 For each size (512x288 whole frames; 2560x1440 cut into --tile px tiles, as a run trained with
 `convert --tile` predicts) it writes a synthetic loom video (the demo's camera, defects on
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile", type=int, default=512, help="tile edge in frame pixels for the large size")
     parser.add_argument("--adapter", default=None, help="a run to load (default: the bare tiny model)")
     parser.add_argument("--max-boxes", type=int, default=6)
+    parser.add_argument("--onnx", action="store_true", help="also the onnx backend (exports the model to a temp folder)")
     common_flags(parser, NAME)
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
@@ -78,13 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="loomlens-bench-watch-") as tmp:
         folder = Path(tmp)
-        whole = Predictor(adapter=args.adapter, max_boxes=args.max_boxes)
-        tiled = Predictor(adapter=args.adapter, max_boxes=args.max_boxes, tile_size=args.tile)
-        for size, predictor, tile in ((args.small, whole, "off"), (args.large, tiled, "on")):
-            label = "x".join(map(str, size)) + (f" tiles {args.tile}" if tile == "on" else "")
-            video = write_video(folder / f"{size[0]}x{size[1]}.mp4", args.frames, size)
-            rows.append({**measure(predictor, video, folder, tile, label.replace(" ", "-")), "config": label,
-                         "backend": "torch", "precision": predictor.precision})
+        backends = [("torch", {"adapter": args.adapter})]
+        if args.onnx:
+            from loomlens.export import export_onnx
+
+            export_onnx(run=args.adapter, out=folder / "onnx", frames=1, log=lambda _: None)
+            backends.append(("onnx", {"model": str(folder / "onnx"), "backend": "onnx"}))
+        videos = {size: write_video(folder / f"{size[0]}x{size[1]}.mp4", args.frames, size)
+                  for size in (args.small, args.large)}
+        for backend, load in backends:
+            whole = Predictor(max_boxes=args.max_boxes, **load)
+            tiled = Predictor(max_boxes=args.max_boxes, tile_size=args.tile, **load)
+            for size, predictor, tile in ((args.small, whole, "off"), (args.large, tiled, "on")):
+                label = "x".join(map(str, size)) + (f" tiles {args.tile}" if tile == "on" else "")
+                run = measure(predictor, videos[size], folder, tile, f"{backend}-{label.replace(' ', '-')}")
+                rows.append({**run, "config": label, "backend": backend, "precision": predictor.precision})
     result = {"frames": args.frames, "adapter": args.adapter, "threads": threads, "rows": rows}
     return publish(NAME, result, args.out, argv, tables)
 
