@@ -97,3 +97,11 @@ def test_watcher_reconnects_and_counts_events_right(stream, tmp_path) -> None:
     assert all(e.status == "ended" and e.started_at <= e.ended_at for e in events)
     assert a.ended_at < b.started_at
     store.close()
+
+
+def test_stream_credentials_stay_out_of_the_record() -> None:
+    from loomlens.watch.sources import default_camera, redact
+
+    assert redact("rtsp://admin:s3cret@10.0.0.5:554/live?x=1") == "rtsp://10.0.0.5:554/live?x=1"
+    assert redact("http://cam/a@b.mjpg") == "http://cam/a@b.mjpg"  # an @ in the path is no login
+    assert default_camera("rtsp://admin:s3cret@cam-3/stream") == "cam-3-stream"

@@ -156,7 +156,7 @@ class LiveSource:
     def __init__(self, target: str | int, camera: str, fps: float, *, max_reconnects: int | None = None,
                  backoff_s: float = 0.5, timeout_s: float = 10.0):
         self.cv2 = _cv2()
-        self.target, self.camera, self.name = target, camera, str(target)
+        self.target, self.camera, self.name = target, camera, redact(str(target))
         self.interval = 1.0 / fps
         self.max_reconnects, self.backoff_s, self.timeout_s = max_reconnects, backoff_s, timeout_s
         self.reconnects = 0
@@ -231,6 +231,11 @@ class LiveSource:
         """Stop the reader thread (it ends within one read timeout)."""
         self._stop.set()
         self._thread.join(timeout=self.timeout_s + 1)
+
+
+def redact(url: str) -> str:
+    """`url` without its `user:password@` part: what goes into logs, the database and alerts."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", url)
 
 
 def default_camera(spec: str) -> str:
