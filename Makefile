@@ -20,19 +20,24 @@ test: $(STAMP) test-deps
 	$(PY) -m pytest -q
 
 # System packages the tests need: Debian's chromium for the serve page's browser test
-# (Playwright drives /usr/bin/chromium; `playwright install` cannot download browsers here).
+# (Playwright drives /usr/bin/chromium; `playwright install` cannot download browsers here) and
+# Debian's postgresql for the events store's PostgreSQL test (a throwaway cluster on 127.0.0.1).
 # Quick when present; installs with apt-get when missing and we are root (CI); otherwise warns,
-# and the browser test skips (or fails under CI=true).
+# and those tests skip (or fail under CI=true).
 CHROMIUM ?= /usr/bin/chromium
+INITDB   ?= $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
 test-deps:
-	@if [ -x "$(CHROMIUM)" ]; then :; \
+	@missing=""; \
+	[ -x "$(CHROMIUM)" ] || missing="$$missing chromium"; \
+	[ -n "$(INITDB)" ] || missing="$$missing postgresql"; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "test-deps: installing Debian chromium for the browser test"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-	    || echo "test-deps: WARNING: apt-get could not install chromium; the browser test will fail under CI"; \
+	  echo "test-deps: installing Debian$$missing for the browser and PostgreSQL tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	    || echo "test-deps: WARNING: apt-get could not install$$missing; their tests will fail under CI"; \
 	else \
-	  echo "test-deps: WARNING: $(CHROMIUM) is missing and this user cannot apt-get install chromium;"; \
-	  echo "test-deps: the browser test will skip (fail under CI=true). As root: apt-get install chromium"; \
+	  echo "test-deps: WARNING:$$missing missing and this user cannot apt-get install them;"; \
+	  echo "test-deps: their tests will skip (fail under CI=true). As root: apt-get install$$missing"; \
 	fi
 
 test-slow: $(STAMP)

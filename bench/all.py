@@ -52,9 +52,11 @@ PLAN: dict[str, list[str]] = {
     "real": ["--budget", "1200"],
     # The serving load test (issue #16): four phases of 20 s on loopback.
     "load": ["--seconds", "20"],
+    # One watcher per camera (issue #19): frames/s it sustains, torch and onnxruntime.
+    "watch": ["--frames", "24", "--onnx"],
 }
 #: benchmarks that take the accuracy run's adapter when it exists.
-USE_ADAPTER = ("infer_speed", "tiling")
+USE_ADAPTER = ("infer_speed", "tiling", "watch")
 
 
 def command(name: str, threads: int | None, small: bool = False) -> list[str]:

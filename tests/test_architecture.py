@@ -10,15 +10,23 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "loomlens"
 
 # floor (a package, or a module such as run.py) -> floors it must not import
+LINE = {"events", "watch", "export"}  # the line's floors: nothing below them may import them
 FORBIDDEN = {
-    "data": {"model", "run", "infer", "train", "evaluate", "predict", "serve", "config", "cli"},
-    "model": {"infer", "train", "evaluate", "predict", "serve", "cli"},
-    "run": {"model", "infer", "train", "evaluate", "predict", "serve", "config", "cli"},
-    "infer": {"train", "evaluate", "predict", "serve", "cli"},
-    "evaluate": {"train", "predict", "serve", "cli"},
-    "predict": {"train", "evaluate", "serve", "cli"},
-    "serve": {"model", "infer", "train", "cli"},
-    "train": {"predict", "serve", "cli"},
+    "data": {"model", "run", "infer", "train", "evaluate", "predict", "serve", "config", "cli"} | LINE,
+    "model": {"infer", "train", "evaluate", "predict", "serve", "cli"} | LINE,
+    "run": {"model", "infer", "train", "evaluate", "predict", "serve", "config", "cli"} | LINE,
+    "infer": {"train", "evaluate", "predict", "serve", "cli"} | LINE,
+    "evaluate": {"train", "predict", "serve", "cli"} | LINE,
+    "predict": {"train", "evaluate", "serve", "cli"} | LINE,
+    # the event store: a table of events, read by serve and written by watch; below both
+    "events": {"model", "run", "infer", "train", "evaluate", "predict", "serve", "watch", "export", "config", "cli"},
+    # the watcher reaches the model only through predict, like serve
+    "watch": {"model", "infer", "train", "evaluate", "serve", "export", "cli"},
+    # an export is written from a loaded model and checked with infer's detection
+    "export": {"train", "evaluate", "predict", "serve", "watch", "events", "cli"},
+    # serve reads the watchers' database, never a watcher
+    "serve": {"model", "infer", "train", "watch", "export", "cli"},
+    "train": {"predict", "serve", "cli"} | LINE,
 }
 
 

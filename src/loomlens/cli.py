@@ -23,6 +23,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+BACKEND_HELP = ("torch, or onnx: run a folder `loomlens export` wrote (pass it as --model) on onnxruntime "
+                "(CPU; CUDA where present), with --precision fp32 or int8.")
 PRECISION_HELP = ("Weights' dtype: auto (bf16 where the device computes it natively: AMX or AVX512-BF16 "
                   "CPUs, recent GPUs; else fp32), fp32 or bf16.")
 
@@ -240,9 +242,12 @@ def serve(
         128, min=1, help="Open connections at most; uvicorn answers 503 past it (bounds buffered uploads)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
+    backend: str = typer.Option("torch", help=BACKEND_HELP),
     page: bool = typer.Option(True, "--page/--no-page", help="Serve the web page at /."),
     examples: int = typer.Option(4, min=0, help="Synthetic loom frames in the page's example gallery."),
     examples_dir: str | None = typer.Option(None, help="Where the example frames are made (default: a temp folder)."),
+    events_db: str | None = typer.Option(None, help="The events database `loomlens watch --db` writes (SQLite path "
+                                         "or SQLAlchemy URL): GET /v1/events and the page's Line view."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     worker_delay_ms: float = typer.Option(0.0, hidden=True, help="Test only: sleep per batch."),
 ) -> None:
@@ -266,17 +271,20 @@ def serve(
         batch_wait_ms=batch_wait_ms, max_body_mb=max_body_mb,
         max_pixels=int(max_megapixels * 1_000_000), max_side=max_side, large_cost=large_cost,
         request_timeout_s=request_timeout_s, cors_origins=tuple(cors_origin), page=page, examples=examples,
-        examples_dir=examples_dir,
+        examples_dir=examples_dir, events_db=events_db,
         worker_delay_ms=worker_delay_ms,
     )
     from loomlens.model.loader import ModelLoadError
 
     try:
         predictor = Predictor(model=model, adapter=adapter, device=_device(device), precision=precision,
-                              max_tiles=max_tiles)  # the one model load
-    except (FileNotFoundError, ValueError, ModelLoadError) as err:
+                              max_tiles=max_tiles, backend=backend)  # the one model load
+    except (FileNotFoundError, ValueError, RuntimeError, ModelLoadError) as err:
         raise _fail(str(err)) from None
-    asgi = create_app(predictor, settings)
+    try:
+        asgi = create_app(predictor, settings)
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from None
     import uvicorn
 
     base = predictor.info().get("base", model)
@@ -486,6 +494,45 @@ def merge_command(
     typer.echo(f"merged model in {path}: Florence2ForConditionalGeneration.from_pretrained({str(path)!r})")
 
 
+@app.command("export")
+def export_command(
+    run: str = typer.Argument(..., help="Training run folder, checkpoint or adapter folder (or a base model "
+                              "name such as tiny: the base alone)."),
+    out: Path = typer.Argument(..., help="Export folder to create (must not exist)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (the only format so far)."),
+    model: str | None = typer.Option(None, help="Base model (default: the run's)."),
+    checkpoint: str = typer.Option("best", help="best or last (with a run folder)."),
+    opset: int = typer.Option(17, help="ONNX opset (14..20)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write int8 parts (dynamic quantisation), checked too."),
+    check_frames: int = typer.Option(4, min=1, help="Synthetic frames the export is checked on against torch."),
+    box_bins: float = typer.Option(1.0, min=0.0, help="Check: most location bins (1/1000 of the frame) a box may move."),
+    score_tol: float = typer.Option(0.01, min=0.0, help="Check: most a box score may differ."),
+) -> None:
+    """Export the merged model as ONNX (vision encoder, token embedding, encoder, decoder without KV
+    cache) with its processor and tokenizer files, for onnxruntime on a factory PC; then check it
+    on synthetic frames against torch, print the comparison, and fail (writing nothing) if the
+    boxes or scores differ beyond the tolerance. Use it with --backend onnx --model OUT."""
+    if fmt != "onnx":
+        raise _fail(f"unknown export format {fmt!r}; the one format is onnx")
+    from loomlens.export import ExportCheckFailed, export_onnx
+    from loomlens.model.loader import ModelLoadError
+
+    if not Path(run).exists():  # a base model name: export the base alone
+        run, model = None, model or run
+    try:
+        checks = export_onnx(run=run, out=out, model=model, checkpoint=checkpoint, opset=opset, int8=int8,
+                             frames=check_frames, box_bins=box_bins, score_tol=score_tol, log=typer.echo)
+    except ExportCheckFailed as err:
+        raise _fail(str(err)) from None
+    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError, ModelLoadError) as err:
+        raise _fail(str(err)) from None
+    typer.echo("check against torch: parts frame boxes(torch/onnx) max-bins max-score-diff")
+    for c in checks:
+        typer.echo(f"  {c.parts:5} {c.frame:5} {c.torch_boxes:3}/{c.onnx_boxes:<3} {c.max_bins:8.3f} "
+                   f"{c.max_score_diff:10.5f}  {'ok' if c.ok else 'DIFFERS'}")
+    typer.echo(f"exported to {out}; run it with --backend onnx --model {out}")
+
+
 @app.command("demo")
 def demo_command(
     out: Path = typer.Option(Path("runs/demo"), help="Folder for everything the demo makes."),
@@ -591,6 +638,7 @@ def predict_command(
                                             "--no-constrained reads the free form)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
+    backend: str = typer.Option("torch", help=BACKEND_HELP),
     strict: bool = typer.Option(False, help="Exit 1 when any input was skipped (listed in OUT/problems.json)."),
 ) -> None:
     """Predict on images and videos: predictions.jsonl (pixels, labels, scores, timestamps),
@@ -612,7 +660,7 @@ def predict_command(
         total = count_items(expand_inputs(inputs), every)
         predictor = Predictor(model=model, adapter=adapter, device=_device(device), max_boxes=max_boxes,
                               batch_size=batch_size, checkpoint=checkpoint, regions=regions, tile_size=tile_size,
-                              constrained=constrained, precision=precision)
+                              constrained=constrained, precision=precision, backend=backend)
         with Progress(transient=True) as bar:
             job = bar.add_task(f"{task} on {total} images/frames", total=total)
             summary = predict_files(predictor, inputs, out, task=task, text=text, tile=tile, every=every,
@@ -630,6 +678,96 @@ def predict_command(
             raise _fail("no input could be predicted; predictions.jsonl was left as it was")
         if strict:
             raise typer.Exit(1)
+
+
+@app.command("watch")
+def watch_command(
+    sources: list[str] = typer.Argument(..., help="Video files, folders where frames land, rtsp:// or http:// "
+                                        "(MJPEG) stream URLs, or camera indexes (0, 1, ...)."),
+    adapter: Path | None = typer.Option(None, help="Training run folder or adapter folder."),
+    db: str = typer.Option("runs/watch/events.db", help="Events database: a SQLite file (WAL mode) or a "
+                           "SQLAlchemy URL (postgresql+psycopg://user:pass@host/db) that several watchers share."),
+    media: Path | None = typer.Option(None, help="Folder for each event's frame and crop JPEGs (default: "
+                                      "event-images/ beside a SQLite database, else runs/watch/event-images)."),
+    camera: list[str] = typer.Option([], help="Camera id of each source, in order (default: from the source)."),
+    fps: float = typer.Option(2.0, min=0.01, help="Frames a second read from each source (of video time for files)."),
+    once: bool = typer.Option(False, "--once", help="Folders: read the frames there now, then end."),
+    k: int = typer.Option(3, min=1, help="A defect seen in K of N consecutive frames is an event..."),
+    n: int = typer.Option(5, min=1, help="...the N of 'K of N'."),
+    m: int = typer.Option(5, min=1, help="An event ends after M frames in a row without its defect."),
+    iou: float = typer.Option(0.3, min=0.01, max=1.0, help="Overlap (IoU) at which a box is the same defect."),
+    score_threshold: float = typer.Option(0.0, min=0.0, max=1.0, help="Ignore boxes scoring lower."),
+    webhook: list[str] = typer.Option([], help="POST each new event as JSON to this URL (repeat for more)."),
+    on_event: list[str] = typer.Option([], help="Run this command per new event (event JSON on stdin and in "
+                                       "$LOOMLENS_EVENT; repeat for more)."),
+    keep_days: float = typer.Option(30.0, min=0.0, help="Event JPEGs older than this many days are removed (0: kept)."),
+    keep_mb: float = typer.Option(2048.0, min=0.0, help="Event JPEGs kept under this many MB, oldest removed first (0: no cap)."),
+    max_reconnects: int | None = typer.Option(None, min=0, help="Streams: failed reconnects in a row before giving "
+                                              "up on a source (default: never give up)."),
+    model: str | None = typer.Option(None, help="Base model (default: the adapter's base, else tiny)."),
+    checkpoint: str = typer.Option("best", help="best or last (with a run folder)."),
+    tile: str = typer.Option("auto", help="Tiled detection on large frames: auto (as the run was trained), on, off."),
+    regions: Path | None = typer.Option(None, help="Region rules YAML (default: the run's regions.yaml)."),
+    max_tiles: int | None = typer.Option(None, min=1, help="Most model inputs one frame may cost (downscaled past it)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
+    backend: str = typer.Option("torch", help=BACKEND_HELP),
+) -> None:
+    """Watch cameras, streams, videos or frame folders and record defect events: a defect seen in
+    K of N frames at the same place is one event (ended after M frames without it), written to
+    the database with a frame and a crop JPEG, and announced to webhooks and commands. Streams
+    reconnect when they drop; files and --once folders end when read. Ctrl-C or SIGTERM ends
+    the open events and stops."""
+    import logging
+    import signal
+    import threading
+
+    from loomlens.events import EventStore
+    from loomlens.model.loader import ModelLoadError
+    from loomlens.predict import Predictor
+    from loomlens.watch import (Alerter, DebounceSettings, Retention, Watcher, open_source,
+                                predictor_detector)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if camera and len(camera) != len(sources):
+        raise _fail(f"{len(camera)} --camera id(s) for {len(sources)} source(s): give one per source, in order")
+    opened = []
+    try:
+        debounce = DebounceSettings(k=k, n=n, m=m, iou=iou)
+        store = EventStore(db)
+        if media is None:
+            media = Path(store.engine.url.database).parent / "event-images" if store.url.startswith("sqlite") \
+                else Path("runs/watch/event-images")
+        retention = Retention(media, keep_days=keep_days or None, keep_mb=keep_mb or None)
+        alerts = Alerter(webhooks=webhook, commands=on_event)
+        for i, spec in enumerate(sources):
+            opened.append(open_source(spec, camera=camera[i] if camera else None, fps=fps, once=once,
+                                      max_reconnects=max_reconnects))
+        predictor = Predictor(model=model, adapter=adapter, device=_device(device), checkpoint=checkpoint,
+                              regions=regions, precision=precision, max_tiles=max_tiles, backend=backend)
+        watcher = Watcher(sources=opened, detect=predictor_detector(predictor, tile=tile,
+                                                                    score_threshold=score_threshold),
+                          store=store, media=media, debounce=debounce, alerts=alerts, retention=retention)
+    except (FileNotFoundError, ValueError, RuntimeError, ModelLoadError) as err:
+        for source in opened:
+            source.close()
+        raise _fail(str(err)) from None
+    stop = threading.Event()
+    # Ctrl-C and SIGTERM end the open events, then stop (the caller's handlers come back after)
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
+    typer.echo(f"watching {len(opened)} source(s) -> {db} (pictures in {media}); Ctrl-C to stop", err=True)
+    try:
+        stats = watcher.run(stop)
+    except ValueError as err:
+        raise _fail(str(err)) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        alerts.close()
+        store.close()
+    typer.echo(f"{stats['frames']} frames, {stats['events']} events ({stats['ended']} ended) -> {db}"
+               + (f"; {stats['interrupted_before']} event(s) a previous run left open marked interrupted"
+                  if stats["interrupted_before"] else ""))
 
 
 def main() -> None:

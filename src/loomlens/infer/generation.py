@@ -78,12 +78,17 @@ def generate(
     beam search with `num_beams > 1` (the best beam is returned). `logits_processor` is an
     optional `transformers.LogitsProcessorList` (e.g. the `<OD>` grammar). `fast_pixels`:
     pixels through `loomlens.infer.pixels` (False: the processor's own image path, as the
-    seed's code ran it). Returns one `Generation` per input, in order.
+    seed's code ran it). A `model` that is no torch module (an ONNX export,
+    `infer/onnx_runtime.py`) runs its own greedy search. Returns one `Generation` per input,
+    in order.
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     if not images:
         return []
+    budget = min(max_new_tokens, decoder_limit(model))
+    if not isinstance(model, torch.nn.Module):  # an exported model (infer/onnx_runtime.py) searches itself
+        return model.generate(processor, images, prompts, budget, num_beams, logits_processor, fast_pixels)
     tokenizer = processor.tokenizer
     device = next(model.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype  # the base's: an fp32 adapter may sit on a bf16 base
@@ -91,7 +96,7 @@ def generate(
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
     out = model.generate(
         **inputs,
-        max_new_tokens=min(max_new_tokens, decoder_limit(model)),
+        max_new_tokens=budget,
         num_beams=num_beams,
         do_sample=False,
         early_stopping=num_beams > 1,
@@ -105,13 +110,17 @@ def generate(
         out.sequences, out.logits, getattr(out, "beam_indices", None), normalize_logits=True
     )
     generated = out.sequences[:, -logprobs.shape[1] :]  # drop the decoder-start token
-    results = []
+    return [decode_generation(tokenizer, ids_row, lp_row)
+            for ids_row, lp_row in zip(generated.tolist(), logprobs.tolist())]
+
+
+def decode_generation(tokenizer, ids_row: list[int], logprobs_row: list[float]) -> Generation:
+    """One generated row (without the decoder-start token) and its log-probs as a `Generation`:
+    cut after the first `</s>`, decoded without the frame tokens."""
+    ids, lps = _trim(ids_row, logprobs_row, tokenizer.eos_token_id, tokenizer.pad_token_id)
     # Only the frame tokens are dropped from the text: a tokenizer may register `<loc_N>` as
     # special (Microsoft's does), and skip_special_tokens would then drop the answer itself.
     frame = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    for ids_row, lp_row in zip(generated.tolist(), logprobs.tolist()):
-        ids, lps = _trim(ids_row, lp_row, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        text = tokenizer.decode([i for i in ids if i not in frame], skip_special_tokens=False,
-                                clean_up_tokenization_spaces=False)
-        results.append(Generation(text=text, token_ids=ids, token_logprobs=lps))
-    return results
+    text = tokenizer.decode([i for i in ids if i not in frame], skip_special_tokens=False,
+                            clean_up_tokenization_spaces=False)
+    return Generation(text=text, token_ids=ids, token_logprobs=lps)

@@ -31,6 +31,7 @@ from loomlens.data.tiles import tile_windows
 from loomlens.infer.detection import batched, detect_with_details
 from loomlens.infer.generation import generate
 from loomlens.infer.loading import load_for_inference
+from loomlens.infer.onnx_runtime import load_onnx_export
 from loomlens.infer.tiling import should_tile, tiled_detect
 from loomlens.model.runtime import keep_freed_memory
 from loomlens.predict.regions import RegionRules, load_rules
@@ -38,6 +39,9 @@ from loomlens.predict.regions import RegionRules, load_rules
 _LOC = re.compile(r"<loc_\d+>")
 
 PolygonOut = tuple[str, list[list[float]]]
+
+#: Where the model runs: torch, or onnxruntime over a `loomlens export` folder.
+BACKENDS = ("torch", "onnx")
 
 
 @dataclass
@@ -112,7 +116,8 @@ class Predictor:
     twice that for polygons), capped by the decoder's length. `precision`: the weights' dtype,
     fp32 or bf16; `auto` is bf16 where the device computes it natively (a recent GPU, a CPU
     with AMX or AVX512-BF16), else fp32 (`loomlens.infer.loading`). The adapter is merged
-    into the weights once, here. Raises FileNotFoundError for an adapter folder with no adapter
+    into the weights once, here. `backend`: torch, or onnx: `model` is then a folder `loomlens
+    export` wrote, run by onnxruntime (`precision` fp32 or int8). Raises FileNotFoundError for an adapter folder with no adapter
     and ValueError for a bad precision or a base the adapter does not fit.
     """
 
@@ -132,14 +137,23 @@ class Predictor:
         text_tokens: int = 256,
         precision: str = "auto",
         max_tiles: int | None = None,
+        backend: str = "torch",
     ):
         if max_tiles is not None and max_tiles < 1:
             raise ValueError(f"max_tiles must be at least 1 (or None: no cap), got {max_tiles}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if str(device).startswith("cpu"):
             keep_freed_memory()  # fewer page faults per image on a CPU (model/runtime.py)
-        self.loaded = load_for_inference(
-            model=model, adapter=adapter, checkpoint=checkpoint, device=device, precision=precision
-        )
+        if backend == "onnx":
+            if not (model or adapter):
+                raise ValueError("the onnx backend needs the folder `loomlens export` wrote: pass it as --model")
+            self.loaded = load_onnx_export(model or adapter, device=device, precision=precision)
+        else:
+            self.loaded = load_for_inference(
+                model=model, adapter=adapter, checkpoint=checkpoint, device=device, precision=precision
+            )
+        self.backend = backend
         self.precision = self.loaded.precision
         self.device = device
         self.max_boxes = max_boxes
@@ -174,6 +188,7 @@ class Predictor:
             "tasks": list(TASKS),
             "trained_tasks": sorted(self.loaded.trained_tasks),
             "device": self.device,
+            "backend": self.backend,
             "precision": self.precision,
             "max_boxes": self.max_boxes,
             "batch_size": self.batch_size,

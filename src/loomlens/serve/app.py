@@ -36,8 +36,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import loomlens
+from loomlens.events.store import EventStore
 from loomlens.serve.batcher import Batcher
 from loomlens.serve.errors import InputError
+from loomlens.serve.events import events_router
 from loomlens.serve.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_base64, decode_image, set_pil_limit
 from loomlens.serve.results import prediction_json
 from loomlens.serve.tasks import TASKS, TILE_MODES, Options, parse_options, region_pixels
@@ -67,6 +69,8 @@ class ServeSettings:
     page: bool = True
     examples: int = 4
     examples_dir: str | None = None
+    #: The watchers' events database (path or SQLAlchemy URL) for /v1/events and the Line view.
+    events_db: str | None = None
     #: Test-only: extra seconds of sleep per batch, to fill the queue on purpose.
     worker_delay_ms: float = 0.0
 
@@ -336,6 +340,7 @@ def create_app(predictor, settings: ServeSettings | None = None):
     settings = settings or ServeSettings()
     set_pil_limit(settings.max_pixels)
     service = Service(predictor, settings)
+    events = EventStore(settings.events_db, create=False) if settings.events_db else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -344,6 +349,8 @@ def create_app(predictor, settings: ServeSettings | None = None):
             yield
         finally:
             service.batcher.stop()
+            if events is not None:
+                events.close()
 
     app = FastAPI(
         title="loomlens",
@@ -422,6 +429,7 @@ def create_app(predictor, settings: ServeSettings | None = None):
         return info
 
     app.include_router(v1)
+    app.include_router(events_router(events))
 
     @app.get("/healthz", summary="Liveness: the worker runs and the queue has room")
     def healthz():
@@ -442,7 +450,7 @@ def create_app(predictor, settings: ServeSettings | None = None):
         except Exception as exc:  # examples are a nicety; never stop the server for them
             log.warning("could not make example frames in %s: %s", folder, exc)
             examples = []
-        page = build_page(service, examples)
+        page = build_page(service, examples, events=events)
         page.queue(max_size=settings.max_queue, default_concurrency_limit=settings.max_batch)
         auth = None
         if settings.api_key:

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import gradio as gr
 
+from loomlens.events.store import EventStore
 from loomlens.predict.draw import draw_prediction
 from loomlens.serve.errors import InputError
+from loomlens.serve.events import LINE_HEADERS, WINDOWS, line_view
 from loomlens.serve.results import TABLE_HEADERS, table_rows
 from loomlens.serve.tasks import TASKS
 
@@ -45,9 +47,11 @@ def example_frames(folder: Path, count: int = 4, seed: int = 7) -> list[str]:
     return paths
 
 
-def build_page(service, examples: list[str], title: str = "loomlens: fabric defects") -> gr.Blocks:
+def build_page(service, examples: list[str], title: str = "loomlens: fabric defects",
+               events: EventStore | None = None) -> gr.Blocks:
     """`service.run(data: bytes, task, text, tile, score_threshold) -> (image, prediction, result)`
-    is the one call into the model (see app.Service); it raises `InputError` for bad input."""
+    is the one call into the model (see app.Service); it raises `InputError` for bad input.
+    With `events` (the watchers' database) a Line tab shows the recent defect events."""
     choices = [(f"{t.title} ({t.name})", t.name) for t in TASKS.values()]
 
     def on_task(task: str):
@@ -86,36 +90,69 @@ def build_page(service, examples: list[str], title: str = "loomlens: fabric defe
     with gr.Blocks(title=title, analytics_enabled=False) as page:
         gr.Markdown(f"# {title}\nPick a task, upload a frame (or use the webcam), press **Run**. "
                     "The same model answers `POST /v1/predict`; see [/docs](/docs) for the API.")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=1):
-                task = gr.Dropdown(choices=choices, value="od", label="Task", elem_id="task")
-                image = gr.Image(sources=["upload", "webcam"], type="filepath", label="Input image",
-                                 elem_id="input-image", height=360)
-                text = gr.Textbox(label="Text input (not used by this task)", lines=1, max_lines=3,
-                                  elem_id="text-input")
-                threshold = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Score threshold",
-                                      elem_id="threshold")
-                with gr.Row():
-                    clear = gr.ClearButton(value="Clear")
-                    run = gr.Button("Run", variant="primary", elem_id="run-button")
-            with gr.Column(scale=1):
-                output_image = gr.Image(type="pil", format="jpeg", label="Result", interactive=False,
-                                        buttons=["download", "fullscreen"],
-                                        elem_id="output-image", height=360)
-                status = gr.Markdown("", elem_id="status")
-                table = gr.Dataframe(headers=TABLE_HEADERS, value=[], type="array",
-                                     label="Detections", interactive=False, elem_id="detections",
-                                     wrap=True)
-                output_text = gr.Textbox(label="Output text", lines=2, interactive=False,
-                                         elem_id="output-text")
-        if examples:
-            gr.Examples(examples=[[p] for p in examples], inputs=[image],
-                        label="Examples: synthetic loom frames", examples_per_page=8)
-        clear.add([image, text, output_image, table, output_text, status])
-        task.change(on_task, inputs=task, outputs=text)
-        run.click(on_run, inputs=[image, task, text, threshold],
-                  outputs=[output_image, table, output_text, status], api_name="predict")
+        with gr.Tab("Predict", id="predict"):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=1):
+                    task = gr.Dropdown(choices=choices, value="od", label="Task", elem_id="task")
+                    image = gr.Image(sources=["upload", "webcam"], type="filepath", label="Input image",
+                                     elem_id="input-image", height=360)
+                    text = gr.Textbox(label="Text input (not used by this task)", lines=1, max_lines=3,
+                                      elem_id="text-input")
+                    threshold = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Score threshold",
+                                          elem_id="threshold")
+                    with gr.Row():
+                        clear = gr.ClearButton(value="Clear")
+                        run = gr.Button("Run", variant="primary", elem_id="run-button")
+                with gr.Column(scale=1):
+                    output_image = gr.Image(type="pil", format="jpeg", label="Result", interactive=False,
+                                            buttons=["download", "fullscreen"],
+                                            elem_id="output-image", height=360)
+                    status = gr.Markdown("", elem_id="status")
+                    table = gr.Dataframe(headers=TABLE_HEADERS, value=[], type="array",
+                                         label="Detections", interactive=False, elem_id="detections",
+                                         wrap=True)
+                    output_text = gr.Textbox(label="Output text", lines=2, interactive=False,
+                                             elem_id="output-text")
+            if examples:
+                gr.Examples(examples=[[p] for p in examples], inputs=[image],
+                            label="Examples: synthetic loom frames", examples_per_page=8)
+            clear.add([image, text, output_image, table, output_text, status])
+            task.change(on_task, inputs=task, outputs=text)
+            run.click(on_run, inputs=[image, task, text, threshold],
+                      outputs=[output_image, table, output_text, status], api_name="predict")
+        if events is not None:
+            with gr.Tab("Line", id="line"):
+                build_line_view(events)
     return page
+
+
+def build_line_view(events: EventStore, refresh_s: float = 5.0) -> None:
+    """The Line view, inside the current Blocks: the newest events' crops and a table, by
+    camera, class and time window, read from the events database every `refresh_s` seconds."""
+
+    def choices(column: str) -> list[str]:
+        return ["all", *events.distinct(column)]
+
+    def refresh(camera, label, window):
+        gallery, rows = line_view(events, camera=camera, label=label, window=window)
+        return (gallery, rows, gr.update(choices=choices("camera")), gr.update(choices=choices("label")),
+                f"{len(rows)} event{'s' if len(rows) != 1 else ''} shown")
+
+    gr.Markdown("Defect events the watchers (`loomlens watch`) recorded, newest first; this view "
+                "refreshes by itself. Full frames: `GET /v1/events/{id}/image`.")
+    with gr.Row():
+        camera = gr.Dropdown(choices=choices("camera"), value="all", label="Camera", elem_id="line-camera")
+        label = gr.Dropdown(choices=choices("label"), value="all", label="Class", elem_id="line-class")
+        window = gr.Dropdown(choices=list(WINDOWS), value="last 24 hours", label="Time", elem_id="line-window")
+    count = gr.Markdown("", elem_id="line-count")
+    gallery = gr.Gallery(label="Recent events", columns=6, height=320, elem_id="line-gallery")
+    table = gr.Dataframe(headers=LINE_HEADERS, value=[], type="array", interactive=False, label="Events",
+                         elem_id="line-events")
+    outputs = [gallery, table, camera, label, count]
+    timer = gr.Timer(refresh_s)
+    timer.tick(refresh, inputs=[camera, label, window], outputs=outputs, show_progress="hidden")
+    for control in (camera, label, window):
+        control.change(refresh, inputs=[camera, label, window], outputs=outputs)
 
 
 def theme():

@@ -1,0 +1,244 @@
+"""The defect-event store: one table of events in any SQLAlchemy database.
+
+A watcher writes it (`loomlens watch --db`), the server reads it (`loomlens serve --events-db`).
+A plain path is a SQLite file, opened in WAL mode so a reader never blocks the writer and a
+process killed mid-run loses nothing already committed; a URL (`postgresql+psycopg://...`) is
+any SQLAlchemy database, the way several watchers share one store. Each write is its own
+transaction: an event is on disk as soon as `start` returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    func,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError
+
+metadata = MetaData()
+
+events_table = Table(
+    "loomlens_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("camera", String(200), nullable=False, index=True),
+    Column("label", String(200), nullable=False, index=True),
+    Column("status", String(16), nullable=False),  # open | ended | interrupted
+    Column("started_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("last_seen_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True), nullable=True),
+    Column("score", Float, nullable=False),
+    Column("x1", Float, nullable=False),
+    Column("y1", Float, nullable=False),
+    Column("x2", Float, nullable=False),
+    Column("y2", Float, nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("frames", Integer, nullable=False),
+    Column("source", String(1000), nullable=False),
+    Column("frame_path", String(1000), nullable=True),
+    Column("crop_path", String(1000), nullable=True),
+)
+
+STATUSES = ("open", "ended", "interrupted")
+
+
+@dataclass
+class Event:
+    """One defect event: where (`camera`, `source`), what (`label`, best `score` and its box
+    `x1..y2` in the pixels of a `width` x `height` frame), when (UTC `started_at`,
+    `last_seen_at`, `ended_at`; None while open), in how many frames it was seen, its `status`
+    (open | ended | interrupted: its watcher stopped before it ended) and its JPEGs on disk."""
+
+    camera: str
+    label: str
+    started_at: datetime
+    last_seen_at: datetime
+    score: float
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    width: int
+    height: int
+    frames: int = 1
+    source: str = ""
+    status: str = "open"
+    ended_at: datetime | None = None
+    frame_path: str | None = None
+    crop_path: str | None = None
+    id: int | None = None
+
+    def as_json(self) -> dict:
+        """The event as JSON-ready values (times ISO 8601 UTC, box as a list)."""
+        out = asdict(self)
+        for key in ("started_at", "last_seen_at", "ended_at"):
+            out[key] = None if out[key] is None else _utc(out[key]).isoformat()
+        out["box"] = [round(v, 2) for v in (self.x1, self.y1, self.x2, self.y2)]
+        for key in ("x1", "y1", "x2", "y2", "frame_path", "crop_path"):
+            del out[key]
+        out["images"] = {"frame": self.frame_path is not None, "crop": self.crop_path is not None}
+        return out
+
+
+def _utc(moment: datetime) -> datetime:
+    """`moment` as an aware UTC datetime (SQLite gives naive ones back)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _utc_values(values: dict) -> dict:
+    """`values` with every datetime in UTC: SQLite keeps no offset, so one zone for all."""
+    return {k: _utc(v) if isinstance(v, datetime) else v for k, v in values.items()}
+
+
+def database_url(path_or_url: str | Path) -> str:
+    """A SQLAlchemy URL for `path_or_url`: a URL as it is, a plain path as a SQLite file.
+
+    Raises ValueError for a string that looks like a URL but SQLAlchemy cannot read."""
+    text = str(path_or_url)
+    if "://" not in text:
+        return f"sqlite:///{Path(text).expanduser().resolve()}"
+    try:
+        make_url(text)
+    except ArgumentError as exc:
+        raise ValueError(f"{text!r} is not a database URL SQLAlchemy reads ({exc}); give a file path "
+                         "for SQLite or a URL such as postgresql+psycopg://user:pass@host/db") from None
+    return text
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the watcher
+    cursor.execute("PRAGMA synchronous=NORMAL")  # in WAL: a killed process loses no commit
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+class EventStore:
+    """The events table of one database.
+
+    Args:
+        path_or_url: a SQLite file path (created with its folder when `create`) or a
+            SQLAlchemy URL.
+        create: make the table when it is missing (the watcher); a reader (the server) passes
+            False and an absent SQLite file is then a FileNotFoundError saying the fix.
+    """
+
+    def __init__(self, path_or_url: str | Path, *, create: bool = True):
+        self.url = database_url(path_or_url)
+        sqlite = self.url.startswith("sqlite")
+        if sqlite:
+            file = Path(make_url(self.url).database or "")
+            if not create and not file.exists():
+                raise FileNotFoundError(f"no events database at {file}: start `loomlens watch --db {file}` "
+                                        "first, or point --events-db at the watcher's database")
+            if create:
+                file.parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(self.url, pool_pre_ping=not sqlite)
+        if sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        if create:
+            metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        """Release the database connections."""
+        self.engine.dispose()
+
+    def _ready(self) -> bool:
+        return inspect(self.engine).has_table(events_table.name)
+
+    def start(self, ev: Event) -> int:
+        """Record a new event (committed before this returns). Returns its id."""
+        values = _utc_values({k: v for k, v in asdict(ev).items() if k != "id"})
+        with self.engine.begin() as conn:
+            result = conn.execute(events_table.insert().values(**values))
+            ev.id = int(result.inserted_primary_key[0])
+        return ev.id
+
+    def update(self, event_id: int, **values) -> None:
+        """Change columns of event `event_id` (score, box, last_seen_at, frames, paths, ...)."""
+        unknown = set(values) - set(events_table.c.keys())
+        if unknown:
+            raise ValueError(f"events have no column(s) {sorted(unknown)}")
+        with self.engine.begin() as conn:
+            conn.execute(update(events_table).where(events_table.c.id == event_id).values(**_utc_values(values)))
+
+    def end(self, event_id: int, ended_at: datetime) -> None:
+        """Mark event `event_id` ended at `ended_at`."""
+        self.update(event_id, status="ended", ended_at=ended_at)
+
+    def interrupt_open(self, cameras: list[str]) -> int:
+        """Events of `cameras` still open (their watcher was killed): marked interrupted, ended
+        when last seen. Returns how many."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(events_table)
+                .where(events_table.c.camera.in_(cameras), events_table.c.status == "open")
+                .values(status="interrupted", ended_at=events_table.c.last_seen_at))
+            return int(result.rowcount or 0)
+
+    def get(self, event_id: int) -> Event | None:
+        """The event with id `event_id`, or None."""
+        if not self._ready():
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(select(events_table).where(events_table.c.id == event_id)).mappings().first()
+        return None if row is None else _event(row)
+
+    def query(self, *, camera: str | None = None, label: str | None = None, since: datetime | None = None,
+              until: datetime | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Event], int]:
+        """Events newest first, filtered by camera, label (class) and start time in
+        [since, until). Returns (one page of `limit` events from `offset`, total matching)."""
+        if limit < 1 or offset < 0:
+            raise ValueError(f"limit must be >= 1 and offset >= 0, got limit={limit}, offset={offset}")
+        if not self._ready():
+            return [], 0
+        where = []
+        if camera:
+            where.append(events_table.c.camera == camera)
+        if label:
+            where.append(events_table.c.label == label)
+        if since is not None:
+            where.append(events_table.c.started_at >= _utc(since))
+        if until is not None:
+            where.append(events_table.c.started_at < _utc(until))
+        page = (select(events_table).where(*where)
+                .order_by(events_table.c.started_at.desc(), events_table.c.id.desc()).limit(limit).offset(offset))
+        with self.engine.connect() as conn:
+            rows = conn.execute(page).mappings().all()
+            total = conn.execute(select(func.count()).select_from(events_table).where(*where)).scalar_one()
+        return [_event(r) for r in rows], int(total)
+
+    def distinct(self, column: str) -> list[str]:
+        """The values of `column` (camera or label) in the store, sorted."""
+        if column not in ("camera", "label"):
+            raise ValueError(f"distinct values are listed for camera or label, not {column!r}")
+        if not self._ready():
+            return []
+        col = events_table.c[column]
+        with self.engine.connect() as conn:
+            return [v for (v,) in conn.execute(select(col).distinct().order_by(col))]
+
+
+def _event(row) -> Event:
+    values = dict(row)
+    for key in ("started_at", "last_seen_at", "ended_at"):
+        if values[key] is not None:
+            values[key] = _utc(values[key])
+    return Event(**values)

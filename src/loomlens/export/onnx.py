@@ -1,0 +1,244 @@
+"""`loomlens export RUN OUT --format onnx`: the merged model as the four ONNX parts the
+community's Florence-2 exports use, for a factory PC that runs onnxruntime.
+
+OUT holds `vision_encoder.onnx` (pixels -> projected image features), `embed_tokens.onnx`
+(token ids -> embeddings), `encoder_model.onnx` (embeddings with the image features in place
+of the image tokens -> encoder states) and `decoder_model.onnx` (the answer so far + encoder
+states -> next-token logits; no KV cache), with `--int8` also `*_int8.onnx` (dynamic
+quantisation); beside them config.json, generation_config.json, the processor and tokenizer
+files, the run's regions.yaml, and loomlens_export.json (what was exported, from which run).
+
+The export checks itself before it counts: on N synthetic loom frames, onnxruntime must find
+the same boxes as torch (each coordinate within `box_bins` location bins) with scores within
+`score_tol`; the comparison is returned (and printed by the CLI), and a failed check raises
+ExportCheckFailed. Everything is written to a temporary folder beside OUT and renamed to OUT
+only once complete and checked, so a failed export never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loomlens.data.records import Box
+from loomlens.infer.detection import detect_with_details
+from loomlens.infer.loading import load_for_inference
+from loomlens.infer.onnx_runtime import MANIFEST, PARTS, OnnxFlorence
+
+
+class ExportCheckFailed(RuntimeError):
+    """onnxruntime's answers differ from torch's beyond the tolerance; nothing was written."""
+
+
+@dataclass
+class FrameCheck:
+    """One check frame: boxes by torch and by onnxruntime, the largest coordinate difference in
+    location bins and score difference, and whether they agree within the tolerance."""
+
+    frame: int
+    parts: str
+    torch_boxes: int
+    onnx_boxes: int
+    max_bins: float
+    max_score_diff: float
+    ok: bool
+
+
+class _Vision(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model.model.get_image_features(pixel_values).pooler_output
+
+
+class _Embed(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model.get_input_embeddings()(input_ids)
+
+
+class _Encoder(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds, attention_mask):
+        return self.model.model.language_model.encoder(inputs_embeds=inputs_embeds,
+                                                       attention_mask=attention_mask).last_hidden_state
+
+
+class _Decoder(torch.nn.Module):
+    """Next-token logits for the whole answer so far (no cache): the last position only."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, encoder_hidden_states, encoder_attention_mask):
+        hidden = self.model.model.language_model.decoder(
+            input_ids=input_ids, encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask, use_cache=False).last_hidden_state
+        return self.model.lm_head(hidden[:, -1:, :])[:, 0, :]
+
+
+def _export_parts(model, processor, folder: Path, opset: int) -> None:
+    """The four parts of `model` (merged, fp32, eval) as ONNX files in `folder`."""
+    from PIL import Image
+
+    from loomlens.infer.pixels import model_inputs
+
+    size = processor.image_processor.size
+    inputs = model_inputs(processor, [Image.new("RGB", (size["width"], size["height"]))], ["<OD>"])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].clone()
+    # Traced with one padded position: an all-ones mask would let transformers skip the mask
+    # and the traced graph would then ignore padding for good.
+    mask[:, -1] = 0
+    with torch.no_grad():
+        features = _Vision(model)(inputs["pixel_values"])
+        embeds = _Embed(model)(ids).masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), features)
+        states = _Encoder(model)(embeds, mask)
+    decoder_ids = torch.tensor([[model.generation_config.decoder_start_token_id, 0]])
+    batch_seq = {0: "batch", 1: "sequence"}
+    specs = {
+        "vision_encoder": (_Vision(model), (inputs["pixel_values"],), ["pixel_values"], ["image_features"],
+                           {"pixel_values": {0: "batch"}, "image_features": {0: "batch"}}),
+        "embed_tokens": (_Embed(model), (ids,), ["input_ids"], ["inputs_embeds"],
+                         {"input_ids": batch_seq, "inputs_embeds": batch_seq}),
+        "encoder_model": (_Encoder(model), (embeds, mask), ["inputs_embeds", "attention_mask"], ["last_hidden_state"],
+                          {"inputs_embeds": batch_seq, "attention_mask": batch_seq, "last_hidden_state": batch_seq}),
+        "decoder_model": (_Decoder(model), (decoder_ids, states, mask),
+                          ["input_ids", "encoder_hidden_states", "encoder_attention_mask"], ["logits"],
+                          {"input_ids": {0: "batch", 1: "answer"}, "encoder_hidden_states": batch_seq,
+                           "encoder_attention_mask": batch_seq, "logits": {0: "batch"}}),
+    }
+    for name, (module, args, input_names, output_names, axes) in specs.items():
+        torch.onnx.export(module, args, str(folder / f"{name}.onnx"), input_names=input_names,
+                          output_names=output_names, dynamic_axes=axes, opset_version=opset, dynamo=False)
+
+
+def _quantize(folder: Path) -> None:
+    """`*_int8.onnx` beside each part: weights int8, activations quantised on the fly."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for part in PARTS:
+        quantize_dynamic(str(folder / f"{part}.onnx"), str(folder / f"{part}_int8.onnx"), weight_type=QuantType.QInt8)
+
+
+def compare(reference: list[list[Box]], candidate: list[list[Box]], sizes: list[tuple[int, int]], *,
+            parts: str, box_bins: float, score_tol: float) -> list[FrameCheck]:
+    """Frame by frame: the same boxes (count, order, labels; coordinates within `box_bins`
+    location bins of 1/1000 of the frame) with scores within `score_tol`."""
+    checks = []
+    for i, (ref, got, (w, h)) in enumerate(zip(reference, candidate, sizes, strict=True)):
+        bins = scores = 0.0
+        same = len(ref) == len(got) and all(a.label == b.label for a, b in zip(ref, got))
+        for a, b in zip(ref, got):
+            bins = max(bins, abs(a.x1 - b.x1) * 1000 / w, abs(a.x2 - b.x2) * 1000 / w,
+                       abs(a.y1 - b.y1) * 1000 / h, abs(a.y2 - b.y2) * 1000 / h)
+            scores = max(scores, abs((a.score or 0.0) - (b.score or 0.0)))
+        ok = same and bins <= box_bins + 1e-6 and scores <= score_tol
+        checks.append(FrameCheck(i, parts, len(ref), len(got), round(bins, 3), round(scores, 5), ok))
+    return checks
+
+
+def check_frames(count: int, size: tuple[int, int] = (768, 432)):
+    """`count` synthetic loom frames with defects (the demo's camera), for the self-check."""
+    from loomlens.data.synth import render_frame
+
+    return [render_frame(0, i, size, negative=False)[0] for i in range(count)]
+
+
+def export_onnx(*, run: str | Path | None, out: str | Path, model: str | None = None, checkpoint: str = "best",
+                opset: int = 17, int8: bool = False, frames: int = 4, max_boxes: int = 6, box_bins: float = 1.0,
+                score_tol: float = 0.01, log: Callable[[str], None] = print) -> list[FrameCheck]:
+    """Export base + the run's adapter, merged, as ONNX parts in `out`, checked against torch.
+
+    Args:
+        run: a run, checkpoint or adapter folder (None: the base alone).
+        out: the export folder; it must not exist yet.
+        model: the base (default: the run's).
+        opset: the ONNX opset the parts are written in.
+        int8: also write dynamically quantised parts, checked the same way.
+        frames: synthetic frames the check runs on (at least 1).
+        max_boxes, box_bins, score_tol: the check's answer budget and tolerances.
+        log: where progress lines go.
+    Returns:
+        the check, one row per frame and set of parts.
+    Raises:
+        FileExistsError when `out` exists; ValueError for a bad opset or frame count;
+        ExportCheckFailed when onnxruntime and torch disagree (nothing is left at `out`).
+    """
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; remove it or choose another folder (an export never "
+                              "writes over one)")
+    if not 14 <= opset <= 20:
+        raise ValueError(f"--opset must be 14..20 (scaled dot-product attention needs 14), got {opset}")
+    if frames < 1:
+        raise ValueError(f"--check-frames must be at least 1, got {frames}")
+    loaded = load_for_inference(model=model, adapter=run, checkpoint=checkpoint, precision="fp32")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        log(f"exporting {loaded.base}{' + ' + str(loaded.adapter) if loaded.adapter else ''} (merged, fp32) "
+            f"to ONNX opset {opset}")
+        # Traced on transformers' own SDPA path (its masks trace); the reference answers below
+        # run on the kernels `loomlens predict` uses.
+        attention = loaded.model.config._attn_implementation
+        loaded.model.set_attn_implementation("sdpa")
+        _export_parts(loaded.model, loaded.processor, tmp, opset)
+        loaded.model.set_attn_implementation(attention)
+        loaded.processor.save_pretrained(tmp)
+        loaded.model.config.save_pretrained(tmp)
+        loaded.model.generation_config.save_pretrained(tmp)
+        if loaded.rules is not None:
+            shutil.copy2(loaded.rules, tmp / "regions.yaml")
+        if int8:
+            log("quantising the parts to int8 (dynamic)")
+            _quantize(tmp)
+        (tmp / MANIFEST).write_text(json.dumps({
+            "format": "onnx", "parts": list(PARTS), "kv_cache": False, "opset": opset, "int8": int8,
+            "base": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None,
+            "run": str(loaded.run) if loaded.run else None, "classes": list(loaded.classes),
+            "trained_tasks": sorted(loaded.trained_tasks), "tile_size": loaded.tile_size,
+            "versions": {"torch": torch.__version__, "onnxruntime": _ort_version()},
+        }, indent=2) + "\n")
+        images = check_frames(frames)
+        sizes = [im.size for im in images]
+        options = {"max_boxes": max_boxes, "batch_size": 4, "classes": loaded.classes}
+        reference = [d.boxes for d in detect_with_details(loaded.model, loaded.processor, images, **options)]
+        checks = []
+        for quantised in [False, True] if int8 else [False]:
+            exported = OnnxFlorence(tmp, int8=quantised)
+            got = [d.boxes for d in detect_with_details(exported, loaded.processor, images, **options)]
+            checks += compare(reference, got, sizes, parts="int8" if quantised else "fp32",
+                              box_bins=box_bins, score_tol=score_tol)
+        if not all(c.ok for c in checks):
+            bad = [c for c in checks if not c.ok]
+            raise ExportCheckFailed(
+                f"onnxruntime differs from torch on {len(bad)} of {len(checks)} checks (tolerance: {box_bins:g} "
+                f"location bin(s), score {score_tol:g}): " + "; ".join(
+                    f"{c.parts} frame {c.frame}: {c.torch_boxes} vs {c.onnx_boxes} boxes, {c.max_bins:g} bins, "
+                    f"score {c.max_score_diff:g}" for c in bad[:5]) + f". Nothing was written to {out}.")
+        tmp.rename(out)
+        return checks
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

@@ -1,0 +1,277 @@
+"""Where a watcher's frames come from: a video file, a stream (RTSP, HTTP MJPEG), a camera index,
+or a folder where frames land. Each source is polled; it answers a frame, nothing yet, or `END`.
+
+A live source (stream or camera) is read by its own thread that keeps only the newest frame
+(decoded at most `fps` times a second), so a slow model never lets a backlog grow; when the
+stream drops, the thread reconnects with back-off, and gives up only after `max_reconnects`
+failed tries in a row (None: never). A file or folder is read at its own pace and ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from PIL import Image
+
+from loomlens.predict.sources import IMAGE_SUFFIXES, read_image
+from loomlens.predict.video import is_video, read_frames
+
+log = logging.getLogger("loomlens.watch")
+
+END = object()  # what `poll` answers once a source has nothing more to give
+_URL = re.compile(r"^(rtsp|rtsps|rtmp|http|https)://", re.IGNORECASE)
+
+
+@dataclass
+class Frame:
+    """One frame to predict on: the `camera` it is from, the picture (RGB), when it was seen
+    (UTC; for a video file, the watch's start plus the frame's time in the file) and its
+    number among the frames taken from this source."""
+
+    camera: str
+    image: Image.Image
+    at: datetime
+    index: int
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError as exc:
+        raise RuntimeError("watching streams and videos needs OpenCV: pip install 'loomlens[video]'") from exc
+    return cv2
+
+
+class VideoFileSource:
+    """The frames of a video file, `fps` of them per second of video, then END."""
+
+    live = False
+
+    def __init__(self, path: Path, camera: str, fps: float):
+        cv2 = _cv2()
+        capture = cv2.VideoCapture(str(path))
+        native = (capture.get(cv2.CAP_PROP_FPS) or 0.0) if capture.isOpened() else 0.0
+        capture.release()
+        self.camera, self.name = camera, str(path)
+        self.every = max(1, round(native / fps)) if native > 0 else 1
+        self.started = datetime.now(UTC)
+        self._frames = read_frames(path, self.every)
+        self._count = 0
+        self.reconnects = 0
+
+    def poll(self) -> Frame | None | object:
+        """The next sampled frame, or END after the last."""
+        frame = next(self._frames, None)
+        if frame is None:
+            if self._count == 0:
+                raise ValueError(f"{self.name} holds no frame OpenCV can decode: re-copy or re-encode it")
+            return END
+        self._count += 1
+        return Frame(self.camera, frame.image, self.started + timedelta(seconds=frame.timestamp), self._count - 1)
+
+    def close(self) -> None:
+        """Stop reading the file."""
+        self._frames.close()
+
+
+class FolderSource:
+    """Image files landing in a folder, oldest first (by modification time, then name). With
+    `once`, the files there now and then END; otherwise it keeps looking every `1 / fps`
+    seconds. Only a watermark is kept, never the list of files seen, so memory stays flat."""
+
+    live = False
+
+    def __init__(self, folder: Path, camera: str, fps: float, once: bool):
+        self.folder, self.camera, self.name, self.once = folder, camera, str(folder), once
+        self.interval = 1.0 / fps
+        self._mark: tuple[int, str] = (-1, "")
+        self._stop_at: tuple[int, str] | None = None
+        self._next_look = 0.0
+        self._count = 0
+        self.reconnects = 0
+        if once:
+            listed = self._listing()
+            self._stop_at = listed[-1][0] if listed else (-1, "")
+
+    def _listing(self) -> list[tuple[tuple[int, str], Path]]:
+        found = []
+        for path in self.folder.iterdir():
+            if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+                try:
+                    found.append(((path.stat().st_mtime_ns, path.name), path))
+                except FileNotFoundError:  # removed while listed
+                    continue
+        return sorted(found)
+
+    def poll(self) -> Frame | None | object:
+        """The oldest image newer than the last one read; None when there is none yet; END
+        (with `once`) when every file that was there at the start has been read."""
+        if self.once and self._mark >= self._stop_at:
+            return END
+        if time.monotonic() < self._next_look:
+            return None
+        newer = [(key, p) for key, p in self._listing() if key > self._mark
+                 and (self._stop_at is None or key <= self._stop_at)]
+        if not newer:
+            self._next_look = time.monotonic() + self.interval
+            return END if self.once else None
+        key, path = newer[0]
+        try:
+            image = read_image(path)
+        except (ValueError, OSError) as exc:
+            if not self.once and time.time() - key[0] / 1e9 < 2.0:
+                return None  # still being written: try it again on the next look
+            log.warning("skipping %s: %s", path, exc)
+            self._mark = key
+            return None
+        self._mark = key
+        self._count += 1
+        return Frame(self.camera, image, datetime.now(UTC), self._count - 1)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class LiveSource:
+    """A stream URL or camera index, read by a thread that keeps the newest frame.
+
+    Args:
+        target: the URL, or the camera index as an int.
+        camera: the camera id events are recorded under.
+        fps: frames a second handed out at most (the rest are grabbed and dropped undecoded).
+        max_reconnects: failed connection tries in a row before the source ends (None: never).
+        backoff_s: the first wait before reconnecting; it doubles per failure up to 30 s.
+        timeout_s: how long opening or reading may stall before the stream counts as dropped.
+    """
+
+    live = True
+
+    def __init__(self, target: str | int, camera: str, fps: float, *, max_reconnects: int | None = None,
+                 backoff_s: float = 0.5, timeout_s: float = 10.0):
+        self.cv2 = _cv2()
+        self.target, self.camera, self.name = target, camera, redact(str(target))
+        self.interval = 1.0 / fps
+        self.max_reconnects, self.backoff_s, self.timeout_s = max_reconnects, backoff_s, timeout_s
+        self.reconnects = 0
+        self._lock = threading.Lock()
+        self._latest: tuple[object, datetime] | None = None
+        self._ended = False
+        self._stop = threading.Event()
+        self._count = 0
+        self._thread = threading.Thread(target=self._run, name=f"loomlens-watch-{camera}", daemon=True)
+        self._thread.start()
+
+    def _open(self):
+        cv2 = self.cv2
+        ms = int(self.timeout_s * 1000)
+        if isinstance(self.target, int):
+            return cv2.VideoCapture(self.target)
+        return cv2.VideoCapture(self.target, cv2.CAP_FFMPEG,
+                                [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
+
+    def _read(self, capture) -> Iterator[None]:
+        """Grab every frame; decode and keep one per interval. Yields after each kept frame."""
+        last = 0.0
+        while not self._stop.is_set() and capture.grab():
+            now = time.monotonic()
+            if now - last < self.interval:
+                continue
+            ok, bgr = capture.retrieve()
+            if not ok:
+                break
+            last = now
+            with self._lock:
+                self._latest = (bgr, datetime.now(UTC))
+            yield
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            capture = self._open()
+            got = False
+            try:
+                if capture.isOpened():
+                    for _ in self._read(capture):
+                        got, failures = True, 0
+            finally:
+                capture.release()
+            if self._stop.is_set():
+                break
+            failures += not got
+            if self.max_reconnects is not None and failures > self.max_reconnects:
+                log.warning("%s: gave up after %d failed reconnects", self.name, self.max_reconnects)
+                break
+            wait = min(30.0, self.backoff_s * 2 ** max(0, failures - 1))
+            log.warning("%s: stream dropped; reconnecting in %.1f s", self.name, wait)
+            self.reconnects += 1
+            self._stop.wait(wait)
+        with self._lock:
+            self._ended = True
+
+    def poll(self) -> Frame | None | object:
+        """The newest frame not handed out yet, None when there is none, END once the reader
+        gave up."""
+        with self._lock:
+            latest, self._latest, ended = self._latest, None, self._ended
+        if latest is None:
+            return END if ended else None
+        bgr, at = latest
+        self._count += 1
+        image = Image.fromarray(self.cv2.cvtColor(bgr, self.cv2.COLOR_BGR2RGB))
+        return Frame(self.camera, image, at, self._count - 1)
+
+    def close(self) -> None:
+        """Stop the reader thread (it ends within one read timeout)."""
+        self._stop.set()
+        self._thread.join(timeout=self.timeout_s + 1)
+
+
+def redact(url: str) -> str:
+    """`url` without its `user:password@` part: what goes into logs, the database and alerts."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", url)
+
+
+def default_camera(spec: str) -> str:
+    """A camera id for a source: `cam0` for index 0, the file or folder name, host and path of
+    a URL (credentials dropped), in letters, digits, `.`, `_` and `-`."""
+    if spec.isdigit():
+        return f"cam{spec}"
+    if _URL.match(spec):
+        rest = spec.split("://", 1)[1].split("?", 1)[0].rsplit("@", 1)[-1]
+        name = rest.strip("/")
+    else:
+        path = Path(spec)
+        name = path.name if path.is_dir() else path.stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "camera"
+
+
+def open_source(spec: str, *, camera: str | None = None, fps: float = 2.0, once: bool = False,
+                max_reconnects: int | None = None, timeout_s: float = 10.0) -> VideoFileSource | FolderSource | LiveSource:
+    """The source `spec` names: a camera index (`0`), an RTSP/HTTP(S) URL, a folder or a video
+    file; `camera` is its id (default `default_camera(spec)`).
+
+    Raises ValueError for a spec that is none of those, or an fps that is not positive."""
+    if fps <= 0:
+        raise ValueError(f"--fps must be positive, got {fps}")
+    camera = camera or default_camera(spec)
+    if spec.isdigit():
+        return LiveSource(int(spec), camera, fps, max_reconnects=max_reconnects, timeout_s=timeout_s)
+    if _URL.match(spec):
+        return LiveSource(spec, camera, fps, max_reconnects=max_reconnects, timeout_s=timeout_s)
+    path = Path(spec)
+    if path.is_dir():
+        return FolderSource(path, camera, fps, once)
+    if path.is_file() and is_video(path):
+        return VideoFileSource(path, camera, fps)
+    if path.is_file():
+        raise ValueError(f"{spec} is not a video file; watch a folder of images, a video, a stream URL "
+                         "(rtsp://, http://) or a camera index")
+    raise ValueError(f"no such source {spec!r}: give a video file, a folder where frames land, an "
+                     "rtsp:// or http:// URL, or a camera index such as 0")

@@ -1,0 +1,205 @@
+"""The watcher: frames from its sources -> the model (through `loomlens.predict`) -> debounced
+defect events -> the event store, pictures on disk and alerts.
+
+Frames due from every source are predicted as one batch. Each camera has its own debouncer.
+An event is written (committed) when it starts, updated when its best score rises, and ended
+when the defect has gone; an event a killed watcher left open is marked interrupted when a
+watcher for that camera starts again. Memory is bounded: live sources keep one frame, the
+debouncers a capped number of tracks, and each track only the JPEGs of its best frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from PIL import Image
+
+from loomlens.data.records import Box
+from loomlens.events.store import Event, EventStore
+from loomlens.watch.alerts import Alerter
+from loomlens.watch.debounce import Change, DebounceSettings, Debouncer, Track
+from loomlens.watch.media import Retention, crop, jpeg, write_jpeg
+from loomlens.watch.sources import END, Frame
+
+log = logging.getLogger("loomlens.watch")
+
+Detect = Callable[[list[Image.Image]], list[list[Box]]]
+
+
+def predictor_detector(predictor, *, tile: str = "auto", score_threshold: float = 0.0) -> Detect:
+    """A `Detect` over a `loomlens.predict.Predictor` (or an object with its `predict`): `od`
+    boxes per image, tiled as the run was trained (`tile` auto) and filtered by its region
+    rules and `score_threshold`."""
+
+    def detect(images: list[Image.Image]) -> list[list[Box]]:
+        return [p.boxes for p in predictor.predict(images, task="od", tile=tile, score_threshold=score_threshold)]
+
+    return detect
+
+
+@dataclass
+class _Snapshot:
+    """A track's best frame as JPEGs, kept until the track starts or improves an event."""
+
+    frame: int
+    full: bytes
+    crop: bytes
+
+
+@dataclass
+class _Camera:
+    """One camera's state: its debouncer, the event id and times of each track, best JPEGs."""
+
+    debouncer: Debouncer
+    source: str
+    events: dict[int, int] = field(default_factory=dict)
+    first_at: dict[int, datetime] = field(default_factory=dict)
+    last_at: dict[int, datetime] = field(default_factory=dict)
+    snapshots: dict[int, _Snapshot] = field(default_factory=dict)
+    flushed: dict[int, float] = field(default_factory=dict)
+    paths: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+
+class Watcher:
+    """Watches `sources` until they end (or `stop` is set).
+
+    Args:
+        sources: opened sources (`loomlens.watch.sources.open_source`).
+        detect: images -> boxes per image (`predictor_detector`).
+        store: where events go.
+        media: the folder for event JPEGs (None: no pictures).
+        debounce: k of n / m settings, shared by every camera.
+        alerts: where new events are announced (None: nowhere).
+        retention: the limits on `media` (None: none).
+        seen_every_s: how often an open event's last-seen time and frame count are written.
+        idle_s: sleep when no source has a frame ready.
+    """
+
+    def __init__(self, *, sources: Sequence, detect: Detect, store: EventStore, media: Path | None = None,
+                 debounce: DebounceSettings | None = None, alerts: Alerter | None = None,
+                 retention: Retention | None = None, seen_every_s: float = 5.0, idle_s: float = 0.02):
+        cameras = [s.camera for s in sources]
+        if len(set(cameras)) != len(cameras):
+            raise ValueError(f"two sources share a camera id ({cameras}); name each with --camera")
+        self.sources = list(sources)
+        self.detect, self.store, self.media, self.alerts, self.retention = detect, store, media, alerts, retention
+        self.debounce = debounce or DebounceSettings()
+        self.seen_every_s, self.idle_s = seen_every_s, idle_s
+        self.cameras = {s.camera: _Camera(Debouncer(self.debounce), s.name) for s in self.sources}
+        self.stats = {"frames": 0, "events": 0, "ended": 0, "interrupted_before": 0}
+
+    def run(self, stop: threading.Event | None = None) -> dict:
+        """Watch until every source ended or `stop` is set; open events are then ended. Returns
+        counts: frames, events started and ended, events a previous run left open, reconnects."""
+        stop = stop or threading.Event()
+        self.stats["interrupted_before"] = self.store.interrupt_open(list(self.cameras))
+        active = list(self.sources)
+        try:
+            while active and not stop.is_set():
+                due: list[Frame] = []
+                for source in list(active):
+                    got = source.poll()
+                    if got is END:
+                        active.remove(source)
+                        self._finish(source.camera)
+                    elif got is not None:
+                        due.append(got)
+                if not due:
+                    stop.wait(self.idle_s)
+                    continue
+                for frame, boxes in zip(due, self.detect([f.image for f in due]), strict=True):
+                    self._frame(frame, boxes)
+                self.stats["frames"] += len(due)
+                if self.retention is not None:
+                    self.retention.maybe_prune()
+        finally:
+            for source in self.sources:
+                source.close()
+            for camera in self.cameras:
+                self._finish(camera)
+        self.stats["reconnects"] = {s.camera: s.reconnects for s in self.sources}
+        return dict(self.stats)
+
+    def _frame(self, frame: Frame, boxes: list[Box]) -> None:
+        cam = self.cameras[frame.camera]
+        changes = cam.debouncer.update(frame.index, boxes)
+        full: bytes | None = None
+        live = {t.id for t in cam.debouncer.tracks}
+        for track in cam.debouncer.tracks:
+            if track.last_frame == frame.index:
+                cam.last_at[track.id] = frame.at
+                cam.first_at.setdefault(track.id, frame.at)
+            if track.best_frame == frame.index and self.media is not None:
+                snap = cam.snapshots.get(track.id)
+                if snap is None or snap.frame != frame.index:
+                    full = full or jpeg(frame.image)
+                    cam.snapshots[track.id] = _Snapshot(frame.index, full, jpeg(crop(frame.image, track.best)))
+        for change in changes:
+            self._apply(frame, cam, change)
+        for state in (cam.first_at, cam.last_at, cam.snapshots, cam.flushed, cam.paths):
+            for track_id in set(state) - live:
+                del state[track_id]
+
+    def _pictures(self, camera: str, cam: _Camera, track: Track) -> dict:
+        """Write the track's best JPEGs (over its earlier ones); their paths for the row."""
+        snap = cam.snapshots.get(track.id)
+        if snap is None or self.media is None:
+            return {}
+        if track.id not in cam.paths:
+            stem = self.media / camera / uuid.uuid4().hex
+            cam.paths[track.id] = (f"{stem}-frame.jpg", f"{stem}-crop.jpg")
+        frame_path, crop_path = cam.paths[track.id]
+        write_jpeg(Path(frame_path), snap.full)
+        write_jpeg(Path(crop_path), snap.crop)
+        return {"frame_path": frame_path, "crop_path": crop_path}
+
+    def _apply(self, frame: Frame, cam: _Camera, change: Change) -> None:
+        track, camera = change.track, frame.camera
+        best = track.best
+        where = {"score": float(best.score if best.score is not None else 1.0),
+                 "x1": best.x1, "y1": best.y1, "x2": best.x2, "y2": best.y2}
+        last_at = cam.last_at.get(track.id, frame.at)
+        if change.kind == "started":
+            ev = Event(camera=camera, label=track.label, started_at=cam.first_at.get(track.id, frame.at),
+                       last_seen_at=last_at, width=frame.image.width, height=frame.image.height,
+                       frames=track.hits, source=cam.source, **where,
+                       **self._pictures(camera, cam, track))
+            cam.events[track.id] = self.store.start(ev)
+            cam.flushed[track.id] = time.monotonic()
+            self.stats["events"] += 1
+            log.info("event %d: %s on %s (score %.2f)", ev.id, track.label, camera, ev.score)
+            if self.alerts is not None:
+                self.alerts.send({"type": "defect", **ev.as_json()})
+            return
+        event_id = cam.events.get(track.id)
+        if event_id is None:
+            return
+        if change.kind == "improved":
+            self.store.update(event_id, last_seen_at=last_at, frames=track.hits, **where,
+                              **self._pictures(camera, cam, track))
+            cam.flushed[track.id] = time.monotonic()
+        elif change.kind == "seen" and time.monotonic() - cam.flushed.get(track.id, 0.0) >= self.seen_every_s:
+            self.store.update(event_id, last_seen_at=last_at, frames=track.hits)
+            cam.flushed[track.id] = time.monotonic()
+        elif change.kind == "ended":
+            self._end(cam, track, last_at)
+
+    def _end(self, cam: _Camera, track: Track, last_at: datetime) -> None:
+        event_id = cam.events.pop(track.id, None)
+        if event_id is None:
+            return
+        self.store.update(event_id, status="ended", ended_at=last_at, last_seen_at=last_at, frames=track.hits)
+        self.stats["ended"] += 1
+
+    def _finish(self, camera: str) -> None:
+        """The camera's source ended: end its open events when their defect was last seen."""
+        cam = self.cameras[camera]
+        for change in cam.debouncer.finish():
+            self._end(cam, change.track, cam.last_at.get(change.track.id) or datetime.now(UTC))

@@ -1,0 +1,118 @@
+"""GET /v1/events and /v1/events/{id}/image read the watchers' database (not a watcher's
+memory), behind the API key like the rest of /v1; the Line view lists the same events."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from loomlens.events import Event, EventStore
+from loomlens.serve import ServeSettings, create_app
+from loomlens.serve.events import line_view
+
+KEY = "events-key-91"
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    from loomlens.predict import Predictor
+
+    return Predictor(model="tiny", max_boxes=2, batch_size=2, text_tokens=12)
+
+
+@pytest.fixture()
+def db(tmp_path):
+    """A watcher's database: 3 events on 2 cameras, the newest with its JPEGs on disk."""
+    path = tmp_path / "events.db"
+    store = EventStore(path)
+    for i, (camera, label) in enumerate([("loom1", "hole"), ("loom2", "stain"), ("loom1", "stain")]):
+        at = NOW - timedelta(hours=30) + timedelta(hours=15 * i)
+        frame = crop = None
+        if i == 2:
+            frame, crop = tmp_path / "f.jpg", tmp_path / "c.jpg"
+            Image.new("RGB", (64, 36), "gray").save(frame)
+            Image.new("RGB", (20, 20), "white").save(crop)
+            frame, crop = str(frame), str(crop)
+        store.start(Event(camera=camera, label=label, started_at=at, last_seen_at=at, score=0.2 + 0.3 * i,
+                          x1=1, y1=1, x2=9, y2=9, width=64, height=36, frame_path=frame, crop_path=crop))
+    store.close()
+    return path
+
+
+def _client(predictor, **settings) -> TestClient:
+    return TestClient(create_app(predictor, ServeSettings(page=False, **settings)),
+                      headers={"X-API-Key": KEY})
+
+
+def test_events_are_paged_and_filtered(predictor, db) -> None:
+    with _client(predictor, events_db=str(db), api_key=KEY) as client:
+        assert client.get("/v1/events", headers={"X-API-Key": "wrong"}).status_code == 401
+        body = client.get("/v1/events", params={"limit": 2}).json()
+        assert body["total"] == 3 and [e["id"] for e in body["events"]] == [3, 2] and body["next_offset"] == 2
+        assert client.get("/v1/events", params={"limit": 2, "offset": 2}).json()["next_offset"] is None
+        assert [e["id"] for e in client.get("/v1/events", params={"camera": "loom1"}).json()["events"]] == [3, 1]
+        assert [e["id"] for e in client.get("/v1/events", params={"class": "stain"}).json()["events"]] == [3, 2]
+        since = (NOW - timedelta(hours=20)).isoformat()
+        assert client.get("/v1/events", params={"since": since}).json()["total"] == 2
+        until = (NOW - timedelta(hours=20)).replace(tzinfo=None).isoformat()  # no zone: UTC
+        assert [e["id"] for e in client.get("/v1/events", params={"until": until}).json()["events"]] == [1]
+        newest = client.get("/v1/events", params={"limit": 1}).json()["events"][0]
+        assert newest["camera"] == "loom1" and newest["box"] == [1.0, 1.0, 9.0, 9.0]
+        assert newest["images"] == {"frame": True, "crop": True}
+        bad = client.get("/v1/events", params={"limit": 0})
+        assert bad.status_code == 422 and "error" in bad.json()
+
+
+def test_event_images(predictor, db) -> None:
+    with _client(predictor, events_db=str(db)) as client:
+        frame = client.get("/v1/events/3/image")
+        assert frame.status_code == 200 and frame.headers["content-type"] == "image/jpeg"
+        assert Image.open(__import__("io").BytesIO(frame.content)).size == (64, 36)
+        assert Image.open(__import__("io").BytesIO(client.get("/v1/events/3/image?kind=crop").content)).size == (20, 20)
+        gone = client.get("/v1/events/1/image")
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "image_gone"
+        assert client.get("/v1/events/99/image").json()["error"]["code"] == "no_such_event"
+        assert client.get("/v1/events/3/image?kind=thumb").status_code == 422
+
+
+def test_a_watcher_writing_later_is_seen_without_restart(predictor, db) -> None:
+    with _client(predictor, events_db=str(db)) as client:
+        assert client.get("/v1/events").json()["total"] == 3
+        writer = EventStore(db)
+        writer.start(Event(camera="loom3", label="hole", started_at=NOW, last_seen_at=NOW, score=0.5,
+                           x1=0, y1=0, x2=5, y2=5, width=64, height=36))
+        writer.close()
+        assert client.get("/v1/events", params={"camera": "loom3"}).json()["total"] == 1
+
+
+def test_without_an_events_db_the_routes_say_how_to_set_one(predictor) -> None:
+    with _client(predictor) as client:
+        answer = client.get("/v1/events")
+        assert answer.status_code == 404 and "--events-db" in answer.json()["error"]["message"]
+
+
+def test_line_view_rows_and_thumbnails(db) -> None:
+    store = EventStore(db, create=False)
+    gallery, rows = line_view(store, camera="all", label="all", window="last 24 hours", now=NOW)
+    assert [r[0] for r in rows] == [3, 2] and len(gallery) == 1
+    thumb, caption = gallery[0]
+    assert thumb.size == (20, 20) and caption.startswith("#3 loom1: stain")
+    assert [r[0] for r in line_view(store, camera="loom1", label=None, window="all", now=NOW)[1]] == [3, 1]
+    assert line_view(store, camera="loom2", label="hole", window="all", now=NOW) == ([], [])
+    with pytest.raises(ValueError, match="time window"):
+        line_view(store, camera=None, label=None, window="forever")
+
+
+def test_the_page_has_a_line_view_reading_the_events(predictor, db, tmp_path) -> None:
+    app = create_app(predictor, ServeSettings(events_db=str(db), examples=0, examples_dir=str(tmp_path)))
+    with TestClient(app) as client:
+        config = client.get("/config").json()
+    ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
+    assert {"line-gallery", "line-events", "line-camera", "line-class", "line-window"} <= ids
+    assert "input-image" in ids  # the Predict tab is still there
+    cameras = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "line-camera")
+    assert [choice[0] for choice in cameras["props"]["choices"]] == ["all", "loom1", "loom2"]

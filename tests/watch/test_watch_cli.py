@@ -1,0 +1,45 @@
+"""`loomlens watch` end to end on a synthetic video with the tiny model: it runs, records one
+debounced event to SQLite with its pictures, and ends by itself when the file is read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from loomlens.cli import app
+from loomlens.events import EventStore
+from loomlens.watch.debounce import iou
+from loomlens.data.records import Box
+
+
+def test_watch_a_video_records_one_event(line_video, tmp_path) -> None:
+    db = tmp_path / "out" / "events.db"
+    result = CliRunner().invoke(app, ["watch", str(line_video), "--db", str(db), "--fps", "10",
+                                      "--k", "2", "--n", "3", "--m", "2", "--camera", "loom7"])
+    assert result.exit_code == 0, result.output
+    assert "16 frames, 1 events (1 ended)" in result.output
+    events, total = EventStore(db, create=False).query()
+    assert total == 1
+    event = events[0]
+    assert (event.camera, event.status, event.source) == ("loom7", "ended", str(line_video))
+    assert iou(Box(event.label, event.x1, event.y1, event.x2, event.y2), Box("d", 200, 100, 261, 151)) > 0.7
+    assert event.started_at < event.ended_at and 2 <= event.frames <= 8
+    assert (event.width, event.height) == (512, 288)
+    with Image.open(event.frame_path) as frame, Image.open(event.crop_path) as crop:
+        assert frame.size == (512, 288) and crop.width < 512
+    assert Path(event.frame_path).parent == tmp_path / "out" / "event-images" / "loom7"
+
+
+def test_watch_refuses_bad_sources_and_settings(line_video, tmp_path) -> None:
+    runner = CliRunner()
+    db = str(tmp_path / "e.db")
+    missing = runner.invoke(app, ["watch", str(tmp_path / "nope.mp4"), "--db", db])
+    assert missing.exit_code == 1 and "no such source" in missing.output
+    bad_k = runner.invoke(app, ["watch", str(line_video), "--db", db, "--k", "4", "--n", "3"])
+    assert bad_k.exit_code == 1 and "k <= n" in bad_k.output
+    cameras = runner.invoke(app, ["watch", str(line_video), "--db", db, "--camera", "a", "--camera", "b"])
+    assert cameras.exit_code == 1 and "one per source" in cameras.output
+    hook = runner.invoke(app, ["watch", str(line_video), "--db", db, "--webhook", "ftp://x"])
+    assert hook.exit_code == 1 and "webhook" in hook.output
