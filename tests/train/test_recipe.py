@@ -288,11 +288,14 @@ def test_attention_follows_the_device_and_the_pointer_loss(make_config, monkeypa
 
 def test_a_time_budget_is_planned_into_steps_before_the_first_one(make_config, monkeypatch):
     monkeypatch.setattr(recipe, "measure_step_seconds", lambda s: 0.01)
-    result = train(make_config(max_steps=None, time_budget=2.0, eval_every=0))
-    # 85 % of 2 s at 0.01 s a step = 170 steps, two significant figures.
-    assert result.state.planned_steps == 170
+    said = []
+    result = train(make_config(max_steps=None, time_budget=2.0, eval_every=0), log=said.append)
+    # 85 % of 2 s at 0.01 s a step = 170 steps, two significant figures; the steps here are
+    # slower than that, so evaluations cut the plan to what the budget holds.
+    assert "planned 170 steps: 0.010 s a step measured, 2 s budget" in said
     saved = read_trainer_state(result.run_dir / "checkpoints" / "last")
-    assert saved["state"]["planned_steps"] == 170
+    assert saved["state"]["planned_steps"] == result.state.planned_steps <= 170
+    assert result.state.step <= result.state.planned_steps
 
 
 def test_warmup_is_a_share_of_the_planned_steps(make_config, monkeypatch):
@@ -354,3 +357,24 @@ def test_resume_refuses_changed_settings_and_records_allowed_ones(make_config):
     amendments = yaml.safe_load((cfg.out / "amendments.yaml").read_text())
     assert amendments == [{"step": 2, "changes": {"max_steps": [2, 3]}}]
     assert yaml.safe_load((cfg.out / "config.yaml").read_text())["max_steps"] == 3
+
+
+def test_slow_evaluations_are_spaced_and_a_slow_machine_plans_fewer_steps():
+    from types import SimpleNamespace
+
+    from loomlens.train.checkpoint import TrainerState
+
+    said = []
+    s = SimpleNamespace(
+        state=TrainerState(step=100, train_seconds=60.0, eval_seconds=10.0, planned_steps=1000),
+        cfg=SimpleNamespace(time_budget=200.0, eval_every=None), eval_every=50, total_steps=1000, say=said.append, metrics=None,
+        epoch=1.0,
+    )
+    recipe.keep_to_budget(s, eval_seconds=10.0)
+    # 0.5 s a step (evaluations excluded): a 10 s evaluation asks for 180 steps between two.
+    assert s.eval_every == 180
+    # 140 s left, 90 % for steps at 0.5 s: 252 more steps fit, not 900.
+    assert s.total_steps == s.state.planned_steps == 352
+    assert any("evaluating every 180 steps" in line for line in said)
+    recipe.keep_to_budget(s, eval_seconds=1.0)  # a cheap one changes nothing
+    assert s.eval_every == 180 and s.total_steps == 352

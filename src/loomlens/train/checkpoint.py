@@ -40,7 +40,8 @@ class UnsafeCheckpointError(ValueError):
 @dataclass
 class TrainerState:
     """Where the loop is: optimizer steps done, epoch, accumulation windows done in it, the
-    best evaluation so far (higher is better), the steps planned for the run, the learning-rate
+    best evaluation so far (higher is better), the steps planned for the run, the seconds spent
+    evaluating, the learning-rate
     factor left by rollbacks and the guard's state (`loomlens.train.guard`)."""
 
     step: int = 0
@@ -51,6 +52,7 @@ class TrainerState:
     evals_since_best: int = 0
     train_seconds: float = 0.0
     planned_steps: int | None = None
+    eval_seconds: float = 0.0
     lr_scale: float = 1.0
     guard: dict = field(default_factory=dict)
 

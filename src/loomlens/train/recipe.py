@@ -58,7 +58,7 @@ from loomlens.train.checkpoint import (
 from loomlens.train.curves import MetricsLog, plot_run
 from loomlens.train.guard import Evaluation, Guard
 from loomlens.train.loss import LossSpec, batch_loss, with_image_embeds
-from loomlens.train.schedule import lr_factor, plan_steps, position, warmup_steps
+from loomlens.train.schedule import lr_factor, plan_steps, warmup_steps
 
 #: Passes timed before the first step to plan a time-budgeted run (the first ones are slow
 #: for one-off reasons and are not counted), and the fewest steps between two evaluations.
@@ -402,8 +402,7 @@ def optimizer_step(s: Session, loss: float) -> tuple[float, float | None]:
     or gradient norm never reaches the weights: the step is skipped and `diverged` decides."""
     cfg, state = s.cfg, s.state
     grad_norm = float(s.accelerator.clip_grad_norm_(s.params, cfg.max_grad_norm or math.inf))
-    where = position(state.step, state.train_seconds, s.total_steps, cfg.time_budget)
-    lr = cfg.lr * state.lr_scale * lr_factor(where, s.warmup, s.total_steps, cfg.schedule)
+    lr = cfg.lr * state.lr_scale * lr_factor(state.step, s.warmup, s.total_steps, cfg.schedule)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         s.optimizer.zero_grad(set_to_none=True)
         diverged(s, f"loss {loss}, gradient norm {grad_norm} at step {state.step + 1}")
@@ -493,7 +492,10 @@ def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], 
     stops), save `last/` (copied to `best/` when the score improved), log; return the
     evaluation and the stop reason."""
     cfg, state = s.cfg, s.state
+    started = time.monotonic()
     result = _evaluate(s)
+    state.eval_seconds += time.monotonic() - started
+    keep_to_budget(s, time.monotonic() - started)
     score = selection_score(result, cfg.best_metric)
     train_loss = sum(s.losses) / len(s.losses) if s.losses else None
     s.losses.clear()
@@ -513,6 +515,31 @@ def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], 
         stopped = "collapsed" if "collapse" in verdict.reason else "early_stopping"
     save(s, improved=improved)
     return result, stopped
+
+
+#: The share of a run's time evaluations may take: the steps between two evaluations take at
+#: least this many times as long as one evaluation.
+EVAL_SHARE = 0.1
+
+
+def keep_to_budget(s: Session, eval_seconds: float) -> None:
+    """After an evaluation that took `eval_seconds`: space evaluations (when their cadence is
+    automatic, `eval_every: null`) so that they take at most `EVAL_SHARE` of the time, and with a
+    time budget, cut the planned steps to what the rest of
+    it holds at the step rate measured so far (evaluations excluded), so the schedule still
+    anneals by the deadline on a machine slower than planned. Both are logged when they change."""
+    state, budget = s.state, s.cfg.time_budget
+    step_seconds = max(1e-6, (state.train_seconds - state.eval_seconds) / max(1, state.step))
+    spaced = math.ceil(eval_seconds * (1 - EVAL_SHARE) / EVAL_SHARE / step_seconds)
+    if s.cfg.eval_every is None and spaced > s.eval_every:
+        event(s, f"an evaluation takes {eval_seconds:.0f} s: evaluating every {spaced} steps, not {s.eval_every}")
+        s.eval_every = spaced
+    if budget:
+        left = budget - state.train_seconds
+        fits = state.step + max(1, int(left * (1 - EVAL_SHARE) / step_seconds))
+        if fits < s.total_steps:
+            event(s, f"{step_seconds:.2f} s a step: the budget holds {fits} steps, not {s.total_steps}")
+            s.total_steps = state.planned_steps = fits
 
 
 def selection_score(result: dict[str, float], metric: str) -> float:

@@ -11,10 +11,12 @@ wall-clock-dependent amount, so two runs of the same seed on the same machine tr
 differently (docs/training.md, "Time budgets"). A run that makes its steps within the budget
 follows its steps alone, identically every time. Pretraining paces its schedule the same way.
 
-A time budget without a step count is turned into one before the first step (`plan_steps`):
-the budget divided by the measured seconds per step, rounded down to two significant figures so
-that the jitter of one measurement rarely changes the plan. Warmup is then a share of the steps
-the run will really make, never of a nominal count it cannot reach.
+Fine-tuning does not pace by time: it turns a time budget into a number of steps before the
+first one (`plan_steps`: the budget divided by the measured seconds per step, rounded down to
+two significant figures so that the jitter of one measurement rarely changes the plan), and
+cuts that plan after an evaluation if the machine turned out slower (`recipe.keep_to_budget`).
+Warmup is then a share of the steps the run will really make, never of a nominal count it
+cannot reach. Pretraining paces by time with `position`.
 """
 
 from __future__ import annotations
