@@ -17,7 +17,7 @@ def lora_model():
 
     model, processor = load_model("tiny")
     torch.manual_seed(0)
-    peft_model = apply_lora(model, LoraSettings(targets="seed", r=4))
+    peft_model = apply_lora(model, LoraSettings(targets="seed", r=4, dropout=0.0))  # foldable
     with torch.no_grad():  # non-zero B, so every adapter gets a gradient
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -46,10 +46,16 @@ def grads_and_calls(model, processor):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, calls
 
 
-def test_checkpointing_recomputes_each_tower_and_keeps_the_gradients():
+@pytest.mark.parametrize("folded", [False, True])
+def test_checkpointing_recomputes_each_tower_and_keeps_the_gradients(folded):
+    """Also over LoRA layers in their folded form (`speed.fold_lora`, the recipe's default)."""
+    from loomlens.model.folded_lora import fold_lora
+
     plain_model, processor = lora_model()
-    expected, plain_calls = grads_and_calls(plain_model, processor)
     model, _ = lora_model()
+    if folded:
+        assert fold_lora(plain_model) == fold_lora(model) > 0
+    expected, plain_calls = grads_and_calls(plain_model, processor)
     counts = enable_gradient_checkpointing(model, vision=True, language=True)
     assert counts["vision"] > 0 and counts["language"] > 0
     assert enable_gradient_checkpointing(model) == counts  # again: harmless
