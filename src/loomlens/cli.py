@@ -482,14 +482,15 @@ def merge_command(
     out: Path = typer.Argument(..., help="Folder for the merged model."),
     checkpoint: str = typer.Option("best", help="best or last."),
     model: str | None = typer.Option(None, help="Base model, if not the one recorded with the run."),
+    dtype: str = typer.Option("fp16", help="Stored precision: fp16 (default), bf16 or fp32."),
 ) -> None:
     """Merge the LoRA adapter into its base: a plain Florence-2 folder for `from_pretrained`."""
     from loomlens.model.loader import ModelLoadError
     from loomlens.model.merge import merge_adapter
 
     try:
-        path = merge_adapter(run, out, checkpoint, base=model)
-    except (FileExistsError, FileNotFoundError, ModelLoadError) as err:
+        path = merge_adapter(run, out, checkpoint, base=model, dtype=dtype)
+    except (FileExistsError, FileNotFoundError, ModelLoadError, ValueError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"merged model in {path}: Florence2ForConditionalGeneration.from_pretrained({str(path)!r})")
 

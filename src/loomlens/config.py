@@ -102,6 +102,10 @@ class SpeedSettings(BaseModel):
         0, ge=0, description="processes preparing batches (GPU runs on large data); 0 = in the loop, with "
         "every image processed once and cached",
     )
+    gradient_checkpointing: Literal["none", "vision", "language", "both"] = Field(
+        "none", description="recompute activations in backward on these towers: less memory per sample "
+        "(docs/training.md, \"Memory\"), more compute",
+    )
 
 
 class AugmentSettings(BaseModel):

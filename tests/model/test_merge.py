@@ -44,7 +44,7 @@ def test_merged_folder_loads_with_plain_transformers_and_matches(base_dir, tmp_p
     from loomlens.model import load_model
 
     fake_run(base_dir, tmp_path / "run", dora)
-    out = merge_adapter(tmp_path / "run", tmp_path / "merged")
+    out = merge_adapter(tmp_path / "run", tmp_path / "merged", dtype="fp32")
 
     merged = Florence2ForConditionalGeneration.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
@@ -72,3 +72,21 @@ def test_merge_refuses_to_replace_a_folder_that_is_not_a_merged_model(tmp_path):
     with pytest.raises(FileExistsError):
         merge_adapter(tmp_path / "run", tmp_path / "precious")
     assert (tmp_path / "precious" / "notes.txt").exists()
+
+
+def test_merge_stores_half_precision_by_default_with_every_checkpoint_file(base_dir, tmp_path):
+    from safetensors import safe_open
+    from transformers import Florence2ForConditionalGeneration
+
+    from loomlens.model.merge import MIN_TRANSFORMERS, REQUIRED_FILES
+
+    fake_run(base_dir, tmp_path / "run", dora=False)
+    out = merge_adapter(tmp_path / "run", tmp_path / "merged")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.float16}
+    assert all((out / name).exists() for name in REQUIRED_FILES)
+    assert MIN_TRANSFORMERS in (out / "README.md").read_text()
+    bf16 = merge_adapter(tmp_path / "run", tmp_path / "merged-bf16", dtype="bf16")
+    assert Florence2ForConditionalGeneration.from_pretrained(bf16).lm_head.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16, bf16, fp32"):
+        merge_adapter(tmp_path / "run", tmp_path / "merged-x", dtype="int8")

@@ -378,3 +378,12 @@ def test_slow_evaluations_are_spaced_and_a_slow_machine_plans_fewer_steps():
     assert any("evaluating every 180 steps" in line for line in said)
     recipe.keep_to_budget(s, eval_seconds=1.0)  # a cheap one changes nothing
     assert s.eval_every == 180 and s.total_steps == 352
+
+
+def test_gradient_checkpointing_trains_the_same_weights(make_config, tmp_path):
+    common = dict(max_steps=2, eval_every=0, lora={"r": 4, "dropout": 0.0})
+    plain = train(make_config(**common, out=str(tmp_path / "a")))
+    saved = train(make_config(**common, gradient_checkpointing="both", out=str(tmp_path / "b")))
+    a, b = adapter_weights(plain.model), adapter_weights(saved.model)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)

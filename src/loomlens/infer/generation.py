@@ -7,6 +7,13 @@ log-probs) per image; `infer/scoring.py` turns those into box scores.
 model's *raw* logits (`output_logits=True`), renormalised over the whole vocabulary. Reading
 the processed scores instead would report the probability under any constraint in force
 (`infer/grammar.py`), which is 1.0 for a forced token and says nothing about the model's belief.
+
+Every call sets each generation setting loomlens relies on (`generation_settings`), so a
+checkpoint's `generation_config.json` never changes an answer: the real Florence-2's
+(`num_beams 3`, `no_repeat_ngram_size 3`) would otherwise ban the second `broken-weft` of an
+answer, and a re-saved one may carry swapped bos/eos/pad ids. Rows of the output layer past
+the tokenizer's length (the native conversion pads the vocabulary to a multiple of 64) are no
+tokens at all: `VocabMask` keeps them out of every answer and out of the log-probs.
 """
 
 from __future__ import annotations
@@ -16,11 +23,85 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from loomlens.infer.pixels import model_inputs
 
 #: Tokens a box label is assumed to take when the class names are unknown.
 DEFAULT_LABEL_TOKENS = 4
+#: Generation settings that have no neutral value to pass: a checkpoint that sets one of them
+#: in its generation_config is refused (`generation_settings`), since it would change answers.
+UNSETTABLE = (
+    "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
+    "exponential_decay_length_penalty", "stop_strings", "max_time", "guidance_scale",
+    "watermarking_config", "force_words_ids", "constraints", "penalty_alpha", "dola_layers",
+    "prompt_lookup_num_tokens",
+)
+
+
+class VocabMask(LogitsProcessor):
+    """Forbids the output rows at or past `size` (the tokenizer's length): the padding rows a
+    native Florence-2's `lm_head` has beyond the real vocabulary, which decode to nothing."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[-1] <= self.size:
+            return scores
+        masked = scores.clone()
+        masked[:, self.size :] = float("-inf")
+        return masked
+
+
+def generation_settings(model, tokenizer, *, max_new_tokens: int, num_beams: int) -> dict:
+    """Every `generate` setting that can change an answer, set to what loomlens wants.
+
+    Args:
+        model: the Florence-2 whose `generation_config` is checked for settings with no
+            neutral value (`UNSETTABLE`).
+        tokenizer: gives the bos/eos/pad ids (a re-saved checkpoint may carry swapped ones).
+        max_new_tokens: the answer's token budget (capped by the decoder's position table).
+        num_beams: 1 for greedy, more for beam search.
+
+    Returns:
+        Keyword arguments for `model.generate`: greedy or plain beam search, no n-gram ban,
+        no penalties, `<s>` forced first and `</s>` forced at the budget's end (the label
+        format `</s><s>answer</s>`), ids from the tokenizer.
+    """
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be 1 or more, got {num_beams}")
+    inherited = getattr(model, "generation_config", None)
+    found = [k for k in UNSETTABLE if inherited is not None and getattr(inherited, k, None) not in (None, 0, [], {})]
+    if found:
+        raise ValueError(
+            f"the model's generation_config sets {', '.join(found)}, which would change loomlens's answers; "
+            "remove those entries from the checkpoint's generation_config.json"
+        )
+    return {
+        "max_new_tokens": min(max_new_tokens, decoder_limit(model)),
+        "min_new_tokens": 0,
+        "num_beams": num_beams,
+        "num_beam_groups": 1,
+        "diversity_penalty": 0.0,
+        "do_sample": False,
+        "early_stopping": num_beams > 1,
+        "length_penalty": 1.0,
+        "repetition_penalty": 1.0,
+        "encoder_repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "encoder_no_repeat_ngram_size": 0,
+        "num_return_sequences": 1,
+        "renormalize_logits": False,
+        "remove_invalid_values": False,
+        "use_cache": True,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "decoder_start_token_id": tokenizer.eos_token_id,
+        "forced_bos_token_id": tokenizer.bos_token_id,
+        "forced_eos_token_id": tokenizer.eos_token_id,
+    }
 
 
 @dataclass
@@ -60,6 +141,17 @@ def _trim(ids: list[int], logprobs: list[float], eos_id: int, pad_id: int) -> tu
     return ids[:end], logprobs[:end]
 
 
+def _real_logprobs(logits: tuple[torch.Tensor, ...], size: int) -> tuple[torch.Tensor, ...]:
+    """Per-step log-softmax over the first `size` rows (the tokenizer's tokens), the padding
+    rows at -inf, so the tensors keep the model's width for `compute_transition_scores`."""
+    out = []
+    for step in logits:
+        lp = torch.full_like(step, float("-inf"), dtype=torch.float32)
+        lp[:, :size] = torch.log_softmax(step[:, :size].float(), dim=-1)
+        out.append(lp)
+    return tuple(out)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -94,20 +186,19 @@ def generate(
     dtype = model.get_input_embeddings().weight.dtype  # the base's: an fp32 adapter may sit on a bf16 base
     inputs = model_inputs(processor, images, prompts, fast_pixels)
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+    size = len(tokenizer)
+    processors = LogitsProcessorList([VocabMask(size), *(logits_processor or [])])
     out = model.generate(
         **inputs,
-        max_new_tokens=budget,
-        num_beams=num_beams,
-        do_sample=False,
-        early_stopping=num_beams > 1,
+        **generation_settings(model, tokenizer, max_new_tokens=budget, num_beams=num_beams),
         output_logits=True,
         return_dict_in_generate=True,
-        logits_processor=logits_processor,
+        logits_processor=processors,
     )
-    # Log-probs of the chosen tokens under the raw logits; beam_indices maps each step to
-    # the beam that produced it (None for greedy).
+    # Log-probs of the chosen tokens under the raw logits over the real vocabulary (padding
+    # rows are no tokens); beam_indices maps each step to the beam that produced it.
     logprobs = model.compute_transition_scores(
-        out.sequences, out.logits, getattr(out, "beam_indices", None), normalize_logits=True
+        out.sequences, _real_logprobs(out.logits, size), getattr(out, "beam_indices", None), normalize_logits=False
     )
     generated = out.sequences[:, -logprobs.shape[1] :]  # drop the decoder-start token
     return [decode_generation(tokenizer, ids_row, lp_row)
@@ -121,6 +212,7 @@ def decode_generation(tokenizer, ids_row: list[int], logprobs_row: list[float]) 
     # Only the frame tokens are dropped from the text: a tokenizer may register `<loc_N>` as
     # special (Microsoft's does), and skip_special_tokens would then drop the answer itself.
     frame = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    text = tokenizer.decode([i for i in ids if i not in frame], skip_special_tokens=False,
+    size = len(tokenizer)  # ids past it are the padded rows of the lm_head: no tokens
+    text = tokenizer.decode([i for i in ids if i not in frame and i < size], skip_special_tokens=False,
                             clean_up_tokenization_spaces=False)
     return Generation(text=text, token_ids=ids, token_logprobs=lps)

@@ -33,11 +33,15 @@ class TokenBox:
 
 def token_pieces(tokenizer, token_ids: list[int]) -> list[str]:
     """The text each token contributes, so that `"".join(pieces)` is the decoded answer with
-    special tokens kept as tags (`<s>`, `</s>`), which the parser ignores."""
+    special tokens kept as tags (`<s>`, `</s>`), which the parser ignores. An id the tokenizer
+    does not know (a padded output row past its length) contributes `""`, so it is skipped."""
     special = set(tokenizer.all_special_ids)
-    tokens = tokenizer.convert_ids_to_tokens(token_ids)
+    size = len(tokenizer)
+    known = [tid if 0 <= tid < size else tokenizer.unk_token_id for tid in token_ids]
+    tokens = tokenizer.convert_ids_to_tokens(known)
     return [
-        tok if tid in special or tok is None else tokenizer.convert_tokens_to_string([tok])
+        "" if tok is None or not 0 <= tid < size
+        else tok if tid in special else tokenizer.convert_tokens_to_string([tok])
         for tid, tok in zip(token_ids, tokens)
     ]
 
@@ -60,8 +64,10 @@ def align_boxes(
     """Parse `pieces` (see `token_pieces`) as Florence-2 box text for a `width` x `height` image.
 
     Returns the boxes `parse_text` finds in `"".join(pieces)`, each with its token indices,
-    and the parser's count of dropped (malformed, partial) parts. Never raises.
+    and the parser's count of dropped (malformed, partial) parts. Never raises: a `None`
+    piece (an id no tokenizer knows) counts as empty.
     """
+    pieces = [p or "" for p in pieces]
     boxes, dropped = parse_text("".join(pieces), width, height, default_label)
     locs = [i for i, p in enumerate(pieces) if _LOC.fullmatch(p)]
     aligned: list[TokenBox] = []

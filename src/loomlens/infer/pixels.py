@@ -8,7 +8,9 @@ answer. `model_inputs` resizes each image with PIL exactly as the processor woul
 same filter), lets the processor build the prompts and turn the uint8 pixels into a tensor (no
 float work), and rescales and normalises the whole batch at once in torch: the same uint8
 pixels, values within 1e-6 (timings in docs/benchmarks.md). transformers' own faster processor
-needs torchvision, which loomlens avoids.
+needs torchvision, which loomlens avoids; where torchvision is installed and a processor uses
+that backend (it resizes with torchvision's own kernel), `model_inputs` runs the processor's own
+path, so inference sees the pixels training saw (`processor.image_processor`, data/dataset.py).
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ __all__ = ["fast_pixels_apply", "model_inputs"]
 
 
 def fast_pixels_apply(image_processor) -> bool:
-    """Whether `image_processor` only resizes to a fixed height x width, rescales and
-    normalises (Florence-2's configs do): the case `model_inputs` speeds up."""
+    """Whether `image_processor` is PIL-backed and only resizes to a fixed height x width,
+    rescales and normalises (Florence-2's configs do): the case `model_inputs` speeds up with
+    PIL's resize. A torchvision-backed processor resizes differently and keeps its own path."""
+    from transformers.image_processing_backends import PilBackend
+
     size = getattr(image_processor, "size", None)
     return (
-        getattr(image_processor, "do_resize", False) is True
+        isinstance(image_processor, PilBackend)
+        and getattr(image_processor, "do_resize", False) is True
         and isinstance(getattr(image_processor, "resample", None), int)
         and bool(getattr(size, "height", None)) and bool(getattr(size, "width", None))
         and not getattr(image_processor, "do_center_crop", False)

@@ -31,7 +31,8 @@ from loomlens.model.vision import stage_count, stage_of
 
 __all__ = [  # LoraSettings lives with the other configs (torch-free); it is re-exported here
     "PRESETS", "LoraSettings", "LoraTargetError", "apply_lora", "freeze_tower", "lift_zero_rows", "load_adapter",
-    "load_quantized_base", "lower_frozen", "resolve_targets", "tower_of", "trainable_by_tower", "untie_lm_head",
+    "QloraUnavailable", "load_quantized_base", "lower_frozen", "qlora_missing", "quantized_device_map",
+    "resolve_targets", "tower_of", "trainable_by_tower", "untie_lm_head",
 ]
 
 #: Layer types peft's LoRA can wrap.
@@ -110,6 +111,11 @@ def lift_zero_rows(model: nn.Module, names: list[str]) -> None:
     modules = dict(model.named_modules())
     for name in names:
         weight = modules[name].weight
+        if not weight.is_floating_point():
+            raise QloraUnavailable(
+                f"DoRA cannot train {name}: its weight is stored as packed {weight.dtype} (a 4-bit base). "
+                "Use plain LoRA with qlora (lora.dora=false), or DoRA without qlora"
+            )
         rows = weight.reshape(weight.shape[0], -1).norm(dim=1) == 0
         if rows.any():
             weight[rows] = _ZERO_ROW_FILL
@@ -237,16 +243,60 @@ def _check_safetensors_adapter(path: Path) -> None:
     )
 
 
-def load_quantized_base(name_or_path: str):
-    """Florence-2 in 4-bit NF4 for QLoRA (CUDA + bitsandbytes only); returns `(model, processor)`."""
+class QloraUnavailable(RuntimeError):
+    """QLoRA was asked for where it cannot run; the message says what is missing and the fix."""
+
+
+def qlora_missing() -> list[str]:
+    """What this machine lacks for QLoRA, each with its fix (empty when it can run)."""
+    missing = []
     if not torch.cuda.is_available():
-        raise RuntimeError(
-            "QLoRA (4-bit) needs a CUDA GPU and bitsandbytes; on CPU train plain LoRA (drop --qlora)"
-        )
+        missing.append("a CUDA GPU (none is visible to torch; on a CPU train plain LoRA: drop --qlora)")
     try:
         import bitsandbytes  # noqa: F401
-    except ImportError as exc:
-        raise RuntimeError("QLoRA needs bitsandbytes: pip install bitsandbytes") from exc
+    except ImportError:
+        missing.append("bitsandbytes (pip install bitsandbytes)")
+    return missing
+
+
+def quantized_device_map(local_rank: int | None = None) -> dict[str, int]:
+    """`device_map` for a 4-bit base: the whole model on this process's own GPU, so that each
+    process of a multi-GPU run loads onto its device rather than all onto GPU 0.
+
+    Args:
+        local_rank: the process's GPU index; None reads it from accelerate's `PartialState`.
+
+    Returns:
+        `{"": local_rank}`.
+    """
+    if local_rank is None:
+        from accelerate import PartialState
+
+        local_rank = PartialState().local_process_index
+    return {"": int(local_rank)}
+
+
+def load_quantized_base(name_or_path: str, *, dora: bool = False, local_rank: int | None = None):
+    """Florence-2 in 4-bit NF4 for QLoRA; returns `(model, processor)`.
+
+    Args:
+        name_or_path: the base model (as `load_model` takes it).
+        dora: whether the adapter will be DoRA: refused before anything loads, since DoRA's
+            per-row norms need the float weights a 4-bit base no longer holds.
+        local_rank: the GPU to load onto (default: this process's, see `quantized_device_map`).
+
+    Raises:
+        QloraUnavailable: DoRA asked for, or no CUDA GPU / no bitsandbytes (naming each missing
+            piece and how to get it).
+    """
+    if dora:
+        raise QloraUnavailable(
+            "DoRA cannot train on a 4-bit base: it needs each weight row's norm, and the 4-bit base stores packed "
+            "integers. Use plain LoRA with qlora (lora.dora=false), or DoRA without qlora"
+        )
+    missing = qlora_missing()
+    if missing:
+        raise QloraUnavailable(f"QLoRA (4-bit base) needs {' and '.join(missing)}")
     from peft import prepare_model_for_kbit_training
     from transformers import AutoProcessor, BitsAndBytesConfig, Florence2ForConditionalGeneration
 
@@ -257,6 +307,8 @@ def load_quantized_base(name_or_path: str):
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_use_double_quant=True,
     )
-    model = Florence2ForConditionalGeneration.from_pretrained(source, quantization_config=quant, device_map={"": 0})
+    model = Florence2ForConditionalGeneration.from_pretrained(
+        source, quantization_config=quant, device_map=quantized_device_map(local_rank), use_safetensors=True
+    )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model, AutoProcessor.from_pretrained(source)

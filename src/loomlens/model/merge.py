@@ -5,6 +5,12 @@ The result loads with `Florence2ForConditionalGeneration.from_pretrained(OUT)` a
 `lm_head` was trained on an untied copy of the embedding (see `loomlens.model.lora`), so the
 merged folder stores `lm_head` separately with `tie_word_embeddings: false`; the input
 embeddings stay the base's.
+
+The merged weights are stored in half precision by default (`fp16`; `bf16` or `fp32` on
+request): a deployed detector needs no fp32 master copy, and half the bytes load twice as
+fast. The folder holds what a real checkpoint folder holds (config, generation_config,
+model.safetensors, processor and tokenizer files) plus a short README naming the oldest
+transformers release with the native Florence-2 classes.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from loomlens.data.yolo import CLASSES_FILE
 from loomlens.model.loader import load_model
 from loomlens.model.lora import load_adapter
@@ -20,14 +28,59 @@ from loomlens.run import Run
 
 #: Written into every merged folder: provenance, and the mark that lets a re-merge replace it.
 MARKER = "loomlens_merge.json"
+#: Storage precisions `merge_adapter` offers, by name.
+MERGE_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+#: The first transformers release with the native `Florence2ForConditionalGeneration`.
+MIN_TRANSFORMERS = "4.56.0"
+#: Files every merged folder must hold for plain `from_pretrained` (checked before it is published).
+REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                  "tokenizer_config.json", "processor_config.json")
 
 
-def merge_adapter(path: str | Path, out: str | Path, checkpoint: str = "best", base: str | None = None) -> Path:
+def merged_readme(base: str, dtype: str) -> str:
+    """The README written into a merged folder: what it is, how to load it, which transformers."""
+    import transformers
+
+    version = transformers.__version__
+    return "\n".join([
+        "# Florence-2 with a loomlens adapter merged in",
+        "",
+        f"Base: `{base}`; weights stored in {dtype}. Plain transformers loads it (no loomlens, no peft, no remote code):",
+        "",
+        "```python",
+        "from transformers import AutoProcessor, Florence2ForConditionalGeneration",
+        "model = Florence2ForConditionalGeneration.from_pretrained(FOLDER)",
+        "processor = AutoProcessor.from_pretrained(FOLDER)",
+        "```",
+        "",
+        f"The native Florence-2 classes first shipped in transformers {MIN_TRANSFORMERS}. This folder was written by "
+        f"transformers {version}, whose processor files older releases may not read: load it with {version} or newer "
+        f"(the model weights alone load from {MIN_TRANSFORMERS}). Decode with `num_beams=1, no_repeat_ngram_size=0` "
+        "as loomlens does: generation_config.json keeps the base checkpoint's own settings.",
+        "",
+    ])
+
+
+def merge_adapter(
+    path: str | Path, out: str | Path, checkpoint: str = "best", base: str | None = None, dtype: str = "fp16"
+) -> Path:
     """Merge the adapter of `path` (a run folder, a checkpoint in it or an adapter folder, read
     through `loomlens.run.Run`) into its base model and save the merged model, processor,
-    tokenizer and the run's classes to `out` (safetensors). `base` overrides the base model
-    recorded with the adapter. Returns `out`; FileExistsError when `out` holds something else,
-    FileNotFoundError when `path` holds no adapter."""
+    tokenizer, generation config, a README and the run's classes to `out` (safetensors).
+
+    Args:
+        path: the run, checkpoint or adapter folder.
+        out: the folder to write (replaced only if it is an earlier merge).
+        checkpoint: `best` or `last`.
+        base: overrides the base model recorded with the adapter.
+        dtype: storage precision, `fp16` (default), `bf16` or `fp32`; the merge itself runs in fp32.
+
+    Returns:
+        `out`. FileExistsError when `out` holds something else, FileNotFoundError when `path`
+        holds no adapter, ValueError for an unknown dtype.
+    """
+    if dtype not in MERGE_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(MERGE_DTYPES)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise FileExistsError(f"{out} exists and is not a merged model; choose an empty or new folder")
@@ -37,6 +90,7 @@ def merge_adapter(path: str | Path, out: str | Path, checkpoint: str = "best", b
     model, processor = load_model(base)
     merged = load_adapter(model, adapter_dir).merge_and_unload()
     merged.config.tie_word_embeddings = merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+    merged = merged.to(MERGE_DTYPES[dtype])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -45,9 +99,13 @@ def merge_adapter(path: str | Path, out: str | Path, checkpoint: str = "best", b
     classes = run.folder / CLASSES_FILE if run.folder else None
     if classes is not None and classes.exists():
         shutil.copyfile(classes, tmp / CLASSES_FILE)
-    (tmp / MARKER).write_text(
-        json.dumps({"base": base, "adapter": str(adapter_dir.resolve()), "checkpoint": checkpoint}, indent=2) + "\n"
-    )
+    (tmp / "README.md").write_text(merged_readme(base, dtype))
+    (tmp / MARKER).write_text(json.dumps(
+        {"base": base, "adapter": str(adapter_dir.resolve()), "checkpoint": checkpoint, "dtype": dtype}, indent=2
+    ) + "\n")
+    missing = [name for name in REQUIRED_FILES if not (tmp / name).exists()]
+    if missing:
+        raise RuntimeError(f"the merged folder lacks {', '.join(missing)}; the base model folder may be incomplete")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

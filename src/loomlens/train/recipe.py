@@ -42,6 +42,7 @@ from loomlens.data.dataset import IGNORE_INDEX, Collator, FlorenceDataset, plan_
 from loomlens.data.sampling import Balance
 from loomlens.model.folded_lora import fold_lora
 from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, trainable_by_tower
+from loomlens.model.memory import enable_gradient_checkpointing
 from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory, resolve_device
 from loomlens.model.vision import split_image_path, stage_count, stage_of
 from loomlens.run import DATA_SUMMARY
@@ -618,7 +619,7 @@ def training_model(cfg: TrainConfig) -> tuple[Any, Any]:
     if device.type == "cpu":
         keep_freed_memory()
     if cfg.qlora:
-        model, processor = load_quantized_base(cfg.model)
+        model, processor = load_quantized_base(cfg.model, dora=cfg.lora.dora)
     else:
         from loomlens.model import load_model
 
@@ -629,6 +630,8 @@ def training_model(cfg: TrainConfig) -> tuple[Any, Any]:
         lower_frozen(model, dtype)
     if cfg.speed.fold_lora:
         fold_lora(model)
+    if (gc := cfg.speed.gradient_checkpointing) != "none":
+        enable_gradient_checkpointing(model, vision=gc in ("vision", "both"), language=gc in ("language", "both"))
     return model, processor
 
 
