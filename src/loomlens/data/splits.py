@@ -21,7 +21,7 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
                "test": "test", "testing": "test"}
 #: A frame loomlens saved from a video: `<video stem>_f<frame index, 6 digits>`.
 VIDEO_FRAME = re.compile(r"^(?P<video>.+)_f\d{6}$")
-#: A timestamp in a file name: 20240131-142501, 2024-01-31T14:25:01, 20240131_142501.123, ...
+#: A timestamp in a file name: YYYYMMDD-HHMMSS, YYYY-MM-DDTHH:MM:SS, YYYYMMDD_HHMMSS.fff, ...
 NAME_TIME = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})[T_\- ]?(\d{2})[:\-]?(\d{2})[:\-]?(\d{2})(?:[.,](\d{1,6}))?")
 GROUP_HELP = "folder, regex:PATTERN (the first group, else the match) or time:SECONDS"
 
