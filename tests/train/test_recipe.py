@@ -300,8 +300,10 @@ def test_a_time_budget_is_planned_into_steps_before_the_first_one(make_config, m
 
 def test_warmup_is_a_share_of_the_planned_steps(make_config, monkeypatch):
     monkeypatch.setattr(recipe, "measure_step_seconds", lambda s: 1.0)
-    result = train(make_config(max_steps=1_000_000, time_budget=6.0, warmup=0.5, eval_every=0))
-    assert result.state.planned_steps == 5  # not the nominal million: warmup ends within the run
+    said = []
+    result = train(make_config(max_steps=1_000_000, time_budget=6.0, warmup=0.5, eval_every=1000), log=said.append)
+    assert "planned 5 steps: 1.000 s a step measured, 6 s budget" in said  # not the nominal million
+    assert result.state.step == 5
     lrs = [float(r["lr"]) for r in csv.DictReader(open(result.run_dir / "metrics.csv")) if r["lr"]]
     assert lrs[2] == pytest.approx(1e-2) and lrs[-1] < lrs[2]
 
@@ -367,17 +369,21 @@ def test_slow_evaluations_are_spaced_and_a_slow_machine_plans_fewer_steps():
     said = []
     s = SimpleNamespace(
         state=TrainerState(step=100, train_seconds=60.0, eval_seconds=10.0, planned_steps=1000),
-        cfg=SimpleNamespace(time_budget=200.0, eval_every=None), eval_every=50, total_steps=1000, say=said.append, metrics=None,
+        cfg=SimpleNamespace(time_budget=200.0, eval_every=None), eval_every=50, total_steps=1000, nominal_steps=None, say=said.append, metrics=None,
         epoch=1.0,
     )
     recipe.keep_to_budget(s, eval_seconds=10.0)
     # 0.5 s a step (evaluations excluded): a 10 s evaluation asks for 180 steps between two.
     assert s.eval_every == 180
-    # 140 s left, 90 % for steps at 0.5 s: 252 more steps fit, not 900.
-    assert s.total_steps == s.state.planned_steps == 352
+    # 140 s left, 85 % for steps at 0.5 s: 238 more steps fit (two significant figures: 330
+    # in all), not 900.
+    assert s.total_steps == s.state.planned_steps == 330
     assert any("evaluating every 180 steps" in line for line in said)
     recipe.keep_to_budget(s, eval_seconds=1.0)  # a cheap one changes nothing
-    assert s.eval_every == 180 and s.total_steps == 352
+    assert s.eval_every == 180 and s.total_steps == 330
+    s.state.train_seconds, s.state.eval_seconds = 25.0, 5.0  # faster than planned: the plan grows
+    recipe.keep_to_budget(s, eval_seconds=1.0)
+    assert s.total_steps == 840  # 175 s left at 0.2 s a step
 
 
 def test_gradient_checkpointing_trains_the_same_weights(make_config, tmp_path):

@@ -85,7 +85,8 @@ def test_an_old_run_config_with_top_level_speed_keys_still_loads(tmp_path):
                    "precision: bf16-base\nlora:\n  r: 4\n  vision_frozen_stages: 2\n")
     cfg = load_config(TrainConfig, old)
     assert cfg.speed.model_dump() == {"precision": "bf16-base", "attention": "eager", "fold_lora": False,
-                                      "cache_image_features": True, "vision_frozen_stages": 2, "num_workers": 2}
+                                      "cache_image_features": True, "vision_frozen_stages": 2, "num_workers": 2,
+                                      "gradient_checkpointing": "none"}
     assert cfg.lora.r == 4
     dump_config(cfg, tmp_path / "new.yaml")
     assert load_config(TrainConfig, tmp_path / "new.yaml") == cfg

@@ -526,9 +526,10 @@ EVAL_SHARE = 0.1
 def keep_to_budget(s: Session, eval_seconds: float) -> None:
     """After an evaluation that took `eval_seconds`: space evaluations (when their cadence is
     automatic, `eval_every: null`) so that they take at most `EVAL_SHARE` of the time, and with a
-    time budget, cut the planned steps to what the rest of
-    it holds at the step rate measured so far (evaluations excluded), so the schedule still
-    anneals by the deadline on a machine slower than planned. Both are logged when they change."""
+    time budget, plan the steps again at the rate measured so far (evaluations excluded) when
+    the budget holds a tenth more or fewer than planned: a machine slower than planned still
+    anneals by the deadline, and one that was busy when the plan was made uses its budget. Both
+    are logged when they change."""
     state, budget = s.state, s.cfg.time_budget
     step_seconds = max(1e-6, (state.train_seconds - state.eval_seconds) / max(1, state.step))
     spaced = math.ceil(eval_seconds * (1 - EVAL_SHARE) / EVAL_SHARE / step_seconds)
@@ -536,9 +537,9 @@ def keep_to_budget(s: Session, eval_seconds: float) -> None:
         event(s, f"an evaluation takes {eval_seconds:.0f} s: evaluating every {spaced} steps, not {s.eval_every}")
         s.eval_every = spaced
     if budget:
-        left = budget - state.train_seconds
-        fits = state.step + max(1, int(left * (1 - EVAL_SHARE) / step_seconds))
-        if fits < s.total_steps:
+        fits = plan_steps(nominal=s.nominal_steps, time_budget=budget, seconds_per_step=step_seconds,
+                          done_steps=state.step, done_seconds=state.train_seconds)
+        if abs(fits - s.total_steps) > 0.1 * s.total_steps:
             event(s, f"{step_seconds:.2f} s a step: the budget holds {fits} steps, not {s.total_steps}")
             s.total_steps = state.planned_steps = fits
 
