@@ -496,6 +496,7 @@ def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], 
     started = time.monotonic()
     result = _evaluate(s)
     state.eval_seconds += time.monotonic() - started
+    state.train_seconds = s.seconds_before + time.monotonic() - s.started  # the evaluation counts
     keep_to_budget(s, time.monotonic() - started)
     score = selection_score(result, cfg.best_metric)
     train_loss = sum(s.losses) / len(s.losses) if s.losses else None
