@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
 
 from loomlens.config import DEVICE_HELP
+
+if TYPE_CHECKING:  # imported for annotations only: the commands import them when run
+    from loomlens.events import EventStore
+    from loomlens.watch import Alerter, Watcher
 
 app = typer.Typer(
     name="loomlens",
@@ -681,6 +686,36 @@ def predict_command(
             raise typer.Exit(1)
 
 
+def _event_media(store: EventStore, media: Path | None) -> Path:
+    """The folder for event JPEGs: `media`, else event-images/ beside a SQLite `store`'s file,
+    else runs/watch/event-images."""
+    if media is not None:
+        return media
+    if store.url.startswith("sqlite"):
+        return Path(store.engine.url.database).parent / "event-images"
+    return Path("runs/watch/event-images")
+
+
+def _run_until_stopped(watcher: Watcher, alerts: Alerter, store: EventStore) -> dict[str, int]:
+    """Run `watcher` until its sources end or Ctrl-C / SIGTERM, then close `alerts` and `store`;
+    returns the run's counts (frames, events, ended, interrupted_before)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    # Ctrl-C and SIGTERM end the open events, then stop (the caller's handlers come back after)
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return watcher.run(stop)
+    except ValueError as err:
+        raise _fail(str(err)) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        alerts.close()
+        store.close()
+
+
 @app.command("watch")
 def watch_command(
     sources: list[str] = typer.Argument(..., help="Video files, folders where frames land, rtsp:// or http:// "
@@ -720,8 +755,6 @@ def watch_command(
     reconnect when they drop; files and --once folders end when read. Ctrl-C or SIGTERM ends
     the open events and stops."""
     import logging
-    import signal
-    import threading
 
     from loomlens.events import EventStore
     from loomlens.model.loader import ModelLoadError
@@ -736,9 +769,7 @@ def watch_command(
     try:
         debounce = DebounceSettings(k=k, n=n, m=m, iou=iou)
         store = EventStore(db)
-        if media is None:
-            media = Path(store.engine.url.database).parent / "event-images" if store.url.startswith("sqlite") \
-                else Path("runs/watch/event-images")
+        media = _event_media(store, media)
         retention = Retention(media, keep_days=keep_days or None, keep_mb=keep_mb or None)
         alerts = Alerter(webhooks=webhook, commands=on_event)
         for i, spec in enumerate(sources):
@@ -753,19 +784,8 @@ def watch_command(
         for source in opened:
             source.close()
         raise _fail(str(err)) from None
-    stop = threading.Event()
-    # Ctrl-C and SIGTERM end the open events, then stop (the caller's handlers come back after)
-    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
     typer.echo(f"watching {len(opened)} source(s) -> {db} (pictures in {media}); Ctrl-C to stop", err=True)
-    try:
-        stats = watcher.run(stop)
-    except ValueError as err:
-        raise _fail(str(err)) from None
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        alerts.close()
-        store.close()
+    stats = _run_until_stopped(watcher, alerts, store)
     typer.echo(f"{stats['frames']} frames, {stats['events']} events ({stats['ended']} ended) -> {db}"
                + (f"; {stats['interrupted_before']} event(s) a previous run left open marked interrupted"
                   if stats["interrupted_before"] else ""))

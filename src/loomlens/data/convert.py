@@ -417,6 +417,27 @@ def _write_splits(
     return splits
 
 
+def _usable_records(
+    read: ReadResult, src: Path, skip: Sequence[Path], keep_empty: bool
+) -> tuple[list[ImageRecord], list[Problem]]:
+    """The records of `read` worth converting (see `_emptied`), and every problem so far: the
+    reader's, the images of resolved `src` in no annotation, and the records left out."""
+    problems = [*read.problems, *_unannotated(src, skip, read.records)]
+    records, emptied = _emptied(read.records, keep_empty)
+    return records, problems + emptied
+
+
+def _items_by_split(
+    frames: dict[int, list[tuple[ImageRecord, str]]], split_of: dict[str, str]
+) -> dict[str, list[tuple[ImageRecord, str]]]:
+    """Split -> the items of every frame (the frame, its flipped copy and tiles) whose original
+    image `split_of` puts there."""
+    items: dict[str, list[tuple[ImageRecord, str]]] = {s: [] for s in SPLITS}
+    for made in frames.values():
+        items[split_of[made[0][0].image]] += made
+    return items
+
+
 def choose_splits(
     records: Sequence[ImageRecord], root: Path, *, val_fraction: float, test_fraction: float, seed: int,
     resplit: bool, group_by: str | None,
@@ -466,27 +487,19 @@ def convert(
     group_by: str | None = None,
     images: str = "refer",
 ) -> ConvertReport:
-    """Convert the annotated dataset in folder `src` to Florence-2 JSONL in folder `out`.
+    """Convert the annotated dataset in folder `src` to Florence-2 JSONL in folder `out`, and
+    return what was written and every problem found (`ConvertReport`, also `out/summary.json`).
 
-    `format`: auto | voc | cvat | yolo (LabelImg, or a data.yaml) | coco | labelstudio. `tasks`: any of `loomlens.data.tasks.CONVERTIBLE` (od,
-    dense_region_caption, phrase_grounding, caption). `order`: grouped | interleaved (see `_order`). `flip` adds a
-    mirrored copy of every image (written to `out/images/flipped_<name>`) in its original's
-    split. `tile` (px, at least 32) also cuts every frame, flipped copies included, into
-    windows of that size overlapping by `tile_overlap` (in [0, 0.9)), the windows tiled
-    prediction uses, and adds each kept tile (see `loomlens.data.tiles.tile_record`) as an
-    image of its own under `out/images/tiles/` in its frame's split; the whole frames stay too.
-    Every image is decoded in full; a damaged one is left out. An image whose every box was
-    dropped is left out too, unless `keep_empty` keeps it as defect-free. The dataset's own split
-    (split folders, data.yaml lists, CVAT subsets; see `splits.own_split`) is kept, its missing
-    val (test) split drawn from its train images, unless `resplit`; a drawn split keeps each
-    group of `group_by` (see `splits.group_keys`) whole and is deterministic for `seed`.
-    `images`: refer (the samples point at the source images), copy or link (hard links): the
-    images are put in `out/images/originals/` so `out` can be moved on its own. Problems in the input (images in no annotation too) are reported
-    in the returned `ConvertReport` (and `summary.json`) and the rest is converted; with
-    `strict` any problem raises `ConvertError` before anything is written. `progress(stage,
-    done, total)` is called while checking ("check", strict only) and decoding, flipping and
-    tiling ("images") images. Raises `ConvertError` for user errors: `out` that is or holds
-    `src`, or a full disk.
+    `format`: auto | voc | cvat | yolo | coco | labelstudio; `tasks`: any of `CONVERTIBLE`;
+    `order`: see `_order`. `flip` adds a mirrored copy of every image and `tile` (px) the windows
+    of every frame overlapping by `tile_overlap` (see `tiles.tile_record`), each in its
+    original's split. Damaged images are left out, and so are images whose every box was
+    dropped unless `keep_empty`. The dataset's own split is kept unless `resplit`; a drawn split
+    keeps each group of `group_by` whole and is deterministic for `seed` (see `choose_splits`).
+    `images`: refer (the samples point at `src`), copy or link (into `out/images/originals/`).
+    Problems are reported and the rest converted, or with `strict` raise `ConvertError` before
+    anything is written; `progress(stage, done, total)` follows checking and image work. Raises
+    `ConvertError` for user errors: `out` that is or holds `src`, or a full disk.
     """
     src, out = Path(src), Path(out)
     _check_arguments(format, tasks, order, val_fraction, test_fraction, tile, tile_overlap, images)
@@ -497,9 +510,7 @@ def convert(
     skip = [out]  # a previous run's output inside the source is not input
     fmt = detect_format(src, skip) if format == "auto" else format
     read = READERS[fmt](src, skip)
-    problems = [*read.problems, *_unannotated(src_abs, skip, read.records)]
-    records, emptied = _emptied(read.records, keep_empty)
-    problems += emptied
+    records, problems = _usable_records(read, src_abs, skip, keep_empty)
     _fail_if_strict(strict, problems, src)
     if strict and (flip or tile is not None):  # check every image before the first flip or tile is written
         problems += _images(records, src_abs, out_abs, flip, tile, tile_overlap, seed, False, progress)[2]
@@ -516,9 +527,7 @@ def convert(
         split_of, split_info = choose_splits(records, src_abs, val_fraction=val_fraction,
                                              test_fraction=test_fraction, seed=seed, resplit=resplit,
                                              group_by=group_by)
-        items: dict[str, list[tuple[ImageRecord, str]]] = {s: [] for s in SPLITS}
-        for made in frames.values():
-            items[split_of[made[0][0].image]] += made
+        items = _items_by_split(frames, split_of)
         no_test = test_fraction == 0 and "test" not in split_of.values()
         splits = _write_splits(items, out, tasks, order, seed, no_test, tiles)
 
@@ -528,8 +537,7 @@ def convert(
             source_root="." if images != "refer" else Path(os.path.relpath(src_abs, out_abs)).as_posix(),
             format=fmt, tasks=[t for t in CONVERTIBLE if t in tasks], order=order,
             flip=flip, tile=tile, tile_overlap=tile_overlap, seed=seed, classes=[*read.classes, *seen],
-            images=len(records),
-            negatives=sum(not r.boxes for r in records), keep_empty=keep_empty, images_mode=images,
+            images=len(records), negatives=sum(not r.boxes for r in records), keep_empty=keep_empty, images_mode=images,
             boxes_per_class=dict(sorted(Counter(b.label for r in records for b in r.boxes).items())),
             splits=splits, split=split_info, problems=problems,
         )

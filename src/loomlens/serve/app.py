@@ -22,8 +22,10 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -333,17 +335,12 @@ def _local_docs(app: FastAPI) -> None:
                                    swagger_favicon_url="/docs/assets/favicon-32x32.png")
 
 
-def create_app(predictor, settings: ServeSettings | None = None):
-    """The ASGI application: the API, /docs and the page, wrapped in the key check and the
-    body-size limit (the key first: an unauthenticated body is never read)."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    settings = settings or ServeSettings()
-    set_pil_limit(settings.max_pixels)
-    service = Service(predictor, settings)
-    events = EventStore(settings.events_db, create=False) if settings.events_db else None
+def _lifespan(service: Service, events: EventStore | None) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """The app's lifespan: the service's batcher runs while the app does; `events` (if any) is
+    closed after."""
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app):
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         service.batcher.start()
         try:
             yield
@@ -352,6 +349,11 @@ def create_app(predictor, settings: ServeSettings | None = None):
             if events is not None:
                 events.close()
 
+    return lifespan
+
+
+def _api_app(service: Service, settings: ServeSettings, events: EventStore | None) -> FastAPI:
+    """The bare FastAPI app for `service`: its description, lifespan, CORS and local /docs."""
     app = FastAPI(
         title="loomlens",
         version=loomlens.__version__,
@@ -359,7 +361,7 @@ def create_app(predictor, settings: ServeSettings | None = None):
         "image (multipart `image` field, JSON with base64 `image`, or raw bytes) and answers "
         "pixel boxes, labels, scores, polygons and text. Errors are JSON "
         "`{\"error\": {\"status\", \"code\", \"message\"}}`.",
-        lifespan=lifespan,
+        lifespan=_lifespan(service, events),
         docs_url=None,
         redoc_url=None,  # ReDoc would load its script from a CDN; Swagger UI is served locally
     )
@@ -369,6 +371,11 @@ def create_app(predictor, settings: ServeSettings | None = None):
     app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_credentials=False,
                        allow_methods=["GET", "POST"], allow_headers=["Authorization", "X-API-Key", "Content-Type"])
     _local_docs(app)
+    return app
+
+
+def _json_errors(app: FastAPI) -> None:
+    """Answer `InputError`, request validation errors and HTTP errors on `app` as JSON errors."""
 
     @app.exception_handler(InputError)
     async def _input_error(_request, exc: InputError):
@@ -382,54 +389,81 @@ def create_app(predictor, settings: ServeSettings | None = None):
     async def _http_error(_request, exc: StarletteHTTPException):
         return _error_response(InputError(exc.status_code, "http_error", str(exc.detail)))
 
+
+async def _read_form(request: Request) -> tuple[bytes, Mapping[str, Any]]:
+    """The image file (field `image` or `file`) and the fields of a form request; raises
+    `InputError` for an unreadable form or one without an image file."""
+    try:
+        form = await request.form(max_files=1, max_fields=16)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(400, "bad_form", f"cannot read the form: {exc}") from None
+    upload = form.get("image") or form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise InputError(422, "missing_image", "the form needs an 'image' file field")
+    return await upload.read(), form
+
+
+async def _read_json(request: Request) -> tuple[bytes, Mapping[str, Any]]:
+    """The decoded base64 `image` and the fields of a JSON request; raises `InputError` for a
+    body that is not a JSON object."""
+    try:
+        fields = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise InputError(400, "bad_json", "the body is not valid JSON") from None
+    if not isinstance(fields, dict):
+        raise InputError(422, "bad_json", "the JSON body must be an object")
+    return decode_base64(fields.get("image")), fields
+
+
+async def _read_request(request: Request) -> tuple[bytes, Mapping[str, Any]]:
+    """The image bytes and option fields of a predict request sent as a form, JSON or raw image
+    bytes (options as query parameters); raises `InputError` (415) for any other body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data" or ctype == "application/x-www-form-urlencoded":
+        return await _read_form(request)
+    if ctype.endswith("json"):
+        return await _read_json(request)
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        return await request.body(), request.query_params
+    raise InputError(415, "unsupported_media_type",
+                     "send multipart/form-data (field 'image'), application/json "
+                     "(base64 'image') or raw image bytes (image/*)")
+
+
+def _model_info(predictor, settings: ServeSettings) -> dict[str, Any]:
+    """What /v1/model answers: the predictor's info, the tasks and the serve limits (the API key
+    only as whether one is set)."""
+    info = dict(predictor.info())
+    info["tasks"] = list(TASKS)
+    info["serve"] = {k: v for k, v in asdict(settings).items()
+                     if k in ("max_queue", "max_batch", "batch_wait_ms", "max_body_mb", "max_pixels",
+                              "max_side", "large_cost", "request_timeout_s")}
+    info["serve"]["api_key"] = bool(settings.api_key)
+    return info
+
+
+def _v1_router(service: Service, predictor, settings: ServeSettings) -> APIRouter:
+    """The /v1 API: POST /v1/predict (run through `service`) and GET /v1/model."""
     v1 = APIRouter(prefix="/v1")  # the key is checked before the body by KeyGuard
 
     @v1.post("/predict", response_model=PredictResponse, openapi_extra=_request_body_doc(),
              summary="Run a Florence-2 task on one image")
     async def predict(request: Request):
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data" or ctype == "application/x-www-form-urlencoded":
-            try:
-                form = await request.form(max_files=1, max_fields=16)
-            except InputError:
-                raise
-            except Exception as exc:
-                raise InputError(400, "bad_form", f"cannot read the form: {exc}") from None
-            upload = form.get("image") or form.get("file")
-            if upload is None or isinstance(upload, str):
-                raise InputError(422, "missing_image", "the form needs an 'image' file field")
-            data = await upload.read()
-            fields = form
-        elif ctype.endswith("json"):
-            try:
-                fields = json.loads(await request.body())
-            except (ValueError, UnicodeDecodeError):
-                raise InputError(400, "bad_json", "the body is not valid JSON") from None
-            if not isinstance(fields, dict):
-                raise InputError(422, "bad_json", "the JSON body must be an object")
-            data = decode_base64(fields.get("image"))
-        elif ctype.startswith("image/") or ctype == "application/octet-stream":
-            data = await request.body()
-            fields = request.query_params
-        else:
-            raise InputError(415, "unsupported_media_type",
-                             "send multipart/form-data (field 'image'), application/json "
-                             "(base64 'image') or raw image bytes (image/*)")
+        data, fields = await _read_request(request)
         return await service.run_async(data, fields.get("task"), fields.get("text"),
                                        fields.get("tile"), fields.get("score_threshold"))
 
     @v1.get("/model", summary="The loaded model, its classes and versions")
     def model_info():
-        info = dict(predictor.info())
-        info["tasks"] = list(TASKS)
-        info["serve"] = {k: v for k, v in asdict(settings).items()
-                         if k in ("max_queue", "max_batch", "batch_wait_ms", "max_body_mb", "max_pixels",
-                                  "max_side", "large_cost", "request_timeout_s")}
-        info["serve"]["api_key"] = bool(settings.api_key)
-        return info
+        return _model_info(predictor, settings)
 
-    app.include_router(v1)
-    app.include_router(events_router(events))
+    return v1
+
+
+def _health_check(app: FastAPI, service: Service) -> None:
+    """GET /healthz on `app`: 200 while the service's worker runs, else 503, with its queue."""
 
     @app.get("/healthz", summary="Liveness: the worker runs and the queue has room")
     def healthz():
@@ -439,29 +473,57 @@ def create_app(predictor, settings: ServeSettings | None = None):
                              "uptime_s": round(time.time() - service.started, 1), "queue": stats},
                             status_code=200 if ok else 503)
 
+
+def _example_images(settings: ServeSettings) -> tuple[Path, list]:
+    """The folder for the page's example frames and the frames made there (none when none are
+    asked for or they cannot be made: they never stop the server)."""
+    from loomlens.serve.page import example_frames
+
+    folder = Path(settings.examples_dir or Path(tempfile.gettempdir()) / "loomlens-examples")
+    try:
+        return folder, example_frames(folder, settings.examples) if settings.examples else []
+    except Exception as exc:  # examples are a nicety; never stop the server for them
+        log.warning("could not make example frames in %s: %s", folder, exc)
+        return folder, []
+
+
+def _mount_page(app: FastAPI, service: Service, settings: ServeSettings, events: EventStore | None) -> None:
+    """Mount the Gradio page for `service` at / of `app`, behind the API key as its password
+    when one is set."""
+    import gradio as gr
+
+    from loomlens.serve.page import CSS, build_page, theme
+
+    folder, examples = _example_images(settings)
+    page = build_page(service, examples, events=events)
+    page.queue(max_size=settings.max_queue, default_concurrency_limit=settings.max_batch)
+    auth = None
+    if settings.api_key:
+        key = settings.api_key
+        auth = lambda _user, password: hmac.compare_digest(password.encode(), key.encode())  # noqa: E731
+    gr.mount_gradio_app(
+        app, page, path="/",
+        server_name=settings.host, server_port=settings.port,
+        allowed_paths=[str(folder)] if examples else None,
+        max_file_size=settings.max_body_bytes, ssr_mode=False, show_error=True,
+        footer_links=["api"], mcp_server=False, theme=theme(), css=CSS,
+        auth=auth, auth_message="This server needs its API key as the password (any user name).",
+    )
+
+
+def create_app(predictor, settings: ServeSettings | None = None):
+    """The ASGI application: the API, /docs and the page, wrapped in the key check and the
+    body-size limit (the key first: an unauthenticated body is never read)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    settings = settings or ServeSettings()
+    set_pil_limit(settings.max_pixels)
+    service = Service(predictor, settings)
+    events = EventStore(settings.events_db, create=False) if settings.events_db else None
+    app = _api_app(service, settings, events)
+    _json_errors(app)
+    app.include_router(_v1_router(service, predictor, settings))
+    app.include_router(events_router(events))
+    _health_check(app, service)
     if settings.page:
-        import gradio as gr
-
-        from loomlens.serve.page import CSS, build_page, example_frames, theme
-
-        folder = Path(settings.examples_dir or Path(tempfile.gettempdir()) / "loomlens-examples")
-        try:
-            examples = example_frames(folder, settings.examples) if settings.examples else []
-        except Exception as exc:  # examples are a nicety; never stop the server for them
-            log.warning("could not make example frames in %s: %s", folder, exc)
-            examples = []
-        page = build_page(service, examples, events=events)
-        page.queue(max_size=settings.max_queue, default_concurrency_limit=settings.max_batch)
-        auth = None
-        if settings.api_key:
-            key = settings.api_key
-            auth = lambda _user, password: hmac.compare_digest(password.encode(), key.encode())  # noqa: E731
-        gr.mount_gradio_app(
-            app, page, path="/",
-            server_name=settings.host, server_port=settings.port,
-            allowed_paths=[str(folder)] if examples else None,
-            max_file_size=settings.max_body_bytes, ssr_mode=False, show_error=True,
-            footer_links=["api"], mcp_server=False, theme=theme(), css=CSS,
-            auth=auth, auth_message="This server needs its API key as the password (any user name).",
-        )
+        _mount_page(app, service, settings, events)
     return KeyGuard(BodyLimit(app, settings.max_body_bytes), settings.api_key)
