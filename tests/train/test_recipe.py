@@ -393,3 +393,12 @@ def test_gradient_checkpointing_trains_the_same_weights(make_config, tmp_path):
     a, b = adapter_weights(plain.model), adapter_weights(saved.model)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_selection_prefers_the_score_and_breaks_ties_by_val_loss():
+    score = recipe.selection_score
+    assert score({"map50": 0.4, "best_f1": 0.6, "val_loss": 3.0}, "map50_f1") > \
+        score({"map50": 0.45, "best_f1": 0.5, "val_loss": 1.0}, "map50_f1")
+    assert score({"map50": 0.0, "best_f1": 0.0, "val_loss": 3.0}, "map50_f1") > \
+        score({"map50": 0.0, "best_f1": 0.0, "val_loss": 5.0}, "map50_f1")
+    assert score({"val_loss": 2.0}, "map50_f1") == -2.0

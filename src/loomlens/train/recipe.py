@@ -545,15 +545,22 @@ def keep_to_budget(s: Session, eval_seconds: float) -> None:
             s.total_steps = state.planned_steps = fits
 
 
+#: Weight of the val loss in the selection score: it only breaks ties (a run that has found
+#: nothing yet scores 0 at every evaluation, and the later, better-fitted one should win).
+TIEBREAK = 1e-6
+
+
 def selection_score(result: dict[str, float], metric: str) -> float:
     """What picks `best/` (higher is better): `map50_f1` = the mean of mAP50 and the best F1
     (mAP50 alone when F1 is missing), `map50`, `map50_95`, or minus the val loss (also when
-    no mAP was measured)."""
+    no mAP was measured); equal scores are told apart by the lower val loss."""
     if "map50" not in result or metric == "val_loss":
         return -result["val_loss"]
     if metric == "map50_f1":
-        return (result["map50"] + result.get("best_f1", result["map50"])) / 2
-    return result[metric]
+        score = (result["map50"] + result.get("best_f1", result["map50"])) / 2
+    else:
+        score = result[metric]
+    return score - TIEBREAK * result["val_loss"]
 
 
 def save(s: Session, *, improved: bool = False) -> None:
