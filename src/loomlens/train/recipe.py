@@ -61,9 +61,9 @@ from loomlens.train.guard import Evaluation, Guard
 from loomlens.train.loss import LossSpec, batch_loss, with_image_embeds
 from loomlens.train.schedule import lr_factor, plan_steps, warmup_steps
 
-#: Passes timed before the first step to plan a time-budgeted run (the first ones are slow
-#: for one-off reasons and are not counted), and the fewest steps between two evaluations.
-CALIBRATION_PASSES, TIMED_PASSES, MIN_EVAL_EVERY = 6, 3, 25
+#: Batches timed (after one untimed pass over them) to plan a time-budgeted run, and the fewest
+#: steps between two evaluations.
+TIMED_PASSES, MIN_EVAL_EVERY = 3, 25
 
 
 class TrainingDiverged(RuntimeError):
@@ -309,21 +309,23 @@ def plan_run(s: Session) -> None:
 
 
 def measure_step_seconds(s: Session) -> float:
-    """Seconds one optimizer step takes here: `CALIBRATION_PASSES` forward and backward passes
-    over the first batches, the last `TIMED_PASSES` timed; nothing is stepped and the RNG states
-    are put back, so the run trains as if it had not been measured. The slowest process counts."""
+    """Seconds one optimizer step takes here, once each picture is cached: forward and backward
+    passes over the first `TIMED_PASSES` batches, made twice and timed the second time (the
+    first pass pays one-off costs: kernels, each image's processing). Nothing is stepped and the
+    RNG states are put back, so the run trains as if it had not been measured. The slowest
+    process counts."""
     from accelerate.utils import gather_object
 
     found = rng_states()
     plan = epoch_plan(s.cfg, s.train_set, 0)
-    batches = [plan[i % len(plan)] for i in range(CALIBRATION_PASSES)]
+    batches = [plan[i % len(plan)] for i in range(TIMED_PASSES)]
     timed = 0.0
-    for k, idx in enumerate(batches):
+    for k, idx in enumerate(batches * 2):
         start = time.perf_counter()
         batch = s.prepare(s.collate([s.train_set[i] for i in idx]))
         loss, _ = batch_loss(s.model, batch, s.spec)
         s.accelerator.backward(loss)
-        if k >= CALIBRATION_PASSES - TIMED_PASSES:
+        if k >= TIMED_PASSES:
             timed += time.perf_counter() - start
     s.optimizer.zero_grad(set_to_none=True)
     set_rng_states(found)
