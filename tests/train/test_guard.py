@@ -20,7 +20,7 @@ def test_empty_answers_after_learning_roll_back_then_stop() -> None:
     assert g.best.step == 400 and [h.step for h in g.history] == [200, 400]
     assert g.judge(ev(800, 0.25, empty=0.3)).action == "continue"
     v = g.judge(ev(1000, 0.0, empty=1.0))
-    assert v.action == "stop" and "after 1 rollback" in v.reason
+    assert v.action == "collapsed" and "after 1 rollback" in v.reason
 
 
 def test_rising_val_loss_while_train_loss_falls_is_a_collapse() -> None:
@@ -42,7 +42,7 @@ def test_plateau_stops_after_patience() -> None:
     assert g.judge(ev(1, 0.3)).action == "continue"
     assert g.judge(ev(2, 0.3)).action == "continue"  # equal is no better
     v = g.judge(ev(3, 0.29))
-    assert v.action == "stop" and "best at step 1" in v.reason
+    assert v.action == "plateau" and "best at step 1" in v.reason
     assert Guard(patience=0).judge(ev(1, 0.1)).action == "continue"
 
 
@@ -53,4 +53,4 @@ def test_state_survives_json_and_judges_the_same() -> None:
     again = Guard(max_rollbacks=1)
     again.restore(json.loads(json.dumps(g.state())))
     assert again.rollbacks == 1 and again.history == g.history
-    assert again.judge(ev(3, 0.0, empty=1.0)).action == g.judge(ev(3, 0.0, empty=1.0)).action == "stop"
+    assert again.judge(ev(3, 0.0, empty=1.0)).action == g.judge(ev(3, 0.0, empty=1.0)).action == "collapsed"

@@ -7,8 +7,8 @@ adapter that finds nothing. After each evaluation the guard says what to do:
 
 - `rollback`: the run collapsed after having learned something: go back to the best
   checkpoint (adapter and optimizer) and continue at a lower learning rate;
-- `stop`: it collapsed again after `max_rollbacks` rollbacks, or made no progress for
-  `patience` evaluations (early stopping on a plateau);
+- `collapsed`: it collapsed again after `max_rollbacks` rollbacks: stop;
+- `plateau`: it made no progress for `patience` evaluations: stop (early stopping);
 - `continue` otherwise.
 
 A collapse is either of: nearly every val frame that holds a defect answered with no box
@@ -37,7 +37,8 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Verdict:
-    """`action`: continue, rollback or stop; `reason`: one line for the log and metrics.csv."""
+    """`action`: continue, rollback, collapsed or plateau (the last two stop the run); `reason`:
+    one line for the log and metrics.csv."""
 
     action: str
     reason: str = ""
@@ -67,14 +68,14 @@ class Guard:
         collapse = self._collapse(e, best)
         if collapse:
             if self.rollbacks >= self.max_rollbacks:
-                return Verdict("stop", f"{collapse}, after {self.rollbacks} rollback(s): stopping")
+                return Verdict("collapsed", f"{collapse}, after {self.rollbacks} rollback(s): stopping")
             self.rollbacks += 1
             self.history = [h for h in self.history if h.step <= best.step]
             return Verdict("rollback", f"{collapse}: back to step {best.step}")
         improved = best is None or e.score > best.score
         since = 0 if improved else len([h for h in self.history if h.step > self.best.step])
         if self.patience and since >= self.patience:
-            return Verdict("stop", f"no better score for {since} evaluations (best at step {self.best.step})")
+            return Verdict("plateau", f"no better score for {since} evaluations (best at step {self.best.step})")
         return Verdict("continue")
 
     def _collapse(self, e: Evaluation, best: Evaluation | None) -> str:

@@ -514,9 +514,9 @@ def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], 
     s.say(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     if verdict.action == "rollback":
         roll_back(s, verdict.reason)
-    elif verdict.action == "stop" and not stopped:
+    elif verdict.action in ("collapsed", "plateau") and not stopped:
         event(s, verdict.reason)
-        stopped = "collapsed" if "collapse" in verdict.reason else "early_stopping"
+        stopped = "collapsed" if verdict.action == "collapsed" else "early_stopping"
     save(s, improved=improved)
     return result, stopped
 
