@@ -403,8 +403,9 @@ def train_command(
     epochs: str | None = typer.Option(None, help="Epochs (unless --max-steps)."),
     max_steps: str | None = typer.Option(None, help="Optimizer steps; overrides --epochs (null: by --epochs)."),
     time_budget: str | None = typer.Option(None, help="Stop (evaluate and save) after this many seconds; null: none."),
-    batch_size: str | None = typer.Option(None, help="Samples per process per micro-batch."),
-    grad_accum: str | None = typer.Option(None, help="Micro-batches per optimizer step."),
+    batch_size: str | None = typer.Option(None, help="Samples per process per batch; --micro-batch N (or auto: the "
+                                          "largest that fits on CUDA) passes it in pieces, the step unchanged."),
+    grad_accum: str | None = typer.Option(None, help="Batches per optimizer step."),
     order: str | None = typer.Option(None, help="Task order: grouped (seed's) or interleaved."),
     eval_every: str | None = typer.Option(None, help="Evaluate every N steps (0: each epoch)."),
     precision: str | None = typer.Option(None, help="auto (bf16 autocast on CUDA and on CPUs with bf16 instructions, "

@@ -106,6 +106,22 @@ class SpeedSettings(BaseModel):
         "none", description="recompute activations in backward on these towers: less memory per sample "
         "(docs/training.md, \"Memory\"), more compute",
     )
+    micro_batch: Literal["auto"] | int = Field(
+        "auto", description="samples per forward + backward: each batch of batch_size is split into passes of this "
+        "many, their gradients accumulated (the same step, less memory). auto: the whole batch on a CPU; on CUDA the "
+        "largest divisor of batch_size that fits, tried on the longest training samples. A run records the size it "
+        "used in config.yaml and resumes with it",
+    )
+
+    @field_validator("micro_batch", mode="before")
+    @classmethod
+    def _micro_batch(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError(f"speed.micro_batch must be auto or a number of samples (1 or more, dividing batch_size), "
+                         f"got {value!r}: use speed.micro_batch=auto to find the largest that fits")
 
 
 class AugmentSettings(BaseModel):
@@ -193,8 +209,9 @@ class TrainConfig(BaseModel):
     time_budget: float | None = Field(
         None, gt=0, description="training seconds, summed over resumes: the schedule anneals by then, and the run stops"
     )
-    batch_size: int = Field(8, gt=0, description="samples per process per micro-batch")
-    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    batch_size: int = Field(8, gt=0, description="samples per process per batch (the unit the batch plan, balance "
+                            "and length grouping compose); speed.micro_batch splits it to fit memory")
+    grad_accum: int = Field(1, gt=0, description="batches per process per optimizer step")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (docs/training.md: how it was chosen)")
     weight_decay: float = Field(0.0, ge=0)
     warmup: float = Field(0.05, ge=0, description="warmup: a fraction of the steps (<1) or a number of steps")
@@ -244,6 +261,15 @@ class TrainConfig(BaseModel):
         if self.qlora and self.speed.precision == "bf16-base":
             raise ValueError("precision bf16-base stores the frozen base in bf16, but qlora stores it in 4 bits: "
                              "use precision bf16 (autocast) with qlora")
+        return self
+
+    @model_validator(mode="after")
+    def _micro_batch_divides(self) -> TrainConfig:
+        micro = self.speed.micro_batch
+        if micro != "auto" and self.batch_size % micro:
+            fits = ", ".join(str(d) for d in range(1, self.batch_size + 1) if self.batch_size % d == 0)
+            raise ValueError(f"speed.micro_batch {micro} does not divide batch_size {self.batch_size}: use one of "
+                             f"{fits}, or auto")
         return self
 
 

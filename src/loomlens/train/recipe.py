@@ -1,11 +1,16 @@
 """The fine-tuning recipe: LoRA/DoRA on Florence-2, one loop, top to bottom.
 
 `setup` builds a `Session` (accelerator, base + fresh adapter, datasets, optimizer and
-schedule, a `BatchPreparer` that hides the speed settings, and on resume the saved state);
-`train` then runs one loop of named steps:
+schedule, a `BatchPreparer` that hides the speed settings, the micro-batch that fits memory,
+and on resume the saved state); `train` then runs one loop of named steps:
 
     for each optimizer step: forward_backward (accumulate a window) -> optimizer_step
        -> advance -> log_step -> stop_reason -> validate_and_keep_best | save -> stop?
+
+A window is `grad_accum` planned batches of `batch_size` samples, each passed through the
+model in micro-batches of `speed.micro_batch` samples; the loss is normalised by the window's
+tokens, so how a window is split changes the step only by rounding (and, with dropout, which
+masks are drawn).
 
 Everything distributed goes through Hugging Face accelerate: the same code runs on one CPU,
 one GPU, or `accelerate launch` across GPUs and nodes. Each process takes every N-th batch
@@ -42,7 +47,7 @@ from loomlens.data.dataset import IGNORE_INDEX, Collator, FlorenceDataset, plan_
 from loomlens.data.sampling import Balance
 from loomlens.model.folded_lora import fold_lora
 from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, trainable_by_tower
-from loomlens.model.memory import enable_gradient_checkpointing
+from loomlens.model.memory import enable_gradient_checkpointing, find_micro_batch
 from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory, resolve_device
 from loomlens.model.vision import split_image_path, stage_count, stage_of
 from loomlens.run import DATA_SUMMARY
@@ -132,6 +137,12 @@ class Session:
     def epoch(self) -> float:
         return self.state.epoch + self.state.window / max(1, self.epoch_length)
 
+    @property
+    def micro_batch(self) -> int:
+        """Samples per forward + backward: `speed.micro_batch` once `setup` has resolved it."""
+        size = self.cfg.speed.micro_batch
+        return size if isinstance(size, int) else self.cfg.batch_size
+
 
 def train(
     cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None, log: Callable[[str], None] = print
@@ -146,6 +157,7 @@ def train(
     from tqdm.auto import tqdm
 
     s = setup(cfg, resume=resume, log=log)
+    cfg = s.cfg  # with the micro-batch resolved
     main = s.accelerator.is_main_process
     bar = tqdm(total=s.total_steps, initial=s.state.step, disable=not (main and cfg.progress), desc="train")
     stopped, last_eval = stop_reason(s, None), {}
@@ -215,6 +227,7 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
     s = Session(cfg, accelerator, model, adapter, processor, optimizer, params, train_set, val_set,
                 Collator(processor.tokenizer.pad_token_id), spec, prepare, 0, 0, TrainerState(),
                 run_dir, None, say, nominal_steps=nominal, guard=make_guard(cfg))
+    cfg = s.cfg = settle_micro_batch(s, resume=resume)
     if resume:
         s.state = load_checkpoint(s.last_dir, model=adapter, optimizer=optimizer, rank=accelerator.process_index,
                                   scaler=accelerator.scaler)
@@ -322,9 +335,10 @@ def measure_step_seconds(s: Session) -> float:
     timed = 0.0
     for k, idx in enumerate(batches * 2):
         start = time.perf_counter()
-        batch = s.prepare(s.collate([s.train_set[i] for i in idx]))
-        loss, _ = batch_loss(s.model, batch, s.spec)
-        s.accelerator.backward(loss)
+        for piece in split_batch(idx, s.micro_batch):
+            batch = s.prepare(s.collate([s.train_set[i] for i in piece]))
+            loss, _ = batch_loss(s.model, batch, s.spec)
+            s.accelerator.backward(loss)
         if k >= TIMED_PASSES:
             timed += time.perf_counter() - start
     s.optimizer.zero_grad(set_to_none=True)
@@ -373,14 +387,29 @@ def epoch_windows(s: Session) -> list[list[list[int]]]:
 
 
 def window_batches(s: Session, windows: list[list[list[int]]]) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """The collated micro-batches of each window not yet done in this epoch, in order."""
-    todo = windows[s.state.window :]
+    """The collated micro-batches of each window not yet done in this epoch, in order: each
+    planned batch cut into pieces of `s.micro_batch` samples (`split_batch`)."""
+    todo = [[piece for idx in window for piece in split_batch(idx, s.micro_batch)]
+            for window in windows[s.state.window :]]
     loader = iter(torch.utils.data.DataLoader(
-        s.train_set, batch_sampler=[idx for window in todo for idx in window], collate_fn=s.collate,
+        s.train_set, batch_sampler=[piece for window in todo for piece in window], collate_fn=s.collate,
         num_workers=s.cfg.speed.num_workers, generator=torch.Generator(),  # its own: the global RNG is dropout's
     ))
     for window in todo:
         yield [next(loader) for _ in window]
+
+
+def split_batch(idx: list[int], size: int) -> list[list[int]]:
+    """`idx` cut, in order, into pieces of `size` samples (the last one may be shorter).
+
+    Args:
+        idx: a planned batch's sample indices.
+        size: samples per piece (the micro-batch).
+
+    Returns:
+        The pieces; together they hold `idx` exactly once.
+    """
+    return [idx[i : i + size] for i in range(0, len(idx), size)]
 
 
 def forward_backward(s: Session, micro: list[dict[str, torch.Tensor]]) -> float:
@@ -719,11 +748,146 @@ def batch_preparer(cfg: TrainConfig, *, adapter, train_set: FlorenceDataset, dev
     return BatchPreparer(device, dtype, base.get_input_embeddings(), base.config.image_token_id, finish)
 
 
+# --- micro-batches: a batch in as many passes as memory needs ------------------------------------
+
+
+def settle_micro_batch(s: Session, *, resume: bool) -> TrainConfig:
+    """Resolve `speed.micro_batch` to a number of samples, and say which and why.
+
+    Args:
+        s: the session being set up: model prepared, data loaded, no step made yet.
+        resume: whether the run resumes. `auto` then takes the size its `config.yaml` records
+            (`recorded_micro_batch`) and nothing is probed, so the resumed steps are split as
+            the first ones were.
+
+    Returns:
+        `s.cfg` with `speed.micro_batch` a divisor of `batch_size` (what `config.yaml` records).
+        `auto` on a new run is the whole batch on a CPU, and on CUDA the largest size whose
+        forward and backward fit (`probe_micro_batch`). Batch plan, steps and schedule are
+        those of `batch_size` whatever the size: only the passes per batch change.
+    """
+    cfg = s.cfg
+    batch, asked, device = cfg.batch_size, cfg.speed.micro_batch, s.accelerator.device
+    if asked != "auto":
+        size, why = asked, "speed.micro_batch"
+    elif resume:
+        size = recorded_micro_batch(load_config(TrainConfig, cfg.out / "config.yaml", {"out": str(cfg.out)}))
+        why = "recorded by the run"
+    else:
+        size = probe_micro_batch(s)
+        why = (f"auto: {batch} samples did not fit on {device}" if size < batch else
+               f"auto: {batch} samples fit on {device}" if device.type == "cuda" else f"auto: no probe on {device}")
+    passes = "whole batches" if size == batch else \
+        f"each batch of {batch} in {batch // size} passes, gradients accumulated"
+    s.say(f"micro-batch {size} ({why}): {passes}; "
+          f"{batch * cfg.grad_accum * s.accelerator.num_processes} samples an optimizer step")
+    return with_micro_batch(cfg, size)
+
+
+def probe_micro_batch(s: Session) -> int:
+    """The largest micro-batch that trains on every process's device.
+
+    Args:
+        s: the session being set up (no step made yet).
+
+    Returns:
+        A divisor of `batch_size` (`model.memory.find_micro_batch`: on CUDA tried from the whole
+        batch down on the most demanding samples, halving on out-of-memory; on a CPU the whole
+        batch, untried), the smallest over all processes. The model is in training mode for the
+        probe (dropout and gradient checkpointing as in the loop); the RNG states, the gradients
+        and the mode are put back.
+    """
+    from accelerate.utils import gather_object
+
+    found, training = rng_states(), s.model.training
+    s.model.train()
+    try:
+        size = find_micro_batch(probe_step(s), s.cfg.batch_size, s.accelerator.device).size
+    finally:
+        s.model.train(training)
+        set_rng_states(found)
+    return min(gather_object([size]))
+
+
+def probe_step(s: Session) -> Callable[[int], None]:
+    """What `find_micro_batch` tries.
+
+    Args:
+        s: the session being set up.
+
+    Returns:
+        `step(size)`: one forward + backward of the `size` training samples that pad to the
+        largest batch (`longest_samples`), the gradients cleared after. Nothing is synchronised
+        between processes (each may try other sizes).
+    """
+    order = longest_samples(s.train_set, s.cfg.batch_size)
+
+    def step(size: int) -> None:
+        try:
+            with s.accelerator.no_sync(s.model):
+                batch = s.prepare(s.collate([s.train_set[i] for i in order[:size]]))
+                loss, _ = batch_loss(s.model, batch, s.spec)
+                s.accelerator.backward(loss)
+        finally:
+            s.optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def longest_samples(train_set: FlorenceDataset, count: int) -> list[int]:
+    """The samples a worst-case batch of `count` is made of.
+
+    Args:
+        train_set: the training samples.
+        count: samples wanted (all of them when the set is smaller).
+
+    Returns:
+        Sample indices, most demanding first: with room for two, the longest prompt and the
+        longest answer (a batch is padded to both), then by prompt + answer tokens, longest
+        first. Any first two or more of them make a batch padded as wide as any batch can be.
+    """
+    examples, lengths = train_set.examples, train_set.lengths
+    by_length = sorted(range(len(examples)), key=lambda i: (-lengths[i], i))
+    extremes: list[int] = []
+    if count > 1:
+        extremes = [max(by_length, key=lambda i: len(examples[i].input_ids)),
+                    max(by_length, key=lambda i: len(examples[i].labels))]
+    return list(dict.fromkeys(extremes + by_length))[:count]
+
+
+def recorded_micro_batch(saved: TrainConfig) -> int:
+    """The micro-batch a run trained with.
+
+    Args:
+        saved: the run's recorded config (its `config.yaml`).
+
+    Returns:
+        Its `speed.micro_batch`, or `batch_size` when that holds `auto` (a run recorded before
+        the setting existed: it trained whole batches).
+    """
+    size = saved.speed.micro_batch
+    return size if isinstance(size, int) else saved.batch_size
+
+
+def with_micro_batch(cfg: TrainConfig, size: int) -> TrainConfig:
+    """`cfg` with another micro-batch.
+
+    Args:
+        cfg: a training config (left as it is).
+        size: the micro-batch, in samples.
+
+    Returns:
+        A copy of `cfg` whose `speed.micro_batch` is `size`.
+    """
+    return cfg.model_copy(update={"speed": cfg.speed.model_copy(update={"micro_batch": size})})
+
+
 def amend_config(cfg: TrainConfig, run_dir: Path, step: int, *, say: Callable[[str], None]) -> set[str]:
     """Compare a resumed run's settings with those its `config.yaml` records: a change outside
     `RESUMABLE` raises ValueError (it would break exact resume); allowed ones are recorded in
     `amendments.yaml` with the step they take effect at, and their names returned."""
     saved = load_config(TrainConfig, run_dir / "config.yaml", {"out": str(cfg.out)})
+    saved = with_micro_batch(saved, recorded_micro_batch(saved))
     changes = changed_settings(saved, cfg)
     refused = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in changes.items() if k not in RESUMABLE]
     if refused:
