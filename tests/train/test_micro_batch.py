@@ -145,6 +145,10 @@ def test_resume_keeps_the_recorded_micro_batch(make_config, monkeypatch):
     assert all(size <= 2 for window in windows for size in window)
     assert any(line.startswith("micro-batch 2 (recorded by the run)") for line in said)
     assert yaml.safe_load((cfg.out / "config.yaml").read_text())["speed"]["micro_batch"] == 2
+    said.clear()  # the CLI resumes with the settings config.yaml records: the recorded number itself
+    longer = load_config(TrainConfig, cfg.out / "config.yaml", {"max_steps": "4"})
+    assert train(longer, resume=True, log=said.append).state.step == 4
+    assert any(line.startswith("micro-batch 2 (recorded by the run)") for line in said)
 
 
 def test_a_run_recorded_before_the_setting_resumes_with_whole_batches(make_config, monkeypatch):

@@ -768,11 +768,13 @@ def settle_micro_batch(s: Session, *, resume: bool) -> TrainConfig:
     """
     cfg = s.cfg
     batch, asked, device = cfg.batch_size, cfg.speed.micro_batch, s.accelerator.device
-    if asked != "auto":
-        size, why = asked, "speed.micro_batch"
-    elif resume:
-        size = recorded_micro_batch(load_config(TrainConfig, cfg.out / "config.yaml", {"out": str(cfg.out)}))
-        why = "recorded by the run"
+    recorded = None
+    if resume:
+        recorded = recorded_micro_batch(load_config(TrainConfig, cfg.out / "config.yaml", {"out": str(cfg.out)}))
+    if asked != "auto":  # on resume, another size than the recorded one is refused (`amend_config`)
+        size, why = asked, "recorded by the run" if asked == recorded else "speed.micro_batch"
+    elif recorded is not None:
+        size, why = recorded, "recorded by the run"
     else:
         size = probe_micro_batch(s)
         why = (f"auto: {batch} samples did not fit on {device}" if size < batch else
