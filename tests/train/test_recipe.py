@@ -338,10 +338,11 @@ def test_a_signal_saves_and_says_how_to_resume(make_config, monkeypatch):
 
     monkeypatch.setattr(recipe, "advance", advance_then_signal)
     cfg = make_config(max_steps=6, eval_every=0)
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs in the background
     with pytest.raises(recipe.TrainingInterrupted, match=r"SIGINT at step 2.*--resume"):
         train(cfg)
     assert read_trainer_state(cfg.out / "checkpoints" / "last")["state"]["step"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert signal.getsignal(signal.SIGINT) is before  # put back
     monkeypatch.setattr(recipe, "advance", real)
     assert train(cfg, resume=True).state.step == 6
 
@@ -402,3 +403,13 @@ def test_selection_prefers_the_score_and_breaks_ties_by_val_loss():
     assert score({"map50": 0.0, "best_f1": 0.0, "val_loss": 3.0}, "map50_f1") > \
         score({"map50": 0.0, "best_f1": 0.0, "val_loss": 5.0}, "map50_f1")
     assert score({"val_loss": 2.0}, "map50_f1") == -2.0
+
+
+def test_a_step_is_timed_in_training_mode_and_the_mode_is_put_back(make_config, monkeypatch):
+    session = recipe.setup(make_config(), resume=False, log=lambda _: None)
+    seen, loss = [], recipe.batch_loss
+    monkeypatch.setattr(recipe, "batch_loss", lambda model, *a: seen.append(model.training) or loss(model, *a))
+    session.model.eval()
+    assert recipe.measure_step_seconds(session) > 0
+    assert seen and all(seen)  # dropout and checkpointing cost in the timing what they cost in the loop
+    assert not session.model.training

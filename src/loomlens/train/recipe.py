@@ -326,10 +326,12 @@ def measure_step_seconds(s: Session) -> float:
     passes over the first `TIMED_PASSES` batches, made twice and timed the second time (the
     first pass pays one-off costs: kernels, each image's processing). Nothing is stepped and the
     RNG states are put back, so the run trains as if it had not been measured. The slowest
-    process counts."""
+    process counts. Timed in training mode, so dropout and gradient checkpointing cost what they
+    will cost in the loop."""
     from accelerate.utils import gather_object
 
-    found = rng_states()
+    found, mode = rng_states(), s.model.training
+    s.model.train()
     plan = epoch_plan(s.cfg, s.train_set, 0)
     batches = [plan[i % len(plan)] for i in range(TIMED_PASSES)]
     timed = 0.0
@@ -343,6 +345,7 @@ def measure_step_seconds(s: Session) -> float:
             timed += time.perf_counter() - start
     s.optimizer.zero_grad(set_to_none=True)
     set_rng_states(found)
+    s.model.train(mode)
     return max(gather_object([timed / TIMED_PASSES * s.cfg.grad_accum]))
 
 
