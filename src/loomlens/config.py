@@ -212,7 +212,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(8, gt=0, description="samples per process per batch (the unit the batch plan, balance "
                             "and length grouping compose); speed.micro_batch splits it to fit memory")
     grad_accum: int = Field(1, gt=0, description="batches per process per optimizer step")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate (docs/training.md: how it was chosen)")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (docs/training.md: how it was chosen)")
     weight_decay: float = Field(0.0, ge=0)
     warmup: float = Field(0.05, ge=0, description="warmup: a fraction of the steps (<1) or a number of steps")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
