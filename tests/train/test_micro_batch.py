@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from loomlens.config import TrainConfig, load_config
 from loomlens.model import memory
-from loomlens.train import recipe
+from loomlens.train import micro_batch, recipe
 from loomlens.train.recipe import setup, train
 
 EXACT = {"shuffle": False, "lora": {"r": 4, "dropout": 0.0}}  # no dropout: splitting a batch changes nothing
@@ -26,7 +26,7 @@ def fake_cuda(monkeypatch, *, fits: int) -> list[tuple[int, int]]:
     """Run the real probe step as if on CUDA, raising out-of-memory above `fits` samples; returns
     what was tried: (samples, the padded answer length of the batch the step ran, 0 if none)."""
     tried: list[tuple[int, int]] = []
-    widths, real_loss = [], recipe.batch_loss
+    widths, real_loss = [], micro_batch.batch_loss
 
     def loss_spy(model, batch, spec):
         widths.append(batch["labels"].shape[1])
@@ -41,13 +41,13 @@ def fake_cuda(monkeypatch, *, fits: int) -> list[tuple[int, int]]:
             step(size)
             tried.append((size, widths[0]))
 
-        monkeypatch.setattr(recipe, "batch_loss", loss_spy)
+        monkeypatch.setattr(micro_batch, "batch_loss", loss_spy)
         try:
             return memory.find_micro_batch(oom_above, requested, "cuda")
         finally:
-            monkeypatch.setattr(recipe, "batch_loss", real_loss)
+            monkeypatch.setattr(micro_batch, "batch_loss", real_loss)
 
-    monkeypatch.setattr(recipe, "find_micro_batch", find)
+    monkeypatch.setattr(micro_batch, "find_micro_batch", find)
     return tried
 
 
@@ -64,7 +64,7 @@ def spy_windows(monkeypatch) -> list[list[int]]:
 
 
 def test_cpu_auto_is_the_whole_batch_and_nothing_is_probed(make_config, monkeypatch):
-    monkeypatch.setattr(recipe, "probe_step", lambda s: lambda size: pytest.fail("a CPU run probes nothing"))
+    monkeypatch.setattr(micro_batch, "probe_step", lambda s: lambda size: pytest.fail("a CPU run probes nothing"))
     windows, said = spy_windows(monkeypatch), []
     cfg = make_config(max_steps=2, eval_every=0)
     assert cfg.speed.micro_batch == "auto"
@@ -135,7 +135,7 @@ def test_one_step_of_4_has_the_gradients_of_2_micro_batches_of_2(make_config, tm
 def test_resume_keeps_the_recorded_micro_batch(make_config, monkeypatch):
     cfg = make_config(max_steps=3, eval_every=0, micro_batch=2)
     train(cfg, stop_at_step=1)
-    monkeypatch.setattr(recipe, "find_micro_batch", lambda *a: pytest.fail("a resumed run is not probed"))
+    monkeypatch.setattr(micro_batch, "find_micro_batch", lambda *a: pytest.fail("a resumed run is not probed"))
     changed = make_config(max_steps=3, eval_every=0, micro_batch=4)
     with pytest.raises(ValueError, match=r"would change speed\.micro_batch \(2 -> 4\)"):
         train(changed, resume=True)
@@ -157,7 +157,7 @@ def test_a_run_recorded_before_the_setting_resumes_with_whole_batches(make_confi
     saved = yaml.safe_load((cfg.out / "config.yaml").read_text())
     del saved["speed"]["micro_batch"]
     (cfg.out / "config.yaml").write_text(yaml.safe_dump(saved))
-    monkeypatch.setattr(recipe, "find_micro_batch", lambda *a: pytest.fail("a resumed run is not probed"))
+    monkeypatch.setattr(micro_batch, "find_micro_batch", lambda *a: pytest.fail("a resumed run is not probed"))
     windows = spy_windows(monkeypatch)
     assert train(make_config(max_steps=2, eval_every=0), resume=True).state.step == 2
     assert len(windows) == 1 and len(windows[0]) == 1  # one pass a batch
@@ -183,11 +183,11 @@ def test_micro_batch_is_read_wherever_it_is_given():
 
 
 def test_batches_split_in_order_and_the_probe_starts_from_the_longest():
-    assert recipe.split_batch([5, 1, 7, 3], 2) == [[5, 1], [7, 3]]
-    assert recipe.split_batch([5, 1, 7], 2) == [[5, 1], [7]]  # an epoch's short last batch
+    assert micro_batch.split_batch([5, 1, 7, 3], 2) == [[5, 1], [7, 3]]
+    assert micro_batch.split_batch([5, 1, 7], 2) == [[5, 1], [7]]  # an epoch's short last batch
     ex = [SimpleNamespace(input_ids=(0,) * p, labels=(0,) * a) for p, a in [(3, 3), (9, 2), (3, 8), (3, 5), (4, 4)]]
     data = SimpleNamespace(examples=ex, lengths=[len(e.input_ids) + len(e.labels) for e in ex])
     # the longest prompt and the longest answer first (a batch pads to both), then by length
-    assert recipe.longest_samples(data, 4) == [1, 2, 3, 4]
-    assert recipe.longest_samples(data, 1) == [1]
-    assert recipe.longest_samples(data, 9) == [1, 2, 3, 4, 0]
+    assert micro_batch.longest_samples(data, 4) == [1, 2, 3, 4]
+    assert micro_batch.longest_samples(data, 1) == [1]
+    assert micro_batch.longest_samples(data, 9) == [1, 2, 3, 4, 0]
