@@ -81,6 +81,15 @@ def test_flip_disagreement_on_hand_made_boxes():
     assert "the mirrored frame finds 2 box(es) where the frame finds 2, 1 matching" in rank_frames(
         [signals], n=1)[0].reason
 
+    # Region rules hold in the frame's pixels: the mirror's boxes meet them once mirrored back.
+    left_only = RegionRules.model_validate({"classes": {"drop": {"regions": [[[0, 0], [0.5, 0], [0.5, 1], [0, 1]]]}}})
+    item = Item(source=Path("/pool/r.png"), image=picture(8))
+    signals = frame_signals(item=item, prediction=Prediction("od", W, H, [Box("drop", 10, 10, 30, 30, 0.9),
+                                                                          Box("drop", 90, 10, 110, 30, 0.9)]),
+                            flipped=Prediction("od", W, H, [Box("drop", W - 30, 10, W - 10, 30, 0.9)]),
+                            threshold=0.3, rules=left_only)
+    assert [b.x1 for b in signals.boxes] == [10] and signals.disagreement == 0.0
+
 
 def test_diversity_drops_a_duplicate_frame():
     at_threshold = [Box("drop", 10, 10, 30, 30, 0.3)]

@@ -83,11 +83,12 @@ CSV_COLUMNS = ("rank", "frame", "video_frame", "score", *COMPONENTS, "boxes", "c
 @dataclass
 class FrameSignals:
     """What the run said about one frame: where it came from (`source`, and `frame` for a
-    video frame), its size, every box it found (`boxes`, scored), the ones at or above their
-    threshold (`shown`, the pre-annotation), the three components (`entropy` and
-    `disagreement` None where not measured), the box nearest its threshold and that
-    threshold, the boxes the mirrored frame found at or above it (`flip_boxes`, None without
-    the flip) and how many matched, and the diversity `embedding`."""
+    video frame), its size, every box it found where the region rules allow it (`boxes`,
+    scored), the ones at or above their threshold (`shown`, the pre-annotation), the three
+    components (`entropy` and `disagreement` None where not measured), the box nearest its
+    threshold and that threshold, the boxes the mirrored frame found at or above it
+    (`flip_boxes`, None without the flip) and how many matched, and the diversity
+    `embedding`."""
 
     source: Path
     frame: int | None
@@ -252,33 +253,40 @@ def frame_signals(
 
     Args:
         item: the frame (source, video index, picture for the embedding).
-        prediction: the prediction of the frame, no score threshold applied.
-        flipped: the prediction of its horizontal mirror, in the mirror's pixels; None: no
-            flip disagreement.
+        prediction: the prediction of the frame, no score threshold nor rules applied.
+        flipped: the prediction of its horizontal mirror, in the mirror's pixels, no threshold
+            nor rules applied; None: no flip disagreement.
         threshold: one threshold for every box; None: the rules', else `DEFAULT_THRESHOLD`.
-        rules: the run's region rules (their thresholds, see `box_threshold`).
+        rules: the run's region rules: their regions drop boxes (the mirror's once mirrored
+            back, where the regions mean what they say), their thresholds see `box_threshold`.
 
     Returns:
         The frame's `FrameSignals`.
     """
+    w, h = prediction.width, prediction.height
+    regions = open_rules(rules)
+
     def at(box: Box) -> float:
         return box_threshold(box, threshold=threshold, rules=rules)
+
+    def allowed(boxes: Iterable[Box]) -> list[Box]:
+        return regions.apply(list(boxes), w, h) if regions is not None else list(boxes)
 
     def shown_of(boxes: Iterable[Box]) -> list[Box]:
         return [b for b in boxes if b.score is None or b.score >= at(b)]
 
-    scored = [(threshold_uncertainty(score=b.score, threshold=at(b)), b) for b in prediction.boxes
-              if b.score is not None]
+    boxes = allowed(prediction.boxes)
+    scored = [(threshold_uncertainty(score=b.score, threshold=at(b)), b) for b in boxes if b.score is not None]
     uncertainty, nearest = max(scored, key=lambda pair: pair[0], default=(0.0, None))
-    shown = shown_of(prediction.boxes)
+    shown = shown_of(boxes)
     disagreement, flip_boxes, matched = None, None, 0
     if flipped is not None:
-        back = shown_of(b.hflip(prediction.width) for b in flipped.boxes)
+        back = shown_of(allowed(b.hflip(w) for b in flipped.boxes))
         disagreement = flip_disagreement(boxes=shown, flipped=back)
         flip_boxes, matched = len(back), match_count(shown, back)
     return FrameSignals(
-        source=item.source, frame=item.frame, width=prediction.width, height=prediction.height,
-        boxes=list(prediction.boxes), shown=shown, uncertainty=uncertainty, entropy=prediction.entropy,
+        source=item.source, frame=item.frame, width=w, height=h,
+        boxes=boxes, shown=shown, uncertainty=uncertainty, entropy=prediction.entropy,
         disagreement=disagreement, nearest=nearest, nearest_threshold=None if nearest is None else at(nearest),
         flip_boxes=flip_boxes, matched=matched, embedding=thumbnail(item.image),
     )
@@ -296,10 +304,11 @@ def open_rules(rules: RegionRules | None) -> RegionRules | None:
 
 
 @contextmanager
-def _every_box(predictor: Predictor) -> Iterator[RegionRules | None]:
-    """The predictor with its rules' thresholds lifted for the block; yields its own rules."""
+def _without_rules(predictor: Predictor) -> Iterator[RegionRules | None]:
+    """The predictor without its region rules for the block (a mirrored frame's boxes meet the
+    regions only once mirrored back: `frame_signals`); yields its own rules."""
     rules = predictor.rules
-    predictor.rules = open_rules(rules)
+    predictor.rules = None
     try:
         yield rules
     finally:
@@ -323,7 +332,8 @@ def score_frames(
     """Predict on every frame (and its mirror) and measure its components.
 
     Args:
-        predictor: the loaded run; its region rules apply, their thresholds lifted.
+        predictor: the loaded run; its region rules apply (in `frame_signals`), their
+            thresholds lifted.
         items: the frames (`loomlens.predict.sources.iter_items`).
         threshold: one score threshold for every box; None: the run's rules, else
             `DEFAULT_THRESHOLD`.
@@ -338,7 +348,7 @@ def score_frames(
     """
     found: list[FrameSignals] = []
     refused: list[Problem] = [] if problems is None else problems
-    with _every_box(predictor) as rules:
+    with _without_rules(predictor) as rules:
         for chunk in batched(items, max(1, predictor.batch_size // (2 if flip else 1))):
             mirrors = {id(i): _mirrored(i) for i in chunk} if flip else {}
             before = len(refused)
