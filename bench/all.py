@@ -54,15 +54,21 @@ PLAN: dict[str, list[str]] = {
     "load": ["--seconds", "20"],
     # One watcher per camera (issue #19): frames/s it sustains, torch and onnxruntime.
     "watch": ["--frames", "24", "--onnx"],
+    # Active selection (issue #18): `select`'s picks against random ones; its defaults are this size.
+    "select": [],
 }
 #: benchmarks that take the accuracy run's adapter when it exists.
 USE_ADAPTER = ("infer_speed", "tiling", "watch")
+#: benchmarks whose own defaults are the `make bench` size: `--small` is their small one.
+SMALL_FLAG = ("select",)
 
 
 def command(name: str, threads: int | None, small: bool = False) -> list[str]:
     """The command line that runs benchmark `name` at the `make bench` size (`small`: at its
     own default size, the accuracy runs still kept for the adapter)."""
     args = (["--keep", str(KEPT_RUNS)] if name == "accuracy" else []) if small else list(PLAN[name])
+    if small and name in SMALL_FLAG:
+        args.append("--small")
     if name in USE_ADAPTER and (ADAPTER / "checkpoints").exists():
         args += ["--adapter", str(ADAPTER)]
     if threads:

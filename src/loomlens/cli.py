@@ -687,6 +687,99 @@ def predict_command(
             raise typer.Exit(1)
 
 
+def _weights(text: str | None) -> dict[str, float] | None:
+    """`--weights uncertainty=1,entropy=0.5,disagreement=1` -> {component: weight}; None: default."""
+    if text is None:
+        return None
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            eq = ""
+        if not eq:
+            raise _fail(f"--weights takes component=number pairs separated by commas "
+                        f"(e.g. uncertainty=1,entropy=0.5,disagreement=1), got {part!r}")
+    return out
+
+
+@app.command("select")
+def select_command(
+    inputs: list[str] = typer.Argument(..., help="Unlabelled frames: image files, folders, glob patterns or videos."),
+    adapter: Path | None = typer.Option(None, help="The training run (or adapter folder) whose doubts rank the frames."),
+    n: int = typer.Option(20, "--n", min=1, help="How many frames to choose for labelling."),
+    out: Path = typer.Option(Path("runs/select"), help="Folder for ranking.csv and the chosen frames with their "
+                             "pre-annotations (images/, annotations/: LabelImg's Pascal VOC)."),
+    model: str | None = typer.Option(None, help="Base model (default: the adapter's base)."),
+    checkpoint: str = typer.Option("best", help="best or last (with a run folder)."),
+    threshold: float | None = typer.Option(None, help="Score threshold the doubt is measured against and the "
+                                           "pre-annotations are cut at (default: the run's region rules, else "
+                                           "0.2; the best_threshold of `loomlens eval` is a good value)."),
+    flip: bool = typer.Option(True, "--flip/--no-flip", help="Also predict on each frame mirrored and count where the "
+                              "two disagree (twice the model's work)."),
+    diversity: float = typer.Option(0.5, min=0.0, help="How far apart the chosen frames must be, as a share of the "
+                                    "typical distance between two frames (0: by score alone)."),
+    weights: str | None = typer.Option(None, help="Weight of each component, e.g. "
+                                       "uncertainty=1,entropy=0.5,disagreement=1 (default: all 1)."),
+    link: bool = typer.Option(False, "--link/--copy", help="Put the chosen frames into OUT/images as hard links "
+                              "(--link) or copies (--copy, the default: a folder you can hand to a labeller)."),
+    every: int = typer.Option(1, min=1, help="For videos: consider every N-th frame."),
+    tile: str = typer.Option("auto", help="Tiled detection on large frames: auto, on or off."),
+    tile_size: int | None = typer.Option(None, min=32, help="Tile edge in pixels (default: the run's)."),
+    max_boxes: int = typer.Option(20, min=1, help="Most boxes read per frame."),
+    batch_size: int = typer.Option(16, min=1, help="Images per generation batch."),
+    constrained: bool | None = typer.Option(None, "--constrained/--no-constrained", help="Decode <OD> through the "
+                                            "run's class grammar (default: on when the run has classes)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
+    strict: bool = typer.Option(False, help="Exit 1 when any input was skipped (listed in OUT/problems.json)."),
+) -> None:
+    """Choose which frames to label next: rank unlabelled frames by how unsure the run is of them
+    (boxes near the threshold, token entropy, disagreement with the mirrored frame), pick N that
+    are not near-duplicates of each other, and write ranking.csv and the chosen frames with
+    pre-annotations for LabelImg into OUT. Unreadable inputs are skipped and listed in
+    OUT/problems.json."""
+    from pydantic import ValidationError
+    from rich.progress import Progress
+
+    from loomlens.model.loader import ModelLoadError
+    from loomlens.predict import Predictor
+    from loomlens.predict.select import check_weights, select_frames
+    from loomlens.predict.sources import count_items, expand_inputs
+
+    if adapter is None and model is None:
+        raise _fail("select ranks frames by what a trained run is unsure of: pass --adapter RUN "
+                    "(a folder `loomlens train` wrote)")
+    chosen_weights = _weights(weights)
+    try:
+        check_weights(chosen_weights)
+        total = count_items(expand_inputs(inputs), every)
+        predictor = Predictor(model=model, adapter=adapter, device=_device(device), max_boxes=max_boxes,
+                              batch_size=batch_size, checkpoint=checkpoint, tile_size=tile_size,
+                              constrained=constrained, precision=precision)
+        with Progress(transient=True) as bar:
+            job = bar.add_task(f"ranking {total} frames", total=total)
+            summary = select_frames(predictor, inputs, out, n=n, threshold=threshold, flip=flip, diversity=diversity,
+                                    weights=chosen_weights, every=every, tile=tile, link=link,
+                                    on_item=lambda: bar.advance(job))
+    except (FileNotFoundError, ValueError, ValidationError, RuntimeError, ModelLoadError) as err:
+        raise _fail(str(err)) from None
+    typer.echo(f"ranked {summary['frames']} frames, chose {len(summary['chosen'])} -> {out}: "
+               f"{', '.join(summary['written'])}")
+    if summary["chosen"]:
+        typer.echo(f"label them in LabelImg: Open Dir {out / 'images'}, Change Save Dir {out / 'annotations'}; "
+                   f"why each was chosen: {out / 'ranking.csv'}")
+    problems = summary["problems"]
+    if problems:
+        typer.secho(f"{len(problems)} input(s) skipped, all listed in {out / 'problems.json'}:", fg="yellow", err=True)
+        typer.echo("\n".join(f"  {p['error']}" for p in problems[:10]), err=True)
+        if not summary["frames"]:
+            raise _fail("no frame could be read; nothing was ranked")
+        if strict:
+            raise typer.Exit(1)
+
+
 def _event_media(store: EventStore, media: Path | None) -> Path:
     """The folder for event JPEGs: `media`, else event-images/ beside a SQLite `store`'s file,
     else runs/watch/event-images."""

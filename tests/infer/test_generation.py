@@ -52,6 +52,20 @@ def test_beam_search_runs(tiny, images):
     model, processor = tiny
     gens = generate(model, processor, images[:1], ["<OD>"], max_new_tokens=8, num_beams=2)
     assert len(gens[0].token_ids) == len(gens[0].token_logprobs) > 0
+    assert gens[0].token_entropies == [] and gens[0].mean_entropy() is None  # not measured under beams
+
+
+def test_greedy_generation_measures_each_steps_entropy(tiny, images):
+    model, processor = tiny
+    vocab = len(processor.tokenizer)
+    for g in generate(model, processor, images, ["<OD>", "<OD>"], max_new_tokens=10):
+        assert len(g.token_entropies) == len(g.token_ids)
+        assert all(-1e-4 <= e <= math.log(vocab) + 1e-4 for e in g.token_entropies)
+        # Greedy picks the most likely token, and Shannon entropy is at least -log of the top
+        # probability (the first token, <s>, and a last </s> at the budget are forced).
+        for entropy, lp in list(zip(g.token_entropies, g.token_logprobs))[1:-1]:
+            assert entropy >= -lp - 1e-4
+        assert g.mean_entropy() == pytest.approx(sum(g.token_entropies) / len(g.token_entropies))
 
 
 def test_detect_contract(tiny, images):

@@ -19,7 +19,7 @@ tokens at all: `VocabMask` keeps them out of every answer and out of the log-pro
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -109,11 +109,18 @@ class Generation:
     """One generated answer: `token_ids` from the first generated token up to and including
     the first `</s>` (no decoder-start, no padding), `token_logprobs[i]` the natural-log
     probability the model gave `token_ids[i]`, and `text` the decoded answer without `<s>`,
-    `</s>` and padding (`<loc_N>` and other markers kept)."""
+    `</s>` and padding (`<loc_N>` and other markers kept). `token_entropies[i]` is the entropy
+    (nats) of the model's raw next-token distribution at step i, how unsure it was whatever it
+    chose; empty where it was not measured (beam search, the onnx backend)."""
 
     text: str
     token_ids: list[int]
     token_logprobs: list[float]
+    token_entropies: list[float] = field(default_factory=list)
+
+    def mean_entropy(self) -> float | None:
+        """The mean of `token_entropies` over the answer (nats), None when not measured."""
+        return sum(self.token_entropies) / len(self.token_entropies) if self.token_entropies else None
 
 
 def label_token_count(tokenizer, classes: Sequence[str]) -> int:
@@ -139,6 +146,16 @@ def _trim(ids: list[int], logprobs: list[float], eos_id: int, pad_id: int) -> tu
     while end and ids[end - 1] == pad_id:
         end -= 1
     return ids[:end], logprobs[:end]
+
+
+def _entropies(logprobs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """(batch, steps) entropy in nats of each step's distribution (`_real_logprobs`: padding
+    rows at -inf hold no mass)."""
+    steps = []
+    for lp in logprobs:
+        p = lp.exp()
+        steps.append(-torch.where(p > 0, p * lp, torch.zeros_like(lp)).sum(-1))
+    return torch.stack(steps, dim=1)
 
 
 def _real_logprobs(logits: tuple[torch.Tensor, ...], size: int) -> tuple[torch.Tensor, ...]:
@@ -197,22 +214,28 @@ def generate(
     )
     # Log-probs of the chosen tokens under the raw logits over the real vocabulary (padding
     # rows are no tokens); beam_indices maps each step to the beam that produced it.
+    real = _real_logprobs(out.logits, size)
     logprobs = model.compute_transition_scores(
-        out.sequences, _real_logprobs(out.logits, size), getattr(out, "beam_indices", None), normalize_logits=False
+        out.sequences, real, getattr(out, "beam_indices", None), normalize_logits=False
     )
     generated = out.sequences[:, -logprobs.shape[1] :]  # drop the decoder-start token
-    return [decode_generation(tokenizer, ids_row, lp_row)
-            for ids_row, lp_row in zip(generated.tolist(), logprobs.tolist())]
+    # A greedy step's distribution belongs to its row; a beam step's to whichever beam it was.
+    entropies = _entropies(real).tolist() if num_beams == 1 else [None] * len(images)
+    return [decode_generation(tokenizer, ids_row, lp_row, ent_row)
+            for ids_row, lp_row, ent_row in zip(generated.tolist(), logprobs.tolist(), entropies)]
 
 
-def decode_generation(tokenizer, ids_row: list[int], logprobs_row: list[float]) -> Generation:
-    """One generated row (without the decoder-start token) and its log-probs as a `Generation`:
-    cut after the first `</s>`, decoded without the frame tokens."""
+def decode_generation(tokenizer, ids_row: list[int], logprobs_row: list[float],
+                      entropies_row: list[float] | None = None) -> Generation:
+    """One generated row (without the decoder-start token), its log-probs and (optionally) the
+    entropy of each step as a `Generation`: cut after the first `</s>`, decoded without the
+    frame tokens."""
     ids, lps = _trim(ids_row, logprobs_row, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    entropies = list(entropies_row[: len(ids)]) if entropies_row is not None else []
     # Only the frame tokens are dropped from the text: a tokenizer may register `<loc_N>` as
     # special (Microsoft's does), and skip_special_tokens would then drop the answer itself.
     frame = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     size = len(tokenizer)  # ids past it are the padded rows of the lm_head: no tokens
     text = tokenizer.decode([i for i in ids if i not in frame and i < size], skip_special_tokens=False,
                             clean_up_tokenization_spaces=False)
-    return Generation(text=text, token_ids=ids, token_logprobs=lps)
+    return Generation(text=text, token_ids=ids, token_logprobs=lps, token_entropies=entropies)

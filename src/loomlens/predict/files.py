@@ -85,7 +85,7 @@ def coco_results(records: Sequence[dict], classes: Sequence[str]) -> tuple[list[
     return results, document
 
 
-def _predict_chunk(predictor: Predictor, chunk: list[Item], problems: list[Problem], **options
+def predict_chunk(predictor: Predictor, chunk: list[Item], problems: list[Problem], **options
                    ) -> list[tuple[Item, Prediction]]:
     """Predictions for a chunk of items; when the predictor refuses the chunk (ValueError or
     OSError: something about one image), each item is retried alone and the ones it still
@@ -98,7 +98,7 @@ def _predict_chunk(predictor: Predictor, chunk: list[Item], problems: list[Probl
     done = []
     for item in chunk:
         try:
-            done += _predict_chunk(predictor, [item], problems, **options)
+            done += predict_chunk(predictor, [item], problems, **options)
         except (ValueError, OSError) as exc:
             problems.append(Problem(str(item.source), f"{item.source}: {exc}", item.frame))
     return done
@@ -146,7 +146,7 @@ def predict_files(
     # Items stream in: a video is never held whole in memory.
     for chunk in batched(iter_items(files, every, skipped), predictor.batch_size):
         failed = len(problems)
-        for item, prediction in _predict_chunk(predictor, chunk, problems, **options):
+        for item, prediction in predict_chunk(predictor, chunk, problems, **options):
             records.append(prediction_record(item, prediction))
             name = unique_stem(item, used)
             if draw:

@@ -41,13 +41,17 @@ class LabelsOut:
     """Writes the pre-annotations of one prediction run into a folder, picture by picture
     (`add`), then the whole-run files (`finish`). Holds no pixels: a long video streams."""
 
-    def __init__(self, out: str | Path, fmt: str, classes: list[str], model_version: str) -> None:
+    def __init__(self, out: str | Path, fmt: str, classes: list[str], model_version: str, *,
+                 link: bool = True) -> None:
         """`out`: the folder; `fmt`: one of `LABEL_FORMATS`; `classes`: the run's class names
         (YOLO ids and COCO categories follow them, new labels appended); `model_version`: what
-        Label Studio shows as the predictions' model. Raises ValueError for another format."""
+        Label Studio shows as the predictions' model; `link`: put pictures into `images/` as
+        hard links where the file system allows (False: always copies, a folder that can be
+        handed to someone else whatever happens to the originals). Raises ValueError for
+        another format."""
         if fmt not in LABEL_FORMATS:
             raise ValueError(f"--save-labels must be one of {', '.join(LABEL_FORMATS)}, got {fmt!r}")
-        self.out, self.fmt, self.model_version = Path(out), fmt, model_version
+        self.out, self.fmt, self.model_version, self.link = Path(out), fmt, model_version, link
         self.out.mkdir(parents=True, exist_ok=True)
         # Ids a person's label files already use stay as they are; new classes are appended.
         known = read_class_names(self.out / "labels" / CLASSES_FILE) if fmt == "yolo" else []
@@ -68,7 +72,7 @@ class LabelsOut:
             if not target.exists():
                 atomic_save_image(item.image.convert("RGB"), target, "JPEG")
         elif not (target.exists() and target.stat().st_size == source.stat().st_size):
-            atomic_copy(source, target, link=True)
+            atomic_copy(source, target, link=self.link)
         return image
 
     def add(self, item: Item, prediction: Prediction, name: str) -> None:

@@ -49,7 +49,9 @@ class Prediction:
     """The answer for one image: boxes in pixels (with scores for box tasks), polygons as
     (label, [[x, y], ...]) in pixels, the answer text, whether the model was `trained` for
     this task, whether the frame was `tiled`, and how many malformed answer parts were
-    `dropped` by the parser."""
+    `dropped` by the parser. `entropy`: the mean entropy (nats) of the model's next-token
+    distribution over the answer, how unsure it was (`Generation.mean_entropy`; None for a
+    tiled frame, beam search or the onnx backend)."""
 
     task: str
     width: int
@@ -61,6 +63,7 @@ class Prediction:
     tiled: bool = False
     dropped: int = 0
     scale: float = 1.0
+    entropy: float | None = None
 
     def scaled_to(self, width: int, height: int) -> Prediction:
         """This prediction made on a resized copy, in the pixels of the `width` x `height`
@@ -290,12 +293,13 @@ class Predictor:
                 if small is not im:  # a frame over the tile cap: give its memory back
                     del small
                     release_freed_memory()
-                answer, dropped = "", 0
+                answer, dropped, entropy = "", 0, None
             else:
                 d = next(found)
-                boxes, answer, dropped = d.boxes, d.generation.text, d.dropped
+                boxes, answer, dropped, entropy = d.boxes, d.generation.text, d.dropped, d.generation.mean_entropy()
             found_at = Prediction(spec.name, w if is_tiled else im.width, h if is_tiled else im.height, boxes,
-                                  text=answer, tiled=is_tiled, dropped=dropped).scaled_to(im.width, im.height)
+                                  text=answer, tiled=is_tiled, dropped=dropped,
+                                  entropy=entropy).scaled_to(im.width, im.height)
             kept = [b for b in found_at.boxes if b.score is None or b.score >= threshold]
             if self.rules is not None:
                 kept = self.rules.apply(kept, im.width, im.height)
@@ -310,7 +314,7 @@ class Predictor:
             _check(deadline)
             prompts = [prompt(spec, text, im.width, im.height) for im in chunk]
             for im, gen in zip(chunk, generate(self.loaded.model, self.loaded.processor, chunk, prompts, budget)):
-                results.append(self._read(spec, im, gen.text, text))
+                results.append(replace(self._read(spec, im, gen.text, text), entropy=gen.mean_entropy()))
         return results
 
     def _read(self, spec: Task, image: Image.Image, answer: str, text: str | None) -> Prediction:
