@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from loomlens.data.records import Box
-from loomlens.watch.debounce import DebounceSettings, Debouncer, iou
+from loomlens.data.records import Box, iou
+from loomlens.watch.debounce import DebounceSettings, Debouncer
 
 A = Box("hole", 100, 100, 140, 140, 0.6)
 A_MOVED = Box("hole", 104, 102, 144, 142, 0.9)  # the same defect, a little further on

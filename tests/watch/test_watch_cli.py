@@ -10,8 +10,7 @@ from typer.testing import CliRunner
 
 from loomlens.cli import app
 from loomlens.events import EventStore
-from loomlens.watch.debounce import iou
-from loomlens.data.records import Box
+from loomlens.data.records import Box, iou
 
 
 def test_watch_a_video_records_one_event(line_video, tmp_path) -> None:

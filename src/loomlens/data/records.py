@@ -43,6 +43,16 @@ class Box:
         return replace(self, x1=image_width - self.x2, x2=image_width - self.x1)
 
 
+def iou(a: Box, b: Box) -> float:
+    """Intersection over union of two pixel boxes (0 when they do not overlap)."""
+    w = min(a.x2, b.x2) - max(a.x1, b.x1)
+    h = min(a.y2, b.y2) - max(a.y1, b.y1)
+    if w <= 0 or h <= 0:
+        return 0.0
+    inter = w * h
+    return inter / (a.width * a.height + b.width * b.height - inter)
+
+
 @dataclass
 class ImageRecord:
     """An annotated image. `image` is relative to the dataset root; no boxes = a negative,

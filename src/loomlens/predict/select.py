@@ -51,7 +51,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from loomlens.data.atomic import atomic_open, atomic_write
-from loomlens.data.records import Box
+from loomlens.data.records import Box, iou
 from loomlens.infer.detection import batched
 from loomlens.predict.files import predict_chunk, unique_stem
 from loomlens.predict.labels import LabelsOut
@@ -171,16 +171,6 @@ def box_threshold(box: Box, *, threshold: float | None = None, rules: RegionRule
         if value > 0:
             return value
     return DEFAULT_THRESHOLD
-
-
-def iou(a: Box, b: Box) -> float:
-    """Intersection over union of two pixel boxes (0 when they do not overlap)."""
-    w = min(a.x2, b.x2) - max(a.x1, b.x1)
-    h = min(a.y2, b.y2) - max(a.y1, b.y1)
-    if w <= 0 or h <= 0:
-        return 0.0
-    inter = w * h
-    return inter / (a.width * a.height + b.width * b.height - inter)
 
 
 def match_count(a: Sequence[Box], b: Sequence[Box], *, min_iou: float = FLIP_IOU) -> int:
