@@ -413,3 +413,18 @@ def test_a_step_is_timed_in_training_mode_and_the_mode_is_put_back(make_config, 
     assert recipe.measure_step_seconds(session) > 0
     assert seen and all(seen)  # dropout and checkpointing cost in the timing what they cost in the loop
     assert not session.model.training
+
+
+def test_automatic_evaluations_count_from_the_last_one_and_fixed_ones_keep_their_multiples():
+    from types import SimpleNamespace
+
+    def session(every_set, every, step, last):
+        return SimpleNamespace(cfg=SimpleNamespace(eval_every=every_set), eval_every=every,
+                               state=SimpleNamespace(step=step), evaluated_at=last)
+
+    # re-spaced from 156 to 168 after evaluating at 312: not again at 336, but at 480
+    assert not recipe.eval_due(session(None, 168, 336, 312), False)
+    assert recipe.eval_due(session(None, 168, 480, 312), False)
+    assert recipe.eval_due(session(100, 100, 300, 250), False)  # by hand: every multiple
+    assert not recipe.eval_due(session(100, 100, 350, 300), False)
+    assert recipe.eval_due(session(0, 0, 71, 0), True) and not recipe.eval_due(session(0, 0, 70, 0), False)

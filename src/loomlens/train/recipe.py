@@ -119,6 +119,7 @@ class Session:
     say: Callable[[str], None]
     nominal_steps: int | None = None
     eval_every: int = 0
+    evaluated_at: int = 0  # the step of the last evaluation (or where this process started)
     guard: Guard = field(default_factory=Guard)
     losses: list[float] = field(default_factory=list)  # train losses since the last evaluation
     signalled: str = ""  # the signal that asked the run to stop
@@ -171,8 +172,7 @@ def train(
                 epoch_done = advance(s)
                 log_step(s, bar, loss=loss, lr=lr, grad_norm=grad_norm)
                 stopped = stop_reason(s, stop_at_step)
-                due = (s.eval_every and s.state.step % s.eval_every == 0) or (not s.eval_every and epoch_done)
-                if s.val_set is not None and (due or stopped in ("max_steps", "time_budget")):
+                if s.val_set is not None and (eval_due(s, epoch_done) or stopped in ("max_steps", "time_budget")):
                     last_eval, stopped = validate_and_keep_best(s, stopped)
                 elif stopped or (cfg.save_every and s.state.step % cfg.save_every == 0):
                     save(s)
@@ -242,6 +242,7 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
         s.metrics = MetricsLog(run_dir, s.state.step if resume else None, cfg.tensorboard)
     _describe(s, towers)
     s.started, s.seconds_before = time.monotonic(), s.state.train_seconds
+    s.evaluated_at = s.state.step
     return s
 
 
@@ -320,6 +321,17 @@ def plan_run(s: Session) -> None:
     lr_factor(0, s.warmup, s.total_steps, cfg.schedule)  # a bad schedule name fails now, not at step 1
     every = cfg.eval_every
     s.eval_every = max(MIN_EVAL_EVERY, math.ceil(s.total_steps / 10)) if every is None else every
+
+
+def eval_due(s: Session, epoch_done: bool) -> bool:
+    """Whether the step just made is evaluated: every `eval_every` steps (its multiples when
+    set by hand; counted from the last evaluation when automatic, so re-spacing them in
+    `keep_to_budget` never puts two close together), or at each epoch's end with `eval_every: 0`."""
+    if not s.eval_every:
+        return epoch_done
+    if s.cfg.eval_every is None:
+        return s.state.step - s.evaluated_at >= s.eval_every
+    return s.state.step % s.eval_every == 0
 
 
 def measure_step_seconds(s: Session) -> float:
@@ -515,7 +527,7 @@ def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], 
     stops), save `last/` (copied to `best/` when the score improved), log; return the
     evaluation and the stop reason."""
     cfg, state = s.cfg, s.state
-    started = time.monotonic()
+    started, s.evaluated_at = time.monotonic(), state.step
     result = _evaluate(s)
     state.eval_seconds += time.monotonic() - started
     state.train_seconds = s.seconds_before + time.monotonic() - s.started  # the evaluation counts
