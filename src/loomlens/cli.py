@@ -677,14 +677,21 @@ def predict_command(
     except (FileNotFoundError, ValueError, ValidationError, RuntimeError, ModelLoadError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"{summary['items']} images/frames, {summary['boxes']} boxes -> {out}: {', '.join(summary['written'])}")
-    problems = summary["problems"]
-    if problems:
-        typer.secho(f"{len(problems)} input(s) skipped, all listed in {out / 'problems.json'}:", fg="yellow", err=True)
-        typer.echo("\n".join(f"  {p['error']}" for p in problems[:10]), err=True)
-        if not summary["items"]:
-            raise _fail("no input could be predicted; predictions.jsonl was left as it was")
-        if strict:
-            raise typer.Exit(1)
+    _report_skipped(summary["problems"], out, strict=strict, none_done=not summary["items"],
+                    nothing="no input could be predicted; predictions.jsonl was left as it was")
+
+
+def _report_skipped(problems: list[dict], out: Path, *, strict: bool, none_done: bool, nothing: str) -> None:
+    """Name the inputs a command skipped (all of them are in `out/problems.json`); fail with
+    `nothing` when no input was done, and with exit 1 under `--strict`."""
+    if not problems:
+        return
+    typer.secho(f"{len(problems)} input(s) skipped, all listed in {out / 'problems.json'}:", fg="yellow", err=True)
+    typer.echo("\n".join(f"  {p['error']}" for p in problems[:10]), err=True)
+    if none_done:
+        raise _fail(nothing)
+    if strict:
+        raise typer.Exit(1)
 
 
 def _weights(text: str | None) -> dict[str, float] | None:
@@ -770,14 +777,8 @@ def select_command(
     if summary["chosen"]:
         typer.echo(f"label them in LabelImg: Open Dir {out / 'images'}, Change Save Dir {out / 'annotations'}; "
                    f"why each was chosen: {out / 'ranking.csv'}")
-    problems = summary["problems"]
-    if problems:
-        typer.secho(f"{len(problems)} input(s) skipped, all listed in {out / 'problems.json'}:", fg="yellow", err=True)
-        typer.echo("\n".join(f"  {p['error']}" for p in problems[:10]), err=True)
-        if not summary["frames"]:
-            raise _fail("no frame could be read; nothing was ranked")
-        if strict:
-            raise typer.Exit(1)
+    _report_skipped(summary["problems"], out, strict=strict, none_done=not summary["frames"],
+                    nothing="no frame could be read; nothing was ranked")
 
 
 def _event_media(store: EventStore, media: Path | None) -> Path:
