@@ -56,6 +56,25 @@ def test_no_box_under_a_pixel_comes_out(tokenizer):
     assert all(b.width >= 1 and b.height >= 1 for b in boxes)
 
 
+def test_reversed_box_is_dropped_and_counted(tokenizer):
+    gen = generation(tokenizer, "drop<loc_30><loc_40><loc_10><loc_20>wrinkle<loc_10><loc_20><loc_30><loc_40>")
+    boxes, dropped = scored_boxes(tokenizer, gen, 1000, 1000)
+    assert [b.label for b in boxes] == ["wrinkle"] and dropped == 1
+
+
+def test_a_box_sharing_its_label_with_a_dropped_box_keeps_the_label_tokens(tokenizer):
+    # `drop<reversed box><box>`: the second box's label is the run's `drop`, and its score
+    # holds the label's probability even though the box before it was dropped.
+    gen = generation(tokenizer, "drop<loc_30><loc_40><loc_10><loc_20><loc_10><loc_20><loc_30><loc_40>")
+    pieces = token_pieces(tokenizer, gen.token_ids)
+    (box,), dropped = align_boxes(pieces, 1000, 1000)
+    assert dropped == 1 and "".join(pieces[i] for i in box.label_tokens) == "drop"
+    for i in box.label_tokens:
+        gen.token_logprobs[i] = math.log(0.1)
+    (scored,), _ = scored_boxes(tokenizer, gen, 1000, 1000)
+    assert scored.score == pytest.approx(0.1 * math.exp(-0.1))
+
+
 def test_score_formulas():
     lp = [math.log(0.5), math.log(0.8), math.log(0.8), math.log(0.8), math.log(0.8)]
     assert box_score(lp, [0], [1, 2, 3, 4], "product") == pytest.approx(0.5 * 0.8)
