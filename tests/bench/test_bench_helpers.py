@@ -86,3 +86,13 @@ def test_processor_boxes_reads_the_seeds_way_and_counts_what_no_box_holds(tiny):
     boxes, unheld = processor_boxes(processor, ids, (1000, 1000))
     assert [(b.label, b.x1, b.y1, b.x2, b.y2, b.score) for b in boxes] == [("drop", 100, 200, 300, 400, 1.0)]
     assert unheld == 1  # the reversed box the processor returns as it was written
+
+
+def test_make_bench_scores_inference_on_the_adapters_own_val_split_when_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_all, "ADAPTER", tmp_path / "seed0")
+    monkeypatch.setattr(bench_all, "ADAPTER_DATA", tmp_path / "data-0" / "data")
+    assert bench_all.command("infer_speed", None)[-2:] == ["--images", "32"]  # nothing kept: synthetic frames
+    (tmp_path / "seed0" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "data-0" / "data").mkdir(parents=True)
+    assert bench_all.command("infer_speed", None)[-4:] == ["--adapter", str(tmp_path / "seed0"),
+                                                          "--data", str(tmp_path / "data-0" / "data")]
