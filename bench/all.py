@@ -31,6 +31,8 @@ from bench.common import RESULTS, ROOT, Table, describe, markdown
 DOC = ROOT / "docs" / "benchmarks.md"
 KEPT_RUNS = RESULTS / "accuracy-runs"
 ADAPTER = KEPT_RUNS / "seed0"
+#: The data that adapter was trained on (kept beside it): infer_speed scores each way on its val split.
+ADAPTER_DATA = KEPT_RUNS / "data-0" / "data"
 
 #: name -> arguments at the `make bench` size (each benchmark's own defaults are smaller).
 PLAN: dict[str, list[str]] = {
@@ -43,7 +45,8 @@ PLAN: dict[str, list[str]] = {
     # shorter runs of the v3 tiny model score ~0 (val mAP50 0.00 at step 200 of the demo).
     "accuracy": ["--images", "480", "--seeds", "0", "1", "--budget", "480", "--budgets", "240",
                  "--keep", str(KEPT_RUNS)],
-    "infer_speed": ["--images", "32", "--repeats", "3"],
+    # The adapter's own val split when the accuracy runs kept it (`command`), else 32 synthetic frames.
+    "infer_speed": ["--repeats", "3"],
     # 96 frames 2560x1440 with flips, cut into 512 px tiles: ~1000 samples, the demo's size.
     "tiling": ["--train-frames", "96", "--steps", "700", "--frames", "16"],
     "scaling": [],
@@ -69,8 +72,11 @@ def command(name: str, threads: int | None, small: bool = False) -> list[str]:
     args = (["--keep", str(KEPT_RUNS)] if name == "accuracy" else []) if small else list(PLAN[name])
     if small and name in SMALL_FLAG:
         args.append("--small")
-    if name in USE_ADAPTER and (ADAPTER / "checkpoints").exists():
+    adapter = name in USE_ADAPTER and (ADAPTER / "checkpoints").exists()
+    if adapter:
         args += ["--adapter", str(ADAPTER)]
+    if name == "infer_speed" and not small:
+        args += ["--data", str(ADAPTER_DATA)] if adapter and ADAPTER_DATA.exists() else ["--images", "32"]
     if threads:
         args += ["--threads", str(threads)]
     return [sys.executable, "-m", f"bench.{name}", *args]

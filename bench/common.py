@@ -264,6 +264,85 @@ def forced_answer_seconds(model, processor, paths: Sequence[Path], boxes: int, b
     return (time.perf_counter() - start) / len(paths)
 
 
+#: The seed's inference (Florence-2's sample code): `<OD>` one image at a time, 3 beams,
+#: `max_new_tokens=1024` (capped at the decoder's position table, as any caller must).
+SEED_BEAMS = 3
+SEED_MAX_NEW_TOKENS = 1024
+
+
+@torch.no_grad()
+def seed_detect(model, processor, image, num_beams: int = SEED_BEAMS) -> tuple[list, int, int]:
+    """`<OD>` on one PIL image the seed's way: the processor's inputs, `model.generate` as
+    Florence-2's sample code calls it (`num_beams`, `do_sample=False`, `early_stopping=False`),
+    `processor.batch_decode` and `processor.post_process_generation`, every score 1.
+
+    Returns the boxes (`Box`, pixels, score 1), the boxes the processor returned that no
+    `Box` can hold (reversed or zero-sized: they match no true box in any COCO evaluation), and
+    the generated token count."""
+    from loomlens.infer.generation import decoder_limit
+
+    inputs = processor(text="<OD>", images=image, return_tensors="pt")
+    dtype = model.get_input_embeddings().weight.dtype
+    out = model.generate(input_ids=inputs["input_ids"].to(device()),
+                         pixel_values=inputs["pixel_values"].to(device(), dtype),
+                         max_new_tokens=min(SEED_MAX_NEW_TOKENS, decoder_limit(model)),
+                         num_beams=num_beams, do_sample=False, early_stopping=False)
+    boxes, unheld = processor_boxes(processor, out[0].tolist(), image.size)
+    return boxes, unheld, out.shape[1] - 1  # minus the decoder-start token
+
+
+def processor_boxes(processor, token_ids: Sequence[int], size: tuple[int, int]) -> tuple[list, int]:
+    """The `<OD>` boxes Florence-2's processor reads from generated `token_ids` for an image of
+    `size` (width, height): `batch_decode`, then `post_process_generation`, every score 1.
+
+    Returns the boxes and the count of boxes the processor returned that no `Box` can hold
+    (reversed or zero-sized: they match no true box in any COCO evaluation)."""
+    from loomlens.data.records import Box
+
+    text = processor.batch_decode([list(token_ids)], skip_special_tokens=False)[0]
+    parsed = processor.post_process_generation(text, task="<OD>", image_size=tuple(size))["<OD>"]
+    boxes = [Box(label, *bbox, score=1.0) for bbox, label in zip(parsed["bboxes"], parsed["labels"])
+             if bbox[2] > bbox[0] and bbox[3] > bbox[1]]
+    return boxes, len(parsed["bboxes"]) - len(boxes)
+
+
+def paired_resamples(truth: Sequence[list], a: Sequence[list], b: Sequence[list], classes: Sequence[str], *,
+                     size: int | None = None, draws: int = 200, seed: int = 0) -> dict[str, Any]:
+    """How sure a difference of mAP between two ways `a` and `b` (boxes per frame, the same
+    frames as `truth`) is: `draws` resamples of the frames, each scored both ways.
+
+    Args:
+        truth, a, b: true boxes and each way's predicted boxes, one list per frame.
+        classes: the class names `coco_metrics` averages over.
+        size: None draws as many frames as there are, with replacement (a bootstrap: the
+            spread of the difference on this split); a number draws that many distinct frames
+            (how a sample of that size can turn out).
+        draws: resamples; seed: their random seed.
+
+    Returns:
+        `{"frames", "draws", "map50": {...}, "map50_95": {...}}`, each metric with `low` and
+        `high` (5th and 95th percentile of a - b) and `below` (the share of draws where a
+        scores under b).
+    """
+    import random
+
+    from loomlens.evaluate.metrics import coco_metrics
+
+    rng = random.Random(seed)
+    frames = len(truth)
+    diffs: dict[str, list[float]] = {"map50": [], "map50_95": []}
+    for _ in range(draws):
+        pick = (rng.choices(range(frames), k=frames) if size is None
+                else rng.sample(range(frames), min(size, frames)))
+        t = [truth[i] for i in pick]
+        ma, mb = coco_metrics(t, [a[i] for i in pick], classes), coco_metrics(t, [b[i] for i in pick], classes)
+        for key, values in diffs.items():
+            values.append(ma[key] - mb[key])
+    return {"frames": frames if size is None else min(size, frames), "draws": draws,
+            **{key: {"low": percentile(v, 0.05), "high": percentile(v, 0.95),
+                     "below": sum(d < 0 for d in v) / len(v)} for key, v in diffs.items()}}
+
+
 @torch.no_grad()
 def val_loss(model, processor, jsonl: Path, max_samples: int | None = None, batch_size: int = 8) -> float:
     """Cross-entropy per label token (padding excluded) over the first `max_samples` samples

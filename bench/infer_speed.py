@@ -1,31 +1,42 @@
-"""Inference speed: loomlens's way of running `<OD>` against the seed's, on the same frames.
+"""Inference speed and accuracy: loomlens's way of running `<OD>` against the seed's, on the same frames.
 
     python -m bench.infer_speed                                  # bare tiny model, ~1 min
-    python -m bench.infer_speed --adapter runs/demo/run --images 48 --threads 2
+    python -m bench.infer_speed --data runs/demo/data --adapter runs/demo/run --repeats 3 --threads 2
 
-A folder of synthetic loom frames (`loomlens synth`, a seed the demo does not train on) is
-run five ways in this process, each after a warm-up image, --repeats times in alternating order:
+With --data, the frames are the `<OD>` samples of that converted folder's --split (the whole
+split, or the first --images), scored against their own truth: give the adapter's own data
+(its val split) to measure what each way gives back of its accuracy. Without --data, a folder
+of synthetic loom frames (`loomlens synth`, a --seed the demo does not train on) is used, on
+which a trained adapter scores near 0 (mAP there compares the ways, not the adapter).
 
-- `seed`: one image at a time, 3 beams, `max_new_tokens=1024` (capped at the decoder's
-  position table, as any caller must), the adapter attached unmerged (peft);
-- `loomlens`: as `loomlens predict` runs it (`Predictor`): batches of --batch-size, greedy,
-  the answer budget bounded by the box count (`box_token_budget(--max-boxes)`), the adapter
-  merged into the weights and the weights in the precision `auto` picks for this machine
-  (`infer/loading.py`: bf16 on a CPU with AMX or AVX512-BF16, else fp32);
-- `loomlens, constrained`: the same through the class grammar (`infer/grammar.py`);
+Six ways run in this process, each after a warm-up image, --repeats times in alternating order:
+
+- `seed`: the seed's inference (`bench.common.seed_detect`: Florence-2's sample code): one
+  image at a time, the processor's inputs, 3 beams, `max_new_tokens=1024` (capped at the
+  decoder's position table, as any caller must), the adapter attached unmerged (peft), fp32,
+  `post_process_generation`, every score 1;
+- `seed, greedy`: the same with one beam;
+- `loomlens`: as `loomlens predict` and `loomlens eval` run it: batches of --batch-size,
+  greedy, through the class grammar when the run has classes (`infer/grammar.py`), the answer
+  budget bounded by the box count (`box_token_budget(--max-boxes)`), the adapter merged into
+  the weights and the weights in the precision `auto` picks for this machine
+  (`infer/loading.py`: bf16 on a CPU with AMX or AVX512-BF16, else fp32), scores from the
+  generation (`infer/scoring.py`);
+- `loomlens, free form` (or `constrained`, when the run has no classes and the default is
+  free): the other decoding;
 - `loomlens, batch 1`: loomlens one image at a time, to show what batching adds;
-- `loomlens, fp32` (or `bf16` where auto picks fp32): the other precision, to show what it adds.
+- `loomlens, fp32` (or `bf16` where auto picks fp32): the other precision.
 
-Without --adapter both use the bare base model. Since the gap depends on how long the answers
+Without --adapter all use the bare base model. Since the gap depends on how long the answers
 are (weights that never stop run to the cap; trained ones stop after their boxes), the seed's
 way and loomlens's are also timed on answers forced to --answer-boxes boxes.
 
 Reported: images/s, latency p50/p95 per image (an image in a batch waits for its whole
-batch), generated tokens per image and mAP50 on the same frames (the seed's row with its
-scores = 1, as the seed computed it, and with loomlens's scores on the same generations).
-The seed's beam search stops once 3 answers are finished (`early_stopping=True`, as
-`loomlens.infer.generate` runs it); Florence-2's sample code passes `early_stopping=False`,
-which searches at least as long, so the seed's row is if anything flattered.
+batch), generated tokens per image, mAP50 and mAP50-95 on the same frames, and for loomlens's
+rows the same boxes with every score 1 (what the scores add to the ranking). How sure the
+difference loomlens - seed is: a bootstrap over the frames (90 % interval) and, when there
+are more than --sample frames, the share of random --sample-frame subsets on which loomlens
+scores under the seed (a small sample can turn either way).
 """
 
 from __future__ import annotations
@@ -39,32 +50,45 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    Table, answer_tokens, common_flags, device, fmt, forced_answer_seconds, parse_size, percentile, publish,
-    set_threads,
+    SEED_BEAMS, SEED_MAX_NEW_TOKENS, Table, answer_tokens, common_flags, device, fmt, forced_answer_seconds,
+    paired_resamples, parse_size, percentile, publish, seed_detect, set_threads,
 )
 
 NAME = "infer_speed"
-SEED_BEAMS = 3
-SEED_MAX_NEW_TOKENS = 1024
 
 
 def load_models(model: str | None, adapter: str | None, precisions: tuple[str, str]):
     """(seed model, {precision: loomlens model}, processor, classes, description): the seed's
     model fp32 with the adapter attached unmerged (peft), as the seed ran it; loomlens's
-    prepared as `Predictor` prepares it (merged, cast), once for each of `precisions`."""
-    from loomlens.data.synth import CLASSES
+    prepared as `Predictor` prepares it (merged, cast), once for each of `precisions`.
+    `classes` are the run's (empty without an adapter or a classes.txt)."""
     from loomlens.infer.loading import load_for_inference
 
     seed = load_for_inference(model=model, adapter=adapter)
     fast = {p: load_for_inference(model=model, adapter=adapter, precision=p).model for p in precisions}
     described = f"{seed.base} + {seed.adapter}" if adapter else f"{seed.base} (no adapter)"
-    return seed.model, fast, seed.processor, seed.classes or list(CLASSES), described
+    return seed.model, fast, seed.processor, list(seed.classes), described
 
 
 def open_images(paths: list[Path]):
     from PIL import Image
 
     return [Image.open(p).convert("RGB") for p in paths]
+
+
+def split_frames(data: Path, split: str, images: int | None) -> tuple[list[Path], list, list[str]]:
+    """The `<OD>` frames of a converted folder's `split` (the first `images`, None: all), their
+    true boxes and the folder's classes."""
+    from loomlens.data.yolo import read_class_names
+    from loomlens.evaluate.report import od_images
+
+    jsonl = data if data.suffix == ".jsonl" else data / f"{split}.jsonl"
+    if not jsonl.exists():
+        raise SystemExit(f"no split at {jsonl}")
+    found = od_images(jsonl, images)
+    if not found:
+        raise SystemExit(f"no <OD> samples in {jsonl}")
+    return [e.path for e in found], [e.truth for e in found], read_class_names(jsonl.parent / "classes.txt")
 
 
 def loomlens_pass(model, processor, paths: list[Path], batch_size: int, max_boxes: int, constrained: bool,
@@ -85,22 +109,18 @@ def loomlens_pass(model, processor, paths: list[Path], batch_size: int, max_boxe
     return {"latencies": latencies, "seconds": seconds, "boxes": boxes, "tokens": tokens}
 
 
-def seed_pass(model, processor, paths: list[Path]) -> dict[str, Any]:
-    """The seed's way: one image per call, 3 beams, max_new_tokens=1024."""
-    from loomlens.infer.generation import generate
-    from loomlens.infer.scoring import scored_boxes
-
-    latencies, boxes, tokens = [], [], []
+def seed_pass(model, processor, paths: list[Path], num_beams: int = SEED_BEAMS) -> dict[str, Any]:
+    """The seed's way (`seed_detect`): one image per call, `num_beams`, scores 1."""
+    latencies, boxes, tokens, unheld = [], [], [], 0
     for path in paths:
         start = time.perf_counter()
         (image,) = open_images([path])
-        (gen,) = generate(model, processor, [image], ["<OD>"], SEED_MAX_NEW_TOKENS, num_beams=SEED_BEAMS,
-                          fast_pixels=False)
-        found, _ = scored_boxes(processor.tokenizer, gen, image.width, image.height)
+        found, bad, count = seed_detect(model, processor, image, num_beams)
         latencies.append(time.perf_counter() - start)
         boxes.append(found)
-        tokens.append(len(gen.token_ids))
-    return {"latencies": latencies, "seconds": sum(latencies), "boxes": boxes, "tokens": tokens}
+        tokens.append(count)
+        unheld += bad
+    return {"latencies": latencies, "seconds": sum(latencies), "boxes": boxes, "tokens": tokens, "unheld": unheld}
 
 
 def forced_row(slow, fast, other, processor, paths: list[Path], boxes: int, batch_size: int) -> dict[str, Any]:
@@ -114,28 +134,31 @@ def forced_row(slow, fast, other, processor, paths: list[Path], boxes: int, batc
 
 def merge_passes(passes: list[dict[str, Any]]) -> dict[str, Any]:
     """Repeated passes over the same frames as one pass over all of them; `seconds` is the
-    median pass's times the passes, so one pass caught in a slow spell does not set the rate."""
+    median pass's times the passes, so one pass caught in a slow spell does not set the rate.
+    Boxes are the first pass's (every pass writes the same answers)."""
     import statistics
 
     return {"latencies": [v for p in passes for v in p["latencies"]],
             "seconds": statistics.median(p["seconds"] for p in passes) * len(passes),
-            "boxes": [b for p in passes for b in p["boxes"]], "tokens": [t for p in passes for t in p["tokens"]]}
+            "boxes": passes[0]["boxes"], "tokens": passes[0]["tokens"], "unheld": passes[0].get("unheld", 0)}
 
 
 def summary(name: str, run: dict[str, Any], truth, classes: list[str], ones: bool = False) -> dict[str, Any]:
-    """images/s, latency percentiles, tokens and mAP50 of one pass."""
+    """images/s, latency percentiles, tokens, mAP50 and mAP50-95 of one way; with `ones`, the
+    same boxes with every score 1 too."""
     from loomlens.evaluate.metrics import coco_metrics
 
     lat = run["latencies"]
-    row = {"way": name, "images": len(lat),
+    metrics = coco_metrics(truth, run["boxes"], classes)
+    row = {"way": name, "images": len(run["boxes"]),
            "images_per_s": len(lat) / run["seconds"],
            "latency_p50_s": percentile(lat, 0.5), "latency_p95_s": percentile(lat, 0.95),
-           "tokens_per_image": sum(run["tokens"]) / len(lat),
-           "map50": coco_metrics(truth, run["boxes"], classes)["map50"],
-           "predicted_boxes": sum(len(b) for b in run["boxes"])}
-    if ones:  # the seed's own figure: every score 1
-        row["map50_scores_1"] = coco_metrics(truth, [[replace(b, score=1.0) for b in bs] for bs in run["boxes"]],
-                                             classes)["map50"]
+           "tokens_per_image": sum(run["tokens"]) / len(run["tokens"]),
+           "map50": metrics["map50"], "map50_95": metrics["map50_95"],
+           "predicted_boxes": sum(len(b) for b in run["boxes"]), "unheld_boxes": run["unheld"]}
+    if ones:  # what the scores add: the same boxes ranked by file order alone
+        flat = coco_metrics(truth, [[replace(b, score=1.0) for b in bs] for bs in run["boxes"]], classes)
+        row["map50_scores_1"], row["map50_95_scores_1"] = flat["map50"], flat["map50_95"]
     return row
 
 
@@ -144,26 +167,49 @@ def tables(result: dict[str, Any]) -> list[Table]:
     seed = result["rows"][0]
     for r in result["rows"]:
         speed = r["images_per_s"] / seed["images_per_s"]
-        m = f"{fmt(r['map50'])}" + (f" ({fmt(r['map50_scores_1'])} with scores = 1)" if "map50_scores_1" in r else "")
+        flat = (f"{fmt(r['map50_scores_1'])} / {fmt(r['map50_95_scores_1'])}" if "map50_scores_1" in r
+                else "(scores are 1)")
         rows.append([r["way"], f"{r['images_per_s']:.2f}", f"{speed:.2f}x", f"{1000 * r['latency_p50_s']:.0f}",
-                     f"{1000 * r['latency_p95_s']:.0f}", f"{r['tokens_per_image']:.0f}", m])
+                     f"{1000 * r['latency_p95_s']:.0f}", f"{r['tokens_per_image']:.0f}",
+                     f"{fmt(r['map50'])} / {fmt(r.get('map50_95'))}", flat])
     precision, other = result.get("precision", "fp32"), result.get("other_precision", "bf16")
-    main = Table(
-        f"`<OD>` on {result['images']} synthetic frames {result['size']}, model {result['model']}",
-        ["way", "images/s", "vs seed", "p50 ms", "p95 ms", "tokens/image", "mAP50"], rows,
-        [f"seed: batch 1, {SEED_BEAMS} beams, max_new_tokens {SEED_MAX_NEW_TOKENS} (capped at "
-         f"{result['decoder_limit']} by the decoder), fp32, adapter unmerged; loomlens (as `loomlens predict` runs it): "
-         f"batch {result['batch_size']}, greedy, max_new_tokens {result['loomlens_budget']} ({result['max_boxes']} "
-         f"boxes), adapter merged, weights in {precision} (`--precision auto` on this machine); constrained: through "
-         f"the class grammar; batch 1: loomlens one image at a time (what batching adds); {other}: loomlens with "
-         f"{other} weights (what the precision adds).",
-         f"Each way ran {result.get('repeats', 1)} pass(es) over the frames, in alternating order; images/s "
-         "from the median pass. "
-         "Latency of an image in a batch is its batch's time. A model that never stops runs every answer "
-         "to its cap, so tokens/image shows how much of the gap is budget.",
-         "The frames come from another synthetic camera than the adapter's training frames (--seed), so "
-         "mAP50 here measures how the ways compare, not the adapter's own accuracy."],
-    )
+    loomlens_decoding = "through the class grammar" if result.get("constrained") else "free form"
+    own = result.get("data")
+    where = (f"{result['images']} frames of {own} ({result.get('split', 'val')}, the adapter's own data)" if own
+             else f"{result['images']} synthetic frames {result['size']}")
+    notes = [
+        (f"seed: the seed's inference, batch 1, {SEED_BEAMS} beams (greedy: 1), max_new_tokens {SEED_MAX_NEW_TOKENS} "
+        f"(capped at {result['decoder_limit']} by the decoder), fp32, adapter unmerged, the processor's "
+        "post_process_generation, every score 1; loomlens (as `loomlens predict` and `eval` run it): "
+        f"batch {result['batch_size']}, greedy, {loomlens_decoding}, max_new_tokens {result['loomlens_budget']} "
+        f"({result['max_boxes']} boxes), adapter merged, weights in {precision} (`--precision auto` on this "
+        f"machine), scores from the generation; batch 1: loomlens one image at a time (what batching adds); "
+        f"{other}: loomlens with {other} weights (what the precision adds)."),
+        (f"Each way ran {result.get('repeats', 1)} pass(es) over the frames, in alternating order; images/s "
+        "from the median pass. Latency of an image in a batch is its batch's time. A model that never stops "
+        "runs every answer to its cap, so tokens/image shows how much of the gap is budget."),
+    ]
+    if seed.get("unheld_boxes"):
+        notes.append(f"The seed's parse returned {seed['unheld_boxes']} reversed or zero-sized box(es), left out "
+                     "(no COCO evaluation matches one); loomlens's parser drops and counts them.")
+    sure = result.get("difference")
+    if sure:
+        boot = sure["bootstrap"]
+        line = (f"loomlens - seed over {boot['draws']} bootstrap resamples of the frames (90 %): mAP50 "
+                f"{boot['map50']['low']:+.3f} .. {boot['map50']['high']:+.3f}, mAP50-95 "
+                f"{boot['map50_95']['low']:+.3f} .. {boot['map50_95']['high']:+.3f}.")
+        sample = sure.get("sample")
+        if sample:
+            line += (f" On {sample['draws']} random samples of {sample['frames']} of these frames, loomlens scored "
+                     f"under the seed in {100 * sample['map50']['below']:.0f} % (mAP50) and "
+                     f"{100 * sample['map50_95']['below']:.0f} % (mAP50-95) of them.")
+        notes.append(line)
+    if not own:
+        notes.append("The frames come from another synthetic camera than the adapter's training frames (--seed), so "
+                     "mAP here measures how the ways compare, not the adapter's own accuracy (--data gives that).")
+    main = Table(f"`<OD>` on {where}, model {result['model']}",
+                 ["way", "images/s", "vs seed", "p50 ms", "p95 ms", "tokens/image", "mAP50 / mAP50-95",
+                  "same boxes, scores = 1"], rows, notes)
     found = result.get("forced", [])
     forced = Table(
         f"Per answer of B boxes ({result['answer_images']} frames, every answer forced to that length)",
@@ -171,21 +217,25 @@ def tables(result: dict[str, Any]) -> list[Table]:
         [[str(f["boxes"]), str(f["tokens"]), f"{1000 * f['seed_s']:.0f}", f"{1000 * f['loomlens_s']:.0f}",
           f"{f['seed_s'] / f['loomlens_s']:.2f}x", f"{1000 * f['other_s']:.0f} ms, {f['seed_s'] / f['other_s']:.2f}x"]
          for f in found],
-        [f"min_new_tokens = max_new_tokens: the seed's way (batch 1, {SEED_BEAMS} beams, fp32) and loomlens's "
+        [(f"min_new_tokens = max_new_tokens: the seed's way (batch 1, {SEED_BEAMS} beams, fp32) and loomlens's "
          f"(batch {result['batch_size']}, greedy, {precision}) on answers of the same length, whatever the weights "
          f"would write. Trained weights that stop after B boxes land on these rows. {other}: loomlens's way "
-         f"with {other} weights."],
+         f"with {other} weights.")],
     )
-    return [main, forced] if result.get("forced") else [main]
+    return [main, forced] if found else [main]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loomlens.data.synth import synthesize
+    from loomlens.data.synth import CLASSES, synthesize
     from loomlens.infer.generation import box_token_budget, decoder_limit, label_token_count
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--size", type=parse_size, default=(512, 288), help="frame size WxH (demo: 512x288)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="converted folder (or a .jsonl split) whose frames and truth to use (default: synth)")
+    parser.add_argument("--split", default="val", help="split of --data")
+    parser.add_argument("--images", type=int, default=None,
+                        help="frames (default: 16 synthetic, or the whole split of --data)")
+    parser.add_argument("--size", type=parse_size, default=(512, 288), help="synthetic frame size WxH (demo: 512x288)")
     parser.add_argument("--seed", type=int, default=1000, help="synth seed (the demo trains on seed 0)")
     parser.add_argument("--model", default=None, help="base model (default: the adapter's, else tiny)")
     parser.add_argument("--adapter", default=None, help="training run or adapter folder")
@@ -195,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--answer-boxes", type=int, nargs="*", default=[0, 1, 4, 16],
                         help="also time answers forced to this many boxes, seed's way and loomlens's")
     parser.add_argument("--answer-images", type=int, default=16, help="frames for the forced-length timing")
+    parser.add_argument("--sample", type=int, default=32,
+                        help="frames per random sample in the how-sure note (the size of a quick check)")
+    parser.add_argument("--draws", type=int, default=200, help="resamples in the how-sure note (0: none)")
     common_flags(parser, NAME)
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -204,18 +257,25 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve_precision("auto", device())
     other = "fp32" if precision == "bf16" else "bf16"
     with tempfile.TemporaryDirectory(prefix="loomlens-infer-speed-") as tmp_name:
-        tmp = Path(tmp_name)
-        records = synthesize(tmp / "frames", images=args.images, seed=args.seed, size=args.size)
-        paths, truth = [tmp / "frames" / r.image for r in records], [r.boxes for r in records]
         slow, fast, processor, classes, described = load_models(args.model, args.adapter, (precision, other))
+        if args.data is not None:
+            paths, truth, data_classes = split_frames(args.data, args.split, args.images)
+        else:
+            records = synthesize(Path(tmp_name) / "frames", images=args.images or 16, seed=args.seed, size=args.size)
+            paths, truth, data_classes = ([Path(tmp_name) / "frames" / r.image for r in records],
+                                          [r.boxes for r in records], list(CLASSES))
+        classes = classes or data_classes
+        constrained = bool(classes) and args.adapter is not None  # `predict`'s default: the run's classes
 
-        def loomlens(images, batch_size=args.batch_size, constrained=False, dtype=precision):
-            return loomlens_pass(fast[dtype], processor, images, batch_size, args.max_boxes, constrained, classes)
+        def loomlens(images, batch_size=args.batch_size, grammar=constrained, dtype=precision):
+            return loomlens_pass(fast[dtype], processor, images, batch_size, args.max_boxes, grammar, classes)
 
         ways = {
             "seed": lambda images: seed_pass(slow, processor, images),
+            "seed, greedy": lambda images: seed_pass(slow, processor, images, num_beams=1),
             "loomlens": loomlens,
-            "loomlens, constrained": lambda images: loomlens(images, constrained=True),
+            ("loomlens, free form" if constrained else "loomlens, constrained"):
+                lambda images: loomlens(images, grammar=not constrained),
             "loomlens, batch 1": lambda images: loomlens(images, batch_size=1),
             f"loomlens, {other}": lambda images: loomlens(images, dtype=other),
         }
@@ -229,16 +289,25 @@ def main(argv: list[str] | None = None) -> int:
         forced = [forced_row(slow, fast[precision], fast[other], processor, some, b, args.batch_size)
                   for b in args.answer_boxes]
 
-    rows = [summary(name, merge_passes(passes), truth * args.repeats, classes, ones=name == "seed")
-            for name, passes in runs.items()]
-    result = {"model": described, "images": args.images, "repeats": args.repeats, "size": "x".join(map(str, args.size)),
+    merged = {name: merge_passes(passes) for name, passes in runs.items()}
+    rows = [summary(name, merged[name], truth, classes, ones=name.startswith("loomlens")) for name in runs]
+    difference = None
+    if args.draws:
+        a, b = merged["loomlens"]["boxes"], merged["seed"]["boxes"]
+        difference = {"bootstrap": paired_resamples(truth, a, b, classes, draws=args.draws)}
+        if len(paths) > args.sample:
+            difference["sample"] = paired_resamples(truth, a, b, classes, size=args.sample, draws=args.draws)
+    result = {"model": described, "images": len(paths), "repeats": args.repeats,
+              "data": str(args.data) if args.data is not None else None, "split": args.split,
+              "size": "x".join(map(str, args.size)),
               "batch_size": args.batch_size, "max_boxes": args.max_boxes, "classes": classes,
-              "decoder_limit": decoder_limit(slow),
+              "constrained": constrained, "decoder_limit": decoder_limit(slow),
               "loomlens_budget": box_token_budget(args.max_boxes, label_token_count(processor.tokenizer, classes)),
-              "rows": rows, "forced": forced, "answer_images": len(some), "speedup": rows[1]["images_per_s"] / rows[0]["images_per_s"],
-              "speedup_constrained": rows[2]["images_per_s"] / rows[0]["images_per_s"],
+              "rows": rows, "forced": forced, "answer_images": len(some), "difference": difference,
+              "speedup": rows[2]["images_per_s"] / rows[0]["images_per_s"],
+              "speedup_other_decoding": rows[3]["images_per_s"] / rows[0]["images_per_s"],
               "precision": precision, "other_precision": other,
-              "speedup_other_precision": rows[4]["images_per_s"] / rows[0]["images_per_s"]}
+              "speedup_other_precision": rows[5]["images_per_s"] / rows[0]["images_per_s"]}
     return publish(NAME, result, args.out, argv, tables)
 
 

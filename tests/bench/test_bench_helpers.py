@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 
 from bench import all as bench_all
-from bench.common import Table, machine, markdown, parse_size, percentile
+from bench.common import (
+    Table,
+    machine,
+    markdown,
+    paired_resamples,
+    parse_size,
+    percentile,
+    processor_boxes,
+)
+from loomlens.data.records import Box
 
 
 def test_markdown_table_has_title_header_rows_and_notes():
@@ -57,3 +66,33 @@ def test_the_seed_loop_sees_the_samples_loomlens_trains_on(tmp_path):
     epoch0 = plan_batches(Data.tasks, Data.lengths, 4, "grouped", True, 3, 0)
     epoch1 = plan_batches(Data.tasks, Data.lengths, 4, "grouped", True, 3, 1)
     assert batches == (epoch0 + epoch1)[:5]
+
+
+def test_paired_resamples_of_a_way_against_itself_and_a_worse_one():
+    truth = [[Box("drop", 10, 10, 20, 20)], [Box("drop", 30, 30, 40, 40)], [], [Box("wrinkle", 0, 0, 50, 8)]]
+    good = [[Box("drop", 10, 10, 20, 20, 0.9)], [Box("drop", 30, 30, 40, 40, 0.8)], [],
+            [Box("wrinkle", 0, 0, 50, 8, 0.7)]]
+    bad = [[], [Box("drop", 30, 30, 40, 40, 0.8)], [Box("drop", 1, 1, 9, 9, 0.9)], []]
+    same = paired_resamples(truth, good, good, ["drop", "wrinkle"], draws=20)
+    assert same["map50"] == {"low": 0.0, "high": 0.0, "below": 0.0} and same["frames"] == 4
+    worse = paired_resamples(truth, bad, good, ["drop", "wrinkle"], size=3, draws=20)
+    assert worse["frames"] == 3 and worse["map50"]["high"] <= 0 and worse["map50"]["below"] > 0
+
+
+def test_processor_boxes_reads_the_seeds_way_and_counts_what_no_box_holds(tiny):
+    processor = tiny[1]
+    ids = processor.tokenizer("drop<loc_100><loc_200><loc_300><loc_400>drop<loc_300><loc_400><loc_100><loc_200>",
+                              add_special_tokens=True).input_ids
+    boxes, unheld = processor_boxes(processor, ids, (1000, 1000))
+    assert [(b.label, b.x1, b.y1, b.x2, b.y2, b.score) for b in boxes] == [("drop", 100, 200, 300, 400, 1.0)]
+    assert unheld == 1  # the reversed box the processor returns as it was written
+
+
+def test_make_bench_scores_inference_on_the_adapters_own_val_split_when_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_all, "ADAPTER", tmp_path / "seed0")
+    monkeypatch.setattr(bench_all, "ADAPTER_DATA", tmp_path / "data-0" / "data")
+    assert bench_all.command("infer_speed", None)[-2:] == ["--images", "32"]  # nothing kept: synthetic frames
+    (tmp_path / "seed0" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "data-0" / "data").mkdir(parents=True)
+    assert bench_all.command("infer_speed", None)[-4:] == ["--adapter", str(tmp_path / "seed0"),
+                                                          "--data", str(tmp_path / "data-0" / "data")]

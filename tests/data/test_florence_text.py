@@ -89,7 +89,7 @@ def test_parser_ignores_florence_noise_and_keeps_labels_whole():
 def test_parser_drops_and_counts_malformed_parts():
     text = (
         "drop<loc_1><loc_2><loc_3>"  # three locs
-        "<loc_1><loc_2><loc_3><loc_4>"  # no label (the text before is part of the run above)
+        "<loc_4><loc_5><loc_6><loc_7>"  # no label (the text before is part of the run above)
         "wrinkle<loc_1><loc_2><loc_3><loc_1000>"  # out of range
         "hole 2<loc_10><loc_10><loc_20><loc_20>"  # good
         "tail"  # a label with no box
@@ -111,10 +111,18 @@ def test_several_boxes_after_one_label_share_it():
     assert dropped == 0 and [b.label for b in boxes] == ["drop", "drop"]
 
 
-def test_reversed_and_one_bin_boxes_still_make_valid_boxes():
-    boxes, _ = parse_text("a<loc_30><loc_40><loc_10><loc_20>b<loc_5><loc_5><loc_5><loc_5>", 1000, 1000)
+def test_one_bin_boxes_still_make_valid_boxes():
+    boxes, dropped = parse_text("b<loc_5><loc_5><loc_5><loc_5>", 1000, 1000)
+    assert dropped == 0 and (boxes[0].x1, boxes[0].x2) == (5.0, 6.0)  # the bin's edges, not zero width
+
+
+def test_reversed_boxes_are_malformed_dropped_and_counted():
+    # The class grammar never writes one and the processor's parse leaves it reversed (it
+    # matches nothing); swapping it into a box made a false positive of every one on the demo.
+    text = "a<loc_30><loc_40><loc_10><loc_20>b<loc_10><loc_40><loc_30><loc_20>c<loc_10><loc_20><loc_30><loc_40>"
+    boxes, dropped = parse_text(text, 1000, 1000)
+    assert [b.label for b in boxes] == ["c"] and dropped == 2
     assert (boxes[0].x1, boxes[0].y1, boxes[0].x2, boxes[0].y2) == (10.5, 20.5, 30.5, 40.5)
-    assert (boxes[1].x1, boxes[1].x2) == (5.0, 6.0)  # the bin's edges, not a zero-width box
 
 
 def test_polygons():

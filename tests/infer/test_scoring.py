@@ -42,10 +42,13 @@ def test_shared_label_and_prompt_label(tokenizer):
     assert aligned[0].box.label == "drop" and aligned[0].label_tokens == []
 
 
-def test_partial_box_is_dropped_and_counted(tokenizer):
-    gen = generation(tokenizer, "drop<loc_1><loc_2><loc_3><loc_4>wrinkle<loc_5><loc_6>")
-    boxes, dropped = scored_boxes(tokenizer, gen, 1000, 1000)
-    assert [b.label for b in boxes] == ["drop"] and dropped == 1
+@pytest.mark.parametrize(("text", "kept"), [
+    ("drop<loc_1><loc_2><loc_3><loc_4>wrinkle<loc_5><loc_6>", "drop"),  # a partial box
+    ("drop<loc_30><loc_40><loc_10><loc_20>wrinkle<loc_10><loc_20><loc_30><loc_40>", "wrinkle"),  # a reversed one
+])
+def test_malformed_box_is_dropped_and_counted(tokenizer, text, kept):
+    boxes, dropped = scored_boxes(tokenizer, generation(tokenizer, text), 1000, 1000)
+    assert [b.label for b in boxes] == [kept] and dropped == 1
 
 
 def test_no_box_under_a_pixel_comes_out(tokenizer):
@@ -56,11 +59,45 @@ def test_no_box_under_a_pixel_comes_out(tokenizer):
     assert all(b.width >= 1 and b.height >= 1 for b in boxes)
 
 
+def test_a_box_sharing_its_label_with_a_dropped_box_keeps_the_label_tokens(tokenizer):
+    # `drop<reversed box><box>`: the second box's label is the run's `drop`, and its score
+    # holds the label's probability even though the box before it was dropped.
+    gen = generation(tokenizer, "drop<loc_30><loc_40><loc_10><loc_20><loc_10><loc_20><loc_30><loc_40>")
+    pieces = token_pieces(tokenizer, gen.token_ids)
+    (box,), dropped = align_boxes(pieces, 1000, 1000)
+    assert dropped == 1 and "".join(pieces[i] for i in box.label_tokens) == "drop"
+    for i in box.label_tokens:
+        gen.token_logprobs[i] = math.log(0.1)
+    (scored,), _ = scored_boxes(tokenizer, gen, 1000, 1000)
+    assert scored.score == pytest.approx(0.1 * math.exp(-0.1))
+
+
+@pytest.mark.parametrize("text", [
+    "drop<loc_353><loc_156><loc_363><loc_177>",
+    "wrinkle<loc_232><loc_340><loc_328><loc_381>wrinkle<loc_220><loc_520><loc_378><loc_593>",
+    "broken-weft<loc_0><loc_614><loc_999><loc_645>drop<loc_10><loc_20><loc_30><loc_40><loc_50><loc_60><loc_70><loc_80>",
+])
+def test_boxes_are_the_ones_florence2s_processor_reads(tiny, tokenizer, text):
+    # The same tokens, read by loomlens and by the processor's post_process_generation: the same
+    # labels and boxes, loomlens at the bin centres the processor computes before it casts them
+    # to whole pixels (so within a pixel).
+    processor = tiny[1]
+    gen = generation(tokenizer, text)
+    ours, dropped = scored_boxes(tokenizer, gen, 512, 288)
+    theirs = processor.post_process_generation(processor.batch_decode([gen.token_ids], skip_special_tokens=False)[0],
+                                               task="<OD>", image_size=(512, 288))["<OD>"]
+    assert dropped == 0 and [b.label for b in ours] == theirs["labels"]
+    for box, bbox in zip(ours, theirs["bboxes"]):
+        assert all(0 <= mine - their < 1 for mine, their in zip((box.x1, box.y1, box.x2, box.y2), bbox))
+
+
 def test_score_formulas():
     lp = [math.log(0.5), math.log(0.8), math.log(0.8), math.log(0.8), math.log(0.8)]
     assert box_score(lp, [0], [1, 2, 3, 4], "product") == pytest.approx(0.5 * 0.8)
     assert box_score(lp, [0], [1, 2, 3, 4], "mean") == pytest.approx((0.5 * 0.8**4) ** (1 / 5))
     assert box_score(lp, [], [1, 2, 3, 4], "product") == pytest.approx(0.8)
+    assert box_score(lp, [0], [1, 2, 3, 4], "label") == pytest.approx(0.5)
+    assert box_score(lp, [], [1, 2, 3, 4], "label") == 1.0
     with pytest.raises(ValueError):
         box_score(lp, [0], [1, 2, 3, 4], "max")
 

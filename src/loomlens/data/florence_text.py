@@ -130,9 +130,8 @@ def _runs(
 
 
 def _axis(lo: int, hi: int, size: int) -> tuple[float, float]:
-    """Decode one axis at bin centres, lower bin first; both ends in one bin (a box under a
-    bin wide) decode to that bin's edges instead, so the box keeps a positive size."""
-    lo, hi = min(lo, hi), max(lo, hi)  # a reversed box is still the model's box: swap
+    """Decode one axis (`lo <= hi`) at bin centres; both ends in one bin (a box under a bin
+    wide) decode to that bin's edges instead, so the box keeps a positive size."""
     if lo == hi:
         return lo * size / BINS, (lo + 1) * size / BINS
     return dequantize(lo, size), dequantize(hi, size)
@@ -147,8 +146,11 @@ def parse_text(
     capitals survive. Several groups after one label share it (`phrase<4 locs><4 locs>` is
     how grounding answers two boxes). `</s>`, `<s>`, `<pad>` and any other non-loc tag are
     ignored. Dropped and counted, never raised: a group of fewer than four locs, a loc above
-    999, an empty label when no `default_label` is given (pass the phrase for grounding
-    output), and trailing text with no locs. Never raises on any string.
+    999, a reversed box (x2 < x1 or y2 < y1: Florence-2 writes the top-left corner first, the
+    class grammar of `infer/grammar.py` forbids anything else, and Florence-2's own processor
+    returns such a box reversed, which matches nothing), an empty label when no
+    `default_label` is given (pass the phrase for grounding output), and trailing text with
+    no locs. Never raises on any string.
     """
     runs, dropped = _runs(text, default_label, polygons=False)
     boxes: list[Box] = []
@@ -156,7 +158,7 @@ def parse_text(
         dropped += int(len(locs) % 4 > 0)
         for i in range(0, len(locs) - 3, 4):
             qx1, qy1, qx2, qy2 = locs[i : i + 4]
-            if not label or max(qx1, qy1, qx2, qy2) >= BINS:
+            if not label or max(qx1, qy1, qx2, qy2) >= BINS or qx2 < qx1 or qy2 < qy1:
                 dropped += 1
                 continue
             x1, x2 = _axis(qx1, qx2, width)

@@ -47,12 +47,19 @@ def token_pieces(tokenizer, token_ids: list[int]) -> list[str]:
 
 
 def _label_tokens(pieces: list[str], first_loc: int) -> list[int]:
-    """Indices of the text tokens between the previous loc token and `first_loc`: the
-    tokens the parser read as this box's label (tags and bare whitespace excluded)."""
-    found = []
+    """Indices of the text tokens the parser read as the label of the box whose first loc
+    token is `first_loc` (tags and bare whitespace excluded): the text before the run of loc
+    tokens the box sits in, so boxes that share a label (`phrase<4 locs><4 locs>`) share its
+    tokens even when a box before them in the run was dropped. Empty for a label given by the
+    prompt."""
+    found: list[int] = []
     i = first_loc - 1
-    while i >= 0 and not _LOC.fullmatch(pieces[i]):
-        if pieces[i].strip() and not (pieces[i].startswith("<") and pieces[i].endswith(">")):
+    while i >= 0:
+        piece = pieces[i]
+        if _LOC.fullmatch(piece):
+            if found:
+                break  # the previous run: this label is complete
+        elif piece.strip() and not (piece.startswith("<") and piece.endswith(">")):
             found.append(i)
         i -= 1
     return found[::-1]
@@ -81,8 +88,5 @@ def align_boxes(
         count = len(parse_text("".join(pieces[: end + 1]), width, height, default_label)[0])
         if count > len(aligned):
             own = locs[n - 3 : n + 1]
-            label = _label_tokens(pieces, own[0])
-            if not label and aligned and aligned[-1].box.label == boxes[len(aligned)].label:
-                label = aligned[-1].label_tokens  # `phrase<4 locs><4 locs>`: a shared label
-            aligned.append(TokenBox(boxes[len(aligned)], label, own))
+            aligned.append(TokenBox(boxes[len(aligned)], _label_tokens(pieces, own[0]), own))
     return aligned, dropped

@@ -15,8 +15,12 @@ The generation's token log-probs carry the model's belief, and each box owns a s
 - `"mean"`: `exp(mean(lp[label + locs]))`, the geometric-mean probability of all the box's
   tokens; it weighs a two-token label like four coordinates, so it is less sensitive to the
   existence decision.
+- `"label"`: `exp(sum(lp[label]))`, the existence decision alone; it ignores how sure the
+  model is of the box's place, which is what separates a box that fits from one that merely
+  overlaps (mAP50-95 weighs that).
 
-Both lie in [0, 1]. `bench/scoring.py` measures the mAP each gives on a split.
+All lie in [0, 1]. `bench/decoding.py` measures the mAP each gives on a split, beside every
+score 1 (the seed's), and docs/evaluate-and-predict.md says why `product` is the default.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from loomlens.data.records import Box
 from loomlens.infer.generation import Generation
 from loomlens.infer.parsing import align_boxes, token_pieces
 
-ScoreMethod = Literal["product", "mean"]
-SCORE_METHODS: tuple[str, ...] = ("product", "mean")
+ScoreMethod = Literal["product", "mean", "label"]
+SCORE_METHODS: tuple[str, ...] = ("product", "mean", "label")
 #: Pixels: a box narrower or lower than this marks nothing a person could see or label (on an
 #: image under 1000 px one location bin is under a pixel); it is dropped and counted.
 MIN_BOX_PX = 1.0
@@ -41,8 +45,15 @@ def box_score(
 ) -> float:
     """Score of one box from the log-probs of all tokens and the indices of its own.
 
-    `label_tokens` may be empty (a label given by the prompt): the score is then the
-    coordinates' term alone.
+    Args:
+        logprobs: natural-log probability of every generated token.
+        label_tokens: indices of the box's label tokens; may be empty (a label given by the
+            prompt), and the score is then the coordinates' term alone (for `"label"`: 1).
+        loc_tokens: indices of its four `<loc_N>` tokens.
+        method: `"product"`, `"mean"` or `"label"` (the module docstring gives the formulas).
+
+    Returns:
+        The score in [0, 1]. Raises ValueError for an unknown `method`.
     """
     label = [logprobs[i] for i in label_tokens]
     locs = [logprobs[i] for i in loc_tokens]
@@ -51,6 +62,8 @@ def box_score(
     if method == "mean":
         span = label + locs
         return math.exp(sum(span) / len(span))
+    if method == "label":
+        return math.exp(sum(label))
     raise ValueError(f"unknown score method {method!r}; use one of {SCORE_METHODS}")
 
 
