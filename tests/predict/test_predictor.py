@@ -51,7 +51,8 @@ def test_score_threshold_and_region_rules_filter_boxes(predictor, image, monkeyp
 
     class Found:  # what detect_with_details returns, fixed
         def __init__(self, b):
-            self.boxes, self.dropped, self.generation = b, 0, type("G", (), {"text": ""})()
+            self.boxes, self.dropped = b, 0
+            self.generation = type("G", (), {"text": "", "mean_entropy": lambda self: None})()
 
     monkeypatch.setattr(predictor, "_detect", lambda spec, images, text: [Found(list(boxes)) for _ in images])
     assert len(predictor.predict([image], score_threshold=0.5)[0].boxes) == 2

@@ -86,7 +86,7 @@ def test_an_old_run_config_with_top_level_speed_keys_still_loads(tmp_path):
     cfg = load_config(TrainConfig, old)
     assert cfg.speed.model_dump() == {"precision": "bf16-base", "attention": "eager", "fold_lora": False,
                                       "cache_image_features": True, "vision_frozen_stages": 2, "num_workers": 2,
-                                      "gradient_checkpointing": "none"}
+                                      "gradient_checkpointing": "none", "micro_batch": "auto"}
     assert cfg.lora.r == 4
     dump_config(cfg, tmp_path / "new.yaml")
     assert load_config(TrainConfig, tmp_path / "new.yaml") == cfg
