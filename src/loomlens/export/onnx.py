@@ -1,10 +1,17 @@
-"""`loomlens export RUN OUT --format onnx`: the merged model as the four ONNX parts the
-community's Florence-2 exports use, for a factory PC that runs onnxruntime.
+"""`loomlens export RUN OUT --format onnx`: the merged model as the ONNX parts the
+community's Florence-2 exports use (onnx-community/Florence-2-base), for a factory PC that runs
+onnxruntime.
 
 OUT holds `vision_encoder.onnx` (pixels -> projected image features), `embed_tokens.onnx`
 (token ids -> embeddings), `encoder_model.onnx` (embeddings with the image features in place
-of the image tokens -> encoder states) and `decoder_model.onnx` (the answer so far + encoder
-states -> next-token logits; no KV cache), with `--int8` also `*_int8.onnx` (dynamic
+of the image tokens -> encoder states), and the decoder as the community's split pair with a
+KV cache: `decoder_model.onnx` (the first step: answer embeddings + encoder states -> logits
+and `present.{layer}.{decoder,encoder}.{key,value}`) and `decoder_with_past_model.onnx` (each
+later step: the newest token's embedding + `past_key_values.{layer}.{decoder,encoder}.{key,value}`
+-> logits and the grown `present.{layer}.decoder.*`). The community also ships
+`decoder_model_merged.onnx` (both in one graph behind an If on `use_cache_branch`, what
+transformers.js loads); the split pair is what optimum's seq2seq runtime loads, and int8
+quantisation does not reach into an If's branches. With `--int8` also `*_int8.onnx` (dynamic
 quantisation); beside them config.json, generation_config.json, the processor and tokenizer
 files, the run's regions.yaml, and loomlens_export.json (what was exported, from which run).
 
@@ -78,22 +85,61 @@ class _Encoder(torch.nn.Module):
                                                        attention_mask=attention_mask).last_hidden_state
 
 
+def _present(cache, layers: int, encoder: bool) -> list[torch.Tensor]:
+    """A transformers `EncoderDecoderCache` as the flat list the community's decoders output:
+    per layer decoder key, decoder value (and encoder key, encoder value)."""
+    flat = []
+    for i in range(layers):
+        flat += [cache.self_attention_cache.layers[i].keys, cache.self_attention_cache.layers[i].values]
+        if encoder:
+            flat += [cache.cross_attention_cache.layers[i].keys, cache.cross_attention_cache.layers[i].values]
+    return flat
+
+
 class _Decoder(torch.nn.Module):
-    """Next-token logits for the whole answer so far (no cache): the last position only."""
+    """The first decoder step (`decoder_model.onnx`): the answer's embeddings so far (in
+    practice the decoder-start token) + the encoder states -> logits at every position and the
+    key/values of every layer, self-attention (`decoder`) and cross-attention (`encoder`)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self.layers = model.config.text_config.decoder_layers
 
-    def forward(self, input_ids, encoder_hidden_states, encoder_attention_mask):
-        hidden = self.model.model.language_model.decoder(
-            input_ids=input_ids, encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask, use_cache=False).last_hidden_state
-        return self.model.lm_head(hidden[:, -1:, :])[:, 0, :]
+    def forward(self, inputs_embeds, encoder_hidden_states, encoder_attention_mask):
+        out = self.model.model.language_model.decoder(
+            inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask, use_cache=True)
+        return (self.model.lm_head(out.last_hidden_state), *_present(out.cache, self.layers, encoder=True))
+
+
+class _DecoderWithPast(torch.nn.Module):
+    """Every later step (`decoder_with_past_model.onnx`): the newest token's embedding + the
+    past key/values -> its logits and the self-attention key/values grown by one position.
+    The cross-attention key/values are the first step's, reused as they are (they depend on
+    the encoder states only), so they are inputs here and no outputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.layers = model.config.text_config.decoder_layers
+
+    def forward(self, inputs_embeds, encoder_attention_mask, *past):
+        from transformers import EncoderDecoderCache
+
+        cache = EncoderDecoderCache(tuple(tuple(past[4 * i:4 * i + 4]) for i in range(self.layers)))
+        # The decoder reads the encoder states' shape (batch, length, width) for the cross
+        # mask; their values are never used again once the cache holds their key/values. A
+        # view of the first cached encoder key has that shape, so no input is needed for it.
+        shaped = past[2].transpose(1, 2).flatten(2)
+        out = self.model.model.language_model.decoder(
+            inputs_embeds=inputs_embeds, encoder_hidden_states=shaped, encoder_attention_mask=encoder_attention_mask,
+            cache=cache, use_cache=True)
+        return (self.model.lm_head(out.last_hidden_state), *_present(out.cache, self.layers, encoder=False))
 
 
 def _export_parts(model, processor, folder: Path, opset: int) -> None:
-    """The four parts of `model` (merged, fp32, eval) as ONNX files in `folder`."""
+    """The five parts of `model` (merged, fp32, eval) as ONNX files in `folder`."""
     from PIL import Image
 
     from loomlens.infer.pixels import model_inputs
@@ -104,35 +150,56 @@ def _export_parts(model, processor, folder: Path, opset: int) -> None:
     # Traced with one padded position: an all-ones mask would let transformers skip the mask
     # and the traced graph would then ignore padding for good.
     mask[:, -1] = 0
+    embed = _Embed(model)
+    layers = model.config.text_config.decoder_layers
     with torch.no_grad():
         features = _Vision(model)(inputs["pixel_values"])
-        embeds = _Embed(model)(ids).masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), features)
+        embeds = embed(ids).masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), features)
         states = _Encoder(model)(embeds, mask)
-    decoder_ids = torch.tensor([[model.generation_config.decoder_start_token_id, 0]])
+        # The first step is traced over two answer tokens (so its graph keeps the causal mask)
+        # and the later step over a past of two.
+        answer = embed(torch.tensor([[model.generation_config.decoder_start_token_id, 0]]))
+        past = _Decoder(model)(answer, states, mask)[1:]
+        newest = embed(torch.tensor([[0]]))
     batch_seq = {0: "batch", 1: "sequence"}
+    present = [f"present.{i}.{kind}.{t}" for i in range(layers) for kind in ("decoder", "encoder") for t in ("key", "value")]
+    past_names = [n.replace("present.", "past_key_values.") for n in present]
+    length = {"decoder": "past_sequence", "encoder": "encoder_sequence"}
     specs = {
         "vision_encoder": (_Vision(model), (inputs["pixel_values"],), ["pixel_values"], ["image_features"],
                            {"pixel_values": {0: "batch"}, "image_features": {0: "batch"}}),
-        "embed_tokens": (_Embed(model), (ids,), ["input_ids"], ["inputs_embeds"],
+        "embed_tokens": (embed, (ids,), ["input_ids"], ["inputs_embeds"],
                          {"input_ids": batch_seq, "inputs_embeds": batch_seq}),
         "encoder_model": (_Encoder(model), (embeds, mask), ["inputs_embeds", "attention_mask"], ["last_hidden_state"],
                           {"inputs_embeds": batch_seq, "attention_mask": batch_seq, "last_hidden_state": batch_seq}),
-        "decoder_model": (_Decoder(model), (decoder_ids, states, mask),
-                          ["input_ids", "encoder_hidden_states", "encoder_attention_mask"], ["logits"],
-                          {"input_ids": {0: "batch", 1: "answer"}, "encoder_hidden_states": batch_seq,
-                           "encoder_attention_mask": batch_seq, "logits": {0: "batch"}}),
+        "decoder_model": (_Decoder(model), (answer, states, mask),
+                          ["inputs_embeds", "encoder_hidden_states", "encoder_attention_mask"], ["logits", *present],
+                          {"inputs_embeds": {0: "batch", 1: "answer"},
+                           "encoder_hidden_states": {0: "batch", 1: "encoder_sequence"},
+                           "encoder_attention_mask": {0: "batch", 1: "encoder_sequence"},
+                           "logits": {0: "batch", 1: "answer"},
+                           **{n: {0: "batch", 2: "answer" if ".decoder." in n else "encoder_sequence"} for n in present}}),
+        "decoder_with_past_model": (
+            _DecoderWithPast(model), (newest, mask, *past),
+            ["inputs_embeds", "encoder_attention_mask", *past_names],
+            ["logits", *[n for n in present if ".decoder." in n]],
+            {"inputs_embeds": {0: "batch"}, "encoder_attention_mask": {0: "batch", 1: "encoder_sequence"},
+             "logits": {0: "batch"},
+             **{n: {0: "batch", 2: length[n.split(".")[2]]} for n in past_names},
+             **{n: {0: "batch", 2: "past_sequence + 1"} for n in present if ".decoder." in n}}),
     }
     for name, (module, args, input_names, output_names, axes) in specs.items():
         torch.onnx.export(module, args, str(folder / f"{name}.onnx"), input_names=input_names,
                           output_names=output_names, dynamic_axes=axes, opset_version=opset, dynamo=False)
 
 
-def _quantize(folder: Path) -> None:
+def _quantize(folder: Path) -> list[str]:
     """`*_int8.onnx` beside each part: weights int8, activations quantised on the fly."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     for part in PARTS:
         quantize_dynamic(str(folder / f"{part}.onnx"), str(folder / f"{part}_int8.onnx"), weight_type=QuantType.QInt8)
+    return list(PARTS)
 
 
 def compare(reference: list[list[Box]], candidate: list[list[Box]], sizes: list[tuple[int, int]], *,
@@ -204,11 +271,13 @@ def export_onnx(*, run: str | Path | None, out: str | Path, model: str | None = 
         loaded.model.generation_config.save_pretrained(tmp)
         if loaded.rules is not None:
             shutil.copy2(loaded.rules, tmp / "regions.yaml")
+        quantised = []
         if int8:
             log("quantising the parts to int8 (dynamic)")
-            _quantize(tmp)
+            quantised = _quantize(tmp)
         (tmp / MANIFEST).write_text(json.dumps({
-            "format": "onnx", "parts": list(PARTS), "kv_cache": False, "opset": opset, "int8": int8,
+            "format": "onnx", "parts": list(PARTS), "kv_cache": True, "opset": opset, "int8": int8,
+            "int8_parts": quantised,
             "base": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None,
             "run": str(loaded.run) if loaded.run else None, "classes": list(loaded.classes),
             "trained_tasks": sorted(loaded.trained_tasks), "tile_size": loaded.tile_size,
@@ -216,14 +285,16 @@ def export_onnx(*, run: str | Path | None, out: str | Path, model: str | None = 
         }, indent=2) + "\n")
         images = check_frames(frames)
         sizes = [im.size for im in images]
-        options = {"max_boxes": max_boxes, "batch_size": 4, "classes": loaded.classes}
-        reference = [d.boxes for d in detect_with_details(loaded.model, loaded.processor, images, **options)]
+        batch = 4
+        options = {"max_boxes": max_boxes, "batch_size": batch, "classes": loaded.classes}
+        reference = detect_with_details(loaded.model, loaded.processor, images, **options)
         checks = []
         for quantised in [False, True] if int8 else [False]:
             exported = OnnxFlorence(tmp, int8=quantised)
-            got = [d.boxes for d in detect_with_details(exported, loaded.processor, images, **options)]
-            checks += compare(reference, got, sizes, parts="int8" if quantised else "fp32",
-                              box_bins=box_bins, score_tol=score_tol)
+            got = detect_with_details(exported, loaded.processor, images, **options)
+            found = compare([d.boxes for d in reference], [d.boxes for d in got], sizes,
+                            parts="int8" if quantised else "fp32", box_bins=box_bins, score_tol=score_tol)
+            checks += found
         if not all(c.ok for c in checks):
             bad = [c for c in checks if not c.ok]
             raise ExportCheckFailed(
