@@ -31,10 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from loomlens.data.records import Box
 from loomlens.infer.detection import detect_with_details
+from loomlens.infer.generation import Generation, generation_settings
 from loomlens.infer.loading import load_for_inference
 from loomlens.infer.onnx_runtime import MANIFEST, PARTS, OnnxFlorence
 
@@ -46,7 +48,8 @@ class ExportCheckFailed(RuntimeError):
 @dataclass
 class FrameCheck:
     """One check frame: boxes by torch and by onnxruntime, the largest coordinate difference in
-    location bins and score difference, and whether they agree within the tolerance."""
+    location bins and score difference, whether they agree within the tolerance, and for a frame
+    that does not, `why` (`departure`: where the answers part and by what margins)."""
 
     frame: int
     parts: str
@@ -55,6 +58,7 @@ class FrameCheck:
     max_bins: float
     max_score_diff: float
     ok: bool
+    why: str = ""
 
 
 class _Vision(torch.nn.Module):
@@ -193,13 +197,43 @@ def _export_parts(model, processor, folder: Path, opset: int) -> None:
                           output_names=output_names, dynamic_axes=axes, opset_version=opset, dynamo=False)
 
 
+#: What `--int8` quantises (weights int8, activations quantised on the fly), part by part; the
+#: rest stays fp32. Measured on the tiny model + the demo's adapter (docs/line.md, int8): along
+#: torch's own answers, the vision encoder in int8 (its convolutions, or its MatMuls alone) and
+#: `lm_head` in int8 (its rows are the 1000 `<loc_N>` tokens, neighbours whose logits are close
+#: by design) each flipped 3-4 of 69 answer tokens; the token embedding (a Gather: rounding a
+#: row is all it does) and the encoder's and decoder's other MatMuls, per output channel,
+#: together moved log-probs about as much as bf16 weights do and flipped 1.
+INT8_RECIPE: dict[str, dict] = {
+    "embed_tokens": {"op_types_to_quantize": ["Gather"]},
+    "encoder_model": {"op_types_to_quantize": ["MatMul"], "per_channel": True},
+    "decoder_model": {"op_types_to_quantize": ["MatMul"], "per_channel": True, "keep": "lm_head"},
+    "decoder_with_past_model": {"op_types_to_quantize": ["MatMul"], "per_channel": True, "keep": "lm_head"},
+}
+
+
+def lm_head_nodes(path: Path) -> list[str]:
+    """The MatMul nodes of a decoder part that compute its `logits` output (the lm_head)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type == "MatMul" and "logits" in n.output]
+
+
 def _quantize(folder: Path) -> list[str]:
-    """`*_int8.onnx` beside each part: weights int8, activations quantised on the fly."""
+    """`PART_int8.onnx` beside each part `INT8_RECIPE` names; returns those parts."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for part in PARTS:
-        quantize_dynamic(str(folder / f"{part}.onnx"), str(folder / f"{part}_int8.onnx"), weight_type=QuantType.QInt8)
-    return list(PARTS)
+    for part, recipe in INT8_RECIPE.items():
+        options = {k: v for k, v in recipe.items() if k != "keep"}
+        source = folder / f"{part}.onnx"
+        if recipe.get("keep") == "lm_head":
+            kept = lm_head_nodes(source)
+            if not kept:
+                raise RuntimeError(f"{source.name}: no MatMul computes `logits`; the lm_head cannot be kept in fp32")
+            options["nodes_to_exclude"] = kept
+        quantize_dynamic(str(source), str(folder / f"{part}_int8.onnx"), weight_type=QuantType.QInt8, **options)
+    return list(INT8_RECIPE)
 
 
 def compare(reference: list[list[Box]], candidate: list[list[Box]], sizes: list[tuple[int, int]], *,
@@ -217,6 +251,64 @@ def compare(reference: list[list[Box]], candidate: list[list[Box]], sizes: list[
         ok = same and bins <= box_bins + 1e-6 and scores <= score_tol
         checks.append(FrameCheck(i, parts, len(ref), len(got), round(bins, 3), round(scores, 5), ok))
     return checks
+
+
+def _real_logprobs(logits: np.ndarray, size: int) -> np.ndarray:
+    shifted = logits[:size].astype(np.float64) - logits[:size].max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def torch_next_logprobs(model, processor, image, prefix: list[int]) -> np.ndarray:
+    """Log-probabilities (over the tokenizer's tokens) a torch model gives the token after
+    `prefix` (decoder ids, the decoder-start first) for `<OD>` on `image`."""
+    from loomlens.infer.pixels import model_inputs
+
+    inputs = model_inputs(processor, [image], ["<OD>"])
+    dtype = model.get_input_embeddings().weight.dtype
+    with torch.no_grad():
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    pixel_values=inputs["pixel_values"].to(dtype), decoder_input_ids=torch.tensor([prefix]))
+    return _real_logprobs(out.logits[0, -1].float().numpy(), len(processor.tokenizer))
+
+
+def onnx_next_logprobs(exported: OnnxFlorence, processor, images, ids: np.ndarray) -> np.ndarray:
+    """Log-probabilities (batch, tokenizer's tokens) an export gives the token after each row of
+    `ids` (batch, steps; the decoder-start first) for `<OD>` on `images`, run as one batch
+    through its two decoder parts and their cache, as its search runs."""
+    states, mask = exported.encode(processor, images, ["<OD>"] * len(images))
+    logits, cache = exported.first_step(ids[:, :1], states, mask)
+    for step in range(1, ids.shape[1]):
+        logits, cache = exported.next_step(ids[:, step], mask, cache)
+    return np.stack([_real_logprobs(row, len(processor.tokenizer)) for row in logits[:, -1]])
+
+
+def departure(model, exported, processor, images, references: list[Generation], candidates: list[Generation],
+              row: int) -> str:
+    """Why the export's answer for `images[row]` differs from torch's: the first answer token
+    where they part, and by how much each preferred its own token there (log-probabilities,
+    torch's answer fed up to that token), or, where the tokens are the same, how far their
+    log-probabilities (the scores) moved. `images` and `candidates` are the batch the export
+    answered together: dynamic int8 quantises activations per tensor, over the whole batch, so
+    its answer for one frame depends on the others. A part that prefers the other token by more
+    than torch's own margin is what moves a box; a margin near 0 is a model undecided there."""
+    tokenizer = processor.tokenizer
+    ours, theirs = references[row].token_ids, candidates[row].token_ids
+    k = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if k is None:
+        moved = max((abs(a - b) for a, b in zip(references[row].token_logprobs, candidates[row].token_logprobs)),
+                    default=0.0)
+        return f"the same {len(ours)} answer tokens; their log-probabilities moved by up to {moved:.3f}"
+    settings = generation_settings(model, tokenizer, max_new_tokens=1, num_beams=1)
+    start, pad = settings["decoder_start_token_id"], settings["pad_token_id"]
+    torch_lp = torch_next_logprobs(model, processor, images[row], [start, *ours[:k]])
+    # The batch as the export's search fed it up to token k: each row its own answer, a row
+    # that had finished padded (this row's own answer is torch's up to k).
+    ids = np.array([[start, *(c.token_ids + [pad] * k)[:k]] for c in candidates], dtype=np.int64)
+    onnx_lp = onnx_next_logprobs(exported, processor, images, ids)[row]
+    a, b = ours[k], theirs[k]
+    name = tokenizer.convert_ids_to_tokens
+    return (f"answer token {k}: torch prefers {name(a)} to {name(b)} by {torch_lp[a] - torch_lp[b]:.3f} "
+            f"(log-probability), the export {name(b)} by {onnx_lp[b] - onnx_lp[a]:.3f}")
 
 
 def check_frames(count: int, size: tuple[int, int] = (768, 432)):
@@ -273,7 +365,7 @@ def export_onnx(*, run: str | Path | None, out: str | Path, model: str | None = 
             shutil.copy2(loaded.rules, tmp / "regions.yaml")
         quantised = []
         if int8:
-            log("quantising the parts to int8 (dynamic)")
+            log("quantising to int8 (dynamic): " + ", ".join(INT8_RECIPE) + "; vision encoder and lm_head kept fp32")
             quantised = _quantize(tmp)
         (tmp / MANIFEST).write_text(json.dumps({
             "format": "onnx", "parts": list(PARTS), "kv_cache": True, "opset": opset, "int8": int8,
@@ -294,14 +386,28 @@ def export_onnx(*, run: str | Path | None, out: str | Path, model: str | None = 
             got = detect_with_details(exported, loaded.processor, images, **options)
             found = compare([d.boxes for d in reference], [d.boxes for d in got], sizes,
                             parts="int8" if quantised else "fp32", box_bins=box_bins, score_tol=score_tol)
+            for c in found:
+                if not c.ok:  # diagnosed in the batch it was answered in
+                    first = c.frame - c.frame % batch
+                    chunk = slice(first, first + batch)
+                    c.why = departure(loaded.model, exported, loaded.processor, images[chunk],
+                                      [d.generation for d in reference[chunk]], [d.generation for d in got[chunk]],
+                                      c.frame - first)
             checks += found
         if not all(c.ok for c in checks):
             bad = [c for c in checks if not c.ok]
+            verdict = ""
+            if all(c.parts == "int8" for c in bad):
+                verdict = (" The fp32 parts agree with torch on every frame; the int8 parts do not: where the "
+                           "answers part, int8's rounding outweighs torch's own margin between two tokens (a "
+                           "margin near 0 is a model undecided there, which any lower precision may flip). Export "
+                           "without --int8 (docs/line.md, int8).")
             raise ExportCheckFailed(
                 f"onnxruntime differs from torch on {len(bad)} of {len(checks)} checks (tolerance: {box_bins:g} "
                 f"location bin(s), score {score_tol:g}): " + "; ".join(
                     f"{c.parts} frame {c.frame}: {c.torch_boxes} vs {c.onnx_boxes} boxes, {c.max_bins:g} bins, "
-                    f"score {c.max_score_diff:g}" for c in bad[:5]) + f". Nothing was written to {out}.")
+                    f"score {c.max_score_diff:g} ({c.why})" for c in bad[:5]) + f".{verdict} Nothing was written "
+                f"to {out}.")
         tmp.rename(out)
         return checks
     finally:
