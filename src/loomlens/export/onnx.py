@@ -318,6 +318,42 @@ def check_frames(count: int, size: tuple[int, int] = (768, 432)):
     return [render_frame(0, i, size, negative=False)[0] for i in range(count)]
 
 
+def write_export(loaded, folder: Path, *, opset: int = 17, int8: bool = False,
+                 log: Callable[[str], None] = print) -> None:
+    """Write the export of `loaded` (a `LoadedModel` in fp32, adapter merged) into `folder`: the
+    parts (and with `int8` the quantised ones), the processor, config and generation config,
+    the run's region rules and the manifest. Unchecked: `export_onnx` checks it against torch
+    before it counts (the benchmark writes int8 parts with it to time them even where the
+    check would refuse them)."""
+    log(f"exporting {loaded.base}{' + ' + str(loaded.adapter) if loaded.adapter else ''} (merged, fp32) "
+        f"to ONNX opset {opset}")
+    # Traced on transformers' own SDPA path (its masks trace); the reference answers of the
+    # check run on the kernels `loomlens predict` uses.
+    attention = loaded.model.config._attn_implementation
+    loaded.model.set_attn_implementation("sdpa")
+    try:
+        _export_parts(loaded.model, loaded.processor, folder, opset)
+    finally:
+        loaded.model.set_attn_implementation(attention)
+    loaded.processor.save_pretrained(folder)
+    loaded.model.config.save_pretrained(folder)
+    loaded.model.generation_config.save_pretrained(folder)
+    if loaded.rules is not None:
+        shutil.copy2(loaded.rules, folder / "regions.yaml")
+    quantised = []
+    if int8:
+        log("quantising to int8 (dynamic): " + ", ".join(INT8_RECIPE) + "; vision encoder and lm_head kept fp32")
+        quantised = _quantize(folder)
+    (folder / MANIFEST).write_text(json.dumps({
+        "format": "onnx", "parts": list(PARTS), "kv_cache": True, "opset": opset, "int8": int8,
+        "int8_parts": quantised,
+        "base": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None,
+        "run": str(loaded.run) if loaded.run else None, "classes": list(loaded.classes),
+        "trained_tasks": sorted(loaded.trained_tasks), "tile_size": loaded.tile_size,
+        "versions": {"torch": torch.__version__, "onnxruntime": _ort_version()},
+    }, indent=2) + "\n")
+
+
 def export_onnx(*, run: str | Path | None, out: str | Path, model: str | None = None, checkpoint: str = "best",
                 opset: int = 17, int8: bool = False, frames: int = 4, max_boxes: int = 6, box_bins: float = 1.0,
                 score_tol: float = 0.01, log: Callable[[str], None] = print) -> list[FrameCheck]:
@@ -350,31 +386,7 @@ def export_onnx(*, run: str | Path | None, out: str | Path, model: str | None = 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        log(f"exporting {loaded.base}{' + ' + str(loaded.adapter) if loaded.adapter else ''} (merged, fp32) "
-            f"to ONNX opset {opset}")
-        # Traced on transformers' own SDPA path (its masks trace); the reference answers below
-        # run on the kernels `loomlens predict` uses.
-        attention = loaded.model.config._attn_implementation
-        loaded.model.set_attn_implementation("sdpa")
-        _export_parts(loaded.model, loaded.processor, tmp, opset)
-        loaded.model.set_attn_implementation(attention)
-        loaded.processor.save_pretrained(tmp)
-        loaded.model.config.save_pretrained(tmp)
-        loaded.model.generation_config.save_pretrained(tmp)
-        if loaded.rules is not None:
-            shutil.copy2(loaded.rules, tmp / "regions.yaml")
-        quantised = []
-        if int8:
-            log("quantising to int8 (dynamic): " + ", ".join(INT8_RECIPE) + "; vision encoder and lm_head kept fp32")
-            quantised = _quantize(tmp)
-        (tmp / MANIFEST).write_text(json.dumps({
-            "format": "onnx", "parts": list(PARTS), "kv_cache": True, "opset": opset, "int8": int8,
-            "int8_parts": quantised,
-            "base": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None,
-            "run": str(loaded.run) if loaded.run else None, "classes": list(loaded.classes),
-            "trained_tasks": sorted(loaded.trained_tasks), "tile_size": loaded.tile_size,
-            "versions": {"torch": torch.__version__, "onnxruntime": _ort_version()},
-        }, indent=2) + "\n")
+        write_export(loaded, tmp, opset=opset, int8=int8, log=log)
         images = check_frames(frames)
         sizes = [im.size for im in images]
         batch = 4

@@ -65,10 +65,11 @@ class OnnxFlorence:
         device: cpu, or cuda (the CUDA execution provider where onnxruntime has it).
         int8: use the dynamically quantised parts (`*_int8.onnx`) the export made; the parts
             it left in fp32 (the manifest's `int8_parts` says which) run as they are.
+        threads: onnxruntime's threads per part (None: its default, one per physical core).
     Raises FileNotFoundError naming a missing part and the fix.
     """
 
-    def __init__(self, folder: str | Path, *, device: str = "cpu", int8: bool = False):
+    def __init__(self, folder: str | Path, *, device: str = "cpu", int8: bool = False, threads: int | None = None):
         from transformers import AutoConfig, GenerationConfig
 
         self.folder = Path(folder)
@@ -86,6 +87,8 @@ class OnnxFlorence:
         ort = _ort()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
         chosen = providers(device)
         self.sessions = {}
         for part in PARTS:
