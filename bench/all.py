@@ -54,9 +54,11 @@ PLAN: dict[str, list[str]] = {
     "load": ["--seconds", "20"],
     # One watcher per camera (issue #19): frames/s it sustains, torch and onnxruntime.
     "watch": ["--frames", "24", "--onnx"],
+    # The export on onnxruntime (fp32 with its KV cache, without, int8) against torch, at its mAP50.
+    "onnx_speed": ["--images", "64", "--repeats", "3"],
 }
 #: benchmarks that take the accuracy run's adapter when it exists.
-USE_ADAPTER = ("infer_speed", "tiling", "watch")
+USE_ADAPTER = ("infer_speed", "tiling", "watch", "onnx_speed")
 
 
 def command(name: str, threads: int | None, small: bool = False) -> list[str]:
