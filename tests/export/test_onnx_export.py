@@ -23,7 +23,6 @@ from loomlens.export.onnx import (
     check_frames,
     departure,
     lm_head_nodes,
-    onnx_next_logprobs,
     torch_next_logprobs,
 )
 from loomlens.infer.onnx_runtime import MANIFEST, PARTS, OnnxFlorence
@@ -208,9 +207,11 @@ def test_int8_quantises_the_recipe_and_keeps_vision_and_lm_head_fp32(exported, t
 def test_int8_moves_log_probs_less_than_onnxruntimes_defaults(exported, torch_tiny, tmp_path) -> None:
     """Along torch's own answers, the recipe's parts move the log-probs of torch's tokens less
     than quantising every part with onnxruntime's defaults (what --int8 did first)."""
+    import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from loomlens.infer.detection import detect_with_details
+    from loomlens.infer.pixels import model_inputs
 
     recipe, defaults = tmp_path / "recipe", tmp_path / "defaults"
     for folder in (recipe, defaults):
@@ -222,18 +223,38 @@ def test_int8_moves_log_probs_less_than_onnxruntimes_defaults(exported, torch_ti
                          weight_type=QuantType.QInt8)
     (defaults / MANIFEST).write_text(json.dumps({**manifest, "int8_parts": list(PARTS)}))
     processor = torch_tiny.processor
+    size = len(processor.tokenizer)
     images = check_frames(2, size=(512, 288))
     answers = [[processor.tokenizer.eos_token_id, *d.generation.token_ids]
                for d in detect_with_details(torch_tiny.model, processor, images, max_boxes=3)]
+
+    def log_softmax(logits):
+        shifted = logits[:, :size] - logits[:, :size].max(-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+    def torch_along(image, answer):  # every step of torch's answer, fed its own tokens
+        inputs = model_inputs(processor, [image], ["<OD>"])
+        with torch.no_grad():
+            out = torch_tiny.model(**inputs, decoder_input_ids=torch.tensor([answer[:-1]]))
+        return log_softmax(out.logits[0].numpy())
+
+    def onnx_along(quantised, image, answer):  # the same through the two decoder parts and the cache
+        states, mask = quantised.encode(processor, [image], ["<OD>"])
+        logits, cache = quantised.first_step(np.array([answer[:1]]), states, mask)
+        rows = [logits[0, -1]]
+        for token in answer[1:-1]:
+            logits, cache = quantised.next_step(np.array([token]), mask, cache)
+            rows.append(logits[0, -1])
+        return log_softmax(np.stack(rows))
+
     errors = {}
     for name, folder in (("recipe", recipe), ("defaults", defaults)):
         quantised = OnnxFlorence(folder, int8=True)
         moved = []
         for image, answer in zip(images, answers):
-            for k in range(1, len(answer)):
-                theirs = onnx_next_logprobs(quantised, processor, [image], np.array([answer[:k]]))[0]
-                ours = torch_next_logprobs(torch_tiny.model, processor, image, answer[:k])
-                moved.append(abs(theirs[answer[k]] - ours[answer[k]]))
+            steps, chosen = np.arange(len(answer) - 1), answer[1:]
+            ours, theirs = torch_along(image, answer), onnx_along(quantised, image, answer)
+            moved += list(np.abs(theirs[steps, chosen] - ours[steps, chosen]))
         errors[name] = float(np.mean(moved))
     assert errors["recipe"] < 0.75 * errors["defaults"], errors
 
