@@ -59,9 +59,11 @@ PLAN: dict[str, list[str]] = {
     "watch": ["--frames", "24", "--onnx"],
     # Active selection (issue #18): `select`'s picks against random ones; its defaults are this size.
     "select": [],
+    # The export on onnxruntime (fp32 with its KV cache, without, int8) against torch, at its mAP50.
+    "onnx_speed": ["--images", "64", "--repeats", "3"],
 }
 #: benchmarks that take the accuracy run's adapter when it exists.
-USE_ADAPTER = ("infer_speed", "tiling", "watch")
+USE_ADAPTER = ("infer_speed", "tiling", "watch", "onnx_speed")
 #: benchmarks whose own defaults are the `make bench` size: `--small` is their small one.
 SMALL_FLAG = ("select",)
 

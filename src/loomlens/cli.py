@@ -515,10 +515,11 @@ def export_command(
     box_bins: float = typer.Option(1.0, min=0.0, help="Check: most location bins (1/1000 of the frame) a box may move."),
     score_tol: float = typer.Option(0.01, min=0.0, help="Check: most a box score may differ."),
 ) -> None:
-    """Export the merged model as ONNX (vision encoder, token embedding, encoder, decoder without KV
-    cache) with its processor and tokenizer files, for onnxruntime on a factory PC; then check it
-    on synthetic frames against torch, print the comparison, and fail (writing nothing) if the
-    boxes or scores differ beyond the tolerance. Use it with --backend onnx --model OUT."""
+    """Export the merged model as ONNX (vision encoder, token embedding, encoder, and the decoder
+    with a KV cache as a first-step / with-past pair) with its processor and tokenizer files, for
+    onnxruntime on a factory PC; then check it on synthetic frames against torch, print the
+    comparison, and fail (writing nothing) if the boxes or scores differ beyond the tolerance.
+    Use it with --backend onnx --model OUT."""
     if fmt != "onnx":
         raise _fail(f"unknown export format {fmt!r}; the one format is onnx")
     from loomlens.export import ExportCheckFailed, export_onnx

@@ -37,3 +37,20 @@ def test_ready_model_uses_it_everywhere_and_answers_the_same():
     assert ready.config._attn_implementation == NAME
     assert ready.config.vision_config._attn_implementation == NAME
     torch.testing.assert_close(ready(**inputs, decoder_input_ids=decoder).logits, expected, rtol=0, atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_batch_that_pads_is_masked_as_sdpa_masks_it():
+    """Two prompts of different lengths pad the shorter one: its padding must stay out of the
+    encoder's attention and the decoder's cross-attention, as on SDPA."""
+    model, processor = load_model("tiny")
+    model.eval()
+    prompts = ["<OD>", "<CAPTION_TO_PHRASE_GROUNDING>a broken weft across the loom"]
+    inputs = processor(text=prompts, images=[torch.zeros(3, 64, 64)] * 2, return_tensors="pt", padding=True)
+    assert (inputs["attention_mask"] == 0).any()
+    decoder = torch.tensor([[2, 0, 40, 900]] * 2)
+    model.set_attn_implementation("sdpa")
+    expected = model(**inputs, decoder_input_ids=decoder).logits
+    ready = ready_for_inference(model, "fp32")
+    assert ready.config._attn_implementation == NAME
+    torch.testing.assert_close(ready(**inputs, decoder_input_ids=decoder).logits, expected, rtol=0, atol=1e-4)

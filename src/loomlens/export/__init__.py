@@ -1,5 +1,10 @@
 """Exports of a trained model for other runtimes: ONNX parts for onnxruntime (`export/onnx.py`)."""
 
-from loomlens.export.onnx import ExportCheckFailed, FrameCheck, export_onnx
+from loomlens.export.onnx import (
+    ExportCheckFailed,
+    FrameCheck,
+    export_onnx,
+    write_export,
+)
 
-__all__ = ["ExportCheckFailed", "FrameCheck", "export_onnx"]
+__all__ = ["ExportCheckFailed", "FrameCheck", "export_onnx", "write_export"]
