@@ -118,3 +118,28 @@ def jpeg_bytes(width: int, height: int, noise: bool = False) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=95)
     return buf.getvalue()
+
+
+def write_events_db(folder: Path, *, now) -> Path:
+    """A watcher's database in `folder`: 3 events on 2 cameras (loom1 hole 30 h before `now`,
+    loom2 stain 15 h before, loom1 stain at `now` with its frame and crop JPEGs on disk)."""
+    from datetime import timedelta
+
+    from PIL import Image
+
+    from loomlens.events import Event, EventStore
+
+    path = folder / "events.db"
+    store = EventStore(path)
+    for i, (camera, label) in enumerate([("loom1", "hole"), ("loom2", "stain"), ("loom1", "stain")]):
+        at = now - timedelta(hours=30) + timedelta(hours=15 * i)
+        frame = crop = None
+        if i == 2:
+            frame, crop = folder / "f.jpg", folder / "c.jpg"
+            Image.new("RGB", (64, 36), "gray").save(frame)
+            Image.new("RGB", (20, 20), "white").save(crop)
+            frame, crop = str(frame), str(crop)
+        store.start(Event(camera=camera, label=label, started_at=at, last_seen_at=at, score=0.2 + 0.3 * i,
+                          x1=1, y1=1, x2=9, y2=9, width=64, height=36, frame_path=frame, crop_path=crop))
+    store.close()
+    return path

@@ -13,6 +13,8 @@ from loomlens.events import Event, EventStore
 from loomlens.serve import ServeSettings, create_app
 from loomlens.serve.events import line_view
 
+from .helpers import write_events_db
+
 KEY = "events-key-91"
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -27,20 +29,7 @@ def predictor():
 @pytest.fixture()
 def db(tmp_path):
     """A watcher's database: 3 events on 2 cameras, the newest with its JPEGs on disk."""
-    path = tmp_path / "events.db"
-    store = EventStore(path)
-    for i, (camera, label) in enumerate([("loom1", "hole"), ("loom2", "stain"), ("loom1", "stain")]):
-        at = NOW - timedelta(hours=30) + timedelta(hours=15 * i)
-        frame = crop = None
-        if i == 2:
-            frame, crop = tmp_path / "f.jpg", tmp_path / "c.jpg"
-            Image.new("RGB", (64, 36), "gray").save(frame)
-            Image.new("RGB", (20, 20), "white").save(crop)
-            frame, crop = str(frame), str(crop)
-        store.start(Event(camera=camera, label=label, started_at=at, last_seen_at=at, score=0.2 + 0.3 * i,
-                          x1=1, y1=1, x2=9, y2=9, width=64, height=36, frame_path=frame, crop_path=crop))
-    store.close()
-    return path
+    return write_events_db(tmp_path, now=NOW)
 
 
 def _client(predictor, **settings) -> TestClient:

@@ -103,3 +103,40 @@ def test_page_detects_on_a_synthetic_frame(chromium, server, frames):
     if not DOCS_SCREENSHOT.exists() or os.environ.get("LOOMLENS_UPDATE_DOCS_IMAGES") == "1":
         DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, DOCS_SCREENSHOT)
+
+
+def test_line_view_lists_the_watchers_events(chromium, tmp_path):
+    """The Line tab in a real browser, on a server reading a watcher's database: the events of
+    the last 24 hours, newest first, and the camera filter."""
+    from datetime import UTC, datetime
+
+    from playwright.sync_api import expect, sync_playwright
+
+    from .helpers import start_server, write_events_db
+
+    db = write_events_db(tmp_path, now=datetime.now(UTC).replace(microsecond=0))
+    server = start_server("line", ["--events-db", str(db), "--examples", "0"], tmp_path)
+    errors: list[str] = []
+    try:
+        server.wait_ready()
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=LAUNCH_ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1360, "height": 1000})
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.set_default_timeout(30_000)
+                page.goto(server.url + "/", wait_until="domcontentloaded")
+                page.get_by_role("tab", name="Line").click()
+                expect(page.locator("#line-count")).to_contain_text("2 events shown")  # the 30 h old one is out
+                expect(page.locator("#line-events")).to_contain_text("loom2")
+                expect(page.locator("#line-gallery img").first).to_be_visible()  # the newest event's crop
+                page.locator("#line-camera input").click()
+                page.get_by_role("option", name="loom2").click()
+                expect(page.locator("#line-count")).to_contain_text("1 event shown")
+                ARTEFACTS.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(ARTEFACTS / "serve-line.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        server.stop()
+    assert not errors, errors

@@ -122,13 +122,14 @@ def build_page(service, examples: list[str], title: str = "loomlens: fabric defe
                       outputs=[output_image, table, output_text, status], api_name="predict")
         if events is not None:
             with gr.Tab("Line", id="line"):
-                build_line_view(events)
+                build_line_view(page, events)
     return page
 
 
-def build_line_view(events: EventStore, refresh_s: float = 5.0) -> None:
-    """The Line view, inside the current Blocks: the newest events' crops and a table, by
-    camera, class and time window, read from the events database every `refresh_s` seconds."""
+def build_line_view(page, events: EventStore, refresh_s: float = 5.0) -> None:
+    """The Line view, inside `page` (the current Blocks): the newest events' crops and a table,
+    by camera, class and time window, read from the events database when the page opens and
+    every `refresh_s` seconds after."""
 
     def choices(column: str) -> list[str]:
         return ["all", *events.distinct(column)]
@@ -149,6 +150,7 @@ def build_line_view(events: EventStore, refresh_s: float = 5.0) -> None:
     table = gr.Dataframe(headers=LINE_HEADERS, value=[], type="array", interactive=False, label="Events",
                          elem_id="line-events")
     outputs = [gallery, table, camera, label, count]
+    page.load(refresh, inputs=[camera, label, window], outputs=outputs, show_progress="hidden")
     timer = gr.Timer(refresh_s)
     timer.tick(refresh, inputs=[camera, label, window], outputs=outputs, show_progress="hidden")
     for control in (camera, label, window):
