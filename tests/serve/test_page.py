@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,59 +44,68 @@ def chromium() -> str:
     return CHROMIUM
 
 
-def test_page_detects_on_a_synthetic_frame(chromium, server, frames):
-    from playwright.sync_api import expect, sync_playwright
+@contextmanager
+def opened_page(chromium: str, url: str, errors: list[str]):
+    """A page of headless Chromium on `url` (1360x1000, 30 s timeouts); page errors go to `errors`."""
+    from playwright.sync_api import sync_playwright
 
-    ARTEFACTS.mkdir(parents=True, exist_ok=True)
-    shot = ARTEFACTS / "serve-page.png"
-    errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=LAUNCH_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1360, "height": 1000})
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.set_default_timeout(30_000)
-            page.goto(server.url + "/", wait_until="domcontentloaded")
-            expect(page.locator("#run-button")).to_be_visible()
-            # the example gallery shows synthetic frames
-            expect(page.locator("img[src*='frame_0']").first).to_be_visible()
-            # upload a synthetic frame, keep the default task (object detection), run
-            page.locator("#input-image input[type=file]").set_input_files(str(frames[0]))
-            expect(page.locator("#input-image img").first).to_be_visible()
-            expect(page.locator("#task input")).to_have_value("Object detection (od)")
-            page.locator("#run-button").click()
-            # the drawn result and the detection table appear
-            result = page.locator("#output-image img").first
-            expect(result).to_be_visible()
-            page.wait_for_function(
-                "() => { const i = document.querySelector('#output-image img');"
-                " return i && i.complete && i.naturalWidth > 0; }")
-            size = result.evaluate("i => [i.naturalWidth, i.naturalHeight]")
-            expect(page.locator("#status")).to_contain_text("detection")
-            status = page.locator("#status").inner_text()
-            headers = page.locator("#detections [role=columnheader]")
-            expect(headers.first).to_contain_text("label")
-            expect(headers.nth(1)).to_contain_text("score")
-            rows = page.locator("#detections [role=row][data-index]")  # body rows of the grid
-            n_reported = int(re.search(r"(\d+) detections?\b", status).group(1))
-            if n_reported:
-                # The grid renders only the rows in view (about two dozen), so a long answer
-                # shows a prefix of the table: at least one row, never more than reported.
-                expect(rows.first).to_be_visible()
-                assert rows.count() <= n_reported
-            # a task that needs text: pick it in the dropdown, type the phrase, run again
-            page.locator("#task input").click()
-            page.get_by_role("option", name="Phrase grounding (phrase_grounding)").click()
-            expect(page.locator("#text-input label, #text-input span").first).to_contain_text("needed")
-            page.locator("#text-input textarea, #text-input input").first.fill("drop")
-            page.locator("#run-button").click()
-            expect(page.locator("#status")).to_contain_text("Phrase grounding")
-            expect(page.locator("#output-image img").first).to_be_visible()
-            page.wait_for_function("() => document.querySelectorAll('.pending, .generating').length === 0")
-            page.wait_for_timeout(400)  # let the fade-in of the new result finish
-            page.screenshot(path=str(shot), full_page=True)
+            page.goto(url, wait_until="domcontentloaded")
+            yield page
         finally:
             browser.close()
+
+
+def test_page_detects_on_a_synthetic_frame(chromium, server, frames):
+    from playwright.sync_api import expect
+
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTEFACTS / "serve-page.png"
+    errors: list[str] = []
+    with opened_page(chromium, server.url + "/", errors) as page:
+        expect(page.locator("#run-button")).to_be_visible()
+        # the example gallery shows synthetic frames
+        expect(page.locator("img[src*='frame_0']").first).to_be_visible()
+        # upload a synthetic frame, keep the default task (object detection), run
+        page.locator("#input-image input[type=file]").set_input_files(str(frames[0]))
+        expect(page.locator("#input-image img").first).to_be_visible()
+        expect(page.locator("#task input")).to_have_value("Object detection (od)")
+        page.locator("#run-button").click()
+        # the drawn result and the detection table appear
+        result = page.locator("#output-image img").first
+        expect(result).to_be_visible()
+        page.wait_for_function(
+            "() => { const i = document.querySelector('#output-image img');"
+            " return i && i.complete && i.naturalWidth > 0; }")
+        size = result.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+        expect(page.locator("#status")).to_contain_text("detection")
+        status = page.locator("#status").inner_text()
+        headers = page.locator("#detections [role=columnheader]")
+        expect(headers.first).to_contain_text("label")
+        expect(headers.nth(1)).to_contain_text("score")
+        rows = page.locator("#detections [role=row][data-index]")  # body rows of the grid
+        n_reported = int(re.search(r"(\d+) detections?\b", status).group(1))
+        if n_reported:
+            # The grid renders only the rows in view (about two dozen), so a long answer
+            # shows a prefix of the table: at least one row, never more than reported.
+            expect(rows.first).to_be_visible()
+            assert rows.count() <= n_reported
+        # a task that needs text: pick it in the dropdown, type the phrase, run again
+        page.locator("#task input").click()
+        page.get_by_role("option", name="Phrase grounding (phrase_grounding)").click()
+        expect(page.locator("#text-input label, #text-input span").first).to_contain_text("needed")
+        page.locator("#text-input textarea, #text-input input").first.fill("drop")
+        page.locator("#run-button").click()
+        expect(page.locator("#status")).to_contain_text("Phrase grounding")
+        expect(page.locator("#output-image img").first).to_be_visible()
+        page.wait_for_function("() => document.querySelectorAll('.pending, .generating').length === 0")
+        page.wait_for_timeout(400)  # let the fade-in of the new result finish
+        page.screenshot(path=str(shot), full_page=True)
     assert size == [768, 432], size  # the drawn frame comes back at the frame's own size
     assert not errors, errors
     assert shot.stat().st_size > 20_000
@@ -110,7 +120,7 @@ def test_line_view_lists_the_watchers_events(chromium, tmp_path):
     the last 24 hours, newest first, and the camera filter."""
     from datetime import UTC, datetime
 
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from .helpers import start_server, write_events_db
 
@@ -119,24 +129,16 @@ def test_line_view_lists_the_watchers_events(chromium, tmp_path):
     errors: list[str] = []
     try:
         server.wait_ready()
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=LAUNCH_ARGS, headless=True)
-            try:
-                page = browser.new_page(viewport={"width": 1360, "height": 1000})
-                page.on("pageerror", lambda exc: errors.append(str(exc)))
-                page.set_default_timeout(30_000)
-                page.goto(server.url + "/", wait_until="domcontentloaded")
-                page.get_by_role("tab", name="Line").click()
-                expect(page.locator("#line-count")).to_contain_text("2 events shown")  # the 30 h old one is out
-                expect(page.locator("#line-events")).to_contain_text("loom2")
-                expect(page.locator("#line-gallery img").first).to_be_visible()  # the newest event's crop
-                page.locator("#line-camera input").click()
-                page.get_by_role("option", name="loom2").click()
-                expect(page.locator("#line-count")).to_contain_text("1 event shown")
-                ARTEFACTS.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(ARTEFACTS / "serve-line.png"), full_page=True)
-            finally:
-                browser.close()
+        with opened_page(chromium, server.url + "/", errors) as page:
+            page.get_by_role("tab", name="Line").click()
+            expect(page.locator("#line-count")).to_contain_text("2 events shown")  # the 30 h old one is out
+            expect(page.locator("#line-events")).to_contain_text("loom2")
+            expect(page.locator("#line-gallery img").first).to_be_visible()  # the newest event's crop
+            page.locator("#line-camera input").click()
+            page.get_by_role("option", name="loom2").click()
+            expect(page.locator("#line-count")).to_contain_text("1 event shown")
+            ARTEFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTEFACTS / "serve-line.png"), full_page=True)
     finally:
         server.stop()
     assert not errors, errors
