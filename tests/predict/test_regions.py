@@ -40,3 +40,8 @@ def test_bad_rules_are_refused(tmp_path, bad):
     (tmp_path / "r.yaml").write_text(bad)
     with pytest.raises(ValidationError):
         load_rules(tmp_path / "r.yaml")
+
+
+def test_a_class_threshold_overrides_the_default_one():
+    rules = RegionRules(min_score=0.2, classes={"drop": {"min_score": 0.35}, "wrinkle": {}})
+    assert [rules.threshold(c) for c in ("drop", "wrinkle", "hole")] == [0.35, 0.2, 0.2]

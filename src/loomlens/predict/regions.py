@@ -58,11 +58,15 @@ class RegionRules(BaseModel):
     min_score: float = Field(0.0, ge=0, le=1)
     classes: dict[str, ClassRule] = Field(default_factory=dict)
 
+    def threshold(self, label: str) -> float:
+        """The score threshold boxes of class `label` are held to: its rule's, else the default."""
+        rule = self.classes.get(label)
+        return self.min_score if rule is None or rule.min_score is None else rule.min_score
+
     def keep(self, box: Box, width: int, height: int) -> bool:
         """Whether `box` (pixels of a `width` x `height` frame) passes its class's rule."""
         rule = self.classes.get(box.label, ClassRule())
-        threshold = self.min_score if rule.min_score is None else rule.min_score
-        if box.score is not None and box.score < threshold:
+        if box.score is not None and box.score < self.threshold(box.label):
             return False
         centre = ((box.x1 + box.x2) / 2 / width, (box.y1 + box.y2) / 2 / height)
         return not rule.regions or any(PolygonPath(p).contains_point(centre) for p in rule.regions)

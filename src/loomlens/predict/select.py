@@ -165,12 +165,8 @@ def box_threshold(box: Box, *, threshold: float | None = None, rules: RegionRule
     """
     if threshold is not None:
         return threshold
-    if rules is not None:
-        rule = rules.classes.get(box.label)
-        value = rule.min_score if rule is not None and rule.min_score is not None else rules.min_score
-        if value > 0:
-            return value
-    return DEFAULT_THRESHOLD
+    value = rules.threshold(box.label) if rules is not None else 0.0
+    return value if value > 0 else DEFAULT_THRESHOLD
 
 
 def match_count(a: Sequence[Box], b: Sequence[Box], *, min_iou: float = FLIP_IOU) -> int:
