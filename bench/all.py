@@ -62,6 +62,8 @@ PLAN: dict[str, list[str]] = {
     # The export on onnxruntime (fp32 with its KV cache, without, int8) against torch, at its mAP50.
     "onnx_speed": ["--images", "64", "--repeats", "3"],
 }
+#: benchmarks run by hand (hours on 2 cores), rendered into the docs when their JSON exists.
+BY_HAND = ("ablate",)
 #: benchmarks that take the accuracy run's adapter when it exists.
 USE_ADAPTER = ("infer_speed", "tiling", "watch", "onnx_speed")
 #: benchmarks whose own defaults are the `make bench` size: `--small` is their small one.
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.render:
         seconds = {name: run(name, args.threads, args.small) for name in args.only}
         print("\n" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f"; total {sum(seconds.values()):.0f} s")
-    done = render(args.only)
+    done = render([*args.only, *BY_HAND])
     print(f"rewrote {', '.join(done) or 'nothing'} in {DOC.relative_to(ROOT)}")
     return 0
 

@@ -127,8 +127,8 @@ class SpeedSettings(BaseModel):
 class AugmentSettings(BaseModel):
     """Online, box-correct augmentation of every training picture (`loomlens.data.augment`):
     chances of each flip and turn, strengths of each photometric change. `enabled: false` (or
-    `augment=false`) trains on the pictures as they are. Each transform's effect:
-    docs/training.md ("Augmentation")."""
+    `augment=false`) trains on the pictures as they are. What each is worth: `bench/ablate.py`
+    (docs/benchmarks.md)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -34,7 +34,7 @@ def test_replace_section_keeps_everything_outside_the_markers():
 
 def test_every_benchmark_of_make_bench_has_a_section_in_the_docs():
     text = bench_all.DOC.read_text()
-    for name in bench_all.PLAN:
+    for name in [*bench_all.PLAN, *bench_all.BY_HAND]:
         assert f"<!-- bench:{name} -->" in text and f"<!-- /bench:{name} -->" in text, name
 
 
@@ -96,3 +96,24 @@ def test_make_bench_scores_inference_on_the_adapters_own_val_split_when_kept(tmp
     (tmp_path / "data-0" / "data").mkdir(parents=True)
     assert bench_all.command("infer_speed", None)[-4:] == ["--adapter", str(tmp_path / "seed0"),
                                                           "--data", str(tmp_path / "data-0" / "data")]
+
+
+def test_ablate_reuses_a_finished_run_resumes_an_unfinished_one_and_redoes_other_settings(tmp_path):
+    from bench import ablate
+    from loomlens.config import TrainConfig, dump_config, load_config
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    run.mkdir()
+    chosen = ablate.settings(10, 5, ablate.VARIANTS["augment-off"])
+    assert chosen == {"max_steps": "10", "eval_every": "5", "augment": "false"}
+    assert ablate.finished(run, data, chosen) is None  # nothing there yet
+    dump_config(load_config(TrainConfig, overrides={"data": str(data), "out": "elsewhere", **chosen,
+                                                    "speed.micro_batch": "8"}), run / "config.yaml")
+    header = "step,seconds,val_loss,map50,map50_95,best_f1,empty_on_defects,event\n"
+    (run / "metrics.csv").write_text(header + "5,1.0,2.0,0.1,0.05,0.2,0.5,\n")
+    assert ablate.finished(run, data, chosen) is False  # stopped at step 5 of 10: resume it
+    (run / "metrics.csv").write_text(header + "5,1.0,2.0,0.1,0.05,0.2,0.5,\n10,2.0,1.5,0.3,0.1,0.4,0.25,rollback\n")
+    assert ablate.finished(run, data, chosen) is True
+    assert ablate.finished(run, data, ablate.settings(10, 5, ablate.VARIANTS["r32"])) is None  # other settings
+    row = ablate.summary(run)
+    assert (row["best_map50"], row["best_step"], row["last_empty"], row["events"]) == (0.3, 10, 0.25, ["10: rollback"])
