@@ -16,7 +16,7 @@ def test_empty_answers_after_learning_roll_back_then_stop() -> None:
     assert g.judge(ev(200, 0.0, empty=1.0)).action == "continue"  # not learned yet: not a collapse
     assert g.judge(ev(400, 0.3, empty=0.2)).action == "continue"
     v = g.judge(ev(600, 0.0, empty=0.95))
-    assert v.action == "rollback" and "back to step 400" in v.reason and "95%" in v.reason
+    assert v.action == "rollback" and "95%" in v.reason
     assert g.best.step == 400 and [h.step for h in g.history] == [200, 400]
     assert g.judge(ev(800, 0.25, empty=0.3)).action == "continue"
     v = g.judge(ev(1000, 0.0, empty=1.0))

@@ -71,7 +71,7 @@ class Guard:
                 return Verdict("collapsed", f"{collapse}, after {self.rollbacks} rollback(s): stopping")
             self.rollbacks += 1
             self.history = [h for h in self.history if h.step <= best.step]
-            return Verdict("rollback", f"{collapse}: back to step {best.step}")
+            return Verdict("rollback", collapse)  # the caller says where it went back to
         improved = best is None or e.score > best.score
         since = 0 if improved else len([h for h in self.history if h.step > self.best.step])
         if self.patience and since >= self.patience:
