@@ -5,15 +5,17 @@ ultralytics' results do stands in for the model."""
 from __future__ import annotations
 
 import json
+import sys
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from bench import yolo_baseline
+from bench import real, yolo_baseline
 from loomlens.data.florence_text import boxes_to_text
 from loomlens.data.records import Box
 
@@ -111,3 +113,70 @@ def test_frames_are_predicted_tile_by_tile_and_merged_in_frame_pixels(tmp_path):
     assert first["sizes"] == [(256, 256)] * 5 + [(1024, 256)]  # 256 px tiles, a quarter shared, + the frame
     assert {k: first[k] for k in ("imgsz", "conf", "max_det", "device", "verbose")} == {
         "imgsz": 256, "conf": yolo_baseline.CONF, "max_det": yolo_baseline.MAX_DET, "device": "cpu", "verbose": False}
+
+
+def test_the_row_is_skipped_and_says_why_when_ultralytics_does_not_import(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ultralytics", None)  # `import ultralytics` now raises
+    monkeypatch.setattr(yolo_baseline, "run", lambda *a, **k: pytest.fail("no run without ultralytics"))
+    row = real.yolo_row(tmp_path, 60.0, [], [], CLASSES)
+    assert row == {"name": "yolo11n", "skipped": "ultralytics does not import here (ModuleNotFoundError)"}
+    assert real.yolo_note(row) == "yolo11n: skipped, ultralytics does not import here (ModuleNotFoundError)"
+
+
+def test_an_import_that_fails_otherwise_is_skipped_too(monkeypatch, tmp_path):
+    """torchvision beside CPU torch fails with a RuntimeError while ultralytics imports."""
+    (tmp_path / "ultralytics").mkdir()
+    (tmp_path / "ultralytics" / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "ultralytics", raising=False)
+    row = real.yolo_row(tmp_path, 60.0, [], [], CLASSES)
+    assert row["skipped"] == "ultralytics does not import here (RuntimeError)"
+
+
+class FakeYOLO(BrightSpotModel):
+    """ultralytics' `YOLO` as `train` and `run` use it: built from a name, callbacks, a train
+    that makes three batches and writes the two weights, and `predict`."""
+
+    trained: ClassVar[dict] = {}  # the last train call's arguments
+
+    def __init__(self, model: str) -> None:
+        super().__init__()
+        self.model, self.callbacks = model, []
+
+    def add_callback(self, event: str, callback) -> None:
+        assert event == "on_train_batch_start"
+        self.callbacks.append(callback)
+
+    def train(self, **args) -> None:
+        FakeYOLO.trained = {"model": self.model, **args}
+        weights = Path(args["project"]) / args["name"] / "weights"
+        weights.mkdir(parents=True)
+        self.trainer = types.SimpleNamespace(best=weights / "best.pt", last=weights / "last.pt")
+        for path in (self.trainer.best, self.trainer.last):
+            path.write_bytes(b"")
+        for _ in range(3):
+            for callback in self.callbacks:
+                callback(self.trainer)
+
+
+def test_where_ultralytics_imports_the_row_trains_predicts_and_is_scored(monkeypatch, tmp_path):
+    fake = types.ModuleType("ultralytics")
+    fake.YOLO = FakeYOLO
+    monkeypatch.setitem(sys.modules, "ultralytics", fake)
+    monkeypatch.setattr(real, "WORK", tmp_path / "work")
+    data = _converted(tmp_path)
+    frames = [_frame(tmp_path / "a.png", (500, 100, 520, 120)), _frame(tmp_path / "b.png", None)]
+    truth = [[Box("stain", 500, 100, 520, 120)], []]
+    row = real.yolo_row(data, 720.0, frames, truth, CLASSES)
+    args = FakeYOLO.trained
+    assert args["model"] == "yolo11n.yaml" and args["time"] == 0.2 and args["imgsz"] == real.TILE
+    assert args["data"] == str(tmp_path / "work" / "yolo" / "dataset" / "data.yaml") and args["pretrained"] is False
+    assert row["steps"] == 3 and row["batch"] == yolo_baseline.BATCH and row["device"] in ("cpu", "cuda")
+    assert row["best"]["map50"] == pytest.approx(1.0) and row["best"]["boxes"] == 1 and row["last"]["auroc"] == 1.0
+    main = real.tables({"frames": 2, "defective": 1, "budget_s": 720.0, "classes": CLASSES, "yolo": row,
+                        "untrained": row["best"], "runs": [{"name": "default", "steps": 5, "best_step": 4,
+                                                            "best": row["best"], "last": row["last"]}]})[0]
+    assert [r[0] for r in main.rows] == ["default (best)", "default (last)", "yolo11n (best)", "yolo11n (last)",
+                                         "untrained tiny"]
+    assert main.rows[2][1:] == ["1.000", "1.000", "1.000", "1.000", "1", "3", "-"]
+    assert main.notes[1].startswith("yolo11n: from scratch")
