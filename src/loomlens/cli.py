@@ -254,7 +254,6 @@ def serve(
     events_db: str | None = typer.Option(None, help="The events database `loomlens watch --db` writes (SQLite path "
                                          "or SQLAlchemy URL): GET /v1/events and the page's Line view."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
-    worker_delay_ms: float = typer.Option(0.0, hidden=True, help="Test only: sleep per batch."),
 ) -> None:
     """Serve the model: HTTP API at /v1 (docs at /docs), health at /healthz, web page at /."""
     import ipaddress
@@ -277,7 +276,6 @@ def serve(
         max_pixels=int(max_megapixels * 1_000_000), max_side=max_side, large_cost=large_cost,
         request_timeout_s=request_timeout_s, cors_origins=tuple(cors_origin), page=page, examples=examples,
         examples_dir=examples_dir, events_db=events_db,
-        worker_delay_ms=worker_delay_ms,
     )
     from loomlens.model.loader import ModelLoadError
 

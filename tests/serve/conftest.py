@@ -2,8 +2,9 @@
 
 Two servers, started once per session and only if a collected test needs them, in parallel:
 - `server`: the defaults (127.0.0.1, page on, no key) with a 2 MB body limit;
-- `busy_server`: an API key, a queue of 1, batches of 1 and a test-only 1.5 s sleep per
-  batch, so a handful of concurrent requests must overflow the queue.
+- `busy_server`: an API key, a queue of 1, batches of 1 and every batch slowed by 1.5 s
+  (`slow_serve.py` wraps the server's predict), so a handful of concurrent requests must
+  overflow the queue.
 Both run the real tiny model through `loomlens.predict`.
 """
 
@@ -30,8 +31,8 @@ def _servers(request, tmp_path_factory):
                        "--examples-dir", str(examples)], log_dir)
     if "busy_server" in wanted:
         servers["busy_server"] = start_server(
-            "busy_server", ["--max-queue", "1", "--max-batch", "1", "--no-page",
-                            "--worker-delay-ms", str(BUSY_DELAY_MS)], log_dir, api_key=API_KEY)
+            "busy_server", ["--max-queue", "1", "--max-batch", "1", "--no-page"], log_dir, api_key=API_KEY,
+            delay_ms=BUSY_DELAY_MS)
     yield servers
     for s in servers.values():
         s.stop()

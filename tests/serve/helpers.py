@@ -76,7 +76,10 @@ class Server:
                 self.process.wait(5)
 
 
-def start_server(name: str, args: list[str], log_dir: Path, api_key: str | None = None) -> Server:
+def start_server(name: str, args: list[str], log_dir: Path, api_key: str | None = None,
+                 delay_ms: float = 0) -> Server:
+    """Start `loomlens serve` on a free port; with `delay_ms`, through `slow_serve.py`, which
+    makes every batch sleep that long first."""
     port = free_port()
     log = log_dir / f"{name}.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
@@ -84,8 +87,8 @@ def start_server(name: str, args: list[str], log_dir: Path, api_key: str | None 
     env.pop("LOOMLENS_API_KEY", None)
     if api_key:
         env["LOOMLENS_API_KEY"] = api_key  # the env spelling; --api-key is tested by the CLI help
-    cmd = [sys.executable, "-m", "loomlens.cli", "serve", "--model", "tiny", "--port", str(port),
-           "--log-level", "warning", *args]
+    entry = [str(Path(__file__).with_name("slow_serve.py")), str(delay_ms)] if delay_ms else ["-m", "loomlens.cli"]
+    cmd = [sys.executable, *entry, "serve", "--model", "tiny", "--port", str(port), "--log-level", "warning", *args]
     with open(log, "wb") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     return Server(name, port, process, log, api_key)

@@ -94,3 +94,33 @@ def make_config(small_data, small_model_dir, tmp_path):
         return load_config(TrainConfig, base=base, overrides=settings)
 
     return make
+
+
+class Killed(BaseException):
+    """Stands for the training process being killed (SIGKILL, a power cut). A BaseException,
+    so nothing on the way out can take it for an error to handle."""
+
+
+@pytest.fixture
+def train_killed(monkeypatch):
+    """`train_killed(cfg, step)`: `train(cfg)` killed right after it saved `last/` at `step`.
+
+    Wraps `recipe.save` to raise `Killed` once that save is on disk, and leaves the run folder
+    as the kill does, to be resumed with `train(..., resume=True)`. The run must save at `step`
+    (`save_every`, or an evaluation); if it does not, the run finishes and this fails."""
+    from loomlens.train import recipe
+
+    def run(cfg, step: int) -> None:
+        save = recipe.save
+
+        def save_then_die(s, **kwargs) -> None:
+            save(s, **kwargs)
+            if s.state.step == step:
+                raise Killed(f"killed after the save of step {step}")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(recipe, "save", save_then_die)
+            with pytest.raises(Killed):
+                recipe.train(cfg)
+
+    return run

@@ -1,5 +1,6 @@
 """Checkpoints are swapped in whole: a crash mid-save never leaves a broken last/."""
 
+import json
 import os
 import random
 
@@ -113,6 +114,28 @@ def test_a_legacy_trainer_state_loads_through_the_safe_loader(tmp_path):
     assert saved["state"]["step"] == 5
     ck.set_rng_states(saved["rng"][0])
     assert (np.random.rand(), random.random()) == expected
+
+
+def test_a_trainer_state_with_a_retired_key_still_loads(tmp_path, monkeypatch):
+    """A checkpoint written while `TrainerState` had `evals_since_best` resumes (the key is
+    dropped); a key this version does not know at all is still refused."""
+    import peft
+    from safetensors.torch import save_file
+
+    last = tmp_path / "last"
+    save(last, "old")
+    save_file({"w": torch.zeros(1)}, last / "adapter_model.safetensors")  # stands for peft's file
+    monkeypatch.setattr(peft, "set_peft_model_state_dict", lambda model, weights: None)
+    path = last / "trainer_state.json"
+    saved = json.loads(path.read_text())
+    saved["state"]["evals_since_best"] = 2
+    path.write_text(json.dumps(saved))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    assert ck.load_checkpoint(last, model=None, optimizer=optimizer) == TrainerState(step=3)
+    saved["state"]["from_a_newer_version"] = 1
+    path.write_text(json.dumps(saved))
+    with pytest.raises(TypeError, match="from_a_newer_version"):
+        ck.load_checkpoint(last, model=None, optimizer=optimizer)
 
 
 def test_a_malicious_trainer_state_is_refused_and_never_run(tmp_path):

@@ -132,15 +132,16 @@ def test_one_step_of_4_has_the_gradients_of_2_micro_batches_of_2(make_config, tm
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_resume_keeps_the_recorded_micro_batch(make_config, monkeypatch):
-    cfg = make_config(max_steps=3, eval_every=0, micro_batch=2)
-    train(cfg, stop_at_step=1)
+def test_resume_keeps_the_recorded_micro_batch(make_config, monkeypatch, train_killed):
+    cfg = make_config(max_steps=3, eval_every=0, save_every=1, micro_batch=2)
+    train_killed(cfg, 1)
     monkeypatch.setattr(micro_batch, "find_micro_batch", lambda *a: pytest.fail("a resumed run is not probed"))
-    changed = make_config(max_steps=3, eval_every=0, micro_batch=4)
+    changed = make_config(max_steps=3, eval_every=0, save_every=1, micro_batch=4)
     with pytest.raises(ValueError, match=r"would change speed\.micro_batch \(2 -> 4\)"):
         train(changed, resume=True)
     windows, said = spy_windows(monkeypatch), []
-    resumed = train(make_config(max_steps=3, eval_every=0), resume=True, log=said.append)  # auto: as recorded
+    resumed = train(make_config(max_steps=3, eval_every=0, save_every=1), resume=True,
+                    log=said.append)  # auto: as recorded
     assert resumed.state.step == 3 and len(windows) == 2 and windows[0] == [2, 2]
     assert all(size <= 2 for window in windows for size in window)
     assert any(line.startswith("micro-batch 2 (recorded by the run)") for line in said)
@@ -151,15 +152,15 @@ def test_resume_keeps_the_recorded_micro_batch(make_config, monkeypatch):
     assert any(line.startswith("micro-batch 2 (recorded by the run)") for line in said)
 
 
-def test_a_run_recorded_before_the_setting_resumes_with_whole_batches(make_config, monkeypatch):
-    cfg = make_config(max_steps=2, eval_every=0)
-    train(cfg, stop_at_step=1)
+def test_a_run_recorded_before_the_setting_resumes_with_whole_batches(make_config, monkeypatch, train_killed):
+    cfg = make_config(max_steps=2, eval_every=0, save_every=1)
+    train_killed(cfg, 1)
     saved = yaml.safe_load((cfg.out / "config.yaml").read_text())
     del saved["speed"]["micro_batch"]
     (cfg.out / "config.yaml").write_text(yaml.safe_dump(saved))
     monkeypatch.setattr(micro_batch, "find_micro_batch", lambda *a: pytest.fail("a resumed run is not probed"))
     windows = spy_windows(monkeypatch)
-    assert train(make_config(max_steps=2, eval_every=0), resume=True).state.step == 2
+    assert train(make_config(max_steps=2, eval_every=0, save_every=1), resume=True).state.step == 2
     assert len(windows) == 1 and len(windows[0]) == 1  # one pass a batch
 
 

@@ -37,12 +37,12 @@ def test_run_folder_holds_config_env_metrics_curves_tb_and_checkpoints(make_conf
     assert not list((run / "checkpoints").glob(".*"))  # no temporary folders left behind
 
 
-def test_kill_and_resume_gives_the_same_weights_as_training_straight(make_config, tmp_path):
-    # Dropout on, shuffling on, accumulation, and the stop lands mid-epoch with an epoch after.
+def test_kill_and_resume_gives_the_same_weights_as_training_straight(make_config, tmp_path, train_killed):
+    # Dropout on, shuffling on, accumulation, and the kill lands mid-epoch with an epoch after.
     settings = dict(max_steps=6, grad_accum=2, batch_size=3, eval_every=4, save_every=1)
     straight = train(make_config(**settings, out=str(tmp_path / "a")))
-    killed = train(make_config(**settings, out=str(tmp_path / "b")), stop_at_step=3)
-    assert killed.stopped == "stop_at_step" and killed.state.step == 3
+    train_killed(make_config(**settings, out=str(tmp_path / "b")), 3)
+    assert read_trainer_state(tmp_path / "b" / "checkpoints" / "last")["state"]["step"] == 3
     resumed = train(make_config(**settings, out=str(tmp_path / "b")), resume=True)
     assert resumed.state.step == 6 and resumed.state.epoch == straight.state.epoch
     a, b = adapter_weights(straight.model), adapter_weights(resumed.model)
@@ -236,7 +236,7 @@ def test_bf16_on_cpu_autocasts(make_config, tmp_path, monkeypatch):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bf16_base_trains_an_fp32_adapter_over_a_bf16_base(make_config, tmp_path, monkeypatch):
+def test_bf16_base_trains_an_fp32_adapter_over_a_bf16_base(make_config, tmp_path, monkeypatch, train_killed):
     """bf16-base: no autocast, the frozen base in bf16, the adapter (and its optimizer) in fp32;
     it evaluates (val loss, mAP) mid-run, resumes to the weights of a straight run, and what it
     saves loads onto an fp32 base like any adapter."""
@@ -251,7 +251,7 @@ def test_bf16_base_trains_an_fp32_adapter_over_a_bf16_base(make_config, tmp_path
         assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
     assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in adapter_weights(straight.model).values())
     assert "map50" in straight.last_eval and straight.last_eval["val_loss"] > 0
-    train(make_config(**settings, out=str(tmp_path / "b")), stop_at_step=1)
+    train_killed(make_config(**settings, out=str(tmp_path / "b")), 1)
     resumed = train(make_config(**settings, out=str(tmp_path / "b")), resume=True)
     a, b = adapter_weights(straight.model), adapter_weights(resumed.model)
     for key in a:

@@ -73,8 +73,6 @@ class ServeSettings:
     examples_dir: str | None = None
     #: The watchers' events database (path or SQLAlchemy URL) for /v1/events and the Line view.
     events_db: str | None = None
-    #: Test-only: extra seconds of sleep per batch, to fill the queue on purpose.
-    worker_delay_ms: float = 0.0
 
     @property
     def max_body_bytes(self) -> int:
@@ -92,7 +90,6 @@ class Service:
             max_queue=settings.max_queue,
             max_batch=settings.max_batch,
             batch_wait_ms=settings.batch_wait_ms,
-            worker_delay_ms=settings.worker_delay_ms,
             large_cost=settings.large_cost,
         )
         self.started = time.time()

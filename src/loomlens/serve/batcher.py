@@ -62,7 +62,6 @@ class Batcher:
         max_queue: int = 16,
         max_batch: int = 4,
         batch_wait_ms: float = 5.0,
-        worker_delay_ms: float = 0.0,
         large_cost: int = 16,
         max_large: int | None = None,
     ):
@@ -72,8 +71,6 @@ class Batcher:
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.batch_wait = batch_wait_ms / 1000.0
-        #: Test-only: extra sleep per batch so a test can fill the queue deterministically.
-        self.worker_delay = worker_delay_ms / 1000.0
         self.large_cost = large_cost
         self.max_large = max_large or max(1, max_queue // 4)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
@@ -121,7 +118,7 @@ class Batcher:
         with self._lock:
             per_batch = sum(self._batch_seconds) / len(self._batch_seconds) if self._batch_seconds else 1.0
         batches = math.ceil((self._queue.qsize() + 1) / self.max_batch) + 1
-        return max(1, min(60, math.ceil(batches * (per_batch + self.worker_delay))))
+        return max(1, min(60, math.ceil(batches * per_batch)))
 
     def submit(self, image, options: Options, cost: int = 1, deadline: float | None = None) -> Job:
         """Queue one image costing `cost` model inputs, to be done by `deadline`; never blocks.
@@ -223,8 +220,6 @@ class Batcher:
 
     def _run_batch(self, batch: list[Job], between: Callable[[], None] | None = None) -> None:
         t0 = time.perf_counter()
-        if self.worker_delay:
-            time.sleep(self.worker_delay)
         groups: dict[Options, list[Job]] = {}
         for job in batch:
             groups.setdefault(job.options, []).append(job)

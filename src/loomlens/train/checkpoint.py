@@ -49,12 +49,22 @@ class TrainerState:
     window: int = 0
     best_metric: float | None = None
     best_step: int | None = None
-    evals_since_best: int = 0
     train_seconds: float = 0.0
     planned_steps: int | None = None
     eval_seconds: float = 0.0
     lr_scale: float = 1.0
     guard: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> TrainerState:
+        """The state a checkpoint recorded, less the keys older versions wrote that no longer
+        mean anything (`RETIRED_STATE_KEYS`); any other unknown key is an error."""
+        return cls(**{k: v for k, v in saved.items() if k not in RETIRED_STATE_KEYS})
+
+
+#: Trainer-state keys older loomlens versions wrote and this one ignores, so their checkpoints
+#: still resume. `evals_since_best`: the guard's history counts evaluations without progress.
+RETIRED_STATE_KEYS = frozenset({"evals_since_best"})
 
 
 def rng_states() -> dict[str, Any]:
@@ -252,4 +262,4 @@ def load_checkpoint(
         scaler.load_state_dict(saved["scaler"])
     rng = saved["rng"]
     set_rng_states(rng[rank] if rank < len(rng) else rng[0])
-    return TrainerState(**saved["state"])
+    return TrainerState.from_saved(saved["state"])

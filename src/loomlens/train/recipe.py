@@ -146,15 +146,13 @@ class Session:
         return size if isinstance(size, int) else self.cfg.batch_size
 
 
-def train(
-    cfg: TrainConfig, *, resume: bool = False, stop_at_step: int | None = None, log: Callable[[str], None] = print
-) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print) -> TrainResult:
     """Fine-tune `cfg.model` with LoRA on `cfg.data`, writing the run folder `cfg.out`.
 
     `resume` continues the run in `cfg.out` from `checkpoints/last/` exactly where it was
-    saved. `stop_at_step` stops after that step once saved, as a kill right after a save
-    would (the run can be resumed). SIGINT/SIGTERM save `last/` at the next step boundary and
-    raise `TrainingInterrupted`. Raises `TrainingDiverged` on NaN/inf with no rollback left.
+    saved, also after a kill (a save is atomic, so `last/` is always a whole checkpoint).
+    SIGINT/SIGTERM save `last/` at the next step boundary and raise `TrainingInterrupted`.
+    Raises `TrainingDiverged` on NaN/inf with no rollback left.
     """
     from tqdm.auto import tqdm
 
@@ -162,7 +160,7 @@ def train(
     cfg = s.cfg  # with the micro-batch resolved
     main = s.accelerator.is_main_process
     bar = tqdm(total=s.total_steps, initial=s.state.step, disable=not (main and cfg.progress), desc="train")
-    stopped, last_eval = stop_reason(s, None), {}
+    stopped, last_eval = stop_reason(s), {}
     s.model.train()
     with _signals_saved_as_stops(s):
         while not stopped:
@@ -171,7 +169,7 @@ def train(
                 lr, grad_norm = optimizer_step(s, loss)
                 epoch_done = advance(s)
                 log_step(s, bar, loss=loss, lr=lr, grad_norm=grad_norm)
-                stopped = stop_reason(s, stop_at_step)
+                stopped = stop_reason(s)
                 if s.val_set is not None and (eval_due(s, epoch_done) or stopped in ("max_steps", "time_budget")):
                     last_eval, stopped = validate_and_keep_best(s, stopped)
                 elif stopped or (cfg.save_every and s.state.step % cfg.save_every == 0):
@@ -508,15 +506,12 @@ def log_step(s: Session, bar, *, loss: float, lr: float, grad_norm: float | None
                        "train_loss": loss, "grad_norm": grad_norm})
 
 
-def stop_reason(s: Session, stop_at_step: int | None) -> str:
-    """Why the run stops after this step ("" if it goes on). A simulated kill
-    (`stop_at_step`) only saves; the other stops evaluate first."""
+def stop_reason(s: Session) -> str:
+    """Why the run stops after this step ("" if it goes on)."""
     if s.state.step >= s.total_steps:
         return "max_steps" if s.nominal_steps is not None and s.total_steps >= s.nominal_steps else "time_budget"
     if s.cfg.time_budget and s.state.train_seconds >= s.cfg.time_budget:
         return "time_budget"
-    if stop_at_step is not None and s.state.step >= stop_at_step:
-        return "stop_at_step"
     if s.signalled:
         return "interrupted"
     return ""
