@@ -103,12 +103,15 @@ def train_variant(data: Path, run: Path, steps: int, every: int, overrides: list
 
 
 def summary(run: Path) -> dict[str, Any]:
-    """Best and last val mAP50, last val loss and empty share, rollbacks, read from metrics.csv."""
+    """Best and last val mAP50, last val loss and empty share, rollbacks (from metrics.csv), and
+    the commit the run was trained at (from env.json)."""
     rows = rows_of(run)
     evals = [r for r in rows if r.get("map50")]
     best = max(evals, key=lambda r: float(r["map50"]))
     last = evals[-1]
+    env = json.loads((run / "env.json").read_text()) if (run / "env.json").exists() else {}
     return {"steps": int(rows[-1]["step"]), "seconds": float(rows[-1]["seconds"]),
+            "commit": (env.get("git_commit") or "?")[:7],
             "best_map50": float(best["map50"]), "best_step": int(best["step"]),
             "last_map50": float(last["map50"]), "last_map50_95": float(last["map50_95"]),
             "last_f1": float(last["best_f1"]), "last_val_loss": float(last["val_loss"]),
@@ -122,13 +125,14 @@ def tables(result: dict[str, Any]) -> list[Table]:
     for data, part in sorted(result["data"].items(), key=lambda kv: kv[0] != "aitex"):
         rows = [[r["variant"], " ".join(r["overrides"]) or "-", f"{fmt(r['best_map50'])} ({r['best_step']})",
                  fmt(r["last_map50"]), fmt(r["last_map50_95"]), fmt(r["last_f1"]), fmt(r["last_val_loss"], 2),
-                 f"{r['last_empty']:.0%}", "; ".join(r["events"]) or "-"] for r in part["runs"]]
+                 f"{r['last_empty']:.0%}", "; ".join(r["events"]) or "-", r.get("commit", "?")] for r in part["runs"]]
         notes = [f"{part['steps']} steps of 8 samples per run, evaluated every {part['every']} steps on the whole "
-                 f"val split; one run per variant, seed 0; measured {part['measured']}",
+                 f"val split; one run per variant, seed 0; table made {part['measured']} (a finished run is read from its "
+                 f"folder: `trained at` is the commit it was trained at)",
                  "last empty: the share of val frames with a defect answered with no box at the last evaluation"]
         out.append(Table(f"The default recipe, one choice off at a time ({data})",
                          ["variant", "overrides", "best val mAP50 (step)", "last val mAP50", "last mAP50-95",
-                          "last F1", "last val loss", "last empty", "guard events"], rows, notes))
+                          "last F1", "last val loss", "last empty", "guard events", "trained at"], rows, notes))
     return out
 
 
