@@ -50,7 +50,7 @@ from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, t
 from loomlens.model.memory import enable_gradient_checkpointing
 from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory, resolve_device
 from loomlens.model.vision import split_image_path, stage_count, stage_of
-from loomlens.run import DATA_SUMMARY
+from loomlens.run import CROP, DATA_SUMMARY
 from loomlens.train.checkpoint import (
     TrainerState,
     copy_checkpoint,
@@ -238,7 +238,7 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
         say(f"resumed from {s.last_dir} at step {s.state.step} (epoch {s.state.epoch})")
     plan_run(s)
     if main:
-        _write_run_files(cfg, run_dir, accelerator.num_processes)
+        _write_run_files(cfg, run_dir, accelerator.num_processes, train_set.crop_window)
         s.metrics = MetricsLog(run_dir, s.state.step if resume else None, cfg.tensorboard)
     _describe(s, towers)
     s.started, s.seconds_before = time.monotonic(), s.state.train_seconds
@@ -871,13 +871,17 @@ def _detection_metrics(model, processor, jsonl: Path, cfg: TrainConfig) -> dict[
     return {k: float(metrics[k]) for k in keys if metrics.get(k) is not None}
 
 
-def _write_run_files(cfg: TrainConfig, run_dir: Path, world: int) -> None:
-    """`config.yaml` (resolved), `env.json` (versions, git commit, device), and from the data
-    folder `classes.txt` and `summary.json` (as `data_summary.json`: prediction reads the tile
-    size the data was cut to from it)."""
+def _write_run_files(cfg: TrainConfig, run_dir: Path, world: int, crop_window: int | None) -> None:
+    """`config.yaml` (resolved), `env.json` (versions, git commit, device), `crop.json` with the
+    defect crop's `crop_window` when it crops (prediction tiles at it; none otherwise), and from the data folder `classes.txt` and `summary.json` (as
+    `data_summary.json`: prediction reads the tile size the data was cut to from it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     (run_dir / "env.json").write_text(json.dumps(environment(world), indent=2) + "\n")
+    if crop_window:
+        (run_dir / CROP).write_text(json.dumps({"window": crop_window}) + "\n")
+    else:
+        (run_dir / CROP).unlink(missing_ok=True)  # an earlier attempt's record in this folder
     for name, copy in (("classes.txt", "classes.txt"), ("summary.json", DATA_SUMMARY)):
         if (cfg.data / name).exists():
             shutil.copyfile(cfg.data / name, run_dir / copy)
