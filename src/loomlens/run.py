@@ -93,6 +93,13 @@ class Run:
         return cut or self.crop
 
     @property
+    def eval_tile(self) -> int | None:
+        """The tile edge evaluation detects large frames at: `tile` for a run trained with the
+        defect crop, which predicts large frames tiled, so a figure from whole squeezed frames
+        would say nothing about it; None (whole frames, as before) for any other run."""
+        return self.tile if self.crop else None
+
+    @property
     def rules(self) -> Path | None:
         """The run's region rules file (`regions.yaml`), None when it has none."""
         rules = self.folder / RULES_FILE if self.folder else None
