@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from loomlens.run import DATA_SUMMARY, RULES_FILE, Run
+from loomlens.run import CROP, DATA_SUMMARY, RULES_FILE, Run
 
 
 def adapter(folder, base="/somewhere/base"):
@@ -35,6 +35,7 @@ def test_a_run_folder_a_checkpoint_in_it_and_an_adapter_alone(run, tmp_path):
     assert bare.adapter() == bare.adapter("last") == tmp_path / "loose"
     assert bare.recorded_base() == "/somewhere/base"  # peft's record, when there is no run
     assert bare.classes == [] and bare.tasks == {"od"} and bare.tile is None and bare.rules is None
+    assert bare.crop is None and bare.eval_tile is None
 
 
 def test_missing_adapters_say_what_to_do(run, tmp_path):
@@ -57,3 +58,15 @@ def test_tile_rules_and_tasks_from_the_training_data(run, tmp_path, monkeypatch)
     assert Run(run).tasks == {"od", "phrase_grounding"}
     monkeypatch.chdir(run)
     assert Run(run).tasks == {"od"}  # no data found: od
+
+
+def test_a_run_that_cropped_tiles_at_its_window_in_predict_and_eval(run):
+    # No crop record (no crop, no large frame, or a run from before the crop): whole frames.
+    assert Run(run).crop is None and Run(run).tile is None and Run(run).eval_tile is None
+    (run / DATA_SUMMARY).write_text('{"tile": 512}')
+    assert Run(run).tile == 512 and Run(run).eval_tile is None  # tiles, evaluated as before
+    (run / CROP).write_text('{"window": 256}')
+    assert Run(run).crop == 256 and Run(run).tile == Run(run).eval_tile == 512  # the data's tiles first
+    (run / DATA_SUMMARY).write_text('{"tile": null}')
+    assert Run(run).tile == Run(run).eval_tile == 256
+    assert Run(run / "checkpoints" / "last").eval_tile == 256

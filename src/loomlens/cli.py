@@ -575,13 +575,15 @@ def eval_command(
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Evaluate detection on a split: metrics.json, PR curves, confusion matrix, reliability,
-    worst images and report.md, with real confidence scores."""
+    worst images and report.md, with real confidence scores. A run trained with the defect crop
+    is evaluated as it predicts: large frames in tiles."""
     from rich.console import Console
     from rich.table import Table
 
     from loomlens.evaluate.report import write_report
     from loomlens.infer.loading import load_for_inference
     from loomlens.model.loader import ModelLoadError
+    from loomlens.run import Run
 
     jsonl = data if data.suffix == ".jsonl" else data / f"{split}.jsonl"
     if not jsonl.exists():
@@ -595,15 +597,17 @@ def eval_command(
         raise _fail(str(err)) from None
     out = out or ((run or Path("runs")) / f"eval-{jsonl.stem}")
     constrained = bool(loaded.classes) if constrained is None else constrained
+    tile = Run(loaded.adapter).eval_tile if loaded.adapter else None  # large frames as predict sees them
     extra = {"model": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None, "split": jsonl.stem,
              "precision": loaded.precision}
     try:
         metrics = write_report(loaded.model, loaded.processor, jsonl, out, classes=loaded.classes,
                                batch_size=batch_size, max_boxes=max_boxes, constrained=constrained,
-                               max_images=max_images, extra=extra)
+                               max_images=max_images, extra=extra, tile=tile)
     except ValueError as err:  # e.g. --constrained with no classes.txt in the run or the split
         raise _fail(str(err)) from None
-    table = Table(title=f"{metrics['images']} images of {jsonl}" + (" (constrained)" if constrained else ""))
+    table = Table(title=f"{metrics['images']} images of {jsonl}" + (" (constrained)" if constrained else "")
+                  + (f" (large frames in {tile} px tiles)" if tile else ""))
     for column in ("mAP50-95", "mAP50", "mAP75", "best F1", "OK/NG AUROC", "recall @1% FA", "s/image"):
         table.add_column(column, justify="right")
     frames = metrics["image_level"]

@@ -126,9 +126,9 @@ class SpeedSettings(BaseModel):
 
 class AugmentSettings(BaseModel):
     """Online, box-correct augmentation of every training picture (`loomlens.data.augment`):
-    chances of each flip and turn, strengths of each photometric change. `enabled: false` (or
-    `augment=false`) trains on the pictures as they are. What each is worth: `bench/ablate.py`
-    (docs/benchmarks.md)."""
+    chances of the defect crop and of each flip and turn, strengths of each photometric change.
+    `enabled: false` (or `augment=false`) trains on the pictures as they are. What each is
+    worth: `bench/ablate.py` (docs/benchmarks.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -144,6 +144,10 @@ class AugmentSettings(BaseModel):
     grey: float = Field(0.1, ge=0, le=1, description="chance of a grey copy")
     scale: float = Field(0.1, ge=0, lt=1, description="largest share of each side a crop may drop (zoom and shift "
                          "jitter; never cuts a defect)")
+    crop: float = Field(0.5, ge=0, le=1, description="chance that a frame larger than twice the model's input "
+                        "is shown as one input-sized window at full resolution, holding a defect if it has one "
+                        "(boxes it cuts kept when half shows, else another window or the whole frame); a run "
+                        "that cropped is predicted and evaluated tiled at the input size")
 
 
 class BalanceSettings(BaseModel):

@@ -2,10 +2,11 @@
 
 A run folder (docs/architecture.md) holds `config.yaml` (its `model` is the base it was trained
 on, its `tasks` what it was trained for), `classes.txt`, `data_summary.json` (the training
-data's `summary.json`, with the tile size it was cut to), optionally `regions.yaml` (region
-rules) and `checkpoints/best|last/` (each a peft adapter folder). `Run(path)` accepts the run
-folder, a checkpoint folder inside it, or a bare adapter folder that belongs to no run; train,
-eval, predict, serve and merge all read a run through it. Imports only `data`, yaml and the
+data's `summary.json`, with the tile size it was cut to), `crop.json` when training's defect
+crop showed large frames a window at a time (the window's edge), optionally `regions.yaml`
+(region rules) and `checkpoints/best|last/` (each a peft adapter folder). `Run(path)` accepts
+the run folder, a checkpoint folder inside it, or a bare adapter folder that belongs to no run;
+train, eval, predict, serve and merge all read a run through it. Imports only `data`, yaml and the
 stdlib, so every floor above `data` may use it.
 """
 
@@ -18,12 +19,14 @@ import yaml
 
 from loomlens.data.yolo import CLASSES_FILE, read_class_names
 
-__all__ = ["ADAPTER_CONFIG", "CONFIG", "DATA_SUMMARY", "RULES_FILE", "Run"]
+__all__ = ["ADAPTER_CONFIG", "CONFIG", "CROP", "DATA_SUMMARY", "RULES_FILE", "Run"]
 
 #: The resolved training config a run keeps.
 CONFIG = "config.yaml"
 #: The training data's summary.json, as a run keeps it.
 DATA_SUMMARY = "data_summary.json"
+#: What training's defect crop did: `{"window": edge}`, the input edge it showed large frames at.
+CROP = "crop.json"
 #: Where a run keeps its region rules (`loomlens.predict.regions`).
 RULES_FILE = "regions.yaml"
 #: The file that makes a folder a peft adapter.
@@ -74,10 +77,27 @@ class Run:
         return frozenset({"od"})
 
     @property
+    def crop(self) -> int | None:
+        """The window edge training's defect crop showed large frames at (`crop.json`), None
+        when it showed every frame whole (no crop, no large frame, or a run from before it)."""
+        record = self.folder / CROP if self.folder else None
+        return json.loads(record.read_text()).get("window") if record and record.exists() else None
+
+    @property
     def tile(self) -> int | None:
-        """The tile edge the run's training data was cut to (`convert --tile`), if any."""
+        """The tile edge prediction's `tile="auto"` tiles large frames at, None for a run that
+        only ever saw whole frames: the edge its training data was cut to (`convert --tile`),
+        else its defect crop's window, since such a run learnt defects at that scale."""
         summary = self.folder / DATA_SUMMARY if self.folder else None
-        return json.loads(summary.read_text()).get("tile") if summary and summary.exists() else None
+        cut = json.loads(summary.read_text()).get("tile") if summary and summary.exists() else None
+        return cut or self.crop
+
+    @property
+    def eval_tile(self) -> int | None:
+        """The tile edge evaluation detects large frames at: `tile` for a run trained with the
+        defect crop, which predicts large frames tiled, so a figure from whole squeezed frames
+        would say nothing about it; None (whole frames, as before) for any other run."""
+        return self.tile if self.crop else None
 
     @property
     def rules(self) -> Path | None:

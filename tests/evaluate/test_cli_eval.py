@@ -20,8 +20,29 @@ def test_eval_command_writes_the_report(tmp_path):
     assert (tmp_path / "eval" / "report.md").exists()
     assert "recall @1% FA" in result.output.replace("\n", " ") or "recall @1%" in result.output
     assert metrics["constrained"] is False  # a bare model has no classes: the free form
+    assert metrics["tile"] is None  # nor a crop: whole frames
 
 
 def test_eval_command_explains_a_missing_split(tmp_path):
     result = CliRunner().invoke(app, ["eval", "--data", str(tmp_path), "--model", "tiny"])
     assert result.exit_code == 1 and "loomlens convert" in result.output
+
+
+def test_a_run_trained_with_the_defect_crop_is_evaluated_tiled(tmp_path):
+    import yaml
+
+    from loomlens.model import load_model
+    from loomlens.model.lora import LoraSettings, apply_lora
+
+    synthesize(tmp_path / "raw", images=2, seed=1, size=(600, 90))  # longer than twice the 256 px input
+    convert(tmp_path / "raw", tmp_path / "data", val_fraction=0.5)
+    run = tmp_path / "run"
+    model, _ = load_model("tiny")
+    apply_lora(model, LoraSettings(targets=["q_proj"], r=2)).save_pretrained(run / "checkpoints" / "best")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "tiny", "tasks": ["od"], "data": "nowhere"}))
+    (run / "crop.json").write_text('{"window": 256}')  # what training writes when its crop showed windows
+    result = CliRunner().invoke(app, ["eval", "--data", str(tmp_path / "data"), "--run", str(run),
+                                      "--max-boxes", "2", "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "eval-val" / "metrics.json").read_text())
+    assert metrics["tile"] == 256 and "256 px tiles" in (run / "eval-val" / "report.md").read_text()

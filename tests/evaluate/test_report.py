@@ -70,3 +70,44 @@ def test_best_threshold_cuts_off_low_scoring_false_positives():
     pred = [[box("drop", 0, 0.9)], [box("drop", 0, 0.3)]]
     threshold, f1 = best_threshold(truth, pred)
     assert threshold == pytest.approx(0.9) and f1 == pytest.approx(1.0)
+
+
+def test_a_tile_size_detects_large_frames_tiled_as_predict_does(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from loomlens.data.florence_text import boxes_to_text
+    from loomlens.data.tiles import tile_windows
+    from loomlens.evaluate import report
+    from loomlens.infer.detection import Detection
+
+    truth = Box("drop", 450, 40, 470, 60)
+    lines = []
+    for name, size in (("large.png", (600, 100)), ("small.png", (200, 100))):
+        frame = Image.new("RGB", size)
+        if name == "large.png":
+            frame.paste((255, 255, 255), (450, 40, 470, 60))
+        frame.save(tmp_path / name)
+        lines.append({"image": name, "width": size[0], "height": size[1], "prefix": "<OD>",
+                      "suffix": boxes_to_text([truth] if name == "large.png" else [], *size)})
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    seen = []
+
+    def found_in_tiles_only(model, processor, pictures, **_):
+        # The defect is found only where it is large enough to see: in a tile, not the whole frame.
+        seen.extend(p.size for p in pictures)
+        return [Detection([Box("drop", *p.getbbox(), 0.9)] if p.size == (100, 100) and p.getbbox() else [], 1, None)
+                for p in pictures]
+
+    monkeypatch.setattr(report, "detect_with_details", found_in_tiles_only)
+    whole = report.run_split(None, None, report.od_images(tmp_path / "val.jsonl"))
+    assert seen == [(600, 100), (200, 100)] and whole.predicted == [[], []]
+    seen.clear()
+    tiled = report.run_split(None, None, report.od_images(tmp_path / "val.jsonl"), tile=100)
+    # 600 px > 2 x 100: tiles (25 % overlap) and the whole frame; 200 px is not larger: whole.
+    assert seen.count((100, 100)) == len(tile_windows(600, 100, 100)) and seen.count((600, 100)) == 1
+    assert seen.count((200, 100)) == 1
+    assert tiled.dropped == len(seen)  # every model input's malformed parts are counted
+    assert [(b.x1, b.x2) for b in tiled.predicted[0]] == [(450, 470)] and tiled.predicted[1] == []
+    metrics = report.write_report(None, None, tmp_path / "val.jsonl", tmp_path / "out", tile=100)
+    assert metrics["tile"] == 100 and metrics["map50"] == 1.0
+    assert "in 100 px tiles" in (tmp_path / "out" / "report.md").read_text()

@@ -43,24 +43,25 @@ def small_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def _write_split(root: Path, split: str, count: int, rng: random.Random) -> None:
+def _write_split(root: Path, split: str, count: int, rng: random.Random, size: tuple[int, int] = (96, 64)) -> None:
     lines = []
+    width, height = size
     for i in range(count):
         name = f"images/{split}_{i}.png"
-        image = Image.new("RGB", (96, 64), (rng.randrange(200), 120, 80))
+        image = Image.new("RGB", size, (rng.randrange(200), 120, 80))
         draw = ImageDraw.Draw(image)
         boxes = []
         for _ in range(rng.randrange(3)):
-            x, y = rng.randrange(70), rng.randrange(40)
+            x, y = rng.randrange(width - 26), rng.randrange(height - 24)
             label = rng.choice(CLASSES)
             draw.rectangle([x, y, x + 20, y + 18], fill=(250, 250, 250) if label == "drop" else (10, 10, 10))
             boxes.append(Box(label, x, y, x + 20, y + 18))
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         image.save(root / name)
-        base = {"image": name, "width": 96, "height": 64, "source": name}
-        lines.append({**base, "prefix": "<OD>", "suffix": boxes_to_text(boxes, 96, 64), "task": "od"})
+        base = {"image": name, "width": width, "height": height, "source": name}
+        lines.append({**base, "prefix": "<OD>", "suffix": boxes_to_text(boxes, width, height), "task": "od"})
         for label in sorted({b.label for b in boxes}):
-            suffix = boxes_to_text([b for b in boxes if b.label == label], 96, 64)
+            suffix = boxes_to_text([b for b in boxes if b.label == label], width, height)
             lines.append({**base, "prefix": f"<CAPTION_TO_PHRASE_GROUNDING>{label}", "suffix": suffix,
                           "task": "phrase_grounding"})
     (root / f"{split}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -73,6 +74,19 @@ def small_data(tmp_path_factory) -> Path:
     rng = random.Random(0)
     _write_split(root, "train", 12, rng)
     _write_split(root, "val", 4, rng)
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    (root / "summary.json").write_text(json.dumps({"tile": None, "classes": CLASSES}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def strip_data(tmp_path_factory) -> Path:
+    """Like `small_data`, but 8 train and 2 val line-scan strips of 192x64: longer than twice
+    the small model's 64 px input, so the defect crop shows them a window at a time."""
+    root = tmp_path_factory.mktemp("strip-data")
+    rng = random.Random(1)
+    _write_split(root, "train", 8, rng, size=(192, 64))
+    _write_split(root, "val", 2, rng, size=(192, 64))
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     (root / "summary.json").write_text(json.dumps({"tile": None, "classes": CLASSES}))
     return root

@@ -26,6 +26,7 @@ def test_run_folder_holds_config_env_metrics_curves_tb_and_checkpoints(make_conf
     assert env["versions"]["torch"] and env["versions"]["peft"] and "git_commit" in env
     assert (run / "classes.txt").read_text().split() == ["drop", "wrinkle"]
     assert json.loads((run / "data_summary.json").read_text())["tile"] is None  # what prediction reads
+    assert not (run / "crop.json").exists()  # its 96 px frames are not larger than twice the 64 px input
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["step"] for r in rows if r["train_loss"]] == ["1", "2", "3", "4"]
     assert [r["step"] for r in rows if r["val_loss"]] == ["2", "4"]
@@ -428,3 +429,16 @@ def test_automatic_evaluations_count_from_the_last_one_and_fixed_ones_keep_their
     assert recipe.eval_due(session(100, 100, 300, 250), False)  # by hand: every multiple
     assert not recipe.eval_due(session(100, 100, 350, 300), False)
     assert recipe.eval_due(session(0, 0, 71, 0), True) and not recipe.eval_due(session(0, 0, 70, 0), False)
+
+
+def test_a_run_trained_with_the_defect_crop_validates_and_predicts_tiled(make_config, strip_data, monkeypatch):
+    from loomlens.evaluate import report
+    from loomlens.predict import Predictor
+
+    tiled, real = [], report.tiled_detect
+    monkeypatch.setattr(report, "tiled_detect", lambda detect, image, tile: tiled.append(tile) or real(detect, image, tile))
+    result = train(make_config(data=str(strip_data), augment={"crop": 1.0}, max_steps=2, eval_max_images=1))
+    assert json.loads((result.run_dir / "crop.json").read_text()) == {"window": 64}  # the 64 px input
+    assert tiled == [64]  # validation saw its one val strip (192 px > 2 x 64) as predict will
+    predictor = Predictor(adapter=result.run_dir, precision="fp32")
+    assert predictor.tile_size == 64 and predictor.model_inputs(192, 64) > 1 and predictor.model_inputs(96, 64) == 1

@@ -1,7 +1,10 @@
 """Online, box-correct augmentation for fabric: every sample a little different each epoch.
 
-Geometry moves the boxes with the pixels (flips, quarter turns, a crop-and-rescale jitter that
-never cuts a defect); photometry (brightness, contrast, gamma, grey) leaves them alone. The
+Geometry moves the boxes with the pixels (a defect crop of frames much larger than the model's
+input, flips, quarter turns, a crop-and-rescale jitter that never cuts a defect); photometry
+(brightness, contrast, gamma, grey) leaves them alone. The defect crop shows a large frame as one
+window of the input's size at full resolution, as tiled prediction sees it: squeezed whole to
+the input, a defect a few pixels wide vanishes. The
 draw for a sample is a pure function of `(seed, epoch, index)`, so a resumed run sees the same
 pictures. Quarter turns are off by default: on a loom the direction of a defect is its class
 (a broken end runs along the warp, a broken pick across it), so turning it would teach the
@@ -17,6 +20,10 @@ from dataclasses import dataclass, replace
 from PIL import Image, ImageEnhance, ImageOps
 
 from loomlens.data.records import Box
+from loomlens.data.tiles import MIN_VISIBLE, Window, clip_box, is_large
+
+#: Placements the defect crop tries before it falls back to the whole frame.
+CROP_TRIES = 4
 
 
 @dataclass(frozen=True)
@@ -27,7 +34,9 @@ class Augment:
     relative change (0.2: factor in [0.8, 1.2]). `gamma`: the largest change of the exponent
     (0.2: gamma in [0.8, 1.2]). `scale`: the largest share of each side a crop may drop (the
     crop, rescaled to the full size, zooms in by up to 1 / (1 - scale)); its position is the
-    shift jitter, and it always keeps every box whole.
+    shift jitter, and it always keeps every box whole. `crop`: the chance that a frame large for
+    the model's input (`loomlens.data.tiles.is_large`) is shown as one window of the input's
+    edge at full resolution, holding a defect when it has one (`_defect_crop`).
     """
 
     hflip: float = 0.5
@@ -38,9 +47,10 @@ class Augment:
     gamma: float = 0.2
     grey: float = 0.1
     scale: float = 0.1
+    crop: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("hflip", "vflip", "rot90", "grey"):
+        for name in ("hflip", "vflip", "rot90", "grey", "crop"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"augment {name} is a probability in [0, 1], got {getattr(self, name)}")
         for name in ("brightness", "contrast", "gamma", "scale"):
@@ -53,7 +63,7 @@ class Augment:
 
 
 #: No augmentation at all (the write-up's way, and validation).
-NONE = Augment(hflip=0, vflip=0, rot90=0, brightness=0, contrast=0, gamma=0, grey=0, scale=0)
+NONE = Augment(hflip=0, vflip=0, rot90=0, brightness=0, contrast=0, gamma=0, grey=0, scale=0, crop=0)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -103,6 +113,43 @@ def _crop_jitter(image: Image.Image, boxes: list[Box], scale: float,
     return cropped, moved
 
 
+def _holding_start(lo: float, hi: float, size: int, keep: int, rng: random.Random) -> int:
+    """A window start along one axis: a random one of `keep` pixels that holds [lo, hi) whole,
+    else (the span is longer than the window) the one centred on it, inside [0, size - keep]."""
+    first, last = max(0, math.ceil(hi - keep)), min(size - keep, math.floor(lo))
+    if first <= last:
+        return rng.randint(first, last)
+    return min(max(0, round((lo + hi - keep) / 2)), size - keep)
+
+
+def _placement(boxes: list[Box], width: int, height: int, edge: int, rng: random.Random) -> Window:
+    """A window of `edge` px (cut to the frame) around a box drawn from `boxes`, or anywhere
+    when there is none."""
+    cw, ch = min(edge, width), min(edge, height)
+    if not boxes:
+        x0, y0 = rng.randint(0, width - cw), rng.randint(0, height - ch)
+    else:
+        box = rng.choice(boxes)
+        x0 = _holding_start(box.x1, box.x2, width, cw, rng)
+        y0 = _holding_start(box.y1, box.y2, height, ch, rng)
+    return x0, y0, x0 + cw, y0 + ch
+
+
+def _defect_crop(image: Image.Image, boxes: list[Box], edge: int,
+                 rng: random.Random) -> tuple[Image.Image, list[Box]]:
+    """One window of `edge` px of `image` at full resolution and its boxes, clipped to it, in
+    its pixels: a box drawn at random lies whole in it (centred when larger), and every box it
+    cuts shows at least `MIN_VISIBLE`. After `CROP_TRIES` placements that cut a box with less
+    showing, the whole frame as it is: a window that hides most of a defect would teach that
+    the defect's visible part is background."""
+    for _ in range(CROP_TRIES):
+        window = _placement(boxes, image.width, image.height, edge, rng)
+        clipped = [clip_box(box, window) for box in boxes]
+        if not any(0 < visible < MIN_VISIBLE for _, visible in clipped):
+            return image.crop(window), [box for box, _ in clipped if box is not None]
+    return image, boxes
+
+
 def _photometric(image: Image.Image, aug: Augment, rng: random.Random) -> Image.Image:
     if aug.brightness:
         image = ImageEnhance.Brightness(image).enhance(rng.uniform(1 - aug.brightness, 1 + aug.brightness))
@@ -118,7 +165,7 @@ def _photometric(image: Image.Image, aug: Augment, rng: random.Random) -> Image.
 
 
 def augment(
-    image: Image.Image, boxes: list[Box], *, aug: Augment, rng: random.Random, geometric: bool = True
+    image: Image.Image, boxes: list[Box], *, aug: Augment, rng: random.Random, edge: int, geometric: bool = True
 ) -> tuple[Image.Image, list[Box]]:
     """One random variant of an RGB `image` and its pixel `boxes`.
 
@@ -127,12 +174,17 @@ def augment(
         boxes: its boxes in pixels.
         aug: what to apply, and how strongly.
         rng: the sample's generator (`sample_rng`).
+        edge: the model's input edge in pixels: a frame large for it may be cropped (`aug.crop`).
         geometric: False for answers that are not boxes (captions): only photometry then.
 
     Returns:
-        The new picture (W x H, or H x W after a quarter turn) and the boxes moved with it.
+        The new picture (W x H, a window of at most `edge` x `edge` after a defect crop, or
+        turned a quarter) and the boxes moved with it.
     """
     if geometric:
+        # Drawn only for a large frame, so a small one sees the same variants as before the crop.
+        if aug.crop and is_large(*image.size, edge) and rng.random() < aug.crop:
+            image, boxes = _defect_crop(image, boxes, edge, rng)
         if aug.hflip and rng.random() < aug.hflip:
             image, boxes = _flip(image, boxes, horizontal=True)
         if aug.vflip and rng.random() < aug.vflip:

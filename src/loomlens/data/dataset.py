@@ -24,6 +24,7 @@ from loomlens.data.jsonl import read_lines, validate_split
 from loomlens.data.records import Box
 from loomlens.data.sampling import Balance, Labels, balanced_batches
 from loomlens.data.tasks import CONVERTIBLE, REGISTRY
+from loomlens.data.tiles import is_large
 
 #: Label padding, ignored by the loss.
 IGNORE_INDEX = -100
@@ -75,7 +76,10 @@ class FlorenceDataset(torch.utils.data.Dataset):
     `truncated`); the decoder has no positions beyond it. `cache_pixels` off (large datasets at
     768 px: 7 MB an image) processes each image every time it is used. `augment` (training
     only) draws a new variant of each picture per (seed, epoch, index), its boxes moved with it;
-    `set_epoch` says which epoch the loop is in. The whole split is
+    `set_epoch` says which epoch the loop is in. `edge`: the model's input edge (the
+    processor's), for the defect crop; `crop_window`: that edge when the crop may show some frame
+    a window at a time (`augment.crop` on, a box sample's frame large for it), else None: what
+    a run records so that prediction tiles as training cropped. The whole split is
     checked first (see `validate_split`): a bad line, a missing or damaged image, or an image
     path leading outside the data raises `SplitError` (a ValueError) naming every line.
     """
@@ -95,13 +99,14 @@ class FlorenceDataset(torch.utils.data.Dataset):
         self.cache_pixels = cache_pixels
         self.augment = augment if augment is not None and augment.active else None
         self.seed, self.epoch, self.max_label_tokens = seed, 0, max_label_tokens
+        self.edge = int(processor.image_processor.size["height"])
         rows = validate_split(self.jsonl)
         if tasks:
             rows = [r for r in rows if r.get("task") in tasks]
         if not rows:
             raise ValueError(f"{self.jsonl} has no samples" + (f" of tasks {list(tasks)}" if tasks else ""))
         prompts: dict[str, tuple[int, ...]] = {}
-        self.truncated = 0
+        self.truncated, large = 0, False
         self.examples: list[Example] = []
         for row in rows:
             prefix = row["prefix"]
@@ -110,8 +115,11 @@ class FlorenceDataset(torch.utils.data.Dataset):
             labels = processor.tokenizer(row["suffix"], add_special_tokens=True).input_ids
             if max_label_tokens is not None and len(labels) > max_label_tokens:
                 labels, self.truncated = labels[:max_label_tokens], self.truncated + 1
+            boxes = _answer_boxes(row)
+            large = large or (boxes is not None and is_large(row["width"], row["height"], self.edge))
             self.examples.append(Example(prompts[prefix], tuple(labels), self.jsonl.parent / row["image"],
-                                         row.get("task", prefix), _answer_boxes(row)))
+                                         row.get("task", prefix), boxes))
+        self.crop_window = self.edge if self.augment is not None and self.augment.crop and large else None
         self._pixels: dict[Path, torch.Tensor] = {}
         self._pictures: dict[Path, Image.Image] = {}
         self._features: dict[Path, torch.Tensor] = {}
@@ -166,7 +174,7 @@ class FlorenceDataset(torch.utils.data.Dataset):
         ex = self.examples[index]
         rng = sample_rng(self.seed, self.epoch, index)
         picture, boxes = augment(self.picture(ex.image), list(ex.boxes or ()), aug=self.augment, rng=rng,
-                                 geometric=ex.boxes is not None)
+                                 edge=self.edge, geometric=ex.boxes is not None)
         labels = ex.labels
         if ex.boxes is not None and (tuple(boxes) != ex.boxes or picture.size != self.picture(ex.image).size):
             ids = self.processor.tokenizer(boxes_to_text(boxes, *picture.size), add_special_tokens=True).input_ids

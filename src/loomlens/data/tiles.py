@@ -23,6 +23,18 @@ from loomlens.data.records import Box, ImageRecord
 
 Window = tuple[int, int, int, int]  # x0, y0, x1, y1 in frame pixels
 
+#: A frame is large for a model input (or tile) of `edge` px when its longer side exceeds this
+#: many edges: prediction's `tile="auto"` tiles it, training's defect crop shows it a window at a time.
+AUTO_FACTOR = 2.0
+#: The least share of a box a window must show for the box to be kept, clipped (less: the
+#: window is ambiguous, as labelling a half-visible defect as background would be wrong).
+MIN_VISIBLE = 0.5
+
+
+def is_large(width: int, height: int, edge: int) -> bool:
+    """Whether a `width` x `height` frame is large for an input of `edge` px (`AUTO_FACTOR`)."""
+    return max(width, height) > AUTO_FACTOR * edge
+
 
 def _starts(size: int, tile: int, overlap: float) -> list[int]:
     """Window starts along one axis: evenly spread, at least `overlap` of a tile shared, the
@@ -62,7 +74,7 @@ class Tile:
         return self.window[3] - self.window[1]
 
 
-def _clip(box: Box, window: Window) -> tuple[Box | None, float]:
+def clip_box(box: Box, window: Window) -> tuple[Box | None, float]:
     """`box` clipped to `window`, in window pixels (None when they do not meet), and the share
     of the box's area inside the window."""
     x0, y0, x1, y1 = window
@@ -78,7 +90,7 @@ def tile_record(
     tile: int,
     overlap: float = 0.25,
     *,
-    min_visible: float = 0.5,
+    min_visible: float = MIN_VISIBLE,
     negatives: float = 1.0,
     seed: int = 0,
 ) -> list[Tile]:
@@ -105,7 +117,7 @@ def tile_record(
         return []
     positives, empty = [], []
     for window in windows:
-        clipped = [_clip(box, window) for box in record.boxes]
+        clipped = [clip_box(box, window) for box in record.boxes]
         if any(0 < visible < min_visible for _, visible in clipped):
             continue
         kept = tuple(box for box, visible in clipped if box is not None)

@@ -2,7 +2,9 @@
 validation) and `write_report` (metrics.json, the plots and report.md that links them).
 
 In: a model ready to answer and a split's JSONL. Out: metrics (and files). The boxes come from
-`loomlens.infer.detection`; this module only matches them against the truth and reports.
+`loomlens.infer.detection`, tiled on large frames (`loomlens.infer.tiling`) for a run that
+predicts them tiled (`Run.eval_tile`); this module only matches them against the truth and
+reports.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from PIL import Image
 from loomlens.data.dataset import read_jsonl
 from loomlens.data.florence_text import parse_text
 from loomlens.data.records import Box
+from loomlens.data.tiles import AUTO_FACTOR
 from loomlens.data.yolo import CLASSES_FILE, read_class_names
 from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, match_image
 from loomlens.evaluate.inspection import frame_score, image_level, image_level_by_class, summary_line
 from loomlens.evaluate.metrics import evaluate_coco
 from loomlens.evaluate.plots import plot_confusion, plot_gallery, plot_pr_curves, plot_reliability
 from loomlens.infer.detection import batched, detect_with_details
+from loomlens.infer.tiling import should_tile, tiled_detect
 
 
 @dataclass
@@ -61,21 +65,27 @@ def od_images(jsonl: Path, max_images: int | None = None) -> list[EvalImage]:
 
 def run_split(
     model, processor, images: Sequence[EvalImage], classes: Sequence[str] = (), batch_size: int = 8,
-    max_boxes: int = 20, constrained: bool = False,
+    max_boxes: int = 20, constrained: bool = False, tile: int | None = None,
 ) -> EvalRun:
     """`<OD>` on every image, loading `batch_size` images at a time (a split of 2560x1440
-    frames does not fit in memory at once)."""
+    frames does not fit in memory at once). With `tile`, a frame large for it is detected as
+    `loomlens predict`'s auto mode does: in overlapping tiles of `tile` px and whole, merged."""
     predicted: list[list[Box]] = []
     dropped = 0
+
+    def detect(pictures: list[Image.Image]) -> list[list[Box]]:
+        nonlocal dropped
+        found = detect_with_details(model, processor, pictures, max_boxes=max_boxes, batch_size=batch_size,
+                                    constrained=constrained, classes=classes)
+        dropped += sum(f.dropped for f in found)
+        return [f.boxes for f in found]
+
     start = time.perf_counter()
     for chunk in batched(images, batch_size):
         pictures = [Image.open(e.path).convert("RGB") for e in chunk]
-        for found in detect_with_details(
-            model, processor, pictures, max_boxes=max_boxes, batch_size=batch_size,
-            constrained=constrained, classes=classes,
-        ):
-            predicted.append(found.boxes)
-            dropped += found.dropped
+        tiled = [tile is not None and should_tile(p.width, p.height, "auto", tile) for p in pictures]
+        whole = iter(detect([p for p, t in zip(pictures, tiled) if not t]))
+        predicted += [tiled_detect(detect, p, tile) if t else next(whole) for p, t in zip(pictures, tiled)]
     elapsed = time.perf_counter() - start
     return EvalRun(list(images), predicted, dropped, elapsed / max(1, len(images)))
 
@@ -97,12 +107,14 @@ def split_metrics(run: EvalRun, classes: Sequence[str]):
     return coco
 
 
-def evaluate_jsonl(model, processor, jsonl: Path, *, max_images: int | None = None, batch_size: int = 8) -> dict:
-    """The metrics of `split_metrics` for `model` on the `<OD>` samples of a converted split.
-    Classes come from the split's `classes.txt` when present. Cheap enough for training's
-    validation with `max_images`."""
+def evaluate_jsonl(
+    model, processor, jsonl: Path, *, max_images: int | None = None, batch_size: int = 8, tile: int | None = None
+) -> dict:
+    """The metrics of `split_metrics` for `model` on the `<OD>` samples of a converted split,
+    large frames tiled at `tile` when given (`run_split`). Classes come from the split's
+    `classes.txt` when present. Cheap enough for training's validation with `max_images`."""
     classes = read_class_names(Path(jsonl).parent / CLASSES_FILE)
-    run = run_split(model, processor, od_images(jsonl, max_images), classes, batch_size)
+    run = run_split(model, processor, od_images(jsonl, max_images), classes, batch_size, tile=tile)
     return split_metrics(run, classes).metrics
 
 
@@ -137,7 +149,9 @@ def _markdown(metrics: dict, plots: dict[str, str], title: str) -> str:
     lines += [
         "", f"Best F1 {metrics['best_f1']:.3f} at score >= {metrics['best_threshold']:.3f}; "
         f"{metrics['dropped_parts']} malformed answer parts dropped; "
-        f"{metrics['seconds_per_image']:.3f} s per image.", "",
+        f"{metrics['seconds_per_image']:.3f} s per image"
+        + (f"; frames longer than {AUTO_FACTOR * metrics['tile']:.0f} px detected in {metrics['tile']} px tiles, as "
+           "`loomlens predict` does for this run." if metrics.get("tile") else "."), "",
         "## Inspection (OK/NG per frame)", "",
         "A frame is flagged when its best box scores at least the threshold; recall is the share of "
         "frames holding a defect that are flagged when at most the given share of defect-free frames is.", "",
@@ -154,20 +168,22 @@ def _markdown(metrics: dict, plots: dict[str, str], title: str) -> str:
 def write_report(
     model, processor, jsonl: Path, out: Path, *, classes: Sequence[str] = (), batch_size: int = 8,
     max_boxes: int = 20, constrained: bool = False, max_images: int | None = None,
-    gallery_size: int = 8, title: str = "loomlens evaluation", extra: dict | None = None,
+    gallery_size: int = 8, title: str = "loomlens evaluation", extra: dict | None = None, tile: int | None = None,
 ) -> dict:
     """Evaluate on a converted split and write into `out`: `metrics.json`, `pr_curves.png`,
     `confusion_matrix.png`, `reliability.png`, `worst_images.png` and `report.md` linking
-    them. `classes` default to the split's `classes.txt`; `extra` (model, checkpoint, ...)
-    is stored in metrics.json as is. Returns the metrics dict."""
+    them. `classes` default to the split's `classes.txt`; large frames are tiled at `tile`
+    when given (`run_split`); `extra` (model, checkpoint, ...) is stored in metrics.json as
+    is. Returns the metrics dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = list(classes) or read_class_names(Path(jsonl).parent / CLASSES_FILE)
-    run = run_split(model, processor, od_images(jsonl, max_images), classes, batch_size, max_boxes, constrained)
+    run = run_split(model, processor, od_images(jsonl, max_images), classes, batch_size, max_boxes, constrained, tile)
     truth = [e.truth for e in run.images]
     coco = split_metrics(run, classes)
     threshold = coco.metrics["best_threshold"]
-    metrics = {**coco.metrics, "constrained": constrained, "max_boxes": max_boxes, "data": str(jsonl), **(extra or {})}
+    metrics = {**coco.metrics, "constrained": constrained, "max_boxes": max_boxes, "tile": tile, "data": str(jsonl),
+               **(extra or {})}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     names = list(coco.metrics["per_class"])  # classes, then unseen/unknown labels

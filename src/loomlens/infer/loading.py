@@ -68,7 +68,8 @@ class LoadedModel:
     """A model ready for inference and what is known about it: `base` (name given to the
     loader), `adapter` (folder or None), `run` (the run folder or None), `classes` (from the
     run, may be empty), `trained_tasks` (tasks base or adapter was trained for), `tile_size`
-    (the tile edge the run's data was cut to by `convert --tile`, else None), `precision`
+    (`Run.tile`: the tile edge the run's data was cut to by `convert --tile`, else its defect
+    crop's window, else None), `precision`
     (the weights' dtype once made ready for inference, else None) and `rules` (the run's
     region rules file, else None)."""
 

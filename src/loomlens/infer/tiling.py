@@ -20,17 +20,16 @@ import numpy as np
 from PIL import Image
 
 from loomlens.data.records import Box
-from loomlens.data.tiles import tile_windows  # the same windows `convert --tile` trains on
-
-#: `tile="auto"` tiles a frame whose longer side exceeds this many tiles.
-AUTO_FACTOR = 2.0
+# The same windows `convert --tile` trains on, and the rule of a large frame training's crop uses.
+from loomlens.data.tiles import is_large, tile_windows
 
 
 def should_tile(width: int, height: int, mode: str, tile: int) -> bool:
-    """Whether `mode` ("on" | "off" | "auto") tiles a `width` x `height` frame."""
+    """Whether `mode` ("on" | "off" | "auto") tiles a `width` x `height` frame: "auto" tiles a
+    frame large for `tile` (`loomlens.data.tiles.is_large`)."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"tile must be auto, on or off, got {mode!r}")
-    return mode == "on" or (mode == "auto" and max(width, height) > AUTO_FACTOR * tile)
+    return mode == "on" or (mode == "auto" and is_large(width, height, tile))
 
 
 def _overlap(box: Box, others: np.ndarray) -> np.ndarray:

@@ -109,9 +109,10 @@ class Predictor:
     `batch_size`: images per generation call (a larger batch shares the per-step cost of
     decoding among more images, see docs/benchmarks.md; serve batches its own).
     `regions`: a rules YAML or `RegionRules` (default: the run's `regions.yaml` if any).
-    `tile_size`: tile edge in pixels (default: the tile size the run's data was cut to by
-    `convert --tile`, else the model's input size); `tile="auto"` tiles large frames only for a
-    run trained on tiles or with a `tile_size` given (`auto_tiles`); `overlap`: shared
+    `tile_size`: tile edge in pixels (default: the run's, `Run.tile`: the tile size its data was
+    cut to by `convert --tile` or its defect crop's window; else the model's input size);
+    `tile="auto"` tiles large frames only for a run trained on tiles or crops, or with a
+    `tile_size` given (`auto_tiles`); `overlap`: shared
     fraction between tiles. `max_tiles`: the most model inputs one tiled frame may cost (None:
     no cap); a frame that would need more is downscaled until it fits. `constrained`: `<OD>`
     through the class grammar, so only the run's classes in well-formed boxes come out (None:
@@ -165,9 +166,9 @@ class Predictor:
         self.max_tiles = max_tiles
         self.constrained = bool(self.loaded.classes) if constrained is None else constrained
         self.text_tokens = text_tokens
-        # A run trained on tiles predicts best on tiles of the same size. Only such a run, or
-        # a tile size given here, tiles by itself (`tile="auto"`): a whole-frame run has never
-        # seen a tile, and answers best on the whole frame.
+        # A run trained on tiles (or on the defect crop's windows) predicts best on tiles of the
+        # same size. Only such a run, or a tile size given here, tiles by itself (`tile="auto"`):
+        # a whole-frame run has never seen a tile, and answers best on the whole frame.
         self.tile_size = tile_size or self.loaded.tile_size or int(self.loaded.processor.image_processor.size["height"])
         self.auto_tiles = bool(tile_size or self.loaded.tile_size)
         if regions is None:

@@ -50,7 +50,7 @@ from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, t
 from loomlens.model.memory import enable_gradient_checkpointing
 from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory, resolve_device
 from loomlens.model.vision import split_image_path, stage_count, stage_of
-from loomlens.run import DATA_SUMMARY
+from loomlens.run import CROP, DATA_SUMMARY, Run
 from loomlens.train.checkpoint import (
     TrainerState,
     copy_checkpoint,
@@ -236,7 +236,7 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
         say(f"resumed from {s.last_dir} at step {s.state.step} (epoch {s.state.epoch})")
     plan_run(s)
     if main:
-        _write_run_files(cfg, run_dir, accelerator.num_processes)
+        _write_run_files(cfg, run_dir, accelerator.num_processes, train_set.crop_window)
         s.metrics = MetricsLog(run_dir, s.state.step if resume else None, cfg.tensorboard)
     _describe(s, towers)
     s.started, s.seconds_before = time.monotonic(), s.state.train_seconds
@@ -848,7 +848,7 @@ def _evaluate(s: Session) -> dict[str, float]:
         loss_sum, tokens = loss_sum + part, tokens + count
     result = {"val_loss": (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum")).item()}
     if accelerator.is_main_process:
-        result.update(_detection_metrics(model, s.processor, s.val_set.jsonl, cfg))
+        result.update(_detection_metrics(model, s.processor, s.val_set.jsonl, cfg, Run(s.run_dir).eval_tile))
     accelerator.wait_for_everyone()
     model.set_attn_implementation(attention)
     model.train()
@@ -856,23 +856,30 @@ def _evaluate(s: Session) -> dict[str, float]:
     return result
 
 
-def _detection_metrics(model, processor, jsonl: Path, cfg: TrainConfig) -> dict[str, float]:
-    """mAP50 (and friends) of the `<OD>` val samples; empty when `eval_max_images` is 0."""
+def _detection_metrics(model, processor, jsonl: Path, cfg: TrainConfig, tile: int | None) -> dict[str, float]:
+    """mAP50 (and friends) of the `<OD>` val samples, large frames tiled at `tile` as the run
+    will predict them (`Run.eval_tile`); empty when `eval_max_images` is 0."""
     if cfg.eval_max_images == 0:
         return {}
     from loomlens.evaluate import evaluate_jsonl
-    metrics = evaluate_jsonl(model, processor, jsonl, max_images=cfg.eval_max_images, batch_size=cfg.eval_batch_size)
+    metrics = evaluate_jsonl(model, processor, jsonl, max_images=cfg.eval_max_images, batch_size=cfg.eval_batch_size,
+                             tile=tile)
     keys = ("map50", "map50_95", "map75", "best_f1", "empty_on_defects")
     return {k: float(metrics[k]) for k in keys if metrics.get(k) is not None}
 
 
-def _write_run_files(cfg: TrainConfig, run_dir: Path, world: int) -> None:
-    """`config.yaml` (resolved), `env.json` (versions, git commit, device), and from the data
-    folder `classes.txt` and `summary.json` (as `data_summary.json`: prediction reads the tile
-    size the data was cut to from it)."""
+def _write_run_files(cfg: TrainConfig, run_dir: Path, world: int, crop_window: int | None) -> None:
+    """`config.yaml` (resolved), `env.json` (versions, git commit, device), `crop.json` with the
+    defect crop's `crop_window` when it crops (prediction and evaluation tile at it; none
+    otherwise), and from the data folder `classes.txt` and `summary.json` (as
+    `data_summary.json`: prediction reads the tile size the data was cut to from it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     (run_dir / "env.json").write_text(json.dumps(environment(world), indent=2) + "\n")
+    if crop_window:
+        (run_dir / CROP).write_text(json.dumps({"window": crop_window}) + "\n")
+    else:
+        (run_dir / CROP).unlink(missing_ok=True)  # an earlier attempt's record in this folder
     for name, copy in (("classes.txt", "classes.txt"), ("summary.json", DATA_SUMMARY)):
         if (cfg.data / name).exists():
             shutil.copyfile(cfg.data / name, run_dir / copy)
