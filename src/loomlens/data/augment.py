@@ -47,7 +47,7 @@ class Augment:
     gamma: float = 0.2
     grey: float = 0.1
     scale: float = 0.1
-    crop: float = 0.5
+    crop: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("hflip", "vflip", "rot90", "grey", "crop"):
