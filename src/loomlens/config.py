@@ -450,6 +450,10 @@ class PretrainConfig(BaseModel):
     device: str = Field("auto", description=DEVICE_HELP)
     workers: int = Field(0, ge=0, description="processes drawing scenes ahead of the loop (0: in the loop)")
     shape: dict[str, Any] = Field(default_factory=dict, description="`model.tiny.TinyShape` fields; {} = its defaults")
+    fabric_share: float = Field(
+        0.0, ge=0, le=1, description="share of the scenes (training and held-out) drawn from the fabric family "
+        "(data/fabric_scenes.py) instead of the generic shapes; 0 = the shipped tiny's recipe",
+    )
 
     @field_validator("device")
     @classmethod

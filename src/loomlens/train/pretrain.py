@@ -14,7 +14,8 @@ learning the statistics of the answer text (the model card says how each was fou
   to read them, and the pointer loss, which makes the decoder find the object;
 - a curriculum from one object per scene to several;
 - fresh scenes every step (no memorising), drawn from `seed + step`, which also makes resume
-  exact with no data state to save.
+  exact with no data state to save; `fabric_share` of them are fabric scenes
+  (`data/fabric_scenes.py`), the rest generic ones (`data/shapes.py`).
 Every `eval_every` steps it runs the "is it looking?" check: teacher-forced loc loss with the
 right images against shuffled ones, and free-running `<OD>` mAP50 on held-out scenes.
 """
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from loomlens.config import DEVICE_HELP, PretrainConfig
+from loomlens.data.fabric_scenes import FABRIC_CLASSES, make_fabric_scene
 from loomlens.data.florence_text import boxes_to_text
 from loomlens.data.shapes import SHAPE_CLASSES, Scene, make_scene
 from loomlens.model.runtime import resolve_device
@@ -109,12 +111,30 @@ def forward(model, batch: dict, *, attentions: bool = False):
     return out.logits, image.last_hidden_state
 
 
+def scene_classes(cfg: PretrainConfig) -> tuple[str, ...]:
+    """The classes a run's scenes hold: the shapes, and the fabric defects when the run draws
+    fabric scenes (the dense head has a channel for each)."""
+    return SHAPE_CLASSES + FABRIC_CLASSES if cfg.fabric_share > 0 else SHAPE_CLASSES
+
+
+def draw_scenes(key: list[int], count: int, *, size: int, max_objects: int,
+                fabric_share: float) -> tuple[list[Scene], np.random.Generator]:
+    """`count` scenes of `size` px drawn from the seed `key`: each a fabric scene with
+    probability `fabric_share`, else a generic one. The choice comes from its own stream
+    (`key` + [1]), so with no fabric the scenes are exactly those of a run before fabric
+    existed. Returns the scenes and the generator, to draw the tasks from next."""
+    rng = np.random.default_rng(key)
+    fabric = np.random.default_rng([*key, 1]).random(count) < fabric_share
+    scenes = [(make_fabric_scene if f else make_scene)(rng, size, max_objects=max_objects) for f in fabric]
+    return scenes, rng
+
+
 def make_batch(cfg: PretrainConfig, step: int, *, shape: TinyShape, batcher: Batcher, loc_start: int) -> dict:
     """Everything step `step` needs, as CPU tensors: model inputs and labels of fresh scenes
     drawn from `seed + step` (tasks from the mix), the dense head's targets and the pointer mask."""
-    rng = np.random.default_rng([cfg.seed, step])
     max_objects = 1 if step < cfg.one_object_steps else cfg.max_objects
-    scenes = [make_scene(rng, shape.image_size, max_objects=max_objects) for _ in range(cfg.batch_size)]
+    scenes, rng = draw_scenes([cfg.seed, step], cfg.batch_size, size=shape.image_size, max_objects=max_objects,
+                              fabric_share=cfg.fabric_share)
     names = list(cfg.task_mix)
     probs = np.array([cfg.task_mix[n] for n in names], dtype=np.float64)
     tasks = rng.choice(names, size=len(scenes), p=probs / probs.sum())
@@ -123,7 +143,7 @@ def make_batch(cfg: PretrainConfig, step: int, *, shape: TinyShape, batcher: Bat
     # Scenes are drawn at the model's input size, so the processor only rescales and
     # normalises: ship the uint8 pixels (a quarter of the bytes) and normalise on the device.
     batch["pixel_values"] = torch.from_numpy(np.stack([np.asarray(s.image) for s in scenes])).permute(0, 3, 1, 2)
-    heat, reg, mask = dense_targets(scenes, shape.grid, shape.image_size, len(SHAPE_CLASSES))
+    heat, reg, mask = dense_targets(scenes, shape.grid, shape.image_size, scene_classes(cfg))
     pointer = pointer_mask(batch["labels"], loc_start, shape.grid, batch["input_ids"].shape[1])
     return {**batch, "heat": heat, "reg": reg, "mask": mask, "pointer": pointer}
 
@@ -151,16 +171,21 @@ class StepBatches(torch.utils.data.IterableDataset):
 
 
 @torch.no_grad()
-def looking_check(model, processor, cfg: PretrainConfig, *, size: int, loc_start: int) -> dict:
+def looking_check(model, processor, cfg: PretrainConfig, *, size: int, loc_start: int,
+                  fabric_share: float | None = None) -> dict:
     """Is it looking? Loc NLL with right vs shuffled images, and free-running <OD> mAP50
-    (boxes scored from the generation's log-probabilities, as `loomlens eval` does)."""
+    (boxes scored from the generation's log-probabilities, as `loomlens eval` does), on
+    `cfg.eval_images` held-out scenes (seed + 999 999), fabric ones at `fabric_share`
+    (default: the run's)."""
     from loomlens.evaluate.metrics import coco_metrics
     from loomlens.infer import detect
 
     model.eval()
     batcher = Batcher(processor)
-    rng = np.random.default_rng([cfg.seed + 999_999, 0])
-    scenes = [make_scene(rng, size, max_objects=cfg.max_objects) for _ in range(cfg.eval_images)]
+    share = cfg.fabric_share if fabric_share is None else fabric_share
+    scenes, rng = draw_scenes([cfg.seed + 999_999, 0], cfg.eval_images, size=size, max_objects=cfg.max_objects,
+                              fabric_share=share)
+    classes = scene_classes(cfg)
     pairs = [scene_sample(s, "od", rng) for s in scenes]
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batcher(scenes, [p for p, _ in pairs], [a for _, a in pairs]).items()}
@@ -170,15 +195,15 @@ def looking_check(model, processor, cfg: PretrainConfig, *, size: int, loc_start
     images, truth = [s.image for s in scenes], [s.boxes for s in scenes]
     free, constrained = (
         detect(model, processor, images, max_boxes=cfg.max_objects + 2, batch_size=16,
-               classes=SHAPE_CLASSES, constrained=grammar)
+               classes=classes, constrained=grammar)
         for grammar in (False, True)
     )
     model.train()
     return {
         "loc_nll": float(right),
         "loc_nll_shuffled": float(wrong),
-        "map50": coco_metrics(truth, free, list(SHAPE_CLASSES))["map50"],
-        "map50_constrained": coco_metrics(truth, constrained, list(SHAPE_CLASSES))["map50"],
+        "map50": coco_metrics(truth, free, list(classes))["map50"],
+        "map50_constrained": coco_metrics(truth, constrained, list(classes))["map50"],
         "distinct_first_boxes": len({(round(p[0].x1), round(p[0].y1)) for p in free if p}),
     }
 
@@ -231,7 +256,7 @@ def setup(cfg: PretrainConfig, log=print) -> Pretraining:
     model.set_attn_implementation("eager")  # the pointer loss reads cross-attention weights
     loc_ids = loc_token_ids(processor.tokenizer)
     assert loc_ids == list(range(loc_ids[0], loc_ids[0] + 1000)), "loc tokens must be contiguous"
-    head = DenseHead(shape.vision_dims[-1], len(SHAPE_CLASSES))
+    head = DenseHead(shape.vision_dims[-1], len(scene_classes(cfg)))
     model.to(device)
     head.to(device)
     params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
@@ -267,7 +292,7 @@ def train_step(run: Pretraining, batch: dict) -> dict:
     batch["pixel_values"] = normalize_pixels(batch["pixel_values"], run.processor.image_processor)
     logits, features, cross = forward(run.model, batch, attentions=True)
     loss, loc = seq_loss(logits, batch["labels"], run.loc_start, sigma)
-    aux = dense_loss(run.head(features), batch["heat"], batch["reg"], batch["mask"], len(SHAPE_CLASSES))
+    aux = dense_loss(run.head(features), batch["heat"], batch["reg"], batch["mask"], len(scene_classes(cfg)))
     point = pointer_loss(cross, batch["pointer"])
     total = loss + cfg.dense_weight * aux + cfg.pointer_weight * point
     if not torch.isfinite(total):
@@ -367,17 +392,24 @@ def finish_pretraining(result: dict, cfg: PretrainConfig, folder: str | Path) ->
     """Measure the finished model against a random-init one of the same shape, then export.
 
     Returns the figures written beside the weights (`pretrain_figures.json`): the "is it
-    looking?" check of the pretrained model and of the random-init baseline.
+    looking?" check of the pretrained model and of the random-init baseline on the run's mix
+    of scenes; a run with fabric scenes adds the pretrained model on generic scenes alone
+    (`pretrained_generic`, comparable with a generic-only model's `pretrained`) and on fabric
+    scenes alone (`pretrained_fabric`).
     """
     model, processor, shape = result["model"], result["processor"], result["shape"]
     loc_start = loc_token_ids(processor.tokenizer)[0]
     baseline, _, _ = build_tiny(shape, seed=cfg.seed)
+    check = dict(size=shape.image_size, loc_start=loc_start)
     figures = {
         "steps": result["step"],
-        "pretrained": looking_check(model, processor, cfg, size=shape.image_size, loc_start=loc_start),
-        "random_init": looking_check(baseline.eval(), processor, cfg, size=shape.image_size, loc_start=loc_start),
+        "pretrained": looking_check(model, processor, cfg, **check),
+        "random_init": looking_check(baseline.eval(), processor, cfg, **check),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    if cfg.fabric_share > 0:
+        figures["pretrained_generic"] = looking_check(model, processor, cfg, fabric_share=0.0, **check)
+        figures["pretrained_fabric"] = looking_check(model, processor, cfg, fabric_share=1.0, **check)
     export_tiny(model, processor, folder, cfg=cfg, shape=shape, figures=figures)
     return figures
 
@@ -390,12 +422,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the model is written (the shipped one: src/loomlens/assets/tiny-florence2)")
     parser.add_argument("--work", default="runs/pretrain", help="resumable state, log and config of the run")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    for name in ("steps", "batch_size", "lr", "seed", "time_budget", "stop_at", "eval_every", "workers", "threads"):
+    for name in ("steps", "batch_size", "lr", "seed", "time_budget", "stop_at", "eval_every", "eval_images",
+                 "workers", "threads", "fabric_share"):
         field = PretrainConfig.model_fields[name]
         parser.add_argument(f"--{name.replace('_', '-')}", default=None, help=field.description)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="input edge in px (the model shape's image_size; default 256, tiny-hr: 384)")
     args = parser.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("out", "work")}
-    cfg = PretrainConfig.model_validate({**given, "out": args.work})
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("out", "work", "image_size")}
+    shape = {} if args.image_size is None else {"shape": {"image_size": args.image_size}}
+    cfg = PretrainConfig.model_validate({**given, **shape, "out": args.work})
     result = pretrain(cfg)
     if not result["done"]:
         print(f"stopped at step {result['step']}; run the same command to resume")
