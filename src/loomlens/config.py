@@ -454,6 +454,10 @@ class PretrainConfig(BaseModel):
         0.0, ge=0, le=1, description="share of the scenes (training and held-out) drawn from the fabric family "
         "(data/fabric_scenes.py) instead of the generic shapes; 0 = the shipped tiny's recipe",
     )
+    init: str | None = Field(
+        None, description="start a new run from this model's weights (tiny, or a model folder), resampling the "
+        "grid-tied tables when the input size differs (model/warm_start.py); null = random init",
+    )
 
     @field_validator("device")
     @classmethod

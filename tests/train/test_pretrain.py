@@ -198,3 +198,25 @@ def test_fabric_share_mixes_the_families_from_the_seed_alone() -> None:
     assert scene_classes(PretrainConfig()) == SHAPE_CLASSES
     assert scene_classes(PretrainConfig(fabric_share=0.5)) == SHAPE_CLASSES + FABRIC_CLASSES
 
+
+def test_a_warm_started_fabric_run_at_a_larger_size_exports_and_reloads(tmp_path) -> None:
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+    from loomlens.train.pretrain import finish_pretraining
+
+    quick = dict(steps=1, batch_size=2, eval_images=2, one_object_steps=0)
+    first = PretrainConfig(out=str(tmp_path / "w64"), shape={**SMALL, "image_size": 64}, **quick)
+    finish_pretraining(pretrain(first, log=lambda *_: None), first, tmp_path / "at64")
+    cfg = PretrainConfig(out=str(tmp_path / "w96"), shape={**SMALL, "image_size": 96}, fabric_share=0.5,
+                         init=str(tmp_path / "at64"), **quick)
+    logs: list[str] = []
+    result = pretrain(cfg, log=logs.append)
+    assert any("warm start" in line and "left at init: nothing" in line for line in logs)
+    figures = finish_pretraining(result, cfg, tmp_path / "at96")
+    assert {"pretrained", "random_init", "pretrained_generic", "pretrained_fabric"} <= set(figures)
+    model = Florence2ForConditionalGeneration.from_pretrained(tmp_path / "at96")
+    processor = AutoProcessor.from_pretrained(tmp_path / "at96")
+    assert processor.image_processor.image_seq_length == 6 * 6 + 1
+    record = json.loads((tmp_path / "at96" / "pretrain_config.json").read_text())
+    assert record["init"] == str(tmp_path / "at64") and record["fabric_share"] == 0.5
+    assert model.config.text_config.max_position_embeddings >= 6 * 6 + 1 + 64

@@ -16,6 +16,8 @@ learning the statistics of the answer text (the model card says how each was fou
 - fresh scenes every step (no memorising), drawn from `seed + step`, which also makes resume
   exact with no data state to save; `fabric_share` of them are fabric scenes
   (`data/fabric_scenes.py`), the rest generic ones (`data/shapes.py`).
+A run may start from a trained model (`init`), even one of another input size
+(`model/warm_start.py`): that is how `tiny-hr` (384 px) starts from the shipped tiny.
 Every `eval_every` steps it runs the "is it looking?" check: teacher-forced loc loss with the
 right images against shuffled ones, and free-running `<OD>` mAP50 on held-out scenes.
 """
@@ -39,6 +41,7 @@ from loomlens.data.shapes import SHAPE_CLASSES, Scene, make_scene
 from loomlens.model.runtime import resolve_device
 from loomlens.model.tiny import TinyShape, build_tiny
 from loomlens.model.tokenizer import loc_token_ids
+from loomlens.model.warm_start import warm_start
 from loomlens.train.checkpoint import (
     UnsafeCheckpointError,
     load_optimizer,
@@ -244,7 +247,8 @@ class Pretraining:
 
 def setup(cfg: PretrainConfig, log=print) -> Pretraining:
     """Build (or resume from `cfg.out/state/`) the tiny model, its dense head and optimizer;
-    writes the resolved config to `cfg.out/pretrain_config.json`."""
+    a new run starts from `cfg.init`'s weights when given (`model/warm_start.py`). Writes the
+    resolved config to `cfg.out/pretrain_config.json`."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -253,6 +257,9 @@ def setup(cfg: PretrainConfig, log=print) -> Pretraining:
     out.mkdir(parents=True, exist_ok=True)
     model, processor, shape = build_tiny(TinyShape(**cfg.shape), seed=cfg.seed)
     (out / "pretrain_config.json").write_text(config_record(cfg, shape))
+    if cfg.init and not (out / "state").exists():
+        left = warm_start(model, processor, cfg.init)
+        log(f"warm start from {cfg.init} at {shape.image_size} px; left at init: {left or 'nothing'}")
     model.set_attn_implementation("eager")  # the pointer loss reads cross-attention weights
     loc_ids = loc_token_ids(processor.tokenizer)
     assert loc_ids == list(range(loc_ids[0], loc_ids[0] + 1000)), "loc tokens must be contiguous"
@@ -423,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default="runs/pretrain", help="resumable state, log and config of the run")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     for name in ("steps", "batch_size", "lr", "seed", "time_budget", "stop_at", "eval_every", "eval_images",
-                 "workers", "threads", "fabric_share"):
+                 "workers", "threads", "fabric_share", "init"):
         field = PretrainConfig.model_fields[name]
         parser.add_argument(f"--{name.replace('_', '-')}", default=None, help=field.description)
     parser.add_argument("--image-size", type=int, default=None,
