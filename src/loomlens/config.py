@@ -182,7 +182,7 @@ class TrainConfig(BaseModel):
     yaml_section: ClassVar[str] = "train"
 
     data: Path = Field(description="folder written by `loomlens convert` (train.jsonl, val.jsonl)")
-    model: str = Field("tiny", description="base model: tiny, base, large, a hub id or a folder")
+    model: str = Field("tiny", description="base model: tiny or tiny-hr (embedded), base, large, a hub id or a folder")
     out: Path = Field(Path("runs/train"), description="run folder")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     speed: SpeedSettings = Field(default_factory=SpeedSettings)
