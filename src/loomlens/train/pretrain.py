@@ -79,8 +79,11 @@ class Batcher:
         self.processor = processor
         self.tokenizer = processor.tokenizer
 
-    def __call__(self, scenes: list[Scene], prompts: list[str], answers: list[str]) -> dict:
-        inputs = self.processor(text=prompts, images=[s.image for s in scenes], return_tensors="pt", padding=True)
+    def __call__(self, scenes: list[Scene], prompts: list[str], answers: list[str], *, raw_pixels: bool = False) -> dict:
+        """The batch of `scenes` with these prompts and answers; `raw_pixels` leaves the pixels
+        uint8 (B, 3, H, W), not resized, rescaled or normalised (see `make_batch`)."""
+        raw = {"do_resize": False, "do_rescale": False, "do_normalize": False} if raw_pixels else {}
+        inputs = self.processor(text=prompts, images=[s.image for s in scenes], return_tensors="pt", padding=True, **raw)
         labels = self.tokenizer(answers, return_tensors="pt", padding=True, add_special_tokens=True).input_ids
         labels[labels == self.tokenizer.pad_token_id] = -100
         # BART's decoder_start_token_id is its eos token
@@ -142,10 +145,11 @@ def make_batch(cfg: PretrainConfig, step: int, *, shape: TinyShape, batcher: Bat
     probs = np.array([cfg.task_mix[n] for n in names], dtype=np.float64)
     tasks = rng.choice(names, size=len(scenes), p=probs / probs.sum())
     pairs = [scene_sample(s, t, rng) for s, t in zip(scenes, tasks)]
-    batch = batcher(scenes, [p for p, _ in pairs], [a for _, a in pairs])
-    # Scenes are drawn at the model's input size, so the processor only rescales and
-    # normalises: ship the uint8 pixels (a quarter of the bytes) and normalise on the device.
-    batch["pixel_values"] = torch.from_numpy(np.stack([np.asarray(s.image) for s in scenes])).permute(0, 3, 1, 2)
+    # Scenes are drawn at the model's input size, so the processor would only rescale and
+    # normalise: ship the uint8 pixels (a quarter of the bytes) and normalise on the device.
+    # Leaving that work undone saves the scene workers 3-4 ms a scene at 384 px (measured on
+    # 2 CPU cores: 66-94 ms -> 20-22 ms of processor time for 16 scenes).
+    batch = batcher(scenes, [p for p, _ in pairs], [a for _, a in pairs], raw_pixels=True)
     heat, reg, mask = dense_targets(scenes, shape.grid, shape.image_size, scene_classes(cfg))
     pointer = pointer_mask(batch["labels"], loc_start, shape.grid, batch["input_ids"].shape[1])
     return {**batch, "heat": heat, "reg": reg, "mask": mask, "pointer": pointer}
