@@ -220,3 +220,18 @@ def test_a_warm_started_fabric_run_at_a_larger_size_exports_and_reloads(tmp_path
     record = json.loads((tmp_path / "at96" / "pretrain_config.json").read_text())
     assert record["init"] == str(tmp_path / "at64") and record["fabric_share"] == 0.5
     assert model.config.text_config.max_position_embeddings >= 6 * 6 + 1 + 64
+
+
+@pytest.mark.parametrize("script", ["pretrain-gpu.sh", "pretrain-tiny-hr.sh"])
+def test_the_gpu_scripts_pass_only_options_the_command_has(script) -> None:
+    """A misspelt flag would fail the GPU run only once the machine is paid for."""
+    import re
+    from pathlib import Path
+
+    from loomlens.train.pretrain import command_line
+
+    text = (Path(__file__).resolve().parents[2] / "scripts" / script).read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    passed = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", code))
+    known = {option for action in command_line()._actions for option in action.option_strings}
+    assert passed and passed <= known, passed - known

@@ -425,21 +425,27 @@ def finish_pretraining(result: dict, cfg: PretrainConfig, folder: str | Path) ->
     return figures
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m loomlens.train.pretrain`: pretrain (resuming from `--work`), then measure and
-    export the model to `--out`. The shipped asset is updated only when `--out` names it."""
+def command_line() -> argparse.ArgumentParser:
+    """The maintainer command's options: where to write, and the `PretrainConfig` knobs a run
+    is steered by (the rest keep their defaults)."""
     parser = argparse.ArgumentParser(description="Pretrain the embedded tiny Florence-2 on synthetic scenes.")
     parser.add_argument("--out", default="runs/pretrain/tiny-florence2",
                         help="where the model is written (the shipped one: src/loomlens/assets/tiny-florence2)")
     parser.add_argument("--work", default="runs/pretrain", help="resumable state, log and config of the run")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     for name in ("steps", "batch_size", "lr", "seed", "time_budget", "stop_at", "eval_every", "eval_images",
-                 "workers", "threads", "fabric_share", "init"):
+                 "workers", "threads", "fabric_share", "init", "one_object_steps"):
         field = PretrainConfig.model_fields[name]
         parser.add_argument(f"--{name.replace('_', '-')}", default=None, help=field.description)
     parser.add_argument("--image-size", type=int, default=None,
                         help="input edge in px (the model shape's image_size; default 256, tiny-hr: 384)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m loomlens.train.pretrain`: pretrain (resuming from `--work`), then measure and
+    export the model to `--out`. The shipped asset is updated only when `--out` names it."""
+    args = command_line().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("out", "work", "image_size")}
     shape = {} if args.image_size is None else {"shape": {"image_size": args.image_size}}
     cfg = PretrainConfig.model_validate({**given, **shape, "out": args.work})
