@@ -11,8 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from loomlens.cli import app
-from loomlens.model import ModelLoadError, load_model
-from loomlens.model import loader
+from loomlens.model import ModelLoadError, load_model, loader
 from loomlens.model.tiny import TinyShape, build_tiny
 
 SMALL = dict(vision_dims=[16, 32, 64], vision_heads=[1, 2, 4], vision_depths=[1, 1, 1], d_model=64, ffn_dim=128)

@@ -74,6 +74,7 @@ class Defect:
     h: float
     vertical: bool = False  # threads and creases: along the warp (down the frame)
     loose: bool = False  # threads: lying on top rather than missing
+    diagonal: bool = False  # creases: from corner to corner of the box
 
 
 def _yarn_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -140,13 +141,14 @@ def _knitted(rng: np.random.Generator, h: int, w: int) -> Cloth:
 
 
 def _loguniform(rng: np.random.Generator, low: float, high: float) -> float:
+    """A size between `low` and `high` drawn evenly on a log scale (small defects as often as large)."""
     return float(np.exp(rng.uniform(np.log(low), np.log(max(high, low * 1.01)))))
 
 
 def _defect(rng: np.random.Generator, kind: str, size: int, squash: float, cloth: Cloth) -> Defect:
     """A `kind` defect of random size and placement on a `size` frame whose width is squashed
     `squash` times (round things get narrower; threads and gaps keep the weave's pitch)."""
-    vertical = loose = False
+    vertical = loose = diagonal = False
     if kind in ("hole", "knot", "stain"):
         top = {"hole": 0.15, "knot": 0.06, "stain": 0.3}[kind] * size
         h = _loguniform(rng, MIN_SIDE if kind != "stain" else 8.0, top)
@@ -155,7 +157,8 @@ def _defect(rng: np.random.Generator, kind: str, size: int, squash: float, cloth
     elif kind == "crease":
         long, w = size * rng.uniform(0.3, 0.95), _loguniform(rng, MIN_SIDE, 0.05 * size)
         h, vertical = long, rng.random() < 0.5
-        if rng.random() < 0.3:  # diagonal: the box spans both ways
+        diagonal = rng.random() < 0.3
+        if diagonal:  # the box spans both ways
             w = h = long * 0.7
         elif not vertical:
             w, h = h, w
@@ -168,7 +171,7 @@ def _defect(rng: np.random.Generator, kind: str, size: int, squash: float, cloth
         w, h = (thick, long) if vertical else (long, thick)
     w, h = min(max(MIN_SIDE, w), size), min(max(MIN_SIDE, h), size)
     x, y = rng.uniform(0, size - w), rng.uniform(0, size - h)
-    return Defect(kind, x, y, w, h, vertical, loose)
+    return Defect(kind, x, y, w, h, vertical, loose, diagonal)
 
 
 def _layout(rng: np.random.Generator, count: int, size: int, squash: float, cloth: Cloth) -> list[Defect]:
@@ -256,7 +259,7 @@ def _crease(rng: np.random.Generator, image: np.ndarray, d: Defect, alpha: float
     """A fold: a ridge along the box's long axis (or its diagonal), lit on one side, shaded on
     the other, lighter or darker on its crest, fading at the ends."""
     window, dx, dy = _window(d, image.shape[0])
-    if d.w == d.h:  # diagonal, corner to corner
+    if d.diagonal:
         ux, uy = d.w, d.h * rng.choice([-1.0, 1.0])
         half = _loguniform(rng, MIN_SIDE, 0.05 * image.shape[0]) / 2
     else:
@@ -264,7 +267,7 @@ def _crease(rng: np.random.Generator, image: np.ndarray, d: Defect, alpha: float
         half = min(d.w, d.h) / 2
     norm = np.hypot(ux, uy)
     across = (dx * uy - dy * ux) / norm / half * 1.2
-    along = (dx * ux + dy * uy) / norm / (np.hypot(d.w, d.h) / 2 if d.w == d.h else max(d.w, d.h) / 2)
+    along = (dx * ux + dy * uy) / norm / (np.hypot(d.w, d.h) / 2 if d.diagonal else max(d.w, d.h) / 2)
     crest = rng.uniform(0.3, 1.0) * rng.choice([-1.0, 1.0])
     shading = 2.33 * rng.choice([-1.0, 1.0]) * across * np.exp(-across**2) + crest * np.exp(-across**2)
     strength = alpha * rng.uniform(0.25, 0.5)

@@ -411,7 +411,7 @@ def finish_pretraining(result: dict, cfg: PretrainConfig, folder: str | Path) ->
     model, processor, shape = result["model"], result["processor"], result["shape"]
     loc_start = loc_token_ids(processor.tokenizer)[0]
     baseline, _, _ = build_tiny(shape, seed=cfg.seed)
-    check = dict(size=shape.image_size, loc_start=loc_start)
+    check = {"size": shape.image_size, "loc_start": loc_start}
     figures = {
         "steps": result["step"],
         "pretrained": looking_check(model, processor, cfg, **check),
