@@ -222,7 +222,7 @@ def synth_command(
 @app.command("serve")
 def serve(
     model: str | None = typer.Option(
-        None, help="Base model: tiny (embedded), base, large, a hub id or a folder (default: the adapter's base, else tiny)."),
+        None, help="Base model: tiny or tiny-hr (embedded), base, large, a hub id or a folder (default: the adapter's base, else tiny)."),
     adapter: str | None = typer.Option(None, help="A training run folder (or adapter folder) to attach."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the server to the network."),
     port: int = typer.Option(7860, help="TCP port."),
@@ -386,7 +386,7 @@ def _relaunch(num_processes: int) -> None:
 def train_command(
     ctx: typer.Context,
     data: Path | None = typer.Option(None, help="Folder from `loomlens convert` (train.jsonl, val.jsonl)."),
-    model: str | None = typer.Option(None, help="Base model: tiny (embedded), base, large, a hub id or a folder."),
+    model: str | None = typer.Option(None, help="Base model: tiny or tiny-hr (embedded), base, large, a hub id or a folder."),
     out: Path | None = typer.Option(None, help="Run folder to write."),
     config: str | None = typer.Option(
         None, help="YAML config file, or a shipped one by name (base: the seed's recipe)."),

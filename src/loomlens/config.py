@@ -187,7 +187,7 @@ class TrainConfig(BaseModel):
     yaml_section: ClassVar[str] = "train"
 
     data: Path = Field(description="folder written by `loomlens convert` (train.jsonl, val.jsonl)")
-    model: str = Field("tiny", description="base model: tiny, base, large, a hub id or a folder")
+    model: str = Field("tiny", description="base model: tiny or tiny-hr (embedded), base, large, a hub id or a folder")
     out: Path = Field(Path("runs/train"), description="run folder")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     speed: SpeedSettings = Field(default_factory=SpeedSettings)
@@ -455,6 +455,14 @@ class PretrainConfig(BaseModel):
     device: str = Field("auto", description=DEVICE_HELP)
     workers: int = Field(0, ge=0, description="processes drawing scenes ahead of the loop (0: in the loop)")
     shape: dict[str, Any] = Field(default_factory=dict, description="`model.tiny.TinyShape` fields; {} = its defaults")
+    fabric_share: float = Field(
+        0.0, ge=0, le=1, description="share of the scenes (training and held-out) drawn from the fabric family "
+        "(data/fabric_scenes.py) instead of the generic shapes; 0 = the shipped tiny's recipe",
+    )
+    init: str | None = Field(
+        None, description="start a new run from this model's weights (tiny, or a model folder), resampling the "
+        "grid-tied tables when the input size differs (model/warm_start.py); null = random init",
+    )
 
     @field_validator("device")
     @classmethod

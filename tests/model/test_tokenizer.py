@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from loomlens.data.fabric_scenes import CHROMATIC, FABRIC_CLASSES
 from loomlens.data.shapes import SHAPE_CLASSES
+from loomlens.model.loader import TINY_DIR
 from loomlens.model.tokenizer import build_tokenizer, loc_token_ids
 
 LOOM_CLASSES = ("wrinkle", "drop", "broken-weft")
@@ -15,7 +17,7 @@ def tokenizer():
     return build_tokenizer()
 
 
-@pytest.mark.parametrize("name", LOOM_CLASSES + SHAPE_CLASSES)
+@pytest.mark.parametrize("name", LOOM_CLASSES + SHAPE_CLASSES + FABRIC_CLASSES)
 def test_a_label_after_a_loc_token_is_a_few_whole_word_tokens(tokenizer, name) -> None:
     ids = tokenizer(f"<loc_5>{name}<loc_7>", add_special_tokens=False).input_ids
     label = ids[1:-1]
@@ -32,3 +34,19 @@ def test_loc_tokens_are_contiguous_and_decode_exactly(tokenizer) -> None:
 def test_any_ascii_class_name_still_round_trips(tokenizer) -> None:
     name = "Weird_class-42 (v2)"
     assert tokenizer.decode(tokenizer(name, add_special_tokens=False).input_ids) == name
+
+
+@pytest.mark.parametrize("word", CHROMATIC + ("dark", "light"))
+def test_fabric_colour_words_are_one_token_before_a_class(tokenizer, word) -> None:
+    """`<DENSE_REGION_CAPTION>` answers `<loc_N>dark hole...`: the colour word is one token."""
+    ids = tokenizer(f"<loc_5>{word} hole<loc_7>", add_special_tokens=False).input_ids
+    assert len(ids) == 4
+
+
+def test_the_built_tokenizer_is_the_shipped_models(tokenizer) -> None:
+    """The BPE is retrained from its corpus on every build, and the embedded models' embedding
+    rows follow its ids: a change to the corpus (a new class word, say) would move them. New
+    pretraining classes therefore use words the corpus already has."""
+    from transformers import AutoTokenizer
+
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(TINY_DIR).get_vocab()

@@ -6,13 +6,14 @@ import json
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from loomlens.data.shapes import SHAPE_CLASSES, make_scene
 from loomlens.model.tiny import TinyShape, build_tiny
 from loomlens.model.tokenizer import loc_token_ids
 from loomlens.config import PretrainConfig
-from loomlens.train.pretrain import main, pretrain, progress, seq_loss
+from loomlens.train.pretrain import draw_scenes, main, pretrain, progress, scene_classes, seq_loss
 from loomlens.train.spatial_loss import dense_targets, pointer_loss, pointer_mask, pointer_targets
 
 LOC0 = 100  # a fake vocabulary: 100 text tokens, then 1000 loc tokens
@@ -47,7 +48,7 @@ def test_soft_loc_loss_with_tiny_sigma_is_plain_cross_entropy() -> None:
 
 def test_dense_targets_peak_at_each_object_centre() -> None:
     scene = make_scene(np.random.default_rng(3), 256, max_objects=3, empty_fraction=0.0)
-    heat, reg, mask = dense_targets([scene], grid=16, size=256, num_classes=len(SHAPE_CLASSES))
+    heat, reg, mask = dense_targets([scene], grid=16, size=256, classes=SHAPE_CLASSES)
     assert mask.sum() == len(scene.boxes)
     for box in scene.boxes:
         gx, gy = int((box.x1 + box.x2) / 2 / 16), int((box.y1 + box.y2) / 2 / 16)
@@ -69,10 +70,14 @@ def test_spatial_prior_maps_a_cell_position_to_its_loc_bins() -> None:
         assert abs(int(scores.argmax()) - centre_bin) < 1000 / shape.grid / 2
 
 
-def test_pretrain_resumes_exactly(tmp_path) -> None:
+SMALL = {"vision_dims": [16, 32, 64], "vision_heads": [1, 2, 4], "vision_depths": [1, 1, 1], "d_model": 64,
+         "ffn_dim": 128}
+
+
+@pytest.mark.parametrize("fabric_share", [0.0, 0.5])
+def test_pretrain_resumes_exactly(tmp_path, fabric_share) -> None:
     common = dict(batch_size=2, eval_every=1000, eval_images=2, save_every=1, one_object_steps=1,
-                  shape={**TinyShape().__dict__, "vision_dims": [16, 32, 64], "vision_heads": [1, 2, 4],
-                         "vision_depths": [1, 1, 1], "d_model": 64, "ffn_dim": 128})
+                  fabric_share=fabric_share, shape={**TinyShape().__dict__, **SMALL})
     straight = pretrain(PretrainConfig(out=str(tmp_path / "a"), steps=3, **common), log=lambda *_: None)
     # Interrupted after its first step, then resumed; the data of each step comes from workers.
     first = pretrain(PretrainConfig(out=str(tmp_path / "b"), steps=3, stop_at=1, **common), log=lambda *_: None)
@@ -161,7 +166,6 @@ def test_finished_pretraining_exports_a_plain_transformers_model(tmp_path) -> No
 
 
 def test_the_maintainer_command_validates_its_settings(tmp_path, capsys) -> None:
-    import pytest
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match="unknown device"):
@@ -172,10 +176,62 @@ def test_the_maintainer_command_validates_its_settings(tmp_path, capsys) -> None
 
 
 def test_an_old_pickled_state_is_refused(tmp_path) -> None:
-    import pytest
-
     from loomlens.train.checkpoint import UnsafeCheckpointError
 
     (tmp_path / "state.pt").write_bytes(b"not read")
     with pytest.raises(UnsafeCheckpointError, match="state.pt.*pickle"):
         pretrain(PretrainConfig(out=str(tmp_path), steps=1), log=lambda *_: None)
+
+
+def test_fabric_share_mixes_the_families_from_the_seed_alone() -> None:
+    from loomlens.data.fabric_scenes import FABRIC_CLASSES
+
+    a, _ = draw_scenes([0, 7], 24, size=96, max_objects=3, fabric_share=0.5)
+    b, _ = draw_scenes([0, 7], 24, size=96, max_objects=3, fabric_share=0.5)
+    assert [s.image.tobytes() for s in a] == [s.image.tobytes() for s in b]
+    labels = {box.label for s in a for box in s.boxes}
+    assert labels & set(FABRIC_CLASSES) and labels & set(SHAPE_CLASSES)
+    # No fabric: exactly the generic scenes a run drew before fabric existed.
+    generic, _ = draw_scenes([0, 7], 4, size=96, max_objects=3, fabric_share=0.0)
+    rng = np.random.default_rng([0, 7])
+    assert [s.image.tobytes() for s in generic] == [make_scene(rng, 96, max_objects=3).image.tobytes() for _ in range(4)]
+    assert scene_classes(PretrainConfig()) == SHAPE_CLASSES
+    assert scene_classes(PretrainConfig(fabric_share=0.5)) == SHAPE_CLASSES + FABRIC_CLASSES
+
+
+def test_a_warm_started_fabric_run_at_a_larger_size_exports_and_reloads(tmp_path) -> None:
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+    from loomlens.train.pretrain import finish_pretraining
+
+    quick = dict(steps=1, batch_size=2, eval_images=2, one_object_steps=0)
+    first = PretrainConfig(out=str(tmp_path / "w64"), shape={**SMALL, "image_size": 64}, **quick)
+    finish_pretraining(pretrain(first, log=lambda *_: None), first, tmp_path / "at64")
+    cfg = PretrainConfig(out=str(tmp_path / "w96"), shape={**SMALL, "image_size": 96}, fabric_share=0.5,
+                         init=str(tmp_path / "at64"), **quick)
+    logs: list[str] = []
+    result = pretrain(cfg, log=logs.append)
+    assert any("warm start" in line and "left at init: nothing" in line for line in logs)
+    figures = finish_pretraining(result, cfg, tmp_path / "at96")
+    assert {"pretrained", "random_init", "pretrained_generic", "pretrained_fabric"} <= set(figures)
+    model = Florence2ForConditionalGeneration.from_pretrained(tmp_path / "at96")
+    processor = AutoProcessor.from_pretrained(tmp_path / "at96")
+    assert processor.image_processor.image_seq_length == 6 * 6 + 1
+    record = json.loads((tmp_path / "at96" / "pretrain_config.json").read_text())
+    assert record["init"] == str(tmp_path / "at64") and record["fabric_share"] == 0.5
+    assert model.config.text_config.max_position_embeddings >= 6 * 6 + 1 + 64
+
+
+@pytest.mark.parametrize("script", ["pretrain-gpu.sh", "pretrain-tiny-hr.sh"])
+def test_the_gpu_scripts_pass_only_options_the_command_has(script) -> None:
+    """A misspelt flag would fail the GPU run only once the machine is paid for."""
+    import re
+    from pathlib import Path
+
+    from loomlens.train.pretrain import command_line
+
+    text = (Path(__file__).resolve().parents[2] / "scripts" / script).read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    passed = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", code))
+    known = {option for action in command_line()._actions for option in action.option_strings}
+    assert passed and passed <= known, passed - known

@@ -22,7 +22,7 @@ import torch
 from loomlens.data.tasks import TASKS
 from loomlens.infer.attention import use_shape_aware_attention
 from loomlens.model import load_model
-from loomlens.model.loader import TINY_DIR, resolve_model_path
+from loomlens.model.loader import EMBEDDED, resolve_model_path
 from loomlens.model.runtime import cpu_has_bf16
 from loomlens.run import Run
 
@@ -87,10 +87,10 @@ class LoadedModel:
 
 def base_tasks(base: str) -> frozenset[str]:
     """Tasks the base model was trained for. Microsoft's checkpoints: every task loomlens
-    offers. The embedded tiny model: those its pretraining record (`pretrain_config.json`)
-    lists, none when there is no record (placeholder weights)."""
+    offers. An embedded model (tiny, tiny-hr): those its pretraining record
+    (`pretrain_config.json`) lists, none when there is no record (placeholder weights)."""
     folder = Path(resolve_model_path(base))
-    if folder.resolve() != TINY_DIR.resolve():
+    if folder.resolve() not in {e.folder.resolve() for e in EMBEDDED.values()}:
         return frozenset(TASKS)
     record = folder / "pretrain_config.json"
     if not record.exists():

@@ -1,18 +1,40 @@
-"""Load a Florence-2 and its processor: a hub id, a local folder, or the embedded `tiny`.
+"""Load a Florence-2 and its processor: a hub id, a local folder, or an embedded model
+(`tiny`, and `tiny-hr` once a maintainer has pretrained it).
 
-All three go through the native `transformers` classes (`Florence2ForConditionalGeneration`,
+All go through the native `transformers` classes (`Florence2ForConditionalGeneration`,
 `AutoProcessor`), safetensors only, never `trust_remote_code`.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A model shipped inside the package: its folder and the maintainer command that makes it."""
+
+    folder: Path
+    made_by: str
+
+
+#: The embedded models by name: `tiny` (256 px, the default) and `tiny-hr` (384 px, pretrained
+#: partly on fabric-like scenes; shipped only once a maintainer has made and measured it).
+EMBEDDED = {
+    "tiny": Embedded(ASSETS / "tiny-florence2",
+                     "python -m loomlens.train.pretrain --out src/loomlens/assets/tiny-florence2"),
+    "tiny-hr": Embedded(ASSETS / "tiny-hr-florence2",
+                        "scripts/pretrain-tiny-hr.sh SECONDS on a GPU, or the CPU route in docs/training.md, "
+                        "then copy the asset it writes to src/loomlens/assets/tiny-hr-florence2"),
+}
 #: The embedded default, shipped inside the package.
-TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-florence2"
+TINY_DIR = EMBEDDED["tiny"].folder
 #: Friendly names for the real checkpoints (native-format conversions on the hub).
 ALIASES = {
     "base": "florence-community/Florence-2-base",
@@ -27,14 +49,16 @@ class ModelLoadError(RuntimeError):
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map `tiny`, an alias, a folder or a hub id to what `from_pretrained` takes."""
-    if name_or_path == "tiny":
-        if not (TINY_DIR / "config.json").exists():
+    """Map an embedded name (`tiny`, `tiny-hr`), an alias, a folder or a hub id to what
+    `from_pretrained` takes. An embedded model whose folder is absent raises ModelLoadError
+    naming the folder and the command that makes it."""
+    embedded = EMBEDDED.get(name_or_path)
+    if embedded is not None:
+        if not (embedded.folder / "config.json").exists():
             raise ModelLoadError(
-                f"the embedded tiny model is missing from {TINY_DIR}; "
-                "rebuild it with `python -m loomlens.train.pretrain --out src/loomlens/assets/tiny-florence2`"
+                f"the embedded {name_or_path} model is missing from {embedded.folder}; make it with `{embedded.made_by}`"
             )
-        return str(TINY_DIR)
+        return str(embedded.folder)
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -57,7 +81,7 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ):
-    """Load `(model, processor)` for `name_or_path` ("tiny", "base", a hub id or a folder).
+    """Load `(model, processor)` for `name_or_path` ("tiny", "tiny-hr", "base", a hub id or a folder).
 
     The model comes back in eval mode on `device` (fp32 unless `dtype` says otherwise).
     A hub id that cannot be reached raises `ModelLoadError` with the offline fix, not a trace.

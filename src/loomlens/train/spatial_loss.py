@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loomlens.data.shapes import SHAPE_CLASSES, Scene
+from loomlens.data.shapes import Scene
 
 
 def pointer_targets(labels: torch.Tensor, loc_start: int, grid: int) -> list[tuple[int, int, list[int]]]:
@@ -82,17 +82,18 @@ class DenseHead(nn.Module):
         return self.out(self.body(features))
 
 
-def dense_targets(scenes: list[Scene], grid: int, size: int, num_classes: int):
-    """Heatmap, offset/size targets and their mask on a `grid` x `grid` map."""
+def dense_targets(scenes: list[Scene], grid: int, size: int, classes: tuple[str, ...]):
+    """Heatmap (one channel per class of `classes`), offset/size targets and their mask on a
+    `grid` x `grid` map."""
     b = len(scenes)
-    heat = np.zeros((b, num_classes, grid, grid), np.float32)
+    heat = np.zeros((b, len(classes), grid, grid), np.float32)
     reg = np.zeros((b, 4, grid, grid), np.float32)
     mask = np.zeros((b, grid, grid), np.float32)
     stride = size / grid
     yy, xx = np.mgrid[0:grid, 0:grid]
     for i, scene in enumerate(scenes):
         for box in scene.boxes:
-            c = SHAPE_CLASSES.index(box.label)
+            c = classes.index(box.label)
             cx, cy = (box.x1 + box.x2) / 2 / stride, (box.y1 + box.y2) / 2 / stride
             gx, gy = min(int(cx), grid - 1), min(int(cy), grid - 1)
             sigma = max(0.5, min(box.width, box.height) / stride / 4)

@@ -1,0 +1,72 @@
+"""`tiny-hr` by name: found where the maintainer puts it, a clear error (folder and command)
+where it is not, and the CLI takes `--model tiny-hr` as it takes `--model tiny`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from loomlens.cli import app
+from loomlens.model import ModelLoadError, load_model, loader
+from loomlens.model.tiny import TinyShape, build_tiny
+
+SMALL = dict(vision_dims=[16, 32, 64], vision_heads=[1, 2, 4], vision_depths=[1, 1, 1], d_model=64, ffn_dim=128)
+
+
+@pytest.fixture()
+def absent(monkeypatch, tmp_path):
+    """`tiny-hr` pointed at a folder that does not exist, whatever the checkout ships."""
+    folder = tmp_path / "tiny-hr-florence2"
+    monkeypatch.setitem(loader.EMBEDDED, "tiny-hr", replace(loader.EMBEDDED["tiny-hr"], folder=folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_hr(tmp_path_factory):
+    """A small 96 px model folder laid out as the pretraining exports one."""
+    folder = tmp_path_factory.mktemp("tiny-hr-florence2")
+    model, processor, _ = build_tiny(TinyShape(image_size=96, **SMALL), seed=0)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    (folder / "pretrain_config.json").write_text(json.dumps({"task_mix": {"od": 1.0}}))
+    return folder
+
+
+@pytest.fixture()
+def present(monkeypatch, small_hr):
+    monkeypatch.setitem(loader.EMBEDDED, "tiny-hr", replace(loader.EMBEDDED["tiny-hr"], folder=small_hr))
+    return small_hr
+
+
+def test_an_absent_tiny_hr_names_its_folder_and_the_command_that_makes_it(absent) -> None:
+    with pytest.raises(ModelLoadError) as err:
+        load_model("tiny-hr")
+    assert str(absent) in str(err.value) and "scripts/pretrain-tiny-hr.sh" in str(err.value)
+
+
+def test_a_present_tiny_hr_loads_by_name_with_its_own_input_size(present) -> None:
+    from loomlens.infer.loading import base_tasks
+
+    model, processor = load_model("tiny-hr")
+    assert not model.training and processor.image_processor.size["height"] == 96
+    assert base_tasks("tiny-hr") == frozenset({"od"})  # an embedded model: its pretraining record
+
+
+def test_predict_takes_model_tiny_hr(present, tmp_path) -> None:
+    Image.new("RGB", (120, 80), (90, 90, 90)).save(tmp_path / "im.png")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "im.png"), "--out", str(out), "--model", "tiny-hr",
+                                      "--max-boxes", "2", "--no-draw"])
+    assert result.exit_code == 0, result.output
+    assert (out / "predictions.jsonl").exists()
+
+
+def test_predict_says_where_an_absent_tiny_hr_should_be(absent, tmp_path) -> None:
+    Image.new("RGB", (120, 80)).save(tmp_path / "im.png")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "im.png"), "--out", str(tmp_path / "out"),
+                                      "--model", "tiny-hr"])
+    assert result.exit_code == 1 and "tiny-hr-florence2" in result.output, result.output
