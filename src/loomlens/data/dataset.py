@@ -99,8 +99,8 @@ class FlorenceDataset(torch.utils.data.Dataset):
         self.cache_pixels = cache_pixels
         self.augment = augment if augment is not None and augment.active else None
         self.seed, self.epoch, self.max_label_tokens = seed, 0, max_label_tokens
+        rows = validate_split(self.jsonl)  # first: a bad split is reported before anything else is read
         self.edge = int(processor.image_processor.size["height"])
-        rows = validate_split(self.jsonl)
         if tasks:
             rows = [r for r in rows if r.get("task") in tasks]
         if not rows:
