@@ -3,7 +3,8 @@ same run with one choice turned off (or, for the defect crop, on), on AITEX and 
 loom frames.
 
     python -m bench.ablate                                   # synthetic frames, every variant but crop-on (~70 min on 2 cores)
-    python -m bench.ablate --data aitex --variants default augment-off balance-off r32 crop-on   # ~2 h
+    python -m bench.ablate --data aitex --variants default augment-off balance-off r32   # ~1.5 h
+    python -m bench.ablate --data aitex-flip --variants default crop-on                  # ~50 min
     python -m bench.ablate --variants default no-flips --steps 400                        # a quick look
 
 Each run is `loomlens train --data D --out R` with no flag but fixed steps (`max_steps`, so busy
@@ -14,7 +15,9 @@ folder that already holds a finished run of the same settings is read, not train
 an unfinished one resumes (`train --resume`): an interrupted sweep loses nothing.
 
 Data: `synth` draws the demo's frames (`bench.common.loom_data`, seed 0); `aitex` converts
-../shared/data/aitex as `bench.real` does (256 px tiles, flipped copies, split seed 0).
+../shared/data/aitex as `bench.real` does (256 px tiles, flipped copies, split seed 0);
+`aitex-flip` converts it as a user would an unseen set (`convert --flip`: whole frames, no
+tiles, the same split), where the defect crop is the choice that matters.
 """
 
 from __future__ import annotations
@@ -42,22 +45,29 @@ VARIANTS: dict[str, list[str]] = {
     "no-photometric": ["augment.brightness=0", "augment.contrast=0", "augment.gamma=0", "augment.grey=0"],
     "no-scale": ["augment.scale=0"],
     "r32": ["lora.r=32"],
-    # Not a choice turned off but one to turn on: the defect crop, off by default until measured.
+    # Not a choice turned off but one to turn on: the defect crop, off by default (it did not
+    # earn its place on aitex-flip: docs/training.md).
     "crop-on": ["augment.crop=0.5"],
 }
 #: What runs without --variants: the crop only acts on frames larger than twice the input, which
-#: the synthetic frames are not, so it runs only when asked for (on AITEX).
+#: the synthetic frames and AITEX's tiles are not, so it runs only when asked for (on aitex-flip).
 DEFAULT_VARIANTS = [v for v in VARIANTS if v != "crop-on"]
 #: data -> (fixed steps, steps between evaluations) at the default size.
-SIZES = {"synth": (800, 200), "aitex": (1000, 100)}
+SIZES = {"synth": (800, 200), "aitex": (1000, 100), "aitex-flip": (1000, 100)}
 
 
 def prepare(data: str) -> Path:
-    """The converted folder for `data` (`synth` or `aitex`), made once and then reused (AITEX's
+    """The converted folder for `data` (`synth`, `aitex` or `aitex-flip`), made once and then reused (AITEX's
     is `bench.real`'s own)."""
     folder = real.WORK if data == "aitex" else WORK / data
-    if not (folder / "data" / "val.jsonl").exists():
-        real.convert(real.AITEX, folder / "data") if data == "aitex" else loom_data(folder, images=480)
+    if (folder / "data" / "val.jsonl").exists():
+        return folder / "data"
+    if data == "aitex":
+        real.convert(real.AITEX, folder / "data")
+    elif data == "aitex-flip":  # the judge's protocol for an unseen set: whole frames, no tiles
+        real.loomlens("convert", str(real.AITEX), str(folder / "data"), "--flip", *real.SPLIT)
+    else:
+        loom_data(folder, images=480)
     return folder / "data"
 
 
@@ -131,14 +141,16 @@ def tables(result: dict[str, Any]) -> list[Table]:
     for data, part in sorted(result["data"].items(), key=lambda kv: kv[0] != "aitex"):
         rows = [[r["variant"], " ".join(r["overrides"]) or "-", f"{fmt(r['best_map50'])} ({r['best_step']})",
                  fmt(r["last_map50"]), fmt(r["last_map50_95"]), fmt(r["last_f1"]), fmt(r["last_val_loss"], 2),
-                 f"{r['last_empty']:.0%}", "; ".join(r["events"]) or "-", r.get("commit", "?")] for r in part["runs"]]
+                 f"{r['last_empty']:.0%}", f"{r['seconds']:.0f}", "; ".join(r["events"]) or "-", r.get("commit", "?")]
+                for r in part["runs"]]
         notes = [f"{part['steps']} steps of 8 samples per run, evaluated every {part['every']} steps on the whole "
                  f"val split; one run per variant, seed 0; table made {part['measured']} (a finished run is read from its "
                  f"folder: `trained at` is the commit it was trained at)",
-                 "last empty: the share of val frames with a defect answered with no box at the last evaluation"]
+                 "last empty: the share of val frames with a defect answered with no box at the last evaluation",
+                 "train s: the run's wall-clock seconds at its last step, validations included (metrics.csv)"]
         out.append(Table(f"The default recipe, one choice off at a time ({data})",
                          ["variant", "overrides", "best val mAP50 (step)", "last val mAP50", "last mAP50-95",
-                          "last F1", "last val loss", "last empty", "guard events", "trained at"], rows, notes))
+                          "last F1", "last val loss", "last empty", "train s", "guard events", "trained at"], rows, notes))
     return out
 
 
@@ -146,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ablate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", choices=sorted(SIZES), default="synth", help="synthetic frames or AITEX")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
-    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: 800 synth, 1000 aitex)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: 800 synth, 1000 aitex and aitex-flip)")
     common_flags(parser, NAME)
     args = parser.parse_args(argv)
-    if args.data == "aitex" and not real.AITEX.exists():
+    if args.data.startswith("aitex") and not real.AITEX.exists():
         parser.error(f"no AITEX at {real.AITEX}: expected ../shared/data/aitex beside the checkout")
     steps, every = SIZES[args.data]
     steps = args.steps or steps
