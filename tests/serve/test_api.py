@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .helpers import BODY_LIMIT_MB, BUSY_DELAY_MS, ROOT, jpeg_bytes, png_bomb
+from .helpers import BODY_LIMIT_MB, ROOT, jpeg_bytes, png_bomb
 
 TASK_TEXT = {
     "phrase_grounding": "drop",
@@ -200,30 +200,31 @@ def test_large_frame_within_limits(server):
 
 def test_full_queue_answers_503_with_retry_after(busy_server, frame_bytes):
     """Queue 1, batch 1, 1.5 s per batch: of 6 simultaneous requests at most 2 fit (one running,
-    one waiting); the rest get 503 at once, and /healthz answers throughout."""
+    one waiting); the rest get 503 without waiting for the running batch, and /healthz answers
+    while it runs. Told by the order things finish in, not by wall-clock limits."""
 
     def one(_):
         with busy_server.client() as c:
-            t0 = time.perf_counter()
             r = c.post("/v1/predict", files={"image": ("f.jpg", frame_bytes)}, data={"tile": "off"})
-            return r, time.perf_counter() - t0
+            return r, time.perf_counter()
 
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(one, i) for i in range(6)]
-        time.sleep(0.5)
-        t0 = time.perf_counter()
-        health = httpx.get(busy_server.url + "/healthz", timeout=5)
-        health_s = time.perf_counter() - t0
+        deadline = time.monotonic() + 30
+        while not (health := httpx.get(busy_server.url + "/healthz", timeout=30)).json()["queue"]["busy"]:
+            assert time.monotonic() < deadline, "the server never started a batch"
+            time.sleep(0.05)
         results = [f.result(timeout=60) for f in futures]
-    assert health.status_code == 200 and health_s < 1.0
     codes = sorted(r.status_code for r, _ in results)
     assert set(codes) <= {200, 503}, codes
     assert 1 <= codes.count(200) <= 2 and codes.count(503) >= 4, codes
-    for r, seconds in results:
+    last_served = max(done for r, done in results if r.status_code == 200)
+    assert health.status_code == 200  # it answered while a batch ran (it said busy)
+    for r, done in results:
         if r.status_code == 503:
             assert r.json()["error"]["code"] == "queue_full"
             assert int(r.headers["Retry-After"]) >= 1
-            assert seconds < BUSY_DELAY_MS / 1000  # refused at once, not after waiting
+            assert done < last_served  # refused at once, not once the queue had drained
     stats = httpx.get(busy_server.url + "/healthz", timeout=5).json()["queue"]
     assert stats["rejected"] >= 4
     # and once drained it serves again
