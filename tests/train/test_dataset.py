@@ -174,3 +174,54 @@ def test_the_defect_crop_feeds_a_window_and_its_boxes_and_only_on_large_frames(s
     assert FlorenceDataset(strip_data / "train.jsonl", processor, augment=replace(crop, crop=0.0, hflip=1.0)) \
         .crop_window is None
     assert FlorenceDataset(strip_data / "train.jsonl", processor).crop_window is None  # validation: never
+
+
+def _frames(root, frames):
+    """A split of `(width, height, boxes)` frames (grey PNGs) with its summary: the data folder."""
+    import json
+
+    from PIL import Image
+
+    from loomlens.data.florence_text import boxes_to_text
+
+    lines = []
+    for i, (width, height, boxes) in enumerate(frames):
+        name = f"images/{i}.png"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (width, height), (90, 90, 90)).save(root / name)
+        lines.append({"image": name, "width": width, "height": height, "prefix": "<OD>", "task": "od",
+                      "suffix": boxes_to_text(boxes, width, height)})
+    (root / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (root / "val.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    (root / "classes.txt").write_text("drop\n")
+    (root / "summary.json").write_text(json.dumps({"tile": None}))
+    return root
+
+
+def test_vanishing_counts_the_boxes_only_the_squeeze_hides(small_model_dir, tmp_path):
+    from loomlens.data.records import Box
+    from loomlens.model import load_model
+
+    _, processor = load_model(str(small_model_dir))  # a 64 px input
+    data = _frames(tmp_path, [
+        (1024, 64, [Box("drop", 100, 10, 140, 30),    # 40 px wide: 2.5 px at the input, hidden
+                    Box("drop", 300, 10, 302, 40),    # 2 px wide even at full size: tiles would not help
+                    Box("drop", 500, 0, 700, 60)]),   # 200 px wide: 12.5 px at the input
+        (96, 64, [Box("drop", 10, 10, 13, 40)]),      # not a large frame: never squeezed far
+    ])
+    ds = FlorenceDataset(data / "train.jsonl", processor)
+    assert (ds.boxes, ds.vanishing) == (4, 1)
+
+
+def test_train_says_when_the_squeeze_hides_the_defects_and_not_on_tiles(make_config, tmp_path):
+    from loomlens.data.records import Box
+    from loomlens.train.recipe import train
+
+    data = _frames(tmp_path / "data", [(1024, 64, [Box("drop", 100 * i, 10, 100 * i + 40, 30)]) for i in range(1, 5)])
+    said = []
+    train(make_config(data=str(data), max_steps=1, eval_every=0), log=said.append)
+    assert any("4 of 4 training boxes are under 4 px" in line and "--tile 64" in line for line in said), said
+    (data / "summary.json").write_text('{"tile": 64}')  # the same frames, as if cut into tiles beside them
+    said.clear()
+    train(make_config(data=str(data), max_steps=1, eval_every=0, out=str(tmp_path / "run2")), log=said.append)
+    assert not any("training boxes are under" in line for line in said), said

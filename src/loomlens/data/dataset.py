@@ -34,6 +34,9 @@ ORDERS = ("grouped", "interleaved")
 #: Batches are formed from pools of this many batches sorted by length: similar lengths
 #: share a batch (little padding) while the order stays random.
 _POOL_BATCHES = 16
+#: A box whose shorter side is under this many pixels at the model's input is barely visible to
+#: it (DaViT's first stage already pools 4x4 pixels into one cell): `FlorenceDataset.vanishing`.
+VANISHING_PX = 4.0
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -67,6 +70,13 @@ def _answer_boxes(row: dict) -> tuple[Box, ...] | None:
     return tuple(parse_text(row["suffix"], row["width"], row["height"])[0])
 
 
+def _hidden_by_squeeze(box: Box, width: int, height: int, edge: int) -> bool:
+    """Whether `box` has `VANISHING_PX` on its shorter side in its `width` x `height` frame but
+    not once the frame is resized to the model's `edge` x `edge` input: a box tiles would keep."""
+    w, h = box.x2 - box.x1, box.y2 - box.y1
+    return min(w, h) >= VANISHING_PX > min(w * edge / width, h * edge / height)
+
+
 class FlorenceDataset(torch.utils.data.Dataset):
     """Samples of a converted split (`train.jsonl`, ...) ready for Florence-2.
 
@@ -79,7 +89,10 @@ class FlorenceDataset(torch.utils.data.Dataset):
     `set_epoch` says which epoch the loop is in. `edge`: the model's input edge (the
     processor's), for the defect crop; `crop_window`: that edge when the crop may show some frame
     a window at a time (`augment.crop` on, a box sample's frame large for it), else None: what
-    a run records so that prediction tiles as training cropped. The whole split is
+    a run records so that prediction tiles as training cropped. `boxes` and `vanishing`: the
+    box samples' boxes, and how many of them, in frames large for the input, the squeeze to the
+    input leaves under `VANISHING_PX` on their shorter side (what `loomlens train` warns about).
+    The whole split is
     checked first (see `validate_split`): a bad line, a missing or damaged image, or an image
     path leading outside the data raises `SplitError` (a ValueError) naming every line.
     """
@@ -106,7 +119,7 @@ class FlorenceDataset(torch.utils.data.Dataset):
         if not rows:
             raise ValueError(f"{self.jsonl} has no samples" + (f" of tasks {list(tasks)}" if tasks else ""))
         prompts: dict[str, tuple[int, ...]] = {}
-        self.truncated, large = 0, False
+        self.truncated, self.boxes, self.vanishing, large = 0, 0, 0, False
         self.examples: list[Example] = []
         for row in rows:
             prefix = row["prefix"]
@@ -116,7 +129,12 @@ class FlorenceDataset(torch.utils.data.Dataset):
             if max_label_tokens is not None and len(labels) > max_label_tokens:
                 labels, self.truncated = labels[:max_label_tokens], self.truncated + 1
             boxes = _answer_boxes(row)
-            large = large or (boxes is not None and is_large(row["width"], row["height"], self.edge))
+            if boxes is not None:
+                frame_large = is_large(row["width"], row["height"], self.edge)
+                large = large or frame_large
+                self.boxes += len(boxes)
+                self.vanishing += frame_large and sum(_hidden_by_squeeze(b, row["width"], row["height"], self.edge)
+                                                      for b in boxes)
             self.examples.append(Example(prompts[prefix], tuple(labels), self.jsonl.parent / row["image"],
                                          row.get("task", prefix), boxes))
         self.crop_window = self.edge if self.augment is not None and self.augment.crop and large else None

@@ -43,7 +43,7 @@ import torch
 
 from loomlens.config import RESUMABLE, TrainConfig, changed_settings, dump_config, load_config
 from loomlens.data.augment import Augment
-from loomlens.data.dataset import IGNORE_INDEX, Collator, FlorenceDataset, plan_batches
+from loomlens.data.dataset import IGNORE_INDEX, VANISHING_PX, Collator, FlorenceDataset, plan_batches
 from loomlens.data.sampling import Balance
 from loomlens.model.folded_lora import fold_lora
 from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, trainable_by_tower
@@ -372,6 +372,10 @@ def loss_spec(cfg: TrainConfig, *, model, processor, train_set: FlorenceDataset)
     )
 
 
+#: The share of training boxes too small at the model's input above which a run says so.
+VANISHING_SHARE = 0.25
+
+
 def _describe(s: Session, towers: dict[str, int]) -> None:
     cfg, world = s.cfg, s.accelerator.num_processes
     s.say(
@@ -383,6 +387,13 @@ def _describe(s: Session, towers: dict[str, int]) -> None:
     if s.train_set.truncated:
         limit = s.adapter.config.text_config.max_position_embeddings
         s.say(f"warning: {s.train_set.truncated} answers are longer than the decoder's {limit} positions; cut")
+    small, edge = s.train_set.vanishing, s.train_set.edge
+    # Not for data cut into tiles (its whole frames are kept beside them) or a cropping run.
+    if small and small >= VANISHING_SHARE * s.train_set.boxes and Run(s.run_dir).tile is None:
+        s.say(f"warning: {small} of {s.train_set.boxes} training boxes are under {VANISHING_PX:g} px on their "
+              f"shorter side once their frames are squeezed to the model's {edge}x{edge} input, where the model "
+              f"barely sees them; for large frames, convert with --tile {edge} (or train with augment.crop=0.5) so "
+              f"defects keep their pixels")
 
 
 # --- the loop's steps ------------------------------------------------------------------------
