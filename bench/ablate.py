@@ -57,14 +57,14 @@ SIZES = {"synth": (800, 200), "aitex": (1000, 100), "aitex-flip": (1000, 100)}
 
 
 def prepare(data: str) -> Path:
-    """The converted folder for `data` (`synth`, `aitex` or `aitex-flip`), made once and then reused (AITEX's
-    is `bench.real`'s own)."""
+    """The converted folder for `data` (`synth`, `aitex` or `aitex-flip`), made once and then
+    reused (`aitex`'s is `bench.real`'s own)."""
     folder = real.WORK if data == "aitex" else WORK / data
     if (folder / "data" / "val.jsonl").exists():
         return folder / "data"
     if data == "aitex":
         real.convert(real.AITEX, folder / "data")
-    elif data == "aitex-flip":  # the judge's protocol for an unseen set: whole frames, no tiles
+    elif data == "aitex-flip":  # as a user converts an unseen set: whole frames, no tiles
         real.loomlens("convert", str(real.AITEX), str(folder / "data"), "--flip", *real.SPLIT)
     else:
         loom_data(folder, images=480)

@@ -92,9 +92,9 @@ class FlorenceDataset(torch.utils.data.Dataset):
     a run records so that prediction tiles as training cropped. `boxes` and `vanishing`: the
     box samples' boxes, and how many of them, in frames large for the input, the squeeze to the
     input leaves under `VANISHING_PX` on their shorter side (what `loomlens train` warns about).
-    The whole split is
-    checked first (see `validate_split`): a bad line, a missing or damaged image, or an image
-    path leading outside the data raises `SplitError` (a ValueError) naming every line.
+    The whole split is checked first (see `validate_split`): a bad line, a missing or damaged
+    image, or an image path leading outside the data raises `SplitError` (a ValueError) naming
+    every line.
     """
 
     def __init__(
@@ -133,8 +133,8 @@ class FlorenceDataset(torch.utils.data.Dataset):
                 frame_large = is_large(row["width"], row["height"], self.edge)
                 large = large or frame_large
                 self.boxes += len(boxes)
-                self.vanishing += frame_large and sum(_hidden_by_squeeze(b, row["width"], row["height"], self.edge)
-                                                      for b in boxes)
+                if frame_large:
+                    self.vanishing += sum(_hidden_by_squeeze(b, row["width"], row["height"], self.edge) for b in boxes)
             self.examples.append(Example(prompts[prefix], tuple(labels), self.jsonl.parent / row["image"],
                                          row.get("task", prefix), boxes))
         self.crop_window = self.edge if self.augment is not None and self.augment.crop and large else None

@@ -392,8 +392,7 @@ def _describe(s: Session, towers: dict[str, int]) -> None:
     if small and small >= VANISHING_SHARE * s.train_set.boxes and Run(s.run_dir).tile is None:
         s.say(f"warning: {small} of {s.train_set.boxes} training boxes are under {VANISHING_PX:g} px on their "
               f"shorter side once their frames are squeezed to the model's {edge}x{edge} input, where the model "
-              f"barely sees them; for large frames, convert with --tile {edge} (or train with augment.crop=0.5) so "
-              f"defects keep their pixels")
+              f"barely sees them; convert with --tile {edge} so that defects keep their pixels")
 
 
 # --- the loop's steps ------------------------------------------------------------------------
