@@ -49,7 +49,7 @@ class LoraSettings(BaseModel):
     r: int = Field(16, gt=0, description="LoRA rank")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; default 2 * r")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout; 0 lets the layers run in their "
-                           "fastest exact form (docs/training.md: ~2x the steps, the same val loss)")
+                           "fastest exact form (docs/training.md, the default recipe)")
     rslora: bool = Field(False, description="scale by alpha / sqrt(r) instead of alpha / r")
     dora: bool = Field(False, description="weight-decomposed LoRA")
     freeze: Literal["none", "vision", "language"] = Field(
