@@ -1,5 +1,5 @@
 """Load a Florence-2 and its processor: a hub id, a local folder, or an embedded model
-(`tiny`, and `tiny-hr` once a maintainer has pretrained it).
+(`tiny`, and the 384 px `tiny-hr`).
 
 All go through the native `transformers` classes (`Florence2ForConditionalGeneration`,
 `AutoProcessor`), safetensors only, never `trust_remote_code`.
@@ -25,7 +25,7 @@ class Embedded:
 
 
 #: The embedded models by name: `tiny` (256 px, the default) and `tiny-hr` (384 px, pretrained
-#: partly on fabric-like scenes; shipped only once a maintainer has made and measured it).
+#: further on fabric-like scenes: its model card says what it is worth).
 EMBEDDED = {
     "tiny": Embedded(ASSETS / "tiny-florence2",
                      "python -m loomlens.train.pretrain --out src/loomlens/assets/tiny-florence2"),
