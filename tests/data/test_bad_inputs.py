@@ -75,10 +75,10 @@ def voc_absolute_path_outside(root: Path) -> tuple[str, int | None, str]:
     return "bad.xml", 1, "outside the dataset root"
 
 
-def voc_non_ascii_label(root: Path) -> tuple[str, int | None, str]:
+def voc_invisible_character_in_label(root: Path) -> tuple[str, int | None, str]:
     write_image(root / "bad.jpg")
-    _voc_xml(root, "bad.xml", "bad.jpg", label="défaut")
-    return "bad.xml", 4, "non-ASCII"
+    _voc_xml(root, "bad.xml", "bad.jpg", label="drop\u200b")  # a zero-width space pasted in
+    return "bad.xml", 4, "invisible characters"
 
 
 def voc_label_with_angle_bracket(root: Path) -> tuple[str, int | None, str]:
@@ -176,7 +176,7 @@ def coco_broken_entries(root: Path) -> tuple[str, int | None, str]:
 
 CASES: list[Callable[[Path], tuple[str, int | None, str]]] = [
     voc_box_outside, voc_box_without_area, voc_reversed_box, voc_missing_image, voc_truncated_xml,
-    voc_escaping_path, voc_absolute_path_outside, voc_non_ascii_label, voc_label_with_angle_bracket,
+    voc_escaping_path, voc_absolute_path_outside, voc_invisible_character_in_label, voc_label_with_angle_bracket,
     voc_size_mismatch, voc_not_an_image,
     yolo_unknown_class, yolo_malformed_line, yolo_not_a_number, yolo_missing_image, yolo_box_outside,
     coco_malformed_json, coco_unknown_category, coco_escaping_path, coco_annotation_for_no_image,

@@ -57,7 +57,7 @@ def test_reading_order_is_y1_then_x1_of_the_quantised_box():
     assert boxes_to_text(list(reversed(boxes)), 100, 100) == boxes_to_text(boxes, 100, 100)
 
 
-@pytest.mark.parametrize("name", ["wrinkle", "drop", "broken-weft", "Broken Weft", "hole 2"])
+@pytest.mark.parametrize("name", ["wrinkle", "drop", "broken-weft", "Broken Weft", "hole 2", "Ölfleck", "défaut", "破损"])
 def test_every_class_name_round_trips(name):
     text = boxes_to_text([Box(name, 10, 20, 30, 40), Box(name, 50, 60, 70, 80)], 100, 100)
     boxes, dropped = parse_text(text, 100, 100)
@@ -66,7 +66,7 @@ def test_every_class_name_round_trips(name):
     assert validate_label(name) == name
 
 
-@pytest.mark.parametrize("bad", ["", "   ", "défaut", "破损", "a<b", "x>y", "tab\there", "<OD>"])
+@pytest.mark.parametrize("bad", ["", "   ", "a<b", "x>y", "tab\there", "<OD>", "zero\u200bwidth", "bell\x07"])
 def test_labels_that_cannot_round_trip_are_rejected_clearly(bad):
     with pytest.raises(LabelError, match="class name"):
         validate_label(bad)
@@ -76,6 +76,11 @@ def test_labels_that_cannot_round_trip_are_rejected_clearly(bad):
 
 def test_validate_label_strips_surrounding_space():
     assert validate_label("  drop \n") == "drop"
+
+
+def test_validate_label_joins_the_two_spellings_of_an_accent():
+    # macOS writes "Ö" as "O" + a combining diaeresis; both name one class.
+    assert validate_label("O\u0308lfleck") == validate_label("\u00d6lfleck") == "\u00d6lfleck"
 
 
 def test_parser_ignores_florence_noise_and_keeps_labels_whole():

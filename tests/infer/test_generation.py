@@ -105,6 +105,16 @@ def test_grammar_only_writes_well_formed_boxes_of_known_classes(tiny, seed):
         assert locs[i + 2] >= locs[i] and locs[i + 3] >= locs[i + 1]
 
 
+def test_grammar_spells_class_names_beyond_ascii(tiny):
+    tokenizer = tiny[1].tokenizer
+    classes = ["Ölfleck", "Oberfläche", "破损"]
+    budget = box_token_budget(4, label_token_count(tokenizer, classes))
+    for seed in range(10):
+        ids = _random_walk(BoxGrammar(tokenizer, classes, 4, budget), len(tokenizer), budget, seed)
+        boxes, dropped = parse_text("".join(token_pieces(tokenizer, ids)), 1000, 1000)
+        assert dropped == 0 and {b.label for b in boxes} <= set(classes)
+
+
 def test_grammar_stops_before_a_box_that_cannot_fit(tiny):
     tokenizer = tiny[1].tokenizer
     grammar = BoxGrammar(tokenizer, CLASSES, max_boxes=20, max_new_tokens=6)

@@ -33,6 +33,28 @@ def test_each_box_owns_its_label_and_loc_tokens(tokenizer):
     assert [pieces[i] for i in aligned[1].loc_tokens] == ["<loc_500>", "<loc_510>", "<loc_600>", "<loc_620>"]
 
 
+def test_a_character_split_over_byte_tokens_comes_back_whole(tokenizer):
+    # Byte-level BPE spells "Ö" and "破" in several tokens; each box keeps its label whole, with
+    # every token of it (the first byte's choice is part of the label's score).
+    text = "Ölfleck<loc_1><loc_2><loc_30><loc_40>破损<loc_5><loc_6><loc_70><loc_80>"
+    gen = generation(tokenizer, text)
+    pieces = token_pieces(tokenizer, gen.token_ids)
+    assert "".join(pieces) == "<s>" + text + "</s>"
+    aligned, dropped = align_boxes(pieces, 1000, 1000)
+    assert dropped == 0 and [t.box.label for t in aligned] == ["Ölfleck", "破损"]
+    assert aligned[0].label_tokens == list(range(1, aligned[0].loc_tokens[0]))
+    assert "".join(pieces[i] for i in aligned[1].label_tokens) == "破损"
+
+
+def test_stray_bytes_stay_replacement_characters(tokenizer):
+    # A lone first byte of "Ö" (an unconstrained model may write one) never merges into a loc.
+    lead = tokenizer("Ö", add_special_tokens=False).input_ids[:1]
+    ids = [tokenizer.bos_token_id, *lead, *tokenizer("drop<loc_1><loc_2><loc_3><loc_4>", add_special_tokens=False).input_ids]
+    pieces = token_pieces(tokenizer, ids)
+    assert "".join(pieces) == "<s>\ufffddrop<loc_1><loc_2><loc_3><loc_4>"
+    assert pieces[-4:] == ["<loc_1>", "<loc_2>", "<loc_3>", "<loc_4>"]
+
+
 def test_shared_label_and_prompt_label(tokenizer):
     two = generation(tokenizer, "knot<loc_1><loc_2><loc_3><loc_4><loc_5><loc_6><loc_7><loc_8>")
     aligned, _ = align_boxes(token_pieces(tokenizer, two.token_ids), 100, 100)

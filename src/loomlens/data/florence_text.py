@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Iterable
 
 from loomlens.data.records import Box, Polygon
@@ -28,16 +29,18 @@ class LabelError(ValueError):
 
 def validate_label(name: str) -> str:
     """Check that `name` round-trips through `boxes_to_text` -> `parse_text`; return it with
-    surrounding whitespace removed (the parser strips it too). Raises `LabelError` for an empty
-    name, non-ASCII or control characters, and `<` or `>` (they would read as tokens)."""
-    clean = name.strip()
+    surrounding whitespace removed (the parser strips it too) and in Unicode NFC form (so "Ö"
+    typed on two systems is one class). Any printable text passes: Florence-2's tokenizers are
+    byte-level and spell any UTF-8 ("Ölfleck", "破损"). Raises `LabelError` for an empty name,
+    control or invisible characters, and `<` or `>` (they would read as tokens)."""
+    clean = unicodedata.normalize("NFC", name.strip())
     if not clean:
         raise LabelError("empty class name; give every box a label such as 'drop'")
-    bad = sorted({c for c in clean if not (" " <= c <= "~")})
+    bad = sorted({c for c in clean if not (c == " " or c.isprintable())})
     if bad:
         raise LabelError(
-            f"class name {name!r} has non-ASCII or control characters {bad}; "
-            "use plain ASCII such as 'broken-weft'"
+            f"class name {name!r} has control or invisible characters {bad}; "
+            "use letters, digits, spaces and punctuation only, such as 'broken weft'"
         )
     if "<" in clean or ">" in clean:
         raise LabelError(

@@ -204,5 +204,5 @@ def write_report(
             for i in worst
         ]
         plots["Worst images"] = plot_gallery(items, out / "worst_images.png", threshold)
-    (out / "report.md").write_text(_markdown(metrics, {k: Path(v).name for k, v in plots.items()}, title))
+    (out / "report.md").write_text(_markdown(metrics, {k: Path(v).name for k, v in plots.items()}, title), encoding="utf-8")
     return metrics

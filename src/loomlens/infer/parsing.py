@@ -34,16 +34,46 @@ class TokenBox:
 def token_pieces(tokenizer, token_ids: list[int]) -> list[str]:
     """The text each token contributes, so that `"".join(pieces)` is the decoded answer with
     special tokens kept as tags (`<s>`, `</s>`), which the parser ignores. An id the tokenizer
-    does not know (a padded output row past its length) contributes `""`, so it is skipped."""
+    does not know (a padded output row past its length) contributes `""`, so it is skipped.
+    A character a byte-level tokenizer split over several tokens ("Ö" is two bytes) comes whole
+    with the token that completes it; the tokens before contribute `""` (see `_ordinary_run`)."""
     special = set(tokenizer.all_special_ids)
+    added = set(tokenizer.get_added_vocab().values())  # `<loc_N>` and the task tokens
     size = len(tokenizer)
     known = [tid if 0 <= tid < size else tokenizer.unk_token_id for tid in token_ids]
     tokens = tokenizer.convert_ids_to_tokens(known)
-    return [
-        "" if tok is None or not 0 <= tid < size
-        else tok if tid in special else tokenizer.convert_tokens_to_string([tok])
-        for tid, tok in zip(token_ids, tokens)
-    ]
+    pieces: list[str] = []
+    run: list[str] = []  # ordinary tokens not yet turned into pieces
+    for tid, tok in zip(token_ids, tokens, strict=True):
+        if tok is not None and 0 <= tid < size and tid not in special and tid not in added:
+            run.append(tok)
+            continue
+        pieces += _ordinary_run(tokenizer, run)
+        run = []
+        pieces.append("" if tok is None or not 0 <= tid < size
+                      else tok if tid in special else tokenizer.convert_tokens_to_string([tok]))
+    return pieces + _ordinary_run(tokenizer, run)
+
+
+#: Tokens a split character may be held back over: a UTF-8 character is at most four bytes.
+_MAX_HELD = 3
+
+
+def _ordinary_run(tokenizer, tokens: list[str]) -> list[str]:
+    """The pieces of a run of ordinary (not special) tokens, one per token: its own text, but
+    a token ending inside a multi-byte character (its text ends in U+FFFD) gives `""` and the
+    token that completes the character gives the held tokens' text with its own; bytes that
+    never make a character stay U+FFFD, as `decode` writes them."""
+    pieces: list[str] = []
+    start = 0  # the first token held back
+    for i in range(len(tokens)):
+        text = tokenizer.convert_tokens_to_string(tokens[start : i + 1])
+        if text.endswith("\ufffd") and i - start < _MAX_HELD and i + 1 < len(tokens):
+            pieces.append("")
+            continue
+        pieces.append(text)
+        start = i + 1
+    return pieces
 
 
 def _label_tokens(pieces: list[str], first_loc: int) -> list[int]:
@@ -61,6 +91,8 @@ def _label_tokens(pieces: list[str], first_loc: int) -> list[int]:
                 break  # the previous run: this label is complete
         elif piece.strip() and not (piece.startswith("<") and piece.endswith(">")):
             found.append(i)
+        elif piece == "" and found and found[-1] == i + 1:
+            found.append(i)  # the first bytes of a character the next token completes
         i -= 1
     return found[::-1]
 

@@ -5,7 +5,7 @@ tiny model needs only the words of its own tasks, so loomlens trains a small byt
 its own text (task prompts, class names, caption templates, a generic vocabulary) with the
 `tokenizers` library, adds the 1000 location tokens, and wraps it as a standard
 `BartTokenizer`, so that `AutoTokenizer.from_pretrained(folder)` loads it without loomlens.
-Byte-level BPE can still spell any ASCII text, so a user's own class names always encode.
+Byte-level BPE can still spell any UTF-8 text, so a user's own class names always encode.
 """
 
 from __future__ import annotations
