@@ -29,7 +29,7 @@ from loomlens.data.cvat import read_cvat, xml_root_tag
 from loomlens.data.florence_text import boxes_to_text
 from loomlens.data.labelstudio import looks_like_labelstudio, read_labelstudio
 from loomlens.data.records import ImageRecord, Problem, ReadResult
-from loomlens.data.sanitize import IMAGE_SUFFIXES, BadImage, iter_files, open_image, relative
+from loomlens.data.sanitize import IMAGE_SUFFIXES, BadImage, is_deep, iter_files, open_image, relative, to_rgb
 from loomlens.data.splits import assign_splits, group_keys, own_split
 from loomlens.data.tasks import CONVERTIBLE, REGISTRY
 from loomlens.data.tiles import save_tiles, tile_record
@@ -330,8 +330,9 @@ def _images(
                     cut = {f"{TILES_DIR}/{name.stem}_x{t.window[0]}_y{t.window[1]}{name.suffix}": t
                            for t in tile_record(frame, tile, overlap, seed=seed)}
                     # Lexically: "../src/..." passes through `out` even before it exists.
+                    # A deep frame's tiles are scaled as the whole frame is (see `to_rgb`), not each alone.
                     save_tiles(Path(os.path.normpath(out / path)), {out / p: t.window for p, t in cut.items()},
-                               pixels)
+                               to_rgb(pixels) if is_deep(pixels) else pixels)
                     items[i] += [(ImageRecord(p, t.width, t.height, list(t.boxes), record.source), p)
                                             for p, t in cut.items()]
                     tiles.update(cut)

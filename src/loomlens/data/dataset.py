@@ -23,6 +23,7 @@ from loomlens.data.florence_text import boxes_to_text, parse_text
 from loomlens.data.jsonl import read_lines, validate_split
 from loomlens.data.records import Box
 from loomlens.data.sampling import Balance, Labels, balanced_batches
+from loomlens.data.sanitize import to_rgb
 from loomlens.data.tasks import CONVERTIBLE, REGISTRY
 from loomlens.data.tiles import is_large
 
@@ -157,7 +158,7 @@ class FlorenceDataset(torch.utils.data.Dataset):
         if image in self._pixels:
             return self._pixels[image]
         with Image.open(image) as im:
-            values = self.processor.image_processor(images=[im.convert("RGB")], return_tensors="pt").pixel_values[0]
+            values = self.processor.image_processor(images=[to_rgb(im)], return_tensors="pt").pixel_values[0]
         if self.cache_pixels:
             self._pixels[image] = values
         return values
@@ -182,7 +183,7 @@ class FlorenceDataset(torch.utils.data.Dataset):
         if image in self._pictures:
             return self._pictures[image]
         with Image.open(image) as im:
-            picture = im.convert("RGB")
+            picture = to_rgb(im)
         if self.cache_pixels:
             self._pictures[image] = picture
         return picture

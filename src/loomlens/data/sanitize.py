@@ -12,6 +12,7 @@ from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from loomlens.data.florence_text import LabelError, validate_label
@@ -111,6 +112,32 @@ def open_image(path: Path, decode: bool = False) -> Iterator[Image.Image]:
             except _DECODE_ERRORS as err:
                 raise BadImage(f"cannot decode {path.name!r}: {err}") from err
         yield im
+
+
+#: Bit depths a grey camera image may fill inside a 16- or 32-bit file, smallest first.
+_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def is_deep(image: Image.Image) -> bool:
+    """Whether `image` holds more than 8 bits a channel (PIL modes I;16*, I, F)."""
+    return image.mode.startswith("I") or image.mode == "F"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB, the form the model and every drawing take. A deep grey image (PIL
+    modes I;16*, I, F: 16-bit PNG and TIFF from machine-vision cameras) is scaled down from
+    the smallest depth of `_DEPTHS` bits that holds its brightest pixel (a float image within
+    0..1 from 1), where PIL's own conversion would clip every value above 255 to white."""
+    if not is_deep(image):
+        return image.convert("RGB")
+    values = np.clip(np.asarray(image, dtype=np.float64), 0, None)
+    top = float(values.max(initial=0))
+    if image.mode == "F" and top <= 1:
+        full = 1.0
+    else:
+        full = next((2.0**d - 1 for d in _DEPTHS if top <= 2**d - 1), top)
+    grey = np.clip(values * (255 / full) + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
 def image_size(

@@ -20,6 +20,7 @@ from PIL import Image
 from loomlens.data.dataset import read_jsonl
 from loomlens.data.florence_text import parse_text
 from loomlens.data.records import Box
+from loomlens.data.sanitize import to_rgb
 from loomlens.data.tiles import AUTO_FACTOR
 from loomlens.data.yolo import CLASSES_FILE, read_class_names
 from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, match_image
@@ -82,7 +83,7 @@ def run_split(
 
     start = time.perf_counter()
     for chunk in batched(images, batch_size):
-        pictures = [Image.open(e.path).convert("RGB") for e in chunk]
+        pictures = [to_rgb(Image.open(e.path)) for e in chunk]
         tiled = [tile is not None and should_tile(p.width, p.height, "auto", tile) for p in pictures]
         whole = iter(detect([p for p, t in zip(pictures, tiled) if not t]))
         predicted += [tiled_detect(detect, p, tile) if t else next(whole) for p, t in zip(pictures, tiled)]
@@ -200,7 +201,7 @@ def write_report(
     worst = _worst(run, threshold, gallery_size)
     if worst:
         items = [
-            (run.images[i].path.name, Image.open(run.images[i].path).convert("RGB"), run.images[i].truth, run.predicted[i])
+            (run.images[i].path.name, to_rgb(Image.open(run.images[i].path)), run.images[i].truth, run.predicted[i])
             for i in worst
         ]
         plots["Worst images"] = plot_gallery(items, out / "worst_images.png", threshold)

@@ -26,6 +26,7 @@ from PIL import Image
 
 from loomlens.data.florence_text import parse_polygons
 from loomlens.data.records import Box
+from loomlens.data.sanitize import to_rgb
 from loomlens.data.tasks import TASKS, Task, get_task, prompt
 from loomlens.data.tiles import tile_windows
 from loomlens.infer.detection import batched, detect_with_details
@@ -96,9 +97,9 @@ def _check(deadline: float | None) -> None:
 
 def _open(image: Image.Image | str | Path) -> Image.Image:
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     with Image.open(image) as im:
-        return im.convert("RGB")
+        return to_rgb(im)
 
 
 class Predictor:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFile
 
+from loomlens.data.sanitize import to_rgb
 from loomlens.predict.video import frame_count, is_video, read_frames
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -77,7 +78,7 @@ def read_image(path: Path) -> Image.Image:
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # decodes every pixel: a truncated file fails here
+            return to_rgb(im)  # decodes every pixel: a truncated file fails here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{path} cannot be decoded ({exc}): re-copy or re-export it") from None
 

@@ -18,6 +18,7 @@ import warnings
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from loomlens.data.sanitize import to_rgb
 from loomlens.serve.errors import InputError
 
 #: Default pixel limit: 50 MP, a dozen times the 2560x1440 loom frames.
@@ -69,7 +70,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: in
                 image.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale
             image.load()
             image = ImageOps.exif_transpose(image)
-            image = image.convert("RGB")
+            image = to_rgb(image)
             if max_side and max(image.size) > max_side:
                 image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     except OSError as exc:
