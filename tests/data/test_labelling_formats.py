@@ -239,3 +239,39 @@ def test_label_studio_export_reads_percent_boxes_and_names_a_task_without_an_ima
     boxes = _boxes(tmp_path / "data")
     # 10 %, 20 %, 15 %, 50 % of 200 x 100 -> (20, 20, 30, 50) px
     assert boxes == {"a.jpg": "drop<loc_100><loc_200><loc_150><loc_500>", "b.jpg": ""}
+
+
+def _exif_turned(path: Path, size: tuple[int, int]) -> None:
+    """A JPEG stored `size` whose EXIF orientation 6 shows it a quarter turned (a phone photo)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (90, 90, 90)).save(path, exif=exif)
+
+
+def test_boxes_drawn_on_the_upright_picture_of_an_exif_turned_photo_are_named_not_misplaced(tmp_path):
+    # Label Studio and CVAT show a phone photo upright by its EXIF orientation; loomlens reads it
+    # as stored, so those boxes would land a quarter turn off: the file is named with the fix.
+    src = tmp_path / "ls"
+    _exif_turned(src / "images" / "turned.jpg", (200, 100))
+    write_image(src / "images" / "plain.jpg", (200, 100))
+    upright = {**_ls_box("drop", 10, 20, 5, 30), "original_width": 100, "original_height": 200}
+    tasks = [{"id": 1, "data": {"image": "/data/upload/1/turned.jpg"}, "annotations": [{"result": [upright]}]},
+             {"id": 2, "data": {"image": "/data/upload/1/plain.jpg"},
+              "annotations": [{"result": [_ls_box("drop", 10, 20, 5, 30)]}]}]
+    (src / "export.json").write_text(json.dumps(tasks))
+    report = convert(src, tmp_path / "data", val_fraction=0)
+    (problem,) = [p for p in report.problems if p.file == "export.json"]
+    assert "task 1" in problem.message and "EXIF orientation (6)" in problem.message
+    assert "auto-orient" in problem.fix
+    assert set(_boxes(tmp_path / "data")) == {"plain.jpg"}
+
+    voc = tmp_path / "voc"
+    _exif_turned(voc / "turned.jpg", (200, 100))
+    write_voc(ImageRecord("turned.jpg", 100, 200, [Box("drop", 5, 5, 20, 20)]), voc / "turned.xml", voc)
+    write_image(voc / "plain.jpg")
+    write_voc(ImageRecord("plain.jpg", 64, 48, []), voc / "plain.xml", voc)
+    (problem,) = [p for p in convert(voc, tmp_path / "voc-data", val_fraction=0).problems if "EXIF" in p.message]
+    assert problem.file == "turned.xml" and "EXIF orientation (6)" in problem.message

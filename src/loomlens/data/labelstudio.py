@@ -136,8 +136,14 @@ def _task(
         return None, [Problem(file=file, message=f"{where}: image {url!r} not found; skipped",
                               fix="put the image files beside the export or in images/")]
     size, problem = image_size(found, None, file)
+    # Label Studio records the size it showed the picture at (percentages survive a rescale, a
+    # quarter turn not): a browser turns a picture upright by its EXIF orientation.
+    shown = next(((r.get("original_width"), r.get("original_height")) for r in results
+                  if isinstance(r.get("original_width"), int) and isinstance(r.get("original_height"), int)), None)
+    if size is not None and size[0] != size[1] and shown == size[::-1]:
+        size, problem = image_size(found, shown, file)
     if size is None:
-        return None, [problem]
+        return None, [replace(problem, message=f"{where}: {problem.message}")]
     record = ImageRecord(relative(found, root), size[0], size[1], [], file)
     problems: list[Problem] = []
     for n, res in enumerate(results):

@@ -114,6 +114,10 @@ def open_image(path: Path, decode: bool = False) -> Iterator[Image.Image]:
         yield im
 
 
+_ORIENTATION = 0x0112  # the EXIF tag
+_TURNED = {5, 6, 7, 8}  # EXIF orientations that turn the picture a quarter: width and height swap
+
+
 #: Bit depths a grey camera image may fill inside a 16- or 32-bit file, smallest first.
 _DEPTHS = (8, 10, 12, 14, 16)
 
@@ -143,12 +147,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def image_size(
     path: Path, declared: tuple[int, int] | None, file: str, line: int | None = None
 ) -> tuple[tuple[int, int] | None, Problem | None]:
-    """The (width, height) of the image at `path`, read from its header only (see
+    """The (width, height) of the image at `path` as stored, read from its header only (see
     `open_image`). If the annotation `declared` a non-zero size that differs, the boxes cannot
-    be trusted: problem. A damaged or oversized image is a problem too."""
+    be trusted: problem (one that names the EXIF orientation when that is why the sizes swap).
+    A damaged or oversized image is a problem too."""
     try:
         with open_image(path) as im:
             size = im.size
+            orientation = im.getexif().get(_ORIENTATION, 1)
     except ImageTooLarge as err:
         return None, Problem(
             file=file, line=line, message=f"image {err}; skipped",
@@ -160,6 +166,15 @@ def image_size(
             line=line,
             message=f"cannot read image: {err}",
             fix="replace the damaged image or delete its annotation",
+        )
+    if declared and all(declared) and tuple(declared) == size[::-1] and orientation in _TURNED:
+        return None, Problem(
+            file=file, line=line,
+            message=f"annotation says the image is {declared[0]}x{declared[1]}: the picture upright, as its EXIF "
+            f"orientation ({orientation}) turns it, but loomlens reads {path.name!r} as stored, "
+            f"{size[0]}x{size[1]}; skipped",
+            fix="save the image upright (e.g. `mogrify -auto-orient`, or PIL's ImageOps.exif_transpose) and "
+            "convert again: the boxes then fit",
         )
     if declared and all(declared) and tuple(declared) != size:
         return None, Problem(
