@@ -47,6 +47,27 @@ def test_each_image_goes_through_the_image_processor_once(small_data, small_mode
     assert counting.calls == len({ex.image for ex in ds.examples}) < len(ds)
 
 
+def test_the_image_cache_stays_within_its_budget_and_items_stay_the_same(small_data, small_model_dir):
+    from loomlens.data.augment import Augment
+    from loomlens.model import load_model
+
+    _, processor = load_model(str(small_model_dir))
+    jsonl = small_data / "train.jsonl"
+    for augment in (None, Augment()):  # processed pixels kept, or decoded pictures
+        whole = FlorenceDataset(jsonl, processor, augment=augment, seed=1)
+        expected = [whole[i]["pixel_values"] for i in range(len(whole))]
+        assert not whole.cache_full and whole.cached_bytes > 0
+        one_image = whole.cached_bytes // len(whole._pixels or whole._pictures)
+        for budget in (0, one_image + one_image // 2):
+            bounded = FlorenceDataset(jsonl, processor, augment=augment, seed=1, cache_bytes=budget)
+            for _ in range(2):  # a second epoch's reads come from the cache or the file alike
+                assert all(torch.equal(bounded[i]["pixel_values"], expected[i]) for i in range(len(bounded)))
+                bounded.set_epoch(0)
+            assert bounded.cached_bytes <= budget
+            assert len(bounded._pixels) + len(bounded._pictures) == (0 if budget == 0 else 1)
+            assert bounded.cache_full == (budget > 0)  # 0 is "keep nothing", not a cache that filled
+
+
 def test_task_filter_and_collate_padding(small_data, small_model_dir):
     from loomlens.model import load_model
 
@@ -225,3 +246,18 @@ def test_train_says_when_the_squeeze_hides_the_defects_and_not_on_tiles(make_con
     said.clear()
     train(make_config(data=str(data), max_steps=1, eval_every=0, out=str(tmp_path / "run2")), log=said.append)
     assert not any("training boxes are under" in line for line in said), said
+
+
+def test_train_says_once_when_the_image_cache_is_full(make_config, monkeypatch, tmp_path):
+    import csv
+
+    from loomlens.data import dataset
+    from loomlens.train.recipe import train
+
+    monkeypatch.setattr(dataset, "default_cache_bytes", lambda: 1)  # no image fits
+    said = []
+    result = train(make_config(max_steps=3, eval_every=0), log=said.append)
+    full = [line for line in said if "image cache full" in line]
+    assert len(full) == 1 and "decoded each time" in full[0], said
+    with open(result.run_dir / "metrics.csv") as f:
+        assert sum("image cache full" in (row.get("event") or "") for row in csv.DictReader(f)) == 1

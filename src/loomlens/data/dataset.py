@@ -10,6 +10,7 @@ only module of `loomlens.data` that imports torch.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ _POOL_BATCHES = 16
 #: A box whose shorter side is under this many pixels at the model's input is barely visible to
 #: it (DaViT's first stage already pools 4x4 pixels into one cell): `FlorenceDataset.vanishing`.
 VANISHING_PX = 4.0
+#: Share of physical memory one dataset may fill with kept images (`default_cache_bytes`).
+CACHE_SHARE = 0.25
+#: The cache where the OS does not report its memory (Windows, macOS without sysconf).
+FALLBACK_CACHE_BYTES = 4 << 30
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -63,6 +68,15 @@ class Example:
         return None if self.boxes is None else frozenset(b.label for b in self.boxes)
 
 
+def default_cache_bytes() -> int:
+    """What one dataset may keep of its images: a quarter of the machine's physical memory
+    (`CACHE_SHARE`), or `FALLBACK_CACHE_BYTES` where the OS does not say."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * CACHE_SHARE)
+    except (AttributeError, ValueError, OSError):
+        return FALLBACK_CACHE_BYTES
+
+
 def _answer_boxes(row: dict) -> tuple[Box, ...] | None:
     """The boxes of a sample whose task answers boxes; None for other tasks."""
     task = REGISTRY.get(row.get("task", ""))
@@ -84,8 +98,11 @@ class FlorenceDataset(torch.utils.data.Dataset):
     Items are dicts with `input_ids` and `labels` (1-D long tensors, labels `<s> suffix </s>`
     per the label contract) and `pixel_values` (3-D float). `tasks` keeps only samples whose
     `task` is listed (empty: all). Labels longer than `max_label_tokens` are cut (counted in
-    `truncated`); the decoder has no positions beyond it. `cache_pixels` off (large datasets at
-    768 px: 7 MB an image) processes each image every time it is used. `augment` (training
+    `truncated`); the decoder has no positions beyond it. What is kept of each image (processed
+    pixels, or the decoded picture when augmenting) stays within `cache_bytes` (None:
+    `default_cache_bytes()`; 0: nothing kept): past it, an image is decoded again each time it
+    is used, the same pixels more slowly, rather than a large set of camera frames (a 5 MP frame
+    is 15 MB decoded) filling the machine's memory; `cache_full` says when that happened. `augment` (training
     only) draws a new variant of each picture per (seed, epoch, index), its boxes moved with it;
     `set_epoch` says which epoch the loop is in. `edge`: the model's input edge (the
     processor's), for the defect crop; `crop_window`: that edge when the crop may show some frame
@@ -104,13 +121,14 @@ class FlorenceDataset(torch.utils.data.Dataset):
         processor,
         tasks: Sequence[str] = (),
         max_label_tokens: int | None = None,
-        cache_pixels: bool = True,
+        cache_bytes: int | None = None,
         augment: Augment | None = None,
         seed: int = 0,
     ) -> None:
         self.jsonl = Path(jsonl)
         self.processor = processor
-        self.cache_pixels = cache_pixels
+        self.cache_bytes = default_cache_bytes() if cache_bytes is None else cache_bytes
+        self.cached_bytes, self.cache_full = 0, False
         self.augment = augment if augment is not None and augment.active else None
         self.seed, self.epoch, self.max_label_tokens = seed, 0, max_label_tokens
         rows = validate_split(self.jsonl)  # first: a bad split is reported before anything else is read
@@ -153,13 +171,21 @@ class FlorenceDataset(torch.utils.data.Dataset):
         blank = Image.new("RGB", (8, 8))
         return tuple(self.processor(text=[prefix], images=[blank], return_tensors="pt").input_ids[0].tolist())
 
+    def _keep(self, size: int) -> bool:
+        """Whether `size` more bytes fit the cache (and count them if so)."""
+        if self.cached_bytes + size > self.cache_bytes:
+            self.cache_full = self.cache_full or self.cache_bytes > 0
+            return False
+        self.cached_bytes += size
+        return True
+
     def pixels(self, image: Path) -> torch.Tensor:
-        """The processed pixels of `image`, computed on first use and kept (if `cache_pixels`)."""
+        """The processed pixels of `image`, computed on first use and kept while the cache has room."""
         if image in self._pixels:
             return self._pixels[image]
         with Image.open(image) as im:
             values = self.processor.image_processor(images=[to_rgb(im)], return_tensors="pt").pixel_values[0]
-        if self.cache_pixels:
+        if self._keep(values.numel() * values.element_size()):
             self._pixels[image] = values
         return values
 
@@ -173,18 +199,19 @@ class FlorenceDataset(torch.utils.data.Dataset):
             chunk = images[start : start + batch_size]
             features = encoder(torch.stack([self.pixels(image) for image in chunk]))
             self._features.update(zip(chunk, features.cpu()))
+        self.cached_bytes -= sum(v.numel() * v.element_size() for v in self._pixels.values())
         self._pixels.clear()  # no longer needed
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def picture(self, image: Path) -> Image.Image:
-        """The decoded RGB picture of `image`, kept after first use (if `cache_pixels`)."""
+        """The decoded RGB picture of `image`, kept after first use while the cache has room."""
         if image in self._pictures:
             return self._pictures[image]
         with Image.open(image) as im:
             picture = to_rgb(im)
-        if self.cache_pixels:
+        if self._keep(picture.width * picture.height * len(picture.getbands())):
             self._pictures[image] = picture
         return picture
 

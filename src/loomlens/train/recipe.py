@@ -126,6 +126,7 @@ class Session:
     epoch_length: int = 0  # optimizer steps in this epoch, for the fractional epoch logged
     started: float = field(default_factory=time.monotonic)
     seconds_before: float = 0.0  # training seconds of the runs this one resumes
+    cache_said: bool = False  # whether the run has said that the train set's image cache is full
 
     @property
     def last_dir(self) -> Path:
@@ -264,8 +265,8 @@ def datasets(cfg: TrainConfig, processor, max_label: int) -> tuple[FlorenceDatas
     aug = cfg.augment
     on = aug.enabled and not cfg.speed.cache_image_features  # cached features are of the plain pictures
     augment = Augment(**aug.model_dump(exclude={"enabled"})) if on else None
-    train_set = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, max_label, cfg.speed.num_workers == 0,
-                                augment=augment, seed=cfg.seed)
+    train_set = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, max_label,
+                                cache_bytes=None if cfg.speed.num_workers == 0 else 0, augment=augment, seed=cfg.seed)
     val_path = cfg.data / "val.jsonl"
     val_set = FlorenceDataset(val_path, processor, cfg.tasks, max_label) if _has_samples(val_path) else None
     return train_set, val_set
@@ -506,7 +507,11 @@ def advance(s: Session) -> bool:
 
 
 def log_step(s: Session, bar, *, loss: float, lr: float, grad_norm: float | None) -> None:
-    """The step on the progress bar and in the metrics log."""
+    """The step on the progress bar and in the metrics log; once, that the image cache is full."""
+    if s.train_set.cache_full and not s.cache_said:
+        s.cache_said = True
+        event(s, f"image cache full ({s.train_set.cached_bytes / 2**30:.1f} GiB): "
+              "images past it are decoded each time they are used (the same pixels, more slowly)")
     bar.update(1)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=s.state.epoch)
     if math.isfinite(loss):
