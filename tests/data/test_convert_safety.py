@@ -105,6 +105,22 @@ def test_an_annotated_negative_is_still_a_negative(tmp_path):
     assert report.images == 2 and report.negatives == 1 and report.problems == []
 
 
+def test_an_image_a_reader_skipped_is_reported_once_not_again_as_unannotated(tmp_path):
+    from loomlens.data.coco import write_coco
+
+    src = tmp_path / "src"
+    write_image(src / "good.jpg")
+    write_image(src / "resized.jpg", (32, 24))  # the annotation below says 64x48
+    records = [ImageRecord("good.jpg", 64, 48, [Box("drop", 5, 5, 20, 20)]),
+               ImageRecord("resized.jpg", 64, 48, [Box("drop", 5, 5, 20, 20)])]
+    write_coco(records, src / "_annotations.coco.json", ["drop"])
+    report = convert(src, tmp_path / "out", val_fraction=0)
+    assert report.images == 1
+    assert [p.message for p in report.problems if "resized.jpg" in p.message] == \
+        [p.message for p in report.problems], report.problems
+    assert len(report.problems) == 1 and "32x24" in report.problems[0].message
+
+
 def test_images_without_an_annotation_are_reported(tmp_path):
     src = tmp_path / "src"
     _voc_image(src, "good", "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>")

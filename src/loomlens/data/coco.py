@@ -94,6 +94,7 @@ def read_coco_file(path: Path, root: Path) -> ReadResult:
         size, problem = (None, problem) if found is None else image_size(found, declared, file)
         if size is None:
             result.problems.append(problem)
+            by_image.pop(img["id"], None)  # its boxes go with it: not "for an image not in 'images'"
             continue
         record = ImageRecord(relative(found, root), size[0], size[1], [], file)
         for ann in by_image.pop(img["id"], []):

@@ -345,12 +345,13 @@ def _images(
     return items, tiles, problems
 
 
-def _unannotated(src: Path, skip: Sequence[Path], records: Sequence[ImageRecord]) -> list[Problem]:
+def _unannotated(src: Path, skip: Sequence[Path], records: Sequence[ImageRecord],
+                 problems: Sequence[Problem]) -> list[Problem]:
     """One problem per image file under `src` (not under `skip`) that no annotation read
-    refers to: silently leaving it out would hide a missing label file. An annotation file
-    named after the image (as LabelImg names them) counts even when it was skipped, since its
-    own problem is reported already."""
-    used = {(src / r.image).resolve() for r in records}
+    refers to: silently leaving it out would hide a missing label file. An image that one of
+    `problems` already skipped, or an annotation file named after the image (as LabelImg names
+    them) even when it was skipped, counts: its own problem is reported already."""
+    used = {(src / r.image).resolve() for r in records} | {Path(p.image).resolve() for p in problems if p.image}
     stems = {p.stem for p in iter_files(src, (".xml", ".txt"), skip)}
     return [
         Problem(file=relative(path, src), message="image in no usable annotation; not converted",
@@ -423,7 +424,7 @@ def _usable_records(
 ) -> tuple[list[ImageRecord], list[Problem]]:
     """The records of `read` worth converting (see `_emptied`), and every problem so far: the
     reader's, the images of resolved `src` in no annotation, and the records left out."""
-    problems = [*read.problems, *_unannotated(src, skip, read.records)]
+    problems = [*read.problems, *_unannotated(src, skip, read.records, read.problems)]
     records, emptied = _emptied(read.records, keep_empty)
     return records, problems + emptied
 

@@ -81,12 +81,14 @@ class Polygon:
 class Problem:
     """Something wrong in the input, reported instead of raised so one bad file never aborts
     a conversion: `file` (relative to the dataset root), `line` (1-based, when known), what is
-    wrong (`message`) and what to do about it (`fix`)."""
+    wrong (`message`) and what to do about it (`fix`); `image`, the image file it skipped, when
+    it skipped one (so that image is not reported again as unannotated)."""
 
     file: str
     line: int | None = None
     message: str
     fix: str = ""
+    image: str | None = None
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line is not None else self.file

@@ -157,19 +157,20 @@ def image_size(
             orientation = im.getexif().get(_ORIENTATION, 1)
     except ImageTooLarge as err:
         return None, Problem(
-            file=file, line=line, message=f"image {err}; skipped",
+            file=file, line=line, image=str(path), message=f"image {err}; skipped",
             fix="downscale the image, or cut it into tiles before annotating",
         )
     except BadImage as err:
         return None, Problem(
             file=file,
             line=line,
+            image=str(path),
             message=f"cannot read image: {err}",
             fix="replace the damaged image or delete its annotation",
         )
     if declared and all(declared) and tuple(declared) == size[::-1] and orientation in _TURNED:
         return None, Problem(
-            file=file, line=line,
+            file=file, line=line, image=str(path),
             message=f"annotation says the image is {declared[0]}x{declared[1]}: the picture upright, as its EXIF "
             f"orientation ({orientation}) turns it, but loomlens reads {path.name!r} as stored, "
             f"{size[0]}x{size[1]}; skipped",
@@ -180,6 +181,7 @@ def image_size(
         return None, Problem(
             file=file,
             line=line,
+            image=str(path),
             message=f"annotation says the image is {declared[0]}x{declared[1]} "
             f"but {path.name!r} is {size[0]}x{size[1]}; skipped",
             fix="re-annotate the resized image, or restore the original",
