@@ -12,6 +12,7 @@ which box. No second grammar to drift from the first.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -37,8 +38,7 @@ def token_pieces(tokenizer, token_ids: list[int]) -> list[str]:
     does not know (a padded output row past its length) contributes `""`, so it is skipped.
     A character a byte-level tokenizer split over several tokens ("Ö" is two bytes) comes whole
     with the token that completes it; the tokens before contribute `""` (see `_ordinary_run`)."""
-    special = set(tokenizer.all_special_ids)
-    added = set(tokenizer.get_added_vocab().values())  # `<loc_N>` and the task tokens
+    special, added = _marker_ids(tokenizer)
     size = len(tokenizer)
     known = [tid if 0 <= tid < size else tokenizer.unk_token_id for tid in token_ids]
     tokens = tokenizer.convert_ids_to_tokens(known)
@@ -53,6 +53,13 @@ def token_pieces(tokenizer, token_ids: list[int]) -> list[str]:
         pieces.append("" if tok is None or not 0 <= tid < size
                       else tok if tid in special else tokenizer.convert_tokens_to_string([tok]))
     return pieces + _ordinary_run(tokenizer, run)
+
+
+@functools.lru_cache(maxsize=8)
+def _marker_ids(tokenizer) -> tuple[frozenset[int], frozenset[int]]:
+    """The special ids and the added ones (`<loc_N>`, the task tokens) of `tokenizer`, read once
+    per tokenizer: `get_added_vocab` rebuilds a dict of ~1000 tokens on every call."""
+    return frozenset(tokenizer.all_special_ids), frozenset(tokenizer.get_added_vocab().values())
 
 
 #: Tokens a split character may be held back over: a UTF-8 character is at most four bytes.
