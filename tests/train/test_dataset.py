@@ -251,10 +251,10 @@ def test_train_says_when_the_squeeze_hides_the_defects_and_not_on_tiles(make_con
 def test_train_says_once_when_the_image_cache_is_full(make_config, monkeypatch, tmp_path):
     import csv
 
-    from loomlens.data import dataset
+    from loomlens.train import recipe
     from loomlens.train.recipe import train
 
-    monkeypatch.setattr(dataset, "default_cache_bytes", lambda: 1)  # no image fits
+    monkeypatch.setattr(recipe, "default_cache_bytes", lambda: 1)  # no image fits
     said = []
     result = train(make_config(max_steps=3, eval_every=0), log=said.append)
     full = [line for line in said if "image cache full" in line]

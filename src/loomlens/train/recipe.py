@@ -43,7 +43,9 @@ import torch
 
 from loomlens.config import RESUMABLE, TrainConfig, changed_settings, dump_config, load_config
 from loomlens.data.augment import Augment
-from loomlens.data.dataset import IGNORE_INDEX, VANISHING_PX, Collator, FlorenceDataset, plan_batches
+from loomlens.data.dataset import (
+    IGNORE_INDEX, VANISHING_PX, Collator, FlorenceDataset, default_cache_bytes, plan_batches,
+)
 from loomlens.data.sampling import Balance
 from loomlens.model.folded_lora import fold_lora
 from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, trainable_by_tower
@@ -215,7 +217,8 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
     say = log if main else (lambda *_: None)
     set_seed(cfg.seed)  # the adapter's initial weights (they come from last/ on resume)
     model, processor = training_model(cfg)
-    train_set, val_set = datasets(cfg, processor, model.config.text_config.max_position_embeddings)
+    train_set, val_set = datasets(cfg, processor, model.config.text_config.max_position_embeddings,
+                                  processes=accelerator.num_processes)
     nominal = step_count(cfg, train_set, accelerator.num_processes)
     params = [p for p in model.parameters() if p.requires_grad]  # the adapter's weights only
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -258,17 +261,21 @@ def make_accelerator(cfg: TrainConfig):
     return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision(cfg.speed.precision, device))
 
 
-def datasets(cfg: TrainConfig, processor, max_label: int) -> tuple[FlorenceDataset, FlorenceDataset | None]:
+def datasets(cfg: TrainConfig, processor, max_label: int, processes: int = 1
+             ) -> tuple[FlorenceDataset, FlorenceDataset | None]:
     """The train set (augmented as `cfg.augment` says) and the val set (None when `val.jsonl` is
     empty or missing), tokenised, answers cut at `max_label` tokens. Workers start afresh each
-    epoch, so the train set caches only when batches are made in the loop (`speed.num_workers` 0)."""
+    epoch, so the train set caches only when batches are made in the loop (`speed.num_workers` 0);
+    each of the machine's `processes` keeps its share of the image cache's budget."""
     aug = cfg.augment
     on = aug.enabled and not cfg.speed.cache_image_features  # cached features are of the plain pictures
     augment = Augment(**aug.model_dump(exclude={"enabled"})) if on else None
+    budget = default_cache_bytes() // max(1, processes)
     train_set = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, max_label,
-                                cache_bytes=None if cfg.speed.num_workers == 0 else 0, augment=augment, seed=cfg.seed)
+                                cache_bytes=budget if cfg.speed.num_workers == 0 else 0, augment=augment, seed=cfg.seed)
     val_path = cfg.data / "val.jsonl"
-    val_set = FlorenceDataset(val_path, processor, cfg.tasks, max_label) if _has_samples(val_path) else None
+    val_set = (FlorenceDataset(val_path, processor, cfg.tasks, max_label, cache_bytes=budget)
+               if _has_samples(val_path) else None)
     return train_set, val_set
 
 
