@@ -110,3 +110,25 @@ def test_predict_save_labels_voc_then_convert_gives_back_the_predicted_boxes(tmp
     assert json.loads((tmp_path / "data" / "summary.json").read_text())["images"] == 2
     assert CliRunner().invoke(app, ["predict", str(tmp_path / "im0.png"), "--out", str(out),
                                     "--save-labels", "pascal"]).exit_code == 1
+
+
+@pytest.mark.parametrize("fmt", ["voc", "yolo"])
+def test_a_later_run_with_another_picture_of_the_same_name_never_takes_the_earlier_ones_place(tmp_path, fmt):
+    # Day 1 and day 2 both hold frame_0001 (day 2 as a .bmp); each picture keeps its own boxes.
+    out = tmp_path / "to-label"
+    days = {"day1": ("red", ".png", Box("drop", 1, 1, 10, 10, 0.9)),
+            "day2": ("blue", ".bmp", Box("broken-weft", 50, 20, 90, 40, 0.8))}
+    for day, (colour, suffix, box) in [*days.items(), ("day1", days["day1"])]:  # day 1 again: a re-run
+        (tmp_path / day).mkdir(exist_ok=True)
+        source = tmp_path / day / f"frame_0001{suffix}"
+        Image.new("RGB", (120, 48), colour).save(source)
+        labels = LabelsOut(out, fmt, ["drop", "broken-weft"], "run/x")
+        labels.add(Item(source, Image.open(source).convert("RGB")), Prediction("od", 120, 48, [box]), "frame_0001")
+        labels.finish()
+    read = READERS[fmt](out, ())
+    assert read.problems == [] and len(read.records) == 2
+    for record in read.records:
+        colour = Image.open(out / record.image).convert("RGB").getpixel((0, 0))
+        (box,) = record.boxes
+        assert box.label == ("drop" if colour == (255, 0, 0) else "broken-weft")
+    assert labels.kept == 1 and labels.written == 0  # the re-run found day 1's picture under its old name

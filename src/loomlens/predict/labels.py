@@ -14,15 +14,21 @@ DIR becomes a dataset `loomlens convert DIR` reads back:
 - coco: `annotations.json`, a COCO dataset whose boxes carry their `score`.
 
 A per-image annotation file already in DIR (one a person may have corrected) is never
-overwritten: it is kept and counted; delete it to have it predicted again.
+overwritten: it is kept and counted; delete it to have it predicted again. A picture of a later
+run whose name an earlier run's picture holds (every day's `frame_0001.jpg`) gets a name of its
+own, so no annotation is ever kept beside another picture.
 """
 
 from __future__ import annotations
 
+import filecmp
+import glob
+import io
+import itertools
 import json
 from pathlib import Path
 
-from loomlens.data.atomic import atomic_copy, atomic_save_image, atomic_write
+from loomlens.data.atomic import atomic_copy, atomic_write
 from loomlens.data.coco import write_coco
 from loomlens.data.labelstudio import labelstudio_tasks
 from loomlens.data.records import ImageRecord
@@ -57,22 +63,46 @@ class LabelsOut:
         known = read_class_names(self.out / "labels" / CLASSES_FILE) if fmt == "yolo" else []
         self.classes = list(dict.fromkeys([*known, *classes]))
         self.records: list[ImageRecord] = []
+        self.placed: set[str] = set()  # the stems of this run's pictures in images/
         self.written = 0
         self.kept = 0
 
     def _place(self, item: Item, name: str) -> str:
         """The picture's path relative to the folder: where it is when inside it, else put
-        under `images/` as `name` (+ the source's suffix; `.jpg` for a video frame)."""
+        under `images/` as `name` (+ the source's suffix; `.jpg` for a video frame). A name an
+        earlier run gave another picture (yesterday's `frame_0001.jpg`) stays with that picture
+        and its annotation: this one takes `<folder>_<name>`, then `<name>_2`, ...; the same
+        picture again (a re-run) gets its old name back."""
         source = item.source.resolve()
         if item.frame is None and source.is_relative_to(self.out.resolve()):
             return source.relative_to(self.out.resolve()).as_posix()
-        image = f"images/{name}{'.jpg' if item.frame is not None else item.source.suffix}"
-        target = self.out / image
-        if item.frame is not None:
-            if not target.exists():
-                atomic_save_image(item.image.convert("RGB"), target, "JPEG")
-        elif not (target.exists() and target.stat().st_size == source.stat().st_size):
-            atomic_copy(source, target, link=self.link)
+        suffix = ".jpg" if item.frame is not None else item.source.suffix
+        frame = None
+        if item.frame is not None:  # a video frame: its JPEG bytes, to be saved or compared
+            buffer = io.BytesIO()
+            item.image.convert("RGB").save(buffer, format="JPEG", quality=95)
+            frame = buffer.getvalue()
+        numbered = (f"{name}_{i}" for i in itertools.count(2))
+        for stem in itertools.chain((name, f"{item.source.parent.name}_{name}"), numbered):
+            if stem in self.placed:
+                continue
+            image = f"images/{stem}{suffix}"
+            target = self.out / image
+            # A stem is one picture's: its annotation file is named after the stem alone.
+            held = [p for p in (self.out / "images").glob(f"{glob.escape(stem)}.*") if p.stem == stem]
+            if not held:
+                if frame is not None:
+                    atomic_write(target, frame, durable=False)
+                else:
+                    atomic_copy(source, target, link=self.link)
+                break
+            if target not in held:
+                continue
+            if frame is not None and target.read_bytes() == frame:
+                break
+            if frame is None and (target.samefile(source) or filecmp.cmp(source, target, shallow=False)):
+                break
+        self.placed.add(stem)
         return image
 
     def add(self, item: Item, prediction: Prediction, name: str) -> None:
