@@ -132,3 +132,19 @@ def test_a_later_run_with_another_picture_of_the_same_name_never_takes_the_earli
         (box,) = record.boxes
         assert box.label == ("drop" if colour == (255, 0, 0) else "broken-weft")
     assert labels.kept == 1 and labels.written == 0  # the re-run found day 1's picture under its old name
+
+
+def test_label_studio_finds_a_picture_whose_name_holds_url_characters(tmp_path):
+    # '#' would end the URL, '+' read as a space, '&' start another query field.
+    source = tmp_path / "roll#3 a+b&c 100%.png"
+    Image.new("RGB", (120, 48)).save(source)
+    labels = LabelsOut(tmp_path / "ls", "labelstudio", ["drop"], "run/x")
+    labels.add(Item(source, Image.new("RGB", (120, 48))), Prediction("od", 120, 48, [BOXES["a"][0]]), source.stem)
+    labels.finish()
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    for task in tasks:  # as Label Studio exports it once a person accepted the prediction
+        task["annotations"] = [{"result": task.pop("predictions")[0]["result"]}]
+    (tmp_path / "ls" / "tasks.json").write_text(json.dumps(tasks))
+    read = READERS["labelstudio"](tmp_path / "ls", ())
+    assert read.problems == [] and [r.image for r in read.records] == [f"images/{source.name}"]
+    assert [b.label for b in read.records[0].boxes] == ["drop"]

@@ -9,7 +9,7 @@ DIR becomes a dataset `loomlens convert DIR` reads back:
   Save Dir `annotations/`);
 - yolo: `labels/<name>.txt` with `labels/classes.txt` (LabelImg's YOLO mode);
 - labelstudio: `tasks.json`, one task per picture, each box a `rectanglelabels` prediction with
-  its `score`; images as `/data/local-files/?d=images/...`: serve DIR as Label Studio's local
+  its `score`; images as `/data/local-files/?d=images/...` (percent-encoded): serve DIR as Label Studio's local
   files document root;
 - coco: `annotations.json`, a COCO dataset whose boxes carry their `score`.
 
@@ -27,6 +27,7 @@ import io
 import itertools
 import json
 from pathlib import Path
+from urllib.parse import quote
 
 from loomlens.data.atomic import atomic_copy, atomic_write
 from loomlens.data.coco import write_coco
@@ -133,7 +134,8 @@ class LabelsOut:
             write_classes(self.out / "labels" / CLASSES_FILE, self.classes)
             written.append(f"labels/{CLASSES_FILE}")
         if self.fmt == "labelstudio":
-            urls = [LOCAL_FILES + r.image for r in self.records]
+            # Percent-encoded: a '#', '+', '&' or '%' in a file name would end or change the path.
+            urls = [LOCAL_FILES + quote(r.image) for r in self.records]
             tasks = labelstudio_tasks(self.records, urls, self.model_version)
             atomic_write(self.out / "tasks.json", json.dumps(tasks, indent=1) + "\n")
             written.append("tasks.json")
