@@ -10,7 +10,7 @@ from loomlens.data.records import Box
 from loomlens.predict.draw import draw_prediction
 from loomlens.predict.files import predict_files
 from loomlens.predict.predictor import Prediction
-from loomlens.predict.sources import expand_inputs
+from loomlens.predict.sources import expand_inputs, iter_items
 from loomlens.predict.video import read_frames
 
 cv2 = pytest.importorskip("cv2")
@@ -91,3 +91,21 @@ def test_drawing_is_a_copy_with_each_box_once():
     # One rectangle: the column through the box crosses exactly two horizontal edges.
     column = pixels[25:100, 50]
     assert np.count_nonzero(np.diff(column.astype(int)) == 1) <= 2
+
+
+def test_a_video_cut_off_midway_gives_its_frames_and_is_reported_with_where_it_ends(tmp_path):
+    whole = tmp_path / "whole.avi"
+    writer = cv2.VideoWriter(str(whole), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (96, 64))
+    for _ in range(10):  # noise: the frames, not the header, make up the file
+        writer.write(np.random.default_rng(0).integers(0, 255, (64, 96, 3), np.uint8))
+    writer.release()
+    data = whole.read_bytes()
+    (tmp_path / "cut.avi").write_bytes(data[: len(data) // 2])  # a copy that stopped halfway
+    problems = []
+    items = list(iter_items([whole, tmp_path / "cut.avi"], 2, problems.append))
+    cut = [i.frame for i in items if i.source.name == "cut.avi"]
+    assert [i.frame for i in items if i.source.name == "whole.avi"] == [0, 2, 4, 6, 8]
+    assert cut and cut == list(range(0, 2 * len(cut), 2)) and len(cut) < 5
+    (problem,) = problems
+    assert problem.source == str(tmp_path / "cut.avi") and problem.frame is not None and problem.frame < 10
+    assert f"ends at frame {problem.frame} of the 10" in problem.error and "re-copy" in problem.error

@@ -86,20 +86,33 @@ def read_image(path: Path) -> Image.Image:
 def iter_items(files: Sequence[Path], every: int = 1,
                on_problem: Callable[[Problem], None] | None = None) -> Iterator[Item]:
     """Each image as one item, each video as every `every`-th frame. With `on_problem`, a file
-    that cannot be read is reported to it and skipped; without, its ValueError propagates."""
+    that cannot be read is reported to it and skipped, and a video that ends before the frame
+    count it declares is reported after the frames it gave; without, the ValueError propagates."""
     for f in files:
+        cut_at = None  # the first frame a video cut off before its declared end could not give
         try:
             if is_video(f):
-                frames = 0
-                for frame in read_frames(f, every):
+                frames, reader = 0, read_frames(f, every)
+                while True:
+                    try:
+                        frame = next(reader)
+                    except StopIteration as end:
+                        read = end.value
+                        break
                     frames += 1
                     yield Item(f, frame.image, frame.index, frame.timestamp)
                 if not frames:
                     raise ValueError(f"{f} holds no frame OpenCV can decode: re-copy or re-encode it")
+                declared = frame_count(f)
+                if declared - read > 1:  # a count estimated from the duration can be one off
+                    cut_at = read
+                    raise ValueError(f"{f} ends at frame {read} of the {declared} it declares (cut off or "
+                                     "damaged): the frames before it were read, the rest were not; re-copy "
+                                     "the file (or re-encode it) and predict again")
             else:
                 yield Item(f, read_image(f))
         except (ValueError, OSError) as exc:
             if on_problem is None:
                 raise
             message = str(exc) if str(f) in str(exc) else f"{f}: {exc}"
-            on_problem(Problem(str(f), message))
+            on_problem(Problem(str(f), message, cut_at))

@@ -3,7 +3,7 @@ index and its timestamp in seconds from the start of the file."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,10 +44,11 @@ def frame_count(path: str | Path) -> int:
         capture.release()
 
 
-def read_frames(path: str | Path, every: int = 1) -> Iterator[Frame]:
+def read_frames(path: str | Path, every: int = 1) -> Generator[Frame, None, int]:
     """Frames 0, `every`, 2 x `every`, ... of the video at `path`, timestamped index / fps (the
-    decoder's position when the file gives no fps). Raises ValueError for a file OpenCV
-    cannot open."""
+    decoder's position when the file gives no fps); returns (as StopIteration's value) how many
+    frames the file gave, so a caller can tell a file cut off from its declared end. Raises
+    ValueError for a file OpenCV cannot open."""
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
     cv2 = _cv2()
@@ -69,3 +70,4 @@ def read_frames(path: str | Path, every: int = 1) -> Iterator[Frame]:
             index += 1
     finally:
         capture.release()
+    return index
