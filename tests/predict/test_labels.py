@@ -148,3 +148,25 @@ def test_label_studio_finds_a_picture_whose_name_holds_url_characters(tmp_path):
     read = READERS["labelstudio"](tmp_path / "ls", ())
     assert read.problems == [] and [r.image for r in read.records] == [f"images/{source.name}"]
     assert [b.label for b in read.records[0].boxes] == ["drop"]
+
+
+def test_a_later_coco_run_adds_its_pictures_and_keeps_the_entries_a_person_corrected(tmp_path):
+    _write(tmp_path, "coco", tmp_path / "coco")
+    document = tmp_path / "coco" / "annotations.json"
+    data = json.loads(document.read_text())
+    data["categories"].append({"id": 9, "name": "stain"})
+    data["annotations"][0]["category_id"] = 9  # corrected in CVAT: a's drop is a stain
+    document.write_text(json.dumps(data))
+    Image.new("RGB", (120, 48)).save(tmp_path / "frames" / "c.png")
+    labels = LabelsOut(tmp_path / "coco", "coco", ["drop"], "run/x")
+    for stem in ("a", "c"):  # a again (kept as corrected), c new
+        labels.add(Item(tmp_path / "frames" / f"{stem}.png", Image.new("RGB", (120, 48))),
+                   Prediction("od", 120, 48, [Box("drop", 2, 2, 20, 20, 0.5)]), stem)
+    assert "annotations.json (1 new, 1 kept)" in labels.finish()
+    read = READERS["coco"](tmp_path / "coco", ())
+    assert read.problems == []
+    boxes = {Path(r.image).stem: [b.label for b in r.boxes] for r in read.records}
+    assert boxes == {"a": ["stain", "broken-weft"], "b": [], "c": ["drop"]}
+    document.write_text("{not json")
+    with pytest.raises(ValueError, match="annotations.json is there but cannot be added to"):
+        labels.finish()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from loomlens.data.atomic import atomic_write
@@ -166,3 +166,46 @@ def write_coco(records: Sequence[ImageRecord], json_path: str | Path, classes: S
     categories = [{"id": i, "name": name} for i, name in enumerate(classes, 1)]
     data = {"images": images, "annotations": annotations, "categories": categories}
     atomic_write(json_path, json.dumps(data, indent=1) + "\n", durable=False)
+
+
+def add_to_coco(records: Sequence[ImageRecord], json_path: str | Path, classes: Sequence[str]) -> int:
+    """Add `records` to the COCO file at `json_path` (written as `write_coco` does when there is
+    none). Images the file already holds (by `file_name`, or its last part) keep their entries and annotations,
+    which a person may have corrected; new categories are appended. Returns how many of
+    `records` were already there. Raises ValueError naming the file when it is not COCO."""
+    json_path = Path(json_path)
+    if not json_path.exists():
+        write_coco(records, json_path, classes)
+        return 0
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+        if not (isinstance(data, dict) and all(isinstance(data.get(k), list)
+                                               for k in ("images", "annotations", "categories"))):
+            raise ValueError("no images, annotations and categories lists")
+        # By path or by name: a tool's export of the folder may name images without `images/`.
+        held = {n for image in data["images"] for n in (image["file_name"], PurePosixPath(image["file_name"]).name)}
+        category = {c["name"]: c["id"] for c in data["categories"]}
+        next_image = max((image["id"] for image in data["images"]), default=0) + 1
+        next_ann = max((ann["id"] for ann in data["annotations"]), default=0) + 1
+        next_category = max(category.values(), default=0) + 1
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{json_path} is there but cannot be added to ({type(err).__name__}: {err}): fix it, "
+                         "move it away, or write the pre-annotations to another folder") from None
+    added = [r for r in records if r.image not in held and PurePosixPath(r.image).name not in held]
+    for name in dict.fromkeys([*classes, *(b.label for r in added for b in r.boxes)]):
+        if name not in category:
+            category[name] = next_category
+            data["categories"].append({"id": next_category, "name": name})
+            next_category += 1
+    for image_id, record in enumerate(added, next_image):
+        data["images"].append({"id": image_id, "file_name": record.image, "width": record.width,
+                               "height": record.height})
+        for box in record.boxes:
+            data["annotations"].append({
+                "id": next_ann, "image_id": image_id, "category_id": category[box.label],
+                "bbox": [box.x1, box.y1, box.width, box.height], "area": box.width * box.height, "iscrowd": 0,
+                **({} if box.score is None else {"score": box.score}),
+            })
+            next_ann += 1
+    atomic_write(json_path, json.dumps(data, indent=1) + "\n", durable=False)
+    return len(records) - len(added)

@@ -11,10 +11,12 @@ DIR becomes a dataset `loomlens convert DIR` reads back:
 - labelstudio: `tasks.json`, one task per picture, each box a `rectanglelabels` prediction with
   its `score`; images as `/data/local-files/?d=images/...` (percent-encoded): serve DIR as Label Studio's local
   files document root;
-- coco: `annotations.json`, a COCO dataset whose boxes carry their `score`.
+- coco: `annotations.json`, a COCO dataset whose boxes carry their `score`; a later run adds its
+  pictures to it.
 
 A per-image annotation file already in DIR (one a person may have corrected) is never
-overwritten: it is kept and counted; delete it to have it predicted again. A picture of a later
+overwritten: it is kept and counted; delete it to have it predicted again (so is a picture's
+entry in an `annotations.json` already there). A picture of a later
 run whose name an earlier run's picture holds (every day's `frame_0001.jpg`) gets a name of its
 own, so no annotation is ever kept beside another picture.
 """
@@ -30,7 +32,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from loomlens.data.atomic import atomic_copy, atomic_write
-from loomlens.data.coco import write_coco
+from loomlens.data.coco import add_to_coco
 from loomlens.data.labelstudio import labelstudio_tasks
 from loomlens.data.records import ImageRecord
 from loomlens.data.voc import write_voc
@@ -140,6 +142,6 @@ class LabelsOut:
             atomic_write(self.out / "tasks.json", json.dumps(tasks, indent=1) + "\n")
             written.append("tasks.json")
         if self.fmt == "coco":
-            write_coco(self.records, self.out / "annotations.json", self.classes)
-            written.append("annotations.json")
+            self.kept = add_to_coco(self.records, self.out / "annotations.json", self.classes)
+            written.append(f"annotations.json ({len(self.records) - self.kept} new, {self.kept} kept)")
         return written
