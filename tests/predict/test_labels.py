@@ -170,3 +170,15 @@ def test_a_later_coco_run_adds_its_pictures_and_keeps_the_entries_a_person_corre
     document.write_text("{not json")
     with pytest.raises(ValueError, match="annotations.json is there but cannot be added to"):
         labels.finish()
+
+
+def test_yolo_labels_of_a_run_stopped_midway_are_named_by_a_classes_txt(tmp_path):
+    # No finish(): the run was interrupted; a label of a class the run did not know, twice.
+    (tmp_path / "frames").mkdir()
+    Image.new("RGB", (120, 48)).save(tmp_path / "frames" / "a.png")
+    labels = LabelsOut(tmp_path / "yolo", "yolo", ["drop"], "run/x")
+    boxes = [Box("stain", 1, 1, 9, 9, 0.5), Box("stain", 20, 5, 30, 15, 0.4), Box("drop", 40, 5, 50, 15, 0.3)]
+    labels.add(Item(tmp_path / "frames" / "a.png", Image.new("RGB", (120, 48))), Prediction("od", 120, 48, boxes), "a")
+    assert (tmp_path / "yolo" / "labels" / "classes.txt").read_text() == "drop\nstain\n"
+    read = READERS["yolo"](tmp_path / "yolo", ())
+    assert read.problems == [] and [b.label for b in read.records[0].boxes] == ["stain", "stain", "drop"]

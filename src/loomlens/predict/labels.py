@@ -111,7 +111,11 @@ class LabelsOut:
     def add(self, item: Item, prediction: Prediction, name: str) -> None:
         """Write the pre-annotation of one picture, `name` its unique stem in this run."""
         record = ImageRecord(self._place(item, name), prediction.width, prediction.height, list(prediction.boxes))
-        self.classes += [b.label for b in record.boxes if b.label not in self.classes]
+        new = list(dict.fromkeys(b.label for b in record.boxes if b.label not in self.classes))
+        self.classes += new
+        if self.fmt == "yolo" and (new or not self.records):
+            # Before the label file: every id on disk is named even if the run stops here.
+            write_classes(self.out / "labels" / CLASSES_FILE, self.classes)
         self.records.append(record)
         if self.fmt not in PER_IMAGE:
             return
