@@ -667,7 +667,7 @@ def predict_command(
     if save_labels is not None and save_labels not in LABEL_FORMATS:
         raise _fail(f"--save-labels must be one of {', '.join(LABEL_FORMATS)}, got {save_labels!r}")
     try:
-        total = count_items(expand_inputs(inputs), every)
+        total = count_items(expand_inputs(inputs, exclude=[out, *([labels_out] if labels_out else [])]), every)
         predictor = Predictor(model=model, adapter=adapter, device=_device(device), max_boxes=max_boxes,
                               batch_size=batch_size, checkpoint=checkpoint, regions=regions, tile_size=tile_size,
                               constrained=constrained, precision=precision, backend=backend)
@@ -764,7 +764,7 @@ def select_command(
     chosen_weights = _weights(weights)
     try:
         check_weights(chosen_weights)
-        total = count_items(expand_inputs(inputs), every)
+        total = count_items(expand_inputs(inputs, exclude=[out]), every)
         predictor = Predictor(model=model, adapter=adapter, device=_device(device), max_boxes=max_boxes,
                               batch_size=batch_size, checkpoint=checkpoint, tile_size=tile_size,
                               constrained=constrained, precision=precision)

@@ -109,3 +109,13 @@ def test_a_video_cut_off_midway_gives_its_frames_and_is_reported_with_where_it_e
     (problem,) = problems
     assert problem.source == str(tmp_path / "cut.avi") and problem.frame is not None and problem.frame < 10
     assert f"ends at frame {problem.frame} of the 10" in problem.error and "re-copy" in problem.error
+
+
+def test_a_folder_predicted_twice_with_the_output_inside_it_never_reads_its_own_output(inputs):
+    out = inputs / "runs" / "predict"
+    for what in ("drawn", "labels-voc/images"):  # what a first run left there
+        (out / what).mkdir(parents=True)
+        Image.new("RGB", (80, 60)).save(out / what / "a.jpg")
+    found = expand_inputs([inputs, str(inputs / "**" / "*.jpg")], exclude=[out])
+    assert [p.name for p in found] == ["a.png", "clip.avi", "b.jpg"]
+    assert len(expand_inputs([out / "drawn"], exclude=[out])) == 1  # asked for by name: as asked

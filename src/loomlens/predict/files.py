@@ -128,7 +128,7 @@ def predict_files(
     (progress, also for a skipped item). Unreadable inputs are skipped and listed in
     `problems.json` and the summary. Returns a summary: counts, problems, the files written."""
     out = Path(out)
-    files = expand_inputs(inputs)
+    files = expand_inputs(inputs, exclude=[out, *([labels_out] if labels_out else [])])
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     problems: list[Problem] = []

@@ -666,7 +666,7 @@ def select_frames(
         raise ValueError(f"--threshold must lie strictly between 0 and 1, got {threshold}")
     weights = check_weights(weights)
     out = Path(out)
-    files = expand_inputs(inputs)
+    files = expand_inputs(inputs, exclude=[out])
     problems: list[Problem] = []
 
     def skipped(problem: Problem) -> None:

@@ -44,21 +44,31 @@ class Problem:
         return {"source": self.source, "frame": self.frame, "error": self.error}
 
 
-def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+def expand_inputs(inputs: Sequence[str | Path], exclude: Sequence[str | Path] = ()) -> list[Path]:
     """Image and video files named by `inputs` (files, folders searched recursively, glob
-    patterns), sorted within each input, duplicates removed. Raises FileNotFoundError for an
-    input that names nothing, and ValueError for a file that is neither image nor video."""
+    patterns), sorted within each input, duplicates removed. A folder or glob leaves out what
+    lies under the `exclude` folders (a command's own output inside its input folder) unless
+    that is all it holds. Raises
+    FileNotFoundError for an input that names nothing, and ValueError for a file that is
+    neither image nor video."""
+    outputs = [Path(e).resolve() for e in exclude]
+
+    def wanted(p: Path) -> bool:
+        return not any(p.resolve().is_relative_to(o) for o in outputs)
+
     found: list[Path] = []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES or is_video(p))
+            files = [f for f in files if wanted(f)] or files  # a folder of outputs only: as asked
         elif path.is_file():
             if path.suffix.lower() not in IMAGE_SUFFIXES and not is_video(path):
                 raise ValueError(f"{path} is neither an image nor a video")
             files = [path]
         else:
             files = sorted(Path(p) for p in glob.glob(str(raw), recursive=True) if Path(p).is_file())
+            files = [f for f in files if wanted(f)] or files  # a glob of outputs only: as asked
             if not files:
                 raise FileNotFoundError(f"no such file, folder or matching files: {raw}")
         found += files
