@@ -24,7 +24,6 @@ own, so no annotation is ever kept beside another picture.
 from __future__ import annotations
 
 import filecmp
-import glob
 import io
 import itertools
 import json
@@ -67,6 +66,10 @@ class LabelsOut:
         self.classes = list(dict.fromkeys([*known, *classes]))
         self.records: list[ImageRecord] = []
         self.placed: set[str] = set()  # the stems of this run's pictures in images/
+        # The pictures images/ holds, by stem: read once, not once a picture (a folder of 10 000).
+        self.held: dict[str, list[Path]] = {}
+        for path in sorted((self.out / "images").glob("*")) if (self.out / "images").is_dir() else ():
+            self.held.setdefault(path.stem, []).append(path)
         self.written = 0
         self.kept = 0
 
@@ -92,12 +95,13 @@ class LabelsOut:
             image = f"images/{stem}{suffix}"
             target = self.out / image
             # A stem is one picture's: its annotation file is named after the stem alone.
-            held = [p for p in (self.out / "images").glob(f"{glob.escape(stem)}.*") if p.stem == stem]
+            held = self.held.get(stem, [])
             if not held:
                 if frame is not None:
                     atomic_write(target, frame, durable=False)
                 else:
                     atomic_copy(source, target, link=self.link)
+                self.held[stem] = [target]
                 break
             if target not in held:
                 continue
