@@ -4,8 +4,9 @@ Built for CPU training, where the processor is the bottleneck: prompts are token
 distinct prefix, labels once per sample, and each image goes through the image processor once
 and is kept, exactly as the processor made it, since every epoch and every task of an image
 reuses the same pixels. With online augmentation (`augment`) every item is a new picture: the
-decoded image is kept instead, and pixels and (for moved boxes) labels are made per item. The
-only module of `loomlens.data` that imports torch.
+decoded image is kept instead, and pixels and (for moved boxes) labels are made per item. What
+is kept stays within a memory budget (`default_cache_bytes`). The only module of
+`loomlens.data` that imports torch.
 """
 
 from __future__ import annotations
