@@ -94,8 +94,10 @@ def build_page(service, examples: list[str], title: str = "loomlens: fabric defe
             with gr.Row(equal_height=False):
                 with gr.Column(scale=1):
                     task = gr.Dropdown(choices=choices, value="od", label="Task", elem_id="task")
-                    image = gr.Image(sources=["upload", "webcam"], type="filepath", label="Input image",
-                                     elem_id="input-image", height=360)
+                    # image_mode=None: Gradio hands over the uploaded file as it came; its own RGB
+                    # conversion clips a 16-bit or float grey frame to white (decode_image scales it)
+                    image = gr.Image(sources=["upload", "webcam"], type="filepath", image_mode=None,
+                                     label="Input image", elem_id="input-image", height=360)
                     text = gr.Textbox(label="Text input (not used by this task)", lines=1, max_lines=3,
                                       elem_id="text-input")
                     threshold = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Score threshold",

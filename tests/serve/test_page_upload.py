@@ -1,0 +1,26 @@
+"""The page's upload reaches the model as the file that was uploaded (no browser, no server)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from loomlens.serve.images import decode_image
+from loomlens.serve.page import build_page
+
+
+def test_page_passes_a_16_bit_grey_frame_through_unchanged(tmp_path):
+    """A 16-bit grey PNG (industrial cameras) went through Gradio's RGB conversion, which clips
+    every value over 255 to white: the page found nothing where the API found the defect."""
+    import gradio as gr
+    from gradio.data_classes import ImageData
+
+    ramp = (np.linspace(0, 65535, 64 * 32).reshape(32, 64)).astype(np.uint16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(ramp).save(path)
+    page = build_page(service=None, examples=[])
+    upload = next(b for b in page.blocks.values() if isinstance(b, gr.Image) and b.elem_id == "input-image")
+    given = upload.preprocess(ImageData(path=str(path), orig_name="grey16.png"))
+    image, size = decode_image(open(given, "rb").read())
+    assert size == (64, 32)
+    assert np.asarray(image.convert("L")).std() > 20  # the ramp survived, not a white frame
