@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageFile
 
 from loomlens.data.sanitize import to_rgb
-from loomlens.predict.video import frame_count, is_video, read_frames
+from loomlens.predict.video import ends_short, frame_count, is_video, read_frames
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
@@ -114,8 +114,7 @@ def iter_items(files: Sequence[Path], every: int = 1,
                 if not frames:
                     raise ValueError(f"{f} holds no frame OpenCV can decode: re-copy or re-encode it")
                 declared = frame_count(f)
-                # A count estimated from the duration (variable frame rates) can be a little off.
-                if declared - read > max(1, declared // 50):
+                if ends_short(read, declared):
                     cut_at = read
                     raise ValueError(f"{f} ends at frame {read} of the {declared} it declares (cut off or "
                                      "damaged): the frames before it were read, the rest were not; re-copy "

@@ -44,6 +44,12 @@ def frame_count(path: str | Path) -> int:
         capture.release()
 
 
+def ends_short(read: int, declared: int) -> bool:
+    """Whether a video that gave `read` frames of the `declared` count was cut off: over 2 %
+    short (a count estimated from a variable frame rate's duration can be a few frames off)."""
+    return declared - read > max(1, declared // 50)
+
+
 def read_frames(path: str | Path, every: int = 1) -> Generator[Frame, None, int]:
     """Frames 0, `every`, 2 x `every`, ... of the video at `path`, timestamped index / fps (the
     decoder's position when the file gives no fps); returns (as StopIteration's value) how many

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from loomlens.predict.sources import IMAGE_SUFFIXES, read_image
-from loomlens.predict.video import is_video, read_frames
+from loomlens.predict.video import ends_short, is_video, read_frames
 
 log = logging.getLogger("loomlens.watch")
 
@@ -58,6 +58,7 @@ class VideoFileSource:
         cv2 = _cv2()
         capture = cv2.VideoCapture(str(path))
         native = (capture.get(cv2.CAP_PROP_FPS) or 0.0) if capture.isOpened() else 0.0
+        self.declared = max(0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT))) if capture.isOpened() else 0
         capture.release()
         self.camera, self.name = camera, str(path)
         self.every = max(1, round(native / fps)) if native > 0 else 1
@@ -65,13 +66,22 @@ class VideoFileSource:
         self._frames = read_frames(path, self.every)
         self._count = 0
         self.reconnects = 0
+        #: The frame the file ends at when it ends before the count it declares (cut off), else None.
+        self.cut_at: int | None = None
 
     def poll(self) -> Frame | None | object:
-        """The next sampled frame, or END after the last."""
-        frame = next(self._frames, None)
-        if frame is None:
+        """The next sampled frame, or END after the last (a file cut off before its declared
+        end is logged, naming the frame it ends at, and kept in `cut_at`)."""
+        try:
+            frame = next(self._frames)
+        except StopIteration as end:
             if self._count == 0:
-                raise ValueError(f"{self.name} holds no frame OpenCV can decode: re-copy or re-encode it")
+                raise ValueError(f"{self.name} holds no frame OpenCV can decode: re-copy or re-encode it") from None
+            if end.value is not None and ends_short(end.value, self.declared):
+                self.cut_at = end.value
+                log.warning("%s ends at frame %d of the %d it declares (cut off or damaged): the frames after "
+                            "it were not watched; re-copy the file (or re-encode it) and watch it again",
+                            self.name, end.value, self.declared)
             return END
         self._count += 1
         return Frame(self.camera, frame.image, self.started + timedelta(seconds=frame.timestamp), self._count - 1)
