@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     DateTime,
     Float,
@@ -54,6 +55,16 @@ events_table = Table(
     Column("source", String(1000), nullable=False),
     Column("frame_path", String(1000), nullable=True),
     Column("crop_path", String(1000), nullable=True),
+)
+
+#: How far a watcher has read each camera's frame folder: the (modification time in ns, name)
+#: of the last file it predicted on, so a restarted watcher goes on after it.
+folder_marks_table = Table(
+    "loomlens_folder_marks",
+    metadata,
+    Column("camera", String(200), primary_key=True),
+    Column("mtime_ns", BigInteger, nullable=False),
+    Column("name", String(1000), nullable=False),
 )
 
 STATUSES = ("open", "ended", "interrupted")
@@ -192,6 +203,24 @@ class EventStore:
                 .where(events_table.c.camera.in_(cameras), events_table.c.status == "open")
                 .values(status="interrupted", ended_at=events_table.c.last_seen_at))
             return int(result.rowcount or 0)
+
+    def folder_mark(self, camera: str) -> tuple[int, str] | None:
+        """The (mtime_ns, file name) up to which `camera`'s frame folder was read, or None."""
+        if not inspect(self.engine).has_table(folder_marks_table.name):
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(select(folder_marks_table.c.mtime_ns, folder_marks_table.c.name)
+                               .where(folder_marks_table.c.camera == camera)).first()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def set_folder_mark(self, camera: str, mark: tuple[int, str]) -> None:
+        """Record that `camera`'s frame folder was read up to `mark` (mtime_ns, file name)."""
+        values = {"mtime_ns": mark[0], "name": mark[1]}
+        with self.engine.begin() as conn:
+            done = conn.execute(update(folder_marks_table).where(folder_marks_table.c.camera == camera)
+                                .values(**values))
+            if not done.rowcount:
+                conn.execute(folder_marks_table.insert().values(camera=camera, **values))
 
     def get(self, event_id: int) -> Event | None:
         """The event with id `event_id`, or None."""

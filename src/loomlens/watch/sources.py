@@ -94,7 +94,8 @@ class VideoFileSource:
 class FolderSource:
     """Image files landing in a folder, oldest first (by modification time, then name). With
     `once`, the files there now and then END; otherwise it keeps looking every `1 / fps`
-    seconds. Only a watermark is kept, never the list of files seen, so memory stays flat."""
+    seconds. Only a watermark is kept, never the list of files seen, so memory stays flat; it is
+    `mark`, and `resume_after` starts a new watch of the folder after an earlier one's mark."""
 
     live = False
 
@@ -119,6 +120,15 @@ class FolderSource:
                 except FileNotFoundError:  # removed while listed
                     continue
         return sorted(found)
+
+    @property
+    def mark(self) -> tuple[int, str]:
+        """(modification time in ns, name) of the last file read; (-1, "") before the first."""
+        return self._mark
+
+    def resume_after(self, mark: tuple[int, str]) -> None:
+        """Go on after `mark` (an earlier watch's `mark`): the files up to it are not read again."""
+        self._mark = max(self._mark, (int(mark[0]), str(mark[1])))
 
     def poll(self) -> Frame | None | object:
         """The oldest image newer than the last one read; None when there is none yet; END

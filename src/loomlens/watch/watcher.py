@@ -99,6 +99,11 @@ class Watcher:
         """Watch until every source ended or `stop` is set; open events are then ended. Returns
         counts: frames, events started and ended, events a previous run left open, reconnects."""
         stop = stop or threading.Event()
+        for source in self.sources:  # a frame folder read before: go on after its last frame
+            mark = self.store.folder_mark(source.camera) if hasattr(source, "resume_after") else None
+            if mark is not None:
+                source.resume_after(mark)
+                log.info("%s: going on after %s, the last frame an earlier watch read", source.camera, mark[1])
         self.stats["interrupted_before"] = self.store.interrupt_open(list(self.cameras))
         active = list(self.sources)
         try:
@@ -117,6 +122,7 @@ class Watcher:
                 for frame, boxes in zip(due, self.detect([f.image for f in due]), strict=True):
                     self._frame(frame, boxes)
                 self.stats["frames"] += len(due)
+                self._save_marks({f.camera for f in due})
                 if self.retention is not None:
                     self.retention.maybe_prune()
         finally:
@@ -126,6 +132,14 @@ class Watcher:
                 self._finish(camera)
         self.stats["reconnects"] = {s.camera: s.reconnects for s in self.sources}
         return dict(self.stats)
+
+    def _save_marks(self, cameras: set[str]) -> None:
+        """Record how far the frame folders of `cameras` were read (after their frames' events
+        are committed), so a restarted watcher neither reads them again nor records their
+        events twice."""
+        for source in self.sources:
+            if source.camera in cameras and hasattr(source, "mark"):
+                self.store.set_folder_mark(source.camera, source.mark)
 
     def _frame(self, frame: Frame, boxes: list[Box]) -> None:
         cam = self.cameras[frame.camera]
