@@ -32,8 +32,8 @@ _URL = re.compile(r"^(rtsp|rtsps|rtmp|http|https)://", re.IGNORECASE)
 @dataclass
 class Frame:
     """One frame to predict on: the `camera` it is from, the picture (RGB), when it was seen
-    (UTC; for a video file, the watch's start plus the frame's time in the file) and its
-    number among the frames taken from this source."""
+    (UTC; for a video file, the watch's start plus the frame's time in the file; for a folder,
+    the file's modification time) and its number among the frames taken from this source."""
 
     camera: str
     image: Image.Image
@@ -92,9 +92,10 @@ class VideoFileSource:
 
 
 class FolderSource:
-    """Image files landing in a folder, oldest first (by modification time, then name). With
-    `once`, the files there now and then END; otherwise it keeps looking every `1 / fps`
-    seconds. Only a watermark is kept, never the list of files seen, so memory stays flat; it is
+    """Image files landing in a folder, oldest first (by modification time, then name), each
+    seen when it landed (its modification time, not when a busy or restarted watcher got to
+    it). With `once`, the files there now and then END; otherwise it keeps looking every
+    `1 / fps` seconds. Only a watermark is kept, never the list of files seen, so memory stays flat; it is
     `mark`, and `resume_after` starts a new watch of the folder after an earlier one's mark."""
 
     live = False
@@ -153,7 +154,8 @@ class FolderSource:
             return None
         self._mark = key
         self._count += 1
-        return Frame(self.camera, image, datetime.now(UTC), self._count - 1)
+        landed = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=key[0] // 1000)
+        return Frame(self.camera, image, landed, self._count - 1)
 
     def close(self) -> None:
         """Nothing to release."""
