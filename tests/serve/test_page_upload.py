@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -21,6 +23,6 @@ def test_page_passes_a_16_bit_grey_frame_through_unchanged(tmp_path):
     page = build_page(service=None, examples=[])
     upload = next(b for b in page.blocks.values() if isinstance(b, gr.Image) and b.elem_id == "input-image")
     given = upload.preprocess(ImageData(path=str(path), orig_name="grey16.png"))
-    image, size = decode_image(open(given, "rb").read())
+    image, size = decode_image(Path(given).read_bytes())
     assert size == (64, 32)
     assert np.asarray(image.convert("L")).std() > 20  # the ramp survived, not a white frame

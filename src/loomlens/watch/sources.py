@@ -95,8 +95,9 @@ class FolderSource:
     """Image files landing in a folder, oldest first (by modification time, then name), each
     seen when it landed (its modification time, not when a busy or restarted watcher got to
     it). With `once`, the files there now and then END; otherwise it keeps looking every
-    `1 / fps` seconds. Only a watermark is kept, never the list of files seen, so memory stays flat; it is
-    `mark`, and `resume_after` starts a new watch of the folder after an earlier one's mark."""
+    `1 / fps` seconds. Only a watermark is kept, never the list of files seen, so memory stays
+    flat; it is `mark`, and `resume_after` starts a new watch of the folder after an earlier
+    one's mark."""
 
     live = False
 
