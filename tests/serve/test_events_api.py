@@ -3,7 +3,7 @@ memory), behind the API key like the rest of /v1; the Line view lists the same e
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from fastapi.testclient import TestClient
@@ -105,3 +105,17 @@ def test_the_page_has_a_line_view_reading_the_events(predictor, db, tmp_path) ->
     assert "input-image" in ids  # the Predict tab is still there
     cameras = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "line-camera")
     assert [choice[0] for choice in cameras["props"]["choices"]] == ["all", "loom1", "loom2"]
+
+
+def test_times_with_a_zone_as_typed_in_a_url(predictor, db) -> None:
+    """`since=...T18:00:00+01:00` typed into a URL arrives with a space for the `+`: it was a 422
+    full of pydantic internals; it now reads as +01:00, and a time that is none names the fix."""
+    with _client(predictor, events_db=str(db)) as client:
+        since = (NOW - timedelta(hours=19)).astimezone(timezone(timedelta(hours=1)))
+        raw = since.replace(tzinfo=None).isoformat()
+        for query in (f"since={raw}+01:00", f"since={raw}%2B01:00", f"since={raw}%2001:00"):
+            body = client.get(f"/v1/events?{query}").json()
+            assert body["total"] == 2, (query, body)
+        bad = client.get("/v1/events?since=yesterday")
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "bad_time"
+        assert "'yesterday'" in bad.json()["error"]["message"] and "%2B" in bad.json()["error"]["message"]

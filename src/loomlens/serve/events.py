@@ -4,6 +4,7 @@ never from a watcher's memory: `GET /v1/events` (paged, by camera, class and tim
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,6 +33,25 @@ def _aware(moment: datetime | None) -> datetime | None:
     return moment.replace(tzinfo=UTC)
 
 
+def parse_time(name: str, text: str | None) -> datetime | None:
+    """The query parameter `name`'s time `text` (ISO 8601, a date, or Unix seconds) as an aware
+    datetime (UTC when it has no zone), None when absent; raises `InputError` (422 `bad_time`).
+    A zone's `+` sent unescaped in a URL arrives as a space (`18:00:00 01:00`): read as `+`."""
+    if text is None or not text.strip():
+        return None
+    value = re.sub(r"(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}(?::?\d{2})?)$", r"\1+\2", text.strip())
+    try:
+        return datetime.fromtimestamp(float(value), UTC)
+    except (ValueError, OverflowError, OSError):
+        pass
+    try:
+        return _aware(datetime.fromisoformat(value))
+    except ValueError:
+        raise InputError(422, "bad_time", f"{name}={text!r} is not a time: give ISO 8601, e.g. "
+                         "2026-12-03T18:00:00Z, 2026-12-03T19:00:00%2B01:00 (a + is %2B in a URL) "
+                         "or 2026-12-03") from None
+
+
 def events_router(store: EventStore | None) -> APIRouter:
     """The /v1/events routes over `store` (None: they answer 404 saying how to set one)."""
     router = APIRouter(prefix="/v1")
@@ -39,11 +59,11 @@ def events_router(store: EventStore | None) -> APIRouter:
     @router.get("/events", summary="Defect events recorded by the watchers, newest first")
     def list_events(camera: str | None = Query(None, description="only this camera id"),
                     label: str | None = Query(None, alias="class", description="only this defect class"),
-                    since: datetime | None = Query(None, description="started at or after (ISO 8601; UTC if no zone)"),
-                    until: datetime | None = Query(None, description="started before (ISO 8601; UTC if no zone)"),
+                    since: str | None = Query(None, description="started at or after (ISO 8601; UTC if no zone)"),
+                    until: str | None = Query(None, description="started before (ISO 8601; UTC if no zone)"),
                     limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
-        events, total = _store(store).query(camera=camera, label=label, since=_aware(since), until=_aware(until),
-                                            limit=limit, offset=offset)
+        events, total = _store(store).query(camera=camera, label=label, since=parse_time("since", since),
+                                            until=parse_time("until", until), limit=limit, offset=offset)
         following = offset + len(events)
         return {"events": [e.as_json() for e in events], "total": total, "limit": limit, "offset": offset,
                 "next_offset": following if following < total else None}
