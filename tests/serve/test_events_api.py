@@ -119,3 +119,13 @@ def test_times_with_a_zone_as_typed_in_a_url(predictor, db) -> None:
         bad = client.get("/v1/events?since=yesterday")
         assert bad.status_code == 422 and bad.json()["error"]["code"] == "bad_time"
         assert "'yesterday'" in bad.json()["error"]["message"] and "%2B" in bad.json()["error"]["message"]
+
+
+def test_wrong_query_values_are_named_in_plain_words(predictor, db) -> None:
+    with _client(predictor, events_db=str(db)) as client:
+        for url, said in (("/v1/events?limit=0", "query limit: Input should be greater than or equal to 1 (got '0')"),
+                          ("/v1/events/abc/image", "path event_id: "),
+                          ("/v1/events/3/image?kind=foo", "query kind: ")):
+            error = client.get(url).json()["error"]
+            assert error["code"] == "invalid_request" and said in error["message"], error
+            assert "{'type'" not in error["message"]

@@ -371,6 +371,17 @@ def _api_app(service: Service, settings: ServeSettings, events: EventStore | Non
     return app
 
 
+def validation_message(errors: list[dict]) -> str:
+    """FastAPI's validation `errors` as one line a person reads: each field, what it must be and
+    what it got (`query limit: Input should be greater than or equal to 1 (got '0')`)."""
+    parts = []
+    for err in errors:
+        where = " ".join(str(p) for p in err.get("loc", ()))
+        got = f" (got {err['input']!r})" if isinstance(err.get("input"), str | int | float) else ""
+        parts.append(f"{where}: {err.get('msg', 'invalid')}{got}")
+    return "; ".join(parts)[:500] or "the request is not valid"
+
+
 def _json_errors(app: FastAPI) -> None:
     """Answer `InputError`, request validation errors and HTTP errors on `app` as JSON errors."""
 
@@ -380,7 +391,7 @@ def _json_errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request, exc: RequestValidationError):
-        return _error_response(InputError(422, "invalid_request", str(exc.errors())[:500]))
+        return _error_response(InputError(422, "invalid_request", validation_message(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):
