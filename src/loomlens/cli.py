@@ -794,9 +794,9 @@ def _event_media(store: EventStore, media: Path | None) -> Path:
     return Path("runs/watch/event-images")
 
 
-def _run_until_stopped(watcher: Watcher, alerts: Alerter, store: EventStore) -> dict[str, int]:
+def _run_until_stopped(watcher: Watcher, alerts: Alerter, store: EventStore) -> dict:
     """Run `watcher` until its sources end or Ctrl-C / SIGTERM, then close `alerts` and `store`;
-    returns the run's counts (frames, events, ended, interrupted_before)."""
+    returns the run's counts (frames, events, ended, interrupted_before, failed)."""
     import signal
     import threading
 
@@ -887,6 +887,9 @@ def watch_command(
     typer.echo(f"{stats['frames']} frames, {stats['events']} events ({stats['ended']} ended) -> {db}"
                + (f"; {stats['interrupted_before']} event(s) a previous run left open marked interrupted"
                   if stats["interrupted_before"] else ""))
+    if stats["failed"]:  # the others were watched to their end; say which failed, and fail
+        raise _fail(f"{len(stats['failed'])} of {len(opened)} source(s) stopped on an error",
+                    [f"{camera}: {why}" for camera, why in stats["failed"].items()])
 
 
 def main() -> None:

@@ -42,3 +42,15 @@ def test_watch_refuses_bad_sources_and_settings(line_video, tmp_path) -> None:
     assert cameras.exit_code == 1 and "one per source" in cameras.output
     hook = runner.invoke(app, ["watch", str(line_video), "--db", db, "--webhook", "ftp://x"])
     assert hook.exit_code == 1 and "webhook" in hook.output
+
+
+def test_a_damaged_video_beside_a_good_one_fails_the_run_after_the_good_one_is_watched(line_video, tmp_path) -> None:
+    damaged = tmp_path / "loom8.avi"
+    damaged.write_bytes(b"RIFF\x00\x00\x00\x00AVI not really a video")
+    db = tmp_path / "events.db"
+    result = CliRunner().invoke(app, ["watch", str(damaged), str(line_video), "--db", str(db), "--fps", "10",
+                                      "--k", "2", "--n", "3", "--m", "2", "--camera", "loom8", "--camera", "loom7"])
+    assert result.exit_code == 1, result.output
+    assert "16 frames, 1 events (1 ended)" in result.output  # the good camera, to its end
+    assert "1 of 2 source(s) stopped on an error" in result.output and "loom8:" in result.output
+    assert [e.camera for e in EventStore(db, create=False).query()[0]] == ["loom7"]

@@ -96,8 +96,10 @@ class Watcher:
         self.stats = {"frames": 0, "events": 0, "ended": 0, "interrupted_before": 0}
 
     def run(self, stop: threading.Event | None = None) -> dict:
-        """Watch until every source ended or `stop` is set; open events are then ended. Returns
-        counts: frames, events started and ended, events a previous run left open, reconnects."""
+        """Watch until every source ended or `stop` is set; open events are then ended. A
+        source that fails (a file OpenCV cannot read) is logged and ended; the others go on.
+        Returns counts: frames, events started and ended, events a previous run left open,
+        reconnects, and `failed`: camera -> why, for the sources that failed."""
         stop = stop or threading.Event()
         for source in self.sources:  # a frame folder read before: go on after its last frame
             mark = self.store.folder_mark(source.camera) if hasattr(source, "resume_after") else None
@@ -105,12 +107,13 @@ class Watcher:
                 source.resume_after(mark)
                 log.info("%s: going on after %s, the last frame an earlier watch read", source.camera, mark[1])
         self.stats["interrupted_before"] = self.store.interrupt_open(list(self.cameras))
+        self.stats["failed"] = {}
         active = list(self.sources)
         try:
             while active and not stop.is_set():
                 due: list[Frame] = []
                 for source in list(active):
-                    got = source.poll()
+                    got = self._poll(source)
                     if got is END:
                         active.remove(source)
                         self._finish(source.camera)
@@ -132,6 +135,16 @@ class Watcher:
                 self._finish(camera)
         self.stats["reconnects"] = {s.camera: s.reconnects for s in self.sources}
         return dict(self.stats)
+
+    def _poll(self, source) -> Frame | None | object:
+        """`source.poll()`; a source that raises (damaged file, unreadable frame) is reported,
+        kept in `stats["failed"]` and ends (END), so one bad camera never stops the others."""
+        try:
+            return source.poll()
+        except (ValueError, OSError) as exc:
+            log.error("%s stopped: %s; the other sources go on", source.camera, exc)
+            self.stats["failed"][source.camera] = str(exc)
+            return END
 
     def _save_marks(self, cameras: set[str]) -> None:
         """Record how far the frame folders of `cameras` were read (after their frames' events
