@@ -47,9 +47,9 @@ def parse_time(name: str, text: str | None) -> datetime | None:
     try:
         return _aware(datetime.fromisoformat(value))
     except ValueError:
-        raise InputError(422, "bad_time", f"{name}={text!r} is not a time: give ISO 8601, e.g. "
-                         "2026-12-03T18:00:00Z, 2026-12-03T19:00:00%2B01:00 (a + is %2B in a URL) "
-                         "or 2026-12-03") from None
+        raise InputError(422, "bad_time", f"{name}={text!r} is not a time: give ISO 8601 "
+                         "(YYYY-MM-DDThh:mm:ssZ, or with an offset as %2B01:00: a + is %2B in a URL), "
+                         "a date YYYY-MM-DD, or Unix seconds") from None
 
 
 def events_router(store: EventStore | None) -> APIRouter:
