@@ -152,19 +152,11 @@ def read_coco(root: str | Path, skip: Sequence[Path] = ()) -> ReadResult:
 
 def write_coco(records: Sequence[ImageRecord], json_path: str | Path, classes: Sequence[str]) -> None:
     """Write `records` as one COCO file; `file_name`s are the records' paths, relative to the
-    dataset root, so put `json_path` at the root. Category ids are 1-based in `classes` order;
-    a box's `score`, when it has one (pre-annotations), is kept on its annotation."""
-    images, annotations = [], []
-    for image_id, record in enumerate(records, 1):
-        images.append({"id": image_id, "file_name": record.image, "width": record.width, "height": record.height})
-        for box in record.boxes:
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": classes.index(box.label) + 1,
-                "bbox": [box.x1, box.y1, box.width, box.height], "area": box.width * box.height, "iscrowd": 0,
-                **({} if box.score is None else {"score": box.score}),
-            })
-    categories = [{"id": i, "name": name} for i, name in enumerate(classes, 1)]
-    data = {"images": images, "annotations": annotations, "categories": categories}
+    dataset root, so put `json_path` at the root. Category ids are 1-based in `classes` order
+    (a label not among them is appended); a box's `score`, when it has one (pre-annotations),
+    is kept on its annotation."""
+    data: dict[str, list] = {"images": [], "annotations": [], "categories": []}
+    _append(data, records, classes)
     atomic_write(json_path, json.dumps(data, indent=1) + "\n", durable=False)
 
 
@@ -184,28 +176,33 @@ def add_to_coco(records: Sequence[ImageRecord], json_path: str | Path, classes: 
             raise ValueError("no images, annotations and categories lists")
         # By path or by name: a tool's export of the folder may name images without `images/`.
         held = {n for image in data["images"] for n in (image["file_name"], PurePosixPath(image["file_name"]).name)}
-        category = {c["name"]: c["id"] for c in data["categories"]}
-        next_image = max((image["id"] for image in data["images"]), default=0) + 1
-        next_ann = max((ann["id"] for ann in data["annotations"]), default=0) + 1
-        next_category = max(category.values(), default=0) + 1
+        added = [r for r in records if r.image not in held and PurePosixPath(r.image).name not in held]
+        _append(data, added, classes)
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
         raise ValueError(f"{json_path} is there but cannot be added to ({type(err).__name__}: {err}): fix it, "
                          "move it away, or write the pre-annotations to another folder") from None
-    added = [r for r in records if r.image not in held and PurePosixPath(r.image).name not in held]
-    for name in dict.fromkeys([*classes, *(b.label for r in added for b in r.boxes)]):
+    atomic_write(json_path, json.dumps(data, indent=1) + "\n", durable=False)
+    return len(records) - len(added)
+
+
+def _append(data: dict[str, list], records: Sequence[ImageRecord], classes: Sequence[str]) -> None:
+    """Append to COCO `data` the categories of `classes` and of the records' labels it lacks,
+    then `records` as images and their boxes as annotations, each id after the largest there."""
+    category = {c["name"]: c["id"] for c in data["categories"]}
+    for name in dict.fromkeys([*classes, *(b.label for r in records for b in r.boxes)]):
         if name not in category:
-            category[name] = next_category
-            data["categories"].append({"id": next_category, "name": name})
-            next_category += 1
-    for image_id, record in enumerate(added, next_image):
+            category[name] = max(category.values(), default=0) + 1
+            data["categories"].append({"id": category[name], "name": name})
+    image_id = max((image["id"] for image in data["images"]), default=0)
+    ann_id = max((ann["id"] for ann in data["annotations"]), default=0)
+    for record in records:
+        image_id += 1
         data["images"].append({"id": image_id, "file_name": record.image, "width": record.width,
                                "height": record.height})
         for box in record.boxes:
+            ann_id += 1
             data["annotations"].append({
-                "id": next_ann, "image_id": image_id, "category_id": category[box.label],
+                "id": ann_id, "image_id": image_id, "category_id": category[box.label],
                 "bbox": [box.x1, box.y1, box.width, box.height], "area": box.width * box.height, "iscrowd": 0,
                 **({} if box.score is None else {"score": box.score}),
             })
-            next_ann += 1
-    atomic_write(json_path, json.dumps(data, indent=1) + "\n", durable=False)
-    return len(records) - len(added)
