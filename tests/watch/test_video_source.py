@@ -40,3 +40,11 @@ def test_a_cut_off_video_is_reported_with_the_frame_it_ends_at(tmp_path, caplog)
     assert 0 < count < 20 and source.cut_at == count
     message = caplog.records[-1].getMessage()
     assert str(cut) in message and f"frame {count} of the 20" in message and "re-copy" in message
+
+
+def test_a_video_is_cut_off_only_when_over_two_percent_short_of_its_declared_count() -> None:
+    from loomlens.predict.video import ends_short
+
+    assert not ends_short(44, 44) and not ends_short(43, 44)  # whole, or one off (an estimated count)
+    assert not ends_short(990, 1000) and ends_short(979, 1000)  # a variable frame rate's few frames
+    assert ends_short(28, 44)  # a copy that stopped
