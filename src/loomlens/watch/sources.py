@@ -155,7 +155,7 @@ class FolderSource:
             return None
         self._mark = key
         self._count += 1
-        landed = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=key[0] // 1000)
+        landed = datetime.fromtimestamp(0, UTC) + timedelta(microseconds=key[0] // 1000)  # exact, unlike ns / 1e9
         return Frame(self.camera, image, landed, self._count - 1)
 
     def close(self) -> None:
