@@ -55,3 +55,26 @@ def test_a_restarted_folder_watch_records_each_defect_once(tmp_path) -> None:
     events = sorted(store.query(limit=100)[0], key=lambda e: e.id)
     assert len(events) == 6  # six defect frames, six events
     assert [tuple(round(v) for v in (e.x1, e.y1)) for e in events] == [PLACES[i % 3][:2] for i in range(6)]
+
+
+class Killed(BaseException):
+    """Stands for kill -9 (a BaseException: nothing on the way out takes it for an error)."""
+
+
+def test_a_kill_between_an_event_and_the_batch_mark_records_that_event_once(tmp_path, monkeypatch) -> None:
+    folder = tmp_path / "frames"
+    _frames(folder, 4)  # defect, fabric, defect elsewhere, fabric
+    store = EventStore(tmp_path / "events.db")
+
+    def killed(*_):
+        raise Killed  # the first event is committed; the watcher dies before the batch's mark
+
+    monkeypatch.setattr(store, "set_folder_mark", killed)
+    try:
+        _watch(folder, store)
+    except Killed:
+        pass
+    monkeypatch.undo()
+    assert len(store.query(limit=10)[0]) == 1
+    assert _watch(folder, store)["frames"] == 3  # the frame that started the event is not read again
+    assert len(store.query(limit=10)[0]) == 2  # two defect frames, two events

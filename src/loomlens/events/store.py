@@ -174,12 +174,17 @@ class EventStore:
     def _ready(self) -> bool:
         return inspect(self.engine).has_table(events_table.name)
 
-    def start(self, ev: Event) -> int:
-        """Record a new event (committed before this returns). Returns its id."""
+    def start(self, ev: Event, folder_mark: tuple[int, str] | None = None) -> int:
+        """Record a new event (committed before this returns). Returns its id. `folder_mark`:
+        how far the event's camera folder has been read with the frame that started it, saved in
+        the same transaction, so a kill can never keep the event and lose the mark (a restart
+        would read that frame again and record the event twice)."""
         values = _utc_values({k: v for k, v in asdict(ev).items() if k != "id"})
         with self.engine.begin() as conn:
             result = conn.execute(events_table.insert().values(**values))
             ev.id = int(result.inserted_primary_key[0])
+            if folder_mark is not None:
+                _upsert_mark(conn, ev.camera, folder_mark)
         return ev.id
 
     def update(self, event_id: int, **values) -> None:
@@ -215,12 +220,8 @@ class EventStore:
 
     def set_folder_mark(self, camera: str, mark: tuple[int, str]) -> None:
         """Record that `camera`'s frame folder was read up to `mark` (mtime_ns, file name)."""
-        values = {"mtime_ns": mark[0], "name": mark[1]}
         with self.engine.begin() as conn:
-            done = conn.execute(update(folder_marks_table).where(folder_marks_table.c.camera == camera)
-                                .values(**values))
-            if not done.rowcount:
-                conn.execute(folder_marks_table.insert().values(camera=camera, **values))
+            _upsert_mark(conn, camera, mark)
 
     def get(self, event_id: int) -> Event | None:
         """The event with id `event_id`, or None."""
@@ -263,6 +264,14 @@ class EventStore:
         col = events_table.c[column]
         with self.engine.connect() as conn:
             return [v for (v,) in conn.execute(select(col).distinct().order_by(col))]
+
+
+def _upsert_mark(conn, camera: str, mark: tuple[int, str]) -> None:
+    """Set `camera`'s folder mark (mtime_ns, file name) within the open transaction `conn`."""
+    values = {"mtime_ns": mark[0], "name": mark[1]}
+    done = conn.execute(update(folder_marks_table).where(folder_marks_table.c.camera == camera).values(**values))
+    if not done.rowcount:
+        conn.execute(folder_marks_table.insert().values(camera=camera, **values))
 
 
 def _event(row) -> Event:

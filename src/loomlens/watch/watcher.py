@@ -94,6 +94,7 @@ class Watcher:
         self.seen_every_s, self.idle_s = seen_every_s, idle_s
         self.cameras = {s.camera: _Camera(Debouncer(self.debounce), s.name) for s in self.sources}
         self.stats = {"frames": 0, "events": 0, "ended": 0, "interrupted_before": 0}
+        self._marks: dict[str, tuple[int, str]] = {}  # camera -> its folder's mark at the batch's frame
 
     def run(self, stop: threading.Event | None = None) -> dict:
         """Watch until every source ended or `stop` is set; open events are then ended. A
@@ -122,6 +123,9 @@ class Watcher:
                 if not due:
                     stop.wait(self.idle_s)
                     continue
+                # A folder's mark goes with the events its frame starts (one transaction), and
+                # after the batch for frames that started none.
+                self._marks = {s.camera: s.mark for s in active if hasattr(s, "mark")}
                 for frame, boxes in zip(due, self.detect([f.image for f in due]), strict=True):
                     self._frame(frame, boxes)
                 self.stats["frames"] += len(due)
@@ -198,7 +202,7 @@ class Watcher:
                        last_seen_at=last_at, width=frame.image.width, height=frame.image.height,
                        frames=track.hits, source=cam.source, **where,
                        **self._pictures(camera, cam, track))
-            cam.events[track.id] = self.store.start(ev)
+            cam.events[track.id] = self.store.start(ev, self._marks.get(camera))
             cam.flushed[track.id] = time.monotonic()
             self.stats["events"] += 1
             log.info("event %d: %s on %s (score %.2f)", ev.id, track.label, camera, ev.score)
