@@ -51,6 +51,8 @@ class LoraSettings(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout; 0 lets the layers run in their "
                            "fastest exact form (docs/training.md, the default recipe)")
     rslora: bool = Field(False, description="scale by alpha / sqrt(r) instead of alpha / r")
+    plus_ratio: float = Field(1.0, ge=1, description="LoRA+: the B matrices (and 1-D adapter weights) learn at this "
+                              "multiple of lr; 1 = plain LoRA")
     dora: bool = Field(False, description="weight-decomposed LoRA")
     freeze: Literal["none", "vision", "language"] = Field(
         "none", description="tower whose adapters are not trained"

@@ -442,3 +442,16 @@ def test_a_run_trained_with_the_defect_crop_validates_and_predicts_tiled(make_co
     assert tiled == [64]  # validation saw its one val strip (192 px > 2 x 64) as predict will
     predictor = Predictor(adapter=result.run_dir, precision="fp32")
     assert predictor.tile_size == 64 and predictor.model_inputs(192, 64) > 1 and predictor.model_inputs(96, 64) == 1
+
+
+def test_lora_plus_moves_b_by_its_ratio_and_a_as_plain_lora(make_config, tmp_path):
+    # B starts at zero, so A has no gradient on the first step and Adam moves each weight of B
+    # by about lr whatever its gradient: one step at plus_ratio 4 leaves B four times as far
+    # out as plain LoRA does, and A where it was.
+    settings = dict(max_steps=1, warmup=0, schedule="constant", lr=1e-3, eval_every=0, lora={"r": 4, "dropout": 0})
+    plain = adapter_weights(train(make_config(**settings, out=str(tmp_path / "a"))).model)
+    plus = adapter_weights(train(make_config(**settings, out=str(tmp_path / "b"), **{"lora.plus_ratio": 4})).model)
+    assert any("lora_B" in key for key in plain) and plain.keys() == plus.keys()
+    for key in plain:
+        want = 4 * plain[key] if "lora_B" in key else plain[key]
+        torch.testing.assert_close(plus[key], want, rtol=1e-3, atol=1e-7, msg=key)

@@ -202,6 +202,18 @@ def _finish(s: Session, stopped: str) -> None:
 # --- setup: one helper per part ------------------------------------------------------------
 
 
+def param_groups(model: torch.nn.Module, plus_ratio: float) -> list[dict[str, Any]]:
+    """The adapter's trainable weights as AdamW groups, each with the multiple of the scheduled
+    lr it learns at (`lr_ratio`). LoRA+ (Hayou et al. 2024, §3): B, which starts at zero, learns
+    `plus_ratio` times faster than A; 1-D weights (DoRA magnitudes) go with B, as in peft's
+    `create_loraplus_optimizer`, whose fixed per-group lrs the schedule here would overwrite."""
+    a, b = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (b if plus_ratio != 1 and ("lora_B" in name or p.ndim == 1) else a).append(p)
+    return [{"params": a, "lr_ratio": 1.0}] + ([{"params": b, "lr_ratio": plus_ratio}] if b else [])
+
+
 def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Session:
     """Build the `Session` of `cfg`: accelerator, model with a fresh adapter, data, optimizer,
     schedule and batch preparer; on `resume`, the state of `checkpoints/last/`."""
@@ -221,7 +233,7 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
                                   processes=accelerator.num_processes)
     nominal = step_count(cfg, train_set, accelerator.num_processes)
     params = [p for p in model.parameters() if p.requires_grad]  # the adapter's weights only
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.lora.plus_ratio), lr=cfg.lr, weight_decay=cfg.weight_decay)
     spec = loss_spec(cfg, model=model, processor=processor, train_set=train_set)
     towers = trainable_by_tower(model)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -459,7 +471,7 @@ def optimizer_step(s: Session, loss: float) -> tuple[float, float | None]:
         diverged(s, f"loss {loss}, gradient norm {grad_norm} at step {state.step + 1}")
         return lr, grad_norm
     for group in s.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     return lr, grad_norm
