@@ -182,3 +182,13 @@ def test_yolo_labels_of_a_run_stopped_midway_are_named_by_a_classes_txt(tmp_path
     assert (tmp_path / "yolo" / "labels" / "classes.txt").read_text() == "drop\nstain\n"
     read = READERS["yolo"](tmp_path / "yolo", ())
     assert read.problems == [] and [b.label for b in read.records[0].boxes] == ["stain", "stain", "drop"]
+
+
+def test_a_grey_picture_gets_depth_1_as_labelimg_writes_it(tmp_path):
+    labels = LabelsOut(tmp_path / "voc", "voc", [], "tiny")
+    for stem, mode in (("grey", "L"), ("deep", "I;16"), ("colour", "RGB")):
+        Image.new(mode, (64, 48)).save(tmp_path / f"{stem}.png")
+        labels.add(Item(tmp_path / f"{stem}.png", Image.new("RGB", (64, 48))), Prediction("od", 64, 48, []), stem)
+    depths = {stem: (tmp_path / "voc" / "annotations" / f"{stem}.xml").read_text().split("<depth>")[1][0]
+              for stem in ("grey", "deep", "colour")}
+    assert depths == {"grey": "1", "deep": "1", "colour": "3"}

@@ -114,9 +114,10 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-def write_voc(record: ImageRecord, xml_path: str | Path, root: str | Path) -> None:
+def write_voc(record: ImageRecord, xml_path: str | Path, root: str | Path, *, depth: int = 3) -> None:
     """Write `record` as a LabelImg VOC file at `xml_path`; `root` is the dataset root that
-    `record.image` is relative to (LabelImg's `<folder>`, `<filename>`, `<path>` layout)."""
+    `record.image` is relative to (LabelImg's `<folder>`, `<filename>`, `<path>` layout);
+    `depth` its channels, 1 for a grey picture as LabelImg writes it, else 3."""
     xml_path, image = Path(xml_path), Path(root) / record.image
     ann = ET.Element("annotation")
     ET.SubElement(ann, "folder").text = image.parent.name
@@ -124,7 +125,7 @@ def write_voc(record: ImageRecord, xml_path: str | Path, root: str | Path) -> No
     ET.SubElement(ann, "path").text = Path(os.path.relpath(image, xml_path.parent)).as_posix()
     ET.SubElement(ET.SubElement(ann, "source"), "database").text = "Unknown"
     size = ET.SubElement(ann, "size")
-    for key, value in (("width", record.width), ("height", record.height), ("depth", 3)):
+    for key, value in (("width", record.width), ("height", record.height), ("depth", depth)):
         ET.SubElement(size, key).text = str(value)
     ET.SubElement(ann, "segmented").text = "0"
     for box in record.boxes:

@@ -30,6 +30,8 @@ import json
 from pathlib import Path
 from urllib.parse import quote
 
+from PIL import Image
+
 from loomlens.data.atomic import atomic_copy, atomic_write
 from loomlens.data.coco import add_to_coco
 from loomlens.data.labelstudio import labelstudio_tasks
@@ -43,6 +45,15 @@ LABEL_FORMATS = ("voc", "yolo", "labelstudio", "coco")
 #: Per-image annotation files: format -> (folder in DIR, suffix).
 PER_IMAGE = {"voc": ("annotations", ".xml"), "yolo": ("labels", ".txt")}
 LOCAL_FILES = "/data/local-files/?d="
+
+
+def _channels(item: Item) -> int:
+    """1 for a still picture stored grey (8- or 16-bit, whatever `Item.image` was converted
+    to), else 3: what LabelImg writes as a VOC file's depth. A video frame is saved in colour."""
+    if item.frame is None:
+        with Image.open(item.source) as stored:
+            return 1 if len(stored.getbands()) == 1 else 3
+    return 3
 
 
 class LabelsOut:
@@ -129,7 +140,7 @@ class LabelsOut:
             self.kept += 1
             return
         if self.fmt == "voc":
-            write_voc(record, target, self.out)
+            write_voc(record, target, self.out, depth=_channels(item))
         else:
             write_yolo(record, target, self.classes)
         self.written += 1
