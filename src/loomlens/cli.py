@@ -8,6 +8,8 @@ that `loomlens --help` stays fast.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -662,6 +664,7 @@ def predict_command(
     from loomlens.predict import Predictor
     from loomlens.predict.files import predict_files
     from loomlens.predict.labels import LABEL_FORMATS
+    from loomlens.predict.resume import PARTIAL
     from loomlens.predict.sources import count_items, expand_inputs
 
     if save_labels is not None and save_labels not in LABEL_FORMATS:
@@ -671,7 +674,7 @@ def predict_command(
         predictor = Predictor(model=model, adapter=adapter, device=_device(device), max_boxes=max_boxes,
                               batch_size=batch_size, checkpoint=checkpoint, regions=regions, tile_size=tile_size,
                               constrained=constrained, precision=precision, backend=backend)
-        with Progress(transient=True) as bar:
+        with Progress(transient=True) as bar, _sigterm_as_interrupt():
             job = bar.add_task(f"{task} on {total} images/frames", total=total)
             summary = predict_files(predictor, inputs, out, task=task, text=text, tile=tile, every=every,
                                     score_threshold=score_threshold, coco=coco, draw=draw,
@@ -679,9 +682,31 @@ def predict_command(
                                     labels_out=labels_out)
     except (FileNotFoundError, ValueError, ValidationError, RuntimeError, ModelLoadError) as err:
         raise _fail(str(err)) from None
+    except KeyboardInterrupt:
+        typer.echo(f"stopped: what was predicted is kept ({out / PARTIAL}); the same command again goes on from "
+                   "there, and predictions.jsonl is written when every input is done", err=True)
+        raise typer.Exit(130) from None
+    if summary["resumed"]:
+        typer.echo(f"went on from an interrupted run: {summary['resumed']} images/frames it predicted were kept")
     typer.echo(f"{summary['items']} images/frames, {summary['boxes']} boxes -> {out}: {', '.join(summary['written'])}")
     _report_skipped(summary["problems"], out, strict=strict, none_done=not summary["items"],
                     nothing="no input could be predicted; predictions.jsonl was left as it was")
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM (a service manager's stop) ends the command as Ctrl-C does, by
+    KeyboardInterrupt, so it stops the same clean way; the handler before comes back after."""
+    import signal
+
+    def interrupt(*_) -> None:
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _report_skipped(problems: list[dict], out: Path, *, strict: bool, none_done: bool, nothing: str) -> None:

@@ -33,3 +33,41 @@ def test_predict_and_serve_refuse_an_unknown_precision_clearly(tmp_path):
     for command in (["predict", str(tmp_path / "im.png"), "--out", str(tmp_path / "out")], ["serve", "--no-page"]):
         result = CliRunner().invoke(app, [*command, "--precision", "int4"])
         assert result.exit_code == 1 and "precision must be one of" in result.output, result.output
+
+
+def test_sigterm_stops_predict_as_ctrl_c_does_and_the_same_command_goes_on(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import loomlens.predict.files as files
+
+    for i in range(3):
+        Image.new("RGB", (96, 64), (i * 80, 50, 50)).save(tmp_path / f"im{i}.png")
+    out = tmp_path / "out"
+    command = ["predict", str(tmp_path / "*.png"), "--out", str(out), "--model", "tiny", "--max-boxes", "2",
+               "--batch-size", "2"]
+    real = files.predict_files
+
+    def terminated_after_the_first_batch(*args, on_item, **kwargs):
+        def tick() -> None:
+            on_item()
+            os.kill(os.getpid(), signal.SIGTERM)  # as a service manager stopping the command
+
+        return real(*args, on_item=tick, **kwargs)
+
+    def before(*_) -> None:  # stands in for the default, which would end the test run itself
+        pass
+
+    monkeypatch.setattr(files, "predict_files", terminated_after_the_first_batch)
+    previous = signal.signal(signal.SIGTERM, before)
+    try:
+        stopped = CliRunner().invoke(app, command)
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.exit_code == 130 and "the same command again goes on" in stopped.output, stopped.output
+    assert after is before and not (out / "predictions.jsonl").exists()
+    monkeypatch.setattr(files, "predict_files", real)
+    again = CliRunner().invoke(app, command)
+    assert again.exit_code == 0 and "2 images/frames it predicted were kept" in again.output, again.output
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 3

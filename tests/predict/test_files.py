@@ -119,3 +119,63 @@ def test_a_folder_predicted_twice_with_the_output_inside_it_never_reads_its_own_
     found = expand_inputs([inputs, str(inputs / "**" / "*.jpg")], exclude=[out])
     assert [p.name for p in found] == ["a.png", "clip.avi", "b.jpg"]
     assert len(expand_inputs([out / "drawn"], exclude=[out])) == 1  # asked for by name: as asked
+
+
+class Stop(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, which the CLI turns into it) part-way through a run."""
+
+
+def _spy(predictor, monkeypatch) -> list[int]:
+    """Record how many pictures each call of `predictor.predict` is given."""
+    calls, real = [], predictor.predict
+
+    def predict(images, **options):
+        calls.append(len(images))
+        return real(images, **options)
+
+    monkeypatch.setattr(predictor, "predict", predict)
+    return calls
+
+
+def _stop_after(count: int):
+    seen = []
+
+    def on_item() -> None:
+        seen.append(1)
+        if len(seen) == count:
+            raise Stop
+
+    return on_item
+
+
+def test_an_interrupted_run_goes_on_where_it_stopped_and_ends_as_a_straight_run(predictor, inputs, tmp_path,
+                                                                                 monkeypatch):
+    straight = predict_files(predictor, [inputs], tmp_path / "straight", save_labels="coco")
+    assert straight["items"] == 12 and straight["resumed"] == 0  # a.png, 10 video frames, b.jpg; batches of 4
+    out = tmp_path / "out"
+    with pytest.raises(Stop):
+        predict_files(predictor, [inputs], out, save_labels="coco", on_item=_stop_after(6))
+    assert not (out / "predictions.jsonl").exists() and (out / ".predictions.partial.jsonl").exists()
+    calls = _spy(predictor, monkeypatch)
+    resumed = predict_files(predictor, [inputs], out, save_labels="coco")
+    assert calls == [4] and resumed["resumed"] == 8  # the first two batches were kept
+    assert (out / "predictions.jsonl").read_text() == (tmp_path / "straight" / "predictions.jsonl").read_text()
+    assert sorted(p.name for p in (out / "drawn").iterdir()) == sorted(p.name for p in (tmp_path / "straight" / "drawn").iterdir())
+    coco = json.loads((out / "labels-coco" / "annotations.json").read_text())
+    assert len(coco["images"]) == 12
+    assert not (out / ".predictions.partial.jsonl").exists()
+
+
+def test_other_options_or_a_torn_last_line_predict_again(predictor, inputs, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with pytest.raises(Stop):
+        predict_files(predictor, [inputs], out, on_item=_stop_after(6))
+    partial = out / ".predictions.partial.jsonl"
+    partial.write_text(partial.read_text() + '{"source": "torn')  # a kill in the middle of a line
+    calls = _spy(predictor, monkeypatch)
+    with pytest.raises(Stop):
+        predict_files(predictor, [inputs], out, on_item=_stop_after(9))
+    assert calls == [4] and len(partial.read_text().splitlines()) == 1 + 12  # fingerprint + every picture
+    calls.clear()
+    changed = predict_files(predictor, [inputs], out, score_threshold=0.5)
+    assert changed["resumed"] == 0 and sum(calls) == 12

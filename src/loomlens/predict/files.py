@@ -14,7 +14,9 @@
 Every file is written whole or not at all (`loomlens.data.atomic`): `predictions.jsonl` is
 written to a temporary file and renamed over the old one only when the run completes, so a
 run that fails or is interrupted midway leaves an earlier good file as it was. A run that
-predicted nothing (every input bad) leaves an existing `predictions.jsonl` alone too.
+predicted nothing (every input bad) leaves an existing `predictions.jsonl` alone too. What an
+interrupted run had predicted is not lost: the same command again goes on from there
+(`loomlens.predict.resume`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,17 @@ from pathlib import Path
 
 from loomlens.data.atomic import atomic_save_image, atomic_write
 from loomlens.infer.detection import batched
+from loomlens.model.loader import resolve_model_path
 from loomlens.predict.draw import draw_prediction
 from loomlens.predict.labels import LabelsOut
 from loomlens.predict.predictor import Prediction, Predictor
 from loomlens.predict.regions import save_rules
+from loomlens.predict.resume import (
+    PartialRecords,
+    fingerprint,
+    item_key,
+    prediction_from_record,
+)
 from loomlens.predict.sources import Item, Problem, expand_inputs, iter_items
 from loomlens.run import RULES_FILE
 
@@ -104,6 +113,36 @@ def predict_chunk(predictor: Predictor, chunk: list[Item], problems: list[Proble
     return done
 
 
+def run_fingerprint(predictor: Predictor, files: Sequence[Path], options: dict) -> str:
+    """`fingerprint` of a predict run: its `files` and `options`, and what decides the answers
+    on the predictor's side (model, adapter and their weights, precision, box budget, tiles,
+    grammar, region rules)."""
+    loaded = predictor.loaded
+    model = {"base": loaded.base, "adapter": loaded.adapter, "backend": predictor.backend,
+             "precision": predictor.precision, "max_boxes": predictor.max_boxes, "constrained": predictor.constrained,
+             "tile_size": predictor.tile_size, "rules": repr(predictor.rules)}
+    weights = [Path(resolve_model_path(str(loaded.base)))] + ([Path(loaded.adapter)] if loaded.adapter else [])
+    return fingerprint(files, {**options, **model}, weights)
+
+
+def predict_or_reuse(predictor: Predictor, chunk: list[Item], problems: list[Problem], partial: PartialRecords,
+                     **options) -> list[tuple[Item, Prediction, bool]]:
+    """`(item, prediction, fresh)` for the items of `chunk` that gave one, in their order: an
+    item an interrupted run predicted is read back from `partial` (fresh False); the others are
+    predicted (`predict_chunk`) and appended to `partial` before anything else is written."""
+    todo = [i for i in chunk if item_key(i.source, i.frame) not in partial.done]
+    answers = {id(i): p for i, p in (predict_chunk(predictor, todo, problems, **options) if todo else [])}
+    partial.add([prediction_record(i, answers[id(i)]) for i in todo if id(i) in answers])
+    out = []
+    for item in chunk:
+        record = partial.done.get(item_key(item.source, item.frame))
+        if record is not None:
+            out.append((item, prediction_from_record(record), False))
+        elif id(item) in answers:
+            out.append((item, answers[id(item)], True))
+    return out
+
+
 def predict_files(
     predictor: Predictor,
     inputs: Sequence[str | Path],
@@ -143,14 +182,17 @@ def predict_files(
             on_item()
 
     options = {"task": task, "text": text, "tile": tile, "score_threshold": score_threshold}
+    partial = PartialRecords(out, run_fingerprint(predictor, files, {
+        **options, "every": every, "draw": draw, "save_labels": save_labels, "labels_out": labels_out}))
     # Items stream in: a video is never held whole in memory.
     for chunk in batched(iter_items(files, every, skipped), predictor.batch_size):
         failed = len(problems)
-        for item, prediction in predict_chunk(predictor, chunk, problems, **options):
-            records.append(prediction_record(item, prediction))
+        for item, prediction, fresh in predict_or_reuse(predictor, chunk, problems, partial, **options):
+            records.append(prediction_record(item, prediction) if fresh else partial.done[item_key(item.source, item.frame)])
             name = unique_stem(item, used)
-            if draw:
-                atomic_save_image(draw_prediction(item.image, prediction), out / "drawn" / f"{name}.jpg", "JPEG")
+            drawn = out / "drawn" / f"{name}.jpg"
+            if draw and (fresh or not drawn.exists()):
+                atomic_save_image(draw_prediction(item.image, prediction), drawn, "JPEG")
             if labels is not None:
                 labels.add(item, prediction, name)
             if on_item:
@@ -176,6 +218,8 @@ def predict_files(
         written += ["coco_results.json", "coco_images.json"]
     if labels is not None and records:
         written += [f"{labels.out}/{name}" for name in labels.finish()]
+    partial.finish()
     return {"files": len(files), "items": len(records), "boxes": sum(len(r["boxes"]) for r in records),
-            "problems": [p.as_dict() for p in problems], "out": str(out), "written": written}
+            "resumed": len(partial.done), "problems": [p.as_dict() for p in problems], "out": str(out),
+            "written": written}
 
