@@ -126,20 +126,22 @@ def run_fingerprint(predictor: Predictor, files: Sequence[Path], options: dict) 
 
 
 def predict_or_reuse(predictor: Predictor, chunk: list[Item], problems: list[Problem], partial: PartialRecords,
-                     **options) -> list[tuple[Item, Prediction, bool]]:
-    """`(item, prediction, fresh)` for the items of `chunk` that gave one, in their order: an
-    item an interrupted run predicted is read back from `partial` (fresh False); the others are
-    predicted (`predict_chunk`) and appended to `partial` before anything else is written."""
+                     **options) -> list[tuple[Item, Prediction, dict, bool]]:
+    """`(item, prediction, record, fresh)` for the items of `chunk` that gave one, in their
+    order: an item an interrupted run predicted is read back from `partial` (fresh False); the
+    others are predicted (`predict_chunk`) and their records appended to `partial` before
+    anything else of theirs is written."""
     todo = [i for i in chunk if item_key(i.source, i.frame) not in partial.done]
-    answers = {id(i): p for i, p in (predict_chunk(predictor, todo, problems, **options) if todo else [])}
-    partial.add([prediction_record(i, answers[id(i)]) for i in todo if id(i) in answers])
+    fresh = {id(i): (p, prediction_record(i, p)) for i, p in
+             (predict_chunk(predictor, todo, problems, **options) if todo else [])}
+    partial.add([record for _, record in fresh.values()])
     out = []
     for item in chunk:
-        record = partial.done.get(item_key(item.source, item.frame))
-        if record is not None:
-            out.append((item, prediction_from_record(record), False))
-        elif id(item) in answers:
-            out.append((item, answers[id(item)], True))
+        kept = partial.done.get(item_key(item.source, item.frame))
+        if kept is not None:
+            out.append((item, prediction_from_record(kept), kept, False))
+        elif id(item) in fresh:
+            out.append((item, *fresh[id(item)], True))
     return out
 
 
@@ -187,8 +189,8 @@ def predict_files(
     # Items stream in: a video is never held whole in memory.
     for chunk in batched(iter_items(files, every, skipped), predictor.batch_size):
         failed = len(problems)
-        for item, prediction, fresh in predict_or_reuse(predictor, chunk, problems, partial, **options):
-            records.append(prediction_record(item, prediction) if fresh else partial.done[item_key(item.source, item.frame)])
+        for item, prediction, record, fresh in predict_or_reuse(predictor, chunk, problems, partial, **options):
+            records.append(record)
             name = unique_stem(item, used)
             drawn = out / "drawn" / f"{name}.jpg"
             if draw and (fresh or not drawn.exists()):
