@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from loomlens.events import Event, EventStore, database_url
+from loomlens.events.store import VideoMark, events_table, folder_marks_table
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 
@@ -55,6 +56,20 @@ def _exercise(store: EventStore) -> None:
         store.update(ids[0], colour="red")
 
 
+def _exercise_marks(store: EventStore) -> None:
+    """How far a camera's folder or video file was read: saved with the event its frame starts or
+    alone, replaced in place, a video's mark kept apart from a folder's of the same camera."""
+    assert store.video_mark("loom9") is None
+    mark = VideoMark(size=123_456_789, mtime_ns=1_700_000_000_123_456_789, frame=41)
+    event_id = store.start(_event("loom9", "hole", 0), mark)
+    assert store.get(event_id) is not None and store.video_mark("loom9") == mark
+    store.set_video_mark("loom9", mark._replace(frame=99, ended=True))
+    assert store.video_mark("loom9") == VideoMark(123_456_789, 1_700_000_000_123_456_789, 99, True)
+    store.set_folder_mark("loom9", (1_700_000_000_000_000_000, "007.jpg"))
+    assert store.folder_mark("loom9") == (1_700_000_000_000_000_000, "007.jpg")
+    assert store.video_mark("loom9").frame == 99
+
+
 def test_sqlite_store_in_wal_mode(tmp_path) -> None:
     path = tmp_path / "deep" / "events.db"
     store = EventStore(path)
@@ -64,6 +79,31 @@ def test_sqlite_store_in_wal_mode(tmp_path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     # every write was committed: a plain reader sees it all
     assert EventStore(path, create=False).query()[1] == 5
+
+
+def test_sqlite_store_marks(tmp_path) -> None:
+    store = EventStore(tmp_path / "events.db")
+    _exercise_marks(store)
+    store.close()
+
+
+def test_a_database_made_before_video_marks_opens_and_keeps_its_folder_marks(tmp_path) -> None:
+    from sqlalchemy import create_engine
+
+    path = tmp_path / "old.db"
+    engine = create_engine(f"sqlite:///{path}")
+    for table in (events_table, folder_marks_table):  # what a watcher made before video marks
+        table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(folder_marks_table.insert().values(camera="loom1", mtime_ns=5, name="005.jpg"))
+    engine.dispose()
+    reader = EventStore(path, create=False)  # the server's reader: no table made, no mark
+    assert reader.video_mark("loom1") is None and reader.folder_mark("loom1") == (5, "005.jpg")
+    reader.close()
+    store = EventStore(path)  # a watcher adds the video marks' table
+    assert store.folder_mark("loom1") == (5, "005.jpg")
+    _exercise_marks(store)
+    store.close()
 
 
 def test_reader_refuses_a_missing_database_with_the_fix(tmp_path) -> None:
@@ -91,4 +131,5 @@ def test_postgresql_store(postgres_url) -> None:
     other_watcher = EventStore(postgres_url)  # a second watcher's connection sees every commit
     assert other_watcher.query(camera="loom2")[1] == 2
     other_watcher.close()
+    _exercise_marks(store)
     store.close()

@@ -12,9 +12,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Float,
@@ -67,7 +69,36 @@ folder_marks_table = Table(
     Column("name", String(1000), nullable=False),
 )
 
+#: How far a watcher has read each camera's video file: the file (its size and modification
+#: time in ns: another file, or the same path re-written, is read from its start), the last
+#: frame read and whether the file was read to its end. A table of its own, created beside the
+#: folder marks in a database made before it (`create_all` adds only what is missing).
+video_marks_table = Table(
+    "loomlens_video_marks",
+    metadata,
+    Column("camera", String(200), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("mtime_ns", BigInteger, nullable=False),
+    Column("frame", BigInteger, nullable=False),
+    Column("ended", Boolean, nullable=False),
+)
+
 STATUSES = ("open", "ended", "interrupted")
+
+
+class VideoMark(NamedTuple):
+    """How far a video file was read: the file's `size` and `mtime_ns` (which file it is), the
+    index of the last `frame` read in it (-1: none) and whether it was read to its end."""
+
+    size: int
+    mtime_ns: int
+    frame: int = -1
+    ended: bool = False
+
+
+#: How far a camera's source was read: a folder's (mtime_ns, name) of its last file, or a
+#: video file's VideoMark.
+Mark = tuple[int, str] | VideoMark
 
 
 @dataclass
@@ -174,17 +205,17 @@ class EventStore:
     def _ready(self) -> bool:
         return inspect(self.engine).has_table(events_table.name)
 
-    def start(self, ev: Event, folder_mark: tuple[int, str] | None = None) -> int:
-        """Record a new event (committed before this returns). Returns its id. `folder_mark`:
-        how far the event's camera folder has been read with the frame that started it, saved in
-        the same transaction, so a kill can never keep the event and lose the mark (a restart
-        would read that frame again and record the event twice)."""
+    def start(self, ev: Event, mark: Mark | None = None) -> int:
+        """Record a new event (committed before this returns). Returns its id. `mark`: how far
+        the event's camera folder or video file has been read with the frame that started it,
+        saved in the same transaction, so a kill can never keep the event and lose the mark (a
+        restart would read that frame again and record the event twice)."""
         values = _utc_values({k: v for k, v in asdict(ev).items() if k != "id"})
         with self.engine.begin() as conn:
             result = conn.execute(events_table.insert().values(**values))
             ev.id = int(result.inserted_primary_key[0])
-            if folder_mark is not None:
-                _upsert_mark(conn, ev.camera, folder_mark)
+            if mark is not None:
+                _upsert_mark(conn, ev.camera, mark)
         return ev.id
 
     def update(self, event_id: int, **values) -> None:
@@ -220,6 +251,21 @@ class EventStore:
 
     def set_folder_mark(self, camera: str, mark: tuple[int, str]) -> None:
         """Record that `camera`'s frame folder was read up to `mark` (mtime_ns, file name)."""
+        with self.engine.begin() as conn:
+            _upsert_mark(conn, camera, mark)
+
+    def video_mark(self, camera: str) -> VideoMark | None:
+        """How far `camera`'s video file was read (which file, last frame, read to its end), or
+        None when no watch of it recorded one (or the database predates video marks)."""
+        if not inspect(self.engine).has_table(video_marks_table.name):
+            return None
+        c = video_marks_table.c
+        with self.engine.connect() as conn:
+            row = conn.execute(select(c.size, c.mtime_ns, c.frame, c.ended).where(c.camera == camera)).first()
+        return None if row is None else VideoMark(int(row[0]), int(row[1]), int(row[2]), bool(row[3]))
+
+    def set_video_mark(self, camera: str, mark: VideoMark) -> None:
+        """Record that `camera`'s video file was read up to `mark` (the file, its last frame read)."""
         with self.engine.begin() as conn:
             _upsert_mark(conn, camera, mark)
 
@@ -266,12 +312,16 @@ class EventStore:
             return [v for (v,) in conn.execute(select(col).distinct().order_by(col))]
 
 
-def _upsert_mark(conn, camera: str, mark: tuple[int, str]) -> None:
-    """Set `camera`'s folder mark (mtime_ns, file name) within the open transaction `conn`."""
-    values = {"mtime_ns": mark[0], "name": mark[1]}
-    done = conn.execute(update(folder_marks_table).where(folder_marks_table.c.camera == camera).values(**values))
+def _upsert_mark(conn, camera: str, mark: Mark) -> None:
+    """Set `camera`'s mark within the open transaction `conn`: a VideoMark in the video marks,
+    a folder's (mtime_ns, file name) in the folder marks."""
+    if isinstance(mark, VideoMark):
+        table, values = video_marks_table, mark._asdict()
+    else:
+        table, values = folder_marks_table, {"mtime_ns": mark[0], "name": mark[1]}
+    done = conn.execute(update(table).where(table.c.camera == camera).values(**values))
     if not done.rowcount:
-        conn.execute(folder_marks_table.insert().values(camera=camera, **values))
+        conn.execute(table.insert().values(camera=camera, **values))
 
 
 def _event(row) -> Event:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from loomlens.events.store import VideoMark
 from loomlens.predict.sources import IMAGE_SUFFIXES, read_image
 from loomlens.predict.video import ends_short, is_video, read_frames
 
@@ -32,8 +33,9 @@ _URL = re.compile(r"^(rtsp|rtsps|rtmp|http|https)://", re.IGNORECASE)
 @dataclass
 class Frame:
     """One frame to predict on: the `camera` it is from, the picture (RGB), when it was seen
-    (UTC; for a video file, the watch's start plus the frame's time in the file; for a folder,
-    the file's modification time) and its number among the frames taken from this source."""
+    (UTC; for a video file, the watch's start plus the frame's time in the file, after the mark
+    when a watch goes on after an earlier one; for a folder, the file's modification time) and
+    its number among the frames taken from this source."""
 
     camera: str
     image: Image.Image
@@ -50,41 +52,81 @@ def _cv2():
 
 
 class VideoFileSource:
-    """The frames of a video file, `fps` of them per second of video, then END."""
+    """The frames of a video file, `fps` of them per second of video, then END. How far it was
+    read is `mark` (which file, the last frame read, whether to its end), and `resume_after`
+    starts a new watch of the same file after an earlier one's mark."""
 
     live = False
 
     def __init__(self, path: Path, camera: str, fps: float):
         cv2 = _cv2()
         capture = cv2.VideoCapture(str(path))
-        native = (capture.get(cv2.CAP_PROP_FPS) or 0.0) if capture.isOpened() else 0.0
+        self.native = (capture.get(cv2.CAP_PROP_FPS) or 0.0) if capture.isOpened() else 0.0
         self.declared = max(0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT))) if capture.isOpened() else 0
         capture.release()
         self.camera, self.name = camera, str(path)
-        self.every = max(1, round(native / fps)) if native > 0 else 1
+        self.every = max(1, round(self.native / fps)) if self.native > 0 else 1
         self.started = datetime.now(UTC)
+        stat = path.stat()
+        self._mark = VideoMark(stat.st_size, stat.st_mtime_ns)
         self._frames = read_frames(path, self.every)
         self._count = 0
         self.reconnects = 0
         #: The frame the file ends at when it ends before the count it declares (cut off), else None.
         self.cut_at: int | None = None
 
+    @property
+    def mark(self) -> VideoMark:
+        """This file (size, mtime_ns), the index of its last frame read (-1 before the first)
+        and whether it was read to its end."""
+        return self._mark
+
+    def resume_after(self, mark: VideoMark) -> None:
+        """Go on after `mark` (an earlier watch's `mark`) when it is of this very file: its
+        frames up to the mark are not read again (a file read to its end, none); another file,
+        or this path re-written since, is read from its start. Says which in the log."""
+        if (mark.size, mark.mtime_ns) != (self._mark.size, self._mark.mtime_ns):
+            log.info("%s: %s is not the file an earlier watch read (its size or modification time differ): "
+                     "reading it from its start", self.camera, self.name)
+            return
+        self._mark = mark
+        if mark.ended:
+            log.info("%s: %s was already read to its end by an earlier watch: nothing new to record; to read "
+                     "it again, watch it under another --camera name or into another --db", self.camera, self.name)
+            return
+        log.info("%s: going on after frame %d of %s, the last frame an earlier watch read",
+                 self.camera, mark.frame, self.name)
+        if self.native > 0:  # the frames after the mark are timed from now, not as far ahead as the mark is in
+            self.started -= timedelta(seconds=(mark.frame + 1) / self.native)
+
     def poll(self) -> Frame | None | object:
-        """The next sampled frame, or END after the last (a file cut off before its declared
-        end is logged, naming the frame it ends at, and kept in `cut_at`)."""
+        """The next sampled frame after the mark, or END after the last (a file cut off before
+        its declared end is logged, naming the frame it ends at, and kept in `cut_at`)."""
+        if self._mark.ended:
+            return END
         try:
             frame = next(self._frames)
+            # read and discarded up to the mark: a seek (CAP_PROP_POS_FRAMES) lands off with B-frames (opencv#9053)
+            while frame.index <= self._mark.frame:
+                frame = next(self._frames)
         except StopIteration as end:
-            if self._count == 0:
-                raise ValueError(f"{self.name} holds no frame OpenCV can decode: re-copy or re-encode it") from None
-            if end.value is not None and ends_short(end.value, self.declared):
-                self.cut_at = end.value
-                log.warning("%s ends at frame %d of the %d it declares (cut off or damaged): the frames after "
-                            "it were not watched; re-copy the file (or re-encode it) and watch it again",
-                            self.name, end.value, self.declared)
+            self._ended(end.value)
             return END
         self._count += 1
+        self._mark = self._mark._replace(frame=frame.index)
         return Frame(self.camera, frame.image, self.started + timedelta(seconds=frame.timestamp), self._count - 1)
+
+    def _ended(self, read: int | None) -> None:
+        """The file gave its last frame (`read` frames in all): mark it read to its end, and log
+        it when it ends before its declared count (cut off). Raises ValueError when it gave none."""
+        if self._mark.frame < 0:
+            raise ValueError(f"{self.name} holds no frame OpenCV can decode: re-copy or re-encode it") from None
+        self._mark = self._mark._replace(ended=True)
+        if read is not None and ends_short(read, self.declared):
+            self.cut_at = read
+            log.warning("%s ends at frame %d of the %d it declares (cut off or damaged): the frames after "
+                        "it were not watched; re-copy the file (or re-encode it) and watch it again",
+                        self.name, read, self.declared)
 
     def close(self) -> None:
         """Stop reading the file."""
@@ -129,8 +171,10 @@ class FolderSource:
         return self._mark
 
     def resume_after(self, mark: tuple[int, str]) -> None:
-        """Go on after `mark` (an earlier watch's `mark`): the files up to it are not read again."""
+        """Go on after `mark` (an earlier watch's `mark`): the files up to it are not read again.
+        Says so in the log."""
         self._mark = max(self._mark, (int(mark[0]), str(mark[1])))
+        log.info("%s: going on after %s, the last frame an earlier watch read", self.camera, mark[1])
 
     def poll(self) -> Frame | None | object:
         """The oldest image newer than the last one read; None when there is none yet; END

@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from loomlens.data.records import Box
-from loomlens.events.store import Event, EventStore
+from loomlens.events.store import Event, EventStore, Mark, VideoMark
 from loomlens.watch.alerts import Alerter
 from loomlens.watch.debounce import Change, DebounceSettings, Debouncer, Track
 from loomlens.watch.media import Retention, crop, jpeg, write_jpeg
@@ -94,7 +94,7 @@ class Watcher:
         self.seen_every_s, self.idle_s = seen_every_s, idle_s
         self.cameras = {s.camera: _Camera(Debouncer(self.debounce), s.name) for s in self.sources}
         self.stats = {"frames": 0, "events": 0, "ended": 0, "interrupted_before": 0}
-        self._marks: dict[str, tuple[int, str]] = {}  # camera -> its folder's mark at the batch's frame
+        self._marks: dict[str, Mark] = {}  # camera -> its folder's or video's mark at the batch's frame
 
     def run(self, stop: threading.Event | None = None) -> dict:
         """Watch until every source ended or `stop` is set; open events are then ended. A
@@ -102,11 +102,8 @@ class Watcher:
         Returns counts: frames, events started and ended, events a previous run left open,
         reconnects, and `failed`: camera -> why, for the sources that failed."""
         stop = stop or threading.Event()
-        for source in self.sources:  # a frame folder read before: go on after its last frame
-            mark = self.store.folder_mark(source.camera) if hasattr(source, "resume_after") else None
-            if mark is not None:
-                source.resume_after(mark)
-                log.info("%s: going on after %s, the last frame an earlier watch read", source.camera, mark[1])
+        for source in self.sources:
+            self._resume(source)
         self.stats["interrupted_before"] = self.store.interrupt_open(list(self.cameras))
         self.stats["failed"] = {}
         active = list(self.sources)
@@ -118,13 +115,15 @@ class Watcher:
                     if got is END:
                         active.remove(source)
                         self._finish(source.camera)
+                        if source.camera not in self.stats["failed"]:
+                            self._save_marks({source.camera})  # a video file read to its end is marked so
                     elif got is not None:
                         due.append(got)
                 if not due:
                     stop.wait(self.idle_s)
                     continue
-                # A folder's mark goes with the events its frame starts (one transaction), and
-                # after the batch for frames that started none.
+                # A folder's or video file's mark goes with the events its frame starts (one
+                # transaction), and after the batch for frames that started none.
                 self._marks = {s.camera: s.mark for s in active if hasattr(s, "mark")}
                 for frame, boxes in zip(due, self.detect([f.image for f in due]), strict=True):
                     self._frame(frame, boxes)
@@ -150,13 +149,26 @@ class Watcher:
             self.stats["failed"][source.camera] = str(exc)
             return END
 
+    def _resume(self, source) -> None:
+        """A frame folder or video file an earlier watch of this camera read: `source` goes on
+        after the mark that watch stored (a live stream has none)."""
+        if not hasattr(source, "mark"):
+            return
+        video = isinstance(source.mark, VideoMark)
+        mark = self.store.video_mark(source.camera) if video else self.store.folder_mark(source.camera)
+        if mark is not None:
+            source.resume_after(mark)
+
     def _save_marks(self, cameras: set[str]) -> None:
-        """Record how far the frame folders of `cameras` were read (after their frames' events
-        are committed), so a restarted watcher neither reads them again nor records their
-        events twice."""
+        """Record how far the frame folders and video files of `cameras` were read (after their
+        frames' events are committed), so a restarted watcher neither reads them again nor
+        records their events twice."""
         for source in self.sources:
             if source.camera in cameras and hasattr(source, "mark"):
-                self.store.set_folder_mark(source.camera, source.mark)
+                if isinstance(source.mark, VideoMark):
+                    self.store.set_video_mark(source.camera, source.mark)
+                else:
+                    self.store.set_folder_mark(source.camera, source.mark)
 
     def _frame(self, frame: Frame, boxes: list[Box]) -> None:
         cam = self.cameras[frame.camera]
