@@ -5,16 +5,14 @@ records none of them again."""
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from loomlens.events import EventStore
 
-from .conftest import fabric_frame
+from .conftest import fabric_frame, kill_9_once_recorded, recorded
 
 ROOT = Path(__file__).resolve().parents[2]
 PLACES = [(60, 60, 120, 110), (300, 150, 380, 200), (200, 40, 260, 90)]
@@ -26,14 +24,7 @@ def _watch(folder: Path, db: Path, *extra: str) -> list[str]:
 
 
 def _recorded(db: Path) -> list[tuple]:
-    if not db.exists():
-        return []
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
-        try:
-            return conn.execute("select id, camera, label, started_at, score, x1, y1, x2, y2, frame_path "
-                                "from loomlens_events order by id").fetchall()
-        except sqlite3.OperationalError:  # the table is not there yet
-            return []
+    return recorded(db, "id, camera, label, started_at, score, x1, y1, x2, y2, frame_path")
 
 
 def test_kill_9_loses_no_recorded_event(tmp_path) -> None:
@@ -45,20 +36,7 @@ def test_kill_9_loses_no_recorded_event(tmp_path) -> None:
         cv2.imwrite(str(frames / f"{i:03d}.jpg"), fabric_frame(PLACES[(i // 2) % 3] if i % 2 == 0 else None))
     db = tmp_path / "events.db"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(_watch(frames, db), stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 240
-        while len(_recorded(db)) < 2 and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert first.poll() is None, f"the watcher ended early:\n{(tmp_path / 'first.log').read_text()}"
-        assert len(_recorded(db)) >= 2, "no events recorded in time"
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait(timeout=30)
-    finally:
-        if first.poll() is None:
-            first.kill()
-        log.close()
+    kill_9_once_recorded(_watch(frames, db), db, 2, tmp_path / "first.log", env)
     before = _recorded(db)
     assert len(before) >= 2
     assert all(Path(row[-1]).is_file() for row in before)  # pictures are written before the row

@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import sqlite3
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +16,7 @@ import pytest
 from loomlens.events import EventStore
 from loomlens.watch import DebounceSettings, Watcher, open_source
 
-from .conftest import write_video
+from .conftest import kill_9_once_recorded, recorded, write_video
 from .test_stream_reconnect import bright_boxes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,33 +60,13 @@ def _places(store: EventStore) -> list[tuple[int, int]]:
 
 
 def _recorded(db: Path) -> list[tuple]:
-    if not db.exists():
-        return []
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
-        try:
-            return conn.execute("select id, label, started_at, score, x1, y1, x2, y2 "
-                                "from loomlens_events order by id").fetchall()
-        except sqlite3.OperationalError:  # the table is not there yet
-            return []
+    return recorded(db, "id, label, started_at, score, x1, y1, x2, y2")
 
 
 def test_a_video_watch_killed_with_sigkill_and_restarted_records_each_defect_once(tmp_path) -> None:
     video, db = _video(tmp_path / "loom1.mp4"), tmp_path / "events.db"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    log = (tmp_path / "child.log").open("w")
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(video), str(db)], cwd=ROOT, env=env,
-                             stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while len(_recorded(db)) < 3 and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert child.poll() is None, f"the watcher ended early:\n{(tmp_path / 'child.log').read_text()}"
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-        log.close()
+    kill_9_once_recorded([sys.executable, "-c", CHILD, str(video), str(db)], db, 3, tmp_path / "child.log", env)
     before = _recorded(db)
     assert 3 <= len(before) < 12
     store = EventStore(db)
