@@ -136,12 +136,13 @@ def test_augmented_items_move_their_boxes_with_the_picture(small_data, small_mod
     ex = plain.examples[index]
     item = flipped[index]
     text = processor.tokenizer.decode(item["labels"], skip_special_tokens=False)
-    width = plain.picture(ex.image).width
-    boxes, _ = parse_text(text, width, plain.picture(ex.image).height)
+    picture, _, _ = plain.picture(ex.image)
+    width = picture.width
+    boxes, _ = parse_text(text, width, picture.height)
     expected = sorted((b.hflip(width) for b in ex.boxes), key=lambda b: (b.y1, b.x1))
     assert [(b.label, round(b.x1), round(b.x2)) for b in sorted(boxes, key=lambda b: (b.y1, b.x1))] == \
         [(b.label, round(b.x1), round(b.x2)) for b in expected]
-    mirrored = processor.image_processor(images=[ImageOps.mirror(plain.picture(ex.image))],
+    mirrored = processor.image_processor(images=[ImageOps.mirror(picture)],
                                          return_tensors="pt").pixel_values[0]
     assert torch.equal(item["pixel_values"], mirrored)
 
@@ -185,7 +186,7 @@ def test_the_defect_crop_feeds_a_window_and_its_boxes_and_only_on_large_frames(s
     ds.set_epoch(2)
     item = ds[index]
     ex = ds.examples[index]
-    window, boxes = augment(ds.picture(ex.image), list(ex.boxes), aug=crop, rng=sample_rng(5, 2, index), edge=64)
+    window, boxes = augment(ds.picture(ex.image)[0], list(ex.boxes), aug=crop, rng=sample_rng(5, 2, index), edge=64)
     assert window.size == (64, 64) and boxes  # the window holds a defect
     assert item["labels"].tolist() == processor.tokenizer(boxes_to_text(boxes, 64, 64)).input_ids
     assert torch.equal(item["pixel_values"], processor.image_processor(images=[window], return_tensors="pt")
@@ -195,6 +196,31 @@ def test_the_defect_crop_feeds_a_window_and_its_boxes_and_only_on_large_frames(s
     assert FlorenceDataset(strip_data / "train.jsonl", processor, augment=replace(crop, crop=0.0, hflip=1.0)) \
         .crop_window is None
     assert FlorenceDataset(strip_data / "train.jsonl", processor).crop_window is None  # validation: never
+
+
+def test_a_run_that_never_crops_augments_a_large_frame_reduced_with_the_same_locations(strip_data,
+                                                                                      small_model_dir):
+    from PIL import Image, ImageOps
+
+    from loomlens.data.augment import NONE
+    from loomlens.data.florence_text import boxes_to_text
+    from loomlens.data.sanitize import to_rgb
+    from loomlens.model import load_model
+
+    _, processor = load_model(str(small_model_dir))
+    ds = FlorenceDataset(strip_data / "train.jsonl", processor, tasks=["od"], augment=replace(NONE, hflip=1.0))
+    index = next(i for i, ex in enumerate(ds.examples) if ex.boxes)
+    ex = ds.examples[index]
+    with Image.open(ex.image) as im:
+        full = to_rgb(im)
+    picture, sx, sy = ds.picture(ex.image)
+    assert max(picture.size) == 2 * ds.edge < max(full.size)  # 192 px wide: worked on at 128
+    assert (sx, sy) == (picture.width / full.width, picture.height / full.height)
+    item = ds[index]
+    mirrored = [b.hflip(full.width) for b in ex.boxes]
+    assert item["labels"].tolist() == processor.tokenizer(boxes_to_text(mirrored, *full.size)).input_ids
+    at_input = processor.image_processor(images=[ImageOps.mirror(full)], return_tensors="pt").pixel_values[0]
+    assert (item["pixel_values"] - at_input).abs().mean() < 0.05  # the same picture, but for resampling
 
 
 def _frames(root, frames):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +42,10 @@ _POOL_BATCHES = 16
 VANISHING_PX = 4.0
 #: Share of physical memory one dataset may fill with kept images (`default_cache_bytes`).
 CACHE_SHARE = 0.25
+#: A run that never crops augments a large frame reduced to at most this many times the model's
+#: input edge a side: the model sees it squeezed to the edge anyway, and flips, jitter and
+#: photometry on every pixel of a camera frame cost as much as the step (docs/training.md).
+WORK_SCALE = 2
 #: The cache where the OS does not report its memory (Windows, macOS without sysconf).
 FALLBACK_CACHE_BYTES = 4 << 30
 
@@ -67,6 +71,14 @@ class Example:
     def classes(self) -> Labels:
         """The classes it shows (`frozenset()`: defect-free), None for a text answer."""
         return None if self.boxes is None else frozenset(b.label for b in self.boxes)
+
+
+def _pil_filter(image_processor) -> Image.Resampling:
+    """The PIL filter `image_processor` resizes with (BICUBIC where it names none PIL knows)."""
+    try:
+        return Image.Resampling(int(image_processor.resample))
+    except (AttributeError, TypeError, ValueError):
+        return Image.Resampling.BICUBIC
 
 
 def default_cache_bytes() -> int:
@@ -103,7 +115,8 @@ class FlorenceDataset(torch.utils.data.Dataset):
     pixels, or the decoded picture when augmenting) stays within `cache_bytes` (None:
     `default_cache_bytes()`; 0: nothing kept): past it, an image is decoded again each time it
     is used, the same pixels more slowly, rather than a large set of camera frames (a 5 MP frame
-    is 15 MB decoded) filling the machine's memory; `cache_full` says when that happened. `augment` (training
+    is 15 MB decoded; a run that never crops keeps it reduced, see `picture`) filling the
+    machine's memory; `cache_full` says when that happened. `augment` (training
     only) draws a new variant of each picture per (seed, epoch, index), its boxes moved with it;
     `set_epoch` says which epoch the loop is in. `edge`: the model's input edge (the
     processor's), for the defect crop; `crop_window`: that edge when the crop may show some frame
@@ -159,7 +172,8 @@ class FlorenceDataset(torch.utils.data.Dataset):
                                          row.get("task", prefix), boxes))
         self.crop_window = self.edge if self.augment is not None and self.augment.crop and large else None
         self._pixels: dict[Path, torch.Tensor] = {}
-        self._pictures: dict[Path, Image.Image] = {}
+        self._pictures: dict[Path, tuple[Image.Image, float, float]] = {}
+        self._resample = _pil_filter(processor.image_processor)
         self._features: dict[Path, torch.Tensor] = {}
 
     def set_epoch(self, epoch: int) -> None:
@@ -206,27 +220,39 @@ class FlorenceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def picture(self, image: Path) -> Image.Image:
-        """The decoded RGB picture of `image`, kept after first use while the cache has room."""
+    def picture(self, image: Path) -> tuple[Image.Image, float, float]:
+        """The decoded RGB picture of `image` as augmentation takes it, and the factors from the
+        stored image's pixels to its own (x, y): in a run that never crops (`crop_window` None),
+        a frame larger than `WORK_SCALE` x the input's edge is reduced to that. Kept after first
+        use while the cache has room."""
         if image in self._pictures:
             return self._pictures[image]
         with Image.open(image) as im:
             picture = to_rgb(im)
+        width, height = picture.size
+        limit = WORK_SCALE * self.edge
+        if self.crop_window is None and max(width, height) > limit:
+            # the processor's own filter, so the two-step squeeze looks like its one step
+            picture = picture.resize((min(width, limit), min(height, limit)), self._resample, reducing_gap=3.0)
+        kept = (picture, picture.width / width, picture.height / height)
         if self._keep(picture.width * picture.height * len(picture.getbands())):
-            self._pictures[image] = picture
-        return picture
+            self._pictures[image] = kept
+        return kept
 
     def _augmented(self, index: int) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Pixels and label ids of this epoch's variant of sample `index`."""
         ex = self.examples[index]
         rng = sample_rng(self.seed, self.epoch, index)
-        picture, boxes = augment(self.picture(ex.image), list(ex.boxes or ()), aug=self.augment, rng=rng,
-                                 edge=self.edge, geometric=ex.boxes is not None)
+        picture, sx, sy = self.picture(ex.image)
+        reduced = (sx, sy) != (1.0, 1.0)
+        boxes = [replace(b, x1=b.x1 * sx, y1=b.y1 * sy, x2=b.x2 * sx, y2=b.y2 * sy) for b in ex.boxes or ()]
+        varied, moved = augment(picture, boxes, aug=self.augment, rng=rng, edge=self.edge,
+                                geometric=ex.boxes is not None)
         labels = ex.labels
-        if ex.boxes is not None and (tuple(boxes) != ex.boxes or picture.size != self.picture(ex.image).size):
-            ids = self.processor.tokenizer(boxes_to_text(boxes, *picture.size), add_special_tokens=True).input_ids
+        if ex.boxes is not None and (reduced or moved != boxes or varied.size != picture.size):
+            ids = self.processor.tokenizer(boxes_to_text(moved, *varied.size), add_special_tokens=True).input_ids
             labels = tuple(ids[: self.max_label_tokens] if self.max_label_tokens else ids)
-        pixels = self.processor.image_processor(images=[picture], return_tensors="pt").pixel_values[0]
+        pixels = self.processor.image_processor(images=[varied], return_tensors="pt").pixel_values[0]
         return pixels, labels
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
