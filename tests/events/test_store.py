@@ -63,9 +63,9 @@ def _exercise_marks(store: EventStore) -> None:
     mark = VideoMark(size=123_456_789, mtime_ns=1_700_000_000_123_456_789, frame=41)
     event_id = store.start(_event("loom9", "hole", 0), mark)
     assert store.get(event_id) is not None and store.video_mark("loom9") == mark
-    store.set_video_mark("loom9", mark._replace(frame=99, ended=True))
+    store.set_mark("loom9", mark._replace(frame=99, ended=True))
     assert store.video_mark("loom9") == VideoMark(123_456_789, 1_700_000_000_123_456_789, 99, True)
-    store.set_folder_mark("loom9", (1_700_000_000_000_000_000, "007.jpg"))
+    store.set_mark("loom9", (1_700_000_000_000_000_000, "007.jpg"))
     assert store.folder_mark("loom9") == (1_700_000_000_000_000_000, "007.jpg")
     assert store.video_mark("loom9").frame == 99
 

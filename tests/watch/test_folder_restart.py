@@ -69,7 +69,7 @@ def test_a_kill_between_an_event_and_the_batch_mark_records_that_event_once(tmp_
     def killed(*_):
         raise Killed  # the first event is committed; the watcher dies before the batch's mark
 
-    monkeypatch.setattr(store, "set_folder_mark", killed)
+    monkeypatch.setattr(store, "set_mark", killed)
     try:
         _watch(folder, store)
     except Killed:

@@ -96,7 +96,7 @@ def test_a_kill_between_an_event_and_the_batch_mark_records_that_video_event_onc
     def killed(*_):
         raise Killed  # the first event is committed; the watcher dies before the batch's mark
 
-    monkeypatch.setattr(store, "set_video_mark", killed)
+    monkeypatch.setattr(store, "set_mark", killed)
     with pytest.raises(Killed):
         _watch(video, store)
     monkeypatch.undo()

@@ -249,8 +249,9 @@ class EventStore:
                                .where(folder_marks_table.c.camera == camera)).first()
         return None if row is None else (int(row[0]), str(row[1]))
 
-    def set_folder_mark(self, camera: str, mark: tuple[int, str]) -> None:
-        """Record that `camera`'s frame folder was read up to `mark` (mtime_ns, file name)."""
+    def set_mark(self, camera: str, mark: Mark) -> None:
+        """Record how far `camera`'s source was read: a folder's (mtime_ns, file name) of its
+        last file, or a video file's VideoMark."""
         with self.engine.begin() as conn:
             _upsert_mark(conn, camera, mark)
 
@@ -263,11 +264,6 @@ class EventStore:
         with self.engine.connect() as conn:
             row = conn.execute(select(c.size, c.mtime_ns, c.frame, c.ended).where(c.camera == camera)).first()
         return None if row is None else VideoMark(int(row[0]), int(row[1]), int(row[2]), bool(row[3]))
-
-    def set_video_mark(self, camera: str, mark: VideoMark) -> None:
-        """Record that `camera`'s video file was read up to `mark` (the file, its last frame read)."""
-        with self.engine.begin() as conn:
-            _upsert_mark(conn, camera, mark)
 
     def get(self, event_id: int) -> Event | None:
         """The event with id `event_id`, or None."""

@@ -165,10 +165,7 @@ class Watcher:
         records their events twice."""
         for source in self.sources:
             if source.camera in cameras and hasattr(source, "mark"):
-                if isinstance(source.mark, VideoMark):
-                    self.store.set_video_mark(source.camera, source.mark)
-                else:
-                    self.store.set_folder_mark(source.camera, source.mark)
+                self.store.set_mark(source.camera, source.mark)
 
     def _frame(self, frame: Frame, boxes: list[Box]) -> None:
         cam = self.cameras[frame.camera]
