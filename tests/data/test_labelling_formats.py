@@ -241,12 +241,12 @@ def test_label_studio_export_reads_percent_boxes_and_names_a_task_without_an_ima
     assert boxes == {"a.jpg": "drop<loc_100><loc_200><loc_150><loc_500>", "b.jpg": ""}
 
 
-def _exif_turned(path: Path, size: tuple[int, int]) -> None:
-    """A JPEG stored `size` whose EXIF orientation 6 shows it a quarter turned (a phone photo)."""
+def _exif_turned(path: Path, size: tuple[int, int], orientation: int = 6) -> None:
+    """A JPEG stored `size` whose EXIF `orientation` shows it turned (6: a quarter, as a phone photo)."""
     from PIL import Image
 
     exif = Image.Exif()
-    exif[0x0112] = 6
+    exif[0x0112] = orientation
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, (90, 90, 90)).save(path, exif=exif)
 
@@ -275,3 +275,19 @@ def test_boxes_drawn_on_the_upright_picture_of_an_exif_turned_photo_are_named_no
     write_voc(ImageRecord("plain.jpg", 64, 48, []), voc / "plain.xml", voc)
     (problem,) = [p for p in convert(voc, tmp_path / "voc-data", val_fraction=0).problems if "EXIF" in p.message]
     assert problem.file == "turned.xml" and "EXIF orientation (6)" in problem.message
+
+
+def test_a_photo_exif_turns_half_round_is_kept_and_named_since_its_size_cannot_tell(tmp_path):
+    # A 180-degree turn keeps width and height, so nothing else shows that a browser-based tool
+    # displayed it the other way up: convert keeps it (LabelImg shows it as stored) and says so.
+    voc = tmp_path / "voc"
+    _exif_turned(voc / "upside.jpg", (200, 100), orientation=3)
+    write_voc(ImageRecord("upside.jpg", 200, 100, [Box("drop", 5, 5, 20, 20)]), voc / "upside.xml", voc)
+    write_image(voc / "plain.jpg")
+    write_voc(ImageRecord("plain.jpg", 64, 48, [Box("drop", 5, 5, 20, 20)]), voc / "plain.xml", voc)
+    report = convert(voc, tmp_path / "data", val_fraction=0)
+    (problem,) = report.problems
+    assert problem.file == "upside.xml" and problem.image is None
+    assert "EXIF orientation 3" in problem.message and "turned 180 degrees" in problem.message
+    assert "auto-orient" in problem.fix
+    assert set(_boxes(tmp_path / "data")) == {"upside.jpg", "plain.jpg"}

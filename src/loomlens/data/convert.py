@@ -29,7 +29,16 @@ from loomlens.data.cvat import read_cvat, xml_root_tag
 from loomlens.data.florence_text import boxes_to_text
 from loomlens.data.labelstudio import looks_like_labelstudio, read_labelstudio
 from loomlens.data.records import ImageRecord, Problem, ReadResult
-from loomlens.data.sanitize import IMAGE_SUFFIXES, BadImage, is_deep, iter_files, open_image, relative, to_rgb
+from loomlens.data.sanitize import (
+    IMAGE_SUFFIXES,
+    BadImage,
+    is_deep,
+    iter_files,
+    open_image,
+    orientation_problem,
+    relative,
+    to_rgb,
+)
 from loomlens.data.splits import assign_splits, group_keys, own_split
 from loomlens.data.tasks import CONVERTIBLE, REGISTRY
 from loomlens.data.tiles import save_tiles, tile_record
@@ -297,7 +306,8 @@ def _images(
     seed: int, write: bool, progress: ProgressFn | None, mode: str = "refer",
 ) -> tuple[dict[int, list[tuple[ImageRecord, str]]], set[str], list[Problem]]:
     """Decode every record's image in full, once (a header can be whole over a truncated
-    file, which would crash training later); a damaged one is reported and left out. With
+    file, which would crash training later); a damaged one is reported and left out, one that
+    EXIF turns or mirrors is reported and kept (`orientation_problem`). With
     `write`, that one decode also gives the flipped copy (`out/images/flipped_<name>`) and the
     tiles of both (`out/images/tiles/<frame name>_x<X0>_y<Y0><suffix>`, see `tile_record`),
     and with `mode` copy or link the image itself in `out/images/originals/` (see
@@ -315,6 +325,8 @@ def _images(
     for i, (record, (_, image)) in enumerate(zip(records, frames, strict=True)):
         try:
             with open_image(src / record.image, decode=True) as im:
+                turned = orientation_problem(im, record.image, record.source)
+                problems += [turned] if turned else []
                 if mode != "refer" and write:
                     place_image(src / record.image, out / image, mode)
                 made = [(record, image, im)]

@@ -116,6 +116,30 @@ def open_image(path: Path, decode: bool = False) -> Iterator[Image.Image]:
 
 _ORIENTATION = 0x0112  # the EXIF tag
 _TURNED = {5, 6, 7, 8}  # EXIF orientations that turn the picture a quarter: width and height swap
+#: What a viewer that obeys each EXIF orientation does to the stored picture (EXIF 2.3, tag 0x0112).
+_SHOWN = {2: "mirrored left to right", 3: "turned 180 degrees", 4: "mirrored top to bottom",
+          5: "mirrored and turned a quarter", 6: "turned a quarter clockwise", 7: "mirrored and turned a quarter",
+          8: "turned a quarter anticlockwise"}
+
+
+def orientation_problem(image: Image.Image, name: str, file: str) -> Problem | None:
+    """A report (nothing skipped) when `image` (the file `name`, annotated in `file`) carries
+    an EXIF orientation that turns or mirrors it, else None. loomlens reads every picture as
+    stored, as LabelImg shows it; a web labelling tool (Label Studio, CVAT, Roboflow) shows it
+    turned, so boxes drawn there would land in the wrong place, and when the turn keeps the
+    width and height (180 degrees, a mirror) nothing else gives that away."""
+    orientation = image.getexif().get(_ORIENTATION, 1)
+    if orientation not in _SHOWN:
+        return None
+    return Problem(
+        file=file,
+        message=f"image {name} carries EXIF orientation {orientation}, which a viewer shows "
+        f"{_SHOWN[orientation]}; loomlens reads and trains it as stored, as LabelImg shows it, but a web "
+        "labelling tool (Label Studio, CVAT, Roboflow) shows it turned, and boxes drawn there are in the wrong place",
+        fix="if it was labelled in such a tool, save it upright (e.g. `mogrify -auto-orient`, or PIL's "
+        "ImageOps.exif_transpose), label it again and convert again; if its boxes fit the picture as stored, "
+        "nothing to do",
+    )
 
 
 #: Bit depths a grey camera image may fill inside a 16- or 32-bit file, smallest first.
