@@ -103,18 +103,20 @@ def test_a_nan_step_never_reaches_the_weights_and_the_run_rolls_back(make_config
 
 
 def test_a_huge_learning_rate_never_saves_nan_weights(make_config):
-    """lr 1e3: the gradient norm explodes; every rollback is used, then the run stops with the
-    last finite weights saved, never NaN ones."""
+    """lr 1e3 without clipping: the loss explodes (7.5 to ~1e8 on this model) but AdamW's steps
+    stay finite, so the run either ends or stops as diverged; either way the weights it saved
+    in last/ are finite, never NaN ones."""
     cfg = make_config(max_steps=30, eval_every=0, save_every=1, lr=1e3, max_grad_norm=None)
     try:
-        train(cfg)
+        result = train(cfg)
     except TrainingDiverged as err:
-        assert "saved" in str(err) or "keeps the last finite" in str(err)
-    if (cfg.out / "checkpoints" / "last").exists():
-        from safetensors.torch import load_file
+        assert "saved in" in str(err) or "keeps the last finite" in str(err)
+    else:
+        assert result.stopped == "max_steps" and result.state.step == 30
+    from safetensors.torch import load_file
 
-        weights = load_file(cfg.out / "checkpoints" / "last" / "adapter_model.safetensors")
-        assert all(torch.isfinite(v).all() for v in weights.values())
+    weights = load_file(cfg.out / "checkpoints" / "last" / "adapter_model.safetensors")
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
 
 
 def test_time_budget_stops_after_evaluating_and_saving(make_config):
