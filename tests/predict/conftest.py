@@ -9,3 +9,20 @@ def predictor():
 
     # Small budgets: the placeholder weights rarely say </s>, so answers run to the limit.
     return Predictor(model="tiny", max_boxes=2, batch_size=4, text_tokens=12)
+
+
+@pytest.fixture()
+def fixed_detections(predictor, monkeypatch):
+    """`fixed_detections(boxes)`: from then on, within the test, every whole image `predictor`
+    detects on answers `boxes` (pixels of that image), so what follows the model is tested on
+    known boxes instead of on whatever the tiny weights happen to say."""
+
+    class Found:  # what detect_with_details returns, fixed
+        def __init__(self, boxes):
+            self.boxes, self.dropped = boxes, 0
+            self.generation = type("G", (), {"text": "", "mean_entropy": lambda self: None})()
+
+    def fix(boxes):
+        monkeypatch.setattr(predictor, "_detect", lambda spec, images, text: [Found(list(boxes)) for _ in images])
+
+    return fix

@@ -53,9 +53,10 @@ def test_inputs_expand_from_folders_and_globs(inputs):
         expand_inputs([inputs / "notes.txt"])
 
 
-def test_predict_files_writes_jsonl_drawings_and_coco(predictor, inputs, tmp_path):
+def test_predict_files_writes_jsonl_drawings_and_coco(predictor, inputs, tmp_path, fixed_detections):
     from faster_coco_eval import COCO
 
+    fixed_detections([Box("drop", 2, 3, 20, 25, 0.8)])
     summary = predict_files(predictor, [inputs], tmp_path / "out", every=5, coco=True)
     lines = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert summary["items"] == len(lines) == 4  # a.png, two frames of clip.avi, b.jpg
@@ -67,10 +68,11 @@ def test_predict_files_writes_jsonl_drawings_and_coco(predictor, inputs, tmp_pat
     coco = COCO(str(tmp_path / "out" / "coco_images.json"))
     assert len(coco.getImgIds()) == 4
     results = json.loads((tmp_path / "out" / "coco_results.json").read_text())
-    assert isinstance(results, list) and sum(len(x["boxes"]) for x in lines) == len(results)
-    if results:  # the results format: image_id, category_id, bbox, score per box
-        assert set(results[0]) == {"image_id", "category_id", "bbox", "score"}
-        assert len(coco.loadRes(results).getAnnIds()) == len(results)
+    assert isinstance(results, list) and sum(len(x["boxes"]) for x in lines) == len(results) == 4
+    # the results format: image_id, category_id, bbox (x, y, w, h), score per box
+    assert all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)
+    assert results[0]["bbox"] == pytest.approx([2, 3, 18, 22]) and results[0]["score"] == pytest.approx(0.8)
+    assert len(coco.loadRes(results).getAnnIds()) == len(results)
 
 
 def test_two_inputs_with_one_name_get_two_drawings(predictor, tmp_path):

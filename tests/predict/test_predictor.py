@@ -46,15 +46,9 @@ def test_bad_inputs_are_refused_clearly(predictor, image):
         predictor.predict([image], task="region_to_category", text="0,0,999,10")
 
 
-def test_score_threshold_and_region_rules_filter_boxes(predictor, image, monkeypatch):
-    boxes = [Box("drop", 10, 10, 30, 30, 0.9), Box("drop", 200, 10, 220, 30, 0.9), Box("wrinkle", 10, 10, 30, 30, 0.1)]
-
-    class Found:  # what detect_with_details returns, fixed
-        def __init__(self, b):
-            self.boxes, self.dropped = b, 0
-            self.generation = type("G", (), {"text": "", "mean_entropy": lambda self: None})()
-
-    monkeypatch.setattr(predictor, "_detect", lambda spec, images, text: [Found(list(boxes)) for _ in images])
+def test_score_threshold_and_region_rules_filter_boxes(predictor, image, monkeypatch, fixed_detections):
+    fixed_detections([Box("drop", 10, 10, 30, 30, 0.9), Box("drop", 200, 10, 220, 30, 0.9),
+                      Box("wrinkle", 10, 10, 30, 30, 0.1)])
     assert len(predictor.predict([image], score_threshold=0.5)[0].boxes) == 2
     monkeypatch.setattr(predictor, "rules", RegionRules.model_validate(
         {"classes": {"drop": {"regions": [[[0, 0], [0.5, 0], [0.5, 1], [0, 1]]]}}}))
