@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from loomlens.data.florence_text import parse_text
 from loomlens.model import ModelLoadError, load_model
@@ -22,13 +21,18 @@ def test_plain_transformers_loads_the_asset_and_runs_od(caplog) -> None:
         processor = AutoProcessor.from_pretrained(TINY_DIR)
     noisy = [r.getMessage() for r in caplog.records if "newly initialized" in r.getMessage() or "missing" in r.getMessage().lower()]
     assert not noisy, noisy
-    image = Image.fromarray((np.random.default_rng(0).random((200, 300, 3)) * 255).astype("uint8"))
+    # A light square on a dark ground: the pretrained tiny names and places it (random weights
+    # would not), through the processor and generate alone.
+    image = Image.new("RGB", (300, 200), (40, 40, 40))
+    ImageDraw.Draw(image).rectangle([60, 50, 180, 150], fill=(230, 230, 230))
     inputs = processor(text=["<OD>"], images=[image], return_tensors="pt")
     ids = model.generate(**inputs, max_new_tokens=30, do_sample=False)
     text = processor.batch_decode(ids, skip_special_tokens=False)[0]
     boxes, dropped = parse_text(text, 300, 200)
-    assert dropped >= 0
-    assert all(0 <= b.x1 < b.x2 <= 300 and 0 <= b.y1 < b.y2 <= 200 for b in boxes)
+    assert dropped == 0 and len(boxes) == 1, text
+    box = boxes[0]
+    assert box.label == "square" and abs(box.x1 - 60) < 6 and abs(box.y1 - 50) < 6, text
+    assert abs(box.x2 - 181) < 6 and abs(box.y2 - 151) < 6, text
 
 
 def test_load_model_tiny_is_fp32_eval_and_offline() -> None:
