@@ -74,7 +74,9 @@ def test_track_cap_keeps_events_and_bounds_memory() -> None:
     assert sorted(round(t.best.score, 2) for t in deb.tracks) == [0.3, 0.4, 0.5]  # the best-scoring stay
 
 
-@pytest.mark.parametrize("bad", [{"k": 0}, {"k": 4, "n": 3}, {"m": 0}, {"iou": 0.0}, {"max_tracks": 0}])
-def test_bad_settings_are_refused(bad: dict) -> None:
-    with pytest.raises(ValueError, match="k|m|iou|max_tracks"):
+@pytest.mark.parametrize(("bad", "says"), [({"k": 0}, "1 <= k <= n"), ({"k": 4, "n": 3}, "1 <= k <= n"),
+                                           ({"m": 0}, "m >= 1"), ({"iou": 0.0}, r"iou must be in \(0, 1\]"),
+                                           ({"max_tracks": 0}, "max_tracks must be >= 1")])
+def test_bad_settings_are_refused(bad: dict, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
         DebounceSettings(**bad)
