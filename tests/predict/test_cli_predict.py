@@ -2,23 +2,31 @@
 
 import json
 
-from PIL import Image
+from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from loomlens.cli import app
 
 
-def test_predict_command_on_a_folder(tmp_path):
-    for i in range(2):
-        Image.new("RGB", (96, 64), (i * 100, 50, 50)).save(tmp_path / f"im{i}.png")
-    (tmp_path / "rules.yaml").write_text("min_score: 0.5\n")
-    out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["predict", str(tmp_path / "*.png"), "--out", str(out), "--model", "tiny",
-                                      "--max-boxes", "2", "--coco", "--regions", str(tmp_path / "rules.yaml")])
+def _predict(pattern, out, *options) -> list[dict]:
+    result = CliRunner().invoke(app, ["predict", str(pattern), "--out", str(out), "--model", "tiny",
+                                      "--max-boxes", "2", *options])
     assert result.exit_code == 0, result.output
-    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
-    assert [x["source"].endswith(f"im{i}.png") for i, x in enumerate(lines)] == [True, True]
-    assert all(b["score"] >= 0.5 for x in lines for b in x["boxes"])
+    return [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_predict_command_on_a_folder(tmp_path):
+    square = Image.new("RGB", (96, 64), (40, 40, 40))  # the pretrained tiny finds it, with a low score
+    ImageDraw.Draw(square).rectangle([20, 15, 60, 50], fill=(230, 230, 230))
+    square.save(tmp_path / "im0.png")
+    Image.new("RGB", (96, 64), (100, 50, 50)).save(tmp_path / "im1.png")
+    (tmp_path / "rules.yaml").write_text("min_score: 0.5\n")
+    plain = _predict(tmp_path / "*.png", tmp_path / "plain", "--no-draw")
+    assert [x["source"].endswith(f"im{i}.png") for i, x in enumerate(plain)] == [True, True]
+    assert [b["label"] for b in plain[0]["boxes"]] == ["square"] and plain[0]["boxes"][0]["score"] < 0.5
+    out = tmp_path / "out"
+    ruled = _predict(tmp_path / "*.png", out, "--coco", "--regions", str(tmp_path / "rules.yaml"))
+    assert ruled[0]["boxes"] == [] and all(b["score"] >= 0.5 for x in ruled for b in x["boxes"])
     assert (out / "coco_results.json").exists() and (out / "regions.yaml").exists()
     assert len(list((out / "drawn").iterdir())) == 2
 
