@@ -106,7 +106,9 @@ def test_docs_render_offline(predictor):
         html = c.get("/docs").text
         assert "swagger" in html.lower()
         assert re.findall(r"https?://", html) == []
-        for asset in re.findall(r"""['"](/docs/assets/[^'"]+)['"]""", html):
+        assets = re.findall(r"""['"](/docs/assets/[^'"]+)['"]""", html)
+        assert len(assets) >= 2, html  # Swagger UI's script and style, served from here
+        for asset in assets:
             assert c.get(asset).status_code == 200, asset
         assert c.get("/redoc").status_code == 404  # ReDoc would need a CDN
 
