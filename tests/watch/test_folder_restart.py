@@ -8,6 +8,8 @@ import os
 import threading
 from pathlib import Path
 
+import pytest
+
 from loomlens.events import EventStore
 from loomlens.watch import DebounceSettings, Watcher, open_source
 
@@ -70,10 +72,8 @@ def test_a_kill_between_an_event_and_the_batch_mark_records_that_event_once(tmp_
         raise Killed  # the first event is committed; the watcher dies before the batch's mark
 
     monkeypatch.setattr(store, "set_mark", killed)
-    try:
+    with pytest.raises(Killed):
         _watch(folder, store)
-    except Killed:
-        pass
     monkeypatch.undo()
     assert len(store.query(limit=10)[0]) == 1
     assert _watch(folder, store)["frames"] == 3  # the frame that started the event is not read again
