@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from transformers import LogitsProcessorList
 
 from loomlens.data.florence_text import parse_text
@@ -19,7 +19,10 @@ CLASSES = ["drop", "wrinkle", "broken-weft"]
 
 @pytest.fixture(scope="module")
 def images():
-    return [Image.new("RGB", (320, 200), (120, 100, 90)), Image.new("RGB", (64, 96), (20, 200, 90))]
+    """A light square on a dark ground (the pretrained tiny finds it) and a plain frame."""
+    square = Image.new("RGB", (320, 200), (40, 40, 40))
+    ImageDraw.Draw(square).rectangle([80, 40, 220, 170], fill=(230, 230, 230))
+    return [square, Image.new("RGB", (64, 96), (20, 200, 90))]
 
 
 def test_budget_follows_the_box_count(tiny):
@@ -43,7 +46,8 @@ def test_batched_generation_equals_one_by_one(tiny, images):
     model, processor = tiny
     together = generate(model, processor, images, ["<OD>", "<OD>"], max_new_tokens=8)
     alone = [generate(model, processor, [im], ["<OD>"], max_new_tokens=8)[0] for im in images]
-    for a, b in zip(together, alone):
+    assert len(together[0].token_ids) > 3  # the square's box, not an empty answer
+    for a, b in zip(together, alone, strict=True):
         assert a.token_ids == b.token_ids
         assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
 
@@ -71,8 +75,8 @@ def test_greedy_generation_measures_each_steps_entropy(tiny, images):
 def test_detect_contract(tiny, images):
     model, processor = tiny
     found = detect(model, processor, images, max_boxes=3, batch_size=1)
-    assert len(found) == 2
-    for boxes, image in zip(found, images):
+    assert len(found) == 2 and found[0]  # the square is found
+    for boxes, image in zip(found, images, strict=True):
         assert len(boxes) <= 3
         for b in boxes:
             assert 0 <= b.score <= 1 and 0 <= b.x1 < b.x2 <= image.width and 0 <= b.y1 < b.y2 <= image.height
@@ -126,9 +130,11 @@ def test_grammar_stops_before_a_box_that_cannot_fit(tiny):
 
 def test_constrained_detection_on_the_model(tiny, images):
     model, processor = tiny
-    found = detect_with_details(model, processor, images, max_boxes=2, constrained=True, classes=CLASSES)
+    classes = [*CLASSES, "square"]  # the run's names; the grammar lets only these through
+    found = detect_with_details(model, processor, images, max_boxes=2, constrained=True, classes=classes)
+    assert [b.label for b in found[0].boxes][:1] == ["square"]
     for d in found:
-        assert d.dropped == 0 and {b.label for b in d.boxes} <= set(CLASSES)
+        assert d.dropped == 0 and {b.label for b in d.boxes} <= set(classes)
     with pytest.raises(ValueError):
         detect(model, processor, images, task="<CAPTION>", constrained=True, classes=CLASSES)
     with pytest.raises(ValueError):
