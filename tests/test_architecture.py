@@ -30,20 +30,42 @@ FORBIDDEN = {
 }
 
 
+def _absolute(path: Path, node: ast.ImportFrom) -> list[str]:
+    """The absolute names a `from` import reads: `from ..train import x` in
+    `loomlens/data/convert.py` is `loomlens.train` (and `loomlens.train.x`, a submodule maybe)."""
+    if node.level == 0:
+        return [node.module] if node.module else []
+    package = list(path.relative_to(SRC.parent).with_suffix("").parts)[:-1]  # __init__'s: its own
+    base = package[: len(package) - (node.level - 1)]
+    module = base + (node.module.split(".") if node.module else [])
+    return [".".join(module)] + [".".join([*module, alias.name]) for alias in node.names]
+
+
 def _loomlens_imports(path: Path) -> set[str]:
-    """The loomlens floors a module imports (absolute `loomlens.X` imports)."""
+    """The loomlens floors a module imports, absolute (`loomlens.X`) or relative (`..X`)."""
     floors = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         names = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module]
+        elif isinstance(node, ast.ImportFrom):
+            names = _absolute(path, node)
         for name in names:
             parts = name.split(".")
             if parts[0] == "loomlens" and len(parts) > 1:
                 floors.add(parts[1])
     return floors
+
+
+def test_relative_imports_are_read_as_absolute() -> None:
+    """The floors test sees `from ..train import x` as well as `from loomlens.train import x`."""
+    module = SRC / "data" / "convert.py"
+    (node,) = ast.parse("from ..train import recipe").body
+    assert _absolute(module, node) == ["loomlens.train", "loomlens.train.recipe"]
+    (node,) = ast.parse("from . import voc").body
+    assert _absolute(module, node) == ["loomlens.data", "loomlens.data.voc"]
+    (node,) = ast.parse("from .. import cli").body
+    assert "loomlens.cli" in _absolute(SRC / "data" / "__init__.py", node)
 
 
 def _modules(floor: str) -> list[Path]:
