@@ -167,9 +167,10 @@ class BalanceSettings(BaseModel):
 
 
 class GuardSettings(BaseModel):
-    """Watching validation (`loomlens.train.guard`): a run that collapses (no box on nearly every
+    """Watching the run (`loomlens.train.guard`): a run that collapses (no box on nearly every
     defect frame, or val loss rising while train loss falls) rolls back to its best checkpoint
-    at a lower learning rate; one that collapses again, or stops improving, stops."""
+    at a lower learning rate; one that collapses again, or stops improving, stops. An exploded
+    train loss rolls back as a NaN step does."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -180,6 +181,8 @@ class GuardSettings(BaseModel):
                         "count as a collapse")
     rollback_lr: float = Field(0.5, gt=0, lt=1, description="learning-rate factor after each rollback")
     max_rollbacks: int = Field(2, ge=0, description="rollbacks before a further collapse stops the run")
+    explode: float = Field(10.0, ge=0, description="a train loss over this multiple of the largest of the run's "
+                           "first 10 means the weights blew up: roll back as for a NaN step; 0: off")
 
 
 class TrainConfig(BaseModel):

@@ -54,3 +54,28 @@ def test_state_survives_json_and_judges_the_same() -> None:
     again.restore(json.loads(json.dumps(g.state())))
     assert again.rollbacks == 1 and again.history == g.history
     assert again.judge(ev(3, 0.0, empty=1.0)).action == g.judge(ev(3, 0.0, empty=1.0)).action == "collapsed"
+
+
+def test_a_loss_over_ten_times_the_first_ones_has_exploded() -> None:
+    g = Guard()
+    assert [g.exploded(x) for x in (7.5, 9.0, 60.0)] == ["", "", ""]  # 60 < 10 x 9
+    assert g.early == [7.5, 9.0, 60.0]
+    why = g.exploded(900.0)
+    assert why.startswith("train loss 900") and "over 10x" in why and "at most 60" in why
+    assert g.exploded(700.0, what="val loss").startswith("val loss 700")
+    assert g.early == [7.5, 9.0, 60.0]  # neither an explosion nor a val loss sets the scale
+    for x in range(20):
+        g.exploded(1.0 + x)
+    assert len(g.early) == 10  # only the run's first ones
+    assert Guard(explode=0).exploded(1e9) == ""
+
+
+def test_the_loss_scale_survives_a_resume() -> None:
+    g = Guard()
+    g.exploded(5.0)
+    again = Guard()
+    again.restore(json.loads(json.dumps(g.state())))
+    assert again.early == [5.0] and again.exploded(51.0) and not again.exploded(49.0)
+    older = Guard()
+    older.restore({"history": [], "rollbacks": 0})  # a checkpoint from before the scale was saved
+    assert older.early == [] and older.exploded(3.0) == "" and older.early == [3.0]

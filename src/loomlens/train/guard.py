@@ -1,4 +1,5 @@
-"""Watching validation for a run that has gone wrong: collapse, and a plateau.
+"""Watching a run that has gone wrong: collapse and a plateau at validation, an exploded
+train loss at every step.
 
 On real fabric a LoRA recipe can learn the defects, then fall into answering "no defect"
 everywhere (defect-free frames make that answer nearly always right) while its val loss
@@ -13,13 +14,24 @@ adapter that finds nothing. After each evaluation the guard says what to do:
 
 A collapse is either of: nearly every val frame that holds a defect answered with no box
 (`empty_share`), or the val loss rising over `rising` evaluations in a row while the train
-loss fell over the same stretch (over-fitting, the same run's other symptom). The guard's
-state is a plain dict, saved with each checkpoint so a resumed run judges the same way.
+loss fell over the same stretch (over-fitting, the same run's other symptom).
+
+Between evaluations, a train loss over `explode` times the largest of the run's first
+`EARLY` losses means the weights have blown up (too high a learning rate): finite, so the NaN
+check lets them through, and useless. The caller rolls back as for a NaN step, but to weights
+from before the blow-up. The factor sits far above a sound run's spread (docs/training.md,
+"The default recipe": the guard).
+
+The guard's state is a plain dict, saved with each checkpoint so a resumed run judges the
+same way.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+#: How many of a run's first train losses set the scale an exploded loss is measured against.
+EARLY = 10
 
 
 @dataclass(frozen=True)
@@ -46,15 +58,17 @@ class Verdict:
 
 @dataclass
 class Guard:
-    """Judges each evaluation in turn (see the module docstring); `history` and `rollbacks`
-    are its whole state."""
+    """Judges each evaluation and each train loss in turn (see the module docstring);
+    `history`, `rollbacks` and `early` are its whole state."""
 
     patience: int = 0
     rising: int = 3
     empty_share: float = 0.9
     max_rollbacks: int = 2
+    explode: float = 10.0
     history: list[Evaluation] = field(default_factory=list)
     rollbacks: int = 0
+    early: list[float] = field(default_factory=list)  # the run's first EARLY train losses that did not explode
 
     @property
     def best(self) -> Evaluation | None:
@@ -78,6 +92,16 @@ class Guard:
             return Verdict("plateau", f"no better score for {since} evaluations (best at step {self.best.step})")
         return Verdict("continue")
 
+    def exploded(self, loss: float, *, what: str = "train loss") -> str:
+        """Why the finite `loss` (a train loss, or `what` else, such as a val loss) is an
+        explosion, or "" when it is not (0 `explode`: never); a sound train loss among the
+        run's first `EARLY` is recorded as the scale."""
+        if self.explode and self.early and loss > self.explode * max(self.early):
+            return f"{what} {loss:.4g}, over {self.explode:g}x the run's first train losses (at most {max(self.early):.4g})"
+        if what == "train loss" and len(self.early) < EARLY:
+            self.early.append(loss)
+        return ""
+
     def _collapse(self, e: Evaluation, best: Evaluation | None) -> str:
         """Why `e` is a collapse, or "" when it is not; only a run that has learned something
         (a best with a positive score) can collapse."""
@@ -95,9 +119,10 @@ class Guard:
 
     def state(self) -> dict:
         """The guard's state as JSON-ready data, for a checkpoint."""
-        return {"history": [asdict(h) for h in self.history], "rollbacks": self.rollbacks}
+        return {"history": [asdict(h) for h in self.history], "rollbacks": self.rollbacks, "early": self.early}
 
     def restore(self, state: dict) -> None:
         """Take back a `state()`."""
         self.history = [Evaluation(**h) for h in state.get("history", [])]
         self.rollbacks = int(state.get("rollbacks", 0))
+        self.early = [float(x) for x in state.get("early", [])]

@@ -129,6 +129,8 @@ class Session:
     started: float = field(default_factory=time.monotonic)
     seconds_before: float = 0.0  # training seconds of the runs this one resumes
     cache_said: bool = False  # whether the run has said that the train set's image cache is full
+    start: dict[str, torch.Tensor] = field(default_factory=dict)  # the adapter's weights this process began from
+    start_step: int = 0  # ... and their step (0, or the step a resumed run went on from)
 
     @property
     def last_dir(self) -> Path:
@@ -257,6 +259,8 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
     _describe(s, towers)
     s.started, s.seconds_before = time.monotonic(), s.state.train_seconds
     s.evaluated_at = s.state.step
+    s.start = {name: p.detach().clone() for name, p in adapter.named_parameters() if p.requires_grad}
+    s.start_step = s.state.step
     return s
 
 
@@ -318,7 +322,7 @@ def make_guard(cfg: TrainConfig) -> Guard:
     """The collapse and plateau guard of `cfg` (with `guard.collapse` off: no rollback ever)."""
     g = cfg.guard
     return Guard(patience=cfg.early_stopping, rising=g.rising, empty_share=g.empty_share,
-                 max_rollbacks=g.max_rollbacks if g.collapse else 0)
+                 max_rollbacks=g.max_rollbacks if g.collapse else 0, explode=g.explode)
 
 
 def plan_run(s: Session) -> None:
@@ -470,6 +474,11 @@ def optimizer_step(s: Session, loss: float) -> tuple[float, float | None]:
         s.optimizer.zero_grad(set_to_none=True)
         diverged(s, f"loss {loss}, gradient norm {grad_norm} at step {state.step + 1}")
         return lr, grad_norm
+    exploded = s.guard.exploded(loss)
+    if exploded:  # the weights that gave this loss are already spoilt: go back past them
+        s.optimizer.zero_grad(set_to_none=True)
+        diverged(s, f"{exploded} at step {state.step + 1}", spoilt=True)
+        return lr, grad_norm
     for group in s.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_ratio", 1.0)
     s.optimizer.step()
@@ -477,33 +486,49 @@ def optimizer_step(s: Session, loss: float) -> tuple[float, float | None]:
     return lr, grad_norm
 
 
-def diverged(s: Session, what: str) -> None:
-    """After a non-finite step: roll back to the best checkpoint at a lower learning rate while
-    the guard has rollbacks left; else save the current (finite) weights and raise."""
+def diverged(s: Session, what: str, *, spoilt: bool = False) -> None:
+    """After a non-finite step (or, `spoilt`, one whose loss says the weights blew up): roll
+    back to the best checkpoint at a lower learning rate while the guard has rollbacks left;
+    else save finite weights (never spoilt ones) and raise."""
     g = s.guard
     if g.rollbacks < g.max_rollbacks:
         g.rollbacks += 1
-        roll_back(s, f"diverged ({what})")
+        roll_back(s, f"diverged ({what})", spoilt=spoilt)
         return
-    kept = s.state.step
+    kept = f"step {s.state.step}" if not spoilt else restore_sound(s)
     save(s)
     raise TrainingDiverged(
-        f"{what}; the weights of step {kept} are saved in {s.last_dir}. "
+        f"{what}; the weights of {kept} are saved in {s.last_dir}. "
         "Lower --lr, keep --max-grad-norm on, or use --precision fp32."
     )
 
 
-def roll_back(s: Session, why: str) -> None:
-    """Load the best checkpoint's adapter and optimizer (else keep the weights as they are),
-    cut the learning rate by `guard.rollback_lr`, and record the event. The step count, the
-    data's position and the time spent go on."""
-    target = s.best_dir if has_checkpoint(s.best_dir) else None
-    if target is not None:
-        load_checkpoint(target, model=s.adapter, optimizer=s.optimizer, rank=s.accelerator.process_index,
-                        scaler=s.accelerator.scaler)
+def roll_back(s: Session, why: str, *, spoilt: bool = False) -> None:
+    """Load the best checkpoint's adapter and optimizer (else keep the weights as they are, or
+    for `spoilt` ones go back to those this process began from), cut the learning rate by
+    `guard.rollback_lr`, and record the event. The step count, the data's position and the
+    time spent go on."""
+    if has_checkpoint(s.best_dir) or spoilt:
+        back = f"back to {restore_sound(s)}"
+    else:
+        back = "no best checkpoint yet"
     s.state.lr_scale *= s.cfg.guard.rollback_lr
-    back = f"back to step {s.state.best_step}" if target is not None else "no best checkpoint yet"
     event(s, f"{why}: {back}, learning rate x{s.state.lr_scale:g}")
+
+
+def restore_sound(s: Session) -> str:
+    """Put back the best checkpoint (adapter and optimizer), else the weights this process
+    began from (step 0, or the step it resumed at) with a fresh optimizer; say which step."""
+    if has_checkpoint(s.best_dir):
+        load_checkpoint(s.best_dir, model=s.adapter, optimizer=s.optimizer, rank=s.accelerator.process_index,
+                        scaler=s.accelerator.scaler)
+        return f"step {s.state.best_step}"
+    with torch.no_grad():
+        for name, p in s.adapter.named_parameters():
+            if name in s.start:
+                p.copy_(s.start[name])
+    s.optimizer.state.clear()  # the moments of the blow-up would push the same way again
+    return f"step {s.start_step}"
 
 
 def event(s: Session, text: str) -> None:
@@ -552,9 +577,9 @@ def stop_reason(s: Session) -> str:
 
 
 def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], str]:
-    """Evaluate, let the guard judge (a collapse rolls back, a plateau or a second collapse
-    stops), save `last/` (copied to `best/` when the score improved), log; return the
-    evaluation and the stop reason."""
+    """Evaluate, log, let the guard judge (an exploded val loss or a collapse rolls back, a
+    plateau or a second collapse stops), save `last/` (copied to `best/` when the score
+    improved); return the evaluation and the stop reason."""
     cfg, state = s.cfg, s.state
     started, s.evaluated_at = time.monotonic(), state.step
     result = _evaluate(s)
@@ -564,15 +589,20 @@ def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], 
     score = selection_score(result, cfg.best_metric)
     train_loss = sum(s.losses) / len(s.losses) if s.losses else None
     s.losses.clear()
+    if s.metrics:
+        s.metrics.log({"step": state.step, "epoch": s.epoch, "seconds": state.train_seconds, "score": score, **result})
+        plot_run(s.run_dir)
+    s.say(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    exploded = s.guard.exploded(result["val_loss"], what="val loss")
+    if exploded:  # weights that blew up since the last train loss: never best/, and go back past them
+        diverged(s, f"{exploded} at step {state.step}", spoilt=True)
+        save(s)
+        return result, stopped
     verdict = s.guard.judge(Evaluation(step=state.step, score=score, val_loss=result["val_loss"],
                                        train_loss=train_loss, empty_on_defects=result.get("empty_on_defects")))
     improved = state.best_metric is None or score > state.best_metric
     if improved:
         state.best_metric, state.best_step = score, state.step
-    if s.metrics:
-        s.metrics.log({"step": state.step, "epoch": s.epoch, "seconds": state.train_seconds, "score": score, **result})
-        plot_run(s.run_dir)
-    s.say(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     if verdict.action == "rollback":
         roll_back(s, verdict.reason)
     elif verdict.action in ("collapsed", "plateau") and not stopped:
