@@ -58,24 +58,24 @@ def test_state_survives_json_and_judges_the_same() -> None:
 
 def test_a_loss_over_ten_times_the_first_ones_has_exploded() -> None:
     g = Guard()
-    assert [g.exploded(x) for x in (7.5, 9.0, 60.0)] == ["", "", ""]  # 60 < 10 x 9
-    assert g.early == [7.5, 9.0, 60.0]
-    why = g.exploded(900.0)
+    assert [g.exploded(x, step=i) for i, x in enumerate((7.5, 9.0, 60.0), 1)] == ["", "", ""]  # 60 < 10 x 9
+    assert g.early == [7.5, 9.0, 60.0] and g.sound_step == 3
+    why = g.exploded(900.0, step=4)
     assert why.startswith("train loss 900") and "over 10x" in why and "at most 60" in why
-    assert g.exploded(700.0, what="val loss").startswith("val loss 700")
-    assert g.early == [7.5, 9.0, 60.0]  # neither an explosion nor a val loss sets the scale
+    assert g.early == [7.5, 9.0, 60.0] and g.sound_step == 3  # an explosion neither sets the scale nor vouches
     for x in range(20):
-        g.exploded(1.0 + x)
-    assert len(g.early) == 10  # only the run's first ones
-    assert Guard(explode=0).exploded(1e9) == ""
+        g.exploded(1.0 + x, step=5 + x)
+    assert len(g.early) == 10 and g.sound_step == 24  # the scale: only the run's first ones
+    assert Guard(explode=0).exploded(1e9, step=1) == ""
 
 
 def test_the_loss_scale_survives_a_resume() -> None:
     g = Guard()
-    g.exploded(5.0)
+    g.exploded(5.0, step=1)
     again = Guard()
     again.restore(json.loads(json.dumps(g.state())))
-    assert again.early == [5.0] and again.exploded(51.0) and not again.exploded(49.0)
+    assert again.early == [5.0] and again.sound_step == 1
+    assert again.exploded(51.0, step=2) and not again.exploded(49.0, step=3)
     older = Guard()
     older.restore({"history": [], "rollbacks": 0})  # a checkpoint from before the scale was saved
-    assert older.early == [] and older.exploded(3.0) == "" and older.early == [3.0]
+    assert older.early == [] and older.exploded(3.0, step=7) == "" and older.early == [3.0]

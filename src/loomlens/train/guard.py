@@ -19,7 +19,7 @@ loss fell over the same stretch (over-fitting, the same run's other symptom).
 Between evaluations, a train loss over `explode` times the largest of the run's first
 `EARLY` losses means the weights have blown up (too high a learning rate): finite, so the NaN
 check lets them through, and useless. The caller rolls back as for a NaN step, but to weights
-from before the blow-up. The factor sits far above a sound run's spread (docs/training.md,
+from before the blow-up: a checkpoint older than the last sound loss. The factor sits far above a sound run's spread (docs/training.md,
 "The default recipe": the guard).
 
 The guard's state is a plain dict, saved with each checkpoint so a resumed run judges the
@@ -59,7 +59,7 @@ class Verdict:
 @dataclass
 class Guard:
     """Judges each evaluation and each train loss in turn (see the module docstring);
-    `history`, `rollbacks` and `early` are its whole state."""
+    `history`, `rollbacks`, `early` and `sound_step` are its whole state."""
 
     patience: int = 0
     rising: int = 3
@@ -69,6 +69,7 @@ class Guard:
     history: list[Evaluation] = field(default_factory=list)
     rollbacks: int = 0
     early: list[float] = field(default_factory=list)  # the run's first EARLY train losses that did not explode
+    sound_step: int = 0  # the last step whose train loss did not explode
 
     @property
     def best(self) -> Evaluation | None:
@@ -92,13 +93,14 @@ class Guard:
             return Verdict("plateau", f"no better score for {since} evaluations (best at step {self.best.step})")
         return Verdict("continue")
 
-    def exploded(self, loss: float, *, what: str = "train loss") -> str:
-        """Why the finite `loss` (a train loss, or `what` else, such as a val loss) is an
-        explosion, or "" when it is not (0 `explode`: never); a sound train loss among the
-        run's first `EARLY` is recorded as the scale."""
+    def exploded(self, loss: float, *, step: int) -> str:
+        """Why the finite train loss `loss` of `step` is an explosion, or "" when it is not (0
+        `explode`: never). A sound one becomes `sound_step`, and among the run's first
+        `EARLY` it is recorded as the scale."""
         if self.explode and self.early and loss > self.explode * max(self.early):
-            return f"{what} {loss:.4g}, over {self.explode:g}x the run's first train losses (at most {max(self.early):.4g})"
-        if what == "train loss" and len(self.early) < EARLY:
+            return f"train loss {loss:.4g}, over {self.explode:g}x the run's first ones (at most {max(self.early):.4g})"
+        self.sound_step = step
+        if len(self.early) < EARLY:
             self.early.append(loss)
         return ""
 
@@ -119,10 +121,12 @@ class Guard:
 
     def state(self) -> dict:
         """The guard's state as JSON-ready data, for a checkpoint."""
-        return {"history": [asdict(h) for h in self.history], "rollbacks": self.rollbacks, "early": self.early}
+        return {"history": [asdict(h) for h in self.history], "rollbacks": self.rollbacks, "early": self.early,
+                "sound_step": self.sound_step}
 
     def restore(self, state: dict) -> None:
         """Take back a `state()`."""
         self.history = [Evaluation(**h) for h in state.get("history", [])]
         self.rollbacks = int(state.get("rollbacks", 0))
         self.early = [float(x) for x in state.get("early", [])]
+        self.sound_step = int(state.get("sound_step", 0))

@@ -474,7 +474,7 @@ def optimizer_step(s: Session, loss: float) -> tuple[float, float | None]:
         s.optimizer.zero_grad(set_to_none=True)
         diverged(s, f"loss {loss}, gradient norm {grad_norm} at step {state.step + 1}")
         return lr, grad_norm
-    exploded = s.guard.exploded(loss)
+    exploded = s.guard.exploded(loss, step=state.step + 1)
     if exploded:  # the weights that gave this loss are already spoilt: go back past them
         s.optimizer.zero_grad(set_to_none=True)
         diverged(s, f"{exploded} at step {state.step + 1}", spoilt=True)
@@ -517,9 +517,11 @@ def roll_back(s: Session, why: str, *, spoilt: bool = False) -> None:
 
 
 def restore_sound(s: Session) -> str:
-    """Put back the best checkpoint (adapter and optimizer), else the weights this process
-    began from (step 0, or the step it resumed at) with a fresh optimizer; say which step."""
-    if has_checkpoint(s.best_dir):
+    """Put back the best checkpoint (adapter and optimizer) if a later train loss vouches for
+    it, else the weights this process began from (step 0, or the step it resumed at) with a
+    fresh optimizer; say which step. The loss of step k is that of the weights of step k - 1,
+    so a best/ saved at or after the last sound loss's step may hold blown-up weights."""
+    if has_checkpoint(s.best_dir) and s.state.best_step is not None and s.state.best_step < s.guard.sound_step:
         load_checkpoint(s.best_dir, model=s.adapter, optimizer=s.optimizer, rank=s.accelerator.process_index,
                         scaler=s.accelerator.scaler)
         return f"step {s.state.best_step}"
@@ -577,9 +579,9 @@ def stop_reason(s: Session) -> str:
 
 
 def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], str]:
-    """Evaluate, log, let the guard judge (an exploded val loss or a collapse rolls back, a
-    plateau or a second collapse stops), save `last/` (copied to `best/` when the score
-    improved); return the evaluation and the stop reason."""
+    """Evaluate, log, let the guard judge (a collapse rolls back, a plateau or a second
+    collapse stops), save `last/` (copied to `best/` when the score improved); return the
+    evaluation and the stop reason."""
     cfg, state = s.cfg, s.state
     started, s.evaluated_at = time.monotonic(), state.step
     result = _evaluate(s)
@@ -593,11 +595,6 @@ def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], 
         s.metrics.log({"step": state.step, "epoch": s.epoch, "seconds": state.train_seconds, "score": score, **result})
         plot_run(s.run_dir)
     s.say(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-    exploded = s.guard.exploded(result["val_loss"], what="val loss")
-    if exploded:  # weights that blew up since the last train loss: never best/, and go back past them
-        diverged(s, f"{exploded} at step {state.step}", spoilt=True)
-        save(s)
-        return result, stopped
     verdict = s.guard.judge(Evaluation(step=state.step, score=score, val_loss=result["val_loss"],
                                        train_loss=train_loss, empty_on_defects=result.get("empty_on_defects")))
     improved = state.best_metric is None or score > state.best_metric
