@@ -182,7 +182,8 @@ class GuardSettings(BaseModel):
     rollback_lr: float = Field(0.5, gt=0, lt=1, description="learning-rate factor after each rollback")
     max_rollbacks: int = Field(2, ge=0, description="rollbacks before a further collapse stops the run")
     explode: float = Field(10.0, ge=0, description="a train loss over this multiple of the largest of the run's "
-                           "first 10 means the weights blew up: roll back as for a NaN step; 0: off")
+                           "first 10 (and over a uniform guess's) means the weights blew up: roll back as for a "
+                           "NaN step; 0: off")
 
 
 class TrainConfig(BaseModel):

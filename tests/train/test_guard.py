@@ -67,6 +67,9 @@ def test_a_loss_over_ten_times_the_first_ones_has_exploded() -> None:
         g.exploded(1.0 + x, step=5 + x)
     assert len(g.early) == 10 and g.sound_step == 24  # the scale: only the run's first ones
     assert Guard(explode=0).exploded(1e9, step=1) == ""
+    near_zero = Guard()  # a run continued from a model already fine-tuned on its data
+    near_zero.exploded(0.05, step=1)
+    assert near_zero.exploded(0.9, step=2) == "" and near_zero.exploded(11.0, step=3)  # only past ln V
 
 
 def test_the_loss_scale_survives_a_resume() -> None:

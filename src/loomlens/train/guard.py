@@ -28,10 +28,15 @@ same way.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 #: How many of a run's first train losses set the scale an exploded loss is measured against.
 EARLY = 10
+#: Nats per token no exploded loss is under: a uniform guess over Florence-2's 51,289 tokens.
+#: A run that starts near 0 (continued from a model already fine-tuned on its data) keeps
+#: a sound loss of a few tenths from counting as ten times its start.
+FLOOR = math.log(51_289)
 
 
 @dataclass(frozen=True)
@@ -94,10 +99,10 @@ class Guard:
         return Verdict("continue")
 
     def exploded(self, loss: float, *, step: int) -> str:
-        """Why the finite train loss `loss` of `step` is an explosion, or "" when it is not (0
-        `explode`: never). A sound one becomes `sound_step`, and among the run's first
-        `EARLY` it is recorded as the scale."""
-        if self.explode and self.early and loss > self.explode * max(self.early):
+        """Why the finite train loss `loss` of `step` is an explosion (over `explode` times the
+        scale and over `FLOOR`), or "" when it is not (0 `explode`: never). A sound one becomes
+        `sound_step`, and among the run's first `EARLY` it is recorded as the scale."""
+        if self.explode and self.early and loss > max(self.explode * max(self.early), FLOOR):
             return f"train loss {loss:.4g}, over {self.explode:g}x the run's first ones (at most {max(self.early):.4g})"
         self.sound_step = step
         if len(self.early) < EARLY:
