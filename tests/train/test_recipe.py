@@ -72,14 +72,15 @@ def test_accumulation_averages_over_tokens_not_micro_batches(make_config, tmp_pa
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
 
 
-def _poison(monkeypatch, at: set[int]) -> None:
-    """Make the loss NaN on the given calls of `batch_loss` (1-based)."""
+def _poison(monkeypatch, at: set[int], factor: float = float("nan")) -> None:
+    """Multiply the loss by `factor` (NaN, or a blow-up's size) on the given training calls of
+    `batch_loss` (1-based: with whole batches, the steps; validation's calls are not counted)."""
     real, calls = recipe.batch_loss, []
 
     def poisoned(model, batch, spec):
-        calls.append(1)
+        calls.append(model.training)
         loss, count = real(model, batch, spec)
-        return (loss * float("nan"), count) if len(calls) in at else (loss, count)
+        return (loss * factor, count) if model.training and sum(calls) in at else (loss, count)
 
     monkeypatch.setattr(recipe, "batch_loss", poisoned)
 
@@ -91,6 +92,17 @@ def test_nan_without_rollbacks_saves_the_good_state_and_stops_clearly(make_confi
         train(cfg)
     saved = read_trainer_state(cfg.out / "checkpoints" / "last")
     assert saved["state"]["step"] == 2
+
+
+@pytest.mark.parametrize(("factor", "says"), [(float("nan"), "diverged (loss nan"), (1e4, "diverged (train loss")])
+def test_a_bad_step_after_an_evaluation_rolls_back_to_its_best(make_config, monkeypatch, factor, says):
+    """A NaN loss right after the evaluation of step 5 (19 samples: an epoch is 5 steps), or a
+    blown-up one two steps later (sound losses since vouch for best/), goes back to step 5."""
+    _poison(monkeypatch, {6} if factor != factor else {8}, factor)
+    result = train(make_config(max_steps=10, eval_every=0))
+    events = [r["event"] for r in csv.DictReader(open(result.run_dir / "metrics.csv")) if r["event"]]
+    assert len(events) == 1 and events[0].startswith(says) and events[0].endswith("back to step 5, learning rate x0.5")
+    assert result.stopped == "max_steps" and result.state.lr_scale == 0.5
 
 
 def test_a_nan_step_never_reaches_the_weights_and_the_run_rolls_back(make_config, monkeypatch):

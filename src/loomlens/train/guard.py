@@ -19,8 +19,8 @@ loss fell over the same stretch (over-fitting, the same run's other symptom).
 Between evaluations, a train loss over `explode` times the largest of the run's first
 `EARLY` losses means the weights have blown up (too high a learning rate): finite, so the NaN
 check lets them through, and useless. The caller rolls back as for a NaN step, but to weights
-from before the blow-up: a checkpoint older than the last sound loss. The factor sits far above a sound run's spread (docs/training.md,
-"The default recipe": the guard).
+from before the blow-up: a checkpoint older than the last sound loss (`sound_step`). The
+factor sits far above a sound run's spread (docs/training.md, "The default recipe": the guard).
 
 The guard's state is a plain dict, saved with each checkpoint so a resumed run judges the
 same way.

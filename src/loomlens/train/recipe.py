@@ -495,7 +495,7 @@ def diverged(s: Session, what: str, *, spoilt: bool = False) -> None:
         g.rollbacks += 1
         roll_back(s, f"diverged ({what})", spoilt=spoilt)
         return
-    kept = f"step {s.state.step}" if not spoilt else restore_sound(s)
+    kept = f"step {s.state.step}" if not spoilt else restore_sound(s, spoilt=True)
     save(s)
     raise TrainingDiverged(
         f"{what}; the weights of {kept} are saved in {s.last_dir}. "
@@ -509,19 +509,20 @@ def roll_back(s: Session, why: str, *, spoilt: bool = False) -> None:
     `guard.rollback_lr`, and record the event. The step count, the data's position and the
     time spent go on."""
     if has_checkpoint(s.best_dir) or spoilt:
-        back = f"back to {restore_sound(s)}"
+        back = f"back to {restore_sound(s, spoilt=spoilt)}"
     else:
         back = "no best checkpoint yet"
     s.state.lr_scale *= s.cfg.guard.rollback_lr
     event(s, f"{why}: {back}, learning rate x{s.state.lr_scale:g}")
 
 
-def restore_sound(s: Session) -> str:
-    """Put back the best checkpoint (adapter and optimizer) if a later train loss vouches for
-    it, else the weights this process began from (step 0, or the step it resumed at) with a
-    fresh optimizer; say which step. The loss of step k is that of the weights of step k - 1,
-    so a best/ saved at or after the last sound loss's step may hold blown-up weights."""
-    if has_checkpoint(s.best_dir) and s.state.best_step is not None and s.state.best_step < s.guard.sound_step:
+def restore_sound(s: Session, *, spoilt: bool) -> str:
+    """Put back the best checkpoint (adapter and optimizer), else the weights this process
+    began from (step 0, or the step it resumed at) with a fresh optimizer; say which step.
+    After a blow-up (`spoilt`) best/ must be older than the last sound train loss: the loss of
+    step k is that of the weights of step k - 1, so a later best/ may hold blown-up weights."""
+    best = s.state.best_step
+    if has_checkpoint(s.best_dir) and best is not None and (not spoilt or best < s.guard.sound_step):
         load_checkpoint(s.best_dir, model=s.adapter, optimizer=s.optimizer, rank=s.accelerator.process_index,
                         scaler=s.accelerator.scaler)
         return f"step {s.state.best_step}"
@@ -579,8 +580,8 @@ def stop_reason(s: Session) -> str:
 
 
 def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], str]:
-    """Evaluate, log, let the guard judge (a collapse rolls back, a plateau or a second
-    collapse stops), save `last/` (copied to `best/` when the score improved); return the
+    """Evaluate, let the guard judge (a collapse rolls back, a plateau or a second collapse
+    stops), save `last/` (copied to `best/` when the score improved), log; return the
     evaluation and the stop reason."""
     cfg, state = s.cfg, s.state
     started, s.evaluated_at = time.monotonic(), state.step
@@ -591,15 +592,15 @@ def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], 
     score = selection_score(result, cfg.best_metric)
     train_loss = sum(s.losses) / len(s.losses) if s.losses else None
     s.losses.clear()
-    if s.metrics:
-        s.metrics.log({"step": state.step, "epoch": s.epoch, "seconds": state.train_seconds, "score": score, **result})
-        plot_run(s.run_dir)
-    s.say(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     verdict = s.guard.judge(Evaluation(step=state.step, score=score, val_loss=result["val_loss"],
                                        train_loss=train_loss, empty_on_defects=result.get("empty_on_defects")))
     improved = state.best_metric is None or score > state.best_metric
     if improved:
         state.best_metric, state.best_step = score, state.step
+    if s.metrics:
+        s.metrics.log({"step": state.step, "epoch": s.epoch, "seconds": state.train_seconds, "score": score, **result})
+        plot_run(s.run_dir)
+    s.say(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     if verdict.action == "rollback":
         roll_back(s, verdict.reason)
     elif verdict.action in ("collapsed", "plateau") and not stopped:
