@@ -8,19 +8,21 @@ annotations are negatives."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from loomlens.data.atomic import atomic_write
 from loomlens.data.florence_text import LabelError, validate_label
 from loomlens.data.records import ImageRecord, Problem, ReadResult
-from loomlens.data.sanitize import add_box, find_image, image_size, iter_files, relative
+from loomlens.data.sanitize import add_box, find_image, image_size, iter_files, read_text, relative
 
 
 def _load(path: Path, file: str) -> tuple[dict[str, Any] | None, Problem | None]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         return None, Problem(
             file=file, line=err.lineno, message=f"malformed JSON ({err.msg}); file skipped",
@@ -76,8 +78,13 @@ def read_coco_file(path: Path, root: Path) -> ReadResult:
     result = ReadResult()
     categories, result.problems = _categories(data, file)
     images, problems = _entries(data, "images", ("id", "file_name"), file)
-    annotations, more = _entries(data, "annotations", ("image_id", "category_id", "bbox"), file)
+    raw = [_with_bbox(a) for a in data.get("annotations") or []]
+    annotations, more = _entries({"annotations": raw}, "annotations", ("image_id", "category_id", "bbox"), file)
     result.problems += problems + more
+    kept = {id(a) for a in annotations}
+    # An image whose annotation was unusable is not a defect-free one (see convert's `_emptied`).
+    unusable = Counter(a["image_id"] for a in raw if isinstance(a, dict) and id(a) not in kept
+                       and isinstance(a.get("image_id"), (int, str)))
     used = {ann["category_id"] for ann in annotations}
     parents = {str(c.get("supercategory")) for c in data.get("categories") or [] if isinstance(c, dict)}
     # Roboflow adds the project itself as a category (id 0), the supercategory of all the
@@ -96,9 +103,10 @@ def read_coco_file(path: Path, root: Path) -> ReadResult:
             result.problems.append(problem)
             by_image.pop(img["id"], None)  # its boxes go with it: not "for an image not in 'images'"
             continue
-        record = ImageRecord(relative(found, root), size[0], size[1], [], file)
+        record = ImageRecord(relative(found, root), size[0], size[1], [], file, dropped=unusable[img["id"]])
         for ann in by_image.pop(img["id"], []):
-            result.problems += _add_box(record, ann, categories, file)
+            where = f"annotation {ann.get('id', '?')} (image {record.image}): "
+            result.problems += [replace(p, message=where + p.message) for p in _add_box(record, ann, categories, file)]
         records[img["id"]] = record
     for image_id, anns in by_image.items():
         result.problems.append(Problem(
@@ -108,6 +116,21 @@ def read_coco_file(path: Path, root: Path) -> ReadResult:
         ))
     result.records = sorted(records.values(), key=lambda r: r.image)
     return result
+
+
+def _with_bbox(ann: Any) -> Any:
+    """`ann`, given the bounds of its polygons as `bbox` when it has polygons and no bbox (an
+    export of segmentation only; COCO derives the bbox so, and a run-length mask has none)."""
+    if not isinstance(ann, dict) or "bbox" in ann or not isinstance(ann.get("segmentation"), list):
+        return ann
+    try:
+        points = [float(v) for polygon in ann["segmentation"] for v in polygon]
+    except (TypeError, ValueError):
+        return ann
+    if len(points) < 6 or len(points) % 2:
+        return ann
+    xs, ys = points[0::2], points[1::2]
+    return {**ann, "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]}
 
 
 def _int(value: Any) -> int:

@@ -111,7 +111,8 @@ def detect_format(src: Path, skip: Sequence[Path] = ()) -> str:
     label txt files and a classes.txt). Raises `ConvertError` when it finds none, or more
     than one (then `--format` must say which)."""
     roots: set[str | None] = set()
-    for path in iter_files(src, ".xml", skip):
+    xmls = list(iter_files(src, ".xml", skip))
+    for path in xmls:
         roots.add(xml_root_tag(path))
         if {"annotation", "annotations"} <= roots:
             break
@@ -125,10 +126,15 @@ def detect_format(src: Path, skip: Sequence[Path] = ()) -> str:
     if len(found) == 1:
         return found[0]
     if not found:
+        # Files that failed the sniff (a truncated export, labels without classes.txt) say why
+        # only when read as their format: point there rather than at the folder.
+        seen = [f"{n} {kind}" for kind, n in (("*.xml", len(xmls)), ("*.json", len(jsons)), ("*.txt", len(txts))) if n]
+        hint = (f"; it holds {', '.join(seen)}: pass --format voc, cvat, coco, labelstudio or yolo to have "
+                "each file's problem named") if seen else ""
         raise ConvertError(
             f"no annotations found in {src}: expected Pascal VOC *.xml (LabelImg), CVAT for images *.xml, "
             "COCO *.json (Roboflow's _annotations.coco.json too), a Label Studio JSON export, or YOLO: a "
-            "data.yaml (ultralytics, Roboflow) or *.txt labels with a classes.txt"
+            f"data.yaml (ultralytics, Roboflow) or *.txt labels with a classes.txt{hint}"
         )
     raise ConvertError(f"{src} holds more than one annotation format ({', '.join(found)}); pass --format")
 
@@ -385,6 +391,38 @@ def _emptied(records: Sequence[ImageRecord], keep_empty: bool) -> tuple[list[Ima
     ]
 
 
+def _twins(records: Sequence[ImageRecord]) -> tuple[list[ImageRecord], list[Problem]]:
+    """Keep one record per image: a second annotation of the same image (LabelImg's
+    `a (1).xml` beside `a.xml`, an image listed twice in a COCO file) is left out and
+    reported, since each copy would teach that the other's defects are not there."""
+    first: dict[str, ImageRecord] = {}
+    problems = []
+    for r in records:
+        kept = first.setdefault(r.image, r)
+        if kept is not r:
+            problems.append(Problem(
+                file=r.source, message=f"annotates {r.image} too, as {kept.source} does; its {len(r.boxes)} box(es) "
+                "left out", fix="merge the two annotations into one, or delete one", image=r.image))
+    return list(first.values()), problems
+
+
+def _case_twins(records: Sequence[ImageRecord]) -> list[Problem]:
+    """One problem per class name that differs from an earlier one only in case (`Hole` after
+    `hole`): the two would train as two classes of one defect."""
+    first: dict[str, str] = {}
+    reported: set[str] = set()
+    problems = []
+    for r in records:
+        for label in dict.fromkeys(b.label for b in r.boxes):
+            earlier = first.setdefault(label.casefold(), label)
+            if earlier != label and label not in reported:
+                reported.add(label)
+                problems.append(Problem(
+                    file=r.source, message=f"class {label!r} differs from {earlier!r} only in case: two classes",
+                    fix=f"spell both {earlier!r} in the labelling tool or the annotation files"))
+    return problems
+
+
 def _write_failed(err: OSError, out: Path) -> ConvertError:
     """A clear error for a failed write (a full disk above all): atomic writes leave every
     file already there whole, old or new."""
@@ -437,8 +475,9 @@ def _usable_records(
     """The records of `read` worth converting (see `_emptied`), and every problem so far: the
     reader's, the images of resolved `src` in no annotation, and the records left out."""
     problems = [*read.problems, *_unannotated(src, skip, read.records, read.problems)]
-    records, emptied = _emptied(read.records, keep_empty)
-    return records, problems + emptied
+    records, twins = _twins(read.records)
+    records, emptied = _emptied(records, keep_empty)
+    return records, problems + twins + _case_twins(records) + emptied
 
 
 def _items_by_split(

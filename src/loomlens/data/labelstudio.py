@@ -23,7 +23,16 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from loomlens.data.records import Box, ImageRecord, Problem, ReadResult
-from loomlens.data.sanitize import IMAGE_SUFFIXES, add_box, find_image, image_size, iter_files, relative, rotated_bounds
+from loomlens.data.sanitize import (
+    IMAGE_SUFFIXES,
+    add_box,
+    find_image,
+    image_size,
+    iter_files,
+    read_text,
+    relative,
+    rotated_bounds,
+)
 
 SHAPES = ("rectanglelabels", "polygonlabels")
 _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
@@ -93,7 +102,7 @@ def read_labelstudio_file(path: Path, root: Path) -> ReadResult:
     """One Label Studio JSON export -> records, problems and class names (in the order seen)."""
     file = relative(path, root)
     try:
-        tasks = json.loads(path.read_text(encoding="utf-8"))
+        tasks = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         return ReadResult(problems=[Problem(file=file, line=err.lineno, message=f"malformed JSON ({err.msg}); "
                                             "file skipped", fix="export the project from Label Studio again")])

@@ -48,11 +48,23 @@ def iter_files(root: Path, suffix: str | Collection[str], skip: Sequence[Path] =
             yield path
 
 
+def read_text(path: Path) -> str:
+    """An annotation text file as labelling tools on any system write it: UTF-8 with or without
+    a byte-order mark, or UTF-16 with one (what Windows PowerShell's `>` writes); bytes that do
+    not decode become U+FFFD, so the line that holds them is reported, not the whole file."""
+    data = path.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return data.decode("utf-16", errors="replace")
+    return data.decode("utf-8-sig", errors="replace")
+
+
 def find_image(
     root: Path, name: str, search_dirs: Sequence[Path], file: str, line: int | None = None
 ) -> tuple[Path | None, Problem | None]:
     """Resolve the image `name` an annotation refers to: absolute, or relative to each of
-    `search_dirs` in turn. Only a path inside `root` is accepted, so `../../etc/passwd` or an
+    `search_dirs` in turn; failing that, the one image there with the same name but for its
+    case or extension (older LabelImg writes `<filename>` with no extension, Windows keeps
+    `A.JPG` for `a.jpg`). Only a path inside `root` is accepted, so `../../etc/passwd` or an
     absolute path elsewhere is rejected. Returns (the resolved path, None) or (None, problem)."""
     name = name.strip().replace("\\", "/")  # LabelImg on Windows writes backslashes
     root = root.resolve()
@@ -68,12 +80,31 @@ def find_image(
     for path in inside:
         if path.is_file():
             return path, None
+    for path in inside:
+        alike = _same_image_name(path)
+        if len(alike) == 1:
+            return alike[0], None
+        if alike:
+            return None, Problem(
+                file=file, line=line, fix="name the image with its extension",
+                message=f"image {name!r} not found, and {', '.join(p.name for p in alike)} all could be it; "
+                "annotation skipped",
+            )
     return None, Problem(
         file=file,
         line=line,
         message=f"image {name!r} not found; annotation skipped",
         fix="put the image beside the annotation or in images/, or delete the annotation",
     )
+
+
+def _same_image_name(path: Path) -> list[Path]:
+    """The images in `path`'s folder named as `path` but for case and image extension."""
+    stem = path.stem if path.suffix.lower() in IMAGE_SUFFIXES else path.name
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.stem.casefold() == stem.casefold() and p.is_file())
 
 
 class BadImage(OSError):

@@ -21,7 +21,7 @@ import yaml
 
 from loomlens.data.florence_text import LabelError, validate_label
 from loomlens.data.records import ImageRecord, Problem, ReadResult
-from loomlens.data.sanitize import IMAGE_SUFFIXES, image_size, iter_files, relative
+from loomlens.data.sanitize import IMAGE_SUFFIXES, image_size, iter_files, read_text, relative
 from loomlens.data.yolo import add_label_rows, parse_label_text, read_yolo
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -40,7 +40,7 @@ def find_data_yaml(root: Path) -> Path | None:
 
 def _declares_dataset(path: Path) -> bool:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace"))
+        data = yaml.safe_load(read_text(path))
     except (OSError, yaml.YAMLError):
         return path.stem.lower() == "data"  # a broken data.yaml is still the one meant: report it
     return isinstance(data, dict) and "names" in data and any(k in data for k in SPLIT_KEYS)
@@ -94,7 +94,7 @@ def _listed_images(listing: Path, bases: Sequence[Path]) -> list[Path]:
     """The images an ultralytics image-list txt names, one a line: `./x` relative to the list's
     folder, other relative paths to the list's folder or the bases, absolute ones as they are."""
     images = []
-    for line in listing.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in read_text(listing).splitlines():
         name = line.strip()
         if name:
             images.append(_resolve(name, [listing.parent, *bases]) or (listing.parent / name).resolve())
@@ -143,7 +143,7 @@ def read_data_yaml(path: Path, root: Path, skip: Sequence[Path] = ()) -> ReadRes
     """The dataset a `data.yaml` at `path` describes (inside the dataset folder `root`, not
     under `skip`) -> records (each with its `split`), problems and class names in id order."""
     file = relative(path, root)
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text(path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -194,7 +194,7 @@ def _record(
                               fix="keep the images inside the dataset folder")]
     labels = label_path(image)
     file = relative(labels, root) if labels.is_file() else yaml_file
-    rows, problem = parse_label_text(labels.read_text(encoding="utf-8", errors="replace"), file) \
+    rows, problem = parse_label_text(read_text(labels), file) \
         if labels.is_file() else ([], None)
     if problem is not None:
         return None, [problem]

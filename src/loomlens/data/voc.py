@@ -1,7 +1,7 @@
 """LabelImg's Pascal VOC XML: one `<annotation>` file per image, pixel `<bndbox>` corners.
 
 The image is found from `<filename>`, beside the XML, in a sibling `images/` (or `<folder>`)
-folder, or at the dataset root; `<path>` is ignored, since LabelImg writes the annotator's
+folder, or at the dataset root, else by the XML's own name as LabelImg pairs them; `<path>` is ignored, since LabelImg writes the annotator's
 own absolute path there."""
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ def read_voc_file(path: Path, root: Path) -> tuple[ImageRecord | None, list[Prob
     if folder:
         dirs += [path.parent.parent / folder, root / folder]
     image, problem = find_image(root, name, dirs, file, lines[ann])
+    if image is None and Path(name.replace("\\", "/")).stem != path.stem:  # LabelImg pairs an XML and its image by name
+        image = find_image(root, path.stem, dirs, file, lines[ann])[0]
     if image is None:
         return None, [problem]
     declared = (int(_number(ann, "size/width") or 0), int(_number(ann, "size/height") or 0))

@@ -13,16 +13,19 @@ from pathlib import Path
 from loomlens.data.atomic import atomic_write
 from loomlens.data.florence_text import LabelError, validate_label
 from loomlens.data.records import ImageRecord, Problem, ReadResult
-from loomlens.data.sanitize import IMAGE_SUFFIXES, add_box, image_size, iter_files, relative
+from loomlens.data.sanitize import IMAGE_SUFFIXES, add_box, image_size, iter_files, read_text, relative
 
 CLASSES_FILE = "classes.txt"
+#: A box reaching past this many image widths or heights was written in pixels, not fractions
+#: (a box a little over 1 is clipped, as a box a little outside the image is).
+PIXELS_LIKELY = 1.5
 
 
 def read_classes(path: Path, root: Path) -> tuple[list[str | None], list[Problem]]:
     """A `classes.txt` -> names by class id (None where a name cannot round-trip) + problems."""
     names: list[str | None] = []
     problems: list[Problem] = []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = read_text(path).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()  # trailing blank lines are not classes; one in the middle is an error
     for number, line in enumerate(lines, 1):
@@ -67,6 +70,14 @@ def _nearest_classes(folder: Path, root: Path) -> Path | None:
     return None
 
 
+def _class_id(text: str) -> int:
+    """A class id as YOLO writes it, `0`, or as numpy-based scripts do, `0.0`."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(f"class id {text!r} is not a whole number")
+    return int(value)
+
+
 YoloRow = tuple[int, int, tuple[float, float, float, float]]  # line, class id, normalised x1, y1, x2, y2
 
 
@@ -82,7 +93,7 @@ def parse_label_text(text: str, file: str) -> tuple[list[YoloRow], Problem | Non
         try:
             if len(fields) != 5 and (len(fields) < 7 or len(fields) % 2 == 0):
                 raise ValueError(f"expected 'class cx cy w h' or 'class x1 y1 x2 y2 x3 y3 ...', got {len(fields)} fields")
-            cls, values = int(fields[0]), [float(f) for f in fields[1:]]
+            cls, values = _class_id(fields[0]), [float(f) for f in fields[1:]]
         except ValueError as err:
             return [], Problem(
                 file=file, line=number, message=f"malformed YOLO line {line.strip()[:60]!r} ({err}); file skipped",
@@ -113,6 +124,14 @@ def add_label_rows(record: ImageRecord, rows: Sequence[YoloRow], classes: Sequen
             ))
             record.dropped += 1
             continue
+        if max(x2, y2) > PIXELS_LIKELY:
+            problems.append(Problem(
+                file=file, line=number, message=f"coordinates over 1 ({max(x2, y2):g}): they look like pixels, and "
+                "YOLO's are fractions of the image's size; box dropped",
+                fix="divide cx and w by the image's width and cy and h by its height",
+            ))
+            record.dropped += 1
+            continue
         coords = (x1 * record.width, y1 * record.height, x2 * record.width, y2 * record.height)
         problems += add_box(record, classes[cls], coords, file, number)
     return problems
@@ -130,7 +149,7 @@ def read_yolo_file(
             fix="put the image next to its label file, or delete the label file",
         )]
     try:
-        text = txt.read_text(encoding="utf-8", errors="replace")
+        text = read_text(txt)
     except OSError as err:
         return None, [Problem(file=file, message=f"cannot read: {err}; file skipped", fix="check permissions")]
     rows, problem = parse_label_text(text, file)
@@ -182,7 +201,7 @@ def read_class_names(path: str | Path) -> list[str]:
     """The class names of a `classes.txt` (one a line, blank lines skipped), as `convert` and
     a training run keep them; empty if the file is missing."""
     path = Path(path)
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()] if path.exists() else []
 
 
 def write_yolo(record: ImageRecord, txt_path: str | Path, classes: Sequence[str]) -> None:

@@ -1,0 +1,161 @@
+"""What labelling tools really write, beyond their formats' letter: image names without their
+extension or in another case, text files with byte-order marks or in UTF-16, class ids as
+floats, pixel coordinates in YOLO files, COCO polygons without a bbox, two annotations of one
+image, and class names that differ only in case. Each is either read as the tool meant it or
+reported with the file and the fix, never silently trained on wrongly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loomlens.data.coco import read_coco_file
+from loomlens.data.convert import ConvertError, convert
+from loomlens.data.voc import read_voc_file
+from loomlens.data.yolo import parse_label_text
+
+from .conftest import all_samples, write_image
+
+BOX = "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>"
+
+
+def _voc(root: Path, xml: str, filename: str, label: str = "hole") -> None:
+    (root / xml).write_text(
+        f"<annotation>\n<filename>{filename}</filename>\n<size><width>64</width><height>48</height></size>\n"
+        f"<object>\n<name>{label}</name>\n<bndbox>{BOX}</bndbox>\n</object>\n</annotation>\n", encoding="utf-8")
+
+
+def _converted(src: Path, tmp_path: Path, **options):
+    report = convert(src, tmp_path / "out", val_fraction=0.0, **options)
+    return report, sorted(s["image"].split("/")[-1] for s in all_samples(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("filename", ["a", "A.JPG", "a.jpeg", "renamed-since.jpg"])
+def test_voc_finds_its_image_as_labelimg_does(tmp_path, filename):
+    """No extension (older LabelImg), another case (Windows), another extension, or an image
+    renamed since: the one image with the XML's name is the one it annotates."""
+    src = tmp_path / "src"
+    write_image(src / "a.jpg")
+    _voc(src, "a.xml", filename)
+    report, images = _converted(src, tmp_path)
+    assert images == ["a.jpg"] and not report.problems
+
+
+def test_an_image_name_that_fits_two_files_is_reported_not_guessed(tmp_path):
+    src = tmp_path / "src"
+    write_image(src / "a.jpg")
+    write_image(src / "a.png")
+    _voc(src, "b.xml", "a")
+    record, problems = read_voc_file(src / "b.xml", src)
+    assert record is None and "a.jpg, a.png all could be it" in problems[0].message
+    assert problems[0].file == "b.xml" and problems[0].line == 1
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_yolo_text_with_a_byte_order_mark_or_in_utf16_reads_as_utf8(tmp_path, encoding):
+    """Notepad saves UTF-8 with a byte-order mark; Windows PowerShell's `>` writes UTF-16."""
+    src = tmp_path / "src"
+    write_image(src / "a.jpg")
+    (src / "classes.txt").write_text("hole\nstain\n", encoding=encoding)
+    (src / "a.txt").write_text("1 0.5 0.5 0.25 0.25\n", encoding=encoding)
+    report, images = _converted(src, tmp_path)
+    assert images == ["a.jpg"] and not report.problems
+    assert all_samples(tmp_path / "out")[0]["suffix"].startswith("stain<loc_")
+
+
+def test_yolo_class_ids_written_as_floats_are_read(tmp_path):
+    src = tmp_path / "src"
+    write_image(src / "a.jpg")
+    (src / "classes.txt").write_text("hole\nstain\n")
+    (src / "a.txt").write_text("1.0 0.5 0.5 0.25 0.25\n")
+    report, _ = _converted(src, tmp_path)
+    assert not report.problems and all_samples(tmp_path / "out")[0]["suffix"].startswith("stain<loc_")
+    rows, problem = parse_label_text("0 0.5 0.5 0.1 0.1\n1.5 0.5 0.5 0.25 0.25\n", "a.txt")
+    assert rows == [] and problem.line == 2 and "not a whole number" in problem.message
+
+
+def test_yolo_pixel_coordinates_are_named_as_such(tmp_path):
+    src = tmp_path / "src"
+    write_image(src / "a.jpg")
+    write_image(src / "b.jpg")
+    (src / "classes.txt").write_text("hole\n")
+    (src / "a.txt").write_text("0 30 30 20 20\n")  # pixels of a 64x48 image
+    (src / "b.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    report, images = _converted(src, tmp_path)
+    (pixels, emptied) = report.problems
+    assert (pixels.file, pixels.line) == ("a.txt", 1) and "look like pixels" in pixels.message
+    assert "divide" in pixels.fix and "a.jpg" in emptied.message and images == ["b.jpg"]
+
+
+def _coco(src: Path, annotations: list[dict], images: int = 2) -> Path:
+    for i in range(images):
+        write_image(src / f"im{i}.jpg")
+    path = src / "ann.json"
+    path.write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"im{i}.jpg", "width": 64, "height": 48} for i in range(images)],
+        "categories": [{"id": 1, "name": "hole"}],
+        "annotations": annotations,
+    }))
+    return path
+
+
+def test_coco_polygons_without_a_bbox_give_their_bounds(tmp_path):
+    path = _coco(tmp_path, [{"id": 7, "image_id": 0, "category_id": 1, "segmentation": [[5, 6, 15, 6, 15, 16, 5, 16]]}])
+    result = read_coco_file(path, tmp_path)
+    (box,) = result.records[0].boxes
+    assert (box.x1, box.y1, box.x2, box.y2) == (5, 6, 15, 16) and not result.problems
+
+
+def test_coco_an_unusable_annotation_never_makes_its_image_defect_free(tmp_path):
+    src = tmp_path / "src"
+    _coco(src, [{"id": 7, "image_id": 0, "category_id": 1},  # no bbox, no polygon
+                {"id": 8, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10]}])
+    report, images = _converted(src, tmp_path)
+    assert images == ["im1.jpg"]
+    assert any("annotations[0] lacks" in p.message for p in report.problems)
+    assert any("every box of im0.jpg (1) was dropped" in p.message for p in report.problems)
+
+
+def test_coco_box_problems_name_the_annotation_and_its_image(tmp_path):
+    path = _coco(tmp_path, [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [30, 20, 60, 45]}])
+    (problem,) = read_coco_file(path, tmp_path).problems
+    assert problem.message.startswith("annotation 7 (image im1.jpg): ") and "clipped" in problem.message
+
+
+def test_two_annotations_of_one_image_are_reported_and_one_kept(tmp_path):
+    src = tmp_path / "src"
+    write_image(src / "a.jpg")
+    _voc(src, "a.xml", "a.jpg")
+    _voc(src, "a (1).xml", "a.jpg", label="stain")
+    report, images = _converted(src, tmp_path)
+    (twin,) = report.problems
+    assert twin.file == "a.xml" and "annotates a.jpg too, as a (1).xml does" in twin.message
+    assert "merge" in twin.fix and images == ["a.jpg"]
+
+
+def test_class_names_that_differ_only_in_case_are_reported(tmp_path):
+    src = tmp_path / "src"
+    for name, label in (("a", "hole"), ("b", "Hole"), ("c", "Hole")):
+        write_image(src / f"{name}.jpg")
+        _voc(src, f"{name}.xml", f"{name}.jpg", label=label)
+    report, images = _converted(src, tmp_path)
+    (problem,) = report.problems  # once, not for every box
+    assert problem.file == "b.xml" and "'Hole' differs from 'hole' only in case" in problem.message
+    assert len(images) == 3
+    with pytest.raises(ConvertError, match="1 problem"):
+        convert(src, tmp_path / "strict", val_fraction=0.0, strict=True)
+
+
+def test_a_folder_whose_files_fail_detection_says_how_to_see_why(tmp_path):
+    """A truncated COCO export is no COCO to the sniff: the error says what the folder holds
+    and that --format names each file's problem, which it then does."""
+    src = tmp_path / "src"
+    path = _coco(src, [{"id": 1, "image_id": 0, "category_id": 1, "bbox": [5, 5, 10, 10]}])
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(ConvertError, match=r"it holds 1 \*\.json: pass --format"):
+        convert(src, tmp_path / "out")
+    with pytest.raises(ConvertError) as err:
+        convert(src, tmp_path / "out", format="coco")
+    assert any(p.file == "ann.json" and "malformed JSON" in p.message for p in err.value.problems)
