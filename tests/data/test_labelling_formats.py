@@ -291,3 +291,20 @@ def test_a_photo_exif_turns_half_round_is_kept_and_named_since_its_size_cannot_t
     assert "EXIF orientation 3" in problem.message and "turned 180 degrees" in problem.message
     assert "auto-orient" in problem.fix
     assert set(_boxes(tmp_path / "data")) == {"upside.jpg", "plain.jpg"}
+
+
+def test_a_label_studio_box_needs_exactly_one_label(tmp_path):
+    """A box drawn before its label was picked has none; one given two would train as the first
+    alone: both are dropped and named, and the task's other box converts."""
+    src = tmp_path / "ls"
+    write_image(src / "images" / "a.jpg", (200, 100))
+    unlabelled, doubled = _ls_box("drop", 50, 50, 10, 10), _ls_box("drop", 70, 50, 10, 10)
+    unlabelled["value"]["rectanglelabels"], doubled["value"]["rectanglelabels"] = [], ["drop", "wrinkle"]
+    tasks = [{"id": 1, "data": {"image": "images/a.jpg"},
+              "annotations": [{"result": [_ls_box("drop", 10, 20, 5, 30), unlabelled, doubled]}]}]
+    (src / "export.json").write_text(json.dumps(tasks))
+    report = convert(src, tmp_path / "data", val_fraction=0)
+    assert [p.message.split(": ", 1)[1] for p in report.problems] == [
+        "a box with 0 labels []; box dropped", "a box with 2 labels ['drop', 'wrinkle']; box dropped"]
+    assert all("exactly one label" in p.fix for p in report.problems)
+    assert _boxes(tmp_path / "data") == {"a.jpg": "drop<loc_100><loc_200><loc_150><loc_500>"}

@@ -158,8 +158,15 @@ def _task(
     for n, res in enumerate(results):
         if res.get("type") not in SHAPES:
             continue  # choices, text, ...: no boxes
+        labels = res.get("value", {}).get(res["type"]) if isinstance(res.get("value"), dict) else None
+        if isinstance(labels, list) and len(labels) != 1:
+            problems.append(Problem(
+                file=file, message=f"{where} result {n}: a box with {len(labels)} labels {labels}; box dropped",
+                fix="give the box exactly one label in Label Studio"))
+            record.dropped += 1
+            continue
         try:
-            label = res["value"][res["type"]][0]
+            label = labels[0]
             corners = _result_corners(res, *size)
         except (KeyError, IndexError, TypeError, ValueError) as err:
             problems.append(Problem(file=file, message=f"{where} result {n}: malformed {res.get('type')} "
