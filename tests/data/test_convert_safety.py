@@ -50,6 +50,14 @@ def test_an_output_that_is_or_holds_the_source_is_refused_and_nothing_is_written
     assert _tree(src) == _tree(tmp_path / "link")
 
 
+def test_an_output_that_is_a_file_is_refused_and_kept(tmp_path):
+    src = _yolo_with_a_refused_class(tmp_path / "src")
+    (tmp_path / "out").write_text("notes")
+    with pytest.raises(ConvertError, match="is a file, not a folder; nothing written"):
+        convert(src, tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "notes"
+
+
 def test_the_source_classes_keep_their_ids_after_a_refused_run(tmp_path):
     src = _yolo_with_a_refused_class(tmp_path / "src")
     with pytest.raises(ConvertError):

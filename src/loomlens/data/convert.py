@@ -286,6 +286,9 @@ def _check_out(src: Path, out: Path) -> None:
     source is fine: later runs skip it."""
     src_abs, out_abs = src.resolve(), out.resolve()
     elsewhere = f"give a new folder outside it, e.g. {src_abs.parent / (src_abs.name + '-jsonl')}"
+    if out_abs.exists() and not out_abs.is_dir():
+        raise ConvertError(f"the output folder {out} is a file, not a folder; nothing written; give a folder "
+                           "(a new one is made)")
     if out_abs == src_abs:
         raise ConvertError(f"the output folder {out} is the source folder: convert would overwrite its "
                            f"classes.txt and mix its outputs into the annotations; nothing written; {elsewhere}")
