@@ -159,3 +159,14 @@ def test_a_folder_whose_files_fail_detection_says_how_to_see_why(tmp_path):
     with pytest.raises(ConvertError) as err:
         convert(src, tmp_path / "out", format="coco")
     assert any(p.file == "ann.json" and "malformed JSON" in p.message for p in err.value.problems)
+
+
+def test_a_look_alike_image_outside_the_root_is_never_taken(tmp_path):
+    """The name-alike search keeps find_image's rule: a link leading out of the dataset is refused."""
+    src = tmp_path / "src"
+    src.mkdir()
+    write_image(tmp_path / "elsewhere" / "a.jpg")
+    (src / "a.jpg").symlink_to(tmp_path / "elsewhere" / "a.jpg")
+    _voc(src, "b.xml", "A")
+    record, problems = read_voc_file(src / "b.xml", src)
+    assert record is None and "not found" in problems[0].message

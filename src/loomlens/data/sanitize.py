@@ -81,7 +81,7 @@ def find_image(
         if path.is_file():
             return path, None
     for path in inside:
-        alike = _same_image_name(path)
+        alike = [p for p in _same_image_name(path) if p.resolve().is_relative_to(root)]
         if len(alike) == 1:
             return alike[0], None
         if alike:
