@@ -58,6 +58,19 @@ def test_an_output_that_is_a_file_is_refused_and_kept(tmp_path):
     assert (tmp_path / "out").read_text() == "notes"
 
 
+def test_an_output_holding_another_sources_conversion_is_kept(tmp_path):
+    """Converting the same source again replaces its output; another source's is refused."""
+    first = _yolo_with_a_refused_class(tmp_path / "first")
+    second = _yolo_with_a_refused_class(tmp_path / "second")
+    convert(first, tmp_path / "out", val_fraction=0)
+    before = _tree(tmp_path / "out")
+    with pytest.raises(ConvertError, match=r"holds the conversion of .*first.*nothing written"):
+        convert(second, tmp_path / "out", val_fraction=0)
+    assert _tree(tmp_path / "out") == before
+    convert(first, tmp_path / "out", val_fraction=0, flip=True)
+    assert _tree(tmp_path / "out") != before
+
+
 def test_the_source_classes_keep_their_ids_after_a_refused_run(tmp_path):
     src = _yolo_with_a_refused_class(tmp_path / "src")
     with pytest.raises(ConvertError):

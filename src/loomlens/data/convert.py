@@ -279,7 +279,8 @@ def _order(items: list[tuple[ImageRecord, str]], tasks: Sequence[str], order: st
 
 
 def _check_out(src: Path, out: Path) -> None:
-    """Refuse an output folder that would overwrite or hide input: the source itself (its
+    """Refuse an output folder that would overwrite or hide input: a file, the conversion of
+    another source (converting the same source again replaces it), the source itself (its
     classes.txt would be rewritten, shifting YOLO ids), a folder holding the source, or a
     folder inside the source that holds anything but a previous conversion's output (it is
     skipped as input, so its annotations would silently vanish). A new folder inside the
@@ -289,6 +290,11 @@ def _check_out(src: Path, out: Path) -> None:
     if out_abs.exists() and not out_abs.is_dir():
         raise ConvertError(f"the output folder {out} is a file, not a folder; nothing written; give a folder "
                            "(a new one is made)")
+    before = _converted_from(out_abs)
+    if before is not None and before != src_abs:
+        raise ConvertError(f"the output folder {out} holds the conversion of {before} (its summary.json): "
+                           f"converting {src} there would replace it; nothing written; give another folder, "
+                           "or delete that one first")
     if out_abs == src_abs:
         raise ConvertError(f"the output folder {out} is the source folder: convert would overwrite its "
                            f"classes.txt and mix its outputs into the annotations; nothing written; {elsewhere}")
@@ -300,6 +306,15 @@ def _check_out(src: Path, out: Path) -> None:
         raise ConvertError(f"the output folder {out} is inside the source folder and holds files that are "
                            f"not a conversion's output: they would be skipped as input and mixed with the "
                            f"outputs; nothing written; use a new or empty folder, or {elsewhere}")
+
+
+def _converted_from(out: Path) -> Path | None:
+    """The source folder the conversion in `out` was made from (its summary.json), resolved;
+    None when there is none, or its summary cannot be read (nothing to protect then)."""
+    try:
+        return Path(json.loads((out / "summary.json").read_text(encoding="utf-8"))["source"]).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _tile_names(frames: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
