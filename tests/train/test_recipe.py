@@ -103,6 +103,9 @@ def test_a_bad_step_after_an_evaluation_rolls_back_to_its_best(make_config, monk
     events = [r["event"] for r in csv.DictReader(open(result.run_dir / "metrics.csv")) if r["event"]]
     assert len(events) == 1 and events[0].startswith(says) and events[0].endswith("back to step 5, learning rate x0.5")
     assert result.stopped == "max_steps" and result.state.lr_scale == 0.5
+    # The bad step's loss is left out of the mean train loss the guard judges over-fitting by.
+    judged = read_trainer_state(result.run_dir / "checkpoints" / "last")["state"]["guard"]["history"][-1]
+    assert judged["step"] == 10 and judged["train_loss"] < 20
 
 
 def test_a_nan_step_never_reaches_the_weights_and_the_run_rolls_back(make_config, monkeypatch):

@@ -561,7 +561,7 @@ def log_step(s: Session, bar, *, loss: float, lr: float, grad_norm: float | None
               "images past it are decoded each time they are used (the same pixels, more slowly)")
     bar.update(1)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=s.state.epoch)
-    if math.isfinite(loss):
+    if s.guard.sound_step == s.state.step:  # not a NaN or blown-up one: those would skew the over-fitting check
         s.losses.append(loss)
     if s.metrics:
         s.metrics.log({"step": s.state.step, "epoch": s.epoch, "seconds": s.state.train_seconds, "lr": lr,
