@@ -522,7 +522,7 @@ def restore_sound(s: Session, *, spoilt: bool) -> str:
     After a blow-up (`spoilt`) best/ must be older than the last sound train loss: the loss of
     step k is that of the weights of step k - 1, so a later best/ may hold blown-up weights."""
     best = s.state.best_step
-    if has_checkpoint(s.best_dir) and best is not None and (not spoilt or best < s.guard.sound_step):
+    if has_checkpoint(s.best_dir) and (not spoilt or (best is not None and best < s.guard.sound_step)):
         load_checkpoint(s.best_dir, model=s.adapter, optimizer=s.optimizer, rank=s.accelerator.process_index,
                         scaler=s.accelerator.scaler)
         return f"step {s.state.best_step}"
