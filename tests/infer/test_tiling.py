@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from loomlens.data.records import Box
-from loomlens.infer.tiling import merge_boxes, should_tile, tile_windows, tiled_detect
+from loomlens.infer.tiling import merge_boxes, should_tile, stitch_pieces, tile_windows, tiled_detect
 
 
 @pytest.mark.parametrize("size", [(2560, 1440), (700, 300), (256, 256), (100, 50)])
@@ -57,6 +57,49 @@ def test_tiled_detection_maps_boxes_back_and_merges():
     boxes = tiled_detect(detect, Image.fromarray(frame), tile=256, overlap=0.25)
     assert len(calls) == 1  # one batched call for all tiles and the whole frame
     assert [(b.x1, b.y1, b.x2, b.y2) for b in boxes] == [(610, 430, 650, 450)]
+
+
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_a_defect_longer_than_a_tile_comes_back_as_one_box(axis):
+    """A broken pick across a line-scan strip lies whole in no tile: each tile it crosses sees a
+    piece running into its sides, and the pieces are stitched back (no whole-frame pass here,
+    as for a model that cannot see the thin line in the squeezed frame)."""
+    frame = np.zeros((256, 1500, 3), np.uint8)
+    frame[100:110, 130:1400, 0] = 255  # red
+    frame[200:204, 600:640, 1] = 255  # a short one of the same class, apart, in green
+    if axis == "y":
+        frame = frame.transpose(1, 0, 2)
+
+    def detect(crops):  # one box per colour channel that shows, all of one class
+        found = []
+        for crop in crops:
+            lit = [np.nonzero(np.asarray(crop)[..., c] > 200) for c in (0, 1)]
+            found.append([Box("pick", xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 0.9) for ys, xs in lit if xs.size])
+        return found
+
+    boxes = tiled_detect(detect, Image.fromarray(np.ascontiguousarray(frame)), tile=256, whole_frame=False)
+    found = sorted((b.x1, b.y1, b.x2, b.y2) for b in boxes)
+    expected = [(130, 100, 1400, 110), (600, 200, 640, 204)]
+    assert found == sorted(expected if axis == "x" else [(y1, x1, y2, x2) for x1, y1, x2, y2 in expected])
+
+
+def test_only_pieces_cut_by_the_seam_between_them_are_stitched():
+    left, right = (0, 0, 256, 256), (192, 0, 448, 256)
+    piece = Box("pick", 100, 50, 256, 60, 0.4)  # runs into the left tile's right side
+    go_on = Box("pick", 192, 52, 400, 62, 0.7)  # runs into the right tile's left side
+    assert stitch_pieces([piece, go_on], [left, right], 448, 256) == [Box("pick", 100, 50, 400, 62, 0.7)]
+    unstitched = [
+        [piece, Box("nep", 192, 52, 400, 62, 0.7)],  # another class
+        [piece, Box("pick", 192, 150, 400, 160, 0.7)],  # another line, lower down
+        [piece, Box("pick", 220, 52, 400, 62, 0.7)],  # starts inside the tile: its own defect
+        [Box("pick", 100, 50, 240, 60, 0.4), go_on],  # ends before the side
+    ]
+    for pair in unstitched:
+        assert stitch_pieces(pair, [left, right], 448, 256) == pair
+    # A tile side on the frame's own edge cuts nothing: a box running into it is whole there.
+    edge = Box("pick", 300, 50, 448, 60)
+    assert stitch_pieces([edge, Box("pick", 192, 50, 300, 60)], [right, left], 448, 256) == [
+        edge, Box("pick", 192, 50, 300, 60)]
 
 
 def test_inference_tiles_with_the_windows_training_is_cut_from():

@@ -8,7 +8,10 @@ into overlapping windows of `tile` px, detects in all of them (and the whole fra
 defects larger than a tile) in one batched call, maps boxes back to frame pixels and merges
 duplicates class-wise. Overlap > defect size means every defect lies whole in at least one
 tile; its clipped copies in the neighbours are found by measuring overlap as intersection over
-the *smaller* box (a clipped copy lies inside the whole one) and merged into it.
+the *smaller* box (a clipped copy lies inside the whole one) and merged into it. A defect
+longer than a tile (a broken pick or a crease across the fabric) lies whole in none: each
+tile it crosses sees a piece running into the tile's side, and those pieces are stitched back
+into one box before merging (`stitch_pieces`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ from PIL import Image
 
 from loomlens.data.records import Box
 # The same windows `convert --tile` trains on, and the rule of a large frame training's crop uses.
-from loomlens.data.tiles import is_large, tile_windows
+from loomlens.data.tiles import Window, is_large, tile_windows
+
+#: A box edge within this share of a tile's side runs into it: training clips a cut defect at
+#: the side exactly, and a prediction places an edge to within a bin or two of it.
+SIDE_REACH = 0.02
 
 
 def should_tile(width: int, height: int, mode: str, tile: int) -> bool:
@@ -61,6 +68,65 @@ def merge_boxes(boxes: Sequence[Box], threshold: float = 0.6) -> list[Box]:
     return [b for group in kept.values() for b in group]
 
 
+def _cut_sides(box: Box, window: Window, width: int, height: int) -> str:
+    """The sides of `window` ("l", "t", "r", "b") that `box` (frame pixels) runs into, where the
+    window does not end at the `width` x `height` frame's own edge: the defect may go on there."""
+    x0, y0, x1, y1 = window
+    rx, ry = max(1.0, SIDE_REACH * (x1 - x0)), max(1.0, SIDE_REACH * (y1 - y0))
+    sides = [("l", x0 > 0 and box.x1 - x0 <= rx), ("t", y0 > 0 and box.y1 - y0 <= ry),
+             ("r", x1 < width and x1 - box.x2 <= rx), ("b", y1 < height and y1 - box.y2 <= ry)]
+    return "".join(side for side, cut in sides if cut)
+
+
+def _span_share(a1: float, a2: float, b1: float, b2: float) -> float:
+    """How much of the shorter of the spans [a1, a2] and [b1, b2] the other covers."""
+    return max(0.0, min(a2, b2) - max(a1, b1)) / max(min(a2 - a1, b2 - b1), 1e-9)
+
+
+def _continues(a: Box, a_sides: str, b: Box, b_sides: str, reach: tuple[float, float]) -> bool:
+    """Whether `b` is the piece of `a`'s defect in the next tile along x or y: `a` runs into its
+    tile's right (bottom) side, `b` into its tile's left (top) side, the two meet or overlap
+    along that axis, and across it they share at least half of the narrower one."""
+    along_x = "r" in a_sides and "l" in b_sides and a.x1 < b.x1 <= a.x2 + reach[0] and b.x2 > a.x2
+    along_y = "b" in a_sides and "t" in b_sides and a.y1 < b.y1 <= a.y2 + reach[1] and b.y2 > a.y2
+    return (along_x and _span_share(a.y1, a.y2, b.y1, b.y2) >= 0.5) or (
+        along_y and _span_share(a.x1, a.x2, b.x1, b.x2) >= 0.5)
+
+
+def stitch_pieces(boxes: Sequence[Box], windows: Sequence[Window], width: int, height: int) -> list[Box]:
+    """Join the pieces of defects longer than a tile: boxes of one label, each cut by its tile's
+    side, that continue each other across neighbouring tiles (chains too) become the box
+    enclosing them, with the highest score among them; every other box is returned as it is.
+
+    Args:
+        boxes: detections in frame pixels.
+        windows: the tile (x0, y0, x1, y1) each box was found in, one per box.
+        width, height: the frame's size; a tile side on the frame's edge cuts nothing.
+    Returns:
+        One box per defect, in the order of each defect's first piece in `boxes`.
+    """
+    sides = [_cut_sides(b, w, width, height) for b, w in zip(boxes, windows)]
+    reach = (SIDE_REACH * max(w[2] - w[0] for w in windows), SIDE_REACH * max(w[3] - w[1] for w in windows))
+    group = list(range(len(boxes)))
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    cut = [i for i, s in enumerate(sides) if s]
+    for i in cut:
+        for j in cut:
+            if boxes[i].label == boxes[j].label and _continues(boxes[i], sides[i], boxes[j], sides[j], reach):
+                group[root(j)] = root(i)
+    members: dict[int, list[Box]] = {}
+    for i, box in enumerate(boxes):
+        members.setdefault(root(i), []).append(box)
+    return [replace(max(m, key=lambda b: b.score if b.score is not None else 1.0),
+                    x1=min(b.x1 for b in m), y1=min(b.y1 for b in m),
+                    x2=max(b.x2 for b in m), y2=max(b.y2 for b in m)) for m in members.values()]
+
+
 def tiled_detect(
     detect: Callable[[list[Image.Image]], list[list[Box]]],
     image: Image.Image,
@@ -70,13 +136,14 @@ def tiled_detect(
     merge_threshold: float = 0.6,
 ) -> list[Box]:
     """Boxes in `image`'s pixels from `detect` (images -> boxes in each image's pixels) run
-    once on every tile, and on the whole frame when `whole_frame`, merged."""
+    once on every tile, and on the whole frame when `whole_frame`, stitched and merged."""
     windows = tile_windows(image.width, image.height, tile, overlap)
     if whole_frame and len(windows) > 1:
         windows.append((0, 0, image.width, image.height))
     found = detect([image.crop(w) for w in windows])
-    frame_boxes = [
-        replace(b, x1=b.x1 + x0, y1=b.y1 + y0, x2=b.x2 + x0, y2=b.y2 + y0)
-        for (x0, y0, _, _), boxes in zip(windows, found) for b in boxes
-    ]
-    return merge_boxes(frame_boxes, merge_threshold)
+    pieces = [(replace(b, x1=b.x1 + w[0], y1=b.y1 + w[1], x2=b.x2 + w[0], y2=b.y2 + w[1]), w)
+              for w, boxes in zip(windows, found) for b in boxes]
+    if not pieces:
+        return []
+    stitched = stitch_pieces([b for b, _ in pieces], [w for _, w in pieces], image.width, image.height)
+    return merge_boxes(stitched, merge_threshold)
