@@ -42,20 +42,6 @@ def test_an_ambiguous_window_is_skipped_even_with_a_whole_box_in_it():
     assert tiles[W1] == [Box("drop", 72, 10, 152, 20)]
 
 
-def test_a_defect_longer_than_a_tile_is_kept_in_every_tile_it_crosses():
-    """A broken pick across a line-scan strip shows in no tile whole, yet every tile it
-    crosses end to end shows all of it a tile can: each keeps its piece. A tile holding only
-    its tip (less than half a tile of it) is ambiguous, as for a small box."""
-    pick = Box("broken_pick", 100, 40, 500, 60)  # 400 px long, tiles of 256
-    assert _by_window(_frame(pick)) == {
-        W0: [Box("broken_pick", 100, 40, 256, 60)],  # 156 of 256 px: more than half a tile
-        W1: [Box("broken_pick", 0, 40, 256, 60)],  # crossed end to end
-        W2: [Box("broken_pick", 0, 40, 244, 60)],
-    }
-    tip = Box("broken_pick", 0, 40, 300, 60)  # W2 holds 44 px of it
-    assert list(_by_window(_frame(tip))) == [W0, W1]
-
-
 def test_a_box_inside_the_overlap_lies_whole_in_some_tile():
     rng = random.Random(0)
     for _ in range(200):

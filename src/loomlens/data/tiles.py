@@ -3,12 +3,9 @@
 A small defect in a 2560x1440 frame all but vanishes when the frame is squeezed to the model's
 input; inference tiles such frames (`loomlens.infer.tiling`), so training must show the model
 defects at tile scale too. The windows here are the ones inference uses. A box cut by a window
-edge is clipped and kept when the window shows at least `min_visible` of what it could show of
-it; a window that cuts a box with less than that showing is skipped: labelling a half-visible
-defect as background would teach the model to ignore it. "What it could show" matters for
-defects longer than a tile, such as a broken pick across a whole line-scan strip: a tile it
-crosses shows all it can of it, and learns the clipped piece that prediction stitches back
-(`loomlens.infer.tiling`).
+edge is clipped and kept when at least `min_visible` of it lies inside; a window that cuts a box
+with less than that showing is skipped: labelling a half-visible defect as background would
+teach the model to ignore it.
 """
 
 from __future__ import annotations
@@ -29,9 +26,8 @@ Window = tuple[int, int, int, int]  # x0, y0, x1, y1 in frame pixels
 #: A frame is large for a model input (or tile) of `edge` px when its longer side exceeds this
 #: many edges: prediction's `tile="auto"` tiles it, training's defect crop shows it a window at a time.
 AUTO_FACTOR = 2.0
-#: The least share of what a window could show of a box that it must show for the box to be
-#: kept, clipped (less: the window is ambiguous, as labelling a half-visible defect as
-#: background would be wrong).
+#: The least share of a box a window must show for the box to be kept, clipped (less: the
+#: window is ambiguous, as labelling a half-visible defect as background would be wrong).
 MIN_VISIBLE = 0.5
 
 
@@ -80,15 +76,12 @@ class Tile:
 
 def clip_box(box: Box, window: Window) -> tuple[Box | None, float]:
     """`box` clipped to `window`, in window pixels (None when they do not meet), and the share
-    of what the window could show of the box that it shows: along each axis, the visible
-    length over the box's or the window's length, whichever is shorter, multiplied. For a box
-    that fits in the window that is the share of its area inside; a box longer than the window
-    counts as fully shown by a window it crosses end to end."""
+    of the box's area inside the window."""
     x0, y0, x1, y1 = window
     cx1, cy1, cx2, cy2 = max(box.x1, x0), max(box.y1, y0), min(box.x2, x1), min(box.y2, y1)
     if not (cx1 < cx2 and cy1 < cy2):
         return None, 0.0
-    visible = (cx2 - cx1) / min(box.width, x1 - x0) * (cy2 - cy1) / min(box.height, y1 - y0)
+    visible = (cx2 - cx1) * (cy2 - cy1) / (box.width * box.height)
     return Box(box.label, cx1 - x0, cy1 - y0, cx2 - x0, cy2 - y0, box.score), visible
 
 
@@ -106,11 +99,12 @@ def tile_record(
     In: `record` (pixel boxes), the `tile` edge in pixels and the `overlap` share between
     neighbours (the windows of `tile_windows`). Out: every positive window (some box at least
     `min_visible` inside, boxes clipped to the window, in its pixels) and some negative ones
-    (no box at all). A window that cuts a box with less than `min_visible` of it inside
-    (`clip_box`: of what the window could show) is ambiguous and left out. Negatives: at most
-    `floor(negatives * max(positives, 1))`, drawn without replacement from a generator seeded
-    by `seed` and the record's image, so one defect-free frame gives `floor(negatives)` tiles
-    (one at the default) rather than none or all of them, and a re-run picks the same ones. A frame no larger than a tile gives none.
+    (no box at all). A window that cuts a box with less than `min_visible` of it inside is
+    ambiguous and left out, so a box larger than a tile may give no tile: the whole frame
+    still teaches it. Negatives: at most `floor(negatives * max(positives, 1))`, drawn
+    without replacement from a generator seeded by `seed` and the record's image, so one
+    defect-free frame gives `floor(negatives)` tiles (one at the default) rather than none or
+    all of them, and a re-run picks the same ones. A frame no larger than a tile gives none.
     Raises ValueError for a `min_visible` outside (0, 1], a negative `negatives`, or a bad
     tile or overlap.
     """
