@@ -1,29 +1,75 @@
-"""Shape-aware attention: the math path for wide heads, SDPA for the rest, same results."""
+"""Shape-aware attention: the math path for wide heads, the kernel timed fastest for the rest,
+the same results either way."""
+
+import types
 
 import pytest
 import torch
 
 from loomlens.model import load_model
 from loomlens.infer import attention
-from loomlens.infer.attention import NAME, WIDE_HEAD, shape_aware
+from loomlens.infer.attention import MARGIN, NAME, shape_aware
 from loomlens.infer.loading import ready_for_inference
 
 _real_math = attention._math_attention
 
 
-@pytest.mark.parametrize("head_dim", [16, 4096])  # a DaViT window head, a channel-attention "head"
-def test_each_path_computes_attention(head_dim, monkeypatch):
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 16, head_dim) for _ in range(3))
+def _module() -> torch.nn.Module:
     module = torch.nn.Module().eval()
     module.is_causal = False  # as Florence-2's attention modules say
+    return module
+
+
+@pytest.mark.parametrize("head_dim, math_timed_faster, path", [
+    (4096, None, "math"),  # a channel-attention "head": never timed
+    (16, True, "math"),  # a window head the math path won on this machine
+    (16, False, "sdpa"),
+])
+def test_each_path_computes_attention(head_dim, math_timed_faster, path, monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, head_dim) for _ in range(3))
+    shape = attention._shape_class(q, k, None)
+    monkeypatch.setattr(attention, "_ON_MATH", {} if math_timed_faster is None else {shape: math_timed_faster})
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.1).transpose(1, 2)
     used = []
     monkeypatch.setattr(attention, "_math_attention",
                         lambda *a, **kw: used.append("math") or _real_math(*a, **kw))
-    out, _ = shape_aware(module, q, k, v, None, scaling=0.1)
+    out, _ = shape_aware(_module(), q, k, v, None, scaling=0.1)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    assert used == (["math"] if head_dim > WIDE_HEAD else [])
+    assert used == (["math"] if path == "math" else [])
+    assert attention._ON_MATH == ({} if math_timed_faster is None else {shape: math_timed_faster})
+
+
+@pytest.mark.parametrize("sdpa_cost, math_cost, on_math", [
+    (3.0, 1.0, True),  # the one-query decoder steps on an AVX512 CPU in bf16
+    (MARGIN * 0.9, 1.0, False),  # faster, but within the margin: SDPA stays
+    (1.0, 2.0, False),
+])
+def test_the_faster_kernel_is_timed_once_per_shape_class(sdpa_cost, math_cost, on_math, monkeypatch):
+    """Each kernel advances a fake clock by its cost; the first call of a shape class times
+    both, later calls of the class (keys within the same power of two) reuse the choice."""
+    clock, calls = types.SimpleNamespace(now=0.0), []
+
+    def kernel(name, cost):
+        def run(module, query, *args, **kwargs):
+            clock.now += cost
+            calls.append(name)
+            return query.transpose(1, 2), None
+        return run
+
+    monkeypatch.setattr(attention, "_ON_MATH", {})
+    monkeypatch.setattr(attention.time, "perf_counter", lambda: clock.now)
+    monkeypatch.setattr(attention, "sdpa_attention_forward", kernel("sdpa", sdpa_cost))
+    monkeypatch.setattr(attention, "_math_attention", kernel("math", math_cost))
+    q = torch.zeros(16, 4, 1, 48)
+    shape_aware(_module(), q, torch.zeros(16, 4, 70, 48), torch.zeros(16, 4, 70, 48))
+    assert calls == ["sdpa"] * 4 + ["math"] * 4 + ["math" if on_math else "sdpa"]
+    calls.clear()
+    shape_aware(_module(), q, torch.zeros(16, 4, 90, 48), torch.zeros(16, 4, 90, 48))  # 90 keys: still 128
+    assert calls == ["math" if on_math else "sdpa"]
+    assert len(attention._ON_MATH) == 1
+    shape_aware(_module(), q, torch.zeros(16, 4, 200, 48), torch.zeros(16, 4, 200, 48))
+    assert len(attention._ON_MATH) == 2  # another class: timed anew
 
 
 @torch.no_grad()

@@ -1,22 +1,28 @@
 """Attention kernels chosen per call shape, for inference on a CPU.
 
 In: a Florence-2 model. Out: the same model with every attention layer routed through
-`shape_aware`. Florence-2 runs three kinds of attention and no one CPU kernel is fastest for all:
-DaViT window attention (64-token windows, narrow heads) and BART's attention run fastest on SDPA;
-DaViT channel attention, whose "head dim" is the number of image tokens over a small score
-matrix, runs fastest on the plain matmul-softmax-matmul ("math") path, since SDPA's CPU kernel
-tiles along that long axis (timings in docs/benchmarks.md).
+`shape_aware`. Florence-2 runs three kinds of attention and no one CPU kernel is fastest for all,
+nor is the fastest one the same on every CPU: DaViT's channel attention, whose "head dim" is the
+number of image tokens over a small score matrix, always runs fastest on the plain
+matmul-softmax-matmul ("math") path, since SDPA's CPU kernel tiles along that long axis; for
+DaViT's windows, BART's encoder and the decoder's one-query steps it depends on the CPU and
+the dtype (on an AVX512 CPU without AMX, SDPA's bf16 kernel took 2-7x the math path's time on
+one-query steps while it was 2x faster on the first stages' windows: docs/benchmarks.md).
 
-`shape_aware` sends heads wider than `WIDE_HEAD` to the math path and the rest to SDPA; it is
-registered with transformers' `AttentionInterface`, so the native Florence-2 classes call it,
-and with its `AttentionMaskInterface` as SDPA's masks: transformers builds no mask at all for
-an attention name it has no mask function for, and a batch whose prompts pad differently then
-attended to its padding.
+`shape_aware` sends heads wider than `WIDE_HEAD` to the math path, and times both kernels on
+the first call of every other shape class (`_math_is_faster`), keeping SDPA unless the math
+path wins by `MARGIN`. It is registered with transformers' `AttentionInterface`, so the native
+Florence-2 classes call it, and with its `AttentionMaskInterface` as SDPA's masks: transformers
+builds no mask at all for an attention name it has no mask function for, and a batch whose
+prompts pad differently then attended to its padding.
 Training keeps its own choice (`train.recipe.attention_implementation`): eager on a CPU,
 where SDPA's bf16 backward on the windows is slow.
 """
 
 from __future__ import annotations
+
+import math
+import time
 
 import torch
 from transformers import AttentionInterface
@@ -29,6 +35,12 @@ __all__ = ["NAME", "WIDE_HEAD", "shape_aware", "use_shape_aware_attention"]
 NAME = "loomlens_shape_aware"
 #: Head dims above this take the math path: DaViT's channel attention in every Florence-2 size.
 WIDE_HEAD = 128
+#: A shape class takes the math path only when it ran at least this many times faster than
+#: SDPA on its first call: in bf16 the two round differently and can change an answer, so a
+#: near tie stays on SDPA rather than flip with the machine's load from one run to the next.
+MARGIN = 1.5
+#: Shape class (`_shape_class`) -> whether it runs on the math path, timed once per process.
+_ON_MATH: dict[tuple, bool] = {}
 
 
 def _math_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **_):
@@ -42,9 +54,41 @@ def _math_attention(module, query, key, value, attention_mask=None, scaling=None
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+def _shape_class(query: torch.Tensor, key: torch.Tensor, attention_mask) -> tuple:
+    """What decides a kernel's speed: dtype, head dim, masked or not, and batch x heads, queries
+    and keys, each rounded up to a power of two (a decoder's keys grow by one a step)."""
+    def up(n: int) -> int:
+        return 1 << max(n - 1, 0).bit_length()
+    return (query.dtype, query.shape[-1], attention_mask is not None,
+            up(query.shape[0] * query.shape[1]), up(query.shape[2]), up(key.shape[2]))
+
+
+def _seconds(kernel, *args, **kwargs) -> float:
+    """The best of three timed calls of `kernel`, after one untimed (first-call set-up)."""
+    kernel(*args, **kwargs)
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        kernel(*args, **kwargs)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _math_is_faster(module, query, key, value, attention_mask, kwargs) -> bool:
+    """Whether this call's shape class runs on the math path: timed on the first such call's
+    own tensors, both kernels, then remembered for the process."""
+    shape = _shape_class(query, key, attention_mask)
+    if shape not in _ON_MATH:
+        sdpa = _seconds(sdpa_attention_forward, module, query, key, value, attention_mask, **kwargs)
+        plain = _seconds(_math_attention, module, query, key, value, attention_mask, **kwargs)
+        _ON_MATH[shape] = sdpa >= MARGIN * plain
+    return _ON_MATH[shape]
+
+
 def shape_aware(module, query, key, value, attention_mask=None, **kwargs):
-    """transformers' attention signature: math for heads wider than `WIDE_HEAD`, else SDPA."""
-    if query.shape[-1] > WIDE_HEAD:
+    """transformers' attention signature: math for heads wider than `WIDE_HEAD`, else the
+    kernel timed fastest for the call's shape class on this machine (SDPA on a near tie)."""
+    if query.shape[-1] > WIDE_HEAD or _math_is_faster(module, query, key, value, attention_mask, kwargs):
         return _math_attention(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
