@@ -47,7 +47,8 @@ def test_each_path_computes_attention(head_dim, math_timed_faster, path, monkeyp
 ])
 def test_the_faster_kernel_is_timed_once_per_shape_class(sdpa_cost, math_cost, on_math, monkeypatch):
     """Each kernel advances a fake clock by its cost; the first call of a shape class times
-    both, later calls of the class (keys within the same power of two) reuse the choice."""
+    both, later calls of the class (keys within the same power of two, any batch size) reuse
+    the choice, so an image's answer does not depend on what it was batched with."""
     clock, calls = types.SimpleNamespace(now=0.0), []
 
     def kernel(name, cost):
@@ -67,6 +68,9 @@ def test_the_faster_kernel_is_timed_once_per_shape_class(sdpa_cost, math_cost, o
     calls.clear()
     shape_aware(_module(), q, torch.zeros(16, 4, 90, 48), torch.zeros(16, 4, 90, 48))  # 90 keys: still 128
     assert calls == ["math" if on_math else "sdpa"]
+    assert len(attention._ON_MATH) == 1
+    shape_aware(_module(), q[:3], torch.zeros(3, 4, 70, 48), torch.zeros(3, 4, 70, 48))
+    assert calls == ["math" if on_math else "sdpa"] * 2  # another batch size: the same kernel
     assert len(attention._ON_MATH) == 1
     shape_aware(_module(), q, torch.zeros(16, 4, 200, 48), torch.zeros(16, 4, 200, 48))
     assert len(attention._ON_MATH) == 2  # another class: timed anew

@@ -56,12 +56,14 @@ def _math_attention(module, query, key, value, attention_mask=None, scaling=None
 
 
 def _shape_class(query: torch.Tensor, key: torch.Tensor, attention_mask) -> tuple:
-    """What decides a kernel's speed: dtype, head dim, masked or not, and batch x heads, queries
-    and keys, each rounded up to a power of two (a decoder's keys grow by one a step)."""
+    """What decides a kernel's speed: dtype, head dim, heads, masked or not, and queries and
+    keys, each rounded up to a power of two (a decoder's keys grow by one a step). Not the
+    batch: an image must get the same answer whatever it was batched with (in bf16 the two
+    kernels round differently), so the first batch's timing decides for every batch size."""
     def up(n: int) -> int:
         return 1 << max(n - 1, 0).bit_length()
-    return (query.dtype, query.shape[-1], attention_mask is not None,
-            up(query.shape[0] * query.shape[1]), up(query.shape[2]), up(key.shape[2]))
+    return (query.dtype, query.shape[-1], query.shape[1], attention_mask is not None,
+            up(query.shape[2]), up(key.shape[2]))
 
 
 def _seconds(kernel, *args, **kwargs) -> float:
