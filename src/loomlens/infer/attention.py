@@ -7,7 +7,7 @@ number of image tokens over a small score matrix, always runs fastest on the pla
 matmul-softmax-matmul ("math") path, since SDPA's CPU kernel tiles along that long axis; for
 DaViT's windows, BART's encoder and the decoder's one-query steps it depends on the CPU and
 the dtype (on an AVX512 CPU without AMX, SDPA's bf16 kernel took 2-7x the math path's time on
-one-query steps while it was 2x faster on the first stages' windows: docs/benchmarks.md).
+the one-query cross-attention, where on a CPU with AMX SDPA was the faster: docs/benchmarks.md).
 
 `shape_aware` sends heads wider than `WIDE_HEAD` to the math path, and times both kernels on
 the first call of every other shape class (`_math_is_faster`), keeping SDPA unless the math
