@@ -1,5 +1,8 @@
 """Fixtures shared by the test folders: the tiny model, loaded once (placeholder weights: contracts only)."""
 
+import os
+import tempfile
+
 import pytest
 from hypothesis import settings
 
@@ -7,6 +10,12 @@ from hypothesis import settings
 # which a loaded 2-core CI machine trips at random. Tests check results, never speed.
 settings.register_profile("loomlens", deadline=None)
 settings.load_profile("loomlens")
+
+
+def pytest_configure(config):
+    """What loomlens keeps per machine (timed attention kernels) goes to a folder of this test
+    session, inherited by the commands tests run, never to the user's ~/.cache."""
+    os.environ["LOOMLENS_CACHE_DIR"] = tempfile.mkdtemp(prefix="loomlens-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Shape-aware attention: the math path for wide heads, the kernel timed fastest for the rest,
-the same results either way."""
+the same results either way, and the timed choice kept for the machine."""
 
+import json
 import types
 
 import pytest
@@ -12,6 +13,31 @@ from loomlens.infer.attention import MARGIN, NAME, shape_aware
 from loomlens.infer.loading import ready_for_inference
 
 _real_math = attention._math_attention
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test starts as a fresh process on a machine that has timed nothing."""
+    monkeypatch.setenv("LOOMLENS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(attention, "_ON_MATH", {})
+    return tmp_path / "cache" / attention.CACHE_FILE
+
+
+def _fake_kernels(monkeypatch, sdpa_cost: float, math_cost: float) -> list[str]:
+    """Each kernel advances a fake clock by its cost and logs its name in the returned list."""
+    clock, calls = types.SimpleNamespace(now=0.0), []
+
+    def kernel(name, cost):
+        def run(module, query, *args, **kwargs):
+            clock.now += cost
+            calls.append(name)
+            return query.transpose(1, 2), None
+        return run
+
+    monkeypatch.setattr(attention.time, "perf_counter", lambda: clock.now)
+    monkeypatch.setattr(attention, "sdpa_attention_forward", kernel("sdpa", sdpa_cost))
+    monkeypatch.setattr(attention, "_math_attention", kernel("math", math_cost))
+    return calls
 
 
 def _module() -> torch.nn.Module:
@@ -46,22 +72,10 @@ def test_each_path_computes_attention(head_dim, math_timed_faster, path, monkeyp
     (1.0, 2.0, False),
 ])
 def test_the_faster_kernel_is_timed_once_per_shape_class(sdpa_cost, math_cost, on_math, monkeypatch):
-    """Each kernel advances a fake clock by its cost; the first call of a shape class times
-    both, later calls of the class (keys within the same power of two, any batch size) reuse
-    the choice, so an image's answer does not depend on what it was batched with."""
-    clock, calls = types.SimpleNamespace(now=0.0), []
-
-    def kernel(name, cost):
-        def run(module, query, *args, **kwargs):
-            clock.now += cost
-            calls.append(name)
-            return query.transpose(1, 2), None
-        return run
-
-    monkeypatch.setattr(attention, "_ON_MATH", {})
-    monkeypatch.setattr(attention.time, "perf_counter", lambda: clock.now)
-    monkeypatch.setattr(attention, "sdpa_attention_forward", kernel("sdpa", sdpa_cost))
-    monkeypatch.setattr(attention, "_math_attention", kernel("math", math_cost))
+    """The first call of a shape class times both kernels; later calls of the class (keys
+    within the same power of two, any batch size) reuse the choice, so an image's answer does
+    not depend on what it was batched with."""
+    calls = _fake_kernels(monkeypatch, sdpa_cost, math_cost)
     q = torch.zeros(16, 4, 1, 48)
     shape_aware(_module(), q, torch.zeros(16, 4, 70, 48), torch.zeros(16, 4, 70, 48))
     assert calls == ["sdpa"] * 4 + ["math"] * 4 + ["math" if on_math else "sdpa"]
@@ -74,6 +88,45 @@ def test_the_faster_kernel_is_timed_once_per_shape_class(sdpa_cost, math_cost, o
     assert len(attention._ON_MATH) == 1
     shape_aware(_module(), q, torch.zeros(16, 4, 200, 48), torch.zeros(16, 4, 200, 48))
     assert len(attention._ON_MATH) == 2  # another class: timed anew
+
+
+def _one_call(calls: list[str]) -> list[str]:
+    """The kernels one window-shaped call ran (timing included), the log cleared after."""
+    shape_aware(_module(), *(torch.zeros(8, 2, 64, 16) for _ in range(3)))
+    ran = list(calls)
+    calls.clear()
+    return ran
+
+
+def test_the_choice_is_kept_for_the_next_process_on_the_machine(own_cache, monkeypatch):
+    calls = _fake_kernels(monkeypatch, 3.0, 1.0)  # the math path 3x faster: past the margin
+    assert _one_call(calls) == ["sdpa"] * 4 + ["math"] * 5
+    kept = json.loads(own_cache.read_text())
+    assert list(kept) == [attention.machine_signature()]
+    assert [timing["math"] for timing in kept[attention.machine_signature()].values()] == [True]
+    monkeypatch.setattr(attention, "_ON_MATH", {})  # a new process: nothing timed in memory
+    calls = _fake_kernels(monkeypatch, 1.0, 3.0)  # today SDPA would time faster: the kept choice holds
+    assert _one_call(calls) == ["math"]
+
+
+def test_another_machine_or_a_damaged_cache_times_anew(own_cache, monkeypatch):
+    own_cache.parent.mkdir(parents=True)
+    own_cache.write_text(json.dumps({"another CPU | torch 0 | 64 threads": {"x": {"math": True}}}))
+    calls = _fake_kernels(monkeypatch, 1.0, 1.0)  # a tie: timed, and SDPA kept
+    assert _one_call(calls) == ["sdpa"] * 4 + ["math"] * 4 + ["sdpa"]
+    assert len(json.loads(own_cache.read_text())) == 2  # the other machine's choices stay
+    own_cache.write_text("{not json")
+    monkeypatch.setattr(attention, "_ON_MATH", {})
+    assert _one_call(calls) == ["sdpa"] * 4 + ["math"] * 4 + ["sdpa"]
+    assert attention.machine_signature() in json.loads(own_cache.read_text())  # rewritten whole
+
+
+def test_a_cache_folder_that_cannot_be_written_still_chooses(tmp_path, monkeypatch):
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setenv("LOOMLENS_CACHE_DIR", str(tmp_path / "a file"))  # no folder can be made there
+    calls = _fake_kernels(monkeypatch, 3.0, 1.0)
+    assert _one_call(calls) == ["sdpa"] * 4 + ["math"] * 5
+    assert _one_call(calls) == ["math"]  # remembered for the process all the same
 
 
 @torch.no_grad()

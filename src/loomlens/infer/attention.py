@@ -11,7 +11,10 @@ the one-query cross-attention, where on a CPU with AMX SDPA was the faster: docs
 
 `shape_aware` sends heads wider than `WIDE_HEAD` to the math path, and times both kernels on
 the first call of every other shape class (`_math_is_faster`), keeping SDPA unless the math
-path wins by `MARGIN`. It is registered with transformers' `AttentionInterface`, so the native
+path wins by `MARGIN`. The choice is kept for the machine (`CACHE_FILE` under
+`model.runtime.cache_dir()`, per `machine_signature()`), so later processes reuse it instead of
+timing anew: in bf16 the two kernels round differently, and a shape whose timings sit near the
+margin would otherwise take one kernel in one run and the other in the next, and move answers. It is registered with transformers' `AttentionInterface`, so the native
 Florence-2 classes call it, and with its `AttentionMaskInterface` as SDPA's masks: transformers
 builds no mask at all for an attention name it has no mask function for, and a batch whose
 prompts pad differently then attended to its padding.
@@ -21,6 +24,7 @@ where SDPA's bf16 backward on the windows is slow.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -29,6 +33,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from loomlens.data.atomic import atomic_write
+from loomlens.model.runtime import cache_dir, machine_signature
+
 __all__ = ["NAME", "WIDE_HEAD", "shape_aware", "use_shape_aware_attention"]
 
 #: The name the kernel is registered under (`model.config._attn_implementation`).
@@ -36,11 +43,13 @@ NAME = "loomlens_shape_aware"
 #: Head dims above this take the math path: DaViT's channel attention in every Florence-2 size.
 WIDE_HEAD = 128
 #: A shape class takes the math path only when it ran at least this many times faster than
-#: SDPA on its first call: in bf16 the two round differently and can change an answer, so a
-#: near tie stays on SDPA rather than flip with the machine's load from one run to the next
-#: (timings of one shape moved by 1.25-1.52x between processes: docs/benchmarks.md).
+#: SDPA when it was timed: a near tie stays on transformers' own kernel (a lower margin, which
+#: moved more shapes to the math path on an AMD EPYC, made prediction no faster there:
+#: docs/benchmarks.md).
 MARGIN = 2.5
-#: Shape class (`_shape_class`) -> whether it runs on the math path, timed once per process.
+#: The file in `cache_dir()` that keeps each machine's timed choices between processes.
+CACHE_FILE = "attention.json"
+#: Shape class (`_shape_class`) -> whether it runs on the math path, for this process.
 _ON_MATH: dict[tuple, bool] = {}
 
 
@@ -77,14 +86,49 @@ def _seconds(kernel, *args, **kwargs) -> float:
     return best
 
 
+def _stored() -> dict:
+    """The cache file's content, {signature: {shape key: timing}}; {} when it is missing or
+    unreadable (a damaged file is then simply rewritten)."""
+    try:
+        stored = json.loads((cache_dir() / CACHE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _cached_choice(key: str) -> bool | None:
+    """The choice an earlier process on this machine made for the shape `key`, if any."""
+    timing = _stored().get(machine_signature())
+    timing = timing.get(key) if isinstance(timing, dict) else None
+    return timing["math"] if isinstance(timing, dict) and isinstance(timing.get("math"), bool) else None
+
+
+def _keep(key: str, sdpa: float, plain: float, on_math: bool) -> None:
+    """Add one timed choice to the cache file (read, merge, replaced atomically). A folder that
+    cannot be written leaves the choice to this process alone."""
+    stored = _stored()
+    mine = stored.get(machine_signature())
+    stored[machine_signature()] = {**(mine if isinstance(mine, dict) else {}),
+                                   key: {"math": on_math, "sdpa_s": sdpa, "math_s": plain}}
+    try:
+        atomic_write(cache_dir() / CACHE_FILE, json.dumps(stored, indent=1, sort_keys=True), durable=False)
+    except OSError:
+        pass
+
+
 def _math_is_faster(module, query, key, value, attention_mask, kwargs) -> bool:
-    """Whether this call's shape class runs on the math path: timed on the first such call's
-    own tensors, both kernels, then remembered for the process."""
+    """Whether this call's shape class runs on the math path: as an earlier process on this
+    machine chose, else timed on this call's own tensors (both kernels) and kept."""
     shape = _shape_class(query, key, attention_mask)
     if shape not in _ON_MATH:
-        sdpa = _seconds(sdpa_attention_forward, module, query, key, value, attention_mask, **kwargs)
-        plain = _seconds(_math_attention, module, query, key, value, attention_mask, **kwargs)
-        _ON_MATH[shape] = sdpa >= MARGIN * plain
+        name = "|".join(str(part) for part in shape)
+        on_math = _cached_choice(name)
+        if on_math is None:
+            sdpa = _seconds(sdpa_attention_forward, module, query, key, value, attention_mask, **kwargs)
+            plain = _seconds(_math_attention, module, query, key, value, attention_mask, **kwargs)
+            on_math = sdpa >= MARGIN * plain
+            _keep(name, sdpa, plain, on_math)
+        _ON_MATH[shape] = on_math
     return _ON_MATH[shape]
 
 

@@ -1,5 +1,6 @@
 """The machine a model runs on: the one device rule of every command (`resolve_device`), how
-the process hands memory to torch on a CPU, and whether the CPU computes bf16 natively.
+the process hands memory to torch on a CPU, whether the CPU computes bf16 natively, and where
+choices measured on this machine are kept between processes (`cache_dir`, `machine_signature`).
 
 glibc's malloc serves each large tensor (above its mmap threshold, or from a heap top it
 trims) with fresh pages from the kernel, and every page faults on first touch. A training
@@ -12,9 +13,12 @@ docs/training.md). The cost: the process keeps its peak memory until it exits.
 from __future__ import annotations
 
 import ctypes
+import os
+import platform
 import sys
+from pathlib import Path
 
-__all__ = ["cpu_has_bf16", "keep_freed_memory", "resolve_device"]
+__all__ = ["cache_dir", "cpu_has_bf16", "keep_freed_memory", "machine_signature", "resolve_device"]
 
 #: mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -45,6 +49,35 @@ def cpu_has_bf16() -> bool:
 
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch API: probe
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def cache_dir() -> Path:
+    """The folder for what loomlens measures once per machine: `$LOOMLENS_CACHE_DIR`, else
+    `$XDG_CACHE_HOME/loomlens`, else `~/.cache/loomlens`. Not created here."""
+    if os.environ.get("LOOMLENS_CACHE_DIR"):
+        return Path(os.environ["LOOMLENS_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loomlens"
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_signature() -> str:
+    """What a timing measured on this machine depends on: the CPU model, torch's version and
+    its thread count. A cached timing is reused only under the same signature (a home folder
+    shared between machines, an upgraded torch or another `--threads` time anew)."""
+    import torch
+
+    return f"{_cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
 def resolve_device(name: str = "auto"):
