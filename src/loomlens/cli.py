@@ -225,7 +225,7 @@ def synth_command(
 def serve(
     model: str | None = typer.Option(
         None, help="Base model: tiny or tiny-hr (embedded), base, large, a hub id or a folder (default: the adapter's base, else tiny)."),
-    adapter: str | None = typer.Option(None, help="A training run folder (or adapter folder) to attach."),
+    adapter: str | None = typer.Option(None, "--adapter", "--run", help="A training run folder (or adapter folder) to attach."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the server to the network."),
     port: int = typer.Option(7860, help="TCP port."),
     api_key: str | None = typer.Option(
@@ -562,7 +562,7 @@ def demo_command(
 @app.command("eval")
 def eval_command(
     data: Path = typer.Option(..., help="Folder written by `loomlens convert`, or one of its .jsonl splits."),
-    run: Path | None = typer.Option(None, help="Training run folder: its adapter, base model and classes."),
+    run: Path | None = typer.Option(None, "--run", "--adapter", help="Training run folder: its adapter, base model and classes."),
     checkpoint: str = typer.Option("best", help="best, last, or the path of an adapter folder."),
     model: str | None = typer.Option(None, help="Base model; without --run, evaluates the bare model."),
     split: str = typer.Option("val", help="Split to evaluate: val or test."),
@@ -626,7 +626,7 @@ def predict_command(
     inputs: list[str] = typer.Argument(..., help="Image files, folders, glob patterns or video files."),
     out: Path = typer.Option(Path("runs/predict"), help="Folder for predictions.jsonl and drawn images."),
     model: str | None = typer.Option(None, help="Base model (default: the adapter's base, else tiny)."),
-    adapter: Path | None = typer.Option(None, help="Training run folder or adapter folder."),
+    adapter: Path | None = typer.Option(None, "--adapter", "--run", help="Training run folder or adapter folder."),
     checkpoint: str = typer.Option("best", help="best or last (with a run folder)."),
     task: str = typer.Option("od", help="od, caption, phrase_grounding, ocr, ... (see the docs)."),
     text: str | None = typer.Option(None, help="Phrase or region (x1,y1,x2,y2 pixels) for tasks that need one."),
@@ -742,7 +742,7 @@ def _weights(text: str | None) -> dict[str, float] | None:
 @app.command("select")
 def select_command(
     inputs: list[str] = typer.Argument(..., help="Unlabelled frames: image files, folders, glob patterns or videos."),
-    adapter: Path | None = typer.Option(None, help="The training run (or adapter folder) whose doubts rank the frames."),
+    adapter: Path | None = typer.Option(None, "--adapter", "--run", help="The training run (or adapter folder) whose doubts rank the frames."),
     n: int = typer.Option(20, "--n", min=1, help="How many frames to choose for labelling."),
     out: Path = typer.Option(Path("runs/select"), help="Folder for ranking.csv and the chosen frames with their "
                              "pre-annotations (images/, annotations/: LabelImg's Pascal VOC)."),
@@ -843,7 +843,7 @@ def _run_until_stopped(watcher: Watcher, alerts: Alerter, store: EventStore) -> 
 def watch_command(
     sources: list[str] = typer.Argument(..., help="Video files, folders where frames land, rtsp:// or http:// "
                                         "(MJPEG) stream URLs, or camera indexes (0, 1, ...)."),
-    adapter: Path | None = typer.Option(None, help="Training run folder or adapter folder."),
+    adapter: Path | None = typer.Option(None, "--adapter", "--run", help="Training run folder or adapter folder."),
     db: str = typer.Option("runs/watch/events.db", help="Events database: a SQLite file (WAL mode) or a "
                            "SQLAlchemy URL (postgresql+psycopg://user:pass@host/db) that several watchers share."),
     media: Path | None = typer.Option(None, help="Folder for each event's frame and crop JPEGs (default: "

@@ -79,3 +79,23 @@ def test_sigterm_stops_predict_as_ctrl_c_does_and_the_same_command_goes_on(tmp_p
     again = CliRunner().invoke(app, command)
     assert again.exit_code == 0 and "2 images/frames it predicted were kept" in again.output, again.output
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
+
+
+def test_every_command_that_takes_a_run_takes_it_as_run_or_adapter(tmp_path):
+    """`eval --run R` and `predict --adapter R` name the same thing: either spelling works on
+    each command, and reaches the run's own check (a folder with no adapter)."""
+    Image.new("RGB", (96, 64)).save(tmp_path / "im.png")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "val.jsonl").write_text('{"prefix": "<OD>", "suffix": "", "image": "../im.png"}\n')
+    commands = {
+        "predict": ["predict", str(tmp_path / "im.png"), "--out", str(tmp_path / "out")],
+        "eval": ["eval", "--data", str(tmp_path / "data")],
+        "select": ["select", str(tmp_path / "im.png"), "--out", str(tmp_path / "sel")],
+        "serve": ["serve", "--no-page"],
+        "watch": ["watch", str(tmp_path)],
+    }
+    for name, command in commands.items():
+        for flag in ("--run", "--adapter"):
+            result = CliRunner().invoke(app, [*command, flag, str(tmp_path / "no-run")])
+            assert result.exit_code != 0 and "No such option" not in result.output, (name, flag, result.output)
+            assert "no adapter at" in result.output, (name, flag, result.output)
