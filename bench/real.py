@@ -70,13 +70,14 @@ def test_frames(data: Path) -> tuple[list[Path], list[list], list[str]]:
     return paths, truth, classes
 
 
-def predicted_boxes(frames: list[Path], out: Path, *source: str) -> list[list]:
-    """`loomlens predict` on `frames` (tiled at 256 px), boxes per frame in `frames` order."""
+def predicted_boxes(frames: list[Path], out: Path, *source: str, tile: int | None = TILE) -> list[list]:
+    """`loomlens predict` on `frames` (tiled at `tile` px; None: as predict decides by
+    default), boxes per frame in `frames` order."""
     from loomlens.data.records import Box
 
     shutil.rmtree(out, ignore_errors=True)
-    loomlens("predict", *map(str, frames), "--out", str(out), "--no-draw", "--tile", "on",
-             "--tile-size", str(TILE), *source)
+    tiling = ["--tile", "on", "--tile-size", str(tile)] if tile else []
+    loomlens("predict", *map(str, frames), "--out", str(out), "--no-draw", *tiling, *source)
     by_source = {}
     for line in (out / "predictions.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -107,15 +108,17 @@ def history(run: Path) -> dict[str, Any]:
             "best_step": best[0], "best_val_map50": best[1]}
 
 
-def train_and_score(data: Path, name: str, budget: float, overrides: list[str], frames, truth, classes) -> dict:
-    """One default-recipe run (plus `overrides`) scored with its best and last adapters."""
-    run = WORK / "runs" / name
+def train_and_score(data: Path, name: str, budget: float, overrides: list[str], frames, truth, classes,
+                    work: Path = WORK, tile: int | None = TILE) -> dict:
+    """One default-recipe run (plus `overrides`) in `work`, scored with its best and last
+    adapters (`predicted_boxes` with `tile`)."""
+    run = work / "runs" / name
     shutil.rmtree(run, ignore_errors=True)
     loomlens("train", "--data", str(data), "--out", str(run), "--time-budget", str(budget), *overrides)
     row: dict[str, Any] = {"name": name, "overrides": overrides, "budget_s": budget, **history(run)}
     for checkpoint in ("best", "last"):
-        found = predicted_boxes(frames, WORK / "predict" / f"{name}-{checkpoint}", "--adapter", str(run),
-                                "--checkpoint", checkpoint)
+        found = predicted_boxes(frames, work / "predict" / f"{name}-{checkpoint}", "--adapter", str(run),
+                                "--checkpoint", checkpoint, tile=tile)
         row[checkpoint] = scores(truth, found, classes)
     return row
 

@@ -117,3 +117,17 @@ def test_ablate_reuses_a_finished_run_resumes_an_unfinished_one_and_redoes_other
     assert ablate.finished(run, data, ablate.settings(10, 5, ablate.VARIANTS["r32"])) is None  # other settings
     row = ablate.summary(run)
     assert (row["best_map50"], row["best_step"], row["last_empty"], row["events"]) == (0.3, 10, 0.25, ["10: rollback"])
+
+
+def test_the_fabric_set_is_a_labelimg_folder_convert_reads_whole(tmp_path):
+    from bench import fabric
+    from loomlens.data.convert import convert
+
+    fabric.write_frames(tmp_path / "src", frames=6, seed=3, size=128)
+    report = convert(tmp_path / "src", tmp_path / "data")
+    assert not report.problems
+    records = sorted((tmp_path / "src" / "annotations").glob("*.xml"))
+    assert len(records) == 6 and len(list((tmp_path / "src" / "images").glob("*.png"))) == 6
+    fabric.write_frames(tmp_path / "again", frames=6, seed=3, size=128)  # same seed, same frames
+    assert [p.read_text() for p in records] == [p.read_text().replace("again", "src")
+                                                for p in sorted((tmp_path / "again" / "annotations").glob("*.xml"))]
