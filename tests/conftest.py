@@ -1,6 +1,7 @@
 """Fixtures shared by the test folders: the tiny model, loaded once (placeholder weights: contracts only)."""
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -16,6 +17,10 @@ def pytest_configure(config):
     """What loomlens keeps per machine (timed attention kernels) goes to a folder of this test
     session, inherited by the commands tests run, never to the user's ~/.cache."""
     os.environ["LOOMLENS_CACHE_DIR"] = tempfile.mkdtemp(prefix="loomlens-cache-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ.pop("LOOMLENS_CACHE_DIR", ""), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

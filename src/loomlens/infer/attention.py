@@ -14,7 +14,9 @@ the first call of every other shape class (`_math_is_faster`), keeping SDPA unle
 path wins by `MARGIN`. The choice is kept for the machine (`CACHE_FILE` under
 `model.runtime.cache_dir()`, per `machine_signature()`), so later processes reuse it instead of
 timing anew: in bf16 the two kernels round differently, and a shape whose timings sit near the
-margin would otherwise take one kernel in one run and the other in the next, and move answers. It is registered with transformers' `AttentionInterface`, so the native
+margin would otherwise take one kernel in one run and the other in the next, and move answers.
+
+`shape_aware` is registered with transformers' `AttentionInterface`, so the native
 Florence-2 classes call it, and with its `AttentionMaskInterface` as SDPA's masks: transformers
 builds no mask at all for an attention name it has no mask function for, and a batch whose
 prompts pad differently then attended to its padding.
@@ -106,10 +108,10 @@ def _cached_choice(key: str) -> bool | None:
 def _keep(key: str, sdpa: float, plain: float, on_math: bool) -> None:
     """Add one timed choice to the cache file (read, merge, replaced atomically). A folder that
     cannot be written leaves the choice to this process alone."""
-    stored = _stored()
-    mine = stored.get(machine_signature())
-    stored[machine_signature()] = {**(mine if isinstance(mine, dict) else {}),
-                                   key: {"math": on_math, "sdpa_s": sdpa, "math_s": plain}}
+    stored, machine = _stored(), machine_signature()
+    mine = stored.get(machine)
+    stored[machine] = {**(mine if isinstance(mine, dict) else {}),
+                       key: {"math": on_math, "sdpa_s": sdpa, "math_s": plain}}
     try:
         atomic_write(cache_dir() / CACHE_FILE, json.dumps(stored, indent=1, sort_keys=True), durable=False)
     except OSError:
