@@ -3,7 +3,7 @@ a user's commands, scored on a fixed test split.
 
     python -m bench.fabric                       # 300 frames, 20 min of training on 2 cores
     python -m bench.fabric --small               # 5 min of training
-    python -m bench.fabric --set weight_decay=0.05 --tag wd    # one variant beside the default
+    python -m bench.fabric --set weight_decay=0.1 --tag wd0.1  # one variant beside the default
 
 Why: the default was chosen on the demo's synthetic loom frames and on AITEX, and it is
 judged on real fabric nobody here has seen. This set stands in for such a set: frames of
