@@ -89,12 +89,12 @@ def check_paths(folder: Path, tmp_path: Path) -> None:
 
 
 def test_shrunk_standin_runs_every_path(tmp_path):
-    check_paths(save_standin(SHARED, tmp_path / "standin", shrink=True), tmp_path)
+    check_paths(save_standin(SHARED, tmp_path / "standin", shape="shrunk"), tmp_path)
 
 
 @pytest.mark.slow
 def test_base_shaped_standin_runs_every_path(tmp_path):
-    folder = save_standin(SHARED, tmp_path / "standin", shrink=False)
+    folder = save_standin(SHARED, tmp_path / "standin", shape="base")
     from loomlens.model import load_model
 
     model, processor = load_model(str(folder))
@@ -107,3 +107,22 @@ def test_base_shaped_standin_runs_every_path(tmp_path):
 def test_missing_shared_files_say_what_and_where(tmp_path):
     with pytest.raises(FileNotFoundError, match="real Florence-2 files are missing.*config.json"):
         save_standin(tmp_path, tmp_path / "out")
+
+
+def test_large_shape_follows_florence2_large_config():
+    """Large's widths and depths on meta tensors (no 3 GB of random weights): 0.77 B parameters,
+    the real large's count, with base's tokenizer, preprocessor and generation settings."""
+    from loomlens.model.standin import build_standin
+
+    with torch.device("meta"):
+        model, processor = build_standin(SHARED, shape="large")
+    assert model.config.vision_config.embed_dim == [256, 512, 1024, 2048]
+    assert (model.config.text_config.d_model, model.config.text_config.encoder_layers) == (1024, 12)
+    assert 0.76e9 < sum(p.numel() for p in model.parameters()) < 0.79e9
+    assert processor.image_processor.size.height == 768 and model.lm_head.weight.shape[0] == 51328
+    assert (model.generation_config.num_beams, model.generation_config.no_repeat_ngram_size) == (3, 3)
+
+
+def test_unknown_shape_is_refused():
+    with pytest.raises(ValueError, match="unknown stand-in shape 'huge'"):
+        save_standin(SHARED, Path("unused"), shape="huge")

@@ -11,10 +11,12 @@ vocabulary 51,289) plus the `<image>` token the native conversion adds; the embe
 the tokenizer's length); the preprocessor (768 px, bicubic, ImageNet mean/std); the generation
 settings (`num_beams 3`, `no_repeat_ngram_size 3`, ...), written to `generation_config.json`
 where a native checkpoint keeps them. The config mapping follows transformers'
-`convert_florence2_original_pytorch_to_hf.py`. With `shrink=True` the widths, depths and the
-image size are tiny (tokenizer and every other setting real), for the default test run.
+`convert_florence2_original_pytorch_to_hf.py`. Three shapes: `shrunk` (tiny widths, depths and
+image size; tokenizer and every other setting real) for the default test run, `base`, and
+`large` (Florence-2-large's config; it shares base's tokenizer and preprocessor) for memory and
+speed on a GPU.
 
-Maintainers: `python -m loomlens.model.standin OUT [--full] [--shared DIR]`.
+Maintainers: `python -m loomlens.model.standin OUT [--shape shrunk|base|large] [--shared DIR]`.
 """
 
 from __future__ import annotations
@@ -23,12 +25,16 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 #: Sub-folders of the shared files (see their PROVENANCE.md).
 ORIGINAL_CONFIG_DIR = "microsoft-Florence-2-base__VinZh22"
 SAVED_FINETUNE_DIR = "florence2-base-ft-finetune-saved__zhanglei-web"
+#: Florence-2-large's config with a user's two edits undone (its PROVENANCE.md).
+LARGE_CONFIG = "microsoft-Florence-2-large-modified__thomas-roth/config.reconstructed-unmodified.json"
+SHAPES = ("shrunk", "base", "large")
 IMAGE_TOKEN = "<image>"
 #: The native conversion pads the vocabulary (after adding `<image>`) to a multiple of this.
 VOCAB_PAD = 64
@@ -58,11 +64,12 @@ def shared_folder(start: Path) -> Path:
     return (start / ".." / "shared" / "florence2").resolve()
 
 
-def _require(folder: Path) -> tuple[Path, Path]:
-    """The two source folders inside `folder`; FileNotFoundError naming what is missing."""
+def _require(folder: Path, *, large: bool = False) -> tuple[Path, Path]:
+    """The two source folders inside `folder` (and large's config when `large`);
+    FileNotFoundError naming what is missing."""
     original, saved = folder / ORIGINAL_CONFIG_DIR, folder / SAVED_FINETUNE_DIR
     needed = [original / "config.json", original / "preprocessor_config.json", saved / "tokenizer.json",
-              saved / "tokenizer_config.json", saved / "generation_config.json"]
+              saved / "tokenizer_config.json", saved / "generation_config.json", *([folder / LARGE_CONFIG] if large else [])]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise FileNotFoundError(
@@ -144,12 +151,13 @@ def real_processor(saved: Path, original: Path, image_size: int | None = None, b
                               post_processor_config=POST_PROCESSOR_CONFIG)
 
 
-def build_standin(folder: Path, *, shrink: bool = True, seed: int = 0):
+def build_standin(folder: Path, *, shape: Literal["shrunk", "base", "large"] = "shrunk", seed: int = 0):
     """Build the stand-in in memory.
 
     Args:
         folder: the shared real-file folder (`shared_folder(repo_root)`).
-        shrink: tiny widths/depths and 128 px images (True) or the full base shape at 768 px.
+        shape: `shrunk` (tiny widths/depths, 128 px images), `base` or `large` (the real
+            shapes, 768 px).
         seed: the random-weight seed.
 
     Returns:
@@ -158,9 +166,11 @@ def build_standin(folder: Path, *, shrink: bool = True, seed: int = 0):
     """
     from transformers import Florence2ForConditionalGeneration
 
-    original_dir, saved_dir = _require(folder)
-    original = json.loads((original_dir / "config.json").read_text())
-    small = Shrink() if shrink else None
+    if shape not in SHAPES:
+        raise ValueError(f"unknown stand-in shape {shape!r}; use one of {', '.join(SHAPES)}")
+    original_dir, saved_dir = _require(folder, large=shape == "large")
+    original = json.loads(((folder / LARGE_CONFIG) if shape == "large" else original_dir / "config.json").read_text())
+    small = Shrink() if shape == "shrunk" else None
     processor = real_processor(saved_dir, original_dir, small.image_size if small else None)
     tokenizer = processor.tokenizer
     torch.manual_seed(seed)
@@ -170,10 +180,11 @@ def build_standin(folder: Path, *, shrink: bool = True, seed: int = 0):
     return model.eval(), processor
 
 
-def save_standin(folder: Path, out: Path, *, shrink: bool = True, seed: int = 0) -> Path:
+def save_standin(folder: Path, out: Path, *, shape: Literal["shrunk", "base", "large"] = "shrunk",
+                 seed: int = 0) -> Path:
     """Build the stand-in (`build_standin`) and save it as a checkpoint folder at `out`
     (config, generation_config, model.safetensors, processor and tokenizer files). Returns `out`."""
-    model, processor = build_standin(folder, shrink=shrink, seed=seed)
+    model, processor = build_standin(folder, shape=shape, seed=seed)
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
@@ -181,14 +192,15 @@ def save_standin(folder: Path, out: Path, *, shrink: bool = True, seed: int = 0)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m loomlens.model.standin OUT [--full] [--shared DIR] [--seed N]`."""
-    parser = argparse.ArgumentParser(description="Save a random-weight stand-in of Florence-2-base.")
+    """`python -m loomlens.model.standin OUT [--shape shrunk|base|large] [--shared DIR] [--seed N]`."""
+    parser = argparse.ArgumentParser(description="Save a random-weight stand-in of Florence-2.")
     parser.add_argument("out", type=Path)
-    parser.add_argument("--full", action="store_true", help="the full base shape at 768 px (default: shrunk)")
+    parser.add_argument("--shape", choices=SHAPES, default="shrunk",
+                        help="shrunk (tiny widths, 128 px; the default), or the real base or large shape at 768 px")
     parser.add_argument("--shared", type=Path, default=shared_folder(Path(__file__).resolve().parents[3]))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    path = save_standin(args.shared, args.out, shrink=not args.full, seed=args.seed)
+    path = save_standin(args.shared, args.out, shape=args.shape, seed=args.seed)
     print(f"stand-in saved to {path}")
 
 
