@@ -46,3 +46,20 @@ def test_training_and_inference_see_the_same_pixels(tiny, backend):
     assert fast_pixels_apply(processor.image_processor) == (backend == "pil")
     # One uint8 step is 1/255/std ~ 0.017: a different resize kernel would show far above this.
     torch.testing.assert_close(inference.float(), training.float(), rtol=0, atol=1e-5)
+
+
+def test_loomlens_loads_the_pil_image_processor_everywhere():
+    """Where torchvision imports, transformers alone picks its torchvision processor (other
+    resize, other pixels); loomlens's loader keeps PIL's on every machine."""
+    from transformers import AutoProcessor
+    from transformers.image_processing_backends import PilBackend
+
+    from loomlens.model import load_model
+    from loomlens.model.loader import load_processor, resolve_model_path
+
+    folder = resolve_model_path("tiny")
+    assert isinstance(load_processor(folder).image_processor, PilBackend)
+    assert isinstance(load_model("tiny")[1].image_processor, PilBackend)
+    plain = AutoProcessor.from_pretrained(folder).image_processor
+    assert isinstance(plain, PilBackend) == (importlib.util.find_spec("torchvision") is None)
+    assert load_processor(folder).tokenizer.init_kwargs.get("backend") != "pil"  # the tokenizer is left alone

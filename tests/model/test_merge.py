@@ -85,7 +85,12 @@ def test_merge_stores_half_precision_by_default_with_every_checkpoint_file(base_
     with safe_open(out / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.float16}
     assert all((out / name).exists() for name in REQUIRED_FILES)
-    assert MIN_TRANSFORMERS in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert MIN_TRANSFORMERS in readme
+    snippet = readme.split("```python\n")[1].split("```")[0]  # what a user pastes loads the folder
+    scope = {"FOLDER": str(out)}
+    exec(snippet, scope)  # noqa: S102 - the README's own code, on the folder just written
+    assert type(scope["processor"].image_processor).__name__ == "CLIPImageProcessorPil"
     bf16 = merge_adapter(tmp_path / "run", tmp_path / "merged-bf16", dtype="bf16")
     assert Florence2ForConditionalGeneration.from_pretrained(bf16).lm_head.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="fp16, bf16, fp32"):

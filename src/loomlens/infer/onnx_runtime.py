@@ -185,9 +185,8 @@ def load_onnx_export(folder: str | Path, *, device: str = "cpu", precision: str 
     the ONNX model, its processor, and what its run said (classes, tasks, tile size, region
     rules). `precision` int8 takes the quantised parts; auto and fp32 the fp32 ones.
     Raises FileNotFoundError for a folder that is no export, ValueError for a bad precision."""
-    from transformers import AutoProcessor
-
     from loomlens.infer.loading import LoadedModel
+    from loomlens.model.loader import load_processor
 
     if precision not in ("auto", "fp32", "int8"):
         raise ValueError(f"the onnx backend runs fp32 or int8 parts (precision auto | fp32 | int8), not {precision!r}")
@@ -195,7 +194,7 @@ def load_onnx_export(folder: str | Path, *, device: str = "cpu", precision: str 
     net = OnnxFlorence(folder, device=device, int8=precision == "int8")
     m = net.manifest
     rules = folder / "regions.yaml"
-    return LoadedModel(net, AutoProcessor.from_pretrained(folder), str(folder), adapter=None,
+    return LoadedModel(net, load_processor(str(folder)), str(folder), adapter=None,
                        run=Path(m["run"]) if m.get("run") else None, classes=list(m.get("classes", [])),
                        trained_tasks=frozenset(m.get("trained_tasks", [])), tile_size=m.get("tile_size"),
                        precision="int8" if precision == "int8" else "fp32", rules=rules if rules.is_file() else None)

@@ -76,6 +76,24 @@ def _is_offline_error(exc: BaseException) -> bool:
     )
 
 
+def load_processor(source: str, **kwargs):
+    """The checkpoint's processor at `source` (a folder or hub id; `kwargs` go to `from_pretrained`)
+    with a PIL-backed image processor, whether or not torchvision is installed.
+
+    transformers picks its torchvision image processor whenever torchvision imports, and that
+    resizes differently from the PIL one: a model trained where torchvision is missing would see
+    other pixels where it is present, and `infer.pixels`'s fast path (a PIL resize) would not
+    apply. PIL everywhere gives every machine the same pixels.
+    """
+    from transformers import AutoImageProcessor, AutoProcessor
+    from transformers.image_processing_backends import PilBackend
+
+    processor = AutoProcessor.from_pretrained(source, **kwargs)
+    if not isinstance(processor.image_processor, PilBackend):
+        processor.image_processor = AutoImageProcessor.from_pretrained(source, backend="pil", **kwargs)
+    return processor
+
+
 def load_model(
     name_or_path: str = "tiny",
     device: str | torch.device = "cpu",
@@ -86,7 +104,7 @@ def load_model(
     The model comes back in eval mode on `device` (fp32 unless `dtype` says otherwise).
     A hub id that cannot be reached raises `ModelLoadError` with the offline fix, not a trace.
     """
-    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+    from transformers import Florence2ForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
     source = resolve_model_path(name_or_path)
@@ -99,7 +117,7 @@ def load_model(
         model = Florence2ForConditionalGeneration.from_pretrained(
             source, dtype=dtype or torch.float32, use_safetensors=True, **kwargs
         )
-        processor = AutoProcessor.from_pretrained(source, **kwargs)
+        processor = load_processor(source, **kwargs)
     except (OSError, ValueError) as exc:
         if not local and _is_offline_error(exc):
             raise ModelLoadError(

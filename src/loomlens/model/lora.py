@@ -298,9 +298,9 @@ def load_quantized_base(name_or_path: str, *, dora: bool = False, local_rank: in
     if missing:
         raise QloraUnavailable(f"QLoRA (4-bit base) needs {' and '.join(missing)}")
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoProcessor, BitsAndBytesConfig, Florence2ForConditionalGeneration
+    from transformers import BitsAndBytesConfig, Florence2ForConditionalGeneration
 
-    from loomlens.model.loader import resolve_model_path
+    from loomlens.model.loader import load_processor, resolve_model_path
 
     source = resolve_model_path(name_or_path)
     quant = BitsAndBytesConfig(
@@ -311,4 +311,4 @@ def load_quantized_base(name_or_path: str, *, dora: bool = False, local_rank: in
         source, quantization_config=quant, device_map=quantized_device_map(local_rank), use_safetensors=True
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model, AutoProcessor.from_pretrained(source)
+    return model, load_processor(source)

@@ -48,9 +48,12 @@ def merged_readme(base: str, dtype: str) -> str:
         f"Base: `{base}`; weights stored in {dtype}. Plain transformers loads it (no loomlens, no peft, no remote code):",
         "",
         "```python",
-        "from transformers import AutoProcessor, Florence2ForConditionalGeneration",
+        "from transformers import AutoImageProcessor, AutoProcessor, Florence2ForConditionalGeneration",
         "model = Florence2ForConditionalGeneration.from_pretrained(FOLDER)",
         "processor = AutoProcessor.from_pretrained(FOLDER)",
+        "# loomlens resizes with PIL; where torchvision is installed, transformers would pick its",
+        "# torchvision image processor, which resizes differently. Keep PIL's:",
+        "processor.image_processor = AutoImageProcessor.from_pretrained(FOLDER, backend=\"pil\")",
         "```",
         "",
         f"The native Florence-2 classes first shipped in transformers {MIN_TRANSFORMERS}. This folder was written by "
