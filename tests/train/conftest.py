@@ -104,6 +104,9 @@ def make_config(small_data, small_model_dir, tmp_path):
             "progress": False, "tensorboard": False, "lora": {"r": 4, "dropout": 0.1},
             # exact fp32 maths, whatever the CPU: `auto` is bf16 where it has bf16 instructions
             "precision": "fp32",
+            # the recipe on a CPU on every machine (`auto` takes CUDA where there is one); CUDA runs
+            # are the gpu-marked tests' and bench.gpu_first_contact's
+            "device": "cpu",
         }
         return load_config(TrainConfig, base=base, overrides=settings)
 

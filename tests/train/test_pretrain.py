@@ -151,7 +151,7 @@ def test_finished_pretraining_exports_a_plain_transformers_model(tmp_path) -> No
 
     from loomlens.train.pretrain import finish_pretraining
 
-    cfg = PretrainConfig(out=str(tmp_path / "work"), steps=1, batch_size=2, eval_images=2,
+    cfg = PretrainConfig(out=str(tmp_path / "work"), steps=1, batch_size=2, eval_images=2, device="cpu",
                          shape={**TinyShape().__dict__, "vision_dims": [16, 32, 64], "vision_heads": [1, 2, 4],
                                 "vision_depths": [1, 1, 1], "d_model": 64, "ffn_dim": 128})
     result = pretrain(cfg, log=lambda *_: None)
