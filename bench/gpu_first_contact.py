@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         args.frames or (4 if args.small else 64)
     device, bf16 = ("cuda", True) if cuda else ("cpu", False)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_standin(args.shared or shared_folder(ROOT), Path(tmp) / "standin", shrink=args.small)
+        folder = save_standin(args.shared or shared_folder(ROOT), Path(tmp) / "standin", shape="shrunk" if args.small else "base")
         paths = frames(Path(tmp) / "frames", max(count, batch))
         ours = loomlens_training(folder, paths, steps, batch, device, bf16)
         gc.collect()
