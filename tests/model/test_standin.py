@@ -86,6 +86,34 @@ def check_paths(folder: Path, tmp_path: Path) -> None:
     assert [b.label for b in again] == [b.label for b in kept]
     for a, b in zip(again, kept):
         assert max(abs(a.x1 - b.x1), abs(a.y1 - b.y1), abs(a.x2 - b.x2), abs(a.y2 - b.y2)) <= 2 * 300 / 1000
+    check_predict_and_serve(run, frame, tmp_path)
+
+
+def check_predict_and_serve(run: Path, frame: Image.Image, tmp_path: Path) -> None:
+    """`loomlens predict` and the HTTP API on the trained run: the run's classes, the same answer."""
+    import json
+
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from loomlens.cli import app
+    from loomlens.predict import Predictor
+    from loomlens.serve.app import ServeSettings, create_app
+
+    frame.save(tmp_path / "frame.jpg")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "frame.jpg"), "--run", str(run), "--out",
+                                      str(tmp_path / "predicted"), "--max-boxes", "3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    (row,) = [json.loads(line) for line in (tmp_path / "predicted" / "predictions.jsonl").read_text().splitlines()]
+    assert all(b["label"] in CLASSES for b in row["boxes"])
+    predictor = Predictor(adapter=run, max_boxes=3, batch_size=1, text_tokens=16)
+    with TestClient(create_app(predictor, ServeSettings(page=False))) as client:
+        answer = client.post("/v1/predict", files={"image": ("frame.jpg", (tmp_path / "frame.jpg").read_bytes())})
+    assert answer.status_code == 200, answer.text
+    served = answer.json()
+    assert (served["task"], served["width"], served["height"]) == ("od", *frame.size)
+    # Random weights may answer nothing; whatever they answer, both paths answer the same.
+    assert [d["label"] for d in served["detections"]] == [b["label"] for b in row["boxes"]]
 
 
 def test_shrunk_standin_runs_every_path(tmp_path):
