@@ -391,10 +391,13 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]
 
 
 #: Settings a resumed run may change: they decide how long it runs, how often it looks and where,
-#: never what one step computes (anything else breaks exact resume and is refused).
+#: or in how many passes a step is computed, never what it computes (the micro-batch and
+#: checkpointing give the same gradient up to rounding, so a run that ran out of memory can go on
+#: with less); anything else breaks exact resume and is refused.
 RESUMABLE = frozenset({
     "time_budget", "max_steps", "epochs", "eval_every", "save_every", "eval_max_images", "eval_batch_size",
     "val_loss_max_samples", "early_stopping", "progress", "tensorboard", "device", "speed.num_workers", "out",
+    "speed.micro_batch", "speed.gradient_checkpointing",
 })
 
 
@@ -405,8 +408,10 @@ def changed_settings(before: BaseModel, after: BaseModel) -> dict[str, tuple[Any
 
 
 def dump_config(config: BaseModel, path: Path) -> None:
-    """Write `config`, resolved, as YAML."""
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    """Write `config`, resolved, as YAML; atomically, so a run's config.yaml is never half written."""
+    from loomlens.data.atomic import atomic_write
+
+    atomic_write(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 class DemoConfig(BaseModel):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["MicroBatch", "enable_gradient_checkpointing", "find_micro_batch"]
+__all__ = ["MicroBatch", "enable_gradient_checkpointing", "find_micro_batch", "smaller_micro_batch"]
 
 _MARK = "_loomlens_checkpointed"
 
@@ -94,9 +94,10 @@ class MicroBatch:
     accumulation: int
 
 
-def _divisors_down(n: int) -> list[int]:
-    """Divisors of `n`, largest first."""
-    return [d for d in range(n, 0, -1) if n % d == 0]
+def smaller_micro_batch(size: int, batch_size: int) -> int | None:
+    """The next micro-batch to try after `size` samples ran out of memory: the largest divisor
+    of `batch_size` at most half of `size`, or None when `size` is already one sample."""
+    return next((d for d in range(size // 2, 0, -1) if batch_size % d == 0), None)
 
 
 def find_micro_batch(step: Callable[[int], None], requested: int, device: str | torch.device) -> MicroBatch:
@@ -126,10 +127,10 @@ def find_micro_batch(step: Callable[[int], None], requested: int, device: str | 
             return MicroBatch(size, requested // size)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            smaller = [d for d in _divisors_down(requested) if d <= size // 2]
-            if not smaller:
+            smaller = smaller_micro_batch(size, requested)
+            if smaller is None:
                 raise RuntimeError(
                     f"one sample does not fit in the memory of {device}: lower the image size or the LoRA rank, "
                     "turn on gradient checkpointing, or use a larger GPU"
                 ) from None
-            size = smaller[0]
+            size = smaller

@@ -3,13 +3,17 @@
 `speed.micro_batch` changes only how many samples one pass takes: the batch plan, the step count
 and the learning-rate schedule stay those of `batch_size` (the loss is divided by the whole
 step's token count, so the gradient is the same up to rounding). `auto` probes on CUDA with the
-most demanding samples (`model.memory.find_micro_batch`); a CPU takes whole batches.
+most demanding samples (`model.memory.find_micro_batch`); a CPU takes whole batches. A pass that
+still runs out of memory later (fragmentation, another process on the card) halves the size for
+the rest of the run (`cut_pieces`, `model.memory.smaller_micro_batch`; the loop's `forward_backward`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+import torch
 
 from loomlens.config import TrainConfig, load_config
 from loomlens.data.dataset import FlorenceDataset
@@ -32,6 +36,21 @@ def split_batch(idx: list[int], size: int) -> list[list[int]]:
         The pieces; together they hold `idx` exactly once.
     """
     return [idx[i : i + size] for i in range(0, len(idx), size)]
+
+
+def cut_pieces(micro: list[dict[str, torch.Tensor]], size: int) -> list[dict[str, torch.Tensor]]:
+    """Collated micro-batches cut, in order, into pieces of at most `size` samples.
+
+    Args:
+        micro: collated batches (`data.dataset.Collator`): every value has the sample on its first axis.
+        size: samples per piece.
+
+    Returns:
+        The same samples in the same order. A batch no larger than `size` comes back as it is;
+        a larger one's pieces keep its padding, which carries no loss and no attention.
+    """
+    return [batch if len(batch["labels"]) <= size else {k: v[i : i + size] for k, v in batch.items()}
+            for batch in micro for i in range(0, len(batch["labels"]), size)]
 
 
 def settle_micro_batch(s: Session, *, resume: bool) -> TrainConfig:

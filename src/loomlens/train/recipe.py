@@ -49,7 +49,7 @@ from loomlens.data.dataset import (
 from loomlens.data.sampling import Balance
 from loomlens.model.folded_lora import fold_lora
 from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, trainable_by_tower
-from loomlens.model.memory import enable_gradient_checkpointing
+from loomlens.model.memory import enable_gradient_checkpointing, smaller_micro_batch
 from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory, resolve_device
 from loomlens.model.vision import split_image_path, stage_count, stage_of
 from loomlens.run import CROP, DATA_SUMMARY, Run
@@ -66,7 +66,9 @@ from loomlens.train.checkpoint import (
 from loomlens.train.curves import MetricsLog, plot_run
 from loomlens.train.guard import Evaluation, Guard
 from loomlens.train.loss import LossSpec, batch_loss, with_image_embeds
-from loomlens.train.micro_batch import recorded_micro_batch, settle_micro_batch, split_batch, with_micro_batch
+from loomlens.train.micro_batch import (
+    cut_pieces, recorded_micro_batch, settle_micro_batch, split_batch, with_micro_batch,
+)
 from loomlens.train.schedule import lr_factor, plan_steps, warmup_steps
 
 #: Batches timed (after one untimed pass over them) to plan a time-budgeted run, and the fewest
@@ -448,9 +450,42 @@ def window_batches(s: Session, windows: list[list[list[int]]]) -> Iterator[list[
 
 
 def forward_backward(s: Session, micro: list[dict[str, torch.Tensor]]) -> float:
-    """Accumulate the gradients of one window; return its mean loss per token. The loss is
-    summed over the window's tokens on every process and divided by their global count, so
-    accumulation and DDP average per token."""
+    """Accumulate the gradients of one window; return its mean loss per token. A pass that runs
+    CUDA out of memory halves the micro-batch (`shrink_micro_batch`) and the window is made
+    again in smaller pieces: the same samples, so the same step."""
+    while True:
+        try:
+            return window_loss(s, cut_pieces(micro, s.micro_batch))
+        except torch.cuda.OutOfMemoryError:
+            pass  # out of the handler first: its traceback holds the failed pass's tensors
+        shrink_micro_batch(s)
+
+
+def shrink_micro_batch(s: Session) -> None:
+    """After CUDA ran out of memory mid-window: clear the window's gradients, free the cached
+    memory, and take the next smaller micro-batch from here on, recorded in `s.cfg`, the run's
+    config.yaml (a resume takes it) and metrics.csv. RuntimeError, saying what to change, when
+    one sample a pass already ran out, or with several processes (their passes stay in step)."""
+    size, world = s.micro_batch, s.accelerator.num_processes
+    smaller = smaller_micro_batch(size, s.cfg.batch_size)
+    if smaller is None or world > 1:
+        raise RuntimeError(
+            f"CUDA ran out of memory at step {s.state.step + 1} with {size} sample(s) a pass"
+            f"{f' on one of {world} processes' if world > 1 else ''}; the last save is in {s.last_dir}. "
+            f"Resume with `loomlens train --resume {s.run_dir}` and speed.micro_batch={smaller or 1} or "
+            "speed.gradient_checkpointing=both (a lower image size or LoRA rank needs a new run)")
+    s.optimizer.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    s.cfg = with_micro_batch(s.cfg, smaller)
+    if s.accelerator.is_main_process:
+        dump_config(s.cfg, s.run_dir / "config.yaml")
+    event(s, f"CUDA out of memory with {size} samples a pass: micro-batch {smaller} from here, the step unchanged")
+
+
+def window_loss(s: Session, micro: list[dict[str, torch.Tensor]]) -> float:
+    """Accumulate the gradients of one window's micro-batches; return its mean loss per token.
+    The loss is summed over the window's tokens on every process and divided by their global
+    count, so accumulation and DDP average per token."""
     accelerator, world = s.accelerator, s.accelerator.num_processes
     count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
     tokens = accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum")
