@@ -9,6 +9,7 @@ docs/benchmarks.md through each benchmark's `tables(result)`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -458,12 +459,30 @@ def common_flags(parser, name: str) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / f"{name}.json", help="JSON result")
 
 
-def publish(name: str, result: dict, out, argv, tables) -> int:
+def parse_gpu_flags(parser, name: str, argv, *, rehearsal: str) -> tuple[argparse.Namespace, bool]:
+    """Parse a GPU benchmark's flags: its own, `--small` (a CPU rehearsal, described by
+    `rehearsal`) and `common_flags`; set the threads. Returns `(args, cuda)`; exits with the
+    reason when the full run finds no CUDA GPU."""
+    parser.add_argument("--small", action="store_true", help=f"CPU rehearsal: {rehearsal}")
+    common_flags(parser, name)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.small:
+        parser.error("the full run needs a CUDA GPU; rehearse it on a CPU with --small")
+    return args, cuda
+
+
+def publish(name: str, result: dict, out, argv, tables, *, markdown_beside: bool = False) -> int:
     """Write `result` as bench `name`'s JSON, then print the machine and `tables(result)` as
-    read back from that file (so what is shown is what was saved); returns exit code 0."""
+    read back from that file (so what is shown is what was saved); returns exit code 0.
+    `markdown_beside` also writes the tables as markdown next to the JSON (`NAME.md`: what a
+    run on another machine brings back for the docs)."""
     path = write_result(name, result, out, command_line(f"bench.{name}", argv))
     result = json.loads(path.read_text())
     print(describe(result["machine"]))
     show(tables(result))
-    print(f"wrote {path}")
+    if markdown_beside:
+        path.with_suffix(".md").write_text(markdown(tables(result)))
+    print(f"wrote {path}" + (f" and {path.with_suffix('.md')}" if markdown_beside else ""))
     return 0

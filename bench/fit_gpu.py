@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bench.common import ROOT, Table, command_line, common_flags, fmt, markdown, set_threads, show, write_result
+from bench.common import ROOT, Table, fmt, parse_gpu_flags, publish
 
 
 def _cap(gib: float) -> float:
@@ -76,16 +76,10 @@ def tables(result: dict) -> list[Table]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="CPU rehearsal: shrunk stand-in, 2 steps")
     parser.add_argument("--shape", choices=["base", "large"], default="large")
     parser.add_argument("--gib", type=float, default=24.0, help="the card size to emulate (GiB)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 12; 2 with --small)")
-    common_flags(parser, "fit_gpu")
-    args = parser.parse_args(argv)
-    set_threads(args.threads)
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.small:
-        parser.error("the full run needs a CUDA GPU; rehearse it on a CPU with --small")
+    args, cuda = parse_gpu_flags(parser, "fit_gpu", argv, rehearsal="shrunk stand-in, 2 steps")
     from loomlens.model.standin import save_standin, shared_folder
 
     shape, steps, device = ("shrunk", args.steps or 2, "cpu") if args.small else (args.shape, args.steps or 12, "cuda")
@@ -103,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"run": run, "peak_allocated_gib": peak[0], "peak_reserved_gib": peak[1], "settings": {
         "shape": shape, "image_size": size, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "card_gib": card, "cap_gib": args.gib if cuda else 0.0, "steps": steps}}
-    path = write_result("fit_gpu", result, args.out, command_line("bench.fit_gpu", argv))
-    path.with_suffix(".md").write_text(markdown(tables(result)))
-    show(tables(result))
-    print(f"wrote {path} and {path.with_suffix('.md')}")
-    return 0
+    return publish("fit_gpu", result, args.out, argv, tables, markdown_beside=True)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import (
-    ROOT, Table, command_line, common_flags, fmt, markdown, peak_memory_mb, ratio, set_threads, show, write_result,
-)
+from bench.common import ROOT, Table, fmt, parse_gpu_flags, peak_memory_mb, publish, ratio
 
 ANSWER = "broken-weft<loc_100><loc_200><loc_300><loc_400>drop<loc_500><loc_510><loc_640><loc_700>"
 FRAME_SIZE = (768, 432)
@@ -174,17 +172,11 @@ def tables(result: dict) -> list[Table]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="CPU rehearsal: shrunk stand-in, a few steps")
     parser.add_argument("--steps", type=int, default=None, help="timed loomlens steps (default 50; 3 with --small)")
     parser.add_argument("--batch", type=int, default=None, help="loomlens batch (default 8; 2 with --small)")
     parser.add_argument("--frames", type=int, default=None, help="frames to predict (default 64; 4 with --small)")
     parser.add_argument("--shared", type=Path, default=None, help="the real Florence-2 files (default ../shared/florence2)")
-    common_flags(parser, "gpu_first_contact")
-    args = parser.parse_args(argv)
-    set_threads(args.threads)
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.small:
-        parser.error("the full run needs a CUDA GPU; rehearse it on a CPU with --small")
+    args, cuda = parse_gpu_flags(parser, "gpu_first_contact", argv, rehearsal="shrunk stand-in, a few steps")
     from loomlens.model.standin import save_standin, shared_folder
 
     steps, batch, count = args.steps or (3 if args.small else 50), args.batch or (2 if args.small else 8), \
@@ -205,11 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"loomlens": ours, "seed": seed, "settings": {
         "shape": "shrunk" if args.small else "base", "image_size": size, "device": device, "bf16": bf16,
         "steps": steps, "batch": batch, "frames": count, "seed_samples": seed_samples, "seed_frames": seed_frames}}
-    path = write_result("gpu_first_contact", result, args.out, command_line("bench.gpu_first_contact", argv))
-    path.with_suffix(".md").write_text(markdown(tables(result)))
-    show(tables(result))
-    print(f"wrote {path} and {path.with_suffix('.md')}")
-    return 0
+    return publish("gpu_first_contact", result, args.out, argv, tables, markdown_beside=True)
 
 
 if __name__ == "__main__":
