@@ -16,6 +16,12 @@ def test_frame_score_is_best_box_or_zero() -> None:
     assert frame_score([Box("drop", 0, 0, 1, 1)]) == 1.0  # unscored boxes count as certain
 
 
+def test_the_models_answer_probability_scores_the_frame_when_measured() -> None:
+    assert frame_score([Box("drop", 0, 0, 1, 1, 0.2)], 0.93) == 0.93
+    assert frame_score([], 0.4) == 0.4  # an empty answer the model was unsure of still ranks
+    assert frame_score([Box("drop", 0, 0, 1, 1, 0.2)], None) == 0.2
+
+
 def test_perfect_separation() -> None:
     m = image_level(scores=[0.9, 0.8, 0.1, 0.0, 0.2], defective=[True, True, False, False, False])
     assert m["auroc"] == 1.0

@@ -79,6 +79,7 @@ def test_a_tile_size_detects_large_frames_tiled_as_predict_does(tmp_path, monkey
     from loomlens.data.tiles import tile_windows
     from loomlens.evaluate import report
     from loomlens.infer.detection import Detection
+    from loomlens.infer.generation import Generation
 
     truth = Box("drop", 450, 40, 470, 60)
     lines = []
@@ -95,7 +96,8 @@ def test_a_tile_size_detects_large_frames_tiled_as_predict_does(tmp_path, monkey
     def found_in_tiles_only(model, processor, pictures, **_):
         # The defect is found only where it is large enough to see: in a tile, not the whole frame.
         seen.extend(p.size for p in pictures)
-        return [Detection([Box("drop", *p.getbbox(), 0.9)] if p.size == (100, 100) and p.getbbox() else [], 1, None)
+        return [Detection([Box("drop", *p.getbbox(), 0.9)] if p.size == (100, 100) and p.getbbox() else [], 1,
+                          Generation("", [], [], answer_probability=0.8 if p.getbbox() else 0.1))
                 for p in pictures]
 
     monkeypatch.setattr(report, "detect_with_details", found_in_tiles_only)
@@ -108,6 +110,8 @@ def test_a_tile_size_detects_large_frames_tiled_as_predict_does(tmp_path, monkey
     assert seen.count((200, 100)) == 1
     assert tiled.dropped == len(seen)  # every model input's malformed parts are counted
     assert [(b.x1, b.x2) for b in tiled.predicted[0]] == [(450, 470)] and tiled.predicted[1] == []
+    # A frame's answer probability is its most likely piece's: the tile holding the defect.
+    assert tiled.probabilities == [0.8, 0.1] and whole.probabilities == [0.8, 0.1]
     metrics = report.write_report(None, None, tmp_path / "val.jsonl", tmp_path / "out", tile=100)
     assert metrics["tile"] == 100 and metrics["map50"] == 1.0
     assert "in 100 px tiles" in (tmp_path / "out" / "report.md").read_text()

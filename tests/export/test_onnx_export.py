@@ -133,6 +133,7 @@ def test_the_cached_search_answers_as_torch_token_for_token(net, torch_tiny) -> 
         for a, b in zip(ours, theirs, strict=True):
             assert a.generation.token_ids == b.generation.token_ids
             assert np.allclose(a.generation.token_logprobs, b.generation.token_logprobs, atol=1e-4)
+            assert a.generation.answer_probability == pytest.approx(b.generation.answer_probability, abs=1e-4)
             assert [x.label for x in a.boxes] == [x.label for x in b.boxes]
             assert [(x.x1, x.y1, x.x2, x.y2) for x in a.boxes] == [(x.x1, x.y1, x.x2, x.y2) for x in b.boxes]
     prompts = ["<OD>", "<CAPTION_TO_PHRASE_GROUNDING>a broken weft across the loom", "<CAPTION>"]

@@ -72,6 +72,28 @@ def test_greedy_generation_measures_each_steps_entropy(tiny, images):
         assert g.mean_entropy() == pytest.approx(sum(g.token_entropies) / len(g.token_entropies))
 
 
+def test_the_answer_probability_is_one_minus_the_models_end_at_the_first_answer_step(tiny, images):
+    """What the model itself gives `</s>` right after `<s>`, batched or not, greedy or with
+    beams, and whatever a grammar forces: the raw distribution, over the tokenizer's tokens."""
+    from loomlens.infer.pixels import model_inputs
+
+    model, processor = tiny
+    tok = processor.tokenizer
+    with torch.no_grad():
+        inputs = model_inputs(processor, images, ["<OD>", "<OD>"])
+        start = torch.tensor([[tok.eos_token_id, tok.bos_token_id]] * len(images))
+        logits = model(**inputs, decoder_input_ids=start).logits[:, -1, : len(tok)].float()
+    expected = 1 - logits.softmax(-1)[:, tok.eos_token_id]
+    greedy = generate(model, processor, images, ["<OD>", "<OD>"], max_new_tokens=8)
+    beams = [generate(model, processor, [im], ["<OD>"], max_new_tokens=8, num_beams=2)[0] for im in images]
+    constrained = detect_with_details(model, processor, images, max_boxes=1, constrained=True, classes=CLASSES)
+    for i in range(len(images)):
+        for got in (greedy[i], beams[i], constrained[i].generation):
+            assert got.answer_probability == pytest.approx(expected[i].item(), abs=1e-4)
+    assert expected[0] > 0.5  # the square: the model means to answer
+    assert generate(model, processor, images, ["<OD>", "<OD>"], max_new_tokens=1)[0].answer_probability is None
+
+
 def test_detect_contract(tiny, images):
     model, processor = tiny
     found = detect(model, processor, images, max_boxes=3, batch_size=1)

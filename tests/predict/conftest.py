@@ -17,12 +17,13 @@ def fixed_detections(predictor, monkeypatch):
     detects on answers `boxes` (pixels of that image), so what follows the model is tested on
     known boxes instead of on whatever the tiny weights happen to say."""
 
-    class Found:  # what detect_with_details returns, fixed
-        def __init__(self, boxes):
-            self.boxes, self.dropped = boxes, 0
-            self.generation = type("G", (), {"text": "", "mean_entropy": lambda self: None})()
+    from loomlens.infer.detection import Detection
+    from loomlens.infer.generation import Generation
+
+    def found(boxes) -> Detection:  # what detect_with_details returns, fixed
+        return Detection(list(boxes), 0, Generation(text="", token_ids=[], token_logprobs=[]))
 
     def fix(boxes):
-        monkeypatch.setattr(predictor, "_detect", lambda spec, images, text: [Found(list(boxes)) for _ in images])
+        monkeypatch.setattr(predictor, "_detect", lambda spec, images, text: [found(boxes) for _ in images])
 
     return fix

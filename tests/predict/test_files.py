@@ -62,7 +62,7 @@ def test_predict_files_writes_jsonl_drawings_and_coco(predictor, inputs, tmp_pat
     assert summary["items"] == len(lines) == 4  # a.png, two frames of clip.avi, b.jpg
     video = [x for x in lines if x["frame"] is not None]
     assert [(x["frame"], x["timestamp"]) for x in video] == [(0, 0.0), (5, 1.0)]
-    assert all({"boxes", "task", "width", "height", "trained", "text"} <= set(x) for x in lines)
+    assert all({"boxes", "task", "width", "height", "trained", "text", "answer_probability"} <= set(x) for x in lines)
     assert sorted(p.name for p in (tmp_path / "out" / "drawn").iterdir()) == [
         "a.jpg", "b.jpg", "clip_f000000.jpg", "clip_f000005.jpg"]
     coco = COCO(str(tmp_path / "out" / "coco_images.json"))

@@ -28,6 +28,8 @@ def test_every_task_answers_and_says_if_it_was_trained(predictor, image, task):
     assert p.trained is (task in {"od", "caption", "dense_region_caption", "phrase_grounding"})
     assert isinstance(p.text, str)
     assert p.boxes or task != "od"
+    assert 0 <= p.answer_probability <= 1  # measured for every task
+    assert p.answer_probability > 0.5 or task != "od"  # the square: the model means to box it
     for b in p.boxes:
         assert 0 <= b.x1 < b.x2 <= 320 and 0 <= b.y1 < b.y2 <= 180
     for label, points in p.polygons:
@@ -119,3 +121,19 @@ def test_precision_sets_the_weights_dtype(image):
         (od,) = p.predict([scene], task="od")
         assert all(b.score is None or 0.0 <= b.score <= 1.0 for b in od.boxes)
     assert Predictor().precision in ("bf16", "fp32")  # auto: whichever this machine computes natively
+
+def test_a_tiled_frame_takes_its_most_likely_pieces_answer_probability(predictor, monkeypatch):
+    """The tile that holds the defect decides: a frame is as defective as its worst piece."""
+    from loomlens.infer.detection import Detection
+    from loomlens.infer.generation import Generation
+
+    def found(spec, images, text):
+        return [Detection([], 0, Generation("", [], [], answer_probability=0.9 if im.getbbox() else 0.2))
+                for im in images]
+
+    monkeypatch.setattr(predictor, "_detect", found)
+    frame = Image.new("RGB", (1024, 256))
+    frame.paste((255, 255, 255), (900, 100, 910, 110))  # seen by one tile (and the whole frame)
+    plain = Image.new("RGB", (1024, 256))
+    tiled, untouched = predictor.predict([frame, plain], tile="on")
+    assert tiled.tiled and (tiled.answer_probability, untouched.answer_probability) == (0.9, 0.2)

@@ -37,6 +37,7 @@ def check_result(result: dict, task: str, width: int, height: int) -> None:
     for poly in result["polygons"]:
         assert all(-1 <= x <= width + 1 and -1 <= y <= height + 1 for x, y in poly["points"])
     assert isinstance(result["text"], str)
+    assert 0 <= result["answer_probability"] <= 1  # the model's own: measured on every answer
     assert result["timing_ms"]["inference"] >= 0 and result["batch_size"] >= 1
 
 

@@ -1,7 +1,12 @@
 """Image-level inspection metrics: is a frame defective (NG) or good (OK), and how many
 defects are missed at a false-alarm rate the line can live with.
 
-A frame's score is its most confident box (0 when the model found nothing). A plant asks
+A frame's score is the model's own probability that it holds a defect, 1 - P(empty answer)
+(`infer.generation.Generation.answer_probability`, the highest over a tiled frame's pieces),
+where the prediction measured it; else its most confident box (0 when the model found
+nothing). The first ranks frames better: a box's score also weighs how sure the model is of
+where the box lies, which says little about whether the frame is good (docs/benchmarks.md,
+"Real fabric"). A plant asks
 "how many defects do we miss at N false stops per shift": that is the recall on defective
 frames at the score threshold where at most a fraction `fpr` of good frames is flagged.
 """
@@ -18,8 +23,12 @@ from loomlens.data.records import Box
 DEFAULT_FPRS = (0.01, 0.001)
 
 
-def frame_score(boxes: Sequence[Box]) -> float:
-    """The frame's defect score: the highest box score (a box without one counts as 1), else 0."""
+def frame_score(boxes: Sequence[Box], answer_probability: float | None = None) -> float:
+    """The frame's defect score: `answer_probability` (the model's probability that its answer
+    is not empty) when measured, else the highest box score (a box without one counts as 1),
+    else 0."""
+    if answer_probability is not None:
+        return float(answer_probability)
     return max((1.0 if b.score is None else float(b.score) for b in boxes), default=0.0)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -27,7 +27,7 @@ from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, 
 from loomlens.evaluate.inspection import frame_score, image_level, image_level_by_class, summary_line
 from loomlens.evaluate.metrics import evaluate_coco
 from loomlens.evaluate.plots import plot_confusion, plot_gallery, plot_pr_curves, plot_reliability
-from loomlens.infer.detection import batched, detect_with_details
+from loomlens.infer.detection import Detection, answer_probability, batched, detect_with_details
 from loomlens.infer.tiling import should_tile, tiled_detect
 
 
@@ -42,12 +42,14 @@ class EvalImage:
 @dataclass
 class EvalRun:
     """What running a model over a split gives: per-image true and predicted boxes, the
-    parser's dropped parts and the wall time per image."""
+    model's probability that each image holds a defect (`infer.detection.answer_probability`;
+    None where not measured), the parser's dropped parts and the wall time per image."""
 
     images: list[EvalImage]
     predicted: list[list[Box]]
     dropped: int
     seconds_per_image: float
+    probabilities: list[float | None] = field(default_factory=list)
 
 
 def od_images(jsonl: Path, max_images: int | None = None) -> list[EvalImage]:
@@ -72,23 +74,35 @@ def run_split(
     frames does not fit in memory at once). With `tile`, a frame large for it is detected as
     `loomlens predict`'s auto mode does: in overlapping tiles of `tile` px and whole, merged."""
     predicted: list[list[Box]] = []
-    dropped = 0
+    probabilities: list[float | None] = []
+    made: list[Detection] = []  # the detections of the frame (or chunk of whole frames) at hand
 
     def detect(pictures: list[Image.Image]) -> list[list[Box]]:
-        nonlocal dropped
         found = detect_with_details(model, processor, pictures, max_boxes=max_boxes, batch_size=batch_size,
                                     constrained=constrained, classes=classes)
-        dropped += sum(f.dropped for f in found)
+        made.extend(found)
         return [f.boxes for f in found]
 
-    start = time.perf_counter()
+    start, dropped = time.perf_counter(), 0
     for chunk in batched(images, batch_size):
         pictures = [to_rgb(Image.open(e.path)) for e in chunk]
         tiled = [tile is not None and should_tile(p.width, p.height, "auto", tile) for p in pictures]
-        whole = iter(detect([p for p, t in zip(pictures, tiled) if not t]))
-        predicted += [tiled_detect(detect, p, tile) if t else next(whole) for p, t in zip(pictures, tiled)]
+        made.clear()
+        detect([p for p, t in zip(pictures, tiled) if not t])
+        whole = iter(list(made))
+        for picture, is_tiled in zip(pictures, tiled):
+            if is_tiled:
+                made.clear()
+                boxes = tiled_detect(detect, picture, tile)
+                pieces = list(made)
+            else:
+                pieces = [next(whole)]
+                boxes = pieces[0].boxes
+            predicted.append(boxes)
+            probabilities.append(answer_probability(pieces))
+            dropped += sum(p.dropped for p in pieces)
     elapsed = time.perf_counter() - start
-    return EvalRun(list(images), predicted, dropped, elapsed / max(1, len(images)))
+    return EvalRun(list(images), predicted, dropped, elapsed / max(1, len(images)), probabilities)
 
 
 def split_metrics(run: EvalRun, classes: Sequence[str]):
@@ -101,7 +115,9 @@ def split_metrics(run: EvalRun, classes: Sequence[str]):
     threshold, f1 = best_threshold(truth, run.predicted)
     defective = [i for i, t in enumerate(truth) if t]
     empty = sum(not run.predicted[i] for i in defective) / len(defective) if defective else None
-    ok_ng = image_level(scores=[frame_score(p) for p in run.predicted], defective=[bool(t) for t in truth])
+    probabilities = run.probabilities or [None] * len(run.predicted)
+    ok_ng = image_level(scores=[frame_score(p, q) for p, q in zip(run.predicted, probabilities)],
+                        defective=[bool(t) for t in truth])
     ok_ng["per_class"] = image_level_by_class(truth=truth, predicted=run.predicted)
     coco.metrics.update(best_threshold=threshold, best_f1=f1, empty_on_defects=empty, image_level=ok_ng,
                         dropped_parts=run.dropped, seconds_per_image=run.seconds_per_image)
@@ -154,9 +170,11 @@ def _markdown(metrics: dict, plots: dict[str, str], title: str) -> str:
         + (f"; frames longer than {AUTO_FACTOR * metrics['tile']:.0f} px detected in {metrics['tile']} px tiles, as "
            "`loomlens predict` does for this run." if metrics.get("tile") else "."), "",
         "## Inspection (OK/NG per frame)", "",
-        "A frame is flagged when its best box scores at least the threshold; recall is the share of "
-        "frames holding a defect that are flagged when at most the given share of defect-free frames is.", "",
+        "A frame is flagged when the model's probability that it holds a defect (1 - P(empty answer), "
+        "the highest over its tiles) is at least the threshold; recall is the share of frames holding a "
+        "defect that are flagged when at most the given share of defect-free frames is.", "",
         f"All classes: {summary_line(metrics['image_level'])}.", "",
+        "Per class, a frame is flagged by its best box of that class:", "",
     ]
     for name, m in metrics["image_level"]["per_class"].items():
         lines.append(f"- {name}: {summary_line(m)}")

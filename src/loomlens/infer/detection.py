@@ -92,6 +92,14 @@ def detect_with_details(
     return results
 
 
+def answer_probability(detections: Iterable[Detection]) -> float | None:
+    """The highest `Generation.answer_probability` of the detections made on one image (its
+    tiles and the whole frame, or the image alone): for `<OD>`, the model's probability that the
+    image holds a defect anywhere. None when none was measured."""
+    measured = [d.generation.answer_probability for d in detections if d.generation.answer_probability is not None]
+    return max(measured, default=None)
+
+
 def detect(model, processor, images: Sequence[Image.Image], **options) -> list[list[Box]]:
     """Boxes in pixels, each with a `score` in [0, 1], for each of `images`: `detect_with_details`
     without the details; `options` are its keyword arguments (task, text, max_boxes, ...)."""

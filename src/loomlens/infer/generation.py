@@ -14,10 +14,16 @@ checkpoint's `generation_config.json` never changes an answer: the real Florence
 answer, and a re-saved one may carry swapped bos/eos/pad ids. Rows of the output layer past
 the tokenizer's length (the native conversion pads the vocabulary to a multiple of 64) are no
 tokens at all: `VocabMask` keeps them out of every answer and out of the log-probs.
+
+Each answer also carries how likely the model thought any answer was: one minus the raw
+probability of `</s>` at the first answer position (`Generation.answer_probability`). For
+`<OD>` that is the model's own probability that the image holds a defect, which ranks frames
+for an OK/NG decision better than their best box's score (docs/evaluate-and-predict.md).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +33,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from loomlens.infer.pixels import model_inputs
 
+#: The step of the first answer token: step 0 is the `<s>` every answer is forced to begin with.
+ANSWER_START = 1
 #: Tokens a box label is assumed to take when the class names are unknown.
 DEFAULT_LABEL_TOKENS = 4
 #: Generation settings that have no neutral value to pass: a checkpoint that sets one of them
@@ -111,12 +119,16 @@ class Generation:
     probability the model gave `token_ids[i]`, and `text` the decoded answer without `<s>`,
     `</s>` and padding (`<loc_N>` and other markers kept). `token_entropies[i]` is the entropy
     (nats) of the model's raw next-token distribution at step i, how unsure it was whatever it
-    chose; empty where it was not measured (beam search, the onnx backend)."""
+    chose; empty where it was not measured (beam search, the onnx backend).
+    `answer_probability` is 1 - P(`</s>`) at the first answer step under the raw
+    distribution: how likely the model thought an answer other than an empty one was, whatever
+    it wrote (None when the budget ended before that step)."""
 
     text: str
     token_ids: list[int]
     token_logprobs: list[float]
     token_entropies: list[float] = field(default_factory=list)
+    answer_probability: float | None = None
 
     def mean_entropy(self) -> float | None:
         """The mean of `token_entropies` over the answer (nats), None when not measured."""
@@ -221,15 +233,19 @@ def generate(
     generated = out.sequences[:, -logprobs.shape[1] :]  # drop the decoder-start token
     # A greedy step's distribution belongs to its row; a beam step's to whichever beam it was.
     entropies = _entropies(real).tolist() if num_beams == 1 else [None] * len(images)
-    return [decode_generation(tokenizer, ids_row, lp_row, ent_row)
-            for ids_row, lp_row, ent_row in zip(generated.tolist(), logprobs.tolist(), entropies)]
+    # At the first answer step every beam of an image holds the same `<s>`: its first beam speaks for all.
+    ends = (real[ANSWER_START][::num_beams, tokenizer.eos_token_id].tolist() if len(real) > ANSWER_START
+            else [None] * len(images))
+    return [decode_generation(tokenizer, ids_row, lp_row, ent_row, end)
+            for ids_row, lp_row, ent_row, end in zip(generated.tolist(), logprobs.tolist(), entropies, ends)]
 
 
 def decode_generation(tokenizer, ids_row: list[int], logprobs_row: list[float],
-                      entropies_row: list[float] | None = None) -> Generation:
-    """One generated row (without the decoder-start token), its log-probs and (optionally) the
-    entropy of each step as a `Generation`: cut after the first `</s>`, decoded without the
-    frame tokens."""
+                      entropies_row: list[float] | None = None, end_logprob: float | None = None) -> Generation:
+    """One generated row (without the decoder-start token), its log-probs, (optionally) the
+    entropy of each step and the log-probability of `</s>` at the first answer step
+    (`ANSWER_START`) as a `Generation`: cut after the first `</s>`, decoded without the frame
+    tokens."""
     ids, lps = _trim(ids_row, logprobs_row, tokenizer.eos_token_id, tokenizer.pad_token_id)
     entropies = list(entropies_row[: len(ids)]) if entropies_row is not None else []
     # Only the frame tokens are dropped from the text: a tokenizer may register `<loc_N>` as
@@ -238,4 +254,6 @@ def decode_generation(tokenizer, ids_row: list[int], logprobs_row: list[float],
     size = len(tokenizer)  # ids past it are the padded rows of the lm_head: no tokens
     text = tokenizer.decode([i for i in ids if i not in frame and i < size], skip_special_tokens=False,
                             clean_up_tokenization_spaces=False)
-    return Generation(text=text, token_ids=ids, token_logprobs=lps, token_entropies=entropies)
+    answer = None if end_logprob is None else 1.0 - math.exp(end_logprob)
+    return Generation(text=text, token_ids=ids, token_logprobs=lps, token_entropies=entropies,
+                      answer_probability=answer)

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from loomlens.infer.generation import (
+    ANSWER_START,
     Generation,
     VocabMask,
     decode_generation,
@@ -161,7 +162,7 @@ class OnnxFlorence:
         ids = np.full((len(images), 1), settings["decoder_start_token_id"], dtype=np.int64)
         logits, cache = self.first_step(ids, states, mask)
         done = np.zeros(len(images), dtype=bool)
-        logprobs = []
+        logprobs, ends = [], [None] * len(images)
         for step in range(budget):
             last = logits[:, -1, :].astype(np.float32)
             scores = rules(torch.from_numpy(ids), torch.from_numpy(last.copy())).numpy()
@@ -170,6 +171,8 @@ class OnnxFlorence:
             shifted = last[:, :size] - last[:, :size].max(-1, keepdims=True)
             real[:, :size] = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
             logprobs.append(real[np.arange(len(images)), chosen])
+            if step == ANSWER_START:
+                ends = real[:, eos].tolist()
             ids = np.concatenate([ids, chosen[:, None]], axis=1)
             done |= chosen == eos
             if done.all() or step == budget - 1:
@@ -177,7 +180,8 @@ class OnnxFlorence:
             logits, cache = self.next_step(chosen, mask, cache)
         generated = ids[:, 1:].tolist()
         scores_by_row = np.stack(logprobs, axis=1).tolist()
-        return [decode_generation(tokenizer, row, lp) for row, lp in zip(generated, scores_by_row)]
+        return [decode_generation(tokenizer, row, lp, end_logprob=end)
+                for row, lp, end in zip(generated, scores_by_row, ends)]
 
 
 def load_onnx_export(folder: str | Path, *, device: str = "cpu", precision: str = "auto"):

@@ -44,7 +44,8 @@ from loomlens.run import RULES_FILE
 
 def prediction_record(item: Item, prediction: Prediction) -> dict:
     """One JSONL line: source file, frame and timestamp (video), task, size, boxes in pixels
-    with label and score, polygons, text, and whether the model was trained for the task."""
+    with label and score, polygons, text, whether the model was trained for the task, and its
+    `answer_probability` (for od: that the frame holds a defect)."""
     return {
         "source": str(item.source),
         "frame": item.frame,
@@ -63,6 +64,7 @@ def prediction_record(item: Item, prediction: Prediction) -> dict:
         "trained": prediction.trained,
         "tiled": prediction.tiled,
         "dropped": prediction.dropped,
+        "answer_probability": None if prediction.answer_probability is None else round(prediction.answer_probability, 5),
     }
 
 

@@ -29,7 +29,7 @@ from loomlens.data.records import Box
 from loomlens.data.sanitize import to_rgb
 from loomlens.data.tasks import TASKS, Task, get_task, prompt
 from loomlens.data.tiles import tile_windows
-from loomlens.infer.detection import batched, detect_with_details
+from loomlens.infer.detection import Detection, answer_probability, batched, detect_with_details
 from loomlens.infer.generation import generate
 from loomlens.infer.loading import load_for_inference
 from loomlens.infer.onnx_runtime import load_onnx_export
@@ -52,7 +52,10 @@ class Prediction:
     this task, whether the frame was `tiled`, and how many malformed answer parts were
     `dropped` by the parser. `entropy`: the mean entropy (nats) of the model's next-token
     distribution over the answer, how unsure it was (`Generation.mean_entropy`; None for a
-    tiled frame, beam search or the onnx backend)."""
+    tiled frame, beam search or the onnx backend). `answer_probability`: the model's
+    probability that its answer is not empty, for `od` that the image holds a defect (the
+    highest over a tiled frame's pieces; `infer.detection.answer_probability`): the score to
+    sort frames OK/NG by."""
 
     task: str
     width: int
@@ -65,6 +68,7 @@ class Prediction:
     dropped: int = 0
     scale: float = 1.0
     entropy: float | None = None
+    answer_probability: float | None = None
 
     def scaled_to(self, width: int, height: int) -> Prediction:
         """This prediction made on a resized copy, in the pixels of the `width` x `height`
@@ -277,31 +281,33 @@ class Predictor:
         whole = [im for im, (_, _, t) in zip(images, fits) if not t]
         _check(deadline)
         found = iter(self._detect(spec, whole, text))
+        made: list[Detection] = []  # the tiled frame's detections, for its answer probability
 
         def tiles(crops: list[Image.Image]) -> list[list[Box]]:
-            boxes = []
             for part in batched(crops, self.batch_size):
                 _check(deadline)
-                boxes += [d.boxes for d in self._detect(spec, part, text)]
+                made.extend(self._detect(spec, part, text))
                 if between is not None:
                     between()
-            return boxes
+            return [d.boxes for d in made[-len(crops):]]
 
         results = []
         for im, (w, h, is_tiled) in zip(images, fits):
             if is_tiled:
                 small = im if (w, h) == im.size else im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+                made.clear()
                 boxes = tiled_detect(tiles, small, self.tile_size, self.overlap)
                 if small is not im:  # a frame over the tile cap: give its memory back
                     del small
                     release_freed_memory()
-                answer, dropped, entropy = "", 0, None
+                answer, dropped, entropy, probability = "", 0, None, answer_probability(made)
             else:
                 d = next(found)
                 boxes, answer, dropped, entropy = d.boxes, d.generation.text, d.dropped, d.generation.mean_entropy()
+                probability = d.generation.answer_probability
             found_at = Prediction(spec.name, w if is_tiled else im.width, h if is_tiled else im.height, boxes,
-                                  text=answer, tiled=is_tiled, dropped=dropped,
-                                  entropy=entropy).scaled_to(im.width, im.height)
+                                  text=answer, tiled=is_tiled, dropped=dropped, entropy=entropy,
+                                  answer_probability=probability).scaled_to(im.width, im.height)
             kept = [b for b in found_at.boxes if b.score is None or b.score >= threshold]
             if self.rules is not None:
                 kept = self.rules.apply(kept, im.width, im.height)
@@ -316,7 +322,8 @@ class Predictor:
             _check(deadline)
             prompts = [prompt(spec, text, im.width, im.height) for im in chunk]
             for im, gen in zip(chunk, generate(self.loaded.model, self.loaded.processor, chunk, prompts, budget)):
-                results.append(replace(self._read(spec, im, gen.text, text), entropy=gen.mean_entropy()))
+                results.append(replace(self._read(spec, im, gen.text, text), entropy=gen.mean_entropy(),
+                                       answer_probability=gen.answer_probability))
         return results
 
     def _read(self, spec: Task, image: Image.Image, answer: str, text: str | None) -> Prediction:

@@ -99,4 +99,5 @@ def prediction_from_record(record: Mapping[str, Any]) -> Prediction:
     boxes = [Box(b["label"], *b["box"], b["score"]) for b in record["boxes"]]
     polygons = [(p["label"], p["points"]) for p in record["polygons"]]
     return Prediction(record["task"], record["width"], record["height"], boxes, polygons, record["text"],
-                      record["trained"], record["tiled"], record["dropped"])
+                      record["trained"], record["tiled"], record["dropped"],
+                      answer_probability=record.get("answer_probability"))  # absent before it was written

@@ -283,6 +283,9 @@ class PredictResponse(BaseModel):
     dropped: int = Field(description="malformed parts of the model's answer that were skipped")
     scale: float = Field(description="< 1: the model saw the image downscaled by this factor (server limits "
                          "--max-side, --max-tiles); boxes are still in the uploaded image's pixels")
+    answer_probability: float | None = Field(
+        None, description="the model's probability that its answer is not empty; for od, that the image holds a "
+        "defect (the highest over its tiles): the score to sort frames OK/NG by. null where not measured")
     timing_ms: dict[str, float]
     batch_size: int
 
