@@ -24,13 +24,17 @@ made and the best step; beside them the untrained tiny model on the same frames.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS, Table, common_flags, fmt, publish
-from bench.real import loomlens, predicted_boxes, scores, test_frames, train_and_score
+from bench.real import (
+    SCORE_COLUMNS, SCORE_NOTE, loomlens, predicted_boxes, rescore, rescored_note, score_cells, scores, test_frames,
+    train_and_score,
+)
 
 NAME = "fabric"
 WORK = RESULTS / "fabric"
@@ -62,16 +66,13 @@ def tables(result: dict[str, Any]) -> list[Table]:
     for r in result["runs"]:
         for checkpoint in ("best", "last"):
             s = r[checkpoint]
-            rows.append([f"{r['name']} ({checkpoint})", fmt(s["map50"]), fmt(s["map50_95"]), fmt(s["auroc"]),
-                         fmt(s["recall_at_1pct"]), str(s["boxes"]), str(r["steps"]), str(r["best_step"])])
-    u = result["untrained"]
-    rows.append(["untrained tiny", fmt(u["map50"]), fmt(u["map50_95"]), fmt(u["auroc"]), fmt(u["recall_at_1pct"]),
-                 str(u["boxes"]), "0", "-"])
+            rows.append([f"{r['name']} ({checkpoint})", *score_cells(s), str(r["steps"]), str(r["best_step"])])
+    rows.append(["untrained tiny", *score_cells(result["untrained"]), "0", "-"])
     notes = [f"{result['images']} synthetic fabric frames of {result['size']} px (seed {result['seed']}), converted "
              f"with --flip; {result['frames']} unflipped test frames ({result['defective']} with defects); "
              f"{result['budget_s']:.0f} s of training on this machine"]
     main = Table("A fabric the recipe never saw (synthetic, test split)",
-                 ["run", "mAP50", "mAP50-95", "AUROC", "recall @1% FA", "boxes", "steps", "best step"], rows, notes)
+                 ["run", *SCORE_COLUMNS, "steps", "best step"], rows, [*notes, SCORE_NOTE, *rescored_note(result)])
     per_class = Table("AP50 per class on the fabric set, default recipe (best adapter)", ["class", "AP50"],
                       [[c, fmt(v)] for c, v in sorted(result["runs"][0]["best"]["ap50"].items())])
     return [main, per_class]
@@ -87,16 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a second run with these train overrides beside the default (repeatable)")
     parser.add_argument("--tag", default="variant", help="name of the --set run")
+    parser.add_argument("--rescore", action="store_true",
+                        help="predict and score the adapters of the saved result (--out) again; no training")
     common_flags(parser, NAME)
     args = parser.parse_args(argv)
+    if args.rescore:
+        frames, truth, classes = test_frames(WORK / "data")
+        saved = json.loads(args.out.read_text())
+        return publish(NAME, rescore(saved, frames, truth, classes, work=WORK, tile=None), args.out, argv, tables)
     budget = 300.0 if args.small else args.budget
     source, data = WORK / "source", WORK / "data"
     write_frames(source, args.images, args.seed, args.size)
     shutil.rmtree(data, ignore_errors=True)
     loomlens("convert", str(source), str(data), "--flip", *SPLIT)
     frames, truth, classes = test_frames(data)
-    untrained = scores(truth, predicted_boxes(frames, WORK / "predict" / "untrained", "--model", "tiny", tile=None),
-                       classes)
+    found, probabilities = predicted_boxes(frames, WORK / "predict" / "untrained", "--model", "tiny", tile=None)
+    untrained = scores(truth, found, classes, probabilities)
     runs = [train_and_score(data, "default", budget, [], frames, truth, classes, work=WORK, tile=None)]
     if args.set:
         runs.append(train_and_score(data, args.tag, budget, args.set, frames, truth, classes, work=WORK, tile=None))

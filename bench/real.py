@@ -70,9 +70,10 @@ def test_frames(data: Path) -> tuple[list[Path], list[list], list[str]]:
     return paths, truth, classes
 
 
-def predicted_boxes(frames: list[Path], out: Path, *source: str, tile: int | None = TILE) -> list[list]:
+def predicted_boxes(frames: list[Path], out: Path, *source: str,
+                    tile: int | None = TILE) -> tuple[list[list], list[float | None]]:
     """`loomlens predict` on `frames` (tiled at `tile` px; None: as predict decides by
-    default), boxes per frame in `frames` order."""
+    default): the boxes of each frame and its answer probability, in `frames` order."""
     from loomlens.data.records import Box
 
     shutil.rmtree(out, ignore_errors=True)
@@ -81,21 +82,44 @@ def predicted_boxes(frames: list[Path], out: Path, *source: str, tile: int | Non
     by_source = {}
     for line in (out / "predictions.jsonl").read_text().splitlines():
         r = json.loads(line)
-        by_source[str(Path(r["source"]).resolve())] = [Box(b["label"], *b["box"], score=b["score"]) for b in r["boxes"]]
-    return [by_source[str(f)] for f in frames]
+        by_source[str(Path(r["source"]).resolve())] = (
+            [Box(b["label"], *b["box"], score=b["score"]) for b in r["boxes"]], r.get("answer_probability"))
+    return [by_source[str(f)][0] for f in frames], [by_source[str(f)][1] for f in frames]
 
 
-def scores(truth: list[list], predicted: list[list], classes: list[str]) -> dict[str, Any]:
-    """Test mAP50, mAP50-95, AP50 per class and the image-level OK/NG figures."""
+def scores(truth: list[list], predicted: list[list], classes: list[str],
+           probabilities: list[float | None] | None = None) -> dict[str, Any]:
+    """Test mAP50, mAP50-95, AP50 per class and the image-level OK/NG figures: frames scored
+    as `evaluate` scores them (the answer probability where measured), and beside that by
+    their best box alone (`_box`)."""
     from loomlens.evaluate.inspection import frame_score, image_level
     from loomlens.evaluate.metrics import coco_metrics
 
     coco = coco_metrics(truth, predicted, classes)
-    ok_ng = image_level(scores=[frame_score(p) for p in predicted], defective=[bool(t) for t in truth])
+    defective = [bool(t) for t in truth]
+    ok_ng = image_level(scores=[frame_score(p, q) for p, q in zip(predicted, probabilities or [None] * len(predicted))],
+                        defective=defective)
+    by_box = image_level(scores=[frame_score(p) for p in predicted], defective=defective)
     return {"map50": coco["map50"], "map50_95": coco["map50_95"],
             "ap50": {c: v["ap50"] for c, v in coco["per_class"].items() if v["gt"]},
             "auroc": ok_ng["auroc"], "recall_at_1pct": ok_ng["recall_at_fpr"]["0.01"],
+            "auroc_box": by_box["auroc"], "recall_at_1pct_box": by_box["recall_at_fpr"]["0.01"],
             "boxes": sum(map(len, predicted))}
+
+
+#: The columns `score_cells` fills, and what they mean.
+SCORE_COLUMNS = ["mAP50", "mAP50-95", "AUROC", "recall @1% FA", "AUROC (box)", "recall @1% FA (box)", "boxes"]
+SCORE_NOTE = ("AUROC and recall at 1 % of good frames flagged: frames ranked by the model's probability that its "
+              "answer is not empty (what `loomlens eval` reports); (box): ranked by their best box's score instead")
+
+
+def score_cells(s: dict[str, Any]) -> list[str]:
+    """One `scores` result as table cells, in `SCORE_COLUMNS` order. A result saved before frames
+    were ranked by the answer probability ranked them by box: its figures go to the box columns."""
+    if "auroc_box" not in s:
+        s = {**s, "auroc": None, "recall_at_1pct": None, "auroc_box": s["auroc"], "recall_at_1pct_box": s["recall_at_1pct"]}
+    return [fmt(s["map50"]), fmt(s["map50_95"]), fmt(s["auroc"]), fmt(s["recall_at_1pct"]), fmt(s["auroc_box"]),
+            fmt(s["recall_at_1pct_box"]), str(s["boxes"])]
 
 
 def history(run: Path) -> dict[str, Any]:
@@ -116,11 +140,36 @@ def train_and_score(data: Path, name: str, budget: float, overrides: list[str], 
     shutil.rmtree(run, ignore_errors=True)
     loomlens("train", "--data", str(data), "--out", str(run), "--time-budget", str(budget), *overrides)
     row: dict[str, Any] = {"name": name, "overrides": overrides, "budget_s": budget, **history(run)}
+    return {**row, **score_adapters(name, frames, truth, classes, work, tile)}
+
+
+def score_adapters(name: str, frames, truth, classes, work: Path, tile: int | None) -> dict[str, dict[str, Any]]:
+    """`scores` of the best and last adapters of the run `work/runs/name` on the test frames."""
+    row = {}
     for checkpoint in ("best", "last"):
-        found = predicted_boxes(frames, work / "predict" / f"{name}-{checkpoint}", "--adapter", str(run),
-                                "--checkpoint", checkpoint, tile=tile)
-        row[checkpoint] = scores(truth, found, classes)
+        found, probabilities = predicted_boxes(frames, work / "predict" / f"{name}-{checkpoint}", "--adapter",
+                                               str(work / "runs" / name), "--checkpoint", checkpoint, tile=tile)
+        row[checkpoint] = scores(truth, found, classes, probabilities)
     return row
+
+
+def rescore(saved: dict[str, Any], frames, truth, classes, work: Path = WORK, tile: int | None = TILE) -> dict:
+    """A saved result with the untrained model and every run's kept adapters predicted and scored
+    again on the same test frames: the training as it was, the prediction and scoring of this
+    code (to measure a change there without training again). `rescored_from` keeps the saved
+    result's command and date."""
+    found, probabilities = predicted_boxes(frames, work / "predict" / "untrained", "--model", "tiny", tile=tile)
+    runs = [{**r, **score_adapters(r["name"], frames, truth, classes, work, tile)} for r in saved["runs"]]
+    kept = {k: v for k, v in saved.items() if k not in ("bench", "command", "machine")}
+    return {**kept, "untrained": scores(truth, found, classes, probabilities), "runs": runs,
+            "rescored_from": {"command": saved["command"], "date": saved["machine"]["date"]}}
+
+
+def rescored_note(result: dict[str, Any]) -> list[str]:
+    """The note a re-scored result's table carries: whose training it scores again."""
+    saved = result.get("rescored_from")
+    return [f"re-scored: the adapters trained by `{saved['command']}` ({saved['date']}), predicted and scored again "
+            "by this code"] if saved else []
 
 
 def yolo_row(data: Path, budget: float, frames: list[Path], truth: list[list], classes: list[str]) -> dict[str, Any]:
@@ -151,17 +200,14 @@ def tables(result: dict[str, Any]) -> list[Table]:
     for r in [*result["runs"], *([] if "skipped" in yolo else [yolo])]:
         for checkpoint in ("best", "last"):
             s = r[checkpoint]
-            rows.append([f"{r['name']} ({checkpoint})", fmt(s["map50"]), fmt(s["map50_95"]), fmt(s["auroc"]),
-                         fmt(s["recall_at_1pct"]), str(s["boxes"]), str(r["steps"]),
+            rows.append([f"{r['name']} ({checkpoint})", *score_cells(s), str(r["steps"]),
                          "-" if r["best_step"] is None else str(r["best_step"])])
-    u = result["untrained"]
-    rows.append(["untrained tiny", fmt(u["map50"]), fmt(u["map50_95"]), fmt(u["auroc"]), fmt(u["recall_at_1pct"]),
-                 str(u["boxes"]), "0", "-"])
+    rows.append(["untrained tiny", *score_cells(result["untrained"]), "0", "-"])
     notes = [f"AITEX, {result['frames']} whole test frames ({result['defective']} with defects), 256 px tiles; "
              f"{result['budget_s']:.0f} s of training on this machine; doi:10.2478/aut-2019-0035",
              yolo_note(yolo)]
-    main = Table("Real fabric (AITEX test split)", ["run", "mAP50", "mAP50-95", "AUROC", "recall @1% FA",
-                                                    "boxes", "steps", "best step"], rows, notes)
+    main = Table("Real fabric (AITEX test split)", ["run", *SCORE_COLUMNS, "steps", "best step"], rows,
+                 [*notes, SCORE_NOTE, *rescored_note(result)])
     default = result["runs"][0]["best"]["ap50"]
     per_class = Table("AP50 per class, default recipe (best adapter)", ["class", "AP50"],
                       [[c, fmt(v)] for c, v in sorted(default.items())])
@@ -176,15 +222,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a second run with these train overrides beside the default (repeatable)")
     parser.add_argument("--tag", default="variant", help="name of the --set run")
+    parser.add_argument("--rescore", action="store_true",
+                        help="predict and score the adapters of the saved result (--out) again; no training")
     common_flags(parser, NAME)
     args = parser.parse_args(argv)
+    if args.rescore:
+        frames, truth, classes = test_frames(WORK / "data")
+        return publish(NAME, rescore(json.loads(args.out.read_text()), frames, truth, classes), args.out, argv, tables)
     if not (args.data / "annotations").exists() and not any(args.data.glob("*.xml")):
         parser.error(f"no LabelImg folder at {args.data}: expected ../shared/data/aitex beside the checkout")
     budget = 300.0 if args.small else args.budget
     data = WORK / "data"
     convert(args.data, data)
     frames, truth, classes = test_frames(data)
-    untrained = scores(truth, predicted_boxes(frames, WORK / "predict" / "untrained", "--model", "tiny"), classes)
+    found, probabilities = predicted_boxes(frames, WORK / "predict" / "untrained", "--model", "tiny")
+    untrained = scores(truth, found, classes, probabilities)
     runs = [train_and_score(data, "default", budget, [], frames, truth, classes)]
     if args.set:
         runs.append(train_and_score(data, args.tag, budget, args.set, frames, truth, classes))

@@ -131,3 +131,40 @@ def test_the_fabric_set_is_a_labelimg_folder_convert_reads_whole(tmp_path):
     fabric.write_frames(tmp_path / "again", frames=6, seed=3, size=128)  # same seed, same frames
     assert [p.read_text() for p in records] == [p.read_text().replace("again", "src")
                                                 for p in sorted((tmp_path / "again" / "annotations").glob("*.xml"))]
+
+
+def test_real_scores_rank_frames_by_answer_probability_and_show_the_box_ranking_beside():
+    from bench import real
+    from loomlens.data.records import Box
+
+    truth = [[Box("stain", 0, 0, 10, 10)], [], [Box("stain", 0, 0, 10, 10)], []]
+    predicted = [[Box("stain", 50, 50, 60, 60, 0.2)], [Box("stain", 0, 0, 10, 10, 0.9)], [], []]
+    got = real.scores(truth, predicted, ["stain"], [0.9, 0.3, 0.8, 0.1])
+    assert (got["auroc"], got["recall_at_1pct"]) == (1.0, 1.0)  # both defective frames above both good ones
+    assert got["auroc_box"] == 0.375 and got["recall_at_1pct_box"] == 0.0
+    old = {"map50": 0.1, "map50_95": 0.05, "auroc": 0.7, "recall_at_1pct": 0.15, "boxes": 3}  # saved before
+    assert real.score_cells(old)[2:6] == ["-", "-", "0.700", "0.150"]
+
+
+def test_rescore_keeps_the_training_and_scores_the_kept_adapters_again(monkeypatch, tmp_path):
+    from bench import real
+    from loomlens.data.records import Box
+
+    truth = [[Box("stain", 0, 0, 10, 10)], []]
+    asked = []
+
+    def predicted(frames, out, *source, tile):
+        asked.append((out.name, source[-1], tile))
+        return [[Box("stain", 0, 0, 10, 10, 0.5)], []], [0.9, 0.2]
+
+    monkeypatch.setattr(real, "predicted_boxes", predicted)
+    old = {"map50": 0.0, "map50_95": 0.0, "auroc": 0.5, "recall_at_1pct": 0.0, "ap50": {}, "boxes": 0}
+    saved = {"bench": "real", "command": "python -m bench.real", "machine": {"date": "then"}, "frames": 2,
+             "defective": 1, "budget_s": 60.0, "classes": ["stain"], "yolo": {"name": "yolo11n", "skipped": "no"},
+             "untrained": old, "runs": [{"name": "default", "steps": 7, "best_step": 5, "best": old, "last": old}]}
+    result = real.rescore(saved, ["a.png", "b.png"], truth, ["stain"], work=tmp_path, tile=256)
+    assert [a[:2] for a in asked] == [("untrained", "tiny"), ("default-best", "best"), ("default-last", "last")]
+    run = result["runs"][0]
+    assert (run["steps"], run["best_step"]) == (7, 5) and run["best"]["map50"] == 1.0 and run["last"]["auroc"] == 1.0
+    assert result["rescored_from"] == {"command": "python -m bench.real", "date": "then"} and "machine" not in result
+    assert real.tables(result)[0].notes[-1].startswith("re-scored: the adapters trained by `python -m bench.real`")
