@@ -473,3 +473,15 @@ def test_lora_plus_moves_b_by_its_ratio_and_a_as_plain_lora(make_config, tmp_pat
     for key in plain:
         want = 4 * plain[key] if "lora_B" in key else plain[key]
         torch.testing.assert_close(plus[key], want, rtol=1e-3, atol=1e-7, msg=key)
+
+
+def test_each_evaluation_logs_the_val_frames_ok_ng_auroc(make_config, small_data):
+    """Beside mAP, how well the model's defect probability tells the val frames with defects
+    from those without: what a line's OK/NG decision will get."""
+    val = [json.loads(line) for line in (small_data / "val.jsonl").read_text().splitlines()]
+    kinds = {"<loc_" in s["suffix"] for s in val if s["task"] == "od"}
+    assert kinds == {True, False}  # both kinds of frame, or there is no AUROC to log
+    cfg = make_config(max_steps=2, eval_every=2, eval_max_images=4)
+    train(cfg)
+    (row,) = [r for r in csv.DictReader(open(cfg.out / "metrics.csv")) if r["val_loss"]]
+    assert 0.0 <= float(row["auroc"]) <= 1.0 and row["map50"] != ""

@@ -1,7 +1,8 @@
 """What a run shows while it trains: `metrics.csv`, `curves/*.png`, TensorBoard `tb/`.
 
 `metrics.csv` has one row per optimizer step (`train_loss`, `lr`, `grad_norm`) and one per
-evaluation (`val_loss`, `map50`, ...), with blank cells where a row has no value. The plots
+evaluation (`val_loss`, `map50`, ..., `auroc`: the val frames' OK/NG AUROC by the model's
+defect probability), with blank cells where a row has no value. The plots
 are redrawn from the CSV after each evaluation, like the seed's loss curves.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 FIELDS = ("step", "epoch", "seconds", "lr", "train_loss", "grad_norm", "val_loss", "map50", "map50_95", "map75",
-          "best_f1", "empty_on_defects", "score", "event")
+          "best_f1", "empty_on_defects", "auroc", "score", "event")
 #: The one text column: what the run did at that step (a rollback, an early stop, ...).
 TEXT_FIELDS = ("event",)
 
@@ -93,7 +94,8 @@ def _finish(ax, **legend) -> None:
 
 def plot_run(run_dir: Path) -> list[Path]:
     """Draw `curves/loss.png` (train loss, smoothed, and val loss) and `curves/map.png`
-    (val mAP50) from the run's `metrics.csv`; returns the files written."""
+    (val mAP50, mAP50-95 and the OK/NG AUROC) from the run's `metrics.csv`; returns the files
+    written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,11 +121,11 @@ def plot_run(run_dir: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label in (("map50", "val mAP50"), ("map50_95", "val mAP50-95")):
+    for key, label in (("map50", "val mAP50"), ("map50_95", "val mAP50-95"), ("auroc", "val OK/NG AUROC")):
         steps, values = _series(rows, key)
         if steps:
             ax.plot(steps, values, "o-", label=label)
-    ax.set(xlabel="optimizer step", ylabel="mAP", ylim=(0, 1), title=f"detection: {run_dir.name}")
+    ax.set(xlabel="optimizer step", ylabel="mAP, AUROC", ylim=(0, 1), title=f"detection: {run_dir.name}")
     _finish(ax, loc="lower right")
     fig.tight_layout()
     fig.savefig(out_dir / "map.png", dpi=110)

@@ -962,7 +962,9 @@ def _detection_metrics(model, processor, jsonl: Path, cfg: TrainConfig, tile: in
     metrics = evaluate_jsonl(model, processor, jsonl, max_images=cfg.eval_max_images, batch_size=cfg.eval_batch_size,
                              tile=tile)
     keys = ("map50", "map50_95", "map75", "best_f1", "empty_on_defects")
-    return {k: float(metrics[k]) for k in keys if metrics.get(k) is not None}
+    found = {k: float(metrics[k]) for k in keys if metrics.get(k) is not None}
+    auroc = metrics["image_level"]["auroc"]  # OK/NG by the answer probability: None without good or bad frames
+    return found if auroc is None else {**found, "auroc": float(auroc)}
 
 
 def _write_run_files(cfg: TrainConfig, run_dir: Path, world: int, crop_window: int | None) -> None:
