@@ -79,7 +79,18 @@ def test_label_studio_tasks_hold_percent_boxes_with_a_score_each(tmp_path):
     assert first["value"]["rectanglelabels"] == ["drop"]
     assert first["value"]["x"] == pytest.approx(10.4 / 120 * 100) and first["value"]["height"] == pytest.approx(
         (20.1 - 5.2) / 48 * 100)
-    assert tasks[1]["predictions"][0]["result"] == []
+    assert tasks[1]["predictions"][0]["result"] == [] and tasks[1]["predictions"][0]["score"] == 1.0
+
+
+def test_an_empty_frame_the_model_thought_defective_comes_up_early_in_label_studio(tmp_path):
+    labels = LabelsOut(tmp_path / "ls", "labelstudio", ["drop"], "run/x")
+    for stem, p in (("likely_missed", 0.8), ("clean", 0.05)):
+        Image.new("RGB", (64, 48)).save(tmp_path / f"{stem}.png")
+        item = Item(tmp_path / f"{stem}.png", Image.new("RGB", (64, 48)))
+        labels.add(item, Prediction("od", 64, 48, [], answer_probability=p), stem)
+    labels.finish()
+    scores = [t["predictions"][0]["score"] for t in json.loads((tmp_path / "ls" / "tasks.json").read_text())]
+    assert scores == [pytest.approx(0.2), pytest.approx(0.95)]  # how sure the model is that each is clean
 
 
 def test_a_video_frame_is_saved_under_the_name_convert_groups_by_video(tmp_path):

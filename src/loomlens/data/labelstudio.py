@@ -199,15 +199,20 @@ def _result(box: Box, width: int, height: int, index: int) -> dict[str, Any]:
     }
 
 
-def labelstudio_tasks(records: Sequence[ImageRecord], urls: Sequence[str], model_version: str) -> list[dict]:
+def labelstudio_tasks(records: Sequence[ImageRecord], urls: Sequence[str], model_version: str,
+                      answer_probabilities: Sequence[float | None] | None = None) -> list[dict]:
     """Label Studio tasks for `records` (boxes in pixels, with scores) whose images Label
     Studio reaches at `urls` (one per record): each box a `rectanglelabels` result with its
-    `score` in the task's one prediction (scored by its lowest box: the one to check first).
-    The labelling config must name its RectangleLabels `label` and its Image `image`."""
+    `score` in the task's one prediction, scored by its lowest box (the one to check first).
+    A picture without a box scores how sure the model was that there is nothing to box,
+    1 - its `answer_probabilities` entry (1 where not given): sorted by score, a frame the model
+    thought likely defective but left empty comes up for checking early. The labelling config
+    must name its RectangleLabels `label` and its Image `image`."""
     tasks = []
-    for record, url in zip(records, urls, strict=True):
+    probabilities = answer_probabilities or [None] * len(records)
+    for record, url, p in zip(records, urls, probabilities, strict=True):
         results = [_result(b, record.width, record.height, i) for i, b in enumerate(record.boxes)]
-        score = min((r["score"] for r in results), default=1.0)
+        score = min((r["score"] for r in results), default=1.0 if p is None else round(1.0 - p, 5))
         tasks.append({"data": {"image": url}, "predictions": [
             {"model_version": model_version, "score": score, "result": results}]})
     return tasks

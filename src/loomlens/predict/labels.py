@@ -9,7 +9,8 @@ DIR becomes a dataset `loomlens convert DIR` reads back:
   Save Dir `annotations/`);
 - yolo: `labels/<name>.txt` with `labels/classes.txt` (LabelImg's YOLO mode);
 - labelstudio: `tasks.json`, one task per picture, each box a `rectanglelabels` prediction with
-  its `score`; images as `/data/local-files/?d=images/...` (percent-encoded): serve DIR as Label Studio's local
+  its `score` (a picture without a box scores 1 - the model's probability that it holds a
+  defect, so sorting by score brings the likely misses up early); images as `/data/local-files/?d=images/...` (percent-encoded): serve DIR as Label Studio's local
   files document root;
 - coco: `annotations.json`, a COCO dataset whose boxes carry their `score`; a later run adds its
   pictures to it.
@@ -76,6 +77,7 @@ class LabelsOut:
         known = read_class_names(self.out / "labels" / CLASSES_FILE) if fmt == "yolo" else []
         self.classes = list(dict.fromkeys([*known, *classes]))
         self.records: list[ImageRecord] = []
+        self.probabilities: list[float | None] = []  # each picture's answer probability, for Label Studio
         self.placed: set[str] = set()  # the stems of this run's pictures in images/
         # The pictures images/ holds, by stem: read once, not once a picture (a folder of 10 000).
         self.held: dict[str, list[Path]] = {}
@@ -132,6 +134,7 @@ class LabelsOut:
             # Before the label file: every id on disk is named even if the run stops here.
             write_classes(self.out / "labels" / CLASSES_FILE, self.classes)
         self.records.append(record)
+        self.probabilities.append(prediction.answer_probability)
         if self.fmt not in PER_IMAGE:
             return
         folder, suffix = PER_IMAGE[self.fmt]
@@ -157,7 +160,7 @@ class LabelsOut:
         if self.fmt == "labelstudio":
             # Percent-encoded: a '#', '+', '&' or '%' in a file name would end or change the path.
             urls = [LOCAL_FILES + quote(r.image) for r in self.records]
-            tasks = labelstudio_tasks(self.records, urls, self.model_version)
+            tasks = labelstudio_tasks(self.records, urls, self.model_version, self.probabilities)
             atomic_write(self.out / "tasks.json", json.dumps(tasks, indent=1) + "\n")
             written.append("tasks.json")
         if self.fmt == "coco":
