@@ -85,6 +85,7 @@ def test_page_detects_on_a_synthetic_frame(chromium, server, frames):
         size = result.evaluate("i => [i.naturalWidth, i.naturalHeight]")
         expect(page.locator("#status")).to_contain_text("detection")
         status = page.locator("#status").inner_text()
+        assert re.search(r"defect probability [01]\.\d\d", status), status  # the frame's OK/NG score
         headers = page.locator("#detections [role=columnheader]")
         expect(headers.first).to_contain_text("label")
         expect(headers.nth(1)).to_contain_text("score")

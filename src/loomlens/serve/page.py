@@ -83,6 +83,8 @@ def build_page(service, examples: list[str], title: str = "loomlens: fabric defe
                   f"{', '.join(parts)} in {ms:.0f} ms")
         if result["tiled"]:
             status += " (tiled)"
+        if result["task"] == "od" and result["answer_probability"] is not None:
+            status += f"; defect probability {result['answer_probability']:.2f}"
         if not result["trained"]:
             status += ". *This model was not fine-tuned for this task; its answer may be noise.*"
         return drawn, table_rows(result), result["text"], status
