@@ -8,8 +8,9 @@ allocator raises out-of-memory past it, as a card of that size would), saves the
 (`loomlens.model.standin`: real tokenizer and configs, random weights), draws a small synthetic
 loom set and converts it, then runs `loomlens train` in this process with the defaults
 (`speed.micro_batch=auto`, no gradient checkpointing, precision auto) for `--steps` steps.
-Reported: the micro-batch the probe settled on (from the run's config.yaml), the peak memory
-allocated, and seconds per step. Writes the JSON result and the markdown table beside it.
+Reported: the micro-batch the run trained with at its end (from its config.yaml: the probe's
+choice, or less where a pass ran out of memory later, which the run's log and metrics.csv
+say), the peak memory allocated, and seconds per step. Writes the JSON result and the markdown table beside it.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import yaml
 from bench.common import ROOT, Table, fmt, parse_gpu_flags, publish
 
 
-def _cap(gib: float) -> float:
-    """Limit this process's CUDA allocations to `gib` GiB; returns the card's own size in GiB."""
+def _cap(gib: float) -> tuple[float, float]:
+    """Limit this process's CUDA allocations to `gib` GiB where the card holds more; returns
+    `(the card's own size, the cap in force)` in GiB."""
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     if gib < total:
         torch.cuda.set_per_process_memory_fraction(gib / total)
-    return total
+    return total, min(gib, total)
 
 
 def _dataset(folder: Path, images: int) -> Path:
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from loomlens.model.standin import save_standin, shared_folder
 
     shape, steps, device = ("shrunk", args.steps or 2, "cpu") if args.small else (args.shape, args.steps or 12, "cuda")
-    card = _cap(args.gib) if cuda else 0.0
+    card, cap = _cap(args.gib) if cuda else (0.0, 0.0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_standin(shared_folder(ROOT), Path(tmp) / "standin", shape=shape)
         data = _dataset(Path(tmp), images=24)
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30) if cuda else (0, 0)
     result = {"run": run, "peak_allocated_gib": peak[0], "peak_reserved_gib": peak[1], "settings": {
         "shape": shape, "image_size": size, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "card_gib": card, "cap_gib": args.gib if cuda else 0.0, "steps": steps}}
+        "card_gib": card, "cap_gib": cap, "steps": steps}}
     return publish("fit_gpu", result, args.out, argv, tables, markdown_beside=True)
 
 

@@ -110,7 +110,8 @@ def scores(truth: list[list], predicted: list[list], classes: list[str],
 #: The columns `score_cells` fills, and what they mean.
 SCORE_COLUMNS = ["mAP50", "mAP50-95", "AUROC", "recall @1% FA", "AUROC (box)", "recall @1% FA (box)", "boxes"]
 SCORE_NOTE = ("AUROC and recall at 1 % of good frames flagged: frames ranked by the model's probability that its "
-              "answer is not empty (what `loomlens eval` reports); (box): ranked by their best box's score instead")
+              "answer is not empty (what `loomlens eval` reports; YOLO, which has none, by its best box); (box): "
+              "ranked by their best box's score instead")
 
 
 def score_cells(s: dict[str, Any]) -> list[str]:
@@ -156,13 +157,13 @@ def score_adapters(name: str, frames, truth, classes, work: Path, tile: int | No
 def rescore(saved: dict[str, Any], frames, truth, classes, work: Path = WORK, tile: int | None = TILE) -> dict:
     """A saved result with the untrained model and every run's kept adapters predicted and scored
     again on the same test frames: the training as it was, the prediction and scoring of this
-    code (to measure a change there without training again). `rescored_from` keeps the saved
-    result's command and date."""
+    code (to measure a change there without training again). `rescored_from` keeps the command
+    and date of the run that trained them (also through a second re-scoring)."""
     found, probabilities = predicted_boxes(frames, work / "predict" / "untrained", "--model", "tiny", tile=tile)
     runs = [{**r, **score_adapters(r["name"], frames, truth, classes, work, tile)} for r in saved["runs"]]
     kept = {k: v for k, v in saved.items() if k not in ("bench", "command", "machine")}
-    return {**kept, "untrained": scores(truth, found, classes, probabilities), "runs": runs,
-            "rescored_from": {"command": saved["command"], "date": saved["machine"]["date"]}}
+    trained_by = saved.get("rescored_from") or {"command": saved["command"], "date": saved["machine"]["date"]}
+    return {**kept, "untrained": scores(truth, found, classes, probabilities), "runs": runs, "rescored_from": trained_by}
 
 
 def rescored_note(result: dict[str, Any]) -> list[str]:

@@ -85,7 +85,7 @@ def test_the_answer_probability_is_one_minus_the_models_end_at_the_first_answer_
         logits = model(**inputs, decoder_input_ids=start).logits[:, -1, : len(tok)].float()
     expected = 1 - logits.softmax(-1)[:, tok.eos_token_id]
     greedy = generate(model, processor, images, ["<OD>", "<OD>"], max_new_tokens=8)
-    beams = [generate(model, processor, [im], ["<OD>"], max_new_tokens=8, num_beams=2)[0] for im in images]
+    beams = generate(model, processor, images, ["<OD>", "<OD>"], max_new_tokens=8, num_beams=3)  # rows per beam
     constrained = detect_with_details(model, processor, images, max_boxes=1, constrained=True, classes=CLASSES)
     for i in range(len(images)):
         for got in (greedy[i], beams[i], constrained[i].generation):

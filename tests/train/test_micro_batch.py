@@ -237,7 +237,14 @@ def test_out_of_memory_mid_run_halves_the_micro_batch_and_keeps_the_steps(make_c
 def test_out_of_memory_with_one_sample_a_pass_says_how_to_go_on(make_config, monkeypatch, tmp_path):
     out_of_memory_above(monkeypatch, 0, from_call=1)
     cfg = make_config(**EXACT, max_steps=2, eval_every=0, micro_batch=1, out=str(tmp_path / "run"))
-    with pytest.raises(RuntimeError, match=r"with 1 sample\(s\) a pass.*--resume .*speed.gradient_checkpointing=both"):
+    with pytest.raises(RuntimeError, match=r"with 1 sample\(s\) a pass; nothing was saved yet: start again with "
+                                           r"speed.gradient_checkpointing=both"):
+        train(cfg)
+    monkeypatch.undo()
+    out_of_memory_above(monkeypatch, 0, from_call=5)  # step 2 (step 1, saved, made 4 passes of 1)
+    cfg = make_config(**EXACT, max_steps=3, eval_every=0, save_every=1, micro_batch=1, out=str(tmp_path / "saved"))
+    with pytest.raises(RuntimeError, match=r"the last save is in .*last: resume with `loomlens train --resume "
+                                           r".*saved` and speed.gradient_checkpointing=both"):
         train(cfg)
 
 

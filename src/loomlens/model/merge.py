@@ -1,7 +1,9 @@
 """Merge a LoRA/DoRA adapter into its base: a plain Florence-2 folder, no peft or loomlens.
 
 The result loads with `Florence2ForConditionalGeneration.from_pretrained(OUT)` and
-`AutoProcessor.from_pretrained(OUT)` and computes what base + adapter computes. An adapter on
+`AutoProcessor.from_pretrained(OUT)` (with its PIL image processor where torchvision is
+installed: `model.loader.load_processor`, and the folder's README says how without loomlens)
+and computes what base + adapter computes. An adapter on
 `lm_head` was trained on an untied copy of the embedding (see `loomlens.model.lora`), so the
 merged folder stores `lm_head` separately with `tie_word_embeddings: false`; the input
 embeddings stay the base's.

@@ -64,7 +64,8 @@ def prediction_record(item: Item, prediction: Prediction) -> dict:
         "trained": prediction.trained,
         "tiled": prediction.tiled,
         "dropped": prediction.dropped,
-        "answer_probability": None if prediction.answer_probability is None else round(prediction.answer_probability, 5),
+        # Unrounded: on a model sure of its answer it sits within 1e-6 of 1, and ties would blur the ranking.
+        "answer_probability": prediction.answer_probability,
     }
 
 

@@ -55,7 +55,7 @@ class Prediction:
     tiled frame, beam search or the onnx backend). `answer_probability`: the model's
     probability that its answer is not empty, for `od` that the image holds a defect (the
     highest over a tiled frame's pieces; `infer.detection.answer_probability`): the score to
-    sort frames OK/NG by."""
+    sort frames OK/NG by. It is the model's, before region rules and the score threshold."""
 
     task: str
     width: int

@@ -34,8 +34,8 @@ def prediction_json(prediction) -> dict:
         "tiled": bool(getattr(prediction, "tiled", False)),
         "dropped": int(getattr(prediction, "dropped", 0)),
         "scale": round(float(getattr(prediction, "scale", 1.0)), 4),
-        "answer_probability": None if getattr(prediction, "answer_probability", None) is None
-        else round(float(prediction.answer_probability), 5),
+        # Unrounded, like the scores: near 1, rounding would tie frames a line ranks by it.
+        "answer_probability": getattr(prediction, "answer_probability", None),
     }
 
 

@@ -73,7 +73,7 @@ def settle_micro_batch(s: Session, *, resume: bool) -> TrainConfig:
     recorded = None
     if resume:
         recorded = recorded_micro_batch(load_config(TrainConfig, cfg.out / "config.yaml", {"out": str(cfg.out)}))
-    if asked != "auto":  # on resume, another size than the recorded one is refused (`amend_config`)
+    if asked != "auto":  # on resume, another size than the recorded one is an amendment (`amend_config`)
         size, why = asked, "recorded by the run" if asked == recorded else "speed.micro_batch"
     elif recorded is not None:
         size, why = recorded, "recorded by the run"

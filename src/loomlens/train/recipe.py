@@ -452,7 +452,9 @@ def window_batches(s: Session, windows: list[list[list[int]]]) -> Iterator[list[
 def forward_backward(s: Session, micro: list[dict[str, torch.Tensor]]) -> float:
     """Accumulate the gradients of one window; return its mean loss per token. A pass that runs
     CUDA out of memory halves the micro-batch (`shrink_micro_batch`) and the window is made
-    again in smaller pieces: the same samples, so the same step."""
+    again in smaller pieces: the same samples, so the same gradient up to rounding (with
+    dropout on, other masks). A time budget re-plans its steps at the next evaluation, as it
+    does whenever the step rate moves (`keep_to_budget`)."""
     while True:
         try:
             return window_loss(s, cut_pieces(micro, s.micro_batch))
@@ -469,11 +471,12 @@ def shrink_micro_batch(s: Session) -> None:
     size, world = s.micro_batch, s.accelerator.num_processes
     smaller = smaller_micro_batch(size, s.cfg.batch_size)
     if smaller is None or world > 1:
-        raise RuntimeError(
-            f"CUDA ran out of memory at step {s.state.step + 1} with {size} sample(s) a pass"
-            f"{f' on one of {world} processes' if world > 1 else ''}; the last save is in {s.last_dir}. "
-            f"Resume with `loomlens train --resume {s.run_dir}` and speed.micro_batch={smaller or 1} or "
-            "speed.gradient_checkpointing=both (a lower image size or LoRA rank needs a new run)")
+        less = (f"speed.micro_batch={smaller} or " if smaller else "") + "speed.gradient_checkpointing=both"
+        go_on = (f"the last save is in {s.last_dir}: resume with `loomlens train --resume {s.run_dir}` and {less} "
+                 "(a lower image size or LoRA rank needs a new run)" if has_checkpoint(s.last_dir) else
+                 f"nothing was saved yet: start again with {less}, a lower image size or a lower LoRA rank")
+        raise RuntimeError(f"CUDA ran out of memory at step {s.state.step + 1} with {size} sample(s) a pass"
+                           f"{f' on one of {world} processes' if world > 1 else ''}; {go_on}")
     s.optimizer.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
     s.cfg = with_micro_batch(s.cfg, smaller)
