@@ -856,6 +856,10 @@ def watch_command(
     m: int = typer.Option(5, min=1, help="An event ends after M frames in a row without its defect."),
     iou: float = typer.Option(0.3, min=0.01, max=1.0, help="Overlap (IoU) at which a box is the same defect."),
     score_threshold: float = typer.Option(0.0, min=0.0, max=1.0, help="Ignore boxes scoring lower."),
+    flag_threshold: float | None = typer.Option(
+        None, min=0.0, max=1.0, help="Also record a frame left without a box whose defect probability is at least "
+        "this, as an 'unlocated' box over the whole frame (take `loomlens eval`'s threshold for the false-alarm rate "
+        "you accept). Default: off."),
     webhook: list[str] = typer.Option([], help="POST each new event as JSON to this URL (repeat for more)."),
     on_event: list[str] = typer.Option([], help="Run this command per new event (event JSON on stdin and in "
                                        "$LOOMLENS_EVENT; repeat for more)."),
@@ -901,7 +905,8 @@ def watch_command(
         predictor = Predictor(model=model, adapter=adapter, device=_device(device), checkpoint=checkpoint,
                               regions=regions, precision=precision, max_tiles=max_tiles, backend=backend)
         watcher = Watcher(sources=opened, detect=predictor_detector(predictor, tile=tile,
-                                                                    score_threshold=score_threshold),
+                                                                    score_threshold=score_threshold,
+                                                                    flag_threshold=flag_threshold),
                           store=store, media=media, debounce=debounce, alerts=alerts, retention=retention)
     except (FileNotFoundError, ValueError, RuntimeError, ModelLoadError) as err:
         for source in opened:

@@ -113,10 +113,14 @@ def image_level_by_class(
 
 
 def summary_line(metrics: Mapping) -> str:
-    """One line for a console or report: AUROC and recall at each false-alarm rate."""
+    """One line for a console or report: AUROC, and recall at each false-alarm rate with the
+    score threshold that gives it (what a line sets, e.g. `loomlens watch --flag-threshold`)."""
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f} %"
     auroc = metrics.get("auroc")
+    thresholds = metrics.get("threshold_at_fpr", {})
     parts = [f"AUROC {'-' if auroc is None else f'{auroc:.3f}'}"]
-    parts += [f"recall {pct(r)} at <= {pct(float(k))} false alarms" for k, r in metrics["recall_at_fpr"].items()]
+    for k, r in metrics["recall_at_fpr"].items():
+        t = thresholds.get(k)
+        parts.append(f"recall {pct(r)} at <= {pct(float(k))} false alarms" + ("" if t is None else f" (score >= {t:.4g})"))
     return ", ".join(parts)

@@ -31,15 +31,30 @@ from loomlens.watch.sources import END, Frame
 log = logging.getLogger("loomlens.watch")
 
 Detect = Callable[[list[Image.Image]], list[list[Box]]]
+#: The label of a whole-frame box for a frame the model holds defective without placing a box.
+UNLOCATED = "unlocated"
 
 
-def predictor_detector(predictor, *, tile: str = "auto", score_threshold: float = 0.0) -> Detect:
+def predictor_detector(predictor, *, tile: str = "auto", score_threshold: float = 0.0,
+                       flag_threshold: float | None = None) -> Detect:
     """A `Detect` over a `loomlens.predict.Predictor` (or an object with its `predict`): `od`
     boxes per image, tiled as the run was trained (`tile` auto) and filtered by its region
-    rules and `score_threshold`."""
+    rules and `score_threshold`.
+
+    With `flag_threshold`, a frame left without a box whose defect probability
+    (`Prediction.answer_probability`) is at least it gets one box over the whole frame,
+    labelled `UNLOCATED` and scored by that probability, so a defect the model is sure of but
+    could not place still becomes an event (debounced like any box: the same whole-frame box
+    frame after frame). The probability is the model's before region rules, which cannot
+    place it either."""
+
+    def boxes(p) -> list[Box]:
+        if p.boxes or flag_threshold is None or p.answer_probability is None or p.answer_probability < flag_threshold:
+            return p.boxes
+        return [Box(UNLOCATED, 0.0, 0.0, float(p.width), float(p.height), p.answer_probability)]
 
     def detect(images: list[Image.Image]) -> list[list[Box]]:
-        return [p.boxes for p in predictor.predict(images, task="od", tile=tile, score_threshold=score_threshold)]
+        return [boxes(p) for p in predictor.predict(images, task="od", tile=tile, score_threshold=score_threshold)]
 
     return detect
 
