@@ -47,6 +47,24 @@ def example_frames(folder: Path, count: int = 4, seed: int = 7) -> list[str]:
     return paths
 
 
+def status_line(result: dict, ms: float) -> str:
+    """The line under a result (markdown): task, size, what was found and in how long, tiling,
+    the frame's defect probability for `od`, and a warning for a task the model was not trained for."""
+    n_boxes, n_polys = len(result["detections"]), len(result["polygons"])
+    parts = [f"{n_boxes} detection{'s' if n_boxes != 1 else ''}"]
+    if n_polys:
+        parts.append(f"{n_polys} polygon{'s' if n_polys != 1 else ''}")
+    status = (f"**{TASKS[result['task']].title}** on a {result['width']}x{result['height']} image: "
+              f"{', '.join(parts)} in {ms:.0f} ms")
+    if result["tiled"]:
+        status += " (tiled)"
+    if result["task"] == "od" and result["answer_probability"] is not None:
+        status += f"; defect probability {result['answer_probability']:.2f}"
+    if not result["trained"]:
+        status += ". *This model was not fine-tuned for this task; its answer may be noise.*"
+    return status
+
+
 def build_page(service, examples: list[str], title: str = "loomlens: fabric defects",
                events: EventStore | None = None) -> gr.Blocks:
     """`service.run(data: bytes, task, text, tile, score_threshold) -> (image, prediction, result)`
@@ -74,19 +92,7 @@ def build_page(service, examples: list[str], title: str = "loomlens: fabric defe
         except InputError as exc:
             raise gr.Error(exc.message, title=f"{exc.status} {exc.code}", print_exception=False) from None
         drawn = draw_prediction(image, prediction)
-        ms = 1000 * (time.perf_counter() - started)
-        n_boxes, n_polys = len(result["detections"]), len(result["polygons"])
-        parts = [f"{n_boxes} detection{'s' if n_boxes != 1 else ''}"]
-        if n_polys:
-            parts.append(f"{n_polys} polygon{'s' if n_polys != 1 else ''}")
-        status = (f"**{TASKS[result['task']].title}** on a {result['width']}x{result['height']} image: "
-                  f"{', '.join(parts)} in {ms:.0f} ms")
-        if result["tiled"]:
-            status += " (tiled)"
-        if result["task"] == "od" and result["answer_probability"] is not None:
-            status += f"; defect probability {result['answer_probability']:.2f}"
-        if not result["trained"]:
-            status += ". *This model was not fine-tuned for this task; its answer may be noise.*"
+        status = status_line(result, 1000 * (time.perf_counter() - started))
         return drawn, table_rows(result), result["text"], status
 
     with gr.Blocks(title=title, analytics_enabled=False) as page:
