@@ -582,6 +582,7 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
+    from loomlens.evaluate.inspection import summary_line
     from loomlens.evaluate.report import write_report
     from loomlens.infer.loading import load_for_inference
     from loomlens.model.loader import ModelLoadError
@@ -618,6 +619,7 @@ def eval_command(
                     for v in (frames["auroc"], frames["recall_at_fpr"].get("0.01"))),
                   f"{metrics['seconds_per_image']:.3f}")
     Console().print(table)
+    typer.echo(f"OK/NG by the defect probability: {summary_line(frames)}")
     typer.echo(f"report: {out / 'report.md'}")
 
 

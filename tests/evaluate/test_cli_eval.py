@@ -19,6 +19,7 @@ def test_eval_command_writes_the_report(tmp_path):
     assert metrics["model"] == "tiny" and metrics["split"] == "val" and "map50" in metrics
     assert (tmp_path / "eval" / "report.md").exists()
     assert "recall @1% FA" in result.output.replace("\n", " ") or "recall @1%" in result.output
+    assert "OK/NG by the defect probability: AUROC" in result.output  # with the score for each rate, if any
     assert metrics["constrained"] is False  # a bare model has no classes: the free form
     assert metrics["tile"] is None  # nor a crop: whole frames
 
