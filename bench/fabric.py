@@ -24,7 +24,6 @@ made and the best step; beside them the untrained tiny model on the same frames.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -32,8 +31,8 @@ from typing import Any
 
 from bench.common import RESULTS, Table, common_flags, fmt, publish
 from bench.real import (
-    SCORE_COLUMNS, SCORE_NOTE, loomlens, predicted_boxes, rescore, rescored_note, score_cells, scores, test_frames,
-    train_and_score,
+    SCORE_COLUMNS, SCORE_NOTE, loomlens, predicted_boxes, rescored, rescored_note, run_flags, score_cells, scores,
+    test_frames, train_and_score,
 )
 
 NAME = "fabric"
@@ -80,22 +79,14 @@ def tables(result: dict[str, Any]) -> list[Table]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fabric", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=1200, help="training seconds per run")
-    parser.add_argument("--small", action="store_true", help="300 s of training instead of --budget")
+    run_flags(parser)
     parser.add_argument("--images", type=int, default=300, help="frames drawn before the split")
     parser.add_argument("--size", type=int, default=512, help="frame edge in pixels")
     parser.add_argument("--seed", type=int, default=11, help="seed of the frames")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a second run with these train overrides beside the default (repeatable)")
-    parser.add_argument("--tag", default="variant", help="name of the --set run")
-    parser.add_argument("--rescore", action="store_true",
-                        help="predict and score the adapters of the saved result (--out) again; no training")
     common_flags(parser, NAME)
     args = parser.parse_args(argv)
     if args.rescore:
-        frames, truth, classes = test_frames(WORK / "data")
-        saved = json.loads(args.out.read_text())
-        return publish(NAME, rescore(saved, frames, truth, classes, work=WORK, tile=None), args.out, argv, tables)
+        return rescored(NAME, args, argv, tables, WORK, None)
     budget = 300.0 if args.small else args.budget
     source, data = WORK / "source", WORK / "data"
     write_frames(source, args.images, args.seed, args.size)

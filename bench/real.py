@@ -166,6 +166,26 @@ def rescore(saved: dict[str, Any], frames, truth, classes, work: Path = WORK, ti
     return {**kept, "untrained": scores(truth, found, classes, probabilities), "runs": runs, "rescored_from": trained_by}
 
 
+def run_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags `bench.real` and `bench.fabric` share: the training budget, a variant run
+    beside the default, and `--rescore`."""
+    parser.add_argument("--budget", type=float, default=1200, help="training seconds per run")
+    parser.add_argument("--small", action="store_true", help="300 s of training instead of --budget")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a second run with these train overrides beside the default (repeatable)")
+    parser.add_argument("--tag", default="variant", help="name of the --set run")
+    parser.add_argument("--rescore", action="store_true",
+                        help="predict and score the adapters of the saved result (--out) again; no training")
+
+
+def rescored(name: str, args: argparse.Namespace, argv, tables, work: Path, tile: int | None) -> int:
+    """`--rescore`: the saved result at `args.out` re-scored (`rescore`) on the test frames in
+    `work/data`, published in its place."""
+    frames, truth, classes = test_frames(work / "data")
+    result = rescore(json.loads(args.out.read_text()), frames, truth, classes, work=work, tile=tile)
+    return publish(name, result, args.out, argv, tables)
+
+
 def rescored_note(result: dict[str, Any]) -> list[str]:
     """The note a re-scored result's table carries: whose training it scores again."""
     saved = result.get("rescored_from")
@@ -217,19 +237,12 @@ def tables(result: dict[str, Any]) -> list[Table]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.real", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=1200, help="training seconds per run")
-    parser.add_argument("--small", action="store_true", help="300 s of training instead of --budget")
+    run_flags(parser)
     parser.add_argument("--data", type=Path, default=AITEX, help="a LabelImg folder of real fabric")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a second run with these train overrides beside the default (repeatable)")
-    parser.add_argument("--tag", default="variant", help="name of the --set run")
-    parser.add_argument("--rescore", action="store_true",
-                        help="predict and score the adapters of the saved result (--out) again; no training")
     common_flags(parser, NAME)
     args = parser.parse_args(argv)
     if args.rescore:
-        frames, truth, classes = test_frames(WORK / "data")
-        return publish(NAME, rescore(json.loads(args.out.read_text()), frames, truth, classes), args.out, argv, tables)
+        return rescored(NAME, args, argv, tables, WORK, TILE)
     if not (args.data / "annotations").exists() and not any(args.data.glob("*.xml")):
         parser.error(f"no LabelImg folder at {args.data}: expected ../shared/data/aitex beside the checkout")
     budget = 300.0 if args.small else args.budget
