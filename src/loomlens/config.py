@@ -112,8 +112,8 @@ class SpeedSettings(BaseModel):
     micro_batch: Literal["auto"] | int = Field(
         "auto", description="samples per forward + backward: each batch of batch_size is split into passes of this "
         "many, their gradients accumulated (the same step, less memory). auto: the whole batch on a CPU; on CUDA the "
-        "largest divisor of batch_size that fits, tried on the longest training samples. A run records the size it "
-        "used in config.yaml and resumes with it",
+        "largest divisor of batch_size that fits, tried on the longest training samples, halved if a later pass runs out "
+        "of memory. A run records the size it uses in config.yaml and resumes with it",
     )
 
     @field_validator("micro_batch", mode="before")
