@@ -22,6 +22,11 @@ def test_the_models_answer_probability_scores_the_frame_when_measured() -> None:
     assert frame_score([Box("drop", 0, 0, 1, 1, 0.2)], None) == 0.2
 
 
+def test_the_summary_line_gives_the_score_to_set_for_each_false_alarm_rate() -> None:
+    line = summary_line(image_level(scores=[0.9, 0.8, 0.3, 0.1], defective=[True, True, False, False]))
+    assert "recall 100.0 % at <= 1.0 % false alarms (score >= 0.3)" in line  # just above the best good frame
+
+
 def test_perfect_separation() -> None:
     m = image_level(scores=[0.9, 0.8, 0.1, 0.0, 0.2], defective=[True, True, False, False, False])
     assert m["auroc"] == 1.0

@@ -212,7 +212,7 @@ def labelstudio_tasks(records: Sequence[ImageRecord], urls: Sequence[str], model
     probabilities = answer_probabilities or [None] * len(records)
     for record, url, p in zip(records, urls, probabilities, strict=True):
         results = [_result(b, record.width, record.height, i) for i, b in enumerate(record.boxes)]
-        score = min((r["score"] for r in results), default=1.0 if p is None else round(1.0 - p, 5))
+        score = min((r["score"] for r in results), default=1.0 if p is None else 1.0 - p)
         tasks.append({"data": {"image": url}, "predictions": [
             {"model_version": model_version, "score": score, "result": results}]})
     return tasks
