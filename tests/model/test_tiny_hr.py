@@ -45,7 +45,7 @@ def present(monkeypatch, small_hr):
 def test_an_absent_tiny_hr_names_its_folder_and_the_command_that_makes_it(absent) -> None:
     with pytest.raises(ModelLoadError) as err:
         load_model("tiny-hr")
-    assert str(absent) in str(err.value) and "scripts/pretrain-tiny-hr.sh" in str(err.value)
+    assert str(absent) in str(err.value) and "scripts/pretrain-fabric.sh" in str(err.value)
 
 
 def test_a_present_tiny_hr_loads_by_name_with_its_own_input_size(present) -> None:

@@ -222,7 +222,7 @@ def test_a_warm_started_fabric_run_at_a_larger_size_exports_and_reloads(tmp_path
     assert model.config.text_config.max_position_embeddings >= 6 * 6 + 1 + 64
 
 
-@pytest.mark.parametrize("script", ["pretrain-gpu.sh", "pretrain-tiny-hr.sh"])
+@pytest.mark.parametrize("script", ["pretrain-gpu.sh", "pretrain-fabric.sh"])
 def test_the_gpu_scripts_pass_only_options_the_command_has(script) -> None:
     """A misspelt flag would fail the GPU run only once the machine is paid for."""
     import re

@@ -30,8 +30,8 @@ EMBEDDED = {
     "tiny": Embedded(ASSETS / "tiny-florence2",
                      "python -m loomlens.train.pretrain --out src/loomlens/assets/tiny-florence2"),
     "tiny-hr": Embedded(ASSETS / "tiny-hr-florence2",
-                        "scripts/pretrain-tiny-hr.sh SECONDS on a GPU, or the CPU route in docs/training.md, "
-                        "then copy the asset it writes to src/loomlens/assets/tiny-hr-florence2"),
+                        "scripts/pretrain-fabric.sh 384 INIT SECONDS ASSET on a GPU, or the CPU route in "
+                        "docs/training.md, then copy the asset it writes to src/loomlens/assets/tiny-hr-florence2"),
 }
 #: The embedded default, shipped inside the package.
 TINY_DIR = EMBEDDED["tiny"].folder
