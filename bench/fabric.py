@@ -9,9 +9,11 @@ Why: the default was chosen on the demo's synthetic loom frames and on AITEX, an
 judged on real fabric nobody here has seen. This set stands in for such a set: frames of
 `loomlens.data.fabric_scenes` (plain and twill weaves and knits, grey and colour, lighting and
 sensor noise) at 512 px, 30 % defect-free, with `hole`, `knot`, `stain`, `thread`, `gap` and
-`crease` defects, a third of them faint, threads down to 3 px. The shipped tiny model was
-pretrained without them (its held-out fabric mAP50 is 0.000: docs/training.md), so a run has
-to learn them as it would a plant's. It is still synthetic: a real set's figures will differ.
+`crease` defects, a third of them faint, threads down to 3 px. The tiny v3 was pretrained
+without them (its held-out fabric mAP50 is 0.000: docs/training.md), so a run from it had to
+learn them as it would a plant's; the tiny v4 and tiny-hr were pretrained on other frames of
+this generator, words included, so for them this set is familiar cloth, not an unseen one.
+It is synthetic either way: a real set's figures will differ.
 
 What a user would do, command for command: the frames written as a LabelImg folder, `loomlens
 convert SRC D --flip` with a 20 % test split (seed 0), `loomlens train --data D --out R
