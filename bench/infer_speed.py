@@ -9,7 +9,7 @@ split, or the first --images), scored against their own truth: give the adapter'
 of synthetic loom frames (`loomlens synth`, a --seed the demo does not train on) is used, on
 which a trained adapter scores near 0 (mAP there compares the ways, not the adapter).
 
-Six ways run in this process, each after a warm-up image, --repeats times in alternating order:
+Seven ways run in this process, each after a warm-up image, --repeats times in alternating order:
 
 - `seed`: the seed's inference (`bench.common.seed_detect`: Florence-2's sample code): one
   image at a time, the processor's inputs, 3 beams, `max_new_tokens=1024` (capped at the
@@ -25,7 +25,9 @@ Six ways run in this process, each after a warm-up image, --repeats times in alt
 - `loomlens, free form` (or `constrained`, when the run has no classes and the default is
   free): the other decoding;
 - `loomlens, batch 1`: loomlens one image at a time, to show what batching adds;
-- `loomlens, fp32` (or `bf16` where auto picks fp32): the other precision.
+- `loomlens, fp32` (or `bf16` where auto picks fp32): the other precision;
+- `loomlens, one stream`: each batch as one call, to show what running its halves at once
+  adds on a CPU (`infer/streams.py`).
 
 Without --adapter all use the bare base model. Since the gap depends on how long the answers
 are (weights that never stop run to the cap; trained ones stop after their boxes), the seed's
@@ -48,6 +50,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from loomlens.config import INFER_BATCH_SIZE
 
 from bench.common import (
     SEED_BEAMS, SEED_MAX_NEW_TOKENS, Table, answer_tokens, common_flags, device, fmt, forced_answer_seconds,
@@ -92,15 +96,17 @@ def split_frames(data: Path, split: str, images: int | None) -> tuple[list[Path]
 
 
 def loomlens_pass(model, processor, paths: list[Path], batch_size: int, max_boxes: int, constrained: bool,
-                  classes: list[str]) -> dict[str, Any]:
-    """loomlens's way: batched, greedy, bounded budget; per-image latency = its batch's time."""
+                  classes: list[str], streams: int | None = None) -> dict[str, Any]:
+    """loomlens's way: batched, greedy, bounded budget, a batch's halves at once on a CPU
+    (`streams` None; 1: one call at a time); per-image latency = its batch's time."""
     from loomlens.infer.detection import batched, detect_with_details
 
     latencies, boxes, tokens, seconds = [], [], [], 0.0
     for chunk in batched(paths, batch_size):
         start = time.perf_counter()
         found = detect_with_details(model, processor, open_images(chunk), max_boxes=max_boxes,
-                                    batch_size=batch_size, constrained=constrained, classes=classes)
+                                    batch_size=batch_size, constrained=constrained, classes=classes,
+                                    streams=streams)
         elapsed = time.perf_counter() - start
         seconds += elapsed
         latencies += [elapsed] * len(chunk)
@@ -183,8 +189,9 @@ def tables(result: dict[str, Any]) -> list[Table]:
         "post_process_generation, every score 1; loomlens (as `loomlens predict` and `eval` run it): "
         f"batch {result['batch_size']}, greedy, {loomlens_decoding}, max_new_tokens {result['loomlens_budget']} "
         f"({result['max_boxes']} boxes), adapter merged, weights in {precision} (`--precision auto` on this "
-        f"machine), scores from the generation; batch 1: loomlens one image at a time (what batching adds); "
-        f"{other}: loomlens with {other} weights (what the precision adds)."),
+        f"machine), scores from the generation, on a CPU each batch as two halves at once; batch 1: loomlens one "
+        f"image at a time (what batching adds); {other}: loomlens with {other} weights (what the precision adds); "
+        "one stream: each batch as one call (what its halves at once add)."),
         (f"Each way ran {result.get('repeats', 1)} pass(es) over the frames, in alternating order; images/s "
         "from the median pass. Latency of an image in a batch is its batch's time. A model that never stops "
         "runs every answer to its cap, so tokens/image shows how much of the gap is budget."),
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1000, help="synth seed (the demo trains on seed 0)")
     parser.add_argument("--model", default=None, help="base model (default: the adapter's, else tiny)")
     parser.add_argument("--adapter", default=None, help="training run or adapter folder")
-    parser.add_argument("--batch-size", type=int, default=16, help="loomlens's batch (Predictor's default)")
+    parser.add_argument("--batch-size", type=int, default=INFER_BATCH_SIZE, help="loomlens's batch (predict's default)")
     parser.add_argument("--max-boxes", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1, help="passes per way (the order alternates)")
     parser.add_argument("--answer-boxes", type=int, nargs="*", default=[0, 1, 4, 16],
@@ -267,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         classes = classes or data_classes
         constrained = bool(classes) and args.adapter is not None  # `predict`'s default: the run's classes
 
-        def loomlens(images, batch_size=args.batch_size, grammar=constrained, dtype=precision):
-            return loomlens_pass(fast[dtype], processor, images, batch_size, args.max_boxes, grammar, classes)
+        def loomlens(images, batch_size=args.batch_size, grammar=constrained, dtype=precision, streams=None):
+            return loomlens_pass(fast[dtype], processor, images, batch_size, args.max_boxes, grammar, classes, streams)
 
         ways = {
             "seed": lambda images: seed_pass(slow, processor, images),
@@ -278,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda images: loomlens(images, grammar=not constrained),
             "loomlens, batch 1": lambda images: loomlens(images, batch_size=1),
             f"loomlens, {other}": lambda images: loomlens(images, dtype=other),
+            "loomlens, one stream": lambda images: loomlens(images, streams=1),
         }
         for way in ways.values():
             way(paths[:1])  # warm-up

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.markup import escape
 
-from loomlens.config import DEVICE_HELP
+from loomlens.config import DEVICE_HELP, INFER_BATCH_SIZE
 
 if TYPE_CHECKING:  # imported for annotations only: the commands import them when run
     from loomlens.events import EventStore
@@ -567,7 +567,7 @@ def eval_command(
     model: str | None = typer.Option(None, help="Base model; without --run, evaluates the bare model."),
     split: str = typer.Option("val", help="Split to evaluate: val or test."),
     out: Path | None = typer.Option(None, help="Report folder (default: RUN/eval-SPLIT, else runs/eval-SPLIT)."),
-    batch_size: int = typer.Option(16, min=1, help="Images per generation batch."),
+    batch_size: int = typer.Option(INFER_BATCH_SIZE, min=1, help="Images per generation batch."),
     max_boxes: int = typer.Option(20, min=1, help="Most boxes read per image (sets the token budget)."),
     max_images: int | None = typer.Option(None, min=1, help="Evaluate only the first N images."),
     constrained: bool | None = typer.Option(None, "--constrained/--no-constrained", help="Decode <OD> through the "
@@ -646,7 +646,7 @@ def predict_command(
                                            "annotation files already there are kept, never overwritten."),
     draw: bool = typer.Option(True, help="Write drawn images to OUT/drawn/."),
     max_boxes: int = typer.Option(20, min=1, help="Most boxes read per image."),
-    batch_size: int = typer.Option(16, min=1, help="Images per generation batch."),
+    batch_size: int = typer.Option(INFER_BATCH_SIZE, min=1, help="Images per generation batch."),
     constrained: bool | None = typer.Option(None, "--constrained/--no-constrained", help="Decode <OD> through the "
                                             "run's class grammar (default: on when the run has classes; "
                                             "--no-constrained reads the free form)."),
@@ -765,7 +765,7 @@ def select_command(
     tile: str = typer.Option("auto", help="Tiled detection on large frames: auto, on or off."),
     tile_size: int | None = typer.Option(None, min=32, help="Tile edge in pixels (default: the run's)."),
     max_boxes: int = typer.Option(20, min=1, help="Most boxes read per frame."),
-    batch_size: int = typer.Option(16, min=1, help="Images per generation batch."),
+    batch_size: int = typer.Option(INFER_BATCH_SIZE, min=1, help="Images per generation batch."),
     constrained: bool | None = typer.Option(None, "--constrained/--no-constrained", help="Decode <OD> through the "
                                             "run's class grammar (default: on when the run has classes)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),

@@ -24,6 +24,10 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 #: What `--device` takes, for every command's help (`model.runtime.resolve_device` resolves it).
 DEVICE_HELP = "auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:N or mps."
+#: Images per generation call of `predict`, `eval` and `select` unless told otherwise: on a CPU
+#: two halves of 16 at once (`infer/streams.py`); halves of 8 gained a third as much
+#: (docs/benchmarks.md, "Inference speed").
+INFER_BATCH_SIZE = 32
 
 
 def check_device_name(name: str) -> str:

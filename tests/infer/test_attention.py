@@ -2,6 +2,7 @@
 the same results either way, and the timed choice kept for the machine."""
 
 import json
+import threading
 import types
 
 import pytest
@@ -111,7 +112,7 @@ def test_the_choice_is_kept_for_the_next_process_on_the_machine(own_cache, monke
 
 def test_another_machine_or_a_damaged_cache_times_anew(own_cache, monkeypatch):
     own_cache.parent.mkdir(parents=True)
-    own_cache.write_text(json.dumps({"another CPU | torch 0 | 64 threads": {"x": {"math": True}}}))
+    own_cache.write_text(json.dumps({"another CPU | torch 0": {"x": {"math": True}}}))
     calls = _fake_kernels(monkeypatch, 1.0, 1.0)  # a tie: timed, and SDPA kept
     assert _one_call(calls) == ["sdpa"] * 4 + ["math"] * 4 + ["sdpa"]
     assert len(json.loads(own_cache.read_text())) == 2  # the other machine's choices stay
@@ -157,3 +158,33 @@ def test_a_batch_that_pads_is_masked_as_sdpa_masks_it():
     ready = ready_for_inference(model, "fp32")
     assert ready.config._attn_implementation == NAME
     torch.testing.assert_close(ready(**inputs, decoder_input_ids=decoder).logits, expected, rtol=0, atol=1e-4)
+
+
+def test_the_choice_does_not_depend_on_the_thread_count(own_cache, monkeypatch):
+    """A batch's halves run on fewer threads than a lone image (`infer/streams.py`): both
+    must find the same kept choice, or an image's answer would depend on its company."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = attention.machine_signature()
+        torch.set_num_threads(1)
+        assert attention.machine_signature() == two
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_two_streams_meeting_a_new_shape_time_it_once(monkeypatch):
+    calls = _fake_kernels(monkeypatch, 3.0, 1.0)
+    start = threading.Barrier(2)
+
+    def call():
+        start.wait()
+        shape_aware(_module(), *(torch.zeros(8, 2, 64, 16) for _ in range(3)))
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(calls) == sorted(["sdpa"] * 4 + ["math"] * 4 + ["math"] * 2)  # one timing, two calls
+    assert len(attention._ON_MATH) == 1

@@ -27,6 +27,7 @@ from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, 
 from loomlens.evaluate.inspection import frame_score, image_level, image_level_by_class, summary_line
 from loomlens.evaluate.metrics import evaluate_coco
 from loomlens.evaluate.plots import plot_confusion, plot_gallery, plot_pr_curves, plot_reliability
+from loomlens.config import INFER_BATCH_SIZE
 from loomlens.infer.detection import Detection, answer_probability, batched, detect_with_details
 from loomlens.infer.tiling import should_tile, tiled_detect
 
@@ -67,7 +68,7 @@ def od_images(jsonl: Path, max_images: int | None = None) -> list[EvalImage]:
 
 
 def run_split(
-    model, processor, images: Sequence[EvalImage], classes: Sequence[str] = (), batch_size: int = 8,
+    model, processor, images: Sequence[EvalImage], classes: Sequence[str] = (), batch_size: int = INFER_BATCH_SIZE,
     max_boxes: int = 20, constrained: bool = False, tile: int | None = None,
 ) -> EvalRun:
     """`<OD>` on every image, loading `batch_size` images at a time (a split of 2560x1440
@@ -125,7 +126,8 @@ def split_metrics(run: EvalRun, classes: Sequence[str]):
 
 
 def evaluate_jsonl(
-    model, processor, jsonl: Path, *, max_images: int | None = None, batch_size: int = 8, tile: int | None = None
+    model, processor, jsonl: Path, *, max_images: int | None = None, batch_size: int = INFER_BATCH_SIZE,
+    tile: int | None = None
 ) -> dict:
     """The metrics of `split_metrics` for `model` on the `<OD>` samples of a converted split,
     large frames tiled at `tile` when given (`run_split`). Classes come from the split's
@@ -185,7 +187,7 @@ def _markdown(metrics: dict, plots: dict[str, str], title: str) -> str:
 
 
 def write_report(
-    model, processor, jsonl: Path, out: Path, *, classes: Sequence[str] = (), batch_size: int = 8,
+    model, processor, jsonl: Path, out: Path, *, classes: Sequence[str] = (), batch_size: int = INFER_BATCH_SIZE,
     max_boxes: int = 20, constrained: bool = False, max_images: int | None = None,
     gallery_size: int = 8, title: str = "loomlens evaluation", extra: dict | None = None, tile: int | None = None,
 ) -> dict:

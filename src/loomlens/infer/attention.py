@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 
 import torch
@@ -53,6 +54,7 @@ MARGIN = 2.5
 CACHE_FILE = "attention.json"
 #: Shape class (`_shape_class`) -> whether it runs on the math path, for this process.
 _ON_MATH: dict[tuple, bool] = {}
+_DECIDING = threading.Lock()
 
 
 def _math_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **_):
@@ -123,15 +125,22 @@ def _math_is_faster(module, query, key, value, attention_mask, kwargs) -> bool:
     machine chose, else timed on this call's own tensors (both kernels) and kept."""
     shape = _shape_class(query, key, attention_mask)
     if shape not in _ON_MATH:
-        name = "|".join(str(part) for part in shape)
-        on_math = _cached_choice(name)
-        if on_math is None:
-            sdpa = _seconds(sdpa_attention_forward, module, query, key, value, attention_mask, **kwargs)
-            plain = _seconds(_math_attention, module, query, key, value, attention_mask, **kwargs)
-            on_math = sdpa >= MARGIN * plain
-            _keep(name, sdpa, plain, on_math)
-        _ON_MATH[shape] = on_math
+        with _DECIDING:  # two streams (`infer/streams.py`) meeting a new shape: one decides
+            if shape not in _ON_MATH:
+                _ON_MATH[shape] = _decide(shape, module, query, key, value, attention_mask, kwargs)
     return _ON_MATH[shape]
+
+
+def _decide(shape: tuple, module, query, key, value, attention_mask, kwargs) -> bool:
+    """The kernel of `shape`'s class: an earlier process's choice, else timed and kept."""
+    name = "|".join(str(part) for part in shape)
+    on_math = _cached_choice(name)
+    if on_math is None:
+        sdpa = _seconds(sdpa_attention_forward, module, query, key, value, attention_mask, **kwargs)
+        plain = _seconds(_math_attention, module, query, key, value, attention_mask, **kwargs)
+        on_math = sdpa >= MARGIN * plain
+        _keep(name, sdpa, plain, on_math)
+    return on_math
 
 
 def shape_aware(module, query, key, value, attention_mask=None, **kwargs):

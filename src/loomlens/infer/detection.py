@@ -13,6 +13,7 @@ from typing import TypeVar
 from PIL import Image
 from transformers import LogitsProcessorList
 
+from loomlens.config import INFER_BATCH_SIZE
 from loomlens.data.records import Box
 from loomlens.infer.generation import (
     DEFAULT_LABEL_TOKENS,
@@ -23,6 +24,7 @@ from loomlens.infer.generation import (
 )
 from loomlens.infer.grammar import BoxGrammar
 from loomlens.infer.scoring import ScoreMethod, scored_boxes
+from loomlens.infer.streams import in_streams, stream_count
 
 T = TypeVar("T")
 
@@ -57,18 +59,20 @@ def detect_with_details(
     task: str = "<OD>",
     text: str | None = None,
     max_boxes: int = 20,
-    batch_size: int = 8,
+    batch_size: int = INFER_BATCH_SIZE,
     constrained: bool = False,
     classes: Sequence[str] = (),
     num_beams: int = 1,
     score_method: ScoreMethod = "product",
+    streams: int | None = None,
 ) -> list[Detection]:
     """Run a box task (`<OD>`, `<DENSE_REGION_CAPTION>`, `<CAPTION_TO_PHRASE_GROUNDING>`, ...)
     on `images`, `batch_size` at a time, and return one `Detection` per image.
 
     `text` follows the task token in the prompt (the phrase, for grounding) and names boxes
     that come without a label. `classes` bound the label length of the token budget and, with
-    `constrained=True` (`<OD>` only), are the only labels the model may write.
+    `constrained=True` (`<OD>` only), are the only labels the model may write. Each batch runs
+    as `streams` parts at once (None: `stream_count(model)`, two on a CPU; `infer/streams.py`).
     """
     tokenizer = processor.tokenizer
     # `<OD>` labels are class names; other tasks write captions or phrases, which are longer.
@@ -77,19 +81,21 @@ def detect_with_details(
     if constrained and task != "<OD>":
         raise ValueError(f"constrained decoding is defined for <OD> only, not {task}")
     prompt = task + (text or "")
-    results: list[Detection] = []
-    for chunk in batched(images, batch_size):
-        # A fresh grammar per batch: its memo of prefixes only grows within one generate call.
+
+    def detect_part(part: list[Image.Image]) -> list[Detection]:
+        # A fresh grammar per call: its memo of prefixes only grows within one generate call.
         processors = (
             LogitsProcessorList([BoxGrammar(tokenizer, classes, max_boxes, max_new_tokens)]) if constrained else None
         )
-        generations = generate(
-            model, processor, chunk, [prompt] * len(chunk), max_new_tokens, num_beams, processors
-        )
-        for image, gen in zip(chunk, generations):
+        generations = generate(model, processor, part, [prompt] * len(part), max_new_tokens, num_beams, processors)
+        found = []
+        for image, gen in zip(part, generations):
             boxes, dropped = scored_boxes(tokenizer, gen, image.width, image.height, text or None, score_method)
-            results.append(Detection(boxes[:max_boxes], dropped, gen))
-    return results
+            found.append(Detection(boxes[:max_boxes], dropped, gen))
+        return found
+
+    parts = stream_count(model) if streams is None else streams
+    return [d for chunk in batched(images, batch_size) for d in in_streams(detect_part, chunk, streams=parts)]
 
 
 def answer_probability(detections: Iterable[Detection]) -> float | None:

@@ -72,12 +72,13 @@ def _cpu_name() -> str:
 
 
 def machine_signature() -> str:
-    """What a timing measured on this machine depends on: the CPU model, torch's version and
-    its thread count. A cached timing is reused only under the same signature (a home folder
-    shared between machines, an upgraded torch or another `--threads` time anew)."""
+    """What a kernel choice measured on this machine is kept under: the CPU model and torch's
+    version (a home folder shared between machines, or an upgraded torch, time anew). Not the
+    thread count: a batch's halves run on fewer threads than a lone image (`infer/streams.py`),
+    and an image must meet the same kernels, so the same answer, either way."""
     import torch
 
-    return f"{_cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    return f"{_cpu_name()} | torch {torch.__version__}"
 
 
 def resolve_device(name: str = "auto"):

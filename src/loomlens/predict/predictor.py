@@ -29,6 +29,7 @@ from loomlens.data.records import Box
 from loomlens.data.sanitize import to_rgb
 from loomlens.data.tasks import TASKS, Task, get_task, prompt
 from loomlens.data.tiles import tile_windows
+from loomlens.config import INFER_BATCH_SIZE
 from loomlens.infer.detection import Detection, answer_probability, batched, detect_with_details
 from loomlens.infer.generation import generate
 from loomlens.infer.loading import load_for_inference
@@ -137,7 +138,7 @@ class Predictor:
         adapter: str | Path | None = None,
         device: str = "cpu",
         max_boxes: int = 20,
-        batch_size: int = 16,
+        batch_size: int = INFER_BATCH_SIZE,
         checkpoint: str = "best",
         regions: str | Path | RegionRules | None = None,
         tile_size: int | None = None,
