@@ -6,9 +6,9 @@ Out: the function's results for all items, in order, as one call would give them
 A small Florence-2 leaves a CPU's cores idle under intra-op threading alone: its ops are small
 (the tiny's first DaViT stage has 32 channels, a decoding step 8-16 rows), and between them
 Python runs on one core at a time. torch releases the GIL inside each op, so two Python threads
-that each drive half a batch on half the threads keep both busy; on 2 cores that answered ~25 %
-more images a second than one batch on both (docs/benchmarks.md). Each half is the same
-computation it would be on its own, so the answers do not change, only when they arrive.
+that each drive half a batch on half the threads keep both busy; on 2 cores, halves of 16
+answered ~15 % more images a second than one call of 32 (docs/benchmarks.md, "Inference
+speed"). The answers are those of two calls of half the size, one after the other.
 
 torch's intra-op thread count is per thread under OpenMP (`torch.set_num_threads` in a thread
 sets that thread's count and the default of threads that have not used theirs yet): the
