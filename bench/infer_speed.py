@@ -51,12 +51,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from loomlens.config import INFER_BATCH_SIZE
-
 from bench.common import (
     SEED_BEAMS, SEED_MAX_NEW_TOKENS, Table, answer_tokens, common_flags, device, fmt, forced_answer_seconds,
     paired_resamples, parse_size, percentile, publish, seed_detect, set_threads,
 )
+from loomlens.config import INFER_BATCH_SIZE
 
 NAME = "infer_speed"
 
