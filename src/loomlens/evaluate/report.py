@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from loomlens.config import INFER_BATCH_SIZE
 from loomlens.data.dataset import read_jsonl
 from loomlens.data.florence_text import parse_text
 from loomlens.data.records import Box
@@ -27,7 +28,6 @@ from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, 
 from loomlens.evaluate.inspection import frame_score, image_level, image_level_by_class, summary_line
 from loomlens.evaluate.metrics import evaluate_coco
 from loomlens.evaluate.plots import plot_confusion, plot_gallery, plot_pr_curves, plot_reliability
-from loomlens.config import INFER_BATCH_SIZE
 from loomlens.infer.detection import Detection, answer_probability, batched, detect_with_details
 from loomlens.infer.tiling import should_tile, tiled_detect
 

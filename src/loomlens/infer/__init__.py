@@ -4,8 +4,8 @@ Owns a model made ready to answer (`loading`: base + a run's adapter, merged, ca
 kernels per call shape), images to pixels (`pixels`), generation with per-token log-probs
 (`generation`), answers parsed into boxes with the tokens they came from (`parsing`), box scores
 (`scoring`), the `<OD>` class grammar (`grammar`), batched scored detection (`detection`), a
-batch's halves at once on a CPU (`streams`) and tiled detection on large frames (`tiling`). Imports `data`, `model` and `run` only; `evaluate`
-and `predict` call it.
+batch's halves at once on a CPU (`streams`) and tiled detection on large frames (`tiling`).
+Imports `data`, `model`, `run` and `config` only; `evaluate` and `predict` call it.
 """
 
 from loomlens.infer.detection import Detection, detect, detect_with_details

@@ -24,12 +24,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from loomlens.config import INFER_BATCH_SIZE
 from loomlens.data.florence_text import parse_polygons
 from loomlens.data.records import Box
 from loomlens.data.sanitize import to_rgb
 from loomlens.data.tasks import TASKS, Task, get_task, prompt
 from loomlens.data.tiles import tile_windows
-from loomlens.config import INFER_BATCH_SIZE
 from loomlens.infer.detection import Detection, answer_probability, batched, detect_with_details
 from loomlens.infer.generation import generate
 from loomlens.infer.loading import load_for_inference
