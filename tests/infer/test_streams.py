@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from loomlens.infer import detection
 from loomlens.infer.detection import detect_with_details
 from loomlens.infer.streams import STREAMS, in_streams, stream_count
 
@@ -68,9 +69,18 @@ def test_stream_count_follows_the_device_and_threads(tiny, two_threads):
     assert stream_count(object()) == 1  # an exported model's runtime: its own threads
 
 
-def test_detection_in_halves_equals_one_call(tiny, two_threads):
-    """Each half is the computation it would be alone: the same boxes, scores and tokens."""
+def test_detection_in_halves_equals_one_call(tiny, two_threads, monkeypatch):
+    """On a CPU a batch's halves run on the workers, and each is the computation it would be
+    alone: the same boxes, scores and tokens as one call."""
     model, processor = tiny
+    callers: list[tuple[str, int]] = []
+    real_generate = detection.generate
+
+    def generate(model, processor, images, *args):
+        callers.append((threading.current_thread().name.split("_")[0], len(images)))
+        return real_generate(model, processor, images, *args)
+
+    monkeypatch.setattr(detection, "generate", generate)
     frames = []
     for i in range(5):
         frame = Image.new("RGB", (320, 200), (40 + 10 * i, 40, 40))
@@ -78,7 +88,10 @@ def test_detection_in_halves_equals_one_call(tiny, two_threads):
         frames.append(frame)
     assert stream_count(model) == 2
     halves = detect_with_details(model, processor, frames, max_boxes=3, batch_size=5)
+    assert sorted(callers) == [("loomlens-stream", 2), ("loomlens-stream", 3)]
+    callers.clear()
     whole = detect_with_details(model, processor, frames, max_boxes=3, batch_size=5, streams=1)
+    assert callers == [("MainThread", 5)]
     assert any(d.boxes for d in whole)
     for a, b in zip(halves, whole, strict=True):
         assert a.generation.token_ids == b.generation.token_ids
