@@ -36,6 +36,12 @@ def test_results_come_back_in_order_from_parts_of_near_equal_size(count, two_thr
     assert all(on_workers) if count >= 2 else not any(on_workers)  # one part runs in the caller
 
 
+@pytest.mark.parametrize("streams", [0, -2])
+def test_a_stream_count_below_one_is_refused(streams):
+    with pytest.raises(ValueError, match="streams must be 1 or more"):
+        in_streams(lambda items: items, [1, 2], streams=streams)
+
+
 def test_an_error_in_a_part_is_raised_after_every_part_has_finished(two_threads):
     finished = []
 

@@ -74,7 +74,9 @@ def in_streams(fn: Callable[[list[T]], list[R]], items: Sequence[T], *, streams:
     """`fn(items)`, computed as `streams` consecutive parts of `items` (sizes differing by at
     most one) at once, each on its own worker; one part (fewer items than streams, or
     `streams` 1) runs in the caller. `fn` must return one result per item. An exception in
-    any part is raised here once all parts have finished."""
+    any part is raised here once all parts have finished. Raises ValueError for `streams` < 1."""
+    if streams < 1:
+        raise ValueError(f"streams must be 1 or more, got {streams}")
     items = list(items)
     parts = min(streams, len(items))
     if parts <= 1:
