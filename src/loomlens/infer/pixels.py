@@ -48,7 +48,7 @@ def model_inputs(processor, images: Sequence[Image.Image], prompts: Sequence[str
     """`processor(text=prompts, images=images)` as tensors (`input_ids`, `attention_mask`,
     `pixel_values` in fp32), padded to the longest prompt. `fast=False`, or an image processor
     `fast_pixels_apply` rejects, runs the processor's own image path."""
-    rgb = [to_rgb(im) for im in images]
+    rgb = [im if im.mode == "RGB" else to_rgb(im) for im in images]  # an RGB image needs no copy
     ip = processor.image_processor
     if not (fast and fast_pixels_apply(ip)):
         return processor(text=list(prompts), images=rgb, return_tensors="pt", padding=True)

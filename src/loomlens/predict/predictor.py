@@ -35,7 +35,6 @@ from loomlens.infer.generation import generate
 from loomlens.infer.loading import load_for_inference
 from loomlens.infer.onnx_runtime import load_onnx_export
 from loomlens.infer.tiling import should_tile, tiled_detect
-from loomlens.model.runtime import keep_freed_memory
 from loomlens.predict.regions import RegionRules, load_rules
 
 _LOC = re.compile(r"<loc_\d+>")
@@ -153,8 +152,6 @@ class Predictor:
             raise ValueError(f"max_tiles must be at least 1 (or None: no cap), got {max_tiles}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if str(device).startswith("cpu"):
-            keep_freed_memory()  # fewer page faults per image on a CPU (model/runtime.py)
         if backend == "onnx":
             if not (model or adapter):
                 raise ValueError("the onnx backend needs the folder `loomlens export` wrote: pass it as --model")
