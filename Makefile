@@ -3,20 +3,31 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# loomlens itself (what `make demo` needs), and with every extra the tests and benchmarks use
+# (serving, video, ONNX, the browser test): the demo does not wait for those on a new machine.
 STAMP  := $(VENV)/.installed
+DEV    := $(VENV)/.installed-dev
 
 .PHONY: demo test test-deps test-slow bench clean
 
-$(STAMP): pyproject.toml
+define install
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e "$(1)"
+endef
+
+$(STAMP): pyproject.toml
+	$(call install,.)
 	touch $(STAMP)
+
+$(DEV): pyproject.toml
+	$(call install,.[dev])
+	touch $(STAMP) $(DEV)
 
 demo: $(STAMP)
 	$(VENV)/bin/loomlens demo --out runs/demo
 
-test: $(STAMP) test-deps
+test: $(DEV) test-deps
 	$(PY) -m pytest -q
 
 # System packages the tests need: Debian's chromium for the serve page's browser test
@@ -40,10 +51,10 @@ test-deps:
 	  echo "test-deps: their tests will skip (fail under CI=true). As root: apt-get install$$missing"; \
 	fi
 
-test-slow: $(STAMP)
+test-slow: $(DEV)
 	$(PY) -m pytest -q -m slow
 
-bench: $(STAMP)
+bench: $(DEV)
 	$(PY) -m bench.all
 
 clean:
