@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from PIL import Image
 
 from loomlens.model import load_model
 from loomlens.infer import attention
@@ -65,6 +66,37 @@ def test_each_path_computes_attention(head_dim, math_timed_faster, path, monkeyp
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     assert used == (["math"] if path == "math" else [])
     assert attention._ON_MATH == ({} if math_timed_faster is None else {shape: math_timed_faster})
+
+
+@pytest.mark.parametrize("causal", [True, False, None])
+@pytest.mark.parametrize("queries", [1, 5])
+def test_the_math_path_masks_as_sdpa_does(causal, queries):
+    """A causal layer given no mask (a decoder's teacher-forced pass) sees no later token on
+    either path; `is_causal` passed in the call overrides the module's, as in transformers."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, queries, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    module = _module()
+    module.is_causal = True
+    kwargs = {} if causal is None else {"is_causal": causal}
+    expected, _ = attention.sdpa_attention_forward(module, q, k, v, None, scaling=0.3, **kwargs)
+    out, _ = _real_math(module, q, k, v, None, scaling=0.3, **kwargs)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_teacher_forced_pass_matches_transformers_sdpa(monkeypatch):
+    """The whole model with every attention call on the math path and on transformers' SDPA
+    gives the same logits for a forward pass with labels (every decoder position at once)."""
+    monkeypatch.setattr(attention, "_math_is_faster", lambda *args: True)
+    model, processor = load_model("tiny")
+    model.eval()
+    inputs = processor(text=["<OD>"], images=[Image.new("RGB", (64, 48), (90, 120, 150))], return_tensors="pt")
+    labels = processor.tokenizer(["wrinkle<loc_1><loc_2><loc_3><loc_4>"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        expected = model(**inputs, labels=labels).logits
+        attention.use_shape_aware_attention(model)
+        out = model(**inputs, labels=labels).logits
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("sdpa_cost, math_cost, on_math", [

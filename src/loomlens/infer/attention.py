@@ -57,9 +57,16 @@ _ON_MATH: dict[tuple, bool] = {}
 _DECIDING = threading.Lock()
 
 
-def _math_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **_):
-    """softmax(q k^T * scale + mask) v, returned as (batch, tokens, heads, dim) like SDPA's."""
+def _math_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, is_causal=None,
+                    **_):
+    """softmax(q k^T * scale + mask) v, returned as (batch, tokens, heads, dim) like SDPA's. A
+    causal layer given no mask (a decoder's teacher-forced pass) is masked causally, as
+    transformers' SDPA path has SDPA's kernel do it (`is_causal`, upper-left aligned)."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if causal and attention_mask is None and query.shape[2] > 1:
+        future = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
     if attention_mask is not None and attention_mask.dtype == torch.bool:  # SDPA's kind: True = attend
         scores = scores.masked_fill(~attention_mask, float("-inf"))
     elif attention_mask is not None:
