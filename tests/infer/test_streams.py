@@ -56,6 +56,19 @@ def test_an_error_in_a_part_is_raised_after_every_part_has_finished(two_threads)
     assert finished == [[2, 3]]
 
 
+def test_a_part_that_splits_again_runs_whole_instead_of_waiting_on_its_own_pool(two_threads):
+    def inner(items: list[int]) -> list[str]:
+        return [threading.current_thread().name for _ in items]
+
+    names = in_streams(lambda items: in_streams(inner, items, streams=2), [0, 1, 2, 3], streams=2)
+    assert len(names) == 4 and all(name.startswith("loomlens-stream") for name in names)
+
+
+def test_a_part_with_a_result_missing_is_refused(two_threads):
+    with pytest.raises(ValueError, match=r"returned \[1, 2\] results for parts of \[2, 2\] items"):
+        in_streams(lambda items: items[1:] if 0 in items else items, [0, 1, 2, 3], streams=2)
+
+
 def test_workers_run_on_their_share_of_threads_and_the_callers_count_stays(two_threads):
     counts = in_streams(lambda items: [torch.get_num_threads() for _ in items], [0, 1], streams=2)
     assert counts == [1, 1]

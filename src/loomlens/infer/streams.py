@@ -35,6 +35,8 @@ STREAMS = 2
 #: (streams, threads each) -> the pool whose workers run with that many threads.
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
+#: `worker` is set on the pools' threads: a part that splits again runs whole (its pool is busy).
+_LOCAL = threading.local()
 
 
 def stream_count(model) -> int:
@@ -51,6 +53,7 @@ def _start_worker(threads: int) -> None:
     of the moment, at the thread's first use of it: used here, before the caller restores it."""
     torch.set_num_threads(threads)
     torch.get_num_threads()
+    _LOCAL.worker = True
 
 
 def _pool(streams: int) -> ThreadPoolExecutor:
@@ -72,17 +75,22 @@ def _pool(streams: int) -> ThreadPoolExecutor:
 
 def in_streams(fn: Callable[[list[T]], list[R]], items: Sequence[T], *, streams: int) -> list[R]:
     """`fn(items)`, computed as `streams` consecutive parts of `items` (sizes differing by at
-    most one) at once, each on its own worker; one part (fewer items than streams, or
-    `streams` 1) runs in the caller. `fn` must return one result per item. An exception in
-    any part is raised here once all parts have finished. Raises ValueError for `streams` < 1."""
+    most one) at once, each on its own worker; one part (fewer items than streams, `streams`
+    1, or a call from inside a part, whose pool is busy) runs in the caller. An exception in
+    any part is raised here once all parts have finished. Raises ValueError for `streams` < 1,
+    and when `fn` does not return one result per item (results would pair with other items)."""
     if streams < 1:
         raise ValueError(f"streams must be 1 or more, got {streams}")
     items = list(items)
     parts = min(streams, len(items))
-    if parts <= 1:
+    if parts <= 1 or getattr(_LOCAL, "worker", False):
         return fn(items)
     size, extra = divmod(len(items), parts)
     bounds = [i * size + min(i, extra) for i in range(parts + 1)]
     pending = [_pool(streams).submit(fn, items[a:b]) for a, b in zip(bounds, bounds[1:])]
     wait(pending)  # no part is left running behind a raised error
-    return [result for part in pending for result in part.result()]
+    results = [part.result() for part in pending]
+    if any(len(r) != b - a for r, a, b in zip(results, bounds, bounds[1:])):
+        raise ValueError(f"{fn} returned {[len(r) for r in results]} results for parts of "
+                         f"{[b - a for a, b in zip(bounds, bounds[1:])]} items")
+    return [result for part in results for result in part]
