@@ -108,7 +108,8 @@ def load_for_inference(
 
     `precision` (auto | fp32 | bf16) makes the model ready to answer as `loomlens predict`
     runs it (adapter merged, weights cast); None leaves it as loaded, the adapter attached
-    unmerged. Raises ValueError for an unknown precision, and when `model` is given and differs
+    unmerged. On a CPU the process keeps freed memory for reuse from here on, whatever the
+    precision (`model.runtime.keep_freed_memory`). Raises ValueError for an unknown precision, and when `model` is given and differs
     from the base the adapter was trained on, since the adapter's shapes would not fit;
     FileNotFoundError when `adapter` holds no adapter.
     """

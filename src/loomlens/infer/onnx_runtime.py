@@ -191,9 +191,12 @@ def load_onnx_export(folder: str | Path, *, device: str = "cpu", precision: str 
     Raises FileNotFoundError for a folder that is no export, ValueError for a bad precision."""
     from loomlens.infer.loading import LoadedModel
     from loomlens.model.loader import load_processor
+    from loomlens.model.runtime import keep_freed_memory
 
     if precision not in ("auto", "fp32", "int8"):
         raise ValueError(f"the onnx backend runs fp32 or int8 parts (precision auto | fp32 | int8), not {precision!r}")
+    if str(device).startswith("cpu"):
+        keep_freed_memory()  # the pixels, logits and numpy buffers around onnxruntime's own arena
     folder = Path(folder)
     net = OnnxFlorence(folder, device=device, int8=precision == "int8")
     m = net.manifest
