@@ -9,6 +9,8 @@ STAMP  := $(VENV)/.installed
 DEV    := $(VENV)/.installed-dev
 
 .PHONY: demo test test-deps test-slow bench clean
+# The two install rules share one .venv: `make -j demo test` must not run them at once.
+.NOTPARALLEL:
 
 define install
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
