@@ -130,3 +130,28 @@ def test_problems_are_printed_verbatim_brackets_and_all():
     _print_convert_report(console, _report(["drop"], [problem]), Path("data[1]"))
     text = console.export_text()
     assert f"problem {problem}" in text and "data[1] [voc]" in text
+
+
+def test_a_command_missing_an_optional_dependency_names_the_extra(monkeypatch, capsys):
+    """`make demo` installs loomlens without extras: `loomlens serve` there says what to install."""
+    import sys
+
+    import pytest
+
+    from loomlens import cli
+
+    def needs(module: str):
+        def command():
+            raise ModuleNotFoundError(f"No module named '{module}'", name=module)
+        return command
+
+    monkeypatch.setattr(sys, "argv", ["loomlens", "serve"])
+    monkeypatch.setattr(cli, "_expand_key_value_args", list)  # it reads the real app's commands
+    monkeypatch.setattr(cli, "app", needs("uvicorn"))
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    assert ended.value.code == 1
+    assert "pip install 'loomlens[serve]'" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "app", needs("not_an_extra"))
+    with pytest.raises(ModuleNotFoundError):  # a missing module no extra installs is a bug: its traceback stays
+        cli.main()

@@ -924,10 +924,27 @@ def watch_command(
                     [f"{camera}: {why}" for camera, why in stats["failed"].items()])
 
 
+#: Top-level modules of the optional dependencies -> the pyproject extra that installs them
+#: (`make demo` installs loomlens without extras).
+_EXTRAS = {
+    "fastapi": "serve", "uvicorn": "serve", "gradio": "serve", "multipart": "serve", "swagger_ui_bundle": "serve",
+    "sqlalchemy": "line", "psycopg": "line", "httpx": "line", "cv2": "video", "onnx": "onnx", "onnxruntime": "onnx",
+}
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. A command that needs an optional dependency which is not
+    installed ends with the extra to install instead of a traceback."""
     sys.argv = [sys.argv[0], *_expand_key_value_args(sys.argv[1:])]
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as err:
+        extra = _EXTRAS.get((err.name or "").split(".")[0])
+        if extra is None:
+            raise
+        _fail(f"this command needs {err.name}, which loomlens's {extra!r} extra installs: "
+              f"pip install 'loomlens[{extra}]' (in a checkout: pip install -e '.[{extra}]')")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
