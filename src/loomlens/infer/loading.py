@@ -109,9 +109,9 @@ def load_for_inference(
     `precision` (auto | fp32 | bf16) makes the model ready to answer as `loomlens predict`
     runs it (adapter merged, weights cast); None leaves it as loaded, the adapter attached
     unmerged. On a CPU the process keeps freed memory for reuse from here on, whatever the
-    precision (`model.runtime.keep_freed_memory`). Raises ValueError for an unknown precision, and when `model` is given and differs
-    from the base the adapter was trained on, since the adapter's shapes would not fit;
-    FileNotFoundError when `adapter` holds no adapter.
+    precision (`model.runtime.keep_freed_memory`). Raises ValueError for an unknown precision,
+    and when `model` is given and differs from the base the adapter was trained on, since the
+    adapter's shapes would not fit; FileNotFoundError when `adapter` holds no adapter.
     """
     dtype = resolve_precision(precision, device) if precision is not None else None
     if str(device).startswith("cpu"):

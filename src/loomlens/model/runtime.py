@@ -6,8 +6,9 @@ glibc's malloc serves each large tensor (above its mmap threshold, or from a hea
 trims) with fresh pages from the kernel, and every page faults on first touch. A training
 step of the tiny model allocates and frees tens of megabytes of activations that way, so it
 page-faults thousands of times (a batch of answers, too); keeping freed memory in the heap
-for reuse removes most of them and makes the step faster (`python -m bench.page_faults` counts them; figures in
-docs/training.md). The cost: the process keeps its peak memory until it exits.
+for reuse removes most of them and makes the step faster (`python -m bench.page_faults`
+counts them; figures in docs/training.md). The cost: the process keeps its peak memory until
+it exits.
 """
 
 from __future__ import annotations
