@@ -300,3 +300,14 @@ def test_refusals(exported, tmp_path) -> None:
     (old / MANIFEST).write_text(json.dumps({**manifest, "kv_cache": False}))
     with pytest.raises(FileNotFoundError, match="older loomlens.*export it again"):
         OnnxFlorence(old)
+
+
+def test_the_onnx_backend_on_a_cpu_keeps_freed_memory(exported, monkeypatch) -> None:
+    """As the torch path does (`infer/loading.py`): the buffers around onnxruntime's arena."""
+    from loomlens.infer.onnx_runtime import load_onnx_export
+    from loomlens.model import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append("kept") or True)
+    load_onnx_export(exported)
+    assert calls == ["kept"]
