@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from loomlens import cli
 from loomlens.cli import _expand_key_value_args, _print_convert_report, app
 from loomlens.data.convert import ConvertReport
 from loomlens.data.records import Problem
@@ -134,12 +137,6 @@ def test_problems_are_printed_verbatim_brackets_and_all():
 
 def test_a_command_missing_an_optional_dependency_names_the_extra(monkeypatch, capsys):
     """`make demo` installs loomlens without extras: `loomlens serve` there says what to install."""
-    import sys
-
-    import pytest
-
-    from loomlens import cli
-
     def needs(module: str):
         def command():
             raise ModuleNotFoundError(f"No module named '{module}'", name=module)

@@ -927,7 +927,8 @@ def watch_command(
 #: Top-level modules of the optional dependencies -> the pyproject extra that installs them
 #: (`make demo` installs loomlens without extras).
 _EXTRAS = {
-    "fastapi": "serve", "uvicorn": "serve", "gradio": "serve", "multipart": "serve", "swagger_ui_bundle": "serve",
+    "fastapi": "serve", "uvicorn": "serve", "gradio": "serve", "multipart": "serve", "python_multipart": "serve",
+    "swagger_ui_bundle": "serve",
     "sqlalchemy": "line", "psycopg": "line", "httpx": "line", "cv2": "video", "onnx": "onnx", "onnxruntime": "onnx",
 }
 
