@@ -15,9 +15,9 @@ folder that already holds a finished run of the same settings is read, not train
 an unfinished one resumes (`train --resume`): an interrupted sweep loses nothing.
 
 Data: `synth` draws the demo's frames (`bench.common.loom_data`, seed 0); `aitex` converts
-../shared/data/aitex as `bench.real` does (256 px tiles, flipped copies, split seed 0);
-`aitex-flip` converts it as a user would an unseen set (`convert --flip`: whole frames, no
-tiles, the same split), where the defect crop is the choice that matters.
+../shared/data/aitex as `bench.real` does (the tiles `--tile auto` picks, flipped copies, split
+seed 0); `aitex-flip` converts it with whole frames only (`convert --flip --tile off`, the same
+split), where the defect crop is the choice that matters.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def prepare(data: str) -> Path:
         return folder / "data"
     if data == "aitex":
         real.convert(real.AITEX, folder / "data")
-    elif data == "aitex-flip":  # as a user converts an unseen set: whole frames, no tiles
-        real.loomlens("convert", str(real.AITEX), str(folder / "data"), "--flip", *real.SPLIT)
+    elif data == "aitex-flip":  # whole frames, no tiles: where the defect crop matters
+        real.loomlens("convert", str(real.AITEX), str(folder / "data"), "--flip", "--tile", "off", *real.SPLIT)
     else:
         loom_data(folder, images=480)
     return folder / "data"

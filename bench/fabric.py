@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     common_flags(parser, NAME)
     args = parser.parse_args(argv)
     if args.rescore:
-        return rescored(NAME, args, argv, tables, WORK, None)
+        return rescored(NAME, args, argv, tables, WORK, tile=False)
     budget = 300.0 if args.small else args.budget
     source, data = WORK / "source", WORK / "data"
     write_frames(source, args.images, args.seed, args.size)

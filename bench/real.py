@@ -4,10 +4,11 @@
     python -m bench.real --small                 # 5 min of training
     python -m bench.real --set lr=1e-3 --tag lr1e-3     # one point of a sweep, beside the default
 
-What a new user would do, command for command: `loomlens convert AITEX D --flip --tile 256`
-(one fixed split by image, seed 0: 60 % train, 20 % val, 20 % test), then `loomlens train
---data D --out R --time-budget S` with no other flag, then `loomlens predict` on the whole
-test frames (4096x256 line-scan strips, tiled as predict tiles them). Reported for the `best`
+What a new user would do, command for command: `loomlens convert AITEX D --flip` (one fixed
+split by image, seed 0: 60 % train, 20 % val, 20 % test; `--tile auto`, the default, picks the
+tile edge), then `loomlens train --data D --out R --time-budget S` with no other flag, then
+`loomlens predict` on the whole test frames (4096x256 line-scan strips, tiled as predict tiles
+them: at the tile edge the data was cut to). Reported for the `best`
 and the `last` adapter: test mAP50, mAP50-95, AP50 per class, image-level defect recall at
 <= 1 % of defect-free frames flagged, the steps made and the best step. Beside them, in the
 same run: the untrained embedded model on the same frames, and YOLO11n from scratch
@@ -33,11 +34,11 @@ from typing import Any
 
 from bench import yolo_baseline
 from bench.common import RESULTS, ROOT, Table, common_flags, fmt, publish
+from loomlens.data.tiles import AUTO_TILE_INPUT
 
 NAME = "real"
 AITEX = ROOT.parent / "shared" / "data" / "aitex"
 WORK = RESULTS / "real"
-TILE = 256  # the embedded model's input edge: a defect a few pixels wide survives at tile scale
 SPLIT = ["--val-fraction", "0.2", "--test-fraction", "0.2", "--seed", "0"]
 
 
@@ -49,9 +50,14 @@ def loomlens(*args: str) -> None:
 
 
 def convert(src: Path, data: Path) -> None:
-    """AITEX -> Florence-2 JSONL with flipped copies and 256 px tiles, the fixed split."""
+    """AITEX -> Florence-2 JSONL with flipped copies and the tiles `--tile auto` picks, the fixed split."""
     shutil.rmtree(data, ignore_errors=True)
-    loomlens("convert", str(src), str(data), "--flip", "--tile", str(TILE), *SPLIT)
+    loomlens("convert", str(src), str(data), "--flip", *SPLIT)
+
+
+def data_tile(data: Path) -> int | None:
+    """The tile edge the converted folder `data` was cut to (None: whole frames only)."""
+    return json.loads((data / "summary.json").read_text()).get("tile")
 
 
 def test_frames(data: Path) -> tuple[list[Path], list[list], list[str]]:
@@ -71,7 +77,7 @@ def test_frames(data: Path) -> tuple[list[Path], list[list], list[str]]:
 
 
 def predicted_boxes(frames: list[Path], out: Path, *source: str,
-                    tile: int | None = TILE) -> tuple[list[list], list[float | None]]:
+                    tile: int | None) -> tuple[list[list], list[float | None]]:
     """`loomlens predict` on `frames` (tiled at `tile` px; None: as predict decides by
     default): the boxes of each frame and its answer probability, in `frames` order."""
     from loomlens.data.records import Box
@@ -134,7 +140,7 @@ def history(run: Path) -> dict[str, Any]:
 
 
 def train_and_score(data: Path, name: str, budget: float, overrides: list[str], frames, truth, classes,
-                    work: Path = WORK, tile: int | None = TILE) -> dict:
+                    work: Path, tile: int | None) -> dict:
     """One default-recipe run (plus `overrides`) in `work`, scored with its best and last
     adapters (`predicted_boxes` with `tile`)."""
     run = work / "runs" / name
@@ -154,7 +160,7 @@ def score_adapters(name: str, frames, truth, classes, work: Path, tile: int | No
     return row
 
 
-def rescore(saved: dict[str, Any], frames, truth, classes, work: Path = WORK, tile: int | None = TILE) -> dict:
+def rescore(saved: dict[str, Any], frames, truth, classes, work: Path, tile: int | None) -> dict:
     """A saved result with the untrained model and every run's kept adapters predicted and scored
     again on the same test frames: the training as it was, the prediction and scoring of this
     code (to measure a change there without training again). `rescored_from` keeps the command
@@ -178,11 +184,12 @@ def run_flags(parser: argparse.ArgumentParser) -> None:
                         help="predict and score the adapters of the saved result (--out) again; no training")
 
 
-def rescored(name: str, args: argparse.Namespace, argv, tables, work: Path, tile: int | None) -> int:
+def rescored(name: str, args: argparse.Namespace, argv, tables, work: Path, tile: bool) -> int:
     """`--rescore`: the saved result at `args.out` re-scored (`rescore`) on the test frames in
-    `work/data`, published in its place."""
+    `work/data`, published in its place; tiled at the data's tile edge when `tile`."""
     frames, truth, classes = test_frames(work / "data")
-    result = rescore(json.loads(args.out.read_text()), frames, truth, classes, work=work, tile=tile)
+    result = rescore(json.loads(args.out.read_text()), frames, truth, classes, work=work,
+                     tile=data_tile(work / "data") if tile else None)
     return publish(name, result, args.out, argv, tables)
 
 
@@ -193,14 +200,16 @@ def rescored_note(result: dict[str, Any]) -> list[str]:
             "by this code"] if saved else []
 
 
-def yolo_row(data: Path, budget: float, frames: list[Path], truth: list[list], classes: list[str]) -> dict[str, Any]:
+def yolo_row(data: Path, budget: float, frames: list[Path], truth: list[list], classes: list[str],
+             tile: int | None) -> dict[str, Any]:
     """YOLO11n from scratch at the same budget on the same samples, scored on the same frames
     with its best and last weights, where ultralytics imports; otherwise why it was skipped."""
     try:
         import ultralytics  # noqa: F401
     except Exception as err:  # an ImportError, or torchvision's operator error beside CPU torch
         return {"name": "yolo11n", "skipped": f"ultralytics does not import here ({type(err).__name__})"}
-    found = yolo_baseline.run(data, WORK / "yolo", budget, frames, classes, TILE)
+    # Untiled data: YOLO still trains and predicts at the embedded model's input edge.
+    found = yolo_baseline.run(data, WORK / "yolo", budget, frames, classes, tile or AUTO_TILE_INPUT)
     return {"name": "yolo11n", "budget_s": budget, "best_step": None,
             **{k: found[k] for k in ("device", "batch", "steps")},
             **{c: scores(truth, found[c], classes) for c in ("best", "last")}}
@@ -224,7 +233,8 @@ def tables(result: dict[str, Any]) -> list[Table]:
             rows.append([f"{r['name']} ({checkpoint})", *score_cells(s), str(r["steps"]),
                          "-" if r["best_step"] is None else str(r["best_step"])])
     rows.append(["untrained tiny", *score_cells(result["untrained"]), "0", "-"])
-    notes = [f"AITEX, {result['frames']} whole test frames ({result['defective']} with defects), 256 px tiles; "
+    notes = [f"AITEX, {result['frames']} whole test frames ({result['defective']} with defects), "
+             f"{result.get('tile', 256)} px tiles; "
              f"{result['budget_s']:.0f} s of training on this machine; doi:10.2478/aut-2019-0035",
              yolo_note(yolo)]
     main = Table("Real fabric (AITEX test split)", ["run", *SCORE_COLUMNS, "steps", "best step"], rows,
@@ -242,21 +252,22 @@ def main(argv: list[str] | None = None) -> int:
     common_flags(parser, NAME)
     args = parser.parse_args(argv)
     if args.rescore:
-        return rescored(NAME, args, argv, tables, WORK, TILE)
+        return rescored(NAME, args, argv, tables, WORK, tile=True)
     if not (args.data / "annotations").exists() and not any(args.data.glob("*.xml")):
         parser.error(f"no LabelImg folder at {args.data}: expected ../shared/data/aitex beside the checkout")
     budget = 300.0 if args.small else args.budget
     data = WORK / "data"
     convert(args.data, data)
+    tile = data_tile(data)
     frames, truth, classes = test_frames(data)
-    found, probabilities = predicted_boxes(frames, WORK / "predict" / "untrained", "--model", "tiny")
+    found, probabilities = predicted_boxes(frames, WORK / "predict" / "untrained", "--model", "tiny", tile=tile)
     untrained = scores(truth, found, classes, probabilities)
-    runs = [train_and_score(data, "default", budget, [], frames, truth, classes)]
+    runs = [train_and_score(data, "default", budget, [], frames, truth, classes, WORK, tile)]
     if args.set:
-        runs.append(train_and_score(data, args.tag, budget, args.set, frames, truth, classes))
+        runs.append(train_and_score(data, args.tag, budget, args.set, frames, truth, classes, WORK, tile))
     result = {"budget_s": budget, "frames": len(frames), "defective": sum(map(bool, truth)), "classes": classes,
-              "untrained": untrained, "runs": runs,
-              "yolo": yolo_row(data, budget, frames, truth, classes)}
+              "tile": tile, "untrained": untrained, "runs": runs,
+              "yolo": yolo_row(data, budget, frames, truth, classes, tile)}
     return publish(NAME, result, args.out, argv, tables)
 
 

@@ -35,7 +35,7 @@ def test_a_run_folder_a_checkpoint_in_it_and_an_adapter_alone(run, tmp_path):
     assert bare.adapter() == bare.adapter("last") == tmp_path / "loose"
     assert bare.recorded_base() == "/somewhere/base"  # peft's record, when there is no run
     assert bare.classes == [] and bare.tasks == {"od"} and bare.tile is None and bare.rules is None
-    assert bare.crop is None and bare.eval_tile is None
+    assert bare.crop is None
 
 
 def test_missing_adapters_say_what_to_do(run, tmp_path):
@@ -62,11 +62,11 @@ def test_tile_rules_and_tasks_from_the_training_data(run, tmp_path, monkeypatch)
 
 def test_a_run_that_cropped_tiles_at_its_window_in_predict_and_eval(run):
     # No crop record (no crop, no large frame, or a run from before the crop): whole frames.
-    assert Run(run).crop is None and Run(run).tile is None and Run(run).eval_tile is None
+    assert Run(run).crop is None and Run(run).tile is None
     (run / DATA_SUMMARY).write_text('{"tile": 512}')
-    assert Run(run).tile == 512 and Run(run).eval_tile is None  # tiles, evaluated as before
+    assert Run(run).tile == 512  # data cut to tiles: predicted and evaluated in them
     (run / CROP).write_text('{"window": 256}')
-    assert Run(run).crop == 256 and Run(run).tile == Run(run).eval_tile == 512  # the data's tiles first
+    assert Run(run).crop == 256 and Run(run).tile == 512  # the data's tiles first
     (run / DATA_SUMMARY).write_text('{"tile": null}')
-    assert Run(run).tile == Run(run).eval_tile == 256
-    assert Run(run / "checkpoints" / "last").eval_tile == 256
+    assert Run(run).tile == 256
+    assert Run(run / "checkpoints" / "last").tile == 256

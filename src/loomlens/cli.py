@@ -86,9 +86,11 @@ def convert_command(
                               "together."),
     flip: bool = typer.Option(False, "--flip", help="Add a horizontally flipped copy of every image "
                               "(in its original's split)."),
-    tile: int | None = typer.Option(None, help="Cut frames into N px tiles too, for small defects in large "
-                                    "frames (tiles stay in their frame's split; whole frames are kept); "
-                                    "a run trained on them predicts with that tile size."),
+    tile: str = typer.Option("auto", help="Cut frames into N px tiles too, for small defects in large frames "
+                             "(tiles stay in their frame's split; whole frames are kept); a run trained on them "
+                             "predicts with that tile size. auto: tiles only where squeezing large frames to the "
+                             "default model's 256 px input would hide a quarter of the boxes, as large as keeps "
+                             "them in sight; off: never."),
     tile_overlap: float = typer.Option(0.25, help="Share of a tile its neighbours overlap, in [0, 0.9)."),
     val_fraction: float = typer.Option(0.17, help="Share of images for validation (drawn only where the "
                                        "dataset has no val split of its own)."),
@@ -121,16 +123,17 @@ def convert_command(
 
     if copy_images and link_images:
         raise _fail("give --copy-images or --link-images, not both")
+    tile_edge = _tile_option(tile)
     console = Console()
     try:
         with Progress(console=console, transient=True) as bar:
             job = bar.add_task("reading", total=None)
-            made = " and ".join(["decoding", *(["flipping"] if flip else []), *(["tiling"] if tile else [])])
+            made = " and ".join(["decoding", *(["flipping"] if flip else []), *(["tiling"] if tile_edge else [])])
             stages = {"check": "checking images", "images": f"{made} images"}
             report = convert(
                 src, out, format=fmt, tasks=[t.strip() for t in tasks.split(",") if t.strip()], order=order,
                 flip=flip, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, strict=strict,
-                tile=tile, tile_overlap=tile_overlap, keep_empty=keep_empty, resplit=resplit, group_by=group_by,
+                tile=tile_edge, tile_overlap=tile_overlap, keep_empty=keep_empty, resplit=resplit, group_by=group_by,
                 images="copy" if copy_images else "link" if link_images else "refer",
                 progress=lambda stage, done, total: bar.update(job, completed=done, total=total,
                                                                description=stages[stage]),
@@ -139,9 +142,21 @@ def convert_command(
         raise _fail(str(err), [str(p) for p in err.problems]) from None
 
     _print_convert_report(console, report, src)
+    if report.tile_reason:
+        console.print(f"--tile auto: {report.tile_reason}", highlight=False)
     console.print(f"{len(report.problems)} problem(s); wrote {escape(str(out))}/train.jsonl, val.jsonl"
                   f"{', test.jsonl' if 'test' in report.splits else ''}, classes.txt, summary.json",
                   highlight=False)
+
+
+def _tile_option(text: str) -> int | str | None:
+    """`convert --tile`: "auto", "off" (None) or a whole number of pixels, else a clear error."""
+    word = text.strip().lower()
+    if word in ("auto", "off"):
+        return None if word == "off" else word
+    if not word.isdigit():
+        raise _fail(f"--tile takes auto, off or a tile edge in pixels (e.g. --tile 256), not {text!r}")
+    return int(word)
 
 
 def _print_convert_report(console, report, src: Path, max_problems: int = 20) -> None:
@@ -577,8 +592,8 @@ def eval_command(
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Evaluate detection on a split: metrics.json, PR curves, confusion matrix, reliability,
-    worst images and report.md, with real confidence scores. A run trained with the defect crop
-    is evaluated as it predicts: large frames in tiles."""
+    worst images and report.md, with real confidence scores. A run trained on tiles (`convert
+    --tile`) or with the defect crop is evaluated as it predicts: large frames in tiles."""
     from rich.console import Console
     from rich.table import Table
 
@@ -600,7 +615,7 @@ def eval_command(
         raise _fail(str(err)) from None
     out = out or ((run or Path("runs")) / f"eval-{jsonl.stem}")
     constrained = bool(loaded.classes) if constrained is None else constrained
-    tile = Run(loaded.adapter).eval_tile if loaded.adapter else None  # large frames as predict sees them
+    tile = Run(loaded.adapter).tile if loaded.adapter else None  # large frames as predict sees them
     extra = {"model": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None, "split": jsonl.stem,
              "precision": loaded.precision}
     try:

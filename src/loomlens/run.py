@@ -85,19 +85,14 @@ class Run:
 
     @property
     def tile(self) -> int | None:
-        """The tile edge prediction's `tile="auto"` tiles large frames at, None for a run that
-        only ever saw whole frames: the edge its training data was cut to (`convert --tile`),
-        else its defect crop's window, since such a run learnt defects at that scale."""
+        """The tile edge prediction's `tile="auto"`, validation and `loomlens eval` tile large
+        frames at, None for a run that only ever saw whole frames: the edge its training data
+        was cut to (`convert --tile`), else its defect crop's window, since such a run learnt
+        defects at that scale and a figure from whole squeezed frames would say nothing of
+        what it finds on the line."""
         summary = self.folder / DATA_SUMMARY if self.folder else None
         cut = json.loads(summary.read_text()).get("tile") if summary and summary.exists() else None
         return cut or self.crop
-
-    @property
-    def eval_tile(self) -> int | None:
-        """The tile edge evaluation detects large frames at: `tile` for a run trained with the
-        defect crop, which predicts large frames tiled, so a figure from whole squeezed frames
-        would say nothing about it; None (whole frames, as before) for any other run."""
-        return self.tile if self.crop else None
 
     @property
     def rules(self) -> Path | None:

@@ -118,7 +118,7 @@ def test_frames_are_predicted_tile_by_tile_and_merged_in_frame_pixels(tmp_path):
 def test_the_row_is_skipped_and_says_why_when_ultralytics_does_not_import(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ultralytics", None)  # `import ultralytics` now raises
     monkeypatch.setattr(yolo_baseline, "run", lambda *a, **k: pytest.fail("no run without ultralytics"))
-    row = real.yolo_row(tmp_path, 60.0, [], [], CLASSES)
+    row = real.yolo_row(tmp_path, 60.0, [], [], CLASSES, 256)
     assert row == {"name": "yolo11n", "skipped": "ultralytics does not import here (ModuleNotFoundError)"}
     assert real.yolo_note(row) == "yolo11n: skipped, ultralytics does not import here (ModuleNotFoundError)"
 
@@ -129,7 +129,7 @@ def test_an_import_that_fails_otherwise_is_skipped_too(monkeypatch, tmp_path):
     (tmp_path / "ultralytics" / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "ultralytics", raising=False)
-    row = real.yolo_row(tmp_path, 60.0, [], [], CLASSES)
+    row = real.yolo_row(tmp_path, 60.0, [], [], CLASSES, None)
     assert row["skipped"] == "ultralytics does not import here (RuntimeError)"
 
 
@@ -167,9 +167,9 @@ def test_where_ultralytics_imports_the_row_trains_predicts_and_is_scored(monkeyp
     data = _converted(tmp_path)
     frames = [_frame(tmp_path / "a.png", (500, 100, 520, 120)), _frame(tmp_path / "b.png", None)]
     truth = [[Box("stain", 500, 100, 520, 120)], []]
-    row = real.yolo_row(data, 720.0, frames, truth, CLASSES)
+    row = real.yolo_row(data, 720.0, frames, truth, CLASSES, None)  # untiled: the input's edge
     args = FakeYOLO.trained
-    assert args["model"] == "yolo11n.yaml" and args["time"] == 0.2 and args["imgsz"] == real.TILE
+    assert args["model"] == "yolo11n.yaml" and args["time"] == 0.2 and args["imgsz"] == 256
     assert args["data"] == str(tmp_path / "work" / "yolo" / "dataset" / "data.yaml") and args["pretrained"] is False
     assert row["steps"] == 3 and row["batch"] == yolo_baseline.BATCH and row["device"] in ("cpu", "cuda")
     assert row["best"]["map50"] == pytest.approx(1.0) and row["best"]["boxes"] == 1 and row["last"]["auroc"] == 1.0

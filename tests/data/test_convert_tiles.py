@@ -155,3 +155,32 @@ def test_the_cli_tile_flags(tmp_path):
     bad = runner.invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "bad"), "--tile", "8"])
     assert bad.exit_code == 1 and "at least 32 px" in bad.output
     assert "--tile-overlap" in runner.invoke(app, ["convert", "--help"]).output
+
+
+def test_the_cli_tiles_by_itself_only_where_the_squeeze_would_hide_the_defects(tmp_path):
+    # 1536x864 frames whose drops are ~3 px once squeezed whole to 256 px: auto cuts tiles.
+    synthesize(tmp_path / "large", images=3, seed=1, size=(1536, 864))
+    runner = CliRunner()
+    auto = runner.invoke(app, ["convert", str(tmp_path / "large"), str(tmp_path / "a"), "--val-fraction", "0"])
+    assert auto.exit_code == 0, auto.output
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["tile"] in (256, 512) and summary["splits"]["train"]["tiles"] > 0
+    assert "--tile auto: tiles of" in auto.output and summary["tile_reason"].startswith(f"tiles of {summary['tile']} px")
+    off = runner.invoke(app, ["convert", str(tmp_path / "large"), str(tmp_path / "b"), "--val-fraction", "0",
+                              "--tile", "OFF"])
+    assert off.exit_code == 0, off.output
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["tile"] is None
+    # Frames no larger than twice the input are never tiled by auto, and the report says why.
+    synthesize(tmp_path / "small", images=3, seed=1, size=(384, 216))
+    small = runner.invoke(app, ["convert", str(tmp_path / "small"), str(tmp_path / "c"), "--val-fraction", "0"])
+    assert small.exit_code == 0 and "--tile auto: no tiles" in small.output
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["tile"] is None
+    bad = runner.invoke(app, ["convert", str(tmp_path / "small"), str(tmp_path / "d"), "--tile", "big"])
+    assert bad.exit_code == 1 and "auto, off or a tile edge" in bad.output and not (tmp_path / "d").exists()
+
+
+def test_the_library_tiles_only_when_asked(tmp_path):
+    synthesize(tmp_path / "large", images=2, seed=1, size=(1536, 864))
+    assert convert(tmp_path / "large", tmp_path / "out", val_fraction=0).tile is None
+    report = convert(tmp_path / "large", tmp_path / "auto", val_fraction=0, tile="auto")
+    assert report.tile is not None and report.tile_reason

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from loomlens.data.records import Box, ImageRecord
-from loomlens.data.tiles import save_tiles, tile_record, tile_windows
+from loomlens.data.tiles import auto_tile, hidden_when_tiled, save_tiles, tile_record, tile_windows
 
 # 512x256 with 256 px tiles at 25 % overlap: windows start at x = 0, 128, 256 (one row).
 W0, W1, W2 = (0, 0, 256, 256), (128, 0, 384, 256), (256, 0, 512, 256)
@@ -102,3 +102,30 @@ def test_save_tiles_crops_in_the_frames_format_and_keeps_fresh_ones(tmp_path):
     save_tiles(tmp_path / "frame.png", {a: (0, 0, 16, 16)})  # same name, another tile size
     assert Image.open(a).size == (16, 16)
     assert sorted(p.name for p in a.parent.iterdir()) == ["a.png", "b.png"]  # no temporaries
+
+
+def _frames(size: tuple[int, int], box: tuple[float, float], count: int = 4) -> list[ImageRecord]:
+    """`count` frames of `size`, each with one `box` (width, height) defect."""
+    w, h = box
+    return [ImageRecord(f"images/{i}.png", *size, [Box("hole", 10, 10, 10 + w, 10 + h)]) for i in range(count)]
+
+
+def test_auto_tile_leaves_frames_whose_defects_survive_the_squeeze_whole():
+    assert auto_tile(_frames((2560, 1440), (300, 200))) is None  # 30 px at the input: seen
+    assert auto_tile(_frames((512, 288), (5, 5))) is None  # no larger than twice the input: nothing to tile
+    assert auto_tile(_frames((2560, 1440), (2, 2))) is None  # under 4 px even at full size: tiles keep nothing
+    assert auto_tile(_frames((2560, 1440), (20, 20), count=2) + _frames((2560, 1440), (300, 200), count=7)) is None
+    assert auto_tile([ImageRecord("images/good.png", 4096, 256)]) is None  # no boxes at all
+
+
+def test_auto_tile_picks_the_largest_tile_that_keeps_the_defects_in_sight():
+    # 20 px defects in 2560x1440 frames: 2 px squeezed whole, 10 px in 512 px tiles, 5 in 1024.
+    assert auto_tile(_frames((2560, 1440), (20, 20))) == 512
+    assert hidden_when_tiled(_frames((2560, 1440), (20, 20))) == 4
+    assert hidden_when_tiled(_frames((2560, 1440), (20, 20)), tile=512, px=8) == 0
+    # 36 px: 3.6 px squeezed whole, 9 px in 1024 px tiles; a 2048 px tile would not tile a 2560 px frame.
+    assert auto_tile(_frames((2560, 1440), (36, 36))) == 1024
+    # A line-scan strip with 6 px defects: only the input's own edge keeps them over 4 px.
+    assert auto_tile(_frames((4096, 256), (6, 6))) == 256
+    # The tile is chosen for the input it is given: base's 768 px keeps 20 px defects whole.
+    assert auto_tile(_frames((2560, 1440), (20, 20)), edge=768) is None

@@ -41,7 +41,9 @@ from loomlens.data.sanitize import (
 )
 from loomlens.data.splits import assign_splits, group_keys, own_split
 from loomlens.data.tasks import CONVERTIBLE, REGISTRY
-from loomlens.data.tiles import save_tiles, tile_record
+from loomlens.data.tiles import (
+    AUTO_TILE_INPUT, VANISHING_PX, auto_tile, hidden_when_tiled, save_tiles, tile_record,
+)
 from loomlens.data.ultralytics import find_data_yaml, read_yolo_dataset
 from loomlens.data.voc import read_voc
 from loomlens.data.yolo import CLASSES_FILE, write_classes
@@ -81,7 +83,7 @@ class ConvertReport:
     tasks: list[str]
     order: str
     flip: bool
-    tile: int | None
+    tile: int | None  # the tile edge the frames were cut to (also when `--tile auto` chose it)
     tile_overlap: float
     seed: int
     classes: list[str]
@@ -97,6 +99,7 @@ class ConvertReport:
     split: dict[str, Any] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     images_mode: str = "refer"  # refer | copy | link: whether the samples point at the source or at copies in `out`
+    tile_reason: str = ""  # why `--tile auto` cut tiles or not; empty for a tile given by number or none
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of everything in the report."""
@@ -245,7 +248,7 @@ def write_jsonl(path: Path, samples: Iterable[dict[str, Any]]) -> int:
 
 def _check_arguments(
     fmt: str, tasks: Sequence[str], order: str, val_fraction: float, test_fraction: float,
-    tile: int | None, tile_overlap: float, images: str,
+    tile: int | str | None, tile_overlap: float, images: str,
 ) -> None:
     if images not in IMAGE_MODES:
         raise ConvertError(f"unknown images mode {images!r}; use one of {', '.join(IMAGE_MODES)}")
@@ -258,10 +261,23 @@ def _check_arguments(
         raise ConvertError(f"unknown order {order!r}; use one of {', '.join(ORDERS)}")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ConvertError("val and test fractions must be in 0..1 and leave some images for training")
-    if tile is not None and tile < MIN_TILE:
+    if tile is not None and tile != "auto" and (not isinstance(tile, int) or tile < MIN_TILE):
         raise ConvertError(f"tile must be at least {MIN_TILE} px, got {tile}; use the model's input size or more")
     if not 0 <= tile_overlap < 0.9:
         raise ConvertError(f"tile overlap must be in [0, 0.9), got {tile_overlap}; 0.25 is the usual share")
+
+
+def _resolve_tile(tile: int | str | None, records: Sequence[ImageRecord]) -> tuple[int | None, str]:
+    """The tile edge to cut `records` to and, for `tile="auto"`, why (`tiles.auto_tile`)."""
+    if tile != "auto":
+        return tile, ""  # type: ignore[return-value]
+    chosen = auto_tile(records)
+    boxes = sum(len(r.boxes) for r in records)
+    seen = (f"{hidden_when_tiled(records)} of {boxes} boxes fall under {VANISHING_PX:g} px once their frames are squeezed whole to "
+            f"the {AUTO_TILE_INPUT} px input")
+    if chosen is None:
+        return None, f"no tiles: {seen}"
+    return chosen, f"tiles of {chosen} px: {seen}; the largest tile that keeps most of them in sight"
 
 
 def _fail_if_strict(strict: bool, problems: list[Problem], src: Path) -> None:
@@ -551,7 +567,7 @@ def convert(
     seed: int = 0,
     strict: bool = False,
     progress: ProgressFn | None = None,
-    tile: int | None = None,
+    tile: int | str | None = None,
     tile_overlap: float = 0.25,
     keep_empty: bool = False,
     resplit: bool = False,
@@ -564,7 +580,8 @@ def convert(
     `format`: auto | voc | cvat | yolo | coco | labelstudio; `tasks`: any of `CONVERTIBLE`;
     `order`: see `_order`. `flip` adds a mirrored copy of every image and `tile` (px) the windows
     of every frame overlapping by `tile_overlap` (see `tiles.tile_record`), each in its
-    original's split. Damaged images are left out, and so are images whose every box was
+    original's split; `tile="auto"` picks the edge from the frames and boxes, or no tiles
+    (`tiles.auto_tile`), and the report says why. Damaged images are left out, and so are images whose every box was
     dropped unless `keep_empty`. The dataset's own split is kept unless `resplit`; a drawn split
     keeps each group of `group_by` whole and is deterministic for `seed` (see `choose_splits`).
     `images`: refer (the samples point at `src`), copy or link (into `out/images/originals/`).
@@ -583,6 +600,7 @@ def convert(
     read = READERS[fmt](src, skip)
     records, problems = _usable_records(read, src_abs, skip, keep_empty)
     _fail_if_strict(strict, problems, src)
+    tile, tile_reason = _resolve_tile(tile, records)
     if strict and (flip or tile is not None):  # check every image before the first flip or tile is written
         problems += _images(records, src_abs, out_abs, flip, tile, tile_overlap, seed, False, progress)[2]
         _fail_if_strict(strict, problems, src)
@@ -610,7 +628,7 @@ def convert(
             flip=flip, tile=tile, tile_overlap=tile_overlap, seed=seed, classes=[*read.classes, *seen],
             images=len(records), negatives=sum(not r.boxes for r in records), keep_empty=keep_empty, images_mode=images,
             boxes_per_class=dict(sorted(Counter(b.label for r in records for b in r.boxes).items())),
-            splits=splits, split=split_info, problems=problems,
+            splits=splits, split=split_info, problems=problems, tile_reason=tile_reason,
         )
         write_classes(out / CLASSES_FILE, report.classes)
         atomic_write(out / "summary.json", json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")

@@ -27,7 +27,7 @@ from loomlens.data.records import Box
 from loomlens.data.sampling import Balance, Labels, balanced_batches
 from loomlens.data.sanitize import to_rgb
 from loomlens.data.tasks import CONVERTIBLE, REGISTRY
-from loomlens.data.tiles import is_large
+from loomlens.data.tiles import hidden_by_squeeze, is_large
 
 #: Label padding, ignored by the loss.
 IGNORE_INDEX = -100
@@ -37,9 +37,6 @@ ORDERS = ("grouped", "interleaved")
 #: Batches are formed from pools of this many batches sorted by length: similar lengths
 #: share a batch (little padding) while the order stays random.
 _POOL_BATCHES = 16
-#: A box whose shorter side is under this many pixels at the model's input is barely visible to
-#: it (DaViT's first stage already pools 4x4 pixels into one cell): `FlorenceDataset.vanishing`.
-VANISHING_PX = 4.0
 #: Share of physical memory one dataset may fill with kept images (`default_cache_bytes`).
 CACHE_SHARE = 0.25
 #: A run that never crops augments a large frame reduced to at most this many times the model's
@@ -98,13 +95,6 @@ def _answer_boxes(row: dict) -> tuple[Box, ...] | None:
     return tuple(parse_text(row["suffix"], row["width"], row["height"])[0])
 
 
-def _hidden_by_squeeze(box: Box, width: int, height: int, edge: int) -> bool:
-    """Whether `box` has `VANISHING_PX` on its shorter side in its `width` x `height` frame but
-    not once the frame is resized to the model's `edge` x `edge` input: a box tiles would keep."""
-    w, h = box.x2 - box.x1, box.y2 - box.y1
-    return min(w, h) >= VANISHING_PX > min(w * edge / width, h * edge / height)
-
-
 class FlorenceDataset(torch.utils.data.Dataset):
     """Samples of a converted split (`train.jsonl`, ...) ready for Florence-2.
 
@@ -123,7 +113,7 @@ class FlorenceDataset(torch.utils.data.Dataset):
     a window at a time (`augment.crop` on, a box sample's frame large for it), else None: what
     a run records so that prediction tiles as training cropped. `boxes` and `vanishing`: the
     box samples' boxes, and how many of them, in frames large for the input, the squeeze to the
-    input leaves under `VANISHING_PX` on their shorter side (what `loomlens train` warns about).
+    input leaves under `tiles.VANISHING_PX` on their shorter side (what `loomlens train` warns about).
     The whole split is checked first (see `validate_split`): a bad line, a missing or damaged
     image, or an image path leading outside the data raises `SplitError` (a ValueError) naming
     every line.
@@ -167,7 +157,7 @@ class FlorenceDataset(torch.utils.data.Dataset):
                 large = large or frame_large
                 self.boxes += len(boxes)
                 if frame_large:
-                    self.vanishing += sum(_hidden_by_squeeze(b, row["width"], row["height"], self.edge) for b in boxes)
+                    self.vanishing += sum(hidden_by_squeeze(b, row["width"], row["height"], self.edge) for b in boxes)
             self.examples.append(Example(prompts[prefix], tuple(labels), self.jsonl.parent / row["image"],
                                          row.get("task", prefix), boxes))
         self.crop_window = self.edge if self.augment is not None and self.augment.crop and large else None

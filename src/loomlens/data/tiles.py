@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import random
 from contextlib import nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +30,65 @@ AUTO_FACTOR = 2.0
 #: The least share of a box a window must show for the box to be kept, clipped (less: the
 #: window is ambiguous, as labelling a half-visible defect as background would be wrong).
 MIN_VISIBLE = 0.5
+#: A box whose shorter side is under this many pixels at the model's input is barely visible to
+#: it (DaViT's first stage already pools 4x4 pixels into one cell).
+VANISHING_PX = 4.0
+#: The share of boxes hidden by the squeeze to the input at which `loomlens train` warns and
+#: `convert --tile auto` cuts tiles.
+VANISHING_SHARE = 0.25
+#: The input edge `convert --tile auto` plans for: the embedded default model's. A run on
+#: Florence-2-base (768 px) converts with `--tile 768`, or `--tile off`.
+AUTO_TILE_INPUT = 256
 
 
 def is_large(width: int, height: int, edge: int) -> bool:
     """Whether a `width` x `height` frame is large for an input of `edge` px (`AUTO_FACTOR`)."""
     return max(width, height) > AUTO_FACTOR * edge
+
+
+def hidden_by_squeeze(box: Box, width: int, height: int, edge: int, px: float = VANISHING_PX) -> bool:
+    """Whether `box`, at least `VANISHING_PX` on its shorter side in its `width` x `height`
+    frame (or window), falls under `px` (or under its own size, when that is smaller) once the
+    frame is resized to the model's `edge` x `edge` input: a box smaller tiles would keep."""
+    side = min(box.width, box.height)
+    return side >= VANISHING_PX and min(box.width * edge / width, box.height * edge / height) < min(px, side)
+
+
+def hidden_when_tiled(
+    records: Sequence[ImageRecord], tile: int | None = None, edge: int = AUTO_TILE_INPUT, px: float = VANISHING_PX,
+) -> int:
+    """How many boxes of `records` fall under `px` at an `edge` px input (`hidden_by_squeeze`)
+    when the frames large for `tile` are seen in `tile` px windows (as prediction's auto mode
+    sees them; None: no tiles) and every other frame whole. Frames not large for `edge` are not
+    counted: nothing would tile them."""
+    hidden = 0
+    for r in records:
+        if not is_large(r.width, r.height, edge):
+            continue
+        tiled = tile is not None and is_large(r.width, r.height, tile)
+        width, height = (min(tile, r.width), min(tile, r.height)) if tiled else (r.width, r.height)
+        hidden += sum(hidden_by_squeeze(b, width, height, edge, px) for b in r.boxes)
+    return hidden
+
+
+def auto_tile(records: Sequence[ImageRecord], edge: int = AUTO_TILE_INPUT) -> int | None:
+    """The tile edge `convert --tile auto` cuts `records` into, None for no tiles.
+
+    None unless large frames hide at least `VANISHING_SHARE` of all boxes when squeezed whole
+    to the `edge` px input (the rule `loomlens train` warns by). Then the largest of `edge`,
+    2 `edge`, 4 `edge`, ... at which fewer than that share of the boxes are under twice
+    `VANISHING_PX` (or under their own size) at the input: larger tiles cost fewer passes a frame, and a box of 4-8 px
+    there is seen but seldom placed to IoU 0.5 (docs/training.md, "Large frames"). `edge`
+    itself when no larger tile does, since a window no larger than the input hides nothing."""
+    boxes = sum(len(r.boxes) for r in records)
+    if not boxes or hidden_when_tiled(records, None, edge, VANISHING_PX) < VANISHING_SHARE * boxes:
+        return None
+    chosen, tile = edge, 2 * edge
+    while any(is_large(r.width, r.height, tile) for r in records):
+        if hidden_when_tiled(records, tile, edge, 2 * VANISHING_PX) >= VANISHING_SHARE * boxes:
+            break
+        chosen, tile = tile, 2 * tile
+    return chosen
 
 
 def _starts(size: int, tile: int, overlap: float) -> list[int]:

@@ -3,7 +3,7 @@ validation) and `write_report` (metrics.json, the plots and report.md that links
 
 In: a model ready to answer and a split's JSONL. Out: metrics (and files). The boxes come from
 `loomlens.infer.detection`, tiled on large frames (`loomlens.infer.tiling`) for a run that
-predicts them tiled (`Run.eval_tile`); this module only matches them against the truth and
+predicts them tiled (`Run.tile`); this module only matches them against the truth and
 reports.
 """
 

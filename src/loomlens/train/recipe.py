@@ -44,9 +44,10 @@ import torch
 from loomlens.config import RESUMABLE, TrainConfig, changed_settings, dump_config, load_config
 from loomlens.data.augment import Augment
 from loomlens.data.dataset import (
-    IGNORE_INDEX, VANISHING_PX, Collator, FlorenceDataset, default_cache_bytes, plan_batches,
+    IGNORE_INDEX, Collator, FlorenceDataset, default_cache_bytes, plan_batches,
 )
 from loomlens.data.sampling import Balance
+from loomlens.data.tiles import VANISHING_PX, VANISHING_SHARE
 from loomlens.model.folded_lora import fold_lora
 from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, trainable_by_tower
 from loomlens.model.memory import enable_gradient_checkpointing, smaller_micro_batch
@@ -396,10 +397,6 @@ def loss_spec(cfg: TrainConfig, *, model, processor, train_set: FlorenceDataset)
         processor.tokenizer.convert_tokens_to_ids("<loc_0>"), cfg.loc_sigma, cfg.pointer_weight,
         math.isqrt(image_tokens - 1),
     )
-
-
-#: The share of training boxes too small at the model's input above which a run says so.
-VANISHING_SHARE = 0.25
 
 
 def _describe(s: Session, towers: dict[str, int]) -> None:
@@ -948,7 +945,7 @@ def _evaluate(s: Session) -> dict[str, float]:
         loss_sum, tokens = loss_sum + part, tokens + count
     result = {"val_loss": (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum")).item()}
     if accelerator.is_main_process:
-        result.update(_detection_metrics(model, s.processor, s.val_set.jsonl, cfg, Run(s.run_dir).eval_tile))
+        result.update(_detection_metrics(model, s.processor, s.val_set.jsonl, cfg, Run(s.run_dir).tile))
     accelerator.wait_for_everyone()
     model.set_attn_implementation(attention)
     model.train()
@@ -958,7 +955,7 @@ def _evaluate(s: Session) -> dict[str, float]:
 
 def _detection_metrics(model, processor, jsonl: Path, cfg: TrainConfig, tile: int | None) -> dict[str, float]:
     """mAP50 (and friends) of the `<OD>` val samples, large frames tiled at `tile` as the run
-    will predict them (`Run.eval_tile`); empty when `eval_max_images` is 0."""
+    will predict them (`Run.tile`); empty when `eval_max_images` is 0."""
     if cfg.eval_max_images == 0:
         return {}
     from loomlens.evaluate import evaluate_jsonl
