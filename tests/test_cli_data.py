@@ -91,6 +91,24 @@ def test_convert_into_its_own_source_exits_1_and_writes_nothing(tmp_path):
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_the_output_folder_may_be_given_as_out_like_train_takes_it(tmp_path):
+    runner.invoke(app, ["synth", str(tmp_path / "src"), "--images", "3", "--size", "256x144"])
+    result = runner.invoke(app, ["convert", str(tmp_path / "src"), "--out", str(tmp_path / "data"), "--flip"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "data" / "train.jsonl").exists()
+    for args in ([], [str(tmp_path / "a"), "--out", str(tmp_path / "b")]):
+        refused = runner.invoke(app, ["convert", str(tmp_path / "src"), *args])
+        assert refused.exit_code == 1 and "give the output folder once" in refused.output
+        assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_eval_on_a_missing_test_split_says_how_to_make_one(tmp_path):
+    runner.invoke(app, ["synth", str(tmp_path / "src"), "--images", "3", "--size", "256x144"])
+    runner.invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "data")])
+    result = runner.invoke(app, ["eval", "--data", str(tmp_path / "data"), "--split", "test"])
+    assert result.exit_code == 1 and "--test-fraction 0.2" in result.output
+
+
 def test_keep_empty_keeps_an_emptied_image_as_defect_free(tmp_path):
     src = tmp_path / "src"
     runner.invoke(app, ["synth", str(src), "--images", "2", "--size", "256x144", "--negatives", "0"])

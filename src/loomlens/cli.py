@@ -76,8 +76,10 @@ def convert_command(
     src: Path = typer.Argument(..., help="Annotated dataset folder with its images: LabelImg VOC *.xml or YOLO "
                                "*.txt with classes.txt, an ultralytics/Roboflow data.yaml, COCO *.json, CVAT for "
                                "images *.xml or a Label Studio JSON export."),
-    out: Path = typer.Argument(..., help="Output folder: train.jsonl, val.jsonl (test.jsonl), classes.txt, "
-                               "summary.json, images/ for flipped copies and tiles."),
+    out: Path | None = typer.Argument(None, help="Output folder: train.jsonl, val.jsonl (test.jsonl), classes.txt, "
+                                      "summary.json, images/ for flipped copies and tiles."),
+    out_option: Path | None = typer.Option(None, "--out", help="The output folder, as an option (as `train` and "
+                                           "`predict` take it)."),
     fmt: str = typer.Option("auto", "--format", help="auto, voc, cvat, yolo, coco or labelstudio."),
     tasks: str = typer.Option("od", help="Comma-separated tasks: od, dense_region_caption, phrase_grounding, "
                               "caption."),
@@ -94,7 +96,8 @@ def convert_command(
     tile_overlap: float = typer.Option(0.25, help="Share of a tile its neighbours overlap, in [0, 0.9)."),
     val_fraction: float = typer.Option(0.17, help="Share of images for validation (drawn only where the "
                                        "dataset has no val split of its own)."),
-    test_fraction: float = typer.Option(0.0, help="Share of images for a test split (0: none)."),
+    test_fraction: float = typer.Option(0.0, help="Share of images for a test split (0: none; drawn from the "
+                                        "training images where the dataset has a split of its own but no test)."),
     seed: int = typer.Option(0, help="Seed of the split and the sample order."),
     resplit: bool = typer.Option(False, "--resplit", help="Ignore the dataset's own split (train/ valid/ test/ "
                                  "folders, data.yaml lists, CVAT subsets) and draw a new one."),
@@ -123,6 +126,9 @@ def convert_command(
 
     if copy_images and link_images:
         raise _fail("give --copy-images or --link-images, not both")
+    if (out is None) == (out_option is None):
+        raise _fail("give the output folder once: `loomlens convert SRC OUT` or `loomlens convert SRC --out OUT`")
+    out = out or out_option
     tile_edge = _tile_option(tile)
     console = Console()
     try:
@@ -605,7 +611,9 @@ def eval_command(
 
     jsonl = data if data.suffix == ".jsonl" else data / f"{split}.jsonl"
     if not jsonl.exists():
-        raise _fail(f"no split at {jsonl}; make one with `loomlens convert SRC {data}`")
+        fix = (f"convert again with a test split: `loomlens convert SRC {data} --test-fraction 0.2`"
+               if jsonl.stem == "test" else f"make one with `loomlens convert SRC {data}`")
+        raise _fail(f"no split at {jsonl}; {fix}")
     adapter = Path(checkpoint) if checkpoint not in ("best", "last") else run
     try:  # the model as `predict` runs it
         loaded = load_for_inference(model=model, adapter=adapter, checkpoint=checkpoint if adapter == run else "best",

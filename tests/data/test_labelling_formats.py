@@ -81,6 +81,14 @@ def test_a_data_yaml_that_points_nowhere_names_the_file_and_line(tmp_path):
     assert report.images == 3  # the other splits still convert
 
 
+def test_a_split_folder_the_data_yaml_does_not_list_is_reported_image_by_image(tmp_path):
+    src = _roboflow_yolo(tmp_path / "export", ROBOFLOW_YAML.replace("test: ../test/images\n", ""))
+    report = convert(src, tmp_path / "data")
+    (problem,) = report.problems  # its label file was never read, so it excuses nothing
+    assert problem.file == "test/images/d.jpg" and "no usable annotation" in problem.message
+    assert report.images == 3
+
+
 def test_unknown_class_ids_in_yolo_labels_are_reported_with_file_and_line(tmp_path):
     src = _roboflow_yolo(tmp_path / "export", ROBOFLOW_YAML)
     (src / "train" / "labels" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n7 0.5 0.5 0.2 0.2\n")
@@ -154,6 +162,17 @@ def test_a_dataset_without_its_own_val_split_draws_one_from_its_train_folder(tmp
     splits = _split_images(tmp_path / "data")
     assert {k: len(v) for k, v in splits.items()} == {"train": 4, "val": 2, "test": 2}
     assert all(n.startswith("test") for n in splits["test"]) and report.split["drawn"] == {"train": 4, "val": 2}
+
+
+def test_a_test_fraction_draws_a_test_split_from_the_train_folder_of_a_dataset_without_one(tmp_path):
+    src = _presplit_voc(tmp_path / "src", {"train": 8, "val": 2})
+    convert(src, tmp_path / "none")
+    assert not (tmp_path / "none" / "test.jsonl").exists()  # no test asked for, none drawn
+    report = convert(src, tmp_path / "data", test_fraction=0.25)
+    splits = _split_images(tmp_path / "data")
+    assert {k: len(v) for k, v in splits.items()} == {"train": 6, "val": 2, "test": 2}
+    assert all(n.startswith("train") for n in splits["test"]) and splits["val"] == {"val0.jpg", "val1.jpg"}
+    assert report.split["kept"] == {"val": 2} and report.split["drawn"] == {"train": 6, "test": 2}
 
 
 # --- CVAT for images 1.1 -------------------------------------------------------------------------

@@ -400,11 +400,13 @@ def _images(
 def _unannotated(src: Path, skip: Sequence[Path], records: Sequence[ImageRecord],
                  problems: Sequence[Problem]) -> list[Problem]:
     """One problem per image file under `src` (not under `skip`) that no annotation read
-    refers to: silently leaving it out would hide a missing label file. An image that one of
-    `problems` already skipped, or an annotation file named after the image (as LabelImg names
-    them) even when it was skipped, counts: its own problem is reported already."""
+    refers to: silently leaving it out would hide a missing label file, or a split folder the
+    data.yaml does not list. An image that one of `problems` already skipped, or named after an
+    annotation file that was read or reported (as LabelImg names them), counts: its own problem
+    is reported already. An annotation file nobody read excuses nothing."""
     used = {(src / r.image).resolve() for r in records} | {Path(p.image).resolve() for p in problems if p.image}
-    stems = {p.stem for p in iter_files(src, (".xml", ".txt"), skip)}
+    read = [*(r.source for r in records), *(p.file for p in problems)]
+    stems = {PurePosixPath(f).stem for f in read if f and PurePosixPath(f).suffix.lower() in (".xml", ".txt")}
     return [
         Problem(file=relative(path, src), message="image in no usable annotation; not converted",
                 fix="annotate it (an annotation without boxes marks it defect-free), or move it out of the folder")
@@ -531,8 +533,9 @@ def choose_splits(
 ) -> tuple[dict[str, str], dict[str, Any]]:
     """Image -> split for `records` (of the dataset in `root`), and how it was made (for
     summary.json). Unless `resplit`, each image keeps the dataset's own split (`own_split`);
-    the images without one, and its train images when it has no val split, are split at random
-    by group (`group_keys` of `group_by`), val (test) drawn only where the dataset has none.
+    the images without one, and its train images when it has no val split (or no test split
+    and `test_fraction` asks for one), are split at random by group (`group_keys` of
+    `group_by`), val (test) drawn only where the dataset has none.
     Raises `ConvertError` for a `group_by` it cannot read."""
     try:
         groups = group_keys(records, root, group_by)
@@ -540,7 +543,8 @@ def choose_splits(
         raise ConvertError(str(err)) from None
     own = {} if resplit else {r.image: s for r in records if (s := own_split(r))}
     has = set(own.values())
-    free = [r.image for r in records if r.image not in own or (own[r.image] == "train" and "val" not in has)]
+    short = "val" not in has or (test_fraction > 0 and "test" not in has)  # its train images give the missing split
+    free = [r.image for r in records if r.image not in own or (own[r.image] == "train" and short)]
     drawn = assign_splits(free, 0 if "val" in has else val_fraction, 0 if "test" in has else test_fraction,
                           seed, groups)
     split_of = {**own, **drawn}
