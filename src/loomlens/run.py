@@ -85,11 +85,11 @@ class Run:
 
     @property
     def tile(self) -> int | None:
-        """The tile edge prediction's `tile="auto"`, validation and `loomlens eval` tile large
-        frames at, None for a run that only ever saw whole frames: the edge its training data
-        was cut to (`convert --tile`), else its defect crop's window, since such a run learnt
-        defects at that scale and a figure from whole squeezed frames would say nothing of
-        what it finds on the line."""
+        """The tile edge prediction's `tile="auto"` and `loomlens eval` tile large frames at
+        (validation too, for a cropping run), None for a run that only ever saw whole frames:
+        the edge its training data was cut to (`convert --tile`), else its defect crop's
+        window, since such a run learnt defects at that scale and a figure from whole squeezed
+        frames would say nothing of what it finds on the line."""
         summary = self.folder / DATA_SUMMARY if self.folder else None
         cut = json.loads(summary.read_text()).get("tile") if summary and summary.exists() else None
         return cut or self.crop

@@ -945,7 +945,10 @@ def _evaluate(s: Session) -> dict[str, float]:
         loss_sum, tokens = loss_sum + part, tokens + count
     result = {"val_loss": (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum")).item()}
     if accelerator.is_main_process:
-        result.update(_detection_metrics(model, s.processor, s.val_set.jsonl, cfg, Run(s.run_dir).tile))
+        run = Run(s.run_dir)
+        # A cropping run's val frames are whole; data cut into tiles holds its val tiles already,
+        # and tiling its whole frames too would cost each evaluation ~20 passes a line-scan strip.
+        result.update(_detection_metrics(model, s.processor, s.val_set.jsonl, cfg, run.tile if run.crop else None))
     accelerator.wait_for_everyone()
     model.set_attn_implementation(attention)
     model.train()
@@ -955,7 +958,7 @@ def _evaluate(s: Session) -> dict[str, float]:
 
 def _detection_metrics(model, processor, jsonl: Path, cfg: TrainConfig, tile: int | None) -> dict[str, float]:
     """mAP50 (and friends) of the `<OD>` val samples, large frames tiled at `tile` as the run
-    will predict them (`Run.tile`); empty when `eval_max_images` is 0."""
+    will predict them (`Run.tile`, for a cropping run); empty when `eval_max_images` is 0."""
     if cfg.eval_max_images == 0:
         return {}
     from loomlens.evaluate import evaluate_jsonl
