@@ -135,6 +135,21 @@ def test_two_annotations_of_one_image_are_reported_and_one_kept(tmp_path):
     assert "merge" in twin.fix and images == ["a.jpg"]
 
 
+def test_an_xml_copied_as_a_template_annotates_the_image_it_is_named_after(tmp_path):
+    """LabelImg pairs `copied.xml` with `copied.jpg` whatever its stale `<filename>` says."""
+    src = tmp_path / "src"
+    write_image(src / "outside.jpg")
+    write_image(src / "copied.jpg")
+    _voc(src, "outside.xml", "outside.jpg")
+    _voc(src, "copied.xml", "outside.jpg", label="stain")
+    report, images = _converted(src, tmp_path)
+    assert images == ["copied.jpg", "outside.jpg"]
+    (stale,) = report.problems
+    assert stale.file == "copied.xml" and "paired with copied.jpg" in stale.message and "copied.jpg" in stale.fix
+    labels = {s["image"].split("/")[-1]: s["suffix"].split("<")[0] for s in all_samples(tmp_path / "out")}
+    assert labels == {"copied.jpg": "stain", "outside.jpg": "hole"}
+
+
 def test_class_names_that_differ_only_in_case_are_reported(tmp_path):
     src = tmp_path / "src"
     for name, label in (("a", "hole"), ("b", "Hole"), ("c", "Hole")):

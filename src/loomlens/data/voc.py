@@ -73,17 +73,23 @@ def read_voc_file(path: Path, root: Path) -> tuple[ImageRecord | None, list[Prob
     if folder:
         dirs += [path.parent.parent / folder, root / folder]
     image, problem = find_image(root, name, dirs, file, lines[ann])
-    if image is None and Path(name.replace("\\", "/")).stem != path.stem:  # LabelImg pairs an XML and its image by name
-        image = find_image(root, path.stem, dirs, file, lines[ann])[0]
+    problems: list[Problem] = []
+    if Path(name.replace("\\", "/")).stem != path.stem:  # LabelImg pairs an XML and its image by name
+        own = find_image(root, path.stem, dirs, file, lines[ann])[0]
+        if own is not None and image is not None and own != image:  # an XML copied as a template
+            problems.append(Problem(
+                file=file, line=lines[ann], message=f"<filename> names {name}, but the file is named after "
+                f"{own.name}; paired with {own.name}, as LabelImg shows it", fix=f"set <filename> to {own.name}",
+            ))
+        image = own or image
     if image is None:
         return None, [problem]
     declared = (int(_number(ann, "size/width") or 0), int(_number(ann, "size/height") or 0))
     size, problem = image_size(image, declared, file, lines[ann])
     if size is None:
-        return None, [problem]
+        return None, [*problems, problem]
     width, height = size
     record = ImageRecord(relative(image, root), width, height, [], file)
-    problems: list[Problem] = []
     for obj in ann.findall("object"):
         coords = [_number(obj, f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")]
         if None in coords:
