@@ -25,6 +25,9 @@ def test_the_models_answer_probability_scores_the_frame_when_measured() -> None:
 def test_the_summary_line_gives_the_score_to_set_for_each_false_alarm_rate() -> None:
     line = summary_line(image_level(scores=[0.9, 0.8, 0.3, 0.1], defective=[True, True, False, False]))
     assert "recall 100.0 % at <= 1.0 % false alarms (score >= 0.3)" in line  # just above the best good frame
+    # Good frames that all score 0: any score above it flags, said so rather than as 4.941e-324.
+    line = summary_line(image_level(scores=[0.9, 0.0, 0.0], defective=[True, False, False]))
+    assert "false alarms (score > 0)" in line and "e-324" not in line
 
 
 def test_perfect_separation() -> None:

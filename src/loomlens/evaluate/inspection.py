@@ -122,5 +122,6 @@ def summary_line(metrics: Mapping) -> str:
     parts = [f"AUROC {'-' if auroc is None else f'{auroc:.3f}'}"]
     for k, r in metrics["recall_at_fpr"].items():
         t = thresholds.get(k)
-        parts.append(f"recall {pct(r)} at <= {pct(float(k))} false alarms" + ("" if t is None else f" (score >= {t:.4g})"))
+        cut = "" if t is None else " (score > 0)" if 0 < t < 1e-12 else f" (score >= {t:.4g})"  # just above a 0
+        parts.append(f"recall {pct(r)} at <= {pct(float(k))} false alarms{cut}")
     return ", ".join(parts)
