@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from loomlens.train import recipe
 from loomlens.train.checkpoint import read_trainer_state
@@ -339,8 +340,11 @@ def test_a_collapse_rolls_back_to_best_and_a_second_one_stops(make_config, monke
     assert result.state.best_step == 1 and result.state.lr_scale == 0.5
     events = [r["event"] for r in csv.DictReader(open(cfg.out / "metrics.csv")) if r["event"]]
     assert "no box on 100% of val frames with a defect: back to step 1" in events[0]
-    assert "after 1 rollback(s): stopping" in events[1]
+    assert "after 1 rollback(s): stopping; last/ is best/ (step 1)" in events[1]
     assert read_trainer_state(cfg.out / "checkpoints" / "best")["state"]["step"] == 1
+    # The run ends on best/'s weights, not on the collapsed ones: the final adapter is the best.
+    last, best = (load_file(cfg.out / "checkpoints" / c / "adapter_model.safetensors") for c in ("last", "best"))
+    assert last.keys() == best.keys() and all(torch.equal(last[k], best[k]) for k in last)
 
 
 def test_a_signal_saves_and_says_how_to_resume(make_config, monkeypatch):

@@ -616,8 +616,8 @@ def stop_reason(s: Session) -> str:
 
 def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], str]:
     """Evaluate, let the guard judge (a collapse rolls back, a plateau or a second collapse
-    stops), save `last/` (copied to `best/` when the score improved), log; return the
-    evaluation and the stop reason."""
+    stops, the latter with best/'s weights put back), save `last/` (copied to `best/` when the
+    score improved), log; return the evaluation and the stop reason."""
     cfg, state = s.cfg, s.state
     started, s.evaluated_at = time.monotonic(), state.step
     result = _evaluate(s)
@@ -638,9 +638,13 @@ def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], 
     s.say(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     if verdict.action == "rollback":
         roll_back(s, verdict.reason)
-    elif verdict.action in ("collapsed", "plateau") and not stopped:
+    elif verdict.action == "collapsed":  # a collapsed model is worth nothing: the run ends on best/
+        kept = f"; last/ is best/ ({restore_sound(s, spoilt=False)})" if has_checkpoint(s.best_dir) else ""
+        event(s, verdict.reason + kept)
+        stopped = stopped or "collapsed"
+    elif verdict.action == "plateau" and not stopped:
         event(s, verdict.reason)
-        stopped = "collapsed" if verdict.action == "collapsed" else "early_stopping"
+        stopped = "early_stopping"
     save(s, improved=improved)
     return result, stopped
 
