@@ -234,7 +234,7 @@ def tables(result: dict[str, Any]) -> list[Table]:
                          "-" if r["best_step"] is None else str(r["best_step"])])
     rows.append(["untrained tiny", *score_cells(result["untrained"]), "0", "-"])
     notes = [f"AITEX, {result['frames']} whole test frames ({result['defective']} with defects), "
-             f"{result.get('tile', 256)} px tiles; "
+             f"{(str(result.get('tile', 256)) + ' px tiles') if result.get('tile', 256) else 'whole frames'}; "
              f"{result['budget_s']:.0f} s of training on this machine; doi:10.2478/aut-2019-0035",
              yolo_note(yolo)]
     main = Table("Real fabric (AITEX test split)", ["run", *SCORE_COLUMNS, "steps", "best step"], rows,

@@ -106,7 +106,7 @@ def test_eval_on_a_missing_test_split_says_how_to_make_one(tmp_path):
     runner.invoke(app, ["synth", str(tmp_path / "src"), "--images", "3", "--size", "256x144"])
     runner.invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "data")])
     result = runner.invoke(app, ["eval", "--data", str(tmp_path / "data"), "--split", "test"])
-    assert result.exit_code == 1 and "--test-fraction 0.2" in result.output
+    assert result.exit_code == 1 and "--test-fraction 0.2" in result.output and "new folder" in result.output
 
 
 def test_keep_empty_keeps_an_emptied_image_as_defect_free(tmp_path):

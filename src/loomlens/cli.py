@@ -134,7 +134,8 @@ def convert_command(
     try:
         with Progress(console=console, transient=True) as bar:
             job = bar.add_task("reading", total=None)
-            made = " and ".join(["decoding", *(["flipping"] if flip else []), *(["tiling"] if tile_edge else [])])
+            tiling = ["tiling where needed"] if tile_edge == "auto" else ["tiling"] if tile_edge else []
+            made = " and ".join(["decoding", *(["flipping"] if flip else []), *tiling])
             stages = {"check": "checking images", "images": f"{made} images"}
             report = convert(
                 src, out, format=fmt, tasks=[t.strip() for t in tasks.split(",") if t.strip()], order=order,
@@ -160,9 +161,10 @@ def _tile_option(text: str) -> int | str | None:
     word = text.strip().lower()
     if word in ("auto", "off"):
         return None if word == "off" else word
-    if not word.isdigit():
-        raise _fail(f"--tile takes auto, off or a tile edge in pixels (e.g. --tile 256), not {text!r}")
-    return int(word)
+    try:
+        return int(word)
+    except ValueError:
+        raise _fail(f"--tile takes auto, off or a tile edge in pixels (e.g. --tile 256), not {text!r}") from None
 
 
 def _print_convert_report(console, report, src: Path, max_problems: int = 20) -> None:
@@ -611,7 +613,8 @@ def eval_command(
 
     jsonl = data if data.suffix == ".jsonl" else data / f"{split}.jsonl"
     if not jsonl.exists():
-        fix = (f"convert again with a test split: `loomlens convert SRC {data} --test-fraction 0.2`"
+        fix = ("convert into a new folder with a test split (`loomlens convert SRC NEW --test-fraction 0.2`) and "
+               "train on that: a test split drawn after training would hold images the run trained on"
                if jsonl.stem == "test" else f"make one with `loomlens convert SRC {data}`")
         raise _fail(f"no split at {jsonl}; {fix}")
     adapter = Path(checkpoint) if checkpoint not in ("best", "last") else run

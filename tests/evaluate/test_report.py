@@ -115,3 +115,16 @@ def test_a_tile_size_detects_large_frames_tiled_as_predict_does(tmp_path, monkey
     metrics = report.write_report(None, None, tmp_path / "val.jsonl", tmp_path / "out", tile=100)
     assert metrics["tile"] == 100 and metrics["map50"] == 1.0
     assert "in 100 px tiles" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_tiled_evaluation_counts_each_defect_once_in_its_frame(tmp_path):
+    """A split cut into tiles holds each defect in its frame and in tiles: tiled evaluation
+    detects the frames in tiles, so the tile samples are left out; untiled evaluation keeps them."""
+    from loomlens.evaluate.report import od_images
+
+    synthesize(tmp_path / "src", images=2, seed=1, size=(768, 432), negative_fraction=0)
+    convert(tmp_path / "src", tmp_path / "data", tile=256, val_fraction=0)
+    jsonl = tmp_path / "data" / "train.jsonl"
+    everything, frames = od_images(jsonl), od_images(jsonl, frames_only=True)
+    assert len(frames) == 2 and len(everything) > len(frames)
+    assert all("tiles" not in e.path.parts for e in frames) and any("tiles" in e.path.parts for e in everything)

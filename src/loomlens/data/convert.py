@@ -42,7 +42,8 @@ from loomlens.data.sanitize import (
 from loomlens.data.splits import assign_splits, group_keys, own_split
 from loomlens.data.tasks import CONVERTIBLE, REGISTRY
 from loomlens.data.tiles import (
-    AUTO_TILE_INPUT, VANISHING_PX, auto_tile, hidden_when_tiled, save_tiles, tile_record,
+    AUTO_FACTOR, AUTO_TILE_INPUT, TILES_DIR, VANISHING_PX, auto_tile, hidden_when_tiled, is_large, save_tiles,
+    tile_record,
 )
 from loomlens.data.ultralytics import find_data_yaml, read_yolo_dataset
 from loomlens.data.voc import read_voc
@@ -57,7 +58,6 @@ FORMATS = ("auto", *READERS)
 IMAGE_MODES = ("refer", "copy", "link")
 ORIGINALS_DIR = "images/originals"  # relative to the output folder: copied or linked source images
 SPLITS = ("train", "val", "test")
-TILES_DIR = "images/tiles"  # relative to the output folder
 MIN_TILE = 32  # pixels; a smaller tile holds too little fabric to tell a defect from weave
 
 ProgressFn = Callable[[str, int, int], None]
@@ -262,7 +262,8 @@ def _check_arguments(
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ConvertError("val and test fractions must be in 0..1 and leave some images for training")
     if tile is not None and tile != "auto" and (not isinstance(tile, int) or tile < MIN_TILE):
-        raise ConvertError(f"tile must be at least {MIN_TILE} px, got {tile}; use the model's input size or more")
+        raise ConvertError(f"tile must be at least {MIN_TILE} px, got {tile}; use the model's input size or more "
+                           "(or no tiles: --tile off)")
     if not 0 <= tile_overlap < 0.9:
         raise ConvertError(f"tile overlap must be in [0, 0.9), got {tile_overlap}; 0.25 is the usual share")
 
@@ -272,12 +273,15 @@ def _resolve_tile(tile: int | str | None, records: Sequence[ImageRecord]) -> tup
     if tile != "auto":
         return tile, ""  # type: ignore[return-value]
     chosen = auto_tile(records)
-    boxes = sum(len(r.boxes) for r in records)
-    seen = (f"{hidden_when_tiled(records)} of {boxes} boxes fall under {VANISHING_PX:g} px once their frames are squeezed whole to "
-            f"the {AUTO_TILE_INPUT} px input")
+    large = AUTO_FACTOR * AUTO_TILE_INPUT  # what prediction tiles
+    if not any(is_large(r.width, r.height, AUTO_TILE_INPUT) for r in records):
+        return None, f"no tiles: no frame is larger than {large:g} px, twice the {AUTO_TILE_INPUT} px input"
+    seen = (f"{hidden_when_tiled(records)} of {sum(len(r.boxes) for r in records)} boxes lie in frames over "
+            f"{large:g} px and fall under {VANISHING_PX:g} px once such a frame is squeezed whole to the "
+            f"{AUTO_TILE_INPUT} px input (a quarter or more are tiled for)")
     if chosen is None:
         return None, f"no tiles: {seen}"
-    return chosen, f"tiles of {chosen} px: {seen}; the largest tile that keeps most of them in sight"
+    return chosen, f"tiles of {chosen} px: {seen}; {chosen} px is the largest tile that keeps most of them in sight"
 
 
 def _fail_if_strict(strict: bool, problems: list[Problem], src: Path) -> None:

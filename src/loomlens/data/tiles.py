@@ -36,6 +36,9 @@ VANISHING_PX = 4.0
 #: The share of boxes hidden by the squeeze to the input at which `loomlens train` warns and
 #: `convert --tile auto` cuts tiles.
 VANISHING_SHARE = 0.25
+#: Where `convert` writes tiles, relative to its output folder (and so how a split's samples
+#: tell a tile from a whole frame).
+TILES_DIR = "images/tiles"
 #: The input edge `convert --tile auto` plans for: the embedded default model's. A run on
 #: Florence-2-base (768 px) converts with `--tile 768`, or `--tile off`.
 AUTO_TILE_INPUT = 256

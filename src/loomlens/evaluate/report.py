@@ -22,7 +22,7 @@ from loomlens.data.dataset import read_jsonl
 from loomlens.data.florence_text import parse_text
 from loomlens.data.records import Box
 from loomlens.data.sanitize import to_rgb
-from loomlens.data.tiles import AUTO_FACTOR
+from loomlens.data.tiles import AUTO_FACTOR, TILES_DIR
 from loomlens.data.yolo import CLASSES_FILE, read_class_names
 from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, match_image
 from loomlens.evaluate.inspection import frame_score, image_level, image_level_by_class, summary_line
@@ -53,12 +53,13 @@ class EvalRun:
     probabilities: list[float | None] = field(default_factory=list)
 
 
-def od_images(jsonl: Path, max_images: int | None = None) -> list[EvalImage]:
-    """The `<OD>` samples of a converted split, true boxes parsed from their suffix."""
+def od_images(jsonl: Path, max_images: int | None = None, *, frames_only: bool = False) -> list[EvalImage]:
+    """The `<OD>` samples of a converted split, true boxes parsed from their suffix;
+    `frames_only` leaves out the tiles `convert --tile` cut (`tiles.TILES_DIR`)."""
     jsonl = Path(jsonl)
     out = []
     for s in read_jsonl(jsonl):
-        if s.get("prefix") != "<OD>":
+        if s.get("prefix") != "<OD>" or (frames_only and s["image"].startswith(f"{TILES_DIR}/")):
             continue
         boxes, _ = parse_text(s["suffix"], s["width"], s["height"])
         out.append(EvalImage(jsonl.parent / s["image"], boxes))
@@ -130,10 +131,12 @@ def evaluate_jsonl(
     tile: int | None = None
 ) -> dict:
     """The metrics of `split_metrics` for `model` on the `<OD>` samples of a converted split,
-    large frames tiled at `tile` when given (`run_split`). Classes come from the split's
+    large frames tiled at `tile` when given (`run_split`; the split's own tiles are then left
+    out, so that each defect counts once, in its frame). Classes come from the split's
     `classes.txt` when present. Cheap enough for training's validation with `max_images`."""
     classes = read_class_names(Path(jsonl).parent / CLASSES_FILE)
-    run = run_split(model, processor, od_images(jsonl, max_images), classes, batch_size, tile=tile)
+    images = od_images(jsonl, max_images, frames_only=tile is not None)
+    run = run_split(model, processor, images, classes, batch_size, tile=tile)
     return split_metrics(run, classes).metrics
 
 
@@ -194,12 +197,14 @@ def write_report(
     """Evaluate on a converted split and write into `out`: `metrics.json`, `pr_curves.png`,
     `confusion_matrix.png`, `reliability.png`, `worst_images.png` and `report.md` linking
     them. `classes` default to the split's `classes.txt`; large frames are tiled at `tile`
-    when given (`run_split`); `extra` (model, checkpoint, ...) is stored in metrics.json as
+    when given (`run_split`), and the split's own tiles then left out (each defect counts
+    once, in its frame, as the line sees it); `extra` (model, checkpoint, ...) is stored in metrics.json as
     is. Returns the metrics dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = list(classes) or read_class_names(Path(jsonl).parent / CLASSES_FILE)
-    run = run_split(model, processor, od_images(jsonl, max_images), classes, batch_size, max_boxes, constrained, tile)
+    images = od_images(jsonl, max_images, frames_only=tile is not None)
+    run = run_split(model, processor, images, classes, batch_size, max_boxes, constrained, tile)
     truth = [e.truth for e in run.images]
     coco = split_metrics(run, classes)
     threshold = coco.metrics["best_threshold"]
