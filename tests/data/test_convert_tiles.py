@@ -20,7 +20,7 @@ from loomlens.data.synth import synthesize
 from loomlens.data.tiles import tile_windows
 from loomlens.data.voc import read_voc, write_voc
 
-from .conftest import read_jsonl
+from .conftest import read_jsonl, write_image
 
 TILE_NAME = re.compile(r"(?P<stem>.+)_x(?P<x>\d+)_y(?P<y>\d+)(?P<suffix>\.\w+)")
 
@@ -184,3 +184,19 @@ def test_the_library_tiles_only_when_asked(tmp_path):
     assert convert(tmp_path / "large", tmp_path / "out", val_fraction=0).tile is None
     report = convert(tmp_path / "large", tmp_path / "auto", val_fraction=0, tile="auto")
     assert report.tile is not None and report.tile_reason
+
+
+def test_auto_cuts_only_the_frames_prediction_tiles(tmp_path):
+    # Line-scan strips whose 6 px defects need 256 px tiles, beside 500x300 frames that are
+    # larger than a tile but that prediction never tiles (not over twice the tile): only the
+    # strips are cut.
+    src = tmp_path / "src"
+    for i in range(3):
+        for name, size, box in ((f"strip{i}", (2048, 256), Box("nep", 100, 100, 106, 106)),
+                                (f"frame{i}", (500, 300), Box("nep", 50, 50, 70, 70))):
+            write_image(src / f"{name}.png", size)
+            write_voc(ImageRecord(f"{name}.png", *size, [box]), src / f"{name}.xml", src)
+    report = convert(src, tmp_path / "out", val_fraction=0, tile="auto")
+    assert report.tile == 256
+    cut_from = {_window(s)[0] for s in _tile_samples(read_jsonl(tmp_path / "out" / "train.jsonl"))}
+    assert cut_from == {"strip0.png", "strip1.png", "strip2.png"}

@@ -347,7 +347,7 @@ def _tile_names(frames: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]
 
 def _images(
     records: Sequence[ImageRecord], src: Path, out: Path, flip: bool, tile: int | None, overlap: float,
-    seed: int, write: bool, progress: ProgressFn | None, mode: str = "refer",
+    seed: int, write: bool, progress: ProgressFn | None, mode: str = "refer", large_only: bool = False,
 ) -> tuple[dict[int, list[tuple[ImageRecord, str]]], set[str], list[Problem]]:
     """Decode every record's image in full, once (a header can be whole over a truncated
     file, which would crash training later); a damaged one is reported and left out, one that
@@ -355,7 +355,7 @@ def _images(
     `write`, that one decode also gives the flipped copy (`out/images/flipped_<name>`) and the
     tiles of both (`out/images/tiles/<frame name>_x<X0>_y<Y0><suffix>`, see `tile_record`),
     and with `mode` copy or link the image itself in `out/images/originals/` (see
-    `place_image`). `src`, `out` resolved. Returns record index -> its (record, path relative
+    `place_image`); `large_only` tiles only the frames prediction tiles (`tiles.is_large`). `src`, `out` resolved. Returns record index -> its (record, path relative
     to `out`) items (the frame first) for the whole images, the tile paths among them, and the
     problems. Write errors raise OSError."""
     flips = flipped_names([r.image for r in records]) if flip and write else {}
@@ -381,7 +381,8 @@ def _images(
                                              [b.hflip(record.width) for b in record.boxes], record.source),
                                  path, mirrored))
                 items[i] = [(r, path) for r, path, _ in made]
-                for frame, path, pixels in made if tile is not None and write else []:
+                cuts = tile is not None and write and (not large_only or is_large(record.width, record.height, tile))
+                for frame, path, pixels in made if cuts else []:
                     name = PurePosixPath(names[frame.image, path])
                     cut = {f"{TILES_DIR}/{name.stem}_x{t.window[0]}_y{t.window[1]}{name.suffix}": t
                            for t in tile_record(frame, tile, overlap, seed=seed)}
@@ -608,14 +609,16 @@ def convert(
     read = READERS[fmt](src, skip)
     records, problems = _usable_records(read, src_abs, skip, keep_empty)
     _fail_if_strict(strict, problems, src)
+    auto = tile == "auto"  # then only frames large for the chosen tile are cut, as prediction tiles them
     tile, tile_reason = _resolve_tile(tile, records)
     if strict and (flip or tile is not None):  # check every image before the first flip or tile is written
-        problems += _images(records, src_abs, out_abs, flip, tile, tile_overlap, seed, False, progress)[2]
+        problems += _images(records, src_abs, out_abs, flip, tile, tile_overlap, seed, False, progress,
+                            large_only=auto)[2]
         _fail_if_strict(strict, problems, src)
 
     try:
         frames, tiles, damaged = _images(records, src_abs, out_abs, flip, tile, tile_overlap, seed, True, progress,
-                                         images)
+                                         images, large_only=auto)
         problems += damaged
         _fail_if_strict(strict, problems, src)
         records = [records[i] for i in frames]
