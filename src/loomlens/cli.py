@@ -134,9 +134,7 @@ def convert_command(
     try:
         with Progress(console=console, transient=True) as bar:
             job = bar.add_task("reading", total=None)
-            tiling = ["tiling where needed"] if tile_edge == "auto" else ["tiling"] if tile_edge else []
-            made = " and ".join(["decoding", *(["flipping"] if flip else []), *tiling])
-            stages = {"check": "checking images", "images": f"{made} images"}
+            stages = {"check": "checking images", "images": _image_work(flip, tile_edge)}
             report = convert(
                 src, out, format=fmt, tasks=[t.strip() for t in tasks.split(",") if t.strip()], order=order,
                 flip=flip, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, strict=strict,
@@ -149,11 +147,15 @@ def convert_command(
         raise _fail(str(err), [str(p) for p in err.problems]) from None
 
     _print_convert_report(console, report, src)
-    if report.tile_reason:
-        console.print(f"--tile auto: {report.tile_reason}", highlight=False)
     console.print(f"{len(report.problems)} problem(s); wrote {escape(str(out))}/train.jsonl, val.jsonl"
                   f"{', test.jsonl' if 'test' in report.splits else ''}, classes.txt, summary.json",
                   highlight=False)
+
+
+def _image_work(flip: bool, tile: int | str | None) -> str:
+    """What `convert`'s progress bar says while it decodes, flips and tiles the images."""
+    tiling = ["tiling where needed"] if tile == "auto" else ["tiling"] if tile else []
+    return " and ".join(["decoding", *(["flipping"] if flip else []), *tiling]) + " images"
 
 
 def _tile_option(text: str) -> int | str | None:
@@ -170,7 +172,8 @@ def _tile_option(text: str) -> int | str | None:
 def _print_convert_report(console, report, src: Path, max_problems: int = 20) -> None:
     """Print a `ConvertReport`: counts per split and class, as a table with one column per
     class, or one row per class when that would not fit the console (12 classes cut every
-    column to a letter in 80 columns); then the first `max_problems` problems, printed
+    column to a letter in 80 columns); then how the split was made, why `--tile auto` cut
+    tiles or not, and the first `max_problems` problems, printed
     verbatim (a problem's text may hold brackets, which rich would take for markup)."""
     from rich.table import Table
 
@@ -196,6 +199,8 @@ def _print_convert_report(console, report, src: Path, max_problems: int = 20) ->
     if kept:
         console.print(f"kept the dataset's own split ({', '.join(f'{k} {v}' for k, v in sorted(kept.items()))}); "
                       f"{sum(drawn.values())} image(s) split at random (--resplit redraws all)", highlight=False)
+    if report.tile_reason:
+        console.print(f"--tile auto: {report.tile_reason}", highlight=False)
     for problem in report.problems[:max_problems]:
         console.print(f"[yellow]problem[/] {escape(str(problem))}", highlight=False)
     if len(report.problems) > max_problems:

@@ -18,6 +18,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -587,17 +588,16 @@ def convert(
     return what was written and every problem found (`ConvertReport`, also `out/summary.json`).
 
     `format`: auto | voc | cvat | yolo | coco | labelstudio; `tasks`: any of `CONVERTIBLE`;
-    `order`: see `_order`. `flip` adds a mirrored copy of every image and `tile` (px) the windows
-    of every frame overlapping by `tile_overlap` (see `tiles.tile_record`), each in its
-    original's split; `tile="auto"` picks the edge from the frames and boxes, or no tiles
-    (`tiles.auto_tile`), and the report says why. Damaged images are left out, and so are images whose every box was
-    dropped unless `keep_empty`. The dataset's own split is kept unless `resplit`; a drawn split
-    keeps each group of `group_by` whole and is deterministic for `seed` (see `choose_splits`).
-    `images`: refer (the samples point at `src`), copy or link (into `out/images/originals/`).
-    Problems are reported and the rest converted, or with `strict` raise `ConvertError` before
-    anything is written; `progress(stage, done, total)` follows checking and image work. Raises
-    `ConvertError` for user errors: `out` that is or holds `src`, or a full disk.
-    """
+    `order`: see `_order`. `flip` adds a mirrored copy of every image and `tile` (px; "auto":
+    `tiles.auto_tile` picks it, or none, and the report says why) the windows of every frame
+    overlapping by `tile_overlap` (`tiles.tile_record`), each in its original's split. Damaged
+    images are left out, and so are images whose every box was dropped unless `keep_empty`.
+    The dataset's own split is kept unless `resplit`; a drawn split keeps each group of
+    `group_by` whole and is deterministic for `seed` (see `choose_splits`). `images`: refer (the
+    samples point at `src`), copy or link (into `out/images/originals/`). Problems are reported
+    and the rest converted, or with `strict` raise `ConvertError` before anything is written;
+    `progress(stage, done, total)` follows checking and image work. Raises `ConvertError` for
+    user errors: `out` that is or holds `src`, or a full disk."""
     src, out = Path(src), Path(out)
     _check_arguments(format, tasks, order, val_fraction, test_fraction, tile, tile_overlap, images)
     if not src.is_dir():
@@ -611,14 +611,13 @@ def convert(
     _fail_if_strict(strict, problems, src)
     auto = tile == "auto"  # then only frames large for the chosen tile are cut, as prediction tiles them
     tile, tile_reason = _resolve_tile(tile, records)
+    work = partial(_images, records, src_abs, out_abs, flip, tile, tile_overlap, seed, progress=progress,
+                   mode=images, large_only=auto)
     if strict and (flip or tile is not None):  # check every image before the first flip or tile is written
-        problems += _images(records, src_abs, out_abs, flip, tile, tile_overlap, seed, False, progress,
-                            large_only=auto)[2]
+        problems += work(write=False)[2]
         _fail_if_strict(strict, problems, src)
-
     try:
-        frames, tiles, damaged = _images(records, src_abs, out_abs, flip, tile, tile_overlap, seed, True, progress,
-                                         images, large_only=auto)
+        frames, tiles, damaged = work(write=True)
         problems += damaged
         _fail_if_strict(strict, problems, src)
         records = [records[i] for i in frames]
