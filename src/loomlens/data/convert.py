@@ -273,10 +273,10 @@ def _resolve_tile(tile: int | str | None, records: Sequence[ImageRecord]) -> tup
     """The tile edge to cut `records` to and, for `tile="auto"`, why (`tiles.auto_tile`)."""
     if tile != "auto":
         return tile, ""  # type: ignore[return-value]
-    chosen = auto_tile(records)
     large = AUTO_FACTOR * AUTO_TILE_INPUT  # what prediction tiles
     if not any(is_large(r.width, r.height, AUTO_TILE_INPUT) for r in records):
         return None, f"no tiles: no frame is larger than {large:g} px, twice the {AUTO_TILE_INPUT} px input"
+    chosen = auto_tile(records)
     seen = (f"{hidden_when_tiled(records)} of {sum(len(r.boxes) for r in records)} boxes lie in frames over "
             f"{large:g} px and fall under {VANISHING_PX:g} px once such a frame is squeezed whole to the "
             f"{AUTO_TILE_INPUT} px input (a quarter or more are tiled for)")
@@ -356,9 +356,10 @@ def _images(
     `write`, that one decode also gives the flipped copy (`out/images/flipped_<name>`) and the
     tiles of both (`out/images/tiles/<frame name>_x<X0>_y<Y0><suffix>`, see `tile_record`),
     and with `mode` copy or link the image itself in `out/images/originals/` (see
-    `place_image`); `large_only` tiles only the frames prediction tiles (`tiles.is_large`). `src`, `out` resolved. Returns record index -> its (record, path relative
-    to `out`) items (the frame first) for the whole images, the tile paths among them, and the
-    problems. Write errors raise OSError."""
+    `place_image`); `large_only` tiles only the frames prediction tiles (`tiles.is_large`).
+    `src`, `out` resolved. Returns record index -> its (record, path relative to `out`) items
+    (the frame first) for the whole images, the tile paths among them, and the problems.
+    Write errors raise OSError."""
     flips = flipped_names([r.image for r in records]) if flip and write else {}
     placed = dict(zip(sorted(r.image for r in records), unique_names(sorted(r.image for r in records)), strict=True))
     frames = [(r.image, f"{ORIGINALS_DIR}/{placed[r.image]}" if mode != "refer"

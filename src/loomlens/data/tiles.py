@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 import random
-from contextlib import nullcontext
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,9 +80,10 @@ def auto_tile(records: Sequence[ImageRecord], edge: int = AUTO_TILE_INPUT) -> in
     None unless large frames hide at least `VANISHING_SHARE` of all boxes when squeezed whole
     to the `edge` px input (the rule `loomlens train` warns by). Then the largest of `edge`,
     2 `edge`, 4 `edge`, ... at which fewer than that share of the boxes are under twice
-    `VANISHING_PX` (or under their own size) at the input: larger tiles cost fewer passes a frame, and a box of 4-8 px
-    there is seen but seldom placed to IoU 0.5 (docs/training.md, "Large frames"). `edge`
-    itself when no larger tile does, since a window no larger than the input hides nothing."""
+    `VANISHING_PX` (or under their own size) at the input: larger tiles cost fewer passes a
+    frame, and a box of a few pixels there is found but its edges seldom placed to IoU 0.5
+    (docs/benchmarks.md, "Real fabric"). `edge` itself when no larger tile does, since a
+    window no larger than the input hides nothing."""
     boxes = sum(len(r.boxes) for r in records)
     if not boxes or hidden_when_tiled(records, None, edge, VANISHING_PX) < VANISHING_SHARE * boxes:
         return None

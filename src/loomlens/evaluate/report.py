@@ -198,8 +198,8 @@ def write_report(
     `confusion_matrix.png`, `reliability.png`, `worst_images.png` and `report.md` linking
     them. `classes` default to the split's `classes.txt`; large frames are tiled at `tile`
     when given (`run_split`), and the split's own tiles then left out (each defect counts
-    once, in its frame, as the line sees it); `extra` (model, checkpoint, ...) is stored in metrics.json as
-    is. Returns the metrics dict."""
+    once, in its frame, as the line sees it); `extra` (model, checkpoint, ...) is stored in
+    metrics.json as is. Returns the metrics dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = list(classes) or read_class_names(Path(jsonl).parent / CLASSES_FILE)
