@@ -70,3 +70,22 @@ def test_a_run_that_cropped_tiles_at_its_window_in_predict_and_eval(run):
     (run / DATA_SUMMARY).write_text('{"tile": null}')
     assert Run(run).tile == 256
     assert Run(run / "checkpoints" / "last").tile == 256
+
+
+def test_views_are_the_mirrors_the_run_was_trained_on(run, tmp_path):
+    """Test-time augmentation looks only through mirrors the model learnt (`infer/tta.py`)."""
+    def trained(augment=None, flip=None):
+        config = {"model": "tiny"} | ({"augment": augment} if augment is not None else {})
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        (run / DATA_SUMMARY).unlink(missing_ok=True)
+        if flip is not None:
+            (run / DATA_SUMMARY).write_text(json.dumps({"flip": flip}))
+        return Run(run).views
+
+    assert trained() == ("",)  # a run from before online augmentation, whole frames only
+    assert trained(flip=True) == ("", "h")  # `convert --flip` copies
+    assert trained({"enabled": True, "hflip": 0.5, "vflip": 0.5}) == ("", "h", "v", "hv")
+    assert trained({"enabled": True, "hflip": 0.0, "vflip": 0.5}) == ("", "v")
+    assert trained({"enabled": True, "hflip": 0.0, "vflip": 0.5}, flip=True) == ("", "h", "v", "hv")
+    assert trained({"enabled": False, "hflip": 0.5, "vflip": 0.5}) == ("",)
+    assert Run(adapter(tmp_path / "loose")).views == ("",)

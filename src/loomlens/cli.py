@@ -32,6 +32,8 @@ app = typer.Typer(
 
 BACKEND_HELP = ("torch, or onnx: run a folder `loomlens export` wrote (pass it as --model) on onnxruntime "
                 "(CPU; CUDA where present), with --precision fp32 or int8.")
+TTA_HELP = ("Test-time augmentation of od: auto (also look through the mirrors the run was trained on and fuse "
+            "the boxes: more accurate, 2-4x the time), on (all four mirrors), off (once, fastest).")
 PRECISION_HELP = ("Weights' dtype: auto (bf16 where the device computes it natively: AMX or AVX512-BF16 "
                   "CPUs, recent GPUs; else fp32), fp32 or bf16.")
 
@@ -268,6 +270,7 @@ def serve(
                                  "(answers stay in the uploaded image's pixels)."),
     max_tiles: int = typer.Option(64, min=1, help="Most model inputs (tiles + whole frame) one image may cost; a larger "
                                   "frame is downscaled to fit."),
+    tta: str = typer.Option("auto", help=TTA_HELP),
     large_cost: int = typer.Option(16, min=1, help="Requests costing more model inputs run in the large lane, "
                                    "interleaved with the small ones."),
     request_timeout_s: float = typer.Option(30.0, min=0.1, help="A request's deadline, queue and compute (504 past it)."),
@@ -311,7 +314,7 @@ def serve(
 
     try:
         predictor = Predictor(model=model, adapter=adapter, device=_device(device), precision=precision,
-                              max_tiles=max_tiles, backend=backend)  # the one model load
+                              max_tiles=max_tiles, backend=backend, tta=tta)  # the one model load
     except (FileNotFoundError, ValueError, RuntimeError, ModelLoadError) as err:
         raise _fail(str(err)) from None
     try:
@@ -601,6 +604,7 @@ def eval_command(
     constrained: bool | None = typer.Option(None, "--constrained/--no-constrained", help="Decode <OD> through the "
                                             "class grammar (default: on when the run has classes; --no-constrained "
                                             "reads the free form)."),
+    tta: str = typer.Option("auto", help=TTA_HELP),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
@@ -613,6 +617,7 @@ def eval_command(
     from loomlens.evaluate.inspection import summary_line
     from loomlens.evaluate.report import write_report
     from loomlens.infer.loading import load_for_inference
+    from loomlens.infer.tta import choose_views
     from loomlens.model.loader import ModelLoadError
     from loomlens.run import Run
 
@@ -624,6 +629,7 @@ def eval_command(
         raise _fail(f"no split at {jsonl}; {fix}")
     adapter = Path(checkpoint) if checkpoint not in ("best", "last") else run
     try:  # the model as `predict` runs it
+        choose_views(tta, ())  # a bad mode fails before the model loads
         loaded = load_for_inference(model=model, adapter=adapter, checkpoint=checkpoint if adapter == run else "best",
                                     device=_device(device),
                                     precision=precision)
@@ -632,16 +638,18 @@ def eval_command(
     out = out or ((run or Path("runs")) / f"eval-{jsonl.stem}")
     constrained = bool(loaded.classes) if constrained is None else constrained
     tile = Run(loaded.adapter).tile if loaded.adapter else None  # large frames as predict sees them
+    views = choose_views(tta, loaded.views)
     extra = {"model": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None, "split": jsonl.stem,
              "precision": loaded.precision}
     try:
         metrics = write_report(loaded.model, loaded.processor, jsonl, out, classes=loaded.classes,
                                batch_size=batch_size, max_boxes=max_boxes, constrained=constrained,
-                               max_images=max_images, extra=extra, tile=tile)
+                               max_images=max_images, extra=extra, tile=tile, views=views)
     except ValueError as err:  # e.g. --constrained with no classes.txt in the run or the split
         raise _fail(str(err)) from None
     table = Table(title=f"{metrics['images']} images of {jsonl}" + (" (constrained)" if constrained else "")
-                  + (f" (large frames in {tile} px tiles)" if tile else ""))
+                  + (f" (large frames in {tile} px tiles)" if tile else "")
+                  + (f" (fused over {len(views)} views)" if len(views) > 1 else ""))
     for column in ("mAP50-95", "mAP50", "mAP75", "best F1", "OK/NG AUROC", "recall @1% FA", "s/image"):
         table.add_column(column, justify="right")
     frames = metrics["image_level"]
@@ -665,6 +673,7 @@ def predict_command(
     text: str | None = typer.Option(None, help="Phrase or region (x1,y1,x2,y2 pixels) for tasks that need one."),
     tile: str = typer.Option("auto", help="Tiled detection on large frames: auto, on or off."),
     tile_size: int | None = typer.Option(None, min=32, help="Tile edge in pixels (default: the run's --tile from convert, else the model's input)."),
+    tta: str = typer.Option("auto", help=TTA_HELP),
     every: int = typer.Option(1, min=1, help="For videos: predict on every N-th frame."),
     regions: Path | None = typer.Option(None, help="Region rules YAML (default: the run's regions.yaml)."),
     score_threshold: float = typer.Option(0.0, min=0.0, max=1.0, help="Drop boxes scoring lower."),
@@ -706,7 +715,7 @@ def predict_command(
         total = count_items(expand_inputs(inputs, exclude=[out, *([labels_out] if labels_out else [])]), every)
         predictor = Predictor(model=model, adapter=adapter, device=_device(device), max_boxes=max_boxes,
                               batch_size=batch_size, checkpoint=checkpoint, regions=regions, tile_size=tile_size,
-                              constrained=constrained, precision=precision, backend=backend)
+                              constrained=constrained, precision=precision, backend=backend, tta=tta)
         with Progress(transient=True) as bar, _sigterm_as_interrupt():
             job = bar.add_task(f"{task} on {total} images/frames", total=total)
             summary = predict_files(predictor, inputs, out, task=task, text=text, tile=tile, every=every,
@@ -825,7 +834,8 @@ def select_command(
         total = count_items(expand_inputs(inputs, exclude=[out]), every)
         predictor = Predictor(model=model, adapter=adapter, device=_device(device), max_boxes=max_boxes,
                               batch_size=batch_size, checkpoint=checkpoint, tile_size=tile_size,
-                              constrained=constrained, precision=precision)
+                              constrained=constrained, precision=precision,
+                              tta="off")  # disagreement with the mirrored frame is one of its measures
         with Progress(transient=True) as bar:
             job = bar.add_task(f"ranking {total} frames", total=total)
             summary = select_frames(predictor, inputs, out, n=n, threshold=threshold, flip=flip, diversity=diversity,
@@ -903,6 +913,7 @@ def watch_command(
     model: str | None = typer.Option(None, help="Base model (default: the adapter's base, else tiny)."),
     checkpoint: str = typer.Option("best", help="best or last (with a run folder)."),
     tile: str = typer.Option("auto", help="Tiled detection on large frames: auto (as the run was trained), on, off."),
+    tta: str = typer.Option("auto", help=TTA_HELP),
     regions: Path | None = typer.Option(None, help="Region rules YAML (default: the run's regions.yaml)."),
     max_tiles: int | None = typer.Option(None, min=1, help="Most model inputs one frame may cost (downscaled past it)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -936,7 +947,7 @@ def watch_command(
             opened.append(open_source(spec, camera=camera[i] if camera else None, fps=fps, once=once,
                                       max_reconnects=max_reconnects))
         predictor = Predictor(model=model, adapter=adapter, device=_device(device), checkpoint=checkpoint,
-                              regions=regions, precision=precision, max_tiles=max_tiles, backend=backend)
+                              regions=regions, precision=precision, max_tiles=max_tiles, backend=backend, tta=tta)
         watcher = Watcher(sources=opened, detect=predictor_detector(predictor, tile=tile,
                                                                     score_threshold=score_threshold,
                                                                     flag_threshold=flag_threshold),

@@ -95,6 +95,19 @@ class Run:
         return cut or self.crop
 
     @property
+    def views(self) -> tuple[str, ...]:
+        """The mirrors the run was trained on, as `infer.tta` views: "" (as is), "h" when its
+        pictures were mirrored left-right (online augmentation, or `convert --flip` copies),
+        "v" top-bottom, "hv" both; ("",) for a bare adapter or a run that saw none."""
+        augment = self.config.get("augment") or {}
+        online = bool(augment.get("enabled"))
+        summary = self.folder / DATA_SUMMARY if self.folder else None
+        copied = bool(summary and summary.exists() and json.loads(summary.read_text()).get("flip"))
+        h = copied or (online and augment.get("hflip", 0) > 0)
+        v = online and augment.get("vflip", 0) > 0
+        return ("",) + ("h",) * h + ("v",) * v + ("hv",) * (h and v)
+
+    @property
     def rules(self) -> Path | None:
         """The run's region rules file (`regions.yaml`), None when it has none."""
         rules = self.folder / RULES_FILE if self.folder else None

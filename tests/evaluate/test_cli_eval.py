@@ -22,6 +22,20 @@ def test_eval_command_writes_the_report(tmp_path):
     assert "OK/NG by the defect probability: AUROC" in result.output  # with the score for each rate, if any
     assert metrics["constrained"] is False  # a bare model has no classes: the free form
     assert metrics["tile"] is None  # nor a crop: whole frames
+    assert metrics["views"] == [""]  # nor mirrors it learnt: each image looked at once
+
+
+def test_eval_looks_through_the_mirrors_asked_for(tmp_path):
+    synthesize(tmp_path / "raw", images=2, seed=1, size=(160, 90))
+    convert(tmp_path / "raw", tmp_path / "data", val_fraction=0.5)
+    command = ["eval", "--data", str(tmp_path / "data"), "--model", "tiny", "--out", str(tmp_path / "eval"),
+               "--max-boxes", "2"]
+    result = CliRunner().invoke(app, [*command, "--tta", "on"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["views"] == ["", "h", "v", "hv"]
+    assert "fused over 4 views" in result.output
+    result = CliRunner().invoke(app, [*command, "--tta", "maybe"])
+    assert result.exit_code == 1 and "tta must be one of auto, on, off" in result.output
 
 
 def test_eval_command_explains_a_missing_split(tmp_path):

@@ -107,6 +107,25 @@ def test_adapter_from_a_run_folder(tmp_path, image):
         Predictor(adapter=tmp_path / "empty")
 
 
+def test_od_looks_through_the_mirrors_the_run_learnt(tmp_path, image):
+    from loomlens.model import load_model
+    from loomlens.model.lora import LoraSettings, apply_lora
+
+    run = tmp_path / "run"
+    model, _ = load_model("tiny")
+    apply_lora(model, LoraSettings(targets=["q_proj"], r=2)).save_pretrained(run / "checkpoints" / "best")
+    augment = {"enabled": True, "hflip": 0.5, "vflip": 0.0}
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "tiny", "tasks": ["od"], "augment": augment}))
+    p = Predictor(adapter=run, max_boxes=2, text_tokens=8)
+    assert p.info()["views"] == ["", "h"]  # auto: as is and mirrored left-right, as trained
+    assert p.predict([image])[0].boxes == p.predict([image, image])[1].boxes
+    assert Predictor(adapter=run, tta="off").views == ("",)
+    assert Predictor(adapter=run, tta="on").views == ("", "h", "v", "hv")
+    assert Predictor(model="tiny").views == ("",)  # a bare model learnt no mirrors
+    with pytest.raises(ValueError, match="tta must be one of auto, on, off"):
+        Predictor(adapter=run, tta="yes")
+
+
 def test_precision_sets_the_weights_dtype(image):
     import numpy as np
     import torch

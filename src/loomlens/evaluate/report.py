@@ -70,18 +70,19 @@ def od_images(jsonl: Path, max_images: int | None = None, *, frames_only: bool =
 
 def run_split(
     model, processor, images: Sequence[EvalImage], classes: Sequence[str] = (), batch_size: int = INFER_BATCH_SIZE,
-    max_boxes: int = 20, constrained: bool = False, tile: int | None = None,
+    max_boxes: int = 20, constrained: bool = False, tile: int | None = None, views: Sequence[str] = ("",),
 ) -> EvalRun:
     """`<OD>` on every image, loading `batch_size` images at a time (a split of 2560x1440
     frames does not fit in memory at once). With `tile`, a frame large for it is detected as
-    `loomlens predict`'s auto mode does: in overlapping tiles of `tile` px and whole, merged."""
+    `loomlens predict`'s auto mode does: in overlapping tiles of `tile` px and whole, merged.
+    `views`: the mirrors each picture is also looked at through (`infer/tta.py`)."""
     predicted: list[list[Box]] = []
     probabilities: list[float | None] = []
     made: list[Detection] = []  # the detections of the frame (or chunk of whole frames) at hand
 
     def detect(pictures: list[Image.Image]) -> list[list[Box]]:
         found = detect_with_details(model, processor, pictures, max_boxes=max_boxes, batch_size=batch_size,
-                                    constrained=constrained, classes=classes)
+                                    constrained=constrained, classes=classes, views=views)
         made.extend(found)
         return [f.boxes for f in found]
 
@@ -193,22 +194,25 @@ def write_report(
     model, processor, jsonl: Path, out: Path, *, classes: Sequence[str] = (), batch_size: int = INFER_BATCH_SIZE,
     max_boxes: int = 20, constrained: bool = False, max_images: int | None = None,
     gallery_size: int = 8, title: str = "loomlens evaluation", extra: dict | None = None, tile: int | None = None,
+    views: Sequence[str] = ("",),
 ) -> dict:
     """Evaluate on a converted split and write into `out`: `metrics.json`, `pr_curves.png`,
     `confusion_matrix.png`, `reliability.png`, `worst_images.png` and `report.md` linking
     them. `classes` default to the split's `classes.txt`; large frames are tiled at `tile`
     when given (`run_split`), and the split's own tiles then left out (each defect counts
-    once, in its frame, as the line sees it); `extra` (model, checkpoint, ...) is stored in
-    metrics.json as is. Returns the metrics dict."""
+    once, in its frame, as the line sees it); `views`: the mirrors each picture is also looked
+    at through (`infer/tta.py`); `extra` (model, checkpoint, ...) is stored in metrics.json as
+    is. Returns the metrics dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = list(classes) or read_class_names(Path(jsonl).parent / CLASSES_FILE)
     images = od_images(jsonl, max_images, frames_only=tile is not None)
-    run = run_split(model, processor, images, classes, batch_size, max_boxes, constrained, tile)
+    run = run_split(model, processor, images, classes, batch_size, max_boxes, constrained, tile, views)
     truth = [e.truth for e in run.images]
     coco = split_metrics(run, classes)
     threshold = coco.metrics["best_threshold"]
-    metrics = {**coco.metrics, "constrained": constrained, "max_boxes": max_boxes, "tile": tile, "data": str(jsonl),
+    metrics = {**coco.metrics, "constrained": constrained, "max_boxes": max_boxes, "tile": tile, "views": list(views),
+               "data": str(jsonl),
                **(extra or {})}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 

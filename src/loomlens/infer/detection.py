@@ -7,7 +7,7 @@ grammar) -> `scored_boxes`. `loomlens.evaluate` and `loomlens.predict` both call
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from PIL import Image
@@ -25,6 +25,7 @@ from loomlens.infer.generation import (
 from loomlens.infer.grammar import BoxGrammar
 from loomlens.infer.scoring import ScoreMethod, scored_boxes
 from loomlens.infer.streams import in_streams, stream_count
+from loomlens.infer.tta import fuse_boxes, mirrored, unmirrored
 
 T = TypeVar("T")
 
@@ -65,6 +66,7 @@ def detect_with_details(
     num_beams: int = 1,
     score_method: ScoreMethod = "product",
     streams: int | None = None,
+    views: Sequence[str] = ("",),
 ) -> list[Detection]:
     """Run a box task (`<OD>`, `<DENSE_REGION_CAPTION>`, `<CAPTION_TO_PHRASE_GROUNDING>`, ...)
     on `images`, `batch_size` at a time, and return one `Detection` per image.
@@ -73,6 +75,8 @@ def detect_with_details(
     that come without a label. `classes` bound the label length of the token budget and, with
     `constrained=True` (`<OD>` only), are the only labels the model may write. Each batch runs
     as `streams` parts at once (None: `stream_count(model)`, two on a CPU; `infer/streams.py`).
+    `views` (`infer/tta.py`): the mirrors each image is also looked at through, their boxes fused
+    into one `Detection` per image; the default looks once, as the image is.
     """
     tokenizer = processor.tokenizer
     # `<OD>` labels are class names; other tasks write captions or phrases, which are longer.
@@ -95,7 +99,24 @@ def detect_with_details(
         return found
 
     parts = stream_count(model) if streams is None else streams
-    return [d for chunk in batched(images, batch_size) for d in in_streams(detect_part, chunk, streams=parts)]
+    copies = (mirrored(image, view) for image in images for view in views)
+    found = [d for chunk in batched(copies, batch_size) for d in in_streams(detect_part, chunk, streams=parts)]
+    if len(views) == 1 and not views[0]:
+        return found
+    return [_fused(found[i * len(views):(i + 1) * len(views)], views, image, max_boxes)
+            for i, image in enumerate(images)]
+
+
+def _fused(seen: Sequence[Detection], views: Sequence[str], image: Image.Image, max_boxes: int) -> Detection:
+    """One image's detections through each of `views` as one: the `max_boxes` best fused boxes
+    (`tta.fuse_boxes`), dropped parts summed, the first view's generation with the mean answer
+    probability of all."""
+    boxes = fuse_boxes([[unmirrored(b, view, image.width, image.height) for b in d.boxes]
+                        for d, view in zip(seen, views)])
+    measured = [d.generation.answer_probability for d in seen if d.generation.answer_probability is not None]
+    generation = replace(seen[0].generation,
+                         answer_probability=sum(measured) / len(measured) if measured else None)
+    return Detection(boxes[:max_boxes], sum(d.dropped for d in seen), generation)
 
 
 def answer_probability(detections: Iterable[Detection]) -> float | None:

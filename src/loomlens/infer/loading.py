@@ -70,7 +70,7 @@ class LoadedModel:
     loader), `adapter` (folder or None), `run` (the run folder or None), `classes` (from the
     run, may be empty), `trained_tasks` (tasks base or adapter was trained for), `tile_size`
     (`Run.tile`: the tile edge the run's data was cut to by `convert --tile`, else its defect
-    crop's window, else None), `precision`
+    crop's window, else None), `views` (`Run.views`: the mirrors it was trained on), `precision`
     (the weights' dtype once made ready for inference, else None) and `rules` (the run's
     region rules file, else None)."""
 
@@ -84,6 +84,7 @@ class LoadedModel:
     tile_size: int | None = None
     precision: str | None = None
     rules: Path | None = None
+    views: tuple[str, ...] = ("",)
 
 
 def base_tasks(base: str) -> frozenset[str]:
@@ -142,4 +143,5 @@ def _load(model: str | None, run: Run, checkpoint: str, device: str) -> LoadedMo
     return LoadedModel(
         net, processor, name, adapter=folder, run=run.folder, classes=run.classes,
         trained_tasks=base_tasks(name) | run.tasks, tile_size=run.tile, rules=run.rules,
+        views=run.views,
     )

@@ -204,4 +204,5 @@ def load_onnx_export(folder: str | Path, *, device: str = "cpu", precision: str 
     return LoadedModel(net, load_processor(str(folder)), str(folder), adapter=None,
                        run=Path(m["run"]) if m.get("run") else None, classes=list(m.get("classes", [])),
                        trained_tasks=frozenset(m.get("trained_tasks", [])), tile_size=m.get("tile_size"),
+                       views=tuple(m.get("views", [""])),
                        precision="int8" if precision == "int8" else "fp32", rules=rules if rules.is_file() else None)

@@ -35,6 +35,7 @@ from loomlens.infer.generation import generate
 from loomlens.infer.loading import load_for_inference
 from loomlens.infer.onnx_runtime import load_onnx_export
 from loomlens.infer.tiling import should_tile, tiled_detect
+from loomlens.infer.tta import choose_views
 from loomlens.predict.regions import RegionRules, load_rules
 
 _LOC = re.compile(r"<loc_\d+>")
@@ -126,8 +127,11 @@ class Predictor:
     fp32 or bf16; `auto` is bf16 where the device computes it natively (a recent GPU, a CPU
     with AMX or AVX512-BF16), else fp32 (`loomlens.infer.loading`). The adapter is merged
     into the weights once, here. `backend`: torch, or onnx: `model` is then a folder `loomlens
-    export` wrote, run by onnxruntime (`precision` fp32 or int8). Raises FileNotFoundError for an adapter folder with no adapter
-    and ValueError for a bad precision or a base the adapter does not fit.
+    export` wrote, run by onnxruntime (`precision` fp32 or int8). `tta`: test-time
+    augmentation of `od` (`infer/tta.py`): auto looks at each picture also through the mirrors
+    the run was trained on (none for a bare model) and fuses the boxes, on through all four,
+    off once. Raises FileNotFoundError for an adapter folder with no adapter and ValueError for
+    a bad precision or tta, or a base the adapter does not fit.
     """
 
     def __init__(
@@ -147,11 +151,13 @@ class Predictor:
         precision: str = "auto",
         max_tiles: int | None = None,
         backend: str = "torch",
+        tta: str = "auto",
     ):
         if max_tiles is not None and max_tiles < 1:
             raise ValueError(f"max_tiles must be at least 1 (or None: no cap), got {max_tiles}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        choose_views(tta, ())  # a bad mode fails before the model loads
         if backend == "onnx":
             if not (model or adapter):
                 raise ValueError("the onnx backend needs the folder `loomlens export` wrote: pass it as --model")
@@ -168,6 +174,7 @@ class Predictor:
         self.overlap = overlap
         self.max_tiles = max_tiles
         self.constrained = bool(self.loaded.classes) if constrained is None else constrained
+        self.views = choose_views(tta, self.loaded.views)
         self.text_tokens = text_tokens
         # A run trained on tiles (or on the defect crop's windows) predicts best on tiles of the
         # same size. Only such a run, or a tile size given here, tiles by itself (`tile="auto"`):
@@ -201,6 +208,7 @@ class Predictor:
             "batch_size": self.batch_size,
             "tile_size": self.tile_size,
             "max_tiles": self.max_tiles,
+            "views": list(self.views),
             "regions": self.rules is not None,
             "versions": {"loomlens": loomlens.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, "peft": peft.__version__},
@@ -243,6 +251,7 @@ class Predictor:
             self.loaded.model, self.loaded.processor, images, task=spec.token, text=text and text.strip(),
             max_boxes=self.max_boxes, batch_size=self.batch_size,
             constrained=self.constrained and spec.name == "od", classes=self.loaded.classes,
+            views=self.views if spec.name == "od" else ("",),
         )
 
     def _tile_count(self, width: int, height: int) -> int:

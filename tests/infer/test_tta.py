@@ -1,0 +1,88 @@
+"""Test-time augmentation: mirrors and their inverses, weighted boxes fusion, the views a run
+was trained on, and detection through several views fused into one answer per image."""
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from loomlens.data.records import Box
+from loomlens.infer.detection import detect_with_details
+from loomlens.infer.tta import ALL_VIEWS, choose_views, fuse_boxes, mirrored, unmirrored
+
+
+def corners(box: Box) -> tuple[float, ...]:
+    return tuple(round(c, 3) for c in (box.x1, box.y1, box.x2, box.y2))  # batching moves scores by ~1e-6
+
+
+@pytest.mark.parametrize("view", ALL_VIEWS)
+def test_a_box_around_pixels_in_a_mirrored_copy_comes_back_around_them(view):
+    frame = np.zeros((90, 160, 3), np.uint8)
+    frame[20:30, 100:140] = 255  # a 40x10 defect near the top right
+    copy = np.asarray(mirrored(Image.fromarray(frame), view))
+    ys, xs = np.nonzero(copy[..., 0])
+    found = Box("spot", xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert corners(unmirrored(found, view, 160, 90)) == (100, 20, 140, 30)
+
+
+def test_boxes_the_views_agree_on_are_averaged_by_score():
+    a = Box("drop", 10, 10, 20, 20, 0.8)
+    b = Box("drop", 12, 10, 22, 20, 0.2)  # the same defect, 2 px to the right
+    [fused] = fuse_boxes([[a], [b]])
+    assert corners(fused) == (10.4, 10, 20.4, 20) and fused.score == pytest.approx(0.5)
+
+
+def test_a_box_one_view_of_four_saw_keeps_a_quarter_of_its_score():
+    lone = Box("knot", 50, 50, 60, 60, 0.8)
+    both = [Box("drop", 10, 10, 20, 20, 0.6)]
+    fused = fuse_boxes([[lone, *both], both, both, both])
+    assert [(f.label, round(f.score, 6)) for f in fused] == [("drop", 0.6), ("knot", 0.2)]
+    assert corners(fused[1]) == corners(lone)
+
+
+def test_other_labels_and_distant_boxes_are_not_fused():
+    drop = Box("drop", 10, 10, 20, 20, 0.9)
+    wrinkle = Box("wrinkle", 10, 10, 20, 20, 0.9)
+    apart = Box("drop", 15, 15, 25, 25, 0.9)  # IoU 25 / 175 with `drop`
+    assert len(fuse_boxes([[drop, wrinkle], [apart]])) == 3
+
+
+def test_views_by_mode():
+    assert choose_views("auto", ("", "h")) == ("", "h")
+    assert choose_views("auto", ()) == ("",)
+    assert choose_views("on", ("",)) == ALL_VIEWS
+    assert choose_views("off", ALL_VIEWS) == ("",)
+    with pytest.raises(ValueError, match="auto, on, off"):
+        choose_views("flips", ())
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    """A picture the embedded tiny model finds two boxes in."""
+    im = Image.new("RGB", (256, 256), (120, 120, 120))
+    draw = ImageDraw.Draw(im)
+    draw.rectangle((40, 60, 120, 140), fill=(250, 250, 250))
+    draw.ellipse((150, 30, 220, 90), fill=(10, 10, 10))
+    return im
+
+
+def test_detection_through_a_mirror_is_the_mirrored_detection_brought_back(tiny, shapes):
+    model, processor = tiny
+    [direct] = detect_with_details(model, processor, [mirrored(shapes, "hv")])
+    [through] = detect_with_details(model, processor, [shapes], views=("hv",))
+    assert direct.boxes, "the tiny model should find the shapes"
+    expected = [unmirrored(b, "hv", 256, 256) for b in direct.boxes]
+    assert sorted(map(corners, through.boxes)) == sorted(map(corners, expected))
+
+
+def test_several_views_give_one_fused_detection_per_image(tiny, shapes):
+    model, processor = tiny
+    images = [shapes, mirrored(shapes, "h")]
+    alone = [detect_with_details(model, processor, [im], views=(view,))[0] for view in ALL_VIEWS for im in images]
+    fused = detect_with_details(model, processor, images, views=ALL_VIEWS, batch_size=3)
+    assert len(fused) == 2
+    for i, detection in enumerate(fused):
+        seen = alone[i::2]  # this image through each view
+        assert [corners(b) for b in detection.boxes] == [corners(b) for b in fuse_boxes([d.boxes for d in seen])]
+        mean = sum(d.generation.answer_probability for d in seen) / len(seen)
+        assert detection.generation.answer_probability == pytest.approx(mean, abs=1e-5)
+        assert detection.dropped == sum(d.dropped for d in seen)
