@@ -9,14 +9,14 @@ split, or the first --images), scored against their own truth: give the adapter'
 of synthetic loom frames (`loomlens synth`, a --seed the demo does not train on) is used, on
 which a trained adapter scores near 0 (mAP there compares the ways, not the adapter).
 
-Seven ways run in this process, each after a warm-up image, --repeats times in alternating order:
+Seven ways (eight with an adapter trained on mirrors) run in this process, each after a warm-up image, --repeats times in alternating order:
 
 - `seed`: the seed's inference (`bench.common.seed_detect`: Florence-2's sample code): one
   image at a time, the processor's inputs, 3 beams, `max_new_tokens=1024` (capped at the
   decoder's position table, as any caller must), the adapter attached unmerged (peft), fp32,
   `post_process_generation`, every score 1;
 - `seed, greedy`: the same with one beam;
-- `loomlens`: as `loomlens predict` and `loomlens eval` run it: batches of --batch-size,
+- `loomlens`: as `loomlens predict --tta off` and `loomlens eval --tta off` run it: batches of --batch-size,
   greedy, through the class grammar when the run has classes (`infer/grammar.py`), the answer
   budget bounded by the box count (`box_token_budget(--max-boxes)`), the adapter merged into
   the weights and the weights in the precision `auto` picks for this machine
@@ -27,7 +27,9 @@ Seven ways run in this process, each after a warm-up image, --repeats times in a
 - `loomlens, batch 1`: loomlens one image at a time, to show what batching adds;
 - `loomlens, fp32` (or `bf16` where auto picks fp32): the other precision;
 - `loomlens, one stream`: each batch as one call, to show what running its halves at once
-  adds on a CPU (`infer/streams.py`).
+  adds on a CPU (`infer/streams.py`);
+- `loomlens, N views fused`: each image also through the mirrors the adapter was trained on,
+  their boxes fused (`infer/tta.py`): what `predict` and `eval` do by default (`--tta auto`).
 
 Without --adapter all use the bare base model. Since the gap depends on how long the answers
 are (weights that never stop run to the cap; trained ones stop after their boxes), the seed's
@@ -95,9 +97,10 @@ def split_frames(data: Path, split: str, images: int | None) -> tuple[list[Path]
 
 
 def loomlens_pass(model, processor, paths: list[Path], batch_size: int, max_boxes: int, constrained: bool,
-                  classes: list[str], streams: int | None = None) -> dict[str, Any]:
+                  classes: list[str], streams: int | None = None, views: tuple[str, ...] = ("",)) -> dict[str, Any]:
     """loomlens's way: batched, greedy, bounded budget, a batch's halves at once on a CPU
-    (`streams` None; 1: one call at a time); per-image latency = its batch's time."""
+    (`streams` None; 1: one call at a time), each image through `views` (`infer/tta.py`);
+    per-image latency = its batch's time."""
     from loomlens.infer.detection import batched, detect_with_details
 
     latencies, boxes, tokens, seconds = [], [], [], 0.0
@@ -105,7 +108,7 @@ def loomlens_pass(model, processor, paths: list[Path], batch_size: int, max_boxe
         start = time.perf_counter()
         found = detect_with_details(model, processor, open_images(chunk), max_boxes=max_boxes,
                                     batch_size=batch_size, constrained=constrained, classes=classes,
-                                    streams=streams)
+                                    streams=streams, views=views)
         elapsed = time.perf_counter() - start
         seconds += elapsed
         latencies += [elapsed] * len(chunk)
@@ -185,12 +188,14 @@ def tables(result: dict[str, Any]) -> list[Table]:
     notes = [
         (f"seed: the seed's inference, batch 1, {SEED_BEAMS} beams (greedy: 1), max_new_tokens {SEED_MAX_NEW_TOKENS} "
         f"(capped at {result['decoder_limit']} by the decoder), fp32, adapter unmerged, the processor's "
-        "post_process_generation, every score 1; loomlens (as `loomlens predict` and `eval` run it): "
+        "post_process_generation, every score 1; loomlens (as `loomlens predict --tta off` runs it): "
         f"batch {result['batch_size']}, greedy, {loomlens_decoding}, max_new_tokens {result['loomlens_budget']} "
         f"({result['max_boxes']} boxes), adapter merged, weights in {precision} (`--precision auto` on this "
         f"machine), scores from the generation, on a CPU each batch as two halves at once; batch 1: loomlens one "
         f"image at a time (what batching adds); {other}: loomlens with {other} weights (what the precision adds); "
-        "one stream: each batch as one call (what its halves at once add)."),
+        "one stream: each batch as one call (what its halves at once add); N views fused: each image also "
+        "through the mirrors the adapter was trained on, boxes fused (`predict`'s and `eval`'s default, "
+        "`--tta auto`)."),
         (f"Each way ran {result.get('repeats', 1)} pass(es) over the frames, in alternating order; images/s "
         "from the median pass. Latency of an image in a batch is its batch's time. A model that never stops "
         "runs every answer to its cap, so tokens/image shows how much of the gap is budget."),
@@ -259,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
 
     from loomlens.infer.loading import resolve_precision
+    from loomlens.run import Run
 
     precision = resolve_precision("auto", device())
     other = "fp32" if precision == "bf16" else "bf16"
@@ -273,8 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         classes = classes or data_classes
         constrained = bool(classes) and args.adapter is not None  # `predict`'s default: the run's classes
 
-        def loomlens(images, batch_size=args.batch_size, grammar=constrained, dtype=precision, streams=None):
-            return loomlens_pass(fast[dtype], processor, images, batch_size, args.max_boxes, grammar, classes, streams)
+        views = Run(args.adapter).views if args.adapter else ("",)  # what `predict --tta auto` looks through
+
+        def loomlens(images, batch_size=args.batch_size, grammar=constrained, dtype=precision, streams=None,
+                     mirrors=("",)):
+            return loomlens_pass(fast[dtype], processor, images, batch_size, args.max_boxes, grammar, classes, streams,
+                                 mirrors)
 
         ways = {
             "seed": lambda images: seed_pass(slow, processor, images),
@@ -286,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             f"loomlens, {other}": lambda images: loomlens(images, dtype=other),
             "loomlens, one stream": lambda images: loomlens(images, streams=1),
         }
+        if len(views) > 1:
+            ways[f"loomlens, {len(views)} views fused"] = lambda images: loomlens(images, mirrors=views)
         for way in ways.values():
             way(paths[:1])  # warm-up
         runs = {name: [] for name in ways}
@@ -314,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
               "speedup": rows[2]["images_per_s"] / rows[0]["images_per_s"],
               "speedup_other_decoding": rows[3]["images_per_s"] / rows[0]["images_per_s"],
               "precision": precision, "other_precision": other,
-              "speedup_other_precision": rows[5]["images_per_s"] / rows[0]["images_per_s"]}
+              "speedup_other_precision": rows[5]["images_per_s"] / rows[0]["images_per_s"],
+              "views": list(views),
+              "speedup_views": rows[7]["images_per_s"] / rows[0]["images_per_s"] if len(rows) > 7 else None}
     return publish(NAME, result, args.out, argv, tables)
 
 

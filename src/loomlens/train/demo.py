@@ -62,8 +62,8 @@ def run_demo(
     lap("convert")
 
     val = out / "data" / "val.jsonl"
-    # Evaluated as `loomlens predict` runs a model (merged, in the precision auto picks),
-    # unless the recipe itself is told fp32.
+    # Evaluated as `loomlens predict` runs a model (merged, in the precision auto picks, the
+    # trained model through the mirrors it learnt), unless the recipe itself is told fp32.
     precision = "fp32" if cfg.speed.precision == "fp32" else "auto"
     where = str(resolve_device(cfg.device))
     log("3/5 evaluating the untrained model on the val split")
@@ -83,7 +83,7 @@ def run_demo(
     trained = load_for_inference(model=cfg.model, adapter=run_dir, checkpoint=checkpoint, device=where, precision=precision)
     after = write_report(
         trained.model, trained.processor, val, out / "report", max_images=demo.eval_images,
-        batch_size=cfg.eval_batch_size,
+        batch_size=cfg.eval_batch_size, views=trained.views,
         title="loomlens demo: tiny Florence-2 + LoRA on synthetic loom frames",
         extra={"checkpoint": checkpoint, "run": str(run_dir), "baseline": _headline(before),
                "precision": trained.precision},
