@@ -55,6 +55,8 @@ PLAN: dict[str, list[str]] = {
     "real": ["--budget", "1200"],
     # The same budget on synthetic cloth the recipe was not tuned on (the stand-in for a plant's set).
     "fabric": ["--budget", "1200"],
+    # One, two and four looks a frame on the adapters above (`TTA_CASES`, those that exist).
+    "tta": [],
     # The serving load test (issue #16): four phases of 20 s on loopback.
     "load": ["--seconds", "20"],
     # One watcher per camera (issue #19): frames/s it sustains, torch and onnxruntime.
@@ -64,6 +66,11 @@ PLAN: dict[str, list[str]] = {
     # The export on onnxruntime (fp32 with its KV cache, without, int8) against torch, at its mAP50.
     "onnx_speed": ["--images", "64", "--repeats", "3"],
 }
+#: (name, run, data, split) the tta benchmark scores, each when its run was kept: the accuracy
+#: run on its val split, the real-fabric and fabric runs on their test splits.
+TTA_CASES = (("demo", ADAPTER, ADAPTER_DATA, "val"),
+             ("aitex", RESULTS / "real" / "runs" / "default", RESULTS / "real" / "data", "test"),
+             ("fabric", RESULTS / "fabric" / "runs" / "default", RESULTS / "fabric" / "data", "test"))
 #: benchmarks run by hand (hours on 2 cores), rendered into the docs when their JSON exists.
 BY_HAND = ("ablate",)
 #: benchmarks that take the accuracy run's adapter when it exists.
@@ -81,6 +88,9 @@ def command(name: str, threads: int | None, small: bool = False) -> list[str]:
     adapter = name in USE_ADAPTER and (ADAPTER / "checkpoints").exists()
     if adapter:
         args += ["--adapter", str(ADAPTER)]
+    if name == "tta":
+        args += [str(a) for case in TTA_CASES if (case[1] / "checkpoints").exists() for a in ("--case", *case)]
+        args += ["--images", "32"] if small else []
     if name == "infer_speed" and not small:
         args += ["--data", str(ADAPTER_DATA)] if adapter and ADAPTER_DATA.exists() else ["--images", "32"]
     if threads:

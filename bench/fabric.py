@@ -33,8 +33,8 @@ from typing import Any
 
 from bench.common import RESULTS, Table, common_flags, fmt, publish
 from bench.real import (
-    SCORE_COLUMNS, SCORE_NOTE, loomlens, predicted_boxes, rescored, rescored_note, run_flags, score_cells, scores,
-    test_frames, train_and_score,
+    SCORE_COLUMNS, SCORE_NOTE, TTA_NOTE, loomlens, predicted_boxes, rescored, rescored_note, run_flags, score_cells,
+    scores, test_frames, train_and_score,
 )
 
 NAME = "fabric"
@@ -73,7 +73,8 @@ def tables(result: dict[str, Any]) -> list[Table]:
              f"with --flip; {result['frames']} unflipped test frames ({result['defective']} with defects); "
              f"{result['budget_s']:.0f} s of training on this machine"]
     main = Table("A fabric the recipe never saw (synthetic, test split)",
-                 ["run", *SCORE_COLUMNS, "steps", "best step"], rows, [*notes, SCORE_NOTE, *rescored_note(result)])
+                 ["run", *SCORE_COLUMNS, "steps", "best step"], rows,
+                 [*notes, SCORE_NOTE, *([TTA_NOTE] if result.get("tta") else []), *rescored_note(result)])
     per_class = Table("AP50 per class on the fabric set, default recipe (best adapter)", ["class", "AP50"],
                       [[c, fmt(v)] for c, v in sorted(result["runs"][0]["best"]["ap50"].items())])
     return [main, per_class]
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [train_and_score(data, "default", budget, [], frames, truth, classes, work=WORK, tile=None)]
     if args.set:
         runs.append(train_and_score(data, args.tag, budget, args.set, frames, truth, classes, work=WORK, tile=None))
-    result = {"budget_s": budget, "images": args.images, "size": args.size, "seed": args.seed,
+    result = {"budget_s": budget, "tta": "auto", "images": args.images, "size": args.size, "seed": args.seed,
               "frames": len(frames), "defective": sum(map(bool, truth)), "classes": classes,
               "untrained": untrained, "runs": runs}
     return publish(NAME, result, args.out, argv, tables)

@@ -115,6 +115,9 @@ def scores(truth: list[list], predicted: list[list], classes: list[str],
 
 #: The columns `score_cells` fills, and what they mean.
 SCORE_COLUMNS = ["mAP50", "mAP50-95", "AUROC", "recall @1% FA", "AUROC (box)", "recall @1% FA (box)", "boxes"]
+#: How `predicted_boxes` runs `loomlens predict`: with its defaults, as a user would.
+TTA_NOTE = ("loomlens rows: `loomlens predict` with its defaults, so each frame (and tile) is also looked at "
+            "through the mirrors its run was trained on and the boxes fused (`--tta auto`)")
 SCORE_NOTE = ("AUROC and recall at 1 % of good frames flagged: frames ranked by the model's probability that its "
               "answer is not empty (what `loomlens eval` reports; YOLO, which has none, by its best box); (box): "
               "ranked by their best box's score instead")
@@ -169,7 +172,8 @@ def rescore(saved: dict[str, Any], frames, truth, classes, work: Path, tile: int
     runs = [{**r, **score_adapters(r["name"], frames, truth, classes, work, tile)} for r in saved["runs"]]
     kept = {k: v for k, v in saved.items() if k not in ("bench", "command", "machine")}
     trained_by = saved.get("rescored_from") or {"command": saved["command"], "date": saved["machine"]["date"]}
-    return {**kept, "untrained": scores(truth, found, classes, probabilities), "runs": runs, "rescored_from": trained_by}
+    return {**kept, "untrained": scores(truth, found, classes, probabilities), "runs": runs, "rescored_from": trained_by,
+            "tta": "auto"}
 
 
 def run_flags(parser: argparse.ArgumentParser) -> None:
@@ -238,7 +242,7 @@ def tables(result: dict[str, Any]) -> list[Table]:
              f"{result['budget_s']:.0f} s of training on this machine; doi:10.2478/aut-2019-0035",
              yolo_note(yolo)]
     main = Table("Real fabric (AITEX test split)", ["run", *SCORE_COLUMNS, "steps", "best step"], rows,
-                 [*notes, SCORE_NOTE, *rescored_note(result)])
+                 [*notes, SCORE_NOTE, *([TTA_NOTE] if result.get("tta") else []), *rescored_note(result)])
     default = result["runs"][0]["best"]["ap50"]
     per_class = Table("AP50 per class, default recipe (best adapter)", ["class", "AP50"],
                       [[c, fmt(v)] for c, v in sorted(default.items())])
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.set:
         runs.append(train_and_score(data, args.tag, budget, args.set, frames, truth, classes, WORK, tile))
     result = {"budget_s": budget, "frames": len(frames), "defective": sum(map(bool, truth)), "classes": classes,
-              "tile": tile, "untrained": untrained, "runs": runs,
+              "tile": tile, "untrained": untrained, "runs": runs, "tta": "auto",
               "yolo": yolo_row(data, budget, frames, truth, classes, tile)}
     return publish(NAME, result, args.out, argv, tables)
 

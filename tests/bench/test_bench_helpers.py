@@ -98,6 +98,15 @@ def test_make_bench_scores_inference_on_the_adapters_own_val_split_when_kept(tmp
                                                           "--data", str(tmp_path / "data-0" / "data")]
 
 
+def test_make_bench_scores_the_mirrors_on_the_runs_it_kept(tmp_path, monkeypatch):
+    kept = tmp_path / "real" / "runs" / "default"
+    monkeypatch.setattr(bench_all, "TTA_CASES", (("demo", tmp_path / "seed0", tmp_path / "d", "val"),
+                                                 ("aitex", kept, tmp_path / "real" / "data", "test")))
+    (kept / "checkpoints").mkdir(parents=True)
+    assert bench_all.command("tta", None)[3:] == ["--case", "aitex", str(kept), str(tmp_path / "real" / "data"), "test"]
+    assert bench_all.command("tta", None, small=True)[-2:] == ["--images", "32"]
+
+
 def test_ablate_reuses_a_finished_run_resumes_an_unfinished_one_and_redoes_other_settings(tmp_path):
     from bench import ablate
     from loomlens.config import TrainConfig, dump_config, load_config
