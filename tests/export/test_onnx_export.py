@@ -59,6 +59,18 @@ def test_export_writes_the_parts_and_the_processor(exported) -> None:
     assert not [p for p in exported.parent.iterdir() if p.name.endswith(".partial")]
     manifest = json.loads((exported / MANIFEST).read_text())
     assert manifest["kv_cache"] is True and manifest["int8_parts"] == []
+    assert manifest["views"] == [""]  # a bare model learnt no mirrors: the line PC looks once
+
+
+def test_the_line_pc_looks_through_the_mirrors_the_export_records(exported, tmp_path) -> None:
+    from loomlens.predict import Predictor
+
+    folder = tmp_path / "mirrored"
+    shutil.copytree(exported, folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "views": ["", "h"]}))  # a run trained with flips
+    assert Predictor(model=str(folder), backend="onnx").views == ("", "h")
+    assert Predictor(model=str(folder), backend="onnx", tta="off").views == ("",)
 
 
 def test_the_decoder_parts_have_the_community_names(net) -> None:
