@@ -118,6 +118,7 @@ def test_od_looks_through_the_mirrors_the_run_learnt(tmp_path, image):
     (run / "config.yaml").write_text(yaml.safe_dump({"model": "tiny", "tasks": ["od"], "augment": augment}))
     p = Predictor(adapter=run, max_boxes=2, text_tokens=8)
     assert p.info()["views"] == ["", "h"]  # auto: as is and mirrored left-right, as trained
+    assert p.model_inputs(512, 288) == 2 and p.model_inputs(512, 288, task="phrase_grounding") == 1
     assert p.predict([image])[0].boxes == p.predict([image, image])[1].boxes
     assert Predictor(adapter=run, tta="off").views == ("",)
     assert Predictor(adapter=run, tta="on").views == ("", "h", "v", "hv")

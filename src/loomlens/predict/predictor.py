@@ -275,12 +275,14 @@ class Predictor:
         return w, h, should_tile(w, h, tile, self.tile_size)
 
     def model_inputs(self, width: int, height: int, tile: str = "auto", task: str = "od") -> int:
-        """How many model inputs (tiles + whole frame, or 1) predicting `task` on a `width` x
-        `height` image costs, with the `max_tiles` cap: what a server weighs a request by."""
+        """How many model inputs (tiles + whole frame, or 1; for `od` each through every one
+        of `views`) predicting `task` on a `width` x `height` image costs, with the `max_tiles`
+        cap: what a server weighs a request by."""
         if get_task(task).answer != "boxes":
             return 1
         w, h, tiled = self._fit(width, height, tile)
-        return self._tile_count(w, h) if tiled else 1
+        looks = len(self.views) if get_task(task).name == "od" else 1
+        return (self._tile_count(w, h) if tiled else 1) * looks
 
     def _boxes(self, spec: Task, images: list[Image.Image], text, tile: str, threshold: float,
                deadline: float | None, between: Callable[[], None] | None) -> list[Prediction]:
