@@ -181,3 +181,13 @@ def test_other_options_or_a_torn_last_line_predict_again(predictor, inputs, tmp_
     calls.clear()
     changed = predict_files(predictor, [inputs], out, score_threshold=0.5)
     assert changed["resumed"] == 0 and sum(calls) == 12
+
+
+def test_a_run_stopped_before_predicting_through_other_mirrors_starts_afresh(predictor, inputs, tmp_path,
+                                                                              monkeypatch):
+    out = tmp_path / "out"
+    with pytest.raises(Stop):
+        predict_files(predictor, [inputs], out, on_item=_stop_after(6))
+    monkeypatch.setattr(predictor, "views", ("", "h"))  # `--tta on` the second time
+    calls = _spy(predictor, monkeypatch)
+    assert predict_files(predictor, [inputs], out)["resumed"] == 0 and sum(calls) == 12

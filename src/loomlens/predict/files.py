@@ -119,11 +119,11 @@ def predict_chunk(predictor: Predictor, chunk: list[Item], problems: list[Proble
 def run_fingerprint(predictor: Predictor, files: Sequence[Path], options: dict) -> str:
     """`fingerprint` of a predict run: its `files` and `options`, and what decides the answers
     on the predictor's side (model, adapter and their weights, precision, box budget, tiles,
-    grammar, region rules)."""
+    grammar, the mirrors od looks through, region rules)."""
     loaded = predictor.loaded
     model = {"base": loaded.base, "adapter": loaded.adapter, "backend": predictor.backend,
              "precision": predictor.precision, "max_boxes": predictor.max_boxes, "constrained": predictor.constrained,
-             "tile_size": predictor.tile_size, "rules": repr(predictor.rules)}
+             "tile_size": predictor.tile_size, "views": list(predictor.views), "rules": repr(predictor.rules)}
     weights = [Path(resolve_model_path(str(loaded.base)))] + ([Path(loaded.adapter)] if loaded.adapter else [])
     return fingerprint(files, {**options, **model}, weights)
 
