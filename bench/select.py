@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         merged = merge_adapter(start["run"], work / "start-merged", checkpoint="last", dtype="fp32")
 
         began = time.perf_counter()
-        predictor = Predictor(adapter=start["run"], checkpoint="last", device=device())
+        predictor = Predictor(adapter=start["run"], checkpoint="last", device=device(), tta="off")
         summary = select_frames(predictor, [str(synth / r.image) for r in pool], work / "selected", n=args.n,
                                 threshold=args.threshold, diversity=args.diversity)
         select_seconds = time.perf_counter() - began

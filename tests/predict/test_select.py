@@ -184,3 +184,13 @@ def test_select_command_errors_name_the_input_and_the_fix(run_folder, tmp_path):
     result = runner.invoke(app, ["select", str(tmp_path / "a.png"), "--adapter", str(run_folder),
                                  "--weights", "novelty=2"])
     assert result.exit_code == 1 and "unknown component(s) novelty" in result.output
+
+
+def test_select_refuses_a_predictor_that_already_fuses_mirrors(tmp_path):
+    """The mirrored frame is one of select's measures: mirrors fused away first would hide it."""
+    from loomlens.predict import Predictor
+    from loomlens.predict.select import select_frames
+
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="tta='off'"):
+        select_frames(Predictor(model="tiny", tta="on"), [str(tmp_path / "a.png")], tmp_path / "o", n=1)

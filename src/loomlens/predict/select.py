@@ -641,7 +641,8 @@ def select_frames(
     top `n` with their pre-annotations into `out` (see the module docstring).
 
     Args:
-        predictor: the run, loaded (`Predictor(adapter=RUN)`).
+        predictor: the run, loaded to look at each frame once (`Predictor(adapter=RUN,
+            tta="off")`): the mirrored frame is one of the measures here.
         inputs: image files, folders, globs, videos (`loomlens.predict.sources.expand_inputs`).
         out: the folder for `ranking.csv`, `images/`, `annotations/`, `problems.json`.
         n: how many frames to choose.
@@ -658,8 +659,11 @@ def select_frames(
     Returns:
         A summary: `frames` ranked, `chosen` (their paths), `problems` (skipped inputs, each with
         its reason), `out`, and `written`. Raises FileNotFoundError or ValueError (naming the
-        input) for an input that names nothing or is no picture, ValueError for bad settings.
+        input) for an input that names nothing or is no picture, ValueError for bad settings
+        or a predictor that fuses mirrors.
     """
+    if len(predictor.views) > 1:
+        raise ValueError("select looks at each frame and its mirror itself: load the predictor with tta='off'")
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     if threshold is not None and not 0 < threshold < 1:
