@@ -16,4 +16,5 @@ def test_demo_runs_every_stage_and_evaluates_as_predict_does(tmp_path):
     # The report measures the model as `loomlens predict` would run it on this machine.
     assert metrics["precision"] == resolve_precision("auto")
     assert metrics["views"] == ["", "h", "v", "hv"]  # through the mirrors it was trained with
+    assert "each also through 3 mirrors, boxes fused" in summary.read_text()
     assert (tmp_path / "demo" / "run" / "checkpoints" / "last" / "adapter_config.json").exists()

@@ -111,7 +111,9 @@ def _markdown(before: dict, after: dict, steps: int, seconds: dict[str, float], 
     return "\n".join([
         "# loomlens demo", "",
         f"Tiny Florence-2 fine-tuned with LoRA for {steps} steps on synthetic loom frames; "
-        f"val split, {after.get('images', '?')} images.", "",
+        f"val split, {after.get('images', '?')} images, evaluated as `loomlens eval` does"
+        + (f" (each also through {len(after['views']) - 1} mirrors, boxes fused)." if len(after.get("views", [])) > 1
+           else "."), "",
         "| model | mAP50 | mAP50-95 | mAP75 | predicted boxes |", "|---|---|---|---|---|",
         row("untrained (embedded tiny)", before), row(f"+ LoRA ({checkpoint} checkpoint)", after), "",
         "Seconds: " + ", ".join(f"{k} {v:g}" for k, v in seconds.items()) + f"; total {sum(seconds.values()):g}.", "",
