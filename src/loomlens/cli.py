@@ -930,8 +930,7 @@ def watch_command(
     from loomlens.events import EventStore
     from loomlens.model.loader import ModelLoadError
     from loomlens.predict import Predictor
-    from loomlens.watch import (Alerter, DebounceSettings, Retention, Watcher, open_source,
-                                predictor_detector)
+    from loomlens.watch import Alerter, DebounceSettings, Retention, Watcher, open_source, predictor_detector
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if camera and len(camera) != len(sources):
