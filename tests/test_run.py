@@ -74,8 +74,8 @@ def test_a_run_that_cropped_tiles_at_its_window_in_predict_and_eval(run):
 
 def test_views_are_the_mirrors_the_run_was_trained_on(run, tmp_path):
     """Test-time augmentation looks only through mirrors the model learnt (`infer/tta.py`)."""
-    def trained(augment=None, flip=None):
-        config = {"model": "tiny"} | ({"augment": augment} if augment is not None else {})
+    def trained(augment=None, flip=None, **speed):
+        config = {"model": "tiny", "speed": speed} | ({"augment": augment} if augment is not None else {})
         (run / "config.yaml").write_text(yaml.safe_dump(config))
         (run / DATA_SUMMARY).unlink(missing_ok=True)
         if flip is not None:
@@ -88,4 +88,7 @@ def test_views_are_the_mirrors_the_run_was_trained_on(run, tmp_path):
     assert trained({"enabled": True, "hflip": 0.0, "vflip": 0.5}) == ("", "v")
     assert trained({"enabled": True, "hflip": 0.0, "vflip": 0.5}, flip=True) == ("", "h", "v", "hv")
     assert trained({"enabled": False, "hflip": 0.5, "vflip": 0.5}) == ("",)
+    assert trained({"enabled": True, "hflip": 0.5, "vflip": 0.5}, cache_image_features=True) == ("",)
+    assert trained(True) == ("", "h", "v", "hv")  # `augment: true` by hand, TrainConfig's flips
+    assert trained({"vflip": 0.0}) == ("", "h")
     assert Run(adapter(tmp_path / "loose")).views == ("",)

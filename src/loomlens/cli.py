@@ -33,7 +33,8 @@ app = typer.Typer(
 BACKEND_HELP = ("torch, or onnx: run a folder `loomlens export` wrote (pass it as --model) on onnxruntime "
                 "(CPU; CUDA where present), with --precision fp32 or int8.")
 TTA_HELP = ("Test-time augmentation of od: auto (also look through the mirrors the run was trained on and fuse "
-            "the boxes: more accurate, 2-4x the time), on (all four mirrors), off (once, fastest).")
+            "the boxes: more accurate; four views, the default recipe's, take 3-4x the time), on (all four views), "
+            "off (once, fastest). Scores change with it: take thresholds from `eval` with the same --tta.")
 PRECISION_HELP = ("Weights' dtype: auto (bf16 where the device computes it natively: AMX or AVX512-BF16 "
                   "CPUs, recent GPUs; else fp32), fp32 or bf16.")
 
@@ -268,8 +269,8 @@ def serve(
     max_megapixels: float = typer.Option(50.0, min=0.001, help="Largest image in megapixels (413 past it)."),
     max_side: int = typer.Option(4096, min=32, help="Longest image side kept: larger uploads are downscaled as decoded "
                                  "(answers stay in the uploaded image's pixels)."),
-    max_tiles: int = typer.Option(64, min=1, help="Most model inputs (tiles + whole frame) one image may cost; a larger "
-                                  "frame is downscaled to fit."),
+    max_tiles: int = typer.Option(64, min=1, help="Most tiles (+ whole frame) one image may be cut into, each looked "
+                                  "at once per --tta view; a larger frame is downscaled to fit."),
     tta: str = typer.Option("auto", help=TTA_HELP),
     large_cost: int = typer.Option(16, min=1, help="Requests costing more model inputs run in the large lane, "
                                    "interleaved with the small ones."),
@@ -617,7 +618,7 @@ def eval_command(
     from loomlens.evaluate.inspection import summary_line
     from loomlens.evaluate.report import write_report
     from loomlens.infer.loading import load_for_inference
-    from loomlens.infer.tta import choose_views
+    from loomlens.infer.tta import check_tta, choose_views
     from loomlens.model.loader import ModelLoadError
     from loomlens.run import Run
 
@@ -629,7 +630,7 @@ def eval_command(
         raise _fail(f"no split at {jsonl}; {fix}")
     adapter = Path(checkpoint) if checkpoint not in ("best", "last") else run
     try:  # the model as `predict` runs it
-        choose_views(tta, ())  # a bad mode fails before the model loads
+        check_tta(tta)  # before the model loads
         loaded = load_for_inference(model=model, adapter=adapter, checkpoint=checkpoint if adapter == run else "best",
                                     device=_device(device),
                                     precision=precision)
@@ -915,7 +916,8 @@ def watch_command(
     tile: str = typer.Option("auto", help="Tiled detection on large frames: auto (as the run was trained), on, off."),
     tta: str = typer.Option("auto", help=TTA_HELP),
     regions: Path | None = typer.Option(None, help="Region rules YAML (default: the run's regions.yaml)."),
-    max_tiles: int | None = typer.Option(None, min=1, help="Most model inputs one frame may cost (downscaled past it)."),
+    max_tiles: int | None = typer.Option(None, min=1, help="Most tiles (+ whole frame) one frame may be cut into "
+                                         "(downscaled past it), each looked at once per --tta view."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     backend: str = typer.Option("torch", help=BACKEND_HELP),

@@ -99,12 +99,16 @@ class Run:
         """The mirrors the run was trained on, as `infer.tta` views: "" (as is), "h" when its
         pictures were mirrored left-right (online augmentation, or `convert --flip` copies),
         "v" top-bottom, "hv" both; ("",) for a bare adapter or a run that saw none."""
-        augment = self.config.get("augment") or {}
-        online = bool(augment.get("enabled"))
+        augment = self.config.get("augment") or {}  # none: a run from before online augmentation
+        augment = {"enabled": augment} if isinstance(augment, bool) else augment
+        # Training augments only what it encodes afresh: cached features are of the plain pictures
+        # (`train.recipe.datasets`). Missing keys take `TrainConfig`'s defaults.
+        cached = bool((self.config.get("speed") or {}).get("cache_image_features"))
+        online = bool(augment) and augment.get("enabled", True) and not cached
         summary = self.folder / DATA_SUMMARY if self.folder else None
         copied = bool(summary and summary.exists() and json.loads(summary.read_text()).get("flip"))
-        h = copied or (online and augment.get("hflip", 0) > 0)
-        v = online and augment.get("vflip", 0) > 0
+        h = copied or (online and augment.get("hflip", 0.5) > 0)
+        v = online and augment.get("vflip", 0.5) > 0
         return ("",) + ("h",) * h + ("v",) * v + ("hv",) * (h and v)
 
     @property

@@ -34,6 +34,7 @@ def test_eval_looks_through_the_mirrors_asked_for(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["views"] == ["", "h", "v", "hv"]
     assert "fused over 4 views" in result.output
+    assert "3 mirror(s) (h, v, hv) and the boxes fused" in (tmp_path / "eval" / "report.md").read_text()
     result = CliRunner().invoke(app, [*command, "--tta", "maybe"])
     assert result.exit_code == 1 and "tta must be one of auto, on, off" in result.output
 

@@ -75,7 +75,7 @@ def _flip(image: Image.Image, boxes: list[Box], horizontal: bool) -> tuple[Image
     w, h = image.size
     if horizontal:
         return ImageOps.mirror(image), [b.hflip(w) for b in boxes]
-    return ImageOps.flip(image), [replace(b, y1=h - b.y2, y2=h - b.y1) for b in boxes]
+    return ImageOps.flip(image), [b.vflip(h) for b in boxes]
 
 
 def _quarter_turn(image: Image.Image, boxes: list[Box]) -> tuple[Image.Image, list[Box]]:

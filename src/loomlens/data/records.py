@@ -42,6 +42,10 @@ class Box:
         """The same box in the horizontally mirrored image: x1' = W - x2, x2' = W - x1."""
         return replace(self, x1=image_width - self.x2, x2=image_width - self.x1)
 
+    def vflip(self, image_height: float) -> Box:
+        """The same box in the vertically mirrored image: y1' = H - y2, y2' = H - y1."""
+        return replace(self, y1=image_height - self.y2, y2=image_height - self.y1)
+
 
 def iou(a: Box, b: Box) -> float:
     """Intersection over union of two pixel boxes (0 when they do not overlap)."""

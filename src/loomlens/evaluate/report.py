@@ -162,7 +162,11 @@ def _markdown(metrics: dict, plots: dict[str, str], title: str) -> str:
         f"| {metrics['negative_images']} | {metrics['gt_boxes']} | {metrics['predicted_boxes']} "
         f"| {metrics['predicted_on_negatives']} |", "",
         "Scores: each box's label probability times the geometric mean of its four coordinates' "
-        "probabilities, from the generation itself (not 1 for all).", "",
+        "probabilities, from the generation itself (not 1 for all)."
+        + (f" Each frame (each tile) was also looked at through {len(metrics['views']) - 1} mirror(s) "
+           f"({', '.join(v for v in metrics['views'] if v)}) and the boxes fused (`--tta`): scores are the fused ones "
+           "(take thresholds from a report made with the same `--tta`), malformed parts are counted over all views."
+           if len(metrics.get("views", [])) > 1 else ""), "",
         "| class | AP50 | AP75 | AP50-95 | true | predicted |", "|---|---|---|---|---|---|",
     ]
     for name, c in metrics["per_class"].items():
@@ -177,8 +181,8 @@ def _markdown(metrics: dict, plots: dict[str, str], title: str) -> str:
            "`loomlens predict` does for this run." if metrics.get("tile") else "."), "",
         "## Inspection (OK/NG per frame)", "",
         "A frame is flagged when the model's probability that it holds a defect (1 - P(empty answer), "
-        "the highest over its tiles) is at least the threshold; recall is the share of frames holding a "
-        "defect that are flagged when at most the given share of defect-free frames is.", "",
+        "the mean over its views, the highest over its tiles) is at least the threshold; recall is the share of "
+        "frames holding a defect that are flagged when at most the given share of defect-free frames is.", "",
         f"All classes: {summary_line(metrics['image_level'])}.", "",
         "Per class, a frame is flagged by its best box of that class:", "",
     ]

@@ -25,7 +25,7 @@ from loomlens.infer.generation import (
 from loomlens.infer.grammar import BoxGrammar
 from loomlens.infer.scoring import ScoreMethod, scored_boxes
 from loomlens.infer.streams import in_streams, stream_count
-from loomlens.infer.tta import fuse_boxes, mirrored, unmirrored
+from loomlens.infer.tta import check_views, fuse_boxes, mirrored, unmirrored
 
 T = TypeVar("T")
 
@@ -76,7 +76,8 @@ def detect_with_details(
     `constrained=True` (`<OD>` only), are the only labels the model may write. Each batch runs
     as `streams` parts at once (None: `stream_count(model)`, two on a CPU; `infer/streams.py`).
     `views` (`infer/tta.py`): the mirrors each image is also looked at through, their boxes fused
-    into one `Detection` per image; the default looks once, as the image is.
+    into one `Detection` per image (its generation, text and entropies are the first view's);
+    the default looks once, as the image is. Raises ValueError for views not in `ALL_VIEWS`.
     """
     tokenizer = processor.tokenizer
     # `<OD>` labels are class names; other tasks write captions or phrases, which are longer.
@@ -99,6 +100,7 @@ def detect_with_details(
         return found
 
     parts = stream_count(model) if streams is None else streams
+    views, images = check_views(views), list(images)
     copies = (mirrored(image, view) for image in images for view in views)
     found = [d for chunk in batched(copies, batch_size) for d in in_streams(detect_part, chunk, streams=parts)]
     if len(views) == 1 and not views[0]:

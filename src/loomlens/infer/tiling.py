@@ -39,7 +39,7 @@ def should_tile(width: int, height: int, mode: str, tile: int) -> bool:
     return mode == "on" or (mode == "auto" and is_large(width, height, tile))
 
 
-def _overlap(box: Box, others: np.ndarray) -> np.ndarray:
+def smaller_overlap(box: Box, others: np.ndarray) -> np.ndarray:
     """Intersection over the smaller area of `box` with each row (x1, y1, x2, y2) of `others`."""
     w = np.clip(np.minimum(box.x2, others[:, 2]) - np.maximum(box.x1, others[:, 0]), 0, None)
     h = np.clip(np.minimum(box.y2, others[:, 3]) - np.maximum(box.y1, others[:, 1]), 0, None)
@@ -57,7 +57,7 @@ def merge_boxes(boxes: Sequence[Box], threshold: float = 0.6) -> list[Box]:
     for box in sorted(boxes, key=lambda b: -(b.score if b.score is not None else 1.0)):
         same = kept.setdefault(box.label, [])
         if same:
-            overlaps = _overlap(box, np.array([[k.x1, k.y1, k.x2, k.y2] for k in same]))
+            overlaps = smaller_overlap(box, np.array([[k.x1, k.y1, k.x2, k.y2] for k in same]))
             best = int(overlaps.argmax())
             if overlaps[best] >= threshold:
                 k = same[best]

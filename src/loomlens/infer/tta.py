@@ -8,9 +8,11 @@ copy to the next; averaging the coordinates of the boxes the copies agree on can
 it, and a box that only one copy saw keeps a fraction of its score. The fusion is weighted boxes
 fusion (Solovyev et al., "Weighted boxes fusion: ensembling boxes from different object
 detection models", arXiv:1910.13302, section 2): clusters of same-label boxes at IoU >=
-`FUSE_IOU`, coordinates averaged by score, score summed over the views. Written here rather
-than taken from `ensemble-boxes`, which needs pandas and numba for these thirty lines and works
-in normalised coordinates. Only the mirrors a run was trained on are used (`Run.views`): a
+`FUSE_IOU`, coordinates averaged by score, score summed over the views. A small defect's boxes
+from different views can overlap too little to cluster; a fused box lying mostly inside a
+better one of its label is then dropped (`DUPLICATE_OVERLAP`), so a defect gets one box. Written
+here rather than taken from `ensemble-boxes`, which needs pandas and numba for these lines and
+works in normalised coordinates. Only the mirrors a run was trained on are used (`Run.views`): a
 model that never saw a picture upside down answers worse on one.
 """
 
@@ -22,23 +24,48 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image
 
-from loomlens.data.records import Box
+from loomlens.data.records import Box, iou as box_iou
+from loomlens.infer.tiling import smaller_overlap
 
 #: The views `tta="on"` uses: the picture as it is, mirrored left-right, top-bottom, and both.
 ALL_VIEWS: tuple[str, ...] = ("", "h", "v", "hv")
 #: What `tta` takes: auto (the mirrors the run was trained on), on (all four views) or off.
 TTA_MODES = ("auto", "on", "off")
 #: Same-label boxes from different views at this IoU or more are one defect. Below the paper's
-#: 0.55: a small defect's boxes from two views overlap less than a large one's.
-FUSE_IOU = 0.4
+#: 0.55: a small defect's boxes from two views overlap less than a large one's
+#: (docs/benchmarks.md, "Mirrors fused": 0.3 and 0.4 level on mAP, 0.3 with fewer boxes).
+FUSE_IOU = 0.3
+#: A fused box with this share of its area inside a better-scored fused box of its label is a
+#: duplicate of that defect, and dropped.
+DUPLICATE_OVERLAP = 0.5
+
+
+def check_tta(mode: str) -> str:
+    """`mode` if it is one of `TTA_MODES`, else a ValueError naming the option and its choices."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"--tta must be one of {', '.join(TTA_MODES)}, got {mode!r}")
+    return mode
 
 
 def choose_views(mode: str, trained: Sequence[str]) -> tuple[str, ...]:
-    """The views `mode` (auto | on | off) looks through, `trained` being those of the run
-    (`Run.views`; ("",) for a bare model). Raises ValueError for another mode."""
-    if mode not in TTA_MODES:
-        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {mode!r}")
-    return {"auto": tuple(trained) or ("",), "on": ALL_VIEWS, "off": ("",)}[mode]
+    """The views a `--tta` mode looks through.
+
+    Args:
+        mode: auto (the run's own mirrors), on (all four views) or off (once, as it is).
+        trained: the views the run was trained on (`Run.views`); empty or ("",) for a bare model.
+
+    Returns:
+        The views, "" (as it is) first. Raises ValueError for another mode.
+    """
+    return {"auto": tuple(trained) or ("",), "on": ALL_VIEWS, "off": ("",)}[check_tta(mode)]
+
+
+def check_views(views: Sequence[str]) -> tuple[str, ...]:
+    """`views` as a tuple if it is a non-empty sequence of distinct `ALL_VIEWS`, else ValueError."""
+    views = tuple(views)
+    if not views or len(set(views)) != len(views) or not set(views) <= set(ALL_VIEWS):
+        raise ValueError(f"views must be distinct ones of {ALL_VIEWS}, got {views!r}")
+    return views
 
 
 def mirrored(image: Image.Image, view: str) -> Image.Image:
@@ -55,17 +82,8 @@ def unmirrored(box: Box, view: str, width: float, height: float) -> Box:
     if "h" in view:
         box = box.hflip(width)
     if "v" in view:
-        box = replace(box, y1=height - box.y2, y2=height - box.y1)
+        box = box.vflip(height)
     return box
-
-
-def _iou(box: Box, others: np.ndarray) -> np.ndarray:
-    """IoU of `box` with each row (x1, y1, x2, y2) of `others`."""
-    w = np.clip(np.minimum(box.x2, others[:, 2]) - np.maximum(box.x1, others[:, 0]), 0, None)
-    h = np.clip(np.minimum(box.y2, others[:, 3]) - np.maximum(box.y1, others[:, 1]), 0, None)
-    inter = w * h
-    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
-    return inter / (box.width * box.height + areas - inter)
 
 
 def fuse_boxes(views: Sequence[Sequence[Box]], iou: float = FUSE_IOU) -> list[Box]:
@@ -76,19 +94,18 @@ def fuse_boxes(views: Sequence[Sequence[Box]], iou: float = FUSE_IOU) -> list[Bo
         iou: same-label boxes at this IoU or more with a cluster's fused box join it.
 
     Returns:
-        One box per cluster, by descending score: coordinates averaged by score, score the
-        sum of its boxes' scores over max(len(views), the cluster's size), so a box every view
-        agrees on keeps its mean score and one seen by a single view of four a quarter of it.
+        One box per cluster, by descending score, less those lying `DUPLICATE_OVERLAP` inside a
+        better one of their label: coordinates averaged by score, score the sum of its boxes'
+        scores over max(len(views), the cluster's size), so a box every view agrees on keeps its
+        mean score and one seen by a single view of four a quarter of it.
     """
     ordered = sorted((b for found in views for b in found), key=lambda b: -(1.0 if b.score is None else b.score))
     clusters: list[list[Box]] = []
     fused: list[Box] = []
     for box in ordered:
-        same = [i for i, f in enumerate(fused) if f.label == box.label]
-        overlaps = _iou(box, np.array([[fused[i].x1, fused[i].y1, fused[i].x2, fused[i].y2] for i in same])) \
-            if same else np.zeros(0)
-        if overlaps.size and overlaps.max() >= iou:
-            at = same[int(overlaps.argmax())]
+        overlaps = [(box_iou(f, box), i) for i, f in enumerate(fused) if f.label == box.label]
+        best, at = max(overlaps, default=(0.0, -1))
+        if best >= iou:
             clusters[at].append(box)
         else:
             at = len(clusters)
@@ -100,4 +117,9 @@ def fuse_boxes(views: Sequence[Sequence[Box]], iou: float = FUSE_IOU) -> list[Bo
         x1, y1, x2, y2 = (weights @ corners / weights.sum()) if weights.sum() > 0 else corners.mean(axis=0)
         fused[at] = replace(members[0], x1=float(x1), y1=float(y1), x2=float(x2), y2=float(y2),
                             score=float(weights.sum() / max(len(views), len(members))))
-    return sorted(fused, key=lambda b: -(b.score or 0.0))
+    kept: list[Box] = []
+    for box in sorted(fused, key=lambda b: -(b.score or 0.0)):
+        same = [[k.x1, k.y1, k.x2, k.y2] for k in kept if k.label == box.label]
+        if not same or smaller_overlap(box, np.array(same)).max() < DUPLICATE_OVERLAP:
+            kept.append(box)
+    return kept

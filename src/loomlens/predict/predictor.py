@@ -35,7 +35,7 @@ from loomlens.infer.generation import generate
 from loomlens.infer.loading import load_for_inference
 from loomlens.infer.onnx_runtime import load_onnx_export
 from loomlens.infer.tiling import should_tile, tiled_detect
-from loomlens.infer.tta import choose_views
+from loomlens.infer.tta import check_tta, choose_views
 from loomlens.predict.regions import RegionRules, load_rules
 
 _LOC = re.compile(r"<loc_\d+>")
@@ -119,8 +119,9 @@ class Predictor:
     cut to by `convert --tile` or its defect crop's window; else the model's input size);
     `tile="auto"` tiles large frames only for a run trained on tiles or crops, or with a
     `tile_size` given (`auto_tiles`); `overlap`: shared
-    fraction between tiles. `max_tiles`: the most model inputs one tiled frame may cost (None:
-    no cap); a frame that would need more is downscaled until it fits. `constrained`: `<OD>`
+    fraction between tiles. `max_tiles`: the most tiles (whole frame included) one frame may be
+    cut into (None: no cap), each looked at once per view of `tta`; a frame that would need more
+    is downscaled until it fits. `constrained`: `<OD>`
     through the class grammar, so only the run's classes in well-formed boxes come out (None:
     on when the run has classes; False keeps the free form). `text_tokens`: answer budget of the tasks no box count bounds (captions, OCR;
     twice that for polygons), capped by the decoder's length. `precision`: the weights' dtype,
@@ -157,7 +158,7 @@ class Predictor:
             raise ValueError(f"max_tiles must be at least 1 (or None: no cap), got {max_tiles}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        choose_views(tta, ())  # a bad mode fails before the model loads
+        check_tta(tta)  # before the model loads
         if backend == "onnx":
             if not (model or adapter):
                 raise ValueError("the onnx backend needs the folder `loomlens export` wrote: pass it as --model")
@@ -293,7 +294,9 @@ class Predictor:
         made: list[Detection] = []  # the tiled frame's detections, for its answer probability
 
         def tiles(crops: list[Image.Image]) -> list[list[Box]]:
-            for part in batched(crops, self.batch_size):
+            # Each crop costs a look per view: batches of `batch_size` looks, so that the deadline
+            # and `between` come as often as with one look.
+            for part in batched(crops, max(1, self.batch_size // len(self.views))):
                 _check(deadline)
                 made.extend(self._detect(spec, part, text))
                 if between is not None:
