@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Table, common_flags, device, fmt, publish, set_threads
+from loomlens.infer.tta import FUSE_IOU
 
 NAME = "tta"
 #: The view sets compared, by name: one look, each single mirror added, all four.
@@ -65,7 +66,8 @@ def tables(result: dict[str, Any]) -> list[Table]:
              + (f", large frames in {c['tile']} px tiles" if c["tile"] else "")
              + f"; the run learnt the views {c['trained_views']} (what `--tta auto` takes)" for c in result["cases"]]
     notes.append("Each row as `loomlens eval` runs the best adapter, each frame (each tile) also looked at through "
-                 "the views named and the boxes fused (weighted boxes fusion at IoU 0.4); one process, in this order")
+                 f"the views named and the boxes fused (weighted boxes fusion at IoU {result.get('fuse_iou', 0.4)}, "
+                 "duplicates inside a better box dropped); one process, in this order")
     return [Table("Mirrors fused: one, two or four looks a frame",
                   ["case", "views", "mAP50", "mAP50-95", "mAP75", "best F1", "AUROC", "recall @1% FA",
                    "s/frame", "time"], rows, notes)]
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(data) / f"{split}.jsonl").exists():
             parser.error(f"case {name}: no split at {Path(data) / f'{split}.jsonl'}")
     cases = [measure_case(name, Path(run), Path(data), split, args.images) for name, run, data, split in args.case]
-    return publish(NAME, {"cases": cases}, args.out, argv, tables)
+    return publish(NAME, {"cases": cases, "fuse_iou": FUSE_IOU}, args.out, argv, tables)
 
 
 if __name__ == "__main__":
