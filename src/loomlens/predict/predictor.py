@@ -252,8 +252,13 @@ class Predictor:
             self.loaded.model, self.loaded.processor, images, task=spec.token, text=text and text.strip(),
             max_boxes=self.max_boxes, batch_size=self.batch_size,
             constrained=self.constrained and spec.name == "od", classes=self.loaded.classes,
-            views=self.views if spec.name == "od" else ("",),
+            views=self._views(spec),
         )
+
+    def _views(self, spec: Task) -> tuple[str, ...]:
+        """The views `spec` looks through: `views` for `od`, once for other tasks (a phrase
+        saying "left" would be read mirrored)."""
+        return self.views if spec.name == "od" else ("",)
 
     def _tile_count(self, width: int, height: int) -> int:
         """Model inputs a tiled `width` x `height` frame costs: its tiles, plus the whole frame."""
@@ -282,8 +287,7 @@ class Predictor:
         if get_task(task).answer != "boxes":
             return 1
         w, h, tiled = self._fit(width, height, tile)
-        looks = len(self.views) if get_task(task).name == "od" else 1
-        return (self._tile_count(w, h) if tiled else 1) * looks
+        return (self._tile_count(w, h) if tiled else 1) * len(self._views(get_task(task)))
 
     def _boxes(self, spec: Task, images: list[Image.Image], text, tile: str, threshold: float,
                deadline: float | None, between: Callable[[], None] | None) -> list[Prediction]:
@@ -296,7 +300,7 @@ class Predictor:
         def tiles(crops: list[Image.Image]) -> list[list[Box]]:
             # Each crop costs a look per view: batches of `batch_size` looks, so that the deadline
             # and `between` come as often as with one look.
-            for part in batched(crops, max(1, self.batch_size // len(self.views))):
+            for part in batched(crops, max(1, self.batch_size // len(self._views(spec)))):
                 _check(deadline)
                 made.extend(self._detect(spec, part, text))
                 if between is not None:
