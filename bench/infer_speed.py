@@ -9,14 +9,15 @@ split, or the first --images), scored against their own truth: give the adapter'
 of synthetic loom frames (`loomlens synth`, a --seed the demo does not train on) is used, on
 which a trained adapter scores near 0 (mAP there compares the ways, not the adapter).
 
-Seven ways (eight with an adapter trained on mirrors) run in this process, each after a warm-up image, --repeats times in alternating order:
+Seven ways (eight with an adapter trained on mirrors) run in this process, each after a
+warm-up image, --repeats times in alternating order:
 
 - `seed`: the seed's inference (`bench.common.seed_detect`: Florence-2's sample code): one
   image at a time, the processor's inputs, 3 beams, `max_new_tokens=1024` (capped at the
   decoder's position table, as any caller must), the adapter attached unmerged (peft), fp32,
   `post_process_generation`, every score 1;
 - `seed, greedy`: the same with one beam;
-- `loomlens`: as `loomlens predict --tta off` and `loomlens eval --tta off` run it: batches of --batch-size,
+- `loomlens`: as `loomlens predict --tta off` and `eval --tta off` run it: batches of --batch-size,
   greedy, through the class grammar when the run has classes (`infer/grammar.py`), the answer
   budget bounded by the box count (`box_token_budget(--max-boxes)`), the adapter merged into
   the weights and the weights in the precision `auto` picks for this machine
