@@ -924,11 +924,11 @@ def watch_command(
     """Watch cameras, streams, videos or frame folders and record defect events: a defect seen in
     K of N frames at the same place is one event (ended after M frames without it), written to
     the database with a frame and a crop JPEG, and announced to webhooks and commands. Streams
-    reconnect when they drop; files and --once folders end when read. Ctrl-C or SIGTERM ends
-    the open events and stops."""
+    reconnect when they drop; files and --once folders end when read; Ctrl-C or SIGTERM stops."""
     import logging
 
     from loomlens.events import EventStore
+    from loomlens.infer.tta import check_tta
     from loomlens.model.loader import ModelLoadError
     from loomlens.predict import Predictor
     from loomlens.watch import Alerter, DebounceSettings, Retention, Watcher, open_source, predictor_detector
@@ -938,9 +938,9 @@ def watch_command(
         raise _fail(f"{len(camera)} --camera id(s) for {len(sources)} source(s): give one per source, in order")
     opened = []
     try:
+        check_tta(tta)  # before any source opens
         debounce = DebounceSettings(k=k, n=n, m=m, iou=iou)
-        store = EventStore(db)
-        media = _event_media(store, media)
+        media = _event_media(store := EventStore(db), media)
         retention = Retention(media, keep_days=keep_days or None, keep_mb=keep_mb or None)
         alerts = Alerter(webhooks=webhook, commands=on_event)
         for i, spec in enumerate(sources):

@@ -42,6 +42,11 @@ def test_watch_refuses_bad_sources_and_settings(line_video, tmp_path) -> None:
     assert cameras.exit_code == 1 and "one per source" in cameras.output
     hook = runner.invoke(app, ["watch", str(line_video), "--db", db, "--webhook", "ftp://x"])
     assert hook.exit_code == 1 and "webhook" in hook.output
+    # --tta is checked before any source opens or the database is made: the message is the option's
+    tta_db = tmp_path / "tta.db"
+    tta = runner.invoke(app, ["watch", str(tmp_path / "nope.mp4"), "--db", str(tta_db), "--tta", "mirror"])
+    assert tta.exit_code == 1 and "--tta must be one of auto, on, off" in tta.output
+    assert not tta_db.exists()
 
 
 def test_a_damaged_video_beside_a_good_one_fails_the_run_after_the_good_one_is_watched(line_video, tmp_path) -> None:
