@@ -237,6 +237,10 @@ class TrainConfig(BaseModel):
         0.0, ge=0, description="pointer loss: cross-attention at location tokens onto the box edge's image cells"
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
+    ema_decay: float = Field(
+        0.998, ge=0, lt=1, description="moving average of the adapter's weights, which validation scores and "
+        "best/ and last/ hold (train/average.py): the most it keeps of itself per step; 0 = off (each step's weights)"
+    )
     seed: int = 0
 
     eval_every: int | None = Field(

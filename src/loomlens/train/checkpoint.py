@@ -207,10 +207,11 @@ def write_folder(path: Path, fill) -> None:
 
 def save_checkpoint(
     path: Path, *, model, optimizer: torch.optim.Optimizer, state: TrainerState, rng: list[dict[str, Any]],
-    scaler=None,
+    scaler=None, raw: list[torch.Tensor] | None = None,
 ) -> None:
     """Write the adapter of peft `model` and the trainer state to `path`, atomically.
-    `rng` holds every process's `rng_states()`, indexed by rank."""
+    `rng` holds every process's `rng_states()`, indexed by rank; `raw`, when the adapter holds
+    averaged weights (`average.py`), the weights training goes on from."""
 
     def fill(tmp: Path) -> None:
         # The untied lm_head copy is rebuilt from the base by `load_adapter`: keep the adapter small.
@@ -220,6 +221,7 @@ def save_checkpoint(
             "optimizer": optimizer_payload(optimizer),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng,
+            "raw": raw,
         })
 
     write_folder(path, fill)
@@ -247,16 +249,20 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: Path, *, model, optimizer: torch.optim.Optimizer, rank: int = 0, scaler=None
+    path: Path, *, model, optimizer: torch.optim.Optimizer, rank: int = 0, scaler=None, average=None
 ) -> TrainerState:
     """Load the adapter weights into peft `model` and the optimizer, scaler and this
-    rank's RNG states from `path`; return the loop's `TrainerState`."""
+    rank's RNG states from `path`; return the loop's `TrainerState`. With a `WeightAverage`,
+    the adapter becomes the average and the raw weights saved beside it the weights (a
+    checkpoint without them, or from a run without averaging, starts both at the adapter)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     recover(path)
     saved = read_trainer_state(path)
     set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+    if average is not None:
+        average.load_raw(saved.get("raw") or [])
     load_optimizer(optimizer, saved["optimizer"])
     if scaler is not None and saved["scaler"] is not None:
         scaler.load_state_dict(saved["scaler"])

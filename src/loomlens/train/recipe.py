@@ -54,6 +54,7 @@ from loomlens.model.memory import enable_gradient_checkpointing, smaller_micro_b
 from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory, resolve_device
 from loomlens.model.vision import split_image_path, stage_count, stage_of
 from loomlens.run import CROP, DATA_SUMMARY, Run
+from loomlens.train.average import WeightAverage
 from loomlens.train.checkpoint import (
     TrainerState,
     copy_checkpoint,
@@ -134,6 +135,7 @@ class Session:
     cache_said: bool = False  # whether the run has said that the train set's image cache is full
     start: dict[str, torch.Tensor] = field(default_factory=dict)  # the adapter's weights this process began from
     start_step: int = 0  # ... and their step (0, or the step a resumed run went on from)
+    average: WeightAverage | None = None  # the weights evaluated and saved (`ema_decay`; None: the last step's)
 
     @property
     def last_dir(self) -> Path:
@@ -185,6 +187,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
                 if stopped:
                     break
     bar.close()
+    if s.average:  # the model returned is the one last/ holds
+        s.average.install()
     _finish(s, stopped)
     return TrainResult(s.run_dir, s.adapter, s.processor, s.state, stopped, last_eval)
 
@@ -248,9 +252,10 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
                 Collator(processor.tokenizer.pad_token_id), spec, prepare, 0, 0, TrainerState(),
                 run_dir, None, say, nominal_steps=nominal, guard=make_guard(cfg))
     cfg = s.cfg = settle_micro_batch(s, resume=resume)
+    s.average = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay else None
     if resume:
         s.state = load_checkpoint(s.last_dir, model=adapter, optimizer=optimizer, rank=accelerator.process_index,
-                                  scaler=accelerator.scaler)
+                                  scaler=accelerator.scaler, average=s.average)
         s.guard.restore(s.state.guard)
         if amend_config(cfg, run_dir, s.state.step, say=say) & {"time_budget", "max_steps", "epochs"}:
             s.state.planned_steps = None  # plan the rest again, at the rate measured so far
@@ -518,6 +523,8 @@ def optimizer_step(s: Session, loss: float) -> tuple[float, float | None]:
         group["lr"] = lr * group.get("lr_ratio", 1.0)
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
+    if s.average:
+        s.average.update(state.step + 1)
     return lr, grad_norm
 
 
@@ -559,12 +566,14 @@ def restore_sound(s: Session, *, spoilt: bool) -> str:
     best = s.state.best_step
     if has_checkpoint(s.best_dir) and (not spoilt or (best is not None and best < s.guard.sound_step)):
         load_checkpoint(s.best_dir, model=s.adapter, optimizer=s.optimizer, rank=s.accelerator.process_index,
-                        scaler=s.accelerator.scaler)
+                        scaler=s.accelerator.scaler, average=s.average)
         return f"step {s.state.best_step}"
     with torch.no_grad():
         for name, p in s.adapter.named_parameters():
             if name in s.start:
                 p.copy_(s.start[name])
+    if s.average:
+        s.average.restart()
     s.optimizer.state.clear()  # the moments of the blow-up would push the same way again
     return f"step {s.start_step}"
 
@@ -620,7 +629,8 @@ def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], 
     score improved), log; return the evaluation and the stop reason."""
     cfg, state = s.cfg, s.state
     started, s.evaluated_at = time.monotonic(), state.step
-    result = _evaluate(s)
+    with averaged(s):
+        result = _evaluate(s)
     state.eval_seconds += time.monotonic() - started
     state.train_seconds = s.seconds_before + time.monotonic() - s.started  # the evaluation counts
     keep_to_budget(s, time.monotonic() - started)
@@ -693,6 +703,12 @@ def selection_score(result: dict[str, float], metric: str) -> float:
     return score - TIEBREAK * result["val_loss"]
 
 
+def averaged(s: Session):
+    """A context in which the adapter holds the weights a run evaluates and saves: the moving
+    average (yielding the raw weights), or, without one, the weights as they are (yielding None)."""
+    return s.average.applied() if s.average else nullcontext()
+
+
 def save(s: Session, *, improved: bool = False) -> None:
     """Save `last/` (and copy it to `best/` if `improved`). Collective: every process calls
     it with its RNG states; only the main process writes. Weights that are not finite are
@@ -707,8 +723,9 @@ def save(s: Session, *, improved: bool = False) -> None:
                                "finite ones. Lower --lr or use --precision fp32.")
     s.state.guard = s.guard.state()
     try:
-        save_checkpoint(s.last_dir, model=s.adapter, optimizer=s.optimizer, state=s.state, rng=rng,
-                        scaler=s.accelerator.scaler)
+        with averaged(s) as raw:
+            save_checkpoint(s.last_dir, model=s.adapter, optimizer=s.optimizer, state=s.state, rng=rng,
+                            scaler=s.accelerator.scaler, raw=raw)
         if improved:
             copy_checkpoint(s.last_dir, s.best_dir)
     except OSError as err:
