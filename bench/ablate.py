@@ -45,6 +45,8 @@ VARIANTS: dict[str, list[str]] = {
     "no-photometric": ["augment.brightness=0", "augment.contrast=0", "augment.gamma=0", "augment.grey=0"],
     "no-scale": ["augment.scale=0"],
     "r32": ["lora.r=32"],
+    # Evaluate, keep and ship each step's weights instead of their moving average.
+    "no-average": ["ema_decay=0"],
     # The default has no LoRA dropout, so its layers run in their fastest form (docs/training.md):
     # this is the default before, 0.05, at twice the time a step.
     "dropout": ["lora.dropout=0.05"],
