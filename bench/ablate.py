@@ -89,11 +89,11 @@ IGNORED = ("progress", "tensorboard", "speed.micro_batch")
 def finished(run: Path, data: Path, chosen: dict[str, str]) -> bool | None:
     """True if `run` holds a finished run of these settings, False if an unfinished one
     (resume it), None if none, or one of other settings (train afresh)."""
-    from loomlens.config import TrainConfig, changed_settings, load_config
+    from loomlens.config import TrainConfig, changed_settings, load_config, load_recorded
 
     if not (run / "config.yaml").exists():
         return None
-    saved = load_config(TrainConfig, run / "config.yaml", {"out": str(run)})
+    saved = load_recorded(run / "config.yaml", {"out": str(run)})
     wanted = load_config(TrainConfig, overrides={"data": str(data), "out": str(run), **chosen})
     if any(k not in IGNORED for k in changed_settings(saved, wanted)):
         return None

@@ -383,11 +383,11 @@ def _given(**options) -> dict:
 def _train_config(config: str | None, overrides: dict, resume: Path | None = None):
     from pydantic import ValidationError
 
-    from loomlens.config import TrainConfig, load_config
+    from loomlens.config import TrainConfig, load_config, load_recorded
 
     try:
         if resume is not None:
-            return load_config(TrainConfig, resume / "config.yaml", {**overrides, "out": str(resume)})
+            return load_recorded(resume / "config.yaml", {**overrides, "out": str(resume)})
         return load_config(TrainConfig, config, overrides)
     except ValidationError as err:
         raise _fail("invalid settings", [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]) from None

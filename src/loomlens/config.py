@@ -378,6 +378,17 @@ def load_config(
     return schema.model_validate(tree)
 
 
+#: Settings added after run folders were first written, with the value the runs before them
+#: had: a recorded config.yaml is read over these, so resuming an older run goes on as it began.
+RECORDED_BEFORE: dict[str, Any] = {"ema_decay": 0.0}
+
+
+def load_recorded(path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The settings a run folder's `config.yaml` at `path` records, then `overrides`; a setting
+    it predates takes the value its run had (`RECORDED_BEFORE`), not today's default."""
+    return load_config(TrainConfig, path, overrides, base=RECORDED_BEFORE)
+
+
 def _yaml_layer(schema: type[BaseModel], path: str | Path) -> Mapping[str, Any]:
     """The settings of the YAML at `path` for `schema`: the file, or its `schema.yaml_section`
     mapping when it has one (`train --config demo` takes the demo's training recipe)."""

@@ -345,6 +345,9 @@ def test_a_collapse_rolls_back_to_best_and_a_second_one_stops(make_config, monke
     # The run ends on best/'s weights, not on the collapsed ones: the final adapter is the best.
     last, best = (load_file(cfg.out / "checkpoints" / c / "adapter_model.safetensors") for c in ("last", "best"))
     assert last.keys() == best.keys() and all(torch.equal(last[k], best[k]) for k in last)
+    # ... and so are the raw weights under best/'s average (train/average.py), put back with it
+    raw_last, raw_best = (read_trainer_state(cfg.out / "checkpoints" / c)["raw"] for c in ("last", "best"))
+    assert raw_last.keys() == raw_best.keys() and all(torch.equal(raw_last[k], raw_best[k]) for k in raw_last)
 
 
 def test_a_signal_saves_and_says_how_to_resume(make_config, monkeypatch):

@@ -12,7 +12,7 @@ last tenth of the steps and never drags in the untrained start.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -28,53 +28,59 @@ class WeightAverage:
     them.
 
     Args:
-        params: the weights to average, in a fixed order (checkpoints store the average by it).
+        params: name -> weight, the names a checkpoint stores the raw weights under.
         decay: the most the average keeps of itself per step, in (0, 1).
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], decay: float) -> None:
-        self.params, self.decay = list(params), decay
-        self.shadow = [p.detach().float().clone() for p in self.params]
+    def __init__(self, params: Mapping[str, torch.nn.Parameter], decay: float) -> None:
+        self.params, self.decay = dict(params), decay
+        self.shadow = {name: p.detach().float().clone() for name, p in self.params.items()}
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Fold the weights of optimizer step `step` in (after `optimizer.step()`)."""
         keep = decay_at(self.decay, step)
-        for avg, p in zip(self.shadow, self.params):
-            avg.mul_(keep).add_(p.detach().float(), alpha=1 - keep)
+        for name, p in self.params.items():
+            self.shadow[name].mul_(keep).add_(p.detach().float(), alpha=1 - keep)
 
     @torch.no_grad()
     def restart(self) -> None:
         """Make the average the weights as they are now (after a rollback or a load)."""
-        for avg, p in zip(self.shadow, self.params):
-            avg.copy_(p.detach().float())
+        for name, p in self.params.items():
+            self.shadow[name].copy_(p.detach().float())
 
     @torch.no_grad()
     def install(self) -> None:
         """Make the weights the average for good (a run's end: the model then is the one saved)."""
-        for avg, p in zip(self.shadow, self.params):
-            p.copy_(avg.to(p.dtype))
+        for name, p in self.params.items():
+            p.copy_(self.shadow[name].to(p.dtype))
 
     @contextmanager
-    def applied(self) -> Iterator[list[torch.Tensor]]:
+    def applied(self) -> Iterator[dict[str, torch.Tensor]]:
         """Put the average into the weights for the block (evaluate, save); yield copies of the
-        raw weights, which are put back after it, also on an error."""
-        raw = [p.detach().clone() for p in self.params]
+        raw weights by name, which are put back after it, also on an error."""
+        raw = {name: p.detach().clone() for name, p in self.params.items()}
         self.install()
         try:
             yield raw
         finally:
             with torch.no_grad():
-                for saved, p in zip(raw, self.params):
-                    p.copy_(saved)
+                for name, p in self.params.items():
+                    p.copy_(raw[name])
 
     @torch.no_grad()
-    def load_raw(self, raw: Sequence[torch.Tensor]) -> None:
+    def load_raw(self, raw: Mapping[str, torch.Tensor] | None) -> None:
         """After a checkpoint's (averaged) adapter was loaded: take it as the average and put the
         raw weights it was saved with back into the weights; with none (a checkpoint saved
-        without averaging), training goes on from the adapter."""
+        without averaging), training goes on from the adapter. Raises ValueError when the saved
+        names are not this adapter's."""
         self.restart()
-        if raw and len(raw) != len(self.params):
-            raise ValueError(f"the checkpoint holds {len(raw)} raw weights, this adapter has {len(self.params)}")
-        for saved, p in zip(raw, self.params):
-            p.copy_(saved.to(p.dtype))
+        if not raw:
+            return
+        if raw.keys() != self.params.keys():
+            missing = sorted(self.params.keys() - raw.keys())[:3]
+            raise ValueError(f"the checkpoint's raw weights are not this adapter's ({len(raw)} saved, "
+                             f"{len(self.params)} here; missing e.g. {missing}): resume with the settings it was "
+                             "trained with")
+        for name, p in self.params.items():
+            p.copy_(raw[name].to(p.dtype))

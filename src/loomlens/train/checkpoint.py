@@ -207,7 +207,7 @@ def write_folder(path: Path, fill) -> None:
 
 def save_checkpoint(
     path: Path, *, model, optimizer: torch.optim.Optimizer, state: TrainerState, rng: list[dict[str, Any]],
-    scaler=None, raw: list[torch.Tensor] | None = None,
+    scaler=None, raw: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the adapter of peft `model` and the trainer state to `path`, atomically.
     `rng` holds every process's `rng_states()`, indexed by rank; `raw`, when the adapter holds
@@ -262,7 +262,7 @@ def load_checkpoint(
     saved = read_trainer_state(path)
     set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
     if average is not None:
-        average.load_raw(saved.get("raw") or [])
+        average.load_raw(saved.get("raw"))
     load_optimizer(optimizer, saved["optimizer"])
     if scaler is not None and saved["scaler"] is not None:
         scaler.load_state_dict(saved["scaler"])

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loomlens.config import TrainConfig, load_config
+from loomlens.config import TrainConfig, load_recorded
 from loomlens.data.dataset import FlorenceDataset
 from loomlens.model.memory import find_micro_batch
 from loomlens.train.checkpoint import rng_states, set_rng_states
@@ -72,7 +72,7 @@ def settle_micro_batch(s: Session, *, resume: bool) -> TrainConfig:
     batch, asked, device = cfg.batch_size, cfg.speed.micro_batch, s.accelerator.device
     recorded = None
     if resume:
-        recorded = recorded_micro_batch(load_config(TrainConfig, cfg.out / "config.yaml", {"out": str(cfg.out)}))
+        recorded = recorded_micro_batch(load_recorded(cfg.out / "config.yaml", {"out": str(cfg.out)}))
     if asked != "auto":  # on resume, another size than the recorded one is an amendment (`amend_config`)
         size, why = asked, "recorded by the run" if asked == recorded else "speed.micro_batch"
     elif recorded is not None:

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from loomlens.config import RESUMABLE, TrainConfig, changed_settings, dump_config, load_config
+from loomlens.config import RESUMABLE, TrainConfig, changed_settings, dump_config, load_recorded
 from loomlens.data.augment import Augment
 from loomlens.data.dataset import (
     IGNORE_INDEX, Collator, FlorenceDataset, default_cache_bytes, plan_batches,
@@ -252,7 +252,8 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
                 Collator(processor.tokenizer.pad_token_id), spec, prepare, 0, 0, TrainerState(),
                 run_dir, None, say, nominal_steps=nominal, guard=make_guard(cfg))
     cfg = s.cfg = settle_micro_batch(s, resume=resume)
-    s.average = WeightAverage(params, cfg.ema_decay) if cfg.ema_decay else None
+    if cfg.ema_decay:
+        s.average = WeightAverage({n: p for n, p in adapter.named_parameters() if p.requires_grad}, cfg.ema_decay)
     if resume:
         s.state = load_checkpoint(s.last_dir, model=adapter, optimizer=optimizer, rank=accelerator.process_index,
                                   scaler=accelerator.scaler, average=s.average)
@@ -718,7 +719,7 @@ def save(s: Session, *, improved: bool = False) -> None:
     rng = gather_object([rng_states()])
     if not s.accelerator.is_main_process:
         return
-    if not all(torch.isfinite(p).all() for p in s.params):
+    if not all(torch.isfinite(p).all() for p in [*s.params, *(s.average.shadow.values() if s.average else ())]):
         raise TrainingDiverged(f"the weights at step {s.state.step} are not finite; {s.last_dir} keeps the last "
                                "finite ones. Lower --lr or use --precision fp32.")
     s.state.guard = s.guard.state()
@@ -868,7 +869,7 @@ def amend_config(cfg: TrainConfig, run_dir: Path, step: int, *, say: Callable[[s
     """Compare a resumed run's settings with those its `config.yaml` records: a change outside
     `RESUMABLE` raises ValueError (it would break exact resume); allowed ones are recorded in
     `amendments.yaml` with the step they take effect at, and their names returned."""
-    saved = load_config(TrainConfig, run_dir / "config.yaml", {"out": str(cfg.out)})
+    saved = load_recorded(run_dir / "config.yaml", {"out": str(cfg.out)})
     saved = with_micro_batch(saved, recorded_micro_batch(saved))
     changes = changed_settings(saved, cfg)
     refused = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in changes.items() if k not in RESUMABLE]
