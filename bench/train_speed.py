@@ -287,7 +287,7 @@ def tables(result: dict[str, Any]) -> list[Table]:
         ["loop", "samples/s", "vs seed", "pure compute", "peak MB", "val loss"], rows,
         [f"val loss: cross-entropy per label token on {result['val_scored']} val samples (untrained: "
          f"{fmt(profile['untrained_val_loss'])}), of the weights each loop ends with: the seed's last step's, "
-         "loomlens's moving average of its steps (`ema_decay`; `--variant ema_decay=0` for its last step's); peak MB: "
+         "loomlens's moving average of its steps (`ema_decay`; `--also ema_decay=0` adds a run of its last step's); peak MB: "
          + ("CUDA max allocated" if m["gpu"] else "peak RSS of the loop's own process") + ".",
          f"optimizer steps: seed {seed['steps']} (batch 1, lr {seed['lr']:g}, linear decay), loomlens "
          f"{loops[0]['steps']} (batch {loops[0]['batch_size']}, lr {loops[0]['lr']:g}, the recipe's warmup + cosine); "
