@@ -156,6 +156,18 @@ def test_images_without_an_annotation_are_reported(tmp_path):
         convert(src, tmp_path / "strict", strict=True)
 
 
+def test_a_frame_name_repeated_in_another_folder_is_still_reported(tmp_path):
+    # Two cameras write the same frame names; cam2's 0002 was never labelled. The annotation
+    # cam1/0002.xml was read and names cam1's image only, so it excuses nothing in cam2.
+    src = tmp_path / "src"
+    box = "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>"
+    _voc_image(src / "cam1", "0002", box)
+    _voc_image(src / "cam2", "0001", box)
+    write_image(src / "cam2" / "0002.jpg")
+    report = convert(src, tmp_path / "out", val_fraction=0)
+    assert [(p.file, "no usable annotation" in p.message) for p in report.problems] == [("cam2/0002.jpg", True)]
+
+
 def test_a_full_disk_is_a_clear_error_and_the_previous_output_stays_whole(tmp_path, monkeypatch):
     src = tmp_path / "src"
     _voc_image(src, "good", "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>")

@@ -409,11 +409,13 @@ def _unannotated(src: Path, skip: Sequence[Path], records: Sequence[ImageRecord]
     """One problem per image file under `src` (not under `skip`) that no annotation read
     refers to: silently leaving it out would hide a missing label file, or a split folder the
     data.yaml does not list. An image that one of `problems` already skipped, or named after an
-    annotation file that was read or reported (as LabelImg names them), counts: its own problem
-    is reported already. An annotation file nobody read excuses nothing."""
+    annotation file reported without its image (as LabelImg names them), counts: its own problem
+    is reported already. An annotation file that was read excuses only the image it names, so a
+    frame name repeated in another camera's folder still counts."""
     used = {(src / r.image).resolve() for r in records} | {Path(p.image).resolve() for p in problems if p.image}
-    read = [*(r.source for r in records), *(p.file for p in problems)]
-    stems = {PurePosixPath(f).stem for f in read if f and PurePosixPath(f).suffix.lower() in (".xml", ".txt")}
+    read = {r.source for r in records}
+    stems = {PurePosixPath(p.file).stem for p in problems if p.file and not p.image and p.file not in read
+             and PurePosixPath(p.file).suffix.lower() in (".xml", ".txt")}
     return [
         Problem(file=relative(path, src), message="image in no usable annotation; not converted",
                 fix="annotate it (an annotation without boxes marks it defect-free), or move it out of the folder")
