@@ -203,3 +203,31 @@ def test_another_write_error_names_the_file_and_the_fix(tmp_path, monkeypatch):
     with pytest.raises(ConvertError, match=r"cannot write \(Permission denied\) while writing .*flipped_good.jpg"
                                            r".*permissions"):
         convert(tmp_path / "src", tmp_path / "out", flip=True, val_fraction=0)
+
+
+def test_a_train_split_without_defects_is_reported(tmp_path):
+    # An anomaly-detection layout: good frames in train/, the labelled defects in test/ only.
+    src = tmp_path / "src"
+    box = "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>"
+    for i in range(3):
+        _voc_image(src / "test", f"d{i}", box)
+        write_image(src / "train" / f"g{i}.jpg")
+        (src / "train" / f"g{i}.xml").write_text(f"<annotation><filename>g{i}.jpg</filename></annotation>")
+    report = convert(src, tmp_path / "out", val_fraction=0)
+    assert [p.message for p in report.problems] == ["the train split holds no defect box at all; training would "
+                                                    "learn only 'no defect'"]
+    assert "--resplit" in report.problems[0].fix
+    assert convert(src, tmp_path / "again", val_fraction=0, resplit=True).problems == []
+
+
+def test_a_class_missing_from_the_train_split_is_named(tmp_path):
+    src = tmp_path / "src"
+    box = "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>"
+    for i in range(3):
+        _voc_image(src / "train", f"d{i}", box)
+    _voc_image(src / "valid", "rare", box.replace("5", "6"))
+    (src / "valid" / "rare.xml").write_text((src / "valid" / "rare.xml").read_text().replace("drop", "knot"))
+    report = convert(src, tmp_path / "out")
+    assert [str(p) for p in report.problems] == [
+        ".: class 'knot' has no box in the train split (1 in val); training cannot learn it (pass --resplit to draw "
+        "the splits from all images, or move some of its images into the train split)"]

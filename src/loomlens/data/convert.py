@@ -468,6 +468,28 @@ def _case_twins(records: Sequence[ImageRecord]) -> list[Problem]:
     return problems
 
 
+def _split_gaps(records: Sequence[ImageRecord], split_of: dict[str, str], kept: bool) -> list[Problem]:
+    """One problem per class with boxes outside the train split and none in it, or one for a
+    train split that has no box at all (an anomaly-detection layout: `train/good` only): such a
+    run trains its whole budget without ever seeing the defect. `kept`: some images kept the
+    dataset's own split, which `--resplit` redraws."""
+    where: dict[str, Counter] = {}
+    for r in records:
+        for b in r.boxes:
+            where.setdefault(b.label, Counter())[split_of[r.image]] += 1
+    missing = {label: n for label, n in where.items() if not n["train"]}
+    if not missing:
+        return []
+    redraw = "pass --resplit to draw the splits from all images" if kept else "label more images with it"
+    if len(missing) == len(where):
+        return [Problem(file=".", message="the train split holds no defect box at all; training would learn "
+                        "only 'no defect'", fix=f"{redraw}, or move some defective images into the train split")]
+    return [Problem(file=".", message=f"class {label!r} has no box in the train split "
+                    f"({', '.join(f'{n[s]} in {s}' for s in SPLITS if n[s])}); training cannot learn it",
+                    fix=f"{redraw}, or move some of its images into the train split")
+            for label, n in sorted(missing.items())]
+
+
 def _write_failed(err: OSError, out: Path) -> ConvertError:
     """A clear error for a failed write (a full disk above all): atomic writes leave every
     file already there whole, old or new."""
@@ -629,6 +651,7 @@ def convert(
         split_of, split_info = choose_splits(records, src_abs, val_fraction=val_fraction,
                                              test_fraction=test_fraction, seed=seed, resplit=resplit,
                                              group_by=group_by)
+        problems += _split_gaps(records, split_of, kept=bool(split_info["kept"]))
         items = _items_by_split(frames, split_of)
         no_test = test_fraction == 0 and "test" not in split_of.values()
         splits = _write_splits(items, out, tasks, order, seed, no_test, tiles)
