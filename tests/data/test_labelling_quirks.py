@@ -185,3 +185,32 @@ def test_a_look_alike_image_outside_the_root_is_never_taken(tmp_path):
     _voc(src, "b.xml", "A")
     record, problems = read_voc_file(src / "b.xml", src)
     assert record is None and "not found" in problems[0].message
+
+
+@pytest.mark.parametrize("written", [r"C:\Users\qa\Desktop\frames\a.jpg", "/home/alice/labelling/frames/a.jpg",
+                                     "//server/share/frames/a.jpg"])
+def test_an_absolute_path_from_the_labellers_machine_finds_the_image_here(tmp_path, written):
+    src = tmp_path / "src"
+    write_image(src / "images" / "a.jpg")
+    (src / "annotations").mkdir()
+    _voc(src / "annotations", "frame.xml", written)
+    report, images = _converted(src, tmp_path)
+    assert images == ["a.jpg"] and not report.problems
+    coco = _coco(tmp_path / "coco", [{"id": 1, "image_id": 0, "category_id": 1, "bbox": [5, 5, 10, 10]}], images=1)
+    data = json.loads(coco.read_text())
+    data["images"][0]["file_name"] = written.replace("a.jpg", "im0.jpg")
+    coco.write_text(json.dumps(data))
+    (record,) = read_coco_file(coco, tmp_path / "coco").records
+    assert record.image.endswith("im0.jpg")
+
+
+def test_the_pascal_voc_layout_reads(tmp_path):
+    """Pascal VOC (and CVAT's VOC export): Annotations/ beside JPEGImages/, `<folder>VOC2007`."""
+    src = tmp_path / "VOC2007"
+    write_image(src / "JPEGImages" / "000001.jpg")
+    (src / "Annotations").mkdir()
+    (src / "Annotations" / "000001.xml").write_text(
+        f"<annotation><folder>VOC2007</folder><filename>000001.jpg</filename><object><name>hole</name>"
+        f"<bndbox>{BOX}</bndbox></object></annotation>")
+    report, images = _converted(src, tmp_path)
+    assert images == ["000001.jpg"] and not report.problems

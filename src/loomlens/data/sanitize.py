@@ -5,12 +5,13 @@ reading their size, and turning raw coordinates into clean boxes. Each check ret
 from __future__ import annotations
 
 import math
+import re
 import struct
 import warnings
 import zlib
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
@@ -58,18 +59,29 @@ def read_text(path: Path) -> str:
     return data.decode("utf-8-sig", errors="replace")
 
 
+#: A path written absolute on some machine: `/home/...`, `C:/...` (backslashes already turned), `//server/...`.
+_ABSOLUTE = re.compile(r"/|[A-Za-z]:/")
+
+
 def find_image(
     root: Path, name: str, search_dirs: Sequence[Path], file: str, line: int | None = None
 ) -> tuple[Path | None, Problem | None]:
     """Resolve the image `name` an annotation refers to: absolute, or relative to each of
     `search_dirs` in turn; failing that, the one image there with the same name but for its
     case or extension (older LabelImg writes `<filename>` with no extension, Windows keeps
-    `A.JPG` for `a.jpg`). Only a path inside `root` is accepted, so `../../etc/passwd` or an
-    absolute path elsewhere is rejected. Returns (the resolved path, None) or (None, problem)."""
+    `A.JPG` for `a.jpg`). An absolute path (POSIX or Windows) that is not there, as labelling
+    tools write them on the labeller's machine, is looked for by its file name in `search_dirs`.
+    Only a path inside `root` is accepted, so `../../etc/passwd` or an absolute path elsewhere
+    is rejected. Returns (the resolved path, None) or (None, problem)."""
     name = name.strip().replace("\\", "/")  # LabelImg on Windows writes backslashes
     root = root.resolve()
     candidates = [Path(name)] if Path(name).is_absolute() else [d / name for d in search_dirs]
     inside = [c.resolve() for c in candidates if c.resolve().is_relative_to(root)]
+    if _ABSOLUTE.match(name) and not any(p.is_file() for p in inside):
+        here = [p for d in search_dirs if (p := (d / PurePosixPath(name).name).resolve()).is_file()
+                and p.is_relative_to(root)]
+        if here:
+            return here[0], None
     if not inside:
         return None, Problem(
             file=file,

@@ -69,7 +69,7 @@ def read_voc_file(path: Path, root: Path) -> tuple[ImageRecord | None, list[Prob
             file=file, line=lines[ann], message="no <filename>; file skipped", fix="add the image file name",
         )]
     folder = (ann.findtext("folder") or "").strip()
-    dirs = [path.parent, path.parent.parent / "images", root / "images", root]
+    dirs = [path.parent, path.parent.parent / "images", path.parent.parent / "JPEGImages", root / "images", root]
     if folder:
         dirs += [path.parent.parent / folder, root / folder]
     image, problem = find_image(root, name, dirs, file, lines[ann])
