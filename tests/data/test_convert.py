@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,20 @@ def test_flipped_image_file_is_mirrored_and_twice_is_identity(tmp_path):
     flip_image(tmp_path / "b.png", tmp_path / "c.png")
     assert Image.open(tmp_path / "b.png").getpixel((4, 1)) == (255, 0, 0)
     assert Image.open(tmp_path / "c.png").tobytes() == image.tobytes()
+
+
+def test_a_replaced_image_gets_a_new_flipped_copy_even_under_an_older_time(tmp_path):
+    # unzip, `cp -p` and `rsync -a` give a replaced picture its own, older, modification time.
+    src = tmp_path / "src"
+    record = ImageRecord("images/a.png", 40, 30, [Box("drop", 2, 3, 10, 12)])
+    _voc(src, [record])
+    convert(src, tmp_path / "out", flip=True, val_fraction=0)
+    flipped = tmp_path / "out" / "images" / "flipped_a.png"
+    before = flipped.stat().st_mtime_ns
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(src / "images" / "a.png")
+    os.utime(src / "images" / "a.png", ns=(0, before - 10**10))
+    convert(src, tmp_path / "out", flip=True, val_fraction=0)
+    assert Image.open(flipped).getpixel((0, 0)) == (255, 0, 0)
 
 
 def test_flipped_names_never_collide(tmp_path):

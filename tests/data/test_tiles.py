@@ -94,11 +94,15 @@ def test_save_tiles_crops_in_the_frames_format_and_keeps_fresh_ones(tmp_path):
     save_tiles(tmp_path / "frame.png", {a: (0, 0, 32, 32), b: (28, 8, 60, 40)})
     assert np.array_equal(np.asarray(Image.open(b)), pixels[8:40, 28:60])
     assert Image.open(a).format == "PNG"
-    old = a.stat().st_mtime - 10
-    os.utime(a, (old, old))
-    os.utime(tmp_path / "frame.png", (old - 10, old - 10))
+    assert a.stat().st_mtime_ns == (tmp_path / "frame.png").stat().st_mtime_ns  # stamped with its frame's time
+    Image.new("RGB", (32, 32)).save(a)  # a marker a re-run must leave alone, the stamp put back
+    os.utime(a, ns=(0, (tmp_path / "frame.png").stat().st_mtime_ns))
     save_tiles(tmp_path / "frame.png", {a: (0, 0, 32, 32)})
-    assert a.stat().st_mtime == old  # up to date: not rewritten
+    assert not np.asarray(Image.open(a)).any()
+    Image.fromarray(255 - pixels).save(tmp_path / "frame.png")  # a new frame under an older time, as unzip leaves it
+    os.utime(tmp_path / "frame.png", ns=(0, a.stat().st_mtime_ns - 10**10))
+    save_tiles(tmp_path / "frame.png", {a: (0, 0, 32, 32)})
+    assert np.array_equal(np.asarray(Image.open(a)), 255 - pixels[:32, :32])
     save_tiles(tmp_path / "frame.png", {a: (0, 0, 16, 16)})  # same name, another tile size
     assert Image.open(a).size == (16, 16)
     assert sorted(p.name for p in a.parent.iterdir()) == ["a.png", "b.png"]  # no temporaries

@@ -75,3 +75,18 @@ def atomic_copy(src: str | Path, dst: str | Path, link: bool = False) -> None:
     with atomic_open(dst, "wb", durable=False) as f, src.open("rb") as source:
         shutil.copyfileobj(source, f)
     shutil.copystat(src, dst)
+
+
+def stamp(dst: str | Path, src: str | Path) -> None:
+    """Give `dst`, a file made from `src` (a flipped copy, a tile), `src`'s modification time,
+    so `same_stamp` later tells whether `src` changed since, to an older time too (unzip,
+    `cp -p` and `rsync -a` keep a replaced file's own time)."""
+    st = Path(src).stat()
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def same_stamp(dst: str | Path, src: str | Path) -> bool:
+    """Whether `dst` exists with `src`'s modification time to the nanosecond (see `stamp`, and
+    `atomic_copy`, which keeps it): then a re-run may keep `dst`."""
+    dst = Path(dst)
+    return dst.exists() and dst.stat().st_mtime_ns == Path(src).stat().st_mtime_ns

@@ -24,7 +24,7 @@ from typing import Any
 
 from PIL import Image
 
-from loomlens.data.atomic import atomic_copy, atomic_open, atomic_save_image, atomic_write
+from loomlens.data.atomic import atomic_copy, atomic_open, atomic_save_image, atomic_write, same_stamp, stamp
 from loomlens.data.coco import read_coco
 from loomlens.data.cvat import read_cvat, xml_root_tag
 from loomlens.data.florence_text import boxes_to_text
@@ -217,22 +217,24 @@ def flipped_names(images: Sequence[str]) -> dict[str, str]:
 
 def flip_image(src: Path, dst: Path, image: Image.Image | None = None) -> Image.Image:
     """Save `src` mirrored left-right at `dst`, in `src`'s own format (JPEG at quality 95),
-    and return the mirrored image. Not saved when `dst` is already newer than `src` (a re-run).
-    `image`: `src` already open and decoded, to mirror instead of reading the file again."""
+    and return the mirrored image. Not saved again while `dst` carries `src`'s modification
+    time (`atomic.stamp`: a re-run over an unchanged `src`). `image`: `src` already open and
+    decoded, to mirror instead of reading the file again."""
     if image is None:
         with open_image(src, decode=True) as im:
             return flip_image(src, dst, im)
     mirrored = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if not (dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime):
+    if not same_stamp(dst, src):
         atomic_save_image(mirrored, dst, image.format or "PNG")
+        stamp(dst, src)
     return mirrored
 
 
 def place_image(src: Path, dst: Path, mode: str) -> None:
     """Put the source image `src` at `dst` in the output: a hard link with `mode` "link" (a
     copy where the file system cannot link), else a copy; atomically (a half-copied image never
-    sits at `dst`), and not again when `dst` is already as new as `src` (a re-run)."""
-    if not (dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime and dst.stat().st_size == src.stat().st_size):
+    sits at `dst`), and not again while `dst` has `src`'s size and modification time (a re-run)."""
+    if not (same_stamp(dst, src) and dst.stat().st_size == src.stat().st_size):
         atomic_copy(src, dst, link=mode == "link")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from loomlens.data.atomic import atomic_save_image
+from loomlens.data.atomic import atomic_save_image, same_stamp, stamp
 from loomlens.data.records import Box, ImageRecord
 
 Window = tuple[int, int, int, int]  # x0, y0, x1, y1 in frame pixels
@@ -190,11 +190,11 @@ def tile_record(
 def save_tiles(frame: Path, tiles: dict[Path, Window], image: Image.Image | None = None) -> None:
     """Crop each window of the image file `frame` and save it at its path (`tiles`: path ->
     window), in the frame's own format, atomically. `image`: the frame already decoded, to crop
-    from instead of reading the file again. A tile already newer than the frame and of its
-    window's size is kept (a re-run). Raises OSError when the frame cannot be read or a tile
-    cannot be written."""
+    from instead of reading the file again. A tile that carries the frame's modification time
+    (`atomic.stamp`) and is of its window's size is kept (a re-run). Raises OSError when the
+    frame cannot be read or a tile cannot be written."""
     def fresh(path: Path, window: Window) -> bool:
-        if not path.exists() or path.stat().st_mtime < frame.stat().st_mtime:
+        if not same_stamp(path, frame):
             return False
         try:
             with Image.open(path) as im:  # a name survives a change of --tile: check the size too
@@ -211,3 +211,4 @@ def save_tiles(frame: Path, tiles: dict[Path, Window], image: Image.Image | None
         im.load()
         for path, window in todo.items():
             atomic_save_image(im.crop(window), path, fmt)
+            stamp(path, frame)
