@@ -72,6 +72,16 @@ def test_ultralytics_yaml_with_a_path_a_names_dict_and_an_image_list(tmp_path):
     assert _split_images(tmp_path / "data") == {"train": {"a.png", "b.png"}, "val": {"c.png"}}
 
 
+def test_a_colab_data_yaml_with_absolute_paths_and_quoted_ids_reads_here(tmp_path):
+    """Written on another machine: split paths absolute there, `names` ids quoted as strings."""
+    colab = ("train: /content/datasets/fabric-3/train/images\nval: C:\\data\\fabric-3\\valid\\images\n"
+             "test: /content/datasets/fabric-3/test/images\nnames:\n  '0': drop\n  '1': wrinkle\n")
+    src = _roboflow_yolo(tmp_path / "export", colab)
+    report = convert(src, tmp_path / "data")
+    assert report.problems == [] and report.classes == ["drop", "wrinkle"]
+    assert _split_images(tmp_path / "data") == {"train": {"a.jpg", "b.jpg"}, "val": {"c.jpg"}, "test": {"d.jpg"}}
+
+
 def test_a_data_yaml_that_points_nowhere_names_the_file_and_line(tmp_path):
     src = _roboflow_yolo(tmp_path / "export", ROBOFLOW_YAML.replace("../valid/images", "../validation/images"))
     report = convert(src, tmp_path / "data")

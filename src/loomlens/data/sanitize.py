@@ -60,7 +60,7 @@ def read_text(path: Path) -> str:
 
 
 #: A path written absolute on some machine: `/home/...`, `C:/...` (backslashes already turned), `//server/...`.
-_ABSOLUTE = re.compile(r"/|[A-Za-z]:/")
+FOREIGN_ABSOLUTE = re.compile(r"/|[A-Za-z]:/")
 
 
 def find_image(
@@ -77,7 +77,7 @@ def find_image(
     root = root.resolve()
     candidates = [Path(name)] if Path(name).is_absolute() else [d / name for d in search_dirs]
     inside = [c.resolve() for c in candidates if c.resolve().is_relative_to(root)]
-    if _ABSOLUTE.match(name) and not any(p.is_file() for p in inside):
+    if FOREIGN_ABSOLUTE.match(name) and not any(p.is_file() for p in inside):
         here = [p for d in search_dirs if (p := (d / PurePosixPath(name).name).resolve()).is_file()
                 and p.is_relative_to(root)]
         if here:

@@ -14,14 +14,14 @@ keeps the split its data.yaml puts it in (`ImageRecord.split`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 
 from loomlens.data.florence_text import LabelError, validate_label
 from loomlens.data.records import ImageRecord, Problem, ReadResult
-from loomlens.data.sanitize import IMAGE_SUFFIXES, image_size, iter_files, read_text, relative
+from loomlens.data.sanitize import FOREIGN_ABSOLUTE, IMAGE_SUFFIXES, image_size, iter_files, read_text, relative
 from loomlens.data.yolo import add_label_rows, parse_label_text, read_yolo
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -63,8 +63,8 @@ def _names(data: dict[str, Any], file: str, line: int | None) -> tuple[list[str 
     fix = "write names as a list (names: [drop, wrinkle]) or a dict of ids (names: {0: drop, 1: wrinkle})"
     if isinstance(raw, list):
         pairs = list(enumerate(raw))
-    elif isinstance(raw, dict) and all(isinstance(k, int) and k >= 0 for k in raw):
-        pairs = sorted(raw.items())
+    elif isinstance(raw, dict) and all(isinstance(k, int) and k >= 0 or str(k).isdigit() for k in raw):
+        pairs = sorted((int(k), v) for k, v in raw.items())  # ids quoted ('0': drop), as ultralytics takes them
     else:
         return [], [Problem(file=file, line=line, message=f"'names' is {raw!r}, not a list or a dict of class ids",
                             fix=fix)]
@@ -80,8 +80,13 @@ def _names(data: dict[str, Any], file: str, line: int | None) -> tuple[list[str 
 
 def _resolve(entry: str, bases: Sequence[Path]) -> Path | None:
     """Where a split entry leads, as ultralytics resolves it: against each base in turn, and
-    without a leading `../` when that leads nowhere (Roboflow's exports); None if nowhere."""
+    without a leading `../` when that leads nowhere (Roboflow's exports); an absolute path
+    written on another machine (`/content/datasets/x/train/images` in Colab) that leads nowhere,
+    by its longest tail of two parts or more found under a base; None if nowhere."""
     tries = [entry, entry[3:]] if entry.startswith("../") else [entry]
+    parts = PurePosixPath(entry.replace("\\", "/")).parts[1:]
+    if FOREIGN_ABSOLUTE.match(entry.replace("\\", "/")) and not Path(entry).exists():
+        tries += ["/".join(parts[i:]) for i in range(len(parts) - min(2, len(parts)) + 1)]
     for base in bases:
         for attempt in tries:
             path = (base / attempt).resolve()
