@@ -217,8 +217,9 @@ def test_cvat_for_images_xml_converts_shapes_subsets_and_labels(tmp_path):
     report = convert(src, tmp_path / "data", keep_empty=True)
     assert report.format == "cvat"
     assert report.classes == ["drop", "wrinkle", "stain"]  # the <meta> labels, in order
-    (problem,) = report.problems
-    assert (problem.file, problem.line) == ("annotations.xml", 17) and "bad coordinates" in problem.message
+    line, bad = report.problems
+    assert (line.file, line.line) == ("annotations.xml", 13) and "<polyline> 'wrinkle' has no area" in line.message
+    assert (bad.file, bad.line) == ("annotations.xml", 17) and "bad coordinates" in bad.message
     assert _split_images(tmp_path / "data") == {"train": {"a.png", "c.png"}, "val": {"b.png"}}
     from loomlens.data.cvat import read_cvat
 
@@ -226,6 +227,18 @@ def test_cvat_for_images_xml_converts_shapes_subsets_and_labels(tmp_path):
     assert [(b.label, b.x1, b.y1, b.x2, b.y2) for b in a.boxes] == [
         ("drop", 10, 20, 30, 40), ("wrinkle", 50, 10, 70, 30), ("drop", pytest.approx(45), pytest.approx(35),
                                                                pytest.approx(55), pytest.approx(55))]
+
+
+def test_cvat_lines_and_points_never_leave_their_image_defect_free(tmp_path):
+    src = tmp_path / "cvat"
+    write_image(src / "images" / "a.png", (100, 80))
+    (src / "annotations.xml").write_text(
+        '<annotations><image id="0" name="a.png" width="100" height="80">'
+        '<polyline label="broken-weft" points="0,40;99,41"></polyline><points label="hole" points="5,5"></points>'
+        "</image></annotations>")
+    with pytest.raises(ConvertError, match="no usable"):  # every mark dropped: left out, not trained as clean
+        convert(src, tmp_path / "data")
+    assert convert(src, tmp_path / "kept", keep_empty=True).negatives == 1  # unless asked for
 
 
 def test_a_cvat_xml_bomb_is_refused_as_a_problem_naming_the_file(tmp_path):
@@ -320,6 +333,27 @@ def test_a_photo_exif_turns_half_round_is_kept_and_named_since_its_size_cannot_t
     assert "EXIF orientation 3" in problem.message and "turned 180 degrees" in problem.message
     assert "auto-orient" in problem.fix
     assert set(_boxes(tmp_path / "data")) == {"upside.jpg", "plain.jpg"}
+
+
+def test_label_studio_labels_with_a_rectangle_and_ellipses_are_boxes_and_a_brush_is_named(tmp_path):
+    src = tmp_path / "ls"
+    write_image(src / "images" / "a.jpg", (200, 100))
+    labels = {**_ls_box("drop", 10, 20, 5, 30), "type": "labels"}
+    labels["value"] = {**labels["value"], "labels": ["drop"]}
+    ellipse = {"type": "ellipselabels", "value": {"x": 50, "y": 50, "radiusX": 5, "radiusY": 10, "rotation": 0,
+                                                   "ellipselabels": ["hole"]}}
+    brush = {"type": "brushlabels", "value": {"format": "rle", "rle": [1, 2], "brushlabels": ["stain"]}}
+    (src / "export.json").write_text(json.dumps(
+        [{"id": 1, "data": {"image": "/data/upload/1/a.jpg"}, "annotations": [{"result": [labels, ellipse, brush]}]}]))
+    report = convert(src, tmp_path / "data", val_fraction=0)
+    (problem,) = report.problems
+    assert "a brushlabels result is no labelled box" in problem.message and "RectangleLabels" in problem.fix
+    from loomlens.data.labelstudio import read_labelstudio
+
+    (record,) = read_labelstudio(src).records
+    assert [(b.label, b.x1, b.y1, b.x2, b.y2) for b in record.boxes] == [
+        ("drop", 20, 20, 30, 50), ("hole", 90, 40, 110, 60)]
+    assert record.dropped == 1
 
 
 def test_a_label_studio_box_needs_exactly_one_label(tmp_path):

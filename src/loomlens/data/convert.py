@@ -484,6 +484,7 @@ def _split_gaps(records: Sequence[ImageRecord], split_of: dict[str, str], kept: 
         return []
     redraw = "pass --resplit to draw the splits from all images" if kept else "label more images with it"
     if len(missing) == len(where):
+        redraw = redraw if kept else "label more defective images"
         return [Problem(file=".", message="the train split holds no defect box at all; training would learn "
                         "only 'no defect'", fix=f"{redraw}, or move some defective images into the train split")]
     return [Problem(file=".", message=f"class {label!r} has no box in the train split "

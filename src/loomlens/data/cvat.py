@@ -22,6 +22,10 @@ from loomlens.data.splits import split_name
 from loomlens.data.voc import parse_xml
 
 AREA_SHAPES = ("box", "polygon", "ellipse", "mask")
+#: Shapes that mark a defect without an area (a line, points, a skeleton, a cuboid): named and
+#: counted as dropped, so the image never trains as defect-free. CVAT's own COCO and YOLO
+#: exports leave them out silently.
+OTHER_SHAPES = ("polyline", "points", "skeleton", "cuboid")
 
 
 def _float(element: ET.Element, key: str) -> float:
@@ -103,6 +107,11 @@ def _image(
     record = ImageRecord(relative(found, root), size[0], size[1], [], file, split=split_name(image.get("subset", "")))
     problems: list[Problem] = []
     for shape in image:
+        if shape.tag in OTHER_SHAPES:
+            problems.append(Problem(file=file, line=lines[shape], message=f"<{shape.tag}> {shape.get('label', '')!r} "
+                                    "has no area to box; dropped", fix="draw the defect as a box or polygon in CVAT"))
+            record.dropped += 1
+            continue
         if shape.tag not in AREA_SHAPES:
             continue
         try:

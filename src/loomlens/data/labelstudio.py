@@ -34,7 +34,12 @@ from loomlens.data.sanitize import (
     rotated_bounds,
 )
 
-SHAPES = ("rectanglelabels", "polygonlabels")
+#: Result types read as boxes: a `labels` result with x, y, width, height comes from a `<Labels>`
+#: control beside a `<Rectangle>` tool (label-studio-converter reads it so too).
+SHAPES = ("rectanglelabels", "polygonlabels", "ellipselabels", "labels")
+#: Result types that mark a defect without a box loomlens reads (a brush mask, a keypoint, a
+#: shape with no label): named and counted as dropped, so the image never trains as defect-free.
+UNREAD = ("brushlabels", "keypointlabels", "rectangle", "polygon", "ellipse", "keypoint", "brush")
 _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
 #: The control and object names pre-annotations are written for (the labelling config's).
 FROM_NAME, TO_NAME = "label", "image"
@@ -76,7 +81,7 @@ def _task_image(task: dict[str, Any]) -> str | None:
 
 
 def _result_corners(result: dict[str, Any], width: int, height: int) -> tuple[float, float, float, float]:
-    """Pixel bounds of one rectangle or polygon result (percent -> pixels). Raises ValueError,
+    """Pixel bounds of one rectangle, polygon or ellipse result (percent -> pixels). Raises ValueError,
     TypeError or KeyError for a malformed one."""
     value = result["value"]
     if result["type"] == "polygonlabels":
@@ -85,6 +90,9 @@ def _result_corners(result: dict[str, Any], width: int, height: int) -> tuple[fl
             raise ValueError("a polygon needs three points")
         return min(p[0] for p in points), min(p[1] for p in points), max(p[0] for p in points), max(p[1] for p in points)
     x, y = float(value["x"]) * width / 100, float(value["y"]) * height / 100
+    if result["type"] == "ellipselabels":  # x, y: the centre; the bounds of its box turned as it is
+        rx, ry = float(value["radiusX"]) * width / 100, float(value["radiusY"]) * height / 100
+        return rotated_bounds(x - rx, y - ry, x + rx, y + ry, float(value.get("rotation", 0) or 0), (x, y))
     w, h = float(value["width"]) * width / 100, float(value["height"]) * height / 100
     return rotated_bounds(x, y, x + w, y + h, float(value.get("rotation", 0) or 0), (x, y))
 
@@ -156,6 +164,12 @@ def _task(
     record = ImageRecord(relative(found, root), size[0], size[1], [], file)
     problems: list[Problem] = []
     for n, res in enumerate(results):
+        if res.get("type") in UNREAD:
+            problems.append(Problem(
+                file=file, message=f"{where} result {n}: a {res['type']} result is no labelled box; dropped",
+                fix="draw the defect with RectangleLabels, PolygonLabels or EllipseLabels"))
+            record.dropped += 1
+            continue
         if res.get("type") not in SHAPES:
             continue  # choices, text, ...: no boxes
         labels = res.get("value", {}).get(res["type"]) if isinstance(res.get("value"), dict) else None
