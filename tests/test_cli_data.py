@@ -125,7 +125,7 @@ def _report(classes: list[str], problems: list[Problem] = ()) -> ConvertReport:
              "boxes_per_class": {c: 100 + i for i, c in enumerate(classes)}, "samples_per_task": {"od": 40}}
     return ConvertReport(
         source="src", out="out", source_root="../src", format="voc", tasks=["od"], order="grouped", flip=False,
-        tile=None, tile_overlap=0.25, seed=0, classes=classes, images=80, negatives=8, keep_empty=False,
+        tile=None, tile_overlap=0.25, seed=0, classes=classes, images=80, negatives=8, keep_empty=False, unlabelled_clean=False,
         boxes_per_class={}, splits={"train": split, "val": split}, problems=list(problems))
 
 

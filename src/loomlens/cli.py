@@ -117,6 +117,9 @@ def convert_command(
     keep_empty: bool = typer.Option(False, "--keep-empty", help="Keep an image whose every box was dropped as "
                                     "a defect-free one (by default it is left out: it would teach the model to "
                                     "miss those defects)."),
+    unlabelled_clean: bool = typer.Option(False, "--unlabelled-clean", help="Keep the images no annotation names "
+                                          "as defect-free (a folder of good frames without label files; by "
+                                          "default each is reported and left out)."),
 ) -> None:
     """Convert LabelImg VOC / YOLO, ultralytics, COCO, CVAT or Label Studio annotations to Florence-2 JSONL samples.
 
@@ -126,7 +129,6 @@ def convert_command(
     from rich.progress import Progress
 
     from loomlens.data.convert import ConvertError, convert
-
     if copy_images and link_images:
         raise _fail("give --copy-images or --link-images, not both")
     if (out is None) == (out_option is None):
@@ -141,14 +143,14 @@ def convert_command(
             report = convert(
                 src, out, format=fmt, tasks=[t.strip() for t in tasks.split(",") if t.strip()], order=order,
                 flip=flip, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, strict=strict,
-                tile=tile_edge, tile_overlap=tile_overlap, keep_empty=keep_empty, resplit=resplit, group_by=group_by,
+                tile=tile_edge, tile_overlap=tile_overlap, keep_empty=keep_empty, unlabelled_clean=unlabelled_clean,
+                resplit=resplit, group_by=group_by,
                 images="copy" if copy_images else "link" if link_images else "refer",
                 progress=lambda stage, done, total: bar.update(job, completed=done, total=total,
                                                                description=stages[stage]),
             )
     except ConvertError as err:
         raise _fail(str(err), [str(p) for p in err.problems]) from None
-
     _print_convert_report(console, report, src)
     console.print(f"{len(report.problems)} problem(s); wrote {escape(str(out))}/train.jsonl, val.jsonl"
                   f"{', test.jsonl' if 'test' in report.splits else ''}, classes.txt, summary.json",

@@ -231,3 +231,19 @@ def test_a_class_missing_from_the_train_split_is_named(tmp_path):
     assert [str(p) for p in report.problems] == [
         ".: class 'knot' has no box in the train split (1 in val); training cannot learn it (pass --resplit to draw "
         "the splits from all images, or move some of its images into the train split)"]
+
+
+def test_unlabelled_frames_can_be_kept_as_defect_free(tmp_path):
+    # A plant's folder of good frames has no label files; --unlabelled-clean says so.
+    src = tmp_path / "src"
+    _voc_image(src / "ng", "d", "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>")
+    write_image(src / "ok" / "g1.jpg")
+    write_image(src / "ok" / "g2.png", (40, 30))
+    (src / "ok" / "broken.jpg").write_bytes(b"not a picture")
+    left_out = convert(src, tmp_path / "out", val_fraction=0)
+    assert left_out.images == 1 and "--unlabelled-clean" in left_out.problems[0].fix
+    report = convert(src, tmp_path / "clean", val_fraction=0, unlabelled_clean=True)
+    assert (report.images, report.negatives, report.unlabelled_clean) == (3, 2, True)
+    assert [p.file for p in report.problems] == ["ok/broken.jpg"]
+    samples = {s["image"]: s for s in all_samples(tmp_path / "clean")}
+    assert samples["../src/ok/g2.png"]["suffix"] == "" and samples["../src/ok/g2.png"]["width"] == 40

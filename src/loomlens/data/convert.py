@@ -34,6 +34,7 @@ from loomlens.data.sanitize import (
     IMAGE_SUFFIXES,
     BadImage,
     is_deep,
+    image_size,
     iter_files,
     open_image,
     orientation_problem,
@@ -91,6 +92,7 @@ class ConvertReport:
     images: int  # original images converted (flipped copies and tiles not counted)
     negatives: int  # of those, images with no boxes
     keep_empty: bool  # images whose every box was dropped kept as negatives (else left out)
+    unlabelled_clean: bool  # images no annotation names kept as negatives (else left out, each a problem)
     boxes_per_class: dict[str, int]
     # split -> {"images": n (flipped copies and tiles included), "samples": n, "tiles": n,
     #           "tile_samples": n, "boxes_per_class": {...}, "samples_per_task": {...}}
@@ -302,12 +304,15 @@ def _order(items: list[tuple[ImageRecord, str]], tasks: Sequence[str], order: st
 
 
 def _check_out(src: Path, out: Path) -> None:
-    """Refuse an output folder that would overwrite or hide input: a file, the conversion of
+    """Refuse a source folder that does not exist, and an output folder that would overwrite
+    or hide input: a file, the conversion of
     another source (converting the same source again replaces it), the source itself (its
     classes.txt would be rewritten, shifting YOLO ids), a folder holding the source, or a
     folder inside the source that holds anything but a previous conversion's output (it is
     skipped as input, so its annotations would silently vanish). A new folder inside the
     source is fine: later runs skip it."""
+    if not src.is_dir():
+        raise ConvertError(f"source folder {src} does not exist")
     src_abs, out_abs = src.resolve(), out.resolve()
     elsewhere = f"give a new folder outside it, e.g. {src_abs.parent / (src_abs.name + '-jsonl')}"
     if out_abs.exists() and not out_abs.is_dir():
@@ -407,10 +412,10 @@ def _images(
 
 
 def _unannotated(src: Path, skip: Sequence[Path], records: Sequence[ImageRecord],
-                 problems: Sequence[Problem]) -> list[Problem]:
-    """One problem per image file under `src` (not under `skip`) that no annotation read
-    refers to: silently leaving it out would hide a missing label file, or a split folder the
-    data.yaml does not list. An image that one of `problems` already skipped, or named after an
+                 problems: Sequence[Problem]) -> list[Path]:
+    """The image files under `src` (not under `skip`) that no annotation read refers to:
+    silently leaving one out would hide a missing label file, or a split folder the data.yaml
+    does not list. An image that one of `problems` already skipped, or named after an
     annotation file reported without its image (as LabelImg names them), counts: its own problem
     is reported already. An annotation file that was read excuses only the image it names, so a
     frame name repeated in another camera's folder still counts."""
@@ -418,11 +423,28 @@ def _unannotated(src: Path, skip: Sequence[Path], records: Sequence[ImageRecord]
     read = {r.source for r in records}
     stems = {PurePosixPath(p.file).stem for p in problems if p.file and not p.image and p.file not in read
              and PurePosixPath(p.file).suffix.lower() in (".xml", ".txt")}
-    return [
-        Problem(file=relative(path, src), message="image in no usable annotation; not converted",
-                fix="annotate it (an annotation without boxes marks it defect-free), or move it out of the folder")
-        for path in iter_files(src, IMAGE_SUFFIXES, skip) if path.resolve() not in used and path.stem not in stems
-    ]
+    return [path for path in iter_files(src, IMAGE_SUFFIXES, skip) if path.resolve() not in used
+            and path.stem not in stems]
+
+
+def _unlabelled(paths: Sequence[Path], src: Path, clean: bool) -> tuple[list[ImageRecord], list[Problem]]:
+    """The images no annotation names (`_unannotated`): with `clean`, defect-free records (a
+    folder of good frames without label files; an unreadable one is a problem), else one
+    problem each."""
+    if not clean:
+        return [], [Problem(file=relative(path, src), message="image in no usable annotation; not converted",
+                            fix="annotate it (an annotation without boxes marks it defect-free), pass "
+                            "--unlabelled-clean if every such image is, or move it out of the folder")
+                    for path in paths]
+    records, problems = [], []
+    for path in paths:
+        name = relative(path, src)
+        size, problem = image_size(path, None, name)
+        if size is None:
+            problems.append(problem)
+        else:
+            records.append(ImageRecord(name, *size, [], name))
+    return records, problems
 
 
 def _emptied(records: Sequence[ImageRecord], keep_empty: bool) -> tuple[list[ImageRecord], list[Problem]]:
@@ -540,12 +562,14 @@ def _write_splits(
 
 
 def _usable_records(
-    read: ReadResult, src: Path, skip: Sequence[Path], keep_empty: bool
+    read: ReadResult, src: Path, skip: Sequence[Path], keep_empty: bool, unlabelled_clean: bool,
 ) -> tuple[list[ImageRecord], list[Problem]]:
-    """The records of `read` worth converting (see `_emptied`), and every problem so far: the
-    reader's, the images of resolved `src` in no annotation, and the records left out."""
-    problems = [*read.problems, *_unannotated(src, skip, read.records, read.problems)]
-    records, twins = _twins(read.records)
+    """The records of `read` worth converting (see `_emptied`), with the images of resolved
+    `src` in no annotation as defect-free ones if `unlabelled_clean`, and every problem so far:
+    the reader's, those images' otherwise, and the records left out."""
+    clean, unlabelled = _unlabelled(_unannotated(src, skip, read.records, read.problems), src, unlabelled_clean)
+    problems = [*read.problems, *unlabelled]
+    records, twins = _twins([*read.records, *clean])
     records, emptied = _emptied(records, keep_empty)
     return records, problems + twins + _case_twins(records) + emptied
 
@@ -608,6 +632,7 @@ def convert(
     tile: int | str | None = None,
     tile_overlap: float = 0.25,
     keep_empty: bool = False,
+    unlabelled_clean: bool = False,
     resplit: bool = False,
     group_by: str | None = None,
     images: str = "refer",
@@ -619,23 +644,21 @@ def convert(
     `order`: see `_order`. `flip` adds a mirrored copy of every image and `tile` (px; "auto":
     `tiles.auto_tile` picks it, or none, and the report says why) the windows of every frame
     overlapping by `tile_overlap` (`tiles.tile_record`), each in its original's split. Damaged
-    images are left out, and so are images whose every box was dropped unless `keep_empty`.
-    The dataset's own split is kept unless `resplit`; a drawn split keeps each group of
-    `group_by` whole and is deterministic for `seed` (see `choose_splits`). `images`: refer (the
-    samples point at `src`), copy or link (into `out/images/originals/`). Problems are reported
-    and the rest converted, or with `strict` raise `ConvertError` before anything is written;
-    `progress(stage, done, total)` follows checking and image work. Raises `ConvertError` for
-    user errors: `out` that is or holds `src`, or a full disk."""
-    src, out = Path(src), Path(out)
+    images are left out, so are images whose every box was dropped unless `keep_empty`, and images
+    no annotation names unless `unlabelled_clean` (then defect-free). The dataset's own split is
+    kept unless `resplit`; a drawn split keeps each group of `group_by` whole and is
+    deterministic for `seed` (see `choose_splits`). `images`: refer (the samples point at
+    `src`), copy or link (into `out/images/originals/`). Problems are reported and the rest
+    converted (`strict`: `ConvertError` before anything is written); `progress(stage, done,
+    total)` follows the image work. Raises `ConvertError` for user errors: no `src`, an `out`
+    that is or holds it, a full disk."""
     _check_arguments(format, tasks, order, val_fraction, test_fraction, tile, tile_overlap, images)
-    if not src.is_dir():
-        raise ConvertError(f"source folder {src} does not exist")
-    _check_out(src, out)
+    _check_out(src := Path(src), out := Path(out))
     out_abs, src_abs = out.resolve(), src.resolve()
     skip = [out]  # a previous run's output inside the source is not input
     fmt = detect_format(src, skip) if format == "auto" else format
     read = READERS[fmt](src, skip)
-    records, problems = _usable_records(read, src_abs, skip, keep_empty)
+    records, problems = _usable_records(read, src_abs, skip, keep_empty, unlabelled_clean)
     _fail_if_strict(strict, problems, src)
     auto = tile == "auto"  # then only frames large for the chosen tile are cut, as prediction tiles them
     tile, tile_reason = _resolve_tile(tile, records)
@@ -658,14 +681,14 @@ def convert(
         items = _items_by_split(frames, split_of)
         no_test = test_fraction == 0 and "test" not in split_of.values()
         splits = _write_splits(items, out, tasks, order, seed, no_test, tiles)
-
         seen = sorted({b.label for r in records for b in r.boxes} - set(read.classes))
         report = ConvertReport(
             source=str(src), out=str(out),
             source_root="." if images != "refer" else Path(os.path.relpath(src_abs, out_abs)).as_posix(),
             format=fmt, tasks=[t for t in CONVERTIBLE if t in tasks], order=order,
             flip=flip, tile=tile, tile_overlap=tile_overlap, seed=seed, classes=[*read.classes, *seen],
-            images=len(records), negatives=sum(not r.boxes for r in records), keep_empty=keep_empty, images_mode=images,
+            images=len(records), negatives=sum(not r.boxes for r in records), keep_empty=keep_empty,
+            unlabelled_clean=unlabelled_clean, images_mode=images,
             boxes_per_class=dict(sorted(Counter(b.label for r in records for b in r.boxes).items())),
             splits=splits, split=split_info, problems=problems, tile_reason=tile_reason,
         )
