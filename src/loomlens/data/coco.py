@@ -147,8 +147,7 @@ def _add_box(record: ImageRecord, ann: dict, categories: dict[Any, str | None], 
     if name is None:
         record.dropped += 1
         return [Problem(
-            file=file, message=f"annotation {ann.get('id', '?')}: unknown or unusable category_id "
-            f"{ann['category_id']!r}; box dropped",
+            file=file, message=f"unknown or unusable category_id {ann['category_id']!r}; box dropped",
             fix="add the category to 'categories'",
         )]
     bbox = ann["bbox"]
