@@ -735,7 +735,7 @@ def predict_command(
         typer.echo(f"went on from an interrupted run: {summary['resumed']} images/frames it predicted were kept")
     typer.echo(f"{summary['items']} images/frames, {summary['boxes']} boxes -> {out}: {', '.join(summary['written'])}")
     _report_skipped(summary["problems"], out, strict=strict, none_done=not summary["items"],
-                    nothing="no input could be predicted; predictions.jsonl was left as it was")
+                    nothing="predictions.jsonl was left as it was")
 
 
 @contextmanager
@@ -755,15 +755,16 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _report_skipped(problems: list[dict], out: Path, *, strict: bool, none_done: bool, nothing: str) -> None:
-    """Name the inputs a command skipped (all of them are in `out/problems.json`); fail with
-    `nothing` when no input was done, and with exit 1 under `--strict`."""
-    if not problems:
-        return
-    typer.secho(f"{len(problems)} input(s) skipped, all listed in {out / 'problems.json'}:", fg="yellow", err=True)
-    typer.echo("\n".join(f"  {p['error']}" for p in problems[:10]), err=True)
+    """Name the inputs a command skipped (all of them are in `out/problems.json`); fail when no
+    input was done (also when there was none: a script must not take old results for new ones),
+    saying why and `nothing`, what was left undone; and with exit 1 under `--strict`."""
+    if problems:
+        typer.secho(f"{len(problems)} input(s) skipped, all listed in {out / 'problems.json'}:", fg="yellow",
+                    err=True)
+        typer.echo("\n".join(f"  {p['error']}" for p in problems[:10]), err=True)
     if none_done:
-        raise _fail(nothing)
-    if strict:
+        raise _fail(f"{'no input could be read' if problems else 'no image or video found in the inputs'}; {nothing}")
+    if strict and problems:
         raise typer.Exit(1)
 
 
@@ -852,7 +853,7 @@ def select_command(
         typer.echo(f"label them in LabelImg: Open Dir {out / 'images'}, Change Save Dir {out / 'annotations'}; "
                    f"why each was chosen: {out / 'ranking.csv'}")
     _report_skipped(summary["problems"], out, strict=strict, none_done=not summary["frames"],
-                    nothing="no frame could be read; nothing was ranked")
+                    nothing="nothing was ranked")
 
 
 def _event_media(store: EventStore, media: Path | None) -> Path:

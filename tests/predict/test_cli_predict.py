@@ -36,6 +36,17 @@ def test_predict_command_rejects_missing_input(tmp_path):
     assert result.exit_code == 1 and "no such file" in result.output
 
 
+def test_predict_on_a_folder_without_pictures_fails_and_keeps_the_earlier_results(tmp_path):
+    # A nightly `predict && process` must not take the last run's results for this one's.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("notes")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "predictions.jsonl").write_text('{"earlier": true}\n')
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "no image or video found in the inputs" in result.output, result.output
+    assert (tmp_path / "out" / "predictions.jsonl").read_text() == '{"earlier": true}\n'
+
+
 def test_predict_and_serve_refuse_an_unknown_precision_clearly(tmp_path):
     Image.new("RGB", (96, 64)).save(tmp_path / "im.png")
     for command in (["predict", str(tmp_path / "im.png"), "--out", str(tmp_path / "out")], ["serve", "--no-page"]):
