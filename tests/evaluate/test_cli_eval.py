@@ -44,6 +44,44 @@ def test_eval_command_explains_a_missing_split(tmp_path):
     assert result.exit_code == 1 and "loomlens convert" in result.output
 
 
+def test_eval_names_a_missing_or_resized_image_and_an_empty_split_before_the_model_loads(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import loomlens.infer.loading as loading
+
+    synthesize(tmp_path / "raw", images=4, seed=1, size=(160, 90))
+    convert(tmp_path / "raw", tmp_path / "data", val_fraction=0.5)
+    monkeypatch.setattr(loading, "load_for_inference", None)  # any attempt to load would raise TypeError
+    val = [json.loads(line) for line in (tmp_path / "data" / "val.jsonl").read_text().splitlines()]
+    first, second = (tmp_path / "data" / val[0]["image"], tmp_path / "data" / val[1]["image"])
+    Image.open(first).resize((320, 180)).save(first)  # resized since conversion: every box would move
+    second.unlink()
+    command = ["eval", "--data", str(tmp_path / "data"), "--model", "tiny", "--out", str(tmp_path / "eval")]
+    result = CliRunner().invoke(app, command)
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in output, output
+    assert f"val.jsonl:1: image '{val[0]['image']}' is 320x180, but the sample says 160x90" in output
+    assert f"val.jsonl:2: image '{val[1]['image']}' not found" in output
+    (tmp_path / "data" / "val.jsonl").write_text("")
+    monkeypatch.undo()
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 1 and "has no <OD> sample to evaluate" in result.output, result.output
+    assert not (tmp_path / "eval").exists()  # nothing written for it
+
+
+def test_eval_reads_the_seeds_samples_without_sizes(tmp_path):
+    from PIL import Image
+
+    from loomlens.evaluate.report import od_images
+
+    Image.new("RGB", (200, 100)).save(tmp_path / "0 (1).jpg")
+    (tmp_path / "test.jsonl").write_text(  # the seed's own line: no width, height or task
+        '{"prefix":"<OD>","suffix":"drop<loc_500><loc_500><loc_749><loc_999>","image":"0 (1).jpg"}\n')
+    (image,) = od_images(tmp_path / "test.jsonl")
+    box = image.truth[0]
+    assert (box.label, box.x1, box.y1, box.x2, box.y2) == ("drop", 100.1, 50.05, 149.9, 99.95)
+
+
 def test_a_run_trained_with_the_defect_crop_is_evaluated_tiled(tmp_path):
     import yaml
 

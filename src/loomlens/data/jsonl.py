@@ -81,33 +81,46 @@ def _fields(sample: Any) -> tuple[str, str] | None:
     return None
 
 
-def _image(name: str, folder: Path, roots: list[Path]) -> tuple[str, str] | None:
-    """What is wrong with the image path `name` of a sample in `folder`, and the fix; None
-    if it stays inside `roots` and opens as an image (its header only)."""
+def _image(name: str, folder: Path, roots: list[Path]) -> tuple[str, str] | tuple[int, int]:
+    """What is wrong with the image path `name` of a sample in `folder`, and the fix; else,
+    when it stays inside `roots` and opens as an image (its header only), its (width, height)."""
     image = (folder / name).resolve()
     if not any(image.is_relative_to(root) for root in roots):
         return (f"image {name!r} leads outside the data folder (and the source it was converted from); refused",
                 "convert the data again (its summary.json then admits the source folder), or keep the images "
                 "inside the data folder")
     try:
-        with open_image(image):
-            return None
+        with open_image(image) as im:
+            return im.size
     except BadImage as err:
         if isinstance(err.__cause__, FileNotFoundError):
             return f"image {name!r} not found", "restore the image, or convert the data again"
         return f"image {name!r}: {err}", "replace the damaged image, or convert the data again"
 
 
+def _size(sample: dict, size: tuple[int, int]) -> tuple[str, str] | None:
+    """What is wrong with a sample's `width` and `height` against its image's `size`, and the
+    fix: training moves its boxes as pixels of that size, so an image resized since conversion
+    would put every box elsewhere. None also without them (the seed's samples have none)."""
+    if "width" not in sample or "height" not in sample:
+        return None
+    if (sample["width"], sample["height"]) != tuple(size):
+        return (f"image {sample['image']!r} is {size[0]}x{size[1]}, but the sample says "
+                f"{sample['width']}x{sample['height']} (resized since it was converted?)",
+                "convert the data again from the images as they are now")
+    return None
+
+
 def validate_split(path: str | Path, root: str | Path | None = None, limit: int = 20) -> list[dict]:
     """The samples of the split at `path`, each checked: valid JSON objects with the
     `REQUIRED` keys (and `OPTIONAL` ones) of the right types, whose image resolves inside
     the split's folder, the source `convert` recorded (see `allowed_roots`) or `root`, exists
-    and opens as an image (its header; each image once). Raises `SplitError` listing the
-    first `limit` problems, every one as `file:line: what (fix)`."""
+    and opens as an image (its header; each image once) of the sample's size (`_size`). Raises
+    `SplitError` listing the first `limit` problems, every one as `file:line: what (fix)`."""
     path = Path(path)
     folder = path.parent.resolve()
     roots = allowed_roots(folder) + ([Path(root).resolve()] if root is not None else [])
-    images: dict[str, tuple[str, str] | None] = {}
+    images: dict[str, tuple[str, str] | tuple[int, int]] = {}
     samples, problems = [], []
     for number, sample in read_lines(path):
         wrong = _fields(sample)
@@ -115,7 +128,8 @@ def validate_split(path: str | Path, root: str | Path | None = None, limit: int 
             name = sample["image"]
             if name not in images:
                 images[name] = _image(name, folder, roots)
-            wrong = images[name]
+            found = images[name]
+            wrong = _size(sample, found) if isinstance(found[0], int) else found
         if wrong is None:
             samples.append(sample)
         else:

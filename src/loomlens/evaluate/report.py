@@ -18,10 +18,11 @@ from pathlib import Path
 from PIL import Image
 
 from loomlens.config import INFER_BATCH_SIZE
-from loomlens.data.dataset import read_jsonl
+from loomlens.data.atomic import atomic_write
 from loomlens.data.florence_text import parse_text
+from loomlens.data.jsonl import validate_split
 from loomlens.data.records import Box
-from loomlens.data.sanitize import to_rgb
+from loomlens.data.sanitize import open_image, to_rgb
 from loomlens.data.tiles import AUTO_FACTOR, TILES_DIR
 from loomlens.data.yolo import CLASSES_FILE, read_class_names
 from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, match_image
@@ -55,14 +56,21 @@ class EvalRun:
 
 def od_images(jsonl: Path, max_images: int | None = None, *, frames_only: bool = False) -> list[EvalImage]:
     """The `<OD>` samples of a converted split, true boxes parsed from their suffix;
-    `frames_only` leaves out the tiles `convert --tile` cut (`tiles.TILES_DIR`)."""
+    `frames_only` leaves out the tiles `convert --tile` cut (`tiles.TILES_DIR`). The split is
+    checked first (`validate_split`: a missing image, or one resized since conversion, raises
+    `SplitError` naming the file and line)."""
     jsonl = Path(jsonl)
     out = []
-    for s in read_jsonl(jsonl):
+    for s in validate_split(jsonl):
         if s.get("prefix") != "<OD>" or (frames_only and s["image"].startswith(f"{TILES_DIR}/")):
             continue
-        boxes, _ = parse_text(s["suffix"], s["width"], s["height"])
-        out.append(EvalImage(jsonl.parent / s["image"], boxes))
+        path = jsonl.parent / s["image"]
+        if "width" in s and "height" in s:
+            size = s["width"], s["height"]
+        else:  # the seed's samples give none: the locations are shares of the picture as it is
+            with open_image(path) as im:
+                size = im.size
+        out.append(EvalImage(path, parse_text(s["suffix"], *size)[0]))
         if max_images is not None and len(out) >= max_images:
             break
     return out
@@ -206,11 +214,14 @@ def write_report(
     when given (`run_split`), and the split's own tiles then left out (each defect counts
     once, in its frame, as the line sees it); `views`: the mirrors each picture is also looked
     at through (`infer/tta.py`); `extra` (model, checkpoint, ...) is stored in metrics.json as
-    is. Returns the metrics dict."""
+    is. Returns the metrics dict. Raises ValueError (`SplitError` among them) for a split with
+    a bad sample or none to evaluate, before anything is written."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     classes = list(classes) or read_class_names(Path(jsonl).parent / CLASSES_FILE)
     images = od_images(jsonl, max_images, frames_only=tile is not None)
+    if not images:
+        raise ValueError(f"{jsonl} has no <OD> sample to evaluate; convert the data with the od task")
+    out.mkdir(parents=True, exist_ok=True)
     run = run_split(model, processor, images, classes, batch_size, max_boxes, constrained, tile, views)
     truth = [e.truth for e in run.images]
     coco = split_metrics(run, classes)
@@ -218,7 +229,7 @@ def write_report(
     metrics = {**coco.metrics, "constrained": constrained, "max_boxes": max_boxes, "tile": tile, "views": list(views),
                "data": str(jsonl),
                **(extra or {})}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
 
     names = list(coco.metrics["per_class"])  # classes, then unseen/unknown labels
     plots = {
@@ -238,5 +249,5 @@ def write_report(
             for i in worst
         ]
         plots["Worst images"] = plot_gallery(items, out / "worst_images.png", threshold)
-    (out / "report.md").write_text(_markdown(metrics, {k: Path(v).name for k, v in plots.items()}, title), encoding="utf-8")
+    atomic_write(out / "report.md", _markdown(metrics, {k: Path(v).name for k, v in plots.items()}, title))
     return metrics
