@@ -156,3 +156,14 @@ def test_a_pickled_adapter_is_refused_with_a_clear_message(model, tmp_path):
     assert (tmp_path / "adapter_model.bin").exists()
     with pytest.raises(ValueError, match=r"adapter_model\.bin, a pickle.*reads only safetensors adapters.*re-save"):
         load_adapter(model, tmp_path)
+
+
+def test_an_adapter_cut_short_or_missing_is_named_with_the_fix(model, tmp_path):
+    apply_lora(copy.deepcopy(model), LoraSettings()).save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy to the line PC that broke off
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors are damaged .*copy the run folder again"):
+        load_adapter(model, tmp_path)
+    weights.unlink()
+    with pytest.raises(ValueError, match=r"no adapter_model\.safetensors \(a copy cut short\?\)"):
+        load_adapter(model, tmp_path)

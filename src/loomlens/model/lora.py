@@ -231,15 +231,26 @@ def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False):
 
 
 def _check_safetensors_adapter(path: Path) -> None:
-    """Refuse an adapter folder without `adapter_model.safetensors`: peft would fall back to
-    `adapter_model.bin`, a pickle, and a pickle from someone else's folder can run code."""
-    if (path / "adapter_model.safetensors").exists():
-        return
+    """Refuse an adapter folder without a whole `adapter_model.safetensors`: peft would fall
+    back to `adapter_model.bin`, a pickle, and a pickle from someone else's folder can run
+    code; a file cut short (a copy to the line PC that broke off) is named, not a traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = path / "adapter_model.safetensors"
+    if weights.exists():
+        try:
+            with safe_open(str(weights), "pt"):  # reads the header, which must cover the whole file
+                return
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"the adapter weights {weights} are damaged ({err}); copy the run folder again, or "
+                             "load another checkpoint (--checkpoint last)") from None
     pickles = sorted(p.name for p in path.glob("adapter_model*.bin"))
-    found = f"it has {pickles[0]}, a pickle" if pickles else "it has no adapter_model.safetensors"
+    if not pickles:
+        raise ValueError(f"cannot load the adapter in {path}: it has adapter_config.json but no "
+                         "adapter_model.safetensors (a copy cut short?); copy the run folder again")
     raise ValueError(
-        f"cannot load the adapter in {path}: {found}. loomlens reads only safetensors adapters; re-save it "
-        "where it was made with `model.save_pretrained(folder, safe_serialization=True)`."
+        f"cannot load the adapter in {path}: it has {pickles[0]}, a pickle. loomlens reads only safetensors "
+        "adapters; re-save it where it was made with `model.save_pretrained(folder, safe_serialization=True)`."
     )
 
 
