@@ -89,6 +89,9 @@ def test_adapter_from_a_run_folder(tmp_path, image):
     assert p.predict([image], task="ocr")[0].trained is False
     with pytest.raises(ValueError, match="trained on base"):
         Predictor(model="base", adapter=run)
+    (tmp_path / "typo.yaml").write_text("classes: {drops: {min_score: 0.9}}\n")  # `drop` misspelt
+    with pytest.raises(ValueError, match="typo.yaml name class\\(es\\) 'drops' that the model does not know"):
+        Predictor(adapter=run, regions=tmp_path / "typo.yaml")
     # Data cut into tiles (`convert --tile 512`): the run predicts on tiles of that size.
     (run / "data_summary.json").write_text('{"tile": 512, "tile_overlap": 0.25}')
     tiled_run = Predictor(adapter=run)

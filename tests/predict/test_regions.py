@@ -1,7 +1,6 @@
 """Region rules from YAML: per-class regions and thresholds."""
 
 import pytest
-from pydantic import ValidationError
 
 from loomlens.data.records import Box
 from loomlens.predict.regions import RegionRules, load_rules, save_rules
@@ -35,11 +34,19 @@ def test_rules_round_trip_into_a_run_folder(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["min_score: 2", "classes: {drop: {regions: [[[0, 0], [1, 1]]]}}",
-                                 "classes: {drop: {regions: [[[0, 0], [2, 0], [0, 1]]]}}", "clases: {}"])
-def test_bad_rules_are_refused(tmp_path, bad):
+                                 "classes: {drop: {regions: [[[0, 0], [2, 0], [0, 1]]]}}", "clases: {}",
+                                 ": : :"])
+def test_bad_rules_are_refused_naming_the_file(tmp_path, bad):
     (tmp_path / "r.yaml").write_text(bad)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValueError, match=f"^region rules {tmp_path / 'r.yaml'}: "):
         load_rules(tmp_path / "r.yaml")
+
+
+def test_a_rule_for_a_class_the_model_does_not_know_is_refused():
+    rules = RegionRules(classes={"drops": {"min_score": 0.5}, "drop": {}})
+    with pytest.raises(ValueError, match="name class\\(es\\) 'drops' that the model does not know"):
+        rules.check_classes(["drop", "wrinkle"])
+    rules.check_classes([])  # a bare model has no class list to hold them to
 
 
 def test_a_class_threshold_overrides_the_default_one():

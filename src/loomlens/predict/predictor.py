@@ -185,6 +185,9 @@ class Predictor:
         if regions is None:
             regions = self.loaded.rules
         self.rules = load_rules(regions) if isinstance(regions, (str, Path)) else regions
+        if self.rules is not None:
+            self.rules.check_classes(self.loaded.classes, f"region rules {regions}" if isinstance(
+                regions, (str, Path)) else "the region rules")
 
     def info(self) -> dict:
         """What is loaded: base, adapter, run, classes, tasks (and which were trained), settings

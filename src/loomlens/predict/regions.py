@@ -75,10 +75,22 @@ class RegionRules(BaseModel):
         """The boxes that pass their rules."""
         return [b for b in boxes if self.keep(b, width, height)]
 
+    def check_classes(self, classes: Sequence[str], source: str = "the region rules") -> None:
+        """Raise ValueError when a rule names a class not in `classes` (the run's): a misspelt
+        name (`drops:` for `drop`) would leave that class's boxes unfiltered without a word."""
+        unknown = sorted(set(self.classes) - set(classes))
+        if classes and unknown:
+            raise ValueError(f"{source} name class(es) {', '.join(map(repr, unknown))} that the model does not "
+                             f"know (its classes: {', '.join(classes)}); spell them as in its classes.txt")
+
 
 def load_rules(path: str | Path) -> RegionRules:
-    """Read and validate a rules YAML file (a clear pydantic error names a bad field)."""
-    return RegionRules.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+    """Read and validate a rules YAML file. Raises ValueError naming the file, and the line of
+    a YAML error or the field pydantic refused."""
+    try:
+        return RegionRules.model_validate(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
+    except (yaml.YAMLError, ValueError) as err:  # pydantic's ValidationError is a ValueError
+        raise ValueError(f"region rules {path}: {err}") from None
 
 
 def save_rules(rules: RegionRules, path: str | Path) -> Path:
