@@ -29,6 +29,11 @@ def test_predict_command_on_a_folder(tmp_path):
     assert ruled[0]["boxes"] == [] and all(b["score"] >= 0.5 for x in ruled for b in x["boxes"])
     assert (out / "coco_results.json").exists() and (out / "regions.yaml").exists()
     assert len(list((out / "drawn").iterdir())) == 2
+    # The same folder again for one picture, plainly: nothing of the run before stays beside it.
+    again = _predict(tmp_path / "im1.png", out)
+    assert [x["source"].endswith("im1.png") for x in again] == [True]
+    assert not (out / "coco_results.json").exists() and not (out / "coco_images.json").exists()
+    assert not (out / "regions.yaml").exists() and [p.name for p in (out / "drawn").iterdir()] == ["im1.jpg"]
 
 
 def test_predict_command_rejects_missing_input(tmp_path):
@@ -97,7 +102,8 @@ def test_every_command_that_takes_a_run_takes_it_as_run_or_adapter(tmp_path):
     each command, and reaches the run's own check (a folder with no adapter)."""
     Image.new("RGB", (96, 64)).save(tmp_path / "im.png")
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "val.jsonl").write_text('{"prefix": "<OD>", "suffix": "", "image": "../im.png"}\n')
+    Image.new("RGB", (96, 64)).save(tmp_path / "data" / "im.png")  # inside the data, as eval's split check wants
+    (tmp_path / "data" / "val.jsonl").write_text('{"prefix": "<OD>", "suffix": "", "image": "im.png"}\n')
     commands = {
         "predict": ["predict", str(tmp_path / "im.png"), "--out", str(tmp_path / "out")],
         "eval": ["eval", "--data", str(tmp_path / "data")],

@@ -16,7 +16,9 @@ written to a temporary file and renamed over the old one only when the run compl
 run that fails or is interrupted midway leaves an earlier good file as it was. A run that
 predicted nothing (every input bad) leaves an existing `predictions.jsonl` alone too. What an
 interrupted run had predicted is not lost: the same command again goes on from there
-(`loomlens.predict.resume`).
+(`loomlens.predict.resume`). A run that completes removes what an earlier run into the same
+folder left and it did not write (COCO results, rules, drawn pictures of other inputs), so the
+folder never mixes two runs; pre-annotations for a labelling tool are left alone.
 """
 
 from __future__ import annotations
@@ -148,6 +150,20 @@ def predict_or_reuse(predictor: Predictor, chunk: list[Item], problems: list[Pro
     return out
 
 
+def _remove_stale(out: Path, *, coco: bool, rules: bool, drawn: set[str]) -> None:
+    """Remove what an earlier run left in `out` that this one did not write (COCO results
+    without `--coco`, rules without rules, drawn pictures of other inputs), so that the folder
+    never holds results of two runs. Pre-annotations for a labelling tool stay: they may have
+    been edited since."""
+    stale = [*(["coco_results.json", "coco_images.json"] if not coco else []), *([RULES_FILE] if not rules else [])]
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
+    if (out / "drawn").is_dir():
+        for picture in (out / "drawn").glob("*.jpg"):
+            if picture.name not in drawn:
+                picture.unlink(missing_ok=True)
+
+
 def predict_files(
     predictor: Predictor,
     inputs: Sequence[str | Path],
@@ -177,6 +193,7 @@ def predict_files(
     records: list[dict] = []
     problems: list[Problem] = []
     used: set[str] = set()
+    pictures: set[str] = set()  # the names in drawn/ this run's pictures have
     labels = None if save_labels is None else LabelsOut(
         labels_out or out / f"labels-{save_labels}", save_labels, list(predictor.loaded.classes),
         str(predictor.loaded.adapter or predictor.loaded.base))
@@ -196,6 +213,7 @@ def predict_files(
             records.append(record)
             name = unique_stem(item, used)
             drawn = out / "drawn" / f"{name}.jpg"
+            pictures.add(drawn.name)
             if draw and (fresh or not drawn.exists()):
                 atomic_save_image(draw_prediction(item.image, prediction), drawn, "JPEG")
             if labels is not None:
@@ -223,6 +241,8 @@ def predict_files(
         written += ["coco_results.json", "coco_images.json"]
     if labels is not None and records:
         written += [f"{labels.out}/{name}" for name in labels.finish()]
+    if records:
+        _remove_stale(out, coco=coco, rules=predictor.rules is not None, drawn=pictures if draw else set())
     partial.finish()
     return {"files": len(files), "items": len(records), "boxes": sum(len(r["boxes"]) for r in records),
             "resumed": len(partial.done), "problems": [p.as_dict() for p in problems], "out": str(out),
