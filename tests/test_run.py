@@ -43,6 +43,10 @@ def test_missing_adapters_say_what_to_do(run, tmp_path):
         Run(run).adapter("best")
     with pytest.raises(FileNotFoundError, match="loomlens train"):
         Run(tmp_path / "empty").adapter()
+    (run / "checkpoints" / "best").mkdir()
+    (run / "checkpoints" / "best" / "adapter_model.safetensors").write_bytes(b"")  # a copy that broke off
+    with pytest.raises(FileNotFoundError, match="best/ lacks adapter_config.json: copy the run folder again"):
+        Run(run).adapter("best")
 
 
 def test_tile_rules_and_tasks_from_the_training_data(run, tmp_path, monkeypatch):

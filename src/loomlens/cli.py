@@ -315,8 +315,9 @@ def serve(
     )
     from loomlens.model.loader import ModelLoadError
 
+    device = _device(device)  # outside the try: its typer.Exit is a RuntimeError
     try:
-        predictor = Predictor(model=model, adapter=adapter, device=_device(device), precision=precision,
+        predictor = Predictor(model=model, adapter=adapter, device=device, precision=precision,
                               max_tiles=max_tiles, backend=backend, tta=tta)  # the one model load
     except (FileNotFoundError, ValueError, RuntimeError, ModelLoadError) as err:
         raise _fail(str(err)) from None
@@ -585,8 +586,9 @@ def demo_command(
     """The main job end to end on the embedded tiny model: synth -> convert -> LoRA -> evaluate."""
     from loomlens.train.demo import run_demo
 
+    device = _device(device)  # outside the try: its typer.Exit is a RuntimeError
     try:
-        report = run_demo(out, images=images, time_budget=time_budget, device=_device(device))
+        report = run_demo(out, images=images, time_budget=time_budget, device=device)
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as err:
         raise _fail(str(err)) from None
     typer.echo(report.read_text())
@@ -716,9 +718,10 @@ def predict_command(
 
     if save_labels is not None and save_labels not in LABEL_FORMATS:
         raise _fail(f"--save-labels must be one of {', '.join(LABEL_FORMATS)}, got {save_labels!r}")
+    device = _device(device)  # outside the try: its typer.Exit is a RuntimeError
     try:
         total = count_items(expand_inputs(inputs, exclude=[out, *([labels_out] if labels_out else [])]), every)
-        predictor = Predictor(model=model, adapter=adapter, device=_device(device), max_boxes=max_boxes,
+        predictor = Predictor(model=model, adapter=adapter, device=device, max_boxes=max_boxes,
                               batch_size=batch_size, checkpoint=checkpoint, regions=regions, tile_size=tile_size,
                               constrained=constrained, precision=precision, backend=backend, tta=tta)
         with Progress(transient=True) as bar, _sigterm_as_interrupt():
@@ -835,10 +838,11 @@ def select_command(
         raise _fail("select ranks frames by what a trained run is unsure of: pass --adapter RUN "
                     "(a folder `loomlens train` wrote)")
     chosen_weights = _weights(weights)
+    device = _device(device)  # outside the try: its typer.Exit is a RuntimeError
     try:
         check_weights(chosen_weights)
         total = count_items(expand_inputs(inputs, exclude=[out]), every)
-        predictor = Predictor(model=model, adapter=adapter, device=_device(device), max_boxes=max_boxes,
+        predictor = Predictor(model=model, adapter=adapter, device=device, max_boxes=max_boxes,
                               batch_size=batch_size, checkpoint=checkpoint, tile_size=tile_size,
                               constrained=constrained, precision=precision,
                               tta="off")  # disagreement with the mirrored frame is one of its measures
@@ -941,7 +945,7 @@ def watch_command(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if camera and len(camera) != len(sources):
         raise _fail(f"{len(camera)} --camera id(s) for {len(sources)} source(s): give one per source, in order")
-    opened = []
+    opened, device = [], _device(device)  # the device outside the try: its typer.Exit is a RuntimeError
     try:
         check_tta(tta)  # before any source opens
         debounce = DebounceSettings(k=k, n=n, m=m, iou=iou)
@@ -951,7 +955,7 @@ def watch_command(
         for i, spec in enumerate(sources):
             opened.append(open_source(spec, camera=camera[i] if camera else None, fps=fps, once=once,
                                       max_reconnects=max_reconnects))
-        predictor = Predictor(model=model, adapter=adapter, device=_device(device), checkpoint=checkpoint,
+        predictor = Predictor(model=model, adapter=adapter, device=device, checkpoint=checkpoint,
                               regions=regions, precision=precision, max_tiles=max_tiles, backend=backend, tta=tta)
         watcher = Watcher(sources=opened, detect=predictor_detector(predictor, tile=tile,
                                                                     score_threshold=score_threshold,

@@ -125,7 +125,10 @@ class Run:
             if (candidate / ADAPTER_CONFIG).exists():
                 return candidate
         hint = "train one with `loomlens train`"
-        if checkpoint == "best" and (self.path / "checkpoints" / "last" / ADAPTER_CONFIG).exists():
+        wanted = self.path / "checkpoints" / checkpoint
+        if wanted.is_dir() and any(wanted.iterdir()):  # there, but incomplete: a copy that broke off
+            hint = f"checkpoints/{checkpoint}/ lacks {ADAPTER_CONFIG}: copy the run folder again"
+        elif checkpoint == "best" and (self.path / "checkpoints" / "last" / ADAPTER_CONFIG).exists():
             hint = "no evaluation ran, so there is no best/: use --checkpoint last"
         raise FileNotFoundError(
             f"no adapter at {self.path}: expected {ADAPTER_CONFIG} there or in checkpoints/{checkpoint}/ ({hint})"

@@ -116,3 +116,17 @@ def test_every_command_that_takes_a_run_takes_it_as_run_or_adapter(tmp_path):
             result = CliRunner().invoke(app, [*command, flag, str(tmp_path / "no-run")])
             assert result.exit_code != 0 and "No such option" not in result.output, (name, flag, result.output)
             assert "no adapter at" in result.output, (name, flag, result.output)
+
+
+def test_a_file_for_out_a_missing_database_driver_and_an_absent_gpu_are_one_line_errors(tmp_path):
+    Image.new("RGB", (96, 64)).save(tmp_path / "im.png")
+    (tmp_path / "taken").write_text("x")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "im.png"), "--out", str(tmp_path / "taken")])
+    assert result.exit_code == 1 and "the output folder" in result.output and "is a file" in result.output
+    result = CliRunner().invoke(app, ["watch", str(tmp_path), "--once", "--db", "mysql://u:secret@h/db"])
+    assert result.exit_code == 1 and "needs the driver" in result.output and "secret" not in result.output
+    import torch
+
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(app, ["serve", "--device", "cuda", "--no-page"])
+        assert result.exit_code == 1 and "sees none" in result.output and "error: 1" not in result.output

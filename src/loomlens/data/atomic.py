@@ -90,3 +90,13 @@ def same_stamp(dst: str | Path, src: str | Path) -> bool:
     `atomic_copy`, which keeps it): then a re-run may keep `dst`."""
     dst = Path(dst)
     return dst.exists() and dst.stat().st_mtime_ns == Path(src).stat().st_mtime_ns
+
+
+def output_folder(path: str | Path) -> Path:
+    """Make the output folder `path` (and its parents) if missing and return it. Raises
+    ValueError, naming it, where a file stands in its place (`--out` given a file)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"the output folder {path} is a file; give a folder (a new one is made)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from loomlens.config import INFER_BATCH_SIZE
-from loomlens.data.atomic import atomic_write
+from loomlens.data.atomic import atomic_write, output_folder
 from loomlens.data.florence_text import parse_text
 from loomlens.data.jsonl import validate_split
 from loomlens.data.records import Box
@@ -221,7 +221,7 @@ def write_report(
     images = od_images(jsonl, max_images, frames_only=tile is not None)
     if not images:
         raise ValueError(f"{jsonl} has no <OD> sample to evaluate; convert the data with the od task")
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     run = run_split(model, processor, images, classes, batch_size, max_boxes, constrained, tile, views)
     truth = [e.truth for e in run.images]
     coco = split_metrics(run, classes)

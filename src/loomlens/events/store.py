@@ -192,7 +192,11 @@ class EventStore:
                                         "first, or point --events-db at the watcher's database")
             if create:
                 file.parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(self.url, pool_pre_ping=not sqlite)
+        try:
+            self.engine: Engine = create_engine(self.url, pool_pre_ping=not sqlite)
+        except ModuleNotFoundError as err:  # SQLAlchemy imports the URL's driver here
+            raise ValueError(f"the database {make_url(self.url).render_as_string()} needs the driver {err.name}, "
+                             "which is not installed: pip install it, or give a SQLite file (--db events.db)") from None
         if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         if create:

@@ -27,7 +27,7 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from loomlens.data.atomic import atomic_save_image, atomic_write
+from loomlens.data.atomic import atomic_save_image, atomic_write, output_folder
 from loomlens.infer.detection import batched
 from loomlens.model.loader import resolve_model_path
 from loomlens.predict.draw import draw_prediction
@@ -164,6 +164,34 @@ def _remove_stale(out: Path, *, coco: bool, rules: bool, drawn: set[str]) -> Non
                 picture.unlink(missing_ok=True)
 
 
+def _write_results(out: Path, records: list[dict], problems: list[Problem], predictor: Predictor, *, coco: bool,
+                   labels: LabelsOut | None, drawn: set[str] | None) -> list[str]:
+    """Write a finished run's files into `out` (`drawn`: the names of the pictures it drew,
+    None without drawing) and remove an earlier run's leftovers (`_remove_stale`); returns
+    what was written. A run that predicted nothing leaves an existing `predictions.jsonl`."""
+    written = []
+    if records or not (out / "predictions.jsonl").exists():
+        atomic_write(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        written.append("predictions.jsonl")
+    if drawn is not None and records:
+        written.append("drawn/")
+    atomic_write(out / "problems.json", json.dumps([p.as_dict() for p in problems], indent=1) + "\n")
+    written.append("problems.json")
+    if predictor.rules is not None:  # the rules these results were filtered by, kept beside them
+        save_rules(predictor.rules, out / RULES_FILE)
+        written.append(RULES_FILE)
+    if coco and records:
+        results, document = coco_results(records, predictor.loaded.classes)
+        atomic_write(out / "coco_images.json", json.dumps(document))
+        atomic_write(out / "coco_results.json", json.dumps(results))
+        written += ["coco_results.json", "coco_images.json"]
+    if labels is not None and records:
+        written += [f"{labels.out}/{name}" for name in labels.finish()]
+    if records:
+        _remove_stale(out, coco=coco, rules=predictor.rules is not None, drawn=drawn or set())
+    return written
+
+
 def predict_files(
     predictor: Predictor,
     inputs: Sequence[str | Path],
@@ -189,7 +217,7 @@ def predict_files(
     `problems.json` and the summary. Returns a summary: counts, problems, the files written."""
     out = Path(out)
     files = expand_inputs(inputs, exclude=[out, *([labels_out] if labels_out else [])])
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     records: list[dict] = []
     problems: list[Problem] = []
     used: set[str] = set()
@@ -223,26 +251,8 @@ def predict_files(
         if on_item:
             for _ in problems[failed:]:
                 on_item()
-    written = []
-    if records or not (out / "predictions.jsonl").exists():
-        atomic_write(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        written.append("predictions.jsonl")
-    if draw and records:
-        written.append("drawn/")
-    atomic_write(out / "problems.json", json.dumps([p.as_dict() for p in problems], indent=1) + "\n")
-    written.append("problems.json")
-    if predictor.rules is not None:  # the rules these results were filtered by, kept beside them
-        save_rules(predictor.rules, out / RULES_FILE)
-        written.append(RULES_FILE)
-    if coco and records:
-        results, document = coco_results(records, predictor.loaded.classes)
-        atomic_write(out / "coco_images.json", json.dumps(document))
-        atomic_write(out / "coco_results.json", json.dumps(results))
-        written += ["coco_results.json", "coco_images.json"]
-    if labels is not None and records:
-        written += [f"{labels.out}/{name}" for name in labels.finish()]
-    if records:
-        _remove_stale(out, coco=coco, rules=predictor.rules is not None, drawn=pictures if draw else set())
+    written = _write_results(out, records, problems, predictor, coco=coco, labels=labels,
+                             drawn=pictures if draw else None)
     partial.finish()
     return {"files": len(files), "items": len(records), "boxes": sum(len(r["boxes"]) for r in records),
             "resumed": len(partial.done), "problems": [p.as_dict() for p in problems], "out": str(out),

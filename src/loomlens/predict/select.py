@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from loomlens.data.atomic import atomic_open, atomic_write
+from loomlens.data.atomic import atomic_open, atomic_write, output_folder
 from loomlens.data.records import Box, iou
 from loomlens.infer.detection import batched
 from loomlens.predict.files import predict_chunk, unique_stem
@@ -681,7 +681,7 @@ def select_frames(
     signals = score_frames(predictor, iter_items(files, every, skipped), threshold=threshold, flip=flip,
                            tile=tile, problems=problems, on_item=on_item)
     problems = list({(p.source, p.frame): p for p in problems}.values())  # a frame and its mirror: once
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     written = []
     if signals:
         ranked = rank_frames(signals, n=n, weights=weights, diversity=diversity)
