@@ -1,6 +1,8 @@
 """Inputs (files, folders, globs, videos), predictions.jsonl, drawn images, COCO output."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +49,8 @@ def test_video_frames_are_sampled_with_timestamps(inputs):
 def test_inputs_expand_from_folders_and_globs(inputs):
     assert [p.name for p in expand_inputs([inputs])] == ["a.png", "clip.avi", "b.jpg"]
     assert [p.name for p in expand_inputs([str(inputs / "**" / "*.jpg"), inputs / "a.png"])] == ["b.jpg", "a.png"]
+    relative = Path(os.path.relpath(inputs / "a.png"))  # one file named two ways is one input
+    assert expand_inputs([relative, (inputs / "a.png").resolve(), inputs / "sub" / ".." / "a.png"]) == [relative]
     with pytest.raises(FileNotFoundError):
         expand_inputs([inputs / "missing*.png"])
     with pytest.raises(ValueError):

@@ -72,7 +72,10 @@ def expand_inputs(inputs: Sequence[str | Path], exclude: Sequence[str | Path] = 
             if not files:
                 raise FileNotFoundError(f"no such file, folder or matching files: {raw}")
         found += files
-    return list(dict.fromkeys(found))
+    first: dict[Path, Path] = {}  # one file named two ways (relative, absolute) is predicted once
+    for f in found:
+        first.setdefault(f.resolve(), f)
+    return list(first.values())
 
 
 def count_items(files: Sequence[Path], every: int = 1) -> int:
