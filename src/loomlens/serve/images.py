@@ -47,9 +47,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: in
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(413, "image_too_large",
-                         f"the image has too many pixels (limit {max_pixels / 1e6:g} MP): {exc}") from None
+                         f"the image has more pixels than the limit of {max_pixels / 1e6:g} MP") from None
     except UnidentifiedImageError:
         raise InputError(400, "not_an_image",
                          f"the upload is not an image loomlens reads ({', '.join(FORMATS)})") from None
