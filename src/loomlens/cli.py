@@ -306,13 +306,15 @@ def serve(
     if not loopback and not api_key:
         typer.secho(f"warning: serving on {host} without an API key; anyone who reaches this port "
                     "can run the model (set --api-key or LOOMLENS_API_KEY)", fg="yellow", err=True)
-    settings = ServeSettings(
-        host=host, port=port, api_key=api_key or None, max_queue=max_queue, max_batch=max_batch,
-        batch_wait_ms=batch_wait_ms, max_body_mb=max_body_mb,
-        max_pixels=int(max_megapixels * 1_000_000), max_side=max_side, large_cost=large_cost,
-        request_timeout_s=request_timeout_s, cors_origins=tuple(cors_origin), page=page, examples=examples,
-        examples_dir=examples_dir, events_db=events_db,
-    )
+    try:
+        settings = ServeSettings(
+            host=host, port=port, api_key=api_key or None, max_queue=max_queue, max_batch=max_batch,
+            batch_wait_ms=batch_wait_ms, max_body_mb=max_body_mb,
+            max_pixels=int(max_megapixels * 1_000_000), max_side=max_side, large_cost=large_cost,
+            request_timeout_s=request_timeout_s, cors_origins=tuple(cors_origin), page=page, examples=examples,
+            examples_dir=examples_dir, events_db=events_db)
+    except ValueError as err:
+        raise _fail(str(err)) from None
     from loomlens.model.loader import ModelLoadError
 
     device = _device(device)  # outside the try: its typer.Exit is a RuntimeError

@@ -141,6 +141,13 @@ def test_cors_answers_a_configured_origin_without_credentials(predictor):
         assert "access-control-allow-origin" not in c.get("/v1/model", headers={"Origin": "http://localhost:3000"}).headers
 
 
+@pytest.mark.parametrize("origin", ["notaurl", "https://line-3.example/", "line-3.example:8080", "https://a b"])
+def test_a_cors_origin_that_no_browser_sends_is_refused(origin):
+    with pytest.raises(ValueError, match="--cors-origin takes an origin"):
+        ServeSettings(cors_origins=("https://line-3.example:8080", origin))
+    assert ServeSettings(cors_origins=("*", "http://127.0.0.1:3000")).cors_origins[0] == "*"
+
+
 def test_small_jobs_run_between_the_tile_batches_of_a_large_one():
     """The large job's predict calls `between` after a tile batch; the small job submitted
     meanwhile is answered there, before the large one finishes."""

@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -49,6 +50,10 @@ from loomlens.serve.tasks import TASKS, TILE_MODES, Options, parse_options, regi
 log = logging.getLogger("loomlens.serve")
 
 
+#: What a browser sends as `Origin`: scheme://host[:port], nothing after it; or * for any.
+_ORIGIN = re.compile(r"\*|https?://[^/\s:?#]+(:\d{1,5})?")
+
+
 @dataclass
 class ServeSettings:
     """One deployment's settings (`loomlens serve` flags). `max_side`: longest image side kept
@@ -73,6 +78,12 @@ class ServeSettings:
     examples_dir: str | None = None
     #: The watchers' events database (path or SQLAlchemy URL) for /v1/events and the Line view.
     events_db: str | None = None
+
+    def __post_init__(self) -> None:
+        bad = [o for o in self.cors_origins if not _ORIGIN.fullmatch(o)]
+        if bad:  # the browser compares origins exactly: a path or a missing scheme never matches
+            raise ValueError(f"--cors-origin takes an origin, scheme://host[:port] (e.g. https://line.local:8080) "
+                             f"or *, not {', '.join(map(repr, bad))}")
 
     @property
     def max_body_bytes(self) -> int:
