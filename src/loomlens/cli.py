@@ -662,7 +662,8 @@ def eval_command(
     for column in ("mAP50-95", "mAP50", "mAP75", "best F1", "OK/NG AUROC", "recall @1% FA", "s/image"):
         table.add_column(column, justify="right")
     frames = metrics["image_level"]
-    table.add_row(*(f"{metrics[k]:.3f}" for k in ("map50_95", "map50", "map75", "best_f1")),
+    boxes = metrics["gt_boxes"]  # no true box: AP is undefined, not 0 (false alarms: predicted_on_negatives)
+    table.add_row(*(f"{metrics[k]:.3f}" if boxes else "n/a" for k in ("map50_95", "map50", "map75", "best_f1")),
                   *(f"{v:.3f}" if v is not None else "n/a"
                     for v in (frames["auroc"], frames["recall_at_fpr"].get("0.01"))),
                   f"{metrics['seconds_per_image']:.3f}")

@@ -100,3 +100,15 @@ def test_a_run_trained_with_the_defect_crop_is_evaluated_tiled(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "eval-val" / "metrics.json").read_text())
     assert metrics["tile"] == 256 and "256 px tiles" in (run / "eval-val" / "report.md").read_text()
+
+
+def test_a_split_without_defects_shows_map_as_undefined_not_zero(tmp_path):
+    synthesize(tmp_path / "raw", images=2, seed=1, size=(160, 90))
+    convert(tmp_path / "raw", tmp_path / "data", val_fraction=0.5)
+    val = tmp_path / "data" / "val.jsonl"
+    val.write_text("".join(json.dumps({**json.loads(line), "suffix": ""}) + "\n" for line in val.read_text().splitlines()))
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["eval", "--data", str(tmp_path / "data"), "--model", "tiny",
+                                                            "--out", str(tmp_path / "eval"), "--max-boxes", "2"])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "│" in line and any(c.isdigit() for c in line))
+    assert row.count("n/a") >= 4 and "0.000 │ 0.000" not in row, result.output
