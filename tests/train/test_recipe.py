@@ -492,3 +492,22 @@ def test_each_evaluation_logs_the_val_frames_ok_ng_auroc(make_config, small_data
     train(cfg)
     (row,) = [r for r in csv.DictReader(open(cfg.out / "metrics.csv")) if r["val_loss"]]
     assert 0.0 <= float(row["auroc"]) <= 1.0 and row["map50"] != ""
+
+
+def test_a_class_without_a_training_box_and_a_train_split_without_defects_are_warned(make_config, small_data,
+                                                                                     tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    (data / "classes.txt").write_text("drop\nwrinkle\nknot\n")  # knot: all its boxes went to val or test
+    said: list[str] = []
+    recipe.setup(make_config(data=str(data)), resume=False, log=said.append)
+    assert [line for line in said if line.startswith("warning: class")] == [
+        "warning: class(es) knot have no box in the training samples, so the run cannot learn them; convert with "
+        "--resplit, or label more images of them"]
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    (data / "train.jsonl").write_text("".join(json.dumps({**r, "suffix": ""}) + "\n" for r in rows if r["task"] == "od"))
+    said.clear()
+    recipe.setup(make_config(data=str(data), out=str(tmp_path / "clean")), resume=False, log=said.append)
+    assert any(line.startswith("warning: no training sample holds a defect box") for line in said), said

@@ -416,12 +416,27 @@ def _describe(s: Session, towers: dict[str, int]) -> None:
     if s.train_set.truncated:
         limit = s.adapter.config.text_config.max_position_embeddings
         s.say(f"warning: {s.train_set.truncated} answers are longer than the decoder's {limit} positions; cut")
+    _warn_unlearnable(s)
     small, edge = s.train_set.vanishing, s.train_set.edge
     # Not for data cut into tiles (its whole frames are kept beside them) or a cropping run.
     if small and small >= VANISHING_SHARE * s.train_set.boxes and Run(s.run_dir).tile is None:
         s.say(f"warning: {small} of {s.train_set.boxes} training boxes are under {VANISHING_PX:g} px on their "
               f"shorter side once their frames are squeezed to the model's {edge}x{edge} input, where the model "
               f"barely sees them; convert with --tile {edge} so that defects keep their pixels")
+
+
+def _warn_unlearnable(s: Session) -> None:
+    """Warn when training samples with boxes hold no box at all, or none of a class the data's
+    `classes.txt` lists: the run would spend its budget without seeing that defect (a split
+    that put them all in val or test, which `convert` reports too)."""
+    labelled = [c for c in s.train_set.classes if c is not None]  # samples that answer boxes
+    seen = frozenset().union(*labelled)
+    if labelled and not seen:
+        s.say("warning: no training sample holds a defect box, so the run can only learn 'no defect'; convert "
+              "with --resplit, or move defective images into the train split")
+    elif missing := [c for c in Run(s.run_dir).classes if labelled and c not in seen]:
+        s.say(f"warning: class(es) {', '.join(missing)} have no box in the training samples, so the run cannot "
+              "learn them; convert with --resplit, or label more images of them")
 
 
 # --- the loop's steps ------------------------------------------------------------------------
