@@ -511,3 +511,23 @@ def test_a_class_without_a_training_box_and_a_train_split_without_defects_are_wa
     said.clear()
     recipe.setup(make_config(data=str(data), out=str(tmp_path / "clean")), resume=False, log=said.append)
     assert any(line.startswith("warning: no training sample holds a defect box") for line in said), said
+
+
+def test_a_run_without_a_val_split_says_so_and_keeps_its_last_weights_as_best(make_config, small_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    (data / "val.jsonl").write_text("")  # two images converted: nothing left for val
+    said: list[str] = []
+    result = train(make_config(data=str(data), max_steps=2), log=said.append)
+    assert any(line.startswith("warning: no val split, so nothing is evaluated") for line in said), said
+    best, last = result.run_dir / "checkpoints" / "best", result.run_dir / "checkpoints" / "last"
+    assert (best / "adapter_model.safetensors").read_bytes() == (last / "adapter_model.safetensors").read_bytes()
+    assert said[-1].endswith(f"best/ is the last step (no val split); run folder {result.run_dir}")
+    # A val split of good frames only: evaluated, but blind to what matters.
+    rows = [json.loads(line) for line in (small_data / "val.jsonl").read_text().splitlines()]
+    (data / "val.jsonl").write_text("".join(json.dumps({**r, "suffix": ""}) + "\n" for r in rows if r["task"] == "od"))
+    said.clear()
+    recipe.setup(make_config(data=str(data), out=str(tmp_path / "clean-val")), resume=False, log=said.append)
+    assert any(line.startswith("warning: the val split holds no defect box") for line in said), said

@@ -183,7 +183,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
                 if s.val_set is not None and (eval_due(s, epoch_done) or stopped in ("max_steps", "time_budget")):
                     last_eval, stopped = validate_and_keep_best(s, stopped)
                 elif stopped or (cfg.save_every and s.state.step % cfg.save_every == 0):
-                    save(s)
+                    save(s, improved=s.val_set is None and bool(stopped) and stopped != "interrupted")  # unjudged
                 if stopped:
                     break
     bar.close()
@@ -204,7 +204,8 @@ def _finish(s: Session, stopped: str) -> None:
             f"{s.signalled} at step {s.state.step}: saved in {s.last_dir}; resume with "
             f"`loomlens train --resume {s.run_dir}`"
         )
-    best = f"; best/ is step {s.state.best_step}" if s.state.best_step is not None else ""
+    best = f"; best/ is step {s.state.best_step}" if s.state.best_step is not None else (
+        "; best/ is the last step (no val split)" if s.val_set is None else "")
     s.say(f"stopped ({stopped}) at step {s.state.step}{best}; run folder {s.run_dir}")
 
 
@@ -417,12 +418,25 @@ def _describe(s: Session, towers: dict[str, int]) -> None:
         limit = s.adapter.config.text_config.max_position_embeddings
         s.say(f"warning: {s.train_set.truncated} answers are longer than the decoder's {limit} positions; cut")
     _warn_unlearnable(s)
+    _warn_unjudged(s)
     small, edge = s.train_set.vanishing, s.train_set.edge
     # Not for data cut into tiles (its whole frames are kept beside them) or a cropping run.
     if small and small >= VANISHING_SHARE * s.train_set.boxes and Run(s.run_dir).tile is None:
         s.say(f"warning: {small} of {s.train_set.boxes} training boxes are under {VANISHING_PX:g} px on their "
               f"shorter side once their frames are squeezed to the model's {edge}x{edge} input, where the model "
               f"barely sees them; convert with --tile {edge} so that defects keep their pixels")
+
+
+def _warn_unjudged(s: Session) -> None:
+    """Warn when validation cannot judge the run: no val split (then `best/` is the last
+    step's weights) or one without a defect box (mAP undefined: `best/` by val loss alone, and
+    no collapse to "no defect" can be seen)."""
+    if s.val_set is None:
+        s.say("warning: no val split, so nothing is evaluated: best/ will be the last step's weights, and neither "
+              "a collapse nor a plateau can be caught; convert with a --val-fraction that leaves some images")
+    elif not any(s.val_set.classes):  # frozenset() (defect-free) and None (text) are both falsy
+        s.say("warning: the val split holds no defect box, so its mAP is undefined: best/ follows the val loss "
+              "alone and a collapse to 'no defect' cannot be seen; convert with --resplit, or label more defects")
 
 
 def _warn_unlearnable(s: Session) -> None:
