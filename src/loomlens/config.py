@@ -271,6 +271,13 @@ class TrainConfig(BaseModel):
     def _known_device(cls, value: str) -> str:
         return check_device_name(value)
 
+    @field_validator("data")
+    @classmethod
+    def _absolute_data(cls, value: Path) -> Path:
+        # Recorded in config.yaml as an absolute path, so `train --resume` from another working
+        # directory (cron, a service) finds the data, and `../data` there is the same data.
+        return value.resolve()
+
     @field_validator("augment", mode="before")
     @classmethod
     def _augment_switch(cls, value: object) -> object:

@@ -531,3 +531,20 @@ def test_a_run_without_a_val_split_says_so_and_keeps_its_last_weights_as_best(ma
     said.clear()
     recipe.setup(make_config(data=str(data), out=str(tmp_path / "clean-val")), resume=False, log=said.append)
     assert any(line.startswith("warning: the val split holds no defect box") for line in said), said
+
+
+def test_a_run_resumes_from_another_working_directory(make_config, small_data, tmp_path, monkeypatch):
+    import os
+
+    from loomlens.config import load_recorded
+
+    monkeypatch.chdir(small_data.parent)
+    cfg = make_config(data=small_data.name, max_steps=2, eval_every=0)  # relative, as typed in a shell
+    train(cfg)
+    assert yaml.safe_load((cfg.out / "config.yaml").read_text())["data"] == str(small_data.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # cron, a service: another working directory
+    again = load_recorded(cfg.out / "config.yaml", {"out": str(cfg.out), "max_steps": "3",
+                                                    "data": os.path.relpath(small_data, elsewhere)})
+    assert train(again, resume=True).state.step == 3  # the same data, spelt from here, is no change
