@@ -548,3 +548,8 @@ def test_a_run_resumes_from_another_working_directory(make_config, small_data, t
     again = load_recorded(cfg.out / "config.yaml", {"out": str(cfg.out), "max_steps": "3",
                                                     "data": os.path.relpath(small_data, elsewhere)})
     assert train(again, resume=True).state.step == 3  # the same data, spelt from here, is no change
+
+
+def test_the_progress_bar_stays_out_of_a_log_file(make_config, capsys):
+    train(make_config(max_steps=2, eval_every=0, progress=True), log=lambda _: None)
+    assert "train:" not in capsys.readouterr().err  # stderr is no terminal here, as in `train ... 2> log`

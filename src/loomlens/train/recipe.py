@@ -169,7 +169,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     s = setup(cfg, resume=resume, log=log)
     cfg = s.cfg  # with the micro-batch resolved
     main = s.accelerator.is_main_process
-    bar = tqdm(total=s.total_steps, initial=s.state.step, disable=not (main and cfg.progress), desc="train")
+    # None: tqdm draws only on a terminal, so an unattended run's log file holds no bar redrawn per step
+    bar = tqdm(total=s.total_steps, initial=s.state.step, disable=None if main and cfg.progress else True, desc="train")
     stopped, last_eval = stop_reason(s), {}
     s.model.train()
     with _signals_saved_as_stops(s):
