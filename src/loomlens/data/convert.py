@@ -305,12 +305,11 @@ def _order(items: list[tuple[ImageRecord, str]], tasks: Sequence[str], order: st
 
 def _check_out(src: Path, out: Path) -> None:
     """Refuse a source folder that does not exist, and an output folder that would overwrite
-    or hide input: a file, the conversion of
-    another source (converting the same source again replaces it), the source itself (its
-    classes.txt would be rewritten, shifting YOLO ids), a folder holding the source, or a
-    folder inside the source that holds anything but a previous conversion's output (it is
-    skipped as input, so its annotations would silently vanish). A new folder inside the
-    source is fine: later runs skip it."""
+    or hide input: a file, the conversion of another source (converting the same source again
+    replaces it), the source itself (its classes.txt would be rewritten, shifting YOLO ids), a
+    folder holding the source, or a folder inside the source that holds anything but a previous
+    conversion's output (it is skipped as input, so its annotations would silently vanish). A
+    new folder inside the source is fine: later runs skip it."""
     if not src.is_dir():
         raise ConvertError(f"source folder {src} does not exist")
     src_abs, out_abs = src.resolve(), out.resolve()
