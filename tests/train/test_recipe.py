@@ -531,6 +531,12 @@ def test_a_run_without_a_val_split_says_so_and_keeps_its_last_weights_as_best(ma
     said.clear()
     recipe.setup(make_config(data=str(data), out=str(tmp_path / "clean-val")), resume=False, log=said.append)
     assert any(line.startswith("warning: the val split holds no defect box") for line in said), said
+    # The seed's own lines name no task, so nothing says they answer boxes: no warning to give.
+    (data / "val.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "task"}) + "\n"
+                                            for r in rows))
+    said.clear()
+    recipe.setup(make_config(data=str(data), out=str(tmp_path / "seed-val")), resume=False, log=said.append)
+    assert not any("val split" in line for line in said), said
 
 
 def test_a_run_resumes_from_another_working_directory(make_config, small_data, tmp_path, monkeypatch):

@@ -435,7 +435,7 @@ def _warn_unjudged(s: Session) -> None:
     if s.val_set is None:
         s.say("warning: no val split, so nothing is evaluated: best/ will be the last step's weights, and neither "
               "a collapse nor a plateau can be caught; convert with a --val-fraction that leaves some images")
-    elif not any(s.val_set.classes):  # frozenset() (defect-free) and None (text) are both falsy
+    elif (labelled := [c for c in s.val_set.classes if c is not None]) and not any(labelled):  # none with a box
         s.say("warning: the val split holds no defect box, so its mAP is undefined: best/ follows the val loss "
               "alone and a collapse to 'no defect' cannot be seen; convert with --resplit, or label more defects")
 
