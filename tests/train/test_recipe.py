@@ -144,7 +144,7 @@ def test_time_budget_stops_after_evaluating_and_saving(make_config):
 
 def test_best_follows_val_map50_and_early_stopping_ends_the_run(make_config, monkeypatch):
     scores = iter([0.2, 0.5, 0.4, 0.3, 0.1, 0.1])
-    monkeypatch.setattr(recipe, "_detection_metrics", lambda *a: {"map50": next(scores)})
+    monkeypatch.setattr(recipe, "_detection_metrics", lambda *a, **k: {"map50": next(scores)})
     result = train(make_config(max_steps=10, eval_every=1, early_stopping=2, val_loss_max_samples=2))
     assert result.stopped == "early_stopping" and result.state.step == 4
     assert result.state.best_step == 2
@@ -333,7 +333,7 @@ def test_a_collapse_rolls_back_to_best_and_a_second_one_stops(make_config, monke
                     {"map50": 0.0, "best_f1": 0.0, "empty_on_defects": 1.0},
                     {"map50": 0.3, "best_f1": 0.3, "empty_on_defects": 0.2},
                     {"map50": 0.0, "best_f1": 0.0, "empty_on_defects": 1.0}])
-    monkeypatch.setattr(recipe, "_detection_metrics", lambda *a: next(metrics))
+    monkeypatch.setattr(recipe, "_detection_metrics", lambda *a, **k: next(metrics))
     cfg = make_config(max_steps=10, eval_every=1, val_loss_max_samples=2, guard={"max_rollbacks": 1})
     result = train(cfg)
     assert result.stopped == "collapsed" and result.state.step == 4
@@ -559,3 +559,24 @@ def test_a_run_resumes_from_another_working_directory(make_config, small_data, t
 def test_the_progress_bar_stays_out_of_a_log_file(make_config, capsys):
     train(make_config(max_steps=2, eval_every=0, progress=True), log=lambda _: None)
     assert "train:" not in capsys.readouterr().err  # stderr is no terminal here, as in `train ... 2> log`
+
+
+def test_validation_reads_as_many_boxes_as_the_densest_training_frame(make_config, small_data, tmp_path, monkeypatch):
+    import shutil
+
+    import loomlens.evaluate as evaluate
+    from loomlens.data.florence_text import boxes_to_text
+    from loomlens.data.records import Box
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    first = json.loads((data / "train.jsonl").read_text().splitlines()[0])
+    dense = [Box("drop", 2 * i, 2, 2 * i + 2, 6) for i in range(25)]  # 25 spots on one frame
+    with open(data / "train.jsonl", "a") as f:
+        f.write(json.dumps({**first, "prefix": "<OD>", "task": "od",
+                            "suffix": boxes_to_text(dense, first["width"], first["height"])}) + "\n")
+    asked = []
+    real = evaluate.evaluate_jsonl
+    monkeypatch.setattr(evaluate, "evaluate_jsonl", lambda *a, **k: asked.append(k["max_boxes"]) or real(*a, **k))
+    train(make_config(data=str(data), max_steps=2, eval_every=2, eval_max_images=4), log=lambda _: None)
+    assert asked == [25]

@@ -267,6 +267,11 @@ class FlorenceDataset(torch.utils.data.Dataset):
         return [ex.task for ex in self.examples]
 
     @property
+    def most_boxes(self) -> int:
+        """The most boxes one sample's answer holds (0 without box answers)."""
+        return max((len(ex.boxes) for ex in self.examples if ex.boxes), default=0)
+
+    @property
     def classes(self) -> list[Labels]:
         """Each sample's classes (`frozenset()`: defect-free; None: a text answer), for balancing."""
         return [ex.classes for ex in self.examples]

@@ -137,15 +137,16 @@ def split_metrics(run: EvalRun, classes: Sequence[str]):
 
 def evaluate_jsonl(
     model, processor, jsonl: Path, *, max_images: int | None = None, batch_size: int = INFER_BATCH_SIZE,
-    tile: int | None = None
+    tile: int | None = None, max_boxes: int = 20,
 ) -> dict:
     """The metrics of `split_metrics` for `model` on the `<OD>` samples of a converted split,
     large frames tiled at `tile` when given (`run_split`; the split's own tiles are then left
-    out, so that each defect counts once, in its frame). Classes come from the split's
-    `classes.txt` when present. Cheap enough for training's validation with `max_images`."""
+    out, so that each defect counts once, in its frame), at most `max_boxes` read an image.
+    Classes come from the split's `classes.txt` when present. Cheap enough for training's
+    validation with `max_images`."""
     classes = read_class_names(Path(jsonl).parent / CLASSES_FILE)
     images = od_images(jsonl, max_images, frames_only=tile is not None)
-    run = run_split(model, processor, images, classes, batch_size, tile=tile)
+    run = run_split(model, processor, images, classes, batch_size, max_boxes, tile=tile)
     return split_metrics(run, classes).metrics
 
 

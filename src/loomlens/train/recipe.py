@@ -1000,7 +1000,8 @@ def _evaluate(s: Session) -> dict[str, float]:
         run = Run(s.run_dir)
         # A cropping run's val frames are whole; data cut into tiles holds its val tiles already,
         # and tiling its whole frames too would cost each evaluation ~20 passes a line-scan strip.
-        result.update(_detection_metrics(model, s.processor, s.val_set.jsonl, cfg, run.tile if run.crop else None))
+        result.update(_detection_metrics(model, s.processor, s.val_set.jsonl, cfg, run.tile if run.crop else None,
+                                         max_boxes=max(20, s.train_set.most_boxes)))
     accelerator.wait_for_everyone()
     model.set_attn_implementation(attention)
     model.train()
@@ -1008,14 +1009,17 @@ def _evaluate(s: Session) -> dict[str, float]:
     return result
 
 
-def _detection_metrics(model, processor, jsonl: Path, cfg: TrainConfig, tile: int | None) -> dict[str, float]:
+def _detection_metrics(model, processor, jsonl: Path, cfg: TrainConfig, tile: int | None, max_boxes: int
+                       ) -> dict[str, float]:
     """mAP50 (and friends) of the `<OD>` val samples, large frames tiled at `tile` as the run
-    will predict them (`Run.tile`, for a cropping run); empty when `eval_max_images` is 0."""
+    will predict them (`Run.tile`, for a cropping run), reading up to `max_boxes` an image (the
+    most a training frame holds, or 20: a dense frame's recall is not capped); empty when
+    `eval_max_images` is 0."""
     if cfg.eval_max_images == 0:
         return {}
     from loomlens.evaluate import evaluate_jsonl
     metrics = evaluate_jsonl(model, processor, jsonl, max_images=cfg.eval_max_images, batch_size=cfg.eval_batch_size,
-                             tile=tile)
+                             tile=tile, max_boxes=max_boxes)
     keys = ("map50", "map50_95", "map75", "best_f1", "empty_on_defects")
     found = {k: float(metrics[k]) for k in keys if metrics.get(k) is not None}
     auroc = metrics["image_level"]["auroc"]  # OK/NG by the answer probability: None without good or bad frames
