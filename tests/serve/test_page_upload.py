@@ -26,3 +26,17 @@ def test_page_passes_a_16_bit_grey_frame_through_unchanged(tmp_path):
     image, size = decode_image(Path(given).read_bytes())
     assert size == (64, 32)
     assert np.asarray(image.convert("L")).std() > 20  # the ramp survived, not a white frame
+
+
+
+def test_a_bomb_is_refused_naming_the_servers_limit_only(monkeypatch):
+    import pytest
+
+    from loomlens.serve.errors import InputError
+
+    from .helpers import png_bomb
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000_000)  # what `set_pil_limit` gives the server
+    with pytest.raises(InputError) as caught:
+        decode_image(png_bomb(), max_pixels=50_000_000)
+    assert caught.value.status == 413 and caught.value.message == "the image has more pixels than the limit of 50 MP"
