@@ -64,14 +64,16 @@ def _expand_key_value_args(argv: list[str]) -> list[str]:
     return out
 
 
-def _fail(message: str, details: list[str] | None = None) -> typer.Exit:
-    """Print a user error (and up to 30 detail lines) to stderr; return the exit to raise."""
+def _fail(message: str, details: list[str] | None = None) -> SystemExit:
+    """Print a user error (and up to 30 detail lines) to stderr; return the exit to raise. A
+    `SystemExit(1)`, not `typer.Exit`: that one is a RuntimeError, which a command's own
+    `except RuntimeError` around the call would catch and report again as "error: 1"."""
     typer.secho(f"error: {message}", fg="red", err=True)
     for line in (details or [])[:30]:
         typer.echo(f"  {line}", err=True)
     if details and len(details) > 30:
         typer.echo(f"  ... and {len(details) - 30} more", err=True)
-    return typer.Exit(1)
+    return SystemExit(1)
 
 
 @app.command("convert")
@@ -317,9 +319,8 @@ def serve(
         raise _fail(str(err)) from None
     from loomlens.model.loader import ModelLoadError
 
-    device = _device(device)  # outside the try: its typer.Exit is a RuntimeError
     try:
-        predictor = Predictor(model=model, adapter=adapter, device=device, precision=precision,
+        predictor = Predictor(model=model, adapter=adapter, device=_device(device), precision=precision,
                               max_tiles=max_tiles, backend=backend, tta=tta)  # the one model load
     except (FileNotFoundError, ValueError, RuntimeError, ModelLoadError) as err:
         raise _fail(str(err)) from None
@@ -588,9 +589,8 @@ def demo_command(
     """The main job end to end on the embedded tiny model: synth -> convert -> LoRA -> evaluate."""
     from loomlens.train.demo import run_demo
 
-    device = _device(device)  # outside the try: its typer.Exit is a RuntimeError
     try:
-        report = run_demo(out, images=images, time_budget=time_budget, device=device)
+        report = run_demo(out, images=images, time_budget=time_budget, device=_device(device))
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as err:
         raise _fail(str(err)) from None
     typer.echo(report.read_text())
@@ -721,10 +721,9 @@ def predict_command(
 
     if save_labels is not None and save_labels not in LABEL_FORMATS:
         raise _fail(f"--save-labels must be one of {', '.join(LABEL_FORMATS)}, got {save_labels!r}")
-    device = _device(device)  # outside the try: its typer.Exit is a RuntimeError
     try:
         total = count_items(expand_inputs(inputs, exclude=[out, *([labels_out] if labels_out else [])]), every)
-        predictor = Predictor(model=model, adapter=adapter, device=device, max_boxes=max_boxes,
+        predictor = Predictor(model=model, adapter=adapter, device=_device(device), max_boxes=max_boxes,
                               batch_size=batch_size, checkpoint=checkpoint, regions=regions, tile_size=tile_size,
                               constrained=constrained, precision=precision, backend=backend, tta=tta)
         with Progress(transient=True) as bar, _sigterm_as_interrupt():
@@ -841,11 +840,10 @@ def select_command(
         raise _fail("select ranks frames by what a trained run is unsure of: pass --adapter RUN "
                     "(a folder `loomlens train` wrote)")
     chosen_weights = _weights(weights)
-    device = _device(device)  # outside the try: its typer.Exit is a RuntimeError
     try:
         check_weights(chosen_weights)
         total = count_items(expand_inputs(inputs, exclude=[out]), every)
-        predictor = Predictor(model=model, adapter=adapter, device=device, max_boxes=max_boxes,
+        predictor = Predictor(model=model, adapter=adapter, device=_device(device), max_boxes=max_boxes,
                               batch_size=batch_size, checkpoint=checkpoint, tile_size=tile_size,
                               constrained=constrained, precision=precision,
                               tta="off")  # disagreement with the mirrored frame is one of its measures
@@ -948,7 +946,7 @@ def watch_command(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if camera and len(camera) != len(sources):
         raise _fail(f"{len(camera)} --camera id(s) for {len(sources)} source(s): give one per source, in order")
-    opened, device = [], _device(device)  # the device outside the try: its typer.Exit is a RuntimeError
+    opened = []
     try:
         check_tta(tta)  # before any source opens
         debounce = DebounceSettings(k=k, n=n, m=m, iou=iou)
@@ -958,7 +956,7 @@ def watch_command(
         for i, spec in enumerate(sources):
             opened.append(open_source(spec, camera=camera[i] if camera else None, fps=fps, once=once,
                                       max_reconnects=max_reconnects))
-        predictor = Predictor(model=model, adapter=adapter, device=device, checkpoint=checkpoint,
+        predictor = Predictor(model=model, adapter=adapter, device=_device(device), checkpoint=checkpoint,
                               regions=regions, precision=precision, max_tiles=max_tiles, backend=backend, tta=tta)
         watcher = Watcher(sources=opened, detect=predictor_detector(predictor, tile=tile,
                                                                     score_threshold=score_threshold,
