@@ -154,6 +154,21 @@ def test_best_follows_val_map50_and_early_stopping_ends_the_run(make_config, mon
     assert [float(r["map50"]) for r in rows if r["map50"]] == [0.2, 0.5, 0.4, 0.3]
 
 
+def test_a_resumed_early_stopped_run_stays_stopped_unless_given_more_patience(make_config, monkeypatch):
+    scores = iter([0.2, 0.5, 0.4, 0.3, 0.45, 0.6])
+    monkeypatch.setattr(recipe, "_detection_metrics", lambda *a, **k: {"map50": next(scores)})
+    cfg = make_config(max_steps=10, eval_every=1, early_stopping=2, val_loss_max_samples=2)
+    assert train(cfg).stopped == "early_stopping"
+    said = []
+    again = train(cfg, resume=True, log=said.append)
+    assert again.stopped == "early_stopping" and again.state.step == 4  # no step trained past the plateau
+    assert any("already stopped (early_stopping) at step 4" in line for line in said)
+    patient = train(cfg.model_copy(update={"early_stopping": 4, "max_steps": 6}), resume=True)
+    assert patient.stopped == "max_steps" and patient.state.step == 6 and patient.state.best_step == 6
+    rows = list(csv.DictReader(open(cfg.out / "metrics.csv")))
+    assert [float(r["map50"]) for r in rows if r["map50"]] == [0.2, 0.5, 0.4, 0.3, 0.45, 0.6]
+
+
 def test_worker_processes_feed_the_same_batches(make_config, tmp_path):
     inline = train(make_config(max_steps=1, eval_every=0, out=str(tmp_path / "a")))
     workers = train(make_config(max_steps=1, eval_every=0, num_workers=1, out=str(tmp_path / "b")))

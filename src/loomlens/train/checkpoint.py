@@ -42,7 +42,8 @@ class TrainerState:
     """Where the loop is: optimizer steps done, epoch, accumulation windows done in it, the
     best evaluation so far (higher is better), the steps planned for the run, the seconds spent
     evaluating, the learning-rate
-    factor left by rollbacks and the guard's state (`loomlens.train.guard`)."""
+    factor left by rollbacks, the guard's state (`loomlens.train.guard`) and, once the guard has
+    ended the run (`early_stopping`, `collapsed`), why: a resume does not train past that."""
 
     step: int = 0
     epoch: int = 0
@@ -54,6 +55,7 @@ class TrainerState:
     eval_seconds: float = 0.0
     lr_scale: float = 1.0
     guard: dict = field(default_factory=dict)
+    stopped: str = ""
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> TrainerState:

@@ -260,9 +260,11 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
         s.state = load_checkpoint(s.last_dir, model=adapter, optimizer=optimizer, rank=accelerator.process_index,
                                   scaler=accelerator.scaler, average=s.average)
         s.guard.restore(s.state.guard)
-        if amend_config(cfg, run_dir, s.state.step, say=say) & {"time_budget", "max_steps", "epochs"}:
+        amended = amend_config(cfg, run_dir, s.state.step, say=say)
+        if amended & {"time_budget", "max_steps", "epochs"}:
             s.state.planned_steps = None  # plan the rest again, at the rate measured so far
         say(f"resumed from {s.last_dir} at step {s.state.step} (epoch {s.state.epoch})")
+        resume_stopped(s, amended)
     plan_run(s)
     if main:
         _write_run_files(cfg, run_dir, accelerator.num_processes, train_set.crop_window)
@@ -273,6 +275,19 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
     s.start = {name: p.detach().clone() for name, p in adapter.named_parameters() if p.requires_grad}
     s.start_step = s.state.step
     return s
+
+
+def resume_stopped(s: Session, amended: set[str]) -> None:
+    """A resumed run the guard had ended stays ended, saying so, unless the resume changed
+    `early_stopping` (more patience, or off) after a plateau: another evaluation would only
+    repeat the verdict, and after a collapse the run already ended on best/'s weights."""
+    why = s.state.stopped
+    if why == "early_stopping" and "early_stopping" in amended:
+        s.state.stopped = ""  # the guard counts the evaluations since the best against the new patience
+    elif why:
+        more = ("resume with early_stopping=<more evaluations> (or 0, off) to train on" if why == "early_stopping"
+                else "start a new run (--out) with a lower lr to try again")
+        s.say(f"this run had already stopped ({why}) at step {s.state.step}: nothing to train; {more}")
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -643,8 +658,14 @@ def log_step(s: Session, bar, *, loss: float, lr: float, grad_norm: float | None
                        "train_loss": loss, "grad_norm": grad_norm})
 
 
+#: The stops the guard makes: a resume keeps them (`resume_stopped`).
+GUARD_STOPS = ("early_stopping", "collapsed")
+
+
 def stop_reason(s: Session) -> str:
     """Why the run stops after this step ("" if it goes on)."""
+    if s.state.stopped:
+        return s.state.stopped
     if s.state.step >= s.total_steps:
         return "max_steps" if s.nominal_steps is not None and s.total_steps >= s.nominal_steps else "time_budget"
     if s.cfg.time_budget and s.state.train_seconds >= s.cfg.time_budget:
@@ -686,6 +707,7 @@ def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], 
     elif verdict.action == "plateau" and not stopped:
         event(s, verdict.reason)
         stopped = "early_stopping"
+    state.stopped = stopped if stopped in GUARD_STOPS else ""
     save(s, improved=improved)
     return result, stopped
 
