@@ -64,6 +64,15 @@ def test_tile_rules_and_tasks_from_the_training_data(run, tmp_path, monkeypatch)
     assert Run(run).tasks == {"od"}  # no data found: od
 
 
+def test_most_boxes_one_image_of_any_split_holds(run):
+    """What eval and predict read an image by default (`LoadedModel.max_boxes`, at least 20)."""
+    assert Run(run).most_boxes is None  # no summary: a bare adapter, or seed lines never converted
+    (run / DATA_SUMMARY).write_text('{"splits": {"train": {"images": 4}}}')
+    assert Run(run).most_boxes is None  # a summary from before it was kept
+    (run / DATA_SUMMARY).write_text('{"splits": {"train": {"most_boxes": 7}, "val": {"most_boxes": 31}, "test": {}}}')
+    assert Run(run / "checkpoints" / "last").most_boxes == 31
+
+
 def test_a_run_that_cropped_tiles_at_its_window_in_predict_and_eval(run):
     # No crop record (no crop, no large frame, or a run from before the crop): whole frames.
     assert Run(run).crop is None and Run(run).tile is None

@@ -606,7 +606,8 @@ def eval_command(
     split: str = typer.Option("val", help="Split to evaluate: val or test."),
     out: Path | None = typer.Option(None, help="Report folder (default: RUN/eval-SPLIT, else runs/eval-SPLIT)."),
     batch_size: int = typer.Option(INFER_BATCH_SIZE, min=1, help="Images per generation batch."),
-    max_boxes: int = typer.Option(20, min=1, help="Most boxes read per image (sets the token budget)."),
+    max_boxes: int | None = typer.Option(None, min=1, help="Most boxes read per image, which sets the token budget "
+                                         "(default: the most one image of the run's data holds, at least 20)."),
     max_images: int | None = typer.Option(None, min=1, help="Evaluate only the first N images."),
     constrained: bool | None = typer.Option(None, "--constrained/--no-constrained", help="Decode <OD> through the "
                                             "class grammar (default: on when the run has classes; --no-constrained "
@@ -652,8 +653,8 @@ def eval_command(
              "precision": loaded.precision}
     try:
         metrics = write_report(loaded.model, loaded.processor, jsonl, out, classes=loaded.classes,
-                               batch_size=batch_size, max_boxes=max_boxes, constrained=constrained,
-                               max_images=max_images, extra=extra, tile=tile, views=views)
+                               batch_size=batch_size, max_boxes=max_boxes or loaded.max_boxes,
+                               constrained=constrained, max_images=max_images, extra=extra, tile=tile, views=views)
     except ValueError as err:  # e.g. --constrained with no classes.txt in the run or the split
         raise _fail(str(err)) from None
     table = Table(title=f"{metrics['images']} images of {jsonl}" + (" (constrained)" if constrained else "")
@@ -695,7 +696,8 @@ def predict_command(
     labels_out: Path | None = typer.Option(None, help="Folder for --save-labels (default OUT/labels-FORMAT); "
                                            "annotation files already there are kept, never overwritten."),
     draw: bool = typer.Option(True, help="Write drawn images to OUT/drawn/."),
-    max_boxes: int = typer.Option(20, min=1, help="Most boxes read per image."),
+    max_boxes: int | None = typer.Option(None, min=1, help="Most boxes read per image (default: the most one "
+                                         "image of the run's data holds, at least 20)."),
     batch_size: int = typer.Option(INFER_BATCH_SIZE, min=1, help="Images per generation batch."),
     constrained: bool | None = typer.Option(None, "--constrained/--no-constrained", help="Decode <OD> through the "
                                             "run's class grammar (default: on when the run has classes; "
@@ -815,7 +817,8 @@ def select_command(
     every: int = typer.Option(1, min=1, help="For videos: consider every N-th frame."),
     tile: str = typer.Option("auto", help="Tiled detection on large frames: auto, on or off."),
     tile_size: int | None = typer.Option(None, min=32, help="Tile edge in pixels (default: the run's)."),
-    max_boxes: int = typer.Option(20, min=1, help="Most boxes read per frame."),
+    max_boxes: int | None = typer.Option(None, min=1, help="Most boxes read per frame (default: the most one "
+                                         "image of the run's data holds, at least 20)."),
     batch_size: int = typer.Option(INFER_BATCH_SIZE, min=1, help="Images per generation batch."),
     constrained: bool | None = typer.Option(None, "--constrained/--no-constrained", help="Decode <OD> through the "
                                             "run's class grammar (default: on when the run has classes)."),

@@ -95,6 +95,15 @@ class Run:
         return cut or self.crop
 
     @property
+    def most_boxes(self) -> int | None:
+        """The most boxes one image (or tile) of the run's converted data holds, any split
+        (`data_summary.json`); None for a bare adapter or a summary from before it was kept."""
+        summary = self.folder / DATA_SUMMARY if self.folder else None
+        splits = json.loads(summary.read_text()).get("splits", {}) if summary and summary.exists() else {}
+        counts = [s["most_boxes"] for s in splits.values() if "most_boxes" in s]
+        return max(counts) if counts else None
+
+    @property
     def views(self) -> tuple[str, ...]:
         """The mirrors the run was trained on, as `infer.tta` views: "" (as is), "h" when its
         pictures were mirrored left-right (online augmentation, or `convert --flip` copies),

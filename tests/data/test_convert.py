@@ -162,6 +162,7 @@ def test_summary_counts(tmp_path, records):
     assert summary["images"] == 3 and summary["negatives"] == 1
     assert summary["boxes_per_class"] == {"Broken Weft": 1, "broken-weft": 1, "drop": 1, "wrinkle": 1}
     assert summary["splits"]["train"]["samples_per_task"] == {"od": 3, "caption": 3}
+    assert summary["splits"]["train"]["most_boxes"] == max(len(r.boxes) for r in records) > 1  # eval's default
     assert summary["problems"] == []
     assert not (out / "test.jsonl").exists()
 

@@ -13,9 +13,10 @@ def test_eval_command_writes_the_report(tmp_path):
     synthesize(tmp_path / "raw", images=4, seed=1, size=(160, 90))
     convert(tmp_path / "raw", tmp_path / "data", val_fraction=0.5)
     result = CliRunner().invoke(app, ["eval", "--data", str(tmp_path / "data"), "--model", "tiny",
-                                      "--out", str(tmp_path / "eval"), "--max-boxes", "2"])
+                                      "--out", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["max_boxes"] == 20  # no run, so no densest frame known: the floor
     assert metrics["model"] == "tiny" and metrics["split"] == "val" and "map50" in metrics
     assert (tmp_path / "eval" / "report.md").exists()
     assert "recall @1% FA" in result.output.replace("\n", " ") or "recall @1%" in result.output

@@ -72,7 +72,9 @@ def test_adapter_from_a_run_folder(tmp_path, image):
     (run / "config.yaml").write_text(yaml.safe_dump({"model": "tiny", "tasks": ["od"], "data": "nowhere"}))
     (run / "classes.txt").write_text("drop\nwrinkle\n")
     (run / "regions.yaml").write_text("min_score: 0.5\n")
+    (run / "data_summary.json").write_text('{"splits": {"train": {"most_boxes": 31}}}')
     p = Predictor(adapter=run, max_boxes=2, text_tokens=8, constrained=True)
+    assert p.loaded.max_boxes == 31 and p.max_boxes == 2  # the run's densest frame, unless given
     # Merged once at load: a plain Florence-2 answers, no peft layers in the way.
     assert not any("lora_" in name for name, _ in p.loaded.model.named_parameters())
     info = p.info()

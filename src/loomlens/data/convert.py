@@ -95,7 +95,8 @@ class ConvertReport:
     unlabelled_clean: bool  # images no annotation names kept as negatives (else left out, each a problem)
     boxes_per_class: dict[str, int]
     # split -> {"images": n (flipped copies and tiles included), "samples": n, "tiles": n,
-    #           "tile_samples": n, "boxes_per_class": {...}, "samples_per_task": {...}}
+    #           "tile_samples": n, "boxes_per_class": {...}, "most_boxes": n (one image's or tile's),
+    #           "samples_per_task": {...}}
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
     # how the split was made: {"resplit", "group_by", "kept": the dataset's own split kept (images
     # per split), "drawn": images split at random, "groups": group -> {"split", "images"}}
@@ -535,6 +536,7 @@ def _split_stats(
         "tiles": sum(image in tiles for _, image in items),
         "tile_samples": sum(s["image"] in tiles for s in samples),
         "boxes_per_class": dict(sorted(Counter(b.label for r, _ in items for b in r.boxes).items())),
+        "most_boxes": max((len(r.boxes) for r, _ in items), default=0),  # what eval and predict read an image by default
         "samples_per_task": dict(Counter(s["task"] for s in samples)),
     }
 

@@ -141,6 +141,10 @@ def label_token_count(tokenizer, classes: Sequence[str]) -> int:
     return max(lengths, default=DEFAULT_LABEL_TOKENS)
 
 
+#: The boxes an answer is read for when neither the caller nor the run says more.
+MAX_BOXES = 20
+
+
 def box_token_budget(max_boxes: int, label_tokens: int = DEFAULT_LABEL_TOKENS) -> int:
     """`max_new_tokens` for an answer of up to `max_boxes` boxes: each box is its label plus
     four `<loc_N>`, and the answer is wrapped in `<s>` ... `</s>`."""

@@ -22,6 +22,7 @@ import torch
 
 from loomlens.data.tasks import TASKS
 from loomlens.infer.attention import use_shape_aware_attention
+from loomlens.infer.generation import MAX_BOXES
 from loomlens.model import load_model
 from loomlens.model.loader import EMBEDDED, resolve_model_path
 from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory
@@ -71,8 +72,9 @@ class LoadedModel:
     run, may be empty), `trained_tasks` (tasks base or adapter was trained for), `tile_size`
     (`Run.tile`: the tile edge the run's data was cut to by `convert --tile`, else its defect
     crop's window, else None), `views` (`Run.views`: the mirrors it was trained on), `precision`
-    (the weights' dtype once made ready for inference, else None) and `rules` (the run's
-    region rules file, else None)."""
+    (the weights' dtype once made ready for inference, else None), `rules` (the run's
+    region rules file, else None) and `max_boxes` (the boxes an answer is read for by default:
+    as many as one image of the run's data holds, `Run.most_boxes`, and at least `MAX_BOXES`)."""
 
     model: object
     processor: object
@@ -85,6 +87,7 @@ class LoadedModel:
     precision: str | None = None
     rules: Path | None = None
     views: tuple[str, ...] = ("",)
+    max_boxes: int = MAX_BOXES
 
 
 def base_tasks(base: str) -> frozenset[str]:
@@ -143,5 +146,5 @@ def _load(model: str | None, run: Run, checkpoint: str, device: str) -> LoadedMo
     return LoadedModel(
         net, processor, name, adapter=folder, run=run.folder, classes=run.classes,
         trained_tasks=base_tasks(name) | run.tasks, tile_size=run.tile, rules=run.rules,
-        views=run.views,
+        views=run.views, max_boxes=max(MAX_BOXES, run.most_boxes or 0),
     )

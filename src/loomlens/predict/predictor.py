@@ -141,7 +141,7 @@ class Predictor:
         model: str | None = None,
         adapter: str | Path | None = None,
         device: str = "cpu",
-        max_boxes: int = 20,
+        max_boxes: int | None = None,
         batch_size: int = INFER_BATCH_SIZE,
         checkpoint: str = "best",
         regions: str | Path | RegionRules | None = None,
@@ -170,7 +170,7 @@ class Predictor:
         self.backend = backend
         self.precision = self.loaded.precision
         self.device = device
-        self.max_boxes = max_boxes
+        self.max_boxes = max_boxes or self.loaded.max_boxes
         self.batch_size = batch_size
         self.overlap = overlap
         self.max_tiles = max_tiles

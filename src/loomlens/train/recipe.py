@@ -48,6 +48,7 @@ from loomlens.data.dataset import (
 )
 from loomlens.data.sampling import Balance
 from loomlens.data.tiles import VANISHING_PX, VANISHING_SHARE
+from loomlens.infer.generation import MAX_BOXES
 from loomlens.model.folded_lora import fold_lora
 from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, trainable_by_tower
 from loomlens.model.memory import enable_gradient_checkpointing, smaller_micro_batch
@@ -1023,7 +1024,7 @@ def _evaluate(s: Session) -> dict[str, float]:
         # A cropping run's val frames are whole; data cut into tiles holds its val tiles already,
         # and tiling its whole frames too would cost each evaluation ~20 passes a line-scan strip.
         result.update(_detection_metrics(model, s.processor, s.val_set.jsonl, cfg, run.tile if run.crop else None,
-                                         max_boxes=max(20, s.train_set.most_boxes)))
+                                         max_boxes=max(MAX_BOXES, run.most_boxes or 0, s.train_set.most_boxes)))
     accelerator.wait_for_everyone()
     model.set_attn_implementation(attention)
     model.train()
