@@ -35,6 +35,17 @@ BACKEND_HELP = ("torch, or onnx: run a folder `loomlens export` wrote (pass it a
 TTA_HELP = ("Test-time augmentation of od: auto (also look through the mirrors the run was trained on and fuse "
             "the boxes: more accurate; four views, the default recipe's, take 3-4x the time), on (all four views), "
             "off (once, fastest). Scores change with it: take thresholds from `eval` with the same --tta.")
+@app.callback()
+def _before_any_command() -> None:
+    """Settings of the whole process, from the environment: the pixel limit for large frames."""
+    from loomlens.data.sanitize import apply_pixel_limit
+
+    try:
+        apply_pixel_limit()
+    except ValueError as err:
+        raise _fail(str(err)) from None
+
+
 PRECISION_HELP = ("Weights' dtype: auto (bf16 where the device computes it natively: AMX or AVX512-BF16 "
                   "CPUs, recent GPUs; else fp32), fp32 or bf16.")
 

@@ -82,3 +82,25 @@ def test_the_png_maker_makes_a_real_png(tmp_path):
     (tmp_path / "p.png").write_bytes(one_colour_png(5, 3))
     with Image.open(tmp_path / "p.png") as im:
         assert im.size == (5, 3) and im.getextrema() == (0, 0)
+
+
+def test_a_real_frame_over_the_limit_converts_once_the_limit_is_raised(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from loomlens.cli import app
+    from loomlens.predict.sources import read_image
+
+    src = voc_dataset(tmp_path / "src", ["a.jpg"])
+    Image.new("RGB", (200, 100)).save(tmp_path / "big.jpg")
+    _annotate(src, tmp_path / "big.jpg", (200, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # big.jpg: 20,000 pixels, past twice that: PIL's error
+    (problem,) = convert(src, tmp_path / "refused", val_fraction=0).problems
+    assert "set LOOMLENS_MAX_MEGAPIXELS above its size" in problem.message and "LOOMLENS_MAX_MEGAPIXELS" in problem.fix
+    with pytest.raises(ValueError, match="big.jpg is over the limit .* set LOOMLENS_MAX_MEGAPIXELS"):
+        read_image(src / "images" / "big.jpg")  # predict's reader says the same
+    command = ["convert", str(src), str(tmp_path / "out"), "--val-fraction", "0"]
+    result = CliRunner().invoke(app, command, env={"LOOMLENS_MAX_MEGAPIXELS": "0.03"})  # 30,000 pixels
+    assert result.exit_code == 0, result.output
+    assert "big.jpg" in (tmp_path / "out" / "train.jsonl").read_text()
+    result = CliRunner().invoke(app, command, env={"LOOMLENS_MAX_MEGAPIXELS": "lots"})
+    assert result.exit_code == 1 and "must be a positive number of megapixels" in result.output

@@ -5,6 +5,7 @@ reading their size, and turning raw coordinates into clean boxes. Each check ret
 from __future__ import annotations
 
 import math
+import os
 import re
 import struct
 import warnings
@@ -128,6 +129,34 @@ class ImageTooLarge(BadImage):
     a small file that would unpack to gigabytes."""
 
 
+#: The environment variable that raises (or lowers) the pixel limit, in megapixels: a line-scan
+#: camera's frames can be larger than PIL's default of ~89 MP, a bomb's limit, not a camera's.
+PIXEL_LIMIT_ENV = "LOOMLENS_MAX_MEGAPIXELS"
+
+
+def apply_pixel_limit() -> None:
+    """Set PIL's pixel limit (`Image.MAX_IMAGE_PIXELS`, process-wide) from `PIXEL_LIMIT_ENV`
+    when it is set; the command line calls this once before any command. Raises ValueError for
+    a value that is not a positive number."""
+    given = os.environ.get(PIXEL_LIMIT_ENV, "").strip()
+    if not given:
+        return
+    try:
+        megapixels = float(given)
+    except ValueError:
+        megapixels = 0.0
+    if not math.isfinite(megapixels) or megapixels <= 0:
+        raise ValueError(f"{PIXEL_LIMIT_ENV} must be a positive number of megapixels, e.g. 300; got {given!r}")
+    Image.MAX_IMAGE_PIXELS = int(megapixels * 1e6)
+
+
+def too_large(what: str) -> str:
+    """The message for an image over the pixel limit, with how to raise the limit."""
+    limit = (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+    return (f"{what} is over the limit of {limit:.0f} megapixels (a decompression bomb? a real frame: "
+            f"set {PIXEL_LIMIT_ENV} above its size)")
+
+
 # What PIL's decoders raise on hostile bytes besides OSError (a bad PNG CRC is a SyntaxError).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
@@ -142,10 +171,8 @@ def open_image(path: Path, decode: bool = False) -> Iterator[Image.Image]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        limit = (Image.MAX_IMAGE_PIXELS or 0) / 1e6
-        raise ImageTooLarge(f"{path.name!r} is over the limit of {limit:.0f} megapixels "
-                            f"(a decompression bomb?): {err}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLarge(too_large(repr(path.name))) from None
     except _DECODE_ERRORS as err:
         raise BadImage(f"cannot open {path.name!r}: {err}") from err
     with im:
@@ -225,7 +252,7 @@ def image_size(
     except ImageTooLarge as err:
         return None, Problem(
             file=file, line=line, image=str(path), message=f"image {err}; skipped",
-            fix="downscale the image, or cut it into tiles before annotating",
+            fix=f"a real frame: run again with {PIXEL_LIMIT_ENV} (megapixels) above its size; else remove it",
         )
     except BadImage as err:
         return None, Problem(

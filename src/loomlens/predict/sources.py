@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFile
 
-from loomlens.data.sanitize import to_rgb
+from loomlens.data.sanitize import to_rgb, too_large
 from loomlens.predict.video import ends_short, frame_count, is_video, read_frames
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -92,7 +92,9 @@ def read_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             return to_rgb(im)  # decodes every pixel: a truncated file fails here
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        raise ValueError(too_large(str(path))) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{path} cannot be decoded ({exc}): re-copy or re-export it") from None
 
 
