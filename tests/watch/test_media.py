@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from loomlens.data.records import Box
 from loomlens.watch import Retention
-from loomlens.watch.media import crop
+from loomlens.watch.media import crop, picture_paths
 
 
 def test_crop_keeps_context_and_stays_inside() -> None:
@@ -19,20 +20,48 @@ def test_crop_keeps_context_and_stays_inside() -> None:
     assert crop(image, Box("hole", 0, 0, 10, 10)).size == (38, 38)  # at least 64 wide, cut by the edge
 
 
-def test_retention_removes_old_then_oldest(tmp_path) -> None:
+def test_retention_removes_old_then_oldest_and_only_event_pictures(tmp_path) -> None:
     folder = tmp_path / "media" / "loom1"
     folder.mkdir(parents=True)
     now = time.time()
-    for i, age_days in enumerate([40, 10, 5, 1, 0]):
-        path = folder / f"{i}.jpg"
-        path.write_bytes(b"x" * 400_000)
-        os.utime(path, (now - age_days * 86400, now - age_days * 86400))
+    names = []
+    for age_days in [40, 10, 5, 1, 0]:
+        frame, _ = picture_paths(tmp_path / "media", "loom1")
+        names.append(Path(frame).name)
+        Path(frame).write_bytes(b"x" * 400_000)
+        os.utime(frame, (now - age_days * 86400, now - age_days * 86400))
+    others = [folder / "calibration.yaml", tmp_path / "media" / "roll-report.xlsx", folder / "0.jpg"]
+    for path in others:  # the plant's own files in the same folder: old and large, and kept
+        path.write_bytes(b"y" * 400_000)
+        os.utime(path, (now - 60 * 86400, now - 60 * 86400))
     retention = Retention(tmp_path / "media", keep_days=30, keep_mb=1.0)
-    assert retention.prune() == 3  # 0 is too old; 1 and 2 go for size (1 MB holds two files)
-    assert sorted(p.name for p in folder.iterdir()) == ["3.jpg", "4.jpg"]
+    assert retention.prune() == 3  # the 40-day one is too old; the next two go for size (1 MB holds two)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*names[3:], "calibration.yaml", "0.jpg"])
+    assert all(path.exists() for path in others)
 
 
 @pytest.mark.parametrize("bad", [{"keep_days": 0}, {"keep_mb": -1}])
 def test_bad_retention_is_refused(tmp_path, bad) -> None:
     with pytest.raises(ValueError, match="keep"):
         Retention(tmp_path, **bad)
+
+
+def test_a_picture_disk_that_fails_records_the_event_without_pictures(tmp_path, caplog) -> None:
+    import threading
+
+    from loomlens.events import EventStore
+    from loomlens.watch import DebounceSettings, Watcher, open_source
+
+    from .test_folder_restart import _frames
+    from .test_stream_reconnect import bright_boxes
+
+    _frames(tmp_path / "frames", 4)
+    (tmp_path / "media").write_text("a file where the picture folder should be")  # as a full or unmounted disk fails
+    store = EventStore(tmp_path / "events.db")
+    source = open_source(str(tmp_path / "frames"), camera="loom 1", fps=100, once=True)
+    stats = Watcher(sources=[source], detect=bright_boxes, store=store, media=tmp_path / "media",
+                    debounce=DebounceSettings(k=1, n=1, m=1)).run(threading.Event())
+    assert stats["frames"] == 4 and stats["events"] == 2 and not stats["failed"]
+    events, total = store.query(limit=10)
+    assert total == 2 and all(e.frame_path is None and e.crop_path is None for e in events)
+    assert "recorded without them" in caplog.text

@@ -11,7 +11,9 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import time
+import uuid
 from pathlib import Path
 
 from PIL import Image
@@ -20,6 +22,18 @@ from loomlens.data.atomic import atomic_open
 from loomlens.data.records import Box
 
 log = logging.getLogger("loomlens.watch")
+
+
+#: The names the watcher gives event pictures (`picture_paths`). Retention removes only files so
+#: named, so a --media folder that also holds other files (reports, a camera's calibration)
+#: loses nothing else.
+_PICTURE = re.compile(r"[0-9a-f]{32}-(frame|crop)\.jpg")
+
+
+def picture_paths(folder: Path, camera: str) -> tuple[str, str]:
+    """Fresh (frame, crop) JPEG paths for one event of `camera` under `folder`."""
+    stem = folder / camera / uuid.uuid4().hex
+    return f"{stem}-frame.jpg", f"{stem}-crop.jpg"
 
 
 def jpeg(image: Image.Image, quality: int = 85) -> bytes:
@@ -47,8 +61,9 @@ def write_jpeg(path: Path, data: bytes) -> None:
 
 
 class Retention:
-    """Keeps `folder` within `keep_days` (older files go) and `keep_mb` (oldest go first until
-    under), checked at most every `every_s` seconds. None: no limit of that kind."""
+    """Keeps the event pictures in `folder` within `keep_days` (older ones go) and `keep_mb`
+    (oldest go first until under), checked at most every `every_s` seconds. None: no limit of
+    that kind. Only the watcher's own pictures count and go (`picture_paths`)."""
 
     def __init__(self, folder: Path, *, keep_days: float | None = 30.0, keep_mb: float | None = 2048.0,
                  every_s: float = 60.0):
@@ -68,11 +83,11 @@ class Retention:
         return self.prune()
 
     def prune(self) -> int:
-        """Remove JPEGs past the age limit, then the oldest until the folder fits the size
+        """Remove event pictures past the age limit, then the oldest until they fit the size
         limit. Returns the files removed."""
         files = []
         for root, _dirs, names in os.walk(self.folder):
-            for name in names:
+            for name in filter(_PICTURE.fullmatch, names):
                 path = Path(root) / name
                 try:
                     st = path.stat()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,7 +24,7 @@ from loomlens.data.records import Box
 from loomlens.events.store import Event, EventStore, Mark, VideoMark
 from loomlens.watch.alerts import Alerter
 from loomlens.watch.debounce import Change, DebounceSettings, Debouncer, Track
-from loomlens.watch.media import Retention, crop, jpeg, write_jpeg
+from loomlens.watch.media import Retention, crop, jpeg, picture_paths, write_jpeg
 from loomlens.watch.sources import END, Frame
 
 log = logging.getLogger("loomlens.watch")
@@ -208,11 +207,14 @@ class Watcher:
         if snap is None or self.media is None:
             return {}
         if track.id not in cam.paths:
-            stem = self.media / camera / uuid.uuid4().hex
-            cam.paths[track.id] = (f"{stem}-frame.jpg", f"{stem}-crop.jpg")
+            cam.paths[track.id] = picture_paths(self.media, camera)
         frame_path, crop_path = cam.paths[track.id]
-        write_jpeg(Path(frame_path), snap.full)
-        write_jpeg(Path(crop_path), snap.crop)
+        try:
+            write_jpeg(Path(frame_path), snap.full)
+            write_jpeg(Path(crop_path), snap.crop)
+        except OSError as err:  # a full or unmounted picture disk must not stop the line's record
+            log.error("cannot write the event's pictures (%s); the event is recorded without them", err)
+            return {}
         return {"frame_path": frame_path, "crop_path": crop_path}
 
     def _apply(self, frame: Frame, cam: _Camera, change: Change) -> None:
