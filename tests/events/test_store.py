@@ -133,3 +133,14 @@ def test_postgresql_store(postgres_url) -> None:
     other_watcher.close()
     _exercise_marks(store)
     store.close()
+
+
+@pytest.mark.parametrize(("where", "why"), [("notes.txt", "file is not a database"),
+                                            ("folder", "unable to open database file"),
+                                            ("notes.txt/events.db", "File exists")])
+def test_a_database_path_that_is_no_database_is_a_one_line_error(tmp_path, where, why):
+    (tmp_path / "notes.txt").write_text("the shift's notes, not a database\n")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match=f"cannot open the events database .*{why}.*--db events.db"):
+        EventStore(tmp_path / where)
+    assert (tmp_path / "notes.txt").read_text() == "the shift's notes, not a database\n"

@@ -32,7 +32,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 metadata = MetaData()
 
@@ -190,17 +190,22 @@ class EventStore:
             if not create and not file.exists():
                 raise FileNotFoundError(f"no events database at {file}: start `loomlens watch --db {file}` "
                                         "first, or point --events-db at the watcher's database")
-            if create:
-                file.parent.mkdir(parents=True, exist_ok=True)
+        shown = make_url(self.url).render_as_string()  # the password masked
         try:
+            if sqlite and create:
+                file.parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(self.url, pool_pre_ping=not sqlite)
+            if sqlite:
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            if create:
+                metadata.create_all(self.engine)
         except ModuleNotFoundError as err:  # SQLAlchemy imports the URL's driver here
-            raise ValueError(f"the database {make_url(self.url).render_as_string()} needs the driver {err.name}, "
-                             "which is not installed: pip install it, or give a SQLite file (--db events.db)") from None
-        if sqlite:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        if create:
-            metadata.create_all(self.engine)
+            raise ValueError(f"the database {shown} needs the driver {err.name}, which is not installed: "
+                             "pip install it, or give a SQLite file (--db events.db)") from None
+        except (OSError, SQLAlchemyError) as err:  # a folder or another file where the database should be, ...
+            why = getattr(err, "orig", None) or err
+            raise ValueError(f"cannot open the events database {shown}: {why}; give a new or existing SQLite file "
+                             "(--db events.db) or a database URL that is reachable") from None
 
     def close(self) -> None:
         """Release the database connections."""
