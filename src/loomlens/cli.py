@@ -545,7 +545,7 @@ def merge_command(
 
     try:
         path = merge_adapter(run, out, checkpoint, base=model, dtype=dtype)
-    except (FileExistsError, FileNotFoundError, ModelLoadError, ValueError) as err:
+    except (OSError, ModelLoadError, ValueError, RuntimeError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"merged model in {path}: Florence2ForConditionalGeneration.from_pretrained({str(path)!r})")
 
@@ -575,7 +575,10 @@ def export_command(
     from loomlens.model.loader import ModelLoadError
 
     if not Path(run).exists():  # a base model name: export the base alone
-        run, model = None, model or run
+        if model is not None:
+            raise _fail(f"no run folder at {run} (to export a base model alone, name it in place of the run: "
+                        f"`loomlens export {model} {out}`)")
+        run, model = None, run
     try:
         checks = export_onnx(run=run, out=out, model=model, checkpoint=checkpoint, opset=opset, int8=int8,
                              frames=check_frames, box_bins=box_bins, score_tol=score_tol, log=typer.echo)

@@ -300,6 +300,9 @@ def test_refusals(exported, tmp_path) -> None:
     assert (exported / MANIFEST).is_file()  # the earlier export is untouched
     assert runner.invoke(app, ["export", "tiny", str(tmp_path / "x"), "--format", "tflite"]).exit_code == 1
     assert "opset" in runner.invoke(app, ["export", "tiny", str(tmp_path / "y"), "--opset", "9"]).output
+    typo = runner.invoke(app, ["export", str(tmp_path / "rnu1"), str(tmp_path / "z"), "--model", "tiny"])
+    assert typo.exit_code == 1 and "no run folder at" in typo.output  # never the untrained base, quietly
+    assert not (tmp_path / "z").exists()
     from loomlens.predict import Predictor
 
     with pytest.raises(FileNotFoundError, match="not an ONNX export"):

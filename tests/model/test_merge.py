@@ -95,3 +95,43 @@ def test_merge_stores_half_precision_by_default_with_every_checkpoint_file(base_
     assert Florence2ForConditionalGeneration.from_pretrained(bf16).lm_head.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="fp16, bf16, fp32"):
         merge_adapter(tmp_path / "run", tmp_path / "merged-x", dtype="int8")
+
+
+def test_a_merged_folder_keeps_its_classes_and_a_remerge_replaces_it_whole(base_dir, tmp_path, monkeypatch):
+    from loomlens.infer.loading import load_for_inference
+    from loomlens.model import merge
+
+    fake_run(base_dir, tmp_path / "run", dora=False)
+    out = merge_adapter(tmp_path / "run", tmp_path / "merged", dtype="fp32")
+    # predict, eval and watch --model MERGED decode through the run's classes, as with --adapter RUN
+    assert load_for_inference(model=str(out)).classes == ["drop", "wrinkle"]
+    assert load_for_inference(model=str(base_dir)).classes == []
+    # A kill between the two renames of a re-merge: the earlier merge is set aside, not lost.
+    renames = []
+
+    def killed_after_the_first(tmp, path):
+        path.rename(path.parent / f".{path.name}.old")
+        renames.append(tmp)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge, "swap_in_folder", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        merge_adapter(tmp_path / "run", out, dtype="bf16")
+    assert not out.exists() and renames
+    monkeypatch.undo()
+    merge_adapter(tmp_path / "run", out, dtype="bf16")  # puts the earlier one back, then replaces it whole
+    assert '"dtype": "bf16"' in (out / "loomlens_merge.json").read_text()
+    assert not list(tmp_path.glob(".merged.*"))
+
+
+def test_merge_refuses_a_file_for_out_and_a_base_other_than_the_runs(base_dir, tmp_path):
+    fake_run(base_dir, tmp_path / "run", dora=False)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        merge_adapter(tmp_path / "run", tmp_path / "afile")
+    with pytest.raises(ValueError, match="trained on base .* not 'tiny'.*Drop --model"):
+        merge_adapter(tmp_path / "run", tmp_path / "merged", base="tiny")
+    # The same base named another way, or a recorded base that is not on this machine, is taken.
+    assert merge_adapter(tmp_path / "run", tmp_path / "merged", base=f"{base_dir}/../{base_dir.name}").exists()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"model": "/elsewhere/florence", "data": "d"}))
+    assert merge_adapter(tmp_path / "run", tmp_path / "m2", base=str(base_dir), dtype="fp32").exists()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from loomlens.train import checkpoint as ck
-from loomlens.train.checkpoint import TrainerState, recover, save_checkpoint
+from loomlens.data.atomic import recover_folder
+from loomlens.train.checkpoint import TrainerState, save_checkpoint
 
 
 class FakeAdapter:
@@ -57,7 +58,7 @@ def test_a_kill_between_the_renames_is_recovered(tmp_path, monkeypatch):
         save(last, "two")
     monkeypatch.setattr(ck.os, "rename", real)
     assert not last.exists()
-    recover(last)
+    recover_folder(last)
     assert (last / "adapter_model.safetensors").read_text() == "one"
     assert ck.read_trainer_state(last)["state"]["step"] == 3
 

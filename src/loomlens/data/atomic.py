@@ -100,3 +100,35 @@ def output_folder(path: str | Path) -> Path:
         raise ValueError(f"the output folder {path} is a file; give a folder (a new one is made)")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _beside(path: Path, tag: str) -> Path:
+    return path.parent / f".{path.name}.{tag}"
+
+
+def swap_in_folder(tmp: Path, path: Path) -> None:
+    """Put the complete folder `tmp` at `path`, the previous `path` set aside first and removed
+    last, so a kill leaves either folder whole: `recover_folder` puts the previous one back."""
+    old = _beside(path, "old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(path: Path) -> None:
+    """Undo a `swap_in_folder` cut short by a kill: put the previous folder back if `path` is missing."""
+    old = _beside(path, "old")
+    if not path.exists() and old.exists():
+        os.rename(old, path)
+
+
+def write_folder(path: Path, fill) -> None:
+    """Make the folder `path` atomically: `fill(tmp)` writes into an empty temporary folder,
+    which then replaces `path` whole (the previous `path` stays if `fill` fails)."""
+    tmp = _beside(path, "tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    swap_in_folder(tmp, path)

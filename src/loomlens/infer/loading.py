@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from loomlens.data.tasks import TASKS
+from loomlens.data.yolo import CLASSES_FILE, read_class_names
 from loomlens.infer.attention import use_shape_aware_attention
 from loomlens.infer.generation import MAX_BOXES
 from loomlens.model import load_model
@@ -127,10 +128,12 @@ def load_for_inference(
 
 
 def _load_base(model: str | None, device: str) -> LoadedModel:
-    """A bare base model (`tiny` when None), no adapter."""
+    """A base model (`tiny` when None), no adapter; a merged one (`loomlens merge`) keeps the
+    classes its `classes.txt` names, so its answers are decoded through them as the run's were."""
     name = model or "tiny"
     net, processor = load_model(name, device=device)
-    return LoadedModel(net, processor, name, trained_tasks=base_tasks(name))
+    classes = read_class_names(Path(resolve_model_path(name)) / CLASSES_FILE)  # [] without the file
+    return LoadedModel(net, processor, name, trained_tasks=base_tasks(name), classes=classes)
 
 
 def _load(model: str | None, run: Run, checkpoint: str, device: str) -> LoadedModel:

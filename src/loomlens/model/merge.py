@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from loomlens.data.atomic import recover_folder, swap_in_folder
 from loomlens.data.yolo import CLASSES_FILE
-from loomlens.model.loader import load_model
+from loomlens.model.loader import EMBEDDED, load_model, resolve_model_path
 from loomlens.model.lora import load_adapter
 from loomlens.run import Run
 
@@ -66,6 +67,14 @@ def merged_readme(base: str, dtype: str) -> str:
     ])
 
 
+def _another_base(given: str, recorded: str) -> bool:
+    """Whether `given` is another model than `recorded`, the base the adapter was trained on,
+    where that can be told here (`recorded` is an embedded name or a folder on this machine)."""
+    if not (recorded in EMBEDDED or Path(recorded).expanduser().exists()):
+        return False
+    return Path(resolve_model_path(given)).resolve() != Path(resolve_model_path(recorded)).resolve()
+
+
 def merge_adapter(
     path: str | Path, out: str | Path, checkpoint: str = "best", base: str | None = None, dtype: str = "fp16"
 ) -> Path:
@@ -75,23 +84,32 @@ def merge_adapter(
 
     Args:
         path: the run, checkpoint or adapter folder.
-        out: the folder to write (replaced only if it is an earlier merge).
+        out: the folder to write (replaced only if it is an earlier merge, and then whole: a
+            kill leaves the earlier merge or the new one).
         checkpoint: `best` or `last`.
-        base: overrides the base model recorded with the adapter.
+        base: the base model, where the one the run records is a folder not on this machine.
         dtype: storage precision, `fp16` (default), `bf16` or `fp32`; the merge itself runs in fp32.
 
     Returns:
         `out`. FileExistsError when `out` holds something else, FileNotFoundError when `path`
-        holds no adapter, ValueError for an unknown dtype.
+        holds no adapter, ValueError for an unknown dtype or a `base` other than the run's own.
     """
     if dtype not in MERGE_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(MERGE_DTYPES)}")
     out = Path(out)
+    recover_folder(out)  # an earlier merge a kill left set aside
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; choose a new folder for the merged model")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise FileExistsError(f"{out} exists and is not a merged model; choose an empty or new folder")
     run = Run(path)
     adapter_dir = run.adapter(checkpoint)
-    base = base or run.recorded_base(checkpoint)
+    recorded = run.recorded_base(checkpoint)
+    if base and _another_base(base, recorded):
+        raise ValueError(f"adapter {adapter_dir} was trained on base {recorded!r}, not {base!r}: merged into another "
+                         "base its weights would be wrong. Drop --model (it is for a base recorded as a folder that "
+                         "is not on this machine)")
+    base = base or recorded
     model, processor = load_model(base)
     merged = load_adapter(model, adapter_dir).merge_and_unload()
     merged.config.tie_word_embeddings = merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
@@ -111,6 +129,5 @@ def merge_adapter(
     missing = [name for name in REQUIRED_FILES if not (tmp / name).exists()]
     if missing:
         raise RuntimeError(f"the merged folder lacks {', '.join(missing)}; the base model folder may be incomplete")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    swap_in_folder(tmp, out)
     return out

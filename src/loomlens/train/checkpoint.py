@@ -9,13 +9,12 @@ lists, strings) in `trainer_state.json`, each tensor there replaced by `{"tensor
 
 A folder is written to a hidden temporary folder first and then swapped in by renames: `last/`
 is always either the previous complete checkpoint or the new complete one. If a kill lands
-between the two renames, `recover` puts the previous one back.
+between the two renames, `recover_folder` puts the previous one back (`data.atomic`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from loomlens.data.atomic import recover_folder, write_folder
 
 #: The trainer state of a checkpoint: STATE_NAME.json and STATE_NAME.safetensors.
 STATE_NAME = "trainer_state"
@@ -177,36 +178,6 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> N
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _temporary(path: Path, tag: str) -> Path:
-    return path.parent / f".{path.name}.{tag}"
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    old = _temporary(path, "old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover(path: Path) -> None:
-    """Undo a swap cut short by a kill: put the previous checkpoint back if `path` is missing."""
-    old = _temporary(path, "old")
-    if not path.exists() and old.exists():
-        os.rename(old, path)
-
-
-def write_folder(path: Path, fill) -> None:
-    """Make the folder `path` atomically: `fill(tmp)` writes into an empty temporary folder,
-    which then replaces `path` whole (the previous `path` stays if `fill` fails)."""
-    tmp = _temporary(path, "tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    _swap_in(tmp, path)
-
-
 def save_checkpoint(
     path: Path, *, model, optimizer: torch.optim.Optimizer, state: TrainerState, rng: list[dict[str, Any]],
     scaler=None, raw: dict[str, torch.Tensor] | None = None,
@@ -260,7 +231,7 @@ def load_checkpoint(
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    recover(path)
+    recover_folder(path)
     saved = read_trainer_state(path)
     set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
     if average is not None:

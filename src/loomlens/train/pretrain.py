@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from loomlens.config import DEVICE_HELP, PretrainConfig
+from loomlens.data.atomic import recover_folder, write_folder
 from loomlens.data.fabric_scenes import FABRIC_CLASSES, make_fabric_scene
 from loomlens.data.florence_text import boxes_to_text
 from loomlens.data.shapes import SHAPE_CLASSES, Scene, make_scene
@@ -47,8 +48,6 @@ from loomlens.train.checkpoint import (
     load_optimizer,
     optimizer_payload,
     read_state,
-    recover,
-    write_folder,
     write_state,
 )
 from loomlens.train.loss import decoder_inputs, loc_nll, token_cross_entropy, with_image_embeds
@@ -273,7 +272,7 @@ def setup(cfg: PretrainConfig, log=print) -> Pretraining:
     params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Pretraining(cfg, model, processor, shape, head, optimizer, params, loc_ids[0], device, out / "state")
-    recover(run.state_path)
+    recover_folder(run.state_path)
     if (out / "state.pt").exists() and not run.state_path.exists():
         raise UnsafeCheckpointError(f"{out / 'state.pt'} was written by an older loomlens as a pickle, which is "
                                     "never read (it can run code): delete it to start afresh, or use a new --work")

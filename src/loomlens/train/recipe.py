@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from loomlens.config import RESUMABLE, TrainConfig, changed_settings, dump_config, load_recorded
+from loomlens.data.atomic import recover_folder
 from loomlens.data.augment import Augment
 from loomlens.data.dataset import (
     IGNORE_INDEX, Collator, FlorenceDataset, default_cache_bytes, plan_batches,
@@ -61,7 +62,6 @@ from loomlens.train.checkpoint import (
     copy_checkpoint,
     has_checkpoint,
     load_checkpoint,
-    recover,
     rng_states,
     save_checkpoint,
     set_rng_states,
@@ -235,7 +235,7 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     if main and resume:
-        recover(run_dir / "checkpoints" / "last")  # a kill between the renames of a save: put the previous one back
+        recover_folder(run_dir / "checkpoints" / "last")  # a kill between the renames of a save: put the previous one back
     accelerator.wait_for_everyone()
     _check_run_dir(run_dir, run_dir / "checkpoints" / "last", resume)
     say = log if main else (lambda *_: None)
