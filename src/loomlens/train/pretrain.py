@@ -380,7 +380,7 @@ def export_tiny(model, processor, folder: str | Path, *, cfg: PretrainConfig, sh
 
     Weights are stored in fp16 (half the size in git; `load_model` upcasts to fp32) beside the
     processor files, `pretrain_config.json` and `pretrain_figures.json`, swapped in whole
-    (`checkpoint.write_folder`), so a crash never leaves a half-written asset. A hand-written
+    (`data.atomic.write_folder`), so a crash never leaves a half-written asset. A hand-written
     model card (`README.md`) already in `folder` is kept."""
     folder = Path(folder)
 

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from loomlens.config import RESUMABLE, TrainConfig, changed_settings, dump_config, load_recorded
-from loomlens.data.atomic import recover_folder
+from loomlens.data.atomic import atomic_write, recover_folder
 from loomlens.data.augment import Augment
 from loomlens.data.dataset import (
     IGNORE_INDEX, Collator, FlorenceDataset, default_cache_bytes, plan_batches,
@@ -931,8 +931,6 @@ def amend_config(cfg: TrainConfig, run_dir: Path, step: int, *, say: Callable[[s
                          "config.yaml records. Drop those options, or start a new run (--out) with them.")
     if changes and _is_main():
         import yaml
-
-        from loomlens.data.atomic import atomic_write
 
         path = run_dir / "amendments.yaml"
         history = (yaml.safe_load(path.read_text()) or []) if path.exists() else []
