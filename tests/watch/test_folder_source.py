@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from datetime import UTC, datetime
 
 from PIL import Image
@@ -25,3 +26,26 @@ def test_folder_frames_are_timed_when_they_landed(tmp_path) -> None:
         if got is not None:
             frames.append(got)
     assert [f.at for f in frames] == landed
+
+
+def test_a_frame_copied_in_with_an_older_time_is_warned_of(tmp_path, caplog) -> None:
+    """Only a watermark is kept: a file landing below it (`cp -p`) is never read, so say so."""
+    def frame(name: str, seconds: int) -> None:
+        Image.new("RGB", (32, 16)).save(tmp_path / name)
+        os.utime(tmp_path / name, (1_700_000_000 + seconds, 1_700_000_000 + seconds))
+
+    def read_for(seconds: float) -> list:
+        got, until = [], time.monotonic() + seconds
+        while time.monotonic() < until:
+            if (frame_or_none := source.poll()) not in (None, END):
+                got.append(frame_or_none)
+        return got
+
+    frame("a.png", 10)
+    frame("b.png", 20)
+    source = open_source(str(tmp_path), fps=100, once=False)
+    assert len(read_for(0.3)) == 2 and "not read" not in caplog.text
+    frame("late.png", 5)  # copied in keeping its camera's time, before b.png's
+    frame("c.png", 30)
+    assert [f.index for f in read_for(0.3)] == [2]  # c.png; late.png lies below the mark
+    assert caplog.text.count("1 file(s) landed") == 1 and "not cp -p" in caplog.text

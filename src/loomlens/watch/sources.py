@@ -139,7 +139,8 @@ class FolderSource:
     it). With `once`, the files there now and then END; otherwise it keeps looking every
     `1 / fps` seconds. Only a watermark is kept, never the list of files seen, so memory stays
     flat; it is `mark`, and `resume_after` starts a new watch of the folder after an earlier
-    one's mark."""
+    one's mark. A file that lands with a modification time below the mark (copied keeping its
+    time: `cp -p`, `rsync -a`) is never read; a warning counts such files as they appear."""
 
     live = False
 
@@ -147,6 +148,7 @@ class FolderSource:
         self.folder, self.camera, self.name, self.once = folder, camera, str(folder), once
         self.interval = 1.0 / fps
         self._mark: tuple[int, str] = (-1, "")
+        self._below: int | None = None  # files at or below the mark in the last listing
         self._stop_at: tuple[int, str] | None = None
         self._next_look = 0.0
         self._count = 0
@@ -183,7 +185,9 @@ class FolderSource:
             return END
         if time.monotonic() < self._next_look:
             return None
-        newer = [(key, p) for key, p in self._listing() if key > self._mark
+        listed = self._listing()
+        self._warn_late(sum(key <= self._mark for key, _ in listed))
+        newer = [(key, p) for key, p in listed if key > self._mark
                  and (self._stop_at is None or key <= self._stop_at)]
         if not newer:
             self._next_look = time.monotonic() + self.interval
@@ -195,12 +199,25 @@ class FolderSource:
             if not self.once and time.time() - key[0] / 1e9 < 2.0:
                 return None  # still being written: try it again on the next look
             log.warning("skipping %s: %s", path, exc)
-            self._mark = key
+            self._advance(key, listed)
             return None
-        self._mark = key
+        self._advance(key, listed)
         self._count += 1
         landed = datetime.fromtimestamp(0, UTC) + timedelta(microseconds=key[0] // 1000)  # exact, unlike ns / 1e9
         return Frame(self.camera, image, landed, self._count - 1)
+
+    def _advance(self, key: tuple[int, str], listed: list[tuple[tuple[int, str], Path]]) -> None:
+        """Move the mark to `key`, the file just read (or skipped) of `listed`."""
+        self._mark = key
+        self._below = sum(k <= key for k, _ in listed)
+
+    def _warn_late(self, below: int) -> None:
+        """Warn of files that appeared at or below the mark since the last frame was read."""
+        if self._below is not None and below > self._below:
+            log.warning("%s: %d file(s) landed in %s with a modification time before the last frame read (%s), "
+                        "so they are not read: copy frames in without keeping their times (not cp -p or rsync -a)",
+                        self.camera, below - self._below, self.folder, self._mark[1])
+        self._below = below
 
     def close(self) -> None:
         """Nothing to release."""
