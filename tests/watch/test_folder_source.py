@@ -49,3 +49,18 @@ def test_a_frame_copied_in_with_an_older_time_is_warned_of(tmp_path, caplog) -> 
     frame("c.png", 30)
     assert [f.index for f in read_for(0.3)] == [2]  # c.png; late.png lies below the mark
     assert caplog.text.count("1 file(s) landed") == 1 and "not cp -p" in caplog.text
+
+
+def test_a_backlog_is_read_from_one_listing(tmp_path, monkeypatch) -> None:
+    """A folder of days of frames (a restart after downtime) was listed and stat-ed once per frame."""
+    from loomlens.watch.sources import FolderSource
+
+    for i in range(12):
+        Image.new("RGB", (32, 16)).save(tmp_path / f"{i:02d}.png")
+        os.utime(tmp_path / f"{i:02d}.png", (1_700_000_000 + i, 1_700_000_000 + i))
+    listings = []
+    real = FolderSource._listing
+    monkeypatch.setattr(FolderSource, "_listing", lambda self: listings.append(1) or real(self))
+    source = open_source(str(tmp_path), fps=100, once=False)
+    frames = [got for _ in range(12) if (got := source.poll()) not in (None, END)]
+    assert [f.index for f in frames] == list(range(12)) and len(listings) == 1

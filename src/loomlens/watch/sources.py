@@ -13,6 +13,7 @@ import logging
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -139,8 +140,10 @@ class FolderSource:
     it). With `once`, the files there now and then END; otherwise it keeps looking every
     `1 / fps` seconds. Only a watermark is kept, never the list of files seen, so memory stays
     flat; it is `mark`, and `resume_after` starts a new watch of the folder after an earlier
-    one's mark. A file that lands with a modification time below the mark (copied keeping its
-    time: `cp -p`, `rsync -a`) is never read; a warning counts such files as they appear."""
+    one's mark. The folder is listed again only once the files newer than the mark at the last
+    listing are read, so a backlog costs one listing, not one per frame. A file that lands with
+    a modification time below the mark (copied keeping its time: `cp -p`, `rsync -a`) is never
+    read; a warning counts such files as they appear."""
 
     live = False
 
@@ -148,7 +151,8 @@ class FolderSource:
         self.folder, self.camera, self.name, self.once = folder, camera, str(folder), once
         self.interval = 1.0 / fps
         self._mark: tuple[int, str] = (-1, "")
-        self._below: int | None = None  # files at or below the mark in the last listing
+        self._below: int | None = None  # files at or below the mark, by the last listing
+        self._queue: deque[tuple[tuple[int, str], Path]] = deque()  # the last listing's files not read yet
         self._stop_at: tuple[int, str] | None = None
         self._next_look = 0.0
         self._count = 0
@@ -176,6 +180,7 @@ class FolderSource:
         """Go on after `mark` (an earlier watch's `mark`): the files up to it are not read again.
         Says so in the log."""
         self._mark = max(self._mark, (int(mark[0]), str(mark[1])))
+        self._queue.clear()
         log.info("%s: going on after %s, the last frame an earlier watch read", self.camera, mark[1])
 
     def poll(self) -> Frame | None | object:
@@ -183,41 +188,45 @@ class FolderSource:
         (with `once`) when every file that was there at the start has been read."""
         if self.once and self._mark >= self._stop_at:
             return END
-        if time.monotonic() < self._next_look:
-            return None
-        listed = self._listing()
-        self._warn_late(sum(key <= self._mark for key, _ in listed))
-        newer = [(key, p) for key, p in listed if key > self._mark
-                 and (self._stop_at is None or key <= self._stop_at)]
-        if not newer:
-            self._next_look = time.monotonic() + self.interval
-            return END if self.once else None
-        key, path = newer[0]
+        if not self._queue:
+            if time.monotonic() < self._next_look:
+                return None
+            self._look()
+            if not self._queue:
+                self._next_look = time.monotonic() + self.interval
+                return END if self.once else None
+        key, path = self._queue[0]
         try:
             image = read_image(path)
         except (ValueError, OSError) as exc:
             if not self.once and time.time() - key[0] / 1e9 < 2.0:
-                return None  # still being written: try it again on the next look
+                self._queue.clear()  # still being written: try it again on the next look
+                self._next_look = time.monotonic() + self.interval
+                return None
             log.warning("skipping %s: %s", path, exc)
-            self._advance(key, listed)
+            self._advance()
             return None
-        self._advance(key, listed)
+        self._advance()
         self._count += 1
         landed = datetime.fromtimestamp(0, UTC) + timedelta(microseconds=key[0] // 1000)  # exact, unlike ns / 1e9
         return Frame(self.camera, image, landed, self._count - 1)
 
-    def _advance(self, key: tuple[int, str], listed: list[tuple[tuple[int, str], Path]]) -> None:
-        """Move the mark to `key`, the file just read (or skipped) of `listed`."""
-        self._mark = key
-        self._below = sum(k <= key for k, _ in listed)
-
-    def _warn_late(self, below: int) -> None:
-        """Warn of files that appeared at or below the mark since the last frame was read."""
+    def _look(self) -> None:
+        """List the folder: queue the files newer than the mark (up to the end of a `once`
+        watch) and warn of files that appeared at or below it since the last listing."""
+        listed = self._listing()
+        below = sum(key <= self._mark for key, _ in listed)
         if self._below is not None and below > self._below:
             log.warning("%s: %d file(s) landed in %s with a modification time before the last frame read (%s), "
                         "so they are not read: copy frames in without keeping their times (not cp -p or rsync -a)",
                         self.camera, below - self._below, self.folder, self._mark[1])
         self._below = below
+        self._queue.extend((key, p) for key, p in listed[below:] if self._stop_at is None or key <= self._stop_at)
+
+    def _advance(self) -> None:
+        """Move the mark past the first queued file, just read (or skipped)."""
+        self._mark, _ = self._queue.popleft()
+        self._below = (self._below or 0) + 1
 
     def close(self) -> None:
         """Nothing to release."""
