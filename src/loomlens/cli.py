@@ -963,16 +963,16 @@ def watch_command(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if camera and len(camera) != len(sources):
         raise _fail(f"{len(camera)} --camera id(s) for {len(sources)} source(s): give one per source, in order")
-    opened = []
+    opened, alerts = [], None
     try:
         check_tta(tta)  # before any source opens
         debounce = DebounceSettings(k=k, n=n, m=m, iou=iou)
-        media = _event_media(store := EventStore(db), media)
-        retention = Retention(media, keep_days=keep_days or None, keep_mb=keep_mb or None)
         alerts = Alerter(webhooks=webhook, commands=on_event)
-        for i, spec in enumerate(sources):
+        for i, spec in enumerate(sources):  # before the database: a missing source leaves no empty one behind
             opened.append(open_source(spec, camera=camera[i] if camera else None, fps=fps, once=once,
                                       max_reconnects=max_reconnects))
+        media = _event_media(store := EventStore(db), media)
+        retention = Retention(media, keep_days=keep_days or None, keep_mb=keep_mb or None)
         predictor = Predictor(model=model, adapter=adapter, device=_device(device), checkpoint=checkpoint,
                               regions=regions, precision=precision, max_tiles=max_tiles, backend=backend, tta=tta)
         watcher = Watcher(sources=opened, detect=predictor_detector(predictor, tile=tile,
@@ -982,6 +982,8 @@ def watch_command(
     except (FileNotFoundError, ValueError, RuntimeError, ModelLoadError) as err:
         for source in opened:
             source.close()
+        if alerts is not None:  # its delivery thread is running
+            alerts.close()
         raise _fail(str(err)) from None
     typer.echo(f"watching {len(opened)} source(s) -> {db} (pictures in {media}); Ctrl-C to stop", err=True)
     stats = _run_until_stopped(watcher, alerts, store)

@@ -36,6 +36,7 @@ def test_watch_refuses_bad_sources_and_settings(line_video, tmp_path) -> None:
     db = str(tmp_path / "e.db")
     missing = runner.invoke(app, ["watch", str(tmp_path / "nope.mp4"), "--db", db])
     assert missing.exit_code == 1 and "no such source" in missing.output
+    assert not (tmp_path / "e.db").exists()  # sources and webhooks are checked before the database is made
     bad_k = runner.invoke(app, ["watch", str(line_video), "--db", db, "--k", "4", "--n", "3"])
     assert bad_k.exit_code == 1 and "k <= n" in bad_k.output
     cameras = runner.invoke(app, ["watch", str(line_video), "--db", db, "--camera", "a", "--camera", "b"])
