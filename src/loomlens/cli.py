@@ -264,7 +264,7 @@ def synth_command(
         table.add_column(column, justify="right")
     table.add_row(str(len(records)), str(sum(not r.boxes for r in records)), *(str(counts[c]) for c in sorted(counts)))
     console.print(table)
-    console.print(f"next: loomlens convert {out} {out / 'jsonl'}", highlight=False)
+    console.print(f"next: loomlens convert {out} {out.parent / (out.name + '-jsonl')}", highlight=False)
 
 
 @app.command("serve")

@@ -153,6 +153,9 @@ def test_output_inside_the_source_is_not_read_again(tmp_path, records, fmt):
     for _ in range(2):  # the second run sees the first one's summary.json, classes.txt, flips
         report = convert(src, src / "jsonl", flip=True, tasks=("od", "caption"), val_fraction=0)
         assert report.format == fmt and report.problems == [] and report.images == 3
+    # Into another folder inside it: the first output's flipped copies are no unannotated images.
+    report = convert(src, src / "jsonl2", flip=True, tasks=("od",), val_fraction=0)
+    assert report.problems == [] and report.images == 3
 
 
 def test_summary_counts(tmp_path, records):

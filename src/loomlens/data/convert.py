@@ -336,6 +336,12 @@ def _check_out(src: Path, out: Path) -> None:
                            f"outputs; nothing written; use a new or empty folder, or {elsewhere}")
 
 
+def _earlier_outputs(src: Path) -> list[Path]:
+    """The folders inside the resolved source `src` that hold a conversion of it (their
+    summary.json says so): their flipped copies and tiles are outputs, never input."""
+    return [found.parent for found in src.rglob("summary.json") if _converted_from(found.parent) == src]
+
+
 def _converted_from(out: Path) -> Path | None:
     """The source folder the conversion in `out` was made from (its summary.json), resolved;
     None when there is none, or its summary cannot be read (nothing to protect then)."""
@@ -656,7 +662,7 @@ def convert(
     _check_arguments(format, tasks, order, val_fraction, test_fraction, tile, tile_overlap, images)
     _check_out(src := Path(src), out := Path(out))
     out_abs, src_abs = out.resolve(), src.resolve()
-    skip = [out]  # a previous run's output inside the source is not input
+    skip = [out, *_earlier_outputs(src_abs)]  # outputs inside the source are not input
     fmt = detect_format(src, skip) if format == "auto" else format
     read = READERS[fmt](src, skip)
     records, problems = _usable_records(read, src_abs, skip, keep_empty, unlabelled_clean)
