@@ -93,3 +93,20 @@ def test_a_folder_converted_with_its_images_can_be_moved(tmp_path, mode):
     samples = validate_split(tmp_path / "elsewhere" / "train.jsonl")
     assert sorted(s["image"] for s in samples) == ["images/originals/b_x.jpg", "images/originals/c.jpg",
                                                     "images/originals/x.jpg"]
+
+
+def test_one_large_group_does_not_swell_val_and_one_group_is_a_problem(tmp_path):
+    keys = [f"big/f{i}" for i in range(10)] + [f"mid/f{i}" for i in range(10)] + [f"small/f{i}" for i in range(4)]
+    groups = {k: k.split("/")[0] for k in keys}
+    for seed in range(6):  # 17 % of 24 is 4 images: the small roll, whichever order the rolls were drawn in
+        split = assign_splits(keys, 0.17, 0.0, seed=seed, groups=groups)
+        assert sorted(k for k, s in split.items() if s == "val") == [f"small/f{i}" for i in range(4)]
+    # Every group larger than the share: the smallest one, not the first drawn.
+    split = assign_splits(keys[:20] + ["tiny/f0", "tiny/f1"], 0.05, 0.0, seed=0, groups={**groups, "tiny/f0": "tiny",
+                                                                                           "tiny/f1": "tiny"})
+    assert sorted(k for k, s in split.items() if s == "val") == ["tiny/f0", "tiny/f1"]
+    src = _voc(tmp_path / "src", [f"roll/frame{i}.jpg" for i in range(6)])
+    report = convert(src, tmp_path / "out", val_fraction=0.3, test_fraction=0.2, group_by="folder")
+    assert [p.message for p in report.problems] == [
+        f"--group-by folder made 1 group(s), and whole groups left the {split} split empty" for split in ("val", "test")]
+    assert "leave --group-by out" in report.problems[0].fix

@@ -521,6 +521,20 @@ def _split_gaps(records: Sequence[ImageRecord], split_of: dict[str, str], kept: 
             for label, n in sorted(missing.items())]
 
 
+def _group_gaps(split_of: dict[str, str], info: dict[str, Any], *, val_fraction: float, test_fraction: float
+                ) -> list[Problem]:
+    """A problem for each split asked for that `--group-by` left empty: with too few groups,
+    every image went to train, and the run could neither choose its best step nor be scored."""
+    if not info["group_by"]:
+        return []
+    groups = len(set(info["groups"])) or len(split_of)
+    have = set(split_of.values())
+    return [Problem(file=".", message=f"--group-by {info['group_by']} made {groups} group(s), and whole groups left "
+                    f"the {split} split empty", fix="group by something that makes more groups (folder, "
+                    "time:SECONDS, regex:...), or leave --group-by out")
+            for split, fraction in (("val", val_fraction), ("test", test_fraction)) if fraction > 0 and split not in have]
+
+
 def _write_failed(err: OSError, out: Path) -> ConvertError:
     """A clear error for a failed write (a full disk above all): atomic writes leave every
     file already there whole, old or new."""
@@ -685,6 +699,7 @@ def convert(
                                              test_fraction=test_fraction, seed=seed, resplit=resplit,
                                              group_by=group_by)
         problems += _split_gaps(records, split_of, kept=bool(split_info["kept"]))
+        problems += _group_gaps(split_of, split_info, val_fraction=val_fraction, test_fraction=test_fraction)
         items = _items_by_split(frames, split_of)
         no_test = test_fraction == 0 and "test" not in split_of.values()
         splits = _write_splits(items, out, tasks, order, seed, no_test, tiles)

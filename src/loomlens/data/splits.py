@@ -49,15 +49,17 @@ def assign_splits(
     groups: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Image key -> "train" | "val" | "test", deterministic for a seed. Whole groups (`groups`:
-    image key -> group; an image in none is its own) go to one split, in a shuffled order,
-    until each split has its share of images. Fractions are rounded to whole images; a
-    non-zero fraction gets at least one image, and train keeps one (one group)."""
+    image key -> group; an image in none is its own) go to one split: in a shuffled order, test
+    then val take each group that still fits their share of images (first fit, so one large
+    group does not swell a split past its share), or, when none fits, the smallest one.
+    Fractions are rounded to whole images; a non-zero fraction gets at least one image (one
+    group) while train keeps one group; the rest is train."""
     keys = sorted(set(images))
     members: dict[str, list[str]] = {}
     for key in keys:
         members.setdefault((groups or {}).get(key, key), []).append(key)
-    order = sorted(members)
-    random.Random(seed).shuffle(order)
+    left = sorted(members)
+    random.Random(seed).shuffle(left)
     n = len(keys)
 
     def share(fraction: float, room: int) -> int:
@@ -65,15 +67,20 @@ def assign_splits(
         return max(0, min(wanted, room))
 
     n_test = share(test_fraction, n - 1)
-    n_val = share(val_fraction, n - 1 - n_test)
     split_of: dict[str, str] = {}
-    counts = {"test": 0, "val": 0, "train": 0}
-    for i, group in enumerate(order):
-        last = i == len(order) - 1 and not counts["train"]  # train keeps the last group at least
-        split = ("test" if counts["test"] < n_test else "val" if counts["val"] < n_val else "train")
-        split = "train" if last else split
-        counts[split] += len(members[group])
-        split_of.update(dict.fromkeys(members[group], split))
+    for split, want in (("test", n_test), ("val", share(val_fraction, n - 1 - n_test))):
+        taken = 0
+        for group in list(left):
+            if len(left) > 1 and taken + len(members[group]) <= want:
+                taken += len(members[group])
+                left.remove(group)
+                split_of.update(dict.fromkeys(members[group], split))
+        if want and not taken and len(left) > 1:  # every group is larger than the share: the smallest
+            group = min(left, key=lambda g: len(members[g]))
+            left.remove(group)
+            split_of.update(dict.fromkeys(members[group], split))
+    for group in left:
+        split_of.update(dict.fromkeys(members[group], "train"))
     return split_of
 
 
