@@ -758,7 +758,7 @@ def predict_command(
         typer.echo(f"went on from an interrupted run: {summary['resumed']} images/frames it predicted were kept")
     typer.echo(f"{summary['items']} images/frames, {summary['boxes']} boxes -> {out}: {', '.join(summary['written'])}")
     _report_skipped(summary["problems"], out, strict=strict, none_done=not summary["items"],
-                    nothing="predictions.jsonl was left as it was")
+                    nothing="no predictions.jsonl was written (an earlier one is left as it was)")
 
 
 @contextmanager

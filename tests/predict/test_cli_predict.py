@@ -50,6 +50,10 @@ def test_predict_on_a_folder_without_pictures_fails_and_keeps_the_earlier_result
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "no image or video found in the inputs" in result.output, result.output
     assert (tmp_path / "out" / "predictions.jsonl").read_text() == '{"earlier": true}\n'
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "empty"), "--out", str(tmp_path / "new")])
+    assert result.exit_code == 1 and "no predictions.jsonl was written" in result.output
+    assert not (tmp_path / "new" / "predictions.jsonl").exists()  # no empty file to take for results
+    assert "predictions.jsonl" not in result.output.split("error:")[0]  # the summary line does not list it
 
 
 def test_predict_and_serve_refuse_an_unknown_precision_clearly(tmp_path):

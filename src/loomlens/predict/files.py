@@ -168,9 +168,10 @@ def _write_results(out: Path, records: list[dict], problems: list[Problem], pred
                    labels: LabelsOut | None, drawn: set[str] | None) -> list[str]:
     """Write a finished run's files into `out` (`drawn`: the names of the pictures it drew,
     None without drawing) and remove an earlier run's leftovers (`_remove_stale`); returns
-    what was written. A run that predicted nothing leaves an existing `predictions.jsonl`."""
+    what was written. A run that predicted nothing writes no `predictions.jsonl`, and leaves an
+    earlier one as it was."""
     written = []
-    if records or not (out / "predictions.jsonl").exists():
+    if records:
         atomic_write(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         written.append("predictions.jsonl")
     if drawn is not None and records:
