@@ -164,7 +164,7 @@ def convert_command(
             )
     except ConvertError as err:
         raise _fail(str(err), [str(p) for p in err.problems]) from None
-    _print_convert_report(console, report, src)
+    _print_convert_report(console, report, src, tile=tile)
     console.print(f"{len(report.problems)} problem(s); wrote {escape(str(out))}/train.jsonl, val.jsonl"
                   f"{', test.jsonl' if 'test' in report.splits else ''}, classes.txt, summary.json",
                   highlight=False)
@@ -187,11 +187,11 @@ def _tile_option(text: str) -> int | str | None:
         raise _fail(f"--tile takes auto, off or a tile edge in pixels (e.g. --tile 256), not {text!r}") from None
 
 
-def _print_convert_report(console, report, src: Path, max_problems: int = 20) -> None:
+def _print_convert_report(console, report, src: Path, tile: str = "auto", max_problems: int = 20) -> None:
     """Print a `ConvertReport`: counts per split and class, as a table with one column per
     class, or one row per class when that would not fit the console (12 classes cut every
-    column to a letter in 80 columns); then how the split was made, why `--tile auto` cut
-    tiles or not, and the first `max_problems` problems, printed
+    column to a letter in 80 columns); then how the split was made, what the `--tile` given
+    (`tile`, as typed) did, and the first `max_problems` problems, printed
     verbatim (a problem's text may hold brackets, which rich would take for markup)."""
     from rich.table import Table
 
@@ -218,7 +218,7 @@ def _print_convert_report(console, report, src: Path, max_problems: int = 20) ->
         console.print(f"kept the dataset's own split ({', '.join(f'{k} {v}' for k, v in sorted(kept.items()))}); "
                       f"{sum(drawn.values())} image(s) split at random (--resplit redraws all)", highlight=False)
     if report.tile_reason:
-        console.print(f"--tile auto: {report.tile_reason}", highlight=False)
+        console.print(f"--tile {tile}: {report.tile_reason}", highlight=False)
     for problem in report.problems[:max_problems]:
         console.print(f"[yellow]problem[/] {escape(str(problem))}", highlight=False)
     if len(report.problems) > max_problems:

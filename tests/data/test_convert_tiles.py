@@ -64,6 +64,10 @@ def test_tiles_agree_with_their_files_and_boxes_and_stay_in_their_frames_split(t
     report = convert(src, out, tile=128, val_fraction=0.34, seed=2)
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["tile"], summary["tile_overlap"]) == (128, 0.25) and report.tile == 128
+    assert report.tile_reason == ""  # 512 px frames are over twice 128 px: prediction tiles them too
+    middling = convert(src, tmp_path / "middling", tile=384, val_fraction=0.34, seed=2)
+    assert middling.tile_reason.startswith("6 of 6 frames are larger than the 384 px tile but not over twice it")
+    assert "--tile on" in middling.tile_reason
     positives = negatives = 0
     for split in ("train", "val"):
         samples = read_jsonl(out / f"{split}.jsonl")

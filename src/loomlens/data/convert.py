@@ -103,7 +103,7 @@ class ConvertReport:
     split: dict[str, Any] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     images_mode: str = "refer"  # refer | copy | link: whether the samples point at the source or at copies in `out`
-    tile_reason: str = ""  # why `--tile auto` cut tiles or not; empty for a tile given by number or none
+    tile_reason: str = ""  # why `--tile auto` cut tiles or not; for a tile given by number, what prediction does otherwise
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of everything in the report."""
@@ -275,9 +275,14 @@ def _check_arguments(
 
 
 def _resolve_tile(tile: int | str | None, records: Sequence[ImageRecord]) -> tuple[int | None, str]:
-    """The tile edge to cut `records` to and, for `tile="auto"`, why (`tiles.auto_tile`)."""
+    """The tile edge to cut `records` to and, for `tile="auto"`, why (`tiles.auto_tile`); for a
+    tile given by number, a note when it cuts frames that prediction takes whole."""
     if tile != "auto":
-        return tile, ""  # type: ignore[return-value]
+        between = sum(tile < max(r.width, r.height) and not is_large(r.width, r.height, tile)
+                      for r in records) if tile else 0
+        return tile, (f"{between} of {len(records)} frames are larger than the {tile} px tile but not over twice it: "
+                      f"they are cut for training, while predict and eval take such frames whole (--tile auto); "
+                      f"predict them with --tile on, or convert with --tile auto" if between else "")
     large = AUTO_FACTOR * AUTO_TILE_INPUT  # what prediction tiles
     if not any(is_large(r.width, r.height, AUTO_TILE_INPUT) for r in records):
         return None, f"no tiles: no frame is larger than {large:g} px, twice the {AUTO_TILE_INPUT} px input"
