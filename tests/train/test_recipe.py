@@ -187,6 +187,13 @@ def test_cached_image_features_train_exactly_like_pixels(make_config, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
 
 
+def test_cached_features_say_that_they_turn_the_augmentation_off(make_config):
+    said = []
+    train(make_config(max_steps=1, eval_every=0, augment=True, cache_image_features=True,
+                      lora={"r": 4, "dropout": 0.0, "targets": ["language", "lm_head"]}), log=said.append)
+    assert any("online augmentation is off for this run" in line for line in said)
+
+
 def test_cached_first_stages_train_exactly_like_pixels(make_config, tmp_path):
     """LoRA on the last DaViT stage (and the text side), the first two stages cached once."""
     common = dict(max_steps=2, eval_every=0, augment=False, lora={"r": 4, "dropout": 0.0, "targets": "seed"},

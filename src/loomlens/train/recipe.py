@@ -436,6 +436,10 @@ def _describe(s: Session, towers: dict[str, int]) -> None:
         s.say(f"warning: {s.train_set.truncated} answers are longer than the decoder's {limit} positions; cut")
     _warn_unlearnable(s)
     _warn_unjudged(s)
+    if cfg.augment.enabled and cfg.speed.cache_image_features:
+        s.say("warning: speed.cache_image_features encodes each picture once, as it is, so the online augmentation "
+              "is off for this run (its mirrors, scale and photometric changes); set augment=false to say so, or "
+              "drop the cache to keep them")
     small, edge = s.train_set.vanishing, s.train_set.edge
     # Not for data cut into tiles (its whole frames are kept beside them) or a cropping run.
     if small and small >= VANISHING_SHARE * s.train_set.boxes and Run(s.run_dir).tile is None:
