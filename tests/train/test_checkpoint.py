@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from loomlens.train import checkpoint as ck
+from loomlens.data import atomic
 from loomlens.data.atomic import recover_folder
 from loomlens.train.checkpoint import TrainerState, save_checkpoint
 
@@ -53,10 +54,10 @@ def test_a_kill_between_the_renames_is_recovered(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real(src, dst)
 
-    monkeypatch.setattr(ck.os, "rename", killed)
+    monkeypatch.setattr(atomic.os, "rename", killed)
     with pytest.raises(KeyboardInterrupt):
         save(last, "two")
-    monkeypatch.setattr(ck.os, "rename", real)
+    monkeypatch.setattr(atomic.os, "rename", real)
     assert not last.exists()
     recover_folder(last)
     assert (last / "adapter_model.safetensors").read_text() == "one"
