@@ -986,12 +986,17 @@ def watch_command(
             alerts.close()
         raise _fail(str(err)) from None
     typer.echo(f"watching {len(opened)} source(s) -> {db} (pictures in {media}); Ctrl-C to stop", err=True)
-    stats = _run_until_stopped(watcher, alerts, store)
+    _say_watched(_run_until_stopped(watcher, alerts, store), db, sources=len(opened))
+
+
+def _say_watched(stats: dict, db: str, sources: int) -> None:
+    """Print what a watch recorded; fail naming the sources that stopped on an error (the others
+    were watched to their end)."""
     typer.echo(f"{stats['frames']} frames, {stats['events']} events ({stats['ended']} ended) -> {db}"
                + (f"; {stats['interrupted_before']} event(s) a previous run left open marked interrupted"
                   if stats["interrupted_before"] else ""))
-    if stats["failed"]:  # the others were watched to their end; say which failed, and fail
-        raise _fail(f"{len(stats['failed'])} of {len(opened)} source(s) stopped on an error",
+    if stats["failed"]:
+        raise _fail(f"{len(stats['failed'])} of {sources} source(s) stopped on an error",
                     [f"{camera}: {why}" for camera, why in stats["failed"].items()])
 
 

@@ -503,7 +503,16 @@ def _case_twins(records: Sequence[ImageRecord]) -> list[Problem]:
     return problems
 
 
-def _split_gaps(records: Sequence[ImageRecord], split_of: dict[str, str], kept: bool) -> list[Problem]:
+def _split_gaps(records: Sequence[ImageRecord], split_of: dict[str, str], info: dict[str, Any],
+                fractions: tuple[float, float]) -> list[Problem]:
+    """The problems of the split `choose_splits` made (`split_of`, `info`) for the (val, test)
+    `fractions` asked: classes the train split lacks (`_class_gaps`) and splits that grouping
+    left empty (`_group_gaps`)."""
+    return [*_class_gaps(records, split_of, kept=bool(info["kept"])),
+            *_group_gaps(split_of, info, val_fraction=fractions[0], test_fraction=fractions[1])]
+
+
+def _class_gaps(records: Sequence[ImageRecord], split_of: dict[str, str], kept: bool) -> list[Problem]:
     """One problem per class with boxes outside the train split and none in it, or one for a
     train split that has no box at all (an anomaly-detection layout: `train/good` only): such a
     run trains its whole budget without ever seeing the defect. `kept`: some images kept the
@@ -703,8 +712,7 @@ def convert(
         split_of, split_info = choose_splits(records, src_abs, val_fraction=val_fraction,
                                              test_fraction=test_fraction, seed=seed, resplit=resplit,
                                              group_by=group_by)
-        problems += _split_gaps(records, split_of, kept=bool(split_info["kept"]))
-        problems += _group_gaps(split_of, split_info, val_fraction=val_fraction, test_fraction=test_fraction)
+        problems += _split_gaps(records, split_of, split_info, (val_fraction, test_fraction))
         items = _items_by_split(frames, split_of)
         no_test = test_fraction == 0 and "test" not in split_of.values()
         splits = _write_splits(items, out, tasks, order, seed, no_test, tiles)
