@@ -192,6 +192,24 @@ def test_serves_after_bad_inputs(server, frame_bytes):
     assert stats["failed"] == 0 and stats["queued"] == 0
 
 
+def test_the_page_api_reads_no_file_but_an_uploaded_one(server, tmp_path):
+    """A POST to the page's own API naming a path (/etc/passwd, /proc/self/cmdline) had Gradio
+    copy that file into its cache and serve it back: `mount_gradio_app` skips the check that
+    `launch()` turns on."""
+    import tempfile
+    import uuid
+
+    secret = tmp_path / f"secret-{uuid.uuid4().hex}.txt"  # a name no earlier run left in the cache
+    secret.write_text("postgresql://qa:hunter2@db/line\n")
+    with server.client() as c:
+        call = c.post("/gradio_api/call/predict", json={"data": [
+            {"path": str(secret), "meta": {"_type": "gradio.FileData"}}, "od", "", 0]})
+        assert call.status_code == 200, call.text
+        answer = c.get(f"/gradio_api/call/predict/{call.json()['event_id']}").text
+    assert "event: error" in answer and "not uploaded by a user" in answer and "hunter2" not in answer
+    assert not list((Path(tempfile.gettempdir()) / "gradio").glob(f"*/{secret.name}"))  # never copied
+
+
 def test_large_frame_within_limits(server):
     """A full-size 2560x1440 camera frame is fine (1.2 MB < 2 MB body, 3.7 MP < 50 MP)."""
     data = jpeg_bytes(2560, 1440)

@@ -531,6 +531,11 @@ def _mount_page(app: FastAPI, service: Service, settings: ServeSettings, events:
         footer_links=["api"], mcp_server=False, theme=theme(), css=CSS,
         auth=auth, auth_message="This server needs its API key as the password (any user name).",
     )
+    # Gradio checks that a file handed to an event was uploaded (not any path on this machine,
+    # /etc/passwd or /proc/self/cmdline with the database password) only once its Blocks count as
+    # launched, which `launch()` sets and `mount_gradio_app` does not: without this, the page's
+    # API copied any readable file into its cache and served it back.
+    page.has_launched = True
 
 
 def create_app(predictor, settings: ServeSettings | None = None):
