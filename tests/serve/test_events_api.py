@@ -129,3 +129,29 @@ def test_wrong_query_values_are_named_in_plain_words(predictor, db) -> None:
             error = client.get(url).json()["error"]
             assert error["code"] == "invalid_request" and said in error["message"], error
             assert "{'type'" not in error["message"]
+
+
+def test_out_of_range_unknown_and_basic_format_queries(predictor, db) -> None:
+    """Values the database cannot hold were plain-text 500s; `label=` (for `class=`) was ignored
+    and every event answered; 20261206 was read as Unix seconds in 1970."""
+    with _client(predictor, events_db=str(db)) as client:
+        for url, status, code in (("/v1/events?offset=9223372036854775808", 422, "invalid_request"),
+                                  ("/v1/events/99999999999999999999/image", 404, "no_such_event"),
+                                  ("/v1/events?since=9999-12-31T23:59:59-01:00", 422, "bad_time"),
+                                  ("/v1/events?label=drop", 422, "unknown_parameter")):
+            answer = client.get(url)
+            assert (answer.status_code, answer.json()["error"]["code"]) == (status, code), (url, answer.text)
+        assert "the defect class is `class`" in client.get("/v1/events?label=drop").json()["error"]["message"]
+        today = NOW.strftime("%Y%m%d")
+        assert client.get(f"/v1/events?since={today}").json()["total"] == client.get(
+            f"/v1/events?since={NOW.date().isoformat()}").json()["total"]
+
+
+def test_a_file_that_is_no_database_is_refused_at_start_and_one_that_breaks_is_a_503(predictor, db, tmp_path):
+    (tmp_path / "notes.db").write_text("not a database at all\n")
+    with pytest.raises(ValueError, match="cannot open the events database .*file is not a database"):
+        create_app(predictor, ServeSettings(page=False, events_db=str(tmp_path / "notes.db")))
+    with _client(predictor, events_db=str(db)) as client:
+        db.write_bytes(b"\0" * 4096)  # the database breaks under a running server
+        answer = client.get("/v1/events")
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "events_db_unavailable"

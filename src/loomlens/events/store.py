@@ -199,6 +199,8 @@ class EventStore:
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             if create:
                 metadata.create_all(self.engine)
+            else:  # a reader (the server) checks at start that the database can be read at all
+                self._ready()
         except ModuleNotFoundError as err:  # SQLAlchemy imports the URL's driver here
             raise ValueError(f"the database {shown} needs the driver {err.name}, which is not installed: "
                              "pip install it, or give a SQLite file (--db events.db)") from None

@@ -5,12 +5,14 @@ never from a watcher's memory: `GET /v1/events` (paged, by camera, class and tim
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from PIL import Image
+from sqlalchemy.exc import SQLAlchemyError
 
 from loomlens.events.store import Event, EventStore
 from loomlens.serve.errors import InputError
@@ -24,6 +26,23 @@ def _store(store: EventStore | None) -> EventStore:
         raise InputError(404, "no_events", "this server reads no events database; start it with "
                          "--events-db PATH_OR_URL (the database `loomlens watch --db` writes)")
     return store
+
+
+#: The query parameters GET /v1/events takes: any other (`label=` for `class=`) is refused, not
+#: ignored, since an ignored filter answers every event as if it were the filtered ones.
+EVENT_FILTERS = frozenset({"camera", "class", "since", "until", "limit", "offset"})
+#: The largest id or offset a database integer holds.
+_BIGGEST = 2**63 - 1
+
+
+@contextmanager
+def _reachable(store: EventStore):
+    """Run a query of `store`; a database gone or broken answers 503 `events_db_unavailable`."""
+    try:
+        yield store
+    except SQLAlchemyError as err:
+        raise InputError(503, "events_db_unavailable", f"the events database cannot be read now "
+                         f"({type(getattr(err, 'orig', None) or err).__name__}); try again later") from None
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -40,13 +59,13 @@ def parse_time(name: str, text: str | None) -> datetime | None:
     if text is None or not text.strip():
         return None
     value = re.sub(r"(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}(?::?\d{2})?)$", r"\1+\2", text.strip())
+    try:  # ISO first: 20261206 is a date, not Unix seconds in 1970
+        return _aware(datetime.fromisoformat(value)).astimezone(UTC)
+    except (ValueError, OverflowError):
+        pass
     try:
         return datetime.fromtimestamp(float(value), UTC)
     except (ValueError, OverflowError, OSError):
-        pass
-    try:
-        return _aware(datetime.fromisoformat(value))
-    except ValueError:
         raise InputError(422, "bad_time", f"{name}={text!r} is not a time: give ISO 8601 "
                          "(YYYY-MM-DDThh:mm:ssZ, or with an offset as %2B01:00: a + is %2B in a URL), "
                          "a date YYYY-MM-DD, or Unix seconds") from None
@@ -57,13 +76,18 @@ def events_router(store: EventStore | None) -> APIRouter:
     router = APIRouter(prefix="/v1")
 
     @router.get("/events", summary="Defect events recorded by the watchers, newest first")
-    def list_events(camera: str | None = Query(None, description="only this camera id"),
+    def list_events(request: Request, camera: str | None = Query(None, description="only this camera id"),
                     label: str | None = Query(None, alias="class", description="only this defect class"),
                     since: str | None = Query(None, description="started at or after (ISO 8601; UTC if no zone)"),
                     until: str | None = Query(None, description="started before (ISO 8601; UTC if no zone)"),
-                    limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
-        events, total = _store(store).query(camera=camera, label=label, since=parse_time("since", since),
-                                            until=parse_time("until", until), limit=limit, offset=offset)
+                    limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=_BIGGEST)) -> dict:
+        unknown = sorted(set(request.query_params) - EVENT_FILTERS)
+        if unknown:
+            raise InputError(422, "unknown_parameter", f"unknown parameter(s) {', '.join(unknown)}: GET /v1/events "
+                             f"takes {', '.join(sorted(EVENT_FILTERS))} (the defect class is `class`)")
+        with _reachable(_store(store)) as db:
+            events, total = db.query(camera=camera, label=label, since=parse_time("since", since),
+                                     until=parse_time("until", until), limit=limit, offset=offset)
         following = offset + len(events)
         return {"events": [e.as_json() for e in events], "total": total, "limit": limit, "offset": offset,
                 "next_offset": following if following < total else None}
@@ -71,7 +95,8 @@ def events_router(store: EventStore | None) -> APIRouter:
     @router.get("/events/{event_id}/image", summary="An event's best frame or its crop, as JPEG",
                 response_class=FileResponse)
     def event_image(event_id: int, kind: str = Query("frame", pattern="^(frame|crop)$")):
-        event = _store(store).get(event_id)
+        with _reachable(_store(store)) as db:
+            event = db.get(event_id) if 0 <= event_id <= _BIGGEST else None
         if event is None:
             raise InputError(404, "no_such_event", f"no event {event_id}; list them with GET /v1/events")
         path = event.frame_path if kind == "frame" else event.crop_path
