@@ -186,6 +186,16 @@ def test_select_command_errors_name_the_input_and_the_fix(run_folder, tmp_path):
     assert result.exit_code == 1 and "unknown component(s) novelty" in result.output
 
 
+def test_a_bad_out_is_refused_before_any_frame_is_scored(tmp_path, monkeypatch):
+    from loomlens.predict import Predictor, select
+
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
+    (tmp_path / "taken").write_text("x")
+    monkeypatch.setattr(select, "score_frames", lambda *a, **k: pytest.fail("scored before --out was checked"))
+    with pytest.raises(ValueError, match="is a file"):
+        select.select_frames(Predictor(model="tiny", tta="off"), [str(tmp_path / "a.png")], tmp_path / "taken", n=1)
+
+
 def test_select_refuses_a_predictor_that_already_fuses_mirrors(tmp_path):
     """The mirrored frame is one of select's measures: mirrors fused away first would hide it."""
     from loomlens.predict import Predictor

@@ -669,7 +669,7 @@ def select_frames(
     if threshold is not None and not 0 < threshold < 1:
         raise ValueError(f"--threshold must lie strictly between 0 and 1, got {threshold}")
     weights = check_weights(weights)
-    out = Path(out)
+    out = output_folder(out)  # before any frame is scored: a bad --out must not cost the whole ranking
     files = expand_inputs(inputs, exclude=[out])
     problems: list[Problem] = []
 
@@ -681,7 +681,6 @@ def select_frames(
     signals = score_frames(predictor, iter_items(files, every, skipped), threshold=threshold, flip=flip,
                            tile=tile, problems=problems, on_item=on_item)
     problems = list({(p.source, p.frame): p for p in problems}.values())  # a frame and its mirror: once
-    output_folder(out)
     written = []
     if signals:
         ranked = rank_frames(signals, n=n, weights=weights, diversity=diversity)
