@@ -148,6 +148,14 @@ def test_a_cors_origin_that_no_browser_sends_is_refused(origin):
     assert ServeSettings(cors_origins=("*", "http://127.0.0.1:3000")).cors_origins[0] == "*"
 
 
+@pytest.mark.parametrize("key", ["schlüssel", "tab\tkey"])
+def test_an_api_key_no_header_can_carry_is_refused_at_start(key):
+    """Headers arrive as Latin-1: a UTF-8 key typed into curl never matched, and every request was a 401."""
+    with pytest.raises(ValueError, match="must be printable ASCII"):
+        ServeSettings(api_key=key)
+    assert ServeSettings(api_key="line-3:Key_91!").api_key == "line-3:Key_91!"
+
+
 def test_small_jobs_run_between_the_tile_batches_of_a_large_one():
     """The large job's predict calls `between` after a tile batch; the small job submitted
     meanwhile is answered there, before the large one finishes."""

@@ -84,6 +84,10 @@ class ServeSettings:
         if bad:  # the browser compares origins exactly: a path or a missing scheme never matches
             raise ValueError(f"--cors-origin takes an origin, scheme://host[:port] (e.g. https://line.local:8080) "
                              f"or *, not {', '.join(map(repr, bad))}")
+        if self.api_key and not (self.api_key.isascii() and self.api_key.isprintable()):  # "": no key
+            # HTTP headers arrive as Latin-1: a key with other characters could never be sent as typed
+            raise ValueError("--api-key (or LOOMLENS_API_KEY) must be printable ASCII (letters, digits, punctuation), "
+                             "since HTTP headers carry no other characters reliably; e.g. `openssl rand -hex 16`")
 
     @property
     def max_body_bytes(self) -> int:
