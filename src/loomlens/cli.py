@@ -514,7 +514,7 @@ def sweep_command(
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Train one run per combination of the values given; one val-loss plot and one table for all."""
-    from loomlens.train.sweep import sweep
+    from loomlens.train.sweep import grid, sweep
 
     axes = {k: v.split(",") for k, v in _given(lr=lr, r=r, targets=targets, freeze=freeze, order=order,
                                                  dora=dora, loc_sigma=loc_sigma,
@@ -522,7 +522,8 @@ def sweep_command(
     if "targets" in axes:
         axes["targets"] = [t.replace("+", ",") for t in axes["targets"]]
     shared = {**_extra_overrides(ctx.args), **({"data": str(data)} if data else {}), "device": _device(device)}
-    _train_config(config, {**shared, **{k: v[0] for k, v in axes.items()}, "out": str(out)})  # fail fast
+    for point in grid(axes):  # every point before the first trains: a typo in the last value costs nothing
+        _train_config(config, {**shared, **point, "out": str(out)})
     try:
         result = sweep(axes, shared, config=config, out=out)
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as err:

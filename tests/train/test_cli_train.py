@@ -76,6 +76,28 @@ def test_sweep_writes_runs_table_and_overlay(small_data, small_model_dir, tmp_pa
     assert [r["steps"] for r in csv.DictReader(open(out / "sweep.csv"))] == ["1"] * 4
 
 
+def test_a_sweep_checks_every_point_first_and_goes_on_past_a_diverged_one(small_data, small_model_dir, tmp_path,
+                                                                          monkeypatch):
+    from loomlens.train import recipe
+
+    out = tmp_path / "sweep"
+    bad = run("sweep", *fast(small_data, small_model_dir), "--out", out, "--lr", "0.01,abc", "max_steps=1")
+    assert bad.exit_code == 1 and "invalid settings" in bad.output and "lr" in bad.output
+    assert not out.exists()  # nothing trained before the last value was read
+    real = recipe.train
+
+    def diverging(cfg, **kwargs):
+        if cfg.lr > 1:
+            raise recipe.TrainingDiverged("loss nan at step 1; saved the last finite weights")
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(recipe, "train", diverging)
+    result = run("sweep", *fast(small_data, small_model_dir), "--out", out, "--lr", "1e8,0.001,0.001", "max_steps=1")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [(r["lr"], r["stopped"]) for r in rows] == [("1e8", "diverged"), ("0.001", "max_steps")]  # once each
+
+
 def test_sweep_over_the_location_loss_settings(small_data, small_model_dir, tmp_path):
     out = tmp_path / "sweep"
     result = run("sweep", *fast(small_data, small_model_dir), "--out", out, "--pointer-weight", "0,1",

@@ -18,7 +18,7 @@ from loomlens.config import TrainConfig, load_config
 from loomlens.train.checkpoint import has_checkpoint
 from loomlens.train.curves import plot_overlay, read_metrics
 
-COLUMNS = ("run", "steps", "seconds", "final_train_loss", "final_val_loss", "best_val_loss", "best_map50")
+COLUMNS = ("run", "stopped", "steps", "seconds", "final_train_loss", "final_val_loss", "best_val_loss", "best_map50")
 
 
 @dataclass
@@ -71,19 +71,25 @@ def sweep(
 ) -> SweepResult:
     """Train every point of `axes` (setting -> values) with the `shared` settings and the YAML
     `config`, each in `out/<run_name>/`; write `out/sweep.md`, `out/sweep.csv` and
-    `out/val_loss.png` (the runs' validation loss curves overlaid)."""
-    from loomlens.train.recipe import train
+    `out/val_loss.png` (the runs' validation loss curves overlaid). Every point's settings are
+    checked before the first trains; a point that diverges is a row saying so, and the sweep
+    goes on with the others."""
+    from loomlens.train.recipe import TrainingDiverged, train
 
     out = Path(out)
+    configs = {run_name(p): (p, load_config(TrainConfig, config, {**shared, **p, "out": str(out / run_name(p))}))
+               for p in grid(axes)}
     runs: dict[str, Path] = {}
     rows = []
-    for point in grid(axes):
-        name = run_name(point)
-        cfg = load_config(TrainConfig, config, {**shared, **point, "out": str(out / name)})
+    for name, (point, cfg) in configs.items():
         log(f"sweep: {name}")
-        train(cfg, resume=has_checkpoint(cfg.out / "checkpoints" / "last"), log=log)
+        try:
+            stopped = train(cfg, resume=has_checkpoint(cfg.out / "checkpoints" / "last"), log=log).stopped
+        except TrainingDiverged as err:
+            log(f"sweep: {name} diverged ({err}); going on with the other points")
+            stopped = "diverged"
         runs[name] = cfg.out
-        rows.append({**point, **summarize(cfg.out)})
+        rows.append({**point, **summarize(cfg.out), "stopped": stopped})
 
     columns = [*axes, *COLUMNS]
     table_csv, table_md = out / "sweep.csv", out / "sweep.md"
