@@ -825,8 +825,9 @@ def select_command(
                               "two disagree (twice the model's work)."),
     diversity: float = typer.Option(0.5, min=0.0, help="How far apart the chosen frames must be, as a share of the "
                                     "typical distance between two frames (0: by score alone)."),
-    weights: str | None = typer.Option(None, help="Weight of each component, e.g. "
-                                       "uncertainty=1,entropy=0.5,disagreement=1 (default: all 1)."),
+    weights: str | None = typer.Option(None, help="Weights of the components (uncertainty, entropy, "
+                                       "disagreement; each 1 unless named), e.g. entropy=0.5 or "
+                                       "disagreement=0."),
     link: bool = typer.Option(False, "--link/--copy", help="Put the chosen frames into OUT/images as hard links "
                               "(--link) or copies (--copy, the default: a folder you can hand to a labeller)."),
     every: int = typer.Option(1, min=1, help="For videos: consider every N-th frame."),

@@ -120,6 +120,10 @@ def test_thresholds_come_from_the_run_rules_and_are_lifted_for_prediction():
     assert not lifted.keep(Box("drop", 80, 1, 90, 2, 0.99), 100, 100)  # region still applies
     with pytest.raises(ValueError, match="unknown component"):
         check_weights({"novelty": 1})
+    # The components not named keep their weight: `--weights entropy=0.5` halves one, not zeroes two.
+    assert check_weights({"entropy": 0.5}) == {"uncertainty": 1.0, "entropy": 0.5, "disagreement": 1.0}
+    with pytest.raises(ValueError, match="one above 0"):
+        check_weights({"uncertainty": 0, "entropy": 0, "disagreement": 0})
 
 
 # --- the command, end to end, on the tiny model ----------------------------------------------

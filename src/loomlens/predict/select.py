@@ -383,7 +383,8 @@ def normalised_ranks(values: Sequence[float | None]) -> list[float]:
 
 
 def check_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
-    """`weights` over `COMPONENTS` (a missing one 0; None: `DEFAULT_WEIGHTS`). Raises ValueError
+    """`weights` over `COMPONENTS`, a component not named keeping its `DEFAULT_WEIGHTS` value
+    (`entropy=0.5` halves one, `entropy=0` drops it; None: the defaults). Raises ValueError
     for an unknown component, a negative weight, or none above 0."""
     if weights is None:
         return dict(DEFAULT_WEIGHTS)
@@ -391,7 +392,7 @@ def check_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
     if unknown:
         raise ValueError(f"unknown component(s) {', '.join(sorted(unknown))} in the weights; "
                          f"use {', '.join(COMPONENTS)}")
-    out = {c: float(weights.get(c, 0.0)) for c in COMPONENTS}
+    out = {c: float(weights.get(c, DEFAULT_WEIGHTS[c])) for c in COMPONENTS}
     if any(v < 0 or not math.isfinite(v) for v in out.values()) or not any(v > 0 for v in out.values()):
         raise ValueError(f"weights must be finite, at least 0, and one above 0; got {dict(weights)}")
     return out
