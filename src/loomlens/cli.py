@@ -514,6 +514,7 @@ def sweep_command(
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Train one run per combination of the values given; one val-loss plot and one table for all."""
+    from loomlens.train.recipe import TrainingInterrupted
     from loomlens.train.sweep import grid, sweep
 
     axes = {k: v.split(",") for k, v in _given(lr=lr, r=r, targets=targets, freeze=freeze, order=order,
@@ -526,6 +527,9 @@ def sweep_command(
         _train_config(config, {**shared, **point, "out": str(out)})
     try:
         result = sweep(axes, shared, config=config, out=out)
+    except TrainingInterrupted as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(130) from None
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as err:
         raise _fail(str(err)) from None
     typer.echo(result.table_md.read_text())

@@ -97,6 +97,13 @@ def test_a_sweep_checks_every_point_first_and_goes_on_past_a_diverged_one(small_
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [(r["lr"], r["stopped"]) for r in rows] == [("1e8", "diverged"), ("0.001", "max_steps")]  # once each
 
+    def interrupted(cfg, **kwargs):
+        raise recipe.TrainingInterrupted(f"SIGINT at step 3: saved in {cfg.out}; resume with `loomlens train ...`")
+
+    monkeypatch.setattr(recipe, "train", interrupted)
+    stopped = run("sweep", *fast(small_data, small_model_dir), "--out", out, "--lr", "0.002", "max_steps=1")
+    assert stopped.exit_code == 130 and "run the same sweep command again" in stopped.output
+
 
 def test_sweep_over_the_location_loss_settings(small_data, small_model_dir, tmp_path):
     out = tmp_path / "sweep"

@@ -74,7 +74,7 @@ def sweep(
     `out/val_loss.png` (the runs' validation loss curves overlaid). Every point's settings are
     checked before the first trains; a point that diverges is a row saying so, and the sweep
     goes on with the others."""
-    from loomlens.train.recipe import TrainingDiverged, train
+    from loomlens.train.recipe import TrainingDiverged, TrainingInterrupted, train
 
     out = Path(out)
     configs = {run_name(p): (p, load_config(TrainConfig, config, {**shared, **p, "out": str(out / run_name(p))}))
@@ -88,6 +88,9 @@ def sweep(
         except TrainingDiverged as err:
             log(f"sweep: {name} diverged ({err}); going on with the other points")
             stopped = "diverged"
+        except TrainingInterrupted as err:  # the sweep, not the one run, is what goes on
+            raise TrainingInterrupted(f"{err}. To go on with the sweep, run the same sweep command again: finished "
+                                      "points return at once and this one resumes") from None
         runs[name] = cfg.out
         rows.append({**point, **summarize(cfg.out), "stopped": stopped})
 
