@@ -55,6 +55,8 @@ def test_health_model_docs(server):
         assert "/v1/predict" in c.get("/openapi.json").json()["paths"]
         page = c.get("/")
         assert page.status_code == 200 and "gradio" in page.text.lower()
+        stray = c.get("/v1/predictions")  # the page mounted at / takes no /v1 path: the API's own 404
+        assert stray.status_code == 404 and stray.json()["error"]["code"] == "no_such_route"
 
 
 def test_binds_loopback_by_default(server):

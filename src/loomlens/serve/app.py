@@ -542,6 +542,16 @@ def _mount_page(app: FastAPI, service: Service, settings: ServeSettings, events:
     page.has_launched = True
 
 
+def _unknown_v1_routes(app: FastAPI) -> None:
+    """A /v1 path no route takes answers the API's JSON 404 (`no_such_route`), not the page's
+    `{"detail": ...}`: the page mounted at / would otherwise take every path left over."""
+
+    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    def _no_such_route(request: Request, rest: str):
+        raise InputError(404, "no_such_route", f"no route {request.method} /v1/{rest}; the API's routes and their "
+                         "methods are listed at /docs")
+
+
 def create_app(predictor, settings: ServeSettings | None = None):
     """The ASGI application: the API, /docs and the page, wrapped in the key check and the
     body-size limit (the key first: an unauthenticated body is never read)."""
@@ -555,6 +565,7 @@ def create_app(predictor, settings: ServeSettings | None = None):
     app.include_router(_v1_router(service, predictor, settings))
     app.include_router(events_router(events))
     _health_check(app, service)
+    _unknown_v1_routes(app)
     if settings.page:
         _mount_page(app, service, settings, events)
     return KeyGuard(BodyLimit(app, settings.max_body_bytes), settings.api_key)
