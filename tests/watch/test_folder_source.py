@@ -64,3 +64,33 @@ def test_a_backlog_is_read_from_one_listing(tmp_path, monkeypatch) -> None:
     source = open_source(str(tmp_path), fps=100, once=False)
     frames = [got for _ in range(12) if (got := source.poll()) not in (None, END)]
     assert [f.index for f in frames] == list(range(12)) and len(listings) == 1
+
+
+def test_a_frame_still_being_written_when_listed_is_read_once(tmp_path) -> None:
+    """The queue holds each file's time from the listing; a frame the camera finished after it
+    was listed has a later time, and was read a second time on the next listing."""
+    import io
+
+    def png(colour: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 32), (colour, 0, 0)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    for name, colour in (("a.png", 10), ("b.png", 20)):
+        (tmp_path / name).write_bytes(png(colour))
+        time.sleep(0.01)
+    full = png(30)
+    (tmp_path / "c.png").write_bytes(full[: len(full) // 2])  # the camera is still writing it
+    source = open_source(str(tmp_path), fps=100, once=False)
+    read = []
+    until = time.monotonic() + 1
+    while not read and time.monotonic() < until:
+        if (got := source.poll()) not in (None, END):
+            read.append(got)
+    time.sleep(0.01)
+    (tmp_path / "c.png").write_bytes(full)  # finished, with a later time than its listing's
+    until = time.monotonic() + 0.5
+    while time.monotonic() < until:
+        if (got := source.poll()) not in (None, END):
+            read.append(got)
+    assert [f.image.getpixel((0, 0))[0] for f in read] == [10, 20, 30]

@@ -197,6 +197,7 @@ class FolderSource:
                 return END if self.once else None
         key, path = self._queue[0]
         try:
+            now = (path.stat().st_mtime_ns, path.name)  # a frame finished since the listing has a later time
             image = read_image(path)
         except (ValueError, OSError) as exc:
             if not self.once and time.time() - key[0] / 1e9 < 2.0:
@@ -206,7 +207,7 @@ class FolderSource:
             log.warning("skipping %s: %s", path, exc)
             self._advance()
             return None
-        self._advance()
+        self._advance(now)
         self._count += 1
         landed = datetime.fromtimestamp(0, UTC) + timedelta(microseconds=key[0] // 1000)  # exact, unlike ns / 1e9
         return Frame(self.camera, image, landed, self._count - 1)
@@ -223,9 +224,11 @@ class FolderSource:
         self._below = below
         self._queue.extend((key, p) for key, p in listed[below:] if self._stop_at is None or key <= self._stop_at)
 
-    def _advance(self) -> None:
-        """Move the mark past the first queued file, just read (or skipped)."""
-        self._mark, _ = self._queue.popleft()
+    def _advance(self, now: tuple[int, str] | None = None) -> None:
+        """Move the mark past the first queued file, just read (or skipped), and past its time
+        `now` when it was read: a frame still being written when listed is not read again."""
+        key, _ = self._queue.popleft()
+        self._mark = max(self._mark, key, now or key)
         self._below = (self._below or 0) + 1
 
     def close(self) -> None:
