@@ -163,7 +163,16 @@ def test_a_resumed_early_stopped_run_stays_stopped_unless_given_more_patience(ma
     again = train(cfg, resume=True, log=said.append)
     assert again.stopped == "early_stopping" and again.state.step == 4  # no step trained past the plateau
     assert any("already stopped (early_stopping) at step 4" in line for line in said)
-    patient = train(cfg.model_copy(update={"early_stopping": 4, "max_steps": 6}), resume=True)
+    patient_cfg = cfg.model_copy(update={"early_stopping": 4, "max_steps": 6})
+    real = recipe.forward_backward
+    class Killed(BaseException):
+        """A kill -9 or a power cut: nothing in the loop sees it."""
+
+    monkeypatch.setattr(recipe, "forward_backward", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):  # the resume that gave more patience dies before its first save ...
+        train(patient_cfg, resume=True)
+    monkeypatch.setattr(recipe, "forward_backward", real)
+    patient = train(patient_cfg, resume=True)  # ... and the same command again still goes on
     assert patient.stopped == "max_steps" and patient.state.step == 6 and patient.state.best_step == 6
     rows = list(csv.DictReader(open(cfg.out / "metrics.csv")))
     assert [float(r["map50"]) for r in rows if r["map50"]] == [0.2, 0.5, 0.4, 0.3, 0.45, 0.6]

@@ -57,6 +57,7 @@ class TrainerState:
     lr_scale: float = 1.0
     guard: dict = field(default_factory=dict)
     stopped: str = ""
+    planned_for: dict = field(default_factory=dict)  # the length settings `planned_steps` was planned for
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> TrainerState:

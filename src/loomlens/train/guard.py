@@ -127,7 +127,7 @@ class Guard:
     def state(self) -> dict:
         """The guard's state as JSON-ready data, for a checkpoint."""
         return {"history": [asdict(h) for h in self.history], "rollbacks": self.rollbacks, "early": self.early,
-                "sound_step": self.sound_step}
+                "sound_step": self.sound_step, "patience": self.patience}
 
     def restore(self, state: dict) -> None:
         """Take back a `state()`."""

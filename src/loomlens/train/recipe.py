@@ -262,7 +262,10 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
                                   scaler=accelerator.scaler, average=s.average)
         s.guard.restore(s.state.guard)
         amended = amend_config(cfg, run_dir, s.state.step, say=say)
-        if amended & {"time_budget", "max_steps", "epochs"}:
+        # Against the checkpoint's own record (config.yaml may hold a change whose resume died before a
+        # save); a checkpoint from before the record was kept has only config.yaml to go by
+        planned = s.state.planned_for
+        if planned != run_length(cfg) if planned else amended & set(run_length(cfg)):
             s.state.planned_steps = None  # plan the rest again, at the rate measured so far
         say(f"resumed from {s.last_dir} at step {s.state.step} (epoch {s.state.epoch})")
         resume_stopped(s, amended)
@@ -279,11 +282,15 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
 
 
 def resume_stopped(s: Session, amended: set[str]) -> None:
-    """A resumed run the guard had ended stays ended, saying so, unless the resume changed
-    `early_stopping` (more patience, or off) after a plateau: another evaluation would only
-    repeat the verdict, and after a collapse the run already ended on best/'s weights."""
+    """A resumed run the guard had ended stays ended, saying so, unless `early_stopping` is
+    not the patience it stopped with (more, or off) after a plateau: another evaluation would
+    only repeat the verdict, and after a collapse the run already ended on best/'s weights.
+    The patience is the checkpoint's own (`Guard.state`), so a resume that gave more and died
+    before its first save goes on when run again."""
     why = s.state.stopped
-    if why == "early_stopping" and "early_stopping" in amended:
+    stopped_with = s.state.guard.get("patience")  # absent in checkpoints from before it was kept
+    changed = "early_stopping" in amended if stopped_with is None else s.cfg.early_stopping != stopped_with
+    if why == "early_stopping" and changed:
         s.state.stopped = ""  # the guard counts the evaluations since the best against the new patience
     elif why:
         more = ("resume with early_stopping=<more evaluations> (or 0, off) to train on" if why == "early_stopping"
@@ -352,6 +359,11 @@ def make_guard(cfg: TrainConfig) -> Guard:
                  max_rollbacks=g.max_rollbacks if g.collapse else 0, explode=g.explode)
 
 
+def run_length(cfg: TrainConfig) -> dict:
+    """The settings the steps of a run are planned from (`plan_run`)."""
+    return {"time_budget": cfg.time_budget, "max_steps": cfg.max_steps, "epochs": cfg.epochs}
+
+
 def plan_run(s: Session) -> None:
     """Fix the steps the run makes (`state.planned_steps`, kept on resume), its warmup and how
     often it evaluates. A time budget is turned into steps from the step rate measured before
@@ -363,6 +375,7 @@ def plan_run(s: Session) -> None:
             rate = state.train_seconds / state.step if state.step else measure_step_seconds(s)
         state.planned_steps = plan_steps(nominal=s.nominal_steps, time_budget=cfg.time_budget, seconds_per_step=rate,
                                          done_steps=state.step, done_seconds=state.train_seconds)
+        state.planned_for = run_length(cfg)
         if cfg.time_budget:
             s.say(f"planned {state.planned_steps} steps: {rate:.3f} s a step measured, {cfg.time_budget:.0f} s budget")
     s.total_steps = state.planned_steps
