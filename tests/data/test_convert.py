@@ -153,7 +153,10 @@ def test_output_inside_the_source_is_not_read_again(tmp_path, records, fmt):
     for _ in range(2):  # the second run sees the first one's summary.json, classes.txt, flips
         report = convert(src, src / "jsonl", flip=True, tasks=("od", "caption"), val_fraction=0)
         assert report.format == fmt and report.problems == [] and report.images == 3
-    # Into another folder inside it: the first output's flipped copies are no unannotated images.
+    # Into another folder inside it: the first output's flipped copies are no unannotated images,
+    # also when its summary names the source as typed from another working folder.
+    summary = json.loads((src / "jsonl" / "summary.json").read_text())
+    (src / "jsonl" / "summary.json").write_text(json.dumps({**summary, "source": "elsewhere/src"}))
     report = convert(src, src / "jsonl2", flip=True, tasks=("od",), val_fraction=0)
     assert report.problems == [] and report.images == 3
 
