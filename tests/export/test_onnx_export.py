@@ -60,6 +60,7 @@ def test_export_writes_the_parts_and_the_processor(exported) -> None:
     manifest = json.loads((exported / MANIFEST).read_text())
     assert manifest["kv_cache"] is True and manifest["int8_parts"] == []
     assert manifest["views"] == [""]  # a bare model learnt no mirrors: the line PC looks once
+    assert manifest["max_boxes"] == 20  # no run data to say more
 
 
 def test_the_line_pc_looks_through_the_mirrors_the_export_records(exported, tmp_path) -> None:
@@ -68,8 +69,9 @@ def test_the_line_pc_looks_through_the_mirrors_the_export_records(exported, tmp_
     folder = tmp_path / "mirrored"
     shutil.copytree(exported, folder)
     manifest = json.loads((folder / MANIFEST).read_text())
-    (folder / MANIFEST).write_text(json.dumps({**manifest, "views": ["", "h"]}))  # a run trained with flips
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "views": ["", "h"], "max_boxes": 31}))  # a run's
     assert Predictor(model=str(folder), backend="onnx").views == ("", "h")
+    assert Predictor(model=str(folder), backend="onnx").max_boxes == 31  # as --adapter RUN reads its crowded frames
     assert Predictor(model=str(folder), backend="onnx", tta="off").views == ("",)
 
 

@@ -350,7 +350,7 @@ def write_export(loaded, folder: Path, *, opset: int = 17, int8: bool = False,
         "base": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None,
         "run": str(loaded.run) if loaded.run else None, "classes": list(loaded.classes),
         "trained_tasks": sorted(loaded.trained_tasks), "tile_size": loaded.tile_size,
-        "views": list(loaded.views),
+        "views": list(loaded.views), "max_boxes": loaded.max_boxes,
         "versions": {"torch": torch.__version__, "onnxruntime": _ort_version()},
     }, indent=2) + "\n")
 

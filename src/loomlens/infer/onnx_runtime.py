@@ -29,6 +29,7 @@ from PIL import Image
 
 from loomlens.infer.generation import (
     ANSWER_START,
+    MAX_BOXES,
     Generation,
     VocabMask,
     decode_generation,
@@ -204,5 +205,5 @@ def load_onnx_export(folder: str | Path, *, device: str = "cpu", precision: str 
     return LoadedModel(net, load_processor(str(folder)), str(folder), adapter=None,
                        run=Path(m["run"]) if m.get("run") else None, classes=list(m.get("classes", [])),
                        trained_tasks=frozenset(m.get("trained_tasks", [])), tile_size=m.get("tile_size"),
-                       views=tuple(m.get("views", [""])),
+                       views=tuple(m.get("views", [""])), max_boxes=m.get("max_boxes", MAX_BOXES),
                        precision="int8" if precision == "int8" else "fp32", rules=rules if rules.is_file() else None)
