@@ -541,7 +541,8 @@ def merge_command(
     run: Path = typer.Argument(..., help="Training run folder (or an adapter folder)."),
     out: Path = typer.Argument(..., help="Folder for the merged model."),
     checkpoint: str = typer.Option("best", help="best or last."),
-    model: str | None = typer.Option(None, help="Base model, if not the one recorded with the run."),
+    model: str | None = typer.Option(None, help="Where the run's own base model is, when the folder it "
+                                     "records is not on this machine (another base is refused)."),
     dtype: str = typer.Option("fp16", help="Stored precision: fp16 (default), bf16 or fp32."),
 ) -> None:
     """Merge the LoRA adapter into its base: a plain Florence-2 folder for `from_pretrained`."""

@@ -135,3 +135,8 @@ def test_merge_refuses_a_file_for_out_and_a_base_other_than_the_runs(base_dir, t
     assert merge_adapter(tmp_path / "run", tmp_path / "merged", base=f"{base_dir}/../{base_dir.name}").exists()
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"model": "/elsewhere/florence", "data": "d"}))
     assert merge_adapter(tmp_path / "run", tmp_path / "m2", base=str(base_dir), dtype="fp32").exists()
+    # A hub id recorded: another hub id is refused (before anything loads), a local copy is taken.
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"model": "microsoft/Florence-2-base-ft", "data": "d"}))
+    with pytest.raises(ValueError, match="not 'microsoft/Florence-2-large'"):
+        merge_adapter(tmp_path / "run", tmp_path / "m3", base="microsoft/Florence-2-large")
+    assert merge_adapter(tmp_path / "run", tmp_path / "m3", base=str(base_dir), dtype="fp32").exists()

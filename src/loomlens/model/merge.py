@@ -69,10 +69,14 @@ def merged_readme(base: str, dtype: str) -> str:
 
 def _another_base(given: str, recorded: str) -> bool:
     """Whether `given` is another model than `recorded`, the base the adapter was trained on,
-    where that can be told here (`recorded` is an embedded name or a folder on this machine)."""
-    if not (recorded in EMBEDDED or Path(recorded).expanduser().exists()):
-        return False
-    return Path(resolve_model_path(given)).resolve() != Path(resolve_model_path(recorded)).resolve()
+    where that can be told here: `recorded` is an embedded name or a folder on this machine
+    (the same folder?), or both are hub ids (the same id, aliases resolved?). A recorded
+    folder that is not here is what `given` stands in for."""
+    here = recorded in EMBEDDED or Path(recorded).expanduser().exists()
+    if here:
+        return Path(resolve_model_path(given)).resolve() != Path(resolve_model_path(recorded)).resolve()
+    hub_ids = not any(Path(name).expanduser().exists() or Path(name).is_absolute() for name in (given, recorded))
+    return hub_ids and resolve_model_path(given) != resolve_model_path(recorded)
 
 
 def merge_adapter(
