@@ -103,7 +103,7 @@ class ConvertReport:
     split: dict[str, Any] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     images_mode: str = "refer"  # refer | copy | link: whether the samples point at the source or at copies in `out`
-    tile_reason: str = ""  # why `--tile auto` cut tiles or not; for a tile given by number, what prediction does otherwise
+    tile_reason: str = ""  # why `--tile auto` cut tiles or not; for a tile given by number, what predict does else
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of everything in the report."""
@@ -555,7 +555,8 @@ def _group_gaps(split_of: dict[str, str], info: dict[str, Any], *, val_fraction:
     return [Problem(file=".", message=f"--group-by {info['group_by']} made {groups} group(s), and whole groups left "
                     f"the {split} split empty", fix="group by something that makes more groups (folder, "
                     "time:SECONDS, regex:...), or leave --group-by out")
-            for split, fraction in (("val", val_fraction), ("test", test_fraction)) if fraction > 0 and split not in have]
+            for split, fraction in (("val", val_fraction), ("test", test_fraction))
+            if fraction > 0 and split not in have]
 
 
 def _write_failed(err: OSError, out: Path) -> ConvertError:
@@ -579,7 +580,7 @@ def _split_stats(
         "tiles": sum(image in tiles for _, image in items),
         "tile_samples": sum(s["image"] in tiles for s in samples),
         "boxes_per_class": dict(sorted(Counter(b.label for r, _ in items for b in r.boxes).items())),
-        "most_boxes": max((len(r.boxes) for r, _ in items), default=0),  # what eval and predict read an image by default
+        "most_boxes": max((len(r.boxes) for r, _ in items), default=0),  # eval's and predict's default read
         "samples_per_task": dict(Counter(s["task"] for s in samples)),
     }
 

@@ -235,7 +235,7 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     if main and resume:
-        recover_folder(run_dir / "checkpoints" / "last")  # a kill between the renames of a save: put the previous one back
+        recover_folder(run_dir / "checkpoints" / "last")  # a kill between a save's renames: the previous one back
     accelerator.wait_for_everyone()
     _check_run_dir(run_dir, run_dir / "checkpoints" / "last", resume)
     say = log if main else (lambda *_: None)
