@@ -207,3 +207,45 @@ def test_large_lane_is_bounded_and_a_job_past_its_deadline_is_dropped():
             expired.future.result(10)
     finally:
         batcher.stop()
+
+
+def test_large_uploads_are_decoded_one_at_a_time(monkeypatch):
+    """Two 7000x7000 uploads decoding at once took both cores of a 2-core line PC, and normal
+    frames waited (bench/load.py, mixed phase): large decodes share one slot, normal ones none."""
+    import time as clock
+
+    from loomlens.serve import app as serve_app
+
+    def encoded(image: Image.Image, fmt: str) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, fmt)
+        return buffer.getvalue()
+
+    large = encoded(Image.new("1", (8000, 4000)), "PNG")  # 32 MP in its header, a few kB
+    normal = encoded(Image.new("RGB", (64, 48)), "JPEG")
+    running, most, lock = {"large": 0, "normal": 0}, {"large": 0, "both": 0}, threading.Lock()
+
+    def slow_decode(data, *_args):
+        kind = "large" if data is large else "normal"
+        with lock:
+            running[kind] += 1
+            most["large"] = max(most["large"], running["large"])
+            most["both"] = max(most["both"], running["large"] + running["normal"])
+        clock.sleep(0.2)
+        with lock:
+            running[kind] -= 1
+        return Image.new("RGB", (64, 48)), (64, 48)
+
+    class Inputs:
+        def model_inputs(self, *_args):
+            return 1
+
+    monkeypatch.setattr(serve_app, "decode_image", slow_decode)
+    service = serve_app.Service(Inputs(), ServeSettings(page=False))
+    threads = [threading.Thread(target=service.prepare, args=(data, "od", None, "auto", 0.0))
+               for data in (large, large, normal)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most == {"large": 1, "both": 2}  # never two large decodes at once; a normal one alongside

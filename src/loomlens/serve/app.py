@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -43,7 +44,9 @@ from loomlens.events.store import EventStore
 from loomlens.serve.batcher import Batcher
 from loomlens.serve.errors import InputError
 from loomlens.serve.events import events_router
-from loomlens.serve.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_base64, decode_image, set_pil_limit
+from loomlens.serve.images import (
+    DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_base64, decode_image, header_pixels, set_pil_limit,
+)
 from loomlens.serve.results import prediction_json
 from loomlens.serve.tasks import TASKS, TILE_MODES, Options, parse_options, region_pixels
 
@@ -94,12 +97,19 @@ class ServeSettings:
         return int(self.max_body_mb * 1024 * 1024)
 
 
+#: Uploads with more pixels than this (a 7000x7000 PNG takes about 1.5 s to decode on one core)
+#: are decoded one at a time, so large uploads hold at most one core and normal frames keep the
+#: rest (bench/load.py's mixed phase: two such uploads at once took both cores of a 2-core PC).
+LARGE_DECODE_PIXELS = 16_000_000
+
+
 class Service:
     """Validation + queue + result shaping, shared by the API and the page."""
 
     def __init__(self, predictor, settings: ServeSettings):
         self.predictor = predictor
         self.settings = settings
+        self.large_decode = threading.Semaphore(1)
         self.batcher = Batcher(
             self._predict,
             max_queue=settings.max_queue,
@@ -118,7 +128,9 @@ class Service:
         downscaled to `max_side`). A region in pixels is checked against the uploaded image's
         size and scaled with it. Returns (image, options, uploaded size, cost in model inputs)."""
         options = parse_options(task, text, tile, score_threshold)
-        image, size = decode_image(data, self.settings.max_pixels, self.settings.max_side)
+        large = (header_pixels(data) or 0) > LARGE_DECODE_PIXELS
+        with self.large_decode if large else contextlib.nullcontext():
+            image, size = decode_image(data, self.settings.max_pixels, self.settings.max_side)
         if TASKS[options.task].text == "region":
             pixels = region_pixels(options.text, *size)
             if pixels is not None and image.size != size:

@@ -37,6 +37,18 @@ def set_pil_limit(max_pixels: int) -> None:
     ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+def header_pixels(data: bytes) -> int | None:
+    """The pixel count the image header of `data` claims (nothing is decoded), or None when the
+    header cannot be read here (then `decode_image` says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+                return image.width * image.height
+    except Exception:  # noqa: BLE001 - a malformed header can raise almost anything; decode_image names it
+        return None
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None
                  ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode `data` into an RGB image (EXIF orientation applied, downscaled so its longer side
