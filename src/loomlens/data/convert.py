@@ -345,15 +345,7 @@ def _earlier_outputs(src: Path) -> list[Path]:
     """The folders inside the resolved source `src` that hold a conversion (a summary.json of
     convert's, whatever source it names, which may be relative to another working folder):
     their flipped copies and tiles are outputs, never input."""
-    return [found.parent for found in src.rglob("summary.json") if _is_conversion(found)]
-
-
-def _is_conversion(summary: Path) -> bool:
-    """Whether `summary` is the summary.json `convert` writes."""
-    try:
-        return {"source", "format", "splits"} <= json.loads(summary.read_text(encoding="utf-8")).keys()
-    except (OSError, ValueError, AttributeError):
-        return False
+    return [found.parent for found in src.rglob("summary.json") if _converted_from(found.parent) is not None]
 
 
 def _converted_from(out: Path) -> Path | None:
