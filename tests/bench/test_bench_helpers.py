@@ -132,12 +132,13 @@ def test_the_fabric_set_is_a_labelimg_folder_convert_reads_whole(tmp_path):
     from bench import fabric
     from loomlens.data.convert import convert
 
-    fabric.write_frames(tmp_path / "src", frames=6, seed=3, size=128)
+    fabric.write_frames(tmp_path / "src", frames=6, seed=3, size=128, words=fabric.PLANT_WORDS)
     report = convert(tmp_path / "src", tmp_path / "data")
     assert not report.problems
+    assert report.classes and set(report.classes) <= set(fabric.PLANT_WORDS.values())  # a plant's words only
     records = sorted((tmp_path / "src" / "annotations").glob("*.xml"))
     assert len(records) == 6 and len(list((tmp_path / "src" / "images").glob("*.png"))) == 6
-    fabric.write_frames(tmp_path / "again", frames=6, seed=3, size=128)  # same seed, same frames
+    fabric.write_frames(tmp_path / "again", frames=6, seed=3, size=128, words=fabric.PLANT_WORDS)  # same seed, same frames
     assert [p.read_text() for p in records] == [p.read_text().replace("again", "src")
                                                 for p in sorted((tmp_path / "again" / "annotations").glob("*.xml"))]
 
