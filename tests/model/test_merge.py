@@ -106,6 +106,17 @@ def test_a_merged_folder_keeps_its_classes_and_a_remerge_replaces_it_whole(base_
     # predict, eval and watch --model MERGED decode through the run's classes, as with --adapter RUN
     assert load_for_inference(model=str(out)).classes == ["drop", "wrinkle"]
     assert load_for_inference(model=str(base_dir)).classes == []
+    # ... and tiles, mirrors, box budget, tasks and region rules as the run did
+    (tmp_path / "run" / "data_summary.json").write_text(
+        '{"tile": 512, "flip": true, "splits": {"train": {"most_boxes": 31}, "val": {"most_boxes": 4}}}')
+    (tmp_path / "run" / "regions.yaml").write_text("min_score: 0.5\n")
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"model": str(base_dir), "tasks": ["od", "caption"]}))
+    by_run = load_for_inference(adapter=tmp_path / "run")
+    by_merge = load_for_inference(model=str(merge_adapter(tmp_path / "run", tmp_path / "again", dtype="fp32")))
+    kept = ("classes", "tile_size", "views", "max_boxes", "trained_tasks")
+    assert [getattr(by_merge, k) for k in kept] == [getattr(by_run, k) for k in kept]
+    assert (by_merge.tile_size, by_merge.views, by_merge.max_boxes) == (512, ("", "h"), 31)
+    assert by_merge.rules.read_text() == "min_score: 0.5\n"
     # A kill between the two renames of a re-merge: the earlier merge is set aside, not lost.
     renames = []
 

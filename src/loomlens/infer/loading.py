@@ -26,8 +26,9 @@ from loomlens.infer.attention import use_shape_aware_attention
 from loomlens.infer.generation import MAX_BOXES
 from loomlens.model import load_model
 from loomlens.model.loader import EMBEDDED, resolve_model_path
+from loomlens.model.merge import read_merge_record
 from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory
-from loomlens.run import Run
+from loomlens.run import RULES_FILE, Run
 
 __all__ = [
     "PRECISIONS", "LoadedModel", "Precision", "base_tasks", "load_for_inference", "ready_for_inference",
@@ -128,12 +129,23 @@ def load_for_inference(
 
 
 def _load_base(model: str | None, device: str) -> LoadedModel:
-    """A base model (`tiny` when None), no adapter; a merged one (`loomlens merge`) keeps the
-    classes its `classes.txt` names, so its answers are decoded through them as the run's were."""
+    """A base model (`tiny` when None), no adapter. A merged one (`loomlens merge`) keeps what
+    its run said (classes, tasks, tile edge, mirrors, box budget, region rules), so it answers
+    as `--adapter RUN` did; one merged before that record was kept keeps its classes."""
     name = model or "tiny"
     net, processor = load_model(name, device=device)
-    classes = read_class_names(Path(resolve_model_path(name)) / CLASSES_FILE)  # [] without the file
-    return LoadedModel(net, processor, name, trained_tasks=base_tasks(name), classes=classes)
+    folder = Path(resolve_model_path(name))
+    classes = read_class_names(folder / CLASSES_FILE)  # [] without the file
+    merged = read_merge_record(folder)
+    run = merged.get("run")
+    if run is None:
+        return LoadedModel(net, processor, name, trained_tasks=base_tasks(name), classes=classes)
+    rules = folder / RULES_FILE
+    return LoadedModel(
+        net, processor, name, classes=classes, trained_tasks=base_tasks(merged["base"]) | set(run["tasks"]),
+        tile_size=run["tile"], rules=rules if rules.exists() else None, views=tuple(run["views"]),
+        max_boxes=max(MAX_BOXES, run["most_boxes"] or 0),
+    )
 
 
 def _load(model: str | None, run: Run, checkpoint: str, device: str) -> LoadedModel:

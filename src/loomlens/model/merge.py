@@ -12,7 +12,9 @@ The merged weights are stored in half precision by default (`fp16`; `bf16` or `f
 request): a deployed detector needs no fp32 master copy, and half the bytes load twice as
 fast. The folder holds what a real checkpoint folder holds (config, generation_config,
 model.safetensors, processor and tokenizer files) plus a short README naming the oldest
-transformers release with the native Florence-2 classes.
+transformers release with the native Florence-2 classes. For loomlens itself it also keeps
+what the run says about how to read the model (`run_record`: its classes, tasks, tile edge,
+mirrors, box budget and region rules), so `--model MERGED` predicts as `--adapter RUN` does.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from loomlens.data.atomic import recover_folder, swap_in_folder
 from loomlens.data.yolo import CLASSES_FILE
 from loomlens.model.loader import EMBEDDED, load_model, resolve_model_path
 from loomlens.model.lora import load_adapter
-from loomlens.run import Run
+from loomlens.run import RULES_FILE, Run
 
 #: Written into every merged folder: provenance, and the mark that lets a re-merge replace it.
 MARKER = "loomlens_merge.json"
@@ -67,6 +69,19 @@ def merged_readme(base: str, dtype: str) -> str:
     ])
 
 
+def run_record(run: Run) -> dict:
+    """What inference reads from `run` (`infer.loading`), as a merged folder keeps it: the tasks
+    it trained, its tile edge, the mirrors it learnt, its densest frame's box count."""
+    return {"tasks": sorted(run.tasks), "tile": run.tile, "views": list(run.views), "most_boxes": run.most_boxes}
+
+
+def read_merge_record(folder: str | Path) -> dict:
+    """The record `merge_adapter` wrote into `folder` (base, adapter, dtype and `run`, the
+    `run_record`), {} for a folder that is no merge (a base checkpoint, a hub id)."""
+    marker = Path(folder) / MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else {}
+
+
 def _another_base(given: str, recorded: str) -> bool:
     """Whether `given` is another model than `recorded`, the base the adapter was trained on,
     where that can be told here: `recorded` is an embedded name or a folder on this machine
@@ -84,7 +99,8 @@ def merge_adapter(
 ) -> Path:
     """Merge the adapter of `path` (a run folder, a checkpoint in it or an adapter folder, read
     through `loomlens.run.Run`) into its base model and save the merged model, processor,
-    tokenizer, generation config, a README and the run's classes to `out` (safetensors).
+    tokenizer, generation config, a README, the run's classes and region rules and its
+    `run_record` to `out` (safetensors).
 
     Args:
         path: the run, checkpoint or adapter folder.
@@ -123,12 +139,13 @@ def merge_adapter(
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
-    classes = run.folder / CLASSES_FILE if run.folder else None
-    if classes is not None and classes.exists():
-        shutil.copyfile(classes, tmp / CLASSES_FILE)
+    for kept in (run.folder / CLASSES_FILE if run.folder else None, run.rules):
+        if kept is not None and kept.exists():
+            shutil.copyfile(kept, tmp / kept.name)
     (tmp / "README.md").write_text(merged_readme(base, dtype))
     (tmp / MARKER).write_text(json.dumps(
-        {"base": base, "adapter": str(adapter_dir.resolve()), "checkpoint": checkpoint, "dtype": dtype}, indent=2
+        {"base": base, "adapter": str(adapter_dir.resolve()), "checkpoint": checkpoint, "dtype": dtype,
+         "run": run_record(run)}, indent=2
     ) + "\n")
     missing = [name for name in REQUIRED_FILES if not (tmp / name).exists()]
     if missing:
