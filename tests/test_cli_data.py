@@ -61,7 +61,8 @@ def test_problems_are_listed_when_not_strict(tmp_path):
     (tmp_path / "annotations" / "extra.xml").write_text("<annotation><filename>gone.jpg</filename></annotation>")
     result = runner.invoke(app, ["convert", str(tmp_path), str(tmp_path / "out"), "--seed", "4"])  # every class in train
     assert result.exit_code == 0, result.output
-    assert "annotations/extra.xml" in result.output and "1 problem(s)" in result.output
+    assert "annotations/extra.xml" in result.output and "2 problem(s)" in result.output
+    assert "the val split holds no defect box" in " ".join(result.output.split())  # its one frame is clean
 
 
 def test_help_texts():

@@ -110,3 +110,21 @@ def test_one_large_group_does_not_swell_val_and_one_group_is_a_problem(tmp_path)
     assert [p.message for p in report.problems] == [
         f"--group-by folder made 1 group(s), and whole groups left the {split} split empty" for split in ("val", "test")]
     assert "leave --group-by out" in report.problems[0].fix
+
+
+def test_a_held_out_split_of_defect_free_images_only_is_a_problem(tmp_path):
+    src = tmp_path / "src"
+    for i in range(8):  # two defective frames, six good ones
+        write_image(src / f"f{i}.jpg")
+        boxes = [Box("drop", 5, 5, 20, 20)] if i < 2 else []
+        write_voc(ImageRecord(f"f{i}.jpg", 64, 48, boxes), src / f"f{i}.xml", src)
+    seen = set()
+    for seed in range(6):
+        report = convert(src, tmp_path / f"out{seed}", val_fraction=0.25, test_fraction=0.0, seed=seed)
+        val = _split_of(tmp_path / f"out{seed}")
+        judged = any(split == "val" and int(image[1]) < 2 for image, split in val.items())
+        gaps = [p for p in report.problems if "holds no defect box" in p.message]
+        assert len(gaps) == (not judged), (seed, val)
+        assert all("raise --val-fraction" in p.fix for p in gaps)
+        seen.add(judged)
+    assert seen == {True, False}  # both cases met

@@ -507,10 +507,25 @@ def _case_twins(records: Sequence[ImageRecord]) -> list[Problem]:
 def _split_gaps(records: Sequence[ImageRecord], split_of: dict[str, str], info: dict[str, Any],
                 fractions: tuple[float, float]) -> list[Problem]:
     """The problems of the split `choose_splits` made (`split_of`, `info`) for the (val, test)
-    `fractions` asked: classes the train split lacks (`_class_gaps`) and splits that grouping
-    left empty (`_group_gaps`)."""
+    `fractions` asked: classes the train split lacks (`_class_gaps`), splits that grouping
+    left empty (`_group_gaps`) and held-out splits without a defect (`_defect_gaps`)."""
     return [*_class_gaps(records, split_of, kept=bool(info["kept"])),
-            *_group_gaps(split_of, info, val_fraction=fractions[0], test_fraction=fractions[1])]
+            *_group_gaps(split_of, info, val_fraction=fractions[0], test_fraction=fractions[1]),
+            *_defect_gaps(records, split_of, kept=bool(info["kept"]))]
+
+
+def _defect_gaps(records: Sequence[ImageRecord], split_of: dict[str, str], kept: bool) -> list[Problem]:
+    """A problem for a val or test split whose images are all defect-free while the data has
+    defects: its mAP is undefined, so training's `best/` and its collapse guard would judge by
+    val loss alone, and a test figure would score nothing."""
+    defective = {split_of[r.image] for r in records if r.boxes}
+    if not defective:
+        return []
+    return [Problem(file=".", message=f"the {split} split holds no defect box, only defect-free images: it cannot "
+                    f"score the run{' nor choose its best step' if split == 'val' else ''}",
+                    fix="pass --resplit to draw the splits from all images" if kept else
+                    f"raise --{split}-fraction, or pass another --seed")
+            for split in ("val", "test") if split in split_of.values() and split not in defective]
 
 
 def _class_gaps(records: Sequence[ImageRecord], split_of: dict[str, str], kept: bool) -> list[Problem]:
