@@ -86,13 +86,61 @@ def test_an_output_inside_the_source_holding_other_files_is_refused(tmp_path):
     write_image(src / "images" / "a.jpg")
     write_voc(ImageRecord("images/a.jpg", 64, 48, [Box("drop", 5, 5, 20, 20)]), src / "annotations" / "a.xml", src)
     before = _tree(src)
-    with pytest.raises(ConvertError, match="inside the source folder and holds files"):
+    with pytest.raises(ConvertError, match="holds files that are not a conversion's output"):
         convert(src, src / "annotations")  # its XML would be skipped as input
     assert _tree(src) == before
     # A new folder inside the source is the supported layout; it is skipped on a re-run.
     convert(src, src / "jsonl", flip=True, val_fraction=0)
     report = convert(src, src / "jsonl", flip=True, val_fraction=0)
     assert report.images == 1 and report.problems == []
+
+
+def test_an_output_holding_another_dataset_is_refused_and_left_as_it_was(tmp_path):
+    src = _yolo_with_a_refused_class(tmp_path / "src")
+    other = _yolo_with_a_refused_class(tmp_path / "other")  # a user's own YOLO set given as OUT by mistake
+    before = _tree(other)
+    with pytest.raises(ConvertError, match="holds files that are not a conversion's output.*new or empty folder"):
+        convert(src, other)
+    assert _tree(other) == before  # its classes.txt keeps its ids
+    (tmp_path / "empty").mkdir()  # an empty folder made beforehand is fine
+    convert(src, tmp_path / "empty", val_fraction=0)
+    assert (tmp_path / "empty" / "summary.json").is_file()
+
+
+def test_a_conversion_stopped_part_way_goes_on_and_is_never_read_as_input(tmp_path, monkeypatch):
+    from loomlens.data import convert as module
+
+    src = tmp_path / "src"
+    write_image(src / "images" / "a.jpg")
+    write_voc(ImageRecord("images/a.jpg", 64, 48, [Box("drop", 5, 5, 20, 20)]), src / "annotations" / "a.xml", src)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "_items_by_split", killed)  # after the flipped copies, before any summary
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, src / "jsonl", flip=True, val_fraction=0)
+    assert list((src / "jsonl").rglob("*flipped*")) and not (src / "jsonl" / "summary.json").exists()
+    with pytest.raises(ConvertError, match="holds the conversion of .*src"):
+        convert(tmp_path / "src" / "annotations", src / "jsonl")  # another source is refused
+    monkeypatch.undo()
+    report = convert(src, tmp_path / "elsewhere", flip=True, val_fraction=0, unlabelled_clean=True)
+    assert report.images == 1 and report.negatives == 0  # its copies are no unlabelled input
+    assert convert(src, src / "jsonl", flip=True, val_fraction=0).images == 1  # the same command goes on
+
+
+def test_the_summary_names_its_source_whole_so_another_working_folder_reads_it(tmp_path, monkeypatch):
+    src = _yolo_with_a_refused_class(tmp_path / "src")
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path)
+    convert(Path("src"), Path("out"), val_fraction=0)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["source"] == str(src.resolve())
+    monkeypatch.chdir(tmp_path / "a")
+    convert(tmp_path / "src", tmp_path / "out", val_fraction=0)  # the same source, named from elsewhere
+    other = _yolo_with_a_refused_class(tmp_path / "a" / "src")
+    with pytest.raises(ConvertError, match="holds the conversion of"):
+        convert(Path("src"), Path("../out"), val_fraction=0)  # `src` here is another dataset
+    assert other.exists()
 
 
 def _voc_image(root: Path, name: str, box: str) -> None:
@@ -168,6 +216,23 @@ def test_a_frame_name_repeated_in_another_folder_is_still_reported(tmp_path):
     assert [(p.file, "no usable annotation" in p.message) for p in report.problems] == [("cam2/0002.jpg", True)]
 
 
+def _disk_full_at(name: str):
+    """`atomic.atomic_group` whose write of the file called `name` fills the disk part-way."""
+
+    @contextmanager
+    def group():
+        with atomic.atomic_group() as opener:
+            @contextmanager
+            def one(path, *args, **kwargs):
+                with opener(path, *args, **kwargs) as f:
+                    if Path(path).name == name:
+                        f.write("x" * 10)
+                        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+                    yield f
+            yield one
+    return group
+
+
 def test_a_full_disk_is_a_clear_error_and_the_previous_output_stays_whole(tmp_path, monkeypatch):
     src = tmp_path / "src"
     _voc_image(src, "good", "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>")
@@ -175,22 +240,26 @@ def test_a_full_disk_is_a_clear_error_and_the_previous_output_stays_whole(tmp_pa
     out = tmp_path / "out"
     convert(src, out, val_fraction=0.5)
     before = _tree(out)
-    real = atomic.atomic_open
-
-    @contextmanager
-    def full_disk(path, *args, **kwargs):
-        with real(path, *args, **kwargs) as f:
-            f.write("x" * 10)
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        yield f  # never reached
-
-    monkeypatch.setattr(convert_module, "atomic_open", full_disk)
+    monkeypatch.setattr(convert_module, "atomic_group", _disk_full_at("train.jsonl"))
     with pytest.raises(ConvertError) as caught:
         convert(src, out, val_fraction=0.5, seed=1, tasks=("od", "caption"))
     message = str(caught.value)
     assert message.startswith(f"the disk is full while writing {out / 'train.jsonl'}")
     assert "intact" in message and "free some space" in message
     assert _tree(out) == before  # the old files whole, no temporaries left
+
+
+def test_a_write_that_fails_part_way_through_the_outputs_leaves_every_one_old(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    for name in ("good", "other", "third", "fourth"):
+        _voc_image(src, name, "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>")
+    out = tmp_path / "out"
+    convert(src, out, val_fraction=0.5)
+    before = _tree(out)
+    monkeypatch.setattr(convert_module, "atomic_group", _disk_full_at("val.jsonl"))  # after train.jsonl
+    with pytest.raises(ConvertError, match="the disk is full while writing .*val.jsonl"):
+        convert(src, out, val_fraction=0.5, seed=1)  # another split: train.jsonl would differ
+    assert _tree(out) == before  # train.jsonl too is the old one, beside the old val.jsonl and summary
 
 
 def test_another_write_error_names_the_file_and_the_fix(tmp_path, monkeypatch):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -26,22 +26,41 @@ def atomic_open(path: str | Path, mode: str = "w", durable: bool = True) -> Iter
     is left as it was and the temporary file is removed. `durable` also fsyncs before the
     rename, so a power cut cannot leave an empty file either (skip it for bulk outputs that
     can be regenerated)."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_open writes only, mode 'w' or 'wb', got {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    with atomic_group() as group, group(path, mode, durable) as f:
+        yield f
+
+
+@contextmanager
+def atomic_group() -> Iterator[Callable[..., AbstractContextManager[IO]]]:
+    """Several files written as one: the block gets an `open(path, mode="w", durable=True)`
+    like `atomic_open`'s, and every file it wrote replaces its target only when the whole
+    block ends normally; when any write raises, every target is left as it was. The renames
+    at the end take no space, so a full disk stops the block before the first of them."""
+    written: list[tuple[Path, Path]] = []
+
+    @contextmanager
+    def open_one(path: str | Path, mode: str = "w", durable: bool = True) -> Iterator[IO]:
+        if mode not in ("w", "wb"):
+            raise ValueError(f"atomic_open writes only, mode 'w' or 'wb', got {mode!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        written.append((Path(tmp), path))
         os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are ordinary files
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": "\n"})) as f:
             yield f
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+    try:
+        yield open_one
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
         raise
+    for tmp, path in written:
+        os.replace(tmp, path)
 
 
 def atomic_write(path: str | Path, data: str | bytes, durable: bool = True) -> None:

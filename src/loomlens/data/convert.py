@@ -24,7 +24,9 @@ from typing import Any
 
 from PIL import Image
 
-from loomlens.data.atomic import atomic_copy, atomic_open, atomic_save_image, atomic_write, same_stamp, stamp
+from loomlens.data.atomic import (
+    atomic_copy, atomic_group, atomic_open, atomic_save_image, atomic_write, same_stamp, stamp,
+)
 from loomlens.data.coco import read_coco
 from loomlens.data.cvat import read_cvat, xml_root_tag
 from loomlens.data.florence_text import boxes_to_text
@@ -60,6 +62,8 @@ FORMATS = ("auto", *READERS)
 IMAGE_MODES = ("refer", "copy", "link")
 ORIGINALS_DIR = "images/originals"  # relative to the output folder: copied or linked source images
 SPLITS = ("train", "val", "test")
+SUMMARY = "summary.json"  # what a finished conversion did, the source it was made from included
+STARTED = ".loomlens-convert.json"  # the source of a conversion under way: from its first image to its summary
 MIN_TILE = 32  # pixels; a smaller tile holds too little fabric to tell a defect from weave
 
 ProgressFn = Callable[[str, int, int], None]
@@ -241,11 +245,12 @@ def place_image(src: Path, dst: Path, mode: str) -> None:
         atomic_copy(src, dst, link=mode == "link")
 
 
-def write_jsonl(path: Path, samples: Iterable[dict[str, Any]]) -> int:
-    """Write one compact JSON object a line, atomically; return the number of lines. If
-    `samples` raises part-way, the file at `path` is left as it was."""
+def write_jsonl(path: Path, samples: Iterable[dict[str, Any]], opener: Callable[..., Any] = atomic_open) -> int:
+    """Write one compact JSON object a line, atomically (through `opener`, `atomic_open` or an
+    `atomic_group`'s); return the number of lines. If `samples` raises part-way, the file at
+    `path` is left as it was."""
     count = 0
-    with atomic_open(path) as f:
+    with opener(path) as f:
         for sample in samples:
             f.write(json.dumps(sample, ensure_ascii=False, separators=(",", ":")) + "\n")
             count += 1
@@ -312,10 +317,11 @@ def _order(items: list[tuple[ImageRecord, str]], tasks: Sequence[str], order: st
 def _check_out(src: Path, out: Path) -> None:
     """Refuse a source folder that does not exist, and an output folder that would overwrite
     or hide input: a file, the conversion of another source (converting the same source again
-    replaces it), the source itself (its classes.txt would be rewritten, shifting YOLO ids), a
-    folder holding the source, or a folder inside the source that holds anything but a previous
-    conversion's output (it is skipped as input, so its annotations would silently vanish). A
-    new folder inside the source is fine: later runs skip it."""
+    replaces it, and goes on where an interrupted one stopped), the source itself (its
+    classes.txt would be rewritten, shifting YOLO ids), a folder holding the source, or a
+    folder that holds anything but a conversion (a dataset's own classes.txt and labels would be
+    overwritten or mixed with the outputs; inside the source they would also be skipped as
+    input). A new or empty folder is fine, inside the source too: later runs skip it."""
     if not src.is_dir():
         raise ConvertError(f"source folder {src} does not exist")
     src_abs, out_abs = src.resolve(), out.resolve()
@@ -325,7 +331,7 @@ def _check_out(src: Path, out: Path) -> None:
                            "(a new one is made)")
     before = _converted_from(out_abs)
     if before is not None and before != src_abs:
-        raise ConvertError(f"the output folder {out} holds the conversion of {before} (its summary.json): "
+        raise ConvertError(f"the output folder {out} holds the conversion of {before} (its {SUMMARY}): "
                            f"converting {src} there would replace it; nothing written; give another folder, "
                            "or delete that one first")
     if out_abs == src_abs:
@@ -334,27 +340,40 @@ def _check_out(src: Path, out: Path) -> None:
     if src_abs.is_relative_to(out_abs):
         raise ConvertError(f"the output folder {out} holds the source folder {src}: its outputs would land "
                            f"among the annotations; nothing written; {elsewhere}")
-    inside = out_abs.is_relative_to(src_abs) and out_abs.is_dir()
-    if inside and any(out_abs.iterdir()) and not (out_abs / "summary.json").is_file():
-        raise ConvertError(f"the output folder {out} is inside the source folder and holds files that are "
-                           f"not a conversion's output: they would be skipped as input and mixed with the "
-                           f"outputs; nothing written; use a new or empty folder, or {elsewhere}")
+    if before is None and out_abs.is_dir() and any(out_abs.iterdir()):
+        raise ConvertError(f"the output folder {out} holds files that are not a conversion's output: convert "
+                           "would overwrite its classes.txt and mix its outputs among them; nothing written; "
+                           "give a new or empty folder")
 
 
 def _earlier_outputs(src: Path) -> list[Path]:
-    """The folders inside the resolved source `src` that hold a conversion (a summary.json of
-    convert's, whatever source it names, which may be relative to another working folder):
-    their flipped copies and tiles are outputs, never input."""
-    return [found.parent for found in src.rglob("summary.json") if _converted_from(found.parent) is not None]
+    """The folders inside the resolved source `src` that hold a conversion, finished or
+    interrupted (`_converted_from`, whatever source it names): their flipped copies and tiles
+    are outputs, never input."""
+    return sorted({found.parent for name in (SUMMARY, STARTED) for found in src.rglob(name)
+                   if _converted_from(found.parent) is not None})
 
 
 def _converted_from(out: Path) -> Path | None:
-    """The source folder the conversion in `out` was made from (its summary.json), resolved;
-    None when there is none, or its summary cannot be read (nothing to protect then)."""
-    try:
-        return Path(json.loads((out / "summary.json").read_text(encoding="utf-8"))["source"]).resolve()
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    """The source folder the conversion in `out` was made from, resolved: its `summary.json`'s,
+    else (one stopped before its end) the `STARTED` mark's. None when there is neither, or it
+    cannot be read (nothing to protect then). A summary written before sources were recorded
+    whole names it relative to the working folder of its day, read here from this one."""
+    for name in (SUMMARY, STARTED):
+        try:
+            return Path(json.loads((out / name).read_text(encoding="utf-8"))["source"]).resolve()
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _mark_started(out: Path, src: Path) -> None:
+    """Claim `out` for the conversion of `src` before its first image is written, so that a run
+    stopped part-way is known as a conversion: the same command goes on, another is refused,
+    and the source's later runs skip it as input."""
+    out.mkdir(parents=True, exist_ok=True)
+    if _converted_from(out) is None:  # else its summary (or mark) names this source already
+        atomic_write(out / STARTED, json.dumps({"source": str(src)}) + "\n")
 
 
 def _tile_names(frames: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
@@ -594,21 +613,20 @@ def _split_stats(
 
 def _write_splits(
     items: dict[str, list[tuple[ImageRecord, str]]], out: Path, tasks: Sequence[str], order: str, seed: int,
-    no_test: bool, tiles: set[str],
+    no_test: bool, tiles: set[str], opener: Callable[..., Any],
 ) -> dict[str, dict[str, Any]]:
     """Shuffle each split's items (deterministic for `seed`), write its samples as
-    `out/<split>.jsonl` and return each split's counts; with `no_test`, a stale `test.jsonl`
-    is removed instead."""
+    `out/<split>.jsonl` through `opener` (an `atomic_group`'s) and return each split's counts;
+    with `no_test`, no `test.jsonl` (the caller removes a stale one)."""
     rng = random.Random(seed)
     splits: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
         if split == "test" and no_test:
-            (out / "test.jsonl").unlink(missing_ok=True)  # a stale one would be read as current
             continue
         chosen = sorted(items[split], key=lambda item: item[1])
         rng.shuffle(chosen)
         samples = list(_order(chosen, tasks, order))
-        write_jsonl(out / f"{split}.jsonl", samples)
+        write_jsonl(out / f"{split}.jsonl", samples, opener)
         splits[split] = _split_stats(chosen, samples, tiles)
     return splits
 
@@ -720,6 +738,7 @@ def convert(
         problems += work(write=False)[2]
         _fail_if_strict(strict, problems, src)
     try:
+        _mark_started(out_abs, src_abs)
         frames, tiles, damaged = work(write=True)
         problems += damaged
         _fail_if_strict(strict, problems, src)
@@ -732,20 +751,25 @@ def convert(
         problems += _split_gaps(records, split_of, split_info, (val_fraction, test_fraction))
         items = _items_by_split(frames, split_of)
         no_test = test_fraction == 0 and "test" not in split_of.values()
-        splits = _write_splits(items, out, tasks, order, seed, no_test, tiles)
-        seen = sorted({b.label for r in records for b in r.boxes} - set(read.classes))
-        report = ConvertReport(
-            source=str(src), out=str(out),
-            source_root="." if images != "refer" else Path(os.path.relpath(src_abs, out_abs)).as_posix(),
-            format=fmt, tasks=[t for t in CONVERTIBLE if t in tasks], order=order,
-            flip=flip, tile=tile, tile_overlap=tile_overlap, seed=seed, classes=[*read.classes, *seen],
-            images=len(records), negatives=sum(not r.boxes for r in records), keep_empty=keep_empty,
-            unlabelled_clean=unlabelled_clean, images_mode=images,
-            boxes_per_class=dict(sorted(Counter(b.label for r in records for b in r.boxes).items())),
-            splits=splits, split=split_info, problems=problems, tile_reason=tile_reason,
-        )
-        write_classes(out / CLASSES_FILE, report.classes)
-        atomic_write(out / "summary.json", json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        with atomic_group() as opener:  # the JSONL files, classes.txt and summary.json replaced together
+            splits = _write_splits(items, out, tasks, order, seed, no_test, tiles, opener)
+            seen = sorted({b.label for r in records for b in r.boxes} - set(read.classes))
+            report = ConvertReport(
+                source=str(src_abs), out=str(out),
+                source_root="." if images != "refer" else Path(os.path.relpath(src_abs, out_abs)).as_posix(),
+                format=fmt, tasks=[t for t in CONVERTIBLE if t in tasks], order=order,
+                flip=flip, tile=tile, tile_overlap=tile_overlap, seed=seed, classes=[*read.classes, *seen],
+                images=len(records), negatives=sum(not r.boxes for r in records), keep_empty=keep_empty,
+                unlabelled_clean=unlabelled_clean, images_mode=images,
+                boxes_per_class=dict(sorted(Counter(b.label for r in records for b in r.boxes).items())),
+                splits=splits, split=split_info, problems=problems, tile_reason=tile_reason,
+            )
+            write_classes(out / CLASSES_FILE, report.classes, opener)
+            with opener(out / SUMMARY) as f:
+                f.write(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        if no_test:
+            (out / "test.jsonl").unlink(missing_ok=True)  # a stale one would be read as current
+        (out / STARTED).unlink(missing_ok=True)  # the summary names the source from here on
     except OSError as err:
         raise _write_failed(err, out) from err
     return report

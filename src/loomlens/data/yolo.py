@@ -6,11 +6,12 @@ A label file's image has the same stem, beside it or in the `images/` folder tha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
+from typing import Any
 
-from loomlens.data.atomic import atomic_write
+from loomlens.data.atomic import atomic_open, atomic_write
 from loomlens.data.florence_text import LabelError, validate_label
 from loomlens.data.records import ImageRecord, Problem, ReadResult
 from loomlens.data.sanitize import IMAGE_SUFFIXES, add_box, image_size, iter_files, read_text, relative
@@ -192,9 +193,11 @@ def read_yolo(root: str | Path, skip: Sequence[Path] = ()) -> ReadResult:
     return result
 
 
-def write_classes(path: str | Path, classes: Sequence[str]) -> None:
-    """Write class names one a line, id = line number - 1 (LabelImg's `classes.txt`)."""
-    atomic_write(path, "".join(f"{name}\n" for name in classes))
+def write_classes(path: str | Path, classes: Sequence[str], opener: Callable[..., Any] = atomic_open) -> None:
+    """Write class names one a line, id = line number - 1 (LabelImg's `classes.txt`),
+    atomically through `opener` (`atomic_open`, or an `atomic_group`'s)."""
+    with opener(path) as f:
+        f.write("".join(f"{name}\n" for name in classes))
 
 
 def read_class_names(path: str | Path) -> list[str]:
