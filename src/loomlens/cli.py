@@ -936,8 +936,9 @@ def watch_command(
     score_threshold: float = typer.Option(0.0, min=0.0, max=1.0, help="Ignore boxes scoring lower."),
     flag_threshold: float | None = typer.Option(
         None, min=0.0, max=1.0, help="Also record a frame left without a box whose defect probability is at least "
-        "this, as an 'unlocated' box over the whole frame (take `loomlens eval`'s threshold for the false-alarm rate "
-        "you accept). Default: off."),
+        "this, as an 'unlocated' box over the whole frame. `loomlens eval`'s threshold for a false-alarm rate counts "
+        "this probability alone: boxes kept by --score-threshold and the region rules flag good frames on top of it "
+        "(docs/line.md). Default: off."),
     webhook: list[str] = typer.Option([], help="POST each new event as JSON to this URL (repeat for more)."),
     on_event: list[str] = typer.Option([], help="Run this command per new event (event JSON on stdin and in "
                                        "$LOOMLENS_EVENT; repeat for more)."),

@@ -44,6 +44,14 @@ def test_false_positive_on_a_negative_image_lowers_precision():
     assert fp_ranked_last["map50"] == pytest.approx(1.0)
 
 
+def test_false_positive_of_a_class_without_truth_in_the_split_does_not_count_in_map():
+    gt = [[box()], []]
+    m = coco_metrics(gt, [[box(score=0.5)], [box("wrinkle", score=0.9)]], ["drop", "wrinkle"])
+    # No wrinkle is true anywhere: its AP is undefined and left out of the mean, whatever its rank.
+    assert m["map50"] == pytest.approx(1.0) and m["per_class"]["wrinkle"]["ap50"] is None
+    assert m["per_class"]["wrinkle"]["predicted"] == 1 and m["predicted_on_negatives"] == 1
+
+
 def test_all_scores_one_gives_a_different_and_wrong_ap():
     # The seed's mistake: with every score = 1 the ranking falls to image order. The false
     # positive sits on the first (negative) image, so it is ranked first: AP 0.5, although

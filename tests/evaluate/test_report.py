@@ -1,14 +1,17 @@
 """The report on a small converted split: files, keys, plots, and the matching behind them."""
 
 import json
+import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from loomlens.data.convert import convert
 from loomlens.data.records import Box
 from loomlens.data.synth import synthesize
 from loomlens.evaluate.matching import best_threshold, confusion_matrix, match_image
-from loomlens.evaluate.report import evaluate_jsonl, write_report
+from loomlens.evaluate.report import EvalImage, EvalRun, _markdown, evaluate_jsonl, split_metrics, write_report
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,13 @@ def test_write_report_files_and_keys(tiny, split, tmp_path):
     assert set(ok_ng) >= {"auroc", "recall_at_fpr", "threshold_at_fpr", "per_class"}
     assert set(ok_ng["recall_at_fpr"]) == {"0.01", "0.001"}
     assert 0.0 <= saved["empty_on_defects"] <= 1.0
-    assert "## Inspection (OK/NG per frame)" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "## Inspection (OK/NG per frame)" in report
+    # The thresholds the report prints are the ones measured, every digit.
+    assert float(re.search(r"Best F1 [\d.]+ at score >= ([^;]+);", report).group(1)) == saved["best_threshold"]
+    line = re.search(r"All classes: .*", report).group(0)
+    printed = [float(t) for t in re.findall(r"\(score >= ([^)]+)\)", line)]
+    assert printed == [t for t in ok_ng["threshold_at_fpr"].values() if t is not None]
     for png in ("pr_curves.png", "confusion_matrix.png", "reliability.png"):
         assert (tmp_path / png).stat().st_size > 1000
         assert f"({png})" in (tmp_path / "report.md").read_text()
@@ -58,6 +67,15 @@ def test_confusion_matrix_has_missed_column_and_false_row():
     assert confusion_matrix(truth, pred, ["drop", "wrinkle"]).tolist() == [[1, 1, 0], [0, 0, 1], [1, 0, 0]]
 
 
+def test_a_wrong_class_box_scored_higher_never_hides_a_right_one():
+    truth = [[Box("a", 0, 0, 10, 10)]]
+    pred = [[Box("b", 0, 0, 10, 10, 0.9), Box("a", 0, 0, 10, 9, 0.8)]]
+    # rows: a, b, FP; columns: a, b, FN. The a box found it (AP50 1); the b box is the false one.
+    assert confusion_matrix(truth, pred, ["a", "b"]).tolist() == [[1, 0, 0], [0, 0, 0], [0, 1, 0]]
+    # Without a right-class box the confusion still shows as a pair.
+    assert confusion_matrix(truth, [pred[0][:1]], ["a", "b"]).tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 0]]
+
+
 def test_matching_prefers_higher_scores_and_same_class():
     truth = [box("drop", 0)]
     m = match_image(truth, [box("drop", 1, 0.3), box("drop", 0, 0.9)])
@@ -70,6 +88,38 @@ def test_best_threshold_cuts_off_low_scoring_false_positives():
     pred = [[box("drop", 0, 0.9)], [box("drop", 0, 0.3)]]
     threshold, f1 = best_threshold(truth, pred)
     assert threshold == pytest.approx(0.9) and f1 == pytest.approx(1.0)
+
+
+def test_best_threshold_is_a_short_number_that_keeps_the_same_boxes():
+    truth = [[box("drop", 0)], []]
+    pred = [[box("drop", 0, 0.87654321)], [box("drop", 0, 0.4321)]]
+    # The cut keeps the 0.87654321 box, which `score >= 0.877` as printed dropped: 0.8 keeps it.
+    assert best_threshold(truth, pred) == (0.8, 1.0)
+
+
+def test_the_report_prints_each_threshold_with_every_digit():
+    truth = [[box("drop", 0)], [], [box("drop", 0)]]
+    pred = [[box("drop", 0, 0.87654321)], [box("drop", 0, 0.8761)], [box("drop", 0, 0.99)]]
+    images = [EvalImage(Path(f"{i}.png"), t) for i, t in enumerate(truth)]
+    run = EvalRun(images, pred, 0, 0.1, [0.87654321, 0.8761, 0.9])
+    metrics = split_metrics(run, ["drop"]).metrics
+    # Keeps the 0.87654321 box and drops the one at 0.8761; printed as 0.877, it dropped both.
+    assert metrics["best_threshold"] == 0.8765
+    report = _markdown(metrics, {}, "t")
+    assert "at score >= 0.8765;" in report
+    assert "false alarms (score >= 0.8762)" in report  # the frame cut: above the good frame at 0.8761
+
+
+def test_the_plots_name_the_threshold_they_cut_at_exactly(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from loomlens.evaluate import plots
+
+    monkeypatch.setattr(plots, "_save", lambda fig, path: fig)
+    fig = plots.plot_confusion(np.zeros((2, 2), dtype=int), ["drop"], tmp_path / "c.png", 0.8765)
+    assert fig.axes[0].get_title() == "Confusion at IoU 0.5, score >= 0.8765"  # not 0.88, which drops a kept box
+    fig = plots.plot_gallery([("a", Image.new("RGB", (8, 8)), [], [])], tmp_path / "g.png", 0.8765)
+    assert fig.texts[0].get_text().startswith("Worst images (score >= 0.8765)")
 
 
 def test_a_tile_size_detects_large_frames_tiled_as_predict_does(tmp_path, monkeypatch):

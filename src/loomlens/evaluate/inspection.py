@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from loomlens.data.records import Box
+from loomlens.evaluate.thresholds import short_cut, threshold_text
 
 #: False-alarm rates reported by default: one good frame in a hundred, one in a thousand.
 DEFAULT_FPRS = (0.01, 0.001)
@@ -42,15 +43,19 @@ def _auroc(scores: np.ndarray, defective: np.ndarray) -> float | None:
     return float((greater + 0.5 * ties) / (pos.size * neg.size))
 
 
-def _threshold_at(good: np.ndarray, fpr: float) -> float:
-    """The lowest threshold (frames flagged when score >= it) that flags at most `fpr` of the
-    good frames' scores `good`; just above the highest good score when none may be flagged."""
+def _threshold_at(good: np.ndarray, scores: np.ndarray, fpr: float) -> float | None:
+    """The threshold (frames flagged when score >= it) that flags at most `fpr` of the good
+    frames' scores `good` and as many of all frames' `scores` as that allows, as a short decimal
+    (`thresholds.short_cut`) at most 1; None when none does (too many good frames score 1 or more)."""
     allowed = int(np.floor(fpr * good.size + 1e-9))
     ordered = np.sort(good)[::-1]
     if allowed >= ordered.size:
         return 0.0
-    # Flag nothing at or below the (allowed+1)-th highest good score.
-    return float(np.nextafter(ordered[allowed], np.inf))
+    # Flag nothing at or below the (allowed+1)-th highest good score, everything above it.
+    highest = float(ordered[allowed])
+    higher = scores[scores > highest]
+    cap = float(higher.min()) if higher.size else 1.0
+    return short_cut(highest, cap) if highest < cap else None
 
 
 def image_level(
@@ -66,8 +71,11 @@ def image_level(
     Returns:
         `{"auroc": float | None, "recall_at_fpr": {fpr: recall | None},
         "threshold_at_fpr": {fpr: threshold | None}, "frames": N, "defective": n}`; a recall
-        or threshold is None without good or defective frames to measure it on. Keys of the
-        two mappings are the rates as strings (`"0.01"`), so the dict survives JSON.
+        or threshold is None without good or defective frames to measure it on, a threshold
+        also where no threshold up to 1 flags few enough good frames (recall 0 then). A
+        threshold is a short decimal (`thresholds.short_cut`): `score >= it`, as written, flags
+        the share of good and defective frames reported. Keys of the two mappings are the
+        rates as strings (`"0.01"`), so the dict survives JSON.
     """
     s = np.asarray(scores, dtype=float)
     d = np.asarray(defective, dtype=bool)
@@ -81,9 +89,9 @@ def image_level(
         if not good.size or not d.any():
             recall[key] = threshold[key] = None
             continue
-        t = _threshold_at(good, fpr)
+        t = _threshold_at(good, s, fpr)
         threshold[key] = t
-        recall[key] = float((s[d] >= t).mean())
+        recall[key] = 0.0 if t is None else float((s[d] >= t).mean())
     return {"auroc": _auroc(s, d), "recall_at_fpr": recall, "threshold_at_fpr": threshold,
             "frames": int(s.size), "defective": int(d.sum())}
 
@@ -114,7 +122,8 @@ def image_level_by_class(
 
 def summary_line(metrics: Mapping) -> str:
     """One line for a console or report: AUROC, and recall at each false-alarm rate with the
-    score threshold that gives it (what a line sets, e.g. `loomlens watch --flag-threshold`)."""
+    score threshold that gives it, every digit shown (what a line sets, e.g. `loomlens watch
+    --flag-threshold`)."""
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f} %"
     auroc = metrics.get("auroc")
@@ -122,6 +131,9 @@ def summary_line(metrics: Mapping) -> str:
     parts = [f"AUROC {'-' if auroc is None else f'{auroc:.3f}'}"]
     for k, r in metrics["recall_at_fpr"].items():
         t = thresholds.get(k)
-        cut = "" if t is None else " (score > 0)" if 0 < t < 1e-12 else f" (score >= {t:.4g})"  # just above a 0
+        if t is not None:
+            cut = f" (score >= {threshold_text(t)})"
+        else:  # nothing to measure on, or no threshold up to 1 flags so few good frames
+            cut = "" if r is None else " (no threshold: too many good frames score 1)"
         parts.append(f"recall {pct(r)} at <= {pct(float(k))} false alarms{cut}")
     return ", ".join(parts)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loomlens.data.records import Box
+from loomlens.evaluate.thresholds import short_cut
 
 
 @dataclass
@@ -61,6 +62,16 @@ def match_image(
     return ImageMatch(pairs, sorted(free), sorted(false))
 
 
+def match_for_confusion(truth: Sequence[Box], predicted: Sequence[Box], iou: float = 0.5) -> ImageMatch:
+    """`match_image` of same-class pairs first, as AP counts them, then of the boxes left over
+    regardless of class: a confusion shows as a pair, yet a wrong-class box scored higher never
+    takes the true box from a right one (which would show a hit as a confusion and a false box)."""
+    same = match_image(truth, predicted, iou)
+    rest = match_image([truth[i] for i in same.missed], [predicted[j] for j in same.false], iou, same_class=False)
+    return ImageMatch(same.pairs + [(same.missed[i], same.false[j]) for i, j in rest.pairs],
+                      [same.missed[i] for i in rest.missed], [same.false[j] for j in rest.false])
+
+
 def above(boxes: Sequence[Box], threshold: float) -> list[Box]:
     """The boxes scoring at least `threshold` (a box without a score always passes)."""
     return [b for b in boxes if b.score is None or b.score >= threshold]
@@ -75,14 +86,14 @@ def confusion_matrix(
 ) -> np.ndarray:
     """Counts over all images, shape (K+1, K+1) for the K `classes`: rows are the true class
     and a last "FP" row (predicted where nothing was), columns the predicted class and a last
-    "FN" column (missed). Predictions under `threshold` are ignored. Labels outside
-    `classes` must be added to `classes` by the caller."""
+    "FN" column (missed), boxes matched by `match_for_confusion`. Predictions under
+    `threshold` are ignored. Labels outside `classes` must be added to `classes` by the caller."""
     index = {c: i for i, c in enumerate(classes)}
     k = len(classes)
     matrix = np.zeros((k + 1, k + 1), dtype=int)
     for gt, pred in zip(truth, predicted):
         pred = above(pred, threshold)
-        m = match_image(gt, pred, iou, same_class=False)
+        m = match_for_confusion(gt, pred, iou)
         for i, j in m.pairs:
             matrix[index[gt[i].label], index[pred[j].label]] += 1
         for i in m.missed:
@@ -96,7 +107,9 @@ def best_threshold(
     truth: Sequence[Sequence[Box]], predicted: Sequence[Sequence[Box]], iou: float = 0.5
 ) -> tuple[float, float]:
     """The score threshold with the highest F1 over all classes (same-class matches at `iou`),
-    as `(threshold, f1)`: a starting point for the line's per-class thresholds."""
+    as `(threshold, f1)`: a starting point for the line's per-class thresholds. The threshold
+    is a short decimal (`thresholds.short_cut`, the kept score rounded down) that keeps, with
+    `score >= it`, exactly the boxes the best cut keeps."""
     # Whether a prediction is a true positive does not depend on the cut: greedy matching by
     # score keeps the same pairs among the boxes above any threshold.
     scored = []
@@ -105,13 +118,14 @@ def best_threshold(
         scored += [(1.0 if b.score is None else b.score, j in hits) for j, b in enumerate(pred)]
     scored.sort(key=lambda s: -s[0])
     n_true = sum(len(gt) for gt in truth)
-    best = (0.0, 0.0)
+    best = (0.0, 0.0, 0.0)  # the lowest score kept, the next lower one (0 below all), F1
     tp = 0
     for rank, (score, hit) in enumerate(scored, start=1):
         tp += hit
         if rank < len(scored) and scored[rank][0] == score:
             continue  # a threshold keeps all tied scores or none
         f1 = 2 * tp / (rank + n_true)
-        if f1 > best[1]:
-            best = (score, f1)
-    return best
+        if f1 > best[2]:
+            best = (score, scored[rank][0] if rank < len(scored) else 0.0, f1)
+    kept, dropped, f1 = best
+    return (short_cut(dropped, kept, near_high=True) if dropped < kept else kept), f1

@@ -1,7 +1,11 @@
 """COCO detection metrics through faster-coco-eval, from plain lists of boxes.
 
 Every image takes part, including those with no defect: a box predicted on a clean image is a
-false positive and lowers precision, as it would on the line. Detections are ranked by their
+false positive of its class. COCO averages AP over the classes with a true box in the split, so
+such a box lowers precision (and mAP) only where its class has a true box somewhere in the
+split; the false boxes of a class with none count nowhere in mAP (that class's AP is None), and
+show only in its `predicted` count, `predicted_on_negatives` and the best F1, which counts
+every box. Detections are ranked by their
 `score` (a missing score counts as 1.0, which is what the seed did for all of them, and which
 leaves the ranking to file order). A class found in the ground truth but absent from
 `classes` (never seen in training) is evaluated and listed under `unseen_classes`, not an error.

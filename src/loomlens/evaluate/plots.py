@@ -16,6 +16,7 @@ from PIL import Image
 
 from loomlens.data.records import Box
 from loomlens.evaluate.matching import above, match_image
+from loomlens.evaluate.thresholds import threshold_text
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -52,7 +53,7 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path, thres
             ax.text(c, r, str(v), ha="center", va="center", color="white" if v > matrix.max() * 0.6 else "black")
     ax.set_xticks(range(k + 1), [*classes, "FN"], rotation=90)
     ax.set_yticks(range(k + 1), [*classes, "FP"])
-    ax.set(xlabel="Predicted", ylabel="True", title=f"Confusion at IoU 0.5, score >= {threshold:.2f}")
+    ax.set(xlabel="Predicted", ylabel="True", title=f"Confusion at IoU 0.5, score >= {threshold_text(threshold)}")
     return _save(fig, path)
 
 
@@ -116,5 +117,5 @@ def plot_gallery(
         _draw_boxes(ax, [gt[i] for i in m.missed], "tab:orange", "--", False)
         _draw_boxes(ax, [pred[j] for j in m.false], "tab:red", "-", True)
         ax.set_title(f"{title}\nmissed {len(m.missed)}, false {len(m.false)}", fontsize=8)
-    fig.suptitle(f"Worst images (score >= {threshold:.2f}): green found, orange missed, red false")
+    fig.suptitle(f"Worst images (score >= {threshold_text(threshold)}): green found, orange missed, red false")
     return _save(fig, path)

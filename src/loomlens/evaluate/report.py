@@ -29,6 +29,7 @@ from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, 
 from loomlens.evaluate.inspection import frame_score, image_level, image_level_by_class, summary_line
 from loomlens.evaluate.metrics import evaluate_coco
 from loomlens.evaluate.plots import plot_confusion, plot_gallery, plot_pr_curves, plot_reliability
+from loomlens.evaluate.thresholds import threshold_text
 from loomlens.infer.detection import Detection, answer_probability, batched, detect_with_details
 from loomlens.infer.tiling import should_tile, tiled_detect
 
@@ -183,7 +184,7 @@ def _markdown(metrics: dict, plots: dict[str, str], title: str) -> str:
     if metrics["unseen_classes"]:
         lines += ["", f"Classes in this split never seen in training: {', '.join(metrics['unseen_classes'])}."]
     lines += [
-        "", f"Best F1 {metrics['best_f1']:.3f} at score >= {metrics['best_threshold']:.3f}; "
+        "", f"Best F1 {metrics['best_f1']:.3f} at score >= {threshold_text(metrics['best_threshold'])}; "
         f"{metrics['dropped_parts']} malformed answer parts dropped; "
         f"{metrics['seconds_per_image']:.3f} s per image"
         + (f"; frames longer than {AUTO_FACTOR * metrics['tile']:.0f} px detected in {metrics['tile']} px tiles, as "

@@ -45,7 +45,9 @@ def predictor_detector(predictor, *, tile: str = "auto", score_threshold: float 
     labelled `UNLOCATED` and scored by that probability, so a defect the model is sure of but
     could not place still becomes an event (debounced like any box: the same whole-frame box
     frame after frame). The probability is the model's before region rules, which cannot
-    place it either."""
+    place it either. `loomlens eval`'s false-alarm rate for a threshold counts this probability
+    alone: a frame with a box kept by `score_threshold` and the region rules is flagged
+    whatever its probability, a false alarm on a good frame that rate does not count."""
 
     def boxes(p) -> list[Box]:
         if p.boxes or flag_threshold is None or p.answer_probability is None or p.answer_probability < flag_threshold:
