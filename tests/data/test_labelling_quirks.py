@@ -1,8 +1,9 @@
 """What labelling tools really write, beyond their formats' letter: image names without their
 extension or in another case, text files with byte-order marks or in UTF-16, class ids as
-floats, pixel coordinates in YOLO files, COCO polygons without a bbox, two annotations of one
-image, and class names that differ only in case. Each is either read as the tool meant it or
-reported with the file and the fix, never silently trained on wrongly."""
+floats, pixel coordinates in YOLO files, COCO polygons without a bbox, COCO images sharing an
+id, two annotations of one image, and class names that differ only in case. Each is either
+read as the tool meant it or reported with the file and the fix, never silently trained on
+wrongly."""
 
 from __future__ import annotations
 
@@ -122,6 +123,23 @@ def test_coco_box_problems_name_the_annotation_and_its_image(tmp_path):
     path = _coco(tmp_path, [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [30, 20, 60, 45]}])
     (problem,) = read_coco_file(path, tmp_path).problems
     assert problem.message.startswith("annotation 7 (image im1.jpg): ") and "clipped" in problem.message
+
+
+def test_coco_images_that_share_an_id_are_reported_and_neither_trains_as_defect_free(tmp_path):
+    """Two COCO files merged naively both number their images from 0: whose box is whose is
+    unknown, so neither image is read (nor taken as defect-free), and the id is named."""
+    src = tmp_path / "src"
+    path = _coco(src, [{"id": 7, "image_id": 0, "category_id": 1, "bbox": [5, 5, 10, 10]}], images=3)
+    data = json.loads(path.read_text())
+    data["images"][1]["id"] = 0
+    path.write_text(json.dumps(data))
+    result = read_coco_file(path, src)
+    assert [r.image for r in result.records] == ["im2.jpg"] and len(result.problems) == 2
+    assert all("images 'im0.jpg' and 'im1.jpg' share image id 0" in p.message for p in result.problems)
+    assert {Path(p.image).name for p in result.problems} == {"im0.jpg", "im1.jpg"}
+    assert "its own id" in result.problems[0].fix
+    report, images = _converted(src, tmp_path, unlabelled_clean=True)
+    assert images == ["im2.jpg"] and len(report.problems) == 2
 
 
 def test_two_annotations_of_one_image_are_reported_and_one_kept(tmp_path):

@@ -145,6 +145,107 @@ def test_a_later_run_with_another_picture_of_the_same_name_never_takes_the_earli
     assert labels.kept == 1 and labels.written == 0  # the re-run found day 1's picture under its old name
 
 
+def _predict_into(out: Path, fmt: str, pictures: dict[Path, Box], classes: tuple[str, ...] = ("drop",)) -> LabelsOut:
+    """One run of `pictures` (each predicted with its box) into `out`, finished."""
+    labels = LabelsOut(out, fmt, list(classes), "run/x")
+    for source, box in pictures.items():
+        labels.add(Item(source, Image.open(source).convert("RGB")), Prediction("od", 120, 48, [box]), source.stem)
+    labels.finish()
+    return labels
+
+
+def _picture(path: Path, colour: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (120, 48), colour).save(path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["voc", "yolo"])
+def test_pictures_of_one_name_inside_the_labels_folder_each_get_their_own_annotation(tmp_path, fmt):
+    # In place: `predict to-label/ --labels-out to-label/`, every day's a.png, and one from outside.
+    out = tmp_path / "to-label"
+    pictures = {_picture(out / "day1" / "a.png", "red"): Box("drop", 1, 1, 10, 10, 0.9),
+                _picture(out / "day2" / "a.png", "blue"): Box("drop", 50, 20, 90, 40, 0.8),
+                _picture(tmp_path / "outside" / "a.png", "lime"): Box("drop", 30, 5, 60, 15, 0.7)}
+    labels = _predict_into(out, fmt, pictures)
+    assert (labels.written, labels.kept) == (3, 0)
+    read = READERS[fmt](out, ())
+    assert read.problems == [] and len(read.records) == 3
+    want = {Image.open(source).getpixel((0, 0)): box for source, box in pictures.items()}
+    for record in read.records:  # each picture, known by its colour, has its own box
+        (got,) = record.boxes
+        box = want[Image.open(out / record.image).getpixel((0, 0))]
+        assert max(abs(getattr(got, k) - getattr(box, k)) for k in ("x1", "y1", "x2", "y2")) <= 1
+    again = _predict_into(out, fmt, pictures)  # a re-run keeps every annotation, overwrites none
+    assert (again.written, again.kept) == (0, 3)
+
+
+def test_two_pictures_of_one_name_in_one_folder_are_named_not_silently_lost(tmp_path):
+    out = tmp_path / "to-label"
+    pictures = {_picture(out / "a.png", "red"): Box("drop", 1, 1, 10, 10, 0.9),
+                _picture(out / "a.jpg", "blue"): Box("drop", 50, 20, 90, 40, 0.8)}
+    labels = LabelsOut(out, "voc", ["drop"], "run/x")
+    for source, box in pictures.items():
+        labels.add(Item(source, Image.open(source).convert("RGB")), Prediction("od", 120, 48, [box]), source.stem)
+    (summary,) = [line for line in labels.finish() if line.startswith("annotations/")]
+    assert "(1 new, 0 kept; 1 not annotated" in summary and summary.endswith(": a.jpg)")
+    assert labels.clashed == ["a.jpg"]
+
+
+def test_yolo_keeps_the_ids_of_a_classes_txt_with_a_blank_line(tmp_path):
+    # A person's dataset: id 1 retired (a blank line), id 2 = stain.
+    out = tmp_path / "yolo"
+    (out / "labels").mkdir(parents=True)
+    (out / "labels" / "classes.txt").write_text("hole\n\nstain\n")
+    _picture(out / "images" / "old.png", "red")
+    (out / "labels" / "old.txt").write_text("2 0.5 0.5 0.2 0.2\n")
+    new = _picture(tmp_path / "new.png", "blue")
+    _predict_into(out, "yolo", {new: Box("stain", 12, 4.8, 36, 14.4, 0.9)}, classes=("hole", "stain", "drop"))
+    assert (out / "labels" / "classes.txt").read_text() == "hole\n\nstain\ndrop\n"
+    assert (out / "labels" / "new.txt").read_text().split()[0] == "2"
+    boxes = {r.image: [b.label for b in r.boxes] for r in READERS["yolo"](out, ()).records}
+    assert boxes == {"images/old.png": ["stain"], "images/new.png": ["stain"]}
+
+
+def test_a_later_coco_run_adds_a_picture_whose_name_a_picture_in_another_folder_has(tmp_path):
+    out = tmp_path / "coco"
+    day1 = _picture(out / "day1" / "a.png", "red")
+    _predict_into(out, "coco", {day1: Box("drop", 1, 1, 10, 10, 0.9)})
+    labels = _predict_into(out, "coco", {_picture(out / "day2" / "a.png", "blue"): Box("drop", 50, 20, 90, 40, 0.8)})
+    assert labels.kept == 0
+    read = READERS["coco"](out, ())
+    assert read.problems == [] and [r.image for r in read.records] == ["day1/a.png", "day2/a.png"]
+    # A tool's export that names images without their folder still holds them: kept, not added twice.
+    document = out / "annotations.json"
+    data = json.loads(document.read_text())
+    data["images"] = [{**image, "file_name": "b.png"} if image["file_name"] == "day1/a.png" else image
+                      for image in data["images"]]
+    document.write_text(json.dumps(data))
+    b = _picture(out / "images" / "b.png", "red")
+    assert _predict_into(out, "coco", {b: Box("drop", 1, 1, 10, 10, 0.9)}).kept == 1
+
+
+def test_a_later_label_studio_run_adds_its_tasks_and_keeps_the_earlier_ones(tmp_path):
+    out = tmp_path / "ls"
+    first = _picture(tmp_path / "frames" / "p.png", "red")
+    _predict_into(out, "labelstudio", {first: Box("drop", 1, 1, 10, 10, 0.9)})
+    tasks = json.loads((out / "tasks.json").read_text())
+    tasks[0]["predictions"][0]["result"][0]["value"]["rectanglelabels"] = ["stain"]  # edited by hand
+    (out / "tasks.json").write_text(json.dumps(tasks))
+    second = _picture(tmp_path / "frames" / "q.png", "blue")
+    labels = LabelsOut(out, "labelstudio", ["drop"], "run/x")
+    for source in (first, second):  # p again (kept as edited), q new
+        labels.add(Item(source, Image.open(source).convert("RGB")),
+                   Prediction("od", 120, 48, [Box("drop", 2, 2, 20, 20, 0.5)]), source.stem)
+    assert "tasks.json (1 new, 1 kept)" in labels.finish()
+    merged = json.loads((out / "tasks.json").read_text())
+    assert merged[0] == tasks[0] and [t["data"]["image"] for t in merged] == [
+        "/data/local-files/?d=images/p.png", "/data/local-files/?d=images/q.png"]
+    (out / "tasks.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tasks.json is there but cannot be added to"):
+        labels.finish()
+
+
 def test_label_studio_finds_a_picture_whose_name_holds_url_characters(tmp_path):
     # '#' would end the URL, '+' read as a space, '&' start another query field.
     source = tmp_path / "roll#3 a+b&c 100%.png"

@@ -3,7 +3,8 @@
 
 Every `*.json` under the dataset root is read as one COCO file; `file_name` is found beside
 the JSON, in an `images/` folder beside or above it, or at the root. Images with no
-annotations are negatives."""
+annotations are negatives; images that share an `id` (COCO files merged naively) are
+reported and skipped, since their annotations cannot be told apart."""
 
 from __future__ import annotations
 
@@ -94,9 +95,19 @@ def read_coco_file(path: Path, root: Path) -> ReadResult:
     for ann in annotations:
         by_image.setdefault(ann["image_id"], []).append(ann)
     dirs = [path.parent, path.parent / "images", path.parent.parent / "images", root / "images", root]
+    shared = _shared_ids(images)
     records: dict[Any, ImageRecord] = {}
     for img in images:
         found, problem = find_image(root, str(img["file_name"]), dirs, file)
+        if img["id"] in shared:  # whose boxes are whose is unknown: neither trains as defect-free
+            names = " and ".join(repr(str(other["file_name"])) for other in shared[img["id"]])
+            result.problems.append(Problem(
+                file=file, image=None if found is None else str(found),
+                message=f"images {names} share image id {img['id']!r}; {str(img['file_name'])!r} skipped",
+                fix="give every image its own id (and its annotations that image_id)",
+            ))
+            by_image.pop(img["id"], None)
+            continue
         declared = (_int(img.get("width")), _int(img.get("height")))
         size, problem = (None, problem) if found is None else image_size(found, declared, file)
         if size is None:
@@ -116,6 +127,14 @@ def read_coco_file(path: Path, root: Path) -> ReadResult:
         ))
     result.records = sorted(records.values(), key=lambda r: r.image)
     return result
+
+
+def _shared_ids(images: Sequence[dict]) -> dict[Any, list[dict]]:
+    """The image ids two or more `images` entries give, each with those entries."""
+    by_id: dict[Any, list[dict]] = {}
+    for img in images:
+        by_id.setdefault(img["id"], []).append(img)
+    return {image_id: entries for image_id, entries in by_id.items() if len(entries) > 1}
 
 
 def _with_bbox(ann: Any) -> Any:
@@ -182,9 +201,27 @@ def write_coco(records: Sequence[ImageRecord], json_path: str | Path, classes: S
     atomic_write(json_path, json.dumps(data, indent=1) + "\n", durable=False)
 
 
+def _held(images: Sequence[dict], records: Sequence[ImageRecord]) -> set[str]:
+    """The images of `records` that COCO `images` entries already hold: by `file_name`, else by
+    the bare name where it is unique among the entries and among the records and one path ends
+    with the other (a tool's export naming `a.png` for `images/a.png`), so that `day1/a.png`
+    never stands for `day2/a.png`."""
+    paths = {str(image["file_name"]).replace("\\", "/") for image in images}
+    held = {r.image for r in records} & paths
+    theirs = Counter(PurePosixPath(p).name for p in paths)
+    ours = Counter(PurePosixPath(r.image).name for r in records)
+    mine = {PurePosixPath(r.image).name: r.image for r in records}
+    for path in paths - held:
+        name = PurePosixPath(path).name
+        if theirs[name] == ours[name] == 1 and (f"/{path}".endswith(f"/{mine[name]}")
+                                                 or f"/{mine[name]}".endswith(f"/{path}")):
+            held.add(mine[name])
+    return held
+
+
 def add_to_coco(records: Sequence[ImageRecord], json_path: str | Path, classes: Sequence[str]) -> int:
     """Add `records` to the COCO file at `json_path` (written as `write_coco` does when there is
-    none). Images the file already holds (by `file_name`, or its last part) keep their entries and annotations,
+    none). Images the file already holds (see `_held`) keep their entries and annotations,
     which a person may have corrected; new categories are appended. Returns how many of
     `records` were already there. Raises ValueError naming the file when it is not COCO."""
     json_path = Path(json_path)
@@ -196,9 +233,8 @@ def add_to_coco(records: Sequence[ImageRecord], json_path: str | Path, classes: 
         if not (isinstance(data, dict) and all(isinstance(data.get(k), list)
                                                for k in ("images", "annotations", "categories"))):
             raise ValueError("no images, annotations and categories lists")
-        # By path or by name: a tool's export of the folder may name images without `images/`.
-        held = {n for image in data["images"] for n in (image["file_name"], PurePosixPath(image["file_name"]).name)}
-        added = [r for r in records if r.image not in held and PurePosixPath(r.image).name not in held]
+        held = _held(data["images"], records)
+        added = [r for r in records if r.image not in held]
         _append(data, added, classes)
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
         raise ValueError(f"{json_path} is there but cannot be added to ({type(err).__name__}: {err}): fix it, "

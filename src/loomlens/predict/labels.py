@@ -7,7 +7,8 @@ DIR becomes a dataset `loomlens convert DIR` reads back:
   name `convert` groups by video);
 - voc: `annotations/<name>.xml`, Pascal VOC as LabelImg writes it (Open Dir `images/`, Change
   Save Dir `annotations/`);
-- yolo: `labels/<name>.txt` with `labels/classes.txt` (LabelImg's YOLO mode);
+- yolo: `labels/<name>.txt` with `labels/classes.txt` (LabelImg's YOLO mode; a subfolder of
+  `images/` is mirrored in `labels/`); ids a `classes.txt` already names (a blank line too) stay;
 - labelstudio: `tasks.json`, one task per picture, each box a `rectanglelabels` prediction with
   its `score` (a picture without a box scores 1 - the model's probability that it holds a
   defect, so sorting by score brings the likely misses up early); images as `/data/local-files/?d=images/...` (percent-encoded): serve DIR as Label Studio's local
@@ -15,11 +16,17 @@ DIR becomes a dataset `loomlens convert DIR` reads back:
 - coco: `annotations.json`, a COCO dataset whose boxes carry their `score`; a later run adds its
   pictures to it.
 
+A picture already inside DIR stays where it is; one outside `images/` (for VOC, in a subfolder
+of it too: `day1/a.png`, `day2/a.png`) gets its annotation beside it (`day1/a.xml`; YOLO with a
+`classes.txt` there where none is in its folder or above), where LabelImg looks without a Save
+Dir and `convert` pairs it with that picture only. Two pictures of one name in one folder
+(`a.png`, `a.jpg`) would share one annotation file: the second is named in the run's summary.
+
 A per-image annotation file already in DIR (one a person may have corrected) is never
 overwritten: it is kept and counted; delete it to have it predicted again (so is a picture's
-entry in an `annotations.json` already there). A picture of a later
-run whose name an earlier run's picture holds (every day's `frame_0001.jpg`) gets a name of its
-own, so no annotation is ever kept beside another picture.
+entry in an `annotations.json` or task in a `tasks.json` already there; a later run adds its
+own). A picture of a later run whose name an earlier run's picture holds (every day's
+`frame_0001.jpg`) gets a name of its own, so no annotation is ever kept beside another picture.
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ from loomlens.data.atomic import atomic_copy, atomic_write
 from loomlens.data.coco import add_to_coco
 from loomlens.data.labelstudio import labelstudio_tasks
 from loomlens.data.records import ImageRecord
+from loomlens.data.sanitize import read_text
 from loomlens.data.voc import write_voc
-from loomlens.data.yolo import CLASSES_FILE, read_class_names, write_classes, write_yolo
+from loomlens.data.yolo import CLASSES_FILE, read_classes, write_yolo
 from loomlens.predict.predictor import Prediction
 from loomlens.predict.sources import Item
 
@@ -57,6 +65,26 @@ def _channels(item: Item) -> int:
     return 3
 
 
+def _add_tasks(path: Path, tasks: list[dict]) -> int:
+    """Add Label Studio `tasks` to the task list at `path` (written when there is none) in one
+    atomic write: the tasks already there stay as they are (a person may have edited them), and
+    a task for a picture one of them holds is not added. Returns how many were not. Raises
+    ValueError naming the file when it is not a list of tasks."""
+    held: list = []
+    if path.exists():
+        try:
+            held = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(held, list):
+                raise ValueError("not a list of tasks")
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{path} is there but cannot be added to ({type(err).__name__}: {err}): fix it, "
+                             "move it away, or write the pre-annotations to another folder") from None
+    images = {t["data"].get("image") for t in held if isinstance(t, dict) and isinstance(t.get("data"), dict)}
+    added = [task for task in tasks if task["data"]["image"] not in images]
+    atomic_write(path, json.dumps([*held, *added], indent=1) + "\n")
+    return len(tasks) - len(added)
+
+
 class LabelsOut:
     """Writes the pre-annotations of one prediction run into a folder, picture by picture
     (`add`), then the whole-run files (`finish`). Holds no pixels: a long video streams."""
@@ -73,9 +101,11 @@ class LabelsOut:
             raise ValueError(f"--save-labels must be one of {', '.join(LABEL_FORMATS)}, got {fmt!r}")
         self.out, self.fmt, self.model_version, self.link = Path(out), fmt, model_version, link
         self.out.mkdir(parents=True, exist_ok=True)
-        # Ids a person's label files already use stay as they are; new classes are appended.
-        known = read_class_names(self.out / "labels" / CLASSES_FILE) if fmt == "yolo" else []
-        self.classes = list(dict.fromkeys([*known, *classes]))
+        self.classes = list(dict.fromkeys(classes))
+        # YOLO: each classes.txt in use, as its lines and the names by id `convert` reads there.
+        self.class_files: dict[Path, tuple[list[str], list[str]]] = {}
+        self.claimed: dict[Path, str] = {}  # this run's annotation files, each its picture's
+        self.clashed: list[str] = []  # pictures whose annotation file another picture claimed
         self.records: list[ImageRecord] = []
         self.probabilities: list[float | None] = []  # each picture's answer probability, for Label Studio
         self.placed: set[str] = set()  # the stems of this run's pictures in images/
@@ -125,27 +155,68 @@ class LabelsOut:
         self.placed.add(stem)
         return image
 
+    def _annotation(self, image: str) -> Path:
+        """Where the VOC or YOLO annotation of the picture at `image` (relative to the folder)
+        goes, so that `convert` pairs it with that picture only: `annotations/<stem>.xml` or
+        `labels/<stem>.txt` for one in `images/` (YOLO mirrors its subfolders in `labels/`), else
+        beside the picture, where LabelImg looks without a Save Dir."""
+        folder, suffix = PER_IMAGE[self.fmt]
+        path = Path(image)
+        inner = path.parent.parts[1:]
+        if path.parts[0] == "images" and (not inner or self.fmt == "yolo"):
+            return self.out / folder / Path(*inner) / (path.stem + suffix)
+        return self.out / path.with_suffix(suffix)
+
+    def _classes_file(self, label: Path) -> Path:
+        """The `classes.txt` naming the ids of the YOLO label file `label` as `convert` finds it,
+        the nearest in its folder or above (within the folder); where there is none,
+        `labels/classes.txt` for a label file under `labels/`, else one beside it."""
+        for folder in (label.parent, *label.parent.parents):
+            if folder / CLASSES_FILE in self.class_files or (folder / CLASSES_FILE).is_file():
+                return folder / CLASSES_FILE
+            if folder == self.out:
+                break
+        labels = self.out / "labels"
+        return (labels if label.is_relative_to(labels) else label.parent) / CLASSES_FILE
+
+    def _class_names(self, path: Path) -> list[str]:
+        """The names by id of the `classes.txt` at `path` ("" for a blank or unusable line, as
+        `convert` reads it: a person's ids never shift), with the run's classes it lacks
+        appended; the file is written when they change it or it is not there yet."""
+        if path not in self.class_files:
+            lines = read_text(path).splitlines() if path.is_file() else []
+            while lines and not lines[-1].strip():
+                lines.pop()  # trailing blank lines name no class (read_classes drops them too)
+            names = [name or "" for name in read_classes(path, self.out)[0]] if lines else []
+            self.class_files[path] = (lines, names)
+        lines, names = self.class_files[path]
+        new = [name for name in self.classes if name not in names]
+        lines += new
+        names += new
+        if new or not path.is_file():
+            atomic_write(path, "".join(f"{line}\n" for line in lines))
+        return names
+
     def add(self, item: Item, prediction: Prediction, name: str) -> None:
         """Write the pre-annotation of one picture, `name` its unique stem in this run."""
         record = ImageRecord(self._place(item, name), prediction.width, prediction.height, list(prediction.boxes))
-        new = list(dict.fromkeys(b.label for b in record.boxes if b.label not in self.classes))
-        self.classes += new
-        if self.fmt == "yolo" and (new or not self.records):
-            # Before the label file: every id on disk is named even if the run stops here.
-            write_classes(self.out / "labels" / CLASSES_FILE, self.classes)
+        self.classes += list(dict.fromkeys(b.label for b in record.boxes if b.label not in self.classes))
         self.records.append(record)
         self.probabilities.append(prediction.answer_probability)
         if self.fmt not in PER_IMAGE:
             return
-        folder, suffix = PER_IMAGE[self.fmt]
-        target = self.out / folder / (Path(record.image).stem + suffix)
+        target = self._annotation(record.image)
+        if self.claimed.setdefault(target, record.image) != record.image:
+            self.clashed.append(record.image)  # `a.png` beside `a.jpg`: LabelImg pairs by name too
+            return
         if target.exists():
             self.kept += 1
             return
         if self.fmt == "voc":
             write_voc(record, target, self.out, depth=_channels(item))
         else:
-            write_yolo(record, target, self.classes)
+            # The classes first: every id on disk is named even if the run stops here.
+            write_yolo(record, target, self._class_names(self._classes_file(target)))
         self.written += 1
 
     def finish(self) -> list[str]:
@@ -153,16 +224,22 @@ class LabelsOut:
         what this run wrote, relative to the folder."""
         written = [f"images/ ({len(self.records)})"] if self.records else []
         if self.fmt in PER_IMAGE:
-            written.append(f"{PER_IMAGE[self.fmt][0]}/ ({self.written} new, {self.kept} kept)")
-        if self.fmt == "yolo":
-            write_classes(self.out / "labels" / CLASSES_FILE, self.classes)
-            written.append(f"labels/{CLASSES_FILE}")
+            folder = PER_IMAGE[self.fmt][0]
+            beside = any(not target.is_relative_to(self.out / folder) for target in self.claimed)
+            line = f"{folder}/{' and beside pictures' if beside else ''} ({self.written} new, {self.kept} kept"
+            if self.clashed:
+                line += (f"; {len(self.clashed)} not annotated, a picture of the same name in the folder has "
+                         f"the file: {', '.join(self.clashed[:3])}{', ...' if len(self.clashed) > 3 else ''}")
+            written.append(line + ")")
+        for path in self.class_files:  # YOLO: the classes of the whole run named everywhere
+            self._class_names(path)
+            written.append(path.relative_to(self.out).as_posix())
         if self.fmt == "labelstudio":
             # Percent-encoded: a '#', '+', '&' or '%' in a file name would end or change the path.
             urls = [LOCAL_FILES + quote(r.image) for r in self.records]
             tasks = labelstudio_tasks(self.records, urls, self.model_version, self.probabilities)
-            atomic_write(self.out / "tasks.json", json.dumps(tasks, indent=1) + "\n")
-            written.append("tasks.json")
+            self.kept = _add_tasks(self.out / "tasks.json", tasks)
+            written.append(f"tasks.json ({len(tasks) - self.kept} new, {self.kept} kept)")
         if self.fmt == "coco":
             self.kept = add_to_coco(self.records, self.out / "annotations.json", self.classes)
             written.append(f"annotations.json ({len(self.records) - self.kept} new, {self.kept} kept)")
