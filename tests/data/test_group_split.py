@@ -12,7 +12,7 @@ import pytest
 from loomlens.data.convert import ConvertError, convert
 from loomlens.data.jsonl import validate_split
 from loomlens.data.records import Box, ImageRecord
-from loomlens.data.splits import assign_splits
+from loomlens.data.splits import assign_splits, group_keys
 from loomlens.data.voc import write_voc
 
 from .conftest import read_jsonl, write_image
@@ -128,3 +128,21 @@ def test_a_held_out_split_of_defect_free_images_only_is_a_problem(tmp_path):
         assert all("raise --val-fraction" in p.fix for p in gaps)
         seen.add(judged)
     assert seen == {True, False}  # both cases met
+
+
+def test_roboflow_copies_of_one_picture_stay_in_one_split(tmp_path):
+    # A train-only Roboflow export with 3 augmented copies of each of 6 source pictures.
+    images = [f"frame{i:03d}_jpg.rf.{h}{i:02d}{'0' * 28}.jpg" for i in range(6) for h in ("ab", "cd", "ef")]
+    src = _voc(tmp_path / "src", images)
+    for seed in range(3):
+        convert(src, tmp_path / f"out{seed}", val_fraction=0.34, seed=seed)
+        split_of = _split_of(tmp_path / f"out{seed}")
+        for i in range(6):
+            assert len(_sides(split_of, f"frame{i:03d}_jpg.rf.")) == 1, (seed, i)
+        assert set(split_of.values()) == {"train", "val"}
+
+
+def test_a_regex_group_that_takes_no_part_in_the_match_groups_by_the_match():
+    records = [ImageRecord(name, 64, 48, []) for name in ("cam1/a.jpg", "cam2/b.jpg", "other/c.jpg")]
+    assert group_keys(records, Path("."), r"regex:(cam\d)?/") == {"cam1/a.jpg": "cam1", "cam2/b.jpg": "cam2",
+                                                                  "other/c.jpg": "/"}

@@ -21,6 +21,9 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
                "test": "test", "testing": "test"}
 #: A frame loomlens saved from a video: `<video stem>_f<frame index, 6 digits>`.
 VIDEO_FRAME = re.compile(r"^(?P<video>.+)_f\d{6}$")
+#: A Roboflow export's picture: `<source stem>_<source ext>.rf.<hash>`, one per augmented copy
+#: of the source picture (`frame000_jpg.rf.3f2c...`), which all look alike.
+ROBOFLOW_COPY = re.compile(r"^(?P<source>.+_[A-Za-z0-9]+)\.rf\.[0-9A-Za-z]+$")
 #: A timestamp in a file name: YYYYMMDD-HHMMSS, YYYY-MM-DDTHH:MM:SS, YYYYMMDD_HHMMSS.fff, ...
 NAME_TIME = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})[T_\- ]?(\d{2})[:\-]?(\d{2})[:\-]?(\d{2})(?:[.,](\d{1,6}))?")
 GROUP_HELP = "folder, regex:PATTERN (the first group, else the match) or time:SECONDS"
@@ -114,15 +117,26 @@ def _bursts(records: Sequence[ImageRecord], root: Path, gap: float) -> dict[str,
     return groups
 
 
+def _copy_group(image: PurePosixPath) -> str | None:
+    """The group of an image that is one of several of the same picture: a frame of a video
+    loomlens saved, a Roboflow copy of a source picture; None for any other."""
+    if m := VIDEO_FRAME.match(image.stem):
+        return f"video:{image.parent / m['video']}"
+    if m := ROBOFLOW_COPY.match(image.stem):
+        return f"roboflow:{m['source']}"  # its copies may sit in other folders (train/, valid/)
+    return None
+
+
 def group_keys(records: Sequence[ImageRecord], root: Path, group_by: str | None) -> dict[str, str]:
     """Image -> group, for `assign_splits`. `group_by`: "folder" (the image's folder),
     "regex:PATTERN" (searched in the image's path; its first group, else the whole match;
-    no match: the image alone), "time:SECONDS" (bursts: see `_bursts`) or None. Frames that
-    loomlens saved from one video (`<video>_f000123.jpg`) are grouped by video unless
-    `group_by` says otherwise. Raises ValueError for a spec it cannot read."""
+    no match: the image alone), "time:SECONDS" (bursts: see `_bursts`) or None. Unless
+    `group_by` says otherwise, frames that loomlens saved from one video
+    (`<video>_f000123.jpg`) are grouped by video, and a Roboflow export's augmented copies of
+    one picture (`<stem>_jpg.rf.<hash>.jpg`) by that picture. Raises ValueError for a spec it
+    cannot read."""
     if group_by is None:
-        return {r.image: f"video:{PurePosixPath(r.image).parent / m['video']}"
-                for r in records if (m := VIDEO_FRAME.match(PurePosixPath(r.image).stem))}
+        return {r.image: key for r in records if (key := _copy_group(PurePosixPath(r.image)))}
     kind, _, arg = group_by.partition(":")
     if kind == "folder" and not arg:
         return {r.image: str(PurePosixPath(r.image).parent) for r in records}
@@ -132,7 +146,9 @@ def group_keys(records: Sequence[ImageRecord], root: Path, group_by: str | None)
         except re.error as err:
             raise ValueError(f"--group-by regex:{arg}: not a regular expression ({err})") from None
         matches = {r.image: pattern.search(r.image) for r in records}
-        return {image: (m.group(1) if pattern.groups else m.group(0)) for image, m in matches.items() if m}
+        # A first group that took no part in the match (`(cam\d)?`, `a(..)|b(..)`): the whole match.
+        return {image: m.group(1) if pattern.groups and m.group(1) is not None else m.group(0)
+                for image, m in matches.items() if m}
     if kind == "time":
         try:
             gap = float(arg)
