@@ -121,7 +121,26 @@ def test_flipped_names_never_collide(tmp_path):
         write_voc(record, tmp_path / "src" / f"{record.image}.xml", tmp_path / "src")
     convert(tmp_path / "src", tmp_path / "out", flip=True, val_fraction=0)
     names = {s["image"] for s in all_samples(tmp_path / "out") if "flipped" in s["image"]}
-    assert names == {"images/flipped_a.png", "images/flipped_y_a.png"}
+    assert names == {"images/flipped_x_a.png", "images/flipped_y_a.png"}
+
+
+def test_a_new_picture_of_a_shared_name_never_takes_another_ones_flipped_copy(tmp_path):
+    # Unpacked from one archive, the pictures share a modification time.
+    src = tmp_path / "src"
+    for folder, colour in (("cam2", (255, 0, 0)), ("cam3", (0, 0, 255))):
+        (src / folder).mkdir(parents=True)
+        Image.new("RGB", (40, 30), colour).save(src / folder / "x.png")
+        write_voc(ImageRecord(f"{folder}/x.png", 40, 30, []), src / folder / "x.xml", src)
+        os.utime(src / folder / "x.png", ns=(0, 10**18))
+    convert(src, tmp_path / "out", flip=True, val_fraction=0, keep_empty=True)
+    (src / "cam1").mkdir()
+    Image.new("RGB", (40, 30), (0, 255, 0)).save(src / "cam1" / "x.png")
+    write_voc(ImageRecord("cam1/x.png", 40, 30, []), src / "cam1" / "x.xml", src)
+    os.utime(src / "cam1" / "x.png", ns=(0, 10**18))
+    convert(src, tmp_path / "out", flip=True, val_fraction=0, keep_empty=True)
+    flipped = {s["image"] for s in all_samples(tmp_path / "out") if "flipped" in s["image"]}
+    assert flipped == {f"images/flipped_cam{i}_x.png" for i in (1, 2, 3)}
+    assert Image.open(tmp_path / "out" / "images" / "flipped_cam1_x.png").getpixel((0, 0)) == (0, 255, 0)
 
 
 def test_split_is_deterministic_grouped_and_sized():

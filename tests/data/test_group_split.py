@@ -91,8 +91,8 @@ def test_a_folder_converted_with_its_images_can_be_moved(tmp_path, mode):
     shutil.move(tmp_path / "out", tmp_path / "elsewhere")
     shutil.rmtree(src)
     samples = validate_split(tmp_path / "elsewhere" / "train.jsonl")
-    assert sorted(s["image"] for s in samples) == ["images/originals/b_x.jpg", "images/originals/c.jpg",
-                                                    "images/originals/x.jpg"]
+    assert sorted(s["image"] for s in samples) == ["images/originals/a_x.jpg", "images/originals/b_x.jpg",
+                                                    "images/originals/c.jpg"]
 
 
 def test_one_large_group_does_not_swell_val_and_one_group_is_a_problem(tmp_path):

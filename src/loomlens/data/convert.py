@@ -199,15 +199,20 @@ def task_samples(record: ImageRecord, image: str, task: str) -> list[dict[str, A
 
 
 def unique_names(images: Sequence[str], prefix: str = "") -> list[str]:
-    """One file name per image path, in order: `<prefix><name>`; the folders are folded into
-    the name when two images share a name, then a counter, so no two are ever the same (even
-    for a path given twice)."""
+    """One file name per image path, in order: `<prefix><name>`, with the folders folded into
+    the name of every image whose name another image has too, then a counter, so no two are
+    ever the same (even for a path given twice). A name depends on its own path and whether
+    its name is shared, not on the order: a re-run that finds an output of `cam2/x.jpg` where a
+    new `cam1/x.jpg` would now be named never takes it for cam1's (`atomic.same_stamp` reuses
+    an output by time, and unpacked archives give many files one)."""
+    shared = {base for base, n in Counter(PurePosixPath(i).name for i in images).items() if n > 1}
     used: set[str] = set()
     names = []
     for image in images:
         base = PurePosixPath(image).name
         candidates = itertools.chain(
-            [f"{prefix}{base}", prefix + image.replace("/", "_")],
+            [f"{prefix}{base}"] if base not in shared else [],
+            [prefix + image.replace("/", "_")],
             (f"{prefix}{i}_{base}" for i in itertools.count(2)),
         )
         names.append(next(c for c in candidates if c not in used))
