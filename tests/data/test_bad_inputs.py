@@ -4,6 +4,7 @@ the dataset still converts, and --strict turns any problem into a failure that w
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -134,6 +135,27 @@ def yolo_box_outside(root: Path) -> tuple[str, int | None, str]:
     return "bad.txt", 1, "clipped"
 
 
+def yolo_box_wholly_outside(root: Path) -> tuple[str, int | None, str]:
+    _yolo(root, "1 1.3 0.5 0.2 0.2\n")  # 1.2..1.4 of the width: past the image's right edge
+    return "bad.txt", 1, "no area inside the 64x48 image (it lies wholly outside); dropped"
+
+
+def yolo_infinite_coordinate(root: Path) -> tuple[str, int | None, str]:
+    _yolo(root, "1 0.5 0.5 0.2 0.2\n1 inf 0.5 0.2 0.2\n")
+    return "bad.txt", 2, "not a finite number"
+
+
+def yolo_file_name_not_utf8(root: Path) -> tuple[str, int | None, str]:
+    _yolo(root, "1 0.5 0.5 0.2 0.2\n")
+    latin1 = os.fsdecode(b"\xd6lfleck_1")  # a name from an old Windows share
+    try:
+        write_image(root / f"{latin1}.jpg")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    (root / f"{latin1}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    return "\\xd6lfleck_1.jpg", None, "not valid UTF-8"
+
+
 def _coco(root: Path, data: dict | str) -> None:
     write_image(root / "good.jpg")
     good = {"images": [{"id": 1, "file_name": "good.jpg", "width": 64, "height": 48}],
@@ -179,6 +201,7 @@ CASES: list[Callable[[Path], tuple[str, int | None, str]]] = [
     voc_escaping_path, voc_absolute_path_outside, voc_invisible_character_in_label, voc_label_with_angle_bracket,
     voc_size_mismatch, voc_not_an_image,
     yolo_unknown_class, yolo_malformed_line, yolo_not_a_number, yolo_missing_image, yolo_box_outside,
+    yolo_box_wholly_outside, yolo_infinite_coordinate, yolo_file_name_not_utf8,
     coco_malformed_json, coco_unknown_category, coco_escaping_path, coco_annotation_for_no_image,
     coco_broken_entries,
 ]
@@ -231,3 +254,28 @@ def test_nothing_usable_is_an_error_listing_the_problems(tmp_path):
     with pytest.raises(ConvertError, match="no usable") as failed:
         convert(tmp_path, tmp_path / "out")
     assert [p.file for p in failed.value.problems] == ["a.xml"]
+
+
+@pytest.mark.parametrize("make", [voc_box_without_area, yolo_box_wholly_outside, yolo_infinite_coordinate])
+def test_a_refused_box_is_one_problem_that_says_why(tmp_path, make):
+    """A box wholly outside its image is not 'clipped' and then 'dropped'; an `inf` is no
+    pixel coordinate: one problem each, saying what is wrong with the box."""
+    src = tmp_path / "data"
+    src.mkdir()
+    if make is voc_box_without_area:
+        _good_voc(src)
+    file, line, message = make(src)
+    report = convert(src, tmp_path / "out", val_fraction=0)
+    (problem,) = [p for p in report.problems if (p.file, p.line) == (file, line)]
+    assert message in problem.message and "clipped" not in problem.message and "pixels" not in problem.message
+
+
+def test_a_file_name_that_is_not_utf8_is_named_and_skipped_not_a_crash(tmp_path):
+    src = tmp_path / "data"
+    src.mkdir()
+    yolo_file_name_not_utf8(src)
+    report = convert(src, tmp_path / "out", val_fraction=0, unlabelled_clean=True)
+    named = [p for p in report.problems if "not valid UTF-8" in p.message]
+    assert [p.file for p in named] == ["\\xd6lfleck_1.jpg", "\\xd6lfleck_1.txt"]
+    assert all("convmv -f latin1 -t utf8" in p.fix for p in named)
+    assert sorted(s["image"].split("/")[-1] for s in all_samples(tmp_path / "out")) == ["bad.jpg", "good.jpg"]

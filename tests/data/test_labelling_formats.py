@@ -116,6 +116,52 @@ def test_names_that_are_neither_a_list_nor_ids_are_a_clear_error(tmp_path):
     assert any(p.file == "data.yaml" and p.line == 6 and "'names'" in p.message for p in caught.value.problems)
 
 
+def test_yaml_words_in_names_that_are_no_text_are_refused_with_their_line(tmp_path):
+    """`no` is YAML's False, `~` its None: trained, `no` would be a class 'False'."""
+    src = _roboflow_yolo(tmp_path / "export", ROBOFLOW_YAML.replace("names: ['drop', 'wrinkle']",
+                                                                    "names:\n  - drop\n  - no"))
+    report = convert(src, tmp_path / "data")
+    (problem,) = [p for p in report.problems if p.file == "data.yaml"]
+    assert problem.line == 8 and "class 1 is 'no', which YAML reads as False" in problem.message
+    assert problem.fix == "quote it: 'no'" and report.classes == ["drop"]
+    assert any(p.file == "train/labels/b.txt" and "class id 1 has no usable name" in p.message for p in report.problems)
+
+
+def test_a_label_file_no_image_reads_is_named_and_its_image_never_trains_as_defect_free(tmp_path):
+    """Windows keeps `IMG_1.JPG` and `img_1.txt` together; ultralytics, case-sensitive, reads
+    neither box: the label file is named with its right name, and its image left out."""
+    src = tmp_path / "export"
+    for stem, label in (("IMG_1", "img_1"), ("IMG_2", "IMG_2"), ("IMG_3", None)):
+        write_image(src / "train" / "images" / f"{stem}.JPG")
+        if label:
+            (src / "train" / "labels").mkdir(parents=True, exist_ok=True)
+            (src / "train" / "labels" / f"{label}.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    (src / "train" / "labels" / "img_2.txt").write_text("0 0.2 0.2 0.1 0.1\n")  # a second file for IMG_2
+    (src / "train" / "labels" / "gone.txt").write_text("0 0.2 0.2 0.1 0.1\n")  # its image lost
+    (src / "data.yaml").write_text("train: train/images\nval: train/images\nnames: [drop]\n")
+    report = convert(src, tmp_path / "data", unlabelled_clean=True)
+    orphan, renamed, merged = [p for p in report.problems if p.file.startswith("train/labels/")]
+    assert renamed.file == "train/labels/img_1.txt" and "no image reads it" in renamed.message
+    assert renamed.fix == "rename it to train/labels/IMG_1.txt" and Path(renamed.image).name == "IMG_1.JPG"
+    assert merged.file == "train/labels/img_2.txt" and "move its lines into train/labels/IMG_2.txt" in merged.fix
+    assert orphan.file == "train/labels/gone.txt" and "no image gone.*" in orphan.message
+    assert _boxes(tmp_path / "data") == {"IMG_2.JPG": "drop<loc_375><loc_375><loc_625><loc_625>", "IMG_3.JPG": ""}
+
+
+def test_a_labels_folder_in_another_case_is_reported_not_read(tmp_path):
+    """Ultralytics swaps `/images/` for `/labels/`, so it never reads `Labels/`: neither does
+    convert, which names every file there and leaves their images out."""
+    src = _roboflow_yolo(tmp_path / "export", ROBOFLOW_YAML)
+    (src / "train" / "labels").rename(src / "train" / "Labels")
+    if (src / "train" / "labels").is_dir():
+        pytest.skip("a case-insensitive file system: ultralytics reads Labels/ here too")
+    report = convert(src, tmp_path / "data")
+    moved = [p for p in report.problems if p.file.startswith("train/Labels/")]
+    assert [(p.file, p.fix) for p in moved] == [("train/Labels/a.txt", "rename it to train/labels/a.txt"),
+                                               ("train/Labels/b.txt", "rename it to train/labels/b.txt")]
+    assert set(_boxes(tmp_path / "data")) == {"c.jpg", "d.jpg"}
+
+
 # --- Roboflow COCO -------------------------------------------------------------------------------
 
 def _roboflow_coco(root: Path) -> Path:
@@ -253,6 +299,27 @@ def test_a_cvat_xml_bomb_is_refused_as_a_problem_naming_the_file(tmp_path):
     assert len(bomb) == 1 and "malformed XML" in bomb[0].message and "amplification" in bomb[0].message
 
 
+def test_a_cvat_for_video_file_is_named_and_its_frames_never_train_as_clean(tmp_path):
+    """CVAT for video 1.1 keeps its boxes in `<track>`s by frame number: not read, but said so,
+    and its frames are no unannotated images that --unlabelled-clean would take for clean."""
+    src = tmp_path / "cvat"
+    for frame in range(2):
+        write_image(src / "images" / f"frame_{frame:06d}.jpg", (100, 80))
+    (src / "annotations.xml").write_text(
+        '<annotations><version>1.1</version><meta><task><labels><label><name>hole</name></label></labels></task>'
+        '</meta>\n<track id="0" label="hole" source="manual">\n'
+        '<box frame="0" outside="0" occluded="0" keyframe="1" xtl="10" ytl="10" xbr="30" ybr="30" z_order="0"/>\n'
+        '<box frame="1" outside="1" occluded="0" keyframe="1" xtl="10" ytl="10" xbr="30" ybr="30" z_order="0"/>\n'
+        "</track></annotations>\n")
+    with pytest.raises(ConvertError, match="no usable") as failed:
+        convert(src, tmp_path / "data", unlabelled_clean=True)
+    video, *frames = failed.value.problems
+    assert (video.file, video.line) == ("annotations.xml", 2) and "<track> found" in video.message
+    assert "'CVAT for images 1.1'" in video.fix
+    assert [p.file for p in frames] == ["images/frame_000000.jpg", "images/frame_000001.jpg"]
+    assert all(p.image and "CVAT for video" in p.message for p in frames)
+
+
 # --- Label Studio ---------------------------------------------------------------------------------
 
 def _ls_box(label: str, x: float, y: float, w: float, h: float) -> dict:
@@ -370,4 +437,17 @@ def test_a_label_studio_box_needs_exactly_one_label(tmp_path):
     assert [p.message.split(": ", 1)[1] for p in report.problems] == [
         "a box with 0 labels []; box dropped", "a box with 2 labels ['drop', 'wrinkle']; box dropped"]
     assert all("exactly one label" in p.fix for p in report.problems)
+    assert _boxes(tmp_path / "data") == {"a.jpg": "drop<loc_100><loc_200><loc_150><loc_500>"}
+
+
+def test_a_label_studio_label_written_as_a_string_is_that_label(tmp_path):
+    """`"rectanglelabels": "drop"` (a script's pre-annotation) is the label drop, not 'd'."""
+    src = tmp_path / "ls"
+    write_image(src / "images" / "a.jpg", (200, 100))
+    bare = _ls_box("drop", 10, 20, 5, 30)
+    bare["value"]["rectanglelabels"] = "drop"
+    (src / "export.json").write_text(json.dumps(
+        [{"id": 1, "data": {"image": "images/a.jpg"}, "annotations": [{"result": [bare]}]}]))
+    report = convert(src, tmp_path / "data", val_fraction=0)
+    assert report.problems == [] and report.classes == ["drop"]
     assert _boxes(tmp_path / "data") == {"a.jpg": "drop<loc_100><loc_200><loc_150><loc_500>"}

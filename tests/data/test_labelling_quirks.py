@@ -8,13 +8,17 @@ wrongly."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from loomlens.data.coco import read_coco_file
+from loomlens.data.coco import read_coco_file, write_coco
+from loomlens.data.labelstudio import read_labelstudio
+from loomlens.data.sanitize import find_image
 from loomlens.data.convert import ConvertError, convert
-from loomlens.data.voc import read_voc_file
+from loomlens.data.records import ImageRecord
+from loomlens.data.voc import read_voc_file, write_voc
 from loomlens.data.yolo import parse_label_text
 
 from .conftest import all_samples, write_image
@@ -232,3 +236,42 @@ def test_the_pascal_voc_layout_reads(tmp_path):
         f"<bndbox>{BOX}</bndbox></object></annotation>")
     report, images = _converted(src, tmp_path)
     assert images == ["000001.jpg"] and not report.problems
+
+
+def test_an_image_name_that_is_no_text_in_a_label_studio_export_is_a_problem(tmp_path):
+    """JSON may hold lone surrogates (`\\udcd6`, `\\ud800`) that no file name on disk can be:
+    each task is named and skipped, never a crash."""
+    src = tmp_path / "src"
+    write_image(src / "images" / "a.jpg")
+    tasks = [{"id": i, "data": {"image": f"/data/upload/1/{bad}x.jpg"}, "annotations": [{"result": []}]}
+             for i, bad in enumerate(("\udcd6", "\ud800"))]
+    (src / "export.json").write_text(json.dumps(tasks))
+    result = read_labelstudio(src)
+    assert result.records == [] and len(result.problems) == 2
+    assert all(p.file == "export.json" and "not found" in p.message for p in result.problems)
+    assert find_image(src, "\udcd6x.jpg", [src], "export.json")[1].message.startswith(
+        "image name '\\\\xd6x.jpg' is not valid UTF-8")
+
+
+@pytest.mark.parametrize("fmt", ["cvat", "labelstudio", "voc", "coco"])
+def test_a_file_whose_name_is_not_utf8_is_named_by_every_reader(tmp_path, fmt):
+    src = tmp_path / "src"
+    write_image(src / "images" / "a.png", (100, 80))
+    try:
+        write_image(src / "images" / os.fsdecode(b"\xd6lfleck.png"), (100, 80))
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    if fmt == "cvat":
+        (src / "annotations.xml").write_text('<annotations><image id="0" name="a.png" width="100" height="80">'
+                                             "</image></annotations>")
+    elif fmt == "labelstudio":
+        (src / "export.json").write_text(json.dumps(
+            [{"id": 1, "data": {"image": "images/a.png"}, "annotations": [{"result": []}]}]))
+    elif fmt == "voc":
+        write_voc(ImageRecord("images/a.png", 100, 80, []), src / "images" / "a.xml", src)
+    else:
+        write_coco([ImageRecord("images/a.png", 100, 80, [])], src / "coco.json", [])
+    report, images = _converted(src, tmp_path, unlabelled_clean=True, keep_empty=True)
+    (problem,) = report.problems
+    assert problem.file == "images/\\xd6lfleck.png" and "not valid UTF-8" in problem.message
+    assert images == ["a.png"]

@@ -38,6 +38,7 @@ from loomlens.data.sanitize import (
     is_deep,
     image_size,
     iter_files,
+    misnamed_files,
     open_image,
     orientation_problem,
     relative,
@@ -733,6 +734,7 @@ def convert(
     skip = [out, *_earlier_outputs(src_abs)]  # outputs inside the source are not input
     fmt = detect_format(src, skip) if format == "auto" else format
     read = READERS[fmt](src, skip)
+    read.problems += misnamed_files(src, skip)  # the readers cannot name them: left out, said here
     records, problems = _usable_records(read, src_abs, skip, keep_empty, unlabelled_clean)
     _fail_if_strict(strict, problems, src)
     auto = tile == "auto"  # then only frames large for the chosen tile are cut, as prediction tiles them

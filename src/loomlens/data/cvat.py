@@ -6,6 +6,7 @@ mark no area and are ignored. The classes are the `<meta>` labels, in order.
 
 Images are found beside the XML, in an `images/` folder beside it (CVAT's export layout) or at
 the dataset root. Parsed as the VOC reader parses (`voc.parse_xml`: entity bombs refused).
+A CVAT for video 1.1 file (`<track>` elements: shapes by frame number) is reported, not read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from xml.parsers import expat
 
 from loomlens.data.florence_text import LabelError, validate_label
 from loomlens.data.records import ImageRecord, Problem, ReadResult
-from loomlens.data.sanitize import add_box, find_image, image_size, iter_files, relative, rotated_bounds
+from loomlens.data.sanitize import (
+    IMAGE_SUFFIXES,
+    add_box,
+    find_image,
+    image_size,
+    iter_files,
+    relative,
+    rotated_bounds,
+)
 from loomlens.data.splits import split_name
 from loomlens.data.voc import parse_xml
 
@@ -50,9 +59,10 @@ def shape_corners(shape: ET.Element) -> tuple[float, float, float, float]:
     return left, top, left + width, top + height
 
 
-def read_cvat_file(path: Path, root: Path) -> ReadResult:
+def read_cvat_file(path: Path, root: Path, skip: Sequence[Path] = ()) -> ReadResult:
     """One CVAT for images XML file -> records (each with the split its `subset` names),
-    problems and the class names its `<meta>` declares."""
+    problems and the class names its `<meta>` declares; a CVAT for video file, problems only
+    (see `_video_export`; its frames not under `skip`)."""
     file = relative(path, root)
     try:
         tree, lines = parse_xml(path.read_bytes())
@@ -67,6 +77,8 @@ def read_cvat_file(path: Path, root: Path) -> ReadResult:
     if tree.tag != "annotations":
         return ReadResult(problems=[Problem(file=file, line=1, message=f"root element is <{tree.tag}>, not "
                                             "<annotations>; file skipped", fix="export as 'CVAT for images 1.1'")])
+    if tree.find("track") is not None:
+        return _video_export(tree, lines, path, root, skip)
     result = ReadResult()
     for label in tree.iterfind("meta//labels/label"):
         try:
@@ -83,6 +95,24 @@ def read_cvat_file(path: Path, root: Path) -> ReadResult:
         if record is not None:
             result.records.append(record)
     return result
+
+
+def _video_export(tree: ET.Element, lines: dict[ET.Element, int], path: Path, root: Path,
+                  skip: Sequence[Path]) -> ReadResult:
+    """A CVAT for video 1.1 file (`<track>`s of shapes by frame number, the frames' files not
+    named) -> one problem for the file, and one for each image in the export's `images/` folder
+    beside it: those are its frames, and `--unlabelled-clean` must not take their defects for
+    clean frames."""
+    file = relative(path, root)
+    tracks = tree.findall("track")
+    fix = "export the task from CVAT as 'CVAT for images 1.1'"
+    problems = [Problem(file=file, line=lines[tracks[0]], fix=fix, message=f"<track> found ({len(tracks)} in all): "
+                        "this is CVAT for video 1.1, whose tracks loomlens does not read; file skipped")]
+    frames = iter_files(path.parent / "images", IMAGE_SUFFIXES, skip) if (path.parent / "images").is_dir() else []
+    problems += [Problem(file=relative(frame, root), image=str(frame), fix=fix,
+                         message=f"a frame of the CVAT for video export {file}, whose tracks are not read; skipped")
+                 for frame in frames]
+    return ReadResult(problems=problems)
 
 
 def _image(
@@ -133,7 +163,7 @@ def read_cvat(root: str | Path, skip: Sequence[Path] = ()) -> ReadResult:
     for path in iter_files(root, ".xml", skip):
         if xml_root_tag(path) != "annotations":
             continue
-        result.add(read_cvat_file(path, root))
+        result.add(read_cvat_file(path, root, skip))
     return result
 
 

@@ -173,6 +173,8 @@ def _task(
         if res.get("type") not in SHAPES:
             continue  # choices, text, ...: no boxes
         labels = res.get("value", {}).get(res["type"]) if isinstance(res.get("value"), dict) else None
+        if isinstance(labels, str):
+            labels = [labels]  # one label written bare, as some scripts do: not its first letter
         if isinstance(labels, list) and len(labels) != 1:
             problems.append(Problem(
                 file=file, message=f"{where} result {n}: a box with {len(labels)} labels {labels}; box dropped",
@@ -192,8 +194,8 @@ def _task(
 
 
 def read_labelstudio(root: str | Path, skip: Sequence[Path] = ()) -> ReadResult:
-    """Every Label Studio JSON export under `root` (not under `skip`) -> records, problems
-    and class names (first file first)."""
+    """Every Label Studio JSON export under `root` (not under `skip`) -> records, problems and
+    class names (first file first)."""
     root = Path(root)
     result = ReadResult()
     for path in iter_files(root, ".json", skip):

@@ -36,7 +36,13 @@ def relative(path: Path, root: Path) -> str:
 def iter_files(root: Path, suffix: str | Collection[str], skip: Sequence[Path] = ()) -> Iterator[Path]:
     """Files under `root` ending in `suffix` (any case; one, or a collection of them), sorted,
     leaving out the folders in `skip` (a conversion's own output inside its source), hidden
-    folders such as `.git` and the temporary files `atomic_open` leaves while writing."""
+    folders such as `.git`, the temporary files `atomic_open` leaves while writing, and files
+    whose path is not valid UTF-8 (`misnamed_files` reports those: no record could name them)."""
+    return (path for path in _walk(root, suffix, skip) if is_utf8(path.relative_to(root).as_posix()))
+
+
+def _walk(root: Path, suffix: str | Collection[str], skip: Sequence[Path]) -> Iterator[Path]:
+    """`iter_files`' files, whatever their names."""
     suffixes = {suffix} if isinstance(suffix, str) else set(suffix)
     skipped = [s.resolve() for s in skip]
     for path in sorted(root.rglob("*")):
@@ -48,6 +54,38 @@ def iter_files(root: Path, suffix: str | Collection[str], skip: Sequence[Path] =
             and not any(path.resolve().is_relative_to(s) for s in skipped)
         ):
             yield path
+
+
+def is_utf8(name: str) -> bool:
+    """Whether the file name `name` is valid UTF-8: Python keeps the bytes of one that is not
+    (a Latin-1 `\\xd6` from an old Windows share) as lone surrogates, which no JSON file,
+    message or console can hold."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown_name(name: str) -> str:
+    """The file name `name` printable: the bytes Python kept as surrogates since they are not
+    UTF-8 written as escapes (`\\xd6`), any other lone surrogate (from JSON) as `\\ud800`."""
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else c.encode("utf-8", errors="backslashreplace").decode("utf-8") for c in name)
+
+
+#: The suffixes of the files a dataset is made of: its images and every annotation format's.
+DATASET_SUFFIXES = IMAGE_SUFFIXES | {".xml", ".json", ".txt", ".yaml", ".yml"}
+
+
+def misnamed_files(root: Path, skip: Sequence[Path] = ()) -> list[Problem]:
+    """One problem for each image or annotation file under `root` (not under `skip`) whose path
+    is not valid UTF-8, named with its bytes escaped: `iter_files` leaves them out, and this
+    says so rather than let an image vanish from the data unnoticed."""
+    names = [path.relative_to(root).as_posix() for path in _walk(root, DATASET_SUFFIXES, skip)]
+    return [Problem(file=shown_name(name), message="file name is not valid UTF-8 (shown with its odd bytes as "
+                    "\\xNN); skipped", fix="rename it (e.g. with convmv -f latin1 -t utf8)")
+            for name in names if not is_utf8(name)]
 
 
 def read_text(path: Path) -> str:
@@ -73,8 +111,12 @@ def find_image(
     `A.JPG` for `a.jpg`). An absolute path (POSIX or Windows) that is not there, as labelling
     tools write them on the labeller's machine, is looked for by its file name in `search_dirs`.
     Only a path inside `root` is accepted, so `../../etc/passwd` or an absolute path elsewhere
-    is rejected. Returns (the resolved path, None) or (None, problem)."""
+    is rejected, and so is a name that is not valid UTF-8 (lone surrogates in JSON, `\\udcd6`).
+    Returns (the resolved path, None) or (None, problem)."""
     name = name.strip().replace("\\", "/")  # LabelImg on Windows writes backslashes
+    if not is_utf8(name):
+        return None, Problem(file=file, line=line, message=f"image name {shown_name(name)!r} is not valid UTF-8; "
+                             "annotation skipped", fix="write the image's name as text, as the file is named")
     root = root.resolve()
     candidates = [Path(name)] if Path(name).is_absolute() else [d / name for d in search_dirs]
     inside = [c.resolve() for c in candidates if c.resolve().is_relative_to(root)]
@@ -294,7 +336,7 @@ def make_box(
     """Raw (x1, y1, x2, y2) pixels -> a clean `Box`, or None. A label that cannot round-trip
     through Florence-2 text or a non-finite coordinate drops the box; a box reaching outside
     the image is clipped to it (reported when by more than `CLIP_TOLERANCE` pixels); one with no
-    area left is dropped. Each is reported."""
+    area inside it (reversed, or wholly outside) is dropped. Each is reported, once."""
     problems: list[Problem] = []
     try:
         label = validate_label(label)
@@ -307,22 +349,23 @@ def make_box(
             fix="redraw the box",
         )]
     clipped = (min(max(x1, 0), width), min(max(y1, 0), height), min(max(x2, 0), width), min(max(y2, 0), height))
+    cx1, cy1, cx2, cy2 = clipped
+    if not (cx1 < cx2 and cy1 < cy2):
+        outside = x1 < x2 and y1 < y2  # a box, all of it beyond the image: one problem, not clipped and dropped
+        return None, [Problem(
+            file=file, line=line,
+            message=f"box {label!r} {_fmt(coords)} has no area inside the {width}x{height} image"
+            f"{' (it lies wholly outside)' if outside else ''}; dropped",
+            fix="redraw the box inside the image" if outside else "redraw the box, with xmin < xmax and ymin < ymax",
+        )]
     overshoot = max(abs(a - b) for a, b in zip(clipped, coords, strict=True))
     # Under half a pixel out is a writer's rounding (YOLO's 6 decimals), not a mistake: clip quietly.
-    if overshoot > CLIP_TOLERANCE and x1 < x2 and y1 < y2:
+    if overshoot > CLIP_TOLERANCE:
         problems.append(Problem(
             file=file, line=line,
             message=f"box {label!r} {_fmt(coords)} reaches outside the {width}x{height} image; clipped",
             fix="redraw the box inside the image",
         ))
-    cx1, cy1, cx2, cy2 = clipped
-    if not (cx1 < cx2 and cy1 < cy2):
-        problems.append(Problem(
-            file=file, line=line,
-            message=f"box {label!r} {_fmt(coords)} has no area inside the {width}x{height} image; dropped",
-            fix="redraw the box, with xmin < xmax and ymin < ymax",
-        ))
-        return None, problems
     return Box(label, cx1, cy1, cx2, cy2), problems
 
 

@@ -8,7 +8,9 @@ tried again without it (Roboflow writes `train: ../train/images` beside `train/`
 beside data.yaml is the fallback root. Each image's labels are in the `labels/` folder that
 mirrors its `images/` folder (the last `/images/` in its path), same stem, `.txt`; an image
 without one is defect-free. Segmentation polygons become their bounding boxes. Every image
-keeps the split its data.yaml puts it in (`ImageRecord.split`).
+keeps the split its data.yaml puts it in (`ImageRecord.split`). As ultralytics tells names
+apart by case, a label file no image reads (`img_001.txt` beside `IMG_001.JPG`, a `Labels/`
+folder) is reported, and the image it matches but for case skipped, not trained as defect-free.
 """
 
 from __future__ import annotations
@@ -21,8 +23,16 @@ import yaml
 
 from loomlens.data.florence_text import LabelError, validate_label
 from loomlens.data.records import ImageRecord, Problem, ReadResult
-from loomlens.data.sanitize import FOREIGN_ABSOLUTE, IMAGE_SUFFIXES, image_size, iter_files, read_text, relative
-from loomlens.data.yolo import add_label_rows, parse_label_text, read_yolo
+from loomlens.data.sanitize import (
+    FOREIGN_ABSOLUTE,
+    IMAGE_SUFFIXES,
+    image_size,
+    is_utf8,
+    iter_files,
+    read_text,
+    relative,
+)
+from loomlens.data.yolo import CLASSES_FILE, add_label_rows, parse_label_text, read_yolo
 
 YAML_SUFFIXES = (".yaml", ".yml")
 #: data.yaml key -> loomlens split.
@@ -46,35 +56,59 @@ def _declares_dataset(path: Path) -> bool:
     return isinstance(data, dict) and "names" in data and any(k in data for k in SPLIT_KEYS)
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Top-level key -> its 1-based line in the YAML `text` (for messages); empty if unparsable."""
+def _top_nodes(text: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    """Top-level key -> (its key node, its value node) in the YAML `text`, for the lines and the
+    text as written that messages quote; empty if unparsable."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
         return {}
     if not isinstance(node, yaml.MappingNode):
         return {}
-    return {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
+    return {str(k.value): (k, v) for k, v in node.value}
 
 
-def _names(data: dict[str, Any], file: str, line: int | None) -> tuple[list[str | None], list[Problem]]:
-    """`names` (list, or dict of id -> name) -> names by class id (None where unusable)."""
+def _entries_written(node: yaml.Node | None) -> list[tuple[int, str | None]]:
+    """(1-based line, text as written, None when not one scalar) of each entry of a `names`
+    node: a list's items, a dict's values, in order; empty for anything else."""
+    if isinstance(node, yaml.SequenceNode):
+        items = node.value
+    elif isinstance(node, yaml.MappingNode):
+        items = [v for _, v in node.value]
+    else:
+        return []
+    return [(v.start_mark.line + 1, v.value if isinstance(v, yaml.ScalarNode) else None) for v in items]
+
+
+def _names(
+    data: dict[str, Any], file: str, line: int | None, written: Sequence[tuple[int, str | None]]
+) -> tuple[list[str | None], list[Problem]]:
+    """`names` (list, or dict of id -> name; `written`: each entry's line and text, see
+    `_entries_written`) -> names by class id (None where unusable). An entry YAML reads as no
+    text (`no` is False, `~` None, `1.0` a number) is refused rather than trained as 'False'."""
     raw = data.get("names")
     fix = "write names as a list (names: [drop, wrinkle]) or a dict of ids (names: {0: drop, 1: wrinkle})"
     if isinstance(raw, list):
-        pairs = list(enumerate(raw))
+        ids, entries = list(range(len(raw))), raw
     elif isinstance(raw, dict) and all(isinstance(k, int) and k >= 0 or str(k).isdigit() for k in raw):
-        pairs = sorted((int(k), v) for k, v in raw.items())  # ids quoted ('0': drop), as ultralytics takes them
+        ids, entries = [int(k) for k in raw], list(raw.values())  # ids quoted ('0': drop), as ultralytics takes them
     else:
         return [], [Problem(file=file, line=line, message=f"'names' is {raw!r}, not a list or a dict of class ids",
                             fix=fix)]
-    names: list[str | None] = [None] * (max((k for k, _ in pairs), default=-1) + 1)
+    where = list(written) if len(written) == len(entries) else [(line, None)] * len(entries)
+    names: list[str | None] = [None] * (max(ids, default=-1) + 1)
     problems = []
-    for k, name in pairs:
+    for k, name, (at, text) in sorted(zip(ids, entries, where), key=lambda entry: entry[0]):
+        if not isinstance(name, str):
+            problems.append(Problem(
+                file=file, line=at, message=f"class {k} is {text!r}, which YAML reads as {name!r}, not as a name"
+                if text else f"class {k} is {name!r}, not a name",
+                fix=f"quote it: '{text}'" if text else "write the class's name as text"))
+            continue
         try:
-            names[k] = validate_label(str(name))
+            names[k] = validate_label(name)
         except LabelError as err:
-            problems.append(Problem(file=file, line=line, message=f"class {k}: {err}", fix="rename the class"))
+            problems.append(Problem(file=file, line=at, message=f"class {k}: {err}", fix="rename the class"))
     return names, problems
 
 
@@ -114,6 +148,75 @@ def label_path(image: Path) -> Path:
         i = len(parts) - 2 - parts[-2::-1].index("images")
         parts[i] = "labels"
     return Path(*parts).with_suffix(".txt")
+
+
+def _label_folders(folder: Path, root: Path) -> list[Path]:
+    """The folders inside `root` that hold, or look meant to hold, the label files of the
+    images in `folder`, all resolved: the `labels/` folder ultralytics reads (`label_path`,
+    where that is not `folder` itself), and any spelled as it but for case (`Labels/`, or
+    `labels/` beside `Images/`), which ultralytics never reads."""
+    read = label_path(folder / "image.jpg").parent
+    found = [read] if read != folder and read.is_dir() and read.is_relative_to(root) else []
+    parts = folder.relative_to(root).parts
+    at = [i for i, part in enumerate(parts) if part.casefold() == "images"]
+    if not at:
+        return found
+    for sibling in sorted(root.joinpath(*parts[: at[-1]]).iterdir()):
+        mirror = sibling.joinpath(*parts[at[-1] + 1 :])
+        if sibling.name.casefold() == "labels" and mirror.is_dir() and not any(mirror.samefile(f) for f in found):
+            found.append(mirror)
+    return found
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """A file's identity (device, inode): one file by two names on a case-insensitive disk."""
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
+
+
+def _unread_labels(images: Sequence[Path], root: Path) -> tuple[list[Problem], set[Path]]:
+    """The label files no image of `images` reads (see `label_path`), in the folders
+    `_label_folders` finds for theirs -> (a problem for each, the images to skip, resolved).
+    Ultralytics pairs them case-sensitively and reads nothing in a `Labels/` folder, so such a
+    file (`img_001.txt` for `IMG_001.JPG`, Windows' doing) would leave its image defect-free:
+    an image whose stem it matches but for case, without a label file of its own, is skipped."""
+    root = root.resolve()
+    images = [i.resolve() for i in images if i.is_file() and i.resolve().is_relative_to(root)]
+    read = {_identity(label_path(i)) for i in images if label_path(i).is_file()}
+    by_folder: dict[Path, dict[str, list[Path]]] = {}  # folder -> casefolded stem -> its images
+    for image in images:
+        by_folder.setdefault(image.parent, {}).setdefault(image.stem.casefold(), []).append(image)
+    problems: list[Problem] = []
+    for folder, stems in by_folder.items():
+        for labels in _label_folders(folder, root):
+            for txt in sorted(labels.iterdir()):
+                if txt.suffix.lower() != ".txt" or txt.name == CLASSES_FILE or txt.name.startswith(".") \
+                        or not is_utf8(txt.name) or not txt.is_file() or _identity(txt) in read:
+                    continue
+                problems += _unread_label(txt, stems.get(txt.stem.casefold(), []), folder, root)
+    return problems, {Path(p.image) for p in problems if p.image}
+
+
+def _unread_label(txt: Path, alike: Sequence[Path], folder: Path, root: Path) -> list[Problem]:
+    """The problems of the label file `txt` that no image reads, `alike` the images of `folder`
+    whose stem is its stem but for case: one for each of them without a label file (to skip,
+    named in `image`), else one for the file."""
+    file = relative(txt, root)
+    lost = [image for image in alike if not label_path(image).is_file()]
+    if lost:
+        return [Problem(
+            file=file, image=str(image), fix=f"rename it to {relative(label_path(image), root)}",
+            message=f"no image reads it: ultralytics reads {relative(label_path(image), root)} for "
+            f"{relative(image, root)} (case matters); that image skipped, not trained as defect-free",
+        ) for image in lost]
+    if alike:
+        ownlabel = relative(label_path(alike[0]), root)
+        return [Problem(file=file, message=f"no image reads it: {relative(alike[0], root)} reads {ownlabel} "
+                        "(case matters); its boxes are not trained",
+                        fix=f"move its lines into {ownlabel} and delete it")]
+    return [Problem(file=file, message=f"no image reads it: data.yaml lists no image {txt.stem}.* (in any case) in "
+                    f"{relative(folder, root)}/; its boxes are not trained",
+                    fix=f"put its image in {relative(folder, root)}/ (and list it in data.yaml), or delete it")]
 
 
 def _split_images(
@@ -159,28 +262,32 @@ def read_data_yaml(path: Path, root: Path, skip: Sequence[Path] = ()) -> ReadRes
     if not isinstance(data, dict):
         return ReadResult(problems=[Problem(file=file, line=1, message="not a YAML mapping",
                                             fix="data.yaml holds names: and train:/val:/test: keys")])
-    lines = _key_lines(text)
-    names, problems = _names(data, file, lines.get("names"))
+    nodes = _top_nodes(text)
+    lines = {key: node.start_mark.line + 1 for key, (node, _) in nodes.items()}
+    names, problems = _names(data, file, lines.get("names"), _entries_written(nodes.get("names", (None, None))[1]))
     if not names:  # no class list: no label file can be read
         return ReadResult(problems=problems)
     result = ReadResult(problems=problems, classes=[n for n in names if n is not None])
     folder = path.parent.resolve()
     given = data.get("path")
     bases = ([(folder / str(given)).resolve()] if given else []) + [folder]
-    seen: dict[Path, str] = {}
+    seen: dict[Path, tuple[Path, str]] = {}  # resolved image -> (the image as listed, its split)
     for key, split in SPLIT_KEYS.items():
         if not data.get(key):
             continue
         images, problems = _split_images(data[key], key, bases, root, skip, file, lines.get(key))
         result.problems += problems
         for image in images:
-            if image.resolve() in seen:
-                continue  # an image listed twice keeps its first split
-            seen[image.resolve()] = split
-            record, problems = _record(image, split, names, root, file)
-            result.problems += problems
-            if record is not None:
-                result.records.append(record)
+            seen.setdefault(image.resolve(), (image, split))  # an image listed twice keeps its first split
+    problems, unlabelled = _unread_labels([image for image, _ in seen.values()], root)
+    result.problems += problems
+    for image, split in seen.values():
+        if image.resolve() in unlabelled:
+            continue
+        record, problems = _record(image, split, names, root, file)
+        result.problems += problems
+        if record is not None:
+            result.records.append(record)
     if not seen and not result.problems:
         result.problems.append(Problem(file=file, message="names no split (train:, val: or test:)",
                                        fix="add train: and val: with the image folders"))
@@ -215,4 +322,5 @@ def read_yolo_dataset(root: str | Path, skip: Sequence[Path] = ()) -> ReadResult
     (ultralytics, Roboflow), else LabelImg's label files with a classes.txt (`read_yolo`)."""
     root = Path(root)
     described = find_data_yaml(root)
-    return read_yolo(root, skip) if described is None else read_data_yaml(described, root, skip)
+    result = read_yolo(root, skip) if described is None else read_data_yaml(described, root, skip)
+    return result

@@ -6,6 +6,7 @@ A label file's image has the same stem, beside it or in the `images/` folder tha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
@@ -113,29 +114,42 @@ def parse_label_text(text: str, file: str) -> tuple[list[YoloRow], Problem | Non
 def add_label_rows(record: ImageRecord, rows: Sequence[YoloRow], classes: Sequence[str | None], file: str,
                    classes_file: str = CLASSES_FILE) -> list[Problem]:
     """Add the boxes of `rows` (see `parse_label_text`) to `record`, class ids indexing
-    `classes` (named by `classes_file` in messages); an unknown id or a bad box is dropped
+    `classes` (named by `classes_file` in messages); a row `_refused` or a bad box is dropped
     (counted in `record.dropped`) and reported. Returns the problems."""
     problems: list[Problem] = []
-    for number, cls, (x1, y1, x2, y2) in rows:
-        if not 0 <= cls < len(classes) or classes[cls] is None:
-            problems.append(Problem(
-                file=file, line=number,
-                message=f"class id {cls} has no usable name in {classes_file} ({len(classes)} classes); box dropped",
-                fix=f"add the class to {classes_file} or fix the id",
-            ))
+    for number, cls, corners in rows:
+        refused = _refused(cls, corners, classes, classes_file, file, number)
+        if refused is not None:
+            problems.append(refused)
             record.dropped += 1
             continue
-        if max(x2, y2) > PIXELS_LIKELY:
-            problems.append(Problem(
-                file=file, line=number, message=f"coordinates over 1 ({max(x2, y2):g}): they look like pixels, and "
-                "YOLO's are fractions of the image's size; box dropped",
-                fix="divide cx and w by the image's width and cy and h by its height",
-            ))
-            record.dropped += 1
-            continue
+        x1, y1, x2, y2 = corners
         coords = (x1 * record.width, y1 * record.height, x2 * record.width, y2 * record.height)
         problems += add_box(record, classes[cls], coords, file, number)
     return problems
+
+
+def _refused(cls: int, corners: tuple[float, float, float, float], classes: Sequence[str | None],
+             classes_file: str, file: str, number: int) -> Problem | None:
+    """Why the row `number` of `file` (class id `cls`, normalised `corners`) gives no box at all:
+    an id with no usable name in `classes`, a coordinate that is no finite number (`inf`,
+    `nan`: every other check would misread it), or pixels where fractions belong; else None."""
+    if not 0 <= cls < len(classes) or classes[cls] is None:
+        return Problem(
+            file=file, line=number,
+            message=f"class id {cls} has no usable name in {classes_file} ({len(classes)} classes); box dropped",
+            fix=f"add the class to {classes_file} or fix the id",
+        )
+    if not all(math.isfinite(c) for c in corners):
+        return Problem(file=file, line=number, message="a coordinate is not a finite number (inf or nan); box dropped",
+                       fix="write cx cy w h as fractions of the image's width and height, 0..1")
+    if max(corners[2], corners[3]) > PIXELS_LIKELY:
+        return Problem(
+            file=file, line=number, message=f"coordinates over 1 ({max(corners[2], corners[3]):g}): they look like "
+            "pixels, and YOLO's are fractions of the image's size; box dropped",
+            fix="divide cx and w by the image's width and cy and h by its height",
+        )
+    return None
 
 
 def read_yolo_file(
