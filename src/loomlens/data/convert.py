@@ -756,27 +756,35 @@ def convert(
                                              test_fraction=test_fraction, seed=seed, resplit=resplit,
                                              group_by=group_by)
         problems += _split_gaps(records, split_of, split_info, (val_fraction, test_fraction))
-        items = _items_by_split(frames, split_of)
-        no_test = test_fraction == 0 and "test" not in split_of.values()
-        with atomic_group() as opener:  # the JSONL files, classes.txt and summary.json replaced together
-            splits = _write_splits(items, out, tasks, order, seed, no_test, tiles, opener)
-            seen = sorted({b.label for r in records for b in r.boxes} - set(read.classes))
-            report = ConvertReport(
-                source=str(src_abs), out=str(out),
-                source_root="." if images != "refer" else Path(os.path.relpath(src_abs, out_abs)).as_posix(),
-                format=fmt, tasks=[t for t in CONVERTIBLE if t in tasks], order=order,
-                flip=flip, tile=tile, tile_overlap=tile_overlap, seed=seed, classes=[*read.classes, *seen],
-                images=len(records), negatives=sum(not r.boxes for r in records), keep_empty=keep_empty,
-                unlabelled_clean=unlabelled_clean, images_mode=images,
-                boxes_per_class=dict(sorted(Counter(b.label for r in records for b in r.boxes).items())),
-                splits=splits, split=split_info, problems=problems, tile_reason=tile_reason,
-            )
-            write_classes(out / CLASSES_FILE, report.classes, opener)
-            with opener(out / SUMMARY) as f:
-                f.write(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
-        if no_test:
-            (out / "test.jsonl").unlink(missing_ok=True)  # a stale one would be read as current
-        (out / STARTED).unlink(missing_ok=True)  # the summary names the source from here on
+        seen = sorted({b.label for r in records for b in r.boxes} - set(read.classes))
+        report = ConvertReport(
+            source=str(src_abs), out=str(out),
+            source_root="." if images != "refer" else Path(os.path.relpath(src_abs, out_abs)).as_posix(),
+            format=fmt, tasks=[t for t in CONVERTIBLE if t in tasks], order=order,
+            flip=flip, tile=tile, tile_overlap=tile_overlap, seed=seed, classes=[*read.classes, *seen],
+            images=len(records), negatives=sum(not r.boxes for r in records), keep_empty=keep_empty,
+            unlabelled_clean=unlabelled_clean, images_mode=images,
+            boxes_per_class=dict(sorted(Counter(b.label for r in records for b in r.boxes).items())),
+            split=split_info, problems=problems, tile_reason=tile_reason,
+        )
+        return _write_outputs(report, _items_by_split(frames, split_of), out, tiles,
+                              no_test=test_fraction == 0 and "test" not in split_of.values())
     except OSError as err:
         raise _write_failed(err, out) from err
+
+
+def _write_outputs(report: ConvertReport, items: dict[str, list[tuple[ImageRecord, str]]], out: Path,
+                   tiles: set[str], no_test: bool) -> ConvertReport:
+    """Write each split's samples of `items` (`_write_splits`), `classes.txt` and `summary.json`
+    for `report` into `out` together (`atomic_group`: a failed write leaves all of them as they
+    were), then drop a stale `test.jsonl` where `no_test` and the `STARTED` mark. Returns
+    `report` with its `splits` counted."""
+    with atomic_group() as opener:
+        report.splits = _write_splits(items, out, report.tasks, report.order, report.seed, no_test, tiles, opener)
+        write_classes(out / CLASSES_FILE, report.classes, opener)
+        with opener(out / SUMMARY) as f:
+            f.write(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    if no_test:
+        (out / "test.jsonl").unlink(missing_ok=True)  # a stale one would be read as current
+    (out / STARTED).unlink(missing_ok=True)  # the summary names the source from here on
     return report
