@@ -11,6 +11,7 @@ name instead of being ignored.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -333,12 +334,35 @@ def _set(tree: dict, schema: type[BaseModel], key: str, value: Any) -> None:
             and path[0] in field.annotation.model_fields
         ]
         if len(owners) != 1:
-            raise ValueError(f"unknown setting {key!r}; known: {', '.join(_known_keys(schema))}")
+            raise ValueError(_unknown(key, schema))
         path = [owners[0], path[0]]
+    elif len(path) > 1 and ".".join(path) not in _known_keys(schema):
+        raise ValueError(_unknown(key, schema))  # a section's typo, before pydantic's "Extra inputs"
     node = tree
     for part in path[:-1]:
         node = node.setdefault(part, {})
     node[path[-1]] = value
+
+
+#: Names other trainers use for a setting (ultralytics, transformers, peft), for suggestions only.
+OTHER_NAMES = {"learning_rate": "lr", "lr0": "lr", "rank": "lora.r", "lora_r": "lora.r", "lora_alpha": "lora.alpha",
+               "lora_dropout": "lora.dropout", "steps": "max_steps", "budget": "time_budget", "batch": "batch_size",
+               "per_device_train_batch_size": "batch_size", "num_train_epochs": "epochs", "patience": "early_stopping"}
+
+
+def _unknown(key: str, schema: type[BaseModel]) -> str:
+    """The error for a setting `schema` does not have: the closest known names (as typed, with
+    or without a section, or another trainer's name for one), else every key."""
+    known = _known_keys(schema)
+    names = {k: k for k in known} | {k.rpartition(".")[2]: k for k in known}
+    if schema is TrainConfig:
+        names |= OTHER_NAMES
+    typed = key.replace("-", "_")
+    close = difflib.get_close_matches(typed, list(names), n=3, cutoff=0.6) or difflib.get_close_matches(
+        typed.rpartition(".")[2], list(names), n=3, cutoff=0.6)
+    if close:
+        return f"unknown setting {key!r}: did you mean {' or '.join(dict.fromkeys(repr(names[c]) for c in close))}?"
+    return f"unknown setting {key!r}; known: {', '.join(known)}"
 
 
 def _known_keys(schema: type[BaseModel]) -> list[str]:
@@ -353,12 +377,17 @@ def _known_keys(schema: type[BaseModel]) -> list[str]:
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A YAML path, or the name of a shipped config (`demo` -> `configs/demo.yaml`)."""
+    """A YAML file, or the bare name of a shipped config (`demo` or `demo.yaml` ->
+    `configs/demo.yaml`). A path with a folder is only ever that file: a missing
+    `myexp/base.yaml` must not quietly train the shipped `base`."""
     candidate = Path(path)
+    if candidate.is_dir():
+        raise FileNotFoundError(f"config {path} is a folder; give a YAML file in it, or a shipped config's name")
     if candidate.exists():
         return candidate
-    shipped = CONFIG_DIR / f"{Path(path).stem}.yaml"
-    if shipped.exists():
+    shipped = CONFIG_DIR / f"{candidate.stem}.yaml"
+    bare = candidate.name == str(path) and candidate.suffix in ("", ".yaml")
+    if bare and shipped.exists():
         return shipped
     known = ", ".join(p.stem for p in sorted(CONFIG_DIR.glob("*.yaml")))
     raise FileNotFoundError(f"config {path} not found (shipped configs: {known})")
@@ -375,13 +404,16 @@ def load_config(
     (`key=value` pairs, values as strings or Python values); raises pydantic's
     `ValidationError` or `ValueError` naming the bad key."""
     tree: dict[str, Any] = {}
-    layers: list[Mapping[str, Any]] = [base or {}]
+    for key, value in _flatten(base or {}):
+        _set(tree, schema, key, value)
     if path is not None:
-        layers.append(_yaml_layer(schema, path))
-    layers.append({key: _parse_value(value) for key, value in (overrides or {}).items()})
-    for layer in layers:
-        for key, value in _flatten(layer):
-            _set(tree, schema, key, value)
+        for key, value in _flatten(_yaml_layer(schema, path)):
+            try:
+                _set(tree, schema, key, value)
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
+    for key, value in overrides.items() if overrides else ():
+        _set(tree, schema, key, _parse_value(value))
     return schema.model_validate(tree)
 
 
@@ -399,7 +431,18 @@ def load_recorded(path: str | Path, overrides: Mapping[str, Any] | None = None) 
 def _yaml_layer(schema: type[BaseModel], path: str | Path) -> Mapping[str, Any]:
     """The settings of the YAML at `path` for `schema`: the file, or its `schema.yaml_section`
     mapping when it has one (`train --config demo` takes the demo's training recipe)."""
-    layer = yaml.safe_load(resolve_config_path(path).read_text()) or {}
+    file = resolve_config_path(path)
+    try:
+        layer = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
+        tabs = " (YAML indents with spaces, never tabs)" if "'\\t'" in str(err.problem) else ""
+        raise ValueError(f"{where}: not valid YAML: {err.problem or err.context}{tabs}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not a YAML text file ({err})") from None
+    if not isinstance(layer, Mapping):
+        raise ValueError(f"{file}: holds a {type(layer).__name__}, not settings: write one `key: value` a line")
     section = getattr(schema, "yaml_section", None)
     if section and section not in schema.model_fields and isinstance(layer.get(section), Mapping):
         return layer[section]

@@ -113,3 +113,30 @@ def test_an_unknown_device_is_refused_with_the_choices():
     with pytest.raises(ValidationError, match="unknown device 'gpu'.*auto.*cpu.*cuda:N"):
         load_config(TrainConfig, overrides={"data": "d", "device": "gpu"})
     assert load_config(TrainConfig, overrides={"data": "d", "device": "cuda:1"}).device == "cuda:1"
+
+
+def test_a_mistyped_setting_gets_the_nearest_names_in_a_file_or_on_the_line(tmp_path):
+    for typed, meant in (("lr0", "'lr'"), ("rank", "'lora.r'"), ("lora.rank", "'lora.r'"), ("lerning_rate", "'lr'")):
+        with pytest.raises(ValueError, match=rf"unknown setting '{typed}': did you mean {meant}"):
+            load_config(TrainConfig, overrides={typed: 8})
+    (tmp_path / "typo.yaml").write_text("lora:\n  dropot: 0.1\n")
+    with pytest.raises(ValueError, match=r"typo.yaml: unknown setting 'lora.dropot': did you mean 'lora.dropout'"):
+        load_config(TrainConfig, tmp_path / "typo.yaml")
+
+
+def test_a_config_file_that_is_no_yaml_mapping_is_named_with_its_line(tmp_path):
+    (tmp_path / "tabs.yaml").write_text("data: d\nlora:\n\tr: 8\n")
+    with pytest.raises(ValueError, match=r"tabs.yaml:3:1: not valid YAML: .*never tabs"):
+        load_config(TrainConfig, tmp_path / "tabs.yaml")
+    (tmp_path / "list.yaml").write_text("- lr: 1\n")
+    with pytest.raises(ValueError, match=r"list.yaml: holds a list, not settings"):
+        load_config(TrainConfig, tmp_path / "list.yaml")
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        load_config(TrainConfig, tmp_path)
+
+
+def test_a_missing_config_file_in_a_folder_never_falls_back_to_a_shipped_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config .*myexp/base.yaml not found"):
+        load_config(TrainConfig, tmp_path / "myexp" / "base.yaml")
+    data = {"data": "d"}
+    assert load_config(TrainConfig, "base.yaml", data).model == load_config(TrainConfig, "base", data).model  # bare
