@@ -50,7 +50,7 @@ def test_user_errors_exit_1_with_the_reason(small_data, small_model_dir, tmp_pat
     bad_target = run("train", *fast(small_data, small_model_dir), "--out", tmp_path / "a", "--targets", "o_proj")
     assert bad_target.exit_code == 1 and "o_proj" in bad_target.output
     bad_key = run("train", *fast(small_data, small_model_dir), "--out", tmp_path / "b", "--learning-rate", "1")
-    assert bad_key.exit_code == 1 and "learning-rate" in bad_key.output and "lora.r" in bad_key.output
+    assert bad_key.exit_code == 1 and "learning-rate" in bad_key.output and "did you mean 'lr'" in bad_key.output
     no_data = run("train", "--out", tmp_path / "c")
     assert no_data.exit_code == 1 and "--data" in no_data.output
     qlora = run("train", *fast(small_data, small_model_dir), "--out", tmp_path / "d", "--qlora")
@@ -148,3 +148,24 @@ def test_every_command_takes_device_auto():
 def test_pretrain_is_a_maintainer_tool_not_a_user_command():
     commands = {line.split()[1] for line in run("--help").output.splitlines() if line.startswith("│ ")}
     assert "train" in commands and "pretrain" not in commands  # python -m loomlens.train.pretrain
+
+
+def test_the_data_and_the_run_folder_are_checked_before_the_model_loads(small_data, small_model_dir, tmp_path):
+    nowhere = ["model=/no/such/model", "--no-progress"]  # loading it would be the error otherwise
+    missing = run("train", "--data", tmp_path / "nodata", "--out", tmp_path / "e", *nowhere)
+    assert missing.exit_code == 1 and "no training split at" in missing.output and "loomlens convert" in missing.output
+    (tmp_path / "afile").write_text("x")
+    assert "is a file" in run("train", "--data", small_data, "--out", tmp_path / "afile", *nowhere).output
+    assert "is the data folder" in run("train", "--data", small_data, "--out", small_data, *nowhere).output
+    assert not (small_data / "config.yaml").exists()
+
+
+def test_a_class_the_data_does_not_list_is_refused_before_training(small_data, small_model_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    (data / "classes.txt").write_text("drop\n")  # the samples have wrinkle boxes too
+    result = run("train", *fast(data, small_model_dir), "--out", tmp_path / "run", "--max-steps", "1")
+    assert result.exit_code == 1 and "'wrinkle'" in result.output and "does not list" in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()

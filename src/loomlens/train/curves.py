@@ -13,6 +13,8 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+from loomlens.data.atomic import atomic_open
+
 FIELDS = ("step", "epoch", "seconds", "lr", "train_loss", "grad_norm", "val_loss", "map50", "map50_95", "map75",
           "best_f1", "empty_on_defects", "auroc", "score", "event")
 #: The one text column: what the run did at that step (a rollback, an early stop, ...).
@@ -27,7 +29,7 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.csv"
         rows = read_metrics(self.path) if resume_step is not None and self.path.exists() else []
         rows = [r for r in rows if r["step"] <= (resume_step or 0)]
-        with open(self.path, "w", newline="") as f:
+        with atomic_open(self.path) as f:  # a kill here leaves the history as it was
             writer = csv.DictWriter(f, FIELDS)
             writer.writeheader()
             writer.writerows({k: _cell(r.get(k)) for k in FIELDS} for r in rows)

@@ -28,7 +28,6 @@ import errno
 import json
 import math
 import platform
-import shutil
 import signal
 import subprocess
 import time
@@ -42,13 +41,14 @@ from typing import Any
 import torch
 
 from loomlens.config import RESUMABLE, TrainConfig, changed_settings, dump_config, load_recorded
-from loomlens.data.atomic import atomic_write, recover_folder
+from loomlens.data.atomic import atomic_copy, atomic_write, recover_folder
 from loomlens.data.augment import Augment
 from loomlens.data.dataset import (
     IGNORE_INDEX, Collator, FlorenceDataset, default_cache_bytes, plan_batches,
 )
 from loomlens.data.sampling import Balance
 from loomlens.data.tiles import VANISHING_PX, VANISHING_SHARE
+from loomlens.data.yolo import CLASSES_FILE, read_class_names
 from loomlens.infer.generation import MAX_BOXES
 from loomlens.model.folded_lora import fold_lora
 from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, trainable_by_tower
@@ -238,11 +238,13 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
         recover_folder(run_dir / "checkpoints" / "last")  # a kill between a save's renames: the previous one back
     accelerator.wait_for_everyone()
     _check_run_dir(run_dir, run_dir / "checkpoints" / "last", resume)
+    _check_data(cfg)
     say = log if main else (lambda *_: None)
     set_seed(cfg.seed)  # the adapter's initial weights (they come from last/ on resume)
     model, processor = training_model(cfg)
     train_set, val_set = datasets(cfg, processor, model.config.text_config.max_position_embeddings,
                                   processes=accelerator.num_processes)
+    _check_classes(cfg, train_set)
     nominal = step_count(cfg, train_set, accelerator.num_processes)
     params = [p for p in model.parameters() if p.requires_grad]  # the adapter's weights only
     optimizer = torch.optim.AdamW(param_groups(model, cfg.lora.plus_ratio), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -964,11 +966,35 @@ def _is_main() -> bool:
 
 
 def _check_run_dir(run_dir: Path, last_dir: Path, resume: bool) -> None:
+    """Refuse a run folder that is a file, a new run where one is, a resume where none is."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"--out {run_dir} is a file; give a folder for the run (a new one is made)")
     if resume:
         if not has_checkpoint(last_dir):
             raise FileNotFoundError(f"nothing to resume: {last_dir} has no checkpoint")
     elif last_dir.exists():
         raise FileExistsError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick a new --out")
+
+
+def _check_data(cfg: TrainConfig) -> None:
+    """Before the model loads: the data folder holds a train split, and the run does not write
+    into it (its classes.txt and summary.json would be copied onto themselves)."""
+    train = cfg.data / "train.jsonl"
+    if not train.is_file():
+        raise FileNotFoundError(f"no training split at {train}; make one with `loomlens convert SRC {cfg.data}`")
+    if Path(cfg.out).resolve() == cfg.data.resolve():
+        raise FileExistsError(f"--out {cfg.out} is the data folder; give the run a folder of its own")
+
+
+def _check_classes(cfg: TrainConfig, train_set: FlorenceDataset) -> None:
+    """Refuse training samples with boxes of a class the data's `classes.txt` does not list:
+    the run copies that list, and eval, predict and the line decode answers through it, so such a
+    class could be learnt and never be answered."""
+    listed = read_class_names(cfg.data / CLASSES_FILE)
+    unlisted = sorted(frozenset().union(*(c for c in train_set.classes if c)) - set(listed)) if listed else []
+    if unlisted:
+        raise ValueError(f"{cfg.data / 'train.jsonl'} has boxes of {', '.join(map(repr, unlisted))}, which "
+                         f"{cfg.data / CLASSES_FILE} does not list; add them to it, or convert the data again")
 
 
 def _image_cache(model, frozen_stages: int):
@@ -1071,14 +1097,15 @@ def _write_run_files(cfg: TrainConfig, run_dir: Path, world: int, crop_window: i
     `data_summary.json`: prediction reads the tile size the data was cut to from it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    (run_dir / "env.json").write_text(json.dumps(environment(world), indent=2) + "\n")
+    if not (run_dir / "env.json").exists():  # the run's first environment; a resume keeps it
+        atomic_write(run_dir / "env.json", json.dumps(environment(world), indent=2) + "\n")
     if crop_window:
-        (run_dir / CROP).write_text(json.dumps({"window": crop_window}) + "\n")
+        atomic_write(run_dir / CROP, json.dumps({"window": crop_window}) + "\n")
     else:
         (run_dir / CROP).unlink(missing_ok=True)  # an earlier attempt's record in this folder
-    for name, copy in (("classes.txt", "classes.txt"), ("summary.json", DATA_SUMMARY)):
+    for name, copy in ((CLASSES_FILE, CLASSES_FILE), ("summary.json", DATA_SUMMARY)):
         if (cfg.data / name).exists():
-            shutil.copyfile(cfg.data / name, run_dir / copy)
+            atomic_copy(cfg.data / name, run_dir / copy)
 
 
 def environment(world: int = 1) -> dict[str, Any]:
