@@ -105,3 +105,10 @@ def test_views_are_the_mirrors_the_run_was_trained_on(run, tmp_path):
     assert trained(True) == ("", "h", "v", "hv")  # `augment: true` by hand, TrainConfig's flips
     assert trained({"vflip": 0.0}) == ("", "h")
     assert Run(adapter(tmp_path / "loose")).views == ("",)
+
+
+def test_a_checkpoint_name_other_than_best_or_last_says_so(tmp_path):
+    (tmp_path / "checkpoints" / "best").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "best" / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="--checkpoint takes best or last, not 'middle'"):
+        Run(tmp_path).adapter("middle")

@@ -135,7 +135,9 @@ class Run:
                 return candidate
         hint = "train one with `loomlens train`"
         wanted = self.path / "checkpoints" / checkpoint
-        if wanted.is_dir() and any(wanted.iterdir()):  # there, but incomplete: a copy that broke off
+        if checkpoint not in ("best", "last") and (self.path / "checkpoints").is_dir():
+            hint = f"--checkpoint takes best or last, not {checkpoint!r}"
+        elif wanted.is_dir() and any(wanted.iterdir()):  # there, but incomplete: a copy that broke off
             hint = f"checkpoints/{checkpoint}/ lacks {ADAPTER_CONFIG}: copy the run folder again"
         elif checkpoint == "best" and (self.path / "checkpoints" / "last" / ADAPTER_CONFIG).exists():
             hint = "no evaluation ran, so there is no best/: use --checkpoint last"

@@ -169,3 +169,10 @@ def test_a_class_the_data_does_not_list_is_refused_before_training(small_data, s
     result = run("train", *fast(data, small_model_dir), "--out", tmp_path / "run", "--max-steps", "1")
     assert result.exit_code == 1 and "'wrinkle'" in result.output and "does not list" in result.output
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_tasks_the_data_lacks_are_refused_with_what_it_holds(small_data, small_model_dir, tmp_path):
+    absent = run("train", *fast(small_data, small_model_dir), "--out", tmp_path / "a", "tasks=[od,caption]")
+    assert absent.exit_code == 1 and "tasks caption have no sample in" in absent.output
+    unknown = run("train", *fast(small_data, small_model_dir), "--out", tmp_path / "b", "tasks=[odd]")
+    assert unknown.exit_code == 1 and "(it holds od, phrase_grounding)" in unknown.output

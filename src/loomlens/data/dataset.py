@@ -137,10 +137,13 @@ class FlorenceDataset(torch.utils.data.Dataset):
         self.seed, self.epoch, self.max_label_tokens = seed, 0, max_label_tokens
         rows = validate_split(self.jsonl)  # first: a bad split is reported before anything else is read
         self.edge = int(processor.image_processor.size["height"])
+        held = sorted({str(r.get("task")) for r in rows})
+        self.absent_tasks = [t for t in tasks if t not in held]  # asked for, and no sample of them here
         if tasks:
             rows = [r for r in rows if r.get("task") in tasks]
         if not rows:
-            raise ValueError(f"{self.jsonl} has no samples" + (f" of tasks {list(tasks)}" if tasks else ""))
+            raise ValueError(f"{self.jsonl} has no samples" + (f" of tasks {list(tasks)} (it holds {', '.join(held)})"
+                                                               if tasks else ""))
         prompts: dict[str, tuple[int, ...]] = {}
         self.truncated, self.boxes, self.vanishing, large = 0, 0, 0, False
         self.examples: list[Example] = []

@@ -325,6 +325,9 @@ def datasets(cfg: TrainConfig, processor, max_label: int, processes: int = 1
     budget = default_cache_bytes() // max(1, processes)
     train_set = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, max_label,
                                 cache_bytes=budget if cfg.speed.num_workers == 0 else 0, augment=augment, seed=cfg.seed)
+    if train_set.absent_tasks:  # else config.yaml would record tasks the run never learnt
+        raise ValueError(f"tasks {', '.join(train_set.absent_tasks)} have no sample in {train_set.jsonl}: drop them "
+                         "from tasks=, or convert with --tasks naming them")
     val_path = cfg.data / "val.jsonl"
     val_set = (FlorenceDataset(val_path, processor, cfg.tasks, max_label, cache_bytes=budget)
                if _has_samples(val_path) else None)
