@@ -30,6 +30,8 @@ def test_train_resume_and_merge(small_data, small_model_dir, tmp_path):
     again = run("train", "--resume", out, "--max-steps", "3")
     assert again.exit_code == 0, again.output
     assert [r["step"] for r in csv.DictReader(open(out / "metrics.csv")) if r["train_loss"]] == ["1", "2", "3"]
+    done = run("train", "--resume", out)  # already at its 3 steps
+    assert done.exit_code == 0 and "nothing trained: the run had already reached its max_steps" in done.output
 
     merged = run("merge", out, tmp_path / "merged", "--checkpoint", "last")
     assert merged.exit_code == 0, merged.output

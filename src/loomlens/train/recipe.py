@@ -208,6 +208,8 @@ def _finish(s: Session, stopped: str) -> None:
         )
     best = f"; best/ is step {s.state.best_step}" if s.state.best_step is not None else (
         "; best/ is the last step (no val split)" if s.val_set is None else "")
+    if s.state.step == s.start_step and stopped in ("max_steps", "time_budget"):
+        best += f" (nothing trained: the run had already reached its {stopped}; resume with a larger one to go on)"
     s.say(f"stopped ({stopped}) at step {s.state.step}{best}; run folder {s.run_dir}")
 
 
