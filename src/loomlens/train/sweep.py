@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loomlens.config import TrainConfig, load_config
+from loomlens.data.atomic import atomic_open, atomic_write
 from loomlens.train.checkpoint import has_checkpoint
 from loomlens.train.curves import plot_overlay, read_metrics
 
@@ -96,15 +97,13 @@ def sweep(
 
     columns = [*axes, *COLUMNS]
     table_csv, table_md = out / "sweep.csv", out / "sweep.md"
-    with open(table_csv, "w", newline="") as f:
+    with atomic_open(table_csv) as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
     cells = [[_fmt(row[c]) for c in columns] for row in rows]
-    table_md.write_text(
-        "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-                  + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
-    )
+    atomic_write(table_md, "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                                      + ["| " + " | ".join(c) + " |" for c in cells]) + "\n")
     plot = plot_overlay(runs, out / "val_loss.png", "val_loss")
     return SweepResult(rows, table_md, table_csv, plot)
 
