@@ -736,15 +736,14 @@ def predict_command(
 
     from loomlens.model.loader import ModelLoadError
     from loomlens.predict import Predictor
-    from loomlens.predict.files import predict_files
-    from loomlens.predict.labels import LABEL_FORMATS
+    from loomlens.predict.files import check_options, own_outputs, predict_files
     from loomlens.predict.resume import PARTIAL
     from loomlens.predict.sources import count_items, expand_inputs
 
-    if save_labels is not None and save_labels not in LABEL_FORMATS:
-        raise _fail(f"--save-labels must be one of {', '.join(LABEL_FORMATS)}, got {save_labels!r}")
     try:
-        total = count_items(expand_inputs(inputs, exclude=[out, *([labels_out] if labels_out else [])]), every)
+        check_options(task, text, tile, save_labels, regions)  # before the model loads
+        files = expand_inputs(inputs, exclude=own_outputs(out, labels_out), on_problem=[].append)  # counted only
+        total = count_items(files, every)
         predictor = Predictor(model=model, adapter=adapter, device=_device(device), max_boxes=max_boxes,
                               batch_size=batch_size, checkpoint=checkpoint, regions=regions, tile_size=tile_size,
                               constrained=constrained, precision=precision, backend=backend, tta=tta)
@@ -756,13 +755,22 @@ def predict_command(
                                     labels_out=labels_out)
     except (FileNotFoundError, ValueError, ValidationError, RuntimeError, ModelLoadError) as err:
         raise _fail(str(err)) from None
+    except OSError as err:  # the disk or a folder refused a read or write: name the path, not a traceback
+        raise _fail(f"cannot read or write {err.filename or out} ({err.strerror or err}): check that it is a "
+                    "folder or file you can write to, with space left, and run the same command again") from None
     except KeyboardInterrupt:
         typer.echo(f"stopped: what was predicted is kept ({out / PARTIAL}); the same command again goes on from "
                    "there, and predictions.jsonl is written when every input is done", err=True)
         raise typer.Exit(130) from None
+    if not summary["written"]:  # nothing predicted, and an earlier run's results left as they were
+        found = "no input could be read" if summary["problems"] else "no image or video found in the inputs"
+        raise _fail(f"{found}; nothing was written, and {out} is left as it was (an earlier run's results too)",
+                    [p["error"] for p in summary["problems"]])
     if summary["resumed"]:
         typer.echo(f"went on from an interrupted run: {summary['resumed']} images/frames it predicted were kept")
     typer.echo(f"{summary['items']} images/frames, {summary['boxes']} boxes -> {out}: {', '.join(summary['written'])}")
+    for notice in summary["notices"][:10]:  # predicted all the same (in problems.json): nothing for --strict
+        typer.secho(f"to check: {notice['error']}", fg="yellow", err=True)
     _report_skipped(summary["problems"], out, strict=strict, none_done=not summary["items"],
                     nothing="no predictions.jsonl was written (an earlier one is left as it was)")
 

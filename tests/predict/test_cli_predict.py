@@ -27,13 +27,13 @@ def test_predict_command_on_a_folder(tmp_path):
     out = tmp_path / "out"
     ruled = _predict(tmp_path / "*.png", out, "--coco", "--regions", str(tmp_path / "rules.yaml"))
     assert ruled[0]["boxes"] == [] and all(b["score"] >= 0.5 for x in ruled for b in x["boxes"])
-    assert (out / "coco_results.json").exists() and (out / "regions.yaml").exists()
+    assert (out / "coco_results.json").exists() and (out / "rules-applied.yaml").exists()
     assert len(list((out / "drawn").iterdir())) == 2
     # The same folder again for one picture, plainly: nothing of the run before stays beside it.
     again = _predict(tmp_path / "im1.png", out)
     assert [x["source"].endswith("im1.png") for x in again] == [True]
     assert not (out / "coco_results.json").exists() and not (out / "coco_images.json").exists()
-    assert not (out / "regions.yaml").exists() and [p.name for p in (out / "drawn").iterdir()] == ["im1.jpg"]
+    assert not (out / "rules-applied.yaml").exists() and [p.name for p in (out / "drawn").iterdir()] == ["im1.jpg"]
 
 
 def test_predict_command_rejects_missing_input(tmp_path):
@@ -134,3 +134,56 @@ def test_a_file_for_out_a_missing_database_driver_and_an_absent_gpu_are_one_line
     if not torch.cuda.is_available():
         result = CliRunner().invoke(app, ["serve", "--device", "cuda", "--no-page"])
         assert result.exit_code == 1 and "sees none" in result.output and "error: 1" not in result.output
+
+
+def test_paths_the_file_system_refuses_are_one_line_errors_naming_them(tmp_path):
+    Image.new("RGB", (96, 64)).save(tmp_path / "im.png")
+    (tmp_path / "somefile.txt").write_text("x")
+    cases = {  # options: what the error must say
+        ("--out", str(tmp_path / "somefile.txt" / "sub")): f"the output folder {tmp_path / 'somefile.txt' / 'sub'}",
+        ("--save-labels", "voc", "--labels-out", str(tmp_path / "somefile.txt")):
+            f"the pre-annotations folder {tmp_path / 'somefile.txt'} (--labels-out) cannot be made",
+        ("--regions", str(tmp_path)): f"region rules {tmp_path} cannot be read (Is a directory)",
+        ("--regions", str(tmp_path / "nonexist.yaml")): "nonexist.yaml cannot be read (No such file or directory)",
+        ("--out", str(tmp_path / "taken")): f"cannot read or write {tmp_path / 'taken' / 'drawn'} (File exists)",
+    }
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "drawn").write_text("a file where predict draws")
+    for options, says in cases.items():
+        out = [] if "--out" in options else ["--out", str(tmp_path / "out")]
+        result = CliRunner().invoke(app, ["predict", str(tmp_path / "im.png"), "--model", "tiny", *out, *options])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # no traceback
+        assert says in " ".join(result.output.split()) and "Traceback" not in result.output, result.output
+        assert result.output.count("error:") == 1, result.output
+
+
+def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import loomlens.predict
+
+    def never(**_):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(loomlens.predict, "Predictor", never)
+    Image.new("RGB", (96, 64)).save(tmp_path / "im.png")
+    for options, says in [(["--task", "detect"], "unknown task 'detect'; use one of: od, caption"),
+                          (["--task", "phrase_grounding"], "needs --text"),
+                          (["--text", "drop"], "task 'od' takes no --text"),
+                          (["--tile", "maybe"], "--tile must be one of auto, on, off"),
+                          (["--task", "ocr", "--save-labels", "voc"], "--save-labels writes boxes")]:
+        result = CliRunner().invoke(app, ["predict", str(tmp_path / "im.png"), "--out", str(tmp_path / "out"),
+                                          *options])
+        assert result.exit_code == 1 and says in result.output, (options, result.output)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_reads_no_input_leaves_the_earlier_results_and_names_the_bad_ones(tmp_path):
+    Image.new("RGB", (96, 64)).save(tmp_path / "im.png")
+    out = tmp_path / "out"
+    _predict(tmp_path / "im.png", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "empty.png").write_bytes(b"")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "bad"), "--out", str(out), "--model", "tiny"])
+    assert result.exit_code == 1 and "no input could be read; nothing was written" in result.output, result.output
+    assert "empty.png is empty" in result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +196,122 @@ def test_a_run_stopped_before_predicting_through_other_mirrors_starts_afresh(pre
     monkeypatch.setattr(predictor, "views", ("", "h"))  # `--tta on` the second time
     calls = _spy(predictor, monkeypatch)
     assert predict_files(predictor, [inputs], out)["resumed"] == 0 and sum(calls) == 12
+
+
+def test_a_file_name_that_is_not_utf8_is_a_problem_and_the_others_are_predicted(predictor, tmp_path):
+    from loomlens.predict.resume import fingerprint
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    latin = folder / os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 name from an old Windows share
+    Image.new("RGB", (64, 48)).save(latin, "JPEG")
+    Image.new("RGB", (64, 48)).save(folder / "ok.png")
+    fingerprint([latin], {}, [])  # hashed as its bytes, no UnicodeEncodeError
+    for save_labels in (None, "labelstudio"):
+        summary = predict_files(predictor, [folder], tmp_path / f"out-{save_labels}", save_labels=save_labels)
+        assert summary["items"] == 1
+        (problem,) = summary["problems"]
+        assert problem["source"].endswith("caf\\xe9.jpg") and "convmv -f latin1 -t utf8" in problem["error"]
+        assert json.loads((tmp_path / f"out-{save_labels}" / "problems.json").read_text()) == [problem]
+
+
+def test_a_rules_file_a_person_wrote_in_out_is_never_rewritten_or_removed(predictor, inputs, tmp_path, monkeypatch):
+    from loomlens.predict.regions import RegionRules
+
+    run = tmp_path / "run"  # `--adapter runs/train --out runs/train`: the run's own rules, commented
+    run.mkdir()
+    (run / "regions.yaml").write_text("# the left edge only\nmin_score: 0.3\n")
+    monkeypatch.setattr(predictor, "rules", RegionRules(min_score=0.3))
+    summary = predict_files(predictor, [inputs / "a.png"], run)
+    assert (run / "regions.yaml").read_text() == "# the left edge only\nmin_score: 0.3\n"
+    assert "rules-applied.yaml" in summary["written"] and "min_score: 0.3" in (run / "rules-applied.yaml").read_text()
+    monkeypatch.setattr(predictor, "rules", None)
+    predict_files(predictor, [inputs / "a.png"], run)  # no rules now: only predict's own file goes
+    assert (run / "regions.yaml").read_text() == "# the left edge only\nmin_score: 0.3\n"
+    assert not (run / "rules-applied.yaml").exists()
+
+
+def test_one_picture_refused_alone_is_a_problem_naming_it_not_the_end_of_the_run(predictor, tmp_path):
+    small = tmp_path / "small.png"
+    Image.new("RGB", (200, 150)).save(small)
+    summary = predict_files(predictor, [small], tmp_path / "out", task="region_to_category", text="0,0,300,230")
+    (problem,) = summary["problems"]
+    assert summary["items"] == 0 and problem["source"] == str(small)
+    assert problem["error"].startswith(f"{small}: ") and "200x150" in problem["error"]
+
+
+def test_drawn_pictures_agree_with_the_predictions_after_an_interrupted_run(predictor, inputs, tmp_path,
+                                                                           fixed_detections):
+    out = tmp_path / "out"
+    fixed_detections([Box("drop", 2, 3, 20, 25, 0.8)])
+    predict_files(predictor, [inputs], out)  # an earlier run with other answers drew every picture
+    fixed_detections([Box("hole", 30, 30, 40, 40, 0.6)])
+    with pytest.raises(Stop):  # recorded as a batch, stopped after drawing its first picture
+        predict_files(predictor, [inputs], out, score_threshold=0.5, on_item=_stop_after(1))
+    predict_files(predictor, [inputs], out, score_threshold=0.5)
+    predict_files(predictor, [inputs], tmp_path / "straight", score_threshold=0.5)
+    for picture in (tmp_path / "straight" / "drawn").iterdir():
+        assert (out / "drawn" / picture.name).read_bytes() == picture.read_bytes(), picture.name
+
+
+def test_a_second_run_into_its_own_input_folder_predicts_only_the_inputs(predictor, inputs):
+    first = predict_files(predictor, [inputs], inputs, every=5, save_labels="voc")
+    second = predict_files(predictor, [inputs], inputs, every=5, save_labels="voc")
+    assert first["items"] == second["items"] == 4 and first["files"] == second["files"] == 3
+    assert not any("drawn" in json.loads(x)["source"] for x in (inputs / "predictions.jsonl").read_text().splitlines())
+
+
+def test_a_run_that_predicts_nothing_leaves_the_earlier_runs_files_alone(predictor, inputs, tmp_path):
+    out = tmp_path / "out"
+    predict_files(predictor, [inputs / "a.png"], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (tmp_path / "bad.png").write_bytes(b"")
+    summary = predict_files(predictor, [tmp_path / "bad.png"], out)
+    assert summary["items"] == 0 and summary["written"] == [] and len(summary["problems"]) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_run_that_predicts_nothing_keeps_what_an_interrupted_run_predicted(predictor, inputs, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(Stop):
+        predict_files(predictor, [inputs], out, on_item=_stop_after(6))
+    kept = (out / ".predictions.partial.jsonl").read_bytes()
+    Image.new("RGB", (200, 150)).save(tmp_path / "small.png")  # read, then refused by the task
+    refused = predict_files(predictor, [tmp_path / "small.png"], out, task="region_to_category", text="0,0,300,230")
+    assert refused["items"] == 0 and len(refused["problems"]) == 1
+    assert (out / ".predictions.partial.jsonl").read_bytes() == kept
+    assert predict_files(predictor, [inputs], out)["resumed"] == 8
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    ({"task": "detect"}, "use one of: od, caption"),
+    ({"task": "phrase_grounding"}, "needs --text: a phrase"),
+    ({"task": "od", "text": "drop"}, "takes no --text"),
+    ({"task": "region_to_category", "text": "left half"}, "give x1,y1,x2,y2"),
+    ({"tile": "maybe"}, "--tile must be one of auto, on, off"),
+    ({"task": "caption", "save_labels": "voc"}, "--save-labels writes boxes, and task 'caption' answers text"),
+])
+def test_options_no_picture_could_be_predicted_with_are_refused_before_anything_is_written(
+        predictor, inputs, tmp_path, options, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        predict_files(predictor, [inputs], tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hidden_files_in_a_folder_are_no_inputs_and_an_unread_suffix_names_the_read_ones(inputs):
+    (inputs / "._a.png").write_bytes(b"\0\5\26\7 AppleDouble")  # macOS's resource fork copy
+    (inputs / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (inputs / ".thumbs").mkdir()
+    Image.new("RGB", (8, 8)).save(inputs / ".thumbs" / "a.png")
+    assert [p.name for p in expand_inputs([inputs])] == ["a.png", "clip.avi", "b.jpg"]
+    Image.new("RGB", (8, 8)).save(inputs / "anim.gif")
+    with pytest.raises(ValueError, match=r"anim\.gif is neither an image nor a video: .*\.png.*\.mp4"):
+        expand_inputs([inputs / "anim.gif"])
+
+
+def test_a_long_strip_is_drawn_with_lines_and_labels_for_its_short_side():
+    strip = Image.new("RGB", (4096, 256))
+    drawn = np.asarray(draw_prediction(strip, Prediction("od", 4096, 256, [Box("drop", 100, 120, 106, 126, 0.9)])))
+    assert not drawn[123, 103].any()  # a 6 px defect stays visible inside its outline
+    rows = np.flatnonzero(drawn[:, 95:140].any(axis=(1, 2)))
+    assert 120 - rows.min() <= 16  # the label above it: a line of small text, not 57 px

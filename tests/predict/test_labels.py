@@ -304,3 +304,20 @@ def test_a_grey_picture_gets_depth_1_as_labelimg_writes_it(tmp_path):
     depths = {stem: (tmp_path / "voc" / "annotations" / f"{stem}.xml").read_text().split("<depth>")[1][0]
               for stem in ("grey", "deep", "colour")}
     assert depths == {"grey": "1", "deep": "1", "colour": "3"}
+
+
+def test_a_photo_label_studio_shows_turned_is_named_and_still_pre_annotated(predictor, tmp_path):
+    from loomlens.predict.files import predict_files
+
+    photo = Image.new("RGB", (120, 80))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # stored landscape, shown a quarter turned clockwise
+    (tmp_path / "in").mkdir()
+    photo.save(tmp_path / "in" / "turned.jpg", exif=exif)
+    Image.new("RGB", (120, 80)).save(tmp_path / "in" / "upright.jpg")
+    summary = predict_files(predictor, [tmp_path / "in"], tmp_path / "out", save_labels="labelstudio")
+    (notice,) = summary["notices"]
+    assert notice["source"] == str(tmp_path / "in" / "turned.jpg") and "EXIF orientation 6" in notice["error"]
+    assert "save it upright" in notice["error"] and summary["items"] == 2 and summary["problems"] == []
+    assert json.loads((tmp_path / "out" / "problems.json").read_text()) == [notice]
+    assert len(json.loads((tmp_path / "out" / "labels-labelstudio" / "tasks.json").read_text())) == 2

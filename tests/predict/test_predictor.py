@@ -162,3 +162,13 @@ def test_a_tiled_frame_takes_its_most_likely_pieces_answer_probability(predictor
     plain = Image.new("RGB", (1024, 256))
     tiled, untouched = predictor.predict([frame, plain], tile="on")
     assert tiled.tiled and (tiled.answer_probability, untouched.answer_probability) == (0.9, 0.2)
+
+
+def test_a_tiled_frame_counts_the_malformed_parts_of_all_its_tiles(predictor, monkeypatch):
+    from loomlens.infer.detection import Detection
+    from loomlens.infer.generation import Generation
+
+    monkeypatch.setattr(predictor, "_detect", lambda spec, images, text: [
+        Detection([], 1, Generation("", [], [])) for _ in images])  # each tile dropped one part
+    (tiled,) = predictor.predict([Image.new("RGB", (1024, 256))], tile="on")
+    assert tiled.tiled and tiled.dropped == predictor.model_inputs(1024, 256, tile="on") > 1

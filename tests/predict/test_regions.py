@@ -52,3 +52,20 @@ def test_a_rule_for_a_class_the_model_does_not_know_is_refused():
 def test_a_class_threshold_overrides_the_default_one():
     rules = RegionRules(min_score=0.2, classes={"drop": {"min_score": 0.35}, "wrinkle": {}})
     assert [rules.threshold(c) for c in ("drop", "wrinkle", "hole")] == [0.35, 0.2, 0.2]
+
+
+@pytest.mark.parametrize("points", ["[[0, 0], [0, 0], [0, 0]]", "[[0, 0], [0.5, 0.5], [1, 1]]"])
+def test_a_region_with_no_area_is_refused(tmp_path, points):
+    """Its points on one line enclose no centre: every box of the class would be dropped."""
+    (tmp_path / "r.yaml").write_text(f"classes:\n  drop:\n    regions:\n      - {points}\n")
+    with pytest.raises(ValueError, match="a region needs an area, but its points lie on one line"):
+        load_rules(tmp_path / "r.yaml")
+
+
+def test_a_refused_rule_is_one_line_naming_the_file_line_and_key(tmp_path):
+    (tmp_path / "r.yaml").write_text("classes:\n  drop:\n    min_sore: 0.3\n")
+    with pytest.raises(ValueError) as refused:
+        load_rules(tmp_path / "r.yaml")
+    message = str(refused.value)
+    assert "\n" not in message and "https://" not in message
+    assert message.startswith(f"region rules {tmp_path / 'r.yaml'}: line 3, classes.drop.min_sore: not a key")

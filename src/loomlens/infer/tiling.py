@@ -31,10 +31,14 @@ from loomlens.data.tiles import Window, is_large, tile_windows
 SIDE_REACH = 0.02
 
 
+#: The tiling modes a predictor takes (`should_tile`).
+TILE_MODES = ("auto", "on", "off")
+
+
 def should_tile(width: int, height: int, mode: str, tile: int) -> bool:
     """Whether `mode` ("on" | "off" | "auto") tiles a `width` x `height` frame: "auto" tiles a
     frame large for `tile` (`loomlens.data.tiles.is_large`)."""
-    if mode not in ("auto", "on", "off"):
+    if mode not in TILE_MODES:
         raise ValueError(f"tile must be auto, on or off, got {mode!r}")
     return mode == "on" or (mode == "auto" and is_large(width, height, tile))
 

@@ -24,7 +24,9 @@ def draw_prediction(image: Image.Image, prediction: Prediction) -> Image.Image:
     the answer of a text task (caption, OCR) written along the bottom."""
     out = image.convert("RGB")  # always a copy
     draw = ImageDraw.Draw(out)
-    scale = max(out.width, out.height) / 1000
+    # By the shorter side: on a long line-scan strip the longer one would make labels and
+    # lines tall enough to hide the small defects they mark.
+    scale = min(out.width, out.height) / 1000
     line = max(1, round(2 * scale))
     font = ImageFont.load_default(size=max(10, round(14 * scale)))
 

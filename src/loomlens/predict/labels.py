@@ -16,6 +16,9 @@ DIR becomes a dataset `loomlens convert DIR` reads back:
 - coco: `annotations.json`, a COCO dataset whose boxes carry their `score`; a later run adds its
   pictures to it.
 
+Boxes are in the pixels of each picture as stored; a web tool (labelstudio, coco into CVAT)
+shows a photo turned as its EXIF orientation says, so `add` names each such picture.
+
 A picture already inside DIR stays where it is; one outside `images/` (for VOC, in a subfolder
 of it too: `day1/a.png`, `day2/a.png`) gets its annotation beside it (`day1/a.xml`; YOLO with a
 `classes.txt` there where none is in its folder or above), where LabelImg looks without a Save
@@ -44,16 +47,18 @@ from loomlens.data.atomic import atomic_copy, atomic_write
 from loomlens.data.coco import add_to_coco
 from loomlens.data.labelstudio import labelstudio_tasks
 from loomlens.data.records import ImageRecord
-from loomlens.data.sanitize import read_text
+from loomlens.data.sanitize import orientation_problem, read_text
 from loomlens.data.voc import write_voc
 from loomlens.data.yolo import CLASSES_FILE, read_classes, write_yolo
 from loomlens.predict.predictor import Prediction
-from loomlens.predict.sources import Item
+from loomlens.predict.sources import Item, Problem
 
 LABEL_FORMATS = ("voc", "yolo", "labelstudio", "coco")
 #: Per-image annotation files: format -> (folder in DIR, suffix).
 PER_IMAGE = {"voc": ("annotations", ".xml"), "yolo": ("labels", ".txt")}
 LOCAL_FILES = "/data/local-files/?d="
+#: The formats of web labelling tools, which show a picture turned as its EXIF orientation says.
+WEB_FORMATS = ("labelstudio", "coco")
 
 
 def _channels(item: Item) -> int:
@@ -63,6 +68,21 @@ def _channels(item: Item) -> int:
         with Image.open(item.source) as stored:
             return 1 if len(stored.getbands()) == 1 else 3
     return 3
+
+
+def _turned(item: Item) -> Problem | None:
+    """A problem for a still picture whose EXIF orientation turns or mirrors it
+    (`orientation_problem`): it is predicted as stored, so its boxes fit the stored picture,
+    and a web labelling tool (Label Studio, CVAT) that shows it turned puts them in the wrong
+    place. None for any other picture."""
+    if item.frame is not None:
+        return None
+    with Image.open(item.source) as stored:
+        found = orientation_problem(stored, str(item.source), str(item.source))
+    if found is None:
+        return None
+    return Problem(str(item.source), f"{found.message}; its pre-annotated boxes fit it as stored: save it "
+                   "upright (e.g. `mogrify -auto-orient`, or PIL's ImageOps.exif_transpose) and predict again")
 
 
 def _add_tasks(path: Path, tasks: list[dict]) -> int:
@@ -100,7 +120,11 @@ class LabelsOut:
         if fmt not in LABEL_FORMATS:
             raise ValueError(f"--save-labels must be one of {', '.join(LABEL_FORMATS)}, got {fmt!r}")
         self.out, self.fmt, self.model_version, self.link = Path(out), fmt, model_version, link
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"the pre-annotations folder {out} (--labels-out) cannot be made ({err.strerror or err})"
+                             ": give a folder path whose parents are folders you can write to") from None
         self.classes = list(dict.fromkeys(classes))
         # YOLO: each classes.txt in use, as its lines and the names by id `convert` reads there.
         self.class_files: dict[Path, tuple[list[str], list[str]]] = {}
@@ -197,27 +221,29 @@ class LabelsOut:
             atomic_write(path, "".join(f"{line}\n" for line in lines))
         return names
 
-    def add(self, item: Item, prediction: Prediction, name: str) -> None:
-        """Write the pre-annotation of one picture, `name` its unique stem in this run."""
+    def add(self, item: Item, prediction: Prediction, name: str) -> Problem | None:
+        """Write the pre-annotation of one picture, `name` its unique stem in this run. Returns
+        a problem (nothing skipped) for a picture a web tool shows turned (`_turned`)."""
         record = ImageRecord(self._place(item, name), prediction.width, prediction.height, list(prediction.boxes))
         self.classes += list(dict.fromkeys(b.label for b in record.boxes if b.label not in self.classes))
         self.records.append(record)
         self.probabilities.append(prediction.answer_probability)
         if self.fmt not in PER_IMAGE:
-            return
+            return _turned(item) if self.fmt in WEB_FORMATS else None
         target = self._annotation(record.image)
         if self.claimed.setdefault(target, record.image) != record.image:
             self.clashed.append(record.image)  # `a.png` beside `a.jpg`: LabelImg pairs by name too
-            return
+            return None
         if target.exists():
             self.kept += 1
-            return
+            return None
         if self.fmt == "voc":
             write_voc(record, target, self.out, depth=_channels(item))
         else:
             # The classes first: every id on disk is named even if the run stops here.
             write_yolo(record, target, self._class_names(self._classes_file(target)))
         self.written += 1
+        return None
 
     def finish(self) -> list[str]:
         """Write the whole-run files (YOLO classes, Label Studio tasks, COCO dataset); return

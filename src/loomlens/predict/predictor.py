@@ -51,7 +51,8 @@ class Prediction:
     """The answer for one image: boxes in pixels (with scores for box tasks), polygons as
     (label, [[x, y], ...]) in pixels, the answer text, whether the model was `trained` for
     this task, whether the frame was `tiled`, and how many malformed answer parts were
-    `dropped` by the parser. `entropy`: the mean entropy (nats) of the model's next-token
+    `dropped` by the parser (a tiled frame: those of all its tiles; its `text` is empty, each
+    tile answered its own). `entropy`: the mean entropy (nats) of the model's next-token
     distribution over the answer, how unsure it was (`Generation.mean_entropy`; None for a
     tiled frame, beam search or the onnx backend). `answer_probability`: the model's
     probability that its answer is not empty, for `od` that the image holds a defect (the
@@ -319,7 +320,9 @@ class Predictor:
                 if small is not im:  # a frame over the tile cap: give its memory back
                     del small
                     release_freed_memory()
-                answer, dropped, entropy, probability = "", 0, None, answer_probability(made)
+                # No one answer text: each tile had its own. Their malformed parts all count.
+                answer, dropped, entropy = "", sum(d.dropped for d in made), None
+                probability = answer_probability(made)
             else:
                 d = next(found)
                 boxes, answer, dropped, entropy = d.boxes, d.generation.text, d.dropped, d.generation.mean_entropy()

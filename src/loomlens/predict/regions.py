@@ -20,9 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import yaml
 from matplotlib.path import Path as PolygonPath
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loomlens.data.atomic import atomic_write
 from loomlens.data.records import Box
@@ -47,6 +48,9 @@ class ClassRule(BaseModel):
                 raise ValueError(f"a region needs at least 3 points, got {polygon}")
             if not all(0 <= v <= 1 for point in polygon for v in point):
                 raise ValueError(f"region points are fractions of the frame (0..1), got {polygon}")
+            # Points on one line enclose no centre: the class's every box would be dropped.
+            if np.linalg.matrix_rank(np.array(polygon) - np.mean(polygon, axis=0), tol=1e-9) < 2:
+                raise ValueError(f"a region needs an area, but its points lie on one line: {polygon}")
         return regions
 
 
@@ -84,19 +88,64 @@ class RegionRules(BaseModel):
                              f"know (its classes: {', '.join(classes)}); spell them as in its classes.txt")
 
 
+def _line(document: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
+    """The line (1-based) of the YAML node at `loc` (keys and list indices) in `document`, or
+    of the deepest one of its parents found; None for the whole file."""
+    node, line = document, None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((value for k, value in node.value if k.value == str(key)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            node = None
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def _refusal(err: ValidationError, document: yaml.Node | None) -> str:
+    """What pydantic refused, on one line: the first fields' key, line and what is wrong."""
+    parts, errors = [], err.errors()
+    for e in errors[:3]:
+        key, line = ".".join(map(str, e["loc"])) or "the file", _line(document, e["loc"])
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            message = "not a key the rules take (min_score, classes; per class min_score, regions)"
+        elif not isinstance(e.get("input"), (dict, list)):
+            message += f", got {e.get('input')!r}"
+        parts.append(f"{'' if line is None else f'line {line}, '}{key}: {message}")
+    return "; ".join(parts) + (f"; and {len(errors) - 3} more" if len(errors) > 3 else "")
+
+
 def load_rules(path: str | Path) -> RegionRules:
-    """Read and validate a rules YAML file. Raises ValueError naming the file, and the line of
-    a YAML error or the field pydantic refused."""
+    """Read and validate a rules YAML file. Raises ValueError on one line naming the file and
+    the fix, with the line and key of a YAML error or of each field the rules refused."""
     try:
-        return RegionRules.model_validate(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
-    except (yaml.YAMLError, ValueError) as err:  # pydantic's ValidationError is a ValueError
-        raise ValueError(f"region rules {path}: {err}") from None
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else err.strerror or str(err)
+        raise ValueError(f"region rules {path} cannot be read ({reason}): give the rules YAML file "
+                         "(--regions, or a run's regions.yaml)") from None
+    try:
+        document = yaml.compose(text, Loader=yaml.SafeLoader)
+        return RegionRules.model_validate(yaml.safe_load(text) or {})
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = "" if mark is None else f"line {mark.line + 1}: "
+        raise ValueError(f"region rules {path}: {where}not valid YAML ({getattr(err, 'problem', None) or err}); "
+                         "fix it as the example in docs/evaluate-and-predict.md") from None
+    except ValidationError as err:
+        raise ValueError(f"region rules {path}: {_refusal(err, document)}; fix it as the example in "
+                         "docs/evaluate-and-predict.md") from None
 
 
-def save_rules(rules: RegionRules, path: str | Path) -> Path:
-    """Write `rules` as YAML to `path` (a folder gets `regions.yaml`); returns the file."""
+def save_rules(rules: RegionRules, path: str | Path, header: str = "") -> Path:
+    """Write `rules` as YAML to `path` (a folder gets `regions.yaml`), after `header` (comment
+    lines); returns the file."""
     path = Path(path)
     if path.is_dir():
         path = path / RULES_FILE
-    atomic_write(path, yaml.safe_dump(rules.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
+    atomic_write(path, header + yaml.safe_dump(rules.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
     return path

@@ -40,7 +40,8 @@ def fingerprint(files: Sequence[Path], options: Mapping[str, Any], weights: Sequ
     for path in [*files, *listed]:
         if path.is_file():
             stat = path.stat()
-            digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            # os.fsencode: a name that is not UTF-8 (`caf\xe9.jpg`) is hashed as its bytes.
+            digest.update(os.fsencode(path.resolve()) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -77,7 +78,11 @@ class PartialRecords:
         return done
 
     def add(self, records: Sequence[dict]) -> None:
-        """Append `records` (one finished batch) and push them to the disk."""
+        """Append `records` (one finished batch) and push them to the disk. Until the first
+        record comes the file is not touched: a run that predicts nothing leaves the one an
+        interrupted run left as it was."""
+        if not records:
+            return
         if self._file is None:  # the first batch: the records kept, under this run's fingerprint
             kept = [{"fingerprint": self.key}, *self.done.values()]
             atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageFile
 
-from loomlens.data.sanitize import to_rgb, too_large
-from loomlens.predict.video import ends_short, frame_count, is_video, read_frames
+from loomlens.data.sanitize import is_utf8, shown_name, to_rgb, too_large
+from loomlens.predict.video import VIDEO_SUFFIXES, ends_short, frame_count, is_video, read_frames
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
@@ -44,38 +44,70 @@ class Problem:
         return {"source": self.source, "frame": self.frame, "error": self.error}
 
 
-def expand_inputs(inputs: Sequence[str | Path], exclude: Sequence[str | Path] = ()) -> list[Path]:
-    """Image and video files named by `inputs` (files, folders searched recursively, glob
-    patterns), sorted within each input, duplicates removed. A folder or glob leaves out what
-    lies under the `exclude` folders (a command's own output inside its input folder) unless
-    that is all it holds. Raises
+def _folder_files(folder: Path) -> list[Path]:
+    """The image and video files under `folder`, sorted, leaving out hidden ones (a dot file
+    such as macOS's `.DS_Store` and `._x.jpg` copies, or anything in a dot folder such as `.git`)
+    as `convert` does: they are no pictures of the camera."""
+    return sorted(p for p in folder.rglob("*")
+                  if (p.suffix.lower() in IMAGE_SUFFIXES or is_video(p)) and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _literal_root(pattern: str) -> Path:
+    """The folder a glob `pattern` searches under: its parts before the first wildcard."""
+    parts = Path(pattern).parts
+    return Path(*parts[: next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))] or ".")
+
+
+def misnamed(path: Path) -> Problem:
+    """The problem of a file whose path is not valid UTF-8 (`is_utf8`): no record, message or
+    console could name it, so it is skipped, named with its odd bytes escaped."""
+    shown = shown_name(str(path))
+    return Problem(shown, f"{shown}: file name is not valid UTF-8 (shown with its odd bytes as \\xNN); skipped: "
+                          "rename it (e.g. with convmv -f latin1 -t utf8)")
+
+
+def expand_inputs(inputs: Sequence[str | Path], exclude: Sequence[str | Path] = (),
+                  on_problem: Callable[[Problem], None] | None = None) -> list[Path]:
+    """Image and video files named by `inputs` (files, folders searched recursively without
+    their hidden files, glob patterns), sorted within each input, duplicates removed. A folder
+    or glob leaves out what lies under the `exclude` folders (a command's own output inside its
+    input folder) unless it lies inside one itself (asked for by name). With `on_problem`, a
+    file whose path is not valid UTF-8 is reported to it (`misnamed`) and left out. Raises
     FileNotFoundError for an input that names nothing, and ValueError for a file that is
     neither image nor video."""
     outputs = [Path(e).resolve() for e in exclude]
 
-    def wanted(p: Path) -> bool:
-        return not any(p.resolve().is_relative_to(o) for o in outputs)
+    def inside(p: Path) -> bool:
+        return any(p.resolve().is_relative_to(o) for o in outputs)
 
     found: list[Path] = []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES or is_video(p))
-            files = [f for f in files if wanted(f)] or files  # a folder of outputs only: as asked
+            files = [f for f in _folder_files(path) if inside(path) or not inside(f)]
         elif path.is_file():
             if path.suffix.lower() not in IMAGE_SUFFIXES and not is_video(path):
-                raise ValueError(f"{path} is neither an image nor a video")
+                images, videos = (", ".join(sorted(suffixes)) for suffixes in (IMAGE_SUFFIXES, VIDEO_SUFFIXES))
+                raise ValueError(f"{shown_name(str(path))} is neither an image nor a video: loomlens reads images "
+                                 f"({images}) and videos ({videos}); convert it to one of those (e.g. PNG) or "
+                                 "leave it out")
             files = [path]
         else:
             files = sorted(Path(p) for p in glob.glob(str(raw), recursive=True) if Path(p).is_file())
-            files = [f for f in files if wanted(f)] or files  # a glob of outputs only: as asked
             if not files:
-                raise FileNotFoundError(f"no such file, folder or matching files: {raw}")
+                raise FileNotFoundError(f"no such file, folder or matching files: {shown_name(str(raw))}")
+            files = [f for f in files if inside(_literal_root(str(raw))) or not inside(f)]
         found += files
     first: dict[Path, Path] = {}  # one file named two ways (relative, absolute) is predicted once
     for f in found:
         first.setdefault(f.resolve(), f)
-    return list(first.values())
+    if on_problem is None:
+        return list(first.values())
+    for f in first.values():
+        if not is_utf8(str(f)):
+            on_problem(misnamed(f))
+    return [f for f in first.values() if is_utf8(str(f))]
 
 
 def count_items(files: Sequence[Path], every: int = 1) -> int:
