@@ -74,9 +74,10 @@ def test_help_texts():
 def test_key_value_words_become_options_only_for_the_commands_own_options(tmp_path, monkeypatch):
     assert _expand_key_value_args(["predict", "frame=7.jpg", "tile=off", "tile_size=64"]) == \
         ["predict", "frame=7.jpg", "--tile", "off", "--tile-size", "64"]
-    # train takes any config setting: a plain key becomes an option too (a dotted one train reads itself).
-    assert _expand_key_value_args(["train", "data=d", "lora.r=4", "warmup=0.1"]) == \
-        ["train", "--data", "d", "lora.r=4", "--warmup", "0.1"]
+    # train's own options become options; any other setting stays a word train reads itself,
+    # its name as typed for an error (`lora_r` is no setting, and is reported so).
+    assert _expand_key_value_args(["train", "data=d", "lora.r=4", "warmup=0.1", "lora_r=8"]) == \
+        ["train", "--data", "d", "lora.r=4", "warmup=0.1", "lora_r=8"]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out=a.jpg").write_bytes(b"")  # an existing file is a file, whatever its name
     assert _expand_key_value_args(["predict", "out=a.jpg", "out=b"]) == ["predict", "out=a.jpg", "--out", "b"]
@@ -171,3 +172,14 @@ def test_a_command_missing_an_optional_dependency_names_the_extra(monkeypatch, c
     monkeypatch.setattr(cli, "app", needs("not_an_extra"))
     with pytest.raises(ModuleNotFoundError):  # a missing module no extra installs is a bug: its traceback stays
         cli.main()
+
+
+def test_a_mistyped_run_for_export_or_split_for_eval_says_so_at_once(tmp_path):
+    export = runner.invoke(app, ["export", "nosuchrun", str(tmp_path / "e")])
+    assert export.exit_code == 1 and "no run folder at nosuchrun, and no model of that name" in export.output
+    split = runner.invoke(app, ["eval", "--data", str(tmp_path), "--split", "tst"])
+    assert split.exit_code == 1 and "--split takes val or test" in split.output
+    for command in (["synth", str(tmp_path / "afile")], ["demo", "--out", str(tmp_path / "afile")]):
+        (tmp_path / "afile").write_text("x")
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1 and "error:" in result.output and "Traceback" not in result.output, command

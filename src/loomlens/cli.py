@@ -52,9 +52,10 @@ PRECISION_HELP = ("Weights' dtype: auto (bf16 where the device computes it nativ
 
 def _expand_key_value_args(argv: list[str]) -> list[str]:
     """Turn `key=value` words of a command line (less the program) into `--key value`
-    (ultralytics style) where `key` is an option of the command, or for the commands that take
-    any config setting (train, sweep) a plain word; never a word that is an existing file.
-    The rest is left alone: file names such as `frame=7.jpg` above all."""
+    (ultralytics style) where `key` is an option of the command; never a word that is an
+    existing file. The rest is left alone: file names such as `frame=7.jpg` above all, and the
+    settings train and sweep take as `key=value` words (`_extra_overrides`), which keep the
+    name as typed for their errors."""
     import typer.main
 
     name = next((arg for arg in argv if not arg.startswith("-")), None)
@@ -62,13 +63,11 @@ def _expand_key_value_args(argv: list[str]) -> list[str]:
     if command is None:
         return list(argv)
     options = {opt[2:] for param in command.params for opt in param.opts if opt.startswith("--")}
-    open_ended = command.context_settings.get("allow_extra_args", False)
     out: list[str] = []
     for arg in argv:
         key, eq, value = arg.partition("=")
         option = key.replace("_", "-")
-        known = option in options or (open_ended and key.replace("_", "").replace("-", "").isalnum())
-        if eq and not arg.startswith("-") and known and not Path(arg).exists():
+        if eq and not arg.startswith("-") and option in options and not Path(arg).exists():
             out += [f"--{option}", value]
         else:
             out.append(arg)
@@ -254,7 +253,7 @@ def synth_command(
             job = bar.add_task("drawing frames", total=images)
             records = synthesize(out, images=images, seed=seed, size=(width, height), negative_fraction=negatives,
                                  progress=lambda done, _total: bar.update(job, completed=done))
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: OUT is a file, a read-only or full disk
         raise _fail(str(err)) from None
     seconds = time.perf_counter() - started
     counts = Counter(b.label for r in records for b in r.boxes)
@@ -365,11 +364,11 @@ def _extra_overrides(args: list[str]) -> dict[str, str]:
         arg = args[i]
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
-            if not eq:
-                if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                    value, i = args[i + 1], i + 1
-                elif key.startswith("no-"):
+            if not eq:  # a flag, or a value in the next word (never a `key=value` word of its own)
+                if key.startswith("no-"):
                     key, value = key[3:], "false"
+                elif i + 1 < len(args) and not args[i + 1].startswith("--") and "=" not in args[i + 1]:
+                    value, i = args[i + 1], i + 1
                 else:
                     value = "true"
             out[key] = value
@@ -402,13 +401,20 @@ def _train_config(config: str | None, overrides: dict, resume: Path | None = Non
 
     from loomlens.config import TrainConfig, load_config, load_recorded
 
+    if resume is not None and config is not None:
+        raise _fail(f"--config with --resume: a run goes on with the settings it records ({resume / 'config.yaml'}); "
+                    "give the settings to change as key=value, or start a new run with --config")
+    if resume is not None and not (resume / "config.yaml").is_file():
+        raise _fail(f"no run folder at {resume} (it has no config.yaml): give the --out of a run, or start one with "
+                    "--data")
     try:
         if resume is not None:
             return load_recorded(resume / "config.yaml", {**overrides, "out": str(resume)})
         return load_config(TrainConfig, config, overrides)
-    except ValidationError as err:
-        raise _fail("invalid settings", [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]) from None
-    except (ValueError, FileNotFoundError) as err:
+    except ValidationError as err:  # a check across settings has no field: its message says which
+        raise _fail("invalid settings", [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                                         for e in err.errors()]) from None
+    except (ValueError, OSError) as err:
         raise _fail(str(err)) from None
 
 
@@ -530,7 +536,7 @@ def sweep_command(
     except TrainingInterrupted as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(130) from None
-    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError) as err:
         raise _fail(str(err)) from None
     typer.echo(result.table_md.read_text())
     typer.echo(f"plot: {result.plot}; table: {result.table_md}, {result.table_csv}")
@@ -578,9 +584,12 @@ def export_command(
     if fmt != "onnx":
         raise _fail(f"unknown export format {fmt!r}; the one format is onnx")
     from loomlens.export import ExportCheckFailed, export_onnx
-    from loomlens.model.loader import ModelLoadError
+    from loomlens.model.loader import ALIASES, EMBEDDED, ModelLoadError
 
     if not Path(run).exists():  # a base model name: export the base alone
+        if run not in EMBEDDED and run not in ALIASES and "/" not in run.strip("/"):  # no hub id either
+            raise _fail(f"no run folder at {run}, and no model of that name (embedded: {', '.join(EMBEDDED)}; "
+                        f"{', '.join(ALIASES)}; or a hub id such as microsoft/Florence-2-base)")
         if model is not None:
             raise _fail(f"no run folder at {run} (to export a base model alone, name it in place of the run: "
                         f"`loomlens export {model} {out}`)")
@@ -611,7 +620,7 @@ def demo_command(
 
     try:
         report = run_demo(out, images=images, time_budget=time_budget, device=_device(device))
-    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError) as err:
         raise _fail(str(err)) from None
     typer.echo(report.read_text())
     typer.echo(f"report: {report}; curves: {out / 'run' / 'curves'}")
@@ -650,6 +659,8 @@ def eval_command(
     from loomlens.model.loader import ModelLoadError
     from loomlens.run import Run
 
+    if data.suffix != ".jsonl" and split not in ("train", "val", "test"):
+        raise _fail(f"--split takes val or test (or train), not {split!r}")
     jsonl = data if data.suffix == ".jsonl" else data / f"{split}.jsonl"
     if not jsonl.exists():
         fix = ("convert into a new folder with a test split (`loomlens convert SRC NEW --test-fraction 0.2`) and "

@@ -44,7 +44,7 @@ def check_device_name(name: str) -> str:
 class LoraSettings(BaseModel):
     """How LoRA is attached: which layers, its rank and scale, DoRA, which tower is frozen."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     targets: str | list[str] = Field(
         "seed",
@@ -82,7 +82,7 @@ class SpeedSettings(BaseModel):
     `vision_frozen_stages`, which keeps adapters out of the first DaViT stages so that
     `cache_image_features` can compute them once. Measured effects: docs/training.md ("Speed")."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     precision: Literal["auto", "fp32", "bf16", "bf16-base", "fp16"] = Field(
         "auto", description="bf16 / fp16: autocast over fp32 weights; bf16-base: the frozen base stored in bf16, the "
@@ -138,7 +138,7 @@ class AugmentSettings(BaseModel):
     `enabled: false` (or `augment=false`) trains on the pictures as they are. What each is
     worth: `bench/ablate.py` (docs/benchmarks.md)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = Field(True, description="augment training pictures (never validation; not with "
                           "speed.cache_image_features, which encodes each picture once)")
@@ -163,7 +163,7 @@ class BalanceSettings(BaseModel):
     """What each epoch shows (`loomlens.data.sampling`): defect-free samples held to a share of
     every batch, images of rare classes repeated (LVIS repeat-factor sampling)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     negative_share: float | None = Field(0.25, ge=0, lt=1, description="share of each batch given to defect-free "
                                          "samples; null = the data's own mix")
@@ -177,7 +177,7 @@ class GuardSettings(BaseModel):
     at a lower learning rate; one that collapses again, or stops improving, stops. An exploded
     train loss rolls back as a NaN step does."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     collapse: bool = Field(True, description="detect collapse and roll back (off: train on regardless)")
     empty_share: float = Field(0.9, gt=0, le=1, description="share of val frames with a defect answered with no "
@@ -194,7 +194,7 @@ class GuardSettings(BaseModel):
 class TrainConfig(BaseModel):
     """Everything a fine-tuning run needs; written resolved to `RUN_DIR/config.yaml`."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
     #: A YAML file with a `train:` mapping (a `DemoConfig`) gives its recipe from there.
     yaml_section: ClassVar[str] = "train"
 
@@ -487,7 +487,7 @@ class DemoConfig(BaseModel):
     """`loomlens demo`: the synthetic loom data to make and the training recipe to run on it
     (`train` holds `TrainConfig` settings; the demo fills in `data` and `out`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     images: int = Field(480, gt=1, description="synthetic frames (flipped copies come on top)")
     size: tuple[int, int] = Field((512, 288), description="frame width, height")
@@ -502,7 +502,7 @@ class PretrainConfig(BaseModel):
     """Every knob of a pretraining run of the embedded tiny model (`python -m
     loomlens.train.pretrain`); saved, resolved, as `pretrain_config.json` beside the weights."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     out: str = Field("runs/pretrain", description="work folder: resumable state, log, config")
     seed: int = Field(0, description="seed of the model init and of every scene (scenes of step N: seed + N)")

@@ -178,3 +178,23 @@ def test_tasks_the_data_lacks_are_refused_with_what_it_holds(small_data, small_m
     assert absent.exit_code == 1 and "tasks caption have no sample in" in absent.output
     unknown = run("train", *fast(small_data, small_model_dir), "--out", tmp_path / "b", "tasks=[odd]")
     assert unknown.exit_code == 1 and "(it holds od, phrase_grounding)" in unknown.output
+
+
+def test_a_flag_never_takes_a_key_value_word_as_its_value(small_data, small_model_dir, tmp_path):
+    from loomlens.cli import _extra_overrides
+
+    assert _extra_overrides(["--no-shuffle", "lora.r=0", "--group-by-length", "lr=1", "--warmup", "0.1"]) == \
+        {"shuffle": "false", "lora.r": "0", "group-by-length": "true", "lr": "1", "warmup": "0.1"}
+    typo = run("train", *fast(small_data, small_model_dir), "--out", tmp_path / "a", "lora_r=8")
+    assert typo.exit_code == 1 and "unknown setting 'lora_r': did you mean 'lora.r'" in typo.output
+
+
+def test_resume_refuses_a_config_file_and_names_a_missing_run(small_data, small_model_dir, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 0.1\n")
+    both = run("train", "--resume", tmp_path, "--config", config)
+    assert both.exit_code == 1 and "--config with --resume" in both.output
+    missing = run("train", "--resume", tmp_path / "nosuch")
+    assert missing.exit_code == 1 and "no run folder at" in missing.output
+    across = run("train", *fast(small_data, small_model_dir), "--out", tmp_path / "r", "batch_size=3", "micro_batch=2")
+    assert across.exit_code == 1 and "settings: Value error, speed.micro_batch 2 does not divide" in across.output

@@ -140,3 +140,9 @@ def test_a_missing_config_file_in_a_folder_never_falls_back_to_a_shipped_one(tmp
         load_config(TrainConfig, tmp_path / "myexp" / "base.yaml")
     data = {"data": "d"}
     assert load_config(TrainConfig, "base.yaml", data).model == load_config(TrainConfig, "base", data).model  # bare
+
+
+def test_infinite_settings_are_refused():
+    for key in ("lr", "epochs"):
+        with pytest.raises(ValidationError, match="finite number"):
+            load_config(TrainConfig, overrides={"data": "d", key: "inf"})
