@@ -352,7 +352,7 @@ def serve(
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 _SETTINGS_HELP = (
     "Any other setting of the config works too, as --name value or name=value "
-    "(e.g. --warmup 0.1, lora.dropout=0.1); see `loomlens.config.TrainConfig`."
+    "(e.g. --warmup 0.1, lora.dropout=0.1); `loomlens config` lists them all with their defaults."
 )
 
 
@@ -501,6 +501,25 @@ def train_command(
         typer.echo("last evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()))
     typer.echo(f"curves: {cfg.out / 'curves'}; checkpoints: {cfg.out / 'checkpoints'}; "
                f"TensorBoard: tensorboard --logdir {cfg.out / 'tb'}")
+
+
+@app.command("config", context_settings=_EXTRA)
+def config_command(
+    ctx: typer.Context,
+    config: str | None = typer.Option(None, help="YAML file, or a shipped config's name (base, demo), to start from."),
+) -> None:
+    """Print every training setting `loomlens train` would use, with what it does: the defaults,
+    then --config, then any key=value given here (the same words train takes)."""
+    from loomlens.config import described
+
+    overrides = _extra_overrides(ctx.args)
+    given = "data" in overrides
+    cfg = _train_config(config, {"data": ".", **overrides})
+    lines = described(cfg)
+    if not given:  # required by train, and not known here
+        lines = [("data: DATA  # required: " + line.split("# ", 1)[1]) if line.startswith("data:") else line
+                 for line in lines]
+    typer.echo("\n".join(lines))
 
 
 @app.command("sweep", context_settings=_EXTRA, epilog=_SETTINGS_HELP)

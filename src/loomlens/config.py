@@ -483,6 +483,21 @@ def dump_config(config: BaseModel, path: Path) -> None:
     atomic_write(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
+def described(config: BaseModel, indent: str = "") -> list[str]:
+    """`config` as YAML lines, each setting followed by what it does (its field's description)
+    as a comment: what `loomlens config` prints, the one flat list a user can override."""
+    lines = []
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            lines += [f"{indent}{name}:", *described(value, indent + "  ")]
+            continue
+        text = yaml.safe_dump({name: str(value) if isinstance(value, Path) else value},
+                              default_flow_style=True, width=10**6).strip()[1:-1]  # `{name: value}` less braces
+        lines.append(f"{indent}{text}" + (f"  # {field.description}" if field.description else ""))
+    return lines
+
+
 class DemoConfig(BaseModel):
     """`loomlens demo`: the synthetic loom data to make and the training recipe to run on it
     (`train` holds `TrainConfig` settings; the demo fills in `data` and `out`)."""

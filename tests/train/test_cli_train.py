@@ -198,3 +198,12 @@ def test_resume_refuses_a_config_file_and_names_a_missing_run(small_data, small_
     assert missing.exit_code == 1 and "no run folder at" in missing.output
     across = run("train", *fast(small_data, small_model_dir), "--out", tmp_path / "r", "batch_size=3", "micro_batch=2")
     assert across.exit_code == 1 and "settings: Value error, speed.micro_batch 2 does not divide" in across.output
+
+
+def test_config_prints_every_setting_with_what_it_does():
+    result = run("config", "lr=0.01", "lora.r=4")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("data: DATA  # required: folder written by `loomlens convert`")
+    assert "lr: 0.01  # peak learning rate" in result.output and "  r: 4  # LoRA rank" in result.output
+    assert run("config", "rank=4").exit_code == 1
