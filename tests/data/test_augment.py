@@ -148,3 +148,20 @@ def test_defect_crop_falls_back_to_the_whole_frame_when_every_window_cuts_a_box(
     for i in range(10):
         out, boxes = augment(strip, [long, short], aug=CROP, edge=EDGE, rng=sample_rng(0, 0, i))
         assert out.size == strip.size and boxes == [long, short]
+
+
+def test_the_scale_jitter_keeps_fractional_boxes_whole():
+    import random
+
+    from loomlens.data.augment import _crop_jitter
+
+    image = Image.new("L", (1000, 1000))
+    for seed in range(400):
+        rng = random.Random(seed)
+        x1, y1 = rng.uniform(0, 990), rng.uniform(0, 990)
+        box = Box("d", x1, y1, x1 + rng.uniform(0.1, 9), y1 + rng.uniform(0.1, 9))
+        _, (moved,) = _crop_jitter(image, [box], 0.1, random.Random(seed))
+        sx, sy = (moved.x2 - moved.x1) / (box.x2 - box.x1), (moved.y2 - moved.y1) / (box.y2 - box.y1)
+        assert abs(sx - sy) < 0.01, (seed, box, moved)  # both axes scaled alike: no side cut off
+    # A sliver at the far side of the frame: the crop once ended short of it, leaving no width.
+    _crop_jitter(image, [Box("d", 950.1, 500, 950.3, 510)], 0.1, random.Random(15))

@@ -200,3 +200,9 @@ def test_flip_twice_is_identity_and_matches_the_seeds_1000_minus_rule_within_a_b
 
     assert abs(quantize(flipped.x1, width) - (1000 - quantize(hi, width))) <= 1 + slack(flipped.x1, hi)
     assert abs(quantize(flipped.x2, width) - (1000 - quantize(lo, width))) <= 1 + slack(flipped.x2, lo)
+
+
+def test_text_a_tag_ends_before_any_loc_is_no_part_of_the_next_label():
+    boxes, dropped = parse_text("drop</s>hole<loc_1><loc_2><loc_3><loc_4>", 1000, 1000)
+    assert [b.label for b in boxes] == ["hole"] and dropped == 1
+    assert parse_text("<loc_\u0663><loc_2><loc_3><loc_4>", 1000, 1000, default_label="d")[0] == []  # not a digit 0-9

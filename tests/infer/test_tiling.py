@@ -106,3 +106,14 @@ def test_inference_tiles_with_the_windows_training_is_cut_from():
     from loomlens.data import tiles
 
     assert tile_windows is tiles.tile_windows  # one definition: `convert --tile` and `--tile on` agree
+
+
+def test_a_box_grown_by_merging_takes_in_the_pieces_it_now_reaches():
+    pieces = [Box("d", 0, 0, 10, 1, 0.9), Box("d", 0, 0, 100, 1, 0.8), Box("d", 0, 0, 10, 10, 0.7),
+              Box("d", 0, 0, 100, 10, 0.6)]
+    assert merge_boxes(pieces) == [Box("d", 0, 0, 100, 10, 0.9)]
+
+
+def test_a_coarse_box_around_two_separate_defects_never_swallows_them():
+    a, b = Box("d", 1000, 100, 1040, 120, 0.9), Box("d", 1080, 100, 1120, 120, 0.85)
+    assert merge_boxes([a, b, Box("d", 1000, 100, 1120, 120, 0.5)]) == [a, b]

@@ -86,9 +86,10 @@ def _quarter_turn(image: Image.Image, boxes: list[Box]) -> tuple[Image.Image, li
 
 
 def _span(lo: float, hi: float, size: int, keep: float, rng: random.Random) -> int:
-    """A crop start along one axis for a window of `keep` pixels that holds [lo, hi), if it fits."""
-    first, last = max(0.0, hi - keep), min(size - keep, lo)
-    return max(0, math.floor(rng.uniform(first, last))) if first <= last else -1
+    """A whole-pixel crop start along one axis for a window of `keep` pixels that holds [lo, hi)
+    whole (fractional edges too), -1 when none does."""
+    first, last = max(0, math.ceil(hi - keep)), min(size - keep, math.floor(lo))
+    return rng.randint(first, last) if first <= last else -1
 
 
 def _crop_jitter(image: Image.Image, boxes: list[Box], scale: float,

@@ -3,7 +3,8 @@
 Florence-2 writes a box as `label<loc_x1><loc_y1><loc_x2><loc_y2>`, each coordinate put in one
 of 1000 bins per axis, and several boxes back to back with no separator. The grid follows the
 Florence-2 processor exactly: `floor(v / size * 1000)` clamped to 0..999 one way, bin centres
-`(q + 0.5) * size / 1000` the other, so a round trip is off by at most half a bin.
+`(q + 0.5) * size / 1000` the other, so a round trip is off by at most half a bin (up to a
+whole bin for a box edge pair in one bin, decoded at that bin's edges: `_axis`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from loomlens.data.records import Box, Polygon
 BINS = 1000
 
 _TAG = re.compile(r"<[^<>]*>")
-_LOC = re.compile(r"<loc_(\d+)>")
+_LOC = re.compile(r"<loc_([0-9]+)>")
 # Florence separates the polygons of one object with these; in box text they never occur.
 _POLYGON_SEPARATORS = frozenset({"<sep>", "<poly>", "</poly>"})
 
@@ -103,13 +104,14 @@ def _runs(
     (`</s>`, `<s>`, `<pad>`, echoed task tokens) follow; its label is the text before it,
     stripped. A run with no text before it continues the previous label (Florence writes
     `<sep>` between the polygons of one object), else takes `default_label`, else stays empty
-    for the caller to drop. Returns the runs and a count of dropped parts (text left at the
-    end with no locs after it).
+    for the caller to drop. Text that a tag ends before any loc (`drop</s>hole<loc_1>...`) is
+    no label: a label never holds a tag. Returns the runs and a count of dropped parts (such
+    text, and text left at the end with no locs after it).
     """
     runs: list[tuple[str, list[int]]] = []
     pending = ""  # text since the last run closed: the next run's label
     current: tuple[str, list[int]] | None = None
-    pos = 0
+    pos, dropped = 0, 0
     for tag in _TAG.finditer(text + "<>"):  # the sentinel tag flushes the trailing text
         piece = text[pos : tag.start()]
         pos = tag.end()
@@ -127,9 +129,11 @@ def _runs(
         elif polygons and tag.group() in _POLYGON_SEPARATORS and current is not None:
             runs.append(current)
             current = None
+        elif current is None and pending.strip() and pos < len(text):  # not the sentinel: the end
+            dropped, pending = dropped + 1, ""
     if current is not None:
         runs.append(current)
-    return runs, int(bool(pending.strip()))
+    return runs, dropped + int(bool(pending.strip()))
 
 
 def _axis(lo: int, hi: int, size: int) -> tuple[float, float]:

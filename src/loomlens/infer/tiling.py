@@ -54,22 +54,59 @@ def smaller_overlap(box: Box, others: np.ndarray) -> np.ndarray:
 def merge_boxes(boxes: Sequence[Box], threshold: float = 0.6) -> list[Box]:
     """Class-wise non-maximum *merging*: by descending score, a box whose intersection over
     the smaller area with a kept box of its label reaches `threshold` is merged into it (the
-    kept box grows to enclose both and keeps its higher score); otherwise it is kept. Merging
-    rather than dropping matters when a clipped copy outscores the whole box, or when no tile
-    holds the defect whole: the union is still the whole defect."""
+    kept box grows to enclose both and keeps the higher score), and a kept box that growing
+    made reach another is merged with that one too, until none does; otherwise it is kept.
+    Merging rather than dropping matters when a clipped copy outscores the whole box, or when
+    no tile holds the defect whole: the union is still the whole defect. A box reaching two or
+    more kept boxes that do not touch (a squeezed whole frame's coarse box around two nearby
+    defects) is dropped: the tiles placed each of them more finely."""
     kept: dict[str, list[Box]] = {}
     for box in sorted(boxes, key=lambda b: -(b.score if b.score is not None else 1.0)):
         same = kept.setdefault(box.label, [])
-        if same:
-            overlaps = smaller_overlap(box, np.array([[k.x1, k.y1, k.x2, k.y2] for k in same]))
-            best = int(overlaps.argmax())
-            if overlaps[best] >= threshold:
-                k = same[best]
-                same[best] = replace(k, x1=min(k.x1, box.x1), y1=min(k.y1, box.y1),
-                                     x2=max(k.x2, box.x2), y2=max(k.y2, box.y2))
-                continue
-        same.append(box)
+        hits = _reached(box, same, threshold)
+        if len(hits) > 1 and not _connected([same[i] for i in hits]):
+            continue
+        if not hits:
+            same.append(box)
+            continue
+        at, grown = hits[0], box
+        while hits:  # the grown box may reach kept boxes it did not before
+            grown = _enclosing([grown, *(same[i] for i in hits)])
+            same[at] = grown
+            for i in sorted((i for i in hits if i != at), reverse=True):
+                del same[i]
+                at -= i < at
+            hits = [i for i in _reached(grown, same, threshold) if i != at]
     return [b for group in kept.values() for b in group]
+
+
+def _reached(box: Box, kept: Sequence[Box], threshold: float) -> list[int]:
+    """The indices of the `kept` boxes whose overlap with `box` (`smaller_overlap`) reaches `threshold`."""
+    if not kept:
+        return []
+    overlaps = smaller_overlap(box, np.array([[k.x1, k.y1, k.x2, k.y2] for k in kept]))
+    return [int(i) for i in np.flatnonzero(overlaps >= threshold)]
+
+
+def _enclosing(boxes: Sequence[Box]) -> Box:
+    """The box enclosing `boxes` (one label), with the first one's label and the highest score."""
+    scores = [b.score for b in boxes if b.score is not None]
+    return replace(boxes[0], x1=min(b.x1 for b in boxes), y1=min(b.y1 for b in boxes), x2=max(b.x2 for b in boxes),
+                   y2=max(b.y2 for b in boxes), score=max(scores) if scores else None)
+
+
+def _connected(boxes: Sequence[Box]) -> bool:
+    """Whether `boxes` form one group when boxes that touch or overlap are joined: pieces of
+    one defect, as against separate defects side by side."""
+    group, left = [boxes[0]], list(boxes[1:])
+    while left:
+        joined = [b for b in left if any(b.x1 <= g.x2 and g.x1 <= b.x2 and b.y1 <= g.y2 and g.y1 <= b.y2
+                                         for g in group)]
+        if not joined:
+            return False
+        group += joined
+        left = [b for b in left if b not in joined]
+    return True
 
 
 def _cut_sides(box: Box, window: Window, width: int, height: int) -> str:
