@@ -676,7 +676,6 @@ def eval_command(
     from loomlens.infer.loading import load_for_inference
     from loomlens.infer.tta import check_tta, choose_views
     from loomlens.model.loader import ModelLoadError
-    from loomlens.run import Run
 
     if data.suffix != ".jsonl" and split not in ("train", "val", "test"):
         raise _fail(f"--split takes val or test (or train), not {split!r}")
@@ -697,7 +696,7 @@ def eval_command(
         raise _fail(str(err)) from None
     out = out or ((run or Path("runs")) / f"eval-{jsonl.stem}")
     constrained = bool(loaded.classes) if constrained is None else constrained
-    tile = Run(loaded.adapter).tile if loaded.adapter else None  # large frames as predict sees them
+    tile = loaded.tile_size  # large frames as predict sees them (a merged folder keeps its run's)
     views = choose_views(tta, loaded.views)
     extra = {"model": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None, "split": jsonl.stem,
              "precision": loaded.precision}

@@ -316,3 +316,19 @@ def test_unlabelled_frames_can_be_kept_as_defect_free(tmp_path):
     assert [p.file for p in report.problems] == ["ok/broken.jpg"]
     samples = {s["image"]: s for s in all_samples(tmp_path / "clean")}
     assert samples["../src/ok/g2.png"]["suffix"] == "" and samples["../src/ok/g2.png"]["width"] == 40
+
+
+def test_a_conversion_refused_before_writing_leaves_no_mark_and_hidden_files_are_no_contents(tmp_path):
+    src = _yolo_with_a_refused_class(tmp_path / "src")
+    with pytest.raises(ConvertError, match="--group-by"):
+        convert(src, tmp_path / "out", group_by="regex:(")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "gone" / "a.xml").write_text("<annotation><filename>gone.jpg</filename></annotation>")
+    with pytest.raises(ConvertError, match="no usable annotated images"):
+        convert(tmp_path / "gone", tmp_path / "out")  # nothing to convert: made, then taken back
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / ".DS_Store").write_bytes(b"")
+    convert(src, tmp_path / "kept", val_fraction=0)  # a folder with hidden files only is empty enough
+    assert (tmp_path / "kept" / "summary.json").is_file()

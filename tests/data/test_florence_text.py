@@ -206,3 +206,10 @@ def test_text_a_tag_ends_before_any_loc_is_no_part_of_the_next_label():
     boxes, dropped = parse_text("drop</s>hole<loc_1><loc_2><loc_3><loc_4>", 1000, 1000)
     assert [b.label for b in boxes] == ["hole"] and dropped == 1
     assert parse_text("<loc_\u0663><loc_2><loc_3><loc_4>", 1000, 1000, default_label="d")[0] == []  # not a digit 0-9
+
+
+def test_a_polygon_label_before_its_poly_tag_is_kept():
+    from loomlens.data.florence_text import parse_polygons
+
+    polygons, dropped = parse_polygons("drop<poly><loc_1><loc_2><loc_300><loc_2><loc_300><loc_600></poly>", 1000, 1000)
+    assert [p.label for p in polygons] == ["drop"] and dropped == 0

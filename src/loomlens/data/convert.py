@@ -16,7 +16,8 @@ import json
 import os
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -265,8 +266,13 @@ def write_jsonl(path: Path, samples: Iterable[dict[str, Any]], opener: Callable[
 
 def _check_arguments(
     fmt: str, tasks: Sequence[str], order: str, val_fraction: float, test_fraction: float,
-    tile: int | str | None, tile_overlap: float, images: str,
+    tile: int | str | None, tile_overlap: float, images: str, group_by: str | None,
 ) -> None:
+    """Refuse every option convert cannot use, before anything is read or written."""
+    try:
+        group_keys([], Path("."), group_by)  # the spec alone
+    except ValueError as err:
+        raise ConvertError(str(err)) from None
     if images not in IMAGE_MODES:
         raise ConvertError(f"unknown images mode {images!r}; use one of {', '.join(IMAGE_MODES)}")
     if fmt not in FORMATS:
@@ -337,7 +343,7 @@ def _check_out(src: Path, out: Path) -> None:
                            "(a new one is made)")
     before = _converted_from(out_abs)
     if before is not None and before != src_abs:
-        raise ConvertError(f"the output folder {out} holds the conversion of {before} (its {SUMMARY}): "
+        raise ConvertError(f"the output folder {out} holds the conversion of {before}: "
                            f"converting {src} there would replace it; nothing written; give another folder, "
                            "or delete that one first")
     if out_abs == src_abs:
@@ -346,7 +352,7 @@ def _check_out(src: Path, out: Path) -> None:
     if src_abs.is_relative_to(out_abs):
         raise ConvertError(f"the output folder {out} holds the source folder {src}: its outputs would land "
                            f"among the annotations; nothing written; {elsewhere}")
-    if before is None and out_abs.is_dir() and any(out_abs.iterdir()):
+    if before is None and out_abs.is_dir() and any(not p.name.startswith(".") for p in out_abs.iterdir()):
         raise ConvertError(f"the output folder {out} holds files that are not a conversion's output: convert "
                            "would overwrite its classes.txt and mix its outputs among them; nothing written; "
                            "give a new or empty folder")
@@ -373,13 +379,27 @@ def _converted_from(out: Path) -> Path | None:
     return None
 
 
-def _mark_started(out: Path, src: Path) -> None:
-    """Claim `out` for the conversion of `src` before its first image is written, so that a run
-    stopped part-way is known as a conversion: the same command goes on, another is refused,
-    and the source's later runs skip it as input."""
+@contextmanager
+def _claim(out: Path, src: Path) -> Iterator[None]:
+    """Claim `out` for the conversion of `src` before its first image is written (the `STARTED`
+    mark, unless its summary or mark names this source already), so that a run stopped
+    part-way is known as a conversion: the same command goes on, another is refused, and the
+    source's later runs skip it as input. A `ConvertError` in the block (no usable image, a
+    strict problem) with nothing written takes the claim back: the mark, and `out` where the
+    claim made it; a folder holding images the block wrote keeps its mark."""
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if _converted_from(out) is None:  # else its summary (or mark) names this source already
+    claimed = _converted_from(out) is None
+    if claimed:
         atomic_write(out / STARTED, json.dumps({"source": str(src)}) + "\n")
+    try:
+        yield
+    except ConvertError:
+        if claimed and not any(p.name != STARTED for p in out.iterdir()):
+            (out / STARTED).unlink(missing_ok=True)
+            if made:
+                out.rmdir()
+        raise
 
 
 def _tile_names(frames: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
@@ -728,7 +748,7 @@ def convert(
     converted (`strict`: `ConvertError` before anything is written); `progress(stage, done,
     total)` follows the image work. Raises `ConvertError` for user errors: no `src`, an `out`
     that is or holds it, a full disk."""
-    _check_arguments(format, tasks, order, val_fraction, test_fraction, tile, tile_overlap, images)
+    _check_arguments(format, tasks, order, val_fraction, test_fraction, tile, tile_overlap, images, group_by)
     _check_out(src := Path(src), out := Path(out))
     out_abs, src_abs = out.resolve(), src.resolve()
     skip = [out, *_earlier_outputs(src_abs)]  # outputs inside the source are not input
@@ -745,13 +765,13 @@ def convert(
         problems += work(write=False)[2]
         _fail_if_strict(strict, problems, src)
     try:
-        _mark_started(out_abs, src_abs)
-        frames, tiles, damaged = work(write=True)
-        problems += damaged
-        _fail_if_strict(strict, problems, src)
-        records = [records[i] for i in frames]
-        if not records:
-            raise ConvertError(f"no usable annotated images in {src} ({len(problems)} problem(s))", problems)
+        with _claim(out_abs, src_abs):
+            frames, tiles, damaged = work(write=True)
+            problems += damaged
+            _fail_if_strict(strict, problems, src)
+            records = [records[i] for i in frames]
+            if not records:
+                raise ConvertError(f"no usable annotated images in {src} ({len(problems)} problem(s))", problems)
         split_of, split_info = choose_splits(records, src_abs, val_fraction=val_fraction,
                                              test_fraction=test_fraction, seed=seed, resplit=resplit,
                                              group_by=group_by)

@@ -129,7 +129,8 @@ def _runs(
         elif polygons and tag.group() in _POLYGON_SEPARATORS and current is not None:
             runs.append(current)
             current = None
-        elif current is None and pending.strip() and pos < len(text):  # not the sentinel: the end
+        elif current is None and pending.strip() and pos < len(text) and not (
+                polygons and tag.group() in _POLYGON_SEPARATORS):  # a polygon's label precedes its <poly>
             dropped, pending = dropped + 1, ""
     if current is not None:
         runs.append(current)
