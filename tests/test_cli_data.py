@@ -81,6 +81,10 @@ def test_key_value_words_become_options_only_for_the_commands_own_options(tmp_pa
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out=a.jpg").write_bytes(b"")  # an existing file is a file, whatever its name
     assert _expand_key_value_args(["predict", "out=a.jpg", "out=b"]) == ["predict", "out=a.jpg", "--out", "b"]
+    # A flag's word: on is the flag, off its off switch, or nothing where it has none (off is its default).
+    assert _expand_key_value_args(["convert", "a", "b", "flip=true", "strict=false", "strict=1"]) == \
+        ["convert", "a", "b", "--flip", "--strict"]
+    assert _expand_key_value_args(["eval", "constrained=false"]) == ["eval", "--no-constrained"]
     assert _expand_key_value_args(["--help"]) == ["--help"]
     assert _expand_key_value_args(["nosuchcommand", "a=b"]) == ["nosuchcommand", "a=b"]
 

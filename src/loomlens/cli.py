@@ -63,14 +63,21 @@ def _expand_key_value_args(argv: list[str]) -> list[str]:
     if command is None:
         return list(argv)
     options = {opt[2:] for param in command.params for opt in param.opts if opt.startswith("--")}
+    # A flag's word: `dora=true` -> --dora, `dora=false` -> --no-dora (its off switch).
+    flags = {opt[2:]: param for param in command.params if getattr(param, "is_flag", False)
+             for opt in param.opts if opt.startswith("--")}
     out: list[str] = []
     for arg in argv:
         key, eq, value = arg.partition("=")
         option = key.replace("_", "-")
-        if eq and not arg.startswith("-") and option in options and not Path(arg).exists():
-            out += [f"--{option}", value]
-        else:
+        if not (eq and not arg.startswith("-") and option in options and not Path(arg).exists()):
             out.append(arg)
+        elif option in flags and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            on = value.lower() in ("true", "yes", "on", "1")
+            off = next(iter(flags[option].secondary_opts), None)
+            out += [f"--{option}"] if on else [off] if off else []
+        else:
+            out += [f"--{option}", value]
     return out
 
 
@@ -396,7 +403,13 @@ def _given(**options) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _train_config(config: str | None, overrides: dict, resume: Path | None = None):
+#: `loomlens config`'s stand-in for a data folder no file or word gave (train requires one).
+UNSET = Path("<unset>")
+
+
+def _train_config(config: str | None, overrides: dict, resume: Path | None = None, placeholder: dict | None = None):
+    """The `TrainConfig` of `config` (a YAML file or shipped name) and `overrides`, or of the
+    run `resume` records; `placeholder` settings under both; a one-line exit for a bad one."""
     from pydantic import ValidationError
 
     from loomlens.config import TrainConfig, load_config, load_recorded
@@ -410,7 +423,7 @@ def _train_config(config: str | None, overrides: dict, resume: Path | None = Non
     try:
         if resume is not None:
             return load_recorded(resume / "config.yaml", {**overrides, "out": str(resume)})
-        return load_config(TrainConfig, config, overrides)
+        return load_config(TrainConfig, config, overrides, base=placeholder)
     except ValidationError as err:  # a check across settings has no field: its message says which
         raise _fail("invalid settings", [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
                                          for e in err.errors()]) from None
@@ -512,13 +525,10 @@ def config_command(
     then --config, then any key=value given here (the same words train takes)."""
     from loomlens.config import described
 
-    overrides = _extra_overrides(ctx.args)
-    given = "data" in overrides
-    cfg = _train_config(config, {"data": ".", **overrides})
-    lines = described(cfg)
-    if not given:  # required by train, and not known here
-        lines = [("data: DATA  # required: " + line.split("# ", 1)[1]) if line.startswith("data:") else line
-                 for line in lines]
+    lines = described(_train_config(config, _extra_overrides(ctx.args), placeholder={"data": UNSET}))
+    # required by train, and neither the file nor a word set it
+    lines = [f"data: DATA  # required: {line.split('# ', 1)[1]}" if line.startswith(f"data: {UNSET.resolve()}")
+             else line for line in lines]
     typer.echo("\n".join(lines))
 
 

@@ -332,3 +332,12 @@ def test_a_conversion_refused_before_writing_leaves_no_mark_and_hidden_files_are
     (tmp_path / "kept" / ".DS_Store").write_bytes(b"")
     convert(src, tmp_path / "kept", val_fraction=0)  # a folder with hidden files only is empty enough
     assert (tmp_path / "kept" / "summary.json").is_file()
+
+
+def test_a_group_write_whose_rename_is_refused_leaves_no_temporary(tmp_path):
+    (tmp_path / "b.txt").mkdir()  # a folder where a file goes
+    with pytest.raises(OSError), atomic.atomic_group() as opener:
+        for name in ("a.txt", "b.txt"):
+            with opener(tmp_path / name) as f:
+                f.write(name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]  # no .tmp left

@@ -275,3 +275,15 @@ def test_a_file_whose_name_is_not_utf8_is_named_by_every_reader(tmp_path, fmt):
     (problem,) = report.problems
     assert problem.file == "images/\\xd6lfleck.png" and "not valid UTF-8" in problem.message
     assert images == ["a.png"]
+
+
+def test_a_coco_image_listed_twice_under_its_id_is_one_image_with_its_boxes(tmp_path):
+    src = tmp_path / "src"
+    path = _coco(src, [{"id": 7, "image_id": 0, "category_id": 1, "bbox": [5, 5, 10, 10]}], images=2)
+    data = json.loads(path.read_text())
+    data["images"].append(dict(data["images"][0]))
+    path.write_text(json.dumps(data))
+    result = read_coco_file(path, src)
+    assert {r.image: len(r.boxes) for r in result.records} == {"im0.jpg": 1, "im1.jpg": 0}
+    (problem,) = result.problems
+    assert "'im0.jpg' (id 0) is listed twice; the first entry kept" in problem.message

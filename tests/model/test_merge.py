@@ -151,3 +151,15 @@ def test_merge_refuses_a_file_for_out_and_a_base_other_than_the_runs(base_dir, t
     with pytest.raises(ValueError, match="not 'microsoft/Florence-2-large'"):
         merge_adapter(tmp_path / "run", tmp_path / "m3", base="microsoft/Florence-2-large")
     assert merge_adapter(tmp_path / "run", tmp_path / "m3", base=str(base_dir), dtype="fp32").exists()
+
+
+def test_a_damaged_merge_record_is_named_with_the_fix(tmp_path):
+    from loomlens.model.merge import MARKER, read_merge_record
+
+    (tmp_path / MARKER).write_text('{"base": "tiny", "run": {"tasks": []}}')
+    with pytest.raises(ValueError, match=r"loomlens_merge.json cannot be read .*lacks.*merge the run again"):
+        read_merge_record(tmp_path)
+    (tmp_path / MARKER).write_text("{not json")
+    with pytest.raises(ValueError, match="cannot be read"):
+        read_merge_record(tmp_path)
+    assert read_merge_record(tmp_path / "elsewhere") == {}

@@ -321,3 +321,10 @@ def test_a_photo_label_studio_shows_turned_is_named_and_still_pre_annotated(pred
     assert "save it upright" in notice["error"] and summary["items"] == 2 and summary["problems"] == []
     assert json.loads((tmp_path / "out" / "problems.json").read_text()) == [notice]
     assert len(json.loads((tmp_path / "out" / "labels-labelstudio" / "tasks.json").read_text())) == 2
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("labelstudio", "tasks.json"), ("coco", "annotations.json")])
+def test_a_task_or_coco_file_that_cannot_be_added_to_is_refused_before_any_picture(tmp_path, fmt, name):
+    (tmp_path / name).write_text("{}")
+    with pytest.raises(ValueError, match=f"{name} is there but cannot be added to"):
+        LabelsOut(tmp_path, fmt, ["drop"], "test")

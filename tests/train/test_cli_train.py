@@ -207,3 +207,8 @@ def test_config_prints_every_setting_with_what_it_does():
     assert lines[0].startswith("data: DATA  # required: folder written by `loomlens convert`")
     assert "lr: 0.01  # peak learning rate" in result.output and "  r: 4  # LoRA rank" in result.output
     assert run("config", "rank=4").exit_code == 1
+
+
+def test_config_shows_the_data_a_config_file_names(tmp_path):
+    (tmp_path / "c.yaml").write_text(f"data: {tmp_path / 'mine'}\n")
+    assert run("config", "--config", tmp_path / "c.yaml").output.startswith(f"data: {tmp_path / 'mine'}  #")

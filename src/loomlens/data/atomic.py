@@ -35,7 +35,9 @@ def atomic_group() -> Iterator[Callable[..., AbstractContextManager[IO]]]:
     """Several files written as one: the block gets an `open(path, mode="w", durable=True)`
     like `atomic_open`'s, and every file it wrote replaces its target only when the whole
     block ends normally; when any write raises, every target is left as it was. The renames
-    at the end take no space, so a full disk stops the block before the first of them."""
+    at the end take no space, so a full disk stops the block before the first of them; a
+    rename refused there (a folder where a file goes) leaves the earlier ones done and no
+    temporary file behind."""
     written: list[tuple[Path, Path]] = []
 
     @contextmanager
@@ -55,12 +57,11 @@ def atomic_group() -> Iterator[Callable[..., AbstractContextManager[IO]]]:
 
     try:
         yield open_one
-    except BaseException:
+        for tmp, path in written:
+            os.replace(tmp, path)
+    finally:
         for tmp, _ in written:
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, path in written:
-        os.replace(tmp, path)
+            tmp.unlink(missing_ok=True)  # a no-op for those renamed
 
 
 def atomic_write(path: str | Path, data: str | bytes, durable: bool = True) -> None:

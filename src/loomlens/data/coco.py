@@ -108,6 +108,10 @@ def read_coco_file(path: Path, root: Path) -> ReadResult:
             ))
             by_image.pop(img["id"], None)
             continue
+        if img["id"] in records:  # the same entry twice: its boxes went with the first
+            result.problems.append(Problem(file=file, message=f"image {str(img['file_name'])!r} (id {img['id']!r}) is "
+                                           "listed twice; the first entry kept", fix="remove the second entry"))
+            continue
         declared = (_int(img.get("width")), _int(img.get("height")))
         size, problem = (None, problem) if found is None else image_size(found, declared, file)
         if size is None:
@@ -130,11 +134,13 @@ def read_coco_file(path: Path, root: Path) -> ReadResult:
 
 
 def _shared_ids(images: Sequence[dict]) -> dict[Any, list[dict]]:
-    """The image ids two or more `images` entries give, each with those entries."""
+    """The image ids two or more `images` entries of different files give, each with those
+    entries (one file listed twice under its id is one image)."""
     by_id: dict[Any, list[dict]] = {}
     for img in images:
         by_id.setdefault(img["id"], []).append(img)
-    return {image_id: entries for image_id, entries in by_id.items() if len(entries) > 1}
+    return {image_id: entries for image_id, entries in by_id.items()
+            if len({str(e["file_name"]) for e in entries}) > 1}
 
 
 def _with_bbox(ann: Any) -> Any:
@@ -225,22 +231,39 @@ def add_to_coco(records: Sequence[ImageRecord], json_path: str | Path, classes: 
     which a person may have corrected; new categories are appended. Returns how many of
     `records` were already there. Raises ValueError naming the file when it is not COCO."""
     json_path = Path(json_path)
-    if not json_path.exists():
+    data = coco_to_add(json_path)
+    if data is None:
         write_coco(records, json_path, classes)
         return 0
+    try:
+        held = _held(data["images"], records)
+        added = [r for r in records if r.image not in held]
+        _append(data, added, classes)
+    except (ValueError, TypeError, KeyError) as err:
+        raise _cannot_add(json_path, err) from None
+    if added:
+        atomic_write(json_path, json.dumps(data, indent=1) + "\n", durable=False)
+    return len(records) - len(added)
+
+
+def coco_to_add(json_path: Path) -> dict | None:
+    """The COCO dataset at `json_path` that pre-annotations are to be added to, None when
+    there is no file. Raises ValueError naming the file when it is not COCO."""
+    if not json_path.exists():
+        return None
     try:
         data = json.loads(json_path.read_text(encoding="utf-8"))
         if not (isinstance(data, dict) and all(isinstance(data.get(k), list)
                                                for k in ("images", "annotations", "categories"))):
             raise ValueError("no images, annotations and categories lists")
-        held = _held(data["images"], records)
-        added = [r for r in records if r.image not in held]
-        _append(data, added, classes)
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
-        raise ValueError(f"{json_path} is there but cannot be added to ({type(err).__name__}: {err}): fix it, "
-                         "move it away, or write the pre-annotations to another folder") from None
-    atomic_write(json_path, json.dumps(data, indent=1) + "\n", durable=False)
-    return len(records) - len(added)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise _cannot_add(json_path, err) from None
+    return data
+
+
+def _cannot_add(json_path: Path, err: Exception) -> ValueError:
+    return ValueError(f"{json_path} is there but cannot be added to ({type(err).__name__}: {err}): fix it, "
+                      "move it away, or write the pre-annotations to another folder")
 
 
 def _append(data: dict[str, list], records: Sequence[ImageRecord], classes: Sequence[str]) -> None:

@@ -29,7 +29,7 @@ from loomlens.data.atomic import recover_folder, swap_in_folder
 from loomlens.data.yolo import CLASSES_FILE
 from loomlens.model.loader import EMBEDDED, load_model, resolve_model_path
 from loomlens.model.lora import load_adapter
-from loomlens.run import RULES_FILE, Run
+from loomlens.run import Run
 
 #: Written into every merged folder: provenance, and the mark that lets a re-merge replace it.
 MARKER = "loomlens_merge.json"
@@ -77,9 +77,19 @@ def run_record(run: Run) -> dict:
 
 def read_merge_record(folder: str | Path) -> dict:
     """The record `merge_adapter` wrote into `folder` (base, adapter, dtype and `run`, the
-    `run_record`), {} for a folder that is no merge (a base checkpoint, a hub id)."""
+    `run_record`, whole), {} for a folder that is no merge (a base checkpoint, a hub id).
+    Raises ValueError naming the file when it cannot be read."""
     marker = Path(folder) / MARKER
-    return json.loads(marker.read_text()) if marker.is_file() else {}
+    if not marker.is_file():
+        return {}
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        run = record.get("run")
+        if run is not None and not {"tasks", "tile", "views", "most_boxes"} <= set(run):
+            raise ValueError(f"its run record lacks {sorted({'tasks', 'tile', 'views', 'most_boxes'} - set(run))}")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{marker} cannot be read ({err}): merge the run again (`loomlens merge RUN {folder}`)") from None
+    return record
 
 
 def _another_base(given: str, recorded: str) -> bool:

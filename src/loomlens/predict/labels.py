@@ -44,7 +44,7 @@ from urllib.parse import quote
 from PIL import Image
 
 from loomlens.data.atomic import atomic_copy, atomic_write
-from loomlens.data.coco import add_to_coco
+from loomlens.data.coco import add_to_coco, coco_to_add
 from loomlens.data.labelstudio import labelstudio_tasks
 from loomlens.data.records import ImageRecord
 from loomlens.data.sanitize import orientation_problem, read_text
@@ -85,23 +85,31 @@ def _turned(item: Item) -> Problem | None:
                    "upright (e.g. `mogrify -auto-orient`, or PIL's ImageOps.exif_transpose) and predict again")
 
 
+def _held_tasks(path: Path) -> list:
+    """The Label Studio tasks already at `path` ([] when there is no file). Raises ValueError
+    naming the file when it is not a list of tasks."""
+    if not path.exists():
+        return []
+    try:
+        held = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(held, list):
+            raise ValueError("not a list of tasks")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is there but cannot be added to ({type(err).__name__}: {err}): fix it, "
+                         "move it away, or write the pre-annotations to another folder") from None
+    return held
+
+
 def _add_tasks(path: Path, tasks: list[dict]) -> int:
-    """Add Label Studio `tasks` to the task list at `path` (written when there is none) in one
-    atomic write: the tasks already there stay as they are (a person may have edited them), and
-    a task for a picture one of them holds is not added. Returns how many were not. Raises
-    ValueError naming the file when it is not a list of tasks."""
-    held: list = []
-    if path.exists():
-        try:
-            held = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(held, list):
-                raise ValueError("not a list of tasks")
-        except (OSError, UnicodeDecodeError, ValueError) as err:
-            raise ValueError(f"{path} is there but cannot be added to ({type(err).__name__}: {err}): fix it, "
-                             "move it away, or write the pre-annotations to another folder") from None
+    """Add Label Studio `tasks` to the task list at `path` (`_held_tasks`; written when there
+    is none) in one atomic write: the tasks already there stay as they are (a person may have
+    edited them), and a task for a picture one of them holds is not added. Returns how many
+    were not; the file is left untouched when none is new."""
+    held = _held_tasks(path)
     images = {t["data"].get("image") for t in held if isinstance(t, dict) and isinstance(t.get("data"), dict)}
     added = [task for task in tasks if task["data"]["image"] not in images]
-    atomic_write(path, json.dumps([*held, *added], indent=1) + "\n")
+    if added or not path.exists():
+        atomic_write(path, json.dumps([*held, *added], indent=1) + "\n")
     return len(tasks) - len(added)
 
 
@@ -125,6 +133,10 @@ class LabelsOut:
         except OSError as err:
             raise ValueError(f"the pre-annotations folder {out} (--labels-out) cannot be made ({err.strerror or err})"
                              ": give a folder path whose parents are folders you can write to") from None
+        if fmt == "labelstudio":
+            _held_tasks(self.out / "tasks.json")  # a file it cannot add to: said before any picture is predicted
+        elif fmt == "coco":
+            coco_to_add(self.out / "annotations.json")
         self.classes = list(dict.fromkeys(classes))
         # YOLO: each classes.txt in use, as its lines and the names by id `convert` reads there.
         self.class_files: dict[Path, tuple[list[str], list[str]]] = {}
