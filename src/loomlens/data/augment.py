@@ -117,10 +117,8 @@ def _crop_jitter(image: Image.Image, boxes: list[Box], scale: float,
 def _holding_start(lo: float, hi: float, size: int, keep: int, rng: random.Random) -> int:
     """A window start along one axis: a random one of `keep` pixels that holds [lo, hi) whole,
     else (the span is longer than the window) the one centred on it, inside [0, size - keep]."""
-    first, last = max(0, math.ceil(hi - keep)), min(size - keep, math.floor(lo))
-    if first <= last:
-        return rng.randint(first, last)
-    return min(max(0, round((lo + hi - keep) / 2)), size - keep)
+    start = _span(lo, hi, size, keep, rng)
+    return start if start >= 0 else min(max(0, round((lo + hi - keep) / 2)), size - keep)
 
 
 def _placement(boxes: list[Box], width: int, height: int, edge: int, rng: random.Random) -> Window:

@@ -38,11 +38,11 @@ def iter_files(root: Path, suffix: str | Collection[str], skip: Sequence[Path] =
     leaving out the folders in `skip` (a conversion's own output inside its source), hidden
     folders such as `.git`, the temporary files `atomic_open` leaves while writing, and files
     whose path is not valid UTF-8 (`misnamed_files` reports those: no record could name them)."""
-    return (path for path in _walk(root, suffix, skip) if is_utf8(path.relative_to(root).as_posix()))
+    return (path for path in walk_files(root, suffix, skip) if is_utf8(path.relative_to(root).as_posix()))
 
 
-def _walk(root: Path, suffix: str | Collection[str], skip: Sequence[Path]) -> Iterator[Path]:
-    """`iter_files`' files, whatever their names."""
+def walk_files(root: Path, suffix: str | Collection[str], skip: Sequence[Path] = ()) -> Iterator[Path]:
+    """`iter_files`' files, whatever their names (a caller that reports the misnamed ones itself)."""
     suffixes = {suffix} if isinstance(suffix, str) else set(suffix)
     skipped = [s.resolve() for s in skip]
     for path in sorted(root.rglob("*")):
@@ -76,16 +76,17 @@ def shown_name(name: str) -> str:
 
 #: The suffixes of the files a dataset is made of: its images and every annotation format's.
 DATASET_SUFFIXES = IMAGE_SUFFIXES | {".xml", ".json", ".txt", ".yaml", ".yml"}
+#: What is said of a file whose name is not UTF-8, and the fix: convert's and predict's words.
+MISNAMED = "file name is not valid UTF-8 (shown with its odd bytes as \\xNN); skipped"
+MISNAMED_FIX = "rename it (e.g. with convmv -f latin1 -t utf8)"
 
 
 def misnamed_files(root: Path, skip: Sequence[Path] = ()) -> list[Problem]:
     """One problem for each image or annotation file under `root` (not under `skip`) whose path
     is not valid UTF-8, named with its bytes escaped: `iter_files` leaves them out, and this
     says so rather than let an image vanish from the data unnoticed."""
-    names = [path.relative_to(root).as_posix() for path in _walk(root, DATASET_SUFFIXES, skip)]
-    return [Problem(file=shown_name(name), message="file name is not valid UTF-8 (shown with its odd bytes as "
-                    "\\xNN); skipped", fix="rename it (e.g. with convmv -f latin1 -t utf8)")
-            for name in names if not is_utf8(name)]
+    names = [path.relative_to(root).as_posix() for path in walk_files(root, DATASET_SUFFIXES, skip)]
+    return [Problem(file=shown_name(name), message=MISNAMED, fix=MISNAMED_FIX) for name in names if not is_utf8(name)]
 
 
 def read_text(path: Path) -> str:

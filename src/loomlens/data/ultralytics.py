@@ -322,5 +322,4 @@ def read_yolo_dataset(root: str | Path, skip: Sequence[Path] = ()) -> ReadResult
     (ultralytics, Roboflow), else LabelImg's label files with a classes.txt (`read_yolo`)."""
     root = Path(root)
     described = find_data_yaml(root)
-    result = read_yolo(root, skip) if described is None else read_data_yaml(described, root, skip)
-    return result
+    return read_yolo(root, skip) if described is None else read_data_yaml(described, root, skip)

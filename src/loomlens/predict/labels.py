@@ -38,7 +38,7 @@ import filecmp
 import io
 import itertools
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
 from PIL import Image
@@ -260,11 +260,13 @@ class LabelsOut:
     def finish(self) -> list[str]:
         """Write the whole-run files (YOLO classes, Label Studio tasks, COCO dataset); return
         what this run wrote, relative to the folder."""
-        written = [f"images/ ({len(self.records)})"] if self.records else []
+        in_images = sum(PurePosixPath(r.image).parts[0] == "images" for r in self.records)
+        written = [f"images/ ({in_images})"] if in_images else []
         if self.fmt in PER_IMAGE:
             folder = PER_IMAGE[self.fmt][0]
-            beside = any(not target.is_relative_to(self.out / folder) for target in self.claimed)
-            line = f"{folder}/{' and beside pictures' if beside else ''} ({self.written} new, {self.kept} kept"
+            places = [f"{folder}/"] * any(t.is_relative_to(self.out / folder) for t in self.claimed) + \
+                ["beside pictures"] * any(not t.is_relative_to(self.out / folder) for t in self.claimed)
+            line = f"{' and '.join(places) or f'{folder}/'} ({self.written} new, {self.kept} kept"
             if self.clashed:
                 line += (f"; {len(self.clashed)} not annotated, a picture of the same name in the folder has "
                          f"the file: {', '.join(self.clashed[:3])}{', ...' if len(self.clashed) > 3 else ''}")

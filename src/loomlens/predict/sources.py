@@ -14,10 +14,11 @@ from pathlib import Path
 
 from PIL import Image, ImageFile
 
-from loomlens.data.sanitize import is_utf8, shown_name, to_rgb, too_large
+from loomlens.data.sanitize import (
+    IMAGE_SUFFIXES, MISNAMED, MISNAMED_FIX, is_utf8, shown_name, to_rgb, too_large, walk_files,
+)
 from loomlens.predict.video import VIDEO_SUFFIXES, ends_short, frame_count, is_video, read_frames
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
 
 @dataclass
@@ -48,23 +49,20 @@ def _folder_files(folder: Path) -> list[Path]:
     """The image and video files under `folder`, sorted, leaving out hidden ones (a dot file
     such as macOS's `.DS_Store` and `._x.jpg` copies, or anything in a dot folder such as `.git`)
     as `convert` does: they are no pictures of the camera."""
-    return sorted(p for p in folder.rglob("*")
-                  if (p.suffix.lower() in IMAGE_SUFFIXES or is_video(p)) and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return list(walk_files(folder, IMAGE_SUFFIXES | VIDEO_SUFFIXES))
 
 
 def _literal_root(pattern: str) -> Path:
     """The folder a glob `pattern` searches under: its parts before the first wildcard."""
     parts = Path(pattern).parts
-    return Path(*parts[: next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))] or ".")
+    return Path(*parts[: next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))])
 
 
 def misnamed(path: Path) -> Problem:
     """The problem of a file whose path is not valid UTF-8 (`is_utf8`): no record, message or
     console could name it, so it is skipped, named with its odd bytes escaped."""
     shown = shown_name(str(path))
-    return Problem(shown, f"{shown}: file name is not valid UTF-8 (shown with its odd bytes as \\xNN); skipped: "
-                          "rename it (e.g. with convmv -f latin1 -t utf8)")
+    return Problem(shown, f"{shown}: {MISNAMED}: {MISNAMED_FIX}")
 
 
 def expand_inputs(inputs: Sequence[str | Path], exclude: Sequence[str | Path] = (),

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from loomlens.data.sanitize import IMAGE_SUFFIXES
 from loomlens.events.store import VideoMark
-from loomlens.predict.sources import IMAGE_SUFFIXES, read_image
+from loomlens.predict.sources import read_image
 from loomlens.predict.video import ends_short, is_video, read_frames
 
 log = logging.getLogger("loomlens.watch")
