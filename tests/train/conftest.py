@@ -141,3 +141,17 @@ def train_killed(monkeypatch):
                 recipe.train(cfg)
 
     return run
+
+
+def assert_same_steps(a: dict, b: dict, *, rtol: float, atol: float, share: float = 1e-3) -> None:
+    """Adapter weights `a` and `b` (name -> tensor) of two runs that take the same steps up to
+    rounding: each tensor close, but for at most `share` of its elements. Adam divides each
+    gradient by its own running size, so an element whose gradient is within rounding of zero
+    (a vocabulary row of lm_head no answer uses) may move by a whole step one way in one run and
+    the other way in the other; a wrong step moves most elements."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for key in a:
+        off = ~torch.isclose(a[key], b[key], rtol=rtol, atol=atol)
+        assert off.float().mean().item() <= share, (key, int(off.sum()), off.numel())

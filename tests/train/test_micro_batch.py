@@ -15,6 +15,8 @@ from loomlens.model import memory
 from loomlens.train import micro_batch, recipe
 from loomlens.train.recipe import setup, train
 
+from .conftest import assert_same_steps
+
 EXACT = {"shuffle": False, "lora": {"r": 4, "dropout": 0.0}}  # no dropout: splitting a batch changes nothing
 
 
@@ -89,9 +91,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_step(make_config, mo
     assert "micro-batch 2 (auto: 4 samples did not fit on cpu): each batch of 4 in 2 passes, gradients " \
            "accumulated; 4 samples an optimizer step" in said
     assert yaml.safe_load((cfg.out / "config.yaml").read_text())["speed"]["micro_batch"] == 2
-    a, b = adapter_weights(whole.model), adapter_weights(split.model)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert_same_steps(adapter_weights(whole.model), adapter_weights(split.model), rtol=1e-4, atol=1e-6)
 
 
 def split_set(cfg: TrainConfig):

@@ -12,6 +12,8 @@ from loomlens.train import recipe
 from loomlens.train.checkpoint import read_trainer_state
 from loomlens.train.recipe import TrainingDiverged, train
 
+from .conftest import assert_same_steps
+
 
 def adapter_weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
@@ -324,8 +326,7 @@ def test_folded_lora_and_eager_attention_train_like_peft_and_sdpa(make_config, t
     assert plain.model.config._attn_implementation == "sdpa"
     a, b = adapter_weights(fast.model), adapter_weights(plain.model)
     assert any("vision_tower" in k for k in a)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
+    assert_same_steps(a, b, rtol=1e-3, atol=1e-5)
 
 
 def test_attention_follows_the_device_and_the_pointer_loss(make_config, monkeypatch):
