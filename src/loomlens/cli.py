@@ -126,7 +126,8 @@ def convert_command(
     group_by: str | None = typer.Option(None, help="Keep groups of look-alike frames in one split: folder, "
                                         "regex:PATTERN (first group, else the match, in the image path) or "
                                         "time:SECONDS (bursts by the timestamp in the name, else file mtime). "
-                                        "Default: frames saved from one video (NAME_f000123) stay together."),
+                                        "Default: frames saved from one video (NAME_f000123) and a Roboflow "
+                                        "export's copies of one picture (NAME_jpg.rf.HASH) stay together."),
     copy_images: bool = typer.Option(False, "--copy-images", help="Copy the images into OUT/images/originals/ "
                                      "so OUT can be moved on its own."),
     link_images: bool = typer.Option(False, "--link-images", help="As --copy-images, with hard links where the "
@@ -660,7 +661,8 @@ def eval_command(
     data: Path = typer.Option(..., help="Folder written by `loomlens convert`, or one of its .jsonl splits."),
     run: Path | None = typer.Option(None, "--run", "--adapter", help="Training run folder: its adapter, base model and classes."),
     checkpoint: str = typer.Option("best", help="best, last, or the path of an adapter folder."),
-    model: str | None = typer.Option(None, help="Base model; without --run, evaluates the bare model."),
+    model: str | None = typer.Option(None, help="Base model, or a merged folder (`loomlens merge`, read as its run "
+                                     "was); without --run, evaluates that model alone."),
     split: str = typer.Option("val", help="Split to evaluate: val or test."),
     out: Path | None = typer.Option(None, help="Report folder (default: RUN/eval-SPLIT, else runs/eval-SPLIT)."),
     batch_size: int = typer.Option(INFER_BATCH_SIZE, min=1, help="Images per generation batch."),
