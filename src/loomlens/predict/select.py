@@ -671,8 +671,8 @@ def select_frames(
         raise ValueError(f"--threshold must lie strictly between 0 and 1, got {threshold}")
     weights = check_weights(weights)
     out = output_folder(out)  # before any frame is scored: a bad --out must not cost the whole ranking
-    files = expand_inputs(inputs, exclude=[out])
     problems: list[Problem] = []
+    files = expand_inputs(inputs, exclude=[out], on_problem=problems.append)  # a misnamed file: in problems.json
 
     def skipped(problem: Problem) -> None:
         problems.append(problem)

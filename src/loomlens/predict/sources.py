@@ -70,10 +70,10 @@ def expand_inputs(inputs: Sequence[str | Path], exclude: Sequence[str | Path] = 
     """Image and video files named by `inputs` (files, folders searched recursively without
     their hidden files, glob patterns), sorted within each input, duplicates removed. A folder
     or glob leaves out what lies under the `exclude` folders (a command's own output inside its
-    input folder) unless it lies inside one itself (asked for by name). With `on_problem`, a
-    file whose path is not valid UTF-8 is reported to it (`misnamed`) and left out. Raises
-    FileNotFoundError for an input that names nothing, and ValueError for a file that is
-    neither image nor video."""
+    input folder) unless it lies inside one itself (asked for by name). A file whose path is
+    not valid UTF-8 is left out (no record or message could name it), reported to `on_problem`
+    (`misnamed`) when given. Raises FileNotFoundError for an input that names nothing, and
+    ValueError for a file that is neither image nor video."""
     outputs = [Path(e).resolve() for e in exclude]
 
     def inside(p: Path) -> bool:
@@ -100,10 +100,8 @@ def expand_inputs(inputs: Sequence[str | Path], exclude: Sequence[str | Path] = 
     first: dict[Path, Path] = {}  # one file named two ways (relative, absolute) is predicted once
     for f in found:
         first.setdefault(f.resolve(), f)
-    if on_problem is None:
-        return list(first.values())
     for f in first.values():
-        if not is_utf8(str(f)):
+        if not is_utf8(str(f)) and on_problem is not None:
             on_problem(misnamed(f))
     return [f for f in first.values() if is_utf8(str(f))]
 
