@@ -103,8 +103,7 @@ def convert_command(
     out_option: Path | None = typer.Option(None, "--out", help="The output folder, as an option (as `train` and "
                                            "`predict` take it)."),
     fmt: str = typer.Option("auto", "--format", help="auto, voc, cvat, yolo, coco or labelstudio."),
-    tasks: str = typer.Option("od", help="Comma-separated tasks: od, dense_region_caption, phrase_grounding, "
-                              "caption."),
+    tasks: str = typer.Option("od", help="Comma-separated: od, dense_region_caption, phrase_grounding, caption."),
     order: str = typer.Option("grouped", help="grouped: all OD samples, then dense region captions, then "
                               "grounding, then captions (the seed's best); interleaved: each image's tasks "
                               "together."),
