@@ -240,7 +240,7 @@ def add_to_coco(records: Sequence[ImageRecord], json_path: str | Path, classes: 
         added = [r for r in records if r.image not in held]
         _append(data, added, classes)
     except (ValueError, TypeError, KeyError) as err:
-        raise _cannot_add(json_path, err) from None
+        raise cannot_add(json_path, err) from None
     if added:
         atomic_write(json_path, json.dumps(data, indent=1) + "\n", durable=False)
     return len(records) - len(added)
@@ -257,11 +257,13 @@ def coco_to_add(json_path: Path) -> dict | None:
                                                for k in ("images", "annotations", "categories"))):
             raise ValueError("no images, annotations and categories lists")
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise _cannot_add(json_path, err) from None
+        raise cannot_add(json_path, err) from None
     return data
 
 
-def _cannot_add(json_path: Path, err: Exception) -> ValueError:
+def cannot_add(json_path: Path, err: Exception) -> ValueError:
+    """The error for an annotation file pre-annotations cannot be added to (COCO here, Label
+    Studio's task list in `predict.labels`): the file, why, and the ways out."""
     return ValueError(f"{json_path} is there but cannot be added to ({type(err).__name__}: {err}): fix it, "
                       "move it away, or write the pre-annotations to another folder")
 

@@ -69,9 +69,13 @@ def merged_readme(base: str, dtype: str) -> str:
     ])
 
 
+#: The keys of `run_record`.
+RUN_KEYS = frozenset({"tasks", "tile", "views", "most_boxes"})
+
+
 def run_record(run: Run) -> dict:
-    """What inference reads from `run` (`infer.loading`), as a merged folder keeps it: the tasks
-    it trained, its tile edge, the mirrors it learnt, its densest frame's box count."""
+    """What inference reads from `run` (`infer.loading`), as a merged folder keeps it (`RUN_KEYS`):
+    the tasks it trained, its tile edge, the mirrors it learnt, its densest frame's box count."""
     return {"tasks": sorted(run.tasks), "tile": run.tile, "views": list(run.views), "most_boxes": run.most_boxes}
 
 
@@ -85,8 +89,8 @@ def read_merge_record(folder: str | Path) -> dict:
     try:
         record = json.loads(marker.read_text(encoding="utf-8"))
         run = record.get("run")
-        if run is not None and not {"tasks", "tile", "views", "most_boxes"} <= set(run):
-            raise ValueError(f"its run record lacks {sorted({'tasks', 'tile', 'views', 'most_boxes'} - set(run))}")
+        if run is not None and not RUN_KEYS <= set(run):
+            raise ValueError(f"its run record lacks {sorted(RUN_KEYS - set(run))}")
     except (OSError, ValueError, AttributeError) as err:
         raise ValueError(f"{marker} cannot be read ({err}): merge the run again (`loomlens merge RUN {folder}`)") from None
     return record

@@ -44,7 +44,7 @@ from urllib.parse import quote
 from PIL import Image
 
 from loomlens.data.atomic import atomic_copy, atomic_write
-from loomlens.data.coco import add_to_coco, coco_to_add
+from loomlens.data.coco import add_to_coco, cannot_add, coco_to_add
 from loomlens.data.labelstudio import labelstudio_tasks
 from loomlens.data.records import ImageRecord
 from loomlens.data.sanitize import orientation_problem, read_text
@@ -94,9 +94,8 @@ def _held_tasks(path: Path) -> list:
         held = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(held, list):
             raise ValueError("not a list of tasks")
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{path} is there but cannot be added to ({type(err).__name__}: {err}): fix it, "
-                         "move it away, or write the pre-annotations to another folder") from None
+    except (OSError, ValueError) as err:
+        raise cannot_add(path, err) from None
     return held
 
 
