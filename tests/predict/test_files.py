@@ -231,6 +231,48 @@ def test_a_rules_file_a_person_wrote_in_out_is_never_rewritten_or_removed(predic
     assert not (run / "rules-applied.yaml").exists()
 
 
+def test_a_task_the_rules_do_not_filter_leaves_no_rules_applied_claiming_they_did(predictor, inputs, tmp_path,
+                                                                                  monkeypatch):
+    from loomlens.predict.regions import RegionRules
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(predictor, "rules", RegionRules(min_score=0.3))
+    assert "rules-applied.yaml" in predict_files(predictor, [inputs / "a.png"], out)["written"]
+    # A caption is not filtered by region rules: the od run's rules-applied.yaml must not stay beside it.
+    summary = predict_files(predictor, [inputs / "a.png"], out, task="caption", draw=False)
+    assert summary["items"] == 1 and "rules-applied.yaml" not in summary["written"]
+    assert not (out / "rules-applied.yaml").exists()
+
+
+def test_a_rules_applied_file_without_predicts_header_is_never_rewritten_or_removed(predictor, inputs, tmp_path,
+                                                                                    monkeypatch):
+    from loomlens.predict.regions import RegionRules
+
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = "# my notes, not predict's\nmin_score: 0.9\n"
+    (out / "rules-applied.yaml").write_text(mine)
+    for rules in (RegionRules(min_score=0.3), None):
+        monkeypatch.setattr(predictor, "rules", rules)
+        summary = predict_files(predictor, [inputs / "a.png"], out, draw=False)
+        assert (out / "rules-applied.yaml").read_text() == mine and "rules-applied.yaml" not in summary["written"]
+
+
+def test_a_regions_yaml_as_an_older_predict_wrote_it_is_left_alone(predictor, inputs, tmp_path, monkeypatch):
+    # Older predicts wrote the applied rules to OUT/regions.yaml as bare YAML, no mark: byte for
+    # byte what `save_rules` writes for a run folder, so it cannot be told from a run's own rules.
+    from loomlens.predict.regions import RegionRules, save_rules
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old = save_rules(RegionRules(min_score=0.3), out).read_text()
+    for rules in (RegionRules(min_score=0.5), None):
+        monkeypatch.setattr(predictor, "rules", rules)
+        predict_files(predictor, [inputs / "a.png"], out, draw=False)
+        assert (out / "regions.yaml").read_text() == old
+    assert not (out / "rules-applied.yaml").exists()
+
+
 def test_one_picture_refused_alone_is_a_problem_naming_it_not_the_end_of_the_run(predictor, tmp_path):
     small = tmp_path / "small.png"
     Image.new("RGB", (200, 150)).save(small)

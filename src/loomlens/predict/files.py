@@ -3,8 +3,10 @@
 - `predictions.jsonl`: one line per image or sampled video frame (see `prediction_record`);
 - `drawn/`: each picture with its prediction drawn once, one file per picture (two inputs of
   the same name from two folders get two names, see `unique_stem`);
-- `rules-applied.yaml`: the region rules applied, if any (a name of predict's own: a
-  `regions.yaml` a person wrote in the same folder is never rewritten or removed);
+- `rules-applied.yaml`: the region rules applied, if any (only a box task's answers are
+  filtered by them; a name of predict's own: a `regions.yaml` a person wrote in the same
+  folder is never rewritten or removed, and neither is one an older loomlens predict wrote
+  there: it wrote no mark, so it cannot be told from a person's or a run's own rules);
 - `coco_results.json` (optional): COCO *results*, a list of `image_id`, `category_id`, `bbox`
   ([x, y, w, h] pixels) and `score`, with `coco_images.json` beside it: the images and
   categories those ids refer to (`COCO("coco_images.json").loadRes("coco_results.json")`);
@@ -40,7 +42,7 @@ from loomlens.model.loader import resolve_model_path
 from loomlens.predict.draw import draw_prediction
 from loomlens.predict.labels import LABEL_FORMATS, LabelsOut
 from loomlens.predict.predictor import Prediction, Predictor
-from loomlens.predict.regions import load_rules, save_rules
+from loomlens.predict.regions import RegionRules, load_rules, save_rules
 from loomlens.predict.resume import (
     PartialRecords,
     fingerprint,
@@ -198,6 +200,12 @@ def own_outputs(out: str | Path, labels_out: str | Path | None = None) -> list[P
     return [out / "drawn", *labels]
 
 
+def applied_rules(predictor: Predictor, task: str) -> RegionRules | None:
+    """The region rules a `task` run of `predictor` filters its answers by: the predictor's for
+    a box task, None for any other (captions, text, polygons are not filtered)."""
+    return predictor.rules if get_task(task).answer == "boxes" else None
+
+
 def _rules_file_is_ours(path: Path) -> bool:
     """Whether `path` is absent or the rules file a predict run wrote (`RULES_HEADER` first):
     only those are written or removed, never a file a person wrote there."""
@@ -227,11 +235,12 @@ def _remove_stale(out: Path, *, coco: bool, rules: bool, drawn: set[str]) -> Non
 
 
 def _write_results(out: Path, records: list[dict], problems: list[Problem], predictor: Predictor, *, coco: bool,
-                   labels: LabelsOut | None, drawn: set[str] | None) -> list[str]:
+                   labels: LabelsOut | None, drawn: set[str] | None, rules: RegionRules | None) -> list[str]:
     """Write a finished run's files into `out` (`drawn`: the names of the pictures it drew,
-    None without drawing) and remove an earlier run's leftovers (`_remove_stale`); returns
-    what was written. A run that predicted nothing leaves an earlier run's files as they were:
-    it writes only `problems.json`, and that only where no `predictions.jsonl` is there."""
+    None without drawing; `rules`: those applied, `applied_rules`) and remove an earlier run's
+    leftovers (`_remove_stale`); returns what was written. A run that predicted nothing leaves
+    an earlier run's files as they were: it writes only `problems.json`, and that only where no
+    `predictions.jsonl` is there."""
     if not records:
         if (out / "predictions.jsonl").exists():
             return []
@@ -242,8 +251,8 @@ def _write_results(out: Path, records: list[dict], problems: list[Problem], pred
     atomic_write(out / "problems.json", json.dumps([p.as_dict() for p in problems], indent=1) + "\n")
     written.append("problems.json")
     # The rules these results were filtered by, kept beside them (never over a file a person wrote).
-    if predictor.rules is not None and _rules_file_is_ours(out / RULES_APPLIED):
-        save_rules(predictor.rules, out / RULES_APPLIED, header=RULES_HEADER)
+    if rules is not None and _rules_file_is_ours(out / RULES_APPLIED):
+        save_rules(rules, out / RULES_APPLIED, header=RULES_HEADER)
         written.append(RULES_APPLIED)
     if coco:
         results, document = coco_results(records, predictor.loaded.classes)
@@ -252,7 +261,7 @@ def _write_results(out: Path, records: list[dict], problems: list[Problem], pred
         written += ["coco_results.json", "coco_images.json"]
     if labels is not None:
         written += [f"{labels.out}/{name}" for name in labels.finish()]
-    _remove_stale(out, coco=coco, rules=predictor.rules is not None, drawn=drawn or set())
+    _remove_stale(out, coco=coco, rules=rules is not None, drawn=drawn or set())
     return written
 
 
@@ -329,7 +338,7 @@ def predict_files(
             for _ in problems[failed:]:
                 on_item()
     written = _write_results(out, records, problems + notices, predictor, coco=coco, labels=labels,
-                             drawn=pictures if draw else None)
+                             drawn=pictures if draw else None, rules=applied_rules(predictor, task))
     if records:  # else an interrupted run's records stay, for its own command to go on from
         partial.finish()
     return {"files": len(files), "items": len(records), "boxes": sum(len(r["boxes"]) for r in records),
