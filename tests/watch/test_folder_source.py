@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from PIL import Image
 
-from loomlens.watch.sources import END, open_source
+from loomlens.watch.sources import END, REREAD, open_source
 
 
 def test_folder_frames_are_timed_when_they_landed(tmp_path) -> None:
@@ -94,3 +94,99 @@ def test_a_frame_still_being_written_when_listed_is_read_once(tmp_path) -> None:
         if (got := source.poll()) not in (None, END):
             read.append(got)
     assert [f.image.getpixel((0, 0))[0] for f in read] == [10, 20, 30]
+
+
+def _land(folder, name: str, seconds: int) -> None:
+    """A tiny frame `name` in `folder`, modified `seconds` after a fixed moment (written as
+    bytes: PIL's save stats the path, which would count among the source's stats)."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    (folder / name).write_bytes(buffer.getvalue())
+    os.utime(folder / name, (1_700_000_000 + seconds, 1_700_000_000 + seconds))
+
+
+def _next_frame(source):
+    """Poll `source` until it gives a frame (a guard, not a timing: fails after 10 s)."""
+    until = time.monotonic() + 10
+    while time.monotonic() < until:
+        if (got := source.poll()) not in (None, END):
+            return got
+    raise AssertionError("no frame came")
+
+
+def test_a_new_frame_costs_a_stat_not_one_per_file_in_the_folder(tmp_path, monkeypatch) -> None:
+    """A live folder was listed with every file in it stat-ed for each new frame (n^2 / 2 stats
+    for a shift of n frames); now a listing stats only the names it has not met."""
+    backlog, live = 60, 30
+    for i in range(backlog):
+        _land(tmp_path, f"{i:04d}.png", i)
+    (tmp_path / "notes.txt").write_text("not a frame")
+    _land(tmp_path, ".hidden.png", 0)
+    stats = []
+    real_stat = os.stat
+
+    def counting_stat(path, *args, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and os.path.dirname(os.fspath(path)) == str(tmp_path):
+            stats.append(os.path.basename(os.fspath(path)))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    source = open_source(str(tmp_path), fps=1000, once=False)
+    looks = []
+    look = source._look
+    monkeypatch.setattr(source, "_look", lambda: (looks.append(1), look())[1])
+    frames = [_next_frame(source) for _ in range(backlog)]
+    for i in range(backlog, backlog + live):
+        _land(tmp_path, f"{i:04d}.png", i)
+        frames.append(_next_frame(source))
+    for _ in range(20):  # idle looks at a folder with nothing new
+        assert source.poll() is None
+        time.sleep(0.002)
+    assert [f.index for f in frames] == list(range(backlog + live))
+    assert [f.at.timestamp() for f in frames] == [1_700_000_000 + i for i in range(backlog + live)]
+    # per frame: one stat when listed, one when read (its time then) and one by read_image (its
+    # size); per look, the last few names read (`REREAD`, a camera that writes one name again)
+    assert len(stats) <= 3 * (backlog + live) + REREAD * len(looks), (len(stats), len(looks))
+    assert ".hidden.png" not in stats and "notes.txt" not in stats
+
+
+def test_a_frame_copied_in_again_with_a_new_time_is_read(tmp_path, caplog) -> None:
+    """A file below the mark (`cp -p`) or skipped as unreadable is not read, but copied in again
+    with a plain `cp` (a time above the mark) it is, as the warning and the skip advise."""
+    _land(tmp_path, "a.png", 10)
+    _land(tmp_path, "b.png", 20)
+    source = open_source(str(tmp_path), fps=1000, once=False)
+    assert [_next_frame(source).index for _ in range(2)] == [0, 1]
+    _land(tmp_path, "late.png", 5)  # below b.png's time: warned of, not read
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    os.utime(tmp_path / "bad.png", (1_700_000_030, 1_700_000_030))
+    _land(tmp_path, "c.png", 40)
+    assert _next_frame(source).at.timestamp() == 1_700_000_040  # bad.png was skipped on the way
+    assert "1 file(s) landed" in caplog.text and "skipping" in caplog.text
+    _land(tmp_path, "late.png", 50)
+    assert _next_frame(source).at.timestamp() == 1_700_000_050
+    _land(tmp_path, "bad.png", 60)
+    assert _next_frame(source).at.timestamp() == 1_700_000_060
+    for _ in range(20):
+        assert source.poll() is None
+        time.sleep(0.002)
+
+
+def test_a_camera_that_writes_one_name_again_is_read_each_time(tmp_path) -> None:
+    """`latest.jpg` written again and again: each new write is a new frame, though names read
+    before are not stat-ed on every look (only the last `REREAD` are)."""
+    _land(tmp_path, "latest.png", 10)
+    source = open_source(str(tmp_path), fps=1000, once=False)
+    assert _next_frame(source).at.timestamp() == 1_700_000_010
+    for t in (20, 30):
+        _land(tmp_path, "latest.png", t)
+        assert _next_frame(source).at.timestamp() == 1_700_000_000 + t
+    for i in range(REREAD + 1):  # latest.png falls out of the names looked at again
+        _land(tmp_path, f"{i:04d}.png", 40 + i)
+        _next_frame(source)
+    _land(tmp_path, "latest.png", 200)
+    for _ in range(20):
+        assert source.poll() is None
+        time.sleep(0.002)

@@ -10,6 +10,7 @@ failed tries in a row (None: never). A file or folder is read at its own pace an
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -135,42 +136,57 @@ class VideoFileSource:
         self._frames.close()
 
 
+#: The names read last that each look of a folder stats again, so that a camera that writes its
+#: frames under one name again and again (`latest.jpg`), or a ring of up to this many names, is
+#: read each time it writes, while a look still costs a bounded number of stats.
+REREAD = 8
+
+
 class FolderSource:
     """Image files landing in a folder, oldest first (by modification time, then name), each
     seen when it landed (its modification time, not when a busy or restarted watcher got to
     it). With `once`, the files there now and then END; otherwise it keeps looking every
-    `1 / fps` seconds. Only a watermark is kept, never the list of files seen, so memory stays
-    flat; it is `mark`, and `resume_after` starts a new watch of the folder after an earlier
-    one's mark. The folder is listed again only once the files newer than the mark at the last
-    listing are read, so a backlog costs one listing, not one per frame. A file that lands with
-    a modification time below the mark (copied keeping its time: `cp -p`, `rsync -a`) is never
-    read; a warning counts such files as they appear."""
+    `1 / fps` seconds. How far it has read is a watermark, `mark`, and `resume_after` starts a
+    new watch of the folder after an earlier one's mark. The folder is listed again only once
+    the files newer than the mark at the last listing are read, so a backlog costs one
+    listing, not one per frame. The names a listing met are remembered (and forgotten once
+    they leave the folder), so a listing stats only the names it has not met: a new frame
+    costs one stat, not one per file the folder holds. Of the names read, only the last `REREAD`
+    are looked at again, so a frame written again under one of those (a camera that keeps one
+    name, or a short ring of names) is read again, and one under an older name is not. A file that lands with a
+    modification time below the mark (copied keeping its time: `cp -p`, `rsync -a`) is not
+    read, and a warning counts such files as they appear; it is read, like a file skipped as
+    unreadable, once it is written again with a time above the mark (a plain `cp`)."""
 
     live = False
 
-    def __init__(self, folder: Path, camera: str, fps: float, once: bool):
+    def __init__(self, folder: Path, camera: str, fps: float, once: bool) -> None:
         self.folder, self.camera, self.name, self.once = folder, camera, str(folder), once
         self.interval = 1.0 / fps
         self._mark: tuple[int, str] = (-1, "")
-        self._below: int | None = None  # files at or below the mark, by the last listing
-        self._queue: deque[tuple[tuple[int, str], Path]] = deque()  # the last listing's files not read yet
+        self._known: set[str] = set()  # names settled: read, not a frame, or below the mark at the first look
+        self._unread: dict[str, int] = {}  # names at or below the mark, not read (landed late, skipped) -> mtime_ns
+        self._looked = False
+        self._recent: deque[str] = deque(maxlen=REREAD)  # the names read last, looked at again
+        self._queue: deque[tuple[tuple[int, str], Path]] = deque()  # the last listing's new files not read yet
         self._stop_at: tuple[int, str] | None = None
         self._next_look = 0.0
         self._count = 0
         self.reconnects = 0
         if once:
-            listed = self._listing()
-            self._stop_at = listed[-1][0] if listed else (-1, "")
+            keys = [key for name in self._listing() if _is_frame(name) and (key := self._key(name)) is not None]
+            self._stop_at = max(keys, default=(-1, ""))
 
-    def _listing(self) -> list[tuple[tuple[int, str], Path]]:
-        found = []
-        for path in self.folder.iterdir():
-            if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
-                try:
-                    found.append(((path.stat().st_mtime_ns, path.name), path))
-                except FileNotFoundError:  # removed while listed
-                    continue
-        return sorted(found)
+    def _listing(self) -> list[str]:
+        """The names in the folder (one directory read; nothing stat-ed)."""
+        return os.listdir(self.folder)
+
+    def _key(self, name: str) -> tuple[int, str] | None:
+        """(modification time in ns, name) of the file `name`; None when it is gone."""
+        try:
+            return (os.stat(self.folder / name).st_mtime_ns, name)
+        except FileNotFoundError:  # removed while listed
+            return None
 
     @property
     def mark(self) -> tuple[int, str]:
@@ -214,26 +230,69 @@ class FolderSource:
         return Frame(self.camera, image, landed, self._count - 1)
 
     def _look(self) -> None:
-        """List the folder: queue the files newer than the mark (up to the end of a `once`
-        watch) and warn of files that appeared at or below it since the last listing."""
-        listed = self._listing()
-        below = sum(key <= self._mark for key, _ in listed)
-        if self._below is not None and below > self._below:
+        """List the folder once and stat only the names not met before (and the files below the
+        mark not read, whose time may have moved): queue those newer than the mark (up to the
+        end of a `once` watch) in order, and warn of files that appeared at or below it since
+        the last listing."""
+        present = set(self._listing())
+        self._known &= present  # a name that leaves the folder and comes back is new again
+        self._unread = {name: ns for name, ns in self._unread.items() if name in present}
+        fresh, landed_below = [], 0
+        for name in present - self._known:
+            if not _is_frame(name):
+                self._known.add(name)
+                continue
+            key = self._key(name)
+            if key is None or self._unread.get(name) == key[0]:
+                continue
+            if key > self._mark:
+                self._unread.pop(name, None)
+                if self._stop_at is None or key <= self._stop_at:
+                    fresh.append((key, self.folder / name))
+            elif not self._looked:
+                self._known.add(name)  # at or below the mark when the watch began: read by an earlier one
+            else:
+                landed_below += name not in self._unread
+                self._unread[name] = key[0]
+        fresh += self._rewritten(present, fresh)
+        if landed_below:
             log.warning("%s: %d file(s) landed in %s with a modification time before the last frame read (%s), "
                         "so they are not read: copy frames in without keeping their times (not cp -p or rsync -a)",
-                        self.camera, below - self._below, self.folder, self._mark[1])
-        self._below = below
-        self._queue.extend((key, p) for key, p in listed[below:] if self._stop_at is None or key <= self._stop_at)
+                        self.camera, landed_below, self.folder, self._mark[1])
+        self._looked = True
+        self._queue.extend(sorted(fresh))
+
+    def _rewritten(self, present: set[str], fresh: list[tuple[tuple[int, str], Path]]
+                   ) -> list[tuple[tuple[int, str], Path]]:
+        """The files among the last `REREAD` read that were written again since (their time
+        now above the mark), and not already in `fresh` or the queue."""
+        waiting = {path.name for _, path in (*self._queue, *fresh)}
+        found = []
+        for name in set(self._recent) & present - waiting:
+            key = self._key(name)
+            if key is not None and key > self._mark and (self._stop_at is None or key <= self._stop_at):
+                found.append((key, self.folder / name))
+        return found
 
     def _advance(self, now: tuple[int, str] | None = None) -> None:
         """Move the mark past the first queued file, just read (or skipped), and past its time
-        `now` when it was read: a frame still being written when listed is not read again."""
-        key, _ = self._queue.popleft()
+        `now` when it was read: a frame still being written when listed is not read again. A
+        file read is settled; one skipped is looked at again should its time move."""
+        key, path = self._queue.popleft()
         self._mark = max(self._mark, key, now or key)
-        self._below = (self._below or 0) + 1
+        if now is None:
+            self._unread[path.name] = key[0]
+        else:
+            self._known.add(path.name)
+            self._recent.append(path.name)
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _is_frame(name: str) -> bool:
+    """Whether a file `name` may be a frame: an image suffix, and not hidden (no leading dot)."""
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
 class LiveSource:
