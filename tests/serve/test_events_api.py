@@ -3,6 +3,7 @@ memory), behind the API key like the rest of /v1; the Line view lists the same e
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -155,3 +156,33 @@ def test_a_file_that_is_no_database_is_refused_at_start_and_one_that_breaks_is_a
         db.write_bytes(b"\0" * 4096)  # the database breaks under a running server
         answer = client.get("/v1/events")
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "events_db_unavailable"
+
+
+def test_the_server_writes_nothing_beside_the_watchers_database(predictor, db) -> None:
+    """The server opens the database read-only: no -wal/-shm made, the journal mode kept."""
+    import sqlite3
+
+    before = sorted(p.name for p in db.parent.iterdir())
+    with _client(predictor, events_db=str(db)) as client:
+        assert client.get("/v1/events").json()["total"] == 3
+        assert sorted(p.name for p in db.parent.iterdir()) == before
+    assert sorted(p.name for p in db.parent.iterdir()) == before
+    with sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_the_server_reads_a_database_in_a_read_only_folder(predictor, db) -> None:
+    db.parent.chmod(0o555)  # another user's folder, or a read-only mount
+    try:
+        with _client(predictor, events_db=str(db)) as client:
+            assert client.get("/v1/events").json()["total"] == 3
+            assert client.get("/v1/events/3/image").status_code == 200
+    finally:
+        db.parent.chmod(0o755)
+    db.chmod(0o000)
+    try:
+        with pytest.raises(ValueError, match=f"cannot open the events database {db} read-only: .*read permission"):
+            create_app(predictor, ServeSettings(page=False, events_db=str(db)))
+    finally:
+        db.chmod(0o644)

@@ -2,13 +2,17 @@
 
 A watcher writes it (`loomlens watch --db`), the server reads it (`loomlens serve --events-db`).
 A plain path is a SQLite file, opened in WAL mode so a reader never blocks the writer and a
-process killed mid-run loses nothing already committed; a URL (`postgresql+psycopg://...`) is
-any SQLAlchemy database, the way several watchers share one store. Each write is its own
-transaction: an event is on disk as soon as `start` returns.
+process killed mid-run loses nothing already committed. The server opens that file read-only
+(`mode=ro`): it creates no table, sets no journal mode and writes no file, so it works as
+another user or on a read-only mount of the watcher's folder. A URL
+(`postgresql+psycopg://...`) is any SQLAlchemy database, the way several watchers share one
+store. Each write is its own transaction: an event is on disk as soon as `start` returns.
 """
 
 from __future__ import annotations
 
+import os
+import sqlite3
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,8 +35,9 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 metadata = MetaData()
 
@@ -172,6 +177,82 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite `url` (None: not SQLite, in memory, or already a `file:` URI)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:") or "uri" in parsed.query:
+        return None
+    return Path(parsed.database).expanduser().absolute()
+
+
+def _beside(file: Path) -> list[Path]:
+    """The -wal and -shm files of the SQLite database `file`."""
+    return [Path(f"{file}-wal"), Path(f"{file}-shm")]
+
+
+def _closed_wal(file: Path) -> bool:
+    """Whether `file` is a WAL-mode database with no -wal or -shm beside it: its watcher closed it
+    cleanly (or is not running), so the main file holds every commit and is read as immutable."""
+    if any(side.exists() for side in _beside(file)):
+        return False
+    try:
+        with open(file, "rb") as fh:
+            header = fh.read(20)
+    except OSError:
+        return False
+    return header[:16] == b"SQLite format 3\x00" and header[18:20] == b"\x02\x02"  # WAL versions
+
+
+def _connect_readonly(file: Path) -> sqlite3.Connection:
+    """A read-only connection to `file` that writes nothing, not even a -wal or -shm file.
+
+    `mode=ro` reads a watcher's live database through the -wal and -shm it keeps (read access
+    is enough). A WAL database closed cleanly has neither, and SQLite would create them, which a
+    read-only folder refuses (and a writable one is left holding files of the server's user), so
+    it is opened `immutable=1`. Each query connects anew, so once a watcher starts (its -wal and
+    -shm appear) reads go through them again; a watcher starting during one query writes to its
+    -wal, not to this file, until a checkpoint."""
+    uri = f"{file.as_uri()}?mode=ro" + ("&immutable=1" if _closed_wal(file) else "")
+    return sqlite3.connect(uri, uri=True, timeout=10.0, check_same_thread=False)
+
+
+def _unreadable(file: Path, why: object) -> ValueError:
+    """The one-line error for a SQLite database the server cannot read, saying the fix."""
+    side = [p for p in _beside(file) if p.exists()]
+    if not all(os.access(p, os.R_OK) for p in (file, *side)):
+        fix = (f"give the user running `loomlens serve` read permission on {file}"
+               + (" and its -wal/-shm files" if side else ""))
+    elif side and not os.access(file.parent, os.W_OK):
+        fix = (f"it was left with its -wal/-shm files in a folder this user cannot write: start and stop "
+               f"`loomlens watch --db {file}` cleanly, or let this user write to {file.parent}")
+    else:
+        fix = "point --events-db at the SQLite file `loomlens watch --db` writes"
+    return ValueError(f"cannot open the events database {file} read-only: {why}; {fix}")
+
+
+def _open_reader(file: Path) -> Engine:
+    """A read-only engine on the SQLite database `file` (the server's), checked to read now.
+
+    Each query gets a fresh read-only connection (NullPool): no table is made, no journal mode
+    or other pragma set, nothing written. Raises FileNotFoundError when `file` is absent and
+    ValueError when it cannot be read, each one line naming the file and the fix."""
+    try:
+        file.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no events database at {file}: start `loomlens watch --db {file}` "
+                                "first, or point --events-db at the watcher's database") from None
+    except OSError as err:  # a folder on the way this user may not enter, ...
+        raise _unreadable(file, err.strerror or err) from None
+    engine = create_engine(URL.create("sqlite", database=str(file)), creator=lambda: _connect_readonly(file),
+                           poolclass=NullPool)
+    try:
+        inspect(engine).has_table(events_table.name)
+    except SQLAlchemyError as err:
+        engine.dispose()
+        raise _unreadable(file, getattr(err, "orig", None) or err) from None
+    return engine
+
+
 class EventStore:
     """The events table of one database.
 
@@ -179,12 +260,17 @@ class EventStore:
         path_or_url: a SQLite file path (created with its folder when `create`) or a
             SQLAlchemy URL.
         create: make the table when it is missing (the watcher); a reader (the server) passes
-            False and an absent SQLite file is then a FileNotFoundError saying the fix.
+            False: a SQLite file is then opened read-only (see `_open_reader`), an absent one is
+            a FileNotFoundError and an unreadable one a one-line ValueError, both saying the fix.
     """
 
     def __init__(self, path_or_url: str | Path, *, create: bool = True):
         self.url = database_url(path_or_url)
         sqlite = self.url.startswith("sqlite")
+        reader_file = None if create else _sqlite_file(self.url)
+        if reader_file is not None:  # the server: read-only, no table made, no pragma, no file written
+            self.engine: Engine = _open_reader(reader_file)
+            return
         if sqlite:
             file = Path(make_url(self.url).database or "")
             if not create and not file.exists():
@@ -194,7 +280,7 @@ class EventStore:
         try:
             if sqlite and create:
                 file.parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(self.url, pool_pre_ping=not sqlite)
+            self.engine = create_engine(self.url, pool_pre_ping=not sqlite)
             if sqlite:
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             if create:
