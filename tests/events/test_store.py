@@ -124,6 +124,17 @@ def test_database_urls(tmp_path) -> None:
         database_url("not a url://")
 
 
+def test_a_file_name_with_url_characters_is_that_file(tmp_path) -> None:
+    """`?` and `#` in a path were read as the URL's query and fragment (`we?ird #.db` made `we`)."""
+    path = tmp_path / "we?ird #.db"
+    store = EventStore(path)
+    store.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm"))) == [path.name]
+    reader = EventStore(path, create=False)
+    assert reader.query() == ([], 0)
+    reader.close()
+
+
 def test_postgresql_store(postgres_url) -> None:
     """Several watchers share one PostgreSQL: the same contract holds there."""
     store = EventStore(postgres_url)

@@ -159,8 +159,8 @@ def database_url(path_or_url: str | Path) -> str:
 
     Raises ValueError for a string that looks like a URL but SQLAlchemy cannot read."""
     text = str(path_or_url)
-    if "://" not in text:
-        return f"sqlite:///{Path(text).expanduser().resolve()}"
+    if "://" not in text:  # quoted: a `?` or `#` in a file name is no query or fragment
+        return URL.create("sqlite", database=str(Path(text).expanduser().resolve())).render_as_string()
     try:
         make_url(text)
     except ArgumentError as exc:
