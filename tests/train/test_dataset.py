@@ -287,3 +287,28 @@ def test_train_says_once_when_the_image_cache_is_full(make_config, monkeypatch, 
     assert len(full) == 1 and "decoded each time" in full[0], said
     with open(result.run_dir / "metrics.csv") as f:
         assert sum("image cache full" in (row.get("event") or "") for row in csv.DictReader(f)) == 1
+
+
+def test_a_pasted_defect_joins_the_answer_of_frames_with_defects_only(small_data, small_model_dir):
+    from loomlens.data.augment import NONE
+    from loomlens.data.florence_text import parse_text
+    from loomlens.model import load_model
+
+    _, processor = load_model(str(small_model_dir))
+    jitter = replace(NONE, hflip=0.5, brightness=0.2)
+    plain = FlorenceDataset(small_data / "train.jsonl", processor, augment=jitter, seed=3)
+    pasting = FlorenceDataset(small_data / "train.jsonl", processor, augment=replace(jitter, paste=1.0), seed=3)
+    grown = 0
+    for index, ex in enumerate(pasting.examples):
+        before, after = plain[index], pasting[index]
+        if ex.task != "od" or not ex.boxes:
+            # defect-free frames and one-class grounding answers are never pasted onto, and the
+            # paste's own draws leave the other transforms' as they were
+            assert torch.equal(before["labels"], after["labels"])
+            assert torch.equal(before["pixel_values"], after["pixel_values"])
+            continue
+        text = processor.tokenizer.decode(after["labels"], skip_special_tokens=True)
+        boxes, _ = parse_text(text, 96, 64)
+        grown += len(boxes) == len(ex.boxes) + 1
+        assert len(boxes) in (len(ex.boxes), len(ex.boxes) + 1)  # + 1 unless no place was free
+    assert grown >= 3

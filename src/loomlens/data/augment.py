@@ -36,7 +36,9 @@ class Augment:
     crop, rescaled to the full size, zooms in by up to 1 / (1 - scale)); its position is the
     shift jitter, and it always keeps every box whole. `crop`: the chance that a frame large for
     the model's input (`loomlens.data.tiles.is_large`) is shown as one window of the input's
-    edge at full resolution, holding a defect when it has one (`_defect_crop`).
+    edge at full resolution, holding a defect when it has one (`_defect_crop`). `paste`: the
+    chance that a frame showing defects gets one more from another frame (`loomlens.data.paste`,
+    which the dataset applies first: it needs the other frames).
     """
 
     hflip: float = 0.5
@@ -48,9 +50,10 @@ class Augment:
     grey: float = 0.1
     scale: float = 0.1
     crop: float = 0.0
+    paste: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("hflip", "vflip", "rot90", "grey", "crop"):
+        for name in ("hflip", "vflip", "rot90", "grey", "crop", "paste"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"augment {name} is a probability in [0, 1], got {getattr(self, name)}")
         for name in ("brightness", "contrast", "gamma", "scale"):
@@ -63,12 +66,13 @@ class Augment:
 
 
 #: No augmentation at all (the write-up's way, and validation).
-NONE = Augment(hflip=0, vflip=0, rot90=0, brightness=0, contrast=0, gamma=0, grey=0, scale=0, crop=0)
+NONE = Augment(hflip=0, vflip=0, rot90=0, brightness=0, contrast=0, gamma=0, grey=0, scale=0, crop=0, paste=0)
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
-    """The generator for one sample's draw: the same (seed, epoch, index) gives the same picture."""
-    return random.Random(f"augment:{seed}:{epoch}:{index}")
+def sample_rng(seed: int, epoch: int, index: int, stream: str = "augment") -> random.Random:
+    """The generator for one sample's draw: the same (seed, epoch, index) gives the same picture.
+    Each `stream` (a kind of draw) is its own, so turning one transform on leaves the others'."""
+    return random.Random(f"{stream}:{seed}:{epoch}:{index}")
 
 
 def _flip(image: Image.Image, boxes: list[Box], horizontal: bool) -> tuple[Image.Image, list[Box]]:

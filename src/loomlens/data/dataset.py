@@ -23,6 +23,7 @@ from PIL import Image
 from loomlens.data.augment import Augment, augment, sample_rng
 from loomlens.data.florence_text import boxes_to_text, parse_text
 from loomlens.data.jsonl import read_lines, validate_split
+from loomlens.data.paste import by_class, cut_patch, draw_donor, paste
 from loomlens.data.records import Box
 from loomlens.data.sampling import Balance, Labels, balanced_batches
 from loomlens.data.sanitize import to_rgb
@@ -95,6 +96,15 @@ def _answer_boxes(row: dict) -> tuple[Box, ...] | None:
     return tuple(parse_text(row["suffix"], row["width"], row["height"])[0])
 
 
+def _paste_plan(examples: Sequence[Example]) -> tuple[set[int], dict[str, list[tuple[int, Box]]]]:
+    """The samples a defect may be pasted onto, those whose answer lists every box of the frame,
+    and the defects to paste (`paste.by_class`): their boxes, each frame's once however many
+    tasks it trains."""
+    onto = {i for i, ex in enumerate(examples) if ex.task in REGISTRY and REGISTRY[ex.task].lists_every_box}
+    first = {ex.image: i for i, ex in reversed(list(enumerate(examples))) if i in onto}
+    return onto, by_class([ex.boxes if first.get(ex.image) == i else None for i, ex in enumerate(examples)])
+
+
 class FlorenceDataset(torch.utils.data.Dataset):
     """Samples of a converted split (`train.jsonl`, ...) ready for Florence-2.
 
@@ -164,6 +174,8 @@ class FlorenceDataset(torch.utils.data.Dataset):
             self.examples.append(Example(prompts[prefix], tuple(labels), self.jsonl.parent / row["image"],
                                          row.get("task", prefix), boxes))
         self.crop_window = self.edge if self.augment is not None and self.augment.crop and large else None
+        pasting = self.augment is not None and self.augment.paste > 0
+        self._pasted_onto, self._donors = _paste_plan(self.examples) if pasting else (set(), {})
         self._pixels: dict[Path, torch.Tensor] = {}
         self._pictures: dict[Path, tuple[Image.Image, float, float]] = {}
         self._resample = _pil_filter(processor.image_processor)
@@ -232,6 +244,26 @@ class FlorenceDataset(torch.utils.data.Dataset):
             self._pictures[image] = kept
         return kept
 
+    def _pasted(self, index: int, picture: Image.Image, boxes: list[Box],
+                scale: tuple[float, float]) -> tuple[Image.Image, list[Box]]:
+        """`picture` (of sample `index`, its stored pixels times `scale`) with one more defect
+        from a training frame when this epoch's draw says so (`loomlens.data.paste`); frames
+        without defects, and text answers, as they are."""
+        if not boxes or index not in self._pasted_onto or not self._donors:
+            return picture, boxes
+        rng = sample_rng(self.seed, self.epoch, index, stream="paste")
+        if rng.random() >= self.augment.paste:
+            return picture, boxes
+        donor, box = draw_donor(self._donors, rng)
+        source, dx, dy = self.picture(self.examples[donor].image)
+        patch, inside = cut_patch(source, replace(box, x1=box.x1 * dx, y1=box.y1 * dy, x2=box.x2 * dx, y2=box.y2 * dy))
+        fx, fy = scale[0] / dx, scale[1] / dy  # the donor's picture may be reduced otherwise
+        if (fx, fy) != (1.0, 1.0):
+            size = (max(1, round(patch.width * fx)), max(1, round(patch.height * fy)))
+            patch = patch.resize(size, Image.Resampling.BILINEAR)
+            inside = replace(inside, x1=inside.x1 * fx, y1=inside.y1 * fy, x2=inside.x2 * fx, y2=inside.y2 * fy)
+        return paste(picture, boxes, patch, inside, rng)
+
     def _augmented(self, index: int) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Pixels and label ids of this epoch's variant of sample `index`."""
         ex = self.examples[index]
@@ -239,10 +271,12 @@ class FlorenceDataset(torch.utils.data.Dataset):
         picture, sx, sy = self.picture(ex.image)
         reduced = (sx, sy) != (1.0, 1.0)
         boxes = [replace(b, x1=b.x1 * sx, y1=b.y1 * sy, x2=b.x2 * sx, y2=b.y2 * sy) for b in ex.boxes or ()]
+        picture, boxes = self._pasted(index, picture, boxes, (sx, sy))
         varied, moved = augment(picture, boxes, aug=self.augment, rng=rng, edge=self.edge,
                                 geometric=ex.boxes is not None)
         labels = ex.labels
-        if ex.boxes is not None and (reduced or moved != boxes or varied.size != picture.size):
+        pasted = len(boxes) != len(ex.boxes or ())
+        if ex.boxes is not None and (reduced or pasted or moved != boxes or varied.size != picture.size):
             ids = self.processor.tokenizer(boxes_to_text(moved, *varied.size), add_special_tokens=True).input_ids
             labels = tuple(ids[: self.max_label_tokens] if self.max_label_tokens else ids)
         pixels = self.processor.image_processor(images=[varied], return_tensors="pt").pixel_values[0]

@@ -36,6 +36,12 @@ class Task:
     samples: Samples | None = None
     offered: bool = True
 
+    @property
+    def lists_every_box(self) -> bool:
+        """Whether a converted sample's answer holds every box of its frame (what one more
+        pasted defect must join, `loomlens.data.paste`)."""
+        return self.samples in ("boxes", "boxes_if_any")
+
 
 #: Every task Florence-2 was trained on, the offered ones in the order the API lists them.
 REGISTRY: dict[str, Task] = {
