@@ -44,6 +44,7 @@ VARIANTS: dict[str, list[str]] = {
     "no-flips": ["augment.hflip=0", "augment.vflip=0"],
     "no-photometric": ["augment.brightness=0", "augment.contrast=0", "augment.gamma=0", "augment.grey=0"],
     "no-scale": ["augment.scale=0"],
+    "no-paste": ["augment.paste=0"],
     "r32": ["lora.r=32"],
     # Evaluate, keep and ship each step's weights instead of their moving average.
     "no-average": ["ema_decay=0"],

@@ -157,9 +157,10 @@ class AugmentSettings(BaseModel):
                         "(boxes it cuts kept when half shows, else another window or the whole frame; 0 = off, the default "
                         "until measured on real fabric); a run "
                         "that cropped is predicted and evaluated tiled at the input size")
-    paste: float = Field(0.0, ge=0, le=1, description="chance that a frame showing defects gets one more, cut with "
+    paste: float = Field(0.5, ge=0, le=1, description="chance that a frame showing defects gets one more, cut with "
                          "a fading rim of fabric from a training frame (its class drawn uniformly, so rare ones "
-                         "come often) and pasted where it covers no box; defect-free frames are never pasted onto")
+                         "come often) and pasted where it covers no box; defect-free frames are never pasted onto "
+                         "(docs/training.md: it keeps a small set from over-fitting)")
 
 
 class BalanceSettings(BaseModel):

@@ -50,7 +50,7 @@ class Augment:
     grey: float = 0.1
     scale: float = 0.1
     crop: float = 0.0
-    paste: float = 0.0
+    paste: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("hflip", "vflip", "rot90", "grey", "crop", "paste"):
