@@ -69,3 +69,7 @@ def test_a_rare_class_is_drawn_as_often_as_a_common_one():
     rng = random.Random(0)
     holes = sum(draw_donor(donors, rng)[1].label == "hole" for _ in range(2000))
     assert 900 < holes < 1100
+
+
+def test_a_box_scales_with_its_image():
+    assert Box("hole", 10, 20, 30, 40, score=0.5).scaled(0.5, 2) == Box("hole", 5, 40, 15, 80, score=0.5)

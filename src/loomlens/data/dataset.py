@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -256,12 +256,12 @@ class FlorenceDataset(torch.utils.data.Dataset):
             return picture, boxes
         donor, box = draw_donor(self._donors, rng)
         source, dx, dy = self.picture(self.examples[donor].image)
-        patch, inside = cut_patch(source, replace(box, x1=box.x1 * dx, y1=box.y1 * dy, x2=box.x2 * dx, y2=box.y2 * dy))
+        patch, inside = cut_patch(source, box.scaled(dx, dy))
         fx, fy = scale[0] / dx, scale[1] / dy  # the donor's picture may be reduced otherwise
         if (fx, fy) != (1.0, 1.0):
             size = (max(1, round(patch.width * fx)), max(1, round(patch.height * fy)))
             patch = patch.resize(size, Image.Resampling.BILINEAR)
-            inside = replace(inside, x1=inside.x1 * fx, y1=inside.y1 * fy, x2=inside.x2 * fx, y2=inside.y2 * fy)
+            inside = inside.scaled(fx, fy)
         return paste(picture, boxes, patch, inside, rng)
 
     def _augmented(self, index: int) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -270,7 +270,7 @@ class FlorenceDataset(torch.utils.data.Dataset):
         rng = sample_rng(self.seed, self.epoch, index)
         picture, sx, sy = self.picture(ex.image)
         reduced = (sx, sy) != (1.0, 1.0)
-        boxes = [replace(b, x1=b.x1 * sx, y1=b.y1 * sy, x2=b.x2 * sx, y2=b.y2 * sy) for b in ex.boxes or ()]
+        boxes = [b.scaled(sx, sy) for b in ex.boxes or ()]
         picture, boxes = self._pasted(index, picture, boxes, (sx, sy))
         varied, moved = augment(picture, boxes, aug=self.augment, rng=rng, edge=self.edge,
                                 geometric=ex.boxes is not None)

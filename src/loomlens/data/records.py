@@ -46,6 +46,10 @@ class Box:
         """The same box in the vertically mirrored image: y1' = H - y2, y2' = H - y1."""
         return replace(self, y1=image_height - self.y2, y2=image_height - self.y1)
 
+    def scaled(self, sx: float, sy: float) -> Box:
+        """The same box in the image resized by `sx` across and `sy` down."""
+        return replace(self, x1=self.x1 * sx, y1=self.y1 * sy, x2=self.x2 * sx, y2=self.y2 * sy)
+
 
 def iou(a: Box, b: Box) -> float:
     """Intersection over union of two pixel boxes (0 when they do not overlap)."""

@@ -76,7 +76,7 @@ class Prediction:
         """This prediction made on a resized copy, in the pixels of the `width` x `height`
         original: boxes and polygons mapped, `scale` = the copy's size over the original's."""
         sx, sy = width / self.width, height / self.height
-        boxes = [replace(b, x1=b.x1 * sx, y1=b.y1 * sy, x2=b.x2 * sx, y2=b.y2 * sy) for b in self.boxes]
+        boxes = [b.scaled(sx, sy) for b in self.boxes]
         polygons = [(label, [[x * sx, y * sy] for x, y in points]) for label, points in self.polygons]
         return replace(self, width=width, height=height, boxes=boxes, polygons=polygons,
                        scale=self.scale * min(self.width / width, self.height / height))
