@@ -266,11 +266,16 @@ def test_a_regions_yaml_as_an_older_predict_wrote_it_is_left_alone(predictor, in
     out = tmp_path / "out"
     out.mkdir()
     old = save_rules(RegionRules(min_score=0.3), out).read_text()
-    for rules in (RegionRules(min_score=0.5), None):
+    for rules, told in ((RegionRules(min_score=0.5), "those are in rules-applied.yaml"), (None, "none were"),
+                        (RegionRules(min_score=0.3), None)):
         monkeypatch.setattr(predictor, "rules", rules)
-        predict_files(predictor, [inputs / "a.png"], out, draw=False)
+        summary = predict_files(predictor, [inputs / "a.png"], out, draw=False)
         assert (out / "regions.yaml").read_text() == old
-    assert not (out / "rules-applied.yaml").exists()
+        # but the run says it is not the rules in force, unless it is (a run folder's own)
+        notices = [n["error"] for n in summary["notices"] if "regions.yaml" in n["error"]]
+        assert (told is None and not notices) or (len(notices) == 1 and told in notices[0])
+        if told:
+            assert told in (out / "problems.json").read_text()
 
 
 def test_one_picture_refused_alone_is_a_problem_naming_it_not_the_end_of_the_run(predictor, tmp_path):

@@ -206,6 +206,24 @@ def applied_rules(predictor: Predictor, task: str) -> RegionRules | None:
     return predictor.rules if get_task(task).answer == "boxes" else None
 
 
+def other_rules(out: Path, rules: RegionRules | None) -> Problem | None:
+    """A notice when `out` holds a `regions.yaml` that is not the `rules` this run applied: an
+    older predict wrote the applied rules under that name, so it may be taken for the rules in
+    force. It is never removed (a person's or a run's own file looks the same); None when it
+    is absent or the same rules."""
+    path = out / "regions.yaml"
+    if not path.is_file():
+        return None
+    try:
+        if rules is not None and load_rules(path) == rules:
+            return None
+    except ValueError:  # not rules at all: all the more not the ones applied
+        pass
+    applied = f"those are in {RULES_APPLIED}" if rules is not None else "none were"
+    return Problem(str(path), f"{path} is not the region rules this run applied ({applied}); an older loomlens "
+                              "predict wrote its rules under this name: delete it if you did not write it")
+
+
 def _rules_file_is_ours(path: Path) -> bool:
     """Whether `path` is absent or the rules file a predict run wrote (`RULES_HEADER` first):
     only those are written or removed, never a file a person wrote there."""
@@ -337,8 +355,11 @@ def predict_files(
         if on_item:
             for _ in problems[failed:]:
                 on_item()
+    applied = applied_rules(predictor, task)
+    if records and (notice := other_rules(out, applied)) is not None:
+        notices.append(notice)
     written = _write_results(out, records, problems + notices, predictor, coco=coco, labels=labels,
-                             drawn=pictures if draw else None, rules=applied_rules(predictor, task))
+                             drawn=pictures if draw else None, rules=applied)
     if records:  # else an interrupted run's records stay, for its own command to go on from
         partial.finish()
     return {"files": len(files), "items": len(records), "boxes": sum(len(r["boxes"]) for r in records),
