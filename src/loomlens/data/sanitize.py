@@ -41,16 +41,21 @@ def iter_files(root: Path, suffix: str | Collection[str], skip: Sequence[Path] =
     return (path for path in walk_files(root, suffix, skip) if is_utf8(path.relative_to(root).as_posix()))
 
 
+def visible(rel_parts: Sequence[str], suffixes: Collection[str]) -> bool:
+    """Whether a file at `rel_parts` (its path's parts below the folder looked in) is one to
+    take: its name ends in one of `suffixes` (lower case) and no part is hidden (a leading dot:
+    `.git`, macOS's `._x.jpg`, the temporary files `atomic_open` writes)."""
+    return Path(rel_parts[-1]).suffix.lower() in suffixes and not any(p.startswith(".") for p in rel_parts)
+
+
 def walk_files(root: Path, suffix: str | Collection[str], skip: Sequence[Path] = ()) -> Iterator[Path]:
     """`iter_files`' files, whatever their names (a caller that reports the misnamed ones itself)."""
     suffixes = {suffix} if isinstance(suffix, str) else set(suffix)
     skipped = [s.resolve() for s in skip]
     for path in sorted(root.rglob("*")):
-        rel_parts = path.relative_to(root).parts
         if (
-            path.suffix.lower() in suffixes
+            visible(path.relative_to(root).parts, suffixes)
             and path.is_file()
-            and not any(part.startswith(".") for part in rel_parts)
             and not any(path.resolve().is_relative_to(s) for s in skipped)
         ):
             yield path

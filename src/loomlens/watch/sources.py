@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from loomlens.data.sanitize import IMAGE_SUFFIXES
+from loomlens.data.sanitize import IMAGE_SUFFIXES, visible
 from loomlens.events.store import VideoMark
 from loomlens.predict.sources import read_image
 from loomlens.predict.video import ends_short, is_video, read_frames
@@ -151,12 +151,13 @@ class FolderSource:
     the files newer than the mark at the last listing are read, so a backlog costs one
     listing, not one per frame. The names a listing met are remembered (and forgotten once
     they leave the folder), so a listing stats only the names it has not met: a new frame
-    costs one stat, not one per file the folder holds. Of the names read, only the last `REREAD`
-    are looked at again, so a frame written again under one of those (a camera that keeps one
-    name, or a short ring of names) is read again, and one under an older name is not. A file that lands with a
-    modification time below the mark (copied keeping its time: `cp -p`, `rsync -a`) is not
-    read, and a warning counts such files as they appear; it is read, like a file skipped as
-    unreadable, once it is written again with a time above the mark (a plain `cp`)."""
+    costs one stat, not one per file the folder holds. Of the names read, only the last
+    `REREAD` are looked at again, so a frame written again under one of those (a camera that
+    keeps one name, or a short ring of names) is read again, and one under an older name is
+    not. A file that lands with a modification time below the mark (copied keeping its time:
+    `cp -p`, `rsync -a`) is not read, and a warning counts such files as they appear; it is
+    read, like a file skipped as unreadable, once it is written again with a time above the
+    mark (a plain `cp`)."""
 
     live = False
 
@@ -291,8 +292,9 @@ class FolderSource:
 
 
 def _is_frame(name: str) -> bool:
-    """Whether a file `name` may be a frame: an image suffix, and not hidden (no leading dot)."""
-    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+    """Whether a file `name` in the folder may be a frame (`sanitize.visible`: the rule
+    `convert` and `predict` list folders by)."""
+    return visible((name,), IMAGE_SUFFIXES)
 
 
 class LiveSource:
