@@ -429,7 +429,7 @@ def test_slow_evaluations_are_spaced_and_a_slow_machine_plans_fewer_steps():
     s = SimpleNamespace(
         state=TrainerState(step=100, train_seconds=60.0, eval_seconds=10.0, planned_steps=1000),
         cfg=SimpleNamespace(time_budget=200.0, eval_every=None), eval_every=50, total_steps=1000, nominal_steps=None, say=said.append, metrics=None,
-        epoch=1.0,
+        epoch=1.0, paced_from=None,
     )
     recipe.keep_to_budget(s, eval_seconds=10.0)
     # 0.5 s a step (evaluations excluded): a 10 s evaluation asks for 180 steps between two.
@@ -443,6 +443,27 @@ def test_slow_evaluations_are_spaced_and_a_slow_machine_plans_fewer_steps():
     s.state.train_seconds, s.state.eval_seconds = 25.0, 5.0  # faster than planned: the plan grows
     recipe.keep_to_budget(s, eval_seconds=1.0)
     assert s.total_steps == 840  # 175 s left at 0.2 s a step
+
+
+def test_the_budget_is_planned_at_the_pace_of_the_latest_steps():
+    from types import SimpleNamespace
+
+    from loomlens.train.checkpoint import TrainerState
+
+    s = SimpleNamespace(
+        state=TrainerState(step=100, train_seconds=20.0, eval_seconds=0.0, planned_steps=850),
+        cfg=SimpleNamespace(time_budget=200.0, eval_every=0), eval_every=0, total_steps=850, nominal_steps=None,
+        say=lambda _: None, metrics=None, epoch=1.0, paced_from=None,
+    )
+    recipe.keep_to_budget(s, eval_seconds=0.0)  # 0.2 s a step so far: 180 s left hold 765 more,
+    assert s.total_steps == 850  # within a tenth of the plan
+    s.state.step, s.state.train_seconds = 200, 70.0  # the machine slowed to 0.5 s a step
+    recipe.keep_to_budget(s, eval_seconds=0.0)
+    # 130 s left at 0.5 s a step (not the run's 0.35): 221 more, 420 in all (two figures)
+    assert s.total_steps == 420
+    s.state.step, s.state.train_seconds = 210, 80.0  # 10 steps at 1 s are too few to time:
+    recipe.keep_to_budget(s, eval_seconds=0.0)
+    assert s.total_steps == 470  # the whole run's 0.38 s a step, 120 s left: 267 more
 
 
 def test_gradient_checkpointing_trains_the_same_weights(make_config, tmp_path):

@@ -137,6 +137,7 @@ class Session:
     start: dict[str, torch.Tensor] = field(default_factory=dict)  # the adapter's weights this process began from
     start_step: int = 0  # ... and their step (0, or the step a resumed run went on from)
     average: WeightAverage | None = None  # the weights evaluated and saved (`ema_decay`; None: the last step's)
+    paced_from: tuple[int, float] | None = None  # step and stepping seconds when `keep_to_budget` last timed steps
 
     @property
     def last_dir(self) -> Path:
@@ -740,17 +741,26 @@ def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], 
 #: The share of a run's time evaluations may take: the steps between two evaluations take at
 #: least this many times as long as one evaluation.
 EVAL_SHARE = 0.1
+#: The fewest steps a rate is measured over; fewer are noise, and the whole run's rate is used.
+RATE_STEPS = 20
 
 
 def keep_to_budget(s: Session, eval_seconds: float) -> None:
     """After an evaluation that took `eval_seconds`: space evaluations (when their cadence is
     automatic, `eval_every: null`) so that they take at most `EVAL_SHARE` of the time, and with a
-    time budget, plan the steps again at the rate measured so far (evaluations excluded) when
+    time budget, plan the steps again at the rate measured (evaluations excluded) when
     the budget holds a tenth more or fewer than planned: a machine slower than planned still
     anneals by the deadline, and one that was busy when the plan was made uses its budget. Both
-    are logged when they change."""
+    are logged when they change. The rate is that of the steps since the last call when there
+    were at least `RATE_STEPS` (else of the whole run), so a machine that slows, or speeds up
+    once every picture is cached, is planned at the pace it has now."""
     state, budget = s.state, s.cfg.time_budget
-    step_seconds = max(1e-6, (state.train_seconds - state.eval_seconds) / max(1, state.step))
+    stepping = state.train_seconds - state.eval_seconds
+    since_step, since_seconds = s.paced_from or (0, 0.0)
+    if state.step - since_step < RATE_STEPS:
+        since_step, since_seconds = 0, 0.0
+    step_seconds = max(1e-6, (stepping - since_seconds) / max(1, state.step - since_step))
+    s.paced_from = (state.step, stepping)
     spaced = math.ceil(eval_seconds * (1 - EVAL_SHARE) / EVAL_SHARE / step_seconds)
     if s.cfg.eval_every is None and spaced > s.eval_every:
         event(s, f"an evaluation takes {eval_seconds:.0f} s: evaluating every {spaced} steps, not {s.eval_every}")
