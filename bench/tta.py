@@ -7,7 +7,9 @@ one, two or four mirrors gives and costs, on adapters and the splits they were s
 Each --case (name, run folder, converted data folder, split) is evaluated as `loomlens eval`
 evaluates it (the best adapter merged, `--precision auto`, the class grammar when the run has
 classes, large frames tiled as the run predicts them) once per set of views: as it is; with its
-left-right mirror; with its top-bottom mirror; with all four. Reported per row: mAP50,
+left-right mirror; with its top-bottom mirror; with all four; once and with all four again
+with each box edge at its chosen bin's centre instead of the mean bin near it
+(`infer/generation.py`, `expected_bins`). Reported per row: mAP50,
 mAP50-95, mAP75, the best F1, the OK/NG AUROC and recall at <= 1 % false alarms, and the
 seconds a frame against one look. `loomlens eval --tta auto` takes the views the run was trained
 on (the default recipe: all four).
@@ -20,8 +22,10 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from bench.common import Table, common_flags, device, fmt, publish, set_threads
+from loomlens.infer import generation
 from loomlens.infer.tta import FUSE_IOU
 
 NAME = "tta"
@@ -29,6 +33,9 @@ NAME = "tta"
 VIEW_SETS: dict[str, tuple[str, ...]] = {
     "once": ("",), "+ left-right": ("", "h"), "+ top-bottom": ("", "v"), "all four": ("", "h", "v", "hv"),
 }
+#: View sets measured again with each box edge at its chosen bin's centre (`LOC_WINDOW` 0, as
+#: Florence-2's processor reads a box) instead of the mean bin near it: what that placement gives.
+AT_CENTRES = ("once", "all four")
 
 
 def measure_case(name: str, run: Path, data: Path, split: str, images: int | None) -> dict[str, Any]:
@@ -41,10 +48,13 @@ def measure_case(name: str, run: Path, data: Path, split: str, images: int | Non
     tile = Run(run).tile
     frames = od_images(data / f"{split}.jsonl", images, frames_only=tile is not None)
     rows = []
-    for label, views in VIEW_SETS.items():
+    looks = [(label, views, generation.LOC_WINDOW) for label, views in VIEW_SETS.items()]
+    looks += [(f"{label}, bin centres", VIEW_SETS[label], 0) for label in AT_CENTRES]
+    for label, views, window in looks:
         start = time.perf_counter()
-        found = run_split(loaded.model, loaded.processor, frames, loaded.classes, constrained=bool(loaded.classes),
-                          tile=tile, views=views)
+        with mock.patch.object(generation, "LOC_WINDOW", window):
+            found = run_split(loaded.model, loaded.processor, frames, loaded.classes, constrained=bool(loaded.classes),
+                              tile=tile, views=views)
         seconds = (time.perf_counter() - start) / len(frames)
         m = split_metrics(found, loaded.classes).metrics
         rows.append({"views": label, "map50": m["map50"], "map50_95": m["map50_95"], "map75": m["map75"],
@@ -67,7 +77,9 @@ def tables(result: dict[str, Any]) -> list[Table]:
              + f"; the run learnt the views {c['trained_views']} (what `--tta auto` takes)" for c in result["cases"]]
     notes.append("Each row as `loomlens eval` runs the best adapter, each frame (each tile) also looked at through "
                  f"the views named and the boxes fused (weighted boxes fusion at IoU {result.get('fuse_iou', 0.4)}, "
-                 "duplicates inside a better box dropped); one process, in this order")
+                 "duplicates inside a better box dropped); box edges at the mean bin near each chosen "
+                 f"`<loc_N>` (±{result.get('loc_window', 0)} bins), or, in the rows 'bin centres', at the chosen bin's "
+                 "centre as Florence-2's processor reads them; one process, in this order")
     return [Table("Mirrors fused: one, two or four looks a frame",
                   ["case", "views", "mAP50", "mAP50-95", "mAP75", "best F1", "AUROC", "recall @1% FA",
                    "s/frame", "time"], rows, notes)]
@@ -85,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(data) / f"{split}.jsonl").exists():
             parser.error(f"case {name}: no split at {Path(data) / f'{split}.jsonl'}")
     cases = [measure_case(name, Path(run), Path(data), split, args.images) for name, run, data, split in args.case]
-    return publish(NAME, {"cases": cases, "fuse_iou": FUSE_IOU}, args.out, argv, tables)
+    result = {"cases": cases, "fuse_iou": FUSE_IOU, "loc_window": generation.LOC_WINDOW}
+    return publish(NAME, result, args.out, argv, tables)
 
 
 if __name__ == "__main__":

@@ -149,7 +149,10 @@ def test_the_cached_search_answers_as_torch_token_for_token(net, torch_tiny) -> 
             assert np.allclose(a.generation.token_logprobs, b.generation.token_logprobs, atol=1e-4)
             assert a.generation.answer_probability == pytest.approx(b.generation.answer_probability, abs=1e-4)
             assert [x.label for x in a.boxes] == [x.label for x in b.boxes]
-            assert [(x.x1, x.y1, x.x2, x.y2) for x in a.boxes] == [(x.x1, x.y1, x.x2, x.y2) for x in b.boxes]
+            # Edges at the mean bins near the chosen ones (`expected_bins`), read from each backend's logits.
+            assert np.allclose([(x.x1, x.y1, x.x2, x.y2) for x in a.boxes], [(x.x1, x.y1, x.x2, x.y2) for x in b.boxes],
+                               atol=1e-3)
+            assert a.generation.loc_bins.keys() == b.generation.loc_bins.keys()
     prompts = ["<OD>", "<CAPTION_TO_PHRASE_GROUNDING>a broken weft across the loom", "<CAPTION>"]
     ours = generate(torch_tiny.model, processor, images, prompts, 24)
     theirs = generate(net, processor, images, prompts, 24)

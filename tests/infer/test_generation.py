@@ -11,7 +11,8 @@ from loomlens.data.florence_text import parse_text
 from loomlens.infer import detect
 from loomlens.infer.grammar import BoxGrammar
 from loomlens.infer.detection import detect_with_details
-from loomlens.infer.generation import box_token_budget, generate, label_token_count
+from loomlens.infer.generation import LOC_WINDOW, box_token_budget, expected_bins, generate, label_token_count
+from loomlens.model.tokenizer import loc_token_ids
 from loomlens.infer.parsing import token_pieces
 
 CLASSES = ["drop", "wrinkle", "broken-weft"]
@@ -92,6 +93,42 @@ def test_the_answer_probability_is_one_minus_the_models_end_at_the_first_answer_
             assert got.answer_probability == pytest.approx(expected[i].item(), abs=1e-4)
     assert expected[0] > 0.5  # the square: the model means to answer
     assert generate(model, processor, images, ["<OD>", "<OD>"], max_new_tokens=1)[0].answer_probability is None
+
+
+def test_a_coordinate_is_the_mean_bin_near_the_chosen_one():
+    """The model's mass near its choice places the edge; a second peak further than the
+    window (another defect's edge) does not move it."""
+    logits = torch.full((3, 1000), -30.0)
+    logits[:, 100], logits[:, 104] = 2.0, 2.0  # two equally likely neighbouring bins ...
+    logits[:, 600] = 5.0  # ... and a more likely bin far away
+    chosen = torch.tensor([100, 104, 600])
+    means = expected_bins(logits, chosen, window=30)
+    assert means[:2].tolist() == pytest.approx([102.0, 102.0], abs=1e-3)
+    assert means[2].item() == pytest.approx(600.0, abs=1e-3)
+    assert expected_bins(logits, chosen, window=0).tolist() == [100.0, 104.0, 600.0]
+
+
+def test_greedy_answers_carry_the_mean_bin_of_each_loc_token(tiny, images):
+    """Greedy search (and so every `<OD>` answer loomlens writes) keeps, for each `<loc_N>` it
+    chose, the mean bin near N under the model's own distribution at that step."""
+    from loomlens.infer.pixels import model_inputs
+
+    model, processor = tiny
+    tok = processor.tokenizer
+    loc_ids = loc_token_ids(tok)
+    gen = generate(model, processor, images[:1], ["<OD>"], max_new_tokens=12)[0]
+    locs = [i for i, t in enumerate(gen.token_ids) if t in loc_ids]
+    assert locs and sorted(gen.loc_bins) == locs
+    with torch.no_grad():  # the distribution at the first loc step, recomputed by teacher forcing
+        first = locs[0]
+        decoder = torch.tensor([[tok.eos_token_id, *gen.token_ids[:first]]])
+        logits = model(**model_inputs(processor, images[:1], ["<OD>"]), decoder_input_ids=decoder).logits[0, -1]
+    chosen = loc_ids.index(gen.token_ids[first])
+    expected = expected_bins(logits[None, loc_ids].float(), torch.tensor([chosen]))
+    assert gen.loc_bins[first] == pytest.approx(expected.item(), abs=0.05)
+    assert all(abs(gen.loc_bins[i] - loc_ids.index(gen.token_ids[i])) <= LOC_WINDOW for i in locs)
+    beams = generate(model, processor, images[:1], ["<OD>"], max_new_tokens=12, num_beams=2)[0]
+    assert beams.loc_bins == {}  # a beam's steps are not row-aligned: its boxes stay at bin centres
 
 
 def test_detect_contract(tiny, images):

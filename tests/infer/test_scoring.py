@@ -124,6 +124,19 @@ def test_score_formulas():
         box_score(lp, [0], [1, 2, 3, 4], "max")
 
 
+def test_edges_sit_at_the_mean_bins_the_generation_measured(tokenizer):
+    gen = generation(tokenizer, "drop<loc_100><loc_200><loc_300><loc_400>drop<loc_500><loc_500><loc_501><loc_501>")
+    locs = [i for i, p in enumerate(token_pieces(tokenizer, gen.token_ids)) if p.startswith("<loc_")]
+    gen.loc_bins = dict(zip(locs, [100.5, 199.0, 302.25, 400.0, 500.9, 500.0, 500.1, 501.0]))
+    (first, second), _ = scored_boxes(tokenizer, gen, 1000, 2000)
+    assert (first.x1, first.y1, first.x2, first.y2) == pytest.approx((101.0, 399.0, 302.75, 801.0))
+    # Edges that would come within a pixel of each other stay where the chosen bins put them.
+    assert (second.x1, second.x2) == pytest.approx((500.5, 501.5))
+    del gen.loc_bins[locs[0]]  # a coordinate without its mean: the box as chosen
+    first, _ = scored_boxes(tokenizer, gen, 1000, 2000)[0]
+    assert (first.x1, first.y1, first.x2, first.y2) == pytest.approx((100.5, 401.0, 300.5, 801.0))
+
+
 def test_less_likely_box_scores_lower(tokenizer):
     gen = generation(tokenizer, "drop<loc_1><loc_2><loc_3><loc_4>drop<loc_50><loc_50><loc_60><loc_60>")
     # Make the second label's tokens unlikely.

@@ -114,5 +114,8 @@ def test_detection_in_halves_equals_one_call(tiny, two_threads, monkeypatch):
     assert any(d.boxes for d in whole)
     for a, b in zip(halves, whole, strict=True):
         assert a.generation.token_ids == b.generation.token_ids
-        assert [(x.x1, x.y1, x.x2, x.y2, x.label) for x in a.boxes] == [(x.x1, x.y1, x.x2, x.y2, x.label) for x in b.boxes]
+        assert [x.label for x in a.boxes] == [x.label for x in b.boxes]
+        # Edges sit at mean bins (`expected_bins`): a batch's size moves the logits' last bits.
+        assert [c for x in a.boxes for c in (x.x1, x.y1, x.x2, x.y2)] == pytest.approx(
+            [c for x in b.boxes for c in (x.x1, x.y1, x.x2, x.y2)], abs=1e-3)
         assert [x.score for x in a.boxes] == pytest.approx([x.score for x in b.boxes], abs=1e-4)

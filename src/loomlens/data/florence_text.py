@@ -59,8 +59,9 @@ def quantize(v: float, size: int) -> int:
     return min(BINS - 1, max(0, math.floor(v / size * BINS)))
 
 
-def dequantize(q: int, size: int) -> float:
-    """Bin `q` (0..999) in an axis of `size` pixels -> the pixel at the bin's centre."""
+def dequantize(q: float, size: int) -> float:
+    """Bin `q` (0..999; a fractional mean bin too) in an axis of `size` pixels -> the pixel at
+    the bin's centre."""
     return (q + 0.5) * size / BINS
 
 

@@ -19,6 +19,10 @@ Each answer also carries how likely the model thought any answer was: one minus 
 probability of `</s>` at the first answer position (`Generation.answer_probability`). For
 `<OD>` that is the model's own probability that the image holds a defect, which ranks frames
 for an OK/NG decision better than their best box's score (docs/evaluate-and-predict.md).
+
+And each `<loc_N>` the search chose carries the mean bin of the model's distribution near it
+(`expected_bins`, `Generation.loc_bins`): the search still writes the most likely bin, but a
+box edge is placed where the model's belief centres, between bins when it is spread over them.
 """
 
 from __future__ import annotations
@@ -32,9 +36,14 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from loomlens.infer.pixels import model_inputs
+from loomlens.model.tokenizer import loc_token_ids
 
 #: The step of the first answer token: step 0 is the `<s>` every answer is forced to begin with.
 ANSWER_START = 1
+#: Bins each side of a chosen `<loc_N>` whose probabilities place its coordinate
+#: (`expected_bins`): wide enough for the spread of a thin defect's edge, narrow enough to leave
+#: out another edge the model also believes in (docs/benchmarks.md, "Box edges at the mean bin").
+LOC_WINDOW = 30
 #: Tokens a box label is assumed to take when the class names are unknown.
 DEFAULT_LABEL_TOKENS = 4
 #: Generation settings that have no neutral value to pass: a checkpoint that sets one of them
@@ -119,7 +128,9 @@ class Generation:
     probability the model gave `token_ids[i]`, and `text` the decoded answer without `<s>`,
     `</s>` and padding (`<loc_N>` and other markers kept). `token_entropies[i]` is the entropy
     (nats) of the model's raw next-token distribution at step i, how unsure it was whatever it
-    chose; empty where it was not measured (beam search, the onnx backend).
+    chose; empty where it was not measured (beam search, the onnx backend). `loc_bins[i]`,
+    for each `<loc_N>` among `token_ids` at index i, is the mean bin near it (`expected_bins`),
+    fractional; empty under beam search, whose boxes sit at the chosen bins' centres.
     `answer_probability` is 1 - P(`</s>`) at the first answer step under the raw
     distribution: how likely the model thought an answer other than an empty one was, whatever
     it wrote (None when the budget ended before that step)."""
@@ -129,6 +140,7 @@ class Generation:
     token_logprobs: list[float]
     token_entropies: list[float] = field(default_factory=list)
     answer_probability: float | None = None
+    loc_bins: dict[int, float] = field(default_factory=dict)
 
     def mean_entropy(self) -> float | None:
         """The mean of `token_entropies` over the answer (nats), None when not measured."""
@@ -183,6 +195,52 @@ def _real_logprobs(logits: tuple[torch.Tensor, ...], size: int) -> tuple[torch.T
         lp[:, :size] = torch.log_softmax(step[:, :size].float(), dim=-1)
         out.append(lp)
     return tuple(out)
+
+
+def expected_bins(loc_logits: torch.Tensor, chosen: torch.Tensor, window: int = LOC_WINDOW) -> torch.Tensor:
+    """The mean bin within `window` bins of each chosen one, under the model's distribution
+    there: a box edge as the expectation of a distribution over discrete positions rather
+    than its mode (Li et al. 2020, "Generalized Focal Loss", section 3.3). The window keeps
+    a second peak (the edge of another defect) out of the mean.
+
+    Args:
+        loc_logits: (rows, bins) raw logits (or log-probs) of `<loc_0>`..`<loc_{bins-1}>`.
+        chosen: (rows,) integer bin each row chose.
+        window: bins each side of the chosen one; 0 gives the chosen bins back.
+
+    Returns:
+        (rows,) float32 bins, each within `window` of its chosen bin.
+    """
+    bins = torch.arange(loc_logits.shape[-1], device=loc_logits.device)
+    near = (bins[None, :] - chosen[:, None]).abs() <= window
+    weights = torch.softmax(loc_logits.float().masked_fill(~near, float("-inf")), dim=-1)
+    return (weights * bins).sum(-1)
+
+
+def chosen_loc_bins(step_logits: torch.Tensor, chosen: torch.Tensor, loc_ids: list[int]) -> dict[int, float]:
+    """At one search step: `{row: expected_bins}` for the rows of `chosen` ((rows,) token
+    ids) that chose a `<loc_N>`, read from `step_logits` ((rows, vocab) raw logits); `loc_ids`
+    are `<loc_0>`..`<loc_999>`'s ids, in order."""
+    device = step_logits.device
+    ids = torch.tensor(loc_ids, device=device)
+    bin_of = torch.full((step_logits.shape[-1],), -1, dtype=torch.long, device=device)
+    bin_of[ids] = torch.arange(len(loc_ids), device=device)
+    bins = bin_of[chosen.to(device)]
+    rows = (bins >= 0).nonzero().flatten()
+    if not len(rows):
+        return {}
+    means = expected_bins(step_logits[rows][:, ids], bins[rows], window=LOC_WINDOW)
+    return dict(zip(rows.tolist(), means.tolist()))
+
+
+def _loc_bins(logits: tuple[torch.Tensor, ...], generated: torch.Tensor, loc_ids: list[int]) -> list[dict[int, float]]:
+    """For each row of `generated` ((batch, steps), greedy: `logits[t]` is row-aligned), the
+    `chosen_loc_bins` of its steps, by step."""
+    found: list[dict[int, float]] = [{} for _ in range(generated.shape[0])]
+    for t, step in enumerate(logits):
+        for row, mean in chosen_loc_bins(step, generated[:, t], loc_ids).items():
+            found[row][t] = mean
+    return found
 
 
 @torch.no_grad()
@@ -240,16 +298,18 @@ def generate(
     # At the first answer step every beam of an image holds the same `<s>`: its first beam speaks for all.
     ends = (real[ANSWER_START][::num_beams, tokenizer.eos_token_id].tolist() if len(real) > ANSWER_START
             else [None] * len(images))
-    return [decode_generation(tokenizer, ids_row, lp_row, ent_row, end)
-            for ids_row, lp_row, ent_row, end in zip(generated.tolist(), logprobs.tolist(), entropies, ends)]
+    bins = _loc_bins(out.logits, generated, loc_token_ids(tokenizer)) if num_beams == 1 else [{}] * len(images)
+    return [decode_generation(tokenizer, ids_row, lp_row, ent_row, end, loc)
+            for ids_row, lp_row, ent_row, end, loc in zip(generated.tolist(), logprobs.tolist(), entropies, ends, bins)]
 
 
 def decode_generation(tokenizer, ids_row: list[int], logprobs_row: list[float],
-                      entropies_row: list[float] | None = None, end_logprob: float | None = None) -> Generation:
+                      entropies_row: list[float] | None = None, end_logprob: float | None = None,
+                      loc_bins: dict[int, float] | None = None) -> Generation:
     """One generated row (without the decoder-start token), its log-probs, (optionally) the
-    entropy of each step and the log-probability of `</s>` at the first answer step
-    (`ANSWER_START`) as a `Generation`: cut after the first `</s>`, decoded without the frame
-    tokens."""
+    entropy of each step, the log-probability of `</s>` at the first answer step
+    (`ANSWER_START`) and the mean bins of its `<loc_N>` steps (`Generation.loc_bins`) as a
+    `Generation`: cut after the first `</s>`, decoded without the frame tokens."""
     ids, lps = _trim(ids_row, logprobs_row, tokenizer.eos_token_id, tokenizer.pad_token_id)
     entropies = list(entropies_row[: len(ids)]) if entropies_row is not None else []
     # Only the frame tokens are dropped from the text: a tokenizer may register `<loc_N>` as
@@ -260,4 +320,4 @@ def decode_generation(tokenizer, ids_row: list[int], logprobs_row: list[float],
                             clean_up_tokenization_spaces=False)
     answer = None if end_logprob is None else 1.0 - math.exp(end_logprob)
     return Generation(text=text, token_ids=ids, token_logprobs=lps, token_entropies=entropies,
-                      answer_probability=answer)
+                      answer_probability=answer, loc_bins={i: b for i, b in (loc_bins or {}).items() if i < len(ids)})

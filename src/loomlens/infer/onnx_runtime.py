@@ -14,7 +14,8 @@ The search is torch's: greedy (num_beams 1) with `loomlens.infer.generation.gene
 checkpoint's generation_config never changes an answer), the output rows past the tokenizer's
 length masked (`VocabMask`), then any `logits_processor` (the class grammar), in the order
 transformers applies them; log-probabilities are read from the raw logits over the
-tokenizer's tokens, as the torch path reads them.
+tokenizer's tokens, as the torch path reads them, and each chosen `<loc_N>`'s mean bin from
+the same logits (`chosen_loc_bins`).
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from loomlens.infer.generation import (
     MAX_BOXES,
     Generation,
     VocabMask,
+    chosen_loc_bins,
     decode_generation,
     generation_settings,
 )
 from loomlens.infer.pixels import model_inputs
+from loomlens.model.tokenizer import loc_token_ids
 
 #: The parts an export folder holds, by the names the community's Florence-2 ONNX exports use
 #: (onnx-community/Florence-2-base: the split decoder pair optimum's seq2seq runtime loads).
@@ -163,7 +166,8 @@ class OnnxFlorence:
         ids = np.full((len(images), 1), settings["decoder_start_token_id"], dtype=np.int64)
         logits, cache = self.first_step(ids, states, mask)
         done = np.zeros(len(images), dtype=bool)
-        logprobs, ends = [], [None] * len(images)
+        logprobs, ends, bins = [], [None] * len(images), [{} for _ in images]
+        loc_ids = loc_token_ids(tokenizer)
         for step in range(budget):
             last = logits[:, -1, :].astype(np.float32)
             scores = rules(torch.from_numpy(ids), torch.from_numpy(last.copy())).numpy()
@@ -172,6 +176,8 @@ class OnnxFlorence:
             shifted = last[:, :size] - last[:, :size].max(-1, keepdims=True)
             real[:, :size] = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
             logprobs.append(real[np.arange(len(images)), chosen])
+            for row, mean in chosen_loc_bins(torch.from_numpy(last), torch.from_numpy(chosen), loc_ids).items():
+                bins[row][step] = mean
             if step == ANSWER_START:
                 ends = real[:, eos].tolist()
             ids = np.concatenate([ids, chosen[:, None]], axis=1)
@@ -181,8 +187,8 @@ class OnnxFlorence:
             logits, cache = self.next_step(chosen, mask, cache)
         generated = ids[:, 1:].tolist()
         scores_by_row = np.stack(logprobs, axis=1).tolist()
-        return [decode_generation(tokenizer, row, lp, end_logprob=end)
-                for row, lp, end in zip(generated, scores_by_row, ends)]
+        return [decode_generation(tokenizer, row, lp, end_logprob=end, loc_bins=loc)
+                for row, lp, end, loc in zip(generated, scores_by_row, ends, bins)]
 
 
 def load_onnx_export(folder: str | Path, *, device: str = "cpu", precision: str = "auto"):

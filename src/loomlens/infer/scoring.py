@@ -19,7 +19,9 @@ The generation's token log-probs carry the model's belief, and each box owns a s
   model is of the box's place, which is what separates a box that fits from one that merely
   overlaps (mAP50-95 weighs that).
 
-All lie in [0, 1]. `bench/decoding.py` measures the mAP each gives on a split, beside every
+All lie in [0, 1]. Each box's edges sit at the mean bins of its loc tokens
+(`Generation.loc_bins`, `generation.expected_bins`) where the generation measured them, else at
+the chosen bins' centres. `bench/decoding.py` measures the mAP each gives on a split, beside every
 score 1 (the seed's), and docs/evaluate-and-predict.md says why `product` is the default.
 """
 
@@ -29,9 +31,10 @@ import math
 from dataclasses import replace
 from typing import Literal
 
+from loomlens.data.florence_text import dequantize
 from loomlens.data.records import Box
 from loomlens.infer.generation import Generation
-from loomlens.infer.parsing import align_boxes, token_pieces
+from loomlens.infer.parsing import TokenBox, align_boxes, token_pieces
 
 ScoreMethod = Literal["product", "mean", "label"]
 SCORE_METHODS: tuple[str, ...] = ("product", "mean", "label")
@@ -78,12 +81,27 @@ def scored_boxes(
     """The boxes of `generation` in pixels of a `width` x `height` image, each with its score,
     and the count of dropped parts: malformed ones, and boxes under `MIN_BOX_PX` in width or
     height (the one place every scored box passes, so no command returns such a box).
-    `default_label` names boxes with no label of their own (the phrase, for grounding)."""
+    `default_label` names boxes with no label of their own (the phrase, for grounding). Edges
+    are placed by `placed`."""
     pieces = token_pieces(tokenizer, generation.token_ids)
     aligned, dropped = align_boxes(pieces, width, height, default_label)
     visible = [t for t in aligned if t.box.width >= MIN_BOX_PX and t.box.height >= MIN_BOX_PX]
     boxes = [
-        replace(t.box, score=box_score(generation.token_logprobs, t.label_tokens, t.loc_tokens, method))
+        replace(placed(t, generation.loc_bins, width, height),
+                score=box_score(generation.token_logprobs, t.label_tokens, t.loc_tokens, method))
         for t in visible
     ]
     return boxes, dropped + len(aligned) - len(visible)
+
+
+def placed(token_box: TokenBox, loc_bins: dict[int, float], width: int, height: int) -> Box:
+    """`token_box`'s box with its edges at the mean bins of its four loc tokens (`loc_bins`,
+    by token index; `Generation.loc_bins`); as parsed (the chosen bins' centres) when any of
+    them is missing or the edges would come closer than `MIN_BOX_PX`."""
+    means = [loc_bins.get(i) for i in token_box.loc_tokens]
+    if None in means:
+        return token_box.box
+    x1, y1, x2, y2 = (dequantize(b, size) for b, size in zip(means, (width, height, width, height)))
+    if x2 - x1 < MIN_BOX_PX or y2 - y1 < MIN_BOX_PX:
+        return token_box.box
+    return replace(token_box.box, x1=x1, y1=y1, x2=x2, y2=y2)
