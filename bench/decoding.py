@@ -8,7 +8,9 @@ One free-running generation per image, the model as `loomlens eval` runs it (ada
 
 - scored by each of `infer/scoring.py`'s formulas: `product` (label probability x
   geometric-mean coordinate probability, the default), `mean` (geometric mean over all the
-  box's tokens), `label` (the label's probability alone);
+  box's tokens), `label` (the label's probability alone); a coordinate's probability is that of
+  the bins near the chosen one (`Generation.loc_near`), and one more row reads it, as before,
+  from the chosen token alone;
 - every score 1 (the seed's way), with loomlens's parser;
 - every score 1, read by Florence-2's processor (`batch_decode` + `post_process_generation`,
   `bench.common.processor_boxes`): the seed's whole reading of the same tokens, so a
@@ -101,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             predicted = [scored_boxes(tokenizer, d.generation, w, h, None, method)[0][: args.max_boxes]
                          for (w, h), d in grammar]
             rows.append(row(f"constrained, score={method}", truth, predicted, classes, dropped, seconds))
+        own = [scored_boxes(tokenizer, replace(d.generation, loc_near={}), w, h)[0][: args.max_boxes]
+               for (w, h), d in grammar]
+        rows.append(row("constrained, score=product, coordinates by their own token", truth, own, classes, dropped,
+                        seconds))
         rows.append(row("constrained, score=1", truth, [[replace(b, score=1.0) for b in d.boxes] for _, d in grammar],
                         classes, dropped, seconds))
     for r in rows:  # how sure each difference to the default reading is

@@ -78,8 +78,8 @@ def tables(result: dict[str, Any]) -> list[Table]:
     notes.append("Each row as `loomlens eval` runs the best adapter, each frame (each tile) also looked at through "
                  f"the views named and the boxes fused (weighted boxes fusion at IoU {result.get('fuse_iou', 0.4)}, "
                  "duplicates inside a better box dropped); box edges at the mean bin near each chosen "
-                 f"`<loc_N>` (±{result.get('loc_window', 0)} bins), or, in the rows 'bin centres', at the chosen bin's "
-                 "centre as Florence-2's processor reads them; one process, in this order")
+                 f"`<loc_N>` (±{result.get('loc_window', 0)} bins), or, in the rows 'bin centres', at the chosen "
+                 "bin's centre as Florence-2's processor reads them; one process, in this order")
     return [Table("Mirrors fused: one, two or four looks a frame",
                   ["case", "views", "mAP50", "mAP50-95", "mAP75", "best F1", "AUROC", "recall @1% FA",
                    "s/frame", "time"], rows, notes)]

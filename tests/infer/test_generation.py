@@ -11,7 +11,7 @@ from loomlens.data.florence_text import parse_text
 from loomlens.infer import detect
 from loomlens.infer.grammar import BoxGrammar
 from loomlens.infer.detection import detect_with_details
-from loomlens.infer.generation import LOC_WINDOW, box_token_budget, expected_bins, generate, label_token_count
+from loomlens.infer.generation import LOC_SURE, LOC_WINDOW, box_token_budget, expected_bins, generate, label_token_count
 from loomlens.model.tokenizer import loc_token_ids
 from loomlens.infer.parsing import token_pieces
 
@@ -127,8 +127,15 @@ def test_greedy_answers_carry_the_mean_bin_of_each_loc_token(tiny, images):
     expected = expected_bins(logits[None, loc_ids].float(), torch.tensor([chosen]))
     assert gen.loc_bins[first] == pytest.approx(expected.item(), abs=0.05)
     assert all(abs(gen.loc_bins[i] - loc_ids.index(gen.token_ids[i])) <= LOC_WINDOW for i in locs)
+    # How sure the model is of the edge to a few bins: the probability (over the tokenizer's
+    # tokens) of the bins near the chosen one, at least the chosen bin's own.
+    probs = logits[: len(tok)].float().softmax(-1)
+    near = probs[loc_ids[max(0, chosen - LOC_SURE): chosen + LOC_SURE + 1]].sum().item()
+    assert gen.loc_near[first] == pytest.approx(near, abs=1e-3)
+    assert sorted(gen.loc_near) == locs
+    assert all(math.exp(gen.token_logprobs[i]) - 1e-5 <= gen.loc_near[i] <= 1 + 1e-5 for i in locs)
     beams = generate(model, processor, images[:1], ["<OD>"], max_new_tokens=12, num_beams=2)[0]
-    assert beams.loc_bins == {}  # a beam's steps are not row-aligned: its boxes stay at bin centres
+    assert beams.loc_bins == {} and beams.loc_near == {}  # a beam's steps are not row-aligned
 
 
 def test_detect_contract(tiny, images):

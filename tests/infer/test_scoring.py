@@ -137,6 +137,15 @@ def test_edges_sit_at_the_mean_bins_the_generation_measured(tokenizer):
     assert (first.x1, first.y1, first.x2, first.y2) == pytest.approx((100.5, 401.0, 300.5, 801.0))
 
 
+def test_a_coordinate_scores_by_the_probability_near_it_where_measured(tokenizer):
+    gen = generation(tokenizer, "drop<loc_100><loc_200><loc_300><loc_400>", logprob=math.log(0.2))
+    locs = [i for i, p in enumerate(token_pieces(tokenizer, gen.token_ids)) if p.startswith("<loc_")]
+    label = [i for i, p in enumerate(token_pieces(tokenizer, gen.token_ids)) if p.strip() and not p.startswith("<")]
+    assert scored_boxes(tokenizer, gen, 1000, 1000)[0][0].score == pytest.approx(0.2 ** len(label) * 0.2)
+    gen.loc_near = dict(zip(locs, [0.9, 0.9, 0.6, 0.6]))
+    assert scored_boxes(tokenizer, gen, 1000, 1000)[0][0].score == pytest.approx(0.2 ** len(label) * math.sqrt(0.54))
+
+
 def test_less_likely_box_scores_lower(tokenizer):
     gen = generation(tokenizer, "drop<loc_1><loc_2><loc_3><loc_4>drop<loc_50><loc_50><loc_60><loc_60>")
     # Make the second label's tokens unlikely.

@@ -22,7 +22,9 @@ for an OK/NG decision better than their best box's score (docs/evaluate-and-pred
 
 And each `<loc_N>` the search chose carries the mean bin of the model's distribution near it
 (`expected_bins`, `Generation.loc_bins`): the search still writes the most likely bin, but a
-box edge is placed where the model's belief centres, between bins when it is spread over them.
+box edge is placed where the model's belief centres, between bins when it is spread over them;
+and the probability of the bins within `LOC_SURE` of it (`Generation.loc_near`), how sure the
+model is of the edge to a few bins, which `infer/scoring.py` scores the box's place by.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ ANSWER_START = 1
 #: (`expected_bins`): wide enough for the spread of a thin defect's edge, narrow enough to leave
 #: out another edge the model also believes in (docs/benchmarks.md, "Box edges at the mean bin").
 LOC_WINDOW = 30
+#: Bins each side of a chosen `<loc_N>` whose probability says how sure the model is of that
+#: edge (`Generation.loc_near`): 0.5 % of a side, a pixel or two on a camera frame at the
+#: model's input (docs/benchmarks.md, "Box scores from the mass near each edge").
+LOC_SURE = 5
 #: Tokens a box label is assumed to take when the class names are unknown.
 DEFAULT_LABEL_TOKENS = 4
 #: Generation settings that have no neutral value to pass: a checkpoint that sets one of them
@@ -130,7 +136,9 @@ class Generation:
     (nats) of the model's raw next-token distribution at step i, how unsure it was whatever it
     chose; empty where it was not measured (beam search, the onnx backend). `loc_bins[i]`,
     for each `<loc_N>` among `token_ids` at index i, is the mean bin near it (`expected_bins`),
-    fractional; empty under beam search, whose boxes sit at the chosen bins' centres.
+    fractional, and `loc_near[i]` the probability of the bins within `LOC_SURE` of the chosen
+    one; both empty under beam search, whose boxes sit at the chosen bins' centres and score by
+    their tokens' own probabilities.
     `answer_probability` is 1 - P(`</s>`) at the first answer step under the raw
     distribution: how likely the model thought an answer other than an empty one was, whatever
     it wrote (None when the budget ended before that step)."""
@@ -141,6 +149,7 @@ class Generation:
     token_entropies: list[float] = field(default_factory=list)
     answer_probability: float | None = None
     loc_bins: dict[int, float] = field(default_factory=dict)
+    loc_near: dict[int, float] = field(default_factory=dict)
 
     def mean_entropy(self) -> float | None:
         """The mean of `token_entropies` over the answer (nats), None when not measured."""
@@ -217,29 +226,35 @@ def expected_bins(loc_logits: torch.Tensor, chosen: torch.Tensor, window: int = 
     return (weights * bins).sum(-1)
 
 
-def chosen_loc_bins(step_logits: torch.Tensor, chosen: torch.Tensor, loc_ids: list[int]) -> dict[int, float]:
-    """At one search step: `{row: expected_bins}` for the rows of `chosen` ((rows,) token
-    ids) that chose a `<loc_N>`, read from `step_logits` ((rows, vocab) raw logits); `loc_ids`
-    are `<loc_0>`..`<loc_999>`'s ids, in order."""
-    device = step_logits.device
+def chosen_loc_bins(step_logprobs: torch.Tensor, chosen: torch.Tensor, loc_ids: list[int]
+                    ) -> dict[int, tuple[float, float]]:
+    """At one search step: `{row: (mean bin, probability near)}` for the rows of `chosen`
+    ((rows,) token ids) that chose a `<loc_N>`: the `expected_bins` within `LOC_WINDOW`, and the
+    probability of the bins within `LOC_SURE` of N. `step_logprobs` ((rows, vocab)) are the
+    step's log-probs over the tokenizer's tokens; `loc_ids` `<loc_0>`..`<loc_999>`'s ids."""
+    device = step_logprobs.device
     ids = torch.tensor(loc_ids, device=device)
-    bin_of = torch.full((step_logits.shape[-1],), -1, dtype=torch.long, device=device)
+    bin_of = torch.full((step_logprobs.shape[-1],), -1, dtype=torch.long, device=device)
     bin_of[ids] = torch.arange(len(loc_ids), device=device)
     bins = bin_of[chosen.to(device)]
     rows = (bins >= 0).nonzero().flatten()
     if not len(rows):
         return {}
-    means = expected_bins(step_logits[rows][:, ids], bins[rows], window=LOC_WINDOW)
-    return dict(zip(rows.tolist(), means.tolist()))
+    locs, picked = step_logprobs[rows][:, ids].float(), bins[rows]
+    means = expected_bins(locs, picked, window=LOC_WINDOW)
+    near = (torch.arange(len(loc_ids), device=device)[None, :] - picked[:, None]).abs() <= LOC_SURE
+    sure = locs.masked_fill(~near, float("-inf")).logsumexp(-1).exp()
+    return dict(zip(rows.tolist(), zip(means.tolist(), sure.tolist())))
 
 
-def _loc_bins(logits: tuple[torch.Tensor, ...], generated: torch.Tensor, loc_ids: list[int]) -> list[dict[int, float]]:
-    """For each row of `generated` ((batch, steps), greedy: `logits[t]` is row-aligned), the
-    `chosen_loc_bins` of its steps, by step."""
-    found: list[dict[int, float]] = [{} for _ in range(generated.shape[0])]
-    for t, step in enumerate(logits):
-        for row, mean in chosen_loc_bins(step, generated[:, t], loc_ids).items():
-            found[row][t] = mean
+def _loc_readings(logprobs: tuple[torch.Tensor, ...], generated: torch.Tensor, loc_ids: list[int]
+                  ) -> list[tuple[dict[int, float], dict[int, float]]]:
+    """For each row of `generated` ((batch, steps), greedy: `logprobs[t]` is row-aligned), the
+    `chosen_loc_bins` of its steps as (mean bins, probabilities near), each by step."""
+    found: list[tuple[dict[int, float], dict[int, float]]] = [({}, {}) for _ in range(generated.shape[0])]
+    for t, step in enumerate(logprobs):
+        for row, (mean, sure) in chosen_loc_bins(step, generated[:, t], loc_ids).items():
+            found[row][0][t], found[row][1][t] = mean, sure
     return found
 
 
@@ -298,18 +313,20 @@ def generate(
     # At the first answer step every beam of an image holds the same `<s>`: its first beam speaks for all.
     ends = (real[ANSWER_START][::num_beams, tokenizer.eos_token_id].tolist() if len(real) > ANSWER_START
             else [None] * len(images))
-    bins = _loc_bins(out.logits, generated, loc_token_ids(tokenizer)) if num_beams == 1 else [{}] * len(images)
-    return [decode_generation(tokenizer, ids_row, lp_row, ent_row, end, loc)
-            for ids_row, lp_row, ent_row, end, loc in zip(generated.tolist(), logprobs.tolist(), entropies, ends, bins)]
+    locs = _loc_readings(real, generated, loc_token_ids(tokenizer)) if num_beams == 1 else [({}, {})] * len(images)
+    return [decode_generation(tokenizer, ids_row, lp_row, ent_row, end, *loc)
+            for ids_row, lp_row, ent_row, end, loc in zip(generated.tolist(), logprobs.tolist(), entropies, ends, locs)]
 
 
 def decode_generation(tokenizer, ids_row: list[int], logprobs_row: list[float],
                       entropies_row: list[float] | None = None, end_logprob: float | None = None,
-                      loc_bins: dict[int, float] | None = None) -> Generation:
+                      loc_bins: dict[int, float] | None = None, loc_near: dict[int, float] | None = None
+                      ) -> Generation:
     """One generated row (without the decoder-start token), its log-probs, (optionally) the
     entropy of each step, the log-probability of `</s>` at the first answer step
-    (`ANSWER_START`) and the mean bins of its `<loc_N>` steps (`Generation.loc_bins`) as a
-    `Generation`: cut after the first `</s>`, decoded without the frame tokens."""
+    (`ANSWER_START`) and the mean bins and probabilities near of its `<loc_N>` steps
+    (`Generation.loc_bins`, `loc_near`) as a `Generation`: cut after the first `</s>`, decoded
+    without the frame tokens."""
     ids, lps = _trim(ids_row, logprobs_row, tokenizer.eos_token_id, tokenizer.pad_token_id)
     entropies = list(entropies_row[: len(ids)]) if entropies_row is not None else []
     # Only the frame tokens are dropped from the text: a tokenizer may register `<loc_N>` as
@@ -320,4 +337,5 @@ def decode_generation(tokenizer, ids_row: list[int], logprobs_row: list[float],
                             clean_up_tokenization_spaces=False)
     answer = None if end_logprob is None else 1.0 - math.exp(end_logprob)
     return Generation(text=text, token_ids=ids, token_logprobs=lps, token_entropies=entropies,
-                      answer_probability=answer, loc_bins={i: b for i, b in (loc_bins or {}).items() if i < len(ids)})
+                      answer_probability=answer, loc_bins={i: b for i, b in (loc_bins or {}).items() if i < len(ids)},
+                      loc_near={i: p for i, p in (loc_near or {}).items() if i < len(ids)})

@@ -14,8 +14,8 @@ The search is torch's: greedy (num_beams 1) with `loomlens.infer.generation.gene
 checkpoint's generation_config never changes an answer), the output rows past the tokenizer's
 length masked (`VocabMask`), then any `logits_processor` (the class grammar), in the order
 transformers applies them; log-probabilities are read from the raw logits over the
-tokenizer's tokens, as the torch path reads them, and each chosen `<loc_N>`'s mean bin from
-the same logits (`chosen_loc_bins`).
+tokenizer's tokens, as the torch path reads them, and each chosen `<loc_N>`'s mean bin and
+probability near from the same log-probs (`chosen_loc_bins`).
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ class OnnxFlorence:
         ids = np.full((len(images), 1), settings["decoder_start_token_id"], dtype=np.int64)
         logits, cache = self.first_step(ids, states, mask)
         done = np.zeros(len(images), dtype=bool)
-        logprobs, ends, bins = [], [None] * len(images), [{} for _ in images]
+        logprobs, ends, bins, near = [], [None] * len(images), [{} for _ in images], [{} for _ in images]
         loc_ids = loc_token_ids(tokenizer)
         for step in range(budget):
             last = logits[:, -1, :].astype(np.float32)
@@ -176,8 +176,8 @@ class OnnxFlorence:
             shifted = last[:, :size] - last[:, :size].max(-1, keepdims=True)
             real[:, :size] = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
             logprobs.append(real[np.arange(len(images)), chosen])
-            for row, mean in chosen_loc_bins(torch.from_numpy(last), torch.from_numpy(chosen), loc_ids).items():
-                bins[row][step] = mean
+            for row, (mean, sure) in chosen_loc_bins(torch.from_numpy(real), torch.from_numpy(chosen), loc_ids).items():
+                bins[row][step], near[row][step] = mean, sure
             if step == ANSWER_START:
                 ends = real[:, eos].tolist()
             ids = np.concatenate([ids, chosen[:, None]], axis=1)
@@ -187,8 +187,8 @@ class OnnxFlorence:
             logits, cache = self.next_step(chosen, mask, cache)
         generated = ids[:, 1:].tolist()
         scores_by_row = np.stack(logprobs, axis=1).tolist()
-        return [decode_generation(tokenizer, row, lp, end_logprob=end, loc_bins=loc)
-                for row, lp, end, loc in zip(generated, scores_by_row, ends, bins)]
+        return [decode_generation(tokenizer, row, lp, end_logprob=end, loc_bins=mean, loc_near=sure)
+                for row, lp, end, mean, sure in zip(generated, scores_by_row, ends, bins, near)]
 
 
 def load_onnx_export(folder: str | Path, *, device: str = "cpu", precision: str = "auto"):

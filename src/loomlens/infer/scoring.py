@@ -21,8 +21,12 @@ The generation's token log-probs carry the model's belief, and each box owns a s
 
 All lie in [0, 1]. Each box's edges sit at the mean bins of its loc tokens
 (`Generation.loc_bins`, `generation.expected_bins`) where the generation measured them, else at
-the chosen bins' centres. `bench/decoding.py` measures the mAP each gives on a split, beside every
-score 1 (the seed's), and docs/evaluate-and-predict.md says why `product` is the default.
+the chosen bins' centres; and a coordinate's probability is then that of the bins within
+`generation.LOC_SURE` of the chosen one (`Generation.loc_near`), not of the chosen bin alone: a
+model sure of an edge to within a pixel but spread over three bins is sure of the box, and
+a box's place is judged at IoU thresholds, not to the bin. `bench/decoding.py` measures the
+mAP each gives on a split, beside every score 1 (the seed's), and
+docs/evaluate-and-predict.md says why `product` is the default.
 """
 
 from __future__ import annotations
@@ -82,13 +86,17 @@ def scored_boxes(
     and the count of dropped parts: malformed ones, and boxes under `MIN_BOX_PX` in width or
     height (the one place every scored box passes, so no command returns such a box).
     `default_label` names boxes with no label of their own (the phrase, for grounding). Edges
-    are placed by `placed`."""
+    are placed by `placed`; a coordinate's probability is its `Generation.loc_near` where
+    measured, else its token's."""
     pieces = token_pieces(tokenizer, generation.token_ids)
     aligned, dropped = align_boxes(pieces, width, height, default_label)
     visible = [t for t in aligned if t.box.width >= MIN_BOX_PX and t.box.height >= MIN_BOX_PX]
+    logprobs = list(generation.token_logprobs)
+    for i, near in generation.loc_near.items():
+        logprobs[i] = math.log(near) if near > 0 else float("-inf")
     boxes = [
         replace(placed(t, generation.loc_bins, width, height),
-                score=box_score(generation.token_logprobs, t.label_tokens, t.loc_tokens, method))
+                score=box_score(logprobs, t.label_tokens, t.loc_tokens, method))
         for t in visible
     ]
     return boxes, dropped + len(aligned) - len(visible)
