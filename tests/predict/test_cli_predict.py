@@ -16,17 +16,17 @@ def _predict(pattern, out, *options) -> list[dict]:
 
 
 def test_predict_command_on_a_folder(tmp_path):
-    square = Image.new("RGB", (96, 64), (40, 40, 40))  # the pretrained tiny finds it, with a low score
+    square = Image.new("RGB", (96, 64), (40, 40, 40))  # the pretrained tiny finds it, scored under 0.9
     ImageDraw.Draw(square).rectangle([20, 15, 60, 50], fill=(230, 230, 230))
     square.save(tmp_path / "im0.png")
     Image.new("RGB", (96, 64), (100, 50, 50)).save(tmp_path / "im1.png")
-    (tmp_path / "rules.yaml").write_text("min_score: 0.5\n")
+    (tmp_path / "rules.yaml").write_text("min_score: 0.9\n")
     plain = _predict(tmp_path / "*.png", tmp_path / "plain", "--no-draw")
     assert [x["source"].endswith(f"im{i}.png") for i, x in enumerate(plain)] == [True, True]
-    assert [b["label"] for b in plain[0]["boxes"]] == ["square"] and plain[0]["boxes"][0]["score"] < 0.5
+    assert [b["label"] for b in plain[0]["boxes"]] == ["square"] and plain[0]["boxes"][0]["score"] < 0.9
     out = tmp_path / "out"
     ruled = _predict(tmp_path / "*.png", out, "--coco", "--regions", str(tmp_path / "rules.yaml"))
-    assert ruled[0]["boxes"] == [] and all(b["score"] >= 0.5 for x in ruled for b in x["boxes"])
+    assert ruled[0]["boxes"] == [] and all(b["score"] >= 0.9 for x in ruled for b in x["boxes"])
     assert (out / "coco_results.json").exists() and (out / "rules-applied.yaml").exists()
     assert len(list((out / "drawn").iterdir())) == 2
     # The same folder again for one picture, plainly: nothing of the run before stays beside it.
