@@ -152,7 +152,8 @@ def test_the_cached_search_answers_as_torch_token_for_token(net, torch_tiny) -> 
             # Edges at the mean bins near the chosen ones (`expected_bins`), read from each backend's logits.
             assert np.allclose([(x.x1, x.y1, x.x2, x.y2) for x in a.boxes], [(x.x1, x.y1, x.x2, x.y2) for x in b.boxes],
                                atol=1e-3)
-            assert a.generation.loc_bins.keys() == b.generation.loc_bins.keys()
+            assert a.generation.loc_near.keys() == b.generation.loc_near.keys() == a.generation.loc_bins.keys()
+            assert np.allclose(list(a.generation.loc_near.values()), list(b.generation.loc_near.values()), atol=1e-4)
     prompts = ["<OD>", "<CAPTION_TO_PHRASE_GROUNDING>a broken weft across the loom", "<CAPTION>"]
     ours = generate(torch_tiny.model, processor, images, prompts, 24)
     theirs = generate(net, processor, images, prompts, 24)

@@ -12,8 +12,8 @@ from loomlens.infer import detect
 from loomlens.infer.grammar import BoxGrammar
 from loomlens.infer.detection import detect_with_details
 from loomlens.infer.generation import LOC_SURE, LOC_WINDOW, box_token_budget, expected_bins, generate, label_token_count
-from loomlens.model.tokenizer import loc_token_ids
 from loomlens.infer.parsing import token_pieces
+from loomlens.model.tokenizer import loc_token_ids
 
 CLASSES = ["drop", "wrinkle", "broken-weft"]
 

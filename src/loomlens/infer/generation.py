@@ -226,34 +226,41 @@ def expected_bins(loc_logits: torch.Tensor, chosen: torch.Tensor, window: int = 
     return (weights * bins).sum(-1)
 
 
-def chosen_loc_bins(step_logprobs: torch.Tensor, chosen: torch.Tensor, loc_ids: list[int]
+def loc_lookup(tokenizer, vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per search, for `chosen_loc_bins`: the ids of `<loc_0>`..`<loc_999>` in order,
+    and for each of the `vocab` output rows its bin (-1 for a token that is no `<loc_N>`)."""
+    ids = torch.tensor(loc_token_ids(tokenizer), device=device)
+    bin_of = torch.full((vocab,), -1, dtype=torch.long, device=device)
+    bin_of[ids] = torch.arange(len(ids), device=device)
+    return ids, bin_of
+
+
+def chosen_loc_bins(step_logprobs: torch.Tensor, chosen: torch.Tensor, lookup: tuple[torch.Tensor, torch.Tensor]
                     ) -> dict[int, tuple[float, float]]:
     """At one search step: `{row: (mean bin, probability near)}` for the rows of `chosen`
     ((rows,) token ids) that chose a `<loc_N>`: the `expected_bins` within `LOC_WINDOW`, and the
     probability of the bins within `LOC_SURE` of N. `step_logprobs` ((rows, vocab)) are the
-    step's log-probs over the tokenizer's tokens; `loc_ids` `<loc_0>`..`<loc_999>`'s ids."""
-    device = step_logprobs.device
-    ids = torch.tensor(loc_ids, device=device)
-    bin_of = torch.full((step_logprobs.shape[-1],), -1, dtype=torch.long, device=device)
-    bin_of[ids] = torch.arange(len(loc_ids), device=device)
-    bins = bin_of[chosen.to(device)]
+    step's log-probs over the tokenizer's tokens; `lookup` is `loc_lookup`'s."""
+    ids, bin_of = lookup
+    bins = bin_of[chosen.to(bin_of.device)]
     rows = (bins >= 0).nonzero().flatten()
     if not len(rows):
         return {}
     locs, picked = step_logprobs[rows][:, ids].float(), bins[rows]
     means = expected_bins(locs, picked, window=LOC_WINDOW)
-    near = (torch.arange(len(loc_ids), device=device)[None, :] - picked[:, None]).abs() <= LOC_SURE
+    near = (torch.arange(len(ids), device=ids.device)[None, :] - picked[:, None]).abs() <= LOC_SURE
     sure = locs.masked_fill(~near, float("-inf")).logsumexp(-1).exp()
     return dict(zip(rows.tolist(), zip(means.tolist(), sure.tolist())))
 
 
-def _loc_readings(logprobs: tuple[torch.Tensor, ...], generated: torch.Tensor, loc_ids: list[int]
+def _loc_readings(logprobs: tuple[torch.Tensor, ...], generated: torch.Tensor, tokenizer
                   ) -> list[tuple[dict[int, float], dict[int, float]]]:
     """For each row of `generated` ((batch, steps), greedy: `logprobs[t]` is row-aligned), the
     `chosen_loc_bins` of its steps as (mean bins, probabilities near), each by step."""
+    lookup = loc_lookup(tokenizer, logprobs[0].shape[-1], generated.device) if logprobs else None
     found: list[tuple[dict[int, float], dict[int, float]]] = [({}, {}) for _ in range(generated.shape[0])]
     for t, step in enumerate(logprobs):
-        for row, (mean, sure) in chosen_loc_bins(step, generated[:, t], loc_ids).items():
+        for row, (mean, sure) in chosen_loc_bins(step, generated[:, t], lookup).items():
             found[row][0][t], found[row][1][t] = mean, sure
     return found
 
@@ -313,7 +320,7 @@ def generate(
     # At the first answer step every beam of an image holds the same `<s>`: its first beam speaks for all.
     ends = (real[ANSWER_START][::num_beams, tokenizer.eos_token_id].tolist() if len(real) > ANSWER_START
             else [None] * len(images))
-    locs = _loc_readings(real, generated, loc_token_ids(tokenizer)) if num_beams == 1 else [({}, {})] * len(images)
+    locs = _loc_readings(real, generated, tokenizer) if num_beams == 1 else [({}, {})] * len(images)
     return [decode_generation(tokenizer, ids_row, lp_row, ent_row, end, *loc)
             for ids_row, lp_row, ent_row, end, loc in zip(generated.tolist(), logprobs.tolist(), entropies, ends, locs)]
 

@@ -36,9 +36,9 @@ from loomlens.infer.generation import (
     chosen_loc_bins,
     decode_generation,
     generation_settings,
+    loc_lookup,
 )
 from loomlens.infer.pixels import model_inputs
-from loomlens.model.tokenizer import loc_token_ids
 
 #: The parts an export folder holds, by the names the community's Florence-2 ONNX exports use
 #: (onnx-community/Florence-2-base: the split decoder pair optimum's seq2seq runtime loads).
@@ -167,7 +167,7 @@ class OnnxFlorence:
         logits, cache = self.first_step(ids, states, mask)
         done = np.zeros(len(images), dtype=bool)
         logprobs, ends, bins, near = [], [None] * len(images), [{} for _ in images], [{} for _ in images]
-        loc_ids = loc_token_ids(tokenizer)
+        lookup = loc_lookup(tokenizer, logits.shape[-1], "cpu")
         for step in range(budget):
             last = logits[:, -1, :].astype(np.float32)
             scores = rules(torch.from_numpy(ids), torch.from_numpy(last.copy())).numpy()
@@ -176,7 +176,7 @@ class OnnxFlorence:
             shifted = last[:, :size] - last[:, :size].max(-1, keepdims=True)
             real[:, :size] = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
             logprobs.append(real[np.arange(len(images)), chosen])
-            for row, (mean, sure) in chosen_loc_bins(torch.from_numpy(real), torch.from_numpy(chosen), loc_ids).items():
+            for row, (mean, sure) in chosen_loc_bins(torch.from_numpy(real), torch.from_numpy(chosen), lookup).items():
                 bins[row][step], near[row][step] = mean, sure
             if step == ANSWER_START:
                 ends = real[:, eos].tolist()
