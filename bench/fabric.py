@@ -22,8 +22,8 @@ What a user would do, command for command: the frames written as a LabelImg fold
 convert SRC D --flip` with a 20 % test split (seed 0), `loomlens train --data D --out R
 --time-budget S` with no other flag, then `loomlens predict` on the unflipped test frames as it
 runs by default. Reported for the `best` and the `last` adapter: test mAP50, mAP50-95, AP50 per
-class, image-level defect recall at <= 1 % of defect-free frames flagged and AUROC, the steps
-made and the best step; beside them the untrained tiny model on the same frames.
+class, image-level defect recall at <= 1 % of defect-free frames flagged and AUROC, val mAP50
+and AUROC the same way, the steps made and the best step; beside them the untrained tiny model on the same frames.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from typing import Any
 
 from bench.common import RESULTS, Table, common_flags, fmt, publish
 from bench.real import (
-    SCORE_COLUMNS, SCORE_NOTE, TTA_NOTE, loomlens, predicted_boxes, rescored, rescored_note, run_flags, score_cells,
-    scores, test_frames, train_and_score,
+    SCORE_COLUMNS, SCORE_NOTE, TTA_NOTE, loomlens, rescored, rescored_note, run_flags, score_cells,
+    held_out, held_out_scores, train_and_score,
 )
 
 NAME = "fabric"
@@ -82,7 +82,8 @@ def tables(result: dict[str, Any]) -> list[Table]:
     rows.append(["untrained tiny", *score_cells(result["untrained"]), "0", "-"])
     words = result.get("words", "generator")
     notes = [f"{result['images']} synthetic fabric frames of {result['size']} px (seed {result['seed']}), classes in "
-             f"the {words}'s words, converted with --flip; {result['frames']} unflipped test frames ({result['defective']} with defects); "
+             f"the {words}'s words, converted with --flip; {result['frames']} unflipped test frames ({result['defective']} with defects)"
+             f"{val_frames(result)}; "
              f"{result['budget_s']:.0f} s of training on this machine"]
     main = Table("A fabric the recipe never saw (synthetic, test split)",
                  ["run", *SCORE_COLUMNS, "steps", "best step"], rows,
@@ -109,15 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     write_frames(source, args.images, args.seed, args.size, PLANT_WORDS if args.words == "plant" else {})
     shutil.rmtree(data, ignore_errors=True)
     loomlens("convert", str(source), str(data), "--flip", *SPLIT)
-    frames, truth, classes = test_frames(data)
-    found, probabilities = predicted_boxes(frames, WORK / "predict" / "untrained", "--model", "tiny", tile=None)
-    untrained = scores(truth, found, classes, probabilities)
-    runs = [train_and_score(data, "default", budget, [], frames, truth, classes, work=WORK, tile=None)]
+    held, classes = held_out(data)
+    frames, truth = held["test"]
+    untrained = held_out_scores(held, classes, WORK / "predict" / "untrained", "--model", "tiny", tile=None)
+    runs = [train_and_score(data, "default", budget, [], held, classes, work=WORK, tile=None)]
     if args.set:
-        runs.append(train_and_score(data, args.tag, budget, args.set, frames, truth, classes, work=WORK, tile=None))
+        runs.append(train_and_score(data, args.tag, budget, args.set, held, classes, work=WORK, tile=None))
     result = {"budget_s": budget, "tta": "auto", "images": args.images, "size": args.size, "seed": args.seed,
               "words": args.words,
-              "frames": len(frames), "defective": sum(map(bool, truth)), "classes": classes,
+              "frames": len(frames), "defective": sum(map(bool, truth)), "classes": classes, "val_frames": len(held["val"][0]),
               "untrained": untrained, "runs": runs}
     return publish(NAME, result, args.out, argv, tables)
 

@@ -7,10 +7,11 @@
 What a new user would do, command for command: `loomlens convert AITEX D --flip` (one fixed
 split by image, seed 0: 60 % train, 20 % val, 20 % test; `--tile auto`, the default, picks the
 tile edge), then `loomlens train --data D --out R --time-budget S` with no other flag, then
-`loomlens predict` on the whole test frames (4096x256 line-scan strips, tiled as predict tiles
-them: at the tile edge the data was cut to). Reported for the `best`
-and the `last` adapter: test mAP50, mAP50-95, AP50 per class, image-level defect recall at
-<= 1 % of defect-free frames flagged, the steps made and the best step. Beside them, in the
+`loomlens predict` on the whole test and val frames (4096x256 line-scan strips, tiled as
+predict tiles them: at the tile edge the data was cut to). Reported for the `best` and the
+`last` adapter: test mAP50, mAP50-95, AP50 per class, image-level defect recall at <= 1 % of
+defect-free frames flagged, val mAP50 and AUROC scored the same way (so a gap between best and
+last shows on two held-out splits, not one), the steps made and the best step. Beside them, in the
 same run: the untrained embedded model on the same frames, and YOLO11n from scratch
 (ultralytics, `bench/yolo_baseline.py`) on the same samples for the same budget, predicted
 tiled and merged as predict does: what a user would pick instead, offline. That row is
@@ -60,13 +61,13 @@ def data_tile(data: Path) -> int | None:
     return json.loads((data / "summary.json").read_text()).get("tile")
 
 
-def test_frames(data: Path) -> tuple[list[Path], list[list], list[str]]:
-    """The whole, unflipped frames of the test split: their paths, true boxes and the classes."""
+def split_frames(data: Path, split: str = "test") -> tuple[list[Path], list[list], list[str]]:
+    """The whole, unflipped frames of `split`: their paths, true boxes and the classes."""
     from loomlens.data.dataset import read_jsonl
     from loomlens.data.florence_text import parse_text
 
     paths, truth = [], []
-    for s in read_jsonl(data / "test.jsonl"):
+    for s in read_jsonl(data / f"{split}.jsonl"):
         image = Path(s["image"])
         if "tiles" in image.parts or image.name.startswith("flipped_"):
             continue
@@ -93,6 +94,28 @@ def predicted_boxes(frames: list[Path], out: Path, *source: str,
     return [by_source[str(f)][0] for f in frames], [by_source[str(f)][1] for f in frames]
 
 
+#: The held-out splits a run is scored on: split -> (whole frames, their true boxes); "test"
+#: fills the tables' main columns, "val" (where present) its own.
+HeldOut = dict[str, tuple[list[Path], list[list]]]
+
+
+def held_out(data: Path) -> tuple[HeldOut, list[str]]:
+    """The test and val frames of the converted folder `data` (`split_frames`), and the classes."""
+    test, val = split_frames(data, "test"), split_frames(data, "val")
+    return {"test": test[:2], "val": val[:2]}, test[2]
+
+
+def held_out_scores(held: HeldOut, classes: list[str], out: Path, *source: str, tile: int | None) -> dict[str, Any]:
+    """`scores` of `loomlens predict` with `source` (written to `out`, and `out`-val) on the test
+    frames, with the val frames' under "val"."""
+    found = {}
+    for split, (frames, truth) in held.items():
+        where = out if split == "test" else out.parent / f"{out.name}-{split}"
+        boxes, probabilities = predicted_boxes(frames, where, *source, tile=tile)
+        found[split] = scores(truth, boxes, classes, probabilities)
+    return {**found.pop("test"), **found}
+
+
 def scores(truth: list[list], predicted: list[list], classes: list[str],
            probabilities: list[float | None] | None = None) -> dict[str, Any]:
     """Test mAP50, mAP50-95, AP50 per class and the image-level OK/NG figures: frames scored
@@ -114,7 +137,7 @@ def scores(truth: list[list], predicted: list[list], classes: list[str],
 
 
 #: The columns `score_cells` fills, and what they mean.
-SCORE_COLUMNS = ["mAP50", "mAP50-95", "AUROC", "recall @1% FA", "AUROC (box)", "recall @1% FA (box)", "boxes"]
+SCORE_COLUMNS = ["mAP50", "mAP50-95", "val mAP50", "val AUROC", "AUROC", "recall @1% FA", "AUROC (box)", "recall @1% FA (box)", "boxes"]
 #: How `predicted_boxes` runs `loomlens predict`: with its defaults, as a user would.
 TTA_NOTE = ("loomlens rows: `loomlens predict` with its defaults, so each frame (and tile) is also looked at "
             "through the mirrors its run was trained on and the boxes fused (`--tta auto`)")
@@ -125,10 +148,12 @@ SCORE_NOTE = ("AUROC and recall at 1 % of good frames flagged: frames ranked by 
 
 def score_cells(s: dict[str, Any]) -> list[str]:
     """One `scores` result as table cells, in `SCORE_COLUMNS` order. A result saved before frames
-    were ranked by the answer probability ranked them by box: its figures go to the box columns."""
+    were ranked by the answer probability ranked them by box: its figures go to the box columns;
+    one saved before val frames were scored has `-` for them."""
     if "auroc_box" not in s:
         s = {**s, "auroc": None, "recall_at_1pct": None, "auroc_box": s["auroc"], "recall_at_1pct_box": s["recall_at_1pct"]}
-    return [fmt(s["map50"]), fmt(s["map50_95"]), fmt(s["auroc"]), fmt(s["recall_at_1pct"]), fmt(s["auroc_box"]),
+    val = s.get("val", {})
+    return [fmt(s["map50"]), fmt(s["map50_95"]), fmt(val.get("map50")), fmt(val.get("auroc")), fmt(s["auroc"]), fmt(s["recall_at_1pct"]), fmt(s["auroc_box"]),
             fmt(s["recall_at_1pct_box"]), str(s["boxes"])]
 
 
@@ -142,37 +167,35 @@ def history(run: Path) -> dict[str, Any]:
             "best_step": best[0], "best_val_map50": best[1]}
 
 
-def train_and_score(data: Path, name: str, budget: float, overrides: list[str], frames, truth, classes,
+def train_and_score(data: Path, name: str, budget: float, overrides: list[str], held: HeldOut, classes: list[str],
                     work: Path, tile: int | None) -> dict:
     """One default-recipe run (plus `overrides`) in `work`, scored with its best and last
-    adapters (`predicted_boxes` with `tile`)."""
+    adapters on the `held` frames (`predicted_boxes` with `tile`)."""
     run = work / "runs" / name
     shutil.rmtree(run, ignore_errors=True)
     loomlens("train", "--data", str(data), "--out", str(run), "--time-budget", str(budget), *overrides)
     row: dict[str, Any] = {"name": name, "overrides": overrides, "budget_s": budget, **history(run)}
-    return {**row, **score_adapters(name, frames, truth, classes, work, tile)}
+    return {**row, **score_adapters(name, held, classes, work, tile)}
 
 
-def score_adapters(name: str, frames, truth, classes, work: Path, tile: int | None) -> dict[str, dict[str, Any]]:
-    """`scores` of the best and last adapters of the run `work/runs/name` on the test frames."""
-    row = {}
-    for checkpoint in ("best", "last"):
-        found, probabilities = predicted_boxes(frames, work / "predict" / f"{name}-{checkpoint}", "--adapter",
-                                               str(work / "runs" / name), "--checkpoint", checkpoint, tile=tile)
-        row[checkpoint] = scores(truth, found, classes, probabilities)
-    return row
+def score_adapters(name: str, held: HeldOut, classes: list[str], work: Path,
+                   tile: int | None) -> dict[str, dict[str, Any]]:
+    """`held_out_scores` of the best and last adapters of the run `work/runs/name`."""
+    return {checkpoint: held_out_scores(held, classes, work / "predict" / f"{name}-{checkpoint}", "--adapter",
+                                        str(work / "runs" / name), "--checkpoint", checkpoint, tile=tile)
+            for checkpoint in ("best", "last")}
 
 
-def rescore(saved: dict[str, Any], frames, truth, classes, work: Path, tile: int | None) -> dict:
+def rescore(saved: dict[str, Any], held: HeldOut, classes: list[str], work: Path, tile: int | None) -> dict:
     """A saved result with the untrained model and every run's kept adapters predicted and scored
-    again on the same test frames: the training as it was, the prediction and scoring of this
+    again on the same held-out frames: the training as it was, the prediction and scoring of this
     code (to measure a change there without training again). `rescored_from` keeps the command
     and date of the run that trained them (also through a second re-scoring)."""
-    found, probabilities = predicted_boxes(frames, work / "predict" / "untrained", "--model", "tiny", tile=tile)
-    runs = [{**r, **score_adapters(r["name"], frames, truth, classes, work, tile)} for r in saved["runs"]]
+    untrained = held_out_scores(held, classes, work / "predict" / "untrained", "--model", "tiny", tile=tile)
+    runs = [{**r, **score_adapters(r["name"], held, classes, work, tile)} for r in saved["runs"]]
     kept = {k: v for k, v in saved.items() if k not in ("bench", "command", "machine")}
     trained_by = saved.get("rescored_from") or {"command": saved["command"], "date": saved["machine"]["date"]}
-    return {**kept, "untrained": scores(truth, found, classes, probabilities), "runs": runs, "rescored_from": trained_by,
+    return {**kept, "val_frames": len(held["val"][0]), "untrained": untrained, "runs": runs, "rescored_from": trained_by,
             "tta": "auto"}
 
 
@@ -191,8 +214,8 @@ def run_flags(parser: argparse.ArgumentParser) -> None:
 def rescored(name: str, args: argparse.Namespace, argv, tables, work: Path, tile: bool) -> int:
     """`--rescore`: the saved result at `args.out` re-scored (`rescore`) on the test frames in
     `work/data`, published in its place; tiled at the data's tile edge when `tile`."""
-    frames, truth, classes = test_frames(work / "data")
-    result = rescore(json.loads(args.out.read_text()), frames, truth, classes, work=work,
+    held, classes = held_out(work / "data")
+    result = rescore(json.loads(args.out.read_text()), held, classes, work=work,
                      tile=data_tile(work / "data") if tile else None)
     return publish(name, result, args.out, argv, tables)
 
@@ -227,6 +250,11 @@ def yolo_note(yolo: dict[str, Any]) -> str:
             f"its steps are batches of {yolo['batch']}, its best is ultralytics' best.pt")
 
 
+def val_frames(result: dict[str, Any]) -> str:
+    """The tables' words on the val frames scored beside the test frames (none in older results)."""
+    return f" and {result['val_frames']} whole val frames" if result.get("val_frames") else ""
+
+
 def tables(result: dict[str, Any]) -> list[Table]:
     """Test-split figures per run (best and last adapter) and the per-class AP50 of the default."""
     yolo = result["yolo"]
@@ -237,7 +265,7 @@ def tables(result: dict[str, Any]) -> list[Table]:
             rows.append([f"{r['name']} ({checkpoint})", *score_cells(s), str(r["steps"]),
                          "-" if r["best_step"] is None else str(r["best_step"])])
     rows.append(["untrained tiny", *score_cells(result["untrained"]), "0", "-"])
-    notes = [f"AITEX, {result['frames']} whole test frames ({result['defective']} with defects), "
+    notes = [f"AITEX, {result['frames']} whole test frames ({result['defective']} with defects){val_frames(result)}, "
              f"{(str(result.get('tile', 256)) + ' px tiles') if result.get('tile', 256) else 'whole frames'}; "
              f"{result['budget_s']:.0f} s of training on this machine; doi:10.2478/aut-2019-0035",
              yolo_note(yolo)]
@@ -263,13 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     data = WORK / "data"
     convert(args.data, data)
     tile = data_tile(data)
-    frames, truth, classes = test_frames(data)
-    found, probabilities = predicted_boxes(frames, WORK / "predict" / "untrained", "--model", "tiny", tile=tile)
-    untrained = scores(truth, found, classes, probabilities)
-    runs = [train_and_score(data, "default", budget, [], frames, truth, classes, WORK, tile)]
+    held, classes = held_out(data)
+    frames, truth = held["test"]
+    untrained = held_out_scores(held, classes, WORK / "predict" / "untrained", "--model", "tiny", tile=tile)
+    runs = [train_and_score(data, "default", budget, [], held, classes, WORK, tile)]
     if args.set:
-        runs.append(train_and_score(data, args.tag, budget, args.set, frames, truth, classes, WORK, tile))
+        runs.append(train_and_score(data, args.tag, budget, args.set, held, classes, WORK, tile))
     result = {"budget_s": budget, "frames": len(frames), "defective": sum(map(bool, truth)), "classes": classes,
+              "val_frames": len(held["val"][0]),
               "tile": tile, "untrained": untrained, "runs": runs, "tta": "auto",
               "yolo": yolo_row(data, budget, frames, truth, classes, tile)}
     return publish(NAME, result, args.out, argv, tables)

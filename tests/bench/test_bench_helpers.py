@@ -153,7 +153,7 @@ def test_real_scores_rank_frames_by_answer_probability_and_show_the_box_ranking_
     assert (got["auroc"], got["recall_at_1pct"]) == (1.0, 1.0)  # both defective frames above both good ones
     assert got["auroc_box"] == 0.375 and got["recall_at_1pct_box"] == 0.0
     old = {"map50": 0.1, "map50_95": 0.05, "auroc": 0.7, "recall_at_1pct": 0.15, "boxes": 3}  # saved before
-    assert real.score_cells(old)[2:6] == ["-", "-", "0.700", "0.150"]
+    assert real.score_cells(old)[2:8] == ["-", "-", "-", "-", "0.700", "0.150"]  # no val figures either
 
 
 def test_rescore_keeps_the_training_and_scores_the_kept_adapters_again(monkeypatch, tmp_path):
@@ -172,9 +172,14 @@ def test_rescore_keeps_the_training_and_scores_the_kept_adapters_again(monkeypat
     saved = {"bench": "real", "command": "python -m bench.real", "machine": {"date": "then"}, "frames": 2,
              "defective": 1, "budget_s": 60.0, "classes": ["stain"], "yolo": {"name": "yolo11n", "skipped": "no"},
              "untrained": old, "runs": [{"name": "default", "steps": 7, "best_step": 5, "best": old, "last": old}]}
-    result = real.rescore(saved, ["a.png", "b.png"], truth, ["stain"], work=tmp_path, tile=256)
-    assert [a[:2] for a in asked] == [("untrained", "tiny"), ("default-best", "best"), ("default-last", "last")]
+    held = {"test": (["a.png", "b.png"], truth), "val": (["c.png", "d.png"], [[], []])}
+    result = real.rescore(saved, held, ["stain"], work=tmp_path, tile=256)
+    assert [a[:2] for a in asked] == [("untrained", "tiny"), ("untrained-val", "tiny"), ("default-best", "best"),
+                                      ("default-best-val", "best"), ("default-last", "last"), ("default-last-val", "last")]
     run = result["runs"][0]
     assert (run["steps"], run["best_step"]) == (7, 5) and run["best"]["map50"] == 1.0 and run["last"]["auroc"] == 1.0
+    assert run["best"]["val"]["boxes"] == 1 and run["best"]["val"]["map50"] == 0.0  # a box on a clean val frame
+    cells = real.score_cells(run["best"])
+    assert cells[:3] == ["1.000", "1.000", "0.000"] and real.score_cells(old)[2] == "-"  # saved before: no val
     assert result["rescored_from"] == {"command": "python -m bench.real", "date": "then"} and "machine" not in result
     assert real.tables(result)[0].notes[-1].startswith("re-scored: the adapters trained by `python -m bench.real`")
