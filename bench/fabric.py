@@ -36,8 +36,8 @@ from typing import Any
 
 from bench.common import RESULTS, Table, common_flags, fmt, publish
 from bench.real import (
-    SCORE_COLUMNS, SCORE_NOTE, TTA_NOTE, loomlens, rescored, rescored_note, run_flags, score_cells,
-    held_out, held_out_scores, train_and_score,
+    SCORE_COLUMNS, SCORE_NOTE, TTA_NOTE, held_out, held_out_scores, loomlens, rescored, rescored_note, run_flags,
+    score_cells, train_and_score, val_frames,
 )
 
 NAME = "fabric"
