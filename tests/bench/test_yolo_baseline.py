@@ -178,6 +178,7 @@ def test_where_ultralytics_imports_the_row_trains_predicts_and_is_scored(monkeyp
                                                             "best": row["best"], "last": row["last"]}]})[0]
     assert [r[0] for r in main.rows] == ["default (best)", "default (last)", "yolo11n (best)", "yolo11n (last)",
                                          "untrained tiny"]
-    # YOLO has no answer probability: its frames rank by their best box both ways.
-    assert main.rows[2][1:] == ["1.000", "1.000", "1.000", "1.000", "1.000", "1.000", "1", "3", "-"]
+    # YOLO has no answer probability: its frames rank by their best box both ways; it is scored
+    # on the test frames only.
+    assert main.rows[2][1:] == ["1.000", "1.000", "-", "-", "1.000", "1.000", "1.000", "1.000", "1", "3", "-"]
     assert main.notes[1].startswith("yolo11n: from scratch")
