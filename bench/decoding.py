@@ -10,7 +10,8 @@ One free-running generation per image, the model as `loomlens eval` runs it (ada
   geometric-mean coordinate probability, the default), `mean` (geometric mean over all the
   box's tokens), `label` (the label's probability alone); a coordinate's probability is that of
   the bins near the chosen one (`Generation.loc_near`), and one more row reads it, as before,
-  from the chosen token alone;
+  from the chosen token alone; and one more gives each box also under the other classes the
+  model nearly wrote for it (`scoring.other_labels`), as `loomlens eval` counts boxes;
 - every score 1 (the seed's way), with loomlens's parser;
 - every score 1, read by Florence-2's processor (`batch_decode` + `post_process_generation`,
   `bench.common.processor_boxes`): the seed's whole reading of the same tokens, so a
@@ -41,7 +42,7 @@ from loomlens.evaluate.metrics import coco_metrics
 from loomlens.evaluate.report import od_images
 from loomlens.infer.detection import batched, detect_with_details
 from loomlens.infer.loading import load_for_inference
-from loomlens.infer.scoring import SCORE_METHODS, scored_boxes
+from loomlens.infer.scoring import SCORE_METHODS, class_spellings, scored_boxes
 
 
 def row(name: str, truth, predicted, classes, dropped: int, seconds: float) -> dict:
@@ -107,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                for (w, h), d in grammar]
         rows.append(row("constrained, score=product, coordinates by their own token", truth, own, classes, dropped,
                         seconds))
+        spellings = class_spellings(tokenizer, classes)
+        others = [scored_boxes(tokenizer, d.generation, w, h, spellings=spellings)[0][: args.max_boxes]
+                  for (w, h), d in grammar]
+        rows.append(row("constrained, score=product, also under the classes nearly written (eval's way)", truth,
+                        others, classes, dropped, seconds))
         rows.append(row("constrained, score=1", truth, [[replace(b, score=1.0) for b in d.boxes] for _, d in grammar],
                         classes, dropped, seconds))
     for r in rows:  # how sure each difference to the default reading is

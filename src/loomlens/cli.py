@@ -750,6 +750,10 @@ def predict_command(
     score_threshold: float = typer.Option(0.0, min=0.0, max=1.0, help="Drop boxes scoring lower."),
     coco: bool = typer.Option(False, help="Also write coco_results.json (COCO results: image_id, category_id, "
                               "bbox, score) and coco_images.json (the images and categories they refer to)."),
+    other_labels: bool = typer.Option(False, help="od: also give each box under the other classes the model "
+                                      "nearly wrote for it (probability 0.25 or more), as `loomlens eval` counts "
+                                      "them: to score the predictions with another mAP tool. Off, a place has one "
+                                      "label."),
     save_labels: str | None = typer.Option(None, help="Also write pre-annotations for a labelling tool: voc "
                                            "(LabelImg), yolo (LabelImg YOLO), labelstudio (tasks.json with scored "
                                            "predictions) or coco; `loomlens convert` reads the folder back."),
@@ -786,7 +790,8 @@ def predict_command(
         total = count_items(files, every)
         predictor = Predictor(model=model, adapter=adapter, device=_device(device), max_boxes=max_boxes,
                               batch_size=batch_size, checkpoint=checkpoint, regions=regions, tile_size=tile_size,
-                              constrained=constrained, precision=precision, backend=backend, tta=tta)
+                              constrained=constrained, precision=precision, backend=backend, tta=tta,
+                              other_labels=other_labels)
         with Progress(transient=True) as bar, _sigterm_as_interrupt():
             job = bar.add_task(f"{task} on {total} images/frames", total=total)
             summary = predict_files(predictor, inputs, out, task=task, text=text, tile=tile, every=every,

@@ -154,6 +154,10 @@ def test_the_cached_search_answers_as_torch_token_for_token(net, torch_tiny) -> 
                                atol=1e-3)
             assert a.generation.loc_near.keys() == b.generation.loc_near.keys() == a.generation.loc_bins.keys()
             assert np.allclose(list(a.generation.loc_near.values()), list(b.generation.loc_near.values()), atol=1e-4)
+            # The tokens ranked next beside each word, which name a box's other classes (`other_labels`).
+            assert a.generation.runners_up.keys() == b.generation.runners_up.keys()
+            assert np.allclose([lp for v in a.generation.runners_up.values() for _, lp in v],
+                               [lp for v in b.generation.runners_up.values() for _, lp in v], atol=1e-4)
     prompts = ["<OD>", "<CAPTION_TO_PHRASE_GROUNDING>a broken weft across the loom", "<CAPTION>"]
     ours = generate(torch_tiny.model, processor, images, prompts, 24)
     theirs = generate(net, processor, images, prompts, 24)

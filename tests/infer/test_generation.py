@@ -11,7 +11,9 @@ from loomlens.data.florence_text import parse_text
 from loomlens.infer import detect
 from loomlens.infer.grammar import BoxGrammar
 from loomlens.infer.detection import detect_with_details
-from loomlens.infer.generation import LOC_SURE, LOC_WINDOW, box_token_budget, expected_bins, generate, label_token_count
+from loomlens.infer.generation import (
+    LOC_SURE, LOC_WINDOW, RUNNERS_UP, box_token_budget, expected_bins, generate, label_token_count,
+)
 from loomlens.infer.parsing import token_pieces
 from loomlens.model.tokenizer import loc_token_ids
 
@@ -136,6 +138,29 @@ def test_greedy_answers_carry_the_mean_bin_of_each_loc_token(tiny, images):
     assert all(math.exp(gen.token_logprobs[i]) - 1e-5 <= gen.loc_near[i] <= 1 + 1e-5 for i in locs)
     beams = generate(model, processor, images[:1], ["<OD>"], max_new_tokens=12, num_beams=2)[0]
     assert beams.loc_bins == {} and beams.loc_near == {}  # a beam's steps are not row-aligned
+    assert beams.runners_up == {}
+
+
+def test_greedy_answers_carry_the_tokens_ranked_next_beside_each_word(tiny, images):
+    """Each chosen token that is no `<loc_N>` keeps the `RUNNERS_UP` most likely other tokens
+    under the model's raw distribution at that step, as teacher forcing reads them."""
+    from loomlens.infer.pixels import model_inputs
+
+    model, processor = tiny
+    tok = processor.tokenizer
+    loc_ids = set(loc_token_ids(tok))
+    gen = generate(model, processor, images[:1], ["<OD>"], max_new_tokens=12)[0]
+    words = [i for i, t in enumerate(gen.token_ids) if t not in loc_ids]
+    assert words and sorted(gen.runners_up) == words
+    step = words[1] if len(words) > 1 else words[0]
+    with torch.no_grad():
+        decoder = torch.tensor([[tok.eos_token_id, *gen.token_ids[:step]]])
+        logits = model(**model_inputs(processor, images[:1], ["<OD>"]), decoder_input_ids=decoder).logits[0, -1]
+    logprobs = logits[: len(tok)].float().log_softmax(-1)
+    logprobs[gen.token_ids[step]] = float("-inf")
+    top = logprobs.topk(RUNNERS_UP)
+    assert [t for t, _ in gen.runners_up[step]] == top.indices.tolist()
+    assert [lp for _, lp in gen.runners_up[step]] == pytest.approx(top.values.tolist(), abs=1e-3)
 
 
 def test_detect_contract(tiny, images):
@@ -205,3 +230,23 @@ def test_constrained_detection_on_the_model(tiny, images):
         detect(model, processor, images, task="<CAPTION>", constrained=True, classes=CLASSES)
     with pytest.raises(ValueError):
         LogitsProcessorList([BoxGrammar(processor.tokenizer, [], 2, 20)])
+
+
+def test_other_labels_add_boxes_at_the_same_places_under_other_classes(tiny, images, monkeypatch):
+    """With `other_labels`, the boxes as written come first and unchanged, and each box after
+    them repeats one of their places under another of the run's classes; off, nothing is added."""
+    from loomlens.infer import scoring
+
+    model, processor = tiny
+    classes = [*CLASSES, "square"]
+    monkeypatch.setattr(scoring, "OTHER_LABEL_FLOOR", 0.0)  # every class the runners-up start counts
+    plain = detect_with_details(model, processor, images, max_boxes=3, constrained=True, classes=classes)
+    more = detect_with_details(model, processor, images, max_boxes=3, constrained=True, classes=classes,
+                               other_labels=True)
+    assert sum(len(d.boxes) for d in more) > sum(len(d.boxes) for d in plain)
+    for p, m in zip(plain, more, strict=True):
+        assert m.boxes[: len(p.boxes)] == p.boxes
+        places = {(b.x1, b.y1, b.x2, b.y2): b.label for b in p.boxes}
+        for extra in m.boxes[len(p.boxes):]:
+            assert extra.label in classes and places[(extra.x1, extra.y1, extra.x2, extra.y2)] != extra.label
+            assert 0 <= extra.score <= 1

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from loomlens.data.florence_text import parse_text
 from loomlens.infer.generation import Generation
 from loomlens.infer.parsing import align_boxes, token_pieces
-from loomlens.infer.scoring import box_score, scored_boxes
+from loomlens.infer.scoring import OTHER_LABEL_FLOOR, box_score, class_spellings, other_labels, scored_boxes
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +144,34 @@ def test_a_coordinate_scores_by_the_probability_near_it_where_measured(tokenizer
     assert scored_boxes(tokenizer, gen, 1000, 1000)[0][0].score == pytest.approx(0.2 ** len(label) * 0.2)
     gen.loc_near = dict(zip(locs, [0.9, 0.9, 0.6, 0.6]))
     assert scored_boxes(tokenizer, gen, 1000, 1000)[0][0].score == pytest.approx(0.2 ** len(label) * math.sqrt(0.54))
+
+
+def test_a_box_is_also_given_under_the_classes_the_model_nearly_wrote(tokenizer):
+    classes = ["slub", "pinhole", "broken-end", "broken-pick"]
+    spellings = class_spellings(tokenizer, classes)
+    spelt = {name: list(ids) for ids, name in spellings.items()}
+    assert len(spelt["broken-end"]) > 1 and spelt["broken-end"][0] == spelt["broken-pick"][0]
+    gen = generation(tokenizer, "broken-end<loc_100><loc_200><loc_300><loc_400>", logprob=math.log(0.5))
+    label = [i for i, t in enumerate(gen.token_ids) if t in spelt["broken-end"]]
+    for i in label:
+        gen.token_logprobs[i] = math.log(0.9)
+    locs = [i for i, p in enumerate(token_pieces(tokenizer, gen.token_ids)) if p.startswith("<loc_")]
+    diverge = label[spelt["broken-end"].index(next(a for a, b in zip(spelt["broken-end"], spelt["broken-pick"]) if a != b))]
+    gen.runners_up = {
+        label[0]: [(spelt["slub"][0], math.log(0.3)), (spelt["pinhole"][0], math.log(0.01))],  # pinhole under the floor
+        diverge: [(spelt["broken-pick"][spelt["broken-end"].index(gen.token_ids[diverge])], math.log(0.5))],
+        locs[0]: [(spelt["pinhole"][0], math.log(0.4))],  # a coordinate's runner-up names nothing
+    }
+    found = other_labels(gen, label, spellings)
+    assert sorted(found) == ["broken-pick", "slub"] and found["slub"] == [math.log(0.3)]
+    assert math.exp(sum(found["broken-pick"])) == pytest.approx(0.9 ** label.index(diverge) * 0.5)
+    boxes, dropped = scored_boxes(tokenizer, gen, 1000, 1000, spellings=spellings)
+    assert dropped == 0 and [b.label for b in boxes] == ["broken-end", "slub", "broken-pick"]
+    assert len({(b.x1, b.y1, b.x2, b.y2) for b in boxes}) == 1  # one place, three names
+    assert [b.score for b in boxes] == pytest.approx([0.9 ** len(label) * 0.5, 0.3 * 0.5,
+                                                      0.9 ** label.index(diverge) * 0.5 * 0.5])
+    assert [b.label for b in scored_boxes(tokenizer, gen, 1000, 1000)[0]] == ["broken-end"]  # no classes: as written
+    assert 0.01 < OTHER_LABEL_FLOOR <= 0.3
 
 
 def test_less_likely_box_scores_lower(tokenizer):

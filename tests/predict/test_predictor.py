@@ -62,6 +62,26 @@ def test_score_threshold_and_region_rules_filter_boxes(predictor, image, monkeyp
     assert [(b.label, b.x1) for b in kept] == [("drop", 10), ("wrinkle", 10)]
 
 
+def test_other_labels_reach_the_detection_of_od_only(predictor, image, monkeypatch):
+    from loomlens.infer.detection import Detection
+    from loomlens.infer.generation import Generation
+    from loomlens.predict import predictor as module
+
+    asked = []
+
+    def detect(model, processor, images, **options):
+        asked.append((options["task"], options["other_labels"]))
+        return [Detection([], 0, Generation("", [], [])) for _ in images]
+
+    monkeypatch.setattr(module, "detect_with_details", detect)
+    for other in (False, True):
+        monkeypatch.setattr(predictor, "other_labels", other)
+        predictor.predict([image], task="od", tile="off")
+        predictor.predict([image], task="phrase_grounding", text="a stain", tile="off")
+    assert asked == [("<OD>", False), ("<CAPTION_TO_PHRASE_GROUNDING>", False), ("<OD>", True),
+                     ("<CAPTION_TO_PHRASE_GROUNDING>", False)]
+
+
 def test_adapter_from_a_run_folder(tmp_path, image):
     from loomlens.model import load_model
     from loomlens.model.lora import LoraSettings, apply_lora

@@ -84,14 +84,17 @@ def run_split(
     """`<OD>` on every image, loading `batch_size` images at a time (a split of 2560x1440
     frames does not fit in memory at once). With `tile`, a frame large for it is detected as
     `loomlens predict`'s auto mode does: in overlapping tiles of `tile` px and whole, merged.
-    `views`: the mirrors each picture is also looked at through (`infer/tta.py`)."""
+    `views`: the mirrors each picture is also looked at through (`infer/tta.py`). Each box is
+    also counted under the other classes the model nearly wrote for it (`detect_with_details`'s
+    `other_labels`), as a detector's evaluation scores every class of a box (ultralytics' val
+    does the same; its predict, like `loomlens predict`, gives one)."""
     predicted: list[list[Box]] = []
     probabilities: list[float | None] = []
     made: list[Detection] = []  # the detections of the frame (or chunk of whole frames) at hand
 
     def detect(pictures: list[Image.Image]) -> list[list[Box]]:
         found = detect_with_details(model, processor, pictures, max_boxes=max_boxes, batch_size=batch_size,
-                                    constrained=constrained, classes=classes, views=views)
+                                    constrained=constrained, classes=classes, views=views, other_labels=True)
         made.extend(found)
         return [f.boxes for f in found]
 

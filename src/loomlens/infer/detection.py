@@ -23,7 +23,7 @@ from loomlens.infer.generation import (
     label_token_count,
 )
 from loomlens.infer.grammar import BoxGrammar
-from loomlens.infer.scoring import ScoreMethod, scored_boxes
+from loomlens.infer.scoring import ScoreMethod, class_spellings, scored_boxes
 from loomlens.infer.streams import in_streams, stream_count
 from loomlens.infer.tta import check_views, fuse_boxes, mirrored, unmirrored
 
@@ -67,6 +67,7 @@ def detect_with_details(
     score_method: ScoreMethod = "product",
     streams: int | None = None,
     views: Sequence[str] = ("",),
+    other_labels: bool = False,
 ) -> list[Detection]:
     """Run a box task (`<OD>`, `<DENSE_REGION_CAPTION>`, `<CAPTION_TO_PHRASE_GROUNDING>`, ...)
     on `images`, `batch_size` at a time, and return one `Detection` per image.
@@ -77,7 +78,10 @@ def detect_with_details(
     as `streams` parts at once (None: `stream_count(model)`, two on a CPU; `infer/streams.py`).
     `views` (`infer/tta.py`): the mirrors each image is also looked at through, their boxes fused
     into one `Detection` per image (its generation, text and entropies are the first view's);
-    the default looks once, as the image is. Raises ValueError for views not in `ALL_VIEWS`.
+    the default looks once, as the image is. `other_labels` (`<OD>` with `classes`): each box
+    is also given under the other classes the model nearly wrote for it (`scoring.other_labels`),
+    as evaluation counts a detector's boxes; off, a place has the one label written. Raises
+    ValueError for views not in `ALL_VIEWS`.
     """
     tokenizer = processor.tokenizer
     # `<OD>` labels are class names; other tasks write captions or phrases, which are longer.
@@ -86,6 +90,7 @@ def detect_with_details(
     if constrained and task != "<OD>":
         raise ValueError(f"constrained decoding is defined for <OD> only, not {task}")
     prompt = task + (text or "")
+    spellings = class_spellings(tokenizer, classes) if other_labels and task == "<OD>" and classes else None
 
     def detect_part(part: list[Image.Image]) -> list[Detection]:
         # A fresh grammar per call: its memo of prefixes only grows within one generate call.
@@ -95,7 +100,8 @@ def detect_with_details(
         generations = generate(model, processor, part, [prompt] * len(part), max_new_tokens, num_beams, processors)
         found = []
         for image, gen in zip(part, generations):
-            boxes, dropped = scored_boxes(tokenizer, gen, image.width, image.height, text or None, score_method)
+            boxes, dropped = scored_boxes(tokenizer, gen, image.width, image.height, text or None, score_method,
+                                          spellings)
             found.append(Detection(boxes[:max_boxes], dropped, gen))
         return found
 

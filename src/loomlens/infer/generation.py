@@ -25,6 +25,11 @@ And each `<loc_N>` the search chose carries the mean bin of the model's distribu
 box edge is placed where the model's belief centres, between bins when it is spread over them;
 and the probability of the bins within `LOC_SURE` of it (`Generation.loc_near`), how sure the
 model is of the edge to a few bins, which `infer/scoring.py` scores the box's place by.
+
+Each other token the search chose (a label's words) carries the `RUNNERS_UP` tokens it could
+have chosen instead, the likeliest the rules (the class grammar) allowed, with their raw
+log-probs (`Generation.runners_up`), so a box can also be read under the class the model ranked
+second (`scoring.scored_boxes`).
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ LOC_WINDOW = 30
 #: edge (`Generation.loc_near`): 0.5 % of a side, a pixel or two on a camera frame at the
 #: model's input (docs/benchmarks.md, "Box scores from the mass near each edge").
 LOC_SURE = 5
+#: Tokens kept beside each chosen token that is no `<loc_N>` (`Generation.runners_up`): enough
+#: for the second and third class a label could have been.
+RUNNERS_UP = 3
 #: Tokens a box label is assumed to take when the class names are unknown.
 DEFAULT_LABEL_TOKENS = 4
 #: Generation settings that have no neutral value to pass: a checkpoint that sets one of them
@@ -138,7 +146,10 @@ class Generation:
     for each `<loc_N>` among `token_ids` at index i, is the mean bin near it (`expected_bins`),
     fractional, and `loc_near[i]` the probability of the bins within `LOC_SURE` of the chosen
     one; both empty under beam search, whose boxes sit at the chosen bins' centres and score by
-    their tokens' own probabilities.
+    their tokens' own probabilities. `runners_up[i]`, for each other token at index i, holds
+    up to `RUNNERS_UP` tokens the search could have chosen there instead (allowed by its rules)
+    as (id, natural-log probability under the raw distribution), most likely first; empty under
+    beam search.
     `answer_probability` is 1 - P(`</s>`) at the first answer step under the raw
     distribution: how likely the model thought an answer other than an empty one was, whatever
     it wrote (None when the budget ended before that step)."""
@@ -150,6 +161,7 @@ class Generation:
     answer_probability: float | None = None
     loc_bins: dict[int, float] = field(default_factory=dict)
     loc_near: dict[int, float] = field(default_factory=dict)
+    runners_up: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
 
     def mean_entropy(self) -> float | None:
         """The mean of `token_entropies` over the answer (nats), None when not measured."""
@@ -253,15 +265,71 @@ def chosen_loc_bins(step_logprobs: torch.Tensor, chosen: torch.Tensor, lookup: t
     return dict(zip(rows.tolist(), zip(means.tolist(), sure.tolist())))
 
 
-def _loc_readings(logprobs: tuple[torch.Tensor, ...], generated: torch.Tensor, tokenizer
-                  ) -> list[tuple[dict[int, float], dict[int, float]]]:
-    """For each row of `generated` ((batch, steps), greedy: `logprobs[t]` is row-aligned), the
-    `chosen_loc_bins` of its steps as (mean bins, probabilities near), each by step."""
+def allowed_top(scores: torch.Tensor) -> torch.Tensor:
+    """(rows, `RUNNERS_UP` + 1) ids of the tokens the search could choose at one step, best
+    first, from its processed `scores` ((rows, vocab), -inf where a rule forbids a token); -1
+    where fewer tokens are allowed."""
+    top = scores.topk(RUNNERS_UP + 1, dim=-1)
+    return top.indices.masked_fill(top.values == float("-inf"), -1)
+
+
+class AllowedTop(LogitsProcessor):
+    """Last in a greedy search's processors: keeps each step's `allowed_top` for
+    `chosen_runners_up` (so a runner-up is a token the class grammar would have let through);
+    the scores pass unchanged."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.steps.append(allowed_top(scores))
+        return scores
+
+
+def chosen_runners_up(step_logprobs: torch.Tensor, candidates: torch.Tensor, chosen: torch.Tensor,
+                      lookup: tuple[torch.Tensor, torch.Tensor]) -> dict[int, list[tuple[int, float]]]:
+    """At one search step: `{row: [(token id, log-prob), ...]}` for the rows of `chosen`
+    ((rows,) token ids) that chose no `<loc_N>`: up to `RUNNERS_UP` of the tokens the search
+    could have chosen instead (`candidates`, `allowed_top`'s), with their log-probs under
+    `step_logprobs` ((rows, vocab)), most likely first. `lookup` is `loc_lookup`'s."""
+    rows = (lookup[1][chosen.to(lookup[1].device)] < 0).nonzero().flatten().tolist()
+    found = {}
+    for row, options, token in zip(rows, candidates[rows].tolist(), chosen[rows].tolist()):
+        others = [t for t in options if t >= 0 and t != token][:RUNNERS_UP]
+        found[row] = [(t, lp) for t, lp in zip(others, step_logprobs[row, others].tolist())]
+    return found
+
+
+@dataclass
+class StepReadings:
+    """What one row's search steps said beside the chosen tokens, by step: the
+    `Generation.loc_bins`, `loc_near` and `runners_up` it is decoded with."""
+
+    loc_bins: dict[int, float] = field(default_factory=dict)
+    loc_near: dict[int, float] = field(default_factory=dict)
+    runners_up: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+def step_readings(step: int, step_logprobs: torch.Tensor, candidates: torch.Tensor, chosen: torch.Tensor,
+                  lookup: tuple[torch.Tensor, torch.Tensor], rows: list[StepReadings]) -> None:
+    """Add search step `step`'s readings to `rows` (one `StepReadings` per row of `chosen`, its
+    (rows,) token ids; `step_logprobs` (rows, vocab) over the tokenizer's tokens; `candidates`
+    the step's `allowed_top`): the `chosen_loc_bins` of the rows that chose a `<loc_N>`, the
+    `chosen_runners_up` of the rest."""
+    for row, (mean, sure) in chosen_loc_bins(step_logprobs, chosen, lookup).items():
+        rows[row].loc_bins[step], rows[row].loc_near[step] = mean, sure
+    for row, others in chosen_runners_up(step_logprobs, candidates, chosen, lookup).items():
+        rows[row].runners_up[step] = others
+
+
+def _readings(logprobs: tuple[torch.Tensor, ...], candidates: list[torch.Tensor], generated: torch.Tensor,
+              tokenizer) -> list[StepReadings]:
+    """For each row of `generated` ((batch, steps), greedy: `logprobs[t]` and `candidates[t]`,
+    `AllowedTop`'s, are row-aligned), the `step_readings` of all its steps."""
     lookup = loc_lookup(tokenizer, logprobs[0].shape[-1], generated.device) if logprobs else None
-    found: list[tuple[dict[int, float], dict[int, float]]] = [({}, {}) for _ in range(generated.shape[0])]
-    for t, step in enumerate(logprobs):
-        for row, (mean, sure) in chosen_loc_bins(step, generated[:, t], lookup).items():
-            found[row][0][t], found[row][1][t] = mean, sure
+    found = [StepReadings() for _ in range(generated.shape[0])]
+    for t, (step, options) in enumerate(zip(logprobs, candidates)):
+        step_readings(t, step, options, generated[:, t], lookup, found)
     return found
 
 
@@ -300,7 +368,8 @@ def generate(
     inputs = model_inputs(processor, images, prompts, fast_pixels)
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
     size = len(tokenizer)
-    processors = LogitsProcessorList([VocabMask(size), *(logits_processor or [])])
+    allowed = AllowedTop()  # last: what the rules left the search to choose from
+    processors = LogitsProcessorList([VocabMask(size), *(logits_processor or []), allowed])
     out = model.generate(
         **inputs,
         **generation_settings(model, tokenizer, max_new_tokens=budget, num_beams=num_beams),
@@ -320,20 +389,20 @@ def generate(
     # At the first answer step every beam of an image holds the same `<s>`: its first beam speaks for all.
     ends = (real[ANSWER_START][::num_beams, tokenizer.eos_token_id].tolist() if len(real) > ANSWER_START
             else [None] * len(images))
-    locs = _loc_readings(real, generated, tokenizer) if num_beams == 1 else [({}, {})] * len(images)
-    return [decode_generation(tokenizer, ids_row, lp_row, ent_row, end, *loc)
-            for ids_row, lp_row, ent_row, end, loc in zip(generated.tolist(), logprobs.tolist(), entropies, ends, locs)]
+    readings = _readings(real, allowed.steps, generated, tokenizer) if num_beams == 1 else [StepReadings()] * len(images)
+    return [decode_generation(tokenizer, ids_row, lp_row, ent_row, end, read)
+            for ids_row, lp_row, ent_row, end, read in zip(generated.tolist(), logprobs.tolist(), entropies, ends,
+                                                           readings)]
 
 
 def decode_generation(tokenizer, ids_row: list[int], logprobs_row: list[float],
                       entropies_row: list[float] | None = None, end_logprob: float | None = None,
-                      loc_bins: dict[int, float] | None = None, loc_near: dict[int, float] | None = None
-                      ) -> Generation:
+                      readings: StepReadings | None = None) -> Generation:
     """One generated row (without the decoder-start token), its log-probs, (optionally) the
     entropy of each step, the log-probability of `</s>` at the first answer step
-    (`ANSWER_START`) and the mean bins and probabilities near of its `<loc_N>` steps
-    (`Generation.loc_bins`, `loc_near`) as a `Generation`: cut after the first `</s>`, decoded
-    without the frame tokens."""
+    (`ANSWER_START`) and what its steps said beside the chosen tokens (`StepReadings`: the
+    `Generation.loc_bins`, `loc_near` and `runners_up`) as a `Generation`: cut after the first
+    `</s>`, decoded without the frame tokens."""
     ids, lps = _trim(ids_row, logprobs_row, tokenizer.eos_token_id, tokenizer.pad_token_id)
     entropies = list(entropies_row[: len(ids)]) if entropies_row is not None else []
     # Only the frame tokens are dropped from the text: a tokenizer may register `<loc_N>` as
@@ -343,6 +412,11 @@ def decode_generation(tokenizer, ids_row: list[int], logprobs_row: list[float],
     text = tokenizer.decode([i for i in ids if i not in frame and i < size], skip_special_tokens=False,
                             clean_up_tokenization_spaces=False)
     answer = None if end_logprob is None else 1.0 - math.exp(end_logprob)
+    read = readings or StepReadings()
+
+    def kept(by_step: dict) -> dict:
+        return {i: v for i, v in by_step.items() if i < len(ids)}
+
     return Generation(text=text, token_ids=ids, token_logprobs=lps, token_entropies=entropies,
-                      answer_probability=answer, loc_bins={i: b for i, b in (loc_bins or {}).items() if i < len(ids)},
-                      loc_near={i: p for i, p in (loc_near or {}).items() if i < len(ids)})
+                      answer_probability=answer, loc_bins=kept(read.loc_bins), loc_near=kept(read.loc_near),
+                      runners_up=kept(read.runners_up))

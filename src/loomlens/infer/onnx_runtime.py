@@ -15,7 +15,7 @@ checkpoint's generation_config never changes an answer), the output rows past th
 length masked (`VocabMask`), then any `logits_processor` (the class grammar), in the order
 transformers applies them; log-probabilities are read from the raw logits over the
 tokenizer's tokens, as the torch path reads them, and each chosen `<loc_N>`'s mean bin and
-probability near from the same log-probs (`chosen_loc_bins`).
+probability near, and each other token's runners-up, from the same log-probs (`step_readings`).
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ from loomlens.infer.generation import (
     ANSWER_START,
     MAX_BOXES,
     Generation,
+    StepReadings,
     VocabMask,
-    chosen_loc_bins,
+    allowed_top,
     decode_generation,
     generation_settings,
     loc_lookup,
+    step_readings,
 )
 from loomlens.infer.pixels import model_inputs
 
@@ -166,7 +168,7 @@ class OnnxFlorence:
         ids = np.full((len(images), 1), settings["decoder_start_token_id"], dtype=np.int64)
         logits, cache = self.first_step(ids, states, mask)
         done = np.zeros(len(images), dtype=bool)
-        logprobs, ends, bins, near = [], [None] * len(images), [{} for _ in images], [{} for _ in images]
+        logprobs, ends, readings = [], [None] * len(images), [StepReadings() for _ in images]
         lookup = loc_lookup(tokenizer, logits.shape[-1], "cpu")
         for step in range(budget):
             last = logits[:, -1, :].astype(np.float32)
@@ -176,8 +178,8 @@ class OnnxFlorence:
             shifted = last[:, :size] - last[:, :size].max(-1, keepdims=True)
             real[:, :size] = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
             logprobs.append(real[np.arange(len(images)), chosen])
-            for row, (mean, sure) in chosen_loc_bins(torch.from_numpy(real), torch.from_numpy(chosen), lookup).items():
-                bins[row][step], near[row][step] = mean, sure
+            step_readings(step, torch.from_numpy(real), allowed_top(torch.from_numpy(scores)), torch.from_numpy(chosen),
+                          lookup, readings)
             if step == ANSWER_START:
                 ends = real[:, eos].tolist()
             ids = np.concatenate([ids, chosen[:, None]], axis=1)
@@ -187,8 +189,8 @@ class OnnxFlorence:
             logits, cache = self.next_step(chosen, mask, cache)
         generated = ids[:, 1:].tolist()
         scores_by_row = np.stack(logprobs, axis=1).tolist()
-        return [decode_generation(tokenizer, row, lp, end_logprob=end, loc_bins=mean, loc_near=sure)
-                for row, lp, end, mean, sure in zip(generated, scores_by_row, ends, bins, near)]
+        return [decode_generation(tokenizer, row, lp, end_logprob=end, readings=read)
+                for row, lp, end, read in zip(generated, scores_by_row, ends, readings)]
 
 
 def load_onnx_export(folder: str | Path, *, device: str = "cpu", precision: str = "auto"):

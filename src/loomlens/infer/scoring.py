@@ -24,7 +24,14 @@ All lie in [0, 1]. Each box's edges sit at the mean bins of its loc tokens
 the chosen bins' centres; and a coordinate's probability is then that of the bins within
 `generation.LOC_SURE` of the chosen one (`Generation.loc_near`), not of the chosen bin alone: a
 model sure of an edge to within a pixel but spread over three bins is sure of the box, and
-a box's place is judged at IoU thresholds, not to the bin. `bench/decoding.py` measures the
+a box's place is judged at IoU thresholds, not to the bin.
+
+A box whose label the model nearly wrote as another class is also given under that class, at
+the score that class's probability gives (`other_labels`), as a detector scores every class for
+each box (COCO's evaluation counts such a box once per class): a defect boxed in the right
+place under a near-miss name then still counts, below the boxes the model was sure of. The
+probabilities of the classes at one place sum to at most 1, so above a threshold of 0.5 a
+place still has one label. `bench/decoding.py` measures the
 mAP each gives on a split, beside every score 1 (the seed's), and
 docs/evaluate-and-predict.md says why `product` is the default.
 """
@@ -32,6 +39,7 @@ docs/evaluate-and-predict.md says why `product` is the default.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Literal
 
@@ -45,6 +53,48 @@ SCORE_METHODS: tuple[str, ...] = ("product", "mean", "label")
 #: Pixels: a box narrower or lower than this marks nothing a person could see or label (on an
 #: image under 1000 px one location bin is under a pixel); it is dropped and counted.
 MIN_BOX_PX = 1.0
+#: A box is also given under another class (`other_labels`) when the model put at least this
+#: probability on its label being that class: at most three other names a place, and most of
+#: the gain of a lower floor for about half its extra boxes (docs/benchmarks.md, "A box under
+#: the classes the model nearly wrote").
+OTHER_LABEL_FLOOR = 0.25
+
+
+def class_spellings(tokenizer, classes: Sequence[str]) -> dict[tuple[int, ...], str]:
+    """Each class name of `classes` by the token ids the tokenizer spells it with (no special
+    tokens), as the class grammar (`infer/grammar.py`) lets the model write it."""
+    return {tuple(tokenizer(name, add_special_tokens=False).input_ids): name for name in classes}
+
+
+def other_labels(generation: Generation, label_tokens: list[int], spellings: Mapping[tuple[int, ...], str]
+                 ) -> dict[str, list[float]]:
+    """The other classes the model nearly wrote for one box's label, with the log-probs its
+    label tokens would have had.
+
+    Args:
+        generation: the answer, with `Generation.runners_up` measured (greedy search).
+        label_tokens: indices of the box's label tokens in `generation.token_ids`.
+        spellings: `class_spellings` of the classes the label may name.
+
+    Returns:
+        `{class: log-probs}`, one per class other than the written one whose spelling starts
+        with the written label's first j tokens and a runner-up of its (j+1)th: the written
+        tokens' log-probs up to j, then the runner-up's (the tokens after it were never read,
+        so a class's probability is that of its spelling's start). Classes under
+        `OTHER_LABEL_FLOOR` are left out; the likeliest reading of each class is kept.
+    """
+    written = [generation.token_ids[i] for i in label_tokens]
+    found: dict[str, list[float]] = {}
+    for j, index in enumerate(label_tokens):
+        before = [generation.token_logprobs[i] for i in label_tokens[:j]]
+        for token, logprob in generation.runners_up.get(index, []):
+            start = (*written[:j], token)
+            for spelling, name in spellings.items():
+                lps = [*before, logprob]
+                if (spelling[: j + 1] == start and spelling != tuple(written) and math.exp(sum(lps)) >= OTHER_LABEL_FLOOR
+                        and sum(lps) > sum(found.get(name, [-math.inf]))):
+                    found[name] = lps
+    return found
 
 
 def box_score(
@@ -81,13 +131,16 @@ def scored_boxes(
     height: int,
     default_label: str | None = None,
     method: ScoreMethod = "product",
+    spellings: Mapping[tuple[int, ...], str] | None = None,
 ) -> tuple[list[Box], int]:
     """The boxes of `generation` in pixels of a `width` x `height` image, each with its score,
     and the count of dropped parts: malformed ones, and boxes under `MIN_BOX_PX` in width or
     height (the one place every scored box passes, so no command returns such a box).
     `default_label` names boxes with no label of their own (the phrase, for grounding). Edges
     are placed by `placed`; a coordinate's probability is its `Generation.loc_near` where
-    measured, else its token's."""
+    measured, else its token's. With `spellings` (`class_spellings`), each box is also given
+    under the other classes the model nearly wrote for it (`other_labels`), after every box
+    as written."""
     pieces = token_pieces(tokenizer, generation.token_ids)
     aligned, dropped = align_boxes(pieces, width, height, default_label)
     visible = [t for t in aligned if t.box.width >= MIN_BOX_PX and t.box.height >= MIN_BOX_PX]
@@ -99,7 +152,19 @@ def scored_boxes(
                 score=box_score(logprobs, t.label_tokens, t.loc_tokens, method))
         for t in visible
     ]
-    return boxes, dropped + len(aligned) - len(visible)
+    others = [
+        _relabelled(box, name, label_lps, [logprobs[i] for i in t.loc_tokens], method)
+        for t, box in zip(visible, boxes) if spellings
+        for name, label_lps in other_labels(generation, t.label_tokens, spellings).items()
+    ]
+    return boxes + others, dropped + len(aligned) - len(visible)
+
+
+def _relabelled(box: Box, label: str, label_lps: list[float], loc_lps: list[float], method: ScoreMethod) -> Box:
+    """`box` under `label`, scored as if its label tokens had had the log-probs `label_lps`."""
+    k = len(label_lps)
+    lps = [*label_lps, *loc_lps]
+    return replace(box, label=label, score=box_score(lps, list(range(k)), list(range(k, len(lps))), method))
 
 
 def placed(token_box: TokenBox, loc_bins: dict[int, float], width: int, height: int) -> Box:

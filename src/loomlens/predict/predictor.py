@@ -132,8 +132,11 @@ class Predictor:
     export` wrote, run by onnxruntime (`precision` fp32 or int8). `tta`: test-time
     augmentation of `od` (`infer/tta.py`): auto looks at each picture also through the mirrors
     the run was trained on (none for a bare model) and fuses the boxes, on through all four,
-    off once. Raises FileNotFoundError for an adapter folder with no adapter and ValueError for
-    a bad precision or tta, or a base the adapter does not fit.
+    off once. `other_labels`: each `od` box is also given under the other classes the model
+    nearly wrote for it, as `loomlens eval` counts them (`detect_with_details`), for scoring the
+    predictions with another mAP tool; off (the default), a place has one label, as drawings,
+    labelling tools and the line want. Raises FileNotFoundError for an adapter folder with no
+    adapter and ValueError for a bad precision or tta, or a base the adapter does not fit.
     """
 
     def __init__(
@@ -154,6 +157,7 @@ class Predictor:
         max_tiles: int | None = None,
         backend: str = "torch",
         tta: str = "auto",
+        other_labels: bool = False,
     ):
         if max_tiles is not None and max_tiles < 1:
             raise ValueError(f"max_tiles must be at least 1 (or None: no cap), got {max_tiles}")
@@ -177,6 +181,7 @@ class Predictor:
         self.max_tiles = max_tiles
         self.constrained = bool(self.loaded.classes) if constrained is None else constrained
         self.views = choose_views(tta, self.loaded.views)
+        self.other_labels = other_labels
         self.text_tokens = text_tokens
         # A run trained on tiles (or on the defect crop's windows) predicts best on tiles of the
         # same size. Only such a run, or a tile size given here, tiles by itself (`tile="auto"`):
@@ -256,7 +261,7 @@ class Predictor:
             self.loaded.model, self.loaded.processor, images, task=spec.token, text=text and text.strip(),
             max_boxes=self.max_boxes, batch_size=self.batch_size,
             constrained=self.constrained and spec.name == "od", classes=self.loaded.classes,
-            views=self._views(spec),
+            views=self._views(spec), other_labels=self.other_labels and spec.name == "od",
         )
 
     def _views(self, spec: Task) -> tuple[str, ...]:
