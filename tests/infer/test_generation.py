@@ -234,7 +234,8 @@ def test_constrained_detection_on_the_model(tiny, images):
 
 def test_other_labels_add_boxes_at_the_same_places_under_other_classes(tiny, images, monkeypatch):
     """With `other_labels`, the boxes as written come first and unchanged, and each box after
-    them repeats one of their places under another of the run's classes; off, nothing is added."""
+    them repeats one of their places under another of the run's classes, scoring 0.5 at most;
+    off, nothing is added."""
     from loomlens.infer import scoring
 
     model, processor = tiny
@@ -249,4 +250,4 @@ def test_other_labels_add_boxes_at_the_same_places_under_other_classes(tiny, ima
         places = {(b.x1, b.y1, b.x2, b.y2): b.label for b in p.boxes}
         for extra in m.boxes[len(p.boxes):]:
             assert extra.label in classes and places[(extra.x1, extra.y1, extra.x2, extra.y2)] != extra.label
-            assert 0 <= extra.score <= 1
+            assert 0 <= extra.score <= 0.5 + 1e-6  # the search took the likelier token where the names part

@@ -29,9 +29,10 @@ a box's place is judged at IoU thresholds, not to the bin.
 A box whose label the model nearly wrote as another class is also given under that class, at
 the score that class's probability gives (`other_labels`), as a detector scores every class for
 each box (COCO's evaluation counts such a box once per class): a defect boxed in the right
-place under a near-miss name then still counts, below the boxes the model was sure of. The
-probabilities of the classes at one place sum to at most 1, so above a threshold of 0.5 a
-place still has one label. `bench/decoding.py` measures the
+place under a near-miss name then still counts, below the boxes the model was sure of. Such a
+box scores 0.5 at most (where its name parts from the written one, the search took the likelier
+token, so the other had half the mass at most): above a threshold of 0.5 a place still has one
+label. `bench/decoding.py` measures the
 mAP each gives on a split, beside every score 1 (the seed's), and
 docs/evaluate-and-predict.md says why `product` is the default.
 """
