@@ -750,10 +750,8 @@ def predict_command(
     score_threshold: float = typer.Option(0.0, min=0.0, max=1.0, help="Drop boxes scoring lower."),
     coco: bool = typer.Option(False, help="Also write coco_results.json (COCO results: image_id, category_id, "
                               "bbox, score) and coco_images.json (the images and categories they refer to)."),
-    other_labels: bool = typer.Option(False, help="od: also give each box under the other classes the model "
-                                      "nearly wrote for it (probability 0.25 or more), as `loomlens eval` counts "
-                                      "them: to score the predictions with another mAP tool. Off, a place has one "
-                                      "label."),
+    other_labels: bool = typer.Option(False, help="od: each box also under the other classes the model nearly "
+                                      "wrote (p >= 0.25), as `loomlens eval` counts them. Off: one label a place."),
     save_labels: str | None = typer.Option(None, help="Also write pre-annotations for a labelling tool: voc "
                                            "(LabelImg), yolo (LabelImg YOLO), labelstudio (tasks.json with scored "
                                            "predictions) or coco; `loomlens convert` reads the folder back."),
@@ -807,6 +805,12 @@ def predict_command(
         typer.echo(f"stopped: what was predicted is kept ({out / PARTIAL}); the same command again goes on from "
                    "there, and predictions.jsonl is written when every input is done", err=True)
         raise typer.Exit(130) from None
+    _report_predicted(summary, out, strict)
+
+
+def _report_predicted(summary: dict, out: Path, strict: bool) -> None:
+    """What `predict` says when its files are done (`predict_files`' `summary`): what it wrote,
+    what to check, and what it skipped; fails when nothing was predicted (or, `strict`, skipped)."""
     if not summary["written"]:  # nothing predicted, and an earlier run's results left as they were
         found = "no input could be read" if summary["problems"] else "no image or video found in the inputs"
         raise _fail(f"{found}; nothing was written, and {out} is left as it was (an earlier run's results too)",
