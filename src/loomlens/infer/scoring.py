@@ -89,11 +89,12 @@ def other_labels(generation: Generation, label_tokens: list[int], spellings: Map
     for j, index in enumerate(label_tokens):
         before = [generation.token_logprobs[i] for i in label_tokens[:j]]
         for token, logprob in generation.runners_up.get(index, []):
+            lps = [*before, logprob]
+            if math.exp(sum(lps)) < OTHER_LABEL_FLOOR:
+                continue
             start = (*written[:j], token)
             for spelling, name in spellings.items():
-                lps = [*before, logprob]
-                if (spelling[: j + 1] == start and spelling != tuple(written) and math.exp(sum(lps)) >= OTHER_LABEL_FLOOR
-                        and sum(lps) > sum(found.get(name, [-math.inf]))):
+                if spelling[: j + 1] == start and sum(lps) > sum(found.get(name, [-math.inf])):
                     found[name] = lps
     return found
 
