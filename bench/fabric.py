@@ -23,7 +23,8 @@ convert SRC D --flip` with a 20 % test split (seed 0), `loomlens train --data D 
 --time-budget S` with no other flag, then `loomlens predict` on the unflipped test frames as it
 runs by default. Reported for the `best` and the `last` adapter: test mAP50, mAP50-95, AP50 per
 class, image-level defect recall at <= 1 % of defect-free frames flagged and AUROC, val mAP50
-and AUROC the same way, the steps made and the best step; beside them the untrained tiny model on the same frames.
+and AUROC the same way, the steps made and the best step; beside them the untrained tiny model
+on the same frames.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(train_and_score(data, args.tag, budget, args.set, held, classes, work=WORK, tile=None))
     result = {"budget_s": budget, "tta": "auto", "images": args.images, "size": args.size, "seed": args.seed,
               "words": args.words,
-              "frames": len(frames), "defective": sum(map(bool, truth)), "classes": classes, "val_frames": len(held["val"][0]),
+              "frames": len(frames), "defective": sum(map(bool, truth)), "classes": classes,
+              "val_frames": len(held["val"][0]),
               "untrained": untrained, "runs": runs}
     return publish(NAME, result, args.out, argv, tables)
 

@@ -95,7 +95,7 @@ def predicted_boxes(frames: list[Path], out: Path, *source: str,
 
 
 #: The held-out splits a run is scored on: split -> (whole frames, their true boxes); "test"
-#: fills the tables' main columns, "val" (where present) its own.
+#: fills the tables' main columns, "val" its own.
 HeldOut = dict[str, tuple[list[Path], list[list]]]
 
 
@@ -118,7 +118,7 @@ def held_out_scores(held: HeldOut, classes: list[str], out: Path, *source: str, 
 
 def scores(truth: list[list], predicted: list[list], classes: list[str],
            probabilities: list[float | None] | None = None) -> dict[str, Any]:
-    """Test mAP50, mAP50-95, AP50 per class and the image-level OK/NG figures: frames scored
+    """mAP50, mAP50-95, AP50 per class and the image-level OK/NG figures of one split: frames scored
     as `evaluate` scores them (the answer probability where measured), and beside that by
     their best box alone (`_box`)."""
     from loomlens.evaluate.inspection import frame_score, image_level
@@ -137,7 +137,8 @@ def scores(truth: list[list], predicted: list[list], classes: list[str],
 
 
 #: The columns `score_cells` fills, and what they mean.
-SCORE_COLUMNS = ["mAP50", "mAP50-95", "val mAP50", "val AUROC", "AUROC", "recall @1% FA", "AUROC (box)", "recall @1% FA (box)", "boxes"]
+SCORE_COLUMNS = ["mAP50", "mAP50-95", "val mAP50", "val AUROC", "AUROC", "recall @1% FA", "AUROC (box)",
+                 "recall @1% FA (box)", "boxes"]
 #: How `predicted_boxes` runs `loomlens predict`: with its defaults, as a user would.
 TTA_NOTE = ("loomlens rows: `loomlens predict` with its defaults, so each frame (and tile) is also looked at "
             "through the mirrors its run was trained on and the boxes fused (`--tta auto`)")
@@ -153,8 +154,8 @@ def score_cells(s: dict[str, Any]) -> list[str]:
     if "auroc_box" not in s:
         s = {**s, "auroc": None, "recall_at_1pct": None, "auroc_box": s["auroc"], "recall_at_1pct_box": s["recall_at_1pct"]}
     val = s.get("val", {})
-    return [fmt(s["map50"]), fmt(s["map50_95"]), fmt(val.get("map50")), fmt(val.get("auroc")), fmt(s["auroc"]), fmt(s["recall_at_1pct"]), fmt(s["auroc_box"]),
-            fmt(s["recall_at_1pct_box"]), str(s["boxes"])]
+    return [fmt(s["map50"]), fmt(s["map50_95"]), fmt(val.get("map50")), fmt(val.get("auroc")), fmt(s["auroc"]),
+            fmt(s["recall_at_1pct"]), fmt(s["auroc_box"]), fmt(s["recall_at_1pct_box"]), str(s["boxes"])]
 
 
 def history(run: Path) -> dict[str, Any]:
@@ -195,8 +196,8 @@ def rescore(saved: dict[str, Any], held: HeldOut, classes: list[str], work: Path
     runs = [{**r, **score_adapters(r["name"], held, classes, work, tile)} for r in saved["runs"]]
     kept = {k: v for k, v in saved.items() if k not in ("bench", "command", "machine")}
     trained_by = saved.get("rescored_from") or {"command": saved["command"], "date": saved["machine"]["date"]}
-    return {**kept, "val_frames": len(held["val"][0]), "untrained": untrained, "runs": runs, "rescored_from": trained_by,
-            "tta": "auto"}
+    return {**kept, "val_frames": len(held["val"][0]), "untrained": untrained, "runs": runs,
+            "rescored_from": trained_by, "tta": "auto"}
 
 
 def run_flags(parser: argparse.ArgumentParser) -> None:
@@ -212,8 +213,8 @@ def run_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def rescored(name: str, args: argparse.Namespace, argv, tables, work: Path, tile: bool) -> int:
-    """`--rescore`: the saved result at `args.out` re-scored (`rescore`) on the test frames in
-    `work/data`, published in its place; tiled at the data's tile edge when `tile`."""
+    """`--rescore`: the saved result at `args.out` re-scored (`rescore`) on the test and val
+    frames in `work/data`, published in its place; tiled at the data's tile edge when `tile`."""
     held, classes = held_out(work / "data")
     result = rescore(json.loads(args.out.read_text()), held, classes, work=work,
                      tile=data_tile(work / "data") if tile else None)

@@ -156,7 +156,8 @@ def test_a_box_is_also_given_under_the_classes_the_model_nearly_wrote(tokenizer)
     for i in label:
         gen.token_logprobs[i] = math.log(0.9)
     locs = [i for i, p in enumerate(token_pieces(tokenizer, gen.token_ids)) if p.startswith("<loc_")]
-    diverge = label[spelt["broken-end"].index(next(a for a, b in zip(spelt["broken-end"], spelt["broken-pick"]) if a != b))]
+    parts = next(a for a, b in zip(spelt["broken-end"], spelt["broken-pick"]) if a != b)  # where the names part
+    diverge = label[spelt["broken-end"].index(parts)]
     gen.runners_up = {
         label[0]: [(spelt["slub"][0], math.log(0.3)), (spelt["pinhole"][0], math.log(0.01))],  # pinhole under the floor
         diverge: [(spelt["broken-pick"][spelt["broken-end"].index(gen.token_ids[diverge])], math.log(0.5))],

@@ -389,7 +389,8 @@ def generate(
     # At the first answer step every beam of an image holds the same `<s>`: its first beam speaks for all.
     ends = (real[ANSWER_START][::num_beams, tokenizer.eos_token_id].tolist() if len(real) > ANSWER_START
             else [None] * len(images))
-    readings = _readings(real, allowed.steps, generated, tokenizer) if num_beams == 1 else [StepReadings()] * len(images)
+    readings = (_readings(real, allowed.steps, generated, tokenizer) if num_beams == 1
+                else [StepReadings()] * len(images))
     return [decode_generation(tokenizer, ids_row, lp_row, ent_row, end, read)
             for ids_row, lp_row, ent_row, end, read in zip(generated.tolist(), logprobs.tolist(), entropies, ends,
                                                            readings)]
