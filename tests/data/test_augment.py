@@ -38,17 +38,21 @@ def test_geometry_moves_the_box_with_the_pixels(which: str) -> None:
         assert out.size == (40, 64)
 
 
-def test_crop_jitter_keeps_every_box_whole_and_in_step_with_pixels() -> None:
+@pytest.mark.parametrize("size", [None, (48, 48)])
+def test_crop_jitter_keeps_every_box_whole_and_in_step_with_pixels(size) -> None:
+    # size: the picture straight at the model's input, the jitter's crop and the squeeze one resampling
     image, box = _marked()
     jitter = Augment(hflip=0, vflip=0, rot90=0, brightness=0, contrast=0, gamma=0, grey=0, scale=0.5)
+    width, height = size or image.size
     changed = 0
     for i in range(40):
-        out, (moved,) = augment(image, [box], aug=jitter, edge=EDGE, rng=sample_rng(1, 0, i))
-        assert out.size == image.size
-        assert 0 <= moved.x1 < moved.x2 <= 64 and 0 <= moved.y1 < moved.y2 <= 40
-        # Bilinear resampling blurs the edges by a pixel at most.
+        out, (moved,) = augment(image, [box], aug=jitter, edge=EDGE, rng=sample_rng(1, 0, i), size=size)
+        assert out.size == (width, height)
+        assert 0 <= moved.x1 < moved.x2 <= width and 0 <= moved.y1 < moved.y2 <= height
+        # Resampling blurs the edges by a pixel at most.
         assert _white_bounds(out) == pytest.approx((moved.x1, moved.y1, moved.x2, moved.y2), abs=1.5)
-        assert moved.width >= box.width - 1e-6  # a crop only zooms in: never smaller, never cut
+        # a crop only zooms in: never smaller, never cut
+        assert moved.width >= box.width * width / image.width - 1e-6
         changed += moved != box
     assert changed > 30
 
@@ -153,15 +157,14 @@ def test_defect_crop_falls_back_to_the_whole_frame_when_every_window_cuts_a_box(
 def test_the_scale_jitter_keeps_fractional_boxes_whole():
     import random
 
-    from loomlens.data.augment import _crop_jitter
-
-    image = Image.new("L", (1000, 1000))
+    image = Image.new("RGB", (1000, 1000))
+    jitter = Augment(**{**NONE.__dict__, "scale": 0.1})
     for seed in range(400):
         rng = random.Random(seed)
         x1, y1 = rng.uniform(0, 990), rng.uniform(0, 990)
         box = Box("d", x1, y1, x1 + rng.uniform(0.1, 9), y1 + rng.uniform(0.1, 9))
-        _, (moved,) = _crop_jitter(image, [box], 0.1, random.Random(seed))
+        _, (moved,) = augment(image, [box], aug=jitter, rng=random.Random(seed), edge=EDGE)
         sx, sy = (moved.x2 - moved.x1) / (box.x2 - box.x1), (moved.y2 - moved.y1) / (box.y2 - box.y1)
         assert abs(sx - sy) < 0.01, (seed, box, moved)  # both axes scaled alike: no side cut off
     # A sliver at the far side of the frame: the crop once ended short of it, leaving no width.
-    _crop_jitter(image, [Box("d", 950.1, 500, 950.3, 510)], 0.1, random.Random(15))
+    augment(image, [Box("d", 950.1, 500, 950.3, 510)], aug=jitter, rng=random.Random(15), edge=EDGE)

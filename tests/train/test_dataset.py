@@ -312,3 +312,20 @@ def test_a_pasted_defect_joins_the_answer_of_frames_with_defects_only(small_data
         grown += len(boxes) == len(ex.boxes) + 1
         assert len(boxes) in (len(ex.boxes), len(ex.boxes) + 1)  # + 1 unless no place was free
     assert grown >= 3
+
+
+def test_a_picture_squeezed_to_the_input_keeps_the_bins_of_its_answer(small_data, small_model_dir):
+    # Augmentation hands the processor the picture at the model's input (96x64 frames at 64 px):
+    # with no geometric change the answer must be the converted one, bin for bin.
+    from loomlens.data.augment import NONE
+    from loomlens.model import load_model
+
+    _, processor = load_model(str(small_model_dir))
+    ds = FlorenceDataset(small_data / "train.jsonl", processor, augment=replace(NONE, brightness=0.2), seed=2)
+    assert ds.input_size == (64, 64)
+    checked = 0
+    for index, ex in enumerate(ds.examples):
+        if ex.boxes:
+            assert ds[index]["labels"].tolist() == list(ex.labels)
+            checked += 1
+    assert checked >= 5

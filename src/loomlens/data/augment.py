@@ -96,26 +96,34 @@ def _span(lo: float, hi: float, size: int, keep: float, rng: random.Random) -> i
     return rng.randint(first, last) if first <= last else -1
 
 
-def _crop_jitter(image: Image.Image, boxes: list[Box], scale: float,
-                 rng: random.Random) -> tuple[Image.Image, list[Box]]:
-    """Crop up to `scale` of each side at a random place that keeps every box whole, then
-    rescale to the original size; the image is unchanged when no such crop exists."""
-    w, h = image.size
+def _jitter_window(width: int, height: int, boxes: list[Box], scale: float, rng: random.Random) -> Window:
+    """A window dropping up to `scale` of each side, at a random place that keeps every box
+    whole (the scale and shift jitter); the whole picture when no such window exists."""
     factor = 1 - rng.uniform(0, scale)
-    cw, ch = max(1, round(w * factor)), max(1, round(h * factor))
-    lo_x = min((b.x1 for b in boxes), default=w)
+    cw, ch = max(1, round(width * factor)), max(1, round(height * factor))
+    lo_x = min((b.x1 for b in boxes), default=width)
     hi_x = max((b.x2 for b in boxes), default=0)
-    lo_y = min((b.y1 for b in boxes), default=h)
+    lo_y = min((b.y1 for b in boxes), default=height)
     hi_y = max((b.y2 for b in boxes), default=0)
-    x0 = _span(lo_x, hi_x, w, cw, rng) if boxes else rng.randint(0, w - cw)
-    y0 = _span(lo_y, hi_y, h, ch, rng) if boxes else rng.randint(0, h - ch)
-    if x0 < 0 or y0 < 0 or (cw, ch) == (w, h):
+    x0 = _span(lo_x, hi_x, width, cw, rng) if boxes else rng.randint(0, width - cw)
+    y0 = _span(lo_y, hi_y, height, ch, rng) if boxes else rng.randint(0, height - ch)
+    if x0 < 0 or y0 < 0:
+        return 0, 0, width, height
+    return x0, y0, x0 + cw, y0 + ch
+
+
+def _resampled(image: Image.Image, boxes: list[Box], window: Window, size: tuple[int, int],
+               resample: Image.Resampling) -> tuple[Image.Image, list[Box]]:
+    """`window` of `image` resampled once to `size` (W, H), the boxes moved with it; the
+    picture as it is when that changes nothing."""
+    x0, y0, x1, y1 = window
+    if window == (0, 0, *image.size) and size == image.size:
         return image, boxes
-    sx, sy = w / cw, h / ch
-    cropped = image.resize((w, h), Image.Resampling.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+    w, h = size
+    sx, sy = w / (x1 - x0), h / (y1 - y0)
     moved = [replace(b, x1=min(w, (b.x1 - x0) * sx), y1=min(h, (b.y1 - y0) * sy),
                      x2=min(w, (b.x2 - x0) * sx), y2=min(h, (b.y2 - y0) * sy)) for b in boxes]
-    return cropped, moved
+    return image.resize(size, resample, box=window), moved
 
 
 def _holding_start(lo: float, hi: float, size: int, keep: int, rng: random.Random) -> int:
@@ -168,7 +176,8 @@ def _photometric(image: Image.Image, aug: Augment, rng: random.Random) -> Image.
 
 
 def augment(
-    image: Image.Image, boxes: list[Box], *, aug: Augment, rng: random.Random, edge: int, geometric: bool = True
+    image: Image.Image, boxes: list[Box], *, aug: Augment, rng: random.Random, edge: int, geometric: bool = True,
+    size: tuple[int, int] | None = None, resample: Image.Resampling = Image.Resampling.BICUBIC,
 ) -> tuple[Image.Image, list[Box]]:
     """One random variant of an RGB `image` and its pixel `boxes`.
 
@@ -179,10 +188,14 @@ def augment(
         rng: the sample's generator (`sample_rng`).
         edge: the model's input edge in pixels: a frame large for it may be cropped (`aug.crop`).
         geometric: False for answers that are not boxes (captions): only photometry then.
+        size: the (W, H) the picture goes out at, resampled with `resample`: the model's input,
+            so that the jitter's crop and the squeeze to the input are one resampling and the
+            photometry runs on the input's pixels, not on a frame's (a quarter as many for a
+            frame twice the input). None: the picture's own size.
 
     Returns:
-        The new picture (W x H, a window of at most `edge` x `edge` after a defect crop, or
-        turned a quarter) and the boxes moved with it.
+        The new picture (`size`; else W x H, a window of at most `edge` x `edge` after a defect
+        crop, or turned a quarter) and the boxes moved with it.
     """
     if geometric:
         # Drawn only for a large frame, so a small one sees the same variants as before the crop.
@@ -194,6 +207,8 @@ def augment(
             image, boxes = _flip(image, boxes, horizontal=False)
         if aug.rot90 and rng.random() < aug.rot90:
             image, boxes = _quarter_turn(image, boxes)
-        if aug.scale:
-            image, boxes = _crop_jitter(image, boxes, aug.scale, rng)
+    window = (0, 0, *image.size)
+    if geometric and aug.scale:
+        window = _jitter_window(*image.size, boxes, aug.scale, rng)
+    image, boxes = _resampled(image, boxes, window, size or image.size, resample)
     return _photometric(image, aug, rng), boxes

@@ -146,7 +146,9 @@ class FlorenceDataset(torch.utils.data.Dataset):
         self.augment = augment if augment is not None and augment.active else None
         self.seed, self.epoch, self.max_label_tokens = seed, 0, max_label_tokens
         rows = validate_split(self.jsonl)  # first: a bad split is reported before anything else is read
-        self.edge = int(processor.image_processor.size["height"])
+        size = processor.image_processor.size
+        self.edge = int(size["height"])
+        self.input_size = (int(size["width"]), self.edge)  # what augmentation hands the processor
         held = sorted({str(r.get("task")) for r in rows})
         self.absent_tasks = [t for t in tasks if t not in held]  # asked for, and no sample of them here
         if tasks:
@@ -273,7 +275,7 @@ class FlorenceDataset(torch.utils.data.Dataset):
         boxes = [b.scaled(sx, sy) for b in ex.boxes or ()]
         picture, boxes = self._pasted(index, picture, boxes, (sx, sy))
         varied, moved = augment(picture, boxes, aug=self.augment, rng=rng, edge=self.edge,
-                                geometric=ex.boxes is not None)
+                                geometric=ex.boxes is not None, size=self.input_size, resample=self._resample)
         labels = ex.labels
         pasted = len(boxes) != len(ex.boxes or ())
         if ex.boxes is not None and (reduced or pasted or moved != boxes or varied.size != picture.size):

@@ -17,6 +17,10 @@ from collections.abc import Iterable
 from loomlens.data.records import Box, Polygon
 
 BINS = 1000
+#: Float error, in bins, that `quantize` forgives: a box carried to another picture size by
+#: multiplying (a frame squeezed to the model's input) lands a hair under a bin edge it sat on
+#: (1 coordinate in 1000: x * (256 / w) / 256 * 1000 < floor(x * 1000 / w)), which no label means.
+FLOAT_SLACK = 1e-9
 
 _TAG = re.compile(r"<[^<>]*>")
 _LOC = re.compile(r"<loc_([0-9]+)>")
@@ -53,10 +57,11 @@ def validate_label(name: str) -> str:
 
 def quantize(v: float, size: int) -> int:
     """Pixel coordinate `v` in an axis of `size` pixels -> bin `floor(v / size * 1000)` in 0..999.
-    `v == size` (a box touching the far edge) gives 999, never 1000."""
+    `v == size` (a box touching the far edge) gives 999, never 1000; a value `FLOAT_SLACK` under
+    a bin edge is that bin's (float error of a rescaled box)."""
     if size <= 0:
         raise ValueError(f"image size must be positive, got {size}")
-    return min(BINS - 1, max(0, math.floor(v / size * BINS)))
+    return min(BINS - 1, max(0, math.floor(v / size * BINS + FLOAT_SLACK)))
 
 
 def dequantize(q: float, size: int) -> float:
