@@ -33,7 +33,7 @@ class Augment:
     `hflip`, `vflip`, `rot90`, `grey`: the chance of each. `brightness`, `contrast`: the largest
     relative change (0.2: factor in [0.8, 1.2]). `gamma`: the largest change of the exponent
     (0.2: gamma in [0.8, 1.2]). `scale`: the largest share of each side a crop may drop (the
-    crop, rescaled to the full size, zooms in by up to 1 / (1 - scale)); its position is the
+    crop, rescaled to the output size, zooms in by up to 1 / (1 - scale)); its position is the
     shift jitter, and it always keeps every box whole. `crop`: the chance that a frame large for
     the model's input (`loomlens.data.tiles.is_large`) is shown as one window of the input's
     edge at full resolution, holding a defect when it has one (`_defect_crop`). `paste`: the
