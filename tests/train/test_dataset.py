@@ -329,3 +329,26 @@ def test_a_picture_squeezed_to_the_input_keeps_the_bins_of_its_answer(small_data
             assert ds[index]["labels"].tolist() == list(ex.labels)
             checked += 1
     assert checked >= 5
+
+
+def test_augmentation_hands_the_processor_the_picture_at_the_input(small_data, small_model_dir):
+    # One resampling to the input, then the photometry on the input's pixels: the item is the
+    # processor's reading of augment(..., size=input), not of the picture recoloured at full size.
+    from loomlens.data.augment import NONE, augment, sample_rng
+    from loomlens.model import load_model
+
+    _, processor = load_model(str(small_model_dir))
+    look = replace(NONE, gamma=0.5, scale=0.1)
+    ds = FlorenceDataset(small_data / "train.jsonl", processor, augment=look, seed=4)
+    index = next(i for i, ex in enumerate(ds.examples) if ex.boxes)
+    picture = ds.picture(ds.examples[index].image)[0]
+    assert picture.size != ds.input_size  # 96x64 frames, a 64 px input
+
+    def read(size):
+        varied, _ = augment(picture, list(ds.examples[index].boxes), aug=look, rng=sample_rng(4, 0, index),
+                            edge=ds.edge, size=size, resample=ds._resample)
+        return processor.image_processor(images=[varied], return_tensors="pt").pixel_values[0]
+
+    item = ds[index]["pixel_values"]
+    assert torch.equal(item, read(ds.input_size))
+    assert not torch.equal(item, read(None))
