@@ -159,13 +159,17 @@ def score_cells(s: dict[str, Any]) -> list[str]:
 
 
 def history(run: Path) -> dict[str, Any]:
-    """Steps made, the evaluations' mAP50 and the best step, read from the run's metrics.csv."""
+    """Steps made, the evaluations' mAP50, and the best step as the run chose `best/` (the first
+    evaluation with the highest selection `score`; mAP50 for a run logged without one), with
+    its val mAP50, read from the run's metrics.csv."""
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    evals = [(int(r["step"]), float(r["map50"])) for r in rows if r.get("map50")]
-    best = max(evals, key=lambda e: e[1], default=(None, None))
+    scored = [r for r in rows if r.get("map50")]
+    evals = [(int(r["step"]), float(r["map50"])) for r in scored]
+    chosen = max(scored, key=lambda r: float(r.get("score") or r["map50"]), default=None)
     return {"steps": max((int(r["step"]) for r in rows), default=0), "evals": evals,
-            "best_step": best[0], "best_val_map50": best[1]}
+            "best_step": int(chosen["step"]) if chosen else None,
+            "best_val_map50": float(chosen["map50"]) if chosen else None}
 
 
 def train_and_score(data: Path, name: str, budget: float, overrides: list[str], held: HeldOut, classes: list[str],

@@ -183,3 +183,20 @@ def test_rescore_keeps_the_training_and_scores_the_kept_adapters_again(monkeypat
     assert cells[:3] == ["1.000", "1.000", "0.000"] and real.score_cells(old)[2] == "-"  # saved before: no val
     assert result["rescored_from"] == {"command": "python -m bench.real", "date": "then"} and "machine" not in result
     assert real.tables(result)[0].notes[-1].startswith("re-scored: the adapters trained by `python -m bench.real`")
+
+
+def test_the_best_step_is_the_one_the_run_chose_not_the_highest_map50(tmp_path):
+    # best/ is chosen by the selection score (mean of mAP50 and F1 by default): the table's
+    # "best step" must name that adapter's step, not the evaluation with the highest mAP50.
+    from bench.real import history
+
+    (tmp_path / "metrics.csv").write_text(
+        "step,train_loss,map50,best_f1,score,event\n"
+        "1,9.0,,,,\n"
+        "100,,0.30,0.10,0.20,\n"
+        "300,,0.25,0.35,0.30,\n"
+        "400,,0.20,0.40,0.30,\n"
+        "420,3.0,,,,\n")
+    got = history(tmp_path)
+    assert (got["steps"], got["best_step"], got["best_val_map50"]) == (420, 300, 0.25)
+    assert got["evals"] == [(100, 0.30), (300, 0.25), (400, 0.20)]
