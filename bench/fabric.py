@@ -5,6 +5,7 @@ a user's commands, scored on a fixed test split.
     python -m bench.fabric --small               # 5 min of training
     python -m bench.fabric --set weight_decay=0.1 --tag wd0.1  # one variant beside the default
     python -m bench.fabric --words generator     # the generator's own class names
+    python -m bench.fabric --tile 256            # trained on 256 px tiles too, predicted in them
 
 Why: the default was chosen on the demo's synthetic loom frames and on AITEX, and it is
 judged on real fabric nobody here has seen. This set stands in for such a set: frames of
@@ -83,7 +84,7 @@ def tables(result: dict[str, Any]) -> list[Table]:
     rows.append(["untrained tiny", *score_cells(result["untrained"]), "0", "-"])
     words = result.get("words", "generator")
     notes = [f"{result['images']} synthetic fabric frames of {result['size']} px (seed {result['seed']}), classes in "
-             f"the {words}'s words, converted with --flip; {result['frames']} unflipped test frames ({result['defective']} with defects)"
+             f"the {words}'s words, converted with --flip{tiled(result)}; {result['frames']} unflipped test frames ({result['defective']} with defects)"
              f"{val_frames(result)}; "
              f"{result['budget_s']:.0f} s of training on this machine"]
     main = Table("A fabric the recipe never saw (synthetic, test split)",
@@ -94,6 +95,12 @@ def tables(result: dict[str, Any]) -> list[Table]:
     return [main, per_class]
 
 
+def tiled(result: dict[str, Any]) -> str:
+    """The table note's words for a run whose data was cut into tiles (empty for whole frames)."""
+    tile = result.get("tile")
+    return f" and --tile {tile} (predicted in {tile} px tiles and whole)" if tile else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fabric", description=__doc__.split("\n\n")[0])
     run_flags(parser)
@@ -102,23 +109,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=11, help="seed of the frames")
     parser.add_argument("--words", choices=("plant", "generator"), default="plant",
                         help="class names: a plant's (no model was pretrained on them) or the generator's own")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="convert with --tile N and predict every frame in N px tiles and whole "
+                             "(default: convert's auto, which keeps these frames whole)")
     common_flags(parser, NAME)
     args = parser.parse_args(argv)
     if args.rescore:
-        return rescored(NAME, args, argv, tables, WORK, tile=False)
+        return rescored(NAME, args, argv, tables, WORK, tile=True)
     budget = 300.0 if args.small else args.budget
     source, data = WORK / "source", WORK / "data"
     write_frames(source, args.images, args.seed, args.size, PLANT_WORDS if args.words == "plant" else {})
     shutil.rmtree(data, ignore_errors=True)
-    loomlens("convert", str(source), str(data), "--flip", *SPLIT)
+    loomlens("convert", str(source), str(data), "--flip", *SPLIT, *(["--tile", str(args.tile)] if args.tile else []))
     held, classes = held_out(data)
     frames, truth = held["test"]
-    untrained = held_out_scores(held, classes, WORK / "predict" / "untrained", "--model", "tiny", tile=None)
-    runs = [train_and_score(data, "default", budget, [], held, classes, work=WORK, tile=None)]
+    tile = args.tile
+    untrained = held_out_scores(held, classes, WORK / "predict" / "untrained", "--model", "tiny", tile=tile)
+    runs = [train_and_score(data, "default", budget, [], held, classes, work=WORK, tile=tile)]
     if args.set:
-        runs.append(train_and_score(data, args.tag, budget, args.set, held, classes, work=WORK, tile=None))
+        runs.append(train_and_score(data, args.tag, budget, args.set, held, classes, work=WORK, tile=tile))
     result = {"budget_s": budget, "tta": "auto", "images": args.images, "size": args.size, "seed": args.seed,
-              "words": args.words,
+              "words": args.words, "tile": tile,
               "frames": len(frames), "defective": sum(map(bool, truth)), "classes": classes,
               "val_frames": len(held["val"][0]),
               "untrained": untrained, "runs": runs}
