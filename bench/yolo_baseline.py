@@ -110,7 +110,7 @@ def predict_frames(model: Any, frames: Sequence[Path], classes: Sequence[str], t
     found = []
     for path in frames:
         with Image.open(path) as im:
-            found.append(tiled_detect(detect, im.convert("RGB"), tile))
+            found.append(tiled_detect(detect, im.convert("RGB"), tile, tile))  # YOLO sees the whole frame at imgsz=tile
     return found
 
 

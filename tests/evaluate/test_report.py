@@ -3,6 +3,7 @@
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -151,10 +152,11 @@ def test_a_tile_size_detects_large_frames_tiled_as_predict_does(tmp_path, monkey
                 for p in pictures]
 
     monkeypatch.setattr(report, "detect_with_details", found_in_tiles_only)
-    whole = report.run_split(None, None, report.od_images(tmp_path / "val.jsonl"))
+    processor = SimpleNamespace(image_processor=SimpleNamespace(size={"height": 100, "width": 100}))  # a 100 px input
+    whole = report.run_split(None, processor, report.od_images(tmp_path / "val.jsonl"))
     assert seen == [(600, 100), (200, 100)] and whole.predicted == [[], []]
     seen.clear()
-    tiled = report.run_split(None, None, report.od_images(tmp_path / "val.jsonl"), tile=100)
+    tiled = report.run_split(None, processor, report.od_images(tmp_path / "val.jsonl"), tile=100)
     # 600 px > 2 x 100: tiles (25 % overlap) and the whole frame; 200 px is not larger: whole.
     assert seen.count((100, 100)) == len(tile_windows(600, 100, 100)) and seen.count((600, 100)) == 1
     assert seen.count((200, 100)) == 1
@@ -162,7 +164,7 @@ def test_a_tile_size_detects_large_frames_tiled_as_predict_does(tmp_path, monkey
     assert [(b.x1, b.x2) for b in tiled.predicted[0]] == [(450, 470)] and tiled.predicted[1] == []
     # A frame's answer probability is its most likely piece's: the tile holding the defect.
     assert tiled.probabilities == [0.8, 0.1] and whole.probabilities == [0.8, 0.1]
-    metrics = report.write_report(None, None, tmp_path / "val.jsonl", tmp_path / "out", tile=100)
+    metrics = report.write_report(None, processor, tmp_path / "val.jsonl", tmp_path / "out", tile=100)
     assert metrics["tile"] == 100 and metrics["map50"] == 1.0
     assert "in 100 px tiles" in (tmp_path / "out" / "report.md").read_text()
 

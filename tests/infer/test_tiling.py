@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from loomlens.data.records import Box
-from loomlens.infer.tiling import merge_boxes, should_tile, stitch_pieces, tile_windows, tiled_detect
+from loomlens.infer.tiling import merge_boxes, placed_finer, should_tile, stitch_pieces, tile_windows, tiled_detect
 
 
 @pytest.mark.parametrize("size", [(2560, 1440), (700, 300), (256, 256), (100, 50)])
@@ -54,7 +54,7 @@ def test_tiled_detection_maps_boxes_back_and_merges():
         calls.append(len(crops))
         return white_square_detector(crops)
 
-    boxes = tiled_detect(detect, Image.fromarray(frame), tile=256, overlap=0.25)
+    boxes = tiled_detect(detect, Image.fromarray(frame), tile=256, input_edge=256, overlap=0.25)
     assert len(calls) == 1  # one batched call for all tiles and the whole frame
     assert [(b.x1, b.y1, b.x2, b.y2) for b in boxes] == [(610, 430, 650, 450)]
 
@@ -77,7 +77,7 @@ def test_a_defect_longer_than_a_tile_comes_back_as_one_box(axis):
             found.append([Box("pick", xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 0.9) for ys, xs in lit if xs.size])
         return found
 
-    boxes = tiled_detect(detect, Image.fromarray(np.ascontiguousarray(frame)), tile=256, whole_frame=False)
+    boxes = tiled_detect(detect, Image.fromarray(np.ascontiguousarray(frame)), tile=256, input_edge=256, whole_frame=False)
     found = sorted((b.x1, b.y1, b.x2, b.y2) for b in boxes)
     expected = [(130, 100, 1400, 110), (600, 200, 640, 204)]
     assert found == sorted(expected if axis == "x" else [(y1, x1, y2, x2) for x1, y1, x2, y2 in expected])
@@ -117,3 +117,40 @@ def test_a_box_grown_by_merging_takes_in_the_pieces_it_now_reaches():
 def test_a_coarse_box_around_two_separate_defects_never_swallows_them():
     a, b = Box("d", 1000, 100, 1040, 120, 0.9), Box("d", 1080, 100, 1120, 120, 0.85)
     assert merge_boxes([a, b, Box("d", 1000, 100, 1120, 120, 0.5)]) == [a, b]
+
+
+def thread_detector(coarse: tuple[int, int]):
+    """A stand-in model on a 512 px frame with a thread along y 272..275: each crop no larger
+    than a tile boxes its part of the thread to the pixel; the whole frame, squeezed, boxes it
+    `coarse` (y1, y2) thick, as the tiny model does at half the resolution."""
+    def detect(crops):
+        found = []
+        for crop in crops:
+            if crop.width > 256:
+                found.append([Box("broken-end", 0, coarse[0], 512, coarse[1], 0.7)])
+            else:
+                ys, xs = np.nonzero(np.asarray(crop)[..., 0] > 200)
+                found.append([Box("broken-end", xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 0.4)] if xs.size else [])
+        return found
+    return detect
+
+
+def test_the_squeezed_frame_gives_its_score_not_its_coarse_edges_to_a_defect_the_tiles_placed():
+    frame = np.zeros((512, 512, 3), np.uint8)
+    frame[272:275, :] = 255  # a 3 px thread across the frame
+    image = Image.fromarray(frame)
+    boxes = tiled_detect(thread_detector((269, 278)), image, tile=256, input_edge=256)
+    assert [(b.x1, b.y1, b.x2, b.y2, b.score) for b in boxes] == [(0, 272, 512, 275, 0.7)]
+    # Edges further than 4 input pixels (8 frame pixels here) off: another defect to the tiles,
+    # merged as before (the union).
+    boxes = tiled_detect(thread_detector((250, 278)), image, tile=256, input_edge=256)
+    assert [(b.x1, b.y1, b.x2, b.y2, b.score) for b in boxes] == [(0, 250, 512, 278, 0.7)]
+
+
+def test_a_whole_frame_box_is_folded_only_into_a_box_of_its_class_within_reach():
+    fine = [Box("d", 100, 100, 120, 104, 0.3), Box("d", 300, 100, 320, 104, 0.6)]
+    coarse = Box("d", 98, 97, 123, 107, 0.9)
+    assert placed_finer([coarse], fine, (4, 4)) == ([], [Box("d", 100, 100, 120, 104, 0.9), fine[1]])
+    assert placed_finer([coarse], fine, (2, 4)) == ([coarse], fine)  # x1, x2 miss by 2 and 3
+    other = Box("e", 98, 97, 123, 107, 0.9)
+    assert placed_finer([other], fine, (4, 4)) == ([other], fine)

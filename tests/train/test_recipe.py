@@ -514,7 +514,7 @@ def test_a_run_trained_with_the_defect_crop_validates_and_predicts_tiled(make_co
     from loomlens.predict import Predictor
 
     tiled, real = [], report.tiled_detect
-    monkeypatch.setattr(report, "tiled_detect", lambda detect, image, tile: tiled.append(tile) or real(detect, image, tile))
+    monkeypatch.setattr(report, "tiled_detect", lambda detect, image, tile, edge: tiled.append(tile) or real(detect, image, tile, edge))
     result = train(make_config(data=str(strip_data), augment={"crop": 1.0}, max_steps=2, eval_max_images=1))
     assert json.loads((result.run_dir / "crop.json").read_text()) == {"window": 64}  # the 64 px input
     assert tiled == [64]  # validation saw its one val strip (192 px > 2 x 64) as predict will

@@ -108,7 +108,7 @@ def run_split(
         for picture, is_tiled in zip(pictures, tiled):
             if is_tiled:
                 made.clear()
-                boxes = tiled_detect(detect, picture, tile)
+                boxes = tiled_detect(detect, picture, tile, int(processor.image_processor.size["height"]))
                 pieces = list(made)
             else:
                 pieces = [next(whole)]

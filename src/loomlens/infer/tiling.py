@@ -11,7 +11,9 @@ tile; its clipped copies in the neighbours are found by measuring overlap as int
 the *smaller* box (a clipped copy lies inside the whole one) and merged into it. A defect
 longer than a tile (a broken pick or a crease across the fabric) lies whole in none: each
 tile it crosses sees a piece running into the tile's side, and those pieces are stitched back
-into one box before merging (`stitch_pieces`).
+into one box before merging (`stitch_pieces`). The whole frame's boxes are coarse (its pixels
+were squeezed to the input): one that the tiles placed too gives up its edges to theirs
+(`placed_finer`) instead of growing their box to its own extent.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from loomlens.data.tiles import Window, is_large, tile_windows
 #: A box edge within this share of a tile's side runs into it: training clips a cut defect at
 #: the side exactly, and a prediction places an edge to within a bin or two of it.
 SIDE_REACH = 0.02
+#: How far, in pixels of the model's input, a box from the squeezed whole frame may place each
+#: edge from a tile's box of the same defect: a few input pixels, the placement error of a box
+#: a few pixels across there (docs/benchmarks.md, "A fabric the recipe never saw").
+COARSE_REACH_PX = 4.0
 
 
 #: The tiling modes a predictor takes (`should_tile`).
@@ -168,23 +174,59 @@ def stitch_pieces(boxes: Sequence[Box], windows: Sequence[Window], width: int, h
                     x2=max(b.x2 for b in m), y2=max(b.y2 for b in m)) for m in members.values()]
 
 
+def placed_finer(whole: Sequence[Box], tiled: Sequence[Box], reach: tuple[float, float]
+                 ) -> tuple[list[Box], list[Box]]:
+    """Fold the squeezed whole frame's boxes into the tiles' boxes of the same defects.
+
+    A whole-frame box whose four edges each lie within `reach` of a tile box of its label is
+    that defect placed coarsely: it is dropped and the tile box (the nearest, by the sum of
+    edge distances) keeps the higher score of the two. Merged instead, it would grow the tile
+    box to its own extent: a 3 px thread boxed 8 px thick. A whole-frame box no tile box
+    matches (a defect larger than the tiles, or one they missed) is kept.
+
+    Args:
+        whole: the whole frame's boxes, frame pixels.
+        tiled: the tiles' boxes, stitched and merged, frame pixels.
+        reach: (x, y) in frame pixels.
+    Returns:
+        (the whole-frame boxes left, the tile boxes with their scores raised where matched).
+    """
+    tiled, left = list(tiled), []
+    for w in whole:
+        gaps = [(abs(w.x1 - t.x1) + abs(w.x2 - t.x2) + abs(w.y1 - t.y1) + abs(w.y2 - t.y2), i)
+                for i, t in enumerate(tiled) if t.label == w.label
+                and max(abs(w.x1 - t.x1), abs(w.x2 - t.x2)) <= reach[0]
+                and max(abs(w.y1 - t.y1), abs(w.y2 - t.y2)) <= reach[1]]
+        if not gaps:
+            left.append(w)
+            continue
+        i = min(gaps)[1]
+        scores = [s for s in (tiled[i].score, w.score) if s is not None]
+        tiled[i] = replace(tiled[i], score=max(scores) if scores else None)
+    return left, tiled
+
+
 def tiled_detect(
     detect: Callable[[list[Image.Image]], list[list[Box]]],
     image: Image.Image,
     tile: int,
+    input_edge: int,
     overlap: float = 0.25,
     whole_frame: bool = True,
     merge_threshold: float = 0.6,
 ) -> list[Box]:
     """Boxes in `image`'s pixels from `detect` (images -> boxes in each image's pixels) run
-    once on every tile, and on the whole frame when `whole_frame`, stitched and merged."""
+    once on every tile, and on the whole frame when `whole_frame`, stitched and merged; the
+    whole frame, squeezed to the model's `input_edge` px input, adds the defects the tiles did
+    not place (`placed_finer`)."""
     windows = tile_windows(image.width, image.height, tile, overlap)
-    if whole_frame and len(windows) > 1:
-        windows.append((0, 0, image.width, image.height))
-    found = detect([image.crop(w) for w in windows])
+    found = detect([image.crop(w) for w in windows] + ([image] if whole_frame and len(windows) > 1 else []))
     pieces = [(replace(b, x1=b.x1 + w[0], y1=b.y1 + w[1], x2=b.x2 + w[0], y2=b.y2 + w[1]), w)
               for w, boxes in zip(windows, found) for b in boxes]
-    if not pieces:
-        return []
-    stitched = stitch_pieces([b for b, _ in pieces], [w for _, w in pieces], image.width, image.height)
-    return merge_boxes(stitched, merge_threshold)
+    tiled = merge_boxes(stitch_pieces([b for b, _ in pieces], [w for _, w in pieces], image.width, image.height),
+                        merge_threshold) if pieces else []
+    if len(found) == len(windows):
+        return tiled
+    reach = (COARSE_REACH_PX * image.width / input_edge, COARSE_REACH_PX * image.height / input_edge)
+    left, tiled = placed_finer(found[-1], tiled, reach)
+    return merge_boxes(tiled + left, merge_threshold) if left else tiled

@@ -186,7 +186,8 @@ class Predictor:
         # A run trained on tiles (or on the defect crop's windows) predicts best on tiles of the
         # same size. Only such a run, or a tile size given here, tiles by itself (`tile="auto"`):
         # a whole-frame run has never seen a tile, and answers best on the whole frame.
-        self.tile_size = tile_size or self.loaded.tile_size or int(self.loaded.processor.image_processor.size["height"])
+        self.input_edge = int(self.loaded.processor.image_processor.size["height"])
+        self.tile_size = tile_size or self.loaded.tile_size or self.input_edge
         self.auto_tiles = bool(tile_size or self.loaded.tile_size)
         if regions is None:
             regions = self.loaded.rules
@@ -321,7 +322,7 @@ class Predictor:
             if is_tiled:
                 small = im if (w, h) == im.size else im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
                 made.clear()
-                boxes = tiled_detect(tiles, small, self.tile_size, self.overlap)
+                boxes = tiled_detect(tiles, small, self.tile_size, self.input_edge, self.overlap)
                 if small is not im:  # a frame over the tile cap: give its memory back
                     del small
                     release_freed_memory()
