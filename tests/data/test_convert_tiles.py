@@ -183,6 +183,25 @@ def test_the_cli_tiles_by_itself_only_where_the_squeeze_would_hide_the_defects(t
     assert bad.exit_code == 1 and "auto, off or a tile edge" in bad.output and not (tmp_path / "d").exists()
 
 
+def test_auto_points_to_tiles_where_mid_size_frames_hide_small_defects(tmp_path):
+    # 512 px frames (not over twice the 256 px input: auto keeps them whole) whose 6 px spots
+    # are 3 px at the input, beside one large stain: the reason says what to do.
+    src = tmp_path / "src"
+    for i in range(4):
+        box = Box("nep", 100, 100, 106, 106) if i else Box("stain", 100, 100, 200, 200)
+        write_image(src / f"f{i}.png", (512, 512))
+        write_voc(ImageRecord(f"f{i}.png", 512, 512, [box]), src / f"f{i}.xml", src)
+    report = convert(src, tmp_path / "out", val_fraction=0, tile="auto")
+    assert report.tile is None
+    assert "3 of 4 boxes fall under 8 px" in report.tile_reason and "--tile 256" in report.tile_reason
+    # The same spots in frames of the input's size lose nothing to the squeeze: no advice.
+    for i in range(4):
+        write_image(src / f"f{i}.png", (256, 256))
+        write_voc(ImageRecord(f"f{i}.png", 256, 256, [Box("nep", 100, 100, 106, 106)]), src / f"f{i}.xml", src)
+    report = convert(src, tmp_path / "small", val_fraction=0, tile="auto")
+    assert report.tile is None and report.tile_reason.startswith("no tiles") and "--tile 256" not in report.tile_reason
+
+
 def test_the_library_tiles_only_when_asked(tmp_path):
     synthesize(tmp_path / "large", images=2, seed=1, size=(1536, 864))
     assert convert(tmp_path / "large", tmp_path / "out", val_fraction=0).tile is None

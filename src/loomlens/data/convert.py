@@ -48,8 +48,8 @@ from loomlens.data.sanitize import (
 from loomlens.data.splits import assign_splits, group_keys, own_split
 from loomlens.data.tasks import CONVERTIBLE, REGISTRY
 from loomlens.data.tiles import (
-    AUTO_FACTOR, AUTO_TILE_INPUT, TILES_DIR, VANISHING_PX, auto_tile, hidden_when_tiled, is_large, save_tiles,
-    tile_record,
+    AUTO_FACTOR, AUTO_TILE_INPUT, TILES_DIR, VANISHING_PX, VANISHING_SHARE, auto_tile, hidden_by_squeeze,
+    hidden_when_tiled, is_large, save_tiles, tile_record,
 )
 from loomlens.data.ultralytics import find_data_yaml, read_yolo_dataset
 from loomlens.data.voc import read_voc
@@ -302,7 +302,8 @@ def _resolve_tile(tile: int | str | None, records: Sequence[ImageRecord]) -> tup
                       f"predict them with --tile on, or convert with --tile auto" if between else "")
     large = AUTO_FACTOR * AUTO_TILE_INPUT  # what prediction tiles
     if not any(is_large(r.width, r.height, AUTO_TILE_INPUT) for r in records):
-        return None, f"no tiles: no frame is larger than {large:g} px, twice the {AUTO_TILE_INPUT} px input"
+        return None, (f"no tiles: no frame is larger than {large:g} px, twice the {AUTO_TILE_INPUT} px input"
+                      f"{_mid_size_hint(records)}")
     chosen = auto_tile(records)
     seen = (f"{hidden_when_tiled(records)} of {sum(len(r.boxes) for r in records)} boxes lie in frames over "
             f"{large:g} px and fall under {VANISHING_PX:g} px once such a frame is squeezed whole to the "
@@ -310,6 +311,21 @@ def _resolve_tile(tile: int | str | None, records: Sequence[ImageRecord]) -> tup
     if chosen is None:
         return None, f"no tiles: {seen}"
     return chosen, f"tiles of {chosen} px: {seen}; {chosen} px is the largest tile that keeps most of them in sight"
+
+
+def _mid_size_hint(records: Sequence[ImageRecord]) -> str:
+    """Advice for frames `--tile auto` keeps whole (none over twice the input) whose squeeze to
+    the input leaves a quarter of the boxes under twice `VANISHING_PX`, where the model finds a
+    defect but seldom places its edges to IoU 0.5: on such frames 256 px tiles, predicted
+    tiled, found the small defects whole frames missed (docs/training.md, "Tiles on mid-size
+    frames")."""
+    boxes, px = sum(len(r.boxes) for r in records), 2 * VANISHING_PX
+    small = sum(hidden_by_squeeze(b, r.width, r.height, AUTO_TILE_INPUT, px) for r in records for b in r.boxes)
+    if not boxes or small < VANISHING_SHARE * boxes:
+        return ""
+    return (f"; but {small} of {boxes} boxes fall under {px:g} px once a frame is squeezed to it: for small "
+            f"defects convert with --tile {AUTO_TILE_INPUT} and predict with --tile on (a frame then costs its "
+            f"tiles and itself)")
 
 
 def _fail_if_strict(strict: bool, problems: list[Problem], src: Path) -> None:
