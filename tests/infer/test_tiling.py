@@ -154,3 +154,12 @@ def test_a_whole_frame_box_is_folded_only_into_a_box_of_its_class_within_reach()
     assert placed_finer([coarse], fine, (2, 4)) == ([coarse], fine)  # x1, x2 miss by 2 and 3
     other = Box("e", 98, 97, 123, 107, 0.9)
     assert placed_finer([other], fine, (4, 4)) == ([other], fine)
+
+
+def test_a_faint_answer_beside_a_defect_is_dropped_not_merged_into_it():
+    thread = Box("broken-end", 0, 272, 512, 275, 0.4)
+    faint = Box("broken-end", 0, 250, 512, 300, 0.1)  # a quarter of the thread's score
+    copy = Box("broken-end", 0, 271, 256, 275, 0.3)  # three quarters: the same defect, merged
+    assert merge_boxes([thread, faint]) == [thread]
+    assert merge_boxes([thread, copy]) == [Box("broken-end", 0, 271, 512, 275, 0.4)]
+    assert merge_boxes([faint]) == [faint]  # alone it is kept

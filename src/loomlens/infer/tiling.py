@@ -35,6 +35,10 @@ SIDE_REACH = 0.02
 #: edge from a tile's box of the same defect: a few input pixels, the placement error of a box
 #: a few pixels across there (docs/benchmarks.md, "A fabric the recipe never saw").
 COARSE_REACH_PX = 4.0
+#: A box scoring under this share of the best kept box it reaches is dropped, not merged: a
+#: faint answer beside a defect (a tile's guess, the squeezed frame's blur) would otherwise
+#: grow that defect's box to its own extent (docs/evaluate-and-predict.md, "Tiling").
+FAINT_SHARE = 0.5
 
 
 #: The tiling modes a predictor takes (`should_tile`).
@@ -65,12 +69,13 @@ def merge_boxes(boxes: Sequence[Box], threshold: float = 0.6) -> list[Box]:
     Merging rather than dropping matters when a clipped copy outscores the whole box, or when
     no tile holds the defect whole: the union is still the whole defect. A box reaching two or
     more kept boxes that do not touch (a squeezed whole frame's coarse box around two nearby
-    defects) is dropped: the tiles placed each of them more finely."""
+    defects) is dropped: the tiles placed each of them more finely. So is a box scoring under
+    `FAINT_SHARE` of the best kept box it reaches: a faint answer, not a copy of that defect."""
     kept: dict[str, list[Box]] = {}
     for box in sorted(boxes, key=lambda b: -(b.score if b.score is not None else 1.0)):
         same = kept.setdefault(box.label, [])
         hits = _reached(box, same, threshold)
-        if len(hits) > 1 and not _connected([same[i] for i in hits]):
+        if len(hits) > 1 and not _connected([same[i] for i in hits]) or _faint(box, [same[i] for i in hits]):
             continue
         if not hits:
             same.append(box)
@@ -84,6 +89,12 @@ def merge_boxes(boxes: Sequence[Box], threshold: float = 0.6) -> list[Box]:
                 at -= i < at
             hits = [i for i in _reached(grown, same, threshold) if i != at]
     return [b for group in kept.values() for b in group]
+
+
+def _faint(box: Box, reached: Sequence[Box]) -> bool:
+    """Whether `box` scores under `FAINT_SHARE` of the best of the kept boxes it `reached`."""
+    best = max((b.score for b in reached if b.score is not None), default=None)
+    return box.score is not None and best is not None and box.score < FAINT_SHARE * best
 
 
 def _reached(box: Box, kept: Sequence[Box], threshold: float) -> list[int]:
