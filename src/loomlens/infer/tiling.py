@@ -70,12 +70,13 @@ def merge_boxes(boxes: Sequence[Box], threshold: float = 0.6) -> list[Box]:
     no tile holds the defect whole: the union is still the whole defect. A box reaching two or
     more kept boxes that do not touch (a squeezed whole frame's coarse box around two nearby
     defects) is dropped: the tiles placed each of them more finely. So is a box scoring under
-    `FAINT_SHARE` of the best kept box it reaches: a faint answer, not a copy of that defect."""
+    `FAINT_SHARE` of the best kept box it reaches: a faint answer, not a copy of that defect
+    (a whole box scoring under half its clipped copy is lost so, and the copy stands)."""
     kept: dict[str, list[Box]] = {}
     for box in sorted(boxes, key=lambda b: -(b.score if b.score is not None else 1.0)):
         same = kept.setdefault(box.label, [])
         hits = _reached(box, same, threshold)
-        if len(hits) > 1 and not _connected([same[i] for i in hits]) or _faint(box, [same[i] for i in hits]):
+        if (len(hits) > 1 and not _connected([same[i] for i in hits])) or _faint(box, [same[i] for i in hits]):
             continue
         if not hits:
             same.append(box)
