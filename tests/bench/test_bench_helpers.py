@@ -200,3 +200,10 @@ def test_the_best_step_is_the_one_the_run_chose_not_the_highest_map50(tmp_path):
     got = history(tmp_path)
     assert (got["steps"], got["best_step"], got["best_val_map50"]) == (420, 300, 0.25)
     assert got["evals"] == [(100, 0.30), (300, 0.25), (400, 0.20)]
+
+
+def test_the_fabric_table_says_when_its_frames_were_tiled():
+    from bench import fabric
+
+    assert fabric.tiled({"tile": 256}) == " and --tile 256 (predicted in 256 px tiles and whole)"
+    assert fabric.tiled({"tile": None}) == fabric.tiled({}) == ""  # whole frames, and results from before the flag

@@ -33,7 +33,7 @@ from loomlens.data.tiles import Window, is_large, tile_windows
 SIDE_REACH = 0.02
 #: How far, in pixels of the model's input, a box from the squeezed whole frame may place each
 #: edge from a tile's box of the same defect: a few input pixels, the placement error of a box
-#: a few pixels across there (docs/benchmarks.md, "A fabric the recipe never saw").
+#: a few pixels across there (docs/evaluate-and-predict.md, "Tiling").
 COARSE_REACH_PX = 4.0
 #: A box scoring under this share of the best kept box it reaches is dropped, not merged: a
 #: faint answer beside a defect (a tile's guess, the squeezed frame's blur) would otherwise
