@@ -55,8 +55,8 @@ VARIANTS: dict[str, list[str]] = {
     # earn its place on aitex-flip: docs/training.md).
     "crop-on": ["augment.crop=0.5"],
 }
-#: What runs without --variants: the crop only acts on frames larger than twice the input, which
-#: the synthetic frames and AITEX's tiles are not, so it runs only when asked for (on aitex-flip).
+#: What runs without --variants: the crop, which is off by default and acts only on frames longer
+#: than the input (AITEX's whole strips, not its tiles), runs only when asked for (on aitex-flip).
 DEFAULT_VARIANTS = [v for v in VARIANTS if v != "crop-on"]
 #: data -> (fixed steps, steps between evaluations) at the default size.
 SIZES = {"synth": (800, 200), "aitex": (1000, 100), "aitex-flip": (1000, 100)}

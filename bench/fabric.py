@@ -38,8 +38,8 @@ from typing import Any
 
 from bench.common import RESULTS, Table, common_flags, fmt, publish
 from bench.real import (
-    SCORE_COLUMNS, SCORE_NOTE, TTA_NOTE, held_out, held_out_scores, loomlens, rescored, rescored_note, run_flags,
-    score_cells, train_and_score, val_frames,
+    SCORE_COLUMNS, SCORE_NOTE, TTA_NOTE, data_tile, held_out, held_out_scores, loomlens, rescored, rescored_note,
+    run_flags, score_cells, train_and_score, val_frames,
 )
 
 NAME = "fabric"
@@ -96,9 +96,13 @@ def tables(result: dict[str, Any]) -> list[Table]:
 
 
 def tiled(result: dict[str, Any]) -> str:
-    """The table note's words for a run whose data was cut into tiles (empty for whole frames)."""
+    """The table note's words for a run whose data was cut into tiles, by `--tile N` or by
+    convert's `--tile auto` (empty for whole frames)."""
     tile = result.get("tile")
-    return f" and --tile {tile} (predicted in {tile} px tiles and whole)" if tile else ""
+    if not tile:
+        return ""
+    cut = f" and --tile {tile}" if result.get("tile_given") else f" (its --tile auto cut {tile} px tiles)"
+    return f"{cut}, predicted in {tile} px tiles and whole"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="class names: a plant's (no model was pretrained on them) or the generator's own")
     parser.add_argument("--tile", type=int, default=None,
                         help="convert with --tile N and predict every frame in N px tiles and whole "
-                             "(default: convert's auto, which keeps these frames whole)")
+                             "(default: convert's auto picks the tile, and predict tiles as it decides)")
     common_flags(parser, NAME)
     args = parser.parse_args(argv)
     if args.rescore:
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.set:
         runs.append(train_and_score(data, args.tag, budget, args.set, held, classes, work=WORK, tile=tile))
     result = {"budget_s": budget, "tta": "auto", "images": args.images, "size": args.size, "seed": args.seed,
-              "words": args.words, "tile": tile,
+              "words": args.words, "tile": data_tile(data), "tile_given": tile,
               "frames": len(frames), "defective": sum(map(bool, truth)), "classes": classes,
               "val_frames": len(held["val"][0]),
               "untrained": untrained, "runs": runs}

@@ -109,11 +109,11 @@ def convert_command(
                               "together."),
     flip: bool = typer.Option(False, "--flip", help="Add a horizontally flipped copy of every image "
                               "(in its original's split)."),
-    tile: str = typer.Option("auto", help="Cut frames into N px tiles too, for small defects in large frames "
+    tile: str = typer.Option("auto", help="Cut frames longer than N px into N px tiles too, for small defects "
                              "(tiles stay in their frame's split; whole frames are kept); a run trained on them "
-                             "predicts with that tile size. auto: tiles only where squeezing large frames to the "
-                             "default model's 256 px input would hide a quarter of the boxes, as large as keeps "
-                             "them in sight; off: never."),
+                             "predicts such frames in tiles of that size. auto: tiles only where squeezing the "
+                             "frames to the default model's 256 px input would leave a quarter of the boxes under "
+                             "8 px, as large as keeps them in sight; off: never."),
     tile_overlap: float = typer.Option(0.25, help="Share of a tile its neighbours overlap, in [0, 0.9)."),
     val_fraction: float = typer.Option(0.17, help="Share of images for validation (drawn only where the "
                                        "dataset has no val split of its own)."),
@@ -677,7 +677,7 @@ def eval_command(
 ) -> None:
     """Evaluate detection on a split: metrics.json, PR curves, confusion matrix, reliability,
     worst images and report.md, with real confidence scores. A run trained on tiles (`convert
-    --tile`) or with the defect crop is evaluated as it predicts: large frames in tiles."""
+    --tile`) or with the defect crop is evaluated as it predicts: frames longer than its tile in tiles."""
     from rich.console import Console
     from rich.table import Table
 
@@ -707,7 +707,7 @@ def eval_command(
         raise _fail(str(err)) from None
     out = out or ((run or Path("runs")) / f"eval-{jsonl.stem}")
     constrained = bool(loaded.classes) if constrained is None else constrained
-    tile = loaded.tile_size  # large frames as predict sees them (a merged folder keeps its run's)
+    tile = loaded.tile_size  # frames as predict sees them (a merged folder keeps its run's)
     views = choose_views(tta, loaded.views)
     extra = {"model": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None, "split": jsonl.stem,
              "precision": loaded.precision}
@@ -718,7 +718,7 @@ def eval_command(
     except ValueError as err:  # e.g. --constrained with no classes.txt in the run or the split
         raise _fail(str(err)) from None
     table = Table(title=f"{metrics['images']} images of {jsonl}" + (" (constrained)" if constrained else "")
-                  + (f" (large frames in {tile} px tiles)" if tile else "")
+                  + (f" (frames over {tile} px in {tile} px tiles)" if tile else "")
                   + (f" (fused over {len(views)} views)" if len(views) > 1 else ""))
     for column in ("mAP50-95", "mAP50", "mAP75", "best F1", "OK/NG AUROC", "recall @1% FA", "s/image"):
         table.add_column(column, justify="right")

@@ -85,7 +85,7 @@ class Run:
 
     @property
     def tile(self) -> int | None:
-        """The tile edge prediction's `tile="auto"` and `loomlens eval` tile large frames at
+        """The tile edge prediction's `tile="auto"` and `loomlens eval` tile frames longer than it at
         (validation too, for a cropping run), None for a run that only ever saw whole frames:
         the edge its training data was cut to (`convert --tile`), else its defect crop's
         window, since such a run learnt defects at that scale and a figure from whole squeezed

@@ -205,5 +205,7 @@ def test_the_best_step_is_the_one_the_run_chose_not_the_highest_map50(tmp_path):
 def test_the_fabric_table_says_when_its_frames_were_tiled():
     from bench import fabric
 
-    assert fabric.tiled({"tile": 256}) == " and --tile 256 (predicted in 256 px tiles and whole)"
+    assert fabric.tiled({"tile": 256, "tile_given": 256}) == " and --tile 256, predicted in 256 px tiles and whole"
+    assert fabric.tiled({"tile": 256, "tile_given": None}) == (
+        " (its --tile auto cut 256 px tiles), predicted in 256 px tiles and whole")
     assert fabric.tiled({"tile": None}) == fabric.tiled({}) == ""  # whole frames, and results from before the flag

@@ -133,7 +133,7 @@ def test_defect_crop_repeats_per_sample_and_varies_across_epochs() -> None:
 
 
 def test_small_frames_are_left_whole_and_defect_free_ones_get_any_window() -> None:
-    image, box = _marked(width=128, height=40)  # 128 = 2 x 64: not larger than the rule
+    image, box = _marked(width=64, height=40)  # no longer than the 64 px input: nothing to crop
     out, boxes = augment(image, [box], aug=CROP, edge=EDGE, rng=sample_rng(0, 0, 0))
     assert out.size == image.size and boxes == [box]
     ramp = np.zeros((64, 1024, 3), np.uint8)  # each column its own colour: x = red + 256 green

@@ -64,10 +64,7 @@ def test_tiles_agree_with_their_files_and_boxes_and_stay_in_their_frames_split(t
     report = convert(src, out, tile=128, val_fraction=0.34, seed=2)
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["tile"], summary["tile_overlap"]) == (128, 0.25) and report.tile == 128
-    assert report.tile_reason == ""  # 512 px frames are over twice 128 px: prediction tiles them too
-    middling = convert(src, tmp_path / "middling", tile=384, val_fraction=0.34, seed=2)
-    assert middling.tile_reason.startswith("6 of 6 frames are larger than the 384 px tile but not over twice it")
-    assert "--tile on" in middling.tile_reason
+    assert report.tile_reason == ""  # a tile given by number needs no reason
     positives = negatives = 0
     for split in ("train", "val"):
         samples = read_jsonl(out / f"{split}.jsonl")
@@ -174,8 +171,8 @@ def test_the_cli_tiles_by_itself_only_where_the_squeeze_would_hide_the_defects(t
                               "--tile", "OFF"])
     assert off.exit_code == 0, off.output
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["tile"] is None
-    # Frames no larger than twice the input are never tiled by auto, and the report says why.
-    synthesize(tmp_path / "small", images=3, seed=1, size=(384, 216))
+    # Frames no larger than the input are never tiled by auto, and the report says why.
+    synthesize(tmp_path / "small", images=3, seed=1, size=(256, 144))
     small = runner.invoke(app, ["convert", str(tmp_path / "small"), str(tmp_path / "c"), "--val-fraction", "0"])
     assert small.exit_code == 0 and "--tile auto: no tiles" in small.output
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["tile"] is None
@@ -183,23 +180,22 @@ def test_the_cli_tiles_by_itself_only_where_the_squeeze_would_hide_the_defects(t
     assert bad.exit_code == 1 and "auto, off or a tile edge" in bad.output and not (tmp_path / "d").exists()
 
 
-def test_auto_points_to_tiles_where_mid_size_frames_hide_small_defects(tmp_path):
-    # 512 px frames (not over twice the 256 px input: auto keeps them whole) whose 6 px spots
-    # are 3 px at the input, beside one large stain: the reason says what to do.
+def test_auto_tiles_mid_size_frames_where_the_squeeze_hides_small_defects(tmp_path):
+    # 512 px frames (twice the 256 px input) whose 6 px spots are 3 px at the input, beside one
+    # large stain: 3 of 4 boxes fall under 8 px, so auto cuts 256 px tiles.
     src = tmp_path / "src"
     for i in range(4):
         box = Box("nep", 100, 100, 106, 106) if i else Box("stain", 100, 100, 200, 200)
         write_image(src / f"f{i}.png", (512, 512))
         write_voc(ImageRecord(f"f{i}.png", 512, 512, [box]), src / f"f{i}.xml", src)
     report = convert(src, tmp_path / "out", val_fraction=0, tile="auto")
-    assert report.tile is None
-    assert "3 of 4 boxes fall under 8 px" in report.tile_reason and "--tile 256" in report.tile_reason
-    # The same spots in frames of the input's size lose nothing to the squeeze: no advice.
+    assert report.tile == 256 and report.tile_reason.startswith("tiles of 256 px: 3 of 4 boxes fall under 8 px")
+    # The same spots in frames of the input's size lose nothing to the squeeze: no tiles.
     for i in range(4):
         write_image(src / f"f{i}.png", (256, 256))
         write_voc(ImageRecord(f"f{i}.png", 256, 256, [Box("nep", 100, 100, 106, 106)]), src / f"f{i}.xml", src)
     report = convert(src, tmp_path / "small", val_fraction=0, tile="auto")
-    assert report.tile is None and report.tile_reason.startswith("no tiles") and "--tile 256" not in report.tile_reason
+    assert report.tile is None and report.tile_reason.startswith("no tiles: no frame is larger")
 
 
 def test_the_library_tiles_only_when_asked(tmp_path):
@@ -210,16 +206,17 @@ def test_the_library_tiles_only_when_asked(tmp_path):
 
 
 def test_auto_cuts_only_the_frames_prediction_tiles(tmp_path):
-    # Line-scan strips whose 6 px defects need 256 px tiles, beside 500x300 frames that are
-    # larger than a tile but that prediction never tiles (not over twice the tile): only the
-    # strips are cut.
+    # Line-scan strips whose 6 px defects need 256 px tiles, beside 500x300 frames (longer than a
+    # tile: prediction tiles them too) and 240x180 ones (no longer than a tile: seen whole): the
+    # strips and the 500x300 frames are cut, the small frames are not.
     src = tmp_path / "src"
     for i in range(3):
         for name, size, box in ((f"strip{i}", (2048, 256), Box("nep", 100, 100, 106, 106)),
-                                (f"frame{i}", (500, 300), Box("nep", 50, 50, 70, 70))):
+                                (f"frame{i}", (500, 300), Box("nep", 50, 50, 70, 70)),
+                                (f"small{i}", (240, 180), Box("nep", 50, 50, 70, 70))):
             write_image(src / f"{name}.png", size)
             write_voc(ImageRecord(f"{name}.png", *size, [box]), src / f"{name}.xml", src)
     report = convert(src, tmp_path / "out", val_fraction=0, tile="auto")
     assert report.tile == 256
     cut_from = {_window(s)[0] for s in _tile_samples(read_jsonl(tmp_path / "out" / "train.jsonl"))}
-    assert cut_from == {"strip0.png", "strip1.png", "strip2.png"}
+    assert cut_from == {f"{kind}{i}.png" for kind in ("strip", "frame") for i in range(3)}

@@ -116,7 +116,7 @@ def _frames(size: tuple[int, int], box: tuple[float, float], count: int = 4) -> 
 
 def test_auto_tile_leaves_frames_whose_defects_survive_the_squeeze_whole():
     assert auto_tile(_frames((2560, 1440), (300, 200))) is None  # 30 px at the input: seen
-    assert auto_tile(_frames((512, 288), (5, 5))) is None  # no larger than twice the input: nothing to tile
+    assert auto_tile(_frames((256, 144), (5, 5))) is None  # no larger than the input: nothing to tile
     assert auto_tile(_frames((2560, 1440), (2, 2))) is None  # under 4 px even at full size: tiles keep nothing
     assert auto_tile(_frames((2560, 1440), (20, 20), count=2) + _frames((2560, 1440), (300, 200), count=7)) is None
     assert auto_tile([ImageRecord("images/good.png", 4096, 256)]) is None  # no boxes at all
@@ -127,9 +127,11 @@ def test_auto_tile_picks_the_largest_tile_that_keeps_the_defects_in_sight():
     assert auto_tile(_frames((2560, 1440), (20, 20))) == 512
     assert hidden_when_tiled(_frames((2560, 1440), (20, 20))) == 4
     assert hidden_when_tiled(_frames((2560, 1440), (20, 20)), tile=512, px=8) == 0
-    # 36 px: 3.6 px squeezed whole, 9 px in 1024 px tiles; a 2048 px tile would not tile a 2560 px frame.
+    # 36 px: 3.6 px squeezed whole, 9 px in 1024 px tiles, 4.5 px in 2048 px ones.
     assert auto_tile(_frames((2560, 1440), (36, 36))) == 1024
     # A line-scan strip with 6 px defects: only the input's own edge keeps them over 4 px.
     assert auto_tile(_frames((4096, 256), (6, 6))) == 256
-    # The tile is chosen for the input it is given: base's 768 px keeps 20 px defects whole.
-    assert auto_tile(_frames((2560, 1440), (20, 20)), edge=768) is None
+    # The tile is chosen for the input it is given: base's 768 px keeps 40 px defects whole
+    # (12 px), and sees 20 px ones at 6 px whole, 10 px in 1536 px tiles.
+    assert auto_tile(_frames((2560, 1440), (40, 40)), edge=768) is None
+    assert auto_tile(_frames((2560, 1440), (20, 20)), edge=768) == 1536

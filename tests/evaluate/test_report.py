@@ -134,7 +134,7 @@ def test_a_tile_size_detects_large_frames_tiled_as_predict_does(tmp_path, monkey
 
     truth = Box("drop", 450, 40, 470, 60)
     lines = []
-    for name, size in (("large.png", (600, 100)), ("small.png", (200, 100))):
+    for name, size in (("large.png", (600, 100)), ("small.png", (100, 80))):
         frame = Image.new("RGB", size)
         if name == "large.png":
             frame.paste((255, 255, 255), (450, 40, 470, 60))
@@ -154,12 +154,12 @@ def test_a_tile_size_detects_large_frames_tiled_as_predict_does(tmp_path, monkey
     monkeypatch.setattr(report, "detect_with_details", found_in_tiles_only)
     processor = SimpleNamespace(image_processor=SimpleNamespace(size={"height": 100, "width": 100}))  # a 100 px input
     whole = report.run_split(None, processor, report.od_images(tmp_path / "val.jsonl"))
-    assert seen == [(600, 100), (200, 100)] and whole.predicted == [[], []]
+    assert seen == [(600, 100), (100, 80)] and whole.predicted == [[], []]
     seen.clear()
     tiled = report.run_split(None, processor, report.od_images(tmp_path / "val.jsonl"), tile=100)
-    # 600 px > 2 x 100: tiles (25 % overlap) and the whole frame; 200 px is not larger: whole.
+    # 600 px > 100: tiles (25 % overlap) and the whole frame; 100x80 is not longer: whole.
     assert seen.count((100, 100)) == len(tile_windows(600, 100, 100)) and seen.count((600, 100)) == 1
-    assert seen.count((200, 100)) == 1
+    assert seen.count((100, 80)) == 1
     assert tiled.dropped == len(seen)  # every model input's malformed parts are counted
     assert [(b.x1, b.x2) for b in tiled.predicted[0]] == [(450, 470)] and tiled.predicted[1] == []
     # A frame's answer probability is its most likely piece's: the tile holding the defect.

@@ -21,8 +21,9 @@ def test_windows_cover_the_frame_with_overlap(size):
     assert all(b - a <= 256 * 0.75 for a, b in zip(xs, xs[1:]))  # at least a quarter shared
 
 
-def test_auto_tiles_only_large_frames():
-    assert should_tile(2560, 1440, "auto", 256) and not should_tile(400, 300, "auto", 256)
+def test_auto_tiles_only_frames_longer_than_a_tile():
+    assert should_tile(2560, 1440, "auto", 256) and should_tile(400, 300, "auto", 256)
+    assert should_tile(257, 100, "auto", 256) and not should_tile(256, 256, "auto", 256)
     assert should_tile(10, 10, "on", 256) and not should_tile(9999, 9999, "off", 256)
     with pytest.raises(ValueError):
         should_tile(1, 1, "sometimes", 256)

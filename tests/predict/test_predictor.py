@@ -122,12 +122,13 @@ def test_adapter_from_a_run_folder(tmp_path, image):
     assert Predictor(adapter=run, constrained=False).constrained is False
     assert Predictor(adapter=run, tile_size=384).tile_size == 384
     # Whole frames, but the defect crop showed the large ones a 256 px window at a time (what
-    # training records in crop.json): auto tiles them at that window, as the run learnt them.
+    # training records in crop.json): auto tiles every frame longer than that window, as the
+    # run learnt them.
     (run / "data_summary.json").write_text('{"tile": null}')
     (run / "crop.json").write_text('{"window": 256}')
     cropped_run = Predictor(adapter=run)
     assert cropped_run.tile_size == 256 and cropped_run.model_inputs(2560, 1440) > 1
-    assert cropped_run.model_inputs(512, 288) == 1  # not larger than twice the input: whole
+    assert cropped_run.model_inputs(512, 288) > 1 and cropped_run.model_inputs(256, 144) == 1
     with pytest.raises(FileNotFoundError):
         Predictor(adapter=tmp_path / "empty")
 

@@ -81,14 +81,22 @@ def small_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def strip_data(tmp_path_factory) -> Path:
-    """Like `small_data`, but 8 train and 2 val line-scan strips of 192x64: longer than twice
-    the small model's 64 px input, so the defect crop shows them a window at a time."""
+    """Like `small_data`, but 8 train and 2 val line-scan strips of 192x64: three times the
+    small model's 64 px input, so the defect crop shows them a window at a time."""
     root = tmp_path_factory.mktemp("strip-data")
     rng = random.Random(1)
     _write_split(root, "train", 8, rng, size=(192, 64))
     _write_split(root, "val", 2, rng, size=(192, 64))
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     (root / "summary.json").write_text(json.dumps({"tile": None, "classes": CLASSES}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def input_size_data(tmp_path_factory) -> Path:
+    """4 train frames of 64x48: no longer than the small model's 64 px input on either side."""
+    root = tmp_path_factory.mktemp("input-size-data")
+    _write_split(root, "train", 4, random.Random(2), size=(64, 48))
     return root
 
 

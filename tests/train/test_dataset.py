@@ -172,7 +172,7 @@ def test_balanced_plan_holds_negatives_to_their_share(small_data, small_model_di
     assert plan == plan_batches(ds.tasks, ds.lengths, 4, labels=ds.classes, balance=Balance(0.25, 0.0))
 
 
-def test_the_defect_crop_feeds_a_window_and_its_boxes_and_only_on_large_frames(strip_data, small_data,
+def test_the_defect_crop_feeds_a_window_and_its_boxes_and_only_on_large_frames(strip_data, input_size_data,
                                                                                 small_model_dir):
     from loomlens.data.augment import NONE, augment, sample_rng
     from loomlens.data.florence_text import boxes_to_text
@@ -181,7 +181,7 @@ def test_the_defect_crop_feeds_a_window_and_its_boxes_and_only_on_large_frames(s
     _, processor = load_model(str(small_model_dir))
     crop = replace(NONE, crop=1.0)
     ds = FlorenceDataset(strip_data / "train.jsonl", processor, tasks=["od"], augment=crop, seed=5)
-    assert ds.edge == 64 and ds.crop_window == 64  # 192 px > 2 x 64: windows of the input's size
+    assert ds.edge == 64 and ds.crop_window == 64  # 192 px > 64: windows of the input's size
     index = next(i for i, ex in enumerate(ds.examples) if ex.boxes)
     ds.set_epoch(2)
     item = ds[index]
@@ -191,8 +191,8 @@ def test_the_defect_crop_feeds_a_window_and_its_boxes_and_only_on_large_frames(s
     assert item["labels"].tolist() == processor.tokenizer(boxes_to_text(boxes, 64, 64)).input_ids
     assert torch.equal(item["pixel_values"], processor.image_processor(images=[window], return_tensors="pt")
                        .pixel_values[0])
-    # Small frames (96 px), or no crop: nothing to crop, nothing for a run to record.
-    assert FlorenceDataset(small_data / "train.jsonl", processor, augment=crop).crop_window is None
+    # Frames no longer than the input, or no crop: nothing to crop, nothing for a run to record.
+    assert FlorenceDataset(input_size_data / "train.jsonl", processor, augment=crop).crop_window is None
     assert FlorenceDataset(strip_data / "train.jsonl", processor, augment=replace(crop, crop=0.0, hflip=1.0)) \
         .crop_window is None
     assert FlorenceDataset(strip_data / "train.jsonl", processor).crop_window is None  # validation: never

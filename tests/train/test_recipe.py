@@ -29,7 +29,7 @@ def test_run_folder_holds_config_env_metrics_curves_tb_and_checkpoints(make_conf
     assert env["versions"]["torch"] and env["versions"]["peft"] and "git_commit" in env
     assert (run / "classes.txt").read_text().split() == ["drop", "wrinkle"]
     assert json.loads((run / "data_summary.json").read_text())["tile"] is None  # what prediction reads
-    assert not (run / "crop.json").exists()  # its 96 px frames are not larger than twice the 64 px input
+    assert not (run / "crop.json").exists()  # the crop is off by default
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["step"] for r in rows if r["train_loss"]] == ["1", "2", "3", "4"]
     assert [r["step"] for r in rows if r["val_loss"]] == ["2", "4"]
@@ -519,7 +519,7 @@ def test_a_run_trained_with_the_defect_crop_validates_and_predicts_tiled(make_co
     assert json.loads((result.run_dir / "crop.json").read_text()) == {"window": 64}  # the 64 px input
     assert tiled == [64]  # validation saw its one val strip (192 px > 2 x 64) as predict will
     predictor = Predictor(adapter=result.run_dir, precision="fp32", tta="off")  # one look: inputs are tiles
-    assert predictor.tile_size == 64 and predictor.model_inputs(192, 64) > 1 and predictor.model_inputs(96, 64) == 1
+    assert predictor.tile_size == 64 and predictor.model_inputs(192, 64) > 1 and predictor.model_inputs(64, 48) == 1
 
 
 def test_lora_plus_moves_b_by_its_ratio_and_a_as_plain_lora(make_config, tmp_path):

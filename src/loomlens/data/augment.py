@@ -1,8 +1,8 @@
 """Online, box-correct augmentation for fabric: every sample a little different each epoch.
 
-Geometry moves the boxes with the pixels (a defect crop of frames much larger than the model's
+Geometry moves the boxes with the pixels (a defect crop of frames larger than the model's
 input, flips, quarter turns, a crop-and-rescale jitter that never cuts a defect); photometry
-(brightness, contrast, gamma, grey) leaves them alone. The defect crop shows a large frame as one
+(brightness, contrast, gamma, grey) leaves them alone. The defect crop shows such a frame as one
 window of the input's size at full resolution, as tiled prediction sees it: squeezed whole to
 the input, a defect a few pixels wide vanishes. The
 draw for a sample is a pure function of `(seed, epoch, index)`, so a resumed run sees the same
@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from PIL import Image, ImageEnhance, ImageOps
 
 from loomlens.data.records import Box
-from loomlens.data.tiles import MIN_VISIBLE, Window, clip_box, is_large
+from loomlens.data.tiles import MIN_VISIBLE, Window, clip_box, exceeds
 
 #: Placements the defect crop tries before it falls back to the whole frame.
 CROP_TRIES = 4
@@ -34,8 +34,8 @@ class Augment:
     relative change (0.2: factor in [0.8, 1.2]). `gamma`: the largest change of the exponent
     (0.2: gamma in [0.8, 1.2]). `scale`: the largest share of each side a crop may drop (the
     crop, rescaled to the output size, zooms in by up to 1 / (1 - scale)); its position is the
-    shift jitter, and it always keeps every box whole. `crop`: the chance that a frame large for
-    the model's input (`loomlens.data.tiles.is_large`) is shown as one window of the input's
+    shift jitter, and it always keeps every box whole. `crop`: the chance that a frame longer
+    than the model's input (`loomlens.data.tiles.exceeds`) is shown as one window of the input's
     edge at full resolution, holding a defect when it has one (`_defect_crop`). `paste`: the
     chance that a frame showing defects gets one more from another frame (`loomlens.data.paste`,
     which the dataset applies first: it needs the other frames).
@@ -186,7 +186,7 @@ def augment(
         boxes: its boxes in pixels.
         aug: what to apply, and how strongly.
         rng: the sample's generator (`sample_rng`).
-        edge: the model's input edge in pixels: a frame large for it may be cropped (`aug.crop`).
+        edge: the model's input edge in pixels: a frame longer than it may be cropped (`aug.crop`).
         geometric: False for answers that are not boxes (captions): only photometry then.
         size: the (W, H) the picture goes out at, resampled with `resample`: the model's input,
             so that the jitter's crop and the squeeze to the input are one resampling and the
@@ -198,8 +198,8 @@ def augment(
         crop, or turned a quarter) and the boxes moved with it.
     """
     if geometric:
-        # Drawn only for a large frame, so a small one sees the same variants as before the crop.
-        if aug.crop and is_large(*image.size, edge) and rng.random() < aug.crop:
+        # Drawn only for a frame prediction tiles, so a small one sees the same variants as before the crop.
+        if aug.crop and exceeds(*image.size, edge) and rng.random() < aug.crop:
             image, boxes = _defect_crop(image, boxes, edge, rng)
         if aug.hflip and rng.random() < aug.hflip:
             image, boxes = _flip(image, boxes, horizontal=True)

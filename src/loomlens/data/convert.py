@@ -48,8 +48,7 @@ from loomlens.data.sanitize import (
 from loomlens.data.splits import assign_splits, group_keys, own_split
 from loomlens.data.tasks import CONVERTIBLE, REGISTRY
 from loomlens.data.tiles import (
-    AUTO_FACTOR, AUTO_TILE_INPUT, TILES_DIR, VANISHING_PX, VANISHING_SHARE, auto_tile, hidden_by_squeeze,
-    hidden_when_tiled, is_large, save_tiles, tile_record,
+    AUTO_TILE_INPUT, PLACED_PX, TILES_DIR, auto_tile, exceeds, hidden_when_tiled, save_tiles, tile_record,
 )
 from loomlens.data.ultralytics import find_data_yaml, read_yolo_dataset
 from loomlens.data.voc import read_voc
@@ -109,7 +108,7 @@ class ConvertReport:
     split: dict[str, Any] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     images_mode: str = "refer"  # refer | copy | link: whether the samples point at the source or at copies in `out`
-    tile_reason: str = ""  # why `--tile auto` cut tiles or not; for a tile given by number, what predict does else
+    tile_reason: str = ""  # why `--tile auto` cut tiles or not
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of everything in the report."""
@@ -292,40 +291,19 @@ def _check_arguments(
 
 
 def _resolve_tile(tile: int | str | None, records: Sequence[ImageRecord]) -> tuple[int | None, str]:
-    """The tile edge to cut `records` to and, for `tile="auto"`, why (`tiles.auto_tile`); for a
-    tile given by number, a note when it cuts frames that prediction takes whole."""
+    """The tile edge to cut `records` to and, for `tile="auto"`, why (`tiles.auto_tile`)."""
     if tile != "auto":
-        between = sum(tile < max(r.width, r.height) and not is_large(r.width, r.height, tile)
-                      for r in records) if tile else 0
-        return tile, (f"{between} of {len(records)} frames are larger than the {tile} px tile but not over twice it: "
-                      f"they are cut for training, while predict and eval take such frames whole (--tile auto); "
-                      f"predict them with --tile on, or convert with --tile auto" if between else "")
-    large = AUTO_FACTOR * AUTO_TILE_INPUT  # what prediction tiles
-    if not any(is_large(r.width, r.height, AUTO_TILE_INPUT) for r in records):
-        return None, (f"no tiles: no frame is larger than {large:g} px, twice the {AUTO_TILE_INPUT} px input"
-                      f"{_mid_size_hint(records)}")
+        return tile, ""
+    if not any(exceeds(r.width, r.height, AUTO_TILE_INPUT) for r in records):
+        return None, f"no tiles: no frame is larger than the {AUTO_TILE_INPUT} px input"
     chosen = auto_tile(records)
-    seen = (f"{hidden_when_tiled(records)} of {sum(len(r.boxes) for r in records)} boxes lie in frames over "
-            f"{large:g} px and fall under {VANISHING_PX:g} px once such a frame is squeezed whole to the "
-            f"{AUTO_TILE_INPUT} px input (a quarter or more are tiled for)")
+    seen = (f"{hidden_when_tiled(records)} of {sum(len(r.boxes) for r in records)} boxes fall under "
+            f"{PLACED_PX:g} px once their frames are squeezed whole to the {AUTO_TILE_INPUT} px input, where the "
+            f"model finds a defect but seldom places its edges (a quarter or more are tiled for)")
     if chosen is None:
         return None, f"no tiles: {seen}"
-    return chosen, f"tiles of {chosen} px: {seen}; {chosen} px is the largest tile that keeps most of them in sight"
-
-
-def _mid_size_hint(records: Sequence[ImageRecord]) -> str:
-    """Advice for frames `--tile auto` keeps whole (none over twice the input) whose squeeze to
-    the input leaves a quarter of the boxes under twice `VANISHING_PX`, where the model finds a
-    defect but seldom places its edges to IoU 0.5: on such frames 256 px tiles, predicted
-    tiled, found the small defects whole frames missed (docs/training.md, "Tiles on mid-size
-    frames")."""
-    boxes, px = sum(len(r.boxes) for r in records), 2 * VANISHING_PX
-    small = sum(hidden_by_squeeze(b, r.width, r.height, AUTO_TILE_INPUT, px) for r in records for b in r.boxes)
-    if not boxes or small < VANISHING_SHARE * boxes:
-        return ""
-    return (f"; but {small} of {boxes} boxes fall under {px:g} px once a frame is squeezed to it: for small "
-            f"defects convert with --tile {AUTO_TILE_INPUT} and predict with --tile on (a frame then costs its "
-            f"tiles and itself)")
+    return chosen, (f"tiles of {chosen} px: {seen}; {chosen} px is the largest tile that keeps most of them in "
+                    f"sight, and predict and eval tile every frame larger than it")
 
 
 def _fail_if_strict(strict: bool, problems: list[Problem], src: Path) -> None:
@@ -428,7 +406,7 @@ def _tile_names(frames: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]
 
 def _images(
     records: Sequence[ImageRecord], src: Path, out: Path, flip: bool, tile: int | None, overlap: float,
-    seed: int, write: bool, progress: ProgressFn | None, mode: str = "refer", large_only: bool = False,
+    seed: int, write: bool, progress: ProgressFn | None, mode: str = "refer",
 ) -> tuple[dict[int, list[tuple[ImageRecord, str]]], set[str], list[Problem]]:
     """Decode every record's image in full, once (a header can be whole over a truncated
     file, which would crash training later); a damaged one is reported and left out, one that
@@ -436,7 +414,8 @@ def _images(
     `write`, that one decode also gives the flipped copy (`out/images/flipped_<name>`) and the
     tiles of both (`out/images/tiles/<frame name>_x<X0>_y<Y0><suffix>`, see `tile_record`),
     and with `mode` copy or link the image itself in `out/images/originals/` (see
-    `place_image`); `large_only` tiles only the frames prediction tiles (`tiles.is_large`).
+    `place_image`). Only frames longer than a tile give tiles (`tiles.tile_record`), the
+    frames prediction tiles.
     `src`, `out` resolved. Returns record index -> its (record, path relative to `out`) items
     (the frame first) for the whole images, the tile paths among them, and the problems.
     Write errors raise OSError."""
@@ -463,8 +442,7 @@ def _images(
                                              [b.hflip(record.width) for b in record.boxes], record.source),
                                  path, mirrored))
                 items[i] = [(r, path) for r, path, _ in made]
-                cuts = tile is not None and write and (not large_only or is_large(record.width, record.height, tile))
-                for frame, path, pixels in made if cuts else []:
+                for frame, path, pixels in made if tile is not None and write else []:
                     name = PurePosixPath(names[frame.image, path])
                     cut = {f"{TILES_DIR}/{name.stem}_x{t.window[0]}_y{t.window[1]}{name.suffix}": t
                            for t in tile_record(frame, tile, overlap, seed=seed)}
@@ -773,10 +751,9 @@ def convert(
     read.problems += misnamed_files(src, skip)  # the readers cannot name them: left out, said here
     records, problems = _usable_records(read, src_abs, skip, keep_empty, unlabelled_clean)
     _fail_if_strict(strict, problems, src)
-    auto = tile == "auto"  # then only frames large for the chosen tile are cut, as prediction tiles them
     tile, tile_reason = _resolve_tile(tile, records)
     work = partial(_images, records, src_abs, out_abs, flip, tile, tile_overlap, seed, progress=progress,
-                   mode=images, large_only=auto)
+                   mode=images)
     if strict and (flip or tile is not None):  # check every image before the first flip or tile is written
         problems += work(write=False)[2]
         _fail_if_strict(strict, problems, src)

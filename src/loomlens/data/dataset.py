@@ -28,7 +28,7 @@ from loomlens.data.records import Box
 from loomlens.data.sampling import Balance, Labels, balanced_batches
 from loomlens.data.sanitize import to_rgb
 from loomlens.data.tasks import CONVERTIBLE, REGISTRY
-from loomlens.data.tiles import hidden_by_squeeze, is_large
+from loomlens.data.tiles import exceeds, hidden_by_squeeze, is_large
 
 #: Label padding, ignored by the loss.
 IGNORE_INDEX = -100
@@ -120,9 +120,9 @@ class FlorenceDataset(torch.utils.data.Dataset):
     only) draws a new variant of each picture per (seed, epoch, index), its boxes moved with it;
     `set_epoch` says which epoch the loop is in. `edge`: the model's input edge (the
     processor's), for the defect crop; `crop_window`: that edge when the crop may show some frame
-    a window at a time (`augment.crop` on, a box sample's frame large for it), else None: what
+    a window at a time (`augment.crop` on, a box sample's frame longer than it), else None: what
     a run records so that prediction tiles as training cropped. `boxes` and `vanishing`: the
-    box samples' boxes, and how many of them, in frames large for the input, the squeeze to the
+    box samples' boxes, and how many of them, in frames large for the input (`tiles.is_large`), the squeeze to the
     input leaves under `tiles.VANISHING_PX` on their shorter side (what `loomlens train` warns about).
     The whole split is checked first (see `validate_split`): a bad line, a missing or damaged
     image, or an image path leading outside the data raises `SplitError` (a ValueError) naming
@@ -157,7 +157,7 @@ class FlorenceDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.jsonl} has no samples" + (f" of tasks {list(tasks)} (it holds {', '.join(held)})"
                                                                if tasks else ""))
         prompts: dict[str, tuple[int, ...]] = {}
-        self.truncated, self.boxes, self.vanishing, large = 0, 0, 0, False
+        self.truncated, self.boxes, self.vanishing, cropped = 0, 0, 0, False
         self.examples: list[Example] = []
         for row in rows:
             prefix = row["prefix"]
@@ -168,14 +168,13 @@ class FlorenceDataset(torch.utils.data.Dataset):
                 labels, self.truncated = labels[:max_label_tokens], self.truncated + 1
             boxes = _answer_boxes(row)
             if boxes is not None:
-                frame_large = is_large(row["width"], row["height"], self.edge)
-                large = large or frame_large
+                cropped = cropped or exceeds(row["width"], row["height"], self.edge)
                 self.boxes += len(boxes)
-                if frame_large:
+                if is_large(row["width"], row["height"], self.edge):
                     self.vanishing += sum(hidden_by_squeeze(b, row["width"], row["height"], self.edge) for b in boxes)
             self.examples.append(Example(prompts[prefix], tuple(labels), self.jsonl.parent / row["image"],
                                          row.get("task", prefix), boxes))
-        self.crop_window = self.edge if self.augment is not None and self.augment.crop and large else None
+        self.crop_window = self.edge if self.augment is not None and self.augment.crop and cropped else None
         pasting = self.augment is not None and self.augment.paste > 0
         self._pasted_onto, self._donors = _paste_plan(self.examples) if pasting else (set(), {})
         self._pixels: dict[Path, torch.Tensor] = {}

@@ -24,8 +24,8 @@ from loomlens.data.records import Box, ImageRecord
 
 Window = tuple[int, int, int, int]  # x0, y0, x1, y1 in frame pixels
 
-#: A frame is large for a model input (or tile) of `edge` px when its longer side exceeds this
-#: many edges: prediction's `tile="auto"` tiles it, training's defect crop shows it a window at a time.
+#: A frame is large for a model input of `edge` px when its longer side exceeds this many
+#: edges: `loomlens train` warns when such frames hide boxes from the model (`hidden_by_squeeze`).
 AUTO_FACTOR = 2.0
 #: The least share of a box a window must show for the box to be kept, clipped (less: the
 #: window is ambiguous, as labelling a half-visible defect as background would be wrong).
@@ -33,6 +33,9 @@ MIN_VISIBLE = 0.5
 #: A box whose shorter side is under this many pixels at the model's input is barely visible to
 #: it (DaViT's first stage already pools 4x4 pixels into one cell).
 VANISHING_PX = 4.0
+#: Under twice `VANISHING_PX` at the input the model finds a defect but seldom places its edges
+#: to IoU 0.5 (docs/training.md, "Tiles on mid-size frames"): `convert --tile auto` tiles for it.
+PLACED_PX = 2 * VANISHING_PX
 #: The share of boxes hidden by the squeeze to the input at which `loomlens train` warns and
 #: `convert --tile auto` cuts tiles.
 VANISHING_SHARE = 0.25
@@ -42,6 +45,14 @@ TILES_DIR = "images/tiles"
 #: The input edge `convert --tile auto` plans for: the embedded default model's. A run on
 #: Florence-2-base (768 px) converts with `--tile 768`, or `--tile off`.
 AUTO_TILE_INPUT = 256
+
+
+def exceeds(width: int, height: int, tile: int) -> bool:
+    """Whether a `width` x `height` frame is longer than a `tile` px window on some side: the
+    frames `convert --tile` cuts, training's defect crop shows a window at a time and
+    prediction's `tile="auto"` tiles, so that a run predicts in tiles every frame it learnt in
+    tiles."""
+    return max(width, height) > tile
 
 
 def is_large(width: int, height: int, edge: int) -> bool:
@@ -58,17 +69,14 @@ def hidden_by_squeeze(box: Box, width: int, height: int, edge: int, px: float = 
 
 
 def hidden_when_tiled(
-    records: Sequence[ImageRecord], tile: int | None = None, edge: int = AUTO_TILE_INPUT, px: float = VANISHING_PX,
+    records: Sequence[ImageRecord], tile: int | None = None, edge: int = AUTO_TILE_INPUT, px: float = PLACED_PX,
 ) -> int:
     """How many boxes of `records` fall under `px` at an `edge` px input (`hidden_by_squeeze`)
-    when the frames large for `tile` are seen in `tile` px windows (as prediction's auto mode
-    sees them; None: no tiles) and every other frame whole. Frames not large for `edge` are not
-    counted: nothing would tile them."""
+    when the frames longer than `tile` are seen in `tile` px windows (as prediction's auto mode
+    sees them; None: no tiles) and every other frame whole."""
     hidden = 0
     for r in records:
-        if not is_large(r.width, r.height, edge):
-            continue
-        tiled = tile is not None and is_large(r.width, r.height, tile)
+        tiled = tile is not None and exceeds(r.width, r.height, tile)
         width, height = (min(tile, r.width), min(tile, r.height)) if tiled else (r.width, r.height)
         hidden += sum(hidden_by_squeeze(b, width, height, edge, px) for b in r.boxes)
     return hidden
@@ -77,19 +85,17 @@ def hidden_when_tiled(
 def auto_tile(records: Sequence[ImageRecord], edge: int = AUTO_TILE_INPUT) -> int | None:
     """The tile edge `convert --tile auto` cuts `records` into, None for no tiles.
 
-    None unless large frames hide at least `VANISHING_SHARE` of all boxes when squeezed whole
-    to the `edge` px input (the rule `loomlens train` warns by). Then the largest of `edge`,
-    2 `edge`, 4 `edge`, ... at which fewer than that share of the boxes are under twice
-    `VANISHING_PX` (or under their own size) at the input: larger tiles cost fewer passes a
-    frame, and a box of a few pixels there is found but its edges seldom placed to IoU 0.5
-    (docs/benchmarks.md, "Real fabric"). `edge` itself when no larger tile does, since a
-    window no larger than the input hides nothing."""
+    None unless at least `VANISHING_SHARE` of all boxes fall under `PLACED_PX` (or under their
+    own size) when their frames are squeezed whole to the `edge` px input. Then the largest of
+    `edge`, 2 `edge`, 4 `edge`, ... at which fewer than that share of the boxes do: larger
+    tiles cost fewer passes a frame. `edge` itself when no larger tile does, since a window no
+    larger than the input hides nothing."""
     boxes = sum(len(r.boxes) for r in records)
-    if not boxes or hidden_when_tiled(records, None, edge, VANISHING_PX) < VANISHING_SHARE * boxes:
+    if not boxes or hidden_when_tiled(records, None, edge) < VANISHING_SHARE * boxes:
         return None
     chosen, tile = edge, 2 * edge
-    while any(is_large(r.width, r.height, tile) for r in records):
-        if hidden_when_tiled(records, tile, edge, 2 * VANISHING_PX) >= VANISHING_SHARE * boxes:
+    while any(exceeds(r.width, r.height, tile) for r in records):
+        if hidden_when_tiled(records, tile, edge) >= VANISHING_SHARE * boxes:
             break
         chosen, tile = tile, 2 * tile
     return chosen

@@ -2,7 +2,7 @@
 validation) and `write_report` (metrics.json, the plots and report.md that links them).
 
 In: a model ready to answer and a split's JSONL. Out: metrics (and files). The boxes come from
-`loomlens.infer.detection`, tiled on large frames (`loomlens.infer.tiling`) for a run that
+`loomlens.infer.detection`, tiled on frames larger than its tiles (`loomlens.infer.tiling`) for a run that
 predicts them tiled (`Run.tile`); this module only matches them against the truth and
 reports.
 """
@@ -82,7 +82,7 @@ def run_split(
     max_boxes: int = 20, constrained: bool = False, tile: int | None = None, views: Sequence[str] = ("",),
 ) -> EvalRun:
     """`<OD>` on every image, loading `batch_size` images at a time (a split of 2560x1440
-    frames does not fit in memory at once). With `tile`, a frame large for it is detected as
+    frames does not fit in memory at once). With `tile`, a frame longer than it is detected as
     `loomlens predict`'s auto mode does: in overlapping tiles of `tile` px and whole, merged.
     `views`: the mirrors each picture is also looked at through (`infer/tta.py`). Each box is
     also counted under the other classes the model nearly wrote for it (`detect_with_details`'s
@@ -144,7 +144,7 @@ def evaluate_jsonl(
     tile: int | None = None, max_boxes: int = 20,
 ) -> dict:
     """The metrics of `split_metrics` for `model` on the `<OD>` samples of a converted split,
-    large frames tiled at `tile` when given (`run_split`; the split's own tiles are then left
+    frames longer than `tile` tiled at it when given (`run_split`; the split's own tiles are then left
     out, so that each defect counts once, in its frame), at most `max_boxes` read an image.
     Classes come from the split's `classes.txt` when present. Cheap enough for training's
     validation with `max_images`."""
@@ -215,7 +215,7 @@ def write_report(
 ) -> dict:
     """Evaluate on a converted split and write into `out`: `metrics.json`, `pr_curves.png`,
     `confusion_matrix.png`, `reliability.png`, `worst_images.png` and `report.md` linking
-    them. `classes` default to the split's `classes.txt`; large frames are tiled at `tile`
+    them. `classes` default to the split's `classes.txt`; frames longer than `tile` are tiled at it
     when given (`run_split`), and the split's own tiles then left out (each defect counts
     once, in its frame, as the line sees it); `views`: the mirrors each picture is also looked
     at through (`infer/tta.py`); `extra` (model, checkpoint, ...) is stored in metrics.json as

@@ -1,4 +1,4 @@
-"""Tiled detection for frames much larger than the model's input.
+"""Tiled detection for frames larger than the model's input.
 
 In: a detect function (crops -> boxes), a frame, a tile size. Out: the frame's boxes, merged.
 
@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 from loomlens.data.records import Box
-# The same windows `convert --tile` trains on, and the rule of a large frame training's crop uses.
-from loomlens.data.tiles import Window, is_large, tile_windows
+# The same windows `convert --tile` trains on, and the frames it cuts (`exceeds`).
+from loomlens.data.tiles import Window, exceeds, tile_windows
 
 #: A box edge within this share of a tile's side runs into it: training clips a cut defect at
 #: the side exactly, and a prediction places an edge to within a bin or two of it.
@@ -47,10 +47,10 @@ TILE_MODES = ("auto", "on", "off")
 
 def should_tile(width: int, height: int, mode: str, tile: int) -> bool:
     """Whether `mode` ("on" | "off" | "auto") tiles a `width` x `height` frame: "auto" tiles a
-    frame large for `tile` (`loomlens.data.tiles.is_large`)."""
+    frame longer than a `tile` on some side (`loomlens.data.tiles.exceeds`)."""
     if mode not in TILE_MODES:
         raise ValueError(f"tile must be auto, on or off, got {mode!r}")
-    return mode == "on" or (mode == "auto" and is_large(width, height, tile))
+    return mode == "on" or (mode == "auto" and exceeds(width, height, tile))
 
 
 def smaller_overlap(box: Box, others: np.ndarray) -> np.ndarray:

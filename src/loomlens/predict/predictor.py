@@ -2,7 +2,7 @@
 
 In: images (PIL or paths), a task name and its text. Out: one `Prediction` per image. Box tasks
 (od, dense_region_caption, phrase_grounding) give scored boxes (`loomlens.infer.detection`),
-tiled on large frames (`loomlens.infer.tiling`), thresholded and filtered by the region rules;
+tiled on frames larger than its tiles (`loomlens.infer.tiling`), thresholded and filtered by the region rules;
 segmentation gives polygons; OCR with region gives quadrilaterals (as 4-point polygons, with
 their bounding boxes); the rest give text. A task the model was never trained on still runs and
 answers what it says, with `trained=False` on the prediction. Everything model-side is
@@ -118,7 +118,7 @@ class Predictor:
     `regions`: a rules YAML or `RegionRules` (default: the run's `regions.yaml` if any).
     `tile_size`: tile edge in pixels (default: the run's, `Run.tile`: the tile size its data was
     cut to by `convert --tile` or its defect crop's window; else the model's input size);
-    `tile="auto"` tiles large frames only for a run trained on tiles or crops, or with a
+    `tile="auto"` tiles frames longer than the tile only for a run trained on tiles or crops, or with a
     `tile_size` given (`auto_tiles`); `overlap`: shared
     fraction between tiles. `max_tiles`: the most tiles (whole frame included) one frame may be
     cut into (None: no cap), each looked at once per view of `tta`; a frame that would need more

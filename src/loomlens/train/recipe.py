@@ -1090,7 +1090,7 @@ def _evaluate(s: Session) -> dict[str, float]:
 
 def _detection_metrics(model, processor, jsonl: Path, cfg: TrainConfig, tile: int | None, max_boxes: int
                        ) -> dict[str, float]:
-    """mAP50 (and friends) of the `<OD>` val samples, large frames tiled at `tile` as the run
+    """mAP50 (and friends) of the `<OD>` val samples, frames longer than `tile` tiled as the run
     will predict them (`Run.tile`, for a cropping run), reading up to `max_boxes` an image (the
     most a training frame holds, or 20: a dense frame's recall is not capped); empty when
     `eval_max_images` is 0."""
