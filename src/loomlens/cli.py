@@ -742,7 +742,7 @@ def predict_command(
     checkpoint: str = typer.Option("best", help="best or last (with a run folder)."),
     task: str = typer.Option("od", help="od, caption, phrase_grounding, ocr, ... (see the docs)."),
     text: str | None = typer.Option(None, help="Phrase or region (x1,y1,x2,y2 pixels) for tasks that need one."),
-    tile: str = typer.Option("auto", help="Tiled detection on large frames: auto, on or off."),
+    tile: str = typer.Option("auto", help="Tiled detection: auto (frames longer than the run's tile), on or off."),
     tile_size: int | None = typer.Option(None, min=32, help="Tile edge in pixels (default: the run's --tile from convert, else the model's input)."),
     tta: str = typer.Option("auto", help=TTA_HELP),
     every: int = typer.Option(1, min=1, help="For videos: predict on every N-th frame."),
@@ -893,7 +893,7 @@ def select_command(
     link: bool = typer.Option(False, "--link/--copy", help="Put the chosen frames into OUT/images as hard links "
                               "(--link) or copies (--copy, the default: a folder you can hand to a labeller)."),
     every: int = typer.Option(1, min=1, help="For videos: consider every N-th frame."),
-    tile: str = typer.Option("auto", help="Tiled detection on large frames: auto, on or off."),
+    tile: str = typer.Option("auto", help="Tiled detection: auto (frames longer than the run's tile), on or off."),
     tile_size: int | None = typer.Option(None, min=32, help="Tile edge in pixels (default: the run's)."),
     max_boxes: int | None = typer.Option(None, min=1, help="Most boxes read per frame (default: the most one "
                                          "image of the run's data holds, at least 20)."),
@@ -1005,7 +1005,8 @@ def watch_command(
                                               "up on a source (default: never give up)."),
     model: str | None = typer.Option(None, help="Base model (default: the adapter's base, else tiny)."),
     checkpoint: str = typer.Option("best", help="best or last (with a run folder)."),
-    tile: str = typer.Option("auto", help="Tiled detection on large frames: auto (as the run was trained), on, off."),
+    tile: str = typer.Option("auto", help="Tiled detection: auto (frames longer than the run's tile, as it was "
+                             "trained), on, off."),
     tta: str = typer.Option("auto", help=TTA_HELP),
     regions: Path | None = typer.Option(None, help="Region rules YAML (default: the run's regions.yaml)."),
     max_tiles: int | None = typer.Option(None, min=1, help="Most tiles one frame is cut into, each seen per --tta view (downscaled past it)."),

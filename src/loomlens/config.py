@@ -152,7 +152,7 @@ class AugmentSettings(BaseModel):
     grey: float = Field(0.1, ge=0, le=1, description="chance of a grey copy")
     scale: float = Field(0.1, ge=0, lt=1, description="largest share of each side a crop may drop (zoom and shift "
                          "jitter; never cuts a defect)")
-    crop: float = Field(0.0, ge=0, le=1, description="chance that a frame larger than twice the model's input "
+    crop: float = Field(0.0, ge=0, le=1, description="chance that a frame longer than the model's input "
                         "is shown as one input-sized window at full resolution, holding a defect if it has one "
                         "(boxes it cuts kept when half shows, else another window or the whole frame; 0 = off, the default "
                         "until measured on real fabric); a run "

@@ -166,7 +166,7 @@ def test_a_tile_size_detects_large_frames_tiled_as_predict_does(tmp_path, monkey
     assert tiled.probabilities == [0.8, 0.1] and whole.probabilities == [0.8, 0.1]
     metrics = report.write_report(None, processor, tmp_path / "val.jsonl", tmp_path / "out", tile=100)
     assert metrics["tile"] == 100 and metrics["map50"] == 1.0
-    assert "in 100 px tiles" in (tmp_path / "out" / "report.md").read_text()
+    assert "frames longer than 100 px detected in 100 px tiles" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_tiled_evaluation_counts_each_defect_once_in_its_frame(tmp_path):

@@ -26,7 +26,7 @@ Window = tuple[int, int, int, int]  # x0, y0, x1, y1 in frame pixels
 
 #: A frame is large for a model input of `edge` px when its longer side exceeds this many
 #: edges: `loomlens train` warns when such frames hide boxes from the model (`hidden_by_squeeze`).
-AUTO_FACTOR = 2.0
+LARGE_FACTOR = 2.0
 #: The least share of a box a window must show for the box to be kept, clipped (less: the
 #: window is ambiguous, as labelling a half-visible defect as background would be wrong).
 MIN_VISIBLE = 0.5
@@ -56,8 +56,8 @@ def exceeds(width: int, height: int, tile: int) -> bool:
 
 
 def is_large(width: int, height: int, edge: int) -> bool:
-    """Whether a `width` x `height` frame is large for an input of `edge` px (`AUTO_FACTOR`)."""
-    return max(width, height) > AUTO_FACTOR * edge
+    """Whether a `width` x `height` frame is large for an input of `edge` px (`LARGE_FACTOR`)."""
+    return max(width, height) > LARGE_FACTOR * edge
 
 
 def hidden_by_squeeze(box: Box, width: int, height: int, edge: int, px: float = VANISHING_PX) -> bool:

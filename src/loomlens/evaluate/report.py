@@ -23,7 +23,7 @@ from loomlens.data.florence_text import parse_text
 from loomlens.data.jsonl import validate_split
 from loomlens.data.records import Box
 from loomlens.data.sanitize import open_image, to_rgb
-from loomlens.data.tiles import AUTO_FACTOR, TILES_DIR
+from loomlens.data.tiles import TILES_DIR
 from loomlens.data.yolo import CLASSES_FILE, read_class_names
 from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, match_image
 from loomlens.evaluate.inspection import frame_score, image_level, image_level_by_class, summary_line
@@ -190,7 +190,7 @@ def _markdown(metrics: dict, plots: dict[str, str], title: str) -> str:
         "", f"Best F1 {metrics['best_f1']:.3f} at score >= {threshold_text(metrics['best_threshold'])}; "
         f"{metrics['dropped_parts']} malformed answer parts dropped; "
         f"{metrics['seconds_per_image']:.3f} s per image"
-        + (f"; frames longer than {AUTO_FACTOR * metrics['tile']:.0f} px detected in {metrics['tile']} px tiles, as "
+        + (f"; frames longer than {metrics['tile']} px detected in {metrics['tile']} px tiles, as "
            "`loomlens predict` does for this run." if metrics.get("tile") else "."), "",
         "## Inspection (OK/NG per frame)", "",
         "A frame is flagged when the model's probability that it holds a defect (1 - P(empty answer), "
