@@ -6,6 +6,7 @@ a user's commands, scored on a fixed test split.
     python -m bench.fabric --set weight_decay=0.1 --tag wd0.1  # one variant beside the default
     python -m bench.fabric --words generator     # the generator's own class names
     python -m bench.fabric --tile 256            # trained on 256 px tiles too, predicted in them
+    python -m bench.fabric --tile off            # whole frames only, whatever --tile auto would cut
 
 Why: the default was chosen on the demo's synthetic loom frames and on AITEX, and it is
 judged on real fabric nobody here has seen. This set stands in for such a set: frames of
@@ -97,12 +98,19 @@ def tables(result: dict[str, Any]) -> list[Table]:
 
 def tiled(result: dict[str, Any]) -> str:
     """The table note's words for a run whose data was cut into tiles, by `--tile N` or by
-    convert's `--tile auto` (empty for whole frames)."""
+    convert's `--tile auto`, or kept whole by `--tile off` (empty for whole frames auto kept)."""
     tile = result.get("tile")
+    if result.get("tile_given") == "off":
+        return " and --tile off (whole frames only)"
     if not tile:
         return ""
     cut = f" and --tile {tile}" if result.get("tile_given") else f" (its --tile auto cut {tile} px tiles)"
     return f"{cut}, predicted in {tile} px tiles and whole"
+
+
+def tile_flag(text: str) -> int | str:
+    """`--tile`: a tile edge in pixels, or "off" for whole frames only."""
+    return text if text == "off" else int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=11, help="seed of the frames")
     parser.add_argument("--words", choices=("plant", "generator"), default="plant",
                         help="class names: a plant's (no model was pretrained on them) or the generator's own")
-    parser.add_argument("--tile", type=int, default=None,
-                        help="convert with --tile N and predict every frame in N px tiles and whole "
-                             "(default: convert's auto picks the tile, and predict tiles as it decides)")
+    parser.add_argument("--tile", type=tile_flag, default=None,
+                        help="convert with --tile N and predict every frame in N px tiles and whole, or with "
+                             "--tile off and predict whole frames (default: convert's auto picks the tile, and "
+                             "predict tiles as it decides)")
     common_flags(parser, NAME)
     args = parser.parse_args(argv)
     if args.rescore:
@@ -127,13 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     loomlens("convert", str(source), str(data), "--flip", *SPLIT, *(["--tile", str(args.tile)] if args.tile else []))
     held, classes = held_out(data)
     frames, truth = held["test"]
-    tile = args.tile
+    tile = args.tile if isinstance(args.tile, int) else None  # forced tiling; else as predict decides
     untrained = held_out_scores(held, classes, WORK / "predict" / "untrained", "--model", "tiny", tile=tile)
     runs = [train_and_score(data, "default", budget, [], held, classes, work=WORK, tile=tile)]
     if args.set:
         runs.append(train_and_score(data, args.tag, budget, args.set, held, classes, work=WORK, tile=tile))
     result = {"budget_s": budget, "tta": "auto", "images": args.images, "size": args.size, "seed": args.seed,
-              "words": args.words, "tile": data_tile(data), "tile_given": tile,
+              "words": args.words, "tile": data_tile(data), "tile_given": args.tile,
               "frames": len(frames), "defective": sum(map(bool, truth)), "classes": classes,
               "val_frames": len(held["val"][0]),
               "untrained": untrained, "runs": runs}

@@ -209,3 +209,5 @@ def test_the_fabric_table_says_when_its_frames_were_tiled():
     assert fabric.tiled({"tile": 256, "tile_given": None}) == (
         " (its --tile auto cut 256 px tiles), predicted in 256 px tiles and whole")
     assert fabric.tiled({"tile": None}) == fabric.tiled({}) == ""  # whole frames, and results from before the flag
+    assert fabric.tiled({"tile": None, "tile_given": "off"}) == " and --tile off (whole frames only)"
+    assert fabric.tile_flag("off") == "off" and fabric.tile_flag("256") == 256
