@@ -5,7 +5,9 @@ import pytest
 from PIL import Image
 
 from loomlens.data.records import Box
-from loomlens.infer.tiling import merge_boxes, placed_finer, should_tile, stitch_pieces, tile_windows, tiled_detect
+from loomlens.infer.tiling import (
+    merge_boxes, placed_finer, seen_whole, should_tile, stitch_pieces, tile_windows, tiled_detect,
+)
 
 
 @pytest.mark.parametrize("size", [(2560, 1440), (700, 300), (256, 256), (100, 50)])
@@ -164,3 +166,26 @@ def test_a_faint_answer_beside_a_defect_is_dropped_not_merged_into_it():
     assert merge_boxes([thread, faint]) == [thread]
     assert merge_boxes([thread, copy]) == [Box("broken-end", 0, 271, 512, 275, 0.4)]
     assert merge_boxes([faint]) == [faint]  # alone it is kept
+
+
+def test_a_defect_the_squeezed_frame_sees_whole_replaces_the_tiles_pieces_of_it():
+    # A diagonal crease over 100..400 px of a 512 px frame: every 256 px tile it crosses boxes
+    # its whole self (the union would be the frame), the squeezed frame boxes the crease.
+    def detect(crops):
+        return [[Box("fold-mark", 100, 100, 400, 400, 0.5)] if c.width > 256
+                else [Box("fold-mark", 0, 0, c.width, c.height, 0.3)] for c in crops]
+
+    boxes = tiled_detect(detect, Image.new("RGB", (512, 512)), tile=256, input_edge=256)
+    assert [(b.x1, b.y1, b.x2, b.y2, b.score) for b in boxes] == [(100, 100, 400, 400, 0.5)]
+
+
+def test_only_a_large_whole_frame_box_over_one_group_of_tile_boxes_replaces_them():
+    pieces = [Box("d", 90, 90, 260, 260, 0.4), Box("d", 250, 250, 410, 410, 0.3)]  # touching: one group
+    large = Box("d", 100, 100, 400, 400, 0.2)  # 150 input px a side at half scale
+    assert seen_whole([large], pieces, (2, 2), 0.6) == ([], [Box("d", 100, 100, 400, 400, 0.4)])
+    small = Box("d", 100, 100, 120, 400, 0.2)  # 10 input px wide: the tiles place it finer
+    assert seen_whole([small], pieces, (2, 2), 0.6) == ([small], pieces)
+    apart = [Box("d", 100, 100, 200, 200, 0.4), Box("d", 300, 300, 400, 400, 0.3)]  # two defects
+    assert seen_whole([large], apart, (2, 2), 0.6) == ([large], apart)
+    other = Box("e", 100, 100, 400, 400, 0.2)
+    assert seen_whole([other], pieces, (2, 2), 0.6) == ([other], pieces)

@@ -13,7 +13,8 @@ longer than a tile (a broken pick or a crease across the fabric) lies whole in n
 tile it crosses sees a piece running into the tile's side, and those pieces are stitched back
 into one box before merging (`stitch_pieces`). The whole frame's boxes are coarse (its pixels
 were squeezed to the input): one that the tiles placed too gives up its edges to theirs
-(`placed_finer`) instead of growing their box to its own extent.
+(`placed_finer`) instead of growing their box to its own extent, and one the frame shows large
+takes the place of the tiles' pieces of it (`seen_whole`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ COARSE_REACH_PX = 4.0
 #: faint answer beside a defect (a tile's guess, the squeezed frame's blur) would otherwise
 #: grow that defect's box to its own extent (docs/evaluate-and-predict.md, "Tiling").
 FAINT_SHARE = 0.5
+#: A box the squeezed whole frame draws at least this many input pixels on its shorter side
+#: shows a defect the frame saw whole; the tiles each saw a piece of it (`seen_whole`;
+#: docs/evaluate-and-predict.md, "Tiling").
+SEEN_WHOLE_PX = 16.0
 
 
 #: The tiling modes a predictor takes (`should_tile`).
@@ -218,6 +223,36 @@ def placed_finer(whole: Sequence[Box], tiled: Sequence[Box], reach: tuple[float,
     return left, tiled
 
 
+def seen_whole(whole: Sequence[Box], tiled: Sequence[Box], scale: tuple[float, float], threshold: float
+               ) -> tuple[list[Box], list[Box]]:
+    """Let the squeezed whole frame's large boxes replace the tiles' pieces of the same defects.
+
+    A whole-frame box at least `SEEN_WHOLE_PX` input pixels on its shorter side that reaches
+    (`smaller_overlap` >= `threshold`) one connected group of tile boxes of its label takes
+    their place, with its own edges and the highest score: the frame saw that defect whole,
+    each tile a piece of it (a diagonal crease that each tile boxes to its corners, whose union
+    overshoots). Small boxes, and boxes reaching separate tile boxes, are left to `merge_boxes`.
+
+    Args:
+        whole: the whole frame's boxes no tile box matched (`placed_finer`), frame pixels.
+        tiled: the tiles' boxes, stitched and merged, frame pixels.
+        scale: frame pixels per input pixel along x and y.
+        threshold: the overlap at which a box reaches another (`merge_boxes`').
+    Returns:
+        (the whole-frame boxes left, the tile boxes with the replaced ones swapped for theirs).
+    """
+    tiled, left = list(tiled), []
+    for w in whole:
+        hits = [i for i in _reached(w, tiled, threshold) if tiled[i].label == w.label]
+        if min(w.width / scale[0], w.height / scale[1]) < SEEN_WHOLE_PX or not hits or not _connected(
+                [tiled[i] for i in hits]):
+            left.append(w)
+            continue
+        scores = [s for s in (w.score, *(tiled[i].score for i in hits)) if s is not None]
+        tiled = [t for i, t in enumerate(tiled) if i not in hits] + [replace(w, score=max(scores) if scores else None)]
+    return left, tiled
+
+
 def tiled_detect(
     detect: Callable[[list[Image.Image]], list[list[Box]]],
     image: Image.Image,
@@ -239,6 +274,7 @@ def tiled_detect(
                         merge_threshold) if pieces else []
     if len(found) == len(windows):
         return tiled
-    reach = (COARSE_REACH_PX * image.width / input_edge, COARSE_REACH_PX * image.height / input_edge)
-    left, tiled = placed_finer(found[-1], tiled, reach)
+    scale = (image.width / input_edge, image.height / input_edge)  # frame pixels per input pixel
+    left, tiled = placed_finer(found[-1], tiled, (COARSE_REACH_PX * scale[0], COARSE_REACH_PX * scale[1]))
+    left, tiled = seen_whole(left, tiled, scale, merge_threshold)
     return merge_boxes(tiled + left, merge_threshold) if left else tiled
