@@ -3,7 +3,7 @@
 A run folder (docs/architecture.md) holds `config.yaml` (its `model` is the base it was trained
 on, its `tasks` what it was trained for), `classes.txt`, `data_summary.json` (the training
 data's `summary.json`, with the tile size it was cut to), `crop.json` when training's defect
-crop showed large frames a window at a time (the window's edge), optionally `regions.yaml`
+crop showed frames longer than the input a window at a time (the window's edge), optionally `regions.yaml`
 (region rules) and `checkpoints/best|last/` (each a peft adapter folder). `Run(path)` accepts
 the run folder, a checkpoint folder inside it, or a bare adapter folder that belongs to no run;
 train, eval, predict, serve and merge all read a run through it. Imports only `data`, yaml and the
@@ -25,7 +25,7 @@ __all__ = ["ADAPTER_CONFIG", "CONFIG", "CROP", "DATA_SUMMARY", "RULES_FILE", "Ru
 CONFIG = "config.yaml"
 #: The training data's summary.json, as a run keeps it.
 DATA_SUMMARY = "data_summary.json"
-#: What training's defect crop did: `{"window": edge}`, the input edge it showed large frames at.
+#: What training's defect crop did: `{"window": edge}`, the input edge it showed frames longer than it at.
 CROP = "crop.json"
 #: Where a run keeps its region rules (`loomlens.predict.regions`).
 RULES_FILE = "regions.yaml"
@@ -78,8 +78,8 @@ class Run:
 
     @property
     def crop(self) -> int | None:
-        """The window edge training's defect crop showed large frames at (`crop.json`), None
-        when it showed every frame whole (no crop, no large frame, or a run from before it)."""
+        """The window edge training's defect crop showed frames longer than the input at (`crop.json`), None
+        when it showed every frame whole (no crop, no frame longer than the input, or a run from before it)."""
         record = self.folder / CROP if self.folder else None
         return json.loads(record.read_text()).get("window") if record and record.exists() else None
 
