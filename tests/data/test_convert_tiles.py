@@ -171,6 +171,7 @@ def test_the_cli_tiles_by_itself_only_where_the_squeeze_would_hide_the_defects(t
                               "--tile", "OFF"])
     assert off.exit_code == 0, off.output
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["tile"] is None
+    assert "--tile OFF: no tiles, though" in off.output and f"--tile auto would cut {summary['tile']} px" in off.output
     # Frames no larger than the input are never tiled by auto, and the report says why.
     synthesize(tmp_path / "small", images=3, seed=1, size=(256, 144))
     small = runner.invoke(app, ["convert", str(tmp_path / "small"), str(tmp_path / "c"), "--val-fraction", "0"])
@@ -196,11 +197,13 @@ def test_auto_tiles_mid_size_frames_where_the_squeeze_hides_small_defects(tmp_pa
         write_voc(ImageRecord(f"f{i}.png", 256, 256, [Box("nep", 100, 100, 106, 106)]), src / f"f{i}.xml", src)
     report = convert(src, tmp_path / "small", val_fraction=0, tile="auto")
     assert report.tile is None and report.tile_reason.startswith("no tiles: no frame is larger")
+    assert convert(src, tmp_path / "off", val_fraction=0).tile_reason == ""  # nothing auto would have cut
 
 
 def test_the_library_tiles_only_when_asked(tmp_path):
     synthesize(tmp_path / "large", images=2, seed=1, size=(1536, 864))
-    assert convert(tmp_path / "large", tmp_path / "out", val_fraction=0).tile is None
+    whole = convert(tmp_path / "large", tmp_path / "out", val_fraction=0)
+    assert whole.tile is None and "--tile auto would cut" in whole.tile_reason  # not asked, but said
     report = convert(tmp_path / "large", tmp_path / "auto", val_fraction=0, tile="auto")
     assert report.tile is not None and report.tile_reason
 

@@ -108,7 +108,7 @@ class ConvertReport:
     split: dict[str, Any] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     images_mode: str = "refer"  # refer | copy | link: whether the samples point at the source or at copies in `out`
-    tile_reason: str = ""  # why `--tile auto` cut tiles or not
+    tile_reason: str = ""  # why `--tile auto` cut tiles or not; untiled, the tiles auto would have cut
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of everything in the report."""
@@ -291,15 +291,19 @@ def _check_arguments(
 
 
 def _resolve_tile(tile: int | str | None, records: Sequence[ImageRecord]) -> tuple[int | None, str]:
-    """The tile edge to cut `records` to and, for `tile="auto"`, why (`tiles.auto_tile`)."""
-    if tile != "auto":
+    """The tile edge to cut `records` to and why: for `tile="auto"` its choice (`tiles.auto_tile`),
+    for no tiles the tile auto would have cut, if any, so that `--tile off` is a choice made
+    knowingly; a tile given in pixels needs no reason."""
+    if tile not in ("auto", None):
         return tile, ""
     if not any(exceeds(r.width, r.height, AUTO_TILE_INPUT) for r in records):
-        return None, f"no tiles: no frame is larger than the {AUTO_TILE_INPUT} px input"
+        return None, f"no tiles: no frame is larger than the {AUTO_TILE_INPUT} px input" if tile else ""
     chosen = auto_tile(records)
     seen = (f"{hidden_when_tiled(records)} of {sum(len(r.boxes) for r in records)} boxes fall under "
             f"{PLACED_PX:g} px once their frames are squeezed whole to the {AUTO_TILE_INPUT} px input, where the "
             f"model finds a defect but seldom places its edges (a quarter or more are tiled for)")
+    if tile is None:
+        return None, "" if chosen is None else f"no tiles, though {seen}: --tile auto would cut {chosen} px tiles"
     if chosen is None:
         return None, f"no tiles: {seen}"
     return chosen, (f"tiles of {chosen} px: {seen}; {chosen} px is the largest tile that keeps most of them in "
