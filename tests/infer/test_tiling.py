@@ -1,5 +1,7 @@
 """Tiles cover the frame, boxes come back in frame pixels, clipped duplicates merge."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -89,8 +91,14 @@ def test_a_defect_longer_than_a_tile_comes_back_as_one_box(axis):
 def test_only_pieces_cut_by_the_seam_between_them_are_stitched():
     left, right = (0, 0, 256, 256), (192, 0, 448, 256)
     piece = Box("pick", 100, 50, 256, 60, 0.4)  # runs into the left tile's right side
-    go_on = Box("pick", 192, 52, 400, 62, 0.7)  # runs into the right tile's left side
-    assert stitch_pieces([piece, go_on], [left, right], 448, 256) == [Box("pick", 100, 50, 400, 62, 0.7)]
+    go_on = Box("pick", 192, 52, 400, 62, 0.4)  # runs into the right tile's left side
+    # Along the chain the span of both; across it the mean of their edges, not the union
+    # (50..62): each piece measured the thread's width with its own error.
+    (joined,) = stitch_pieces([piece, go_on], [left, right], 448, 256)
+    assert (joined.label, joined.x1, joined.x2, joined.score) == ("pick", 100, 400, 0.4)
+    assert (joined.y1, joined.y2) == pytest.approx((51, 61))
+    (weighted,) = stitch_pieces([piece, replace(go_on, score=1.2)], [left, right], 448, 256)
+    assert (weighted.y1, weighted.y2, weighted.score) == pytest.approx((51.5, 61.5, 1.2))  # the surer piece counts more
     unstitched = [
         [piece, Box("nep", 192, 52, 400, 62, 0.7)],  # another class
         [piece, Box("pick", 192, 150, 400, 160, 0.7)],  # another line, lower down
@@ -103,6 +111,15 @@ def test_only_pieces_cut_by_the_seam_between_them_are_stitched():
     edge = Box("pick", 300, 50, 448, 60)
     assert stitch_pieces([edge, Box("pick", 192, 50, 300, 60)], [right, left], 448, 256) == [
         edge, Box("pick", 192, 50, 300, 60)]
+
+
+def test_pieces_chained_along_both_axes_span_both():
+    # A stain over four tiles: each tile boxes its corner of it, clipped by its own sides; the
+    # chain runs along x and along y, so both spans are the pieces' union, not a mean.
+    windows = [(0, 0, 256, 256), (192, 0, 448, 256), (0, 192, 256, 448), (192, 192, 448, 448)]
+    pieces = [Box("stain", 100, 100, 256, 256, 0.9), Box("stain", 192, 100, 400, 256, 0.8),
+              Box("stain", 100, 192, 256, 400, 0.7), Box("stain", 192, 192, 400, 400, 0.6)]
+    assert stitch_pieces(pieces, windows, 448, 448) == [Box("stain", 100, 100, 400, 400, 0.9)]
 
 
 def test_inference_tiles_with_the_windows_training_is_cut_from():
@@ -143,7 +160,7 @@ def test_the_squeezed_frame_gives_its_score_not_its_coarse_edges_to_a_defect_the
     frame[272:275, :] = 255  # a 3 px thread across the frame
     image = Image.fromarray(frame)
     boxes = tiled_detect(thread_detector((269, 278)), image, tile=256, input_edge=256)
-    assert [(b.x1, b.y1, b.x2, b.y2, b.score) for b in boxes] == [(0, 272, 512, 275, 0.7)]
+    assert [(b.x1, b.y1, b.x2, b.y2, b.score) for b in boxes] == [pytest.approx((0, 272, 512, 275, 0.7))]
     # Edges further than 4 input pixels (8 frame pixels here) off: another defect to the tiles,
     # merged as before (the union).
     boxes = tiled_detect(thread_detector((250, 278)), image, tile=256, input_edge=256)

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from loomlens.data.records import Box, iou as box_iou
-from loomlens.infer.tiling import smaller_overlap
+from loomlens.infer.tiling import mean_edges, smaller_overlap
 
 #: The views `tta="on"` uses: the picture as it is, mirrored left-right, top-bottom, and both.
 ALL_VIEWS: tuple[str, ...] = ("", "h", "v", "hv")
@@ -112,11 +112,9 @@ def fuse_boxes(views: Sequence[Sequence[Box]], iou: float = FUSE_IOU) -> list[Bo
             clusters.append([box])
             fused.append(box)
         members = clusters[at]
-        weights = np.array([1.0 if b.score is None else b.score for b in members])
-        corners = np.array([[b.x1, b.y1, b.x2, b.y2] for b in members])
-        x1, y1, x2, y2 = (weights @ corners / weights.sum()) if weights.sum() > 0 else corners.mean(axis=0)
-        fused[at] = replace(members[0], x1=float(x1), y1=float(y1), x2=float(x2), y2=float(y2),
-                            score=float(weights.sum() / max(len(views), len(members))))
+        x1, y1, x2, y2 = mean_edges(members)
+        score = sum(1.0 if b.score is None else b.score for b in members)
+        fused[at] = replace(members[0], x1=x1, y1=y1, x2=x2, y2=y2, score=float(score / max(len(views), len(members))))
     kept: list[Box] = []
     for box in sorted(fused, key=lambda b: -(b.score or 0.0)):
         same = [[k.x1, k.y1, k.x2, k.y2] for k in kept if k.label == box.label]
