@@ -101,3 +101,20 @@ def test_several_views_give_one_fused_detection_per_image(tiny, shapes):
         mean = sum(d.generation.answer_probability for d in seen) / len(seen)
         assert detection.generation.answer_probability == pytest.approx(mean, abs=1e-5)
         assert detection.dropped == sum(d.dropped for d in seen)
+
+
+def test_the_mirrors_look_only_where_the_first_look_may_see_a_defect(tiny, shapes, monkeypatch):
+    from loomlens.infer import detection, tta
+
+    model, processor = tiny
+    [once] = detect_with_details(model, processor, [shapes])
+    looks, real = [], detection.generate
+    monkeypatch.setattr(detection, "generate", lambda m, p, images, *a: looks.append(len(images)) or real(m, p, images, *a))
+    sure = once.generation.answer_probability
+    monkeypatch.setattr(tta, "MIRROR_GATE", sure + 1e-3)  # less sure than the gate: looked at once
+    [gated] = detect_with_details(model, processor, [shapes], views=ALL_VIEWS)
+    assert sum(looks) == 1 and [corners(b) for b in gated.boxes] == [corners(b) for b in once.boxes]
+    looks.clear()
+    monkeypatch.setattr(tta, "MIRROR_GATE", sure - 1e-3)  # surer: through all four views, fused
+    [fused] = detect_with_details(model, processor, [shapes], views=ALL_VIEWS)
+    assert sum(looks) == 4 and fused.generation.answer_probability != pytest.approx(sure, abs=1e-9)

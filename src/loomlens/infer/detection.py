@@ -25,7 +25,7 @@ from loomlens.infer.generation import (
 from loomlens.infer.grammar import BoxGrammar
 from loomlens.infer.scoring import ScoreMethod, class_spellings, scored_boxes
 from loomlens.infer.streams import in_streams, stream_count
-from loomlens.infer.tta import check_views, fuse_boxes, mirrored, unmirrored
+from loomlens.infer.tta import check_views, fuse_boxes, mirrored, unmirrored, worth_mirrors
 
 T = TypeVar("T")
 
@@ -77,8 +77,8 @@ def detect_with_details(
     `constrained=True` (`<OD>` only), are the only labels the model may write. Each batch runs
     as `streams` parts at once (None: `stream_count(model)`, two on a CPU; `infer/streams.py`).
     `views` (`infer/tta.py`): the mirrors each image is also looked at through, their boxes fused
-    into one `Detection` per image (its generation, text and entropies are the first view's);
-    the default looks once, as the image is. `other_labels` (`<OD>` with `classes`): each box
+    into one `Detection` per image (its generation, text and entropies are the first view's),
+    where the first view leaves the image `worth_mirrors`; the default looks once, as the image is. `other_labels` (`<OD>` with `classes`): each box
     is also given under the other classes the model nearly wrote for it (`scoring.other_labels`),
     as evaluation counts a detector's boxes; off, a place has the one label written. Raises
     ValueError for views not in `ALL_VIEWS`.
@@ -107,12 +107,18 @@ def detect_with_details(
 
     parts = stream_count(model) if streams is None else streams
     views, images = check_views(views), list(images)
-    copies = (mirrored(image, view) for image in images for view in views)
-    found = [d for chunk in batched(copies, batch_size) for d in in_streams(detect_part, chunk, streams=parts)]
-    if len(views) == 1 and not views[0]:
-        return found
-    return [_fused(found[i * len(views):(i + 1) * len(views)], views, image, max_boxes)
-            for i, image in enumerate(images)]
+
+    def looked(copies: Iterable[Image.Image]) -> list[Detection]:
+        return [d for chunk in batched(copies, batch_size) for d in in_streams(detect_part, chunk, streams=parts)]
+
+    first = looked(mirrored(image, views[0]) for image in images)
+    again = {i for i, d in enumerate(first) if len(views) > 1 and worth_mirrors(d.generation.answer_probability)}
+    rest = iter(looked(mirrored(images[i], view) for i in sorted(again) for view in views[1:]))
+    found = []
+    for i, (image, d) in enumerate(zip(images, first)):
+        seen = [d, *(next(rest) for _ in views[1:])] if i in again else [d]
+        found.append(d if len(seen) == 1 and not views[0] else _fused(seen, views[:len(seen)], image, max_boxes))
+    return found
 
 
 def _fused(seen: Sequence[Detection], views: Sequence[str], image: Image.Image, max_boxes: int) -> Detection:

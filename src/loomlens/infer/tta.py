@@ -31,6 +31,11 @@ from loomlens.infer.tiling import mean_edges, smaller_overlap
 ALL_VIEWS: tuple[str, ...] = ("", "h", "v", "hv")
 #: What `tta` takes: auto (the mirrors the run was trained on), on (all four views) or off.
 TTA_MODES = ("auto", "on", "off")
+#: A picture the first view gives under this probability of holding a defect (its answer's
+#: `answer_probability`) is not looked at through the other mirrors: an empty tile of a large
+#: frame, most of them (docs/evaluate-and-predict.md, "Mirrors fused": a third to a half of
+#: the looks saved on tiled cloth, the same mAP).
+MIRROR_GATE = 0.3
 #: Same-label boxes from different views at this IoU or more are one defect. Below the paper's
 #: 0.55: a small defect's boxes from two views overlap less than a large one's
 #: (docs/benchmarks.md, "Mirrors fused": 0.3 and 0.4 level on mAP, 0.3 with fewer boxes).
@@ -58,6 +63,12 @@ def choose_views(mode: str, trained: Sequence[str]) -> tuple[str, ...]:
         The views, "" (as it is) first. Raises ValueError for another mode.
     """
     return {"auto": tuple(trained) or ("",), "on": ALL_VIEWS, "off": ("",)}[check_tta(mode)]
+
+
+def worth_mirrors(probability: float | None) -> bool:
+    """Whether a picture whose first look gave `probability` that it holds a defect (None: not
+    measured) is looked at through the other mirrors too (`MIRROR_GATE`)."""
+    return probability is None or probability >= MIRROR_GATE
 
 
 def check_views(views: Sequence[str]) -> tuple[str, ...]:

@@ -291,9 +291,9 @@ class Predictor:
         return w, h, should_tile(w, h, tile, self.tile_size)
 
     def model_inputs(self, width: int, height: int, tile: str = "auto", task: str = "od") -> int:
-        """How many model inputs (tiles + whole frame, or 1; for `od` each through every one
-        of `views`) predicting `task` on a `width` x `height` image costs, with the `max_tiles`
-        cap: what a server weighs a request by."""
+        """The most model inputs (tiles + whole frame, or 1; for `od` each through every one
+        of `views`, which only inputs `worth_mirrors` take) predicting `task` on a `width` x
+        `height` image costs, with the `max_tiles` cap: what a server weighs a request by."""
         if get_task(task).answer != "boxes":
             return 1
         w, h, tiled = self._fit(width, height, tile)
