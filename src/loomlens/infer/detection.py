@@ -76,12 +76,12 @@ def detect_with_details(
     that come without a label. `classes` bound the label length of the token budget and, with
     `constrained=True` (`<OD>` only), are the only labels the model may write. Each batch runs
     as `streams` parts at once (None: `stream_count(model)`, two on a CPU; `infer/streams.py`).
-    `views` (`infer/tta.py`): the mirrors each image is also looked at through, their boxes fused
-    into one `Detection` per image (its generation, text and entropies are the first view's),
-    where the first view leaves the image `worth_mirrors`; the default looks once, as the image is. `other_labels` (`<OD>` with `classes`): each box
-    is also given under the other classes the model nearly wrote for it (`scoring.other_labels`),
-    as evaluation counts a detector's boxes; off, a place has the one label written. Raises
-    ValueError for views not in `ALL_VIEWS`.
+    `views` (`infer/tta.py`): the mirrors each image is also looked at through where its first
+    view finds it `worth_mirrors`, their boxes fused into one `Detection` per image (its
+    generation, text and entropies are the first view's); the default looks once, as the image
+    is. `other_labels` (`<OD>` with `classes`): each box is also given under the other classes
+    the model nearly wrote for it (`scoring.other_labels`), as evaluation counts a detector's
+    boxes; off, a place has the one label written. Raises ValueError for views not in `ALL_VIEWS`.
     """
     tokenizer = processor.tokenizer
     # `<OD>` labels are class names; other tasks write captions or phrases, which are longer.

@@ -13,7 +13,8 @@ from different views can overlap too little to cluster; a fused box lying mostly
 better one of its label is then dropped (`DUPLICATE_OVERLAP`), so a defect gets one box. Written
 here rather than taken from `ensemble-boxes`, which needs pandas and numba for these lines and
 works in normalised coordinates. Only the mirrors a run was trained on are used (`Run.views`): a
-model that never saw a picture upside down answers worse on one.
+model that never saw a picture upside down answers worse on one; and only for a picture whose
+first look may hold a defect (`worth_mirrors`): most tiles of a tiled frame are plain cloth.
 """
 
 from __future__ import annotations
