@@ -33,8 +33,9 @@ app = typer.Typer(
 BACKEND_HELP = ("torch, or onnx: run a folder `loomlens export` wrote (pass it as --model) on onnxruntime "
                 "(CPU; CUDA where present), with --precision fp32 or int8.")
 TTA_HELP = ("Test-time augmentation of od: auto (also look through the mirrors the run was trained on and fuse "
-            "the boxes: more accurate; four views, the default recipe's, take 3-4x the time), on (all four views), "
-            "off (once, fastest). Scores change with it: take thresholds from `eval` with the same --tta.")
+            "the boxes, for each picture or tile the first look may find a defect in: more accurate; four views, "
+            "the default recipe's, take up to 3-4x the time), on (all four views), off (once, fastest). Scores "
+            "change with it: take thresholds from `eval` with the same --tta.")
 @app.callback()
 def _before_any_command() -> None:
     """Settings of the whole process, from the environment: the pixel limit for large frames."""
