@@ -118,3 +118,16 @@ def test_the_mirrors_look_only_where_the_first_look_may_see_a_defect(tiny, shape
     monkeypatch.setattr(tta, "MIRROR_GATE", sure - 1e-3)  # surer: through all four views, fused
     [fused] = detect_with_details(model, processor, [shapes], views=ALL_VIEWS)
     assert sum(looks) == 4 and fused.generation.answer_probability != pytest.approx(sure, abs=1e-9)
+
+
+def test_after_batch_comes_after_every_batch_of_looks_mirrored_ones_too(tiny, shapes, monkeypatch):
+    from loomlens.infer import detection, tta
+
+    model, processor = tiny
+    monkeypatch.setattr(tta, "MIRROR_GATE", 0.0)  # every picture is looked at through all four views
+    looks, calls, real = [], [], detection.generate
+    monkeypatch.setattr(detection, "generate", lambda m, p, images, *a: looks.append(len(images)) or real(m, p, images, *a))
+    detect_with_details(model, processor, [shapes] * 3, views=ALL_VIEWS, batch_size=2, streams=1,
+                        after_batch=lambda: calls.append(sum(looks)))
+    # 3 first looks in batches of 2 (2 + 1), then 9 mirrored ones (2 + 2 + 2 + 2 + 1)
+    assert looks == [2, 1, 2, 2, 2, 2, 1] and calls == [2, 3, 5, 7, 9, 11, 12]

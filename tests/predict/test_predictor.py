@@ -173,7 +173,7 @@ def test_a_tiled_frame_takes_its_most_likely_pieces_answer_probability(predictor
     from loomlens.infer.detection import Detection
     from loomlens.infer.generation import Generation
 
-    def found(spec, images, text):
+    def found(spec, images, text, after_batch=None):
         return [Detection([], 0, Generation("", [], [], answer_probability=0.9 if im.getbbox() else 0.2))
                 for im in images]
 
@@ -189,7 +189,38 @@ def test_a_tiled_frame_counts_the_malformed_parts_of_all_its_tiles(predictor, mo
     from loomlens.infer.detection import Detection
     from loomlens.infer.generation import Generation
 
-    monkeypatch.setattr(predictor, "_detect", lambda spec, images, text: [
+    monkeypatch.setattr(predictor, "_detect", lambda spec, images, text, after_batch=None: [
         Detection([], 1, Generation("", [], [])) for _ in images])  # each tile dropped one part
     (tiled,) = predictor.predict([Image.new("RGB", (1024, 256))], tile="on")
     assert tiled.tiled and tiled.dropped == predictor.model_inputs(1024, 256, tile="on") > 1
+
+
+def test_a_tiled_frame_checks_its_deadline_and_runs_between_after_each_batch_of_looks(predictor, monkeypatch):
+    """A server keeps its small requests and its deadlines while one large frame's crops run."""
+    from types import SimpleNamespace
+
+    from loomlens.predict import predictor as module
+
+    from loomlens.infer import detection, tta
+
+    frame = Image.new("RGB", (1024, 256), (120, 120, 120))
+    assert predictor.model_inputs(1024, 256, tile="on") == 6 and predictor.batch_size == 4  # 5 tiles + the whole frame
+    monkeypatch.setattr(predictor, "views", tta.ALL_VIEWS)
+    monkeypatch.setattr(tta, "MIRROR_GATE", 0.0)  # every crop through all four views
+    monkeypatch.setattr(detection, "stream_count", lambda model: 1)
+    looks, calls, real = [], [], detection.generate
+    monkeypatch.setattr(detection, "generate", lambda m, p, images, *a: looks.append(len(images)) or real(m, p, images, *a))
+    predictor.predict([frame], tile="on", between=lambda: calls.append(sum(looks)))
+    # Full batches across the frame's crops: 6 first looks (4 + 2), then 18 mirrored ones.
+    assert looks == [4, 2, 4, 4, 4, 4, 2] and calls == [4, 6, 10, 14, 18, 22, 24]
+    clock = [0.0]
+    monkeypatch.setattr(module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    calls.clear()
+
+    def late():  # the first batch of looks ran past the deadline
+        calls.append(1)
+        clock[0] = 2.0
+
+    with pytest.raises(module.DeadlineExceeded):
+        predictor.predict([frame], tile="on", deadline=1.0, between=late)
+    assert calls == [1]

@@ -79,23 +79,23 @@ def test_a_body_over_the_limit_is_refused_as_it_streams_never_buffered_whole(pre
     assert status == 413 and len(read) == 17  # stopped at the first chunk past 1 MB
 
 
-def test_a_7000px_png_is_downscaled_to_the_tile_cap_and_answered_in_its_own_pixels(predictor, big_png):
+def test_a_7000px_png_is_downscaled_to_the_tile_cap_and_answered_in_its_own_pixels(predictor, big_png, monkeypatch):
+    from loomlens.infer import detection
+
     assert predictor.model_inputs(7000, 7000) <= MAX_TILES
     assert predictor.model_inputs(7000, 7000, tile="off") == 1
-    calls = []
-    detect = predictor._detect
-    predictor._detect = lambda spec, images, text: calls.append(len(images)) or detect(spec, images, text)
-    try:
-        app = create_app(predictor, ServeSettings(page=False, api_key=KEY, max_side=3000))
-        with TestClient(app) as c:
-            r = c.post("/v1/predict", files={"image": ("big.png", big_png)}, headers={"X-API-Key": KEY})
-    finally:
-        del predictor._detect
+    calls, looks, generate = [], [], detection.generate
+    monkeypatch.setattr(predictor, "_detect", lambda spec, images, text, after_batch=None: calls.append(len(images))
+                        or type(predictor)._detect(predictor, spec, images, text, after_batch))
+    monkeypatch.setattr(detection, "generate", lambda m, p, images, *a: looks.append(len(images)) or generate(m, p, images, *a))
+    app = create_app(predictor, ServeSettings(page=False, api_key=KEY, max_side=3000))
+    with TestClient(app) as c:
+        r = c.post("/v1/predict", files={"image": ("big.png", big_png)}, headers={"X-API-Key": KEY})
     assert r.status_code == 200, r.text
     result = r.json()
     assert (result["width"], result["height"]) == (7000, 7000) and result["tiled"]
     assert 0 < result["scale"] < 3000 / 7000  # max_side first, then the tile cap
-    assert 1 < sum(calls) <= MAX_TILES and max(calls) <= predictor.batch_size
+    assert 1 < sum(calls) <= MAX_TILES and max(looks) <= predictor.batch_size  # the model sees full batches at most
     for d in result["detections"]:
         assert 0 <= d["box"][0] < d["box"][2] <= 7000 and 0 <= d["box"][1] < d["box"][3] <= 7000
 

@@ -6,7 +6,7 @@ grammar) -> `scored_boxes`. `loomlens.evaluate` and `loomlens.predict` both call
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -68,6 +68,7 @@ def detect_with_details(
     streams: int | None = None,
     views: Sequence[str] = ("",),
     other_labels: bool = False,
+    after_batch: Callable[[], None] | None = None,
 ) -> list[Detection]:
     """Run a box task (`<OD>`, `<DENSE_REGION_CAPTION>`, `<CAPTION_TO_PHRASE_GROUNDING>`, ...)
     on `images`, `batch_size` at a time, and return one `Detection` per image.
@@ -81,7 +82,9 @@ def detect_with_details(
     generation, text and entropies are the first view's); the default looks once, as the image
     is. `other_labels` (`<OD>` with `classes`): each box is also given under the other classes
     the model nearly wrote for it (`scoring.other_labels`), as evaluation counts a detector's
-    boxes; off, a place has the one label written. Raises ValueError for views not in `ALL_VIEWS`.
+    boxes; off, a place has the one label written. `after_batch()` is called after each batch
+    of looks, mirrored ones too (a caller's deadline check, a server's small requests). Raises
+    ValueError for views not in `ALL_VIEWS`.
     """
     tokenizer = processor.tokenizer
     # `<OD>` labels are class names; other tasks write captions or phrases, which are longer.
@@ -109,7 +112,12 @@ def detect_with_details(
     views, images = check_views(views), list(images)
 
     def looked(copies: Iterable[Image.Image]) -> list[Detection]:
-        return [d for chunk in batched(copies, batch_size) for d in in_streams(detect_part, chunk, streams=parts)]
+        found = []
+        for chunk in batched(copies, batch_size):
+            found.extend(in_streams(detect_part, chunk, streams=parts))
+            if after_batch is not None:
+                after_batch()
+        return found
 
     first = looked(mirrored(image, views[0]) for image in images)
     again = {i for i, d in enumerate(first) if len(views) > 1 and worth_mirrors(d.generation.answer_probability)}

@@ -241,7 +241,8 @@ class Predictor:
         region (`x1,y1,x2,y2` pixels or four `<loc_N>`) a task needs. `tile` (auto | on | off)
         applies to box tasks; `score_threshold` drops boxes scoring lower. `deadline` (a
         `time.monotonic()` value): past it, DeadlineExceeded is raised between model calls.
-        `between()` is called after each batch of tiles (a server runs small requests there).
+        `between()` is called after each batch of looks at a tiled frame's crops (a server runs
+        small requests there).
         Raises ValueError for an unknown task or a missing/unreadable `text`.
         """
         spec = get_task(task)
@@ -257,12 +258,13 @@ class Predictor:
             r.trained = trained
         return results
 
-    def _detect(self, spec: Task, images: list[Image.Image], text: str | None):
+    def _detect(self, spec: Task, images: list[Image.Image], text: str | None,
+                after_batch: Callable[[], None] | None = None):
         return detect_with_details(
             self.loaded.model, self.loaded.processor, images, task=spec.token, text=text and text.strip(),
             max_boxes=self.max_boxes, batch_size=self.batch_size,
             constrained=self.constrained and spec.name == "od", classes=self.loaded.classes,
-            views=self._views(spec), other_labels=self.other_labels and spec.name == "od",
+            views=self._views(spec), other_labels=self.other_labels and spec.name == "od", after_batch=after_batch,
         )
 
     def _views(self, spec: Task) -> tuple[str, ...]:
@@ -307,14 +309,15 @@ class Predictor:
         found = iter(self._detect(spec, whole, text))
         made: list[Detection] = []  # the tiled frame's detections, for its answer probability
 
+        def after_batch() -> None:
+            _check(deadline)
+            if between is not None:
+                between()
+
         def tiles(crops: list[Image.Image]) -> list[list[Box]]:
-            # Each crop costs a look per view: batches of `batch_size` looks, so that the deadline
-            # and `between` come as often as with one look.
-            for part in batched(crops, max(1, self.batch_size // len(self._views(spec)))):
-                _check(deadline)
-                made.extend(self._detect(spec, part, text))
-                if between is not None:
-                    between()
+            # All of a frame's crops in one call: full batches of first looks, then of mirrored
+            # looks where a crop may hold a defect; the deadline and `between` come after each.
+            made.extend(self._detect(spec, crops, text, after_batch))
             return [d.boxes for d in made[-len(crops):]]
 
         results = []
