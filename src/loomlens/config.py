@@ -233,9 +233,6 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(8, gt=0, description="samples per process per batch (the unit the batch plan, balance "
                             "and length grouping compose); speed.micro_batch splits it to fit memory")
     grad_accum: int = Field(1, gt=0, description="batches per process per optimizer step")
-    unseen_in_whole: Literal["keep", "drop"] = Field(
-        "keep", description="data cut into tiles: a whole frame's defects that its squeeze to the model's input "
-        "leaves under 4 px are kept in its answer, or dropped from it and left to its tiles")
     lr: float = Field(2e-3, gt=0, description="peak learning rate (docs/training.md: how it was chosen)")
     weight_decay: float = Field(0.0, ge=0)
     warmup: float = Field(0.05, ge=0, description="warmup: a fraction of the steps (<1) or a number of steps")

@@ -260,34 +260,6 @@ def test_vanishing_counts_the_boxes_only_the_squeeze_hides(small_model_dir, tmp_
     assert (ds.boxes, ds.vanishing) == (4, 1)
 
 
-def test_a_whole_frame_cut_into_tiles_leaves_what_it_cannot_show_to_them(small_model_dir, tmp_path):
-    import json
-
-    from PIL import Image
-
-    from loomlens.data.florence_text import boxes_to_text, parse_text
-    from loomlens.data.records import Box
-    from loomlens.model import load_model
-
-    _, processor = load_model(str(small_model_dir))  # a 64 px input
-    hidden, shown = Box("drop", 100, 10, 140, 30), Box("drop", 500, 0, 700, 60)  # 2.5 and 12.5 px at the input
-    data = _frames(tmp_path, [(1024, 64, [hidden, shown]), (64, 64, [Box("drop", 10, 10, 13, 40)])])
-    lines = read_jsonl(data / "train.jsonl")
-    tile = {**lines[0], "image": "images/tiles/0_x96_y0.png", "width": 64,
-            "suffix": boxes_to_text([Box("drop", 4, 10, 44, 30)], 64, 64)}  # the hidden box, whole in a tile
-    (data / "images" / "tiles").mkdir()
-    Image.new("RGB", (64, 64), (90, 90, 90)).save(data / tile["image"])
-    (data / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in [*lines, tile]))
-    kept = FlorenceDataset(data / "train.jsonl", processor)
-    assert [len(ex.boxes) for ex in kept.examples] == [2, 1, 1] and kept.left_to_tiles == 0
-    ds = FlorenceDataset(data / "train.jsonl", processor, tiled_at=512)
-    # The 1024 px frame loses the box its squeeze hides; the frame no tile cut and the tile keep theirs.
-    assert [len(ex.boxes) for ex in ds.examples] == [1, 1, 1] and ds.left_to_tiles == 1
-    assert [b.label for b in ds.examples[0].boxes] == ["drop"] and ds.examples[0].boxes[0].x1 > 400
-    assert ds.examples[0].labels == tuple(processor.tokenizer(boxes_to_text([shown], 1024, 64)).input_ids)
-    assert parse_text(boxes_to_text([shown], 1024, 64), 1024, 64)[0][0].x1 == ds.examples[0].boxes[0].x1
-
-
 def test_train_says_when_the_squeeze_hides_the_defects_and_not_on_tiles(make_config, tmp_path):
     from loomlens.data.records import Box
     from loomlens.train.recipe import train

@@ -28,7 +28,7 @@ from loomlens.data.records import Box
 from loomlens.data.sampling import Balance, Labels, balanced_batches
 from loomlens.data.sanitize import to_rgb
 from loomlens.data.tasks import CONVERTIBLE, REGISTRY
-from loomlens.data.tiles import TILES_DIR, exceeds, hidden_by_squeeze, is_large, unseen_whole
+from loomlens.data.tiles import exceeds, hidden_by_squeeze, is_large
 
 #: Label padding, ignored by the loss.
 IGNORE_INDEX = -100
@@ -124,10 +124,6 @@ class FlorenceDataset(torch.utils.data.Dataset):
     a run records so that prediction tiles as training cropped. `boxes` and `vanishing`: the
     box samples' boxes, and how many of them, in frames large for the input (`tiles.is_large`), the squeeze to the
     input leaves under `tiles.VANISHING_PX` on their shorter side (what `loomlens train` warns about).
-    `tiled_at`: the tile edge a split cut into tiles was cut at, to leave a whole frame's
-    defects its tiles show and the squeeze to the input hides (`tiles.unseen_whole`) out of
-    the frame's answer (counted in `left_to_tiles`): asked to box what it cannot see, the
-    whole view learns to guess. None: every answer as written.
     The whole split is checked first (see `validate_split`): a bad line, a missing or damaged
     image, or an image path leading outside the data raises `SplitError` (a ValueError) naming
     every line.
@@ -142,7 +138,6 @@ class FlorenceDataset(torch.utils.data.Dataset):
         cache_bytes: int | None = None,
         augment: Augment | None = None,
         seed: int = 0,
-        tiled_at: int | None = None,
     ) -> None:
         self.jsonl = Path(jsonl)
         self.processor = processor
@@ -162,14 +157,12 @@ class FlorenceDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.jsonl} has no samples" + (f" of tasks {list(tasks)} (it holds {', '.join(held)})"
                                                                if tasks else ""))
         prompts: dict[str, tuple[int, ...]] = {}
-        self.truncated, self.boxes, self.vanishing, self.left_to_tiles, cropped = 0, 0, 0, 0, False
+        self.truncated, self.boxes, self.vanishing, cropped = 0, 0, 0, False
         self.examples: list[Example] = []
         for row in rows:
             prefix = row["prefix"]
             if prefix not in prompts:
                 prompts[prefix] = self._prompt_ids(prefix)
-            if tiled_at is not None:
-                row = self._seen_whole(row, tiled_at)
             labels = processor.tokenizer(row["suffix"], add_special_tokens=True).input_ids
             if max_label_tokens is not None and len(labels) > max_label_tokens:
                 labels, self.truncated = labels[:max_label_tokens], self.truncated + 1
@@ -188,18 +181,6 @@ class FlorenceDataset(torch.utils.data.Dataset):
         self._pictures: dict[Path, tuple[Image.Image, float, float]] = {}
         self._resample = _pil_filter(processor.image_processor)
         self._features: dict[Path, torch.Tensor] = {}
-
-    def _seen_whole(self, row: dict, tile: int) -> dict:
-        """`row` with the boxes its whole frame cannot show left to its tiles, when it is a whole
-        frame cut into `tile` px tiles and its task lists every box; else `row` as it is."""
-        task = REGISTRY.get(row.get("task", ""))
-        if (task is None or not task.lists_every_box or row["image"].startswith(f"{TILES_DIR}/")
-                or not exceeds(row["width"], row["height"], tile)):
-            return row
-        boxes = parse_text(row["suffix"], row["width"], row["height"])[0]
-        seen = [b for b in boxes if not unseen_whole(b, row["width"], row["height"], self.edge)]
-        self.left_to_tiles += len(boxes) - len(seen)
-        return row if len(seen) == len(boxes) else {**row, "suffix": boxes_to_text(seen, row["width"], row["height"])}
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose augmentation draws the items (the loop sets it before each epoch)."""

@@ -68,12 +68,6 @@ def hidden_by_squeeze(box: Box, width: int, height: int, edge: int, px: float = 
     return side >= VANISHING_PX and min(box.width * edge / width, box.height * edge / height) < min(px, side)
 
 
-def unseen_whole(box: Box, width: int, height: int, edge: int) -> bool:
-    """Whether `box` falls under `VANISHING_PX` on its shorter side once its `width` x `height`
-    frame is squeezed to the model's `edge` x `edge` input: a defect that frame cannot show."""
-    return min(box.width * edge / width, box.height * edge / height) < VANISHING_PX
-
-
 def hidden_when_tiled(
     records: Sequence[ImageRecord], tile: int | None = None, edge: int = AUTO_TILE_INPUT, px: float = PLACED_PX,
 ) -> int:

@@ -46,7 +46,6 @@ from loomlens.data.augment import Augment
 from loomlens.data.dataset import (
     IGNORE_INDEX, Collator, FlorenceDataset, default_cache_bytes, plan_batches,
 )
-from loomlens.data.jsonl import SUMMARY
 from loomlens.data.sampling import Balance
 from loomlens.data.tiles import VANISHING_PX, VANISHING_SHARE
 from loomlens.data.yolo import CLASSES_FILE, read_class_names
@@ -327,11 +326,8 @@ def datasets(cfg: TrainConfig, processor, max_label: int, processes: int = 1
     on = aug.enabled and not cfg.speed.cache_image_features  # cached features are of the plain pictures
     augment = Augment(**aug.model_dump(exclude={"enabled"})) if on else None
     budget = default_cache_bytes() // max(1, processes)
-    summary = cfg.data / SUMMARY
-    tile = json.loads(summary.read_text()).get("tile") if summary.exists() else None
     train_set = FlorenceDataset(cfg.data / "train.jsonl", processor, cfg.tasks, max_label,
-                                cache_bytes=budget if cfg.speed.num_workers == 0 else 0, augment=augment, seed=cfg.seed,
-                                tiled_at=tile if cfg.unseen_in_whole == "drop" else None)
+                                cache_bytes=budget if cfg.speed.num_workers == 0 else 0, augment=augment, seed=cfg.seed)
     if train_set.absent_tasks:  # else config.yaml would record tasks the run never learnt
         raise ValueError(f"tasks {', '.join(train_set.absent_tasks)} have no sample in {train_set.jsonl}: drop them "
                          "from tasks=, or convert with --tasks naming them")
@@ -1122,7 +1118,7 @@ def _write_run_files(cfg: TrainConfig, run_dir: Path, world: int, crop_window: i
         atomic_write(run_dir / CROP, json.dumps({"window": crop_window}) + "\n")
     else:
         (run_dir / CROP).unlink(missing_ok=True)  # an earlier attempt's record in this folder
-    for name, copy in ((CLASSES_FILE, CLASSES_FILE), (SUMMARY, DATA_SUMMARY)):
+    for name, copy in ((CLASSES_FILE, CLASSES_FILE), ("summary.json", DATA_SUMMARY)):
         if (cfg.data / name).exists():
             atomic_copy(cfg.data / name, run_dir / copy)
 
