@@ -199,9 +199,8 @@ def test_a_tiled_frame_checks_its_deadline_and_runs_between_after_each_batch_of_
     """A server keeps its small requests and its deadlines while one large frame's crops run."""
     from types import SimpleNamespace
 
-    from loomlens.predict import predictor as module
-
     from loomlens.infer import detection, tta
+    from loomlens.predict import predictor as module
 
     frame = Image.new("RGB", (1024, 256), (120, 120, 120))
     assert predictor.model_inputs(1024, 256, tile="on") == 6 and predictor.batch_size == 4  # 5 tiles + the whole frame
