@@ -8,7 +8,7 @@ from PIL import Image
 
 from loomlens.data.records import Box
 from loomlens.infer.tiling import (
-    merge_boxes, placed_finer, seen_whole, should_tile, stitch_pieces, tile_windows, tiled_detect,
+    merge_boxes, misnamed_pieces, placed_finer, seen_whole, should_tile, stitch_pieces, tile_windows, tiled_detect,
 )
 
 
@@ -206,3 +206,40 @@ def test_only_a_large_whole_frame_box_over_one_group_of_tile_boxes_replaces_them
     assert seen_whole([large], apart, (2, 2), 0.6) == ([large], apart)
     other = Box("e", 100, 100, 400, 400, 0.2)
     assert seen_whole([other], pieces, (2, 2), 0.6) == ([other], pieces)
+
+
+
+def test_a_tiles_misnamed_piece_of_a_long_defect_the_frame_saw_is_dropped():
+    # A broken pick along a 1024 px frame: the squeezed frame boxes all of it, each tile it
+    # crosses its piece, and the one tile that also holds a grey fleck calls its piece a slub.
+    frame = np.zeros((1024, 1024, 3), np.uint8)
+    frame[300:304, :] = 255
+    frame[310, 700] = 100
+
+    def detect(crops):
+        found = []
+        for crop in crops:
+            pixels = np.asarray(crop)[..., 0]
+            if crop.width > 256:
+                found.append([Box("broken-end", 0, 296, 1024, 308, 0.4)])
+                continue
+            ys, xs = np.nonzero(pixels > 200)
+            label = "slub" if (pixels == 100).any() else "broken-end"
+            found.append([Box(label, xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 0.6)] if xs.size else [])
+        return found
+
+    image = Image.fromarray(frame)
+    assert "slub" in {b.label for b in tiled_detect(detect, image, tile=256, input_edge=256, whole_frame=False)}
+    assert {b.label for b in tiled_detect(detect, image, tile=256, input_edge=256)} == {"broken-end"}
+
+
+def test_only_a_cut_piece_inside_a_far_longer_box_of_another_class_is_misnamed():
+    window = (256, 0, 512, 256)
+    thread = Box("broken-end", 0, 100, 1024, 110, 0.4)  # 1024 px long
+    piece = Box("slub", 256, 102, 512, 106, 0.6)  # runs into both sides of its tile: 256 px
+    assert misnamed_pieces([piece], [window], [thread], 1024, 1024) == [0]
+    assert misnamed_pieces([replace(piece, label="broken-end")], [window], [thread], 1024, 1024) == []
+    assert misnamed_pieces([piece], [window], [replace(thread, x2=1000)], 1024, 1024) == []  # under 4x
+    inside = Box("slub", 300, 102, 310, 108, 0.6)  # a defect of its own, whole in its tile
+    assert misnamed_pieces([inside], [window], [thread], 1024, 1024) == []
+    assert misnamed_pieces([piece], [window], [], 1024, 1024) == []

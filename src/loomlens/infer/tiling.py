@@ -14,7 +14,9 @@ tile it crosses sees a piece running into the tile's side, and those pieces are 
 into one box before merging (`stitch_pieces`). The whole frame's boxes are coarse (its pixels
 were squeezed to the input): one that the tiles placed too gives up its edges to theirs
 (`placed_finer`) instead of growing their box to its own extent, and one the frame shows large
-takes the place of the tiles' pieces of it (`seen_whole`).
+takes the place of the tiles' pieces of it (`seen_whole`). A tile that sees only a piece of a
+long defect may name it something else (the end of a thread looks like a spot); a piece that
+the whole frame boxes inside a far longer defect of another class is dropped (`misnamed_pieces`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ FAINT_SHARE = 0.5
 #: shows a defect the frame saw whole; the tiles each saw a piece of it (`seen_whole`;
 #: docs/evaluate-and-predict.md, "Tiling").
 SEEN_WHOLE_PX = 16.0
+#: A tile's piece lying at least half inside a whole-frame box of another class this many times
+#: its length is a piece of that longer defect the tile misnamed (`misnamed_pieces`;
+#: docs/evaluate-and-predict.md, "Tiling").
+MISNAMED_FACTOR = 4.0
 
 
 #: The tiling modes a predictor takes (`should_tile`).
@@ -218,6 +224,36 @@ def stitch_pieces(boxes: Sequence[Box], windows: Sequence[Window], width: int, h
     return [m[0] if len(m) == 1 else _joined(m, axes[r]) for r, m in members.items()]
 
 
+def misnamed_pieces(boxes: Sequence[Box], windows: Sequence[Window], whole: Sequence[Box], width: int,
+                    height: int) -> list[int]:
+    """The tile boxes that are pieces of a longer defect the tile named wrongly.
+
+    A box that runs into its tile's side (so the tile saw part of something) and lies at least
+    half inside (`smaller_overlap`) a whole-frame box of another label at least
+    `MISNAMED_FACTOR` times as long is a piece of the defect the squeezed frame saw whole: a
+    tile showing 40 px of a 400 px broken pick calls it a slub or an oil spot. Stitching joins
+    only pieces of one label, so left alone such a piece stays a confident false box and the
+    thread's own pieces fall short of it.
+
+    Args:
+        boxes: the tiles' boxes in frame pixels.
+        windows: the tile (x0, y0, x1, y1) each box was found in, one per box.
+        whole: the whole frame's boxes in frame pixels.
+        width, height: the frame's size.
+    Returns:
+        The indices of the misnamed pieces in `boxes`.
+    """
+    if not whole:
+        return []
+    corners = np.array([[w.x1, w.y1, w.x2, w.y2] for w in whole])
+    lengths = np.array([max(w.width, w.height) for w in whole])
+    labels = np.array([w.label for w in whole])
+    return [i for i, (b, window) in enumerate(zip(boxes, windows))
+            if ((smaller_overlap(b, corners) >= 0.5) & (labels != b.label)
+                & (lengths >= MISNAMED_FACTOR * max(b.width, b.height))).any()
+            and _cut_sides(b, window, width, height)]
+
+
 def placed_finer(whole: Sequence[Box], tiled: Sequence[Box], reach: tuple[float, float]
                  ) -> tuple[list[Box], list[Box]]:
     """Fold the squeezed whole frame's boxes into the tiles' boxes of the same defects.
@@ -291,12 +327,16 @@ def tiled_detect(
 ) -> list[Box]:
     """Boxes in `image`'s pixels from `detect` (images -> boxes in each image's pixels) run
     once on every tile, and on the whole frame when `whole_frame`, stitched and merged; the
-    whole frame, squeezed to the model's `input_edge` px input, adds the defects the tiles did
-    not place (`placed_finer`)."""
+    whole frame, squeezed to the model's `input_edge` px input, drops the tiles' misnamed
+    pieces of its long defects (`misnamed_pieces`) and adds the defects the tiles did not place
+    (`placed_finer`)."""
     windows = tile_windows(image.width, image.height, tile, overlap)
     found = detect([image.crop(w) for w in windows] + ([image] if whole_frame and len(windows) > 1 else []))
     pieces = [(replace(b, x1=b.x1 + w[0], y1=b.y1 + w[1], x2=b.x2 + w[0], y2=b.y2 + w[1]), w)
               for w, boxes in zip(windows, found) for b in boxes]
+    if len(found) > len(windows):
+        misnamed = set(misnamed_pieces([b for b, _ in pieces], [w for _, w in pieces], found[-1], *image.size))
+        pieces = [p for i, p in enumerate(pieces) if i not in misnamed]
     tiled = merge_boxes(stitch_pieces([b for b, _ in pieces], [w for _, w in pieces], image.width, image.height),
                         merge_threshold) if pieces else []
     if len(found) == len(windows):
