@@ -206,6 +206,8 @@ def test_only_a_large_whole_frame_box_over_one_group_of_tile_boxes_replaces_them
     assert seen_whole([large], apart, (2, 2), 0.6) == ([large], apart)
     other = Box("e", 100, 100, 400, 400, 0.2)
     assert seen_whole([other], pieces, (2, 2), 0.6) == ([other], pieces)
+    guess = Box("d", 100, 100, 400, 400, 0.03)  # under a tenth of the pieces' best score
+    assert seen_whole([guess], pieces, (2, 2), 0.6) == ([guess], pieces)
 
 
 

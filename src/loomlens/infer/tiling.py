@@ -46,6 +46,10 @@ FAINT_SHARE = 0.5
 #: shows a defect the frame saw whole; the tiles each saw a piece of it (`seen_whole`;
 #: docs/evaluate-and-predict.md, "Tiling").
 SEEN_WHOLE_PX = 16.0
+#: ... unless it scores under this share of the best of those pieces: a faint guess of the
+#: squeezed frame around a defect the tiles found with confidence (the frame scores what it
+#: sees blurred lower than the tiles do, so only a far lower score marks a guess; `seen_whole`).
+WHOLE_GUESS_SHARE = 0.1
 #: A tile's piece lying at least half inside a whole-frame box of another class this many times
 #: its length is a piece of that longer defect the tile misnamed (`misnamed_pieces`;
 #: docs/evaluate-and-predict.md, "Tiling").
@@ -112,10 +116,10 @@ def merge_boxes(boxes: Sequence[Box], threshold: float = 0.6) -> list[Box]:
     return [b for group in kept.values() for b in group]
 
 
-def _faint(box: Box, reached: Sequence[Box]) -> bool:
-    """Whether `box` scores under `FAINT_SHARE` of the best of the kept boxes it `reached`."""
+def _faint(box: Box, reached: Sequence[Box], share: float = FAINT_SHARE) -> bool:
+    """Whether `box` scores under `share` of the best of the boxes it `reached`."""
     best = max((b.score for b in reached if b.score is not None), default=None)
-    return box.score is not None and best is not None and box.score < FAINT_SHARE * best
+    return box.score is not None and best is not None and box.score < share * best
 
 
 def _reached(box: Box, kept: Sequence[Box], threshold: float) -> list[int]:
@@ -294,7 +298,9 @@ def seen_whole(whole: Sequence[Box], tiled: Sequence[Box], scale: tuple[float, f
     (`smaller_overlap` >= `threshold`) one connected group of tile boxes of its label takes
     their place, with its own edges and the highest score: the frame saw that defect whole,
     each tile a piece of it (a diagonal crease that each tile boxes to its corners, whose union
-    overshoots). Small boxes, and boxes reaching separate tile boxes, are left to `merge_boxes`.
+    overshoots). Small boxes, boxes reaching separate tile boxes and boxes scoring under
+    `WHOLE_GUESS_SHARE` of the best of the tile boxes they reach (a 450 px guess around a
+    thread the tiles stitched end to end) are left to `merge_boxes`.
 
     Args:
         whole: the whole frame's boxes no tile box matched (`placed_finer`), frame pixels.
@@ -308,7 +314,7 @@ def seen_whole(whole: Sequence[Box], tiled: Sequence[Box], scale: tuple[float, f
     for w in whole:
         hits = [i for i in _reached(w, tiled, threshold) if tiled[i].label == w.label]
         if min(w.width / scale[0], w.height / scale[1]) < SEEN_WHOLE_PX or not hits or not _connected(
-                [tiled[i] for i in hits]):
+                [tiled[i] for i in hits]) or _faint(w, [tiled[i] for i in hits], WHOLE_GUESS_SHARE):
             left.append(w)
             continue
         scores = [s for s in (w.score, *(tiled[i].score for i in hits)) if s is not None]
