@@ -94,10 +94,11 @@ def test_only_pieces_cut_by_the_seam_between_them_are_stitched():
     go_on = Box("pick", 192, 52, 400, 62, 0.4)  # runs into the right tile's left side
     # Along the chain the span of both; across it the mean of their edges, not the union
     # (50..62): each piece measured the thread's width with its own error.
-    (joined,) = stitch_pieces([piece, go_on], [left, right], 448, 256)
+    ((joined, cut),) = stitch_pieces([piece, go_on], [left, right], 448, 256)
+    assert cut  # no tile saw the joined pick whole
     assert (joined.label, joined.x1, joined.x2, joined.score) == ("pick", 100, 400, 0.4)
     assert (joined.y1, joined.y2) == pytest.approx((51, 61))
-    (weighted,) = stitch_pieces([piece, replace(go_on, score=1.2)], [left, right], 448, 256)
+    ((weighted, _),) = stitch_pieces([piece, replace(go_on, score=1.2)], [left, right], 448, 256)
     assert (weighted.y1, weighted.y2, weighted.score) == pytest.approx((51.5, 61.5, 1.2))  # the surer piece counts more
     unstitched = [
         [piece, Box("nep", 192, 52, 400, 62, 0.7)],  # another class
@@ -106,11 +107,11 @@ def test_only_pieces_cut_by_the_seam_between_them_are_stitched():
         [Box("pick", 100, 50, 240, 60, 0.4), go_on],  # ends before the side
     ]
     for pair in unstitched:
-        assert stitch_pieces(pair, [left, right], 448, 256) == pair
+        assert [b for b, _ in stitch_pieces(pair, [left, right], 448, 256)] == pair
     # A tile side on the frame's own edge cuts nothing: a box running into it is whole there.
     edge = Box("pick", 300, 50, 448, 60)
-    assert stitch_pieces([edge, Box("pick", 192, 50, 300, 60)], [right, left], 448, 256) == [
-        edge, Box("pick", 192, 50, 300, 60)]
+    (kept, cut), (other, _) = stitch_pieces([edge, Box("pick", 192, 50, 300, 60)], [right, left], 448, 256)
+    assert (kept, cut, other) == (edge, False, Box("pick", 192, 50, 300, 60))
 
 
 def test_pieces_chained_along_both_axes_span_both():
@@ -119,7 +120,7 @@ def test_pieces_chained_along_both_axes_span_both():
     windows = [(0, 0, 256, 256), (192, 0, 448, 256), (0, 192, 256, 448), (192, 192, 448, 448)]
     pieces = [Box("stain", 100, 100, 256, 256, 0.9), Box("stain", 192, 100, 400, 256, 0.8),
               Box("stain", 100, 192, 256, 400, 0.7), Box("stain", 192, 192, 400, 400, 0.6)]
-    assert stitch_pieces(pieces, windows, 448, 448) == [Box("stain", 100, 100, 400, 400, 0.9)]
+    assert stitch_pieces(pieces, windows, 448, 448) == [(Box("stain", 100, 100, 400, 400, 0.9), True)]
 
 
 def test_inference_tiles_with_the_windows_training_is_cut_from():
@@ -236,12 +237,10 @@ def test_a_tiles_misnamed_piece_of_a_long_defect_the_frame_saw_is_dropped():
 
 
 def test_only_a_cut_piece_inside_a_far_longer_box_of_another_class_is_misnamed():
-    window = (256, 0, 512, 256)
     thread = Box("broken-end", 0, 100, 1024, 110, 0.4)  # 1024 px long
-    piece = Box("slub", 256, 102, 512, 106, 0.6)  # runs into both sides of its tile: 256 px
-    assert misnamed_pieces([piece], [window], [thread], 1024, 1024) == [0]
-    assert misnamed_pieces([replace(piece, label="broken-end")], [window], [thread], 1024, 1024) == []
-    assert misnamed_pieces([piece], [window], [replace(thread, x2=1000)], 1024, 1024) == []  # under 4x
-    inside = Box("slub", 300, 102, 310, 108, 0.6)  # a defect of its own, whole in its tile
-    assert misnamed_pieces([inside], [window], [thread], 1024, 1024) == []
-    assert misnamed_pieces([piece], [window], [], 1024, 1024) == []
+    piece = Box("slub", 256, 102, 512, 106, 0.6)  # 256 px, and no tile saw it whole
+    assert misnamed_pieces([(piece, True)], [thread]) == []
+    assert misnamed_pieces([(replace(piece, label="broken-end"), True)], [thread]) == [replace(piece, label="broken-end")]
+    assert misnamed_pieces([(piece, True)], [replace(thread, x2=1000)]) == [piece]  # under 4x as long
+    assert misnamed_pieces([(piece, False)], [thread]) == [piece]  # a tile saw it whole: a defect of its own
+    assert misnamed_pieces([(piece, True)], []) == [piece]

@@ -15,8 +15,9 @@ into one box before merging (`stitch_pieces`). The whole frame's boxes are coars
 were squeezed to the input): one that the tiles placed too gives up its edges to theirs
 (`placed_finer`) instead of growing their box to its own extent, and one the frame shows large
 takes the place of the tiles' pieces of it (`seen_whole`). A tile that sees only a piece of a
-long defect may name it something else (the end of a thread looks like a spot); a piece that
-the whole frame boxes inside a far longer defect of another class is dropped (`misnamed_pieces`).
+long defect may name it something else (the end of a thread looks like a spot); a piece, once
+stitched, that the whole frame boxes inside a far longer defect of another class is dropped
+(`misnamed_pieces`).
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ def _joined(pieces: Sequence[Box], axes: str) -> Box:
     return replace(best, x1=x1, y1=y1, x2=x2, y2=y2)
 
 
-def stitch_pieces(boxes: Sequence[Box], windows: Sequence[Window], width: int, height: int) -> list[Box]:
+def stitch_pieces(boxes: Sequence[Box], windows: Sequence[Window], width: int, height: int
+                  ) -> list[tuple[Box, bool]]:
     """Join the pieces of defects longer than a tile: boxes of one label, each cut by its tile's
     side, that continue each other across neighbouring tiles (chains too) become one box
     (`_joined`: their span along the chain, the mean of their edges across it), with the highest
@@ -203,7 +205,8 @@ def stitch_pieces(boxes: Sequence[Box], windows: Sequence[Window], width: int, h
         windows: the tile (x0, y0, x1, y1) each box was found in, one per box.
         width, height: the frame's size; a tile side on the frame's edge cuts nothing.
     Returns:
-        One box per defect, in the order of each defect's first piece in `boxes`.
+        One (box, cut) per defect, in the order of each defect's first piece in `boxes`; cut
+        when no tile saw that box whole (a chain, or one piece running into its tile's side).
     """
     sides = [_cut_sides(b, w, width, height) for b, w in zip(boxes, windows)]
     reach = (SIDE_REACH * max(w[2] - w[0] for w in windows), SIDE_REACH * max(w[3] - w[1] for w in windows))
@@ -222,40 +225,38 @@ def stitch_pieces(boxes: Sequence[Box], windows: Sequence[Window], width: int, h
                 a, b = root(i), root(j)
                 axes[a] += axis + (axes[b] if a != b else "")  # the axes the chain runs along
                 group[b] = a
-    members: dict[int, list[Box]] = {}
-    for i, box in enumerate(boxes):
-        members.setdefault(root(i), []).append(box)
-    return [m[0] if len(m) == 1 else _joined(m, axes[r]) for r, m in members.items()]
+    members: dict[int, list[int]] = {}
+    for i in range(len(boxes)):
+        members.setdefault(root(i), []).append(i)
+    return [(boxes[m[0]], bool(sides[m[0]])) if len(m) == 1 else (_joined([boxes[i] for i in m], axes[r]), True)
+            for r, m in members.items()]
 
 
-def misnamed_pieces(boxes: Sequence[Box], windows: Sequence[Window], whole: Sequence[Box], width: int,
-                    height: int) -> list[int]:
-    """The tile boxes that are pieces of a longer defect the tile named wrongly.
+def misnamed_pieces(stitched: Sequence[tuple[Box, bool]], whole: Sequence[Box]) -> list[Box]:
+    """Drop the tiles' boxes that are pieces of a longer defect the tiles named wrongly.
 
-    A box that runs into its tile's side (so the tile saw part of something) and lies at least
-    half inside (`smaller_overlap`) a whole-frame box of another label at least
+    A box no tile saw whole (a stitched chain, or a piece running into its tile's side) that
+    lies at least half inside (`smaller_overlap`) a whole-frame box of another label at least
     `MISNAMED_FACTOR` times as long is a piece of the defect the squeezed frame saw whole: a
     tile showing 40 px of a 400 px broken pick calls it a slub or an oil spot. Stitching joins
     only pieces of one label, so left alone such a piece stays a confident false box and the
-    thread's own pieces fall short of it.
+    thread's own pieces fall short of it. Judged after stitching, so that a thread the tiles
+    chained end to end under its own name is measured at its full length.
 
     Args:
-        boxes: the tiles' boxes in frame pixels.
-        windows: the tile (x0, y0, x1, y1) each box was found in, one per box.
-        whole: the whole frame's boxes in frame pixels.
-        width, height: the frame's size.
+        stitched: the tiles' boxes as `stitch_pieces` returns them, (box, cut), frame pixels.
+        whole: the whole frame's boxes, frame pixels.
     Returns:
-        The indices of the misnamed pieces in `boxes`.
+        The stitched boxes without the misnamed pieces.
     """
     if not whole:
-        return []
+        return [b for b, _ in stitched]
     corners = np.array([[w.x1, w.y1, w.x2, w.y2] for w in whole])
     lengths = np.array([max(w.width, w.height) for w in whole])
     labels = np.array([w.label for w in whole])
-    return [i for i, (b, window) in enumerate(zip(boxes, windows))
-            if ((smaller_overlap(b, corners) >= 0.5) & (labels != b.label)
-                & (lengths >= MISNAMED_FACTOR * max(b.width, b.height))).any()
-            and _cut_sides(b, window, width, height)]
+    return [b for b, cut in stitched
+            if not (cut and ((smaller_overlap(b, corners) >= 0.5) & (labels != b.label)
+                             & (lengths >= MISNAMED_FACTOR * max(b.width, b.height))).any())]
 
 
 def placed_finer(whole: Sequence[Box], tiled: Sequence[Box], reach: tuple[float, float]
@@ -340,11 +341,9 @@ def tiled_detect(
     found = detect([image.crop(w) for w in windows] + ([image] if whole_frame and len(windows) > 1 else []))
     pieces = [(replace(b, x1=b.x1 + w[0], y1=b.y1 + w[1], x2=b.x2 + w[0], y2=b.y2 + w[1]), w)
               for w, boxes in zip(windows, found) for b in boxes]
-    if len(found) > len(windows):
-        misnamed = set(misnamed_pieces([b for b, _ in pieces], [w for _, w in pieces], found[-1], *image.size))
-        pieces = [p for i, p in enumerate(pieces) if i not in misnamed]
-    tiled = merge_boxes(stitch_pieces([b for b, _ in pieces], [w for _, w in pieces], image.width, image.height),
-                        merge_threshold) if pieces else []
+    stitched = stitch_pieces([b for b, _ in pieces], [w for _, w in pieces], image.width, image.height) if pieces else []
+    tiled = misnamed_pieces(stitched, found[-1] if len(found) > len(windows) else [])
+    tiled = merge_boxes(tiled, merge_threshold) if tiled else []
     if len(found) == len(windows):
         return tiled
     scale = (image.width / input_edge, image.height / input_edge)  # frame pixels per input pixel
