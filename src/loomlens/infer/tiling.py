@@ -47,13 +47,13 @@ FAINT_SHARE = 0.5
 #: shows a defect the frame saw whole; the tiles each saw a piece of it (`seen_whole`;
 #: docs/evaluate-and-predict.md, "Tiling").
 SEEN_WHOLE_PX = 16.0
-#: ... unless it scores under this share of the best of those pieces: a faint guess of the
-#: squeezed frame around a defect the tiles found with confidence (the frame scores what it
-#: sees blurred lower than the tiles do, so only a far lower score marks a guess; `seen_whole`).
+#: A whole-frame box scoring under this share of the best tile box it would replace is the
+#: squeezed frame's guess, not a defect it saw whole: the frame scores what it sees blurred
+#: lower than the tiles do, so only a far lower score marks a guess (`seen_whole`).
 WHOLE_GUESS_SHARE = 0.1
-#: A tile's piece lying at least half inside a whole-frame box of another class this many times
-#: its length is a piece of that longer defect the tile misnamed (`misnamed_pieces`;
-#: docs/evaluate-and-predict.md, "Tiling").
+#: A box no tile saw whole lying at least half inside a whole-frame box of another class this
+#: many times its length is a piece of that longer defect the tiles misnamed
+#: (`misnamed_pieces`; docs/evaluate-and-predict.md, "Tiling").
 MISNAMED_FACTOR = 4.0
 
 
