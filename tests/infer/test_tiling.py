@@ -244,3 +244,24 @@ def test_only_a_cut_piece_inside_a_far_longer_box_of_another_class_is_misnamed()
     assert misnamed_pieces([(piece, True)], [replace(thread, x2=1000)]) == [piece]  # under 4x as long
     assert misnamed_pieces([(piece, False)], [thread]) == [piece]  # a tile saw it whole: a defect of its own
     assert misnamed_pieces([(piece, True)], []) == [piece]
+
+
+def test_a_thread_the_tiles_stitched_is_judged_at_its_full_length():
+    # Every tile names its piece of a 1024 px thread right; the squeezed frame also guesses a
+    # fold-mark over it. Each 256 px piece is under a quarter of the guess, the stitched thread
+    # is not: it stays.
+    frame = np.zeros((1024, 1024, 3), np.uint8)
+    frame[300:304, :] = 255
+
+    def detect(crops):
+        found = []
+        for crop in crops:
+            if crop.width > 256:
+                found.append([Box("fold-mark", 0, 290, 1024, 314, 0.01)])
+                continue
+            ys, xs = np.nonzero(np.asarray(crop)[..., 0] > 200)
+            found.append([Box("broken-end", xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 0.6)] if xs.size else [])
+        return found
+
+    boxes = tiled_detect(detect, Image.fromarray(frame), tile=256, input_edge=256)
+    assert [(b.label, b.x1, b.x2) for b in boxes if b.score > 0.1] == [("broken-end", 0, 1024)]
