@@ -211,7 +211,6 @@ def test_only_a_large_whole_frame_box_over_one_group_of_tile_boxes_replaces_them
     assert seen_whole([guess], pieces, (2, 2), 0.6) == ([guess], pieces)
 
 
-
 def test_a_tiles_misnamed_piece_of_a_long_defect_the_frame_saw_is_dropped():
     # A broken pick along a 1024 px frame: the squeezed frame boxes all of it, each tile it
     # crosses its piece, and the one tile that also holds a grey fleck calls its piece a slub.
@@ -248,8 +247,8 @@ def test_only_a_cut_piece_inside_a_far_longer_box_of_another_class_is_misnamed()
 
 def test_a_thread_the_tiles_stitched_is_judged_at_its_full_length():
     # Every tile names its piece of a 1024 px thread right; the squeezed frame also guesses a
-    # fold-mark over it. Each 256 px piece is under a quarter of the guess, the stitched thread
-    # is not: it stays.
+    # fold-mark over it. Each 256 px piece is at most a quarter of the guess's length, the
+    # stitched thread is not: it stays.
     frame = np.zeros((1024, 1024, 3), np.uint8)
     frame[300:304, :] = 255
 
