@@ -8,7 +8,8 @@ from PIL import Image
 
 from loomlens.data.records import Box
 from loomlens.infer.tiling import (
-    merge_boxes, misnamed_pieces, placed_finer, seen_whole, should_tile, stitch_pieces, tile_windows, tiled_detect,
+    merge_boxes, mid_windows, misnamed_pieces, placed_finer, seen_whole, should_tile, stitch_pieces, tile_windows,
+    tiled_detect,
 )
 
 
@@ -222,10 +223,10 @@ def test_a_tiles_misnamed_piece_of_a_long_defect_the_frame_saw_is_dropped():
         found = []
         for crop in crops:
             pixels = np.asarray(crop)[..., 0]
-            if crop.width > 256:
+            if crop.width == 1024:  # the whole frame
                 found.append([Box("broken-end", 0, 296, 1024, 308, 0.4)])
                 continue
-            ys, xs = np.nonzero(pixels > 200)
+            ys, xs = np.nonzero(pixels > 200)  # a tile, or a window of the middle view
             label = "slub" if (pixels == 100).any() else "broken-end"
             found.append([Box(label, xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 0.6)] if xs.size else [])
         return found
@@ -255,12 +256,42 @@ def test_a_thread_the_tiles_stitched_is_judged_at_its_full_length():
     def detect(crops):
         found = []
         for crop in crops:
-            if crop.width > 256:
+            if crop.width == 1024:  # the whole frame
                 found.append([Box("fold-mark", 0, 290, 1024, 314, 0.01)])
                 continue
-            ys, xs = np.nonzero(np.asarray(crop)[..., 0] > 200)
+            ys, xs = np.nonzero(np.asarray(crop)[..., 0] > 200)  # a tile, or a window of the middle view
             found.append([Box("broken-end", xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 0.6)] if xs.size else [])
         return found
 
     boxes = tiled_detect(detect, Image.fromarray(frame), tile=256, input_edge=256)
     assert [(b.label, b.x1, b.x2) for b in boxes if b.score > 0.1] == [("broken-end", 0, 1024)]
+
+
+def test_the_middle_view_sees_frames_far_larger_than_a_tile_through_windows_of_two_tiles():
+    assert mid_windows(1024, 1024, 256) == tile_windows(1024, 1024, 512) and len(mid_windows(1024, 1024, 256)) == 9
+    assert mid_windows(2560, 1440, 512) == tile_windows(2560, 1440, 1024)
+    assert mid_windows(896, 896, 256) == []  # the squeezed frame is under four tiles' scale: near enough
+    assert mid_windows(4096, 256, 256) == []  # a line-scan strip: the window would be squeezed one way
+
+
+def test_a_defect_the_middle_view_sees_whole_replaces_the_tiles_pieces_of_it():
+    # A faint diagonal crease over 300..700 px of a 1024 px frame: each tile it crosses boxes
+    # itself corner to corner (their union overshoots), the frame squeezed four times loses it,
+    # and the middle view's 512 px window that holds it boxes it.
+    frame = np.zeros((1024, 1024, 3), np.uint8)
+    frame[np.arange(300, 700), np.arange(300, 700)] = 255
+
+    def detect(crops):
+        found = []
+        for crop in crops:
+            ys, xs = np.nonzero(np.asarray(crop)[..., 0])
+            if crop.width == 1024 or not xs.size:
+                found.append([])
+            elif crop.width == 256:
+                found.append([Box("fold-mark", 0, 0, 256, 256, 0.3)])
+            else:
+                found.append([Box("fold-mark", xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 0.5)])
+        return found
+
+    boxes = tiled_detect(detect, Image.fromarray(frame), tile=256, input_edge=256)
+    assert [(b.x1, b.y1, b.x2, b.y2, b.score) for b in boxes] == [(300, 300, 700, 700, 0.5)]

@@ -520,6 +520,7 @@ def test_a_run_trained_with_the_defect_crop_validates_and_predicts_tiled(make_co
     assert tiled == [64]  # validation saw its one val strip (192 px > 2 x 64) as predict will
     predictor = Predictor(adapter=result.run_dir, precision="fp32", tta="off")  # one look: inputs are tiles
     assert predictor.tile_size == 64 and predictor.model_inputs(192, 64) > 1 and predictor.model_inputs(64, 48) == 1
+    assert predictor.model_inputs(256, 256) == 25 + 9 + 1  # tiles, the middle view's 128 px windows, the frame
 
 
 def test_lora_plus_moves_b_by_its_ratio_and_a_as_plain_lora(make_config, tmp_path):

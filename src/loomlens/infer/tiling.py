@@ -5,7 +5,8 @@ In: a detect function (crops -> boxes), a frame, a tile size. Out: the frame's b
 Florence-2 squeezes any frame to its input size (768 px; 256 for the tiny model): a 40 px
 defect in a 2560x1440 frame becomes ~12 px (4 px for tiny) and is lost. Tiling cuts the frame
 into overlapping windows of `tile` px, detects in all of them (and the whole frame, for
-defects larger than a tile) in one batched call, maps boxes back to frame pixels and merges
+defects larger than a tile; on a frame far larger than a tile also in windows of two tiles,
+`mid_windows`) in one batched call, maps boxes back to frame pixels and merges
 duplicates class-wise. Overlap > defect size means every defect lies whole in at least one
 tile; its clipped copies in the neighbours are found by measuring overlap as intersection over
 the *smaller* box (a clipped copy lies inside the whole one) and merged into it. A defect
@@ -55,6 +56,8 @@ WHOLE_GUESS_SHARE = 0.1
 #: many times its length is a piece of that longer defect the tiles misnamed
 #: (`misnamed_pieces`; docs/evaluate-and-predict.md, "Tiling").
 MISNAMED_FACTOR = 4.0
+#: The middle view's windows are this many tiles across (`mid_windows`).
+MID_FACTOR = 2
 
 
 #: The tiling modes a predictor takes (`should_tile`).
@@ -323,6 +326,39 @@ def seen_whole(whole: Sequence[Box], tiled: Sequence[Box], scale: tuple[float, f
     return left, tiled
 
 
+def mid_windows(width: int, height: int, tile: int, overlap: float = 0.25) -> list[Window]:
+    """The middle view's windows of a `width` x `height` frame tiled at `tile` px: windows
+    `MID_FACTOR` tiles across, each squeezed to the model's input as the tiles are, for a frame
+    at least twice such a window on its longer side and one on its shorter; else none.
+
+    Where the squeezed whole frame is four or more times coarser than the tiles, a stain or a
+    crease larger than a tile is cut by the tiles and blurred by the frame; a window twice a
+    tile sees it whole at half the tiles' resolution (docs/evaluate-and-predict.md, "Tiling").
+    A strip narrower than the window gets none: its window would be squeezed along one side."""
+    mid = MID_FACTOR * tile
+    if min(width, height) < mid or max(width, height) < 2 * mid:
+        return []
+    return tile_windows(width, height, mid, overlap)
+
+
+def _stitched(windows: Sequence[Window], found: Sequence[Sequence[Box]], width: int, height: int
+              ) -> list[tuple[Box, bool]]:
+    """`stitch_pieces` of the boxes `found` in each of `windows` (window pixels), in frame pixels."""
+    pieces = [(replace(b, x1=b.x1 + w[0], y1=b.y1 + w[1], x2=b.x2 + w[0], y2=b.y2 + w[1]), w)
+              for w, boxes in zip(windows, found) for b in boxes]
+    return stitch_pieces([b for b, _ in pieces], [w for _, w in pieces], width, height) if pieces else []
+
+
+def _refined(coarse: Sequence[Box], tiled: list[Box], scale: tuple[float, float], threshold: float,
+             add: bool = True) -> list[Box]:
+    """The tiles' boxes with a coarser view's `coarse` boxes folded in (`placed_finer`, then
+    `seen_whole`; `scale`: frame pixels per input pixel of that view), and the coarse boxes
+    left over merged in as defects the tiles missed when `add`."""
+    left, tiled = placed_finer(coarse, tiled, (COARSE_REACH_PX * scale[0], COARSE_REACH_PX * scale[1]))
+    left, tiled = seen_whole(left, tiled, scale, threshold)
+    return merge_boxes(tiled + left, threshold) if left and add else tiled
+
+
 def tiled_detect(
     detect: Callable[[list[Image.Image]], list[list[Box]]],
     image: Image.Image,
@@ -333,20 +369,25 @@ def tiled_detect(
     merge_threshold: float = 0.6,
 ) -> list[Box]:
     """Boxes in `image`'s pixels from `detect` (images -> boxes in each image's pixels) run
-    once on every tile, and on the whole frame when `whole_frame`, stitched and merged; the
-    whole frame, squeezed to the model's `input_edge` px input, drops the tiles' misnamed
-    pieces of its long defects (`misnamed_pieces`) and adds the defects the tiles did not place
-    (`placed_finer`)."""
+    once on every tile, and when `whole_frame` on the middle view's windows (`mid_windows`) and
+    the whole frame, stitched and merged. The coarser views, squeezed to the model's
+    `input_edge` px input, drop the tiles' misnamed pieces of their long defects
+    (`misnamed_pieces`) and refine the tiles' boxes (`placed_finer`, `seen_whole`); the whole
+    frame also adds the defects the tiles did not place. The middle view adds none: on its own
+    its boxes are less precise than the tiles', and a box it alone finds was more often false
+    than missed (docs/evaluate-and-predict.md, "Tiling")."""
     windows = tile_windows(image.width, image.height, tile, overlap)
-    found = detect([image.crop(w) for w in windows] + ([image] if whole_frame and len(windows) > 1 else []))
-    pieces = [(replace(b, x1=b.x1 + w[0], y1=b.y1 + w[1], x2=b.x2 + w[0], y2=b.y2 + w[1]), w)
-              for w, boxes in zip(windows, found) for b in boxes]
-    stitched = stitch_pieces([b for b, _ in pieces], [w for _, w in pieces], image.width, image.height) if pieces else []
-    tiled = misnamed_pieces(stitched, found[-1] if len(found) > len(windows) else [])
+    whole = whole_frame and len(windows) > 1
+    middle = mid_windows(image.width, image.height, tile, overlap) if whole else []
+    found = detect([image.crop(w) for w in [*windows, *middle]] + ([image] if whole else []))
+    stitched = _stitched(windows, found[:len(windows)], image.width, image.height)
+    mid = _stitched(middle, found[len(windows):len(windows) + len(middle)], image.width, image.height)
+    mid = merge_boxes([b for b, _ in mid], merge_threshold) if mid else []
+    frame = found[-1] if whole else []
+    tiled = misnamed_pieces(stitched, [*frame, *mid])
     tiled = merge_boxes(tiled, merge_threshold) if tiled else []
-    if len(found) == len(windows):
+    if not whole:
         return tiled
-    scale = (image.width / input_edge, image.height / input_edge)  # frame pixels per input pixel
-    left, tiled = placed_finer(found[-1], tiled, (COARSE_REACH_PX * scale[0], COARSE_REACH_PX * scale[1]))
-    left, tiled = seen_whole(left, tiled, scale, merge_threshold)
-    return merge_boxes(tiled + left, merge_threshold) if left else tiled
+    if middle:
+        tiled = _refined(mid, tiled, (MID_FACTOR * tile / input_edge,) * 2, merge_threshold, add=False)
+    return _refined(frame, tiled, (image.width / input_edge, image.height / input_edge), merge_threshold)

@@ -34,7 +34,7 @@ from loomlens.infer.detection import Detection, answer_probability, batched, det
 from loomlens.infer.generation import generate
 from loomlens.infer.loading import load_for_inference
 from loomlens.infer.onnx_runtime import load_onnx_export
-from loomlens.infer.tiling import should_tile, tiled_detect
+from loomlens.infer.tiling import mid_windows, should_tile, tiled_detect
 from loomlens.infer.tta import check_tta, choose_views
 from loomlens.predict.regions import RegionRules, load_rules
 
@@ -120,8 +120,8 @@ class Predictor:
     cut to by `convert --tile` or its defect crop's window; else the model's input size);
     `tile="auto"` tiles frames longer than the tile only for a run trained on tiles or crops, or with a
     `tile_size` given (`auto_tiles`); `overlap`: shared
-    fraction between tiles. `max_tiles`: the most tiles (whole frame included) one frame may be
-    cut into (None: no cap), each looked at once per view of `tta`; a frame that would need more
+    fraction between tiles. `max_tiles`: the most crops (tiles, the middle view's windows, the whole
+    frame) one frame may be cut into (None: no cap), each looked at once per view of `tta`; a frame that would need more
     is downscaled until it fits. `constrained`: `<OD>`
     through the class grammar, so only the run's classes in well-formed boxes come out (None:
     on when the run has classes; False keeps the free form). `text_tokens`: answer budget of the tasks no box count bounds (captions, OCR;
@@ -273,9 +273,10 @@ class Predictor:
         return self.views if spec.name == "od" else ("",)
 
     def _tile_count(self, width: int, height: int) -> int:
-        """Model inputs a tiled `width` x `height` frame costs: its tiles, plus the whole frame."""
+        """Model inputs a tiled `width` x `height` frame costs: its tiles, plus the middle view's
+        windows and the whole frame."""
         windows = len(tile_windows(width, height, self.tile_size, self.overlap))
-        return windows + (windows > 1)
+        return windows + len(mid_windows(width, height, self.tile_size, self.overlap)) + (windows > 1)
 
     def _fit(self, width: int, height: int, tile: str) -> tuple[int, int, bool]:
         """The size a frame is predicted at and whether it is tiled: downscaled (aspect kept)
@@ -293,7 +294,7 @@ class Predictor:
         return w, h, should_tile(w, h, tile, self.tile_size)
 
     def model_inputs(self, width: int, height: int, tile: str = "auto", task: str = "od") -> int:
-        """The most model inputs (tiles + whole frame, or 1; for `od` each through every one
+        """The most model inputs (tiles, middle view and whole frame, or 1; for `od` each through every one
         of `views`, which only inputs `worth_mirrors` take) predicting `task` on a `width` x
         `height` image costs, with the `max_tiles` cap: what a server weighs a request by."""
         if get_task(task).answer != "boxes":
