@@ -143,7 +143,7 @@ def _fused(seen: Sequence[Detection], views: Sequence[str], image: Image.Image, 
 
 def answer_probability(detections: Iterable[Detection]) -> float | None:
     """The highest `Generation.answer_probability` of the detections made on one image (its
-    tiles and the whole frame, or the image alone): for `<OD>`, the model's probability that the
+    tiles, the middle view's windows and the whole frame, or the image alone): for `<OD>`, the model's probability that the
     image holds a defect anywhere. None when none was measured."""
     measured = [d.generation.answer_probability for d in detections if d.generation.answer_probability is not None]
     return max(measured, default=None)
