@@ -212,9 +212,11 @@ def test_only_a_large_whole_frame_box_over_one_group_of_tile_boxes_replaces_them
     assert seen_whole([guess], pieces, (2, 2), 0.6) == ([guess], pieces)
 
 
-def test_a_tiles_misnamed_piece_of_a_long_defect_the_frame_saw_is_dropped():
-    # A broken pick along a 1024 px frame: the squeezed frame boxes all of it, each tile it
-    # crosses its piece, and the one tile that also holds a grey fleck calls its piece a slub.
+@pytest.mark.parametrize("host", ["whole", "middle"])
+def test_a_tiles_misnamed_piece_of_a_long_defect_the_frame_saw_is_dropped(host):
+    # A broken pick along a 1024 px frame: the squeezed frame (or, where it misses the pick, the
+    # middle view's windows) boxes all of it, each tile it crosses its piece, and the one tile
+    # that also holds a grey fleck calls its piece a slub.
     frame = np.zeros((1024, 1024, 3), np.uint8)
     frame[300:304, :] = 255
     frame[310, 700] = 100
@@ -224,10 +226,10 @@ def test_a_tiles_misnamed_piece_of_a_long_defect_the_frame_saw_is_dropped():
         for crop in crops:
             pixels = np.asarray(crop)[..., 0]
             if crop.width == 1024:  # the whole frame
-                found.append([Box("broken-end", 0, 296, 1024, 308, 0.4)])
+                found.append([Box("broken-end", 0, 296, 1024, 308, 0.4)] if host == "whole" else [])
                 continue
             ys, xs = np.nonzero(pixels > 200)  # a tile, or a window of the middle view
-            label = "slub" if (pixels == 100).any() else "broken-end"
+            label = "slub" if (pixels == 100).any() and crop.width == 256 else "broken-end"
             found.append([Box(label, xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 0.6)] if xs.size else [])
         return found
 
@@ -295,3 +297,10 @@ def test_a_defect_the_middle_view_sees_whole_replaces_the_tiles_pieces_of_it():
 
     boxes = tiled_detect(detect, Image.fromarray(frame), tile=256, input_edge=256)
     assert [(b.x1, b.y1, b.x2, b.y2, b.score) for b in boxes] == [(300, 300, 700, 700, 0.5)]
+
+
+def test_the_middle_view_adds_no_box_of_its_own():
+    def only_middle(crops):  # a blob only the middle view's windows report
+        return [[Box("slub", 10, 10, 40, 40, 0.9)] if c.width == 512 else [] for c in crops]
+
+    assert tiled_detect(only_middle, Image.new("RGB", (1024, 1024)), tile=256, input_edge=256) == []
