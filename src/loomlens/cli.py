@@ -1010,7 +1010,7 @@ def watch_command(
                              "trained), on, off."),
     tta: str = typer.Option("auto", help=TTA_HELP),
     regions: Path | None = typer.Option(None, help="Region rules YAML (default: the run's regions.yaml)."),
-    max_tiles: int | None = typer.Option(None, min=1, help="Most tiles one frame is cut into, each seen per --tta view (downscaled past it)."),
+    max_tiles: int | None = typer.Option(None, min=1, help="Most crops (tiles, middle view, whole frame) one frame is cut into, each seen per --tta view (downscaled past it)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     backend: str = typer.Option("torch", help=BACKEND_HELP),
