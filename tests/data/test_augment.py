@@ -145,13 +145,23 @@ def test_small_frames_are_left_whole_and_defect_free_ones_get_any_window() -> No
 
 
 def test_defect_crop_falls_back_to_the_whole_frame_when_every_window_cuts_a_box() -> None:
-    # The crease, longer than the window, never shows half of itself in one, and every window
-    # holding the knot lies across the crease: no placement keeps every box, so the whole frame.
+    # The stain, larger than the window both ways, never shows half of itself in one, and every
+    # window holding the knot cuts the stain: no placement keeps every box, so the whole frame.
+    large, short = Box("stain", 200, 20, 400, 230), Box("knot", 290, 10, 300, 18)
+    strip = _strip(large, short, size=(1024, 256))
+    for i in range(10):
+        out, boxes = augment(strip, [large, short], aug=CROP, edge=EDGE, rng=sample_rng(0, 0, i))
+        assert out.size == strip.size and boxes == [large, short]
+
+
+def test_defect_crop_keeps_a_crease_crossing_the_window_end_to_end() -> None:
+    # Longer than the window one way only: a window it crosses shows all a window can of it.
     long, short = Box("crease", 200, 20, 400, 30), Box("knot", 290, 40, 300, 50)
     strip = _strip(long, short)
     for i in range(10):
         out, boxes = augment(strip, [long, short], aug=CROP, edge=EDGE, rng=sample_rng(0, 0, i))
-        assert out.size == strip.size and boxes == [long, short]
+        x0 = _offset(strip, out)
+        assert out.size == (EDGE, EDGE) and Box("crease", 0, 20, EDGE, 30) in boxes, (i, x0, boxes)
 
 
 def test_the_scale_jitter_keeps_fractional_boxes_whole():

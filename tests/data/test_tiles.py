@@ -42,6 +42,21 @@ def test_an_ambiguous_window_is_skipped_even_with_a_whole_box_in_it():
     assert tiles[W1] == [Box("drop", 72, 10, 152, 20)]
 
 
+def test_a_thread_crossing_a_tile_keeps_the_tile_and_a_larger_stain_does_not():
+    # 500 px long, 4 px wide: each tile it crosses end to end shows all a tile can of it.
+    thread = Box("broken-end", 6, 100, 506, 104)
+    assert _by_window(_frame(thread)) == {
+        W0: [Box("broken-end", 6, 100, 256, 104)],  # 250 of the 256 a tile can show
+        W1: [Box("broken-end", 0, 100, 256, 104)],
+        W2: [Box("broken-end", 0, 100, 250, 104)],
+    }
+    short_end = Box("broken-end", 6, 100, 306, 104)  # shows 50 of 256 px in W2: ambiguous
+    assert list(_by_window(_frame(short_end))) == [W0, W1]
+    # Larger than a tile both ways, a stain counts by area: under half in every window.
+    stain = Box("oil-spot", 0, 0, 500, 300)
+    assert _by_window(_frame(stain, size=(512, 512))) == {}
+
+
 def test_a_box_inside_the_overlap_lies_whole_in_some_tile():
     rng = random.Random(0)
     for _ in range(200):

@@ -3,9 +3,10 @@
 A small defect in a 2560x1440 frame all but vanishes when the frame is squeezed to the model's
 input; inference tiles such frames (`loomlens.infer.tiling`), so training must show the model
 defects at tile scale too. The windows here are the ones inference uses. A box cut by a window
-edge is clipped and kept when at least `min_visible` of it lies inside; a window that cuts a box
-with less than that showing is skipped: labelling a half-visible defect as background would
-teach the model to ignore it.
+edge is clipped and kept when the window shows at least `min_visible` of it (of its area, or,
+for a thread crossing the window, of what a window can show of it: `clip_box`); a window that
+cuts a box with less than that showing is skipped: labelling a half-visible defect as
+background would teach the model to ignore it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ Window = tuple[int, int, int, int]  # x0, y0, x1, y1 in frame pixels
 #: edges: `loomlens train` warns when such frames hide boxes from the model (`hidden_by_squeeze`).
 LARGE_FACTOR = 2.0
 #: The least share of a box a window must show for the box to be kept, clipped (less: the
-#: window is ambiguous, as labelling a half-visible defect as background would be wrong).
+#: window is ambiguous, as labelling a half-visible defect as background would be wrong). A
+#: thread longer than the window counts against the window's side (`clip_box`).
 MIN_VISIBLE = 0.5
 #: A box whose shorter side is under this many pixels at the model's input is barely visible to
 #: it (DaViT's first stage already pools 4x4 pixels into one cell).
@@ -140,13 +142,22 @@ class Tile:
 
 
 def clip_box(box: Box, window: Window) -> tuple[Box | None, float]:
-    """`box` clipped to `window`, in window pixels (None when they do not meet), and the share
-    of the box's area inside the window."""
+    """`box` clipped to `window`, in window pixels (None when they do not meet), and how much
+    of the box the window shows: the share of its area, or, for a box longer than the window
+    on one side only (a thread or crease crossing it), the product per axis of the share of
+    what the window could show, `min(box side, window side)`. A broken end crossing a tile
+    end to end then shows all a tile can of it rather than a fifth, so the tile teaches it;
+    a stain larger than the window both ways keeps the area count (docs/training.md, "Tiles
+    a long defect crosses")."""
     x0, y0, x1, y1 = window
     cx1, cy1, cx2, cy2 = max(box.x1, x0), max(box.y1, y0), min(box.x2, x1), min(box.y2, y1)
     if not (cx1 < cx2 and cy1 < cy2):
         return None, 0.0
-    visible = (cx2 - cx1) * (cy2 - cy1) / (box.width * box.height)
+    ww, wh = x1 - x0, y1 - y0
+    if (box.width > ww) != (box.height > wh):
+        visible = (cx2 - cx1) / min(box.width, ww) * (cy2 - cy1) / min(box.height, wh)
+    else:
+        visible = (cx2 - cx1) * (cy2 - cy1) / (box.width * box.height)
     return Box(box.label, cx1 - x0, cy1 - y0, cx2 - x0, cy2 - y0, box.score), visible
 
 
