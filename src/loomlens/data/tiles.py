@@ -147,8 +147,8 @@ def clip_box(box: Box, window: Window) -> tuple[Box | None, float]:
     on one side only (a thread or crease crossing it), the product per axis of the share of
     what the window could show, `min(box side, window side)`. A broken end crossing a tile
     end to end then shows all a tile can of it rather than a fifth, so the tile teaches it;
-    a stain larger than the window both ways keeps the area count (docs/training.md, "Tiles
-    a long defect crosses")."""
+    a stain larger than the window both ways keeps the area count (docs/training.md, "Tiles on
+    mid-size frames")."""
     x0, y0, x1, y1 = window
     cx1, cy1, cx2, cy2 = max(box.x1, x0), max(box.y1, y0), min(box.x2, x1), min(box.y2, y1)
     if not (cx1 < cx2 and cy1 < cy2):
@@ -175,9 +175,9 @@ def tile_record(
     In: `record` (pixel boxes), the `tile` edge in pixels and the `overlap` share between
     neighbours (the windows of `tile_windows`). Out: every positive window (some box at least
     `min_visible` inside, boxes clipped to the window, in its pixels) and some negative ones
-    (no box at all). A window that cuts a box with less than `min_visible` of it inside is
-    ambiguous and left out, so a box larger than a tile may give no tile: the whole frame
-    still teaches it. Negatives: at most `floor(negatives * max(positives, 1))`, drawn
+    (no box at all). A window that cuts a box with less than `min_visible` of it inside (as
+    `clip_box` counts it) is ambiguous and left out, so a box larger than a tile both ways may
+    give no tile: the whole frame still teaches it. Negatives: at most `floor(negatives * max(positives, 1))`, drawn
     without replacement from a generator seeded by `seed` and the record's image, so one
     defect-free frame gives `floor(negatives)` tiles (one at the default) rather than none or
     all of them, and a re-run picks the same ones. A frame no larger than a tile gives none.
