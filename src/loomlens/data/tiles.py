@@ -177,10 +177,10 @@ def tile_record(
     `min_visible` inside, boxes clipped to the window, in its pixels) and some negative ones
     (no box at all). A window that cuts a box with less than `min_visible` of it inside (as
     `clip_box` counts it) is ambiguous and left out, so a box larger than a tile both ways may
-    give no tile: the whole frame still teaches it. Negatives: at most `floor(negatives * max(positives, 1))`, drawn
-    without replacement from a generator seeded by `seed` and the record's image, so one
-    defect-free frame gives `floor(negatives)` tiles (one at the default) rather than none or
-    all of them, and a re-run picks the same ones. A frame no larger than a tile gives none.
+    give no tile: the whole frame still teaches it. Negatives: at most
+    `floor(negatives * max(positives, 1))`, drawn without replacement from a generator seeded
+    by `seed` and the record's image, so one defect-free frame gives `floor(negatives)` tiles
+    (one at the default) rather than none or all of them, and a re-run picks the same ones. A frame no larger than a tile gives none.
     Raises ValueError for a `min_visible` outside (0, 1], a negative `negatives`, or a bad
     tile or overlap.
     """
