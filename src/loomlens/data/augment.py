@@ -150,9 +150,10 @@ def _defect_crop(image: Image.Image, boxes: list[Box], edge: int,
                  rng: random.Random) -> tuple[Image.Image, list[Box]]:
     """One window of `edge` px of `image` at full resolution and its boxes, clipped to it, in
     its pixels: a box drawn at random lies whole in it (centred when larger), and every box it
-    cuts shows at least `MIN_VISIBLE`. After `CROP_TRIES` placements that cut a box with less
-    showing, the whole frame as it is: a window that hides most of a defect would teach that
-    the defect's visible part is background."""
+    cuts shows at least `MIN_VISIBLE` (as `tiles.clip_box` counts it, so a thread crossing the
+    window counts as shown). After `CROP_TRIES` placements that cut a box with less showing,
+    the whole frame as it is: a window that hides most of a defect would teach that the
+    defect's visible part is background."""
     for _ in range(CROP_TRIES):
         window = _placement(boxes, image.width, image.height, edge, rng)
         clipped = [clip_box(box, window) for box in boxes]
