@@ -70,11 +70,17 @@ def atomic_write(path: str | Path, data: str | bytes, durable: bool = True) -> N
         f.write(data)
 
 
+#: What each format is written with: JPEG at quality 95; PNG at zlib level 1, which writes a
+#: frame or tile several times faster than Pillow's default 6 at about the same size (a
+#: conversion of large frames spent most of its time compressing; docs/benchmarks.md, "Convert").
+SAVE_OPTIONS = {"JPEG": {"quality": 95}, "PNG": {"compress_level": 1}}
+
+
 def atomic_save_image(image: Image.Image, path: str | Path, fmt: str) -> None:
-    """Save the PIL `image` at `path` in format `fmt` (JPEG at quality 95) atomically, not
+    """Save the PIL `image` at `path` in format `fmt` (with `SAVE_OPTIONS`) atomically, not
     durably: image outputs of a conversion can be regenerated."""
     with atomic_open(path, "wb", durable=False) as f:
-        image.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        image.save(f, format=fmt, **SAVE_OPTIONS.get(fmt, {}))
 
 
 def atomic_copy(src: str | Path, dst: str | Path, link: bool = False) -> None:
