@@ -1,5 +1,6 @@
 """convert --tile: tile files and JSONL agree, tiles stay in their frame's split, flips are
-tiled too, damaged images are reported, bad arguments fail, the CLI flag works."""
+tiled too, damaged images are reported, images worked on at once give what one at a time gives,
+bad arguments fail, the CLI flag works."""
 
 from __future__ import annotations
 
@@ -113,6 +114,27 @@ def test_a_rerun_gives_the_same_files_and_leaves_no_temporaries(tmp_path):
     convert(src, out, tile=96, flip=True, tasks=("od", "caption"), seed=4)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "summary.json"} == first
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+
+
+def test_images_worked_on_at_once_give_what_one_at_a_time_gives(tmp_path, monkeypatch):
+    from loomlens.data import convert as module
+
+    src = tmp_path / "src"
+    synthesize(src, images=6, seed=5, size=(384, 216))
+    for i in (1, 4):
+        damaged = src / "images" / f"frame_{i:05d}.jpg"
+        damaged.write_bytes(damaged.read_bytes()[:2000])
+
+    def files(out):
+        return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "summary.json"}
+
+    monkeypatch.setattr(module, "_workers", lambda: 1)
+    alone = convert(src, tmp_path / "alone", tile=96, flip=True, seed=4)
+    monkeypatch.setattr(module, "_workers", lambda: 4)
+    together = convert(src, tmp_path / "together", tile=96, flip=True, seed=4)
+    assert files(tmp_path / "together") == files(tmp_path / "alone")
+    assert [p.file for p in together.problems] == [p.file for p in alone.problems] == [
+        "annotations/frame_00001.xml", "annotations/frame_00004.xml"]
 
 
 def test_a_damaged_image_is_reported_and_the_rest_is_tiled(tmp_path):

@@ -17,6 +17,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -419,7 +420,8 @@ def _images(
     tiles of both (`out/images/tiles/<frame name>_x<X0>_y<Y0><suffix>`, see `tile_record`),
     and with `mode` copy or link the image itself in `out/images/originals/` (see
     `place_image`). Only frames longer than a tile give tiles (`tiles.tile_record`), the
-    frames prediction tiles.
+    frames prediction tiles. Images are worked on `_workers()` threads at once (Pillow lets go
+    of the GIL while it decodes and compresses), in order for `progress`.
     `src`, `out` resolved. Returns record index -> its (record, path relative to `out`) items
     (the frame first) for the whole images, the tile paths among them, and the problems.
     Write errors raise OSError."""
@@ -428,42 +430,72 @@ def _images(
     frames = [(r.image, f"{ORIGINALS_DIR}/{placed[r.image]}" if mode != "refer"
                else Path(os.path.relpath(src / r.image, out)).as_posix()) for r in records]
     names = _tile_names(frames + [(f"images/{n}", f"images/{n}") for n in flips.values()])
+    one = partial(_image, src=src, out=out, flips=flips, names=names, tile=tile if write else None,
+                  overlap=overlap, seed=seed, place=mode if write and mode != "refer" else None)
     items: dict[int, list[tuple[ImageRecord, str]]] = {}
     tiles: set[str] = set()
     problems = []
-    for i, (record, (_, image)) in enumerate(zip(records, frames, strict=True)):
-        try:
-            with open_image(src / record.image, decode=True) as im:
-                turned = orientation_problem(im, record.image, record.source)
-                problems += [turned] if turned else []
-                if mode != "refer" and write:
-                    place_image(src / record.image, out / image, mode)
-                made = [(record, image, im)]
-                if record.image in flips:
-                    path = f"images/{flips[record.image]}"
-                    mirrored = flip_image(src / record.image, out / path, im)
-                    made.append((ImageRecord(path, record.width, record.height,
-                                             [b.hflip(record.width) for b in record.boxes], record.source),
-                                 path, mirrored))
-                items[i] = [(r, path) for r, path, _ in made]
-                for frame, path, pixels in made if tile is not None and write else []:
-                    name = PurePosixPath(names[frame.image, path])
-                    cut = {f"{TILES_DIR}/{name.stem}_x{t.window[0]}_y{t.window[1]}{name.suffix}": t
-                           for t in tile_record(frame, tile, overlap, seed=seed)}
-                    # Lexically: "../src/..." passes through `out` even before it exists.
-                    # A deep frame's tiles are scaled as the whole frame is (see `to_rgb`), not each alone.
-                    save_tiles(Path(os.path.normpath(out / path)), {out / p: t.window for p, t in cut.items()},
-                               to_rgb(pixels) if is_deep(pixels) else pixels)
-                    items[i] += [(ImageRecord(p, t.width, t.height, list(t.boxes), record.source), p)
-                                            for p, t in cut.items()]
-                    tiles.update(cut)
-        except BadImage as err:
-            items.pop(i, None)
-            problems.append(Problem(file=record.source, message=f"image {record.image} is damaged ({err}); skipped",
-                                    fix="replace the image with a whole copy, or delete its annotation"))
-        if progress:
-            progress("images" if write else "check", i + 1, len(records))
+    pool = ThreadPoolExecutor(_workers(), thread_name_prefix="loomlens-convert")
+    try:
+        for i, (made, cut, found) in enumerate(pool.map(one, records, (image for _, image in frames))):
+            if made is not None:
+                items[i] = made
+            tiles.update(cut)
+            problems += found
+            if progress:
+                progress("images" if write else "check", i + 1, len(records))
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error: no image started past it
     return items, tiles, problems
+
+
+def _workers() -> int:
+    """Threads `_images` works on: the cores this process may use, at most 8 (past that the
+    disk, not the cores, sets the pace)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def _image(
+    record: ImageRecord, image: str, *, src: Path, out: Path, flips: dict[str, str],
+    names: dict[tuple[str, str], str], tile: int | None, overlap: float, seed: int, place: str | None,
+) -> tuple[list[tuple[ImageRecord, str]] | None, set[str], list[Problem]]:
+    """`_images`' work on one record whose image sits at `image` (relative to `out`): decode
+    it, place it (`place`: copy or link, see `place_image`), mirror it (when `flips` names it)
+    and cut its tiles and its mirror's (`tile`). Returns its (record, path) items (None when
+    the image is damaged), its tile paths and its problems."""
+    problems = []
+    try:
+        with open_image(src / record.image, decode=True) as im:
+            turned = orientation_problem(im, record.image, record.source)
+            problems += [turned] if turned else []
+            if place:
+                place_image(src / record.image, out / image, place)
+            made = [(record, image, im)]
+            if record.image in flips:
+                path = f"images/{flips[record.image]}"
+                mirrored = flip_image(src / record.image, out / path, im)
+                made.append((ImageRecord(path, record.width, record.height,
+                                         [b.hflip(record.width) for b in record.boxes], record.source),
+                             path, mirrored))
+            items = [(r, path) for r, path, _ in made]
+            tiles: set[str] = set()
+            for frame, path, pixels in made if tile is not None else []:
+                name = PurePosixPath(names[frame.image, path])
+                cut = {f"{TILES_DIR}/{name.stem}_x{t.window[0]}_y{t.window[1]}{name.suffix}": t
+                       for t in tile_record(frame, tile, overlap, seed=seed)}
+                # Lexically: "../src/..." passes through `out` even before it exists.
+                # A deep frame's tiles are scaled as the whole frame is (see `to_rgb`), not each alone.
+                save_tiles(Path(os.path.normpath(out / path)), {out / p: t.window for p, t in cut.items()},
+                           to_rgb(pixels) if is_deep(pixels) else pixels)
+                items += [(ImageRecord(p, t.width, t.height, list(t.boxes), record.source), p)
+                          for p, t in cut.items()]
+                tiles.update(cut)
+            return items, tiles, problems
+    except BadImage as err:
+        problems.append(Problem(file=record.source, message=f"image {record.image} is damaged ({err}); skipped",
+                                fix="replace the image with a whole copy, or delete its annotation"))
+        return None, set(), problems
 
 
 def _unannotated(src: Path, skip: Sequence[Path], records: Sequence[ImageRecord],
