@@ -49,6 +49,8 @@ PLAN: dict[str, list[str]] = {
     "infer_speed": ["--repeats", "3"],
     # 96 frames 2560x1440 with flips, cut into 512 px tiles: ~1000 samples, the demo's size.
     "tiling": ["--train-frames", "96", "--steps", "700", "--frames", "16"],
+    # 40 frames of 1280 px converted as shipped and as before (one thread, PNG at zlib level 6).
+    "convert_speed": [],
     "scaling": [],
     "transfer": ["--images", "480", "--steps", "500"],
     # The budget: the default recipe, 20 min of training on AITEX (../shared/data/aitex).

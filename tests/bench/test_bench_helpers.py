@@ -143,6 +143,21 @@ def test_the_fabric_set_is_a_labelimg_folder_convert_reads_whole(tmp_path):
                                                 for p in sorted((tmp_path / "again" / "annotations").glob("*.xml"))]
 
 
+def test_convert_speed_compares_the_two_ways_on_the_same_output_and_puts_the_shipped_way_back(tmp_path, monkeypatch):
+    import json
+
+    from bench import convert_speed
+    from loomlens.data import atomic, convert
+
+    shipped = (convert._workers, dict(atomic.SAVE_OPTIONS))
+    monkeypatch.setattr(convert_speed, "WORK", tmp_path)
+    assert convert_speed.main(["--frames", "4", "--size", "1280", "--repeats", "1", "--out", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["same_samples"] and result["same_pixels"] and result["tiles"] > 0
+    assert all(len(result[way]["runs"]) == 1 and result[way]["bytes"] > 0 for way in convert_speed.WAYS)
+    assert (convert._workers, atomic.SAVE_OPTIONS) == shipped
+
+
 def test_real_scores_rank_frames_by_answer_probability_and_show_the_box_ranking_beside():
     from bench import real
     from loomlens.data.records import Box
