@@ -71,7 +71,7 @@ def write_frames(out: Path, frames: int, seed: int, size: int, words: dict[str, 
         scene = make_fabric_scene(rng, size=size, max_objects=3, empty_fraction=0.3, strip_share=0.0)
         boxes = [dataclasses.replace(b, label=words.get(b.label, b.label)) for b in scene.boxes]
         record = ImageRecord(f"images/f_{i:05d}.png", size, size, boxes, f"annotations/f_{i:05d}.xml")
-        scene.image.save(out / record.image)
+        scene.image.save(out / record.image, compress_level=1)  # lossless; level 6 took most of the time
         write_voc(record, out / record.source, out)
 
 
