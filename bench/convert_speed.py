@@ -38,7 +38,7 @@ def convert_once(source: Path, out: Path, way: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
     saved = module._workers, dict(atomic.SAVE_OPTIONS)
     if way == "before":
-        module._workers = lambda: 1
+        module._workers = lambda pixels: 1
         atomic.SAVE_OPTIONS["PNG"] = {}
     try:
         start = time.perf_counter()
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds[way].append(convert_once(source, WORK / way, way))
     same_samples, same_pixels = same_output(WORK / "before", WORK / "shipped")
     lines = sum(len((WORK / "shipped" / f).read_text().splitlines()) for f in ("train.jsonl", "val.jsonl", "test.jsonl"))
-    result = {"frames": args.frames, "size": args.size, "repeats": args.repeats, "workers": _workers(),
+    result = {"frames": args.frames, "size": args.size, "repeats": args.repeats,
+              "workers": _workers(args.size * args.size),
               "samples": lines, "tiles": sum(1 for _ in (WORK / "shipped" / "images" / "tiles").glob("*")),
               "same_samples": same_samples, "same_pixels": same_pixels,
               **{way: {"seconds": statistics.median(seconds[way]), "runs": seconds[way],

@@ -128,13 +128,25 @@ def test_images_worked_on_at_once_give_what_one_at_a_time_gives(tmp_path, monkey
     def files(out):
         return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "summary.json"}
 
-    monkeypatch.setattr(module, "_workers", lambda: 1)
+    monkeypatch.setattr(module, "_workers", lambda pixels: 1)
     alone = convert(src, tmp_path / "alone", tile=96, flip=True, seed=4)
-    monkeypatch.setattr(module, "_workers", lambda: 4)
+    monkeypatch.setattr(module, "_workers", lambda pixels: 4)
     together = convert(src, tmp_path / "together", tile=96, flip=True, seed=4)
     assert files(tmp_path / "together") == files(tmp_path / "alone")
     assert [p.file for p in together.problems] == [p.file for p in alone.problems] == [
         "annotations/frame_00001.xml", "annotations/frame_00004.xml"]
+
+
+def test_images_worked_on_at_once_are_as_many_as_the_cores_and_the_memory_allow(monkeypatch):
+    from loomlens.data import convert as module
+
+    monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(module.os, "sysconf", lambda name: {"SC_PHYS_PAGES": 6 * 2**20, "SC_PAGE_SIZE": 4096}[name])
+    assert module._workers(1280 * 1280) == 8  # 16 cores, at most 8
+    assert module._workers(100_000_000) == 5  # a quarter of 24 GiB at 1.2 GB a frame
+    assert module._workers(300_000_000) == 1  # a line-scan camera's largest frames: one at a time
+    monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert module._workers(1280 * 1280) == 2
 
 
 def test_a_damaged_image_is_reported_and_the_rest_is_tiled(tmp_path):

@@ -420,7 +420,7 @@ def _images(
     tiles of both (`out/images/tiles/<frame name>_x<X0>_y<Y0><suffix>`, see `tile_record`),
     and with `mode` copy or link the image itself in `out/images/originals/` (see
     `place_image`). Only frames longer than a tile give tiles (`tiles.tile_record`), the
-    frames prediction tiles. Images are worked on `_workers()` threads at once (Pillow lets go
+    frames prediction tiles. Images are worked on `_workers` threads at once (Pillow lets go
     of the GIL while it decodes and compresses), in order for `progress`.
     `src`, `out` resolved. Returns record index -> its (record, path relative to `out`) items
     (the frame first) for the whole images, the tile paths among them, and the problems.
@@ -435,7 +435,8 @@ def _images(
     items: dict[int, list[tuple[ImageRecord, str]]] = {}
     tiles: set[str] = set()
     problems = []
-    pool = ThreadPoolExecutor(_workers(), thread_name_prefix="loomlens-convert")
+    largest = max((r.width * r.height for r in records), default=0)
+    pool = ThreadPoolExecutor(_workers(largest), thread_name_prefix="loomlens-convert")
     try:
         for i, (made, cut, found) in enumerate(pool.map(one, records, (image for _, image in frames))):
             if made is not None:
@@ -449,11 +450,18 @@ def _images(
     return items, tiles, problems
 
 
-def _workers() -> int:
-    """Threads `_images` works on: the cores this process may use, at most 8 (past that the
-    disk, not the cores, sets the pace)."""
+def _workers(pixels: int) -> int:
+    """Threads `_images` works on, for frames of at most `pixels`: the cores this process may
+    use, at most 8 (past that the disk, not the cores, sets the pace), and no more than a
+    quarter of the memory holds at ~12 bytes a pixel each (a frame, its mirror and a copy, 4
+    bytes a pixel at most): a line-scan camera's 300 MP frames go one at a time."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cores))
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): the cores alone
+        memory = None
+    fit = cores if memory is None else memory // 4 // max(12 * pixels, 1)
+    return max(1, min(8, cores, fit))
 
 
 def _image(
