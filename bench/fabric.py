@@ -52,10 +52,10 @@ PLANT_WORDS = {"hole": "pinhole", "knot": "slub", "stain": "oil-spot", "thread":
                "gap": "missing-pick", "crease": "fold-mark"}
 
 
-def write_frames(out: Path, frames: int, seed: int, size: int, words: dict[str, str]) -> None:
+def write_frames(out: Path, frames: int, seed: int, size: int, words: dict[str, str], empty: float = 0.3) -> None:
     """`frames` fabric scenes of `size` px as a LabelImg folder (images/*.png, annotations/*.xml):
-    up to 3 defects each, 30 % without any, no line-scan strips (one camera's square frames),
-    each class named `words[class]` (the generator's name where `words` has none)."""
+    up to 3 defects each, a share `empty` without any, no line-scan strips (one camera's square
+    frames), each class named `words[class]` (the generator's name where `words` has none)."""
     import dataclasses
 
     import numpy as np
@@ -68,7 +68,7 @@ def write_frames(out: Path, frames: int, seed: int, size: int, words: dict[str, 
     (out / "images").mkdir(parents=True)
     rng = np.random.default_rng(seed)
     for i in range(frames):
-        scene = make_fabric_scene(rng, size=size, max_objects=3, empty_fraction=0.3, strip_share=0.0)
+        scene = make_fabric_scene(rng, size=size, max_objects=3, empty_fraction=empty, strip_share=0.0)
         boxes = [dataclasses.replace(b, label=words.get(b.label, b.label)) for b in scene.boxes]
         record = ImageRecord(f"images/f_{i:05d}.png", size, size, boxes, f"annotations/f_{i:05d}.xml")
         scene.image.save(out / record.image, compress_level=1)  # lossless; level 6 took most of the time
@@ -84,7 +84,8 @@ def tables(result: dict[str, Any]) -> list[Table]:
             rows.append([f"{r['name']} ({checkpoint})", *score_cells(s), str(r["steps"]), str(r["best_step"])])
     rows.append(["untrained tiny", *score_cells(result["untrained"]), "0", "-"])
     words = result.get("words", "generator")
-    notes = [f"{result['images']} synthetic fabric frames of {result['size']} px (seed {result['seed']}), classes in "
+    notes = [f"{result['images']} synthetic fabric frames of {result['size']} px (seed {result['seed']}; "
+             f"{result.get('empty', 0.3):.0%} drawn defect-free), classes in "
              f"the {words}'s words, converted with --flip{tiled(result)}; {result['frames']} unflipped test frames ({result['defective']} with defects)"
              f"{val_frames(result)}; "
              f"{result['budget_s']:.0f} s of training on this machine"]
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=300, help="frames drawn before the split")
     parser.add_argument("--size", type=int, default=512, help="frame edge in pixels")
     parser.add_argument("--seed", type=int, default=11, help="seed of the frames")
+    parser.add_argument("--empty", type=float, default=0.3,
+                        help="share of the frames drawn without a defect (a plant's line: most of them)")
     parser.add_argument("--words", choices=("plant", "generator"), default="plant",
                         help="class names: a plant's (no model was pretrained on them) or the generator's own")
     parser.add_argument("--tile", type=tile_flag, default=None,
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return rescored(NAME, args, argv, tables, WORK, tile=True)
     budget = 300.0 if args.small else args.budget
     source, data = WORK / "source", WORK / "data"
-    write_frames(source, args.images, args.seed, args.size, PLANT_WORDS if args.words == "plant" else {})
+    write_frames(source, args.images, args.seed, args.size, PLANT_WORDS if args.words == "plant" else {}, args.empty)
     shutil.rmtree(data, ignore_errors=True)
     loomlens("convert", str(source), str(data), "--flip", *SPLIT, *(["--tile", str(args.tile)] if args.tile else []))
     held, classes = held_out(data)
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.set:
         runs.append(train_and_score(data, args.tag, budget, args.set, held, classes, work=WORK, tile=tile))
     result = {"budget_s": budget, "tta": "auto", "images": args.images, "size": args.size, "seed": args.seed,
+              "empty": args.empty,
               "words": args.words, "tile": data_tile(data), "tile_given": args.tile,
               "frames": len(frames), "defective": sum(map(bool, truth)), "classes": classes,
               "val_frames": len(held["val"][0]),

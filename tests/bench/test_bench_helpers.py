@@ -141,6 +141,8 @@ def test_the_fabric_set_is_a_labelimg_folder_convert_reads_whole(tmp_path):
     fabric.write_frames(tmp_path / "again", frames=6, seed=3, size=128, words=fabric.PLANT_WORDS)  # same seed, same frames
     assert [p.read_text() for p in records] == [p.read_text().replace("again", "src")
                                                 for p in sorted((tmp_path / "again" / "annotations").glob("*.xml"))]
+    fabric.write_frames(tmp_path / "clean", frames=4, seed=3, size=128, words=fabric.PLANT_WORDS, empty=1.0)
+    assert not any("<object>" in p.read_text() for p in (tmp_path / "clean" / "annotations").glob("*.xml"))
 
 
 def test_convert_speed_compares_the_two_ways_on_the_same_output_and_puts_the_shipped_way_back(tmp_path, monkeypatch):
