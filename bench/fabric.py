@@ -7,6 +7,8 @@ a user's commands, scored on a fixed test split.
     python -m bench.fabric --words generator     # the generator's own class names
     python -m bench.fabric --tile 256            # trained on 256 px tiles too, predicted in them
     python -m bench.fabric --tile off            # whole frames only, whatever --tile auto would cut
+    python -m bench.fabric --size 1280 --seed 17 # other cloth: larger frames, other draws
+    python -m bench.fabric --images 80 --empty 0.7  # a small set; most frames defect-free
 
 Why: the default was chosen on the demo's synthetic loom frames and on AITEX, and it is
 judged on real fabric nobody here has seen. This set stands in for such a set: frames of
