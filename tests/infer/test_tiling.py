@@ -163,10 +163,10 @@ def test_the_squeezed_frame_gives_its_score_not_its_coarse_edges_to_a_defect_the
     image = Image.fromarray(frame)
     boxes = tiled_detect(thread_detector((269, 278)), image, tile=256, input_edge=256)
     assert [(b.x1, b.y1, b.x2, b.y2, b.score) for b in boxes] == [pytest.approx((0, 272, 512, 275, 0.7))]
-    # Edges further than 4 input pixels (8 frame pixels here) off: another defect to the tiles,
-    # merged as before (the union).
+    # Edges further than 4 input pixels (8 frame pixels here) off, a box nine times the thread's
+    # thickness around it: still the thread, boxed coarsely (`_coarse_around`), not the union.
     boxes = tiled_detect(thread_detector((250, 278)), image, tile=256, input_edge=256)
-    assert [(b.x1, b.y1, b.x2, b.y2, b.score) for b in boxes] == [(0, 250, 512, 278, 0.7)]
+    assert [(b.x1, b.y1, b.x2, b.y2, b.score) for b in boxes] == [pytest.approx((0, 272, 512, 275, 0.7))]
 
 
 def test_a_whole_frame_box_is_folded_only_into_a_box_of_its_class_within_reach():
@@ -210,6 +210,32 @@ def test_only_a_large_whole_frame_box_over_one_group_of_tile_boxes_replaces_them
     assert seen_whole([other], pieces, (2, 2), 0.6) == ([other], pieces)
     guess = Box("d", 100, 100, 400, 400, 0.03)  # under a tenth of the pieces' best score
     assert seen_whole([guess], pieces, (2, 2), 0.6) == ([guess], pieces)
+
+
+def test_a_coarse_whole_frame_box_around_a_thread_the_tiles_placed_is_dropped():
+    thread = [Box("broken-end", 0, 229, 330, 233, 0.7), Box("broken-end", 320, 229, 640, 234, 0.6)]  # one chain
+    coarse = Box("broken-end", 3, 225, 639, 637, 0.75)  # the squeezed frame: 412 px tall around it
+    raised = [Box("broken-end", 0, 229, 330, 233, 0.75), Box("broken-end", 320, 229, 640, 234, 0.75)]
+    assert seen_whole([coarse], thread, (2.5, 2.5), 0.6) == ([], raised)
+    band = Box("broken-end", 0, 222, 640, 240, 0.75)  # the pieces fill over a quarter of it across: seen whole
+    assert seen_whole([band], thread, (1, 1), 0.6) == ([], [band])
+
+
+def test_a_thread_keeps_its_edges_under_the_squeezed_frames_higher_scored_coarse_box():
+    # A 4 px thread across a 640 px frame: each tile boxes its piece, the squeezed frame draws a
+    # box 412 px tall around it, scoring higher; merged or replaced, the thread would be that box.
+    def detect(crops):
+        return [[Box("broken-end", 3, 225, 639, 637, 0.75)] if c.width == 640
+                else [Box("broken-end", 0, 229 - y0, c.width, 233 - y0, 0.7)] if y0 <= 229 < y0 + c.height
+                else [] for c, y0 in zip(crops, offsets(crops))]
+
+    def offsets(crops):
+        windows = tile_windows(640, 640, 256)
+        return [w[1] for w in windows] + [0] * (len(crops) - len(windows))
+
+    boxes = tiled_detect(detect, Image.new("RGB", (640, 640)), tile=256, input_edge=256)
+    assert [(b.label, (b.x1, b.y1, b.x2, b.y2, b.score)) for b in boxes] == [
+        ("broken-end", pytest.approx((0, 229, 640, 233, 0.75)))]
 
 
 @pytest.mark.parametrize("host", ["whole", "middle"])

@@ -52,6 +52,10 @@ SEEN_WHOLE_PX = 16.0
 #: squeezed frame's guess, not a defect it saw whole: the frame scores what it sees blurred
 #: lower than the tiles do, so only a far lower score marks a guess (`seen_whole`).
 WHOLE_GUESS_SHARE = 0.1
+#: A whole-frame box around one group of tile boxes that runs at least half its length along
+#: one axis and fills under this share of it across boxes a thread the tiles placed, coarsely
+#: (`seen_whole`: a 3 px broken end inside a 400 px tall box).
+THIN_SHARE = 0.25
 #: A box no tile saw whole lying at least half inside a whole-frame box of another class this
 #: many times its length is a piece of that longer defect the tiles misnamed
 #: (`misnamed_pieces`; docs/evaluate-and-predict.md, "Tiling").
@@ -304,7 +308,10 @@ def seen_whole(whole: Sequence[Box], tiled: Sequence[Box], scale: tuple[float, f
     each tile a piece of it (a diagonal crease that each tile boxes to its corners, whose union
     overshoots). Small boxes, boxes reaching separate tile boxes and boxes scoring under
     `WHOLE_GUESS_SHARE` of the best of the tile boxes they reach (a 450 px guess around a
-    thread the tiles stitched end to end) are left to `merge_boxes`.
+    thread the tiles stitched end to end) are left to `merge_boxes`. A box around one group
+    that is thin against it (`_coarse_around`: a thread the tiles placed) is dropped, its score
+    going to the group as in `placed_finer`: replacing or merging, it would box a 3 px thread
+    tens or hundreds of pixels thick.
 
     Args:
         whole: the whole frame's boxes no tile box matched (`placed_finer`), frame pixels.
@@ -317,6 +324,10 @@ def seen_whole(whole: Sequence[Box], tiled: Sequence[Box], scale: tuple[float, f
     tiled, left = list(tiled), []
     for w in whole:
         hits = [i for i in _reached(w, tiled, threshold) if tiled[i].label == w.label]
+        if hits and _connected([tiled[i] for i in hits]) and _coarse_around(w, [tiled[i] for i in hits]):
+            for i in hits:  # as `placed_finer` does: the frame's score, not its edges
+                tiled[i] = replace(tiled[i], score=max(s for s in (tiled[i].score, w.score, 0.0) if s is not None))
+            continue
         if min(w.width / scale[0], w.height / scale[1]) < SEEN_WHOLE_PX or not hits or not _connected(
                 [tiled[i] for i in hits]) or _faint(w, [tiled[i] for i in hits], WHOLE_GUESS_SHARE):
             left.append(w)
@@ -324,6 +335,14 @@ def seen_whole(whole: Sequence[Box], tiled: Sequence[Box], scale: tuple[float, f
         scores = [s for s in (w.score, *(tiled[i].score for i in hits)) if s is not None]
         tiled = [t for i, t in enumerate(tiled) if i not in hits] + [replace(w, score=max(scores) if scores else None)]
     return left, tiled
+
+
+def _coarse_around(box: Box, group: Sequence[Box], share: float = THIN_SHARE) -> bool:
+    """Whether `box` is a coarse box around the thin defect `group` shows: the box enclosing
+    `group` spans at least half of `box` along one axis and under `share` of it across."""
+    x = (max(b.x2 for b in group) - min(b.x1 for b in group)) / max(box.width, 1e-9)
+    y = (max(b.y2 for b in group) - min(b.y1 for b in group)) / max(box.height, 1e-9)
+    return (x >= 0.5 and y < share) or (y >= 0.5 and x < share)
 
 
 def mid_windows(width: int, height: int, tile: int, overlap: float = 0.25) -> list[Window]:
