@@ -23,7 +23,7 @@ stitched, that the whole frame boxes inside a far longer defect of another class
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -126,7 +126,7 @@ def merge_boxes(boxes: Sequence[Box], threshold: float = 0.6) -> list[Box]:
 
 def _faint(box: Box, reached: Sequence[Box], share: float = FAINT_SHARE) -> bool:
     """Whether `box` scores under `share` of the best of the boxes it `reached`."""
-    best = max((b.score for b in reached if b.score is not None), default=None)
+    best = _top_score(b.score for b in reached)
     return box.score is not None and best is not None and box.score < share * best
 
 
@@ -140,9 +140,13 @@ def _reached(box: Box, kept: Sequence[Box], threshold: float) -> list[int]:
 
 def _enclosing(boxes: Sequence[Box]) -> Box:
     """The box enclosing `boxes` (one label), with the first one's label and the highest score."""
-    scores = [b.score for b in boxes if b.score is not None]
     return replace(boxes[0], x1=min(b.x1 for b in boxes), y1=min(b.y1 for b in boxes), x2=max(b.x2 for b in boxes),
-                   y2=max(b.y2 for b in boxes), score=max(scores) if scores else None)
+                   y2=max(b.y2 for b in boxes), score=_top_score(b.score for b in boxes))
+
+
+def _top_score(scores: Iterable[float | None]) -> float | None:
+    """The highest of `scores` that are given (None: none is, as for an unscored answer)."""
+    return max((s for s in scores if s is not None), default=None)
 
 
 def _connected(boxes: Sequence[Box]) -> bool:
@@ -293,8 +297,7 @@ def placed_finer(whole: Sequence[Box], tiled: Sequence[Box], reach: tuple[float,
             left.append(w)
             continue
         i = min(gaps)[1]
-        scores = [s for s in (tiled[i].score, w.score) if s is not None]
-        tiled[i] = replace(tiled[i], score=max(scores) if scores else None)
+        tiled[i] = replace(tiled[i], score=_top_score([tiled[i].score, w.score]))
     return left, tiled
 
 
@@ -326,14 +329,14 @@ def seen_whole(whole: Sequence[Box], tiled: Sequence[Box], scale: tuple[float, f
         hits = [i for i in _reached(w, tiled, threshold) if tiled[i].label == w.label]
         if hits and _connected([tiled[i] for i in hits]) and _coarse_around(w, [tiled[i] for i in hits]):
             for i in hits:  # as `placed_finer` does: the frame's score, not its edges
-                tiled[i] = replace(tiled[i], score=max(s for s in (tiled[i].score, w.score, 0.0) if s is not None))
+                tiled[i] = replace(tiled[i], score=_top_score([tiled[i].score, w.score]))
             continue
         if min(w.width / scale[0], w.height / scale[1]) < SEEN_WHOLE_PX or not hits or not _connected(
                 [tiled[i] for i in hits]) or _faint(w, [tiled[i] for i in hits], WHOLE_GUESS_SHARE):
             left.append(w)
             continue
-        scores = [s for s in (w.score, *(tiled[i].score for i in hits)) if s is not None]
-        tiled = [t for i, t in enumerate(tiled) if i not in hits] + [replace(w, score=max(scores) if scores else None)]
+        score = _top_score([w.score, *(tiled[i].score for i in hits)])
+        tiled = [t for i, t in enumerate(tiled) if i not in hits] + [replace(w, score=score)]
     return left, tiled
 
 
