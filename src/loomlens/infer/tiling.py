@@ -15,7 +15,8 @@ tile it crosses sees a piece running into the tile's side, and those pieces are 
 into one box before merging (`stitch_pieces`). The whole frame's boxes are coarse (its pixels
 were squeezed to the input): one that the tiles placed too gives up its edges to theirs
 (`placed_finer`) instead of growing their box to its own extent, and one the frame shows large
-takes the place of the tiles' pieces of it (`seen_whole`). A tile that sees only a piece of a
+takes the place of the tiles' pieces of it (`seen_whole`), unless they show a thread it boxed
+far thicker than they do. A tile that sees only a piece of a
 long defect may name it something else (the end of a thread looks like a spot); a piece, once
 stitched, that the whole frame boxes inside a far longer defect of another class is dropped
 (`misnamed_pieces`).
@@ -327,15 +328,17 @@ def seen_whole(whole: Sequence[Box], tiled: Sequence[Box], scale: tuple[float, f
     tiled, left = list(tiled), []
     for w in whole:
         hits = [i for i in _reached(w, tiled, threshold) if tiled[i].label == w.label]
-        if hits and _connected([tiled[i] for i in hits]) and _coarse_around(w, [tiled[i] for i in hits]):
+        group = [tiled[i] for i in hits]
+        one = bool(group) and _connected(group)  # one defect's pieces
+        if one and _coarse_around(w, group):
             for i in hits:  # as `placed_finer` does: the frame's score, not its edges
                 tiled[i] = replace(tiled[i], score=_top_score([tiled[i].score, w.score]))
             continue
-        if min(w.width / scale[0], w.height / scale[1]) < SEEN_WHOLE_PX or not hits or not _connected(
-                [tiled[i] for i in hits]) or _faint(w, [tiled[i] for i in hits], WHOLE_GUESS_SHARE):
+        if min(w.width / scale[0], w.height / scale[1]) < SEEN_WHOLE_PX or not one or _faint(
+                w, group, WHOLE_GUESS_SHARE):
             left.append(w)
             continue
-        score = _top_score([w.score, *(tiled[i].score for i in hits)])
+        score = _top_score([w.score, *(b.score for b in group)])
         tiled = [t for i, t in enumerate(tiled) if i not in hits] + [replace(w, score=score)]
     return left, tiled
 
