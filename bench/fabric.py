@@ -116,13 +116,21 @@ def tile_flag(text: str) -> int | str:
     return text if text == "off" else int(text)
 
 
+def share_flag(text: str) -> float:
+    """`--empty`: a share of the frames, from 0 to 1."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share of the frames: give one from 0 to 1, e.g. 0.7")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fabric", description=__doc__.split("\n\n")[0])
     run_flags(parser)
     parser.add_argument("--images", type=int, default=300, help="frames drawn before the split")
     parser.add_argument("--size", type=int, default=512, help="frame edge in pixels")
     parser.add_argument("--seed", type=int, default=11, help="seed of the frames")
-    parser.add_argument("--empty", type=float, default=0.3,
+    parser.add_argument("--empty", type=share_flag, default=0.3,
                         help="share of the frames drawn without a defect (a plant's line: most of them)")
     parser.add_argument("--words", choices=("plant", "generator"), default="plant",
                         help="class names: a plant's (no model was pretrained on them) or the generator's own")

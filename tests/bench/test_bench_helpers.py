@@ -3,6 +3,8 @@ the seed loop's samples. No timing is asserted here (timed figures never go in t
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from bench import all as bench_all
@@ -228,3 +230,6 @@ def test_the_fabric_table_says_when_its_frames_were_tiled():
     assert fabric.tiled({"tile": None}) == fabric.tiled({}) == ""  # whole frames, and results from before the flag
     assert fabric.tiled({"tile": None, "tile_given": "off"}) == " and --tile off (whole frames only)"
     assert fabric.tile_flag("off") == "off" and fabric.tile_flag("256") == 256
+    assert fabric.share_flag("0.7") == 0.7 and fabric.share_flag("1") == 1.0
+    with pytest.raises(argparse.ArgumentTypeError, match="from 0 to 1"):
+        fabric.share_flag("70")
