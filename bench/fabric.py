@@ -54,10 +54,13 @@ PLANT_WORDS = {"hole": "pinhole", "knot": "slub", "stain": "oil-spot", "thread":
                "gap": "missing-pick", "crease": "fold-mark"}
 
 
-def write_frames(out: Path, frames: int, seed: int, size: int, words: dict[str, str], empty: float = 0.3) -> None:
-    """`frames` fabric scenes of `size` px as a LabelImg folder (images/*.png, annotations/*.xml):
-    up to 3 defects each, a share `empty` without any, no line-scan strips (one camera's square
-    frames), each class named `words[class]` (the generator's name where `words` has none)."""
+def write_frames(out: Path, frames: int, seed: int, size: int | tuple[int, int], words: dict[str, str],
+                 empty: float = 0.3) -> None:
+    """`frames` fabric scenes of `size` px (an edge, or width and height) as a LabelImg folder
+    (images/*.png, annotations/*.xml): up to 3 defects each, a share `empty` without any, no
+    line-scan strips (one camera's frames), each class named `words[class]` (the generator's
+    name where `words` has none). A frame that is not square is a band of a square scene
+    (`_band`)."""
     import dataclasses
 
     import numpy as np
@@ -66,15 +69,50 @@ def write_frames(out: Path, frames: int, seed: int, size: int, words: dict[str, 
     from loomlens.data.records import ImageRecord
     from loomlens.data.voc import write_voc
 
+    width, height = (size, size) if isinstance(size, int) else size
     shutil.rmtree(out, ignore_errors=True)
     (out / "images").mkdir(parents=True)
     rng = np.random.default_rng(seed)
     for i in range(frames):
-        scene = make_fabric_scene(rng, size=size, max_objects=3, empty_fraction=empty, strip_share=0.0)
-        boxes = [dataclasses.replace(b, label=words.get(b.label, b.label)) for b in scene.boxes]
-        record = ImageRecord(f"images/f_{i:05d}.png", size, size, boxes, f"annotations/f_{i:05d}.xml")
-        scene.image.save(out / record.image, compress_level=1)  # lossless; level 6 took most of the time
+        scene = make_fabric_scene(rng, size=max(width, height), max_objects=3, empty_fraction=empty, strip_share=0.0)
+        image, boxes = (scene.image, scene.boxes) if width == height else _band(rng, scene, width, height)
+        boxes = [dataclasses.replace(b, label=words.get(b.label, b.label)) for b in boxes]
+        record = ImageRecord(f"images/f_{i:05d}.png", width, height, boxes, f"annotations/f_{i:05d}.xml")
+        image.save(out / record.image, compress_level=1)  # lossless; level 6 took most of the time
         write_voc(record, out / record.source, out)
+
+
+def _band(rng: Any, scene: Any, width: int, height: int) -> tuple[Any, list[Any]]:
+    """A `width` x `height` band of a square `scene` (its image and boxes, shifted): at an offset
+    that keeps a box whole where any offset can (so the share of defect-free frames stays near
+    the scene's), then cuts none, then keeps the most; a box the band still cuts is clipped to
+    what is left in view, as a labeller would box it."""
+    import dataclasses
+
+    import numpy as np
+
+    side = scene.image.width
+    along = 0 if width < side else 1  # the axis the band is cut along: x where the frame is tall
+    span = width if along == 0 else height
+    edges = [(b.x1, b.x2) if along == 0 else (b.y1, b.y2) for b in scene.boxes]
+
+    def kept(offset: int) -> tuple[bool, bool, int]:
+        inside = [offset <= lo and hi <= offset + span for lo, hi in edges]
+        cut = any(lo < offset + span and hi > offset and not whole for (lo, hi), whole in zip(edges, inside))
+        return any(inside), not cut, sum(inside)
+
+    offsets = range(0, side - span + 1, 4)
+    best = max(kept(o) for o in offsets)
+    offset = int(rng.choice([o for o in offsets if kept(o) == best]))
+    x, y = (offset, 0) if along == 0 else (0, offset)
+    image = scene.image.crop((x, y, x + width, y + height))
+    boxes = []
+    for b in scene.boxes:
+        x1, y1 = max(b.x1 - x, 0.0), max(b.y1 - y, 0.0)
+        x2, y2 = min(b.x2 - x, float(width)), min(b.y2 - y, float(height))
+        if x2 - x1 >= 1 and y2 - y1 >= 1:
+            boxes.append(dataclasses.replace(b, x1=x1, y1=y1, x2=x2, y2=y2))
+    return image, boxes
 
 
 def tables(result: dict[str, Any]) -> list[Table]:
@@ -116,6 +154,18 @@ def tile_flag(text: str) -> int | str:
     return text if text == "off" else int(text)
 
 
+def size_flag(text: str) -> int | tuple[int, int]:
+    """`--size`: a frame edge in pixels ("512"), or width x height ("1920x1080")."""
+    try:
+        sides = [int(part) for part in text.lower().split("x")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides) < 32:
+        raise argparse.ArgumentTypeError(f"{text} is not a frame size: give an edge or width x height "
+                                         "in pixels, 32 or more, e.g. 512 or 1920x1080")
+    return sides[0] if len(sides) == 1 or sides[0] == sides[1] else (sides[0], sides[1])
+
+
 def share_flag(text: str) -> float:
     """`--empty`: a share of the frames, from 0 to 1."""
     value = float(text)
@@ -128,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fabric", description=__doc__.split("\n\n")[0])
     run_flags(parser)
     parser.add_argument("--images", type=int, default=300, help="frames drawn before the split")
-    parser.add_argument("--size", type=int, default=512, help="frame edge in pixels")
+    parser.add_argument("--size", type=size_flag, default=512,
+                        help="frame edge in pixels, or width x height (e.g. 1920x1080: a camera's frames)")
     parser.add_argument("--seed", type=int, default=11, help="seed of the frames")
     parser.add_argument("--empty", type=share_flag, default=0.3,
                         help="share of the frames drawn without a defect (a plant's line: most of them)")
@@ -154,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [train_and_score(data, "default", budget, [], held, classes, work=WORK, tile=tile)]
     if args.set:
         runs.append(train_and_score(data, args.tag, budget, args.set, held, classes, work=WORK, tile=tile))
-    result = {"budget_s": budget, "tta": "auto", "images": args.images, "size": args.size, "seed": args.seed,
+    result = {"budget_s": budget, "tta": "auto", "images": args.images, "size": args.size if isinstance(args.size, int) else "x".join(map(str, args.size)), "seed": args.seed,
               "empty": args.empty,
               "words": args.words, "tile": data_tile(data), "tile_given": args.tile,
               "frames": len(frames), "defective": sum(map(bool, truth)), "classes": classes,

@@ -147,6 +147,30 @@ def test_the_fabric_set_is_a_labelimg_folder_convert_reads_whole(tmp_path):
     assert not any("<object>" in p.read_text() for p in (tmp_path / "clean" / "annotations").glob("*.xml"))
 
 
+def test_a_fabric_frame_that_is_not_square_is_a_band_whose_boxes_stay_in_view(tmp_path):
+    from PIL import Image
+
+    from bench import fabric
+    from loomlens.data.voc import read_voc_file
+
+    assert fabric.size_flag("512") == 512 and fabric.size_flag("1920x1080") == (1920, 1080)
+    assert fabric.size_flag("640X640") == 640
+    for bad in ("wide", "1920x", "16x9", "1x2x3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="width x height"):
+            fabric.size_flag(bad)
+    fabric.write_frames(tmp_path / "src", frames=12, seed=5, size=(96, 160), words={})
+    boxes = 0
+    for xml in sorted((tmp_path / "src" / "annotations").glob("*.xml")):
+        record, problems = read_voc_file(xml, tmp_path / "src")
+        assert record and not problems
+        assert (record.width, record.height) == (96, 160)
+        assert Image.open(tmp_path / "src" / record.image).size == (96, 160)
+        for b in record.boxes:
+            assert 0 <= b.x1 < b.x2 <= 96 and 0 <= b.y1 < b.y2 <= 160
+        boxes += len(record.boxes)
+    assert boxes > 0
+
+
 def test_convert_speed_compares_the_two_ways_on_the_same_output_and_puts_the_shipped_way_back(tmp_path, monkeypatch):
     import json
 
