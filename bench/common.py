@@ -121,9 +121,15 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """`512x288` -> (512, 288)."""
-    width, height = (int(v) for v in text.lower().split("x"))
-    return width, height
+    """`512x288` -> (512, 288); anything else (a side missing, under 32 px, not a number) is
+    refused with the fix, as argparse shows a `type` error."""
+    import argparse
+
+    sides = text.lower().split("x")
+    if len(sides) != 2 or not all(side.isdigit() and int(side) >= 32 for side in sides):
+        raise argparse.ArgumentTypeError(f"{text} is not a frame size: give width x height in pixels, "
+                                         "32 or more each, e.g. 1920x1080")
+    return int(sides[0]), int(sides[1])
 
 
 # --- data and recipe ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ a user's commands, scored on a fixed test split.
     python -m bench.fabric --tile 256            # trained on 256 px tiles too, predicted in them
     python -m bench.fabric --tile off            # whole frames only, whatever --tile auto would cut
     python -m bench.fabric --size 1280 --seed 17 # other cloth: larger frames, other draws
+    python -m bench.fabric --size 1920x1080      # a camera's frames, not square
     python -m bench.fabric --images 80 --empty 0.7  # a small set; most frames defect-free
 
 Why: the default was chosen on the demo's synthetic loom frames and on AITEX, and it is
@@ -39,7 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, Table, common_flags, fmt, publish
+from bench.common import RESULTS, Table, common_flags, fmt, parse_size, publish
 from bench.real import (
     SCORE_COLUMNS, SCORE_NOTE, TTA_NOTE, data_tile, held_out, held_out_scores, loomlens, rescored, rescored_note,
     run_flags, score_cells, train_and_score, val_frames,
@@ -155,15 +156,11 @@ def tile_flag(text: str) -> int | str:
 
 
 def size_flag(text: str) -> int | tuple[int, int]:
-    """`--size`: a frame edge in pixels ("512"), or width x height ("1920x1080")."""
-    try:
-        sides = [int(part) for part in text.lower().split("x")]
-    except ValueError:
-        sides = []
-    if len(sides) not in (1, 2) or min(sides) < 32:
-        raise argparse.ArgumentTypeError(f"{text} is not a frame size: give an edge or width x height "
-                                         "in pixels, 32 or more, e.g. 512 or 1920x1080")
-    return sides[0] if len(sides) == 1 or sides[0] == sides[1] else (sides[0], sides[1])
+    """`--size`: a frame edge in pixels ("512"), or width x height ("1920x1080"; `parse_size`)."""
+    if text.isdigit() and int(text) >= 32:
+        return int(text)
+    width, height = parse_size(text)
+    return width if width == height else (width, height)
 
 
 def share_flag(text: str) -> float:

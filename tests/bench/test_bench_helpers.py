@@ -155,7 +155,7 @@ def test_a_fabric_frame_that_is_not_square_is_a_band_whose_boxes_stay_in_view(tm
 
     assert fabric.size_flag("512") == 512 and fabric.size_flag("1920x1080") == (1920, 1080)
     assert fabric.size_flag("640X640") == 640
-    for bad in ("wide", "1920x", "16x9", "1x2x3"):
+    for bad in ("wide", "1920x", "16x9", "1x2x3", "16", "-640x480"):
         with pytest.raises(argparse.ArgumentTypeError, match="width x height"):
             fabric.size_flag(bad)
     fabric.write_frames(tmp_path / "src", frames=12, seed=5, size=(96, 160), words={})
