@@ -38,13 +38,20 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.common import RESULTS, Table, common_flags, fmt, parse_size, publish
 from bench.real import (
     SCORE_COLUMNS, SCORE_NOTE, TTA_NOTE, data_tile, held_out, held_out_scores, loomlens, rescored, rescored_note,
     run_flags, score_cells, train_and_score, val_frames,
 )
+
+if TYPE_CHECKING:  # for annotations only: the frames' libraries load when frames are drawn
+    import numpy as np
+    from PIL import Image
+
+    from loomlens.data.records import Box
+    from loomlens.data.shapes import Scene
 
 NAME = "fabric"
 WORK = RESULTS / "fabric"
@@ -83,14 +90,12 @@ def write_frames(out: Path, frames: int, seed: int, size: int | tuple[int, int],
         write_voc(record, out / record.source, out)
 
 
-def _band(rng: Any, scene: Any, width: int, height: int) -> tuple[Any, list[Any]]:
+def _band(rng: np.random.Generator, scene: Scene, width: int, height: int) -> tuple[Image.Image, list[Box]]:
     """A `width` x `height` band of a square `scene` (its image and boxes, shifted): at an offset
     that keeps a box whole where any offset can (so the share of defect-free frames stays near
     the scene's), then cuts none, then keeps the most; a box the band still cuts is clipped to
     what is left in view, as a labeller would box it."""
     import dataclasses
-
-    import numpy as np
 
     side = scene.image.width
     along = 0 if width < side else 1  # the axis the band is cut along: x where the frame is tall
@@ -202,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [train_and_score(data, "default", budget, [], held, classes, work=WORK, tile=tile)]
     if args.set:
         runs.append(train_and_score(data, args.tag, budget, args.set, held, classes, work=WORK, tile=tile))
-    result = {"budget_s": budget, "tta": "auto", "images": args.images, "size": args.size if isinstance(args.size, int) else "x".join(map(str, args.size)), "seed": args.seed,
+    size = args.size if isinstance(args.size, int) else "x".join(map(str, args.size))  # as the table notes print it
+    result = {"budget_s": budget, "tta": "auto", "images": args.images, "size": size, "seed": args.seed,
               "empty": args.empty,
               "words": args.words, "tile": data_tile(data), "tile_given": args.tile,
               "frames": len(frames), "defective": sum(map(bool, truth)), "classes": classes,
