@@ -171,6 +171,28 @@ def test_a_fabric_frame_that_is_not_square_is_a_band_whose_boxes_stay_in_view(tm
     assert boxes > 0
 
 
+def test_a_band_keeps_a_defect_whole_where_an_offset_can_and_clips_one_where_none_can():
+    import numpy as np
+    from PIL import Image
+
+    from bench import fabric
+    from loomlens.data.shapes import Scene
+
+    image = Image.new("RGB", (100, 100))
+    spot, crease = Box("hole", 10, 10, 20, 20), Box("crease", 30, 60, 70, 90)  # 30 px tall
+    kept = set()
+    for seed in range(8):  # no 40 px band holds both; one whole and the other out of view, never one cut
+        band, boxes = fabric._band(np.random.default_rng(seed), Scene(image, [spot, crease], ["", ""]), 100, 40)
+        assert band.size == (100, 40) and len(boxes) == 1
+        whole = {"hole": spot, "crease": crease}[boxes[0].label]
+        assert (boxes[0].width, boxes[0].height) == (whole.width, whole.height) and boxes[0].y2 <= 40
+        kept.add(boxes[0].label)
+    assert kept == {"hole", "crease"}  # either offset, drawn at random
+    # A 50 px crease in a 40 px band: every offset cuts it, so it is clipped to what is in view.
+    _, boxes = fabric._band(np.random.default_rng(0), Scene(image, [Box("crease", 30, 20, 70, 70)], [""]), 100, 40)
+    assert len(boxes) == 1 and boxes[0].height <= 40 and 0 <= boxes[0].y1 < boxes[0].y2 <= 40
+
+
 def test_convert_speed_compares_the_two_ways_on_the_same_output_and_puts_the_shipped_way_back(tmp_path, monkeypatch):
     import json
 
