@@ -147,6 +147,29 @@ def test_the_fabric_set_is_a_labelimg_folder_convert_reads_whole(tmp_path):
     assert not any("<object>" in p.read_text() for p in (tmp_path / "clean" / "annotations").glob("*.xml"))
 
 
+def test_a_printed_fabric_set_is_the_plain_set_of_its_seed_with_a_print_over_each_frame(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from bench import fabric
+
+    for name, printed in (("plain", False), ("printed", True), ("again", True)):
+        fabric.write_frames(tmp_path / name, frames=4, seed=3, size=96, words={}, printed=printed)
+
+    def read(name: str, kind: str, suffix: str) -> list:
+        paths = sorted((tmp_path / name / kind).glob(f"*{suffix}"))
+        return [p.read_text().replace(name, "x") if suffix == ".xml" else np.asarray(Image.open(p), np.int16)
+                for p in paths]
+
+    assert read("plain", "annotations", ".xml") == read("printed", "annotations", ".xml")  # same scenes, same boxes
+    plain, printed = read("plain", "images", ".png"), read("printed", "images", ".png")
+    assert all(np.abs(a - b).mean() > 5 for a, b in zip(plain, printed))  # every frame carries a print
+    assert all((a == b).all() for a, b in zip(printed, read("again", "images", ".png")))  # the same seed, the same print
+    design = fabric._design(np.random.default_rng(0))
+    ink = np.asarray(fabric._print(np.random.default_rng(1), Image.new("RGB", (64, 64), (200, 200, 200)), design))
+    assert ink.std() > 5 and ink.max() <= 200  # a pattern, multiplied into the cloth (never brighter)
+
+
 def test_a_fabric_frame_that_is_not_square_is_a_band_whose_boxes_stay_in_view(tmp_path):
     from PIL import Image
 
