@@ -291,8 +291,9 @@ def serve(
     max_megapixels: float = typer.Option(50.0, min=0.001, help="Largest image in megapixels (413 past it)."),
     max_side: int = typer.Option(4096, min=32, help="Longest image side kept: larger uploads are downscaled as decoded "
                                  "(answers stay in the uploaded image's pixels)."),
-    max_tiles: int = typer.Option(64, min=1, help="Most crops (tiles, middle view, whole frame) one image may be cut into, each looked "
-                                  "at once per --tta view; a larger frame is downscaled to fit."),
+    max_tiles: int = typer.Option(144, min=1, help="Most crops (tiles, middle view, whole frame) one image may be cut into, each "
+                                  "looked at once per --tta view; a larger frame is downscaled to fit (144: a 2560x1440 "
+                                  "frame in 256 px tiles, 133 crops, is seen as eval sees it)."),
     tta: str = typer.Option("auto", help=TTA_HELP),
     large_cost: int = typer.Option(16, min=1, help="Requests costing more model inputs run in the large lane, "
                                    "interleaved with the small ones."),

@@ -187,3 +187,22 @@ def test_a_run_that_reads_no_input_leaves_the_earlier_results_and_names_the_bad_
     assert result.exit_code == 1 and "no input could be read; nothing was written" in result.output, result.output
     assert "empty.png is empty" in result.output
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_serve_by_default_sees_a_2560x1440_frame_in_256_px_tiles_whole_as_eval_does(monkeypatch):
+    import loomlens.predict
+    from loomlens.data.tiles import tile_windows
+    from loomlens.infer.tiling import mid_windows
+
+    seen = {}
+
+    def capture(**kwargs):
+        seen.update(kwargs)
+        raise ValueError("stopped before loading a model")
+
+    monkeypatch.setattr(loomlens.predict, "Predictor", capture)
+    result = CliRunner().invoke(app, ["serve", "--no-page"])
+    assert result.exit_code == 1 and "stopped before loading" in result.output, result.output
+    tiles = len(tile_windows(2560, 1440, 256))
+    crops = tiles + len(mid_windows(2560, 1440, 256)) + 1  # tiles, the middle view, the whole frame
+    assert crops <= seen["max_tiles"]  # not downscaled: the defects at the size the run learnt them
