@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,40 +100,54 @@ def write_frames(out: Path, frames: int, seed: int, size: int | tuple[int, int],
 DESIGNS = 3
 
 
-def _design(rng: np.random.Generator) -> dict[str, Any]:
-    """One print: stripes (at 0, 45 or 90 degrees), checks or dots, its period (px), the share
-    of it inked, and two colours (RGB in 0..1) that multiply the cloth."""
+@dataclass(frozen=True)
+class Design:
+    """One print: `kind` stripes (at `angle` radians), checks or dots, its `period` (px), the
+    share of a period inked (`duty`), and the ink and ground colours (RGB in 0..1) that multiply
+    the cloth."""
+
+    kind: str
+    period: float
+    angle: float
+    duty: float
+    ink: tuple[float, float, float]
+    ground: tuple[float, float, float]
+
+
+def _design(rng: np.random.Generator) -> Design:
+    """A print drawn from `rng`: a period of 24-96 px, a quarter to half of it inked."""
     import numpy as np
 
-    return {"kind": str(rng.choice(["stripes", "checks", "dots"])), "period": float(rng.uniform(24, 96)),
-            "angle": float(np.deg2rad(rng.choice([0, 45, 90]))), "duty": float(rng.uniform(0.25, 0.5)),
-            "colours": rng.uniform(0.35, 1.0, size=(2, 3))}
+    kind, period = str(rng.choice(["stripes", "checks", "dots"])), float(rng.uniform(24, 96))
+    angle, duty = float(np.deg2rad(rng.choice([0, 45, 90]))), float(rng.uniform(0.25, 0.5))
+    ink, ground = (tuple(map(float, colour)) for colour in rng.uniform(0.35, 1.0, size=(2, 3)))
+    return Design(kind=kind, period=period, angle=angle, duty=duty, ink=ink, ground=ground)
 
 
-def _print(rng: np.random.Generator, image: Image.Image, design: dict[str, Any]) -> Image.Image:
-    """`image` with `design` printed over it at a random phase: the print multiplies the finished
-    frame, defects included (dye over the cloth keeps a defect's shape and contrast, not its
-    colour), with edges softened by a pixel as a camera sees them. Boxes are unchanged."""
+def _print(rng: np.random.Generator, image: Image.Image, design: Design) -> Image.Image:
+    """`image` with `design` printed over it at a phase drawn from `rng`: the print multiplies
+    the finished frame, defects included (dye over the cloth keeps a defect's shape and contrast,
+    not its colour), its edges softened by a pixel as a camera sees them. Boxes are unchanged."""
     import numpy as np
     from PIL import Image, ImageFilter
 
     w, h = image.size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + rng.uniform(0, design["period"], size=2)[:, None, None]
-    period, duty = design["period"], design["duty"]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + rng.uniform(0, design.period, size=2)[:, None, None]
+    period, duty = design.period, design.duty
 
     def band(u: np.ndarray) -> np.ndarray:
         return (np.mod(u, period) < duty * period).astype(np.float32)
 
-    if design["kind"] == "stripes":
-        ink = band(xx * np.cos(design["angle"]) + yy * np.sin(design["angle"]))
-    elif design["kind"] == "checks":
-        ink = (band(xx) + band(yy)) / 2
+    if design.kind == "stripes":
+        inked = band(xx * np.cos(design.angle) + yy * np.sin(design.angle))
+    elif design.kind == "checks":
+        inked = (band(xx) + band(yy)) / 2
     else:
         dx, dy = np.mod(xx, period) - period / 2, np.mod(yy, period) - period / 2
-        ink = (dx * dx + dy * dy < (duty * period / 1.6) ** 2).astype(np.float32)
-    ink = np.asarray(Image.fromarray(np.uint8(ink * 255)).filter(ImageFilter.GaussianBlur(1.0)), np.float32) / 255
-    low, high = design["colours"]
-    tint = low * ink[..., None] + high * (1 - ink[..., None])
+        inked = (dx * dx + dy * dy < (duty * period / 1.6) ** 2).astype(np.float32)
+    inked = np.asarray(Image.fromarray(np.uint8(inked * 255)).filter(ImageFilter.GaussianBlur(1.0)), np.float32)
+    inked = inked[..., None] / 255
+    tint = np.asarray(design.ink) * inked + np.asarray(design.ground) * (1 - inked)
     cloth = np.asarray(image.convert("RGB"), np.float32)
     return Image.fromarray(np.uint8(np.clip(cloth * tint / tint.max(), 0, 255)))
 
