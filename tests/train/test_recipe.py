@@ -350,6 +350,22 @@ def test_a_time_budget_is_planned_into_steps_before_the_first_one(make_config, m
     assert result.state.step <= result.state.planned_steps
 
 
+def test_a_run_without_steps_epochs_or_budget_makes_3000_steps_or_3_passes_whichever_is_more(monkeypatch):
+    from types import SimpleNamespace
+
+    def cfg(**given):
+        return SimpleNamespace(**{"max_steps": None, "epochs": None, "time_budget": None, "grad_accum": 1, **given})
+
+    batches = {"small": 66, "large": 5000}  # a set of 50 frames in tiles; one of several thousand
+    monkeypatch.setattr(recipe, "epoch_plan", lambda c, train_set, epoch: [[0]] * batches[train_set])
+    assert recipe.step_count(cfg(), "small", world=1) == recipe.DEFAULT_STEPS == 3000  # not 198: under-trained
+    assert recipe.step_count(cfg(), "large", world=1) == 3 * 5000
+    assert recipe.step_count(cfg(epochs=2), "small", world=1) == 132  # what the user asked for, as before
+    assert recipe.step_count(cfg(max_steps=50, epochs=2), "small", world=1) == 50
+    assert recipe.step_count(cfg(time_budget=600.0), "small", world=1) is None  # the budget plans it
+    assert recipe.step_count(cfg(epochs=1, time_budget=600.0), "large", world=2) == 2500  # a cap inside the budget
+
+
 def test_warmup_is_a_share_of_the_planned_steps(make_config, monkeypatch):
     monkeypatch.setattr(recipe, "measure_step_seconds", lambda s: 1.0)
     said = []

@@ -345,19 +345,26 @@ def epoch_plan(cfg: TrainConfig, train_set: FlorenceDataset, epoch: int) -> list
                         epoch, cfg.group_by_length, labels=train_set.classes, balance=balance)
 
 
-#: Epochs of a run that sets neither max_steps, epochs nor a time budget.
+#: A run that sets neither max_steps, epochs nor a time budget makes this many steps, or
+#: `DEFAULT_EPOCHS` passes where those are more: the default recipe's runs peak after a number
+#: of steps more than of passes, about what the 20-minute CPU budget makes (docs/training.md,
+#: "Without a time budget"), so passes alone left a small set under-trained. The plateau stop
+#: ends a run that has stopped improving.
+DEFAULT_STEPS = 3000
 DEFAULT_EPOCHS = 3
 
 
 def step_count(cfg: TrainConfig, train_set: FlorenceDataset, world: int) -> int | None:
-    """Optimizer steps the run asks for: `max_steps`, else `epochs` of accumulation windows
-    (`DEFAULT_EPOCHS` without a time budget), else None (the budget decides: `plan_run`).
-    Raises ValueError when the data is too small to give each of `world` processes a window."""
+    """Optimizer steps the run asks for: `max_steps`, else `epochs` of accumulation windows,
+    else None with a time budget (it decides: `plan_run`), else `DEFAULT_STEPS` or
+    `DEFAULT_EPOCHS`, whichever is more. Raises ValueError when the data is too small to give
+    each of `world` processes a window."""
     windows_per_epoch = math.ceil(len(epoch_plan(cfg, train_set, 0)) // world / cfg.grad_accum)
     if windows_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training samples are too few for {world} processes")
-    epochs = cfg.epochs or (None if cfg.time_budget else DEFAULT_EPOCHS)
-    return cfg.max_steps or (math.ceil(epochs * windows_per_epoch) if epochs else None)
+    if cfg.max_steps or cfg.epochs:
+        return cfg.max_steps or math.ceil(cfg.epochs * windows_per_epoch)
+    return None if cfg.time_budget else max(DEFAULT_STEPS, math.ceil(DEFAULT_EPOCHS * windows_per_epoch))
 
 
 def make_guard(cfg: TrainConfig) -> Guard:
