@@ -366,6 +366,13 @@ def test_a_run_without_steps_epochs_or_budget_makes_3000_steps_or_3_passes_which
     assert recipe.step_count(cfg(epochs=1, time_budget=600.0), "large", world=2) == 2500  # a cap inside the budget
 
 
+def test_a_run_without_steps_epochs_or_budget_says_what_it_planned(make_config, monkeypatch):
+    monkeypatch.setattr(recipe, "DEFAULT_STEPS", 3)  # fewer than the small data's 3 passes of 5 batches
+    said = []
+    result = train(make_config(max_steps=None, eval_every=0), log=said.append)
+    assert result.state.step == 15 and any(line.startswith("planned 15 steps, the default without") for line in said)
+
+
 def test_warmup_is_a_share_of_the_planned_steps(make_config, monkeypatch):
     monkeypatch.setattr(recipe, "measure_step_seconds", lambda s: 1.0)
     said = []

@@ -393,6 +393,9 @@ def plan_run(s: Session) -> None:
         state.planned_for = run_length(cfg)
         if cfg.time_budget:
             s.say(f"planned {state.planned_steps} steps: {rate:.3f} s a step measured, {cfg.time_budget:.0f} s budget")
+        elif not (cfg.max_steps or cfg.epochs):
+            s.say(f"planned {state.planned_steps} steps, the default without a time budget, max_steps or epochs "
+                  "(--time-budget S fits a run to S seconds)")
     s.total_steps = state.planned_steps
     s.warmup = warmup_steps(cfg.warmup, s.total_steps)
     lr_factor(0, s.warmup, s.total_steps, cfg.schedule)  # a bad schedule name fails now, not at step 1
