@@ -225,7 +225,7 @@ class TrainConfig(BaseModel):
 
     epochs: float | None = Field(
         None, gt=0, description="passes over the training data; null = as many as time_budget allows, "
-        "without one 3 or 3000 steps, whichever is more"
+        "or without a budget 3 passes or 3000 steps, whichever is more"
     )
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
     time_budget: float | None = Field(
