@@ -88,7 +88,7 @@ def write_frames(out: Path, frames: int, seed: int, size: int | tuple[int, int],
     for i in range(frames):
         scene = make_fabric_scene(rng, size=max(width, height), max_objects=3, empty_fraction=empty, strip_share=0.0)
         image, boxes = (scene.image, scene.boxes) if width == height else _band(rng, scene, width, height)
-        if designs:
+        if designs:  # the phase from its own stream ([seed, DESIGNS, i]), so the scenes stay the plain set's
             image = _print(np.random.default_rng([seed, DESIGNS, i]), image, designs[i % DESIGNS])
         boxes = [dataclasses.replace(b, label=words.get(b.label, b.label)) for b in boxes]
         record = ImageRecord(f"images/f_{i:05d}.png", width, height, boxes, f"annotations/f_{i:05d}.xml")
