@@ -64,6 +64,8 @@ def start_server(args, port: int, log_path: Path) -> subprocess.Popen:
         cmd += ["--no-page"]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     env.pop("LOOMLENS_API_KEY", None)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)  # torch's intra-op threads, read when it starts
     with open(log_path, "wb") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -164,7 +166,8 @@ def ms(v: float | None) -> float | None:
     return None if v is None else round(1000 * v, 1)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The load test's settings from the command line (`--help` lists them)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=16, help="phase c16: concurrent normal clients")
     ap.add_argument("--overload-clients", type=int, default=48)
@@ -184,42 +187,77 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--health-period", type=float, default=0.5)
     ap.add_argument("--health-slow-s", type=float, default=2.0, help="a /healthz slower than this fails")
     ap.add_argument("--page", action="store_true", help="also mount the web page (off: API only)")
-    ap.add_argument("--threads", type=int, default=None, help="(unused: the server uses torch's default)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads in the server (its OMP_NUM_THREADS; default: torch's own choice)")
     ap.add_argument("--out", type=Path, default=RESULTS / "load.json")
     args = ap.parse_args(argv)
     if min(args.clients, args.overload_clients, args.normal_clients) < 1 or not 0 < args.seconds <= 600:
         ap.error("need clients >= 1 and 0 < --seconds <= 600")
+    return args
 
+
+def run_phases(args: argparse.Namespace, url: str, pid: int, frame: Path, large: bytes) -> dict:
+    """Warm the server at `url` up, then run the four phases against it while a thread polls
+    /healthz. Returns the phases, the health checks (status, seconds) and the server's RSS
+    (MB) before and after."""
+    data, fields = frame.read_bytes(), {"task": args.task, "tile": args.tile}
+    # one warm-up request so the first client does not pay for lazy initialisation
+    httpx.post(url + "/v1/predict", files={"image": ("f.jpg", data)}, data=fields, timeout=120)
+    rss_before, health = rss_mb(pid), []
+    stop = threading.Event()
+    monitor = threading.Thread(target=health_loop, args=(url, stop, args.health_period, health), daemon=True)
+    monitor.start()
+    normal = (args.normal_clients, data, frame.name)
+    phases = {
+        "c16": phase(url, {"normal": (args.clients, data, frame.name)}, fields, args, pid),
+        "overload": phase(url, {"normal": (args.overload_clients, data, frame.name)}, fields, args, pid),
+        "quiet": phase(url, {"normal": normal}, fields, args, pid),
+        "mixed": phase(url, {"normal": normal, "large": (args.large_clients, large, "large.png")}, fields, args, pid),
+    }
+    time.sleep(2)  # let the last answers' buffers go
+    rss_after = rss_mb(pid)
+    stop.set()
+    monitor.join(10)
+    return {"phases": phases, "health": health, "rss": (rss_before, rss_after)}
+
+
+def summarise(args: argparse.Namespace, measured: dict, startup_s: float, server: dict, sizes: tuple[int, int]
+              ) -> dict:
+    """The result to publish: the phases, the normal p95's ratio mixed / quiet, memory, every
+    request left unanswered and the failed health checks."""
+    phases, health = measured["phases"], measured["health"]
+    quiet, mixed = phases["quiet"]["normal"]["p95_ms"], phases["mixed"]["normal"]["p95_ms"]
+    unanswered = sum(p["stuck"] + sum(g["unanswered"] for k, g in p.items() if isinstance(g, dict))
+                     for p in phases.values())
+    health_bad = [x for x in health if x[0] != 200 or x[1] > args.health_slow_s]
+    return {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "frame_bytes": sizes[0], "large_bytes": sizes[1],
+        "startup_s": round(startup_s, 2),
+        "phases": phases,
+        "normal_p95_ratio": round(mixed / quiet, 2) if quiet and mixed else None,
+        "rss_mb": {"before": round(measured["rss"][0]), "peak": max(p["peak_rss_mb"] for p in phases.values()),
+                   "after": round(measured["rss"][1])},
+        "unanswered": unanswered,
+        "health": {"checks": len(health), "failed": len(health_bad),
+                   "max_ms": ms(max((x[1] for x in health), default=None))},
+        "server": server,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="loomlens-load-"))
-    w, h = parse_size(args.size)
-    frame = make_frame(work / "frames", (w, h))
-    data = frame.read_bytes()
+    frame = make_frame(work / "frames", parse_size(args.size))
     large = big_png(work / "large", args.large_side).read_bytes()
     port = free_port()
     url = f"http://{HOST}:{port}"
     log_path = work / "server.log"
     process = start_server(args, port, log_path)
-    fields = {"task": args.task, "tile": args.tile}
-    phases = {}
-    health: list = []
     try:
         startup_s = wait_ready(url, process, 180, log_path)
-        # one warm-up request so the first client does not pay for lazy initialisation
-        httpx.post(url + "/v1/predict", files={"image": ("f.jpg", data)}, data=fields, timeout=120)
-        rss_before = rss_mb(process.pid)
-        stop = threading.Event()
-        monitor = threading.Thread(target=health_loop, args=(url, stop, args.health_period, health), daemon=True)
-        monitor.start()
-        phases["c16"] = phase(url, {"normal": (args.clients, data, frame.name)}, fields, args, process.pid)
-        phases["overload"] = phase(url, {"normal": (args.overload_clients, data, frame.name)}, fields, args, process.pid)
-        phases["quiet"] = phase(url, {"normal": (args.normal_clients, data, frame.name)}, fields, args, process.pid)
-        phases["mixed"] = phase(url, {"normal": (args.normal_clients, data, frame.name),
-                                      "large": (args.large_clients, large, "large.png")}, fields, args, process.pid)
-        time.sleep(2)  # let the last answers' buffers go
-        rss_after = rss_mb(process.pid)
-        stop.set()
-        monitor.join(10)
-        server_stats = httpx.get(url + "/healthz", timeout=5).json().get("queue", {})
+        measured = run_phases(args, url, process.pid, frame, large)
+        server = httpx.get(url + "/healthz", timeout=5).json().get("queue", {})
     finally:
         process.terminate()
         try:
@@ -227,25 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
 
-    quiet, mixed = phases["quiet"]["normal"]["p95_ms"], phases["mixed"]["normal"]["p95_ms"]
-    unanswered = sum(p["stuck"] + sum(g["unanswered"] for k, g in p.items() if isinstance(g, dict))
-                     for p in phases.values())
-    health_bad = [x for x in health if x[0] != 200 or x[1] > args.health_slow_s]
-    result = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "frame_bytes": len(data), "large_bytes": len(large),
-        "startup_s": round(startup_s, 2),
-        "phases": phases,
-        "normal_p95_ratio": round(mixed / quiet, 2) if quiet and mixed else None,
-        "rss_mb": {"before": round(rss_before), "peak": max(p["peak_rss_mb"] for p in phases.values()),
-                   "after": round(rss_after)},
-        "unanswered": unanswered,
-        "health": {"checks": len(health), "failed": len(health_bad),
-                   "max_ms": ms(max((x[1] for x in health), default=None))},
-        "server": server_stats,
-    }
+    result = summarise(args, measured, startup_s, server, (frame.stat().st_size, len(large)))
     publish("load", result, args.out, argv, tables)
-    good = unanswered == 0 and not health_bad
+    good = result["unanswered"] == 0 and not result["health"]["failed"]
     print("verdict: " + ("OK: every request answered, /healthz throughout" if good else
                          "FAILED: see unanswered / health above"))
     return 0 if good else 1
