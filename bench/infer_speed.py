@@ -237,10 +237,8 @@ def tables(result: dict[str, Any]) -> list[Table]:
     return [main, forced] if found else [main]
 
 
-def main(argv: list[str] | None = None) -> int:
-    from loomlens.data.synth import CLASSES, synthesize
-    from loomlens.infer.generation import box_token_budget, decoder_limit, label_token_count
-
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The benchmark's settings from the command line (`--help` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None,
                         help="converted folder (or a .jsonl split) whose frames and truth to use (default: synth)")
@@ -261,50 +259,75 @@ def main(argv: list[str] | None = None) -> int:
                         help="frames per random sample in the how-sure note (the size of a quick check)")
     parser.add_argument("--draws", type=int, default=200, help="resamples in the how-sure note (0: none)")
     common_flags(parser, NAME)
-    args = parser.parse_args(argv)
-    set_threads(args.threads)
+    return parser.parse_args(argv)
 
+
+def frames(args: argparse.Namespace, folder: Path) -> tuple[list[Path], list, list[str]]:
+    """The frames to run on, their true boxes and their classes: --data's split, else
+    synthetic frames written into `folder`."""
+    if args.data is not None:
+        return split_frames(args.data, args.split, args.images)
+    from loomlens.data.synth import CLASSES, synthesize
+
+    records = synthesize(folder, images=args.images or 16, seed=args.seed, size=args.size)
+    return [folder / r.image for r in records], [r.boxes for r in records], list(CLASSES)
+
+
+def ways(args: argparse.Namespace, slow, fast: dict, processor, classes: list[str], constrained: bool,
+         views: tuple[str, ...], precisions: tuple[str, str]) -> dict[str, Any]:
+    """Each way to time, by its row's name: paths -> a pass's result (`loomlens_pass`,
+    `seed_pass`). The first four rows' order is what `main`'s speedups read."""
+    precision, other = precisions
+
+    def loomlens(images, batch_size=args.batch_size, grammar=constrained, dtype=precision, streams=None,
+                 mirrors=("",)):
+        return loomlens_pass(fast[dtype], processor, images, batch_size, args.max_boxes, grammar, classes, streams,
+                             mirrors)
+
+    found = {
+        "seed": lambda images: seed_pass(slow, processor, images),
+        "seed, greedy": lambda images: seed_pass(slow, processor, images, num_beams=1),
+        "loomlens": loomlens,
+        ("loomlens, free form" if constrained else "loomlens, constrained"):
+            lambda images: loomlens(images, grammar=not constrained),
+        "loomlens, batch 1": lambda images: loomlens(images, batch_size=1),
+        f"loomlens, {other}": lambda images: loomlens(images, dtype=other),
+        "loomlens, one stream": lambda images: loomlens(images, streams=1),
+    }
+    if len(views) > 1:
+        found[f"loomlens, {len(views)} views fused"] = lambda images: loomlens(images, mirrors=views)
+    return found
+
+
+def timed(found: dict[str, Any], paths: list[Path], repeats: int) -> dict[str, list[dict[str, Any]]]:
+    """Every way's passes over `paths`, after a one-image warm-up each, `repeats` times in
+    alternating order (a slow spell hits every way alike)."""
+    for way in found.values():
+        way(paths[:1])
+    passes = {name: [] for name in found}
+    for r in range(repeats):
+        for name in list(found)[:: 1 if r % 2 == 0 else -1]:
+            passes[name].append(found[name](paths))
+    return passes
+
+
+def main(argv: list[str] | None = None) -> int:
+    from loomlens.infer.generation import box_token_budget, decoder_limit, label_token_count
     from loomlens.infer.loading import resolve_precision
     from loomlens.run import Run
 
+    args = parse_args(argv)
+    set_threads(args.threads)
     precision = resolve_precision("auto", device())
     other = "fp32" if precision == "bf16" else "bf16"
     with tempfile.TemporaryDirectory(prefix="loomlens-infer-speed-") as tmp_name:
         slow, fast, processor, classes, described = load_models(args.model, args.adapter, (precision, other))
-        if args.data is not None:
-            paths, truth, data_classes = split_frames(args.data, args.split, args.images)
-        else:
-            records = synthesize(Path(tmp_name) / "frames", images=args.images or 16, seed=args.seed, size=args.size)
-            paths, truth, data_classes = ([Path(tmp_name) / "frames" / r.image for r in records],
-                                          [r.boxes for r in records], list(CLASSES))
+        paths, truth, data_classes = frames(args, Path(tmp_name) / "frames")
         classes = classes or data_classes
         constrained = bool(classes) and args.adapter is not None  # `predict`'s default: the run's classes
-
         views = Run(args.adapter).views if args.adapter else ("",)  # what `predict --tta auto` looks through
-
-        def loomlens(images, batch_size=args.batch_size, grammar=constrained, dtype=precision, streams=None,
-                     mirrors=("",)):
-            return loomlens_pass(fast[dtype], processor, images, batch_size, args.max_boxes, grammar, classes, streams,
-                                 mirrors)
-
-        ways = {
-            "seed": lambda images: seed_pass(slow, processor, images),
-            "seed, greedy": lambda images: seed_pass(slow, processor, images, num_beams=1),
-            "loomlens": loomlens,
-            ("loomlens, free form" if constrained else "loomlens, constrained"):
-                lambda images: loomlens(images, grammar=not constrained),
-            "loomlens, batch 1": lambda images: loomlens(images, batch_size=1),
-            f"loomlens, {other}": lambda images: loomlens(images, dtype=other),
-            "loomlens, one stream": lambda images: loomlens(images, streams=1),
-        }
-        if len(views) > 1:
-            ways[f"loomlens, {len(views)} views fused"] = lambda images: loomlens(images, mirrors=views)
-        for way in ways.values():
-            way(paths[:1])  # warm-up
-        runs = {name: [] for name in ways}
-        for r in range(args.repeats):  # the order alternates: a slow spell hits every way alike
-            for name in list(ways)[:: 1 if r % 2 == 0 else -1]:
-                runs[name].append(ways[name](paths))
+        runs = timed(ways(args, slow, fast, processor, classes, constrained, views, (precision, other)), paths,
+                     args.repeats)
         some = paths[: args.answer_images]
         forced = [forced_row(slow, fast[precision], fast[other], processor, some, b, args.batch_size)
                   for b in args.answer_boxes]
