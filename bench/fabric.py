@@ -11,6 +11,7 @@ a user's commands, scored on a fixed test split.
     python -m bench.fabric --size 1920x1080      # a camera's frames, not square
     python -m bench.fabric --images 80 --empty 0.7  # a small set; most frames defect-free
     python -m bench.fabric --cloth printed       # stripes, checks or dots printed over the cloth
+    python -m bench.fabric --rare 0.05           # classes as uneven as a plant's: the rarest 1/20 of the commonest
 
 Why: the default was chosen on the demo's synthetic loom frames and on AITEX, and it is
 judged on real fabric nobody here has seen. This set stands in for such a set: frames of
@@ -64,14 +65,43 @@ PLANT_WORDS = {"hole": "pinhole", "knot": "slub", "stain": "oil-spot", "thread":
                "gap": "missing-pick", "crease": "fold-mark"}
 
 
+#: The generator's classes from the commonest to the rarest under `--rare`: broken threads and
+#: stains first, as on most looms, creases last.
+COMMON_FIRST = ("thread", "stain", "knot", "hole", "gap", "crease")
+
+
+def class_weights(rare: float) -> dict[str, float]:
+    """Each class's chance to be kept under `--rare`: 1 for the commonest down to `rare` for
+    the rarest, geometrically (`COMMON_FIRST`)."""
+    last = len(COMMON_FIRST) - 1
+    return {kind: rare ** (i / last) for i, kind in enumerate(COMMON_FIRST)}
+
+
+def _uneven_scene(rng: np.random.Generator, edge: int, empty: float, weights: dict[str, float]) -> Scene:
+    """A scene for a set whose classes are uneven: defect-free at the chance `empty`, else
+    drawn again until kept, each draw kept at the product of its defects' `weights` (as if each
+    defect of a uniform draw had been seen at its class's rate)."""
+    import math
+
+    from loomlens.data.fabric_scenes import make_fabric_scene
+
+    if rng.random() < empty:
+        return make_fabric_scene(rng, size=edge, max_objects=3, empty_fraction=1.0, strip_share=0.0)
+    while True:
+        scene = make_fabric_scene(rng, size=edge, max_objects=3, empty_fraction=0.0, strip_share=0.0)
+        if rng.random() < math.prod(weights[b.label] for b in scene.boxes):
+            return scene
+
+
 def write_frames(out: Path, frames: int, seed: int, size: int | tuple[int, int], words: dict[str, str],
-                 empty: float = 0.3, printed: bool = False) -> None:
+                 empty: float = 0.3, printed: bool = False, rare: float | None = None) -> None:
     """`frames` fabric scenes of `size` px (an edge, or width and height) as a LabelImg folder
     (images/*.png, annotations/*.xml): up to 3 defects each, a share `empty` without any, no
     line-scan strips (one camera's frames), each class named `words[class]` (the generator's
     name where `words` has none). A frame that is not square is a band of a square scene
     (`_band`). `printed`: each frame carries one of `DESIGNS` prints drawn for the set
-    (`_design`, `_print`) over the plain set's scene and boxes of the same seed."""
+    (`_design`, `_print`) over the plain set's scene and boxes of the same seed. `rare`: the
+    classes uneven (`class_weights`, `_uneven_scene`); None draws them evenly, as before."""
     import dataclasses
 
     import numpy as np
@@ -86,7 +116,8 @@ def write_frames(out: Path, frames: int, seed: int, size: int | tuple[int, int],
     rng = np.random.default_rng(seed)
     designs = [_design(np.random.default_rng([seed, d])) for d in range(DESIGNS)] if printed else []
     for i in range(frames):
-        scene = make_fabric_scene(rng, size=max(width, height), max_objects=3, empty_fraction=empty, strip_share=0.0)
+        scene = (make_fabric_scene(rng, size=max(width, height), max_objects=3, empty_fraction=empty, strip_share=0.0)
+                 if rare is None else _uneven_scene(rng, max(width, height), empty, class_weights(rare)))
         image, boxes = (scene.image, scene.boxes) if width == height else _band(rng, scene, width, height)
         if designs:  # the phase from its own stream ([seed, DESIGNS, i]), so the scenes stay the plain set's
             image = _print(np.random.default_rng([seed, DESIGNS, i]), image, designs[i % DESIGNS])
@@ -194,7 +225,7 @@ def tables(result: dict[str, Any]) -> list[Table]:
     words = result.get("words", "generator")
     printed = " printed" if result.get("cloth") == "printed" else ""
     notes = [f"{result['images']} synthetic{printed} fabric frames of {result['size']} px (seed {result['seed']}; "
-             f"{result.get('empty', 0.3):.0%} drawn defect-free), classes in "
+             f"{result.get('empty', 0.3):.0%} drawn defect-free{uneven(result)}), classes in "
              f"the {words}'s words, converted with --flip{tiled(result)}; {result['frames']} unflipped test frames ({result['defective']} with defects)"
              f"{val_frames(result)}; "
              f"{result['budget_s']:.0f} s of training on this machine"]
@@ -204,6 +235,12 @@ def tables(result: dict[str, Any]) -> list[Table]:
     per_class = Table("AP50 per class on the fabric set, default recipe (best adapter)", ["class", "AP50"],
                       [[c, fmt(v)] for c, v in sorted(result["runs"][0]["best"]["ap50"].items())])
     return [main, per_class]
+
+
+def uneven(result: dict[str, Any]) -> str:
+    """The note's words for `--rare`: empty where every class was drawn as often."""
+    rare = result.get("rare")
+    return "" if rare is None else f"; classes uneven, {COMMON_FIRST[-1]} kept at {rare:.0%} of {COMMON_FIRST[0]}'s rate"
 
 
 def tiled(result: dict[str, Any]) -> str:
@@ -232,10 +269,10 @@ def size_flag(text: str) -> int | tuple[int, int]:
 
 
 def share_flag(text: str) -> float:
-    """`--empty`: a share of the frames, from 0 to 1."""
+    """`--empty` and `--rare`: a share (of the frames, of a class's rate), from 0 to 1."""
     value = float(text)
     if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a share of the frames: give one from 0 to 1, e.g. 0.7")
+        raise argparse.ArgumentTypeError(f"{text} is not a share: give one from 0 to 1, e.g. 0.7")
     return value
 
 
@@ -251,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cloth", choices=("plain", "printed"), default="plain",
                         help="the cloth as woven, or with stripes, checks or dots printed over it (three designs a "
                              "set; no embedded model was pretrained on a print)")
+    parser.add_argument("--rare", type=share_flag, default=None,
+                        help="classes uneven, as on a plant's line: the commonest kept as drawn, the rarest at "
+                             "this chance, the others between (default: every class as often)")
     parser.add_argument("--words", choices=("plant", "generator"), default="plant",
                         help="class names: a plant's (no model was pretrained on them) or the generator's own")
     parser.add_argument("--tile", type=tile_flag, default=None,
@@ -264,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = 300.0 if args.small else args.budget
     source, data = WORK / "source", WORK / "data"
     write_frames(source, args.images, args.seed, args.size, PLANT_WORDS if args.words == "plant" else {}, args.empty,
-                 printed=args.cloth == "printed")
+                 printed=args.cloth == "printed", rare=args.rare)
     shutil.rmtree(data, ignore_errors=True)
     loomlens("convert", str(source), str(data), "--flip", *SPLIT, *(["--tile", str(args.tile)] if args.tile else []))
     held, classes = held_out(data)
@@ -276,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(train_and_score(data, args.tag, budget, args.set, held, classes, work=WORK, tile=tile))
     size = args.size if isinstance(args.size, int) else "x".join(map(str, args.size))  # as the table notes print it
     result = {"budget_s": budget, "tta": "auto", "images": args.images, "size": size, "seed": args.seed,
-              "empty": args.empty, "cloth": args.cloth,
+              "empty": args.empty, "cloth": args.cloth, "rare": args.rare,
               "words": args.words, "tile": data_tile(data), "tile_given": args.tile,
               "frames": len(frames), "defective": sum(map(bool, truth)), "classes": classes,
               "val_frames": len(held["val"][0]),
