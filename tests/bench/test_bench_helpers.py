@@ -170,6 +170,23 @@ def test_a_printed_fabric_set_is_the_plain_set_of_its_seed_with_a_print_over_eac
     assert ink.std() > 5 and ink.max() <= 200  # a pattern, multiplied into the cloth (never brighter)
 
 
+def test_an_uneven_fabric_set_keeps_the_rare_classes_rare(tmp_path):
+    from collections import Counter
+
+    from bench import fabric
+
+    weights = fabric.class_weights(0.04)
+    assert weights[fabric.COMMON_FIRST[0]] == 1 and abs(weights[fabric.COMMON_FIRST[-1]] - 0.04) < 1e-12
+    assert list(weights.values()) == sorted(weights.values(), reverse=True)
+    assert set(weights) == set(fabric.PLANT_WORDS)  # every class the generator draws has a rate
+    fabric.write_frames(tmp_path / "only", frames=5, seed=3, size=96, words={}, empty=0.0, rare=0.0)
+    labels = Counter(line.strip() for p in (tmp_path / "only" / "annotations").glob("*.xml")
+                     for line in p.read_text().splitlines() if line.strip().startswith("<name>"))
+    assert labels and set(labels) == {"<name>thread</name>"}  # at rate 0 every class but the commonest is gone
+    fabric.write_frames(tmp_path / "clean", frames=3, seed=3, size=96, words={}, empty=1.0, rare=0.5)
+    assert not any("<object>" in p.read_text() for p in (tmp_path / "clean" / "annotations").glob("*.xml"))
+
+
 def test_a_fabric_frame_that_is_not_square_is_a_band_whose_boxes_stay_in_view(tmp_path):
     from PIL import Image
 
