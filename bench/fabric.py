@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 from bench.common import RESULTS, Table, common_flags, fmt, parse_size, publish
 from bench.real import (
-    SCORE_COLUMNS, SCORE_NOTE, TTA_NOTE, data_tile, held_out, held_out_scores, loomlens, rescored, rescored_note,
-    run_flags, score_cells, train_and_score, val_frames,
+    SCORE_COLUMNS, SCORE_NOTE, TTA_NOTE, data_tile, held_out, held_out_scores, loomlens, placement_table, rescored,
+    rescored_note, run_flags, score_cells, train_and_score, val_frames,
 )
 
 if TYPE_CHECKING:  # for annotations only: the frames' libraries load when frames are drawn
@@ -234,7 +234,7 @@ def tables(result: dict[str, Any]) -> list[Table]:
                  [*notes, SCORE_NOTE, *([TTA_NOTE] if result.get("tta") else []), *rescored_note(result)])
     per_class = Table("AP50 per class on the fabric set, default recipe (best adapter)", ["class", "AP50"],
                       [[c, fmt(v)] for c, v in sorted(result["runs"][0]["best"]["ap50"].items())])
-    return [main, per_class]
+    return [main, per_class, *placement_table(result)]
 
 
 def uneven(result: dict[str, Any]) -> str:
