@@ -240,7 +240,7 @@ def tables(result: dict[str, Any]) -> list[Table]:
 def uneven(result: dict[str, Any]) -> str:
     """The note's words for `--rare`: empty where every class was drawn as often."""
     rare = result.get("rare")
-    return "" if rare is None else f"; classes uneven, {COMMON_FIRST[-1]} kept at {rare:.0%} of {COMMON_FIRST[0]}'s rate"
+    return "" if rare is None else f"; classes uneven, the rarest drawn at {rare:.0%} of the commonest's rate"
 
 
 def tiled(result: dict[str, Any]) -> str:
