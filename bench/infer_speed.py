@@ -276,7 +276,7 @@ def frames(args: argparse.Namespace, folder: Path) -> tuple[list[Path], list, li
 def ways(args: argparse.Namespace, slow, fast: dict, processor, classes: list[str], constrained: bool,
          views: tuple[str, ...], precisions: tuple[str, str]) -> dict[str, Any]:
     """Each way to time, by its row's name: paths -> a pass's result (`loomlens_pass`,
-    `seed_pass`). The first four rows' order is what `main`'s speedups read."""
+    `seed_pass`). `main`'s speedups read the rows by place (0, 2, 3, 5 and 7), so the order is fixed."""
     precision, other = precisions
 
     def loomlens(images, batch_size=args.batch_size, grammar=constrained, dtype=precision, streams=None,
