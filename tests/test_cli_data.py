@@ -159,6 +159,18 @@ def test_problems_are_printed_verbatim_brackets_and_all():
     assert f"problem {problem}" in text and "data[1] [voc]" in text
 
 
+def test_classes_with_few_boxes_to_learn_from_are_named_with_their_counts():
+    report = _report(["drop", "knot", "slub"])
+    console = Console(width=200, record=True)
+    _print_convert_report(console, report, Path("src"))
+    assert "few to learn from" not in console.export_text()
+    report.thin_classes = {"knot": 3, "slub": 7}
+    _print_convert_report(console, report, Path("src"))
+    text = " ".join(console.export_text().split())
+    assert "few to learn from knot 3, slub 7 box(es) in the train split's own frames" in text
+    assert "label more frames that show it" in text
+
+
 def test_a_command_missing_an_optional_dependency_names_the_extra(monkeypatch, capsys):
     """`make demo` installs loomlens without extras: `loomlens serve` there says what to install."""
     def needs(module: str):

@@ -199,8 +199,11 @@ def _print_convert_report(console, report, src: Path, tile: str = "auto", max_pr
     class, or one row per class when that would not fit the console (12 classes cut every
     column to a letter in 80 columns); then how the split was made, what the `--tile` given
     (`tile`, as typed) did, and the first `max_problems` problems, printed
-    verbatim (a problem's text may hold brackets, which rich would take for markup)."""
+    verbatim (a problem's text may hold brackets, which rich would take for markup), and the
+    classes with few boxes to learn from (`thin_classes`)."""
     from rich.table import Table
+
+    from loomlens.data.convert import MIN_TRAIN_BOXES
 
     counts = ["images", *(["tiles"] if report.tile else []), "samples"]
     rows = [*counts, *report.classes]
@@ -226,6 +229,11 @@ def _print_convert_report(console, report, src: Path, tile: str = "auto", max_pr
                       f"{sum(drawn.values())} image(s) split at random (--resplit redraws all)", highlight=False)
     if report.tile_reason:
         console.print(f"--tile {tile}: {report.tile_reason}", highlight=False)
+    if report.thin_classes:
+        few = ", ".join(f"{name} {n}" for name, n in report.thin_classes.items())
+        console.print(f"[yellow]few to learn from[/] {escape(few)} box(es) in the train split's own frames (mirrors "
+                      f"and tiles not counted): a class with under {MIN_TRAIN_BOXES} is seldom found, or found under "
+                      "a look-alike's name; label more frames that show it", highlight=False)
     for problem in report.problems[:max_problems]:
         console.print(f"[yellow]problem[/] {escape(str(problem))}", highlight=False)
     if len(report.problems) > max_problems:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from loomlens.data import atomic, convert as convert_module
-from loomlens.data.convert import ConvertError, convert
+from loomlens.data.convert import MIN_TRAIN_BOXES, ConvertError, convert
 from loomlens.data.records import Box, ImageRecord
 from loomlens.data.voc import write_voc
 from loomlens.data.yolo import write_classes
@@ -300,6 +300,23 @@ def test_a_class_missing_from_the_train_split_is_named(tmp_path):
     assert [str(p) for p in report.problems] == [
         ".: class 'knot' has no box in the train split (1 in val); training cannot learn it (pass --resplit to draw "
         "the splits from all images, or move some of its images into the train split)"]
+
+
+def test_a_class_with_few_training_boxes_is_counted_from_the_frames_not_their_mirrors(tmp_path):
+    # A split's table counts mirrors and tiles; a class's learnability is its own boxes.
+    src = tmp_path / "src"
+    box = "<xmin>5</xmin><ymin>5</ymin><xmax>20</xmax><ymax>20</ymax>"
+    for i in range(MIN_TRAIN_BOXES):
+        _voc_image(src / "train", f"d{i}", box)
+    for i in range(3):
+        _voc_image(src / "train", f"k{i}", box)
+        (src / "train" / f"k{i}.xml").write_text((src / "train" / f"k{i}.xml").read_text().replace("drop", "knot"))
+    _voc_image(src / "valid", "v", box)
+    report = convert(src, tmp_path / "out", flip=True)
+    assert report.thin_classes == {"knot": 3}  # `drop`, at the threshold, is not named
+    assert report.splits["train"]["boxes_per_class"]["knot"] == 6  # the mirrors counted there
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["thin_classes"] == {"knot": 3}
+    assert report.problems == []  # advice, not a problem: --strict does not fail on it
 
 
 def test_unlabelled_frames_can_be_kept_as_defect_free(tmp_path):

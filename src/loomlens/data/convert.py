@@ -67,6 +67,10 @@ SPLITS = ("train", "val", "test")
 SUMMARY = "summary.json"  # what a finished conversion did, the source it was made from included
 STARTED = ".loomlens-convert.json"  # the source of a conversion under way: from its first image to its summary
 MIN_TILE = 32  # pixels; a smaller tile holds too little fabric to tell a defect from weave
+#: A class with fewer boxes than this in the train split's own frames (mirrors and tiles not
+#: counted) is named in the report: with 3 a run never found the class, with 7 it found one of two
+#: test boxes and named the other as a look-alike (docs/training.md, "A plant's uneven classes").
+MIN_TRAIN_BOXES = 10
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -110,6 +114,9 @@ class ConvertReport:
     problems: list[Problem] = field(default_factory=list)
     images_mode: str = "refer"  # refer | copy | link: whether the samples point at the source or at copies in `out`
     tile_reason: str = ""  # why `--tile auto` cut tiles or not; untiled, the tiles auto would have cut
+    # class -> its boxes in the train split's own frames, for each class with some but fewer than
+    # `MIN_TRAIN_BOXES` (`thin_classes`): too few for a run to learn it well
+    thin_classes: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of everything in the report."""
@@ -634,6 +641,14 @@ def _class_gaps(records: Sequence[ImageRecord], split_of: dict[str, str], kept: 
             for label, n in sorted(missing.items())]
 
 
+def thin_classes(records: Sequence[ImageRecord], split_of: dict[str, str]) -> dict[str, int]:
+    """Class -> its count of boxes in the train split of `records` (`split_of`: image -> split),
+    for each class with at least one there and fewer than `MIN_TRAIN_BOXES`, rarest first. A
+    split's table counts mirrors and tiles, so a class of three boxes there can read as 18."""
+    counts = Counter(b.label for r in records if split_of[r.image] == "train" for b in r.boxes)
+    return dict(sorted(((c, n) for c, n in counts.items() if n < MIN_TRAIN_BOXES), key=lambda cn: (cn[1], cn[0])))
+
+
 def _group_gaps(split_of: dict[str, str], info: dict[str, Any], *, val_fraction: float, test_fraction: float
                 ) -> list[Problem]:
     """A problem for each split asked for that `--group-by` left empty: with too few groups,
@@ -823,6 +838,7 @@ def convert(
             unlabelled_clean=unlabelled_clean, images_mode=images,
             boxes_per_class=dict(sorted(Counter(b.label for r in records for b in r.boxes).items())),
             split=split_info, problems=problems, tile_reason=tile_reason,
+            thin_classes=thin_classes(records, split_of),
         )
         return _write_outputs(report, _items_by_split(frames, split_of), out, tiles,
                               no_test=test_fraction == 0 and "test" not in split_of.values())
