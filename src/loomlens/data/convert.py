@@ -68,8 +68,9 @@ SUMMARY = "summary.json"  # what a finished conversion did, the source it was ma
 STARTED = ".loomlens-convert.json"  # the source of a conversion under way: from its first image to its summary
 MIN_TILE = 32  # pixels; a smaller tile holds too little fabric to tell a defect from weave
 #: A class with fewer boxes than this in the train split's own frames (mirrors and tiles not
-#: counted) is named in the report: with 3 a run never found the class, with 7 it found one of two
-#: test boxes and named the other as a look-alike (docs/training.md, "A plant's uneven classes").
+#: counted) is named in the report: with 3 a run missed the class on one draw and ranked it under
+#: false boxes of its name on another, with 7 it found one of two test boxes and named the other
+#: as a look-alike (docs/training.md, "A plant's uneven classes").
 MIN_TRAIN_BOXES = 10
 
 ProgressFn = Callable[[str, int, int], None]
