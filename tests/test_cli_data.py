@@ -163,11 +163,11 @@ def test_classes_with_few_boxes_to_learn_from_are_named_with_their_counts():
     report = _report(["drop", "knot", "slub"])
     console = Console(width=200, record=True)
     _print_convert_report(console, report, Path("src"))
-    assert "few to learn from" not in console.export_text()
+    assert "few boxes to learn from" not in console.export_text()
     report.thin_classes = {"knot": 3, "slub": 7}
     _print_convert_report(console, report, Path("src"))
     text = " ".join(console.export_text().split())
-    assert "few to learn from knot 3, slub 7 box(es) in the train split's own frames" in text
+    assert "few boxes to learn from in the train split's own frames (mirrors and tiles not counted): knot 3, slub 7;" in text
     assert "label more frames that show it" in text
 
 

@@ -231,9 +231,9 @@ def _print_convert_report(console, report, src: Path, tile: str = "auto", max_pr
         console.print(f"--tile {tile}: {report.tile_reason}", highlight=False)
     if report.thin_classes:
         few = ", ".join(f"{name} {n}" for name, n in report.thin_classes.items())
-        console.print(f"[yellow]few to learn from[/] {escape(few)} box(es) in the train split's own frames (mirrors "
-                      f"and tiles not counted): a class with under {MIN_TRAIN_BOXES} is seldom found, or found under "
-                      "a look-alike's name; label more frames that show it", highlight=False)
+        console.print(f"[yellow]few boxes to learn from[/] in the train split's own frames (mirrors and tiles not "
+                      f"counted): {escape(few)}; a class with under {MIN_TRAIN_BOXES} is seldom found, or found under "
+                      "a look-alike's name: label more frames that show it", highlight=False)
     for problem in report.problems[:max_problems]:
         console.print(f"[yellow]problem[/] {escape(str(problem))}", highlight=False)
     if len(report.problems) > max_problems:
