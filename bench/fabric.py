@@ -37,6 +37,7 @@ on the same frames.
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 from dataclasses import dataclass
@@ -81,8 +82,6 @@ def _uneven_scene(rng: np.random.Generator, edge: int, empty: float, weights: di
     """A scene for a set whose classes are uneven: defect-free at the chance `empty`, else
     drawn again until kept, each draw kept at the product of its defects' `weights` (as if each
     defect of a uniform draw had been seen at its class's rate)."""
-    import math
-
     from loomlens.data.fabric_scenes import make_fabric_scene
 
     if rng.random() < empty:
