@@ -451,21 +451,24 @@ def test_slow_evaluations_are_spaced_and_a_slow_machine_plans_fewer_steps():
     said = []
     s = SimpleNamespace(
         state=TrainerState(step=100, train_seconds=60.0, eval_seconds=10.0, planned_steps=1000),
-        cfg=SimpleNamespace(time_budget=200.0, eval_every=None), eval_every=50, total_steps=1000, nominal_steps=None, say=said.append, metrics=None,
-        epoch=1.0, paced_from=None,
+        cfg=SimpleNamespace(time_budget=200.0, eval_every=None), eval_every=50, total_steps=1000, nominal_steps=None,
+        say=said.append, metrics=None, epoch=1.0, paced_from=None, epoch_length=30,
     )
     recipe.keep_to_budget(s, eval_seconds=10.0)
     # 0.5 s a step (evaluations excluded): a 10 s evaluation asks for 180 steps between two.
     assert s.eval_every == 180
-    # 140 s left, 85 % for steps at 0.5 s: 238 more steps fit (two significant figures: 330
-    # in all), not 900.
-    assert s.total_steps == s.state.planned_steps == 330
+    # 140 s left, 97 % of it for steps at 0.5 s, a 10 s evaluation every 180 of them and a
+    # final one: 226 more steps fit, not 900.
+    assert s.total_steps == s.state.planned_steps == 326
     assert any("evaluating every 180 steps" in line for line in said)
-    recipe.keep_to_budget(s, eval_seconds=1.0)  # a cheap one changes nothing
-    assert s.eval_every == 180 and s.total_steps == 330
+    assert any("10 s an evaluation: the budget holds 326 steps, not 1000" in line for line in said)
+    recipe.keep_to_budget(s, eval_seconds=9.8)  # jitter changes neither the cadence nor the plan
+    assert s.eval_every == 180 and s.total_steps == 326
+    recipe.keep_to_budget(s, eval_seconds=1.0)  # a cheap evaluation leaves room for 40 more steps
+    assert s.eval_every == 180 and s.total_steps == 366
     s.state.train_seconds, s.state.eval_seconds = 25.0, 5.0  # faster than planned: the plan grows
     recipe.keep_to_budget(s, eval_seconds=1.0)
-    assert s.total_steps == 840  # 175 s left at 0.2 s a step
+    assert s.total_steps == 920  # 175 s left at 0.2 s a step
 
 
 def test_the_budget_is_planned_at_the_pace_of_the_latest_steps():
@@ -474,19 +477,19 @@ def test_the_budget_is_planned_at_the_pace_of_the_latest_steps():
     from loomlens.train.checkpoint import TrainerState
 
     s = SimpleNamespace(
-        state=TrainerState(step=100, train_seconds=20.0, eval_seconds=0.0, planned_steps=850),
+        state=TrainerState(step=100, train_seconds=19.0, eval_seconds=0.0, planned_steps=850),
         cfg=SimpleNamespace(time_budget=200.0, eval_every=0), eval_every=0, total_steps=850, nominal_steps=None,
-        say=lambda _: None, metrics=None, epoch=1.0, paced_from=None,
+        say=lambda _: None, metrics=None, epoch=1.0, paced_from=None, epoch_length=100,
     )
-    recipe.keep_to_budget(s, eval_seconds=0.0)  # 0.2 s a step so far: 180 s left hold 765 more,
-    assert s.total_steps == 850  # within a tenth of the plan
-    s.state.step, s.state.train_seconds = 200, 70.0  # the machine slowed to 0.5 s a step
+    recipe.keep_to_budget(s, eval_seconds=0.0)  # 0.19 s a step so far: 97 % of the 181 s left
+    assert s.total_steps == 1020  # holds 924 more (three figures), not the first plan's 85 %
+    s.state.step, s.state.train_seconds = 200, 70.0  # the machine slowed to 0.51 s a step
     recipe.keep_to_budget(s, eval_seconds=0.0)
-    # 130 s left at 0.5 s a step (not the run's 0.35): 221 more, 420 in all (two figures)
-    assert s.total_steps == 420
+    # 130 s left at 0.51 s a step (not the run's 0.35): 247 more, 447 in all
+    assert s.total_steps == 447
     s.state.step, s.state.train_seconds = 210, 80.0  # 10 steps at 1 s are too few to time:
     recipe.keep_to_budget(s, eval_seconds=0.0)
-    assert s.total_steps == 470  # the whole run's 0.38 s a step, 120 s left: 267 more
+    assert s.total_steps == 515  # the whole run's 0.38 s a step, 120 s left: 305 more
 
 
 def test_gradient_checkpointing_trains_the_same_weights(make_config, tmp_path):

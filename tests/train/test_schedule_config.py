@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from loomlens.config import TrainConfig, dump_config, load_config
-from loomlens.train.schedule import lr_factor, position, warmup_steps
+from loomlens.train.schedule import lr_factor, plan_steps, position, warmup_steps
 
 
 def test_warmup_then_cosine_or_linear_to_zero():
@@ -29,6 +29,21 @@ def test_a_time_budget_paces_the_schedule_when_it_runs_out_first():
     assert position(10, 55.0, total_steps=100, time_budget=100) == 50  # time ahead: half-way after the grace
     assert position(3, 9.0, total_steps=100, time_budget=100) == 3  # slow first steps do not pace
     assert lr_factor(position(10, 100.0, 100, 100), 5, 100) == pytest.approx(0.0, abs=1e-12)  # budget spent
+
+
+def test_a_budget_is_planned_with_room_for_evaluations_measured_once_they_are():
+    # Before any evaluation: 85 % of 1200 s at 0.4 s a step is 2550 steps, 2500 in two figures.
+    assert plan_steps(nominal=None, time_budget=1200, seconds_per_step=0.4) == 2500
+    assert plan_steps(nominal=1000, time_budget=1200, seconds_per_step=0.4) == 1000  # the cap holds
+    # After one: 1080 s left, 97 % of it for steps at 0.4 s, 20 s evaluations every 250 of them
+    # and a final one: (1047.6 - 20) / 0.48 = 2140 more, 2440 in all (three figures).
+    assert plan_steps(nominal=None, time_budget=1200, seconds_per_step=0.4, done_steps=300, done_seconds=120,
+                      evaluation=(20.0, 250)) == 2440
+    # A budget already spent still makes the next step.
+    assert plan_steps(nominal=None, time_budget=100, seconds_per_step=1, done_steps=7, done_seconds=100,
+                      evaluation=(5.0, 10)) == 8
+    with pytest.raises(ValueError, match="max_steps, epochs or a time_budget"):
+        plan_steps(nominal=None, time_budget=None, seconds_per_step=1)
 
 
 def test_yaml_then_overrides_with_bare_and_dotted_lora_keys(tmp_path):

@@ -753,17 +753,21 @@ def validate_and_keep_best(s: Session, stopped: str) -> tuple[dict[str, float], 
 EVAL_SHARE = 0.1
 #: The fewest steps a rate is measured over; fewer are noise, and the whole run's rate is used.
 RATE_STEPS = 20
+#: How far (a share of the plan) the steps the budget holds may stray before the run is planned
+#: again: a measurement's jitter rarely moves the schedule, a machine's change of pace does.
+REPLAN = 0.05
 
 
 def keep_to_budget(s: Session, eval_seconds: float) -> None:
     """After an evaluation that took `eval_seconds`: space evaluations (when their cadence is
     automatic, `eval_every: null`) so that they take at most `EVAL_SHARE` of the time, and with a
-    time budget, plan the steps again at the rate measured (evaluations excluded) when
-    the budget holds a tenth more or fewer than planned: a machine slower than planned still
-    anneals by the deadline, and one that was busy when the plan was made uses its budget. Both
-    are logged when they change. The rate is that of the steps since the last call when there
-    were at least `RATE_STEPS` (else of the whole run), so a machine that slows, or speeds up
-    once every picture is cached, is planned at the pace it has now."""
+    time budget, plan the steps again at the rate measured (evaluations excluded), with room for
+    the evaluations still to come at this one's cost, when the budget holds `REPLAN` more or
+    fewer than planned: a machine slower than planned still anneals by the deadline, and the
+    share the first plan kept back for evaluations (`schedule.PLAN_SHARE`) is spent on steps.
+    Both are logged when they change. The rate is that of the steps since the last call when
+    there were at least `RATE_STEPS` (else of the whole run), so a machine that slows, or speeds
+    up once every picture is cached, is planned at the pace it has now."""
     state, budget = s.state, s.cfg.time_budget
     stepping = state.train_seconds - state.eval_seconds
     since_step, since_seconds = s.paced_from or (0, 0.0)
@@ -777,9 +781,11 @@ def keep_to_budget(s: Session, eval_seconds: float) -> None:
         s.eval_every = spaced
     if budget:
         fits = plan_steps(nominal=s.nominal_steps, time_budget=budget, seconds_per_step=step_seconds,
-                          done_steps=state.step, done_seconds=state.train_seconds)
-        if abs(fits - s.total_steps) > 0.1 * s.total_steps:
-            event(s, f"{step_seconds:.2f} s a step: the budget holds {fits} steps, not {s.total_steps}")
+                          done_steps=state.step, done_seconds=state.train_seconds,
+                          evaluation=(eval_seconds, s.eval_every or s.epoch_length))
+        if abs(fits - s.total_steps) > REPLAN * s.total_steps:
+            event(s, f"{step_seconds:.2f} s a step, {eval_seconds:.0f} s an evaluation: the budget holds {fits} "
+                  f"steps, not {s.total_steps}")
             s.total_steps = state.planned_steps = fits
 
 

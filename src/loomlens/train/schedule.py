@@ -14,7 +14,8 @@ follows its steps alone, identically every time. Pretraining paces its schedule 
 Fine-tuning does not pace by time: it turns a time budget into a number of steps before the
 first one (`plan_steps`: the budget divided by the measured seconds per step, rounded down to
 two significant figures so that the jitter of one measurement rarely changes the plan), and
-cuts that plan after an evaluation if the machine turned out slower (`recipe.keep_to_budget`).
+plans again after an evaluation, with the evaluations' measured cost, when the budget holds
+notably more or fewer steps (`recipe.keep_to_budget`).
 Warmup is then a share of the steps the run will really make, never of a nominal count it
 cannot reach. Pretraining paces by time with `position`.
 """
@@ -33,23 +34,37 @@ def warmup_steps(warmup: float, total_steps: int) -> int:
 
 #: The share of a time budget spent before time paces the schedule.
 GRACE = 0.1
-#: The share of a time budget the planned steps may fill: evaluations and saves take the rest.
+#: The share of a time budget the planned steps may fill before an evaluation has been timed:
+#: evaluations and saves take the rest.
 PLAN_SHARE = 0.85
+#: The share a plan made with timed evaluations fills (steps, evaluations and a final one): the
+#: rest absorbs a machine's jitter.
+TIMED_SHARE = 0.97
 
 
 def plan_steps(*, nominal: int | None, time_budget: float | None, seconds_per_step: float,
-               done_steps: int = 0, done_seconds: float = 0.0) -> int:
+               done_steps: int = 0, done_seconds: float = 0.0,
+               evaluation: tuple[float, int] | None = None) -> int:
     """The steps a run will make: `nominal` (max_steps or epochs; None = no cap), or fewer when
-    `PLAN_SHARE` of what is left of `time_budget` at `seconds_per_step` holds fewer, rounded
-    down to two significant figures (at least `done_steps + 1`). Raises ValueError when neither a
-    cap nor a budget is given."""
+    what is left of `time_budget` at `seconds_per_step` holds fewer (at least `done_steps + 1`).
+    Without `evaluation` the steps fill `PLAN_SHARE` of it, rounded down to two significant
+    figures so that one measurement's jitter rarely changes the plan; with `evaluation` =
+    (seconds one takes, steps between two) they fill `TIMED_SHARE` with those evaluations and a
+    final one, rounded down to three (the caller replans only past a threshold). Raises
+    ValueError when neither a cap nor a budget is given."""
     if not time_budget:
         if nominal is None:
             raise ValueError("a run needs max_steps, epochs or a time_budget")
         return nominal
-    room = max(0.0, time_budget - done_seconds) * PLAN_SHARE / max(seconds_per_step, 1e-9)
+    left = max(0.0, time_budget - done_seconds)
+    if evaluation is None:
+        room, figures = left * PLAN_SHARE / max(seconds_per_step, 1e-9), 2
+    else:
+        eval_seconds, every = evaluation
+        per_step = seconds_per_step + (eval_seconds / every if every else 0.0)
+        room, figures = max(0.0, left * TIMED_SHARE - eval_seconds) / max(per_step, 1e-9), 3
     fits = done_steps + int(room)
-    digits = max(0, len(str(fits)) - 2)
+    digits = max(0, len(str(fits)) - figures)
     fits = max(done_steps + 1, fits // 10**digits * 10**digits)
     return fits if nominal is None else min(nominal, fits)
 
