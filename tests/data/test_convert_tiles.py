@@ -106,6 +106,22 @@ def test_flipped_frames_are_tiled_too_pixel_for_pixel(tmp_path):
         _assert_suffix_is_the_clipped_boxes(sample, boxes, (x0, y0, x1, y1))
 
 
+
+@pytest.mark.parametrize("mode", ["RGBA", "P"])
+def test_a_png_named_jpg_is_flipped_and_tiled_in_its_own_format(tmp_path, mode):
+    """A picture saved from the web or a screenshot tool as PNG under a `.jpg` name: its mirror
+    is a PNG, and so are the mirror's tiles (JPEG holds no alpha and no palette)."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    record = ImageRecord("images/shot.jpg", 200, 100, [Box("drop", 20, 30, 50, 60)])
+    (src / "images").mkdir(parents=True)
+    Image.new("RGB", (200, 100), (120, 130, 140)).convert(mode).save(src / record.image, "PNG")
+    write_voc(record, src / "shot.xml", src)
+    convert(src, out, flip=True, tile=64, val_fraction=0)
+    tiles = [out / s["image"] for s in _tile_samples(read_jsonl(out / "train.jsonl"))]
+    assert any("flipped_" in t.name for t in tiles)
+    assert {Image.open(t).format for t in tiles} == {"PNG"}
+
+
 def test_a_rerun_gives_the_same_files_and_leaves_no_temporaries(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     synthesize(src, images=4, seed=3, size=(384, 216))

@@ -239,13 +239,14 @@ def flipped_names(images: Sequence[str]) -> dict[str, str]:
 
 def flip_image(src: Path, dst: Path, image: Image.Image | None = None) -> Image.Image:
     """Save `src` mirrored left-right at `dst`, in `src`'s own format (JPEG at quality 95),
-    and return the mirrored image. Not saved again while `dst` carries `src`'s modification
-    time (`atomic.stamp`: a re-run over an unchanged `src`). `image`: `src` already open and
-    decoded, to mirror instead of reading the file again."""
+    and return the mirrored image, in that format too. Not saved again while `dst` carries
+    `src`'s modification time (`atomic.stamp`: a re-run over an unchanged `src`). `image`: `src`
+    already open and decoded, to mirror instead of reading the file again."""
     if image is None:
         with open_image(src, decode=True) as im:
             return flip_image(src, dst, im)
     mirrored = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    mirrored.format = image.format  # its tiles are cut in it too: a PNG named .jpg stays a PNG
     if not same_stamp(dst, src):
         atomic_save_image(mirrored, dst, image.format or "PNG")
         stamp(dst, src)
