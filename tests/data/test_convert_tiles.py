@@ -122,6 +122,28 @@ def test_a_png_named_jpg_is_flipped_and_tiled_in_its_own_format(tmp_path, mode):
     assert {Image.open(t).format for t in tiles} == {"PNG"}
 
 
+def test_a_phone_photo_stored_as_mpo_is_flipped_and_tiled_as_a_jpeg_at_full_quality(tmp_path):
+    """Phones save JPEGs with a second picture inside (MPO): the mirror and the tiles are plain
+    JPEGs at the quality of every other JPEG's, not at the MPO writer's default of 75."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    pixels = np.random.default_rng(0).integers(0, 256, (100, 200, 3), np.uint8)
+    record = ImageRecord("images/phone.jpg", 200, 100, [Box("drop", 20, 30, 50, 60)])
+    (src / "images").mkdir(parents=True)
+    Image.fromarray(pixels).save(src / record.image, "MPO", save_all=True,
+                                 append_images=[Image.fromarray(pixels[::2, ::2])], quality=95)
+    Image.fromarray(pixels).save(tmp_path / "plain.jpg", "JPEG")
+    write_voc(record, src / "phone.xml", src)
+    convert(src, out, flip=True, tile=64, val_fraction=0)
+    made = [out / "images" / "flipped_phone.jpg", *(out / s["image"] for s in
+                                                    _tile_samples(read_jsonl(out / "train.jsonl")))]
+    assert {Image.open(m).format for m in made} == {"JPEG"}
+    # Quality 95 of noise takes well over the default 75's bytes.
+    assert made[0].stat().st_size > 1.5 * (tmp_path / "plain.jpg").stat().st_size
+    tile = next(m for m in made if m.name.startswith("phone_"))
+    x0, y0 = (int(v) for v in TILE_NAME.fullmatch(tile.name).group("x", "y"))
+    Image.fromarray(pixels[y0:y0 + 64, x0:x0 + 64]).save(tmp_path / "tile.jpg", "JPEG")
+    assert tile.stat().st_size > 1.5 * (tmp_path / "tile.jpg").stat().st_size
+
 def test_a_rerun_gives_the_same_files_and_leaves_no_temporaries(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     synthesize(src, images=4, seed=3, size=(384, 216))

@@ -78,7 +78,10 @@ SAVE_OPTIONS = {"JPEG": {"quality": 95}, "PNG": {"compress_level": 1}}
 
 def atomic_save_image(image: Image.Image, path: str | Path, fmt: str) -> None:
     """Save the PIL `image` at `path` in format `fmt` (with `SAVE_OPTIONS`) atomically, not
-    durably: image outputs of a conversion can be regenerated."""
+    durably: image outputs of a conversion can be regenerated. A phone's MPO (a JPEG with a
+    second picture inside) is written as the plain JPEG it shows, at JPEG's quality: a mirror
+    or a tile has no second picture, and the MPO writer's default quality is 75."""
+    fmt = "JPEG" if fmt == "MPO" else fmt
     with atomic_open(path, "wb", durable=False) as f:
         image.save(f, format=fmt, **SAVE_OPTIONS.get(fmt, {}))
 
