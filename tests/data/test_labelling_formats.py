@@ -91,6 +91,20 @@ def test_a_data_yaml_that_points_nowhere_names_the_file_and_line(tmp_path):
     assert report.images == 3  # the other splits still convert
 
 
+@pytest.mark.parametrize("fmt", ["auto", "yolo"])
+def test_a_data_yaml_in_a_folder_below_the_one_given_names_the_folder_to_convert(tmp_path, fmt):
+    """Windows' Extract All puts a Roboflow zip in a folder of its own: given the folder above,
+    convert names the data.yaml and the folder to convert, not a missing classes.txt."""
+    download = tmp_path / "download"
+    _roboflow_yolo(download / "fabric.v1i.yolov8", ROBOFLOW_YAML)
+    with pytest.raises(ConvertError) as raised:
+        convert(download, tmp_path / "data", format=fmt)
+    problem = raised.value.problems[0]
+    assert problem.file == "fabric.v1i.yolov8/data.yaml" and "below the folder converted" in problem.message
+    assert str(download / "fabric.v1i.yolov8") in problem.fix
+    assert not any("classes.txt" in str(p) for p in raised.value.problems)
+
+
 def test_a_split_folder_the_data_yaml_does_not_list_is_reported_image_by_image(tmp_path):
     src = _roboflow_yolo(tmp_path / "export", ROBOFLOW_YAML.replace("test: ../test/images\n", ""))
     report = convert(src, tmp_path / "data")

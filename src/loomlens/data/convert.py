@@ -51,7 +51,7 @@ from loomlens.data.tasks import CONVERTIBLE, REGISTRY
 from loomlens.data.tiles import (
     AUTO_TILE_INPUT, PLACED_PX, TILES_DIR, auto_tile, exceeds, hidden_when_tiled, save_tiles, tile_record,
 )
-from loomlens.data.ultralytics import find_data_yaml, read_yolo_dataset
+from loomlens.data.ultralytics import find_data_yaml, nested_data_yamls, read_yolo_dataset
 from loomlens.data.voc import read_voc
 from loomlens.data.yolo import CLASSES_FILE, write_classes
 
@@ -144,6 +144,8 @@ def detect_format(src: Path, skip: Sequence[Path] = ()) -> str:
     txts = [p.name for p in iter_files(src, ".txt", skip)]
     if find_data_yaml(src) is not None or (CLASSES_FILE in txts and len(txts) > txts.count(CLASSES_FILE)):
         found.append("yolo")
+    elif not found and nested_data_yamls(src, skip):
+        found.append("yolo")  # the reader names the folder to convert
     if len(found) == 1:
         return found[0]
     if not found:

@@ -48,6 +48,13 @@ def find_data_yaml(root: Path) -> Path | None:
     return (named or described or [None])[0]
 
 
+def nested_data_yamls(root: Path, skip: Sequence[Path] = ()) -> list[Path]:
+    """The dataset YAML files (see `_declares_dataset`) in the folders below `root`, not under
+    `skip`: an export unzipped into a folder of its own (Windows' Extract All) inside the folder
+    given. Their paths lead from their own folder, which is the one to convert."""
+    return [p for p in iter_files(root, YAML_SUFFIXES, skip) if p.parent != root and _declares_dataset(p)]
+
+
 def _declares_dataset(path: Path) -> bool:
     try:
         data = yaml.safe_load(read_text(path))
@@ -319,7 +326,17 @@ def _record(
 
 def read_yolo_dataset(root: str | Path, skip: Sequence[Path] = ()) -> ReadResult:
     """A YOLO dataset under `root` (not under `skip`): through its data.yaml when it has one
-    (ultralytics, Roboflow), else LabelImg's label files with a classes.txt (`read_yolo`)."""
+    (ultralytics, Roboflow), else LabelImg's label files with a classes.txt (`read_yolo`). With
+    neither, a data.yaml in a folder below (`nested_data_yamls`) is a problem naming the folder
+    to convert, rather than each label file's missing classes.txt."""
     root = Path(root)
     described = find_data_yaml(root)
-    return read_yolo(root, skip) if described is None else read_data_yaml(described, root, skip)
+    if described is not None:
+        return read_data_yaml(described, root, skip)
+    nested = nested_data_yamls(root, skip)
+    if nested and not any(p.name == CLASSES_FILE for p in iter_files(root, ".txt", skip)):
+        return ReadResult(problems=[Problem(
+            file=relative(path, root), fix=f"convert its folder: loomlens convert {path.parent} OUT",
+            message="a data.yaml below the folder converted: its paths lead from its own folder; nothing read",
+        ) for path in nested])
+    return read_yolo(root, skip)
