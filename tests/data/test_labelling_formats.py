@@ -364,6 +364,22 @@ def test_label_studio_export_reads_percent_boxes_and_names_a_task_without_an_ima
     assert boxes == {"a.jpg": "drop<loc_100><loc_200><loc_150><loc_500>", "b.jpg": ""}
 
 
+@pytest.mark.parametrize("fmt", ["auto", "labelstudio"])
+def test_a_label_studio_json_min_export_is_named_with_the_export_to_choose(tmp_path, fmt):
+    """JSON-MIN, Label Studio's other JSON export, holds one record per annotation without the
+    task's `data`: named as what it is (never silently passed over), with the export to choose."""
+    src = tmp_path / "ls"
+    write_image(src / "images" / "a.jpg", (200, 100))
+    minimal = [{"image": "/data/local-files/?d=images/a.jpg", "id": 1, "annotator": 1, "annotation_id": 4,
+                "label": [{"x": 10, "y": 20, "width": 5, "height": 30, "rotation": 0, "rectanglelabels": ["drop"],
+                           "original_width": 200, "original_height": 100}], "lead_time": 3.2}]
+    (src / "project-1-min.json").write_text(json.dumps(minimal))
+    with pytest.raises(ConvertError, match="no usable") as failed:
+        convert(src, tmp_path / "data", format=fmt)
+    problem = failed.value.problems[0]
+    assert problem.file == "project-1-min.json" and "JSON-MIN" in problem.message and "JSON" in problem.fix
+
+
 def _exif_turned(path: Path, size: tuple[int, int], orientation: int = 6) -> None:
     """A JPEG stored `size` whose EXIF `orientation` shows it turned (6: a quarter, as a phone photo)."""
     from PIL import Image

@@ -47,13 +47,25 @@ FROM_NAME, TO_NAME = "label", "image"
 
 def looks_like_labelstudio(path: Path) -> bool:
     """Whether the JSON file at `path` starts as a Label Studio export: a list of tasks with
-    `data` (a cheap sniff of its first MiB for format detection)."""
+    `data`, or of JSON-MIN records with `annotation_id` (read only to be named, see
+    `_json_min`); a cheap sniff of its first MiB for format detection."""
     try:
         with path.open("rb") as f:
             head = f.read(1 << 20)
     except OSError:
         return False
-    return head.lstrip().startswith(b"[") and b'"data"' in head
+    return head.lstrip().startswith(b"[") and (b'"data"' in head or b'"annotation_id"' in head)
+
+
+def _json_min(tasks: list[Any], file: str) -> Problem | None:
+    """A problem for a Label Studio JSON-MIN export (`tasks` without `data`, each with
+    `annotation_id`: one record per annotation, the task's data spread among its results), else
+    None. It leaves out the tasks not yet annotated and keeps no `type` for a result, so it is
+    named with the export to choose rather than read as a project without images."""
+    if not tasks or not all(isinstance(t, dict) and "data" not in t and "annotation_id" in t for t in tasks):
+        return None
+    return Problem(file=file, message=f"a Label Studio JSON-MIN export ({len(tasks)} record(s)), whose tasks have "
+                   "no 'data'; file skipped", fix="export the project from Label Studio as JSON, not JSON-MIN")
 
 
 def image_candidates(url: str) -> list[str]:
@@ -120,6 +132,9 @@ def read_labelstudio_file(path: Path, root: Path) -> ReadResult:
     if not isinstance(tasks, list):
         return ReadResult(problems=[Problem(file=file, message="not a Label Studio export (no list of tasks); "
                                             "file skipped", fix="export as JSON from Label Studio")])
+    minimal = _json_min(tasks, file)
+    if minimal is not None:
+        return ReadResult(problems=[minimal])
     result = ReadResult()
     dirs = [path.parent, path.parent / "images", root / "images", root]
     for i, task in enumerate(tasks):
