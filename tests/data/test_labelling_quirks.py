@@ -123,6 +123,22 @@ def test_coco_an_unusable_annotation_never_makes_its_image_defect_free(tmp_path)
     assert any("every box of im0.jpg (1) was dropped" in p.message for p in report.problems)
 
 
+
+def test_coco_ids_written_as_text_in_one_list_and_numbers_in_the_other_still_pair(tmp_path):
+    """A script that read the image list from a CSV writes its ids as text ("0"), the
+    annotations' as numbers (or the other way round, category ids too): each box is its
+    image's and its class's, never an image of boxes taken for clean."""
+    path = _coco(tmp_path, [{"id": 7, "image_id": 0, "category_id": 1, "bbox": [5, 5, 10, 10]},
+                            {"id": 8, "image_id": "1", "category_id": "1", "bbox": [6, 6, 10, 10]}])
+    data = json.loads(path.read_text())
+    data["images"][0]["id"] = "0"
+    data["images"][1]["id"] = 1
+    path.write_text(json.dumps(data))
+    result = read_coco_file(path, tmp_path)
+    assert result.problems == []
+    assert {r.image: [(b.x1, b.y1) for b in r.boxes] for r in result.records} == {"im0.jpg": [(5, 5)],
+                                                                                  "im1.jpg": [(6, 6)]}
+
 def test_coco_box_problems_name_the_annotation_and_its_image(tmp_path):
     path = _coco(tmp_path, [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [30, 20, 60, 45]}])
     (problem,) = read_coco_file(path, tmp_path).problems

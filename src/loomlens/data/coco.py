@@ -56,15 +56,16 @@ def _entries(data: dict[str, Any], key: str, fields: Sequence[str], file: str) -
     return good, problems
 
 
-def _categories(data: dict[str, Any], file: str) -> tuple[dict[Any, str | None], list[Problem]]:
-    """Category id -> validated name (None when the name cannot round-trip) + problems."""
+def _categories(data: dict[str, Any], file: str) -> tuple[dict[str, str | None], list[Problem]]:
+    """Category id (as text: 1 is "1", as image ids pair) -> validated name (None when the name
+    cannot round-trip) + problems."""
     entries, problems = _entries(data, "categories", ("id", "name"), file)
-    names: dict[Any, str | None] = {}
+    names: dict[str, str | None] = {}
     for cat in entries:
         try:
-            names[cat["id"]] = validate_label(str(cat["name"]))
+            names[str(cat["id"])] = validate_label(str(cat["name"]))
         except LabelError as err:
-            names[cat["id"]] = None
+            names[str(cat["id"])] = None
             problems.append(Problem(file=file, message=f"category {cat['id']}: {err}", fix="rename the category"))
     return names, problems
 
@@ -84,31 +85,33 @@ def read_coco_file(path: Path, root: Path) -> ReadResult:
     result.problems += problems + more
     kept = {id(a) for a in annotations}
     # An image whose annotation was unusable is not a defect-free one (see convert's `_emptied`).
-    unusable = Counter(a["image_id"] for a in raw if isinstance(a, dict) and id(a) not in kept
+    unusable = Counter(str(a["image_id"]) for a in raw if isinstance(a, dict) and id(a) not in kept
                        and isinstance(a.get("image_id"), (int, str)))
-    used = {ann["category_id"] for ann in annotations}
+    used = {str(ann["category_id"]) for ann in annotations}
     parents = {str(c.get("supercategory")) for c in data.get("categories") or [] if isinstance(c, dict)}
     # Roboflow adds the project itself as a category (id 0), the supercategory of all the
     # others, with no annotation: a class the model would be taught nothing about.
     result.classes = [n for i, n in categories.items() if n is not None and (i in used or n not in parents)]
-    by_image: dict[Any, list[dict]] = {}
+    # Ids pair as written, 0 or "0": a script may write one list's as text and the other's as numbers.
+    by_image: dict[str, list[dict]] = {}
     for ann in annotations:
-        by_image.setdefault(ann["image_id"], []).append(ann)
+        by_image.setdefault(str(ann["image_id"]), []).append(ann)
     dirs = [path.parent, path.parent / "images", path.parent.parent / "images", root / "images", root]
     shared = _shared_ids(images)
-    records: dict[Any, ImageRecord] = {}
+    records: dict[str, ImageRecord] = {}
     for img in images:
+        key = str(img["id"])
         found, problem = find_image(root, str(img["file_name"]), dirs, file)
-        if img["id"] in shared:  # whose boxes are whose is unknown: neither trains as defect-free
-            names = " and ".join(repr(str(other["file_name"])) for other in shared[img["id"]])
+        if key in shared:  # whose boxes are whose is unknown: neither trains as defect-free
+            names = " and ".join(repr(str(other["file_name"])) for other in shared[key])
             result.problems.append(Problem(
                 file=file, image=None if found is None else str(found),
                 message=f"images {names} share image id {img['id']!r}; {str(img['file_name'])!r} skipped",
                 fix="give every image its own id (and its annotations that image_id)",
             ))
-            by_image.pop(img["id"], None)
+            by_image.pop(key, None)
             continue
-        if img["id"] in records:  # the same entry twice: its boxes went with the first
+        if key in records:  # the same entry twice: its boxes went with the first
             result.problems.append(Problem(file=file, message=f"image {str(img['file_name'])!r} (id {img['id']!r}) is "
                                            "listed twice; the first entry kept", fix="remove the second entry"))
             continue
@@ -116,29 +119,30 @@ def read_coco_file(path: Path, root: Path) -> ReadResult:
         size, problem = (None, problem) if found is None else image_size(found, declared, file)
         if size is None:
             result.problems.append(problem)
-            by_image.pop(img["id"], None)  # its boxes go with it: not "for an image not in 'images'"
+            by_image.pop(key, None)  # its boxes go with it: not "for an image not in 'images'"
             continue
-        record = ImageRecord(relative(found, root), size[0], size[1], [], file, dropped=unusable[img["id"]])
-        for ann in by_image.pop(img["id"], []):
+        record = ImageRecord(relative(found, root), size[0], size[1], [], file, dropped=unusable[key])
+        for ann in by_image.pop(key, []):
             where = f"annotation {ann.get('id', '?')} (image {record.image}): "
             result.problems += [replace(p, message=where + p.message) for p in _add_box(record, ann, categories, file)]
-        records[img["id"]] = record
-    for image_id, anns in by_image.items():
+        records[key] = record
+    for anns in by_image.values():
         result.problems.append(Problem(
             file=file,
-            message=f"{len(anns)} annotation(s) for image_id {image_id!r}, which is not in 'images'; dropped",
+            message=f"{len(anns)} annotation(s) for image_id {anns[0]['image_id']!r}, which is not in 'images'; "
+            "dropped",
             fix="add the image entry or remove the annotations",
         ))
     result.records = sorted(records.values(), key=lambda r: r.image)
     return result
 
 
-def _shared_ids(images: Sequence[dict]) -> dict[Any, list[dict]]:
-    """The image ids two or more `images` entries of different files give, each with those
-    entries (one file listed twice under its id is one image)."""
-    by_id: dict[Any, list[dict]] = {}
+def _shared_ids(images: Sequence[dict]) -> dict[str, list[dict]]:
+    """The image ids (as text: 0 is "0") two or more `images` entries of different files give,
+    each with those entries (one file listed twice under its id is one image)."""
+    by_id: dict[str, list[dict]] = {}
     for img in images:
-        by_id.setdefault(img["id"], []).append(img)
+        by_id.setdefault(str(img["id"]), []).append(img)
     return {image_id: entries for image_id, entries in by_id.items()
             if len({str(e["file_name"]) for e in entries}) > 1}
 
@@ -165,10 +169,10 @@ def _int(value: Any) -> int:
         return 0
 
 
-def _add_box(record: ImageRecord, ann: dict, categories: dict[Any, str | None], file: str) -> list[Problem]:
+def _add_box(record: ImageRecord, ann: dict, categories: dict[str, str | None], file: str) -> list[Problem]:
     """Add one annotation's box to `record` (or count it in `record.dropped`); return the
     problems it has."""
-    name = categories.get(ann["category_id"])
+    name = categories.get(str(ann["category_id"]))
     if name is None:
         record.dropped += 1
         return [Problem(
