@@ -171,6 +171,15 @@ def test_classes_with_few_boxes_to_learn_from_are_named_with_their_counts():
     assert "label more frames that show it" in text
 
 
+def test_a_split_kept_from_list_files_names_where_it_came_from():
+    report = _report(["drop"])
+    report.split = {"kept": {"train": 3, "val": 1}, "drawn": {"train": 1}, "from": ["ImageSets/Main"]}
+    console = Console(width=200, record=True)
+    _print_convert_report(console, report, Path("src"))
+    assert "kept the dataset's own split from ImageSets/Main (train 3, val 1); 1 image(s) split at random" \
+        in console.export_text()
+
+
 def test_a_command_missing_an_optional_dependency_names_the_extra(monkeypatch, capsys):
     """`make demo` installs loomlens without extras: `loomlens serve` there says what to install."""
     def needs(module: str):

@@ -225,7 +225,9 @@ def _print_convert_report(console, report, src: Path, tile: str = "auto", max_pr
     console.print(table)
     kept, drawn = report.split.get("kept", {}), report.split.get("drawn", {})
     if kept:
-        console.print(f"kept the dataset's own split ({', '.join(f'{k} {v}' for k, v in sorted(kept.items()))}); "
+        lists = f" from {', '.join(report.split['from'])}" if report.split.get("from") else ""
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(kept.items()))
+        console.print(f"kept the dataset's own split{lists} ({counts}); "
                       f"{sum(drawn.values())} image(s) split at random (--resplit redraws all)", highlight=False)
     if report.tile_reason:
         console.print(f"--tile {tile}: {report.tile_reason}", highlight=False)

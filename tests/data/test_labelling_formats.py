@@ -245,6 +245,82 @@ def test_a_test_fraction_draws_a_test_split_from_the_train_folder_of_a_dataset_w
     assert report.split["kept"] == {"val": 2} and report.split["drawn"] == {"train": 6, "test": 2}
 
 
+# --- Pascal VOC ImageSets/Main ------------------------------------------------------------------
+
+def _vocdevkit(root: Path, stems: str, lists: dict[str, str]) -> Path:
+    """The classic VOCdevkit layout (CVAT's Pascal VOC export too): `Annotations/<id>.xml` and
+    `JPEGImages/<id>.jpg`, one drop box each, for every letter of `stems`, and
+    `ImageSets/Main/<name>.txt` holding each text of `lists`."""
+    for stem in stems:
+        write_image(root / "JPEGImages" / f"{stem}.jpg")
+        write_voc(ImageRecord(f"JPEGImages/{stem}.jpg", 64, 48, [Box("drop", 5, 5, 20, 20)]),
+                  root / "Annotations" / f"{stem}.xml", root)
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    for name, text in lists.items():
+        (root / "ImageSets" / "Main" / f"{name}.txt").write_text(text)
+    return root
+
+
+def test_voc_imagesets_main_lists_give_the_split_and_per_class_lists_are_not_splits(tmp_path):
+    src = _vocdevkit(tmp_path / "VOC2007", "abcdef", {
+        "train": "a\nb\nc\n", "val": "d\n", "test": "e\n",
+        "trainval": "a\nb\nc\nd\nf\n",  # train.txt and val.txt say it all: not read
+        "drop_train": "a  1\nb -1\nf  1\nzz 1\n"})  # a per-class list, not a split
+    report = convert(src, tmp_path / "data")  # --format auto
+    assert report.format == "voc" and report.problems == []
+    assert _split_images(tmp_path / "data") == {"train": {"a.jpg", "b.jpg", "c.jpg", "f.jpg"}, "val": {"d.jpg"},
+                                                "test": {"e.jpg"}}
+    # f.jpg is in no list: split at random, as an image outside any split folder is (val and test given: train)
+    assert report.split["kept"] == {"train": 3, "val": 1, "test": 1} and report.split["drawn"] == {"train": 1}
+    assert report.split["from"] == ["ImageSets/Main"]
+    assert json.loads((tmp_path / "data" / "summary.json").read_text())["split"]["from"] == ["ImageSets/Main"]
+
+    redrawn = convert(src, tmp_path / "redrawn", resplit=True)
+    assert redrawn.split["kept"] == {} and redrawn.split["from"] == []
+
+
+def test_voc_trainval_is_the_pool_val_is_drawn_from_where_train_and_val_lists_are_absent(tmp_path):
+    src = _vocdevkit(tmp_path / "VOC2007", "abcdefgh", {"trainval": "a\nb\nc\nd\ne\nf\n", "test": "g\nh\n",
+                                                        "drop_trainval": "a 1\nb 1\n"})
+    report = convert(src, tmp_path / "data", val_fraction=0.34)
+    splits = _split_images(tmp_path / "data")
+    assert report.problems == [] and {k: len(v) for k, v in splits.items()} == {"train": 4, "val": 2, "test": 2}
+    assert splits["test"] == {"g.jpg", "h.jpg"}
+    assert report.split["kept"] == {"test": 2} and report.split["drawn"] == {"train": 4, "val": 2}
+
+
+def test_each_year_of_a_vocdevkit_is_split_by_its_own_lists(tmp_path):
+    devkit = tmp_path / "VOCdevkit"
+    _vocdevkit(devkit / "VOC2007", "abcd", {"val": "a\n", "trainval": "a\nb\nc\n"})  # trainval fills in train
+    _vocdevkit(devkit / "VOC2012", "efgh", {"Train": "e\nf\n", "Validation": "g\nh\n", "test": "a\n"})
+    report = convert(devkit, tmp_path / "data")
+    (stray,) = report.problems  # 2012's test.txt names 2007's a
+    assert (stray.file, stray.line) == ("VOC2012/ImageSets/Main/test.txt", 1) and "'a'" in stray.message
+    splits = _split_images(tmp_path / "data")
+    assert splits["val"] == {"a.jpg", "g.jpg", "h.jpg"} and splits["train"] == {"b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"}
+    assert report.split["from"] == ["VOC2007/ImageSets/Main", "VOC2012/ImageSets/Main"]
+    assert report.split["kept"] == {"train": 4, "val": 3} and report.split["drawn"] == {"train": 1}  # d: in no list
+
+
+def test_voc_lists_without_a_split_list_leave_the_split_to_the_draw(tmp_path):
+    src = _vocdevkit(tmp_path / "cvat-export", "abc", {"default": "a\nb\nc\n"})  # CVAT's export without subsets
+    report = convert(src, tmp_path / "data", val_fraction=0.34)
+    assert report.problems == [] and report.split["kept"] == {} and report.split["from"] == []
+    assert {k: len(v) for k, v in _split_images(tmp_path / "data").items()} == {"train": 2, "val": 1}
+
+
+def test_a_voc_list_id_without_an_annotation_or_in_two_splits_is_named_with_file_and_line(tmp_path):
+    src = _vocdevkit(tmp_path / "VOC2007", "abcd", {"train": "a\nb\n", "val": "c\nzz\n", "test": "d\nb\n"})
+    report = convert(src, tmp_path / "data")
+    missing, twice = report.problems
+    assert (missing.file, missing.line) == ("ImageSets/Main/val.txt", 2)
+    assert "'zz'" in missing.message and "no annotation" in missing.message and "zz.xml" in missing.fix
+    assert (twice.file, twice.line) == ("ImageSets/Main/test.txt", 2)
+    assert "'b'" in twice.message and "ImageSets/Main/train.txt:2" in twice.message and "kept in train" in twice.message
+    assert "one of the two lists" in twice.fix
+    assert _split_images(tmp_path / "data") == {"train": {"a.jpg", "b.jpg"}, "val": {"c.jpg"}, "test": {"d.jpg"}}
+
+
 # --- CVAT for images 1.1 -------------------------------------------------------------------------
 
 CVAT = """<?xml version="1.0" encoding="utf-8"?>

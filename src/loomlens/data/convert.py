@@ -110,7 +110,8 @@ class ConvertReport:
     #           "samples_per_task": {...}}
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
     # how the split was made: {"resplit", "group_by", "kept": the dataset's own split kept (images
-    # per split), "drawn": images split at random, "groups": group -> {"split", "images"}}
+    # per split), "from": the folders of the lists it was read from (VOC's ImageSets/Main),
+    # "drawn": images split at random, "groups": group -> {"split", "images"}}
     split: dict[str, Any] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     images_mode: str = "refer"  # refer | copy | link: whether the samples point at the source or at copies in `out`
@@ -740,10 +741,11 @@ def _items_by_split(
 
 def choose_splits(
     records: Sequence[ImageRecord], root: Path, *, val_fraction: float, test_fraction: float, seed: int,
-    resplit: bool, group_by: str | None,
+    resplit: bool, group_by: str | None, split_from: Sequence[str],
 ) -> tuple[dict[str, str], dict[str, Any]]:
     """Image -> split for `records` (of the dataset in `root`), and how it was made (for
-    summary.json). Unless `resplit`, each image keeps the dataset's own split (`own_split`);
+    summary.json; `split_from`: the reader's `ReadResult.split_from`, named there unless
+    `resplit`). Unless `resplit`, each image keeps the dataset's own split (`own_split`);
     the images without one, and its train images when it has no val split (or no test split
     and `test_fraction` asks for one), are split at random by group (`group_keys` of
     `group_by`), val (test) drawn only where the dataset has none.
@@ -763,6 +765,7 @@ def choose_splits(
     info = {
         "resplit": resplit, "group_by": group_by,
         "kept": dict(Counter(s for image, s in own.items() if image not in drawn)),
+        "from": [] if resplit else list(split_from),
         "drawn": dict(Counter(drawn.values())),
         "groups": {g: {"split": split_of[image], "images": members[g]}
                    for image, g in sorted(groups.items()) if image in split_of},
@@ -830,7 +833,7 @@ def convert(
                 raise ConvertError(f"no usable annotated images in {src} ({len(problems)} problem(s))", problems)
         split_of, split_info = choose_splits(records, src_abs, val_fraction=val_fraction,
                                              test_fraction=test_fraction, seed=seed, resplit=resplit,
-                                             group_by=group_by)
+                                             group_by=group_by, split_from=read.split_from)
         problems += _split_gaps(records, split_of, split_info, (val_fraction, test_fraction))
         seen = sorted({b.label for r in records for b in r.boxes} - set(read.classes))
         report = ConvertReport(

@@ -66,7 +66,8 @@ class ImageRecord:
     """An annotated image. `image` is relative to the dataset root; no boxes = a negative,
     unless `dropped` (boxes its annotation held that a reader refused) says it had some.
     `split` ("train" | "val" | "test") is the dataset's own split when its format records one
-    (a data.yaml's lists, a CVAT subset); None leaves it to the folders or the shuffle."""
+    (a data.yaml's lists, a CVAT subset, VOC's ImageSets/Main lists); None leaves it to the
+    folders or the shuffle."""
 
     image: str
     width: int
@@ -105,12 +106,15 @@ class Problem:
 
 @dataclass
 class ReadResult:
-    """What an annotation reader returns: the good records, the problems met, and the class
-    names the annotations declare, in their own order (YOLO classes.txt, COCO categories)."""
+    """What an annotation reader returns: the good records, the problems met, the class
+    names the annotations declare, in their own order (YOLO classes.txt, COCO categories), and
+    the folders of the list files that gave records their `split` (VOC's `ImageSets/Main`), for
+    the report to say where the dataset's own split came from."""
 
     records: list[ImageRecord] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
+    split_from: list[str] = field(default_factory=list)
 
     def add(self, part: ReadResult) -> None:
         """Take in what one more file gave: its records and problems, and its classes not
