@@ -741,6 +741,10 @@ def eval_command(
                     for v in (frames["auroc"], frames["recall_at_fpr"].get("0.01"))),
                   f"{metrics['seconds_per_image']:.3f}")
     Console().print(table)
+    if boxes:
+        located = metrics["located"]
+        typer.echo(f"defects found and placed, their names set aside: mAP50 {located['map50']:.3f}, "
+                   f"mAP50-95 {located['map50_95']:.3f}")
     typer.echo(f"OK/NG by the defect probability: {summary_line(frames)}")
     typer.echo(f"report: {out / 'report.md'}")
 

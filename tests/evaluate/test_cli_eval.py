@@ -21,6 +21,8 @@ def test_eval_command_writes_the_report(tmp_path):
     assert (tmp_path / "eval" / "report.md").exists()
     assert "recall @1% FA" in result.output.replace("\n", " ") or "recall @1%" in result.output
     assert "OK/NG by the defect probability: AUROC" in result.output  # with the score for each rate, if any
+    assert (f"their names set aside: mAP50 {metrics['located']['map50']:.3f}" in result.output) == bool(
+        metrics["gt_boxes"])  # no true box: no AP to give
     assert metrics["constrained"] is False  # a bare model has no classes: the free form
     assert metrics["tile"] is None  # nor a crop: whole frames
     assert metrics["views"] == [""]  # nor mirrors it learnt: each image looked at once

@@ -95,3 +95,18 @@ def test_pr_curve_of_each_class_with_ground_truth():
     assert "wrinkle" not in ev.pr_curves
     assert len(recall) == len(precision) == 101
     assert precision[0] == pytest.approx(0.5) and precision[-1] == pytest.approx(0.5)
+
+
+def test_located_metrics_set_names_aside_and_count_a_place_once():
+    from loomlens.evaluate.metrics import located_metrics
+
+    truth = [[box("drop")], [box("wrinkle", 100, 50)], []]
+    renamed = [[box("wrinkle", score=0.9)], [box("wrinkle", 100, 50, score=0.8)], []]
+    assert coco_metrics(truth, renamed, ["drop", "wrinkle"])["map50"] == pytest.approx(0.25)
+    assert located_metrics(truth, renamed)["map50"] == pytest.approx(1.0)  # found and placed, one misnamed
+    # One box also given under another class (evaluation's other labels) is one find, not a false one:
+    # counted twice, the lower copy would rank above the true find of the second frame.
+    twice = [[box("drop", score=0.9), box("wrinkle", score=0.6)], [box("wrinkle", 100, 50, score=0.5)], []]
+    assert located_metrics(truth, twice)["map50"] == pytest.approx(1.0)
+    misplaced = [[box("drop", 200, 200, score=0.9)], [], []]
+    assert located_metrics(truth, misplaced) == {"map50_95": 0.0, "map50": 0.0, "map75": 0.0}

@@ -45,6 +45,8 @@ def test_write_report_files_and_keys(tiny, split, tmp_path):
     assert 0.0 <= saved["empty_on_defects"] <= 1.0
     report = (tmp_path / "report.md").read_text()
     assert "## Inspection (OK/NG per frame)" in report
+    assert set(saved["located"]) == {"map50_95", "map50", "map75"}
+    assert f"their names set aside: mAP50 {saved['located']['map50']:.3f}" in report
     # The thresholds the report prints are the ones measured, every digit.
     assert float(re.search(r"Best F1 [\d.]+ at score >= ([^;]+);", report).group(1)) == saved["best_threshold"]
     line = re.search(r"All classes: .*", report).group(0)

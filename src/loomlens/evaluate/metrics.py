@@ -17,7 +17,7 @@ import contextlib
 import io
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
@@ -144,3 +144,37 @@ def coco_metrics(
     `unknown_predicted_classes`.
     """
     return evaluate_coco(ground_truth, predictions, classes).metrics
+
+
+#: The one class every box becomes in `located_metrics`.
+ANY_DEFECT = "defect"
+
+
+def _once_per_place(boxes: Sequence[Box]) -> list[Box]:
+    """`boxes` with those at the same place (one box also given under other classes,
+    `infer/scoring.other_labels`) kept once, at the highest score (a missing score counts as 1)."""
+    best: dict[tuple[float, float, float, float], Box] = {}
+    for b in boxes:
+        place, kept = (b.x1, b.y1, b.x2, b.y2), best.get((b.x1, b.y1, b.x2, b.y2))
+        if kept is None or (1.0 if b.score is None else b.score) > (1.0 if kept.score is None else kept.score):
+            best[place] = b
+    return list(best.values())
+
+
+def located_metrics(ground_truth: Sequence[Sequence[Box]], predictions: Sequence[Sequence[Box]]) -> dict:
+    """COCO metrics with every box's name set aside (ultralytics' `single_cls` view): how well
+    the defects are found and placed, whatever they are called, which a line that stops for any
+    defect asks first. The boxes are pooled, so each defect weighs the same, where mAP averages
+    the classes and a class with one true box weighs as much as the commonest.
+
+    Args:
+        ground_truth: per image, its true boxes (pixels).
+        predictions: per image, its predicted boxes; one place under several classes counts once.
+
+    Returns:
+        `map50_95`, `map50`, `map75` (floats in [0, 1]) of the boxes all under `ANY_DEFECT`.
+    """
+    truth = [[replace(b, label=ANY_DEFECT) for b in boxes] for boxes in ground_truth]
+    found = [[replace(b, label=ANY_DEFECT) for b in _once_per_place(boxes)] for boxes in predictions]
+    metrics = evaluate_coco(truth, found, [ANY_DEFECT]).metrics
+    return {key: metrics[key] for key in ("map50_95", "map50", "map75")}

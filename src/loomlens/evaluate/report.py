@@ -27,7 +27,7 @@ from loomlens.data.tiles import TILES_DIR
 from loomlens.data.yolo import CLASSES_FILE, read_class_names
 from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, match_image
 from loomlens.evaluate.inspection import frame_score, image_level, image_level_by_class, summary_line
-from loomlens.evaluate.metrics import evaluate_coco
+from loomlens.evaluate.metrics import evaluate_coco, located_metrics
 from loomlens.evaluate.plots import plot_confusion, plot_gallery, plot_pr_curves, plot_reliability
 from loomlens.evaluate.thresholds import threshold_text
 from loomlens.infer.detection import Detection, answer_probability, batched, detect_with_details
@@ -123,8 +123,9 @@ def run_split(
 def split_metrics(run: EvalRun, classes: Sequence[str]):
     """What one pass over a split tells: the COCO evaluation (metrics and PR curves) and, in its
     metrics, `best_threshold`/`best_f1` (the F1-best cut), `empty_on_defects` (share of frames
-    holding a defect that got no box at all: the sign of a collapse to "no defect") and
-    `image_level` (OK/NG AUROC and recall at false-alarm rates, overall and `per_class`)."""
+    holding a defect that got no box at all: the sign of a collapse to "no defect"), `located`
+    (the mAPs with the boxes' names set aside, `located_metrics`) and `image_level` (OK/NG AUROC
+    and recall at false-alarm rates, overall and `per_class`)."""
     truth = [e.truth for e in run.images]
     coco = evaluate_coco(truth, run.predicted, classes)
     threshold, f1 = best_threshold(truth, run.predicted)
@@ -134,7 +135,8 @@ def split_metrics(run: EvalRun, classes: Sequence[str]):
     ok_ng = image_level(scores=[frame_score(p, q) for p, q in zip(run.predicted, probabilities)],
                         defective=[bool(t) for t in truth])
     ok_ng["per_class"] = image_level_by_class(truth=truth, predicted=run.predicted)
-    coco.metrics.update(best_threshold=threshold, best_f1=f1, empty_on_defects=empty, image_level=ok_ng,
+    coco.metrics.update(best_threshold=threshold, best_f1=f1, empty_on_defects=empty,
+                        located=located_metrics(truth, run.predicted), image_level=ok_ng,
                         dropped_parts=run.dropped, seconds_per_image=run.seconds_per_image)
     return coco
 
@@ -174,6 +176,9 @@ def _markdown(metrics: dict, plots: dict[str, str], title: str) -> str:
         f"| {fmt(metrics['map50_95'])} | {fmt(metrics['map50'])} | {fmt(metrics['map75'])} | {metrics['images']} "
         f"| {metrics['negative_images']} | {metrics['gt_boxes']} | {metrics['predicted_boxes']} "
         f"| {metrics['predicted_on_negatives']} |", "",
+        f"Defects found and placed, their names set aside: mAP50 {fmt(metrics['located']['map50'])}, mAP50-95 "
+        f"{fmt(metrics['located']['map50_95'])} (a box under the wrong class counts here, a box in the wrong place "
+        "does not).", "",
         "Scores: each box's label probability times the geometric mean of its four coordinates' "
         "probabilities, from the generation itself (not 1 for all)."
         + (f" Each frame (each tile) was also looked at through {len(metrics['views']) - 1} mirror(s) "
