@@ -180,6 +180,16 @@ def test_a_split_kept_from_list_files_names_where_it_came_from():
         in console.export_text()
 
 
+def test_a_split_kept_from_split_folders_names_them(tmp_path):
+    for folder in ("train", "valid"):
+        made = runner.invoke(app, ["synth", str(tmp_path / "src" / folder), "--images", "3", "--size", "256x144"])
+        assert made.exit_code == 0, made.output
+    result = runner.invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "kept the dataset's own split from split folders train/, valid/ (train 3, val 3); 0 image(s) split at " \
+        "random" in " ".join(result.output.split())
+
+
 def test_a_command_missing_an_optional_dependency_names_the_extra(monkeypatch, capsys):
     """`make demo` installs loomlens without extras: `loomlens serve` there says what to install."""
     def needs(module: str):

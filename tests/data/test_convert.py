@@ -152,6 +152,12 @@ def test_split_is_deterministic_grouped_and_sized():
     assert set(assign_splits(["only"], 0.5, 0.0, 0).values()) == {"train"}  # train keeps one
 
 
+def test_a_dataset_without_a_split_of_its_own_names_no_source_for_one(tmp_path):
+    report = convert(_voc(tmp_path / "src", _many(12)), tmp_path / "out")  # images/ and annotations/: no split
+    assert report.split["kept"] == {} and report.split["from"] == []
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["split"]["from"] == []
+
+
 def test_same_seed_same_files(tmp_path):
     src = _voc(tmp_path / "src", _many(12))
     convert(src, tmp_path / "a", tasks=("od", "caption"), seed=5)

@@ -52,6 +52,7 @@ def test_roboflow_yolo_export_converts_with_its_own_split(tmp_path):
     assert report.classes == ["drop", "wrinkle"]
     assert _split_images(tmp_path / "data") == {"train": {"a.jpg", "b.jpg"}, "val": {"c.jpg"}, "test": {"d.jpg"}}
     assert report.split["kept"] == {"train": 2, "val": 1, "test": 1} and report.split["drawn"] == {}
+    assert report.split["from"] == ["data.yaml"]  # not its train/ valid/ test/ folders: the data.yaml lists decide
     boxes = _boxes(tmp_path / "data")
     assert boxes["a.jpg"] == "drop<loc_375><loc_250><loc_625><loc_750>"
     # the polygon (0.1,0.1) (0.3,0.1) (0.3,0.4) became its bounding box
@@ -201,6 +202,7 @@ def test_roboflow_coco_export_keeps_its_split_and_drops_the_project_category(tmp
     assert report.classes == ["drop", "wrinkle"]  # not "fabric-defects"
     assert _split_images(tmp_path / "data") == {"train": {"a_jpg.rf.123.jpg", "b_jpg.rf.123.jpg"},
                                                 "val": {"c_jpg.rf.123.jpg"}}
+    assert report.split["from"] == ["split folders train/, valid/"]
 
 
 # --- pre-split LabelImg folders, --resplit -----------------------------------------------------
@@ -219,10 +221,13 @@ def test_presplit_labelimg_folders_keep_their_split_and_resplit_reshuffles(tmp_p
     kept = convert(src, tmp_path / "kept")
     assert {k: len(v) for k, v in _split_images(tmp_path / "kept").items()} == {"train": 8, "val": 2, "test": 2}
     assert all(n.startswith("val") for n in _split_images(tmp_path / "kept")["val"]) and kept.split["drawn"] == {}
+    assert kept.split["from"] == ["split folders train/, val/, test/"]
+    assert json.loads((tmp_path / "kept" / "summary.json").read_text())["split"]["from"] == kept.split["from"]
 
     redrawn = convert(src, tmp_path / "redrawn", resplit=True, val_fraction=0.5, seed=3)
     splits = _split_images(tmp_path / "redrawn")
-    assert redrawn.split["kept"] == {} and not (tmp_path / "redrawn" / "test.jsonl").exists()
+    assert redrawn.split["kept"] == {} and redrawn.split["from"] == []
+    assert not (tmp_path / "redrawn" / "test.jsonl").exists()
     assert len(splits["val"]) == 6 and not all(n.startswith("val") for n in splits["val"])
 
 
@@ -232,6 +237,17 @@ def test_a_dataset_without_its_own_val_split_draws_one_from_its_train_folder(tmp
     splits = _split_images(tmp_path / "data")
     assert {k: len(v) for k, v in splits.items()} == {"train": 4, "val": 2, "test": 2}
     assert all(n.startswith("test") for n in splits["test"]) and report.split["drawn"] == {"train": 4, "val": 2}
+    assert report.split["from"] == ["split folders train/, test/"]  # train/ still the pool val is drawn from
+
+
+def test_split_folders_are_named_as_written_and_found_in_the_annotations_path_too(tmp_path):
+    src = tmp_path / "src"  # images side by side at the top, LabelImg's annotations in split folders
+    for folder, stem in (("Train", "a"), ("Train", "b"), ("Train", "c"), ("Validation", "d")):
+        write_image(src / f"{stem}.jpg")
+        write_voc(ImageRecord(f"{stem}.jpg", 64, 48, [Box("drop", 5, 5, 20, 20)]), src / folder / f"{stem}.xml", src)
+    report = convert(src, tmp_path / "data")
+    assert report.problems == [] and report.split["kept"] == {"train": 3, "val": 1}
+    assert report.split["from"] == ["split folders Train/, Validation/"]
 
 
 def test_a_test_fraction_draws_a_test_split_from_the_train_folder_of_a_dataset_without_one(tmp_path):
@@ -357,12 +373,27 @@ def test_cvat_for_images_xml_converts_shapes_subsets_and_labels(tmp_path):
     assert (line.file, line.line) == ("annotations.xml", 13) and "<polyline> 'wrinkle' has no area" in line.message
     assert (bad.file, bad.line) == ("annotations.xml", 17) and "bad coordinates" in bad.message
     assert _split_images(tmp_path / "data") == {"train": {"a.png", "c.png"}, "val": {"b.png"}}
+    assert report.split["from"] == ["CVAT subsets"]
     from loomlens.data.cvat import read_cvat
 
     (a, *_) = read_cvat(src).records
     assert [(b.label, b.x1, b.y1, b.x2, b.y2) for b in a.boxes] == [
         ("drop", 10, 20, 30, 40), ("wrinkle", 50, 10, 70, 30), ("drop", pytest.approx(45), pytest.approx(35),
                                                                pytest.approx(55), pytest.approx(55))]
+
+
+def test_a_cvat_image_without_a_subset_keeps_its_split_folder_and_both_sources_are_named(tmp_path):
+    src = tmp_path / "cvat"
+    for name in ("a.png", "b.png", "test/c.png"):
+        write_image(src / "images" / name, (100, 80))
+    box = '<box label="drop" xtl="10" ytl="20" xbr="30" ybr="40"></box>'
+    (src / "annotations.xml").write_text(
+        f'<annotations><image id="0" name="a.png" width="100" height="80" subset="Train">{box}</image>'
+        f'<image id="1" name="b.png" width="100" height="80" subset="Validation">{box}</image>'
+        f'<image id="2" name="test/c.png" width="100" height="80">{box}</image></annotations>')
+    report = convert(src, tmp_path / "data")
+    assert report.problems == [] and report.split["kept"] == {"train": 1, "val": 1, "test": 1}
+    assert report.split["from"] == ["CVAT subsets", "split folders test/"]
 
 
 def test_cvat_lines_and_points_never_leave_their_image_defect_free(tmp_path):

@@ -46,7 +46,7 @@ from loomlens.data.sanitize import (
     relative,
     to_rgb,
 )
-from loomlens.data.splits import assign_splits, group_keys, own_split
+from loomlens.data.splits import SPLITS, assign_splits, group_keys, own_split, split_sources
 from loomlens.data.tasks import CONVERTIBLE, REGISTRY
 from loomlens.data.tiles import (
     AUTO_TILE_INPUT, PLACED_PX, TILES_DIR, auto_tile, exceeds, hidden_when_tiled, save_tiles, tile_record,
@@ -63,7 +63,6 @@ FORMATS = ("auto", *READERS)
 #: How the JSONL reaches the source images: where they are, or copies / hard links in the output.
 IMAGE_MODES = ("refer", "copy", "link")
 ORIGINALS_DIR = "images/originals"  # relative to the output folder: copied or linked source images
-SPLITS = ("train", "val", "test")
 SUMMARY = "summary.json"  # what a finished conversion did, the source it was made from included
 STARTED = ".loomlens-convert.json"  # the source of a conversion under way: from its first image to its summary
 MIN_TILE = 32  # pixels; a smaller tile holds too little fabric to tell a defect from weave
@@ -110,7 +109,8 @@ class ConvertReport:
     #           "samples_per_task": {...}}
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
     # how the split was made: {"resplit", "group_by", "kept": the dataset's own split kept (images
-    # per split), "from": the folders of the lists it was read from (VOC's ImageSets/Main),
+    # per split), "from": where the dataset's own split was read (`split_sources`: VOC's
+    # ImageSets/Main folders, the data.yaml, "CVAT subsets", "split folders train/, valid/"),
     # "drawn": images split at random, "groups": group -> {"split", "images"}}
     split: dict[str, Any] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
@@ -744,11 +744,11 @@ def choose_splits(
     resplit: bool, group_by: str | None, split_from: Sequence[str],
 ) -> tuple[dict[str, str], dict[str, Any]]:
     """Image -> split for `records` (of the dataset in `root`), and how it was made (for
-    summary.json; `split_from`: the reader's `ReadResult.split_from`, named there unless
-    `resplit`). Unless `resplit`, each image keeps the dataset's own split (`own_split`);
-    the images without one, and its train images when it has no val split (or no test split
-    and `test_fraction` asks for one), are split at random by group (`group_keys` of
-    `group_by`), val (test) drawn only where the dataset has none.
+    summary.json; unless `resplit`, "from" names the reader's `split_from` and the split
+    folders read: `split_sources`). Unless `resplit`, each image keeps the dataset's own split
+    (`own_split`); the images without one, and its train images when it has no val split (or
+    no test split and `test_fraction` asks for one), are split at random by group (`group_keys`
+    of `group_by`), val (test) drawn only where the dataset has none.
     Raises `ConvertError` for a `group_by` it cannot read."""
     try:
         groups = group_keys(records, root, group_by)
@@ -765,7 +765,7 @@ def choose_splits(
     info = {
         "resplit": resplit, "group_by": group_by,
         "kept": dict(Counter(s for image, s in own.items() if image not in drawn)),
-        "from": [] if resplit else list(split_from),
+        "from": [] if resplit else split_sources(records, split_from),
         "drawn": dict(Counter(drawn.values())),
         "groups": {g: {"split": split_of[image], "images": members[g]}
                    for image, g in sorted(groups.items()) if image in split_of},

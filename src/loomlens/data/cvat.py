@@ -157,13 +157,15 @@ def _image(
 
 def read_cvat(root: str | Path, skip: Sequence[Path] = ()) -> ReadResult:
     """Every CVAT for images XML under `root` (not under `skip`; other XML is left to the VOC
-    reader) -> records, problems and class names (first file first)."""
+    reader) -> records, problems, class names (first file first) and "CVAT subsets" as where
+    the split came from, where a subset gave one."""
     root = Path(root)
     result = ReadResult()
     for path in iter_files(root, ".xml", skip):
         if xml_root_tag(path) != "annotations":
             continue
         result.add(read_cvat_file(path, root, skip))
+    result.split_from = ["CVAT subsets"] if any(r.split for r in result.records) else []
     return result
 
 

@@ -108,8 +108,8 @@ class Problem:
 class ReadResult:
     """What an annotation reader returns: the good records, the problems met, the class
     names the annotations declare, in their own order (YOLO classes.txt, COCO categories), and
-    the folders of the list files that gave records their `split` (VOC's `ImageSets/Main`), for
-    the report to say where the dataset's own split came from."""
+    what gave records their `split` (VOC's `ImageSets/Main` folders, the data.yaml's path,
+    "CVAT subsets"), for the report to say where the dataset's own split came from."""
 
     records: list[ImageRecord] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)

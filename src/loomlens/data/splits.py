@@ -1,9 +1,10 @@
 """Splits: a dataset's own split, and group-aware random splits.
 
 A dataset may come split already: Roboflow and pre-split LabelImg folders (`train/`,
-`valid/` or `val/`, `test/`), a data.yaml's lists, CVAT subsets. `own_split` reads that. A
-random split is by group (`assign_splits`), so the frames of one video, roll or burst, which
-look alike, never sit on both sides of it; `group_keys` makes the groups (`--group-by`).
+`valid/` or `val/`, `test/`), a data.yaml's lists, CVAT subsets, VOC's ImageSets/Main lists.
+`own_split` reads that, `split_sources` says where from. A random split is by group
+(`assign_splits`), so the frames of one video, roll or burst, which look alike, never sit on
+both sides of it; `group_keys` makes the groups (`--group-by`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from loomlens.data.records import ImageRecord
 #: Folder or subset names (any case) -> split.
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "testing": "test"}
+#: The splits, in the order they are written and named.
+SPLITS = ("train", "val", "test")
 #: A frame loomlens saved from a video: `<video stem>_f<frame index, 6 digits>`.
 VIDEO_FRAME = re.compile(r"^(?P<video>.+)_f\d{6}$")
 #: A Roboflow export's picture: `<source stem>_<source ext>.rf.<hash>`, one per augmented copy
@@ -35,16 +38,34 @@ def split_name(name: str) -> str | None:
     return SPLIT_NAMES.get(name.strip().lower())
 
 
-def own_split(record: ImageRecord) -> str | None:
-    """The split the dataset itself gives `record`: its reader's (`record.split`), else the
-    first split-named folder in its image's path, else in its annotation's; None if none."""
-    if record.split:
-        return record.split
+def split_folder(record: ImageRecord) -> str | None:
+    """The first split-named folder (as written: `valid`, `Train`) in `record`'s image path,
+    else in its annotation's; None if neither path has one."""
     for path in (record.image, record.source):
         for part in PurePosixPath(path).parts[:-1]:
             if split_name(part):
-                return split_name(part)
+                return part
     return None
+
+
+def own_split(record: ImageRecord) -> str | None:
+    """The split the dataset itself gives `record`: its reader's (`record.split`), else its
+    `split_folder`'s; None if none."""
+    if record.split:
+        return record.split
+    folder = split_folder(record)
+    return split_name(folder) if folder else None
+
+
+def split_sources(records: Iterable[ImageRecord], read_from: Sequence[str]) -> list[str]:
+    """Where the dataset's own split of `records` (see `own_split`) came from, for the report:
+    `read_from` (the reader's `ReadResult.split_from`), then the split folders that gave the
+    records without a reader's split theirs ("split folders train/, valid/"); empty if none."""
+    found = {(SPLITS.index(split), folder) for r in records
+             if not r.split and (folder := split_folder(r)) and (split := split_name(folder))}
+    if not found:
+        return list(read_from)
+    return [*read_from, f"split folders {', '.join(f'{folder}/' for _, folder in sorted(found))}"]
 
 
 def assign_splits(

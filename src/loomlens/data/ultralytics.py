@@ -256,7 +256,8 @@ def _split_images(
 
 def read_data_yaml(path: Path, root: Path, skip: Sequence[Path] = ()) -> ReadResult:
     """The dataset a `data.yaml` at `path` describes (inside the dataset folder `root`, not
-    under `skip`) -> records (each with its `split`), problems and class names in id order."""
+    under `skip`) -> records (each with its `split`), problems, class names in id order and
+    the data.yaml's path (relative to `root`) as where the split came from."""
     file = relative(path, root)
     text = read_text(path)
     try:
@@ -295,6 +296,7 @@ def read_data_yaml(path: Path, root: Path, skip: Sequence[Path] = ()) -> ReadRes
         result.problems += problems
         if record is not None:
             result.records.append(record)
+    result.split_from = [file] if result.records else []
     if not seen and not result.problems:
         result.problems.append(Problem(file=file, message="names no split (train:, val: or test:)",
                                        fix="add train: and val: with the image folders"))
