@@ -206,3 +206,14 @@ def test_serve_by_default_sees_a_2560x1440_frame_in_256_px_tiles_whole_as_eval_d
     tiles = len(tile_windows(2560, 1440, 256))
     crops = tiles + len(mid_windows(2560, 1440, 256)) + 1  # tiles, the middle view, the whole frame
     assert crops <= seen["max_tiles"]  # not downscaled: the defects at the size the run learnt them
+
+
+def test_a_strip_longer_than_a_jpeg_holds_is_predicted_and_drawn_shrunk(tmp_path):
+    """A 70000 px line-scan strip: its drawn JPEG (65500 px a side at most) failed to save,
+    and the run stopped saying to check the output folder; the picture is drawn shrunk to fit,
+    its boxes stay in the strip's own pixels."""
+    Image.new("RGB", (70000, 4), (90, 90, 90)).save(tmp_path / "strip.png")
+    (record,) = _predict(tmp_path / "strip.png", tmp_path / "out")
+    assert (record["width"], record["height"]) == (70000, 4)
+    with Image.open(tmp_path / "out" / "drawn" / "strip.jpg") as drawn:
+        assert drawn.size == (65500, 3)

@@ -65,3 +65,27 @@ def test_a_picture_disk_that_fails_records_the_event_without_pictures(tmp_path, 
     events, total = store.query(limit=10)
     assert total == 2 and all(e.frame_path is None and e.crop_path is None for e in events)
     assert "recorded without them" in caplog.text
+
+
+def test_a_line_scan_strip_longer_than_a_jpeg_holds_gets_its_event_pictures(tmp_path) -> None:
+    """A 70000 px strip: a JPEG holds at most 65500 px a side, and saving the event's frame
+    raised and stopped the whole watcher; its pictures are now shrunk to fit."""
+    import io
+    import threading
+
+    from loomlens.events import EventStore
+    from loomlens.watch import DebounceSettings, Watcher, open_source
+
+    (tmp_path / "strips").mkdir()
+    Image.new("RGB", (70000, 4), (90, 90, 90)).save(tmp_path / "strips" / "strip.png")
+    source = open_source(str(tmp_path / "strips"), camera="line 1", fps=100, once=True)
+    store = EventStore(tmp_path / "events.db")
+    whole = lambda images: [[Box("stain", 0, 0, im.width, im.height, 0.9)] for im in images]  # noqa: E731
+    stats = Watcher(sources=[source], detect=whole, store=store, media=tmp_path / "media",
+                    debounce=DebounceSettings(k=1, n=1, m=1)).run(threading.Event())
+    assert stats["frames"] == 1 and stats["events"] == 1 and not stats["failed"]
+    (event,), _ = store.query(limit=10)
+    assert event.width == 70000  # the event in the frame's own pixels
+    for path in (event.frame_path, event.crop_path):
+        with Image.open(io.BytesIO(Path(path).read_bytes())) as picture:
+            assert picture.format == "JPEG" and max(picture.size) <= 65500

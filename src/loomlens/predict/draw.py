@@ -10,6 +10,9 @@ from PIL import Image, ImageDraw, ImageFont
 from loomlens.data.tasks import get_task
 from loomlens.predict.predictor import Prediction
 
+#: The longest side a JPEG holds (libjpeg's limit); a line-scan strip can be longer.
+JPEG_MAX_SIDE = 65500
+
 PALETTE = [(255, 70, 70), (255, 210, 0), (0, 220, 255), (120, 255, 80), (255, 120, 255), (255, 150, 40),
            (150, 130, 255), (60, 255, 190)]
 
@@ -17,6 +20,17 @@ PALETTE = [(255, 70, 70), (255, 210, 0), (0, 220, 255), (120, 255, 80), (255, 12
 def colour(label: str) -> tuple[int, int, int]:
     """A stable colour per label (the same in every image and every run)."""
     return PALETTE[zlib.crc32(label.encode()) % len(PALETTE)]
+
+
+def fit_jpeg(image: Image.Image) -> Image.Image:
+    """`image` as it can be saved as a JPEG: itself when no side is over `JPEG_MAX_SIDE`, else
+    a copy shrunk to fit (aspect kept). In: a picture to look at (drawn, an event's frame);
+    out: one whose save never fails on its size, where a longer strip's would raise OSError."""
+    if max(image.size) <= JPEG_MAX_SIDE:
+        return image
+    scale = JPEG_MAX_SIDE / max(image.size)
+    size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
 def draw_prediction(image: Image.Image, prediction: Prediction) -> Image.Image:

@@ -39,7 +39,7 @@ from loomlens.data.tasks import TASKS, get_task, parse_region
 from loomlens.infer.detection import batched
 from loomlens.infer.tiling import TILE_MODES
 from loomlens.model.loader import resolve_model_path
-from loomlens.predict.draw import draw_prediction
+from loomlens.predict.draw import draw_prediction, fit_jpeg
 from loomlens.predict.labels import LABEL_FORMATS, LabelsOut
 from loomlens.predict.predictor import Prediction, Predictor
 from loomlens.predict.regions import RegionRules, load_rules, save_rules
@@ -347,7 +347,8 @@ def predict_files(
             name = unique_stem(item, used)
             pictures.add(f"{name}.jpg")
             if draw:  # also for a record read back: a picture an earlier run drew may show other settings
-                atomic_save_image(draw_prediction(item.image, prediction), out / "drawn" / f"{name}.jpg", "JPEG")
+                atomic_save_image(fit_jpeg(draw_prediction(item.image, prediction)), out / "drawn" / f"{name}.jpg",
+                                  "JPEG")
             if labels is not None and (notice := labels.add(item, prediction, name)) is not None:
                 notices.append(notice)
             if on_item:

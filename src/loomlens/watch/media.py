@@ -20,6 +20,7 @@ from PIL import Image
 
 from loomlens.data.atomic import atomic_open
 from loomlens.data.records import Box
+from loomlens.predict.draw import fit_jpeg
 
 log = logging.getLogger("loomlens.watch")
 
@@ -37,9 +38,10 @@ def picture_paths(folder: Path, camera: str) -> tuple[str, str]:
 
 
 def jpeg(image: Image.Image, quality: int = 85) -> bytes:
-    """`image` as JPEG bytes."""
+    """`image` as JPEG bytes, shrunk to fit when a side is longer than a JPEG holds (`fit_jpeg`:
+    a line-scan strip's event picture, whose save would raise and stop the watcher)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
+    fit_jpeg(image).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
