@@ -693,9 +693,8 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
-    from loomlens.data.jsonl import validate_split
     from loomlens.evaluate.inspection import summary_line
-    from loomlens.evaluate.report import write_report
+    from loomlens.evaluate.report import od_images, write_report
     from loomlens.infer.loading import load_for_inference
     from loomlens.infer.tta import check_tta, choose_views
     from loomlens.model.loader import ModelLoadError
@@ -710,8 +709,8 @@ def eval_command(
         raise _fail(f"no split at {jsonl}; {fix}")
     adapter = Path(checkpoint) if checkpoint not in ("best", "last") else run
     try:  # the model as `predict` runs it
-        check_tta(tta)  # before the model loads, as is the split
-        validate_split(jsonl)
+        check_tta(tta)  # before the model loads, as is the split (its images and true boxes)
+        od_images(jsonl)
         loaded = load_for_inference(model=model, adapter=adapter, checkpoint=checkpoint if adapter == run else "best",
                                     device=_device(device),
                                     precision=precision)

@@ -72,6 +72,25 @@ def test_eval_names_a_missing_or_resized_image_and_an_empty_split_before_the_mod
     assert not (tmp_path / "eval").exists()  # nothing written for it
 
 
+def test_eval_names_a_true_box_it_cannot_read_instead_of_scoring_its_frame_as_defect_free(tmp_path, monkeypatch):
+    """A hand-edited split's `drop<loc_10><loc_20>` (two corners short) parsed to no box, so
+    a frame with a defect was scored as a good one, every metric off and nothing said."""
+    import loomlens.infer.loading as loading
+
+    synthesize(tmp_path / "raw", images=4, seed=1, size=(160, 90))
+    convert(tmp_path / "raw", tmp_path / "data", val_fraction=0.5)
+    monkeypatch.setattr(loading, "load_for_inference", None)  # any attempt to load would raise TypeError
+    val = [json.loads(line) for line in (tmp_path / "data" / "val.jsonl").read_text().splitlines()]
+    val[1]["suffix"] = "drop<loc_10><loc_20>"
+    (tmp_path / "data" / "val.jsonl").write_text("".join(json.dumps(v) + "\n" for v in val))
+    result = CliRunner().invoke(app, ["eval", "--data", str(tmp_path / "data"), "--model", "tiny",
+                                      "--out", str(tmp_path / "eval")])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in output, output
+    assert "val.jsonl:2: the true boxes 'drop<loc_10><loc_20>' hold 1 part that is no box" in output, output
+    assert not (tmp_path / "eval").exists()
+
+
 def test_eval_reads_the_seeds_samples_without_sizes(tmp_path):
     from PIL import Image
 
