@@ -49,6 +49,13 @@ def test_watch_refuses_bad_sources_and_settings(line_video, tmp_path) -> None:
     assert tta.exit_code == 1 and "--tta must be one of auto, on, off" in tta.output
     assert not tta_db.exists()
 
+    # a camera id names the folder of its event pictures: one with a path in it wrote them
+    # outside --media (`../x`, `/x`), where retention never looks
+    for bad in ("../cam", "/tmp/cam", "loom/1", ".."):
+        refused = runner.invoke(app, ["watch", str(line_video), "--db", db, "--camera", bad])
+        assert refused.exit_code == 1 and f"--camera {bad!r} names a folder path" in refused.output, refused.output
+    assert not (tmp_path / "e.db").exists()
+
 
 def test_a_damaged_video_beside_a_good_one_fails_the_run_after_the_good_one_is_watched(line_video, tmp_path) -> None:
     damaged = tmp_path / "loom8.avi"

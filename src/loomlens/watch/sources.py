@@ -410,15 +410,27 @@ def default_camera(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "camera"
 
 
+def check_camera(camera: str) -> str:
+    """`camera` when it can name the folder of its event pictures under --media (one name: no
+    `/` or `\\`, not `.` or `..`), else ValueError naming it and a fix: a `../x` or `/x` id put
+    its pictures outside --media, where retention never looks."""
+    if camera in (".", "..") or any(c in camera for c in "/\\\0"):
+        fix = re.sub(r"[/\\\0]+", "-", camera).strip(".-") or "camera"
+        raise ValueError(f"--camera {camera!r} names a folder path, but a camera id names the folder of its event "
+                         f"pictures under --media: give one name without '/' or '\\' (e.g. {fix!r})")
+    return camera
+
+
 def open_source(spec: str, *, camera: str | None = None, fps: float = 2.0, once: bool = False,
                 max_reconnects: int | None = None, timeout_s: float = 10.0) -> VideoFileSource | FolderSource | LiveSource:
     """The source `spec` names: a camera index (`0`), an RTSP/HTTP(S) URL, a folder or a video
     file; `camera` is its id (default `default_camera(spec)`).
 
-    Raises ValueError for a spec that is none of those, or an fps that is not positive."""
+    Raises ValueError for a spec that is none of those, an fps that is not positive, or a
+    `camera` that is a path (`check_camera`)."""
     if fps <= 0:
         raise ValueError(f"--fps must be positive, got {fps}")
-    camera = camera or default_camera(spec)
+    camera = check_camera(camera or default_camera(spec))
     if spec.isdigit():
         return LiveSource(int(spec), camera, fps, max_reconnects=max_reconnects, timeout_s=timeout_s)
     if _URL.match(spec):
