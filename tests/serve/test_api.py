@@ -57,6 +57,9 @@ def test_health_model_docs(server):
         assert page.status_code == 200 and "gradio" in page.text.lower()
         stray = c.get("/v1/predictions")  # the page mounted at / takes no /v1 path: the API's own 404
         assert stray.status_code == 404 and stray.json()["error"]["code"] == "no_such_route"
+        wrong = c.get("/v1/predict")  # the route is there, for another method: not a 404 saying "no route"
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "POST", wrong.text
+        assert wrong.json()["error"]["code"] == "method_not_allowed" and "POST" in wrong.json()["error"]["message"]
 
 
 def test_binds_loopback_by_default(server):

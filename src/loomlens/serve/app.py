@@ -38,6 +38,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 import loomlens
 from loomlens.events.store import EventStore
@@ -556,10 +557,18 @@ def _mount_page(app: FastAPI, service: Service, settings: ServeSettings, events:
 
 def _unknown_v1_routes(app: FastAPI) -> None:
     """A /v1 path no route takes answers the API's JSON 404 (`no_such_route`), not the page's
-    `{"detail": ...}`: the page mounted at / would otherwise take every path left over."""
+    `{"detail": ...}`: the page mounted at / would otherwise take every path left over. A path
+    a route takes with other methods (GET /v1/predict) answers 405 (`method_not_allowed`) with
+    `Allow`, since "no route" would send its caller looking for another path."""
 
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     def _no_such_route(request: Request, rest: str):
+        allowed = sorted(method.upper() for path, methods in app.openapi()["paths"].items()
+                         if compile_path(path)[0].match(f"/v1/{rest}") for method in methods)
+        if allowed:
+            raise InputError(405, "method_not_allowed", f"/v1/{rest} takes {', '.join(allowed)}, not "
+                             f"{request.method}; the API's routes and their methods are listed at /docs",
+                             headers={"Allow": ", ".join(allowed)})
         raise InputError(404, "no_such_route", f"no route {request.method} /v1/{rest}; the API's routes and their "
                          "methods are listed at /docs")
 
