@@ -68,3 +68,11 @@ def test_bad_alert_settings_are_refused() -> None:
         Alerter(webhooks=["localhost:8000"])
     with pytest.raises(ValueError, match="empty"):
         Alerter(commands=["  "])
+    # said at start, naming the option and what to fix: not a bare "No closing quotation", nor a
+    # URL with no host or a bad port taken, to fail at the first defect after every retry
+    with pytest.raises(ValueError, match="--on-event \"notify 'roll\" cannot be split into a program and its "
+                                         "arguments \\(No closing quotation\\)"):
+        Alerter(commands=["notify 'roll"])
+    for url, why in [("http://", "no host"), ("https:///hook", "no host"), ("http://line:port/", "Invalid port")]:
+        with pytest.raises(ValueError, match=f"webhook '{url}' is not a URL to POST to \\({why}"):
+            Alerter(webhooks=[url])

@@ -21,6 +21,31 @@ import httpx
 log = logging.getLogger("loomlens.watch")
 
 
+def _check_webhook(url: str) -> None:
+    """Refuse, at start, a webhook `url` no POST can reach (ValueError naming it and the fix):
+    not http(s), no host, a port that is no number. Taken, it failed only at the first defect,
+    after every retry, in a log line."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"webhook {url!r} is not an http:// or https:// URL")
+    try:
+        why = None if httpx.URL(url).host else "no host"
+    except httpx.InvalidURL as err:
+        why = str(err)
+    if why:
+        raise ValueError(f"webhook {url!r} is not a URL to POST to ({why}): give --webhook "
+                         "http(s)://host[:port]/path")
+
+
+def _split_command(command: str) -> list[str]:
+    """The program and arguments of an `--on-event` `command` (shell words, no shell), or
+    ValueError naming the option and the fix, where shlex's own says only "No closing quotation"."""
+    try:
+        return shlex.split(command)
+    except ValueError as err:
+        raise ValueError(f"--on-event {command!r} cannot be split into a program and its arguments ({err}): "
+                         "close its quotes, or quote a lone ' or \" as a shell would") from None
+
+
 class Alerter:
     """Sends each event to every webhook and command.
 
@@ -36,9 +61,8 @@ class Alerter:
     def __init__(self, *, webhooks: list[str] = (), commands: list[str] = (), retries: int = 3,
                  backoff_s: float = 1.0, timeout_s: float = 10.0, max_queue: int = 100):
         for url in webhooks:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"webhook {url!r} is not an http:// or https:// URL")
-        self.commands = [shlex.split(c) for c in commands]
+            _check_webhook(url)
+        self.commands = [_split_command(c) for c in commands]
         if any(not c for c in self.commands):
             raise ValueError("an alert command is empty; give --on-event 'program args'")
         self.webhooks = list(webhooks)
