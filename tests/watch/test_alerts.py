@@ -76,3 +76,17 @@ def test_bad_alert_settings_are_refused() -> None:
     for url, why in [("http://", "no host"), ("https:///hook", "no host"), ("http://line:port/", "Invalid port")]:
         with pytest.raises(ValueError, match=f"webhook '{url}' is not a URL to POST to \\({why}"):
             Alerter(webhooks=[url])
+
+
+def test_a_failed_alert_is_logged_without_the_secrets_of_its_receiver(hook, caplog) -> None:
+    """A webhook's user:password, path token and query, and a command's arguments (a bearer
+    token) went into the log line of a failed alert, a file many can read."""
+    secret_hook = hook.replace("http://", "http://line:hunter2@") + "/T0KEN?key=s3cr3t"
+    command = f"{sys.executable} -c \"raise SystemExit(3)\" --token s3cr3t"
+    alerter = Alerter(webhooks=[secret_hook], commands=[command], retries=0)
+    alerter.send({"id": 1})
+    alerter.close(timeout_s=60)
+    assert (alerter.sent, alerter.failed) == (0, 2)
+    assert "hunter2" not in caplog.text and "s3cr3t" not in caplog.text and "T0KEN" not in caplog.text
+    assert f"alert to {hook.rsplit('/', 1)[0]}/... failed after 1 tries: HTTP 500" in caplog.text, caplog.text
+    assert f"alert to {sys.executable} failed after 1 tries: exit status 3" in caplog.text, caplog.text

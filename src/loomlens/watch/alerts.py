@@ -46,6 +46,26 @@ def _split_command(command: str) -> list[str]:
                          "close its quotes, or quote a lone ' or \" as a shell would") from None
 
 
+def _shown(url: str) -> str:
+    """A webhook `url` as a log line may show it: scheme, host and port, its user:password,
+    path and query (where a hook's token sits) left out as `/...`."""
+    parts = httpx.URL(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.host}{port}/..."
+
+
+def _why(exc: BaseException) -> str:
+    """Why a delivery failed, without what it was sent to (httpx's and subprocess's own
+    messages repeat the URL or the command's arguments, tokens included)."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}"
+    if isinstance(exc, subprocess.CalledProcessError):
+        return f"exit status {exc.returncode}"
+    if isinstance(exc, subprocess.TimeoutExpired):
+        return f"no answer within {exc.timeout:g} s"
+    return str(exc) or type(exc).__name__  # a connection's or the OS's own words: no URL in them
+
+
 class Alerter:
     """Sends each event to every webhook and command.
 
@@ -105,7 +125,7 @@ class Alerter:
             except (httpx.HTTPError, OSError, subprocess.SubprocessError) as exc:
                 if attempt == self.retries:
                     self.failed += 1
-                    log.warning("alert to %s failed after %d tries: %s", what, attempt + 1, exc)
+                    log.warning("alert to %s failed after %d tries: %s", what, attempt + 1, _why(exc))
                     return
                 time.sleep(self.backoff_s * 2 ** attempt)
 
@@ -117,7 +137,7 @@ class Alerter:
                 return
             body = json.dumps(payload)
             for url in self.webhooks:
-                self._deliver(url, lambda u=url: self._post(u, body))
+                self._deliver(_shown(url), lambda u=url: self._post(u, body))
             for args in self.commands:
                 self._deliver(args[0], lambda a=args: self._run_command(a, body))
             self._queue.task_done()
