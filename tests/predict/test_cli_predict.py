@@ -176,6 +176,17 @@ def test_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_phrase_too_long_for_the_model_is_one_line_error_before_any_picture(tmp_path):
+    """It was an IndexError traceback from deep in the model, on the first picture."""
+    Image.new("RGB", (96, 64)).save(tmp_path / "im.png")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "im.png"), "--out", str(tmp_path / "out"),
+                                      "--model", "tiny", "--task", "phrase_grounding", "--text", "drop " * 100])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # no traceback
+    assert "is too long for this model: with the picture it takes 366 positions of the 321" in output, output
+    assert not (tmp_path / "out" / "problems.json").exists()  # the text is wrong, not the picture
+
+
 def test_a_run_that_reads_no_input_leaves_the_earlier_results_and_names_the_bad_ones(tmp_path):
     Image.new("RGB", (96, 64)).save(tmp_path / "im.png")
     out = tmp_path / "out"

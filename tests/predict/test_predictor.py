@@ -50,6 +50,12 @@ def test_bad_inputs_are_refused_clearly(predictor, image):
         predictor.predict([image], task="phrase_grounding")
     with pytest.raises(ValueError, match="inside"):
         predictor.predict([image], task="region_to_category", text="0,0,999,10")
+    # a phrase longer than the encoder's positions (321 for the tiny model, with its 257 picture
+    # tokens) failed deep in the model with "IndexError: index out of range in self"
+    predictor.predict([image], task="phrase_grounding", text="drop " * 55)  # 321 positions: the most
+    with pytest.raises(ValueError, match=r"with the picture it takes 322 positions of the 321 this model's "
+                                         r"encoder has: shorten it by at least 1 token"):
+        predictor.predict([image], task="phrase_grounding", text="drop " * 56)
 
 
 def test_score_threshold_and_region_rules_filter_boxes(predictor, image, monkeypatch, fixed_detections):

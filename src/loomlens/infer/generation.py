@@ -189,6 +189,18 @@ def decoder_limit(model) -> int:
     return int(model.config.text_config.max_position_embeddings) - 2
 
 
+def encoder_limit(model) -> int:
+    """The most positions (the prompt's tokens and the picture's) the encoder's table holds:
+    past it, the model fails deep in its embeddings ("IndexError: index out of range")."""
+    return int(model.config.text_config.max_position_embeddings)
+
+
+def encoder_positions(processor, prompt: str) -> int:
+    """The encoder positions `prompt` takes with a picture: the question the processor words it
+    as, in tokens, and the picture's tokens (any picture: their count is fixed)."""
+    return len(processor(text=[prompt], images=[Image.new("RGB", (8, 8))])["input_ids"][0])
+
+
 def _trim(ids: list[int], logprobs: list[float], eos_id: int, pad_id: int) -> tuple[list[int], list[float]]:
     """Cut a generated row after its first `</s>`; a row that hit the limit loses its padding."""
     end = ids.index(eos_id) + 1 if eos_id in ids else len(ids)

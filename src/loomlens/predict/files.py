@@ -317,8 +317,10 @@ def predict_files(
     `problems.json` and the summary's `problems`; pictures predicted with something to know
     (`LabelsOut.add`) in `problems.json` and its `notices`. Returns a summary: counts, problems,
     notices, the files written.
-    Raises ValueError for options no picture could be predicted with (`check_options`)."""
+    Raises ValueError for options no picture could be predicted with (`check_options`,
+    `Predictor.check_text`)."""
     check_options(task, text, tile, save_labels)
+    predictor.check_text(task, text)  # a phrase too long for the model: said once, not once a picture
     out = Path(out)
     problems: list[Problem] = []
     files = expand_inputs(inputs, exclude=own_outputs(out, labels_out), on_problem=problems.append)

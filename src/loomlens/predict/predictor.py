@@ -31,7 +31,7 @@ from loomlens.data.sanitize import to_rgb
 from loomlens.data.tasks import TASKS, Task, get_task, prompt
 from loomlens.data.tiles import tile_windows
 from loomlens.infer.detection import Detection, answer_probability, batched, detect_with_details
-from loomlens.infer.generation import generate
+from loomlens.infer.generation import encoder_limit, encoder_positions, generate
 from loomlens.infer.loading import load_for_inference
 from loomlens.infer.onnx_runtime import load_onnx_export
 from loomlens.infer.tiling import mid_windows, should_tile, tiled_detect
@@ -243,9 +243,11 @@ class Predictor:
         `time.monotonic()` value): past it, DeadlineExceeded is raised between model calls.
         `between()` is called after each batch of looks at a tiled frame's crops (a server runs
         small requests there).
-        Raises ValueError for an unknown task or a missing/unreadable `text`.
+        Raises ValueError for an unknown task or a missing/unreadable `text`, or a phrase too long
+        for the model (`check_text`).
         """
         spec = get_task(task)
+        self.check_text(spec.name, text)
         pictures = [_open(im) for im in images]
         for im in pictures:
             prompt(spec, text, im.width, im.height)  # refuse bad input before any work
@@ -257,6 +259,23 @@ class Predictor:
         for r in results:
             r.trained = trained
         return results
+
+    def check_text(self, task: str, text: str | None) -> None:
+        """Refuse, before any picture, a phrase (`text` of a task that takes one) whose prompt
+        and the picture's tokens take more encoder positions than the model has: ValueError
+        saying both counts and by how much to shorten it, where the model would fail on the
+        first picture with an IndexError."""
+        spec = get_task(task)
+        if spec.needs != "text" or not (text or "").strip():
+            return
+        used = encoder_positions(self.loaded.processor, prompt(spec, text, self.input_edge, self.input_edge))
+        limit = encoder_limit(self.loaded.model)
+        if used > limit:
+            over = used - limit
+            shown = text.strip() if len(text.strip()) <= 40 else text.strip()[:40] + "..."
+            raise ValueError(f"the text {shown!r} is too long for this model: with the picture it takes {used} "
+                             f"positions of the {limit} this model's encoder has: shorten it by at least {over} "
+                             f"token{'s' if over > 1 else ''}")
 
     def _detect(self, spec: Task, images: list[Image.Image], text: str | None,
                 after_batch: Callable[[], None] | None = None):
