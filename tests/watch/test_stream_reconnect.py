@@ -105,3 +105,21 @@ def test_stream_credentials_stay_out_of_the_record() -> None:
     assert redact("rtsp://admin:s3cret@10.0.0.5:554/live?x=1") == "rtsp://10.0.0.5:554/live?x=1"
     assert redact("http://cam/a@b.mjpg") == "http://cam/a@b.mjpg"  # an @ in the path is no login
     assert default_camera("rtsp://admin:s3cret@cam-3/stream") == "cam-3-stream"
+
+
+def test_a_stream_given_up_on_is_a_failed_source_not_a_watch_that_ended_well(tmp_path) -> None:
+    """A camera off or a wrong URL: after --max-reconnects the watch ended with exit 0 and
+    "0 frames, 0 events", as if the line had been watched; a service manager saw success."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    source = open_source(f"http://operator:pw@127.0.0.1:{port}/line.mjpg", camera="loom9", fps=10,
+                         max_reconnects=1, timeout_s=2)
+    store = EventStore(tmp_path / "events.db")
+    stats = Watcher(sources=[source], detect=bright_boxes, store=store).run(threading.Event())
+    assert stats["frames"] == 0 and list(stats["failed"]) == ["loom9"]
+    assert stats["failed"]["loom9"].startswith(f"http://127.0.0.1:{port}/line.mjpg: gave up after 2 failed "
+                                               "connection(s) in a row, no frame ever read"), stats["failed"]
+    store.close()

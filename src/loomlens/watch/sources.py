@@ -321,6 +321,7 @@ class LiveSource:
         self._lock = threading.Lock()
         self._latest: tuple[object, datetime] | None = None
         self._ended = False
+        self._gave_up: str | None = None  # why the reader stopped trying, once it has
         self._stop = threading.Event()
         self._count = 0
         self._thread = threading.Thread(target=self._run, name=f"loomlens-watch-{camera}", daemon=True)
@@ -350,21 +351,23 @@ class LiveSource:
             yield
 
     def _run(self) -> None:
-        failures = 0
+        failures, ever = 0, False
         while not self._stop.is_set():
             capture = self._open()
             got = False
             try:
                 if capture.isOpened():
                     for _ in self._read(capture):
-                        got, failures = True, 0
+                        got, failures, ever = True, 0, True
             finally:
                 capture.release()
             if self._stop.is_set():
                 break
             failures += not got
             if self.max_reconnects is not None and failures > self.max_reconnects:
-                log.warning("%s: gave up after %d failed reconnects", self.name, self.max_reconnects)
+                self._gave_up = (f"{self.name}: gave up after {failures} failed connection(s) in a row"
+                                 f"{'' if ever else ', no frame ever read'}: check that the camera is on and "
+                                 "its address is right (--max-reconnects sets how many tries)")
                 break
             wait = min(30.0, self.backoff_s * 2 ** max(0, failures - 1))
             log.warning("%s: stream dropped; reconnecting in %.1f s", self.name, wait)
@@ -375,10 +378,13 @@ class LiveSource:
 
     def poll(self) -> Frame | None | object:
         """The newest frame not handed out yet, None when there is none, END once the reader
-        gave up."""
+        stopped (`close`). Raises ValueError saying why once it gave up (`max_reconnects`): a
+        camera off or a wrong address is a failed source, not a watch that ended well."""
         with self._lock:
             latest, self._latest, ended = self._latest, None, self._ended
         if latest is None:
+            if ended and self._gave_up:
+                raise ValueError(self._gave_up)
             return END if ended else None
         bgr, at = latest
         self._count += 1
