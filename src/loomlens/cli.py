@@ -290,7 +290,7 @@ def serve(
         None, help="Base model: tiny or tiny-hr (embedded), base, large, a hub id or a folder (default: the adapter's base, else tiny)."),
     adapter: str | None = typer.Option(None, "--adapter", "--run", help="A training run folder (or adapter folder) to attach."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the server to the network."),
-    port: int = typer.Option(7860, help="TCP port."),
+    port: int = typer.Option(7860, min=1, max=65535, help="TCP port."),
     api_key: str | None = typer.Option(
         None, envvar="LOOMLENS_API_KEY", show_envvar=True,
         help="Require this key on /v1/* (Authorization: Bearer KEY or X-API-Key) and as the page's password."),

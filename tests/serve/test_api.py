@@ -289,3 +289,20 @@ def test_cli_help_lists_serve_options():
     for flag in ("--model", "--adapter", "--host", "--port", "--api-key", "LOOMLENS_API_KEY",
                  "--max-queue", "--max-body-mb", "127.0.0.1", "7860"):
         assert flag in out.stdout, flag
+
+
+def test_a_port_no_socket_can_take_is_refused_before_the_model_loads(monkeypatch):
+    """--port 70000 loaded the model, printed a URL with that port and ended in uvicorn's
+    OverflowError traceback."""
+    from typer.testing import CliRunner
+
+    import loomlens.predict
+    from loomlens.cli import app
+
+    def never(**_):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(loomlens.predict, "Predictor", never)
+    for port in ("70000", "-1", "0"):
+        result = CliRunner().invoke(app, ["serve", "--no-page", "--port", port])
+        assert result.exit_code == 2 and "Invalid value for '--port'" in result.output, result.output
