@@ -91,6 +91,18 @@ def test_eval_names_a_true_box_it_cannot_read_instead_of_scoring_its_frame_as_de
     assert not (tmp_path / "eval").exists()
 
 
+def test_a_report_folder_that_cannot_be_made_is_a_one_line_error(tmp_path):
+    """`--out afile/report` ended in a NotADirectoryError traceback."""
+    synthesize(tmp_path / "raw", images=2, seed=1, size=(160, 90))
+    convert(tmp_path / "raw", tmp_path / "data", val_fraction=0.5)
+    (tmp_path / "afile").write_text("x")
+    result = CliRunner().invoke(app, ["eval", "--data", str(tmp_path / "data"), "--model", "tiny",
+                                      "--out", str(tmp_path / "afile" / "report")])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # no traceback
+    assert f"the report folder {tmp_path / 'afile' / 'report'} (--out) cannot be made (Not a directory)" in output
+
+
 def test_eval_reads_the_seeds_samples_without_sizes(tmp_path):
     from PIL import Image
 

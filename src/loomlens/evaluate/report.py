@@ -242,7 +242,11 @@ def write_report(
     images = od_images(jsonl, max_images, frames_only=tile is not None)
     if not images:
         raise ValueError(f"{jsonl} has no <OD> sample to evaluate; convert the data with the od task")
-    output_folder(out)
+    try:
+        output_folder(out)
+    except OSError as err:  # a file where a parent folder should be, no permission
+        raise ValueError(f"the report folder {out} (--out) cannot be made ({err.strerror or err}): give a folder "
+                         "path whose parents are folders you can write to") from None
     run = run_split(model, processor, images, classes, batch_size, max_boxes, constrained, tile, views)
     truth = [e.truth for e in run.images]
     coco = split_metrics(run, classes)
