@@ -667,6 +667,29 @@ def demo_command(
     typer.echo(f"report: {report}; curves: {out / 'run' / 'curves'}")
 
 
+def _eval_split(data: Path, split: str) -> Path:
+    """The split file `eval` reads: `data` itself when it is a .jsonl, else `data/SPLIT.jsonl`.
+    Fails naming the fix for a split that is not there, a `--split` no folder holds, and a
+    `--split` other than val (the default) that names another split than the file given: that
+    file would be evaluated, and reported, in its place."""
+    if data.suffix == ".jsonl":
+        if split not in ("val", data.stem):
+            raise _fail(f"--split {split} names another split than the file {data}: give the folder with --split "
+                        f"{split}, or that split's own .jsonl file")
+        if not data.is_file():
+            raise _fail(f"no split file at {data}; give a .jsonl that `loomlens convert` wrote, or its folder")
+        return data
+    if split not in ("train", "val", "test"):
+        raise _fail(f"--split takes val or test (or train), not {split!r}")
+    jsonl = data / f"{split}.jsonl"
+    if not jsonl.exists():
+        fix = ("convert into a new folder with a test split (`loomlens convert SRC NEW --test-fraction 0.2`) and "
+               "train on that: a test split drawn after training would hold images the run trained on"
+               if split == "test" else f"make one with `loomlens convert SRC {data}`")
+        raise _fail(f"no split at {jsonl}; {fix}")
+    return jsonl
+
+
 @app.command("eval")
 def eval_command(
     data: Path = typer.Option(..., help="Folder written by `loomlens convert`, or one of its .jsonl splits."),
@@ -699,14 +722,7 @@ def eval_command(
     from loomlens.infer.tta import check_tta, choose_views
     from loomlens.model.loader import ModelLoadError
 
-    if data.suffix != ".jsonl" and split not in ("train", "val", "test"):
-        raise _fail(f"--split takes val or test (or train), not {split!r}")
-    jsonl = data if data.suffix == ".jsonl" else data / f"{split}.jsonl"
-    if not jsonl.exists():
-        fix = ("convert into a new folder with a test split (`loomlens convert SRC NEW --test-fraction 0.2`) and "
-               "train on that: a test split drawn after training would hold images the run trained on"
-               if jsonl.stem == "test" else f"make one with `loomlens convert SRC {data}`")
-        raise _fail(f"no split at {jsonl}; {fix}")
+    jsonl = _eval_split(data, split)
     adapter = Path(checkpoint) if checkpoint not in ("best", "last") else run
     try:  # the model as `predict` runs it
         check_tta(tta)  # before the model loads, as is the split (its images and true boxes)

@@ -103,6 +103,22 @@ def test_a_report_folder_that_cannot_be_made_is_a_one_line_error(tmp_path):
     assert f"the report folder {tmp_path / 'afile' / 'report'} (--out) cannot be made (Not a directory)" in output
 
 
+def test_a_split_file_given_is_named_plainly_and_never_stands_in_for_another_split(tmp_path):
+    """`--data val.jsonl --split test` evaluated val.jsonl and wrote eval-val without a word;
+    a missing `x.jsonl` was to be made with `loomlens convert SRC x.jsonl`, a folder path."""
+    synthesize(tmp_path / "raw", images=2, seed=1, size=(160, 90))
+    convert(tmp_path / "raw", tmp_path / "data", val_fraction=0.5)
+    val = tmp_path / "data" / "val.jsonl"
+    result = CliRunner().invoke(app, ["eval", "--data", str(val), "--split", "test", "--model", "tiny",
+                                      "--out", str(tmp_path / "eval")])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"--split test names another split than the file {val}" in output, output
+    missing = tmp_path / "data" / "holdout.jsonl"
+    result = CliRunner().invoke(app, ["eval", "--data", str(missing), "--model", "tiny", "--out", str(tmp_path / "eval")])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"no split file at {missing}" in output and "convert SRC" not in output, output
+
+
 def test_eval_reads_the_seeds_samples_without_sizes(tmp_path):
     from PIL import Image
 
