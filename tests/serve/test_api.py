@@ -306,3 +306,41 @@ def test_a_port_no_socket_can_take_is_refused_before_the_model_loads(monkeypatch
     for port in ("70000", "-1", "0"):
         result = CliRunner().invoke(app, ["serve", "--no-page", "--port", port])
         assert result.exit_code == 2 and "Invalid value for '--port'" in result.output, result.output
+
+
+def test_a_request_past_its_deadline_leaves_no_lost_exception_in_the_log(caplog):
+    """A 504'd request's job still failed later, in the worker (it stops at its next model
+    call), and asyncio logged that late failure as "Future exception was never retrieved" with a
+    whole traceback: an operator read a crash into every timed-out large frame."""
+    import gc
+    import io
+    import threading
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from loomlens.serve import ServeSettings, create_app
+
+    released = threading.Event()
+
+    class Slow:
+        def info(self) -> dict:
+            return {}
+
+        def model_inputs(self, *_) -> int:
+            return 1
+
+        def predict(self, images, **_):
+            released.wait(30)
+            raise TimeoutError("the prediction ran past its compute deadline")
+
+    frame = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(frame, "PNG")
+    with TestClient(create_app(Slow(), ServeSettings(page=False, request_timeout_s=0.2))) as client:
+        answer = client.post("/v1/predict", files={"image": ("f.png", frame.getvalue())})
+        assert answer.status_code == 504 and answer.json()["error"]["code"] == "timeout"
+        released.set()
+        assert client.get("/healthz").json()["queue"]["failed"] in (0, 1)
+        threading.Event().wait(0.3)  # the worker fails the job after the answer
+    gc.collect()
+    assert "never retrieved" not in caplog.text, caplog.text

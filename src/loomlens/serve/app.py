@@ -186,12 +186,24 @@ class Service:
         image, options, size, cost = await run_in_threadpool(self.prepare, data, task, text, tile, score_threshold)
         job = self._submit(image, options, cost)
         del image
+        answer = asyncio.wrap_future(job.future)
         try:
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), self.settings.request_timeout_s)
+            await asyncio.wait_for(asyncio.shield(answer), self.settings.request_timeout_s)
         except Exception as exc:
-            job.future.cancel()  # a job still waiting is dropped; a running one stops at its deadline
             raise self._predict_error(exc) from None
+        finally:
+            if not answer.done():  # timed out, or the client went away: its outcome is no one's
+                job.future.cancel()  # a job still waiting is dropped; a running one stops at its deadline
+                answer.add_done_callback(_unheard)
         return self._shape(job, size)
+
+
+def _unheard(answer: asyncio.Future) -> None:
+    """Take the late outcome of a request already answered (a 504, a client gone): a running
+    job fails at its deadline after that, and asyncio would log its exception, unread, as
+    "Future exception was never retrieved" with a whole traceback."""
+    if not answer.cancelled():
+        answer.exception()
 
 
 async def _send_error(send, err: InputError) -> None:
