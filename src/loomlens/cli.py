@@ -1055,6 +1055,7 @@ def watch_command(
     from loomlens.infer.tta import check_tta
     from loomlens.model.loader import ModelLoadError
     from loomlens.predict import Predictor
+    from loomlens.predict.files import check_options
     from loomlens.watch import Alerter, DebounceSettings, Retention, Watcher, open_source, predictor_detector
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -1063,6 +1064,7 @@ def watch_command(
     opened, alerts = [], None
     try:
         check_tta(tta)  # before any source opens
+        check_options("od", None, tile, regions=regions)  # --tile and --regions too
         debounce = DebounceSettings(k=k, n=n, m=m, iou=iou)
         alerts = Alerter(webhooks=webhook, commands=on_event)
         for i, spec in enumerate(sources):  # before the database: a missing source leaves no empty one behind
@@ -1072,10 +1074,9 @@ def watch_command(
         retention = Retention(media, keep_days=keep_days or None, keep_mb=keep_mb or None)
         predictor = Predictor(model=model, adapter=adapter, device=_device(device), checkpoint=checkpoint,
                               regions=regions, precision=precision, max_tiles=max_tiles, backend=backend, tta=tta)
-        watcher = Watcher(sources=opened, detect=predictor_detector(predictor, tile=tile,
-                                                                    score_threshold=score_threshold,
-                                                                    flag_threshold=flag_threshold),
-                          store=store, media=media, debounce=debounce, alerts=alerts, retention=retention)
+        detect = predictor_detector(predictor, tile=tile, score_threshold=score_threshold, flag_threshold=flag_threshold)
+        watcher = Watcher(sources=opened, detect=detect, store=store, media=media, debounce=debounce, alerts=alerts,
+                          retention=retention)
     except (FileNotFoundError, ValueError, RuntimeError, ModelLoadError) as err:
         for source in opened:
             source.close()

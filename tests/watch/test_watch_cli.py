@@ -48,6 +48,14 @@ def test_watch_refuses_bad_sources_and_settings(line_video, tmp_path) -> None:
     tta = runner.invoke(app, ["watch", str(tmp_path / "nope.mp4"), "--db", str(tta_db), "--tta", "mirror"])
     assert tta.exit_code == 1 and "--tta must be one of auto, on, off" in tta.output
     assert not tta_db.exists()
+    # --tile and --regions too: --tile maybe made the database, loaded the model, and stopped the
+    # watch at its first frame (a live camera's, after the line had started)
+    tile = runner.invoke(app, ["watch", str(tmp_path / "nope.mp4"), "--db", str(tta_db), "--tile", "maybe"])
+    assert tile.exit_code == 1 and "--tile must be one of auto, on, off" in tile.output, tile.output
+    rules = runner.invoke(app, ["watch", str(tmp_path / "nope.mp4"), "--db", str(tta_db), "--regions",
+                                str(tmp_path / "nope.yaml")])
+    assert rules.exit_code == 1 and "nope.yaml cannot be read" in rules.output, rules.output
+    assert not tta_db.exists()
 
     # a camera id names the folder of its event pictures: one with a path in it wrote them
     # outside --media (`../x`, `/x`), where retention never looks
