@@ -187,6 +187,17 @@ def test_a_phrase_too_long_for_the_model_is_one_line_error_before_any_picture(tm
     assert not (tmp_path / "out" / "problems.json").exists()  # the text is wrong, not the picture
 
 
+def test_constrained_without_class_names_is_one_option_error_not_every_picture_unreadable(tmp_path):
+    """A bare model has no classes for the grammar: each picture was listed as a problem and the
+    run ended "no input could be read", blaming good pictures for an option."""
+    Image.new("RGB", (96, 64)).save(tmp_path / "im.png")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "im.png"), "--out", str(tmp_path / "out"),
+                                      "--model", "tiny", "--constrained"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and "--constrained needs the class names" in output, output
+    assert "could be read" not in output and not (tmp_path / "out").exists()
+
+
 def test_a_run_that_reads_no_input_leaves_the_earlier_results_and_names_the_bad_ones(tmp_path):
     Image.new("RGB", (96, 64)).save(tmp_path / "im.png")
     out = tmp_path / "out"

@@ -136,7 +136,8 @@ class Predictor:
     nearly wrote for it, as `loomlens eval` counts them (`detect_with_details`), for scoring the
     predictions with another mAP tool; off (the default), a place has one label, as drawings,
     labelling tools and the line want. Raises FileNotFoundError for an adapter folder with no
-    adapter and ValueError for a bad precision or tta, or a base the adapter does not fit.
+    adapter and ValueError for a bad precision or tta, a base the adapter does not fit, or
+    `constrained` without class names.
     """
 
     def __init__(
@@ -180,6 +181,9 @@ class Predictor:
         self.overlap = overlap
         self.max_tiles = max_tiles
         self.constrained = bool(self.loaded.classes) if constrained is None else constrained
+        if self.constrained and not self.loaded.classes:  # said once, not as every picture's problem
+            raise ValueError("--constrained needs the class names the grammar spells (a run's classes.txt): give "
+                             "--run, or leave --constrained out")
         self.views = choose_views(tta, self.loaded.views)
         self.other_labels = other_labels
         self.text_tokens = text_tokens
