@@ -26,7 +26,7 @@ from loomlens.data.jsonl import read_lines, validate_split
 from loomlens.data.paste import by_class, cut_patch, draw_donor, paste
 from loomlens.data.records import Box
 from loomlens.data.sampling import Balance, Labels, balanced_batches
-from loomlens.data.sanitize import to_rgb
+from loomlens.data.sanitize import read_rgb, to_rgb
 from loomlens.data.tasks import CONVERTIBLE, REGISTRY
 from loomlens.data.tiles import exceeds, hidden_by_squeeze, is_large
 
@@ -233,8 +233,7 @@ class FlorenceDataset(torch.utils.data.Dataset):
         use while the cache has room."""
         if image in self._pictures:
             return self._pictures[image]
-        with Image.open(image) as im:
-            picture = to_rgb(im)
+        picture = read_rgb(image)
         width, height = picture.size
         limit = WORK_SCALE * self.edge
         if self.crop_window is None and max(width, height) > limit:

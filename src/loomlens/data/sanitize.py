@@ -286,6 +286,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(grey).convert("RGB")
 
 
+def read_rgb(path: str | Path) -> Image.Image:
+    """The picture at `path` as 8-bit RGB (`to_rgb`), its file closed once read: a split or a
+    folder of thousands of frames holds no open files until the collector comes."""
+    with Image.open(path) as image:
+        return to_rgb(image)
+
+
 def image_size(
     path: Path, declared: tuple[int, int] | None, file: str, line: int | None = None
 ) -> tuple[tuple[int, int] | None, Problem | None]:

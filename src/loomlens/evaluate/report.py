@@ -22,7 +22,7 @@ from loomlens.data.atomic import atomic_write, output_folder
 from loomlens.data.florence_text import parse_text
 from loomlens.data.jsonl import SplitError, read_lines, validate_split
 from loomlens.data.records import Box, Problem
-from loomlens.data.sanitize import open_image, to_rgb
+from loomlens.data.sanitize import open_image, read_rgb
 from loomlens.data.tiles import TILES_DIR
 from loomlens.data.yolo import CLASSES_FILE, read_class_names
 from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, match_image
@@ -88,13 +88,6 @@ def od_images(jsonl: Path, max_images: int | None = None, *, frames_only: bool =
     return out
 
 
-def _picture(path: Path) -> Image.Image:
-    """The image at `path` as 8-bit RGB, its file closed (a split of thousands of frames would
-    otherwise hold as many open files until the collector came)."""
-    with Image.open(path) as image:
-        return to_rgb(image)
-
-
 def run_split(
     model, processor, images: Sequence[EvalImage], classes: Sequence[str] = (), batch_size: int = INFER_BATCH_SIZE,
     max_boxes: int = 20, constrained: bool = False, tile: int | None = None, views: Sequence[str] = ("",),
@@ -118,7 +111,7 @@ def run_split(
 
     start, dropped = time.perf_counter(), 0
     for chunk in batched(images, batch_size):
-        pictures = [_picture(e.path) for e in chunk]
+        pictures = [read_rgb(e.path) for e in chunk]
         tiled = [tile is not None and should_tile(p.width, p.height, "auto", tile) for p in pictures]
         made.clear()
         detect([p for p, t in zip(pictures, tiled) if not t])
@@ -277,7 +270,7 @@ def write_report(
     worst = _worst(run, threshold, gallery_size)
     if worst:
         items = [
-            (run.images[i].path.name, _picture(run.images[i].path), run.images[i].truth, run.predicted[i])
+            (run.images[i].path.name, read_rgb(run.images[i].path), run.images[i].truth, run.predicted[i])
             for i in worst
         ]
         plots["Worst images"] = plot_gallery(items, out / "worst_images.png", threshold)

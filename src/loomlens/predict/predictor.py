@@ -27,7 +27,7 @@ from PIL import Image
 from loomlens.config import INFER_BATCH_SIZE
 from loomlens.data.florence_text import parse_polygons
 from loomlens.data.records import Box
-from loomlens.data.sanitize import to_rgb
+from loomlens.data.sanitize import read_rgb, to_rgb
 from loomlens.data.tasks import TASKS, Task, get_task, prompt
 from loomlens.data.tiles import tile_windows
 from loomlens.infer.detection import Detection, answer_probability, batched, detect_with_details
@@ -104,8 +104,7 @@ def _check(deadline: float | None) -> None:
 def _open(image: Image.Image | str | Path) -> Image.Image:
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    with Image.open(image) as im:
-        return to_rgb(im)
+    return read_rgb(image)
 
 
 class Predictor:
