@@ -146,3 +146,24 @@ def test_a_regex_group_that_takes_no_part_in_the_match_groups_by_the_match():
     records = [ImageRecord(name, 64, 48, []) for name in ("cam1/a.jpg", "cam2/b.jpg", "other/c.jpg")]
     assert group_keys(records, Path("."), r"regex:(cam\d)?/") == {"cam1/a.jpg": "cam1", "cam2/b.jpg": "cam2",
                                                                   "other/c.jpg": "/"}
+
+
+def test_a_split_whose_od_boxes_do_not_parse_is_refused_with_file_and_line(tmp_path):
+    """The check training's datasets and `eval` share: a hand-edited `drop<loc_10><loc_20>` would
+    train and score its frame as holding no defect."""
+    import json
+
+    from PIL import Image
+
+    from loomlens.data.jsonl import SplitError
+
+    Image.new("RGB", (64, 32)).save(tmp_path / "a.png")
+    good = {"image": "a.png", "prefix": "<OD>", "suffix": "drop<loc_1><loc_2><loc_30><loc_40>", "width": 64,
+            "height": 32}
+    caption = {**good, "prefix": "<CAPTION>", "suffix": "a loom<loc_1>"}  # not boxes: not parsed as boxes
+    torn = {**good, "suffix": "drop<loc_10><loc_20>"}
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(s) + "\n" for s in (good, caption, torn)))
+    with pytest.raises(SplitError) as caught:
+        validate_split(tmp_path / "val.jsonl")
+    assert [(p.line, p.message) for p in caught.value.problems] == [
+        (3, "the true boxes 'drop<loc_10><loc_20>' hold 1 part that is no box")]

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from loomlens.data.florence_text import parse_text
 from loomlens.data.records import Problem
 from loomlens.data.sanitize import BadImage, open_image
 
@@ -111,11 +112,26 @@ def _size(sample: dict, size: tuple[int, int]) -> tuple[str, str] | None:
     return None
 
 
+def _boxes(sample: dict, size: tuple[int, int]) -> tuple[str, str] | None:
+    """What is wrong with an `<OD>` sample's true boxes on an image of `size`, and the fix: a
+    part that is no box (`parse_text` drops it) would leave its frame scored, and trained, as
+    holding fewer defects, or none. None for a sound sample and for other tasks."""
+    if sample["prefix"] != "<OD>":
+        return None
+    dropped = parse_text(sample["suffix"], *size)[1]
+    if not dropped:
+        return None
+    return (f"the true boxes {sample['suffix'][:120]!r} hold {dropped} part{'s' if dropped > 1 else ''} that "
+            f"{'are' if dropped > 1 else 'is'} no box",
+            "write each box as its label and four <loc_N> (0..999, x1 <= x2, y1 <= y2), or convert again")
+
+
 def validate_split(path: str | Path, root: str | Path | None = None, limit: int = 20) -> list[dict]:
     """The samples of the split at `path`, each checked: valid JSON objects with the
     `REQUIRED` keys (and `OPTIONAL` ones) of the right types, whose image resolves inside
     the split's folder, the source `convert` recorded (see `allowed_roots`) or `root`, exists
-    and opens as an image (its header; each image once) of the sample's size (`_size`). Raises
+    and opens as an image (its header; each image once) of the sample's size (`_size`), and
+    whose `<OD>` boxes all parse (`_boxes`). Raises
     `SplitError` listing the first `limit` problems, every one as `file:line: what (fix)`."""
     path = Path(path)
     folder = path.parent.resolve()
@@ -129,7 +145,7 @@ def validate_split(path: str | Path, root: str | Path | None = None, limit: int 
             if name not in images:
                 images[name] = _image(name, folder, roots)
             found = images[name]
-            wrong = _size(sample, found) if isinstance(found[0], int) else found
+            wrong = (_size(sample, found) or _boxes(sample, found)) if isinstance(found[0], int) else found
         if wrong is None:
             samples.append(sample)
         else:

@@ -20,8 +20,8 @@ from PIL import Image
 from loomlens.config import INFER_BATCH_SIZE
 from loomlens.data.atomic import atomic_write, output_folder
 from loomlens.data.florence_text import parse_text
-from loomlens.data.jsonl import SplitError, read_lines, validate_split
-from loomlens.data.records import Box, Problem
+from loomlens.data.jsonl import validate_split
+from loomlens.data.records import Box
 from loomlens.data.sanitize import open_image, read_rgb
 from loomlens.data.tiles import TILES_DIR
 from loomlens.data.yolo import CLASSES_FILE, read_class_names
@@ -58,14 +58,11 @@ class EvalRun:
 def od_images(jsonl: Path, max_images: int | None = None, *, frames_only: bool = False) -> list[EvalImage]:
     """The `<OD>` samples of a converted split, true boxes parsed from their suffix;
     `frames_only` leaves out the tiles `convert --tile` cut (`tiles.TILES_DIR`). The split is
-    checked first (`validate_split`: a missing image, or one resized since conversion, raises
-    `SplitError` naming the file and line), and so is a sample whose true boxes hold a part
-    that is no box (`parse_text` drops it): its frame would be scored as holding fewer defects,
-    or none, than it does."""
+    checked first (`validate_split`: a missing image, one resized since conversion, or true
+    boxes that do not parse raise `SplitError` naming the file and line)."""
     jsonl = Path(jsonl)
-    validate_split(jsonl)
-    out, problems = [], []
-    for number, s in read_lines(jsonl):
+    out = []
+    for s in validate_split(jsonl):
         if s.get("prefix") != "<OD>" or (frames_only and s["image"].startswith(f"{TILES_DIR}/")):
             continue
         path = jsonl.parent / s["image"]
@@ -74,17 +71,9 @@ def od_images(jsonl: Path, max_images: int | None = None, *, frames_only: bool =
         else:  # the seed's samples give none: the locations are shares of the picture as it is
             with open_image(path) as im:
                 size = im.size
-        truth, dropped = parse_text(s["suffix"], *size)
-        if dropped:
-            problems.append(Problem(
-                file=str(jsonl), line=number, message=f"the true boxes {s['suffix'][:120]!r} hold {dropped} part"
-                f"{'s' if dropped > 1 else ''} that {'are' if dropped > 1 else 'is'} no box",
-                fix="write each box as its label and four <loc_N> (0..999, x1 <= x2, y1 <= y2), or convert again"))
-        out.append(EvalImage(path, truth))
+        out.append(EvalImage(path, parse_text(s["suffix"], *size)[0]))
         if max_images is not None and len(out) >= max_images:
             break
-    if problems:
-        raise SplitError(jsonl, problems, 20)
     return out
 
 
