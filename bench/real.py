@@ -123,6 +123,7 @@ def scores(truth: list[list], predicted: list[list], classes: list[str],
     as `evaluate` scores them (the answer probability where measured), and beside that by
     their best box alone (`_box`)."""
     from loomlens.evaluate.inspection import frame_score, image_level
+    from loomlens.evaluate.matching import placement
     from loomlens.evaluate.metrics import coco_metrics
 
     coco = coco_metrics(truth, predicted, classes)
@@ -137,38 +138,20 @@ def scores(truth: list[list], predicted: list[list], classes: list[str],
             "boxes": sum(map(len, predicted)), "placed": placement(truth, predicted)}
 
 
-#: The IoU bands `placement` counts the true boxes in, from the highest.
-PLACED_BANDS = ("named", "renamed", "near", "missed")
-
-
-def placement(truth: list[list], predicted: list[list]) -> dict[str, int]:
-    """Where the true boxes land, against the predicted boxes of their frame whatever their
-    score. `named`: one of its class at IoU >= 0.5; `renamed`: one of another class there;
-    `near`: the closest at IoU 0.3-0.5 (found, its edges off); `missed`: under 0.3. Says what
-    mAP50 loses to naming, to placement and to misses, which the AP alone does not."""
-    from loomlens.evaluate.matching import iou_matrix
-
-    counts = dict.fromkeys(PLACED_BANDS, 0)
-    for true, found in zip(truth, predicted):
-        overlaps = iou_matrix(true, found)
-        for i, box in enumerate(true):
-            own = max((o for o, f in zip(overlaps[i], found) if f.label == box.label), default=0.0)
-            closest = max(overlaps[i], default=0.0)
-            band = "named" if own >= 0.5 else "renamed" if closest >= 0.5 else "near" if closest >= 0.3 else "missed"
-            counts[band] += 1
-    return counts
-
-
 def placement_table(result: dict[str, Any]) -> list[Table]:
     """The true test boxes of each run's adapters by `placement` band (none for results saved
-    before it was counted)."""
-    rows = [[f"{r['name']} ({checkpoint})", *(str(r[checkpoint]["placed"][band]) for band in PLACED_BANDS)]
+    before it was counted; `-` under `centred` for those saved before it was a band)."""
+    from loomlens.evaluate.matching import PLACEMENT_BANDS
+
+    rows = [[f"{r['name']} ({checkpoint})", *(str(r[checkpoint]["placed"].get(band, "-")) for band in PLACEMENT_BANDS)]
             for r in result["runs"] for checkpoint in ("best", "last") if "placed" in r[checkpoint]]
     if not rows:
         return []
     return [Table("Where the true test boxes land", ["run", "IoU >= 0.5, its class", "IoU >= 0.5, another class",
-                                                    "IoU 0.3-0.5", "under 0.3"], rows,
-                  ["each true box against the predicted box of its frame that overlaps it most, any label or score"])]
+                                                    "IoU 0.3-0.5", "under 0.3, a box centred on it", "missed"], rows,
+                  ["each true box against the predicted boxes of its frame, any label or score: the one that overlaps "
+                   "it most, else one whose centre lies on it (grown by 2 px); `-`: saved before that band, counted "
+                   "as missed"])]
 
 
 #: The columns `score_cells` fills, and what they mean.

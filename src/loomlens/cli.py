@@ -717,7 +717,8 @@ def eval_command(
     from rich.table import Table
 
     from loomlens.evaluate.inspection import summary_line
-    from loomlens.evaluate.report import od_images, write_report
+    from loomlens.evaluate.report import od_images, placement_text, write_report
+    from loomlens.evaluate.thresholds import threshold_text
     from loomlens.infer.loading import load_for_inference
     from loomlens.infer.tta import check_tta, choose_views
     from loomlens.model.loader import ModelLoadError
@@ -760,6 +761,8 @@ def eval_command(
         located = metrics["located"]
         typer.echo(f"defects found and placed, their names set aside: mAP50 {located['map50']:.3f}, "
                    f"mAP50-95 {located['map50_95']:.3f}")
+        typer.echo(f"true boxes at score >= {threshold_text(metrics['best_threshold'])}: "
+                   f"{placement_text(metrics['placement']['at_threshold'])}")
     typer.echo(f"OK/NG by the defect probability: {summary_line(frames)}")
     typer.echo(f"report: {out / 'report.md'}")
 

@@ -261,22 +261,19 @@ def test_real_scores_rank_frames_by_answer_probability_and_show_the_box_ranking_
     assert real.score_cells(old)[2:8] == ["-", "-", "-", "-", "0.700", "0.150"]  # no val figures either
 
 
-def test_placement_says_whether_a_true_box_was_named_renamed_near_or_missed():
+def test_placement_table_counts_each_adapters_true_boxes_by_band():
     from bench import real
     from loomlens.data.records import Box
 
-    truth = [[Box("a", 0, 0, 10, 10), Box("b", 50, 50, 60, 60), Box("a", 100, 100, 104, 103),
-              Box("b", 200, 200, 210, 210)], [Box("c", 0, 0, 5, 5)], []]
-    predicted = [[Box("b", 0, 0, 10, 10, 0.9), Box("a", 0, 0, 10, 11, 0.2),  # its own class too, lower: named
-                  Box("a", 50, 50, 60, 60, 0.5),  # the right place, another name: renamed
-                  Box("a", 100, 100, 106, 104, 0.1),  # IoU 12 / 24: named, whatever the score
-                  Box("b", 202, 202, 212, 212, 0.8)],  # IoU 64 / 136: near
-                 [], [Box("a", 1, 1, 2, 2, 0.3)]]  # nothing on the frame with the true box; a box on a clean one
-    assert real.placement(truth, predicted) == {"named": 2, "renamed": 1, "near": 1, "missed": 1}
+    truth = [[Box("a", 0, 0, 10, 10), Box("b", 50, 50, 60, 60)], [Box("c", 0, 0, 5, 5)]]
+    predicted = [[Box("a", 0, 0, 10, 10, 0.9), Box("a", 50, 50, 60, 60, 0.5)], []]
     got = real.scores(truth, predicted, ["a", "b", "c"])
     run = {"name": "default", "best": got, "last": {**got, "placed": {**got["placed"], "named": 0}}}
     (table,) = real.placement_table({"runs": [run]})
-    assert [row[1:] for row in table.rows] == [["2", "1", "1", "1"], ["0", "1", "1", "1"]]
+    assert [row[1:] for row in table.rows] == [["1", "1", "0", "0", "1"], ["0", "1", "0", "0", "1"]]
+    before = {**got, "placed": {"named": 1, "renamed": 1, "near": 0, "missed": 1}}  # saved before `centred`
+    (table,) = real.placement_table({"runs": [{"name": "default", "best": before, "last": before}]})
+    assert table.rows[0][1:] == ["1", "1", "0", "-", "1"]
     old = {k: v for k, v in got.items() if k != "placed"}  # a result saved before it was counted
     assert real.placement_table({"runs": [{"name": "default", "best": old, "last": old}]}) == []
 

@@ -23,6 +23,7 @@ def test_eval_command_writes_the_report(tmp_path):
     assert "OK/NG by the defect probability: AUROC" in result.output  # with the score for each rate, if any
     assert (f"their names set aside: mAP50 {metrics['located']['map50']:.3f}" in result.output) == bool(
         metrics["gt_boxes"])  # no true box: no AP to give
+    assert ("true boxes at score >= " in result.output) == bool(metrics["gt_boxes"])
     assert metrics["constrained"] is False  # a bare model has no classes: the free form
     assert metrics["tile"] is None  # nor a crop: whole frames
     assert metrics["views"] == [""]  # nor mirrors it learnt: each image looked at once

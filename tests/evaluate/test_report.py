@@ -11,8 +11,9 @@ import pytest
 from loomlens.data.convert import convert
 from loomlens.data.records import Box
 from loomlens.data.synth import synthesize
-from loomlens.evaluate.matching import best_threshold, confusion_matrix, match_image
-from loomlens.evaluate.report import EvalImage, EvalRun, _markdown, evaluate_jsonl, split_metrics, write_report
+from loomlens.evaluate.matching import best_threshold, confusion_matrix, match_image, placement
+from loomlens.evaluate.report import (EvalImage, EvalRun, _markdown, evaluate_jsonl, placement_text, split_metrics,
+                                      write_report)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,9 @@ def test_write_report_files_and_keys(tiny, split, tmp_path):
     assert "## Inspection (OK/NG per frame)" in report
     assert set(saved["located"]) == {"map50_95", "map50", "map75"}
     assert f"their names set aside: mAP50 {saved['located']['map50']:.3f}" in report
+    for counts in saved["placement"].values():  # every true box lands in one band, with every box and at the cut
+        assert sum(counts.values()) == saved["gt_boxes"]
+    assert f"with every box the model gave, {placement_text(saved['placement']['any_score'])}; at score" in report
     # The thresholds the report prints are the ones measured, every digit.
     assert float(re.search(r"Best F1 [\d.]+ at score >= ([^;]+);", report).group(1)) == saved["best_threshold"]
     line = re.search(r"All classes: .*", report).group(0)
@@ -84,6 +88,22 @@ def test_matching_prefers_higher_scores_and_same_class():
     m = match_image(truth, [box("drop", 1, 0.3), box("drop", 0, 0.9)])
     assert m.pairs == [(0, 1)] and m.false == [0]
     assert match_image(truth, [box("wrinkle", 0, 0.9)]).missed == [0]
+
+
+def test_placement_says_whether_a_true_box_was_named_renamed_near_centred_or_missed():
+    truth = [[Box("a", 0, 0, 10, 10), Box("b", 50, 50, 60, 60), Box("a", 100, 100, 104, 103),
+              Box("b", 200, 200, 210, 210), Box("a", 300, 300, 304, 303)], [Box("c", 0, 0, 5, 5)], []]
+    predicted = [[Box("b", 0, 0, 10, 10, 0.9), Box("a", 0, 0, 10, 11, 0.2),  # its own class too, lower: named
+                  Box("a", 50, 50, 60, 60, 0.5),  # the right place, another name: renamed
+                  Box("a", 100, 100, 106, 104, 0.1),  # IoU 12 / 24: named, whatever the score
+                  Box("b", 202, 202, 212, 212, 0.8),  # IoU 64 / 136: near
+                  Box("b", 299, 297, 307, 309, 0.4)],  # IoU 12 / 96, its centre (303, 303) on the 4x3 box: centred
+                 [Box("c", 6, 6, 9, 9, 0.9)], [Box("a", 1, 1, 2, 2, 0.3)]]  # beside it, centre 2.5 px out: missed
+    assert placement(truth, predicted) == {"named": 2, "renamed": 1, "near": 1, "centred": 1, "missed": 1}
+    # the boxes of "a" under 0.3 no longer count: the first true box only has "b" on it, the third none
+    assert placement(truth, predicted, threshold=0.3) == {"named": 0, "renamed": 2, "near": 1, "centred": 1,
+                                                          "missed": 2}
+    assert placement(truth, predicted, slack=3)["centred"] == 2  # (7.5, 7.5) is within 3 px of (0, 0, 5, 5)
 
 
 def test_best_threshold_cuts_off_low_scoring_false_positives():

@@ -25,7 +25,7 @@ from loomlens.data.records import Box
 from loomlens.data.sanitize import open_image, read_rgb
 from loomlens.data.tiles import TILES_DIR
 from loomlens.data.yolo import CLASSES_FILE, read_class_names
-from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, match_image
+from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, match_image, placement
 from loomlens.evaluate.inspection import frame_score, image_level, image_level_by_class, summary_line
 from loomlens.evaluate.metrics import evaluate_coco, located_metrics
 from loomlens.evaluate.plots import plot_confusion, plot_gallery, plot_pr_curves, plot_reliability
@@ -124,8 +124,9 @@ def split_metrics(run: EvalRun, classes: Sequence[str]):
     """What one pass over a split tells: the COCO evaluation (metrics and PR curves) and, in its
     metrics, `best_threshold`/`best_f1` (the F1-best cut), `empty_on_defects` (share of frames
     holding a defect that got no box at all: the sign of a collapse to "no defect"), `located`
-    (the mAPs with the boxes' names set aside, `located_metrics`) and `image_level` (OK/NG AUROC
-    and recall at false-alarm rates, overall and `per_class`)."""
+    (the mAPs with the boxes' names set aside, `located_metrics`), `placement` (where the true
+    boxes land, `matching.placement`, with every box given and at the best threshold) and
+    `image_level` (OK/NG AUROC and recall at false-alarm rates, overall and `per_class`)."""
     truth = [e.truth for e in run.images]
     coco = evaluate_coco(truth, run.predicted, classes)
     threshold, f1 = best_threshold(truth, run.predicted)
@@ -137,6 +138,8 @@ def split_metrics(run: EvalRun, classes: Sequence[str]):
     ok_ng["per_class"] = image_level_by_class(truth=truth, predicted=run.predicted)
     coco.metrics.update(best_threshold=threshold, best_f1=f1, empty_on_defects=empty,
                         located=located_metrics(truth, run.predicted), image_level=ok_ng,
+                        placement={"any_score": placement(truth, run.predicted),
+                                   "at_threshold": placement(truth, run.predicted, threshold=threshold)},
                         dropped_parts=run.dropped, seconds_per_image=run.seconds_per_image)
     return coco
 
@@ -154,6 +157,13 @@ def evaluate_jsonl(
     images = od_images(jsonl, max_images, frames_only=tile is not None)
     run = run_split(model, processor, images, classes, batch_size, max_boxes, tile=tile)
     return split_metrics(run, classes).metrics
+
+
+def placement_text(counts: dict[str, int]) -> str:
+    """`matching.placement`'s counts in words, for the report and the console."""
+    return (f"{counts['named']} found and named, {counts['renamed']} found under another name, {counts['near']} "
+            f"with their edges off (IoU 0.3-0.5), {counts['centred']} with a box centred on them but overlapping less, "
+            f"{counts['missed']} missed")
 
 
 def _worst(run: EvalRun, threshold: float, count: int) -> list[int]:
@@ -179,6 +189,11 @@ def _markdown(metrics: dict, plots: dict[str, str], title: str) -> str:
         f"Defects found and placed, their names set aside: mAP50 {fmt(metrics['located']['map50'])}, mAP50-95 "
         f"{fmt(metrics['located']['map50_95'])} (a box under the wrong class counts here, a box in the wrong place "
         "does not).", "",
+        *([f"Where the {metrics['gt_boxes']} true boxes land, each against the predicted boxes of its frame: "
+           f"with every box the model gave, {placement_text(metrics['placement']['any_score'])}; at score >= "
+           f"{threshold_text(metrics['best_threshold'])}, {placement_text(metrics['placement']['at_threshold'])}. "
+           "On defects a few pixels wide a box on the spot can miss IoU 0.5 by a pixel of size: those are counted "
+           "as centred, apart from the misses.", ""] if metrics["gt_boxes"] else []),
         "Scores: each box's label probability times the geometric mean of its four coordinates' "
         "probabilities, from the generation itself (not 1 for all)."
         + (f" Each frame (each tile) was also looked at through {len(metrics['views']) - 1} mirror(s) "
