@@ -3,13 +3,16 @@ they hold, not clipped to white by PIL's 8-bit conversion: in training, predicti
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from loomlens.data.convert import convert
 from loomlens.data.records import Box, ImageRecord
-from loomlens.data.sanitize import to_rgb
+from loomlens.data.sanitize import read_rgb, to_rgb
 from loomlens.data.voc import write_voc
 from loomlens.predict.sources import read_image
 
@@ -59,3 +62,50 @@ def test_tiles_and_flips_of_a_16_bit_frame_keep_its_brightness(tmp_path):
         assert np.array_equal(np.asarray(to_rgb(Image.open(out / tile))), frame[:, x0 : x0 + 64])
     flipped = np.asarray(to_rgb(Image.open(out / "images" / "flipped_a.png")))
     assert np.array_equal(flipped, frame[:, ::-1])
+
+
+def _png_48(path, pixels: np.ndarray) -> None:
+    """Write `pixels` (H, W, 3 uint16) as a 48-bit colour PNG (PIL cannot write one)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def _colour_ramp(top: int) -> np.ndarray:
+    """The grey `_ramp` to `top` in red, half of it in green, none in blue."""
+    grey = _ramp(top)
+    return np.stack([grey, grey // 2, np.zeros_like(grey)], axis=-1)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_a_12_bit_colour_frame_in_48_bits_is_scaled_as_a_grey_one(tmp_path, suffix):
+    pixels, path = _colour_ramp(4095), tmp_path / f"frame{suffix}"
+    if suffix == ".png":
+        _png_48(path, pixels)
+    else:
+        cv2 = pytest.importorskip("cv2")
+        cv2.imwrite(str(path), pixels[..., ::-1])  # OpenCV writes BGR
+    grey = np.asarray(to_rgb(Image.fromarray(_ramp(4095))))[..., 0]
+    for rgb in (read_rgb(path), read_image(path)):
+        values = np.asarray(rgb)
+        assert rgb.mode == "RGB" and np.array_equal(values[..., 0], grey)  # not PIL's top byte: 15 at most
+        assert np.abs(values[..., 1].astype(int) - grey // 2).max() <= 1 and values[..., 2].max() == 0
+
+
+def test_tiles_and_flips_of_a_48_bit_frame_keep_its_brightness(tmp_path):
+    src = tmp_path / "src"
+    (src / "images").mkdir(parents=True)
+    _png_48(src / "images" / "a.png", np.tile(_colour_ramp(4095), (1, 2, 1)))  # 128 x 48
+    write_voc(ImageRecord("images/a.png", 128, 48, [Box("hole", 80, 10, 100, 30)]), src / "a.xml", src)
+    out = tmp_path / "out"
+    convert(src, out, flip=True, tile=64, tile_overlap=0, val_fraction=0)
+    frame = np.asarray(read_rgb(src / "images" / "a.png"))
+    tiles = [s["image"] for s in all_samples(out) if s["image"].startswith("images/tiles/a_")]
+    assert tiles
+    for tile in tiles:
+        x0 = int(tile.split("_x")[1].split("_")[0])
+        assert np.array_equal(np.asarray(read_rgb(out / tile)), frame[:, x0 : x0 + 64])
+    assert np.array_equal(np.asarray(read_rgb(out / "images" / "flipped_a.png")), frame[:, ::-1])

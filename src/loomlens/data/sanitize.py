@@ -8,6 +8,7 @@ import math
 import os
 import re
 import struct
+import sys
 import warnings
 import zlib
 from collections.abc import Collection, Iterator, Sequence
@@ -212,9 +213,10 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib
 @contextmanager
 def open_image(path: Path, decode: bool = False) -> Iterator[Image.Image]:
     """The image at `path`, open: its header read, and with `decode` all of its pixels too (a
-    truncated file passes the header and fails only here). Raises `ImageTooLarge` for any
-    image over `Image.MAX_IMAGE_PIXELS` (PIL only warns up to twice that, then raises an error
-    that is no OSError) and `BadImage` for anything else wrong with the file."""
+    truncated file passes the header and fails only here; a 48- or 64-bit colour one holds
+    `to_rgb`'s 8-bit picture, not PIL's top bytes, so its mirrors and tiles match it). Raises
+    `ImageTooLarge` for any image over `Image.MAX_IMAGE_PIXELS` (PIL only warns up to twice
+    that, then raises an error that is no OSError) and `BadImage` for anything else wrong."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -226,9 +228,12 @@ def open_image(path: Path, decode: bool = False) -> Iterator[Image.Image]:
     with im:
         if decode:
             try:
+                colour = deep_colour(im)
                 im.load()
             except _DECODE_ERRORS as err:
                 raise BadImage(f"cannot decode {path.name!r}: {err}") from err
+            if colour is not None:  # in place: the file's format, EXIF and tags stay with it
+                im.paste(Image.fromarray(_to_8_bits(colour[..., :3], False)))
         yield im
 
 
@@ -271,19 +276,52 @@ def is_deep(image: Image.Image) -> bool:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """`image` as 8-bit RGB, the form the model and every drawing take. A deep grey image (PIL
-    modes I;16*, I, F: 16-bit PNG and TIFF from machine-vision cameras) is scaled down from
-    the smallest depth of `_DEPTHS` bits that holds its brightest pixel (a float image within
-    0..1 from 1), where PIL's own conversion would clip every value above 255 to white."""
+    modes I;16*, I, F: 16-bit PNG and TIFF from machine-vision cameras) or a deep colour one
+    not yet decoded (`deep_colour`) is scaled down from the smallest depth of `_DEPTHS` bits
+    that holds its brightest pixel (a float image within 0..1 from 1), where PIL's own
+    conversion would clip grey to white and keep only the top byte of colour (12 bits: black)."""
     if not is_deep(image):
-        return image.convert("RGB")
-    values = np.clip(np.asarray(image, dtype=np.float64), 0, None)
+        colour = deep_colour(image)
+        return image.convert("RGB") if colour is None else Image.fromarray(_to_8_bits(colour[..., :3], False))
+    return Image.fromarray(_to_8_bits(np.asarray(image), image.mode == "F")).convert("RGB")
+
+
+def _to_8_bits(values: np.ndarray, floating: bool) -> np.ndarray:
+    """`values` (any shape) as uint8, scaled from the smallest depth of `_DEPTHS` bits that
+    holds the largest of them; `floating` values within 0..1 from 1."""
+    values = np.clip(values.astype(np.float64), 0, None)
     top = float(values.max(initial=0))
-    if image.mode == "F" and top <= 1:
+    if floating and top <= 1:
         full = 1.0
     else:
         full = next((2.0**d - 1 for d in _DEPTHS if top <= 2**d - 1), top)
-    grey = np.clip(values * (255 / full) + 0.5, 0, 255).astype(np.uint8)
-    return Image.fromarray(grey).convert("RGB")
+    return np.clip(values * (255 / full) + 0.5, 0, 255).astype(np.uint8)
+
+
+#: How to read the other byte of a 16-bit sample than the one PIL's RGB(A) unpacker keeps.
+_OTHER_BYTE = {"B": "L", "L": "B", "N": "B" if sys.byteorder == "little" else "L"}
+
+
+def deep_colour(image: Image.Image) -> np.ndarray | None:
+    """The (H, W, channels) uint16 samples of `image` when it is a 48- or 64-bit colour PNG or
+    TIFF not yet decoded, else None. PIL has no 16-bit colour mode: it opens one as RGB(A) and
+    keeps each sample's top byte, so the file is decoded a second time with the byte order
+    swapped (`_OTHER_BYTE`) to get the low bytes too; once decoded, those are gone."""
+    rawmodes = [t.args[0] if isinstance(t.args, tuple) else t.args for t in getattr(image, "tile", ())]
+    deep = {f"{image.mode};16{order}" for order in _OTHER_BYTE}
+    if image.format not in ("PNG", "TIFF") or not rawmodes or not deep.issuperset(rawmodes):
+        return None
+    with Image.open(image.filename or image.fp) as low:
+        low.tile = [t._replace(args=_swapped(t.args)) for t in low.tile]
+        low_bytes = np.asarray(low)
+    return np.asarray(image).astype(np.uint16) << 8 | low_bytes
+
+
+def _swapped(args: str | tuple) -> str | tuple:
+    """A tile's decoder `args` (the rawmode, alone or first) with `_OTHER_BYTE`'s rawmode."""
+    rawmode = args[0] if isinstance(args, tuple) else args
+    other = rawmode[:-1] + _OTHER_BYTE[rawmode[-1]]
+    return (other, *args[1:]) if isinstance(args, tuple) else other
 
 
 def read_rgb(path: str | Path) -> Image.Image:
