@@ -94,6 +94,21 @@ def test_yolo_pixel_coordinates_are_named_as_such(tmp_path):
     assert "divide" in pixels.fix and "a.jpg" in emptied.message and images == ["b.jpg"]
 
 
+def test_two_images_that_share_a_yolo_label_file_are_reported_not_guessed(tmp_path):
+    """a.jpg and a.png beside a.txt: which one the boxes were drawn on cannot be told."""
+    src = tmp_path / "src"
+    write_image(src / "a.jpg")
+    write_image(src / "a.png")
+    write_image(src / "b.jpg")
+    (src / "classes.txt").write_text("hole\n")
+    (src / "a.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    (src / "b.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    report, images = _converted(src, tmp_path)
+    (shared,) = report.problems
+    assert shared.file == "a.txt" and "a.jpg" in shared.message and "a.png" in shared.message
+    assert "rename" in shared.fix and images == ["b.jpg"]
+
+
 def _coco(src: Path, annotations: list[dict], images: int = 2) -> Path:
     for i in range(images):
         write_image(src / f"im{i}.jpg")

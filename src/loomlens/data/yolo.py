@@ -41,8 +41,9 @@ def read_classes(path: Path, root: Path) -> tuple[list[str | None], list[Problem
     return names, problems
 
 
-def _image_for(txt: Path, root: Path) -> Path | None:
-    """The image with the label file's stem, beside it or in the mirrored `images/` folder."""
+def _images_for(txt: Path, root: Path) -> list[Path]:
+    """The images with the label file's stem, beside it or else in the mirrored `images/`
+    folder: one, none, or several with other extensions (a.jpg and a.png), which it cannot tell apart."""
     parts = txt.parent.relative_to(root).parts
     dirs = [txt.parent]
     if "labels" in parts:
@@ -50,17 +51,21 @@ def _image_for(txt: Path, root: Path) -> Path | None:
         dirs.append(root.joinpath(*parts[:i], "images", *parts[i + 1 :]))
     for d in dirs:
         found = _images_in(d).get(txt.stem)
-        if found is not None:
+        if found:
             return found
-    return None
+    return []
 
 
 @cache
-def _images_in(folder: Path) -> dict[str, Path]:
+def _images_in(folder: Path) -> dict[str, list[Path]]:
     # Listing a folder once beats probing every suffix in every case for every label file.
     if not folder.is_dir():
         return {}
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    images: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            images.setdefault(p.stem, []).append(p)
+    return images
 
 
 def _nearest_classes(folder: Path, root: Path) -> Path | None:
@@ -157,7 +162,16 @@ def read_yolo_file(
 ) -> tuple[ImageRecord | None, list[Problem]]:
     """One YOLO label file with its class names -> (record, or None if skipped; problems)."""
     file = relative(txt, root)
-    image = _image_for(txt, root)
+    images = _images_for(txt, root)
+    if len(images) > 1:
+        names = " and ".join(relative(i, root) for i in images)
+        return None, [Problem(
+            file=file, message=f"images {names} share the label file's stem: which one {file} labels cannot be "
+            "told; file skipped",
+            fix=f"rename the one {file} was not drawn on (e.g. to {txt.stem}-2{images[-1].suffix}) and give it a "
+            "label file of its own",
+        )]
+    image = images[0] if images else None
     if image is None or not image.resolve().is_relative_to(root.resolve()):
         return None, [Problem(
             file=file, message=f"no image named {txt.stem}.* beside it or in images/; file skipped",
