@@ -308,6 +308,24 @@ def test_a_port_no_socket_can_take_is_refused_before_the_model_loads(monkeypatch
         assert result.exit_code == 2 and "Invalid value for '--port'" in result.output, result.output
 
 
+def test_a_host_no_socket_can_bind_is_refused_before_the_model_loads(monkeypatch):
+    """--host with a name that does not resolve, a malformed address or another machine's
+    address loaded the model, printed its URL and ended in uvicorn's bind error."""
+    from typer.testing import CliRunner
+
+    import loomlens.predict
+    from loomlens.cli import app
+
+    def never(**_):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(loomlens.predict, "Predictor", never)
+    for host in ("no-such-host.invalid", "300.1.2.3", "http://0.0.0.0", "192.0.2.1"):  # 192.0.2.0/24: documentation only
+        result = CliRunner().invoke(app, ["serve", "--no-page", "--host", host])
+        assert result.exit_code == 1 and f"--host {host!r}" in result.output, result.output
+        assert "0.0.0.0" in result.output and "127.0.0.1" in result.output  # what to give instead
+
+
 def test_a_request_past_its_deadline_leaves_no_lost_exception_in_the_log(caplog):
     """A 504'd request's job still failed later, in the worker (it stops at its next model
     call), and asyncio logged that late failure as "Future exception was never retrieved" with a

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -92,10 +93,29 @@ class ServeSettings:
             # HTTP headers arrive as Latin-1: a key with other characters could never be sent as typed
             raise ValueError("--api-key (or LOOMLENS_API_KEY) must be printable ASCII (letters, digits, punctuation), "
                              "since HTTP headers carry no other characters reliably; e.g. `openssl rand -hex 16`")
+        check_host(self.host)
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+
+def check_host(host: str) -> None:
+    """Raise ValueError naming `--host` and what to give when `host` is no address this machine
+    can listen on (a name that does not resolve, a malformed address, another machine's): found
+    before the model loads, where uvicorn would fail only after it, in its own bind error."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind) as probe:
+            probe.bind(address)  # port 0: any free one, so only the address is tried
+    except socket.gaierror as err:
+        why = f"does not resolve to an address ({err.strerror})"
+    except OSError as err:
+        why = f"is not an address of this machine ({err.strerror})"
+    else:
+        return
+    raise ValueError(f"--host {host!r} {why}; give an address of this machine, e.g. 127.0.0.1 (this machine only), "
+                     "0.0.0.0 (every network it is on), or its own IP address or host name")
 
 
 #: Uploads with more pixels than this (a 7000x7000 PNG takes about 1.5 s to decode on one core)
