@@ -75,3 +75,17 @@ def test_a_damaged_video_beside_a_good_one_fails_the_run_after_the_good_one_is_w
     assert "16 frames, 1 events (1 ended)" in result.output  # the good camera, to its end
     assert "1 of 2 source(s) stopped on an error" in result.output and "loom8:" in result.output
     assert [e.camera for e in EventStore(db, create=False).query()[0]] == ["loom7"]
+
+
+def test_start_up_errors_keep_webhook_and_stream_secrets_out(line_video, tmp_path) -> None:
+    """A refused webhook (not http, a bad port, no host, no scheme) or a mistyped stream URL was
+    echoed whole in the error, its user:password, path token and query key with it, into a
+    terminal or a service's log many can read."""
+    runner, db = CliRunner(), str(tmp_path / "e.db")
+    for url in ("ftp://line:hunter2@hooks.example/T0KEN?key=s3cr3t", "https://line:hunter2@hooks.example:8x/T0KEN?key=s3cr3t",
+                "https://line:hunter2@/T0KEN?key=s3cr3t", "line:hunter2@hooks.example/T0KEN?key=s3cr3t"):
+        result = runner.invoke(app, ["watch", str(line_video), "--db", db, "--webhook", url])
+        assert result.exit_code == 1 and "webhook" in result.output, result.output
+        assert not any(secret in result.output for secret in ("hunter2", "T0KEN", "s3cr3t")), result.output
+    stream = runner.invoke(app, ["watch", "rstp://line:hunter2@cam7/stream", "--db", db])
+    assert stream.exit_code == 1 and "no such source 'rstp://cam7/stream'" in stream.output, stream.output

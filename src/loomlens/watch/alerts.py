@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shlex
 import subprocess
 import threading
@@ -26,13 +27,14 @@ def _check_webhook(url: str) -> None:
     not http(s), no host, a port that is no number. Taken, it failed only at the first defect,
     after every retry, in a log line."""
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"webhook {url!r} is not an http:// or https:// URL")
+        raise ValueError(f"webhook {_shown(url)!r} is not an http:// or https:// URL: give --webhook "
+                         "http(s)://host[:port]/path")
     try:
         why = None if httpx.URL(url).host else "no host"
     except httpx.InvalidURL as err:
-        why = str(err)
+        why = str(err)  # httpx names the part it refused (a port, a host), never the whole URL
     if why:
-        raise ValueError(f"webhook {url!r} is not a URL to POST to ({why}): give --webhook "
+        raise ValueError(f"webhook {_shown(url)!r} is not a URL to POST to ({why}): give --webhook "
                          "http(s)://host[:port]/path")
 
 
@@ -46,12 +48,17 @@ def _split_command(command: str) -> list[str]:
                          "close its quotes, or quote a lone ' or \" as a shell would") from None
 
 
+#: A URL's scheme, if written, and the rest up to its query or fragment.
+_SCHEME_REST = re.compile(r"(?:([A-Za-z][A-Za-z0-9+.-]*)://)?([^?#]*)")
+
+
 def _shown(url: str) -> str:
-    """A webhook `url` as a log line may show it: scheme, host and port, its user:password,
-    path and query (where a hook's token sits) left out as `/...`."""
-    parts = httpx.URL(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.host}{port}/..."
+    """A webhook `url` as a log line or a start-up error may show it, even one no parser takes:
+    scheme, host and port; its user:password (all up to the last @), path and query (where a
+    hook's token sits) left out as `/...`."""
+    scheme, rest = _SCHEME_REST.match(url).groups()
+    host = rest.rpartition("@")[2].split("/", 1)[0]
+    return f"{scheme}://{host}/..." if scheme else f"{host}/..."
 
 
 def _why(exc: BaseException) -> str:

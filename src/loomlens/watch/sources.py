@@ -449,5 +449,5 @@ def open_source(spec: str, *, camera: str | None = None, fps: float = 2.0, once:
     if path.is_file():
         raise ValueError(f"{spec} is not a video file; watch a folder of images, a video, a stream URL "
                          "(rtsp://, http://) or a camera index")
-    raise ValueError(f"no such source {spec!r}: give a video file, a folder where frames land, an "
+    raise ValueError(f"no such source {redact(spec)!r}: give a video file, a folder where frames land, an "
                      "rtsp:// or http:// URL, or a camera index such as 0")
