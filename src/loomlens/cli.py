@@ -1059,7 +1059,7 @@ def watch_command(
     from loomlens.model.loader import ModelLoadError
     from loomlens.predict import Predictor
     from loomlens.predict.files import check_options
-    from loomlens.watch import Alerter, DebounceSettings, Retention, Watcher, open_source, predictor_detector
+    from loomlens.watch import Alerter, DebounceSettings, Retention, Watcher, check_media, open_source, predictor_detector
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if camera and len(camera) != len(sources):
@@ -1073,7 +1073,7 @@ def watch_command(
         for i, spec in enumerate(sources):  # before the database: a missing source leaves no empty one behind
             opened.append(open_source(spec, camera=camera[i] if camera else None, fps=fps, once=once,
                                       max_reconnects=max_reconnects))
-        media = _event_media(store := EventStore(db), media)
+        media = check_media(_event_media(store := EventStore(db), media))
         retention = Retention(media, keep_days=keep_days or None, keep_mb=keep_mb or None)
         predictor = Predictor(model=model, adapter=adapter, device=_device(device), checkpoint=checkpoint,
                               regions=regions, precision=precision, max_tiles=max_tiles, backend=backend, tta=tta)

@@ -89,3 +89,28 @@ def test_start_up_errors_keep_webhook_and_stream_secrets_out(line_video, tmp_pat
         assert not any(secret in result.output for secret in ("hunter2", "T0KEN", "s3cr3t")), result.output
     stream = runner.invoke(app, ["watch", "rstp://line:hunter2@cam7/stream", "--db", db])
     assert stream.exit_code == 1 and "no such source 'rstp://cam7/stream'" in stream.output, stream.output
+
+
+def test_a_media_folder_that_cannot_be_written_is_refused_before_the_model_loads(line_video, tmp_path,
+                                                                                monkeypatch) -> None:
+    """--media a file, below a file, or read-only: the watch ran and logged, at every event,
+    that its pictures could not be written."""
+    import os
+
+    import loomlens.predict
+
+    def never(**_):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(loomlens.predict, "Predictor", never)
+    blocker = tmp_path / "disk"
+    blocker.write_text("a file, not a folder")
+    unwritable = [blocker, blocker / "pictures"]
+    if os.geteuid() != 0:  # root writes anywhere
+        (readonly := tmp_path / "readonly").mkdir(mode=0o555)
+        unwritable.append(readonly)
+    for media in unwritable:
+        result = CliRunner().invoke(app, ["watch", str(line_video), "--db", str(tmp_path / "e.db"),
+                                          "--media", str(media)])
+        assert result.exit_code == 1 and f"--media {media}: event pictures cannot be written" in result.output, \
+            result.output

@@ -3,8 +3,9 @@
 
 from loomlens.watch.alerts import Alerter
 from loomlens.watch.debounce import DebounceSettings, Debouncer
-from loomlens.watch.media import Retention
+from loomlens.watch.media import Retention, check_media
 from loomlens.watch.sources import open_source
 from loomlens.watch.watcher import Watcher, predictor_detector
 
-__all__ = ["Alerter", "DebounceSettings", "Debouncer", "Retention", "Watcher", "open_source", "predictor_detector"]
+__all__ = ["Alerter", "DebounceSettings", "Debouncer", "Retention", "Watcher", "check_media", "open_source",
+           "predictor_detector"]

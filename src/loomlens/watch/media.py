@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import re
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -60,6 +61,20 @@ def write_jpeg(path: Path, data: bytes) -> None:
     """Write `data` to `path` whole (a reader never sees half a file)."""
     with atomic_open(path, "wb", durable=False) as f:
         f.write(data)
+
+
+def check_media(folder: Path) -> Path:
+    """`folder` once it exists and takes a file (made now if missing; a probe written and
+    removed), else ValueError naming it and the fix: found at start, where each event would
+    only log that its pictures could not be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"--media {folder}: event pictures cannot be written there ({err.strerror or err}); "
+                         "give --media a folder this user can write to, or make it writable (chmod, chown)") from None
+    return folder
 
 
 class Retention:
