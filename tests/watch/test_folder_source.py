@@ -190,3 +190,25 @@ def test_a_camera_that_writes_one_name_again_is_read_each_time(tmp_path) -> None
     for _ in range(20):
         assert source.poll() is None
         time.sleep(0.002)
+
+
+def test_subfolders_of_a_watched_folder_are_named_at_start_as_not_watched(tmp_path, caplog) -> None:
+    """A camera writing into dated subfolders (frames/2026-01-05/...) was watched as an empty
+    folder, silently: no frame read, no event, no word why."""
+    for name in ("line1", "line2", ".cache"):  # a hidden folder is nobody's frames
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (32, 16)).save(tmp_path / name / "0.png")
+    Image.new("RGB", (32, 16)).save(tmp_path / "top.png")
+    with caplog.at_level("WARNING", logger="loomlens.watch"):
+        source = open_source(str(tmp_path), fps=100, once=True)
+    (said,) = [r.getMessage() for r in caplog.records if "subfolder" in r.getMessage()]
+    assert "2 subfolders" in said and "line1" in said and "line2" in said and ".cache" not in said
+    assert f"give each as a source of its own, e.g. loomlens watch {tmp_path / 'line1'}" in said
+    frames = []
+    while (got := source.poll()) is not END:
+        frames += [got] if got is not None else []
+    assert len(frames) == 1  # the folder's own frame, as before
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="loomlens.watch"):
+        open_source(str(tmp_path / "line1"), fps=100, once=True)
+    assert not caplog.records  # a folder without subfolders: nothing to say

@@ -177,6 +177,20 @@ class FolderSource:
         if once:
             keys = [key for name in self._listing() if _is_frame(name) and (key := self._key(name)) is not None]
             self._stop_at = max(keys, default=(-1, ""))
+        self._say_subfolders()
+
+    def _say_subfolders(self) -> None:
+        """Log, at start, how many subfolders (hidden ones aside) the folder holds: only its own
+        frames are read, and a camera writing into per-day or per-line subfolders would
+        otherwise seem to send nothing at all."""
+        with os.scandir(self.folder) as entries:
+            subfolders = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        if subfolders:
+            log.warning("%s: %d subfolder%s of %s not watched (%s): only the frames in the folder itself are read; "
+                        "to watch a subfolder, give each as a source of its own, e.g. loomlens watch %s",
+                        self.camera, len(subfolders), "s" if len(subfolders) > 1 else "", self.folder,
+                        ", ".join(subfolders[:3]) + (", ..." if len(subfolders) > 3 else ""),
+                        self.folder / subfolders[0])
 
     def _listing(self) -> list[str]:
         """The names in the folder (one directory read; nothing stat-ed)."""
