@@ -145,6 +145,29 @@ def test_the_plots_name_the_threshold_they_cut_at_exactly(tmp_path, monkeypatch)
     assert fig.texts[0].get_text().startswith("Worst images (score >= 0.8765)")
 
 
+def test_the_gallery_shows_a_line_scan_strip_as_the_window_around_its_errors(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from loomlens.evaluate import plots
+
+    spot = Box("nep", 3200, 100, 3204, 104)
+    assert plots.error_view(4096, 256, [spot]) == (2946, 0, 3458, 256)  # two strip heights, centred on it
+    assert plots.error_view(4096, 256, [Box("nep", 10, 0, 14, 4)]) == (0, 0, 512, 256)  # kept inside the strip
+    assert plots.error_view(256, 4096, [Box("nep", 0, 4090, 4, 4094)]) == (0, 3584, 256, 4096)  # upright strips too
+    assert plots.error_view(4096, 256, [spot, Box("nep", 100, 0, 110, 9)]) == (36, 0, 3268, 256)  # both, a margin
+    assert plots.error_view(1280, 1024, [spot]) == (0, 0, 1280, 1024)  # a camera frame is shown whole
+    assert plots.error_view(4096, 256, []) == (0, 0, 4096, 256)
+    monkeypatch.setattr(plots, "_save", lambda fig, path: fig)
+    items = [("strip", Image.new("RGB", (4096, 256)), [spot], [Box("nep", 10, 0, 20, 9, 0.9)]),
+             ("frame", Image.new("RGB", (64, 48)), [], [])]
+    fig = plots.plot_gallery(items, tmp_path / "g.png", 0.5)
+    strip, frame = fig.axes[:2]
+    assert strip.get_xlim() == (0, 3322) and strip.get_title().endswith("x 0-3322 y 0-256 shown")  # both errors
+    fig = plots.plot_gallery([(*items[0][:3], [])], tmp_path / "g.png", 0.5)
+    assert fig.axes[0].get_xlim() == (2946, 3458) and fig.axes[0].get_title().endswith("x 2946-3458 y 0-256 shown")
+    assert frame.get_xlim() == (0, 64) and frame.get_title() == "frame\nmissed 0, false 0"  # shown whole
+
+
 def test_a_tile_size_detects_large_frames_tiled_as_predict_does(tmp_path, monkeypatch):
     from PIL import Image
 

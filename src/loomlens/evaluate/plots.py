@@ -6,6 +6,7 @@ GUI backend, safe to call from a training loop or a server thread.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -92,7 +93,29 @@ def _draw_boxes(ax, boxes: Sequence[Box], colour: str, style: str, scored: bool)
     for b in boxes:
         ax.add_patch(Rectangle((b.x1, b.y1), b.width, b.height, fill=False, edgecolor=colour, linestyle=style, lw=1.5))
         text = f"{b.label} {b.score:.2f}" if scored and b.score is not None else b.label
-        ax.text(b.x1, b.y1, text, color="white", fontsize=7, va="bottom", bbox={"facecolor": colour, "pad": 1, "lw": 0})
+        ax.text(b.x1, b.y1, text, color="white", fontsize=7, va="bottom", clip_on=True,  # a box out of the view
+                bbox={"facecolor": colour, "pad": 1, "lw": 0})
+
+
+#: A frame longer than this many times its height (or the reverse) is shown, in the gallery,
+#: as a window around its errors: a 4096x256 line-scan strip drawn whole in one panel shows a
+#: 4 px defect as less than a pixel.
+LONG_FRAME = 2.0
+
+
+def error_view(width: int, height: int, boxes: Sequence[Box]) -> tuple[int, int, int, int]:
+    """The part of a frame the gallery shows, as (x1, y1, x2, y2) pixels: the whole frame unless
+    it is longer than `LONG_FRAME` times its short side, then a window `LONG_FRAME` short sides
+    long (or as long as `boxes` span, plus a margin) centred on `boxes` (its errors)."""
+    long_x = width >= height
+    length, short = (width, height) if long_x else (height, width)
+    if length <= LONG_FRAME * short or not boxes:
+        return 0, 0, width, height
+    lo = min(b.x1 if long_x else b.y1 for b in boxes)
+    hi = max(b.x2 if long_x else b.y2 for b in boxes)
+    span = min(length, math.ceil(max(LONG_FRAME * short, hi - lo + short / 2)))
+    start = min(max(0, math.floor((lo + hi - span) / 2)), length - span)  # whole pixels: the crop's own
+    return (start, 0, start + span, height) if long_x else (0, start, width, start + span)
 
 
 def plot_gallery(
@@ -103,7 +126,8 @@ def plot_gallery(
 ) -> Path:
     """The images with the most errors, each drawn once: matched predictions green, missed
     true boxes orange (dashed), false predictions red. `items` are (title, image, true boxes,
-    predicted boxes), already chosen and ordered by the caller."""
+    predicted boxes), already chosen and ordered by the caller. A long frame (a line-scan
+    strip) is shown as the window around its errors that `error_view` picks, its span in the title."""
     rows = max(1, -(-len(items) // columns))
     fig = Figure(figsize=(4 * columns, 3.4 * rows))
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
@@ -112,10 +136,13 @@ def plot_gallery(
     for ax, (title, image, gt, pred) in zip(axes, items):
         pred = above(pred, threshold)
         m = match_image(gt, pred)
-        ax.imshow(image)
+        x1, y1, x2, y2 = error_view(*image.size, [gt[i] for i in m.missed] + [pred[j] for j in m.false])
+        ax.imshow(image.crop((x1, y1, x2, y2)), extent=(x1, x2, y2, y1))
         _draw_boxes(ax, [pred[j] for _, j in m.pairs], "tab:green", "-", True)
         _draw_boxes(ax, [gt[i] for i in m.missed], "tab:orange", "--", False)
         _draw_boxes(ax, [pred[j] for j in m.false], "tab:red", "-", True)
-        ax.set_title(f"{title}\nmissed {len(m.missed)}, false {len(m.false)}", fontsize=8)
+        ax.set(xlim=(x1, x2), ylim=(y2, y1))
+        part = "" if (x2 - x1, y2 - y1) == image.size else f", x {x1}-{x2} y {y1}-{y2} shown"
+        ax.set_title(f"{title}\nmissed {len(m.missed)}, false {len(m.false)}{part}", fontsize=8)
     fig.suptitle(f"Worst images (score >= {threshold_text(threshold)}): green found, orange missed, red false")
     return _save(fig, path)
