@@ -58,6 +58,20 @@ def test_inputs_expand_from_folders_and_globs(inputs):
         expand_inputs([inputs / "notes.txt"])
 
 
+def test_a_folder_named_with_glob_brackets_is_read_by_its_name(tmp_path):
+    """`cam[1]/*.png` found nothing: glob took `[1]` for a character class (matching `cam1`)."""
+    folder = tmp_path / "cam[1]"
+    (folder / "out").mkdir(parents=True)
+    for name in ("a.png", "b.png", "out/c.png"):
+        Image.new("RGB", (8, 8)).save(folder / name)
+    assert [p.name for p in expand_inputs([str(folder / "*.png")])] == ["a.png", "b.png"]
+    assert [p.name for p in expand_inputs([str(folder / "**" / "*.png")], exclude=[folder / "out"])] == ["a.png", "b.png"]
+    assert [p.name for p in expand_inputs([folder])] == ["a.png", "b.png", "c.png"]
+    (tmp_path / "cam1").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cam1" / "z.png")
+    assert [p.name for p in expand_inputs([str(tmp_path / "cam[12]" / "*.png")])] == ["z.png"]  # a class still globs
+
+
 def test_predict_files_writes_jsonl_drawings_and_coco(predictor, inputs, tmp_path, fixed_detections):
     from faster_coco_eval import COCO
 

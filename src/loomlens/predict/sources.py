@@ -8,6 +8,7 @@ thousands never costs the others their predictions."""
 from __future__ import annotations
 
 import glob
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,19 @@ def _literal_root(pattern: str) -> Path:
     return Path(*parts[: next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))])
 
 
+def _glob_parts(raw: str) -> tuple[Path, str]:
+    """The folder a glob input `raw` searches under and the pattern to search with. Its leading
+    parts that exist as written and hold wildcard characters (a folder `cam[1]`) are names,
+    escaped, where glob would take `[1]` for a character class and find nothing; otherwise
+    the pattern is `raw` and the folder its parts before the first wildcard."""
+    parts = Path(raw).parts
+    named = next((i for i in range(len(parts), 0, -1) if Path(*parts[:i]).exists()), 0)
+    if any(glob.has_magic(part) for part in parts[:named]):
+        root = Path(*parts[:named])
+        return root, os.path.join(glob.escape(str(root)), *parts[named:])
+    return _literal_root(raw), raw
+
+
 def misnamed(path: Path) -> Problem:
     """The problem of a file whose path is not valid UTF-8 (`is_utf8`): no record, message or
     console could name it, so it is skipped, named with its odd bytes escaped."""
@@ -92,10 +106,11 @@ def expand_inputs(inputs: Sequence[str | Path], exclude: Sequence[str | Path] = 
                                  "leave it out")
             files = [path]
         else:
-            files = sorted(Path(p) for p in glob.glob(str(raw), recursive=True) if Path(p).is_file())
+            root, pattern = _glob_parts(str(raw))
+            files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
             if not files:
                 raise FileNotFoundError(f"no such file, folder or matching files: {shown_name(str(raw))}")
-            files = [f for f in files if inside(_literal_root(str(raw))) or not inside(f)]
+            files = [f for f in files if inside(root) or not inside(f)]
         found += files
     first: dict[Path, Path] = {}  # one file named two ways (relative, absolute) is predicted once
     for f in found:
