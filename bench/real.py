@@ -12,8 +12,8 @@ predict tiles them: at the tile edge the data was cut to). Reported for the `bes
 `last` adapter: test mAP50, mAP50-95, AP50 per class, image-level defect recall at <= 1 % of
 defect-free frames flagged, val mAP50 and AUROC scored the same way (so a gap between best and
 last shows on two held-out splits, not one), the steps made and the best step, and where the
-true test boxes land (`placement`: found under their own name, under another, near, missed). Beside them, in the
-same run: the untrained embedded model on the same frames, and YOLO11n from scratch
+true test boxes land (`evaluate.matching.placement`: found under their own name, under another,
+near, centred, missed). Beside them, in the same run: the untrained embedded model on the same frames, and YOLO11n from scratch
 (ultralytics, `bench/yolo_baseline.py`) on the same samples for the same budget, predicted
 tiled and merged as predict does: what a user would pick instead, offline. That row is
 optional: it runs only where ultralytics imports (then the bench takes one budget longer); its
