@@ -58,6 +58,26 @@ def test_bad_inputs_are_refused_clearly(predictor, image):
         predictor.predict([image], task="phrase_grounding", text="drop " * 56)
 
 
+def test_a_phrase_is_counted_by_the_processor_once(predictor, monkeypatch):
+    """Each grounding call ran the processor (a picture resized to the model's input) only to
+    count the phrase's positions: a server asked the same phrase again and again paid it each time."""
+    import loomlens.predict.predictor as module
+
+    counted = []
+
+    def counting(processor, question):
+        counted.append(question)
+        return positions(processor, question)
+
+    positions = module.encoder_positions
+    monkeypatch.setattr(module, "encoder_positions", counting)
+    for _ in range(3):
+        predictor.check_text("phrase_grounding", "weft once")
+        with pytest.raises(ValueError, match="322 positions of the 321"):  # refused every time, as before
+            predictor.check_text("phrase_grounding", "weft " + "drop " * 55)
+    assert len(counted) == len(set(counted)) == 2
+
+
 def test_score_threshold_and_region_rules_filter_boxes(predictor, image, monkeypatch, fixed_detections):
     fixed_detections([Box("drop", 10, 10, 30, 30, 0.9), Box("drop", 200, 10, 220, 30, 0.9),
                       Box("wrinkle", 10, 10, 30, 30, 0.1)])

@@ -15,6 +15,7 @@ tile batches so a caller can run other work while a large frame is being tiled.
 from __future__ import annotations
 
 import ctypes
+import functools
 import re
 import sys
 import time
@@ -39,6 +40,9 @@ from loomlens.infer.tta import check_tta, choose_views
 from loomlens.predict.regions import RegionRules, load_rules
 
 _LOC = re.compile(r"<loc_\d+>")
+#: Phrases whose encoder positions a predictor keeps (`check_text`): a line asks a few again and
+#: again, and a server's users could send any number.
+PHRASES_KEPT = 256
 
 PolygonOut = tuple[str, list[list[float]]]
 
@@ -190,6 +194,7 @@ class Predictor:
         # same size. Only such a run, or a tile size given here, tiles by itself (`tile="auto"`):
         # a whole-frame run has never seen a tile, and answers best on the whole frame.
         self.input_edge = int(self.loaded.processor.image_processor.size["height"])
+        self._positions = functools.lru_cache(maxsize=PHRASES_KEPT)(self._count_positions)
         self.tile_size = tile_size or self.loaded.tile_size or self.input_edge
         self.auto_tiles = bool(tile_size or self.loaded.tile_size)
         if regions is None:
@@ -271,7 +276,7 @@ class Predictor:
         spec = get_task(task)
         if spec.needs != "text" or not (text or "").strip():
             return
-        used = encoder_positions(self.loaded.processor, prompt(spec, text, self.input_edge, self.input_edge))
+        used = self._positions(prompt(spec, text, self.input_edge, self.input_edge))
         limit = encoder_limit(self.loaded.model)
         if used > limit:
             over = used - limit
@@ -279,6 +284,11 @@ class Predictor:
             raise ValueError(f"the text {shown!r} is too long for this model: with the picture it takes {used} "
                              f"positions of the {limit} this model's encoder has: shorten it by at least {over} "
                              f"token{'s' if over > 1 else ''}")
+
+    def _count_positions(self, question: str) -> int:
+        """The encoder positions the worded prompt `question` takes with a picture; `_positions`
+        keeps each count, since the processor resizes a picture to the model's input to give it."""
+        return encoder_positions(self.loaded.processor, question)
 
     def _detect(self, spec: Task, images: list[Image.Image], text: str | None,
                 after_batch: Callable[[], None] | None = None):
