@@ -28,6 +28,23 @@ def test_page_passes_a_16_bit_grey_frame_through_unchanged(tmp_path):
     assert np.asarray(image.convert("L")).std() > 20  # the ramp survived, not a white frame
 
 
+def test_a_48_bit_colour_upload_is_the_picture_predict_reads(tmp_path):
+    """A 12-bit colour PNG or TIFF in 48 bits reached the model nearly black: PIL keeps each
+    sample's top byte, where predict, eval and training read it scaled as a 16-bit grey one."""
+    import pytest
+
+    from loomlens.data.sanitize import read_rgb
+
+    cv2 = pytest.importorskip("cv2")
+    ramp = np.linspace(0, 4095, 64 * 32).reshape(32, 64).astype(np.uint16)
+    for suffix in (".png", ".tif"):
+        path = tmp_path / f"colour48{suffix}"
+        cv2.imwrite(str(path), np.stack([ramp // 3, ramp // 2, ramp], axis=-1))  # BGR: red the brightest
+        image, size = decode_image(path.read_bytes())
+        assert size == (64, 32) and image.mode == "RGB"
+        assert np.array_equal(np.asarray(image), np.asarray(read_rgb(path))) and np.asarray(image).max() == 255
+
+
 
 def test_a_bomb_is_refused_naming_the_servers_limit_only(monkeypatch):
     import pytest

@@ -212,9 +212,8 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib
 
 @contextmanager
 def open_image(path: Path, decode: bool = False) -> Iterator[Image.Image]:
-    """The image at `path`, open: its header read, and with `decode` all of its pixels too (a
-    truncated file passes the header and fails only here; a 48- or 64-bit colour one holds
-    `to_rgb`'s 8-bit picture, not PIL's top bytes, so its mirrors and tiles match it). Raises
+    """The image at `path`, open: its header read, and with `decode` all of its pixels too
+    (`load_pixels`; a truncated file passes the header and fails only here). Raises
     `ImageTooLarge` for any image over `Image.MAX_IMAGE_PIXELS` (PIL only warns up to twice
     that, then raises an error that is no OSError) and `BadImage` for anything else wrong."""
     try:
@@ -228,13 +227,20 @@ def open_image(path: Path, decode: bool = False) -> Iterator[Image.Image]:
     with im:
         if decode:
             try:
-                colour = deep_colour(im)
-                im.load()
+                load_pixels(im)
             except _DECODE_ERRORS as err:
                 raise BadImage(f"cannot decode {path.name!r}: {err}") from err
-            if colour is not None:  # in place: the file's format, EXIF and tags stay with it
-                im.paste(Image.fromarray(_to_8_bits(colour[..., :3], False)))
         yield im
+
+
+def load_pixels(image: Image.Image) -> None:
+    """Decode every pixel of the open `image` (PIL's `load`). A 48- or 64-bit colour one then
+    holds `to_rgb`'s 8-bit picture, in place so its format, EXIF and tags stay, not PIL's top
+    bytes: what is cut, mirrored or turned from it matches what `read_rgb` reads."""
+    colour = deep_colour(image)
+    image.load()
+    if colour is not None:
+        image.paste(Image.fromarray(_to_8_bits(colour[..., :3], False)))
 
 
 _ORIENTATION = 0x0112  # the EXIF tag

@@ -18,7 +18,7 @@ import warnings
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from loomlens.data.sanitize import to_rgb
+from loomlens.data.sanitize import load_pixels, to_rgb
 from loomlens.serve.errors import InputError
 
 #: Default pixel limit: 50 MP, a dozen times the 2560x1440 loom frames.
@@ -77,10 +77,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: in
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            original = (height, width) if image.getexif().get(0x0112, 1) in _TRANSPOSED else (width, height)
             if max_side and max(width, height) > max_side and image.format == "JPEG":
                 image.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale
-            image.load()
+            load_pixels(image)  # a 48-bit colour PNG or TIFF as predict reads it, not PIL's top bytes
+            # after: a PNG's EXIF may follow its pixels, and PIL decodes them to reach it
+            original = (height, width) if image.getexif().get(0x0112, 1) in _TRANSPOSED else (width, height)
             image = ImageOps.exif_transpose(image)
             image = to_rgb(image)
             if max_side and max(image.size) > max_side:
