@@ -161,3 +161,16 @@ def test_infinite_settings_are_refused():
     for key in ("lr", "epochs"):
         with pytest.raises(ValidationError, match="finite number"):
             load_config(TrainConfig, overrides={"data": "d", key: "inf"})
+
+
+def test_a_switch_is_never_read_as_a_number(tmp_path):
+    # `--warmup` with its value forgotten, or `lr: yes` in a file, reached pydantic as True and
+    # was taken as 1 (a one-step warmup, lr 1.0, patience 1) without a word.
+    for key in ("warmup", "lr", "early_stopping", "lora.r", "r", "max_steps"):
+        with pytest.raises(ValueError, match=rf"setting '{key}' takes a number, not true"):
+            load_config(TrainConfig, overrides={"data": "d", key: "true"})
+    (tmp_path / "c.yaml").write_text("data: d\nlr: yes\n")
+    with pytest.raises(ValueError, match=r"c.yaml: setting 'lr' takes a number, not true"):
+        load_config(TrainConfig, tmp_path / "c.yaml")
+    switched = load_config(TrainConfig, overrides={"data": "d", "dora": "true", "augment": "false", "qlora": "1"})
+    assert switched.lora.dora and not switched.augment.enabled and switched.qlora
