@@ -19,7 +19,7 @@ import yaml
 
 from loomlens.data.yolo import CLASSES_FILE, read_class_names
 
-__all__ = ["ADAPTER_CONFIG", "CONFIG", "CROP", "DATA_SUMMARY", "RULES_FILE", "Run"]
+__all__ = ["ADAPTER_CONFIG", "CONFIG", "CROP", "DATA_SUMMARY", "RULES_FILE", "Run", "check_not_below_file"]
 
 #: The resolved training config a run keeps.
 CONFIG = "config.yaml"
@@ -33,6 +33,15 @@ RULES_FILE = "regions.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
 #: How far above the given path a run folder is looked for (a checkpoint is two below its run).
 _LEVELS_UP = 3
+
+
+def check_not_below_file(folder: Path, what: str) -> None:
+    """Raise FileExistsError naming the file when a parent of `folder` (the `what` to write, as
+    the user would name it) is a file, so that the folder can never be made; checked before a
+    model loads, since the OS's own "Not a directory" names neither the folder nor the fix."""
+    blocker = next((p for p in Path(folder).parents if p.is_file()), None)
+    if blocker is not None:
+        raise FileExistsError(f"{blocker} is a file, so {what} {folder} cannot be made below it: give another folder")
 
 
 class Run:

@@ -336,3 +336,10 @@ def test_the_onnx_backend_on_a_cpu_keeps_freed_memory(exported, monkeypatch) -> 
     monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append("kept") or True)
     load_onnx_export(exported)
     assert calls == ["kept"]
+
+
+def test_an_out_folder_below_a_file_is_refused_before_the_model_loads(tmp_path) -> None:
+    # It failed once the model had loaded with "[Errno 17] File exists: 'afile'".
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match=r"afile is a file, so .*afile/sub cannot be made.*another folder"):
+        export_onnx(run=None, out=tmp_path / "afile" / "sub", model="/no/such/model", log=lambda _: None)

@@ -163,3 +163,11 @@ def test_a_damaged_merge_record_is_named_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="cannot be read"):
         read_merge_record(tmp_path)
     assert read_merge_record(tmp_path / "elsewhere") == {}
+
+
+def test_an_out_folder_below_a_file_is_refused_naming_the_file(tmp_path):
+    # It failed after the base loaded with "[Errno 17] File exists: 'afile'", naming neither
+    # the output folder nor the fix.
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match=r"afile is a file, so .*afile/merged cannot be made.*another folder"):
+        merge_adapter(tmp_path / "norun", tmp_path / "afile" / "merged")  # refused before the run is read

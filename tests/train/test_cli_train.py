@@ -159,6 +159,8 @@ def test_the_data_and_the_run_folder_are_checked_before_the_model_loads(small_da
     (tmp_path / "afile").write_text("x")
     assert "is a file" in run("train", "--data", small_data, "--out", tmp_path / "afile", *nowhere).output
     assert "is the data folder" in run("train", "--data", small_data, "--out", small_data, *nowhere).output
+    below = run("train", "--data", small_data, "--out", tmp_path / "afile" / "run", *nowhere).output
+    assert "afile is a file, so" in below and "cannot be made" in below  # was "[Errno 20] Not a directory"
     assert not (small_data / "config.yaml").exists()
 
 

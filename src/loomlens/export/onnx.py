@@ -39,6 +39,7 @@ from loomlens.infer.detection import detect_with_details
 from loomlens.infer.generation import Generation, generation_settings
 from loomlens.infer.loading import load_for_inference
 from loomlens.infer.onnx_runtime import MANIFEST, PARTS, OnnxFlorence
+from loomlens.run import check_not_below_file
 
 
 class ExportCheckFailed(RuntimeError):
@@ -379,6 +380,7 @@ def export_onnx(*, run: str | Path | None, out: str | Path, model: str | None = 
     if out.exists():
         raise FileExistsError(f"{out} already exists; remove it or choose another folder (an export never "
                               "writes over one)")
+    check_not_below_file(out, "the export folder")
     if not 14 <= opset <= 20:
         raise ValueError(f"--opset must be 14..20 (scaled dot-product attention needs 14), got {opset}")
     if frames < 1:

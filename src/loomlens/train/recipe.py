@@ -55,7 +55,7 @@ from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, t
 from loomlens.model.memory import enable_gradient_checkpointing, smaller_micro_batch
 from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory, resolve_device
 from loomlens.model.vision import split_image_path, stage_count, stage_of
-from loomlens.run import CROP, DATA_SUMMARY, Run
+from loomlens.run import CROP, DATA_SUMMARY, Run, check_not_below_file
 from loomlens.train.average import WeightAverage
 from loomlens.train.checkpoint import (
     TrainerState,
@@ -1000,6 +1000,7 @@ def _check_run_dir(run_dir: Path, last_dir: Path, resume: bool) -> None:
     """Refuse a run folder that is a file, a new run where one is, a resume where none is."""
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"--out {run_dir} is a file; give a folder for the run (a new one is made)")
+    check_not_below_file(run_dir, "--out")
     if resume:
         if not has_checkpoint(last_dir):
             raise FileNotFoundError(f"nothing to resume: {last_dir} has no checkpoint")
