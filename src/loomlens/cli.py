@@ -429,6 +429,9 @@ def _train_config(config: str | None, overrides: dict, resume: Path | None = Non
     if resume is not None and config is not None:
         raise _fail(f"--config with --resume: a run goes on with the settings it records ({resume / 'config.yaml'}); "
                     "give the settings to change as key=value, or start a new run with --config")
+    if resume is not None and "out" in overrides and Path(overrides["out"]).resolve() != resume.resolve():
+        raise _fail(f"--out with --resume: the run goes on in its own folder {resume}; to go on in another, copy the "
+                    f"folder there and resume the copy (--resume {overrides['out']})")
     if resume is not None and not (resume / "config.yaml").is_file():
         raise _fail(f"no run folder at {resume} (it has no config.yaml): give the --out of a run, or start one with "
                     "--data")

@@ -214,3 +214,11 @@ def test_config_prints_every_setting_with_what_it_does():
 def test_config_shows_the_data_a_config_file_names(tmp_path):
     (tmp_path / "c.yaml").write_text(f"data: {tmp_path / 'mine'}\n")
     assert run("config", "--config", tmp_path / "c.yaml").output.startswith(f"data: {tmp_path / 'mine'}  #")
+
+
+def test_resume_refuses_an_out_other_than_the_run(tmp_path):
+    # --out beside --resume was dropped without a word: the run went on in the --resume folder.
+    other = run("train", "--resume", tmp_path / "r", "--out", tmp_path / "copy")
+    assert other.exit_code == 1 and "--out with --resume" in other.output and "copy the folder" in other.output
+    same = run("train", "--resume", tmp_path / "r", "--out", tmp_path / "r")  # the run's own folder: no conflict
+    assert "--out with --resume" not in same.output and "no run folder at" in same.output
