@@ -222,3 +222,25 @@ def test_resume_refuses_an_out_other_than_the_run(tmp_path):
     assert other.exit_code == 1 and "--out with --resume" in other.output and "copy the folder" in other.output
     same = run("train", "--resume", tmp_path / "r", "--out", tmp_path / "r")  # the run's own folder: no conflict
     assert "--out with --resume" not in same.output and "no run folder at" in same.output
+
+
+def test_a_run_whose_data_folder_moved_resumes_with_the_new_place(small_data, small_model_dir, tmp_path):
+    # The message told to `loomlens convert` the gone folder again, and data=NEW was refused as
+    # a change of data, so a run whose data moved (a new disk, another machine) could not go on.
+    import shutil
+
+    shutil.copytree(small_data, tmp_path / "data")
+    out = tmp_path / "run"
+    assert run("train", *fast(tmp_path / "data", small_model_dir), "--out", out, "--max-steps", "1").exit_code == 0
+    (tmp_path / "data").rename(tmp_path / "moved")
+    gone = run("train", "--resume", out, "--max-steps", "2")
+    assert gone.exit_code == 1 and f"{tmp_path / 'data'}" in gone.output and "is gone" in gone.output
+    assert f"--resume {out} data=" in gone.output
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "moved", other)
+    (other / "summary.json").write_text('{"tile": null, "classes": ["drop"]}')
+    refused = run("train", "--resume", out, "--max-steps", "2", f"data={other}")
+    assert refused.exit_code == 1 and "would change data" in refused.output and "summary.json" in refused.output
+    moved = run("train", "--resume", out, "--max-steps", "2", f"data={tmp_path / 'moved'}")
+    assert moved.exit_code == 0, moved.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"] == str(tmp_path / "moved")

@@ -241,7 +241,7 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
         recover_folder(run_dir / "checkpoints" / "last")  # a kill between a save's renames: the previous one back
     accelerator.wait_for_everyone()
     _check_run_dir(run_dir, run_dir / "checkpoints" / "last", resume)
-    _check_data(cfg)
+    _check_data(cfg, resume=resume)
     say = log if main else (lambda *_: None)
     set_seed(cfg.seed)  # the adapter's initial weights (they come from last/ on resume)
     model, processor = training_model(cfg)
@@ -975,10 +975,13 @@ def amend_config(cfg: TrainConfig, run_dir: Path, step: int, *, say: Callable[[s
     saved = load_recorded(run_dir / "config.yaml", {"out": str(cfg.out)})
     saved = with_micro_batch(saved, recorded_micro_batch(saved))
     changes = changed_settings(saved, cfg)
-    refused = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in changes.items() if k not in RESUMABLE]
+    refused = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in changes.items()
+               if k not in RESUMABLE and not (k == "data" and _data_moved(saved.data, cfg.data, run_dir))]
     if refused:
+        moved = (f" A data folder that moved is taken when the one recorded is gone and the new one holds the "
+                 f"summary.json the run copied ({run_dir / DATA_SUMMARY}).") if "data" in changes else ""
         raise ValueError(f"resuming {run_dir} would change {', '.join(refused)}: exact resume needs the settings its "
-                         "config.yaml records. Drop those options, or start a new run (--out) with them.")
+                         f"config.yaml records. Drop those options, or start a new run (--out) with them.{moved}")
     if changes and _is_main():
         import yaml
 
@@ -988,6 +991,14 @@ def amend_config(cfg: TrainConfig, run_dir: Path, step: int, *, say: Callable[[s
         atomic_write(path, yaml.safe_dump(history, sort_keys=False))
         say(f"from step {step}: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
     return set(changes)
+
+
+def _data_moved(recorded: Path, given: Path, run_dir: Path) -> bool:
+    """Whether `given` is the run's data moved from `recorded`: that folder is gone, and `given`
+    holds the `summary.json` the run copied at its start (`DATA_SUMMARY`), so the same conversion."""
+    copied, summary = run_dir / DATA_SUMMARY, given / "summary.json"
+    return (not recorded.exists() and copied.is_file() and summary.is_file()
+            and summary.read_bytes() == copied.read_bytes())
 
 
 def _is_main() -> bool:
@@ -1008,10 +1019,15 @@ def _check_run_dir(run_dir: Path, last_dir: Path, resume: bool) -> None:
         raise FileExistsError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick a new --out")
 
 
-def _check_data(cfg: TrainConfig) -> None:
+def _check_data(cfg: TrainConfig, *, resume: bool = False) -> None:
     """Before the model loads: the data folder holds a train split, and the run does not write
-    into it (its classes.txt and summary.json would be copied onto themselves)."""
+    into it (its classes.txt and summary.json would be copied onto themselves). A resumed run's
+    folder that is gone is named as the run's, with how to give its new place."""
     train = cfg.data / "train.jsonl"
+    if resume and not cfg.data.exists():
+        raise FileNotFoundError(f"the data folder this run was trained on, {cfg.data} (its config.yaml's data), "
+                                f"is gone: if it moved, resume with its new place, `loomlens train --resume {cfg.out} "
+                                "data=NEW_FOLDER`")
     if not train.is_file():
         raise FileNotFoundError(f"no training split at {train}; make one with `loomlens convert SRC {cfg.data}`")
     if Path(cfg.out).resolve() == cfg.data.resolve():
