@@ -470,9 +470,10 @@ def _relaunch(num_processes: int) -> None:
 @app.command("train", context_settings=_EXTRA, epilog=_SETTINGS_HELP)
 def train_command(
     ctx: typer.Context,
-    data: Path | None = typer.Option(None, help="Folder from `loomlens convert` (train.jsonl, val.jsonl)."),
+    # data and out as typed (typer would make "" the path "."): the config refuses an empty one
+    data: str | None = typer.Option(None, help="Folder from `loomlens convert` (train.jsonl, val.jsonl)."),
     model: str | None = typer.Option(None, help="Base model: tiny or tiny-hr (embedded), base, large, a hub id or a folder."),
-    out: Path | None = typer.Option(None, help="Run folder to write."),
+    out: str | None = typer.Option(None, help="Run folder to write."),
     config: str | None = typer.Option(
         None, help="YAML config file, or a shipped one by name (base: the seed's recipe)."),
     resume: Path | None = typer.Option(None, help="Continue the run in this folder exactly where it was saved."),
@@ -513,7 +514,7 @@ def train_command(
                       dora=dora, epochs=epochs, max_steps=max_steps, time_budget=time_budget,
                       batch_size=batch_size, grad_accum=grad_accum, order=order, eval_every=eval_every,
                       precision=precision, qlora=qlora, device=device)
-    overrides = {**_extra_overrides(ctx.args), **{k: str(v) if isinstance(v, Path) else v for k, v in explicit.items()}}
+    overrides = {**_extra_overrides(ctx.args), **explicit}
     if resume is None and "data" not in overrides and config is None:
         raise _fail("give --data DIR (a folder from `loomlens convert`) or --config FILE, or --resume RUN_DIR")
     cfg = _train_config(config, overrides, resume)
@@ -550,8 +551,8 @@ def config_command(
 @app.command("sweep", context_settings=_EXTRA, epilog=_SETTINGS_HELP)
 def sweep_command(
     ctx: typer.Context,
-    data: Path | None = typer.Option(None, help="Folder from `loomlens convert`."),
-    out: Path = typer.Option(Path("runs/sweep"), help="Sweep folder: one run folder per point, table and plot."),
+    data: str | None = typer.Option(None, help="Folder from `loomlens convert`."),  # as typed, as train's
+    out: str = typer.Option("runs/sweep", help="Sweep folder: one run folder per point, table and plot."),
     config: str | None = typer.Option(None, help="YAML config shared by every run."),
     lr: str | None = typer.Option(None, help="Learning rates, comma-separated: 1e-6,3e-6,5e-6."),
     r: str | None = typer.Option(None, help="LoRA ranks: 8,16,32."),
@@ -572,11 +573,11 @@ def sweep_command(
                                                  pointer_weight=pointer_weight).items()}
     if "targets" in axes:
         axes["targets"] = [t.replace("+", ",") for t in axes["targets"]]
-    shared = {**_extra_overrides(ctx.args), **({"data": str(data)} if data else {}), "device": _device(device)}
+    shared = {**_extra_overrides(ctx.args), **({"data": data} if data is not None else {}), "device": _device(device)}
     for point in grid(axes):  # every point before the first trains: a typo in the last value costs nothing
-        _train_config(config, {**shared, **point, "out": str(out)})
+        _train_config(config, {**shared, **point, "out": out})
     try:
-        result = sweep(axes, shared, config=config, out=out)
+        result = sweep(axes, shared, config=config, out=Path(out))
     except TrainingInterrupted as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(130) from None

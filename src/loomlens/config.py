@@ -277,6 +277,14 @@ class TrainConfig(BaseModel):
     def _known_device(cls, value: str) -> str:
         return check_device_name(value)
 
+    @field_validator("data", "out", mode="before")
+    @classmethod
+    def _a_folder(cls, value: object) -> object:
+        # Path("") is ".": an unset shell variable (`out=$RUN`) would train in the working directory.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: give a folder")
+        return value
+
     @field_validator("data")
     @classmethod
     def _absolute_data(cls, value: Path) -> Path:

@@ -244,3 +244,15 @@ def test_a_run_whose_data_folder_moved_resumes_with_the_new_place(small_data, sm
     moved = run("train", "--resume", out, "--max-steps", "2", f"data={tmp_path / 'moved'}")
     assert moved.exit_code == 0, moved.output
     assert yaml.safe_load((out / "config.yaml").read_text())["data"] == str(tmp_path / "moved")
+
+
+def test_an_empty_out_or_data_is_refused_before_the_model_loads(small_data, tmp_path, monkeypatch):
+    # `out=$RUN` with RUN unset trained in the working directory (typer made "" the path ".").
+    monkeypatch.chdir(tmp_path)
+    nowhere = ["model=/no/such/model", "--no-progress"]
+    for args in (["--data", small_data, "out="], ["--data", small_data, "--out", ""], ["data=", "--out", "r"]):
+        result = run("train", *args, *nowhere)
+        assert result.exit_code == 1 and "is empty: give a folder" in result.output, result.output
+    swept = run("sweep", "--data", small_data, "--out", "", "--lr", "0.1", *nowhere)
+    assert swept.exit_code == 1 and "is empty: give a folder" in swept.output, swept.output
+    assert list(tmp_path.iterdir()) == []

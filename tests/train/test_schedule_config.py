@@ -174,3 +174,11 @@ def test_a_switch_is_never_read_as_a_number(tmp_path):
         load_config(TrainConfig, tmp_path / "c.yaml")
     switched = load_config(TrainConfig, overrides={"data": "d", "dora": "true", "augment": "false", "qlora": "1"})
     assert switched.lora.dora and not switched.augment.enabled and switched.qlora
+
+
+def test_an_empty_folder_setting_is_refused_not_read_as_the_working_directory():
+    # `out=` (a shell variable that was never set) trained into the working directory, and
+    # `data=` read it as the data folder.
+    for key in ("out", "data"):
+        with pytest.raises(ValidationError, match=rf"{key}[\s\S]*is empty: give a folder"):
+            load_config(TrainConfig, overrides={"data": "d", key: ""})
