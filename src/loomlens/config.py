@@ -455,12 +455,34 @@ def load_recorded(path: str | Path, overrides: Mapping[str, Any] | None = None) 
     return load_config(TrainConfig, path, overrides, base=RECORDED_BEFORE)
 
 
+class _SettingsLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (`_unique_mapping`)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping as the safe loader builds it, or a `ConstructorError` at a key given twice:
+    YAML keeps the last one without a word, so a second `lora:` section reset the first's settings."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, (str, int, float)) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} is given twice (first at line {seen[key] + 1}): keep one", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep)
+
+
+_SettingsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def _yaml_layer(schema: type[BaseModel], path: str | Path) -> Mapping[str, Any]:
     """The settings of the YAML at `path` for `schema`: the file, or its `schema.yaml_section`
     mapping when it has one (`train --config demo` takes the demo's training recipe)."""
     file = resolve_config_path(path)
     try:
-        layer = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        layer = yaml.load(file.read_text(encoding="utf-8"), Loader=_SettingsLoader) or {}
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)

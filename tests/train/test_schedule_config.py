@@ -182,3 +182,13 @@ def test_an_empty_folder_setting_is_refused_not_read_as_the_working_directory():
     for key in ("out", "data"):
         with pytest.raises(ValidationError, match=rf"{key}[\s\S]*is empty: give a folder"):
             load_config(TrainConfig, overrides={"data": "d", key: ""})
+
+
+def test_a_setting_given_twice_in_a_file_is_refused_with_both_lines(tmp_path):
+    # YAML keeps the last: a second `lora:` section silently put lora.r back to its default.
+    (tmp_path / "twice.yaml").write_text("data: d\nlora:\n  r: 8\nlr: 0.01\nlora:\n  dora: true\n")
+    with pytest.raises(ValueError, match=r"twice.yaml:5:1: .*'lora' is given twice \(first at line 2\): keep one"):
+        load_config(TrainConfig, tmp_path / "twice.yaml")
+    (tmp_path / "inner.yaml").write_text("data: d\nlora:\n  r: 8\n  r: 4\n")
+    with pytest.raises(ValueError, match=r"inner.yaml:4:3: .*'r' is given twice \(first at line 3\)"):
+        load_config(TrainConfig, tmp_path / "inner.yaml")
