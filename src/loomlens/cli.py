@@ -440,10 +440,18 @@ def _train_config(config: str | None, overrides: dict, resume: Path | None = Non
             return load_recorded(resume / "config.yaml", {**overrides, "out": str(resume)})
         return load_config(TrainConfig, config, overrides, base=placeholder)
     except ValidationError as err:  # a check across settings has no field: its message says which
-        raise _fail("invalid settings", [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
-                                         for e in err.errors()]) from None
+        raise _fail("invalid settings", [_setting_error(e) for e in err.errors()]) from None
     except (ValueError, OSError) as err:
         raise _fail(str(err)) from None
+
+
+def _setting_error(error: dict) -> str:
+    """One pydantic error as `setting: what is wrong (given VALUE)`: the value shows which of a
+    sweep's list, or whether the file's or the line's, was wrong. A check across settings has no
+    field, and its message names them."""
+    where, given = ".".join(map(str, error["loc"])), error.get("input")
+    shown = f" (given {given!r})" if where and isinstance(given, (str, int, float, bool)) else ""
+    return f"{where or 'settings'}: {error['msg']}{shown}"
 
 
 def _relaunch(num_processes: int) -> None:

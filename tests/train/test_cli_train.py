@@ -256,3 +256,15 @@ def test_an_empty_out_or_data_is_refused_before_the_model_loads(small_data, tmp_
     swept = run("sweep", "--data", small_data, "--out", "", "--lr", "0.1", *nowhere)
     assert swept.exit_code == 1 and "is empty: give a folder" in swept.output, swept.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_value_is_echoed_so_a_sweep_list_or_a_file_shows_which(small_data, tmp_path):
+    # "lr: Input should be a valid number" did not say which of a sweep's values, or whether the
+    # file's or the line's, was wrong.
+    swept = run("sweep", "--data", small_data, "--out", tmp_path / "s", "--lr", "1e-3,2e-3x")
+    assert swept.exit_code == 1 and "lr: Input should be a valid number" in swept.output
+    assert "(given '2e-3x')" in swept.output, swept.output
+    (tmp_path / "c.yaml").write_text("lora:\n  r: eight\n")
+    from_file = run("config", "--config", tmp_path / "c.yaml")
+    assert from_file.exit_code == 1 and "lora.r: Input should be a valid integer" in from_file.output
+    assert "(given 'eight')" in from_file.output
