@@ -112,3 +112,12 @@ def test_a_checkpoint_name_other_than_best_or_last_says_so(tmp_path):
     (tmp_path / "checkpoints" / "best" / "adapter_config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="--checkpoint takes best or last, not 'middle'"):
         Run(tmp_path).adapter("middle")
+
+
+def test_last_asked_where_only_best_is_points_to_best(tmp_path):
+    # A run copied with best/ alone was told to "train one with `loomlens train`".
+    adapter(tmp_path / "run" / "checkpoints" / "best")
+    with pytest.raises(FileNotFoundError, match=r"it holds best/ only: use --checkpoint best"):
+        Run(tmp_path / "run").adapter("last")
+    with pytest.raises(FileNotFoundError, match=r"no such folder.*loomlens train"):
+        Run(tmp_path / "nosuch").adapter()

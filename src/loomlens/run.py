@@ -150,6 +150,10 @@ class Run:
             hint = f"checkpoints/{checkpoint}/ lacks {ADAPTER_CONFIG}: copy the run folder again"
         elif checkpoint == "best" and (self.path / "checkpoints" / "last" / ADAPTER_CONFIG).exists():
             hint = "no evaluation ran, so there is no best/: use --checkpoint last"
+        elif checkpoint == "last" and (self.path / "checkpoints" / "best" / ADAPTER_CONFIG).exists():
+            hint = "it holds best/ only: use --checkpoint best"
+        elif not self.path.exists():
+            hint = "no such folder: give a run folder, or train one with `loomlens train`"
         raise FileNotFoundError(
             f"no adapter at {self.path}: expected {ADAPTER_CONFIG} there or in checkpoints/{checkpoint}/ ({hint})"
         )
