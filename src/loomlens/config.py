@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -351,24 +351,24 @@ def _set(tree: dict, schema: type[BaseModel], key: str, value: Any) -> None:
         path = [owners[0], path[0]]
     elif len(path) > 1 and ".".join(path) not in _known_keys(schema):
         raise ValueError(_unknown(key, schema))  # a section's typo, before pydantic's "Extra inputs"
-    if isinstance(value, bool) and _takes_number(schema, path):
+    kinds = _field_kinds(schema, path)
+    if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:  # pydantic would read true as 1
+        words = "".join(f" or {word}" for kind in kinds if get_origin(kind) is Literal for word in get_args(kind))
         raise ValueError(f"setting {key!r} takes a number, not {str(value).lower()} (YAML reads true, yes and on as a "
-                         f"switch, and so does --{key} given no value): give it a number, as {key}=N")
+                         f"switch, and so does --{key} given no value): give it a number{words}, as {key}=N")
     node = tree
     for part in path[:-1]:
         node = node.setdefault(part, {})
     node[path[-1]] = value
 
 
-def _takes_number(schema: type[BaseModel], path: list[str]) -> bool:
-    """Whether the field at `path` of `schema` is a number and no switch: pydantic would read a
-    true there as 1, so a flag given without its value would set it without a word."""
+def _field_kinds(schema: type[BaseModel], path: list[str]) -> set:
+    """The types (and `Literal`s) the field at `path` of `schema` takes; empty for no field."""
     field = schema.model_fields.get(path[0])
     for part in path[1:]:
         sub = field.annotation if field else None
         field = sub.model_fields.get(part) if isinstance(sub, type) and issubclass(sub, BaseModel) else None
-    kinds = set(get_args(field.annotation) or (field.annotation,)) if field else set()
-    return bool(kinds & {int, float}) and bool not in kinds
+    return set(get_args(field.annotation) or (field.annotation,)) if field else set()
 
 
 #: Names other trainers use for a setting (ultralytics, transformers, peft), for suggestions only.
