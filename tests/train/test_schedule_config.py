@@ -139,13 +139,21 @@ def test_a_mistyped_setting_gets_the_nearest_names_in_a_file_or_on_the_line(tmp_
         load_config(TrainConfig, tmp_path / "typo.yaml")
 
 
-def test_a_config_file_that_is_no_yaml_mapping_is_named_with_its_line(tmp_path):
-    (tmp_path / "tabs.yaml").write_text("data: d\nlora:\n\tr: 8\n")
-    with pytest.raises(ValueError, match=r"tabs.yaml:3:1: not valid YAML: .*never tabs"):
-        load_config(TrainConfig, tmp_path / "tabs.yaml")
-    (tmp_path / "list.yaml").write_text("- lr: 1\n")
-    with pytest.raises(ValueError, match=r"list.yaml: holds a list, not settings"):
-        load_config(TrainConfig, tmp_path / "list.yaml")
+@pytest.mark.parametrize(("text", "says"), [
+    ("data: d\nlora:\n\tr: 8\n", r"bad.yaml:3:1: not valid YAML: .*never tabs"),
+    ("- lr: 1\n", r"bad.yaml: holds a list, not settings"),
+    # YAML keeps the last of a key given twice: a second `lora:` section silently put lora.r back to its default
+    ("data: d\nlora:\n  r: 8\nlr: 0.01\nlora:\n  dora: true\n",
+     r"bad.yaml:5:1: .*'lora' is given twice \(first at line 2\): keep one"),
+    ("data: d\nlora:\n  r: 8\n  r: 4\n", r"bad.yaml:4:3: .*'r' is given twice \(first at line 3\)"),
+])
+def test_a_config_file_that_is_no_yaml_mapping_of_settings_is_named_with_its_line(tmp_path, text, says):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ValueError, match=says):
+        load_config(TrainConfig, tmp_path / "bad.yaml")
+
+
+def test_a_config_folder_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="is a folder"):
         load_config(TrainConfig, tmp_path)
 
@@ -182,13 +190,3 @@ def test_an_empty_folder_setting_is_refused_not_read_as_the_working_directory():
     for key in ("out", "data"):
         with pytest.raises(ValidationError, match=rf"{key}[\s\S]*is empty: give a folder"):
             load_config(TrainConfig, overrides={"data": "d", key: ""})
-
-
-def test_a_setting_given_twice_in_a_file_is_refused_with_both_lines(tmp_path):
-    # YAML keeps the last: a second `lora:` section silently put lora.r back to its default.
-    (tmp_path / "twice.yaml").write_text("data: d\nlora:\n  r: 8\nlr: 0.01\nlora:\n  dora: true\n")
-    with pytest.raises(ValueError, match=r"twice.yaml:5:1: .*'lora' is given twice \(first at line 2\): keep one"):
-        load_config(TrainConfig, tmp_path / "twice.yaml")
-    (tmp_path / "inner.yaml").write_text("data: d\nlora:\n  r: 8\n  r: 4\n")
-    with pytest.raises(ValueError, match=r"inner.yaml:4:3: .*'r' is given twice \(first at line 3\)"):
-        load_config(TrainConfig, tmp_path / "inner.yaml")
