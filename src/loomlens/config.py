@@ -455,8 +455,9 @@ def load_recorded(path: str | Path, overrides: Mapping[str, Any] | None = None) 
     return load_config(TrainConfig, path, overrides, base=RECORDED_BEFORE)
 
 
-class _SettingsLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (`_unique_mapping`)."""
+class SettingsLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (`_unique_mapping`): the
+    loader of every YAML a person writes (training configs, region rules)."""
 
 
 def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -474,7 +475,7 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool 
     return loader.construct_mapping(node, deep)
 
 
-_SettingsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+SettingsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def _yaml_layer(schema: type[BaseModel], path: str | Path) -> Mapping[str, Any]:
@@ -482,7 +483,7 @@ def _yaml_layer(schema: type[BaseModel], path: str | Path) -> Mapping[str, Any]:
     mapping when it has one (`train --config demo` takes the demo's training recipe)."""
     file = resolve_config_path(path)
     try:
-        layer = yaml.load(file.read_text(encoding="utf-8"), Loader=_SettingsLoader) or {}
+        layer = yaml.load(file.read_text(encoding="utf-8"), Loader=SettingsLoader) or {}
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)

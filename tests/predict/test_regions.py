@@ -69,3 +69,10 @@ def test_a_refused_rule_is_one_line_naming_the_file_line_and_key(tmp_path):
     message = str(refused.value)
     assert "\n" not in message and "https://" not in message
     assert message.startswith(f"region rules {tmp_path / 'r.yaml'}: line 3, classes.drop.min_sore: not a key")
+
+
+def test_a_class_given_twice_is_refused_not_kept_last(tmp_path):
+    # YAML keeps the last: the first `drop` rule (its regions) would be dropped without a word.
+    (tmp_path / "r.yaml").write_text("classes:\n  drop:\n    min_score: 0.3\n  drop:\n    min_score: 0.9\n")
+    with pytest.raises(ValueError, match=r"r.yaml: line 4: .*'drop' is given twice \(first at line 2\): keep one"):
+        load_rules(tmp_path / "r.yaml")

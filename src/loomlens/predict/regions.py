@@ -25,6 +25,7 @@ import yaml
 from matplotlib.path import Path as PolygonPath
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from loomlens.config import SettingsLoader
 from loomlens.data.atomic import atomic_write
 from loomlens.data.records import Box
 from loomlens.run import RULES_FILE
@@ -130,7 +131,7 @@ def load_rules(path: str | Path) -> RegionRules:
                          "(--regions, or a run's regions.yaml)") from None
     try:
         document = yaml.compose(text, Loader=yaml.SafeLoader)
-        return RegionRules.model_validate(yaml.safe_load(text) or {})
+        return RegionRules.model_validate(yaml.load(text, Loader=SettingsLoader) or {})  # a key twice: refused
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = "" if mark is None else f"line {mark.line + 1}: "
