@@ -13,13 +13,15 @@ stdlib, so every floor above `data` may use it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from loomlens.data.yolo import CLASSES_FILE, read_class_names
 
-__all__ = ["ADAPTER_CONFIG", "CONFIG", "CROP", "DATA_SUMMARY", "RULES_FILE", "Run", "check_not_below_file"]
+__all__ = ["ADAPTER_CONFIG", "CONFIG", "CROP", "DATA_SUMMARY", "RULES_FILE", "Run", "check_not_below_file",
+           "check_output_folder"]
 
 #: The resolved training config a run keeps.
 CONFIG = "config.yaml"
@@ -42,6 +44,20 @@ def check_not_below_file(folder: Path, what: str) -> None:
     blocker = next((p for p in Path(folder).parents if p.is_file()), None)
     if blocker is not None:
         raise FileExistsError(f"{blocker} is a file, so {what} {folder} cannot be made below it: give another folder")
+
+
+def check_output_folder(folder: Path, what: str, fix: str, ours: Callable[[Path], bool] | None = None) -> None:
+    """Raise FileExistsError naming `folder` (the `what` a command writes, as the user would name
+    it) where it cannot take the output: it is a file, lies below one (`check_not_below_file`),
+    or holds files and is not an earlier output of the same kind (`ours(folder)`), which the
+    command would write among; `fix` says what to do then. A new or empty folder passes.
+    Checked before a model loads."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{what} {folder} is a file; give a folder (a new one is made)")
+    check_not_below_file(folder, what)
+    if folder.is_dir() and any(folder.iterdir()) and not (ours is not None and ours(folder)):
+        raise FileExistsError(f"{what} {folder} already exists and is not empty: {fix}")
 
 
 class Run:

@@ -268,3 +268,26 @@ def test_a_bad_value_is_echoed_so_a_sweep_list_or_a_file_shows_which(small_data,
     from_file = run("config", "--config", tmp_path / "c.yaml")
     assert from_file.exit_code == 1 and "lora.r: Input should be a valid integer" in from_file.output
     assert "(given 'eight')" in from_file.output
+
+
+def test_an_out_folder_of_other_files_is_refused_before_the_model_loads(small_data, tmp_path):
+    # Training wrote its config.yaml, checkpoints and curves among whatever the folder held.
+    nowhere = ["model=/no/such/model", "--no-progress"]  # loading it would be the error otherwise
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"x")
+    refused = run("train", "--data", small_data, "--out", photos, *nowhere)
+    text = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and str(photos) in text and "no loomlens run" in text, refused.output
+    assert "empty or new folder" in text and "--resume" in text
+    assert [p.name for p in photos.iterdir()] == ["holiday.jpg"]
+    (tmp_path / "empty").mkdir()
+    unfinished = tmp_path / "unfinished"  # a run that stopped before its first save: trained afresh
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("lr: 0.1\n")
+    for accepted in (tmp_path / "empty", unfinished):
+        result = run("train", "--data", small_data, "--out", accepted, *nowhere)
+        assert result.exit_code == 1 and "/no/such/model" in result.output, result.output  # past the folder
+    (unfinished / "checkpoints" / "last").mkdir(parents=True)
+    again = run("train", "--data", small_data, "--out", unfinished, *nowhere)
+    assert again.exit_code == 1 and "already holds a run; resume it with --resume" in again.output

@@ -55,7 +55,7 @@ from loomlens.model.lora import apply_lora, load_quantized_base, lower_frozen, t
 from loomlens.model.memory import enable_gradient_checkpointing, smaller_micro_batch
 from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory, resolve_device
 from loomlens.model.vision import split_image_path, stage_count, stage_of
-from loomlens.run import CROP, DATA_SUMMARY, Run, check_not_below_file
+from loomlens.run import CROP, DATA_SUMMARY, Run, check_output_folder
 from loomlens.train.average import WeightAverage
 from loomlens.train.checkpoint import (
     TrainerState,
@@ -240,8 +240,8 @@ def setup(cfg: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> Sess
     if main and resume:
         recover_folder(run_dir / "checkpoints" / "last")  # a kill between a save's renames: the previous one back
     accelerator.wait_for_everyone()
+    _check_data(cfg, resume=resume)  # first: --out given the data folder is named as that
     _check_run_dir(run_dir, run_dir / "checkpoints" / "last", resume)
-    _check_data(cfg, resume=resume)
     say = log if main else (lambda *_: None)
     set_seed(cfg.seed)  # the adapter's initial weights (they come from last/ on resume)
     model, processor = training_model(cfg)
@@ -1008,10 +1008,12 @@ def _is_main() -> bool:
 
 
 def _check_run_dir(run_dir: Path, last_dir: Path, resume: bool) -> None:
-    """Refuse a run folder that is a file, a new run where one is, a resume where none is."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise FileExistsError(f"--out {run_dir} is a file; give a folder for the run (a new one is made)")
-    check_not_below_file(run_dir, "--out")
+    """Refuse a run folder that is a file or holds other files than a run's (training would
+    write among them), a new run where one is, a resume where none is. A run folder is what
+    `Run` finds: one that holds its config.yaml."""
+    check_output_folder(run_dir, "--out", "it holds no loomlens run (no config.yaml), and training would write its "
+                        "files among these: choose an empty or new folder for the run; to go on with a run, give "
+                        "its folder to --resume", ours=lambda folder: Run(folder).folder == folder)
     if resume:
         if not has_checkpoint(last_dir):
             raise FileNotFoundError(f"nothing to resume: {last_dir} has no checkpoint")
