@@ -619,7 +619,7 @@ def merge_command(
 def export_command(
     run: str = typer.Argument(..., help="Training run folder, checkpoint or adapter folder (or a base model "
                               "name such as tiny: the base alone)."),
-    out: Path = typer.Argument(..., help="Export folder to create (must not exist)."),
+    out: Path = typer.Argument(..., help="Export folder: a new one, or an empty one."),
     fmt: str = typer.Option("onnx", "--format", help="onnx (the only format so far)."),
     model: str | None = typer.Option(None, help="Base model (default: the run's)."),
     checkpoint: str = typer.Option("best", help="best or last (with a run folder)."),

@@ -343,3 +343,17 @@ def test_an_out_folder_below_a_file_is_refused_before_the_model_loads(tmp_path) 
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FileExistsError, match=r"afile is a file, so .*afile/sub cannot be made.*another folder"):
         export_onnx(run=None, out=tmp_path / "afile" / "sub", model="/no/such/model", log=lambda _: None)
+
+
+def test_an_empty_out_folder_is_taken_as_merge_takes_one_and_a_full_one_refused(tmp_path) -> None:
+    # Export refused a folder made ready for it (mkdir, a mounted share) that merge accepted.
+    out = tmp_path / "ready"
+    out.mkdir()
+    export_onnx(run=None, out=out, model="tiny", frames=1, log=lambda _: None)
+    assert (out / MANIFEST).is_file() and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"full already exists and is not empty.*empty or new folder"):
+        export_onnx(run=None, out=full, model="/no/such/model", log=lambda _: None)  # before the model loads
+    assert [p.name for p in full.iterdir()] == ["notes.txt"]

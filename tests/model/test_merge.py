@@ -69,9 +69,15 @@ def test_merged_folder_loads_with_plain_transformers_and_matches(base_dir, tmp_p
 def test_merge_refuses_to_replace_a_folder_that_is_not_a_merged_model(tmp_path):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match=r"precious already exists and is not empty: it is not a merged model"):
         merge_adapter(tmp_path / "run", tmp_path / "precious")
     assert (tmp_path / "precious" / "notes.txt").exists()
+
+
+def test_merge_takes_an_empty_folder_as_export_does(base_dir, tmp_path):
+    fake_run(base_dir, tmp_path / "run", dora=False)
+    (tmp_path / "ready").mkdir()
+    assert (merge_adapter(tmp_path / "run", tmp_path / "ready") / "model.safetensors").is_file()
 
 
 def test_merge_stores_half_precision_by_default_with_every_checkpoint_file(base_dir, tmp_path):

@@ -39,7 +39,7 @@ from loomlens.infer.detection import detect_with_details
 from loomlens.infer.generation import Generation, generation_settings
 from loomlens.infer.loading import load_for_inference
 from loomlens.infer.onnx_runtime import MANIFEST, PARTS, OnnxFlorence
-from loomlens.run import check_not_below_file
+from loomlens.run import check_output_folder
 
 
 class ExportCheckFailed(RuntimeError):
@@ -363,7 +363,7 @@ def export_onnx(*, run: str | Path | None, out: str | Path, model: str | None = 
 
     Args:
         run: a run, checkpoint or adapter folder (None: the base alone).
-        out: the export folder; it must not exist yet.
+        out: the export folder; new, or an empty one (as `loomlens merge` takes).
         model: the base (default: the run's).
         opset: the ONNX opset the parts are written in.
         int8: also write dynamically quantised parts, checked the same way.
@@ -373,14 +373,12 @@ def export_onnx(*, run: str | Path | None, out: str | Path, model: str | None = 
     Returns:
         the check, one row per frame and set of parts.
     Raises:
-        FileExistsError when `out` exists; ValueError for a bad opset or frame count;
-        ExportCheckFailed when onnxruntime and torch disagree (nothing is left at `out`).
+        FileExistsError when `out` is a file or a folder that is not empty; ValueError for a bad
+        opset or frame count; ExportCheckFailed when onnxruntime and torch disagree (nothing is left at `out`).
     """
     out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; remove it or choose another folder (an export never "
-                              "writes over one)")
-    check_not_below_file(out, "the export folder")
+    check_output_folder(out, "the export folder", "choose an empty or new folder, or remove it (an export never "
+                        "writes over one)")
     if not 14 <= opset <= 20:
         raise ValueError(f"--opset must be 14..20 (scaled dot-product attention needs 14), got {opset}")
     if frames < 1:
@@ -423,6 +421,8 @@ def export_onnx(*, run: str | Path | None, out: str | Path, model: str | None = 
                     f"{c.parts} frame {c.frame}: {c.torch_boxes} vs {c.onnx_boxes} boxes, {c.max_bins:g} bins, "
                     f"score {c.max_score_diff:g} ({c.why})" for c in bad[:5]) + f".{verdict} Nothing was written "
                 f"to {out}.")
+        if out.is_dir():
+            out.rmdir()  # the empty folder given; one filled since the check fails here, untouched
         tmp.rename(out)
         return checks
     finally:

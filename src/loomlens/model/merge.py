@@ -29,7 +29,7 @@ from loomlens.data.atomic import recover_folder, swap_in_folder
 from loomlens.data.yolo import CLASSES_FILE
 from loomlens.model.loader import EMBEDDED, load_model, resolve_model_path
 from loomlens.model.lora import load_adapter
-from loomlens.run import Run, check_not_below_file
+from loomlens.run import Run, check_output_folder
 
 #: Written into every merged folder: provenance, and the mark that lets a re-merge replace it.
 MARKER = "loomlens_merge.json"
@@ -132,11 +132,8 @@ def merge_adapter(
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(MERGE_DTYPES)}")
     out = Path(out)
     recover_folder(out)  # an earlier merge a kill left set aside
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file; choose a new folder for the merged model")
-    check_not_below_file(out, "the merged model's folder")
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise FileExistsError(f"{out} exists and is not a merged model; choose an empty or new folder")
+    check_output_folder(out, "the merged model's folder", f"it is not a merged model (no {MARKER}); choose an "
+                        "empty or new folder", ours=lambda folder: (folder / MARKER).exists())
     run = Run(path)
     adapter_dir = run.adapter(checkpoint)
     recorded = run.recorded_base(checkpoint)
