@@ -291,3 +291,18 @@ def test_an_out_folder_of_other_files_is_refused_before_the_model_loads(small_da
     (unfinished / "checkpoints" / "last").mkdir(parents=True)
     again = run("train", "--data", small_data, "--out", unfinished, *nowhere)
     assert again.exit_code == 1 and "already holds a run; resume it with --resume" in again.output
+
+
+def test_an_empty_training_split_is_refused_before_the_model_loads(small_data, tmp_path):
+    # It was found only once the model had loaded, as "train.jsonl has no samples".
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    for empty in ("", "\n  \n"):
+        (data / "train.jsonl").write_text(empty)
+        result = run("train", "--data", data, "--out", tmp_path / "run", "model=/no/such/model", "--no-progress")
+        text = " ".join(result.output.split())
+        assert result.exit_code == 1 and f"{data / 'train.jsonl'} holds no samples" in text, result.output
+        assert "convert" in text and "split" in text
+    assert not (tmp_path / "run").exists()

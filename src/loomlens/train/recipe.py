@@ -1022,9 +1022,10 @@ def _check_run_dir(run_dir: Path, last_dir: Path, resume: bool) -> None:
 
 
 def _check_data(cfg: TrainConfig, *, resume: bool = False) -> None:
-    """Before the model loads: the data folder holds a train split, and the run does not write
-    into it (its classes.txt and summary.json would be copied onto themselves). A resumed run's
-    folder that is gone is named as the run's, with how to give its new place."""
+    """Before the model loads: the data folder holds a train split with a sample in it, and the
+    run does not write into it (its classes.txt and summary.json would be copied onto
+    themselves). A resumed run's folder that is gone is named as the run's, with how to give its
+    new place. The samples themselves are checked with the dataset (`validate_split`)."""
     train = cfg.data / "train.jsonl"
     if resume and not cfg.data.exists():
         raise FileNotFoundError(f"the data folder this run was trained on, {cfg.data} (its config.yaml's data), "
@@ -1032,6 +1033,11 @@ def _check_data(cfg: TrainConfig, *, resume: bool = False) -> None:
                                 "data=NEW_FOLDER`")
     if not train.is_file():
         raise FileNotFoundError(f"no training split at {train}; make one with `loomlens convert SRC {cfg.data}`")
+    with open(train, encoding="utf-8", errors="replace") as f:
+        if not any(line.strip() for line in f):  # stops at the first sample
+            raise ValueError(f"{train} holds no samples: convert the data again (`loomlens convert SRC {cfg.data}`), "
+                             "and check that its split left images in train (--val-fraction, --test-fraction, or "
+                             "the dataset's own train/ split; --resplit draws a new one)")
     if Path(cfg.out).resolve() == cfg.data.resolve():
         raise FileExistsError(f"--out {cfg.out} is the data folder; give the run a folder of its own")
 
