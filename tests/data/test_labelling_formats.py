@@ -177,6 +177,18 @@ def test_a_labels_folder_in_another_case_is_reported_not_read(tmp_path):
     assert set(_boxes(tmp_path / "data")) == {"c.jpg", "d.jpg"}
 
 
+def test_two_images_that_share_a_label_file_through_data_yaml_are_reported_not_guessed(tmp_path):
+    """a.jpg and a.png in train/images/ both read train/labels/a.txt: as the YOLO reader says
+    of LabelImg's files, which one its boxes were drawn on cannot be told, so neither trains."""
+    src = _roboflow_yolo(tmp_path / "export", ROBOFLOW_YAML)
+    write_image(src / "train" / "images" / "a.png", (64, 48))
+    report = convert(src, tmp_path / "data")
+    (shared,) = [p for p in report.problems if p.file == "train/labels/a.txt"]
+    assert "share the label file's stem" in shared.message and "file skipped" in shared.message
+    assert "train/images/a.jpg and train/images/a.png" in shared.message and "rename" in shared.fix
+    assert set(_boxes(tmp_path / "data")) == {"b.jpg", "c.jpg", "d.jpg"}
+
+
 # --- Roboflow COCO -------------------------------------------------------------------------------
 
 def _roboflow_coco(root: Path) -> Path:

@@ -11,6 +11,8 @@ without one is defect-free. Segmentation polygons become their bounding boxes. E
 keeps the split its data.yaml puts it in (`ImageRecord.split`). As ultralytics tells names
 apart by case, a label file no image reads (`img_001.txt` beside `IMG_001.JPG`, a `Labels/`
 folder) is reported, and the image it matches but for case skipped, not trained as defect-free.
+Images that read one label file (`a.jpg` and `a.png`) are reported as the YOLO reader reports
+them (`yolo.shared_label`), and skipped.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from loomlens.data.sanitize import (
     read_text,
     relative,
 )
-from loomlens.data.yolo import CLASSES_FILE, add_label_rows, parse_label_text, read_yolo
+from loomlens.data.yolo import CLASSES_FILE, add_label_rows, parse_label_text, read_yolo, shared_label
 
 YAML_SUFFIXES = (".yaml", ".yml")
 #: data.yaml key -> loomlens split.
@@ -226,6 +228,20 @@ def _unread_label(txt: Path, alike: Sequence[Path], folder: Path, root: Path) ->
                     fix=f"put its image in {relative(folder, root)}/ (and list it in data.yaml), or delete it")]
 
 
+def _shared_labels(images: Sequence[Path], root: Path) -> tuple[list[Problem], set[Path]]:
+    """The label files several of `images` read (`label_path`: a.jpg and a.png in one folder,
+    or names alike but for case on a disk that ignores it) -> (`shared_label`'s problem for
+    each, as the YOLO reader reports it; their images, resolved, to skip): which one the boxes
+    were drawn on cannot be told, and the others would train them where they are not."""
+    readers: dict[tuple[int, int], list[Path]] = {}
+    for image in images:
+        if image.is_file() and label_path(image).is_file():
+            readers.setdefault(_identity(label_path(image)), []).append(image)
+    shared = [sorted(group) for group in readers.values() if len(group) > 1]
+    return ([shared_label(label_path(group[0]), group, root) for group in shared],
+            {image.resolve() for group in shared for image in group})
+
+
 def _split_images(
     entries: Any, key: str, bases: Sequence[Path], root: Path, skip: Sequence[Path], file: str, line: int | None,
 ) -> tuple[list[Path], list[Problem]]:
@@ -288,9 +304,11 @@ def read_data_yaml(path: Path, root: Path, skip: Sequence[Path] = ()) -> ReadRes
         for image in images:
             seen.setdefault(image.resolve(), (image, split))  # an image listed twice keeps its first split
     problems, unlabelled = _unread_labels([image for image, _ in seen.values()], root)
-    result.problems += problems
+    shared, ambiguous = _shared_labels([image for image, _ in seen.values()], root)
+    result.problems += problems + shared
+    skipped = unlabelled | ambiguous
     for image, split in seen.values():
-        if image.resolve() in unlabelled:
+        if image.resolve() in skipped:
             continue
         record, problems = _record(image, split, names, root, file)
         result.problems += problems

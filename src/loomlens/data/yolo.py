@@ -157,6 +157,20 @@ def _refused(cls: int, corners: tuple[float, float, float, float], classes: Sequ
     return None
 
 
+def shared_label(txt: Path, images: Sequence[Path], root: Path) -> Problem:
+    """The problem of the label file `txt` (under `root`) that several `images` share, one stem
+    with other suffixes (a.jpg and a.png): which one its boxes were drawn on cannot be told, so
+    it is skipped, and they with it. The YOLO reader and the data.yaml reader both report it so."""
+    file = relative(txt, root)
+    names = " and ".join(relative(i, root) for i in images)
+    return Problem(
+        file=file, message=f"images {names} share the label file's stem: which one {file} labels cannot be "
+        "told; file skipped",
+        fix=f"rename the one {file} was not drawn on (e.g. to {txt.stem}-2{images[-1].suffix}) and give it a "
+        "label file of its own",
+    )
+
+
 def read_yolo_file(
     txt: Path, root: Path, classes: Sequence[str | None]
 ) -> tuple[ImageRecord | None, list[Problem]]:
@@ -164,13 +178,7 @@ def read_yolo_file(
     file = relative(txt, root)
     images = _images_for(txt, root)
     if len(images) > 1:
-        names = " and ".join(relative(i, root) for i in images)
-        return None, [Problem(
-            file=file, message=f"images {names} share the label file's stem: which one {file} labels cannot be "
-            "told; file skipped",
-            fix=f"rename the one {file} was not drawn on (e.g. to {txt.stem}-2{images[-1].suffix}) and give it a "
-            "label file of its own",
-        )]
+        return None, [shared_label(txt, images, root)]
     image = images[0] if images else None
     if image is None or not image.resolve().is_relative_to(root.resolve()):
         return None, [Problem(
