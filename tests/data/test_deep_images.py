@@ -109,3 +109,23 @@ def test_tiles_and_flips_of_a_48_bit_frame_keep_its_brightness(tmp_path):
         x0 = int(tile.split("_x")[1].split("_")[0])
         assert np.array_equal(np.asarray(read_rgb(out / tile)), frame[:, x0 : x0 + 64])
     assert np.array_equal(np.asarray(read_rgb(out / "images" / "flipped_a.png")), frame[:, ::-1])
+
+
+def test_prediction_reads_a_48_bit_frame_whole_from_its_path_or_undecoded_image_only(tmp_path):
+    """What `Predictor.predict` tells its callers: a 48-bit colour frame keeps its low bytes
+    from its path or from `Image.open`'s result not yet decoded; once PIL has decoded it only
+    the top bytes are left (a 12-bit frame: 15 at most), which nothing after can undo. A deep
+    grey frame keeps its depth when decoded."""
+    from loomlens.predict.predictor import _open  # how predict reads each image it is given
+
+    path, grey = tmp_path / "frame.png", tmp_path / "grey.png"
+    _png_48(path, _colour_ramp(4095))
+    whole = np.asarray(_open(path))
+    assert whole.max() == 255 and np.array_equal(np.asarray(_open(Image.open(path))), whole)
+    decoded = Image.open(path)
+    decoded.load()
+    assert np.asarray(_open(decoded)).max() == 15
+    Image.fromarray(_ramp(4095)).save(grey)
+    loaded = Image.open(grey)
+    loaded.load()
+    assert np.array_equal(np.asarray(_open(loaded)), np.asarray(_open(grey)))

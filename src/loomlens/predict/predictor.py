@@ -251,6 +251,14 @@ class Predictor:
         `time.monotonic()` value): past it, DeadlineExceeded is raised between model calls.
         `between()` is called after each batch of looks at a tiled frame's crops (a server runs
         small requests there).
+
+        A 48- or 64-bit colour PNG or TIFF (16 bits a channel) is read whole only from its path
+        or from `Image.open`'s result not yet decoded: PIL decodes such a file to each sample's
+        top byte (`load`, `copy`, `convert`, `ImageOps.exif_transpose`) and the low bytes are
+        gone, so a 12-bit camera frame in 16-bit samples would reach the model nearly black (15
+        of 255 at most). Pass those files as paths. Deep grey images (modes I;16, I, F) keep
+        their depth when decoded and are scaled either way (`to_rgb`).
+
         Raises ValueError for an unknown task or a missing/unreadable `text`, or a phrase too long
         for the model (`check_text`).
         """
