@@ -425,24 +425,37 @@ def _train_config(config: str | None, overrides: dict, resume: Path | None = Non
     from pydantic import ValidationError
 
     from loomlens.config import TrainConfig, load_config, load_recorded
+    from loomlens.run import CONFIG
 
     if resume is not None and config is not None:
-        raise _fail(f"--config with --resume: a run goes on with the settings it records ({resume / 'config.yaml'}); "
+        raise _fail(f"--config with --resume: a run goes on with the settings it records ({resume / CONFIG}); "
                     "give the settings to change as key=value, or start a new run with --config")
     if resume is not None and "out" in overrides and Path(overrides["out"]).resolve() != resume.resolve():
         raise _fail(f"--out with --resume: the run goes on in its own folder {resume}; to go on in another, copy the "
                     f"folder there and resume the copy (--resume {overrides['out']})")
-    if resume is not None and not (resume / "config.yaml").is_file():
-        raise _fail(f"no run folder at {resume} (it has no config.yaml): give the --out of a run, or start one with "
-                    "--data")
     try:
         if resume is not None:
-            return load_recorded(resume / "config.yaml", {**overrides, "out": str(resume)})
+            return load_recorded(_resumed_run(resume) / CONFIG, {**overrides, "out": str(resume)})
         return load_config(TrainConfig, config, overrides, base=placeholder)
     except ValidationError as err:  # a check across settings has no field: its message says which
         raise _fail("invalid settings", [_setting_error(e) for e in err.errors()]) from None
     except (ValueError, OSError) as err:
         raise _fail(str(err)) from None
+
+
+def _resumed_run(resume: Path) -> Path:
+    """`resume` when it is a run folder, as `Run` (the one reader of run folders) finds one;
+    else a one-line exit saying so, naming the run `resume` lies inside (a checkpoint folder
+    given) or how to start one. Run's ValueError for a config.yaml that is no YAML settings
+    goes to the caller."""
+    from loomlens.run import Run
+
+    found = Run(resume).folder
+    if found == resume:
+        return resume
+    fix = (f"it lies inside the run {found}: --resume {found}" if found is not None
+           else "give the --out of a run, or start one with --data")
+    raise _fail(f"no run folder at {resume} (it has no config.yaml): {fix}")
 
 
 def _setting_error(error: dict) -> str:

@@ -306,3 +306,14 @@ def test_an_empty_training_split_is_refused_before_the_model_loads(small_data, t
         assert result.exit_code == 1 and f"{data / 'train.jsonl'} holds no samples" in text, result.output
         assert "convert" in text and "split" in text
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_reads_the_run_through_run_and_names_the_run_above_a_checkpoint(tmp_path):
+    # `--resume RUN/checkpoints/last` was told to "give the --out of a run", not which one.
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "last").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("lr: 0.1\n")
+    inside = run("train", "--resume", run_dir / "checkpoints" / "last")
+    text = " ".join(inside.output.split())
+    assert inside.exit_code == 1 and f"no run folder at {run_dir / 'checkpoints' / 'last'}" in text, inside.output
+    assert f"it lies inside the run {run_dir}: --resume {run_dir}" in text
