@@ -121,3 +121,49 @@ def test_last_asked_where_only_best_is_points_to_best(tmp_path):
         Run(tmp_path / "run").adapter("last")
     with pytest.raises(FileNotFoundError, match=r"no such folder.*loomlens train"):
         Run(tmp_path / "nosuch").adapter()
+
+
+@pytest.mark.parametrize("text, says", [
+    ("model: tiny\nlr: 0.1\n  tasks: [od\n", "config.yaml:3: not valid YAML (mapping values are not allowed here)"),
+    ("- tiny\n- od\n", "config.yaml holds a list, not a run's settings"),
+])
+def test_a_config_yaml_that_holds_no_settings_is_one_line_naming_the_file_and_the_fix(run, text, says):
+    """It raised YAML's own error, which train, eval, predict, merge and export printed as a traceback."""
+    (run / "config.yaml").write_text(text)
+    for given in (run, run / "checkpoints" / "last"):
+        with pytest.raises(ValueError) as refused:
+            Run(given)
+        message = str(refused.value)
+        assert f"{run / 'config.yaml'}" in message and says in message, message
+        assert "restore it from a copy of the run folder" in message and "\n" not in message
+
+
+def test_the_commands_that_read_a_run_name_its_broken_config_yaml_without_a_traceback(run, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from loomlens.cli import app
+    from loomlens.data.convert import convert
+    from loomlens.data.synth import synthesize
+
+    synthesize(tmp_path / "raw", images=2, seed=1, size=(160, 90))
+    convert(tmp_path / "raw", tmp_path / "data", val_fraction=0.5)
+    Image.new("RGB", (64, 48)).save(tmp_path / "frame.png")
+    (run / "config.yaml").write_text("model: tiny\nlr: 0.1\n  tasks: [od\n")
+    fresh = tmp_path / "fresh"  # a new run's --out holding another tool's broken config.yaml
+    fresh.mkdir()
+    (fresh / "config.yaml").write_text("a: [1,\n")
+    (fresh / "notes.txt").write_text("x")
+    commands = {
+        run: [["train", "--resume", run], ["eval", "--data", tmp_path / "data", "--run", run, "--checkpoint", "last"],
+              ["predict", tmp_path / "frame.png", "--run", run, "--checkpoint", "last", "--out", tmp_path / "p"],
+              ["merge", run, tmp_path / "merged", "--checkpoint", "last"],
+              ["export", run, tmp_path / "exported", "--checkpoint", "last"]],
+        fresh: [["train", "--data", tmp_path / "data", "--out", fresh, "model=/no/such/model", "--no-progress"]],
+    }
+    for folder, lines in commands.items():
+        for line in lines:
+            result = CliRunner().invoke(app, [str(word) for word in line])
+            text = " ".join(result.output.split())
+            assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (line, result.output)
+            assert f"{folder / 'config.yaml'}:" in text and "not valid YAML" in text, (line, result.output)

@@ -60,18 +60,36 @@ def check_output_folder(folder: Path, what: str, fix: str, ours: Callable[[Path]
         raise FileExistsError(f"{what} {folder} already exists and is not empty: {fix}")
 
 
+def _read_config(file: Path) -> dict:
+    """The settings a run's `config.yaml` at `file` records ({} for an empty one). Raises
+    ValueError on one line naming the file, the line where YAML gives one, and the fix, when
+    it is not YAML settings (a mapping): every command that reads a run prints it as it is."""
+    fix = ("it holds the settings `loomlens train` wrote for the run: restore it from a copy of the run folder, or "
+           "fix it by hand; in a folder that is no loomlens run, move it away or give another folder")
+    try:
+        config = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark else str(file)
+        raise ValueError(f"{where}: not valid YAML ({getattr(err, 'problem', None) or err}): {fix}") from None
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"{file} holds a {type(config).__name__}, not a run's settings: {fix}")
+    return config or {}
+
+
 class Run:
     """What a run folder holds, read on demand. `path`: the folder given; `folder`: the run
     folder it belongs to (the nearest of `path` and its parents up to `_LEVELS_UP` levels that
     holds `config.yaml`), or None for a bare adapter; `config`: that config as a dict ({}
-    without a run)."""
+    without a run). ValueError naming the file and the fix when that config.yaml holds no
+    settings (`_read_config`)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.folder = next(
             (p for p in (self.path, *self.path.parents[:_LEVELS_UP]) if (p / CONFIG).exists()), None
         )
-        self.config: dict = (yaml.safe_load((self.folder / CONFIG).read_text()) or {}) if self.folder else {}
+        self.config: dict = _read_config(self.folder / CONFIG) if self.folder else {}
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
