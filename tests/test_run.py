@@ -167,3 +167,17 @@ def test_the_commands_that_read_a_run_name_its_broken_config_yaml_without_a_trac
             text = " ".join(result.output.split())
             assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (line, result.output)
             assert f"{folder / 'config.yaml'}:" in text and "not valid YAML" in text, (line, result.output)
+
+
+@pytest.mark.parametrize("hidden", [".DS_Store", "._frame.jpg", "Thumbs.db", "desktop.ini", "DESKTOP.INI", ".git"])
+def test_an_output_folder_holding_only_what_a_file_manager_hides_counts_as_empty(tmp_path, hidden):
+    """train, merge and export refused a folder holding only the .DS_Store or Thumbs.db the OS left
+    there, which convert took (`data.atomic.holds_files`, the one rule)."""
+    from loomlens.run import check_output_folder
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / hidden).write_bytes(b"")
+    check_output_folder(tmp_path / "out", "--out", "choose an empty folder")
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists and is not empty: choose an empty folder"):
+        check_output_folder(tmp_path / "out", "--out", "choose an empty folder")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from loomlens.data.atomic import holds_files
 from loomlens.data.yolo import CLASSES_FILE, read_class_names
 
 __all__ = ["ADAPTER_CONFIG", "CONFIG", "CROP", "DATA_SUMMARY", "RULES_FILE", "Run", "check_not_below_file",
@@ -50,13 +51,14 @@ def check_output_folder(folder: Path, what: str, fix: str, ours: Callable[[Path]
     """Raise FileExistsError naming `folder` (the `what` a command writes, as the user would name
     it) where it cannot take the output: it is a file, lies below one (`check_not_below_file`),
     or holds files and is not an earlier output of the same kind (`ours(folder)`), which the
-    command would write among; `fix` says what to do then. A new or empty folder passes.
+    command would write among; `fix` says what to do then. A new or empty folder passes, empty
+    as `data.atomic.holds_files` has it (what a file manager hides, `.DS_Store`, does not count).
     Checked before a model loads."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{what} {folder} is a file; give a folder (a new one is made)")
     check_not_below_file(folder, what)
-    if folder.is_dir() and any(folder.iterdir()) and not (ours is not None and ours(folder)):
+    if folder.is_dir() and holds_files(folder) and not (ours is not None and ours(folder)):
         raise FileExistsError(f"{what} {folder} already exists and is not empty: {fix}")
 
 

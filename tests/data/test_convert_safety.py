@@ -346,7 +346,8 @@ def test_a_conversion_refused_before_writing_leaves_no_mark_and_hidden_files_are
         convert(tmp_path / "gone", tmp_path / "out")  # nothing to convert: made, then taken back
     assert not (tmp_path / "out").exists()
     (tmp_path / "kept").mkdir()
-    (tmp_path / "kept" / ".DS_Store").write_bytes(b"")
+    for hidden in (".DS_Store", "Thumbs.db", "desktop.ini"):  # what macOS and Windows leave by themselves
+        (tmp_path / "kept" / hidden).write_bytes(b"")
     convert(src, tmp_path / "kept", val_fraction=0)  # a folder with hidden files only is empty enough
     assert (tmp_path / "kept" / "summary.json").is_file()
 

@@ -349,8 +349,10 @@ def test_an_empty_out_folder_is_taken_as_merge_takes_one_and_a_full_one_refused(
     # Export refused a folder made ready for it (mkdir, a mounted share) that merge accepted.
     out = tmp_path / "ready"
     out.mkdir()
+    (out / ".DS_Store").write_bytes(b"x")  # what a file manager hides counts as empty, and stays
     export_onnx(run=None, out=out, model="tiny", frames=1, log=lambda _: None)
     assert (out / MANIFEST).is_file() and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert (out / ".DS_Store").read_bytes() == b"x"
     full = tmp_path / "full"
     full.mkdir()
     (full / "notes.txt").write_text("mine")

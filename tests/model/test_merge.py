@@ -78,6 +78,11 @@ def test_merge_takes_an_empty_folder_as_export_does(base_dir, tmp_path):
     fake_run(base_dir, tmp_path / "run", dora=False)
     (tmp_path / "ready").mkdir()
     assert (merge_adapter(tmp_path / "run", tmp_path / "ready") / "model.safetensors").is_file()
+    # A folder holding only what a file manager hides counts as empty, and keeps what it held.
+    (tmp_path / "shared" / ".git").mkdir(parents=True)
+    (tmp_path / "shared" / "Thumbs.db").write_bytes(b"x")
+    assert (merge_adapter(tmp_path / "run", tmp_path / "shared") / "model.safetensors").is_file()
+    assert (tmp_path / "shared" / ".git").is_dir() and (tmp_path / "shared" / "Thumbs.db").is_file()
 
 
 def test_merge_stores_half_precision_by_default_with_every_checkpoint_file(base_dir, tmp_path):

@@ -121,6 +121,31 @@ def same_stamp(dst: str | Path, src: str | Path) -> bool:
     return dst.exists() and dst.stat().st_mtime_ns == Path(src).stat().st_mtime_ns
 
 
+#: Files Windows' Explorer leaves in folders by itself, hidden from view as dot files are.
+EXPLORER_FILES = frozenset({"thumbs.db", "desktop.ini"})
+
+
+def unseen(path: Path) -> bool:
+    """Whether the folder entry `path` is one a file manager hides, so that a person does not
+    count it as the folder's contents: a dot name (macOS's `.DS_Store` and `._NAME` copies,
+    `.git`, `.gitkeep`) or a file Explorer leaves there (`EXPLORER_FILES`, any case)."""
+    return path.name.startswith(".") or path.name.lower() in EXPLORER_FILES
+
+
+def holds_files(folder: str | Path) -> bool:
+    """Whether the folder `folder` holds anything but `unseen` entries: the one rule by which an
+    output folder counts as empty (convert, train, merge and export take an empty one)."""
+    return any(not unseen(entry) for entry in Path(folder).iterdir())
+
+
+def keep_unseen(folder: Path, into: Path) -> None:
+    """Move the `unseen` entries of `folder` into `into`, the folder about to take its place,
+    so that replacing a folder that counted as empty loses none of them (a `.git`)."""
+    for entry in Path(folder).iterdir():
+        if unseen(entry) and not (into / entry.name).exists():
+            entry.rename(into / entry.name)
+
+
 def output_folder(path: str | Path) -> Path:
     """Make the output folder `path` (and its parents) if missing and return it. Raises
     ValueError, naming it, where a file stands in its place (`--out` given a file)."""

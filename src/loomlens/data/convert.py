@@ -27,7 +27,7 @@ from typing import Any
 from PIL import Image
 
 from loomlens.data.atomic import (
-    atomic_copy, atomic_group, atomic_open, atomic_save_image, atomic_write, same_stamp, stamp,
+    atomic_copy, atomic_group, atomic_open, atomic_save_image, atomic_write, holds_files, same_stamp, stamp,
 )
 from loomlens.data.coco import read_coco
 from loomlens.data.cvat import read_cvat, xml_root_tag
@@ -363,7 +363,7 @@ def _check_out(src: Path, out: Path) -> None:
     if src_abs.is_relative_to(out_abs):
         raise ConvertError(f"the output folder {out} holds the source folder {src}: its outputs would land "
                            f"among the annotations; nothing written; {elsewhere}")
-    if before is None and out_abs.is_dir() and any(not p.name.startswith(".") for p in out_abs.iterdir()):
+    if before is None and out_abs.is_dir() and holds_files(out_abs):
         raise ConvertError(f"the output folder {out} holds files that are not a conversion's output: convert "
                            "would overwrite its classes.txt and mix its outputs among them; nothing written; "
                            "give a new or empty folder")

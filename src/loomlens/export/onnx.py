@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loomlens.data.atomic import holds_files, keep_unseen
 from loomlens.data.records import Box
 from loomlens.infer.detection import detect_with_details
 from loomlens.infer.generation import Generation, generation_settings
@@ -422,7 +423,9 @@ def export_onnx(*, run: str | Path | None, out: str | Path, model: str | None = 
                     f"score {c.max_score_diff:g} ({c.why})" for c in bad[:5]) + f".{verdict} Nothing was written "
                 f"to {out}.")
         if out.is_dir():
-            out.rmdir()  # the empty folder given; one filled since the check fails here, untouched
+            if not holds_files(out):  # the empty folder given: what a file manager hides there stays
+                keep_unseen(out, tmp)
+            out.rmdir()  # one filled since the check fails here, untouched
         tmp.rename(out)
         return checks
     finally:

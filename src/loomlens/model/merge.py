@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from loomlens.data.atomic import recover_folder, swap_in_folder
+from loomlens.data.atomic import keep_unseen, recover_folder, swap_in_folder
 from loomlens.data.yolo import CLASSES_FILE
 from loomlens.model.loader import EMBEDDED, load_model, resolve_model_path
 from loomlens.model.lora import load_adapter
@@ -162,5 +162,7 @@ def merge_adapter(
     missing = [name for name in REQUIRED_FILES if not (tmp / name).exists()]
     if missing:
         raise RuntimeError(f"the merged folder lacks {', '.join(missing)}; the base model folder may be incomplete")
+    if out.is_dir():
+        keep_unseen(out, tmp)  # what a file manager hides there (.git, .DS_Store) stays
     swap_in_folder(tmp, out)
     return out
