@@ -569,6 +569,19 @@ def config_command(
     typer.echo("\n".join(lines))
 
 
+def _sweep_values(option: str, text: str) -> list[str]:
+    """The values a sweep option (`lr`, as its parameter is named) gives, comma-separated, each
+    stripped: `0.01, 0.001` ran ' 0.001' in a point named `lr=-0.001`. A one-line exit for an
+    empty one (`attention,`), which the settings check took as a value: `targets` failed only
+    when its point loaded the model, after the points before it had trained."""
+    values = [value.strip() for value in text.split(",")]
+    if "" in values:
+        given = ",".join(value for value in values if value) or "A,B"
+        raise _fail(f"--{option.replace('_', '-')} {text!r} has an empty value: give the values to try separated by "
+                    f"commas, none empty (--{option.replace('_', '-')} {given})")
+    return values
+
+
 @app.command("sweep", context_settings=_EXTRA, epilog=_SETTINGS_HELP)
 def sweep_command(
     ctx: typer.Context,
@@ -589,9 +602,9 @@ def sweep_command(
     from loomlens.train.recipe import TrainingInterrupted
     from loomlens.train.sweep import grid, sweep
 
-    axes = {k: v.split(",") for k, v in _given(lr=lr, r=r, targets=targets, freeze=freeze, order=order,
-                                                 dora=dora, loc_sigma=loc_sigma,
-                                                 pointer_weight=pointer_weight).items()}
+    axes = {k: _sweep_values(k, v) for k, v in _given(lr=lr, r=r, targets=targets, freeze=freeze, order=order,
+                                                         dora=dora, loc_sigma=loc_sigma,
+                                                         pointer_weight=pointer_weight).items()}
     if "targets" in axes:
         axes["targets"] = [t.replace("+", ",") for t in axes["targets"]]
     shared = {**_extra_overrides(ctx.args), **({"data": data} if data is not None else {}), "device": _device(device)}

@@ -317,3 +317,19 @@ def test_resume_reads_the_run_through_run_and_names_the_run_above_a_checkpoint(t
     text = " ".join(inside.output.split())
     assert inside.exit_code == 1 and f"no run folder at {run_dir / 'checkpoints' / 'last'}" in text, inside.output
     assert f"it lies inside the run {run_dir}: --resume {run_dir}" in text
+
+
+def test_a_sweep_list_with_an_empty_value_is_refused_before_any_point_trains_and_spaces_are_no_part_of_a_value(
+        small_data, small_model_dir, tmp_path):
+    # `--targets attention,` trained the attention point, then failed loading the '' one; and
+    # `--lr "0.01, 0.001"` ran a point named `lr=-0.001` with the value ' 0.001'.
+    out = tmp_path / "sweep"
+    for option, text in (("--targets", "attention,"), ("--lr", "0.01,,0.001"), ("--r", "")):
+        refused = run("sweep", *fast(small_data, small_model_dir), "--out", out, option, text, "max_steps=1")
+        said = " ".join(refused.output.split())
+        assert refused.exit_code == 1 and f"{option} {text!r} has an empty value" in said, refused.output
+        assert not out.exists()
+    spaced = run("sweep", *fast(small_data, small_model_dir), "--out", out, "--lr", "0.01, 0.001 ", "max_steps=1")
+    assert spaced.exit_code == 0, spaced.output
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["lr=0.001", "lr=0.01"]
+    assert [r["lr"] for r in csv.DictReader(open(out / "sweep.csv"))] == ["0.01", "0.001"]
