@@ -438,7 +438,8 @@ def _train_config(config: str | None, overrides: dict, resume: Path | None = Non
             return load_recorded(_resumed_run(resume) / CONFIG, {**overrides, "out": str(resume)})
         return load_config(TrainConfig, config, overrides, base=placeholder)
     except ValidationError as err:  # a check across settings has no field: its message says which
-        raise _fail("invalid settings", [_setting_error(e) for e in err.errors()]) from None
+        source = f" (from {config} and the command line)" if config is not None else ""
+        raise _fail(f"invalid settings{source}", [_setting_error(e) for e in err.errors()]) from None
     except (ValueError, OSError) as err:
         raise _fail(str(err)) from None
 
@@ -460,10 +461,14 @@ def _resumed_run(resume: Path) -> Path:
 
 def _setting_error(error: dict) -> str:
     """One pydantic error as `setting: what is wrong (given VALUE)`: the value shows which of a
-    sweep's list, or whether the file's or the line's, was wrong. A check across settings has no
-    field, and its message names them."""
+    sweep's list, or whether the file's or the line's, was wrong; a list where one value goes
+    says where a sweep takes its lists. A check across settings has no field, and its message
+    names them."""
     where, given = ".".join(map(str, error["loc"])), error.get("input")
     shown = f" (given {given!r})" if where and isinstance(given, (str, int, float, bool)) else ""
+    if where and isinstance(given, list):  # a grid written into --config: one value a run
+        shown = (f" (given {given!r}: a list where one value goes; `loomlens sweep` tries several, each option's "
+                 "values as a comma list: --lr 1e-4,2e-3)")
     return f"{where or 'settings'}: {error['msg']}{shown}"
 
 

@@ -2,6 +2,7 @@
 
 import csv
 
+import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
@@ -333,3 +334,15 @@ def test_a_sweep_list_with_an_empty_value_is_refused_before_any_point_trains_and
     assert spaced.exit_code == 0, spaced.output
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["lr=0.001", "lr=0.01"]
     assert [r["lr"] for r in csv.DictReader(open(out / "sweep.csv"))] == ["0.01", "0.001"]
+
+
+@pytest.mark.parametrize("listed, shown", [("lr: [1.0e-4, 2.0e-3]\n", "[0.0001, 0.002]"), ("lr: []\n", "[]")])
+def test_a_list_in_a_sweeps_config_names_the_file_the_list_and_where_lists_go(small_data, tmp_path, listed, shown):
+    # A grid written into the --config YAML said only "lr: Input should be a valid number".
+    (tmp_path / "grid.yaml").write_text(listed)
+    swept = run("sweep", "--data", small_data, "--out", tmp_path / "s", "--config", tmp_path / "grid.yaml", "--r", "4,8")
+    said = " ".join(swept.output.split())
+    assert swept.exit_code == 1 and f"invalid settings (from {tmp_path / 'grid.yaml'} and the command line)" in said
+    assert f"lr: Input should be a valid number (given {shown}: a list where one value goes" in said, swept.output
+    assert "`loomlens sweep` tries several, each option's values as a comma list: --lr 1e-4,2e-3" in said
+    assert not (tmp_path / "s").exists()
