@@ -760,7 +760,7 @@ def eval_command(
     from rich.table import Table
 
     from loomlens.evaluate.inspection import summary_line
-    from loomlens.evaluate.report import od_images, placement_text, write_report
+    from loomlens.evaluate.report import eval_images, placement_text, write_report
     from loomlens.evaluate.thresholds import threshold_text
     from loomlens.infer.loading import load_for_inference
     from loomlens.infer.tta import check_tta, choose_views
@@ -770,7 +770,7 @@ def eval_command(
     adapter = Path(checkpoint) if checkpoint not in ("best", "last") else run
     try:  # the model as `predict` runs it
         check_tta(tta)  # before the model loads, as is the split (its images and true boxes)
-        od_images(jsonl)
+        eval_images(jsonl)
         loaded = load_for_inference(model=model, adapter=adapter, checkpoint=checkpoint if adapter == run else "best",
                                     device=_device(device),
                                     precision=precision)

@@ -67,9 +67,8 @@ def test_eval_names_a_missing_or_resized_image_and_an_empty_split_before_the_mod
     assert f"val.jsonl:1: image '{val[0]['image']}' is 320x180, but the sample says 160x90" in output
     assert f"val.jsonl:2: image '{val[1]['image']}' not found" in output
     (tmp_path / "data" / "val.jsonl").write_text("")
-    monkeypatch.undo()
     result = CliRunner().invoke(app, command)
-    assert result.exit_code == 1 and "has no <OD> sample to evaluate" in result.output, result.output
+    assert result.exit_code == 1 and "val.jsonl holds no samples" in " ".join(result.output.split()), result.output
     assert not (tmp_path / "eval").exists()  # nothing written for it
 
 
@@ -163,3 +162,27 @@ def test_a_split_without_defects_shows_map_as_undefined_not_zero(tmp_path):
     assert result.exit_code == 0, result.output
     row = next(line for line in result.output.splitlines() if "│" in line and any(c.isdigit() for c in line))
     assert row.count("n/a") >= 4 and "0.000 │ 0.000" not in row, result.output
+
+
+def test_a_split_with_no_sample_or_no_od_sample_is_refused_before_the_model_loads_with_its_own_fix(
+        tmp_path, monkeypatch):
+    """`convert --val-fraction 0` writes an empty val.jsonl; eval loaded the model and then told to
+    'convert the data with the od task', which it had been."""
+    import loomlens.infer.loading as loading
+
+    synthesize(tmp_path / "raw", images=2, seed=1, size=(160, 90))
+    convert(tmp_path / "raw", tmp_path / "data", val_fraction=0)
+    monkeypatch.setattr(loading, "load_for_inference", None)  # any attempt to load would raise TypeError
+    val = tmp_path / "data" / "val.jsonl"
+    command = ["eval", "--data", str(tmp_path / "data"), "--model", "tiny", "--out", str(tmp_path / "eval")]
+    result = CliRunner().invoke(app, command)
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"{val} holds no samples" in output and "--val-fraction" in output and "od task" not in output, output
+    line = json.loads((tmp_path / "data" / "train.jsonl").read_text().splitlines()[0])
+    val.write_text(json.dumps({**line, "prefix": "<CAPTION>", "suffix": "cloth", "task": "caption"}) + "\n")
+    result = CliRunner().invoke(app, command)
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"{val} has no <OD> sample to evaluate" in output, output
+    assert not (tmp_path / "eval").exists()

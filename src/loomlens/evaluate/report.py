@@ -77,6 +77,22 @@ def od_images(jsonl: Path, max_images: int | None = None, *, frames_only: bool =
     return out
 
 
+def eval_images(jsonl: Path, max_images: int | None = None, *, frames_only: bool = False) -> list[EvalImage]:
+    """`od_images`, refusing a split with none: ValueError naming the file and the fix, which
+    differs for a split `convert` drew no image into (`--val-fraction 0` writes an empty
+    val.jsonl) and one without `<OD>` samples. `eval` checks with it before the model loads."""
+    jsonl = Path(jsonl)
+    images = od_images(jsonl, max_images, frames_only=frames_only)
+    if images:
+        return images
+    if not jsonl.read_text(encoding="utf-8", errors="replace").strip():
+        fraction = f" with --{jsonl.stem}-fraction 0.2" if jsonl.stem in ("val", "test") else ""
+        raise ValueError(f"{jsonl} holds no samples (convert drew no image into this split): convert the source into "
+                         f"a new folder{fraction} and train on that; a split drawn after training would hold images "
+                         "the run trained on")
+    raise ValueError(f"{jsonl} has no <OD> sample to evaluate; convert the data with the od task")
+
+
 def run_split(
     model, processor, images: Sequence[EvalImage], classes: Sequence[str] = (), batch_size: int = INFER_BATCH_SIZE,
     max_boxes: int = 20, constrained: bool = False, tile: int | None = None, views: Sequence[str] = ("",),
@@ -243,9 +259,7 @@ def write_report(
     a bad sample or none to evaluate, before anything is written."""
     out = Path(out)
     classes = list(classes) or read_class_names(Path(jsonl).parent / CLASSES_FILE)
-    images = od_images(jsonl, max_images, frames_only=tile is not None)
-    if not images:
-        raise ValueError(f"{jsonl} has no <OD> sample to evaluate; convert the data with the od task")
+    images = eval_images(jsonl, max_images, frames_only=tile is not None)
     try:
         output_folder(out)
     except OSError as err:  # a file where a parent folder should be, no permission
