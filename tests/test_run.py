@@ -181,3 +181,20 @@ def test_an_output_folder_holding_only_what_a_file_manager_hides_counts_as_empty
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="already exists and is not empty: choose an empty folder"):
         check_output_folder(tmp_path / "out", "--out", "choose an empty folder")
+
+
+def test_a_run_that_saved_no_checkpoint_yet_is_not_told_to_train_one(tmp_path):
+    # eval/predict/merge of a run still training (or stopped before its first save) said
+    # "train one with `loomlens train`", as for a folder that holds no run.
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model": "tiny"}))
+    for made in (False, True):  # no checkpoints/ yet, or made and still empty
+        if made:
+            (folder / "checkpoints").mkdir()
+        for checkpoint in ("best", "last"):
+            with pytest.raises(FileNotFoundError) as missing:
+                Run(folder).adapter(checkpoint)
+            message = str(missing.value)
+            assert "the run has saved no checkpoint yet" in message and "loomlens train --resume" not in message
+            assert "train one with" not in message and f"--out {folder}" in message, message

@@ -188,6 +188,10 @@ class Run:
             hint = "no evaluation ran, so there is no best/: use --checkpoint last"
         elif checkpoint == "last" and (self.path / "checkpoints" / "best" / ADAPTER_CONFIG).exists():
             hint = "it holds best/ only: use --checkpoint best"
+        elif self.folder == self.path:  # a run still training, or one stopped before its first save
+            hint = ("the run has saved no checkpoint yet: training saves checkpoints/last/ at its first evaluation "
+                    "and when it stops; wait for that, or train a run that stopped before it again with "
+                    f"--out {self.path}")
         elif not self.path.exists():
             hint = "no such folder: give a run folder, or train one with `loomlens train`"
         raise FileNotFoundError(
