@@ -733,6 +733,23 @@ def _eval_split(data: Path, split: str) -> Path:
     return jsonl
 
 
+def _eval_adapter(run: Path | None, checkpoint: str) -> Path | None:
+    """The adapter `eval --checkpoint` means: `run` (None: the base alone) for best or last, else
+    the adapter folder it names, which must exist and, beside `--run`, lie in that run: eval
+    would read another run's adapter and write the report as `run`'s (over its eval-SPLIT).
+    One-line exits naming the fix, before the model loads."""
+    if checkpoint in ("best", "last"):
+        return run
+    path = Path(checkpoint)
+    if not path.exists():
+        raise _fail(f"--checkpoint takes best, last or the path of an adapter folder, not {checkpoint!r} (no such "
+                    "folder)")
+    if run is not None and not path.resolve().is_relative_to(run.resolve()):
+        raise _fail(f"--checkpoint {path} lies outside the run {run} (--run): eval would read it and write the report "
+                    "as that run's; give the run it belongs to as --run, or --checkpoint alone")
+    return path
+
+
 @app.command("eval")
 def eval_command(
     data: Path = typer.Option(..., help="Folder written by `loomlens convert`, or one of its .jsonl splits."),
@@ -767,7 +784,7 @@ def eval_command(
     from loomlens.model.loader import ModelLoadError
 
     jsonl = _eval_split(data, split)
-    adapter = Path(checkpoint) if checkpoint not in ("best", "last") else run
+    adapter = _eval_adapter(run, checkpoint)
     try:  # the model as `predict` runs it
         check_tta(tta)  # before the model loads, as is the split (its images and true boxes)
         eval_images(jsonl)

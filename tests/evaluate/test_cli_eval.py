@@ -186,3 +186,30 @@ def test_a_split_with_no_sample_or_no_od_sample_is_refused_before_the_model_load
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert f"{val} has no <OD> sample to evaluate" in output, output
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_checkpoint_that_is_no_word_nor_folder_or_lies_in_another_run_is_refused_before_the_model_loads(
+        tmp_path, monkeypatch):
+    """`--checkpoint middle` was told "no such folder: give a run folder, or train one"; `--run A
+    --checkpoint B/checkpoints/best` evaluated B and wrote its report over A/eval-val."""
+    import loomlens.infer.loading as loading
+
+    synthesize(tmp_path / "raw", images=2, seed=1, size=(160, 90))
+    convert(tmp_path / "raw", tmp_path / "data", val_fraction=0.5)
+    monkeypatch.setattr(loading, "load_for_inference", None)  # any attempt to load would raise TypeError
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    for run in (mine, other):
+        (run / "checkpoints" / "best").mkdir(parents=True)
+        (run / "checkpoints" / "best" / "adapter_config.json").write_text("{}")
+        (run / "config.yaml").write_text("model: tiny\n")
+    (mine / "eval-val").mkdir()
+    (mine / "eval-val" / "report.md").write_text("mine")
+    command = ["eval", "--data", str(tmp_path / "data"), "--run", str(mine)]
+    for checkpoint, says in (("middle", "--checkpoint takes best, last or the path of an adapter folder, not 'middle'"),
+                             (str(other / "checkpoints" / "best"),
+                              f"--checkpoint {other / 'checkpoints' / 'best'} lies outside the run {mine} (--run)")):
+        result = CliRunner().invoke(app, [*command, "--checkpoint", checkpoint])
+        output = " ".join(result.output.split())
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert says in output, output
+    assert (mine / "eval-val" / "report.md").read_text() == "mine"
