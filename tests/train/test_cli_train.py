@@ -346,3 +346,16 @@ def test_a_list_in_a_sweeps_config_names_the_file_the_list_and_where_lists_go(sm
     assert f"lr: Input should be a valid number (given {shown}: a list where one value goes" in said, swept.output
     assert "`loomlens sweep` tries several, each option's values as a comma list: --lr 1e-4,2e-3" in said
     assert not (tmp_path / "s").exists()
+
+
+def test_a_sweep_run_again_with_a_setting_its_finished_points_cannot_resume_with_is_refused_before_any_trains(
+        small_data, small_model_dir, tmp_path):
+    # The new point lr=0.02 trained, and only then did lr=0.01 refuse to resume with warmup=0.2.
+    out = tmp_path / "sweep"
+    first = run("sweep", *fast(small_data, small_model_dir), "--out", out, "--lr", "0.01", "max_steps=1")
+    assert first.exit_code == 0, first.output
+    again = run("sweep", *fast(small_data, small_model_dir), "--out", out, "--lr", "0.02,0.01", "max_steps=1",
+                "warmup=0.2")
+    said = " ".join(again.output.split())
+    assert again.exit_code == 1 and f"resuming {out / 'lr=0.01'} would change warmup" in said, again.output
+    assert not (out / "lr=0.02").exists()

@@ -968,10 +968,11 @@ def batch_preparer(cfg: TrainConfig, *, adapter, train_set: FlorenceDataset, dev
     return BatchPreparer(device, dtype, base.get_input_embeddings(), base.config.image_token_id, finish)
 
 
-def amend_config(cfg: TrainConfig, run_dir: Path, step: int, *, say: Callable[[str], None]) -> set[str]:
-    """Compare a resumed run's settings with those its `config.yaml` records: a change outside
-    `RESUMABLE` raises ValueError (it would break exact resume); allowed ones are recorded in
-    `amendments.yaml` with the step they take effect at, and their names returned."""
+def resumed_changes(cfg: TrainConfig, run_dir: Path) -> dict[str, tuple[Any, Any]]:
+    """The settings (dotted name -> (recorded, new)) resuming the run in `run_dir` with `cfg`
+    changes from those its `config.yaml` records. A change outside `RESUMABLE` raises
+    ValueError naming them and the fix (it would break exact resume); writes nothing, so a
+    sweep checks its finished points with it before any point trains."""
     saved = load_recorded(run_dir / "config.yaml", {"out": str(cfg.out)})
     saved = with_micro_batch(saved, recorded_micro_batch(saved))
     changes = changed_settings(saved, cfg)
@@ -982,6 +983,14 @@ def amend_config(cfg: TrainConfig, run_dir: Path, step: int, *, say: Callable[[s
                  f"summary.json the run copied ({run_dir / DATA_SUMMARY}).") if "data" in changes else ""
         raise ValueError(f"resuming {run_dir} would change {', '.join(refused)}: exact resume needs the settings its "
                          f"config.yaml records. Drop those options, or start a new run (--out) with them.{moved}")
+    return changes
+
+
+def amend_config(cfg: TrainConfig, run_dir: Path, step: int, *, say: Callable[[str], None]) -> set[str]:
+    """Compare a resumed run's settings with those its `config.yaml` records (`resumed_changes`:
+    a change outside `RESUMABLE` raises ValueError); allowed ones are recorded in
+    `amendments.yaml` with the step they take effect at, and their names returned."""
+    changes = resumed_changes(cfg, run_dir)
     if changes and _is_main():
         import yaml
 
