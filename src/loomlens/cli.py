@@ -800,11 +800,16 @@ def eval_command(
     extra = {"model": loaded.base, "adapter": str(loaded.adapter) if loaded.adapter else None, "split": jsonl.stem,
              "precision": loaded.precision}
     try:
-        metrics = write_report(loaded.model, loaded.processor, jsonl, out, classes=loaded.classes,
-                               batch_size=batch_size, max_boxes=max_boxes or loaded.max_boxes,
-                               constrained=constrained, max_images=max_images, extra=extra, tile=tile, views=views)
+        with _sigterm_as_interrupt():
+            metrics = write_report(loaded.model, loaded.processor, jsonl, out, classes=loaded.classes,
+                                   batch_size=batch_size, max_boxes=max_boxes or loaded.max_boxes,
+                                   constrained=constrained, max_images=max_images, extra=extra, tile=tile, views=views)
     except ValueError as err:  # e.g. --constrained with no classes.txt in the run or the split
         raise _fail(str(err)) from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while the model answers: the files come at the end
+        typer.echo(f"stopped: no report was written (an earlier one in {out} is left as it was); the same command "
+                   "again evaluates from the start", err=True)
+        raise typer.Exit(130) from None
     table = Table(title=f"{metrics['images']} images of {jsonl}" + (" (constrained)" if constrained else "")
                   + (f" (frames over {tile} px in {tile} px tiles)" if tile else "")
                   + (f" (fused over {len(views)} views)" if len(views) > 1 else ""))

@@ -213,3 +213,22 @@ def test_a_checkpoint_that_is_no_word_nor_folder_or_lies_in_another_run_is_refus
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
         assert says in output, output
     assert (mine / "eval-val" / "report.md").read_text() == "mine"
+
+
+def test_ctrl_c_during_an_eval_stops_with_a_line_not_a_traceback(tmp_path, monkeypatch):
+    import loomlens.evaluate.report as report
+
+    synthesize(tmp_path / "raw", images=2, seed=1, size=(160, 90))
+    convert(tmp_path / "raw", tmp_path / "data", val_fraction=0.5)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "report.md").write_text("the last one")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "run_split", interrupted)
+    result = CliRunner().invoke(app, ["eval", "--data", str(tmp_path / "data"), "--model", "tiny", "--out",
+                                      str(tmp_path / "eval"), "--max-boxes", "2"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 130 and "stopped: no report was written" in output, result.output
+    assert (tmp_path / "eval" / "report.md").read_text() == "the last one"
