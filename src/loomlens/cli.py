@@ -724,12 +724,14 @@ def _eval_split(data: Path, split: str) -> Path:
         return data
     if split not in ("train", "val", "test"):
         raise _fail(f"--split takes val or test (or train), not {split!r}")
+    from loomlens.data.convert import unconverted
+
     jsonl = data / f"{split}.jsonl"
     if not jsonl.exists():
         fix = ("convert into a new folder with a test split (`loomlens convert SRC NEW --test-fraction 0.2`) and "
                "train on that: a test split drawn after training would hold images the run trained on"
                if split == "test" else f"make one with `loomlens convert SRC {data}`")
-        raise _fail(f"no split at {jsonl}; {fix}")
+        raise _fail(f"no split at {jsonl}; {unconverted(data) or fix}")
     return jsonl
 
 

@@ -232,3 +232,13 @@ def test_ctrl_c_during_an_eval_stops_with_a_line_not_a_traceback(tmp_path, monke
     output = " ".join(result.output.split())
     assert result.exit_code == 130 and "stopped: no report was written" in output, result.output
     assert (tmp_path / "eval" / "report.md").read_text() == "the last one"
+
+
+def test_the_labelled_folder_given_in_place_of_its_conversion_is_told_to_convert_it(tmp_path):
+    """`--data` of LabelImg's folder was told to `loomlens convert SRC` into that very folder."""
+    synthesize(tmp_path / "raw", images=2, seed=1, size=(160, 90))
+    for split in ("val", "test"):
+        result = CliRunner().invoke(app, ["eval", "--data", str(tmp_path / "raw"), "--model", "tiny", "--split", split])
+        output = " ".join(result.output.split())
+        assert result.exit_code == 1 and f"{tmp_path / 'raw'} holds voc annotations, not their conversion" in output
+        assert f"`loomlens convert {tmp_path / 'raw'} {tmp_path / 'raw-jsonl'}`" in output, output

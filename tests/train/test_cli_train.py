@@ -359,3 +359,14 @@ def test_a_sweep_run_again_with_a_setting_its_finished_points_cannot_resume_with
     said = " ".join(again.output.split())
     assert again.exit_code == 1 and f"resuming {out / 'lr=0.01'} would change warmup" in said, again.output
     assert not (out / "lr=0.02").exists()
+
+
+def test_the_labelled_folder_given_as_data_is_told_to_convert_it(tmp_path):
+    # It was told to `loomlens convert SRC` into the labelled folder itself, which convert refuses.
+    from loomlens.data.synth import synthesize
+
+    synthesize(tmp_path / "raw", images=2, seed=1, size=(160, 90))
+    result = run("train", "--data", tmp_path / "raw", "--out", tmp_path / "run", "model=/no/such/model")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"{tmp_path / 'raw'} holds voc annotations, not their conversion" in said
+    assert f"`loomlens convert {tmp_path / 'raw'} {tmp_path / 'raw-jsonl'}`" in said, result.output

@@ -337,6 +337,19 @@ def _order(items: list[tuple[ImageRecord, str]], tasks: Sequence[str], order: st
     return (s for record, image in items for task in tasks for s in task_samples(record, image, task))
 
 
+def unconverted(folder: Path) -> str | None:
+    """Where `folder`, given as a converted folder (train's or eval's data) and holding no split,
+    holds annotations itself (`detect_format`: the labelled folder given in place of its
+    conversion): that, and the command converting it into a folder of its own; else None."""
+    try:
+        fmt = detect_format(folder) if folder.is_dir() else None
+    except ConvertError:
+        fmt = None
+    own = folder.parent / f"{folder.name}-jsonl"
+    return (f"{folder} holds {fmt} annotations, not their conversion: convert them into a folder of their own "
+            f"(`loomlens convert {folder} {own}`) and give that") if fmt else None
+
+
 def _check_out(src: Path, out: Path) -> None:
     """Refuse a source folder that does not exist, and an output folder that would overwrite
     or hide input: a file, the conversion of another source (converting the same source again

@@ -43,6 +43,7 @@ import torch
 from loomlens.config import RESUMABLE, TrainConfig, changed_settings, dump_config, load_recorded
 from loomlens.data.atomic import atomic_copy, atomic_write, recover_folder
 from loomlens.data.augment import Augment
+from loomlens.data.convert import unconverted
 from loomlens.data.dataset import (
     IGNORE_INDEX, Collator, FlorenceDataset, default_cache_bytes, plan_batches,
 )
@@ -1041,7 +1042,8 @@ def _check_data(cfg: TrainConfig, *, resume: bool = False) -> None:
                                 f"is gone: if it moved, resume with its new place, `loomlens train --resume {cfg.out} "
                                 "data=NEW_FOLDER`")
     if not train.is_file():
-        raise FileNotFoundError(f"no training split at {train}; make one with `loomlens convert SRC {cfg.data}`")
+        raise FileNotFoundError(f"no training split at {train}; "
+                                + (unconverted(cfg.data) or f"make one with `loomlens convert SRC {cfg.data}`"))
     with open(train, encoding="utf-8", errors="replace") as f:
         if not any(line.strip() for line in f):  # stops at the first sample
             raise ValueError(f"{train} holds no samples: convert the data again (`loomlens convert SRC {cfg.data}`), "
