@@ -198,3 +198,15 @@ def test_a_run_that_saved_no_checkpoint_yet_is_not_told_to_train_one(tmp_path):
             message = str(missing.value)
             assert "the run has saved no checkpoint yet" in message and "loomlens train --resume" not in message
             assert "train one with" not in message and f"--out {folder}" in message, message
+
+
+def test_a_folder_of_runs_such_as_a_sweeps_names_them(tmp_path):
+    # `eval --run runs/sweep` was told to "train one with `loomlens train`".
+    for name in ("lr=0.01", "lr=0.001"):
+        adapter(tmp_path / "sweep" / name / "checkpoints" / "best")
+        (tmp_path / "sweep" / name / "config.yaml").write_text("model: tiny\n")
+    (tmp_path / "sweep" / "sweep.md").write_text("| lr |\n")
+    with pytest.raises(FileNotFoundError) as missing:
+        Run(tmp_path / "sweep").adapter()
+    message = str(missing.value)
+    assert "it holds the runs lr=0.001, lr=0.01: give one of them" in message and "train one" not in message, message

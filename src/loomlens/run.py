@@ -194,6 +194,8 @@ class Run:
                     f"--out {self.path}")
         elif not self.path.exists():
             hint = "no such folder: give a run folder, or train one with `loomlens train`"
+        elif runs := sorted(found.parent.name for found in self.path.glob(f"*/{CONFIG}")):  # a sweep's folder
+            hint = f"it holds the runs {', '.join(runs[:6])}{', ...' if len(runs) > 6 else ''}: give one of them"
         raise FileNotFoundError(
             f"no adapter at {self.path}: expected {ADAPTER_CONFIG} there or in checkpoints/{checkpoint}/ ({hint})"
         )
