@@ -613,6 +613,11 @@ def sweep_command(
     if "targets" in axes:
         axes["targets"] = [t.replace("+", ",") for t in axes["targets"]]
     shared = {**_extra_overrides(ctx.args), **({"data": data} if data is not None else {}), "device": _device(device)}
+    if "resume" in shared:  # train's way; a sweep's points resume by themselves
+        folder = shared["resume"] if shared["resume"] != "true" else "SWEEP_FOLDER"  # `--resume` with no folder
+        raise _fail(f"a sweep goes on when the same sweep command runs again (finished points return at once, the "
+                    f"interrupted one resumes): give the values and settings it had, with --out {folder}, and no "
+                    "--resume")
     for point in grid(axes):  # every point before the first trains: a typo in the last value costs nothing
         _train_config(config, {**shared, **point, "out": out})
     try:

@@ -370,3 +370,12 @@ def test_the_labelled_folder_given_as_data_is_told_to_convert_it(tmp_path):
     said = " ".join(result.output.split())
     assert result.exit_code == 1 and f"{tmp_path / 'raw'} holds voc annotations, not their conversion" in said
     assert f"`loomlens convert {tmp_path / 'raw'} {tmp_path / 'raw-jsonl'}`" in said, result.output
+
+
+def test_sweep_resume_says_how_a_sweep_goes_on(small_data, tmp_path):
+    # `sweep --resume runs/sweep`, as train takes it, got "unknown setting 'resume'; known:" and 80 names.
+    result = run("sweep", "--data", small_data, "--resume", tmp_path / "sweep", "--lr", "0.01")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "known:" not in said, result.output
+    assert "a sweep goes on when the same sweep command runs again" in said
+    assert f"--out {tmp_path / 'sweep'}" in said
