@@ -763,7 +763,8 @@ def eval_command(
     run: Path | None = typer.Option(None, "--run", "--adapter", help="Training run folder: its adapter, base model and classes."),
     checkpoint: str = typer.Option("best", help="best, last, or the path of an adapter folder."),
     model: str | None = typer.Option(None, help="Base model, or a merged folder (`loomlens merge`, read as its run "
-                                     "was); without --run, evaluates that model alone."),
+                                     "was); without --run, evaluates that model alone; with it, where the run's "
+                                     "base is when the folder it records is not on this machine."),
     split: str = typer.Option("val", help="Split to evaluate: val or test."),
     out: Path | None = typer.Option(None, help="Report folder (default: RUN/eval-SPLIT, else runs/eval-SPLIT)."),
     batch_size: int = typer.Option(INFER_BATCH_SIZE, min=1, help="Images per generation batch."),

@@ -70,3 +70,22 @@ def test_a_cpu_model_loaded_to_answer_keeps_freed_memory(monkeypatch):
     monkeypatch.setattr(loading, "keep_freed_memory", lambda: calls.append("kept") or True)
     loading.load_for_inference(model="tiny", precision="fp32")
     assert calls == ["kept"]
+
+
+def test_a_run_whose_base_folder_is_not_on_this_machine_takes_it_from_model_and_says_so_without(tmp_path):
+    """A run copied from the training machine, its base recorded as a folder there: eval and
+    predict said "Repo id must be in the form 'repo_name'" without --model, and "drop --model"
+    with it, so the run could not be loaded here at all (merge took --model)."""
+    import yaml
+
+    model, _ = load_model("tiny")
+    apply_lora(model, LoraSettings(targets=["q_proj"], r=2)).save_pretrained(tmp_path / "run" / "checkpoints" / "best")
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"model": "/elsewhere/florence-base"}))
+    with pytest.raises(FileNotFoundError, match=r"trained on the base model folder /elsewhere/florence-base, which is "
+                                                r"not on this machine: give where that base is here with --model"):
+        loading.load_for_inference(adapter=tmp_path / "run")
+    loaded = loading.load_for_inference(adapter=tmp_path / "run", model="tiny")  # the base, found elsewhere here
+    assert loaded.base == "tiny" and loaded.adapter == tmp_path / "run" / "checkpoints" / "best"
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"model": "tiny"}))
+    with pytest.raises(ValueError, match=r"trained on base 'tiny', not 'tiny-hr'.*Drop --model"):
+        loading.load_for_inference(adapter=tmp_path / "run", model="tiny-hr")

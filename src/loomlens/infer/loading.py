@@ -25,7 +25,7 @@ from loomlens.data.yolo import CLASSES_FILE, read_class_names
 from loomlens.infer.attention import use_shape_aware_attention
 from loomlens.infer.generation import MAX_BOXES
 from loomlens.model import load_model
-from loomlens.model.loader import EMBEDDED, resolve_model_path
+from loomlens.model.loader import EMBEDDED, adapter_base, resolve_model_path
 from loomlens.model.merge import read_merge_record
 from loomlens.model.runtime import cpu_has_bf16, keep_freed_memory
 from loomlens.run import RULES_FILE, Run
@@ -153,9 +153,7 @@ def _load(model: str | None, run: Run, checkpoint: str, device: str) -> LoadedMo
     from loomlens.model.lora import load_adapter
 
     folder = run.adapter(checkpoint)
-    if model is not None and run.base is not None and model != run.base:
-        raise ValueError(f"adapter {folder} was trained on base {run.base!r}, not {model!r}; drop --model")
-    name = model or run.base or "tiny"
+    name = adapter_base(run.base, model, folder) if run.base is not None else model or "tiny"
     net, processor = load_model(name, device=device)
     net = load_adapter(net, folder)
     return LoadedModel(

@@ -67,6 +67,37 @@ def resolve_model_path(name_or_path: str) -> str:
     return ALIASES.get(name_or_path, name_or_path)
 
 
+def _another_base(given: str, recorded: str) -> bool:
+    """Whether `given` is another model than `recorded`, the base the adapter was trained on,
+    where that can be told here: `recorded` is an embedded name or a folder on this machine
+    (the same folder?), or both are hub ids (the same id, aliases resolved?). A recorded
+    folder that is not here is what `given` stands in for."""
+    here = recorded in EMBEDDED or Path(recorded).expanduser().exists()
+    if here:
+        return Path(resolve_model_path(given)).resolve() != Path(resolve_model_path(recorded)).resolve()
+    hub_ids = not any(Path(name).expanduser().exists() or Path(name).is_absolute() for name in (given, recorded))
+    return hub_ids and resolve_model_path(given) != resolve_model_path(recorded)
+
+
+def adapter_base(recorded: str, given: str | None, adapter: Path) -> str:
+    """The base to load the adapter at `adapter` on, which was trained on `recorded`: `given`
+    (`--model`) where it can stand for that base (`_another_base`: the same model, or the one
+    a recorded folder not on this machine was), else `recorded`. Raises ValueError for another
+    base (the adapter's weights would be wrong on it) and FileNotFoundError for a recorded
+    folder not on this machine with none given (a run copied from where it trained), each
+    naming the fix; merge, eval, predict and the rest all load an adapter's base through it."""
+    if given is not None:
+        if _another_base(given, recorded):
+            raise ValueError(f"adapter {adapter} was trained on base {recorded!r}, not {given!r}: on another base its "
+                             "weights would be wrong. Drop --model (it is for a base recorded as a folder that is not "
+                             "on this machine)")
+        return given
+    if Path(recorded).expanduser().is_absolute() and not Path(recorded).expanduser().exists():
+        raise FileNotFoundError(f"adapter {adapter} was trained on the base model folder {recorded}, which is not on "
+                                "this machine: give where that base is here with --model (the same model's files)")
+    return recorded
+
+
 def _is_offline_error(exc: BaseException) -> bool:
     text = f"{type(exc).__name__}: {exc}".lower()
     return any(

@@ -27,7 +27,7 @@ import torch
 
 from loomlens.data.atomic import keep_unseen, recover_folder, swap_in_folder
 from loomlens.data.yolo import CLASSES_FILE
-from loomlens.model.loader import EMBEDDED, load_model, resolve_model_path
+from loomlens.model.loader import adapter_base, load_model
 from loomlens.model.lora import load_adapter
 from loomlens.run import Run, check_output_folder
 
@@ -96,18 +96,6 @@ def read_merge_record(folder: str | Path) -> dict:
     return record
 
 
-def _another_base(given: str, recorded: str) -> bool:
-    """Whether `given` is another model than `recorded`, the base the adapter was trained on,
-    where that can be told here: `recorded` is an embedded name or a folder on this machine
-    (the same folder?), or both are hub ids (the same id, aliases resolved?). A recorded
-    folder that is not here is what `given` stands in for."""
-    here = recorded in EMBEDDED or Path(recorded).expanduser().exists()
-    if here:
-        return Path(resolve_model_path(given)).resolve() != Path(resolve_model_path(recorded)).resolve()
-    hub_ids = not any(Path(name).expanduser().exists() or Path(name).is_absolute() for name in (given, recorded))
-    return hub_ids and resolve_model_path(given) != resolve_model_path(recorded)
-
-
 def merge_adapter(
     path: str | Path, out: str | Path, checkpoint: str = "best", base: str | None = None, dtype: str = "fp16"
 ) -> Path:
@@ -136,12 +124,7 @@ def merge_adapter(
                         "empty or new folder", ours=lambda folder: (folder / MARKER).exists())
     run = Run(path)
     adapter_dir = run.adapter(checkpoint)
-    recorded = run.recorded_base(checkpoint)
-    if base and _another_base(base, recorded):
-        raise ValueError(f"adapter {adapter_dir} was trained on base {recorded!r}, not {base!r}: merged into another "
-                         "base its weights would be wrong. Drop --model (it is for a base recorded as a folder that "
-                         "is not on this machine)")
-    base = base or recorded
+    base = adapter_base(run.recorded_base(checkpoint), base, adapter_dir)
     model, processor = load_model(base)
     merged = load_adapter(model, adapter_dir).merge_and_unload()
     merged.config.tie_word_embeddings = merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
