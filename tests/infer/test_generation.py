@@ -251,3 +251,25 @@ def test_other_labels_add_boxes_at_the_same_places_under_other_classes(tiny, ima
         for extra in m.boxes[len(p.boxes):]:
             assert extra.label in classes and places[(extra.x1, extra.y1, extra.x2, extra.y2)] != extra.label
             assert 0 <= extra.score <= 0.5 + 1e-6  # the search took the likelier token where the names part
+
+
+def test_a_doubtful_empty_answer_is_read_again_with_an_answer_forced(tiny, monkeypatch):
+    """An empty `<OD>` answer given with a defect as likely as a picture worth mirrors
+    (`MIRROR_GATE`) is read again with `</s>` forbidden first: boxes the model half believed in, none scoring above the belief it
+    gave a defect, which stays as measured; `reread_upto` leaves larger images as they were."""
+    from loomlens.infer import tta
+
+    model, processor = tiny
+    plain = [Image.new("RGB", (64, 96), (20, 200, 90)), Image.new("RGB", (256, 256), (128, 128, 128))]
+    first = detect_with_details(model, processor, plain, constrained=True, classes=CLASSES)
+    assert [d.boxes for d in first] == [[], []]  # the untrained tiny sees nothing in plain frames
+    monkeypatch.setattr(tta, "MIRROR_GATE", 0.0)  # every empty answer is in doubt
+    again = detect_with_details(model, processor, plain, constrained=True, classes=CLASSES)
+    for before, after in zip(first, again, strict=True):
+        believed = before.generation.answer_probability
+        assert after.boxes and all(b.label in CLASSES and b.score <= believed + 1e-6 for b in after.boxes)
+        assert after.generation.answer_probability == pytest.approx(believed, abs=1e-6)
+    upto = detect_with_details(model, processor, plain, constrained=True, classes=CLASSES, reread_upto=96)
+    assert [bool(d.boxes) for d in upto] == [True, False]
+    monkeypatch.setattr(tta, "MIRROR_GATE", 1.0)
+    assert [d.boxes for d in detect_with_details(model, processor, plain, constrained=True, classes=CLASSES)] == [[], []]

@@ -24,6 +24,6 @@ def fixed_detections(predictor, monkeypatch):
         return Detection(list(boxes), 0, Generation(text="", token_ids=[], token_logprobs=[]))
 
     def fix(boxes):
-        monkeypatch.setattr(predictor, "_detect", lambda spec, images, text, after_batch=None: [found(boxes) for _ in images])
+        monkeypatch.setattr(predictor, "_detect", lambda spec, images, text, after_batch=None, reread_upto=None: [found(boxes) for _ in images])
 
     return fix

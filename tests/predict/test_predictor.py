@@ -199,7 +199,7 @@ def test_a_tiled_frame_takes_its_most_likely_pieces_answer_probability(predictor
     from loomlens.infer.detection import Detection
     from loomlens.infer.generation import Generation
 
-    def found(spec, images, text, after_batch=None):
+    def found(spec, images, text, after_batch=None, reread_upto=None):
         return [Detection([], 0, Generation("", [], [], answer_probability=0.9 if im.getbbox() else 0.2))
                 for im in images]
 
@@ -215,7 +215,7 @@ def test_a_tiled_frame_counts_the_malformed_parts_of_all_its_tiles(predictor, mo
     from loomlens.infer.detection import Detection
     from loomlens.infer.generation import Generation
 
-    monkeypatch.setattr(predictor, "_detect", lambda spec, images, text, after_batch=None: [
+    monkeypatch.setattr(predictor, "_detect", lambda spec, images, text, after_batch=None, reread_upto=None: [
         Detection([], 1, Generation("", [], [])) for _ in images])  # each tile dropped one part
     (tiled,) = predictor.predict([Image.new("RGB", (1024, 256))], tile="on")
     assert tiled.tiled and tiled.dropped == predictor.model_inputs(1024, 256, tile="on") > 1
@@ -236,8 +236,10 @@ def test_a_tiled_frame_checks_its_deadline_and_runs_between_after_each_batch_of_
     looks, calls, real = [], [], detection.generate
     monkeypatch.setattr(detection, "generate", lambda m, p, images, *a: looks.append(len(images)) or real(m, p, images, *a))
     predictor.predict([frame], tile="on", between=lambda: calls.append(sum(looks)))
-    # Full batches across the frame's crops: 6 first looks (4 + 2), then 18 mirrored ones.
-    assert looks == [4, 2, 4, 4, 4, 4, 2] and calls == [4, 6, 10, 14, 18, 22, 24]
+    # Full batches across the frame's crops: 6 first looks (4 + 2), the 5 tiles' empty answers
+    # read again (the gate at 0 puts them in doubt; not the whole frame, a coarser view), then
+    # 18 mirrored looks.
+    assert looks == [4, 2, 4, 1, 4, 4, 4, 4, 2] and calls == [4, 6, 10, 11, 15, 19, 23, 27, 29]
     clock = [0.0]
     monkeypatch.setattr(module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     calls.clear()

@@ -85,7 +85,7 @@ def test_a_7000px_png_is_downscaled_to_the_tile_cap_and_answered_in_its_own_pixe
     assert predictor.model_inputs(7000, 7000) <= MAX_TILES
     assert predictor.model_inputs(7000, 7000, tile="off") == 1
     calls, looks, generate = [], [], detection.generate
-    monkeypatch.setattr(predictor, "_detect", lambda spec, images, text, after_batch=None: calls.append(len(images))
+    monkeypatch.setattr(predictor, "_detect", lambda spec, images, text, after_batch=None, reread_upto=None: calls.append(len(images))
                         or type(predictor)._detect(predictor, spec, images, text, after_batch))
     monkeypatch.setattr(detection, "generate", lambda m, p, images, *a: looks.append(len(images)) or generate(m, p, images, *a))
     app = create_app(predictor, ServeSettings(page=False, api_key=KEY, max_side=3000))

@@ -108,9 +108,10 @@ def run_split(
     probabilities: list[float | None] = []
     made: list[Detection] = []  # the detections of the frame (or chunk of whole frames) at hand
 
-    def detect(pictures: list[Image.Image]) -> list[list[Box]]:
+    def detect(pictures: list[Image.Image], reread_upto: int | None = None) -> list[list[Box]]:
         found = detect_with_details(model, processor, pictures, max_boxes=max_boxes, batch_size=batch_size,
-                                    constrained=constrained, classes=classes, views=views, other_labels=True)
+                                    constrained=constrained, classes=classes, views=views, other_labels=True,
+                                    reread_upto=reread_upto)
         made.extend(found)
         return [f.boxes for f in found]
 
@@ -124,7 +125,8 @@ def run_split(
         for picture, is_tiled in zip(pictures, tiled):
             if is_tiled:
                 made.clear()
-                boxes = tiled_detect(detect, picture, tile, int(processor.image_processor.size["height"]))
+                boxes = tiled_detect(lambda crops: detect(crops, reread_upto=tile), picture, tile,
+                                     int(processor.image_processor.size["height"]))
                 pieces = list(made)
             else:
                 pieces = [next(whole)]

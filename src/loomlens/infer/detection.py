@@ -18,6 +18,7 @@ from loomlens.data.records import Box
 from loomlens.infer.generation import (
     DEFAULT_LABEL_TOKENS,
     Generation,
+    NoEmptyAnswer,
     box_token_budget,
     generate,
     label_token_count,
@@ -69,6 +70,7 @@ def detect_with_details(
     views: Sequence[str] = ("",),
     other_labels: bool = False,
     after_batch: Callable[[], None] | None = None,
+    reread_upto: int | None = None,
 ) -> list[Detection]:
     """Run a box task (`<OD>`, `<DENSE_REGION_CAPTION>`, `<CAPTION_TO_PHRASE_GROUNDING>`, ...)
     on `images`, `batch_size` at a time, and return one `Detection` per image.
@@ -82,9 +84,12 @@ def detect_with_details(
     generation, text and entropies are the first view's); the default looks once, as the image
     is. `other_labels` (`<OD>` with `classes`): each box is also given under the other classes
     the model nearly wrote for it (`scoring.other_labels`), as evaluation counts a detector's
-    boxes; off, a place has the one label written. `after_batch()` is called after each batch
-    of looks, mirrored ones too (a caller's deadline check, a server's small requests). Raises
-    ValueError for views not in `ALL_VIEWS`.
+    boxes; off, a place has the one label written. An empty `<OD>` answer given in doubt is
+    read again with an answer forced (`worth_rereading`) on images at most `reread_upto` px
+    on their longer side (None: any; a tiled frame's tiles, not its coarser views).
+    `after_batch()` is called after each batch of looks, mirrored and re-read ones too (a
+    caller's deadline check, a server's small requests). Raises ValueError for views not in
+    `ALL_VIEWS`.
     """
     tokenizer = processor.tokenizer
     # `<OD>` labels are class names; other tasks write captions or phrases, which are longer.
@@ -95,31 +100,31 @@ def detect_with_details(
     prompt = task + (text or "")
     spellings = class_spellings(tokenizer, classes) if other_labels and task == "<OD>" and classes else None
 
-    def detect_part(part: list[Image.Image]) -> list[Detection]:
+    def detect_part(part: list[Image.Image], answer: bool = False) -> list[Detection]:
         # A fresh grammar per call: its memo of prefixes only grows within one generate call.
-        processors = (
-            LogitsProcessorList([BoxGrammar(tokenizer, classes, max_boxes, max_new_tokens)]) if constrained else None
-        )
+        processors = LogitsProcessorList(
+            ([BoxGrammar(tokenizer, classes, max_boxes, max_new_tokens)] if constrained else [])
+            + ([NoEmptyAnswer(tokenizer.eos_token_id)] if answer else []))
         generations = generate(model, processor, part, [prompt] * len(part), max_new_tokens, num_beams, processors)
-        found = []
-        for image, gen in zip(part, generations):
-            boxes, dropped = scored_boxes(tokenizer, gen, image.width, image.height, text or None, score_method,
-                                          spellings)
-            found.append(Detection(boxes[:max_boxes], dropped, gen))
-        return found
+        scored = [scored_boxes(tokenizer, gen, image.width, image.height, text or None, score_method, spellings)
+                  for image, gen in zip(part, generations)]
+        return [Detection(boxes[:max_boxes], dropped, gen) for (boxes, dropped), gen in zip(scored, generations)]
 
     parts = stream_count(model) if streams is None else streams
     views, images = check_views(views), list(images)
 
-    def looked(copies: Iterable[Image.Image]) -> list[Detection]:
+    def looked(copies: Iterable[Image.Image], answer: bool = False) -> list[Detection]:
         found = []
         for chunk in batched(copies, batch_size):
-            found.extend(in_streams(detect_part, chunk, streams=parts))
+            found.extend(in_streams(lambda c: detect_part(c, answer), chunk, streams=parts))
             if after_batch is not None:
                 after_batch()
         return found
 
     first = looked(mirrored(image, views[0]) for image in images)
+    doubtful = [i for i, d in enumerate(first) if task == "<OD>" and worth_rereading(d, images[i], reread_upto)]
+    for i, d in zip(doubtful, looked((mirrored(images[i], views[0]) for i in doubtful), answer=True)):
+        first[i] = d
     again = {i for i, d in enumerate(first) if len(views) > 1 and worth_mirrors(d.generation.answer_probability)}
     rest = iter(looked(mirrored(images[i], view) for i in sorted(again) for view in views[1:]))
     found = []
@@ -127,6 +132,19 @@ def detect_with_details(
         seen = [d, *(next(rest) for _ in views[1:])] if i in again else [d]
         found.append(d if len(seen) == 1 and not views[0] else _fused(seen, views[:len(seen)], image, max_boxes))
     return found
+
+
+def worth_rereading(detection: Detection, image: Image.Image, upto: int | None = None) -> bool:
+    """Whether `detection`, a first `<OD>` look at `image`, answered nothing though the model
+    gave a defect as much as a picture worth mirrors (`tta.worth_mirrors`), on an image at most
+    `upto` px on its longer side (None: any; a coarse view's forced guess would stand in for
+    the tiles' finer boxes, `tiling.seen_whole`). Read again with the empty answer forbidden
+    (`NoEmptyAnswer`), it gives the boxes the model half believed in, at their low scores, as a
+    detector gives its low-scored candidates: a faint thread's stretch a tile thought "likely
+    nothing" then joins its pieces in the tiles beside it (docs/evaluate-and-predict.md, "Tiling")."""
+    probability = detection.generation.answer_probability
+    return (not detection.generation.text.strip() and probability is not None and worth_mirrors(probability)
+            and (upto is None or max(image.size) <= upto))
 
 
 def _fused(seen: Sequence[Detection], views: Sequence[str], image: Image.Image, max_boxes: int) -> Detection:

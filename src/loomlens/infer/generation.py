@@ -85,6 +85,22 @@ class VocabMask(LogitsProcessor):
         return masked
 
 
+class NoEmptyAnswer(LogitsProcessor):
+    """Forbids `</s>` as an answer's first token, so that the search writes the answer it ranked
+    after "nothing" (`detection.worth_rereading`). The log-probs `generate` reports stay the raw
+    ones, so the boxes of such an answer score as low as the model believed in them."""
+
+    def __init__(self, eos: int):
+        self.eos = eos
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] != ANSWER_START + 1:  # the decoder-start token, then `<s>`
+            return scores
+        masked = scores.clone()
+        masked[:, self.eos] = float("-inf")
+        return masked
+
+
 def generation_settings(model, tokenizer, *, max_new_tokens: int, num_beams: int) -> dict:
     """Every `generate` setting that can change an answer, set to what loomlens wants.
 

@@ -35,7 +35,8 @@ TTA_MODES = ("auto", "on", "off")
 #: A picture the first view gives under this probability of holding a defect (its answer's
 #: `answer_probability`) is not looked at through the other mirrors: an empty tile of a large
 #: frame, most of them (docs/evaluate-and-predict.md, "Mirrors fused": a third to a half of
-#: the looks saved on tiled cloth, the same mAP).
+#: the looks saved on tiled cloth, the same mAP). One given at least this that answered
+#: nothing is also read again with an answer forced (`detection.worth_rereading`).
 MIRROR_GATE = 0.3
 #: Same-label boxes from different views at this IoU or more are one defect. Below the paper's
 #: 0.55: a small defect's boxes from two views overlap less than a large one's

@@ -299,12 +299,13 @@ class Predictor:
         return encoder_positions(self.loaded.processor, question)
 
     def _detect(self, spec: Task, images: list[Image.Image], text: str | None,
-                after_batch: Callable[[], None] | None = None):
+                after_batch: Callable[[], None] | None = None, reread_upto: int | None = None):
         return detect_with_details(
             self.loaded.model, self.loaded.processor, images, task=spec.token, text=text and text.strip(),
             max_boxes=self.max_boxes, batch_size=self.batch_size,
             constrained=self.constrained and spec.name == "od", classes=self.loaded.classes,
             views=self._views(spec), other_labels=self.other_labels and spec.name == "od", after_batch=after_batch,
+            reread_upto=reread_upto,
         )
 
     def _views(self, spec: Task) -> tuple[str, ...]:
@@ -336,7 +337,9 @@ class Predictor:
     def model_inputs(self, width: int, height: int, tile: str = "auto", task: str = "od") -> int:
         """The most model inputs (tiles, middle view and whole frame, or 1; for `od` each through every one
         of `views`, which only inputs `worth_mirrors` take) predicting `task` on a `width` x
-        `height` image costs, with the `max_tiles` cap: what a server weighs a request by."""
+        `height` image costs, with the `max_tiles` cap: what a server weighs a request by. The
+        second reading of a doubtful empty answer (`detection.worth_rereading`), which few
+        inputs take, is left out: counted, it would double the weight of every request."""
         if get_task(task).answer != "boxes":
             return 1
         w, h, tiled = self._fit(width, height, tile)
@@ -358,7 +361,8 @@ class Predictor:
         def tiles(crops: list[Image.Image]) -> list[list[Box]]:
             # All of a frame's crops in one call: full batches of first looks, then of mirrored
             # looks where a crop may hold a defect; the deadline and `between` come after each.
-            made.extend(self._detect(spec, crops, text, after_batch))
+            # Only the tiles are read again when they answer nothing in doubt (`reread_upto`).
+            made.extend(self._detect(spec, crops, text, after_batch, reread_upto=self.tile_size))
             return [d.boxes for d in made[-len(crops):]]
 
         results = []
