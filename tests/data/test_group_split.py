@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from loomlens.data.convert import ConvertError, convert
-from loomlens.data.jsonl import validate_split
+from loomlens.data.jsonl import SplitError, validate_split
 from loomlens.data.records import Box, ImageRecord
 from loomlens.data.splits import assign_splits, group_keys
 from loomlens.data.voc import write_voc
@@ -167,3 +167,22 @@ def test_a_split_whose_od_boxes_do_not_parse_is_refused_with_file_and_line(tmp_p
         validate_split(tmp_path / "val.jsonl")
     assert [(p.line, p.message) for p in caught.value.problems] == [
         (3, "the true boxes 'drop<loc_10><loc_20>' hold 1 part that is no box")]
+
+
+def test_a_folder_converted_without_its_images_and_moved_is_told_how_to_make_one_that_can_be_moved(tmp_path):
+    # "image not found (restore the image, or convert the data again)" left out the way to a
+    # folder that survives a move.
+    src = _voc(tmp_path / "src", ["a.jpg", "b.jpg"])
+    convert(src, tmp_path / "out", val_fraction=0)
+    (tmp_path / "moved").mkdir()
+    shutil.move(tmp_path / "out", tmp_path / "moved" / "out")
+    with pytest.raises(SplitError) as caught:
+        validate_split(tmp_path / "moved" / "out" / "train.jsonl")
+    assert all("not found" in p.message and "`loomlens convert --copy-images` makes one that holds its images and "
+               "can be moved" in p.fix for p in caught.value.problems), caught.value
+    convert(src, tmp_path / "copied", val_fraction=0, images="copy")
+    (tmp_path / "copied" / "images" / "originals" / "a.jpg").unlink()  # its own copy gone: moving is no cure
+    with pytest.raises(SplitError) as caught:
+        validate_split(tmp_path / "copied" / "train.jsonl")
+    (problem,) = caught.value.problems
+    assert "not found" in problem.message and problem.fix == "restore the image, or convert the data again"

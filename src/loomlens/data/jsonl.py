@@ -83,8 +83,11 @@ def _fields(sample: Any) -> tuple[str, str] | None:
 
 
 def _image(name: str, folder: Path, roots: list[Path]) -> tuple[str, str] | tuple[int, int]:
-    """What is wrong with the image path `name` of a sample in `folder`, and the fix; else,
-    when it stays inside `roots` and opens as an image (its header only), its (width, height)."""
+    """What is wrong with the image path `name` of a sample in the resolved `folder`, and the
+    fix; else, when it stays inside `roots` and opens as an image (its header only), its (width,
+    height). A missing image outside `folder` (the source's, which a sample reaches by a path
+    relative to the folder) is also told how to make a folder that holds its images: moving
+    either folder breaks those paths."""
     image = (folder / name).resolve()
     if not any(image.is_relative_to(root) for root in roots):
         return (f"image {name!r} leads outside the data folder (and the source it was converted from); refused",
@@ -95,7 +98,10 @@ def _image(name: str, folder: Path, roots: list[Path]) -> tuple[str, str] | tupl
             return im.size
     except BadImage as err:
         if isinstance(err.__cause__, FileNotFoundError):
-            return f"image {name!r} not found", "restore the image, or convert the data again"
+            moved = "" if image.is_relative_to(folder) else (
+                "; a data folder reaches its source's images by where the two lie, so moving either breaks it: "
+                "`loomlens convert --copy-images` makes one that holds its images and can be moved")
+            return f"image {name!r} not found", f"restore the image, or convert the data again{moved}"
         return f"image {name!r}: {err}", "replace the damaged image, or convert the data again"
 
 
