@@ -459,6 +459,17 @@ def _resumed_run(resume: Path) -> Path:
     raise _fail(f"no run folder at {resume} (it has no config.yaml): {fix}")
 
 
+#: What a training command's `--data` takes, for the one that was not given it.
+_DATA_OPTION = "--data DIR (a folder from `loomlens convert`)"
+
+
+def _need_data(overrides: dict, config: str | None, *others: str) -> None:
+    """Exit naming --data and what it takes when neither it (nor `data=`) nor a --config that
+    could hold it was given; `others` are the command's other ways to go (train's --resume)."""
+    if "data" not in overrides and config is None:
+        raise _fail(", or ".join([f"give {_DATA_OPTION} or --config FILE", *others]))
+
+
 def _setting_error(error: dict) -> str:
     """One pydantic error as `setting: what is wrong (given VALUE)`: the value shows which of a
     sweep's list, or whether the file's or the line's, was wrong; a list where one value goes
@@ -466,6 +477,8 @@ def _setting_error(error: dict) -> str:
     names them."""
     where, given = ".".join(map(str, error["loc"])), error.get("input")
     shown = f" (given {given!r})" if where and isinstance(given, (str, int, float, bool)) else ""
+    if where == "data" and error["type"] == "missing":  # a --config without it
+        shown = f": give {_DATA_OPTION}, or data: DIR in the --config file"
     if where and isinstance(given, list):  # a grid written into --config: one value a run
         shown = (f" (given {given!r}: a list where one value goes; `loomlens sweep` tries several, each option's "
                  "values as a comma list: --lr 1e-4,2e-3)")
@@ -541,8 +554,8 @@ def train_command(
                       batch_size=batch_size, grad_accum=grad_accum, order=order, eval_every=eval_every,
                       precision=precision, qlora=qlora, device=device)
     overrides = {**_extra_overrides(ctx.args), **explicit}
-    if resume is None and "data" not in overrides and config is None:
-        raise _fail("give --data DIR (a folder from `loomlens convert`) or --config FILE, or --resume RUN_DIR")
+    if resume is None:
+        _need_data(overrides, config, "--resume RUN_DIR")
     cfg = _train_config(config, overrides, resume)
     try:
         result = train(cfg, resume=resume is not None)
@@ -618,6 +631,7 @@ def sweep_command(
         raise _fail(f"a sweep goes on when the same sweep command runs again (finished points return at once, the "
                     f"interrupted one resumes): give the values and settings it had, with --out {folder}, and no "
                     "--resume")
+    _need_data(shared, config)
     for point in grid(axes):  # every point before the first trains: a typo in the last value costs nothing
         _train_config(config, {**shared, **point, "out": out})
     try:

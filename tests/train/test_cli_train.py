@@ -379,3 +379,14 @@ def test_sweep_resume_says_how_a_sweep_goes_on(small_data, tmp_path):
     assert result.exit_code == 1 and "known:" not in said, result.output
     assert "a sweep goes on when the same sweep command runs again" in said
     assert f"--out {tmp_path / 'sweep'}" in said
+
+
+def test_a_sweep_or_a_config_without_data_names_the_option_and_what_it_takes(tmp_path):
+    # `sweep` with no --data, and a --config without data:, said only "data: Field required".
+    (tmp_path / "c.yaml").write_text("lr: 0.1\n")
+    for command in (["sweep", "--lr", "0.01,0.02"], ["sweep", "--config", tmp_path / "c.yaml", "--r", "4"],
+                    ["train", "--config", tmp_path / "c.yaml"]):
+        result = run(*command, "--out", tmp_path / "out")
+        said = " ".join(result.output.split())
+        assert result.exit_code == 1 and "give --data DIR (a folder from `loomlens convert`)" in said, result.output
+    assert not (tmp_path / "out").exists()
