@@ -390,3 +390,17 @@ def test_a_sweep_or_a_config_without_data_names_the_option_and_what_it_takes(tmp
         said = " ".join(result.output.split())
         assert result.exit_code == 1 and "give --data DIR (a folder from `loomlens convert`)" in said, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_into_its_data_folder_is_refused_before_any_point_trains(small_data, tmp_path):
+    # Train refused `--out DATA`; a sweep's runs went into DATA/lr=.../ and its table beside the splits.
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    held = sorted(p.name for p in data.iterdir())
+    result = run("sweep", "--data", data, "--out", data, "--lr", "0.01,0.02", "model=/no/such/model", "--no-progress")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"--out {data} is the data folder; give the sweep a folder of its own" in said, \
+        result.output
+    assert sorted(p.name for p in data.iterdir()) == held

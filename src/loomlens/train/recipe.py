@@ -1049,8 +1049,15 @@ def _check_data(cfg: TrainConfig, *, resume: bool = False) -> None:
             raise ValueError(f"{train} holds no samples: convert the data again (`loomlens convert SRC {cfg.data}`), "
                              "and check that its split left images in train (--val-fraction, --test-fraction, or "
                              "the dataset's own train/ split; --resplit draws a new one)")
-    if Path(cfg.out).resolve() == cfg.data.resolve():
-        raise FileExistsError(f"--out {cfg.out} is the data folder; give the run a folder of its own")
+    check_out_not_data(cfg.out, cfg.data)
+
+
+def check_out_not_data(out: Path, data: Path, what: str = "the run") -> None:
+    """Raise FileExistsError when `--out` of `what` (a run, a sweep) is the data folder: its
+    files would land among the data's (a run's classes.txt and summary.json copied onto the
+    data's own, a sweep's runs and table). Checked before anything trains."""
+    if Path(out).resolve() == Path(data).resolve():
+        raise FileExistsError(f"--out {out} is the data folder; give {what} a folder of its own")
 
 
 def _check_classes(cfg: TrainConfig, train_set: FlorenceDataset) -> None:

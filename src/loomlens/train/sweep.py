@@ -74,13 +74,15 @@ def sweep(
     `config`, each in `out/<run_name>/`; write `out/sweep.md`, `out/sweep.csv` and
     `out/val_loss.png` (the runs' validation loss curves overlaid). Every point's settings are
     checked before the first trains, those of a point run before against what it can resume
-    with (ValueError); a point that diverges is a row saying so, and the sweep goes on with
-    the others."""
-    from loomlens.train.recipe import TrainingDiverged, TrainingInterrupted, resumed_changes, train
+    with (ValueError), and `out` must not be the data folder (FileExistsError); a point that
+    diverges is a row saying so, and the sweep goes on with the others."""
+    from loomlens.train.recipe import (TrainingDiverged, TrainingInterrupted, check_out_not_data, resumed_changes,
+                                       train)
 
     out = Path(out)
     configs = {run_name(p): (p, load_config(TrainConfig, config, {**shared, **p, "out": str(out / run_name(p))}))
                for p in grid(axes)}
+    check_out_not_data(out, next(iter(configs.values()))[1].data, "the sweep")  # its runs would lie in the data
     for _, cfg in configs.values():  # a point run before goes on only with settings it can resume with
         if has_checkpoint(cfg.out / "checkpoints" / "last"):
             resumed_changes(cfg, cfg.out)
