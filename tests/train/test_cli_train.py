@@ -404,3 +404,16 @@ def test_a_sweep_into_its_data_folder_is_refused_before_any_point_trains(small_d
     assert result.exit_code == 1 and f"--out {data} is the data folder; give the sweep a folder of its own" in said, \
         result.output
     assert sorted(p.name for p in data.iterdir()) == held
+
+
+def test_values_spelled_differently_but_equal_train_one_point_and_say_so(small_data, small_model_dir, tmp_path):
+    # `--lr 1e-2,0.01` and `--dora False,false` trained the same point twice, in folders of their own.
+    out = tmp_path / "sweep"
+    result = run("sweep", *fast(small_data, small_model_dir), "--out", out, "--lr", "1e-2,0.01", "--dora",
+                 "False,false", "max_steps=1")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "sweep: --lr 0.01 is 1e-2 again: that point trains once" in said
+    assert "sweep: --dora false is False again: that point trains once" in said
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["lr=1e-2_dora=False"]
+    assert [(r["lr"], r["dora"]) for r in csv.DictReader(open(out / "sweep.csv"))] == [("1e-2", "False")]

@@ -38,6 +38,25 @@ def grid(axes: Mapping[str, Sequence[str]]) -> list[dict[str, str]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
 
 
+def distinct_values(axes: Mapping[str, Sequence[str]], shared: Mapping[str, str], config: str | Path | None,
+                    log: Callable[[str], None] = print) -> dict[str, list[str]]:
+    """`axes` (setting -> values) without each value that gives the settings an earlier value of
+    its axis gave (with the `shared` ones and the YAML `config`): `1e-2` after `0.01`, `False`
+    after `false`, a value repeated would train the same point again, in a folder of its own.
+    Each value left out is logged, naming its option and the value kept."""
+    kept: dict[str, list[str]] = {}
+    for axis, values in axes.items():
+        first: dict[str, str] = {}  # the settings a value gives -> the first value giving them
+        for value in values:
+            settings = load_config(TrainConfig, config, {**shared, axis: value}).model_dump_json()
+            if settings in first:
+                log(f"sweep: --{axis.replace('_', '-')} {value} is {first[settings]} again: that point trains once")
+            else:
+                first[settings] = value
+        kept[axis] = list(first.values())
+    return kept
+
+
 def run_name(point: Mapping[str, str]) -> str:
     """A folder name for a grid point: `lr=3e-06_r=16` (characters other than `[\\w.=+-]` -> `-`)."""
     return "_".join(re.sub(r"[^\w.=+-]", "-", f"{k}={v}") for k, v in point.items()) or "run"
@@ -71,7 +90,8 @@ def sweep(
     log: Callable[[str], None] = print,
 ) -> SweepResult:
     """Train every point of `axes` (setting -> values) with the `shared` settings and the YAML
-    `config`, each in `out/<run_name>/`; write `out/sweep.md`, `out/sweep.csv` and
+    `config`, each in `out/<run_name>/`, a value spelling an earlier one's setting left out
+    (`distinct_values`); write `out/sweep.md`, `out/sweep.csv` and
     `out/val_loss.png` (the runs' validation loss curves overlaid). Every point's settings are
     checked before the first trains, those of a point run before against what it can resume
     with (ValueError), and `out` must not be the data folder (FileExistsError); a point that
@@ -80,6 +100,7 @@ def sweep(
                                        train)
 
     out = Path(out)
+    axes = distinct_values(axes, {**shared, "out": str(out)}, config, log)
     configs = {run_name(p): (p, load_config(TrainConfig, config, {**shared, **p, "out": str(out / run_name(p))}))
                for p in grid(axes)}
     check_out_not_data(out, next(iter(configs.values()))[1].data, "the sweep")  # its runs would lie in the data
