@@ -799,7 +799,7 @@ def eval_command(
     from rich.table import Table
 
     from loomlens.evaluate.inspection import summary_line
-    from loomlens.evaluate.report import eval_images, placement_text, write_report
+    from loomlens.evaluate.report import check_report_folder, eval_images, placement_text, write_report
     from loomlens.evaluate.thresholds import threshold_text
     from loomlens.infer.loading import load_for_inference
     from loomlens.infer.tta import check_tta, choose_views
@@ -807,15 +807,16 @@ def eval_command(
 
     jsonl = _eval_split(data, split)
     adapter = _eval_adapter(run, checkpoint)
+    out = out or ((run or Path("runs")) / f"eval-{jsonl.stem}")
     try:  # the model as `predict` runs it
-        check_tta(tta)  # before the model loads, as is the split (its images and true boxes)
+        check_tta(tta)  # before the model loads, as are the report folder and the split (its images and true boxes)
+        check_report_folder(out)
         eval_images(jsonl)
         loaded = load_for_inference(model=model, adapter=adapter, checkpoint=checkpoint if adapter == run else "best",
                                     device=_device(device),
                                     precision=precision)
-    except (FileNotFoundError, ValueError, ModelLoadError) as err:
+    except (FileExistsError, FileNotFoundError, ValueError, ModelLoadError) as err:
         raise _fail(str(err)) from None
-    out = out or ((run or Path("runs")) / f"eval-{jsonl.stem}")
     constrained = bool(loaded.classes) if constrained is None else constrained
     tile = loaded.tile_size  # frames as predict sees them (a merged folder keeps its run's)
     views = choose_views(tta, loaded.views)

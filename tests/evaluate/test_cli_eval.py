@@ -91,16 +91,49 @@ def test_eval_names_a_true_box_it_cannot_read_instead_of_scoring_its_frame_as_de
     assert not (tmp_path / "eval").exists()
 
 
-def test_a_report_folder_that_cannot_be_made_is_a_one_line_error(tmp_path):
-    """`--out afile/report` ended in a NotADirectoryError traceback."""
+def test_a_report_folder_that_cannot_take_the_report_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """`--out afile/report` ended in a NotADirectoryError traceback, then a one-line error once
+    the model had loaded; `--out afile` was found as late; a folder of other files was written
+    among, its own files of those names overwritten."""
+    import loomlens.infer.loading as loading
+
     synthesize(tmp_path / "raw", images=2, seed=1, size=(160, 90))
     convert(tmp_path / "raw", tmp_path / "data", val_fraction=0.5)
+    monkeypatch.setattr(loading, "load_for_inference", None)  # any attempt to load would raise TypeError
     (tmp_path / "afile").write_text("x")
-    result = CliRunner().invoke(app, ["eval", "--data", str(tmp_path / "data"), "--model", "tiny",
-                                      "--out", str(tmp_path / "afile" / "report")])
-    output = " ".join(result.output.split())
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # no traceback
-    assert f"the report folder {tmp_path / 'afile' / 'report'} (--out) cannot be made (Not a directory)" in output
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "report.md").write_text("my own notes")  # no metrics.json: no earlier eval's
+    for out, says in ((tmp_path / "afile" / "report", f"{tmp_path / 'afile'} is a file, so the report folder "
+                       f"{tmp_path / 'afile' / 'report'} cannot be made below it: give another folder"),
+                      (tmp_path / "afile", f"the report folder {tmp_path / 'afile'} is a file; give a folder"),
+                      (photos, f"the report folder {photos} already exists and is not empty: it holds no earlier "
+                       "eval report (no metrics.json of one), and eval would write among its files: give --out a new "
+                       "or empty folder, or an earlier report's folder")):
+        result = CliRunner().invoke(app, ["eval", "--data", str(tmp_path / "data"), "--model", "tiny",
+                                          "--out", str(out)])
+        output = " ".join(result.output.split())
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # not loaded
+        assert says in output, output
+    assert [p.name for p in photos.iterdir()] == ["report.md"] and (photos / "report.md").read_text() == "my own notes"
+
+
+def test_an_earlier_report_folder_is_evaluated_into_again(tmp_path):
+    """Re-evaluating a run into its default RUN/eval-SPLIT (or any earlier report) goes on."""
+    from loomlens.model import load_model
+    from loomlens.model.lora import LoraSettings, apply_lora
+
+    synthesize(tmp_path / "raw", images=2, seed=1, size=(160, 90))
+    convert(tmp_path / "raw", tmp_path / "data", val_fraction=0.5)
+    run = tmp_path / "run"
+    model, _ = load_model("tiny")
+    apply_lora(model, LoraSettings(targets=["q_proj"], r=2)).save_pretrained(run / "checkpoints" / "best")
+    (run / "config.yaml").write_text("model: tiny\ntasks: [od]\n")
+    command = ["eval", "--data", str(tmp_path / "data"), "--run", str(run), "--max-boxes", "2", "--precision", "fp32"]
+    for _ in range(2):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 0, result.output
+        assert json.loads((run / "eval-val" / "metrics.json").read_text())["split"] == "val"
 
 
 def test_a_split_file_given_is_named_plainly_and_never_stands_in_for_another_split(tmp_path):
@@ -222,6 +255,7 @@ def test_ctrl_c_during_an_eval_stops_with_a_line_not_a_traceback(tmp_path, monke
     convert(tmp_path / "raw", tmp_path / "data", val_fraction=0.5)
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "report.md").write_text("the last one")
+    (tmp_path / "eval" / "metrics.json").write_text('{"map50": 0.5, "images": 1}')  # as an earlier eval left it
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -232,6 +266,7 @@ def test_ctrl_c_during_an_eval_stops_with_a_line_not_a_traceback(tmp_path, monke
     output = " ".join(result.output.split())
     assert result.exit_code == 130 and "stopped: no report was written" in output, result.output
     assert (tmp_path / "eval" / "report.md").read_text() == "the last one"
+    assert (tmp_path / "eval" / "metrics.json").read_text() == '{"map50": 0.5, "images": 1}'
 
 
 def test_the_labelled_folder_given_in_place_of_its_conversion_is_told_to_convert_it(tmp_path):

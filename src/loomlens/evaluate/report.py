@@ -32,6 +32,10 @@ from loomlens.evaluate.plots import plot_confusion, plot_gallery, plot_pr_curves
 from loomlens.evaluate.thresholds import threshold_text
 from loomlens.infer.detection import Detection, answer_probability, batched, detect_with_details
 from loomlens.infer.tiling import should_tile, tiled_detect
+from loomlens.run import check_output_folder
+
+#: The file by which a folder is an earlier eval's report (`is_report_folder`).
+METRICS = "metrics.json"
 
 
 @dataclass
@@ -245,6 +249,26 @@ def _markdown(metrics: dict, plots: dict[str, str], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def is_report_folder(folder: Path) -> bool:
+    """Whether `folder` holds an earlier evaluation's report: a `metrics.json` as `write_report`
+    writes it (its `map50` and `images`; another tool's file of that name does not count)."""
+    try:
+        metrics = json.loads((Path(folder) / METRICS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(metrics, dict) and {"map50", "images"} <= metrics.keys()
+
+
+def check_report_folder(out: Path) -> None:
+    """Raise FileExistsError naming `out` and the fix where a report cannot be written there
+    (`run.check_output_folder`): a file, a folder below one, or a folder holding files that is
+    no earlier report (`is_report_folder`), whose files the report would be written among. Eval
+    checks it before the model loads."""
+    check_output_folder(out, "the report folder", f"it holds no earlier eval report (no {METRICS} of one), and eval "
+                        "would write among its files: give --out a new or empty folder, or an earlier report's folder",
+                        ours=is_report_folder)
+
+
 def write_report(
     model, processor, jsonl: Path, out: Path, *, classes: Sequence[str] = (), batch_size: int = INFER_BATCH_SIZE,
     max_boxes: int = 20, constrained: bool = False, max_images: int | None = None,
@@ -257,9 +281,11 @@ def write_report(
     when given (`run_split`), and the split's own tiles then left out (each defect counts
     once, in its frame, as the line sees it); `views`: the mirrors each picture is also looked
     at through (`infer/tta.py`); `extra` (model, checkpoint, ...) is stored in metrics.json as
-    is. Returns the metrics dict. Raises ValueError (`SplitError` among them) for a split with
-    a bad sample or none to evaluate, before anything is written."""
+    is. Returns the metrics dict. Raises FileExistsError for an `out` that cannot take the
+    report (`check_report_folder`) and ValueError (`SplitError` among them) for a split with a
+    bad sample or none to evaluate, before anything is written."""
     out = Path(out)
+    check_report_folder(out)
     classes = list(classes) or read_class_names(Path(jsonl).parent / CLASSES_FILE)
     images = eval_images(jsonl, max_images, frames_only=tile is not None)
     try:
@@ -274,7 +300,7 @@ def write_report(
     metrics = {**coco.metrics, "constrained": constrained, "max_boxes": max_boxes, "tile": tile, "views": list(views),
                "data": str(jsonl),
                **(extra or {})}
-    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write(out / METRICS, json.dumps(metrics, indent=2))
 
     names = list(coco.metrics["per_class"])  # classes, then unseen/unknown labels
     plots = {
