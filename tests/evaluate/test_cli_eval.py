@@ -94,7 +94,7 @@ def test_eval_names_a_true_box_it_cannot_read_instead_of_scoring_its_frame_as_de
 def test_a_report_folder_that_cannot_take_the_report_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     """`--out afile/report` ended in a NotADirectoryError traceback, then a one-line error once
     the model had loaded; `--out afile` was found as late; a folder of other files was written
-    among, its own files of those names overwritten."""
+    among, its own files of those names overwritten (now it would be replaced whole)."""
     import loomlens.infer.loading as loading
 
     synthesize(tmp_path / "raw", images=2, seed=1, size=(160, 90))
@@ -108,8 +108,8 @@ def test_a_report_folder_that_cannot_take_the_report_is_refused_before_the_model
                        f"{tmp_path / 'afile' / 'report'} cannot be made below it: give another folder"),
                       (tmp_path / "afile", f"the report folder {tmp_path / 'afile'} is a file; give a folder"),
                       (photos, f"the report folder {photos} already exists and is not empty: it holds no earlier "
-                       "eval report (no metrics.json of one), and eval would write among its files: give --out a new "
-                       "or empty folder, or an earlier report's folder")):
+                       "eval report (no metrics.json of one), and eval replaces its report folder whole: give --out a "
+                       "new or empty folder, or an earlier report's folder")):
         result = CliRunner().invoke(app, ["eval", "--data", str(tmp_path / "data"), "--model", "tiny",
                                           "--out", str(out)])
         output = " ".join(result.output.split())

@@ -61,6 +61,41 @@ def test_write_report_files_and_keys(tiny, split, tmp_path):
         assert f"({png})" in (tmp_path / "report.md").read_text()
 
 
+def test_a_report_written_again_holds_only_the_new_evaluations_files(tiny, split, tmp_path):
+    """An earlier worst_images.png stayed beside a report that had none to show."""
+    model, processor = tiny
+    out = tmp_path / "report"
+    write_report(model, processor, split, out, batch_size=4, max_boxes=4)
+    assert (out / "worst_images.png").exists()  # the untrained model errs: a gallery
+    (out / "notes.txt").write_text("put there by hand")
+    (out / ".DS_Store").write_bytes(b"")  # what a file manager hides stays
+    write_report(model, processor, split, out, batch_size=4, max_boxes=4, gallery_size=0)
+    assert sorted(p.name for p in out.iterdir()) == [".DS_Store", "confusion_matrix.png", "metrics.json",
+                                                     "pr_curves.png", "reliability.png", "report.md"]
+    assert "worst_images.png" not in (out / "report.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # nothing set aside is left beside it
+
+
+def test_a_report_that_fails_part_way_leaves_the_earlier_one_whole(tiny, split, tmp_path, monkeypatch):
+    """metrics.json and the first plots were replaced one by one: a write that failed after
+    them left a new metrics.json beside the old report.md."""
+    from loomlens.evaluate import report
+
+    model, processor = tiny
+    out = tmp_path / "report"
+    write_report(model, processor, split, out, batch_size=4, max_boxes=4, extra={"model": "first"})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "plot_reliability", disk_full)  # the third picture of the second report
+    with pytest.raises(ValueError, match=r"the report folder .* cannot be written \(No space left on device\)"):
+        write_report(model, processor, split, out, batch_size=4, max_boxes=4, extra={"model": "second"})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
 def box(label, x, score=None):
     return Box(label, x, 0.0, x + 10.0, 10.0, score)
 

@@ -180,9 +180,14 @@ def recover_folder(path: Path) -> None:
 
 def write_folder(path: Path, fill) -> None:
     """Make the folder `path` atomically: `fill(tmp)` writes into an empty temporary folder,
-    which then replaces `path` whole (the previous `path` stays if `fill` fails)."""
+    which then replaces `path` whole (the previous `path` stays, and the temporary folder goes,
+    if `fill` fails or is interrupted)."""
     tmp = _beside(path, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    fill(tmp)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     swap_in_folder(tmp, path)

@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from loomlens.config import INFER_BATCH_SIZE
-from loomlens.data.atomic import atomic_write, output_folder
+from loomlens.data.atomic import keep_unseen, recover_folder, write_folder
 from loomlens.data.florence_text import parse_text
 from loomlens.data.jsonl import validate_split
 from loomlens.data.records import Box
@@ -27,7 +27,7 @@ from loomlens.data.tiles import TILES_DIR
 from loomlens.data.yolo import CLASSES_FILE, read_class_names
 from loomlens.evaluate.matching import above, best_threshold, confusion_matrix, match_image, placement
 from loomlens.evaluate.inspection import frame_score, image_level, image_level_by_class, summary_line
-from loomlens.evaluate.metrics import evaluate_coco, located_metrics
+from loomlens.evaluate.metrics import CocoEvaluation, evaluate_coco, located_metrics
 from loomlens.evaluate.plots import plot_confusion, plot_gallery, plot_pr_curves, plot_reliability
 from loomlens.evaluate.thresholds import threshold_text
 from loomlens.infer.detection import Detection, answer_probability, batched, detect_with_details
@@ -262,11 +262,13 @@ def is_report_folder(folder: Path) -> bool:
 def check_report_folder(out: Path) -> None:
     """Raise FileExistsError naming `out` and the fix where a report cannot be written there
     (`run.check_output_folder`): a file, a folder below one, or a folder holding files that is
-    no earlier report (`is_report_folder`), whose files the report would be written among. Eval
-    checks it before the model loads."""
+    no earlier report (`is_report_folder`), which the report would replace whole. An earlier
+    report a kill set aside while it was being replaced is first put back. Eval checks it
+    before the model loads."""
+    recover_folder(Path(out))
     check_output_folder(out, "the report folder", f"it holds no earlier eval report (no {METRICS} of one), and eval "
-                        "would write among its files: give --out a new or empty folder, or an earlier report's folder",
-                        ours=is_report_folder)
+                        "replaces its report folder whole: give --out a new or empty folder, or an earlier report's "
+                        "folder", ours=is_report_folder)
 
 
 def write_report(
@@ -275,43 +277,59 @@ def write_report(
     gallery_size: int = 8, title: str = "loomlens evaluation", extra: dict | None = None, tile: int | None = None,
     views: Sequence[str] = ("",),
 ) -> dict:
-    """Evaluate on a converted split and write into `out`: `metrics.json`, `pr_curves.png`,
-    `confusion_matrix.png`, `reliability.png`, `worst_images.png` and `report.md` linking
-    them. `classes` default to the split's `classes.txt`; frames longer than `tile` are tiled at it
-    when given (`run_split`), and the split's own tiles then left out (each defect counts
-    once, in its frame, as the line sees it); `views`: the mirrors each picture is also looked
-    at through (`infer/tta.py`); `extra` (model, checkpoint, ...) is stored in metrics.json as
-    is. Returns the metrics dict. Raises FileExistsError for an `out` that cannot take the
+    """Evaluate on a converted split and write the report folder `out` (`_write_files`):
+    `metrics.json`, the plots and `report.md` linking them. `classes` default to the split's
+    `classes.txt`; frames longer than `tile` are tiled at it when given (`run_split`), and the
+    split's own tiles then left out (each defect counts once, in its frame, as the line sees
+    it); `views`: the mirrors each picture is also looked at through (`infer/tta.py`); `extra`
+    (model, checkpoint, ...) is stored in metrics.json as is. The report is written into a new
+    folder that then replaces `out` whole (`data.atomic.write_folder`): an earlier report's
+    files never outlive it, and one stopped or failed part-way leaves the earlier report as it
+    was. Returns the metrics dict. Raises FileExistsError for an `out` that cannot take the
     report (`check_report_folder`) and ValueError (`SplitError` among them) for a split with a
-    bad sample or none to evaluate, before anything is written."""
+    bad sample or none to evaluate, before anything is written, or for a folder it cannot write."""
     out = Path(out)
     check_report_folder(out)
     classes = list(classes) or read_class_names(Path(jsonl).parent / CLASSES_FILE)
     images = eval_images(jsonl, max_images, frames_only=tile is not None)
-    try:
-        output_folder(out)
-    except OSError as err:  # a file where a parent folder should be, no permission
-        raise ValueError(f"the report folder {out} (--out) cannot be made ({err.strerror or err}): give a folder "
-                         "path whose parents are folders you can write to") from None
     run = run_split(model, processor, images, classes, batch_size, max_boxes, constrained, tile, views)
-    truth = [e.truth for e in run.images]
     coco = split_metrics(run, classes)
-    threshold = coco.metrics["best_threshold"]
     metrics = {**coco.metrics, "constrained": constrained, "max_boxes": max_boxes, "tile": tile, "views": list(views),
                "data": str(jsonl),
                **(extra or {})}
-    atomic_write(out / METRICS, json.dumps(metrics, indent=2))
 
+    def fill(folder: Path) -> None:
+        _write_files(folder, run, coco, metrics, title, gallery_size)
+        if out.is_dir():
+            keep_unseen(out, folder)  # what a file manager hides there (.git, .DS_Store) stays
+
+    try:
+        write_folder(out, fill)
+    except OSError as err:  # no permission, a full disk
+        raise ValueError(f"the report folder {out} cannot be written ({err.strerror or err}): give --out a folder "
+                         "you can write to (an earlier report there is left as it was)") from None
+    return metrics
+
+
+def _write_files(folder: Path, run: EvalRun, coco: CocoEvaluation, metrics: dict, title: str,
+                 gallery_size: int) -> None:
+    """Write the report of `run` (its `split_metrics` `coco`, the `metrics` to keep) into the
+    new `folder`: `metrics.json`, `pr_curves.png`, `confusion_matrix.png`, `reliability.png`,
+    `worst_images.png` (the `gallery_size` frames with the most errors, when a frame has any)
+    and `report.md` under `title`, linking the pictures written."""
+    truth = [e.truth for e in run.images]
+    threshold = metrics["best_threshold"]
+    (folder / METRICS).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     names = list(coco.metrics["per_class"])  # classes, then unseen/unknown labels
     plots = {
         "Precision-recall": plot_pr_curves(
-            coco.pr_curves, {n: c["ap50"] for n, c in coco.metrics["per_class"].items()}, out / "pr_curves.png"
+            coco.pr_curves, {n: c["ap50"] for n, c in coco.metrics["per_class"].items()}, folder / "pr_curves.png"
         ),
         "Confusion matrix": plot_confusion(
-            confusion_matrix(truth, run.predicted, names, threshold=threshold), names, out / "confusion_matrix.png",
-            threshold,
+            confusion_matrix(truth, run.predicted, names, threshold=threshold), names,
+            folder / "confusion_matrix.png", threshold,
         ),
-        "Score reliability": plot_reliability(truth, run.predicted, out / "reliability.png"),
+        "Score reliability": plot_reliability(truth, run.predicted, folder / "reliability.png"),
     }
     worst = _worst(run, threshold, gallery_size)
     if worst:
@@ -319,6 +337,6 @@ def write_report(
             (run.images[i].path.name, read_rgb(run.images[i].path), run.images[i].truth, run.predicted[i])
             for i in worst
         ]
-        plots["Worst images"] = plot_gallery(items, out / "worst_images.png", threshold)
-    atomic_write(out / "report.md", _markdown(metrics, {k: Path(v).name for k, v in plots.items()}, title))
-    return metrics
+        plots["Worst images"] = plot_gallery(items, folder / "worst_images.png", threshold)
+    (folder / "report.md").write_text(_markdown(metrics, {k: Path(v).name for k, v in plots.items()}, title),
+                                      encoding="utf-8")
