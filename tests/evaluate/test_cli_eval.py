@@ -1,6 +1,7 @@
 """`loomlens eval` on a bare tiny model and a tiny converted split."""
 
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -116,6 +117,26 @@ def test_a_report_folder_that_cannot_take_the_report_is_refused_before_the_model
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # not loaded
         assert says in output, output
     assert [p.name for p in photos.iterdir()] == ["report.md"] and (photos / "report.md").read_text() == "my own notes"
+
+
+def test_the_working_folder_is_no_report_folder(tmp_path, monkeypatch):
+    """`--out .` in an earlier report's folder renamed the working folder away and put a new
+    one in its place, leaving the shell in a deleted folder."""
+    import loomlens.infer.loading as loading
+
+    synthesize(tmp_path / "raw", images=2, seed=1, size=(160, 90))
+    convert(tmp_path / "raw", tmp_path / "data", val_fraction=0.5)
+    monkeypatch.setattr(loading, "load_for_inference", None)  # any attempt to load would raise TypeError
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "metrics.json").write_text('{"map50": 0.5, "images": 1}')  # as an earlier eval left it
+    monkeypatch.chdir(report)
+    for out in (".", str(tmp_path)):
+        result = CliRunner().invoke(app, ["eval", "--data", str(tmp_path / "data"), "--model", "tiny", "--out", out])
+        output = " ".join(result.output.split())
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert f"the report folder {out} is the working folder or holds it" in output, output
+        assert f"give --out a folder of its own, e.g. {Path(out) / 'eval'}" in output, output
 
 
 def test_an_earlier_report_folder_is_evaluated_into_again(tmp_path):

@@ -262,10 +262,14 @@ def is_report_folder(folder: Path) -> bool:
 def check_report_folder(out: Path) -> None:
     """Raise FileExistsError naming `out` and the fix where a report cannot be written there
     (`run.check_output_folder`): a file, a folder below one, or a folder holding files that is
-    no earlier report (`is_report_folder`), which the report would replace whole. An earlier
-    report a kill set aside while it was being replaced is first put back. Eval checks it
-    before the model loads."""
+    no earlier report (`is_report_folder`), which the report would replace whole; nor may it
+    be the working folder or hold it (replaced, it would leave the shell in a deleted folder).
+    An earlier report a kill set aside while it was being replaced is first put back. Eval
+    checks it before the model loads."""
     recover_folder(Path(out))
+    if Path.cwd().is_relative_to(Path(out).resolve()):
+        raise FileExistsError(f"the report folder {out} is the working folder or holds it, and eval replaces its "
+                              f"report folder whole: give --out a folder of its own, e.g. {Path(out) / 'eval'}")
     check_output_folder(out, "the report folder", f"it holds no earlier eval report (no {METRICS} of one), and eval "
                         "replaces its report folder whole: give --out a new or empty folder, or an earlier report's "
                         "folder", ours=is_report_folder)
