@@ -813,8 +813,7 @@ def eval_command(
         check_report_folder(out)
         eval_images(jsonl)
         loaded = load_for_inference(model=model, adapter=adapter, checkpoint=checkpoint if adapter == run else "best",
-                                    device=_device(device),
-                                    precision=precision)
+                                    device=_device(device), precision=precision)
     except (FileExistsError, FileNotFoundError, ValueError, ModelLoadError) as err:
         raise _fail(str(err)) from None
     constrained = bool(loaded.classes) if constrained is None else constrained
