@@ -105,18 +105,24 @@ def test_a_report_folder_that_cannot_take_the_report_is_refused_before_the_model
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "report.md").write_text("my own notes")  # no metrics.json: no earlier eval's
+    runs = tmp_path / "runs"  # an earlier report's folder that a run was trained into since
+    (runs / "r1").mkdir(parents=True)
+    (runs / "r1" / "config.yaml").write_text("model: tiny\n")
+    (runs / "metrics.json").write_text('{"map50": 0.5, "images": 1}')
     for out, says in ((tmp_path / "afile" / "report", f"{tmp_path / 'afile'} is a file, so the report folder "
                        f"{tmp_path / 'afile' / 'report'} cannot be made below it: give another folder"),
                       (tmp_path / "afile", f"the report folder {tmp_path / 'afile'} is a file; give a folder"),
-                      (photos, f"the report folder {photos} already exists and is not empty: it holds no earlier "
-                       "eval report (no metrics.json of one), and eval replaces its report folder whole: give --out a "
-                       "new or empty folder, or an earlier report's folder")):
+                      *((folder, f"the report folder {folder} already exists and is not empty: it is no earlier "
+                         "eval report (one holds the metrics.json eval wrote, and no folder), and eval replaces its "
+                         "report folder whole: give --out a new or empty folder, or an earlier report's folder")
+                        for folder in (photos, runs))):
         result = CliRunner().invoke(app, ["eval", "--data", str(tmp_path / "data"), "--model", "tiny",
                                           "--out", str(out)])
         output = " ".join(result.output.split())
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # not loaded
         assert says in output, output
     assert [p.name for p in photos.iterdir()] == ["report.md"] and (photos / "report.md").read_text() == "my own notes"
+    assert (runs / "r1" / "config.yaml").exists()
 
 
 def test_the_working_folder_is_no_report_folder(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from loomlens.config import INFER_BATCH_SIZE
-from loomlens.data.atomic import keep_unseen, recover_folder, write_folder
+from loomlens.data.atomic import keep_unseen, recover_folder, unseen, write_folder
 from loomlens.data.florence_text import parse_text
 from loomlens.data.jsonl import validate_split
 from loomlens.data.records import Box
@@ -250,13 +250,17 @@ def _markdown(metrics: dict, plots: dict[str, str], title: str) -> str:
 
 
 def is_report_folder(folder: Path) -> bool:
-    """Whether `folder` holds an earlier evaluation's report: a `metrics.json` as `write_report`
-    writes it (its `map50` and `images`; another tool's file of that name does not count)."""
+    """Whether `folder` is an earlier evaluation's report: it holds a `metrics.json` as
+    `write_report` writes it (its `map50` and `images`; another tool's file of that name does
+    not count) and no folder but `unseen` ones, since eval writes none: a run trained into it
+    since would go with the report it replaces."""
+    folder = Path(folder)
     try:
-        metrics = json.loads((Path(folder) / METRICS).read_text(encoding="utf-8"))
+        metrics = json.loads((folder / METRICS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(metrics, dict) and {"map50", "images"} <= metrics.keys()
+    return (isinstance(metrics, dict) and {"map50", "images"} <= metrics.keys()
+            and not any(entry.is_dir() and not unseen(entry) for entry in folder.iterdir()))
 
 
 def check_report_folder(out: Path) -> None:
@@ -270,9 +274,9 @@ def check_report_folder(out: Path) -> None:
     if Path.cwd().is_relative_to(Path(out).resolve()):
         raise FileExistsError(f"the report folder {out} is the working folder or holds it, and eval replaces its "
                               f"report folder whole: give --out a folder of its own, e.g. {Path(out) / 'eval'}")
-    check_output_folder(out, "the report folder", f"it holds no earlier eval report (no {METRICS} of one), and eval "
-                        "replaces its report folder whole: give --out a new or empty folder, or an earlier report's "
-                        "folder", ours=is_report_folder)
+    check_output_folder(out, "the report folder", f"it is no earlier eval report (one holds the {METRICS} eval wrote, "
+                        "and no folder), and eval replaces its report folder whole: give --out a new or empty folder, "
+                        "or an earlier report's folder", ours=is_report_folder)
 
 
 def write_report(
